@@ -1,0 +1,31 @@
+"""User-facing errors.
+
+Every error a person can cause (a bad path, config, checkpoint, data set or
+parallel layout) is raised as a :class:`DsV3Error` subclass whose message is
+one sentence saying what is wrong and how to fix it. The CLI prints that line
+and exits with code 2, without a traceback.
+"""
+
+
+class DsV3Error(Exception):
+    """Base class of errors caused by the user's input."""
+
+
+class ConfigError(DsV3Error, ValueError):
+    """A model or training configuration is malformed or violates a constraint."""
+
+
+class CheckpointError(DsV3Error):
+    """A checkpoint is missing, malformed or does not match the configuration."""
+
+
+class DataError(DsV3Error):
+    """A data path is missing, empty or in an unsupported format."""
+
+
+class RunDirError(DsV3Error):
+    """A run directory cannot be used (for example it holds a different run)."""
+
+
+class TrainingError(DsV3Error):
+    """Training cannot continue (for example too many non-finite losses in a row)."""
