@@ -31,11 +31,12 @@ def has_grouped_mm_kernel(device_type: str, dtype: torch.dtype) -> bool:
     if fn is None:
         return False
     try:
-        x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 8, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
-        y = fn(x, w.transpose(-2, -1), offs=offs)
-        y.backward(torch.ones_like(y))
+        with torch.enable_grad():  # the probe may first run inside a no_grad region
+            x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 8, 16, device=device_type, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
+            y = fn(x, w.transpose(-2, -1), offs=offs)
+            y.backward(torch.ones_like(y))
         ref = torch.cat([x[:3] @ w[0].T, x[3:] @ w[1].T])
         return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
     except (RuntimeError, NotImplementedError, TypeError):
@@ -86,6 +87,14 @@ def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> 
     return y_pad[valid]  # rows in group order == the original row order
 
 
+def _kernel_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """The grouped kernel needs equal dtypes and row strides that are multiples of 16 bytes."""
+    if x.dtype != w.dtype or not has_grouped_mm_kernel(x.device.type, x.dtype):
+        return False
+    align = 16 // x.element_size()
+    return x.shape[1] % align == 0 and w.shape[1] % align == 0
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Grouped GEMM of tokens sorted by expert.
 
@@ -96,6 +105,6 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     Returns:
         [N, O] with ``y[group e] = x[group e] @ w[e]^T``.
     """
-    if x.dtype == w.dtype and has_grouped_mm_kernel(x.device.type, x.dtype):
+    if _kernel_applies(x, w):
         return _GroupedMM.apply(x, w, offs)
     return _padded_grouped_mm(x, w, offs)
