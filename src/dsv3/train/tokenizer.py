@@ -61,22 +61,21 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dsv3"
 
 
-def _is_stdlib_code(rel: Path) -> bool:
-    """True for a library source file (``rel`` relative to the stdlib root), False for tests etc."""
-    dirs = rel.parts[:-1]
-    if any(d in _TEST_DIRS or d in _THIRD_PARTY_DIRS or d == "__pycache__" for d in dirs):
-        return False
-    if any(d.startswith("config-") for d in dirs):  # build-configuration helper scripts
-        return False
-    name = rel.name
-    return not (name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py")
+def _skip_dir(name: str) -> bool:
+    """True for a stdlib sub-directory that holds tests, third-party or generated files."""
+    return name in _TEST_DIRS or name in _THIRD_PARTY_DIRS or name == "__pycache__" or name.startswith("config-")
+
+
+def _is_test_module(name: str) -> bool:
+    return name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
 
 
 def stdlib_corpus_files(root: str | os.PathLike | None = None) -> list[Path]:
     """The standard-library ``.py`` files of the running interpreter, sorted by path.
 
     Test packages and modules (``test/``, ``tests/``, ``idle_test/``, ``test_*.py``,
-    ``*_test.py``), ``site-packages`` and files that are not valid UTF-8 are excluded.
+    ``*_test.py``), ``site-packages``, build-configuration scripts (``config-*/``) and
+    files that are not valid UTF-8 are excluded.
 
     Args:
         root: the directory to scan; default ``sysconfig.get_paths()["stdlib"]``.
@@ -85,15 +84,18 @@ def stdlib_corpus_files(root: str | os.PathLike | None = None) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"the standard-library directory {root} does not exist; pass a corpus with --data instead.")
     files = []
-    for path in sorted(root.rglob("*.py")):
-        if not path.is_file() or not _is_stdlib_code(path.relative_to(root)):
-            continue
-        try:
-            path.read_bytes().decode("utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        files.append(path)
-    return files
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not _skip_dir(d)]  # prune: never descend into tests
+        for name in filenames:
+            if not name.endswith(".py") or _is_test_module(name):
+                continue
+            path = Path(dirpath, name)
+            try:
+                path.read_bytes().decode("utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            files.append(path)
+    return sorted(files)
 
 
 def files_fingerprint(files: Sequence[str | os.PathLike]) -> list[list]:
