@@ -304,7 +304,8 @@ def test_directory_glob_recursive_sorted_and_hidden_skipped(tmp_path, tok):
     (root / ".hidden.txt").write_text("hidden")
     (root / "empty.txt").write_text("")  # an empty document is skipped
     data = _build(root, tok, tmp_path / "cache", val_fraction=0.0)
-    assert [p.relative_to(root).as_posix() for p in data.source.files] == ["a.txt", "b/c.py", "b/deep/z.md", "empty.txt"]
+    names = [p.relative_to(root).as_posix() for p in data.source.files]
+    assert names == ["a.txt", "b/c.py", "b/deep/z.md", "empty.txt"]
     np.testing.assert_array_equal(np.asarray(data.stream.tokens), _reference_stream(tok, [DOCS[1], DOCS[2], DOCS[0]]))
     only_md = _build(root, tok, tmp_path / "cache", val_fraction=0.0, glob="*.md", seq_len=2)
     np.testing.assert_array_equal(np.asarray(only_md.stream.tokens), _reference_stream(tok, [DOCS[0]]))
@@ -510,3 +511,15 @@ def test_bin_inside_a_directory_is_refused(tmp_path, tok):
     with pytest.raises(DataError) as exc:
         _build(tmp_path / "d", tok, tmp_path / "c", glob="*")
     assert "x.bin" in _one_line(exc)
+
+
+def test_bin_with_a_tokenizer_reports_its_eos(tmp_path, tok):
+    from tokenizers import Tokenizer, models
+
+    f = tmp_path / "t.bin"
+    np.arange(40, dtype=np.uint16).tofile(f)
+    assert D.build_data(f, tokenizer=tok, seq_len=4, vocab_size=300).eos_id == 1
+    no_eos = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    assert D.build_data(f, tokenizer=no_eos, seq_len=4, vocab_size=300).eos_id is None  # not needed for a .bin
+    with pytest.raises(DataError):
+        D.build_data(f, tokenizer=no_eos, seq_len=4, vocab_size=300, eos_token="</s>")

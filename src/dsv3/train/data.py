@@ -153,7 +153,9 @@ def resolve_source(
             )
         bins = [f for f in files if _format_of(f) == "bin"]
         if bins:
-            raise DataError(f"{bins[0]} is a pre-tokenised .bin inside a directory; give a .bin file on its own as --data.")
+            raise DataError(
+                f"{bins[0]} is a pre-tokenised .bin inside a directory; give a .bin file on its own as --data."
+            )
         return DataSource("dir", path, files, field)
     kind = format or _format_of(path)
     if kind != "bin":
@@ -203,10 +205,13 @@ def _jsonl_documents(path: Path, key: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"line {lineno} of {path} is not valid JSON ({exc.msg}); fix or remove that line.") from None
+                raise DataError(
+                    f"line {lineno} of {path} is not valid JSON ({exc.msg}); fix or remove that line."
+                ) from None
             if not isinstance(record, dict) or key not in record:
                 raise DataError(
-                    f'line {lineno} of {path} has no "{key}" field; choose the field that holds the text with --data-field.'
+                    f'line {lineno} of {path} has no "{key}" field; '
+                    "choose the field that holds the text with --data-field."
                 )
             text = record[key]
             if text is None:
@@ -231,11 +236,14 @@ def _parquet_documents(path: Path, column: str) -> Iterator[str]:
     names = pf.schema_arrow.names
     if column not in names:
         raise DataError(
-            f'{path} has no column "{column}" (its columns: {", ".join(names)}); choose the text column with --data-field.'
+            f'{path} has no column "{column}" (its columns: {", ".join(names)}); '
+            "choose the text column with --data-field."
         )
     col_type = pf.schema_arrow.field(column).type
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
-        raise DataError(f'the column "{column}" of {path} holds {col_type}, not strings; choose the text column with --data-field.')
+        raise DataError(
+            f'the column "{column}" of {path} holds {col_type}, not strings; choose the text column with --data-field.'
+        )
     for batch in pf.iter_batches(batch_size=1024, columns=[column]):
         for text in batch.column(0).to_pylist():
             if text is not None:
@@ -274,7 +282,9 @@ def iter_documents(source: DataSource) -> Iterator[tuple[str, bool]]:
         except FileNotFoundError:
             raise DataError(f"the data file {path} does not exist (was it removed?); check the --data path.") from None
         except OSError as exc:
-            raise DataError(f"the data file {path} cannot be read ({exc.strerror or exc}); check its permissions.") from None
+            raise DataError(
+                f"the data file {path} cannot be read ({exc.strerror or exc}); check its permissions."
+            ) from None
 
 
 # --------------------------------------------------------------------------- token stream
@@ -343,6 +353,39 @@ def _stream_key(source: DataSource, tokenizer, eos_id: int, parse_special_tokens
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def _batched(pieces: Iterator[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
+    """Group document pieces into lists of about _ENCODE_BATCH_CHARS characters (at most 4096 pieces)."""
+    batch: list[tuple[str, bool]] = []
+    chars = 0
+    for piece in pieces:
+        batch.append(piece)
+        chars += len(piece[0])
+        if chars >= _ENCODE_BATCH_CHARS or len(batch) >= 4096:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _stream_chunks(source: DataSource, tok, eos_id: int) -> Iterator[tuple[np.ndarray, list[int]]]:
+    """Consecutive pieces of the token stream as (int64 tokens, lengths of the documents they complete)."""
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast (tokenizers >= 0.21) skips offsets
+    open_doc = 0  # tokens so far of a document that arrives in several pieces
+    for batch in _batched(iter_documents(source)):
+        encodings = encode([text for text, _ in batch], add_special_tokens=False)
+        parts, lengths = [], []
+        for enc, (_, ends) in zip(encodings, batch):
+            parts.append(np.asarray(enc.ids, dtype=np.int64))
+            open_doc += len(enc.ids)
+            if ends:
+                parts.append(np.array([eos_id], dtype=np.int64))
+                lengths.append(open_doc + 1)
+                open_doc = 0
+        chunk = np.concatenate(parts)
+        if chunk.size:
+            yield chunk, lengths
+
+
 def tokenize_corpus(
     source: DataSource,
     tokenizer,
@@ -376,7 +419,9 @@ def tokenize_corpus(
     try:
         key = _stream_key(source, tokenizer, eos_id, parse_special_tokens)
     except FileNotFoundError as exc:
-        raise DataError(f"the data file {exc.filename} does not exist (was it removed?); check the --data path.") from None
+        raise DataError(
+            f"the data file {exc.filename} does not exist (was it removed?); check the --data path."
+        ) from None
     bin_path, docs_path, meta_path = root / f"{key}.bin", root / f"{key}.docs.npy", root / f"{key}.json"
     dtype = _dtype_for_vocab(tokenizer.get_vocab_size())
 
@@ -387,49 +432,25 @@ def tokenize_corpus(
     start = time.perf_counter()
     tok = Tokenizer.from_str(tokenizer.to_str())  # a private copy whose flag we may set
     tok.encode_special_tokens = not parse_special_tokens
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast (tokenizers >= 0.21) skips offsets
     doc_lengths: list[int] = []
-    n_tokens, max_token, current_doc = 0, -1, 0
+    n_tokens, max_token = 0, -1
     try:
         root.mkdir(parents=True, exist_ok=True)
         with atomic_path(bin_path) as tmp, open(tmp, "wb") as out:
-            batch: list[tuple[str, bool]] = []
-            chars = 0
-
-            def flush() -> None:
-                nonlocal n_tokens, max_token, current_doc
-                encodings = encode([text for text, _ in batch], add_special_tokens=False)
-                parts = []
-                for enc, (_, ends) in zip(encodings, batch):
-                    ids = enc.ids
-                    current_doc += len(ids)
-                    if ends:
-                        ids = ids + [eos_id]
-                        doc_lengths.append(current_doc + 1)
-                        current_doc = 0
-                    parts.append(ids)
-                arr = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in parts])
-                if arr.size:
-                    max_token = max(max_token, int(arr.max()))
-                    if max_token > np.iinfo(dtype).max:
-                        raise DataError(f"the tokenizer produced id {max_token}, larger than its vocabulary; check the tokenizer.")
-                    out.write(arr.astype(dtype).tobytes())
-                    n_tokens += arr.size
-                batch.clear()
-
-            for piece, ends in iter_documents(source):
-                batch.append((piece, ends))
-                chars += len(piece)
-                if chars >= _ENCODE_BATCH_CHARS or len(batch) >= 4096:
-                    flush()
-                    chars = 0
-            if batch:
-                flush()
+            for chunk, lengths in _stream_chunks(source, tok, eos_id):
+                max_token = max(max_token, int(chunk.max()))
+                if max_token > np.iinfo(dtype).max:
+                    raise DataError(
+                        f"the tokenizer produced id {max_token}, beyond its own vocabulary; check the tokenizer file."
+                    )
+                out.write(chunk.astype(dtype).tobytes())
+                n_tokens += chunk.size
+                doc_lengths += lengths
             out.flush()
             if not doc_lengths:
-                raise DataError(f"the corpus {source.describe()} contains no documents; give data with some text in it.")
+                raise DataError(f"{source.describe()} contains no documents; give data with some text in it.")
             if n_tokens == len(doc_lengths):  # only the EOS separators
-                raise DataError(f"the corpus {source.describe()} encodes to zero tokens; give data with some text in it.")
+                raise DataError(f"{source.describe()} encodes to zero tokens; give data with some text in it.")
         doc_starts = np.zeros(len(doc_lengths) + 1, dtype=np.int64)
         np.cumsum(doc_lengths, out=doc_starts[1:])
         with atomic_path(docs_path) as tmp, open(tmp, "wb") as fh:
@@ -536,7 +557,9 @@ def split_stream(
         (train, val) views; val is None when ``val_fraction`` is 0.
     """
     if not 0.0 <= val_fraction <= 0.5:
-        raise ConfigError(f"the validation fraction must be between 0 and 0.5, got {val_fraction}; change --val-fraction.")
+        raise ConfigError(
+            f"the validation fraction must be between 0 and 0.5, got {val_fraction}; change --val-fraction."
+        )
     n = len(stream)
     need = max(math.ceil(val_fraction * n), seq_len + 1) if val_fraction > 0 else 0
     if n - need < seq_len + 1:
@@ -767,7 +790,9 @@ class TrainingData:
         """A :class:`TrainLoader` over the training sequences."""
         return TrainLoader(self.train, seed=seed, data_id=self.data_id)
 
-    def val_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def val_batches(
+        self, batch_size: int, max_batches: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """See :func:`val_batches`; empty without validation data."""
         return val_batches(self.val, batch_size, max_batches) if self.val is not None else iter(())
 
@@ -826,13 +851,21 @@ def build_data(
     source = resolve_source(data, format=format, field=field, glob=glob, dtype=dtype, vocab_size=vocab_size)
     if source.kind == "bin":
         stream = load_bin(source)
-        eos_id = eos_token_id(tokenizer, eos_token) if tokenizer is not None else None
+        eos_id = None  # the file already holds its separators; the id is only reported
+        if tokenizer is not None:
+            try:
+                eos_id = eos_token_id(tokenizer, eos_token)
+            except DataError:
+                if eos_token is not None:
+                    raise
         pos = _first_at_least(stream.tokens, vocab_size)
         where = f"{source.path} holds token id {int(stream.tokens[pos]) if pos is not None else 0} at position {pos}"
         fix = "check --data-dtype or use a model with a larger vocab_size"
     else:
         if tokenizer is None:
-            raise DataError(f"{source.describe()} is text and needs a tokenizer; pass a tokenizer.json or use the default one.")
+            raise DataError(
+                f"{source.describe()} is text and needs a tokenizer; pass a tokenizer.json or use the default one."
+            )
         eos_id = eos_token_id(tokenizer, eos_token)
         stream = tokenize_corpus(
             source, tokenizer, eos_id=eos_id, cache_dir=cache_dir, parse_special_tokens=parse_special_tokens

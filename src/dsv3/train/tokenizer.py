@@ -218,7 +218,8 @@ def get_tokenizer(
         "files": fingerprint,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "tokenizers" / f"bpe-v{vocab_size}-{digest}.json"
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir())
+    path = root / "tokenizers" / f"bpe-v{vocab_size}-{digest}.json"
     if path.is_file():
         try:
             return Tokenizer.from_file(str(path))
