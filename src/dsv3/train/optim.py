@@ -252,7 +252,6 @@ def build_optimizer(
 
     ``moments_dtype`` accepts ``"fp32"``/``"bf16"`` (the ``--optim-states`` values) or a dtype.
     """
-    _check_hparams(lr, betas, eps, weight_decay)
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ConfigError("the model has no trainable parameters; unfreeze some before building the optimizer")
