@@ -101,6 +101,33 @@ def recompute_flops(flops: ModelFlops, part: StageParts, policy: str) -> float:
     return 0.0
 
 
+def all_to_all_seconds(cfg: ModelConfig, layout: Layout, prec: Precision, hw: Hardware) -> float:
+    """One MoE layer's dispatch + combine time for one micro-batch (forward; the backward repeats it).
+
+    Each device sends its ``K_r * ETP / TP * b * s`` token copies of ``d`` elements
+    (dispatch in FP8 with ``--fp8``, combine in the activation format), the
+    fraction ``(EP-1)/EP`` leaving the device. Inside a node that is NVLink.
+    When EP spans ``n`` nodes, ``(n-1)/n`` of the copies cross InfiniBand; with
+    node-limited routing (report 3.2.2: a token reaches at most ``topk_group``
+    nodes, each receiving one copy over IB that NVLink forwards) only
+    ``min(K_r, topk_group)`` copies per token do. IB and NVLink run concurrently.
+    """
+    t = layout.tokens_per_microbatch
+    k = cfg.num_experts_per_tok
+    per_copy = cfg.hidden_size * (
+        (element_bytes(prec.fp8_cache) if layout.fp8 else element_bytes(prec.activations)) + element_bytes(prec.activations)
+    )
+    tokens = t * layout.etp / layout.tp
+    span = layout.ep * layout.etp
+    nvlink = tokens * k * (layout.ep - 1) / layout.ep * per_copy / (hw.nvlink_gbps * 1e9)
+    if span <= hw.gpus_per_node:
+        return nvlink
+    nodes = span / hw.gpus_per_node
+    ib_copies = min(k, cfg.topk_group) if cfg.group_limited else k
+    ib = tokens * ib_copies * (nodes - 1) / nodes * per_copy / (hw.ib_gbps * 1e9)
+    return max(ib, nvlink)
+
+
 @dataclass
 class StageTimes:
     """Seconds per micro-batch on the slowest stage (what the simulator takes)."""
@@ -132,10 +159,7 @@ def stage_times(cfg: ModelConfig, layout: Layout, prec: Precision, hw: Hardware,
         n_layers = len(part.layers) + (cfg.num_nextn_predict_layers if part.mtp else 0)
         comm_f = 0.0
         if layout.ep > 1 and cfg.n_routed_experts:
-            copies = t * cfg.num_experts_per_tok * layout.etp / layout.tp
-            dispatch = element_bytes(prec.fp8_cache) if layout.fp8 else a
-            volume = copies * d * (dispatch + a) * (layout.ep - 1) / layout.ep
-            comm_f += n_moe * volume / hw.link(layout.ep * layout.etp)
+            comm_f += n_moe * all_to_all_seconds(cfg, layout, prec, hw)
         if layout.tp > 1:
             comm_f += n_layers * 4 * (layout.tp - 1) / layout.tp * t * d * a / hw.link(layout.tp)
         if layout.zero >= 3:
@@ -167,20 +191,15 @@ def dp_sync_seconds(layout: Layout, prec: Precision, hw: Hardware, dense_grads: 
     return secs
 
 
-def run_schedule(layout: Layout, times: StageTimes):
-    """Simulate one step of the layout's pipeline schedule; returns ``dsv3.plan.simulate.SimResult``."""
+def run_schedule(schedule, times: StageTimes):
+    """Simulate one step of a built pipeline schedule; returns ``dsv3.plan.simulate.SimResult``."""
+    from dsv3.plan.simulate import simulate
+
     try:
-        from dsv3.plan.simulate import simulate
-    except ModuleNotFoundError as exc:  # pragma: no cover - only before the pipeline branch is merged
-        raise ConfigError("the pipeline simulator (dsv3.plan.simulate) is not installed; install the full dsv3 package") from exc
-    try:
-        return simulate(
-            layout.schedule, pp=layout.pp, microbatches=layout.microbatches,
-            f=times.f, b=times.b, w=times.w, fb=times.fb, comm=times.comm,
-        )
+        return simulate(schedule, f=times.f, b=times.b, w=times.w, fb=times.fb, comm=times.comm)
     except DsV3Error:
         raise
-    except ValueError as exc:
+    except ValueError as exc:  # pragma: no cover - the simulator raises ConfigError for bad input
         raise ConfigError(str(exc).rstrip(".")) from None
 
 

@@ -53,7 +53,7 @@ class Layout:
             recomputed, report 3.2.3 / 3.3.3) or ``full`` (each decoder layer recomputed).
         seq_len: tokens per sequence s.
         micro_batch: sequences per micro-batch b.
-        global_batch: sequences per optimizer step.
+        global_batch: sequences per optimizer step (``None``: :attr:`default_microbatches` per DP rank).
         schedule: pipeline schedule, one of :data:`SCHEDULES`.
         fp8: cache the activations the FP8 recipe caches in FP8.
         stage_layers: layers per stage (``None``: balanced).
@@ -95,9 +95,21 @@ class Layout:
         return self.pipeline_devices * self.tp * self.dp
 
     @property
+    def default_microbatches(self) -> int:
+        """Micro-batches per step when no global batch is given: the fewest that fill the pipeline.
+
+        1 without a pipeline, PP for 1F1B, ZB1P and DualPipeV, 2 PP for DualPipe.
+        """
+        if self.pp == 1:
+            return 1
+        return 2 * self.pp if self.schedule == "dualpipe" else self.pp
+
+    @property
     def batch(self) -> int:
-        """Sequences per optimizer step (``global_batch``, or one micro-batch per DP rank)."""
-        return self.global_batch if self.global_batch is not None else self.micro_batch * self.dp
+        """Sequences per optimizer step (``global_batch``, or :attr:`default_microbatches` per DP rank)."""
+        if self.global_batch is not None:
+            return self.global_batch
+        return self.micro_batch * self.dp * self.default_microbatches
 
     @property
     def microbatches(self) -> int:
@@ -184,6 +196,11 @@ class Layout:
             raise ConfigError(
                 f"--global-batch {self.global_batch} is not a multiple of micro-batch x DP = "
                 f"{self.micro_batch} x {self.dp}; pick a global batch that is"
+            )
+        if self.seq_len > cfg.max_position_embeddings:
+            raise ConfigError(
+                f"--seq-len {self.seq_len} exceeds the model's max_position_embeddings "
+                f"({cfg.max_position_embeddings}); use a shorter sequence"
             )
         if self.seq_len % self.sp:
             raise ConfigError(f"--seq-len {self.seq_len} cannot be split over TP {self.tp} for sequence parallelism; use a multiple of {self.tp}")

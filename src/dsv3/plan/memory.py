@@ -14,51 +14,123 @@ master_t the FP32 master copy (none for a tensor already stored in FP32).
 G_t, the ZeRO group, is DP for non-expert tensors and EDP = DP*TP/(EP*ETP)
 for routed-expert tensors, times 2 under DualPipe (whose two devices holding
 a stage are replicas too). A sharded flat buffer is padded up to a multiple
-of G_t.
+of G_t. Buffers (the routing bias) are never sharded.
 
-Activations per micro-batch are ``b * s`` tokens times the bytes per token of
-the items :mod:`dsv3.plan.activations` lists for the stage's layers under the
-recompute policy; the stage holds ``in_flight`` micro-batches (the schedule's
-peak, from :mod:`dsv3.plan.simulate`) plus the working set of the one layer
-being recomputed. Communication buffers and a fragmentation allowance (a
-fraction of everything else; PyTorch's caching allocator rounds and splits
-blocks) complete the total.
+Activations: one micro-batch of ``b * s`` tokens keeps, on a stage, the bytes
+per token of the items :mod:`dsv3.plan.activations` lists for its layers
+under the recompute policy. A device's activation peak is found by walking
+its op list of the pipeline schedule (:mod:`dsv3.parallel.pipeline`), adding
+a stage's per-micro-batch bytes when a forward starts and removing them when
+that micro-batch's last backward on the stage ends (the convention of
+``SimResult.peak_activations``, weighted by each stage's bytes, so a DualPipe
+device holding the first and the last stage is charged exactly). While a
+layer is recomputed in backward its dropped activations exist once more
+(the recompute working set, the largest over the device's layers).
+Communication buffers and a fragmentation allowance (a fraction of everything
+else: PyTorch's caching allocator rounds and splits blocks) complete the total.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 from dsv3.config import ModelConfig
 from dsv3.plan import activations as act
 from dsv3.plan.layout import Layout, devices_of_stage, stage_devices, stage_layer_indices
-from dsv3.plan.params import ModelParams, ParamTensor
+from dsv3.plan.params import GroupKey, ModelParams, ParamTensor, merge_groups, mtp_layer_is_moe
 from dsv3.plan.precision import DTYPE_BYTES, Precision, element_bytes
 
 #: Megatron-LM's gradient bucket: max(40M, 1M * DP) elements (distributed/param_and_grad_buffer).
 GRAD_BUCKET_MIN_ELEMS = 40_000_000
 DEFAULT_FRAGMENTATION = 0.10
-_LAYER_RE = re.compile(r"^(model\.layers\.\d+|mtp\.\d+)")
 
 
+# ---------------------------------------------------------------------------- model states
 def device_numel(t: ParamTensor, layout: Layout) -> int:
     """Elements of tensor ``t`` one device holds after the TP / EP / ETP split."""
-    if t.shard == "tp":
-        return t.numel // layout.tp
-    if t.shard == "vocab":  # vocabulary rows padded to a multiple of TP
-        rows = math.ceil(t.shape[0] / layout.tp)
-        return rows * (t.numel // t.shape[0])
-    if t.shard == "expert":
-        return t.numel // (layout.ep * layout.etp)
-    return t.numel
+    rows = t.shape[0]
+    return _group_numel(("vocab", t.kind, rows, t.numel // rows) if t.shard == "vocab" else (t.shard, t.kind, 0, 0),
+                        1 if t.shard == "vocab" else t.numel, layout)
 
 
-def weight_format(t: ParamTensor, prec: Precision) -> str:
-    return {"weight": prec.weights, "router": prec.router, "buffer": "fp32"}[t.kind]
+def _group_numel(key: GroupKey, value: int, layout: Layout) -> int:
+    shard, _, rows, cols = key
+    if shard == "vocab":  # vocabulary rows padded to a multiple of TP
+        return value * math.ceil(rows / layout.tp) * cols
+    if shard == "tp":
+        return math.ceil(value / layout.tp)
+    if shard == "expert":
+        return value // (layout.ep * layout.etp)
+    return value
 
 
+def weight_format(kind: str, prec: Precision) -> str:
+    """Format of a tensor of ``kind`` (``weight``, ``router`` or ``buffer``)."""
+    return {"weight": prec.weights, "router": prec.router, "buffer": "fp32"}[kind]
+
+
+@dataclass
+class StateBytes:
+    """Model-state bytes of one stage on one device."""
+
+    params: int  # trainable elements held (after the TP/EP split, before ZeRO)
+    weights: float
+    grads: float
+    optimizer: float
+    grads_unsharded: float  # gradient bytes before ZeRO-2 sharding (sizes the buckets, the DP reduction)
+    expert_grads_unsharded: float  # the routed-expert part of it (reduced over EDP, the rest over DP)
+    largest_unit_weights: float = 0.0  # unsharded weight bytes of the biggest layer (ZeRO-3 gathers it)
+
+
+def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
+    """Weights, gradients and optimizer states of aggregated tensor ``groups`` on one device.
+
+    Args:
+        groups: :func:`dsv3.plan.params.aggregate` of the tensors.
+        replicas: devices in one pipeline that hold the same stage (2 under DualPipe);
+            they join the ZeRO group.
+    """
+    zero_group = {False: layout.dp * replicas, True: layout.edp * replicas}
+    buffers = 0.0
+    w_n: dict[tuple[bool, str], int] = {}
+    g_n = {False: 0, True: 0}
+    o_n: dict[tuple[bool, float], int] = {}
+    params = 0
+    for key, value in groups.items():
+        shard, kind = key[0], key[1]
+        n = _group_numel(key, value, layout)
+        fmt = weight_format(kind, prec)
+        if kind == "buffer":
+            buffers += n * DTYPE_BYTES[fmt]
+            continue
+        expert = shard == "expert"
+        params += n
+        w_n[(expert, fmt)] = w_n.get((expert, fmt), 0) + n
+        g_n[expert] += n
+        per = 2 * DTYPE_BYTES[prec.moments] + prec.master_bytes(fmt)
+        o_n[(expert, per)] = o_n.get((expert, per), 0) + n
+
+    def shard(n: int, expert: bool, on: bool) -> int:
+        return math.ceil(n / zero_group[expert]) if on else n
+
+    g = DTYPE_BYTES[prec.grads]
+    return StateBytes(
+        params=params,
+        weights=buffers + sum(shard(n, e, layout.zero >= 3) * DTYPE_BYTES[f] for (e, f), n in w_n.items()),
+        grads=sum(shard(n, e, layout.zero >= 2) * g for e, n in g_n.items()),
+        optimizer=sum(shard(n, e, layout.zero >= 1) * per for (e, per), n in o_n.items()),
+        grads_unsharded=(g_n[False] + g_n[True]) * g,
+        expert_grads_unsharded=g_n[True] * g,
+    )
+
+
+def unit_weight_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision) -> float:
+    """Unsharded weight bytes of one unit (a layer) on one device."""
+    return sum(_group_numel(k, v, layout) * DTYPE_BYTES[weight_format(k[1], prec)] for k, v in groups.items())
+
+
+# ---------------------------------------------------------------------------- stages
 @dataclass
 class StageParts:
     """What one pipeline stage holds: its layers and the extra modules at the ends of the pipeline."""
@@ -75,6 +147,7 @@ class StageParts:
 
 
 def stage_parts(cfg: ModelConfig, layout: Layout, stage_layers: tuple[int, ...]) -> list[StageParts]:
+    """Stage 0 holds the embedding; the last stage the final norm, output head and MTP modules."""
     idx = stage_layer_indices(stage_layers)
     last = layout.pp - 1
     use_mtp = layout.mtp and cfg.num_nextn_predict_layers > 0
@@ -82,6 +155,7 @@ def stage_parts(cfg: ModelConfig, layout: Layout, stage_layers: tuple[int, ...])
 
 
 def stage_tensors(params: ModelParams, part: StageParts) -> list[ParamTensor]:
+    """The parameter tensors of one stage."""
     out: list[ParamTensor] = []
     if part.embedding:
         out += params.embedding
@@ -94,85 +168,49 @@ def stage_tensors(params: ModelParams, part: StageParts) -> list[ParamTensor]:
     return out
 
 
-@dataclass
-class StateBytes:
-    """Model-state bytes of one stage on one device."""
-
-    params: int  # trainable elements held (after the TP/EP split, before ZeRO)
-    weights: float
-    grads: float
-    optimizer: float
-    grads_unsharded: float  # gradient bytes before ZeRO-2 sharding (sizes the buckets)
-    expert_grads_unsharded: float  # the routed-expert part of it (reduced over EDP, the rest over DP)
-    largest_layer_weights: float  # unsharded weight bytes of the biggest layer (ZeRO-3 gathers it)
-
-
-def state_bytes(tensors: list[ParamTensor], layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
-    """Weights, gradients and optimizer states of ``tensors`` on one device (module docstring formulas).
-
-    Args:
-        replicas: devices in one pipeline that hold the same stage (2 under DualPipe);
-            they join the ZeRO group.
-    """
-    groups = {False: layout.dp * replicas, True: layout.edp * replicas}
-    # Sum per (is_expert, format) so that each flat ZeRO buffer is padded once.
-    w_sum: dict[tuple[bool, str], int] = {}
-    buffers = 0.0
-    grad_n = {False: 0, True: 0}
-    opt_sum: dict[tuple[bool, float], int] = {}
-    params = 0
-    for t in tensors:
-        n = device_numel(t, layout)
-        fmt = weight_format(t, prec)
-        if not t.trainable:
-            buffers += n * DTYPE_BYTES[fmt]
-            continue
-        params += n
-        w_sum[(t.is_expert, fmt)] = w_sum.get((t.is_expert, fmt), 0) + n
-        grad_n[t.is_expert] += n
-        per = 2 * DTYPE_BYTES[prec.moments] + prec.master_bytes(fmt)
-        opt_sum[(t.is_expert, per)] = opt_sum.get((t.is_expert, per), 0) + n
-
-    def shard(n: int, expert: bool, on: bool) -> int:
-        return math.ceil(n / groups[expert]) if on else n
-
-    weights = buffers + sum(shard(n, e, layout.zero >= 3) * DTYPE_BYTES[f] for (e, f), n in w_sum.items())
-    g = DTYPE_BYTES[prec.grads]
-    grads = sum(shard(n, e, layout.zero >= 2) * g for e, n in grad_n.items())
-    optimizer = sum(shard(n, e, layout.zero >= 1) * per for (e, per), n in opt_sum.items())
-    layer_w: dict[str, float] = {}
-    for t in tensors:
-        m = _LAYER_RE.match(t.name)
-        key = m.group(0) if m else t.name
-        layer_w[key] = layer_w.get(key, 0.0) + device_numel(t, layout) * DTYPE_BYTES[weight_format(t, prec)]
-    return StateBytes(
-        params=params,
-        weights=weights,
-        grads=grads,
-        optimizer=optimizer,
-        grads_unsharded=sum(grad_n.values()) * g,
-        expert_grads_unsharded=grad_n[True] * g,
-        largest_layer_weights=max(layer_w.values(), default=0.0),
-    )
-
-
-def stage_activation_items(cfg: ModelConfig, layout: Layout, prec: Precision, part: StageParts) -> list[list[act.ActItem]]:
-    """The saved-tensor items of a stage, one list per unit (each layer; embedding, rope, head, MTP)."""
-    units: list[list[act.ActItem]] = []
-    if part.embedding:
-        units.append(act.embedding_items(cfg, layout, prec))
-    if part.layers:
-        units.append(act.rope_items(cfg, layout, prec))
-    for i in part.layers:
-        units.append(act.decoder_layer_items(cfg, layout, prec, cfg.is_moe_layer(i), f"layers.{i}."))
-    if part.head:
-        units.append(act.head_items(cfg, layout, prec))
+def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
+    """:func:`state_bytes` of one stage, from the cached per-layer groups (fast)."""
+    g = params.groups
+    units = [g["layers"][i] for i in part.layers]
     if part.mtp:
-        from dsv3.plan.params import mtp_layer_is_moe
+        units += g["mtp_modules"]
+    extra = ([g["embedding"]] if part.embedding else []) + ([g["head"]] if part.head else [])
+    sb = state_bytes(merge_groups(units + extra), layout, prec, replicas)
+    sb.largest_unit_weights = max((unit_weight_bytes(u, layout, prec) for u in units + extra), default=0.0)
+    return sb
 
-        for k in range(cfg.num_nextn_predict_layers):
-            units.append(act.mtp_items(cfg, layout, prec, k, mtp_layer_is_moe(cfg, k)))
-    return units
+
+# ---------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class UnitActivations:
+    """Bytes per token one unit keeps under the layout's policy, and what it keeps with no recompute."""
+
+    kept: float
+    none: float
+
+    @property
+    def dropped(self) -> float:
+        return self.none - self.kept
+
+
+def unit_activations(cfg: ModelConfig, layout: Layout, prec: Precision) -> dict[str, UnitActivations]:
+    """Per-token activation bytes of each kind of unit: ``dense``, ``moe``, ``embedding``, ``rope``, ``head``, ``mtp``."""
+    policy = layout.recompute
+
+    def ua(items: list[act.ActItem]) -> UnitActivations:
+        return UnitActivations(act.bytes_per_token(items, policy), act.bytes_per_token(items, "none"))
+
+    out = {
+        "dense": ua(act.decoder_layer_items(cfg, layout, prec, False)),
+        "embedding": ua(act.embedding_items(cfg, layout, prec)),
+        "rope": ua(act.rope_items(cfg, layout, prec)),
+        "head": ua(act.head_items(cfg, layout, prec)),
+    }
+    if cfg.n_routed_experts:
+        out["moe"] = ua(act.decoder_layer_items(cfg, layout, prec, True))
+    mtp = [act.mtp_items(cfg, layout, prec, k, mtp_layer_is_moe(cfg, k)) for k in range(cfg.num_nextn_predict_layers)]
+    out["mtp"] = ua([i for items in mtp for i in items])
+    return out
 
 
 @dataclass
@@ -181,23 +219,98 @@ class ActivationBytes:
     working_set: float  # extra bytes while one layer is recomputed in backward
 
 
-def activation_bytes(units: list[list[act.ActItem]], layout: Layout) -> ActivationBytes:
-    tokens = layout.tokens_per_microbatch
-    policy = layout.recompute
-    kept = sum(act.bytes_per_token(u, policy) for u in units)
-    dropped = max((act.bytes_per_token(u, "none") - act.bytes_per_token(u, policy) for u in units), default=0.0)
-    return ActivationBytes(per_microbatch=tokens * kept, working_set=tokens * dropped)
+def stage_activation_bytes(cfg: ModelConfig, layout: Layout, part: StageParts, units: dict[str, UnitActivations]) -> ActivationBytes:
+    present: list[UnitActivations] = []
+    if part.embedding:
+        present.append(units["embedding"])
+    if part.layers:
+        present.append(units["rope"])
+    present += [units["moe" if cfg.is_moe_layer(i) else "dense"] for i in part.layers]
+    if part.head:
+        present.append(units["head"])
+    if part.mtp:
+        present.append(units["mtp"])
+    t = layout.tokens_per_microbatch
+    return ActivationBytes(
+        per_microbatch=t * sum(u.kept for u in present),
+        working_set=t * max((u.dropped for u in present), default=0.0),
+    )
 
 
+#: Per device, the count vectors ((stage, micro-batches held), ...) at which its live activations can peak.
+Profiles = list[list[tuple[tuple[int, int], ...]]]
+
+
+def occupancy_profiles(device_ops, pp: int) -> Profiles:
+    """Walk each device's op list and record how many micro-batches of each stage it holds after every forward.
+
+    Args:
+        device_ops: for each device, its compute ops in execution order (objects
+            with ``parts()`` giving ops of ``kind`` F / B / W / BW and a ``stage``),
+            e.g. ``Schedule.ops`` or the ops of ``SimResult.timeline``.
+
+    A micro-batch's set on a stage is taken when its forward starts and released
+    when its last backward (W of a split backward, or the full BW) ends; an
+    overlapped F&B takes the forward's set before releasing the backward's
+    (the convention of ``SimResult.peak_activations``). Live memory only grows
+    at a forward, so the peak is at one of the recorded vectors; vectors that
+    another one dominates are dropped.
+    """
+    out: Profiles = []
+    for ops in device_ops:
+        n = [0] * pp
+        seen: set[tuple[tuple[int, int], ...]] = set()
+        for op in ops:
+            parts = op.parts()
+            took = False
+            for p in parts:
+                if p.kind == "F":
+                    n[p.stage] += 1
+                    took = True
+            if took:
+                seen.add(tuple((s, c) for s, c in enumerate(n) if c))
+            for p in parts:
+                if p.kind in ("BW", "W"):
+                    n[p.stage] -= 1
+        vecs = [dict(v) for v in seen]
+        keep = []
+        for i, v in enumerate(vecs):
+            dominated = any(j != i and all(w.get(s, 0) >= c for s, c in v.items()) for j, w in enumerate(vecs))
+            if not dominated:
+                keep.append(tuple(sorted(v.items())))
+        out.append(sorted(keep))
+    return out
+
+
+def weighted_peaks(profiles: Profiles, stage_bytes: list[float]) -> tuple[list[float], list[list[int]]]:
+    """Each device's peak live activation bytes, and the most micro-batches of each stage it holds at once.
+
+    Args:
+        profiles: :func:`occupancy_profiles` of the schedule.
+        stage_bytes: activation bytes one micro-batch keeps on each stage.
+    """
+    peaks, counts = [], []
+    pp = len(stage_bytes)
+    for vecs in profiles:
+        peaks.append(max((sum(c * stage_bytes[s] for s, c in v) for v in vecs), default=0.0))
+        top = [0] * pp
+        for v in vecs:
+            for s, c in v:
+                top[s] = max(top[s], c)
+        counts.append(top)
+    return peaks, counts
+
+
+# ---------------------------------------------------------------------------- buffers
 def comm_buffer_bytes(cfg: ModelConfig, layout: Layout, prec: Precision, parts: list[StageParts],
                       states: list[StateBytes]) -> dict[str, float]:
-    """Communication buffers one device keeps (for the stages ``parts`` it holds).
+    """Communication buffers one device keeps for the stages ``parts`` it holds.
 
     - ``pp_p2p``: send and receive buffers for the activation and its gradient
       at the stage boundary, ``T/SP x d`` each, per direction of data flow;
     - ``tp_gather``: two all-gathered ``T x d`` sequence buffers (sequence parallelism);
     - ``ep_all_to_all``: dispatch and combine buffers of ``K_r * ETP / TP * T``
-      token copies of ``d``;
+      token copies of ``d`` (dispatch in FP8 with ``--fp8``);
     - ``grad_buckets``: with ZeRO-2/3, two reduce-scatter buckets of
       max(40M, 1M * DP) gradient elements (capped at the device's gradients);
     - ``zero3_gather``: with ZeRO-3, the gathered weights of two layers (the one
@@ -221,18 +334,19 @@ def comm_buffer_bytes(cfg: ModelConfig, layout: Layout, prec: Precision, parts: 
         bucket = max(GRAD_BUCKET_MIN_ELEMS, 1_000_000 * layout.dp) * DTYPE_BYTES[prec.grads]
         out["grad_buckets"] = min(2 * bucket, sum(s.grads_unsharded for s in states))
     if layout.zero >= 3:
-        out["zero3_gather"] = 2 * max(s.largest_layer_weights for s in states)
+        out["zero3_gather"] = 2 * max(s.largest_unit_weights for s in states)
     return out
 
 
+# ---------------------------------------------------------------------------- results
 @dataclass
 class StageMemory:
     """Memory of one pipeline stage on a device that holds it (bytes unless said otherwise).
 
     For a device that holds one stage (1F1B, ZB1P) this equals the device's
-    memory; under DualPipe / DualPipeV, :class:`DeviceMemory` adds up the two
-    stages a device holds (activations: its peak in-flight count times the
-    larger stage's per-micro-batch bytes; buffers counted once).
+    memory. Under DualPipe / DualPipeV a device holds two stages and
+    :class:`DeviceMemory` is the authority: it adds the stages' states, takes
+    the device's activation peak from the schedule, and counts buffers once.
     """
 
     stage: int
@@ -244,12 +358,11 @@ class StageMemory:
     grads: float
     optimizer: float
     activations_per_microbatch: float
-    microbatches_in_flight: float
+    microbatches_in_flight: int
     recompute_working_set: float
     activations: float
     comm_buffers: dict[str, float] = field(default_factory=dict)
     fragmentation: float = 0.0
-    items: list[list[act.ActItem]] = field(repr=False, default_factory=list)
 
     @property
     def subtotal(self) -> float:
@@ -294,7 +407,7 @@ class DeviceMemory:
     optimizer: float
     activations: float
     comm_buffers: dict[str, float]
-    fragmentation: float
+    fragmentation: float = 0.0
 
     @property
     def subtotal(self) -> float:
@@ -323,62 +436,62 @@ class DeviceMemory:
 
 
 def memory_plan(cfg: ModelConfig, params: ModelParams, layout: Layout, prec: Precision, stage_layers: tuple[int, ...],
-                in_flight: list[float], fragmentation: float = DEFAULT_FRAGMENTATION) -> tuple[list[StageMemory], list[DeviceMemory]]:
+                profiles: Profiles | None = None, fragmentation: float = DEFAULT_FRAGMENTATION,
+                states: list[StateBytes] | None = None,
+                units: dict[str, UnitActivations] | None = None) -> tuple[list[StageMemory], list[DeviceMemory]]:
     """Per-stage and per-device memory.
 
     Args:
         stage_layers: layers per stage.
-        in_flight: peak micro-batches whose activations each pipeline device
-            holds (``SimResult.peak_activations``), in units of one stage's
-            activations. A device holding two stages is charged its peak times
-            the larger of its stages' per-micro-batch activations.
+        profiles: :func:`occupancy_profiles` of the schedule's op lists; ``None``
+            for PP = 1, where one micro-batch is in flight at a time.
         fragmentation: allowance as a fraction of the device's other memory.
+        states: precomputed :func:`stage_state_bytes` of each stage (optional).
+        units: precomputed :func:`unit_activations` (optional).
     """
     parts = stage_parts(cfg, layout, stage_layers)
-    dev_of = devices_of_stage(layout.pp, layout.schedule)
     replicas = 2 if layout.schedule == "dualpipe" else 1
+    if states is None:
+        states = [stage_state_bytes(params, p, layout, prec, replicas) for p in parts]
+    units = units or unit_activations(cfg, layout, prec)
+    acts = [stage_activation_bytes(cfg, layout, p, units) for p in parts]
+    held = stage_devices(layout.pp, layout.schedule)
+    if profiles is None:
+        peaks, counts = [acts[0].per_microbatch], [[1]]
+    else:
+        peaks, counts = weighted_peaks(profiles, [a.per_microbatch for a in acts])
+    dev_of = devices_of_stage(layout.pp, layout.schedule)
     stages: list[StageMemory] = []
-    states: list[StateBytes] = []
-    for part in parts:
-        sb = state_bytes(stage_tensors(params, part), layout, prec, replicas)
-        units = stage_activation_items(cfg, layout, prec, part)
-        ab = activation_bytes(units, layout)
-        peak = max(in_flight[d] for d in dev_of[part.stage])
-        stages.append(
-            StageMemory(
-                stage=part.stage,
-                layers=part.layers,
-                extras=part.extras,
-                devices=dev_of[part.stage],
-                params_per_device=sb.params,
-                weights=sb.weights,
-                grads=sb.grads,
-                optimizer=sb.optimizer,
-                activations_per_microbatch=ab.per_microbatch,
-                microbatches_in_flight=peak,
-                recompute_working_set=ab.working_set,
-                activations=peak * ab.per_microbatch + ab.working_set,
-                comm_buffers=comm_buffer_bytes(cfg, layout, prec, [part], [sb]),
-                items=units,
-            )
+    for part, sb, ab in zip(parts, states, acts):
+        n = max(counts[dev][part.stage] for dev in dev_of[part.stage])
+        sm = StageMemory(
+            stage=part.stage,
+            layers=part.layers,
+            extras=part.extras,
+            devices=dev_of[part.stage],
+            params_per_device=sb.params,
+            weights=sb.weights,
+            grads=sb.grads,
+            optimizer=sb.optimizer,
+            activations_per_microbatch=ab.per_microbatch,
+            microbatches_in_flight=n,
+            recompute_working_set=ab.working_set,
+            activations=n * ab.per_microbatch + ab.working_set,
+            comm_buffers=comm_buffer_bytes(cfg, layout, prec, [part], [sb]),
         )
-        stages[-1].fragmentation = fragmentation * stages[-1].subtotal
-        states.append(sb)
+        sm.fragmentation = fragmentation * sm.subtotal
+        stages.append(sm)
     devices: list[DeviceMemory] = []
-    for dev, held in enumerate(stage_devices(layout.pp, layout.schedule)):
-        ss = [stages[s] for s in held]
-        act_bytes = in_flight[dev] * max(s.activations_per_microbatch for s in ss) + max(s.recompute_working_set for s in ss)
-        buffers = comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in held], [states[s] for s in held])
+    for dev, ss in enumerate(held):
         dm = DeviceMemory(
             device=dev,
-            stages=held,
-            params=sum(s.params_per_device for s in ss),
-            weights=sum(s.weights for s in ss),
-            grads=sum(s.grads for s in ss),
-            optimizer=sum(s.optimizer for s in ss),
-            activations=act_bytes,
-            comm_buffers=buffers,
-            fragmentation=0.0,
+            stages=ss,
+            params=sum(states[s].params for s in ss),
+            weights=sum(states[s].weights for s in ss),
+            grads=sum(states[s].grads for s in ss),
+            optimizer=sum(states[s].optimizer for s in ss),
+            activations=peaks[dev] + max(acts[s].working_set for s in ss),
+            comm_buffers=comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in ss], [states[s] for s in ss]),
         )
         dm.fragmentation = fragmentation * dm.subtotal
         devices.append(dm)

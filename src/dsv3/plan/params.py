@@ -246,6 +246,17 @@ class ModelParams:
     def mtp_tensors(self) -> list[ParamTensor]:
         return [t for module in self.mtp for t in module]
 
+    @cached_property
+    def groups(self) -> dict[str, dict]:
+        """Aggregated tensor groups (:func:`aggregate`) of each unit: ``embedding``, ``head``, ``mtp``, ``layers``."""
+        return {
+            "embedding": aggregate(self.embedding),
+            "head": aggregate(self.head),
+            "mtp": aggregate(self.mtp_tensors),
+            "mtp_modules": [aggregate(m) for m in self.mtp],
+            "layers": [aggregate(layer) for layer in self.layers],
+        }
+
     # ------------------------------------------------------------- counts
     @cached_property
     def total(self) -> int:
@@ -313,3 +324,33 @@ class ModelParams:
 def count_params(cfg: ModelConfig) -> ModelParams:
     """The parameter inventory of ``cfg`` (see :class:`ModelParams`)."""
     return ModelParams(cfg)
+
+
+#: Key of an aggregated tensor group: (shard, kind, rows, cols) where rows/cols are the
+#: shape of a vocabulary-split tensor (its padding depends on the TP size) and 0 otherwise.
+GroupKey = tuple[str, str, int, int]
+
+
+def aggregate(tensors: list[ParamTensor]) -> dict[GroupKey, int]:
+    """Sum the elements of ``tensors`` per (shard, kind); vocabulary-split tensors keep their shape.
+
+    The value is the element count, except for vocabulary-split keys where it is
+    the number of such tensors (each padded separately).
+    """
+    out: dict[GroupKey, int] = {}
+    for t in tensors:
+        if t.shard == "vocab":
+            key = (t.shard, t.kind, t.shape[0], t.numel // t.shape[0])
+            out[key] = out.get(key, 0) + 1
+        else:
+            key = (t.shard, t.kind, 0, 0)
+            out[key] = out.get(key, 0) + t.numel
+    return out
+
+
+def merge_groups(groups: list[dict[GroupKey, int]]) -> dict[GroupKey, int]:
+    out: dict[GroupKey, int] = {}
+    for g in groups:
+        for k, v in g.items():
+            out[k] = out.get(k, 0) + v
+    return out

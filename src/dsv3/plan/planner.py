@@ -6,12 +6,24 @@ over the model config (no torch), so a plan for DeepSeek-V3 takes milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.plan import activations as act
-from dsv3.plan.cost import Hardware, Throughput, budget, dp_sync_seconds, run_schedule, stage_times, throughput
+from dsv3.plan.cost import (
+    Hardware,
+    StageTimes,
+    Throughput,
+    budget,
+    dp_sync_seconds,
+    run_schedule,
+    stage_times,
+    throughput,
+)
+from dsv3.parallel.pipeline.schedules import build_schedule
 from dsv3.plan.flops import ModelFlops, flops_summary, model_flops
 from dsv3.plan.layout import Layout, balanced_stage_layers
 from dsv3.plan.memory import (
@@ -19,9 +31,10 @@ from dsv3.plan.memory import (
     DeviceMemory,
     StageMemory,
     memory_plan,
+    occupancy_profiles,
     stage_parts,
-    stage_tensors,
-    state_bytes,
+    stage_state_bytes,
+    unit_activations,
 )
 from dsv3.plan.params import ModelParams, count_params
 from dsv3.plan.precision import Precision
@@ -157,6 +170,125 @@ def default_stage_layers(cfg: ModelConfig, layout: Layout, flops: ModelFlops) ->
     return balanced_stage_layers(list(flops.layers), 0.0, last, layout.pp)
 
 
+def _quantise(x: float, step: float = 1.1) -> float:
+    """``x`` rounded to the nearest power of ``step`` (relative error at most about 5 %)."""
+    if x <= 0:
+        return 0.0
+    return step ** round(math.log(x) / math.log(step))
+
+
+class PlanCache:
+    """Memoises what many plans of one model share; :func:`dsv3.plan.search.search` plans thousands.
+
+    Exact (the default): every plan runs the pipeline simulator on its own
+    times. Approximate (``approximate=True``, for ranking in a search): times
+    relative to F are rounded to powers of 1.1 (the P2P time to steps of
+    0.05 F), so that layouts with nearly the same times share a simulation, and
+    a step of more than ``m1 + 2`` micro-batches (m1 = PP, 2 PP for DualPipe,
+    the fewest that fill the pipeline) is extrapolated linearly from
+    simulations of ``m1`` and ``m1 + 2``: the schedules are periodic in steady
+    state, so makespan and bubbles grow linearly with the micro-batch count
+    (exactly without P2P time, within about 1 % with it) and the in-flight
+    peaks no longer change.
+    """
+
+    def __init__(self, approximate: bool = False) -> None:
+        self.approximate = approximate
+        self._flops: dict = {}
+        self._split: dict = {}
+        self._sims: dict = {}
+        self._profiles: dict = {}
+        self._built: dict = {}
+        self._states: dict = {}
+        self._units: dict = {}
+
+    def states(self, params: ModelParams, part, layout: Layout, prec: Precision, replicas: int):
+        key = (tuple(part.layers), part.embedding, part.head, part.mtp, layout.tp, layout.ep, layout.etp, layout.dp,
+               layout.zero, replicas, prec)
+        if key not in self._states:
+            self._states[key] = stage_state_bytes(params, part, layout, prec, replicas)
+        return dataclasses.replace(self._states[key])
+
+    def units(self, cfg: ModelConfig, layout: Layout, prec: Precision):
+        key = (layout.tp, layout.sp, layout.etp, layout.fp8, layout.attention, layout.seq_len, layout.micro_batch,
+               layout.recompute, prec)
+        if key not in self._units:
+            self._units[key] = unit_activations(cfg, layout, prec)
+        return self._units[key]
+
+    def flops(self, cfg: ModelConfig, params: ModelParams, seq_len: int, causal: bool, mtp: bool, recompute: str):
+        key = (seq_len, causal, mtp, recompute)
+        if key not in self._flops:
+            self._flops[key] = (
+                model_flops(cfg, seq_len, causal, params),
+                flops_summary(cfg, seq_len, causal, mtp, recompute, params),
+            )
+        return self._flops[key]
+
+    def stage_layers(self, cfg: ModelConfig, layout: Layout, flops: ModelFlops) -> tuple[int, ...]:
+        key = (layout.pp, layout.seq_len, layout.mtp)
+        if key not in self._split:
+            self._split[key] = default_stage_layers(cfg, layout, flops)
+        return self._split[key]
+
+    def built(self, name: str, pp: int, m: int):
+        """The schedule's op lists (``dsv3.parallel.pipeline.build_schedule``), built once."""
+        key = (name, pp, m)
+        if key not in self._built:
+            self._built[key] = build_schedule(name, pp, m)
+        return self._built[key]
+
+    def profiles(self, name: str, pp: int, m: int):
+        key = (name, pp, m)
+        if key not in self._profiles:
+            self._profiles[key] = occupancy_profiles(self.built(name, pp, m).ops, pp)
+        return self._profiles[key]
+
+    def _simulate(self, layout: Layout, m: int, times: StageTimes):
+        key = (layout.schedule, layout.pp, m, times.f, times.b, times.w, times.fb, times.comm)
+        if key not in self._sims:
+            self._sims[key] = run_schedule(self.built(layout.schedule, layout.pp, m), times)
+        return self._sims[key]
+
+    def profile_microbatches(self, layout: Layout) -> int:
+        """Micro-batches whose op lists give the in-flight peaks (fewer in approximate mode: peaks saturate)."""
+        m = layout.microbatches
+        if not self.approximate:
+            return m
+        return min(m, (2 * layout.pp if layout.schedule == "dualpipe" else layout.pp) + 2)
+
+    def schedule(self, layout: Layout, times: StageTimes) -> "ScheduleInfo":
+        """Simulate the layout's schedule (see the class docstring for the approximate mode)."""
+        m = layout.microbatches
+        if not self.approximate:
+            res = self._simulate(layout, m, times)
+            return ScheduleInfo(layout.schedule, m, float(res.makespan), [float(x) for x in res.bubble],
+                                [float(x) for x in res.peak_activations], times.f, times.b, times.w, times.fb,
+                                times.comm, res)
+        f = times.f
+        # Only the times the schedule uses enter the key: 1F1B runs F and full backwards only.
+        uses_w = layout.schedule != "1f1b"
+        uses_fb = layout.schedule in ("dualpipe", "dualpipev")
+        b = _quantise(times.b / f)
+        w = min(b, _quantise(times.w / f)) if uses_w else 0.0
+        fb = _quantise(times.fb / f) if uses_fb else None
+        comm = round(times.comm / f / 0.05) * 0.05
+        scaled = StageTimes(1.0, b, w, fb, comm, 1.0, 0.0, times.slowest_stage)
+        m1 = 2 * layout.pp if layout.schedule == "dualpipe" else layout.pp
+        m2 = m1 + 2
+        if m <= m2:
+            res = self._simulate(layout, m, scaled)
+            makespan, bubble, peak = res.makespan, list(res.bubble), list(res.peak_activations)
+        else:
+            r1, r2 = self._simulate(layout, m1, scaled), self._simulate(layout, m2, scaled)
+            k = (m - m1) / (m2 - m1)
+            makespan = r1.makespan + k * (r2.makespan - r1.makespan)
+            bubble = [x1 + k * (x2 - x1) for x1, x2 in zip(r1.bubble, r2.bubble)]
+            peak = list(r2.peak_activations)
+        return ScheduleInfo(layout.schedule, m, makespan * f, [x * f for x in bubble], [float(x) for x in peak],
+                            times.f, times.b, times.w, times.fb, times.comm)
+
+
 def make_plan(
     cfg: ModelConfig,
     layout: Layout,
@@ -172,6 +304,8 @@ def make_plan(
     tokens_per_s_per_gpu: float | None = None,
     price_per_gpu_hour: float | None = None,
     params: ModelParams | None = None,
+    cache: PlanCache | None = None,
+    simulate: bool = True,
 ) -> Plan:
     """Plan one training layout of ``cfg``.
 
@@ -185,38 +319,46 @@ def make_plan(
         gpu_memory: bytes per GPU, to say whether the plan fits.
         tokens: token budget; with it the plan has ``gpu_hours`` (and ``cost`` with a price).
         mfu / tokens_per_s_per_gpu: assumed / measured throughput (see :mod:`dsv3.plan.cost`).
+        params: the parameter inventory of ``cfg`` (computed when not given).
+        cache: shared memo for many plans of one model (see :class:`PlanCache`).
+        simulate: run the pipeline simulator; without it the plan has memory but no
+            step time (``nan``), which is all a search needs to reject a layout.
     """
     precision = precision or Precision()
     hardware = hardware or Hardware()
+    cache = cache or PlanCache()
     if not 0 <= fragmentation < 1:
         raise ConfigError(f"--fragmentation must be a fraction in [0, 1), got {fragmentation}")
     layout.validate(cfg)
     params = params or count_params(cfg)
-    flops = model_flops(cfg, layout.seq_len, causal, params)
-    fsum = flops_summary(cfg, layout.seq_len, causal, layout.mtp, layout.recompute, params)
-    stage_layers = tuple(layout.stage_layers) if layout.stage_layers is not None else default_stage_layers(cfg, layout, flops)
+    flops, fsum = cache.flops(cfg, params, layout.seq_len, causal, layout.mtp, layout.recompute)
+    stage_layers = tuple(layout.stage_layers) if layout.stage_layers is not None else cache.stage_layers(cfg, layout, flops)
     parts = stage_parts(cfg, layout, stage_layers)
     replicas = 2 if layout.schedule == "dualpipe" else 1
-    states = [state_bytes(stage_tensors(params, p), layout, precision, replicas) for p in parts]
+    states = [cache.states(params, p, layout, precision, replicas) for p in parts]
     times = stage_times(cfg, layout, precision, hardware, flops, parts, states)
     m = layout.microbatches
-    if layout.pp == 1:
-        sched = ScheduleInfo(layout.schedule, m, m * (times.f + times.b), [0.0], [1.0], times.f, times.b, times.w, times.fb, 0.0)
+    if layout.pp == 1:  # gradient accumulation: one micro-batch after the other, no pipeline
+        profiles = None
     else:
-        res = run_schedule(layout, times)
-        sched = ScheduleInfo(
-            layout.schedule, m, float(res.makespan), [float(x) for x in res.bubble],
-            [float(x) for x in res.peak_activations], times.f, times.b, times.w, times.fb, times.comm, res,
-        )
-    stages, devices = memory_plan(cfg, params, layout, precision, stage_layers, sched.peak_activations, fragmentation)
+        profiles = cache.profiles(layout.schedule, layout.pp, cache.profile_microbatches(layout))
+    stages, devices = memory_plan(cfg, params, layout, precision, stage_layers, profiles, fragmentation, states=states,
+                                  units=cache.units(cfg, layout, precision))
     # Gradient reduction after the last backward, for the device with the most gradients.
     sync = 0.0
     for dev in devices:
         total = sum(states[s].grads_unsharded for s in dev.stages)
         expert = sum(states[s].expert_grads_unsharded for s in dev.stages)
         sync = max(sync, dp_sync_seconds(layout, precision, hardware, total - expert, expert))
+    if not simulate:
+        sched = ScheduleInfo(layout.schedule, m, math.nan, [], [], times.f, times.b, times.w, times.fb, times.comm)
+    elif layout.pp == 1:
+        sched = ScheduleInfo(layout.schedule, m, m * (times.f + times.b), [0.0], [1.0], times.f, times.b, times.w,
+                             times.fb, 0.0)
+    else:
+        sched = cache.schedule(layout, times)
     step = sched.makespan + sync
-    est_tps = layout.batch * layout.seq_len / (step * layout.gpus)
+    est_tps = layout.batch * layout.seq_len / (step * layout.gpus) if simulate else math.nan
     tput = throughput(
         fsum["training_per_token"], hardware, tokens_per_s_per_gpu=tokens_per_s_per_gpu, mfu=mfu,
         estimated_tokens_per_s_per_gpu=est_tps,

@@ -164,12 +164,16 @@ _UNITS = {
     "mib": 2**20,
     "gib": 2**30,
     "tib": 2**40,
+    "k": 2**10,  # bare K/M/G/T: binary, as `ls -h` and `free -h` print them
+    "m": 2**20,
+    "g": 2**30,
+    "t": 2**40,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]+)\s*$")
 
 
 def parse_size(text: str, what: str = "size") -> int:
-    """Bytes of a size written with a unit: ``"80GiB"``, ``"80 GB"``, ``"1.5TiB"``, ``"512MiB"``."""
+    """Bytes of a size written with a unit: ``"80GiB"``, ``"80 GB"`` (decimal), ``"80G"`` (binary), ``"512MiB"``."""
     match = _SIZE_RE.match(str(text))
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
