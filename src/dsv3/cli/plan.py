@@ -65,6 +65,7 @@ def register(subparsers) -> None:
         "plan",
         help="plan a training run: parameters, per-device memory, FLOPs, schedule and cost (no torch)",
         description="Plan a training run of a DeepSeek-V3-architecture model for a parallel layout.",
+        allow_abbrev=False,  # `plan schedule --f` must not be read as an abbreviation of `plan --fp8`
     )
     _add_model_args(p)
     for name, default, what in (
@@ -88,7 +89,8 @@ def register(subparsers) -> None:
 
     sub = p.add_subparsers(dest="plan_command", metavar="{schedule,search}", parser_class=type(p))
     s = sub.add_parser("schedule", help="simulate a pipeline schedule and draw its per-device timeline",
-                       description="Simulate one step of a pipeline schedule (DualPipe README conventions).")
+                       description="Simulate one step of a pipeline schedule (DualPipe README conventions).",
+                       allow_abbrev=False)
     s.add_argument("--schedule", required=True, help="1f1b, zb1p, dualpipe or dualpipev")
     s.add_argument("--pp", type=int, required=True, help="pipeline stages (DualPipeV runs them on pp/2 devices)")
     s.add_argument("--microbatches", type=int, required=True)
@@ -102,7 +104,8 @@ def register(subparsers) -> None:
     s.set_defaults(func=run_schedule)
 
     q = sub.add_parser("search", help="list the layouts of N GPUs that fit, ranked by estimated step time",
-                       description="Try every layout of --gpus GPUs; list those that fit, fastest first, and why the rest fail.")
+                       description="Try every layout of --gpus GPUs; list those that fit, fastest first, and why the rest fail.",
+                       allow_abbrev=False)
     _add_model_args(q)
     q.add_argument("--gpus", type=int, required=True)
     for name, what in (("--pp", "pipeline stages"), ("--tp", "TP sizes"), ("--ep", "EP sizes"), ("--etp", "ETP sizes"),
