@@ -29,8 +29,15 @@ Reported quantities (what the DualPipe README's table compares, arXiv 2412.19437
 * ``makespan``: time from the first op's start (0) to the last op's end.
 * ``bubble[d] = makespan - busy[d]``: the idle time of device d within the
   makespan; ``busy[d]`` sums its compute op times. With ``comm = 0`` the
-  published bubbles are the per-device idle times (1F1B and ZB1P: every
-  device; DualPipe/V: the largest over devices).
+  README's bubbles are these idle times exactly under the conditions its
+  equal-cell figures assume (found by sweeping this simulator, see the tests):
+  1F1B ``(pp-1)(F+B)`` on every device when ``microbatches >= pp``; ZB1P
+  ``(pp-1)(F+B-2W)`` on every device when also ``W <= F`` and ``W <= B-W``;
+  DualPipe and DualPipeV ``(pp/2-1)(F&B+B-3W)`` as the LARGEST per-device
+  bubble when the input backward lasts as long as the forward (``B-W = F``),
+  ``W <= F`` and ``B <= F&B <= F+B`` (on every device when ``F = W = B-W``).
+  Elsewhere the formulas are approximations and the simulated value is the
+  one to use (e.g. DualPipe pp=8, F=1, B=2, W=0.5, F&B=2.5: 8.0, not 9.0).
 * ``peak_activations[d]``: the most (micro-batch, stage) activation sets device
   d holds at once, in units of one micro-batch through ONE stage (1/pp of the
   pipelined layers). A set is taken when its forward starts and released when
@@ -50,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 from dsv3.errors import ConfigError
@@ -196,6 +204,8 @@ def run_schedule(schedule: Schedule, times: OpTimes | None = None) -> SimResult:
     sent: dict[tuple, float] = {}  # (src, dst, key) -> arrival time, for SENDs that ran before their RECV
     timeline: list[list[TimelineEntry]] = [[] for _ in range(nd)]
     busy = [0.0] * nd
+    waiting: list[tuple | None] = [None] * nd  # the data key a stalled device waits for
+    runnable = deque(range(nd))
 
     def step(d: int, op: Op) -> bool:
         """Run device d's next op if it can run now; False if it waits for a SEND not yet simulated."""
@@ -205,6 +215,9 @@ def run_schedule(schedule: Schedule, times: OpTimes | None = None) -> SimResult:
             if key in posted[op.peer]:
                 posted[op.peer].discard(key)
                 ready[op.peer][key] = arrival
+                if waiting[op.peer] == key:  # the peer was stalled on exactly this data
+                    waiting[op.peer] = None
+                    runnable.append(op.peer)
             else:
                 sent[(d, op.peer, key)] = arrival
             return True
@@ -216,8 +229,10 @@ def run_schedule(schedule: Schedule, times: OpTimes | None = None) -> SimResult:
                 posted[d].add(key)
             return True
         needs = _needs(op)
-        if any(key in posted[d] for key in needs):
-            return False
+        for key in needs:
+            if key in posted[d]:
+                waiting[d] = key
+                return False
         start = max([free[d]] + [ready[d][key] for key in needs])
         end = start + times.of(op)
         for key in _makes(op, pp):
@@ -227,21 +242,20 @@ def run_schedule(schedule: Schedule, times: OpTimes | None = None) -> SimResult:
         timeline[d].append((_label(op), start, end, op))
         return True
 
-    progress = True
-    while progress:
-        progress = False
-        for d in range(nd):
-            while pos[d] < len(schedule.ops[d]) and step(d, schedule.ops[d][pos[d]]):
-                pos[d] += 1
-                progress = True
+    # Run each device until it stalls on data whose SEND has not been simulated; that SEND wakes it up.
+    while runnable:
+        d = runnable.popleft()
+        while pos[d] < len(schedule.ops[d]) and step(d, schedule.ops[d][pos[d]]):
+            pos[d] += 1
     stuck = [d for d in range(nd) if pos[d] < len(schedule.ops[d])]
     if stuck:
         d = stuck[0]
-        waits = sorted(posted[d])[0]
+        op = schedule.ops[d][pos[d]]
+        what, mb, stage = next(key for key in _needs(op) if key in posted[d])
         raise DeadlockError(
-            f"schedule {schedule.name!r} deadlocks: device {d} waits at op {pos[d]} ({schedule.ops[d][pos[d]]}) for "
-            f"{waits[0]} of micro-batch {waits[1]} stage {waits[2]}, which is sent only after a wait on device(s) "
-            f"{', '.join(map(str, stuck))} that never ends; reorder the op lists to break the cycle.")
+            f"schedule {schedule.name!r} deadlocks: device {d} waits at op {pos[d]} ({op}) for the {what} of "
+            f"micro-batch {mb} stage {stage}, whose SEND comes after a wait that never ends (devices "
+            f"{', '.join(map(str, stuck))} are stuck); reorder the op lists to break the cycle.")
     makespan = max(free) if nd else 0.0
     return SimResult(
         schedule=schedule.name, pp=pp, microbatches=schedule.microbatches, devices=nd, times=times,

@@ -36,6 +36,8 @@ Op-list contract (what both executors rely on):
   stage whose input it is (``direction="forward"``, an activation) or the stage
   whose output gradient it is (``direction="backward"``); ``chunk`` is the chunk
   on the op's own device that produced (SEND) or will consume (RECV) it.
+  When consecutive stages of a micro-batch sit on the same device (DualPipeV's
+  turn at device pp/2-1) there is no SEND/RECV: the data stays on the device.
 * Deferred weight gradients are first-in first-out: ``W`` ops come in the same
   order as the split ``B`` ops they complete.
 
