@@ -50,9 +50,10 @@ def test_zero_stages_shard_dense_states_over_dp_and_expert_states_over_edp():
     prec = Precision()  # bf16 weights, fp32 grads, fp32 master, bf16 moments, fp32 router
     experts = sum(t.numel for t in p.main_tensors if t.shard == "expert") // 2
     router = sum(t.numel for t in p.main_tensors if t.kind == "router")
-    bias = sum(t.numel for t in p.main_tensors if t.kind == "buffer")
+    bias = sum(t.numel for t in p.main_tensors if t.kind == "buffer")  # routing biases: FP32 always
+    rope = sum(t.numel for t in p.main_tensors if t.kind == "wbuffer")  # RoPE frequencies: the weight format
     dense = p.total - router - 2 * experts
-    w0 = 2 * (dense + experts) + 4 * router + 4 * bias
+    w0 = 2 * (dense + experts) + 4 * router + 4 * bias + 2 * rope
     g0 = 4 * (dense + experts + router)
     o0 = (2 * 2 + 4) * (dense + experts) + 2 * 2 * router  # the FP32 router needs no master copy
     s = {z: state_bytes(groups, lay.replace(zero=z), prec) for z in range(4)}
@@ -61,7 +62,7 @@ def test_zero_stages_shard_dense_states_over_dp_and_expert_states_over_edp():
     assert (s[1].weights, s[1].grads, s[1].optimizer) == (w0, g0, o1)
     g2 = 4 * (math.ceil((dense + router) / 4) + math.ceil(experts / 2))
     assert (s[2].weights, s[2].grads, s[2].optimizer) == (w0, g2, o1)
-    w3 = 2 * math.ceil(dense / 4) + 4 * math.ceil(router / 4) + 2 * math.ceil(experts / 2) + 4 * bias
+    w3 = 2 * math.ceil(dense / 4) + 4 * math.ceil(router / 4) + 2 * math.ceil(experts / 2) + 4 * bias + 2 * rope
     assert (s[3].weights, s[3].grads, s[3].optimizer) == (w3, g2, o1)
     # DualPipe: the two devices holding a stage join the ZeRO group
     assert state_bytes(groups, lay.replace(zero=1), prec, replicas=2).optimizer < s[1].optimizer
@@ -71,22 +72,31 @@ def test_fp32_training_has_no_master_copy():
     p = count_params(TINY)
     s = state_bytes(aggregate(p.main_tensors), Layout(zero=0), Precision.parse("weights=fp32,moments=fp32,master=fp32"))
     assert s.optimizer == 8 * p.total  # two FP32 moments, the weights are their own master
-    assert s.weights == 4 * (p.total + p.routing_bias)
+    assert s.weights == 4 * (p.total + p.routing_bias + 16 // 2)  # + the RoPE inverse frequencies
 
 
 def test_activation_items_of_a_dense_layer_by_hand():
     lay = Layout(seq_len=64)
     items = act.decoder_layer_items(TINY, lay, Precision(), moe=False)
     d, q, kv, rope, h, qk, v, i = 192, 96, 64, 16, 4, 48, 32, 512
-    none = (2 * d + 4 + 2 * d + 2 * q + 4 + 2 * q + 2 * (kv + rope) + 4 + 2 * kv + 2 * h * qk * 2 + 2 * h * v + 4 * h
-            + 2 * h * v + 2 * d + 4 + 2 * d + 2 * 2 * i + 2 * i)
-    assert act.bytes_per_token(items, "none") == none
-    # selective drops the RMSNorm outputs and rstd, the up-projection outputs q, k, v and the SwiGLU output
-    assert act.bytes_per_token(items, "selective") == 2 * d + 2 * q + 2 * (kv + rope) + 4 * h + 2 * h * v + 2 * d + 4 * i
+    # BF16 tensors (2 bytes) and FP32 statistics (4 bytes) per token; values and the attention output are
+    # zero-padded from d_v = 32 to the key width 48 for the fused kernel, the o_proj input is an unpadded copy,
+    # and the FP32 RoPE tables are cast to BF16 for q^R and k^R.
+    attn = (2 * d + 4 + 2 * d  # input RMSNorm: input, rstd, output
+            + 2 * q + 4 + 2 * q  # q_a_proj output, q_a_layernorm rstd and output
+            + 2 * (kv + rope) + 4 + 2 * kv  # kv_a_proj output, kv_a_layernorm rstd and output
+            + 2 * h * qk * 3 + 4 * h + 2 * h * qk  # q, k, padded v; logsumexp; padded output
+            + 2 * h * v + 2 * 2 * rope)  # o_proj input; cos/sin casts
+    ffn = 2 * d + 4 + 2 * d + 2 * 2 * i + 2 * i + 2 * i  # post-attention RMSNorm; gate, up; silu(gate); product
+    assert act.bytes_per_token(items, "none") == attn + ffn
+    # selective drops the RMSNorm outputs and rstd, the up-projection outputs q, k, v and the SwiGLU outputs
+    kept = 2 * d + 2 * q + 2 * (kv + rope) + 4 * h + 2 * h * qk + 2 * h * v + 2 * 2 * rope + 2 * d + 4 * i
+    assert act.bytes_per_token(items, "selective") == kept
     assert act.bytes_per_token(items, "full") == 2 * d  # only the layer input
-    # eager attention keeps the s x s softmax (FP32) and the BF16 probabilities instead of the logsumexp
+    # eager attention keeps the s x s softmax (FP32) and BF16 probabilities, unpadded values, no logsumexp/output
     eager = act.decoder_layer_items(TINY, lay.replace(attention="eager"), Precision(), moe=False)
-    assert act.bytes_per_token(eager, "none") - none == h * 64 * (4 + 2) - 4 * h
+    s = 64
+    assert act.bytes_per_token(eager, "none") - (attn + ffn) == h * s * (4 + 2) - 2 * h * (qk - v) - 4 * h - 2 * h * qk
 
 
 def test_activation_items_split_over_tp_and_cached_in_fp8():
@@ -100,7 +110,8 @@ def test_activation_items_split_over_tp_and_cached_in_fp8():
     assert tp2["mlp.experts.input"].elems == 4 * 192 / 2
     fp8 = {i.name: i for i in act.decoder_layer_items(TINY, Layout(fp8=True), Precision(), moe=True)}
     assert fp8["mlp.experts.input"].bytes_per_token == 4 * 192 * (1 + 4 / 128)
-    assert fp8["self_attn.output"].dtype == "e5m6"
+    assert fp8["self_attn.o_proj.input"].dtype == "e5m6"  # the Linear after attention (report 3.3.3)
+    assert fp8["self_attn.output"].dtype == "bf16"  # the padded kernel output stays BF16
     assert fp8["input_layernorm.input"].dtype == "bf16"
     assert element_bytes("fp8") == 1 + 4 / 128
 

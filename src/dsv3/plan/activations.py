@@ -12,23 +12,31 @@ What the operators save (one storage each; a tensor two operators save is listed
 - RMSNorm saves its input and the per-token reciprocal RMS ``rstd`` (FP32);
 - Linear saves its input (the weight is a parameter, not an activation);
 - fused attention (FlashAttention / SDPA) saves q, k, v, its output and one
-  logsumexp per head and token; ``eager`` attention instead keeps the s x s
-  softmax output (FP32) and the probabilities cast for the p.v product;
-- SwiGLU saves its input [gate, up]; the down projection saves SwiGLU's output;
+  logsumexp per head and token; MLA's values are zero-padded to the key width
+  d_h + d_h^R for the fused kernel (as dsv3's MLA does), so v and the output
+  are that wide and the o_proj input is a separate unpadded copy; ``eager``
+  attention instead keeps the s x s softmax output (FP32) and the
+  probabilities cast for the p.v product;
+- RoPE's products keep the FP32 cos/sin tables (one pair per stage), cast to
+  the activation format per use when that is not FP32;
+- SwiGLU ``silu(gate) * up`` keeps gate, up and silu(gate); the down projection
+  keeps SwiGLU's output;
 - the router saves its input in the router's format, the sigmoid scores, the
   selected expert indices and the normalised gate weights; the routed experts
   save the dispatched token copies (input of the grouped gate/up GEMM), the
   grouped SwiGLU input and output, the expert outputs (for the gate-weight
-  product) with their gate weights and the permutation indices. Load is
-  assumed balanced: every device processes K_r x T token copies per T tokens;
+  product) with their gate weights, the gate-weighted outputs (``index_add``,
+  the combine, keeps its source) and the two permutation indices; the
+  sequence-wise balance loss keeps the score sums. Load is assumed balanced:
+  every device processes K_r x T token copies per T tokens;
 - the cross-entropy saves the log-probabilities of all V classes (FP32).
 
 Recompute policies (report 3.2.3 and 3.3.3):
 
 - ``none``: everything above is kept;
 - ``selective``: all RMSNorm outputs (and their rstd), the MLA up-projection
-  outputs (q, k, v of attention) and the SwiGLU outputs are recomputed, so
-  only their inputs are kept;
+  outputs (q, k, v of attention) and the SwiGLU outputs (silu(gate) and the
+  product) are recomputed, so only their inputs are kept;
 - ``full``: only each decoder layer's input is kept; the layer is re-run
   during backward (the output head and loss are not recomputed).
 
@@ -48,6 +56,7 @@ and the SwiGLU inputs in the MoE; the input of the Linear after attention
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
@@ -60,8 +69,8 @@ NOT_FULL = ("none", "selective")
 NOT_SELECTIVE = ("none", "full")
 
 # Format roles, resolved by :func:`_format`.
-ACT, LINEAR_IN, MOE_SWIGLU_IN, ATTN_OUT, STAT, ROUTER, INDEX, LOSS = (
-    "act", "linear_in", "moe_swiglu_in", "attn_out", "stat", "router", "index", "loss",
+ACT, LINEAR_IN, MOE_SWIGLU_IN, ATTN_OUT, STAT, ROUTER, INDEX, INT32, LOSS = (
+    "act", "linear_in", "moe_swiglu_in", "attn_out", "stat", "router", "index", "int32", "loss",
 )
 
 
@@ -112,7 +121,8 @@ def _format(role: str, layout: Layout, prec: Precision) -> str:
         return prec.fp8_cache if layout.fp8 else prec.activations
     if role == ATTN_OUT:
         return prec.attn_out_cache if layout.fp8 else prec.activations
-    return {ACT: prec.activations, STAT: prec.stats, ROUTER: prec.router, INDEX: "int64", LOSS: prec.loss}[role]
+    return {ACT: prec.activations, STAT: prec.stats, ROUTER: prec.router_compute, INDEX: "int64", INT32: "int32",
+            LOSS: prec.loss}[role]
 
 
 class _Items:
@@ -154,14 +164,30 @@ def attention_items(cfg: ModelConfig, layout: Layout, prec: Precision, prefix: s
     it.add("self_attn.kv_a_layernorm.output", "normalised c_t^KV (kv_b_proj input)", "Linear", dc, LINEAR_IN, NO_RECOMPUTE, "rep")
     it.add("self_attn.query", "queries [q^C; RoPE(q^R)] (up-projection output)", "attention", h * qk, ACT, NO_RECOMPUTE, "tp")
     it.add("self_attn.key", "keys [k^C; RoPE(k^R)] (up-projection output)", "attention", h * qk, ACT, NO_RECOMPUTE, "tp")
-    it.add("self_attn.value", "values v^C (up-projection output)", "attention", h * dv, ACT, NO_RECOMPUTE, "tp")
     if layout.attention == "eager":
         s = layout.seq_len
+        it.add("self_attn.value", "values v^C (up-projection output)", "attention", h * dv, ACT, NO_RECOMPUTE, "tp")
         it.add("self_attn.softmax", "s x s softmax output (eager)", "softmax", h * s, STAT, NOT_FULL, "tp")
         it.add("self_attn.probs", "s x s probabilities cast for p.v (eager)", "matmul", h * s, ACT, NOT_FULL, "tp")
+        it.add("self_attn.o_proj.input", "attention output u_t (o_proj input)", "Linear", h * dv, ATTN_OUT, NOT_FULL, "tp")
     else:
+        # Fused kernels need equal key and value widths: values (and so the output) are zero-padded to
+        # d_h + d_h^R, and the o_proj input is a separate, unpadded copy.
+        pad = qk > dv
+        width = qk if pad else dv
+        it.add("self_attn.value", "values v^C" + (" zero-padded to the key width" if pad else "") + " (up-projection output)",
+               "attention", h * width, ACT, NO_RECOMPUTE, "tp")
         it.add("self_attn.logsumexp", "softmax logsumexp per head", "attention", h, STAT, NOT_FULL, "tp")
-    it.add("self_attn.output", "attention output u_t (o_proj input)", "attention, Linear", h * dv, ATTN_OUT, NOT_FULL, "tp")
+        if pad:
+            it.add("self_attn.output", "attention output (padded width)", "attention", h * width, ACT, NOT_FULL, "tp")
+            it.add("self_attn.o_proj.input", "attention output u_t (o_proj input, unpadded copy)", "Linear", h * dv,
+                   ATTN_OUT, NOT_FULL, "tp")
+        else:
+            it.add("self_attn.output", "attention output u_t (also the o_proj input)", "attention, Linear", h * dv,
+                   ATTN_OUT, NOT_FULL, "tp")
+    if prec.activations != prec.stats:  # apply_rope casts the FP32 cos/sin tables, for q^R and for k^R
+        it.add("self_attn.rope_cast", "cos/sin cast to the activation format (q^R and k^R)", "RoPE",
+               2 * dr / layout.micro_batch, ACT, NOT_FULL, "rep")
     return it.items
 
 
@@ -175,25 +201,45 @@ def ffn_items(cfg: ModelConfig, layout: Layout, prec: Precision, moe: bool, pref
     if not moe:
         i = cfg.intermediate_size
         it.add("mlp.swiglu.input", "[gate, up] projections (SwiGLU input)", "SwiGLU", 2 * i, ACT, NOT_FULL, "tp")
+        it.add("mlp.swiglu.silu", "silu(gate) (for the gate x up product)", "SwiGLU", i, ACT, NO_RECOMPUTE, "tp")
         it.add("mlp.down_proj.input", "SwiGLU output", "Linear", i, LINEAR_IN, NO_RECOMPUTE, "tp")
         return it.items
     n_r, k, ie = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
-    if prec.router != _format(LINEAR_IN, layout, prec):
-        it.add("mlp.gate.input", f"FFN input cast to {prec.router} for the gating GEMM", "Linear (router)", d, ROUTER, NOT_FULL, "sp")
+    if prec.router_compute != _format(LINEAR_IN, layout, prec):
+        it.add("mlp.gate.input", f"FFN input cast to {prec.router_compute} for the gating GEMM", "Linear (router)", d,
+               ROUTER, NOT_FULL, "sp")
+    if prec.router_compute != prec.router:  # one cast of the N_r x d router weight per micro-batch
+        it.add("mlp.gate.weight_cast", f"router weight cast to {prec.router_compute}", "Linear (router)",
+               n_r * d / layout.tokens_per_microbatch, ROUTER, NOT_FULL, "rep")
     it.add("mlp.gate.scores", "affinities s_{i,t} = sigmoid(u_t e_i)" if cfg.scoring_func == "sigmoid" else "softmax affinities s_{i,t}",
            "router", n_r, STAT, NOT_FULL, "sp")
     it.add("mlp.gate.topk_index", "selected experts (top-K_r of s + b)", "router", k, INDEX, NOT_FULL, "sp")
-    it.add("mlp.gate.topk_weight", "gate values g_{i,t} of the selected experts", "router", k, STAT, NOT_FULL, "sp")
+    it.add("mlp.gate.topk_weight", "affinities of the selected experts (normalised into g_{i,t})", "router", k, STAT,
+           NOT_FULL, "sp")
+    if cfg.norm_topk_prob and k > 1:
+        it.add("mlp.gate.topk_sum", "sum of the selected affinities (normaliser)", "router", 1, STAT, NOT_FULL, "sp")
+    if cfg.seq_aux_alpha > 0:
+        it.add("mlp.gate.score_sum", "sum_j s_{j,t} (sequence-wise balance loss)", "balance loss", 1, STAT, NOT_FULL, "sp")
+        it.add("mlp.gate.balance_f", "f_i per sequence (sequence-wise balance loss)", "balance loss",
+               n_r / layout.seq_len, STAT, NOT_FULL, "rep")
     if cfg.n_shared_experts:
         w = cfg.n_shared_experts * ie
         it.add("mlp.shared_experts.swiglu.input", "shared-expert [gate, up] (SwiGLU input)", "SwiGLU", 2 * w, MOE_SWIGLU_IN, NOT_FULL, "tp")
+        it.add("mlp.shared_experts.swiglu.silu", "shared-expert silu(gate)", "SwiGLU", w, ACT, NO_RECOMPUTE, "tp")
         it.add("mlp.shared_experts.down_proj.input", "shared-expert SwiGLU output", "Linear", w, LINEAR_IN, NO_RECOMPUTE, "tp")
     it.add("mlp.experts.input", "dispatched token copies (grouped gate/up GEMM input)", "grouped GEMM", k * d, LINEAR_IN, NOT_FULL, "expert")
     it.add("mlp.experts.swiglu.input", "routed [gate, up] (SwiGLU input)", "SwiGLU", k * 2 * ie / layout.etp, MOE_SWIGLU_IN, NOT_FULL, "expert")
+    it.add("mlp.experts.swiglu.silu", "routed silu(gate)", "SwiGLU", k * ie / layout.etp, ACT, NO_RECOMPUTE, "expert")
     it.add("mlp.experts.down_proj.input", "routed SwiGLU output", "grouped GEMM", k * ie / layout.etp, LINEAR_IN, NO_RECOMPUTE, "expert")
     it.add("mlp.experts.output", "expert outputs (for the gate-weight product)", "combine", k * d, ACT, NOT_FULL, "expert")
-    it.add("mlp.experts.weight", "gate value of each token copy", "combine", k, STAT, NOT_FULL, "expert")
-    it.add("mlp.experts.index", "permutation of the token copies", "dispatch/combine", k, INDEX, NOT_FULL, "expert")
+    it.add("mlp.experts.weight", "gate value g of each token copy", "combine", k, ACT, NOT_FULL, "expert")
+    it.add("mlp.experts.weighted_output", "gate-weighted expert outputs (kept by the index_add combine)", "combine",
+           k * d, ACT, NOT_FULL, "expert")
+    it.add("mlp.experts.index", "token of each copy (dispatch gather, combine scatter)", "dispatch/combine", k, INDEX,
+           NOT_FULL, "expert")
+    it.add("mlp.experts.order", "copy order by expert (gathers the gate values)", "dispatch", k, INDEX, NOT_FULL, "expert")
+    it.add("mlp.experts.offsets", "cumulative tokens per expert (grouped GEMM offsets)", "grouped GEMM",
+           n_r / layout.ep / layout.tokens_per_microbatch, INT32, NOT_FULL, "rep")
     return it.items
 
 
@@ -211,7 +257,8 @@ def embedding_items(cfg: ModelConfig, layout: Layout, prec: Precision) -> list[A
 def rope_items(cfg: ModelConfig, layout: Layout, prec: Precision) -> list[ActItem]:
     """The RoPE cos/sin tables, shared by every layer of a stage (s x d_h^R each, per sequence position)."""
     it = _Items(layout, prec)
-    it.add("rotary_emb.cos_sin", "RoPE cos and sin tables (shared by all layers)", "RoPE", 2 * cfg.qk_rope_head_dim / layout.micro_batch, STAT, ALL, "rep")
+    it.add("rotary_emb.cos_sin", "RoPE cos and sin tables, d_h^R/2 each per position (shared by all layers)", "RoPE",
+           cfg.qk_rope_head_dim / layout.micro_batch, STAT, ALL, "rep")
     return it.items
 
 
@@ -232,25 +279,31 @@ def head_items(cfg: ModelConfig, layout: Layout, prec: Precision) -> list[ActIte
     return _head_items(cfg, layout, prec, "", "model.norm", "last hidden state h^0", True)
 
 
-def mtp_items(cfg: ModelConfig, layout: Layout, prec: Precision, k: int, moe: bool) -> list[ActItem]:
-    """MTP module k (0-based): embedding of the shifted tokens, the two RMSNorms, eh_proj, its layer, head and loss.
+def mtp_items(cfg: ModelConfig, layout: Layout, prec: Precision, k: int, moe: bool,
+              shares_embedding: bool = False) -> list[ActItem]:
+    """MTP module k (0-based, depth k+1): the two RMSNorms, eh_proj, its layer, head and loss.
 
-    Module 0's ``hnorm`` input is the main model's last hidden state, already
-    counted by :func:`head_items`; module k > 0 keeps module k-1's output.
+    It runs on the ``s - (k+1)`` positions that have a target, so its items are
+    scaled by ``(s - k - 1) / s`` per token of the micro-batch. Module 0's
+    ``hnorm`` input is the main model's last hidden state (counted by
+    :func:`head_items`), module k's that of module k-1 (its ``shared_head.norm``
+    input); the ``enorm`` input, the embedding of the shifted tokens, is the
+    main embedding output when the same stage holds the embedding
+    (``shares_embedding``), a lookup of its own otherwise.
     """
     d = cfg.hidden_size
     p = f"mtp.{k}."
     it = _Items(layout, prec, p)
-    it.add("embed_tokens.input", "token ids shifted by k+1", "Embedding", 1, INDEX, ALL, "rep")
-    it.add("enorm.input", "embedding of the shifted tokens", "RMSNorm", d, ACT, ALL, "sp")
+    if not shares_embedding:
+        it.add("embed_tokens.input", "token ids shifted by k+1", "Embedding", 1, INDEX, ALL, "rep")
+        it.add("enorm.input", "embedding of the shifted tokens", "RMSNorm", d, ACT, ALL, "sp")
     it.add("enorm.rstd", "1/RMS per token", "RMSNorm", 1, STAT, NOT_SELECTIVE, "sp")
-    if k > 0:
-        it.add("hnorm.input", f"output h^{k} of MTP module {k - 1}", "RMSNorm", d, ACT, ALL, "sp")
     it.add("hnorm.rstd", "1/RMS per token", "RMSNorm", 1, STAT, NOT_SELECTIVE, "sp")
     it.add("eh_proj.input", "[RMSNorm(Emb); RMSNorm(h)] (eh_proj input)", "Linear", 2 * d, LINEAR_IN, NOT_SELECTIVE, "sp")
     items = it.items + decoder_layer_items(cfg, layout, prec, moe, p + "layer.")
     items += _head_items(cfg, layout, prec, p, "shared_head.norm", f"output h^{k + 1} of the MTP layer", True)
-    return items
+    scale = max(layout.seq_len - k - 1, 0) / layout.seq_len
+    return [dataclasses.replace(i, elems=i.elems * scale) for i in items]
 
 
 def bytes_per_token(items: list[ActItem], policy: str) -> float:

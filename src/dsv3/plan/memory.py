@@ -66,8 +66,8 @@ def _group_numel(key: GroupKey, value: int, layout: Layout) -> int:
 
 
 def weight_format(kind: str, prec: Precision) -> str:
-    """Format of a tensor of ``kind`` (``weight``, ``router`` or ``buffer``)."""
-    return {"weight": prec.weights, "router": prec.router, "buffer": "fp32"}[kind]
+    """Format of a tensor of ``kind`` (``weight``, ``router``, ``buffer`` or ``wbuffer``)."""
+    return {"weight": prec.weights, "router": prec.router, "buffer": "fp32", "wbuffer": prec.weights}[kind]
 
 
 @dataclass
@@ -101,7 +101,7 @@ def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, re
         shard, kind = key[0], key[1]
         n = _group_numel(key, value, layout)
         fmt = weight_format(kind, prec)
-        if kind == "buffer":
+        if kind in ("buffer", "wbuffer"):
             buffers += n * DTYPE_BYTES[fmt]
             continue
         expert = shard == "expert"
@@ -159,6 +159,8 @@ def stage_tensors(params: ModelParams, part: StageParts) -> list[ParamTensor]:
     out: list[ParamTensor] = []
     if part.embedding:
         out += params.embedding
+    if part.layers or part.mtp:
+        out += params.rotary
     for i in part.layers:
         out += params.layers[i]
     if part.head:
@@ -175,6 +177,7 @@ def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, pre
     if part.mtp:
         units += g["mtp_modules"]
     extra = ([g["embedding"]] if part.embedding else []) + ([g["head"]] if part.head else [])
+    extra += [g["rotary"]] if (part.layers or part.mtp) else []  # every stage with blocks computes RoPE
     sb = state_bytes(merge_groups(units + extra), layout, prec, replicas)
     sb.largest_unit_weights = max((unit_weight_bytes(u, layout, prec) for u in units + extra), default=0.0)
     return sb
@@ -194,7 +197,8 @@ class UnitActivations:
 
 
 def unit_activations(cfg: ModelConfig, layout: Layout, prec: Precision) -> dict[str, UnitActivations]:
-    """Per-token activation bytes of each kind of unit: ``dense``, ``moe``, ``embedding``, ``rope``, ``head``, ``mtp``."""
+    """Per-token activation bytes of each kind of unit: ``dense``, ``moe``, ``embedding``, ``rope``, ``head``,
+    ``mtp`` (all MTP modules) and ``mtp_shared`` (the same on a stage that also holds the embedding)."""
     policy = layout.recompute
 
     def ua(items: list[act.ActItem]) -> UnitActivations:
@@ -208,8 +212,10 @@ def unit_activations(cfg: ModelConfig, layout: Layout, prec: Precision) -> dict[
     }
     if cfg.n_routed_experts:
         out["moe"] = ua(act.decoder_layer_items(cfg, layout, prec, True))
-    mtp = [act.mtp_items(cfg, layout, prec, k, mtp_layer_is_moe(cfg, k)) for k in range(cfg.num_nextn_predict_layers)]
-    out["mtp"] = ua([i for items in mtp for i in items])
+    for key, shared in (("mtp", False), ("mtp_shared", True)):
+        mtp = [act.mtp_items(cfg, layout, prec, k, mtp_layer_is_moe(cfg, k), shared)
+               for k in range(cfg.num_nextn_predict_layers)]
+        out[key] = ua([i for items in mtp for i in items])
     return out
 
 
@@ -228,8 +234,8 @@ def stage_activation_bytes(cfg: ModelConfig, layout: Layout, part: StageParts, u
     present += [units["moe" if cfg.is_moe_layer(i) else "dense"] for i in part.layers]
     if part.head:
         present.append(units["head"])
-    if part.mtp:
-        present.append(units["mtp"])
+    if part.mtp:  # on the stage that also embeds, MTP reuses the embedding output
+        present.append(units["mtp_shared" if part.embedding else "mtp"])
     t = layout.tokens_per_microbatch
     return ActivationBytes(
         per_microbatch=t * sum(u.kept for u in present),

@@ -63,6 +63,7 @@ COMPONENTS = (
     "norms",
     "output_head",
     "mtp.eh_proj",
+    "rotary",
 )
 
 
@@ -75,8 +76,9 @@ class ParamTensor:
         component: one of :data:`COMPONENTS`.
         shape: the full (unsharded) shape.
         shard: one of :data:`SHARDS`.
-        kind: ``weight`` (stored in ``Precision.weights``), ``router`` (``Precision.router``)
-            or ``buffer`` (FP32, not trained: the routing bias b_i).
+        kind: ``weight`` (stored in ``Precision.weights``), ``router`` (``Precision.router``),
+            ``buffer`` (FP32, not trained: the routing bias b_i, kept FP32 whatever the model
+            format) or ``wbuffer`` (not trained, in the weight format: the RoPE frequencies).
         experts_per_token_fraction: the fraction of this tensor one token uses
             (K_r / N_r for routed experts, 1 otherwise).
     """
@@ -97,7 +99,7 @@ class ParamTensor:
 
     @property
     def trainable(self) -> bool:
-        return self.kind != "buffer"
+        return self.kind not in ("buffer", "wbuffer")
 
     @property
     def is_expert(self) -> bool:
@@ -179,6 +181,11 @@ def decoder_layer_tensors(cfg: ModelConfig, prefix: str, moe: bool) -> list[Para
     )
 
 
+def rotary_tensors(cfg: ModelConfig) -> list[ParamTensor]:
+    """The RoPE inverse frequencies d_h^R/2 (an FP32 buffer every stage with layers holds)."""
+    return [ParamTensor("model.rotary_emb.inv_freq", "rotary", (cfg.qk_rope_head_dim // 2,), "rep", "wbuffer")]
+
+
 def embedding_tensors(cfg: ModelConfig) -> list[ParamTensor]:
     return [ParamTensor("model.embed_tokens.weight", "embedding", (cfg.vocab_size, cfg.hidden_size), "vocab")]
 
@@ -228,6 +235,7 @@ class ModelParams:
     layers: list[list[ParamTensor]] = field(init=False)
     head: list[ParamTensor] = field(init=False)
     mtp: list[list[ParamTensor]] = field(init=False)
+    rotary: list[ParamTensor] = field(init=False)
 
     def __post_init__(self) -> None:
         cfg = self.cfg
@@ -237,10 +245,12 @@ class ModelParams:
         ]
         self.head = head_tensors(cfg)
         self.mtp = [mtp_tensors(cfg, k) for k in range(cfg.num_nextn_predict_layers)]
+        self.rotary = rotary_tensors(cfg)
 
     @cached_property
     def main_tensors(self) -> list[ParamTensor]:
-        return self.embedding + [t for layer in self.layers for t in layer] + self.head
+        """Every tensor of the main model: parameters and buffers (routing biases, RoPE frequencies)."""
+        return self.embedding + [t for layer in self.layers for t in layer] + self.head + self.rotary
 
     @cached_property
     def mtp_tensors(self) -> list[ParamTensor]:
@@ -255,6 +265,7 @@ class ModelParams:
             "mtp": aggregate(self.mtp_tensors),
             "mtp_modules": [aggregate(m) for m in self.mtp],
             "layers": [aggregate(layer) for layer in self.layers],
+            "rotary": aggregate(self.rotary),
         }
 
     # ------------------------------------------------------------- counts
@@ -266,7 +277,7 @@ class ModelParams:
     @cached_property
     def routing_bias(self) -> int:
         """Elements of the routing-bias buffers b_i of the main model (58 x 256 for DeepSeek-V3)."""
-        return _sum(self.main_tensors, trainable=False)
+        return sum(t.numel for t in self.main_tensors if t.kind == "buffer" and t.component == "router")
 
     @cached_property
     def total_with_bias(self) -> int:
@@ -280,7 +291,7 @@ class ModelParams:
 
     @cached_property
     def mtp_routing_bias(self) -> int:
-        return _sum(self.mtp_tensors, trainable=False)
+        return sum(t.numel for t in self.mtp_tensors if t.kind == "buffer" and t.component == "router")
 
     @cached_property
     def activated(self) -> int:

@@ -114,7 +114,7 @@ class Plan:
             out["mtp"] = [
                 i.to_dict()
                 for k in range(cfg.num_nextn_predict_layers)
-                for i in act.mtp_items(cfg, lay, prec, k, mtp_layer_is_moe(cfg, k))
+                for i in act.mtp_items(cfg, lay, prec, k, mtp_layer_is_moe(cfg, k), lay.pp == 1)
             ]
         return out
 

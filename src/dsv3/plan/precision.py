@@ -89,8 +89,10 @@ class Precision:
             for a tensor whose weight format already equals it (FP32 weights
             are their own master). ``none`` disables the master copy.
         moments: each of AdamW's two moments (BF16 in the recipe).
-        router: the router (gating) weight ``N_r x d``; its gating GEMM also
-            runs in this format, so a copy of its input is saved in it.
+        router: the router (gating) weight ``N_r x d``.
+        router_compute: the format the gating GEMM runs in (FP32, report 3.3.1);
+            where it differs from the activations, a copy of the router input (and
+            of the router weight, where that differs too) is saved in it.
         activations: activations saved for backward (BF16).
         stats: per-token statistics (RMSNorm rstd, logsumexp, router scores).
         loss: the log-probabilities the cross-entropy saves (``V`` per token).
@@ -104,6 +106,7 @@ class Precision:
     master: str = "fp32"
     moments: str = "bf16"
     router: str = "fp32"
+    router_compute: str = "fp32"
     activations: str = "bf16"
     stats: str = "fp32"
     loss: str = "fp32"

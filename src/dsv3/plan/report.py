@@ -30,6 +30,7 @@ _COMPONENT_NAMES = {
     "norms": "RMSNorm weights",
     "output_head": "output head",
     "mtp.eh_proj": "MTP eh_proj",
+    "rotary": "RoPE frequencies (buffer)",
 }
 
 
