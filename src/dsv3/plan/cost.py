@@ -18,11 +18,13 @@ Step-time model. Per micro-batch, the slowest pipeline stage takes
 ``W = F`` of that for the weight gradients. Communication is added where it
 cannot hide: the EP all-to-all (dispatch in the activation or FP8 format,
 combine in BF16, ``(EP-1)/EP`` of the ``K_r * ETP / TP * b * s`` token copies
-leave the device, once in the forward and once in the backward), the
-sequence-parallel all-gathers and reduce-scatters of TP (4 per layer and
-pass), and ZeRO-3's weight all-gathers; DualPipe and DualPipeV overlap them
-with the computation of the paired chunk (``F&B = max(F + B, comm)``,
-report 3.2.1). The pipeline simulator (:mod:`dsv3.plan.simulate`) turns
+leave the device, once in the forward and once in the backward; node-limited
+routing caps the copies that cross InfiniBand), the sequence-parallel
+all-gathers and reduce-scatters of TP (4 per layer and pass), and ZeRO-3's
+weight all-gathers. TP's collectives sit between the GEMMs of a chunk and are
+always exposed; DualPipe and DualPipeV overlap the all-to-all and the ZeRO-3
+gathers with the computation of the paired chunk (``F&B = max(compute, those
+transfers)``, report 3.2.1), the other schedules expose them too. The pipeline simulator (:mod:`dsv3.plan.simulate`) turns
 F, B, W, F&B and the stage-to-stage transfer time into the makespan of one
 step; the gradient reduction over DP / EDP after the last backward is added
 without overlap (an upper bound). Links: NVLink inside a node, InfiniBand
@@ -157,23 +159,27 @@ def stage_times(cfg: ModelConfig, layout: Layout, prec: Precision, hw: Hardware,
         R = recompute_flops(flops, part, layout.recompute) * t / layout.tp / rate
         n_moe = sum(cfg.is_moe_layer(i) for i in part.layers) + (cfg.num_nextn_predict_layers if part.mtp else 0)
         n_layers = len(part.layers) + (cfg.num_nextn_predict_layers if part.mtp else 0)
-        comm_f = 0.0
-        if layout.ep > 1 and cfg.n_routed_experts:
-            comm_f += n_moe * all_to_all_seconds(cfg, layout, prec, hw)
+        # TP collectives sit between the GEMMs of a chunk: always exposed. The EP all-to-all and ZeRO-3's
+        # gathers can overlap another chunk's computation, which DualPipe and DualPipeV arrange.
+        exposed_f = 0.0
         if layout.tp > 1:
-            comm_f += n_layers * 4 * (layout.tp - 1) / layout.tp * t * d * a / hw.link(layout.tp)
+            exposed_f += n_layers * 4 * (layout.tp - 1) / layout.tp * t * d * a / hw.link(layout.tp)
+        hidden_f = 0.0
+        if layout.ep > 1 and cfg.n_routed_experts:
+            hidden_f += n_moe * all_to_all_seconds(cfg, layout, prec, hw)
         if layout.zero >= 3:
             g = layout.dp
-            comm_f += st.weights * (g - 1) / hw.link(g * layout.tp)
-        comm_b = comm_f  # the backward moves the same volumes (gradients instead of activations)
+            hidden_f += st.weights * (g - 1) / hw.link(g * layout.tp)
+        # the backward moves the same volumes (gradients instead of activations)
         B = 2 * F + R
         W = F
+        f, b = F + exposed_f + hidden_f, B + exposed_f + hidden_f
         if overlap:
-            f, b = F + comm_f, B + comm_b
-            fb = max(F + B, comm_f + comm_b)
+            fb = max(F + B + 2 * exposed_f, 2 * hidden_f)
         else:
-            f, b = F + comm_f, B + comm_b
             fb = f + b
+        comm_f = exposed_f + hidden_f
+        comm_b = comm_f
         p2p = t / layout.sp * d * a / (hw.ib_gbps * 1e9)  # stages sit on different nodes
         cand = StageTimes(f, b, W, fb, p2p, F, comm_f + comm_b, part.stage)
         if best is None or cand.f + cand.b > best.f + best.b:
