@@ -10,6 +10,7 @@ import json
 import math
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from dsv3.plan.params import COMPONENTS
@@ -155,7 +156,7 @@ def activation_items_tables(plan) -> list[Table]:
             for p in totals:
                 if p in i["kept_by"]:
                     totals[p] += i["bytes_per_token"]
-            t.add_row(i["name"], i["what"], i["saved_by"], f"{i['elements_per_token']:,.6g}", i["dtype"],
+            t.add_row(escape(i["name"]), escape(i["what"]), escape(i["saved_by"]), f"{i['elements_per_token']:,.6g}", i["dtype"],
                       f"{i['bytes_per_token']:,.6g}", *marks)
         t.add_section()
         t.add_row("kept bytes per token", "", "", "", "", "", *(f"{v:,.0f}" for v in totals.values()))
@@ -166,7 +167,7 @@ def activation_items_tables(plan) -> list[Table]:
 def render_plan(plan, console: Console, detail: bool = False) -> None:
     lay = plan.layout
     console.print(
-        f"[bold]{plan.model_name}[/bold]: {lay.short()}  |  {lay.gpus:,} GPUs, EDP {lay.edp}, "
+        f"[bold]{escape(plan.model_name)}[/bold]: {lay.short()}  |  {lay.gpus:,} GPUs, EDP {lay.edp}, "
         f"{lay.microbatches} micro-batches of {lay.micro_batch} x {lay.seq_len} tokens, "
         f"global batch {lay.batch:,} sequences, {lay.attention} attention"
     )
@@ -224,7 +225,7 @@ def schedule_json(res) -> str:
 def render_search(result, console: Console, top: int = 20, show_rejected: int = 30) -> None:
     fits = result.fits
     console.print(
-        f"[bold]{result.model_name}[/bold] on {result.gpus:,} GPUs of {format_bytes(result.gpu_memory)}: "
+        f"[bold]{escape(result.model_name)}[/bold] on {result.gpus:,} GPUs of {format_bytes(result.gpu_memory)}: "
         f"{len(result.candidates):,} layouts tried, {len(fits):,} fit, {len(result.rejected):,} rejected"
     )
     table = Table(title=f"Layouts that fit, fastest first (estimated; top {min(top, len(fits))})", title_justify="left")
@@ -243,7 +244,7 @@ def render_search(result, console: Console, top: int = 20, show_rejected: int = 
         rt.add_column("layout")
         rt.add_column("why it fails")
         for c in result.rejected[:show_rejected]:
-            rt.add_row(c.layout.short(), c.reason)
+            rt.add_row(c.layout.short(), escape(c.reason))
         console.print(rt)
         if len(result.rejected) > show_rejected:
             console.print(f"... and {len(result.rejected) - show_rejected:,} more; --all lists every rejected layout, --json gives them all")
