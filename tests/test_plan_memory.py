@@ -123,6 +123,11 @@ def test_in_flight_micro_batches_come_from_the_simulator(schedule, pp, m):
     plan = make_plan(cfg, lay)
     res = simulate(schedule, pp=pp, microbatches=m)
     assert plan.schedule.peak_activations == res.peak_activations
+    # the step time is the simulator's makespan for the planner's stage times
+    st = plan.schedule
+    timed = simulate(schedule, pp=pp, microbatches=m, f=st.f, b=st.b, w=st.w, fb=st.fb, comm=st.comm)
+    assert st.makespan == timed.makespan and st.bubble == timed.bubble
+    assert plan.step_time_s == pytest.approx(timed.makespan + plan.dp_sync_s)
     for dev in plan.devices:
         held = [plan.stages[s] for s in dev.stages]
         if len(held) == 1:  # one stage per device: peak count x per-micro-batch bytes
