@@ -40,7 +40,7 @@ from dsv3.errors import ConfigError, DsV3Error
 from dsv3.plan.flops import ModelFlops
 from dsv3.plan.layout import Layout
 from dsv3.plan.memory import StageParts, StateBytes
-from dsv3.plan.precision import DTYPE_BYTES, Precision, element_bytes
+from dsv3.plan.precision import Precision, element_bytes
 
 #: H800 / H100 SXM dense BF16 tensor-core peak, TFLOP/s.
 DEFAULT_PEAK_TFLOPS = 989.0
@@ -279,5 +279,4 @@ __all__ = [
     "budget",
     "dp_sync_seconds",
     "parse_count",
-    "DTYPE_BYTES",
 ]

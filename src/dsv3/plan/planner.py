@@ -226,7 +226,7 @@ class PlanCache:
         return self._flops[key]
 
     def stage_layers(self, cfg: ModelConfig, layout: Layout, flops: ModelFlops) -> tuple[int, ...]:
-        key = (layout.pp, layout.seq_len, layout.mtp)
+        key = (layout.pp, layout.mtp, flops.layers, flops.head, flops.mtp)
         if key not in self._split:
             self._split[key] = default_stage_layers(cfg, layout, flops)
         return self._split[key]
