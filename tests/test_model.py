@@ -251,3 +251,23 @@ def test_bf16_model_keeps_router_bias_fp32():
     assert bias.dtype == torch.float32
     out = model(torch.randint(0, 512, (1, 8)), torch.randint(0, 512, (1, 8)))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+
+
+def test_swiglu_and_combine_gradients_match_float64_autograd():
+    from dsv3.model.ops import combine, swiglu
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(7, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: swiglu(a, b, c), (g, u, w))
+    assert torch.autograd.gradcheck(lambda a, b: swiglu(a, b), (g, u))
+    torch.testing.assert_close(swiglu(g, u, w), F.silu(g) * u * w)
+    token = torch.tensor([2, 0, 2, 1, 0, 2, 1])
+    y = torch.randn(7, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: combine(t, token, 3), (y,))
+    # only the index is kept for backward, not the expert outputs
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        combine(y, token, 3)
+    assert saved == [token.shape]

@@ -180,3 +180,42 @@ def measure_training(name: str, model: torch.nn.Module, optimizer, batches: Call
         tokens_per_s=tokens / statistics.median(times) if times else float("nan"),
         peak_device=torch.cuda.max_memory_allocated() if cuda else None,
     )
+
+
+def measure_config(config, *, steps: int = 3, name: str | None = None) -> MemoryReport:
+    """Measure the training configuration ``config`` (a :class:`~dsv3.train.config.TrainConfig`).
+
+    Builds the tokenizer, data, model (with its FP8/recomputation transformations), optimizer and
+    EMA exactly as ``dsv3 train`` does, then runs :func:`measure_training` on real batches.
+    Nothing is written except the tokenizer/token caches.
+    """
+    from dsv3.memory.ema import CPUEMA
+    from dsv3.train.data import build_data
+    from dsv3.train.loop import _device, build_model, build_tokenizer, model_config_for
+    from dsv3.train.optim import build_optimizer
+
+    config.validate()
+    device = _device(config)
+    mcfg = model_config_for(config)
+    tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir="")
+    data = build_data(config.data, tokenizer=tokenizer, seq_len=config.seq_len, vocab_size=mcfg.vocab_size,
+                      format=config.data_format, field=config.data_field, glob=config.data_glob,
+                      dtype=config.data_dtype, eos_token=config.eos_token, val_fraction=0.0)
+    loader = data.loader(config.seed)
+    model = build_model(config, mcfg, device)
+    optimizer = build_optimizer(model, lr=config.lr, betas=(config.beta1, config.beta2),
+                                weight_decay=config.weight_decay, eps=config.eps, moments_dtype=config.optim_states)
+    ema = CPUEMA(model, config.ema_decay) if config.ema_decay else None
+
+    def batches():
+        ids, labels = loader.next_batch(config.micro_batch)
+        return ids.to(device), labels.to(device)
+
+    try:
+        report = measure_training(name or config.model, model, optimizer, batches, ema=ema, steps=steps)
+    finally:
+        if ema is not None:
+            ema.close()
+    report.options = {k: getattr(config, k) for k in ("model", "seq_len", "micro_batch", "recompute", "fp8",
+                                                      "optim_states", "ema_decay", "dtype")}
+    return report

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.ops import grouped_mm, swiglu
+from dsv3.model.ops import combine, grouped_mm, swiglu
 
 
 class MLP(nn.Module):
@@ -118,10 +118,11 @@ class Experts(nn.Module):
         self.mm = grouped_mm
         self.act = swiglu
 
-    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        """``x`` [M, d] rows sorted by expert, ``offs`` [N_r] int32 cumulative row ends. Returns [M, d]."""
+    def forward(self, x: torch.Tensor, offs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert outputs for ``x`` [M, d] (rows sorted by expert; ``offs`` [N_r] int32 cumulative row ends),
+        each row scaled by its gate value ``weights`` [M, 1] when given. Returns [M, d]."""
         gate, up = self.mm(x, self.gate_up_proj, offs).chunk(2, dim=-1)
-        return self.mm(self.act(gate, up), self.down_proj, offs)
+        return self.mm(self.act(gate, up, weights), self.down_proj, offs)
 
 
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -178,9 +179,9 @@ class MoE(nn.Module):
             order = flat_idx.argsort(stable=True)  # dispatch order: grouped by expert
             token = order // top_k
             offs = load.cumsum(0).to(torch.int32)
-        routed = self.experts(flat[token], offs)  # [N*K_r, d]
-        routed = routed * weights.reshape(-1)[order].unsqueeze(-1).to(routed.dtype)
-        out = torch.zeros_like(flat).index_add(0, token, routed)  # combine
+        gates = weights.reshape(-1)[order].unsqueeze(-1)  # g of each dispatched row
+        routed = self.experts(flat[token], offs, gates)  # [N*K_r, d], already scaled by g
+        out = combine(routed, token, flat.shape[0])
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         self.last_load = load

@@ -14,33 +14,101 @@ ever calls them through those attributes.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU gating: silu(gate) * up (same shapes)."""
-    return F.silu(gate) * up
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up * weight`` keeping only ``gate``, ``up`` (and ``weight``) for backward.
+
+    Plain autograd would also keep ``silu(gate)``; here it is recomputed in backward
+    (report 3.2.3: SwiGLU keeps only its inputs). Computed in FP32, returned in the input dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None):
+        ctx.save_for_backward(gate, up, weight)
+        out = F.silu(gate.float()) * up.float()
+        if weight is not None:
+            out = out * weight.float()
+        return out.to(gate.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up, weight = ctx.saved_tensors
+        g, u, dy = gate.float(), up.float(), grad.float()
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        dw = None
+        if weight is not None:
+            if ctx.needs_input_grad[2]:
+                dw = (dy * silu * u).sum(dim=-1, keepdim=True).to(weight.dtype)
+            dy = dy * weight.float()
+        dgate = dy * u * (sig * (1 + g * (1 - sig)))
+        dup = dy * silu
+        return dgate.to(gate.dtype), dup.to(up.dtype), dw
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU gating ``silu(gate) * up``, optionally scaled per row by ``weight`` [..., 1].
+
+    ``gate``/``up`` [..., I]. The MoE passes its gate values g as ``weight``: scaling
+    before the (linear) down-projection equals scaling its output, and keeps an
+    I-wide tensor for backward instead of a d-wide one.
+    """
+    return _SwiGLU.apply(gate, up, weight)
+
+
+class _Combine(torch.autograd.Function):
+    """``out[t] = sum of y[r] over the rows r with token[r] == t``; keeps only the index for backward
+    (``index_add`` would keep ``y`` itself)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, token: torch.Tensor, n_tokens: int) -> torch.Tensor:
+        ctx.save_for_backward(token)
+        return y.new_zeros(n_tokens, y.shape[-1]).index_add_(0, token, y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (token,) = ctx.saved_tensors
+        return grad.index_select(0, token), None, None
+
+
+def combine(y: torch.Tensor, token: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Sum the expert outputs ``y`` [M, d] back into their tokens: returns [n_tokens, d]."""
+    return _Combine.apply(y, token, n_tokens)
 
 
 @functools.lru_cache(maxsize=None)
 def has_grouped_mm_kernel(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``F.grouped_mm`` runs forward and backward for this device type and dtype."""
-    fn = getattr(F, "grouped_mm", None)
-    if fn is None:
+    """Whether ``F.grouped_mm`` runs forward and backward for this device type and dtype.
+
+    The probe runs in a thread of its own: grad mode, dispatch modes and saved-tensor hooks
+    are thread-local, so a first call from inside a recomputed (checkpointed) region or a
+    ``no_grad`` block neither disturbs that region nor is disturbed by it.
+    """
+    if getattr(F, "grouped_mm", None) is None:
         return False
-    try:
-        with torch.enable_grad():  # the probe may first run inside a no_grad region
+    result = [False]
+
+    def probe() -> None:
+        try:
             x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
             w = torch.randn(2, 8, 16, device=device_type, dtype=dtype, requires_grad=True)
             offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
-            y = fn(x, w.transpose(-2, -1), offs=offs)
+            y = F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
             y.backward(torch.ones_like(y))
-        ref = torch.cat([x[:3] @ w[0].T, x[3:] @ w[1].T])
-        return bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
+            ref = torch.cat([x[:3] @ w[0].T, x[3:] @ w[1].T])
+            result[0] = bool(torch.allclose(y, ref, atol=1e-2, rtol=1e-2))
+        except (RuntimeError, NotImplementedError, TypeError):
+            result[0] = False
+
+    thread = threading.Thread(target=probe, name="dsv3-grouped-mm-probe")
+    thread.start()
+    thread.join()
+    return result[0]
 
 
 class _GroupedMM(torch.autograd.Function):
