@@ -24,28 +24,30 @@ class _SwiGLU(torch.autograd.Function):
     """``silu(gate) * up * weight`` keeping only ``gate``, ``up`` (and ``weight``) for backward.
 
     Plain autograd would also keep ``silu(gate)``; here it is recomputed in backward
-    (report 3.2.3: SwiGLU keeps only its inputs). Computed in FP32, returned in the input dtype.
+    (report 3.2.3: SwiGLU keeps only its inputs). Computed in at least FP32, returned in the input dtype.
     """
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None):
         ctx.save_for_backward(gate, up, weight)
-        out = F.silu(gate.float()) * up.float()
+        acc = torch.promote_types(gate.dtype, torch.float32)
+        out = F.silu(gate.to(acc)) * up.to(acc)
         if weight is not None:
-            out = out * weight.float()
+            out = out * weight.to(acc)
         return out.to(gate.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up, weight = ctx.saved_tensors
-        g, u, dy = gate.float(), up.float(), grad.float()
+        acc = torch.promote_types(gate.dtype, torch.float32)
+        g, u, dy = gate.to(acc), up.to(acc), grad.to(acc)
         sig = torch.sigmoid(g)
         silu = g * sig
         dw = None
         if weight is not None:
             if ctx.needs_input_grad[2]:
                 dw = (dy * silu * u).sum(dim=-1, keepdim=True).to(weight.dtype)
-            dy = dy * weight.float()
+            dy = dy * weight.to(acc)
         dgate = dy * u * (sig * (1 + g * (1 - sig)))
         dup = dy * silu
         return dgate.to(gate.dtype), dup.to(up.dtype), dw
