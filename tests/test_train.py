@@ -188,3 +188,28 @@ def test_bad_input_exits_2_with_one_line(train_setup, tmp_path, capsys, case):
     if before is not None:
         assert _tree_digest(existing) == before  # nothing already written is damaged
     assert not (tmp_path / "new").exists()  # a refused run leaves nothing behind
+
+
+def test_ctrl_c_saves_a_checkpoint_then_resume_continues(train_setup, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "dsv3", "train",
+            *_flags(quick_options(train_setup, run, steps=400, save_every=1000, eval_every=1000))]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any('"loss"' in line for line in metrics.read_text().splitlines()[1:]):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    steps = [s for s, _ in list_checkpoints(str(run))]
+    assert len(steps) == 1 and 1 <= steps[0] < 400  # written on the way out, not at a save interval
+    assert "interrupted" in out + err
+    result = train(None, resume=str(run), overrides={"steps": steps[0] + 1}, log=lambda s: None)
+    assert result.step == steps[0] + 1
