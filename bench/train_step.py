@@ -97,7 +97,14 @@ def _flop_mapping():
     def flash_cpu_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
         return sdpa_backward_flop_count(grad_out, q, k, v)
 
-    mapping = {}
+    from dsv3.model.ops import GROUPED_MM_OPS
+
+    def dsv3_forward(x, w, *args, out_shape=None, **kwargs):  # [N, K] x [E, O, K]
+        return 2 * x[0] * x[1] * w[1]
+
+    # dsv3's grouped GEMM custom ops: forward, dgrad ([N, O] x [E, O, K]), wgrad ([N, O], [N, K])
+    mapping = {GROUPED_MM_OPS[0]: dsv3_forward, GROUPED_MM_OPS[1]: grouped_mm,
+               GROUPED_MM_OPS[2]: lambda dy, x, *a, out_shape=None, **k: 2 * dy[0] * dy[1] * x[1]}
     if hasattr(aten, "_grouped_mm"):
         mapping[aten._grouped_mm] = grouped_mm
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from dsv3.errors import ConfigError
 from dsv3.model.block import DecoderLayer
 from dsv3.model.mla import LatentKVCache
+from dsv3.model.ops import GROUPED_MM_OPS
 
 POLICIES = ("none", "selective", "full")
 
@@ -50,7 +51,7 @@ def _ops(*names: str) -> set:
 
 
 # GEMM-like ops whose outputs the selective policy keeps.
-MATMUL_OPS = _ops("mm", "addmm", "bmm", "_grouped_mm")
+MATMUL_OPS = _ops("mm", "addmm", "bmm", "_grouped_mm") | {GROUPED_MM_OPS[0]}
 # Attention-core ops (the fused kernels of every backend) whose outputs are kept.
 ATTENTION_OPS = _ops("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
                      "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")

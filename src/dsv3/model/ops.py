@@ -113,30 +113,58 @@ def has_grouped_mm_kernel(device_type: str, dtype: torch.dtype) -> bool:
     return result[0]
 
 
-class _GroupedMM(torch.autograd.Function):
-    """y[rows of group e] = x[rows of group e] @ w[e]^T via F.grouped_mm, forward and backward.
+# The grouped GEMM as torch.library custom ops: opaque to torch.compile (which has no CPU/FP32
+# meta function for aten._grouped_mm) yet traceable, with the backward written out so that
+# incoming gradients are made contiguous (the kernel rejects broadcast gradients) and the
+# weight gradient uses the 2D x 2D grouped form (contraction over the jagged token dimension).
+@torch.library.custom_op("dsv3::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """[N, K] x [E, O, K] -> [N, O]: rows of group e times w[e]^T."""
+    return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
-    The backward is written out so that incoming gradients are made contiguous
-    (the kernel rejects broadcast gradients) and the weight gradient uses the 2D x 2D
-    grouped form (contraction over the jagged token dimension).
-    """
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w, offs)
-        return F.grouped_mm(x, w.transpose(-2, -1), offs=offs)
+@_grouped_mm_op.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[1])
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, w, offs = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = F.grouped_mm(dy, w, offs=offs)  # [N, O] x [E, O, K] -> [N, K]
-        if ctx.needs_input_grad[1]:
-            # [O, N] x [N, K] grouped over N -> [E, O, K]
-            dw = F.grouped_mm(dy.t(), x, offs=offs)
-        return dx, dw, None
+
+@torch.library.custom_op("dsv3::grouped_mm_dgrad", mutates_args=())
+def _grouped_mm_dgrad(dy: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """[N, O] x [E, O, K] -> [N, K]: rows of group e times w[e]."""
+    return F.grouped_mm(dy.contiguous(), w, offs=offs)
+
+
+@_grouped_mm_dgrad.register_fake
+def _(dy, w, offs):
+    return dy.new_empty(dy.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("dsv3::grouped_mm_wgrad", mutates_args=())
+def _grouped_mm_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """sum over the rows of group e of dy^T x: [N, O], [N, K] -> [E, O, K]."""
+    return F.grouped_mm(dy.contiguous().t(), x, offs=offs)
+
+
+@_grouped_mm_wgrad.register_fake
+def _(dy, x, offs):
+    return dy.new_empty(offs.shape[0], dy.shape[1], x.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _grouped_mm_backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dx = _grouped_mm_dgrad(dy, w, offs) if ctx.needs_input_grad[0] else None
+    dw = _grouped_mm_wgrad(dy, x, offs) if ctx.needs_input_grad[1] else None
+    return dx, dw, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+GROUPED_MM_OPS = (torch.ops.dsv3.grouped_mm.default, torch.ops.dsv3.grouped_mm_dgrad.default,
+                  torch.ops.dsv3.grouped_mm_wgrad.default)
 
 
 def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -176,5 +204,5 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
         [N, O] with ``y[group e] = x[group e] @ w[e]^T``.
     """
     if _kernel_applies(x, w):
-        return _GroupedMM.apply(x, w, offs)
+        return _grouped_mm_op(x, w, offs)
     return _padded_grouped_mm(x, w, offs)
