@@ -93,6 +93,12 @@ def _pad_rows_fp8(data: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([data.view(torch.uint8), pad]).view(data.dtype)
 
 
+def _with_strides(t: torch.Tensor, strides: tuple[int, int]) -> torch.Tensor:
+    """A copy of ``t`` with exactly the given strides (``contiguous()`` may keep others for size-1 dims)."""
+    out = torch.empty_strided(t.shape, strides, dtype=torch.float32, device=t.device)
+    return out.copy_(t)
+
+
 def scaled_mm_operands(a: QTensor, b: QTensor) -> dict:
     """Arguments of ``torch.nn.functional.scaled_mm`` computing ``a @ b^T`` (plus ``n``, the rows of B to keep).
 
@@ -108,17 +114,17 @@ def scaled_mm_operands(a: QTensor, b: QTensor) -> dict:
 
     _check_nt(a, b)
     mat_a = a.data.contiguous()
-    scale_a = a.scale.float().t().contiguous().t()
+    scale_a = _with_strides(a.scale, (1, a.scale.shape[0]))
     if b.block == WEIGHT_BLOCK:
         mat_b = b.data.contiguous()
         kb = b.scale.shape[1]
-        sb = F.pad(b.scale.float(), (0, -kb % 4), value=1.0).contiguous()  # [N_p/128, L4]
-        scale_b, recipe_b = sb.t(), ScalingType.BlockWise128x128
+        sb = F.pad(b.scale.float(), (0, -kb % 4), value=1.0).t()  # [L4, N_p/128]
+        scale_b, recipe_b = _with_strides(sb, (1, sb.shape[0])), ScalingType.BlockWise128x128
     else:
         pad = -b.data.shape[0] % 16
         mat_b = _pad_rows_fp8(b.data.contiguous(), pad)
         sb = F.pad(b.scale.float(), (0, 0, 0, pad), value=1.0)
-        scale_b, recipe_b = sb.t().contiguous().t(), ScalingType.BlockWise1x128
+        scale_b, recipe_b = _with_strides(sb, (1, sb.shape[0])), ScalingType.BlockWise1x128
     return {
         "mat_a": mat_a,
         "mat_b": mat_b.t(),
