@@ -25,7 +25,7 @@ import dataclasses
 
 import torch
 
-from dsv3.fp8.formats import E4M3_MAX, cast_e4m3, compute_scale
+from dsv3.fp8.formats import E4M3, E4M3_MAX, compute_scale
 
 TILE = 128  # N_C of the report: tile/block edge and FP32 promotion interval
 
@@ -66,8 +66,8 @@ class QTensor:
         """The high-precision tensor of the logical shape: ``data * scale`` per block."""
         *lead, rp, cp = self.data.shape
         br, bc = self.block
-        q = self.data.to(torch.float32).reshape(*lead, rp // br, br, cp // bc, bc)
-        x = (q * self.scale.unsqueeze(-1).unsqueeze(-3)).reshape(*lead, rp, cp)
+        q = self.data.to(torch.float32, copy=True).reshape(*lead, rp // br, br, cp // bc, bc)
+        x = q.mul_(self.scale.unsqueeze(-1).unsqueeze(-3)).reshape(*lead, rp, cp)
         return x[..., : self.rows, : self.cols].to(dtype)
 
     def t(self) -> QTensor:
@@ -93,7 +93,9 @@ def block_amax(x: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """Max-abs of each block of a padded tensor [..., R_p, C_p] -> [..., R_p / b_r, C_p / b_c]."""
     *lead, rp, cp = x.shape
     br, bc = block
-    return x.reshape(*lead, rp // br, br, cp // bc, bc).abs().amax(dim=(-3, -1))
+    blocks = x.reshape(*lead, rp // br, br, cp // bc, bc)
+    # max(amax, -amin): two reductions without an |x| temporary (NaN propagates through both)
+    return torch.maximum(blocks.amax(dim=(-3, -1)), -blocks.amin(dim=(-3, -1)))
 
 
 def quantize(
@@ -120,7 +122,7 @@ def quantize(
     *lead, rp, cp = xp.shape
     br, bc = block
     scaled = xp.reshape(*lead, rp // br, br, cp // bc, bc) / scale.unsqueeze(-1).unsqueeze(-3)
-    data = cast_e4m3(scaled).reshape(*lead, rp, cp)
+    data = scaled.clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3).reshape(*lead, rp, cp)  # cast_e4m3, in place
     return QTensor(data, scale, tuple(x.shape), tuple(block))
 
 
