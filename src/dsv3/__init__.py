@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "from_pretrained": ("dsv3.checkpoint.hf", "from_pretrained"),
-    "DeepseekV3Model": ("dsv3.model.transformer", "DeepseekV3Model"),
+    "DeepseekV3ForCausalLM": ("dsv3.model.transformer", "DeepseekV3ForCausalLM"),
 }
 
 
@@ -26,4 +26,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dsv3' has no attribute {name!r}")
 
 
-__all__ = ["ModelConfig", "load_preset", "DsV3Error", "from_pretrained", "DeepseekV3Model", "__version__"]
+__all__ = ["ModelConfig", "load_preset", "DsV3Error", "from_pretrained", "DeepseekV3ForCausalLM", "__version__"]

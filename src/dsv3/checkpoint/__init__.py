@@ -1,0 +1,1 @@
+"""Checkpoints: Hugging Face safetensors I/O (hf) and full training state (state)."""

@@ -1,0 +1,336 @@
+"""Hugging Face DeepSeek-V3 checkpoints: safetensors in and out.
+
+Layout (as the official deepseek-ai repositories ship it, and as transformers reads it):
+
+- ``config.json``;
+- ``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors`` with
+  ``model.safetensors.index.json`` (``{"metadata": ..., "weight_map": {name: file}}``);
+- per-expert tensors ``model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight``
+  (stacked here into ``experts.gate_up_proj`` [N_r, 2I, d] and ``experts.down_proj``
+  [N_r, d, I]; transformers-5 style stacked tensors are read too);
+- MTP module k as ``model.layers.{L+k-1}.*`` with ``enorm``, ``hnorm``, ``eh_proj``,
+  ``shared_head.norm`` and copies of the shared ``embed_tokens`` and ``shared_head.head``;
+- FP8 checkpoints (``quantization_config.quant_method == "fp8"``): E4M3 weights plus
+  ``weight_scale_inv`` per 128x128 block, dequantised on load (w = q * scale_inv).
+
+Loading builds the model on the meta device, allocates it once, and copies every
+tensor in as it is read from the memory-mapped files, so a checkpoint is never
+materialised twice. Saving writes shard by shard into a temporary directory that
+is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dsv3.config import ModelConfig
+from dsv3.errors import CheckpointError, ConfigError
+from dsv3.utils.io import atomic_dir
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+
+
+# ----------------------------------------------------------------------------- file access
+def checkpoint_files(path: str) -> dict[str, str]:
+    """Map each tensor name of the checkpoint directory ``path`` to the file holding it."""
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as fh:
+                weight_map = json.load(fh)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
+        missing = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(path, f))})
+        if missing:
+            raise CheckpointError(f"shard {missing[0]} named in {INDEX_NAME} is missing from {path}")
+        return {name: os.path.join(path, f) for name, f in weight_map.items()}
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors weights in {path} (pickle checkpoints are not read)")
+    out: dict[str, str] = {}
+    for f in files:
+        full = os.path.join(path, f)
+        try:
+            with safe_open(full, framework="pt") as sf:
+                for name in sf.keys():
+                    out[name] = full
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{full} is not a readable safetensors file ({exc})") from None
+    return out
+
+
+class _Reader:
+    """Lazily opened safetensors files; tensors are read one at a time (memory-mapped)."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self.files = files
+        self._open: dict[str, object] = {}
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = safe_open(path, framework="pt")
+        return self._open[path].get_tensor(name)  # type: ignore[attr-defined]
+
+    def shape(self, name: str) -> list[int]:
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = safe_open(path, framework="pt")
+        return list(self._open[path].get_slice(name).get_shape())  # type: ignore[attr-defined]
+
+
+def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantise a block-quantised FP8 weight: ``w[i, j] = q[i, j] * scale_inv[i // bm, j // bn]``.
+
+    Args:
+        weight: [M, N] float8_e4m3fn.
+        scale_inv: [ceil(M / bm), ceil(N / bn)] FP32 inverse scales.
+    """
+    m, n = weight.shape
+    bm, bn = block
+    if tuple(scale_inv.shape) != (math.ceil(m / bm), math.ceil(n / bn)):
+        raise CheckpointError(f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not match a {m}x{n} weight "
+                              f"in {bm}x{bn} blocks")
+    scale = scale_inv.float().repeat_interleave(bm, 0)[:m].repeat_interleave(bn, 1)[:, :n]
+    return (weight.float() * scale).to(dtype)
+
+
+# ----------------------------------------------------------------------------- name mapping
+def hf_to_dsv3_name(name: str, config: ModelConfig) -> str | None:
+    """Map a checkpoint tensor name to this package's state-dict name (``None``: not stored here)."""
+    m = _LAYER_RE.match(name)
+    if m and int(m.group(1)) >= config.num_hidden_layers:
+        depth = int(m.group(1)) - config.num_hidden_layers  # 0-based MTP index
+        rest = m.group(2)
+        if depth >= config.num_nextn_predict_layers:
+            return None  # MTP modules beyond the configured depth
+        if rest in ("embed_tokens.weight", "shared_head.head.weight"):
+            return None  # copies of the shared embedding / output head
+        return f"mtp.{depth}.{rest}"
+    return name
+
+
+def _dsv3_to_hf_prefix(name: str, config: ModelConfig) -> str:
+    if name.startswith("mtp."):
+        depth, rest = name[4:].split(".", 1)
+        return f"model.layers.{config.num_hidden_layers + int(depth)}.{rest}"
+    return name
+
+
+# ----------------------------------------------------------------------------- loading
+def load_state_into(model: torch.nn.Module, path: str, *, strict: bool = True,
+                    files: dict[str, str] | None = None) -> None:
+    """Copy the tensors of the Hugging Face checkpoint directory ``path`` into ``model`` in place.
+
+    ``files`` (tensor name -> file) may be passed when already listed.
+    """
+    config: ModelConfig = model.config  # type: ignore[assignment]
+    reader = _Reader(files if files is not None else checkpoint_files(path))
+    state = dict(model.state_dict(keep_vars=True))
+    quant = config.quantization_config or {}
+    block = tuple(quant.get("weight_block_size", (128, 128)))
+    loaded: set[str] = set()
+    expert_fill: dict[str, int] = {}
+    unexpected: list[str] = []
+
+    def put(target: torch.Tensor, value: torch.Tensor, what: str) -> None:
+        if tuple(target.shape) != tuple(value.shape):
+            raise CheckpointError(f"checkpoint tensor {what} has shape {tuple(value.shape)} but the config expects "
+                                  f"{tuple(target.shape)}; check that config.json matches the weights")
+        with torch.no_grad():
+            target.copy_(value.to(target.dtype))
+
+    for name in reader.files:
+        if name.endswith("weight_scale_inv"):
+            continue
+        value_name = hf_to_dsv3_name(name, config)
+        if value_name is None:
+            continue
+        if name.endswith(".weight") and name[: -len("weight")] + "weight_scale_inv" in reader.files:
+            value = dequantize_fp8_block(reader.get(name), reader.get(name[: -len("weight")] + "weight_scale_inv"),
+                                         block)  # type: ignore[arg-type]
+        else:
+            value = reader.get(name)
+        m = _EXPERT_RE.match(value_name)
+        if m:
+            prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+            key = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+            if key not in state:
+                unexpected.append(name)
+                continue
+            stacked = state[key]
+            if expert >= stacked.shape[0]:
+                raise CheckpointError(f"checkpoint has expert {expert} in {prefix} but the config has "
+                                      f"n_routed_experts={stacked.shape[0]}")
+            if proj == "down_proj":
+                put(stacked[expert], value, name)
+            else:
+                inter = stacked.shape[1] // 2
+                rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
+                put(stacked[expert, rows], value, name)
+            expert_fill[key] = expert_fill.get(key, 0) + 1
+            continue
+        if value_name not in state:
+            if value_name.endswith("rotary_emb.inv_freq"):
+                continue
+            unexpected.append(name)
+            continue
+        put(state[value_name], value, name)
+        loaded.add(value_name)
+
+    for key, count in expert_fill.items():
+        per_expert = 1 if key.endswith("down_proj") else 2
+        if count == per_expert * state[key].shape[0]:
+            loaded.add(key)
+        elif strict:
+            raise CheckpointError(f"checkpoint has {count} of the {per_expert * state[key].shape[0]} expert "
+                                  f"tensors of {key}; the checkpoint is incomplete")
+    if strict:
+        if unexpected:
+            raise CheckpointError(f"checkpoint tensor {unexpected[0]} (and {len(unexpected) - 1} more) has no place "
+                                  f"in a model of this config; check config.json")
+        expected = set(state)
+        if config.tie_word_embeddings:
+            expected.discard("lm_head.weight")
+        missing = sorted(expected - loaded)
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks tensor {_dsv3_to_hf_prefix(missing[0], config)} "
+                                  f"(and {len(missing) - 1} more)")
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", strict: bool = True):
+    """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory as a
+    :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``)."""
+    from dsv3.model import DeepseekV3ForCausalLM
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    try:
+        config = ModelConfig.from_json_file(path)
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    files = checkpoint_files(path)
+    depth = config.num_nextn_predict_layers
+    if depth and not any(hf_to_dsv3_name(n, config) and hf_to_dsv3_name(n, config).startswith("mtp.") for n in files):
+        # e.g. saved by transformers, which drops the MTP modules: load the main model only
+        warnings.warn(f"checkpoint {path} has no weights for its {depth} MTP module(s); loading without MTP")
+        config.num_nextn_predict_layers = 0
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    model.to_empty(device=device)
+    model.to(dtype)
+    with torch.no_grad():  # non-persistent buffers are not in the checkpoint: rebuild them
+        fresh = type(model.model.rotary_emb)(config)
+        model.model.rotary_emb.inv_freq.copy_(fresh.inv_freq)
+    load_state_into(model, path, strict=strict, files=files)
+    return model
+
+
+# ----------------------------------------------------------------------------- saving
+def hf_state_items(model: torch.nn.Module, dtype: torch.dtype | None = None
+                   ) -> Iterator[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]:
+    """Yield ``(checkpoint name, shape, dtype, make)`` in the official layout.
+
+    ``make()`` materialises one tensor (a contiguous copy or cast when needed), so a
+    writer can plan shards from the shapes and hold one shard at a time.
+    """
+    config: ModelConfig = model.config  # type: ignore[assignment]
+    state = model.state_dict()
+
+    def item(name: str, source: torch.Tensor, index=None, copy: bool = False):
+        keep = not source.is_floating_point() or name.endswith("e_score_correction_bias") or dtype is None
+        out_dtype = source.dtype if keep else dtype
+        shape = tuple(source[index].shape) if index is not None else tuple(source.shape)
+
+        def make() -> torch.Tensor:
+            t = source.detach()
+            t = t[index] if index is not None else t
+            t = t.to(out_dtype).contiguous()
+            return t.clone() if copy else t
+
+        return name, shape, out_dtype, make
+
+    for name, tensor in state.items():
+        if config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        hf = _dsv3_to_hf_prefix(name, config)
+        if name.endswith("experts.gate_up_proj"):
+            base = hf[: -len("gate_up_proj")]
+            inter = tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                yield item(f"{base}{e}.gate_proj.weight", tensor, (e, slice(0, inter)))
+                yield item(f"{base}{e}.up_proj.weight", tensor, (e, slice(inter, 2 * inter)))
+        elif name.endswith("experts.down_proj"):
+            base = hf[: -len("down_proj")]
+            for e in range(tensor.shape[0]):
+                yield item(f"{base}{e}.down_proj.weight", tensor, e)
+        else:
+            yield item(hf, tensor)
+    head = state["model.embed_tokens.weight"] if config.tie_word_embeddings else state["lm_head.weight"]
+    for k in range(len(getattr(model, "mtp", []))):  # copies of the shared tensors, as the official layout
+        prefix = f"model.layers.{config.num_hidden_layers + k}."
+        yield item(prefix + "embed_tokens.weight", state["model.embed_tokens.weight"], copy=True)
+        yield item(prefix + "shared_head.head.weight", head, copy=True)
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"``, ``"500MiB"``, ``"1e9"`` or an int, in bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?i?B)?\s*", str(text))
+    if not m:
+        raise ConfigError(f"size {text!r} is not a number of bytes like 5GB or 500MiB")
+    units = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    return int(float(m.group(1)) * units[m.group(2)])
+
+
+def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    max_shard_size: str | int = "5GB") -> None:
+    """Write ``model`` as a Hugging Face checkpoint directory (config.json + safetensors).
+
+    The directory is assembled under a temporary name and renamed into place, so an
+    interrupted save leaves any previous checkpoint at ``path`` intact.
+    """
+    config: ModelConfig = model.config  # type: ignore[assignment]
+    limit = parse_size(max_shard_size)
+    out_config = ModelConfig.from_dict(config.to_dict())
+    out_config.quantization_config = None  # weights are written dequantised
+    shards: list[list] = [[]]
+    sizes = [0]
+    for item in hf_state_items(model, dtype):
+        _, shape, out_dtype, _ = item
+        nbytes = math.prod(shape) * torch.empty((), dtype=out_dtype).element_size()
+        if shards[-1] and sizes[-1] + nbytes > limit:
+            shards.append([])
+            sizes.append(0)
+        shards[-1].append(item)
+        sizes[-1] += nbytes
+    with atomic_dir(path) as tmp:
+        out_config.save(os.path.join(tmp, "config.json"))
+        metadata = {"format": "pt"}
+        names = [SINGLE_NAME] if len(shards) == 1 else [
+            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        weight_map = {}
+        for fname, shard in zip(names, shards):  # one shard in memory at a time
+            save_file({name: make() for name, _, _, make in shard}, os.path.join(tmp, fname), metadata=metadata)
+            weight_map.update({name: fname for name, _, _, _ in shard})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+            with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as fh:
+                json.dump(index, fh, indent=2)

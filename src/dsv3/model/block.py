@@ -1,0 +1,35 @@
+"""One Transformer block: pre-norm MLA attention, then a dense SwiGLU MLP or DeepSeekMoE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.mla import MLA, LatentKVCache
+from dsv3.model.moe import MLP, MoE
+from dsv3.model.norm import RMSNorm
+
+
+class DecoderLayer(nn.Module):
+    """``h = x + MLA(RMSNorm(x)); out = h + FFN(RMSNorm(h))``.
+
+    Args:
+        config: the model configuration.
+        layer_idx: the layer's index (decides dense vs MoE via ``config.is_moe_layer``).
+        cache_idx: its slot in a :class:`LatentKVCache` (defaults to ``layer_idx``).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int, cache_idx: int | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config, layer_idx if cache_idx is None else cache_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """``x`` [B, T, d] -> [B, T, d]."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        return h + self.mlp(self.post_attention_layernorm(h))

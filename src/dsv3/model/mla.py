@@ -1,0 +1,162 @@
+"""Multi-head Latent Attention (report 2.1.1).
+
+Symbols: d = ``hidden_size``, n_h = heads, d_h = ``qk_nope_head_dim``, d_h^R =
+``qk_rope_head_dim``, d_v = ``v_head_dim``, d_c = ``kv_lora_rank``, d_c' = ``q_lora_rank``.
+
+    c^Q   = RMSNorm(W^DQ h)                   q_a_proj, q_a_layernorm      [T, d_c']
+    q^C   = W^UQ c^Q,  q^R = RoPE(W^QR c^Q)   q_b_proj (both, fused)       [T, n_h, d_h + d_h^R]
+    c^KV  = RMSNorm(W^DKV h)                  kv_a_proj_with_mqa[:d_c]     [T, d_c]
+    k^R   = RoPE(W^KR h)                      kv_a_proj_with_mqa[d_c:]     [T, d_h^R] (shared by heads)
+    k^C, v = W^UK c^KV, W^UV c^KV             kv_b_proj                    [T, n_h, d_h], [T, n_h, d_v]
+    o     = softmax([q^C; q^R] [k^C; k^R]^T * scale) v ;  u = W^O o        o_proj
+
+Training uses the expanded keys/values and fused causal attention
+(``scaled_dot_product_attention``; values are zero-padded to the key width so the
+fused kernel applies). Decoding caches only c^KV and k^R (d_c + d_h^R values per
+token per layer) and absorbs W^UK into the query and W^UV into the output
+(:meth:`MLA.forward` with a :class:`LatentKVCache`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import apply_rope, softmax_scale
+
+
+class LatentKVCache:
+    """The MLA inference cache: per layer, the normalised KV latent c^KV and the rotated k^R.
+
+    Args:
+        num_layers: layers that use the cache.
+        batch_size: B.
+        max_len: the longest sequence (prompt + generated) it can hold.
+        kv_lora_rank: d_c; rope_dim: d_h^R.
+    Holds ``c_kv[l]`` [B, max_len, d_c] and ``k_pe[l]`` [B, max_len, d_h^R]:
+    ``(d_c + d_h^R) * max_len * B`` values per layer, versus ``2 * n_h * d_h * max_len * B``
+    for a standard multi-head KV cache.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+        self.c_kv = [torch.zeros(batch_size, max_len, kv_lora_rank, dtype=dtype, device=device)
+                     for _ in range(num_layers)]
+        self.k_pe = [torch.zeros(batch_size, max_len, rope_dim, dtype=dtype, device=device)
+                     for _ in range(num_layers)]
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """Write positions ``start:start+T`` and return the cache up to there ([B, S, .])."""
+        end = start + c_kv.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"the latent KV cache holds {self.max_len} positions, {end} were asked for")
+        self.c_kv[layer][:, start:end] = c_kv
+        self.k_pe[layer][:, start:end] = k_pe
+        return self.c_kv[layer][:, :end], self.k_pe[layer][:, :end]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.c_kv + self.k_pe)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention of one layer.
+
+    Args:
+        config: the model configuration.
+        layer_idx: index of this layer's slot in a :class:`LatentKVCache`.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        d, h = config.hidden_size, self.n_heads
+        bias = config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=bias)  # W^DQ
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_head_dim, bias=False)  # W^UQ, W^QR
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)  # W^DKV, W^KR
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_head_dim, d, bias=bias)  # W^O
+        self.softmax_scale = softmax_scale(config)
+
+    # The two halves of the attention, exposed separately for recomputation policies.
+    def project_q(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries [B, T, n_h, d_h + d_h^R] (before RoPE)."""
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(*x.shape[:-1], self.n_heads, self.qk_head_dim)
+
+    def project_kv_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised KV latent c^KV [B, T, d_c] and the un-rotated shared key k^R [B, T, d_h^R]."""
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """Attention of ``x`` [B, T, d] at positions ``start_pos .. start_pos+T-1``; returns [B, T, d].
+
+        ``cos``/``sin`` [B or 1, T, d_h^R/2] are the rotary tables of those positions.
+        """
+        bsz, seqlen, _ = x.shape
+        q = self.project_q(x)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = self.project_kv_latent(x)
+        k_pe = apply_rope(k_pe, cos, sin)
+        if cache is not None:
+            out = self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, cache, start_pos)
+        else:
+            out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe)
+        return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.v_head_dim))
+
+    def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        """Training path: up-project keys/values and run fused causal attention. Returns [B, T, n_h, d_v]."""
+        bsz, seqlen, h, _ = q_nope.shape
+        kv = self.kv_b_proj(c_kv).view(bsz, seqlen, h, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, h, -1)), dim=-1)
+        pad = self.qk_head_dim - self.v_head_dim
+        if pad > 0:  # fused kernels need equal key and value widths
+            v = F.pad(v, (0, pad))
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+        )
+        out = out.transpose(1, 2)
+        return out[..., : self.v_head_dim] if pad > 0 else out
+
+    def _absorbed_attention(self, q_nope, q_pe, c_kv, k_pe, cache: LatentKVCache, start_pos: int) -> torch.Tensor:
+        """Decoding path over the latent cache with W^UK, W^UV absorbed. Returns [B, T, n_h, d_v]."""
+        seqlen = q_nope.shape[1]
+        c_all, k_pe_all = cache.update(self.layer_idx, start_pos, c_kv, k_pe)  # [B, S, d_c], [B, S, d_h^R]
+        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # W^UK absorbed into the query
+        scores = torch.einsum("bthc,bsc->bhts", q_latent, c_all) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe_all)
+        scores = scores.float() * self.softmax_scale
+        total = c_all.shape[1]
+        if seqlen > 1:
+            q_pos = torch.arange(start_pos, start_pos + seqlen, device=scores.device)
+            k_pos = torch.arange(total, device=scores.device)
+            scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_all.dtype)
+        o_latent = torch.einsum("bhts,bsc->bthc", probs, c_all)
+        return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # W^UV absorbed into the output

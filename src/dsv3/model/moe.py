@@ -1,0 +1,206 @@
+"""DeepSeekMoE (report 2.1.2): shared experts plus fine-grained routed experts.
+
+    h'_t = u_t + sum_{i=1}^{N_s} FFN^(s)_i(u_t) + sum_{i=1}^{N_r} g_{i,t} FFN^(r)_i(u_t)
+
+Gating (``scoring_func`` sigmoid, ``topk_method`` noaux_tc — DeepSeek-V3):
+s_{i,t} = sigmoid(u_t . e_i); an expert is selected when s_{i,t} + b_i is among the
+top-K_r of the allowed groups (groups ranked by the sum of their top-2
+bias-corrected scores, ``topk_group`` of ``n_group`` kept); g_{i,t} = s_{i,t} /
+sum of the selected s (``norm_topk_prob``), times ``routed_scaling_factor``. The
+bias b_i (``e_score_correction_bias``) only ranks; it never enters g.
+DeepSeek-V2-style configs (``scoring_func`` softmax, ``topk_method`` greedy or
+group_limited_greedy, groups ranked by their max score) are supported too.
+
+Load balancing: the auxiliary-loss-free bias update (:meth:`MoE.update_bias`,
+b_i += gamma * sign(mean load - load_i) once per optimizer step over the loads of
+all of that step's micro-batches) and the complementary sequence-wise balance
+loss (:func:`sequence_balance_loss`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.ops import grouped_mm, swiglu
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward ``down(act(gate(x), up(x)))``; the dense layers and the shared experts.
+
+    Args:
+        dim: d. inter_dim: the hidden width.
+    ``act`` is a swappable callable (FP8 caching and recomputation replace it).
+    """
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+        self.act = swiglu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+
+
+class Router(nn.Module):
+    """Top-K_r expert selection with group limits (the MoE ``gate``). Computed in FP32.
+
+    Parameters: ``weight`` [N_r, d] (the expert centroids e_i); buffer
+    ``e_score_correction_bias`` [N_r] (b_i, FP32, only for ``noaux_tc``).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group if config.group_limited else 1
+        self.topk_group = config.topk_group if config.group_limited else 1
+        self.topk_method = config.topk_method
+        self.scoring_func = config.scoring_func
+        self.norm_topk_prob = config.norm_topk_prob
+        self.route_scale = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # The bias accumulates updates of size gamma = 1e-3: keep it in FP32 whatever the model dtype.
+        super()._apply(fn, recurse)
+        if self.e_score_correction_bias is not None and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route ``x`` [N, d].
+
+        Returns:
+            weights [N, K_r] (FP32 gate values g), indices [N, K_r] (selected experts),
+            scores [N, N_r] (FP32 s_{i,t}, with gradient; used by the balance loss).
+        """
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        with torch.no_grad():
+            choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+            if self.n_group > 1:
+                grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+                if self.topk_method == "noaux_tc":
+                    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                else:
+                    group_scores = grouped.amax(dim=-1)
+                keep = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+                mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+                choice = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).view(-1, self.n_experts)
+            indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+
+class Experts(nn.Module):
+    """N_r routed SwiGLU experts with stacked weights, computed as grouped GEMMs.
+
+    Parameters: ``gate_up_proj`` [N_r, 2I, d] (gate rows first, then up) and
+    ``down_proj`` [N_r, d, I]. ``mm`` (grouped GEMM) and ``act`` (SwiGLU) are
+    swappable callables.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.mm = grouped_mm
+        self.act = swiglu
+
+    def forward(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        """``x`` [M, d] rows sorted by expert, ``offs`` [N_r] int32 cumulative row ends. Returns [M, d]."""
+        gate, up = self.mm(x, self.gate_up_proj, offs).chunk(2, dim=-1)
+        return self.mm(self.act(gate, up), self.down_proj, offs)
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The complementary sequence-wise balance loss of report eq. (17)-(20).
+
+    L_Bal = alpha * sum_i f_i P_i with f_i = N_r / (K_r T) * #{t : i selected for t},
+    P_i = (1/T) sum_t s'_{i,t}, s'_{i,t} = s_{i,t} / sum_j s_{j,t}; averaged over sequences.
+
+    Args:
+        scores: [B, T, N_r] affinity scores s (with gradient).
+        indices: [B, T, K_r] selected experts.
+        alpha: the balance factor.
+    """
+    bsz, seqlen, n_experts = scores.shape
+    top_k = indices.shape[-1]
+    p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)  # [B, N_r]
+    counts = torch.zeros(bsz, n_experts, device=scores.device, dtype=scores.dtype)
+    counts.scatter_add_(1, indices.reshape(bsz, -1), torch.ones_like(indices.reshape(bsz, -1), dtype=scores.dtype))
+    f = counts * (n_experts / (top_k * seqlen))
+    return alpha * (f * p).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    """A DeepSeekMoE feed-forward layer: ``gate`` (router), ``experts`` (routed), ``shared_experts``.
+
+    After each forward, ``last_load`` [N_r] (int64) holds how many tokens each routed
+    expert received and, in training with alpha > 0, ``last_balance_loss`` holds the
+    sequence-wise balance loss (a scalar with gradient). The model collects both.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.gate = Router(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
+            if config.n_shared_experts > 0
+            else None
+        )
+        self.seq_aux_alpha = config.seq_aux_alpha
+        self.last_load: torch.Tensor | None = None
+        self.last_balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, T, d] -> [B, T, d]."""
+        bsz, seqlen, dim = x.shape
+        flat = x.reshape(-1, dim)
+        weights, indices, scores = self.gate(flat)
+        top_k = indices.shape[-1]
+        with torch.no_grad():
+            flat_idx = indices.reshape(-1)
+            load = torch.bincount(flat_idx, minlength=self.n_experts)
+            order = flat_idx.argsort(stable=True)  # dispatch order: grouped by expert
+            token = order // top_k
+            offs = load.cumsum(0).to(torch.int32)
+        routed = self.experts(flat[token], offs)  # [N*K_r, d]
+        routed = routed * weights.reshape(-1)[order].unsqueeze(-1).to(routed.dtype)
+        out = torch.zeros_like(flat).index_add(0, token, routed)  # combine
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        self.last_load = load
+        if self.training and self.seq_aux_alpha > 0:
+            self.last_balance_loss = sequence_balance_loss(
+                scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1), self.seq_aux_alpha
+            )
+        else:
+            self.last_balance_loss = None
+        return out.view(bsz, seqlen, dim)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, gamma: float) -> None:
+        """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i).
+
+        ``load`` [N_r] is the number of tokens routed to each expert over the whole
+        step (all micro-batches). Layers without a bias (softmax routing) are unchanged.
+        """
+        bias = self.gate.e_score_correction_bias
+        if bias is None or gamma == 0:
+            return
+        load = load.to(bias.device, torch.float32)
+        bias.add_(gamma * torch.sign(load.mean() - load))

@@ -1,0 +1,106 @@
+"""Decoupled rotary position embedding (report 2.1.1) with YaRN context extension.
+
+MLA applies RoPE only to the d_h^R-dimensional decoupled parts q^R and k^R.
+DeepSeek lays the rotary dimensions out as interleaved pairs ``(x0, x1), (x2, x3), ...``
+each rotated by one frequency (transformers: ``rope_interleave=True``). The
+rotation here returns the rotated pairs de-interleaved (all first members, then
+all second members); since it is applied identically to q^R and k^R, every dot
+product q^R . k^R, and so attention, is unchanged.
+
+YaRN (arXiv 2309.00071, as configured by DeepSeek's ``rope_scaling``): the
+inverse frequencies blend interpolation (divided by ``factor``) and extrapolation
+with a linear ramp between the correction dimensions of ``beta_fast`` and
+``beta_slow`` rotations, cos/sin are multiplied by
+``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` and the softmax scale
+by ``mscale(factor, mscale_all_dim)^2``, where ``mscale(s, m) = 0.1 m ln s + 1``.
+These follow transformers' ``_compute_yarn_parameters`` exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from dsv3.config import ModelConfig
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature correction 0.1 * mscale * ln(scale) + 1 (1 for scale <= 1)."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+def softmax_scale(config: ModelConfig) -> float:
+    """The attention softmax scale: 1/sqrt(d_h + d_h^R), times mscale^2 under YaRN."""
+    scale = config.qk_head_dim**-0.5
+    if config.rope_type == "yarn":
+        mscale_all_dim = config.rope_scaling.get("mscale_all_dim", 0)
+        if mscale_all_dim:
+            m = yarn_get_mscale(config.rope_scaling["factor"], mscale_all_dim)
+            scale = scale * m * m
+    return scale
+
+
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [d_h^R / 2] (float32) and the cos/sin amplitude ``attention_factor``."""
+    dim = config.qk_rope_head_dim
+    base = float(config.rope_theta)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if config.rope_type != "yarn":
+        return 1.0 / pos_freqs, 1.0
+    rs = config.rope_scaling
+    factor = float(rs["factor"])
+    original = rs.get("original_max_position_embeddings", config.max_position_embeddings)
+    mscale, mscale_all_dim = rs.get("mscale"), rs.get("mscale_all_dim")
+    attention_factor = rs.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = yarn_get_mscale(factor, mscale) / yarn_get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = yarn_get_mscale(factor)
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # 1: keep the original frequency, 0: interpolate
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions: ``forward(position_ids [B, T] or [T]) -> (cos, sin)`` each
+    [..., T, d_h^R / 2] in float32."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inv_freq, self.attention_factor = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()
+        return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` [B, T, (H,) d_h^R].
+
+    ``cos``/``sin`` are [B or 1, T, d_h^R/2]; they broadcast over the head dim when
+    ``x`` has one. Returns the rotated values de-interleaved: [x1 cos - x2 sin, x2 cos + x1 sin].
+    """
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

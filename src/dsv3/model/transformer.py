@@ -1,0 +1,217 @@
+"""The DeepSeek-V3 causal language model: embedding, N blocks, final norm, output head, MTP modules.
+
+Module names mirror the Hugging Face checkpoint (``model.embed_tokens``,
+``model.layers.{i}``, ``model.norm``, ``lm_head``) so that state-dict keys map
+one to one; MTP module k is ``mtp.{k-1}`` here and ``model.layers.{L+k-1}`` in the
+checkpoint (see :mod:`dsv3.checkpoint.hf`).
+
+Training objective (report 2.2, 2.1.2):
+``loss = L_Main + lambda/D * sum_k L^k_MTP + sum_layers L_Bal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.block import DecoderLayer
+from dsv3.model.mla import LatentKVCache
+from dsv3.model.moe import MoE, Experts, Router
+from dsv3.model.mtp import MTPLayer
+from dsv3.model.norm import RMSNorm
+from dsv3.model.rope import RotaryEmbedding
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    """What :meth:`DeepseekV3ForCausalLM.forward` returns.
+
+    Attributes:
+        logits: [B, T, V] next-token logits of the main model.
+        loss: total training loss (main + MTP + balance), when labels are given.
+        lm_loss: L_Main, the main next-token cross-entropy.
+        mtp_loss: lambda/D * sum_k L^k (zero without MTP modules).
+        balance_loss: sum of the sequence-wise balance losses of all MoE layers.
+        expert_load: [n_moe_layers, N_r] tokens routed to each expert in this forward
+            (main-model MoE layers first, then those of the MTP modules).
+        hidden_states: [B, T, d] the last block's output before the final norm (h^0).
+    """
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class DeepseekV3Model(nn.Module):
+    """The trunk: ``embed_tokens`` [V, d], ``layers`` (L blocks), ``norm``, rotary tables."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """DeepSeek-V3 (and V2-style) causal LM with Multi-Token Prediction.
+
+    Args:
+        config: a validated :class:`~dsv3.config.ModelConfig`.
+    Build on ``torch.device("meta")`` to count parameters without allocating.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DeepseekV3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.mtp = nn.ModuleList(MTPLayer(config, k) for k in range(1, config.num_nextn_predict_layers + 1))
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- set-up
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for projections, embeddings, router and experts; ones for norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, Router):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+                nn.init.normal_(module.down_proj, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE modules in ``expert_load`` order: main-model layers, then MTP modules."""
+        blocks = list(self.model.layers) + list(self.mtp)
+        return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
+
+    def num_parameters(self, *, include_mtp: bool = True, include_buffers: bool = False) -> int:
+        """Parameter count (shared tensors counted once), optionally with the routing biases."""
+        seen: set[int] = set()
+        total = 0
+        for name, p in self.named_parameters(remove_duplicate=True):
+            if not include_mtp and name.startswith("mtp."):
+                continue
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        if include_buffers:
+            for name, b in self.named_buffers():
+                if name.endswith("e_score_correction_bias") and (include_mtp or not name.startswith("mtp.")):
+                    total += b.numel()
+        return total
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs) -> "DeepseekV3ForCausalLM":
+        """Load a Hugging Face checkpoint directory (see :func:`dsv3.checkpoint.hf.from_pretrained`)."""
+        from dsv3.checkpoint.hf import from_pretrained
+
+        return from_pretrained(path, **kwargs)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write a Hugging Face checkpoint directory (see :func:`dsv3.checkpoint.hf.save_pretrained`)."""
+        from dsv3.checkpoint.hf import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+    def drop_mtp(self) -> None:
+        """Remove the MTP modules (inference without speculative decoding)."""
+        self.mtp = nn.ModuleList()
+
+    @torch.no_grad()
+    def update_router_bias(self, load: torch.Tensor, gamma: float | None = None) -> None:
+        """Apply the auxiliary-loss-free bias update once per optimizer step.
+
+        Args:
+            load: [n_moe_layers, N_r] tokens per expert summed over the step's micro-batches
+                (the sum of their ``expert_load`` outputs).
+            gamma: bias update speed (default ``config.bias_update_speed``).
+        """
+        gamma = self.config.bias_update_speed if gamma is None else gamma
+        for moe, layer_load in zip(self.moe_layers(), load):
+            moe.update_bias(layer_load, gamma)
+
+    def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> LatentKVCache:
+        """An empty latent KV cache for the main-model layers."""
+        weight = self.model.embed_tokens.weight
+        return LatentKVCache(self.config.num_hidden_layers, batch_size, max_len, self.config.kv_lora_rank,
+                             self.config.qk_rope_head_dim, dtype=dtype or weight.dtype, device=weight.device)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                cache: LatentKVCache | None = None, start_pos: int = 0) -> CausalLMOutput:
+        """Run the model.
+
+        Args:
+            input_ids: [B, T] token ids t_1..t_T.
+            labels: [B, T] next tokens t_2..t_{T+1} (already shifted; ``-100`` is ignored).
+                When given, the loss (with MTP and balance terms) is computed.
+            cache: a :class:`LatentKVCache` for incremental decoding (absorbed MLA path).
+            start_pos: position of ``input_ids[:, 0]`` in the cached sequence.
+        """
+        bsz, seqlen = input_ids.shape
+        emb = self.model.embed_tokens(input_ids)
+        positions = torch.arange(start_pos, start_pos + seqlen, device=input_ids.device)
+        cos, sin = self.model.rotary_emb(positions)
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # [1, T, d_h^R/2]
+        h = emb
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, cache, start_pos)
+        logits = self.lm_head(self.model.norm(h))
+        out = CausalLMOutput(logits=logits, hidden_states=h)
+        if labels is None:
+            return out
+
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
+                                  ignore_index=IGNORE_INDEX)
+        mtp_loss = self._mtp_loss(h, emb, labels, cos, sin)
+        moes = self.moe_layers()
+        balance = [m.last_balance_loss for m in moes if m.last_balance_loss is not None]
+        balance_loss = torch.stack(balance).sum() if balance else lm_loss.new_zeros(())
+        out.lm_loss, out.mtp_loss, out.balance_loss = lm_loss, mtp_loss, balance_loss
+        out.loss = lm_loss + mtp_loss + balance_loss
+        if moes:
+            out.expert_load = torch.stack([m.last_load for m in moes])
+        return out
+
+    def _mtp_loss(self, h: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """lambda/D * sum_k L^k: depth k at position i predicts t_{i+k+1} = labels[:, i+k-1]."""
+        depth = len(self.mtp)
+        seqlen = h.shape[1]
+        if depth == 0 or seqlen <= depth:
+            for layer in self.mtp:  # keep the MoE bookkeeping consistent when MTP is skipped
+                if isinstance(layer.mlp, MoE):
+                    layer.mlp.last_balance_loss = None
+                    layer.mlp.last_load = torch.zeros(layer.mlp.n_experts, dtype=torch.long, device=h.device)
+            return h.new_zeros((), dtype=torch.float32)
+        losses = []
+        h_prev = h
+        for k, layer in enumerate(self.mtp, start=1):
+            n = seqlen - k
+            h_prev = layer(h_prev[:, :n], emb[:, k:], cos[:, :n], sin[:, :n])
+            logits = self.lm_head(layer.shared_head.norm(h_prev))
+            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                          labels[:, k:].reshape(-1), ignore_index=IGNORE_INDEX))
+        return self.config.mtp_loss_weight / depth * torch.stack(losses).sum()

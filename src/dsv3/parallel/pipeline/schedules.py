@@ -1,0 +1,504 @@
+"""Pipeline-parallel schedules as data: the per-device op lists of 1F1B, ZB1P, DualPipe and DualPipeV.
+
+This module is the single definition of every schedule. The planner's simulator
+(:mod:`dsv3.plan.simulate`) times these lists and a torch.distributed runtime
+executes the same lists, so the bubble we predict is the bubble we run. It is
+pure Python (no torch) so that ``dsv3 plan`` stays light.
+
+Vocabulary (the DualPipe README's, arXiv 2412.19437 section 3.2.1):
+
+* ``pp`` is the number of pipeline *stages* for every schedule (the model's
+  pipelined layers cut into ``pp`` consecutive pieces, stage 0 first).
+* A *chunk* is one stage's worth of parameters held by a device. 1F1B and ZB1P
+  hold one chunk per device (device d = stage d, ``pp`` devices). DualPipe holds
+  two chunks on each of its ``pp`` devices: chunk 0 is stage d of the copy that
+  micro-batches ``0 .. m/2-1`` run through from device 0 to device pp-1, chunk 1
+  is stage pp-1-d of the second copy that micro-batches ``m/2 .. m-1`` run
+  through in the reverse direction. DualPipeV ("cut-in-half") runs ``pp`` stages
+  on ``pp/2`` devices in a V: device d holds stage d (chunk 0) and stage pp-1-d
+  (chunk 1); every micro-batch goes down through chunk 0 and back up through
+  chunk 1, the turn at the last device being local.
+* Ops (:class:`Op`): ``F`` forward of a (micro-batch, stage); ``B`` backward for
+  the inputs only (its ``W`` comes later, zero-bubble style); ``W`` backward for
+  the weights; ``BW`` full backward (B and W fused, as 1F1B runs it); ``FB`` an
+  overlapped pair of a forward and a full backward of two different micro-batches
+  (DualPipe's F&B); ``SEND``/``RECV`` point-to-point transfers.
+
+Op-list contract (what both executors rely on):
+
+* A device runs its ops in list order, one compute op at a time.
+* ``SEND`` is asynchronous: it never blocks the device and the data leaves as
+  soon as the op is reached (it always follows the op that produced the data).
+* ``RECV`` posts a receive and does not block; the first op that uses the
+  received data waits until it has arrived. Every ``SEND`` has exactly one
+  matching ``RECV`` (same micro-batch, stage and direction, swapped peers).
+* In ``SEND``/``RECV``, ``stage`` names the stage that *consumes* the data: the
+  stage whose input it is (``direction="forward"``, an activation) or the stage
+  whose output gradient it is (``direction="backward"``); ``chunk`` is the chunk
+  on the op's own device that produced (SEND) or will consume (RECV) it.
+  When consecutive stages of a micro-batch sit on the same device (DualPipeV's
+  turn at device pp/2-1) there is no SEND/RECV: the data stays on the device.
+* Deferred weight gradients are first-in first-out: ``W`` ops come in the same
+  order as the split ``B`` ops they complete.
+
+Each schedule below is written per device with explicit phases; DualPipe and
+DualPipeV share one eight-step body (deepseek-ai/DualPipe writes both that way).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from dsv3.errors import ConfigError
+
+# Op kinds.
+F, B, W, BW, FB, SEND, RECV = "F", "B", "W", "BW", "FB", "SEND", "RECV"
+COMPUTE_KINDS = (F, B, W, BW, FB)
+# SEND/RECV directions: activations travel forward, gradients backward.
+FORWARD, BACKWARD = "forward", "backward"
+
+
+class ScheduleError(ConfigError):
+    """A pipeline op list is inconsistent (missing, duplicated or out-of-order work or messages)."""
+
+
+@dataclass(frozen=True)
+class Op:
+    """One entry of a device's op list.
+
+    Attributes:
+        kind: one of ``F, B, W, BW, FB, SEND, RECV``.
+        microbatch: the micro-batch index in ``0 .. microbatches-1`` (for ``FB``: the forward's).
+        stage: the pipeline stage in ``0 .. pp-1`` (for ``FB``: the forward's; for
+            ``SEND``/``RECV``: the stage that consumes the data).
+        chunk: which of the device's stage chunks runs it (0 or 1; always 0 for 1F1B/ZB1P).
+        b_microbatch, b_stage, b_chunk: ``FB`` only, the full backward overlapped with the forward.
+        peer: ``SEND``/``RECV`` only, the other device.
+        direction: ``SEND``/``RECV`` only, ``"forward"`` (activation) or ``"backward"`` (gradient).
+    """
+
+    kind: str
+    microbatch: int
+    stage: int
+    chunk: int = 0
+    b_microbatch: int = -1
+    b_stage: int = -1
+    b_chunk: int = -1
+    peer: int = -1
+    direction: str = ""
+
+    @property
+    def is_compute(self) -> bool:
+        return self.kind in COMPUTE_KINDS
+
+    def parts(self) -> tuple[Op, ...]:
+        """The plain compute ops this op performs: ``(F, BW)`` for an ``FB`` pair, else ``(self,)``."""
+        if self.kind != FB:
+            return (self,)
+        return (Op(F, self.microbatch, self.stage, self.chunk), Op(BW, self.b_microbatch, self.b_stage, self.b_chunk))
+
+    def __str__(self) -> str:
+        if self.kind == FB:
+            return f"F{self.microbatch}&B{self.b_microbatch} (stages {self.stage}&{self.b_stage})"
+        if self.kind in (SEND, RECV):
+            arrow = "to" if self.kind == SEND else "from"
+            what = "act" if self.direction == FORWARD else "grad"
+            return f"{self.kind} {what} mb{self.microbatch} stage {self.stage} {arrow} device {self.peer}"
+        return f"{self.kind}{self.microbatch} (stage {self.stage})"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A pipeline schedule: for each device, the ordered ops it executes.
+
+    Attributes:
+        name: schedule name (a key of :data:`SCHEDULES`).
+        pp: number of pipeline stages.
+        microbatches: number of micro-batches per training step.
+        devices: number of devices (``pp``, or ``pp // 2`` for DualPipeV).
+        device_stages: for each device, the stage each of its chunks holds (chunk order).
+        ops: for each device, its op list in execution order.
+    """
+
+    name: str
+    pp: int
+    microbatches: int
+    devices: int
+    device_stages: tuple[tuple[int, ...], ...]
+    ops: tuple[tuple[Op, ...], ...]
+
+    @property
+    def params_per_device_factor(self) -> float:
+        """Parameters held per device, in units of one stage of the ``pp``-stage split (1/pp of the layers).
+
+        1 for 1F1B and ZB1P; 2 for DualPipe (two copies, 2x, as the DualPipe README
+        says) and 2 for DualPipeV (two stages of a ``pp``-stage split on each of its
+        ``pp/2`` devices: the README's 2x, which is 1x of a ``pp/2``-device 1F1B).
+        """
+        return float(max(len(stages) for stages in self.device_stages))
+
+    def compute_ops(self, device: int) -> list[Op]:
+        """The device's compute ops (no SEND/RECV), in order."""
+        return [op for op in self.ops[device] if op.is_compute]
+
+
+# --------------------------------------------------------------------------- building blocks
+
+Placement = Callable[[int, int], tuple[int, int]]  # (microbatch, stage) -> (device, chunk)
+
+
+class _RankWriter:
+    """Writes one device's op list, adding the SEND/RECV each compute op needs.
+
+    ``chunks[c] = (stage, microbatches in order)``. :meth:`forward` and
+    :meth:`backward` take the next micro-batch of a chunk (each in order);
+    :meth:`weight` completes the oldest deferred split backward.
+    """
+
+    def __init__(self, device: int, pp: int, chunks: Sequence[tuple[int, Sequence[int]]], place: Placement):
+        self.device, self.pp, self.chunks, self.place = device, pp, chunks, place
+        self.ops: list[Op] = []
+        self._next_f = [0] * len(chunks)
+        self._next_b = [0] * len(chunks)
+        self._deferred_w: deque[tuple[int, int, int]] = deque()
+
+    def _take(self, counters: list[int], chunk: int) -> tuple[int, int]:
+        stage, mbs = self.chunks[chunk]
+        mb = mbs[counters[chunk]]
+        counters[chunk] += 1
+        return mb, stage
+
+    def _peer(self, mb: int, stage: int) -> int | None:
+        """The device of ``stage`` for ``mb`` if it is another device, else None."""
+        if not 0 <= stage < self.pp:
+            return None
+        device = self.place(mb, stage)[0]
+        return None if device == self.device else device
+
+    def _recv_input(self, mb: int, stage: int, chunk: int) -> None:
+        peer = self._peer(mb, stage - 1)
+        if peer is not None:
+            self.ops.append(Op(RECV, mb, stage, chunk, peer=peer, direction=FORWARD))
+
+    def _send_output(self, mb: int, stage: int, chunk: int) -> None:
+        peer = self._peer(mb, stage + 1)
+        if peer is not None:
+            self.ops.append(Op(SEND, mb, stage + 1, chunk, peer=peer, direction=FORWARD))
+
+    def _recv_grad(self, mb: int, stage: int, chunk: int) -> None:
+        peer = self._peer(mb, stage + 1)
+        if peer is not None:
+            self.ops.append(Op(RECV, mb, stage, chunk, peer=peer, direction=BACKWARD))
+
+    def _send_grad(self, mb: int, stage: int, chunk: int) -> None:
+        peer = self._peer(mb, stage - 1)
+        if peer is not None:
+            self.ops.append(Op(SEND, mb, stage - 1, chunk, peer=peer, direction=BACKWARD))
+
+    def forward(self, chunk: int) -> None:
+        mb, stage = self._take(self._next_f, chunk)
+        self._recv_input(mb, stage, chunk)
+        self.ops.append(Op(F, mb, stage, chunk))
+        self._send_output(mb, stage, chunk)
+
+    def backward(self, chunk: int, split: bool = False) -> None:
+        """Full backward ``BW``, or with ``split`` the input part ``B`` (its ``W`` deferred)."""
+        mb, stage = self._take(self._next_b, chunk)
+        self._recv_grad(mb, stage, chunk)
+        self.ops.append(Op(B if split else BW, mb, stage, chunk))
+        if split:
+            self._deferred_w.append((mb, stage, chunk))
+        self._send_grad(mb, stage, chunk)
+
+    def weight(self) -> None:
+        mb, stage, chunk = self._deferred_w.popleft()
+        self.ops.append(Op(W, mb, stage, chunk))
+
+    def forward_backward(self, f_chunk: int, b_chunk: int) -> None:
+        """Overlapped pair: forward of ``f_chunk``'s next micro-batch with full backward of ``b_chunk``'s."""
+        fmb, fstage = self._take(self._next_f, f_chunk)
+        bmb, bstage = self._take(self._next_b, b_chunk)
+        self._recv_input(fmb, fstage, f_chunk)
+        self._recv_grad(bmb, bstage, b_chunk)
+        self.ops.append(Op(FB, fmb, fstage, f_chunk, b_microbatch=bmb, b_stage=bstage, b_chunk=b_chunk))
+        self._send_output(fmb, fstage, f_chunk)
+        self._send_grad(bmb, bstage, b_chunk)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
+
+
+# --------------------------------------------------------------------------- 1F1B and ZB1P
+
+
+def _one_f_one_b(rank: _RankWriter, pp: int, m: int) -> None:
+    """1F1B (PipeDream-flush): warm up with forwards, alternate one F / one full backward, drain."""
+    d = rank.device
+    warmup = min(pp - 1 - d, m)
+    for _ in range(warmup):  # phase 1: forwards fill the pipeline below this stage
+        rank.forward(0)
+    for _ in range(m - warmup):  # phase 2: steady state, one F then one BW
+        rank.forward(0)
+        rank.backward(0)
+    for _ in range(warmup):  # phase 3: drain the remaining backwards
+        rank.backward(0)
+
+
+def _zb1p(rank: _RankWriter, pp: int, m: int) -> None:
+    """ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", arXiv 2401.10241).
+
+    1F1B with the backward split into B (inputs) and W (weights); device d
+    postpones its first d weight passes to the end, where they fill the drain
+    bubble, so its peak activation count equals 1F1B's first stage (pp).
+    """
+    d = rank.device
+    warmup = min(pp - 1 - d, m)
+    deferred = min(d, m - warmup)
+    for _ in range(warmup):  # phase 1: forwards, as 1F1B
+        rank.forward(0)
+    for _ in range(deferred):  # phase 2: F, B with the W postponed
+        rank.forward(0)
+        rank.backward(0, split=True)
+    for _ in range(m - warmup - deferred):  # phase 3: steady state F, B, W
+        rank.forward(0)
+        rank.backward(0, split=True)
+        rank.weight()
+    for _ in range(warmup):  # phase 4: drain B, W
+        rank.backward(0, split=True)
+        rank.weight()
+    for _ in range(deferred):  # phase 5: the postponed weight passes
+        rank.weight()
+
+
+def _single_chunk(name: str, body: Callable[[_RankWriter, int, int], None], pp: int, m: int) -> Schedule:
+    _check_int("pp", pp, 1)
+    _check_int("microbatches", m, 1)
+    place: Placement = lambda mb, stage: (stage, 0)  # noqa: E731
+    ops = []
+    for d in range(pp):
+        rank = _RankWriter(d, pp, [(d, range(m))], place)
+        body(rank, pp, m)
+        ops.append(tuple(rank.ops))
+    return Schedule(name, pp, m, pp, tuple((d,) for d in range(pp)), tuple(ops))
+
+
+def one_f_one_b(pp: int, microbatches: int) -> Schedule:
+    """1F1B on ``pp`` devices; any ``microbatches >= 1`` (the published bubble needs ``microbatches >= pp``)."""
+    return _single_chunk("1f1b", _one_f_one_b, pp, microbatches)
+
+
+def zb1p(pp: int, microbatches: int) -> Schedule:
+    """ZB1P (ZB-H1) on ``pp`` devices; any ``microbatches >= 1`` (the published bubble needs ``microbatches >= pp``)."""
+    return _single_chunk("zb1p", _zb1p, pp, microbatches)
+
+
+# --------------------------------------------------------------------------- DualPipe and DualPipeV
+
+
+def _dualpipe_rank(rank: _RankWriter, n: int, h: int, chunks: int, a: int, c: int, middle: bool) -> None:
+    """The eight steps of DualPipe (deepseek-ai/DualPipe ``dualpipe.py``/``dualpipev.py``) for one device.
+
+    Args:
+        n: devices in one half of the bidirectional pipeline (DualPipe: pp/2; DualPipeV: all pp/2).
+        h: this device's distance from the nearest end (DualPipe: min(d, pp-1-d); DualPipeV: d).
+        chunks: micro-batches through each chunk (DualPipe: m/2; DualPipeV: m).
+        a: the chunk whose micro-batches reach this device first ("phase 0"); c: the other ("phase 1").
+        middle: the device where the two directions meet (DualPipe's two middle
+            devices, DualPipeV's last device): its first main-step pair is not overlapped.
+    """
+    for _ in range((n - h - 1) * 2):  # step 1: nF0
+        rank.forward(a)
+    for _ in range(h + 1):  # step 2: nF0F1
+        rank.forward(a)
+        rank.forward(c)
+    for _ in range(n - h - 1):  # step 3: nB1W1F1 (zero bubble)
+        rank.backward(c, split=True)
+        rank.weight()
+        rank.forward(c)
+    for i in range(chunks - 2 * n + h + 1):  # step 4 (main): nF0B1F1B0, overlapped pairs
+        if i == 0 and middle:  # not overlapped, to shrink the bubble
+            rank.forward(a)
+            rank.backward(c)
+        else:
+            rank.forward_backward(a, c)
+        rank.forward_backward(c, a)
+    for _ in range(n - h - 1):  # step 5: nB1F1B0
+        rank.backward(c)
+        rank.forward_backward(c, a)
+    split = False  # step 6: nB1B0, the second half of these backwards split off their W
+    for i in range(h + 1):
+        split = split or (i == (h + 1) // 2 and h % 2 == 1)
+        rank.backward(c, split=split)
+        split = split or (i == (h + 1) // 2 and h % 2 == 0)
+        rank.backward(a, split=split)
+    for _ in range(n - h - 1):  # step 7: nWB0 (zero bubble)
+        rank.weight()
+        rank.backward(a, split=True)
+    for _ in range(h + 1):  # step 8: nW
+        rank.weight()
+
+
+def _check_dual(name: str, pp: int, m: int, min_m: int, even_m: bool) -> None:
+    _check_int("pp", pp, 2)
+    _check_int("microbatches", m, 1)
+    if pp % 2:
+        raise ConfigError(f"{name} needs an even number of pipeline stages, got pp={pp}; use pp={pp + 1}.")
+    if m < min_m or (even_m and m % 2):
+        need = "an even number of micro-batches" if even_m else "a number of micro-batches"
+        raise ConfigError(f"{name} with pp={pp} needs {need} >= {min_m}, got microbatches={m}; use microbatches={max(min_m, m + (m % 2 if even_m else 0))}.")
+
+
+def dualpipe(pp: int, microbatches: int) -> Schedule:
+    """DualPipe on ``pp`` devices (two stage copies each); ``pp`` even, ``microbatches`` even and >= 2*pp.
+
+    Micro-batches ``0 .. m/2-1`` enter at device 0 (chunk 0, stage d on device d),
+    ``m/2 .. m-1`` at device pp-1 (chunk 1, stage s on device pp-1-s).
+    """
+    m = microbatches
+    _check_dual("DualPipe", pp, m, 2 * pp, even_m=True)
+    half = m // 2
+    place: Placement = lambda mb, stage: (stage, 0) if mb < half else (pp - 1 - stage, 1)  # noqa: E731
+    ops = []
+    for d in range(pp):
+        chunks = [(d, range(half)), (pp - 1 - d, range(half, m))]
+        rank = _RankWriter(d, pp, chunks, place)
+        first_half = d < pp // 2
+        _dualpipe_rank(rank, n=pp // 2, h=min(d, pp - 1 - d), chunks=half, a=0 if first_half else 1,
+                       c=1 if first_half else 0, middle=d in (pp // 2 - 1, pp // 2))
+        ops.append(tuple(rank.ops))
+    return Schedule("dualpipe", pp, m, pp, tuple((d, pp - 1 - d) for d in range(pp)), tuple(ops))
+
+
+def dualpipev(pp: int, microbatches: int) -> Schedule:
+    """DualPipeV: ``pp`` stages on ``pp/2`` devices in a V; ``pp`` even, ``microbatches >= pp``.
+
+    Device d holds stage d (chunk 0) and stage pp-1-d (chunk 1); every micro-batch
+    enters at device 0, turns at device pp/2-1 and leaves at device 0.
+    """
+    m = microbatches
+    _check_dual("DualPipeV", pp, m, pp, even_m=False)
+    n = pp // 2
+    place: Placement = lambda mb, stage: (stage, 0) if stage < n else (pp - 1 - stage, 1)  # noqa: E731
+    ops = []
+    for d in range(n):
+        rank = _RankWriter(d, pp, [(d, range(m)), (pp - 1 - d, range(m))], place)
+        _dualpipe_rank(rank, n=n, h=d, chunks=m, a=0, c=1, middle=d == n - 1)
+        ops.append(tuple(rank.ops))
+    return Schedule("dualpipev", pp, m, n, tuple((d, pp - 1 - d) for d in range(n)), tuple(ops))
+
+
+SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
+    "1f1b": one_f_one_b,
+    "zb1p": zb1p,
+    "dualpipe": dualpipe,
+    "dualpipev": dualpipev,
+}
+
+
+def build_schedule(name: str, pp: int, microbatches: int) -> Schedule:
+    """Build the named schedule's per-device op lists.
+
+    Args:
+        name: ``"1f1b"``, ``"zb1p"``, ``"dualpipe"`` or ``"dualpipev"`` (case-insensitive).
+        pp: number of pipeline stages.
+        microbatches: micro-batches per training step.
+
+    Raises:
+        ConfigError: unknown name, or ``pp``/``microbatches`` the schedule cannot run.
+    """
+    key = str(name).lower()
+    if key not in SCHEDULES:
+        raise ConfigError(f"unknown pipeline schedule {name!r}; choose one of {', '.join(SCHEDULES)}.")
+    return SCHEDULES[key](pp, microbatches)
+
+
+# --------------------------------------------------------------------------- checking an op list
+
+
+def _data_key(op: Op) -> tuple[str, int, int]:
+    return ("act" if op.direction == FORWARD else "grad", op.microbatch, op.stage)
+
+
+def validate_schedule(schedule: Schedule) -> None:
+    """Check that an op list is complete and consistent; raise :class:`ScheduleError` if not.
+
+    Checked: ops name valid micro-batches, stages, chunks and peers; every
+    (micro-batch, stage) runs F, its input backward and its weight backward
+    exactly once, all on the device holding that stage; on each device, an op
+    only uses data produced earlier there or named by an earlier RECV (F after
+    its input, B after its F and output gradient, W after its B, SEND after the
+    data's producer); every SEND has exactly one matching RECV and vice versa.
+    Timing and deadlocks are the simulator's business.
+    """
+    pp, m, nd = schedule.pp, schedule.microbatches, schedule.devices
+    if len(schedule.ops) != nd or len(schedule.device_stages) != nd:
+        raise ScheduleError(f"schedule {schedule.name!r} declares {nd} devices but has {len(schedule.ops)} op lists.")
+    where: dict[tuple[str, int, int], int] = {}  # (F|B|W, mb, stage) -> device
+    sends: dict[tuple, int] = {}
+    recvs: dict[tuple, int] = {}
+
+    def fail(d: int, i: int, op: Op, why: str) -> None:
+        raise ScheduleError(f"schedule {schedule.name!r} device {d} op {i} ({op}) {why}.")
+
+    for d, ops in enumerate(schedule.ops):
+        have: set[tuple[str, int, int]] = set()  # data usable on this device
+        for i, op in enumerate(ops):
+            if op.kind not in COMPUTE_KINDS + (SEND, RECV):
+                fail(d, i, op, f"has unknown kind {op.kind!r}")
+            for part in op.parts():
+                mb, s, c = part.microbatch, part.stage, part.chunk
+                if not (0 <= mb < m and 0 <= s < pp and 0 <= c < len(schedule.device_stages[d])):
+                    fail(d, i, op, "names a micro-batch, stage or chunk outside the schedule")
+                if op.is_compute and schedule.device_stages[d][c] != s:
+                    fail(d, i, op, f"runs stage {s} on chunk {c}, which holds stage {schedule.device_stages[d][c]}")
+            if op.kind in (SEND, RECV):
+                if not 0 <= op.peer < nd or op.peer == d or op.direction not in (FORWARD, BACKWARD):
+                    fail(d, i, op, "has an invalid peer or direction")
+                src, dst = (d, op.peer) if op.kind == SEND else (op.peer, d)
+                book = sends if op.kind == SEND else recvs
+                key = (src, dst) + _data_key(op)
+                if key in book:
+                    fail(d, i, op, "duplicates an earlier transfer")
+                book[key] = i
+                if op.kind == SEND and _data_key(op) not in have:
+                    fail(d, i, op, "sends data this device has not produced yet")
+                if op.kind == RECV:
+                    have.add(_data_key(op))
+                continue
+            # Compute ops: check inputs, then record outputs.
+            needs, makes = [], []
+            for part in op.parts():
+                mb, s = part.microbatch, part.stage
+                if part.kind == F:
+                    needs += [("act", mb, s)] if s > 0 else []
+                    makes += [("F", mb, s), ("act", mb, s + 1) if s + 1 < pp else ("grad", mb, s)]
+                elif part.kind in (B, BW):
+                    needs += [("F", mb, s), ("grad", mb, s)]
+                    makes += [("B", mb, s)] + ([("grad", mb, s - 1)] if s > 0 else [])
+                else:  # W
+                    needs += [("B", mb, s)]
+            for key in needs:
+                if key not in have:
+                    fail(d, i, op, f"needs {key[0]} of micro-batch {key[1]} stage {key[2]} before it is produced or received")
+            have.update(makes)
+            for part in op.parts():
+                done = {F: "F", B: "B", W: "W", BW: "BW"}[part.kind]
+                for k in ("B", "W") if done == "BW" else (done,):
+                    key = (k, part.microbatch, part.stage)
+                    if key in where:
+                        fail(d, i, op, f"repeats {k} of micro-batch {part.microbatch} stage {part.stage}")
+                    where[key] = d
+    for k in ("F", "B", "W"):
+        for mb in range(m):
+            for s in range(pp):
+                if (k, mb, s) not in where:
+                    raise ScheduleError(f"schedule {schedule.name!r} never runs {k} of micro-batch {mb} stage {s}.")
+    for key in sends.keys() ^ recvs.keys():
+        side = "SEND" if key in sends else "RECV"
+        raise ScheduleError(f"schedule {schedule.name!r} has a {side} between devices {key[0]}->{key[1]} of {key[2]} "
+                            f"micro-batch {key[3]} stage {key[4]} with no matching {'RECV' if side == 'SEND' else 'SEND'}.")

@@ -1,0 +1,1 @@
+"""The planner behind ``dsv3 plan``: pure arithmetic over a config, no torch import."""

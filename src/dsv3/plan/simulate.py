@@ -1,0 +1,304 @@
+"""Discrete-event simulation of a pipeline schedule's per-device op lists.
+
+The simulator executes the op lists of :mod:`dsv3.parallel.pipeline.schedules`
+(the same lists the distributed runtime runs) with fixed op times:
+
+====  =========================================================
+op    time
+====  =========================================================
+F     ``f``: forward of one stage for one micro-batch
+BW    ``b``: full backward (inputs and weights)
+B     ``b - w``: backward for the inputs only
+W     ``w``: backward for the weights
+FB    ``fb``: overlapped forward + full backward (DualPipe's F&B; default ``f + b``)
+SEND  0 device time; the data reaches the peer ``comm`` later
+RECV  0 device time; marks where the device takes the data
+====  =========================================================
+
+Every compute op starts when its device has finished its previous op and all
+its inputs are there: a forward needs the activation from the previous stage,
+a backward its own forward and the gradient from the next stage (at the last
+stage: its own forward, which computed the loss), W its B, an FB pair both
+inputs. Data from another device is usable ``comm`` after the SEND executed.
+An op list that can never complete (a cycle of waits) raises
+:class:`DeadlockError`; an inconsistent one raises
+:class:`~dsv3.parallel.pipeline.schedules.ScheduleError`.
+
+Reported quantities (what the DualPipe README's table compares, arXiv 2412.19437):
+
+* ``makespan``: time from the first op's start (0) to the last op's end.
+* ``bubble[d] = makespan - busy[d]``: the idle time of device d within the
+  makespan; ``busy[d]`` sums its compute op times. With ``comm = 0`` the
+  README's bubbles are these idle times exactly under the conditions its
+  equal-cell figures assume (found by sweeping this simulator, see the tests):
+  1F1B ``(pp-1)(F+B)`` on every device when ``microbatches >= pp``; ZB1P
+  ``(pp-1)(F+B-2W)`` on every device when also ``W <= F`` and ``W <= B-W``;
+  DualPipe and DualPipeV ``(pp/2-1)(F&B+B-3W)`` as the LARGEST per-device
+  bubble when the input backward lasts as long as the forward (``B-W = F``),
+  ``W <= F`` and ``B <= F&B <= F+B`` (on every device when ``F = W = B-W``).
+  Elsewhere the formulas are approximations and the simulated value is the
+  one to use (e.g. DualPipe pp=8, F=1, B=2, W=0.5, F&B=2.5: 8.0, not 9.0).
+* ``peak_activations[d]``: the most (micro-batch, stage) activation sets device
+  d holds at once, in units of one micro-batch through ONE stage (1/pp of the
+  pipelined layers). A set is taken when its forward starts and released when
+  its last backward ends (the W of a split backward, or the full backward); an
+  FB pair takes its forward's set before releasing its backward's. This is the
+  convention under which the README's PP (1F1B, ZB1P) and PP+1 (DualPipe,
+  DualPipeV) hold: 1F1B peaks at pp on device 0 (device d holds pp - d), ZB1P
+  at pp on every device, DualPipe and DualPipeV at pp+1 on every device (the
+  counts need ``microbatches >= pp``, and ``>= 2*pp`` for DualPipe). The count
+  depends only on op order, not on times.
+* ``params_per_device_factor``: parameters per device in units of one stage
+  (1/pp of the layers): 1, 1, 2, 2 (see
+  :attr:`~dsv3.parallel.pipeline.schedules.Schedule.params_per_device_factor`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from dsv3.errors import ConfigError
+from dsv3.parallel.pipeline.schedules import (
+    BACKWARD, BW, F, FB, FORWARD, RECV, SEND, B, Op, Schedule, ScheduleError, W, build_schedule,
+    validate_schedule,
+)
+
+# A timeline entry: (label, start, end, op): "F3", "B3", "W3", "BW3" or "F5&B2", the times, and the Op itself.
+TimelineEntry = tuple[str, float, float, Op]
+
+
+class DeadlockError(ScheduleError):
+    """The op lists wait on each other in a cycle, so the step can never finish."""
+
+
+@dataclass(frozen=True)
+class OpTimes:
+    """Per-op times of one stage (any consistent unit) and the point-to-point latency."""
+
+    f: float = 1.0
+    b: float = 2.0
+    w: float = 1.0
+    fb: float | None = None
+    comm: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("f", "b", "w", "comm") + (("fb",) if self.fb is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"pipeline op time {name} must be a finite number >= 0, got {value!r}.")
+        if self.w > self.b:
+            raise ConfigError(f"w (weight-gradient time, {self.w}) must not exceed b (full backward time, {self.b}) because W is part of B.")
+        if self.fb is None:
+            object.__setattr__(self, "fb", float(self.f + self.b))
+
+    def of(self, op: Op) -> float:
+        """Device time of one op."""
+        return {F: self.f, B: self.b - self.w, W: self.w, BW: self.b, FB: self.fb}.get(op.kind, 0.0)
+
+
+@dataclass
+class SimResult:
+    """The simulated step of one schedule (see the module docstring for definitions)."""
+
+    schedule: str
+    pp: int
+    microbatches: int
+    devices: int
+    times: OpTimes
+    makespan: float
+    busy: list[float]
+    bubble: list[float]
+    peak_activations: list[float]
+    params_per_device_factor: float
+    timeline: list[list[TimelineEntry]] = field(repr=False)
+
+    @property
+    def max_bubble(self) -> float:
+        return max(self.bubble)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """Idle share of all device time: sum(bubble) / (devices * makespan)."""
+        return sum(self.bubble) / (self.devices * self.makespan) if self.makespan > 0 else 0.0
+
+    def to_json(self, timeline: bool = False) -> dict:
+        out = {
+            "schedule": self.schedule, "pp": self.pp, "microbatches": self.microbatches, "devices": self.devices,
+            "f": self.times.f, "b": self.times.b, "w": self.times.w, "fb": self.times.fb, "comm": self.times.comm,
+            "makespan": self.makespan, "busy": list(self.busy), "bubble": list(self.bubble),
+            "max_bubble": self.max_bubble, "bubble_fraction": self.bubble_fraction,
+            "peak_activations": list(self.peak_activations), "params_per_device_factor": self.params_per_device_factor,
+        }
+        if timeline:
+            out["timeline"] = [
+                [{"label": label, "start": start, "end": end, **dataclasses.asdict(op)} for label, start, end, op in row]
+                for row in self.timeline
+            ]
+        return out
+
+
+def _label(op: Op) -> str:
+    if op.kind == FB:
+        return f"F{op.microbatch}&B{op.b_microbatch}"
+    return f"{op.kind}{op.microbatch}"
+
+
+def _needs(op: Op) -> list[tuple[str, int, int]]:
+    """Data keys a compute op waits for (same keys as ``validate_schedule``)."""
+    keys = []
+    for part in op.parts():
+        mb, s = part.microbatch, part.stage
+        if part.kind == F:
+            keys += [("act", mb, s)] if s > 0 else []
+        elif part.kind in (B, BW):
+            keys += [("F", mb, s), ("grad", mb, s)]
+        else:
+            keys.append(("B", mb, s))
+    return keys
+
+
+def _makes(op: Op, pp: int) -> list[tuple[str, int, int]]:
+    keys = []
+    for part in op.parts():
+        mb, s = part.microbatch, part.stage
+        if part.kind == F:
+            keys += [("F", mb, s), ("act", mb, s + 1) if s + 1 < pp else ("grad", mb, s)]
+        elif part.kind in (B, BW):
+            keys += [("B", mb, s)] + ([("grad", mb, s - 1)] if s > 0 else [])
+    return keys
+
+
+def _peak_activations(schedule: Schedule) -> list[float]:
+    peaks = []
+    for ops in schedule.ops:
+        live = peak = 0
+        for op in ops:
+            for part in op.parts():  # FB: the forward's set is taken before the backward's is released
+                if part.kind == F:
+                    live += 1
+                    peak = max(peak, live)
+            for part in op.parts():
+                if part.kind in (BW, W):
+                    live -= 1
+        peaks.append(float(peak))
+    return peaks
+
+
+def run_schedule(schedule: Schedule, times: OpTimes | None = None) -> SimResult:
+    """Simulate a built (or hand-written) schedule; see the module docstring.
+
+    Raises:
+        ScheduleError: the op lists are inconsistent (see ``validate_schedule``).
+        DeadlockError: the op lists wait on each other in a cycle.
+    """
+    times = times or OpTimes()
+    validate_schedule(schedule)
+    nd, pp = schedule.devices, schedule.pp
+    pos = [0] * nd
+    free = [0.0] * nd  # when each device finishes its last compute op
+    ready: list[dict[tuple, float]] = [{} for _ in range(nd)]  # data key -> time usable on that device
+    posted: list[set[tuple]] = [set() for _ in range(nd)]  # RECVs whose SEND has not run yet
+    sent: dict[tuple, float] = {}  # (src, dst, key) -> arrival time, for SENDs that ran before their RECV
+    timeline: list[list[TimelineEntry]] = [[] for _ in range(nd)]
+    busy = [0.0] * nd
+    waiting: list[tuple | None] = [None] * nd  # the data key a stalled device waits for
+    runnable = deque(range(nd))
+
+    def step(d: int, op: Op) -> bool:
+        """Run device d's next op if it can run now; False if it waits for a SEND not yet simulated."""
+        if op.kind == SEND:
+            key = ("act" if op.direction == FORWARD else "grad", op.microbatch, op.stage)
+            arrival = max(free[d], ready[d][key]) + times.comm
+            if key in posted[op.peer]:
+                posted[op.peer].discard(key)
+                ready[op.peer][key] = arrival
+                if waiting[op.peer] == key:  # the peer was stalled on exactly this data
+                    waiting[op.peer] = None
+                    runnable.append(op.peer)
+            else:
+                sent[(d, op.peer, key)] = arrival
+            return True
+        if op.kind == RECV:
+            key = ("act" if op.direction == FORWARD else "grad", op.microbatch, op.stage)
+            if (op.peer, d, key) in sent:
+                ready[d][key] = sent.pop((op.peer, d, key))
+            else:
+                posted[d].add(key)
+            return True
+        needs = _needs(op)
+        for key in needs:
+            if key in posted[d]:
+                waiting[d] = key
+                return False
+        start = max([free[d]] + [ready[d][key] for key in needs])
+        end = start + times.of(op)
+        for key in _makes(op, pp):
+            ready[d][key] = end
+        free[d] = end
+        busy[d] += end - start
+        timeline[d].append((_label(op), start, end, op))
+        return True
+
+    # Run each device until it stalls on data whose SEND has not been simulated; that SEND wakes it up.
+    while runnable:
+        d = runnable.popleft()
+        while pos[d] < len(schedule.ops[d]) and step(d, schedule.ops[d][pos[d]]):
+            pos[d] += 1
+    stuck = [d for d in range(nd) if pos[d] < len(schedule.ops[d])]
+    if stuck:
+        d = stuck[0]
+        op = schedule.ops[d][pos[d]]
+        what, mb, stage = next(key for key in _needs(op) if key in posted[d])
+        raise DeadlockError(
+            f"schedule {schedule.name!r} deadlocks: device {d} waits at op {pos[d]} ({op}) for the {what} of "
+            f"micro-batch {mb} stage {stage}, whose SEND comes after a wait that never ends (devices "
+            f"{', '.join(map(str, stuck))} are stuck); reorder the op lists to break the cycle.")
+    makespan = max(free) if nd else 0.0
+    return SimResult(
+        schedule=schedule.name, pp=pp, microbatches=schedule.microbatches, devices=nd, times=times,
+        makespan=makespan, busy=busy, bubble=[makespan - x for x in busy],
+        peak_activations=_peak_activations(schedule), params_per_device_factor=schedule.params_per_device_factor,
+        timeline=timeline,
+    )
+
+
+def simulate(
+    schedule: str | Schedule,
+    pp: int | None = None,
+    microbatches: int | None = None,
+    *,
+    f: float = 1.0,
+    b: float = 2.0,
+    w: float = 1.0,
+    fb: float | None = None,
+    comm: float = 0.0,
+) -> SimResult:
+    """Build (if given a name) and simulate a pipeline schedule.
+
+    Args:
+        schedule: ``"1f1b"``, ``"zb1p"``, ``"dualpipe"``, ``"dualpipev"``, or a built :class:`Schedule`.
+        pp: pipeline stages (with a name).
+        microbatches: micro-batches per step (with a name).
+        f: forward time of one stage for one micro-batch (F).
+        b: FULL backward time of one stage (B in the DualPipe README: inputs + weights).
+        w: weight-gradient part of ``b`` (W); a split input backward takes ``b - w``.
+        fb: time of an overlapped forward + full backward pair (F&B); ``None`` means ``f + b``.
+        comm: point-to-point latency between devices.
+
+    Example::
+
+        res = simulate("dualpipe", pp=8, microbatches=20, f=1.0, b=2.0, w=0.5, fb=2.5)
+        res.makespan, res.bubble, res.peak_activations
+    """
+    times = OpTimes(f=f, b=b, w=w, fb=fb, comm=comm)
+    if not isinstance(schedule, Schedule):
+        if pp is None or microbatches is None:
+            raise ConfigError("simulate needs pp and microbatches together with a schedule name; pass both.")
+        schedule = build_schedule(schedule, pp, microbatches)
+    return run_schedule(schedule, times)
+
+
+__all__ = ["DeadlockError", "OpTimes", "SimResult", "run_schedule", "simulate", "BACKWARD", "FORWARD"]

@@ -1,0 +1,257 @@
+"""Tokenizers for training: a byte-level BPE trained on the Python standard library, or any HF one.
+
+The embedded default corpus is the source of the running interpreter's standard
+library (its ``.py`` files, tests excluded): a real, sizeable (~12 MB) text
+corpus that exists on every machine with Python. :func:`get_tokenizer` trains a
+byte-level BPE tokenizer on it once with Hugging Face ``tokenizers`` and caches
+the result; any Hugging Face ``tokenizer.json`` can be given instead.
+
+Byte-level means the pre-tokenizer maps every UTF-8 byte to a visible
+character before BPE (GPT-2 style) and the decoder maps it back, so every
+string round-trips exactly through ``encode``/``decode``. The special tokens get
+fixed ids that match the presets (``bos_token_id=0``, ``eos_token_id=1``)::
+
+    <|bos|> = 0    <|eos|> = 1    <|pad|> = 2
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dsv3.errors import DataError
+from dsv3.utils.io import atomic_path
+
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS: tuple[str, ...] = (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)
+
+# End-of-sequence spellings of common tokenizers, tried in this order by eos_token_id().
+COMMON_EOS_TOKENS: tuple[str, ...] = (
+    EOS_TOKEN,
+    "<｜end▁of▁sentence｜>",  # DeepSeek-V2/V3/R1
+    "<|endoftext|>",  # GPT-2, Qwen, Phi
+    "<|end_of_text|>",  # Llama 3
+    "</s>",  # Llama 2, Mistral, T5
+    "<eos>",  # Gemma
+    "<|eot_id|>",
+    "[EOS]",
+)
+
+# Directory names (anywhere below the stdlib root) that hold tests, not library code.
+_TEST_DIRS = frozenset({"test", "tests", "idle_test", "testing"})
+# Directory names below the stdlib root that hold third-party code.
+_THIRD_PARTY_DIRS = frozenset({"site-packages", "dist-packages"})
+
+# Bump when the training procedure changes, so old cache entries are not reused.
+_BPE_RECIPE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """The dsv3 cache directory: ``$DSV3_CACHE`` if set, else ``~/.cache/dsv3``."""
+    env = os.environ.get("DSV3_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dsv3"
+
+
+def _skip_dir(name: str) -> bool:
+    """True for a stdlib sub-directory that holds tests, third-party or generated files."""
+    return name in _TEST_DIRS or name in _THIRD_PARTY_DIRS or name == "__pycache__" or name.startswith("config-")
+
+
+def _is_test_module(name: str) -> bool:
+    return name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
+
+
+def stdlib_corpus_files(root: str | os.PathLike | None = None) -> list[Path]:
+    """The standard-library ``.py`` files of the running interpreter, sorted by path.
+
+    Test packages and modules (``test/``, ``tests/``, ``idle_test/``, ``test_*.py``,
+    ``*_test.py``), ``site-packages``, build-configuration scripts (``config-*/``) and
+    files that are not valid UTF-8 are excluded.
+
+    Args:
+        root: the directory to scan; default ``sysconfig.get_paths()["stdlib"]``.
+    """
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise DataError(f"the standard-library directory {root} does not exist; pass a corpus with --data instead.")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not _skip_dir(d)]  # prune: never descend into tests
+        for name in filenames:
+            if not name.endswith(".py") or _is_test_module(name):
+                continue
+            path = Path(dirpath, name)
+            try:
+                path.read_bytes().decode("utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+            files.append(path)
+    return sorted(files)
+
+
+def files_fingerprint(files: Sequence[str | os.PathLike]) -> list[list]:
+    """``[path, size, mtime_ns]`` of each file: a cheap identity of a corpus for cache keys."""
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _read_documents(files: Sequence[str | os.PathLike]) -> Iterator[str]:
+    for f in files:
+        try:
+            with open(f, encoding="utf-8", newline="") as fh:  # newline="": keep "\r\n" as is
+                yield fh.read()
+        except FileNotFoundError:
+            raise DataError(f"the corpus file {f} does not exist; check the path.") from None
+        except UnicodeDecodeError:
+            raise DataError(f"the corpus file {f} is not UTF-8 text; convert it or leave it out.") from None
+
+
+def train_bpe_tokenizer(
+    files: Sequence[str | os.PathLike],
+    vocab_size: int,
+    *,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    min_frequency: int = 2,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on the given UTF-8 text files (one document per file).
+
+    The result is deterministic for the same files and arguments. ``special_tokens[i]``
+    gets id ``i``; the 256 byte symbols follow, then the learned merges, up to
+    ``vocab_size`` entries in total (fewer when the corpus has no more pairs that occur
+    ``min_frequency`` times). Special tokens are not added to encodings automatically.
+
+    Args:
+        files: UTF-8 text files to learn merges from.
+        vocab_size: V, the largest vocabulary to build (special tokens and bytes included).
+        special_tokens: tokens with fixed ids 0..len-1 (default ``<|bos|>``, ``<|eos|>``, ``<|pad|>``).
+        min_frequency: a pair must occur this many times to be merged.
+    """
+    n_fixed = len(special_tokens) + 256
+    if vocab_size < n_fixed:
+        raise DataError(
+            f"a byte-level BPE vocabulary needs at least {n_fixed} entries but vocab_size is {vocab_size}; "
+            "use a model with a larger vocab_size."
+        )
+    if not files:
+        raise DataError("the tokenizer training corpus has no files; give a corpus with at least one text file.")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_read_documents(files), trainer=trainer, length=len(files))
+    for i, t in enumerate(special_tokens):
+        assert tok.token_to_id(t) == i, f"special token {t!r} did not get id {i}"
+    return tok
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """SHA-256 (hex) of the tokenizer's canonical JSON: equal hashes mean identical tokenisation."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load a Hugging Face ``tokenizer.json`` (or a directory holding one)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise DataError(f"the tokenizer file {p} does not exist; pass the path of a Hugging Face tokenizer.json.")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"the tokenizer file {p} cannot be read ({reason}); pass a valid Hugging Face tokenizer.json."
+        ) from None
+
+
+def get_tokenizer(
+    spec: str | os.PathLike | None = None,
+    *,
+    vocab_size: int,
+    cache_dir: str | os.PathLike | None = None,
+    files: Sequence[str | os.PathLike] | None = None,
+) -> Tokenizer:
+    """The tokenizer for a run.
+
+    Args:
+        spec: path of a Hugging Face ``tokenizer.json`` (or a directory holding one) to use
+            as is; None trains a byte-level BPE on ``files`` (default: the stdlib corpus),
+            cached under ``cache_dir/tokenizers/`` keyed by the file list (paths, sizes,
+            mtimes), ``vocab_size`` and the ``tokenizers`` version.
+        vocab_size: V for a trained tokenizer (the model's vocab_size); unused with ``spec``.
+        cache_dir: default :func:`default_cache_dir`.
+        files: the corpus to train on when ``spec`` is None; default :func:`stdlib_corpus_files`.
+    """
+    if spec is not None:
+        return load_tokenizer(spec)
+    files = stdlib_corpus_files() if files is None else [Path(f) for f in files]
+    if not files:
+        raise DataError("the tokenizer training corpus has no files; give a corpus with at least one text file.")
+    try:
+        fingerprint = files_fingerprint(files)
+    except FileNotFoundError as exc:
+        raise DataError(f"the corpus file {exc.filename} does not exist; check the path.") from None
+    key = {
+        "recipe": _BPE_RECIPE_VERSION,
+        "tokenizers": tokenizers.__version__,
+        "vocab_size": vocab_size,
+        "special_tokens": list(SPECIAL_TOKENS),
+        "files": fingerprint,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir())
+    path = root / "tokenizers" / f"bpe-v{vocab_size}-{digest}.json"
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception:
+            pass  # a corrupt cache entry (should not happen: writes are atomic): retrain below
+    tok = train_bpe_tokenizer(files, vocab_size)
+    try:
+        with atomic_path(path) as tmp:
+            tok.save(tmp)
+    except OSError as exc:
+        raise DataError(
+            f"cannot write the tokenizer cache {path} ({exc.strerror}); set DSV3_CACHE to a writable directory."
+        ) from None
+    return tok
+
+
+def eos_token_id(tokenizer: Tokenizer, eos_token: str | None = None) -> int:
+    """The id of the end-of-sequence token that separates documents.
+
+    Args:
+        tokenizer: any ``tokenizers.Tokenizer``.
+        eos_token: the token's text; default: the first of :data:`COMMON_EOS_TOKENS` in the vocabulary.
+    """
+    if eos_token is not None:
+        idx = tokenizer.token_to_id(eos_token)
+        if idx is None:
+            raise DataError(f"the tokenizer has no token {eos_token!r}; pass an --eos-token that is in its vocabulary.")
+        return idx
+    for t in COMMON_EOS_TOKENS:
+        idx = tokenizer.token_to_id(t)
+        if idx is not None:
+            return idx
+    raise DataError(
+        "the tokenizer has no known end-of-sequence token; pass the token that ends a document with --eos-token."
+    )

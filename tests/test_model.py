@@ -1,0 +1,253 @@
+"""Model behaviour against independent references: decoding, grouped experts, balancing, MTP."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3.config import load_preset
+from dsv3.model import DeepseekV3ForCausalLM, MoE, sequence_balance_loss
+from dsv3.model.ops import _padded_grouped_mm, grouped_mm, has_grouped_mm_kernel
+from dsv3.model.rope import rope_frequencies
+
+from helpers import small_config, v2_config
+
+
+def _model(config, seed=0):
+    torch.manual_seed(seed)
+    return DeepseekV3ForCausalLM(config)
+
+
+@pytest.mark.parametrize("config", [small_config(), small_config(q_lora_rank=None, rope_scaling=None), v2_config()],
+                         ids=["v3", "v3-plain-q", "v2"])
+def test_latent_cache_decoding_equals_full_sequence(config):
+    model = _model(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(batch_size=2, max_len=32)
+        prefill = model(ids[:, :10], cache=cache, start_pos=0).logits
+        steps = [model(ids[:, t: t + 1], cache=cache, start_pos=t).logits for t in range(10, 24)]
+    decoded = torch.cat([prefill] + steps, dim=1)
+    torch.testing.assert_close(decoded, full, atol=1e-4, rtol=1e-4)
+    # the cache holds only d_c + d_h^R values per token and layer
+    assert cache.nbytes() == config.num_hidden_layers * 2 * 32 * (config.kv_lora_rank + config.qk_rope_head_dim) * 4
+
+
+def _per_expert_reference(x, w, counts):
+    out, start = [], 0
+    for e, c in enumerate(counts.tolist()):
+        out.append(x[start: start + c].double() @ w[e].double().T)
+        start += c
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("impl, k, o", [("dispatch", 16, 8), ("dispatch", 12, 7), ("padded", 12, 7)])
+def test_grouped_mm_equals_per_expert_reference_forward_and_backward(impl, k, o):
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor([5, 0, 17, 1, 0, 9])  # empty experts included
+    x = torch.randn(int(counts.sum()), k, generator=gen, requires_grad=True)
+    w = torch.randn(6, o, k, generator=gen, requires_grad=True)
+    offs = counts.cumsum(0).to(torch.int32)
+    fn = grouped_mm if impl == "dispatch" else _padded_grouped_mm
+    y = fn(x, w, offs)
+    grad = torch.randn(y.shape, generator=gen)
+    dx, dw = torch.autograd.grad(y, (x, w), grad)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = _per_expert_reference(x64, w64, counts)
+    rdx, rdw = torch.autograd.grad(ref, (x64, w64), grad.double())
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dx.double(), rdx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw.double(), rdw, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_kernel_detected_on_this_torch():
+    # torch >= 2.8 ships a CPU grouped_mm; the fallback covers older versions.
+    if hasattr(F, "grouped_mm"):
+        assert has_grouped_mm_kernel("cpu", torch.float32)
+
+
+def test_moe_layer_equals_per_token_reference():
+    """The dispatch/combine of the MoE layer against a per-token float64 loop over selected experts."""
+    config = small_config()
+    moe = MoE(config)
+    torch.manual_seed(0)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    moe.gate.e_score_correction_bias.normal_(0, 0.1)
+    x = torch.randn(2, 9, config.hidden_size, requires_grad=True)
+    y = moe(x)
+    weights, idx, _ = moe.gate(x.reshape(-1, config.hidden_size))
+    ref = torch.zeros(18, config.hidden_size, dtype=torch.float64)
+    flat = x.reshape(-1, config.hidden_size).double()
+    inter = config.moe_intermediate_size
+    for t in range(18):
+        for k in range(idx.shape[1]):
+            e = idx[t, k]
+            w13 = moe.experts.gate_up_proj[e].double()
+            h = flat[t] @ w13.T
+            a = F.silu(h[:inter]) * h[inter:]
+            ref[t] += weights[t, k].double() * (a @ moe.experts.down_proj[e].double().T)
+    sh = moe.shared_experts
+    ref += (F.silu(flat @ sh.gate_proj.weight.double().T) * (flat @ sh.up_proj.weight.double().T)) @ sh.down_proj.weight.double().T
+    torch.testing.assert_close(y.reshape(-1, config.hidden_size).double(), ref, atol=1e-5, rtol=1e-5)
+    # gradients flow to every expert that received tokens and to the router
+    y.sum().backward()
+    used = torch.unique(idx)
+    assert moe.experts.gate_up_proj.grad[used].abs().sum(dim=(1, 2)).gt(0).all()
+    assert moe.gate.weight.grad.abs().sum() > 0
+
+
+def test_router_bias_only_ranks_never_weights():
+    config = small_config(n_group=1, topk_group=1)
+    moe = MoE(config)
+    torch.nn.init.normal_(moe.gate.weight, std=0.5)
+    x = torch.randn(32, config.hidden_size)
+    w0, i0, s0 = moe.gate(x)
+    moe.gate.e_score_correction_bias[3] = 10.0  # expert 3 now always selected
+    w1, i1, s1 = moe.gate(x)
+    assert (i1 == 3).any(dim=1).all()
+    torch.testing.assert_close(s0, s1)  # scores do not include the bias
+    sel = s1.gather(1, i1)
+    torch.testing.assert_close(w1, sel / sel.sum(-1, keepdim=True) * config.routed_scaling_factor)
+
+
+def test_group_limited_routing_respects_groups():
+    config = small_config(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    moe = MoE(config)
+    torch.nn.init.normal_(moe.gate.weight, std=1.0)
+    _, idx, _ = moe.gate(torch.randn(200, config.hidden_size))
+    groups = idx // 4
+    assert max(len(set(row.tolist())) for row in groups) <= 2
+
+
+def test_bias_update_moves_toward_balance_on_skewed_router():
+    config = small_config(n_group=1, topk_group=1, n_routed_experts=8, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    moe = MoE(config).eval()
+    with torch.no_grad():
+        moe.gate.weight.normal_(0, 0.02)
+        moe.gate.weight[:2] += 0.5  # experts 0 and 1 strongly preferred
+    x = torch.randn(512, config.hidden_size).abs().unsqueeze(0)  # positive inputs: skew is systematic
+
+    def maxvio():
+        with torch.no_grad():
+            moe(x)
+        load = moe.last_load.double()
+        return ((load.max() - load.mean()) / load.mean()).item()
+
+    start = maxvio()
+    assert start > 1.0  # heavily skewed
+    for _ in range(300):
+        moe(x)
+        moe.update_bias(moe.last_load, gamma=0.01)
+    assert maxvio() < 0.3 * start
+    bias = moe.gate.e_score_correction_bias
+    assert bias[:2].max() < bias[2:].min()  # the favoured experts were pushed down
+
+
+def test_bias_update_rule_is_sign_of_mean_minus_load():
+    config = small_config(n_routed_experts=4, n_group=2, topk_group=1, num_experts_per_tok=1)
+    moe = MoE(config)
+    moe.update_bias(torch.tensor([10, 2, 2, 2]), gamma=0.001)
+    torch.testing.assert_close(moe.gate.e_score_correction_bias, torch.tensor([-0.001, 0.001, 0.001, 0.001]))
+    moe.update_bias(torch.tensor([4, 4, 4, 4]), gamma=0.001)  # balanced: no change
+    torch.testing.assert_close(moe.gate.e_score_correction_bias, torch.tensor([-0.001, 0.001, 0.001, 0.001]))
+
+
+def test_sequence_balance_loss_matches_report_formula():
+    gen = torch.Generator().manual_seed(0)
+    B, T, N, K, alpha = 3, 7, 6, 2, 0.0001
+    scores = torch.rand(B, T, N, generator=gen, dtype=torch.float64)
+    idx = torch.stack([torch.randperm(N, generator=gen)[:K] for _ in range(B * T)]).view(B, T, K)
+    expected = 0.0
+    for b in range(B):  # eq. (17)-(20), written out with loops
+        total = 0.0
+        for i in range(N):
+            f_i = N / (K * T) * sum(int(i in idx[b, t].tolist()) for t in range(T))
+            p_i = sum((scores[b, t, i] / scores[b, t].sum()).item() for t in range(T)) / T
+            total += f_i * p_i
+        expected += alpha * total / B
+    got = sequence_balance_loss(scores, idx, alpha)
+    assert math.isclose(got.item(), expected, rel_tol=1e-12)
+
+
+def test_model_balance_loss_and_load_are_collected():
+    config = small_config(seq_aux_alpha=0.01)
+    model = _model(config).train()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    out = model(ids, ids)
+    n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers))
+    assert out.expert_load.shape == (n_moe, config.n_routed_experts)
+    assert out.expert_load[0].sum() == 2 * 16 * config.num_experts_per_tok
+    assert out.expert_load[-1].sum() == 2 * 15 * config.num_experts_per_tok  # the MTP module sees T-1 tokens
+    assert out.balance_loss > 0
+    torch.testing.assert_close(out.loss, out.lm_loss + out.mtp_loss + out.balance_loss)
+
+
+def test_mtp_loss_uses_the_right_target_at_each_depth():
+    """Depth k at position i must predict t_{i+k+1}: recompute each L^k by hand and compare."""
+    config = small_config(num_nextn_predict_layers=2, mtp_loss_weight=0.3, seq_aux_alpha=0.0)
+    model = _model(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (2, 21), generator=gen)
+    ids, labels = tokens[:, :-1], tokens[:, 1:]
+    out = model(ids, labels)
+    with torch.no_grad():
+        emb = model.model.embed_tokens(ids)
+        h = out.hidden_states
+        cos, sin = model.model.rotary_emb(torch.arange(20))
+        losses = []
+        for k in (1, 2):
+            n = 20 - k
+            layer = model.mtp[k - 1]
+            h = layer(h[:, :n], model.model.embed_tokens(tokens[:, k: k + n]), cos[None, :n], sin[None, :n])
+            logits = model.lm_head(layer.shared_head.norm(h))
+            # position i (0-based) at depth k predicts token index i + k + 1 of the full sequence
+            losses.append(F.cross_entropy(logits.reshape(-1, config.vocab_size), tokens[:, k + 1: k + 1 + n].reshape(-1)))
+    expected = 0.3 / 2 * (losses[0] + losses[1])
+    torch.testing.assert_close(out.mtp_loss, expected)
+    assert torch.equal(emb, model.model.embed_tokens(ids))
+
+
+def test_mtp_shares_embedding_and_head_storage():
+    model = _model(small_config(num_nextn_predict_layers=2))
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("embed_tokens" in n or "head.weight" in n for n in names if n.startswith("mtp."))
+    ids = torch.randint(0, 512, (1, 12))
+    out = model(ids, ids)
+    out.mtp_loss.backward()
+    # the MTP loss's gradient lands in the main embedding and head (one storage, one gradient)
+    assert model.lm_head.weight.grad.abs().sum() > 0 and model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_deepseek_v3_parameter_count_on_meta():
+    config = load_preset("deepseek-v3")
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    assert model.model.embed_tokens.weight.is_meta
+    assert model.num_parameters(include_mtp=False) == 671_026_404_352
+    assert model.num_parameters(include_mtp=False, include_buffers=True) == 671_026_419_200
+
+
+def test_yarn_frequencies_match_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = load_preset("deepseek-v3")
+    hf = transformers.DeepseekV3Config(**{k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    ours, our_factor = rope_frequencies(config)
+    torch.testing.assert_close(ours, inv_freq)
+    assert math.isclose(our_factor, factor)
+
+
+def test_bf16_model_keeps_router_bias_fp32():
+    model = _model(small_config()).to(torch.bfloat16)
+    bias = model.moe_layers()[0].gate.e_score_correction_bias
+    assert bias.dtype == torch.float32
+    out = model(torch.randint(0, 512, (1, 8)), torch.randint(0, 512, (1, 8)))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
