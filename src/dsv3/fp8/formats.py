@@ -130,10 +130,11 @@ def compute_scale(amax: torch.Tensor, fmt_max: float = E4M3_MAX, pow2: bool = Fa
 
 
 def scale_to_ue8m0(scale: torch.Tensor) -> torch.Tensor:
-    """Encode power-of-two scales as UE8M0 bytes (biased exponent, bias 127), uint8."""
-    return scale.to(torch.float8_e8m0fnu).view(torch.uint8)
+    """Encode power-of-two scales 2^k (k in -127..127) as UE8M0 bytes ``k + 127`` (uint8)."""
+    _, exp = torch.frexp(scale.float())  # 2^k = 0.5 * 2^(k+1)
+    return (exp + 126).clamp(0, 254).to(torch.uint8)
 
 
 def ue8m0_to_scale(code: torch.Tensor) -> torch.Tensor:
     """Decode UE8M0 bytes (uint8) back to float32 scales ``2^(code - 127)``."""
-    return code.view(torch.float8_e8m0fnu).float()
+    return torch.ldexp(torch.ones(code.shape, dtype=torch.float32, device=code.device), code.to(torch.int32) - 127)

@@ -193,16 +193,16 @@ def grouped_mm(
     name = resolve_backend(backend, a.data.device)
     n_rows, n_out = a.rows, b.shape[-2]
     out = torch.empty(n_rows, n_out, dtype=out_dtype, device=a.data.device)
-    a_deq = a.dequantize() if name == "emulated" else None
+    if name == "emulated":  # dequantise each operand once, then one FP32 GEMM per group
+        a_deq, b_deq = a.dequantize(), b.dequantize()
     start = 0
     for e, end in enumerate(offs):
         if end > start:
-            be = _expert(b, e)
-            if a_deq is not None:
-                out[start:end] = (a_deq[start:end] @ be.dequantize().t()).to(out_dtype)
+            if name == "emulated":
+                out[start:end] = a_deq[start:end] @ b_deq[e].t()
             else:
                 ae = QTensor(a.data[start:end], a.scale[start:end], (end - start, a.cols), a.block)
-                out[start:end] = _mm_cuda(ae, be, out_dtype)
+                out[start:end] = _mm_cuda(ae, _expert(b, e), out_dtype)
         start = end
     return out
 
@@ -229,14 +229,15 @@ def grouped_wgrad(
     """
     name = resolve_backend(backend, dy_tok.data.device)
     out = torch.zeros(len(padded_offs), dy_tok.cols, x_tok.cols, dtype=out_dtype, device=dy_tok.data.device)
+    if name == "emulated":  # dequantise each operand once, then one FP32 GEMM per group
+        dy_deq, x_deq = dy_tok.dequantize(), x_tok.dequantize()
     start = 0
     for e, end in enumerate(padded_offs):
         if end > start:
-            dye, xe = _token_rows(dy_tok, start, end), _token_rows(x_tok, start, end)
             if name == "emulated":
-                out[e] = (dye.dequantize().t() @ xe.dequantize()).to(out_dtype)
+                out[e] = dy_deq[start:end].t() @ x_deq[start:end]
             else:
-                out[e] = _mm_cuda(dye.t(), xe.t(), out_dtype)
+                out[e] = _mm_cuda(_token_rows(dy_tok, start, end).t(), _token_rows(x_tok, start, end).t(), out_dtype)
         start = end
     return out
 
