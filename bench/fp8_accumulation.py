@@ -12,6 +12,13 @@ product of the same FP8 operands.
 Inputs are non-negative by default ("uniform"), where every truncation drifts the same way and
 the error grows ~linearly with K; signed data ("normal") partly cancels and mostly shows the
 relative error of outputs near zero.
+
+Measured with the defaults (seed 0, 16x16 outputs, uniform inputs, 14 mantissa bits, truncation,
+groups of 4): at K = 4096 the max relative error is 4.2 % without promotion and 0.14 % with
+promotion every 128 elements (K = 2048: 2.2 % vs 0.14 %; K = 8192: 8.1 % vs 0.14 %). With
+``--bits 15`` K = 4096 gives 2.1 % vs 0.07 %. The report's "nearly 2 % at K = 4096" is of the
+same order; the exact figure depends on tensor-core details the report does not give and on
+the input distribution.
 """
 
 from __future__ import annotations

@@ -200,3 +200,37 @@ def test_fp8_grouped_mm_caches_about_half_the_bytes_of_bf16():
     n_tiles = sum(math.ceil(n / 128) for n in [100, 160, 40, 220, 80, 100, 290, 10])
     assert fp8[0] == 1000 * k + n_tiles * k * 4
     assert ratio < 0.6
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backend_matches_the_emulation_end_to_end():
+    from dsv3.fp8.gemm import cuda_fp8_available
+
+    if not cuda_fp8_available("cuda"):
+        pytest.skip("needs a Hopper GPU with CUDA >= 12.9")
+    torch.manual_seed(5)
+    gpu = FP8Recipe(backend="cuda")
+    emu = FP8Recipe(backend="emulated")
+    x = torch.randn(300, 7168, device="cuda")
+    w = (torch.randn(2048, 7168, device="cuda") * 0.01).requires_grad_()
+    results = []
+    for recipe in (gpu, emu):
+        xi = x.clone().requires_grad_()
+        w.grad = None
+        y = fp8_linear(xi, w, recipe=recipe)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), xi.grad, w.grad.clone()))
+    for got, ref in zip(results[0], results[1], strict=True):
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+    offs = torch.tensor([0, 100, 250, 300], dtype=torch.int32, device="cuda")
+    we = (torch.randn(4, 512, 7168, device="cuda") * 0.01).requires_grad_()
+    outs = []
+    for recipe in (gpu, emu):
+        xi = x.clone().requires_grad_()
+        we.grad = None
+        y = fp8_grouped_mm(xi, we, offs, recipe)
+        y.backward(torch.ones_like(y))
+        outs.append((y.detach(), xi.grad, we.grad.clone()))
+    for got, ref in zip(outs[0], outs[1], strict=True):
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-4

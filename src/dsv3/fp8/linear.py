@@ -220,6 +220,7 @@ def fp8_grouped_mm(
     The signature of ``Experts.mm``. Fprop and Dgrad tile rows along K (a tile is one token,
     so groups need nothing special); Wgrad tiles along tokens inside each group (every group
     starts on a fresh 128-token tile). Only the real rows of the token-tiled input are cached.
+    The group ends are read on the host (one device synchronisation per call on a GPU).
 
     Args:
         x_sorted: [N, K] tokens sorted by expert.

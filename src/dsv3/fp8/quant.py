@@ -102,7 +102,6 @@ def quantize(
     x: torch.Tensor,
     block: tuple[int, int] = ACT_TILE,
     pow2: bool = False,
-    fmt_max: float = E4M3_MAX,
 ) -> QTensor:
     """Quantise the last two dims of ``x`` to E4M3 with one scale per ``block``.
 
@@ -110,7 +109,6 @@ def quantize(
         x: [..., R, C] float tensor (any float dtype; computed in float32).
         block: (1, 128), (128, 1) or (128, 128); see the module docstring.
         pow2: power-of-two (UE8M0) scales instead of plain FP32 ``amax / 448``.
-        fmt_max: largest magnitude the scaled values may reach (448 for E4M3).
 
     Returns:
         :class:`QTensor` with ``shape == tuple(x.shape)``.
@@ -118,7 +116,7 @@ def quantize(
     if x.dim() < 2:
         raise ValueError(f"quantize needs a tensor with at least 2 dims, got shape {tuple(x.shape)}")
     xp = pad_to_block(x.float(), block)
-    scale = compute_scale(block_amax(xp, block), fmt_max, pow2)
+    scale = compute_scale(block_amax(xp, block), E4M3_MAX, pow2)
     *lead, rp, cp = xp.shape
     br, bc = block
     scaled = xp.reshape(*lead, rp // br, br, cp // bc, bc) / scale.unsqueeze(-1).unsqueeze(-3)
