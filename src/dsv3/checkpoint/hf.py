@@ -307,6 +307,13 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, dtype: t
     The directory is assembled under a temporary name and renamed into place, so an
     interrupted save leaves any previous checkpoint at ``path`` intact.
     """
+    with atomic_dir(path) as tmp:
+        write_pretrained(model, tmp, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def write_pretrained(model: torch.nn.Module, directory: str, *, dtype: torch.dtype | None = None,
+                     max_shard_size: str | int = "5GB") -> None:
+    """Write config.json and the safetensors shards into the existing ``directory``, one shard in memory at a time."""
     config: ModelConfig = model.config  # type: ignore[assignment]
     limit = parse_size(max_shard_size)
     out_config = ModelConfig.from_dict(config.to_dict())
@@ -321,16 +328,15 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, dtype: t
             sizes.append(0)
         shards[-1].append(item)
         sizes[-1] += nbytes
-    with atomic_dir(path) as tmp:
-        out_config.save(os.path.join(tmp, "config.json"))
-        metadata = {"format": "pt"}
-        names = [SINGLE_NAME] if len(shards) == 1 else [
-            f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-        weight_map = {}
-        for fname, shard in zip(names, shards):  # one shard in memory at a time
-            save_file({name: make() for name, _, _, make in shard}, os.path.join(tmp, fname), metadata=metadata)
-            weight_map.update({name: fname for name, _, _, _ in shard})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
-            with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as fh:
-                json.dump(index, fh, indent=2)
+    out_config.save(os.path.join(directory, "config.json"))
+    metadata = {"format": "pt"}
+    names = [SINGLE_NAME] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    weight_map = {}
+    for fname, shard in zip(names, shards):
+        save_file({name: make() for name, _, _, make in shard}, os.path.join(directory, fname), metadata=metadata)
+        weight_map.update({name: fname for name, _, _, _ in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(directory, INDEX_NAME), "w", encoding="utf-8") as fh:
+            json.dump(index, fh, indent=2)

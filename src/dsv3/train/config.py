@@ -25,10 +25,12 @@ class TrainConfig:
     model: str = "tiny"  # preset name, config.json path, or a checkpoint directory (see init_from)
     init_from: str | None = None  # Hugging Face checkpoint directory to start from
     data: str | None = None  # text file/dir, .jsonl, .parquet, .bin; None: the Python standard library
-    data_field: str = "text"  # .jsonl field
-    data_column: str = "text"  # .parquet column
-    bin_dtype: str | None = None  # uint16 / uint32 for .bin (inferred when None)
-    tokenizer: str | None = None  # a tokenizer.json; None: train a byte-level BPE on the corpus (cached)
+    data_format: str | None = None  # text | jsonl | parquet | bin (default: from the suffix)
+    data_field: str = "text"  # the .jsonl field / .parquet column holding the text
+    data_glob: str | None = None  # file pattern inside a data directory
+    data_dtype: str | None = None  # uint16 / uint32 for a .bin (inferred when None)
+    eos_token: str | None = None  # the document separator's text (default: found in the tokenizer)
+    tokenizer: str | None = None  # a tokenizer.json; None: a byte-level BPE trained on the corpus (cached)
     val_fraction: float = 0.01
     seq_len: int = 256
     # --- batch

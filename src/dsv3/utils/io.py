@@ -13,6 +13,12 @@ import tempfile
 from collections.abc import Iterator
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: str) -> None:
     """Flush a directory entry (after a rename) where the platform allows it."""
     with contextlib.suppress(OSError):
@@ -34,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -65,6 +72,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         for name in os.listdir(tmp):

@@ -1,0 +1,1 @@
+"""Inference: latent-KV-cache generation."""
