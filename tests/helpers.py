@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from dsv3.config import ModelConfig
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
@@ -30,3 +33,17 @@ def v2_config(**changes) -> ModelConfig:
                 num_nextn_predict_layers=0, n_shared_experts=2, num_experts_per_tok=3)
     base.update(changes)
     return small_config(**base)
+
+
+def quick_options(setup, run_dir, **changes):
+    """TrainConfig options for a run of a few seconds."""
+    opts = dict(model=setup["model"], data=setup["corpus"], tokenizer=setup["tokenizer"], seq_len=32,
+                micro_batch=4, global_batch=8, steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=3,
+                eval_batches=2, save_every=3, keep_last=5, sample_tokens=8, progress=False, tensorboard=False,
+                run_dir=str(run_dir), val_fraction=0.05)
+    opts.update(changes)
+    return opts
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

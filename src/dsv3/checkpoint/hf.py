@@ -57,6 +57,10 @@ def checkpoint_files(path: str) -> dict[str, str]:
             raise CheckpointError(f"shard {missing[0]} named in {INDEX_NAME} is missing from {path}")
         return {name: os.path.join(path, f) for name, f in weight_map.items()}
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if SINGLE_NAME in files:
+        files = [SINGLE_NAME]  # a training checkpoint also holds optimizer/rng/ema .safetensors
+    elif any(f.startswith("model") for f in files):
+        files = [f for f in files if f.startswith("model")]
     if not files:
         raise CheckpointError(f"no .safetensors weights in {path} (pickle checkpoints are not read)")
     out: dict[str, str] = {}

@@ -237,6 +237,9 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
         raise DataError(f"the corpus gives {len(data.train)} training sequences of {config.seq_len} tokens, fewer "
                         f"than one micro-batch ({config.micro_batch}); use more data or a smaller --seq-len")
 
+    # --- the model (an --init-from checkpoint is checked here, before anything is written)
+    model = build_model(config, mcfg, device)
+    model.train()
     # --- the run directory: config, tokenizer (only now that the input is known to be good)
     os.makedirs(run_dir, exist_ok=True)
     if resume is None:
@@ -248,9 +251,7 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
             with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
                 tokenizer.save(tmp)
 
-    # --- model, optimizer, schedules, EMA
-    model = build_model(config, mcfg, device)
-    model.train()
+    # --- optimizer, schedules, EMA
     optimizer = build_optimizer(model, lr=config.lr, betas=(config.beta1, config.beta2),
                                 weight_decay=config.weight_decay, eps=config.eps, moments_dtype=config.optim_states)
     decay_start = int(config.decay_start * config.steps)

@@ -75,9 +75,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        mode = 0o666 & ~_umask()
         for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb+") as fh:
-                os.fsync(fh.fileno())
+            full = os.path.join(tmp, name)
+            if os.path.isfile(full):
+                os.chmod(full, mode)  # some writers (safetensors, mkstemp) create 0600 files
+                with open(full, "rb+") as fh:
+                    os.fsync(fh.fileno())
         aside = None
         if os.path.exists(path):
             aside = path + ".old"
