@@ -31,5 +31,15 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         """``x`` [B, T, d] -> [B, T, d]."""
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.attention(x, cos, sin, cache, start_pos)
+        return h + self.ffn(h)
+
+    # The two residual branches; recomputation policies wrap these (see dsv3.memory.recompute).
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """The attention branch ``MLA(RMSNorm(x))``."""
+        return self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """The feed-forward branch ``FFN(RMSNorm(h))``."""
+        return self.mlp(self.post_attention_layernorm(h))

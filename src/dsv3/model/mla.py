@@ -95,19 +95,28 @@ class MLA(nn.Module):
         self.softmax_scale = softmax_scale(config)
 
     # The two halves of the attention, exposed separately for recomputation policies.
-    def project_q(self, x: torch.Tensor) -> torch.Tensor:
-        """Queries [B, T, n_h, d_h + d_h^R] (before RoPE)."""
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        return q.view(*x.shape[:-1], self.n_heads, self.qk_head_dim)
+    def compress(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The down-projections: W^DQ x (or the full query without q compression) [B, T, d_c' or n_h(d_h+d_h^R)]
+        and [W^DKV; W^KR] x [B, T, d_c + d_h^R], before their RMSNorms."""
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
+        return q, self.kv_a_proj_with_mqa(x)
 
-    def project_kv_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalised KV latent c^KV [B, T, d_c] and the un-rotated shared key k^R [B, T, d_h^R]."""
-        kv = self.kv_a_proj_with_mqa(x)
-        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        return self.kv_a_layernorm(c_kv), k_pe
+    def attend(self, q_latent: torch.Tensor, kv_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """Everything after the down-projections: latent norms, up-projections, RoPE, attention, W^O."""
+        bsz, seqlen, _ = kv_latent.shape
+        q = q_latent if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_latent))
+        q = q.view(bsz, seqlen, self.n_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c_kv, k_pe = kv_latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe, cos, sin)
+        if cache is not None:
+            out = self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, cache, start_pos)
+        else:
+            out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe)
+        return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.v_head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
@@ -115,17 +124,7 @@ class MLA(nn.Module):
 
         ``cos``/``sin`` [B or 1, T, d_h^R/2] are the rotary tables of those positions.
         """
-        bsz, seqlen, _ = x.shape
-        q = self.project_q(x)
-        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
-        c_kv, k_pe = self.project_kv_latent(x)
-        k_pe = apply_rope(k_pe, cos, sin)
-        if cache is not None:
-            out = self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, cache, start_pos)
-        else:
-            out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe)
-        return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.v_head_dim))
+        return self.attend(*self.compress(x), cos, sin, cache, start_pos)
 
     def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
         """Training path: up-project keys/values and run fused causal attention. Returns [B, T, n_h, d_v]."""

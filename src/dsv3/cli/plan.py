@@ -1,0 +1,279 @@
+"""``dsv3 plan``: what every device holds and what a run costs, for any parallel layout (no torch).
+
+    dsv3 plan --preset deepseek-v3 --pp 16 --ep 64 --dp 128 --schedule dualpipe --recompute selective --fp8
+    dsv3 plan schedule --schedule dualpipe --pp 8 --microbatches 20 --f 1 --b 2 --w 0.5 --fb 2.5 --plot t.png
+    dsv3 plan search --preset deepseek-v3 --gpus 2048 --gpu-memory 80GiB --global-batch 15360 --fp8
+
+The library functions are :func:`dsv3.plan.planner.make_plan`,
+:func:`dsv3.plan.simulate.simulate` and :func:`dsv3.plan.search.search`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dsv3.errors import ConfigError
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} must be integers separated by commas, like 4,4,4,3") from None
+    if not values:
+        raise ConfigError(f"{what} {text!r} is empty; give integers separated by commas")
+    return values
+
+
+def _words(text: str) -> list[str]:
+    return [x.strip().lower() for x in str(text).split(",") if x.strip()]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--preset", help="a shipped preset (tiny, small, deepseek-v3, deepseek-v2-lite)")
+    g.add_argument("--config", help="a config.json (or a model directory holding one)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: min(4096, the model's maximum))")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="sequences per optimizer step (default: the fewest micro-batches that fill the pipeline)")
+    p.add_argument("--fp8", action="store_true", help="cache activations in FP8 as the DeepSeek-V3 FP8 recipe does")
+    p.add_argument("--attention", default="fused", help="fused (FlashAttention/SDPA, default) or eager (keeps s x s scores)")
+    p.add_argument("--no-mtp", action="store_true", help="do not train the config's MTP modules")
+    p.add_argument("--no-sequence-parallel", action="store_true", help="keep TP-replicated activations whole")
+    p.add_argument("--precision", default=None,
+                   help="per-item formats, e.g. weights=fp32,moments=fp32 (items: weights, grads, master, moments, "
+                        "router, activations, stats, loss, fp8_cache, attn_out_cache)")
+    p.add_argument("--precision-preset", default="v3", help="v3 (the report's recipe, default), bf16 or fp32")
+    p.add_argument("--fragmentation", type=float, default=0.10, help="allocator allowance, fraction of the rest (0.10)")
+    p.add_argument("--flops", default="causal", help="attention FLOP convention: causal (default) or non-causal")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of one GPU (default 989, H800/H100 BF16)")
+    p.add_argument("--efficiency", type=float, default=0.5, help="assumed fraction of peak the GEMMs reach (0.5)")
+    p.add_argument("--nvlink-gbps", type=float, default=160.0, help="GB/s per GPU inside a node (160, the report's H800)")
+    p.add_argument("--ib-gbps", type=float, default=50.0, help="GB/s per GPU between nodes (50)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GiB, to check the fit")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="plan a training run: parameters, per-device memory, FLOPs, schedule and cost (no torch)",
+        description="Plan a training run of a DeepSeek-V3-architecture model for a parallel layout.",
+        allow_abbrev=False,  # `plan schedule --f` must not be read as an abbreviation of `plan --fp8`
+    )
+    _add_model_args(p)
+    for name, default, what in (
+        ("--pp", 1, "pipeline stages"), ("--tp", 1, "tensor-parallel size"), ("--ep", 1, "expert-parallel size"),
+        ("--etp", 1, "expert tensor-parallel size"), ("--dp", None, "data-parallel size (default: from --gpus, else 1)"),
+        ("--zero", 1, "ZeRO stage 0-3 (default 1)"),
+    ):
+        p.add_argument(name, type=int, default=default, help=what)
+    p.add_argument("--recompute", default="none", help="none (default), selective or full")
+    p.add_argument("--schedule", default="1f1b", help="1f1b (default), zb1p, dualpipe or dualpipev")
+    p.add_argument("--stage-layers", default=None, help="layers per stage, e.g. 4,4,4,3 (default: balanced)")
+    _add_run_args(p)
+    p.add_argument("--detail", action="store_true", help="also print the itemised tensors saved for backward")
+    p.add_argument("--tokens", default=None, help="token budget, e.g. 14.8T, for GPU-hours and cost")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs of the run (sets --dp when it is not given)")
+    tp = p.add_mutually_exclusive_group()
+    tp.add_argument("--mfu", type=float, default=None, help="assumed model FLOPs utilisation, e.g. 0.4")
+    tp.add_argument("--tokens-per-s-per-gpu", type=float, default=None, help="measured throughput")
+    p.add_argument("--price-per-gpu-hour", type=float, default=None)
+    p.set_defaults(func=run)
+
+    sub = p.add_subparsers(dest="plan_command", metavar="{schedule,search}", parser_class=type(p))
+    s = sub.add_parser("schedule", help="simulate a pipeline schedule and draw its per-device timeline",
+                       description="Simulate one step of a pipeline schedule (DualPipe README conventions).",
+                       allow_abbrev=False)
+    s.add_argument("--schedule", required=True, help="1f1b, zb1p, dualpipe or dualpipev")
+    s.add_argument("--pp", type=int, required=True, help="pipeline stages (DualPipeV runs them on pp/2 devices)")
+    s.add_argument("--microbatches", type=int, required=True)
+    s.add_argument("--f", type=float, default=1.0, help="forward time of one stage and micro-batch")
+    s.add_argument("--b", type=float, default=2.0, help="full backward time (inputs + weights)")
+    s.add_argument("--w", type=float, default=1.0, help="weight-gradient part of --b")
+    s.add_argument("--fb", type=float, default=None, help="overlapped forward+backward pair (default f + b)")
+    s.add_argument("--comm", type=float, default=0.0, help="point-to-point latency")
+    s.add_argument("--plot", default=None, help="write the timeline to this PNG")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=run_schedule)
+
+    q = sub.add_parser("search", help="list the layouts of N GPUs that fit, ranked by estimated step time",
+                       description="Try every layout of --gpus GPUs; list those that fit, fastest first, and why the rest fail.",
+                       allow_abbrev=False)
+    _add_model_args(q)
+    q.add_argument("--gpus", type=int, required=True)
+    for name, what in (("--pp", "pipeline stages"), ("--tp", "TP sizes"), ("--ep", "EP sizes"), ("--etp", "ETP sizes"),
+                       ("--zero", "ZeRO stages (default 1)")):
+        q.add_argument(name, default=None, help=f"{what} to try, comma-separated (default: all that apply)")
+    q.add_argument("--recompute", default=None, help="policies to try (default none,selective,full)")
+    q.add_argument("--schedule", default=None, help="schedules to try (default all four)")
+    _add_run_args(q)
+    q.add_argument("--top", type=int, default=20, help="fitting layouts to show (planned exactly)")
+    q.add_argument("--all", action="store_true", help="list every rejected layout")
+    q.set_defaults(func=run_search)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _model(args):
+    from dsv3.config import load_preset, resolve_model_config
+
+    if args.config:
+        return resolve_model_config(args.config), args.config
+    name = args.preset or "tiny"
+    return load_preset(name), name
+
+
+def _precision(args):
+    from dsv3.plan.precision import PRECISION_PRESETS, Precision
+
+    key = str(args.precision_preset).lower()
+    if key not in PRECISION_PRESETS:
+        raise ConfigError(f"unknown --precision-preset {args.precision_preset!r}; choose one of {', '.join(PRECISION_PRESETS)}")
+    return Precision.parse(args.precision, PRECISION_PRESETS[key])
+
+
+def _hardware(args):
+    from dsv3.plan.cost import DEFAULT_PEAK_TFLOPS, Hardware
+
+    return Hardware(
+        peak_tflops=args.peak_tflops if args.peak_tflops is not None else DEFAULT_PEAK_TFLOPS,
+        efficiency=args.efficiency,
+        nvlink_gbps=args.nvlink_gbps,
+        ib_gbps=args.ib_gbps,
+        gpus_per_node=args.gpus_per_node,
+    )
+
+
+def _causal(args) -> bool:
+    conv = str(args.flops).lower().replace("_", "-")
+    if conv not in ("causal", "non-causal"):
+        raise ConfigError(f"unknown --flops convention {args.flops!r}; choose causal or non-causal")
+    return conv == "causal"
+
+
+def _common(args, cfg) -> dict:
+    from dsv3.plan.precision import parse_size
+
+    seq_len = args.seq_len if args.seq_len is not None else min(4096, cfg.max_position_embeddings)
+    return dict(
+        seq_len=seq_len,
+        micro_batch=args.micro_batch,
+        global_batch=args.global_batch,
+        fp8=args.fp8,
+        attention=str(args.attention).lower(),
+        mtp=not args.no_mtp,
+        gpu_memory=parse_size(args.gpu_memory, "--gpu-memory") if args.gpu_memory is not None else None,
+    )
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
+
+
+# ---------------------------------------------------------------------------- commands
+def run(args) -> int:
+    from dsv3.plan.cost import parse_count
+    from dsv3.plan.layout import Layout
+    from dsv3.plan.planner import make_plan
+    from dsv3.plan.report import plan_json, render_plan
+
+    cfg, name = _model(args)
+    common = _common(args, cfg)
+    schedule = str(args.schedule).lower()
+    devices = args.pp // 2 if schedule == "dualpipev" and args.pp % 2 == 0 else args.pp
+    dp = args.dp
+    if args.gpus is not None:
+        if args.gpus < 1:
+            raise ConfigError(f"--gpus must be a positive integer, got {args.gpus}")
+        per_replica = max(devices, 1) * max(args.tp, 1)
+        if dp is None:
+            if args.gpus % per_replica:
+                raise ConfigError(
+                    f"--gpus {args.gpus} is not a multiple of pipeline devices x TP = {per_replica}; "
+                    f"choose a GPU count that is, or give --dp"
+                )
+            dp = args.gpus // per_replica
+        elif dp * per_replica != args.gpus:
+            raise ConfigError(
+                f"--gpus {args.gpus} disagrees with pipeline devices x TP x DP = {per_replica} x {dp} = "
+                f"{per_replica * dp}; drop one of them or make them agree"
+            )
+    stage_layers = tuple(_ints(args.stage_layers, "--stage-layers")) if args.stage_layers else None
+    layout = Layout(
+        pp=args.pp, tp=args.tp, ep=args.ep, etp=args.etp, dp=dp if dp is not None else 1, zero=args.zero,
+        recompute=str(args.recompute).lower(), seq_len=common["seq_len"], micro_batch=common["micro_batch"],
+        global_batch=common["global_batch"], schedule=schedule, fp8=common["fp8"], stage_layers=stage_layers,
+        attention=common["attention"], mtp=common["mtp"], sequence_parallel=not args.no_sequence_parallel,
+    )
+    plan = make_plan(
+        cfg, layout, _precision(args), _hardware(args), model_name=name, causal=_causal(args),
+        fragmentation=args.fragmentation, gpu_memory=common["gpu_memory"],
+        tokens=parse_count(args.tokens, "--tokens") if args.tokens is not None else None,
+        mfu=args.mfu, tokens_per_s_per_gpu=args.tokens_per_s_per_gpu, price_per_gpu_hour=args.price_per_gpu_hour,
+    )
+    if args.json:
+        print(plan_json(plan))
+    else:
+        render_plan(plan, _console(), detail=args.detail)
+    return 0
+
+
+def run_schedule(args) -> int:
+    from dsv3.plan.report import render_schedule, schedule_json
+    from dsv3.plan.simulate import simulate
+
+    res = simulate(str(args.schedule).lower(), pp=args.pp, microbatches=args.microbatches, f=args.f, b=args.b,
+                   w=args.w, fb=args.fb, comm=args.comm)
+    if args.plot:
+        from dsv3.plan.timeline import plot_timeline
+
+        plot_timeline(res, args.plot)
+    if args.json:
+        print(schedule_json(res))
+    else:
+        render_schedule(res, _console())
+        if args.plot:
+            print(f"timeline written to {args.plot}")
+    return 0
+
+
+def run_search(args) -> int:
+    from dsv3.plan.precision import parse_size
+    from dsv3.plan.report import render_search, search_json
+    from dsv3.plan.search import search
+
+    cfg, name = _model(args)
+    if args.gpu_memory is None:
+        raise ConfigError("dsv3 plan search needs --gpu-memory, e.g. --gpu-memory 80GiB")
+    common = _common(args, cfg)
+    grid = {}
+    for key in ("pp", "tp", "ep", "etp", "zero"):
+        value = getattr(args, key)
+        if value is not None:
+            grid[key] = _ints(value, f"--{key}")
+    for key in ("recompute", "schedule"):
+        value = getattr(args, key)
+        if value is not None:
+            grid[key] = _words(value)
+    for r in grid.get("recompute", []):
+        if r not in ("none", "selective", "full"):
+            raise ConfigError(f"unknown --recompute {r!r}; choose from none, selective, full")
+    result = search(
+        cfg, args.gpus, parse_size(args.gpu_memory, "--gpu-memory"), model_name=name, grid=grid,
+        seq_len=common["seq_len"], micro_batch=common["micro_batch"], global_batch=common["global_batch"],
+        fp8=common["fp8"], attention=common["attention"], mtp=common["mtp"], precision=_precision(args),
+        hardware=_hardware(args), fragmentation=args.fragmentation, causal=_causal(args), top=args.top,
+    )
+    if args.json:
+        print(search_json(result))
+    else:
+        render_search(result, _console(), top=args.top, show_rejected=len(result.rejected) if args.all else 30)
+    return 0

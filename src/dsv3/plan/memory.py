@@ -1,0 +1,504 @@
+"""Per-device memory of a training run: weights, gradients, optimizer states, activations, buffers.
+
+For one pipeline stage on one device (the formulas of ZeRO, Rajbhandari et al.
+2020, arXiv 1910.02054, section 3, with the report's formats):
+
+    weights    = sum_t n_t * w_t / (G_t if ZeRO >= 3)         + buffers
+    grads      = sum_t n_t * g   / (G_t if ZeRO >= 2)
+    optimizer  = sum_t n_t * (2 m + master_t) / (G_t if ZeRO >= 1)
+
+where n_t is the part of tensor t the device holds after the TP / EP / ETP
+split (:func:`device_numel`), w_t its weight format (BF16, the router FP32),
+g the gradient format (FP32), m the format of each AdamW moment (BF16) and
+master_t the FP32 master copy (none for a tensor already stored in FP32).
+G_t, the ZeRO group, is DP for non-expert tensors and EDP = DP*TP/(EP*ETP)
+for routed-expert tensors, times 2 under DualPipe (whose two devices holding
+a stage are replicas too). A sharded flat buffer is padded up to a multiple
+of G_t. Buffers (the routing bias) are never sharded.
+
+Activations: one micro-batch of ``b * s`` tokens keeps, on a stage, the bytes
+per token of the items :mod:`dsv3.plan.activations` lists for its layers
+under the recompute policy. A device's activation peak is found by walking
+its op list of the pipeline schedule (:mod:`dsv3.parallel.pipeline`), adding
+a stage's per-micro-batch bytes when a forward starts and removing them when
+that micro-batch's last backward on the stage ends (the convention of
+``SimResult.peak_activations``, weighted by each stage's bytes, so a DualPipe
+device holding the first and the last stage is charged exactly). While a
+layer is recomputed in backward its dropped activations exist once more
+(the recompute working set, the largest over the device's layers).
+Communication buffers and a fragmentation allowance (a fraction of everything
+else: PyTorch's caching allocator rounds and splits blocks) complete the total.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from dsv3.config import ModelConfig
+from dsv3.plan import activations as act
+from dsv3.plan.layout import Layout, devices_of_stage, stage_devices, stage_layer_indices
+from dsv3.plan.params import GroupKey, ModelParams, ParamTensor, merge_groups, mtp_layer_is_moe
+from dsv3.plan.precision import DTYPE_BYTES, Precision, element_bytes
+
+#: Megatron-LM's gradient bucket: max(40M, 1M * DP) elements (distributed/param_and_grad_buffer).
+GRAD_BUCKET_MIN_ELEMS = 40_000_000
+DEFAULT_FRAGMENTATION = 0.10
+
+
+# ---------------------------------------------------------------------------- model states
+def device_numel(t: ParamTensor, layout: Layout) -> int:
+    """Elements of tensor ``t`` one device holds after the TP / EP / ETP split."""
+    rows = t.shape[0]
+    return _group_numel(("vocab", t.kind, rows, t.numel // rows) if t.shard == "vocab" else (t.shard, t.kind, 0, 0),
+                        1 if t.shard == "vocab" else t.numel, layout)
+
+
+def _group_numel(key: GroupKey, value: int, layout: Layout) -> int:
+    shard, _, rows, cols = key
+    if shard == "vocab":  # vocabulary rows padded to a multiple of TP
+        return value * math.ceil(rows / layout.tp) * cols
+    if shard == "tp":
+        return math.ceil(value / layout.tp)
+    if shard == "expert":
+        return value // (layout.ep * layout.etp)
+    return value
+
+
+def weight_format(kind: str, prec: Precision) -> str:
+    """Format of a tensor of ``kind`` (``weight``, ``router``, ``buffer`` or ``wbuffer``)."""
+    return {"weight": prec.weights, "router": prec.router, "buffer": "fp32", "wbuffer": prec.weights}[kind]
+
+
+@dataclass
+class StateBytes:
+    """Model-state bytes of one stage on one device."""
+
+    params: int  # trainable elements held (after the TP/EP split, before ZeRO)
+    weights: float
+    grads: float
+    optimizer: float
+    grads_unsharded: float  # gradient bytes before ZeRO-2 sharding (sizes the buckets, the DP reduction)
+    expert_grads_unsharded: float  # the routed-expert part of it (reduced over EDP, the rest over DP)
+    largest_unit_weights: float = 0.0  # unsharded weight bytes of the biggest layer (ZeRO-3 gathers it)
+
+
+def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
+    """Weights, gradients and optimizer states of aggregated tensor ``groups`` on one device.
+
+    Args:
+        groups: :func:`dsv3.plan.params.aggregate` of the tensors.
+        replicas: devices in one pipeline that hold the same stage (2 under DualPipe);
+            they join the ZeRO group.
+    """
+    zero_group = {False: layout.dp * replicas, True: layout.edp * replicas}
+    buffers = 0.0
+    w_n: dict[tuple[bool, str], int] = {}
+    g_n = {False: 0, True: 0}
+    o_n: dict[tuple[bool, float], int] = {}
+    params = 0
+    for key, value in groups.items():
+        shard, kind = key[0], key[1]
+        n = _group_numel(key, value, layout)
+        fmt = weight_format(kind, prec)
+        if kind in ("buffer", "wbuffer"):
+            buffers += n * DTYPE_BYTES[fmt]
+            continue
+        expert = shard == "expert"
+        params += n
+        w_n[(expert, fmt)] = w_n.get((expert, fmt), 0) + n
+        g_n[expert] += n
+        per = 2 * DTYPE_BYTES[prec.moments] + prec.master_bytes(fmt)
+        o_n[(expert, per)] = o_n.get((expert, per), 0) + n
+
+    def shard(n: int, expert: bool, on: bool) -> int:
+        return math.ceil(n / zero_group[expert]) if on else n
+
+    g = DTYPE_BYTES[prec.grads]
+    return StateBytes(
+        params=params,
+        weights=buffers + sum(shard(n, e, layout.zero >= 3) * DTYPE_BYTES[f] for (e, f), n in w_n.items()),
+        grads=sum(shard(n, e, layout.zero >= 2) * g for e, n in g_n.items()),
+        optimizer=sum(shard(n, e, layout.zero >= 1) * per for (e, per), n in o_n.items()),
+        grads_unsharded=(g_n[False] + g_n[True]) * g,
+        expert_grads_unsharded=g_n[True] * g,
+    )
+
+
+def unit_weight_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision) -> float:
+    """Unsharded weight bytes of one unit (a layer) on one device."""
+    return sum(_group_numel(k, v, layout) * DTYPE_BYTES[weight_format(k[1], prec)] for k, v in groups.items())
+
+
+# ---------------------------------------------------------------------------- stages
+@dataclass
+class StageParts:
+    """What one pipeline stage holds: its layers and the extra modules at the ends of the pipeline."""
+
+    stage: int
+    layers: list[int]
+    embedding: bool
+    head: bool
+    mtp: bool
+
+    @property
+    def extras(self) -> list[str]:
+        return [n for n, on in (("embedding", self.embedding), ("head", self.head), ("mtp", self.mtp)) if on]
+
+
+def stage_parts(cfg: ModelConfig, layout: Layout, stage_layers: tuple[int, ...]) -> list[StageParts]:
+    """Stage 0 holds the embedding; the last stage the final norm, output head and MTP modules."""
+    idx = stage_layer_indices(stage_layers)
+    last = layout.pp - 1
+    use_mtp = layout.mtp and cfg.num_nextn_predict_layers > 0
+    return [StageParts(s, idx[s], s == 0, s == last, s == last and use_mtp) for s in range(layout.pp)]
+
+
+def stage_tensors(params: ModelParams, part: StageParts) -> list[ParamTensor]:
+    """The parameter tensors of one stage."""
+    out: list[ParamTensor] = []
+    if part.embedding:
+        out += params.embedding
+    if part.layers or part.mtp:
+        out += params.rotary
+    for i in part.layers:
+        out += params.layers[i]
+    if part.head:
+        out += params.head
+    if part.mtp:
+        out += params.mtp_tensors
+    return out
+
+
+def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
+    """:func:`state_bytes` of one stage, from the cached per-layer groups (fast)."""
+    g = params.groups
+    units = [g["layers"][i] for i in part.layers]
+    if part.mtp:
+        units += g["mtp_modules"]
+    extra = ([g["embedding"]] if part.embedding else []) + ([g["head"]] if part.head else [])
+    extra += [g["rotary"]] if (part.layers or part.mtp) else []  # every stage with blocks computes RoPE
+    sb = state_bytes(merge_groups(units + extra), layout, prec, replicas)
+    sb.largest_unit_weights = max((unit_weight_bytes(u, layout, prec) for u in units + extra), default=0.0)
+    return sb
+
+
+# ---------------------------------------------------------------------------- activations
+@dataclass(frozen=True)
+class UnitActivations:
+    """Bytes per token one unit keeps under the layout's policy, and what it keeps with no recompute."""
+
+    kept: float
+    none: float
+
+    @property
+    def dropped(self) -> float:
+        return self.none - self.kept
+
+
+def unit_activations(cfg: ModelConfig, layout: Layout, prec: Precision) -> dict[str, UnitActivations]:
+    """Per-token activation bytes of each kind of unit: ``dense``, ``moe``, ``embedding``, ``rope``, ``head``,
+    ``mtp`` (all MTP modules) and ``mtp_shared`` (the same on a stage that also holds the embedding)."""
+    policy = layout.recompute
+
+    def ua(items: list[act.ActItem]) -> UnitActivations:
+        return UnitActivations(act.bytes_per_token(items, policy), act.bytes_per_token(items, "none"))
+
+    out = {
+        "dense": ua(act.decoder_layer_items(cfg, layout, prec, False)),
+        "embedding": ua(act.embedding_items(cfg, layout, prec)),
+        "rope": ua(act.rope_items(cfg, layout, prec)),
+        "head": ua(act.head_items(cfg, layout, prec)),
+    }
+    if cfg.n_routed_experts:
+        out["moe"] = ua(act.decoder_layer_items(cfg, layout, prec, True))
+    for key, shared in (("mtp", False), ("mtp_shared", True)):
+        mtp = [act.mtp_items(cfg, layout, prec, k, mtp_layer_is_moe(cfg, k), shared)
+               for k in range(cfg.num_nextn_predict_layers)]
+        out[key] = ua([i for items in mtp for i in items])
+    return out
+
+
+@dataclass
+class ActivationBytes:
+    per_microbatch: float  # bytes one micro-batch keeps for backward on this stage
+    working_set: float  # extra bytes while one layer is recomputed in backward
+
+
+def stage_activation_bytes(cfg: ModelConfig, layout: Layout, part: StageParts, units: dict[str, UnitActivations]) -> ActivationBytes:
+    present: list[UnitActivations] = []
+    if part.embedding:
+        present.append(units["embedding"])
+    if part.layers:
+        present.append(units["rope"])
+    present += [units["moe" if cfg.is_moe_layer(i) else "dense"] for i in part.layers]
+    if part.head:
+        present.append(units["head"])
+    if part.mtp:  # on the stage that also embeds, MTP reuses the embedding output
+        present.append(units["mtp_shared" if part.embedding else "mtp"])
+    t = layout.tokens_per_microbatch
+    return ActivationBytes(
+        per_microbatch=t * sum(u.kept for u in present),
+        working_set=t * max((u.dropped for u in present), default=0.0),
+    )
+
+
+#: Per device, the count vectors ((stage, micro-batches held), ...) at which its live activations can peak.
+Profiles = list[list[tuple[tuple[int, int], ...]]]
+
+
+def occupancy_profiles(device_ops, pp: int) -> Profiles:
+    """Walk each device's op list and record how many micro-batches of each stage it holds after every forward.
+
+    Args:
+        device_ops: for each device, its compute ops in execution order (objects
+            with ``parts()`` giving ops of ``kind`` F / B / W / BW and a ``stage``),
+            e.g. ``Schedule.ops`` or the ops of ``SimResult.timeline``.
+
+    A micro-batch's set on a stage is taken when its forward starts and released
+    when its last backward (W of a split backward, or the full BW) ends; an
+    overlapped F&B takes the forward's set before releasing the backward's
+    (the convention of ``SimResult.peak_activations``). Live memory only grows
+    at a forward, so the peak is at one of the recorded vectors; vectors that
+    another one dominates are dropped.
+    """
+    out: Profiles = []
+    for ops in device_ops:
+        n = [0] * pp
+        seen: set[tuple[tuple[int, int], ...]] = set()
+        for op in ops:
+            parts = op.parts()
+            took = False
+            for p in parts:
+                if p.kind == "F":
+                    n[p.stage] += 1
+                    took = True
+            if took:
+                seen.add(tuple((s, c) for s, c in enumerate(n) if c))
+            for p in parts:
+                if p.kind in ("BW", "W"):
+                    n[p.stage] -= 1
+        vecs = [dict(v) for v in seen]
+        keep = []
+        for i, v in enumerate(vecs):
+            dominated = any(j != i and all(w.get(s, 0) >= c for s, c in v.items()) for j, w in enumerate(vecs))
+            if not dominated:
+                keep.append(tuple(sorted(v.items())))
+        out.append(sorted(keep))
+    return out
+
+
+def weighted_peaks(profiles: Profiles, stage_bytes: list[float]) -> tuple[list[float], list[list[int]]]:
+    """Each device's peak live activation bytes, and the most micro-batches of each stage it holds at once.
+
+    Args:
+        profiles: :func:`occupancy_profiles` of the schedule.
+        stage_bytes: activation bytes one micro-batch keeps on each stage.
+    """
+    peaks, counts = [], []
+    pp = len(stage_bytes)
+    for vecs in profiles:
+        peaks.append(max((sum(c * stage_bytes[s] for s, c in v) for v in vecs), default=0.0))
+        top = [0] * pp
+        for v in vecs:
+            for s, c in v:
+                top[s] = max(top[s], c)
+        counts.append(top)
+    return peaks, counts
+
+
+# ---------------------------------------------------------------------------- buffers
+def comm_buffer_bytes(cfg: ModelConfig, layout: Layout, prec: Precision, parts: list[StageParts],
+                      states: list[StateBytes]) -> dict[str, float]:
+    """Communication buffers one device keeps for the stages ``parts`` it holds.
+
+    - ``pp_p2p``: send and receive buffers for the activation and its gradient
+      at the stage boundary, ``T/SP x d`` each, per direction of data flow;
+    - ``tp_gather``: two all-gathered ``T x d`` sequence buffers (sequence parallelism);
+    - ``ep_all_to_all``: dispatch and combine buffers of ``K_r * ETP / TP * T``
+      token copies of ``d`` (dispatch in FP8 with ``--fp8``);
+    - ``grad_buckets``: with ZeRO-2/3, two reduce-scatter buckets of
+      max(40M, 1M * DP) gradient elements (capped at the device's gradients);
+    - ``zero3_gather``: with ZeRO-3, the gathered weights of two layers (the one
+      computing and the one prefetched).
+    """
+    t = layout.tokens_per_microbatch
+    d = cfg.hidden_size
+    a = element_bytes(prec.activations)
+    out: dict[str, float] = {}
+    if layout.pp > 1:
+        directions = 2 if layout.schedule in ("dualpipe", "dualpipev") else 1
+        out["pp_p2p"] = 4 * directions * t / layout.sp * d * a
+    if layout.tp > 1:
+        out["tp_gather"] = 2 * t * d * a
+    has_moe = any(cfg.is_moe_layer(i) for p in parts for i in p.layers) or any(p.mtp for p in parts)
+    if layout.ep > 1 and has_moe and cfg.n_routed_experts:
+        copies = t * cfg.num_experts_per_tok * layout.etp / layout.tp
+        dispatch = element_bytes(prec.fp8_cache) if layout.fp8 else a
+        out["ep_all_to_all"] = copies * d * (dispatch + a)
+    if layout.zero >= 2:
+        bucket = max(GRAD_BUCKET_MIN_ELEMS, 1_000_000 * layout.dp) * DTYPE_BYTES[prec.grads]
+        out["grad_buckets"] = min(2 * bucket, sum(s.grads_unsharded for s in states))
+    if layout.zero >= 3:
+        out["zero3_gather"] = 2 * max(s.largest_unit_weights for s in states)
+    return out
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class StageMemory:
+    """Memory of one pipeline stage on a device that holds it (bytes unless said otherwise).
+
+    For a device that holds one stage (1F1B, ZB1P) this equals the device's
+    memory. Under DualPipe / DualPipeV a device holds two stages and
+    :class:`DeviceMemory` is the authority: it adds the stages' states, takes
+    the device's activation peak from the schedule, and counts buffers once.
+    """
+
+    stage: int
+    layers: list[int]
+    extras: list[str]
+    devices: list[int]
+    params_per_device: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations_per_microbatch: float
+    microbatches_in_flight: int
+    recompute_working_set: float
+    activations: float
+    comm_buffers: dict[str, float] = field(default_factory=dict)
+    fragmentation: float = 0.0
+
+    @property
+    def subtotal(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + sum(self.comm_buffers.values())
+
+    @property
+    def total(self) -> float:
+        return self.subtotal + self.fragmentation
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "layers": self.layers,
+            "extras": self.extras,
+            "devices": self.devices,
+            "params_per_device": self.params_per_device,
+            "memory_bytes": {
+                "weights": self.weights,
+                "grads": self.grads,
+                "optimizer": self.optimizer,
+                "activations": self.activations,
+                "activations_per_microbatch": self.activations_per_microbatch,
+                "microbatches_in_flight": self.microbatches_in_flight,
+                "recompute_working_set": self.recompute_working_set,
+                "comm_buffers": sum(self.comm_buffers.values()),
+                "comm_buffer_items": self.comm_buffers,
+                "fragmentation": self.fragmentation,
+                "total": self.total,
+            },
+        }
+
+
+@dataclass
+class DeviceMemory:
+    """Everything one pipeline device holds: its stages, buffers and the fragmentation allowance."""
+
+    device: int
+    stages: list[int]
+    params: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    comm_buffers: dict[str, float]
+    fragmentation: float = 0.0
+
+    @property
+    def subtotal(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + sum(self.comm_buffers.values())
+
+    @property
+    def total(self) -> float:
+        return self.subtotal + self.fragmentation
+
+    def to_dict(self) -> dict:
+        return {
+            "device": self.device,
+            "stages": self.stages,
+            "params": self.params,
+            "memory_bytes": {
+                "weights": self.weights,
+                "grads": self.grads,
+                "optimizer": self.optimizer,
+                "activations": self.activations,
+                "comm_buffers": sum(self.comm_buffers.values()),
+                "comm_buffer_items": self.comm_buffers,
+                "fragmentation": self.fragmentation,
+                "total": self.total,
+            },
+        }
+
+
+def memory_plan(cfg: ModelConfig, params: ModelParams, layout: Layout, prec: Precision, stage_layers: tuple[int, ...],
+                profiles: Profiles | None = None, fragmentation: float = DEFAULT_FRAGMENTATION,
+                states: list[StateBytes] | None = None,
+                units: dict[str, UnitActivations] | None = None) -> tuple[list[StageMemory], list[DeviceMemory]]:
+    """Per-stage and per-device memory.
+
+    Args:
+        stage_layers: layers per stage.
+        profiles: :func:`occupancy_profiles` of the schedule's op lists; ``None``
+            for PP = 1, where one micro-batch is in flight at a time.
+        fragmentation: allowance as a fraction of the device's other memory.
+        states: precomputed :func:`stage_state_bytes` of each stage (optional).
+        units: precomputed :func:`unit_activations` (optional).
+    """
+    parts = stage_parts(cfg, layout, stage_layers)
+    replicas = 2 if layout.schedule == "dualpipe" else 1
+    if states is None:
+        states = [stage_state_bytes(params, p, layout, prec, replicas) for p in parts]
+    units = units or unit_activations(cfg, layout, prec)
+    acts = [stage_activation_bytes(cfg, layout, p, units) for p in parts]
+    held = stage_devices(layout.pp, layout.schedule)
+    if profiles is None:
+        peaks, counts = [acts[0].per_microbatch], [[1]]
+    else:
+        peaks, counts = weighted_peaks(profiles, [a.per_microbatch for a in acts])
+    dev_of = devices_of_stage(layout.pp, layout.schedule)
+    stages: list[StageMemory] = []
+    for part, sb, ab in zip(parts, states, acts):
+        n = max(counts[dev][part.stage] for dev in dev_of[part.stage])
+        sm = StageMemory(
+            stage=part.stage,
+            layers=part.layers,
+            extras=part.extras,
+            devices=dev_of[part.stage],
+            params_per_device=sb.params,
+            weights=sb.weights,
+            grads=sb.grads,
+            optimizer=sb.optimizer,
+            activations_per_microbatch=ab.per_microbatch,
+            microbatches_in_flight=n,
+            recompute_working_set=ab.working_set,
+            activations=n * ab.per_microbatch + ab.working_set,
+            comm_buffers=comm_buffer_bytes(cfg, layout, prec, [part], [sb]),
+        )
+        sm.fragmentation = fragmentation * sm.subtotal
+        stages.append(sm)
+    devices: list[DeviceMemory] = []
+    for dev, ss in enumerate(held):
+        dm = DeviceMemory(
+            device=dev,
+            stages=ss,
+            params=sum(states[s].params for s in ss),
+            weights=sum(states[s].weights for s in ss),
+            grads=sum(states[s].grads for s in ss),
+            optimizer=sum(states[s].optimizer for s in ss),
+            activations=peaks[dev] + max(acts[s].working_set for s in ss),
+            comm_buffers=comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in ss], [states[s] for s in ss]),
+        )
+        dm.fragmentation = fragmentation * dm.subtotal
+        devices.append(dm)
+    return stages, devices

@@ -1,0 +1,181 @@
+"""``dsv3 plan search``: every layout of a GPU count, which fit, ranked by estimated step time.
+
+The grid: for each schedule, every PP whose pipeline devices (PP, or PP/2 for
+DualPipeV) times TP divide the GPU count (PP >= 2 for the DualPipes, which
+also need it even; PP = 1 is listed once, as ``1f1b``: no pipeline), every TP
+in the list, DP = GPUs / (pipeline devices x TP), and every EP, ETP, ZeRO
+stage and recompute policy in the lists. A layout is rejected with the
+sentence :meth:`Layout.validate` or the schedule raises (it does not divide,
+too few micro-batches) or because its largest device needs more than the GPU
+memory. The rest are ranked by the estimated step time of the plan (see
+:mod:`dsv3.plan.cost`), computed with the approximate simulation of
+:class:`~dsv3.plan.planner.PlanCache`; the ``top`` fastest are then planned
+exactly and re-ranked, so every number shown comes from a full simulation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dsv3.config import ModelConfig
+from dsv3.errors import ConfigError, DsV3Error
+from dsv3.plan.cost import Hardware
+from dsv3.plan.layout import RECOMPUTE, SCHEDULES, Layout
+from dsv3.plan.memory import DEFAULT_FRAGMENTATION
+from dsv3.plan.params import count_params
+from dsv3.plan.planner import PlanCache, make_plan
+from dsv3.plan.precision import Precision, format_bytes
+
+
+@dataclass
+class Candidate:
+    """One layout of the search and its verdict."""
+
+    layout: Layout
+    fits: bool
+    reason: str | None = None
+    peak_bytes: float | None = None
+    step_time_s: float | None = None
+    tokens_per_s_per_gpu: float | None = None
+    mfu: float | None = None
+    exact: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "layout": {k: v for k, v in self.layout.to_dict().items() if k != "stage_layers"},
+            "fits": self.fits,
+            "reason": self.reason,
+            "peak_bytes": self.peak_bytes,
+            "step_time_s": self.step_time_s,
+            "tokens_per_s_per_gpu": self.tokens_per_s_per_gpu,
+            "mfu": self.mfu,
+            "exact": self.exact,
+        }
+
+
+@dataclass
+class SearchResult:
+    model_name: str
+    gpus: int
+    gpu_memory: int
+    candidates: list[Candidate] = field(default_factory=list)
+
+    @property
+    def fits(self) -> list[Candidate]:
+        """Fitting layouts, fastest first (ties: lower ZeRO stage, then less memory)."""
+        ok = [c for c in self.candidates if c.fits]
+        return sorted(ok, key=lambda c: (not c.exact, c.step_time_s, c.layout.zero, c.peak_bytes))
+
+    @property
+    def rejected(self) -> list[Candidate]:
+        """Rejected layouts: those that ran out of memory first (least over), then those that do not divide."""
+        bad = [c for c in self.candidates if not c.fits]
+        return sorted(bad, key=lambda c: (c.peak_bytes is None, c.peak_bytes or 0.0))
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model_name,
+            "gpus": self.gpus,
+            "gpu_memory_bytes": self.gpu_memory,
+            "tried": len(self.candidates),
+            "fits": [c.to_dict() for c in self.fits],
+            "rejected": [c.to_dict() for c in self.rejected],
+        }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def default_grid(cfg: ModelConfig, gpus: int, gpus_per_node: int) -> dict[str, list]:
+    """Default candidate lists: PP up to the layer count, TP within a node dividing the heads, EP dividing N_r,
+    ETP 1, ZeRO-1 (the report's choice; pass more stages to compare), every recompute policy and schedule."""
+    n = cfg.num_hidden_layers
+    pps = sorted({d for d in _divisors(gpus) if d <= n} | {2 * d for d in _divisors(gpus) if 2 * d <= n})
+    tps = [t for t in _divisors(cfg.num_attention_heads) if t <= gpus_per_node and gpus % t == 0]
+    eps = [e for e in _divisors(cfg.n_routed_experts) if e <= gpus] if cfg.n_routed_experts else [1]
+    return {"pp": pps, "tp": tps, "ep": eps, "etp": [1], "zero": [1], "recompute": list(RECOMPUTE),
+            "schedule": list(SCHEDULES)}
+
+
+def search(
+    cfg: ModelConfig,
+    gpus: int,
+    gpu_memory: int,
+    *,
+    model_name: str = "custom",
+    grid: dict[str, list] | None = None,
+    seq_len: int = 4096,
+    micro_batch: int = 1,
+    global_batch: int | None = None,
+    fp8: bool = False,
+    attention: str = "fused",
+    mtp: bool = True,
+    precision: Precision | None = None,
+    hardware: Hardware | None = None,
+    fragmentation: float = DEFAULT_FRAGMENTATION,
+    causal: bool = True,
+    top: int = 20,
+) -> SearchResult:
+    """Try every layout of ``gpus`` GPUs in ``grid`` (defaults: :func:`default_grid`); see the module docstring."""
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"--gpus must be a positive integer, got {gpus!r}")
+    hardware = hardware or Hardware()
+    precision = precision or Precision()
+    g = default_grid(cfg, gpus, hardware.gpus_per_node)
+    for key, values in (grid or {}).items():
+        if values:
+            g[key] = list(values)
+    for name in g["schedule"]:
+        if name not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    params = count_params(cfg)
+    cache = PlanCache(approximate=True)
+    result = SearchResult(model_name, gpus, gpu_memory)
+    seen: set = set()
+    for schedule in g["schedule"]:
+        for pp in g["pp"]:
+            name = "1f1b" if pp == 1 else schedule  # without a pipeline the schedule does not matter
+            devices = pp // 2 if name == "dualpipev" and pp % 2 == 0 else pp  # odd PP: validate says why not
+            for tp in g["tp"]:
+                if gpus % (devices * tp):
+                    continue
+                dp = gpus // (devices * tp)
+                for ep in g["ep"]:
+                    for etp in g["etp"]:
+                        for zero in g["zero"]:
+                            for recompute in g["recompute"]:
+                                lay = Layout(pp=pp, tp=tp, ep=ep, etp=etp, dp=dp, zero=zero, recompute=recompute,
+                                             seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch,
+                                             schedule=name, fp8=fp8, attention=attention, mtp=mtp)
+                                if lay in seen:
+                                    continue
+                                seen.add(lay)
+                                result.candidates.append(_try(cfg, lay, precision, hardware, fragmentation, causal,
+                                                              gpu_memory, params, cache, model_name))
+    # Plan the fastest exactly and re-rank them.
+    for c in result.fits[:top]:
+        exact = _try(cfg, c.layout, precision, hardware, fragmentation, causal, gpu_memory, params, None, model_name)
+        exact.exact = exact.fits
+        result.candidates[result.candidates.index(c)] = exact
+    return result
+
+
+def _try(cfg, lay, precision, hardware, fragmentation, causal, gpu_memory, params, cache, model_name) -> Candidate:
+    kwargs = dict(model_name=model_name, causal=causal, fragmentation=fragmentation, gpu_memory=gpu_memory,
+                  params=params, cache=cache)
+    try:
+        plan = make_plan(cfg, lay, precision, hardware, simulate=False, **kwargs)
+        peak = plan.peak_device_bytes
+        if peak <= gpu_memory:
+            plan = make_plan(cfg, lay, precision, hardware, **kwargs)
+    except DsV3Error as exc:
+        return Candidate(lay, False, str(exc).rstrip("."))
+    if peak <= gpu_memory:
+        return Candidate(lay, True, None, peak, plan.step_time_s, plan.throughput.tokens_per_s_per_gpu, plan.throughput.mfu)
+    worst = max(plan.devices, key=lambda d: d.total)
+    parts = {"weights": worst.weights, "grads": worst.grads, "optimizer": worst.optimizer, "activations": worst.activations}
+    big = max(parts, key=parts.get)
+    reason = (f"needs {format_bytes(peak)} on pipeline device {worst.device} (more than {format_bytes(gpu_memory)}), "
+              f"mostly {big} ({format_bytes(parts[big])})")
+    return Candidate(lay, False, reason, peak)
