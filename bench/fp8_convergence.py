@@ -18,6 +18,11 @@ Measured on a 2-core CPU (tiny preset, stdlib corpus, seed 0, emulation backend)
   of it on different trajectories; the gap opens there and shrinks slowly afterwards.
   Step time 1.66 s (FP32) vs 2.35 s (FP8 emulated).
 * 8x128 tokens, lr 3e-3: FP32 6.0484, FP8 6.0762, difference 0.46 % (FAIL); here FP8 is higher.
+* ``--lr 1e-3`` (16x256 tokens, no loss spike): FP32 5.3549, FP8 5.3597, difference 0.09 %
+  (PASS); FP8 runs 0-0.5 % above FP32 per step, +0.1 % on average.
+
+So the FP8 numerics track FP32 within the target where training is stable; at the trainer's
+default peak lr the tiny model's warm-up spike makes both directions of a ~0.5 % gap possible.
 """
 
 from __future__ import annotations
