@@ -127,7 +127,7 @@ def test_swiglu_output_is_exact_and_gradients_use_fp8_inputs():
     torch.manual_seed(3)
     gate = torch.randn(2, 40, 200, requires_grad=True)
     up = torch.randn(2, 40, 200, requires_grad=True)
-    out = fp8_swiglu(gate, up, EMU)
+    out = fp8_swiglu(gate, up, recipe=EMU)
     torch.testing.assert_close(out, F.silu(gate) * up)
     dy = torch.randn_like(out)
     out.backward(dy)
@@ -136,6 +136,23 @@ def test_swiglu_output_is_exact_and_gradients_use_fp8_inputs():
     sig = torch.sigmoid(g)
     close(gate.grad, dy.double() * u * (sig + g * sig * (1 - sig)))
     close(up.grad, dy.double() * g * sig)
+
+
+def test_swiglu_with_routing_weights():
+    torch.manual_seed(4)
+    gate = torch.randn(50, 256, requires_grad=True)
+    up = torch.randn(50, 256, requires_grad=True)
+    w = torch.rand(50, 1, requires_grad=True)
+    out = fp8_swiglu(gate, up, w, recipe=EMU)
+    torch.testing.assert_close(out, F.silu(gate) * up * w)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    g, u = f64(quantize_act(gate.detach())), f64(quantize_act(up.detach()))
+    sig = torch.sigmoid(g)
+    wd = w.detach().double()
+    close(gate.grad, dy.double() * wd * u * (sig + g * sig * (1 - sig)))
+    close(up.grad, dy.double() * wd * g * sig)
+    close(w.grad, (dy.double() * g * sig * u).sum(-1, keepdim=True))
 
 
 # --- Bytes saved for backward (saved-tensor hooks) ------------------------------------------
@@ -181,7 +198,7 @@ def test_fp8_swiglu_caches_about_half_the_bytes_of_its_bf16_inputs():
     with saved_bytes() as plain:
         F.silu(gate) * up  # plain autograd saves gate, up and silu(gate)
     with saved_bytes() as fp8:
-        fp8_swiglu(gate, up, EMU)
+        fp8_swiglu(gate, up, recipe=EMU)
     inputs_bf16 = 2 * 512 * 768 * 2
     assert plain[0] >= inputs_bf16
     assert 0.5 <= fp8[0] / inputs_bf16 <= 0.53

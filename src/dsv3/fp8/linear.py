@@ -241,39 +241,49 @@ def fp8_grouped_mm(
 
 class _FP8SwiGLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate, up, pow2: bool):
+    def forward(ctx, gate, up, weight, pow2: bool):
         out = F.silu(gate) * up
+        if weight is not None:
+            out = out * weight.to(out.dtype)
         gq = quantize(gate.reshape(-1, gate.shape[-1]), ACT_TILE, pow2=pow2)
         uq = quantize(up.reshape(-1, up.shape[-1]), ACT_TILE, pow2=pow2)
-        ctx.save_for_backward(gq.data, gq.scale, uq.data, uq.scale)
+        ctx.save_for_backward(gq.data, gq.scale, uq.data, uq.scale, weight)
         ctx.shape2, ctx.shape, ctx.dtypes = gq.shape, gate.shape, (gate.dtype, up.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        gd, gs, ud, us = ctx.saved_tensors
+        gd, gs, ud, us, weight = ctx.saved_tensors
         g = QTensor(gd, gs, ctx.shape2, ACT_TILE).dequantize().reshape(ctx.shape)
         u = QTensor(ud, us, ctx.shape2, ACT_TILE).dequantize().reshape(ctx.shape)
         dy = dy.float()
         sig = torch.sigmoid(g)
         silu = g * sig
+        dweight = None
+        if weight is not None:
+            if ctx.needs_input_grad[2]:
+                dweight = (dy * silu * u).sum(dim=-1, keepdim=True).to(weight.dtype)
+            dy = dy * weight.float()
         dgate = dy * u * sig * (1.0 + g * (1.0 - sig))
         dup = dy * silu
-        return dgate.to(ctx.dtypes[0]), dup.to(ctx.dtypes[1]), None
+        return dgate.to(ctx.dtypes[0]), dup.to(ctx.dtypes[1]), dweight, None
 
 
-def fp8_swiglu(gate: torch.Tensor, up: torch.Tensor, recipe: FP8Recipe | None = None) -> torch.Tensor:
-    """``silu(gate) * up`` that caches its inputs in FP8 (1x128 tiles) and recomputes in backward.
+def fp8_swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = None,
+               recipe: FP8Recipe | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` (times the per-row gate value ``weight`` [..., 1] when given) that caches
+    its inputs in FP8 (1x128 tiles) and recomputes in backward.
 
     Args:
         gate, up: [..., I] (same shape).
+        weight: optional [..., 1] routing weights g (kept in high precision: one value per row).
         recipe: the :class:`FP8Recipe` (its ``scale_format`` picks the scales).
 
     Returns:
         [..., I], computed in the inputs' precision (only the backward sees FP8 inputs).
     """
     recipe = recipe or FP8Recipe()
-    return _FP8SwiGLUFn.apply(gate, up, recipe.pow2)
+    return _FP8SwiGLUFn.apply(gate, up, weight, recipe.pow2)
 
 
 # --- Callables for the model's swappable attributes ----------------------------------------
@@ -293,13 +303,13 @@ class FP8GroupedMM:
 
 
 class FP8SwiGLU:
-    """``act(gate, up)`` replacement: :func:`fp8_swiglu`."""
+    """``act(gate, up[, weight])`` replacement: :func:`fp8_swiglu`."""
 
     def __init__(self, recipe: FP8Recipe):
         self.recipe = recipe
 
-    def __call__(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return fp8_swiglu(gate, up, self.recipe)
+    def __call__(self, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return fp8_swiglu(gate, up, weight, self.recipe)
 
     def __repr__(self) -> str:
         return f"FP8SwiGLU(scales={self.recipe.scale_format})"
