@@ -77,3 +77,21 @@ def test_recomputed_model_still_decodes_with_cache():
     with torch.no_grad():
         out = model(ids, cache=cache).logits
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_recomputation_with_fp8_changes_no_gradient():
+    from dsv3.config import load_preset
+    from dsv3.fp8 import FP8Recipe, convert
+
+    config = load_preset("tiny").replace(num_hidden_layers=2)
+    ids = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for policy in ("none", "selective", "full"):
+        torch.manual_seed(0)
+        model = DeepseekV3ForCausalLM(config)
+        convert(model, FP8Recipe(backend="emulated"))
+        apply_recompute(model, policy)
+        model(ids, ids).loss.backward()
+        grads[policy] = [p.grad.clone() for p in model.parameters()]
+    for policy in ("selective", "full"):
+        assert all(torch.equal(a, b) for a, b in zip(grads["none"], grads[policy]))

@@ -179,8 +179,10 @@ class MoE(nn.Module):
             order = flat_idx.argsort(stable=True)  # dispatch order: grouped by expert
             token = order // top_k
             offs = load.cumsum(0).to(torch.int32)
-        gates = weights.reshape(-1)[order].unsqueeze(-1)  # g of each dispatched row
-        routed = self.experts(flat[token], offs, gates)  # [N*K_r, d], already scaled by g
+        # index_select, not flat[token]: its backward (index_add) is deterministic on CPU, while
+        # advanced indexing accumulates the duplicated rows in a thread-dependent order.
+        gates = weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # g of each dispatched row
+        routed = self.experts(flat.index_select(0, token), offs, gates)  # [N*K_r, d], already scaled by g
         out = combine(routed, token, flat.shape[0])
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
