@@ -21,13 +21,18 @@ import json
 from dsv3.memory.measure import measure_config
 from dsv3.train.config import TrainConfig
 
+# On a CPU there are no FP8 GEMMs: "FP8 activation caching" keeps the recipe's FP8 activation storage
+# with exact GEMMs (fp8_gemm=False); the full recipe, emulated (every GEMM operand quantised and
+# dequantised in software), is listed for reference. On a Hopper GPU use fp8_gemm=True throughout.
 CONFIGS = {
     "plain FP32": {},
     "selective recompute": {"recompute": "selective"},
-    "FP8 activation caching": {"fp8": True},
+    "FP8 activation caching": {"fp8": True, "fp8_gemm": False},
+    "FP8 recipe (emulated GEMMs)": {"fp8": True},
     "BF16 AdamW moments": {"optim_states": "bf16"},
     "CPU EMA": {"ema_decay": 0.999},
-    "all together": {"recompute": "selective", "fp8": True, "optim_states": "bf16", "ema_decay": 0.999},
+    "all together": {"recompute": "selective", "fp8": True, "fp8_gemm": False, "optim_states": "bf16",
+                     "ema_decay": 0.999},
 }
 
 

@@ -251,3 +251,46 @@ def test_cuda_backend_matches_the_emulation_end_to_end():
         outs.append((y.detach(), xi.grad, we.grad.clone()))
     for got, ref in zip(outs[0], outs[1], strict=True):
         assert ((got - ref).norm() / ref.norm()).item() < 1e-4
+
+
+def test_storage_only_linear_is_exact_but_caches_fp8():
+    """fp8_gemm=False: exact Fprop/Dgrad, Wgrad on the dequantised FP8 cache, same cached bytes."""
+    from dsv3.fp8.quant import quantize_tokens
+
+    recipe = FP8Recipe(backend="emulated", fp8_gemm=False)
+    torch.manual_seed(5)
+    x = torch.randn(2, 128, 200, requires_grad=True)  # 256 tokens: whole 128-token tiles
+    w = torch.randn(150, 200, requires_grad=True)
+    y = fp8_linear(x, w, recipe=recipe)
+    torch.testing.assert_close(y, x @ w.t())
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, dy @ w.detach())
+    x_hat = f64(quantize_tokens(x.detach().reshape(-1, 200)))
+    close(w.grad, dy.reshape(-1, 150).double().t() @ x_hat)
+    with saved_bytes(exclude=[w]) as fp8_bytes:
+        fp8_linear(x, w, recipe=recipe)
+    assert fp8_bytes[0] < 0.55 * x.numel() * 2  # about half of a BF16 copy
+
+
+def test_storage_only_grouped_mm_is_exact_forward():
+    from dsv3.fp8.linear import fp8_grouped_mm
+
+    recipe = FP8Recipe(backend="emulated", fp8_gemm=False)
+    torch.manual_seed(6)
+    counts = torch.tensor([40, 0, 90, 7])
+    offs = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(int(counts.sum()), 128, requires_grad=True)
+    w = torch.randn(4, 64, 128, requires_grad=True)
+    y = fp8_grouped_mm(x, w, offs, recipe)
+    ref, start = [], 0
+    for e, c in enumerate(counts.tolist()):
+        ref.append(x[start:start + c] @ w[e].t())
+        start += c
+    torch.testing.assert_close(y, torch.cat(ref))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        torch.testing.assert_close(x.grad[start:start + c], dy[start:start + c] @ w.detach()[e])
+        start += c

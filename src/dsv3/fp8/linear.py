@@ -48,6 +48,7 @@ from dsv3.fp8.quant import (
     quantize_tokens_grouped,
 )
 from dsv3.fp8.recipe import FP8Recipe
+from dsv3.model.ops import grouped_mm as model_grouped_mm
 
 INPUT_CACHES = ("e4m3", "e5m6")
 
@@ -61,9 +62,12 @@ class _FP8LinearFn(torch.autograd.Function):
         backend = resolve_backend(recipe.backend, x.device)
         x2 = x.reshape(-1, x.shape[-1])
         e5m6 = input_cache == "e5m6"
-        xq = quantize(x2, ACT_TILE, pow2=recipe.pow2 or e5m6)
-        wq = quantize(weight, WEIGHT_BLOCK, pow2=recipe.pow2)
-        y = fp8_mm(xq, wq, x.dtype, backend)
+        if recipe.fp8_gemm or e5m6:
+            xq = quantize(x2, ACT_TILE, pow2=recipe.pow2 or e5m6)
+        if recipe.fp8_gemm:
+            y = fp8_mm(xq, quantize(weight, WEIGHT_BLOCK, pow2=recipe.pow2), x.dtype, backend)
+        else:  # storage only: the exact GEMM in the activations' precision
+            y = x2 @ weight.to(x2.dtype).t()
         if bias is not None:
             y = y + bias.to(y.dtype)
         cached: tuple[torch.Tensor, ...] = ()
@@ -86,9 +90,12 @@ class _FP8LinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dyq = quantize(dy2, ACT_TILE, pow2=recipe.pow2)
-            wq = quantize(weight, WEIGHT_BLOCK, pow2=recipe.pow2)
-            dx = fp8_mm(dyq, wq.t(), ctx.x_dtype, backend).reshape(ctx.x_shape)
+            if recipe.fp8_gemm:
+                dyq = quantize(dy2, ACT_TILE, pow2=recipe.pow2)
+                wq = quantize(weight, WEIGHT_BLOCK, pow2=recipe.pow2)
+                dx = fp8_mm(dyq, wq.t(), ctx.x_dtype, backend).reshape(ctx.x_shape)
+            else:
+                dx = (dy2 @ weight.to(dy2.dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             if not ctx.saved_input:
                 raise RuntimeError("FP8 Linear backward needs the weight gradient but its input was not cached")
@@ -96,11 +103,15 @@ class _FP8LinearFn(torch.autograd.Function):
             if ctx.input_cache == "e5m6":
                 packed, scale = cached
                 x_hat = unpack_e5m6(packed, (m, k)) * scale.repeat_interleave(128, dim=1)[:, :k]
-                xt = quantize(x_hat, TOKEN_TILE, pow2=recipe.pow2)
+                xt = quantize(x_hat, TOKEN_TILE, pow2=recipe.pow2) if recipe.fp8_gemm else None
             else:
                 xt = QTensor(cached[0], cached[1], (m, k), TOKEN_TILE)
-            dyt = quantize(dy2, TOKEN_TILE, pow2=recipe.pow2)
-            dw = fp8_mm(dyt.t(), xt.t(), torch.float32, backend).to(weight.dtype)
+                x_hat = None if recipe.fp8_gemm else xt.dequantize()
+            if recipe.fp8_gemm:
+                dyt = quantize(dy2, TOKEN_TILE, pow2=recipe.pow2)
+                dw = fp8_mm(dyt.t(), xt.t(), torch.float32, backend).to(weight.dtype)
+            else:  # storage only: the high-precision GEMM on the dequantised cache
+                dw = (dy2.float().t() @ x_hat.float()).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0)
         return dx, dw, db, None, None, None
@@ -174,9 +185,13 @@ class _FP8GroupedMMFn(torch.autograd.Function):
     def forward(ctx, x, w, offs, recipe: FP8Recipe, save_input: bool):
         backend = resolve_backend(recipe.backend, x.device)
         offs_list = [int(o) for o in offs.tolist()]
-        xq = quantize(x, ACT_TILE, pow2=recipe.pow2)
-        wq = quantize(w, WEIGHT_BLOCK, pow2=recipe.pow2)
-        y = grouped_mm(xq, wq, offs_list, x.dtype, backend)
+        if recipe.fp8_gemm:
+            xq = quantize(x, ACT_TILE, pow2=recipe.pow2)
+            wq = quantize(w, WEIGHT_BLOCK, pow2=recipe.pow2)
+            y = grouped_mm(xq, wq, offs_list, x.dtype, backend)
+        else:  # storage only: the model's exact grouped GEMM
+            with torch.no_grad():
+                y = model_grouped_mm(x, w.to(x.dtype), offs)
         cached: tuple[torch.Tensor, ...] = ()
         if save_input:
             rows, padded_offs = group_padding(offs_list)
@@ -195,9 +210,14 @@ class _FP8GroupedMMFn(torch.autograd.Function):
         recipe, backend, offs = ctx.recipe, ctx.backend, ctx.offs
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dyq = quantize(dy, ACT_TILE, pow2=recipe.pow2)
-            wq = quantize(w, WEIGHT_BLOCK, pow2=recipe.pow2)
-            dx = grouped_mm(dyq, wq.t(), offs, ctx.x_dtype, backend)
+            if recipe.fp8_gemm:
+                dyq = quantize(dy, ACT_TILE, pow2=recipe.pow2)
+                wq = quantize(w, WEIGHT_BLOCK, pow2=recipe.pow2)
+                dx = grouped_mm(dyq, wq.t(), offs, ctx.x_dtype, backend)
+            else:
+                offs_t = torch.tensor(offs, dtype=torch.int32, device=dy.device)
+                with torch.no_grad():
+                    dx = model_grouped_mm(dy.contiguous(), w.to(dy.dtype).transpose(1, 2).contiguous(), offs_t)
         if ctx.needs_input_grad[1]:
             if not ctx.saved_input:
                 raise RuntimeError("FP8 grouped GEMM backward needs the weight gradient but its input was not cached")
@@ -207,8 +227,18 @@ class _FP8GroupedMMFn(torch.autograd.Function):
             full = torch.zeros(n_pad, data.shape[1], dtype=torch.uint8, device=data.device)
             full.index_copy_(0, rows.to(data.device), data)
             xt = QTensor(full.view(torch.float8_e4m3fn), scale, (n_pad, ctx.x_shape[1]), TOKEN_TILE)
-            dyt = quantize_tokens_grouped(dy, rows, n_pad, pow2=recipe.pow2)
-            dw = grouped_wgrad(dyt, xt, padded_offs, torch.float32, backend).to(w.dtype)
+            if recipe.fp8_gemm:
+                dyt = quantize_tokens_grouped(dy, rows, n_pad, pow2=recipe.pow2)
+                dw = grouped_wgrad(dyt, xt, padded_offs, torch.float32, backend).to(w.dtype)
+            else:  # storage only: high-precision per-expert dy^T x on the dequantised cache
+                x_hat = xt.dequantize().index_select(0, rows.to(data.device))
+                dw = torch.zeros(w.shape, dtype=torch.float32, device=dy.device)
+                start = 0
+                for e, end in enumerate(offs):
+                    if end > start:
+                        dw[e] = dy[start:end].float().t() @ x_hat[start:end]
+                    start = end
+                dw = dw.to(w.dtype)
         return dx, dw, None, None, None
 
 

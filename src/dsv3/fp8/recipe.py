@@ -28,6 +28,10 @@ class FP8Recipe:
             along tokens in backward) or ``e4m3`` (like every other FP8 Linear).
         fp8_swiglu: cache the SwiGLU inputs of every MLP and expert in FP8 and recompute its
             output in backward.
+        fp8_gemm: run the three GEMMs of every converted Linear and expert on FP8 operands (the
+            recipe). ``False`` keeps only the low-precision *storage*: Fprop and Dgrad run in the
+            activations' precision on exact operands, Wgrad on the dequantised FP8 cache, so the
+            activation memory is the recipe's on hardware without FP8 GEMMs (CPUs, pre-Hopper GPUs).
         include: ``fnmatch`` patterns of module names whose ``nn.Linear`` children become FP8.
         exclude: patterns that stay in high precision even inside ``include`` (the output
             head, the router, the MTP shared head).
@@ -37,6 +41,7 @@ class FP8Recipe:
     scale_format: str = "fp32"
     attn_out_format: str = "e5m6"
     fp8_swiglu: bool = True
+    fp8_gemm: bool = True
     include: tuple[str, ...] = ("model.layers.*", "mtp.*")
     exclude: tuple[str, ...] = ("lm_head", "*.lm_head", "*.gate", "*.shared_head", "*.shared_head.*")
 

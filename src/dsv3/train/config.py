@@ -62,7 +62,9 @@ class TrainConfig:
     mtp_switch: float = 0.68  # fraction of the run after which lambda = mtp_loss_weight_late
     # --- memory savings and precision
     fp8: bool = False
-    fp8_backend: str = "auto"
+    fp8_backend: str = "auto"  # auto | emulated | cuda
+    fp8_scale_format: str = "fp32"  # fp32 | ue8m0 (power-of-two scales for every GEMM operand)
+    fp8_gemm: bool = True  # false: FP8 activation storage only, GEMMs in the parameter precision
     recompute: str = "none"  # none | selective | full
     ema_decay: float | None = None
     use_ema: bool = False  # validate with the EMA weights

@@ -110,7 +110,8 @@ def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
     if config.fp8:
         from dsv3.fp8 import FP8Recipe, convert
 
-        convert(model, FP8Recipe(backend=config.fp8_backend))
+        convert(model, FP8Recipe(backend=config.fp8_backend, scale_format=config.fp8_scale_format,
+                                 fp8_gemm=config.fp8_gemm))
     if config.recompute != "none":
         from dsv3.memory.recompute import apply_recompute
 

@@ -183,6 +183,15 @@ class AdamW(torch.optim.Optimizer):
             return
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
 
+        if self._fusable(params, grads, exp_avgs, exp_avg_sqs):
+            # FP32 everywhere: torch's fused multi-tensor AdamW kernel (one pass over memory), the same
+            # update as below: decoupled decay, m <- lerp, v <- beta_2 v + (1-beta_2) g^2, bias corrections.
+            state_steps = [torch.tensor(float(t), device=params[0].device) for t in steps]
+            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], state_steps, amsgrad=False, lr=lr,
+                                beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, maximize=False,
+                                grad_scale=None, found_inf=None)
+            return
+
         # FP32 working copies where the stored tensor is not FP32 (BF16 moments, low-precision params).
         fp32 = torch.float32
         p32 = [p if p.dtype == fp32 else p.float() for p in params]
@@ -208,6 +217,14 @@ class AdamW(torch.optim.Optimizer):
             pairs = [(s, w) for s, w in zip(stored, work) if s is not w]
             if pairs:
                 torch._foreach_copy_([s for s, _ in pairs], [w for _, w in pairs])
+
+    @staticmethod
+    def _fusable(*tensor_lists: list[torch.Tensor]) -> bool:
+        if not hasattr(torch, "_fused_adamw_"):
+            return False
+        first = tensor_lists[0][0]
+        return all(t.dtype == torch.float32 and t.device == first.device and t.device.type in ("cpu", "cuda")
+                   for tensors in tensor_lists for t in tensors)
 
     def state_dict(self) -> dict[str, Any]:
         """The torch optimizer state dict plus ``moments_dtype`` (a string) for the record."""
