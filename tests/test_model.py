@@ -249,7 +249,7 @@ def test_bf16_model_keeps_router_bias_fp32():
     model = _model(small_config()).to(torch.bfloat16)
     bias = model.moe_layers()[0].gate.e_score_correction_bias
     assert bias.dtype == torch.float32
-    out = model(torch.randint(0, 512, (1, 8)), torch.randint(0, 512, (1, 8)))
+    out = model(torch.randint(0, 512, (1, 8)), torch.randint(0, 512, (1, 8)), return_logits=True)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
 
 
@@ -287,3 +287,27 @@ def test_training_step_is_deterministic_on_cpu():
         grads.append([p.grad.clone() for p in model.parameters()])
     for other in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_fused_linear_cross_entropy_matches_cross_entropy(chunk):
+    from dsv3.model.loss import fused_linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(50, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(30, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 30, (50,), generator=gen)
+    labels[[3, 17, 40]] = -100
+    loss = fused_linear_cross_entropy(h, w, labels, chunk=chunk)
+    (loss * 2.5).backward()  # a scaled loss, as gradient accumulation does
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ w2.t(), labels, ignore_index=-100)
+    (ref * 2.5).backward()
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    # nothing of size [N, V] is kept for backward: only dL/dh [N, d] and dL/dW [V, d]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        fused_linear_cross_entropy(h, w, labels, chunk=chunk)
+    assert sorted(saved) == sorted([h.shape, w.shape])

@@ -18,7 +18,9 @@ Policies (what each block keeps for backward; the rest is recomputed in backward
       outputs, q, k, v and the W^O input are recomputed.
     - FFN branch: keeps the outputs of the GEMMs (router logits, the SwiGLU inputs
       gate/up, expert outputs); recomputes the RMSNorm output, the token dispatch
-      copies and the SwiGLU output.
+      copies and the SwiGLU output. With the FP8 recipe the FFN is left as it is: its
+      GEMM and SwiGLU inputs are already cached in FP8 and SwiGLU outputs recomputed,
+      while a checkpointed region would keep its full-precision GEMM outputs.
 ``full``
     keeps only each block's input and recomputes the whole block.
 
@@ -39,7 +41,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from dsv3.errors import ConfigError
 from dsv3.model.block import DecoderLayer
 from dsv3.model.mla import LatentKVCache
-from dsv3.model.ops import GROUPED_MM_OPS
+from dsv3.model.ops import GROUPED_MM_OPS, swiglu
 
 POLICIES = ("none", "selective", "full")
 
@@ -82,8 +84,18 @@ def _selective_attention(layer: DecoderLayer, x, cos, sin, cache=None, start_pos
                       use_reentrant=False, context_fn=_KEEP_ATTENTION)
 
 
+def _caches_fp8(layer: DecoderLayer) -> bool:
+    """Whether the FFN's SwiGLUs already cache FP8 inputs (FP8 recipe): then nothing large is left to drop."""
+    mlp = layer.mlp
+    acts = [mlp.act] if hasattr(mlp, "act") else [mlp.experts.act] + (
+        [mlp.shared_experts.act] if mlp.shared_experts is not None else [])
+    return any(act is not swiglu for act in acts)
+
+
 def _selective_ffn(layer: DecoderLayer, h):
-    if not _recomputing():
+    if not _recomputing() or _caches_fp8(layer):
+        # With the FP8 recipe the FFN keeps FP8 copies of its GEMM and SwiGLU inputs and recomputes
+        # SwiGLU outputs already; a checkpointed region would store its full-precision GEMM outputs.
         return DecoderLayer.ffn(layer, h)
     return checkpoint(functools.partial(DecoderLayer.ffn, layer), h, use_reentrant=False, context_fn=_KEEP_MATMULS)
 

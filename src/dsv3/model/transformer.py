@@ -14,18 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.block import DecoderLayer
+from dsv3.model.loss import IGNORE_INDEX, fused_linear_cross_entropy
 from dsv3.model.mla import LatentKVCache
 from dsv3.model.moe import MoE, Experts, Router
 from dsv3.model.mtp import MTPLayer
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import RotaryEmbedding
 
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -160,7 +159,8 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                cache: LatentKVCache | None = None, start_pos: int = 0) -> CausalLMOutput:
+                cache: LatentKVCache | None = None, start_pos: int = 0,
+                return_logits: bool | None = None) -> CausalLMOutput:
         """Run the model.
 
         Args:
@@ -169,6 +169,9 @@ class DeepseekV3ForCausalLM(nn.Module):
                 When given, the loss (with MTP and balance terms) is computed.
             cache: a :class:`LatentKVCache` for incremental decoding (absorbed MLA path).
             start_pos: position of ``input_ids[:, 0]`` in the cached sequence.
+            return_logits: whether ``logits`` is filled in. Default: always without labels; with
+                labels the losses come from :func:`~dsv3.model.loss.fused_linear_cross_entropy`,
+                which never materialises the [B, T, V] logits for backward, and ``logits`` is None.
         """
         bsz, seqlen = input_ids.shape
         emb = self.model.embed_tokens(input_ids)
@@ -178,13 +181,14 @@ class DeepseekV3ForCausalLM(nn.Module):
         h = emb
         for layer in self.model.layers:
             h = layer(h, cos, sin, cache, start_pos)
-        logits = self.lm_head(self.model.norm(h))
-        out = CausalLMOutput(logits=logits, hidden_states=h)
+        h_norm = self.model.norm(h)
+        if return_logits is None:
+            return_logits = labels is None
+        out = CausalLMOutput(logits=self.lm_head(h_norm) if return_logits else None, hidden_states=h)
         if labels is None:
             return out
 
-        lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1),
-                                  ignore_index=IGNORE_INDEX)
+        lm_loss = self._head_loss(h_norm, labels)
         mtp_loss = self._mtp_loss(h, emb, labels, cos, sin)
         moes = self.moe_layers()
         balance = [m.last_balance_loss for m in moes if m.last_balance_loss is not None]
@@ -211,7 +215,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         for k, layer in enumerate(self.mtp, start=1):
             n = seqlen - k
             h_prev = layer(h_prev[:, :n], emb[:, k:], cos[:, :n], sin[:, :n])
-            logits = self.lm_head(layer.shared_head.norm(h_prev))
-            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                          labels[:, k:].reshape(-1), ignore_index=IGNORE_INDEX))
+            losses.append(self._head_loss(layer.shared_head.norm(h_prev), labels[:, k:]))
         return self.config.mtp_loss_weight / depth * torch.stack(losses).sum()
+
+    def _head_loss(self, h_norm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of the shared output head on ``h_norm`` [B, T', d]."""
+        return fused_linear_cross_entropy(h_norm.reshape(-1, h_norm.shape[-1]), self.lm_head.weight,
+                                          labels.reshape(-1))

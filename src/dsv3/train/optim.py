@@ -22,6 +22,7 @@ FP32 values of that step.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -149,6 +150,7 @@ class AdamW(torch.optim.Optimizer):
         self.moments_dtype = resolve_moments_dtype(moments_dtype)
         defaults = {"lr": float(lr), "betas": (float(betas[0]), float(betas[1])), "eps": float(eps), "weight_decay": float(weight_decay)}
         super().__init__(params, defaults)
+        self._compiled_ok = True
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -191,6 +193,21 @@ class AdamW(torch.optim.Optimizer):
                                 beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, maximize=False,
                                 grad_scale=None, found_inf=None)
             return
+
+        if self._compiled_ok and self.moments_dtype != torch.float32 and all(
+                p.dtype == torch.float32 and g.dtype == torch.float32 for p, g in zip(params, grads)):
+            # Low-precision moments: one fused elementwise kernel per tensor (torch.compile), reading
+            # the BF16 moments, updating in FP32 and writing them back rounded, in a single pass.
+            kernel = _compiled_adamw_update()
+            try:
+                for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+                    kernel(p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), lr, beta1, beta2, wd, eps,
+                           1.0 - beta1**t, math.sqrt(1.0 - beta2**t))
+                return
+            except Exception:  # no compiler on this machine: the multi-tensor path below, from now on
+                if p is not params[0]:
+                    raise  # a failure after some tensors were updated must not be retried
+                self._compiled_ok = False
 
         # FP32 working copies where the stored tensor is not FP32 (BF16 moments, low-precision params).
         fp32 = torch.float32
@@ -244,6 +261,22 @@ class AdamW(torch.optim.Optimizer):
                     state[key] = state[key].to(self.moments_dtype)
             if "step" in state and isinstance(state["step"], torch.Tensor):
                 state["step"] = int(state["step"].item())
+
+
+def _adamw_update_1d(p, g, m, v, lr: float, beta1: float, beta2: float, wd: float, eps: float,
+                     bc1: float, bc2_sqrt: float) -> None:
+    """In place on flat tensors: the AdamW step of :class:`AdamW` with moments stored in ``m.dtype``."""
+    m32 = m.float().lerp(g, 1.0 - beta1)
+    v32 = v.float() * beta2 + (1.0 - beta2) * g * g
+    p.copy_(p * (1.0 - lr * wd) - (lr / bc1) * m32 / (v32.sqrt() / bc2_sqrt + eps))
+    m.copy_(m32)
+    v.copy_(v32)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_adamw_update():
+    """:func:`_adamw_update_1d` compiled once for every tensor length (dynamic shapes, float scalars)."""
+    return torch.compile(_adamw_update_1d, fullgraph=True, dynamic=True)
 
 
 def _check_hparams(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
