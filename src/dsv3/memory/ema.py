@@ -77,12 +77,24 @@ def _worker(jobs: queue.SimpleQueue, shadow: list[torch.Tensor], slots: list[_Sl
                     shared.before_apply()
                 for event in slot.events:
                     event.synchronize()
-                src = [b if b.dtype == torch.float32 else b.float() for b in slot.buffers]
-                torch._foreach_lerp_(shadow, src, 1.0 - decay)  # ema + (1 - beta)(theta - ema)
+                # In pieces below ATen's parallel grain size: the worker never opens a thread team of
+                # its own, so it does not fight the training step's threads for the cores.
+                for ema_piece, src in zip(_pieces(shadow), _pieces(slot.buffers)):
+                    src = [b if b.dtype == torch.float32 else b.float() for b in src]
+                    torch._foreach_lerp_(ema_piece, src, 1.0 - decay)  # ema + (1 - beta)(theta - ema)
         except BaseException as exc:  # re-raised in the caller by update()/wait()
             shared.error = exc
         finally:
             slot.free.set()
+
+
+_PIECE = 16384  # elements: below ATen's GRAIN_SIZE (32768), so each op runs on the calling thread
+
+
+def _pieces(tensors: list[torch.Tensor], per_call: int = 4096) -> list[list[torch.Tensor]]:
+    """Flat views of ``tensors`` cut into ``_PIECE``-element pieces, in lists of ``per_call`` pieces."""
+    pieces = [p for t in tensors for p in t.reshape(-1).split(_PIECE)]
+    return [pieces[i:i + per_call] for i in range(0, len(pieces), per_call)]
 
 
 def _shutdown(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
