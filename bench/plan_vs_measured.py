@@ -1,25 +1,35 @@
 """Check the planner against what a built model and optimizer really allocate.
 
 For a preset (``tiny``, ``small``) on one device (PP = TP = EP = DP = 1), this
-builds :class:`dsv3.model.transformer.DeepseekV3ForCausalLM`, runs one training
-step with the trainer's AdamW (:mod:`dsv3.train.optim`) and compares:
+builds :class:`dsv3.model.transformer.DeepseekV3ForCausalLM` as ``dsv3 train``
+does (parameter dtype, then the FP8 recipe, then the recompute policy), runs
+one training step with the trainer's AdamW (:mod:`dsv3.train.optim`) and
+compares with ``dsv3.plan.planner.make_plan`` for the same layout and formats:
 
 - weights: bytes of every parameter and buffer;
 - gradients: bytes of every ``.grad`` after the backward;
 - optimizer: bytes of the optimizer's state tensors after the step;
-- activations: bytes autograd saves for backward during the forward, captured
-  with ``torch.autograd.graph.saved_tensors_hooks`` and counted once per
-  storage (keyed by ``untyped_storage().data_ptr()``, sized by the storage's
-  ``nbytes``), leaving out the storages of parameters and buffers (weights,
-  counted above);
+- activations, measured by :func:`dsv3.memory.measure.activation_bytes`:
+  ``live``, every storage created during the forward and still alive when it
+  returns (parameters, buffers and the loss excluded): what autograd saves plus
+  what recomputation keeps (inputs of checkpointed regions, the outputs the
+  selective policy caches); and ``saved``, the storages autograd packs for
+  backward (``saved_tensors_hooks``, each storage once). Without recomputation
+  the two agree; with it ``saved`` cannot see inside checkpointed regions (their
+  saved tensors are packed into the checkpoint, which keeps nothing but the
+  region inputs and its caches), so it undercounts and ``live`` is the memory.
 
-with ``dsv3.plan.planner.make_plan`` for the same layout and formats. The
-planner's weights, gradients and optimizer bytes must be equal; its activation
-bytes within 10 %. Recompute policies other than ``none`` are measured when the
-trainer has them (``dsv3.memory.recompute.apply_recompute``).
+The planner's weights, gradients and optimizer bytes must be equal; its
+activation bytes within 10 % of ``live`` (and of ``saved`` without recompute).
 
-    python bench/plan_vs_measured.py                 # tiny and small, FP32 and BF16, each policy
-    python bench/plan_vs_measured.py --preset tiny --seq-len 128 --json
+FP8 rows use the recipe's storage-only mode (``fp8_gemm=False``: the FP8
+activation caches with exact GEMMs); ``fp8_gemm=True`` caches the same tensors,
+but on CPU its GEMMs are emulated in FP32, so a selective region that caches
+GEMM outputs keeps FP32 copies of the MLA down-projection outputs (``--fp8-gemm``
+shows it), which real FP8 GEMMs do not produce.
+
+    python bench/plan_vs_measured.py                      # tiny and small FP32, small FP8; every policy
+    python bench/plan_vs_measured.py --preset tiny --dtype bf16 --fp8 --json
 """
 
 from __future__ import annotations
@@ -39,6 +49,8 @@ from dsv3.plan.planner import make_plan  # noqa: E402
 from dsv3.plan.precision import Precision  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+POLICIES = ("none", "selective", "full")
+STATES = ("weights", "grads", "optimizer")
 
 
 def planner_precision(dtype: str, moments: str) -> Precision:
@@ -46,59 +58,50 @@ def planner_precision(dtype: str, moments: str) -> Precision:
     master copy (the parameters are updated in place), AdamW moments in ``moments``, activations in the
     model dtype; the router computes in FP32 whatever the model dtype."""
     return Precision(weights=dtype, grads=dtype, master="none", moments=moments, router=dtype, router_compute="fp32",
-                     activations=dtype, stats="fp32", loss="fp32")
+                     activations=dtype, stats="fp32")
 
 
-def recompute_available() -> bool:
-    try:
-        from dsv3.memory.recompute import apply_recompute  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def measure(preset: str, seq_len: int, micro_batch: int = 1, dtype: str = "fp32", moments: str = "fp32",
-            recompute: str = "none", seed: int = 0) -> dict:
-    """Build the model, run one step, and return the measured and planned bytes."""
+def build(preset: str, dtype: str, recompute: str, fp8: str | None, seed: int = 0):
+    """The model as ``dsv3 train`` builds it (``fp8``: None, ``storage`` or ``gemm``)."""
     from dsv3.model.transformer import DeepseekV3ForCausalLM
-    from dsv3.train.optim import AdamW, optimizer_state_bytes
 
     torch.manual_seed(seed)
     cfg = load_preset(preset)
     model = DeepseekV3ForCausalLM(cfg).to(DTYPES[dtype])
     model.train()
+    if fp8 is not None:
+        from dsv3.fp8 import FP8Recipe, convert
+
+        convert(model, FP8Recipe(fp8_gemm=fp8 == "gemm"))
     if recompute != "none":
         from dsv3.memory.recompute import apply_recompute
 
         apply_recompute(model, recompute)
+    return cfg, model
+
+
+def measure(preset: str, seq_len: int, micro_batch: int = 1, dtype: str = "fp32", moments: str = "fp32",
+            recompute: str = "none", fp8: str | None = None, seed: int = 0) -> dict:
+    """Build the model, run one step, and return the measured and planned bytes."""
+    from dsv3.memory.measure import activation_bytes
+    from dsv3.train.optim import AdamW, optimizer_state_bytes
+
+    cfg, model = build(preset, dtype, recompute, fp8, seed)
     opt = AdamW(model.parameters(), moments_dtype=moments)
     ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1))
     inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-
-    weight_ptrs = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in weight_ptrs and storage.nbytes() > 0:
-            saved[ptr] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(inputs, labels=labels)
-    activations = sum(saved.values())
-    out.loss.backward()
+    live, saved = activation_bytes(model, inputs, labels)  # runs the backward too
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     opt.step()
     measured = {
         "weights": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())),
         "grads": grads,
         "optimizer": optimizer_state_bytes(opt),
-        "activations": activations,
+        "activations": live,
+        "saved_tensors": saved,
     }
-    plan = make_plan(cfg, Layout(seq_len=seq_len, micro_batch=micro_batch, recompute=recompute, zero=0),
-                     planner_precision(dtype, moments), model_name=preset)
+    plan = make_plan(cfg, Layout(seq_len=seq_len, micro_batch=micro_batch, recompute=recompute, zero=0,
+                                 fp8=fp8 is not None), planner_precision(dtype, moments), model_name=preset)
     stage = plan.stages[0]
     planned = {
         "weights": stage.weights,
@@ -106,39 +109,77 @@ def measure(preset: str, seq_len: int, micro_batch: int = 1, dtype: str = "fp32"
         "optimizer": stage.optimizer,
         "activations": stage.activations_per_microbatch,
     }
+    ratio = {k: planned[k] / measured[k] for k in planned}
+    ratio["saved_tensors"] = planned["activations"] / measured["saved_tensors"]
     return {
         "preset": preset, "seq_len": seq_len, "micro_batch": micro_batch, "dtype": dtype, "moments": moments,
-        "recompute": recompute, "measured": measured, "planned": planned,
-        "ratio": {k: planned[k] / measured[k] for k in measured},
+        "recompute": recompute, "fp8": fp8, "measured": measured, "planned": planned, "ratio": ratio,
     }
+
+
+def row_ok(r: dict) -> bool:
+    states = all(r["planned"][k] == r["measured"][k] for k in STATES)
+    return states and abs(r["ratio"]["activations"] - 1) <= 0.10 and (
+        r["recompute"] != "none" or abs(r["ratio"]["saved_tensors"] - 1) <= 0.10)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The comparison as a markdown table (what BENCHMARKS.md shows)."""
+    head = ("| preset | params | FP8 | recompute | weights / grads / optimizer (measured = planned) "
+            "| activations live | saved_tensors | planned | planned / live | planned / saved |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        m, p, q = r["measured"], r["planned"], r["ratio"]
+        states = " / ".join(f"{m[k]:,}" for k in STATES)
+        if not all(p[k] == m[k] for k in STATES):
+            states += " (planned " + " / ".join(f"{p[k]:,.0f}" for k in STATES) + ")"
+        lines.append(
+            f"| {r['preset']} | {r['dtype']} | {r['fp8'] or '-'} | {r['recompute']} | {states} "
+            f"| {m['activations']:,} | {m['saved_tensors']:,} | {p['activations']:,.0f} "
+            f"| {q['activations']:.4f} | {q['saved_tensors']:.4f} |")
+    return "\n".join(lines)
+
+
+def default_runs(presets: list[str], dtypes: list[str], fp8: str | None) -> list[tuple[str, str, str | None]]:
+    """(preset, dtype, fp8) of each group: every preset and dtype, plus FP8 for the last preset."""
+    runs = [(p, dt, None) for p in presets for dt in dtypes]
+    if fp8 is not None:
+        runs += [(presets[-1], "bf16", fp8)]
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", action="append", help="preset(s) to check (default tiny and small)")
+    ap.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="parameter dtype(s) (default fp32)")
+    ap.add_argument("--recompute", action="append", choices=POLICIES, help="policies (default all three)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=2)
+    fp8 = ap.add_mutually_exclusive_group()
+    fp8.add_argument("--fp8", action="store_true", help="only FP8 rows (storage-only recipe), for every preset/dtype")
+    fp8.add_argument("--fp8-gemm", action="store_true", help="only FP8 rows with (emulated) FP8 GEMMs")
+    fp8.add_argument("--no-fp8", action="store_true", help="no FP8 rows")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    policies = ["none", "selective", "full"] if recompute_available() else ["none"]
+    presets = args.preset or ["tiny", "small"]
+    dtypes = args.dtype or ["fp32"]
+    if args.fp8 or args.fp8_gemm:
+        runs = [(p, dt, "gemm" if args.fp8_gemm else "storage") for p in presets for dt in (args.dtype or ["bf16"])]
+    else:
+        runs = default_runs(presets, dtypes, None if args.no_fp8 else "storage")
     rows = []
-    for preset in args.preset or ["tiny", "small"]:
-        for dtype, moments in (("fp32", "fp32"), ("bf16", "bf16")):
-            for policy in policies:
-                rows.append(measure(preset, args.seq_len, args.micro_batch, dtype, moments, policy))
+    for preset, dtype, f8 in runs:
+        for policy in args.recompute or POLICIES:
+            rows.append(measure(preset, args.seq_len, args.micro_batch, dtype, dtype if dtype == "bf16" else "fp32",
+                                policy, f8))
+            if not args.json:
+                print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{'preset':8s} {'dtype':5s} {'recompute':10s} {'item':12s} {'measured':>14s} {'planned':>14s} {'ratio':>7s}")
-        for r in rows:
-            for k in ("weights", "grads", "optimizer", "activations"):
-                print(f"{r['preset']:8s} {r['dtype']:5s} {r['recompute']:10s} {k:12s} {r['measured'][k]:14,d} "
-                      f"{r['planned'][k]:14,.0f} {r['ratio'][k]:7.4f}")
-        if len(policies) == 1:
-            print("recompute selective/full: not measured (dsv3.memory.recompute is not in this tree yet)")
-    ok = all(r["ratio"][k] == 1.0 for r in rows for k in ("weights", "grads", "optimizer")) and all(
-        abs(r["ratio"]["activations"] - 1) <= 0.10 for r in rows)
-    return 0 if ok else 1
+        print(f"\nseq_len {args.seq_len}, micro-batch {args.micro_batch}; moments in the parameter dtype\n")
+        print(markdown(rows))
+    return 0 if all(row_ok(r) for r in rows) else 1
 
 
 if __name__ == "__main__":

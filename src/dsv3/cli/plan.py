@@ -47,7 +47,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-sequence-parallel", action="store_true", help="keep TP-replicated activations whole")
     p.add_argument("--precision", default=None,
                    help="per-item formats, e.g. weights=fp32,moments=fp32 (items: weights, grads, master, moments, "
-                        "router, activations, stats, loss, fp8_cache, attn_out_cache)")
+                        "router, router_compute, activations, stats, fp8_cache, attn_out_cache)")
     p.add_argument("--precision-preset", default="v3", help="v3 (the report's recipe, default), bf16 or fp32")
     p.add_argument("--fragmentation", type=float, default=0.10, help="allocator allowance, fraction of the rest (0.10)")
     p.add_argument("--flops", default="causal", help="attention FLOP convention: causal (default) or non-causal")

@@ -94,8 +94,7 @@ class Precision:
             where it differs from the activations, a copy of the router input (and
             of the router weight, where that differs too) is saved in it.
         activations: activations saved for backward (BF16).
-        stats: per-token statistics (RMSNorm rstd, logsumexp, router scores).
-        loss: the log-probabilities the cross-entropy saves (``V`` per token).
+        stats: per-token statistics (RMSNorm rstd, attention logsumexp, RoPE tables).
         fp8_cache: format of the activations the FP8 recipe caches with ``--fp8``.
         attn_out_cache: format of the input of the Linear after attention with
             ``--fp8`` (E5M6 in the report).
@@ -109,7 +108,6 @@ class Precision:
     router_compute: str = "fp32"
     activations: str = "bf16"
     stats: str = "fp32"
-    loss: str = "fp32"
     fp8_cache: str = "fp8"
     attn_out_cache: str = "e5m6"
 
@@ -152,7 +150,7 @@ class Precision:
 PRECISION_PRESETS: dict[str, Precision] = {
     "v3": Precision(),
     "fp32": Precision(
-        weights="fp32", grads="fp32", master="none", moments="fp32", router="fp32", activations="fp32", loss="fp32"
+        weights="fp32", grads="fp32", master="none", moments="fp32", router="fp32", activations="fp32"
     ),
     "bf16": Precision(weights="bf16", grads="fp32", master="fp32", moments="fp32", router="fp32"),
 }
