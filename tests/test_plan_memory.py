@@ -76,27 +76,55 @@ def test_fp32_training_has_no_master_copy():
 
 
 def test_activation_items_of_a_dense_layer_by_hand():
-    lay = Layout(seq_len=64)
+    lay = Layout(seq_len=64)  # one sequence of 64 tokens
     items = act.decoder_layer_items(TINY, lay, Precision(), moe=False)
     d, q, kv, rope, h, qk, v, i = 192, 96, 64, 16, 4, 48, 32, 512
     # BF16 tensors (2 bytes) and FP32 statistics (4 bytes) per token; values and the attention output are
     # zero-padded from d_v = 32 to the key width 48 for the fused kernel, the o_proj input is an unpadded copy,
-    # and the FP32 RoPE tables are cast to BF16 for q^R and k^R.
-    attn = (2 * d + 4 + 2 * d  # input RMSNorm: input, rstd, output
+    # and each layer casts the FP32 RoPE tables to BF16 for q^R and k^R (d_h^R per position each).
+    attn = (2 * d + 4 + 2 * d  # input RMSNorm: input, rstd, output (the down-projections' input)
             + 2 * q + 4 + 2 * q  # q_a_proj output, q_a_layernorm rstd and output
             + 2 * (kv + rope) + 4 + 2 * kv  # kv_a_proj output, kv_a_layernorm rstd and output
-            + 2 * h * qk * 3 + 4 * h + 2 * h * qk  # q, k, padded v; logsumexp; padded output
-            + 2 * h * v + 2 * 2 * rope)  # o_proj input; cos/sin casts
-    ffn = 2 * d + 4 + 2 * d + 2 * 2 * i + 2 * i + 2 * i  # post-attention RMSNorm; gate, up; silu(gate); product
+            + 2 * 2 * rope  # cos/sin casts
+            + 2 * h * qk * 3 + 2 * h * qk + 4 * h  # q, k, padded v; padded output, logsumexp
+            + 2 * h * v)  # o_proj input
+    ffn = 2 * d + 4 + 2 * d + 2 * 2 * i + 2 * i  # post-attention RMSNorm: input, rstd, output; gate, up; product
     assert act.bytes_per_token(items, "none") == attn + ffn
-    # selective drops the RMSNorm outputs and rstd, the up-projection outputs q, k, v and the SwiGLU outputs
-    kept = 2 * d + 2 * q + 2 * (kv + rope) + 4 * h + 2 * h * qk + 2 * h * v + 2 * 2 * rope + 2 * d + 4 * i
+    # selective: region 1 keeps the layer input and the down-projection outputs, region 2 the SDPA output and
+    # logsumexp; the FFN region its input and GEMM outputs (gate, up and the down-projection output)
+    kept = 2 * d + 2 * q + 2 * (kv + rope) + 2 * h * qk + 4 * h + 2 * d + 2 * 2 * i + 2 * d
     assert act.bytes_per_token(items, "selective") == kept
     assert act.bytes_per_token(items, "full") == 2 * d  # only the layer input
     # eager attention keeps the s x s softmax (FP32) and BF16 probabilities, unpadded values, no logsumexp/output
     eager = act.decoder_layer_items(TINY, lay.replace(attention="eager"), Precision(), moe=False)
     s = 64
     assert act.bytes_per_token(eager, "none") - (attn + ffn) == h * s * (4 + 2) - 2 * h * (qk - v) - 4 * h - 2 * h * qk
+
+
+def test_activation_items_of_an_moe_layer_by_hand():
+    lay = Layout(seq_len=64)
+    items = {i.name: i for i in act.decoder_layer_items(TINY, lay, Precision(), moe=True)}
+    d, n_r, k, ie, t = 192, 16, 4, 96, 64
+    ffn = [n for n in items if not n.startswith(("input_layernorm", "self_attn"))]
+    none = {n: items[n].bytes_per_token for n in ffn if items[n].kept("none")}
+    assert none == {
+        "post_attention_layernorm.input": 2 * d, "post_attention_layernorm.rstd": 4,
+        "post_attention_layernorm.output": 2 * d,  # the shared experts' gate/up input
+        "mlp.gate.input": 4 * d,  # the router runs in FP32 on an FP32 copy of its input
+        "mlp.gate.scores": 4 * n_r, "mlp.gate.topk_index": 8 * k, "mlp.gate.topk_weight": 4 * k,
+        "mlp.gate.topk_sum": 4, "mlp.gate.score_sum": 4, "mlp.gate.balance_f": 4 * n_r / t,
+        "mlp.load": 8 * n_r / t, "mlp.balance_loss": 4 / t,
+        "mlp.shared_experts.swiglu.input": 2 * 2 * ie, "mlp.shared_experts.down_proj.input": 2 * ie,
+        "mlp.experts.input": 2 * k * d, "mlp.experts.swiglu.input": 2 * k * 2 * ie, "mlp.experts.weight": 4 * k,
+        "mlp.experts.down_proj.input": 2 * k * ie, "mlp.experts.index": 8 * k, "mlp.experts.order": 8 * k,
+        "mlp.experts.offsets": 4 * n_r / t,
+    }
+    selective = {n for n in ffn if items[n].kept("selective")}
+    assert selective == {"post_attention_layernorm.input", "mlp.gate.logits", "mlp.shared_experts.swiglu.input",
+                         "mlp.shared_experts.down_proj.output", "mlp.experts.swiglu.input",
+                         "mlp.experts.down_proj.output", "mlp.load", "mlp.balance_loss"}
+    assert items["mlp.experts.down_proj.output"].bytes_per_token == 2 * k * d
+    assert {n for n in ffn if items[n].kept("full")} == {"mlp.load", "mlp.balance_loss"}
 
 
 def test_activation_items_split_over_tp_and_cached_in_fp8():
@@ -108,12 +136,47 @@ def test_activation_items_split_over_tp_and_cached_in_fp8():
     # balanced routing: K_r token copies per token, regrouped from TP into ETP
     assert base["mlp.experts.input"].elems == 4 * 192
     assert tp2["mlp.experts.input"].elems == 4 * 192 / 2
+    # FP8, 4096 tokens: every tile full, so a cached element costs 1 byte plus 4/128 of a scale
     fp8 = {i.name: i for i in act.decoder_layer_items(TINY, Layout(fp8=True), Precision(), moe=True)}
     assert fp8["mlp.experts.input"].bytes_per_token == 4 * 192 * (1 + 4 / 128)
+    assert fp8["self_attn.q_a_proj.input"].bytes_per_token == 192 * (1 + 4 / 128)
+    assert fp8["self_attn.kv_a_proj_with_mqa.input"].bytes_per_token == 192 * (1 + 4 / 128)  # its own copy
+    assert "input_layernorm.output" not in fp8  # no BF16 copy is kept
     assert fp8["self_attn.o_proj.input"].dtype == "e5m6"  # the Linear after attention (report 3.3.3)
+    assert fp8["self_attn.o_proj.input"].bytes_per_token == 1.5 * 128 + 4  # 4 heads x 32, one scale
     assert fp8["self_attn.output"].dtype == "bf16"  # the padded kernel output stays BF16
     assert fp8["input_layernorm.input"].dtype == "bf16"
     assert element_bytes("fp8") == 1 + 4 / 128
+    # 64 tokens: token tiles are padded to 128 rows; each of the 16 experts gets 16 copies, one tile each;
+    # SwiGLU's 1x128 tiles pad the 96-wide expert rows to 128
+    short = {i.name: i for i in act.decoder_layer_items(TINY, Layout(fp8=True, seq_len=64), Precision(), moe=True)}
+    assert short["self_attn.q_a_proj.input"].bytes_per_token == 128 * 192 * (1 + 4 / 128) / 64
+    assert short["mlp.experts.input"].bytes_per_token == (4 * 64 * 192 + 16 * 192 * 4) / 64
+    assert short["mlp.experts.swiglu.gate"].bytes_per_token == 4 * (128 + 4)
+    # with FP8 caching the selective policy leaves the FFN alone: it keeps what `none` keeps there
+    ffn = [i for n, i in short.items() if n.startswith(("post_attention", "mlp"))]
+    assert act.bytes_per_token(ffn, "selective") == act.bytes_per_token(ffn, "none")
+
+
+def test_mtp_module_and_head_items():
+    lay = Layout(seq_len=64)
+    prec = Precision()
+    head = {i.name: i for i in act.head_items(TINY, lay, prec)}
+    # the fused cross-entropy keeps dL/dh [N, d] and dL/dW [V, d] (BF16 head weight), no logits
+    assert head["loss.grad_hidden"].bytes_per_token == 2 * 192
+    assert head["loss.grad_weight"].bytes_per_token == 2 * 4096 * 192 / 64
+    assert all(i.kept("full") for i in head.values())
+    mtp = act.mtp_items(TINY, lay, prec, 0, moe=True, shares_embedding=True)
+    names = {i.name for i in mtp}
+    assert "mtp.0.eh_proj.input" in names and "mtp.0.embed_tokens.input" not in names
+    # under full recomputation the module (eh_proj included) is re-run: only its head stays
+    assert {i.name for i in mtp if i.kept("full")} == {
+        "mtp.0.shared_head.norm.input", "mtp.0.shared_head.norm.rstd", "mtp.0.loss.grad_hidden",
+        "mtp.0.loss.grad_weight", "mtp.0.layer.mlp.load", "mtp.0.layer.mlp.balance_loss"}
+    # built for its 63 positions: per token of the micro-batch, per-token items scale by 63/64, dL/dW does not
+    by_name = {i.name: i for i in mtp}
+    assert by_name["mtp.0.shared_head.norm.input"].bytes_per_token == 2 * 192 * 63 / 64
+    assert by_name["mtp.0.loss.grad_weight"].bytes_per_token == pytest.approx(2 * 4096 * 192 / 64)
 
 
 @pytest.mark.parametrize("schedule,pp,m", [("1f1b", 4, 8), ("zb1p", 4, 8), ("dualpipe", 4, 8), ("dualpipev", 4, 8)])

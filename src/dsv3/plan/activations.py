@@ -162,7 +162,8 @@ class _Items:
         self.cfg, self.layout, self.prec, self.prefix = cfg, layout, prec, prefix
         self.tokens = layout.tokens_per_microbatch if tokens is None else tokens
         self.items: list[ActItem] = []
-        self.fp8 = layout.fp8 and prec.fp8_cache == "fp8"
+        self.fp8 = layout.fp8  # the recipe's structure: each FP8 Linear and SwiGLU keeps its own copies
+        self.tiled = prec.fp8_cache == "fp8"  # ... in E4M3 tiles (else plain elements of fp8_cache)
 
     def rows(self, split: str) -> float:
         """Rows one device holds per token of the unit for a tensor of this split."""
@@ -191,8 +192,9 @@ class _Items:
     def linear_input(self, name: str, what: str, saved_by: str, width: float, kept_by: tuple[str, ...],
                      split: str) -> None:
         """A Linear's input: the activation itself, or with ``--fp8`` its E4M3 copy in 128x1 token tiles."""
-        if not self.fp8:
-            self.add(name, what, saved_by, width, self.prec.activations, kept_by, split)
+        if not (self.fp8 and self.tiled):
+            fmt = self.prec.fp8_cache if self.fp8 else self.prec.activations
+            self.add(name, what, saved_by, width, fmt, kept_by, split)
             return
         if split == "tp":
             width = width / self.layout.tp
@@ -203,11 +205,12 @@ class _Items:
                   split, nbytes)
 
     def row_tiled(self, name: str, what: str, saved_by: str, width: float, kept_by: tuple[str, ...], split: str,
-                  fmt: str = "fp8") -> None:
-        """With ``--fp8``: a tensor cached in 1x128 tiles along its width (E4M3 padded to whole tiles, or
-        E5M6 packed), one FP32 scale per tile; the activation itself otherwise."""
-        if not self.fp8:
-            self.add(name, what, saved_by, width, self.prec.activations, kept_by, split)
+                  fmt: str | None = None) -> None:
+        """With ``--fp8``: a tensor cached in 1x128 tiles along its width (``fmt`` ``fp8``: E4M3 padded to
+        whole tiles, or ``e5m6``: packed), one FP32 scale per tile; the activation itself otherwise."""
+        fmt = fmt or self.prec.fp8_cache
+        if not self.fp8 or fmt not in ("fp8", "e5m6"):
+            self.add(name, what, saved_by, width, fmt if self.fp8 else self.prec.activations, kept_by, split)
             return
         if split == "tp":
             width = width / self.layout.tp
@@ -221,8 +224,9 @@ class _Items:
     def expert_input(self, name: str, what: str, saved_by: str, width: float, kept_by: tuple[str, ...]) -> None:
         """A routed-expert grouped GEMM input: the token copies, or with ``--fp8`` the real rows of their E4M3
         copy tiled along tokens inside each local expert's group (FP32 scales per 128 rows of a group)."""
-        if not self.fp8:
-            self.add(name, what, saved_by, width, self.prec.activations, kept_by, "expert")
+        if not (self.fp8 and self.tiled):
+            fmt = self.prec.fp8_cache if self.fp8 else self.prec.activations
+            self.add(name, what, saved_by, width, fmt, kept_by, "expert")
             return
         lay = self.layout
         rows = self.rows("expert") * self.tokens
@@ -286,8 +290,8 @@ def attention_items(cfg: ModelConfig, layout: Layout, prec: Precision, prefix: s
         it.add("self_attn.output", "attention core output" + (" (padded width)" if pad else ""), "attention",
                h * width, a, NOT_FULL, "tp")
         it.add("self_attn.logsumexp", "softmax logsumexp per head", "attention", h, st, NOT_FULL, "tp")
-    if it.fp8 and prec.attn_out_cache == "e5m6":
-        it.row_tiled(**attn_out, fmt="e5m6")
+    if it.fp8 and prec.attn_out_cache != "fp8":
+        it.row_tiled(**attn_out, fmt=prec.attn_out_cache)
     else:
         it.linear_input(**attn_out)
     return it.items

@@ -5,11 +5,12 @@ The default :class:`Precision` is the DeepSeek-V3 training recipe (arXiv
 (accumulated in FP32), FP32 master weights and BF16 AdamW moments (3.3.2
 "Low-Precision Optimizer States"), the router (gating) kept in FP32 (3.3.1:
 "the embedding module, the output head, MoE gating modules, normalization
-operators, and attention operators" keep their original precision), BF16
-activations, FP32 statistics (RMSNorm rstd, attention logsumexp, softmax,
-router scores), and with ``--fp8`` the activations that the FP8 recipe caches
-stored as 1-byte E4M3 plus one FP32 scale per 1x128 tile (3.3.3), the input of
-the Linear after attention in the 12-bit E5M6 format (3.3.3).
+operators, and attention operators" keep their original precision) and
+computing in FP32, BF16 activations, FP32 statistics (RMSNorm rstd, attention
+logsumexp), and with ``--fp8`` the activations that the FP8 recipe caches
+stored as 1-byte E4M3 plus one FP32 scale per 128 elements (3.3.3), the input
+of the Linear after attention in the 12-bit E5M6 format (3.3.3); the exact
+tiling, padding included, is in :mod:`dsv3.plan.activations`.
 
 No torch is imported: formats are names with a byte width.
 """
@@ -90,14 +91,17 @@ class Precision:
             are their own master). ``none`` disables the master copy.
         moments: each of AdamW's two moments (BF16 in the recipe).
         router: the router (gating) weight ``N_r x d``.
-        router_compute: the format the gating GEMM runs in (FP32, report 3.3.1);
-            where it differs from the activations, a copy of the router input (and
-            of the router weight, where that differs too) is saved in it.
+        router_compute: the format the gating GEMM runs in (FP32, report 3.3.1):
+            the router's scores, selected affinities and routing weights are kept
+            in it, and, where it differs from the activations, a copy of the
+            router input (and of the router weight, where that differs too).
         activations: activations saved for backward (BF16).
         stats: per-token statistics (RMSNorm rstd, attention logsumexp, RoPE tables).
-        fp8_cache: format of the activations the FP8 recipe caches with ``--fp8``.
+        fp8_cache: format of the activations the FP8 recipe caches with ``--fp8``
+            (``fp8``: E4M3 in the recipe's tiles; another format: plain elements of it).
         attn_out_cache: format of the input of the Linear after attention with
-            ``--fp8`` (E5M6 in the report).
+            ``--fp8`` (``e5m6`` in the report, 1x128 tiles; ``fp8``: E4M3 token tiles
+            like every other Linear input).
     """
 
     weights: str = "bf16"
