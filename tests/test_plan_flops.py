@@ -61,3 +61,47 @@ def test_mfu_gpu_hours_and_cost():
         parse_count("lots", "--tokens")
     with pytest.raises(ConfigError):
         throughput(flops, hw, mfu=1.5)
+
+
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_recompute_flops_are_what_the_backward_runs(policy):
+    """The GEMM FLOPs the recompute policy adds, against torch's FLOP counter on the tiny model's backward.
+
+    The counter sees the dense GEMMs (``aten.mm``), not the experts' grouped GEMM or the attention
+    core, so the full policy is compared on those GEMMs: the MLA projections, router, dense and
+    shared-expert projections of every layer and the MTP eh_proj (everything but the routed experts).
+    """
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dsv3.memory.recompute import apply_recompute
+    from dsv3.model.transformer import DeepseekV3ForCausalLM
+
+    cfg = load_preset("tiny")
+    seq, batch = 32, 2
+
+    def backward_mm_flops(pol: str) -> int:
+        torch.manual_seed(0)
+        model = apply_recompute(DeepseekV3ForCausalLM(cfg), pol)
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+        loss = model(ids[:, :-1], ids[:, 1:]).loss
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        return counter.get_total_flops()
+
+    extra = backward_mm_flops(policy) - backward_mm_flops("none")
+    p = count_params(cfg)
+    f = model_flops(cfg, seq, params=p)
+    main, mtp = batch * seq, batch * (seq - 1)  # tokens through the main layers and the MTP module
+    if policy == "selective":
+        expected = main * sum(f.recompute_selective) + mtp * sum(f.mtp_recompute_selective)
+    else:
+        def dense_gemms(tensors):
+            return 2.0 * sum(t.numel for t in tensors if t.is_matmul and t.component != "routed_experts")
+
+        expected = main * sum(dense_gemms(t) for t in p.layers) + mtp * sum(dense_gemms(t) for t in p.mtp)
+        # PyTorch stops recomputing once the last tensor the backward needs is rebuilt: the dense layer's
+        # down_proj input is, so its GEMM (the layer's last op) is not re-run. The planner counts it
+        # (2 I d per token of each dense layer: an upper bound, 0.2 % of DeepSeek-V3's executed FLOPs).
+        expected -= main * 2 * cfg.intermediate_size * cfg.hidden_size * cfg.first_k_dense_replace
+    assert extra == pytest.approx(expected, rel=1e-9)

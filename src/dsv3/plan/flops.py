@@ -22,8 +22,11 @@ Conventions (all per token of a sequence of length s, forward pass):
 Recomputation adds FLOPs the hardware executes but the model does not need,
 so it is reported separately (``hardware`` vs ``model`` FLOPs, Korthikanti
 et al. 2022, arXiv 2205.05198): ``full`` re-runs each decoder layer's forward,
-``selective`` re-runs the MLA up-projections (W^UQ, W^UK, W^UV GEMMs); the
-RMSNorm and SwiGLU it also recomputes are element-wise.
+``selective`` re-runs the MLA up-projections (W^UQ/W^QR, W^UK/W^UV GEMMs):
+its regions cache the down-projection, router and FFN GEMM outputs and the
+attention core's output, and the RMSNorm, RoPE, routing and SwiGLU it also
+recomputes are element-wise (W^O is not re-run: recomputation stops once its
+input, the last tensor the backward needs, is rebuilt).
 """
 
 from __future__ import annotations

@@ -49,8 +49,9 @@ class Layout:
         etp: expert tensor-parallel size (each routed expert's width split).
         dp: data-parallel size.
         zero: ZeRO stage 0..3 (1: optimizer states, 2: + gradients, 3: + weights sharded).
-        recompute: ``none``, ``selective`` (RMSNorm, MLA up-projection and SwiGLU
-            recomputed, report 3.2.3 / 3.3.3) or ``full`` (each decoder layer recomputed).
+        recompute: ``none``, ``selective`` (RMSNorm and the MLA up-projections recomputed,
+            report 3.2.3, and the FFN from its cached GEMM outputs unless FP8 caching is on;
+            see :mod:`dsv3.memory.recompute`) or ``full`` (each decoder layer recomputed).
         seq_len: tokens per sequence s.
         micro_batch: sequences per micro-batch b.
         global_batch: sequences per optimizer step (``None``: :attr:`default_microbatches` per DP rank).
