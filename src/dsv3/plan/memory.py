@@ -24,8 +24,9 @@ a stage's per-micro-batch bytes when a forward starts and removing them when
 that micro-batch's last backward on the stage ends (the convention of
 ``SimResult.peak_activations``, weighted by each stage's bytes, so a DualPipe
 device holding the first and the last stage is charged exactly). While a
-layer is recomputed in backward its dropped activations exist once more
-(the recompute working set, the largest over the device's layers).
+layer is recomputed in backward, the tensors its recomputation rebuilds
+(those ``none`` keeps and the policy does not) exist once more (the
+recompute working set, the largest over the device's layers).
 Communication buffers and a fragmentation allowance (a fraction of everything
 else: PyTorch's caching allocator rounds and splits blocks) complete the total.
 """
@@ -186,14 +187,14 @@ def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, pre
 # ---------------------------------------------------------------------------- activations
 @dataclass(frozen=True)
 class UnitActivations:
-    """Bytes per token one unit keeps under the layout's policy, and what it keeps with no recompute."""
+    """Bytes per token one unit keeps under the layout's policy, and what its backward rebuilds.
+
+    ``dropped`` is the bytes of the items ``none`` keeps and the policy does not: what the
+    recomputation of the unit rebuilds in backward (its working set).
+    """
 
     kept: float
-    none: float
-
-    @property
-    def dropped(self) -> float:
-        return self.none - self.kept
+    dropped: float
 
 
 def unit_activations(cfg: ModelConfig, layout: Layout, prec: Precision) -> dict[str, UnitActivations]:
@@ -202,7 +203,8 @@ def unit_activations(cfg: ModelConfig, layout: Layout, prec: Precision) -> dict[
     policy = layout.recompute
 
     def ua(items: list[act.ActItem]) -> UnitActivations:
-        return UnitActivations(act.bytes_per_token(items, policy), act.bytes_per_token(items, "none"))
+        rebuilt = sum(i.bytes_per_token for i in items if i.kept("none") and not i.kept(policy))
+        return UnitActivations(act.bytes_per_token(items, policy), rebuilt)
 
     out = {
         "dense": ua(act.decoder_layer_items(cfg, layout, prec, False)),
