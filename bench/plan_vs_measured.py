@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from dsv3.config import load_preset  # noqa: E402
+from dsv3.config import ModelConfig, load_preset  # noqa: E402
 from dsv3.plan.layout import Layout  # noqa: E402
 from dsv3.plan.planner import make_plan  # noqa: E402
 from dsv3.plan.precision import Precision  # noqa: E402
@@ -61,12 +61,13 @@ def planner_precision(dtype: str, moments: str) -> Precision:
                      activations=dtype, stats="fp32")
 
 
-def build(preset: str, dtype: str, recompute: str, fp8: str | None, seed: int = 0):
-    """The model as ``dsv3 train`` builds it (``fp8``: None, ``storage`` or ``gemm``)."""
+def build(preset: str | ModelConfig, dtype: str, recompute: str, fp8: str | None, seed: int = 0):
+    """The model as ``dsv3 train`` builds it (``preset``: a name or a config; ``fp8``: None, ``storage`` or
+    ``gemm``)."""
     from dsv3.model.transformer import DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = load_preset(preset)
+    cfg = load_preset(preset) if isinstance(preset, str) else preset
     model = DeepseekV3ForCausalLM(cfg).to(DTYPES[dtype])
     model.train()
     if fp8 is not None:
@@ -80,7 +81,7 @@ def build(preset: str, dtype: str, recompute: str, fp8: str | None, seed: int = 
     return cfg, model
 
 
-def measure(preset: str, seq_len: int, micro_batch: int = 1, dtype: str = "fp32", moments: str = "fp32",
+def measure(preset: str | ModelConfig, seq_len: int, micro_batch: int = 1, dtype: str = "fp32", moments: str = "fp32",
             recompute: str = "none", fp8: str | None = None, seed: int = 0) -> dict:
     """Build the model, run one step, and return the measured and planned bytes."""
     from dsv3.memory.measure import activation_bytes
@@ -101,7 +102,7 @@ def measure(preset: str, seq_len: int, micro_batch: int = 1, dtype: str = "fp32"
         "saved_tensors": saved,
     }
     plan = make_plan(cfg, Layout(seq_len=seq_len, micro_batch=micro_batch, recompute=recompute, zero=0,
-                                 fp8=fp8 is not None), planner_precision(dtype, moments), model_name=preset)
+                                 fp8=fp8 is not None), planner_precision(dtype, moments))
     stage = plan.stages[0]
     planned = {
         "weights": stage.weights,
@@ -112,7 +113,7 @@ def measure(preset: str, seq_len: int, micro_batch: int = 1, dtype: str = "fp32"
     ratio = {k: planned[k] / measured[k] for k in planned}
     ratio["saved_tensors"] = planned["activations"] / measured["saved_tensors"]
     return {
-        "preset": preset, "seq_len": seq_len, "micro_batch": micro_batch, "dtype": dtype, "moments": moments,
+        "preset": preset if isinstance(preset, str) else "custom", "seq_len": seq_len, "micro_batch": micro_batch, "dtype": dtype, "moments": moments,
         "recompute": recompute, "fp8": fp8, "measured": measured, "planned": planned, "ratio": ratio,
     }
 

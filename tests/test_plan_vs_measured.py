@@ -45,6 +45,20 @@ def test_planner_matches_the_fp8_recipe(policy):
                          fp8="storage"))
 
 
+@pytest.mark.parametrize("dtype,policy", [("fp32", "none"), ("bf16", "selective")])
+def test_planner_matches_a_v2_style_model(dtype, policy):
+    """DeepSeek-V2-Lite's structure, shrunk: no query compression (q_proj), softmax gating without
+    normalised top-k weights, two shared experts, no MTP."""
+    from dsv3.config import load_preset
+
+    cfg = load_preset("deepseek-v2-lite").replace(
+        hidden_size=128, num_hidden_layers=3, vocab_size=1024, intermediate_size=256, moe_intermediate_size=64,
+        n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+    assert cfg.q_lora_rank is None and cfg.scoring_func == "softmax" and not cfg.norm_topk_prob
+    _check(bench.measure(cfg, seq_len=64, micro_batch=2, dtype=dtype, moments=dtype, recompute=policy))
+
+
 def test_saved_tensor_hooks_do_not_see_inside_recomputed_regions():
     """Why recomputed runs are compared with the live bytes: the checkpoint packs the saved tensors of its
     region into nothing, so the hooks miss the region's cached GEMM outputs; the live count has them."""

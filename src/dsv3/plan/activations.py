@@ -31,8 +31,8 @@ operators keep is listed once):
   silu in backward; the down-projection keeps SwiGLU's output;
 - the router computes in FP32: it keeps an FP32 copy of its input (where the
   activations are not FP32) and of its weight (where that is not FP32), the
-  sigmoid scores, the selected expert indices, the selected affinities and
-  their sum (the normaliser); the sequence-wise balance loss keeps the score
+  sigmoid scores, the selected expert indices and, where g is normalised
+  (``norm_topk_prob``), the selected affinities and their sum; the sequence-wise balance loss keeps the score
   sums and f_i; the MoE keeps the per-expert load it reports (``last_load``);
 - the routed experts keep the dispatched token copies (grouped gate/up GEMM
   input), the grouped GEMM offsets, the token index of each copy (dispatch
@@ -346,9 +346,9 @@ def ffn_items(cfg: ModelConfig, layout: Layout, prec: Precision, moe: bool, pref
     scores = "affinities s_{i,t} = sigmoid(u_t e_i)" if cfg.scoring_func == "sigmoid" else "softmax affinities s_{i,t}"
     it.add("mlp.gate.scores", scores, "router", n_r, rc, recomputed, "sp")
     it.add("mlp.gate.topk_index", "selected experts (top-K_r of s + b)", "router", k, "int64", recomputed, "sp")
-    it.add("mlp.gate.topk_weight", "affinities of the selected experts (normalised into g_{i,t})", "router", k, rc,
-           recomputed, "sp")
-    if cfg.norm_topk_prob and k > 1:
+    if cfg.norm_topk_prob and k > 1:  # the normalisation keeps its numerator and denominator
+        it.add("mlp.gate.topk_weight", "affinities of the selected experts (normalised into g_{i,t})", "router", k,
+               rc, recomputed, "sp")
         it.add("mlp.gate.topk_sum", "sum of the selected affinities (normaliser)", "router", 1, rc, recomputed, "sp")
     if cfg.seq_aux_alpha > 0:
         it.add("mlp.gate.score_sum", "sum_j s_{j,t} (sequence-wise balance loss)", "balance loss", 1, rc, recomputed,
