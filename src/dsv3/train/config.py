@@ -34,14 +34,14 @@ class TrainConfig:
     val_fraction: float = 0.01
     seq_len: int = 256
     # --- batch
-    micro_batch: int = 16  # sequences per forward/backward
-    global_batch: int = 16  # sequences per optimizer step (gradient accumulation = global / micro)
+    micro_batch: int = 8  # sequences per forward/backward
+    global_batch: int = 8  # sequences per optimizer step (gradient accumulation = global / micro)
     batch_ramp_start: int | None = None  # report: 3072 -> 15360 sequences over the first 469B tokens
     batch_ramp_steps: int = 0
     # --- optimisation (report: AdamW (0.9, 0.95), wd 0.1, clip 1.0, peak 2.2e-4, warmup 2K steps)
     steps: int = 300
-    lr: float = 3e-3
-    min_lr: float = 3e-4
+    lr: float = 2e-3
+    min_lr: float = 2e-4
     warmup_steps: int = 30
     decay_start: float = 0.5  # fraction of the run at which cosine decay starts
     decay_end: float = 0.95  # fraction at which it reaches min_lr (constant tail after)
