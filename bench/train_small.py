@@ -3,7 +3,8 @@
 Trains the ``small`` preset (about 100M parameters) on the Python standard library with the default
 recipe (AdamW, MTP, balance loss, bias update, gradient accumulation) for a few steps in a temporary
 run directory, and reports the median tokens/s and step time of the steps after the first (from the
-run's own metrics.jsonl), plus the time to write a checkpoint.
+run's own metrics.jsonl), the wall time of the whole run (setup, steps and the final checkpoint) and
+the size of that checkpoint (weights plus the full training state).
 
     python bench/train_small.py [--steps 8] [--seq-len 512] [--micro-batch 4] [--global-batch 8]
 """

@@ -10,10 +10,15 @@ Both models start from the same safetensors. Steps alternate between the two mod
 reported. Training FLOPs per step are counted with ``torch.utils.flop_counter.FlopCounterMode`` (with
 formulas added for the grouped expert GEMM and the CPU fused attention, which it does not know), and
 utilisation is achieved FLOP/s over the FLOP/s of a 2048x2048x2048 float32 matmul timed in the same
-run; the FLOP count used for both is transformers' (see below). Peak memory: each model trains in a child process of its own (both import the same libraries and
-load the same checkpoint) and reports its peak resident set size.
+run; the FLOP count used for all is transformers' (see below). Peak memory: each model trains in a child
+process of its own (all import the same libraries and load the same checkpoint) and reports its peak
+resident set size.
 
-    python bench/train_step.py [--steps 5] [--json out.json]
+The reference is transformers' default implementation (``experts_implementation="grouped_mm"``, sdpa
+attention). A second reference, ``transformers-eager``, is the same model with transformers' per-expert
+Python loop (``experts_implementation="eager"``, what transformers 4.x ran); ``--no-eager`` skips it.
+
+    python bench/train_step.py [--steps 5] [--no-eager] [--json out.json]
 """
 
 from __future__ import annotations
@@ -60,7 +65,9 @@ def build(which: str, path: str):
         return dsv3.from_pretrained(path).train()
     import transformers
 
-    return transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).train()
+    experts = "eager" if which == "transformers-eager" else "grouped_mm"
+    return transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                              experts_implementation=experts).train()
 
 
 def loss_of(which: str, model, ids, labels):
@@ -164,6 +171,7 @@ def peak_rss_bytes() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (medians are reported)")
+    parser.add_argument("--no-eager", action="store_true", help="skip transformers' per-expert loop reference")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--child", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,7 +186,8 @@ def main() -> None:
     path = tempfile.mkdtemp(prefix="dsv3-bench-")
     DeepseekV3ForCausalLM(ModelConfig.from_dict(CONFIG)).save_pretrained(path)
     batches = real_batches(args.steps + 2)
-    models = {w: build(w, path) for w in ("dsv3", "transformers")}
+    which = ("dsv3", "transformers") + (() if args.no_eager else ("transformers-eager",))
+    models = {w: build(w, path) for w in which}
     # The same optimizer for both: torch's fused AdamW (what dsv3's AdamW runs for FP32 moments).
     opts = {w: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for w, m in models.items()}
     flops = {w: count_flops(w, m, batches[0]) for w, m in models.items()}
@@ -210,14 +219,18 @@ def main() -> None:
                      "peak_rss_mib": rss[w] / 2**20, "step_times": times[w]}
     result["speedup"] = result["dsv3"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     result["peak_rss_ratio"] = rss["dsv3"] / rss["transformers"]
+    if "transformers-eager" in models:
+        result["speedup_vs_eager"] = result["dsv3"]["tokens_per_s"] / result["transformers-eager"]["tokens_per_s"]
     print(f"matmul 2048^3 fp32: {peak / 1e9:.1f} GFLOP/s ({result['threads']} threads)")
     for w in models:
         r = result[w]
-        print(f"{w:>12}: {r['step_s']:.3f} s/step  {r['tokens_per_s']:,.0f} tok/s  "
+        print(f"{w:>18}: {r['step_s']:.3f} s/step  {r['tokens_per_s']:,.0f} tok/s  "
               f"{model_flops / 1e9:.1f} GFLOP/step (own count {r['own_flop_count_per_step'] / 1e9:.1f})  "
               f"{r['achieved_gflops']:.1f} GFLOP/s  utilisation {100 * r['utilisation']:.1f}%  "
               f"peak RSS {r['peak_rss_mib']:,.0f} MiB")
     print(f"speedup dsv3 / transformers: {result['speedup']:.2f}x; peak RSS ratio {result['peak_rss_ratio']:.2f}")
+    if "speedup_vs_eager" in result:
+        print(f"speedup dsv3 / transformers-eager: {result['speedup_vs_eager']:.2f}x")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

@@ -347,8 +347,27 @@ def comm_buffer_bytes(cfg: ModelConfig, layout: Layout, prec: Precision, parts: 
 
 
 # ---------------------------------------------------------------------------- results
+class _Totals:
+    """``subtotal`` and ``total`` of a memory result with weights, grads, optimizer, activations, buffers."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    comm_buffers: dict[str, float]
+    fragmentation: float
+
+    @property
+    def subtotal(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + sum(self.comm_buffers.values())
+
+    @property
+    def total(self) -> float:
+        return self.subtotal + self.fragmentation
+
+
 @dataclass
-class StageMemory:
+class StageMemory(_Totals):
     """Memory of one pipeline stage on a device that holds it (bytes unless said otherwise).
 
     For a device that holds one stage (1F1B, ZB1P) this equals the device's
@@ -371,14 +390,6 @@ class StageMemory:
     activations: float
     comm_buffers: dict[str, float] = field(default_factory=dict)
     fragmentation: float = 0.0
-
-    @property
-    def subtotal(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + sum(self.comm_buffers.values())
-
-    @property
-    def total(self) -> float:
-        return self.subtotal + self.fragmentation
 
     def to_dict(self) -> dict:
         return {
@@ -404,7 +415,7 @@ class StageMemory:
 
 
 @dataclass
-class DeviceMemory:
+class DeviceMemory(_Totals):
     """Everything one pipeline device holds: its stages, buffers and the fragmentation allowance."""
 
     device: int
@@ -416,14 +427,6 @@ class DeviceMemory:
     activations: float
     comm_buffers: dict[str, float]
     fragmentation: float = 0.0
-
-    @property
-    def subtotal(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + sum(self.comm_buffers.values())
-
-    @property
-    def total(self) -> float:
-        return self.subtotal + self.fragmentation
 
     def to_dict(self) -> dict:
         return {
