@@ -10,6 +10,7 @@ from dsv3.fp8.formats import (
     E5M6_MAX,
     cast_e4m3,
     compute_scale,
+    e4m3_to_float32,
     pack_e5m6,
     pow2_ceil,
     round_e5m6,
@@ -148,3 +149,16 @@ def test_ue8m0_round_trip(k):
     code = scale_to_ue8m0(s)
     assert code.dtype == torch.uint8 and code.item() == k + 127
     assert torch.equal(ue8m0_to_scale(code), s)
+
+
+def test_fast_e4m3_decode_equals_torch_on_every_code():
+    codes = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    ref, got = codes.float(), e4m3_to_float32(codes)
+    assert got.dtype == torch.float32
+    assert torch.equal(torch.isnan(got), torch.isnan(ref))
+    assert torch.equal(got[~torch.isnan(ref)], ref[~torch.isnan(ref)])  # signed zeros, subnormals, +-448
+    x = (torch.randn(64, 256) * 100).to(torch.float8_e4m3fn).t()  # non-contiguous
+    assert torch.equal(e4m3_to_float32(x), x.float())
+    y = torch.randn(4, 4)
+    z = e4m3_to_float32(y)
+    assert z.data_ptr() != y.data_ptr() and torch.equal(z, y)  # other dtypes: a copy, never the input

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dsv3.config import load_preset
 from dsv3.model import DeepseekV3ForCausalLM, MoE, sequence_balance_loss
-from dsv3.model.ops import _padded_grouped_mm, grouped_mm, has_grouped_mm_kernel
+from dsv3.model.ops import _padded_grouped_mm, grouped_mm, grouped_mm_dgrad, grouped_mm_wgrad, has_grouped_mm_kernel
 from dsv3.model.rope import rope_frequencies
 
 from helpers import small_config, v2_config
@@ -62,6 +62,24 @@ def test_grouped_mm_equals_per_expert_reference_forward_and_backward(impl, k, o)
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dx.double(), rdx, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dw.double(), rdw, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k, o", [(16, 8), (12, 7)])  # kernel-aligned, and the fallbacks
+def test_grouped_dgrad_and_wgrad_equal_per_expert_float64(k, o):
+    """The standalone backward GEMMs (used by the FP8 grouped GEMM) against float64 per-expert math."""
+    gen = torch.Generator().manual_seed(1)
+    counts = torch.tensor([3, 0, 11, 1, 0, 6])
+    offs = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(int(counts.sum()), k, generator=gen)
+    dy = torch.randn(int(counts.sum()), o, generator=gen)
+    w = torch.randn(6, o, k, generator=gen)
+    ref_dx, ref_dw, start = [], torch.zeros(6, o, k, dtype=torch.float64), 0
+    for e, c in enumerate(counts.tolist()):
+        ref_dx.append(dy[start:start + c].double() @ w[e].double())
+        ref_dw[e] = dy[start:start + c].double().T @ x[start:start + c].double()
+        start += c
+    torch.testing.assert_close(grouped_mm_dgrad(dy, w, offs).double(), torch.cat(ref_dx), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grouped_mm_wgrad(dy, x, offs).double(), ref_dw, atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_kernel_detected_on_this_torch():

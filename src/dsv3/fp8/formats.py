@@ -46,6 +46,24 @@ def cast_e4m3(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
+def e4m3_to_float32(data: torch.Tensor) -> torch.Tensor:
+    """Decode E4M3 values to a new float32 tensor, equal to ``data.float()`` (NaN included).
+
+    On CPU torch converts float8 element by element; this decodes through float16 instead, about
+    3x faster: an E4M3 byte ``s eeee mmm`` placed as the float16 bits ``s 0eeee mmm0000000`` is the
+    same number times 2^-8 (exponent bias 15 instead of 7, subnormals included), and float16 ->
+    float32 is a vectorised conversion. The two NaN codes (``x1111111``) are set to NaN.
+    Elsewhere (CUDA, other dtypes) it is a float32 copy of ``data``.
+    """
+    if data.device.type != "cpu" or data.dtype != E4M3:
+        return data.to(torch.float32, copy=True)
+    i = data.view(torch.uint8).to(torch.int16)
+    low = i & 0x7F
+    half = (i << 8).bitwise_and_(-32768).bitwise_or_(low << 7)
+    half.masked_fill_(low == 0x7F, 0x7E00)  # float16 NaN
+    return half.view(torch.float16).float().mul_(256.0)
+
+
 def round_to_grid(x: torch.Tensor, mantissa_bits: int, min_exp: int, max_value: float) -> torch.Tensor:
     """Round ``x`` to a binary floating-point grid, nearest with ties to even, saturating.
 

@@ -49,6 +49,7 @@ from dsv3.fp8.quant import (
 )
 from dsv3.fp8.recipe import FP8Recipe
 from dsv3.model.ops import grouped_mm as model_grouped_mm
+from dsv3.model.ops import grouped_mm_dgrad, grouped_mm_wgrad
 
 INPUT_CACHES = ("e4m3", "e5m6")
 
@@ -217,7 +218,7 @@ class _FP8GroupedMMFn(torch.autograd.Function):
             else:
                 offs_t = torch.tensor(offs, dtype=torch.int32, device=dy.device)
                 with torch.no_grad():
-                    dx = model_grouped_mm(dy.contiguous(), w.to(dy.dtype).transpose(1, 2).contiguous(), offs_t)
+                    dx = grouped_mm_dgrad(dy.contiguous(), w.to(dy.dtype), offs_t)
         if ctx.needs_input_grad[1]:
             if not ctx.saved_input:
                 raise RuntimeError("FP8 grouped GEMM backward needs the weight gradient but its input was not cached")
@@ -232,13 +233,8 @@ class _FP8GroupedMMFn(torch.autograd.Function):
                 dw = grouped_wgrad(dyt, xt, padded_offs, torch.float32, backend).to(w.dtype)
             else:  # storage only: high-precision per-expert dy^T x on the dequantised cache
                 x_hat = xt.dequantize().index_select(0, rows.to(data.device))
-                dw = torch.zeros(w.shape, dtype=torch.float32, device=dy.device)
-                start = 0
-                for e, end in enumerate(offs):
-                    if end > start:
-                        dw[e] = dy[start:end].float().t() @ x_hat[start:end]
-                    start = end
-                dw = dw.to(w.dtype)
+                offs_t = torch.tensor(offs, dtype=torch.int32, device=dy.device)
+                dw = grouped_mm_wgrad(dy.float(), x_hat, offs_t).to(w.dtype)
         return dx, dw, None, None, None
 
 

@@ -25,7 +25,7 @@ import dataclasses
 
 import torch
 
-from dsv3.fp8.formats import E4M3, E4M3_MAX, compute_scale
+from dsv3.fp8.formats import E4M3, E4M3_MAX, compute_scale, e4m3_to_float32
 
 TILE = 128  # N_C of the report: tile/block edge and FP32 promotion interval
 
@@ -66,7 +66,7 @@ class QTensor:
         """The high-precision tensor of the logical shape: ``data * scale`` per block."""
         *lead, rp, cp = self.data.shape
         br, bc = self.block
-        q = self.data.to(torch.float32, copy=True).reshape(*lead, rp // br, br, cp // bc, bc)
+        q = e4m3_to_float32(self.data).reshape(*lead, rp // br, br, cp // bc, bc)
         x = q.mul_(self.scale.unsqueeze(-1).unsqueeze(-3)).reshape(*lead, rp, cp)
         return x[..., : self.rows, : self.cols].to(dtype)
 

@@ -16,7 +16,9 @@ How :meth:`CPUEMA.update` stays off the training step's critical path:
   ``non_blocking`` device-to-host copy into pinned memory, followed by a CUDA
   event; on CPU a plain copy) and queues the buffer for the worker thread.
 * The worker thread waits for the event, then does the FP32 arithmetic
-  ``ema <- ema + (1 - beta) (theta - ema)`` on the CPU.
+  ``ema <- ema + (1 - beta) (theta - ema)`` on the CPU, single-threaded (in
+  pieces below ATen's grain size) and at the lowest CPU priority, so that it
+  uses the cycles the training step leaves idle rather than taking a core from it.
 * There are two staging buffers used in turn (double buffering). ``update()``
   number n writes buffer ``n % 2``, which the worker released after applying
   update n-2. So ``update()`` waits only if the worker is still busy with the
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import queue
 import threading
 import weakref
@@ -63,8 +66,23 @@ class _Shared:
     before_apply: Callable[[], None] | None = None  # test hook: runs in the worker before each update
 
 
+def _lowest_priority() -> None:
+    """Run the calling thread at the lowest CPU priority (Linux: nice 19 for this thread only).
+
+    The EMA arithmetic then runs on cycles the training step leaves idle (between kernels, during
+    Python overhead, data loading and communication) instead of taking a core from the step's
+    threads; when the worker falls a whole step behind, :meth:`CPUEMA.update` waits for it and the
+    step's threads are idle, so it always finishes.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not permitted: keep the default priority
+        pass
+
+
 def _worker(jobs: queue.SimpleQueue, shadow: list[torch.Tensor], slots: list[_Slot], shared: _Shared) -> None:
     """Apply queued updates ``(slot index, decay)`` to the FP32 shadows until ``None`` arrives."""
+    _lowest_priority()
     while True:
         job = jobs.get()
         if job is None:

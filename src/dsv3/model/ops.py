@@ -206,3 +206,31 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     if _kernel_applies(x, w):
         return _grouped_mm_op(x, w, offs)
     return _padded_grouped_mm(x, w, offs)
+
+
+def grouped_mm_dgrad(dy: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Input gradient of :func:`grouped_mm`: rows of group e of ``dy`` [N, O] times ``w[e]`` [O, K] -> [N, K]."""
+    if _kernel_applies(dy, w.transpose(1, 2)):
+        return _grouped_mm_dgrad(dy, w, offs)
+    return _padded_grouped_mm(dy, w.transpose(1, 2), offs)
+
+
+def grouped_mm_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Weight gradient of :func:`grouped_mm`: ``dW[e] = dy_e^T x_e`` over the rows of group e -> [E, O, K].
+
+    Args:
+        dy: [N, O] output gradients, rows grouped by expert.
+        x: [N, K] inputs, same rows.
+        offs: [E] int32 cumulative row ends.
+    """
+    align = 16 // x.element_size()
+    if (dy.dtype == x.dtype and has_grouped_mm_kernel(x.device.type, x.dtype)
+            and dy.shape[1] % align == 0 and x.shape[1] % align == 0):
+        return _grouped_mm_wgrad(dy, x, offs)
+    dw = x.new_zeros(offs.shape[0], dy.shape[1], x.shape[1])
+    start = 0
+    for e, end in enumerate(offs.tolist()):  # fallback only: no grouped kernel for this device/dtype
+        if end > start:
+            dw[e] = dy[start:end].t() @ x[start:end]
+        start = end
+    return dw
