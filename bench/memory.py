@@ -5,7 +5,8 @@ few real steps on the Python standard library and reports measured bytes per cat
 ``dsv3.memory.measure``): parameters, gradients, optimizer states, EMA (host memory), activations per
 micro-batch (storages alive between forward and backward), the device-resident training state
 (weights + gradients + optimizer) and tokens/s, with ratios against the plain FP32 run. Everything is
-measured in one process, one configuration after another.
+measured in one process: the bytes one configuration after another, the speed with all configurations
+built and taking turns step by step (so that drift of a shared machine's speed hits all alike).
 
     python bench/memory.py [--model small] [--seq-len 512] [--micro-batch 4] [--steps 3] [--json out.json]
 
@@ -17,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
-from dsv3.memory.measure import measure_config
+from dsv3.memory.measure import prepare_config
 from dsv3.train.config import TrainConfig
 
 # On a CPU there are no FP8 GEMMs: "FP8 activation caching" keeps the recipe's FP8 activation storage
@@ -45,14 +47,27 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="names of configurations to run")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    reports = {}
+    sessions = {}
     for name, changes in CONFIGS.items():
         if args.only and name not in args.only:
             continue
         config = TrainConfig(model=args.model, seq_len=args.seq_len, micro_batch=args.micro_batch,
                              global_batch=args.micro_batch, **changes)
-        reports[name] = measure_config(config, steps=args.steps, name=name)
+        sessions[name] = prepare_config(config, name)
+    # Bytes: one configuration at a time (a warm-up step, then one step under the trackers).
+    reports = {name: session.measure(steps=0) for name, session in sessions.items()}
+    # Speed: the configurations take turns step by step, so that a machine whose speed drifts
+    # (a shared VM) slows them all alike; median step time per configuration.
+    times = {name: [] for name in sessions}
+    for _ in range(args.steps):
+        for name, session in sessions.items():
+            times[name].append(session.step())
+    for name, session in sessions.items():
+        if session.ema is not None:
+            session.ema.wait()
+        session.close()
         r = reports[name]
+        r.tokens_per_s = args.seq_len * args.micro_batch / statistics.median(times[name])
         print(f"{name}: activations {r.activations / 2**20:.1f} MiB, state {r.training_state / 2**20:.1f} MiB, "
               f"{r.tokens_per_s:,.0f} tok/s", flush=True)
     base = reports.get("plain FP32")

@@ -136,58 +136,97 @@ class MemoryReport:
         return d
 
 
+def training_step(model: torch.nn.Module, optimizer, batch: tuple, *, ema=None, measure: bool = False
+                  ) -> tuple[float, int, tuple[int, int] | None]:
+    """One training step on one micro-batch: forward, backward, optimizer step, EMA update.
+
+    Returns ``(seconds, gradient bytes, (live, saved) activation bytes or None)``; with ``measure``
+    the forward runs under the activation trackers (slower: do not time that step).
+    """
+    cuda = next(model.parameters()).device.type == "cuda"
+    ids, labels = batch
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    acts = None
+    if measure:
+        acts = activation_bytes(model, ids, labels)
+    else:
+        model(ids, labels).loss.backward()
+    grads = grad_bytes(model)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, grads, acts
+
+
 def measure_training(name: str, model: torch.nn.Module, optimizer, batches: Callable[[], tuple], *,
                      ema=None, steps: int = 3, warmup: int = 1) -> MemoryReport:
     """Run ``warmup`` steps, one step under memory tracking, then ``steps`` timed steps (one micro-batch each).
 
     Args:
         batches: returns the next ``(input_ids, labels)`` micro-batch on the model's device.
+        steps: timed steps; 0 measures bytes only (``tokens_per_s`` is then NaN).
     """
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     model.train()
-    times, live, saved = [], [], []
-    tokens = 0
+    times, acts, grads, tokens = [], None, 0, 0
     for i in range(warmup + 1 + steps):
-        ids, labels = batches()
-        if cuda:
-            torch.cuda.synchronize()
+        batch = batches()
+        if cuda and i == warmup:
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        if i == warmup:  # measure the activations once, on a regular step
-            a, s = activation_bytes(model, ids, labels)
-            live.append(a)
-            saved.append(s)
-        else:
-            model(ids, labels).loss.backward()
-        grads = grad_bytes(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
-        if cuda:
-            torch.cuda.synchronize()
+        dt, grads, measured = training_step(model, optimizer, batch, ema=ema, measure=i == warmup)
+        acts = measured or acts
         if i > warmup:  # the measured step runs under tracking: not timed
-            times.append(time.perf_counter() - t0)
-        tokens = ids.numel()
+            times.append(dt)
+        tokens = batch[0].numel()
     if ema is not None:
         ema.wait()
     from dsv3.train.optim import optimizer_state_bytes
 
     return MemoryReport(
         name=name, params=param_bytes(model), grads=grads, optimizer=optimizer_state_bytes(optimizer),
-        ema_host=ema.nbytes() if ema is not None else 0, activations=live[0], saved_tensors=saved[0],
+        ema_host=ema.nbytes() if ema is not None else 0, activations=acts[0], saved_tensors=acts[1],
         tokens_per_s=tokens / statistics.median(times) if times else float("nan"),
         peak_device=torch.cuda.max_memory_allocated() if cuda else None,
     )
 
 
-def measure_config(config, *, steps: int = 3, name: str | None = None) -> MemoryReport:
-    """Measure the training configuration ``config`` (a :class:`~dsv3.train.config.TrainConfig`).
+@dataclass
+class TrainingSession:
+    """A training configuration built as ``dsv3 train`` builds it, ready to step (see :func:`prepare_config`)."""
 
-    Builds the tokenizer, data, model (with its FP8/recomputation transformations), optimizer and
-    EMA exactly as ``dsv3 train`` does, then runs :func:`measure_training` on real batches.
-    Nothing is written except the tokenizer/token caches.
+    name: str
+    config: Any
+    model: torch.nn.Module
+    optimizer: Any
+    ema: Any
+    batches: Callable[[], tuple]
+
+    def measure(self, steps: int = 3) -> MemoryReport:
+        """:func:`measure_training` on this session, with the config's options recorded."""
+        report = measure_training(self.name, self.model, self.optimizer, self.batches, ema=self.ema, steps=steps)
+        report.options = {k: getattr(self.config, k) for k in ("model", "seq_len", "micro_batch", "recompute", "fp8",
+                                                                "optim_states", "ema_decay", "dtype")}
+        return report
+
+    def step(self) -> float:
+        """One timed training step on the next micro-batch; seconds."""
+        return training_step(self.model, self.optimizer, self.batches(), ema=self.ema)[0]
+
+    def close(self) -> None:
+        if self.ema is not None:
+            self.ema.close()
+
+
+def prepare_config(config, name: str | None = None) -> TrainingSession:
+    """Build the tokenizer, data, model (with its FP8/recomputation transformations), optimizer and EMA
+    of the training configuration ``config`` (a :class:`~dsv3.train.config.TrainConfig`) exactly as
+    ``dsv3 train`` does. Nothing is written except the tokenizer/token caches.
     """
     from dsv3.memory.ema import CPUEMA
     from dsv3.train.data import build_data
@@ -211,11 +250,16 @@ def measure_config(config, *, steps: int = 3, name: str | None = None) -> Memory
         ids, labels = loader.next_batch(config.micro_batch)
         return ids.to(device), labels.to(device)
 
+    return TrainingSession(name or config.model, config, model, optimizer, ema, batches)
+
+
+def measure_config(config, *, steps: int = 3, name: str | None = None) -> MemoryReport:
+    """Measure the training configuration ``config`` (a :class:`~dsv3.train.config.TrainConfig`).
+
+    Builds it with :func:`prepare_config`, then runs :func:`measure_training` on real batches.
+    """
+    session = prepare_config(config, name)
     try:
-        report = measure_training(name or config.model, model, optimizer, batches, ema=ema, steps=steps)
+        return session.measure(steps)
     finally:
-        if ema is not None:
-            ema.close()
-    report.options = {k: getattr(config, k) for k in ("model", "seq_len", "micro_batch", "recompute", "fp8",
-                                                      "optim_states", "ema_decay", "dtype")}
-    return report
+        session.close()
