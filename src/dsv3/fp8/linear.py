@@ -49,7 +49,7 @@ from dsv3.fp8.quant import (
 )
 from dsv3.fp8.recipe import FP8Recipe
 from dsv3.model.ops import grouped_mm as model_grouped_mm
-from dsv3.model.ops import grouped_mm_dgrad, grouped_mm_wgrad
+from dsv3.model.ops import grouped_mm_dgrad, grouped_mm_wgrad, swiglu_backward
 
 INPUT_CACHES = ("e4m3", "e5m6")
 
@@ -282,16 +282,7 @@ class _FP8SwiGLUFn(torch.autograd.Function):
         gd, gs, ud, us, weight = ctx.saved_tensors
         g = QTensor(gd, gs, ctx.shape2, ACT_TILE).dequantize().reshape(ctx.shape)
         u = QTensor(ud, us, ctx.shape2, ACT_TILE).dequantize().reshape(ctx.shape)
-        dy = dy.float()
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        dweight = None
-        if weight is not None:
-            if ctx.needs_input_grad[2]:
-                dweight = (dy * silu * u).sum(dim=-1, keepdim=True).to(weight.dtype)
-            dy = dy * weight.float()
-        dgate = dy * u * sig * (1.0 + g * (1.0 - sig))
-        dup = dy * silu
+        dgate, dup, dweight = swiglu_backward(g, u, dy.float(), weight, ctx.needs_input_grad[2])
         return dgate.to(ctx.dtypes[0]), dup.to(ctx.dtypes[1]), dweight, None
 
 

@@ -40,17 +40,31 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         gate, up, weight = ctx.saved_tensors
         acc = torch.promote_types(gate.dtype, torch.float32)
-        g, u, dy = gate.to(acc), up.to(acc), grad.to(acc)
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        dw = None
-        if weight is not None:
-            if ctx.needs_input_grad[2]:
-                dw = (dy * silu * u).sum(dim=-1, keepdim=True).to(weight.dtype)
-            dy = dy * weight.to(acc)
-        dgate = dy * u * (sig * (1 + g * (1 - sig)))
-        dup = dy * silu
+        dgate, dup, dw = swiglu_backward(gate.to(acc), up.to(acc), grad.to(acc), weight, ctx.needs_input_grad[2])
         return dgate.to(gate.dtype), dup.to(up.dtype), dw
+
+
+def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None,
+                    need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of ``silu(g) * u * weight``, recomputing ``silu(g)`` from ``g``.
+
+    Args:
+        g, u: [..., I] the SwiGLU inputs, in the accumulation dtype.
+        dy: [..., I] gradient of the output, same dtype.
+        weight: [..., 1] per-row gate values, or None.
+        need_dweight: whether to compute the gradient of ``weight``.
+
+    Returns:
+        ``(dg, du, dweight)`` in the accumulation dtype (``dweight`` in ``weight``'s dtype, or None).
+    """
+    sig = torch.sigmoid(g)
+    silu = g * sig
+    dweight = None
+    if weight is not None:
+        if need_dweight:
+            dweight = (dy * silu * u).sum(dim=-1, keepdim=True).to(weight.dtype)
+        dy = dy * weight.to(g.dtype)
+    return dy * u * (sig * (1 + g * (1 - sig))), dy * silu, dweight
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,9 +237,7 @@ def grouped_mm_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> t
         x: [N, K] inputs, same rows.
         offs: [E] int32 cumulative row ends.
     """
-    align = 16 // x.element_size()
-    if (dy.dtype == x.dtype and has_grouped_mm_kernel(x.device.type, x.dtype)
-            and dy.shape[1] % align == 0 and x.shape[1] % align == 0):
+    if _kernel_applies(dy, x):  # the same conditions: equal dtypes, O and K rows 16-byte aligned
         return _grouped_mm_wgrad(dy, x, offs)
     dw = x.new_zeros(offs.shape[0], dy.shape[1], x.shape[1])
     start = 0
