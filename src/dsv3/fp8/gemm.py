@@ -35,6 +35,8 @@ import torch.nn.functional as F
 
 from dsv3.errors import ConfigError
 from dsv3.fp8.quant import ACT_TILE, TILE, WEIGHT_BLOCK, QTensor, ceil_div
+from dsv3.model.ops import grouped_mm as model_grouped_mm
+from dsv3.model.ops import grouped_mm_wgrad
 
 BACKENDS = ("auto", "emulated", "cuda")
 
@@ -190,19 +192,15 @@ def grouped_mm(
     Returns:
         [N, O] tensor of ``out_dtype``.
     """
-    name = resolve_backend(backend, a.data.device)
-    n_rows, n_out = a.rows, b.shape[-2]
-    out = torch.empty(n_rows, n_out, dtype=out_dtype, device=a.data.device)
-    if name == "emulated":  # dequantise each operand once, then one FP32 GEMM per group
-        a_deq, b_deq = a.dequantize(), b.dequantize()
+    if resolve_backend(backend, a.data.device) == "emulated":  # dequantise once, the model's grouped GEMM in FP32
+        offs_t = torch.tensor(offs, dtype=torch.int32, device=a.data.device)
+        return model_grouped_mm(a.dequantize(), b.dequantize(), offs_t).to(out_dtype)
+    out = torch.empty(a.rows, b.shape[-2], dtype=out_dtype, device=a.data.device)
     start = 0
     for e, end in enumerate(offs):
         if end > start:
-            if name == "emulated":
-                out[start:end] = a_deq[start:end] @ b_deq[e].t()
-            else:
-                ae = QTensor(a.data[start:end], a.scale[start:end], (end - start, a.cols), a.block)
-                out[start:end] = _mm_cuda(ae, _expert(b, e), out_dtype)
+            ae = QTensor(a.data[start:end], a.scale[start:end], (end - start, a.cols), a.block)
+            out[start:end] = _mm_cuda(ae, _expert(b, e), out_dtype)
         start = end
     return out
 
@@ -227,17 +225,14 @@ def grouped_wgrad(
     Returns:
         [E, O, K] tensor of ``out_dtype``; a group without rows gets zeros.
     """
-    name = resolve_backend(backend, dy_tok.data.device)
+    if resolve_backend(backend, dy_tok.data.device) == "emulated":  # dequantise once, the model's grouped Wgrad
+        offs_t = torch.tensor(padded_offs, dtype=torch.int32, device=dy_tok.data.device)
+        return grouped_mm_wgrad(dy_tok.dequantize(), x_tok.dequantize(), offs_t).to(out_dtype)
     out = torch.zeros(len(padded_offs), dy_tok.cols, x_tok.cols, dtype=out_dtype, device=dy_tok.data.device)
-    if name == "emulated":  # dequantise each operand once, then one FP32 GEMM per group
-        dy_deq, x_deq = dy_tok.dequantize(), x_tok.dequantize()
     start = 0
     for e, end in enumerate(padded_offs):
         if end > start:
-            if name == "emulated":
-                out[e] = dy_deq[start:end].t() @ x_deq[start:end]
-            else:
-                out[e] = _mm_cuda(_token_rows(dy_tok, start, end).t(), _token_rows(x_tok, start, end).t(), out_dtype)
+            out[e] = _mm_cuda(_token_rows(dy_tok, start, end).t(), _token_rows(x_tok, start, end).t(), out_dtype)
         start = end
     return out
 

@@ -209,6 +209,8 @@ class _FP8GroupedMMFn(torch.autograd.Function):
     def backward(ctx, dy):
         w, *cached = ctx.saved_tensors
         recipe, backend, offs = ctx.recipe, ctx.backend, ctx.offs
+        # storage only: the model's grouped kernels take the group ends as a device tensor
+        offs_t = None if recipe.fp8_gemm else torch.tensor(offs, dtype=torch.int32, device=dy.device)
         dx = dw = None
         if ctx.needs_input_grad[0]:
             if recipe.fp8_gemm:
@@ -216,7 +218,6 @@ class _FP8GroupedMMFn(torch.autograd.Function):
                 wq = quantize(w, WEIGHT_BLOCK, pow2=recipe.pow2)
                 dx = grouped_mm(dyq, wq.t(), offs, ctx.x_dtype, backend)
             else:
-                offs_t = torch.tensor(offs, dtype=torch.int32, device=dy.device)
                 with torch.no_grad():
                     dx = grouped_mm_dgrad(dy.contiguous(), w.to(dy.dtype), offs_t)
         if ctx.needs_input_grad[1]:
@@ -225,15 +226,15 @@ class _FP8GroupedMMFn(torch.autograd.Function):
             rows, padded_offs = group_padding(offs)
             n_pad = padded_offs[-1] if padded_offs else 0
             data, scale = cached
+            rows = rows.to(data.device)
             full = torch.zeros(n_pad, data.shape[1], dtype=torch.uint8, device=data.device)
-            full.index_copy_(0, rows.to(data.device), data)
+            full.index_copy_(0, rows, data)
             xt = QTensor(full.view(torch.float8_e4m3fn), scale, (n_pad, ctx.x_shape[1]), TOKEN_TILE)
             if recipe.fp8_gemm:
                 dyt = quantize_tokens_grouped(dy, rows, n_pad, pow2=recipe.pow2)
                 dw = grouped_wgrad(dyt, xt, padded_offs, torch.float32, backend).to(w.dtype)
-            else:  # storage only: high-precision per-expert dy^T x on the dequantised cache
-                x_hat = xt.dequantize().index_select(0, rows.to(data.device))
-                offs_t = torch.tensor(offs, dtype=torch.int32, device=dy.device)
+            else:  # storage only: high-precision grouped dy^T x on the dequantised cache
+                x_hat = xt.dequantize().index_select(0, rows)
                 dw = grouped_mm_wgrad(dy.float(), x_hat, offs_t).to(w.dtype)
         return dx, dw, None, None, None
 
