@@ -186,10 +186,12 @@ def _bf16_round_is_ambiguous(x64):
     return (x64 * (1 - 1e-6)).to(torch.bfloat16) != (x64 * (1 + 1e-6)).to(torch.bfloat16)
 
 
-def test_bf16_moments_are_fp64_moments_rounded_each_step():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-kernel", "eager-fallback"])
+def test_bf16_moments_are_fp64_moments_rounded_each_step(compiled):
     model = make_model()
     lr, wd, eps = 1e-2, 0.1, 1e-8
     opt = build_optimizer(model, lr=lr, weight_decay=wd, eps=eps, moments_dtype="bf16")
+    opt._compiled_ok = compiled  # False: the multi-tensor path of machines without a compiler
     b1, b2 = BETAS
     ambiguous = total = 0
     for ids in batches(6):
