@@ -74,13 +74,13 @@ def _recomputing() -> bool:
     return torch.is_grad_enabled()
 
 
-def _selective_attention(layer: DecoderLayer, x, cos, sin, cache=None, start_pos=0):
+def _selective_attention(layer: DecoderLayer, x, cos, sin, cache=None, start_pos=0, attn_mask=None):
     attn = layer.self_attn
     if cache is not None or not _recomputing():
-        return DecoderLayer.attention(layer, x, cos, sin, cache, start_pos)
+        return DecoderLayer.attention(layer, x, cos, sin, cache, start_pos, attn_mask)
     q_latent, kv_latent = checkpoint(lambda t: attn.compress(layer.input_layernorm(t)), x,
                                      use_reentrant=False, context_fn=_KEEP_MATMULS)
-    return checkpoint(lambda q, kv: attn.attend(q, kv, cos, sin), q_latent, kv_latent,
+    return checkpoint(lambda q, kv: attn.attend(q, kv, cos, sin, attn_mask=attn_mask), q_latent, kv_latent,
                       use_reentrant=False, context_fn=_KEEP_ATTENTION)
 
 

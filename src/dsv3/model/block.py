@@ -29,16 +29,18 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """``x`` [B, T, d] -> [B, T, d]."""
-        h = x + self.attention(x, cos, sin, cache, start_pos)
+                cache: LatentKVCache | None = None, start_pos: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, T, d] -> [B, T, d]; ``attn_mask``: see :meth:`MLA.forward`."""
+        h = x + self.attention(x, cos, sin, cache, start_pos, attn_mask)
         return h + self.ffn(h)
 
     # The two residual branches; recomputation policies wrap these (see dsv3.memory.recompute).
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                  cache: LatentKVCache | None = None, start_pos: int = 0,
+                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention branch ``MLA(RMSNorm(x))``."""
-        return self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        return self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, attn_mask)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """The feed-forward branch ``FFN(RMSNorm(h))``."""
