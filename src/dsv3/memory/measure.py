@@ -237,20 +237,22 @@ def prepare_config(config, name: str | None = None) -> TrainingSession:
     device = _device(config)
     mcfg = model_config_for(config)
     tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir="")
-    data = build_data(config.data, tokenizer=tokenizer, seq_len=config.seq_len, vocab_size=mcfg.vocab_size,
-                      format=config.data_format, field=config.data_field, glob=config.data_glob,
-                      dtype=config.data_dtype, eos_token=config.eos_token, val_fraction=0.0)
-    loader = data.loader(config.seed)
+    data = build_data(config.data.path, tokenizer=tokenizer, seq_len=config.data.seq_len,
+                      vocab_size=mcfg.vocab_size,
+                      format=config.data.format, field=config.data.field, glob=config.data.glob,
+                      dtype=config.data.dtype, eos_token=config.data.eos_token, val_fraction=0.0)
+    loader = data.loader(config.run.seed)
     model = build_model(config, mcfg, device)
-    optimizer = build_optimizer(model, lr=config.lr, betas=(config.beta1, config.beta2),
-                                weight_decay=config.weight_decay, eps=config.eps, moments_dtype=config.optim_states)
-    ema = CPUEMA(model, config.ema_decay) if config.ema_decay else None
+    opt = config.optimizer
+    optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+                                eps=opt.eps, moments_dtype=config.memory.optim_states)
+    ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
 
     def batches():
-        ids, labels = loader.next_batch(config.micro_batch)
+        ids, labels = loader.next_batch(config.data.micro_batch)
         return ids.to(device), labels.to(device)
 
-    return TrainingSession(name or config.model, config, model, optimizer, ema, batches)
+    return TrainingSession(name or config.model.name, config, model, optimizer, ema, batches)
 
 
 def measure_config(config, *, steps: int = 3, name: str | None = None) -> MemoryReport:

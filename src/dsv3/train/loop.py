@@ -51,11 +51,11 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------- set-up helpers
 def _device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
+    if config.parallel.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
+    if config.parallel.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(config.device)
+    return torch.device(config.parallel.device)
 
 
 def prepare_run_dir(config: TrainConfig, resume: str | None) -> tuple[TrainConfig, str]:
@@ -65,7 +65,7 @@ def prepare_run_dir(config: TrainConfig, resume: str | None) -> tuple[TrainConfi
         if not os.path.isfile(path):
             raise RunDirError(f"{resume} is not a dsv3 run directory (no {CONFIG_FILE}); check --resume")
         return config, resume
-    run_dir = config.run_dir or config.default_run_dir()
+    run_dir = config.run.dir or config.default_run_dir()
     if os.path.exists(run_dir):
         if not os.path.isdir(run_dir):
             raise RunDirError(f"run directory {run_dir} exists and is not a directory; choose another --run-dir")
@@ -80,16 +80,16 @@ def prepare_run_dir(config: TrainConfig, resume: str | None) -> tuple[TrainConfi
 def resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
     """The saved config of ``run_dir`` with ``overrides`` (e.g. a larger ``steps``) applied."""
     config = load_train_config(os.path.join(run_dir, CONFIG_FILE), overrides)
-    config.run_dir = run_dir
+    config.run.dir = run_dir
     return config
 
 
 def model_config_for(config: TrainConfig) -> ModelConfig:
     """The model configuration of the run, with the recipe knobs of the train config applied."""
-    source = config.init_from or config.model
+    source = config.model.init_from or config.model.name
     mcfg = resolve_model_config(source)
-    changes = {k: getattr(config, k) for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
-               if getattr(config, k) is not None}
+    changes = {k: getattr(config.moe, k) for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
+               if getattr(config.moe, k) is not None}
     return mcfg.replace(**changes) if changes else mcfg
 
 
@@ -97,25 +97,25 @@ def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
     """Build (or load) the model and apply the configured transformations (FP8, recomputation)."""
     from dsv3.model import DeepseekV3ForCausalLM
 
-    torch.manual_seed(config.seed)
-    if config.init_from:
+    torch.manual_seed(config.run.seed)
+    if config.model.init_from:
         from dsv3.checkpoint.hf import from_pretrained
 
-        model = from_pretrained(config.init_from, device=device)
+        model = from_pretrained(config.model.init_from, device=device)
         model.config = mcfg
     else:
         with torch.device(device):
             model = DeepseekV3ForCausalLM(mcfg)
-    model.to(getattr(torch, config.dtype))
-    if config.fp8:
+    model.to(getattr(torch, config.precision.dtype))
+    if config.precision.fp8:
         from dsv3.fp8 import FP8Recipe, convert
 
-        convert(model, FP8Recipe(backend=config.fp8_backend, scale_format=config.fp8_scale_format,
-                                 fp8_gemm=config.fp8_gemm))
-    if config.recompute != "none":
+        prec = config.precision
+        convert(model, FP8Recipe(backend=prec.fp8_backend, scale_format=prec.fp8_scale_format, fp8_gemm=prec.fp8_gemm))
+    if config.memory.recompute != "none":
         from dsv3.memory.recompute import apply_recompute
 
-        apply_recompute(model, config.recompute)
+        apply_recompute(model, config.memory.recompute)
     return model
 
 
@@ -126,17 +126,17 @@ def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
     saved = os.path.join(run_dir, "tokenizer.json")
     if os.path.isfile(saved):
         return get_tokenizer(saved, vocab_size=vocab_size)
-    if config.tokenizer is not None:
-        return get_tokenizer(config.tokenizer, vocab_size=vocab_size)
-    if config.data is None:
+    if config.data.tokenizer is not None:
+        return get_tokenizer(config.data.tokenizer, vocab_size=vocab_size)
+    if config.data.path is None:
         return get_tokenizer(None, vocab_size=vocab_size)
-    if (config.data_format or "") == "bin" or str(config.data).endswith(".bin"):
+    if (config.data.format or "") == "bin" or str(config.data.path).endswith(".bin"):
         return None  # pre-tokenised: no tokenizer needed (no text sample at the end)
     from dsv3.train.data import resolve_source
 
-    source = resolve_source(config.data, format=config.data_format, field=config.data_field, glob=config.data_glob)
+    source = resolve_source(config.data.path, format=config.data.format, field=config.data.field, glob=config.data.glob)
     if source.kind != "text":
-        raise DataError(f"{config.data} is {source.kind}; pass --tokenizer with a tokenizer.json for it "
+        raise DataError(f"{config.data.path} is {source.kind}; pass --tokenizer with a tokenizer.json for it "
                         f"(a BPE is trained automatically only on plain-text corpora)")
     return get_tokenizer(None, vocab_size=vocab_size, files=source.files)
 
@@ -215,7 +215,7 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
     else:
         config.validate()
         config, run_dir = prepare_run_dir(config, None)
-        config.run_dir = run_dir
+        config.run.dir = run_dir
         checkpoint = None
     device = _device(config)
     saved_model_config = os.path.join(run_dir, "model_config.json")
@@ -230,13 +230,13 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
     if tokenizer is not None and tokenizer.get_vocab_size() > mcfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                           f"{mcfg.vocab_size}; use a matching tokenizer or model")
-    data = build_data(config.data, tokenizer=tokenizer, seq_len=config.seq_len, vocab_size=mcfg.vocab_size,
-                      format=config.data_format, field=config.data_field, glob=config.data_glob,
-                      dtype=config.data_dtype, eos_token=config.eos_token, val_fraction=config.val_fraction,
-                      split_seed=config.seed)
-    if len(data.train) < config.micro_batch:
-        raise DataError(f"the corpus gives {len(data.train)} training sequences of {config.seq_len} tokens, fewer "
-                        f"than one micro-batch ({config.micro_batch}); use more data or a smaller --seq-len")
+    d = config.data
+    data = build_data(d.path, tokenizer=tokenizer, seq_len=d.seq_len, vocab_size=mcfg.vocab_size, format=d.format,
+                      field=d.field, glob=d.glob, dtype=d.dtype, eos_token=d.eos_token, val_fraction=d.val_fraction,
+                      split_seed=config.run.seed)
+    if len(data.train) < config.data.micro_batch:
+        raise DataError(f"the corpus gives {len(data.train)} training sequences of {config.data.seq_len} tokens, fewer "
+                        f"than one micro-batch ({config.data.micro_batch}); use more data or a smaller --seq-len")
 
     # --- the model (an --init-from checkpoint is checked here, before anything is written)
     model = build_model(config, mcfg, device)
@@ -253,20 +253,22 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
                 tokenizer.save(tmp)
 
     # --- optimizer, schedules, EMA
-    optimizer = build_optimizer(model, lr=config.lr, betas=(config.beta1, config.beta2),
-                                weight_decay=config.weight_decay, eps=config.eps, moments_dtype=config.optim_states)
-    decay_start = int(config.decay_start * config.steps)
-    decay_steps = int(config.decay_end * config.steps) - decay_start
-    schedule = LRSchedule(peak_lr=config.lr, warmup_steps=min(config.warmup_steps, decay_start),
-                          decay_start=decay_start, decay_steps=decay_steps, min_lr=config.min_lr,
-                          final_lr=config.final_lr, final_steps=config.final_steps, total_steps=config.steps)
-    if config.batch_ramp_start is not None:
-        ramp = BatchRamp(start=config.batch_ramp_start, end=config.global_batch, ramp_steps=config.batch_ramp_steps,
-                         seq_len=config.seq_len, micro_batch=config.micro_batch)
+    opt, sched = config.optimizer, config.schedule
+    optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+                                eps=opt.eps, moments_dtype=config.memory.optim_states)
+    decay_start = int(sched.decay_start * sched.steps)
+    decay_steps = int(sched.decay_end * sched.steps) - decay_start
+    schedule = LRSchedule(peak_lr=opt.lr, warmup_steps=min(sched.warmup_steps, decay_start),
+                          decay_start=decay_start, decay_steps=decay_steps, min_lr=sched.min_lr,
+                          final_lr=sched.final_lr, final_steps=sched.final_steps, total_steps=sched.steps)
+    if sched.batch_ramp_start is not None:
+        ramp = BatchRamp(start=sched.batch_ramp_start, end=config.data.global_batch, ramp_steps=sched.batch_ramp_steps,
+                         seq_len=config.data.seq_len, micro_batch=config.data.micro_batch)
     else:
-        ramp = BatchRamp.constant(config.global_batch, micro_batch=config.micro_batch, seq_len=config.seq_len)
-    ema = CPUEMA(model, config.ema_decay) if config.ema_decay else None
-    loader = data.loader(config.seed)
+        ramp = BatchRamp.constant(config.data.global_batch, micro_batch=config.data.micro_batch,
+                                  seq_len=config.data.seq_len)
+    ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
+    loader = data.loader(config.run.seed)
 
     step, nonfinite, val_losses = 0, 0, []
     if checkpoint is not None:
@@ -281,37 +283,37 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
 
     log(f"run {run_dir}: {mcfg.model_type} with {model.num_parameters():,} parameters on {device}; "
         f"{data.summary()}")
-    metrics = MetricsLogger(run_dir, tensorboard=config.tensorboard, start_step=step)
-    progress = ProgressBar(config.steps, initial=step, mode="auto" if config.progress else "off")
+    metrics = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, start_step=step)
+    progress = ProgressBar(config.schedule.steps, initial=step, mode="auto" if config.logging.progress else "off")
     params = [p for p in model.parameters() if p.requires_grad]
     last_ckpt = checkpoint
     interrupted = False
 
     def checkpoint_now(at_step: int, loader_state: dict) -> str:
         return save_checkpoint(run_dir, at_step, model=model, optimizer=optimizer, loader_state=loader_state,
-                               tokenizer=tokenizer, ema=ema, keep_last=config.keep_last,
+                               tokenizer=tokenizer, ema=ema, keep_last=config.checkpoint.keep_last,
                                extra={"nonfinite": nonfinite, "val_losses": val_losses})
 
     try:
         with _StopFlag() as stop:
             if step == 0 and not val_losses and data.val is not None:
-                val_losses.append((0, evaluate(model, data, micro_batch=config.micro_batch,
-                                               max_batches=config.eval_batches, device=device)))
+                val_losses.append((0, evaluate(model, data, micro_batch=config.data.micro_batch,
+                                               max_batches=config.logging.eval_batches, device=device)))
                 metrics.log({"step": 0, "val_loss": val_losses[-1][1]})
-            while step < config.steps:
+            while step < config.schedule.steps:
                 t0 = time.perf_counter()
                 loader_state = loader.state_dict()  # the position at the start of this step
                 lr = schedule.lr_at(step)
                 set_lr(optimizer, lr)
-                model.config.mtp_loss_weight = _switch(lambda_early, config.mtp_loss_weight_late, config.mtp_switch,
-                                                       step, config.steps)
-                gamma = _switch(gamma_early, 0.0, config.bias_update_stop, step, config.steps)
-                n_micro = ramp.accumulation_steps(step, config.micro_batch)
+                model.config.mtp_loss_weight = _switch(lambda_early, config.moe.mtp_loss_weight_late,
+                                                       config.moe.mtp_switch, step, config.schedule.steps)
+                gamma = _switch(gamma_early, 0.0, config.moe.bias_update_stop, step, config.schedule.steps)
+                n_micro = ramp.accumulation_steps(step, config.data.micro_batch)
                 sums = torch.zeros(4, dtype=torch.float64)
                 load = None
                 tokens = 0
                 for _ in range(n_micro):
-                    ids, labels = loader.next_batch(config.micro_batch)
+                    ids, labels = loader.next_batch(config.data.micro_batch)
                     ids, labels = ids.to(device), labels.to(device)
                     out = model(ids, labels)
                     (out.loss / n_micro).backward()
@@ -321,8 +323,8 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
                         load = out.expert_load if load is None else load + out.expert_load
                     tokens += ids.numel()
                 loss, lm_loss, mtp_loss, balance_loss = sums.tolist()
-                grad_norm = clip_grad_norm(params, config.grad_clip)
-                record: dict[str, Any] = {"step": step + 1, "lr": lr, "batch_size": n_micro * config.micro_batch}
+                grad_norm = clip_grad_norm(params, config.optimizer.grad_clip)
+                record: dict[str, Any] = {"step": step + 1, "lr": lr, "batch_size": n_micro * config.data.micro_batch}
                 if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
                     nonfinite += 1
@@ -331,7 +333,7 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
                     log(f"step {step + 1}: non-finite loss or gradient ({loss}); step skipped "
                         f"({nonfinite} in a row)")
                     step += 1
-                    if nonfinite >= config.max_nonfinite:
+                    if nonfinite >= config.run.max_nonfinite:
                         raise TrainingError(
                             f"{nonfinite} non-finite losses in a row at step {step}; stopping. The last good "
                             f"checkpoint is {last_ckpt or 'none (no checkpoint was written yet)'}; lower --lr or "
@@ -348,25 +350,25 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
                 dt = time.perf_counter() - t0
                 record.update(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss,
                               grad_norm=float(grad_norm), tokens_per_s=tokens / dt, step_time=dt,
-                              tokens=loader.sequences_seen * config.seq_len,
+                              tokens=loader.sequences_seen * config.data.seq_len,
                               maxvio=maxvio(load) if load is not None else 0.0)
-                if load is not None and (step % config.load_every == 0 or step == 1):
+                if load is not None and (step % config.logging.load_every == 0 or step == 1):
                     record["expert_load"] = load.tolist()
-                if data.val is not None and (step % config.eval_every == 0 or step == config.steps):
-                    if ema is not None and config.use_ema:
+                if data.val is not None and (step % config.logging.eval_every == 0 or step == config.schedule.steps):
+                    if ema is not None and config.memory.use_ema:
                         with ema.applied(model):
-                            v = evaluate(model, data, micro_batch=config.micro_batch,
-                                         max_batches=config.eval_batches, device=device)
+                            v = evaluate(model, data, micro_batch=config.data.micro_batch,
+                                         max_batches=config.logging.eval_batches, device=device)
                     else:
-                        v = evaluate(model, data, micro_batch=config.micro_batch,
-                                     max_batches=config.eval_batches, device=device)
+                        v = evaluate(model, data, micro_batch=config.data.micro_batch,
+                                     max_batches=config.logging.eval_batches, device=device)
                     val_losses.append((step, v))
                     record["val_loss"] = v
                 metrics.log(record)
                 progress.update(step, loss=loss, tokens_per_s=tokens / dt, lr=lr)
                 if "val_loss" in record:
                     progress.write(f"step {step}: val_loss {record['val_loss']:.4f}")
-                if step % config.save_every == 0 or step == config.steps or stop.requested:
+                if step % config.checkpoint.save_every == 0 or step == config.schedule.steps or stop.requested:
                     last_ckpt = checkpoint_now(step, loader.state_dict())
                 if step_hook is not None:
                     step_hook(step)
@@ -382,11 +384,12 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
             ema.close()
 
     sample = None
-    if tokenizer is not None and not interrupted and config.sample_tokens > 0:
+    if tokenizer is not None and not interrupted and config.logging.sample_tokens > 0:
         from dsv3.infer.generate import generate_text
         from dsv3.train.tokenizer import eos_token_id
 
-        sample = generate_text(model, tokenizer, config.sample_prompt, max_new_tokens=config.sample_tokens,
-                               temperature=0.8, top_p=0.95, seed=config.seed, eos_id=eos_token_id(tokenizer))
+        sample = generate_text(model, tokenizer, config.logging.sample_prompt,
+                               max_new_tokens=config.logging.sample_tokens,
+                               temperature=0.8, top_p=0.95, seed=config.run.seed, eos_id=eos_token_id(tokenizer))
     return TrainResult(run_dir=run_dir, step=step, checkpoint=last_ckpt, val_losses=val_losses, sample=sample,
                        interrupted=interrupted, wall_time=time.time() - started)
