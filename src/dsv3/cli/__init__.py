@@ -13,7 +13,6 @@ and an unknown flag is a one-line error with the closest real flag of that comma
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import sys
 
@@ -35,17 +34,30 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # usage errors: one line, exit 2
+        if "invalid choice" in message:  # `plan --typo 4`: the typo's value was taken for a sub-command
+            unknown = [a.split("=", 1)[0] for a in getattr(self, "_argv", ()) if a.startswith("--")]
+            unknown = [a for a in unknown if a not in self._option_string_actions]
+            if unknown:
+                from dsv3.train.config import suggest
+
+                flags = [s for s in self._option_string_actions if s.startswith("--")]
+                message = f"unrecognized arguments: {unknown[0]}{suggest(unknown[0], flags)}"
         self.exit(2, f"dsv3: error: {message}\n")
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)  # for error(); sub-parsers get their part
+        return super().parse_known_args(args, namespace)
+
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        from dsv3.train.config import suggest
+
         args, extras = self.parse_known_args(args, namespace)
         if extras:
             active = self._active_parser(args)
             flags = [s for s in active._option_string_actions if s.startswith("--")]
             first = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
-            close = difflib.get_close_matches(first, flags, n=1, cutoff=0.6) if first else []
-            hint = f" (did you mean {close[0]}?)" if close else f"; see `{active.prog} --help`"
-            active.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+            hint = suggest(first, flags) if first else ""
+            active.error(f"unrecognized arguments: {' '.join(extras)}{hint or f'; see `{active.prog} --help`'}")
         return args
 
     def _active_parser(self, args: argparse.Namespace) -> "argparse.ArgumentParser":

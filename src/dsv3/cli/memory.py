@@ -26,9 +26,8 @@ def run(args) -> int:
     from dsv3.memory.measure import measure_config
     from dsv3.train.config import load_train_config
 
-    overrides = overrides_from_args(args)
-    config = load_train_config(None, overrides)
-    config = load_train_config(None, {**overrides, "global_batch": config.data.micro_batch})  # one micro-batch a step
+    config = load_train_config(None, overrides_from_args(args))
+    config.data.global_batch = config.data.micro_batch  # one micro-batch a step
     report = measure_config(config, steps=max(1, args.steps))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))

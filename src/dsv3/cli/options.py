@@ -59,10 +59,21 @@ class BoolFlag(argparse.Action):
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Wider option column; a boolean shows as ``--fp8 [BOOL], --no-fp8``."""
+    """Wider option column, no line breaks inside flag names; a boolean shows as ``--fp8 [BOOL], --no-fp8``."""
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32, width=110)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:  # never break a --flag-name at its hyphens
+        import textwrap
+
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if isinstance(action, BoolFlag):

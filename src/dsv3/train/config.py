@@ -367,9 +367,11 @@ def section_names() -> tuple[str, ...]:
 
 
 def suggest(name: str, candidates) -> str:
-    """``" (did you mean X?)"`` for the closest candidate, or ``""``."""
-    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+    """``" (did you mean X?)"``: the candidates that ``name`` abbreviates (up to three), else the closest one, or ``""``."""
+    candidates = list(candidates)
+    close = [c for c in candidates if c.startswith(name)][:3] if len(name) > 2 else []
+    close = close or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _flatten(data: Any, source: str) -> dict[str, Any]:
