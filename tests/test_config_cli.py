@@ -170,6 +170,29 @@ def test_bad_values_are_one_sentence_config_errors():
         assert "\n" not in str(info.value)
 
 
+def test_validate_normalises_values_set_in_code():
+    config = TrainConfig()
+    config.optimizer.lr, config.schedule.steps, config.precision.fp8 = "1e-3", 40.0, "yes"
+    config.validate()
+    assert (config.optimizer.lr, config.schedule.steps, config.precision.fp8) == (0.001, 40, True)
+    assert type(config.schedule.steps) is int
+    config.memory.recompute = "partial"
+    with pytest.raises(ConfigError, match="recompute must be one of none, selective, full"):
+        config.validate()
+
+
+def test_defaults_are_the_documented_ones():
+    c = TrainConfig().validate()  # the embedded default of `dsv3 train` (README: tiny preset, stdlib corpus)
+    assert (c.model.name, c.data.path, c.data.seq_len, c.data.micro_batch, c.data.global_batch) == \
+        ("tiny", None, 256, 8, 8)
+    assert (c.optimizer.lr, c.optimizer.beta1, c.optimizer.beta2, c.optimizer.weight_decay) == (2e-3, 0.9, 0.95, 0.1)
+    assert (c.schedule.steps, c.memory.recompute, c.precision.fp8, c.parallel.device) == (300, "none", False, "auto")
+    assert (c.parallel.pp, c.parallel.dp, c.parallel.ep, c.parallel.pipeline, c.parallel.dispatcher) == \
+        (1, None, 1, "1f1b", "auto")
+    assert (c.data.task, c.data.on_long, c.data.epochs, c.data.packing) == ("pretrain", "skip", None, True)
+    assert (c.model.rope_scaling, c.model.rope_factor, c.parallel.trace) == ("none", 1.0, False)
+
+
 def test_bad_flag_value_exits_2_with_one_line(capsys):
     assert main(["train", "--pipeline", "gpipe", "--print-config"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

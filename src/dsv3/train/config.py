@@ -34,7 +34,6 @@ that still carry it load and the value is ignored; the flag is gone.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import time
 import types
@@ -44,6 +43,15 @@ from functools import lru_cache
 from typing import Any, Literal, get_args, get_origin
 
 from dsv3.errors import ConfigError
+
+__all__ = [
+    "TrainConfig", "ModelOptions", "DataOptions", "OptimizerOptions", "ScheduleOptions", "MoEOptions",
+    "PrecisionOptions", "MemoryOptions", "ParallelOptions", "CheckpointOptions", "LoggingOptions", "RunOptions",
+    "RecomputeMode", "OptimStates", "ParamDtype", "DeviceName", "FP8Backend", "FP8ScaleFormat", "DataFormat",
+    "TokenDtype", "DataTask", "OnLong", "RopeScaling", "PipelineSchedule", "Dispatcher",
+    "Option", "options", "flat_options", "load_train_config", "read_run_file", "save_effective_config",
+    "config_yaml", "suggest", "RETIRED_OPTIONS",
+]
 
 # ----------------------------------------------------------------------------- the choices, spelled once
 RecomputeMode = Literal["none", "selective", "full"]
@@ -246,15 +254,16 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
-        """Check choices and ranges; raise :class:`ConfigError` with one sentence on the first problem."""
+        """Check types, choices and ranges (normalising ``"1e-3"`` to ``0.001``, ``3.0`` to ``3``);
+        raise :class:`ConfigError` with one sentence on the first problem."""
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
 
         for opt in options():
-            value = getattr(getattr(self, opt.section), opt.name)
-            _coerce(opt, value, "config")  # types and Literal choices
+            section = getattr(self, opt.section)
+            setattr(section, opt.name, _coerce(opt, getattr(section, opt.name), "config"))
         d, o, s, m, r = self.data, self.optimizer, self.schedule, self.memory, self.run
         for name, value in (("seq_len", d.seq_len), ("micro_batch", d.micro_batch), ("global_batch", d.global_batch),
                             ("steps", s.steps), ("eval_every", self.logging.eval_every),
@@ -368,6 +377,8 @@ def section_names() -> tuple[str, ...]:
 
 def suggest(name: str, candidates) -> str:
     """``" (did you mean X?)"``: the candidates that ``name`` abbreviates (up to three), else the closest one, or ``""``."""
+    import difflib
+
     candidates = list(candidates)
     close = [c for c in candidates if c.startswith(name)][:3] if len(name) > 2 else []
     close = close or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
