@@ -32,7 +32,7 @@ def run(args) -> int:
         raise ConfigError("--resume continues a run with its saved config; drop --config (flags still override)")
     if args.print_config:
         if args.resume is not None:
-            from dsv3.train.loop import resume_config
+            from dsv3.train.session import resume_config
 
             config = resume_config(args.resume, overrides)
         else:
