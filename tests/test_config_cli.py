@@ -95,6 +95,22 @@ def test_train_help_shows_description_type_default_and_choices(capsys):
     assert "(default: None)" not in text  # the old help's only content
 
 
+def test_readme_command_lines_still_parse():
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = re.findall(r"^dsv3 (?:train|generate|plot|plan|memory)(?: .*)?$", readme, re.M)
+    assert len(lines) >= 8
+    parser = build_parser()
+    for line in lines:
+        argv = shlex.split(line.split("  #")[0])[1:]
+        args = parser.parse_args(argv)  # an unknown or abbreviated flag would exit 2 here
+        assert args.command == argv[0]
+        if argv[0] == "train":
+            load_train_config(None, overrides_from_args(args))  # and the values are valid
+
+
 def test_literal_choices_are_spelled_once():
     recompute = next(o for o in options() if o.flat == "recompute")
     assert recompute.choices == get_args(RecomputeMode) == ("none", "selective", "full")
