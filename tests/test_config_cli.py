@@ -151,6 +151,14 @@ def test_mistyped_flag_is_a_one_line_error_with_did_you_mean(argv, hint, capsys)
         assert f"(did you mean {hint}" in err[0] and err[0].endswith("?)"), err
 
 
+def test_mistyped_command_is_reported_as_such(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["trian", "--lr", "1e-3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1
+    assert "invalid choice: 'trian'" in err[0] and "'train'" in err[0]
+
+
 def test_booleans_take_an_optional_value():
     assert _overrides("--fp8") == {"fp8": "true"}
     assert load_train_config(None, _overrides("--fp8")).precision.fp8 is True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from dsv3.errors import DsV3Error
@@ -34,8 +35,11 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # usage errors: one line, exit 2
-        if "invalid choice" in message:  # `plan --typo 4`: the typo's value was taken for a sub-command
-            unknown = [a.split("=", 1)[0] for a in getattr(self, "_argv", ()) if a.startswith("--")]
+        choice = re.search(r"invalid choice: '([^']*)'", message)
+        if choice is not None:  # `plan --typo 4`: the typo's value 4 was taken for a sub-command
+            argv = getattr(self, "_argv", [])
+            before = argv[:argv.index(choice.group(1))] if choice.group(1) in argv else []
+            unknown = [a.split("=", 1)[0] for a in before if a.startswith("--")]
             unknown = [a for a in unknown if a not in self._option_string_actions]
             if unknown:
                 from dsv3.train.config import suggest
@@ -69,7 +73,6 @@ class Parser(argparse.ArgumentParser):
             if chosen is None or chosen not in subs[0].choices:
                 return parser
             parser = subs[0].choices[chosen]
-
 
 
 def build_parser() -> argparse.ArgumentParser:
