@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dsv3.errors import ConfigError, DataError
+from tokenizers import Tokenizer
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.mla import document_mask
 from dsv3.train.sft import (ChatTemplate, Conversation, PackedChatDataset, build_sft_data, load_chat_template, pack,
@@ -410,3 +411,142 @@ def test_template_refusal_is_one_line(tok, tmp_path):
                      "the user') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}", origin="t.jinja")
     with pytest.raises(DataError, match="refuses line 1 .* start with the user"):
         build_sft_data(p, tokenizer=tok, template=t, seq_len=32, vocab_size=600)
+
+
+# --------------------------------------------------------------------------- training runs (dsv3 train --task sft)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tok):
+    """A small Hugging Face checkpoint directory with DeepSeek-V3's chat template and a tokenizer."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    DeepseekV3ForCausalLM(small_config(vocab_size=600, rope_scaling=None, max_position_embeddings=256)
+                          ).save_pretrained(root)
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text((DATA / "deepseek_v3" / "tokenizer_config.json").read_text())
+    return root
+
+
+def sft_options(hf_dir, chat_file, run_dir, **changes):
+    opts = dict(init_from=str(hf_dir), data=str(chat_file), task="sft", seq_len=160, micro_batch=2, global_batch=4,
+                steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=1, eval_every=3, eval_batches=2, save_every=3,
+                keep_last=5, sample_tokens=4, progress=False, tensorboard=False, run_dir=str(run_dir),
+                val_fraction=0.1)
+    opts.update(changes)
+    return opts
+
+
+def _run(opts, **kw):
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.loop import train
+
+    return train(TrainConfig.from_dict(opts), log=lambda s: None, **kw)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+            if line.strip() and "loss" in json.loads(line)]
+
+
+@pytest.mark.timeout(600)
+def test_sft_run_resumes_bit_exactly_and_logs_loss_tokens(hf_dir, chat_file, tmp_path):
+    from dsv3.checkpoint.state import latest_checkpoint, list_checkpoints
+    from dsv3.train.loop import train
+
+    _run(sft_options(hf_dir, chat_file, tmp_path / "straight"))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(step):
+        if step == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _run(sft_options(hf_dir, chat_file, tmp_path / "resumed"), step_hook=stop_at_3)
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "resumed"))] == [3]
+    assert train(None, resume=str(tmp_path / "resumed"), log=lambda s: None).step == 6
+    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for a, b in zip(straight, resumed):
+        for key in ("loss", "lm_loss", "mtp_loss", "grad_norm", "loss_tokens", "lr"):
+            assert a[key] == b[key], (a["step"], key)  # bit for bit
+    import dsv3
+
+    w1 = dsv3.from_pretrained(latest_checkpoint(str(tmp_path / "straight"))).state_dict()
+    w2 = dsv3.from_pretrained(latest_checkpoint(str(tmp_path / "resumed"))).state_dict()
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    # loss tokens: the assistant targets of the step's rows, far fewer than its positions
+    data = build_sft_data(chat_file, tokenizer=Tokenizer.from_file(str(hf_dir / "tokenizer.json")),
+                          template=load_chat_template(tokenizer_dir=hf_dir), seq_len=160, vocab_size=600,
+                          val_fraction=0.1, split_seed=0)
+    loader = data.loader(0)
+    for r in straight:
+        want = sum(int(loader.next_batch(2).loss_tokens) for _ in range(2))
+        assert r["loss_tokens"] == want and 0 < want < 4 * 160
+    assert any("val_loss" in r for r in straight)
+    assert (tmp_path / "straight" / "tokenizer_config.json").is_file()  # the run's template copy
+
+
+def test_sft_step_loss_is_token_weighted_over_micro_batches(hf_dir, chat_file, tmp_path):
+    """With micro-batches of different numbers of assistant tokens the step's loss is the mean over all of
+    them: the same as one micro-batch holding all rows (global 4 = micro 4 vs 2 x micro 2)."""
+    _run(sft_options(hf_dir, chat_file, tmp_path / "one", micro_batch=4, steps=1, eval_every=100, save_every=100,
+                     sample_tokens=0))
+    _run(sft_options(hf_dir, chat_file, tmp_path / "two", micro_batch=2, steps=1, eval_every=100, save_every=100,
+                     sample_tokens=0))
+    one, two = _metrics(tmp_path / "one")[0], _metrics(tmp_path / "two")[0]
+    assert one["loss_tokens"] == two["loss_tokens"]
+    assert two["lm_loss"] == pytest.approx(one["lm_loss"], rel=1e-5)
+    assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+
+
+def test_epochs_set_the_steps(hf_dir, chat_file, tmp_path):
+    result = _run(sft_options(hf_dir, chat_file, tmp_path / "ep", epochs=2, steps=1000, eval_every=100,
+                              save_every=100, sample_tokens=0, packing=False, val_fraction=0.0))
+    assert result.step == 2 * 24 // 4  # 24 conversations, one per row, 4 rows a step
+
+
+def test_yarn_extension_run_writes_the_official_rope_scaling(hf_dir, chat_file, tmp_path):
+    _run(sft_options(hf_dir, chat_file, tmp_path / "yarn", rope_scaling="yarn", rope_factor=4, seq_len=512, steps=1,
+                     eval_every=100, save_every=100, sample_tokens=0))
+    from dsv3.checkpoint.state import latest_checkpoint
+
+    for path in (tmp_path / "yarn" / "model_config.json",
+                 Path(latest_checkpoint(str(tmp_path / "yarn"))) / "config.json"):
+        cfg = json.loads(path.read_text())
+        assert cfg["rope_scaling"] == {"beta_fast": 32, "beta_slow": 1, "factor": 4, "mscale": 1.0,
+                                       "mscale_all_dim": 1.0, "original_max_position_embeddings": 256, "type": "yarn"}
+        assert cfg["max_position_embeddings"] == 1024
+
+
+@pytest.mark.parametrize("record, fragment", [
+    ({"messages": [{"role": "user", "content": "unanswered"}]}, "no assistant turn"),
+    ({"messages": [{"role": "user"}]}, "no \"content\""),
+    ({"prompt": "a " * 400, "completion": "b"}, "more than seq_len"),
+])
+def test_bad_chat_data_in_training_is_one_line_exit_2(hf_dir, tmp_path, capsys, record, fragment):
+    from dsv3.cli import main
+
+    f = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine", "completion": "ok"}] * 8 + [record])
+    code = main(["train", "--init-from", str(hf_dir), "--task", "sft", "--data", str(f), "--seq-len", "64",
+                 "--on-long", "error", "--micro-batch", "1", "--global-batch", "1", "--steps", "1",
+                 "--run-dir", str(tmp_path / "run"), "--progress", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("dsv3: error: ") and fragment in err[0], err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_missing_template_in_training_is_one_line_exit_2(hf_dir, chat_file, tmp_path, capsys):
+    import shutil
+
+    from dsv3.cli import main
+
+    bare = tmp_path / "bare"
+    shutil.copytree(hf_dir, bare)
+    (bare / "tokenizer_config.json").unlink()
+    code = main(["train", "--init-from", str(bare), "--task", "sft", "--data", str(chat_file), "--steps", "1",
+                 "--run-dir", str(tmp_path / "run"), "--progress", "false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no chat template" in err[0], err

@@ -122,6 +122,8 @@ class DataOptions:
     on_long: OnLong = _opt("skip", "SFT examples longer than seq_len: skip, truncate, or error")
     epochs: int | None = _opt(None, "passes over the data (none: as many as the steps need)")
     packing: bool = _opt(True, "pack several documents into one sequence")
+    chat_template: str | None = _opt(None, "SFT chat template (.jinja or tokenizer_config.json; none: the "
+                                           "checkpoint's own)")
 
 
 @dataclass

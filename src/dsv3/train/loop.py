@@ -54,13 +54,15 @@ class TrainResult:
 @torch.no_grad()
 def evaluate(model, data, *, micro_batch: int, max_batches: int, device: torch.device) -> float:
     """Token-weighted mean main-model loss over the held-out sequences."""
+    from dsv3.train.sft import batch_to, split_batch
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for ids, labels in data.val_batches(micro_batch, max_batches):
-            ids, labels = ids.to(device), labels.to(device)
-            out = model(ids, labels)
+        for batch in data.val_batches(micro_batch, max_batches):
+            ids, labels, extra = split_batch(batch_to(batch, device))  # extra: SFT document-mask ids
+            out = model(ids, labels, **extra)
             n = int((labels != -100).sum())
             total += float(out.lm_loss) * n
             count += n

@@ -78,7 +78,12 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
     mcfg = resolve_model_config(config.model.init_from or config.model.name)
     changes = {k: getattr(config.moe, k) for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
                if getattr(config.moe, k) is not None}
-    return mcfg.replace(**changes) if changes else mcfg
+    mcfg = mcfg.replace(**changes) if changes else mcfg
+    if config.model.rope_scaling == "yarn":  # context extension (report 4.3): the official rope_scaling form
+        from dsv3.model.rope import extend_context
+
+        mcfg = extend_context(mcfg, config.model.rope_factor, config.data.seq_len)
+    return mcfg
 
 
 def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
@@ -89,8 +94,10 @@ def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
     if config.model.init_from:
         from dsv3.checkpoint.hf import from_pretrained
 
+        from dsv3.model.rope import apply_rope_config
+
         model = from_pretrained(config.model.init_from, device=device)
-        model.config = mcfg
+        apply_rope_config(model, mcfg)  # model.config = mcfg, with its rotary tables (YaRN) rebuilt
     else:
         with torch.device(device):
             model = DeepseekV3ForCausalLM(mcfg)
@@ -114,6 +121,11 @@ def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
     saved = os.path.join(run_dir, "tokenizer.json")
     if run_dir and os.path.isfile(saved):
         return get_tokenizer(saved, vocab_size=vocab_size)
+    if config.data.task == "sft":  # the checkpoint's own tokenizer (dsv3.train.sft)
+        from dsv3.train.sft import sft_tokenizer_spec
+
+        spec = sft_tokenizer_spec(config)
+        return get_tokenizer(spec, vocab_size=vocab_size) if spec is not None else None
     if config.data.tokenizer is not None:
         return get_tokenizer(config.data.tokenizer, vocab_size=vocab_size)
     if config.data.path is None:
@@ -130,9 +142,14 @@ def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
     return get_tokenizer(None, vocab_size=vocab_size, files=source.files)
 
 
-def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig):
+def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_dir: str | None = None):
     """The packed training and validation sequences of the run (checked: at least one micro-batch)."""
     from dsv3.train.data import build_data
+
+    if config.data.task == "sft":  # chat data, assistant-only loss, document-masked packing
+        from dsv3.train.sft import build_sft_training_data
+
+        return build_sft_training_data(config, tokenizer, mcfg, run_dir)
 
     d = config.data
     data = build_data(d.path, tokenizer=tokenizer, seq_len=d.seq_len, vocab_size=mcfg.vocab_size, format=d.format,
@@ -172,11 +189,17 @@ class BatchPrefetcher:
         self.sequences_after: int = loader.sequences_seen
 
     def _fetch(self, n_micro: int) -> tuple[list[Batch], dict]:
+        from dsv3.train.sft import batch_to
+
         state = self.loader.state_dict()
         pin = self.device.type == "cuda"
         batches = []
         for _ in range(n_micro):
-            ids, labels = self.loader.next_batch(self.micro_batch)
+            batch = self.loader.next_batch(self.micro_batch)
+            if not isinstance(batch, tuple):  # an SFT batch (with document-mask ids)
+                batches.append(batch_to(batch, None, pin=pin))
+                continue
+            ids, labels = batch
             if pin:
                 ids, labels = ids.pin_memory(), labels.pin_memory()
             batches.append((ids, labels))
@@ -210,8 +233,10 @@ class BatchPrefetcher:
         self.sequences_after = self.loader.sequences_seen
         if self.background and next_n_micro:
             self._start(next_n_micro)
+        from dsv3.train.sft import batch_to
+
         nb = self.device.type == "cuda"
-        return [(i.to(self.device, non_blocking=nb), l.to(self.device, non_blocking=nb)) for i, l in batches], state
+        return [batch_to(b, self.device, non_blocking=nb) for b in batches], state
 
     def drain(self) -> None:
         """Wait for and drop a fetch in flight, putting the loader back where the next step starts."""
@@ -319,7 +344,9 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     if tokenizer is not None and tokenizer.get_vocab_size() > mcfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                           f"{mcfg.vocab_size}; use a matching tokenizer or model")
-    data = build_training_data(config, tokenizer, mcfg)
+    data = build_training_data(config, tokenizer, mcfg, run_dir)
+    if config.data.epochs is not None:  # epochs decide the number of steps
+        config.schedule.steps = max(1, -(-config.data.epochs * len(data.train) // config.data.global_batch))
 
     # --- the model (an --init-from checkpoint is checked here, before anything is written)
     model = build_model(config, mcfg, device)
@@ -333,6 +360,10 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
 
             with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
                 tokenizer.save(tmp)
+        if config.data.task == "sft":
+            from dsv3.train.sft import save_template
+
+            save_template(data.template, run_dir)  # a resumed run renders with the same template
 
     # --- optimizer, schedules, EMA, data order
     from dsv3.memory.ema import CPUEMA
@@ -407,24 +438,36 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
     import math
 
     from dsv3.train.optim import clip_grad_norm
+    from dsv3.train.sft import split_batch
 
     model, n_micro = session.model, len(batches)
     gamma = session.mcfg.bias_update_speed if gamma is None else gamma
     sums = torch.zeros(5, dtype=torch.float64, device=session.device)
     load = None
-    for ids, labels in batches:
-        out = model(ids, labels)
-        (out.loss / n_micro).backward()
+    split = [split_batch(b) for b in batches]
+    weights = None
+    if any(extra for _, _, extra in split):
+        # SFT: micro-batches hold different numbers of assistant tokens; weight each by its share
+        # of the step's loss tokens, so the step's loss is the mean over all of them (on the device).
+        counts = torch.stack([(labels != -100).sum() for _, labels, _ in split]).double()
+        weights = counts / counts.sum().clamp(min=1)
+    for i, (ids, labels, extra) in enumerate(split):
+        out = model(ids, labels, **extra)
         parts = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.mtp_loss.detach(),
-                             out.balance_loss.detach()]).double() / n_micro
-        sums[:4] += parts
+                             out.balance_loss.detach()]).double()
+        if weights is None:
+            (out.loss / n_micro).backward()
+            sums[:4] += parts / n_micro
+        else:
+            (out.loss * weights[i].to(out.loss.dtype)).backward()
+            sums[:4] += parts * weights[i]
         sums[4] += (labels != -100).sum()
         if out.expert_load is not None:
             load = out.expert_load if load is None else load + out.expert_load
     grad_norm = clip_grad_norm(session.params, session.config.optimizer.grad_clip)
     host = torch.cat([sums, grad_norm.detach().double().reshape(1).to(sums.device)]).tolist()  # the one sync
     loss, lm_loss, mtp_loss, balance_loss, loss_tokens, norm = host
-    tokens = sum(ids.numel() for ids, _ in batches)
+    tokens = sum(ids.numel() for ids, _, _ in split)
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     if skipped:
         session.optimizer.zero_grad(set_to_none=True)
