@@ -9,10 +9,15 @@
    - yarn: :func:`dsv3.model.rope.extend_context` (factor 4, seq_len 4 L0: the official
      rope_scaling form) and the same short fine-tune (same data, steps and learning rate).
    YaRN without any fine-tuning is reported too.
-3. Passkey accuracy (:func:`dsv3.train.evaluation.passkey_accuracy`, greedy retrieval of the
-   whole key, needle depths spread over 0..1) at L0, 2 L0 and 4 L0.
+3. At L0, 2 L0 and 4 L0: passkey accuracy (:func:`dsv3.train.evaluation.passkey_accuracy`,
+   greedy retrieval of the whole key, needle depths spread over 0..1) and the next-token loss
+   on 8 fixed held-out passkey documents of that length (the filler is predictable, so the loss
+   shows whether the model still reads its positions correctly past the trained length).
 
-    PYTHONPATH=src python bench/passkey.py [--l0 128 --pretrain-steps 600 --extend-steps 60]
+The documents are at least ~165 tokens (the standard passkey introduction, one filler line,
+the needle and the question), so L0 = 256.
+
+    PYTHONPATH=src python bench/passkey.py [--l0 256 --pretrain-steps 500 --extend-steps 60]
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dsv3.config import ModelConfig
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.rope import apply_rope_config, extend_context
 from dsv3.train.evaluation import (PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION,
-                                   passkey_accuracy, passkey_sample)
+                                   evaluate_loss, passkey_accuracy, passkey_sample)
 from dsv3.train.tokenizer import train_bpe_tokenizer
 
 
@@ -76,12 +81,12 @@ def train(model, tok, *, steps: int, size: int, lengths, lr: float, seed: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--l0", type=int, default=128, help="pre-training length")
-    ap.add_argument("--pretrain-steps", type=int, default=600)
+    ap.add_argument("--l0", type=int, default=256, help="pre-training length")
+    ap.add_argument("--pretrain-steps", type=int, default=500)
     ap.add_argument("--extend-steps", type=int, default=60)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
     args = ap.parse_args()
@@ -100,9 +105,13 @@ def main() -> None:
                  seed=args.seed)
     print(f"pre-trained at <= {l0} tokens: {args.pretrain_steps} steps of {args.batch} in {wall:.0f} s")
 
+    held_out = {n: batch(tok, np.random.default_rng([args.seed, n]), 8, (n, n)) for n in lengths}
+
     def report(name, model):
         accs = [passkey_accuracy(model, tok, n, trials=args.trials, seed=args.seed + 1) for n in lengths]
-        print(f"{name:28s} " + "  ".join(f"{n} ({n // l0}x): {a:4.0%}" for n, a in zip(lengths, accs)))
+        losses = [evaluate_loss(model, [held_out[n]]).loss for n in lengths]
+        print(f"{name:34s} " + "  ".join(f"{n} ({n // l0}x): passkey {a:4.0%} loss {v:.3f}"
+                                         for n, a, v in zip(lengths, accs, losses)))
         return accs
 
     report("none (pre-trained)", base)

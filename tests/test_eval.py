@@ -11,13 +11,12 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from dsv3.cli import main
 from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.train.evaluation import (LossResult, PasskeySample, evaluate_checkpoint, evaluate_loss, is_chat_file,
+from dsv3.train.evaluation import (PasskeySample, evaluate_checkpoint, evaluate_loss, is_chat_file,
                                    parse_lengths, passkey_retrieved, passkey_sample, passkey_samples)
 from dsv3.errors import ConfigError
 

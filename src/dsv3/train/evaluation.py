@@ -97,11 +97,11 @@ class PasskeySample:
     depth: float
 
 
-def passkey_sample(tokenizer, length: int, *, key: str, depth: float) -> PasskeySample:
+def passkey_sample(tokenizer, length: int, *, key: str, depth: float, intro: str = PASSKEY_INTRO) -> PasskeySample:
     """A passkey prompt of about ``length`` tokens (key included), the needle at fraction ``depth``
-    of the filler (0 = first line, 1 = last)."""
+    of the filler (0 = first line, 1 = last); ``intro`` is the opening instruction."""
     enc = lambda text: tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
-    intro, filler, question = enc(PASSKEY_INTRO), enc(PASSKEY_FILLER), enc(PASSKEY_QUESTION)
+    intro, filler, question = enc(intro) if intro else [], enc(PASSKEY_FILLER), enc(PASSKEY_QUESTION)
     needle, answer = enc(PASSKEY_NEEDLE.format(key=key)), enc(" " + key)
     fixed = len(intro) + len(needle) + len(question) + len(answer)
     repeats = max(1, (length - fixed) // len(filler))
@@ -110,11 +110,12 @@ def passkey_sample(tokenizer, length: int, *, key: str, depth: float) -> Passkey
     return PasskeySample(ids, answer, key, depth)
 
 
-def passkey_samples(tokenizer, length: int, trials: int, *, seed: int = 0) -> list[PasskeySample]:
+def passkey_samples(tokenizer, length: int, trials: int, *, seed: int = 0,
+                    intro: str = PASSKEY_INTRO) -> list[PasskeySample]:
     """``trials`` probes of ``length`` tokens: random five-digit keys, depths spread evenly over 0..1."""
     rng = np.random.default_rng([seed, length])
     depths = np.linspace(0, 1, trials) if trials > 1 else [0.5]
-    return [passkey_sample(tokenizer, length, key=str(int(rng.integers(10000, 100000))), depth=float(d))
+    return [passkey_sample(tokenizer, length, key=str(int(rng.integers(10000, 100000))), depth=float(d), intro=intro)
             for d in depths]
 
 
@@ -137,9 +138,10 @@ def passkey_retrieved(model, samples: Sequence[PasskeySample], *, device: torch.
 
 
 def passkey_accuracy(model, tokenizer, length: int, *, trials: int = 10, seed: int = 0,
-                     device: torch.device | str = "cpu") -> float:
+                     device: torch.device | str = "cpu", intro: str = PASSKEY_INTRO) -> float:
     """Share of ``trials`` passkey probes of ``length`` tokens the model retrieves."""
-    hits = passkey_retrieved(model, passkey_samples(tokenizer, length, trials, seed=seed), device=device)
+    hits = passkey_retrieved(model, passkey_samples(tokenizer, length, trials, seed=seed, intro=intro),
+                             device=device)
     return sum(hits) / len(hits)
 
 
