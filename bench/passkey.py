@@ -1,8 +1,9 @@
 """Passkey retrieval at 2x and 4x the pre-training length, with and without a short YaRN extension.
 
 1. Pre-train a tiny model (default RoPE, max_position_embeddings = L0) on passkey documents of
-   L0 tokens (:func:`dsv3.train.evaluation.passkey_sample`: filler text, a five-digit key hidden
-   at a random depth, the question and the key; next-token loss on every token).
+   L0/2..L0 tokens (:func:`dsv3.train.evaluation.passkey_sample` without the introduction:
+   filler text, a five-digit key hidden at a random depth, the question and the key; next-token
+   loss on every token). Retrieval (an induction circuit) appears after ~1000 steps.
 2. From that checkpoint, three ways to reach 4 * L0:
    - none: the pre-trained model as is (RoPE extrapolation);
    - rope: a short fine-tune on documents of L0..4 L0 tokens with plain RoPE;
@@ -14,10 +15,7 @@
    on 8 fixed held-out passkey documents of that length (the filler is predictable, so the loss
    shows whether the model still reads its positions correctly past the trained length).
 
-The documents are at least ~165 tokens (the standard passkey introduction, one filler line,
-the needle and the question), so L0 = 256.
-
-    PYTHONPATH=src python bench/passkey.py [--l0 256 --pretrain-steps 500 --extend-steps 60]
+    PYTHONPATH=src python bench/passkey.py [--l0 96 --pretrain-steps 1800 --extend-steps 100]
 """
 
 from __future__ import annotations
@@ -34,7 +32,7 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.rope import apply_rope_config, extend_context
-from dsv3.train.evaluation import (PASSKEY_FILLER, PASSKEY_INTRO, PASSKEY_NEEDLE, PASSKEY_QUESTION,
+from dsv3.train.evaluation import (PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION,
                                    evaluate_loss, passkey_accuracy, passkey_sample)
 from dsv3.train.tokenizer import train_bpe_tokenizer
 
@@ -51,7 +49,7 @@ def model_config(vocab: int, l0: int) -> ModelConfig:
 def batch(tok, rng, size: int, lengths: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` passkey documents of random length in ``lengths`` (right-padded; padding has no target)."""
     docs = [passkey_sample(tok, int(rng.integers(lengths[0], lengths[1] + 1)),
-                           key=str(int(rng.integers(10000, 100000))), depth=float(rng.random())).ids
+                           key=str(int(rng.integers(10000, 100000))), depth=float(rng.random()), intro="").ids
             for _ in range(size)]
     width = max(len(d) for d in docs)
     ids = torch.full((size, width), 2, dtype=torch.long)
@@ -81,11 +79,11 @@ def train(model, tok, *, steps: int, size: int, lengths, lr: float, seed: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--l0", type=int, default=256, help="pre-training length")
-    ap.add_argument("--pretrain-steps", type=int, default=500)
-    ap.add_argument("--extend-steps", type=int, default=60)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--l0", type=int, default=96, help="pre-training length")
+    ap.add_argument("--pretrain-steps", type=int, default=1800)
+    ap.add_argument("--extend-steps", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core machine)")
@@ -93,7 +91,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     corpus = Path(tempfile.mkdtemp(prefix="bench-passkey-")) / "corpus.txt"
-    corpus.write_text("".join(PASSKEY_INTRO + PASSKEY_FILLER * 2 + PASSKEY_NEEDLE.format(key=rng.integers(10000, 100000))
+    corpus.write_text("".join(PASSKEY_FILLER * 2 + PASSKEY_NEEDLE.format(key=rng.integers(10000, 100000))
                               + PASSKEY_QUESTION + f" {rng.integers(10000, 100000)}\n" for _ in range(500)))
     tok = train_bpe_tokenizer([corpus], 320)
     l0 = args.l0
@@ -108,7 +106,7 @@ def main() -> None:
     held_out = {n: batch(tok, np.random.default_rng([args.seed, n]), 8, (n, n)) for n in lengths}
 
     def report(name, model):
-        accs = [passkey_accuracy(model, tok, n, trials=args.trials, seed=args.seed + 1) for n in lengths]
+        accs = [passkey_accuracy(model, tok, n, trials=args.trials, seed=args.seed + 1, intro="") for n in lengths]
         losses = [evaluate_loss(model, [held_out[n]]).loss for n in lengths]
         print(f"{name:34s} " + "  ".join(f"{n} ({n // l0}x): passkey {a:4.0%} loss {v:.3f}"
                                          for n, a, v in zip(lengths, accs, losses)))
