@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from dsv3.errors import ConfigError
+from dsv3.plan.params import TP_CONVENTIONS
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -37,6 +38,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp-convention", default="megatron", choices=TP_CONVENTIONS,
+                   help="what tensor parallelism splits: megatron (default; dsv3 and Megatron-Core split the shared "
+                        "experts and the RoPE query rows W^QR) or zhang-su (arXiv 2502.07846: both replicated on every "
+                        "TP rank, the whole MoE block sharded by ZeRO over EDP)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: min(4096, the model's maximum))")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--global-batch", type=int, default=None,
@@ -212,6 +217,7 @@ def run(args) -> int:
         recompute=str(args.recompute).lower(), seq_len=common["seq_len"], micro_batch=common["micro_batch"],
         global_batch=common["global_batch"], schedule=schedule, fp8=common["fp8"], stage_layers=stage_layers,
         attention=common["attention"], mtp=common["mtp"], sequence_parallel=not args.no_sequence_parallel,
+        tp_convention=args.tp_convention,
     )
     plan = make_plan(
         cfg, layout, _precision(args), _hardware(args), model_name=name, causal=_causal(args),
@@ -271,6 +277,7 @@ def run_search(args) -> int:
         seq_len=common["seq_len"], micro_batch=common["micro_batch"], global_batch=common["global_batch"],
         fp8=common["fp8"], attention=common["attention"], mtp=common["mtp"], precision=_precision(args),
         hardware=_hardware(args), fragmentation=args.fragmentation, causal=_causal(args), top=args.top,
+        tp_convention=args.tp_convention,
     )
     if args.json:
         print(search_json(result))

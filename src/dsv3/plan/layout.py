@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
+from dsv3.plan.params import TP_CONVENTIONS
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 RECOMPUTE = ("none", "selective", "full")
@@ -61,6 +62,9 @@ class Layout:
         attention: ``fused`` (flash/SDPA: no s x s scores kept) or ``eager``.
         mtp: train the MTP modules the config has.
         sequence_parallel: split the TP-replicated activations along the sequence (Megatron SP).
+        tp_convention: what TP splits and how ZeRO groups the MoE block, one of
+            :data:`~dsv3.plan.params.TP_CONVENTIONS` (``megatron``: dsv3 and Megatron-Core;
+            ``zhang-su``: the accounting of arXiv 2502.07846).
     """
 
     pp: int = 1
@@ -79,6 +83,7 @@ class Layout:
     attention: str = "fused"
     mtp: bool = True
     sequence_parallel: bool = True
+    tp_convention: str = "megatron"
 
     # ------------------------------------------------------------ derived sizes
     @property
@@ -144,7 +149,8 @@ class Layout:
     def short(self) -> str:
         """``PP16 TP1 EP64 ETP1 DP128 ZeRO-1 dualpipe selective``."""
         parts = [f"PP{self.pp}", f"TP{self.tp}", f"EP{self.ep}", f"ETP{self.etp}", f"DP{self.dp}", f"ZeRO-{self.zero}"]
-        return " ".join(parts + [self.schedule, self.recompute] + (["fp8"] if self.fp8 else []))
+        extra = (["fp8"] if self.fp8 else []) + ([self.tp_convention] if self.tp_convention != "megatron" else [])
+        return " ".join(parts + [self.schedule, self.recompute] + extra)
 
     # ------------------------------------------------------------ checks
     def validate(self, cfg: ModelConfig) -> None:
@@ -159,6 +165,8 @@ class Layout:
             raise ConfigError(f"unknown --recompute {self.recompute!r}; choose one of {', '.join(RECOMPUTE)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.tp_convention not in TP_CONVENTIONS:
+            raise ConfigError(f"unknown --tp-convention {self.tp_convention!r}; choose one of {', '.join(TP_CONVENTIONS)}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"unknown --attention {self.attention!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
         h = cfg.num_attention_heads
@@ -180,7 +188,7 @@ class Layout:
                     f"choose an ETP size that divides it"
                 )
             shared = cfg.n_shared_experts * cfg.moe_intermediate_size
-            if shared and shared % self.tp:
+            if shared and shared % self.tp and self.tp_convention == "megatron":  # zhang-su replicates them
                 raise ConfigError(
                     f"the shared-expert width {shared} cannot be split over --tp {self.tp}; choose a TP size that divides it"
                 )

@@ -204,7 +204,7 @@ class PlanCache:
 
     def states(self, params: ModelParams, part, layout: Layout, prec: Precision, replicas: int):
         key = (tuple(part.layers), part.embedding, part.head, part.mtp, layout.tp, layout.ep, layout.etp, layout.dp,
-               layout.zero, replicas, prec)
+               layout.zero, replicas, prec, layout.tp_convention)
         if key not in self._states:
             self._states[key] = stage_state_bytes(params, part, layout, prec, replicas)
         return dataclasses.replace(self._states[key])

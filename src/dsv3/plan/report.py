@@ -225,7 +225,8 @@ def schedule_json(res) -> str:
 def render_search(result, console: Console, top: int = 20, show_rejected: int = 30) -> None:
     fits = result.fits
     console.print(
-        f"[bold]{escape(result.model_name)}[/bold] on {result.gpus:,} GPUs of {format_bytes(result.gpu_memory)}: "
+        f"[bold]{escape(result.model_name)}[/bold] on {result.gpus:,} GPUs of {format_bytes(result.gpu_memory)}"
+        f"{'' if result.tp_convention == 'megatron' else ' (' + result.tp_convention + ' TP convention)'}: "
         f"{len(result.candidates):,} layouts tried, {len(fits):,} fit, {len(result.rejected):,} rejected"
     )
     table = Table(title=f"Layouts that fit, fastest first (estimated; top {min(top, len(fits))})", title_justify="left")

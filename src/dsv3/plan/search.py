@@ -58,6 +58,7 @@ class SearchResult:
     model_name: str
     gpus: int
     gpu_memory: int
+    tp_convention: str = "megatron"
     candidates: list[Candidate] = field(default_factory=list)
 
     @property
@@ -77,6 +78,7 @@ class SearchResult:
             "model": self.model_name,
             "gpus": self.gpus,
             "gpu_memory_bytes": self.gpu_memory,
+            "tp_convention": self.tp_convention,
             "tried": len(self.candidates),
             "fits": [c.to_dict() for c in self.fits],
             "rejected": [c.to_dict() for c in self.rejected],
@@ -116,6 +118,7 @@ def search(
     fragmentation: float = DEFAULT_FRAGMENTATION,
     causal: bool = True,
     top: int = 20,
+    tp_convention: str = "megatron",
 ) -> SearchResult:
     """Try every layout of ``gpus`` GPUs in ``grid`` (defaults: :func:`default_grid`); see the module docstring."""
     if not isinstance(gpus, int) or gpus < 1:
@@ -131,7 +134,7 @@ def search(
             raise ConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     params = count_params(cfg)
     cache = PlanCache(approximate=True)
-    result = SearchResult(model_name, gpus, gpu_memory)
+    result = SearchResult(model_name, gpus, gpu_memory, tp_convention)
     seen: set = set()
     for schedule in g["schedule"]:
         for pp in g["pp"]:
@@ -147,7 +150,8 @@ def search(
                             for recompute in g["recompute"]:
                                 lay = Layout(pp=pp, tp=tp, ep=ep, etp=etp, dp=dp, zero=zero, recompute=recompute,
                                              seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch,
-                                             schedule=name, fp8=fp8, attention=attention, mtp=mtp)
+                                             schedule=name, fp8=fp8, attention=attention, mtp=mtp,
+                                             tp_convention=tp_convention)
                                 if lay in seen:
                                     continue
                                 seen.add(lay)
