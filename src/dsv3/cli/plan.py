@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from dsv3.errors import ConfigError
+from dsv3.plan.limits import check_gpus, check_pipeline, check_plot, clip
 from dsv3.plan.params import TP_CONVENTIONS
 
 
@@ -21,9 +22,9 @@ def _ints(text: str, what: str) -> list[int]:
     try:
         values = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"{what} {text!r} must be integers separated by commas, like 4,4,4,3") from None
+        raise ConfigError(f"{what} {clip(text)} must be integers separated by commas, like 4,4,4,3") from None
     if not values:
-        raise ConfigError(f"{what} {text!r} is empty; give integers separated by commas")
+        raise ConfigError(f"{what} {clip(text)} is empty; give integers separated by commas")
     return values
 
 
@@ -111,8 +112,8 @@ def register(subparsers) -> None:
     q = sub.add_parser("search", help="list the layouts of N GPUs that fit, ranked by estimated step time",
                        description="Try every layout of --gpus GPUs; list those that fit, fastest first, and why the rest fail.",
                        allow_abbrev=False)
-    _add_model_args(q)
-    q.add_argument("--gpus", type=int, required=True)
+    _add_model_args(q)  # required here: a search of an unnamed model would silently rank layouts of `tiny`
+    q.add_argument("--gpus", type=int, required=True, help="GPUs to lay the run out on (at most 1,048,576)")
     for name, what in (("--pp", "pipeline stages"), ("--tp", "TP sizes"), ("--ep", "EP sizes"), ("--etp", "ETP sizes"),
                        ("--zero", "ZeRO stages (default 1)")):
         q.add_argument(name, default=None, help=f"{what} to try, comma-separated (default: all that apply)")
@@ -125,11 +126,28 @@ def register(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _model(args):
+def _model(args, required: bool = False):
+    """The model to plan and its name; ``tiny`` when neither --preset nor --config is given, unless ``required``."""
     from dsv3.config import load_preset, resolve_model_config
+    from dsv3.errors import DsV3Error
 
     if args.config:
-        return resolve_model_config(args.config), args.config
+        try:
+            return resolve_model_config(args.config), args.config
+        except DsV3Error:
+            raise
+        except UnicodeDecodeError:
+            raise ConfigError(f"model config {args.config} is not UTF-8 text; give a config.json") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read model config {args.config}: {exc.strerror or exc}") from None
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"model config {args.config} is malformed: {first}") from None
+    if args.preset is None and required:
+        raise ConfigError(
+            f"dsv3 plan {args.plan_command} needs the model to plan: give --preset NAME (tiny, small, deepseek-v3, "
+            f"deepseek-v2-lite) or --config PATH"
+        )
     name = args.preset or "tiny"
     return load_preset(name), name
 
@@ -196,8 +214,7 @@ def run(args) -> int:
     devices = args.pp // 2 if schedule == "dualpipev" and args.pp % 2 == 0 else args.pp
     dp = args.dp
     if args.gpus is not None:
-        if args.gpus < 1:
-            raise ConfigError(f"--gpus must be a positive integer, got {args.gpus}")
+        check_gpus("gpus", args.gpus)
         per_replica = max(devices, 1) * max(args.tp, 1)
         if dp is None:
             if args.gpus % per_replica:
@@ -236,7 +253,11 @@ def run_schedule(args) -> int:
     from dsv3.plan.report import render_schedule, schedule_json
     from dsv3.plan.simulate import simulate
 
-    res = simulate(str(args.schedule).lower(), pp=args.pp, microbatches=args.microbatches, f=args.f, b=args.b,
+    schedule = str(args.schedule).lower()
+    check_pipeline(args.pp, args.microbatches)
+    if args.plot:  # refuse a figure too large to draw before simulating
+        check_plot(args.pp // 2 if schedule == "dualpipev" else args.pp, args.pp, args.microbatches)
+    res = simulate(schedule, pp=args.pp, microbatches=args.microbatches, f=args.f, b=args.b,
                    w=args.w, fb=args.fb, comm=args.comm)
     if args.plot:
         from dsv3.plan.timeline import plot_timeline
@@ -256,7 +277,7 @@ def run_search(args) -> int:
     from dsv3.plan.report import render_search, search_json
     from dsv3.plan.search import search
 
-    cfg, name = _model(args)
+    cfg, name = _model(args, required=True)
     if args.gpu_memory is None:
         raise ConfigError("dsv3 plan search needs --gpu-memory, e.g. --gpu-memory 80GiB")
     common = _common(args, cfg)

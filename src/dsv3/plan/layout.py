@@ -26,16 +26,12 @@ from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
+from dsv3.plan import limits
 from dsv3.plan.params import TP_CONVENTIONS
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 RECOMPUTE = ("none", "selective", "full")
 ATTENTION_IMPLS = ("fused", "eager")
-
-
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -154,12 +150,24 @@ class Layout:
 
     # ------------------------------------------------------------ checks
     def validate(self, cfg: ModelConfig) -> None:
-        """Raise :class:`ConfigError` with one sentence for the first thing that does not fit ``cfg``."""
-        for name in ("pp", "tp", "ep", "etp", "dp", "seq_len", "micro_batch"):
-            _positive(name.replace("_", "-"), getattr(self, name))
+        """Raise :class:`ConfigError` with one sentence for the first thing that does not fit ``cfg``.
+
+        Every size is bounded (:mod:`dsv3.plan.limits`), so that planning a valid
+        layout takes bounded time and memory.
+        """
+        limits.check_model(cfg)
+        for name in ("pp", "tp", "ep", "etp", "dp"):
+            limits.check_int(name, getattr(self, name), maximum=limits.MAX_GPUS)
+        for name in ("seq_len", "micro_batch"):
+            limits.check_int(name.replace("_", "-"), getattr(self, name))
         if self.global_batch is not None:
-            _positive("global-batch", self.global_batch)
-        if self.zero not in (0, 1, 2, 3):
+            limits.check_int("global-batch", self.global_batch)
+        if self.gpus > limits.MAX_GPUS:
+            raise ConfigError(
+                f"the layout needs {self.gpus:,} GPUs, more than the {limits.MAX_GPUS:,} the planner handles; "
+                f"lower --dp, --tp or --pp"
+            )
+        if not isinstance(self.zero, int) or self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero!r}")
         if self.recompute not in RECOMPUTE:
             raise ConfigError(f"unknown --recompute {self.recompute!r}; choose one of {', '.join(RECOMPUTE)}")
@@ -206,6 +214,8 @@ class Layout:
                 f"--global-batch {self.global_batch} is not a multiple of micro-batch x DP = "
                 f"{self.micro_batch} x {self.dp}; pick a global batch that is"
             )
+        if self.pp > 1:  # the schedule's op lists are built and simulated: bound them
+            limits.check_pipeline(self.pp, self.microbatches, "global-batch")
         if self.seq_len > cfg.max_position_embeddings:
             raise ConfigError(
                 f"--seq-len {self.seq_len} exceeds the model's max_position_embeddings "
@@ -258,9 +268,14 @@ def balanced_stage_layers(layer_costs: list[float], first_extra: float, last_ext
     Returns:
         Layers per stage, each at least 1. Among splits with the smallest maximum
         stage cost, the one with the smallest sum of squared stage costs (the most
-        even) is returned; remaining ties go to the split found first
-        (dynamic programming over stages, O(pp * n^2)).
+        even) is returned; remaining ties go to the split that gives the last stage
+        the most layers, then the one before it, and so on (dynamic programming over
+        stages; the candidates for a stage's first layer are scanned from the back and
+        the scan stops once the stage alone costs more than the best found, so the work
+        is about ``n^2`` steps, not ``pp * n^2``).
     """
+    if any(c < 0 for c in layer_costs) or first_extra < 0 or last_extra < 0:
+        raise ValueError("balanced_stage_layers needs non-negative costs")
     n = len(layer_costs)
     prefix = [0.0]
     for c in layer_costs:
@@ -281,13 +296,15 @@ def balanced_stage_layers(layer_costs: list[float], first_extra: float, last_ext
         for j in range(lo, hi + 1):
             cand = inf
             arg = 0
-            for i in range(k - 1, j):  # stage k-1 gets layers i..j-1
+            for i in range(j - 1, k - 2, -1):  # stage k-1 gets layers i..j-1; fewer layers first
+                c = cost(k - 1, i, j)
+                if c > cand[0]:
+                    break  # earlier starts only make this stage dearer
                 prev = best[k - 1][i]
                 if prev[0] == float("inf"):
                     continue
-                c = cost(k - 1, i, j)
                 val = (max(prev[0], c), prev[1] + c * c)
-                if val < cand:
+                if val <= cand:  # ties: the earliest start, as a forward scan keeping the first would
                     cand, arg = val, i
             best[k][j] = cand
             choice[k][j] = arg

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.plan import activations as act
+from dsv3.plan import limits
 from dsv3.plan.cost import (
     Hardware,
     StageTimes,
@@ -329,6 +330,8 @@ def make_plan(
     cache = cache or PlanCache()
     if not 0 <= fragmentation < 1:
         raise ConfigError(f"--fragmentation must be a fraction in [0, 1), got {fragmentation}")
+    if gpu_memory is not None:
+        limits.check_size("gpu-memory", gpu_memory)
     layout.validate(cfg)
     params = params or count_params(cfg)
     flops, fsum = cache.flops(cfg, params, layout.seq_len, causal, layout.mtp, layout.recompute)

@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from dsv3.errors import ConfigError
+from dsv3.plan.limits import clip
 
 #: Bytes per element of each format the planner knows. ``fp8`` is the payload
 #: only; :func:`element_bytes` adds the per-tile scales of the FP8 recipe.
@@ -182,8 +183,11 @@ def parse_size(text: str, what: str = "size") -> int:
     match = _SIZE_RE.match(str(text))
     unit = match.group(2).lower() if match else None
     if match is None or unit not in _UNITS:
-        raise ConfigError(f"{what} {text!r} is not a size with a unit; write it like 80GiB, 80GB or 512MiB")
-    return int(round(float(match.group(1)) * _UNITS[unit]))
+        raise ConfigError(f"{what} {clip(text)} is not a size with a unit; write it like 80GiB, 80GB or 512MiB")
+    value = float(match.group(1)) * _UNITS[unit]
+    if not value < 2**60:  # an exbibyte; also catches the overflow of hundreds of digits to inf
+        raise ConfigError(f"{what} {clip(text)} is larger than any device; write a size below 1 EiB")
+    return int(round(value))
 
 
 def format_bytes(n: float) -> str:

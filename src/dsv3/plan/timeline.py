@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from dsv3.parallel.pipeline.schedules import BW, FB, B, F, W
+from dsv3.plan.limits import check_plot
 from dsv3.utils.io import atomic_path
 
 # (chunk 0 colour, chunk 1 colour) per op kind.
@@ -29,6 +30,7 @@ def plot_timeline(result, path: str | os.PathLike, title: str | None = None) -> 
 
     Returns the path written. The file is written atomically.
     """
+    check_plot(result.devices, result.pp, result.microbatches)  # bounded figure size and patch count
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
