@@ -15,10 +15,10 @@ GPUs of a layout or search   ``MAX_GPUS`` = 2^20 (a million)                    
 any other count              ``MAX_COUNT`` = 2^40 (sequences, tokens per sequence    —
                              ...; keeps every product a finite float)
 decoder layers, MTP modules  ``MAX_LAYERS`` = 1,024 and ``MAX_MTP_LAYERS`` = 16      ~5 s split
-simulated pipeline           PP x micro-batches <= ``MAX_PIPELINE_CELLS`` = 32,768   ~10 s
+simulated pipeline           PP x micro-batches <= ``MAX_PIPELINE_CELLS`` = 32,768   ~14 s plan
 search grid                  ``MAX_SEARCH_LAYOUTS`` = 10,000 layouts                 ~90 s
-timeline plot                <= ``MAX_PLOT_DEVICES`` = 64 devices and                 ~5 s
-                             ``MAX_PLOT_CELLS`` = 4,096 stage micro-batches
+timeline plot                <= ``MAX_PLOT_DEVICES`` = 32 devices and                 ~25 s
+                             ``MAX_PLOT_CELLS`` = 1,024 stage micro-batches
 ===========================  =====================================================  ============
 
 (worst cases measured on a loaded 2-core machine). Floats (times, prices,
@@ -37,8 +37,8 @@ MAX_LAYERS = 1024
 MAX_MTP_LAYERS = 16
 MAX_PIPELINE_CELLS = 2**15
 MAX_SEARCH_LAYOUTS = 10_000
-MAX_PLOT_DEVICES = 64
-MAX_PLOT_CELLS = 4096
+MAX_PLOT_DEVICES = 32
+MAX_PLOT_CELLS = 1024
 
 
 def check_int(name: str, value: object, *, minimum: int = 1, maximum: int = MAX_COUNT) -> int:
