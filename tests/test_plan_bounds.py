@@ -48,6 +48,9 @@ def _configs(tmp_path) -> dict[str, str]:
         path = tmp_path / f"{name}.json"
         path.write_bytes(data)
         out[name] = str(path)
+    with open(tmp_path / "huge.json", "wb") as f:  # sparse: 20 MiB that take no disk
+        f.truncate(20 * 2**20)
+    out["huge"] = str(tmp_path / "huge.json")
     return out
 
 
@@ -96,6 +99,8 @@ CASES = [
     (["plan", "--config", "{nested}"], "is malformed"),
     (["plan", "--config", "{layers}"], "the model has 100000000 decoder layers; the planner handles 1 to 1,024"),
     (["plan", "--config", "{mtp}"], "the model has 1000000 MTP modules"),
+    (["plan", "--config", "{huge}"], "is 20,971,520 bytes, not a config.json"),
+    (["plan", "--config", "/dev/zero"], "is not a regular file"),
     (["plan", "search", "--config", "{layers}", "--gpus", "8", "--gpu-memory", "80GiB"], "decoder layers"),
 ]
 

@@ -132,6 +132,7 @@ def _model(args, required: bool = False):
     from dsv3.errors import DsV3Error
 
     if args.config:
+        _check_config_file(args.config)
         try:
             return resolve_model_config(args.config), args.config
         except DsV3Error:
@@ -150,6 +151,28 @@ def _model(args, required: bool = False):
         )
     name = args.preset or "tiny"
     return load_preset(name), name
+
+
+#: A config.json is a few KB; anything this large is the wrong file, and reading it would cost unbounded memory.
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def _check_config_file(path: str) -> None:
+    """Refuse, before reading it, a config that is not a regular file (/dev/zero, a FIFO) or is absurdly large."""
+    import os
+    import stat
+
+    target = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        st = os.stat(target)
+    except OSError:
+        return  # missing: resolve_model_config names the presets and the path in its message
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"model config {clip(target)} is not a regular file; give a config.json")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"model config {clip(target)} is {st.st_size:,} bytes, not a config.json (a few KB); give the right file"
+        )
 
 
 def _precision(args):
