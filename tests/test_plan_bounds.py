@@ -42,6 +42,7 @@ def _configs(tmp_path) -> dict[str, str]:
         "nested": b"[" * 100_000 + b"]" * 100_000,
         "layers": json.dumps({"num_hidden_layers": 10**8}).encode(),
         "mtp": json.dumps({"num_nextn_predict_layers": 10**6}).encode(),
+        "deep": json.dumps({"num_hidden_layers": 1024}).encode(),
     }
     out = {}
     for name, data in files.items():
@@ -79,8 +80,7 @@ CASES = [
     (["plan", "schedule", "--schedule", "dualpipe", "--pp", "128", "--microbatches", "256", "--plot", "t.png"],
      "too large to draw"),
     # plan
-    (["plan", "--preset", "deepseek-v3", "--pp", "16", "--global-batch", str(10**6)],
-     "16 pipeline stages x 1,000,000 micro-batches is more than the 32,768"),
+    (["plan", "--config", "{deep}", "--pp", "1024"], "--pp 1024 is deeper than the planner simulates"),
     (["plan", "--preset", "tiny", "--micro-batch", HUGE], "--micro-batch (a 400-digit number) is more than"),
     (["plan", "--preset", "tiny", "--seq-len", "-1"], "--seq-len must be a positive integer"),
     (["plan", "--preset", "tiny", "--dp", BIG], "--dp 1,000,000,000,000 is more than the planner handles"),
@@ -121,6 +121,35 @@ def test_absurd_input_gives_one_line_and_exit_2_at_once(tmp_path, argv, needle):
 
 
 @pytest.mark.timeout(60)
+def test_a_long_step_is_extrapolated_not_simulated_op_by_op(tmp_path):
+    """10^6 micro-batches through 16 stages: two short simulations and a straight line, at once."""
+    res = _run(["plan", "--preset", "deepseek-v3", "--pp", "16", "--global-batch", str(10**6), "--json"], tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(res.stdout)
+    assert doc["schedule"]["microbatches"] == 10**6 and doc["schedule"]["extrapolated"] is True
+    assert doc["schedule"]["peak_activations"][0] == 16  # 1F1B's first device holds PP micro-batches
+
+
+def test_extrapolated_plan_matches_the_full_simulation(monkeypatch):
+    """Lower the simulation bound so that a short step is extrapolated, and compare with simulating it whole."""
+    from dsv3.plan.planner import make_plan
+
+    small = load_preset("small")
+    for schedule, m in (("1f1b", 40), ("1f1b", 43), ("zb1p", 41), ("dualpipe", 40), ("dualpipe", 42), ("dualpipev", 40)):
+        lay = Layout(pp=4, ep=2, dp=2, seq_len=512, global_batch=2 * m, schedule=schedule)
+        whole = make_plan(small, lay)
+        assert not whole.schedule.extrapolated
+        with monkeypatch.context() as mp:
+            mp.setattr(limits, "MAX_PIPELINE_CELLS", 80)
+            line = make_plan(small, lay)
+        assert line.schedule.extrapolated
+        assert line.schedule.makespan == pytest.approx(whole.schedule.makespan, rel=1e-9)  # whole periods: exact
+        assert line.schedule.bubble == pytest.approx(whole.schedule.bubble, rel=1e-9)
+        assert line.schedule.peak_activations == whole.schedule.peak_activations
+        assert [d.total for d in line.devices] == [d.total for d in whole.devices]
+
+
+@pytest.mark.timeout(60)
 def test_search_says_which_model_it_plans(tmp_path):
     res = _run(["plan", "search", "--preset", "tiny", "--gpus", "4", "--gpu-memory", "1GiB", "--seq-len", "256",
                 "--schedule", "1f1b", "--recompute", "none"], tmp_path)
@@ -135,7 +164,7 @@ TINY = load_preset("tiny")
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("changes,needle", [
     (dict(dp=10**12), "--dp 1,000,000,000,000"),
-    (dict(pp=2, global_batch=10**8), "stage micro-batches"),
+    (dict(pp=2, global_batch=10**13), "--global-batch 10,000,000,000,000 is more than the planner handles"),
     (dict(micro_batch=10**400), "401-digit"),
     (dict(seq_len=0), "--seq-len must be a positive integer"),
     (dict(tp=True), "--tp must be an integer"),

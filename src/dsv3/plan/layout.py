@@ -214,8 +214,9 @@ class Layout:
                 f"--global-batch {self.global_batch} is not a multiple of micro-batch x DP = "
                 f"{self.micro_batch} x {self.dp}; pick a global batch that is"
             )
-        if self.pp > 1:  # the schedule's op lists are built and simulated: bound them
-            limits.check_pipeline(self.pp, self.microbatches, "global-batch")
+        if self.pp > 1:  # a long step is extrapolated from simulations of at most fill + 9 micro-batches
+            fill = 2 * self.pp if self.schedule == "dualpipe" else self.pp
+            limits.check_pipeline_depth(self.pp, min(self.microbatches, fill + 9), self.schedule)
         if self.seq_len > cfg.max_position_embeddings:
             raise ConfigError(
                 f"--seq-len {self.seq_len} exceeds the model's max_position_embeddings "

@@ -16,6 +16,8 @@ any other count              ``MAX_COUNT`` = 2^40 (sequences, tokens per sequenc
                              ...; keeps every product a finite float)
 decoder layers, MTP modules  ``MAX_LAYERS`` = 1,024 and ``MAX_MTP_LAYERS`` = 16      ~5 s split
 simulated pipeline           PP x micro-batches <= ``MAX_PIPELINE_CELLS`` = 32,768   ~14 s plan
+                             (``plan schedule``; a longer ``plan`` step is
+                             extrapolated from two short simulations)
 search grid                  ``MAX_SEARCH_LAYOUTS`` = 10,000 layouts                 ~90 s
 timeline plot                <= ``MAX_PLOT_DEVICES`` = 32 devices and                 ~25 s
                              ``MAX_PLOT_CELLS`` = 1,024 stage micro-batches
@@ -101,6 +103,16 @@ def check_pipeline(pp: int, microbatches: int, name: str = "microbatches") -> No
         raise ConfigError(
             f"{pp} pipeline stages x {_show(microbatches)} micro-batches is more than the {MAX_PIPELINE_CELLS:,} stage "
             f"micro-batches the simulator runs in one step; use fewer micro-batches (a larger micro-batch, or more DP)"
+        )
+
+
+def check_pipeline_depth(pp: int, microbatches: int, schedule: str) -> None:
+    """Bound the simulations a plan runs: a step longer than :data:`MAX_PIPELINE_CELLS` is extrapolated from
+    simulations of about ``microbatches`` (the schedule's fill + 2), which must fit themselves."""
+    if pp * microbatches > MAX_PIPELINE_CELLS:
+        raise ConfigError(
+            f"--pp {pp} is deeper than the planner simulates: {schedule} needs {pp} x {microbatches:,} stage "
+            f"micro-batches, more than {MAX_PIPELINE_CELLS:,}; use fewer pipeline stages"
         )
 
 
