@@ -112,13 +112,8 @@ def register(subparsers) -> None:
     q = sub.add_parser("search", help="list the layouts of N GPUs that fit, ranked by estimated step time",
                        description="Try every layout of --gpus GPUs; list those that fit, fastest first, and why the rest fail.",
                        allow_abbrev=False)
-<<<<<<< HEAD
-    _add_model_args(q)
-    q.add_argument("--gpus", type=int, required=True, help="GPUs to lay out")
-=======
     _add_model_args(q)  # required here: a search of an unnamed model would silently rank layouts of `tiny`
     q.add_argument("--gpus", type=int, required=True, help="GPUs to lay the run out on (at most 1,048,576)")
->>>>>>> plan
     for name, what in (("--pp", "pipeline stages"), ("--tp", "TP sizes"), ("--ep", "EP sizes"), ("--etp", "ETP sizes"),
                        ("--zero", "ZeRO stages (default 1)")):
         q.add_argument(name, default=None, help=f"{what} to try, comma-separated (default: all that apply)")
