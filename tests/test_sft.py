@@ -550,3 +550,30 @@ def test_missing_template_in_training_is_one_line_exit_2(hf_dir, chat_file, tmp_
                  "--run-dir", str(tmp_path / "run"), "--progress", "false"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no chat template" in err[0], err
+
+
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_document_mask_survives_recomputation(policy):
+    """Recomputed blocks (and MTP modules) get the document mask too: same loss and gradients as without."""
+    from dsv3.memory.recompute import apply_recompute
+
+    torch.manual_seed(0)
+    plain = DeepseekV3ForCausalLM(small_config())
+    recomputed = DeepseekV3ForCausalLM(small_config())
+    recomputed.load_state_dict(plain.state_dict())
+    apply_recompute(recomputed, policy)
+    ids = torch.randint(0, 512, (2, 24))
+    seg = torch.tensor([[1] * 10 + [2] * 14, [1] * 5 + [2] * 7 + [3] * 12])
+    pos = torch.cat([torch.cat([torch.arange(int((s == k).sum())) for k in s.unique()]).unsqueeze(0) for s in seg])
+    labels = torch.randint(0, 512, (2, 24))
+    losses = []
+    for m in (plain, recomputed):
+        out = m(ids, labels, segment_ids=seg, position_ids=pos)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    for (n, p), q in zip(plain.named_parameters(), recomputed.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+    # and the mask matters: without it the loss differs
+    assert not torch.allclose(plain(ids, labels).loss, losses[0])

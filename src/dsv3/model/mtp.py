@@ -53,5 +53,10 @@ class MTPLayer(DecoderLayer):
 
         ``attn_mask``: the document mask of positions 1..T-k (see :meth:`MLA.forward`).
         """
-        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
-        return super().forward(x, cos, sin, attn_mask=attn_mask)
+        if self.recompute is not None and torch.is_grad_enabled():
+            return self.recompute.mtp(self, h_prev, emb, cos, sin, attn_mask=attn_mask)
+        return super().forward(self.project_input(h_prev, emb), cos, sin, attn_mask=attn_mask)
+
+    def project_input(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """h'^k = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]: two [B, T-k, d] -> [B, T-k, d]."""
+        return self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
