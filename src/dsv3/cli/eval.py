@@ -8,19 +8,19 @@ def register(sub) -> None:
                        description="Evaluate a run's latest checkpoint (or a checkpoint / Hugging Face directory): "
                                    "loss and perplexity on --data (plain text, or chat .jsonl scored on the assistant "
                                    "tokens), and passkey retrieval at the --passkey lengths.")
-    p.add_argument("path", metavar="CKPT_OR_RUN")
+    p.add_argument("path", metavar="CKPT_OR_RUN", help="a run directory (its latest checkpoint), a checkpoint or a Hugging Face directory")
     p.add_argument("--data", default=None, help="held-out data: text file/dir, .jsonl, .parquet, .bin, or chat .jsonl")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per scored sequence (default: min(max_position_embeddings, 1024))")
-    p.add_argument("--passkey", default=None, metavar="LENGTHS", help="passkey probe at these token lengths, e.g. 1k,2k")
+    p.add_argument("--passkey", default=None, metavar="LENGTHS", help="run the passkey probe at these token lengths, e.g. 1k,2k")
     p.add_argument("--passkey-trials", type=int, default=10, help="probes per length (needle depths spread 0..1)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default 4)")
     p.add_argument("--max-batches", type=int, default=None, help="score at most this many batches")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--chat-template", default=None, help="chat template for chat data (default: the checkpoint's)")
     p.add_argument("--use-ema", action="store_true", help="use the checkpoint's EMA weights")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the passkey keys (default 0)")
     p.set_defaults(func=run)
 
 
