@@ -48,7 +48,12 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(config)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor,  # type: ignore[override]
-                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``h_prev`` = h^{k-1}_{1:T-k} and ``emb`` = Emb(t_{k+1:T}), both [B, T-k, d]; returns h^k [B, T-k, d]."""
+                cos: torch.Tensor, sin: torch.Tensor, cache=None, start_pos: int = 0) -> torch.Tensor:
+        """``h_prev`` = h^{k-1}_{1:T-k} and ``emb`` = Emb(t_{k+1:T}), both [B, T-k, d]; returns h^k [B, T-k, d].
+
+        With a :class:`~dsv3.model.mla.LatentKVCache` holding slot ``num_hidden_layers + k - 1``
+        (speculative decoding), the block attends over its cached earlier positions; ``start_pos``
+        is the position of ``h_prev[:, 0]``.
+        """
         x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
-        return super().forward(x, cos, sin)
+        return super().forward(x, cos, sin, cache, start_pos)
