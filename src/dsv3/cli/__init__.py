@@ -15,7 +15,7 @@ import sys
 from dsv3.errors import DsV3Error
 
 # Sub-command modules, in the order `dsv3 --help` lists them.
-COMMANDS = ("train", "generate", "plot", "plan", "memory", "convert")
+COMMANDS = ("train", "generate", "plot", "plan", "memory", "convert", "eplb")
 
 
 class _Parser(argparse.ArgumentParser):
