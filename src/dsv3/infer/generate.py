@@ -53,6 +53,19 @@ def check_sampling(temperature: float, top_p: float) -> None:
         raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def check_length(model: DeepseekV3ForCausalLM, prompt_len: int, max_new_tokens: int, extra: int = 0) -> None:
+    """Refuse (ConfigError) a prompt plus ``max_new_tokens`` (plus ``extra`` speculative positions) that
+    does not fit the model's context ``max_position_embeddings``, before any cache is allocated."""
+    limit = model.config.max_position_embeddings
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if prompt_len + max_new_tokens + extra > limit:
+        room = limit - prompt_len - extra
+        hint = f"use --max-tokens {room} or less" if room > 0 else "shorten the prompt"
+        raise ConfigError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                          f"context of {limit} positions; {hint}")
+
+
 def check_finite(logits: torch.Tensor, position: int) -> None:
     """Raise a one-line CheckpointError when ``logits`` hold NaN or infinity (damaged weights)."""
     if not bool(torch.isfinite(logits).all()):
@@ -65,7 +78,8 @@ class ExpertLoadCollector:
 
     Hooks the router of every MoE layer of ``model`` (main layers, then MTP modules: the
     order of :meth:`~dsv3.model.DeepseekV3ForCausalLM.moe_layers`). ``token_mask`` [B*T] bool, set
-    before a forward, leaves padding tokens out. ``load`` is [n_moe_layers, N_r] int64; use as a
+    before a forward, leaves padding tokens out: pass the collector as ``loads=`` to
+    :func:`generate` / :func:`generate_batch` so that they set it. ``load`` is [n_moe_layers, N_r] int64; use as a
     context manager (the hooks are removed on exit).
     """
 
@@ -109,6 +123,7 @@ def generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_t
     padding tokens of each row (left-padded prompts of different lengths). Raises
     CheckpointError when the model's logits are not finite.
     """
+    check_length(model, input_ids.shape[1], max_new_tokens)
     was_training = model.training
     model.eval()
     try:
