@@ -55,6 +55,8 @@ class SpeculativeStats:
         rounds: verification forwards of the main model.
         new_tokens: tokens emitted.
         seconds: wall time.
+        draft_seconds, verify_seconds: the parts of it spent drafting (MTP modules) and verifying
+            (main-model forward, acceptance, rollback).
     """
 
     draft_tokens: int
@@ -63,6 +65,8 @@ class SpeculativeStats:
     rounds: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         self.proposed = self.proposed or [0] * self.draft_tokens
@@ -80,7 +84,8 @@ class SpeculativeStats:
         return {"draft_tokens": self.draft_tokens, "acceptance_rate": self.acceptance_rates(),
                 "proposed": self.proposed, "accepted": self.accepted, "rounds": self.rounds,
                 "new_tokens": self.new_tokens, "tokens_per_round": self.tokens_per_round(),
-                "seconds": self.seconds, "tokens_per_s": self.new_tokens / self.seconds if self.seconds else None}
+                "seconds": self.seconds, "draft_seconds": self.draft_seconds,
+                "verify_seconds": self.verify_seconds, "tokens_per_s": self.new_tokens / self.seconds if self.seconds else None}
 
 
 def _distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -207,6 +212,8 @@ class SpeculativeDecoder:
         self.proposed = [0] * depth
         self.accepted = [0] * depth
         self.rounds = 0
+        self.draft_seconds = 0.0  # wall time spent drafting (MTP modules) and verifying (main model)
+        self.verify_seconds = 0.0
 
     def _sample(self, logits: torch.Tensor) -> int:
         return _draw(_distribution(logits, self.temperature, self.top_p), self.greedy, self.generator)
@@ -226,7 +233,10 @@ class SpeculativeDecoder:
         """One round: draft D tokens, verify them in one main-model forward, accept, roll back.
         Returns the emitted tokens (the accepted drafts, then the correction or bonus token)."""
         model, n = self.model, len(self.tokens) - 1  # t_n is committed but not yet run through the main model
+        started = time.perf_counter()
         drafts, qs = self.drafter.draft(self.tokens, n, self.temperature, self.top_p, self.generator)
+        drafted = time.perf_counter()
+        self.draft_seconds += drafted - started
         verify = torch.tensor([[self.tokens[n]] + drafts], device=self.cache.c_kv[0].device)
         out = model(verify, cache=self.cache, start_pos=n)
         self.rounds += 1
@@ -242,6 +252,7 @@ class SpeculativeDecoder:
         emitted = drafts[:a] + [nxt]
         self.tokens.extend(emitted)
         self.drafter.commit(n + a)
+        self.verify_seconds += time.perf_counter() - drafted
         return emitted
 
 
@@ -278,6 +289,8 @@ def speculative_generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, 
             stats.proposed = [x + y for x, y in zip(stats.proposed, dec.proposed)]
             stats.accepted = [x + y for x, y in zip(stats.accepted, dec.accepted)]
             stats.seconds += time.perf_counter() - started
+            stats.draft_seconds += dec.draft_seconds
+            stats.verify_seconds += dec.verify_seconds
         return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
     finally:
         model.train(was_training)
