@@ -154,3 +154,16 @@ def test_apply_placement_refuses_a_mismatched_placement():
     p2l, l2p, cnt = rebalance_experts(torch.ones(5, 8), 12, 1, 1, 4)  # 5 layers, the model has 3 MoE layers
     with pytest.raises(ConfigError, match="layers"):
         apply_placement(model, p2l, l2p, cnt)
+
+
+def test_a_placement_with_mtp_layers_applies_to_the_model_without_them():
+    model = _model(small_config())
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    load = torch.arange(1.0, 25.0).view(3, 8)  # 2 main MoE layers + the MTP module's
+    placement = rebalance_experts(load, 12, 4, 2, 4)
+    model.drop_mtp()
+    with torch.no_grad():
+        ref = model(ids).logits
+        apply_placement(model, *placement)
+        torch.testing.assert_close(model(ids).logits, ref, atol=1e-10, rtol=1e-9)
+    assert [m.experts.gate_up_proj.shape[0] for m in model.moe_layers()] == [12, 12]

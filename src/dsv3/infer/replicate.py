@@ -58,9 +58,15 @@ def apply_placement(model: DeepseekV3ForCausalLM, phy2log: torch.Tensor, log2phy
                     logcnt: torch.Tensor) -> DeepseekV3ForCausalLM:
     """Give every MoE layer of ``model`` (in :meth:`~dsv3.model.DeepseekV3ForCausalLM.moe_layers` order)
     its physical experts, in place. ``phy2log`` [L, R], ``log2phy`` [L, N_r, C], ``logcnt`` [L, N_r] as
-    returned by :func:`dsv3.infer.eplb.rebalance_experts`. Returns ``model``."""
+    returned by :func:`dsv3.infer.eplb.rebalance_experts`. A placement that also covers the MTP modules'
+    layers applies to a model without them (its first rows). Returns ``model``."""
     moes = model.moe_layers()
     phy2log, log2phy, logcnt = (torch.as_tensor(t, dtype=torch.long) for t in (phy2log, log2phy, logcnt))
+    cfg = model.config
+    mtp_moes = sum(cfg.is_moe_layer(cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+    if len(model.mtp) == 0 and phy2log.dim() == 2 and phy2log.shape[0] == len(moes) + mtp_moes:
+        # a placement computed with the MTP modules' layers (speculative serving) for a model without them
+        phy2log, log2phy, logcnt = phy2log[: len(moes)], log2phy[: len(moes)], logcnt[: len(moes)]
     if phy2log.dim() != 2 or phy2log.shape[0] != len(moes):
         raise ConfigError(f"the placement has {phy2log.shape[0] if phy2log.dim() == 2 else '?'} layers, "
                           f"the model {len(moes)} MoE layers")
