@@ -8,6 +8,10 @@ per draft position, tokens per main-model forward, and the median per-prompt spe
 decoding and for sampling (``--temperature``). Greedy outputs are checked to be identical.
 
     python bench/speculative.py RUN_DIR [--prompts 8] [--max-tokens 64] [--temperature 0.8]
+
+The model measured in results (2.6M parameters, 3 layers, 16 experts, one MTP module) was trained with
+
+    dsv3 train --model bench/speculative_model.json --seq-len 128 --steps 600 --run-dir runs/spec
 """
 
 from __future__ import annotations
