@@ -88,11 +88,13 @@ def test_non_finite_logits_raise_a_checkpoint_error():
         generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=3, temperature=0)
 
 
-@pytest.mark.parametrize("bad", [dict(max_new_tokens=10**12), dict(max_new_tokens=0)])
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=10**12), dict(max_new_tokens=0),
+                                 dict(max_new_tokens=2, temperature=float("nan")),
+                                 dict(max_new_tokens=2, temperature=-0.5), dict(max_new_tokens=2, top_p=1.5)])
 def test_generation_length_is_checked_before_allocating(bad):
     model = _model(small_config())
     with pytest.raises(ConfigError):
-        generate(model, torch.tensor([[1, 2, 3]]), temperature=0, **bad)
+        generate(model, torch.tensor([[1, 2, 3]]), **{"temperature": 0, **bad})
 
 
 def test_token_probs_top_p_against_a_hand_computed_nucleus():

@@ -123,6 +123,7 @@ def generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_t
     padding tokens of each row (left-padded prompts of different lengths). Raises
     CheckpointError when the model's logits are not finite.
     """
+    check_sampling(temperature, top_p)
     check_length(model, input_ids.shape[1], max_new_tokens)
     was_training = model.training
     model.eval()

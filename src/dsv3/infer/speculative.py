@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv3.errors import ConfigError
-from dsv3.infer.generate import check_finite, check_length, token_probs
+from dsv3.infer.generate import check_finite, check_length, check_sampling, token_probs
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.mla import LatentKVCache
 
@@ -197,6 +197,7 @@ class SpeculativeDecoder:
             raise ConfigError(f"num_draft must be between 1 and the model's {len(model.mtp)} MTP modules, got {depth}")
         if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
             raise ConfigError("speculative decoding takes one non-empty prompt at a time ([1, T] token ids)")
+        check_sampling(temperature, top_p)
         check_length(model, input_ids.shape[1], max_new_tokens, extra=depth)
         self.model, self.depth, self.generator = model, depth, generator
         self.temperature, self.top_p, self.greedy = temperature, top_p, temperature <= 0
