@@ -23,11 +23,12 @@ def register(sub) -> None:
                    help="a run's metrics.jsonl (or run directory), a `dsv3 generate --stats` file, "
                         "or a JSON array [layers][experts]")
     p.add_argument("--replicas", type=_positive, required=True, help="physical expert slots per layer (R)")
-    p.add_argument("--nodes", type=_positive, required=True)
+    p.add_argument("--nodes", type=_positive, required=True, help="server nodes (fast links within a node)")
     p.add_argument("--gpus", type=_positive, required=True, help="GPUs in all (a multiple of --nodes)")
     p.add_argument("--groups", type=_positive, default=1,
                    help="expert groups (n_group); hierarchical placement when they divide over the nodes")
-    p.add_argument("--policy", choices=("refined", "published"), default="refined")
+    p.add_argument("--policy", choices=("refined", "published"), default="refined",
+                   help="refined (default: never less balanced) or published (deepseek-ai/EPLB's greedy)")
     p.add_argument("--json", metavar="OUT", default=None, help="write the placement and the loads here")
     p.set_defaults(func=run)
 
