@@ -169,3 +169,16 @@ def test_a_placement_with_mtp_layers_applies_to_the_model_without_them():
         apply_placement(model, *placement)
         torch.testing.assert_close(model(ids).logits, ref, atol=1e-10, rtol=1e-9)
     assert [m.experts.gate_up_proj.shape[0] for m in model.moe_layers()] == [12, 12]
+
+
+def test_expert_loads_leave_out_finished_rows():
+    model = _model(small_config())
+    greedy = generate_batch(model, PROMPTS, max_new_tokens=5, temperature=0)
+    eos = greedy[1][1]  # row 1 finishes at its 2nd new token
+    with ExpertLoadCollector(model) as loads:
+        generate_batch(model, PROMPTS, max_new_tokens=5, temperature=0, eos_id=eos, loads=loads)
+    first_eos = [row.index(eos) if eos in row else 99 for row in greedy]
+    # decode forward s (s = 0..3) feeds new token s of each row still running after it
+    decoded = sum(1 for b in range(3) for s in range(4) if first_eos[b] > s)
+    k = model.config.num_experts_per_tok
+    assert loads.load[0].sum().item() == (sum(len(p) for p in PROMPTS) + decoded) * k

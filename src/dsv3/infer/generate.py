@@ -150,10 +150,14 @@ def generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_t
             if eos_id is not None and bool(done.all()):
                 break
             if pos + 1 < prompt_len + max_new_tokens:
+                if loads is not None and eos_id is not None:
+                    loads.token_mask = ~done  # finished rows only repeat EOS: not traffic
                 logits = model(token[:, None], cache=cache, start_pos=pos).logits[:, -1]
         return torch.cat(out, dim=1)
     finally:
         model.train(was_training)
+        if loads is not None:
+            loads.token_mask = None
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, *,
