@@ -11,7 +11,9 @@ Two sources of expert loads:
 
 Imbalance is max/mean GPU load per layer (1 = perfect); reported as the mean over layers and the
 worst layer, for no redundancy ("before"), the published deepseek-ai/EPLB algorithm and dsv3's
-refined policy, all in the same run, plus the wall time of each.
+refined policy, all in the same run, plus the wall time of each; in sample also a lower bound for any
+placement (mean over layers of max(1, largest replica load / mean GPU load)) and the refined plan's
+node imbalance (its GPUs cannot be better balanced than its nodes).
 
     python bench/eplb.py [--run RUN_DIR] [--layers 58]
 """
@@ -45,6 +47,19 @@ def _row(name, weight, replicas, groups, nodes, gpus, eval_weight=None):
         else:
             out["refined_layers_better"] = f"{int((imb < pub - 1e-12).sum())}/{len(imb)}"
             out["refined_layers_worse"] = int((imb > pub + 1e-12).sum())
+            if eval_weight is weight and groups % nodes == 0 and nodes > 1:
+                # the refined plan's node imbalance: its GPUs cannot be better balanced than its nodes
+                node = gpu_loads(weight, phy2log, logcnt, gpus).view(weight.shape[0], nodes, -1).sum(-1)
+                out["refined_node_imbalance"] = round(float(imbalance(node).mean()), 4)
+    if eval_weight is weight:
+        # a lower bound for any placement: the mean, and the largest replica load when the R - E extra
+        # slots go to the heaviest experts (replicate_experts' greedy is optimal for that)
+        from dsv3.infer.eplb import replicate_experts
+
+        _, _, cnt = replicate_experts(weight.double(), replicas)
+        mean = weight.double().sum(-1) / gpus
+        bound = torch.maximum(mean, (weight.double() / cnt).amax(-1)) / mean
+        out["lower_bound"] = round(float(bound.mean()), 4)
     return out
 
 
