@@ -184,3 +184,10 @@ def test_eplb_cli_bad_input_one_line(tmp_path, capsys, argv):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dsv3: error: ")
+
+
+def test_unreplicated_loads_and_imbalance_by_hand():
+    w = torch.tensor([[1.0, 2, 3, 4, 5], [0, 0, 0, 0, 0]])
+    loads = unreplicated_gpu_loads(w, 2)  # contiguous blocks of 3 and 2 experts
+    assert loads.tolist() == [[6.0, 9.0], [0.0, 0.0]]
+    assert imbalance(loads).tolist() == pytest.approx([9 / 7.5, 1.0])  # an idle layer counts as balanced

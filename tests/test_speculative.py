@@ -236,3 +236,25 @@ def test_stats_report():
     d = s.to_dict()
     assert d["acceptance_rate"] == [0.8, 0.5] and d["tokens_per_round"] == 2.2 and d["tokens_per_s"] == 11.0
     assert SpeculativeStats(1).acceptance_rates() == [None]
+
+
+def test_greedy_acceptance_rule_by_hand():
+    eye = torch.eye(5)
+    p = torch.stack([eye[2], eye[4], eye[1]])  # the target's argmax: 2, then 4, then bonus 1
+    assert accept_drafts([2, 4], [eye[2], eye[4]], p, greedy=True) == (2, 1)  # all accepted + bonus
+    assert accept_drafts([2, 3], [eye[2], eye[3]], p, greedy=True) == (1, 4)  # second rejected, corrected
+    assert accept_drafts([0, 4], [eye[0], eye[4]], p, greedy=True) == (0, 2)  # first rejected
+
+
+def test_sampling_acceptance_rule_accepts_what_the_target_prefers():
+    """p(d) >= q(d) is always accepted; p(d) = 0 is always rejected and replaced from max(0, p - q)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.tensor([0.5, 0.5, 0.0])
+    p = torch.tensor([[0.0, 0.6, 0.4], [1 / 3, 1 / 3, 1 / 3]])
+    twos = 0
+    for _ in range(400):
+        assert accept_drafts([1], [q], p, greedy=False, generator=gen)[0] == 1
+        a, nxt = accept_drafts([0], [q], p, greedy=False, generator=gen)
+        assert a == 0 and nxt in (1, 2)
+        twos += nxt == 2
+    assert 0.72 < twos / 400 < 0.88  # the residual max(0, p - q) = [0, 0.1, 0.4]: token 2 with probability 0.8
