@@ -28,7 +28,7 @@ import torch
 
 from dsv3.infer.generate import generate, load_for_generation
 from dsv3.infer.speculative import SpeculativeStats, speculative_generate
-from dsv3.train.tokenizer import eos_token_id, get_tokenizer
+from dsv3.train.tokenizer import get_tokenizer
 
 
 def _prompts(tokenizer, count: int, length: int, seed: int) -> list[list[int]]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a run directory or checkpoint")
-    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a checkpoint")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="a run directory (its latest checkpoint) or a checkpoint")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="one prompt per line, decoded together in one batch (prints one result per prompt)")

@@ -225,7 +225,8 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
             peak = gpu_loads(weight, cand[0], cand[2], num_gpus).amax(-1)
             better = peak < best * (1 - 1e-9)
             if bool(better.any()):
-                phy2log, rank, logcnt = (torch.where(better[:, None], c, o) for c, o in zip(cand, (phy2log, rank, logcnt)))
+                phy2log, rank, logcnt = (torch.where(better[:, None], new, old)
+                                         for new, old in zip(cand, (phy2log, rank, logcnt)))
                 best = torch.where(better, peak, best)
     return phy2log, _log2phy(phy2log, rank, logcnt), logcnt
 
@@ -331,7 +332,8 @@ def read_expert_loads(path) -> torch.Tensor:
         loads = [torch.tensor(t, dtype=torch.float64) for t in tables]
         total = torch.stack(loads).sum(0)
     except (TypeError, ValueError, RuntimeError):
-        raise DataError(f"{path} holds malformed expert loads; expected [layers][experts] numbers of one shape") from None
+        raise DataError(f"{path} holds malformed expert loads; "
+                        "expected [layers][experts] numbers of one shape") from None
     if total.dim() != 2 or total.numel() == 0 or not bool(torch.isfinite(total).all()) or bool((total < 0).any()):
         raise DataError(f"{path} holds malformed expert loads; expected a non-negative [layers][experts] table")
     return total

@@ -85,7 +85,8 @@ class SpeculativeStats:
                 "proposed": self.proposed, "accepted": self.accepted, "rounds": self.rounds,
                 "new_tokens": self.new_tokens, "tokens_per_round": self.tokens_per_round(),
                 "seconds": self.seconds, "draft_seconds": self.draft_seconds,
-                "verify_seconds": self.verify_seconds, "tokens_per_s": self.new_tokens / self.seconds if self.seconds else None}
+                "verify_seconds": self.verify_seconds,
+                "tokens_per_s": self.new_tokens / self.seconds if self.seconds else None}
 
 
 def _distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
