@@ -81,7 +81,7 @@ def test_generation_stats_feed_dsv3_eplb_and_the_placement_keeps_the_output(chec
 @pytest.mark.parametrize("case", ["nan-temperature", "negative-temperature", "inf-temperature", "bad-top-p",
                                   "cuda", "bad-device", "max-tokens-context", "max-tokens-absurd", "max-tokens-zero",
                                   "max-tokens-float", "missing-tokenizer", "missing-prompts-file", "damaged-weights",
-                                  "speculative-no-mtp", "bad-placement"])
+                                  "speculative-no-mtp", "bad-placement", "huge-seed", "bad-num-draft"])
 def test_generation_bad_input_one_line_exit_2(checkpoint, tmp_path, capsys, case):
     base = ["generate", str(checkpoint), "--prompt", "x", "--max-tokens", "3"]
     extra = {"nan-temperature": ["--temperature", "nan"], "negative-temperature": ["--temperature", "-1"],
@@ -91,7 +91,9 @@ def test_generation_bad_input_one_line_exit_2(checkpoint, tmp_path, capsys, case
              "max-tokens-zero": ["--max-tokens", "0"], "max-tokens-float": ["--max-tokens", "2.5"],
              "missing-tokenizer": ["--tokenizer", str(tmp_path / "nope" / "tok.json")],
              "missing-prompts-file": ["--prompts-file", str(tmp_path / "nope.txt")],
-             "bad-placement": ["--placement", str(checkpoint / "config.json")]}.get(case, [])
+             "bad-placement": ["--placement", str(checkpoint / "config.json")],
+             "huge-seed": ["--seed", str(2**64)], "bad-num-draft": ["--speculative", "mtp", "--num-draft", "3"]
+             }.get(case, [])
     path = checkpoint
     if case == "damaged-weights":
         torch.manual_seed(0)

@@ -89,6 +89,8 @@ def run(args) -> int:
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be positive, got {args.max_tokens}")
     check_sampling(args.temperature, args.top_p)
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.num_draft is not None and args.speculative != "mtp":
         raise ConfigError("--num-draft needs --speculative mtp")
     if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
