@@ -139,6 +139,8 @@ def test_replicas_share_their_expert_tokens_evenly():
     log2phy[0, 0, 1:] = torch.tensor([n_exp, n_exp + 1])
     log2phy[0, 1, 1] = n_exp + 2
     router = ReplicatedRouter(moe.gate, log2phy[0], logcnt[0])
+    assert router.n_experts == n_exp + 3 and router.top_k == moe.gate.top_k
+    assert router.e_score_correction_bias is moe.gate.e_score_correction_bias
     x = torch.randn(50, model.config.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         w_ref, idx_ref, s_ref = moe.gate(x)

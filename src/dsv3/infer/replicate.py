@@ -37,6 +37,13 @@ class ReplicatedRouter(nn.Module):
         self.router = router
         self.register_buffer("log2phy", log2phy.clone(), persistent=False)
         self.register_buffer("logcnt", logcnt.clone(), persistent=False)
+        self.n_experts = int((log2phy >= 0).sum())  # physical slots (R): what the MoE layer dispatches to
+        self.top_k = router.top_k
+
+    @property
+    def e_score_correction_bias(self) -> torch.Tensor | None:
+        """The logical router's bias b_i [N_r] (routing still ranks logical experts)."""
+        return self.router.e_score_correction_bias
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weights, indices, scores = self.router(x)
