@@ -92,6 +92,9 @@ def apply_placement(model: DeepseekV3ForCausalLM, phy2log: torch.Tensor, log2phy
         experts.down_proj = nn.Parameter(experts.down_proj.detach()[p2l].clone(), requires_grad=False)
         moe.gate = ReplicatedRouter(moe.gate, l2p.to(device), cnt.to(device))
         moe.n_experts = p2l.numel()
+        dispatcher = getattr(moe, "dispatcher", None)  # a token dispatcher seam, where the MoE layer has one
+        if dispatcher is not None and hasattr(dispatcher, "n_experts"):
+            dispatcher.n_experts = p2l.numel()
     return model
 
 
