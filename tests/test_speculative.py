@@ -102,18 +102,31 @@ def _fresh_latents(model, tokens, valid_main, valid_mtp):
     return cache
 
 
-def test_cache_rolls_back_to_the_committed_tokens(trained):
-    """After every round (sampling: drafts get rejected at random depths), every cache slot holds exactly
-    what a from-scratch run over the committed tokens gives, and nothing past its valid length."""
+@pytest.mark.parametrize("forced", [False, True], ids=["sampled", "forced-rejections"])
+def test_cache_rolls_back_to_the_committed_tokens(trained, monkeypatch, forced):
+    """After every round (drafts rejected at random depths), every cache slot holds exactly what a
+    from-scratch run over the committed tokens gives, and nothing past its valid length. ``forced`` cuts
+    the accepted prefix at a random depth (any acceptance decision must leave a consistent cache)."""
+    import dsv3.infer.speculative as spec
+
+    if forced:
+        real, rng = spec.accept_drafts, torch.Generator().manual_seed(5)
+
+        def cut_short(drafts, q, p, **kw):
+            a, nxt = real(drafts, q, p, **kw)
+            cut = int(torch.randint(0, a + 1, (), generator=rng))
+            return (a, nxt) if cut == a else (cut, (drafts[cut] + 1) % V)
+
+        monkeypatch.setattr(spec, "accept_drafts", cut_short)
     gen = torch.Generator().manual_seed(0)
     dec = SpeculativeDecoder(trained, torch.tensor([[7, 2, 13, 20]]), max_new_tokens=40, temperature=1.5,
                              generator=gen)
     dec.prefill()
-    cfg, L = trained.config, trained.config.num_hidden_layers
-    partial = 0
+    L = trained.config.num_hidden_layers
+    depths = set()
     while len(dec.tokens) < 4 + 30:
         emitted = dec.step()
-        partial += len(emitted) < 3
+        depths.add(len(emitted) - 1)
         valid_main = len(dec.tokens) - 1
         assert dec.cache.lengths[:L] == [valid_main] * L
         valid_mtp = [dec.cache.lengths[L + k] for k in range(2)]
@@ -127,7 +140,8 @@ def test_cache_rolls_back_to_the_committed_tokens(trained):
             torch.testing.assert_close(dec.cache.c_kv[layer][:, :n], ref.c_kv[layer][:, :n], atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(dec.cache.k_pe[layer][:, :n], ref.k_pe[layer][:, :n], atol=2e-5, rtol=1e-4)
             assert not dec.cache.c_kv[layer][:, n:].any() and not dec.cache.k_pe[layer][:, n:].any()
-    assert partial > 0  # some rounds rejected a draft, so the rollback ran
+    if forced:
+        assert depths == {0, 1, 2}  # rejections at both draft positions, and full acceptance
 
 
 def test_latent_cache_rollback_and_gap():
