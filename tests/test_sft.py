@@ -519,6 +519,20 @@ def test_yarn_extension_run_writes_the_official_rope_scaling(hf_dir, chat_file, 
         assert cfg["rope_scaling"] == {"beta_fast": 32, "beta_slow": 1, "factor": 4, "mscale": 1.0,
                                        "mscale_all_dim": 1.0, "original_max_position_embeddings": 256, "type": "yarn"}
         assert cfg["max_position_embeddings"] == 1024
+    # the run's checkpoint loads in transformers with the same logits beyond the original 256 positions
+    import warnings
+
+    import dsv3
+
+    ckpt = latest_checkpoint(str(tmp_path / "yarn"))
+    ours = dsv3.from_pretrained(ckpt).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = torch.randint(0, 600, (1, 512), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(ids).logits[:, 256:] - theirs(ids).logits[:, 256:]).abs().max().item()
+    assert diff < 1e-4, diff
 
 
 @pytest.mark.parametrize("record, fragment", [
