@@ -150,9 +150,9 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
                 raise ValueError
             return bool(value)
         if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(float(value))
+            from dsv3.config import as_int  # the one strict integer parser (rejects 2.5, "2.5", true)
+
+            return as_int(value, f"{source}: option {name}")
         if kind is float:
             return float(value)
         return str(value)
