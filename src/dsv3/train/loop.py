@@ -19,6 +19,7 @@ so ``dsv3 train --resume RUN_DIR`` always continues from a consistent state and
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -28,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from dsv3.checkpoint.state import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from dsv3.checkpoint.state import load_checkpoint_state, save_checkpoint
 from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError, DataError, RunDirError, TrainingError
 from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
@@ -121,24 +122,14 @@ def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
 
 def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
     """The run's tokenizer: the run directory's copy on resume, the user's, or a BPE trained on the corpus."""
-    from dsv3.train.tokenizer import get_tokenizer
+    from dsv3.train.tokenizer import get_tokenizer, tokenizer_for_data
 
     saved = os.path.join(run_dir, "tokenizer.json")
     if os.path.isfile(saved):
         return get_tokenizer(saved, vocab_size=vocab_size)
-    if config.tokenizer is not None:
-        return get_tokenizer(config.tokenizer, vocab_size=vocab_size)
-    if config.data is None:
-        return get_tokenizer(None, vocab_size=vocab_size)
-    if (config.data_format or "") == "bin" or str(config.data).endswith(".bin"):
-        return None  # pre-tokenised: no tokenizer needed (no text sample at the end)
-    from dsv3.train.data import resolve_source
-
-    source = resolve_source(config.data, format=config.data_format, field=config.data_field, glob=config.data_glob)
-    if source.kind != "text":
-        raise DataError(f"{config.data} is {source.kind}; pass --tokenizer with a tokenizer.json for it "
-                        f"(a BPE is trained automatically only on plain-text corpora)")
-    return get_tokenizer(None, vocab_size=vocab_size, files=source.files)
+    # the user's tokenizer, else a byte-level BPE trained (cached) on the data, whatever its kind
+    return tokenizer_for_data(config.data, tokenizer=config.tokenizer, vocab_size=vocab_size,
+                              format=config.data_format, field=config.data_field, glob=config.data_glob)
 
 
 @torch.no_grad()
@@ -160,27 +151,33 @@ def evaluate(model, data, *, micro_batch: int, max_batches: int, device: torch.d
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the step, checkpoint, stop. Second: KeyboardInterrupt at once."""
+    """First Ctrl-C or SIGTERM (what Slurm and Kubernetes send before a kill): finish the step,
+    checkpoint, stop. A second signal: KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave the default behaviour
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the default behaviour
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _switch(value_early: float, value_late: float | None, at: float, step: int, steps: int) -> float:
@@ -191,6 +188,14 @@ def _switch(value_early: float, value_late: float | None, at: float, step: int, 
 # ----------------------------------------------------------------------------- the loop
 def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str, Any] | None = None,
           log: Callable[[str], None] = print, step_hook: Callable[[int], None] | None = None) -> TrainResult:
+    """See :func:`_train`; the run directory's lock is released however it ends."""
+    with contextlib.ExitStack() as cleanup:
+        return _train(config, resume=resume, overrides=overrides, log=log, step_hook=step_hook, cleanup=cleanup)
+
+
+def _train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str, Any] | None = None,
+           log: Callable[[str], None] = print, step_hook: Callable[[int], None] | None = None,
+           cleanup: contextlib.ExitStack) -> TrainResult:
     """Train according to ``config`` (or continue the run directory ``resume``).
 
     Args:
@@ -207,22 +212,32 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
     from dsv3.train.optim import build_optimizer, clip_grad_norm, set_lr
     from dsv3.train.schedule import BatchRamp, LRSchedule
 
+    from dsv3.checkpoint.state import remove_stale_temporaries, select_resume_checkpoint
+    from dsv3.train.preflight import check_context_length, check_memory, refuse_frozen_overrides
+    from dsv3.train.rundir import RunLock, check_run_dir_usable
+
     started = time.time()
     if resume is not None:
         _, run_dir = prepare_run_dir(config, resume)
+        cleanup.enter_context(RunLock(run_dir))  # a second process resuming this run stops here
+        saved = resume_config(run_dir, {})
         config = resume_config(run_dir, overrides or {})
-        checkpoint = latest_checkpoint(run_dir)
+        refuse_frozen_overrides(saved, config, overrides or {})
     else:
         config.validate()
         config, run_dir = prepare_run_dir(config, None)
         config.run_dir = run_dir
-        checkpoint = None
+        check_run_dir_usable(run_dir)
     device = _device(config)
     saved_model_config = os.path.join(run_dir, "model_config.json")
     if resume is not None and os.path.isfile(saved_model_config):
         mcfg = ModelConfig.from_json_file(saved_model_config)  # exactly the model the run started with
     else:
         mcfg = model_config_for(config)
+    check_context_length(config.seq_len, mcfg, getattr(config, "rope_scaling", None))
+    check_memory(mcfg, device=device.type, seq_len=config.seq_len, micro_batch=config.micro_batch,
+                 dtype=config.dtype, optim_states=config.optim_states, recompute=config.recompute, fp8=config.fp8,
+                 ema=bool(config.ema_decay))
     lambda_early, gamma_early = mcfg.mtp_loss_weight, mcfg.bias_update_speed
 
     # --- tokenizer and data (checked before anything is written, so bad input leaves no run behind)
@@ -241,18 +256,7 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
     # --- the model (an --init-from checkpoint is checked here, before anything is written)
     model = build_model(config, mcfg, device)
     model.train()
-    # --- the run directory: config, tokenizer (only now that the input is known to be good)
-    os.makedirs(run_dir, exist_ok=True)
-    if resume is None:
-        save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
-        mcfg.save(os.path.join(run_dir, "model_config.json"))
-        if tokenizer is not None:
-            from dsv3.utils.io import atomic_path
-
-            with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
-                tokenizer.save(tmp)
-
-    # --- optimizer, schedules, EMA
+    # --- optimizer and schedules (built before anything is written: a bad value leaves no run directory)
     optimizer = build_optimizer(model, lr=config.lr, betas=(config.beta1, config.beta2),
                                 weight_decay=config.weight_decay, eps=config.eps, moments_dtype=config.optim_states)
     decay_start = int(config.decay_start * config.steps)
@@ -265,8 +269,29 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
                          seq_len=config.seq_len, micro_batch=config.micro_batch)
     else:
         ramp = BatchRamp.constant(config.global_batch, micro_batch=config.micro_batch, seq_len=config.seq_len)
-    ema = CPUEMA(model, config.ema_decay) if config.ema_decay else None
     loader = data.loader(config.seed)
+    # --- the run directory: lock, config, tokenizer (only now that the input is known to be good)
+    if resume is None:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"cannot create run directory {run_dir} ({exc.strerror or exc}); "
+                              f"choose another --run-dir") from None
+        cleanup.enter_context(RunLock(run_dir))
+    removed = remove_stale_temporaries(run_dir)
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) left in {run_dir} by a killed run")
+    checkpoint = select_resume_checkpoint(run_dir, log) if resume is not None else None
+    save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))  # on resume: with the overrides applied
+    if resume is None:
+        mcfg.save(os.path.join(run_dir, "model_config.json"))
+        if tokenizer is not None:
+            from dsv3.utils.io import atomic_path
+
+            with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
+                tokenizer.save(tmp)
+
+    ema = CPUEMA(model, config.ema_decay) if config.ema_decay else None
 
     step, nonfinite, val_losses = 0, 0, []
     if checkpoint is not None:
@@ -363,16 +388,17 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
                     val_losses.append((step, v))
                     record["val_loss"] = v
                 metrics.log(record)
-                progress.update(step, loss=loss, tokens_per_s=tokens / dt, lr=lr)
+                progress.update(step, loss=loss, tokens_per_s=tokens / dt, lr=lr, lm_loss=lm_loss)
                 if "val_loss" in record:
-                    progress.write(f"step {step}: val_loss {record['val_loss']:.4f}")
+                    progress.write(f"step {step}: val_loss {record['val_loss']:.4f} (LM loss on held-out data; "
+                                   f"compare with lm_loss)")
                 if step % config.save_every == 0 or step == config.steps or stop.requested:
                     last_ckpt = checkpoint_now(step, loader.state_dict())
                 if step_hook is not None:
                     step_hook(step)
                 if stop.requested:
                     interrupted = True
-                    log(f"interrupted: checkpoint written at step {step} ({last_ckpt}); "
+                    log(f"interrupted ({stop.signal_name}): checkpoint written at step {step} ({last_ckpt}); "
                         f"continue with dsv3 train --resume {run_dir}")
                     break
     finally:

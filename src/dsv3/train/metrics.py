@@ -331,19 +331,27 @@ class ProgressBar:
             self._bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit="step", file=self.stream, dynamic_ncols=True)
 
     @staticmethod
-    def _postfix(loss: float | None, tokens_per_s: float | None, lr: float | None) -> str:
+    def _postfix(loss: float | None, tokens_per_s: float | None, lr: float | None,
+                 lm_loss: float | None = None) -> str:
         parts = []
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
+        if lm_loss is not None:  # loss = lm_loss + lambda * mtp_loss (+ alpha * balance); val_loss is LM only
+            parts.append(f"lm_loss {lm_loss:.4f}")
         if tokens_per_s is not None:
             parts.append(f"tok/s {tokens_per_s:,.0f}")
         if lr is not None:
             parts.append(f"lr {lr:.2e}")
         return " | ".join(parts)
 
-    def update(self, step: int, *, loss: float | None = None, tokens_per_s: float | None = None, lr: float | None = None) -> None:
-        """Show that ``step`` steps are done, with the latest loss, throughput and learning rate."""
-        text = self._postfix(loss, tokens_per_s, lr)
+    def update(self, step: int, *, loss: float | None = None, tokens_per_s: float | None = None, lr: float | None = None,
+               lm_loss: float | None = None) -> None:
+        """Show that ``step`` steps are done, with the latest loss, throughput and learning rate.
+
+        ``loss`` is the training objective (LM + lambda x MTP + balance terms); ``lm_loss``,
+        when given, is shown next to it: the number comparable with ``val_loss``.
+        """
+        text = self._postfix(loss, tokens_per_s, lr, lm_loss)
         if self._bar is not None:
             self._bar.set_postfix_str(text, refresh=False)
             self._bar.update(step - self._bar.n)
