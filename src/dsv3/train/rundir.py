@@ -107,3 +107,6 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+    def __del__(self) -> None:  # a lock whose owner was dropped by an exception is not kept
+        self.release()
