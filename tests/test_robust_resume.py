@@ -174,12 +174,11 @@ def test_locked_run_refuses_a_second_resume(base_run, tmp_path, capsys):
     assert tree_digest(run) == before  # metrics.jsonl not touched: no duplicate steps
 
 
-@pytest.mark.timeout(60)
 def test_lock_held_by_another_process_and_released_when_it_dies(base_run, tmp_path, capsys):
     run = _copy(base_run, tmp_path)
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from dsv3.train.rundir import RunLock; "
-                               f"RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+                               f"lock = RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
