@@ -46,7 +46,7 @@ def refuse_frozen_overrides(saved: Any, resumed: Any, overrides: dict[str, Any])
         raise ConfigError("--run-dir cannot be combined with --resume (the run directory is the one being resumed)")
     changed = [name for name in FROZEN_ON_RESUME
                if name in overrides and overrides[name] is not None
-               and _get(resumed, name) != _get(saved, name)]
+               and config_value(resumed, name) != config_value(saved, name)]
     if changed:
         flags = ", ".join(_flag(n) for n in changed)
         raise ConfigError(f"{flags} cannot change on --resume: a resumed run keeps the model, weights and data it "
@@ -54,7 +54,7 @@ def refuse_frozen_overrides(saved: Any, resumed: Any, overrides: dict[str, Any])
                           f"{'it' if len(changed) == 1 else 'them'}")
 
 
-def _get(config: Any, name: str) -> Any:
+def config_value(config: Any, name: str) -> Any:
     """A field of a flat or sectioned TrainConfig (``config.name`` or ``config.<section>.name``)."""
     if hasattr(config, name):
         return getattr(config, name)

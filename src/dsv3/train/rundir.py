@@ -60,17 +60,25 @@ def check_run_dir_usable(run_dir: str) -> None:
 class RunLock:
     """An exclusive, non-blocking lock on ``RUN_DIR/.lock`` (a context manager).
 
+    Args:
+        run_dir: the run directory (it must exist when the lock is acquired).
+        enabled: False makes the lock a no-op, for the ranks of a parallel run other than 0.
+
     Raises:
         RunDirError: on ``acquire`` when another process holds the lock.
     """
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, *, enabled: bool = True) -> None:
         self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK_FILE)
+        self.enabled = enabled  # False: acquire() does nothing (ranks other than 0 of a parallel run)
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
         import fcntl
+
+        if not self.enabled:
+            return self
 
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

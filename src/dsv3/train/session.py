@@ -293,11 +293,14 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     A run directory is locked (:class:`~dsv3.train.rundir.RunLock`) from here until
     :meth:`Session.close`; a second process training in it gets one line and exit 2.
     """
-    from dsv3.train.rundir import RunLock
+    from dsv3.train.rundir import LOCK_FILE, RunLock
 
-    lock = RunLock("")  # not held until a run directory is known
+    owner = getattr(parallel, "rank", 0) == 0  # rank 0 holds the run's lock for all ranks
+    lock = RunLock("", enabled=owner)  # not held until a run directory is known
     if resume is not None and write:
-        lock = RunLock(prepare_run_dir(config, resume)).acquire()  # a second process resuming this run stops here
+        lock.run_dir = prepare_run_dir(config, resume)
+        lock.path = os.path.join(lock.run_dir, LOCK_FILE)
+        lock.acquire()  # a second process resuming this run stops here
     try:
         return _build_session(config, resume=resume, overrides=overrides, parallel=parallel, write=write,
                               prefetch=prefetch, lock=lock)
@@ -309,7 +312,7 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
 def _build_session(config: TrainConfig | None, *, resume: str | None, overrides: dict[str, Any] | None,
                    parallel: Any, write: bool, prefetch: bool | None, lock) -> Session:
     from dsv3.checkpoint.state import remove_stale_temporaries, select_resume_checkpoint
-    from dsv3.train.preflight import check_context_length, check_memory, refuse_frozen_overrides
+    from dsv3.train.preflight import check_context_length, check_memory, config_value, refuse_frozen_overrides
     from dsv3.train.rundir import LOCK_FILE, check_run_dir_usable
 
     if resume is not None:
@@ -330,7 +333,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
         mcfg = ModelConfig.from_json_file(saved_model_config)  # exactly the model the run started with
     else:
         mcfg = model_config_for(config)
-    check_context_length(config.seq_len, mcfg, getattr(config, "rope_scaling", None))
+    check_context_length(config.seq_len, mcfg, config_value(config, "rope_scaling"))
     check_memory(mcfg, device=device.type, seq_len=config.seq_len, micro_batch=config.micro_batch,
                  dtype=config.dtype, optim_states=config.optim_states, recompute=config.recompute, fp8=config.fp8,
                  ema=bool(config.ema_decay))  # the planner's estimate, before anything is allocated
@@ -376,10 +379,12 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
                                   f"choose another --run-dir") from None
             lock.run_dir, lock.path = run_dir, os.path.join(run_dir, LOCK_FILE)
             lock.acquire()
-        for path in remove_stale_temporaries(run_dir):
-            print(f"removed {path}, left by a killed run")
+        if lock.enabled:  # rank 0 (the lock owner) cleans up and chooses; the other ranks read
+            for path in remove_stale_temporaries(run_dir):
+                print(f"removed {path}, left by a killed run")
         if resume is not None:
-            checkpoint = select_resume_checkpoint(run_dir)  # the newest intact one; says why if not the newest
+            # the newest intact checkpoint; rank 0 says why when it is not the newest
+            checkpoint = select_resume_checkpoint(run_dir) if lock.enabled else latest_checkpoint(run_dir, hashes=True)
         # the effective config: on resume with the overrides that apply (--steps, ...)
         save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
         if resume is None:
