@@ -37,7 +37,7 @@ def base_run(train_setup, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DSV3_CACHE", str(tmp_path_factory.getbasetemp() / "dsv3-cache"))
         run = tmp_path_factory.mktemp("robust_base") / "run"
-        train(TrainConfig(**tiny_options(train_setup, run, steps=4, save_every=2, eval_every=4)), log=lambda s: None)
+        train(TrainConfig.from_dict(tiny_options(train_setup, run, steps=4, save_every=2, eval_every=4)), log=lambda s: None)
     assert [s for s, _ in list_checkpoints(str(run))] == [2, 4]
     return run, {r["step"]: r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
 
@@ -237,7 +237,7 @@ def test_real_full_disk_keeps_the_previous_checkpoint(train_setup, small_disk):
                 os.posix_fallocate(fh.fileno(), 0, free - 256 * 1024)
 
     with pytest.raises(CheckpointError, match="no space left on device") as info:
-        train(TrainConfig(**tiny_options(train_setup, run, steps=4, save_every=2)), log=lambda s: None,
+        train(TrainConfig.from_dict(tiny_options(train_setup, run, steps=4, save_every=2)), log=lambda s: None,
               step_hook=fill_disk)
     assert STEP2 in str(info.value) and "\n" not in str(info.value)
     assert os.listdir(run / "checkpoints") == [STEP2]

@@ -41,12 +41,12 @@ def refuse_frozen_overrides(saved: Any, resumed: Any, overrides: dict[str, Any])
     A flag that repeats the saved value is accepted; ``--run-dir`` is always refused
     (the run directory is the one given to ``--resume``).
     """
-    if overrides.get("run_dir") is not None and os.path.abspath(str(overrides["run_dir"])) != os.path.abspath(
-            str(getattr(saved, "run_dir", "") or "")):
+    overrides = {_flat_name(k): v for k, v in overrides.items() if v is not None}
+    if "run_dir" in overrides and os.path.abspath(str(overrides["run_dir"])) != os.path.abspath(
+            str(config_value(saved, "run_dir") or "")):
         raise ConfigError("--run-dir cannot be combined with --resume (the run directory is the one being resumed)")
     changed = [name for name in FROZEN_ON_RESUME
-               if name in overrides and overrides[name] is not None
-               and config_value(resumed, name) != config_value(saved, name)]
+               if name in overrides and config_value(resumed, name) != config_value(saved, name)]
     if changed:
         flags = ", ".join(_flag(n) for n in changed)
         raise ConfigError(f"{flags} cannot change on --resume: a resumed run keeps the model, weights and data it "
@@ -54,14 +54,22 @@ def refuse_frozen_overrides(saved: Any, resumed: Any, overrides: dict[str, Any])
                           f"{'it' if len(changed) == 1 else 'them'}")
 
 
+def _flat_name(key: str) -> str:
+    """``optimizer.lr`` -> ``lr`` (the flag name); a flat name as it is."""
+    if "." not in key:
+        return key
+    from dsv3.train.config import options
+
+    return next((opt.flat for opt in options() if f"{opt.section}.{opt.name}" == key), key)
+
+
 def config_value(config: Any, name: str) -> Any:
-    """A field of a flat or sectioned TrainConfig (``config.name`` or ``config.<section>.name``)."""
-    if hasattr(config, name):
-        return getattr(config, name)
-    for section in vars(config).values() if hasattr(config, "__dict__") else ():
-        if hasattr(section, "__dataclass_fields__") and hasattr(section, name):
-            return getattr(section, name)
-    return None
+    """The option ``name`` (its flag name, e.g. ``seq_len``, ``run_dir``) of a TrainConfig, flat or sectioned."""
+    if hasattr(config, "to_flat_dict"):
+        flat = config.to_flat_dict()
+        if name in flat:
+            return flat[name]
+    return getattr(config, name, None)
 
 
 def check_context_length(seq_len: int, mcfg, rope_scaling: str | None = None) -> None:
