@@ -20,7 +20,7 @@ import pytest
 
 from dsv3.checkpoint.state import (list_checkpoints, remove_stale_temporaries, select_resume_checkpoint,
                                    verify_checkpoint)
-from dsv3.errors import CheckpointError
+from dsv3.errors import CheckpointError, ConfigError
 from dsv3.train.config import TrainConfig
 from dsv3.train.loop import train
 from dsv3.train.rundir import RunLock
@@ -69,8 +69,12 @@ def test_repeating_a_saved_value_on_resume_is_accepted(train_setup, base_run):
 
     run = str(base_run[0])
     saved = resume_config(run, {})
-    same = {"seq_len": str(saved.seq_len), "model": saved.model, "steps": "9"}
+    same = {"seq_len": str(saved.data.seq_len), "model": saved.model.name, "data.val_fraction":
+            saved.data.val_fraction, "steps": "9"}
     refuse_frozen_overrides(saved, resume_config(run, same), same)  # no error: nothing frozen changes
+    changed = {"data.seq_len": 32}  # a dotted name is the same flag
+    with pytest.raises(ConfigError, match="--seq-len cannot change on --resume"):
+        refuse_frozen_overrides(saved, resume_config(run, changed), changed)
     assert isinstance(saved, TrainConfig)
 
 
@@ -84,9 +88,9 @@ def test_resume_writes_effective_config_and_removes_stale_temporaries(base_run, 
     code, out, err = cli(["train", "--resume", run, "--steps", "5"], capsys)
     assert code == 0, err
     assert not stale_dir.exists() and not stale_file.exists() and "left by a killed run" in out
-    import yaml
+    from dsv3.train.session import resume_config
 
-    assert yaml.safe_load((run / "config.yaml").read_text())["steps"] == 5  # the override that applied
+    assert resume_config(str(run), {}).schedule.steps == 5  # the override that applied, in config.yaml
     assert [s for s, _ in list_checkpoints(str(run))] == [2, 4, 5]
 
 
