@@ -318,3 +318,23 @@ def test_second_signal_stops_at_once(train_setup, tmp_path):
         else True
     for _, path in list_checkpoints(str(run)):  # whatever was written is complete
         assert verify_checkpoint(path) is None
+
+
+def test_full_disk_outside_a_checkpoint_is_one_line(train_setup, tmp_path, capsys, monkeypatch):
+    """A disk that fills up while metrics are written (not a checkpoint) is one line too, not a traceback."""
+    from dsv3.errors import disk_error_message
+    from dsv3.train.metrics import MetricsLogger
+
+    real = MetricsLogger.log
+
+    def log(self, record):
+        if record.get("step") == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        return real(self, record)
+
+    monkeypatch.setattr(MetricsLogger, "log", log)
+    run = tmp_path / "run"
+    code, _, err = cli(["train", *flags(tiny_options(train_setup, run, steps=3, save_every=1))], capsys)
+    assert_one_error(code, err, "no space left on device", "metrics.jsonl", "--resume")
+    assert [s for s, _ in list_checkpoints(str(run))] == [1]
+    assert disk_error_message(OSError(errno.EACCES, "denied")) is None  # other errors are not disk errors
