@@ -449,9 +449,9 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
                 raise ValueError
             return bool(value)
         if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(float(value))
+            from dsv3.config import as_int  # the one strict integer parser (rejects 2.5, "2.5", true)
+
+            return as_int(value, f"{source}: option {opt.flat}")
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError

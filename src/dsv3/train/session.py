@@ -116,7 +116,7 @@ def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
 
 def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
     """The run's tokenizer: the run directory's copy on resume, the user's, or a BPE trained on the corpus."""
-    from dsv3.train.tokenizer import get_tokenizer
+    from dsv3.train.tokenizer import get_tokenizer, tokenizer_for_data
 
     saved = os.path.join(run_dir, "tokenizer.json")
     if run_dir and os.path.isfile(saved):
@@ -126,20 +126,10 @@ def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
 
         spec = sft_tokenizer_spec(config)
         return get_tokenizer(spec, vocab_size=vocab_size) if spec is not None else None
-    if config.data.tokenizer is not None:
-        return get_tokenizer(config.data.tokenizer, vocab_size=vocab_size)
-    if config.data.path is None:
-        return get_tokenizer(None, vocab_size=vocab_size)
-    if (config.data.format or "") == "bin" or str(config.data.path).endswith(".bin"):
-        return None  # pre-tokenised: no tokenizer needed (no text sample at the end)
-    from dsv3.train.data import resolve_source
-
+    # the user's tokenizer, else a byte-level BPE trained (and cached) on the data, whatever its kind
     d = config.data
-    source = resolve_source(d.path, format=d.format, field=d.field, glob=d.glob)
-    if source.kind != "text":
-        raise DataError(f"{config.data.path} is {source.kind}; pass --tokenizer with a tokenizer.json for it "
-                        f"(a BPE is trained automatically only on plain-text corpora)")
-    return get_tokenizer(None, vocab_size=vocab_size, files=source.files)
+    return tokenizer_for_data(d.path, tokenizer=d.tokenizer, vocab_size=vocab_size, format=d.format, field=d.field,
+                              glob=d.glob)
 
 
 def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_dir: str | None = None):
@@ -277,6 +267,7 @@ class Session:
     checkpoint: str | None = None
     lambda_early: float = 0.0
     gamma_early: float = 0.0
+    lock: Any = None  # the run directory's RunLock, held until close()
 
     def n_micro(self, step: int) -> int:
         """Micro-batches of optimizer step ``step`` (0-based; the batch ramp may change it)."""
@@ -300,9 +291,13 @@ class Session:
         return self.prefetcher.get(self.n_micro(self.step), following)
 
     def close(self) -> None:
-        self.prefetcher.drain()
-        if self.ema is not None:
-            self.ema.close()
+        try:
+            self.prefetcher.drain()
+            if self.ema is not None:
+                self.ema.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def build_session(config: TrainConfig | None, *, resume: str | None = None,
@@ -321,23 +316,54 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
         prefetch: fetch batches ahead in a thread (default: on CUDA).
 
     Everything is checked before anything is written: bad input leaves no run directory.
+    A run directory is locked (:class:`~dsv3.train.rundir.RunLock`) from here until
+    :meth:`Session.close`; a second process training in it gets one line and exit 2.
     """
+    from dsv3.train.rundir import LOCK_FILE, RunLock
+
+    owner = getattr(parallel, "rank", 0) == 0  # rank 0 holds the run's lock for all ranks
+    lock = RunLock("", enabled=owner)  # not held until a run directory is known
+    if resume is not None and write:
+        lock.run_dir = prepare_run_dir(config, resume)
+        lock.path = os.path.join(lock.run_dir, LOCK_FILE)
+        lock.acquire()  # a second process resuming this run stops here
+    try:
+        return _build_session(config, resume=resume, overrides=overrides, parallel=parallel, write=write,
+                              prefetch=prefetch, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build_session(config: TrainConfig | None, *, resume: str | None, overrides: dict[str, Any] | None,
+                   parallel: Any, write: bool, prefetch: bool | None, lock) -> Session:
+    from dsv3.checkpoint.state import remove_stale_temporaries, select_resume_checkpoint
+    from dsv3.train.preflight import check_context_length, check_memory, refuse_frozen_overrides
+    from dsv3.train.rundir import LOCK_FILE, check_run_dir_usable
+
     if resume is not None:
         run_dir = prepare_run_dir(config, resume)  # type: ignore[arg-type]
+        saved = resume_config(run_dir, {})
         config = resume_config(run_dir, overrides or {})
-        checkpoint = latest_checkpoint(run_dir)
+        refuse_frozen_overrides(saved, config, overrides or {})  # --model, --seq-len, ... cannot change
     else:
         assert config is not None
         config.validate()
         run_dir = prepare_run_dir(config, None) if write else ""
         config.run.dir = run_dir or config.run.dir
-        checkpoint = None
+        if write:
+            check_run_dir_usable(run_dir)  # under a file, unwritable, read-only: said now, not after the set-up
     device = resolve_device(config)
     saved_model_config = os.path.join(run_dir, MODEL_CONFIG_FILE)
     if resume is not None and os.path.isfile(saved_model_config):
         mcfg = ModelConfig.from_json_file(saved_model_config)  # exactly the model the run started with
     else:
         mcfg = model_config_for(config)
+    d, m = config.data, config.memory
+    check_context_length(d.seq_len, mcfg, config.model.rope_scaling)
+    check_memory(mcfg, device=device.type, seq_len=d.seq_len, micro_batch=d.micro_batch,
+                 dtype=config.precision.dtype, optim_states=m.optim_states, recompute=m.recompute,
+                 fp8=config.precision.fp8, ema=bool(m.ema_decay))  # the planner's estimate, before any allocation
 
     # --- tokenizer and data (checked before anything is written, so bad input leaves no run behind)
     tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir)
@@ -351,21 +377,8 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     # --- the model (an --init-from checkpoint is checked here, before anything is written)
     model = build_model(config, mcfg, device)
     model.train()
-    if write and resume is None:  # only now that the input is known to be good
-        os.makedirs(run_dir, exist_ok=True)
-        save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
-        mcfg.save(os.path.join(run_dir, MODEL_CONFIG_FILE))
-        if tokenizer is not None:
-            from dsv3.utils.io import atomic_path
 
-            with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
-                tokenizer.save(tmp)
-        if config.data.task == "sft":
-            from dsv3.train.sft import save_template
-
-            save_template(data.template, run_dir)  # a resumed run renders with the same template
-
-    # --- optimizer, schedules, EMA, data order
+    # --- optimizer, schedules, data order (built before anything is written: a bad value leaves no run behind)
     from dsv3.memory.ema import CPUEMA
     from dsv3.train.optim import build_optimizer
     from dsv3.train.schedule import BatchRamp, LRSchedule
@@ -384,15 +397,48 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     else:
         ramp = BatchRamp.constant(config.data.global_batch, micro_batch=config.data.micro_batch,
                                   seq_len=config.data.seq_len)
-    ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
     loader = data.loader(config.run.seed)
+
+    # --- the run directory (only now that the input is known to be good): lock, clean, config, tokenizer
+    checkpoint = None
+    if write:
+        if resume is None:
+            try:
+                os.makedirs(run_dir, exist_ok=True)
+            except OSError as exc:
+                raise RunDirError(f"cannot create run directory {run_dir} ({exc.strerror or exc}); "
+                                  f"choose another --run-dir") from None
+            lock.run_dir, lock.path = run_dir, os.path.join(run_dir, LOCK_FILE)
+            lock.acquire()
+        if lock.enabled:  # rank 0 (the lock owner) cleans up and chooses; the other ranks read
+            for path in remove_stale_temporaries(run_dir):
+                print(f"removed {path}, left by a killed run")
+        if resume is not None:
+            # the newest intact checkpoint; rank 0 says why when it is not the newest
+            checkpoint = select_resume_checkpoint(run_dir) if lock.enabled else latest_checkpoint(run_dir, hashes=True)
+        # the effective config: on resume with the overrides that apply (--steps, ...)
+        save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
+        if resume is None:
+            mcfg.save(os.path.join(run_dir, MODEL_CONFIG_FILE))
+            if tokenizer is not None:
+                from dsv3.utils.io import atomic_path
+
+                with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
+                    tokenizer.save(tmp)
+            if config.data.task == "sft":
+                from dsv3.train.sft import save_template
+
+                save_template(data.template, run_dir)  # a resumed run renders with the same template
+    elif resume is not None:
+        checkpoint = latest_checkpoint(run_dir)
+    ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
 
     session = Session(config=config, mcfg=mcfg, run_dir=run_dir, device=device, tokenizer=tokenizer, data=data,
                       model=model, optimizer=optimizer, schedule=schedule, ramp=ramp, ema=ema, loader=loader,
                       params=[p for p in model.parameters() if p.requires_grad],
                       prefetcher=None,  # type: ignore[arg-type]  (set below, after the loader is restored)
                       parallel=parallel, checkpoint=checkpoint, lambda_early=mcfg.mtp_loss_weight,
-                      gamma_early=mcfg.bias_update_speed)
+                      gamma_early=mcfg.bias_update_speed, lock=lock if lock.held else None)
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint, model=model, optimizer=optimizer, ema=ema)
         session.step = state["step"]
