@@ -1,0 +1,189 @@
+"""Zero-bubble weight-gradient split: B computes input gradients now, W the weight gradients later.
+
+ZB1P, DualPipe and DualPipeV (arXiv 2401.10241; report section 3.2.1) cut a
+backward into ``B`` (the gradient of the stage input, which the previous stage
+is waiting for) and ``W`` (the gradient of the weights, which nobody waits for
+and can fill a bubble). :func:`split_weight_grads` applies that cut to a built
+model as a transformation (the model files are untouched):
+
+* every plain ``nn.Linear`` runs ``y = x W^T + b`` through :class:`_SplitLinear`;
+* every ``Experts`` whose grouped GEMM is the model's own
+  :func:`~dsv3.model.ops.grouped_mm` runs it through :class:`_SplitGroupedMM`.
+
+Both compute ``dL/dx`` in their backward. While the :class:`WeightGradStore`
+they share is *deferring* (the runtime's ``B`` op), they queue a closure that
+computes ``dL/dW = dy^T x`` (and ``dL/db``) and accumulates it into ``.grad``;
+otherwise (``BW``, or any ordinary backward) they return it to autograd as
+usual, so a transformed model trains exactly like the original.
+
+Modules that already compute their weight gradient somewhere else keep doing
+so inside B: the router (FP32 ``F.linear``), RMSNorm weights, the embedding, the
+fused output-head cross-entropy (whose ``dL/dW`` is computed in the forward)
+and FP8 Linears (their own autograd function).
+"""
+
+from __future__ import annotations
+
+import types
+from collections import deque
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.model.moe import Experts
+from dsv3.model.ops import grouped_mm, grouped_mm_dgrad, grouped_mm_wgrad
+
+
+class WeightGradStore:
+    """The queue of deferred weight-gradient work of one device (DualPipe's ``WeightGradStore``).
+
+    Usage by the runtime::
+
+        with store.deferring():          # a B op: weight gradients are queued, not computed
+            torch.autograd.backward(...)
+        store.flush(key)                 # close the B op's group of closures under its key
+        ...
+        store.pop(key)                   # the matching W op: run the group, first-in first-out
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._pending: list[Callable[[], None]] = []
+        self._queue: deque[tuple[Any, list[Callable[[], None]]]] = deque()
+
+    @contextmanager
+    def deferring(self):
+        """Queue (instead of compute) the weight gradients of split modules inside the block."""
+        self.enabled = True
+        try:
+            yield self
+        finally:
+            self.enabled = False
+
+    def put(self, fn: Callable[[], None]) -> None:
+        self._pending.append(fn)
+
+    def flush(self, key: Any) -> None:
+        """Close the closures queued since the last flush into one group named ``key``."""
+        self._queue.append((key, self._pending))
+        self._pending = []
+
+    def pop(self, key: Any = None) -> int:
+        """Run the oldest group (which must be ``key`` when given); returns how many closures ran."""
+        if not self._queue:
+            raise RuntimeError(f"W op {key!r} has no deferred weight gradients queued.")
+        got, fns = self._queue.popleft()
+        if key is not None and got != key:
+            raise RuntimeError(f"W op {key!r} found the deferred weight gradients of {got!r} first (W ops are first-in first-out).")
+        for fn in fns:
+            fn()
+        return len(fns)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """``param.grad += grad`` as autograd's AccumulateGrad does it (the first gradient is stored as is)."""
+    if param.grad is None:
+        param.grad = grad.detach()
+    else:
+        param.grad.add_(grad)
+
+
+class _SplitLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose weight gradient can be deferred to a :class:`WeightGradStore`.
+
+    Shapes: x [..., K], weight [O, K], bias [O] or None -> y [..., O].
+    Backward: dx = dy W; dW = dy^T x and db = sum(dy) over the rows (now, or queued).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, store: WeightGradStore):
+        ctx.save_for_backward(x, weight)
+        ctx.store = store
+        ctx.params = (weight, bias)  # leaves: held by reference to accumulate into their .grad later
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dx = dy.matmul(weight) if need_x else None
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+
+        def weight_grads():
+            return (dy2.t().mm(x2) if need_w else None), (dy2.sum(0) if need_b else None)
+
+        if ctx.store.enabled and (need_w or need_b):
+            w_param, b_param = ctx.params
+
+            def deferred() -> None:
+                dw, db = weight_grads()
+                if dw is not None:
+                    _accumulate(w_param, dw)
+                if db is not None:
+                    _accumulate(b_param, db)
+
+            ctx.store.put(deferred)
+            return dx, None, None, None
+        dw, db = weight_grads()
+        return dx, dw, db, None
+
+
+def _split_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return _SplitLinear.apply(x, self.weight, self.bias, self._wgrad_store)
+
+
+class _SplitGroupedMM(torch.autograd.Function):
+    """:func:`~dsv3.model.ops.grouped_mm` whose weight gradient can be deferred.
+
+    Shapes: x [N, K] (rows grouped by expert), w [E, O, K], offs [E] -> [N, O].
+    Backward: dx = grouped_mm_dgrad(dy, w); dw = grouped_mm_wgrad(dy, x) (now, or queued).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, store: WeightGradStore):
+        ctx.save_for_backward(x, w, offs)
+        ctx.store = store
+        ctx.param = w
+        return grouped_mm(x, w, offs)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, offs = ctx.saved_tensors
+        dx = grouped_mm_dgrad(dy, w, offs) if ctx.needs_input_grad[0] else None
+        if not ctx.needs_input_grad[1]:
+            return dx, None, None, None
+        if ctx.store.enabled:
+            param = ctx.param
+            ctx.store.put(lambda: _accumulate(param, grouped_mm_wgrad(dy, x, offs)))
+            return dx, None, None, None
+        return dx, grouped_mm_wgrad(dy, x, offs), None, None
+
+
+def split_weight_grads(model: nn.Module, store: WeightGradStore) -> int:
+    """Route the weight gradients of ``model``'s plain Linears and grouped expert GEMMs through ``store``.
+
+    Idempotent. Returns the number of modules transformed. Subclasses of
+    ``nn.Linear`` (FP8 Linears) and experts with a replaced ``mm`` (FP8) are left alone.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module._wgrad_store = store
+            module.forward = types.MethodType(_split_linear_forward, module)
+            count += 1
+        elif isinstance(module, Experts) and (module.mm is grouped_mm or getattr(module.mm, "_wgrad_split", False)):
+            def mm(x, w, offs, _store=store):
+                return _SplitGroupedMM.apply(x, w, offs, _store)
+
+            mm._wgrad_split = True
+            module.mm = mm
+            count += 1
+    return count
