@@ -45,7 +45,7 @@ def reference(steps: int, n_micro: int, layers: int = 4, **changes):
         for ids, labels in batches(step, n_micro):
             out = model(ids, labels)
             (out.loss / n_micro).backward()
-            total += float(out.loss) / n_micro
+            total += float(out.loss.detach()) / n_micro
             if out.expert_load is not None:
                 load = out.expert_load if load is None else load + out.expert_load
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -57,35 +57,74 @@ def reference(steps: int, n_micro: int, layers: int = 4, **changes):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def run_pipeline(rank: int, world: int, port: int, schedule: str, pp: int, steps: int, n_micro: int,
-                 layers: int, queue, options: dict) -> None:
-    """One pipeline process: trains ``steps`` steps and puts (rank, losses, owned params, op trace) on ``queue``."""
+def swapped_recvs(schedule):
+    """``schedule`` with the last device's second activation RECV moved before its first (out of order)."""
+    from dataclasses import replace
+
+    from dsv3.parallel.pipeline.schedules import FORWARD, RECV
+
+    dev = schedule.devices - 1
+    ops = list(schedule.ops[dev])
+    at = [i for i, op in enumerate(ops) if op.kind == RECV and op.direction == FORWARD][:2]
+    ops.insert(at[0], ops.pop(at[1]))
+    return replace(schedule, ops=schedule.ops[:dev] + (tuple(ops),) + schedule.ops[dev + 1:])
+
+
+def fb_as_f_then_b(schedule):
+    """``schedule`` with every overlapped FB op replaced by its forward, then its full backward."""
+    from dataclasses import replace
+
+    from dsv3.parallel.pipeline.schedules import FB
+
+    ops = tuple(tuple(p for op in dev for p in (op.parts() if op.kind == FB else (op,))) for dev in schedule.ops)
+    return replace(schedule, ops=ops)
+
+
+def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
+    """One pipeline process. Each job dict: schedule, pp, steps, n_micro, layers, and optionally ``variant``
+    (``"fb_as_f_then_b"``; ``"swapped"`` expects the swapped op list to be rejected before the step).
+    Puts (rank, results, error) on ``queue``; a result is (losses, owned params, per-step op traces) or the
+    rejection message."""
     try:
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
         import torch.distributed as dist
 
+        from dsv3.errors import ConfigError
         from dsv3.parallel.pipeline.executor import PipelineRuntime
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
-        model = build_model(layers)
-        model.train()
-        rt = PipelineRuntime(model, schedule, pp, seq_len=SEQ, split_w=options.get("split_w", True))
-        opt = optimizer(rt.owned_parameters())
-        losses, traces = [], []
-        custom = options.get("schedule")
-        for step in range(steps):
-            res = rt.step(batches(step, n_micro), schedule=custom)
-            rt.clip_grad_norm(1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if res.load is not None:
-                model.update_router_bias(res.load)
-            losses.append(res.loss)
-            traces.append([e.op for e in res.trace])
-        params = dict(model.named_parameters())
-        queue.put((rank, losses, {n: params[n].detach().numpy().copy() for n in rt.owned}, traces, None))
+        results = []
+        for job in jobs:
+            model = build_model(job["layers"])
+            model.train()
+            rt = PipelineRuntime(model, job["schedule"], job["pp"], seq_len=SEQ)
+            variant = job.get("variant")
+            custom = None
+            if variant == "fb_as_f_then_b":
+                custom = fb_as_f_then_b(rt.schedule_for(job["n_micro"]))
+            if variant == "swapped":
+                try:
+                    rt.step(batches(0, job["n_micro"]), schedule=swapped_recvs(rt.schedule_for(job["n_micro"])))
+                    results.append("not rejected")
+                except ConfigError as e:
+                    results.append(str(e))
+                continue
+            opt = optimizer(rt.owned_parameters())
+            losses, traces = [], []
+            for step in range(job["steps"]):
+                res = rt.step(batches(step, job["n_micro"]), schedule=custom)
+                rt.clip_grad_norm(1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if res.load is not None:
+                    model.update_router_bias(res.load)
+                losses.append(res.loss)
+                traces.append([e.op for e in res.trace])
+            params = dict(model.named_parameters())
+            results.append((losses, {n: params[n].detach().numpy().copy() for n in rt.owned}, traces))
+        queue.put((rank, results, None))
         dist.destroy_process_group()
     except BaseException:  # report, do not hang the parent
-        queue.put((rank, None, None, None, traceback.format_exc()))
+        queue.put((rank, None, traceback.format_exc()))

@@ -1,0 +1,272 @@
+"""The pipeline runtime (dsv3.parallel.pipeline): stages, weight-gradient split, FB op, executor.
+
+The distributed tests spawn gloo processes on 127.0.0.1 and compare against the plain
+single-process model (forward, ``(loss / n).backward()`` per micro-batch, clip, AdamW,
+bias update), which uses none of the pipeline code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dsv3.errors import ConfigError
+from dsv3.parallel.pipeline.executor import TraceEvent, check_layout, chrome_trace, write_chrome_trace
+from dsv3.parallel.pipeline.schedules import FB, ScheduleError, build_schedule, validate_schedule
+from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageRecord, stage_layers
+from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
+from pipeline_worker import SEQ, batches, build_model, fb_as_f_then_b, reference, run_jobs, swapped_recvs
+
+N_MICRO, STEPS, LAYERS = 4, 2, 4
+JOBS = [
+    dict(schedule="1f1b", pp=2),
+    dict(schedule="zb1p", pp=2),
+    dict(schedule="dualpipe", pp=2),
+    dict(schedule="dualpipev", pp=4),  # 4 stages on 2 ranks
+    dict(schedule="dualpipe", pp=2, variant="fb_as_f_then_b"),
+    dict(schedule="dualpipe", pp=2, variant="swapped"),
+]
+for _job in JOBS:
+    _job.update(steps=STEPS, n_micro=N_MICRO, layers=LAYERS)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world: int, jobs: list[dict], timeout: float = 150.0):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=run_jobs, args=(r, world, port, jobs, queue), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        got = [queue.get(timeout=timeout) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=20)
+            if p.is_alive():
+                p.kill()
+    errors = [err for _, _, err in got if err]
+    assert not errors, errors[0]
+    return {rank: results for rank, results, _ in got}
+
+
+@pytest.fixture(scope="module")
+def pp_runs():
+    """Every job of JOBS on 2 gloo processes (one spawn for all), and the single-process reference."""
+    return _spawn(2, JOBS), reference(STEPS, N_MICRO, LAYERS)
+
+
+# ---------------------------------------------------------------------- distributed equality
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("job", range(4), ids=[f"{j['schedule']}-pp{j['pp']}" for j in JOBS[:4]])
+def test_pipeline_equals_one_process(pp_runs, job):
+    """Per-step losses and final parameters of PP2 1F1B/ZB1P/DualPipe and 4-stage DualPipeV equal one process."""
+    runs, (ref_losses, ref_params) = pp_runs
+    held = set()
+    for rank in (0, 1):
+        losses, params, _ = runs[rank][job]
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+        for name, value in params.items():
+            np.testing.assert_allclose(value, ref_params[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+        held |= set(params)
+    assert held == set(ref_params)  # together the ranks hold (and trained) every parameter
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("job", range(4), ids=[f"{j['schedule']}-pp{j['pp']}" for j in JOBS[:4]])
+def test_executed_trace_is_the_schedule(pp_runs, job):
+    """Each rank executes exactly its op list of the schedule, SEND/RECV included, every step."""
+    runs, _ = pp_runs
+    schedule = build_schedule(JOBS[job]["schedule"], JOBS[job]["pp"], N_MICRO)
+    for rank in (0, 1):
+        for trace in runs[rank][job][2]:
+            assert trace == list(schedule.ops[rank])
+
+
+@pytest.mark.timeout(240)
+def test_fb_op_equals_f_then_b(pp_runs):
+    """DualPipe with every overlapped FB replaced by its F then its BW gives bit-identical results."""
+    runs, _ = pp_runs
+    for rank in (0, 1):
+        fb_losses, fb_params, fb_traces = runs[rank][2]
+        seq_losses, seq_params, seq_traces = runs[rank][4]
+        assert any(op.kind == FB for op in fb_traces[0]) and not any(op.kind == FB for op in seq_traces[0])
+        assert fb_losses == seq_losses
+        for name in fb_params:
+            np.testing.assert_array_equal(fb_params[name], seq_params[name], err_msg=name)
+
+
+@pytest.mark.timeout(240)
+def test_swapped_op_list_is_rejected_before_it_runs(pp_runs):
+    """Every rank rejects the out-of-order op list (before any message, so nothing hangs)."""
+    runs, _ = pp_runs
+    for rank in (0, 1):
+        message = runs[rank][5]
+        assert "another order" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------------- single process
+
+
+def test_swapped_recvs_fail_validation():
+    schedule = build_schedule("dualpipe", 2, 4)
+    validate_schedule(schedule)
+    with pytest.raises(ScheduleError, match="another order"):
+        validate_schedule(swapped_recvs(schedule))
+    validate_schedule(fb_as_f_then_b(schedule))  # the unoverlapped variant is a valid op list
+
+
+@pytest.mark.parametrize("name,pp", [("1f1b", 4), ("zb1p", 4), ("dualpipe", 6), ("dualpipe", 8), ("dualpipev", 8)])
+def test_built_schedules_keep_message_order(name, pp):
+    """The built schedules (DualPipe interleaves activations and gradients on a link) pass the order rule."""
+    validate_schedule(build_schedule(name, pp, 2 * pp + 2))
+
+
+def test_stage_layers_minimise_the_slowest_stage():
+    """The balanced split equals a brute-force search over all contiguous splits (forward FLOPs per token)."""
+    from dsv3.plan.flops import model_flops
+
+    cfg = build_model(6).config
+    flops = model_flops(cfg, SEQ)
+    costs = list(flops.layers)
+    last = flops.head + sum(flops.mtp)
+    for pp in (1, 2, 3, 4, 6):
+        best = None
+        for cuts in itertools.combinations(range(1, len(costs)), pp - 1):
+            bounds = (0, *cuts, len(costs))
+            stage_costs = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+            stage_costs[-1] += last
+            key = (max(stage_costs), sum(c * c for c in stage_costs))
+            if best is None or key < best[0]:
+                best = (key, tuple(b - a for a, b in zip(bounds, bounds[1:])))
+        assert stage_layers(cfg, pp, SEQ) == best[1]
+    with pytest.raises(ConfigError, match="fewer than pp=7"):
+        stage_layers(cfg, 7, SEQ)
+
+
+@pytest.mark.parametrize("layers,name,pp,m,world,match", [
+    (2, "1f1b", 3, 4, 3, "fewer than --pp 3"),
+    (4, "dualpipe", 3, 6, 3, "even number of pipeline stages"),
+    (4, "dualpipev", 4, 2, 2, "micro-batches >= 4"),
+    (4, "dualpipe", 2, 3, 2, "even number of micro-batches"),
+    (4, "1f1b", 2, 4, 3, "do not factor"),
+])
+def test_bad_layouts_are_one_sentence_errors(layers, name, pp, m, world, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        check_layout(layers, name, pp, m, world)
+    assert "\n" not in str(info.value)
+
+
+def test_check_layout_accepts_and_returns_the_schedule():
+    assert check_layout(4, "dualpipev", 4, 4, 4).devices == 2
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_split_weight_grads_defers_then_equals_autograd():
+    """Under ``deferring`` the Linear and expert weights get no gradient until the W group runs; then
+    every gradient equals plain autograd on an untransformed copy."""
+    ids, labels = batches(0, 1)[0]
+    plain = build_model(2)
+    plain(ids, labels).loss.backward()
+    model = build_model(2)
+    store = WeightGradStore()
+    assert split_weight_grads(model, store) > 0
+    loss = model(ids, labels).loss
+    with store.deferring():
+        loss.backward()
+    store.flush("mb0")
+    deferred = {n for n, p in model.named_parameters() if p.grad is None}
+    assert "model.layers.0.self_attn.o_proj.weight" in deferred
+    assert "model.layers.1.mlp.experts.gate_up_proj" in deferred
+    assert "model.embed_tokens.weight" not in deferred  # computed in B
+    assert store.pop("mb0") > 0 and len(store) == 0
+    ref, got = _grads(plain), _grads(model)
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_split_weight_grads_without_deferring_is_autograd():
+    """Outside ``deferring`` a transformed model's gradients are plain autograd's (BW ops, single process)."""
+    ids, labels = batches(1, 1)[0]
+    plain, model = build_model(2), build_model(2)
+    split_weight_grads(model, WeightGradStore())
+    plain(ids, labels).loss.backward()
+    model(ids, labels).loss.backward()
+    ref, got = _grads(plain), _grads(model)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_weight_grad_store_is_first_in_first_out():
+    store = WeightGradStore()
+    ran = []
+    store.put(lambda: ran.append("a"))
+    store.flush(("mb", 0))
+    store.put(lambda: ran.append("b"))
+    store.flush(("mb", 1))
+    with pytest.raises(RuntimeError, match="first-in first-out"):
+        store.pop(("mb", 1))
+    store = WeightGradStore()
+    with pytest.raises(RuntimeError, match="no deferred"):
+        store.pop()
+
+
+def _micro(model, step):
+    ids, labels = batches(step, 1)[0]
+    cos, sin = model.model.rotary_emb(torch.arange(SEQ))
+    return MicroBatch(ids, labels, cos.unsqueeze(0), sin.unsqueeze(0), 0.5)
+
+
+def test_stage_forward_backward_equals_the_model():
+    """One whole-model stage, run step by step, gives the model's loss and gradients (pp=1)."""
+    plain, model = build_model(2), build_model(2)
+    mb = _micro(model, 0)
+    out = plain(mb.ids, mb.labels)
+    (out.loss * 0.5).backward()
+    stage = PipelineStage(model, 0, 1, [0, 1])
+    rec = StageRecord()
+    for _ in stage.forward_steps(None, mb, rec):
+        pass
+    torch.testing.assert_close(sum(rec.parts), out.loss, rtol=1e-6, atol=0)  # lm + mtp + every balance loss
+    torch.testing.assert_close(rec.parts[0], out.lm_loss)
+    torch.testing.assert_close(rec.parts[1], out.mtp_loss)
+    torch.testing.assert_close(rec.parts[2], out.balance_loss)
+    assert torch.equal(torch.stack([rec.loads[i] for i in sorted(rec.loads)]), out.expert_load)
+    for _ in stage.backward_steps(rec, None, 0.5):
+        pass
+    ref, got = _grads(plain), _grads(model)
+    assert ref.keys() == got.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_chrome_trace_has_one_event_per_compute_op(tmp_path):
+    schedule = build_schedule("dualpipe", 2, 4)
+    traces = {d: [TraceEvent(op, i * 0.001, i * 0.001 + 0.0005) for i, op in enumerate(schedule.ops[d])]
+              for d in range(2)}
+    path = tmp_path / "trace.json"
+    write_chrome_trace(str(path), traces)
+    events = json.loads(path.read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert len(spans) == sum(len(schedule.compute_ops(d)) for d in range(2))
+    assert {e["tid"] for e in spans} == {0, 1}
+    assert spans[0]["dur"] == pytest.approx(500.0)
+    assert any("&" in e["name"] for e in spans)  # overlapped F&B pairs
+    assert chrome_trace(traces) == json.loads(path.read_text())
