@@ -73,7 +73,9 @@ class PipelineStepResult:
         loss, lm_loss, mtp_loss, balance_loss: the step's mean loss terms (sum over
             micro-batches of term / n_micro), equal to the single-process ones.
         load: [n_moe_layers, N_r] tokens per expert summed over the step (all stages), or None.
-        trace: this device's executed ops with times.
+        trace: this device's executed ops with times (seconds since ``t0``).
+        t0: ``time.perf_counter()`` when the step began (a system-wide monotonic clock on Linux,
+            so traces of processes on one machine share one time axis).
     """
 
     loss: float
@@ -82,6 +84,7 @@ class PipelineStepResult:
     balance_loss: float
     load: torch.Tensor | None
     trace: list[TraceEvent] = field(default_factory=list)
+    t0: float = 0.0
 
 
 _DONE = object()
@@ -306,6 +309,11 @@ class PipelineRuntime:
                 trace.append(TraceEvent(op, start, time.perf_counter() - t0))
                 continue
             flush()
+            for part in op.parts():  # wait for received inputs outside the op's own time
+                k = ("act", part.microbatch, part.stage) if part.kind == F else ("grad", part.microbatch, part.stage)
+                if isinstance(data.get(k), tuple):
+                    data[k] = take(k)
+            start = time.perf_counter() - t0
             if op.kind == F:
                 for _ in forward(op.microbatch, op.stage):
                     pass
@@ -332,7 +340,9 @@ class PipelineRuntime:
         if records or data or len(self.store):
             raise RuntimeError(f"pipeline step ended with work left: {len(records)} forwards without backward, "
                                f"{len(data)} unused messages, {len(self.store)} weight-gradient groups.")
-        return self._finish(sums, loads, trace)
+        result = self._finish(sums, loads, trace)
+        result.t0 = t0
+        return result
 
     # ------------------------------------------------------------------ reductions
     def _finish(self, sums, loads, trace) -> PipelineStepResult:
