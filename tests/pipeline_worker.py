@@ -92,6 +92,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
 
         from dsv3.errors import ConfigError
         from dsv3.parallel.pipeline.executor import PipelineRuntime
+        from dsv3.parallel.pipeline.train import pipeline_train_step, write_step_trace
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
@@ -114,14 +115,19 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
             opt = optimizer(rt.owned_parameters())
             losses, traces = [], []
             for step in range(job["steps"]):
-                res = rt.step(batches(step, job["n_micro"]), schedule=custom)
-                rt.clip_grad_norm(1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if res.load is not None:
+                if custom is None:
+                    stats = pipeline_train_step(rt, batches(step, job["n_micro"]), opt, grad_clip=1.0)
+                    res = stats.result
+                else:
+                    res = rt.step(batches(step, job["n_micro"]), schedule=custom)
+                    rt.clip_grad_norm(1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
                     model.update_router_bias(res.load)
                 losses.append(res.loss)
                 traces.append([e.op for e in res.trace])
+            if job.get("trace_path"):
+                write_step_trace(job["trace_path"], rt, res)
             params = dict(model.named_parameters())
             results.append((losses, {n: params[n].detach().numpy().copy() for n in rt.owned}, traces))
         queue.put((rank, results, None))

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from dsv3.errors import ConfigError
 from dsv3.parallel.pipeline.executor import TraceEvent, check_layout, chrome_trace, write_chrome_trace
 from dsv3.parallel.pipeline.schedules import FB, ScheduleError, build_schedule, validate_schedule
+from dsv3.parallel.pipeline.train import check_pipeline_layout, pipeline_microbatches
 from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageRecord, stage_layers
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
 from pipeline_worker import SEQ, batches, build_model, fb_as_f_then_b, reference, run_jobs, swapped_recvs
@@ -62,19 +63,22 @@ def _spawn(world: int, jobs: list[dict], timeout: float = 150.0):
 
 
 @pytest.fixture(scope="module")
-def pp_runs():
+def pp_runs(tmp_path_factory):
     """Every job of JOBS on 2 gloo processes (one spawn for all), and the single-process reference."""
-    return _spawn(2, JOBS), reference(STEPS, N_MICRO, LAYERS)
+    jobs = [dict(j) for j in JOBS]
+    jobs[3]["trace_path"] = str(tmp_path_factory.mktemp("trace") / "dualpipev.json")
+    return _spawn(2, jobs), reference(STEPS, N_MICRO, LAYERS), jobs[3]["trace_path"]
 
 
 # ---------------------------------------------------------------------- distributed equality
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("job", range(4), ids=[f"{j['schedule']}-pp{j['pp']}" for j in JOBS[:4]])
 def test_pipeline_equals_one_process(pp_runs, job):
     """Per-step losses and final parameters of PP2 1F1B/ZB1P/DualPipe and 4-stage DualPipeV equal one process."""
-    runs, (ref_losses, ref_params) = pp_runs
+    runs, (ref_losses, ref_params), _ = pp_runs
     held = set()
     for rank in (0, 1):
         losses, params, _ = runs[rank][job]
@@ -85,21 +89,23 @@ def test_pipeline_equals_one_process(pp_runs, job):
     assert held == set(ref_params)  # together the ranks hold (and trained) every parameter
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("job", range(4), ids=[f"{j['schedule']}-pp{j['pp']}" for j in JOBS[:4]])
 def test_executed_trace_is_the_schedule(pp_runs, job):
     """Each rank executes exactly its op list of the schedule, SEND/RECV included, every step."""
-    runs, _ = pp_runs
+    runs, _, _ = pp_runs
     schedule = build_schedule(JOBS[job]["schedule"], JOBS[job]["pp"], N_MICRO)
     for rank in (0, 1):
         for trace in runs[rank][job][2]:
             assert trace == list(schedule.ops[rank])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_fb_op_equals_f_then_b(pp_runs):
     """DualPipe with every overlapped FB replaced by its F then its BW gives bit-identical results."""
-    runs, _ = pp_runs
+    runs, _, _ = pp_runs
     for rank in (0, 1):
         fb_losses, fb_params, fb_traces = runs[rank][2]
         seq_losses, seq_params, seq_traces = runs[rank][4]
@@ -109,16 +115,44 @@ def test_fb_op_equals_f_then_b(pp_runs):
             np.testing.assert_array_equal(fb_params[name], seq_params[name], err_msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_swapped_op_list_is_rejected_before_it_runs(pp_runs):
     """Every rank rejects the out-of-order op list (before any message, so nothing hangs)."""
-    runs, _ = pp_runs
+    runs, _, _ = pp_runs
     for rank in (0, 1):
         message = runs[rank][5]
         assert "another order" in message and "\n" not in message
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_trace_file_is_a_two_device_timeline(pp_runs):
+    """``--trace`` output: every compute op of both devices of the last step, on one time axis."""
+    _, _, path = pp_runs
+    events = json.loads(open(path).read())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    schedule = build_schedule("dualpipev", 4, N_MICRO)
+    for d in (0, 1):
+        assert [e["name"] for e in spans if e["tid"] == d] == [
+            f"F{op.microbatch}&B{op.b_microbatch}" if op.kind == FB else f"{op.kind}{op.microbatch}"
+            for op in schedule.compute_ops(d)]
+    first = {d: min(e["ts"] for e in spans if e["tid"] == d) for d in (0, 1)}
+    assert 0.0 <= min(first.values()) and max(first.values()) < 5e6  # one clock: both start within 5 s
+
+
 # ---------------------------------------------------------------------- single process
+
+
+def test_pipeline_microbatches_and_layout_errors():
+    assert pipeline_microbatches(16, 2, 2) == 4
+    with pytest.raises(ConfigError, match="not a multiple"):
+        pipeline_microbatches(10, 4, 1)
+    assert check_pipeline_layout(4, pp=4, schedule="dualpipev", global_batch=16, micro_batch=2, world_size=4) == 4
+    with pytest.raises(ConfigError, match="do not factor"):
+        check_pipeline_layout(4, pp=2, schedule="1f1b", global_batch=8, micro_batch=2, world_size=3)
+    with pytest.raises(ConfigError, match="micro-batches >= 4"):  # 8 / (2 x dp 2) = 2 < pp
+        check_pipeline_layout(4, pp=4, schedule="dualpipev", global_batch=8, micro_batch=2, world_size=4)
 
 
 def test_swapped_recvs_fail_validation():

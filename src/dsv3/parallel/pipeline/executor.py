@@ -372,23 +372,28 @@ class PipelineRuntime:
         return PipelineStepResult(loss=lm + mtp + bal, lm_loss=lm, mtp_loss=mtp, balance_loss=bal, load=load, trace=trace)
 
     def grad_norm(self) -> torch.Tensor:
-        """The global gradient L2 norm over all stages (each parameter counted once)."""
+        """The global gradient L2 norm over all stages (each parameter counted once; FP32, 0-dim)."""
         params = dict(self.model.named_parameters())
-        sq = torch.zeros((), dtype=torch.float32)
-        for n in self.norm_owned:
-            if params[n].grad is not None:
-                sq = sq + params[n].grad.detach().float().pow(2).sum()
+        grads = [params[n].grad for n in self.norm_owned if params[n].grad is not None]
+        device = self.model.model.embed_tokens.weight.device
+        sq = torch.zeros((), dtype=torch.float32, device=device)
+        for g in grads:
+            sq = sq + g.detach().float().pow(2).sum()
         dist.all_reduce(sq, group=self.group)
         return sq.sqrt()
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Scale the held gradients so that the global norm is at most ``max_norm``; returns the norm before."""
+    def clip_grad_norm(self, max_norm: float | None) -> torch.Tensor:
+        """:func:`dsv3.train.optim.clip_grad_norm` over the whole pipeline: scale the held gradients so
+        that the global norm is at most ``max_norm`` (``None``/``<= 0``: only measure) and return the
+        norm before; a non-finite norm leaves the gradients untouched (the caller skips the step)."""
         norm = self.grad_norm()
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        params = dict(self.model.named_parameters())
-        for n in self.owned:
-            if params[n].grad is not None:
-                params[n].grad.mul_(coef.to(params[n].grad.dtype))
+        if max_norm is not None and max_norm > 0:
+            scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            scale = torch.where(torch.isfinite(norm), scale, torch.ones_like(scale))
+            params = dict(self.model.named_parameters())
+            for n in self.owned:
+                if params[n].grad is not None:
+                    params[n].grad.mul_(scale.to(params[n].grad.dtype))
         return norm
 
     def owned_parameters(self) -> list[nn.Parameter]:
