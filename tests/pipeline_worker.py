@@ -134,3 +134,42 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
         dist.destroy_process_group()
     except BaseException:  # report, do not hang the parent
         queue.put((rank, None, traceback.format_exc()))
+
+
+def session_losses(opts: dict, steps: int, pp: int | None = None, schedule: str | None = None):
+    """Train ``steps`` steps through dsv3.train.session (``train_step``); with ``pp``, through a pipeline.
+    Returns per-step losses and the whole model's parameters (synchronised from their holders)."""
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.session import build_session, train_step
+
+    session = build_session(TrainConfig(**opts), write=False, prefetch=False)
+    if pp is not None:
+        from dsv3.parallel.pipeline.train import attach_pipeline
+
+        attach_pipeline(session, pp=pp, schedule=schedule)
+    losses = []
+    for _ in range(steps):
+        session.begin_step()
+        batch, _ = session.next_batches()
+        losses.append(train_step(session, batch).loss)
+        session.step += 1
+    if pp is not None:
+        session.pipeline.sync_parameters()
+    params = {n: p.detach().numpy().copy() for n, p in session.model.named_parameters()}
+    session.close()
+    return losses, params
+
+
+def run_session(rank: int, world: int, port: int, opts: dict, steps: int, pp: int, schedule: str, queue) -> None:
+    """One process of a pipelined training session; puts (rank, (losses, params), error) on ``queue``."""
+    try:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        queue.put((rank, session_losses(opts, steps, pp, schedule), None))
+        dist.destroy_process_group()
+    except BaseException:
+        queue.put((rank, None, traceback.format_exc()))

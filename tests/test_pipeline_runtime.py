@@ -22,7 +22,8 @@ from dsv3.parallel.pipeline.schedules import FB, ScheduleError, build_schedule, 
 from dsv3.parallel.pipeline.train import check_pipeline_layout, pipeline_microbatches
 from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageRecord, stage_layers
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
-from pipeline_worker import SEQ, batches, build_model, fb_as_f_then_b, reference, run_jobs, swapped_recvs
+from pipeline_worker import (SEQ, batches, build_model, fb_as_f_then_b, reference, run_jobs, run_session,
+                             session_losses, swapped_recvs)
 
 N_MICRO, STEPS, LAYERS = 4, 2, 4
 JOBS = [
@@ -43,11 +44,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(world: int, jobs: list[dict], timeout: float = 150.0):
+def _spawn(world: int, jobs: list[dict], timeout: float = 150.0, target=run_jobs, args=None):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=run_jobs, args=(r, world, port, jobs, queue), daemon=True) for r in range(world)]
+    args = (jobs,) if args is None else args
+    procs = [ctx.Process(target=target, args=(r, world, port, *args, queue), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     try:
@@ -139,6 +141,24 @@ def test_trace_file_is_a_two_device_timeline(pp_runs):
             for op in schedule.compute_ops(d)]
     first = {d: min(e["ts"] for e in spans if e["tid"] == d) for d in (0, 1)}
     assert 0.0 <= min(first.values()) and max(first.values()) < 5e6  # one clock: both start within 5 s
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_train_step_through_a_pipeline_equals_one_process(train_setup, tmp_path):
+    """dsv3.train.session.train_step with a pipeline attached (2 processes, DualPipe) gives the single
+    process's per-step losses, and after sync_parameters every rank holds the single process's model."""
+    from helpers import quick_options
+
+    opts = quick_options(train_setup, tmp_path / "run", micro_batch=2, global_batch=8)
+    ref_losses, ref_params = session_losses(opts, 3)  # also builds the token caches before the spawn
+    runs = _spawn(2, [], target=run_session, args=(opts, 3, 2, "dualpipe"))
+    for rank in (0, 1):
+        losses, params = runs[rank]
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+        assert params.keys() == ref_params.keys()
+        for name in params:
+            np.testing.assert_allclose(params[name], ref_params[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 # ---------------------------------------------------------------------- single process

@@ -161,6 +161,7 @@ class PipelineRuntime:
                     split_weight_grads(module, self.store)
         self._build_groups(pipelines, all_stages)
         self._schedules: dict[int, Schedule] = {}
+        self.trace_path: str | None = None
 
     # ------------------------------------------------------------------ groups
     def _build_groups(self, pipelines: list[list[int]], all_stages: list[PipelineStage]) -> None:
@@ -173,6 +174,7 @@ class PipelineRuntime:
             for s in stages:
                 for name in all_stages[s].parameter_names():
                     holders[name].add(d)
+        self.holders = {n: tuple(sorted(ds)) for n, ds in holders.items()}
         self.owned = sorted(n for n, ds in holders.items() if self.device in ds)
         by_set: dict[tuple[int, ...], list[str]] = defaultdict(list)
         for name in sorted(holders):
@@ -395,6 +397,24 @@ class PipelineRuntime:
                 if params[n].grad is not None:
                     params[n].grad.mul_(scale.to(params[n].grad.dtype))
         return norm
+
+    @torch.no_grad()
+    def sync_parameters(self) -> None:
+        """Broadcast every parameter from the lowest device holding it, so that every device's model is
+        the whole trained model (before evaluation, sampling, export or a single-file checkpoint)."""
+        params = dict(self.model.named_parameters())
+        by_src: dict[int, list[str]] = defaultdict(list)
+        for name in sorted(self.holders):
+            by_src[self.holders[name][0]].append(name)
+        for src in sorted(by_src):
+            names = by_src[src]
+            flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+            dist.broadcast(flat, self.ranks[src], group=self.group)
+            offset = 0
+            for n in names:
+                p = params[n]
+                p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
 
     def owned_parameters(self) -> list[nn.Parameter]:
         """The parameters this device holds (give these to the optimizer)."""

@@ -73,6 +73,8 @@ def pipeline_train_step(runtime: PipelineRuntime, batches: list[tuple[torch.Tens
                         ema=None) -> PipelineStepStats:
     """Run one training step through the pipeline (see the module docstring)."""
     res = runtime.step(batches)
+    if getattr(runtime, "trace_path", None):
+        write_step_trace(runtime.trace_path, runtime, res)
     norm = runtime.clip_grad_norm(grad_clip)
     skipped = not (math.isfinite(res.loss) and bool(torch.isfinite(norm)))
     if skipped:
@@ -104,3 +106,22 @@ def write_step_trace(path: str, runtime: PipelineRuntime, result: PipelineStepRe
     traces = gather_traces(runtime, result)
     if traces is not None:
         write_chrome_trace(path, traces)
+
+
+def attach_pipeline(session, *, pp: int, schedule: str, trace_path: str | None = None) -> PipelineRuntime:
+    """Make a built training session (:func:`dsv3.train.session.build_session`) step through a pipeline.
+
+    Every process of the (torchrun-launched) world calls this with the same arguments after
+    building its session; ``train_step`` then runs each step's micro-batches through the
+    schedule. Call :func:`check_pipeline_layout` before ``build_session`` so that a bad layout
+    fails before anything is written. ``trace_path``: write each step's timeline there (``--trace``).
+    """
+    if not dist.is_initialized():
+        raise ConfigError("pipeline parallelism needs a process group; launch with torchrun --nproc-per-node N.")
+    c = session.config
+    check_pipeline_layout(session.mcfg.num_hidden_layers, pp=pp, schedule=schedule, global_batch=c.global_batch,
+                          micro_batch=c.micro_batch, world_size=dist.get_world_size())
+    runtime = PipelineRuntime(session.model, schedule, pp, seq_len=c.seq_len)
+    runtime.trace_path = trace_path
+    session.pipeline = runtime
+    return runtime
