@@ -288,9 +288,16 @@ def _micro(model, step):
     return MicroBatch(ids, labels, cos.unsqueeze(0), sin.unsqueeze(0), 0.5)
 
 
-def test_stage_forward_backward_equals_the_model():
-    """One whole-model stage, run step by step, gives the model's loss and gradients (pp=1)."""
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+def test_stage_forward_backward_equals_the_model(recompute):
+    """One whole-model stage, run step by step with deferred weight gradients (a B op, then its W),
+    gives the plain model's loss, loads and gradients (pp=1), under every recomputation policy."""
+    from dsv3.memory.recompute import apply_recompute
+
     plain, model = build_model(2), build_model(2)
+    apply_recompute(model, recompute)
+    store = WeightGradStore()
+    split_weight_grads(model, store)
     mb = _micro(model, 0)
     out = plain(mb.ids, mb.labels)
     (out.loss * 0.5).backward()
@@ -303,8 +310,13 @@ def test_stage_forward_backward_equals_the_model():
     torch.testing.assert_close(rec.parts[1], out.mtp_loss)
     torch.testing.assert_close(rec.parts[2], out.balance_loss)
     assert torch.equal(torch.stack([rec.loads[i] for i in sorted(rec.loads)]), out.expert_load)
-    for _ in stage.backward_steps(rec, None, 0.5):
-        pass
+    with store.deferring():
+        for _ in stage.backward_steps(rec, None, 0.5):
+            pass
+    store.flush(0)
+    assert rec.output is None and not rec.steps  # the first stage has no input gradient
+    assert model.model.layers[0].self_attn.o_proj.weight.grad is None  # deferred to W
+    store.pop(0)
     ref, got = _grads(plain), _grads(model)
     assert ref.keys() == got.keys()
     for name in ref:

@@ -7,8 +7,8 @@ its own, it calls the model's submodules (the model file is untouched):
 * stage 0 starts with the embedding ``Emb(t)``;
 * every stage runs its decoder layers, each as two *steps*, attention
   ``h = x + MLA(RMSNorm(x))`` and feed-forward ``out = h + FFN(RMSNorm(h))``
-  (:meth:`DecoderLayer.attention` / :meth:`DecoderLayer.ffn`, so recomputation
-  policies apply);
+  (:meth:`DecoderLayer.attention` / :meth:`DecoderLayer.ffn`, so selective
+  recomputation applies; a block under full recomputation is one step);
 * the last stage ends with the *head* step: final norm, output-head loss
   L_Main and the MTP modules' loss (which need ``Emb`` of the labels' tokens,
   so the last stage uses the embedding too).
@@ -158,6 +158,11 @@ class PipelineStage:
             h = x.detach().requires_grad_(True)
         for i in self.layer_ids:
             layer = m.model.layers[i]
+            if getattr(layer, "recompute_policy", "none") == "full":  # the policy wraps the whole block
+                inp = h
+                h = keep(inp, layer(inp, mb.cos, mb.sin), self._moe_stats(layer.mlp, rec))
+                yield
+                continue
             inp = h
             h = keep(inp, inp + layer.attention(inp, mb.cos, mb.sin))
             yield
