@@ -39,7 +39,7 @@ def reference(steps: int, n_micro: int, layers: int = 4, **changes):
     model = build_model(layers, **changes)
     model.train()
     opt = optimizer(list(model.parameters()))
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         load, total = None, 0.0
         for ids, labels in batches(step, n_micro):
@@ -48,13 +48,13 @@ def reference(steps: int, n_micro: int, layers: int = 4, **changes):
             total += float(out.loss.detach()) / n_micro
             if out.expert_load is not None:
                 load = out.expert_load if load is None else load + out.expert_load
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if load is not None:
             model.update_router_bias(load)
         losses.append(total)
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, norms
 
 
 def swapped_recvs(schedule):
@@ -113,11 +113,12 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
                     results.append(str(e))
                 continue
             opt = optimizer(rt.owned_parameters())
-            losses, traces = [], []
+            losses, traces, norms = [], [], []
             for step in range(job["steps"]):
                 if custom is None:
                     stats = pipeline_train_step(rt, batches(step, job["n_micro"]), opt, grad_clip=1.0)
                     res = stats.result
+                    norms.append(stats.grad_norm)
                 else:
                     res = rt.step(batches(step, job["n_micro"]), schedule=custom)
                     rt.clip_grad_norm(1.0)
@@ -129,7 +130,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
             if job.get("trace_path"):
                 write_step_trace(job["trace_path"], rt, res)
             params = dict(model.named_parameters())
-            results.append((losses, {n: params[n].detach().numpy().copy() for n in rt.owned}, traces))
+            results.append((losses, {n: params[n].detach().numpy().copy() for n in rt.owned}, traces, norms))
         queue.put((rank, results, None))
         dist.destroy_process_group()
     except BaseException:  # report, do not hang the parent

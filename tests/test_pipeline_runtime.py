@@ -80,11 +80,13 @@ def pp_runs(tmp_path_factory):
 @pytest.mark.parametrize("job", range(4), ids=[f"{j['schedule']}-pp{j['pp']}" for j in JOBS[:4]])
 def test_pipeline_equals_one_process(pp_runs, job):
     """Per-step losses and final parameters of PP2 1F1B/ZB1P/DualPipe and 4-stage DualPipeV equal one process."""
-    runs, (ref_losses, ref_params), _ = pp_runs
+    runs, (ref_losses, ref_params, ref_norms), _ = pp_runs
     held = set()
+    assert min(ref_norms) > 1.0  # clipping is active, so the global norm over the stages matters
     for rank in (0, 1):
-        losses, params, _ = runs[rank][job]
+        losses, params, _, norms = runs[rank][job]
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
         for name, value in params.items():
             np.testing.assert_allclose(value, ref_params[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
         held |= set(params)
@@ -109,8 +111,8 @@ def test_fb_op_equals_f_then_b(pp_runs):
     """DualPipe with every overlapped FB replaced by its F then its BW gives bit-identical results."""
     runs, _, _ = pp_runs
     for rank in (0, 1):
-        fb_losses, fb_params, fb_traces = runs[rank][2]
-        seq_losses, seq_params, seq_traces = runs[rank][4]
+        fb_losses, fb_params, fb_traces, _ = runs[rank][2]
+        seq_losses, seq_params, seq_traces, _ = runs[rank][4]
         assert any(op.kind == FB for op in fb_traces[0]) and not any(op.kind == FB for op in seq_traces[0])
         assert fb_losses == seq_losses
         for name in fb_params:
