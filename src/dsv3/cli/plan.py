@@ -55,7 +55,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--efficiency", type=float, default=0.5, help="assumed fraction of peak the GEMMs reach (0.5)")
     p.add_argument("--nvlink-gbps", type=float, default=160.0, help="GB/s per GPU inside a node (160, the report's H800)")
     p.add_argument("--ib-gbps", type=float, default=50.0, help="GB/s per GPU between nodes (50)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (8)")
     p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GiB, to check the fit")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -84,7 +84,7 @@ def register(subparsers) -> None:
     tp = p.add_mutually_exclusive_group()
     tp.add_argument("--mfu", type=float, default=None, help="assumed model FLOPs utilisation, e.g. 0.4")
     tp.add_argument("--tokens-per-s-per-gpu", type=float, default=None, help="measured throughput")
-    p.add_argument("--price-per-gpu-hour", type=float, default=None)
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour, for the cost")
     p.set_defaults(func=run)
 
     sub = p.add_subparsers(dest="plan_command", metavar="{schedule,search}", parser_class=type(p))
@@ -93,21 +93,21 @@ def register(subparsers) -> None:
                        allow_abbrev=False)
     s.add_argument("--schedule", required=True, help="1f1b, zb1p, dualpipe or dualpipev")
     s.add_argument("--pp", type=int, required=True, help="pipeline stages (DualPipeV runs them on pp/2 devices)")
-    s.add_argument("--microbatches", type=int, required=True)
+    s.add_argument("--microbatches", type=int, required=True, help="micro-batches per step")
     s.add_argument("--f", type=float, default=1.0, help="forward time of one stage and micro-batch")
     s.add_argument("--b", type=float, default=2.0, help="full backward time (inputs + weights)")
     s.add_argument("--w", type=float, default=1.0, help="weight-gradient part of --b")
     s.add_argument("--fb", type=float, default=None, help="overlapped forward+backward pair (default f + b)")
     s.add_argument("--comm", type=float, default=0.0, help="point-to-point latency")
     s.add_argument("--plot", default=None, help="write the timeline to this PNG")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(func=run_schedule)
 
     q = sub.add_parser("search", help="list the layouts of N GPUs that fit, ranked by estimated step time",
                        description="Try every layout of --gpus GPUs; list those that fit, fastest first, and why the rest fail.",
                        allow_abbrev=False)
     _add_model_args(q)
-    q.add_argument("--gpus", type=int, required=True)
+    q.add_argument("--gpus", type=int, required=True, help="GPUs to lay out")
     for name, what in (("--pp", "pipeline stages"), ("--tp", "TP sizes"), ("--ep", "EP sizes"), ("--etp", "ETP sizes"),
                        ("--zero", "ZeRO stages (default 1)")):
         q.add_argument(name, default=None, help=f"{what} to try, comma-separated (default: all that apply)")
@@ -158,7 +158,7 @@ def _causal(args) -> bool:
 
 
 def _common(args, cfg) -> dict:
-    from dsv3.plan.precision import parse_size
+    from dsv3.utils.size import parse_size
 
     seq_len = args.seq_len if args.seq_len is not None else min(4096, cfg.max_position_embeddings)
     return dict(
@@ -246,7 +246,7 @@ def run_schedule(args) -> int:
 
 
 def run_search(args) -> int:
-    from dsv3.plan.precision import parse_size
+    from dsv3.utils.size import parse_size
     from dsv3.plan.report import render_search, search_json
     from dsv3.plan.search import search
 

@@ -227,8 +227,9 @@ class TrainingSession:
     def measure(self, steps: int = 3) -> MemoryReport:
         """:func:`measure_training` on this session, with the config's options recorded."""
         report = measure_training(self.name, self.model, self.optimizer, self.batches, ema=self.ema, steps=steps)
-        report.options = {k: getattr(self.config, k) for k in ("model", "seq_len", "micro_batch", "recompute", "fp8",
-                                                                "optim_states", "ema_decay", "dtype")}
+        flat = self.config.to_flat_dict()
+        report.options = {k: flat[k] for k in ("model", "seq_len", "micro_batch", "recompute", "fp8", "optim_states",
+                                               "ema_decay", "dtype")}
         return report
 
     def step(self) -> float:
@@ -258,7 +259,7 @@ def prepare_config(config, name: str | None = None) -> TrainingSession:
     """
     from dsv3.train.session import build_session
 
-    return TrainingSession(name or config.model, build_session(config, write=False, prefetch=False))
+    return TrainingSession(name or config.model.name, build_session(config, write=False, prefetch=False))
 
 
 def measure_config(config, *, steps: int = 3, name: str | None = None) -> MemoryReport:

@@ -120,37 +120,38 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
         f"{s.data.summary()}")
     # MFU: model FLOPs per token from the planner's formula (checked against torch's FLOP counter),
     # over the device's peak for the parameter dtype.
-    flops_per_token = training_flops_per_token(s.mcfg, config.seq_len)
-    peak_flops, _ = device_peak_flops(s.device, getattr(torch, config.dtype))
-    metrics = MetricsLogger(run_dir, tensorboard=config.tensorboard, start_step=s.step)
-    progress = ProgressBar(config.steps, initial=s.step, mode="auto" if config.progress else "off")
+    flops_per_token = training_flops_per_token(s.mcfg, config.data.seq_len)
+    peak_flops, _ = device_peak_flops(s.device, getattr(torch, config.precision.dtype))
+    metrics = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, start_step=s.step)
+    progress = ProgressBar(config.schedule.steps, initial=s.step, mode="auto" if config.logging.progress else "off")
     last_ckpt = s.checkpoint
     interrupted = False
 
     def checkpoint_now(at_step: int) -> str:
         return save_checkpoint(run_dir, at_step, model=model, optimizer=s.optimizer,
                                loader_state=s.prefetcher.state_after, tokenizer=s.tokenizer, ema=s.ema,
-                               keep_last=config.keep_last, extra={"nonfinite": s.nonfinite, "val_losses": s.val_losses})
+                               keep_last=config.checkpoint.keep_last,
+                               extra={"nonfinite": s.nonfinite, "val_losses": s.val_losses})
 
     def validate() -> float:
-        if s.ema is not None and config.use_ema:
+        micro_batch, max_batches = config.data.micro_batch, config.logging.eval_batches
+        if s.ema is not None and config.memory.use_ema:
             with s.ema.applied(model):
-                return evaluate(model, s.data, micro_batch=config.micro_batch, max_batches=config.eval_batches,
-                                device=s.device)
-        return evaluate(model, s.data, micro_batch=config.micro_batch, max_batches=config.eval_batches,
-                        device=s.device)
+                return evaluate(model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
+        return evaluate(model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
 
     try:
         with _StopFlag() as stop:
             if s.step == 0 and not s.val_losses and s.data.val is not None:
                 s.val_losses.append((0, validate()))
                 metrics.log({"step": 0, "val_loss": s.val_losses[-1][1]})
-            while s.step < config.steps:
+            while s.step < config.schedule.steps:
                 t0 = time.perf_counter()
                 lr, gamma = s.begin_step()
                 batches, _ = s.next_batches()
                 stats = train_step(s, batches, gamma=gamma)
-                record: dict[str, Any] = {"step": s.step + 1, "lr": lr, "batch_size": len(batches) * config.micro_batch}
+                record: dict[str, Any] = {"step": s.step + 1, "lr": lr,
+                                          "batch_size": len(batches) * config.data.micro_batch}
                 s.step += 1
                 if stats.skipped:
                     s.nonfinite += 1
@@ -158,7 +159,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                     metrics.log(record)
                     log(f"step {s.step}: non-finite loss or gradient ({stats.loss}); step skipped "
                         f"({s.nonfinite} in a row)")
-                    if s.nonfinite >= config.max_nonfinite:
+                    if s.nonfinite >= config.run.max_nonfinite:
                         raise TrainingError(
                             f"{s.nonfinite} non-finite losses in a row at step {s.step}; stopping. The last good "
                             f"checkpoint is {last_ckpt or 'none (no checkpoint was written yet)'}; lower --lr or "
@@ -170,12 +171,13 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                 record.update(loss=stats.loss, lm_loss=stats.lm_loss, mtp_loss=stats.mtp_loss,
                               balance_loss=stats.balance_loss, grad_norm=stats.grad_norm,
                               tokens_per_s=stats.tokens / dt, step_time=dt,
-                              tokens=s.prefetcher.sequences_after * config.seq_len,
+                              tokens=s.prefetcher.sequences_after * config.data.seq_len,
                               loss_tokens=stats.loss_tokens, tflops=achieved / 1e12, mfu=achieved / peak_flops,
                               maxvio=maxvio(stats.load) if stats.load is not None else 0.0, **peak_memory(s.device))
-                if stats.load is not None and (s.step % config.load_every == 0 or s.step == 1):
+                if stats.load is not None and (s.step % config.logging.load_every == 0 or s.step == 1):
                     record["expert_load"] = stats.load.tolist()
-                if s.data.val is not None and (s.step % config.eval_every == 0 or s.step == config.steps):
+                last = s.step == config.schedule.steps
+                if s.data.val is not None and (s.step % config.logging.eval_every == 0 or last):
                     s.val_losses.append((s.step, validate()))
                     record["val_loss"] = s.val_losses[-1][1]
                 metrics.log(record)
@@ -183,7 +185,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                                 lr=lr, mfu=record["mfu"], memory_gib=record["peak_memory_gib"])
                 if "val_loss" in record:
                     progress.write(f"step {s.step}: val_loss {record['val_loss']:.4f} (LM loss on held-out data)")
-                if s.step % config.save_every == 0 or s.step == config.steps or stop.requested:
+                if s.step % config.checkpoint.save_every == 0 or last or stop.requested:
                     last_ckpt = checkpoint_now(s.step)
                 if step_hook is not None:
                     step_hook(s.step)
@@ -198,11 +200,12 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
         s.close()
 
     sample = None
-    if s.tokenizer is not None and not interrupted and config.sample_tokens > 0:
+    if s.tokenizer is not None and not interrupted and config.logging.sample_tokens > 0:
         from dsv3.infer.generate import generate_text
         from dsv3.train.tokenizer import eos_token_id
 
-        sample = generate_text(model, s.tokenizer, config.sample_prompt, max_new_tokens=config.sample_tokens,
-                               temperature=0.8, top_p=0.95, seed=config.seed, eos_id=eos_token_id(s.tokenizer))
+        sample = generate_text(model, s.tokenizer, config.logging.sample_prompt,
+                               max_new_tokens=config.logging.sample_tokens,
+                               temperature=0.8, top_p=0.95, seed=config.run.seed, eos_id=eos_token_id(s.tokenizer))
     return TrainResult(run_dir=run_dir, step=s.step, checkpoint=last_ckpt, val_losses=s.val_losses, sample=sample,
                        interrupted=interrupted, wall_time=time.time() - started)

@@ -41,20 +41,20 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids [b, T], labels [b, T])
 # ----------------------------------------------------------------------------- building blocks
 def resolve_device(config: TrainConfig) -> torch.device:
     """The run's device: ``auto`` is CUDA when available, else CPU."""
-    if config.device == "auto":
+    if config.parallel.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
+    if config.parallel.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(config.device)
+    return torch.device(config.parallel.device)
 
 
 def prepare_run_dir(config: TrainConfig, resume: str | None) -> str:
-    """Pick and check the run directory (``resume``, or a new or empty ``config.run_dir``)."""
+    """Pick and check the run directory (``resume``, or a new or empty ``config.run.dir``)."""
     if resume is not None:
         if not os.path.isfile(os.path.join(resume, CONFIG_FILE)):
             raise RunDirError(f"{resume} is not a dsv3 run directory (no {CONFIG_FILE}); check --resume")
         return resume
-    run_dir = config.run_dir or config.default_run_dir()
+    run_dir = config.run.dir or config.default_run_dir()
     if os.path.exists(run_dir):
         if not os.path.isdir(run_dir):
             raise RunDirError(f"run directory {run_dir} exists and is not a directory; choose another --run-dir")
@@ -69,15 +69,15 @@ def prepare_run_dir(config: TrainConfig, resume: str | None) -> str:
 def resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
     """The saved config of ``run_dir`` with ``overrides`` (e.g. a larger ``steps``) applied."""
     config = load_train_config(os.path.join(run_dir, CONFIG_FILE), overrides)
-    config.run_dir = run_dir
+    config.run.dir = run_dir
     return config
 
 
 def model_config_for(config: TrainConfig) -> ModelConfig:
     """The model configuration of the run, with the recipe knobs of the train config applied."""
-    mcfg = resolve_model_config(config.init_from or config.model)
-    changes = {k: getattr(config, k) for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
-               if getattr(config, k) is not None}
+    mcfg = resolve_model_config(config.model.init_from or config.model.name)
+    changes = {k: getattr(config.moe, k) for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
+               if getattr(config.moe, k) is not None}
     return mcfg.replace(**changes) if changes else mcfg
 
 
@@ -85,25 +85,25 @@ def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
     """Build (or load) the model and apply the configured transformations (FP8, recomputation)."""
     from dsv3.model import DeepseekV3ForCausalLM
 
-    torch.manual_seed(config.seed)
-    if config.init_from:
+    torch.manual_seed(config.run.seed)
+    if config.model.init_from:
         from dsv3.checkpoint.hf import from_pretrained
 
-        model = from_pretrained(config.init_from, device=device)
+        model = from_pretrained(config.model.init_from, device=device)
         model.config = mcfg
     else:
         with torch.device(device):
             model = DeepseekV3ForCausalLM(mcfg)
-    model.to(getattr(torch, config.dtype))
-    if config.fp8:
+    model.to(getattr(torch, config.precision.dtype))
+    if config.precision.fp8:
         from dsv3.fp8 import FP8Recipe, convert
 
-        convert(model, FP8Recipe(backend=config.fp8_backend, scale_format=config.fp8_scale_format,
-                                 fp8_gemm=config.fp8_gemm))
-    if config.recompute != "none":
+        prec = config.precision
+        convert(model, FP8Recipe(backend=prec.fp8_backend, scale_format=prec.fp8_scale_format, fp8_gemm=prec.fp8_gemm))
+    if config.memory.recompute != "none":
         from dsv3.memory.recompute import apply_recompute
 
-        apply_recompute(model, config.recompute)
+        apply_recompute(model, config.memory.recompute)
     return model
 
 
@@ -114,17 +114,18 @@ def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
     saved = os.path.join(run_dir, "tokenizer.json")
     if run_dir and os.path.isfile(saved):
         return get_tokenizer(saved, vocab_size=vocab_size)
-    if config.tokenizer is not None:
-        return get_tokenizer(config.tokenizer, vocab_size=vocab_size)
-    if config.data is None:
+    if config.data.tokenizer is not None:
+        return get_tokenizer(config.data.tokenizer, vocab_size=vocab_size)
+    if config.data.path is None:
         return get_tokenizer(None, vocab_size=vocab_size)
-    if (config.data_format or "") == "bin" or str(config.data).endswith(".bin"):
+    if (config.data.format or "") == "bin" or str(config.data.path).endswith(".bin"):
         return None  # pre-tokenised: no tokenizer needed (no text sample at the end)
     from dsv3.train.data import resolve_source
 
-    source = resolve_source(config.data, format=config.data_format, field=config.data_field, glob=config.data_glob)
+    d = config.data
+    source = resolve_source(d.path, format=d.format, field=d.field, glob=d.glob)
     if source.kind != "text":
-        raise DataError(f"{config.data} is {source.kind}; pass --tokenizer with a tokenizer.json for it "
+        raise DataError(f"{config.data.path} is {source.kind}; pass --tokenizer with a tokenizer.json for it "
                         f"(a BPE is trained automatically only on plain-text corpora)")
     return get_tokenizer(None, vocab_size=vocab_size, files=source.files)
 
@@ -133,13 +134,13 @@ def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig):
     """The packed training and validation sequences of the run (checked: at least one micro-batch)."""
     from dsv3.train.data import build_data
 
-    data = build_data(config.data, tokenizer=tokenizer, seq_len=config.seq_len, vocab_size=mcfg.vocab_size,
-                      format=config.data_format, field=config.data_field, glob=config.data_glob,
-                      dtype=config.data_dtype, eos_token=config.eos_token, val_fraction=config.val_fraction,
-                      split_seed=config.seed)
-    if len(data.train) < config.micro_batch:
-        raise DataError(f"the corpus gives {len(data.train)} training sequences of {config.seq_len} tokens, fewer "
-                        f"than one micro-batch ({config.micro_batch}); use more data or a smaller --seq-len")
+    d = config.data
+    data = build_data(d.path, tokenizer=tokenizer, seq_len=d.seq_len, vocab_size=mcfg.vocab_size, format=d.format,
+                      field=d.field, glob=d.glob, dtype=d.dtype, eos_token=d.eos_token, val_fraction=d.val_fraction,
+                      split_seed=config.run.seed)
+    if len(data.train) < d.micro_batch:
+        raise DataError(f"the corpus gives {len(data.train)} training sequences of {d.seq_len} tokens, fewer "
+                        f"than one micro-batch ({config.data.micro_batch}); use more data or a smaller --seq-len")
     return data
 
 
@@ -255,7 +256,7 @@ class Session:
 
     def n_micro(self, step: int) -> int:
         """Micro-batches of optimizer step ``step`` (0-based; the batch ramp may change it)."""
-        return self.ramp.accumulation_steps(step, self.config.micro_batch)
+        return self.ramp.accumulation_steps(step, self.config.data.micro_batch)
 
     def begin_step(self) -> tuple[float, float]:
         """Set the learning rate, MTP weight lambda and bias speed gamma of step ``self.step``;
@@ -265,13 +266,13 @@ class Session:
         c = self.config
         lr = self.schedule.lr_at(self.step)
         set_lr(self.optimizer, lr)
-        self.model.config.mtp_loss_weight = _switch(self.lambda_early, c.mtp_loss_weight_late, c.mtp_switch,
-                                                    self.step, c.steps)
-        return lr, _switch(self.gamma_early, 0.0, c.bias_update_stop, self.step, c.steps)
+        self.model.config.mtp_loss_weight = _switch(self.lambda_early, c.moe.mtp_loss_weight_late,
+                                                    c.moe.mtp_switch, self.step, c.schedule.steps)
+        return lr, _switch(self.gamma_early, 0.0, c.moe.bias_update_stop, self.step, c.schedule.steps)
 
     def next_batches(self) -> tuple[list[Batch], dict]:
         """The micro-batches of step ``self.step`` and the loader state before them."""
-        following = self.n_micro(self.step + 1) if self.step + 1 < self.config.steps else None
+        following = self.n_micro(self.step + 1) if self.step + 1 < self.config.schedule.steps else None
         return self.prefetcher.get(self.n_micro(self.step), following)
 
     def close(self) -> None:
@@ -305,7 +306,7 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
         assert config is not None
         config.validate()
         run_dir = prepare_run_dir(config, None) if write else ""
-        config.run_dir = run_dir or config.run_dir
+        config.run.dir = run_dir or config.run.dir
         checkpoint = None
     device = resolve_device(config)
     saved_model_config = os.path.join(run_dir, MODEL_CONFIG_FILE)
@@ -339,20 +340,22 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     from dsv3.train.optim import build_optimizer
     from dsv3.train.schedule import BatchRamp, LRSchedule
 
-    optimizer = build_optimizer(model, lr=config.lr, betas=(config.beta1, config.beta2),
-                                weight_decay=config.weight_decay, eps=config.eps, moments_dtype=config.optim_states)
-    decay_start = int(config.decay_start * config.steps)
-    decay_steps = int(config.decay_end * config.steps) - decay_start
-    schedule = LRSchedule(peak_lr=config.lr, warmup_steps=min(config.warmup_steps, decay_start),
-                          decay_start=decay_start, decay_steps=decay_steps, min_lr=config.min_lr,
-                          final_lr=config.final_lr, final_steps=config.final_steps, total_steps=config.steps)
-    if config.batch_ramp_start is not None:
-        ramp = BatchRamp(start=config.batch_ramp_start, end=config.global_batch, ramp_steps=config.batch_ramp_steps,
-                         seq_len=config.seq_len, micro_batch=config.micro_batch)
+    opt, sched = config.optimizer, config.schedule
+    optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+                                eps=opt.eps, moments_dtype=config.memory.optim_states)
+    decay_start = int(sched.decay_start * sched.steps)
+    decay_steps = int(sched.decay_end * sched.steps) - decay_start
+    schedule = LRSchedule(peak_lr=opt.lr, warmup_steps=min(sched.warmup_steps, decay_start),
+                          decay_start=decay_start, decay_steps=decay_steps, min_lr=sched.min_lr,
+                          final_lr=sched.final_lr, final_steps=sched.final_steps, total_steps=sched.steps)
+    if sched.batch_ramp_start is not None:
+        ramp = BatchRamp(start=sched.batch_ramp_start, end=config.data.global_batch, ramp_steps=sched.batch_ramp_steps,
+                         seq_len=config.data.seq_len, micro_batch=config.data.micro_batch)
     else:
-        ramp = BatchRamp.constant(config.global_batch, micro_batch=config.micro_batch, seq_len=config.seq_len)
-    ema = CPUEMA(model, config.ema_decay) if config.ema_decay else None
-    loader = data.loader(config.seed)
+        ramp = BatchRamp.constant(config.data.global_batch, micro_batch=config.data.micro_batch,
+                                  seq_len=config.data.seq_len)
+    ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
+    loader = data.loader(config.run.seed)
 
     session = Session(config=config, mcfg=mcfg, run_dir=run_dir, device=device, tokenizer=tokenizer, data=data,
                       model=model, optimizer=optimizer, schedule=schedule, ramp=ramp, ema=ema, loader=loader,
@@ -366,7 +369,7 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
         loader.load_state_dict(state["loader"])
         session.nonfinite = state["extra"].get("nonfinite", 0)
         session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
-    session.prefetcher = BatchPrefetcher(loader, config.micro_batch, device, background=prefetch)
+    session.prefetcher = BatchPrefetcher(loader, config.data.micro_batch, device, background=prefetch)
     return session
 
 
@@ -421,7 +424,7 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
         sums[4] += (labels != -100).sum()
         if out.expert_load is not None:
             load = out.expert_load if load is None else load + out.expert_load
-    grad_norm = clip_grad_norm(session.params, session.config.grad_clip)
+    grad_norm = clip_grad_norm(session.params, session.config.optimizer.grad_clip)
     host = torch.cat([sums, grad_norm.detach().double().reshape(1).to(sums.device)]).tolist()  # the one sync
     loss, lm_loss, mtp_loss, balance_loss, loss_tokens, norm = host
     tokens = sum(ids.numel() for ids, _ in batches)
