@@ -143,7 +143,7 @@ def session_losses(opts: dict, steps: int, pp: int | None = None, schedule: str 
     from dsv3.train.config import TrainConfig
     from dsv3.train.session import build_session, train_step
 
-    session = build_session(TrainConfig(**opts), write=False, prefetch=False)
+    session = build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
     if pp is not None:
         from dsv3.parallel.pipeline.train import attach_pipeline
 

@@ -446,7 +446,7 @@ def _pipeline_step(session: Session, batches: list[Batch], gamma: float) -> Step
     """:func:`train_step` under pipeline parallelism (see :mod:`dsv3.parallel.pipeline.train`)."""
     from dsv3.parallel.pipeline.train import pipeline_train_step
 
-    st = pipeline_train_step(session.pipeline, batches, session.optimizer, grad_clip=session.config.grad_clip,
+    st = pipeline_train_step(session.pipeline, batches, session.optimizer, grad_clip=session.config.optimizer.grad_clip,
                              gamma=gamma, ema=session.ema)
     return StepStats(loss=st.loss, lm_loss=st.lm_loss, mtp_loss=st.mtp_loss, balance_loss=st.balance_loss,
                      grad_norm=st.grad_norm, skipped=st.skipped, load=st.result.load,

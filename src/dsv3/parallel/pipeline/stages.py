@@ -7,8 +7,9 @@ its own, it calls the model's submodules (the model file is untouched):
 * stage 0 starts with the embedding ``Emb(t)``;
 * every stage runs its decoder layers, each as two *steps*, attention
   ``h = x + MLA(RMSNorm(x))`` and feed-forward ``out = h + FFN(RMSNorm(h))``
-  (:meth:`DecoderLayer.attention` / :meth:`DecoderLayer.ffn`, so selective
-  recomputation applies; a block under full recomputation is one step);
+  (through the block's recomputation policy ``layer.recompute`` when it has one,
+  so selective recomputation applies; a policy that recomputes the whole block
+  makes the block one step);
 * the last stage ends with the *head* step: final norm, output-head loss
   L_Main and the MTP modules' loss (which need ``Emb`` of the labels' tokens,
   so the last stage uses the embedding too).
@@ -35,6 +36,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
+from dsv3.memory.recompute import RecomputePolicy
 
 
 def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) -> tuple[int, ...]:
@@ -158,16 +160,18 @@ class PipelineStage:
             h = x.detach().requires_grad_(True)
         for i in self.layer_ids:
             layer = m.model.layers[i]
-            if getattr(layer, "recompute_policy", "none") == "full":  # the policy wraps the whole block
-                inp = h
-                h = keep(inp, layer(inp, mb.cos, mb.sin), self._moe_stats(layer.mlp, rec))
+            policy = layer.recompute
+            if policy is not None and type(policy).block is not RecomputePolicy.block:
+                inp = h  # the policy recomputes the whole block: one step
+                h = keep(inp, policy.block(layer, inp, mb.cos, mb.sin), self._moe_stats(layer.mlp, rec))
                 yield
                 continue
             inp = h
-            h = keep(inp, inp + layer.attention(inp, mb.cos, mb.sin))
+            attn = policy.attention(layer, inp, mb.cos, mb.sin) if policy is not None else layer.attention(inp, mb.cos, mb.sin)
+            h = keep(inp, inp + attn)
             yield
             inp = h
-            out = inp + layer.ffn(inp)
+            out = inp + (policy.ffn(layer, inp) if policy is not None else layer.ffn(inp))
             h = keep(inp, out, self._moe_stats(layer.mlp, rec))
             yield
         if self.is_last:

@@ -118,10 +118,10 @@ def attach_pipeline(session, *, pp: int, schedule: str, trace_path: str | None =
     """
     if not dist.is_initialized():
         raise ConfigError("pipeline parallelism needs a process group; launch with torchrun --nproc-per-node N.")
-    c = session.config
-    check_pipeline_layout(session.mcfg.num_hidden_layers, pp=pp, schedule=schedule, global_batch=c.global_batch,
-                          micro_batch=c.micro_batch, world_size=dist.get_world_size())
-    runtime = PipelineRuntime(session.model, schedule, pp, seq_len=c.seq_len)
+    d = session.config.data
+    check_pipeline_layout(session.mcfg.num_hidden_layers, pp=pp, schedule=schedule, global_batch=d.global_batch,
+                          micro_batch=d.micro_batch, world_size=dist.get_world_size())
+    runtime = PipelineRuntime(session.model, schedule, pp, seq_len=d.seq_len)
     runtime.trace_path = trace_path
     session.pipeline = runtime
     return runtime
