@@ -338,3 +338,84 @@ def test_chrome_trace_has_one_event_per_compute_op(tmp_path):
     assert spans[0]["dur"] == pytest.approx(500.0)
     assert any("&" in e["name"] for e in spans)  # overlapped F&B pairs
     assert chrome_trace(traces) == json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------- dsv3 train --pp
+
+
+def _train_argv(setup, run_dir, *extra):
+    return ["-m", "dsv3", "train", "--model", setup["model"], "--data", setup["corpus"], "--tokenizer",
+            setup["tokenizer"], "--seq-len", "32", "--micro-batch", "2", "--global-batch", "8", "--steps", "4",
+            "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2", "--save-every", "4",
+            "--sample-tokens", "0", "--no-progress", "--no-tensorboard", "--run-dir", str(run_dir), *extra]
+
+
+def _env():
+    import os
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(__import__("sys").path))
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra,world,match", [
+    (["--pp", "5"], 5, "fewer than --pp 5"),
+    (["--pp", "3", "--pipeline", "dualpipev"], 2, "even number of pipeline stages"),
+    (["--pp", "2", "--pipeline", "dualpipe", "--global-batch", "4"], 2, "even number of micro-batches >= 4"),
+    (["--pp", "2"], 3, "3 processes do not factor"),
+    (["--pp", "2"], 1, "launch a multiple of 2 with torchrun"),
+])
+def test_train_rejects_bad_layouts_before_writing(train_setup, tmp_path, extra, world, match):
+    """One line on stderr, exit code 2, no run directory (WORLD_SIZE as torchrun would set it)."""
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    env = _env()
+    if world > 1:
+        env.update(WORLD_SIZE=str(world), RANK="0")
+    proc = subprocess.run([sys.executable, *_train_argv(train_setup, run_dir, *extra)], capture_output=True,
+                          text=True, timeout=50, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and match in proc.stderr and proc.stderr.startswith("dsv3: error:")
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
+    """``torchrun --nproc-per-node 2 -m dsv3 train --pp 2 --pipeline dualpipe --trace``: the metrics (losses,
+    grad norms, validation) and the final checkpoint's weights equal a one-process ``dsv3 train``."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from dsv3.train.metrics import read_metrics
+
+    one, pp = tmp_path / "one", tmp_path / "pp"
+    subprocess.run([sys.executable, *_train_argv(train_setup, one)], check=True, capture_output=True, timeout=120,
+                   env=_env())
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()),
+                           *_train_argv(train_setup, pp, "--pp", "2", "--pipeline", "dualpipe", "--trace")],
+                          capture_output=True, text=True, timeout=180, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = read_metrics(str(one)), read_metrics(str(pp))
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for key in ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "val_loss"):
+        a = [r[key] for r in ref if key in r]
+        b = [r[key] for r in got if key in r]
+        assert len(a) == len(b) > 0, key
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=key)
+    ckpt = sorted(p for p in os.listdir(one) if p.startswith("checkpoint"))[-1]
+    ref_w = load_file(str(one / ckpt / "model.safetensors"))
+    got_w = load_file(str(pp / ckpt / "model.safetensors"))
+    assert ref_w.keys() == got_w.keys()
+    for name in ref_w:
+        torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-5, atol=1e-5, msg=name)
+    spans = [e for e in json.loads((pp / "pipeline_trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"] for e in spans} == {0, 1}

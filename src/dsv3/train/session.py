@@ -444,10 +444,11 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
 
 def _pipeline_step(session: Session, batches: list[Batch], gamma: float) -> StepStats:
     """:func:`train_step` under pipeline parallelism (see :mod:`dsv3.parallel.pipeline.train`)."""
-    from dsv3.parallel.pipeline.train import pipeline_train_step
+    from dsv3.parallel.pipeline.train import pipeline_train_step, sync_due
 
     st = pipeline_train_step(session.pipeline, batches, session.optimizer, grad_clip=session.config.optimizer.grad_clip,
-                             gamma=gamma, ema=session.ema)
+                             gamma=gamma, ema=session.ema,
+                             sync=session.ema is not None or sync_due(session.config, session.step + 1))
     return StepStats(loss=st.loss, lm_loss=st.lm_loss, mtp_loss=st.mtp_loss, balance_loss=st.balance_loss,
                      grad_norm=st.grad_norm, skipped=st.skipped, load=st.result.load,
                      tokens=sum(ids.numel() for ids, _ in batches),

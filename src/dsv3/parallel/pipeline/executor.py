@@ -399,22 +399,43 @@ class PipelineRuntime:
         return norm
 
     @torch.no_grad()
-    def sync_parameters(self) -> None:
-        """Broadcast every parameter from the lowest device holding it, so that every device's model is
-        the whole trained model (before evaluation, sampling, export or a single-file checkpoint)."""
+    def sync_parameters(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Broadcast every parameter (and with ``optimizer`` its AdamW state: step, moments) from the
+        lowest device holding it, so that every device holds the whole trained model and optimizer (before
+        evaluation, sampling, export or a single-process checkpoint, which then resumes in any layout)."""
         params = dict(self.model.named_parameters())
         by_src: dict[int, list[str]] = defaultdict(list)
         for name in sorted(self.holders):
             by_src[self.holders[name][0]].append(name)
+
+        def broadcast(src: int, tensors: list[torch.Tensor]) -> None:
+            for dtype in sorted({t.dtype for t in tensors}, key=str):  # one flat message per dtype
+                same = [t for t in tensors if t.dtype == dtype]
+                flat = torch.cat([t.detach().reshape(-1) for t in same])
+                dist.broadcast(flat, self.ranks[src], group=self.group)
+                offset = 0
+                for t in same:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
         for src in sorted(by_src):
             names = by_src[src]
-            flat = torch.cat([params[n].detach().reshape(-1) for n in names])
-            dist.broadcast(flat, self.ranks[src], group=self.group)
-            offset = 0
+            broadcast(src, [params[n] for n in names])
+            if optimizer is None:
+                continue
+            states = []
             for n in names:
-                p = params[n]
-                p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+                st = optimizer.state[params[n]]
+                if not st:  # a parameter this device does not train: make room for the holder's state
+                    mdtype = getattr(optimizer, "moments_dtype", params[n].dtype)
+                    st["step"] = 0 if hasattr(optimizer, "moments_dtype") else torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(params[n], dtype=mdtype)
+                    st["exp_avg_sq"] = torch.zeros_like(params[n], dtype=mdtype)
+                states.append(st)
+            step = torch.tensor([float(st["step"]) for st in states], dtype=torch.float64)
+            broadcast(src, [step] + [st["exp_avg"] for st in states] + [st["exp_avg_sq"] for st in states])
+            for st, value in zip(states, step.tolist()):
+                st["step"] = int(value) if isinstance(st["step"], int) else torch.tensor(value)
 
     def owned_parameters(self) -> list[nn.Parameter]:
         """The parameters this device holds (give these to the optimizer)."""

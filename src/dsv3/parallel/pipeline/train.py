@@ -16,6 +16,7 @@ One optimizer step under pipeline parallelism is what the single-process loop do
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,9 @@ import torch.distributed as dist
 
 from dsv3.errors import ConfigError
 from dsv3.parallel.pipeline.executor import PipelineRuntime, PipelineStepResult, TraceEvent, check_layout, write_chrome_trace
+
+
+TRACE_FILE = "pipeline_trace.json"  # --trace: the last step's timeline, in the run directory
 
 
 def pipeline_microbatches(global_batch: int, micro_batch: int, dp: int = 1) -> int:
@@ -45,11 +49,16 @@ def check_pipeline_layout(num_layers: int, *, pp: int, schedule: str, global_bat
     than stages, too few micro-batches, an odd pp for DualPipe(V) or ranks that do not factor.
     """
     from dsv3.parallel.pipeline.executor import devices_of
+    from dsv3.parallel.pipeline.schedules import build_schedule
 
+    if isinstance(pp, int) and not isinstance(pp, bool) and 1 <= pp <= num_layers:
+        build_schedule(schedule, pp, 2 * pp + 2)  # the schedule's own rules on pp (e.g. even for DualPipe)
+    else:
+        check_layout(num_layers, schedule, pp, 1, world_size)  # raises the layer-count error
     ndev = devices_of(schedule, pp)
     if world_size % ndev:
         raise ConfigError(f"{world_size} processes do not factor into pipelines of {ndev} devices "
-                          f"({schedule} with pp={pp}); launch a multiple of {ndev} processes.")
+                          f"({schedule} with pp={pp}); launch a multiple of {ndev} with torchrun --nproc-per-node.")
     m = pipeline_microbatches(global_batch, micro_batch, world_size // ndev)
     check_layout(num_layers, schedule, pp, m, world_size)
     return m
@@ -70,8 +79,9 @@ class PipelineStepStats:
 
 def pipeline_train_step(runtime: PipelineRuntime, batches: list[tuple[torch.Tensor, torch.Tensor]],
                         optimizer: torch.optim.Optimizer, *, grad_clip: float | None, gamma: float | None = None,
-                        ema=None) -> PipelineStepStats:
-    """Run one training step through the pipeline (see the module docstring)."""
+                        ema=None, sync: bool = False) -> PipelineStepStats:
+    """Run one training step through the pipeline (see the module docstring); with ``sync``, afterwards
+    every device receives the whole model and optimizer state (:meth:`PipelineRuntime.sync_parameters`)."""
     res = runtime.step(batches)
     if getattr(runtime, "trace_path", None):
         write_step_trace(runtime.trace_path, runtime, res)
@@ -84,8 +94,10 @@ def pipeline_train_step(runtime: PipelineRuntime, batches: list[tuple[torch.Tens
         optimizer.zero_grad(set_to_none=True)
         if res.load is not None:
             runtime.model.update_router_bias(res.load, gamma)
-        if ema is not None:
-            ema.update()
+    if sync:
+        runtime.sync_parameters(optimizer)
+    if not skipped and ema is not None:
+        ema.update()
     return PipelineStepStats(res.loss, res.lm_loss, res.mtp_loss, res.balance_loss, float(norm), skipped, res)
 
 
@@ -118,6 +130,8 @@ def attach_pipeline(session, *, pp: int, schedule: str, trace_path: str | None =
     """
     if not dist.is_initialized():
         raise ConfigError("pipeline parallelism needs a process group; launch with torchrun --nproc-per-node N.")
+    if trace_path is None and session.config.parallel.trace:
+        trace_path = os.path.join(session.run_dir or ".", TRACE_FILE)
     d = session.config.data
     check_pipeline_layout(session.mcfg.num_hidden_layers, pp=pp, schedule=schedule, global_batch=d.global_batch,
                           micro_batch=d.micro_batch, world_size=dist.get_world_size())
@@ -125,3 +139,73 @@ def attach_pipeline(session, *, pp: int, schedule: str, trace_path: str | None =
     runtime.trace_path = trace_path
     session.pipeline = runtime
     return runtime
+
+
+def sync_due(config, step: int) -> bool:
+    """Whether the loop evaluates, checkpoints or finishes after optimizer step ``step`` (1-based), so that
+    the whole model must be on every device (the same decision on every rank)."""
+    c = config
+    return step % c.logging.eval_every == 0 or step % c.checkpoint.save_every == 0 or step >= c.schedule.steps
+
+
+def init_from_env():
+    """Join the torchrun process group (gloo on CPU, NCCL on CUDA) unless already joined; returns (rank, world)."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            raise ConfigError("--pp > 1 needs one process per pipeline device; launch with torchrun --nproc-per-node N.")
+        from datetime import timedelta
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def check_pipeline_config(config, mcfg) -> int:
+    """The ``dsv3 train --pp`` layout check, before anything is written (micro-batches per step on success)."""
+    p, d = config.parallel, config.data
+    world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
+    return check_pipeline_layout(mcfg.num_hidden_layers, pp=p.pp, schedule=p.pipeline, global_batch=d.global_batch,
+                                 micro_batch=d.micro_batch, world_size=world)
+
+
+def start_pipeline(session) -> PipelineRuntime:
+    """Rank 0's hook in ``train()``: after its session is built (and the run directory written), let the
+    other ranks build theirs (:func:`follow`), then attach the pipeline on every rank together."""
+    dist.barrier()
+    return attach_pipeline(session, pp=session.config.parallel.pp, schedule=session.config.parallel.pipeline)
+
+
+def follow(config) -> int:
+    """What ranks > 0 run for ``dsv3 train --pp``: the same steps as rank 0's ``train()`` (the pipeline's
+    collectives), writing nothing. Returns the number of steps taken."""
+    from dsv3.train.session import build_session, train_step
+
+    dist.barrier()  # rank 0 has built its session (tokenizer and token caches written once)
+    s = build_session(config, write=False, prefetch=False)
+    attach_pipeline(s, pp=config.parallel.pp, schedule=config.parallel.pipeline)
+    try:
+        while s.step < config.schedule.steps:
+            _, gamma = s.begin_step()
+            batches, _ = s.next_batches()
+            stats = train_step(s, batches, gamma=gamma)
+            s.step += 1
+            s.nonfinite = s.nonfinite + 1 if stats.skipped else 0
+            if s.nonfinite >= config.run.max_nonfinite:  # rank 0 raises TrainingError here
+                break
+    finally:
+        s.close()
+    return s.step
+
+
+def launch_pipeline(config) -> bool:
+    """``dsv3 train --pp P``: check the layout (one-sentence ConfigError before anything is written), join
+    the torchrun process group, and on ranks > 0 run :func:`follow`. Returns True on rank 0, which then
+    runs ``train()`` (whose hook :func:`start_pipeline` attaches the pipeline), False on the other ranks."""
+    from dsv3.train.session import model_config_for
+
+    check_pipeline_config(config, model_config_for(config))
+    rank, _ = init_from_env()
+    if rank == 0:
+        return True
+    follow(config)
+    return False
