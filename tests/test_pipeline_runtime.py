@@ -411,11 +411,12 @@ def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
         b = [r[key] for r in got if key in r]
         assert len(a) == len(b) > 0, key
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=key)
-    ckpt = sorted(p for p in os.listdir(one) if p.startswith("checkpoint"))[-1]
-    ref_w = load_file(str(one / ckpt / "model.safetensors"))
-    got_w = load_file(str(pp / ckpt / "model.safetensors"))
-    assert ref_w.keys() == got_w.keys()
-    for name in ref_w:
-        torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-5, atol=1e-5, msg=name)
+    ckpt = os.path.join("checkpoints", sorted(os.listdir(one / "checkpoints"))[-1])
+    for file in ("model.safetensors", "optimizer.safetensors"):  # weights and the AdamW state of every stage
+        ref_w = load_file(str(one / ckpt / file))
+        got_w = load_file(str(pp / ckpt / file))
+        assert ref_w.keys() == got_w.keys()
+        for name in ref_w:
+            torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-5, atol=1e-5, msg=name)
     spans = [e for e in json.loads((pp / "pipeline_trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
     assert {e["tid"] for e in spans} == {0, 1}
