@@ -366,6 +366,8 @@ def _env():
     (["--pp", "2", "--pipeline", "dualpipe", "--global-batch", "4"], 2, "even number of micro-batches >= 4"),
     (["--pp", "2"], 3, "3 processes do not factor"),
     (["--pp", "2"], 1, "launch a multiple of 2 with torchrun"),
+    (["--pp", "2"], 4, "launch exactly 2 processes"),
+    (["--pp", "2", "--ep", "2"], 2, "without expert or data parallelism"),
 ])
 def test_train_rejects_bad_layouts_before_writing(train_setup, tmp_path, extra, world, match):
     """One line on stderr, exit code 2, no run directory (WORLD_SIZE as torchrun would set it)."""

@@ -162,10 +162,17 @@ def init_from_env():
 
 def check_pipeline_config(config, mcfg) -> int:
     """The ``dsv3 train --pp`` layout check, before anything is written (micro-batches per step on success)."""
+    from dsv3.parallel.pipeline.executor import devices_of
+
     p, d = config.parallel, config.data
     world = int(os.environ.get("WORLD_SIZE", "1")) if not dist.is_initialized() else dist.get_world_size()
-    return check_pipeline_layout(mcfg.num_hidden_layers, pp=p.pp, schedule=p.pipeline, global_batch=d.global_batch,
-                                 micro_batch=d.micro_batch, world_size=world)
+    m = check_pipeline_layout(mcfg.num_hidden_layers, pp=p.pp, schedule=p.pipeline, global_batch=d.global_batch,
+                              micro_batch=d.micro_batch, world_size=world)
+    ndev = devices_of(p.pipeline, p.pp)
+    if world != ndev or p.ep != 1 or (p.dp or 1) != 1:
+        raise ConfigError(f"--pp {p.pp} runs one pipeline of {ndev} processes without expert or data parallelism "
+                          f"for now; launch exactly {ndev} processes with --ep 1.")
+    return m
 
 
 def start_pipeline(session) -> PipelineRuntime:
