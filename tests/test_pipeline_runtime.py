@@ -369,19 +369,19 @@ def _env():
     (["--pp", "2"], 4, "launch exactly 2 processes"),
     (["--pp", "2", "--ep", "2"], 2, "without expert or data parallelism"),
 ])
-def test_train_rejects_bad_layouts_before_writing(train_setup, tmp_path, extra, world, match):
+def test_train_rejects_bad_layouts_before_writing(train_setup, tmp_path, monkeypatch, capsys, extra, world, match):
     """One line on stderr, exit code 2, no run directory (WORLD_SIZE as torchrun would set it)."""
-    import subprocess
-    import sys
+    from dsv3.cli import main
 
     run_dir = tmp_path / "run"
-    env = _env()
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     if world > 1:
-        env.update(WORLD_SIZE=str(world), RANK="0")
-    proc = subprocess.run([sys.executable, *_train_argv(train_setup, run_dir, *extra)], capture_output=True,
-                          text=True, timeout=50, env=env)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and match in proc.stderr and proc.stderr.startswith("dsv3: error:")
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", "0")
+    assert main(_train_argv(train_setup, run_dir, *extra)[2:]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and match in err and err.startswith("dsv3: error:")
     assert not run_dir.exists()
 
 
