@@ -167,7 +167,6 @@ class PipelineRuntime:
     def _build_groups(self, pipelines: list[list[int]], all_stages: list[PipelineStage]) -> None:
         """P2P groups (per link, direction and message kind), holder groups of shared parameters,
         and the pipeline group; created in the same order on every rank."""
-        ndev = len(self.ranks)
         # Which devices hold each parameter.
         holders: dict[str, set[int]] = defaultdict(set)
         for d, stages in enumerate(self.template.device_stages):
@@ -185,13 +184,15 @@ class PipelineRuntime:
         self._p2p: dict[tuple[int, int, str], dist.ProcessGroup] = {}
         self._shared: list[tuple[dist.ProcessGroup, list[str]]] = []
         self.group = None
+        # The links the schedule sends over (adjacent devices for the built-in schedules).
+        links = sorted({(d, op.peer, op.direction) for d, ops in enumerate(self.template.ops) for op in ops
+                        if op.kind == SEND})
+        self._links = set(links)
         for ranks in pipelines:
-            for a in range(ndev - 1):
-                for src, dst in ((a, a + 1), (a + 1, a)):
-                    for kind in (FORWARD, BACKWARD):
-                        g = dist.new_group([ranks[src], ranks[dst]])
-                        if ranks is self.ranks:
-                            self._p2p[(src, dst, kind)] = g
+            for src, dst, kind in links:
+                g = dist.new_group([ranks[src], ranks[dst]])
+                if ranks is self.ranks:
+                    self._p2p[(src, dst, kind)] = g
             for devs, names in by_set.items():
                 g = dist.new_group([ranks[d] for d in devs])
                 if ranks is self.ranks and self.device in devs:
@@ -225,6 +226,11 @@ class PipelineRuntime:
         if schedule.microbatches != n or schedule.devices != len(self.ranks) or schedule.pp != self.pp:
             raise ConfigError(f"schedule {schedule.name!r} is for {schedule.microbatches} micro-batches on "
                               f"{schedule.devices} devices, not {n} on {len(self.ranks)}.")
+        missing = {(d, op.peer) for d, ops in enumerate(schedule.ops) for op in ops if op.kind == SEND
+                   and (d, op.peer, op.direction) not in self._links}
+        if missing:
+            raise ConfigError(f"schedule {schedule.name!r} sends over links {sorted(missing)} that the runtime "
+                              f"has no process groups for (it builds them from the {self.name} op lists).")
         m = self.model
         device = m.model.embed_tokens.weight.device
         dtype = m.model.embed_tokens.weight.dtype
@@ -300,7 +306,8 @@ class PipelineRuntime:
         for op in schedule.ops[self.device]:
             start = time.perf_counter() - t0
             if op.kind in (SEND, RECV):
-                g = self._p2p[(self.device, op.peer, op.direction) if op.kind == SEND else (op.peer, self.device, op.direction)]
+                link = (self.device, op.peer, op.direction) if op.kind == SEND else (op.peer, self.device, op.direction)
+                g = self._p2p[link]
                 if op.kind == SEND:
                     tensor = take(key(op)).contiguous()
                     pending.append((op, dist.P2POp(dist.isend, tensor, self.ranks[op.peer], g)))
