@@ -35,15 +35,17 @@ counted once.
 from __future__ import annotations
 
 import functools
+from typing import get_args
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dsv3.errors import ConfigError
+from dsv3.train.config import RecomputeMode
 from dsv3.model.block import DecoderLayer
 from dsv3.model.ops import GROUPED_MM_OPS
 
-POLICIES = ("none", "selective", "full")
+POLICIES: tuple[str, ...] = get_args(RecomputeMode)  # none, selective, full: spelled once, in the run config
 
 _aten = torch.ops.aten
 
