@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--mtp", type=int, default=0, help="MTP modules (1 makes the last stage heavier)")
     p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--trace-dir", default=None, help="write one Chrome-trace JSON per schedule (last step)")
+    p.add_argument("--trace-dir", default=None, help="write a Chrome-trace JSON and measured/simulated timeline "
+                                                    "PNGs per schedule (last step)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
     args = p.parse_args(argv)
     if args.steps < 3:
@@ -204,8 +205,24 @@ def main(argv: list[str] | None = None) -> int:
         if "FB" in med:
             overlap = med["FB"] / (med["F"] + med.get("BW", med.get("B", 0.0) + med.get("W", 0.0)))
         rows.append((name, pp, layers, times, makespan, sim_makespan, ratio, idle, sim_idle, overlap))
-        if args.trace_dir:
+        if args.trace_dir:  # measured beside simulated timeline pictures of the last step
+            import dataclasses
+
+            from dsv3.plan.timeline import plot_timeline
+
             os.makedirs(args.trace_dir, exist_ok=True)
+            per_device = {d: outs[d][(name, pp)][1][-1] for d in (0, 1)}
+            times, _ = _op_times([per_device[d][1] for d in (0, 1)], comm)
+            sim = run_schedule(schedule, times)
+            base = min(t0 + next(s for op, s, e in tr if op.is_compute) for t0, tr in per_device.values())
+            timeline = [[(op.kind, t0 + s - base, t0 + e - base, op) for op, s, e in tr if op.is_compute]
+                    for t0, tr in (per_device[0], per_device[1])]
+            makespan, idle = _measured(per_device)
+            measured = dataclasses.replace(sim, timeline=timeline, makespan=makespan, bubble=idle)
+            plot_timeline(measured, os.path.join(args.trace_dir, f"{name}-pp{pp}-measured.png"),
+                          title=f"{name} pp={pp}: measured, makespan {makespan * 1e3:.0f} ms")
+            plot_timeline(sim, os.path.join(args.trace_dir, f"{name}-pp{pp}-simulated.png"),
+                          title=f"{name} pp={pp}: simulated from the measured op times, makespan {sim.makespan * 1e3:.0f} ms")
             last = {d: [TraceEvent(op, s, e) for op, s, e in outs[d][(name, pp)][1][-1][1]] for d in (0, 1)}
             t0s = {d: outs[d][(name, pp)][1][-1][0] for d in (0, 1)}
             base = min(t0s.values())
