@@ -98,7 +98,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
                                 timeout=timedelta(seconds=60))
         results = []
         for job in jobs:
-            model = build_model(job["layers"])
+            model = build_model(job["layers"], **job.get("model", {}))
             model.train()
             rt = PipelineRuntime(model, job["schedule"], job["pp"], seq_len=SEQ)
             variant = job.get("variant")
