@@ -261,6 +261,8 @@ class PipelineRuntime:
                     else:
                         data[key(op)] = (p2p.tensor, works)
             pending.clear()
+            # Release the buffers of sends that have completed (activations must not pile up over a step).
+            sends[:] = [(t, works) for t, works in sends if not all(w.is_completed() for w in works)]
 
         def take(k: tuple[str, int, int]) -> torch.Tensor:
             value = data.pop(k)
