@@ -84,6 +84,10 @@ class RecomputePolicy:
         h = x + self.attention(layer, x, cos, sin)
         return h + self.ffn(layer, h)
 
+    def mtp(self, layer, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """An MTP module (:class:`~dsv3.model.mtp.MTPLayer`): its input projection, then its block."""
+        return self.block(layer, layer.project_input(h_prev, emb), cos, sin)
+
     def attention(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return layer.attention(x, cos, sin)
 
@@ -120,7 +124,14 @@ class FullRecompute(RecomputePolicy):
     name = "full"
 
     def block(self, layer, x, cos, sin):
-        return checkpoint(super().block, layer, x, cos, sin, use_reentrant=False)
+        return checkpoint(_PLAIN.block, layer, x, cos, sin, use_reentrant=False)
+
+    def mtp(self, layer, h_prev, emb, cos, sin):
+        # The whole MTP module, its norms and eh_proj included, keeps only its two inputs.
+        return checkpoint(_PLAIN.mtp, layer, h_prev, emb, cos, sin, use_reentrant=False)
+
+
+_PLAIN = RecomputePolicy()
 
 
 _POLICY_CLASSES = {"none": None, "selective": SelectiveRecompute, "full": FullRecompute}

@@ -50,5 +50,10 @@ class MTPLayer(DecoderLayer):
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor,  # type: ignore[override]
                 cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """``h_prev`` = h^{k-1}_{1:T-k} and ``emb`` = Emb(t_{k+1:T}), both [B, T-k, d]; returns h^k [B, T-k, d]."""
-        x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
-        return super().forward(x, cos, sin)
+        if self.recompute is not None and torch.is_grad_enabled():
+            return self.recompute.mtp(self, h_prev, emb, cos, sin)
+        return super().forward(self.project_input(h_prev, emb), cos, sin)
+
+    def project_input(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """h'^k = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]: two [B, T-k, d] -> [B, T-k, d]."""
+        return self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))

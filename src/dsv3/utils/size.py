@@ -38,10 +38,10 @@ def parse_size(text: str | int, what: str = "size", *, unit_required: bool = Tru
         return text
     match = _SIZE_RE.match(str(text))
     unit = match.group(2).lower() if match else None
+    shown = repr(text) if len(str(text)) <= 40 else repr(str(text)[:40] + "...")  # the message stays one short line
     if match is None or (unit == "" and unit_required) or (unit and unit not in UNITS):
-        shown = repr(text) if len(str(text)) <= 40 else repr(str(text)[:40] + "...")
         raise ConfigError(f"{what} {shown} is not a size with a unit; write it like 80GiB, 80GB or 512MiB")
     value = float(match.group(1)) * (UNITS[unit] if unit else 1)
     if not value < 2**60:  # an exbibyte; also catches hundreds of digits overflowing to inf
-        raise ConfigError(f"{what} {text!r} is larger than any device; write a size below 1 EiB")
+        raise ConfigError(f"{what} {shown} is larger than any device; write a size below 1 EiB")
     return int(round(value))
