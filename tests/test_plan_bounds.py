@@ -92,7 +92,10 @@ CASES = [
     (["plan", "--preset", "tiny", "--peak-tflops", "inf"], "--peak-tflops must be a finite number > 0"),
     (["plan", "--preset", "tiny", "--gpu-memory", "0GiB"], "--gpu-memory must be a positive size"),
     (["plan", "--preset", "tiny", "--gpu-memory", HUGE + "GiB"], "is larger than any device"),
+    (["plan", "--preset", "tiny", "--gpu-memory", "1e400GiB"], "is larger than any device"),
     (["plan", "--preset", "tiny", "--stage-layers", "x" * 100_000], "must be integers separated by commas"),
+    (["plan", "--preset", "tiny", "--schedule", "g" * 100_000], "unknown schedule 'ggg"),
+    (["plan", "--preset", "tiny", "--precision", "w" * 100_000], "is not ITEM=FORMAT"),
     # model configs
     (["plan", "--config", "{not_utf8}"], "is not UTF-8 text"),
     (["plan", "--config", "{truncated}"], "is not valid JSON"),

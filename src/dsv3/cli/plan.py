@@ -180,7 +180,7 @@ def _precision(args):
 
     key = str(args.precision_preset).lower()
     if key not in PRECISION_PRESETS:
-        raise ConfigError(f"unknown --precision-preset {args.precision_preset!r}; choose one of {', '.join(PRECISION_PRESETS)}")
+        raise ConfigError(f"unknown --precision-preset {clip(args.precision_preset)}; choose one of {', '.join(PRECISION_PRESETS)}")
     return Precision.parse(args.precision, PRECISION_PRESETS[key])
 
 
@@ -199,7 +199,7 @@ def _hardware(args):
 def _causal(args) -> bool:
     conv = str(args.flops).lower().replace("_", "-")
     if conv not in ("causal", "non-causal"):
-        raise ConfigError(f"unknown --flops convention {args.flops!r}; choose causal or non-causal")
+        raise ConfigError(f"unknown --flops convention {clip(args.flops)}; choose causal or non-causal")
     return conv == "causal"
 
 
@@ -315,7 +315,7 @@ def run_search(args) -> int:
             grid[key] = _words(value)
     for r in grid.get("recompute", []):
         if r not in ("none", "selective", "full"):
-            raise ConfigError(f"unknown --recompute {r!r}; choose from none, selective, full")
+            raise ConfigError(f"unknown --recompute {clip(r)}; choose from none, selective, full")
     result = search(
         cfg, args.gpus, parse_size(args.gpu_memory, "--gpu-memory"), model_name=name, grid=grid,
         seq_len=common["seq_len"], micro_batch=common["micro_batch"], global_batch=common["global_batch"],

@@ -48,15 +48,53 @@ class LatentKVCache:
         self.k_pe = [torch.zeros(batch_size, max_len, rope_dim, dtype=dtype, device=device)
                      for _ in range(num_layers)]
         self.max_len = max_len
+        self.lengths = [0] * num_layers  # valid positions per layer: 0 .. lengths[l]-1
+        self.pad: torch.Tensor | None = None  # [B] leading padding slots per row (batched prompts)
 
     def update(self, layer: int, start: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        """Write positions ``start:start+T`` and return the cache up to there ([B, S, .])."""
+        """Write positions ``start:start+T`` and return the cache up to there ([B, S, .]).
+
+        Writing at ``start`` makes the entries past ``start+T`` stale (they belonged to another
+        continuation), so the layer's valid length becomes ``start+T``. ``start`` may not leave a gap.
+        """
         end = start + c_kv.shape[1]
         if end > self.max_len:
             raise ValueError(f"the latent KV cache holds {self.max_len} positions, {end} were asked for")
+        if start > self.lengths[layer]:
+            raise ValueError(f"layer {layer} of the latent KV cache holds {self.lengths[layer]} positions; "
+                             f"writing at {start} would leave a gap")
         self.c_kv[layer][:, start:end] = c_kv
         self.k_pe[layer][:, start:end] = k_pe
+        self.lengths[layer] = end
         return self.c_kv[layer][:, :end], self.k_pe[layer][:, :end]
+
+    def rollback(self, length: int, layers=None) -> None:
+        """Forget every position ``>= length`` of ``layers`` (default: all): rejected speculative tokens.
+
+        The forgotten entries are zeroed, and the next :meth:`update` continues at ``length``.
+        """
+        for layer in range(len(self.lengths)) if layers is None else layers:
+            if self.lengths[layer] > length:
+                self.c_kv[layer][:, length:self.lengths[layer]] = 0
+                self.k_pe[layer][:, length:self.lengths[layer]] = 0
+                self.lengths[layer] = length
+
+    def set_padding(self, pad: torch.Tensor) -> None:
+        """Mark the first ``pad[b]`` slots of row b as left padding ([B] ints): a real token never
+        attends to them. With RoPE only query-key position differences enter attention, so a row
+        shifted right by its padding attends exactly as it would alone."""
+        self.pad = pad.to(device=self.c_kv[0].device if self.c_kv else "cpu", dtype=torch.long)
+
+    def padding_mask(self, start: int, seqlen: int, total: int) -> torch.Tensor | None:
+        """[B, 1, T, S] True where query slot ``start+t`` may not see key slot ``s`` because the key is
+        padding and the query is not (padding queries see their padding: finite, never used). None
+        without padding."""
+        if self.pad is None:
+            return None
+        pad = self.pad[:, None, None, None]
+        q_slot = torch.arange(start, start + seqlen, device=pad.device)[None, None, :, None]
+        k_slot = torch.arange(total, device=pad.device)[None, None, None, :]
+        return (k_slot < pad) & (q_slot >= pad)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.c_kv + self.k_pe)
@@ -156,6 +194,9 @@ class MLA(nn.Module):
             q_pos = torch.arange(start_pos, start_pos + seqlen, device=scores.device)
             k_pos = torch.arange(total, device=scores.device)
             scores = scores.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        padding = cache.padding_mask(start_pos, seqlen, total)
+        if padding is not None:
+            scores = scores.masked_fill(padding, float("-inf"))
         probs = scores.softmax(dim=-1).to(c_all.dtype)
         o_latent = torch.einsum("bhts,bsc->bthc", probs, c_all)
         return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # W^UV absorbed into the output

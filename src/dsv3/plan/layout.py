@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.plan import limits
+from dsv3.plan.limits import clip
 from dsv3.plan.params import TP_CONVENTIONS
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
@@ -168,15 +169,15 @@ class Layout:
                 f"lower --dp, --tp or --pp"
             )
         if not isinstance(self.zero, int) or self.zero not in (0, 1, 2, 3):
-            raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero!r}")
+            raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {clip(self.zero)}")
         if self.recompute not in RECOMPUTE:
-            raise ConfigError(f"unknown --recompute {self.recompute!r}; choose one of {', '.join(RECOMPUTE)}")
+            raise ConfigError(f"unknown --recompute {clip(self.recompute)}; choose one of {', '.join(RECOMPUTE)}")
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+            raise ConfigError(f"unknown schedule {clip(self.schedule)}; choose one of {', '.join(SCHEDULES)}")
         if self.tp_convention not in TP_CONVENTIONS:
-            raise ConfigError(f"unknown --tp-convention {self.tp_convention!r}; choose one of {', '.join(TP_CONVENTIONS)}")
+            raise ConfigError(f"unknown --tp-convention {clip(self.tp_convention)}; choose one of {', '.join(TP_CONVENTIONS)}")
         if self.attention not in ATTENTION_IMPLS:
-            raise ConfigError(f"unknown --attention {self.attention!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
+            raise ConfigError(f"unknown --attention {clip(self.attention)}; choose one of {', '.join(ATTENTION_IMPLS)}")
         h = cfg.num_attention_heads
         if h % self.tp:
             raise ConfigError(f"{h} attention heads cannot be split over --tp {self.tp}; choose a TP size that divides {h}")

@@ -64,8 +64,8 @@ def check_size(name: str, value: object, maximum: int = 2**60) -> int:
 
 def clip(text: object, width: int = 40) -> str:
     """``repr(text)`` for a message, cut to about ``width`` characters (a pasted megabyte stays one short line)."""
-    r = repr(str(text))
-    return r if len(r) <= width else r[: width - 5] + "...'"
+    r = repr(text)
+    return r if len(r) <= width else r[: width - 4] + "..." + r[-1:]
 
 
 def _show(value: object) -> str:

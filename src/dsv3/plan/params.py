@@ -40,6 +40,7 @@ from functools import cached_property
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
+from dsv3.plan.limits import clip
 
 #: How a tensor is split by the model-parallel dimensions (see :mod:`dsv3.plan.layout`).
 #:   ``rep``    replicated on every TP rank (MLA down-projections, norms, router, biases)
@@ -135,7 +136,7 @@ class ParamTensor:
         if convention == "megatron":
             return [(self.shard, self.is_expert, self.numel)]
         if convention != "zhang-su":
-            raise ConfigError(f"unknown --tp-convention {convention!r}; choose one of {', '.join(TP_CONVENTIONS)}")
+            raise ConfigError(f"unknown --tp-convention {clip(convention)}; choose one of {', '.join(TP_CONVENTIONS)}")
         edp = self.component in MOE_COMPONENTS
         if self.component == "shared_experts":
             return [("rep", edp, self.numel)]

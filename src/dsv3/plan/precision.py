@@ -21,6 +21,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from dsv3.errors import ConfigError
+from dsv3.plan.limits import clip
 from dsv3.utils.size import parse_size  # noqa: F401  (re-exported: plan code and tests import it from here)
 
 #: Bytes per element of each format the planner knows. ``fp8`` is the payload
@@ -61,7 +62,7 @@ def canonical_dtype(name: str, what: str = "precision") -> str:
     key = _ALIASES.get(key, key)
     if key not in DTYPE_BYTES:
         known = ", ".join(k for k in DTYPE_BYTES if k not in ("int64", "int32", "bool", "fp64"))
-        raise ConfigError(f"unknown {what} {name!r}; use one of {known}")
+        raise ConfigError(f"unknown {what} {clip(name)}; use one of {known}")
     return key
 
 
@@ -144,7 +145,7 @@ class Precision:
             key = key.strip().replace("-", "_")
             if not sep or key not in names:
                 raise ConfigError(
-                    f"--precision item {part!r} is not ITEM=FORMAT with ITEM one of {', '.join(sorted(names))}"
+                    f"--precision item {clip(part)} is not ITEM=FORMAT with ITEM one of {', '.join(sorted(names))}"
                 )
             changes[key] = value.strip()
         return dataclasses.replace(base, **changes)

@@ -22,7 +22,7 @@ from dsv3.errors import ConfigError, DsV3Error
 from dsv3.plan.cost import Hardware
 from dsv3.plan import limits
 from dsv3.plan.layout import RECOMPUTE, SCHEDULES, Layout
-from dsv3.plan.limits import divisors
+from dsv3.plan.limits import clip, divisors
 from dsv3.plan.memory import DEFAULT_FRAGMENTATION
 from dsv3.plan.params import count_params
 from dsv3.plan.planner import PlanCache, make_plan
@@ -131,7 +131,7 @@ def search(
     g = default_grid(cfg, gpus, hardware.gpus_per_node)
     for key, values in (grid or {}).items():
         if key not in g:
-            raise ConfigError(f"unknown search grid key {key!r}; use {', '.join(g)}")
+            raise ConfigError(f"unknown search grid key {clip(key)}; use {', '.join(g)}")
         if values:
             g[key] = list(dict.fromkeys(values))  # each value once, in the order given
     _check_grid(g)
@@ -181,13 +181,13 @@ def _check_grid(g: dict[str, list]) -> None:
             limits.check_int(f"{key} value", v, maximum=limits.MAX_GPUS)
     for v in g["zero"]:
         if not isinstance(v, int) or isinstance(v, bool) or v not in (0, 1, 2, 3):
-            raise ConfigError(f"--zero values must be 0, 1, 2 or 3, got {v!r}")
+            raise ConfigError(f"--zero values must be 0, 1, 2 or 3, got {clip(v)}")
     for v in g["recompute"]:
         if v not in RECOMPUTE:
-            raise ConfigError(f"unknown --recompute {v!r}; choose from {', '.join(RECOMPUTE)}")
+            raise ConfigError(f"unknown --recompute {clip(v)}; choose from {', '.join(RECOMPUTE)}")
     for v in g["schedule"]:
         if v not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {v!r}; choose one of {', '.join(SCHEDULES)}")
+            raise ConfigError(f"unknown schedule {clip(v)}; choose one of {', '.join(SCHEDULES)}")
 
 
 def count_layouts(g: dict[str, list], gpus: int) -> int:

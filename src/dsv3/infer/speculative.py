@@ -1,0 +1,298 @@
+"""Speculative decoding with the Multi-Token Prediction modules (report 5.4.3).
+
+The D MTP modules draft the next tokens; one forward of the main model over the
+drafted tokens verifies them.
+
+Notation: the committed sequence is t_0 .. t_N; the main model has run (and
+cached) positions 0 .. N-1, giving h^0_0 .. h^0_{N-1}; t_N is the newest token,
+produced by the main model. One round:
+
+1. **Draft.** MTP module k (1 <= k <= D) at position i combines h^{k-1}_i with
+   Emb(t_{i+k}) exactly as in training (:mod:`dsv3.model.mtp`). Module k runs the
+   positions it has not yet cached up to N-1, its tokens t_{i+k} being committed
+   tokens or, past N, the drafts d_1 .. d_{k-1}; its output at N-1 gives
+   q_k = P(t_{N+k} | ...) and the draft d_k ~ q_k (argmax when greedy).
+2. **Verify.** The main model runs [t_N, d_1, .., d_D] at positions N .. N+D in
+   one forward, giving the target distributions p_0 .. p_D of t_{N+1} .. t_{N+D+1}.
+3. **Accept.** Greedy: d_j is accepted while it equals argmax p_{j-1}; the first
+   mismatch is replaced by that argmax, and when all D are accepted argmax p_D is a
+   bonus token. Sampling (speculative / rejection sampling, Leviathan et al. 2023,
+   Chen et al. 2023): d_j is accepted with probability min(1, p(d_j) / q(d_j));
+   on rejection the replacement is drawn from norm(max(0, p - q)), and after D
+   acceptances the bonus from p_D. Every emitted token is then distributed exactly as
+   under plain sampling from p (temperature and top-p applied identically to p and q).
+4. **Roll back.** With a accepted drafts, t_0 .. t_{N+a+1} are committed. The main
+   cache keeps positions 0 .. N+a (:meth:`~dsv3.model.mla.LatentKVCache.rollback`);
+   module k's cache keeps the positions i with i + k <= N + a (their inputs are all
+   committed tokens), the rest is recomputed in the next round.
+
+Greedy speculative decoding emits token for token what :func:`~dsv3.infer.generate.generate`
+emits (up to floating-point ties between the one- and multi-token forwards).
+One prompt at a time (acceptance lengths differ per sequence).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv3.errors import ConfigError
+from dsv3.infer.generate import check_finite, check_length, check_sampling, token_probs
+from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.model.mla import LatentKVCache
+
+
+@dataclass
+class SpeculativeStats:
+    """Counters of speculative decoding, summed over calls.
+
+    Attributes:
+        draft_tokens: D, tokens drafted per round.
+        proposed: [D] how often draft position j was checked (all earlier drafts accepted).
+        accepted: [D] how often it was accepted.
+        rounds: verification forwards of the main model.
+        new_tokens: tokens emitted.
+        seconds: wall time.
+        draft_seconds, verify_seconds: the parts of it spent drafting (MTP modules) and verifying
+            (main-model forward, acceptance, rollback).
+    """
+
+    draft_tokens: int
+    proposed: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    rounds: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.proposed = self.proposed or [0] * self.draft_tokens
+        self.accepted = self.accepted or [0] * self.draft_tokens
+
+    def acceptance_rates(self) -> list[float | None]:
+        """P(draft j accepted | drafts 1..j-1 accepted), per draft position (None if never checked)."""
+        return [a / p if p else None for a, p in zip(self.accepted, self.proposed)]
+
+    def tokens_per_round(self) -> float:
+        """Mean tokens emitted per main-model forward (1 + mean accepted drafts)."""
+        return self.new_tokens / self.rounds if self.rounds else 0.0
+
+    def to_dict(self) -> dict:
+        return {"draft_tokens": self.draft_tokens, "acceptance_rate": self.acceptance_rates(),
+                "proposed": self.proposed, "accepted": self.accepted, "rounds": self.rounds,
+                "new_tokens": self.new_tokens, "tokens_per_round": self.tokens_per_round(),
+                "seconds": self.seconds, "draft_seconds": self.draft_seconds,
+                "verify_seconds": self.verify_seconds,
+                "tokens_per_s": self.new_tokens / self.seconds if self.seconds else None}
+
+
+def _distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """p or q for one position [V]: one-hot of the argmax when greedy, else :func:`token_probs`."""
+    if temperature <= 0:
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return token_probs(logits, temperature=temperature, top_p=top_p)
+
+
+def _draw(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> int:
+    if greedy:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def accept_drafts(drafts: list[int], q: list[torch.Tensor], p: torch.Tensor, *, greedy: bool,
+                  generator: torch.Generator | None = None) -> tuple[int, int]:
+    """The acceptance rule of one round.
+
+    Args:
+        drafts: d_1 .. d_D. q: their draft distributions q_1 .. q_D, each [V].
+        p: [D+1, V] target distributions of t_{N+1} .. t_{N+D+1}.
+        greedy: accept d_j iff it is argmax p_{j-1}; otherwise rejection sampling.
+    Returns:
+        (a, next): the number of accepted drafts and the token emitted after them
+        (the correction drawn from norm(max(0, p - q)) or argmax, or the bonus from p_D).
+    """
+    for j, (d, qj) in enumerate(zip(drafts, q)):
+        pj = p[j]
+        if greedy:
+            best = int(pj.argmax())
+            if best != d:
+                return j, best
+            continue
+        u = torch.rand((), generator=generator, device=pj.device)
+        if bool(u * qj[d] < pj[d]):  # u < p(d)/q(d), without dividing
+            continue
+        residual = (pj - qj).clamp_min(0)
+        total = residual.sum()
+        return j, _draw(residual / total if bool(total > 0) else pj, False, generator)
+    return len(drafts), _draw(p[len(drafts)], greedy, generator)
+
+
+class _MTPDrafter:
+    """The MTP modules' state: their latent cache slots, h^k per position, and how far each is valid."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, cache: LatentKVCache, depth: int, max_len: int) -> None:
+        self.model, self.cache, self.depth = model, cache, depth
+        self.first_slot = model.config.num_hidden_layers  # MTP module k uses cache slot L + k - 1
+        d = model.config.hidden_size
+        w = model.model.embed_tokens.weight
+        # hidden[k] [1, max_len, d]: h^k at each position (hidden[0] from the main model)
+        self.hidden = [torch.zeros(1, max_len, d, dtype=w.dtype, device=w.device) for _ in range(depth)]
+        self.valid = [0] * (depth + 1)  # valid[k]: positions 0..valid[k]-1 of module k hold committed inputs
+
+    def draft(self, tokens: list[int], n: int, temperature: float, top_p: float,
+              generator: torch.Generator | None) -> tuple[list[int], list[torch.Tensor]]:
+        """Draft d_1..d_D after committed ``tokens`` t_0..t_N (``n`` = N); h^0 is known up to N-1."""
+        model, greedy = self.model, temperature <= 0
+        device = self.hidden[0].device
+        drafts: list[int] = []
+        qs: list[torch.Tensor] = []
+        for k in range(1, self.depth + 1):
+            start = self.valid[k]
+            seq = tokens + drafts  # t_{i+k} for positions i = start .. N-1
+            ids = torch.tensor([seq[start + k: n + k]], device=device)
+            positions = torch.arange(start, n, device=device)
+            cos, sin = model.model.rotary_emb(positions)
+            layer = model.mtp[k - 1]
+            h = layer(self.hidden[k - 1][:, start:n], model.model.embed_tokens(ids), cos[None], sin[None],
+                      cache=self.cache, start_pos=start)
+            if k < self.depth:
+                self.hidden[k][:, start:n] = h
+            self.valid[k] = n  # provisional: positions past the committed tokens are cut in commit()
+            logits = model.lm_head(layer.shared_head.norm(h[:, -1]))[0]
+            check_finite(logits, n + k)
+            q = _distribution(logits, temperature, top_p)
+            drafts.append(_draw(q, greedy, generator))
+            qs.append(q)
+        return drafts, qs
+
+    def commit(self, last: int) -> None:
+        """Tokens t_0..t_last are committed: module k keeps positions i with i + k <= last."""
+        for k in range(1, self.depth + 1):
+            keep = min(self.valid[k], max(last - k + 1, 0))
+            self.valid[k] = keep
+            self.cache.rollback(keep, layers=[self.first_slot + k - 1])
+
+
+class SpeculativeDecoder:
+    """The state of one speculative decoding: committed tokens, the latent cache (main layers in
+    slots 0..L-1, MTP module k in slot L+k-1) and the MTP drafter.
+
+    Args:
+        model: a model with MTP modules. input_ids: [1, T0] the prompt.
+        max_new_tokens: the most tokens it will emit. num_draft: D (default: every MTP module).
+        temperature, top_p: as :func:`~dsv3.infer.generate.sample_next`.
+    :meth:`prefill` runs the prompt and emits the first token; each :meth:`step` is one
+    draft-verify-accept round that emits 1 .. D+1 tokens.
+    """
+
+    def __init__(self, model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0, num_draft: int | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        depth = len(model.mtp) if num_draft is None else num_draft
+        if len(model.mtp) == 0:
+            raise ConfigError("speculative decoding needs the model's MTP modules (num_nextn_predict_layers >= 1)")
+        if not 1 <= depth <= len(model.mtp):
+            raise ConfigError(f"num_draft must be between 1 and the model's {len(model.mtp)} MTP modules, got {depth}")
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+            raise ConfigError("speculative decoding takes one non-empty prompt at a time ([1, T] token ids)")
+        check_sampling(temperature, top_p)
+        check_length(model, input_ids.shape[1], max_new_tokens, extra=depth)
+        self.model, self.depth, self.generator = model, depth, generator
+        self.temperature, self.top_p, self.greedy = temperature, top_p, temperature <= 0
+        cfg = model.config
+        self.prompt_len = input_ids.shape[1]
+        max_len = self.prompt_len + max_new_tokens + depth + 1
+        w = model.model.embed_tokens.weight
+        self.cache = LatentKVCache(cfg.num_hidden_layers + len(model.mtp), 1, max_len, cfg.kv_lora_rank,
+                                   cfg.qk_rope_head_dim, dtype=w.dtype, device=w.device)
+        self.main_layers = range(cfg.num_hidden_layers)
+        self.drafter = _MTPDrafter(model, self.cache, depth, max_len)
+        self.tokens: list[int] = input_ids[0].tolist()
+        self.proposed = [0] * depth
+        self.accepted = [0] * depth
+        self.rounds = 0
+        self.draft_seconds = 0.0  # wall time spent drafting (MTP modules) and verifying (main model)
+        self.verify_seconds = 0.0
+
+    def _sample(self, logits: torch.Tensor) -> int:
+        return _draw(_distribution(logits, self.temperature, self.top_p), self.greedy, self.generator)
+
+    @torch.no_grad()
+    def prefill(self) -> int:
+        """Run the prompt through the main model; returns the first new token."""
+        out = self.model(torch.tensor([self.tokens], device=self.cache.c_kv[0].device), cache=self.cache, start_pos=0)
+        self.drafter.hidden[0][:, : self.prompt_len] = out.hidden_states
+        logits = out.logits[0, -1]
+        check_finite(logits, self.prompt_len)
+        self.tokens.append(self._sample(logits))
+        return self.tokens[-1]
+
+    @torch.no_grad()
+    def step(self) -> list[int]:
+        """One round: draft D tokens, verify them in one main-model forward, accept, roll back.
+        Returns the emitted tokens (the accepted drafts, then the correction or bonus token)."""
+        model, n = self.model, len(self.tokens) - 1  # t_n is committed but not yet run through the main model
+        started = time.perf_counter()
+        drafts, qs = self.drafter.draft(self.tokens, n, self.temperature, self.top_p, self.generator)
+        drafted = time.perf_counter()
+        self.draft_seconds += drafted - started
+        verify = torch.tensor([[self.tokens[n]] + drafts], device=self.cache.c_kv[0].device)
+        out = model(verify, cache=self.cache, start_pos=n)
+        self.rounds += 1
+        check_finite(out.logits, n)
+        p = torch.stack([_distribution(row, self.temperature, self.top_p) for row in out.logits[0]])
+        a, nxt = accept_drafts(drafts, qs, p, greedy=self.greedy, generator=self.generator)
+        for j in range(min(a + 1, self.depth)):
+            self.proposed[j] += 1
+        for j in range(a):
+            self.accepted[j] += 1
+        self.drafter.hidden[0][:, n:n + a + 1] = out.hidden_states[:, : a + 1]
+        self.cache.rollback(n + a + 1, layers=self.main_layers)  # main cache: positions 0 .. n+a
+        emitted = drafts[:a] + [nxt]
+        self.tokens.extend(emitted)
+        self.drafter.commit(n + a)
+        self.verify_seconds += time.perf_counter() - drafted
+        return emitted
+
+
+@torch.no_grad()
+def speculative_generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_tokens: int,
+                         temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
+                         generator: torch.Generator | None = None, num_draft: int | None = None,
+                         stats: SpeculativeStats | None = None) -> torch.Tensor:
+    """Continue ``input_ids`` [1, T0] by up to ``max_new_tokens`` tokens with MTP drafts; returns [1, T0 + n].
+
+    Args:
+        num_draft: drafts per round D (default: every MTP module; at most their number).
+        stats: a :class:`SpeculativeStats` to add this call's counts to.
+    The output stops after ``eos_id``. Sampling follows :func:`~dsv3.infer.generate.sample_next`'s
+    distribution exactly; with ``temperature == 0`` it is greedy.
+    """
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        dec = SpeculativeDecoder(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, num_draft=num_draft, generator=generator)
+        if stats is not None and stats.draft_tokens != dec.depth:
+            raise ConfigError(f"stats count {stats.draft_tokens} drafts per round, this call drafts {dec.depth}")
+        new = [dec.prefill()]
+        while len(new) < max_new_tokens and not (eos_id is not None and eos_id in new):
+            new.extend(dec.step())
+        if eos_id is not None and eos_id in new:
+            new = new[: new.index(eos_id) + 1]
+        new = new[:max_new_tokens]
+        if stats is not None:
+            stats.rounds += dec.rounds
+            stats.new_tokens += len(new)
+            stats.proposed = [x + y for x, y in zip(stats.proposed, dec.proposed)]
+            stats.accepted = [x + y for x, y in zip(stats.accepted, dec.accepted)]
+            stats.seconds += time.perf_counter() - started
+            stats.draft_seconds += dec.draft_seconds
+            stats.verify_seconds += dec.verify_seconds
+        return torch.cat([input_ids, torch.tensor([new], dtype=input_ids.dtype, device=input_ids.device)], dim=1)
+    finally:
+        model.train(was_training)
