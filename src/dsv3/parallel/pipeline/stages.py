@@ -58,6 +58,19 @@ def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) 
     return default_stage_layers(mcfg, layout, model_flops(mcfg, seq_len))
 
 
+def _new_stats():
+    """A fresh per-forward ``RoutingStats`` on models whose MoE layers record into one, else None."""
+    from dsv3.model import moe
+
+    cls = getattr(moe, "RoutingStats", None)
+    return cls() if cls is not None else None
+
+
+def _call(fn, *args, stats=None):
+    """``fn(*args, stats=stats)`` when there is a ``stats`` to pass down, else ``fn(*args)``."""
+    return fn(*args) if stats is None else fn(*args, stats=stats)
+
+
 @dataclass
 class MicroBatch:
     """One micro-batch as every stage sees it.
@@ -133,11 +146,20 @@ class PipelineStage:
         return list(seen)
 
     # ------------------------------------------------------------------ forward / backward
-    def _moe_stats(self, mlp: nn.Module, rec: StageRecord) -> torch.Tensor | None:
-        """The MoE layer's load and balance loss of the forward that just ran (None for dense layers)."""
+    def _moe_stats(self, mlp: nn.Module, rec: StageRecord, stats=None) -> torch.Tensor | None:
+        """The MoE layer's load and balance loss of the forward that just ran (None for dense layers).
+
+        ``stats``: the per-forward ``RoutingStats`` the layer recorded into, on models that pass one
+        down the forward; otherwise the layer's ``last_load`` / ``last_balance_loss``.
+        """
         idx = self._moe_index.get(id(mlp))
         if idx is None:
             return None
+        if stats is not None:
+            key = mlp.layer_idx
+            rec.loads[idx] = stats.load[key] if key in stats.load else torch.zeros(
+                mlp.n_experts, dtype=torch.long, device=self.model.model.embed_tokens.weight.device)
+            return stats.balance.get(key)
         rec.loads[idx] = mlp.last_load
         return mlp.last_balance_loss
 
@@ -163,7 +185,9 @@ class PipelineStage:
             policy = layer.recompute
             if policy is not None and type(policy).block is not RecomputePolicy.block:
                 inp = h  # the policy recomputes the whole block: one step
-                h = keep(inp, policy.block(layer, inp, mb.cos, mb.sin), self._moe_stats(layer.mlp, rec))
+                stats = _new_stats()
+                out = _call(policy.block, layer, inp, mb.cos, mb.sin, stats=stats)
+                h = keep(inp, out, self._moe_stats(layer.mlp, rec, stats))
                 yield
                 continue
             inp = h
@@ -171,16 +195,20 @@ class PipelineStage:
             h = keep(inp, inp + attn)
             yield
             inp = h
-            out = inp + (policy.ffn(layer, inp) if policy is not None else layer.ffn(inp))
-            h = keep(inp, out, self._moe_stats(layer.mlp, rec))
+            stats = _new_stats()
+            out = inp + (_call(policy.ffn, layer, inp, stats=stats) if policy is not None
+                         else _call(layer.ffn, inp, stats=stats))
+            h = keep(inp, out, self._moe_stats(layer.mlp, rec, stats))
             yield
         if self.is_last:
             inp = h
             h_norm = m.model.norm(inp)
             lm = m._head_loss(h_norm, mb.labels)
             emb = m.model.embed_tokens(mb.ids) if len(m.mtp) else None
-            mtp = m._mtp_loss(inp, emb, mb.labels, mb.cos, mb.sin) if len(m.mtp) else lm.new_zeros(())
-            mtp_bal = [b for b in (self._moe_stats(layer.mlp, rec) for layer in m.mtp) if b is not None]
+            stats = _new_stats()
+            mtp = (_call(m._mtp_loss, inp, emb, mb.labels, mb.cos, mb.sin, stats=stats) if len(m.mtp)
+                   else lm.new_zeros(()))
+            mtp_bal = [b for b in (self._moe_stats(layer.mlp, rec, stats) for layer in m.mtp) if b is not None]
             loss = lm + mtp
             if mtp_bal:
                 loss = loss + torch.stack(mtp_bal).sum()
