@@ -429,3 +429,20 @@ def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
             torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-5, atol=1e-5, msg=name)
     spans = [e for e in json.loads((pp / "pipeline_trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
     assert {e["tid"] for e in spans} == {0, 1}
+
+
+def test_sync_due_follows_evaluation_checkpoints_and_the_end():
+    from dsv3.parallel.pipeline.train import sync_due
+    from dsv3.train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(dict(steps=10, eval_every=4, save_every=5))
+    assert [s for s in range(1, 11) if sync_due(cfg, s)] == [4, 5, 8, 10]
+
+
+def test_launch_without_torchrun_is_a_config_error(monkeypatch):
+    from dsv3.parallel.pipeline.train import init_from_env
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="torchrun"):
+        init_from_env()
