@@ -7,6 +7,9 @@ and can fill a bubble). :func:`split_weight_grads` applies that cut to a built
 model as a transformation (the model files are untouched):
 
 * every plain ``nn.Linear`` runs ``y = x W^T + b`` through :class:`_SplitLinear`;
+* every FP8 Linear (:class:`~dsv3.fp8.linear.FP8Linear`) runs its own FP8 autograd
+  function through :class:`_SplitFP8Linear`, which calls that function's backward
+  twice, once for the input (B) and once for the weights (W);
 * every ``Experts`` whose grouped GEMM is the model's own
   :func:`~dsv3.model.ops.grouped_mm` runs it through :class:`_SplitGroupedMM`.
 
@@ -19,7 +22,7 @@ usual, so a transformed model trains exactly like the original.
 Modules that already compute their weight gradient somewhere else keep doing
 so inside B: the router (FP32 ``F.linear``), RMSNorm weights, the embedding, the
 fused output-head cross-entropy (whose ``dL/dW`` is computed in the forward)
-and FP8 Linears (their own autograd function).
+and the FP8 grouped expert GEMMs.
 """
 
 from __future__ import annotations
@@ -167,15 +170,77 @@ class _SplitGroupedMM(torch.autograd.Function):
         return dx, grouped_mm_wgrad(dy, x, offs), None, None
 
 
+class _InnerCtx:
+    """Stands in for an autograd context when one Function runs another's forward and backward."""
+
+    def save_for_backward(self, *tensors) -> None:
+        self.saved_tensors = tensors
+
+    def asking(self, needs: tuple[bool, ...]) -> "_InnerCtx":
+        self.needs_input_grad = needs
+        return self
+
+
+class _SplitFP8Linear(torch.autograd.Function):
+    """The FP8 Linear (:class:`dsv3.fp8.linear._FP8LinearFn`) with its weight gradient deferrable.
+
+    The FP8 function's forward runs unchanged; its backward runs once asking only for ``dx``
+    (B) and once, now or queued, asking only for ``dW``/``db`` (W): the same arithmetic, split.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe, input_cache: str, save_input: bool, store: WeightGradStore):
+        from dsv3.fp8.linear import _FP8LinearFn
+
+        ctx.inner = _InnerCtx()
+        ctx.store, ctx.params = store, (weight, bias)
+        return _FP8LinearFn.forward(ctx.inner, x, weight, bias, recipe, input_cache, save_input)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from dsv3.fp8.linear import _FP8LinearFn
+
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        rest = (False, False, False)
+        inner = ctx.inner
+        if not (ctx.store.enabled and (need_w or need_b)):
+            dx, dw, db = _FP8LinearFn.backward(inner.asking((need_x, need_w, need_b) + rest), dy)[:3]
+            return dx, dw, db, None, None, None, None
+        dx = _FP8LinearFn.backward(inner.asking((need_x, False, False) + rest), dy)[0] if need_x else None
+        w_param, b_param = ctx.params
+
+        def deferred() -> None:
+            _, dw, db = _FP8LinearFn.backward(inner.asking((False, need_w, need_b) + rest), dy)[:3]
+            if dw is not None:
+                _accumulate(w_param, dw)
+            if db is not None:
+                _accumulate(b_param, db)
+
+        ctx.store.put(deferred)
+        return dx, None, None, None, None, None, None
+
+
+def _split_fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    save_input = torch.is_grad_enabled() and self.weight.requires_grad
+    return _SplitFP8Linear.apply(x, self.weight, self.bias, self.recipe, self.input_cache, save_input,
+                                 self._wgrad_store)
+
+
 def split_weight_grads(model: nn.Module, store: WeightGradStore) -> int:
     """Route the weight gradients of ``model``'s plain Linears and grouped expert GEMMs through ``store``.
 
-    Idempotent. Returns the number of modules transformed. Subclasses of
-    ``nn.Linear`` (FP8 Linears) and experts with a replaced ``mm`` (FP8) are left alone.
+    Idempotent. Returns the number of modules transformed. Other subclasses of ``nn.Linear``
+    and experts with a replaced ``mm`` (the FP8 grouped GEMM) are left alone.
     """
+    from dsv3.fp8.linear import FP8Linear
+
     count = 0
     for module in model.modules():
-        if type(module) is nn.Linear:
+        if isinstance(module, FP8Linear):
+            module._wgrad_store = store
+            module.forward = types.MethodType(_split_fp8_linear_forward, module)
+            count += 1
+        elif type(module) is nn.Linear:
             module._wgrad_store = store
             module.forward = types.MethodType(_split_linear_forward, module)
             count += 1
