@@ -267,8 +267,8 @@ def test_split_weight_grads_defers_then_equals_autograd():
 
 @pytest.mark.parametrize("fp8_gemm", [True, False])
 def test_split_weight_grads_of_fp8_linears_equal_their_own_backward(fp8_gemm):
-    """FP8 Linears (emulated E4M3 GEMMs, or FP8 storage only): deferred weight gradients are bit-identical
-    to the FP8 autograd function's own backward."""
+    """FP8 Linears and FP8 grouped expert GEMMs (emulated E4M3 GEMMs, or FP8 storage only): deferred weight
+    gradients are bit-identical to the FP8 autograd functions' own backward."""
     from dsv3.fp8.convert import convert
     from dsv3.fp8.recipe import FP8Recipe
 
@@ -286,6 +286,7 @@ def test_split_weight_grads_of_fp8_linears_equal_their_own_backward(fp8_gemm):
 
     assert isinstance(model.model.layers[0].self_attn.o_proj, FP8Linear)
     assert model.model.layers[0].self_attn.o_proj.weight.grad is None  # an FP8 Linear's W is deferred
+    assert model.model.layers[1].mlp.experts.gate_up_proj.grad is None  # and an FP8 grouped GEMM's
     store.pop(0)
     ref, got = _grads(plain), _grads(model)
     assert ref.keys() == got.keys()

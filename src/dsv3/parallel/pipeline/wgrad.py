@@ -7,9 +7,10 @@ and can fill a bubble). :func:`split_weight_grads` applies that cut to a built
 model as a transformation (the model files are untouched):
 
 * every plain ``nn.Linear`` runs ``y = x W^T + b`` through :class:`_SplitLinear`;
-* every FP8 Linear (:class:`~dsv3.fp8.linear.FP8Linear`) runs its own FP8 autograd
-  function through :class:`_SplitFP8Linear`, which calls that function's backward
-  twice, once for the input (B) and once for the weights (W);
+* every FP8 Linear (:class:`~dsv3.fp8.linear.FP8Linear`) and FP8 grouped expert GEMM
+  (:class:`~dsv3.fp8.linear.FP8GroupedMM`) runs its own FP8 autograd function through
+  :class:`_SplitFP8`, which calls that function's backward twice, once for the input
+  (B) and once for the weights (W);
 * every ``Experts`` whose grouped GEMM is the model's own
   :func:`~dsv3.model.ops.grouped_mm` runs it through :class:`_SplitGroupedMM`.
 
@@ -21,8 +22,7 @@ usual, so a transformed model trains exactly like the original.
 
 Modules that already compute their weight gradient somewhere else keep doing
 so inside B: the router (FP32 ``F.linear``), RMSNorm weights, the embedding, the
-fused output-head cross-entropy (whose ``dL/dW`` is computed in the forward)
-and the FP8 grouped expert GEMMs.
+fused output-head cross-entropy (whose ``dL/dW`` is computed in the forward).
 """
 
 from __future__ import annotations
@@ -181,61 +181,81 @@ class _InnerCtx:
         return self
 
 
-class _SplitFP8Linear(torch.autograd.Function):
-    """The FP8 Linear (:class:`dsv3.fp8.linear._FP8LinearFn`) with its weight gradient deferrable.
+class _SplitFP8(torch.autograd.Function):
+    """An FP8 autograd function (``_FP8LinearFn`` or ``_FP8GroupedMMFn`` of :mod:`dsv3.fp8.linear`) with
+    its weight gradient deferrable.
 
-    The FP8 function's forward runs unchanged; its backward runs once asking only for ``dx``
-    (B) and once, now or queued, asking only for ``dW``/``db`` (W): the same arithmetic, split.
+    Its forward runs unchanged; its backward runs once asking only for the input gradient (B)
+    and once, now or queued, asking only for the weight (and bias) gradients (W): the same
+    arithmetic, split. ``args`` are the FP8 function's inputs, tensors first: ``(x, weight,
+    bias, ...)`` for the Linear (``n_params`` 2), ``(x, w, offs, ...)`` for the grouped GEMM (1).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe, input_cache: str, save_input: bool, store: WeightGradStore):
-        from dsv3.fp8.linear import _FP8LinearFn
-
+    def forward(ctx, fn, n_params: int, store: WeightGradStore, *args):
+        ctx.fn, ctx.n_params, ctx.store = fn, n_params, store
         ctx.inner = _InnerCtx()
-        ctx.store, ctx.params = store, (weight, bias)
-        return _FP8LinearFn.forward(ctx.inner, x, weight, bias, recipe, input_cache, save_input)
+        ctx.params = args[1:1 + n_params]
+        return fn.forward(ctx.inner, *args)
 
     @staticmethod
     def backward(ctx, dy):
-        from dsv3.fp8.linear import _FP8LinearFn
-
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        rest = (False, False, False)
-        inner = ctx.inner
-        if not (ctx.store.enabled and (need_w or need_b)):
-            dx, dw, db = _FP8LinearFn.backward(inner.asking((need_x, need_w, need_b) + rest), dy)[:3]
-            return dx, dw, db, None, None, None, None
-        dx = _FP8LinearFn.backward(inner.asking((need_x, False, False) + rest), dy)[0] if need_x else None
-        w_param, b_param = ctx.params
+        fn, k, inner = ctx.fn, ctx.n_params, ctx.inner
+        needs = ctx.needs_input_grad[3:]  # after fn, n_params, store
+        off = (False,) * (len(needs) - 1 - k)
+        need_x, need_p = needs[0], needs[1:1 + k]
+        if not (ctx.store.enabled and any(need_p)):
+            return (None, None, None, *fn.backward(inner.asking(needs), dy))
+        dx = fn.backward(inner.asking((need_x,) + (False,) * k + off), dy)[0] if need_x else None
+        params = ctx.params
 
         def deferred() -> None:
-            _, dw, db = _FP8LinearFn.backward(inner.asking((False, need_w, need_b) + rest), dy)[:3]
-            if dw is not None:
-                _accumulate(w_param, dw)
-            if db is not None:
-                _accumulate(b_param, db)
+            grads = fn.backward(inner.asking((False,) + tuple(need_p) + off), dy)[1:1 + k]
+            for p, g in zip(params, grads):
+                if g is not None:
+                    _accumulate(p, g)
 
         ctx.store.put(deferred)
-        return dx, None, None, None, None, None, None
+        return (None, None, None, dx) + (None,) * (len(needs) - 1)
 
 
 def _split_fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    from dsv3.fp8.linear import _FP8LinearFn
+
     save_input = torch.is_grad_enabled() and self.weight.requires_grad
-    return _SplitFP8Linear.apply(x, self.weight, self.bias, self.recipe, self.input_cache, save_input,
-                                 self._wgrad_store)
+    return _SplitFP8.apply(_FP8LinearFn, 2, self._wgrad_store, x, self.weight, self.bias, self.recipe,
+                           self.input_cache, save_input)
+
+
+class _SplitFP8GroupedMM:
+    """``Experts.mm`` replacement: the FP8 grouped GEMM of ``FP8GroupedMM`` with a deferrable weight gradient."""
+
+    _wgrad_split = True
+
+    def __init__(self, recipe, store: WeightGradStore) -> None:
+        self.recipe, self.store = recipe, store
+
+    def __call__(self, x_sorted: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        from dsv3.fp8.linear import _FP8GroupedMMFn
+
+        save_input = torch.is_grad_enabled() and w.requires_grad
+        return _SplitFP8.apply(_FP8GroupedMMFn, 1, self.store, x_sorted, w, offs, self.recipe, save_input)
 
 
 def split_weight_grads(model: nn.Module, store: WeightGradStore) -> int:
     """Route the weight gradients of ``model``'s plain Linears and grouped expert GEMMs through ``store``.
 
     Idempotent. Returns the number of modules transformed. Other subclasses of ``nn.Linear``
-    and experts with a replaced ``mm`` (the FP8 grouped GEMM) are left alone.
+    and experts with another replaced ``mm`` are left alone.
     """
-    from dsv3.fp8.linear import FP8Linear
+    from dsv3.fp8.linear import FP8GroupedMM, FP8Linear
 
     count = 0
     for module in model.modules():
+        if isinstance(module, Experts) and isinstance(module.mm, (FP8GroupedMM, _SplitFP8GroupedMM)):
+            module.mm = _SplitFP8GroupedMM(module.mm.recipe, store)
+            count += 1
+            continue
         if isinstance(module, FP8Linear):
             module._wgrad_store = store
             module.forward = types.MethodType(_split_fp8_linear_forward, module)
