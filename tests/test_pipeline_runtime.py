@@ -475,3 +475,10 @@ def test_launch_without_torchrun_is_a_config_error(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ConfigError, match="torchrun"):
         init_from_env()
+
+
+def test_runtime_rejects_a_bad_explicit_split():
+    from dsv3.parallel.pipeline.executor import PipelineRuntime
+
+    with pytest.raises(ConfigError, match="summing to the model's 4 layers"):
+        PipelineRuntime(build_model(4), "1f1b", 2, seq_len=SEQ, layers=(1, 2))

@@ -138,6 +138,10 @@ class PipelineRuntime:
         self.model = model
         self.name = str(schedule).lower()
         self.pp = pp
+        n_layers = model.config.num_hidden_layers
+        if layers is not None and (len(layers) != pp or min(layers) < 1 or sum(layers) != n_layers):
+            raise ConfigError(f"layers per stage {tuple(layers)} must be {pp} positive counts summing to the model's "
+                              f"{n_layers} layers.")
         rank, world = dist.get_rank(), dist.get_world_size()
         ndev = devices_of(self.name, pp)
         self.template = check_layout(model.config.num_hidden_layers, self.name, pp, 2 * pp, world)
@@ -151,9 +155,6 @@ class PipelineRuntime:
         self.ranks = mine[0]
         self.device = self.ranks.index(rank)
         self.layers = tuple(layers) if layers is not None else stage_layers(model.config, pp, seq_len)
-        if len(self.layers) != pp or min(self.layers) < 1 or sum(self.layers) != model.config.num_hidden_layers:
-            raise ConfigError(f"layers per stage {self.layers} must be {pp} positive counts summing to the model's "
-                              f"{model.config.num_hidden_layers} layers.")
         starts = [sum(self.layers[:s]) for s in range(pp)]
         all_stages = [PipelineStage(model, s, pp, list(range(starts[s], starts[s] + self.layers[s]))) for s in range(pp)]
         self.stages = {s: all_stages[s] for s in self.template.device_stages[self.device]}
