@@ -466,7 +466,9 @@ def test_old_flat_run_directory_still_resumes(train_setup, tmp_path):
     assert result.step == 7
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
-    assert (run / "config.yaml").read_text() == old  # resuming does not rewrite the run's config
+    # issue 15: the overrides that applied are written to the run's effective config (a later plain
+    # --resume continues to step 7), in the current sectioned form
+    assert resume_config(str(run), {}).schedule.steps == 7 and (run / "config.yaml").read_text() != old
 
 
 def test_print_config_prints_yaml_and_writes_nothing(train_setup, tmp_path, monkeypatch, capsys):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -140,7 +141,13 @@ class ModelConfig:
 
     # --------------------------------------------------------------- validation
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first violated constraint."""
+        """Raise :class:`ConfigError` naming the first violated constraint.
+
+        Every field's type and range is checked first (:func:`check_field_types`), so
+        nothing below (and nothing downstream, such as ``tokenizers`` or the planner)
+        ever sees a string where a number belongs or an absurd size.
+        """
+        check_field_types(self)
 
         def need(cond: bool, msg: str) -> None:
             if not cond:
@@ -258,7 +265,10 @@ class ModelConfig:
         rope_form = "rope_scaling"
         if "rope_parameters" in data and data["rope_parameters"] is not None:
             rope_form = "rope_parameters"
-            params = dict(data.pop("rope_parameters"))
+            params = data.pop("rope_parameters")
+            if not isinstance(params, dict):
+                raise ConfigError(f"config field rope_parameters must be null or an object, got {_kind(params)}")
+            params = dict(params)
             theta = params.pop("rope_theta", data.pop("rope_theta", 10000.0))
             data["rope_theta"] = theta
             rope_type = params.get("rope_type", params.get("type", "default"))
@@ -290,11 +300,17 @@ class ModelConfig:
             if kwargs.get(key) is None and key in kwargs:
                 kwargs[key] = 1
         if isinstance(kwargs.get("eos_token_id"), list):
+            if not kwargs["eos_token_id"]:
+                raise ConfigError("config field eos_token_id must be an integer or a non-empty list of integers")
             extra["eos_token_id_list"] = kwargs["eos_token_id"]
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
         try:
             return cls(**kwargs, extra=extra, rope_form=rope_form)
         except TypeError as exc:  # pragma: no cover - defensive
+            raise ConfigError(f"malformed model config: {exc}") from None
+        except (ValueError, OverflowError) as exc:  # pragma: no cover - defensive (ConfigError is a ValueError)
+            if isinstance(exc, ConfigError):
+                raise
             raise ConfigError(f"malformed model config: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -337,6 +353,12 @@ class ModelConfig:
                 data = json.load(fh)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"model config {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"model config {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON") from None
+        except RecursionError:
+            raise ConfigError(f"model config {path} is nested too deeply to be a model config") from None
+        except OSError as exc:
+            raise ConfigError(f"model config {path} cannot be read ({exc.strerror or exc})") from None
         return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -351,6 +373,186 @@ class ModelConfig:
     def replace(self, **changes: Any) -> "ModelConfig":
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+# ------------------------------------------------------------------ field types and ranges
+# Upper bounds that no real model reaches; beyond them a value is a typo (or an attack on
+# the memory of whatever reads it: tokenizers, the planner, torch.empty).
+MAX_VOCAB = 1 << 24  # 16.7M tokens (the largest released vocabularies have ~256K)
+MAX_DIM = 1 << 20  # hidden sizes, head dims, latent ranks, FFN widths
+MAX_COUNT = 1 << 16  # layers, heads, experts, groups
+MAX_POSITIONS = 1 << 27  # 134M positions
+
+_INT_RULES: dict[str, tuple[int, int]] = {  # name -> (min, max), both inclusive
+    "vocab_size": (1, MAX_VOCAB),
+    "hidden_size": (1, MAX_DIM),
+    "intermediate_size": (1, MAX_DIM),
+    "moe_intermediate_size": (0, MAX_DIM),
+    "num_hidden_layers": (1, MAX_COUNT),
+    "num_attention_heads": (1, MAX_COUNT),
+    "num_key_value_heads": (1, MAX_COUNT),
+    "kv_lora_rank": (1, MAX_DIM),
+    "qk_nope_head_dim": (1, MAX_DIM),
+    "qk_rope_head_dim": (1, MAX_DIM),
+    "v_head_dim": (1, MAX_DIM),
+    "n_shared_experts": (0, MAX_COUNT),
+    "n_routed_experts": (0, MAX_COUNT),
+    "num_experts_per_tok": (0, MAX_COUNT),
+    "n_group": (0, MAX_COUNT),
+    "topk_group": (0, MAX_COUNT),
+    "first_k_dense_replace": (0, MAX_COUNT),
+    "moe_layer_freq": (1, MAX_COUNT),
+    "num_nextn_predict_layers": (0, MAX_COUNT),
+    "max_position_embeddings": (1, MAX_POSITIONS),
+}
+_OPTIONAL_INT_RULES: dict[str, tuple[int, int]] = {
+    "q_lora_rank": (1, MAX_DIM),
+    "bos_token_id": (0, MAX_VOCAB),
+    "eos_token_id": (0, MAX_VOCAB),
+}
+# name -> (lower bound, whether the bound itself is allowed, upper bound or None)
+_FLOAT_RULES: dict[str, tuple[float, bool, float | None]] = {
+    "routed_scaling_factor": (0.0, False, None),
+    "rope_theta": (0.0, False, None),
+    "rms_norm_eps": (0.0, False, 1.0),
+    "initializer_range": (0.0, False, None),
+    "bias_update_speed": (0.0, True, None),
+    "seq_aux_alpha": (0.0, True, None),
+    "mtp_loss_weight": (0.0, True, None),
+}
+_BOOL_FIELDS = ("norm_topk_prob", "rope_interleave", "tie_word_embeddings", "attention_bias")
+_STR_FIELDS = ("model_type", "topk_method", "scoring_func", "hidden_act")
+# Numeric keys a rope_scaling / rope_parameters object may hold (all optional).
+_ROPE_NUMBERS = ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor")
+
+
+def _kind(value: Any) -> str:
+    """How a JSON value reads in an error message: ``a string ('abc')``, ``null``, ``a boolean (true)``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"a string ({shown!r})"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return repr(value)
+
+
+def is_int(value: Any) -> bool:
+    """A true integer: an ``int`` that is not a ``bool``."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool, not NaN or infinity)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def as_int(value: Any, what: str) -> int:
+    """``value`` as an ``int``, strictly: ``3``, ``3.0``, ``"3"``, ``"1e3"`` pass; ``2.5``, ``"2.5"``, ``"x"``, ``True`` fail.
+
+    The one integer parser for command-line flags and config files, so that ``--steps 2.5``
+    is an error instead of a silent truncation to 2.
+
+    Args:
+        value: an int, an integral float, or a string holding an integer (``"12"``, ``"1e3"``).
+        what: how the error names the value, e.g. ``"option steps"`` or ``"--steps"``.
+
+    Raises:
+        ConfigError: when ``value`` is not an integer.
+    """
+    if is_int(value):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            number = float(text)  # "1e3" is an integer written in scientific notation
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and number.is_integer():
+            return int(number)
+    shown = repr(value) if isinstance(value, float) else _kind(value)
+    raise ConfigError(f"{what} must be an integer, got {shown}")
+
+
+def check_field_types(cfg: "ModelConfig") -> None:
+    """Check the type and range of every field of ``cfg``; raise :class:`ConfigError` on the first bad one.
+
+    Integers must be JSON integers (not strings, floats or booleans) within the bounds of
+    ``_INT_RULES``; floats finite numbers within ``_FLOAT_RULES``; booleans JSON booleans;
+    ``rope_scaling`` null or an object with a known ``type`` and numeric parameters.
+    """
+    for name, (lo, hi) in _INT_RULES.items():
+        value = getattr(cfg, name)
+        if not is_int(value):
+            raise ConfigError(f"config field {name} must be an integer, got {_kind(value)}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"config field {name} must be between {lo} and {hi:,}, got {value:,}")
+    for name, (lo, hi) in _OPTIONAL_INT_RULES.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if not is_int(value):
+            raise ConfigError(f"config field {name} must be null or an integer, got {_kind(value)}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"config field {name} must be between {lo} and {hi:,}, got {value:,}")
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(cfg, name)
+        if value is not None and value >= cfg.vocab_size:
+            raise ConfigError(f"config field {name} ({value}) must be below vocab_size ({cfg.vocab_size})")
+    for name, (lo, inclusive, hi) in _FLOAT_RULES.items():
+        value = getattr(cfg, name)
+        if not is_number(value):
+            raise ConfigError(f"config field {name} must be a finite number, got {_kind(value)}")
+        low_ok = value >= lo if inclusive else value > lo
+        if not low_ok or (hi is not None and value >= hi):
+            bound = ("non-negative" if inclusive else "positive") + (f" and below {hi}" if hi is not None else "")
+            raise ConfigError(f"config field {name} must be {bound}, got {value}")
+    for name in _BOOL_FIELDS:
+        value = getattr(cfg, name)
+        if not isinstance(value, bool):
+            raise ConfigError(f"config field {name} must be true or false, got {_kind(value)}")
+    for name in _STR_FIELDS:
+        value = getattr(cfg, name)
+        if not isinstance(value, str):
+            raise ConfigError(f"config field {name} must be a string, got {_kind(value)}")
+    if cfg.quantization_config is not None and not isinstance(cfg.quantization_config, dict):
+        raise ConfigError(f"config field quantization_config must be null or an object, got "
+                          f"{_kind(cfg.quantization_config)}")
+    check_rope_scaling(cfg.rope_scaling)
+
+
+def check_rope_scaling(rope: Any) -> None:
+    """``rope_scaling`` must be null or ``{"type": "yarn" | "default", "factor": > 0, ...}`` with numeric values."""
+    if rope is None:
+        return
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config field rope_scaling must be null or an object such as "
+                          f'{{"type": "yarn", "factor": 4}}, got {_kind(rope)}')
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
+        raise ConfigError(f"rope scaling type must be one of {', '.join(ROPE_TYPES)}, got {_kind(rope_type)}")
+    for key in _ROPE_NUMBERS:
+        if key in rope and rope[key] is not None and not is_number(rope[key]):
+            raise ConfigError(f"rope_scaling field {key} must be a finite number, got {_kind(rope[key])}")
+    if rope_type == "yarn":
+        factor = rope.get("factor")
+        if not is_number(factor) or factor <= 0:
+            raise ConfigError(f"yarn rope scaling needs a positive 'factor', got {_kind(factor)}")
+    original = rope.get("original_max_position_embeddings")
+    if original is not None and (not is_int(original) or not 1 <= original <= MAX_POSITIONS):
+        raise ConfigError(f"rope_scaling field original_max_position_embeddings must be a positive integer, "
+                          f"got {_kind(original)}")
 
 
 def list_presets() -> list[str]:

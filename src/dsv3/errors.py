@@ -29,3 +29,16 @@ class RunDirError(DsV3Error):
 
 class TrainingError(DsV3Error):
     """Training cannot continue (for example too many non-finite losses in a row)."""
+
+
+def disk_error_message(exc: BaseException) -> str | None:
+    """One sentence for a write that failed because the disk is full, over quota or read-only; else None."""
+    import errno as _errno
+
+    codes = {_errno.ENOSPC: "no space left on device", _errno.EDQUOT: "disk quota exceeded",
+             _errno.EROFS: "read-only file system"}
+    if not isinstance(exc, OSError) or exc.errno not in codes:
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return (f"{codes[exc.errno]}{where}; free space (or choose a writable --run-dir) and continue from the last "
+            f"checkpoint with dsv3 train --resume RUN_DIR")

@@ -219,12 +219,19 @@ def load_state_into(model: torch.nn.Module, path: str, *, strict: bool = True,
 def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", strict: bool = True):
     """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory as a
-    :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``)."""
+    :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``).
+
+    ``path`` may also be a dsv3 run directory: its latest intact checkpoint is loaded.
+    """
     from dsv3.model import DeepseekV3ForCausalLM
 
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        from dsv3.checkpoint.state import resolve_checkpoint
+
+        path = resolve_checkpoint(path)  # a run directory: its latest checkpoint
     try:
         config = ModelConfig.from_json_file(path)
     except ConfigError as exc:

@@ -7,20 +7,30 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/step-NNNNNNN/``:
 - ``tokenizer.json``: the run's tokenizer (the checkpoint is self-contained);
 - ``optimizer.safetensors``, ``rng.safetensors``, ``ema.safetensors``: tensors;
 - ``training_state.json``: everything else (step, data-loader position, optimizer
-  hyper-parameters, Python/NumPy RNG states, counters).
+  hyper-parameters, Python/NumPy RNG states, counters);
+- ``manifest.json``, written last: the size and SHA-256 of every other file.
 
 No pickle anywhere. The directory is assembled under a temporary name and renamed
 into place (:func:`dsv3.utils.io.atomic_dir`), so a kill at any moment leaves the
 previous checkpoints intact; only complete ``step-*`` directories are ever seen.
+A checkpoint damaged afterwards (a file deleted, truncated or changed on disk) fails
+:func:`verify_checkpoint`; :func:`select_resume_checkpoint` then moves it aside
+(``step-N.damaged``) and resumes from the newest intact one, saying so. Temporary
+directories a kill left behind are removed by :func:`remove_stale_temporaries`. A
+write that fails (a full disk) raises :class:`~dsv3.errors.CheckpointError` after
+removing its temporary files; the previous checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,7 +42,11 @@ from dsv3.utils.io import atomic_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.json"
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_TEMP_RE = re.compile(r"^\.step-\d+\..*\.tmp$")  # atomic_dir's temporary name for step-N
+_ASIDE_RE = re.compile(r"^(step-\d+)\.old$")  # atomic_dir's aside name while replacing step-N
 
 
 # ------------------------------------------------------------------ tensors out of nested state
@@ -106,33 +120,204 @@ def checkpoint_dir(run_dir: str, step: int) -> str:
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints of a run, oldest first, as ``(step, path)``."""
+    """The ``step-*`` checkpoint directories of a run, oldest first, as ``(step, path)``.
+
+    Every renamed-into-place directory is listed (a write is atomic, so each one was
+    complete when written); whether it is still intact is :func:`verify_checkpoint`'s job.
+    """
     root = os.path.join(run_dir, CHECKPOINTS)
     if not os.path.isdir(root):
         return []
     found = []
     for name in os.listdir(root):
         m = _STEP_RE.match(name)
-        if m and os.path.isfile(os.path.join(root, name, STATE_FILE)):
+        if m and os.path.isdir(os.path.join(root, name)):
             found.append((int(m.group(1)), os.path.join(root, name)))
     return sorted(found)
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes, read in ``chunk``-byte pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str, step: int) -> dict[str, Any]:
+    """Record the size and SHA-256 of every file in ``directory`` in ``directory/manifest.json``."""
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        if name != MANIFEST and os.path.isfile(full):
+            files[name] = {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
+    manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1)
+    return manifest
+
+
+def verify_checkpoint(path: str, *, hashes: bool = True) -> str | None:
+    """Why the checkpoint directory ``path`` is damaged, or None when it is intact.
+
+    Intact means: ``manifest.json`` is readable, every file it lists exists with the
+    recorded size (and, with ``hashes``, the recorded SHA-256), and the files a resume
+    needs (config, weights, training state, RNG) are among them.
+
+    Args:
+        path: a ``step-*`` directory.
+        hashes: also hash every file (reads all bytes); False checks sizes only.
+    """
+    try:
+        with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
+            manifest = json.load(fh)
+        files = manifest["files"]
+        if not isinstance(files, dict):
+            raise TypeError
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    weights = "model.safetensors" in files or "model.safetensors.index.json" in files
+    for need in ("config.json", STATE_FILE, "rng.safetensors"):
+        if need not in files:
+            return f"its manifest does not list {need}"
+    if not weights:
+        return "its manifest lists no model weights"
+    for name, entry in files.items():
+        full = os.path.join(path, name)
+        try:
+            size = os.path.getsize(full)
+        except OSError:
+            return f"{name} is missing"
+        try:
+            if size != entry["bytes"]:
+                return f"{name} is truncated or changed ({size} bytes, {entry['bytes']} written)"
+            if hashes and file_sha256(full) != entry["sha256"]:
+                return f"{name} does not match its recorded SHA-256"
+        except (KeyError, TypeError):
+            return f"{MANIFEST} is unreadable"
+        except OSError as exc:
+            return f"{name} cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def latest_checkpoint(run_dir: str, *, hashes: bool = False) -> str | None:
+    """The newest checkpoint of a run that passes :func:`verify_checkpoint` (sizes only by default)."""
+    for _, path in reversed(list_checkpoints(run_dir)):
+        if verify_checkpoint(path, hashes=hashes) is None:
+            return path
+    return None
+
+
+def _move_aside(path: str) -> str:
+    """Rename a damaged checkpoint to ``step-N.damaged`` (``.damaged-2``, ...) so it is never resumed."""
+    target, n = path + ".damaged", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{path}.damaged-{n}"
+    os.replace(path, target)
+    return target
+
+
+def select_resume_checkpoint(run_dir: str, log: Callable[[str], None] = print) -> str | None:
+    """The newest intact checkpoint of ``run_dir`` (full SHA-256 check) to resume from.
+
+    Each newer damaged checkpoint is renamed to ``step-N.damaged`` and reported with
+    ``log`` ("checkpoint step-N is damaged (...); falling back to step-M"), so that
+    later pruning and ``--resume`` never pick it. None when the run has no checkpoint.
+
+    Raises:
+        CheckpointError: when the run has checkpoints but every one is damaged.
+    """
     found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
+    damaged: list[tuple[str, str]] = []
+    chosen = None
+    for _, path in reversed(found):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            chosen = path
+            break
+        damaged.append((path, reason))
+    if damaged and chosen is None:
+        path, reason = damaged[0]
+        raise CheckpointError(f"every checkpoint of {run_dir} is damaged (the newest, {os.path.basename(path)}: "
+                              f"{reason}); start a new run or restore the files")
+    for path, reason in damaged:
+        aside = _move_aside(path)
+        log(f"checkpoint {os.path.basename(path)} is damaged ({reason}); moved it to {os.path.basename(aside)} "
+            f"and falling back to {os.path.basename(chosen)}")
+    return chosen
+
+
+def remove_stale_temporaries(run_dir: str) -> list[str]:
+    """Remove what a killed writer left in ``run_dir``; return the removed paths.
+
+    ``checkpoints/.step-N.*.tmp`` directories (a checkpoint being assembled), and
+    ``.NAME.*.tmp`` files next to ``config.yaml``/``tokenizer.json`` (an atomic file write).
+    A ``step-N.old`` directory (the previous version while ``step-N`` was being replaced)
+    is put back as ``step-N`` when the kill came between the two renames, else removed.
+    Call it only while holding the run's lock.
+    """
+    removed = []
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        full = os.path.join(run_dir, name)
+        if name.startswith(".") and name.endswith(".tmp") and os.path.isfile(full):
+            os.remove(full)
+            removed.append(full)
+    root = os.path.join(run_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return removed
+    for name in sorted(os.listdir(root)):
+        full = os.path.join(root, name)
+        aside = _ASIDE_RE.match(name)
+        if _TEMP_RE.match(name):
+            shutil.rmtree(full, ignore_errors=True) if os.path.isdir(full) else os.remove(full)
+            removed.append(full)
+        elif aside:
+            original = os.path.join(root, aside.group(1))
+            if os.path.exists(original):
+                shutil.rmtree(full, ignore_errors=True)
+                removed.append(full)
+            else:
+                os.replace(full, original)
+    return removed
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    """A checkpoint directory, or a run directory (its latest intact checkpoint)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is neither a run directory nor a checkpoint directory")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     latest = latest_checkpoint(path)
     if latest is None:
+        if list_checkpoints(path):
+            raise CheckpointError(f"every checkpoint in {path} is damaged (files missing or truncated)")
         raise CheckpointError(f"{path} holds no checkpoint (no config.json and no {CHECKPOINTS}/step-*)")
     return latest
+
+
+_DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """A short reason when ``exc`` is a failed file write (full disk, quota, permissions), else None."""
+    if isinstance(exc, OSError):
+        return _DISK_ERRNOS.get(exc.errno, exc.strerror or str(exc))
+    if type(exc).__name__ == "SafetensorError":  # safetensors reports I/O errors as its own type
+        text = str(exc)
+        for code, reason in _DISK_ERRNOS.items():
+            if os.strerror(code).lower() in text.lower() or reason in text.lower():
+                return reason
+        return text.splitlines()[0] if text else "safetensors write error"
+    return None
 
 
 def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, loader_state: dict | None = None,
@@ -142,34 +327,55 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, loader_st
 
     ``before_commit`` (tests only) is called with the temporary directory just before
     it is renamed into place, to simulate a kill in the middle of a write.
-    """
-    from dsv3.checkpoint.hf import write_pretrained
 
+    Raises:
+        CheckpointError: when the write fails (a full disk, a quota, lost permissions);
+            the temporary directory is removed and every earlier checkpoint is untouched.
+    """
     path = checkpoint_dir(run_dir, step)
-    with atomic_dir(path) as tmp:
-        write_pretrained(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-        state: dict[str, Any] = {"step": step, "loader": loader_state, "extra": extra or {}}
-        if optimizer is not None:
-            meta, tensors = split_tensors(optimizer.state_dict(), "optim")
-            save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-            state["optimizer"] = meta
-        rng_meta, rng_tensors = rng_state()
-        save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
-        state["rng"] = rng_meta
-        if ema is not None:
-            meta, tensors = split_tensors(ema.state_dict(), "ema")
-            save_file(tensors, os.path.join(tmp, "ema.safetensors"))
-            state["ema"] = meta
-        with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
-            json.dump(state, fh)
-        if before_commit is not None:
-            before_commit(tmp)
+    try:
+        with atomic_dir(path) as tmp:
+            _write_checkpoint_files(tmp, step, model=model, optimizer=optimizer, loader_state=loader_state,
+                                    tokenizer=tokenizer, ema=ema, extra=extra)
+            if before_commit is not None:
+                before_commit(tmp)
+    except Exception as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            raise
+        previous = latest_checkpoint(run_dir)
+        kept = (f"the previous checkpoint {os.path.basename(previous)} is intact" if previous
+                else "no earlier checkpoint exists")
+        raise CheckpointError(f"cannot write checkpoint {os.path.basename(path)} in {os.path.dirname(path)} "
+                              f"({reason}); {kept}; free space and continue with dsv3 train --resume "
+                              f"{run_dir}") from None
     if keep_last:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _write_checkpoint_files(tmp: str, step: int, *, model, optimizer, loader_state, tokenizer, ema, extra) -> None:
+    from dsv3.checkpoint.hf import write_pretrained
+
+    write_pretrained(model, tmp)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    state: dict[str, Any] = {"step": step, "loader": loader_state, "extra": extra or {}}
+    if optimizer is not None:
+        meta, tensors = split_tensors(optimizer.state_dict(), "optim")
+        save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
+        state["optimizer"] = meta
+    rng_meta, rng_tensors = rng_state()
+    save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+    state["rng"] = rng_meta
+    if ema is not None:
+        meta, tensors = split_tensors(ema.state_dict(), "ema")
+        save_file(tensors, os.path.join(tmp, "ema.safetensors"))
+        state["ema"] = meta
+    with open(os.path.join(tmp, STATE_FILE), "w", encoding="utf-8") as fh:
+        json.dump(state, fh)
+    write_manifest(tmp, step)
 
 
 def load_checkpoint_state(path: str, *, model=None, optimizer=None, ema=None, restore_rng: bool = True

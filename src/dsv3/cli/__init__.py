@@ -20,7 +20,7 @@ import sys
 from dsv3.errors import DsV3Error
 
 # Sub-command modules, in the order `dsv3 --help` lists them.
-COMMANDS = ("train", "generate", "plot", "plan", "memory", "eplb")
+COMMANDS = ("train", "generate", "plot", "plan", "memory", "eplb", "eval")
 
 
 class Parser(argparse.ArgumentParser):
@@ -100,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dsv3: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a disk that fills up or turns read-only mid-run (metrics, caches, plots)
+        from dsv3.errors import disk_error_message
+
+        message = disk_error_message(exc)
+        if message is None:
+            raise
+        print(f"dsv3: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -79,17 +79,20 @@ class RecomputePolicy:
 
     name = "none"
 
-    def block(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x`` [B, T, d] -> [B, T, d]: ``h = x + attention(x); h + ffn(h)``."""
-        h = x + self.attention(layer, x, cos, sin)
+    def block(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, T, d] -> [B, T, d]: ``h = x + attention(x); h + ffn(h)`` (``attn_mask``: the document mask)."""
+        h = x + self.attention(layer, x, cos, sin, attn_mask=attn_mask)
         return h + self.ffn(layer, h)
 
-    def mtp(self, layer, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def mtp(self, layer, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """An MTP module (:class:`~dsv3.model.mtp.MTPLayer`): its input projection, then its block."""
-        return self.block(layer, layer.project_input(h_prev, emb), cos, sin)
+        return self.block(layer, layer.project_input(h_prev, emb), cos, sin, attn_mask=attn_mask)
 
-    def attention(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return layer.attention(x, cos, sin)
+    def attention(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return layer.attention(x, cos, sin, attn_mask=attn_mask)
 
     def ffn(self, layer: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
         return layer.ffn(h)
@@ -103,11 +106,11 @@ class SelectiveRecompute(RecomputePolicy):
 
     name = "selective"
 
-    def attention(self, layer, x, cos, sin):
+    def attention(self, layer, x, cos, sin, attn_mask=None):
         attn = layer.self_attn
         q_latent, kv_latent = checkpoint(lambda t: attn.compress(layer.input_layernorm(t)), x,
                                          use_reentrant=False, context_fn=_KEEP_MATMULS)
-        return checkpoint(lambda q, kv: attn.attend(q, kv, cos, sin), q_latent, kv_latent,
+        return checkpoint(lambda q, kv: attn.attend(q, kv, cos, sin, attn_mask=attn_mask), q_latent, kv_latent,
                           use_reentrant=False, context_fn=_KEEP_ATTENTION)
 
     def ffn(self, layer, h):
@@ -123,12 +126,12 @@ class FullRecompute(RecomputePolicy):
 
     name = "full"
 
-    def block(self, layer, x, cos, sin):
-        return checkpoint(_PLAIN.block, layer, x, cos, sin, use_reentrant=False)
+    def block(self, layer, x, cos, sin, attn_mask=None):
+        return checkpoint(_PLAIN.block, layer, x, cos, sin, attn_mask=attn_mask, use_reentrant=False)
 
-    def mtp(self, layer, h_prev, emb, cos, sin):
+    def mtp(self, layer, h_prev, emb, cos, sin, attn_mask=None):
         # The whole MTP module, its norms and eh_proj included, keeps only its two inputs.
-        return checkpoint(_PLAIN.mtp, layer, h_prev, emb, cos, sin, use_reentrant=False)
+        return checkpoint(_PLAIN.mtp, layer, h_prev, emb, cos, sin, attn_mask=attn_mask, use_reentrant=False)
 
 
 _PLAIN = RecomputePolicy()

@@ -32,18 +32,20 @@ class DecoderLayer(nn.Module):
         self.recompute = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """``x`` [B, T, d] -> [B, T, d]."""
+                cache: LatentKVCache | None = None, start_pos: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, T, d] -> [B, T, d]; ``attn_mask``: the document mask (see :meth:`MLA.forward`)."""
         if self.recompute is not None and cache is None and torch.is_grad_enabled():
-            return self.recompute.block(self, x, cos, sin)
-        h = x + self.attention(x, cos, sin, cache, start_pos)
+            return self.recompute.block(self, x, cos, sin, attn_mask=attn_mask)
+        h = x + self.attention(x, cos, sin, cache, start_pos, attn_mask)
         return h + self.ffn(h)
 
     # The two residual branches; recomputation policies wrap these (see dsv3.memory.recompute).
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                  cache: LatentKVCache | None = None, start_pos: int = 0,
+                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The attention branch ``MLA(RMSNorm(x))``."""
-        return self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        return self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, attn_mask)
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """The feed-forward branch ``FFN(RMSNorm(h))``."""

@@ -12,7 +12,10 @@ Symbols: d = ``hidden_size``, n_h = heads, d_h = ``qk_nope_head_dim``, d_h^R =
 
 Training uses the expanded keys/values and fused causal attention
 (``scaled_dot_product_attention``; values are zero-padded to the key width so the
-fused kernel applies). Decoding caches only c^KV and k^R (d_c + d_h^R values per
+fused kernel applies). Packed sequences (several documents or conversations in one
+row, report 5.1 "sample masking") pass a block-diagonal causal mask built by
+:func:`document_mask` from per-token segment ids, so attention never crosses from one
+document into another; without it the plain ``is_causal`` kernel runs, at no extra cost. Decoding caches only c^KV and k^R (d_c + d_h^R values per
 token per layer) and absorbs W^UK into the query and W^UV into the output
 (:meth:`MLA.forward` with a :class:`LatentKVCache`).
 """
@@ -26,6 +29,25 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import apply_rope, softmax_scale
+
+
+def document_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal causal attention mask of packed documents.
+
+    Args:
+        segment_ids: [B, T] integer id of the document each token belongs to (any ids;
+            tokens with equal ids in one row form one document, which must be contiguous).
+    Returns:
+        [B, 1, T, T] bool, True where query i may attend key j: ``j <= i`` and
+        ``segment_ids[b, j] == segment_ids[b, i]`` (the form ``scaled_dot_product_attention``
+        takes; broadcast over the n_h heads).
+    """
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be [B, T], got shape {tuple(segment_ids.shape)}")
+    seqlen = segment_ids.shape[1]
+    causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)  # [B, T, T]
+    return (same & causal).unsqueeze(1)
 
 
 class LatentKVCache:
@@ -140,8 +162,13 @@ class MLA(nn.Module):
         return q, self.kv_a_proj_with_mqa(x)
 
     def attend(self, q_latent: torch.Tensor, kv_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """Everything after the down-projections: latent norms, up-projections, RoPE, attention, W^O."""
+               cache: LatentKVCache | None = None, start_pos: int = 0,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything after the down-projections: latent norms, up-projections, RoPE, attention, W^O.
+
+        ``attn_mask`` ([B, 1, T, T] bool from :func:`document_mask`, training path only)
+        replaces the plain causal mask.
+        """
         bsz, seqlen, _ = kv_latent.shape
         q = q_latent if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_latent))
         q = q.view(bsz, seqlen, self.n_heads, self.qk_head_dim)
@@ -153,19 +180,23 @@ class MLA(nn.Module):
         if cache is not None:
             out = self._absorbed_attention(q_nope, q_pe, c_kv, k_pe, cache, start_pos)
         else:
-            out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe)
+            out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe, attn_mask)
         return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.v_head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                cache: LatentKVCache | None = None, start_pos: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of ``x`` [B, T, d] at positions ``start_pos .. start_pos+T-1``; returns [B, T, d].
 
         ``cos``/``sin`` [B or 1, T, d_h^R/2] are the rotary tables of those positions.
+        ``attn_mask`` [B, 1, T, T] bool (:func:`document_mask`) limits attention to each
+        token's own document (training path; None: plain causal attention).
         """
-        return self.attend(*self.compress(x), cos, sin, cache, start_pos)
+        return self.attend(*self.compress(x), cos, sin, cache, start_pos, attn_mask)
 
-    def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
-        """Training path: up-project keys/values and run fused causal attention. Returns [B, T, n_h, d_v]."""
+    def _expanded_attention(self, q_nope, q_pe, c_kv, k_pe, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Training path: up-project keys/values and run fused causal attention (or, with ``attn_mask``
+        [B, 1, T, T] bool, attention under that block-diagonal causal mask). Returns [B, T, n_h, d_v]."""
         bsz, seqlen, h, _ = q_nope.shape
         kv = self.kv_b_proj(c_kv).view(bsz, seqlen, h, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
@@ -174,9 +205,14 @@ class MLA(nn.Module):
         pad = self.qk_head_dim - self.v_head_dim
         if pad > 0:  # fused kernels need equal key and value widths
             v = F.pad(v, (0, pad))
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
-        )
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.softmax_scale
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=self.softmax_scale
+            )
         out = out.transpose(1, 2)
         return out[..., : self.v_head_dim] if pad > 0 else out
 

@@ -14,6 +14,12 @@ with a linear ramp between the correction dimensions of ``beta_fast`` and
 ``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` and the softmax scale
 by ``mscale(factor, mscale_all_dim)^2``, where ``mscale(s, m) = 0.1 m ln s + 1``.
 These follow transformers' ``_compute_yarn_parameters`` exactly.
+
+Context extension (report 4.3): :func:`extend_context` turns a model configuration
+into its YaRN-extended form (the released DeepSeek-V3 ``rope_scaling``: factor s,
+original length, beta_fast 32, beta_slow 1, mscale = mscale_all_dim = 1), and
+:func:`apply_rope_config` brings a built model's rotary tables and softmax scales in
+line with a changed configuration (a checkpoint loaded, then extended).
 """
 
 from __future__ import annotations
@@ -24,6 +30,56 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.errors import ConfigError
+
+# The released DeepSeek-V3 rope_scaling, apart from the factor and the original length.
+YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def extend_context(config: ModelConfig, factor: float, seq_len: int,
+                   original_max_position_embeddings: int | None = None) -> ModelConfig:
+    """The YaRN-extended copy of ``config`` for training at ``seq_len`` tokens.
+
+    Writes ``rope_scaling`` in the official config.json form (``type: yarn``, ``factor``,
+    ``original_max_position_embeddings``, ``beta_fast`` 32, ``beta_slow`` 1, ``mscale`` 1,
+    ``mscale_all_dim`` 1, as DeepSeek-V3 ships it) and sets ``max_position_embeddings`` to
+    ``original * factor`` (V3: 4096 * 40 = 163840). The report's two stages (4K -> 32K ->
+    128K) use the same YaRN settings, so extending an already extended model keeps its
+    original length and takes the new factor.
+
+    Args:
+        config: the model configuration (default or YaRN rope).
+        factor: s, the context scale (> 1).
+        seq_len: the training length of the extension run; at most ``original * factor``.
+        original_max_position_embeddings: the pre-training context; default the config's
+            own (``rope_scaling.original_max_position_embeddings`` of a YaRN config, else
+            ``max_position_embeddings``).
+    """
+    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 1:
+        raise ConfigError(f"the YaRN rope factor must be a number above 1, got {factor!r}; change --rope-factor.")
+    if original_max_position_embeddings is None:
+        if config.rope_type == "yarn":
+            original_max_position_embeddings = config.rope_scaling.get("original_max_position_embeddings",
+                                                                        config.max_position_embeddings)
+        else:
+            original_max_position_embeddings = config.max_position_embeddings
+    original = int(original_max_position_embeddings)
+    if original < 1:
+        raise ConfigError(f"the original context length must be positive, got {original}.")
+    extended = int(round(original * factor))
+    if seq_len > extended:
+        raise ConfigError(
+            f"--seq-len {seq_len} is beyond the extended context {original} x {factor:g} = {extended}; "
+            "raise --rope-factor or lower --seq-len."
+        )
+    factor_out = int(factor) if float(factor).is_integer() else float(factor)
+    rope_scaling = {"type": "yarn", "factor": factor_out, "original_max_position_embeddings": original,
+                    **YARN_DEFAULTS}
+    if config.rope_type == "yarn":  # keep a released config's own beta/mscale choices
+        for key in YARN_DEFAULTS:
+            if key in config.rope_scaling:
+                rope_scaling[key] = config.rope_scaling[key]
+    return config.replace(rope_scaling=dict(sorted(rope_scaling.items())), max_position_embeddings=extended)
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
@@ -104,3 +160,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@torch.no_grad()
+def apply_rope_config(model: nn.Module, config: ModelConfig) -> nn.Module:
+    """Point ``model`` at ``config``'s rope settings: rebuild every :class:`RotaryEmbedding`'s
+    inverse frequencies and amplitude and every MLA's softmax scale (YaRN's mscale^2).
+
+    Needed when a model was built (or loaded) under one configuration and continues under
+    another, e.g. ``--init-from`` a checkpoint with ``--rope-scaling yarn``. Returns ``model``.
+    """
+    from dsv3.model.mla import MLA
+
+    if hasattr(model, "config"):
+        model.config = config
+    inv_freq, attention_factor = rope_frequencies(config)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq = inv_freq.to(device=module.inv_freq.device)
+            module.attention_factor = attention_factor
+        elif isinstance(module, MLA):
+            module.softmax_scale = softmax_scale(config)
+    return model

@@ -19,7 +19,7 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.model.block import DecoderLayer
 from dsv3.model.loss import IGNORE_INDEX, fused_linear_cross_entropy
-from dsv3.model.mla import LatentKVCache
+from dsv3.model.mla import LatentKVCache, document_mask
 from dsv3.model.moe import MoE, Experts, Router
 from dsv3.model.mtp import MTPLayer
 from dsv3.model.norm import RMSNorm
@@ -160,7 +160,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 cache: LatentKVCache | None = None, start_pos: int = 0,
-                return_logits: bool | None = None) -> CausalLMOutput:
+                return_logits: bool | None = None, segment_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
         """Run the model.
 
         Args:
@@ -172,15 +173,24 @@ class DeepseekV3ForCausalLM(nn.Module):
             return_logits: whether ``logits`` is filled in. Default: always without labels; with
                 labels the losses come from :func:`~dsv3.model.loss.fused_linear_cross_entropy`,
                 which never materialises the [B, T, V] logits for backward, and ``logits`` is None.
+            segment_ids: [B, T] document ids of packed sequences (:mod:`dsv3.train.sft`): attention
+                never crosses documents (:func:`~dsv3.model.mla.document_mask`) and MTP targets
+                from another document are ignored. None: one causal sequence per row, no extra cost.
+            position_ids: [B, T] RoPE positions (packed documents restart at 0); default
+                ``start_pos .. start_pos + T - 1``.
         """
         bsz, seqlen = input_ids.shape
         emb = self.model.embed_tokens(input_ids)
-        positions = torch.arange(start_pos, start_pos + seqlen, device=input_ids.device)
-        cos, sin = self.model.rotary_emb(positions)
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # [1, T, d_h^R/2]
+        if position_ids is None:
+            positions = torch.arange(start_pos, start_pos + seqlen, device=input_ids.device)
+            cos, sin = self.model.rotary_emb(positions)
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)  # [1, T, d_h^R/2]
+        else:
+            cos, sin = self.model.rotary_emb(position_ids)  # [B, T, d_h^R/2]
+        attn_mask = document_mask(segment_ids) if segment_ids is not None else None
         h = emb
         for layer in self.model.layers:
-            h = layer(h, cos, sin, cache, start_pos)
+            h = layer(h, cos, sin, cache, start_pos, attn_mask=attn_mask)
         h_norm = self.model.norm(h)
         if return_logits is None:
             return_logits = labels is None
@@ -189,7 +199,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             return out
 
         lm_loss = self._head_loss(h_norm, labels)
-        mtp_loss = self._mtp_loss(h, emb, labels, cos, sin)
+        mtp_loss = self._mtp_loss(h, emb, labels, cos, sin, segment_ids)
         moes = self.moe_layers()
         balance = [m.last_balance_loss for m in moes if m.last_balance_loss is not None]
         balance_loss = torch.stack(balance).sum() if balance else lm_loss.new_zeros(())
@@ -200,8 +210,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         return out
 
     def _mtp_loss(self, h: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """lambda/D * sum_k L^k: depth k at position i predicts t_{i+k+1} = labels[:, i+k-1]."""
+                  cos: torch.Tensor, sin: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """lambda/D * sum_k L^k: depth k at position i predicts t_{i+k+1} = labels[:, i+k-1].
+
+        With ``segment_ids`` a target from another document than position i is ignored.
+        """
         depth = len(self.mtp)
         seqlen = h.shape[1]
         if depth == 0 or seqlen <= depth:
@@ -214,8 +227,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         h_prev = h
         for k, layer in enumerate(self.mtp, start=1):
             n = seqlen - k
-            h_prev = layer(h_prev[:, :n], emb[:, k:], cos[:, :n], sin[:, :n])
-            losses.append(self._head_loss(layer.shared_head.norm(h_prev), labels[:, k:]))
+            target, mask = labels[:, k:], None
+            if segment_ids is not None:
+                mask = document_mask(segment_ids[:, :n])
+                target = target.masked_fill(segment_ids[:, :n] != segment_ids[:, k:], IGNORE_INDEX)
+            h_prev = layer(h_prev[:, :n], emb[:, k:], cos[:, :n], sin[:, :n], attn_mask=mask)
+            losses.append(self._head_loss(layer.shared_head.norm(h_prev), target))
         return self.config.mtp_loss_weight / depth * torch.stack(losses).sum()
 
     def _head_loss(self, h_norm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -122,6 +122,8 @@ class DataOptions:
     on_long: OnLong = _opt("skip", "SFT examples longer than seq_len: skip, truncate, or error")
     epochs: int | None = _opt(None, "passes over the data (none: as many as the steps need)")
     packing: bool = _opt(True, "pack several documents into one sequence")
+    chat_template: str | None = _opt(None, "SFT chat template (.jinja or tokenizer_config.json; none: the "
+                                           "checkpoint's own)")
 
 
 @dataclass
@@ -447,9 +449,9 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
                 raise ValueError
             return bool(value)
         if kind is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value) if not isinstance(value, str) else int(float(value))
+            from dsv3.config import as_int  # the one strict integer parser (rejects 2.5, "2.5", true)
+
+            return as_int(value, f"{source}: option {opt.flat}")
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError

@@ -14,8 +14,8 @@ resuming; then for each step
 3. the loop logs metrics (losses, throughput, MFU, peak memory, tokens seen), validates
    and checkpoints.
 
-Ctrl-C finishes the current step, writes a checkpoint and stops; a second
-Ctrl-C stops at once. A checkpoint is a complete, atomically renamed directory,
+Ctrl-C or SIGTERM (a scheduler's preemption notice) finishes the current step, writes a
+checkpoint and stops; a second signal stops at once. A checkpoint is a complete, atomically renamed directory,
 so ``dsv3 train --resume RUN_DIR`` always continues from a consistent state and
 (on CPU) reproduces the per-step losses of an uninterrupted run bit for bit.
 """
@@ -54,13 +54,15 @@ class TrainResult:
 @torch.no_grad()
 def evaluate(model, data, *, micro_batch: int, max_batches: int, device: torch.device) -> float:
     """Token-weighted mean main-model loss over the held-out sequences."""
+    from dsv3.train.sft import batch_to, split_batch
+
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
-        for ids, labels in data.val_batches(micro_batch, max_batches):
-            ids, labels = ids.to(device), labels.to(device)
-            out = model(ids, labels)
+        for batch in data.val_batches(micro_batch, max_batches):
+            ids, labels, extra = split_batch(batch_to(batch, device))  # extra: SFT document-mask ids
+            out = model(ids, labels, **extra)
             n = int((labels != -100).sum())
             total += float(out.lm_loss) * n
             count += n
@@ -70,27 +72,33 @@ def evaluate(model, data, *, micro_batch: int, max_batches: int, device: torch.d
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the step, checkpoint, stop. Second: KeyboardInterrupt at once."""
+    """First Ctrl-C or SIGTERM (what Slurm and Kubernetes send before a kill): finish the step,
+    checkpoint, stop. A second signal: KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave the default behaviour
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the default behaviour
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal_name = signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -195,7 +203,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                     step_hook(s.step)
                 if stop.requested:
                     interrupted = True
-                    log(f"interrupted: checkpoint written at step {s.step} ({last_ckpt}); "
+                    log(f"interrupted by {stop.signal_name}: checkpoint written at step {s.step} ({last_ckpt}); "
                         f"continue with dsv3 train --resume {run_dir}")
                     break
     finally:

@@ -22,7 +22,7 @@ from dsv3.errors import DataError, RunDirError
 from dsv3.train.metrics import METRICS_FILE, read_metrics
 from dsv3.utils.io import atomic_path
 
-__all__ = ["plot_run", "plot_losses", "plot_expert_load"]
+__all__ = ["plot_run", "plot_losses", "plot_expert_load", "step_edges"]
 
 # (field, label, style) of the loss curves, in drawing order.
 _LOSS_CURVES = (
@@ -118,6 +118,21 @@ def _load_matrix(records: Sequence[dict[str, Any]]) -> tuple[list[int], list[lis
     return steps, matrix, titles
 
 
+def step_edges(steps: Sequence[int]) -> list[float]:
+    """Column edges for logged ``steps``: halfway between neighbours, never below step 0.
+
+    Column c covers the steps from halfway to the previous logged step to halfway to the
+    next one; the first column starts at ``max(0, s_0 - gap / 2)`` (a short run that logs
+    steps 1 and 10 has no negative steps), the last ends half a gap after ``s_-1``.
+    """
+    if len(steps) == 1:
+        return [max(0.0, steps[0] - 0.5), steps[0] + 0.5]
+    mids = [(a + b) / 2 for a, b in zip(steps, steps[1:])]
+    first = max(0.0, steps[0] - (steps[1] - steps[0]) / 2)
+    last = steps[-1] + (steps[-1] - steps[-2]) / 2
+    return [first, *mids, last]
+
+
 def plot_expert_load(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path | None:
     """Write the per-layer expert-load heatmaps to ``path``; ``None`` when no record has ``expert_load``."""
     steps, matrix, titles = _load_matrix(records)
@@ -141,19 +156,16 @@ def plot_expert_load(records: Sequence[dict[str, Any]], path: str | os.PathLike)
     vmax = max(2.0, max(finite, default=2.0))
     norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
     image = None
-    # Column c of a grid covers the steps from halfway to the previous logged step to halfway to the next one.
-    if len(steps) > 1:
-        left = steps[0] - (steps[1] - steps[0]) / 2
-        right = steps[-1] + (steps[-1] - steps[-2]) / 2
-    else:
-        left, right = steps[0] - 0.5, steps[0] + 0.5
+    edges = step_edges(steps)
     for index, ax in enumerate(axes.flat):
         if index >= n_layers:
             ax.set_visible(False)
             continue
         grid = matrix[index]
-        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="RdBu_r", norm=norm,
-                          extent=(left, right, len(grid) - 0.5, -0.5))
+        image = ax.pcolormesh(edges, [r - 0.5 for r in range(len(grid) + 1)], grid, cmap="RdBu_r", norm=norm,
+                              shading="flat")
+        ax.set_xlim(edges[0], edges[-1])
+        ax.set_ylim(len(grid) - 0.5, -0.5)  # expert 0 at the top
         ax.set_title(titles[index], fontsize=9)
         if index % ncols == 0:
             ax.set_ylabel("expert")

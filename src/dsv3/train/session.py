@@ -78,7 +78,12 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
     mcfg = resolve_model_config(config.model.init_from or config.model.name)
     changes = {k: getattr(config.moe, k) for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
                if getattr(config.moe, k) is not None}
-    return mcfg.replace(**changes) if changes else mcfg
+    mcfg = mcfg.replace(**changes) if changes else mcfg
+    if config.model.rope_scaling == "yarn":  # context extension (report 4.3): the official rope_scaling form
+        from dsv3.model.rope import extend_context
+
+        mcfg = extend_context(mcfg, config.model.rope_factor, config.data.seq_len)
+    return mcfg
 
 
 def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
@@ -89,8 +94,10 @@ def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
     if config.model.init_from:
         from dsv3.checkpoint.hf import from_pretrained
 
+        from dsv3.model.rope import apply_rope_config
+
         model = from_pretrained(config.model.init_from, device=device)
-        model.config = mcfg
+        apply_rope_config(model, mcfg)  # model.config = mcfg, with its rotary tables (YaRN) rebuilt
     else:
         with torch.device(device):
             model = DeepseekV3ForCausalLM(mcfg)
@@ -109,30 +116,30 @@ def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
 
 def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
     """The run's tokenizer: the run directory's copy on resume, the user's, or a BPE trained on the corpus."""
-    from dsv3.train.tokenizer import get_tokenizer
+    from dsv3.train.tokenizer import get_tokenizer, tokenizer_for_data
 
     saved = os.path.join(run_dir, "tokenizer.json")
     if run_dir and os.path.isfile(saved):
         return get_tokenizer(saved, vocab_size=vocab_size)
-    if config.data.tokenizer is not None:
-        return get_tokenizer(config.data.tokenizer, vocab_size=vocab_size)
-    if config.data.path is None:
-        return get_tokenizer(None, vocab_size=vocab_size)
-    if (config.data.format or "") == "bin" or str(config.data.path).endswith(".bin"):
-        return None  # pre-tokenised: no tokenizer needed (no text sample at the end)
-    from dsv3.train.data import resolve_source
+    if config.data.task == "sft":  # the checkpoint's own tokenizer (dsv3.train.sft)
+        from dsv3.train.sft import sft_tokenizer_spec
 
+        spec = sft_tokenizer_spec(config)
+        return get_tokenizer(spec, vocab_size=vocab_size) if spec is not None else None
+    # the user's tokenizer, else a byte-level BPE trained (and cached) on the data, whatever its kind
     d = config.data
-    source = resolve_source(d.path, format=d.format, field=d.field, glob=d.glob)
-    if source.kind != "text":
-        raise DataError(f"{config.data.path} is {source.kind}; pass --tokenizer with a tokenizer.json for it "
-                        f"(a BPE is trained automatically only on plain-text corpora)")
-    return get_tokenizer(None, vocab_size=vocab_size, files=source.files)
+    return tokenizer_for_data(d.path, tokenizer=d.tokenizer, vocab_size=vocab_size, format=d.format, field=d.field,
+                              glob=d.glob)
 
 
-def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig):
+def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_dir: str | None = None):
     """The packed training and validation sequences of the run (checked: at least one micro-batch)."""
     from dsv3.train.data import build_data
+
+    if config.data.task == "sft":  # chat data, assistant-only loss, document-masked packing
+        from dsv3.train.sft import build_sft_training_data
+
+        return build_sft_training_data(config, tokenizer, mcfg, run_dir)
 
     d = config.data
     data = build_data(d.path, tokenizer=tokenizer, seq_len=d.seq_len, vocab_size=mcfg.vocab_size, format=d.format,
@@ -172,11 +179,17 @@ class BatchPrefetcher:
         self.sequences_after: int = loader.sequences_seen
 
     def _fetch(self, n_micro: int) -> tuple[list[Batch], dict]:
+        from dsv3.train.sft import batch_to
+
         state = self.loader.state_dict()
         pin = self.device.type == "cuda"
         batches = []
         for _ in range(n_micro):
-            ids, labels = self.loader.next_batch(self.micro_batch)
+            batch = self.loader.next_batch(self.micro_batch)
+            if not isinstance(batch, tuple):  # an SFT batch (with document-mask ids)
+                batches.append(batch_to(batch, None, pin=pin))
+                continue
+            ids, labels = batch
             if pin:
                 ids, labels = ids.pin_memory(), labels.pin_memory()
             batches.append((ids, labels))
@@ -210,8 +223,10 @@ class BatchPrefetcher:
         self.sequences_after = self.loader.sequences_seen
         if self.background and next_n_micro:
             self._start(next_n_micro)
+        from dsv3.train.sft import batch_to
+
         nb = self.device.type == "cuda"
-        return [(i.to(self.device, non_blocking=nb), l.to(self.device, non_blocking=nb)) for i, l in batches], state
+        return [batch_to(b, self.device, non_blocking=nb) for b in batches], state
 
     def drain(self) -> None:
         """Wait for and drop a fetch in flight, putting the loader back where the next step starts."""
@@ -253,6 +268,7 @@ class Session:
     checkpoint: str | None = None
     lambda_early: float = 0.0
     gamma_early: float = 0.0
+    lock: Any = None  # the run directory's RunLock, held until close()
 
     def n_micro(self, step: int) -> int:
         """Micro-batches of optimizer step ``step`` (0-based; the batch ramp may change it)."""
@@ -276,9 +292,13 @@ class Session:
         return self.prefetcher.get(self.n_micro(self.step), following)
 
     def close(self) -> None:
-        self.prefetcher.drain()
-        if self.ema is not None:
-            self.ema.close()
+        try:
+            self.prefetcher.drain()
+            if self.ema is not None:
+                self.ema.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def build_session(config: TrainConfig | None, *, resume: str | None = None,
@@ -297,45 +317,69 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
         prefetch: fetch batches ahead in a thread (default: on CUDA).
 
     Everything is checked before anything is written: bad input leaves no run directory.
+    A run directory is locked (:class:`~dsv3.train.rundir.RunLock`) from here until
+    :meth:`Session.close`; a second process training in it gets one line and exit 2.
     """
+    from dsv3.train.rundir import LOCK_FILE, RunLock
+
+    owner = getattr(parallel, "rank", 0) == 0  # rank 0 holds the run's lock for all ranks
+    lock = RunLock("", enabled=owner)  # not held until a run directory is known
+    if resume is not None and write:
+        lock.run_dir = prepare_run_dir(config, resume)
+        lock.path = os.path.join(lock.run_dir, LOCK_FILE)
+        lock.acquire()  # a second process resuming this run stops here
+    try:
+        return _build_session(config, resume=resume, overrides=overrides, parallel=parallel, write=write,
+                              prefetch=prefetch, lock=lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build_session(config: TrainConfig | None, *, resume: str | None, overrides: dict[str, Any] | None,
+                   parallel: Any, write: bool, prefetch: bool | None, lock) -> Session:
+    from dsv3.checkpoint.state import remove_stale_temporaries, select_resume_checkpoint
+    from dsv3.train.preflight import check_context_length, check_memory, refuse_frozen_overrides
+    from dsv3.train.rundir import LOCK_FILE, check_run_dir_usable
+
     if resume is not None:
         run_dir = prepare_run_dir(config, resume)  # type: ignore[arg-type]
+        saved = resume_config(run_dir, {})
         config = resume_config(run_dir, overrides or {})
-        checkpoint = latest_checkpoint(run_dir)
+        refuse_frozen_overrides(saved, config, overrides or {})  # --model, --seq-len, ... cannot change
     else:
         assert config is not None
         config.validate()
         run_dir = prepare_run_dir(config, None) if write else ""
         config.run.dir = run_dir or config.run.dir
-        checkpoint = None
+        if write:
+            check_run_dir_usable(run_dir)  # under a file, unwritable, read-only: said now, not after the set-up
     device = resolve_device(config)
     saved_model_config = os.path.join(run_dir, MODEL_CONFIG_FILE)
     if resume is not None and os.path.isfile(saved_model_config):
         mcfg = ModelConfig.from_json_file(saved_model_config)  # exactly the model the run started with
     else:
         mcfg = model_config_for(config)
+    d, m = config.data, config.memory
+    check_context_length(d.seq_len, mcfg, config.model.rope_scaling)
+    check_memory(mcfg, device=device.type, seq_len=d.seq_len, micro_batch=d.micro_batch,
+                 dtype=config.precision.dtype, optim_states=m.optim_states, recompute=m.recompute,
+                 fp8=config.precision.fp8, ema=bool(m.ema_decay))  # the planner's estimate, before any allocation
 
     # --- tokenizer and data (checked before anything is written, so bad input leaves no run behind)
     tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir)
     if tokenizer is not None and tokenizer.get_vocab_size() > mcfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
                           f"{mcfg.vocab_size}; use a matching tokenizer or model")
-    data = build_training_data(config, tokenizer, mcfg)
+    data = build_training_data(config, tokenizer, mcfg, run_dir)
+    if config.data.epochs is not None:  # epochs decide the number of steps
+        config.schedule.steps = max(1, -(-config.data.epochs * len(data.train) // config.data.global_batch))
 
     # --- the model (an --init-from checkpoint is checked here, before anything is written)
     model = build_model(config, mcfg, device)
     model.train()
-    if write and resume is None:  # only now that the input is known to be good
-        os.makedirs(run_dir, exist_ok=True)
-        save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
-        mcfg.save(os.path.join(run_dir, MODEL_CONFIG_FILE))
-        if tokenizer is not None:
-            from dsv3.utils.io import atomic_path
 
-            with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
-                tokenizer.save(tmp)
-
-    # --- optimizer, schedules, EMA, data order
+    # --- optimizer, schedules, data order (built before anything is written: a bad value leaves no run behind)
     from dsv3.memory.ema import CPUEMA
     from dsv3.train.optim import build_optimizer
     from dsv3.train.schedule import BatchRamp, LRSchedule
@@ -354,15 +398,48 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     else:
         ramp = BatchRamp.constant(config.data.global_batch, micro_batch=config.data.micro_batch,
                                   seq_len=config.data.seq_len)
-    ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
     loader = data.loader(config.run.seed)
+
+    # --- the run directory (only now that the input is known to be good): lock, clean, config, tokenizer
+    checkpoint = None
+    if write:
+        if resume is None:
+            try:
+                os.makedirs(run_dir, exist_ok=True)
+            except OSError as exc:
+                raise RunDirError(f"cannot create run directory {run_dir} ({exc.strerror or exc}); "
+                                  f"choose another --run-dir") from None
+            lock.run_dir, lock.path = run_dir, os.path.join(run_dir, LOCK_FILE)
+            lock.acquire()
+        if lock.enabled:  # rank 0 (the lock owner) cleans up and chooses; the other ranks read
+            for path in remove_stale_temporaries(run_dir):
+                print(f"removed {path}, left by a killed run")
+        if resume is not None:
+            # the newest intact checkpoint; rank 0 says why when it is not the newest
+            checkpoint = select_resume_checkpoint(run_dir) if lock.enabled else latest_checkpoint(run_dir, hashes=True)
+        # the effective config: on resume with the overrides that apply (--steps, ...)
+        save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
+        if resume is None:
+            mcfg.save(os.path.join(run_dir, MODEL_CONFIG_FILE))
+            if tokenizer is not None:
+                from dsv3.utils.io import atomic_path
+
+                with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
+                    tokenizer.save(tmp)
+            if config.data.task == "sft":
+                from dsv3.train.sft import save_template
+
+                save_template(data.template, run_dir)  # a resumed run renders with the same template
+    elif resume is not None:
+        checkpoint = latest_checkpoint(run_dir)
+    ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
 
     session = Session(config=config, mcfg=mcfg, run_dir=run_dir, device=device, tokenizer=tokenizer, data=data,
                       model=model, optimizer=optimizer, schedule=schedule, ramp=ramp, ema=ema, loader=loader,
                       params=[p for p in model.parameters() if p.requires_grad],
                       prefetcher=None,  # type: ignore[arg-type]  (set below, after the loader is restored)
                       parallel=parallel, checkpoint=checkpoint, lambda_early=mcfg.mtp_loss_weight,
-                      gamma_early=mcfg.bias_update_speed)
+                      gamma_early=mcfg.bias_update_speed, lock=lock if lock.held else None)
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint, model=model, optimizer=optimizer, ema=ema)
         session.step = state["step"]
@@ -408,6 +485,7 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
     import math
 
     from dsv3.train.optim import clip_grad_norm
+    from dsv3.train.sft import split_batch
 
     model, n_micro = session.model, len(batches)
     gamma = session.mcfg.bias_update_speed if gamma is None else gamma
@@ -415,19 +493,30 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
         return _pipeline_step(session, batches, gamma)
     sums = torch.zeros(5, dtype=torch.float64, device=session.device)
     load = None
-    for ids, labels in batches:
-        out = model(ids, labels)
-        (out.loss / n_micro).backward()
+    split = [split_batch(b) for b in batches]
+    weights = None
+    if any(extra for _, _, extra in split):
+        # SFT: micro-batches hold different numbers of assistant tokens; weight each by its share
+        # of the step's loss tokens, so the step's loss is the mean over all of them (on the device).
+        counts = torch.stack([(labels != -100).sum() for _, labels, _ in split]).double()
+        weights = counts / counts.sum().clamp(min=1)
+    for i, (ids, labels, extra) in enumerate(split):
+        out = model(ids, labels, **extra)
         parts = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.mtp_loss.detach(),
-                             out.balance_loss.detach()]).double() / n_micro
-        sums[:4] += parts
+                             out.balance_loss.detach()]).double()
+        if weights is None:
+            (out.loss / n_micro).backward()
+            sums[:4] += parts / n_micro
+        else:
+            (out.loss * weights[i].to(out.loss.dtype)).backward()
+            sums[:4] += parts * weights[i]
         sums[4] += (labels != -100).sum()
         if out.expert_load is not None:
             load = out.expert_load if load is None else load + out.expert_load
     grad_norm = clip_grad_norm(session.params, session.config.optimizer.grad_clip)
     host = torch.cat([sums, grad_norm.detach().double().reshape(1).to(sums.device)]).tolist()  # the one sync
     loss, lm_loss, mtp_loss, balance_loss, loss_tokens, norm = host
-    tokens = sum(ids.numel() for ids, _ in batches)
+    tokens = sum(ids.numel() for ids, _, _ in split)
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     if skipped:
         session.optimizer.zero_grad(set_to_none=True)

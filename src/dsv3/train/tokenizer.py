@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import tokenizers
@@ -53,6 +53,8 @@ _THIRD_PARTY_DIRS = frozenset({"site-packages", "dist-packages"})
 
 # Bump when the training procedure changes, so old cache entries are not reused.
 _BPE_RECIPE_VERSION = 1
+# A tokenizer trained on a user's corpus reads at most this many characters of it (its start).
+_BPE_MAX_CHARS = 1 << 27
 
 
 def default_cache_dir() -> Path:
@@ -146,6 +148,37 @@ def train_bpe_tokenizer(
         )
     if not files:
         raise DataError("the tokenizer training corpus has no files; give a corpus with at least one text file.")
+    return train_bpe_from_texts(_read_documents(files), vocab_size, special_tokens=special_tokens,
+                                min_frequency=min_frequency, length=len(files))
+
+
+def train_bpe_from_texts(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    special_tokens: Sequence[str] = SPECIAL_TOKENS,
+    min_frequency: int = 2,
+    length: int | None = None,
+    max_chars: int | None = None,
+) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on an iterable of texts (see :func:`train_bpe_tokenizer`).
+
+    Args:
+        texts: the documents (or pieces of documents) to learn merges from.
+        vocab_size: V, the largest vocabulary to build.
+        special_tokens, min_frequency: see :func:`train_bpe_tokenizer`.
+        length: the number of texts, if known (only for the trainer's bookkeeping).
+        max_chars: stop reading after about this many characters (a large corpus is
+            sampled from its start; merges converge long before 100M characters).
+    """
+    n_fixed = len(special_tokens) + 256
+    if vocab_size < n_fixed:
+        raise DataError(
+            f"a byte-level BPE vocabulary needs at least {n_fixed} entries but vocab_size is {vocab_size}; "
+            "use a model with a larger vocab_size."
+        )
+    if max_chars is not None:
+        texts = _take_chars(texts, max_chars)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -156,10 +189,19 @@ def train_bpe_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_read_documents(files), trainer=trainer, length=len(files))
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
     for i, t in enumerate(special_tokens):
         assert tok.token_to_id(t) == i, f"special token {t!r} did not get id {i}"
     return tok
+
+
+def _take_chars(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    seen = 0
+    for text in texts:
+        if seen >= max_chars:
+            return
+        seen += len(text)
+        yield text
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
@@ -168,12 +210,26 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a Hugging Face ``tokenizer.json`` (or a directory holding one)."""
+    """Load a Hugging Face tokenizer.
+
+    Args:
+        path: a ``tokenizer.json``; or a directory holding one (a Hugging Face
+            checkpoint, a dsv3 run or checkpoint directory); or a directory with a
+            GPT-2-style byte-level BPE as ``vocab.json`` + ``merges.txt``.
+    """
     p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"the tokenizer path {p} does not exist; pass a tokenizer.json or a Hugging Face "
+                        "checkpoint directory with --tokenizer.")
     if p.is_dir():
+        if not (p / "tokenizer.json").is_file() and (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+            return _load_vocab_merges(p)
+        if not (p / "tokenizer.json").is_file():
+            raise DataError(f"the directory {p} holds no tokenizer.json (nor vocab.json + merges.txt); pass a "
+                            "tokenizer.json or a Hugging Face checkpoint directory with --tokenizer.")
         p = p / "tokenizer.json"
     if not p.is_file():
-        raise DataError(f"the tokenizer file {p} does not exist; pass the path of a Hugging Face tokenizer.json.")
+        raise DataError(f"the tokenizer path {p} is not a file; pass the path of a Hugging Face tokenizer.json.")
     try:
         return Tokenizer.from_file(str(p))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
@@ -183,31 +239,58 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         ) from None
 
 
+def _load_vocab_merges(directory: Path) -> Tokenizer:
+    """A byte-level BPE from ``vocab.json`` + ``merges.txt`` (GPT-2 / RoBERTa checkpoints)."""
+    try:
+        model = models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    except Exception as exc:  # tokenizers raises a bare Exception for malformed files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"the vocab.json/merges.txt in {directory} cannot be read ({reason}); "
+                        "pass a valid tokenizer.json.") from None
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
 def get_tokenizer(
     spec: str | os.PathLike | None = None,
     *,
     vocab_size: int,
     cache_dir: str | os.PathLike | None = None,
     files: Sequence[str | os.PathLike] | None = None,
+    source=None,
 ) -> Tokenizer:
     """The tokenizer for a run.
 
     Args:
-        spec: path of a Hugging Face ``tokenizer.json`` (or a directory holding one) to use
-            as is; None trains a byte-level BPE on ``files`` (default: the stdlib corpus),
-            cached under ``cache_dir/tokenizers/`` keyed by the file list (paths, sizes,
-            mtimes), ``vocab_size`` and the ``tokenizers`` version.
+        spec: a Hugging Face ``tokenizer.json``, or a directory holding one (see
+            :func:`load_tokenizer`), used as is; None trains a byte-level BPE on ``source``
+            (or ``files``; default: the stdlib corpus), cached under ``cache_dir/tokenizers/``
+            keyed by the corpus (kind, field, file paths, sizes, mtimes), ``vocab_size``
+            and the ``tokenizers`` version.
         vocab_size: V for a trained tokenizer (the model's vocab_size); unused with ``spec``.
         cache_dir: default :func:`default_cache_dir`.
-        files: the corpus to train on when ``spec`` is None; default :func:`stdlib_corpus_files`.
+        files: plain-text files to train on (one document per file) when ``spec`` is None.
+        source: a :class:`dsv3.train.data.DataSource` of any text kind (a text file, a
+            directory, .jsonl, .parquet) to train on; takes precedence over ``files``.
     """
     if spec is not None:
         return load_tokenizer(spec)
-    files = stdlib_corpus_files() if files is None else [Path(f) for f in files]
-    if not files:
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise DataError(f"the tokenizer's vocab_size must be a positive integer, got {vocab_size!r}.")
+    if source is not None:
+        if source.kind == "bin":
+            raise DataError(f"{source.path} is already tokenised; no tokenizer can be trained on it.")
+        corpus_files = list(source.files)
+        kind, field = source.kind, source.field if source.kind in ("jsonl", "parquet", "dir") else None
+    else:
+        corpus_files = stdlib_corpus_files() if files is None else [Path(f) for f in files]
+        kind, field = "files", None
+    if not corpus_files:
         raise DataError("the tokenizer training corpus has no files; give a corpus with at least one text file.")
     try:
-        fingerprint = files_fingerprint(files)
+        fingerprint = files_fingerprint(corpus_files)
     except FileNotFoundError as exc:
         raise DataError(f"the corpus file {exc.filename} does not exist; check the path.") from None
     key = {
@@ -217,6 +300,8 @@ def get_tokenizer(
         "special_tokens": list(SPECIAL_TOKENS),
         "files": fingerprint,
     }
+    if kind != "files":  # a plain file list keeps its old cache key
+        key.update(kind=kind, field=field, max_chars=_BPE_MAX_CHARS)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(cache_dir if cache_dir is not None else default_cache_dir())
     path = root / "tokenizers" / f"bpe-v{vocab_size}-{digest}.json"
@@ -225,7 +310,15 @@ def get_tokenizer(
             return Tokenizer.from_file(str(path))
         except Exception:
             pass  # a corrupt cache entry (should not happen: writes are atomic): retrain below
-    tok = train_bpe_tokenizer(files, vocab_size)
+    if source is not None:
+        from dsv3.train.data import iter_documents
+
+        texts = (text for text, _ in iter_documents(source))
+        tok = train_bpe_from_texts(texts, vocab_size, max_chars=_BPE_MAX_CHARS)
+        if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
+            raise DataError(f"{source.describe()} holds no text to train a tokenizer on; give data with some text.")
+    else:
+        tok = train_bpe_tokenizer(corpus_files, vocab_size)
     try:
         with atomic_path(path) as tmp:
             tok.save(tmp)
@@ -234,6 +327,35 @@ def get_tokenizer(
             f"cannot write the tokenizer cache {path} ({exc.strerror}); set DSV3_CACHE to a writable directory."
         ) from None
     return tok
+
+
+def tokenizer_for_data(
+    data: str | os.PathLike | None,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    vocab_size: int,
+    format: str | None = None,
+    field: str = "text",
+    glob: str | Sequence[str] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Tokenizer | None:
+    """The tokenizer a run over ``data`` uses (what ``dsv3 train`` does without a saved one).
+
+    ``tokenizer`` given: that one (:func:`load_tokenizer`). Otherwise a byte-level BPE
+    trained (and cached) on the data itself, whatever its kind: a text file, a directory
+    of text files, a .jsonl or a .parquet; None (no data): the stdlib corpus. A
+    pre-tokenised .bin needs no tokenizer: None.
+    """
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if data is None:
+        return get_tokenizer(None, vocab_size=vocab_size, cache_dir=cache_dir)
+    from dsv3.train.data import resolve_source
+
+    source = resolve_source(data, format=format, field=field, glob=glob, vocab_size=vocab_size)
+    if source.kind == "bin":
+        return None  # pre-tokenised: no tokenizer needed (no text sample at the end)
+    return get_tokenizer(None, vocab_size=vocab_size, cache_dir=cache_dir, source=source)
 
 
 def eos_token_id(tokenizer: Tokenizer, eos_token: str | None = None) -> int:

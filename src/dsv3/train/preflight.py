@@ -1,0 +1,157 @@
+"""Checks a training run passes before it writes or allocates anything.
+
+Each function raises one :class:`~dsv3.errors.DsV3Error` sentence (the CLI prints it
+and exits with code 2). They are cheap: arithmetic over the configs, a ``statvfs``, a
+planner estimate (pure arithmetic, milliseconds even for DeepSeek-V3).
+
+- :func:`refuse_frozen_overrides`: ``--resume`` with a flag that would change the
+  model or its data (``--model``, ``--init-from``, ``--seq-len``, ...), which a resumed
+  run cannot honour;
+- :func:`check_context_length`: ``seq_len`` beyond ``max_position_embeddings`` without
+  a RoPE extension;
+- :func:`estimate_training_bytes` / :func:`check_memory`: the planner's estimate of
+  the training state and activations against the host's (CPU) or the device's memory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from dsv3.errors import ConfigError
+
+# Options of a run that fix the model, its weights or the token stream; a resume cannot change them.
+FROZEN_ON_RESUME = ("model", "init_from", "tokenizer", "data", "data_format", "data_field", "data_glob",
+                    "data_dtype", "eos_token", "seq_len", "val_fraction", "seed", "dtype", "rope_scaling",
+                    "rope_factor", "task", "packing", "fp8", "recompute")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def refuse_frozen_overrides(saved: Any, resumed: Any, overrides: dict[str, Any]) -> None:
+    """Refuse ``--resume`` flags that change the model or the data of the saved run.
+
+    Args:
+        saved: the run's saved TrainConfig (as written at its start).
+        resumed: the same config with ``overrides`` applied.
+        overrides: the options given on the command line (name -> value).
+
+    A flag that repeats the saved value is accepted; ``--run-dir`` is always refused
+    (the run directory is the one given to ``--resume``).
+    """
+    overrides = {_flat_name(k): v for k, v in overrides.items() if v is not None}
+    if "run_dir" in overrides and os.path.abspath(str(overrides["run_dir"])) != os.path.abspath(
+            str(config_value(saved, "run_dir") or "")):
+        raise ConfigError("--run-dir cannot be combined with --resume (the run directory is the one being resumed)")
+    changed = [name for name in FROZEN_ON_RESUME
+               if name in overrides and config_value(resumed, name) != config_value(saved, name)]
+    if changed:
+        flags = ", ".join(_flag(n) for n in changed)
+        raise ConfigError(f"{flags} cannot change on --resume: a resumed run keeps the model, weights and data it "
+                          f"started with; start a new run (--init-from a checkpoint of this one) to change "
+                          f"{'it' if len(changed) == 1 else 'them'}")
+
+
+def _flat_name(key: str) -> str:
+    """``optimizer.lr`` -> ``lr`` (the flag name); a flat name as it is."""
+    if "." not in key:
+        return key
+    from dsv3.train.config import options
+
+    return next((opt.flat for opt in options() if f"{opt.section}.{opt.name}" == key), key)
+
+
+def config_value(config: Any, name: str) -> Any:
+    """The option ``name`` (its flag name, e.g. ``seq_len``, ``run_dir``) of a TrainConfig, flat or sectioned."""
+    if hasattr(config, "to_flat_dict"):
+        flat = config.to_flat_dict()
+        if name in flat:
+            return flat[name]
+    return getattr(config, name, None)
+
+
+def check_context_length(seq_len: int, mcfg, rope_scaling: str | None = None) -> None:
+    """Refuse ``seq_len`` > ``max_position_embeddings`` unless a RoPE extension (YaRN) is asked for.
+
+    Args:
+        seq_len: T of the run.
+        mcfg: the ModelConfig.
+        rope_scaling: the run's ``rope_scaling`` option ("none" or "yarn"; None = "none").
+    """
+    if seq_len > mcfg.max_position_embeddings and (rope_scaling or "none") == "none":
+        raise ConfigError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                          f"({mcfg.max_position_embeddings}); use --seq-len {mcfg.max_position_embeddings} or less, "
+                          f"or extend the context with --rope-scaling yarn")
+
+
+def estimate_training_bytes(mcfg, *, seq_len: int, micro_batch: int, dtype: str = "float32",
+                            optim_states: str = "fp32", recompute: str = "none", fp8: bool = False,
+                            ema: bool = False) -> float:
+    """The planner's peak-memory estimate (bytes) of training ``mcfg`` on one device.
+
+    Weights and gradients in ``dtype``, AdamW moments in ``optim_states``, activations of
+    one micro-batch (``micro_batch`` x ``seq_len``) in ``dtype``, plus the EMA copy (FP32)
+    when ``ema``. See :mod:`dsv3.plan.memory` for the model.
+    """
+    from dsv3.plan.layout import Layout
+    from dsv3.plan.planner import make_plan
+    from dsv3.plan.precision import Precision
+
+    width = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, "fp32")
+    precision = Precision(weights=width, grads=width, master="none" if width == "fp32" else "fp32",
+                          moments="bf16" if optim_states == "bf16" else "fp32", activations=width)
+    layout = Layout(seq_len=seq_len, micro_batch=micro_batch, global_batch=micro_batch, recompute=recompute,
+                    fp8=fp8, mtp=mcfg.num_nextn_predict_layers > 0)
+    plan = make_plan(mcfg, layout, precision, simulate=False)
+    total = float(plan.peak_device_bytes)
+    if ema:
+        total += 4.0 * (plan.params.total + plan.params.mtp_total)  # the CPU EMA keeps FP32 copies (host memory)
+    return total
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this machine (bytes), or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
+
+
+def check_memory(mcfg, *, device: str, seq_len: int, micro_batch: int, dtype: str = "float32",
+                 optim_states: str = "fp32", recompute: str = "none", fp8: bool = False, ema: bool = False,
+                 available: int | None = None) -> float:
+    """Refuse a model whose training needs more memory than the device (or, on CPU, the host) has.
+
+    Args:
+        device: "cpu" or "cuda" (or "cuda:N").
+        available: the memory to compare with (bytes); default: physical host memory on
+            CPU, the device's total memory on CUDA.
+
+    Returns:
+        The estimate in bytes.
+    """
+    need = estimate_training_bytes(mcfg, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype,
+                                   optim_states=optim_states, recompute=recompute, fp8=fp8, ema=ema)
+    where = "host memory"
+    if available is None:
+        if str(device).startswith("cuda"):
+            import torch
+
+            index = torch.device(device).index or 0
+            available = torch.cuda.get_device_properties(index).total_memory
+            where = f"{torch.cuda.get_device_name(index)} memory"
+        else:
+            available = host_memory_bytes()
+    if available is not None and need > available:
+        raise ConfigError(f"training this model needs about {_gib(need)} (planner estimate: weights, gradients, "
+                          f"AdamW moments and one micro-batch of {micro_batch} x {seq_len} activations) but the "
+                          f"{where} is {_gib(available)}; use a smaller model, --micro-batch or --seq-len, or plan a "
+                          f"parallel layout with dsv3 plan")
+    return need
+

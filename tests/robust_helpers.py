@@ -1,0 +1,66 @@
+"""Helpers of the robustness tests: tiny run options, the CLI as a user drives it, file-tree digests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+from dsv3.cli import main
+
+from helpers import quick_options
+
+
+def tiny_options(setup, run_dir, **changes):
+    """TrainConfig options for a run of one or two seconds (2 steps of 2 x 16 tokens)."""
+    opts = quick_options(setup, run_dir, seq_len=16, micro_batch=2, global_batch=2, steps=2, eval_every=2,
+                         eval_batches=1, save_every=2, sample_tokens=0)
+    opts.update(changes)
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def flags(options: dict) -> list[str]:
+    out = []
+    for k, v in options.items():
+        out += ["--" + k.replace("_", "-"), str(v)]
+    return out
+
+
+def cli(argv, capsys):
+    """Run ``dsv3 ARGV`` in this process; return (exit code, stdout, stderr lines)."""
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def assert_one_error(code, err, *words):
+    """Exit code 2 and exactly one ``dsv3: error:`` line on stderr (no traceback) containing ``words``."""
+    assert code == 2, err
+    errors = [line for line in err if not line.startswith("step ")]  # progress lines are not errors
+    assert len(errors) == 1, err
+    assert errors[0].startswith("dsv3: error: "), err
+    assert "Traceback" not in "\n".join(err)
+    for word in words:
+        assert word.lower() in errors[0].lower(), (word, errors[0])
+    return errors[0]
+
+
+def tree_digest(path, skip=(".lock",)):
+    """{relative path: sha256} of every file under ``path`` (the lock file, which holds a pid, skipped)."""
+    digest = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            if f in skip:
+                continue
+            full = os.path.join(root, f)
+            with open(full, "rb") as fh:
+                digest[os.path.relpath(full, path)] = hashlib.sha256(fh.read()).hexdigest()
+    return digest
+
+
+def run_dsv3(argv, timeout=240, **kwargs):
+    """``python -m dsv3 ARGV`` in a subprocess (one intra-op thread); returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "dsv3", *[str(a) for a in argv]], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kwargs)
