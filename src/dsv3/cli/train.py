@@ -45,7 +45,13 @@ def run(args) -> int:
     if args.resume is not None:
         result = train(None, resume=args.resume, overrides=overrides)  # type: ignore[arg-type]
     else:
-        result = train(load_train_config(args.config_file, overrides))
+        config = load_train_config(args.config_file, overrides)
+        if config.parallel.pp > 1:  # pipeline parallelism: see dsv3.parallel.pipeline.train
+            from dsv3.parallel.pipeline.train import launch_pipeline
+
+            if not launch_pipeline(config):  # ranks > 0 ran rank 0's steps and write nothing
+                return 0
+        result = train(config)
     if result.val_losses:
         first, last = result.val_losses[0], result.val_losses[-1]
         print(f"validation loss: {first[1]:.4f} at step {first[0]} -> {last[1]:.4f} at step {last[0]}")

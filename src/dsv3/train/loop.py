@@ -119,6 +119,10 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
 
     started = time.time()
     s = build_session(config, resume=resume, overrides=overrides)
+    if s.config.parallel.pp > 1:  # pipeline parallelism: the other ranks follow (dsv3.parallel.pipeline.train)
+        from dsv3.parallel.pipeline.train import start_pipeline
+
+        start_pipeline(s)
     config, run_dir, model = s.config, s.run_dir, s.model
     if s.checkpoint is not None:
         log(f"resumed {run_dir} from {os.path.basename(s.checkpoint)} (step {s.step})")

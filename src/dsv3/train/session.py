@@ -261,6 +261,7 @@ class Session:
     params: list[torch.nn.Parameter]
     prefetcher: BatchPrefetcher
     parallel: Any = None
+    pipeline: Any = None  # a dsv3.parallel.pipeline PipelineRuntime (dsv3.parallel.pipeline.train.attach_pipeline)
     step: int = 0
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
@@ -488,6 +489,8 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
 
     model, n_micro = session.model, len(batches)
     gamma = session.mcfg.bias_update_speed if gamma is None else gamma
+    if session.pipeline is not None:  # pipeline parallelism: the schedule runs the micro-batches
+        return _pipeline_step(session, batches, gamma)
     sums = torch.zeros(5, dtype=torch.float64, device=session.device)
     load = None
     split = [split_batch(b) for b in batches]
@@ -526,3 +529,16 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
             session.ema.update()
     return StepStats(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss, grad_norm=norm,
                      skipped=skipped, load=load, tokens=tokens, loss_tokens=int(loss_tokens))
+
+
+def _pipeline_step(session: Session, batches: list[Batch], gamma: float) -> StepStats:
+    """:func:`train_step` under pipeline parallelism (see :mod:`dsv3.parallel.pipeline.train`)."""
+    from dsv3.parallel.pipeline.train import pipeline_train_step, sync_due
+
+    st = pipeline_train_step(session.pipeline, batches, session.optimizer, grad_clip=session.config.optimizer.grad_clip,
+                             gamma=gamma, ema=session.ema,
+                             sync=session.ema is not None or sync_due(session.config, session.step + 1))
+    return StepStats(loss=st.loss, lm_loss=st.lm_loss, mtp_loss=st.mtp_loss, balance_loss=st.balance_loss,
+                     grad_norm=st.grad_norm, skipped=st.skipped, load=st.result.load,
+                     tokens=sum(ids.numel() for ids, _ in batches),
+                     loss_tokens=int(sum(int((labels != -100).sum()) for _, labels in batches)))

@@ -38,6 +38,9 @@ Op-list contract (what both executors rely on):
   on the op's own device that produced (SEND) or will consume (RECV) it.
   When consecutive stages of a micro-batch sit on the same device (DualPipeV's
   turn at device pp/2-1) there is no SEND/RECV: the data stays on the device.
+* Between two devices, the SENDs of one kind (activations or gradients) in one
+  direction come in the order of the peer's RECVs: the runtime matches them
+  first-in first-out on one process group per link, direction and kind.
 * Deferred weight gradients are first-in first-out: ``W`` ops come in the same
   order as the split ``B`` ops they complete.
 
@@ -432,8 +435,13 @@ def validate_schedule(schedule: Schedule) -> None:
     exactly once, all on the device holding that stage; on each device, an op
     only uses data produced earlier there or named by an earlier RECV (F after
     its input, B after its F and output gradient, W after its B, SEND after the
-    data's producer); every SEND has exactly one matching RECV and vice versa.
-    Timing and deadlocks are the simulator's business.
+    data's producer); every SEND has exactly one matching RECV and vice versa;
+    and on every link, in each direction and for each kind of message
+    (activations, gradients), the sender's SENDs come in the same order as the
+    receiver's RECVs. The runtime needs the last rule: messages of one kind on
+    one link and direction share a process group and have the same shape, so
+    they match first-in first-out, and an out-of-order receive would silently
+    get another micro-batch's data. Timing and deadlocks are the simulator's business.
     """
     pp, m, nd = schedule.pp, schedule.microbatches, schedule.devices
     if len(schedule.ops) != nd or len(schedule.device_stages) != nd:
@@ -441,6 +449,7 @@ def validate_schedule(schedule: Schedule) -> None:
     where: dict[tuple[str, int, int], int] = {}  # (F|B|W, mb, stage) -> device
     sends: dict[tuple, int] = {}
     recvs: dict[tuple, int] = {}
+    order: dict[tuple[str, int, int, str], list[tuple[int, int, Op]]] = {}  # (SEND|RECV, src, dst, kind) -> messages
 
     def fail(d: int, i: int, op: Op, why: str) -> None:
         raise ScheduleError(f"schedule {schedule.name!r} device {d} op {i} ({op}) {why}.")
@@ -465,6 +474,7 @@ def validate_schedule(schedule: Schedule) -> None:
                 if key in book:
                     fail(d, i, op, "duplicates an earlier transfer")
                 book[key] = i
+                order.setdefault((op.kind, src, dst, op.direction), []).append((op.microbatch, op.stage, op))
                 if op.kind == SEND and _data_key(op) not in have:
                     fail(d, i, op, "sends data this device has not produced yet")
                 if op.kind == RECV:
@@ -502,3 +512,14 @@ def validate_schedule(schedule: Schedule) -> None:
         side = "SEND" if key in sends else "RECV"
         raise ScheduleError(f"schedule {schedule.name!r} has a {side} between devices {key[0]}->{key[1]} of {key[2]} "
                             f"micro-batch {key[3]} stage {key[4]} with no matching {'RECV' if side == 'SEND' else 'SEND'}.")
+    for (kind, src, dst, direction), sent in order.items():
+        if kind != SEND:
+            continue
+        got = order.get((RECV, src, dst, direction), [])
+        for (smb, sst, sop), (rmb, rst, rop) in zip(sent, got):
+            if (smb, sst) != (rmb, rst):
+                what = "activations" if direction == FORWARD else "gradients"
+                raise ScheduleError(
+                    f"schedule {schedule.name!r} sends {what} from device {src} to device {dst} in another order than "
+                    f"device {dst} receives them ({sop} meets {rop}); messages of one kind on a link match first-in "
+                    f"first-out, so reorder the RECVs to follow the SENDs.")

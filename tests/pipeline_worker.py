@@ -1,0 +1,176 @@
+"""Worker processes and the single-process reference for tests/test_pipeline_runtime.py."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from datetime import timedelta
+
+import torch
+
+from helpers import small_config
+
+SEQ, MICRO = 16, 2
+
+
+def build_model(layers: int = 4, seed: int = 0, **changes):
+    from dsv3.model.transformer import DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = small_config(num_hidden_layers=layers, seq_aux_alpha=0.01, **changes)
+    return DeepseekV3ForCausalLM(cfg)
+
+
+def batches(step: int, n_micro: int, vocab: int = 512) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1000 + step)
+    out = []
+    for _ in range(n_micro):
+        seq = torch.randint(0, vocab, (MICRO, SEQ + 1), generator=g)
+        out.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    return out
+
+
+def optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+
+
+def reference(steps: int, n_micro: int, layers: int = 4, **changes):
+    """One process: per-step losses and final parameters (the plain model, no pipeline code)."""
+    model = build_model(layers, **changes)
+    model.train()
+    opt = optimizer(list(model.parameters()))
+    losses, norms = [], []
+    for step in range(steps):
+        load, total = None, 0.0
+        for ids, labels in batches(step, n_micro):
+            out = model(ids, labels)
+            (out.loss / n_micro).backward()
+            total += float(out.loss.detach()) / n_micro
+            if out.expert_load is not None:
+                load = out.expert_load if load is None else load + out.expert_load
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if load is not None:
+            model.update_router_bias(load)
+        losses.append(total)
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, norms
+
+
+def swapped_recvs(schedule):
+    """``schedule`` with the last device's second activation RECV moved before its first (out of order)."""
+    from dataclasses import replace
+
+    from dsv3.parallel.pipeline.schedules import FORWARD, RECV
+
+    dev = schedule.devices - 1
+    ops = list(schedule.ops[dev])
+    at = [i for i, op in enumerate(ops) if op.kind == RECV and op.direction == FORWARD][:2]
+    ops.insert(at[0], ops.pop(at[1]))
+    return replace(schedule, ops=schedule.ops[:dev] + (tuple(ops),) + schedule.ops[dev + 1:])
+
+
+def fb_as_f_then_b(schedule):
+    """``schedule`` with every overlapped FB op replaced by its forward, then its full backward."""
+    from dataclasses import replace
+
+    from dsv3.parallel.pipeline.schedules import FB
+
+    ops = tuple(tuple(p for op in dev for p in (op.parts() if op.kind == FB else (op,))) for dev in schedule.ops)
+    return replace(schedule, ops=ops)
+
+
+def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
+    """One pipeline process. Each job dict: schedule, pp, steps, n_micro, layers, and optionally ``variant``
+    (``"fb_as_f_then_b"``; ``"swapped"`` expects the swapped op list to be rejected before the step).
+    Puts (rank, results, error) on ``queue``; a result is (losses, owned params, per-step op traces) or the
+    rejection message."""
+    try:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+        import torch.distributed as dist
+
+        from dsv3.errors import ConfigError
+        from dsv3.parallel.pipeline.executor import PipelineRuntime
+        from dsv3.parallel.pipeline.train import pipeline_train_step, write_step_trace
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        results = []
+        for job in jobs:
+            model = build_model(job["layers"], **job.get("model", {}))
+            model.train()
+            rt = PipelineRuntime(model, job["schedule"], job["pp"], seq_len=SEQ)
+            variant = job.get("variant")
+            custom = None
+            if variant == "fb_as_f_then_b":
+                custom = fb_as_f_then_b(rt.schedule_for(job["n_micro"]))
+            if variant == "swapped":
+                try:
+                    rt.step(batches(0, job["n_micro"]), schedule=swapped_recvs(rt.schedule_for(job["n_micro"])))
+                    results.append("not rejected")
+                except ConfigError as e:
+                    results.append(str(e))
+                continue
+            opt = optimizer(rt.owned_parameters())
+            losses, traces, norms = [], [], []
+            for step in range(job["steps"]):
+                if custom is None:
+                    stats = pipeline_train_step(rt, batches(step, job["n_micro"]), opt, grad_clip=1.0)
+                    res = stats.result
+                    norms.append(stats.grad_norm)
+                else:
+                    res = rt.step(batches(step, job["n_micro"]), schedule=custom)
+                    rt.clip_grad_norm(1.0)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    model.update_router_bias(res.load)
+                losses.append(res.loss)
+                traces.append([e.op for e in res.trace])
+            if job.get("trace_path"):
+                write_step_trace(job["trace_path"], rt, res)
+            params = dict(model.named_parameters())
+            results.append((losses, {n: params[n].detach().numpy().copy() for n in rt.owned}, traces, norms))
+        queue.put((rank, results, None))
+        dist.destroy_process_group()
+    except BaseException:  # report, do not hang the parent
+        queue.put((rank, None, traceback.format_exc()))
+
+
+def session_losses(opts: dict, steps: int, pp: int | None = None, schedule: str | None = None):
+    """Train ``steps`` steps through dsv3.train.session (``train_step``); with ``pp``, through a pipeline.
+    Returns per-step losses and the whole model's parameters (synchronised from their holders)."""
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.session import build_session, train_step
+
+    session = build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
+    if pp is not None:
+        from dsv3.parallel.pipeline.train import attach_pipeline
+
+        attach_pipeline(session, pp=pp, schedule=schedule)
+    losses = []
+    for _ in range(steps):
+        session.begin_step()
+        batch, _ = session.next_batches()
+        losses.append(train_step(session, batch).loss)
+        session.step += 1
+    if pp is not None:
+        session.pipeline.sync_parameters()
+    params = {n: p.detach().numpy().copy() for n, p in session.model.named_parameters()}
+    session.close()
+    return losses, params
+
+
+def run_session(rank: int, world: int, port: int, opts: dict, steps: int, pp: int, schedule: str, queue) -> None:
+    """One process of a pipelined training session; puts (rank, (losses, params), error) on ``queue``."""
+    try:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
+        queue.put((rank, session_losses(opts, steps, pp, schedule), None))
+        dist.destroy_process_group()
+    except BaseException:
+        queue.put((rank, None, traceback.format_exc()))
