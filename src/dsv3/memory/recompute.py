@@ -26,8 +26,9 @@ Policies (what each block keeps for backward; the rest is recomputed in backward
 
 Recomputation changes no result: the recomputed forward is the same computation
 (routing included), and the MoE load statistics and bias update come from the
-original forward only (the model reads them before backward), so every token is
-counted once.
+original forward only (the model reads them from its per-forward
+:class:`~dsv3.model.moe.RoutingStats` before backward; a recomputation records the same
+layer key again, which counts nothing twice), so every token is counted once.
 """
 
 from __future__ import annotations
@@ -92,12 +93,13 @@ def _caches_fp8(layer: DecoderLayer) -> bool:
     return any(act is not swiglu for act in acts)
 
 
-def _selective_ffn(layer: DecoderLayer, h):
+def _selective_ffn(layer: DecoderLayer, h, stats=None):
     if not _recomputing() or _caches_fp8(layer):
         # With the FP8 recipe the FFN keeps FP8 copies of its GEMM and SwiGLU inputs and recomputes
         # SwiGLU outputs already; a checkpointed region would store its full-precision GEMM outputs.
-        return DecoderLayer.ffn(layer, h)
-    return checkpoint(functools.partial(DecoderLayer.ffn, layer), h, use_reentrant=False, context_fn=_KEEP_MATMULS)
+        return DecoderLayer.ffn(layer, h, stats)
+    return checkpoint(functools.partial(DecoderLayer.ffn, layer, stats=stats), h, use_reentrant=False,
+                      context_fn=_KEEP_MATMULS)
 
 
 def _full_forward(layer: DecoderLayer, original, *args, **kwargs):

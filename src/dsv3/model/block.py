@@ -7,7 +7,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.mla import MLA, LatentKVCache
-from dsv3.model.moe import MLP, MoE
+from dsv3.model.moe import MLP, MoE, RoutingStats
 from dsv3.model.norm import RMSNorm
 
 
@@ -26,13 +26,14 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MLA(config, layer_idx if cache_idx is None else cache_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = MoE(config, layer_idx) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentKVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        """``x`` [B, T, d] -> [B, T, d]."""
+                cache: LatentKVCache | None = None, start_pos: int = 0,
+                stats: RoutingStats | None = None) -> torch.Tensor:
+        """``x`` [B, T, d] -> [B, T, d]; an MoE block records its loads/balance loss into ``stats``."""
         h = x + self.attention(x, cos, sin, cache, start_pos)
-        return h + self.ffn(h)
+        return h + self.ffn(h, stats)
 
     # The two residual branches; recomputation policies wrap these (see dsv3.memory.recompute).
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -40,6 +41,8 @@ class DecoderLayer(nn.Module):
         """The attention branch ``MLA(RMSNorm(x))``."""
         return self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
 
-    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+    def ffn(self, h: torch.Tensor, stats: RoutingStats | None = None) -> torch.Tensor:
         """The feed-forward branch ``FFN(RMSNorm(h))``."""
+        if isinstance(self.mlp, MoE):
+            return self.mlp(self.post_attention_layernorm(h), stats)
         return self.mlp(self.post_attention_layernorm(h))

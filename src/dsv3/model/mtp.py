@@ -48,7 +48,9 @@ class MTPLayer(DecoderLayer):
         self.shared_head = SharedHead(config)
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor,  # type: ignore[override]
-                cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``h_prev`` = h^{k-1}_{1:T-k} and ``emb`` = Emb(t_{k+1:T}), both [B, T-k, d]; returns h^k [B, T-k, d]."""
+                cos: torch.Tensor, sin: torch.Tensor, stats=None) -> torch.Tensor:
+        """``h_prev`` = h^{k-1}_{1:T-k} and ``emb`` = Emb(t_{k+1:T}), both [B, T-k, d]; returns h^k [B, T-k, d].
+
+        ``stats``: an optional :class:`~dsv3.model.moe.RoutingStats` the MoE block records into."""
         x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h_prev)), dim=-1))
-        return super().forward(x, cos, sin)
+        return super().forward(x, cos, sin, stats=stats)
