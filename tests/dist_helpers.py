@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -25,7 +26,9 @@ def _entry(fn, rank, world_size, port, results, args, env):
 
     torch.set_num_threads(1)
     try:
-        results.put((rank, True, fn(rank, *args)))
+        # plain pickle bytes: torch's queue reductions would pass tensors through shared memory that
+        # vanishes when this process exits before the parent has read them
+        results.put((rank, True, pickle.dumps(fn(rank, *args))))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -63,7 +66,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, env: dict | Non
                 continue
             if not ok:
                 raise AssertionError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())))
