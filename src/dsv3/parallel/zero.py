@@ -159,13 +159,15 @@ class ZeroAdamW:
         return norm[0]
 
     @torch.no_grad()
-    def step(self, max_norm: float | None = None) -> torch.Tensor:
+    def step(self, max_norm: float | None = None, *, reduce: bool = True) -> torch.Tensor:
         """Reduce gradients, clip to ``max_norm``, update this rank's chunks, all-gather the parameters.
 
         Returns the gradient norm before clipping. When it is not finite nothing is updated (the
-        caller skips the step: every rank sees the same norm).
+        caller skips the step: every rank sees the same norm). ``reduce=False``: the caller already
+        called :meth:`reduce_gradients`.
         """
-        self.reduce_gradients()
+        if reduce:
+            self.reduce_gradients()
         norm = self.grad_norm()
         if not torch.isfinite(norm):
             return norm
