@@ -42,9 +42,9 @@ def run(label: str, args, out: str, moments: str, seed: int) -> tuple[list[float
     from dsv3.train.metrics import read_metrics
 
     run_dir = os.path.join(out, label.replace(" moments, seed ", "-seed"))
-    config = TrainConfig(model="tiny", steps=args.steps, run_dir=run_dir, eval_every=args.eval_every,
-                         eval_batches=args.eval_batches, save_every=10**9, sample_tokens=0, progress=False,
-                         tensorboard=False, optim_states=moments, seed=seed)
+    config = TrainConfig.from_dict(dict(model="tiny", steps=args.steps, run_dir=run_dir, eval_every=args.eval_every,
+                                        eval_batches=args.eval_batches, save_every=10**9, sample_tokens=0,
+                                        progress=False, tensorboard=False, optim_states=moments, seed=seed))
     train(config, log=lambda s: None)
     records = read_metrics(run_dir)
     losses = [r["loss"] for r in records if "loss" in r]

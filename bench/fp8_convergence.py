@@ -42,13 +42,13 @@ def run(label: str, fp8: bool, args, out_dir: str) -> tuple[list[int], list[floa
     from dsv3.train.loop import train
     from dsv3.train.metrics import read_metrics
 
-    config = TrainConfig(
+    config = TrainConfig.from_dict(dict(
         model=args.model, data=args.data, seq_len=args.seq_len, micro_batch=args.micro_batch,
         global_batch=args.micro_batch, steps=args.steps, seed=args.seed, device=args.device,
         **({"lr": args.lr, "min_lr": args.lr / 10} if args.lr is not None else {}),
         fp8=fp8, fp8_backend=args.backend, run_dir=os.path.join(out_dir, label),
         eval_every=10**9, save_every=10**9, sample_tokens=0, tensorboard=False, progress=False,
-    )
+    ))
     started = time.time()
 
     def hook(step: int) -> None:

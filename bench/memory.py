@@ -51,8 +51,8 @@ def main() -> None:
     for name, changes in CONFIGS.items():
         if args.only and name not in args.only:
             continue
-        config = TrainConfig(model=args.model, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                             global_batch=args.micro_batch, **changes)
+        config = TrainConfig.from_dict(dict(model=args.model, seq_len=args.seq_len, micro_batch=args.micro_batch,
+                                            global_batch=args.micro_batch, **changes))
         sessions[name] = prepare_config(config, name)
     # Bytes: one configuration at a time (a warm-up step, then one step under the trackers).
     reports = {name: session.measure(steps=0) for name, session in sessions.items()}

@@ -34,10 +34,10 @@ def main() -> None:
     parser.add_argument("--extra", default="{}", help="JSON object of further TrainConfig options")
     args = parser.parse_args()
     run_dir = os.path.join(tempfile.mkdtemp(prefix="dsv3-small-"), "run")
-    config = TrainConfig(model="small", seq_len=args.seq_len, micro_batch=args.micro_batch,
-                         global_batch=args.global_batch, steps=args.steps, save_every=args.steps,
-                         eval_every=10**6, sample_tokens=0, progress=False, tensorboard=False, run_dir=run_dir,
-                         **json.loads(args.extra))
+    config = TrainConfig.from_dict(dict(model="small", seq_len=args.seq_len, micro_batch=args.micro_batch,
+                                        global_batch=args.global_batch, steps=args.steps, save_every=args.steps,
+                                        eval_every=10**6, sample_tokens=0, progress=False, tensorboard=False,
+                                        run_dir=run_dir, **json.loads(args.extra)))
     t0 = time.time()
     result = train(config, log=lambda s: None)
     wall = time.time() - t0

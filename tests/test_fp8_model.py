@@ -130,8 +130,8 @@ def test_train_with_fp8_runs_close_to_fp32_and_resumes(tmp_path):
     def quiet(line):
         pass
 
-    fp32 = train(TrainConfig(run_dir=str(tmp_path / "fp32"), fp8=False, **common), log=quiet)
-    full = train(TrainConfig(run_dir=str(tmp_path / "full"), fp8=True, **common), log=quiet)
+    fp32 = train(TrainConfig.from_dict(dict(run_dir=str(tmp_path / "fp32"), fp8=False, **common)), log=quiet)
+    full = train(TrainConfig.from_dict(dict(run_dir=str(tmp_path / "full"), fp8=True, **common)), log=quiet)
     l32, l8 = losses(fp32.run_dir), losses(full.run_dir)
     assert len(l8) == 4 and all(abs(a - b) / a < 0.01 for a, b in zip(l32, l8, strict=True))
     assert l8 != l32  # the FP8 run really ran in FP8
@@ -145,7 +145,7 @@ def test_train_with_fp8_runs_close_to_fp32_and_resumes(tmp_path):
 
     part = str(tmp_path / "part")
     try:
-        train(TrainConfig(run_dir=part, fp8=True, **common), log=quiet, step_hook=stop_at_2)
+        train(TrainConfig.from_dict(dict(run_dir=part, fp8=True, **common)), log=quiet, step_hook=stop_at_2)
     except Stop:
         pass
     assert [s for s, _ in list_checkpoints(part)] == [2]

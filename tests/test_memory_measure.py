@@ -13,8 +13,8 @@ from dsv3.train.config import TrainConfig
 
 
 def _config(setup, **changes) -> TrainConfig:
-    return TrainConfig(model=setup["model"], data=setup["corpus"], tokenizer=setup["tokenizer"], seq_len=32,
-                       micro_batch=2, global_batch=2, **changes)
+    return TrainConfig.from_dict(dict(model=setup["model"], data=setup["corpus"], tokenizer=setup["tokenizer"],
+                                      seq_len=32, micro_batch=2, global_batch=2, **changes))
 
 
 def test_categories_follow_the_options(train_setup):

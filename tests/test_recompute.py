@@ -60,8 +60,9 @@ def test_live_bytes_equal_saved_tensor_bytes_without_recomputation(runs):
 def test_recompute_policy_is_reversible_and_checked():
     model = DeepseekV3ForCausalLM(small_config())
     apply_recompute(model, "full")
+    assert all(type(layer.recompute).__name__ == "FullRecompute" for layer in model.model.layers)
     apply_recompute(model, "none")
-    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    assert all(layer.recompute is None and "forward" not in layer.__dict__ for layer in model.model.layers)
     with pytest.raises(ConfigError, match="recompute policy"):
         apply_recompute(model, "some")
 

@@ -24,7 +24,7 @@ REQUIRED = ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_n
 
 
 def _train(setup, run_dir, **changes):
-    return train(TrainConfig(**quick_options(setup, run_dir, **changes)), log=lambda s: None)
+    return train(TrainConfig.from_dict(quick_options(setup, run_dir, **changes)), log=lambda s: None)
 
 
 def test_training_learns_checkpoints_and_logs_metrics(train_setup, tmp_path):
@@ -56,7 +56,7 @@ def test_resume_gives_identical_per_step_losses(train_setup, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train(TrainConfig(**quick_options(train_setup, tmp_path / "resumed", steps=6)), log=lambda s: None,
+        train(TrainConfig.from_dict(quick_options(train_setup, tmp_path / "resumed", steps=6)), log=lambda s: None,
               step_hook=stop_at_3)
     assert [s for s, _ in list_checkpoints(str(tmp_path / "resumed"))] == [3]
     result = train(None, resume=str(tmp_path / "resumed"), log=lambda s: None)

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError, ConfigError
 from dsv3.utils.io import atomic_dir
+from dsv3.utils.size import parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -292,18 +293,6 @@ def hf_state_items(model: torch.nn.Module, dtype: torch.dtype | None = None
         yield item(prefix + "shared_head.head.weight", head, copy=True)
 
 
-def parse_size(text: str | int) -> int:
-    """``"5GB"``, ``"500MiB"``, ``"1e9"`` or an int, in bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?i?B)?\s*", str(text))
-    if not m:
-        raise ConfigError(f"size {text!r} is not a number of bytes like 5GB or 500MiB")
-    units = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-    return int(float(m.group(1)) * units[m.group(2)])
-
-
 def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                     max_shard_size: str | int = "5GB") -> None:
     """Write ``model`` as a Hugging Face checkpoint directory (config.json + safetensors).
@@ -319,7 +308,7 @@ def write_pretrained(model: torch.nn.Module, directory: str, *, dtype: torch.dty
                      max_shard_size: str | int = "5GB") -> None:
     """Write config.json and the safetensors shards into the existing ``directory``, one shard in memory at a time."""
     config: ModelConfig = model.config  # type: ignore[assignment]
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "max_shard_size", unit_required=False)
     out_config = ModelConfig.from_dict(config.to_dict())
     out_config.quantization_config = None  # weights are written dequantised
     shards: list[list] = [[]]

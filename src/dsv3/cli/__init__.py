@@ -4,36 +4,82 @@ Each sub-command lives in its own module of this package with two functions,
 ``register(subparsers)`` and ``run(args)``. Commands import torch only inside
 ``run``, so ``dsv3 plan`` starts in milliseconds. A :class:`~dsv3.errors.DsV3Error`
 (bad input) prints one line on stderr and exits with code 2.
+
+Every parser is a :class:`Parser`: no abbreviations (``--ep`` never means ``--eps``),
+and an unknown flag is a one-line error with the closest real flag of that command
+(``dsv3: error: unrecognized arguments: --warmup 3 (did you mean --warmup-steps?)``), exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from dsv3.errors import DsV3Error
 
 # Sub-command modules, in the order `dsv3 --help` lists them.
-COMMANDS = ("train", "generate", "plot", "plan", "memory", "convert")
+COMMANDS = ("train", "generate", "plot", "plan", "memory")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse without prefix matching, with one-line usage errors (exit 2) and "did you mean"."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False  # `--ep 2` must not set --eps
+        if kwargs.get("formatter_class") in (None, argparse.HelpFormatter):
+            from dsv3.cli.options import HelpFormatter
+
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # usage errors: one line, exit 2
+        choice = re.search(r"invalid choice: '([^']*)'", message)
+        if choice is not None:  # `plan --typo 4`: the typo's value 4 was taken for a sub-command
+            argv = getattr(self, "_argv", [])
+            before = argv[:argv.index(choice.group(1))] if choice.group(1) in argv else []
+            unknown = [a.split("=", 1)[0] for a in before if a.startswith("--")]
+            unknown = [a for a in unknown if a not in self._option_string_actions]
+            if unknown:
+                from dsv3.train.config import suggest
+
+                flags = [s for s in self._option_string_actions if s.startswith("--")]
+                message = f"unrecognized arguments: {unknown[0]}{suggest(unknown[0], flags)}"
         self.exit(2, f"dsv3: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._argv = list(sys.argv[1:] if args is None else args)  # for error(); sub-parsers get their part
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        from dsv3.train.config import suggest
+
+        args, extras = self.parse_known_args(args, namespace)
+        if extras:
+            active = self._active_parser(args)
+            flags = [s for s in active._option_string_actions if s.startswith("--")]
+            first = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
+            hint = suggest(first, flags) if first else ""
+            active.error(f"unrecognized arguments: {' '.join(extras)}{hint or f'; see `{active.prog} --help`'}")
+        return args
+
+    def _active_parser(self, args: argparse.Namespace) -> "argparse.ArgumentParser":
+        """The (sub-)parser of the command that was chosen: unknown flags are compared with its flags."""
+        parser = self
+        while True:
+            subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+            chosen = getattr(args, subs[0].dest, None) if subs and subs[0].dest != argparse.SUPPRESS else None
+            if chosen is None or chosen not in subs[0].choices:
+                return parser
+            parser = subs[0].choices[chosen]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dsv3", description="Train and plan DeepSeek-V3-architecture MoE models.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = Parser(prog="dsv3", description="Train and plan DeepSeek-V3-architecture MoE models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"dsv3.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"dsv3.cli.{name}":
-                continue  # command not built in this version
-            raise
-        module.register(sub)
+        importlib.import_module(f"dsv3.cli.{name}").register(sub)
     return parser
 
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a run directory or checkpoint")
-    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a checkpoint")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-tokens", type=int, default=100)
+    p.add_argument("--max-tokens", type=int, default=100, help="tokens to generate (default 100)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the top tokens of this probability mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--use-ema", action="store_true", help="use the checkpoint's EMA weights")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
     p.set_defaults(func=run)
 
 

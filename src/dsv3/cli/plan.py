@@ -14,15 +14,17 @@ import argparse
 import sys
 
 from dsv3.errors import ConfigError
+from dsv3.plan.limits import check_gpus, check_pipeline, check_plot, clip
+from dsv3.plan.params import TP_CONVENTIONS
 
 
 def _ints(text: str, what: str) -> list[int]:
     try:
         values = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ConfigError(f"{what} {text!r} must be integers separated by commas, like 4,4,4,3") from None
+        raise ConfigError(f"{what} {clip(text)} must be integers separated by commas, like 4,4,4,3") from None
     if not values:
-        raise ConfigError(f"{what} {text!r} is empty; give integers separated by commas")
+        raise ConfigError(f"{what} {clip(text)} is empty; give integers separated by commas")
     return values
 
 
@@ -37,6 +39,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp-convention", default="megatron", choices=TP_CONVENTIONS,
+                   help="what tensor parallelism splits: megatron (default; dsv3 and Megatron-Core split the shared "
+                        "experts and the RoPE query rows W^QR) or zhang-su (arXiv 2502.07846: both replicated on every "
+                        "TP rank, the whole MoE block sharded by ZeRO over EDP)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: min(4096, the model's maximum))")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     p.add_argument("--global-batch", type=int, default=None,
@@ -55,7 +61,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--efficiency", type=float, default=0.5, help="assumed fraction of peak the GEMMs reach (0.5)")
     p.add_argument("--nvlink-gbps", type=float, default=160.0, help="GB/s per GPU inside a node (160, the report's H800)")
     p.add_argument("--ib-gbps", type=float, default=50.0, help="GB/s per GPU between nodes (50)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (8)")
     p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GiB, to check the fit")
     p.add_argument("--json", action="store_true", help="print one JSON document")
 
@@ -84,7 +90,7 @@ def register(subparsers) -> None:
     tp = p.add_mutually_exclusive_group()
     tp.add_argument("--mfu", type=float, default=None, help="assumed model FLOPs utilisation, e.g. 0.4")
     tp.add_argument("--tokens-per-s-per-gpu", type=float, default=None, help="measured throughput")
-    p.add_argument("--price-per-gpu-hour", type=float, default=None)
+    p.add_argument("--price-per-gpu-hour", type=float, default=None, help="price of one GPU-hour, for the cost")
     p.set_defaults(func=run)
 
     sub = p.add_subparsers(dest="plan_command", metavar="{schedule,search}", parser_class=type(p))
@@ -93,21 +99,21 @@ def register(subparsers) -> None:
                        allow_abbrev=False)
     s.add_argument("--schedule", required=True, help="1f1b, zb1p, dualpipe or dualpipev")
     s.add_argument("--pp", type=int, required=True, help="pipeline stages (DualPipeV runs them on pp/2 devices)")
-    s.add_argument("--microbatches", type=int, required=True)
+    s.add_argument("--microbatches", type=int, required=True, help="micro-batches per step")
     s.add_argument("--f", type=float, default=1.0, help="forward time of one stage and micro-batch")
     s.add_argument("--b", type=float, default=2.0, help="full backward time (inputs + weights)")
     s.add_argument("--w", type=float, default=1.0, help="weight-gradient part of --b")
     s.add_argument("--fb", type=float, default=None, help="overlapped forward+backward pair (default f + b)")
     s.add_argument("--comm", type=float, default=0.0, help="point-to-point latency")
     s.add_argument("--plot", default=None, help="write the timeline to this PNG")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(func=run_schedule)
 
     q = sub.add_parser("search", help="list the layouts of N GPUs that fit, ranked by estimated step time",
                        description="Try every layout of --gpus GPUs; list those that fit, fastest first, and why the rest fail.",
                        allow_abbrev=False)
-    _add_model_args(q)
-    q.add_argument("--gpus", type=int, required=True)
+    _add_model_args(q)  # required here: a search of an unnamed model would silently rank layouts of `tiny`
+    q.add_argument("--gpus", type=int, required=True, help="GPUs to lay the run out on (at most 1,048,576)")
     for name, what in (("--pp", "pipeline stages"), ("--tp", "TP sizes"), ("--ep", "EP sizes"), ("--etp", "ETP sizes"),
                        ("--zero", "ZeRO stages (default 1)")):
         q.add_argument(name, default=None, help=f"{what} to try, comma-separated (default: all that apply)")
@@ -120,13 +126,53 @@ def register(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------- helpers
-def _model(args):
+def _model(args, required: bool = False):
+    """The model to plan and its name; ``tiny`` when neither --preset nor --config is given, unless ``required``."""
     from dsv3.config import load_preset, resolve_model_config
+    from dsv3.errors import DsV3Error
 
     if args.config:
-        return resolve_model_config(args.config), args.config
+        _check_config_file(args.config)
+        try:
+            return resolve_model_config(args.config), args.config
+        except DsV3Error:
+            raise
+        except UnicodeDecodeError:
+            raise ConfigError(f"model config {args.config} is not UTF-8 text; give a config.json") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read model config {args.config}: {exc.strerror or exc}") from None
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"model config {args.config} is malformed: {first}") from None
+    if args.preset is None and required:
+        raise ConfigError(
+            f"dsv3 plan {args.plan_command} needs the model to plan: give --preset NAME (tiny, small, deepseek-v3, "
+            f"deepseek-v2-lite) or --config PATH"
+        )
     name = args.preset or "tiny"
     return load_preset(name), name
+
+
+#: A config.json is a few KB; anything this large is the wrong file, and reading it would cost unbounded memory.
+MAX_CONFIG_BYTES = 16 * 2**20
+
+
+def _check_config_file(path: str) -> None:
+    """Refuse, before reading it, a config that is not a regular file (/dev/zero, a FIFO) or is absurdly large."""
+    import os
+    import stat
+
+    target = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        st = os.stat(target)
+    except OSError:
+        return  # missing: resolve_model_config names the presets and the path in its message
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"model config {clip(target)} is not a regular file; give a config.json")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"model config {clip(target)} is {st.st_size:,} bytes, not a config.json (a few KB); give the right file"
+        )
 
 
 def _precision(args):
@@ -158,7 +204,7 @@ def _causal(args) -> bool:
 
 
 def _common(args, cfg) -> dict:
-    from dsv3.plan.precision import parse_size
+    from dsv3.utils.size import parse_size
 
     seq_len = args.seq_len if args.seq_len is not None else min(4096, cfg.max_position_embeddings)
     return dict(
@@ -191,8 +237,7 @@ def run(args) -> int:
     devices = args.pp // 2 if schedule == "dualpipev" and args.pp % 2 == 0 else args.pp
     dp = args.dp
     if args.gpus is not None:
-        if args.gpus < 1:
-            raise ConfigError(f"--gpus must be a positive integer, got {args.gpus}")
+        check_gpus("gpus", args.gpus)
         per_replica = max(devices, 1) * max(args.tp, 1)
         if dp is None:
             if args.gpus % per_replica:
@@ -212,6 +257,7 @@ def run(args) -> int:
         recompute=str(args.recompute).lower(), seq_len=common["seq_len"], micro_batch=common["micro_batch"],
         global_batch=common["global_batch"], schedule=schedule, fp8=common["fp8"], stage_layers=stage_layers,
         attention=common["attention"], mtp=common["mtp"], sequence_parallel=not args.no_sequence_parallel,
+        tp_convention=args.tp_convention,
     )
     plan = make_plan(
         cfg, layout, _precision(args), _hardware(args), model_name=name, causal=_causal(args),
@@ -230,7 +276,11 @@ def run_schedule(args) -> int:
     from dsv3.plan.report import render_schedule, schedule_json
     from dsv3.plan.simulate import simulate
 
-    res = simulate(str(args.schedule).lower(), pp=args.pp, microbatches=args.microbatches, f=args.f, b=args.b,
+    schedule = str(args.schedule).lower()
+    check_pipeline(args.pp, args.microbatches)
+    if args.plot:  # refuse a figure too large to draw before simulating
+        check_plot(args.pp // 2 if schedule == "dualpipev" else args.pp, args.pp, args.microbatches)
+    res = simulate(schedule, pp=args.pp, microbatches=args.microbatches, f=args.f, b=args.b,
                    w=args.w, fb=args.fb, comm=args.comm)
     if args.plot:
         from dsv3.plan.timeline import plot_timeline
@@ -246,11 +296,11 @@ def run_schedule(args) -> int:
 
 
 def run_search(args) -> int:
-    from dsv3.plan.precision import parse_size
+    from dsv3.utils.size import parse_size
     from dsv3.plan.report import render_search, search_json
     from dsv3.plan.search import search
 
-    cfg, name = _model(args)
+    cfg, name = _model(args, required=True)
     if args.gpu_memory is None:
         raise ConfigError("dsv3 plan search needs --gpu-memory, e.g. --gpu-memory 80GiB")
     common = _common(args, cfg)
@@ -271,6 +321,7 @@ def run_search(args) -> int:
         seq_len=common["seq_len"], micro_batch=common["micro_batch"], global_batch=common["global_batch"],
         fp8=common["fp8"], attention=common["attention"], mtp=common["mtp"], precision=_precision(args),
         hardware=_hardware(args), fragmentation=args.fragmentation, causal=_causal(args), top=args.top,
+        tp_convention=args.tp_convention,
     )
     if args.json:
         print(search_json(result))

@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
-import argparse
-
 
 def register(sub) -> None:
-    from dsv3.train.config import add_config_arguments
+    from dsv3.cli.options import add_config_arguments
 
-    p = sub.add_parser("train", help="train a model (no arguments: the tiny preset on the Python stdlib)",
-                       description="Train a DeepSeek-V3-architecture model. Every option of the run config is a flag; "
-                                   "--config reads them from a YAML or TOML file first.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", dest="config_file", default=None, help="YAML or TOML run configuration")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue this run from its latest checkpoint")
+    p = sub.add_parser("train", usage="dsv3 train [--config FILE | --resume RUN_DIR] [--print-config] [OPTIONS]",
+                       help="train a model (no arguments: the tiny preset on the Python stdlib)",
+                       description="Train a DeepSeek-V3-architecture model. Every option of the run config is a flag "
+                                   "(grouped below by its section of the run file); --config reads them from a "
+                                   "YAML or TOML file first (sectioned, `optimizer: {lr: 1e-3}`, or flat, "
+                                   "`lr: 1e-3`), then the flags override.")
+    p.add_argument("--config", dest="config_file", default=None, metavar="FILE",
+                   help="YAML or TOML run configuration, sectioned or flat")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue this run from its latest checkpoint (flags override its saved config)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective configuration as YAML and exit without training or writing anything")
     add_config_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from dsv3.train.config import load_train_config, overrides_from_args
-    from dsv3.train.loop import train
+    from dsv3.cli.options import overrides_from_args
+    from dsv3.errors import ConfigError
+    from dsv3.train.config import config_yaml, load_train_config
 
     overrides = overrides_from_args(args)
+    if args.resume is not None and args.config_file is not None:
+        raise ConfigError("--resume continues a run with its saved config; drop --config (flags still override)")
+    if args.print_config:
+        if args.resume is not None:
+            from dsv3.train.session import resume_config
+
+            config = resume_config(args.resume, overrides)
+        else:
+            config = load_train_config(args.config_file, overrides)
+        print(config_yaml(config), end="")
+        return 0
+
+    from dsv3.train.loop import train
+
     if args.resume is not None:
         result = train(None, resume=args.resume, overrides=overrides)  # type: ignore[arg-type]
     else:

@@ -323,6 +323,9 @@ class FP8GroupedMM:
 class FP8SwiGLU:
     """``act(gate, up[, weight])`` replacement: :func:`fp8_swiglu`."""
 
+    # Read by dsv3.memory.recompute: this SwiGLU keeps FP8 copies of its inputs and recomputes its output.
+    caches_fp8_inputs = True
+
     def __init__(self, recipe: FP8Recipe):
         self.recipe = recipe
 

@@ -198,59 +198,68 @@ def measure_training(name: str, model: torch.nn.Module, optimizer, batches: Call
 
 @dataclass
 class TrainingSession:
-    """A training configuration built as ``dsv3 train`` builds it, ready to step (see :func:`prepare_config`)."""
+    """A training configuration built by :func:`dsv3.train.session.build_session` (as ``dsv3 train``
+    builds it, without writing a run directory), ready to measure or step (see :func:`prepare_config`)."""
 
     name: str
-    config: Any
-    model: torch.nn.Module
-    optimizer: Any
-    ema: Any
-    batches: Callable[[], tuple]
+    session: Any  # dsv3.train.session.Session
+
+    @property
+    def config(self):
+        return self.session.config
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.session.model
+
+    @property
+    def optimizer(self):
+        return self.session.optimizer
+
+    @property
+    def ema(self):
+        return self.session.ema
+
+    def batches(self) -> tuple:
+        """The next micro-batch ``(input_ids, labels)`` on the session's device."""
+        return self.session.prefetcher.get(1)[0][0]
 
     def measure(self, steps: int = 3) -> MemoryReport:
         """:func:`measure_training` on this session, with the config's options recorded."""
         report = measure_training(self.name, self.model, self.optimizer, self.batches, ema=self.ema, steps=steps)
-        report.options = {k: getattr(self.config, k) for k in ("model", "seq_len", "micro_batch", "recompute", "fp8",
-                                                                "optim_states", "ema_decay", "dtype")}
+        flat = self.config.to_flat_dict()
+        report.options = {k: flat[k] for k in ("model", "seq_len", "micro_batch", "recompute", "fp8", "optim_states",
+                                               "ema_decay", "dtype")}
         return report
 
     def step(self) -> float:
-        """One timed training step on the next micro-batch; seconds."""
-        return training_step(self.model, self.optimizer, self.batches(), ema=self.ema)[0]
+        """One timed training step (the trainer's :func:`~dsv3.train.session.train_step`) on the next
+        micro-batch; seconds."""
+        from dsv3.train.session import train_step
+
+        batch = self.batches()
+        cuda = self.session.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        train_step(self.session, [batch])
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
     def close(self) -> None:
-        if self.ema is not None:
-            self.ema.close()
+        self.session.close()
 
 
 def prepare_config(config, name: str | None = None) -> TrainingSession:
     """Build the tokenizer, data, model (with its FP8/recomputation transformations), optimizer and EMA
     of the training configuration ``config`` (a :class:`~dsv3.train.config.TrainConfig`) exactly as
-    ``dsv3 train`` does. Nothing is written except the tokenizer/token caches.
+    ``dsv3 train`` does (:func:`~dsv3.train.session.build_session`). Nothing is written except the
+    tokenizer/token caches.
     """
-    from dsv3.memory.ema import CPUEMA
-    from dsv3.train.data import build_data
-    from dsv3.train.loop import _device, build_model, build_tokenizer, model_config_for
-    from dsv3.train.optim import build_optimizer
+    from dsv3.train.session import build_session
 
-    config.validate()
-    device = _device(config)
-    mcfg = model_config_for(config)
-    tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir="")
-    data = build_data(config.data, tokenizer=tokenizer, seq_len=config.seq_len, vocab_size=mcfg.vocab_size,
-                      format=config.data_format, field=config.data_field, glob=config.data_glob,
-                      dtype=config.data_dtype, eos_token=config.eos_token, val_fraction=0.0)
-    loader = data.loader(config.seed)
-    model = build_model(config, mcfg, device)
-    optimizer = build_optimizer(model, lr=config.lr, betas=(config.beta1, config.beta2),
-                                weight_decay=config.weight_decay, eps=config.eps, moments_dtype=config.optim_states)
-    ema = CPUEMA(model, config.ema_decay) if config.ema_decay else None
-
-    def batches():
-        ids, labels = loader.next_batch(config.micro_batch)
-        return ids.to(device), labels.to(device)
-
-    return TrainingSession(name or config.model, config, model, optimizer, ema, batches)
+    return TrainingSession(name or config.model.name, build_session(config, write=False, prefetch=False))
 
 
 def measure_config(config, *, steps: int = 3, name: str | None = None) -> MemoryReport:

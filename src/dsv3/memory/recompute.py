@@ -1,8 +1,10 @@
 """Activation recomputation policies, applied to a built model (report 3.2.3).
 
-``apply_recompute(model, policy)`` rewires the two residual branches of every block
-(:meth:`DecoderLayer.attention` and :meth:`DecoderLayer.ffn`, main model and MTP
-modules alike) through ``torch.utils.checkpoint`` (non-reentrant). Module names and
+``apply_recompute(model, policy)`` installs a :class:`RecomputePolicy` in the
+``recompute`` extension point of every block (:class:`DecoderLayer`, main model and MTP
+modules alike); in training the block runs its two residual branches
+(:meth:`DecoderLayer.attention` and :meth:`DecoderLayer.ffn`) through the policy, which
+wraps regions in ``torch.utils.checkpoint`` (non-reentrant). Module names and
 parameters are untouched, so checkpoints and the optimizer do not notice.
 
 Policies (what each block keeps for backward; the rest is recomputed in backward):
@@ -26,25 +28,24 @@ Policies (what each block keeps for backward; the rest is recomputed in backward
 
 Recomputation changes no result: the recomputed forward is the same computation
 (routing included), and the MoE load statistics and bias update come from the
-original forward only (the model reads them from its per-forward
-:class:`~dsv3.model.moe.RoutingStats` before backward; a recomputation records the same
-layer key again, which counts nothing twice), so every token is counted once.
+original forward only (the model reads them before backward), so every token is
+counted once.
 """
 
 from __future__ import annotations
 
 import functools
-import types
+from typing import get_args
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dsv3.errors import ConfigError
+from dsv3.train.config import RecomputeMode
 from dsv3.model.block import DecoderLayer
-from dsv3.model.mla import LatentKVCache
-from dsv3.model.ops import GROUPED_MM_OPS, swiglu
+from dsv3.model.ops import GROUPED_MM_OPS
 
-POLICIES = ("none", "selective", "full")
+POLICIES: tuple[str, ...] = get_args(RecomputeMode)  # none, selective, full: spelled once, in the run config
 
 _aten = torch.ops.aten
 
@@ -71,57 +72,76 @@ _KEEP_MATMULS = _save_only(MATMUL_OPS)
 _KEEP_ATTENTION = _save_only(ATTENTION_OPS)
 
 
-def _recomputing() -> bool:
-    return torch.is_grad_enabled()
+class RecomputePolicy:
+    """How a :class:`DecoderLayer` runs in training; installed as ``layer.recompute`` (the block's
+    extension point), consulted only with gradients on and no KV cache. This base class recomputes
+    nothing; subclasses checkpoint regions of :meth:`attention` / :meth:`ffn` or the whole block."""
+
+    name = "none"
+
+    def block(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              stats=None) -> torch.Tensor:
+        """``x`` [B, T, d] -> [B, T, d]: ``h = x + attention(x); h + ffn(h)``. ``stats``: the forward's
+        :class:`~dsv3.model.moe.RoutingStats` (recorded by layer key, so a recomputation counts nothing twice)."""
+        h = x + self.attention(layer, x, cos, sin)
+        return h + self.ffn(layer, h, stats)
+
+    def attention(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return layer.attention(x, cos, sin)
+
+    def ffn(self, layer: DecoderLayer, h: torch.Tensor, stats=None) -> torch.Tensor:
+        return layer.ffn(h, stats)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
-def _selective_attention(layer: DecoderLayer, x, cos, sin, cache=None, start_pos=0):
-    attn = layer.self_attn
-    if cache is not None or not _recomputing():
-        return DecoderLayer.attention(layer, x, cos, sin, cache, start_pos)
-    q_latent, kv_latent = checkpoint(lambda t: attn.compress(layer.input_layernorm(t)), x,
-                                     use_reentrant=False, context_fn=_KEEP_MATMULS)
-    return checkpoint(lambda q, kv: attn.attend(q, kv, cos, sin), q_latent, kv_latent,
-                      use_reentrant=False, context_fn=_KEEP_ATTENTION)
+class SelectiveRecompute(RecomputePolicy):
+    """The report's policy: RMSNorm, the MLA up-projections and SwiGLU outputs are recomputed."""
+
+    name = "selective"
+
+    def attention(self, layer, x, cos, sin):
+        attn = layer.self_attn
+        q_latent, kv_latent = checkpoint(lambda t: attn.compress(layer.input_layernorm(t)), x,
+                                         use_reentrant=False, context_fn=_KEEP_MATMULS)
+        return checkpoint(lambda q, kv: attn.attend(q, kv, cos, sin), q_latent, kv_latent,
+                          use_reentrant=False, context_fn=_KEEP_ATTENTION)
+
+    def ffn(self, layer, h, stats=None):
+        if caches_fp8(layer):
+            # With the FP8 recipe the FFN keeps FP8 copies of its GEMM and SwiGLU inputs and recomputes
+            # SwiGLU outputs already; a checkpointed region would store its full-precision GEMM outputs.
+            return layer.ffn(h, stats)
+        return checkpoint(functools.partial(layer.ffn, stats=stats), h, use_reentrant=False, context_fn=_KEEP_MATMULS)
 
 
-def _caches_fp8(layer: DecoderLayer) -> bool:
-    """Whether the FFN's SwiGLUs already cache FP8 inputs (FP8 recipe): then nothing large is left to drop."""
+class FullRecompute(RecomputePolicy):
+    """Keep each block's input only; recompute the whole block in backward."""
+
+    name = "full"
+
+    def block(self, layer, x, cos, sin, stats=None):
+        return checkpoint(super().block, layer, x, cos, sin, stats, use_reentrant=False)
+
+
+_POLICY_CLASSES = {"none": None, "selective": SelectiveRecompute, "full": FullRecompute}
+
+
+def caches_fp8(layer: DecoderLayer) -> bool:
+    """Whether the block's FFN SwiGLUs cache FP8 inputs (the FP8 recipe marks them ``caches_fp8_inputs``)."""
     mlp = layer.mlp
     acts = [mlp.act] if hasattr(mlp, "act") else [mlp.experts.act] + (
         [mlp.shared_experts.act] if mlp.shared_experts is not None else [])
-    return any(act is not swiglu for act in acts)
-
-
-def _selective_ffn(layer: DecoderLayer, h, stats=None):
-    if not _recomputing() or _caches_fp8(layer):
-        # With the FP8 recipe the FFN keeps FP8 copies of its GEMM and SwiGLU inputs and recomputes
-        # SwiGLU outputs already; a checkpointed region would store its full-precision GEMM outputs.
-        return DecoderLayer.ffn(layer, h, stats)
-    return checkpoint(functools.partial(DecoderLayer.ffn, layer, stats=stats), h, use_reentrant=False,
-                      context_fn=_KEEP_MATMULS)
-
-
-def _full_forward(layer: DecoderLayer, original, *args, **kwargs):
-    decoding = any(isinstance(a, LatentKVCache) for a in (*args, *kwargs.values()))
-    if decoding or not _recomputing():
-        return original(*args, **kwargs)
-    return checkpoint(original, *args, use_reentrant=False, **kwargs)
+    return any(getattr(act, "caches_fp8_inputs", False) for act in acts)
 
 
 def apply_recompute(model: torch.nn.Module, policy: str) -> torch.nn.Module:
     """Set the recomputation policy of every block of ``model`` (idempotent; ``none`` undoes it)."""
     if policy not in POLICIES:
         raise ConfigError(f"recompute policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    cls = _POLICY_CLASSES[policy]
     for layer in model.modules():
-        if not isinstance(layer, DecoderLayer):
-            continue
-        for name in ("attention", "ffn", "forward"):  # back to the class methods
-            layer.__dict__.pop(name, None)
-        if policy == "selective":
-            layer.attention = types.MethodType(_selective_attention, layer)
-            layer.ffn = types.MethodType(_selective_ffn, layer)
-        elif policy == "full":
-            layer.forward = functools.partial(_full_forward, layer, layer.forward)
-        layer.recompute_policy = policy
+        if isinstance(layer, DecoderLayer):
+            layer.recompute = cls() if cls is not None else None
     return model

@@ -39,6 +39,7 @@ from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError, DsV3Error
 from dsv3.plan.flops import ModelFlops
 from dsv3.plan.layout import Layout
+from dsv3.plan.limits import MAX_GPUS, check_float, check_int, clip
 from dsv3.plan.memory import StageParts, StateBytes
 from dsv3.plan.precision import Precision, element_bytes
 
@@ -66,12 +67,9 @@ class Hardware:
 
     def __post_init__(self) -> None:
         for name in ("peak_tflops", "nvlink_gbps", "ib_gbps"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 < self.efficiency <= 1:
-            raise ConfigError(f"--efficiency must be in (0, 1], got {self.efficiency}")
-        if self.gpus_per_node < 1:
-            raise ConfigError(f"--gpus-per-node must be a positive integer, got {self.gpus_per_node}")
+            check_float(name.replace("_", "-"), getattr(self, name), inclusive=False)
+        check_float("efficiency", self.efficiency, inclusive=False, maximum=1.0)
+        check_int("gpus-per-node", self.gpus_per_node, maximum=MAX_GPUS)
 
     @property
     def peak(self) -> float:
@@ -220,12 +218,10 @@ def throughput(flops_per_token: float, hw: Hardware, *, tokens_per_s_per_gpu: fl
                mfu: float | None = None, estimated_tokens_per_s_per_gpu: float | None = None) -> Throughput:
     """Tokens/s per GPU and MFU from the first source given (module docstring)."""
     if tokens_per_s_per_gpu is not None:
-        if not tokens_per_s_per_gpu > 0:
-            raise ConfigError(f"--tokens-per-s-per-gpu must be positive, got {tokens_per_s_per_gpu}")
+        check_float("tokens-per-s-per-gpu", tokens_per_s_per_gpu, inclusive=False)
         return Throughput(tokens_per_s_per_gpu, tokens_per_s_per_gpu * flops_per_token / hw.peak, "measured")
     if mfu is not None:
-        if not 0 < mfu <= 1:
-            raise ConfigError(f"--mfu must be a fraction in (0, 1], got {mfu}")
+        check_float("mfu", mfu, inclusive=False, maximum=1.0)
         return Throughput(mfu * hw.peak / flops_per_token, mfu, "assumed_mfu")
     if estimated_tokens_per_s_per_gpu is None:
         raise ConfigError("give --tokens-per-s-per-gpu or --mfu to compute a cost")
@@ -235,8 +231,7 @@ def throughput(flops_per_token: float, hw: Hardware, *, tokens_per_s_per_gpu: fl
 
 def budget(tokens: float, gpus: int, tp: Throughput, price_per_gpu_hour: float | None = None) -> dict:
     """GPU-hours, wall-clock hours and cost of training on ``tokens`` tokens with ``gpus`` GPUs."""
-    if not tokens > 0:
-        raise ConfigError(f"--tokens must be positive, got {tokens}")
+    check_float("tokens", tokens, inclusive=False)
     gpu_hours = tokens / tp.tokens_per_s_per_gpu / 3600.0
     out = {
         "tokens": tokens,
@@ -246,8 +241,7 @@ def budget(tokens: float, gpus: int, tp: Throughput, price_per_gpu_hour: float |
         "wall_clock_days": gpu_hours / gpus / 24.0,
     }
     if price_per_gpu_hour is not None:
-        if price_per_gpu_hour < 0:
-            raise ConfigError(f"--price-per-gpu-hour must not be negative, got {price_per_gpu_hour}")
+        check_float("price-per-gpu-hour", price_per_gpu_hour)
         out["price_per_gpu_hour"] = price_per_gpu_hour
         out["cost"] = gpu_hours * price_per_gpu_hour
     return out
@@ -266,7 +260,7 @@ def parse_count(text: str | float | int, what: str) -> float:
     try:
         value = float(s) * scale
     except ValueError:
-        raise ConfigError(f"{what} {text!r} is not a number; write it like 14.8T, 500B or 2e12") from None
+        raise ConfigError(f"{what} {clip(text)} is not a number; write it like 14.8T, 500B or 2e12") from None
     return value
 
 

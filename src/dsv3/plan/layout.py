@@ -26,15 +26,12 @@ from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
+from dsv3.plan import limits
+from dsv3.plan.params import TP_CONVENTIONS
 
 SCHEDULES = ("1f1b", "zb1p", "dualpipe", "dualpipev")
 RECOMPUTE = ("none", "selective", "full")
 ATTENTION_IMPLS = ("fused", "eager")
-
-
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -61,6 +58,9 @@ class Layout:
         attention: ``fused`` (flash/SDPA: no s x s scores kept) or ``eager``.
         mtp: train the MTP modules the config has.
         sequence_parallel: split the TP-replicated activations along the sequence (Megatron SP).
+        tp_convention: what TP splits and how ZeRO groups the MoE block, one of
+            :data:`~dsv3.plan.params.TP_CONVENTIONS` (``megatron``: dsv3 and Megatron-Core;
+            ``zhang-su``: the accounting of arXiv 2502.07846).
     """
 
     pp: int = 1
@@ -79,6 +79,7 @@ class Layout:
     attention: str = "fused"
     mtp: bool = True
     sequence_parallel: bool = True
+    tp_convention: str = "megatron"
 
     # ------------------------------------------------------------ derived sizes
     @property
@@ -144,21 +145,36 @@ class Layout:
     def short(self) -> str:
         """``PP16 TP1 EP64 ETP1 DP128 ZeRO-1 dualpipe selective``."""
         parts = [f"PP{self.pp}", f"TP{self.tp}", f"EP{self.ep}", f"ETP{self.etp}", f"DP{self.dp}", f"ZeRO-{self.zero}"]
-        return " ".join(parts + [self.schedule, self.recompute] + (["fp8"] if self.fp8 else []))
+        extra = (["fp8"] if self.fp8 else []) + ([self.tp_convention] if self.tp_convention != "megatron" else [])
+        return " ".join(parts + [self.schedule, self.recompute] + extra)
 
     # ------------------------------------------------------------ checks
     def validate(self, cfg: ModelConfig) -> None:
-        """Raise :class:`ConfigError` with one sentence for the first thing that does not fit ``cfg``."""
-        for name in ("pp", "tp", "ep", "etp", "dp", "seq_len", "micro_batch"):
-            _positive(name.replace("_", "-"), getattr(self, name))
+        """Raise :class:`ConfigError` with one sentence for the first thing that does not fit ``cfg``.
+
+        Every size is bounded (:mod:`dsv3.plan.limits`), so that planning a valid
+        layout takes bounded time and memory.
+        """
+        limits.check_model(cfg)
+        for name in ("pp", "tp", "ep", "etp", "dp"):
+            limits.check_int(name, getattr(self, name), maximum=limits.MAX_GPUS)
+        for name in ("seq_len", "micro_batch"):
+            limits.check_int(name.replace("_", "-"), getattr(self, name))
         if self.global_batch is not None:
-            _positive("global-batch", self.global_batch)
-        if self.zero not in (0, 1, 2, 3):
+            limits.check_int("global-batch", self.global_batch)
+        if self.gpus > limits.MAX_GPUS:
+            raise ConfigError(
+                f"the layout needs {self.gpus:,} GPUs, more than the {limits.MAX_GPUS:,} the planner handles; "
+                f"lower --dp, --tp or --pp"
+            )
+        if not isinstance(self.zero, int) or self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero!r}")
         if self.recompute not in RECOMPUTE:
             raise ConfigError(f"unknown --recompute {self.recompute!r}; choose one of {', '.join(RECOMPUTE)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.tp_convention not in TP_CONVENTIONS:
+            raise ConfigError(f"unknown --tp-convention {self.tp_convention!r}; choose one of {', '.join(TP_CONVENTIONS)}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"unknown --attention {self.attention!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
         h = cfg.num_attention_heads
@@ -180,7 +196,7 @@ class Layout:
                     f"choose an ETP size that divides it"
                 )
             shared = cfg.n_shared_experts * cfg.moe_intermediate_size
-            if shared and shared % self.tp:
+            if shared and shared % self.tp and self.tp_convention == "megatron":  # zhang-su replicates them
                 raise ConfigError(
                     f"the shared-expert width {shared} cannot be split over --tp {self.tp}; choose a TP size that divides it"
                 )
@@ -198,6 +214,9 @@ class Layout:
                 f"--global-batch {self.global_batch} is not a multiple of micro-batch x DP = "
                 f"{self.micro_batch} x {self.dp}; pick a global batch that is"
             )
+        if self.pp > 1:  # a long step is extrapolated from simulations of at most fill + 9 micro-batches
+            fill = 2 * self.pp if self.schedule == "dualpipe" else self.pp
+            limits.check_pipeline_depth(self.pp, min(self.microbatches, fill + 9), self.schedule)
         if self.seq_len > cfg.max_position_embeddings:
             raise ConfigError(
                 f"--seq-len {self.seq_len} exceeds the model's max_position_embeddings "
@@ -250,9 +269,14 @@ def balanced_stage_layers(layer_costs: list[float], first_extra: float, last_ext
     Returns:
         Layers per stage, each at least 1. Among splits with the smallest maximum
         stage cost, the one with the smallest sum of squared stage costs (the most
-        even) is returned; remaining ties go to the split found first
-        (dynamic programming over stages, O(pp * n^2)).
+        even) is returned; remaining ties go to the split that gives the last stage
+        the most layers, then the one before it, and so on (dynamic programming over
+        stages; the candidates for a stage's first layer are scanned from the back and
+        the scan stops once the stage alone costs more than the best found, so the work
+        is about ``n^2`` steps, not ``pp * n^2``).
     """
+    if any(c < 0 for c in layer_costs) or first_extra < 0 or last_extra < 0:
+        raise ValueError("balanced_stage_layers needs non-negative costs")
     n = len(layer_costs)
     prefix = [0.0]
     for c in layer_costs:
@@ -273,13 +297,15 @@ def balanced_stage_layers(layer_costs: list[float], first_extra: float, last_ext
         for j in range(lo, hi + 1):
             cand = inf
             arg = 0
-            for i in range(k - 1, j):  # stage k-1 gets layers i..j-1
+            for i in range(j - 1, k - 2, -1):  # stage k-1 gets layers i..j-1; fewer layers first
+                c = cost(k - 1, i, j)
+                if c > cand[0]:
+                    break  # earlier starts only make this stage dearer
                 prev = best[k - 1][i]
                 if prev[0] == float("inf"):
                     continue
-                c = cost(k - 1, i, j)
                 val = (max(prev[0], c), prev[1] + c * c)
-                if val < cand:
+                if val <= cand:  # ties: the earliest start, as a forward scan keeping the first would
                     cand, arg = val, i
             best[k][j] = cand
             choice[k][j] = arg

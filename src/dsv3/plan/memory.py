@@ -12,7 +12,8 @@ split (:func:`device_numel`), w_t its weight format (BF16, the router FP32),
 g the gradient format (FP32), m the format of each AdamW moment (BF16) and
 master_t the FP32 master copy (none for a tensor already stored in FP32).
 G_t, the ZeRO group, is DP for non-expert tensors and EDP = DP*TP/(EP*ETP)
-for routed-expert tensors, times 2 under DualPipe (whose two devices holding
+for routed-expert tensors (for the whole MoE block under the ``zhang-su``
+convention, see :data:`dsv3.plan.params.TP_CONVENTIONS`), times 2 under DualPipe (whose two devices holding
 a stage are replicas too). A sharded flat buffer is padded up to a multiple
 of G_t. Buffers (the routing bias) are never sharded.
 
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from dsv3.config import ModelConfig
 from dsv3.plan import activations as act
 from dsv3.plan.layout import Layout, devices_of_stage, stage_devices, stage_layer_indices
-from dsv3.plan.params import GroupKey, ModelParams, ParamTensor, merge_groups, mtp_layer_is_moe
+from dsv3.plan.params import GroupKey, ModelParams, ParamTensor, aggregate, merge_groups, mtp_layer_is_moe
 from dsv3.plan.precision import DTYPE_BYTES, Precision, element_bytes
 
 #: Megatron-LM's gradient bucket: max(40M, 1M * DP) elements (distributed/param_and_grad_buffer).
@@ -49,14 +50,12 @@ DEFAULT_FRAGMENTATION = 0.10
 
 # ---------------------------------------------------------------------------- model states
 def device_numel(t: ParamTensor, layout: Layout) -> int:
-    """Elements of tensor ``t`` one device holds after the TP / EP / ETP split."""
-    rows = t.shape[0]
-    return _group_numel(("vocab", t.kind, rows, t.numel // rows) if t.shard == "vocab" else (t.shard, t.kind, 0, 0),
-                        1 if t.shard == "vocab" else t.numel, layout)
+    """Elements of tensor ``t`` one device holds after the TP / EP / ETP split (under ``layout.tp_convention``)."""
+    return sum(_group_numel(k, v, layout) for k, v in aggregate([t], layout.tp_convention).items())
 
 
 def _group_numel(key: GroupKey, value: int, layout: Layout) -> int:
-    shard, _, rows, cols = key
+    shard, _, rows, cols, _ = key
     if shard == "vocab":  # vocabulary rows padded to a multiple of TP
         return value * math.ceil(rows / layout.tp) * cols
     if shard == "tp":
@@ -80,7 +79,7 @@ class StateBytes:
     grads: float
     optimizer: float
     grads_unsharded: float  # gradient bytes before ZeRO-2 sharding (sizes the buckets, the DP reduction)
-    expert_grads_unsharded: float  # the routed-expert part of it (reduced over EDP, the rest over DP)
+    expert_grads_unsharded: float  # the part in the EDP group (routed experts; reduced over EDP, the rest over DP)
     largest_unit_weights: float = 0.0  # unsharded weight bytes of the biggest layer (ZeRO-3 gathers it)
 
 
@@ -99,13 +98,12 @@ def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, re
     o_n: dict[tuple[bool, float], int] = {}
     params = 0
     for key, value in groups.items():
-        shard, kind = key[0], key[1]
+        kind, expert = key[1], key[4]
         n = _group_numel(key, value, layout)
         fmt = weight_format(kind, prec)
         if kind in ("buffer", "wbuffer"):
             buffers += n * DTYPE_BYTES[fmt]
             continue
-        expert = shard == "expert"
         params += n
         w_n[(expert, fmt)] = w_n.get((expert, fmt), 0) + n
         g_n[expert] += n
@@ -173,7 +171,7 @@ def stage_tensors(params: ModelParams, part: StageParts) -> list[ParamTensor]:
 
 def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
     """:func:`state_bytes` of one stage, from the cached per-layer groups (fast)."""
-    g = params.groups
+    g = params.groups_for(layout.tp_convention)
     units = [g["layers"][i] for i in part.layers]
     if part.mtp:
         units += g["mtp_modules"]

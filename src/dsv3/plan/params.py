@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from dsv3.config import ModelConfig
+from dsv3.errors import ConfigError
 
 #: How a tensor is split by the model-parallel dimensions (see :mod:`dsv3.plan.layout`).
 #:   ``rep``    replicated on every TP rank (MLA down-projections, norms, router, biases)
@@ -46,6 +47,21 @@ from dsv3.config import ModelConfig
 #:   ``vocab``  split over TP along the vocabulary, padded to a multiple of TP (embedding, output head)
 #:   ``expert`` routed experts: N_r / EP experts per rank, each split over ETP
 SHARDS = ("rep", "tp", "vocab", "expert")
+
+#: How tensor parallelism splits the MLA and MoE blocks (``--tp-convention``):
+#:   ``megatron``  as Megatron-Core and dsv3 split them: the whole query up-projection
+#:                 q_b_proj (W^UQ and W^QR) and the shared experts over TP; ZeRO shards the
+#:                 routed experts over EDP and everything else over DP.
+#:   ``zhang-su``  the accounting of Zhang & Su, "Memory Analysis on the Training Course of
+#:                 DeepSeek Models" (arXiv 2502.07846, sections 3-4): the decoupled-RoPE query
+#:                 rows W^QR (n_h d_h^R of q_b_proj's rows) and the shared experts replicated
+#:                 on every TP rank, and the whole MoE block (router, shared and routed experts)
+#:                 sharded by ZeRO over EDP. W^KR, the down-projections, norms and router are
+#:                 replicated under both conventions.
+TP_CONVENTIONS = ("megatron", "zhang-su")
+
+#: Components of the MoE block (``zhang-su`` puts all of them in the expert ZeRO group).
+MOE_COMPONENTS = ("router", "shared_experts", "routed_experts")
 
 #: Component names, in report order.
 COMPONENTS = (
@@ -81,6 +97,9 @@ class ParamTensor:
             format) or ``wbuffer`` (not trained, in the weight format: the RoPE frequencies).
         experts_per_token_fraction: the fraction of this tensor one token uses
             (K_r / N_r for routed experts, 1 otherwise).
+        rope_rows: rows of a query projection that compute the decoupled RoPE
+            queries q^R (W^QR: n_h d_h^R rows); the ``zhang-su`` convention keeps
+            them whole on every TP rank.
     """
 
     name: str
@@ -89,6 +108,7 @@ class ParamTensor:
     shard: str = "rep"
     kind: str = "weight"
     experts_per_token_fraction: float = 1.0
+    rope_rows: int = 0
 
     @property
     def numel(self) -> int:
@@ -106,6 +126,24 @@ class ParamTensor:
         """Routed-expert tensors are sharded over EP and their ZeRO group is EDP, not DP."""
         return self.shard == "expert"
 
+    def pieces(self, convention: str = "megatron") -> list[tuple[str, bool, int]]:
+        """``(shard, zero_over_edp, elements)`` parts of the tensor under a TP convention (:data:`TP_CONVENTIONS`).
+
+        ``zero_over_edp``: ZeRO shards the part over EDP (the replicas of an expert
+        shard) instead of DP. A vocabulary-split tensor is one part of ``numel`` elements.
+        """
+        if convention == "megatron":
+            return [(self.shard, self.is_expert, self.numel)]
+        if convention != "zhang-su":
+            raise ConfigError(f"unknown --tp-convention {convention!r}; choose one of {', '.join(TP_CONVENTIONS)}")
+        edp = self.component in MOE_COMPONENTS
+        if self.component == "shared_experts":
+            return [("rep", edp, self.numel)]
+        if self.rope_rows and self.shard == "tp":
+            rope = self.rope_rows * (self.numel // self.shape[0])
+            return [("tp", edp, self.numel - rope), ("rep", edp, rope)]
+        return [(self.shard, edp, self.numel)]
+
     @property
     def is_matmul(self) -> bool:
         """Whether the tensor is a GEMM weight (counts towards FLOPs): matrices except the embedding table."""
@@ -120,14 +158,16 @@ def attention_tensors(cfg: ModelConfig, prefix: str) -> list[ParamTensor]:
     """The Multi-head Latent Attention tensors (section 2.1.1) of one layer."""
     h, qk, v = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
     d, dc = cfg.hidden_size, cfg.kv_lora_rank
+    rope = h * cfg.qk_rope_head_dim  # the W^QR rows of the query projection
     p = f"{prefix}.self_attn"
     out: list[ParamTensor] = []
     if cfg.q_lora_rank:
         out.append(ParamTensor(f"{p}.q_a_proj.weight", "attn.q_a_proj", (cfg.q_lora_rank, d)))
         out.append(_norm(f"{p}.q_a_layernorm.weight", cfg.q_lora_rank))
-        out.append(ParamTensor(f"{p}.q_b_proj.weight", "attn.q_b_proj", (h * qk, cfg.q_lora_rank), "tp"))
+        out.append(ParamTensor(f"{p}.q_b_proj.weight", "attn.q_b_proj", (h * qk, cfg.q_lora_rank), "tp",
+                               rope_rows=rope))
     else:
-        out.append(ParamTensor(f"{p}.q_proj.weight", "attn.q_proj", (h * qk, d), "tp"))
+        out.append(ParamTensor(f"{p}.q_proj.weight", "attn.q_proj", (h * qk, d), "tp", rope_rows=rope))
     out.append(
         ParamTensor(f"{p}.kv_a_proj_with_mqa.weight", "attn.kv_a_proj_with_mqa", (dc + cfg.qk_rope_head_dim, d))
     )
@@ -256,17 +296,28 @@ class ModelParams:
     def mtp_tensors(self) -> list[ParamTensor]:
         return [t for module in self.mtp for t in module]
 
-    @cached_property
+    @property
     def groups(self) -> dict[str, dict]:
-        """Aggregated tensor groups (:func:`aggregate`) of each unit: ``embedding``, ``head``, ``mtp``, ``layers``."""
-        return {
-            "embedding": aggregate(self.embedding),
-            "head": aggregate(self.head),
-            "mtp": aggregate(self.mtp_tensors),
-            "mtp_modules": [aggregate(m) for m in self.mtp],
-            "layers": [aggregate(layer) for layer in self.layers],
-            "rotary": aggregate(self.rotary),
-        }
+        """:meth:`groups_for` the ``megatron`` convention."""
+        return self.groups_for("megatron")
+
+    def groups_for(self, convention: str) -> dict[str, dict]:
+        """Aggregated tensor groups (:func:`aggregate`) of each unit under a TP convention (cached):
+        ``embedding``, ``head``, ``mtp``, ``mtp_modules``, ``layers``, ``rotary``."""
+        cache = self.__dict__.setdefault("_groups", {})
+        if convention not in cache:
+            def agg(tensors: list[ParamTensor]) -> dict[GroupKey, int]:
+                return aggregate(tensors, convention)
+
+            cache[convention] = {
+                "embedding": agg(self.embedding),
+                "head": agg(self.head),
+                "mtp": agg(self.mtp_tensors),
+                "mtp_modules": [agg(m) for m in self.mtp],
+                "layers": [agg(layer) for layer in self.layers],
+                "rotary": agg(self.rotary),
+            }
+        return cache[convention]
 
     # ------------------------------------------------------------- counts
     @cached_property
@@ -337,25 +388,29 @@ def count_params(cfg: ModelConfig) -> ModelParams:
     return ModelParams(cfg)
 
 
-#: Key of an aggregated tensor group: (shard, kind, rows, cols) where rows/cols are the
-#: shape of a vocabulary-split tensor (its padding depends on the TP size) and 0 otherwise.
-GroupKey = tuple[str, str, int, int]
+#: Key of an aggregated tensor group: (shard, kind, rows, cols, zero_over_edp) where
+#: rows/cols are the shape of a vocabulary-split tensor (its padding depends on the TP
+#: size) and 0 otherwise, and zero_over_edp says that ZeRO shards the group over EDP
+#: (routed experts; the whole MoE block under ``zhang-su``) instead of DP.
+GroupKey = tuple[str, str, int, int, bool]
 
 
-def aggregate(tensors: list[ParamTensor]) -> dict[GroupKey, int]:
-    """Sum the elements of ``tensors`` per (shard, kind); vocabulary-split tensors keep their shape.
+def aggregate(tensors: list[ParamTensor], convention: str = "megatron") -> dict[GroupKey, int]:
+    """Sum the elements of ``tensors`` per (shard, kind, ZeRO group) under a TP convention
+    (:meth:`ParamTensor.pieces`); vocabulary-split tensors keep their shape.
 
     The value is the element count, except for vocabulary-split keys where it is
     the number of such tensors (each padded separately).
     """
     out: dict[GroupKey, int] = {}
     for t in tensors:
-        if t.shard == "vocab":
-            key = (t.shard, t.kind, t.shape[0], t.numel // t.shape[0])
-            out[key] = out.get(key, 0) + 1
-        else:
-            key = (t.shard, t.kind, 0, 0)
-            out[key] = out.get(key, 0) + t.numel
+        for shard, edp, n in t.pieces(convention):
+            if shard == "vocab":
+                key = (shard, t.kind, t.shape[0], t.numel // t.shape[0], edp)
+                out[key] = out.get(key, 0) + 1
+            else:
+                key = (shard, t.kind, 0, 0, edp)
+                out[key] = out.get(key, 0) + n
     return out
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.plan import activations as act
+from dsv3.plan import limits
 from dsv3.plan.cost import (
     Hardware,
     StageTimes,
@@ -55,11 +56,13 @@ class ScheduleInfo:
     fb: float
     comm: float
     result: object = field(default=None, repr=False)  # the SimResult (None when PP = 1)
+    extrapolated: bool = False  # makespan and bubbles extrapolated linearly from two shorter simulations
 
     def to_dict(self) -> dict:
         return {
             "name": self.name,
             "microbatches": self.microbatches,
+            "extrapolated": self.extrapolated,
             "makespan_s": self.makespan,
             "bubble_s": self.bubble,
             "peak_activations": self.peak_activations,
@@ -188,8 +191,12 @@ class PlanCache:
     the fewest that fill the pipeline) is extrapolated linearly from
     simulations of ``m1`` and ``m1 + 2``: the schedules are periodic in steady
     state, so makespan and bubbles grow linearly with the micro-batch count
-    (exactly without P2P time, within about 1 % with it) and the in-flight
-    peaks no longer change.
+    (exactly without P2P time, within a few % with it) and the in-flight
+    peaks no longer change. In exact mode a step of more stage micro-batches
+    than one simulation runs (:data:`dsv3.plan.limits.MAX_PIPELINE_CELLS`) is
+    extrapolated too, with the exact times and along whole periods of 4
+    micro-batches from a simulation in the same phase, which reproduces the
+    full simulation (the schedules repeat every 4 micro-batches in steady state).
     """
 
     def __init__(self, approximate: bool = False) -> None:
@@ -204,7 +211,7 @@ class PlanCache:
 
     def states(self, params: ModelParams, part, layout: Layout, prec: Precision, replicas: int):
         key = (tuple(part.layers), part.embedding, part.head, part.mtp, layout.tp, layout.ep, layout.etp, layout.dp,
-               layout.zero, replicas, prec)
+               layout.zero, replicas, prec, layout.tp_convention)
         if key not in self._states:
             self._states[key] = stage_state_bytes(params, part, layout, prec, replicas)
         return dataclasses.replace(self._states[key])
@@ -250,17 +257,28 @@ class PlanCache:
             self._sims[key] = run_schedule(self.built(layout.schedule, layout.pp, m), times)
         return self._sims[key]
 
+    @staticmethod
+    def too_long(layout: Layout) -> bool:
+        """Whether the step holds more stage micro-batches than one simulation runs
+        (:data:`dsv3.plan.limits.MAX_PIPELINE_CELLS`); such a step is extrapolated even in exact mode."""
+        return layout.pp * layout.microbatches > limits.MAX_PIPELINE_CELLS
+
     def profile_microbatches(self, layout: Layout) -> int:
-        """Micro-batches whose op lists give the in-flight peaks (fewer in approximate mode: peaks saturate)."""
+        """Micro-batches whose op lists give the in-flight peaks (fewer when extrapolating: peaks saturate)."""
         m = layout.microbatches
-        if not self.approximate:
+        if not self.approximate and not self.too_long(layout):
             return m
         return min(m, (2 * layout.pp if layout.schedule == "dualpipe" else layout.pp) + 2)
 
     def schedule(self, layout: Layout, times: StageTimes) -> "ScheduleInfo":
-        """Simulate the layout's schedule (see the class docstring for the approximate mode)."""
+        """Simulate the layout's schedule (see the class docstring for the approximate mode).
+
+        In exact mode a step longer than one simulation runs (:meth:`too_long`) is
+        extrapolated from simulations of ``m1`` and ``m1 + 2`` micro-batches with the
+        exact (unrounded) times, as the approximate mode does.
+        """
         m = layout.microbatches
-        if not self.approximate:
+        if not self.approximate and not self.too_long(layout):
             res = self._simulate(layout, m, times)
             return ScheduleInfo(layout.schedule, m, float(res.makespan), [float(x) for x in res.bubble],
                                 [float(x) for x in res.peak_activations], times.f, times.b, times.w, times.fb,
@@ -269,13 +287,24 @@ class PlanCache:
         # Only the times the schedule uses enter the key: 1F1B runs F and full backwards only.
         uses_w = layout.schedule != "1f1b"
         uses_fb = layout.schedule in ("dualpipe", "dualpipev")
-        b = _quantise(times.b / f)
-        w = min(b, _quantise(times.w / f)) if uses_w else 0.0
-        fb = _quantise(times.fb / f) if uses_fb else None
-        comm = round(times.comm / f / 0.05) * 0.05
+        if self.approximate:
+            b = _quantise(times.b / f)
+            w = min(b, _quantise(times.w / f)) if uses_w else 0.0
+            fb = _quantise(times.fb / f) if uses_fb else None
+            comm = round(times.comm / f / 0.05) * 0.05
+        else:
+            b, comm = times.b / f, times.comm / f
+            w = times.w / f if uses_w else 0.0
+            fb = times.fb / f if uses_fb else None
         scaled = StageTimes(1.0, b, w, fb, comm, 1.0, 0.0, times.slowest_stage)
         m1 = 2 * layout.pp if layout.schedule == "dualpipe" else layout.pp
         m2 = m1 + 2
+        if not self.approximate:
+            # Exact times, a step too long to simulate: in steady state the makespan grows by a pattern that
+            # repeats every 4 micro-batches (1F1B and DualPipe alternate two increments when P2P time is not
+            # zero), so extrapolate along whole periods from a simulation in the same phase as m.
+            m1 = m2 + (m - m2) % 4
+            m2 = m1 + 4
         if m <= m2:
             res = self._simulate(layout, m, scaled)
             makespan, bubble, peak = res.makespan, list(res.bubble), list(res.peak_activations)
@@ -286,7 +315,7 @@ class PlanCache:
             bubble = [x1 + k * (x2 - x1) for x1, x2 in zip(r1.bubble, r2.bubble)]
             peak = list(r2.peak_activations)
         return ScheduleInfo(layout.schedule, m, makespan * f, [x * f for x in bubble], [float(x) for x in peak],
-                            times.f, times.b, times.w, times.fb, times.comm)
+                            times.f, times.b, times.w, times.fb, times.comm, extrapolated=m > m2)
 
 
 def make_plan(
@@ -329,6 +358,8 @@ def make_plan(
     cache = cache or PlanCache()
     if not 0 <= fragmentation < 1:
         raise ConfigError(f"--fragmentation must be a fraction in [0, 1), got {fragmentation}")
+    if gpu_memory is not None:
+        limits.check_size("gpu-memory", gpu_memory)
     layout.validate(cfg)
     params = params or count_params(cfg)
     flops, fsum = cache.flops(cfg, params, layout.seq_len, causal, layout.mtp, layout.recompute)

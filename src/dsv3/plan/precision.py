@@ -18,10 +18,10 @@ No torch is imported: formats are names with a byte width.
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 from dsv3.errors import ConfigError
+from dsv3.utils.size import parse_size  # noqa: F401  (re-exported: plan code and tests import it from here)
 
 #: Bytes per element of each format the planner knows. ``fp8`` is the payload
 #: only; :func:`element_bytes` adds the per-tile scales of the FP8 recipe.
@@ -158,33 +158,6 @@ PRECISION_PRESETS: dict[str, Precision] = {
     ),
     "bf16": Precision(weights="bf16", grads="fp32", master="fp32", moments="fp32", router="fp32"),
 }
-
-_UNITS = {
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-    "k": 2**10,  # bare K/M/G/T: binary, as `ls -h` and `free -h` print them
-    "m": 2**20,
-    "g": 2**30,
-    "t": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]+)\s*$")
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """Bytes of a size written with a unit: ``"80GiB"``, ``"80 GB"`` (decimal), ``"80G"`` (binary), ``"512MiB"``."""
-    match = _SIZE_RE.match(str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ConfigError(f"{what} {text!r} is not a size with a unit; write it like 80GiB, 80GB or 512MiB")
-    return int(round(float(match.group(1)) * _UNITS[unit]))
-
 
 def format_bytes(n: float) -> str:
     """``n`` bytes in binary units, three significant digits (``"73.2 GiB"``)."""

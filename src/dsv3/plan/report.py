@@ -125,7 +125,8 @@ def compute_table(plan) -> Table:
     if f["with_recompute_per_token"] != f["training_per_token"]:
         table.add_row(f"  executed with {plan.layout.recompute} recompute", f"{f['with_recompute_per_token'] / 1e9:,.1f} GFLOP")
     s = plan.schedule
-    table.add_row("estimated step time", f"{plan.step_time_s:,.3f} s")
+    table.add_row("estimated step time" + (" (extrapolated from shorter simulations)" if s.extrapolated else ""),
+                  f"{plan.step_time_s:,.3f} s")
     if s.bubble:
         table.add_row("  pipeline bubble (max over devices)", f"{max(s.bubble):,.3f} s")
     table.add_row("  gradient reduction (not overlapped)", f"{plan.dp_sync_s:,.3f} s")
@@ -225,7 +226,8 @@ def schedule_json(res) -> str:
 def render_search(result, console: Console, top: int = 20, show_rejected: int = 30) -> None:
     fits = result.fits
     console.print(
-        f"[bold]{escape(result.model_name)}[/bold] on {result.gpus:,} GPUs of {format_bytes(result.gpu_memory)}: "
+        f"[bold]{escape(result.model_name)}[/bold] on {result.gpus:,} GPUs of {format_bytes(result.gpu_memory)}"
+        f"{'' if result.tp_convention == 'megatron' else ' (' + result.tp_convention + ' TP convention)'}: "
         f"{len(result.candidates):,} layouts tried, {len(fits):,} fit, {len(result.rejected):,} rejected"
     )
     table = Table(title=f"Layouts that fit, fastest first (estimated; top {min(top, len(fits))})", title_justify="left")

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError, DsV3Error
 from dsv3.plan.cost import Hardware
+from dsv3.plan import limits
 from dsv3.plan.layout import RECOMPUTE, SCHEDULES, Layout
+from dsv3.plan.limits import divisors
 from dsv3.plan.memory import DEFAULT_FRAGMENTATION
 from dsv3.plan.params import count_params
 from dsv3.plan.planner import PlanCache, make_plan
@@ -58,6 +60,7 @@ class SearchResult:
     model_name: str
     gpus: int
     gpu_memory: int
+    tp_convention: str = "megatron"
     candidates: list[Candidate] = field(default_factory=list)
 
     @property
@@ -77,23 +80,20 @@ class SearchResult:
             "model": self.model_name,
             "gpus": self.gpus,
             "gpu_memory_bytes": self.gpu_memory,
+            "tp_convention": self.tp_convention,
             "tried": len(self.candidates),
             "fits": [c.to_dict() for c in self.fits],
             "rejected": [c.to_dict() for c in self.rejected],
         }
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def default_grid(cfg: ModelConfig, gpus: int, gpus_per_node: int) -> dict[str, list]:
     """Default candidate lists: PP up to the layer count, TP within a node dividing the heads, EP dividing N_r,
     ETP 1, ZeRO-1 (the report's choice; pass more stages to compare), every recompute policy and schedule."""
     n = cfg.num_hidden_layers
-    pps = sorted({d for d in _divisors(gpus) if d <= n} | {2 * d for d in _divisors(gpus) if 2 * d <= n})
-    tps = [t for t in _divisors(cfg.num_attention_heads) if t <= gpus_per_node and gpus % t == 0]
-    eps = [e for e in _divisors(cfg.n_routed_experts) if e <= gpus] if cfg.n_routed_experts else [1]
+    pps = sorted({d for d in divisors(gpus) if d <= n} | {2 * d for d in divisors(gpus) if 2 * d <= n})
+    tps = [t for t in divisors(cfg.num_attention_heads) if t <= gpus_per_node and gpus % t == 0]
+    eps = [e for e in divisors(cfg.n_routed_experts) if e <= gpus] if cfg.n_routed_experts else [1]
     return {"pp": pps, "tp": tps, "ep": eps, "etp": [1], "zero": [1], "recompute": list(RECOMPUTE),
             "schedule": list(SCHEDULES)}
 
@@ -116,22 +116,34 @@ def search(
     fragmentation: float = DEFAULT_FRAGMENTATION,
     causal: bool = True,
     top: int = 20,
+    tp_convention: str = "megatron",
 ) -> SearchResult:
     """Try every layout of ``gpus`` GPUs in ``grid`` (defaults: :func:`default_grid`); see the module docstring."""
-    if not isinstance(gpus, int) or gpus < 1:
-        raise ConfigError(f"--gpus must be a positive integer, got {gpus!r}")
+    limits.check_gpus("gpus", gpus)
+    limits.check_size("gpu-memory", gpu_memory)
+    for name, value in (("seq-len", seq_len), ("micro-batch", micro_batch), ("global-batch", global_batch)):
+        if value is not None:  # every layout would be rejected for the same reason: say it once
+            limits.check_int(name, value)
+    limits.check_int("top", top, minimum=0, maximum=limits.MAX_SEARCH_LAYOUTS)
+    limits.check_model(cfg)
     hardware = hardware or Hardware()
     precision = precision or Precision()
     g = default_grid(cfg, gpus, hardware.gpus_per_node)
     for key, values in (grid or {}).items():
+        if key not in g:
+            raise ConfigError(f"unknown search grid key {key!r}; use {', '.join(g)}")
         if values:
-            g[key] = list(values)
-    for name in g["schedule"]:
-        if name not in SCHEDULES:
-            raise ConfigError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+            g[key] = list(dict.fromkeys(values))  # each value once, in the order given
+    _check_grid(g)
+    n = count_layouts(g, gpus)
+    if n > limits.MAX_SEARCH_LAYOUTS:
+        raise ConfigError(
+            f"the search grid holds {n:,} layouts, more than the {limits.MAX_SEARCH_LAYOUTS:,} one search tries; "
+            f"narrow it with --pp, --tp, --ep, --etp, --zero, --recompute or --schedule"
+        )
     params = count_params(cfg)
     cache = PlanCache(approximate=True)
-    result = SearchResult(model_name, gpus, gpu_memory)
+    result = SearchResult(model_name, gpus, gpu_memory, tp_convention)
     seen: set = set()
     for schedule in g["schedule"]:
         for pp in g["pp"]:
@@ -147,7 +159,8 @@ def search(
                             for recompute in g["recompute"]:
                                 lay = Layout(pp=pp, tp=tp, ep=ep, etp=etp, dp=dp, zero=zero, recompute=recompute,
                                              seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch,
-                                             schedule=name, fp8=fp8, attention=attention, mtp=mtp)
+                                             schedule=name, fp8=fp8, attention=attention, mtp=mtp,
+                                             tp_convention=tp_convention)
                                 if lay in seen:
                                     continue
                                 seen.add(lay)
@@ -159,6 +172,34 @@ def search(
         exact.exact = exact.fits
         result.candidates[result.candidates.index(c)] = exact
     return result
+
+
+def _check_grid(g: dict[str, list]) -> None:
+    """Every value of the grid is a valid one, before any layout is tried."""
+    for key in ("pp", "tp", "ep", "etp"):
+        for v in g[key]:
+            limits.check_int(f"{key} value", v, maximum=limits.MAX_GPUS)
+    for v in g["zero"]:
+        if not isinstance(v, int) or isinstance(v, bool) or v not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero values must be 0, 1, 2 or 3, got {v!r}")
+    for v in g["recompute"]:
+        if v not in RECOMPUTE:
+            raise ConfigError(f"unknown --recompute {v!r}; choose from {', '.join(RECOMPUTE)}")
+    for v in g["schedule"]:
+        if v not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {v!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def count_layouts(g: dict[str, list], gpus: int) -> int:
+    """How many layouts :func:`search` tries for grid ``g`` (at most; an upper bound before de-duplication)."""
+    per = len(g["ep"]) * len(g["etp"]) * len(g["zero"]) * len(g["recompute"])
+    n = 0
+    for schedule in g["schedule"]:
+        for pp in g["pp"]:
+            name = "1f1b" if pp == 1 else schedule
+            devices = pp // 2 if name == "dualpipev" and pp % 2 == 0 else pp
+            n += per * sum(1 for tp in g["tp"] if gpus % (devices * tp) == 0)
+    return n
 
 
 def _try(cfg, lay, precision, hardware, fragmentation, causal, gpu_memory, params, cache, model_name) -> Candidate:

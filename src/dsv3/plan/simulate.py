@@ -61,6 +61,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dsv3.errors import ConfigError
+from dsv3.plan.limits import check_pipeline
 from dsv3.parallel.pipeline.schedules import (
     BACKWARD, BW, F, FB, FORWARD, RECV, SEND, B, Op, Schedule, ScheduleError, W, build_schedule,
     validate_schedule,
@@ -297,6 +298,7 @@ def simulate(
     if not isinstance(schedule, Schedule):
         if pp is None or microbatches is None:
             raise ConfigError("simulate needs pp and microbatches together with a schedule name; pass both.")
+        check_pipeline(pp, microbatches)  # bounded op lists before any are built
         schedule = build_schedule(schedule, pp, microbatches)
     return run_schedule(schedule, times)
 

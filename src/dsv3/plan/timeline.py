@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 
 from dsv3.parallel.pipeline.schedules import BW, FB, B, F, W
+from dsv3.plan.limits import check_plot
 from dsv3.utils.io import atomic_path
 
 # (chunk 0 colour, chunk 1 colour) per op kind.
@@ -29,8 +30,10 @@ def plot_timeline(result, path: str | os.PathLike, title: str | None = None) -> 
 
     Returns the path written. The file is written atomically.
     """
+    check_plot(result.devices, result.pp, result.microbatches)  # bounded figure size and patch count
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.collections import PatchCollection
     from matplotlib.patches import Patch, Rectangle
 
     rows = result.timeline
@@ -46,8 +49,10 @@ def plot_timeline(result, path: str | os.PathLike, title: str | None = None) -> 
     axes_inches = width - left - right
     kinds_seen = set()
 
+    boxes: list = []  # drawn as one collection: thousands of separate patches take minutes
+
     def box(x0: float, x1: float, y0: float, h: float, colour: str, text: str) -> None:
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, h, facecolor=colour, edgecolor="black", linewidth=0.4))
+        boxes.append(Rectangle((x0, y0), x1 - x0, h, facecolor=colour, edgecolor="black", linewidth=0.4))
         box_inches = (x1 - x0) / makespan * axes_inches
         if text and box_inches > 0.11:
             ax.text((x0 + x1) / 2, y0 + h / 2, text, ha="center", va="center", fontsize=min(8, 5 + box_inches * 8))
@@ -61,6 +66,7 @@ def plot_timeline(result, path: str | os.PathLike, title: str | None = None) -> 
                 box(start, end, y + 0.05, 0.4, COLOURS[BW][min(op.b_chunk, 1)], str(op.b_microbatch))
             else:
                 box(start, end, y + 0.05, 0.8, COLOURS[op.kind][min(op.chunk, 1)], str(op.microbatch))
+    ax.add_collection(PatchCollection(boxes, match_original=True))
     ax.set_xlim(0, makespan)
     ax.set_ylim(0, len(rows))
     ax.set_yticks([len(rows) - 1 - d + 0.45 for d in range(len(rows))])

@@ -1,11 +1,34 @@
-"""The training-run configuration: one dataclass, read from YAML or TOML, every field overridable.
+"""The training-run configuration: typed dataclasses in sections, read from YAML/TOML, every field a flag.
 
-A run is described by :class:`TrainConfig`. ``dsv3 train --config run.yaml --lr 1e-3``
-reads the file, then applies command-line overrides (every field is a flag, with
-``-`` for ``_``), validates, and writes the effective configuration to
-``RUN_DIR/config.yaml``. Defaults train the ``tiny`` preset on the Python standard
-library in a few minutes on 2 CPU cores (the embedded default of ``dsv3 train``).
-Report (arXiv 2412.19437, section 4.2) values are noted where they differ.
+A run is described by :class:`TrainConfig`, whose sections group the options as
+torchtitan groups its own::
+
+    model      what to train (preset, config.json or checkpoint), RoPE scaling
+    data       corpus, tokenizer, sequence length, micro/global batch, SFT switches
+    optimizer  AdamW (peak lr, betas, eps, weight decay, clipping)
+    schedule   steps, the learning-rate schedule and the batch-size ramp
+    moe        the report's training hyperparameters gamma, alpha, lambda and their switches
+    precision  parameter dtype, FP8
+    memory     recomputation, EMA, optimizer-state precision
+    parallel   device and the distributed layout (pp, dp, ep, schedule, dispatcher)
+    checkpoint save interval and retention
+    logging    evaluation, metrics, progress, the closing sample
+    run        run directory, seed, non-finite-loss tolerance
+
+Code reads ``config.optimizer.lr``, ``config.data.micro_batch`` and so on. Every field
+also has a flat name (``lr``, ``micro_batch``, ``data_format`` for ``data.format``,
+``model`` for ``model.name``): the command-line flag (``--lr``, ``--micro-batch``) and the
+key of flat run files. Run files may be sectioned (``optimizer: {lr: 1e-3}``) or flat
+(``lr: 1e-3``, the format of run directories written before the sections existed); both
+give the same configuration, and :func:`save_effective_config` writes the sectioned form.
+
+Choices are ``Literal`` types defined once here (:data:`RecomputeMode`, :data:`ParamDtype`,
+...); the CLI's allowed values, the validation and other modules read them from these.
+Defaults train the ``tiny`` preset on the Python standard library in a few minutes on
+2 CPU cores. Report (arXiv 2412.19437, section 4.2) values are noted where they differ.
+
+Retired option: ``log_every`` (never read; metrics are logged every step). Flat files
+that still carry it load and the value is ignored; the flag is gone.
 """
 
 from __future__ import annotations
@@ -13,216 +36,480 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from dataclasses import dataclass, field, fields
-from typing import Any, get_type_hints
+import types
+import typing
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from typing import Any, Literal, get_args, get_origin
 
 from dsv3.errors import ConfigError
+
+__all__ = [
+    "TrainConfig", "ModelOptions", "DataOptions", "OptimizerOptions", "ScheduleOptions", "MoEOptions",
+    "PrecisionOptions", "MemoryOptions", "ParallelOptions", "CheckpointOptions", "LoggingOptions", "RunOptions",
+    "RecomputeMode", "OptimStates", "ParamDtype", "DeviceName", "FP8Backend", "FP8ScaleFormat", "DataFormat",
+    "TokenDtype", "DataTask", "OnLong", "RopeScaling", "PipelineSchedule", "Dispatcher",
+    "Option", "options", "flat_options", "load_train_config", "read_run_file", "save_effective_config",
+    "config_yaml", "suggest", "RETIRED_OPTIONS",
+]
+
+# ----------------------------------------------------------------------------- the choices, spelled once
+RecomputeMode = Literal["none", "selective", "full"]
+"""Activation recomputation: nothing, the cheap ops (RMSNorm, MLA up-projection, SwiGLU), or whole blocks."""
+OptimStates = Literal["fp32", "bf16"]
+"""Precision of the AdamW moments."""
+ParamDtype = Literal["float32", "bfloat16"]
+"""Parameter dtype."""
+DeviceName = Literal["auto", "cpu", "cuda"]
+"""Where to train; auto = CUDA when available."""
+FP8Backend = Literal["auto", "emulated", "cuda"]
+"""FP8 GEMM implementation."""
+FP8ScaleFormat = Literal["fp32", "ue8m0"]
+"""Scale format of FP8 GEMM operands."""
+DataFormat = Literal["text", "jsonl", "parquet", "bin"]
+"""Forced corpus format (default: from the file suffix)."""
+TokenDtype = Literal["uint16", "uint32"]
+"""Token-id width of a pre-tokenised .bin corpus."""
+DataTask = Literal["pretrain", "sft"]
+"""Pre-training on raw text, or supervised fine-tuning on chat data."""
+OnLong = Literal["skip", "truncate", "error"]
+"""What to do with an SFT example longer than seq_len."""
+RopeScaling = Literal["none", "yarn"]
+"""RoPE context extension."""
+PipelineSchedule = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
+"""Pipeline-parallel schedule."""
+Dispatcher = Literal["auto", "local", "alltoall", "deepep"]
+"""MoE token dispatcher."""
+
+#: Flat keys of older run files that are accepted and ignored.
+RETIRED_OPTIONS = frozenset({"log_every"})
+
+
+def _opt(default: Any, help: str, *, flag: str | None = None) -> Any:
+    """A config field: its default, a one-line description, and its flat name when it differs from the field's."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
+
+# ----------------------------------------------------------------------------- the sections
+@dataclass
+class ModelOptions:
+    """What to train."""
+
+    name: str = _opt("tiny", "preset name, config.json path, or model directory", flag="model")
+    init_from: str | None = _opt(None, "Hugging Face checkpoint directory to start from (weights and config)")
+    rope_scaling: RopeScaling = _opt("none", "RoPE context extension for this run (yarn: YaRN, with rope_factor)")
+    rope_factor: float = _opt(1.0, "context-extension factor s of YaRN (target length / original length)")
+
+
+@dataclass
+class DataOptions:
+    """The corpus, its tokenizer and how it is cut into batches."""
+
+    path: str | None = _opt(None, "text file/dir, .jsonl, .parquet or .bin; none: the Python standard library",
+                            flag="data")
+    format: DataFormat | None = _opt(None, "force the corpus format (none: from the file suffix)", flag="data_format")
+    field: str = _opt("text", "the .jsonl field / .parquet column holding the text", flag="data_field")
+    glob: str | None = _opt(None, "file pattern inside a data directory", flag="data_glob")
+    dtype: TokenDtype | None = _opt(None, "token-id width of a .bin corpus (none: from the vocabulary size)",
+                                    flag="data_dtype")
+    eos_token: str | None = _opt(None, "the document separator's text (none: found in the tokenizer)")
+    tokenizer: str | None = _opt(None, "a tokenizer.json; none: a byte-level BPE trained on the corpus (cached)")
+    val_fraction: float = _opt(0.01, "fraction of the documents held out for validation")
+    seq_len: int = _opt(256, "tokens per training sequence")
+    micro_batch: int = _opt(8, "sequences per forward/backward pass")
+    global_batch: int = _opt(8, "sequences per optimizer step (gradient accumulation = global / micro)")
+    task: DataTask = _opt("pretrain", "pretrain on raw text, or sft on chat examples")
+    on_long: OnLong = _opt("skip", "SFT examples longer than seq_len: skip, truncate, or error")
+    epochs: int | None = _opt(None, "passes over the data (none: as many as the steps need)")
+    packing: bool = _opt(True, "pack several documents into one sequence")
+
+
+@dataclass
+class OptimizerOptions:
+    """AdamW (report: betas (0.9, 0.95), weight decay 0.1, clipping 1.0, peak lr 2.2e-4)."""
+
+    lr: float = _opt(2e-3, "peak learning rate")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.95, "AdamW beta2")
+    eps: float = _opt(1e-8, "AdamW epsilon")
+    weight_decay: float = _opt(0.1, "decoupled weight decay")
+    grad_clip: float = _opt(1.0, "gradient-norm clipping threshold (0: no clipping)")
+
+
+@dataclass
+class ScheduleOptions:
+    """Run length, the learning-rate schedule and the batch-size ramp (report: 2K warm-up steps)."""
+
+    steps: int = _opt(300, "optimizer steps of the run")
+    warmup_steps: int = _opt(30, "linear warm-up steps to the peak lr")
+    min_lr: float = _opt(2e-4, "learning rate at the end of the cosine decay")
+    decay_start: float = _opt(0.5, "fraction of the run at which cosine decay starts")
+    decay_end: float = _opt(0.95, "fraction at which it reaches min_lr (constant tail after)")
+    final_lr: float | None = _opt(None, "learning rate of the last final_steps steps (report: 7.3e-6)")
+    final_steps: int = _opt(0, "steps at final_lr at the end of the run")
+    batch_ramp_start: int | None = _opt(None, "global batch at step 0, ramped to global_batch "
+                                              "(report: 3072 -> 15360 over 469B tokens)")
+    batch_ramp_steps: int = _opt(0, "steps over which the global batch ramps up")
+
+
+@dataclass
+class MoEOptions:
+    """The report's training hyperparameters (none: the model config.json's values)."""
+
+    bias_update_speed: float | None = _opt(
+        None, "gamma, aux-loss-free bias update speed (report 0.001; Megatron --moe-router-bias-update-rate)")
+    bias_update_stop: float = _opt(1.0, "fraction of the run after which gamma is 0 (report: last 500B tokens)")
+    seq_aux_alpha: float | None = _opt(
+        None, "alpha, sequence-wise balance loss weight (report 0.0001; Megatron --moe-aux-loss-coeff with "
+              "--moe-router-load-balancing-type seq_aux_loss)")
+    mtp_loss_weight: float | None = _opt(
+        None, "lambda, MTP loss weight (report 0.3; Megatron --mtp-loss-scaling-factor)")
+    mtp_loss_weight_late: float | None = _opt(None, "lambda after mtp_switch (report 0.1; none: unchanged)")
+    mtp_switch: float = _opt(0.68, "fraction of the run after which lambda = mtp_loss_weight_late")
+
+
+@dataclass
+class PrecisionOptions:
+    """Parameter dtype and the FP8 recipe."""
+
+    dtype: ParamDtype = _opt("float32", "parameter dtype")
+    fp8: bool = _opt(False, "train with the DeepSeek-V3 FP8 recipe (1x128 / 128x128 tiles, E4M3)")
+    fp8_backend: FP8Backend = _opt("auto", "FP8 GEMMs: auto (real on Hopper, emulated elsewhere), emulated, cuda")
+    fp8_scale_format: FP8ScaleFormat = _opt("fp32", "FP8 scales: fp32, or ue8m0 (powers of two for every operand)")
+    fp8_gemm: bool = _opt(True, "false: FP8 activation storage only, GEMMs in the parameter precision")
+
+
+@dataclass
+class MemoryOptions:
+    """Memory savings: recomputation, EMA, optimizer-state precision."""
+
+    recompute: RecomputeMode = _opt("none", "recompute activations in backward: none, selective ops, or full blocks")
+    optim_states: OptimStates = _opt("fp32", "precision of the AdamW moments")
+    ema_decay: float | None = _opt(None, "keep an EMA of the weights in host memory with this decay (none: off)")
+    use_ema: bool = _opt(False, "validate with the EMA weights (needs ema_decay)")
+
+
+@dataclass
+class ParallelOptions:
+    """Device and distributed layout (launch with torchrun for more than one process)."""
+
+    device: DeviceName = _opt("auto", "device to train on (auto: CUDA when available)")
+    pp: int = _opt(1, "pipeline-parallel stages")
+    dp: int | None = _opt(None, "data-parallel size (none: world size / (pp * ep))")
+    ep: int = _opt(1, "expert-parallel size")
+    pipeline: PipelineSchedule = _opt("1f1b", "pipeline schedule")
+    dispatcher: Dispatcher = _opt("auto", "MoE token dispatcher")
+    trace: bool = _opt(False, "record a timeline trace of the parallel runtime")
+
+
+@dataclass
+class CheckpointOptions:
+    """When checkpoints are written and how many are kept."""
+
+    save_every: int = _opt(100, "write a checkpoint every N steps (and at the end)")
+    keep_last: int = _opt(2, "checkpoints to keep (older ones are deleted)")
+
+
+@dataclass
+class LoggingOptions:
+    """Evaluation, metrics and progress output."""
+
+    eval_every: int = _opt(50, "validate every N steps (and at the end)")
+    eval_batches: int = _opt(8, "micro-batches per validation")
+    load_every: int = _opt(10, "log per-expert loads every N steps")
+    sample_prompt: str = _opt("def ", "prompt of the text sample printed at the end")
+    sample_tokens: int = _opt(80, "tokens of that sample (0: no sample)")
+    tensorboard: bool = _opt(True, "also write TensorBoard event files")
+    progress: bool = _opt(True, "show a progress bar")
+
+
+@dataclass
+class RunOptions:
+    """Where the run lives and what makes it reproducible."""
+
+    dir: str | None = _opt(None, "run directory (none: runs/<model>-<time>)", flag="run_dir")
+    seed: int = _opt(0, "seed of initialisation, data order and sampling")
+    max_nonfinite: int = _opt(5, "stop after this many non-finite losses in a row")
+
+
+def _section(cls: type) -> Any:
+    return dataclasses.field(default_factory=cls, metadata={"help": cls.__doc__})
 
 
 @dataclass
 class TrainConfig:
-    # --- model and data
-    model: str = "tiny"  # preset name, config.json path, or a checkpoint directory (see init_from)
-    init_from: str | None = None  # Hugging Face checkpoint directory to start from
-    data: str | None = None  # text file/dir, .jsonl, .parquet, .bin; None: the Python standard library
-    data_format: str | None = None  # text | jsonl | parquet | bin (default: from the suffix)
-    data_field: str = "text"  # the .jsonl field / .parquet column holding the text
-    data_glob: str | None = None  # file pattern inside a data directory
-    data_dtype: str | None = None  # uint16 / uint32 for a .bin (inferred when None)
-    eos_token: str | None = None  # the document separator's text (default: found in the tokenizer)
-    tokenizer: str | None = None  # a tokenizer.json; None: a byte-level BPE trained on the corpus (cached)
-    val_fraction: float = 0.01
-    seq_len: int = 256
-    # --- batch
-    micro_batch: int = 8  # sequences per forward/backward
-    global_batch: int = 8  # sequences per optimizer step (gradient accumulation = global / micro)
-    batch_ramp_start: int | None = None  # report: 3072 -> 15360 sequences over the first 469B tokens
-    batch_ramp_steps: int = 0
-    # --- optimisation (report: AdamW (0.9, 0.95), wd 0.1, clip 1.0, peak 2.2e-4, warmup 2K steps)
-    steps: int = 300
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 30
-    decay_start: float = 0.5  # fraction of the run at which cosine decay starts
-    decay_end: float = 0.95  # fraction at which it reaches min_lr (constant tail after)
-    final_lr: float | None = None  # report: 7.3e-6 for the last tokens
-    final_steps: int = 0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    optim_states: str = "fp32"  # fp32 | bf16 (AdamW moments)
-    # --- DeepSeek-V3 recipe knobs (None: the model config's values)
-    bias_update_speed: float | None = None  # gamma (report: 0.001, then 0 for the last 500B tokens)
-    bias_update_stop: float = 1.0  # fraction of the run after which gamma is 0
-    seq_aux_alpha: float | None = None  # alpha (report: 0.0001)
-    mtp_loss_weight: float | None = None  # lambda (report: 0.3, then 0.1)
-    mtp_loss_weight_late: float | None = None
-    mtp_switch: float = 0.68  # fraction of the run after which lambda = mtp_loss_weight_late
-    # --- memory savings and precision
-    fp8: bool = False
-    fp8_backend: str = "auto"  # auto | emulated | cuda
-    fp8_scale_format: str = "fp32"  # fp32 | ue8m0 (power-of-two scales for every GEMM operand)
-    fp8_gemm: bool = True  # false: FP8 activation storage only, GEMMs in the parameter precision
-    recompute: str = "none"  # none | selective | full
-    ema_decay: float | None = None
-    use_ema: bool = False  # validate with the EMA weights
-    dtype: str = "float32"  # parameter dtype: float32 | bfloat16
-    device: str = "auto"  # auto | cpu | cuda
-    # --- run
-    seed: int = 0
-    run_dir: str | None = None  # default runs/<model>-<time>
-    eval_every: int = 50
-    eval_batches: int = 8
-    save_every: int = 100
-    keep_last: int = 2
-    log_every: int = 1
-    load_every: int = 10  # log per-expert loads every N steps
-    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
-    sample_prompt: str = "def "
-    sample_tokens: int = 80
-    tensorboard: bool = True
-    progress: bool = True
+    """A training run: one dataclass per section."""
 
+    model: ModelOptions = _section(ModelOptions)
+    data: DataOptions = _section(DataOptions)
+    optimizer: OptimizerOptions = _section(OptimizerOptions)
+    schedule: ScheduleOptions = _section(ScheduleOptions)
+    moe: MoEOptions = _section(MoEOptions)
+    precision: PrecisionOptions = _section(PrecisionOptions)
+    memory: MemoryOptions = _section(MemoryOptions)
+    parallel: ParallelOptions = _section(ParallelOptions)
+    checkpoint: CheckpointOptions = _section(CheckpointOptions)
+    logging: LoggingOptions = _section(LoggingOptions)
+    run: RunOptions = _section(RunOptions)
+
+    # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
+        """Check types, choices and ranges (normalising ``"1e-3"`` to ``0.001``, ``3.0`` to ``3``);
+        raise :class:`ConfigError` with one sentence on the first problem."""
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
 
-        for name in ("seq_len", "micro_batch", "global_batch", "steps", "eval_every", "eval_batches",
-                     "save_every", "keep_last", "log_every", "load_every", "max_nonfinite"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        need(self.global_batch % self.micro_batch == 0,
-             f"global_batch ({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})")
-        if self.batch_ramp_start is not None:
-            need(0 < self.batch_ramp_start <= self.global_batch,
-                 f"batch_ramp_start ({self.batch_ramp_start}) must be between 1 and global_batch")
-        need(self.lr > 0 and self.min_lr >= 0, "lr must be positive and min_lr non-negative")
-        need(0 <= self.decay_start <= self.decay_end <= 1, "need 0 <= decay_start <= decay_end <= 1")
-        need(0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        need(self.optim_states in ("fp32", "bf16"), f"optim_states must be fp32 or bf16, got {self.optim_states!r}")
-        need(self.recompute in ("none", "selective", "full"),
-             f"recompute must be none, selective or full, got {self.recompute!r}")
-        need(self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {self.dtype!r}")
-        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
-        need(self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        need(not self.use_ema or self.ema_decay is not None, "use_ema needs ema_decay")
-        need(self.grad_clip >= 0 and self.weight_decay >= 0, "grad_clip and weight_decay must be non-negative")
+        for opt in options():
+            section = getattr(self, opt.section)
+            setattr(section, opt.name, _coerce(opt, getattr(section, opt.name), "config"))
+        d, o, s, m, r = self.data, self.optimizer, self.schedule, self.memory, self.run
+        for name, value in (("seq_len", d.seq_len), ("micro_batch", d.micro_batch), ("global_batch", d.global_batch),
+                            ("steps", s.steps), ("eval_every", self.logging.eval_every),
+                            ("eval_batches", self.logging.eval_batches), ("save_every", self.checkpoint.save_every),
+                            ("keep_last", self.checkpoint.keep_last), ("load_every", self.logging.load_every),
+                            ("max_nonfinite", r.max_nonfinite), ("pp", self.parallel.pp), ("ep", self.parallel.ep)):
+            need(value > 0, f"{name} must be positive, got {value}")
+        for name, value in (("dp", self.parallel.dp), ("epochs", d.epochs)):
+            need(value is None or value > 0, f"{name} must be positive, got {value}")
+        need(d.global_batch % d.micro_batch == 0,
+             f"global_batch ({d.global_batch}) must be a multiple of micro_batch ({d.micro_batch})")
+        if s.batch_ramp_start is not None:
+            need(0 < s.batch_ramp_start <= d.global_batch,
+                 f"batch_ramp_start ({s.batch_ramp_start}) must be between 1 and global_batch")
+        need(s.warmup_steps >= 0 and s.final_steps >= 0 and s.batch_ramp_steps >= 0,
+             "warmup_steps, final_steps and batch_ramp_steps must be non-negative")
+        need(o.lr > 0 and s.min_lr >= 0, "lr must be positive and min_lr non-negative")
+        need(0 <= s.decay_start <= s.decay_end <= 1, "need 0 <= decay_start <= decay_end <= 1")
+        need(0 <= d.val_fraction < 1, f"val_fraction must be in [0, 1), got {d.val_fraction}")
+        need(m.ema_decay is None or 0 < m.ema_decay < 1, f"ema_decay must be in (0, 1), got {m.ema_decay}")
+        need(not m.use_ema or m.ema_decay is not None, "use_ema needs ema_decay")
+        need(o.grad_clip >= 0 and o.weight_decay >= 0, "grad_clip and weight_decay must be non-negative")
+        need(self.model.rope_factor >= 1, f"rope_factor must be at least 1, got {self.model.rope_factor}")
+        for name, value in (("bias_update_stop", self.moe.bias_update_stop), ("mtp_switch", self.moe.mtp_switch)):
+            need(0 <= value <= 1, f"{name} must be a fraction of the run in [0, 1], got {value}")
         return self
 
     def default_run_dir(self) -> str:
-        name = os.path.basename(os.path.normpath(self.model)).replace(".json", "")
+        name = os.path.basename(os.path.normpath(self.model.name)).replace(".json", "")
         return os.path.join("runs", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    def to_dict(self) -> dict[str, Any]:
+    # ------------------------------------------------------------------ conversions
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The sectioned form: ``{"optimizer": {"lr": ...}, ...}``."""
         return dataclasses.asdict(self)
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """The flat form: ``{"lr": ..., "data_format": ...}`` (flat names are the flags without ``--``)."""
+        return {opt.flat: getattr(getattr(self, opt.section), opt.name) for opt in options()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source} must be a mapping of training options, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{source} has unknown option {unknown[0]!r}; see `dsv3 train --help`")
-        hints = get_type_hints(cls)
-        values = {k: _coerce(k, v, hints[k], source) for k, v in data.items()}
-        return cls(**values).validate()
+        """Build and validate a config from a sectioned or flat mapping (or a mix of both)."""
+        values = _flatten(data, source)
+        config = cls()
+        for flat, value in values.items():
+            opt = flat_options()[flat]
+            setattr(getattr(config, opt.section), opt.name, _coerce(opt, value, source))
+        return config.validate()
 
 
-def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
-    """Check/convert one option value to its declared type (int, float, bool, str, or None)."""
-    kinds = [t for t in getattr(hint, "__args__", (hint,)) if t is not type(None)]
-    kind = kinds[0]
-    if value is None:
-        if type(None) in getattr(hint, "__args__", ()):
+# ----------------------------------------------------------------------------- field index
+@dataclass(frozen=True)
+class Option:
+    """One configuration field: ``section.name``, its flat name, type, default, choices and description."""
+
+    section: str
+    name: str
+    flat: str
+    kind: type  # int, float, bool or str
+    optional: bool  # None allowed
+    choices: tuple[str, ...] | None
+    default: Any
+    help: str
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def type_name(self) -> str:
+        base = "choice" if self.choices else self.kind.__name__
+        return f"{base} or none" if self.optional else base
+
+
+def _unwrap(hint: Any) -> tuple[type, bool, tuple[str, ...] | None]:
+    """(base type, optional, Literal choices) of a field's type hint."""
+    args = get_args(hint) if get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    optional = type(None) in args
+    (inner,) = [a for a in args if a is not type(None)]
+    if get_origin(inner) is Literal:
+        return str, optional, tuple(get_args(inner))
+    return inner, optional, None
+
+
+@lru_cache(maxsize=None)
+def options() -> tuple[Option, ...]:
+    """Every field of every section, in declaration order."""
+    out = []
+    for sec in fields(TrainConfig):
+        cls = sec.default_factory  # type: ignore[misc]
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            kind, optional, choices = _unwrap(hints[f.name])
+            out.append(Option(sec.name, f.name, f.metadata.get("flag") or f.name, kind, optional, choices, f.default,
+                              f.metadata["help"]))
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def flat_options() -> dict[str, Option]:
+    """Flat name -> option."""
+    index = {opt.flat: opt for opt in options()}
+    assert len(index) == len(options()), "two config fields share a flat name"
+    return index
+
+
+def section_names() -> tuple[str, ...]:
+    return tuple(f.name for f in fields(TrainConfig))
+
+
+def suggest(name: str, candidates) -> str:
+    """``" (did you mean X?)"``: the candidates that ``name`` abbreviates (up to three), else the closest one, or ``""``."""
+    import difflib
+
+    candidates = list(candidates)
+    close = [c for c in candidates if c.startswith(name)][:3] if len(name) > 2 else []
+    close = close or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _flatten(data: Any, source: str) -> dict[str, Any]:
+    """A sectioned/flat mapping as ``{flat name: value}``; unknown keys are errors with a suggestion."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a mapping of training options, got {type(data).__name__}")
+    flat_index = flat_options()
+    sections = section_names()
+    out: dict[str, Any] = {}
+    where: dict[str, str] = {}
+
+    def put(flat: str, value: Any, key: str) -> None:
+        if flat in out and out[flat] != value:
+            raise ConfigError(f"{source} sets {flat} twice ({where[flat]} and {key}) with different values")
+        out[flat], where[flat] = value, key
+
+    for key, value in data.items():
+        key = str(key)
+        if key in sections and isinstance(value, dict):  # "model"/"data" are also flat names (of str values)
+            by_name = {o.name: o for o in options() if o.section == key}
+            for sub, sub_value in value.items():
+                if str(sub) not in by_name:
+                    dotted = f"{key}.{sub}"
+                    raise ConfigError(f"{source} has unknown option {dotted}"
+                                      f"{suggest(dotted, [o.dotted for o in options()])}; see `dsv3 train --help`")
+                put(by_name[str(sub)].flat, sub_value, f"{key}.{sub}")
+        elif key in flat_index:
+            put(key, value, key)
+        elif "." in key and key.split(".", 1)[0] in sections:  # "optimizer.lr: 1e-3"
+            sec, sub = key.split(".", 1)
+            match = [o for o in options() if o.section == sec and o.name == sub]
+            if not match:
+                raise ConfigError(f"{source} has unknown option {key}"
+                                  f"{suggest(key, [o.dotted for o in options()])}; see `dsv3 train --help`")
+            put(match[0].flat, value, key)
+        elif key in RETIRED_OPTIONS:
+            continue  # accepted for old run directories; see the module docstring
+        else:
+            raise ConfigError(f"{source} has unknown option {key!r}{suggest(key, flat_index)}; "
+                              f"see `dsv3 train --help`")
+    return out
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _coerce(opt: Option, value: Any, source: str) -> Any:
+    """Check/convert one option value to its declared type (int, float, bool, str, a Literal choice, or None)."""
+    if value is None or (opt.optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if opt.optional:
             return None
-        raise ConfigError(f"{source}: option {name} cannot be null")
+        raise ConfigError(f"{source}: option {opt.flat} cannot be none")
+    kind = opt.kind
     try:
         if kind is bool:
             if isinstance(value, str):
                 low = value.lower()
-                if low not in ("true", "false", "1", "0", "yes", "no"):
+                if low not in _TRUE + _FALSE:
                     raise ValueError
-                return low in ("true", "1", "yes")
-            if not isinstance(value, (bool, int)):
+                return low in _TRUE
+            if not isinstance(value, (bool, int)) or value not in (0, 1):
                 raise ValueError
             return bool(value)
         if kind is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value) if not isinstance(value, str) else int(float(value))
         if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
             return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: option {name} must be {kind.__name__}, got {value!r}") from None
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        value = str(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{source}: option {opt.flat} must be {kind.__name__}, got {value!r}") from None
+    if opt.choices is not None and value not in opt.choices:
+        raise ConfigError(f"{source}: option {opt.flat} must be one of {', '.join(opt.choices)}, got {value!r}"
+                          f"{suggest(value, opt.choices)}")
+    return value
+
+
+# ----------------------------------------------------------------------------- files
+def read_run_file(path: str) -> dict[str, Any]:
+    """The mapping of a YAML or TOML run file (sectioned or flat), unvalidated."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"training config {path} does not exist")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        if path.endswith(".toml"):
+            import tomllib
+
+            data = tomllib.loads(raw.decode("utf-8"))
+        else:
+            import yaml
+
+            data = yaml.safe_load(raw) or {}
+    except Exception as exc:  # yaml/toml raise many types; all mean "malformed"
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"training config {path} is malformed ({msg})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"training config {path} must be a mapping of options")
+    return data
 
 
 def load_train_config(path: str | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Read a YAML or TOML run file (or none), apply ``overrides`` and validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"training config {path} does not exist")
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        try:
-            if path.endswith(".toml"):
-                import tomllib
+    """Read a YAML or TOML run file (or none), apply ``overrides`` and validate.
 
-                data = tomllib.loads(raw.decode("utf-8"))
-            else:
-                import yaml
-
-                data = yaml.safe_load(raw) or {}
-        except Exception as exc:  # yaml/toml raise many types; all mean "malformed"
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"training config {path} is malformed ({msg})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"training config {path} must be a mapping of options")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return TrainConfig.from_dict(data, source=path or "options")
-
-
-def add_config_arguments(parser) -> None:
-    """Add one ``--flag`` per :class:`TrainConfig` field (default None = not overridden)."""
-    hints = get_type_hints(TrainConfig)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kinds = [t for t in getattr(hints[f.name], "__args__", (hints[f.name],)) if t is not type(None)]
-        if kinds[0] is bool:
-            parser.add_argument(flag, dest=f.name, default=None, action=_BoolAction, nargs="?",
-                                help=f"(default {f.default})")
-        else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=kinds[0].__name__.upper(),
-                                help=f"(default {f.default})")
-
-
-class _BoolAction:
-    """``--fp8`` means true; ``--fp8 false`` is accepted too."""
-
-    def __new__(cls, *args, **kwargs):
-        import argparse
-
-        class Action(argparse.Action):
-            def __call__(self, parser, namespace, values, option_string=None):
-                setattr(namespace, self.dest, True if values is None else values)
-
-        return Action(*args, **kwargs)
-
-
-def overrides_from_args(args) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name, None) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    ``overrides`` maps flat names (``lr``) or dotted names (``optimizer.lr``) to values;
+    ``None`` values mean "not overridden".
+    """
+    source = path or "options"
+    values = _flatten(read_run_file(path), path) if path is not None else {}
+    values.update(_flatten({k: v for k, v in (overrides or {}).items() if v is not None}, "options"))
+    return TrainConfig.from_dict(values, source=source)
 
 
 def save_effective_config(config: TrainConfig, path: str) -> None:
-    import yaml
-
+    """Write the sectioned YAML of ``config`` atomically."""
     from dsv3.utils.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, config_yaml(config))
 
 
-_ = field  # keep the import for readers adding list-valued options
+def config_yaml(config: TrainConfig) -> str:
+    """The sectioned YAML text of ``config`` (what RUN_DIR/config.yaml and ``--print-config`` show)."""
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

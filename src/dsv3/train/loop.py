@@ -1,15 +1,18 @@
 """The training loop: from the data to the loss, one optimizer step at a time.
 
-Read :func:`train` top to bottom: it sets up the run (tokenizer, data, model,
-optimizer, schedules), optionally restores a checkpoint, then for each step
+Read :func:`train` top to bottom: :func:`~dsv3.train.session.build_session` sets up the
+run (tokenizer, data, model, optimizer, schedules) and restores a checkpoint when
+resuming; then for each step
 
-1. sets the learning rate, the MTP weight lambda and the bias speed gamma of the step;
-2. runs ``global_batch / micro_batch`` micro-batches (the batch-size ramp may change
-   that number), backpropagating ``loss / n_micro`` and summing the expert loads;
-3. skips the step if the loss or gradient norm is not finite (NaN/inf);
-4. clips the gradient norm, steps AdamW, applies the auxiliary-loss-free bias update
-   with the loads of all of the step's micro-batches, updates the CPU EMA;
-5. logs metrics, validates, checkpoints.
+1. :meth:`Session.begin_step` sets the learning rate, the MTP weight lambda and the bias
+   speed gamma of the step, and :meth:`Session.next_batches` hands out its
+   ``global_batch / micro_batch`` micro-batches (the batch-size ramp may change that number);
+2. :func:`~dsv3.train.session.train_step` backpropagates ``loss / n_micro`` per
+   micro-batch, clips, skips the step if the loss or gradient norm is not finite, steps
+   AdamW, applies the auxiliary-loss-free bias update with the loads of all of the step's
+   micro-batches and updates the CPU EMA;
+3. the loop logs metrics (losses, throughput, MFU, peak memory, tokens seen), validates
+   and checkpoints.
 
 Ctrl-C finishes the current step, writes a checkpoint and stops; a second
 Ctrl-C stops at once. A checkpoint is a complete, atomically renamed directory,
@@ -19,7 +22,6 @@ so ``dsv3 train --resume RUN_DIR`` always continues from a consistent state and
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -28,12 +30,12 @@ from typing import Any, Callable
 
 import torch
 
-from dsv3.checkpoint.state import latest_checkpoint, load_checkpoint_state, save_checkpoint
-from dsv3.config import ModelConfig, resolve_model_config
-from dsv3.errors import ConfigError, DataError, RunDirError, TrainingError
-from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
-
-CONFIG_FILE = "config.yaml"
+from dsv3.checkpoint.state import save_checkpoint
+from dsv3.errors import TrainingError
+from dsv3.train.config import TrainConfig
+# The set-up pieces live in dsv3.train.session; these names stay importable from here.
+from dsv3.train.session import (CONFIG_FILE, Session, build_model, build_session, build_tokenizer,  # noqa: F401
+                                model_config_for, prepare_run_dir, resolve_device, resume_config, train_step)
 
 
 @dataclass
@@ -47,98 +49,6 @@ class TrainResult:
     sample: str | None = None
     interrupted: bool = False
     wall_time: float = 0.0
-
-
-# ----------------------------------------------------------------------------- set-up helpers
-def _device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(config.device)
-
-
-def prepare_run_dir(config: TrainConfig, resume: str | None) -> tuple[TrainConfig, str]:
-    """Pick and check the run directory; on resume, return the run's saved config (with overrides)."""
-    if resume is not None:
-        path = os.path.join(resume, CONFIG_FILE)
-        if not os.path.isfile(path):
-            raise RunDirError(f"{resume} is not a dsv3 run directory (no {CONFIG_FILE}); check --resume")
-        return config, resume
-    run_dir = config.run_dir or config.default_run_dir()
-    if os.path.exists(run_dir):
-        if not os.path.isdir(run_dir):
-            raise RunDirError(f"run directory {run_dir} exists and is not a directory; choose another --run-dir")
-        if os.listdir(run_dir):
-            if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
-                raise RunDirError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
-                                  f"or choose another --run-dir")
-            raise RunDirError(f"run directory {run_dir} is not empty and holds no dsv3 run; choose another --run-dir")
-    return config, run_dir
-
-
-def resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
-    """The saved config of ``run_dir`` with ``overrides`` (e.g. a larger ``steps``) applied."""
-    config = load_train_config(os.path.join(run_dir, CONFIG_FILE), overrides)
-    config.run_dir = run_dir
-    return config
-
-
-def model_config_for(config: TrainConfig) -> ModelConfig:
-    """The model configuration of the run, with the recipe knobs of the train config applied."""
-    source = config.init_from or config.model
-    mcfg = resolve_model_config(source)
-    changes = {k: getattr(config, k) for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
-               if getattr(config, k) is not None}
-    return mcfg.replace(**changes) if changes else mcfg
-
-
-def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
-    """Build (or load) the model and apply the configured transformations (FP8, recomputation)."""
-    from dsv3.model import DeepseekV3ForCausalLM
-
-    torch.manual_seed(config.seed)
-    if config.init_from:
-        from dsv3.checkpoint.hf import from_pretrained
-
-        model = from_pretrained(config.init_from, device=device)
-        model.config = mcfg
-    else:
-        with torch.device(device):
-            model = DeepseekV3ForCausalLM(mcfg)
-    model.to(getattr(torch, config.dtype))
-    if config.fp8:
-        from dsv3.fp8 import FP8Recipe, convert
-
-        convert(model, FP8Recipe(backend=config.fp8_backend, scale_format=config.fp8_scale_format,
-                                 fp8_gemm=config.fp8_gemm))
-    if config.recompute != "none":
-        from dsv3.memory.recompute import apply_recompute
-
-        apply_recompute(model, config.recompute)
-    return model
-
-
-def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
-    """The run's tokenizer: the run directory's copy on resume, the user's, or a BPE trained on the corpus."""
-    from dsv3.train.tokenizer import get_tokenizer
-
-    saved = os.path.join(run_dir, "tokenizer.json")
-    if os.path.isfile(saved):
-        return get_tokenizer(saved, vocab_size=vocab_size)
-    if config.tokenizer is not None:
-        return get_tokenizer(config.tokenizer, vocab_size=vocab_size)
-    if config.data is None:
-        return get_tokenizer(None, vocab_size=vocab_size)
-    if (config.data_format or "") == "bin" or str(config.data).endswith(".bin"):
-        return None  # pre-tokenised: no tokenizer needed (no text sample at the end)
-    from dsv3.train.data import resolve_source
-
-    source = resolve_source(config.data, format=config.data_format, field=config.data_field, glob=config.data_glob)
-    if source.kind != "text":
-        raise DataError(f"{config.data} is {source.kind}; pass --tokenizer with a tokenizer.json for it "
-                        f"(a BPE is trained automatically only on plain-text corpora)")
-    return get_tokenizer(None, vocab_size=vocab_size, files=source.files)
 
 
 @torch.no_grad()
@@ -183,13 +93,8 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _switch(value_early: float, value_late: float | None, at: float, step: int, steps: int) -> float:
-    """``value_early`` before fraction ``at`` of the run, ``value_late`` (if set) after."""
-    return value_early if value_late is None or step < at * steps else value_late
-
-
 # ----------------------------------------------------------------------------- the loop
-def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str, Any] | None = None,
+def train(config: TrainConfig | None, *, resume: str | None = None, overrides: dict[str, Any] | None = None,
           log: Callable[[str], None] = print, step_hook: Callable[[int], None] | None = None) -> TrainResult:
     """Train according to ``config`` (or continue the run directory ``resume``).
 
@@ -201,192 +106,106 @@ def train(config: TrainConfig, *, resume: str | None = None, overrides: dict[str
         step_hook: called with the completed step number after each step (tests use it
             to interrupt a run at a chosen step).
     """
-    from dsv3.memory.ema import CPUEMA
-    from dsv3.train.data import build_data
-    from dsv3.train.metrics import MetricsLogger, ProgressBar, maxvio
-    from dsv3.train.optim import build_optimizer, clip_grad_norm, set_lr
-    from dsv3.train.schedule import BatchRamp, LRSchedule
+    from dsv3.plan.flops import training_flops_per_token
+    from dsv3.train.metrics import MetricsLogger, ProgressBar, device_peak_flops, maxvio, peak_memory
 
     started = time.time()
-    if resume is not None:
-        _, run_dir = prepare_run_dir(config, resume)
-        config = resume_config(run_dir, overrides or {})
-        checkpoint = latest_checkpoint(run_dir)
-    else:
-        config.validate()
-        config, run_dir = prepare_run_dir(config, None)
-        config.run_dir = run_dir
-        checkpoint = None
-    device = _device(config)
-    saved_model_config = os.path.join(run_dir, "model_config.json")
-    if resume is not None and os.path.isfile(saved_model_config):
-        mcfg = ModelConfig.from_json_file(saved_model_config)  # exactly the model the run started with
-    else:
-        mcfg = model_config_for(config)
-    lambda_early, gamma_early = mcfg.mtp_loss_weight, mcfg.bias_update_speed
-
-    # --- tokenizer and data (checked before anything is written, so bad input leaves no run behind)
-    tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir)
-    if tokenizer is not None and tokenizer.get_vocab_size() > mcfg.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
-                          f"{mcfg.vocab_size}; use a matching tokenizer or model")
-    data = build_data(config.data, tokenizer=tokenizer, seq_len=config.seq_len, vocab_size=mcfg.vocab_size,
-                      format=config.data_format, field=config.data_field, glob=config.data_glob,
-                      dtype=config.data_dtype, eos_token=config.eos_token, val_fraction=config.val_fraction,
-                      split_seed=config.seed)
-    if len(data.train) < config.micro_batch:
-        raise DataError(f"the corpus gives {len(data.train)} training sequences of {config.seq_len} tokens, fewer "
-                        f"than one micro-batch ({config.micro_batch}); use more data or a smaller --seq-len")
-
-    # --- the model (an --init-from checkpoint is checked here, before anything is written)
-    model = build_model(config, mcfg, device)
-    model.train()
-    # --- the run directory: config, tokenizer (only now that the input is known to be good)
-    os.makedirs(run_dir, exist_ok=True)
-    if resume is None:
-        save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
-        mcfg.save(os.path.join(run_dir, "model_config.json"))
-        if tokenizer is not None:
-            from dsv3.utils.io import atomic_path
-
-            with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
-                tokenizer.save(tmp)
-
-    # --- optimizer, schedules, EMA
-    optimizer = build_optimizer(model, lr=config.lr, betas=(config.beta1, config.beta2),
-                                weight_decay=config.weight_decay, eps=config.eps, moments_dtype=config.optim_states)
-    decay_start = int(config.decay_start * config.steps)
-    decay_steps = int(config.decay_end * config.steps) - decay_start
-    schedule = LRSchedule(peak_lr=config.lr, warmup_steps=min(config.warmup_steps, decay_start),
-                          decay_start=decay_start, decay_steps=decay_steps, min_lr=config.min_lr,
-                          final_lr=config.final_lr, final_steps=config.final_steps, total_steps=config.steps)
-    if config.batch_ramp_start is not None:
-        ramp = BatchRamp(start=config.batch_ramp_start, end=config.global_batch, ramp_steps=config.batch_ramp_steps,
-                         seq_len=config.seq_len, micro_batch=config.micro_batch)
-    else:
-        ramp = BatchRamp.constant(config.global_batch, micro_batch=config.micro_batch, seq_len=config.seq_len)
-    ema = CPUEMA(model, config.ema_decay) if config.ema_decay else None
-    loader = data.loader(config.seed)
-
-    step, nonfinite, val_losses = 0, 0, []
-    if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint, model=model, optimizer=optimizer, ema=ema)
-        step = state["step"]
-        loader.load_state_dict(state["loader"])
-        nonfinite = state["extra"].get("nonfinite", 0)
-        val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
-        log(f"resumed {run_dir} from {os.path.basename(checkpoint)} (step {step})")
+    s = build_session(config, resume=resume, overrides=overrides)
+    config, run_dir, model = s.config, s.run_dir, s.model
+    if s.checkpoint is not None:
+        log(f"resumed {run_dir} from {os.path.basename(s.checkpoint)} (step {s.step})")
     elif resume is not None:
         log(f"{run_dir} has no checkpoint yet; starting it from step 0")
-
-    log(f"run {run_dir}: {mcfg.model_type} with {model.num_parameters():,} parameters on {device}; "
-        f"{data.summary()}")
-    metrics = MetricsLogger(run_dir, tensorboard=config.tensorboard, start_step=step)
-    progress = ProgressBar(config.steps, initial=step, mode="auto" if config.progress else "off")
-    params = [p for p in model.parameters() if p.requires_grad]
-    last_ckpt = checkpoint
+    log(f"run {run_dir}: {s.mcfg.model_type} with {model.num_parameters():,} parameters on {s.device}; "
+        f"{s.data.summary()}")
+    # MFU: model FLOPs per token from the planner's formula (checked against torch's FLOP counter),
+    # over the device's peak for the parameter dtype.
+    flops_per_token = training_flops_per_token(s.mcfg, config.data.seq_len)
+    peak_flops, _ = device_peak_flops(s.device, getattr(torch, config.precision.dtype))
+    metrics = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, start_step=s.step)
+    progress = ProgressBar(config.schedule.steps, initial=s.step, mode="auto" if config.logging.progress else "off")
+    last_ckpt = s.checkpoint
     interrupted = False
 
-    def checkpoint_now(at_step: int, loader_state: dict) -> str:
-        return save_checkpoint(run_dir, at_step, model=model, optimizer=optimizer, loader_state=loader_state,
-                               tokenizer=tokenizer, ema=ema, keep_last=config.keep_last,
-                               extra={"nonfinite": nonfinite, "val_losses": val_losses})
+    def checkpoint_now(at_step: int) -> str:
+        return save_checkpoint(run_dir, at_step, model=model, optimizer=s.optimizer,
+                               loader_state=s.prefetcher.state_after, tokenizer=s.tokenizer, ema=s.ema,
+                               keep_last=config.checkpoint.keep_last,
+                               extra={"nonfinite": s.nonfinite, "val_losses": s.val_losses})
+
+    def validate() -> float:
+        micro_batch, max_batches = config.data.micro_batch, config.logging.eval_batches
+        if s.ema is not None and config.memory.use_ema:
+            with s.ema.applied(model):
+                return evaluate(model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
+        return evaluate(model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
 
     try:
         with _StopFlag() as stop:
-            if step == 0 and not val_losses and data.val is not None:
-                val_losses.append((0, evaluate(model, data, micro_batch=config.micro_batch,
-                                               max_batches=config.eval_batches, device=device)))
-                metrics.log({"step": 0, "val_loss": val_losses[-1][1]})
-            while step < config.steps:
+            if s.step == 0 and not s.val_losses and s.data.val is not None:
+                s.val_losses.append((0, validate()))
+                metrics.log({"step": 0, "val_loss": s.val_losses[-1][1]})
+            while s.step < config.schedule.steps:
                 t0 = time.perf_counter()
-                loader_state = loader.state_dict()  # the position at the start of this step
-                lr = schedule.lr_at(step)
-                set_lr(optimizer, lr)
-                model.config.mtp_loss_weight = _switch(lambda_early, config.mtp_loss_weight_late, config.mtp_switch,
-                                                       step, config.steps)
-                gamma = _switch(gamma_early, 0.0, config.bias_update_stop, step, config.steps)
-                n_micro = ramp.accumulation_steps(step, config.micro_batch)
-                sums = torch.zeros(4, dtype=torch.float64)
-                load = None
-                tokens = 0
-                for _ in range(n_micro):
-                    ids, labels = loader.next_batch(config.micro_batch)
-                    ids, labels = ids.to(device), labels.to(device)
-                    out = model(ids, labels)
-                    (out.loss / n_micro).backward()
-                    sums += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.mtp_loss.detach(),
-                                         out.balance_loss.detach()]).double().cpu() / n_micro
-                    if out.expert_load is not None:
-                        load = out.expert_load if load is None else load + out.expert_load
-                    tokens += ids.numel()
-                loss, lm_loss, mtp_loss, balance_loss = sums.tolist()
-                grad_norm = clip_grad_norm(params, config.grad_clip)
-                record: dict[str, Any] = {"step": step + 1, "lr": lr, "batch_size": n_micro * config.micro_batch}
-                if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    nonfinite += 1
-                    record.update(loss=loss, skipped=True)
+                lr, gamma = s.begin_step()
+                batches, _ = s.next_batches()
+                stats = train_step(s, batches, gamma=gamma)
+                record: dict[str, Any] = {"step": s.step + 1, "lr": lr,
+                                          "batch_size": len(batches) * config.data.micro_batch}
+                s.step += 1
+                if stats.skipped:
+                    s.nonfinite += 1
+                    record.update(loss=stats.loss, skipped=True)
                     metrics.log(record)
-                    log(f"step {step + 1}: non-finite loss or gradient ({loss}); step skipped "
-                        f"({nonfinite} in a row)")
-                    step += 1
-                    if nonfinite >= config.max_nonfinite:
+                    log(f"step {s.step}: non-finite loss or gradient ({stats.loss}); step skipped "
+                        f"({s.nonfinite} in a row)")
+                    if s.nonfinite >= config.run.max_nonfinite:
                         raise TrainingError(
-                            f"{nonfinite} non-finite losses in a row at step {step}; stopping. The last good "
+                            f"{s.nonfinite} non-finite losses in a row at step {s.step}; stopping. The last good "
                             f"checkpoint is {last_ckpt or 'none (no checkpoint was written yet)'}; lower --lr or "
                             f"check the data")
                     continue
-                nonfinite = 0
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if load is not None:
-                    model.update_router_bias(load, gamma)
-                if ema is not None:
-                    ema.update()
-                step += 1
+                s.nonfinite = 0
                 dt = time.perf_counter() - t0
-                record.update(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss,
-                              grad_norm=float(grad_norm), tokens_per_s=tokens / dt, step_time=dt,
-                              tokens=loader.sequences_seen * config.seq_len,
-                              maxvio=maxvio(load) if load is not None else 0.0)
-                if load is not None and (step % config.load_every == 0 or step == 1):
-                    record["expert_load"] = load.tolist()
-                if data.val is not None and (step % config.eval_every == 0 or step == config.steps):
-                    if ema is not None and config.use_ema:
-                        with ema.applied(model):
-                            v = evaluate(model, data, micro_batch=config.micro_batch,
-                                         max_batches=config.eval_batches, device=device)
-                    else:
-                        v = evaluate(model, data, micro_batch=config.micro_batch,
-                                     max_batches=config.eval_batches, device=device)
-                    val_losses.append((step, v))
-                    record["val_loss"] = v
+                achieved = stats.tokens * flops_per_token / dt
+                record.update(loss=stats.loss, lm_loss=stats.lm_loss, mtp_loss=stats.mtp_loss,
+                              balance_loss=stats.balance_loss, grad_norm=stats.grad_norm,
+                              tokens_per_s=stats.tokens / dt, step_time=dt,
+                              tokens=s.prefetcher.sequences_after * config.data.seq_len,
+                              loss_tokens=stats.loss_tokens, tflops=achieved / 1e12, mfu=achieved / peak_flops,
+                              maxvio=maxvio(stats.load) if stats.load is not None else 0.0, **peak_memory(s.device))
+                if stats.load is not None and (s.step % config.logging.load_every == 0 or s.step == 1):
+                    record["expert_load"] = stats.load.tolist()
+                last = s.step == config.schedule.steps
+                if s.data.val is not None and (s.step % config.logging.eval_every == 0 or last):
+                    s.val_losses.append((s.step, validate()))
+                    record["val_loss"] = s.val_losses[-1][1]
                 metrics.log(record)
-                progress.update(step, loss=loss, tokens_per_s=tokens / dt, lr=lr)
+                progress.update(s.step, loss=stats.loss, lm_loss=stats.lm_loss, tokens_per_s=stats.tokens / dt,
+                                lr=lr, mfu=record["mfu"], memory_gib=record["peak_memory_gib"])
                 if "val_loss" in record:
-                    progress.write(f"step {step}: val_loss {record['val_loss']:.4f}")
-                if step % config.save_every == 0 or step == config.steps or stop.requested:
-                    last_ckpt = checkpoint_now(step, loader.state_dict())
+                    progress.write(f"step {s.step}: val_loss {record['val_loss']:.4f} (LM loss on held-out data)")
+                if s.step % config.checkpoint.save_every == 0 or last or stop.requested:
+                    last_ckpt = checkpoint_now(s.step)
                 if step_hook is not None:
-                    step_hook(step)
+                    step_hook(s.step)
                 if stop.requested:
                     interrupted = True
-                    log(f"interrupted: checkpoint written at step {step} ({last_ckpt}); "
+                    log(f"interrupted: checkpoint written at step {s.step} ({last_ckpt}); "
                         f"continue with dsv3 train --resume {run_dir}")
                     break
     finally:
         progress.close()
         metrics.close()
-        if ema is not None:
-            ema.close()
+        s.close()
 
     sample = None
-    if tokenizer is not None and not interrupted and config.sample_tokens > 0:
+    if s.tokenizer is not None and not interrupted and config.logging.sample_tokens > 0:
         from dsv3.infer.generate import generate_text
         from dsv3.train.tokenizer import eos_token_id
 
-        sample = generate_text(model, tokenizer, config.sample_prompt, max_new_tokens=config.sample_tokens,
-                               temperature=0.8, top_p=0.95, seed=config.seed, eos_id=eos_token_id(tokenizer))
-    return TrainResult(run_dir=run_dir, step=step, checkpoint=last_ckpt, val_losses=val_losses, sample=sample,
+        sample = generate_text(model, s.tokenizer, config.logging.sample_prompt,
+                               max_new_tokens=config.logging.sample_tokens,
+                               temperature=0.8, top_p=0.95, seed=config.run.seed, eos_id=eos_token_id(s.tokenizer))
+    return TrainResult(run_dir=run_dir, step=s.step, checkpoint=last_ckpt, val_losses=s.val_losses, sample=sample,
                        interrupted=interrupted, wall_time=time.time() - started)

@@ -30,12 +30,95 @@ from typing import IO, Any
 from dsv3.errors import DataError, RunDirError
 from dsv3.utils.io import atomic_write_text
 
-__all__ = ["maxvio", "MetricsLogger", "read_metrics", "ProgressBar", "METRICS_FILE", "STEP_FIELDS"]
+__all__ = ["maxvio", "MetricsLogger", "read_metrics", "ProgressBar", "METRICS_FILE", "STEP_FIELDS", "tensorboard_tag",
+           "device_peak_flops", "peak_memory", "GROUPS"]
 
 METRICS_FILE = "metrics.jsonl"
 
 # Fields every training step's line carries (``val_loss`` and ``expert_load`` come when measured).
 STEP_FIELDS = ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "maxvio")
+
+# TensorBoard tags group the flat metrics.jsonl names as torchtitan does (loss/..., throughput/..., memory/...).
+# metrics.jsonl keeps the flat names that scripts read.
+GROUPS = {
+    "loss": "loss/total", "lm_loss": "loss/lm", "mtp_loss": "loss/mtp", "balance_loss": "loss/balance",
+    "val_loss": "loss/val_lm", "grad_norm": "optim/grad_norm", "lr": "optim/lr", "batch_size": "optim/batch_size",
+    "tokens_per_s": "throughput/tokens_per_s", "mfu": "throughput/mfu", "tflops": "throughput/tflops",
+    "step_time": "throughput/step_time", "tokens": "progress/tokens_seen", "loss_tokens": "progress/loss_tokens",
+    "peak_memory_gib": "memory/peak_gib", "peak_reserved_gib": "memory/peak_reserved_gib",
+    "maxvio": "moe/maxvio",
+}
+
+
+def tensorboard_tag(key: str) -> str:
+    """The grouped TensorBoard tag of a metrics.jsonl key (unknown keys go under ``other/``)."""
+    return GROUPS.get(key, key if "/" in key else f"other/{key}")
+
+
+# Dense peak FLOP/s of known accelerators (vendor data sheets, SXM parts, no sparsity), by dtype.
+_CUDA_PEAK_TFLOPS = {
+    "H200": {"bfloat16": 989.4, "float32": 66.9}, "H100": {"bfloat16": 989.4, "float32": 66.9},
+    "H800": {"bfloat16": 989.4, "float32": 66.9}, "A100": {"bfloat16": 312.0, "float32": 19.5},
+    "A800": {"bfloat16": 312.0, "float32": 19.5}, "L40S": {"bfloat16": 362.1, "float32": 91.6},
+}
+
+
+def device_peak_flops(device: Any, dtype: Any, override_tflops: float | None = None) -> tuple[float, str]:
+    """The device's peak FLOP/s for ``dtype`` GEMMs, and where the number comes from.
+
+    An explicit ``override_tflops`` wins; CUDA devices are looked up by name (data-sheet dense
+    peaks); a CPU (or an unknown GPU) gets the measured rate of a 1024^3 matmul in ``dtype``
+    (median of 5), so MFU on a CPU is utilisation of what its matmul kernel reaches.
+    """
+    import statistics
+
+    import torch
+
+    if override_tflops:
+        return override_tflops * 1e12, "given"
+    device = torch.device(device)
+    name = str(dtype).replace("torch.", "")
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        for key, peaks in _CUDA_PEAK_TFLOPS.items():
+            if key in gpu and name in peaks:
+                return peaks[name] * 1e12, f"{key} data sheet"
+    n = 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(7):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times), "measured 1024^3 matmul"
+
+
+def peak_memory(device: Any) -> dict[str, float]:
+    """Peak memory so far in GiB: CUDA max allocated and reserved, or the host's peak RSS on CPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return {"peak_memory_gib": int(line.split()[1]) * 1024 / 2**30}
+    except OSError:
+        pass
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30}
+
 
 _NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -217,7 +300,7 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in line.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(key, value, global_step=step)
+                    self._tb.add_scalar(tensorboard_tag(key), value, global_step=step)
         return line
 
     def flush(self) -> None:
@@ -331,19 +414,27 @@ class ProgressBar:
             self._bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit="step", file=self.stream, dynamic_ncols=True)
 
     @staticmethod
-    def _postfix(loss: float | None, tokens_per_s: float | None, lr: float | None) -> str:
+    def _postfix(loss: float | None, tokens_per_s: float | None, lr: float | None, *, lm_loss: float | None = None,
+                 mfu: float | None = None, memory_gib: float | None = None) -> str:
         parts = []
         if loss is not None:
-            parts.append(f"loss {loss:.4f}")
+            # ``loss`` is the training objective (LM + lambda x MTP + balance); ``lm`` is the main LM loss alone,
+            # the quantity ``val_loss`` measures.
+            parts.append(f"loss {loss:.4f}" + (f" (lm {lm_loss:.4f})" if lm_loss is not None else ""))
         if tokens_per_s is not None:
             parts.append(f"tok/s {tokens_per_s:,.0f}")
+        if mfu is not None:
+            parts.append(f"mfu {100 * mfu:.1f}%")
+        if memory_gib is not None:
+            parts.append(f"mem {memory_gib:.2f} GiB")
         if lr is not None:
             parts.append(f"lr {lr:.2e}")
         return " | ".join(parts)
 
-    def update(self, step: int, *, loss: float | None = None, tokens_per_s: float | None = None, lr: float | None = None) -> None:
-        """Show that ``step`` steps are done, with the latest loss, throughput and learning rate."""
-        text = self._postfix(loss, tokens_per_s, lr)
+    def update(self, step: int, *, loss: float | None = None, tokens_per_s: float | None = None, lr: float | None = None,
+               lm_loss: float | None = None, mfu: float | None = None, memory_gib: float | None = None) -> None:
+        """Show that ``step`` steps are done, with the latest losses, throughput, MFU, peak memory and learning rate."""
+        text = self._postfix(loss, tokens_per_s, lr, lm_loss=lm_loss, mfu=mfu, memory_gib=memory_gib)
         if self._bar is not None:
             self._bar.set_postfix_str(text, refresh=False)
             self._bar.update(step - self._bar.n)

@@ -1,0 +1,439 @@
+"""A training session and one optimizer step: :func:`build_session` and :func:`train_step`.
+
+:func:`build_session` turns a :class:`~dsv3.train.config.TrainConfig` into everything a step
+needs (tokenizer, data, model with its FP8/recomputation transformations, optimizer, learning
+rate schedule, batch ramp, EMA, data loader), restoring a checkpoint when resuming.
+:func:`train_step` runs one optimizer step over a list of micro-batches:
+
+1. forward and backward of every micro-batch (``loss / n_micro``), summing the losses and
+   the expert loads on the device -- no host synchronisation per micro-batch;
+2. global-norm clipping; one host sync reads the losses and the norm together;
+3. a non-finite loss or norm skips the step (gradients dropped);
+4. AdamW, the auxiliary-loss-free bias update with the loads of all micro-batches, the EMA.
+
+The loop around them (:func:`dsv3.train.loop.train`) does metrics, evaluation and
+checkpoints; ``dsv3 memory`` (:mod:`dsv3.memory.measure`) steps the same session.
+On CUDA the next step's micro-batches are prefetched into pinned memory by a background
+thread (:class:`BatchPrefetcher`) while the current step computes.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dsv3.checkpoint.state import latest_checkpoint, load_checkpoint_state
+from dsv3.config import ModelConfig, resolve_model_config
+from dsv3.errors import ConfigError, DataError, RunDirError
+from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
+
+CONFIG_FILE = "config.yaml"
+MODEL_CONFIG_FILE = "model_config.json"
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids [b, T], labels [b, T])
+
+
+# ----------------------------------------------------------------------------- building blocks
+def resolve_device(config: TrainConfig) -> torch.device:
+    """The run's device: ``auto`` is CUDA when available, else CPU."""
+    if config.parallel.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.parallel.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(config.parallel.device)
+
+
+def prepare_run_dir(config: TrainConfig, resume: str | None) -> str:
+    """Pick and check the run directory (``resume``, or a new or empty ``config.run.dir``)."""
+    if resume is not None:
+        if not os.path.isfile(os.path.join(resume, CONFIG_FILE)):
+            raise RunDirError(f"{resume} is not a dsv3 run directory (no {CONFIG_FILE}); check --resume")
+        return resume
+    run_dir = config.run.dir or config.default_run_dir()
+    if os.path.exists(run_dir):
+        if not os.path.isdir(run_dir):
+            raise RunDirError(f"run directory {run_dir} exists and is not a directory; choose another --run-dir")
+        if os.listdir(run_dir):
+            if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+                raise RunDirError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
+                                  f"or choose another --run-dir")
+            raise RunDirError(f"run directory {run_dir} is not empty and holds no dsv3 run; choose another --run-dir")
+    return run_dir
+
+
+def resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
+    """The saved config of ``run_dir`` with ``overrides`` (e.g. a larger ``steps``) applied."""
+    config = load_train_config(os.path.join(run_dir, CONFIG_FILE), overrides)
+    config.run.dir = run_dir
+    return config
+
+
+def model_config_for(config: TrainConfig) -> ModelConfig:
+    """The model configuration of the run, with the recipe knobs of the train config applied."""
+    mcfg = resolve_model_config(config.model.init_from or config.model.name)
+    changes = {k: getattr(config.moe, k) for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
+               if getattr(config.moe, k) is not None}
+    return mcfg.replace(**changes) if changes else mcfg
+
+
+def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
+    """Build (or load) the model and apply the configured transformations (FP8, recomputation)."""
+    from dsv3.model import DeepseekV3ForCausalLM
+
+    torch.manual_seed(config.run.seed)
+    if config.model.init_from:
+        from dsv3.checkpoint.hf import from_pretrained
+
+        model = from_pretrained(config.model.init_from, device=device)
+        model.config = mcfg
+    else:
+        with torch.device(device):
+            model = DeepseekV3ForCausalLM(mcfg)
+    model.to(getattr(torch, config.precision.dtype))
+    if config.precision.fp8:
+        from dsv3.fp8 import FP8Recipe, convert
+
+        prec = config.precision
+        convert(model, FP8Recipe(backend=prec.fp8_backend, scale_format=prec.fp8_scale_format, fp8_gemm=prec.fp8_gemm))
+    if config.memory.recompute != "none":
+        from dsv3.memory.recompute import apply_recompute
+
+        apply_recompute(model, config.memory.recompute)
+    return model
+
+
+def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
+    """The run's tokenizer: the run directory's copy on resume, the user's, or a BPE trained on the corpus."""
+    from dsv3.train.tokenizer import get_tokenizer
+
+    saved = os.path.join(run_dir, "tokenizer.json")
+    if run_dir and os.path.isfile(saved):
+        return get_tokenizer(saved, vocab_size=vocab_size)
+    if config.data.tokenizer is not None:
+        return get_tokenizer(config.data.tokenizer, vocab_size=vocab_size)
+    if config.data.path is None:
+        return get_tokenizer(None, vocab_size=vocab_size)
+    if (config.data.format or "") == "bin" or str(config.data.path).endswith(".bin"):
+        return None  # pre-tokenised: no tokenizer needed (no text sample at the end)
+    from dsv3.train.data import resolve_source
+
+    d = config.data
+    source = resolve_source(d.path, format=d.format, field=d.field, glob=d.glob)
+    if source.kind != "text":
+        raise DataError(f"{config.data.path} is {source.kind}; pass --tokenizer with a tokenizer.json for it "
+                        f"(a BPE is trained automatically only on plain-text corpora)")
+    return get_tokenizer(None, vocab_size=vocab_size, files=source.files)
+
+
+def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig):
+    """The packed training and validation sequences of the run (checked: at least one micro-batch)."""
+    from dsv3.train.data import build_data
+
+    d = config.data
+    data = build_data(d.path, tokenizer=tokenizer, seq_len=d.seq_len, vocab_size=mcfg.vocab_size, format=d.format,
+                      field=d.field, glob=d.glob, dtype=d.dtype, eos_token=d.eos_token, val_fraction=d.val_fraction,
+                      split_seed=config.run.seed)
+    if len(data.train) < d.micro_batch:
+        raise DataError(f"the corpus gives {len(data.train)} training sequences of {d.seq_len} tokens, fewer "
+                        f"than one micro-batch ({config.data.micro_batch}); use more data or a smaller --seq-len")
+    return data
+
+
+def _switch(value_early: float, value_late: float | None, at: float, step: int, steps: int) -> float:
+    """``value_early`` before fraction ``at`` of the run, ``value_late`` (if set) after."""
+    return value_early if value_late is None or step < at * steps else value_late
+
+
+# ----------------------------------------------------------------------------- prefetching
+class BatchPrefetcher:
+    """Hands out each step's micro-batches, on CUDA fetching the next step's in a background thread.
+
+    Args:
+        loader: the :class:`~dsv3.train.data.TrainLoader` (its order decides the batches).
+        micro_batch: sequences per micro-batch.
+        device: where the batches go; on CUDA they are pinned and copied asynchronously.
+        background: fetch ahead in a thread (default: only on CUDA).
+
+    :meth:`get` returns ``(micro-batches of one step, loader state before them)``; ``state_after``
+    is the loader position right after the last step handed out (what a checkpoint records),
+    whatever has been fetched ahead.
+    """
+
+    def __init__(self, loader, micro_batch: int, device: torch.device, *, background: bool | None = None) -> None:
+        self.loader, self.micro_batch, self.device = loader, micro_batch, device
+        self.background = device.type == "cuda" if background is None else background
+        self._pending: tuple[int, queue.Queue] | None = None
+        self.state_after: dict = loader.state_dict()
+        self.sequences_after: int = loader.sequences_seen
+
+    def _fetch(self, n_micro: int) -> tuple[list[Batch], dict]:
+        state = self.loader.state_dict()
+        pin = self.device.type == "cuda"
+        batches = []
+        for _ in range(n_micro):
+            ids, labels = self.loader.next_batch(self.micro_batch)
+            if pin:
+                ids, labels = ids.pin_memory(), labels.pin_memory()
+            batches.append((ids, labels))
+        return batches, state
+
+    def _start(self, n_micro: int) -> None:
+        box: queue.Queue = queue.Queue(maxsize=1)
+
+        def work() -> None:
+            try:
+                box.put(self._fetch(n_micro))
+            except BaseException as exc:  # re-raised in the training thread
+                box.put(exc)
+
+        threading.Thread(target=work, name="dsv3-prefetch", daemon=True).start()
+        self._pending = (n_micro, box)
+
+    def get(self, n_micro: int, next_n_micro: int | None = None) -> tuple[list[Batch], dict]:
+        """This step's ``n_micro`` micro-batches (on the device) and the loader state before them;
+        starts fetching ``next_n_micro`` for the next step when prefetching."""
+        if self._pending is not None and self._pending[0] == n_micro:
+            got = self._pending[1].get()
+            if isinstance(got, BaseException):
+                raise got
+            batches, state = got
+        else:
+            self.drain()
+            batches, state = self._fetch(n_micro)
+        self._pending = None
+        self.state_after = self.loader.state_dict()
+        self.sequences_after = self.loader.sequences_seen
+        if self.background and next_n_micro:
+            self._start(next_n_micro)
+        nb = self.device.type == "cuda"
+        return [(i.to(self.device, non_blocking=nb), l.to(self.device, non_blocking=nb)) for i, l in batches], state
+
+    def drain(self) -> None:
+        """Wait for and drop a fetch in flight, putting the loader back where the next step starts."""
+        if self._pending is not None:
+            self._pending[1].get()
+            self._pending = None
+            self.loader.load_state_dict(self.state_after)
+
+
+# ----------------------------------------------------------------------------- the session
+@dataclass
+class Session:
+    """Everything one training run steps with. Built by :func:`build_session`.
+
+    ``step`` counts completed optimizer steps; ``nonfinite`` the skipped steps in a row;
+    ``val_losses`` the (step, loss) evaluations so far; ``checkpoint`` the checkpoint the run
+    was restored from (None for a fresh run).
+    """
+
+    config: TrainConfig
+    mcfg: ModelConfig
+    run_dir: str
+    device: torch.device
+    tokenizer: Any
+    data: Any
+    model: torch.nn.Module
+    optimizer: Any
+    schedule: Any
+    ramp: Any
+    ema: Any
+    loader: Any
+    params: list[torch.nn.Parameter]
+    prefetcher: BatchPrefetcher
+    parallel: Any = None
+    step: int = 0
+    nonfinite: int = 0
+    val_losses: list = field(default_factory=list)
+    checkpoint: str | None = None
+    lambda_early: float = 0.0
+    gamma_early: float = 0.0
+
+    def n_micro(self, step: int) -> int:
+        """Micro-batches of optimizer step ``step`` (0-based; the batch ramp may change it)."""
+        return self.ramp.accumulation_steps(step, self.config.data.micro_batch)
+
+    def begin_step(self) -> tuple[float, float]:
+        """Set the learning rate, MTP weight lambda and bias speed gamma of step ``self.step``;
+        returns ``(lr, gamma)``."""
+        from dsv3.train.optim import set_lr
+
+        c = self.config
+        lr = self.schedule.lr_at(self.step)
+        set_lr(self.optimizer, lr)
+        self.model.config.mtp_loss_weight = _switch(self.lambda_early, c.moe.mtp_loss_weight_late,
+                                                    c.moe.mtp_switch, self.step, c.schedule.steps)
+        return lr, _switch(self.gamma_early, 0.0, c.moe.bias_update_stop, self.step, c.schedule.steps)
+
+    def next_batches(self) -> tuple[list[Batch], dict]:
+        """The micro-batches of step ``self.step`` and the loader state before them."""
+        following = self.n_micro(self.step + 1) if self.step + 1 < self.config.schedule.steps else None
+        return self.prefetcher.get(self.n_micro(self.step), following)
+
+    def close(self) -> None:
+        self.prefetcher.drain()
+        if self.ema is not None:
+            self.ema.close()
+
+
+def build_session(config: TrainConfig | None, *, resume: str | None = None,
+                  overrides: dict[str, Any] | None = None, parallel: Any = None, write: bool = True,
+                  prefetch: bool | None = None) -> Session:
+    """Build (or restore) a training run.
+
+    Args:
+        config: the run configuration (on resume only ``overrides`` apply to the saved one).
+        resume: a run directory to continue from its latest checkpoint.
+        overrides: on resume, options that change the saved config (e.g. ``steps``).
+        parallel: a :class:`dsv3.parallel.world.ParallelContext` (None: one process).
+        write: create the run directory and write its config, model config and tokenizer.
+            ``False`` builds everything in memory (``dsv3 memory``); nothing is written
+            except the tokenizer/token caches.
+        prefetch: fetch batches ahead in a thread (default: on CUDA).
+
+    Everything is checked before anything is written: bad input leaves no run directory.
+    """
+    if resume is not None:
+        run_dir = prepare_run_dir(config, resume)  # type: ignore[arg-type]
+        config = resume_config(run_dir, overrides or {})
+        checkpoint = latest_checkpoint(run_dir)
+    else:
+        assert config is not None
+        config.validate()
+        run_dir = prepare_run_dir(config, None) if write else ""
+        config.run.dir = run_dir or config.run.dir
+        checkpoint = None
+    device = resolve_device(config)
+    saved_model_config = os.path.join(run_dir, MODEL_CONFIG_FILE)
+    if resume is not None and os.path.isfile(saved_model_config):
+        mcfg = ModelConfig.from_json_file(saved_model_config)  # exactly the model the run started with
+    else:
+        mcfg = model_config_for(config)
+
+    # --- tokenizer and data (checked before anything is written, so bad input leaves no run behind)
+    tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir)
+    if tokenizer is not None and tokenizer.get_vocab_size() > mcfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+                          f"{mcfg.vocab_size}; use a matching tokenizer or model")
+    data = build_training_data(config, tokenizer, mcfg)
+
+    # --- the model (an --init-from checkpoint is checked here, before anything is written)
+    model = build_model(config, mcfg, device)
+    model.train()
+    if write and resume is None:  # only now that the input is known to be good
+        os.makedirs(run_dir, exist_ok=True)
+        save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
+        mcfg.save(os.path.join(run_dir, MODEL_CONFIG_FILE))
+        if tokenizer is not None:
+            from dsv3.utils.io import atomic_path
+
+            with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
+                tokenizer.save(tmp)
+
+    # --- optimizer, schedules, EMA, data order
+    from dsv3.memory.ema import CPUEMA
+    from dsv3.train.optim import build_optimizer
+    from dsv3.train.schedule import BatchRamp, LRSchedule
+
+    opt, sched = config.optimizer, config.schedule
+    optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+                                eps=opt.eps, moments_dtype=config.memory.optim_states)
+    decay_start = int(sched.decay_start * sched.steps)
+    decay_steps = int(sched.decay_end * sched.steps) - decay_start
+    schedule = LRSchedule(peak_lr=opt.lr, warmup_steps=min(sched.warmup_steps, decay_start),
+                          decay_start=decay_start, decay_steps=decay_steps, min_lr=sched.min_lr,
+                          final_lr=sched.final_lr, final_steps=sched.final_steps, total_steps=sched.steps)
+    if sched.batch_ramp_start is not None:
+        ramp = BatchRamp(start=sched.batch_ramp_start, end=config.data.global_batch, ramp_steps=sched.batch_ramp_steps,
+                         seq_len=config.data.seq_len, micro_batch=config.data.micro_batch)
+    else:
+        ramp = BatchRamp.constant(config.data.global_batch, micro_batch=config.data.micro_batch,
+                                  seq_len=config.data.seq_len)
+    ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
+    loader = data.loader(config.run.seed)
+
+    session = Session(config=config, mcfg=mcfg, run_dir=run_dir, device=device, tokenizer=tokenizer, data=data,
+                      model=model, optimizer=optimizer, schedule=schedule, ramp=ramp, ema=ema, loader=loader,
+                      params=[p for p in model.parameters() if p.requires_grad],
+                      prefetcher=None,  # type: ignore[arg-type]  (set below, after the loader is restored)
+                      parallel=parallel, checkpoint=checkpoint, lambda_early=mcfg.mtp_loss_weight,
+                      gamma_early=mcfg.bias_update_speed)
+    if checkpoint is not None:
+        state = load_checkpoint_state(checkpoint, model=model, optimizer=optimizer, ema=ema)
+        session.step = state["step"]
+        loader.load_state_dict(state["loader"])
+        session.nonfinite = state["extra"].get("nonfinite", 0)
+        session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
+    session.prefetcher = BatchPrefetcher(loader, config.data.micro_batch, device, background=prefetch)
+    return session
+
+
+# ----------------------------------------------------------------------------- one step
+@dataclass
+class StepStats:
+    """What one optimizer step reports.
+
+    Attributes:
+        loss: total loss (L_Main + lambda/D sum L_MTP + L_Bal), mean over micro-batches.
+        lm_loss / mtp_loss / balance_loss: its parts.
+        grad_norm: global gradient norm before clipping.
+        skipped: the loss or the norm was not finite; no update was made.
+        load: [n_moe_layers, N_r] tokens routed to each expert over all micro-batches (None: dense).
+        tokens: input tokens of the step; loss_tokens: tokens that carried a label.
+    """
+
+    loss: float
+    lm_loss: float
+    mtp_loss: float
+    balance_loss: float
+    grad_norm: float
+    skipped: bool
+    load: torch.Tensor | None
+    tokens: int
+    loss_tokens: int
+
+
+def train_step(session: Session, batches: list[Batch], *, gamma: float | None = None) -> StepStats:
+    """One optimizer step of ``session`` over ``batches`` (its micro-batches, on the device).
+
+    Backpropagates ``loss / n_micro`` per micro-batch; the loss parts, label counts and expert
+    loads are summed on the device and read once, with the gradient norm, after the last
+    micro-batch. ``gamma`` is the bias update speed (default: the model config's).
+    """
+    import math
+
+    from dsv3.train.optim import clip_grad_norm
+
+    model, n_micro = session.model, len(batches)
+    gamma = session.mcfg.bias_update_speed if gamma is None else gamma
+    sums = torch.zeros(5, dtype=torch.float64, device=session.device)
+    load = None
+    for ids, labels in batches:
+        out = model(ids, labels)
+        (out.loss / n_micro).backward()
+        parts = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.mtp_loss.detach(),
+                             out.balance_loss.detach()]).double() / n_micro
+        sums[:4] += parts
+        sums[4] += (labels != -100).sum()
+        if out.expert_load is not None:
+            load = out.expert_load if load is None else load + out.expert_load
+    grad_norm = clip_grad_norm(session.params, session.config.optimizer.grad_clip)
+    host = torch.cat([sums, grad_norm.detach().double().reshape(1).to(sums.device)]).tolist()  # the one sync
+    loss, lm_loss, mtp_loss, balance_loss, loss_tokens, norm = host
+    tokens = sum(ids.numel() for ids, _ in batches)
+    skipped = not (math.isfinite(loss) and math.isfinite(norm))
+    if skipped:
+        session.optimizer.zero_grad(set_to_none=True)
+    else:
+        session.optimizer.step()
+        session.optimizer.zero_grad(set_to_none=True)
+        if load is not None:
+            model.update_router_bias(load, gamma)
+        if session.ema is not None:
+            session.ema.update()
+    return StepStats(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss, grad_norm=norm,
+                     skipped=skipped, load=load, tokens=tokens, loss_tokens=int(loss_tokens))
