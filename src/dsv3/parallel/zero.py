@@ -159,16 +159,18 @@ class ZeroAdamW:
         return norm[0]
 
     @torch.no_grad()
-    def step(self, max_norm: float | None = None, *, reduce: bool = True) -> torch.Tensor:
+    def step(self, max_norm: float | None = None, *, reduce: bool = True,
+             norm: torch.Tensor | None = None) -> torch.Tensor:
         """Reduce gradients, clip to ``max_norm``, update this rank's chunks, all-gather the parameters.
 
         Returns the gradient norm before clipping. When it is not finite nothing is updated (the
         caller skips the step: every rank sees the same norm). ``reduce=False``: the caller already
-        called :meth:`reduce_gradients`.
+        called :meth:`reduce_gradients`; ``norm``: its :meth:`grad_norm`, when already computed.
         """
         if reduce:
             self.reduce_gradients()
-        norm = self.grad_norm()
+        if norm is None or reduce:
+            norm = self.grad_norm()
         if not torch.isfinite(norm):
             return norm
         scale = 1.0

@@ -314,6 +314,9 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     else:
         mcfg = model_config_for(config)
 
+    # --- the parallel layout (under torchrun): checked on every rank before anything is written
+    parallel, run_dir = _join_parallel(config, mcfg, parallel, run_dir)
+
     # --- tokenizer and data (checked before anything is written, so bad input leaves no run behind)
     tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir)
     if tokenizer is not None and tokenizer.get_vocab_size() > mcfg.vocab_size:
@@ -324,7 +327,12 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     # --- the model (an --init-from checkpoint is checked here, before anything is written)
     model = build_model(config, mcfg, device)
     model.train()
-    if write and resume is None:  # only now that the input is known to be good
+    distributed = parallel is not None and parallel.distributed
+    if distributed:
+        from dsv3.parallel.dispatch import shard_experts
+
+        shard_experts(model, parallel, dispatcher=config.parallel.dispatcher, fp8=config.precision.fp8)
+    if write and resume is None and (parallel is None or parallel.is_main):  # only now that the input is good
         os.makedirs(run_dir, exist_ok=True)
         save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
         mcfg.save(os.path.join(run_dir, MODEL_CONFIG_FILE))
@@ -340,8 +348,14 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     from dsv3.train.schedule import BatchRamp, LRSchedule
 
     opt, sched = config.optimizer, config.schedule
-    optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
-                                eps=opt.eps, moments_dtype=config.memory.optim_states)
+    if distributed:
+        from dsv3.parallel.zero import ZeroAdamW
+
+        optimizer = ZeroAdamW(model, parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+                              eps=opt.eps, moments_dtype=config.memory.optim_states)
+    else:
+        optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+                                    eps=opt.eps, moments_dtype=config.memory.optim_states)
     decay_start = int(sched.decay_start * sched.steps)
     decay_steps = int(sched.decay_end * sched.steps) - decay_start
     schedule = LRSchedule(peak_lr=opt.lr, warmup_steps=min(sched.warmup_steps, decay_start),
@@ -362,6 +376,8 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
                       prefetcher=None,  # type: ignore[arg-type]  (set below, after the loader is restored)
                       parallel=parallel, checkpoint=checkpoint, lambda_early=mcfg.mtp_loss_weight,
                       gamma_early=mcfg.bias_update_speed)
+    if checkpoint is not None and distributed:
+        raise ConfigError("resuming under torchrun (sharded checkpoints) is not supported yet; resume in one process")
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint, model=model, optimizer=optimizer, ema=ema)
         session.step = state["step"]
@@ -370,6 +386,43 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
         session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
     session.prefetcher = BatchPrefetcher(loader, config.data.micro_batch, device, background=prefetch)
     return session
+
+
+def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: str) -> tuple[Any, str]:
+    """Join the torchrun world (when launched by it and no context is given) and agree on the run directory.
+
+    The layout is checked before any process group exists (a bad one fails alike on every rank);
+    rank 0's run directory name is used by all (a default name carries a timestamp).
+    """
+    if parallel is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from dsv3.parallel.world import init_parallel
+
+        p = config.parallel
+        parallel = init_parallel(p.pp, p.dp, p.ep, n_routed_experts=mcfg.n_routed_experts,
+                                 device=None if p.device == "auto" else p.device)
+    if parallel is None or not parallel.distributed:
+        return parallel, run_dir
+    d = config.data
+    n_micro = d.global_batch // d.micro_batch
+    if n_micro % parallel.dp:
+        raise ConfigError(f"global_batch / micro_batch = {n_micro} micro-batches cannot be split over dp "
+                          f"{parallel.dp} ranks; make global_batch a multiple of micro_batch * dp")
+    if config.schedule.batch_ramp_start is not None:
+        raise ConfigError("the batch-size ramp is not supported under torchrun yet; drop --batch-ramp-start")
+    import torch.distributed as dist
+
+    box = [run_dir]
+    dist.broadcast_object_list(box, src=0)
+    config.run.dir = box[0] or config.run.dir
+    return parallel, box[0]
+
+
+def _dp_slice(session: "Session", batches: list[Batch]) -> list[Batch]:
+    """This data-parallel rank's micro-batches: every dp-th of the global batch's (a disjoint part)."""
+    ctx = session.parallel
+    if ctx is None or not ctx.distributed or ctx.dp == 1:
+        return batches
+    return batches[ctx.dp_rank::ctx.dp]
 
 
 # ----------------------------------------------------------------------------- one step
@@ -408,6 +461,9 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
 
     from dsv3.train.optim import clip_grad_norm
 
+    ctx = session.parallel
+    distributed = ctx is not None and ctx.distributed
+    batches = _dp_slice(session, batches)
     model, n_micro = session.model, len(batches)
     gamma = session.mcfg.bias_update_speed if gamma is None else gamma
     sums = torch.zeros(5, dtype=torch.float64, device=session.device)
@@ -421,13 +477,30 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
         sums[4] += (labels != -100).sum()
         if out.expert_load is not None:
             load = out.expert_load if load is None else load + out.expert_load
-    grad_norm = clip_grad_norm(session.params, session.config.optimizer.grad_clip)
+    if distributed:  # global sums over the dp ranks, ZeRO-1 gradient reduction and norm (same on every rank)
+        from dsv3.parallel.zero import all_mean, sync_loads
+
+        sums = all_mean(sums, ctx)
+        sums[4] *= ctx.dp
+        if load is not None:
+            load = sync_loads(load, ctx)
+        session.optimizer.reduce_gradients()
+        grad_norm = session.optimizer.grad_norm()
+    else:
+        grad_norm = clip_grad_norm(session.params, session.config.optimizer.grad_clip)
     host = torch.cat([sums, grad_norm.detach().double().reshape(1).to(sums.device)]).tolist()  # the one sync
     loss, lm_loss, mtp_loss, balance_loss, loss_tokens, norm = host
-    tokens = sum(ids.numel() for ids, _ in batches)
+    tokens = sum(ids.numel() for ids, _ in batches) * (ctx.dp if distributed else 1)
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     if skipped:
         session.optimizer.zero_grad(set_to_none=True)
+    elif distributed:
+        session.optimizer.step(session.config.optimizer.grad_clip, reduce=False, norm=grad_norm)
+        session.optimizer.zero_grad(set_to_none=True)
+        if load is not None:
+            model.update_router_bias(load, gamma)
+        if session.ema is not None:
+            session.ema.update()
     else:
         session.optimizer.step()
         session.optimizer.zero_grad(set_to_none=True)
