@@ -163,13 +163,17 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     progress = ProgressBar(config.schedule.steps, initial=s.step,
                            mode="auto" if config.logging.progress and main else "off")
     if distributed:
-        log(f"parallel: {ctx.describe()}; sharded checkpoints are not written yet under torchrun")
+        log(f"parallel: {ctx.describe()}; sharded (DCP) checkpoints, EMA not saved in them yet")
     last_ckpt = s.checkpoint
     interrupted = False
 
     def checkpoint_now(at_step: int) -> str | None:
         if distributed:
-            return None  # TODO(ep): DCP sharded checkpoints (dsv3.parallel.checkpoint)
+            from dsv3.parallel.checkpoint import save_sharded
+
+            return save_sharded(run_dir, at_step, model=model, optimizer=s.optimizer, ctx=ctx,
+                                extra={"loader": s.prefetcher.state_after, "nonfinite": s.nonfinite,
+                                       "val_losses": s.val_losses}, keep_last=config.checkpoint.keep_last)
         return save_checkpoint(run_dir, at_step, model=model, optimizer=s.optimizer,
                                loader_state=s.prefetcher.state_after, tokenizer=s.tokenizer, ema=s.ema,
                                keep_last=config.checkpoint.keep_last,

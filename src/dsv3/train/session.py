@@ -376,8 +376,21 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
                       prefetcher=None,  # type: ignore[arg-type]  (set below, after the loader is restored)
                       parallel=parallel, checkpoint=checkpoint, lambda_early=mcfg.mtp_loss_weight,
                       gamma_early=mcfg.bias_update_speed)
-    if checkpoint is not None and distributed:
-        raise ConfigError("resuming under torchrun (sharded checkpoints) is not supported yet; resume in one process")
+    if distributed and resume is not None:
+        from dsv3.parallel.checkpoint import latest_sharded, load_sharded
+
+        sharded = latest_sharded(run_dir)
+        if sharded is None and checkpoint is not None:
+            raise ConfigError(f"{run_dir} holds only single-process checkpoints; resuming them under torchrun is "
+                              f"not supported yet, resume in one process")
+        checkpoint = session.checkpoint = sharded
+        if sharded is not None:
+            meta = load_sharded(sharded, model=model, optimizer=optimizer, ctx=parallel)
+            session.step = meta["step"]
+            loader.load_state_dict(meta["loader"])
+            session.nonfinite = meta.get("nonfinite", 0)
+            session.val_losses = [tuple(v) for v in meta.get("val_losses", [])]
+        checkpoint = None
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint, model=model, optimizer=optimizer, ema=ema)
         session.step = state["step"]
