@@ -87,3 +87,28 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
     (tmp_path / "dcp-00000004.tmp").mkdir()
     (tmp_path / "dcp-00000006").mkdir()  # no meta.json: never renamed into place by dsv3
     assert latest_sharded(str(tmp_path)) is None
+
+
+@pytest.mark.timeout(120)
+def test_export_writes_the_hugging_face_directory_of_a_sharded_checkpoint(tmp_path):
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.checkpoint import save_sharded
+    from dsv3.parallel.world import ParallelContext
+    from dsv3.parallel.zero import ZeroAdamW
+
+    from dsv3.cli import main as cli_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = _model()
+    _config().save(run / "model_config.json")
+    with torch.no_grad():
+        for m in model.moe_layers():
+            m.gate.e_score_correction_bias.uniform_(-0.01, 0.01)  # biases travel too
+    ctx = ParallelContext.single()
+    save_sharded(str(run), 5, model=model, optimizer=ZeroAdamW(model, ctx, **OPT), ctx=ctx)
+    assert cli_main(["export", str(run), str(tmp_path / "hf")]) == 0
+    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf")
+    ref = dict(model.state_dict())
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(t, ref[name]), name

@@ -42,7 +42,8 @@ def test_torchrun_dp4_ep2_has_the_losses_of_one_process(train_setup, tmp_path):
     one = subprocess.run([sys.executable, "-m", "dsv3", *_args(train_setup, tmp_path / "one")], capture_output=True,
                          text=True, timeout=180, env=_env())
     assert one.returncode == 0, one.stderr[-3000:]
-    four = _torchrun(4, _args(train_setup, tmp_path / "four") + ["--ep", "2", "--dp", "4"], timeout=200)
+    four = _torchrun(4, _args(train_setup, tmp_path / "four") + ["--ep", "2", "--dp", "4", "--save-every", "2"],
+                     timeout=200)
     assert four.returncode == 0, four.stderr[-3000:]
     ref = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     got = [r for r in read_jsonl(tmp_path / "four" / "metrics.jsonl") if "loss" in r]
@@ -53,6 +54,7 @@ def test_torchrun_dp4_ep2_has_the_losses_of_one_process(train_setup, tmp_path):
             assert a["expert_load"] == b["expert_load"]  # loads summed over the ranks: the global ones
         assert a["a2a_bytes_per_rank"] > 0 and 1.0 <= a["nodes_per_token"] <= 2.0
     assert four.stdout.count("done in") == 1  # rank 0 alone talks
+    assert sorted(p.name for p in (tmp_path / "four").glob("dcp-*")) == ["dcp-00000002", "dcp-00000003"]
 
 
 @pytest.mark.timeout(120)

@@ -192,3 +192,41 @@ def load_sharded(path: str, *, model, optimizer, ctx) -> dict:
                                                "exp_avg_sq": parts["exp_avg_sq"].to(dtype).clone()}
     with open(meta_path) as fh:
         return json.load(fh)
+
+
+@torch.no_grad()
+def load_model_sharded(path: str, model) -> None:
+    """Load only the model tensors of a sharded checkpoint into ``model`` (any expert block)."""
+    import torch.distributed.checkpoint as dcp
+
+    if not os.path.isfile(os.path.join(path, META)):
+        raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
+    state = {k: v.clone() for k, v in model_state(model).items()}
+    dcp.load(state, checkpoint_id=path)
+    for key, t, i in _param_keys(model):
+        (t.data if i is None else t.data[i]).copy_(state[f"model/{key}"])
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
+    """Write the Hugging Face safetensors directory of a sharded checkpoint (``dsv3 export``).
+
+    ``checkpoint``: a ``dcp-*`` directory inside a run directory (whose ``model_config.json``
+    describes the model) or a run directory (its latest sharded checkpoint). Runs in one process.
+    """
+    from dsv3.checkpoint.hf import save_pretrained
+    from dsv3.config import ModelConfig
+    from dsv3.model import DeepseekV3ForCausalLM
+
+    if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, META)):
+        latest = latest_sharded(checkpoint)
+        if latest is None:
+            raise CheckpointError(f"{checkpoint} holds no complete sharded checkpoint (dcp-*/{META}); pass one")
+        checkpoint = latest
+    config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"no model_config.json next to {checkpoint}; export a checkpoint inside its run directory")
+    config = ModelConfig.from_json_file(config_path)
+    model = DeepseekV3ForCausalLM(config)  # every parameter and router bias is overwritten below
+    load_model_sharded(checkpoint, model)
+    save_pretrained(model, out_dir, dtype=dtype)
+    return out_dir
