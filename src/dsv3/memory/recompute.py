@@ -109,7 +109,8 @@ class SelectiveRecompute(RecomputePolicy):
                           use_reentrant=False, context_fn=_KEEP_ATTENTION)
 
     def ffn(self, layer, h, stats=None):
-        if caches_fp8(layer):
+        if caches_fp8(layer) or communicates(layer):
+            # (A distributed dispatcher: a recomputed region must never repeat an all-to-all.)
             # With the FP8 recipe the FFN keeps FP8 copies of its GEMM and SwiGLU inputs and recomputes
             # SwiGLU outputs already; a checkpointed region would store its full-precision GEMM outputs.
             return layer.ffn(h, stats)
@@ -122,10 +123,20 @@ class FullRecompute(RecomputePolicy):
     name = "full"
 
     def block(self, layer, x, cos, sin, stats=None):
+        if communicates(layer):  # recompute the attention branch only: never repeat an all-to-all
+            h = x + checkpoint(super().attention, layer, x, cos, sin, use_reentrant=False)
+            return h + super().ffn(layer, h, stats)
         return checkpoint(super().block, layer, x, cos, sin, stats, use_reentrant=False)
 
 
 _POLICY_CLASSES = {"none": None, "selective": SelectiveRecompute, "full": FullRecompute}
+
+
+def communicates(layer: DecoderLayer) -> bool:
+    """Whether the block's MoE exchanges tokens with other ranks (expert parallelism): its FFN is then
+    kept out of recomputed regions, so that backward never repeats a dispatch or combine."""
+    dispatcher = getattr(layer.mlp, "dispatcher", None)
+    return dispatcher is not None and getattr(dispatcher, "group", None) is not None
 
 
 def caches_fp8(layer: DecoderLayer) -> bool:
