@@ -55,6 +55,16 @@ def test_torchrun_dp4_ep2_has_the_losses_of_one_process(train_setup, tmp_path):
         assert a["a2a_bytes_per_rank"] > 0 and 1.0 <= a["nodes_per_token"] <= 2.0
     assert four.stdout.count("done in") == 1  # rank 0 alone talks
     assert sorted(p.name for p in (tmp_path / "four").glob("dcp-*")) == ["dcp-00000002", "dcp-00000003"]
+    # the torchrun run continues in one process from its step-2 sharded checkpoint: step 3 as before
+    import shutil
+
+    shutil.rmtree(tmp_path / "four" / "dcp-00000003")
+    resumed = subprocess.run([sys.executable, "-m", "dsv3", "train", "--resume", str(tmp_path / "four")],
+                             capture_output=True, text=True, timeout=180, env=_env())
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = [r for r in read_jsonl(tmp_path / "four" / "metrics.jsonl") if "loss" in r][-1]
+    assert last["step"] == 3 and last["loss"] == pytest.approx(ref[2]["loss"], rel=1e-5)
+    assert (tmp_path / "four" / "dcp-00000003").is_dir()  # and keeps writing sharded checkpoints
 
 
 @pytest.mark.timeout(120)

@@ -168,7 +168,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     interrupted = False
 
     def checkpoint_now(at_step: int) -> str | None:
-        if distributed:
+        if distributed or hasattr(s.optimizer, "shards"):  # ZeRO-1: sharded checkpoints in any process count
             from dsv3.parallel.checkpoint import save_sharded
 
             return save_sharded(run_dir, at_step, model=model, optimizer=s.optimizer, ctx=ctx,

@@ -391,6 +391,24 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
             session.nonfinite = meta.get("nonfinite", 0)
             session.val_losses = [tuple(v) for v in meta.get("val_losses", [])]
         checkpoint = None
+    elif resume is not None and checkpoint is None:
+        from dsv3.parallel.checkpoint import latest_sharded, load_sharded
+
+        sharded = latest_sharded(run_dir)
+        if sharded is not None:  # a torchrun run continued in one process: ZeRO-1 with dp=1 (= AdamW)
+            from dsv3.parallel.world import ParallelContext
+            from dsv3.parallel.zero import ZeroAdamW
+
+            session.parallel = ParallelContext.single(device)
+            session.optimizer = ZeroAdamW(model, session.parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                          weight_decay=opt.weight_decay, eps=opt.eps,
+                                          moments_dtype=config.memory.optim_states)
+            meta = load_sharded(sharded, model=model, optimizer=session.optimizer, ctx=session.parallel)
+            session.checkpoint = sharded
+            session.step = meta["step"]
+            loader.load_state_dict(meta["loader"])
+            session.nonfinite = meta.get("nonfinite", 0)
+            session.val_losses = [tuple(v) for v in meta.get("val_losses", [])]
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint, model=model, optimizer=optimizer, ema=ema)
         session.step = state["step"]
