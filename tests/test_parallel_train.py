@@ -75,3 +75,21 @@ def test_bad_layout_fails_with_one_line_on_every_rank_before_writing(train_setup
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsv3: error:")]
     assert len(lines) == 2 and all("--ep 3 does not divide the data-parallel degree 2" in ln for ln in lines)
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_one_process_checkpoint_resumes_under_torchrun(train_setup, tmp_path):
+    import shutil
+
+    run = tmp_path / "one"
+    one = subprocess.run([sys.executable, "-m", "dsv3", *_args(train_setup, run), "--save-every", "2"],
+                         capture_output=True, text=True, timeout=180, env=_env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    ref = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    shutil.rmtree(run / "checkpoints" / "step-0000003")
+    two = _torchrun(2, ["train", "--resume", str(run), "--ep", "2"], timeout=200)
+    assert two.returncode == 0, two.stderr[-3000:]
+    last = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r][-1]
+    assert last["step"] == 3 and last["loss"] == pytest.approx(ref[2]["loss"], rel=1e-5)
+    assert (run / "dcp-00000003").is_dir()

@@ -232,6 +232,32 @@ class ZeroAdamW:
                     offset += view.numel()
 
     # ------------------------------------------------------------------ checkpoints
+    @torch.no_grad()
+    def import_unsharded(self, full_state: dict[str, dict], expert_offsets: dict[str, int]) -> None:
+        """Take this rank's chunks of an unsharded AdamW state (a one-process checkpoint).
+
+        Args:
+            full_state: ``{parameter name: {"step", "exp_avg", "exp_avg_sq"}}`` with whole tensors
+                (routed experts: all N_r experts).
+            expert_offsets: ``{parameter name: first global expert}`` of this rank's expert blocks.
+        Master weights are this optimizer's (taken from the already loaded parameters).
+        """
+        for s in self.shards:
+            st = full_state.get(s.name)
+            if s.master is None or not st:
+                continue
+            me = self.ctx.edp_rank if s.expert else self.ctx.dp_rank
+            start, end = s.bounds[me]
+            parts = {}
+            for kind in ("exp_avg", "exp_avg_sq"):
+                full = st[kind]
+                if s.expert:
+                    off = expert_offsets[s.name]
+                    full = full[off:off + s.param.shape[0]]
+                rows = full.shape[0] if full.dim() else 1
+                parts[kind] = full.reshape(rows, -1)[start:end].reshape(s.master.shape).to(self.inner.moments_dtype)
+            self.inner.state[s.master] = {"step": int(st["step"]), **{k: v.clone() for k, v in parts.items()}}
+
     def sharded_state(self) -> dict[str, dict[str, torch.Tensor | int]]:
         """This rank's chunks by global parameter name: ``{name: {"rows": (start, end), "master", "exp_avg",
         "exp_avg_sq", "step"}}`` (for sharded checkpoints)."""

@@ -328,6 +328,9 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     model = build_model(config, mcfg, device)
     model.train()
     distributed = parallel is not None and parallel.distributed
+    unsharded_state = None
+    if distributed and resume is not None and checkpoint is not None:
+        unsharded_state = _load_unsharded(checkpoint, model, config)
     if distributed:
         from dsv3.parallel.dispatch import shard_experts
 
@@ -380,10 +383,18 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
         from dsv3.parallel.checkpoint import latest_sharded, load_sharded
 
         sharded = latest_sharded(run_dir)
-        if sharded is None and checkpoint is not None:
-            raise ConfigError(f"{run_dir} holds only single-process checkpoints; resuming them under torchrun is "
-                              f"not supported yet, resume in one process")
-        checkpoint = session.checkpoint = sharded
+        if sharded is None and unsharded_state is not None:  # a one-process run continued under torchrun
+            from dsv3.model.moe import Experts
+
+            state, full_optim = unsharded_state
+            offsets = {f"{n}.{leaf}": m.expert_offset for n, m in model.named_modules() if isinstance(m, Experts)
+                       for leaf in ("gate_up_proj", "down_proj")}
+            optimizer.import_unsharded(full_optim, offsets)
+            session.step = state["step"]
+            loader.load_state_dict(state["loader"])
+            session.nonfinite = state["extra"].get("nonfinite", 0)
+            session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
+        checkpoint = session.checkpoint = sharded or checkpoint
         if sharded is not None:
             meta = load_sharded(sharded, model=model, optimizer=optimizer, ctx=parallel)
             session.step = meta["step"]
@@ -446,6 +457,19 @@ def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_di
     dist.broadcast_object_list(box, src=0)
     config.run.dir = box[0] or config.run.dir
     return parallel, box[0]
+
+
+def _load_unsharded(checkpoint: str, model, config: TrainConfig) -> tuple[dict, dict]:
+    """A one-process checkpoint read into the whole model (before expert sharding) with its AdamW state
+    by parameter name, for a run continued under torchrun. (The EMA restarts from the weights.)"""
+    from dsv3.train.optim import build_optimizer
+
+    opt = config.optimizer
+    full = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+                           eps=opt.eps, moments_dtype=config.memory.optim_states)
+    state = load_checkpoint_state(checkpoint, model=model, optimizer=full, ema=None)
+    by_name = {n: full.state[p] for n, p in model.named_parameters() if p in full.state}
+    return state, by_name
 
 
 def _dp_slice(session: "Session", batches: list[Batch]) -> list[Batch]:
