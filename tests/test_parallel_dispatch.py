@@ -40,7 +40,7 @@ def _round_trip(rank: int, world: int, fp8: bool):
         x = x.float()
     x.requires_grad_(True)
     w.requires_grad_(True)
-    disp = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, E, fp8=fp8)
+    disp = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, E, fp8=fp8, ranks_per_node=2)  # 2 ranks a "node"
     recv, counts, handle = disp.dispatch(x, idx, w)
     start, _ = ctx.expert_block(E)
     mats = _mats()[start:start + E // world].to(x.dtype)
@@ -49,7 +49,7 @@ def _round_trip(rank: int, world: int, fp8: bool):
     out.backward(torch.ones_like(out))
     dist.barrier()
     return {"out": out.detach(), "gx": x.grad, "gw": w.grad, "counts": counts.tolist(),
-            "bytes": disp.stats.bytes_sent, "ranks": disp.stats.ranks_reached, "rows": handle.n_recv,
+            "bytes": disp.stats.bytes_sent, "ranks": disp.stats.ranks_reached, "nodes": disp.stats.nodes_reached, "rows": handle.n_recv,
             "sent_rows": sum(handle.send_splits) - handle.send_splits[rank],
             "recv_rows": sum(handle.recv_splits) - handle.recv_splits[rank]}
 
@@ -83,6 +83,7 @@ def test_dispatch_combine_round_trip_with_uneven_and_empty_splits(world):
         torch.testing.assert_close(res["gw"], gw, rtol=1e-12, atol=1e-12)
         dests = [set((idx[t] // per).tolist()) for t in range(N)]
         assert res["ranks"] == sum(len(d) for d in dests)  # once per destination rank, not per expert
+        assert res["nodes"] == sum(len({r // 2 for r in d}) for d in dests)  # node-major: ranks 2i, 2i+1
         for t in range(N):
             for r in dests[t]:
                 received_rows[r] += 1

@@ -213,7 +213,9 @@ class AllToAllDispatcher:
         self.group, self.ep, self.ep_rank = group, ep, ep_rank
         self.n_experts, self.n_local = n_experts, n_experts // ep
         self.fp8 = fp8
-        self.ranks_per_node = ranks_per_node or ep
+        self.ranks_per_node = min(ranks_per_node or ep, ep)
+        if ep % self.ranks_per_node:
+            self.ranks_per_node = ep  # nodes not aligned with the group: count it as one
         self.stats = CommStats()
 
     # ------------------------------------------------------------------ dispatch
@@ -233,7 +235,7 @@ class AllToAllDispatcher:
             send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
             self.stats.tokens += n
             self.stats.ranks_reached += int(mask.sum())
-            nodes = mask.view(n, -1, min(self.ranks_per_node, self.ep)).any(dim=-1)
+            nodes = mask.view(n, -1, self.ranks_per_node).any(dim=-1)
             self.stats.nodes_reached += int(nodes.sum())
             here = dest.index_select(0, send_token) == rank_of_row.unsqueeze(1)  # [S, K] choices on that rank
             local_id = torch.where(here, topk_idx.index_select(0, send_token) - rank_of_row.unsqueeze(1) * self.n_local,
@@ -348,7 +350,7 @@ def shard_experts(model: torch.nn.Module, ctx, *, dispatcher: str = "auto", fp8:
             moe.dispatcher = DeepEPDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, moe.n_experts)
         else:
             moe.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, moe.n_experts, fp8=fp8,
-                                                ranks_per_node=ranks_per_node)
+                                                ranks_per_node=ranks_per_node or getattr(ctx, "ranks_per_node", None))
     return model
 
 

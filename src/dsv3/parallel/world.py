@@ -68,6 +68,7 @@ class ParallelContext:
         dp_group, ep_group, edp_group: process groups (``None`` for one process or degree 1
             where no communication is needed).
         timeout_s: the collective timeout of every group.
+        ranks_per_node: processes per node (torchrun's ``LOCAL_WORLD_SIZE``), to count the nodes a token reaches.
     """
 
     rank: int = 0
@@ -82,6 +83,7 @@ class ParallelContext:
     ep_group: object | None = None
     edp_group: object | None = None
     timeout_s: float = DEFAULT_TIMEOUT_S
+    ranks_per_node: int = 1
 
     @classmethod
     def single(cls, device: torch.device | str | None = None) -> "ParallelContext":
@@ -190,5 +192,5 @@ def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_e
         dp_group=dp_mesh.get_group() if dp > 1 else None,
         ep_group=mesh.get_group("ep") if ep > 1 else None,
         edp_group=mesh.get_group("edp") if edp > 1 else None,
-        timeout_s=timeout_s,
+        timeout_s=timeout_s, ranks_per_node=_env_int("LOCAL_WORLD_SIZE", world_size),
     )
