@@ -20,7 +20,7 @@ import sys
 from dsv3.errors import DsV3Error
 
 # Sub-command modules, in the order `dsv3 --help` lists them.
-COMMANDS = ("train", "generate", "plot", "plan", "memory", "eplb", "eval")
+COMMANDS = ("train", "generate", "plot", "plan", "memory", "eval", "eplb", "export")
 
 
 class Parser(argparse.ArgumentParser):

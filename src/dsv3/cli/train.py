@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def register(sub) -> None:
     from dsv3.cli.options import add_config_arguments
@@ -52,6 +54,8 @@ def run(args) -> int:
             if not launch_pipeline(config):  # ranks > 0 ran rank 0's steps and write nothing
                 return 0
         result = train(config)
+    if os.environ.get("RANK", "0") != "0":
+        return 130 if result.interrupted else 0  # under torchrun rank 0 alone reports
     if result.val_losses:
         first, last = result.val_losses[0], result.val_losses[-1]
         print(f"validation loss: {first[1]:.4f} at step {first[0]} -> {last[1]:.4f} at step {last[0]}")

@@ -80,22 +80,24 @@ class RecomputePolicy:
     name = "none"
 
     def block(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` [B, T, d] -> [B, T, d]: ``h = x + attention(x); h + ffn(h)`` (``attn_mask``: the document mask)."""
+              attn_mask: torch.Tensor | None = None, stats=None) -> torch.Tensor:
+        """``x`` [B, T, d] -> [B, T, d]: ``h = x + attention(x); h + ffn(h)`` (``attn_mask``: the document mask;
+        ``stats``: the forward's :class:`~dsv3.model.moe.RoutingStats`, recorded by layer key, so a
+        recomputation counts nothing twice)."""
         h = x + self.attention(layer, x, cos, sin, attn_mask=attn_mask)
-        return h + self.ffn(layer, h)
+        return h + self.ffn(layer, h, stats)
 
     def mtp(self, layer, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+            attn_mask: torch.Tensor | None = None, stats=None) -> torch.Tensor:
         """An MTP module (:class:`~dsv3.model.mtp.MTPLayer`): its input projection, then its block."""
-        return self.block(layer, layer.project_input(h_prev, emb), cos, sin, attn_mask=attn_mask)
+        return self.block(layer, layer.project_input(h_prev, emb), cos, sin, attn_mask=attn_mask, stats=stats)
 
     def attention(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         return layer.attention(x, cos, sin, attn_mask=attn_mask)
 
-    def ffn(self, layer: DecoderLayer, h: torch.Tensor) -> torch.Tensor:
-        return layer.ffn(h)
+    def ffn(self, layer: DecoderLayer, h: torch.Tensor, stats=None) -> torch.Tensor:
+        return layer.ffn(h, stats)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -113,12 +115,13 @@ class SelectiveRecompute(RecomputePolicy):
         return checkpoint(lambda q, kv: attn.attend(q, kv, cos, sin, attn_mask=attn_mask), q_latent, kv_latent,
                           use_reentrant=False, context_fn=_KEEP_ATTENTION)
 
-    def ffn(self, layer, h):
-        if caches_fp8(layer):
+    def ffn(self, layer, h, stats=None):
+        if caches_fp8(layer) or communicates(layer):
+            # (A distributed dispatcher: a recomputed region must never repeat an all-to-all.)
             # With the FP8 recipe the FFN keeps FP8 copies of its GEMM and SwiGLU inputs and recomputes
             # SwiGLU outputs already; a checkpointed region would store its full-precision GEMM outputs.
-            return layer.ffn(h)
-        return checkpoint(layer.ffn, h, use_reentrant=False, context_fn=_KEEP_MATMULS)
+            return layer.ffn(h, stats)
+        return checkpoint(functools.partial(layer.ffn, stats=stats), h, use_reentrant=False, context_fn=_KEEP_MATMULS)
 
 
 class FullRecompute(RecomputePolicy):
@@ -126,18 +129,31 @@ class FullRecompute(RecomputePolicy):
 
     name = "full"
 
-    def block(self, layer, x, cos, sin, attn_mask=None):
-        return checkpoint(_PLAIN.block, layer, x, cos, sin, attn_mask=attn_mask, use_reentrant=False)
+    def block(self, layer, x, cos, sin, attn_mask=None, stats=None):
+        if communicates(layer):  # recompute the attention branch only: never repeat an all-to-all
+            h = x + checkpoint(_PLAIN.attention, layer, x, cos, sin, attn_mask=attn_mask, use_reentrant=False)
+            return h + _PLAIN.ffn(layer, h, stats)
+        return checkpoint(_PLAIN.block, layer, x, cos, sin, attn_mask=attn_mask, stats=stats, use_reentrant=False)
 
-    def mtp(self, layer, h_prev, emb, cos, sin, attn_mask=None):
+    def mtp(self, layer, h_prev, emb, cos, sin, attn_mask=None, stats=None):
+        if communicates(layer):
+            return self.block(layer, layer.project_input(h_prev, emb), cos, sin, attn_mask=attn_mask, stats=stats)
         # The whole MTP module, its norms and eh_proj included, keeps only its two inputs.
-        return checkpoint(_PLAIN.mtp, layer, h_prev, emb, cos, sin, attn_mask=attn_mask, use_reentrant=False)
+        return checkpoint(_PLAIN.mtp, layer, h_prev, emb, cos, sin, attn_mask=attn_mask, stats=stats,
+                          use_reentrant=False)
 
 
 _PLAIN = RecomputePolicy()
 
 
 _POLICY_CLASSES = {"none": None, "selective": SelectiveRecompute, "full": FullRecompute}
+
+
+def communicates(layer: DecoderLayer) -> bool:
+    """Whether the block's MoE exchanges tokens with other ranks (expert parallelism): its FFN is then
+    kept out of recomputed regions, so that backward never repeats a dispatch or combine."""
+    dispatcher = getattr(layer.mlp, "dispatcher", None)
+    return dispatcher is not None and getattr(dispatcher, "group", None) is not None
 
 
 def caches_fp8(layer: DecoderLayer) -> bool:

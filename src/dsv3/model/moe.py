@@ -11,6 +11,11 @@ bias b_i (``e_score_correction_bias``) only ranks; it never enters g.
 DeepSeek-V2-style configs (``scoring_func`` softmax, ``topk_method`` greedy or
 group_limited_greedy, groups ranked by their max score) are supported too.
 
+Token movement goes through a dispatcher object (``MoE.dispatcher``, DeepEP-shaped:
+``dispatch(x, topk_idx, topk_weights) -> (recv_x, counts, handle)``, ``combine(y, handle)``);
+:class:`LocalDispatcher` is the single-process one. Per-forward loads and balance losses
+are recorded into a :class:`RoutingStats` passed down the forward, never stored on modules.
+
 Load balancing: the auxiliary-loss-free bias update (:meth:`MoE.update_bias`,
 b_i += gamma * sign(mean load - load_i) once per optimizer step over the loads of
 all of that step's micro-batches) and the complementary sequence-wise balance
@@ -108,11 +113,13 @@ class Experts(nn.Module):
 
     Parameters: ``gate_up_proj`` [N_r, 2I, d] (gate rows first, then up) and
     ``down_proj`` [N_r, d, I]. ``mm`` (grouped GEMM) and ``act`` (SwiGLU) are
-    swappable callables.
+    swappable callables. Under expert parallelism a rank holds the contiguous block of
+    global experts ``expert_offset .. expert_offset + n_experts - 1``.
     """
 
-    def __init__(self, n_experts: int, dim: int, inter_dim: int) -> None:
+    def __init__(self, n_experts: int, dim: int, inter_dim: int, expert_offset: int = 0) -> None:
         super().__init__()
+        self.expert_offset = expert_offset
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.mm = grouped_mm
@@ -145,17 +152,94 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
     return alpha * (f * p).sum(dim=-1).mean()
 
 
+class DispatchHandle:
+    """What :meth:`LocalDispatcher.dispatch` hands to :meth:`LocalDispatcher.combine`.
+
+    Attributes:
+        token: [M] int64 source token of each dispatched row (rows sorted by expert).
+        n_tokens: N, the number of source tokens.
+        recv_weights: [M, 1] gate value g of each dispatched row (with gradient).
+    """
+
+    __slots__ = ("token", "n_tokens", "recv_weights")
+
+    def __init__(self, token: torch.Tensor, n_tokens: int, recv_weights: torch.Tensor) -> None:
+        self.token, self.n_tokens, self.recv_weights = token, n_tokens, recv_weights
+
+
+class LocalDispatcher:
+    """The single-process token dispatcher: every expert is local (DeepEP-shaped interface).
+
+    ``dispatch(x, topk_idx, topk_weights) -> (recv_x, counts, handle)`` copies each token once
+    per selected expert, rows sorted by expert; ``combine(y, handle)`` sums the (already
+    gate-scaled) expert outputs back into their tokens. The distributed backends
+    (:mod:`dsv3.parallel.dispatch`) have the same interface plus start/wait halves.
+    """
+
+    def __init__(self, n_experts: int) -> None:
+        self.n_experts = n_experts
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
+        """``x`` [N, d], ``topk_idx`` [N, K] (global expert ids), ``topk_weights`` [N, K] (g).
+
+        Returns:
+            recv_x [M, d] (M = N*K rows sorted by expert), counts [E] int64 rows per expert,
+            and a :class:`DispatchHandle`.
+        """
+        top_k = topk_idx.shape[-1]
+        with torch.no_grad():
+            flat_idx = topk_idx.reshape(-1)
+            counts = torch.bincount(flat_idx, minlength=self.n_experts)
+            order = flat_idx.argsort(stable=True)  # dispatch order: grouped by expert
+            token = order // top_k
+        # index_select, not x[token]: its backward (index_add) is deterministic on CPU, while
+        # advanced indexing accumulates the duplicated rows in a thread-dependent order.
+        recv_weights = topk_weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # g of each row
+        return x.index_select(0, token), counts, DispatchHandle(token, x.shape[0], recv_weights)
+
+    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
+        """Expert outputs ``y`` [M, d] (rows as dispatched) -> per-token sums [N, d]."""
+        return combine(y, handle.token, handle.n_tokens)
+
+
+class RoutingStats:
+    """Per-forward MoE statistics, passed down the forward instead of stored on modules.
+
+    Each MoE layer records, under its layer index, the tokens routed to each expert
+    (``load`` [N_r] int64) and its sequence-wise balance loss (a scalar with gradient, or
+    None). Recording is by key, so a recomputed forward (activation checkpointing) that
+    records the same layer again counts its tokens once.
+    """
+
+    def __init__(self) -> None:
+        self.load: dict[int, torch.Tensor] = {}
+        self.balance: dict[int, torch.Tensor] = {}
+
+    def record(self, layer_idx: int, load: torch.Tensor, balance: torch.Tensor | None) -> None:
+        self.load[layer_idx] = load
+        if balance is not None:
+            self.balance[layer_idx] = balance
+        else:
+            self.balance.pop(layer_idx, None)
+
+
 class MoE(nn.Module):
     """A DeepSeekMoE feed-forward layer: ``gate`` (router), ``experts`` (routed), ``shared_experts``.
 
-    After each forward, ``last_load`` [N_r] (int64) holds how many tokens each routed
-    expert received and, in training with alpha > 0, ``last_balance_loss`` holds the
-    sequence-wise balance loss (a scalar with gradient). The model collects both.
+    Args:
+        config: the model configuration.
+        layer_idx: the block's index (the key of its statistics in :class:`RoutingStats`).
+
+    ``dispatcher`` is a swappable object (:class:`LocalDispatcher` by default; expert
+    parallelism installs a distributed one and keeps only the local experts in ``experts``).
+    When a :class:`RoutingStats` is passed to :meth:`forward`, the layer records its expert
+    loads and (in training with alpha > 0) its balance loss there.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.n_experts = config.n_routed_experts
+        self.layer_idx = layer_idx
         self.gate = Router(config)
         self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
         self.shared_experts = (
@@ -164,35 +248,27 @@ class MoE(nn.Module):
             else None
         )
         self.seq_aux_alpha = config.seq_aux_alpha
-        self.last_load: torch.Tensor | None = None
-        self.last_balance_loss: torch.Tensor | None = None
+        self.dispatcher = LocalDispatcher(config.n_routed_experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: RoutingStats | None = None) -> torch.Tensor:
         """``x`` [B, T, d] -> [B, T, d]."""
         bsz, seqlen, dim = x.shape
         flat = x.reshape(-1, dim)
         weights, indices, scores = self.gate(flat)
-        top_k = indices.shape[-1]
-        with torch.no_grad():
-            flat_idx = indices.reshape(-1)
-            load = torch.bincount(flat_idx, minlength=self.n_experts)
-            order = flat_idx.argsort(stable=True)  # dispatch order: grouped by expert
-            token = order // top_k
-            offs = load.cumsum(0).to(torch.int32)
-        # index_select, not flat[token]: its backward (index_add) is deterministic on CPU, while
-        # advanced indexing accumulates the duplicated rows in a thread-dependent order.
-        gates = weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # g of each dispatched row
-        routed = self.experts(flat.index_select(0, token), offs, gates)  # [N*K_r, d], already scaled by g
-        out = combine(routed, token, flat.shape[0])
+        recv_x, counts, handle = self.dispatcher.dispatch(flat, indices, weights)
+        offs = counts.cumsum(0).to(torch.int32)
+        routed = self.experts(recv_x, offs, handle.recv_weights)  # [M, d], already scaled by g
+        out = self.dispatcher.combine(routed, handle)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        self.last_load = load
-        if self.training and self.seq_aux_alpha > 0:
-            self.last_balance_loss = sequence_balance_loss(
-                scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1), self.seq_aux_alpha
-            )
-        else:
-            self.last_balance_loss = None
+        if stats is not None:
+            with torch.no_grad():
+                load = torch.bincount(indices.reshape(-1), minlength=self.n_experts)
+            balance = None
+            if self.training and self.seq_aux_alpha > 0:
+                balance = sequence_balance_loss(scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1),
+                                                self.seq_aux_alpha)
+            stats.record(self.layer_idx, load, balance)
         return out.view(bsz, seqlen, dim)
 
     @torch.no_grad()

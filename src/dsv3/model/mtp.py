@@ -49,17 +49,19 @@ class MTPLayer(DecoderLayer):
 
     def forward(self, h_prev: torch.Tensor, emb: torch.Tensor,  # type: ignore[override]
                 cos: torch.Tensor, sin: torch.Tensor, cache=None, start_pos: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, stats=None) -> torch.Tensor:
         """``h_prev`` = h^{k-1}_{1:T-k} and ``emb`` = Emb(t_{k+1:T}), both [B, T-k, d]; returns h^k [B, T-k, d].
 
         With a :class:`~dsv3.model.mla.LatentKVCache` holding slot ``num_hidden_layers + k - 1``
         (speculative decoding), the block attends over its cached earlier positions; ``start_pos``
         is the position of ``h_prev[:, 0]``. ``attn_mask``: the document mask of positions 1..T-k
-        of packed sequences (training path, see :meth:`MLA.forward`).
+        of packed sequences (training path, see :meth:`MLA.forward`). ``stats``: an optional
+        :class:`~dsv3.model.moe.RoutingStats` the MoE block records into.
         """
         if self.recompute is not None and cache is None and torch.is_grad_enabled():
-            return self.recompute.mtp(self, h_prev, emb, cos, sin, attn_mask=attn_mask)
-        return super().forward(self.project_input(h_prev, emb), cos, sin, cache, start_pos, attn_mask=attn_mask)
+            return self.recompute.mtp(self, h_prev, emb, cos, sin, attn_mask=attn_mask, stats=stats)
+        return super().forward(self.project_input(h_prev, emb), cos, sin, cache, start_pos, attn_mask=attn_mask,
+                               stats=stats)
 
     def project_input(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """h'^k = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]: two [B, T-k, d] -> [B, T-k, d]."""

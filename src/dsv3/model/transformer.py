@@ -11,6 +11,7 @@ Training objective (report 2.2, 2.1.2):
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ from dsv3.config import ModelConfig
 from dsv3.model.block import DecoderLayer
 from dsv3.model.loss import IGNORE_INDEX, fused_linear_cross_entropy
 from dsv3.model.mla import LatentKVCache, document_mask
-from dsv3.model.moe import MoE, Experts, Router
+from dsv3.model.moe import MoE, Experts, Router, RoutingStats
 from dsv3.model.mtp import MTPLayer
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import RotaryEmbedding
@@ -49,6 +50,19 @@ class CausalLMOutput:
     balance_loss: torch.Tensor | None = None
     expert_load: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+
+
+def init_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator seeded from ``(seed, name)`` (a stable hash: the same on every process)."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _normal_(t: torch.Tensor, std: float, seed: int, name: str) -> None:
+    """Fill ``t`` with Normal(0, std) drawn (in FP32, on the CPU) from ``init_generator(seed, name)``."""
+    if t.is_meta:
+        return
+    t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=init_generator(seed, name)))
 
 
 class DeepseekV3Model(nn.Module):
@@ -82,21 +96,35 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     # ----------------------------------------------------------------- set-up
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, initializer_range) for projections, embeddings, router and experts; ones for norms."""
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for projections, embeddings, router and experts; ones for norms.
+
+        Every parameter draws from its own generator seeded from ``(seed, its global name)``,
+        and each routed expert from ``(seed, name, global expert index)``, so a process that
+        builds only some layers or only its block of experts (expert parallelism) gets exactly
+        the values one process building the whole model would get. ``seed`` defaults to a
+        number drawn from torch's global generator (so ``torch.manual_seed`` still decides
+        the model); it is kept as ``init_seed``.
+        """
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
+        self.init_seed = int(seed)
         std = self.config.initializer_range
-        for module in self.modules():
+        for name, module in self.named_modules():
+            prefix = f"{name}." if name else ""
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                _normal_(module.weight, std, seed, prefix + "weight")
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, Router):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                _normal_(module.weight, std, seed, prefix + "weight")
                 if module.e_score_correction_bias is not None:
                     module.e_score_correction_bias.zero_()
             elif isinstance(module, Experts):
-                nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
-                nn.init.normal_(module.down_proj, mean=0.0, std=std)
+                for i in range(module.gate_up_proj.shape[0]):
+                    e = module.expert_offset + i
+                    _normal_(module.gate_up_proj[i], std, seed, f"{prefix}gate_up_proj.{e}")
+                    _normal_(module.down_proj[i], std, seed, f"{prefix}down_proj.{e}")
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -188,9 +216,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         else:
             cos, sin = self.model.rotary_emb(position_ids)  # [B, T, d_h^R/2]
         attn_mask = document_mask(segment_ids) if segment_ids is not None else None
+        stats = RoutingStats()
         h = emb
         for layer in self.model.layers:
-            h = layer(h, cos, sin, cache, start_pos, attn_mask=attn_mask)
+            h = layer(h, cos, sin, cache, start_pos, attn_mask=attn_mask, stats=stats)
         h_norm = self.model.norm(h)
         if return_logits is None:
             return_logits = labels is None
@@ -199,18 +228,29 @@ class DeepseekV3ForCausalLM(nn.Module):
             return out
 
         lm_loss = self._head_loss(h_norm, labels)
-        mtp_loss = self._mtp_loss(h, emb, labels, cos, sin, segment_ids)
-        moes = self.moe_layers()
-        balance = [m.last_balance_loss for m in moes if m.last_balance_loss is not None]
-        balance_loss = torch.stack(balance).sum() if balance else lm_loss.new_zeros(())
+        mtp_loss = self._mtp_loss(h, emb, labels, cos, sin, segment_ids, stats)
+        balance_loss, out.expert_load = self.collect_stats(stats, lm_loss)
         out.lm_loss, out.mtp_loss, out.balance_loss = lm_loss, mtp_loss, balance_loss
         out.loss = lm_loss + mtp_loss + balance_loss
-        if moes:
-            out.expert_load = torch.stack([m.last_load for m in moes])
         return out
 
+    def collect_stats(self, stats: RoutingStats, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The summed balance loss (a scalar with gradient) and ``expert_load`` [n_moe_layers, N_r].
+
+        Layers that recorded nothing (an MTP module skipped on a too-short sequence) get zero loads.
+        """
+        balance = [stats.balance[k] for k in sorted(stats.balance)]
+        balance_loss = torch.stack(balance).sum() if balance else like.new_zeros(())
+        moes = self.moe_layers()
+        if not moes:
+            return balance_loss, None
+        load = torch.stack([stats.load[m.layer_idx] if m.layer_idx in stats.load
+                            else torch.zeros(m.n_experts, dtype=torch.long, device=like.device) for m in moes])
+        return balance_loss, load
+
     def _mtp_loss(self, h: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                  cos: torch.Tensor, sin: torch.Tensor, segment_ids: torch.Tensor | None = None,
+                  stats: RoutingStats | None = None) -> torch.Tensor:
         """lambda/D * sum_k L^k: depth k at position i predicts t_{i+k+1} = labels[:, i+k-1].
 
         With ``segment_ids`` a target from another document than position i is ignored.
@@ -218,10 +258,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         depth = len(self.mtp)
         seqlen = h.shape[1]
         if depth == 0 or seqlen <= depth:
-            for layer in self.mtp:  # keep the MoE bookkeeping consistent when MTP is skipped
-                if isinstance(layer.mlp, MoE):
-                    layer.mlp.last_balance_loss = None
-                    layer.mlp.last_load = torch.zeros(layer.mlp.n_experts, dtype=torch.long, device=h.device)
             return h.new_zeros((), dtype=torch.float32)
         losses = []
         h_prev = h
@@ -231,7 +267,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             if segment_ids is not None:
                 mask = document_mask(segment_ids[:, :n])
                 target = target.masked_fill(segment_ids[:, :n] != segment_ids[:, k:], IGNORE_INDEX)
-            h_prev = layer(h_prev[:, :n], emb[:, k:], cos[:, :n], sin[:, :n], attn_mask=mask)
+            h_prev = layer(h_prev[:, :n], emb[:, k:], cos[:, :n], sin[:, :n], attn_mask=mask, stats=stats)
             losses.append(self._head_loss(layer.shared_head.norm(h_prev), target))
         return self.config.mtp_loss_weight / depth * torch.stack(losses).sum()
 

@@ -102,6 +102,37 @@ class _StopFlag:
 
 
 # ----------------------------------------------------------------------------- the loop
+def _quiet(*_args, **_kwargs) -> None:
+    """The console of ranks other than 0."""
+
+
+class _NullMetrics:
+    """Metrics of ranks other than 0: nothing is written."""
+
+    def log(self, record) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _parallel_metrics(s: Session, record: dict[str, Any]) -> dict[str, Any]:
+    """Per-step distributed metrics, the same on every rank: all-to-all bytes sent by the busiest rank,
+    mean nodes (and ranks) a token reached, and the peak memory of the busiest rank."""
+    import torch.distributed as dist
+
+    from dsv3.parallel.dispatch import comm_stats
+
+    c = comm_stats(s.model)
+    local = torch.tensor([float(c.bytes_sent), record.get("peak_memory_gib", 0.0)], dtype=torch.float64)
+    dist.all_reduce(local, op=dist.ReduceOp.MAX)
+    counts = torch.tensor([float(c.tokens), float(c.nodes_reached), float(c.ranks_reached)], dtype=torch.float64)
+    dist.all_reduce(counts)
+    tokens = max(counts[0].item(), 1.0)
+    return {"a2a_bytes_per_rank": local[0].item(), "peak_memory_gib": local[1].item(),
+            "nodes_per_token": counts[1].item() / tokens, "ranks_per_token": counts[2].item() / tokens}
+
+
 def train(config: TrainConfig | None, *, resume: str | None = None, overrides: dict[str, Any] | None = None,
           log: Callable[[str], None] = print, step_hook: Callable[[int], None] | None = None) -> TrainResult:
     """Train according to ``config`` (or continue the run directory ``resume``).
@@ -124,6 +155,10 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
 
         start_pipeline(s)
     config, run_dir, model = s.config, s.run_dir, s.model
+    ctx = s.parallel
+    distributed = ctx is not None and ctx.distributed
+    if distributed and not ctx.is_main:  # rank 0 alone writes metrics, progress and the console
+        log = _quiet
     if s.checkpoint is not None:
         log(f"resumed {run_dir} from {os.path.basename(s.checkpoint)} (step {s.step})")
     elif resume is not None:
@@ -134,12 +169,23 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     # over the device's peak for the parameter dtype.
     flops_per_token = training_flops_per_token(s.mcfg, config.data.seq_len)
     peak_flops, _ = device_peak_flops(s.device, getattr(torch, config.precision.dtype))
-    metrics = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, start_step=s.step)
-    progress = ProgressBar(config.schedule.steps, initial=s.step, mode="auto" if config.logging.progress else "off")
+    main = not distributed or ctx.is_main
+    metrics = (MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, start_step=s.step) if main
+               else _NullMetrics())
+    progress = ProgressBar(config.schedule.steps, initial=s.step,
+                           mode="auto" if config.logging.progress and main else "off")
+    if distributed:
+        log(f"parallel: {ctx.describe()}; sharded (DCP) checkpoints, EMA not saved in them yet")
     last_ckpt = s.checkpoint
     interrupted = False
 
-    def checkpoint_now(at_step: int) -> str:
+    def checkpoint_now(at_step: int) -> str | None:
+        if distributed or hasattr(s.optimizer, "shards"):  # ZeRO-1: sharded checkpoints in any process count
+            from dsv3.parallel.checkpoint import save_sharded
+
+            return save_sharded(run_dir, at_step, model=model, optimizer=s.optimizer, ctx=ctx,
+                                extra={"loader": s.prefetcher.state_after, "nonfinite": s.nonfinite,
+                                       "val_losses": s.val_losses}, keep_last=config.checkpoint.keep_last)
         return save_checkpoint(run_dir, at_step, model=model, optimizer=s.optimizer,
                                loader_state=s.prefetcher.state_after, tokenizer=s.tokenizer, ema=s.ema,
                                keep_last=config.checkpoint.keep_last,
@@ -186,6 +232,8 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                               tokens=s.prefetcher.sequences_after * config.data.seq_len,
                               loss_tokens=stats.loss_tokens, tflops=achieved / 1e12, mfu=achieved / peak_flops,
                               maxvio=maxvio(stats.load) if stats.load is not None else 0.0, **peak_memory(s.device))
+                if distributed:
+                    record.update(_parallel_metrics(s, record))
                 if stats.load is not None and (s.step % config.logging.load_every == 0 or s.step == 1):
                     record["expert_load"] = stats.load.tolist()
                 last = s.step == config.schedule.steps
@@ -210,9 +258,11 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
         progress.close()
         metrics.close()
         s.close()
+        if distributed:
+            ctx.destroy()
 
     sample = None
-    if s.tokenizer is not None and not interrupted and config.logging.sample_tokens > 0:
+    if not distributed and s.tokenizer is not None and not interrupted and config.logging.sample_tokens > 0:
         from dsv3.infer.generate import generate_text
         from dsv3.train.tokenizer import eos_token_id
 

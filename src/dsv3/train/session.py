@@ -322,7 +322,8 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
     """
     from dsv3.train.rundir import LOCK_FILE, RunLock
 
-    owner = getattr(parallel, "rank", 0) == 0  # rank 0 holds the run's lock for all ranks
+    # rank 0 holds the run's lock for all ranks (under torchrun the context is made later: read its env)
+    owner = (parallel.rank if parallel is not None else int(os.environ.get("RANK", "0") or 0)) == 0
     lock = RunLock("", enabled=owner)  # not held until a run directory is known
     if resume is not None and write:
         lock.run_dir = prepare_run_dir(config, resume)
@@ -366,6 +367,9 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
                  dtype=config.precision.dtype, optim_states=m.optim_states, recompute=m.recompute,
                  fp8=config.precision.fp8, ema=bool(m.ema_decay))  # the planner's estimate, before any allocation
 
+    # --- the parallel layout (under torchrun): checked on every rank before anything is written
+    parallel, run_dir = _join_parallel(config, mcfg, parallel, run_dir)
+
     # --- tokenizer and data (checked before anything is written, so bad input leaves no run behind)
     tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir)
     if tokenizer is not None and tokenizer.get_vocab_size() > mcfg.vocab_size:
@@ -378,6 +382,16 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     # --- the model (an --init-from checkpoint is checked here, before anything is written)
     model = build_model(config, mcfg, device)
     model.train()
+    distributed = parallel is not None and parallel.distributed
+    unsharded_state = None
+    if distributed:
+        from dsv3.parallel.dispatch import shard_experts
+
+        if resume is not None:  # a one-process checkpoint continued under torchrun: loaded before sharding
+            single = latest_checkpoint(run_dir, hashes=True)
+            if single is not None:
+                unsharded_state = _load_unsharded(single, model, config)
+        shard_experts(model, parallel, dispatcher=config.parallel.dispatcher, fp8=config.precision.fp8)
 
     # --- optimizer, schedules, data order (built before anything is written: a bad value leaves no run behind)
     from dsv3.memory.ema import CPUEMA
@@ -385,8 +399,14 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     from dsv3.train.schedule import BatchRamp, LRSchedule
 
     opt, sched = config.optimizer, config.schedule
-    optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
-                                eps=opt.eps, moments_dtype=config.memory.optim_states)
+    if distributed:
+        from dsv3.parallel.zero import ZeroAdamW
+
+        optimizer = ZeroAdamW(model, parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+                              eps=opt.eps, moments_dtype=config.memory.optim_states)
+    else:
+        optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+                                    eps=opt.eps, moments_dtype=config.memory.optim_states)
     decay_start = int(sched.decay_start * sched.steps)
     decay_steps = int(sched.decay_end * sched.steps) - decay_start
     schedule = LRSchedule(peak_lr=opt.lr, warmup_steps=min(sched.warmup_steps, decay_start),
@@ -402,7 +422,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
 
     # --- the run directory (only now that the input is known to be good): lock, clean, config, tokenizer
     checkpoint = None
-    if write:
+    if write and (parallel is None or parallel.is_main):  # rank 0 alone writes the run directory
         if resume is None:
             try:
                 os.makedirs(run_dir, exist_ok=True)
@@ -440,6 +460,47 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
                       prefetcher=None,  # type: ignore[arg-type]  (set below, after the loader is restored)
                       parallel=parallel, checkpoint=checkpoint, lambda_early=mcfg.mtp_loss_weight,
                       gamma_early=mcfg.bias_update_speed, lock=lock if lock.held else None)
+    if distributed and resume is not None:
+        from dsv3.parallel.checkpoint import latest_sharded, load_sharded
+
+        sharded = latest_sharded(run_dir)
+        if sharded is None and unsharded_state is not None:  # a one-process run continued under torchrun
+            from dsv3.model.moe import Experts
+
+            state, full_optim = unsharded_state
+            offsets = {f"{n}.{leaf}": m.expert_offset for n, m in model.named_modules() if isinstance(m, Experts)
+                       for leaf in ("gate_up_proj", "down_proj")}
+            optimizer.import_unsharded(full_optim, offsets)
+            session.step = state["step"]
+            loader.load_state_dict(state["loader"])
+            session.nonfinite = state["extra"].get("nonfinite", 0)
+            session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
+        checkpoint = session.checkpoint = sharded or checkpoint
+        if sharded is not None:
+            meta = load_sharded(sharded, model=model, optimizer=optimizer, ctx=parallel)
+            session.step = meta["step"]
+            loader.load_state_dict(meta["loader"])
+            session.nonfinite = meta.get("nonfinite", 0)
+            session.val_losses = [tuple(v) for v in meta.get("val_losses", [])]
+        checkpoint = None
+    elif resume is not None and checkpoint is None:
+        from dsv3.parallel.checkpoint import latest_sharded, load_sharded
+
+        sharded = latest_sharded(run_dir)
+        if sharded is not None:  # a torchrun run continued in one process: ZeRO-1 with dp=1 (= AdamW)
+            from dsv3.parallel.world import ParallelContext
+            from dsv3.parallel.zero import ZeroAdamW
+
+            session.parallel = ParallelContext.single(device)
+            session.optimizer = ZeroAdamW(model, session.parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2),
+                                          weight_decay=opt.weight_decay, eps=opt.eps,
+                                          moments_dtype=config.memory.optim_states)
+            meta = load_sharded(sharded, model=model, optimizer=session.optimizer, ctx=session.parallel)
+            session.checkpoint = sharded
+            session.step = meta["step"]
+            loader.load_state_dict(meta["loader"])
+            session.nonfinite = meta.get("nonfinite", 0)
+            session.val_losses = [tuple(v) for v in meta.get("val_losses", [])]
     if checkpoint is not None:
         state = load_checkpoint_state(checkpoint, model=model, optimizer=optimizer, ema=ema)
         session.step = state["step"]
@@ -448,6 +509,58 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
         session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
     session.prefetcher = BatchPrefetcher(loader, config.data.micro_batch, device, background=prefetch)
     return session
+
+
+def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: str) -> tuple[Any, str]:
+    """Join the torchrun world (when launched by it and no context is given) and agree on the run directory.
+
+    The layout is checked before any process group exists (a bad one fails alike on every rank);
+    rank 0's run directory name is used by all (a default name carries a timestamp).
+    """
+    if config.parallel.pp > 1:  # the pipeline launcher owns its process groups (dsv3.parallel.pipeline.train)
+        return parallel, run_dir
+    if parallel is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from dsv3.parallel.world import init_parallel
+
+        p = config.parallel
+        parallel = init_parallel(p.pp, p.dp, p.ep, n_routed_experts=mcfg.n_routed_experts,
+                                 device=None if p.device == "auto" else p.device)
+    if parallel is None or not parallel.distributed:
+        return parallel, run_dir
+    d = config.data
+    n_micro = d.global_batch // d.micro_batch
+    if n_micro % parallel.dp:
+        raise ConfigError(f"global_batch / micro_batch = {n_micro} micro-batches cannot be split over dp "
+                          f"{parallel.dp} ranks; make global_batch a multiple of micro_batch * dp")
+    if config.schedule.batch_ramp_start is not None:
+        raise ConfigError("the batch-size ramp is not supported under torchrun yet; drop --batch-ramp-start")
+    import torch.distributed as dist
+
+    box = [run_dir]
+    dist.broadcast_object_list(box, src=0)
+    config.run.dir = box[0] or config.run.dir
+    return parallel, box[0]
+
+
+def _load_unsharded(checkpoint: str, model, config: TrainConfig) -> tuple[dict, dict]:
+    """A one-process checkpoint read into the whole model (before expert sharding) with its AdamW state
+    by parameter name, for a run continued under torchrun. (The EMA restarts from the weights.)"""
+    from dsv3.train.optim import build_optimizer
+
+    opt = config.optimizer
+    full = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
+                           eps=opt.eps, moments_dtype=config.memory.optim_states)
+    state = load_checkpoint_state(checkpoint, model=model, optimizer=full, ema=None)
+    by_name = {n: full.state[p] for n, p in model.named_parameters() if p in full.state}
+    return state, by_name
+
+
+def _dp_slice(session: "Session", batches: list[Batch]) -> list[Batch]:
+    """This data-parallel rank's micro-batches: every dp-th of the global batch's (a disjoint part)."""
+    ctx = session.parallel
+    if ctx is None or not ctx.distributed or ctx.dp == 1:
+        return batches
+    return batches[ctx.dp_rank::ctx.dp]
 
 
 # ----------------------------------------------------------------------------- one step
@@ -487,6 +600,9 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
     from dsv3.train.optim import clip_grad_norm
     from dsv3.train.sft import split_batch
 
+    ctx = session.parallel
+    distributed = ctx is not None and ctx.distributed
+    batches = _dp_slice(session, batches)
     model, n_micro = session.model, len(batches)
     gamma = session.mcfg.bias_update_speed if gamma is None else gamma
     if session.pipeline is not None:  # pipeline parallelism: the schedule runs the micro-batches
@@ -513,13 +629,30 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
         sums[4] += (labels != -100).sum()
         if out.expert_load is not None:
             load = out.expert_load if load is None else load + out.expert_load
-    grad_norm = clip_grad_norm(session.params, session.config.optimizer.grad_clip)
+    if distributed:  # global sums over the dp ranks, ZeRO-1 gradient reduction and norm (same on every rank)
+        from dsv3.parallel.zero import all_mean, sync_loads
+
+        sums = all_mean(sums, ctx)
+        sums[4] *= ctx.dp
+        if load is not None:
+            load = sync_loads(load, ctx)
+        session.optimizer.reduce_gradients()
+        grad_norm = session.optimizer.grad_norm()
+    else:
+        grad_norm = clip_grad_norm(session.params, session.config.optimizer.grad_clip)
     host = torch.cat([sums, grad_norm.detach().double().reshape(1).to(sums.device)]).tolist()  # the one sync
     loss, lm_loss, mtp_loss, balance_loss, loss_tokens, norm = host
-    tokens = sum(ids.numel() for ids, _, _ in split)
+    tokens = sum(ids.numel() for ids, _, _ in split) * (ctx.dp if distributed else 1)
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     if skipped:
         session.optimizer.zero_grad(set_to_none=True)
+    elif distributed:
+        session.optimizer.step(session.config.optimizer.grad_clip, reduce=False, norm=grad_norm)
+        session.optimizer.zero_grad(set_to_none=True)
+        if load is not None:
+            model.update_router_bias(load, gamma)
+        if session.ema is not None:
+            session.ema.update()
     else:
         session.optimizer.step()
         session.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,24 @@
+"""``dsv3 export CHECKPOINT OUT_DIR``: a sharded (torchrun) checkpoint as a Hugging Face directory."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write a sharded checkpoint as a Hugging Face safetensors directory",
+        description="Gather a sharded (DCP) training checkpoint, written in any parallel layout, into the "
+        "Hugging Face DeepSeek-V3 safetensors directory that transformers and dsv3 load.",
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a dcp-* checkpoint directory, or a run directory")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face directory to write")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv3.parallel.checkpoint import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out_dir))
+    return 0

@@ -1,0 +1,232 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP) under global names.
+
+Every rank writes its part in parallel; a checkpoint is a directory ``dcp-{step:08d}`` written
+as ``dcp-{step:08d}.tmp`` and renamed by rank 0 once every rank has finished and ``meta.json``
+(step, data position, counters) is in place, so a checkpoint is complete or ignored.
+
+Keys are global, so a checkpoint loads into any layout (``ep`` 4 -> 2 -> 1 process):
+
+* ``model/{name}`` for dense parameters and buffers (router biases included), replicated
+  tensors written once (DCP de-duplicates them);
+* ``model/{module}.experts.{e}.{gate_up_proj|down_proj}`` per routed expert, ``e`` its global
+  index, written by the rank that holds it;
+* ``optim/{param key}/{master|exp_avg|exp_avg_sq}`` the ZeRO-1 state gathered to whole tensors
+  per key (so a reader with another dp/edp cuts its own chunks), and ``optim/step``.
+
+(Gathering the optimizer state to whole tensors costs one parameter's worth of memory per key at
+a time; the V3-scale path would save ``DTensor`` chunks instead. The EMA is not saved yet.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from dsv3.errors import CheckpointError
+from dsv3.model.moe import Experts
+
+_NAME = re.compile(r"^dcp-(\d{8})$")
+META = "meta.json"
+
+
+def _expert_modules(model) -> dict[str, Experts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, Experts)}
+
+
+def _param_keys(model) -> list[tuple[str, torch.Tensor, int | None]]:
+    """(global key, tensor, row in the local expert block or None) for every model tensor."""
+    experts = _expert_modules(model)
+    out = []
+    for name, t in model.state_dict(keep_vars=True).items():
+        mod, _, leaf = name.rpartition(".")
+        if mod in experts:
+            m = experts[mod]
+            for i in range(t.shape[0]):
+                out.append((f"{mod}.{m.expert_offset + i}.{leaf}", t, i))
+        else:
+            out.append((name, t, None))
+    return out
+
+
+def _gather_rows(chunk: torch.Tensor | None, full_like: torch.Tensor, bounds, me: int, n: int, group) -> torch.Tensor:
+    """Whole tensor from per-rank dim-0 chunks (``bounds`` per rank of ``group``)."""
+    rows = full_like.shape[0] if full_like.dim() else 1
+    width = full_like.numel() // rows
+    full = torch.zeros(rows, width, dtype=torch.float32)
+    s, e = bounds[me]
+    if chunk is not None and e > s:
+        full[s:e] = chunk.reshape(e - s, width).float().cpu()
+    if n > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(full, group=group)  # disjoint chunks: the sum is the concatenation
+    return full.view(full_like.shape)
+
+
+def _optimizer_tensors(optimizer, ctx, *, for_load: bool) -> dict[str, torch.Tensor]:
+    """``optim/...`` whole tensors of every parameter (gathered for saving, or empty buffers for loading)."""
+    out = {}
+    for s in optimizer.shards:
+        n, me = (ctx.edp, ctx.edp_rank) if s.expert else (ctx.dp, ctx.dp_rank)
+        group = ctx.edp_group if s.expert else ctx.dp_group
+        st = optimizer.inner.state.get(s.master, {}) if s.master is not None else {}
+        keys = _shard_keys(s)
+        for kind in ("master", "exp_avg", "exp_avg_sq"):
+            if for_load:
+                full = torch.zeros(s.param.shape, dtype=torch.float32)
+            else:
+                chunk = s.master if kind == "master" else st.get(kind)
+                full = _gather_rows(chunk, s.param, s.bounds, me, n, group)
+            for key, sub in keys(full):
+                out[f"optim/{key}/{kind}"] = sub
+    step = 0
+    for st in optimizer.inner.state.values():
+        step = max(step, int(st.get("step", 0)))
+    out["optim/step"] = torch.tensor(step, dtype=torch.int64)
+    return out
+
+
+def _shard_keys(s):
+    """How a parameter's whole tensor splits into global keys (per expert for routed experts)."""
+    mod, _, leaf = s.name.rpartition(".")
+    offset = getattr(s, "expert_offset", None)
+
+    def split(full):
+        if not s.expert:
+            return [(s.name, full)]
+        return [(f"{mod}.{offset + i}.{leaf}", full[i]) for i in range(full.shape[0])]
+
+    return split
+
+
+def _attach_offsets(model, optimizer) -> None:
+    experts = _expert_modules(model)
+    for s in optimizer.shards:
+        mod = s.name.rpartition(".")[0]
+        if mod in experts:
+            s.expert_offset = experts[mod].expert_offset
+
+
+def model_state(model) -> dict[str, torch.Tensor]:
+    """``model/...`` tensors under global names (views of the model's own tensors)."""
+    return {f"model/{k}": (t.detach() if i is None else t.detach()[i]) for k, t, i in _param_keys(model)}
+
+
+def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict | None = None,
+                 keep_last: int | None = None) -> str:
+    """Write ``run_dir/dcp-{step:08d}`` from every rank (collective); returns its path."""
+    import torch.distributed.checkpoint as dcp
+
+    _attach_offsets(model, optimizer)
+    final = os.path.join(run_dir, f"dcp-{step:08d}")
+    tmp = final + ".tmp"
+    if ctx.is_main and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    ctx.barrier()
+    state = model_state(model)
+    state.update(_optimizer_tensors(optimizer, ctx, for_load=False))
+    dcp.save(state, checkpoint_id=tmp)
+    ctx.barrier()
+    if ctx.is_main:
+        with open(os.path.join(tmp, META), "w") as fh:
+            json.dump({"step": step, "layout": {"dp": ctx.dp, "ep": ctx.ep}, **(extra or {})}, fh)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last:
+            for old in sorted(list_checkpoints(run_dir))[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+    return final
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete sharded checkpoints of ``run_dir`` (oldest first)."""
+    if not os.path.isdir(run_dir):
+        return []
+    names = sorted(n for n in os.listdir(run_dir) if _NAME.match(n) and os.path.isfile(os.path.join(run_dir, n, META)))
+    return [os.path.join(run_dir, n) for n in names]
+
+
+def latest_sharded(run_dir: str) -> str | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+@torch.no_grad()
+def load_sharded(path: str, *, model, optimizer, ctx) -> dict:
+    """Load a checkpoint written in any layout into this rank's (expert-sharded) model and ZeRO-1 optimizer.
+
+    Returns the ``meta.json`` dict (step, data position, counters).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
+    _attach_offsets(model, optimizer)
+    state = {k: v.clone() for k, v in model_state(model).items()}
+    state.update(_optimizer_tensors(optimizer, ctx, for_load=True))
+    dcp.load(state, checkpoint_id=path)
+    for key, t, i in _param_keys(model):
+        (t.data if i is None else t.data[i]).copy_(state[f"model/{key}"])
+    step = int(state["optim/step"])
+    for s in optimizer.shards:
+        if s.master is None:
+            continue
+        me = optimizer.ctx.edp_rank if s.expert else optimizer.ctx.dp_rank
+        start, end = s.bounds[me]
+        parts = {}
+        for kind in ("master", "exp_avg", "exp_avg_sq"):
+            full = torch.stack([state[f"optim/{k}/{kind}"] for k, _ in _shard_keys(s)(s.param)]) if s.expert \
+                else state[f"optim/{s.name}/{kind}"]
+            parts[kind] = full.reshape(full.shape[0] if full.dim() else 1, -1)[start:end].reshape(s.master.shape)
+        s.master.copy_(parts["master"])
+        if step > 0:
+            dtype = optimizer.inner.moments_dtype
+            optimizer.inner.state[s.master] = {"step": step, "exp_avg": parts["exp_avg"].to(dtype).clone(),
+                                               "exp_avg_sq": parts["exp_avg_sq"].to(dtype).clone()}
+    with open(meta_path) as fh:
+        return json.load(fh)
+
+
+@torch.no_grad()
+def load_model_sharded(path: str, model) -> None:
+    """Load only the model tensors of a sharded checkpoint into ``model`` (any expert block)."""
+    import torch.distributed.checkpoint as dcp
+
+    if not os.path.isfile(os.path.join(path, META)):
+        raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
+    state = {k: v.clone() for k, v in model_state(model).items()}
+    dcp.load(state, checkpoint_id=path)
+    for key, t, i in _param_keys(model):
+        (t.data if i is None else t.data[i]).copy_(state[f"model/{key}"])
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
+    """Write the Hugging Face safetensors directory of a sharded checkpoint (``dsv3 export``).
+
+    ``checkpoint``: a ``dcp-*`` directory inside a run directory (whose ``model_config.json``
+    describes the model) or a run directory (its latest sharded checkpoint). Runs in one process.
+    """
+    from dsv3.checkpoint.hf import save_pretrained
+    from dsv3.config import ModelConfig
+    from dsv3.model import DeepseekV3ForCausalLM
+
+    if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, META)):
+        latest = latest_sharded(checkpoint)
+        if latest is None:
+            raise CheckpointError(f"{checkpoint} holds no complete sharded checkpoint (dcp-*/{META}); pass one")
+        checkpoint = latest
+    config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"no model_config.json next to {checkpoint}; export a checkpoint inside its run directory")
+    config = ModelConfig.from_json_file(config_path)
+    model = DeepseekV3ForCausalLM(config)  # every parameter and router bias is overwritten below
+    load_model_sharded(checkpoint, model)
+    save_pretrained(model, out_dir, dtype=dtype)
+    return out_dir

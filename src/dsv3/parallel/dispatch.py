@@ -1,0 +1,370 @@
+"""Expert-parallel token dispatchers with a DeepEP-shaped interface (report 2.1.2, 3.2.2, 3.3.4).
+
+A dispatcher moves each token's hidden state to the ranks that hold its selected experts and
+brings the (gate-weighted) expert outputs back::
+
+    recv_x, counts, handle = dispatcher.dispatch(x, topk_idx, topk_weights)
+    y = experts(recv_x, counts.cumsum(0), handle.recv_weights)   # local experts, rows sorted by expert
+    out = dispatcher.combine(y, handle)
+
+``x`` [N, d]; ``topk_idx`` [N, K_r] global expert ids; ``topk_weights`` [N, K_r] gate values g;
+``recv_x`` [M, d] one row per (received token, local expert) sorted by local expert;
+``counts`` [N_r / ep] rows per local expert; ``out`` [N, d].
+Both calls are also split in halves (``dispatch_start``/``dispatch_wait``,
+``combine_start``/``combine_wait``) around an asynchronous ``all_to_all_single``, so that a
+schedule can run other work (shared experts, attention of another micro-batch) meanwhile.
+
+Backends:
+
+``local``
+    :class:`dsv3.model.moe.LocalDispatcher`, the single-process path (no communication).
+``alltoall`` (:class:`AllToAllDispatcher`)
+    ``torch.distributed.all_to_all_single`` with uneven (also empty) splits over the
+    expert-parallel group. As in DeepEP a token travels *once* to each destination rank, not
+    once per expert: the receiver expands it to its local experts, and combine sums a token's
+    local expert outputs before sending one row back. Autograd flows through the exchange
+    (the backward of an all-to-all is the all-to-all with swapped splits). Payloads travel as
+    raw bytes (``.view(torch.uint8)``), which is also how FP8 crosses gloo, which rejects float8.
+    With ``fp8=True`` the dispatched activations travel as E4M3 with power-of-two 1x128 scales
+    (:func:`dsv3.fp8.comm.quantize_for_dispatch`), and in backward the gradient sent back to
+    the experts (the gradient of the down-projection output) is quantised the same way; combine
+    forward and the dispatch backward stay in the activation precision.
+``deepep`` (:class:`DeepEPDispatcher`)
+    the slot for DeepEP's NVLink/RDMA kernels, usable only where ``deep_ep`` is installed.
+
+Each dispatcher counts what it moved (:class:`CommStats`): bytes sent to other ranks, tokens
+dispatched, and the ranks and nodes each token reached (node-limited routing bounds the latter).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.errors import ConfigError
+from dsv3.model.moe import LocalDispatcher, MoE, combine
+
+BACKENDS = ("auto", "local", "alltoall", "deepep")
+
+
+@dataclass
+class CommStats:
+    """Counters of one dispatcher since the last :meth:`reset` (per rank).
+
+    Attributes:
+        bytes_sent: payload bytes sent to other ranks by dispatch and combine (forward and backward).
+        tokens: tokens dispatched.
+        ranks_reached: sum over tokens of the number of ranks each token was sent to.
+        nodes_reached: sum over tokens of the number of nodes each token was sent to.
+    """
+
+    bytes_sent: int = 0
+    tokens: int = 0
+    ranks_reached: int = 0
+    nodes_reached: int = 0
+
+    def reset(self) -> None:
+        self.bytes_sent = self.tokens = self.ranks_reached = self.nodes_reached = 0
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D tensor [S, C] as its raw bytes [S, C * itemsize] (gloo cannot carry float8 or some dtypes)."""
+    t = t.contiguous()
+    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+
+
+class _Exchange:
+    """One asynchronous all-to-all of row blocks: rank r's rows ``in_splits[j]`` go to rank j."""
+
+    def __init__(self, t: torch.Tensor, in_splits: list[int], out_splits: list[int], group, stats: CommStats,
+                 self_index: int) -> None:
+        import torch.distributed as dist
+
+        self.dtype, self.cols = t.dtype, t.shape[1]
+        raw = _as_bytes(t)
+        self.out = raw.new_empty(sum(out_splits), raw.shape[1])
+        self.work = dist.all_to_all_single(self.out, raw, out_splits, in_splits, group=group, async_op=True)
+        stats.bytes_sent += (sum(in_splits) - in_splits[self_index]) * raw.shape[1]
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        out = self.out
+        return out if self.dtype == torch.uint8 else out.view(self.dtype)
+
+
+def _exchange(t, in_splits, out_splits, group, stats, self_index) -> torch.Tensor:
+    return _Exchange(t, in_splits, out_splits, group, stats, self_index).wait()
+
+
+class _Linked(torch.autograd.Function):
+    """Connects an exchanged tensor to the tensor it came from, for autograd.
+
+    The forward exchange already happened (asynchronously); this node only returns it. Its
+    backward sends the gradient back along the reversed splits (quantised to FP8 when
+    ``spec["grad_fp8"]``).
+    """
+
+    @staticmethod
+    def forward(ctx, source: torch.Tensor, spec: dict) -> torch.Tensor:
+        ctx.spec = spec
+        return spec.pop("received")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        s = ctx.spec
+        grad = grad.contiguous()
+        if s["grad_fp8"]:
+            back = _fp8_exchange(grad, s["out_splits"], s["in_splits"], s["group"], s["stats"], s["self_index"])
+        else:
+            back = _exchange(grad, s["out_splits"], s["in_splits"], s["group"], s["stats"], s["self_index"])
+        return back.to(s["source_dtype"]), None
+
+
+def _link(source: torch.Tensor, received: torch.Tensor, in_splits, out_splits, group, stats, self_index,
+          grad_fp8: bool = False) -> torch.Tensor:
+    if not (torch.is_grad_enabled() and source.requires_grad):
+        return received
+    spec = {"received": received, "in_splits": in_splits, "out_splits": out_splits, "group": group,
+            "stats": stats, "self_index": self_index, "grad_fp8": grad_fp8, "source_dtype": source.dtype}
+    return _Linked.apply(source, spec)
+
+
+def _fp8_pack(x: torch.Tensor) -> torch.Tensor:
+    """[S, d] -> uint8 [S, D_p + D_p/128]: E4M3 bytes then UE8M0 scale bytes (1x128 tiles)."""
+    from dsv3.fp8.comm import quantize_for_dispatch
+
+    p = quantize_for_dispatch(x)
+    return torch.cat([p.data.view(torch.uint8), p.scale], dim=1)
+
+
+def _fp8_unpack(raw: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    from dsv3.fp8.comm import FP8Payload
+
+    d_p = raw.shape[1] * 128 // 129
+    data = raw[:, :d_p].contiguous().view(torch.float8_e4m3fn)
+    return FP8Payload(data, raw[:, d_p:].contiguous(), dim).dequantize(dtype)
+
+
+def _fp8_exchange(t, in_splits, out_splits, group, stats, self_index) -> torch.Tensor:
+    """Quantise rows to E4M3 + power-of-two scales, exchange the bytes, dequantise (no autograd)."""
+    raw = _exchange(_fp8_pack(t), in_splits, out_splits, group, stats, self_index)
+    return _fp8_unpack(raw, t.shape[1], t.dtype)
+
+
+@dataclass
+class AllToAllHandle:
+    """What :meth:`AllToAllDispatcher.dispatch` hands to combine.
+
+    Attributes:
+        send_token: [S] source token of each sent row (rows grouped by destination rank).
+        send_splits: rows sent to each rank; recv_splits: rows received from each rank.
+        recv_token: [M] received row of each dispatched expert row (rows sorted by local expert).
+        n_recv: R, rows received.
+        n_tokens: N, source tokens.
+        recv_weights: [M, 1] gate value of each expert row (with gradient).
+    """
+
+    send_token: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    recv_token: torch.Tensor
+    n_recv: int
+    n_tokens: int
+    recv_weights: torch.Tensor
+
+
+@dataclass
+class _PendingDispatch:
+    x_exchange: _Exchange
+    meta_exchange: _Exchange
+    x: torch.Tensor
+    meta: torch.Tensor
+    send_x: torch.Tensor
+    send_token: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    n_tokens: int
+
+
+@dataclass
+class _PendingCombine:
+    exchange: _Exchange
+    z: torch.Tensor
+    handle: AllToAllHandle
+
+
+class AllToAllDispatcher:
+    """Dispatch/combine over ``torch.distributed.all_to_all_single`` (see the module docstring).
+
+    Args:
+        group: the expert-parallel process group (``ep`` consecutive ranks).
+        ep: its size; ep_rank: this rank's index in it.
+        n_experts: N_r, all routed experts (this rank holds ``N_r / ep`` of them, a contiguous block).
+        fp8: send dispatch payloads (and the backward gradient before the down-projection) as E4M3.
+        ranks_per_node: ranks of one node (to count the nodes a token reaches).
+    """
+
+    def __init__(self, group, ep: int, ep_rank: int, n_experts: int, *, fp8: bool = False,
+                 ranks_per_node: int | None = None) -> None:
+        if n_experts % ep:
+            raise ConfigError(f"--ep {ep} does not divide the model's {n_experts} routed experts; pick another ep")
+        self.group, self.ep, self.ep_rank = group, ep, ep_rank
+        self.n_experts, self.n_local = n_experts, n_experts // ep
+        self.fp8 = fp8
+        self.ranks_per_node = min(ranks_per_node or ep, ep)
+        if ep % self.ranks_per_node:
+            self.ranks_per_node = ep  # nodes not aligned with the group: count it as one
+        self.stats = CommStats()
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> _PendingDispatch:
+        """Route ``x`` [N, d]: count, exchange the counts (one small blocking all-to-all), start the payloads."""
+        n, k = topk_idx.shape
+        with torch.no_grad():
+            dest = topk_idx // self.n_local  # [N, K] destination rank of each choice
+            mask = torch.zeros(n, self.ep, dtype=torch.bool, device=x.device)
+            mask.scatter_(1, dest, True)  # token t goes to rank r (once, however many experts it picks there)
+            rank_of_row, send_token = mask.t().nonzero(as_tuple=True)  # rows grouped by destination rank
+            send_counts = mask.sum(dim=0)
+            recv_counts = torch.empty_like(send_counts)
+            import torch.distributed as dist
+
+            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+            self.stats.tokens += n
+            self.stats.ranks_reached += int(mask.sum())
+            nodes = mask.view(n, -1, self.ranks_per_node).any(dim=-1)
+            self.stats.nodes_reached += int(nodes.sum())
+            here = dest.index_select(0, send_token) == rank_of_row.unsqueeze(1)  # [S, K] choices on that rank
+            local_id = torch.where(here, topk_idx.index_select(0, send_token) - rank_of_row.unsqueeze(1) * self.n_local,
+                                   torch.full_like(topk_idx[:1], -1).expand(len(send_token), k))
+        wdtype = torch.promote_types(topk_weights.dtype, torch.float32)  # gate values stay at least FP32
+        send_w = topk_weights.to(wdtype).index_select(0, send_token) * here
+        meta = torch.cat([send_w, local_id.to(wdtype)], dim=1)  # [S, 2K]: gate values, local ids (-1: elsewhere)
+        send_x = x.index_select(0, send_token)
+        payload = _fp8_pack(send_x) if self.fp8 else send_x
+        return _PendingDispatch(
+            x_exchange=_Exchange(payload, send_splits, recv_splits, self.group, self.stats, self.ep_rank),
+            meta_exchange=_Exchange(meta.detach(), send_splits, recv_splits, self.group, self.stats, self.ep_rank),
+            x=x, meta=meta, send_x=send_x, send_token=send_token, send_splits=send_splits, recv_splits=recv_splits,
+            n_tokens=n)
+
+    def dispatch_wait(self, p: _PendingDispatch):
+        """Finish a dispatch: returns ``(recv_x [M, d], counts [N_r/ep], handle)``."""
+        raw = p.x_exchange.wait()
+        recv = _fp8_unpack(raw, p.x.shape[1], p.x.dtype) if self.fp8 else raw
+        recv = _link(p.send_x, recv, p.send_splits, p.recv_splits, self.group, self.stats, self.ep_rank)
+        meta = _link(p.meta, p.meta_exchange.wait(), p.send_splits, p.recv_splits, self.group, self.stats,
+                     self.ep_rank)
+        k = meta.shape[1] // 2
+        with torch.no_grad():
+            local_id = meta[:, k:].detach().long()  # [R, K]
+            flat_pos = (local_id.reshape(-1) >= 0).nonzero(as_tuple=True)[0]
+            expert = local_id.reshape(-1).index_select(0, flat_pos)
+            order = expert.argsort(stable=True)
+            pos = flat_pos.index_select(0, order)
+            recv_token = pos // k
+            counts = torch.bincount(expert, minlength=self.n_local)
+        recv_weights = meta[:, :k].reshape(-1).index_select(0, pos).unsqueeze(-1)
+        handle = AllToAllHandle(p.send_token, p.send_splits, p.recv_splits, recv_token, recv.shape[0], p.n_tokens,
+                                recv_weights)
+        return recv.index_select(0, recv_token), counts, handle
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
+        """:meth:`dispatch_start` then :meth:`dispatch_wait`."""
+        return self.dispatch_wait(self.dispatch_start(x, topk_idx, topk_weights))
+
+    # ------------------------------------------------------------------- combine
+    def combine_start(self, y: torch.Tensor, handle: AllToAllHandle) -> _PendingCombine:
+        """Sum each received token's local expert outputs ``y`` [M, d] and start sending them back."""
+        z = combine(y, handle.recv_token, handle.n_recv)  # [R, d], one row per received token
+        ex = _Exchange(z.detach(), handle.recv_splits, handle.send_splits, self.group, self.stats, self.ep_rank)
+        return _PendingCombine(ex, z, handle)
+
+    def combine_wait(self, p: _PendingCombine) -> torch.Tensor:
+        """Finish a combine: returns ``out`` [N, d], the sum over ranks of each token's expert outputs."""
+        back = _link(p.z, p.exchange.wait(), p.handle.recv_splits, p.handle.send_splits, self.group, self.stats,
+                     self.ep_rank, grad_fp8=self.fp8)
+        return combine(back, p.handle.send_token, p.handle.n_tokens)
+
+    def combine(self, y: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
+        """:meth:`combine_start` then :meth:`combine_wait`."""
+        return self.combine_wait(self.combine_start(y, handle))
+
+
+class DeepEPDispatcher:  # pragma: no cover - needs deep_ep and GPUs
+    """The slot for DeepEP's kernels (https://github.com/deepseek-ai/DeepEP); only where ``deep_ep`` is installed.
+
+    Not implemented in this CPU build: constructing it without ``deep_ep`` raises a ConfigError, and with
+    ``deep_ep`` installed it still raises until the adapter is written and tested on GPUs.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        if importlib.util.find_spec("deep_ep") is None:
+            raise ConfigError("--dispatcher deepep needs the deep_ep package (DeepEP) installed; use alltoall")
+        raise ConfigError("--dispatcher deepep is not wired up yet in this version; use --dispatcher alltoall")
+
+
+def resolve_backend(name: str, ep: int, device: torch.device) -> str:
+    """``auto`` -> ``deepep`` on CUDA with deep_ep installed, else ``alltoall`` for ep > 1, else ``local``."""
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown dispatcher {name!r}; use one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        if ep == 1:
+            return "local"
+        return "alltoall"
+    if name == "local" and ep > 1:
+        raise ConfigError(f"--dispatcher local cannot run with --ep {ep} (experts on other ranks); use alltoall")
+    return name
+
+
+def shard_experts(model: torch.nn.Module, ctx, *, dispatcher: str = "auto", fp8: bool = False,
+                  ranks_per_node: int | None = None) -> torch.nn.Module:
+    """Expert parallelism as a transformation of a built model (in place; returns it).
+
+    Each MoE layer keeps only this rank's contiguous block of experts (global experts
+    ``[ep_rank * N_r/ep, (ep_rank+1) * N_r/ep)``, values taken from the full layer, so they
+    equal one process's) and gets a dispatcher of the chosen backend. Router, shared experts
+    and all dense parameters stay replicated.
+    """
+    from dsv3.model.moe import Experts
+
+    backend = resolve_backend(dispatcher, ctx.ep, ctx.device)
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        if backend == "local":
+            moe.dispatcher = LocalDispatcher(moe.n_experts)
+            continue
+        start, end = ctx.expert_block(moe.n_experts)
+        old = moe.experts
+        if old.gate_up_proj.shape[0] == moe.n_experts:  # not sharded yet
+            new = Experts(end - start, old.gate_up_proj.shape[2], old.down_proj.shape[2], expert_offset=start)
+            new = new.to(device=old.gate_up_proj.device, dtype=old.gate_up_proj.dtype)
+            with torch.no_grad():
+                new.gate_up_proj.copy_(old.gate_up_proj[start:end])
+                new.down_proj.copy_(old.down_proj[start:end])
+            new.mm, new.act = old.mm, old.act
+            moe.experts = new
+        if backend == "deepep":
+            moe.dispatcher = DeepEPDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, moe.n_experts)
+        else:
+            moe.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, moe.n_experts, fp8=fp8,
+                                                ranks_per_node=ranks_per_node or getattr(ctx, "ranks_per_node", None))
+    return model
+
+
+def comm_stats(model: torch.nn.Module, *, reset: bool = True) -> CommStats:
+    """The summed :class:`CommStats` of every dispatcher of ``model`` (then reset them)."""
+    total = CommStats()
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        s = getattr(moe.dispatcher, "stats", None)
+        if s is None:
+            continue
+        total.bytes_sent += s.bytes_sent
+        total.tokens += s.tokens
+        total.ranks_reached += s.ranks_reached
+        total.nodes_reached += s.nodes_reached
+        if reset:
+            s.reset()
+    return total

@@ -1,0 +1,196 @@
+"""The parallel context: who this process is in a ``pp x dp`` world, with ``dp = edp x ep``.
+
+Layout (the planner's, ``dsv3 plan``): ``world = pp * dp``; expert parallelism splits the
+data-parallel ranks into ``edp = dp / ep`` groups of ``ep`` consecutive ranks, each group
+holding all ``N_r`` routed experts (``N_r / ep`` per rank, one contiguous block), and the
+``edp`` replicas of an expert block do data parallelism among themselves.
+
+Ranks are node-major: ``rank = pp_idx * dp + edp_idx * ep + ep_idx``, so the ``ep`` ranks of
+one expert-parallel group are consecutive (the same node when ``ep`` is at most the GPUs per
+node), and with ``n_group`` routing groups over ``ep`` ranks one routing group is the
+experts of one node (report 2.1.2: node-limited routing).
+
+Nothing is module-level: :func:`init_parallel` returns a :class:`ParallelContext` that is
+passed around; :meth:`ParallelContext.single` is the one-process context.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from dsv3.errors import ConfigError
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def check_layout(world_size: int, pp: int = 1, dp: int | None = None, ep: int = 1,
+                 n_routed_experts: int | None = None) -> tuple[int, int, int]:
+    """Validate a layout and fill in ``dp``; returns ``(pp, dp, ep)``.
+
+    Raises:
+        ConfigError: (one sentence) for degrees below 1, ``pp > 1`` (not yet supported), a world
+            size that is not ``pp * dp``, ``ep`` not dividing ``dp`` or ``n_routed_experts``.
+    """
+    for name, value in (("pp", pp), ("ep", ep)) + ((("dp", dp),) if dp is not None else ()):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+    if pp > 1:
+        raise ConfigError(f"--pp {pp} is not supported yet (pipeline parallelism is a separate feature); use --pp 1")
+    if world_size % pp:
+        raise ConfigError(f"the world size {world_size} is not a multiple of --pp {pp}; launch pp * dp processes")
+    if dp is None:
+        dp = world_size // pp
+    if pp * dp != world_size:
+        raise ConfigError(f"the world size {world_size} does not factor as --pp {pp} x --dp {dp}; "
+                          f"launch {pp * dp} processes or change --dp")
+    if dp % ep:
+        raise ConfigError(f"--ep {ep} does not divide the data-parallel degree {dp}; pick an ep that divides dp")
+    if n_routed_experts is not None and ep > 1 and n_routed_experts % ep:
+        raise ConfigError(f"--ep {ep} does not divide the model's {n_routed_experts} routed experts; "
+                          f"pick an ep that divides n_routed_experts")
+    return pp, dp, ep
+
+
+@dataclass
+class ParallelContext:
+    """This process's place in the world and its process groups.
+
+    Attributes:
+        rank, world_size: global rank and number of processes.
+        pp, dp, ep: pipeline, data-parallel and expert-parallel degrees (``edp = dp // ep``).
+        device: where this process computes.
+        backend: ``"gloo"`` (CPU), ``"nccl"`` (CUDA) or ``None`` (one process).
+        mesh: the ``("pp", "edp", "ep")`` DeviceMesh (``None`` for one process).
+        dp_group, ep_group, edp_group: process groups (``None`` for one process or degree 1
+            where no communication is needed).
+        timeout_s: the collective timeout of every group.
+        ranks_per_node: processes per node (torchrun's ``LOCAL_WORLD_SIZE``), to count the nodes a token reaches.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    backend: str | None = None
+    mesh: object | None = None
+    dp_group: object | None = None
+    ep_group: object | None = None
+    edp_group: object | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    ranks_per_node: int = 1
+
+    @classmethod
+    def single(cls, device: torch.device | str | None = None) -> "ParallelContext":
+        """The context of one process (no process group)."""
+        return cls(device=torch.device(device) if device is not None else torch.device("cpu"))
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel degree: the replicas of each expert block."""
+        return self.dp // self.ep
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank % self.dp
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep
+
+    @property
+    def edp_rank(self) -> int:
+        return (self.rank % self.dp) // self.ep
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only one that writes metrics, progress and the console."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def expert_block(self, n_routed_experts: int) -> tuple[int, int]:
+        """The global expert indices ``[start, end)`` this rank holds."""
+        per = n_routed_experts // self.ep
+        return self.ep_rank * per, (self.ep_rank + 1) * per
+
+    def describe(self) -> str:
+        return f"world {self.world_size} = pp {self.pp} x dp {self.dp} (ep {self.ep} x edp {self.edp}), {self.backend or 'one process'}"
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def destroy(self) -> None:
+        """Tear the process groups down (idempotent)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_experts: int | None = None,
+                  timeout_s: float | None = None, device: str | torch.device | None = None) -> ParallelContext:
+    """Join the world that torchrun (or a test) described in the environment.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``). Without
+    ``WORLD_SIZE`` (or with 1) it returns :meth:`ParallelContext.single` after checking the layout.
+    The layout is checked *before* any process group is created, so a bad layout fails on every
+    rank with the same one-line :class:`ConfigError`. gloo is used on CPU, NCCL on CUDA.
+
+    Args:
+        pp, dp, ep: the layout (``dp`` None: the world size over ``pp``).
+        n_routed_experts: the model's N_r (checked against ``ep``).
+        timeout_s: collective timeout (default ``DSV3_DIST_TIMEOUT`` or 60 s): a dead peer makes
+            the others fail with an error within about this time instead of hanging.
+        device: ``"cpu"``/``"cuda"``; default CUDA when available.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    pp, dp, ep = check_layout(world_size, pp, dp, ep, n_routed_experts)
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("DSV3_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = torch.cuda.is_available() if device in (None, "auto") else torch.device(device).type == "cuda"
+    if use_cuda:
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world_size == 1:
+        ctx = ParallelContext.single(dev)
+        ctx.timeout_s = timeout_s
+        return ctx
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    rank = _env_int("RANK", 0)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    edp = dp // ep
+    mesh = init_device_mesh(dev.type, (pp, edp, ep), mesh_dim_names=("pp", "edp", "ep"))
+    dp_mesh = mesh["edp", "ep"]._flatten("dp")
+    return ParallelContext(
+        rank=rank, world_size=world_size, pp=pp, dp=dp, ep=ep, device=dev, backend=backend, mesh=mesh,
+        dp_group=dp_mesh.get_group() if dp > 1 else None,
+        ep_group=mesh.get_group("ep") if ep > 1 else None,
+        edp_group=mesh.get_group("edp") if edp > 1 else None,
+        timeout_s=timeout_s, ranks_per_node=_env_int("LOCAL_WORLD_SIZE", world_size),
+    )

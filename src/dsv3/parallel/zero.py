@@ -1,0 +1,294 @@
+"""ZeRO-1 over plain tensors: AdamW state sharded over the data-parallel ranks (report 3.2).
+
+Each parameter is cut along dim 0 into ``n`` nearly equal row chunks, one per rank of its
+group (dense parameters: the ``dp`` group; routed-expert parameters, which under expert
+parallelism exist once per expert-parallel group: the ``edp`` group). A rank keeps only its
+chunks' optimizer state: FP32 master weights and the moments m, v (FP32 or BF16). Cutting
+every parameter (rather than handing whole tensors to ranks, as torch's
+ZeroRedundancyOptimizer does) balances the state by element count: the busiest rank holds at
+most one row per parameter more than the mean.
+
+One :meth:`ZeroAdamW.step`:
+
+1. gradients (accumulated locally over the micro-batches; nothing is communicated before the
+   last one) are summed over the group with one all-reduce per group (flat buffer) and divided
+   by ``dp``, the number of data-parallel ranks whose losses the global loss averages;
+2. the global gradient norm is computed from the dense part (identical everywhere) and the
+   expert part (summed over the expert-parallel group), then made identical on every rank
+   (an all-reduce MAX), so every rank takes the same clip and NaN-skip decisions;
+3. if it is finite, the chunks are clipped and updated by :class:`dsv3.optim.AdamW` (the same
+   elementwise math as the unsharded optimizer, so the result is exactly the same);
+4. the updated chunks are all-gathered back into the full parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsv3.errors import ConfigError
+from dsv3.model.moe import Experts
+from dsv3.optim.adamw import AdamW, param_groups
+
+
+def row_bounds(rows: int, n: int) -> list[tuple[int, int]]:
+    """Balanced dim-0 chunks ``[start, end)`` of ``rows`` rows over ``n`` ranks (sizes differ by at most 1)."""
+    return [(i * rows // n, (i + 1) * rows // n) for i in range(n)]
+
+
+@dataclass
+class _Shard:
+    name: str
+    param: nn.Parameter
+    expert: bool
+    bounds: list[tuple[int, int]]  # per rank of its group
+    master: torch.Tensor | None  # FP32 [end-start, ...] of this rank, None when the chunk is empty
+
+    def rows_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], -1) if t.dim() > 0 else t.view(1, -1)
+
+
+class ZeroAdamW:
+    """AdamW with ZeRO-1 sharded state (see the module docstring).
+
+    Args:
+        model: the (expert-sharded) model; routed-expert parameters are those of
+            :class:`~dsv3.model.moe.Experts` modules.
+        ctx: the :class:`~dsv3.parallel.world.ParallelContext`.
+        lr, betas, weight_decay, eps, moments_dtype: as :func:`dsv3.optim.build_optimizer`.
+
+    ``param_groups`` are those of the inner AdamW over this rank's chunks (``set_lr`` works).
+    """
+
+    def __init__(self, model: nn.Module, ctx, *, lr: float = 2.2e-4, betas=(0.9, 0.95), weight_decay: float = 0.1,
+                 eps: float = 1e-8, moments_dtype="fp32") -> None:
+        self.ctx = ctx
+        expert_ids = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
+        groups = param_groups(model, weight_decay)
+        if not groups:
+            raise ConfigError("the model has no trainable parameters; unfreeze some before building the optimizer")
+        self.shards: list[_Shard] = []
+        inner_groups = []
+        for group in groups:
+            masters = []
+            for name, p in group["params"]:
+                expert = id(p) in expert_ids
+                n, r = (ctx.edp, ctx.edp_rank) if expert else (ctx.dp, ctx.dp_rank)
+                rows = p.shape[0] if p.dim() > 0 else 1
+                bounds = row_bounds(rows, n)
+                start, end = bounds[r]
+                master = None
+                if end > start:
+                    master = p.detach().reshape(rows, -1)[start:end].to(torch.float32, copy=True)
+                    master = master.view((end - start,) + tuple(p.shape[1:]))
+                    masters.append((name, master))
+                self.shards.append(_Shard(name, p, expert, bounds, master))
+            if masters:
+                inner_groups.append({"params": masters, "weight_decay": group["weight_decay"]})
+        if not inner_groups:  # more ranks than rows everywhere: keep a valid (empty-state) optimizer
+            inner_groups = [{"params": [("_empty", torch.zeros(0))], "weight_decay": 0.0}]
+        self.inner = AdamW(inner_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                           moments_dtype=moments_dtype)
+
+    # --------------------------------------------------------------- torch.optim-like surface
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for s in self.shards:
+            if set_to_none:
+                s.param.grad = None
+            elif s.param.grad is not None:
+                s.param.grad.zero_()
+
+    def state_bytes(self) -> int:
+        """Bytes of this rank's optimizer state: FP32 master chunks and moments."""
+        total = sum(s.master.numel() * 4 for s in self.shards if s.master is not None)
+        for st in self.inner.state.values():
+            total += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+        return total
+
+    # ----------------------------------------------------------------------- the step
+    def _group_of(self, expert: bool):
+        return self.ctx.edp_group if expert else self.ctx.dp_group
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Sum the gradients over each parameter's group and divide by ``dp`` (the last micro-batch's job)."""
+        import torch.distributed as dist
+
+        for expert in (False, True):
+            shards = [s for s in self.shards if s.expert == expert and s.param.grad is not None]
+            if not shards:
+                continue
+            flat = torch.cat([s.param.grad.reshape(-1).to(torch.float32) for s in shards])
+            group = self._group_of(expert)
+            if self.ctx.distributed and (self.ctx.edp if expert else self.ctx.dp) > 1:
+                dist.all_reduce(flat, group=group)
+            if self.ctx.dp > 1:
+                flat.div_(self.ctx.dp)
+            offset = 0
+            for s in shards:
+                n = s.param.grad.numel()
+                s.param.grad.copy_(flat[offset:offset + n].view_as(s.param.grad))
+                offset += n
+
+    @torch.no_grad()
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 gradient norm (after :meth:`reduce_gradients`), identical on every rank."""
+        import torch.distributed as dist
+
+        sq = torch.zeros(2, dtype=torch.float64)
+        for s in self.shards:
+            if s.param.grad is not None:
+                sq[int(s.expert)] += s.param.grad.double().pow(2).sum().cpu()
+        if self.ctx.distributed and self.ctx.ep > 1:
+            expert_sq = sq[1:].clone()
+            dist.all_reduce(expert_sq, group=self.ctx.ep_group)
+            sq[1] = expert_sq[0]
+        norm = sq.sum().sqrt().to(torch.float32).reshape(1)
+        if self.ctx.distributed:
+            dist.all_reduce(norm, op=dist.ReduceOp.MAX)  # the same number (and decisions) everywhere
+        return norm[0]
+
+    @torch.no_grad()
+    def step(self, max_norm: float | None = None, *, reduce: bool = True,
+             norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Reduce gradients, clip to ``max_norm``, update this rank's chunks, all-gather the parameters.
+
+        Returns the gradient norm before clipping. When it is not finite nothing is updated (the
+        caller skips the step: every rank sees the same norm). ``reduce=False``: the caller already
+        called :meth:`reduce_gradients`; ``norm``: its :meth:`grad_norm`, when already computed.
+        """
+        if reduce:
+            self.reduce_gradients()
+        if norm is None or reduce:
+            norm = self.grad_norm()
+        if not torch.isfinite(norm):
+            return norm
+        scale = 1.0
+        if max_norm is not None and max_norm > 0:
+            scale = min(1.0, max_norm / (float(norm) + 1e-6))
+        for s in self.shards:
+            if s.master is None or s.param.grad is None:
+                if s.master is not None:
+                    s.master.grad = None
+                continue
+            start, end = s.bounds[self.ctx.edp_rank if s.expert else self.ctx.dp_rank]
+            g = s.rows_view(s.param.grad)[start:end].to(torch.float32).view_as(s.master)
+            s.master.grad = g.mul(scale) if scale != 1.0 else g.clone()
+        self.inner.step()
+        for s in self.shards:
+            if s.master is not None:
+                s.master.grad = None
+        self.gather_parameters()
+        return norm
+
+    @torch.no_grad()
+    def gather_parameters(self) -> None:
+        """Write each rank's updated chunks into the full parameters of every rank of its group."""
+        import torch.distributed as dist
+
+        for expert in (False, True):
+            shards = [s for s in self.shards if s.expert == expert]
+            if not shards:
+                continue
+            n, me = (self.ctx.edp, self.ctx.edp_rank) if expert else (self.ctx.dp, self.ctx.dp_rank)
+            for s in shards:  # own chunk first (exact, whatever happens below)
+                if s.master is not None:
+                    start, end = s.bounds[me]
+                    s.rows_view(s.param.data)[start:end].copy_(s.master.reshape(end - start, -1))
+            if n == 1 or not self.ctx.distributed:
+                continue
+            dtype = shards[0].param.dtype
+            sizes = [sum((s.bounds[r][1] - s.bounds[r][0]) * (s.param.numel() // max(1, s.rows_view(s.param).shape[0]))
+                         for s in shards) for r in range(n)]
+            width = max(sizes)
+            mine = torch.zeros(width, dtype=dtype, device=shards[0].param.device)
+            offset = 0
+            for s in shards:
+                start, end = s.bounds[me]
+                chunk = s.rows_view(s.param.data)[start:end].reshape(-1)
+                mine[offset:offset + chunk.numel()] = chunk
+                offset += chunk.numel()
+            gathered = mine.new_empty(n * width)
+            dist.all_gather_into_tensor(gathered, mine, group=self._group_of(expert))
+            gathered = gathered.view(n, width)
+            for r in range(n):
+                if r == me:
+                    continue
+                offset = 0
+                for s in shards:
+                    start, end = s.bounds[r]
+                    view = s.rows_view(s.param.data)[start:end]
+                    view.copy_(gathered[r, offset:offset + view.numel()].view_as(view))
+                    offset += view.numel()
+
+    # ------------------------------------------------------------------ checkpoints
+    @torch.no_grad()
+    def import_unsharded(self, full_state: dict[str, dict], expert_offsets: dict[str, int]) -> None:
+        """Take this rank's chunks of an unsharded AdamW state (a one-process checkpoint).
+
+        Args:
+            full_state: ``{parameter name: {"step", "exp_avg", "exp_avg_sq"}}`` with whole tensors
+                (routed experts: all N_r experts).
+            expert_offsets: ``{parameter name: first global expert}`` of this rank's expert blocks.
+        Master weights are this optimizer's (taken from the already loaded parameters).
+        """
+        for s in self.shards:
+            st = full_state.get(s.name)
+            if s.master is None or not st:
+                continue
+            me = self.ctx.edp_rank if s.expert else self.ctx.dp_rank
+            start, end = s.bounds[me]
+            parts = {}
+            for kind in ("exp_avg", "exp_avg_sq"):
+                full = st[kind]
+                if s.expert:
+                    off = expert_offsets[s.name]
+                    full = full[off:off + s.param.shape[0]]
+                rows = full.shape[0] if full.dim() else 1
+                parts[kind] = full.reshape(rows, -1)[start:end].reshape(s.master.shape).to(self.inner.moments_dtype)
+            self.inner.state[s.master] = {"step": int(st["step"]), **{k: v.clone() for k, v in parts.items()}}
+
+    def sharded_state(self) -> dict[str, dict[str, torch.Tensor | int]]:
+        """This rank's chunks by global parameter name: ``{name: {"rows": (start, end), "master", "exp_avg",
+        "exp_avg_sq", "step"}}`` (for sharded checkpoints)."""
+        out = {}
+        for s in self.shards:
+            if s.master is None:
+                continue
+            st = self.inner.state.get(s.master, {})
+            start, end = s.bounds[self.ctx.edp_rank if s.expert else self.ctx.dp_rank]
+            out[s.name] = {"rows": (start, end), "master": s.master, "step": st.get("step", 0),
+                           "exp_avg": st.get("exp_avg"), "exp_avg_sq": st.get("exp_avg_sq")}
+        return out
+
+
+def sync_loads(load: torch.Tensor, ctx) -> torch.Tensor:
+    """Expert loads [n_moe_layers, N_r] summed over every data-parallel rank (identical everywhere)."""
+    if ctx.distributed and ctx.dp > 1:
+        import torch.distributed as dist
+
+        load = load.clone()
+        dist.all_reduce(load, group=ctx.dp_group)
+    return load
+
+
+def all_mean(values: torch.Tensor, ctx) -> torch.Tensor:
+    """The mean of ``values`` over the data-parallel ranks (e.g. the step's loss sums)."""
+    if ctx.distributed and ctx.dp > 1:
+        import torch.distributed as dist
+
+        values = values.clone()
+        dist.all_reduce(values, group=ctx.dp_group)
+        values /= ctx.dp
+    return values
+

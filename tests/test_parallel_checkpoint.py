@@ -1,0 +1,114 @@
+"""Sharded (DCP) checkpoints: saved at EP=2 on 2 ranks, resumed in one process (and back) with the
+losses of an uninterrupted run; a half-written checkpoint is ignored."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dist_helpers import run_ranks
+from test_parallel_ep import OPT, _batch, _config, _model
+
+WORLD_BATCH = 2  # the global batch is _batch(2, step): 4 sequences
+
+
+def _session(world: int, ep: int):
+    from dsv3.parallel.dispatch import shard_experts
+    from dsv3.parallel.world import init_parallel
+    from dsv3.parallel.zero import ZeroAdamW
+
+    ctx = init_parallel(dp=world, ep=ep, n_routed_experts=_config().n_routed_experts)
+    model = shard_experts(_model(), ctx, dispatcher="alltoall" if ep > 1 else "local")
+    return ctx, model, ZeroAdamW(model, ctx, **OPT)
+
+
+def _steps(ctx, model, opt, steps):
+    from dsv3.parallel.zero import all_mean, sync_loads
+
+    losses = []
+    for step in steps:
+        ids, labels = _batch(WORLD_BATCH, step)
+        per = ids.shape[0] // ctx.dp
+        rows = slice(ctx.dp_rank * per, (ctx.dp_rank + 1) * per)
+        out = model(ids[rows], labels[rows])
+        out.loss.backward()
+        losses.append(float(all_mean(out.loss.detach().reshape(1), ctx)[0]))
+        opt.step(max_norm=1.0)
+        opt.zero_grad()
+        model.update_router_bias(sync_loads(out.expert_load, ctx))
+    return losses
+
+
+def _train_and_save(rank, world, ep, run_dir):
+    from dsv3.parallel.checkpoint import save_sharded
+
+    ctx, model, opt = _session(world, ep)
+    first = _steps(ctx, model, opt, range(2))
+    save_sharded(run_dir, 2, model=model, optimizer=opt, ctx=ctx, extra={"loader": {"position": 8}})
+    return first + _steps(ctx, model, opt, range(2, 4))
+
+
+def _resume(rank, world, ep, run_dir):
+    from dsv3.parallel.checkpoint import latest_sharded, load_sharded
+
+    ctx, model, opt = _session(world, ep)
+    meta = load_sharded(latest_sharded(run_dir), model=model, optimizer=opt, ctx=ctx)
+    assert meta["step"] == 2 and meta["loader"] == {"position": 8}
+    return _steps(ctx, model, opt, range(2, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_checkpoint_saved_at_ep2_resumes_in_one_process(tmp_path):
+    a = str(tmp_path / "a")
+    os.makedirs(a)
+    uninterrupted = run_ranks(_train_and_save, 2, 2, 2, a, timeout=110)[0]
+    assert sorted(os.listdir(a)) == ["dcp-00000002"]
+    resumed = run_ranks(_resume, 1, 1, 1, a, timeout=110)[0]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted[2:]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_checkpoint_saved_in_one_process_resumes_at_ep2(tmp_path):
+    b = str(tmp_path / "b")
+    os.makedirs(b)
+    one = run_ranks(_train_and_save, 1, 1, 1, b, timeout=110)[0]
+    back = run_ranks(_resume, 2, 2, 2, b, timeout=110)
+    for r in back:
+        torch.testing.assert_close(torch.tensor(r), torch.tensor(one[2:]), rtol=1e-5, atol=1e-6)
+
+
+def test_half_written_checkpoint_is_ignored(tmp_path):
+    from dsv3.parallel.checkpoint import latest_sharded
+
+    (tmp_path / "dcp-00000004.tmp").mkdir()
+    (tmp_path / "dcp-00000006").mkdir()  # no meta.json: never renamed into place by dsv3
+    assert latest_sharded(str(tmp_path)) is None
+
+
+@pytest.mark.timeout(120)
+def test_export_writes_the_hugging_face_directory_of_a_sharded_checkpoint(tmp_path):
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.checkpoint import save_sharded
+    from dsv3.parallel.world import ParallelContext
+    from dsv3.parallel.zero import ZeroAdamW
+
+    from dsv3.cli import main as cli_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = _model()
+    _config().save(run / "model_config.json")
+    with torch.no_grad():
+        for m in model.moe_layers():
+            m.gate.e_score_correction_bias.uniform_(-0.01, 0.01)  # biases travel too
+    ctx = ParallelContext.single()
+    save_sharded(str(run), 5, model=model, optimizer=ZeroAdamW(model, ctx, **OPT), ctx=ctx)
+    assert cli_main(["export", str(run), str(tmp_path / "hf")]) == 0
+    loaded = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "hf")
+    ref = dict(model.state_dict())
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(t, ref[name]), name
