@@ -99,12 +99,13 @@ CASES = [
     # model configs
     (["plan", "--config", "{not_utf8}"], "is not UTF-8 text"),
     (["plan", "--config", "{truncated}"], "is not valid JSON"),
-    (["plan", "--config", "{nested}"], "is malformed"),
-    (["plan", "--config", "{layers}"], "the model has 100000000 decoder layers; the planner handles 1 to 1,024"),
-    (["plan", "--config", "{mtp}"], "the model has 1000000 MTP modules"),
+    # The model config's own checks (dsv3.config) refuse these before the planner's bounds see them.
+    (["plan", "--config", "{nested}"], "is nested too deeply"),
+    (["plan", "--config", "{layers}"], "num_hidden_layers must be between 1 and 65,536, got 100,000,000"),
+    (["plan", "--config", "{mtp}"], "num_nextn_predict_layers must be between 0 and 65,536"),
     (["plan", "--config", "{huge}"], "is 20,971,520 bytes, not a config.json"),
     (["plan", "--config", "/dev/zero"], "is not a regular file"),
-    (["plan", "search", "--config", "{layers}", "--gpus", "8", "--gpu-memory", "80GiB"], "decoder layers"),
+    (["plan", "search", "--config", "{layers}", "--gpus", "8", "--gpu-memory", "80GiB"], "num_hidden_layers"),
 ]
 
 

@@ -54,7 +54,8 @@ def test_planner_matches_a_v2_style_model(dtype, policy):
     cfg = load_preset("deepseek-v2-lite").replace(
         hidden_size=128, num_hidden_layers=3, vocab_size=1024, intermediate_size=256, moe_intermediate_size=64,
         n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        bos_token_id=0, eos_token_id=1)  # V2-Lite's ids (100000, 100001) lie beyond the smaller vocabulary
     assert cfg.q_lora_rank is None and cfg.scoring_func == "softmax" and not cfg.norm_topk_prob
     _check(bench.measure(cfg, seq_len=64, micro_batch=2, dtype=dtype, moments=dtype, recompute=policy))
 
