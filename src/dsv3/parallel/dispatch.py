@@ -284,8 +284,14 @@ class AllToAllDispatcher:
         return _PendingRows(ex, fp8, rows.shape[1], rows.dtype)
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> _PendingDispatch:
-        """Route ``x`` [N, d]: count, exchange the counts (one small blocking all-to-all), start the payloads."""
+    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                       meanwhile=None) -> _PendingDispatch:
+        """Route ``x`` [N, d]: count, exchange the counts (one small all-to-all, waited here), start the payloads.
+
+        ``meanwhile``: a callable run while the counts are in flight (the cut MoE runs its shared experts there).
+        """
+        import torch.distributed as dist
+
         n, k = topk_idx.shape
         with torch.no_grad():
             dest = topk_idx // self.n_local  # [N, K] destination rank of each choice
@@ -294,9 +300,11 @@ class AllToAllDispatcher:
             rank_of_row, send_token = mask.t().nonzero(as_tuple=True)  # rows grouped by destination rank
             send_counts = mask.sum(dim=0)
             recv_counts = torch.empty_like(send_counts)
-            import torch.distributed as dist
-
-            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            counts_work = dist.all_to_all_single(recv_counts, send_counts, group=self.group, async_op=True)
+        if meanwhile is not None:
+            meanwhile()
+        counts_work.wait()
+        with torch.no_grad():
             send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
             self.stats.tokens += n
             self.stats.ranks_reached += int(mask.sum())

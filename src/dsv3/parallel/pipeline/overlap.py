@@ -13,8 +13,8 @@ forward components and three backward ones:
 ==========  ================================================================  ===================
 component   forward                                                           backward (reverse)
 ==========  ================================================================  ===================
-DISPATCH    RMSNorm, router (loads, L_Bal), ``dispatch_start``, shared        wait the gradients
-            experts                                                           of the sent rows;
+DISPATCH    RMSNorm, router (loads, L_Bal), ``dispatch_start`` (the shared    wait the gradients
+            experts run while the token counts are exchanged)                 of the sent rows;
                                                                               backward to ``h``
 MLP         ``dispatch_wait``, routed experts (grouped GEMMs, gate-scaled),   wait; backward of
             per-token sum, ``combine_start``                                  the experts; start
@@ -113,7 +113,8 @@ class CutMoE:
 
     # ------------------------------------------------------------------ forward
     def dispatch(self) -> None:
-        """DISPATCH: RMSNorm, router, start the token exchange, then the shared experts meanwhile."""
+        """DISPATCH: RMSNorm, router, exchange the token counts (the shared experts run meanwhile), start the
+        token exchange."""
         with span(self.events, "F", "DISPATCH"):
             moe, h = self.moe, self.h
             bsz, seqlen, dim = h.shape
@@ -121,9 +122,14 @@ class CutMoE:
             weights, indices, scores = moe.gate(flat)
             moe.record(self.stats, scores, indices, bsz, seqlen)
             self.aux = None if self.stats is None else self.stats.balance.get(moe.layer_idx)
-            self.pending = self.disp.dispatch_start(flat, indices, weights)
+            self.shared = None
+
+            def shared_experts():  # while the token counts are exchanged
+                if moe.shared_experts is not None:
+                    self.shared = moe.shared_experts(flat)
+
+            self.pending = self.disp.dispatch_start(flat, indices, weights, meanwhile=shared_experts)
             mark(self.events, "F", "dispatch.start")
-            self.shared = moe.shared_experts(flat) if moe.shared_experts is not None else None
 
     def mlp(self) -> None:
         """MLP: wait for the tokens, run the local routed experts, start sending their sums back."""
