@@ -27,7 +27,10 @@ each rank its own micro-batches) run one stage holding the whole model (pp=1) an
 (full backward). ``T_comm`` is the time of the FB op's payload all-to-alls (the dispatch and combine
 of F(b) and the gradient exchanges of B(a), the same splits and bytes, recorded in the FB op) replayed
 blocking one after the other with no compute, in the same run. The fraction of communication hidden is
-``(T_F + T_B - T_FB) / T_comm`` from the medians. The same protocol without expert parallelism (every
+``(T_F + T_B - T_FB) / T_comm`` from the medians. It also reports the time blocked in the waits of the
+all-to-alls (payloads and token counts: exposed communication, including waiting for the slower peer)
+in F + B and in FB. The
+same protocol without expert parallelism (every
 rank all experts, local dispatcher, no all-to-all) is the control: it shows what interleaving alone
 costs or gains. ``--trace-dir`` also writes the last FB op's component timeline (ATTN / DISPATCH /
 MLP / COMBINE of both micro-batches and the exchanges in flight) of both ranks as Chrome-trace JSON and PNG.
@@ -146,6 +149,25 @@ def _overlap_worker(rank: int, world: int, port: int, args, queue) -> None:
             exchange_init(self, t, in_splits, out_splits, *a, **k)
 
         dispatch._Exchange.__init__ = recording_init
+        a2a = dist.all_to_all_single
+        waited = [0.0]
+
+        class TimedWork:  # time blocked in the waits of asynchronous all-to-alls (exposed communication)
+            def __init__(self, work) -> None:
+                self.work = work
+
+            def wait(self, *a):
+                t = time.perf_counter()
+                try:
+                    return self.work.wait(*a)
+                finally:
+                    waited[0] += time.perf_counter() - t
+
+        def timed_a2a(*a, **k):
+            work = a2a(*a, **k)
+            return TimedWork(work) if k.get("async_op") else work
+
+        dist.all_to_all_single = timed_a2a
         done = object()
         out = {}
         for variant in ("ep2", "local"):
@@ -159,15 +181,17 @@ def _overlap_worker(rank: int, world: int, port: int, args, queue) -> None:
             cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
             data = _batches(100 + rank, 2, args.micro_batch, args.seq_len, cfg.vocab_size)
             mbs = [MicroBatch(ids, labels, cos, sin, 0.5) for ids, labels in data]
-            times: dict[str, list[float]] = {"F": [], "FB": [], "B": [], "comm": []}
+            times: dict[str, list[float]] = {"F": [], "FB": [], "B": [], "comm": [], "wait_seq": [], "wait_fb": []}
             events = None
             for rep in range(2 + args.repeats):
                 recs = [StageRecord(), StageRecord()]
                 dist.barrier()
+                waited[0] = 0.0
                 t = time.perf_counter()
                 for _ in stage.forward_steps(None, mbs[0], recs[0]):
                     pass
                 t_f = time.perf_counter() - t
+                wait_f, waited[0] = waited[0], 0.0
                 recorded = [] if variant == "ep2" else None
                 stage.events = [] if rep == 1 + args.repeats else None
                 dist.barrier()
@@ -178,6 +202,7 @@ def _overlap_worker(rank: int, world: int, port: int, args, queue) -> None:
                         if next(gen, done) is done:
                             active.remove(gen)
                 t_fb = time.perf_counter() - t
+                wait_fb, waited[0] = waited[0], 0.0
                 events, stage.events = stage.events or events, None
                 exchanges, recorded = recorded or [], None
                 dist.barrier()
@@ -185,6 +210,7 @@ def _overlap_worker(rank: int, world: int, port: int, args, queue) -> None:
                 for _ in stage.backward_steps(recs[1], None, 0.5):
                     pass
                 t_b = time.perf_counter() - t
+                wait_seq = wait_f + waited[0]
                 model.zero_grad(set_to_none=True)
                 # The FB op's exchanges replayed blocking, without compute.
                 bufs = [(torch.empty(sum(i), c, dtype=torch.uint8), torch.empty(sum(o), c, dtype=torch.uint8), i, o)
@@ -192,13 +218,14 @@ def _overlap_worker(rank: int, world: int, port: int, args, queue) -> None:
                 dist.barrier()
                 t = time.perf_counter()
                 for send, recv, i, o in bufs:
-                    dist.all_to_all_single(recv, send, o, i, group=ctx.ep_group)
+                    a2a(recv, send, o, i, group=ctx.ep_group)
                 t_comm = time.perf_counter() - t
                 if rep >= 2:
-                    for k, v in (("F", t_f), ("FB", t_fb), ("B", t_b), ("comm", t_comm)):
+                    for k, v in (("F", t_f), ("FB", t_fb), ("B", t_b), ("comm", t_comm), ("wait_seq", wait_seq),
+                                 ("wait_fb", wait_fb)):
                         times[k].append(v)
             out[variant] = {"times": times, "events": events, "exchanges": len(exchanges)}
-        dispatch._Exchange.__init__ = exchange_init
+        dispatch._Exchange.__init__, dist.all_to_all_single = exchange_init, a2a
         queue.put((rank, out, None))
         dist.destroy_process_group()
     except BaseException:
@@ -299,16 +326,18 @@ def _overlap(args) -> tuple[list[str], bool]:
         f"{args.repeats} repeats after 2 warm-up ones, both ranks pooled).",
         "",
         "| variant | exchanges in the FB op | T_F ms | T_B ms | T_FB ms | T_F + T_B - T_FB ms | FB / (F + B) | T_comm ms | "
-        "hidden = (T_F + T_B - T_FB) / T_comm |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "hidden = (T_F + T_B - T_FB) / T_comm | blocked in all-to-all waits: F + B ms | FB ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, label in (("ep2", "ep=2, all-to-all dispatcher"), ("local", "control: no EP (local dispatcher)")):
-        med = {k: statistics.median(v for r in (0, 1) for v in outs[r][variant]["times"][k]) for k in ("F", "FB", "B", "comm")}
+        med = {k: statistics.median(v for r in (0, 1) for v in outs[r][variant]["times"][k])
+               for k in ("F", "FB", "B", "comm", "wait_seq", "wait_fb")}
         saved = med["F"] + med["B"] - med["FB"]
         hidden = f"{saved / med['comm']:.2f}" if variant == "ep2" and med["comm"] > 0 else "-"
         lines.append(f"| {label} | {outs[0][variant]['exchanges']} | {med['F'] * ms:.1f} | {med['B'] * ms:.1f} | "
                      f"{med['FB'] * ms:.1f} | {saved * ms:.1f} | {med['FB'] / (med['F'] + med['B']):.3f} | "
-                     f"{med['comm'] * ms if variant == 'ep2' else 0:.1f} | {hidden} |")
+                     f"{med['comm'] * ms if variant == 'ep2' else 0:.1f} | {hidden} | {med['wait_seq'] * ms:.1f} | "
+                     f"{med['wait_fb'] * ms:.1f} |")
     if args.trace_dir:
         os.makedirs(args.trace_dir, exist_ok=True)
         trace = _component_trace({r: outs[r]["ep2"]["events"] for r in (0, 1)})
