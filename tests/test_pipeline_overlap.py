@@ -133,7 +133,19 @@ def _worker(rank: int):
         losses, events = _drive(stage, mbs, mode, store)
         out[mode] = {"losses": losses, "grads": _grads(model, lambda g: dist.all_reduce(g)), "events": events}
     out["ffn"] = {fp8: _ffn_pair(ctx, fp8) for fp8 in (False, True)}
+    out["exchange"] = _exchange_rows(ctx)
     return out
+
+
+def _exchange_rows(ctx):
+    """``exchange_start`` of known rows with uneven splits (and an empty one), plain and FP8."""
+    from dsv3.parallel.dispatch import AllToAllDispatcher
+
+    disp = AllToAllDispatcher(ctx.ep_group, 2, ctx.ep_rank, 8)
+    in_splits = [[3, 0], [1, 2]][ctx.rank]  # rank 0 sends 3 rows to itself and none to rank 1
+    rows = torch.arange(sum(in_splits) * 256, dtype=torch.float32).view(-1, 256) / 7 + 100 * ctx.rank
+    out_splits = [[3, 1], [0, 2]][ctx.rank]
+    return {fp8: (rows, disp.exchange_start(rows, in_splits, out_splits, fp8=fp8).wait()) for fp8 in (False, True)}
 
 
 def _ffn_pair(ctx, fp8: bool):
@@ -276,3 +288,54 @@ def test_cut_moe_equals_the_uncut_moe(overlap_runs, fp8):
         assert cut["grads"].keys() == whole["grads"].keys() and len(cut["grads"]) > 0
         for name in cut["grads"]:
             torch.testing.assert_close(cut["grads"][name], whole["grads"][name], **TOL, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_exchange_start_moves_rows_by_splits(overlap_runs, fp8):
+    from dsv3.fp8.comm import quantize_for_dispatch
+
+    results, _ = overlap_runs
+    sent = [res["exchange"][fp8][0] for res in results]
+    expect = [torch.cat([sent[0][:3], sent[1][:1]]), sent[1][1:3]]  # rank 0: its own 3 rows, rank 1's first
+    for rank, res in enumerate(results):
+        got = res["exchange"][fp8][1]
+        want = quantize_for_dispatch(expect[rank]).dequantize(torch.float32) if fp8 else expect[rank]
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        if fp8:
+            assert not torch.equal(got, expect[rank])  # really quantised
+
+
+def test_cuts_only_layers_that_exchange_tokens():
+    """``cuts``: an MoE layer with the local dispatcher (one process) or without gradients is not cut; a dense one never."""
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.pipeline.overlap import cuts
+
+    model = DeepseekV3ForCausalLM(_config())
+    dense, moe = model.model.layers[0], model.model.layers[1]
+    assert not cuts(dense) and not cuts(moe)
+
+    class Exchanging:  # what makes a dispatcher communicate: a process group and start/wait halves
+        group = object()
+
+        def dispatch_start(self, *a):
+            raise AssertionError("not called")
+
+    moe.mlp.dispatcher = Exchanging()
+    assert cuts(moe)
+    with torch.no_grad():
+        assert not cuts(moe)
+
+
+def test_span_and_mark_record_timed_events():
+    from dsv3.parallel.pipeline.overlap import mark, span
+
+    events = []
+    with span(events, "F", "MLP"):
+        mark(events, "F", "dispatch.wait")
+    with span(None, "B", "MLP"):  # None: nothing recorded, no error
+        mark(None, "B", "x")
+    (p1, n1, t0, t1), (p2, n2, s0, s1) = events
+    assert (p1, n1, t0 == t1) == ("F", "dispatch.wait", True)
+    assert (p2, n2) == ("F", "MLP") and s0 <= t0 <= s1
