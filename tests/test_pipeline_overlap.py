@@ -204,8 +204,8 @@ def test_fb_op_with_ep_equals_one_process(overlap_runs, mode):
     results, (ref_losses, ref_grads) = overlap_runs
     for rank, res in enumerate(results):
         got = res[mode]
-        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor([ref_losses[(rank, i)] for i in range(N_MICRO)]),
-                                   **TOL)
+        want = torch.tensor([ref_losses[(rank, i)] for i in range(N_MICRO)])
+        torch.testing.assert_close(torch.tensor(got["losses"]), want, **TOL)
         assert set(got["grads"]) <= set(ref_grads)
         assert len([n for n in got["grads"] if ".experts." in n and "shared" not in n]) > 0
         for name, t in got["grads"].items():
@@ -308,7 +308,8 @@ def test_exchange_start_moves_rows_by_splits(overlap_runs, fp8):
 
 
 def test_cuts_only_layers_that_exchange_tokens():
-    """``cuts``: an MoE layer with the local dispatcher (one process) or without gradients is not cut; a dense one never."""
+    """``cuts``: an MoE layer with the local dispatcher (one process) or without gradients is not cut; a dense
+    layer never is."""
     from dsv3.model import DeepseekV3ForCausalLM
     from dsv3.parallel.pipeline.overlap import cuts
 
