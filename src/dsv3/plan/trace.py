@@ -219,6 +219,17 @@ def match_schedule(ops: list[TraceOp], schedule: str | None = None, pp: int | No
 
 
 # ---------------------------------------------------------------------------- measuring
+def measured_span(executed: list[list[Executed]]) -> tuple[float, list[float], list[float], float]:
+    """(makespan, busy per device, idle per device, first start) of executed compute ops on one shared clock."""
+    spans = [(s, e) for row in executed for _, s, e in row]
+    if not spans:
+        raise ConfigError("a measured step needs at least one executed compute op")
+    t0 = min(s for s, _ in spans)
+    makespan = max(e for _, e in spans) - t0
+    busy = [sum(e - s for _, s, e in row) for row in executed]
+    return makespan, busy, [makespan - b for b in busy], t0
+
+
 def measured_step(schedule: Schedule, executed: list[list[Executed]], times: OpTimes | None = None) -> SimResult:
     """The measured step as a :class:`SimResult` (seconds, time 0 = the first op's start over all devices).
 
@@ -226,16 +237,11 @@ def measured_step(schedule: Schedule, executed: list[list[Executed]], times: OpT
     makespan = last end - first start; ``busy[d]`` = sum of device d's op durations; ``bubble[d]`` (idle) =
     makespan - busy[d]. ``times`` (the op times the comparison used) is only recorded.
     """
-    spans = [(s, e) for row in executed for _, s, e in row]
-    if not spans:
-        raise ConfigError("a measured step needs at least one executed compute op")
-    t0 = min(s for s, _ in spans)
-    makespan = max(e for _, e in spans) - t0
-    busy = [sum(e - s for _, s, e in row) for row in executed]
+    makespan, busy, idle, t0 = measured_span(executed)
     timeline = [[(_label(op), s - t0, e - t0, op) for op, s, e in row] for row in executed]
     return SimResult(
         schedule=schedule.name, pp=schedule.pp, microbatches=schedule.microbatches, devices=schedule.devices,
-        times=times or OpTimes(), makespan=makespan, busy=busy, bubble=[makespan - b for b in busy],
+        times=times or OpTimes(), makespan=makespan, busy=busy, bubble=idle,
         peak_activations=_peak_activations(schedule), params_per_device_factor=schedule.params_per_device_factor,
         timeline=timeline,
     )
@@ -284,4 +290,4 @@ def compare_trace(path: str | os.PathLike, schedule: str | None = None, pp: int 
 
 
 __all__ = ["MAX_TRACE_BYTES", "TraceComparison", "TraceOp", "compare", "compare_trace", "match_schedule",
-           "measured_op_times", "measured_step", "read_trace"]
+           "measured_op_times", "measured_span", "measured_step", "read_trace"]
