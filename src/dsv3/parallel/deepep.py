@@ -33,7 +33,7 @@ halves are DeepEP's ``async_finish=True`` and ``event.current_stream_wait()``. F
 wired to DeepEP's (data, scales) form here: ``--fp8`` with ``--dispatcher deepep`` is refused.
 
 Status: the layout and autograd translation are tested against a stand-in ``deep_ep`` module with the
-documented semantics (tests/test_parallel_deepep.py, outputs and gradients equal to LocalDispatcher's). The
+documented semantics (tests/test_deepep.py, outputs and gradients equal to LocalDispatcher's). The
 adapter has NOT been run on GPUs with the real DeepEP here (no GPU cluster in this project's CI); try it on
 one node against ``--dispatcher alltoall`` before relying on it.
 """
@@ -216,7 +216,7 @@ class DeepEPDispatcher:
     def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> _Pending:
         """Compute the layout and start DeepEP's dispatch (``async_finish=True``)."""
         buf = self.buffer.get(x)
-        idx = topk_idx.to(torch.int64).contiguous()
+        idx = topk_idx.to(getattr(self.buffer.deep_ep, "topk_idx_t", torch.int64)).contiguous()  # DeepEP's index type
         per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, self.n_experts)
         out: dict = {}
         recv_x, recv_w = _Dispatch.apply(x.contiguous(), topk_weights.float().contiguous(), buf, idx,
