@@ -50,10 +50,13 @@ def read_jsonl(path):
 
 
 def cli(argv, capsys):
-    """Run ``dsv3 ARGV`` in this process; return (exit code, stdout, stderr lines that are not blank)."""
+    """Run ``dsv3 ARGV`` in this process (argparse exits caught); return (exit code, stdout, stderr lines)."""
     from dsv3.cli import main
 
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse usage errors exit from the parser
+        code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
 
