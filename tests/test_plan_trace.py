@@ -218,3 +218,38 @@ def test_trace_of_the_pipeline_runtime(tmp_path, capsys):
     assert out["simulated"]["makespan"] == pytest.approx(sim.makespan, rel=1e-9)
     assert out["simulated"]["idle"] == pytest.approx(sim.bubble, rel=1e-9, abs=1e-12)
     assert {(e["cat"]) for e in spans} == {F, B, W}
+
+
+# ---------------------------------------------------------------------------- the library pieces
+def test_per_op_times_override_the_kind_times_per_stage():
+    from dsv3.errors import ConfigError
+    from dsv3.parallel.pipeline.schedules import Op
+    from dsv3.plan.simulate import op_key
+
+    t = OpTimes(f=1.0, b=2.0, w=0.5, per_op={(F, 1): 4.0, (FB, 0, 1): 9.0})
+    assert t.of(Op(F, 0, 1)) == 4.0 and t.of(Op(F, 0, 0)) == 1.0 and t.of(Op(B, 0, 1)) == 1.5
+    assert t.of(Op(FB, 3, 0, b_microbatch=1, b_stage=1)) == 9.0 and op_key(Op(FB, 3, 0, b_stage=1)) == (FB, 0, 1)
+    with pytest.raises(ConfigError, match="finite number >= 0"):
+        OpTimes(per_op={(F, 0): -1.0})
+    # 1F1B pp=2, m=2 with a stage-1 forward twice as long: the hand-worked makespan
+    # dev0 F0 0-1, F1 1-2; dev1 F0 1-3, BW0 3-5, F1 5-7, BW1 7-9; dev0 BW0 5-7, BW1 9-11
+    sched = build_schedule("1f1b", 2, 2)
+    assert run_schedule(sched, OpTimes(f=1.0, b=2.0, w=0.0, per_op={(F, 1): 2.0})).makespan == pytest.approx(11.0)
+
+
+def test_measured_op_times_per_kind_follow_the_simulators_b_and_w():
+    from dsv3.parallel.pipeline.schedules import Op
+    from dsv3.plan.trace import measured_op_times, measured_span
+
+    split = [[(Op(F, 0, 0), 0.0, 1.0), (Op(B, 0, 0), 1.0, 2.5), (Op(W, 0, 0), 2.5, 3.0)],
+             [(Op(F, 0, 1), 1.0, 4.0), (Op(B, 0, 1), 4.0, 4.5), (Op(W, 0, 1), 5.0, 6.0)]]
+    t = measured_op_times(split, comm=0.25)
+    # medians over both stages: F (1, 3) -> 2, B (1.5, 0.5) -> 1, W (0.5, 1) -> 0.75; b = B + W
+    assert (t.f, t.b, t.w, t.comm) == pytest.approx((2.0, 1.75, 0.75, 0.25))
+    assert t.per_op == pytest.approx({(F, 0): 1.0, (B, 0): 1.5, (W, 0): 0.5, (F, 1): 3.0, (B, 1): 0.5, (W, 1): 1.0})
+    assert measured_op_times(split, per_stage=False).per_op is None
+    mixed = [[(Op(BW, 0, 0), 0.0, 3.0), (Op(B, 1, 0), 3.0, 5.0), (Op(W, 1, 0), 5.0, 6.0)]]
+    t = measured_op_times(mixed)
+    assert (t.b, t.w) == pytest.approx((3.0, 1.0))  # full backward 3, its split input part 2: W = 1
+    makespan, busy, idle, t0 = measured_span(split)
+    assert (makespan, t0) == (6.0, 0.0) and busy == [3.0, 4.5] and idle == [3.0, 1.5]
