@@ -194,7 +194,7 @@ def _reference(ep: int):
                 recv=recv.detach(), counts=counts, idx=torch.cat(idxs))
 
 
-def _rank(rank, world, halves, results):
+def _rank(rank, world, mode, results):
     from dsv3.parallel.deepep import DeepEPBuffer, DeepEPDispatcher
 
     try:
@@ -206,16 +206,28 @@ def _rank(rank, world, halves, results):
         mats = _mats()[rank * per:(rank + 1) * per].clone().requires_grad_(True)
         disp = DeepEPDispatcher(FakeGroup(world, rank), ep, rank, E, buffer=DeepEPBuffer(FakeGroup(world, rank)),
                                 ranks_per_node=2)
-        if halves:  # start, other work, wait
+        if mode == "halves":  # start, other work, wait
             pending = disp.dispatch_start(x, idx, w)
             other = (x * 2).sum()
             recv, counts, h = disp.dispatch_wait(pending)
             pc = disp.combine_start(_experts(recv, counts, h.recv_weights, mats), h)
             out = disp.combine_wait(pc) + 0 * other
+            (out * probe).sum().backward()
+        elif mode == "cut":  # the FB overlap's cut MoE layer: leaves at the exchanges, gradients sent back by hand
+            ran = []
+            p = disp.dispatch_start(x, idx, w, meanwhile=lambda: ran.append(True))
+            recv, counts, h = disp.dispatch_wait(p, cut=True)
+            pc = disp.combine_start(_experts(recv, counts, h.recv_weights, mats), h)
+            out = disp.combine_wait(pc, cut=True)
+            torch.autograd.backward([out], [probe])
+            torch.autograd.backward([pc.z], [disp.combine_backward_wait(disp.combine_backward_start(pc))])
+            g_x, g_meta = disp.dispatch_backward_wait(disp.dispatch_backward_start(p))
+            torch.autograd.backward([p.send_x, p.meta], [g_x, g_meta])
+            assert ran == [True]
         else:
             recv, counts, h = disp.dispatch(x, idx, w)
             out = disp.combine(_experts(recv, counts, h.recv_weights, mats), h)
-        (out * probe).sum().backward()
+            (out * probe).sum().backward()
         results[rank] = dict(out=out.detach(), gx=x.grad, gw=w.grad, gm=mats.grad, recv=recv.detach(),
                              counts=counts, stats=disp.stats, log=disp.buffer.buffer.log, rows=h.n_recv)
     except BaseException as exc:  # noqa: BLE001 - the main thread reports it
@@ -223,10 +235,10 @@ def _rank(rank, world, halves, results):
         world.barrier.abort()
 
 
-def _run(ep: int, halves: bool = False) -> list:
+def _run(ep: int, mode: str = "whole") -> list:
     world = FakeWorld(ep)
     results: list = [None] * ep
-    threads = [threading.Thread(target=_rank, args=(r, world, halves, results), daemon=True) for r in range(ep)]
+    threads = [threading.Thread(target=_rank, args=(r, world, mode, results), daemon=True) for r in range(ep)]
     for t in threads:
         t.start()
     for t in threads:
@@ -241,9 +253,9 @@ def _run(ep: int, halves: bool = False) -> list:
 # ---------------------------------------------------------------------------- tests
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("ep", [1, 2, 4])
-@pytest.mark.parametrize("halves", [False, True])
-def test_deepep_adapter_equals_local_dispatcher(fake_deep_ep, ep, halves):
-    got, ref = _run(ep, halves), _reference(ep)
+@pytest.mark.parametrize("mode", ["whole", "halves", "cut"])
+def test_deepep_adapter_equals_local_dispatcher(fake_deep_ep, ep, mode):
+    got, ref = _run(ep, mode), _reference(ep)
     per = E // ep
     for r in range(ep):
         g = got[r]
@@ -258,11 +270,11 @@ def test_deepep_adapter_equals_local_dispatcher(fake_deep_ep, ep, halves):
         # a token travels once to each rank it needs: received rows = distinct (token, rank) pairs
         dest = ref["idx"] // per
         assert g["rows"] == sum(int((dest.view(ep, N, K)[s] == r).any(dim=1).sum()) for s in range(ep))
-    # forward asynchronous (start/wait), backward synchronous, every event waited for
-    log = got[0]["log"]
+    # forward asynchronous (start/wait); backward synchronous, or asynchronous when cut; every event waited for
+    log, cut = got[0]["log"], mode == "cut"
     assert [e for e in log if e != "wait"] == [("dispatch", True, False), ("combine", True),
-                                               ("dispatch", False, True), ("combine", False)]
-    assert log.count("wait") == 2
+                                               ("dispatch", cut, True), ("combine", cut)]
+    assert log.count("wait") == (4 if cut else 2)
 
 
 @pytest.mark.timeout(60)

@@ -29,7 +29,10 @@ combine is a cached dispatch. On top it keeps OUR interface (:mod:`dsv3.parallel
 :class:`~dsv3.model.moe.LocalDispatcher` and :class:`~dsv3.parallel.dispatch.AllToAllDispatcher` give them:
 :func:`expand_to_local_experts` turns DeepEP's per-token rows into per-expert rows, and combine first sums a
 token's local expert outputs (already scaled by g in the experts) into its received row. The start/wait
-halves are DeepEP's ``async_finish=True`` and ``event.current_stream_wait()``. FP8 dispatch payloads are not
+halves are DeepEP's ``async_finish=True`` and ``event.current_stream_wait()``; with ``cut=True`` waits the
+received tensors are autograd leaves whose gradients go back through ``*_backward_start``/``*_backward_wait``
+(DeepEP's own backward pairing, asynchronous), as the FB overlap's cut MoE layer drives the all-to-all
+dispatcher. FP8 dispatch payloads are not
 wired to DeepEP's (data, scales) form here: ``--fp8`` with ``--dispatcher deepep`` is refused.
 
 Status: the layout and autograd translation are tested against a stand-in ``deep_ep`` module with the
@@ -165,6 +168,9 @@ class DeepEPHandle:
 
 @dataclass
 class _Pending:
+    """A started dispatch. ``send_x`` [N, d] and ``meta`` [N, K] (FP32 gate weights) are what DeepEP sent;
+    with a ``cut`` wait, ``recv`` [R, d] and ``recv_meta`` [R, K] are the received tensors as autograd leaves."""
+
     recv_x: torch.Tensor
     recv_w: torch.Tensor
     recv_idx: torch.Tensor
@@ -172,12 +178,37 @@ class _Pending:
     event: object
     n_tokens: int
     n_self: int
+    send_x: torch.Tensor
+    meta: torch.Tensor
+    recv: torch.Tensor | None = None
+    recv_meta: torch.Tensor | None = None
 
 
 @dataclass
 class _PendingCombine:
+    """A started combine of ``z`` [R, d]; with a ``cut`` wait, ``back`` [N, d] is the result as an autograd leaf."""
+
     combined: torch.Tensor
     event: object
+    z: torch.Tensor
+    handle: DeepEPHandle
+    back: torch.Tensor | None = None
+
+
+@dataclass
+class _PendingGrad:
+    """Gradients on their way back (backward of a cut exchange)."""
+
+    tensors: tuple
+    event: object
+
+
+def _leaf(received: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    return received.detach().requires_grad_(torch.is_grad_enabled() and source.requires_grad)
+
+
+def _grad_of(leaf: torch.Tensor) -> torch.Tensor:
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
 
 
 def _wait(event) -> None:
@@ -213,14 +244,16 @@ class DeepEPDispatcher:
             self.ranks_per_node = ep
         self.stats = CommStats()
 
-    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> _Pending:
-        """Compute the layout and start DeepEP's dispatch (``async_finish=True``)."""
+    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                       meanwhile=None) -> _Pending:
+        """Compute the layout and start DeepEP's dispatch (``async_finish=True``); ``meanwhile``: a callable run
+        while the tokens are in flight (the cut MoE of the FB overlap runs its shared experts there)."""
         buf = self.buffer.get(x)
         idx = topk_idx.to(getattr(self.buffer.deep_ep, "topk_idx_t", torch.int64)).contiguous()  # DeepEP's index type
         per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, self.n_experts)
         out: dict = {}
-        recv_x, recv_w = _Dispatch.apply(x.contiguous(), topk_weights.float().contiguous(), buf, idx,
-                                         (per_rank, per_rdma, per_expert, in_rank), True, out)
+        send_x, meta = x.contiguous(), topk_weights.float().contiguous()
+        recv_x, recv_w = _Dispatch.apply(send_x, meta, buf, idx, (per_rank, per_rdma, per_expert, in_rank), True, out)
         n = x.shape[0]
         with torch.no_grad():
             sent, n_self = int(in_rank.sum()), int(in_rank[:, self.ep_rank].sum())
@@ -228,16 +261,26 @@ class DeepEPDispatcher:
             self.stats.ranks_reached += sent
             self.stats.nodes_reached += int(in_rank.view(n, -1, self.ranks_per_node).any(dim=-1).sum())
             self.stats.bytes_sent += (sent - n_self) * x.shape[1] * x.element_size()
-        return _Pending(recv_x, recv_w, out["recv_idx"], out["handle"], out["event"], n, n_self)
+        if meanwhile is not None:
+            meanwhile()
+        return _Pending(recv_x, recv_w, out["recv_idx"], out["handle"], out["event"], n, n_self, send_x, meta)
 
-    def dispatch_wait(self, p: _Pending):
-        """Finish a dispatch: ``(recv_x [M, d], counts [N_r/ep], handle)`` with rows sorted by local expert."""
+    def dispatch_wait(self, p: _Pending, *, cut: bool = False):
+        """Finish a dispatch: ``(recv_x [M, d], counts [N_r/ep], handle)`` with rows sorted by local expert.
+
+        ``cut``: the received tensors become the leaves ``p.recv`` / ``p.recv_meta`` instead of staying linked
+        to ``x`` through autograd; their gradients go back with :meth:`dispatch_backward_start` / ``_wait``.
+        """
         _wait(p.event)
+        recv_x, recv_w = p.recv_x, p.recv_w
+        if cut:
+            recv_x = p.recv = _leaf(recv_x, p.send_x)
+            recv_w = p.recv_meta = _leaf(recv_w, p.meta)
         with torch.no_grad():
             recv_token, pos, counts = expand_to_local_experts(p.recv_idx.long(), self.n_local)
-        recv_weights = p.recv_w.reshape(-1).index_select(0, pos).unsqueeze(-1)
-        handle = DeepEPHandle(p.ep_handle, recv_token, p.recv_x.shape[0], p.n_tokens, recv_weights, p.n_self)
-        return p.recv_x.index_select(0, recv_token), counts, handle
+        recv_weights = recv_w.reshape(-1).index_select(0, pos).unsqueeze(-1)
+        handle = DeepEPHandle(p.ep_handle, recv_token, recv_x.shape[0], p.n_tokens, recv_weights, p.n_self)
+        return recv_x.index_select(0, recv_token), counts, handle
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
         """:meth:`dispatch_start` then :meth:`dispatch_wait`."""
@@ -249,12 +292,46 @@ class DeepEPDispatcher:
         out: dict = {}
         combined = _Combine.apply(z.contiguous(), self.buffer.get(z), handle.ep_handle, True, out)
         self.stats.bytes_sent += (handle.n_recv - handle.n_self) * z.shape[1] * z.element_size()
-        return _PendingCombine(combined, out["event"])
+        return _PendingCombine(combined, out["event"], z, handle)
 
-    def combine_wait(self, p: _PendingCombine) -> torch.Tensor:
-        """Finish a combine: ``out`` [N, d], each token's expert outputs summed over ranks."""
+    def combine_wait(self, p: _PendingCombine, *, cut: bool = False) -> torch.Tensor:
+        """Finish a combine: ``out`` [N, d], each token's expert outputs summed over ranks (``cut``: as the leaf
+        ``p.back``, whose gradient goes back with :meth:`combine_backward_start` / ``_wait``)."""
         _wait(p.event)
+        if cut:
+            p.back = _leaf(p.combined, p.z)
+            return p.back
         return p.combined
+
+    # ---------------------------------------------- backward of cut exchanges (the FB overlap's protocol)
+    def combine_backward_start(self, p: _PendingCombine) -> _PendingGrad:
+        """Start sending ``p.back.grad`` [N, d] to the ranks that computed the expert sums (a cached dispatch)."""
+        grad = _grad_of(p.back).contiguous()
+        p.back = None
+        with torch.no_grad():
+            g, _, _, _, _, event = self.buffer.get(grad).dispatch(grad, handle=p.handle.ep_handle, async_finish=True)
+        return _PendingGrad((g,), event)
+
+    @staticmethod
+    def combine_backward_wait(pending: _PendingGrad) -> torch.Tensor:
+        """The gradient of the combined rows ``p.z`` [R, d]."""
+        _wait(pending.event)
+        return pending.tensors[0]
+
+    def dispatch_backward_start(self, p: _Pending) -> _PendingGrad:
+        """Start sending the gradients of the received leaves (``p.recv`` [R, d], ``p.recv_meta`` [R, K]) back to
+        the tokens' ranks (a combine, which sums each token's gradients over the ranks it went to)."""
+        gx, gw = _grad_of(p.recv).contiguous(), _grad_of(p.recv_meta).contiguous()
+        p.recv = p.recv_meta = None
+        with torch.no_grad():
+            x, w, event = self.buffer.get(gx).combine(gx, p.ep_handle, topk_weights=gw, async_finish=True)
+        return _PendingGrad((x, w), event)
+
+    @staticmethod
+    def dispatch_backward_wait(pending: _PendingGrad) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of the sent tokens ``p.send_x`` [N, d] and gate weights ``p.meta`` [N, K]."""
+        _wait(pending.event)
+        return pending.tensors
 
     def combine(self, y: torch.Tensor, handle: DeepEPHandle) -> torch.Tensor:
         """:meth:`combine_start` then :meth:`combine_wait`."""
