@@ -120,12 +120,14 @@ class _Dispatch(torch.autograd.Function):
             num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
             async_finish=async_finish)
         out.update(recv_idx=recv_idx, handle=handle, event=event)
-        ctx.buf, ctx.handle, ctx.like = buf, handle, recv_x
+        ctx.buf, ctx.handle, ctx.recv_shape = buf, handle, (recv_x.shape, recv_x.dtype, recv_x.device)
         return recv_x, recv_w
 
     @staticmethod
     def backward(ctx, grad_x, grad_w):
-        grad_x = torch.zeros_like(ctx.like) if grad_x is None else grad_x
+        if grad_x is None:
+            shape, dtype, device = ctx.recv_shape
+            grad_x = torch.zeros(shape, dtype=dtype, device=device)
         gx, gw, _ = ctx.buf.combine(grad_x.contiguous(), ctx.handle,
                                     topk_weights=None if grad_w is None else grad_w.contiguous(), async_finish=False)
         return gx, gw, None, None, None, None, None
