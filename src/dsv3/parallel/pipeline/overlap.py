@@ -7,7 +7,8 @@ that each all-to-all is *started* at the end of one component and *waited* at th
 next component of the same chunk, with a component of the other chunk in between.
 
 :class:`CutMoE` runs the feed-forward step ``out = h + MoE(RMSNorm(h))`` of one decoder layer
-whose dispatcher exchanges tokens (:class:`~dsv3.parallel.dispatch.AllToAllDispatcher`) as three
+whose dispatcher exchanges tokens (:class:`~dsv3.parallel.dispatch.AllToAllDispatcher`, or any
+dispatcher with the same start/wait and ``cut`` protocol, such as :mod:`dsv3.parallel.deepep`'s) as three
 forward components and three backward ones:
 
 ==========  ================================================================  ===================
