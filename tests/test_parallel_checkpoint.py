@@ -1,5 +1,5 @@
 """Sharded (DCP) checkpoints: saved at EP=2 on 2 ranks, resumed in one process (and back) with the
-losses of an uninterrupted run; a half-written checkpoint is ignored."""
+losses and the CPU EMA (report 3.2.3) of an uninterrupted run; a half-written checkpoint is ignored."""
 
 from __future__ import annotations
 
@@ -12,19 +12,35 @@ from dist_helpers import run_ranks
 from test_parallel_ep import OPT, _batch, _config, _model
 
 WORLD_BATCH = 2  # the global batch is _batch(2, step): 4 sequences
+EMA_DECAY = 0.5  # far from 1, so that every step's parameters weigh in the compared EMA
 
 
 def _session(world: int, ep: int):
+    from dsv3.memory.ema import CPUEMA
     from dsv3.parallel.dispatch import shard_experts
     from dsv3.parallel.world import init_parallel
     from dsv3.parallel.zero import ZeroAdamW
 
     ctx = init_parallel(dp=world, ep=ep, n_routed_experts=_config().n_routed_experts)
     model = shard_experts(_model(), ctx, dispatcher="alltoall" if ep > 1 else "local")
-    return ctx, model, ZeroAdamW(model, ctx, **OPT)
+    return ctx, model, ZeroAdamW(model, ctx, **OPT), CPUEMA(model, EMA_DECAY)
 
 
-def _steps(ctx, model, opt, steps):
+def _global_ema(model, ema):
+    """The EMA under global names (experts by global index), independent of the checkpoint code's keys."""
+    from dsv3.model import Experts
+
+    shadow, out = ema.shadow(), {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, Experts):
+            for leaf, _ in mod.named_parameters():
+                t = shadow[f"{mod_name}.{leaf}"]
+                out.update({f"{mod_name}.{leaf}#{mod.expert_offset + i}": t[i].clone() for i in range(t.shape[0])})
+    out.update({n: t.clone() for n, t in shadow.items() if "experts." not in n})
+    return out, ema.num_updates
+
+
+def _steps(ctx, model, opt, steps, ema):
     from dsv3.parallel.zero import all_mean, sync_loads
 
     losses = []
@@ -38,25 +54,43 @@ def _steps(ctx, model, opt, steps):
         opt.step(max_norm=1.0)
         opt.zero_grad()
         model.update_router_bias(sync_loads(out.expert_load, ctx))
+        ema.update()
     return losses
 
 
 def _train_and_save(rank, world, ep, run_dir):
     from dsv3.parallel.checkpoint import save_sharded
 
-    ctx, model, opt = _session(world, ep)
-    first = _steps(ctx, model, opt, range(2))
-    save_sharded(run_dir, 2, model=model, optimizer=opt, ctx=ctx, extra={"loader": {"position": 8}})
-    return first + _steps(ctx, model, opt, range(2, 4))
+    ctx, model, opt, ema = _session(world, ep)
+    first = _steps(ctx, model, opt, range(2), ema)
+    save_sharded(run_dir, 2, model=model, optimizer=opt, ctx=ctx, extra={"loader": {"position": 8}}, ema=ema)
+    losses = first + _steps(ctx, model, opt, range(2, 4), ema)
+    return losses, _global_ema(model, ema)
 
 
 def _resume(rank, world, ep, run_dir):
     from dsv3.parallel.checkpoint import latest_sharded, load_sharded
 
-    ctx, model, opt = _session(world, ep)
-    meta = load_sharded(latest_sharded(run_dir), model=model, optimizer=opt, ctx=ctx)
-    assert meta["step"] == 2 and meta["loader"] == {"position": 8}
-    return _steps(ctx, model, opt, range(2, 4))
+    ctx, model, opt, ema = _session(world, ep)
+    meta = load_sharded(latest_sharded(run_dir), model=model, optimizer=opt, ctx=ctx, ema=ema)
+    assert meta["step"] == 2 and meta["loader"] == {"position": 8} and ema.num_updates == 2
+    return _steps(ctx, model, opt, range(2, 4), ema), _global_ema(model, ema)
+
+
+def _same_ema(got, want):
+    (g, gn), (w, wn) = got, want
+    assert gn == wn == 4
+    assert sorted(g) == sorted(w)
+    for name in w:
+        torch.testing.assert_close(g[name], w[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _merge_experts(per_rank):
+    """One rank's EMA dict per EP rank -> the whole model's (each rank holds its experts)."""
+    merged = {}
+    for emas, _ in per_rank:
+        merged.update(emas)
+    return merged, per_rank[0][1]
 
 
 @pytest.mark.slow
@@ -64,10 +98,12 @@ def _resume(rank, world, ep, run_dir):
 def test_checkpoint_saved_at_ep2_resumes_in_one_process(tmp_path):
     a = str(tmp_path / "a")
     os.makedirs(a)
-    uninterrupted = run_ranks(_train_and_save, 2, 2, 2, a, timeout=110)[0]
+    ranks = run_ranks(_train_and_save, 2, 2, 2, a, timeout=110)
+    uninterrupted = ranks[0][0]
     assert sorted(os.listdir(a)) == ["dcp-00000002"]
-    resumed = run_ranks(_resume, 1, 1, 1, a, timeout=110)[0]
+    resumed, ema = run_ranks(_resume, 1, 1, 1, a, timeout=110)[0]
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted[2:]), rtol=1e-5, atol=1e-6)
+    _same_ema(ema, _merge_experts([r[1] for r in ranks]))
 
 
 @pytest.mark.slow
@@ -75,10 +111,11 @@ def test_checkpoint_saved_at_ep2_resumes_in_one_process(tmp_path):
 def test_checkpoint_saved_in_one_process_resumes_at_ep2(tmp_path):
     b = str(tmp_path / "b")
     os.makedirs(b)
-    one = run_ranks(_train_and_save, 1, 1, 1, b, timeout=110)[0]
+    one, one_ema = run_ranks(_train_and_save, 1, 1, 1, b, timeout=110)[0]
     back = run_ranks(_resume, 2, 2, 2, b, timeout=110)
-    for r in back:
+    for r, _ in back:
         torch.testing.assert_close(torch.tensor(r), torch.tensor(one[2:]), rtol=1e-5, atol=1e-6)
+    _same_ema(_merge_experts([e for _, e in back]), one_ema)
 
 
 def test_half_written_checkpoint_is_ignored(tmp_path):

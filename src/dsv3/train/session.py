@@ -471,13 +471,17 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
             offsets = {f"{n}.{leaf}": m.expert_offset for n, m in model.named_modules() if isinstance(m, Experts)
                        for leaf in ("gate_up_proj", "down_proj")}
             optimizer.import_unsharded(full_optim, offsets)
+            if ema is not None and state.get("ema_state") is not None:
+                from dsv3.parallel.checkpoint import ema_from_unsharded
+
+                ema_from_unsharded(ema, model, state["ema_state"])
             session.step = state["step"]
             loader.load_state_dict(state["loader"])
             session.nonfinite = state["extra"].get("nonfinite", 0)
             session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
         checkpoint = session.checkpoint = sharded or checkpoint
         if sharded is not None:
-            meta = load_sharded(sharded, model=model, optimizer=optimizer, ctx=parallel)
+            meta = load_sharded(sharded, model=model, optimizer=optimizer, ctx=parallel, ema=ema)
             session.step = meta["step"]
             loader.load_state_dict(meta["loader"])
             session.nonfinite = meta.get("nonfinite", 0)
@@ -495,7 +499,8 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
             session.optimizer = ZeroAdamW(model, session.parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2),
                                           weight_decay=opt.weight_decay, eps=opt.eps,
                                           moments_dtype=config.memory.optim_states)
-            meta = load_sharded(sharded, model=model, optimizer=session.optimizer, ctx=session.parallel)
+            meta = load_sharded(sharded, model=model, optimizer=session.optimizer, ctx=session.parallel,
+                                   ema=ema)
             session.checkpoint = sharded
             session.step = meta["step"]
             loader.load_state_dict(meta["loader"])
@@ -544,13 +549,19 @@ def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_di
 
 def _load_unsharded(checkpoint: str, model, config: TrainConfig) -> tuple[dict, dict]:
     """A one-process checkpoint read into the whole model (before expert sharding) with its AdamW state
-    by parameter name, for a run continued under torchrun. (The EMA restarts from the weights.)"""
+    by parameter name, for a run continued under torchrun; with an EMA, its whole state as ``state["ema_state"]``."""
     from dsv3.train.optim import build_optimizer
 
     opt = config.optimizer
     full = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
                            eps=opt.eps, moments_dtype=config.memory.optim_states)
     state = load_checkpoint_state(checkpoint, model=model, optimizer=full, ema=None)
+    if config.memory.ema_decay and "ema" in state:
+        from safetensors.torch import load_file
+
+        from dsv3.checkpoint.state import join_tensors
+
+        state["ema_state"] = join_tensors(state["ema"], load_file(os.path.join(checkpoint, "ema.safetensors")))
     by_name = {n: full.state[p] for n, p in model.named_parameters() if p in full.state}
     return state, by_name
 
