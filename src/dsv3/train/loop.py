@@ -210,7 +210,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                 batches, _ = s.next_batches()
                 stats = train_step(s, batches, gamma=gamma)
                 record: dict[str, Any] = {"step": s.step + 1, "lr": lr,
-                                          "batch_size": len(batches) * config.data.micro_batch}
+                                          "batch_size": s.n_micro(s.step) * config.data.micro_batch}
                 s.step += 1
                 if stats.skipped:
                     s.nonfinite += 1

@@ -184,8 +184,7 @@ class BatchPrefetcher:
         state = self.loader.state_dict()
         pin = self.device.type == "cuda"
         batches = []
-        for _ in range(n_micro):
-            batch = self.loader.next_batch(self.micro_batch)
+        for batch in self.loader.next_batches(n_micro, self.micro_batch):  # this dp rank's part (all in one process)
             if not isinstance(batch, tuple):  # an SFT batch (with document-mask ids)
                 batches.append(batch_to(batch, None, pin=pin))
                 continue
@@ -419,6 +418,8 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
         ramp = BatchRamp.constant(config.data.global_batch, micro_batch=config.data.micro_batch,
                                   seq_len=config.data.seq_len)
     loader = data.loader(config.run.seed)
+    if distributed:  # each dp rank reads only its micro-batches of every global batch
+        loader.shard(parallel.dp, parallel.dp_rank)
 
     # --- the run directory (only now that the input is known to be good): lock, clean, config, tokenizer
     checkpoint = None
@@ -537,8 +538,16 @@ def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_di
     if n_micro % parallel.dp:
         raise ConfigError(f"global_batch / micro_batch = {n_micro} micro-batches cannot be split over dp "
                           f"{parallel.dp} ranks; make global_batch a multiple of micro_batch * dp")
-    if config.schedule.batch_ramp_start is not None:
-        raise ConfigError("the batch-size ramp is not supported under torchrun yet; drop --batch-ramp-start")
+    if config.schedule.batch_ramp_start is not None:  # every ramp step's micro-batches must split over dp too
+        from dsv3.train.schedule import BatchRamp
+
+        ramp = BatchRamp(start=config.schedule.batch_ramp_start, end=d.global_batch, micro_batch=d.micro_batch,
+                         ramp_steps=config.schedule.batch_ramp_steps, seq_len=d.seq_len)
+        bad = next((s for s in range(ramp.ramp_steps + 1) if ramp.accumulation_steps(s) % parallel.dp), None)
+        if bad is not None:
+            raise ConfigError(f"the batch ramp gives step {bad + 1} {ramp.accumulation_steps(bad)} micro-batches, which "
+                              f"cannot be split over dp {parallel.dp} ranks; make --batch-ramp-start and the ramp's "
+                              f"batches multiples of micro_batch * dp")
     import torch.distributed as dist
 
     box = [run_dir]
@@ -567,9 +576,10 @@ def _load_unsharded(checkpoint: str, model, config: TrainConfig) -> tuple[dict, 
 
 
 def _dp_slice(session: "Session", batches: list[Batch]) -> list[Batch]:
-    """This data-parallel rank's micro-batches: every dp-th of the global batch's (a disjoint part)."""
+    """This data-parallel rank's micro-batches: every dp-th of the global batch's (a disjoint part);
+    ``batches`` as they are when the loader already handed out only this rank's (:meth:`TrainLoader.shard`)."""
     ctx = session.parallel
-    if ctx is None or not ctx.distributed or ctx.dp == 1:
+    if ctx is None or not ctx.distributed or ctx.dp == 1 or getattr(session.loader, "dp", 1) > 1:
         return batches
     return batches[ctx.dp_rank::ctx.dp]
 
