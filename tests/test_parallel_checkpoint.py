@@ -93,26 +93,29 @@ def _merge_experts(per_rank):
     return merged, per_rank[0][1]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_checkpoint_saved_at_ep2_resumes_in_one_process(tmp_path):
-    a = str(tmp_path / "a")
+def _both_ways(rank, a, b):
+    """One 2-rank world (EP = 2): train 4 steps saving at step 2 into ``a``, and resume ``b`` (written by one
+    process) at step 2."""
+    return _train_and_save(rank, 2, 2, a), _resume(rank, 2, 2, b)
+
+
+@pytest.mark.timeout(150)
+def test_checkpoints_move_between_ep2_and_one_process_both_ways(tmp_path):
+    """Saved at EP = 2 on 2 ranks and resumed in one process, and saved in one process and resumed at EP = 2:
+    the losses and the EMA of the uninterrupted run (the one-process parts run in this process)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
     os.makedirs(a)
-    ranks = run_ranks(_train_and_save, 2, 2, 2, a, timeout=110)
-    uninterrupted = ranks[0][0]
-    assert sorted(os.listdir(a)) == ["dcp-00000002"]
-    resumed, ema = run_ranks(_resume, 1, 1, 1, a, timeout=110)[0]
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted[2:]), rtol=1e-5, atol=1e-6)
-    _same_ema(ema, _merge_experts([r[1] for r in ranks]))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_checkpoint_saved_in_one_process_resumes_at_ep2(tmp_path):
-    b = str(tmp_path / "b")
     os.makedirs(b)
-    one, one_ema = run_ranks(_train_and_save, 1, 1, 1, b, timeout=110)[0]
-    back = run_ranks(_resume, 2, 2, 2, b, timeout=110)
+    one, one_ema = _train_and_save(0, 1, 1, b)
+    ranks = run_ranks(_both_ways, 2, a, b, timeout=140)
+    # EP = 2 -> one process
+    uninterrupted = ranks[0][0][0]
+    assert sorted(os.listdir(a)) == ["dcp-00000002"]
+    resumed, ema = _resume(0, 1, 1, a)
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(uninterrupted[2:]), rtol=1e-5, atol=1e-6)
+    _same_ema(ema, _merge_experts([r[0][1] for r in ranks]))
+    # one process -> EP = 2
+    back = [r[1] for r in ranks]
     for r, _ in back:
         torch.testing.assert_close(torch.tensor(r), torch.tensor(one[2:]), rtol=1e-5, atol=1e-6)
     _same_ema(_merge_experts([e for _, e in back]), one_ema)
