@@ -35,8 +35,9 @@ def _zero_worker(rank: int, steps: int):
         opt.inner._compiled_ok = False  # BF16 moments: the eager path (compiling takes minutes on 2 busy cores)
         norms = []
         for step in range(steps):
+            grads = _grads(model, rank, step)
             for n, p in model.named_parameters():
-                p.grad = _grads(model, rank, step)[n]
+                p.grad = grads[n]
             norms.append(float(opt.step(max_norm=None)))
             opt.zero_grad()
         total = sum(p.numel() for p in model.parameters())
