@@ -132,6 +132,54 @@ def model_state(model, held=None) -> dict[str, torch.Tensor]:
     return out
 
 
+def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict | None = None,
+                 keep_last: int | None = None, ema=None) -> str:
+    """Write ``run_dir/dcp-{step:08d}`` from every rank (collective); returns its path.
+
+    ``ema``: the run's :class:`~dsv3.memory.ema.CPUEMA` (saved as ``ema/...`` when given)."""
+    import torch.distributed.checkpoint as dcp
+
+    _attach_offsets(model, optimizer)
+    final = os.path.join(run_dir, f"dcp-{step:08d}")
+    tmp = final + ".tmp"
+    if ctx.is_main and os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    ctx.barrier()
+    state = model_state(model, getattr(optimizer, "held", None))  # pp: only this device's stages
+    state.update(_optimizer_tensors(optimizer, ctx, for_load=False))
+
+    if ema is not None:  # the EMA under the same global keys (ema/...), its update count in meta.json
+        state.update(ema_state(model, ema, getattr(optimizer, "held", None)))
+        extra = {"ema": {"num_updates": ema.num_updates}, **(extra or {})}
+    dcp.save(state, checkpoint_id=tmp)
+    ctx.barrier()
+    if ctx.is_main:
+        with open(os.path.join(tmp, META), "w") as fh:
+            json.dump({"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep},
+                       **(extra or {})}, fh)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep_last:
+            for old in sorted(list_checkpoints(run_dir))[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+    return final
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """Complete sharded checkpoints of ``run_dir`` (oldest first)."""
+    if not os.path.isdir(run_dir):
+        return []
+    names = sorted(n for n in os.listdir(run_dir) if _NAME.match(n) and os.path.isfile(os.path.join(run_dir, n, META)))
+    return [os.path.join(run_dir, n) for n in names]
+
+
+def latest_sharded(run_dir: str) -> str | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
 def _ema_keys(model, names) -> list[tuple[str, str, int | None]]:
     """(global key, EMA parameter name, row in the local expert block or None) of every averaged parameter."""
     experts = _expert_modules(model)
@@ -184,54 +232,6 @@ def ema_from_unsharded(ema, model, state: dict) -> None:
             off = experts[mod].expert_offset
             shadow[name] = shadow[name][off:off + p.shape[0]]
     ema.load_state_dict({"shadow": shadow, "num_updates": int(state.get("num_updates", 0))})
-
-
-def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict | None = None,
-                 keep_last: int | None = None, ema=None) -> str:
-    """Write ``run_dir/dcp-{step:08d}`` from every rank (collective); returns its path.
-
-    ``ema``: the run's :class:`~dsv3.memory.ema.CPUEMA` (saved as ``ema/...`` when given)."""
-    import torch.distributed.checkpoint as dcp
-
-    _attach_offsets(model, optimizer)
-    final = os.path.join(run_dir, f"dcp-{step:08d}")
-    tmp = final + ".tmp"
-    if ctx.is_main and os.path.isdir(tmp):
-        shutil.rmtree(tmp)
-    ctx.barrier()
-    state = model_state(model, getattr(optimizer, "held", None))  # pp: only this device's stages
-    state.update(_optimizer_tensors(optimizer, ctx, for_load=False))
-
-    if ema is not None:  # the EMA under the same global keys (ema/...), its update count in meta.json
-        state.update(ema_state(model, ema, getattr(optimizer, "held", None)))
-        extra = {"ema": {"num_updates": ema.num_updates}, **(extra or {})}
-    dcp.save(state, checkpoint_id=tmp)
-    ctx.barrier()
-    if ctx.is_main:
-        with open(os.path.join(tmp, META), "w") as fh:
-            json.dump({"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep},
-                       **(extra or {})}, fh)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if keep_last:
-            for old in sorted(list_checkpoints(run_dir))[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    ctx.barrier()
-    return final
-
-
-def list_checkpoints(run_dir: str) -> list[str]:
-    """Complete sharded checkpoints of ``run_dir`` (oldest first)."""
-    if not os.path.isdir(run_dir):
-        return []
-    names = sorted(n for n in os.listdir(run_dir) if _NAME.match(n) and os.path.isfile(os.path.join(run_dir, n, META)))
-    return [os.path.join(run_dir, n) for n in names]
-
-
-def latest_sharded(run_dir: str) -> str | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 @torch.no_grad()
