@@ -504,8 +504,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
             session.optimizer = ZeroAdamW(model, session.parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2),
                                           weight_decay=opt.weight_decay, eps=opt.eps,
                                           moments_dtype=config.memory.optim_states)
-            meta = load_sharded(sharded, model=model, optimizer=session.optimizer, ctx=session.parallel,
-                                   ema=ema)
+            meta = load_sharded(sharded, model=model, optimizer=session.optimizer, ctx=session.parallel, ema=ema)
             session.checkpoint = sharded
             session.step = meta["step"]
             loader.load_state_dict(meta["loader"])
@@ -549,9 +548,9 @@ def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_di
                          ramp_steps=config.schedule.batch_ramp_steps, seq_len=d.seq_len)
         bad = next((s for s in range(ramp.ramp_steps + 1) if ramp.accumulation_steps(s) % parallel.dp), None)
         if bad is not None:
-            raise ConfigError(f"the batch ramp gives step {bad + 1} {ramp.accumulation_steps(bad)} micro-batches, which "
-                              f"cannot be split over dp {parallel.dp} ranks; make --batch-ramp-start and the ramp's "
-                              f"batches multiples of micro_batch * dp")
+            raise ConfigError(f"the batch ramp gives step {bad + 1} {ramp.accumulation_steps(bad)} micro-batches, "
+                              f"which cannot be split over dp {parallel.dp} ranks; make --batch-ramp-start and the "
+                              f"ramp's batches multiples of micro_batch * dp")
     import torch.distributed as dist
 
     box = [run_dir]
