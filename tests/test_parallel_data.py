@@ -11,6 +11,7 @@ import torch
 
 from dsv3.errors import ConfigError
 from dsv3.train.data import TrainLoader
+from test_sft import chat_file, hf_dir, tok  # noqa: F401  (fixtures of the SFT test)
 
 
 class _Sequences:
@@ -127,3 +128,21 @@ def test_two_ranks_with_a_batch_ramp_have_the_losses_of_one_process(train_setup,
         assert taken == [1, 2, 3] and position == one_position
         assert error is not None and "step 2 3 micro-batches" in error and "dp 2" in error
         assert error.count(". ") == 0 and "\n" not in error
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_of_sft_have_the_losses_of_one_process(request, tmp_path):
+    """SFT (document-masked rows, assistant-only loss): micro-batches hold different numbers of loss tokens,
+    so each is weighted by its share of the whole global batch's tokens, not of its rank's; 2 ranks then
+    train the losses of one process."""
+    from dist_helpers import run_ranks
+    from test_sft import sft_options
+
+    hf_dir, chat_file = request.getfixturevalue("hf_dir"), request.getfixturevalue("chat_file")
+    opts = sft_options(hf_dir, chat_file, tmp_path / "run", micro_batch=1, global_batch=4, steps=2, eps=1e-3,
+                       val_fraction=0.0, sample_tokens=0)
+    one, one_taken, one_position, _ = _session_run(0, opts, 2)
+    assert one_taken == [4, 4]
+    for losses, taken, position, _ in run_ranks(_session_run, 2, opts, 2, timeout=100):
+        np.testing.assert_allclose(losses, one, rtol=1e-5, atol=1e-6)
+        assert taken == [2, 2] and position == one_position

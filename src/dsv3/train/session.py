@@ -640,6 +640,10 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
         # of the step's loss tokens, so the step's loss is the mean over all of them (on the device).
         counts = torch.stack([(labels != -100).sum() for _, labels, _ in split]).double()
         weights = counts / counts.sum().clamp(min=1)
+        if distributed and ctx.dp > 1:  # shares of the whole global batch's tokens (gradients are averaged over dp)
+            from dsv3.parallel.zero import all_mean
+
+            weights = counts / all_mean(counts.sum().reshape(1), ctx)[0].clamp(min=1e-9)
     for i, (ids, labels, extra) in enumerate(split):
         out = model(ids, labels, **extra)
         parts = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.mtp_loss.detach(),
