@@ -152,3 +152,28 @@ def test_export_writes_the_hugging_face_directory_of_a_sharded_checkpoint(tmp_pa
     ref = dict(model.state_dict())
     for name, t in loaded.state_dict().items():
         assert torch.equal(t, ref[name]), name
+
+
+@pytest.mark.timeout(120)
+def test_a_checkpoint_without_ema_restarts_the_ema_from_the_loaded_weights(tmp_path):
+    """A sharded checkpoint written without an EMA (an older dsv3, or a run without --ema-decay) resumed by a
+    run with one: the EMA starts from the checkpoint's weights (not the freshly initialised ones), 0 updates."""
+    from dsv3.memory.ema import CPUEMA
+    from dsv3.parallel.checkpoint import load_sharded, save_sharded
+    from dsv3.parallel.world import ParallelContext
+    from dsv3.parallel.zero import ZeroAdamW
+
+    ctx = ParallelContext.single()
+    saved = _model()
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(0.5)  # unlike a fresh model's weights
+    path = save_sharded(str(tmp_path), 3, model=saved, optimizer=ZeroAdamW(saved, ctx, **OPT), ctx=ctx)
+    model = _model()
+    ema = CPUEMA(model, EMA_DECAY)
+    meta = load_sharded(path, model=model, optimizer=ZeroAdamW(model, ctx, **OPT), ctx=ctx, ema=ema)
+    assert meta["step"] == 3 and "ema" not in meta and ema.num_updates == 0
+    want = dict(saved.named_parameters())
+    for name, t in ema.shadow().items():
+        assert torch.equal(t, want[name].detach()), name
+    ema.close()
