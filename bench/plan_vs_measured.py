@@ -28,8 +28,20 @@ but on CPU its GEMMs are emulated in FP32, so a selective region that caches
 GEMM outputs keeps FP32 copies of the MLA down-projection outputs (``--fp8-gemm``
 shows it), which real FP8 GEMMs do not produce.
 
+EP/DP layouts (``--layout DPxEP``, e.g. ``--layout 2x2 --layout 4x2 --layout 4x4``): ``DP`` gloo ranks are
+spawned on 127.0.0.1; each builds the model as ``dsv3 train`` does under torchrun (the whole model, then
+:func:`dsv3.parallel.dispatch.shard_experts` keeps its block of ``N_r / EP`` experts and the all-to-all
+dispatcher, then :class:`dsv3.parallel.zero.ZeroAdamW`), runs one step on its own micro-batch and reports:
+weights (its parameters and buffers), gradients (its ``.grad``), optimizer (``ZeroAdamW.state_bytes()``:
+its FP32 master chunks and moments) and live activations. The planner's per-rank states are
+:func:`dsv3.plan.memory.zero1_rank_state_bytes` (dsv3's ZeRO-1 cuts every tensor into dim-0 chunks, dense
+over DP, expert blocks over EDP = DP / EP), its activations ``make_plan(...).stages[0]`` for the layout.
+The runtime always keeps FP32 master chunks, which the planner counts only for parameters not stored in
+FP32, so these rows use BF16 parameters by default (see ``--dtype``).
+
     python bench/plan_vs_measured.py                      # tiny and small FP32, small FP8; every policy
     python bench/plan_vs_measured.py --preset tiny --dtype bf16 --fp8 --json
+    python bench/plan_vs_measured.py --preset tiny --layout 2x2 --layout 4x2 --layout 4x4   # EP/DP, per rank
 """
 
 from __future__ import annotations
@@ -118,6 +130,95 @@ def measure(preset: str | ModelConfig, seq_len: int, micro_batch: int = 1, dtype
     }
 
 
+def _rank_measure(rank: int, preset, dp: int, ep: int, seq_len: int, micro_batch: int, dtype: str, moments: str,
+                  recompute: str, seed: int) -> dict:
+    """One spawned rank of :func:`measure_parallel`: measured bytes of this rank after one step."""
+    from dsv3.memory.measure import activation_bytes
+    from dsv3.parallel.dispatch import shard_experts
+    from dsv3.parallel.world import init_parallel
+    from dsv3.parallel.zero import ZeroAdamW
+
+    cfg, model = build(preset, dtype, recompute, None, seed)
+    ctx = init_parallel(dp=dp, ep=ep, n_routed_experts=cfg.n_routed_experts, device="cpu")
+    shard_experts(model, ctx, dispatcher="alltoall" if ep > 1 else "local")
+    opt = ZeroAdamW(model, ctx, moments_dtype=moments)
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=gen)
+    live, saved = activation_bytes(model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    opt.step(1.0)
+    return {"rank": ctx.rank, "dp_rank": ctx.dp_rank, "ep_rank": ctx.ep_rank, "edp_rank": ctx.edp_rank,
+            "weights": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())),
+            "grads": grads, "optimizer": opt.state_bytes(), "activations": live, "saved_tensors": saved}
+
+
+def planned_per_rank(cfg: ModelConfig, dp: int, ep: int, seq_len: int, micro_batch: int, dtype: str, moments: str,
+                     recompute: str) -> list[dict]:
+    """What the planner predicts for each data-parallel rank of a ``pp = 1`` layout with ZeRO-1."""
+    from dsv3.plan.memory import stage_parts, stage_tensors, zero1_rank_state_bytes
+    from dsv3.plan.params import count_params
+
+    layout = Layout(dp=dp, ep=ep, zero=1, seq_len=seq_len, micro_batch=micro_batch, recompute=recompute)
+    prec = Precision(weights=dtype, grads=dtype, master="fp32", moments=moments, router=dtype,
+                     router_compute="fp32", activations=dtype, stats="fp32")
+    plan = make_plan(cfg, layout, prec)
+    tensors = stage_tensors(count_params(cfg), stage_parts(cfg, layout, plan.stage_layers)[0])
+    out = []
+    for r in range(dp):
+        sb = zero1_rank_state_bytes(tensors, layout, prec, r)
+        out.append({"weights": sb.weights, "grads": sb.grads, "optimizer": sb.optimizer,
+                    "activations": plan.stages[0].activations_per_microbatch,
+                    "plan_optimizer": plan.stages[0].optimizer})
+    return out
+
+
+def measure_parallel(preset: str | ModelConfig, dp: int, ep: int, seq_len: int, micro_batch: int = 1,
+                     dtype: str = "bf16", moments: str = "fp32", recompute: str = "none", seed: int = 0,
+                     timeout: float = 120.0) -> list[dict]:
+    """Run :func:`_rank_measure` on ``dp`` spawned gloo ranks; one row per rank (measured, planned, ratio)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from dist_helpers import run_ranks  # noqa: E402  (spawned gloo ranks with hard timeouts)
+
+    cfg = load_preset(preset) if isinstance(preset, str) else preset
+    measured = run_ranks(_rank_measure, dp, preset, dp, ep, seq_len, micro_batch, dtype, moments, recompute, seed,
+                         timeout=timeout)
+    planned = planned_per_rank(cfg, dp, ep, seq_len, micro_batch, dtype, moments, recompute)
+    rows = []
+    for m, p in zip(measured, planned):
+        ratio = {k: p[k] / m[k] for k in ("weights", "grads", "optimizer", "activations")}
+        ratio["saved_tensors"] = p["activations"] / m["saved_tensors"]
+        rows.append({"preset": preset if isinstance(preset, str) else "custom", "dp": dp, "ep": ep,
+                     "edp": dp // ep, "rank": m["rank"], "seq_len": seq_len, "micro_batch": micro_batch,
+                     "dtype": dtype, "moments": moments, "recompute": recompute, "fp8": None,
+                     "measured": m, "planned": p, "ratio": ratio})
+    return rows
+
+
+def markdown_parallel(rows: list[dict]) -> str:
+    """The per-rank EP/DP comparison as a markdown table."""
+    head = ("| preset | params / moments | dp x ep (edp) | rank (ep, edp) | weights | grads "
+            "| optimizer: measured = planned (ceil(n/G) model) | activations live | planned | planned / live |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        m, p, q = r["measured"], r["planned"], r["ratio"]
+        cells = []
+        for k in STATES:
+            cell = f"{m[k]:,}"
+            if p[k] != m[k]:
+                cell += f" (planned {p[k]:,.0f})"
+            cells.append(cell)
+        cells[2] += f" ({p['plan_optimizer']:,.0f})"
+        lines.append(
+            f"| {r['preset']} | {r['dtype']} / {r['moments']} | {r['dp']} x {r['ep']} ({r['edp']}) "
+            f"| {r['rank']} ({m['ep_rank']}, {m['edp_rank']}) | {' | '.join(cells)} "
+            f"| {m['activations']:,} | {p['activations']:,.0f} | {q['activations']:.4f} |")
+    return "\n".join(lines)
+
+
+def parallel_row_ok(r: dict) -> bool:
+    return all(r["planned"][k] == r["measured"][k] for k in STATES) and abs(r["ratio"]["activations"] - 1) <= 0.10
+
+
 def row_ok(r: dict) -> bool:
     states = all(r["planned"][k] == r["measured"][k] for k in STATES)
     return states and abs(r["ratio"]["activations"] - 1) <= 0.10 and (
@@ -160,8 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     fp8.add_argument("--fp8", action="store_true", help="only FP8 rows (storage-only recipe), for every preset/dtype")
     fp8.add_argument("--fp8-gemm", action="store_true", help="only FP8 rows with (emulated) FP8 GEMMs")
     fp8.add_argument("--no-fp8", action="store_true", help="no FP8 rows")
+    ap.add_argument("--layout", action="append", metavar="DPxEP",
+                    help="EP/DP layouts to check per rank on DP spawned gloo ranks, e.g. 2x2 4x2 4x4 (default: none, "
+                         "one device); parameters in --dtype (default bf16), moments fp32 and bf16")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    if args.layout:
+        return main_parallel(args)
     presets = args.preset or ["tiny", "small"]
     dtypes = args.dtype or ["fp32"]
     if args.fp8 or args.fp8_gemm:
@@ -181,6 +287,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nseq_len {args.seq_len}, micro-batch {args.micro_batch}; moments in the parameter dtype\n")
         print(markdown(rows))
     return 0 if all(row_ok(r) for r in rows) else 1
+
+
+def main_parallel(args) -> int:
+    rows = []
+    for text in args.layout:
+        dp, _, ep = text.lower().partition("x")
+        for preset in args.preset or ["tiny"]:
+            for dtype in args.dtype or ["bf16"]:
+                for moments in sorted({"fp32", dtype}):
+                    for policy in args.recompute or ["none"]:
+                        got = measure_parallel(preset, int(dp), int(ep), args.seq_len, args.micro_batch, dtype,
+                                               moments, policy)
+                        rows += got
+                        if not args.json:
+                            print("\n".join(markdown_parallel(got).splitlines()[2:]), flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"\nseq_len {args.seq_len}, micro-batch {args.micro_batch} per rank; ZeRO-1; one step\n")
+        print(markdown_parallel(rows))
+    return 0 if all(parallel_row_ok(r) for r in rows) else 1
 
 
 if __name__ == "__main__":

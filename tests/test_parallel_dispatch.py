@@ -28,13 +28,19 @@ def _mats():
     return torch.randn(E, D, D, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
 
 
-def _round_trip(rank: int, world: int, fp8: bool):
-    import torch.distributed as dist
-
-    from dsv3.parallel.dispatch import AllToAllDispatcher
+def _round_trips(rank: int, world: int, fp8s: tuple[bool, ...]):
+    """:func:`_round_trip` for each FP8 setting in one spawned world (one process start for all)."""
     from dsv3.parallel.world import init_parallel
 
     ctx = init_parallel(dp=world, ep=world)
+    return [_round_trip(rank, world, fp8, ctx) for fp8 in fp8s]
+
+
+def _round_trip(rank: int, world: int, fp8: bool, ctx):
+    import torch.distributed as dist
+
+    from dsv3.parallel.dispatch import AllToAllDispatcher
+
     x, idx, w = _inputs(rank, world)
     if fp8:
         x = x.float()
@@ -64,10 +70,19 @@ def _reference(rank: int, world: int):
     return out.detach(), x.grad, w.grad, idx
 
 
+@pytest.fixture(scope="module")
+def two_ranks():
+    """FP32 and FP8 round trips on one 2-rank world: ``[per rank: [fp32 result, fp8 result]]``."""
+    return run_ranks(_round_trips, 2, 2, (False, True), timeout=80)
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("world", [2, 4])
-def test_dispatch_combine_round_trip_with_uneven_and_empty_splits(world):
-    results = run_ranks(_round_trip, world, world, False, timeout=80)
+def test_dispatch_combine_round_trip_with_uneven_and_empty_splits(world, request):
+    if world == 2:
+        results = [r[0] for r in request.getfixturevalue("two_ranks")]
+    else:
+        results = [r[0] for r in run_ranks(_round_trips, world, world, (False,), timeout=80)]
     per = E // world
     received_rows = [0] * world
     from_others = [0] * world
@@ -101,10 +116,9 @@ def test_dispatch_combine_round_trip_with_uneven_and_empty_splits(world):
     assert not any(0 in set((_reference(1, world)[3][t] // per).tolist()) for t in range(N))  # an empty split
 
 
-@pytest.mark.timeout(60)
-def test_fp8_dispatch_is_within_fp8_tolerance_and_sends_about_half_the_bytes():
-    f32 = run_ranks(_round_trip, 2, 2, False, timeout=50)
-    fp8 = run_ranks(_round_trip, 2, 2, True, timeout=50)
+@pytest.mark.timeout(90)
+def test_fp8_dispatch_is_within_fp8_tolerance_and_sends_about_half_the_bytes(two_ranks):
+    f32, fp8 = [r[0] for r in two_ranks], [r[1] for r in two_ranks]
     for a, b in zip(f32, fp8):
         rel = (b["out"].double() - a["out"]).norm() / a["out"].norm()
         assert 0 < rel < 0.06  # E4M3 (3 mantissa bits): relative error about 2^-4 at worst, nonzero

@@ -61,12 +61,17 @@ def _take(entries, grad: bool):
     return res
 
 
+def _ep_workers(rank: int, world: int, eps: tuple[int, ...]):
+    """:func:`_ep_worker` for each ep in one spawned world (one process start for all layouts)."""
+    return [_ep_worker(rank, world, ep) for ep in eps]
+
+
 def _ep_worker(rank: int, world: int, ep: int):
     from dsv3.parallel.dispatch import comm_stats, shard_experts
     from dsv3.parallel.world import init_parallel
     from dsv3.parallel.zero import ZeroAdamW, all_mean, sync_loads
 
-    ctx = init_parallel(dp=world, ep=ep, n_routed_experts=_config().n_routed_experts)
+    ctx = init_parallel(dp=world, ep=ep, n_routed_experts=_config().n_routed_experts)  # a new mesh per layout
     model = shard_experts(_model(), ctx, dispatcher="alltoall")
     opt = ZeroAdamW(model, ctx, **OPT)
     losses, loads, grads = [], [], None
@@ -142,32 +147,39 @@ def test_ep2_forward_backward_and_three_steps_equal_one_process():
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("ep", [2, 4])
-def test_four_ranks_ep_and_zero1_equal_one_process(ep):
-    results = run_ranks(_ep_worker, 4, 4, ep, timeout=170)
-    _check(results, _reference(4), 4, ep)
+def test_four_ranks_ep_and_zero1_equal_one_process():
+    """EP = 2 x EDP = 2 and EP = 4 on one 4-rank world."""
+    runs = run_ranks(_ep_workers, 4, 4, (2, 4), timeout=170)
+    ref = _reference(4)
+    for i, ep in enumerate((2, 4)):
+        _check([r[i] for r in runs], ref, 4, ep)
 
 
-def _recompute_worker(rank: int, policy: str):
+def _recompute_worker(rank: int, policies: tuple[str, ...]):
+    """One forward/backward per recompute policy, each on a fresh model, in one spawned world."""
     from dsv3.memory.recompute import apply_recompute
     from dsv3.parallel.dispatch import comm_stats, shard_experts
     from dsv3.parallel.world import init_parallel
 
     ctx = init_parallel(dp=2, ep=2, n_routed_experts=_config().n_routed_experts)
-    model = apply_recompute(shard_experts(_model(), ctx, dispatcher="alltoall"), policy)
     ids, labels = _batch(2, 0)
     rows = slice(rank * B_PER_RANK, (rank + 1) * B_PER_RANK)
-    out = model(ids[rows], labels[rows])
-    out.loss.backward()
-    return out.loss.item(), comm_stats(model).bytes_sent, {n: p.grad.clone() for n, p in model.named_parameters()}
+    out = {}
+    for policy in policies:
+        model = apply_recompute(shard_experts(_model(), ctx, dispatcher="alltoall"), policy)
+        res = model(ids[rows], labels[rows])
+        res.loss.backward()
+        out[policy] = (res.loss.item(), comm_stats(model).bytes_sent,
+                       {n: p.grad.clone() for n, p in model.named_parameters()})
+    return out
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(120)
 def test_recomputation_under_ep_repeats_no_all_to_all_and_changes_no_gradient():
-    base = run_ranks(_recompute_worker, 2, "none", timeout=110)
+    runs = run_ranks(_recompute_worker, 2, ("none", "selective", "full"), timeout=110)
+    base = [r["none"] for r in runs]
     for policy in ("selective", "full"):
-        got = run_ranks(_recompute_worker, 2, policy, timeout=110)
+        got = [r[policy] for r in runs]
         for (l0, b0, g0), (l1, b1, g1) in zip(base, got):
             assert l1 == l0 and b1 == b0  # the same bytes: no dispatch/combine replayed in backward
             for n in g0:

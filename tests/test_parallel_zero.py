@@ -22,30 +22,40 @@ def _model():
     return model
 
 
-def _zero_worker(rank: int, moments: str, steps: int):
+def _zero_worker(rank: int, steps: int):
+    """Both moment formats in one spawned world (one process start for both checks)."""
     from dsv3.parallel.world import init_parallel
     from dsv3.parallel.zero import ZeroAdamW
 
     ctx = init_parallel(dp=2, ep=1)
-    model = _model()
-    opt = ZeroAdamW(model, ctx, lr=1e-2, weight_decay=0.1, moments_dtype=moments)
-    opt.inner._compiled_ok = False  # BF16 moments: the eager path (compiling takes minutes on 2 busy cores)
-    norms = []
-    for step in range(steps):
-        for n, p in model.named_parameters():
-            p.grad = _grads(model, rank, step)[n]
-        norms.append(float(opt.step(max_norm=None)))
-        opt.zero_grad()
-    total = sum(p.numel() for p in model.parameters())
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms, opt.state_bytes(), total
+    out = {}
+    for moments in ("fp32", "bf16"):
+        model = _model()
+        opt = ZeroAdamW(model, ctx, lr=1e-2, weight_decay=0.1, moments_dtype=moments)
+        opt.inner._compiled_ok = False  # BF16 moments: the eager path (compiling takes minutes on 2 busy cores)
+        norms = []
+        for step in range(steps):
+            grads = _grads(model, rank, step)
+            for n, p in model.named_parameters():
+                p.grad = grads[n]
+            norms.append(float(opt.step(max_norm=None)))
+            opt.zero_grad()
+        total = sum(p.numel() for p in model.parameters())
+        out[moments] = ({n: p.detach().clone() for n, p in model.named_parameters()}, norms, opt.state_bytes(), total)
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero_runs():
+    return run_ranks(_zero_worker, 2, 3, timeout=80)
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("moments", ["fp32", "bf16"])
-def test_zero1_equals_unsharded_adamw_exactly(moments):
+def test_zero1_equals_unsharded_adamw_exactly(moments, zero_runs):
     from dsv3.optim import build_optimizer
 
-    results = run_ranks(_zero_worker, 2, moments, 3, timeout=80)
+    results = [r[moments] for r in zero_runs]
     ref = _model()
     opt = build_optimizer(ref, lr=1e-2, weight_decay=0.1, moments_dtype=moments)
     opt._compiled_ok = False

@@ -6,9 +6,13 @@ recomputation keeps) and, without recomputation, against the storages autograd s
 (``saved_tensors_hooks``, each storage once). The issue asks for 10 %; the itemised table matches the
 implementation to the byte on these runs (balanced-enough routing), so the bound here is 2 %, tight enough
 to catch an operator that starts (or stops) keeping a tensor.
+
+EP/DP layouts, per rank: dsv3's ZeRO-1 cuts every tensor into dim-0 chunks (dense over DP, expert blocks over
+EDP), so ranks hold different optimizer bytes; :func:`dsv3.plan.memory.zero1_rank_state_bytes` must give each
+rank's to the byte (against ZeroAdamW built with that rank's context, and on 2 spawned gloo ranks).
 """
 
-import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 _BENCH = Path(__file__).resolve().parents[1] / "bench" / "plan_vs_measured.py"
-_spec = importlib.util.spec_from_file_location("plan_vs_measured", _BENCH)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+sys.path.insert(0, str(_BENCH.parent))  # importable by name: spawned ranks unpickle its worker function
+import plan_vs_measured as bench  # noqa: E402
 
 TOLERANCE = 0.02
 
@@ -68,3 +71,67 @@ def test_saved_tensor_hooks_do_not_see_inside_recomputed_regions():
     none = bench.measure("tiny", seq_len=64, micro_batch=2, recompute="none")
     assert none["measured"]["saved_tensors"] == pytest.approx(none["measured"]["activations"], rel=1e-3)
     assert r["measured"]["activations"] < none["measured"]["activations"]
+
+
+# ----------------------------------------------------------------------------- EP / DP layouts, per rank
+def _odd_config():
+    """Odd row counts (vocabulary 509, N_r / EP = 3 experts a rank at EP 2, kv_a 40 + 3 rows) so that dsv3's
+    per-tensor dim-0 chunks differ from rank to rank and from a flat ceil(n / G) split."""
+    from helpers import small_config
+
+    return small_config(vocab_size=509, n_routed_experts=6, n_group=2, topk_group=1, qk_rope_head_dim=8,
+                        kv_lora_rank=35)
+
+
+@pytest.mark.parametrize("dp,ep", [(2, 2), (4, 2), (6, 3), (3, 1), (4, 1)])
+def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep):
+    """Every rank's ZeroAdamW.state_bytes() (built with that rank's context, no process group: ZeroAdamW's
+    state does not depend on communication) equals the planner's zero1_rank_state_bytes, for layouts of up to
+    4 ranks with uneven chunks; its weights and gradients too."""
+    from dsv3.parallel.dispatch import shard_experts
+    from dsv3.parallel.world import ParallelContext
+    from dsv3.parallel.zero import ZeroAdamW
+    from dsv3.plan.layout import Layout
+    from dsv3.plan.memory import stage_parts, stage_tensors, zero1_rank_state_bytes
+    from dsv3.plan.params import count_params
+
+    cfg = _odd_config()
+    layout = Layout(dp=dp, ep=ep, zero=1, seq_len=16, micro_batch=1)
+    prec = bench.Precision(weights="bf16", grads="bf16", master="fp32", moments="bf16", router="bf16",
+                           router_compute="fp32", activations="bf16", stats="fp32")
+    tensors = stage_tensors(count_params(cfg), stage_parts(cfg, layout, (cfg.num_hidden_layers,))[0])
+    per_rank = []
+    for rank in range(dp):
+        ctx = ParallelContext(rank=rank, world_size=1, dp=dp, ep=ep)  # world_size 1: no collectives
+        _, model = bench.build(cfg, "bf16", "none", None)
+        if ep > 1:
+            shard_experts(model, ctx, dispatcher="alltoall")
+        opt = ZeroAdamW(model, ctx, moments_dtype="bf16")
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step(1.0)
+        planned = zero1_rank_state_bytes(tensors, layout, prec, rank)
+        assert planned.optimizer == opt.state_bytes(), rank
+        assert planned.grads == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+        assert planned.weights == sum(t.numel() * t.element_size()
+                                      for t in list(model.parameters()) + list(model.buffers()))
+        per_rank.append(planned.optimizer)
+    if dp > 1:
+        assert len(set(per_rank)) > 1  # the chunks are uneven: a flat ceil(n / G) would be wrong somewhere
+
+
+@pytest.mark.timeout(90)
+def test_planner_matches_each_rank_of_a_two_rank_ep_run():
+    """dp = 2, ep = 2 on 2 spawned gloo ranks (the all-to-all dispatcher, ZeroAdamW, one step): each rank's
+    weights, gradients and optimizer bytes equal the planner's to the byte; activations within 10 %."""
+    rows = bench.measure_parallel(_odd_config(), dp=2, ep=2, seq_len=32, micro_batch=2, dtype="bf16",
+                                  moments="fp32", timeout=75)
+    assert [r["rank"] for r in rows] == [0, 1]
+    for r in rows:
+        for item in ("weights", "grads", "optimizer"):
+            assert r["planned"][item] == r["measured"][item], (r["rank"], item)
+        assert r["ratio"]["activations"] == pytest.approx(1.0, abs=0.10)
+        assert bench.parallel_row_ok(r)
+    assert rows[0]["measured"]["optimizer"] != rows[1]["measured"]["optimizer"]  # uneven row chunks
+    table = bench.markdown_parallel(rows).splitlines()
+    assert len(table) == 4 and "planned" not in table[2] and table[3].startswith("| custom | bf16 / fp32 | 2 x 2 (1) | 1 (1, 0) |")

@@ -11,10 +11,13 @@ Keys are global, so a checkpoint loads into any layout (``ep`` 4 -> 2 -> 1 proce
 * ``model/{module}.experts.{e}.{gate_up_proj|down_proj}`` per routed expert, ``e`` its global
   index, written by the rank that holds it;
 * ``optim/{param key}/{master|exp_avg|exp_avg_sq}`` the ZeRO-1 state gathered to whole tensors
-  per key (so a reader with another dp/edp cuts its own chunks), and ``optim/step``.
+  per key (so a reader with another dp/edp cuts its own chunks), and ``optim/step``;
+* ``ema/{param key}`` the FP32 shadows of the CPU EMA (:class:`dsv3.memory.ema.CPUEMA`, report
+  3.2.3) under the same global keys as ``model/`` (routed experts per global index), written when
+  the run keeps an EMA; its update count is in ``meta.json`` (``"ema": {"num_updates": n}``).
 
 (Gathering the optimizer state to whole tensors costs one parameter's worth of memory per key at
-a time; the V3-scale path would save ``DTensor`` chunks instead. The EMA is not saved yet.)
+a time; the V3-scale path would save ``DTensor`` chunks instead.)
 """
 
 from __future__ import annotations
@@ -111,14 +114,29 @@ def _attach_offsets(model, optimizer) -> None:
             s.expert_offset = experts[mod].expert_offset
 
 
-def model_state(model) -> dict[str, torch.Tensor]:
-    """``model/...`` tensors under global names (views of the model's own tensors)."""
-    return {f"model/{k}": (t.detach() if i is None else t.detach()[i]) for k, t, i in _param_keys(model)}
+def model_state(model, held=None) -> dict[str, torch.Tensor]:
+    """``model/...`` tensors under global names (views of the model's own tensors).
+
+    ``held``: under pipeline parallelism the parameter names this rank holds fresh (its stages);
+    other parameters (stale copies of other devices' stages) are left out, buffers are kept.
+    """
+    skip = set()
+    if held is not None:
+        skip = {n for n, _ in model.named_parameters() if n not in held}
+    out = {}
+    for k, t, i in _param_keys(model):
+        local = k if i is None else k.rsplit(".", 2)[0] + "." + k.rsplit(".", 1)[1]
+        if local in skip:
+            continue
+        out[f"model/{k}"] = t.detach() if i is None else t.detach()[i]
+    return out
 
 
 def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict | None = None,
-                 keep_last: int | None = None) -> str:
-    """Write ``run_dir/dcp-{step:08d}`` from every rank (collective); returns its path."""
+                 keep_last: int | None = None, ema=None) -> str:
+    """Write ``run_dir/dcp-{step:08d}`` from every rank (collective); returns its path.
+
+    ``ema``: the run's :class:`~dsv3.memory.ema.CPUEMA` (saved as ``ema/...`` when given)."""
     import torch.distributed.checkpoint as dcp
 
     _attach_offsets(model, optimizer)
@@ -127,13 +145,18 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
     if ctx.is_main and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     ctx.barrier()
-    state = model_state(model)
+    state = model_state(model, getattr(optimizer, "held", None))  # pp: only this device's stages
     state.update(_optimizer_tensors(optimizer, ctx, for_load=False))
+
+    if ema is not None:  # the EMA under the same global keys (ema/...), its update count in meta.json
+        state.update(ema_state(model, ema, getattr(optimizer, "held", None)))
+        extra = {"ema": {"num_updates": ema.num_updates}, **(extra or {})}
     dcp.save(state, checkpoint_id=tmp)
     ctx.barrier()
     if ctx.is_main:
         with open(os.path.join(tmp, META), "w") as fh:
-            json.dump({"step": step, "layout": {"dp": ctx.dp, "ep": ctx.ep}, **(extra or {})}, fh)
+            json.dump({"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep},
+                       **(extra or {})}, fh)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -157,10 +180,66 @@ def latest_sharded(run_dir: str) -> str | None:
     return found[-1] if found else None
 
 
+def _ema_keys(model, names) -> list[tuple[str, str, int | None]]:
+    """(global key, EMA parameter name, row in the local expert block or None) of every averaged parameter."""
+    experts = _expert_modules(model)
+    shapes = dict(model.named_parameters())
+    out = []
+    for name in names:
+        mod, _, leaf = name.rpartition(".")
+        if mod in experts and name in shapes:
+            m = experts[mod]
+            out += [(f"{mod}.{m.expert_offset + i}.{leaf}", name, i) for i in range(shapes[name].shape[0])]
+        else:
+            out.append((name, name, None))
+    return out
+
+
+def ema_state(model, ema, held=None) -> dict[str, torch.Tensor]:
+    """``ema/...`` FP32 CPU shadows of ``ema`` (a :class:`~dsv3.memory.ema.CPUEMA` over ``model``'s parameters,
+    possibly expert-sharded) under global names; views of the live shadows (waits for the worker first).
+
+    ``held``: as in :func:`model_state`, the parameter names this rank holds fresh (pipeline parallelism);
+    the EMA of the others is left out (their holders write it)."""
+    shadow = ema.shadow()
+    return {f"ema/{key}": (shadow[name] if i is None else shadow[name][i])
+            for key, name, i in _ema_keys(model, ema.names) if held is None or name in held}
+
+
 @torch.no_grad()
-def load_sharded(path: str, *, model, optimizer, ctx) -> dict:
+def load_ema_state(ema, model, tensors: dict[str, torch.Tensor], num_updates: int) -> None:
+    """Restore ``ema`` from ``ema/{global key}`` tensors (:func:`ema_state`'s keys, any layout's checkpoint):
+    each rank takes the experts it holds."""
+    shadow = ema.shadow()
+    out: dict[str, torch.Tensor] = {}
+    for key, name, i in _ema_keys(model, ema.names):
+        t = tensors[f"ema/{key}"]
+        if i is None:
+            out[name] = t
+        else:
+            out.setdefault(name, torch.empty_like(shadow[name]))[i].copy_(t)
+    ema.load_state_dict({"shadow": out, "num_updates": num_updates})
+
+
+def ema_from_unsharded(ema, model, state: dict) -> None:
+    """Restore ``ema`` over an expert-sharded ``model`` from an unsharded EMA ``state_dict`` (a one-process
+    checkpoint's: routed experts of all N_r experts in one tensor per layer)."""
+    experts = _expert_modules(model)
+    shadow = dict(state["shadow"])
+    for name, p in model.named_parameters():
+        mod = name.rpartition(".")[0]
+        if mod in experts and name in shadow:
+            off = experts[mod].expert_offset
+            shadow[name] = shadow[name][off:off + p.shape[0]]
+    ema.load_state_dict({"shadow": shadow, "num_updates": int(state.get("num_updates", 0))})
+
+
+@torch.no_grad()
+def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
     """Load a checkpoint written in any layout into this rank's (expert-sharded) model and ZeRO-1 optimizer.
 
+    ``ema``: the run's :class:`~dsv3.memory.ema.CPUEMA`, restored from the checkpoint's ``ema/...``
+    (a checkpoint written without an EMA leaves it as built: the loaded weights, restarted).
     Returns the ``meta.json`` dict (step, data position, counters).
     """
     import torch.distributed.checkpoint as dcp
@@ -168,9 +247,14 @@ def load_sharded(path: str, *, model, optimizer, ctx) -> dict:
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
     _attach_offsets(model, optimizer)
     state = {k: v.clone() for k, v in model_state(model).items()}
     state.update(_optimizer_tensors(optimizer, ctx, for_load=True))
+    with_ema = ema is not None and "ema" in meta
+    if with_ema:
+        state.update({k: torch.empty_like(v) for k, v in ema_state(model, ema).items()})
     dcp.load(state, checkpoint_id=path)
     for key, t, i in _param_keys(model):
         (t.data if i is None else t.data[i]).copy_(state[f"model/{key}"])
@@ -190,8 +274,12 @@ def load_sharded(path: str, *, model, optimizer, ctx) -> dict:
             dtype = optimizer.inner.moments_dtype
             optimizer.inner.state[s.master] = {"step": step, "exp_avg": parts["exp_avg"].to(dtype).clone(),
                                                "exp_avg_sq": parts["exp_avg_sq"].to(dtype).clone()}
-    with open(meta_path) as fh:
-        return json.load(fh)
+    if with_ema:
+        load_ema_state(ema, model, state, int(meta["ema"]["num_updates"]))
+    elif ema is not None:  # written without an EMA: it restarts from the loaded weights
+        ema.load_state_dict({"shadow": {n: p.detach() for n, p in model.named_parameters() if n in set(ema.names)},
+                             "num_updates": 0})
+    return meta
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ else: PyTorch's caching allocator rounds and splits blocks) complete the total.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -122,6 +123,47 @@ def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, re
         grads_unsharded=(g_n[False] + g_n[True]) * g,
         expert_grads_unsharded=g_n[True] * g,
     )
+
+
+def zero1_row_chunk(rows: int, n: int, rank: int) -> int:
+    """Rows of a tensor's balanced dim-0 chunk ``[rank*rows//n, (rank+1)*rows//n)`` (dsv3's ZeRO-1 cut)."""
+    return (rank + 1) * rows // n - rank * rows // n
+
+
+def zero1_rank_state_bytes(tensors: list[ParamTensor], layout: Layout, prec: Precision, dp_rank: int) -> StateBytes:
+    """Model-state bytes of ``tensors`` on data-parallel rank ``dp_rank`` under dsv3's own ZeRO-1.
+
+    :mod:`dsv3.parallel.zero` (DESIGN.md, "Distributed runtime") does not shard a padded flat buffer
+    (``ceil(n / G)`` elements on every rank, what :func:`state_bytes` counts): it cuts *each* trainable
+    tensor along dim 0 into balanced row chunks, one per rank of its group -- dense tensors over the DP
+    ranks (chunk ``dp_rank``), the rank's block of routed experts (``N_r / EP`` rows) over the EDP
+    replicas (chunk ``dp_rank // EP``, ranks being ``edp_idx * EP + ep_idx``) -- so ranks differ by up
+    to one row per tensor. The optimizer state of a chunk is its two moments and its master copy.
+    Weights and gradients are not sharded (ZeRO-1). For ``TP = ETP = 1`` and ZeRO 0 or 1 (the runtime's
+    layouts); buffers as in :func:`state_bytes`.
+    """
+    if layout.tp != 1 or layout.etp != 1 or layout.zero > 1:
+        raise ValueError("zero1_rank_state_bytes models dsv3's ZeRO-1 runtime: TP = ETP = 1, ZeRO <= 1")
+    if not 0 <= dp_rank < layout.dp:
+        raise ValueError(f"dp_rank {dp_rank} is outside 0..{layout.dp - 1}")
+    sb = state_bytes(aggregate(tensors, layout.tp_convention), dataclasses.replace(layout, zero=0), prec)
+    optimizer = 0.0
+    for t in tensors:
+        if t.kind not in ("weight", "router"):
+            continue
+        fmt = weight_format(t.kind, prec)
+        per = 2 * DTYPE_BYTES[prec.moments] + prec.master_bytes(fmt)
+        rows = t.shape[0] if t.shape else 1
+        if t.shard == "expert":
+            rows //= layout.ep
+            group, rank = layout.edp, dp_rank // layout.ep
+        else:
+            group, rank = layout.dp, dp_rank
+        if layout.zero == 0:
+            group, rank = 1, 0
+        optimizer += zero1_row_chunk(rows, group, rank) * (t.numel // (t.shape[0] if t.shape else 1)) * per
+    sb.optimizer = optimizer
+    return sb
 
 
 def unit_weight_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision) -> float:

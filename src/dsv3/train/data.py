@@ -646,11 +646,19 @@ class TrainLoader:
     puts the loader back there, so the next batch equals the next batch of a loader that
     was never interrupted.
 
+    Data parallelism (:meth:`shard`): :meth:`next_batches` hands data-parallel rank ``r`` of ``dp``
+    only micro-batches ``r, r + dp, r + 2 dp, ...`` of each global batch and reads nothing else; the
+    position still advances over the whole global batch, so the order, the position (and a
+    checkpoint's ``state_dict``) are those of one process, for any ``dp``.
+
     Args:
         dataset: the training sequences.
         seed: a non-negative integer.
         data_id: a fingerprint of the data, checked on ``load_state_dict``.
     """
+
+    dp: int = 1  # data-parallel ranks sharing each global batch (see shard)
+    dp_rank: int = 0
 
     def __init__(self, dataset: PackedDataset, *, seed: int, data_id: str = ""):
         if not isinstance(seed, int) or seed < 0:
@@ -689,6 +697,30 @@ class TrainLoader:
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The next ``(input_ids, labels)``, both [batch_size, T] int64."""
         return self.dataset.batch(self.next_indices(batch_size))
+
+    def shard(self, dp: int, rank: int) -> "TrainLoader":
+        """Make :meth:`next_batches` hand out only data-parallel rank ``rank``'s micro-batches (of ``dp``)."""
+        if not (isinstance(dp, int) and dp >= 1 and isinstance(rank, int) and 0 <= rank < dp):
+            raise ConfigError(f"data-parallel rank {rank!r} of {dp!r} ranks is not a valid rank; check --dp.")
+        self.dp, self.dp_rank = dp, rank
+        return self
+
+    def next_batches(self, n_micro: int, micro_batch: int) -> list:
+        """This rank's micro-batches of the next global batch of ``n_micro`` micro-batches of ``micro_batch``
+        sequences: micro-batch ``k`` (in the order of one process) goes to data-parallel rank ``k % dp``.
+
+        Every rank advances over all ``n_micro * micro_batch`` sequences (only its own are read), so the
+        position after the call is the same on every rank and equals one process's.
+        """
+        if n_micro % self.dp:
+            raise ConfigError(f"{n_micro} micro-batches cannot be split over {self.dp} data-parallel ranks; make "
+                              f"every step's batch a multiple of micro_batch * dp")
+        out = []
+        for k in range(n_micro):
+            indices = self.next_indices(micro_batch)
+            if k % self.dp == self.dp_rank:
+                out.append(self.dataset.batch(indices))
+        return out
 
     @property
     def sequences_seen(self) -> int:

@@ -175,7 +175,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     progress = ProgressBar(config.schedule.steps, initial=s.step,
                            mode="auto" if config.logging.progress and main else "off")
     if distributed:
-        log(f"parallel: {ctx.describe()}; sharded (DCP) checkpoints, EMA not saved in them yet")
+        log(f"parallel: {ctx.describe()}; sharded (DCP) checkpoints")
     last_ckpt = s.checkpoint
     interrupted = False
 
@@ -185,7 +185,8 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
 
             return save_sharded(run_dir, at_step, model=model, optimizer=s.optimizer, ctx=ctx,
                                 extra={"loader": s.prefetcher.state_after, "nonfinite": s.nonfinite,
-                                       "val_losses": s.val_losses}, keep_last=config.checkpoint.keep_last)
+                                       "val_losses": s.val_losses}, keep_last=config.checkpoint.keep_last,
+                                ema=s.ema)
         return save_checkpoint(run_dir, at_step, model=model, optimizer=s.optimizer,
                                loader_state=s.prefetcher.state_after, tokenizer=s.tokenizer, ema=s.ema,
                                keep_last=config.checkpoint.keep_last,
@@ -209,7 +210,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                 batches, _ = s.next_batches()
                 stats = train_step(s, batches, gamma=gamma)
                 record: dict[str, Any] = {"step": s.step + 1, "lr": lr,
-                                          "batch_size": len(batches) * config.data.micro_batch}
+                                          "batch_size": s.n_micro(s.step) * config.data.micro_batch}
                 s.step += 1
                 if stats.skipped:
                     s.nonfinite += 1

@@ -184,8 +184,7 @@ class BatchPrefetcher:
         state = self.loader.state_dict()
         pin = self.device.type == "cuda"
         batches = []
-        for _ in range(n_micro):
-            batch = self.loader.next_batch(self.micro_batch)
+        for batch in self.loader.next_batches(n_micro, self.micro_batch):  # this dp rank's part (all in one process)
             if not isinstance(batch, tuple):  # an SFT batch (with document-mask ids)
                 batches.append(batch_to(batch, None, pin=pin))
                 continue
@@ -423,6 +422,8 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
         ramp = BatchRamp.constant(config.data.global_batch, micro_batch=config.data.micro_batch,
                                   seq_len=config.data.seq_len)
     loader = data.loader(config.run.seed)
+    if distributed:  # each dp rank reads only its micro-batches of every global batch
+        loader.shard(parallel.dp, parallel.dp_rank)
 
     # --- the run directory (only now that the input is known to be good): lock, clean, config, tokenizer
     checkpoint = None
@@ -475,13 +476,17 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
             offsets = {f"{n}.{leaf}": m.expert_offset for n, m in model.named_modules() if isinstance(m, Experts)
                        for leaf in ("gate_up_proj", "down_proj")}
             optimizer.import_unsharded(full_optim, offsets)
+            if ema is not None and state.get("ema_state") is not None:
+                from dsv3.parallel.checkpoint import ema_from_unsharded
+
+                ema_from_unsharded(ema, model, state["ema_state"])
             session.step = state["step"]
             loader.load_state_dict(state["loader"])
             session.nonfinite = state["extra"].get("nonfinite", 0)
             session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
         checkpoint = session.checkpoint = sharded or checkpoint
         if sharded is not None:
-            meta = load_sharded(sharded, model=model, optimizer=optimizer, ctx=parallel)
+            meta = load_sharded(sharded, model=model, optimizer=optimizer, ctx=parallel, ema=ema)
             session.step = meta["step"]
             loader.load_state_dict(meta["loader"])
             session.nonfinite = meta.get("nonfinite", 0)
@@ -499,7 +504,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
             session.optimizer = ZeroAdamW(model, session.parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2),
                                           weight_decay=opt.weight_decay, eps=opt.eps,
                                           moments_dtype=config.memory.optim_states)
-            meta = load_sharded(sharded, model=model, optimizer=session.optimizer, ctx=session.parallel)
+            meta = load_sharded(sharded, model=model, optimizer=session.optimizer, ctx=session.parallel, ema=ema)
             session.checkpoint = sharded
             session.step = meta["step"]
             loader.load_state_dict(meta["loader"])
@@ -536,8 +541,16 @@ def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_di
     if n_micro % parallel.dp:
         raise ConfigError(f"global_batch / micro_batch = {n_micro} micro-batches cannot be split over dp "
                           f"{parallel.dp} ranks; make global_batch a multiple of micro_batch * dp")
-    if config.schedule.batch_ramp_start is not None:
-        raise ConfigError("the batch-size ramp is not supported under torchrun yet; drop --batch-ramp-start")
+    if config.schedule.batch_ramp_start is not None:  # every ramp step's micro-batches must split over dp too
+        from dsv3.train.schedule import BatchRamp
+
+        ramp = BatchRamp(start=config.schedule.batch_ramp_start, end=d.global_batch, micro_batch=d.micro_batch,
+                         ramp_steps=config.schedule.batch_ramp_steps, seq_len=d.seq_len)
+        bad = next((s for s in range(ramp.ramp_steps + 1) if ramp.accumulation_steps(s) % parallel.dp), None)
+        if bad is not None:
+            raise ConfigError(f"the batch ramp gives step {bad + 1} {ramp.accumulation_steps(bad)} micro-batches, "
+                              f"which cannot be split over dp {parallel.dp} ranks; make --batch-ramp-start and the "
+                              f"ramp's batches multiples of micro_batch * dp")
     import torch.distributed as dist
 
     box = [run_dir]
@@ -548,21 +561,28 @@ def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_di
 
 def _load_unsharded(checkpoint: str, model, config: TrainConfig) -> tuple[dict, dict]:
     """A one-process checkpoint read into the whole model (before expert sharding) with its AdamW state
-    by parameter name, for a run continued under torchrun. (The EMA restarts from the weights.)"""
+    by parameter name, for a run continued under torchrun; with an EMA, its whole state as ``state["ema_state"]``."""
     from dsv3.train.optim import build_optimizer
 
     opt = config.optimizer
     full = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
                            eps=opt.eps, moments_dtype=config.memory.optim_states)
     state = load_checkpoint_state(checkpoint, model=model, optimizer=full, ema=None)
+    if config.memory.ema_decay and "ema" in state:
+        from safetensors.torch import load_file
+
+        from dsv3.checkpoint.state import join_tensors
+
+        state["ema_state"] = join_tensors(state["ema"], load_file(os.path.join(checkpoint, "ema.safetensors")))
     by_name = {n: full.state[p] for n, p in model.named_parameters() if p in full.state}
     return state, by_name
 
 
 def _dp_slice(session: "Session", batches: list[Batch]) -> list[Batch]:
-    """This data-parallel rank's micro-batches: every dp-th of the global batch's (a disjoint part)."""
+    """This data-parallel rank's micro-batches: every dp-th of the global batch's (a disjoint part);
+    ``batches`` as they are when the loader already handed out only this rank's (:meth:`TrainLoader.shard`)."""
     ctx = session.parallel
-    if ctx is None or not ctx.distributed or ctx.dp == 1:
+    if ctx is None or not ctx.distributed or ctx.dp == 1 or getattr(session.loader, "dp", 1) > 1:
         return batches
     return batches[ctx.dp_rank::ctx.dp]
 
@@ -620,6 +640,10 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
         # of the step's loss tokens, so the step's loss is the mean over all of them (on the device).
         counts = torch.stack([(labels != -100).sum() for _, labels, _ in split]).double()
         weights = counts / counts.sum().clamp(min=1)
+        if distributed and ctx.dp > 1:  # shares of the whole global batch's tokens (gradients are averaged over dp)
+            from dsv3.parallel.zero import all_mean
+
+            weights = counts / all_mean(counts.sum().reshape(1), ctx)[0].clamp(min=1e-9)
     for i, (ids, labels, extra) in enumerate(split):
         out = model(ids, labels, **extra)
         parts = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.mtp_loss.detach(),
