@@ -82,6 +82,8 @@ class StateBytes:
     grads_unsharded: float  # gradient bytes before ZeRO-2 sharding (sizes the buckets, the DP reduction)
     expert_grads_unsharded: float  # the part in the EDP group (routed experts; reduced over EDP, the rest over DP)
     largest_unit_weights: float = 0.0  # unsharded weight bytes of the biggest layer (ZeRO-3 gathers it)
+    optimizer_flat: float | None = None  # the flat ceil(n / G) split (the ZeRO paper's formula), when optimizer is not it
+    optimizer_by_rank: list[float] | None = None  # optimizer bytes of each DP rank under dsv3's ZeRO-1 runtime
 
 
 def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
@@ -130,39 +132,62 @@ def zero1_row_chunk(rows: int, n: int, rank: int) -> int:
     return (rank + 1) * rows // n - rank * rows // n
 
 
-def zero1_rank_state_bytes(tensors: list[ParamTensor], layout: Layout, prec: Precision, dp_rank: int) -> StateBytes:
-    """Model-state bytes of ``tensors`` on data-parallel rank ``dp_rank`` under dsv3's own ZeRO-1.
+def zero1_runtime_applies(layout: Layout, replicas: int = 1) -> bool:
+    """Whether dsv3's own ZeRO-1 runtime (:mod:`dsv3.parallel.zero`) runs ``layout``: TP = ETP = 1, ZeRO 1 and
+    no DualPipe replica in the ZeRO group. Then the planner reports each rank's row chunks
+    (:func:`zero1_optimizer_bytes_by_rank`); otherwise the flat ``ceil(n / G)`` split of :func:`state_bytes`."""
+    return layout.tp == 1 and layout.etp == 1 and layout.zero == 1 and replicas == 1
+
+
+def zero1_optimizer_bytes_by_rank(tensors: list[ParamTensor], layout: Layout, prec: Precision) -> list[float]:
+    """Optimizer-state bytes of ``tensors`` on each data-parallel rank ``0..DP-1`` under dsv3's own ZeRO-1.
 
     :mod:`dsv3.parallel.zero` (DESIGN.md, "Distributed runtime") does not shard a padded flat buffer
     (``ceil(n / G)`` elements on every rank, what :func:`state_bytes` counts): it cuts *each* trainable
-    tensor along dim 0 into balanced row chunks, one per rank of its group -- dense tensors over the DP
-    ranks (chunk ``dp_rank``), the rank's block of routed experts (``N_r / EP`` rows) over the EDP
-    replicas (chunk ``dp_rank // EP``, ranks being ``edp_idx * EP + ep_idx``) -- so ranks differ by up
-    to one row per tensor. The optimizer state of a chunk is its two moments and its master copy.
-    Weights and gradients are not sharded (ZeRO-1). For ``TP = ETP = 1`` and ZeRO 0 or 1 (the runtime's
-    layouts); buffers as in :func:`state_bytes`.
+    tensor along dim 0 into balanced row chunks (:func:`zero1_row_chunk`), one per rank of its group --
+    dense tensors over the DP ranks (chunk ``dp_rank``), the rank's block of routed experts (``N_r / EP``
+    rows) over the EDP replicas (chunk ``dp_rank // EP``, ranks being ``edp_idx * EP + ep_idx``) -- so
+    ranks differ by up to one row per tensor. A chunk of ``r`` rows of ``c`` elements holds
+    ``r * c * (2 m + master)`` bytes (two moments and the master copy). ZeRO 0: every rank holds all.
+
+    Tensors with the same rows and group are summed first, so this costs ``DP x`` (distinct row counts).
+    For ``TP = ETP = 1`` and ZeRO 0 or 1 (the runtime's layouts).
     """
     if layout.tp != 1 or layout.etp != 1 or layout.zero > 1:
-        raise ValueError("zero1_rank_state_bytes models dsv3's ZeRO-1 runtime: TP = ETP = 1, ZeRO <= 1")
-    if not 0 <= dp_rank < layout.dp:
-        raise ValueError(f"dp_rank {dp_rank} is outside 0..{layout.dp - 1}")
-    sb = state_bytes(aggregate(tensors, layout.tp_convention), dataclasses.replace(layout, zero=0), prec)
-    optimizer = 0.0
+        raise ValueError("dsv3's ZeRO-1 runtime model needs TP = ETP = 1 and ZeRO <= 1")
+    row_bytes: dict[tuple[int, bool], float] = {}  # (rows held before ZeRO, expert) -> bytes of one row, summed
     for t in tensors:
         if t.kind not in ("weight", "router"):
             continue
         fmt = weight_format(t.kind, prec)
         per = 2 * DTYPE_BYTES[prec.moments] + prec.master_bytes(fmt)
         rows = t.shape[0] if t.shape else 1
-        if t.shard == "expert":
-            rows //= layout.ep
-            group, rank = layout.edp, dp_rank // layout.ep
-        else:
-            group, rank = layout.dp, dp_rank
-        if layout.zero == 0:
-            group, rank = 1, 0
-        optimizer += zero1_row_chunk(rows, group, rank) * (t.numel // (t.shape[0] if t.shape else 1)) * per
-    sb.optimizer = optimizer
+        cols = t.numel // rows
+        expert = t.shard == "expert"
+        key = (rows // layout.ep if expert else rows, expert)
+        row_bytes[key] = row_bytes.get(key, 0) + cols * per
+    out = [0.0] * layout.dp
+    for (rows, expert), per_row in row_bytes.items():
+        group = 1 if layout.zero == 0 else (layout.edp if expert else layout.dp)
+        chunk = [zero1_row_chunk(rows, group, r) * per_row for r in range(group)]
+        for d in range(layout.dp):
+            out[d] += chunk[0 if group == 1 else (d // layout.ep if expert else d)]
+    return out
+
+
+def zero1_rank_state_bytes(tensors: list[ParamTensor], layout: Layout, prec: Precision, dp_rank: int) -> StateBytes:
+    """Model-state bytes of ``tensors`` on data-parallel rank ``dp_rank`` under dsv3's own ZeRO-1.
+
+    The optimizer state is the rank's row chunks (:func:`zero1_optimizer_bytes_by_rank`); weights and
+    gradients are not sharded (ZeRO-1); buffers as in :func:`state_bytes`. For ``TP = ETP = 1`` and
+    ZeRO 0 or 1 (the runtime's layouts).
+    """
+    if layout.tp != 1 or layout.etp != 1 or layout.zero > 1:
+        raise ValueError("zero1_rank_state_bytes models dsv3's ZeRO-1 runtime: TP = ETP = 1, ZeRO <= 1")
+    if not 0 <= dp_rank < layout.dp:
+        raise ValueError(f"dp_rank {dp_rank} is outside 0..{layout.dp - 1}")
+    sb = state_bytes(aggregate(tensors, layout.tp_convention), dataclasses.replace(layout, zero=0), prec)
+    sb.optimizer = zero1_optimizer_bytes_by_rank(tensors, layout, prec)[dp_rank]
     return sb
 
 
@@ -212,7 +237,12 @@ def stage_tensors(params: ModelParams, part: StageParts) -> list[ParamTensor]:
 
 
 def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
-    """:func:`state_bytes` of one stage, from the cached per-layer groups (fast)."""
+    """:func:`state_bytes` of one stage, from the cached per-layer groups (fast).
+
+    Where dsv3's ZeRO-1 runtime runs the layout (:func:`zero1_runtime_applies`), ``optimizer`` is the
+    busiest data-parallel rank's bytes of :func:`zero1_optimizer_bytes_by_rank` (kept in
+    ``optimizer_by_rank``) and ``optimizer_flat`` the flat ``ceil(n / G)`` split it replaces.
+    """
     g = params.groups_for(layout.tp_convention)
     units = [g["layers"][i] for i in part.layers]
     if part.mtp:
@@ -221,6 +251,9 @@ def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, pre
     extra += [g["rotary"]] if (part.layers or part.mtp) else []  # every stage with blocks computes RoPE
     sb = state_bytes(merge_groups(units + extra), layout, prec, replicas)
     sb.largest_unit_weights = max((unit_weight_bytes(u, layout, prec) for u in units + extra), default=0.0)
+    if zero1_runtime_applies(layout, replicas):  # what dsv3's runtime holds: the busiest rank's row chunks
+        sb.optimizer_by_rank = zero1_optimizer_bytes_by_rank(stage_tensors(params, part), layout, prec)
+        sb.optimizer_flat, sb.optimizer = sb.optimizer, max(sb.optimizer_by_rank)
     return sb
 
 
@@ -387,6 +420,26 @@ def comm_buffer_bytes(cfg: ModelConfig, layout: Layout, prec: Precision, parts: 
 
 
 # ---------------------------------------------------------------------------- results
+#: ``optimizer_model`` of a memory result: which model of the sharded optimizer state ``optimizer`` is.
+RUNTIME_MODEL = "dsv3-zero1-row-chunks"
+FLAT_MODEL = "flat-ceil-n-over-G"
+
+
+def optimizer_detail(optimizer: float, flat: float | None, by_rank: list[float] | None) -> dict:
+    """The ``--json`` keys that say what ``optimizer`` is: the busiest rank of dsv3's ZeRO-1 runtime (with
+    every DP rank's bytes, the busiest rank, and the flat split for comparison) or the flat split itself."""
+    if by_rank is None:
+        return {"optimizer_model": FLAT_MODEL, "optimizer_flat": optimizer}
+    return {
+        "optimizer_model": RUNTIME_MODEL,
+        "optimizer_flat": flat,
+        "optimizer_busiest_dp_rank": by_rank.index(max(by_rank)),
+        "optimizer_min": min(by_rank),
+        "optimizer_max": max(by_rank),
+        "optimizer_by_dp_rank": by_rank,
+    }
+
+
 class _Totals:
     """``subtotal`` and ``total`` of a memory result with weights, grads, optimizer, activations, buffers."""
 
@@ -430,6 +483,8 @@ class StageMemory(_Totals):
     activations: float
     comm_buffers: dict[str, float] = field(default_factory=dict)
     fragmentation: float = 0.0
+    optimizer_flat: float | None = None  # see StateBytes
+    optimizer_by_rank: list[float] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -442,6 +497,7 @@ class StageMemory(_Totals):
                 "weights": self.weights,
                 "grads": self.grads,
                 "optimizer": self.optimizer,
+                **optimizer_detail(self.optimizer, self.optimizer_flat, self.optimizer_by_rank),
                 "activations": self.activations,
                 "activations_per_microbatch": self.activations_per_microbatch,
                 "microbatches_in_flight": self.microbatches_in_flight,
@@ -467,6 +523,8 @@ class DeviceMemory(_Totals):
     activations: float
     comm_buffers: dict[str, float]
     fragmentation: float = 0.0
+    optimizer_flat: float | None = None  # see StateBytes
+    optimizer_by_rank: list[float] | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -477,6 +535,7 @@ class DeviceMemory(_Totals):
                 "weights": self.weights,
                 "grads": self.grads,
                 "optimizer": self.optimizer,
+                **optimizer_detail(self.optimizer, self.optimizer_flat, self.optimizer_by_rank),
                 "activations": self.activations,
                 "comm_buffers": sum(self.comm_buffers.values()),
                 "comm_buffer_items": self.comm_buffers,
@@ -529,20 +588,27 @@ def memory_plan(cfg: ModelConfig, params: ModelParams, layout: Layout, prec: Pre
             recompute_working_set=ab.working_set,
             activations=n * ab.per_microbatch + ab.working_set,
             comm_buffers=comm_buffer_bytes(cfg, layout, prec, [part], [sb]),
+            optimizer_flat=sb.optimizer_flat,
+            optimizer_by_rank=sb.optimizer_by_rank,
         )
         sm.fragmentation = fragmentation * sm.subtotal
         stages.append(sm)
     devices: list[DeviceMemory] = []
     for dev, ss in enumerate(held):
+        by_rank = None  # a device's DP rank is the same in every stage it holds: add per rank, then take the busiest
+        if all(states[s].optimizer_by_rank is not None for s in ss):
+            by_rank = [sum(r) for r in zip(*(states[s].optimizer_by_rank for s in ss))]
         dm = DeviceMemory(
             device=dev,
             stages=ss,
             params=sum(states[s].params for s in ss),
             weights=sum(states[s].weights for s in ss),
             grads=sum(states[s].grads for s in ss),
-            optimizer=sum(states[s].optimizer for s in ss),
+            optimizer=max(by_rank) if by_rank else sum(states[s].optimizer for s in ss),
             activations=peaks[dev] + max(acts[s].working_set for s in ss),
             comm_buffers=comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in ss], [states[s] for s in ss]),
+            optimizer_flat=sum(states[s].optimizer_flat for s in ss) if by_rank else None,
+            optimizer_by_rank=by_rank,
         )
         dm.fragmentation = fragmentation * dm.subtotal
         devices.append(dm)
