@@ -110,6 +110,33 @@ def devices_table(plan) -> Table:
     return table
 
 
+def optimizer_lines(plan, most: int = 8) -> list[str]:
+    """What the optimizer column is: the busiest data-parallel rank of dsv3's ZeRO-1 runtime (per-tensor dim-0
+    row chunks, ``parallel/zero.py``) with the ranks' min..max, and the flat ``ceil(n/G)`` split of the ZeRO
+    paper beside it; or, for layouts the runtime does not run, the flat split alone."""
+    lay = plan.layout
+    runtime = [s for s in plan.stages if s.optimizer_by_rank is not None]
+    if not runtime:
+        why = "ZeRO 0" if lay.zero == 0 else ("ZeRO-2/3 or TP/ETP > 1 or DualPipe replicas"
+                                              if lay.zero > 1 or lay.tp > 1 or lay.etp > 1 else "DualPipe replicas")
+        return [f"optimizer: flat ceil(n/G) split of the ZeRO paper (every rank the same); dsv3's runtime "
+                f"(ZeRO-1 row chunks) does not run this layout ({why})"]
+    head = len(runtime) > 1
+    out = [f"optimizer: runtime (dsv3 ZeRO-1 row chunks, per tensor over DP {lay.dp} / experts over EDP {lay.edp}), "
+           f"the busiest DP rank{' of each stage' if head else ''}:"]
+    for s in runtime[:most]:
+        ranks = s.optimizer_by_rank
+        busiest = ranks.index(max(ranks))
+        spread = ("every rank the same" if min(ranks) == max(ranks)
+                  else f"ranks {format_bytes(min(ranks))} .. {format_bytes(max(ranks))}")
+        out.append(f"  {'stage ' + str(s.stage) + ': ' if head else ''}DP rank {busiest} holds "
+                   f"{format_bytes(s.optimizer)} ({s.optimizer:,.0f} B; {spread}); flat ceil(n/G) split "
+                   f"(ZeRO paper): {format_bytes(s.optimizer_flat)} ({s.optimizer_flat:,.0f} B)")
+    if len(runtime) > most:
+        out.append(f"  ... {len(runtime) - most} more stages in --json (optimizer_by_dp_rank)")
+    return out
+
+
 def compute_table(plan) -> Table:
     f = plan.flops
     table = Table(title="Compute and cost", title_justify="left", show_header=False)
@@ -181,6 +208,8 @@ def render_plan(plan, console: Console, detail: bool = False) -> None:
     console.print(stages_table(plan))
     if any(len(d.stages) > 1 for d in plan.devices):
         console.print(devices_table(plan))
+    for line in optimizer_lines(plan):
+        console.print(escape(line))
     peak = plan.peak_device_bytes
     line = f"peak device memory: [bold]{format_bytes(peak)}[/bold]"
     if plan.gpu_memory is not None:
