@@ -168,7 +168,7 @@ def planned_per_rank(cfg: ModelConfig, dp: int, ep: int, seq_len: int, micro_bat
         sb = zero1_rank_state_bytes(tensors, layout, prec, r)
         out.append({"weights": sb.weights, "grads": sb.grads, "optimizer": sb.optimizer,
                     "activations": plan.stages[0].activations_per_microbatch,
-                    "plan_optimizer": plan.stages[0].optimizer})
+                    "plan_optimizer": plan.stages[0].optimizer_flat})  # the flat split, for comparison
     return out
 
 

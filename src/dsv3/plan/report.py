@@ -124,16 +124,21 @@ def optimizer_lines(plan, most: int = 8) -> list[str]:
     head = len(runtime) > 1
     out = [f"optimizer: runtime (dsv3 ZeRO-1 row chunks, per tensor over DP {lay.dp} / experts over EDP {lay.edp}), "
            f"the busiest DP rank{' of each stage' if head else ''}:"]
-    for s in runtime[:most]:
+    runs: list[list] = []  # consecutive stages with the same numbers share a line
+    for s in runtime:
         ranks = s.optimizer_by_rank
-        busiest = ranks.index(max(ranks))
-        spread = ("every rank the same" if min(ranks) == max(ranks)
-                  else f"ranks {format_bytes(min(ranks))} .. {format_bytes(max(ranks))}")
-        out.append(f"  {'stage ' + str(s.stage) + ': ' if head else ''}DP rank {busiest} holds "
-                   f"{format_bytes(s.optimizer)} ({s.optimizer:,.0f} B; {spread}); flat ceil(n/G) split "
-                   f"(ZeRO paper): {format_bytes(s.optimizer_flat)} ({s.optimizer_flat:,.0f} B)")
-    if len(runtime) > most:
-        out.append(f"  ... {len(runtime) - most} more stages in --json (optimizer_by_dp_rank)")
+        key = (ranks.index(max(ranks)), s.optimizer, min(ranks), max(ranks), s.optimizer_flat)
+        if runs and runs[-1][0] == key and runs[-1][2] == s.stage - 1:
+            runs[-1][2] = s.stage
+        else:
+            runs.append([key, s.stage, s.stage])
+    for (busiest, opt, low, high, flat), first, last in runs[:most]:
+        spread = "every rank the same" if low == high else f"ranks {format_bytes(low)} .. {format_bytes(high)}"
+        where = "" if not head else (f"stage {first}: " if first == last else f"stages {first}-{last}: ")
+        out.append(f"  {where}DP rank {busiest} holds {format_bytes(opt)} ({opt:,.0f} B; {spread}); "
+                   f"flat ceil(n/G) split (ZeRO paper): {format_bytes(flat)} ({flat:,.0f} B)")
+    if len(runs) > most:
+        out.append(f"  ... {len(runs) - most} more lines in --json (optimizer_by_dp_rank of each stage)")
     return out
 
 
