@@ -38,6 +38,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dsv3.config import ModelConfig
 from dsv3.plan import activations as act
 from dsv3.plan.layout import Layout, devices_of_stage, stage_devices, stage_layer_indices
@@ -127,8 +129,9 @@ def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, re
     )
 
 
-def zero1_row_chunk(rows: int, n: int, rank: int) -> int:
-    """Rows of a tensor's balanced dim-0 chunk ``[rank*rows//n, (rank+1)*rows//n)`` (dsv3's ZeRO-1 cut)."""
+def zero1_row_chunk(rows: int, n: int, rank):
+    """Rows of a tensor's balanced dim-0 chunk ``[rank*rows//n, (rank+1)*rows//n)`` (dsv3's ZeRO-1 cut);
+    ``rank`` an int or an integer array of ranks."""
     return (rank + 1) * rows // n - rank * rows // n
 
 
@@ -166,13 +169,13 @@ def zero1_optimizer_bytes_by_rank(tensors: list[ParamTensor], layout: Layout, pr
         expert = t.shard == "expert"
         key = (rows // layout.ep if expert else rows, expert)
         row_bytes[key] = row_bytes.get(key, 0) + cols * per
-    out = [0.0] * layout.dp
+    dp_rank = np.arange(layout.dp, dtype=np.int64)
+    out = np.zeros(layout.dp, dtype=np.float64)  # byte counts stay exact integers below 2**53
     for (rows, expert), per_row in row_bytes.items():
         group = 1 if layout.zero == 0 else (layout.edp if expert else layout.dp)
-        chunk = [zero1_row_chunk(rows, group, r) * per_row for r in range(group)]
-        for d in range(layout.dp):
-            out[d] += chunk[0 if group == 1 else (d // layout.ep if expert else d)]
-    return out
+        rank = dp_rank * 0 if group == 1 else (dp_rank // layout.ep if expert else dp_rank)
+        out += zero1_row_chunk(rows, group, rank) * float(per_row)  # vectorised over the DP ranks
+    return out.tolist()
 
 
 def zero1_rank_state_bytes(tensors: list[ParamTensor], layout: Layout, prec: Precision, dp_rank: int) -> StateBytes:
