@@ -17,6 +17,13 @@ convention, see :data:`dsv3.plan.params.TP_CONVENTIONS`), times 2 under DualPipe
 a stage are replicas too). A sharded flat buffer is padded up to a multiple
 of G_t. Buffers (the routing bias) are never sharded.
 
+That flat split is the ZeRO paper's. dsv3's own runtime (:mod:`dsv3.parallel.zero`)
+cuts each tensor into dim-0 row chunks instead, so its ranks hold slightly
+different optimizer bytes: for the layouts it runs (TP = ETP = 1, ZeRO-1, see
+:func:`zero1_runtime_applies`) a stage's ``optimizer`` is the busiest DP rank's
+bytes of :func:`zero1_optimizer_bytes_by_rank`, and the flat split is kept as
+``optimizer_flat``.
+
 Activations: one micro-batch of ``b * s`` tokens keeps, on a stage, the bytes
 per token of the items :mod:`dsv3.plan.activations` lists for its layers
 under the recompute policy. A device's activation peak is found by walking
