@@ -124,7 +124,7 @@ def test_the_flat_split_stays_where_the_runtime_does_not_run(changes, applies):
         mem = s.to_dict()["memory_bytes"]
         assert mem["optimizer_model"] == (RUNTIME_MODEL if applies else FLAT_MODEL)
         if not applies:
-            assert s.optimizer_by_rank is None and mem["optimizer_flat"] == s.optimizer
+            assert s.ranks is None and mem["optimizer_flat"] == s.optimizer
 
 
 def test_a_device_holding_two_stages_adds_them_rank_by_rank():
@@ -134,9 +134,10 @@ def test_a_device_holding_two_stages_adds_them_rank_by_rank():
                      simulate=False)
     (dev,) = plan.devices
     assert dev.stages == [0, 1]
-    a, b = (s.optimizer_by_rank for s in plan.stages)
-    assert dev.optimizer_by_rank == [x + y for x, y in zip(a, b)]
-    assert dev.optimizer == max(dev.optimizer_by_rank)
+    a, b = (s.ranks.by_rank for s in plan.stages)
+    both = [x + y for x, y in zip(a, b)]
+    assert dev.ranks.by_rank == tuple(both) and dev.optimizer == max(both) == dev.ranks.high
+    assert dev.ranks.busiest == both.index(max(both)) and dev.ranks.low == min(both)
     assert dev.optimizer_flat == sum(s.optimizer_flat for s in plan.stages)
 
 
@@ -151,6 +152,20 @@ def test_the_table_says_which_rank_and_the_flat_split(capsys, odd_config_file):
     assert "flat ceil(n/G) split (ZeRO paper)" in out
     assert main(["plan", "--preset", "tiny", "--tp", "2", "--seq-len", "16"]) == 0
     assert "optimizer: flat ceil(n/G) split of the ZeRO paper" in capsys.readouterr().out
+
+
+def test_long_rank_lists_stay_out_of_the_json(monkeypatch):
+    """Above MAX_RANKS_LISTED DP ranks the per-rank list is left out; the busiest rank, min and max stay."""
+    import dsv3.plan.memory as memory
+
+    cfg = _odd_config()
+    lay = Layout(dp=4, ep=2, zero=1, seq_len=16)
+    full = make_plan(cfg, lay, PREC, simulate=False).stages[0].ranks
+    monkeypatch.setattr(memory, "MAX_RANKS_LISTED", 3)
+    mem = make_plan(cfg, lay, PREC, simulate=False).stages[0].to_dict()["memory_bytes"]
+    assert mem["optimizer_by_dp_rank"] is None
+    assert (mem["optimizer_busiest_dp_rank"], mem["optimizer_min"], mem["optimizer_max"]) == (
+        full.busiest, full.low, full.high)
 
 
 def test_search_fits_layouts_by_the_busiest_rank():

@@ -80,6 +80,34 @@ def weight_format(kind: str, prec: Precision) -> str:
     return {"weight": prec.weights, "router": prec.router, "buffer": "fp32", "wbuffer": prec.weights}[kind]
 
 
+#: Per-rank lists longer than this stay out of the results and ``--json`` (the busiest rank, min and max stay).
+MAX_RANKS_LISTED = 4096
+
+
+@dataclass(frozen=True)
+class RankSpread:
+    """The optimizer bytes of dsv3's ZeRO-1 runtime over the DP ranks of one stage (or device).
+
+    Attributes:
+        busiest: the DP rank holding the most bytes (the lowest such rank).
+        low, high: the fewest and the most bytes a rank holds.
+        flat: the flat ``ceil(n / G)`` split of :func:`state_bytes` it replaces.
+        by_rank: every DP rank's bytes (``None`` above :data:`MAX_RANKS_LISTED` ranks).
+    """
+
+    busiest: int
+    low: float
+    high: float
+    flat: float
+    by_rank: tuple[float, ...] | None
+
+    @classmethod
+    def of(cls, by_rank: list[float], flat: float) -> "RankSpread":
+        high = max(by_rank)
+        return cls(by_rank.index(high), min(by_rank), high, flat,
+                   tuple(by_rank) if len(by_rank) <= MAX_RANKS_LISTED else None)
+
+
 @dataclass
 class StateBytes:
     """Model-state bytes of one stage on one device."""
@@ -91,8 +119,12 @@ class StateBytes:
     grads_unsharded: float  # gradient bytes before ZeRO-2 sharding (sizes the buckets, the DP reduction)
     expert_grads_unsharded: float  # the part in the EDP group (routed experts; reduced over EDP, the rest over DP)
     largest_unit_weights: float = 0.0  # unsharded weight bytes of the biggest layer (ZeRO-3 gathers it)
-    optimizer_flat: float | None = None  # the flat ceil(n / G) split (the ZeRO paper's formula), when optimizer is not it
-    optimizer_by_rank: list[float] | None = None  # optimizer bytes of each DP rank under dsv3's ZeRO-1 runtime
+    ranks: "RankSpread | None" = None  # dsv3's ZeRO-1 runtime: optimizer is its busiest rank (None: the flat split)
+
+    @property
+    def optimizer_flat(self) -> float:
+        """The flat ``ceil(n / G)`` split (the ZeRO paper's formula)."""
+        return self.ranks.flat if self.ranks is not None else self.optimizer
 
 
 def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
@@ -251,7 +283,7 @@ def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, pre
 
     Where dsv3's ZeRO-1 runtime runs the layout (:func:`zero1_runtime_applies`), ``optimizer`` is the
     busiest data-parallel rank's bytes of :func:`zero1_optimizer_bytes_by_rank` (kept in
-    ``optimizer_by_rank``) and ``optimizer_flat`` the flat ``ceil(n / G)`` split it replaces.
+    ``ranks``, with the flat ``ceil(n / G)`` split it replaces).
     """
     g = params.groups_for(layout.tp_convention)
     units = [g["layers"][i] for i in part.layers]
@@ -262,8 +294,8 @@ def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, pre
     sb = state_bytes(merge_groups(units + extra), layout, prec, replicas)
     sb.largest_unit_weights = max((unit_weight_bytes(u, layout, prec) for u in units + extra), default=0.0)
     if zero1_runtime_applies(layout, replicas):  # what dsv3's runtime holds: the busiest rank's row chunks
-        sb.optimizer_by_rank = zero1_optimizer_bytes_by_rank(stage_tensors(params, part), layout, prec)
-        sb.optimizer_flat, sb.optimizer = sb.optimizer, max(sb.optimizer_by_rank)
+        sb.ranks = RankSpread.of(zero1_optimizer_bytes_by_rank(stage_tensors(params, part), layout, prec), sb.optimizer)
+        sb.optimizer = sb.ranks.high
     return sb
 
 
@@ -435,18 +467,18 @@ RUNTIME_MODEL = "dsv3-zero1-row-chunks"
 FLAT_MODEL = "flat-ceil-n-over-G"
 
 
-def optimizer_detail(optimizer: float, flat: float | None, by_rank: list[float] | None) -> dict:
+def optimizer_detail(optimizer: float, ranks: RankSpread | None) -> dict:
     """The ``--json`` keys that say what ``optimizer`` is: the busiest rank of dsv3's ZeRO-1 runtime (with
     every DP rank's bytes, the busiest rank, and the flat split for comparison) or the flat split itself."""
-    if by_rank is None:
+    if ranks is None:
         return {"optimizer_model": FLAT_MODEL, "optimizer_flat": optimizer}
     return {
         "optimizer_model": RUNTIME_MODEL,
-        "optimizer_flat": flat,
-        "optimizer_busiest_dp_rank": by_rank.index(max(by_rank)),
-        "optimizer_min": min(by_rank),
-        "optimizer_max": max(by_rank),
-        "optimizer_by_dp_rank": by_rank,
+        "optimizer_flat": ranks.flat,
+        "optimizer_busiest_dp_rank": ranks.busiest,
+        "optimizer_min": ranks.low,
+        "optimizer_max": ranks.high,
+        "optimizer_by_dp_rank": list(ranks.by_rank) if ranks.by_rank is not None else None,
     }
 
 
@@ -493,8 +525,12 @@ class StageMemory(_Totals):
     activations: float
     comm_buffers: dict[str, float] = field(default_factory=dict)
     fragmentation: float = 0.0
-    optimizer_flat: float | None = None  # see StateBytes
-    optimizer_by_rank: list[float] | None = None
+    ranks: RankSpread | None = None  # see StateBytes
+
+    @property
+    def optimizer_flat(self) -> float:
+        """The flat ``ceil(n / G)`` split (the ZeRO paper's formula)."""
+        return self.ranks.flat if self.ranks is not None else self.optimizer
 
     def to_dict(self) -> dict:
         return {
@@ -507,7 +543,7 @@ class StageMemory(_Totals):
                 "weights": self.weights,
                 "grads": self.grads,
                 "optimizer": self.optimizer,
-                **optimizer_detail(self.optimizer, self.optimizer_flat, self.optimizer_by_rank),
+                **optimizer_detail(self.optimizer, self.ranks),
                 "activations": self.activations,
                 "activations_per_microbatch": self.activations_per_microbatch,
                 "microbatches_in_flight": self.microbatches_in_flight,
@@ -533,8 +569,12 @@ class DeviceMemory(_Totals):
     activations: float
     comm_buffers: dict[str, float]
     fragmentation: float = 0.0
-    optimizer_flat: float | None = None  # see StateBytes
-    optimizer_by_rank: list[float] | None = None
+    ranks: RankSpread | None = None  # see StateBytes
+
+    @property
+    def optimizer_flat(self) -> float:
+        """The flat ``ceil(n / G)`` split (the ZeRO paper's formula)."""
+        return self.ranks.flat if self.ranks is not None else self.optimizer
 
     def to_dict(self) -> dict:
         return {
@@ -545,7 +585,7 @@ class DeviceMemory(_Totals):
                 "weights": self.weights,
                 "grads": self.grads,
                 "optimizer": self.optimizer,
-                **optimizer_detail(self.optimizer, self.optimizer_flat, self.optimizer_by_rank),
+                **optimizer_detail(self.optimizer, self.ranks),
                 "activations": self.activations,
                 "comm_buffers": sum(self.comm_buffers.values()),
                 "comm_buffer_items": self.comm_buffers,
@@ -598,27 +638,28 @@ def memory_plan(cfg: ModelConfig, params: ModelParams, layout: Layout, prec: Pre
             recompute_working_set=ab.working_set,
             activations=n * ab.per_microbatch + ab.working_set,
             comm_buffers=comm_buffer_bytes(cfg, layout, prec, [part], [sb]),
-            optimizer_flat=sb.optimizer_flat,
-            optimizer_by_rank=sb.optimizer_by_rank,
+            ranks=sb.ranks,
         )
         sm.fragmentation = fragmentation * sm.subtotal
         stages.append(sm)
     devices: list[DeviceMemory] = []
     for dev, ss in enumerate(held):
-        by_rank = None  # a device's DP rank is the same in every stage it holds: add per rank, then take the busiest
-        if all(states[s].optimizer_by_rank is not None for s in ss):
-            by_rank = [sum(r) for r in zip(*(states[s].optimizer_by_rank for s in ss))]
+        ranks = states[ss[0]].ranks if len(ss) == 1 else None
+        if len(ss) > 1 and all(states[s].ranks is not None for s in ss):
+            # a device's DP rank is the same in every stage it holds: add rank by rank, then take the busiest
+            tensors = [t for s in ss for t in stage_tensors(params, parts[s])]
+            ranks = RankSpread.of(zero1_optimizer_bytes_by_rank(tensors, layout, prec),
+                                  sum(states[s].ranks.flat for s in ss))
         dm = DeviceMemory(
             device=dev,
             stages=ss,
             params=sum(states[s].params for s in ss),
             weights=sum(states[s].weights for s in ss),
             grads=sum(states[s].grads for s in ss),
-            optimizer=max(by_rank) if by_rank else sum(states[s].optimizer for s in ss),
+            optimizer=ranks.high if ranks is not None else sum(states[s].optimizer for s in ss),
             activations=peaks[dev] + max(acts[s].working_set for s in ss),
             comm_buffers=comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in ss], [states[s] for s in ss]),
-            optimizer_flat=sum(states[s].optimizer_flat for s in ss) if by_rank else None,
-            optimizer_by_rank=by_rank,
+            ranks=ranks,
         )
         dm.fragmentation = fragmentation * dm.subtotal
         devices.append(dm)

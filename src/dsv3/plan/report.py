@@ -115,7 +115,7 @@ def optimizer_lines(plan, most: int = 8) -> list[str]:
     row chunks, ``parallel/zero.py``) with the ranks' min..max, and the flat ``ceil(n/G)`` split of the ZeRO
     paper beside it; or, for layouts the runtime does not run, the flat split alone."""
     lay = plan.layout
-    runtime = [s for s in plan.stages if s.optimizer_by_rank is not None]
+    runtime = [s for s in plan.stages if s.ranks is not None]
     if not runtime:
         why = "ZeRO 0" if lay.zero == 0 else ("ZeRO-2/3 or TP/ETP > 1 or DualPipe replicas"
                                               if lay.zero > 1 or lay.tp > 1 or lay.etp > 1 else "DualPipe replicas")
@@ -126,8 +126,7 @@ def optimizer_lines(plan, most: int = 8) -> list[str]:
            f"the busiest DP rank{' of each stage' if head else ''}:"]
     runs: list[list] = []  # consecutive stages with the same numbers share a line
     for s in runtime:
-        ranks = s.optimizer_by_rank
-        key = (ranks.index(max(ranks)), s.optimizer, min(ranks), max(ranks), s.optimizer_flat)
+        key = (s.ranks.busiest, s.optimizer, s.ranks.low, s.ranks.high, s.ranks.flat)
         if runs and runs[-1][0] == key and runs[-1][2] == s.stage - 1:
             runs[-1][2] = s.stage
         else:
@@ -138,7 +137,7 @@ def optimizer_lines(plan, most: int = 8) -> list[str]:
         out.append(f"  {where}DP rank {busiest} holds {format_bytes(opt)} ({opt:,.0f} B; {spread}); "
                    f"flat ceil(n/G) split (ZeRO paper): {format_bytes(flat)} ({flat:,.0f} B)")
     if len(runs) > most:
-        out.append(f"  ... {len(runs) - most} more lines in --json (optimizer_by_dp_rank of each stage)")
+        out.append(f"  ... {len(runs) - most} more lines in --json (optimizer_max of each stage)")
     return out
 
 
