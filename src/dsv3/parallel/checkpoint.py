@@ -111,9 +111,22 @@ def _attach_offsets(model, optimizer) -> None:
             s.expert_offset = experts[mod].expert_offset
 
 
-def model_state(model) -> dict[str, torch.Tensor]:
-    """``model/...`` tensors under global names (views of the model's own tensors)."""
-    return {f"model/{k}": (t.detach() if i is None else t.detach()[i]) for k, t, i in _param_keys(model)}
+def model_state(model, held=None) -> dict[str, torch.Tensor]:
+    """``model/...`` tensors under global names (views of the model's own tensors).
+
+    ``held``: under pipeline parallelism the parameter names this rank holds fresh (its stages);
+    other parameters (stale copies of other devices' stages) are left out, buffers are kept.
+    """
+    skip = set()
+    if held is not None:
+        skip = {n for n, _ in model.named_parameters() if n not in held}
+    out = {}
+    for k, t, i in _param_keys(model):
+        local = k if i is None else k.rsplit(".", 2)[0] + "." + k.rsplit(".", 1)[1]
+        if local in skip:
+            continue
+        out[f"model/{k}"] = t.detach() if i is None else t.detach()[i]
+    return out
 
 
 def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict | None = None,
@@ -127,13 +140,14 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
     if ctx.is_main and os.path.isdir(tmp):
         shutil.rmtree(tmp)
     ctx.barrier()
-    state = model_state(model)
+    state = model_state(model, getattr(optimizer, "held", None))  # pp: only this device's stages
     state.update(_optimizer_tensors(optimizer, ctx, for_load=False))
     dcp.save(state, checkpoint_id=tmp)
     ctx.barrier()
     if ctx.is_main:
         with open(os.path.join(tmp, META), "w") as fh:
-            json.dump({"step": step, "layout": {"dp": ctx.dp, "ep": ctx.ep}, **(extra or {})}, fh)
+            json.dump({"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep},
+                       **(extra or {})}, fh)
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
