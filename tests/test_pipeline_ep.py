@@ -1,0 +1,145 @@
+"""Pipeline parallelism combined with expert and ZeRO-1 data parallelism (pp x dp, ep inside dp).
+
+The distributed runs go through ``dsv3.train.session`` (build_session joins the world that
+tests/dist_helpers.py describes in the environment, as torchrun does) and are compared with a
+one-process session: per-step losses and the final parameters (allclose rtol 1e-5 / atol 1e-6).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_helpers import free_port, run_ranks
+from helpers import quick_options, read_jsonl, small_config
+from pipeline_worker import session_losses, session_rank
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def four_layers(train_setup, tmp_path_factory):
+    """The train_setup corpus and tokenizer with a 4-layer model (DualPipeV with pp=4 needs 4 layers)."""
+    root = tmp_path_factory.mktemp("four_layers")
+    small_config(vocab_size=512, num_hidden_layers=4).save(root / "config.json")
+    return dict(train_setup, model=str(root / "config.json"))
+
+
+def _opts(setup, run_dir, **changes):
+    # AdamW eps 1e-3 (as in test_parallel_ep): with 1e-8 float rounding noise in a near-zero gradient
+    # element becomes a full lr step. micro_batch 1 x 8: 4 micro-batches per pipeline at dp=2.
+    return quick_options(setup, run_dir, micro_batch=1, global_batch=8, eps=1e-3, **changes)
+
+
+def _assert_equal_to_one_process(runs, ref):
+    ref_losses, _, ref_params, ref_buffers, _ = ref
+    for rank, (losses, norms, params, buffers, offsets) in enumerate(runs):
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6, err_msg=f"rank {rank}")
+        assert params.keys() == ref_params.keys()
+        for name, value in params.items():
+            want = ref_params[name]
+            module = name.rpartition(".")[0]
+            if module in offsets:  # this rank's block of routed experts (global numbers)
+                want = want[offsets[module]:offsets[module] + value.shape[0]]
+            np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=f"rank {rank} {name}")
+        for name, value in buffers.items():  # router biases: the same update everywhere
+            np.testing.assert_array_equal(value, runs[0][3][name], err_msg=f"rank {rank} {name}")
+            np.testing.assert_allclose(value, ref_buffers[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert norms == runs[0][1]  # one clipping decision everywhere
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("schedule,pp", [("dualpipev", 4), ("1f1b", 2)])
+def test_pp_dp2_ep2_on_4_ranks_equals_one_process(four_layers, tmp_path, schedule, pp):
+    """4 ranks: DualPipeV (4 stages on 2 devices) or 1F1B (pp=2), x dp=2 with ep=2 and ZeRO-1."""
+    opts = _opts(four_layers, tmp_path / "run")
+    ref = session_losses(opts, STEPS)  # also builds the token caches before the spawn
+    runs = run_ranks(session_rank, 4, dict(opts, pp=pp, pipeline=schedule, ep=2, dp=2), STEPS, timeout=120)
+    _assert_equal_to_one_process(runs, ref)
+    # the expert blocks: ep rank r of every pipeline device holds experts [4r, 4r + 4)
+    assert [min(r[4].values()) for r in runs] == [0, 4, 0, 4]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_DIST_TIMEOUT="60")
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _args(setup, run_dir, *extra):
+    return ["train", "--model", setup["model"], "--data", setup["corpus"], "--tokenizer", setup["tokenizer"],
+            "--seq-len", "32", "--micro-batch", "1", "--global-batch", "8", "--steps", "4", "--lr", "3e-3",
+            "--warmup-steps", "1", "--eps", "1e-3", "--eval-every", "1000", "--eval-batches", "1",
+            "--sample-tokens", "0", "--save-every", "2", "--keep-last", "3", "--no-progress", "--no-tensorboard",
+            "--run-dir", str(run_dir), *extra]
+
+
+def _run(cmd, timeout):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _torchrun(n, args, timeout):
+    return _run([TORCHRUN, f"--nproc-per-node={n}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                 "-m", "dsv3", *args], timeout)
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process_and_resumes_in_other_layouts(train_setup, tmp_path):
+    """``torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --dp 2 --ep 2`` has the per-step losses of one
+    process; its step-2 DCP checkpoint resumes in one process and as a 2-rank pipeline (pp=2, dp=1)
+    with the losses of the uninterrupted run."""
+    one = _run([sys.executable, "-m", "dsv3", *_args(train_setup, tmp_path / "one")], 180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    ref = _losses(tmp_path / "one")
+    assert [s for s, _ in ref] == [1, 2, 3, 4]
+    run = tmp_path / "pp"
+    four = _torchrun(4, _args(train_setup, run, "--pp", "2", "--dp", "2", "--ep", "2"), 200)
+    assert four.returncode == 0, four.stderr[-3000:]
+    assert four.stdout.count("done in") == 1  # rank 0 alone talks
+    got = _losses(run)
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in run.glob("dcp-*")) == ["dcp-00000002", "dcp-00000004"]
+    # the step-2 checkpoint, resumed in one process: steps 3 and 4 as uninterrupted
+    shutil.copytree(run, tmp_path / "pp2")
+    shutil.rmtree(run / "dcp-00000004")
+    single = _run([sys.executable, "-m", "dsv3", "train", "--resume", str(run), "--pp", "1", "--ep", "1",
+                   "--dp", "1"], 180)
+    assert single.returncode == 0, single.stderr[-3000:]
+    np.testing.assert_allclose([v for _, v in _losses(run)], [v for _, v in ref], rtol=1e-5, atol=1e-6)
+    # ... and under torchrun as one 2-device DualPipe pipeline without data parallelism
+    run2 = tmp_path / "pp2"
+    shutil.rmtree(run2 / "dcp-00000004")
+    two = _torchrun(2, ["train", "--resume", str(run2), "--pp", "2", "--pipeline", "dualpipe", "--ep", "1",
+                        "--dp", "1"], 200)
+    assert two.returncode == 0, two.stderr[-3000:]
+    np.testing.assert_allclose([v for _, v in _losses(run2)], [v for _, v in ref], rtol=1e-5, atol=1e-6)
+    assert (run2 / "dcp-00000004").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bad_pipeline_layout_fails_with_one_line_on_every_rank_before_writing(train_setup, tmp_path):
+    run_dir = tmp_path / "bad"
+    proc = _torchrun(2, _args(train_setup, run_dir, "--pp", "2", "--ep", "2"), 110)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsv3: error:")]
+    assert len(lines) == 2 and all("--ep 2 does not divide the data-parallel degree 1" in ln for ln in lines), \
+        proc.stderr[-2000:]
+    assert not run_dir.exists()
