@@ -164,3 +164,31 @@ def session_losses(opts: dict, steps: int):
 def session_rank(rank: int, opts: dict, steps: int):
     """tests/dist_helpers.run_ranks worker: :func:`session_losses` on one rank."""
     return session_losses(opts, steps)
+
+
+def save_rank(rank: int, opts: dict, run_dir: str):
+    """tests/dist_helpers.run_ranks worker: one pipelined step, then the parameters of the stages this device
+    does not run are overwritten with NaN (stale copies) and a DCP checkpoint is written by every rank.
+    Returns (the held parameter names, the synchronised parameters before the NaN fill)."""
+    import torch
+
+    from dsv3.parallel.checkpoint import save_sharded
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.session import build_session, train_step
+
+    session = build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
+    try:
+        _, gamma = session.begin_step()
+        batch, _ = session.next_batches()
+        train_step(session, batch, gamma=gamma)
+        session.step += 1
+        params = {n: p.detach().numpy().copy() for n, p in session.model.named_parameters()}
+        held = set(session.pipeline.owned)
+        with torch.no_grad():
+            for name, p in session.model.named_parameters():
+                if name not in held:
+                    p.fill_(float("nan"))
+        save_sharded(run_dir, 1, model=session.model, optimizer=session.optimizer, ctx=session.parallel)
+    finally:
+        session.close()
+    return sorted(held), params

@@ -36,11 +36,11 @@ def four_layers(train_setup, tmp_path_factory):
 def _opts(setup, run_dir, **changes):
     # AdamW eps 1e-3 (as in test_parallel_ep): with 1e-8 float rounding noise in a near-zero gradient
     # element becomes a full lr step. micro_batch 1 x 8: 4 micro-batches per pipeline at dp=2.
-    return quick_options(setup, run_dir, micro_batch=1, global_batch=8, eps=1e-3, **changes)
+    return quick_options(setup, run_dir, **{"micro_batch": 1, "global_batch": 8, "eps": 1e-3, **changes})
 
 
 def _assert_equal_to_one_process(runs, ref):
-    ref_losses, _, ref_params, ref_buffers, _ = ref
+    ref_losses, ref_norms, ref_params, ref_buffers, _ = ref
     for rank, (losses, norms, params, buffers, offsets) in enumerate(runs):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6, err_msg=f"rank {rank}")
         assert params.keys() == ref_params.keys()
@@ -54,6 +54,7 @@ def _assert_equal_to_one_process(runs, ref):
             np.testing.assert_array_equal(value, runs[0][3][name], err_msg=f"rank {rank} {name}")
             np.testing.assert_allclose(value, ref_buffers[name], rtol=1e-5, atol=1e-6, err_msg=name)
         assert norms == runs[0][1]  # one clipping decision everywhere
+        np.testing.assert_allclose(norms, ref_norms, rtol=1e-5, err_msg="global gradient norm")
 
 
 @pytest.mark.slow
@@ -143,3 +144,60 @@ def test_bad_pipeline_layout_fails_with_one_line_on_every_rank_before_writing(tr
     assert len(lines) == 2 and all("--ep 2 does not divide the data-parallel degree 1" in ln for ln in lines), \
         proc.stderr[-2000:]
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train_setup, tmp_path):
+    """Under pp every rank writes only the parameters of its own stages: stale copies of the other
+    stages (NaN here) never reach the checkpoint, which loads into one process whole."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from dsv3.config import ModelConfig
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.checkpoint import load_model_sharded
+    from pipeline_worker import save_rank
+
+    opts = _opts(train_setup, tmp_path / "unused", global_batch=4, steps=1)
+    session_losses(opts, 0)  # token caches before the spawn
+    run_dir = tmp_path / "ckpt"
+    run_dir.mkdir()
+    runs = run_ranks(save_rank, 2, dict(opts, pp=2, pipeline="1f1b"), str(run_dir), timeout=100)
+    (held0, params0), (held1, _) = runs
+    path = run_dir / "dcp-00000001"
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    writers: dict[str, set[int]] = {}
+    for index, info in meta.storage_data.items():
+        writers.setdefault(index.fqn, set()).add(int(info.relative_path.split("_")[2]))
+    for rank, held in ((0, held0), (1, held1)):
+        for name in set(held0) | set(held1):
+            if f"model/{name}" in writers and rank in writers[f"model/{name}"]:
+                assert name in held, f"rank {rank} wrote {name}, a stage it does not run"
+    assert "model.embed_tokens.weight" in held0 and "model.norm.weight" in held1 and "model.norm.weight" not in held0
+    mcfg = ModelConfig.from_dict(small_config(vocab_size=512).to_dict())
+    model = DeepseekV3ForCausalLM(mcfg)
+    load_model_sharded(str(path), model)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        np.testing.assert_array_equal(p.detach().numpy(), params0[name], err_msg=name)
+
+
+def test_layout_of_pipelines_with_expert_and_data_parallelism():
+    """rank = pp_idx * dp + edp_idx * ep + ep_idx; one pipeline per data-parallel index."""
+    from dsv3.errors import ConfigError
+    from dsv3.parallel.world import ParallelContext, check_layout, pipeline_devices, pipelines_of
+
+    assert pipeline_devices(4, "dualpipev") == 2 and pipeline_devices(4, "1f1b") == 4 and pipeline_devices(1) == 1
+    assert check_layout(8, pp=4, ep=2, schedule="dualpipev") == (4, 4, 2)  # 2 devices x dp 4
+    assert check_layout(4, pp=2, dp=2, ep=2, n_routed_experts=8, schedule="1f1b") == (2, 2, 2)
+    assert pipelines_of(2, 4) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    ctx = ParallelContext(rank=6, world_size=8, pp=4, dp=4, ep=2, pp_devices=2, schedule="dualpipev")
+    assert (ctx.pp_rank, ctx.dp_rank, ctx.edp_rank, ctx.ep_rank) == (1, 2, 1, 0)
+    assert [6 in p for p in ctx.pipelines] == [False, False, True, False]
+    for kwargs, match in [(dict(world_size=6, pp=4, schedule="1f1b"), "not a multiple of the 4 pipeline devices"),
+                          (dict(world_size=4, pp=2, dp=3), "does not factor as 2 pipeline devices x --dp 3"),
+                          (dict(world_size=6, pp=2, ep=2), "--ep 2 does not divide the data-parallel degree 3"),
+                          (dict(world_size=8, pp=2, ep=4, n_routed_experts=6), "6 routed experts")]:
+        with pytest.raises(ConfigError, match=match):
+            check_layout(**kwargs)
