@@ -58,13 +58,15 @@ def _assert_equal_to_one_process(runs, ref):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(150)
-@pytest.mark.parametrize("schedule,pp", [("dualpipev", 4), ("1f1b", 2)])
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("schedule,pp", [("dualpipev", 4), ("1f1b", 2), ("dualpipe", 2)])
 def test_pp_dp2_ep2_on_4_ranks_equals_one_process(four_layers, tmp_path, schedule, pp):
-    """4 ranks: DualPipeV (4 stages on 2 devices) or 1F1B (pp=2), x dp=2 with ep=2 and ZeRO-1."""
+    """4 ranks: DualPipeV (4 stages on 2 devices), 1F1B or DualPipe (pp=2, two stages per device in both
+    directions, FB ops), x dp=2 with ep=2 and ZeRO-1: ep peers run the same op list, so their all-to-alls
+    line up, also inside overlapped FB ops."""
     opts = _opts(four_layers, tmp_path / "run")
     ref = session_losses(opts, STEPS)  # also builds the token caches before the spawn
-    runs = run_ranks(session_rank, 4, dict(opts, pp=pp, pipeline=schedule, ep=2, dp=2), STEPS, timeout=120)
+    runs = run_ranks(session_rank, 4, dict(opts, pp=pp, pipeline=schedule, ep=2, dp=2), STEPS, timeout=200)
     _assert_equal_to_one_process(runs, ref)
     # the expert blocks: ep rank r of every pipeline device holds experts [4r, 4r + 4)
     assert [min(r[4].values()) for r in runs] == [0, 4, 0, 4]
