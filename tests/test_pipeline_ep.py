@@ -7,6 +7,7 @@ one-process session: per-step losses and the final parameters (allclose rtol 1e-
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -101,39 +102,53 @@ def _losses(run_dir):
     return [(r["step"], r["loss"]) for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process_and_resumes_in_other_layouts(train_setup, tmp_path):
-    """``torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --dp 2 --ep 2`` has the per-step losses of one
-    process; its step-2 DCP checkpoint resumes in one process and as a 2-rank pipeline (pp=2, dp=1)
-    with the losses of the uninterrupted run."""
-    one = _run([sys.executable, "-m", "dsv3", *_args(train_setup, tmp_path / "one")], 180)
+@pytest.fixture(scope="module")
+def pp_dp_ep_run(train_setup, tmp_path_factory):
+    """A one-process ``dsv3 train`` and ``torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --dp 2 --ep 2`` of
+    the same 4 steps (DCP checkpoints at steps 2 and 4)."""
+    root = tmp_path_factory.mktemp("pp_dp_ep")
+    one = _run([sys.executable, "-m", "dsv3", *_args(train_setup, root / "one")], 180)
     assert one.returncode == 0, one.stderr[-3000:]
-    ref = _losses(tmp_path / "one")
-    assert [s for s, _ in ref] == [1, 2, 3, 4]
-    run = tmp_path / "pp"
-    four = _torchrun(4, _args(train_setup, run, "--pp", "2", "--dp", "2", "--ep", "2"), 200)
+    four = _torchrun(4, _args(train_setup, root / "pp", "--pp", "2", "--dp", "2", "--ep", "2"), 200)
     assert four.returncode == 0, four.stderr[-3000:]
+    return root, _losses(root / "one"), four
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process(pp_dp_ep_run):
+    root, ref, four = pp_dp_ep_run
+    assert [s for s, _ in ref] == [1, 2, 3, 4]
     assert four.stdout.count("done in") == 1  # rank 0 alone talks
-    got = _losses(run)
+    got = _losses(root / "pp")
     assert [s for s, _ in got] == [1, 2, 3, 4]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5, atol=1e-6)
-    assert sorted(p.name for p in run.glob("dcp-*")) == ["dcp-00000002", "dcp-00000004"]
-    # the step-2 checkpoint, resumed in one process: steps 3 and 4 as uninterrupted
-    shutil.copytree(run, tmp_path / "pp2")
-    shutil.rmtree(run / "dcp-00000004")
-    single = _run([sys.executable, "-m", "dsv3", "train", "--resume", str(run), "--pp", "1", "--ep", "1",
-                   "--dp", "1"], 180)
-    assert single.returncode == 0, single.stderr[-3000:]
-    np.testing.assert_allclose([v for _, v in _losses(run)], [v for _, v in ref], rtol=1e-5, atol=1e-6)
-    # ... and under torchrun as one 2-device DualPipe pipeline without data parallelism
-    run2 = tmp_path / "pp2"
-    shutil.rmtree(run2 / "dcp-00000004")
-    two = _torchrun(2, ["train", "--resume", str(run2), "--pp", "2", "--pipeline", "dualpipe", "--ep", "1",
+    assert sorted(p.name for p in (root / "pp").glob("dcp-*")) == ["dcp-00000002", "dcp-00000004"]
+    meta = json.loads((root / "pp" / "dcp-00000004" / "meta.json").read_text())
+    assert meta["layout"] == {"pp": 2, "dp": 2, "ep": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_pipeline_checkpoint_resumes_in_other_layouts(pp_dp_ep_run, tmp_path):
+    """The step-2 DCP checkpoint of the pp2 x dp2 x ep2 run resumes in one process and under torchrun as one
+    2-device DualPipe pipeline (dp=1, ep=1) with the losses of the uninterrupted run."""
+    root, ref, _ = pp_dp_ep_run
+    single, pipe = tmp_path / "single", tmp_path / "pipe"
+    for run in (single, pipe):
+        shutil.copytree(root / "pp", run)
+        shutil.rmtree(run / "dcp-00000004")
+    one = _run([sys.executable, "-m", "dsv3", "train", "--resume", str(single), "--pp", "1", "--ep", "1",
+                "--dp", "1"], 180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    np.testing.assert_allclose([v for _, v in _losses(single)], [v for _, v in ref], rtol=1e-5, atol=1e-6)
+    two = _torchrun(2, ["train", "--resume", str(pipe), "--pp", "2", "--pipeline", "dualpipe", "--ep", "1",
                         "--dp", "1"], 200)
     assert two.returncode == 0, two.stderr[-3000:]
-    np.testing.assert_allclose([v for _, v in _losses(run2)], [v for _, v in ref], rtol=1e-5, atol=1e-6)
-    assert (run2 / "dcp-00000004").is_dir()
+    got = _losses(pipe)
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5, atol=1e-6)
+    assert (pipe / "dcp-00000004").is_dir()
 
 
 @pytest.mark.slow
