@@ -109,7 +109,7 @@ def pp_dp_ep_run(train_setup, tmp_path_factory):
     root = tmp_path_factory.mktemp("pp_dp_ep")
     one = _run([sys.executable, "-m", "dsv3", *_args(train_setup, root / "one")], 180)
     assert one.returncode == 0, one.stderr[-3000:]
-    four = _torchrun(4, _args(train_setup, root / "pp", "--pp", "2", "--dp", "2", "--ep", "2"), 200)
+    four = _torchrun(4, _args(train_setup, root / "pp", "--pp", "2", "--dp", "2", "--ep", "2", "--trace"), 200)
     assert four.returncode == 0, four.stderr[-3000:]
     return root, _losses(root / "one"), four
 
@@ -126,6 +126,13 @@ def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process(pp_dp_ep_run):
     assert sorted(p.name for p in (root / "pp").glob("dcp-*")) == ["dcp-00000002", "dcp-00000004"]
     meta = json.loads((root / "pp" / "dcp-00000004" / "meta.json").read_text())
     assert meta["layout"] == {"pp": 2, "dp": 2, "ep": 2}
+    # validation (every rank evaluates the synchronised model, experts over ep) at steps 0 and 4
+    val = [[r["val_loss"] for r in read_jsonl(root / run / "metrics.jsonl") if "val_loss" in r] for run in ("one", "pp")]
+    assert len(val[0]) == len(val[1]) == 2
+    np.testing.assert_allclose(val[1], val[0], rtol=1e-5, atol=1e-6)
+    # --trace: the first pipeline's two devices on one timeline
+    spans = [e for e in json.loads((root / "pp" / "pipeline_trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"] for e in spans} == {0, 1}
 
 
 @pytest.mark.slow
