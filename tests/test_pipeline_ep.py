@@ -225,3 +225,49 @@ def test_layout_of_pipelines_with_expert_and_data_parallelism():
                           (dict(world_size=8, pp=2, ep=4, n_routed_experts=6), "6 routed experts")]:
         with pytest.raises(ConfigError, match=match):
             check_layout(**kwargs)
+
+
+def test_zero_adamw_over_held_parameters_counts_norm_names_once():
+    """ZeRO-1 of one pipeline device: shards only for ``names``, the gradient norm over ``norm_names``
+    only (float64 reference), and ``held`` tells checkpoints what this device may write."""
+    import torch
+
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.world import ParallelContext
+    from dsv3.parallel.zero import ZeroAdamW
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(small_config())
+    names = [n for n, _ in model.named_parameters()]
+    held = [n for n in names if n.startswith(("model.embed_tokens", "model.layers.0.", "lm_head"))]
+    counted = [n for n in held if not n.startswith("lm_head")]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt = ZeroAdamW(model, ParallelContext.single(), names=held, norm_names=counted)
+    assert sorted(s.name for s in opt.shards) == sorted(held) and opt.held == set(held)
+    params = dict(model.named_parameters())
+    want = sum(params[n].grad.double().pow(2).sum() for n in counted).sqrt()
+    torch.testing.assert_close(opt.grad_norm().double(), want, rtol=1e-6, atol=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(1.0)
+    for n, p in model.named_parameters():  # only held parameters move
+        assert torch.equal(p, before[n]) != (n in held), n
+
+
+def test_model_state_leaves_out_parameters_a_device_does_not_hold():
+    import torch
+
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.checkpoint import model_state
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(small_config())
+    everything = model_state(model)
+    held = {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")}
+    part = model_state(model, held)
+    buffers = {f"model/{n}" for n, _ in model.named_buffers() if f"model/{n}" in everything}
+    assert buffers and buffers <= part.keys()  # router biases are written by every device
+    params = set(part) - buffers
+    assert params and all(k.startswith("model/model.layers.1.") for k in params)
+    assert "model/model.layers.1.mlp.experts.7.down_proj" in part  # experts under global numbers
+    assert params == {k for k in everything if k.startswith("model/model.layers.1.")} - buffers
