@@ -409,6 +409,7 @@ def _env():
     (["--pp", "2", "--ep", "2"], 2, "--ep 2 does not divide the data-parallel degree 1"),
     (["--pp", "2", "--ep", "3"], 6, "--ep 3 does not divide the model's 8 routed"),
     (["--pp", "2", "--pipeline", "dualpipe"], 4, "even number of micro-batches >= 4"),  # 8 / (2 x dp 2) = 2
+    (["--pp", "2", "--batch-ramp-start", "4"], 2, "does not support the batch-size ramp"),
 ])
 def test_train_rejects_bad_layouts_before_writing(train_setup, tmp_path, monkeypatch, capsys, extra, world, match):
     """One line on stderr, exit code 2, no run directory (WORLD_SIZE as torchrun would set it)."""

@@ -536,6 +536,8 @@ def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_di
                               n_routed_experts=mcfg.n_routed_experts)
         if d.task == "sft":
             raise ConfigError("--pp > 1 does not run SFT (document-masked) batches yet; use --pp 1")
+        if config.schedule.batch_ramp_start is not None:  # every step's micro-batches must fit the schedule
+            raise ConfigError("--pp > 1 does not support the batch-size ramp yet; drop --batch-ramp-start")
     if parallel is None and world > 1:
         from dsv3.parallel.world import init_parallel
 
