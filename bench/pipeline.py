@@ -127,17 +127,18 @@ def _op_times(traces: list[list], comm: float):
     return OpTimes(f=f, b=b, w=w, fb=fb, comm=comm), med
 
 
+def _executed(per_device: dict[int, tuple[float, list]]) -> list[list]:
+    """Each device's compute ops as (op, start, end) on the shared clock (``dsv3.plan.trace``'s form)."""
+    return [[(op, t0 + s, t0 + e) for op, s, e in trace if op.is_compute]
+            for t0, trace in (per_device[d] for d in sorted(per_device))]
+
+
 def _measured(per_device: dict[int, tuple[float, list]]) -> tuple[float, list[float]]:
     """Makespan (first op start to last op end, shared clock) and per-device idle of one step."""
-    starts, ends, busy = [], [], []
-    for d in sorted(per_device):
-        t0, trace = per_device[d]
-        compute = [(s, e) for op, s, e in trace if op.is_compute]
-        starts.append(t0 + compute[0][0])
-        ends.append(t0 + compute[-1][1])
-        busy.append(sum(e - s for s, e in compute))
-    makespan = max(ends) - min(starts)
-    return makespan, [makespan - b for b in busy]
+    from dsv3.plan.trace import measured_span
+
+    makespan, _, idle, _ = measured_span(_executed(per_device))
+    return makespan, idle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,19 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             overlap = med["FB"] / (med["F"] + med.get("BW", med.get("B", 0.0) + med.get("W", 0.0)))
         rows.append((name, pp, layers, times, makespan, sim_makespan, ratio, idle, sim_idle, overlap))
         if args.trace_dir:  # measured beside simulated timeline pictures of the last step
-            import dataclasses
-
             from dsv3.plan.timeline import plot_timeline
+            from dsv3.plan.trace import measured_step
 
             os.makedirs(args.trace_dir, exist_ok=True)
             per_device = {d: outs[d][(name, pp)][1][-1] for d in (0, 1)}
             times, _ = _op_times([per_device[d][1] for d in (0, 1)], comm)
             sim = run_schedule(schedule, times)
-            base = min(t0 + next(s for op, s, e in tr if op.is_compute) for t0, tr in per_device.values())
-            timeline = [[(op.kind, t0 + s - base, t0 + e - base, op) for op, s, e in tr if op.is_compute]
-                    for t0, tr in (per_device[0], per_device[1])]
-            makespan, idle = _measured(per_device)
-            measured = dataclasses.replace(sim, timeline=timeline, makespan=makespan, bubble=idle)
+            measured = measured_step(schedule, _executed(per_device), times)
+            makespan = measured.makespan
             plot_timeline(measured, os.path.join(args.trace_dir, f"{name}-pp{pp}-measured.png"),
                           title=f"{name} pp={pp}: measured, makespan {makespan * 1e3:.0f} ms")
             plot_timeline(sim, os.path.join(args.trace_dir, f"{name}-pp{pp}-simulated.png"),

@@ -1,4 +1,4 @@
-"""Shared helpers for the tests: small random model configs."""
+"""Shared helpers for the tests: small random model configs, quick run options, the CLI and its one-line errors."""
 
 from __future__ import annotations
 
@@ -47,3 +47,32 @@ def quick_options(setup, run_dir, **changes):
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def cli(argv, capsys):
+    """Run ``dsv3 ARGV`` in this process (argparse exits caught); return (exit code, stdout, stderr lines)."""
+    from dsv3.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse usage errors exit from the parser
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def assert_one_error(code, err, *words):
+    """Exit code 2 and exactly one ``dsv3: error:`` line (no traceback) containing ``words`` (case-insensitive).
+
+    ``err``: stderr as a list of lines or as one string (``capsys.readouterr().err``, ``proc.stderr``); progress
+    lines (``step ...``) are not errors. Returns the error line.
+    """
+    lines = [line for line in (err.splitlines() if isinstance(err, str) else err) if line.strip()]
+    assert code == 2, lines
+    errors = [line for line in lines if not line.startswith("step ")]
+    assert len(errors) == 1, lines
+    assert errors[0].startswith("dsv3: error: "), lines
+    assert "Traceback" not in "\n".join(lines)
+    for word in words:
+        assert word.lower() in errors[0].lower(), (word, errors[0])
+    return errors[0]

@@ -1,4 +1,6 @@
-"""Helpers of the robustness tests: tiny run options, the CLI as a user drives it, file-tree digests."""
+"""Helpers of the robustness tests: tiny run options, flags, file-tree digests, ``dsv3`` in a subprocess.
+
+The CLI driver and the one-line-error check (``cli``, ``assert_one_error``) are in ``helpers``."""
 
 from __future__ import annotations
 
@@ -6,8 +8,6 @@ import hashlib
 import os
 import subprocess
 import sys
-
-from dsv3.cli import main
 
 from helpers import quick_options
 
@@ -25,25 +25,6 @@ def flags(options: dict) -> list[str]:
     for k, v in options.items():
         out += ["--" + k.replace("_", "-"), str(v)]
     return out
-
-
-def cli(argv, capsys):
-    """Run ``dsv3 ARGV`` in this process; return (exit code, stdout, stderr lines)."""
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
-
-
-def assert_one_error(code, err, *words):
-    """Exit code 2 and exactly one ``dsv3: error:`` line on stderr (no traceback) containing ``words``."""
-    assert code == 2, err
-    errors = [line for line in err if not line.startswith("step ")]  # progress lines are not errors
-    assert len(errors) == 1, err
-    assert errors[0].startswith("dsv3: error: "), err
-    assert "Traceback" not in "\n".join(err)
-    for word in words:
-        assert word.lower() in errors[0].lower(), (word, errors[0])
-    return errors[0]
 
 
 def tree_digest(path, skip=(".lock",)):

@@ -29,7 +29,7 @@ from dsv3.train.config import (
 )
 from dsv3.utils.size import parse_size
 
-from helpers import quick_options, read_jsonl
+from helpers import assert_one_error, cli, quick_options, read_jsonl
 
 
 # ----------------------------------------------------------------------------- help
@@ -142,11 +142,8 @@ def test_ep_is_not_an_abbreviation_of_eps():
     (["generate", "run", "--max-token", "5"], "--max-tokens"),
 ])
 def test_mistyped_flag_is_a_one_line_error_with_did_you_mean(argv, hint, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dsv3: error: unrecognized arguments: "), err
+    code, _, err = cli(argv, capsys)
+    assert assert_one_error(code, err).startswith("dsv3: error: unrecognized arguments: "), err
     if hint is not None:
         assert f"(did you mean {hint}" in err[0] and err[0].endswith("?)"), err
 
@@ -218,9 +215,8 @@ def test_defaults_are_the_documented_ones():
 
 
 def test_bad_flag_value_exits_2_with_one_line(capsys):
-    assert main(["train", "--pipeline", "gpipe", "--print-config"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dsv3: error: ") and "dualpipev" in err[0]
+    code, _, err = cli(["train", "--pipeline", "gpipe", "--print-config"], capsys)
+    assert_one_error(code, err, "dualpipev")
 
 
 # ----------------------------------------------------------------------------- run files

@@ -13,6 +13,8 @@ from dsv3.errors import ConfigError, DataError
 from dsv3.infer.eplb import (balanced_packing, check_placement, gpu_loads, imbalance, read_expert_loads,
                              rebalance_experts, refine_packing, replicate_experts, unreplicated_gpu_loads)
 
+from helpers import assert_one_error, cli
+
 README_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                               [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
 README_PHY2LOG = torch.tensor([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
@@ -177,13 +179,8 @@ def test_eplb_cli(tmp_path, capsys):
 def test_eplb_cli_bad_input_one_line(tmp_path, capsys, argv):
     loads = tmp_path / "loads.json"
     loads.write_text(json.dumps(README_WEIGHT.tolist()))
-    try:
-        code = main(["eplb", "--loads", str(loads), *argv])
-    except SystemExit as exc:  # argparse usage errors exit from the parser
-        code = exc.code
-    assert code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dsv3: error: ")
+    code, _, err = cli(["eplb", "--loads", str(loads), *argv], capsys)  # argparse usage errors included
+    assert_one_error(code, err)
 
 
 def test_unreplicated_loads_and_imbalance_by_hand():

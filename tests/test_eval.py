@@ -20,7 +20,7 @@ from dsv3.train.evaluation import (PasskeySample, evaluate_checkpoint, evaluate_
                                    parse_lengths, passkey_retrieved, passkey_sample, passkey_samples)
 from dsv3.errors import ConfigError
 
-from helpers import small_config
+from helpers import assert_one_error, cli, small_config
 
 DATA = Path(__file__).parent / "data"
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
@@ -170,12 +170,10 @@ def test_bad_chat_data_is_one_line_and_exit_2(ckpt, tmp_path, records, fragment)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
     proc = subprocess.run([sys.executable, "-m", "dsv3", "eval", str(path), "--data", str(f), "--seq-len", "64"],
                           capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dsv3: error: ") and fragment in lines[0], proc.stderr
+    assert_one_error(proc.returncode, proc.stderr, fragment)
 
 
 def test_cli_eval_needs_something_to_do(ckpt, capsys):
     path, _, _ = ckpt
-    assert main(["eval", str(path)]) == 2
-    assert capsys.readouterr().err.strip().startswith("dsv3: error: nothing to evaluate")
+    code, _, err = cli(["eval", str(path)], capsys)
+    assert assert_one_error(code, err).startswith("dsv3: error: nothing to evaluate")

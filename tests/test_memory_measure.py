@@ -11,6 +11,8 @@ from dsv3.cli import main
 from dsv3.memory.measure import measure_config, prepare_config
 from dsv3.train.config import TrainConfig
 
+from helpers import assert_one_error, cli
+
 
 def _config(setup, **changes) -> TrainConfig:
     return TrainConfig.from_dict(dict(model=setup["model"], data=setup["corpus"], tokenizer=setup["tokenizer"],
@@ -67,6 +69,5 @@ def test_cli_prints_one_json_document(train_setup, capsys):
 
 @pytest.mark.parametrize("argv", [["memory", "--model", "no-such-preset"], ["memory", "--data", "/no/such/path"]])
 def test_cli_bad_input_exits_2_with_one_line(argv, capsys):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("dsv3: error:")
+    code, _, err = cli(argv, capsys)
+    assert_one_error(code, err)

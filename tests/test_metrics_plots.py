@@ -13,6 +13,8 @@ from dsv3.errors import DataError, RunDirError
 from dsv3.train.metrics import STEP_FIELDS, MetricsLogger, ProgressBar, maxvio, read_metrics
 from dsv3.train.plots import plot_run
 
+from helpers import assert_one_error, cli
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -229,7 +231,6 @@ def test_bad_run_dirs_exit_2_with_one_line(tmp_path, capsys):
     bad_loads.mkdir()
     (bad_loads / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "expert_load": [[1, 2], [3]]}\n{"step": 2, "expert_load": [[1, 2]]}\n')
     for run in (tmp_path / "missing", no_metrics, empty_run, corrupt, bad_loads):
-        assert main(["plot", str(run)]) == 2, run
-        err = capsys.readouterr().err
-        assert err.startswith("dsv3: error: ") and err.count("\n") == 1, err
+        code, _, err = cli(["plot", str(run)], capsys)
+        assert_one_error(code, err)
     assert not list(empty_run.glob("*.png")) and not list(no_metrics.iterdir())

@@ -10,6 +10,8 @@ import pytest
 from dsv3.cli import main
 from dsv3.plan.simulate import simulate
 
+from helpers import assert_one_error, cli
+
 
 def _json(capsys, argv):
     assert main(argv) == 0
@@ -58,10 +60,8 @@ def test_plan_gpus_sets_dp_and_human_output_has_tables(capsys):
     (["--preset", "tiny", "--gpus", "6", "--pp", "4"], "--gpus 6 is not a multiple"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
-    assert main(["plan"] + argv) == 2
-    err = capsys.readouterr().err
-    assert needle in err
-    assert err.count("\n") == 1 and err.startswith("dsv3: error: ")
+    code, _, err = cli(["plan"] + argv, capsys)
+    assert_one_error(code, err, needle)
 
 
 def test_schedule_subcommand_reports_the_simulator(capsys, tmp_path):

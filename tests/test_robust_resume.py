@@ -25,8 +25,8 @@ from dsv3.train.config import TrainConfig
 from dsv3.train.loop import train
 from dsv3.train.rundir import RunLock
 
-from helpers import read_jsonl
-from robust_helpers import assert_one_error, cli, flags, run_dsv3, tiny_options, tree_digest
+from helpers import assert_one_error, cli, read_jsonl
+from robust_helpers import flags, run_dsv3, tiny_options, tree_digest
 
 STEP2, STEP4 = "step-0000002", "step-0000004"
 

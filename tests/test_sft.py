@@ -18,7 +18,7 @@ from dsv3.model.mla import document_mask
 from dsv3.train.sft import (ChatTemplate, Conversation, PackedChatDataset, build_sft_data, load_chat_template, pack,
                             read_conversations, token_mask, tokenize_conversation)
 
-from helpers import small_config
+from helpers import assert_one_error, cli, small_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -541,14 +541,11 @@ def test_yarn_extension_run_writes_the_official_rope_scaling(hf_dir, chat_file, 
     ({"prompt": "a " * 400, "completion": "b"}, "more than seq_len"),
 ])
 def test_bad_chat_data_in_training_is_one_line_exit_2(hf_dir, tmp_path, capsys, record, fragment):
-    from dsv3.cli import main
-
     f = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine", "completion": "ok"}] * 8 + [record])
-    code = main(["train", "--init-from", str(hf_dir), "--task", "sft", "--data", str(f), "--seq-len", "64",
-                 "--on-long", "error", "--micro-batch", "1", "--global-batch", "1", "--steps", "1",
-                 "--run-dir", str(tmp_path / "run"), "--progress", "false"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("dsv3: error: ") and fragment in err[0], err
+    code, _, err = cli(["train", "--init-from", str(hf_dir), "--task", "sft", "--data", str(f), "--seq-len", "64",
+                        "--on-long", "error", "--micro-batch", "1", "--global-batch", "1", "--steps", "1",
+                        "--run-dir", str(tmp_path / "run"), "--progress", "false"], capsys)
+    assert_one_error(code, err, fragment)
     assert not (tmp_path / "run").exists()  # nothing written
 
 

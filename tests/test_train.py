@@ -18,7 +18,7 @@ from dsv3.cli import main
 from dsv3.train.config import TrainConfig
 from dsv3.train.loop import train
 
-from helpers import quick_options, read_jsonl
+from helpers import assert_one_error, cli, quick_options, read_jsonl
 
 REQUIRED = ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "maxvio")
 
@@ -181,10 +181,8 @@ def test_bad_input_exits_2_with_one_line(train_setup, tmp_path, capsys, case):
     else:
         argv = ["generate", str(tmp_path / "nothing-here"), "--prompt", "x"]
     before = _tree_digest(existing) if existing.exists() else None
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("dsv3: error: ") and "Traceback" not in err[0], err
+    code, _, err = cli(argv, capsys)
+    assert_one_error(code, err)
     if before is not None:
         assert _tree_digest(existing) == before  # nothing already written is damaged
     assert not (tmp_path / "new").exists()  # a refused run leaves nothing behind

@@ -2,10 +2,12 @@
 
     dsv3 plan --preset deepseek-v3 --pp 16 --ep 64 --dp 128 --schedule dualpipe --recompute selective --fp8
     dsv3 plan schedule --schedule dualpipe --pp 8 --microbatches 20 --f 1 --b 2 --w 0.5 --fb 2.5 --plot t.png
+    dsv3 plan schedule --trace runs/pp/pipeline_trace.json --plot measured.png
     dsv3 plan search --preset deepseek-v3 --gpus 2048 --gpu-memory 80GiB --global-batch 15360 --fp8
 
 The library functions are :func:`dsv3.plan.planner.make_plan`,
-:func:`dsv3.plan.simulate.simulate` and :func:`dsv3.plan.search.search`.
+:func:`dsv3.plan.simulate.simulate`, :func:`dsv3.plan.trace.compare_trace` and
+:func:`dsv3.plan.search.search`.
 """
 
 from __future__ import annotations
@@ -97,14 +99,18 @@ def register(subparsers) -> None:
     s = sub.add_parser("schedule", help="simulate a pipeline schedule and draw its per-device timeline",
                        description="Simulate one step of a pipeline schedule (DualPipe README conventions).",
                        allow_abbrev=False)
-    s.add_argument("--schedule", required=True, help="1f1b, zb1p, dualpipe or dualpipev")
-    s.add_argument("--pp", type=int, required=True, help="pipeline stages (DualPipeV runs them on pp/2 devices)")
-    s.add_argument("--microbatches", type=int, required=True, help="micro-batches per step")
-    s.add_argument("--f", type=float, default=1.0, help="forward time of one stage and micro-batch")
-    s.add_argument("--b", type=float, default=2.0, help="full backward time (inputs + weights)")
-    s.add_argument("--w", type=float, default=1.0, help="weight-gradient part of --b")
+    s.add_argument("--schedule", default=None, help="1f1b, zb1p, dualpipe or dualpipev (with --trace: from the trace)")
+    s.add_argument("--pp", type=int, default=None,
+                   help="pipeline stages (DualPipeV runs them on pp/2 devices; with --trace: from the trace)")
+    s.add_argument("--microbatches", type=int, default=None, help="micro-batches per step (with --trace: from the trace)")
+    s.add_argument("--f", type=float, default=None, help="forward time of one stage and micro-batch (1)")
+    s.add_argument("--b", type=float, default=None, help="full backward time (inputs + weights) (2)")
+    s.add_argument("--w", type=float, default=None, help="weight-gradient part of --b (1)")
     s.add_argument("--fb", type=float, default=None, help="overlapped forward+backward pair (default f + b)")
-    s.add_argument("--comm", type=float, default=0.0, help="point-to-point latency")
+    s.add_argument("--comm", type=float, default=0.0, help="point-to-point latency (with --trace: in seconds)")
+    s.add_argument("--trace", default=None,
+                   help="a dsv3 train --trace timeline (pipeline_trace.json): simulate it with its measured op times "
+                        "(median per kind and stage) and compare; --plot draws measured above simulated")
     s.add_argument("--plot", default=None, help="write the timeline to this PNG")
     s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(func=run_schedule)
@@ -276,12 +282,17 @@ def run_schedule(args) -> int:
     from dsv3.plan.report import render_schedule, schedule_json
     from dsv3.plan.simulate import simulate
 
+    if args.trace is not None:
+        return _run_trace(args)
+    missing = [f"--{k}" for k in ("schedule", "pp", "microbatches") if getattr(args, k) is None]
+    if missing:
+        raise ConfigError(f"dsv3 plan schedule needs {', '.join(missing)} (or --trace FILE of a dsv3 train --trace run)")
     schedule = str(args.schedule).lower()
     check_pipeline(args.pp, args.microbatches)
     if args.plot:  # refuse a figure too large to draw before simulating
         check_plot(args.pp // 2 if schedule == "dualpipev" else args.pp, args.pp, args.microbatches)
-    res = simulate(schedule, pp=args.pp, microbatches=args.microbatches, f=args.f, b=args.b,
-                   w=args.w, fb=args.fb, comm=args.comm)
+    res = simulate(schedule, pp=args.pp, microbatches=args.microbatches, f=_or(args.f, 1.0), b=_or(args.b, 2.0),
+                   w=_or(args.w, 1.0), fb=args.fb, comm=args.comm)
     if args.plot:
         from dsv3.plan.timeline import plot_timeline
 
@@ -292,6 +303,41 @@ def run_schedule(args) -> int:
         render_schedule(res, _console())
         if args.plot:
             print(f"timeline written to {args.plot}")
+    return 0
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+def _run_trace(args) -> int:
+    """``plan schedule --trace FILE``: the measured step beside its simulation from the measured op times."""
+    from dsv3.plan.limits import check_float
+    from dsv3.plan.report import dumps, render_trace
+    from dsv3.plan.trace import compare_trace
+
+    given = [f"--{k}" for k in ("f", "b", "w", "fb") if getattr(args, k) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot go with --trace, whose measured op times the simulation uses; "
+                          f"drop them")
+    comm = check_float("comm", args.comm)
+    cmp = compare_trace(args.trace, schedule=args.schedule, pp=args.pp, microbatches=args.microbatches, comm=comm)
+    if args.plot:
+        from dsv3.plan.timeline import plot_timelines
+
+        m, s = cmp.measured, cmp.simulated
+        plot_timelines([
+            (m, f"measured: {m.schedule} pp={m.pp}, {m.microbatches} micro-batches; makespan "
+                f"{m.makespan * 1e3:.4g} ms, max idle {max(m.bubble) * 1e3:.4g} ms (time in s)"),
+            (s, f"simulated from the measured op times: makespan {s.makespan * 1e3:.4g} ms, max idle "
+                f"{max(s.bubble) * 1e3:.4g} ms (measured / simulated {cmp.ratio:.3f})"),
+        ], args.plot)
+    if args.json:
+        print(dumps(cmp.to_json()))
+    else:
+        render_trace(cmp, _console())
+        if args.plot:
+            print(f"measured and simulated timelines written to {args.plot}")
     return 0
 
 

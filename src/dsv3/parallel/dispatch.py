@@ -29,8 +29,10 @@ Backends:
     (:func:`dsv3.fp8.comm.quantize_for_dispatch`), and in backward the gradient sent back to
     the experts (the gradient of the down-projection output) is quantised the same way; combine
     forward and the dispatch backward stay in the activation precision.
-``deepep`` (:class:`DeepEPDispatcher`)
-    the slot for DeepEP's NVLink/RDMA kernels, usable only where ``deep_ep`` is installed.
+``deepep`` (:class:`dsv3.parallel.deepep.DeepEPDispatcher`)
+    DeepEP's NVLink/RDMA kernels, only when asked for and only where ``deep_ep`` is installed and
+    CUDA runs (otherwise one ConfigError before anything is written). Tested against a stand-in
+    ``deep_ep`` with the documented semantics, not on real GPUs here (see that module).
 
 Each dispatcher counts what it moved (:class:`CommStats`): bytes sent to other ranks, tokens
 dispatched, and the ranks and nodes each token reached (node-limited routing bounds the latter).
@@ -38,7 +40,6 @@ dispatched, and the ranks and nodes each token reached (node-limited routing bou
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -294,23 +295,14 @@ class AllToAllDispatcher:
         return self.combine_wait(self.combine_start(y, handle))
 
 
-class DeepEPDispatcher:  # pragma: no cover - needs deep_ep and GPUs
-    """The slot for DeepEP's kernels (https://github.com/deepseek-ai/DeepEP); only where ``deep_ep`` is installed.
-
-    Not implemented in this CPU build: constructing it without ``deep_ep`` raises a ConfigError, and with
-    ``deep_ep`` installed it still raises until the adapter is written and tested on GPUs.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
-        if importlib.util.find_spec("deep_ep") is None:
-            raise ConfigError("--dispatcher deepep needs the deep_ep package (DeepEP) installed; use alltoall")
-        raise ConfigError("--dispatcher deepep is not wired up yet in this version; use --dispatcher alltoall")
-
-
 def resolve_backend(name: str, ep: int, device: torch.device) -> str:
-    """``auto`` -> ``deepep`` on CUDA with deep_ep installed, else ``alltoall`` for ep > 1, else ``local``."""
+    """``auto`` -> ``alltoall`` for ep > 1, else ``local``; ``deepep`` only when asked for (and runnable)."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown dispatcher {name!r}; use one of {', '.join(BACKENDS)}")
+    if name == "deepep":
+        from dsv3.parallel.deepep import check_deepep
+
+        check_deepep(device)
     if name == "auto":
         if ep == 1:
             return "local"
@@ -332,6 +324,7 @@ def shard_experts(model: torch.nn.Module, ctx, *, dispatcher: str = "auto", fp8:
     from dsv3.model.moe import Experts
 
     backend = resolve_backend(dispatcher, ctx.ep, ctx.device)
+    shared = None  # deepep: one DeepEP buffer for every layer
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         if backend == "local":
             moe.dispatcher = LocalDispatcher(moe.n_experts)
@@ -347,7 +340,11 @@ def shard_experts(model: torch.nn.Module, ctx, *, dispatcher: str = "auto", fp8:
             new.mm, new.act = old.mm, old.act
             moe.experts = new
         if backend == "deepep":
-            moe.dispatcher = DeepEPDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, moe.n_experts)
+            from dsv3.parallel.deepep import DeepEPBuffer, DeepEPDispatcher
+
+            shared = shared or DeepEPBuffer(ctx.ep_group)
+            moe.dispatcher = DeepEPDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, moe.n_experts, buffer=shared, fp8=fp8,
+                                              ranks_per_node=ranks_per_node or getattr(ctx, "ranks_per_node", None))
         else:
             moe.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, moe.n_experts, fp8=fp8,
                                                 ranks_per_node=ranks_per_node or getattr(ctx, "ranks_per_node", None))

@@ -222,6 +222,28 @@ def schedule_json(res) -> str:
     return dumps(res.to_json())
 
 
+def render_trace(cmp, console: Console) -> None:
+    """``plan schedule --trace``: measured vs simulated makespan and per-device idle (ms), and the op times used."""
+    m, s = cmp.measured, cmp.simulated
+    ms = 1e3
+    console.print(f"[bold]{m.schedule}[/bold] trace {cmp.path}: {m.pp} stages on {m.devices} devices, "
+                  f"{m.microbatches} micro-batches; simulated with the measured median time of each op kind and "
+                  f"stage, comm={s.times.comm * ms:g} ms")
+    table = Table(title="Per device (ms)", title_justify="left")
+    for col in ("device", "busy measured", "busy simulated", "idle measured", "idle simulated"):
+        table.add_column(col, justify="right")
+    for d in range(m.devices):
+        table.add_row(str(d), f"{m.busy[d] * ms:.2f}", f"{s.busy[d] * ms:.2f}", f"{m.bubble[d] * ms:.2f}",
+                      f"{s.bubble[d] * ms:.2f}")
+    console.print(table)
+    per_op = s.times.per_op or {}
+    console.print("op times (median ms): " + ", ".join(
+        f"{k[0]} stage {k[1]}{f'&{k[2]}' if len(k) > 2 else ''} {t * ms:.2f}" for k, t in sorted(per_op.items())))
+    console.print(f"makespan measured {m.makespan * ms:.2f} ms, simulated {s.makespan * ms:.2f} ms, "
+                  f"measured / simulated {cmp.ratio:.3f}; idle share measured {100 * m.bubble_fraction:.1f} %, "
+                  f"simulated {100 * s.bubble_fraction:.1f} %")
+
+
 # ---------------------------------------------------------------------------- search
 def render_search(result, console: Console, top: int = 20, show_rejected: int = 30) -> None:
     fits = result.fits

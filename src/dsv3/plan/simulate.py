@@ -15,6 +15,11 @@ SEND  0 device time; the data reaches the peer ``comm`` later
 RECV  0 device time; marks where the device takes the data
 ====  =========================================================
 
+``OpTimes.per_op`` overrides these per stage: ``{op_key(op): time}`` with
+``op_key`` = ``(kind, stage)``, and ``(FB, stage, b_stage)`` for a pair, so a
+simulation can be fed the measured time of every (kind, stage) of a real step
+(:mod:`dsv3.plan.trace`).
+
 Every compute op starts when its device has finished its previous op and all
 its inputs are there: a forward needs the activation from the previous stage,
 a backward its own forward and the gradient from the next stage (at the last
@@ -67,12 +72,22 @@ from dsv3.parallel.pipeline.schedules import (
     validate_schedule,
 )
 
+def op_key(op: Op) -> tuple:
+    """The key of ``op`` in :attr:`OpTimes.per_op`: ``(kind, stage)``, or ``(FB, stage, b_stage)`` for a pair."""
+    return (op.kind, op.stage, op.b_stage) if op.kind == FB else (op.kind, op.stage)
+
+
 # A timeline entry: (label, start, end, op): "F3", "B3", "W3", "BW3" or "F5&B2", the times, and the Op itself.
 TimelineEntry = tuple[str, float, float, Op]
 
 
 class DeadlockError(ScheduleError):
     """The op lists wait on each other in a cycle, so the step can never finish."""
+
+
+def _check_time(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"pipeline op time {name} must be a finite number >= 0, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -84,19 +99,24 @@ class OpTimes:
     w: float = 1.0
     fb: float | None = None
     comm: float = 0.0
+    per_op: dict | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("f", "b", "w", "comm") + (("fb",) if self.fb is not None else ()):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"pipeline op time {name} must be a finite number >= 0, got {value!r}.")
+            _check_time(name, getattr(self, name))
+        for key, value in (self.per_op or {}).items():
+            _check_time(f"{key}", value)
         if self.w > self.b:
             raise ConfigError(f"w (weight-gradient time, {self.w}) must not exceed b (full backward time, {self.b}) because W is part of B.")
         if self.fb is None:
             object.__setattr__(self, "fb", float(self.f + self.b))
 
     def of(self, op: Op) -> float:
-        """Device time of one op."""
+        """Device time of one op (its ``per_op`` entry when there is one)."""
+        if self.per_op:
+            t = self.per_op.get(op_key(op))
+            if t is not None:
+                return t
         return {F: self.f, B: self.b - self.w, W: self.w, BW: self.b, FB: self.fb}.get(op.kind, 0.0)
 
 
@@ -303,4 +323,4 @@ def simulate(
     return run_schedule(schedule, times)
 
 
-__all__ = ["DeadlockError", "OpTimes", "SimResult", "run_schedule", "simulate", "BACKWARD", "FORWARD"]
+__all__ = ["DeadlockError", "OpTimes", "op_key", "SimResult", "run_schedule", "simulate", "BACKWARD", "FORWARD"]

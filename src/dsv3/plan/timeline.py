@@ -30,30 +30,58 @@ def plot_timeline(result, path: str | os.PathLike, title: str | None = None) -> 
 
     Returns the path written. The file is written atomically.
     """
-    check_plot(result.devices, result.pp, result.microbatches)  # bounded figure size and patch count
+    return plot_timelines([(result, title)], path)
+
+
+def plot_timelines(panels: list, path: str | os.PathLike) -> str:
+    """Write several timelines, one panel each (top to bottom), on one shared time axis to a PNG at ``path``.
+
+    ``panels``: ``(result, title or None)`` pairs, e.g. a measured step (:func:`dsv3.plan.trace.measured_step`)
+    above its simulation. Returns the path written. The file is written atomically.
+    """
+    for result, _ in panels:
+        check_plot(result.devices, result.pp, result.microbatches)  # bounded figure size and patch count
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Patch, Rectangle
+    from matplotlib.patches import Patch
 
-    rows = result.timeline
-    makespan = result.makespan or 1.0
-    most_ops = max((len(row) for row in rows), default=1)
+    span = max((r.makespan for r, _ in panels), default=0.0) or 1.0
+    most_ops = max((len(row) for r, _ in panels for row in r.timeline), default=1)
     width = min(60.0, max(8.0, 2.0 + 0.28 * most_ops))
-    bottom, top = 1.0, 0.5  # inches for the axis label and legend, and the title
-    height = bottom + top + 0.6 * max(len(rows), 1)
+    bottom, top, gap = 1.0, 0.5, 0.9  # inches: axis label and legend; first title; axis label and title between
+    rows = [max(len(r.timeline), 1) for r, _ in panels]
+    height = bottom + top + gap * (len(panels) - 1) + 0.6 * sum(rows)
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
     left, right = 0.9, 0.3  # inches for the device labels, and a margin
-    ax = fig.add_axes((left / width, bottom / height, 1 - (left + right) / width, 1 - (bottom + top) / height))
-    axes_inches = width - left - right
-    kinds_seen = set()
+    kinds_seen: set = set()
+    y_top = height - top
+    for (result, title), n in zip(panels, rows):
+        h = 0.6 * n
+        ax = fig.add_axes((left / width, (y_top - h) / height, 1 - (left + right) / width, h / height))
+        _draw(ax, result, title, span, width - left - right, kinds_seen)
+        y_top -= h + gap
+    order = [F, B, W, BW, FB]
+    handles = [Patch(facecolor=COLOURS[k][0] if k != FB else "white", edgecolor="black", label=NAMES[k],
+                     hatch="" if k != FB else "//") for k in order if k in kinds_seen]
+    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=max(len(handles), 1),
+               fontsize=8, frameon=False)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return os.fspath(path)
 
+
+def _draw(ax, result, title: str | None, span: float, axes_inches: float, kinds_seen: set) -> None:
+    """One panel: a row per device (device 0 on top), a box per compute op, time 0 .. ``span``."""
+    from matplotlib.collections import PatchCollection
+    from matplotlib.patches import Rectangle
+
+    rows = result.timeline
     boxes: list = []  # drawn as one collection: thousands of separate patches take minutes
 
     def box(x0: float, x1: float, y0: float, h: float, colour: str, text: str) -> None:
         boxes.append(Rectangle((x0, y0), x1 - x0, h, facecolor=colour, edgecolor="black", linewidth=0.4))
-        box_inches = (x1 - x0) / makespan * axes_inches
+        box_inches = (x1 - x0) / span * axes_inches
         if text and box_inches > 0.11:
             ax.text((x0 + x1) / 2, y0 + h / 2, text, ha="center", va="center", fontsize=min(8, 5 + box_inches * 8))
 
@@ -67,19 +95,11 @@ def plot_timeline(result, path: str | os.PathLike, title: str | None = None) -> 
             else:
                 box(start, end, y + 0.05, 0.8, COLOURS[op.kind][min(op.chunk, 1)], str(op.microbatch))
     ax.add_collection(PatchCollection(boxes, match_original=True))
-    ax.set_xlim(0, makespan)
-    ax.set_ylim(0, len(rows))
+    ax.set_xlim(0, span)
+    ax.set_ylim(0, max(len(rows), 1))
     ax.set_yticks([len(rows) - 1 - d + 0.45 for d in range(len(rows))])
     ax.set_yticklabels([f"device {d}" for d in range(len(rows))])
     ax.set_xlabel("time")
     ax.set_title(title or (
         f"{result.schedule}: pp={result.pp}, {result.microbatches} micro-batches, {result.devices} devices; "
         f"makespan {result.makespan:.4g}, max bubble {max(result.bubble, default=0.0):.4g}"), fontsize=10)
-    order = [F, B, W, BW, FB]
-    handles = [Patch(facecolor=COLOURS[k][0] if k != FB else "white", edgecolor="black", label=NAMES[k],
-                     hatch="" if k != FB else "//") for k in order if k in kinds_seen]
-    ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), bbox_transform=fig.transFigure,
-              ncol=len(handles), fontsize=8, frameon=False)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return os.fspath(path)

@@ -356,6 +356,10 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
         if write:
             check_run_dir_usable(run_dir)  # under a file, unwritable, read-only: said now, not after the set-up
     device = resolve_device(config)
+    if config.parallel.dispatcher == "deepep":  # refused here, before anything is written, on any layout
+        from dsv3.parallel.deepep import check_deepep
+
+        check_deepep(device)
     saved_model_config = os.path.join(run_dir, MODEL_CONFIG_FILE)
     if resume is not None and os.path.isfile(saved_model_config):
         mcfg = ModelConfig.from_json_file(saved_model_config)  # exactly the model the run started with

@@ -1,0 +1,343 @@
+"""The ``deepep`` token dispatcher: DeepEP's normal (high-throughput) kernels behind our dispatcher interface.
+
+DeepEP (https://github.com/deepseek-ai/DeepEP, the V1 ``deep_ep.Buffer`` API) moves MoE tokens over NVLink
+and RDMA as report 3.2.2 describes. Its calls, as its README and tests document them:
+
+* ``Buffer.get_dispatch_layout(topk_idx, num_experts)`` -> ``(num_tokens_per_rank [ep], num_tokens_per_rdma_rank
+  or None, num_tokens_per_expert [N_r], is_token_in_rank [N, ep] bool, event)``;
+* ``Buffer.dispatch(x, topk_idx=, topk_weights=, <the layout>, async_finish=)`` -> ``(recv_x [R, d],
+  recv_topk_idx [R, K], recv_topk_weights [R, K], num_recv_tokens_per_expert_list, handle, event)``: a token
+  arrives ONCE on each rank that holds one of its experts; rows come grouped by source rank (rank 0's first),
+  in token order within a source; ``recv_topk_idx`` holds the LOCAL expert index of each choice, -1 where the
+  expert is on another rank (its weight is then unspecified);
+* ``Buffer.combine(x [R, d], handle, topk_weights=None, async_finish=)`` -> ``(combined_x [N, d],
+  combined_topk_weights, event)``: each source token gets the SUM of the rows the ranks send back for it;
+* ``Buffer.dispatch(x, handle=handle)``: the cached dispatch, the same movement again;
+* ``event.current_stream_wait()``: with ``async_finish=True`` the call returns at once and the compute stream
+  waits for the transfer only there.
+
+None of them is autograd-aware, so this adapter wraps them as DeepEP's README pairs them: the backward of a
+dispatch is a combine (of the gradients of the received rows and of their gate weights), the backward of a
+combine is a cached dispatch. On top it keeps OUR interface (:mod:`dsv3.parallel.dispatch`):
+
+    recv_x, counts, handle = dispatcher.dispatch(x, topk_idx, topk_weights)
+    y = experts(recv_x, counts.cumsum(0), handle.recv_weights)
+    out = dispatcher.combine(y, handle)
+
+``recv_x`` [M, d] holds one row per (received token, local expert) sorted by local expert, ``counts``
+[N_r / ep] the rows of each local expert and ``handle.recv_weights`` [M, 1] their gate values, as
+:class:`~dsv3.model.moe.LocalDispatcher` and :class:`~dsv3.parallel.dispatch.AllToAllDispatcher` give them:
+:func:`expand_to_local_experts` turns DeepEP's per-token rows into per-expert rows, and combine first sums a
+token's local expert outputs (already scaled by g in the experts) into its received row. The start/wait
+halves are DeepEP's ``async_finish=True`` and ``event.current_stream_wait()``; with ``cut=True`` waits the
+received tensors are autograd leaves whose gradients go back through ``*_backward_start``/``*_backward_wait``
+(DeepEP's own backward pairing, asynchronous), as the FB overlap's cut MoE layer drives the all-to-all
+dispatcher. FP8 dispatch payloads are not
+wired to DeepEP's (data, scales) form here: ``--fp8`` with ``--dispatcher deepep`` is refused.
+
+Status: the layout and autograd translation are tested against a stand-in ``deep_ep`` module with the
+documented semantics (tests/test_deepep.py, outputs and gradients equal to LocalDispatcher's). The
+adapter has NOT been run on GPUs with the real DeepEP here (no GPU cluster in this project's CI); try it on
+one node against ``--dispatcher alltoall`` before relying on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from dsv3.errors import ConfigError
+from dsv3.model.ops import combine
+
+
+def check_deepep(device: torch.device | str) -> None:
+    """Refuse ``--dispatcher deepep`` where it cannot run: without the ``deep_ep`` package or without CUDA."""
+    if importlib.util.find_spec("deep_ep") is None:
+        raise ConfigError("--dispatcher deepep needs the deep_ep package (DeepEP) installed; use --dispatcher alltoall")
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"--dispatcher deepep runs on CUDA GPUs only, not on {torch.device(device).type}; "
+                          f"use --dispatcher alltoall")
+
+
+def expand_to_local_experts(local_id: torch.Tensor, n_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-expert rows from per-token rows.
+
+    Args:
+        local_id: [R, K] local expert of each received token's choices, -1 for experts on other ranks.
+        n_local: experts on this rank.
+
+    Returns:
+        recv_token [M] (the received row of each expert row), pos [M] (its flat index in ``local_id``),
+        counts [n_local] (rows per local expert); expert rows sorted by local expert, then by received row.
+    """
+    k = local_id.shape[1]
+    flat = local_id.reshape(-1)
+    flat_pos = (flat >= 0).nonzero(as_tuple=True)[0]
+    expert = flat.index_select(0, flat_pos)
+    order = expert.argsort(stable=True)
+    pos = flat_pos.index_select(0, order)
+    return pos // k, pos, torch.bincount(expert, minlength=n_local)
+
+
+class DeepEPBuffer:
+    """The one ``deep_ep.Buffer`` of an expert-parallel group, shared by every MoE layer of a model.
+
+    Allocated at the first dispatch (it needs the hidden size) with the sizes DeepEP's README computes from
+    its default dispatch and combine configs, and reallocated only when a larger payload needs more.
+    ``module``: the ``deep_ep`` module (a stand-in in tests); imported when not given.
+    """
+
+    def __init__(self, group, module=None) -> None:
+        self.group = group
+        self.deep_ep = module if module is not None else importlib.import_module("deep_ep")
+        self.buffer = None
+
+    def get(self, x: torch.Tensor):
+        Buffer = self.deep_ep.Buffer
+        n = self.group.size()
+        hidden_bytes = x.shape[1] * max(x.element_size(), 2)
+        nvl = rdma = 0
+        for cfg in (Buffer.get_dispatch_config(n), Buffer.get_combine_config(n)):
+            nvl = max(nvl, cfg.get_nvl_buffer_size_hint(hidden_bytes, n))
+            rdma = max(rdma, cfg.get_rdma_buffer_size_hint(hidden_bytes, n))
+        b = self.buffer
+        if b is None or b.num_nvl_bytes < nvl or b.num_rdma_bytes < rdma:
+            self.buffer = Buffer(self.group, nvl, rdma)
+        return self.buffer
+
+
+class _Dispatch(torch.autograd.Function):
+    """DeepEP dispatch of ``x`` and ``topk_weights``; backward: combine of their gradients."""
+
+    @staticmethod
+    def forward(ctx, x, topk_weights, buf, topk_idx, layout, async_finish, out: dict):
+        per_rank, per_rdma, per_expert, in_rank = layout
+        recv_x, recv_idx, recv_w, _, handle, event = buf.dispatch(
+            x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+            async_finish=async_finish)
+        out.update(recv_idx=recv_idx, handle=handle, event=event)
+        ctx.buf, ctx.handle, ctx.recv_shape = buf, handle, (recv_x.shape, recv_x.dtype, recv_x.device)
+        return recv_x, recv_w
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_w):
+        if grad_x is None:
+            shape, dtype, device = ctx.recv_shape
+            grad_x = torch.zeros(shape, dtype=dtype, device=device)
+        gx, gw, _ = ctx.buf.combine(grad_x.contiguous(), ctx.handle,
+                                    topk_weights=None if grad_w is None else grad_w.contiguous(), async_finish=False)
+        return gx, gw, None, None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """DeepEP combine of per-token rows ``z``; backward: the cached dispatch of the gradient."""
+
+    @staticmethod
+    def forward(ctx, z, buf, handle, async_finish, out: dict):
+        combined, _, event = buf.combine(z, handle, async_finish=async_finish)
+        out["event"] = event
+        ctx.buf, ctx.handle = buf, handle
+        return combined
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_z = ctx.buf.dispatch(grad.contiguous(), handle=ctx.handle, async_finish=False)[0]
+        return grad_z, None, None, None, None
+
+
+@dataclass
+class DeepEPHandle:
+    """What :meth:`DeepEPDispatcher.dispatch` hands to combine.
+
+    Attributes:
+        ep_handle: DeepEP's own handle (the layout of the exchange).
+        recv_token: [M] received row of each expert row; n_recv: R, rows received; n_tokens: N, source tokens.
+        recv_weights: [M, 1] gate value of each expert row (with gradient).
+        n_self: received rows that came from this rank itself (they do not cross the network).
+    """
+
+    ep_handle: object
+    recv_token: torch.Tensor
+    n_recv: int
+    n_tokens: int
+    recv_weights: torch.Tensor
+    n_self: int = 0
+
+
+@dataclass
+class _Pending:
+    """A started dispatch. ``send_x`` [N, d] and ``meta`` [N, K] (FP32 gate weights) are what DeepEP sent;
+    with a ``cut`` wait, ``recv`` [R, d] and ``recv_meta`` [R, K] are the received tensors as autograd leaves."""
+
+    recv_x: torch.Tensor
+    recv_w: torch.Tensor
+    recv_idx: torch.Tensor
+    ep_handle: object
+    event: object
+    n_tokens: int
+    n_self: int
+    send_x: torch.Tensor
+    meta: torch.Tensor
+    recv: torch.Tensor | None = None
+    recv_meta: torch.Tensor | None = None
+
+
+@dataclass
+class _PendingCombine:
+    """A started combine of ``z`` [R, d]; with a ``cut`` wait, ``back`` [N, d] is the result as an autograd leaf."""
+
+    combined: torch.Tensor
+    event: object
+    z: torch.Tensor
+    handle: DeepEPHandle
+    back: torch.Tensor | None = None
+
+
+@dataclass
+class _PendingGrad:
+    """Gradients on their way back (backward of a cut exchange)."""
+
+    tensors: tuple
+    event: object
+
+
+def _leaf(received: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    return received.detach().requires_grad_(torch.is_grad_enabled() and source.requires_grad)
+
+
+def _grad_of(leaf: torch.Tensor) -> torch.Tensor:
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+
+
+def _wait(event) -> None:
+    if event is not None:
+        event.current_stream_wait()
+
+
+class DeepEPDispatcher:
+    """Dispatch/combine with DeepEP's kernels (see the module docstring); same interface as AllToAllDispatcher.
+
+    Args:
+        group: the expert-parallel process group (NCCL); ep: its size; ep_rank: this rank's index in it.
+        n_experts: N_r, all routed experts (this rank holds ``N_r / ep``, a contiguous block).
+        buffer: the model's shared :class:`DeepEPBuffer` (one is made when not given).
+        fp8: refused (FP8 payloads are not wired to DeepEP here).
+        ranks_per_node: ranks of one node, to count the nodes a token reaches.
+    """
+
+    def __init__(self, group, ep: int, ep_rank: int, n_experts: int, *, buffer: DeepEPBuffer | None = None,
+                 fp8: bool = False, ranks_per_node: int | None = None) -> None:
+        from dsv3.parallel.dispatch import CommStats
+
+        if fp8:
+            raise ConfigError("--dispatcher deepep does not carry FP8 dispatch payloads in this version; "
+                              "use --dispatcher alltoall with --fp8")
+        if n_experts % ep:
+            raise ConfigError(f"--ep {ep} does not divide the model's {n_experts} routed experts; pick another ep")
+        self.group, self.ep, self.ep_rank = group, ep, ep_rank
+        self.n_experts, self.n_local = n_experts, n_experts // ep
+        self.buffer = buffer if buffer is not None else DeepEPBuffer(group)
+        self.ranks_per_node = min(ranks_per_node or ep, ep)
+        if ep % self.ranks_per_node:
+            self.ranks_per_node = ep
+        self.stats = CommStats()
+
+    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                       meanwhile=None) -> _Pending:
+        """Compute the layout and start DeepEP's dispatch (``async_finish=True``); ``meanwhile``: a callable run
+        while the tokens are in flight (the cut MoE of the FB overlap runs its shared experts there)."""
+        buf = self.buffer.get(x)
+        idx = topk_idx.to(getattr(self.buffer.deep_ep, "topk_idx_t", torch.int64)).contiguous()  # DeepEP's index type
+        per_rank, per_rdma, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, self.n_experts)
+        out: dict = {}
+        send_x, meta = x.contiguous(), topk_weights.float().contiguous()
+        recv_x, recv_w = _Dispatch.apply(send_x, meta, buf, idx, (per_rank, per_rdma, per_expert, in_rank), True, out)
+        n = x.shape[0]
+        with torch.no_grad():
+            sent, n_self = int(in_rank.sum()), int(in_rank[:, self.ep_rank].sum())
+            self.stats.tokens += n
+            self.stats.ranks_reached += sent
+            self.stats.nodes_reached += int(in_rank.view(n, -1, self.ranks_per_node).any(dim=-1).sum())
+            self.stats.bytes_sent += (sent - n_self) * x.shape[1] * x.element_size()
+        if meanwhile is not None:
+            meanwhile()
+        return _Pending(recv_x, recv_w, out["recv_idx"], out["handle"], out["event"], n, n_self, send_x, meta)
+
+    def dispatch_wait(self, p: _Pending, *, cut: bool = False):
+        """Finish a dispatch: ``(recv_x [M, d], counts [N_r/ep], handle)`` with rows sorted by local expert.
+
+        ``cut``: the received tensors become the leaves ``p.recv`` / ``p.recv_meta`` instead of staying linked
+        to ``x`` through autograd; their gradients go back with :meth:`dispatch_backward_start` / ``_wait``.
+        """
+        _wait(p.event)
+        recv_x, recv_w = p.recv_x, p.recv_w
+        if cut:
+            recv_x = p.recv = _leaf(recv_x, p.send_x)
+            recv_w = p.recv_meta = _leaf(recv_w, p.meta)
+        with torch.no_grad():
+            recv_token, pos, counts = expand_to_local_experts(p.recv_idx.long(), self.n_local)
+        recv_weights = recv_w.reshape(-1).index_select(0, pos).unsqueeze(-1)
+        handle = DeepEPHandle(p.ep_handle, recv_token, recv_x.shape[0], p.n_tokens, recv_weights, p.n_self)
+        return recv_x.index_select(0, recv_token), counts, handle
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
+        """:meth:`dispatch_start` then :meth:`dispatch_wait`."""
+        return self.dispatch_wait(self.dispatch_start(x, topk_idx, topk_weights))
+
+    def combine_start(self, y: torch.Tensor, handle: DeepEPHandle) -> _PendingCombine:
+        """Sum each received token's local expert outputs ``y`` [M, d]; start DeepEP's combine."""
+        z = combine(y, handle.recv_token, handle.n_recv)  # [R, d], one row per received token
+        out: dict = {}
+        combined = _Combine.apply(z.contiguous(), self.buffer.get(z), handle.ep_handle, True, out)
+        self.stats.bytes_sent += (handle.n_recv - handle.n_self) * z.shape[1] * z.element_size()
+        return _PendingCombine(combined, out["event"], z, handle)
+
+    def combine_wait(self, p: _PendingCombine, *, cut: bool = False) -> torch.Tensor:
+        """Finish a combine: ``out`` [N, d], each token's expert outputs summed over ranks (``cut``: as the leaf
+        ``p.back``, whose gradient goes back with :meth:`combine_backward_start` / ``_wait``)."""
+        _wait(p.event)
+        if cut:
+            p.back = _leaf(p.combined, p.z)
+            return p.back
+        return p.combined
+
+    # ---------------------------------------------- backward of cut exchanges (the FB overlap's protocol)
+    def combine_backward_start(self, p: _PendingCombine) -> _PendingGrad:
+        """Start sending ``p.back.grad`` [N, d] to the ranks that computed the expert sums (a cached dispatch)."""
+        grad = _grad_of(p.back).contiguous()
+        p.back = None
+        with torch.no_grad():
+            g, _, _, _, _, event = self.buffer.get(grad).dispatch(grad, handle=p.handle.ep_handle, async_finish=True)
+        return _PendingGrad((g,), event)
+
+    @staticmethod
+    def combine_backward_wait(pending: _PendingGrad) -> torch.Tensor:
+        """The gradient of the combined rows ``p.z`` [R, d]."""
+        _wait(pending.event)
+        return pending.tensors[0]
+
+    def dispatch_backward_start(self, p: _Pending) -> _PendingGrad:
+        """Start sending the gradients of the received leaves (``p.recv`` [R, d], ``p.recv_meta`` [R, K]) back to
+        the tokens' ranks (a combine, which sums each token's gradients over the ranks it went to)."""
+        gx, gw = _grad_of(p.recv).contiguous(), _grad_of(p.recv_meta).contiguous()
+        p.recv = p.recv_meta = None
+        with torch.no_grad():
+            x, w, event = self.buffer.get(gx).combine(gx, p.ep_handle, topk_weights=gw, async_finish=True)
+        return _PendingGrad((x, w), event)
+
+    @staticmethod
+    def dispatch_backward_wait(pending: _PendingGrad) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of the sent tokens ``p.send_x`` [N, d] and gate weights ``p.meta`` [N, K]."""
+        _wait(pending.event)
+        return pending.tensors
+
+    def combine(self, y: torch.Tensor, handle: DeepEPHandle) -> torch.Tensor:
+        """:meth:`combine_start` then :meth:`combine_wait`."""
+        return self.combine_wait(self.combine_start(y, handle))
+
+
+__all__ = ["DeepEPBuffer", "DeepEPDispatcher", "DeepEPHandle", "check_deepep", "expand_to_local_experts"]
