@@ -20,8 +20,24 @@ It also reports time(FB) against time(F) + time(BW) of the same run: with the lo
 dispatcher there is no all-to-all to hide, so this measures only what interleaving the
 steps of two micro-batches costs or gains on CPU.
 
+The *overlap* part (``--part overlap``) measures what the FB op hides of the expert-parallel
+all-to-all (:mod:`dsv3.parallel.pipeline.overlap`): 2 gloo processes with ep=2 (experts sharded,
+each rank its own micro-batches) run one stage holding the whole model (pp=1) and time, per repeat
+(each op after a barrier), ``T_F`` = F(a), ``T_FB`` = F(b) interleaved with B(a), ``T_B`` = B(b)
+(full backward). ``T_comm`` is the time of the FB op's payload all-to-alls (the dispatch and combine
+of F(b) and the gradient exchanges of B(a), the same splits and bytes, recorded in the FB op) replayed
+blocking one after the other with no compute, in the same run. The fraction of communication hidden is
+``(T_F + T_B - T_FB) / T_comm`` from the medians, and also the median over repeats of each repeat's own
+difference and fraction (paired: the ops of one repeat run within a second, under the same load). It also reports the time blocked in the waits of the
+all-to-alls (payloads and token counts: exposed communication, including waiting for the slower peer)
+in F + B and in FB. The
+same protocol without expert parallelism (every
+rank all experts, local dispatcher, no all-to-all) is the control: it shows what interleaving alone
+costs or gains. ``--trace-dir`` also writes the last FB op's component timeline (ATTN / DISPATCH /
+MLP / COMBINE of both micro-batches and the exchanges in flight) of both ranks as Chrome-trace JSON and PNG.
+
     python bench/pipeline.py [--steps 6] [--microbatches 8] [--seq-len 64] [--micro-batch 2] [--layers 8]
-                             [--vocab 1024] [--mtp 0]
+                             [--vocab 1024] [--mtp 0] [--part all|schedules|overlap] [--repeats 12]
                              [--trace-dir DIR] [--out results.md]
 """
 
@@ -106,6 +122,243 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         queue.put((rank, None, traceback.format_exc()))
 
 
+def _overlap_worker(rank: int, world: int, port: int, args, queue) -> None:
+    """The overlap measurement on one rank (see the module docstring): per variant, lists of T_F, T_FB, T_B, T_comm."""
+    try:
+        os.environ.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                           "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        from dsv3.config import load_preset
+        from dsv3.model.transformer import DeepseekV3ForCausalLM
+        from dsv3.parallel import dispatch
+        from dsv3.parallel.dispatch import shard_experts
+        from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageRecord
+        from dsv3.parallel.world import init_parallel
+
+        cfg = load_preset("tiny").replace(num_hidden_layers=args.layers, vocab_size=args.vocab,
+                                          num_nextn_predict_layers=0)
+        ctx = init_parallel(dp=world, ep=world, n_routed_experts=cfg.n_routed_experts, timeout_s=120)
+        recorded: list | None = None
+        exchange_init = dispatch._Exchange.__init__
+
+        def recording_init(self, t, in_splits, out_splits, *a, **k):  # the FB op's payload exchanges
+            if recorded is not None:
+                recorded.append((list(in_splits), list(out_splits), t.shape[1] * t.element_size()))
+            exchange_init(self, t, in_splits, out_splits, *a, **k)
+
+        dispatch._Exchange.__init__ = recording_init
+        a2a = dist.all_to_all_single
+        waited = [0.0]
+
+        class TimedWork:  # time blocked in the waits of asynchronous all-to-alls (exposed communication)
+            def __init__(self, work) -> None:
+                self.work = work
+
+            def wait(self, *a):
+                t = time.perf_counter()
+                try:
+                    return self.work.wait(*a)
+                finally:
+                    waited[0] += time.perf_counter() - t
+
+        def timed_a2a(*a, **k):
+            work = a2a(*a, **k)
+            return TimedWork(work) if k.get("async_op") else work
+
+        dist.all_to_all_single = timed_a2a
+        done = object()
+        out = {}
+        for variant in ("ep2", "local"):
+            torch.manual_seed(0)
+            model = DeepseekV3ForCausalLM(cfg)
+            model.train()
+            if variant == "ep2":
+                shard_experts(model, ctx, dispatcher="alltoall")
+            stage = PipelineStage(model, 0, 1, list(range(cfg.num_hidden_layers)))
+            cos, sin = model.model.rotary_emb(torch.arange(args.seq_len))
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+            data = _batches(100 + rank, 2, args.micro_batch, args.seq_len, cfg.vocab_size)
+            mbs = [MicroBatch(ids, labels, cos, sin, 0.5) for ids, labels in data]
+            times: dict[str, list[float]] = {"F": [], "FB": [], "B": [], "comm": [], "wait_seq": [], "wait_fb": []}
+            events = None
+            for rep in range(2 + args.repeats):
+                recs = [StageRecord(), StageRecord()]
+                dist.barrier()
+                waited[0] = 0.0
+                t = time.perf_counter()
+                for _ in stage.forward_steps(None, mbs[0], recs[0]):
+                    pass
+                t_f = time.perf_counter() - t
+                wait_f, waited[0] = waited[0], 0.0
+                recorded = [] if variant == "ep2" else None
+                stage.events = [] if rep == 1 + args.repeats else None
+                dist.barrier()
+                t = time.perf_counter()
+                active = [stage.forward_steps(None, mbs[1], recs[1]), stage.backward_steps(recs[0], None, 0.5)]
+                while active:  # the runtime's FB op
+                    for gen in list(active):
+                        if next(gen, done) is done:
+                            active.remove(gen)
+                t_fb = time.perf_counter() - t
+                wait_fb, waited[0] = waited[0], 0.0
+                events, stage.events = stage.events or events, None
+                exchanges, recorded = recorded or [], None
+                dist.barrier()
+                t = time.perf_counter()
+                for _ in stage.backward_steps(recs[1], None, 0.5):
+                    pass
+                t_b = time.perf_counter() - t
+                wait_seq = wait_f + waited[0]
+                model.zero_grad(set_to_none=True)
+                # The FB op's exchanges replayed blocking, without compute.
+                bufs = [(torch.empty(sum(i), c, dtype=torch.uint8), torch.empty(sum(o), c, dtype=torch.uint8), i, o)
+                        for i, o, c in exchanges]
+                dist.barrier()
+                t = time.perf_counter()
+                for send, recv, i, o in bufs:
+                    a2a(recv, send, o, i, group=ctx.ep_group)
+                t_comm = time.perf_counter() - t
+                if rep >= 2:
+                    for k, v in (("F", t_f), ("FB", t_fb), ("B", t_b), ("comm", t_comm), ("wait_seq", wait_seq),
+                                 ("wait_fb", wait_fb)):
+                        times[k].append(v)
+            out[variant] = {"times": times, "events": events, "exchanges": len(exchanges)}
+        dispatch._Exchange.__init__, dist.all_to_all_single = exchange_init, a2a
+        queue.put((rank, out, None))
+        dist.destroy_process_group()
+    except BaseException:
+        queue.put((rank, None, traceback.format_exc()))
+
+
+def _spawn(target, args, world: int = 2) -> dict | str:
+    """Run ``target(rank, world, port, args, queue)`` on ``world`` spawned processes; results by rank or an error."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _port()
+    procs = [ctx.Process(target=target, args=(r, world, port, args, queue), daemon=True) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    try:
+        got = [queue.get(timeout=600) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    errors = [err for _, _, err in got if err]
+    if errors:
+        return errors[0]
+    return {rank: out for rank, out, _ in got}
+
+
+def _component_trace(events_by_rank: dict[int, list]) -> dict:
+    """Chrome-trace JSON of FB-op component events (``PipelineStage.events``) of several ranks: per rank a lane
+    for the forward's components, one for the backward's, and one with each exchange from start to wait."""
+    base = min(e[2] for evs in events_by_rank.values() for e in evs)
+    out = []
+    for rank, evs in sorted(events_by_rank.items()):
+        for tid, name in ((0, "F (micro-batch b)"), (1, "B (micro-batch a)"), (2, "all-to-all in flight")):
+            out.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": name}})
+        out.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
+        starts: dict[tuple[str, str], list[float]] = {}
+        for phase, name, t0, t1 in sorted(evs, key=lambda e: e[2]):
+            if "." not in name:
+                out.append({"name": name, "cat": phase, "ph": "X", "pid": rank, "tid": 0 if phase == "F" else 1,
+                            "ts": (t0 - base) * 1e6, "dur": (t1 - t0) * 1e6})
+            elif name.endswith(".start"):
+                starts.setdefault((phase, name[:-6]), []).append(t0)
+            else:
+                kind = name[:-5]
+                s0 = starts[(phase, kind)].pop(0)
+                label = f"{phase} {kind}" if phase == "F" else f"B {kind} grad"
+                out.append({"name": label, "cat": "comm", "ph": "X", "pid": rank, "tid": 2,
+                            "ts": (s0 - base) * 1e6, "dur": (t0 - s0) * 1e6})
+    return {"traceEvents": out, "displayTimeUnit": "ms"}
+
+
+def _plot_components(trace: dict, path: str, title: str) -> None:
+    """A PNG of :func:`_component_trace`: one row per (rank, lane)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    colours = {"ATTN": "#8fb8de", "DISPATCH": "#f2b179", "MLP": "#9ccf8f", "COMBINE": "#d9a3c7", "FFN": "#c8c8c8",
+               "EMB": "#e8e8e8", "HEAD": "#bcbcbc"}
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
+    rows = sorted(names)
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    end = max(e["ts"] + e["dur"] for e in spans) / 1e3
+    fig = Figure(figsize=(14, 0.5 * len(rows) + 1.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.16, 0.18, 0.82, 0.72))
+    for e in spans:
+        y = len(rows) - 1 - rows.index((e["pid"], e["tid"]))
+        x0, w = e["ts"] / 1e3, e["dur"] / 1e3
+        comm = e["cat"] == "comm"
+        colour = "#f4d35e" if comm else colours.get(e["name"], "#dddddd")
+        ax.barh(y, w, left=x0, height=0.35 if comm else 0.7, color=colour, edgecolor="black", linewidth=0.4,
+                hatch="//" if e["cat"] == "B" else None)
+        if w > end / 70:
+            ax.text(x0 + w / 2, y, e["name"].replace(" grad", "").replace("dispatch", "D").replace("combine", "C")
+                    if comm else e["name"][:4], ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"rank {p}: {names[(p, t)]}" for p, t in reversed(rows)], fontsize=8)
+    ax.set_xlim(0, end)
+    ax.set_xlabel("ms since the FB op began (hatched: backward of micro-batch a; yellow: an all-to-all from start to wait)")
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path)
+
+
+def _overlap(args) -> tuple[list[str], bool]:
+    """Run the overlap measurement; returns the markdown lines and whether it ran."""
+    outs = _spawn(_overlap_worker, args)
+    if isinstance(outs, str):
+        print(outs, file=sys.stderr)
+        return [], False
+    ms = 1e3
+    lines = [
+        f"Overlap of the EP all-to-all in the FB op: `python bench/pipeline.py --part overlap --repeats {args.repeats} "
+        f"--seq-len {args.seq_len} --micro-batch {args.micro_batch} --layers {args.layers} --vocab {args.vocab}` "
+        "(tiny preset, no MTP, 2 gloo processes, 1 thread each, one stage of the whole model; medians over "
+        f"{args.repeats} repeats after 2 warm-up ones, both ranks pooled).",
+        "",
+        "| variant | exchanges in the FB op | T_F ms | T_B ms | T_FB ms | FB / (F + B) | T_comm ms | "
+        "T_F + T_B - T_FB ms | hidden = (T_F + T_B - T_FB) / T_comm | paired per repeat: T_F + T_B - T_FB ms | "
+        "hidden | blocked in all-to-all waits: F + B ms | FB ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for variant, label in (("ep2", "ep=2, all-to-all dispatcher"), ("local", "control: no EP (local dispatcher)")):
+        med = {k: statistics.median(v for r in (0, 1) for v in outs[r][variant]["times"][k])
+               for k in ("F", "FB", "B", "comm", "wait_seq", "wait_fb")}
+        saved = med["F"] + med["B"] - med["FB"]
+        ep = variant == "ep2" and med["comm"] > 0
+        hidden = f"{saved / med['comm']:.2f}" if ep else "-"
+        # Paired per repeat (F, FB, B of one repeat run within a second, under the same machine load).
+        per = [outs[r][variant]["times"] for r in (0, 1)]
+        pairs = [(t["F"][i] + t["B"][i] - t["FB"][i], t["comm"][i]) for t in per for i in range(len(t["F"]))]
+        paired = statistics.median(d for d, _ in pairs)
+        paired_hidden = f"{statistics.median(d / c for d, c in pairs):.2f}" if ep else "-"
+        lines.append(f"| {label} | {outs[0][variant]['exchanges']} | {med['F'] * ms:.1f} | {med['B'] * ms:.1f} | "
+                     f"{med['FB'] * ms:.1f} | {med['FB'] / (med['F'] + med['B']):.3f} | "
+                     f"{med['comm'] * ms if ep else 0:.1f} | {saved * ms:.1f} | {hidden} | {paired * ms:.1f} | "
+                     f"{paired_hidden} | {med['wait_seq'] * ms:.1f} | {med['wait_fb'] * ms:.1f} |")
+    if args.trace_dir:
+        os.makedirs(args.trace_dir, exist_ok=True)
+        trace = _component_trace({r: outs[r]["ep2"]["events"] for r in (0, 1)})
+        from dsv3.utils.io import atomic_write_text
+        import json
+
+        atomic_write_text(os.path.join(args.trace_dir, "fb-overlap-ep2.json"), json.dumps(trace))
+        _plot_components(trace, os.path.join(args.trace_dir, "fb-overlap-ep2.png"),
+                         "FB op on 2 EP ranks (pp=1): forward of micro-batch b interleaved with the backward of a, "
+                         "components and all-to-alls (measured)")
+    return lines, True
+
+
 def _op_times(traces: list[list], comm: float):
     """Simulator op times from executed traces: the mean of each compute kind's durations."""
     from dsv3.plan.simulate import OpTimes
@@ -153,9 +406,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace-dir", default=None, help="write a Chrome-trace JSON and measured/simulated timeline "
                                                     "PNGs per schedule (last step)")
     p.add_argument("--out", default=None, help="append the markdown table to this file")
+    p.add_argument("--part", choices=("all", "schedules", "overlap"), default="all",
+                   help="the schedules (measured vs simulated), the EP overlap of the FB op, or both")
+    p.add_argument("--repeats", type=int, default=12, help="measured repeats of the overlap part")
     args = p.parse_args(argv)
     if args.steps < 3:
         p.error("--steps must be >= 3 (two warm-up steps, then measured ones)")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    overlap_lines: list[str] = []
+    if args.part in ("all", "overlap"):
+        overlap_lines, ok = _overlap(args)
+        if not ok:
+            return 1
+        if args.part == "overlap":
+            text = "\n".join(overlap_lines)
+            print(text)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(text + "\n\n")
+            return 0
 
     import torch.multiprocessing as mp
 
@@ -247,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{'-' if ov is None else f'{ov:.3f}'} |")
     lines.append("")
     lines.append(f"Largest makespan deviation from the simulator: {worst * 100:.1f} % (target 15 %).")
+    if overlap_lines:
+        lines += [""] + overlap_lines
     text = "\n".join(lines)
     print(text)
     if args.out:

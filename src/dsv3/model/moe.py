@@ -256,20 +256,34 @@ class MoE(nn.Module):
         flat = x.reshape(-1, dim)
         weights, indices, scores = self.gate(flat)
         recv_x, counts, handle = self.dispatcher.dispatch(flat, indices, weights)
-        offs = counts.cumsum(0).to(torch.int32)
-        routed = self.experts(recv_x, offs, handle.recv_weights)  # [M, d], already scaled by g
+        routed = self.routed(recv_x, counts, handle)
         out = self.dispatcher.combine(routed, handle)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        if stats is not None:
-            with torch.no_grad():
-                load = torch.bincount(indices.reshape(-1), minlength=self.n_experts)
-            balance = None
-            if self.training and self.seq_aux_alpha > 0:
-                balance = sequence_balance_loss(scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1),
-                                                self.seq_aux_alpha)
-            stats.record(self.layer_idx, load, balance)
+        self.record(stats, scores, indices, bsz, seqlen)
         return out.view(bsz, seqlen, dim)
+
+    # The pieces of :meth:`forward` that a caller cutting the layer at its all-to-alls reuses
+    # (dsv3.parallel.pipeline.overlap: the FB op's DISPATCH / MLP / COMBINE components).
+    def routed(self, recv_x: torch.Tensor, counts: torch.Tensor, handle) -> torch.Tensor:
+        """The local routed experts on dispatched rows ``recv_x`` [M, d] (sorted by expert, ``counts`` rows
+        per local expert), each scaled by its gate value ``handle.recv_weights`` [M, 1]. Returns [M, d]."""
+        offs = counts.cumsum(0).to(torch.int32)
+        return self.experts(recv_x, offs, handle.recv_weights)
+
+    def record(self, stats: RoutingStats | None, scores: torch.Tensor, indices: torch.Tensor, bsz: int,
+               seqlen: int) -> None:
+        """Record this forward's expert loads [N_r] and (training, alpha > 0) balance loss L_Bal into ``stats``
+        (``scores`` [B*T, N_r], ``indices`` [B*T, K_r]); nothing when ``stats`` is None."""
+        if stats is None:
+            return
+        with torch.no_grad():
+            load = torch.bincount(indices.reshape(-1), minlength=self.n_experts)
+        balance = None
+        if self.training and self.seq_aux_alpha > 0:
+            balance = sequence_balance_loss(scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1),
+                                            self.seq_aux_alpha)
+        stats.record(self.layer_idx, load, balance)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, gamma: float) -> None:

@@ -77,22 +77,49 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Exchange:
-    """One asynchronous all-to-all of row blocks: rank r's rows ``in_splits[j]`` go to rank j."""
+    """One asynchronous all-to-all of row blocks: rank r's rows ``in_splits[j]`` go to rank j.
+
+    ``stream``: on CUDA, the communication stream the exchange is issued on (it first waits for the
+    compute stream that produced ``t``; :meth:`wait` makes the compute stream wait for it). None on CPU.
+    """
 
     def __init__(self, t: torch.Tensor, in_splits: list[int], out_splits: list[int], group, stats: CommStats,
-                 self_index: int) -> None:
+                 self_index: int, stream=None) -> None:
         import torch.distributed as dist
 
         self.dtype, self.cols = t.dtype, t.shape[1]
-        raw = _as_bytes(t)
+        self.raw = raw = _as_bytes(t)  # held until wait: the send buffer must outlive the exchange
         self.out = raw.new_empty(sum(out_splits), raw.shape[1])
-        self.work = dist.all_to_all_single(self.out, raw, out_splits, in_splits, group=group, async_op=True)
+        self.stream = stream
+        if stream is None:
+            self.work = dist.all_to_all_single(self.out, raw, out_splits, in_splits, group=group, async_op=True)
+        else:  # pragma: no cover - needs CUDA (not run in this CPU build)
+            stream.wait_stream(torch.cuda.current_stream(raw.device))
+            with torch.cuda.stream(stream):
+                self.work = dist.all_to_all_single(self.out, raw, out_splits, in_splits, group=group, async_op=True)
+            raw.record_stream(stream)
+            self.out.record_stream(stream)
         stats.bytes_sent += (sum(in_splits) - in_splits[self_index]) * raw.shape[1]
 
     def wait(self) -> torch.Tensor:
         self.work.wait()
+        if self.stream is not None:  # pragma: no cover - needs CUDA
+            torch.cuda.current_stream(self.out.device).wait_stream(self.stream)
+        self.raw = None
         out = self.out
         return out if self.dtype == torch.uint8 else out.view(self.dtype)
+
+
+class _PendingRows:
+    """An exchange started by :meth:`AllToAllDispatcher.exchange_start`; :meth:`wait` returns the received
+    rows [sum(out_splits), C] in the sent dtype (dequantised when they travelled as FP8)."""
+
+    def __init__(self, exchange: _Exchange, fp8: bool, cols: int, dtype: torch.dtype) -> None:
+        self.exchange, self.fp8, self.cols, self.dtype = exchange, fp8, cols, dtype
+
+    def wait(self) -> torch.Tensor:
+        raw = self.exchange.wait()
+        return _fp8_unpack(raw, self.cols, self.dtype) if self.fp8 else raw
 
 
 def _exchange(t, in_splits, out_splits, group, stats, self_index) -> torch.Tensor:
@@ -178,6 +205,9 @@ class AllToAllHandle:
 
 @dataclass
 class _PendingDispatch:
+    """A started dispatch. With ``cut`` waits, ``recv`` [R, d] and ``recv_meta`` [R, 2K] are the received
+    tensors as autograd leaves (the graph is cut at the exchange: their ``.grad`` is sent back explicitly)."""
+
     x_exchange: _Exchange
     meta_exchange: _Exchange
     x: torch.Tensor
@@ -187,13 +217,28 @@ class _PendingDispatch:
     send_splits: list[int]
     recv_splits: list[int]
     n_tokens: int
+    recv: torch.Tensor | None = None
+    recv_meta: torch.Tensor | None = None
 
 
 @dataclass
 class _PendingCombine:
+    """A started combine. With a ``cut`` wait, ``back`` [S, d] is the received tensor as an autograd leaf."""
+
     exchange: _Exchange
     z: torch.Tensor
     handle: AllToAllHandle
+    back: torch.Tensor | None = None
+
+
+def _leaf(received: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``received`` as an autograd leaf that requires grad when its ``source`` on the sending side does."""
+    return received.detach().requires_grad_(torch.is_grad_enabled() and source.requires_grad)
+
+
+def _grad_of(leaf: torch.Tensor) -> torch.Tensor:
+    """The gradient accumulated into a cut leaf (zeros when nothing used it, e.g. no rows)."""
+    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
 
 
 class AllToAllDispatcher:
@@ -218,10 +263,36 @@ class AllToAllDispatcher:
         if ep % self.ranks_per_node:
             self.ranks_per_node = ep  # nodes not aligned with the group: count it as one
         self.stats = CommStats()
+        self.stream = None  # the CUDA communication stream, made on first use on a CUDA device
+
+    def _stream_for(self, device: torch.device):
+        """The stream exchanges are issued on: None on CPU, this dispatcher's own CUDA stream on GPU."""
+        if device.type != "cuda":
+            return None
+        if self.stream is None:  # pragma: no cover - needs CUDA
+            self.stream = torch.cuda.Stream(device)
+        return self.stream  # pragma: no cover
+
+    def exchange_start(self, rows: torch.Tensor, in_splits: list[int], out_splits: list[int], *,
+                       fp8: bool = False) -> _PendingRows:
+        """Start an all-to-all of ``rows`` [S, C] (rows ``in_splits[j]`` to rank j; ``sum(out_splits)`` rows
+        arrive), quantised to E4M3 with power-of-two 1x128 scales when ``fp8``; no autograd. The backward
+        of a cut exchange is this with the forward's splits swapped."""
+        rows = rows.detach().contiguous()
+        payload = _fp8_pack(rows) if fp8 else rows
+        ex = _Exchange(payload, in_splits, out_splits, self.group, self.stats, self.ep_rank,
+                       self._stream_for(rows.device))
+        return _PendingRows(ex, fp8, rows.shape[1], rows.dtype)
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> _PendingDispatch:
-        """Route ``x`` [N, d]: count, exchange the counts (one small blocking all-to-all), start the payloads."""
+    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
+                       meanwhile=None) -> _PendingDispatch:
+        """Route ``x`` [N, d]: count, exchange the counts (one small all-to-all, waited here), start the payloads.
+
+        ``meanwhile``: a callable run while the counts are in flight (the cut MoE runs its shared experts there).
+        """
+        import torch.distributed as dist
+
         n, k = topk_idx.shape
         with torch.no_grad():
             dest = topk_idx // self.n_local  # [N, K] destination rank of each choice
@@ -230,9 +301,11 @@ class AllToAllDispatcher:
             rank_of_row, send_token = mask.t().nonzero(as_tuple=True)  # rows grouped by destination rank
             send_counts = mask.sum(dim=0)
             recv_counts = torch.empty_like(send_counts)
-            import torch.distributed as dist
-
-            dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+            counts_work = dist.all_to_all_single(recv_counts, send_counts, group=self.group, async_op=True)
+        if meanwhile is not None:
+            meanwhile()
+        counts_work.wait()
+        with torch.no_grad():
             send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
             self.stats.tokens += n
             self.stats.ranks_reached += int(mask.sum())
@@ -246,19 +319,30 @@ class AllToAllDispatcher:
         meta = torch.cat([send_w, local_id.to(wdtype)], dim=1)  # [S, 2K]: gate values, local ids (-1: elsewhere)
         send_x = x.index_select(0, send_token)
         payload = _fp8_pack(send_x) if self.fp8 else send_x
+        stream = self._stream_for(x.device)
         return _PendingDispatch(
-            x_exchange=_Exchange(payload, send_splits, recv_splits, self.group, self.stats, self.ep_rank),
-            meta_exchange=_Exchange(meta.detach(), send_splits, recv_splits, self.group, self.stats, self.ep_rank),
+            x_exchange=_Exchange(payload, send_splits, recv_splits, self.group, self.stats, self.ep_rank, stream),
+            meta_exchange=_Exchange(meta.detach(), send_splits, recv_splits, self.group, self.stats, self.ep_rank,
+                                    stream),
             x=x, meta=meta, send_x=send_x, send_token=send_token, send_splits=send_splits, recv_splits=recv_splits,
             n_tokens=n)
 
-    def dispatch_wait(self, p: _PendingDispatch):
-        """Finish a dispatch: returns ``(recv_x [M, d], counts [N_r/ep], handle)``."""
+    def dispatch_wait(self, p: _PendingDispatch, *, cut: bool = False):
+        """Finish a dispatch: returns ``(recv_x [M, d], counts [N_r/ep], handle)``.
+
+        ``cut``: instead of linking the received tensors to the sent ones through autograd (whose backward
+        then exchanges synchronously), keep them as leaves ``p.recv`` / ``p.recv_meta``; the caller sends their
+        gradients back with :meth:`dispatch_backward_start` / :meth:`dispatch_backward_wait`.
+        """
         raw = p.x_exchange.wait()
         recv = _fp8_unpack(raw, p.x.shape[1], p.x.dtype) if self.fp8 else raw
-        recv = _link(p.send_x, recv, p.send_splits, p.recv_splits, self.group, self.stats, self.ep_rank)
-        meta = _link(p.meta, p.meta_exchange.wait(), p.send_splits, p.recv_splits, self.group, self.stats,
-                     self.ep_rank)
+        meta = p.meta_exchange.wait()
+        if cut:
+            recv = p.recv = _leaf(recv, p.send_x)
+            meta = p.recv_meta = _leaf(meta, p.meta)
+        else:
+            recv = _link(p.send_x, recv, p.send_splits, p.recv_splits, self.group, self.stats, self.ep_rank)
+            meta = _link(p.meta, meta, p.send_splits, p.recv_splits, self.group, self.stats, self.ep_rank)
         k = meta.shape[1] // 2
         with torch.no_grad():
             local_id = meta[:, k:].detach().long()  # [R, K]
@@ -281,14 +365,48 @@ class AllToAllDispatcher:
     def combine_start(self, y: torch.Tensor, handle: AllToAllHandle) -> _PendingCombine:
         """Sum each received token's local expert outputs ``y`` [M, d] and start sending them back."""
         z = combine(y, handle.recv_token, handle.n_recv)  # [R, d], one row per received token
-        ex = _Exchange(z.detach(), handle.recv_splits, handle.send_splits, self.group, self.stats, self.ep_rank)
+        ex = _Exchange(z.detach(), handle.recv_splits, handle.send_splits, self.group, self.stats, self.ep_rank,
+                       self._stream_for(z.device))
         return _PendingCombine(ex, z, handle)
 
-    def combine_wait(self, p: _PendingCombine) -> torch.Tensor:
-        """Finish a combine: returns ``out`` [N, d], the sum over ranks of each token's expert outputs."""
-        back = _link(p.z, p.exchange.wait(), p.handle.recv_splits, p.handle.send_splits, self.group, self.stats,
-                     self.ep_rank, grad_fp8=self.fp8)
+    def combine_wait(self, p: _PendingCombine, *, cut: bool = False) -> torch.Tensor:
+        """Finish a combine: returns ``out`` [N, d], the sum over ranks of each token's expert outputs.
+
+        ``cut``: keep the received rows as the leaf ``p.back`` (see :meth:`dispatch_wait`); their gradient
+        goes back with :meth:`combine_backward_start` / :meth:`combine_backward_wait`.
+        """
+        back = p.exchange.wait()
+        if cut:
+            back = p.back = _leaf(back, p.z)
+        else:
+            back = _link(p.z, back, p.handle.recv_splits, p.handle.send_splits, self.group, self.stats,
+                         self.ep_rank, grad_fp8=self.fp8)
         return combine(back, p.handle.send_token, p.handle.n_tokens)
+
+    # ---------------------------------------------- backward of cut exchanges
+    def combine_backward_start(self, p: _PendingCombine) -> _PendingRows:
+        """Start sending ``p.back.grad`` [S, d] back to the ranks that computed the expert outputs (the
+        combine's splits swapped; E4M3 when ``fp8``: the gradient before the down-projection)."""
+        grad = _grad_of(p.back)
+        p.back = None
+        return self.exchange_start(grad, p.handle.send_splits, p.handle.recv_splits, fp8=self.fp8)
+
+    @staticmethod
+    def combine_backward_wait(pending: _PendingRows) -> torch.Tensor:
+        """The gradient of the combined rows ``p.z`` [R, d] (in the activation dtype)."""
+        return pending.wait()
+
+    def dispatch_backward_start(self, p: _PendingDispatch) -> tuple[_PendingRows, _PendingRows]:
+        """Start sending the gradients of the received leaves (``p.recv`` [R, d], ``p.recv_meta`` [R, 2K]) back
+        to the tokens' ranks (the dispatch's splits swapped; in the activation precision)."""
+        grads = _grad_of(p.recv), _grad_of(p.recv_meta)
+        p.recv = p.recv_meta = None
+        return tuple(self.exchange_start(g, p.recv_splits, p.send_splits) for g in grads)
+
+    @staticmethod
+    def dispatch_backward_wait(pending: tuple[_PendingRows, _PendingRows]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of the sent rows ``p.send_x`` [S, d] and gate/expert metadata ``p.meta`` [S, 2K]."""
+        return pending[0].wait(), pending[1].wait()
 
     def combine(self, y: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
         """:meth:`combine_start` then :meth:`combine_wait`."""

@@ -14,6 +14,15 @@ its own, it calls the model's submodules (the model file is untouched):
   L_Main and the MTP modules' loss (which need ``Emb`` of the labels' tokens,
   so the last stage uses the embedding too).
 
+An MoE layer whose dispatcher exchanges tokens with other ranks (expert
+parallelism) is cut further at its all-to-alls (:mod:`~dsv3.parallel.pipeline.overlap`,
+report Figure 4): its feed-forward is three steps, DISPATCH (router, shared
+experts, dispatch started), MLP (dispatch waited, routed experts, combine started)
+and COMBINE (combine waited, residual), and so is its backward, whose gradient
+exchanges are started in one step and waited in the next. Between two steps of one
+micro-batch the FB op runs a step of the other, so each all-to-all is in flight
+while the other micro-batch computes.
+
 Every step takes a detached input and keeps (input, output, auxiliary loss);
 its backward is run explicitly, one step at a time, and the input's ``.grad`` is
 the next step's output gradient. That is what lets the runtime interleave the
@@ -32,11 +41,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.memory.recompute import RecomputePolicy
+from dsv3.parallel.pipeline.overlap import CutMoE, cuts, span
 
 
 def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) -> tuple[int, ...]:
@@ -93,7 +104,8 @@ class MicroBatch:
 class StageRecord:
     """What one stage's forward of one micro-batch keeps for its backward, and its statistics.
 
-    ``steps`` holds (input, output, auxiliary loss) per step; ``output`` is the
+    ``steps`` holds (input, output, auxiliary loss, name) per step, or for a step of a cut MoE layer a
+    callable ``backward(output_grad, scale) -> input_grad`` (None between its components); ``output`` is the
     stage output (activation [b, T, d], or on the last stage the scalar loss);
     ``parts`` are detached [lm, mtp, balance] loss terms computed here; ``loads``
     maps an MoE layer's index in ``model.moe_layers()`` to its [N_r] token counts.
@@ -113,10 +125,18 @@ class PipelineStage:
         stage: the stage index s in ``0 .. pp-1``.
         pp: number of stages.
         layers: indices of its decoder layers (consecutive).
+        cut_moe: cut MoE layers that exchange tokens at their all-to-alls (three steps each way, see the
+            module docstring); False runs each such feed-forward as one step (exchanges inside it).
+
+    ``events``: None, or a list that every step appends ``(phase, name, start, end)`` to (phase "F"/"B";
+    name EMB, ATTN, FFN, BLOCK, HEAD, END, or a cut layer's DISPATCH / MLP / COMBINE), together with the
+    cut layers' exchange starts and waits (:mod:`~dsv3.parallel.pipeline.overlap`); for traces and tests.
     """
 
-    def __init__(self, model: nn.Module, stage: int, pp: int, layers: list[int]) -> None:
+    def __init__(self, model: nn.Module, stage: int, pp: int, layers: list[int], *, cut_moe: bool = True) -> None:
         self.model, self.stage, self.pp = model, stage, pp
+        self.cut_moe = cut_moe
+        self.events: list | None = None
         self.layer_ids = list(layers)
         self.is_first, self.is_last = stage == 0, stage == pp - 1
         moes = model.moe_layers()
@@ -169,58 +189,117 @@ class PipelineStage:
         m = self.model
         balance = []
 
-        def keep(inp, out, aux=None):
-            rec.steps.append((inp, out, aux))
+        def keep(inp, out, aux=None, name="STEP"):
+            rec.steps.append((inp, out, aux, name))
             if aux is not None:
                 balance.append(aux.detach())
             return out.detach().requires_grad_(out.requires_grad)
 
         if self.is_first:
-            h = keep(None, m.model.embed_tokens(mb.ids))
+            with span(self.events, "F", "EMB"):
+                h = keep(None, m.model.embed_tokens(mb.ids), name="EMB")
             yield
         else:
             h = x.detach().requires_grad_(True)
         for i in self.layer_ids:
             layer = m.model.layers[i]
             policy = layer.recompute
+            if self.cut_moe and cuts(layer):
+                h = yield from self._cut_layer_steps(layer, policy, h, mb, rec, balance)
+                continue
             if policy is not None and type(policy).block is not RecomputePolicy.block:
-                inp = h  # the policy recomputes the whole block: one step
-                stats = _new_stats()
-                out = _call(policy.block, layer, inp, mb.cos, mb.sin, stats=stats)
-                h = keep(inp, out, self._moe_stats(layer.mlp, rec, stats))
+                with span(self.events, "F", "BLOCK"):
+                    inp = h  # the policy recomputes the whole block: one step
+                    stats = _new_stats()
+                    out = _call(policy.block, layer, inp, mb.cos, mb.sin, stats=stats)
+                    h = keep(inp, out, self._moe_stats(layer.mlp, rec, stats), "BLOCK")
                 yield
                 continue
-            inp = h
-            attn = policy.attention(layer, inp, mb.cos, mb.sin) if policy is not None else layer.attention(inp, mb.cos, mb.sin)
-            h = keep(inp, inp + attn)
+            with span(self.events, "F", "ATTN"):
+                inp = h
+                attn = (policy.attention(layer, inp, mb.cos, mb.sin) if policy is not None
+                        else layer.attention(inp, mb.cos, mb.sin))
+                h = keep(inp, inp + attn, name="ATTN")
             yield
-            inp = h
-            stats = _new_stats()
-            out = inp + (_call(policy.ffn, layer, inp, stats=stats) if policy is not None
-                         else _call(layer.ffn, inp, stats=stats))
-            h = keep(inp, out, self._moe_stats(layer.mlp, rec, stats))
+            with span(self.events, "F", "FFN"):
+                inp = h
+                stats = _new_stats()
+                out = inp + (_call(policy.ffn, layer, inp, stats=stats) if policy is not None
+                             else _call(layer.ffn, inp, stats=stats))
+                h = keep(inp, out, self._moe_stats(layer.mlp, rec, stats), "FFN")
             yield
-        if self.is_last:
-            inp = h
-            h_norm = m.model.norm(inp)
-            lm = m._head_loss(h_norm, mb.labels)
-            emb = m.model.embed_tokens(mb.ids) if len(m.mtp) else None
-            stats = _new_stats()
-            mtp = (_call(m._mtp_loss, inp, emb, mb.labels, mb.cos, mb.sin, stats=stats) if len(m.mtp)
-                   else lm.new_zeros(()))
-            mtp_bal = [b for b in (self._moe_stats(layer.mlp, rec, stats) for layer in m.mtp) if b is not None]
-            loss = lm + mtp
-            if mtp_bal:
-                loss = loss + torch.stack(mtp_bal).sum()
-                balance += [b.detach() for b in mtp_bal]
-            rec.steps.append((inp, loss, None))
-            rec.output = loss
-            rec.parts = [lm.detach(), mtp.detach()]
-        else:
-            rec.output = h
-            rec.parts = [torch.zeros((), device=h.device), torch.zeros((), device=h.device)]
-        rec.parts.append(torch.stack(balance).sum() if balance else torch.zeros((), device=rec.parts[0].device))
+        with span(self.events, "F", "HEAD" if self.is_last else "END"):
+            if self.is_last:
+                inp = h
+                h_norm = m.model.norm(inp)
+                lm = m._head_loss(h_norm, mb.labels)
+                emb = m.model.embed_tokens(mb.ids) if len(m.mtp) else None
+                stats = _new_stats()
+                mtp = (_call(m._mtp_loss, inp, emb, mb.labels, mb.cos, mb.sin, stats=stats) if len(m.mtp)
+                       else lm.new_zeros(()))
+                mtp_bal = [b for b in (self._moe_stats(layer.mlp, rec, stats) for layer in m.mtp) if b is not None]
+                loss = lm + mtp
+                if mtp_bal:
+                    loss = loss + torch.stack(mtp_bal).sum()
+                    balance += [b.detach() for b in mtp_bal]
+                rec.steps.append((inp, loss, None, "HEAD"))
+                rec.output = loss
+                rec.parts = [lm.detach(), mtp.detach()]
+            else:
+                rec.output = h
+                rec.parts = [torch.zeros((), device=h.device), torch.zeros((), device=h.device)]
+            rec.parts.append(torch.stack(balance).sum() if balance else torch.zeros((), device=rec.parts[0].device))
         yield
+
+    def _cut_layer_steps(self, layer, policy, inp, mb: MicroBatch, rec: StageRecord, balance: list):
+        """A decoder layer whose MoE exchanges tokens, as four steps: ATTN, then :class:`CutMoE`'s DISPATCH, MLP
+        and COMBINE; yields after each; returns the layer output (detached, requiring grad)."""
+        with span(self.events, "F", "ATTN"):
+            if policy is not None and type(policy).block is not RecomputePolicy.block:
+                # A whole-block policy recomputes only the attention branch of such a layer
+                # (as FullRecompute.block does for layers that communicate).
+                attn = torch.utils.checkpoint.checkpoint(layer.attention, inp, mb.cos, mb.sin, use_reentrant=False)
+            elif policy is not None:
+                attn = policy.attention(layer, inp, mb.cos, mb.sin)
+            else:
+                attn = layer.attention(inp, mb.cos, mb.sin)
+            attn_out = inp + attn
+        h = attn_out.detach().requires_grad_(attn_out.requires_grad)
+
+        def back_attn(g, scale):
+            with span(self.events, "B", "ATTN"):
+                torch.autograd.backward([attn_out], [g])
+            return inp.grad
+
+        rec.steps.append(back_attn)
+        yield
+        stats = _new_stats()
+        ffn = CutMoE(layer, h, stats, lambda: self.events)
+        ffn.dispatch()
+        aux = self._moe_stats(layer.mlp, rec, stats)
+
+        def back_dispatch(g, scale):
+            ffn.backward_dispatch(scale)
+            return h.grad
+
+        rec.steps.append(back_dispatch)
+        yield
+        ffn.mlp()
+
+        def back_mlp(g, scale):
+            ffn.backward_mlp()
+
+        rec.steps.append(back_mlp)
+        yield
+        out = ffn.combine()
+
+        def back_combine(g, scale):
+            ffn.backward_combine(g)
+
+        rec.steps.append(back_combine)
+        if aux is not None:
+            balance.append(aux.detach())  # the loss part; its backward runs in back_dispatch
+        return out.detach().requires_grad_(out.requires_grad)
 
     def backward_steps(self, rec: StageRecord, grad: torch.Tensor | None, scale: float) -> Iterator[None]:
         """Back-propagate ``grad`` (the stage output's gradient; None on the last stage, whose output is the
@@ -228,14 +307,20 @@ class PipelineStage:
         gradient of the stage input (None on the first stage) and ``rec.steps`` is empty."""
         g = grad
         while rec.steps:
-            inp, out, aux = rec.steps.pop()
-            if g is None:  # the loss
-                g = torch.full_like(out, scale)
-            tensors, grads = [out], [g]
-            if aux is not None and aux.requires_grad:
-                tensors.append(aux)
-                grads.append(torch.full_like(aux, scale))
-            torch.autograd.backward(tensors, grads)
-            g = inp.grad if inp is not None else None
+            step = rec.steps.pop()
+            if callable(step):  # a component of a cut MoE layer
+                g = step(g, scale)
+                yield
+                continue
+            inp, out, aux, name = step
+            with span(self.events, "B", name):
+                if g is None:  # the loss
+                    g = torch.full_like(out, scale)
+                tensors, grads = [out], [g]
+                if aux is not None and aux.requires_grad:
+                    tensors.append(aux)
+                    grads.append(torch.full_like(aux, scale))
+                torch.autograd.backward(tensors, grads)
+                g = inp.grad if inp is not None else None
             yield
         rec.output = g
