@@ -92,7 +92,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
 
         from dsv3.errors import ConfigError
         from dsv3.parallel.pipeline.executor import PipelineRuntime
-        from dsv3.parallel.pipeline.train import pipeline_train_step, write_step_trace
+        from dsv3.parallel.pipeline.train import write_step_trace
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=60))
@@ -115,16 +115,12 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
             opt = optimizer(rt.owned_parameters())
             losses, traces, norms = [], [], []
             for step in range(job["steps"]):
-                if custom is None:
-                    stats = pipeline_train_step(rt, batches(step, job["n_micro"]), opt, grad_clip=1.0)
-                    res = stats.result
-                    norms.append(stats.grad_norm)
-                else:
-                    res = rt.step(batches(step, job["n_micro"]), schedule=custom)
-                    rt.clip_grad_norm(1.0)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    model.update_router_bias(res.load)
+                # the runtime with a plain AdamW over the held parameters (no data parallelism)
+                res = rt.step(batches(step, job["n_micro"]), schedule=custom)
+                norms.append(float(rt.clip_grad_norm(1.0)))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                model.update_router_bias(res.load)
                 losses.append(res.loss)
                 traces.append([e.op for e in res.trace])
             if job.get("trace_path"):
@@ -137,40 +133,62 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
         queue.put((rank, None, traceback.format_exc()))
 
 
-def session_losses(opts: dict, steps: int, pp: int | None = None, schedule: str | None = None):
-    """Train ``steps`` steps through dsv3.train.session (``train_step``); with ``pp``, through a pipeline.
-    Returns per-step losses and the whole model's parameters (synchronised from their holders)."""
+def session_losses(opts: dict, steps: int):
+    """Train ``steps`` steps through dsv3.train.session (``train_step``) in the layout that ``opts`` and the
+    environment (torchrun's RANK/WORLD_SIZE, as tests/dist_helpers.py sets it) describe.
+
+    Returns per-step losses, grad norms and this rank's parameters after the last step (synchronised over
+    the pipeline) with ``{experts module: first global expert}`` of its expert blocks."""
+    from dsv3.model.moe import Experts
     from dsv3.train.config import TrainConfig
     from dsv3.train.session import build_session, train_step
 
     session = build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
-    if pp is not None:
-        from dsv3.parallel.pipeline.train import attach_pipeline
-
-        attach_pipeline(session, pp=pp, schedule=schedule)
-    losses = []
-    for _ in range(steps):
-        session.begin_step()
-        batch, _ = session.next_batches()
-        losses.append(train_step(session, batch).loss)
-        session.step += 1
-    if pp is not None:
-        session.pipeline.sync_parameters()
-    params = {n: p.detach().numpy().copy() for n, p in session.model.named_parameters()}
-    session.close()
-    return losses, params
-
-
-def run_session(rank: int, world: int, port: int, opts: dict, steps: int, pp: int, schedule: str, queue) -> None:
-    """One process of a pipelined training session; puts (rank, (losses, params), error) on ``queue``."""
+    losses, norms = [], []
     try:
-        os.environ["OMP_NUM_THREADS"] = "1"
-        torch.set_num_threads(1)
-        import torch.distributed as dist
+        for _ in range(steps):
+            _, gamma = session.begin_step()
+            batch, _ = session.next_batches()
+            stats = train_step(session, batch, gamma=gamma)
+            losses.append(stats.loss)
+            norms.append(stats.grad_norm)
+            session.step += 1
+        params = {n: p.detach().numpy().copy() for n, p in session.model.named_parameters()}
+        buffers = {n: b.detach().numpy().copy() for n, b in session.model.named_buffers() if "bias" in n}
+        offsets = {n: m.expert_offset for n, m in session.model.named_modules() if isinstance(m, Experts)}
+    finally:
+        session.close()
+    return losses, norms, params, buffers, offsets
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
-        queue.put((rank, session_losses(opts, steps, pp, schedule), None))
-        dist.destroy_process_group()
-    except BaseException:
-        queue.put((rank, None, traceback.format_exc()))
+
+def session_rank(rank: int, opts: dict, steps: int):
+    """tests/dist_helpers.run_ranks worker: :func:`session_losses` on one rank."""
+    return session_losses(opts, steps)
+
+
+def save_rank(rank: int, opts: dict, run_dir: str):
+    """tests/dist_helpers.run_ranks worker: one pipelined step, then the parameters of the stages this device
+    does not run are overwritten with NaN (stale copies) and a DCP checkpoint is written by every rank.
+    Returns (the held parameter names, the synchronised parameters before the NaN fill)."""
+    import torch
+
+    from dsv3.parallel.checkpoint import save_sharded
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.session import build_session, train_step
+
+    session = build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
+    try:
+        _, gamma = session.begin_step()
+        batch, _ = session.next_batches()
+        train_step(session, batch, gamma=gamma)
+        session.step += 1
+        params = {n: p.detach().numpy().copy() for n, p in session.model.named_parameters()}
+        held = set(session.pipeline.owned)
+        with torch.no_grad():
+            for name, p in session.model.named_parameters():
+                if name not in held:
+                    p.fill_(float("nan"))
+        save_sharded(run_dir, 1, model=session.model, optimizer=session.optimizer, ctx=session.parallel)
+    finally:
+        session.close()
+    return sorted(held), params

@@ -22,8 +22,9 @@ from dsv3.parallel.pipeline.schedules import FB, ScheduleError, build_schedule, 
 from dsv3.parallel.pipeline.train import check_pipeline_layout, pipeline_microbatches
 from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageRecord, stage_layers
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
-from pipeline_worker import (SEQ, batches, build_model, fb_as_f_then_b, reference, run_jobs, run_session,
-                             session_losses, swapped_recvs)
+from dist_helpers import run_ranks
+from pipeline_worker import (SEQ, batches, build_model, fb_as_f_then_b, reference, run_jobs, session_losses,
+                             session_rank, swapped_recvs)
 
 N_MICRO, STEPS, LAYERS = 4, 2, 4
 JOBS = [
@@ -162,10 +163,10 @@ def test_train_step_through_a_pipeline_equals_one_process(train_setup, tmp_path)
     # AdamW eps 1e-3 (as in test_parallel_ep): with 1e-8, float rounding noise of ~1e-7 in a near-zero
     # gradient element becomes a full +-lr step, and a single element can then differ by ~1e-5.
     opts = quick_options(train_setup, tmp_path / "run", micro_batch=2, global_batch=8, eps=1e-3)
-    ref_losses, ref_params = session_losses(opts, 3)  # also builds the token caches before the spawn
-    runs = _spawn(2, [], target=run_session, args=(opts, 3, 2, "dualpipe"))
+    ref_losses, _, ref_params, _, _ = session_losses(opts, 3)  # also builds the token caches before the spawn
+    runs = run_ranks(session_rank, 2, dict(opts, pp=2, pipeline="dualpipe"), 3, timeout=150)
     for rank in (0, 1):
-        losses, params = runs[rank]
+        losses, _, params, _, _ = runs[rank]
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
         assert params.keys() == ref_params.keys()
         for name in params:
@@ -404,8 +405,11 @@ def _env():
     (["--pp", "2", "--pipeline", "dualpipe", "--global-batch", "4"], 2, "even number of micro-batches >= 4"),
     (["--pp", "2"], 3, "3 processes do not factor"),
     (["--pp", "2"], 1, "launch a multiple of 2 with torchrun"),
-    (["--pp", "2"], 4, "launch exactly 2 processes"),
-    (["--pp", "2", "--ep", "2"], 2, "without expert or data parallelism"),
+    (["--pp", "2", "--dp", "3"], 4, "does not factor as 2 pipeline devices x --dp 3"),
+    (["--pp", "2", "--ep", "2"], 2, "--ep 2 does not divide the data-parallel degree 1"),
+    (["--pp", "2", "--ep", "3"], 6, "--ep 3 does not divide the model's 8 routed"),
+    (["--pp", "2", "--pipeline", "dualpipe"], 4, "even number of micro-batches >= 4"),  # 8 / (2 x dp 2) = 2
+    (["--pp", "2", "--batch-ramp-start", "4"], 2, "does not support the batch-size ramp"),
 ])
 def test_train_rejects_bad_layouts_before_writing(train_setup, tmp_path, monkeypatch, capsys, extra, world, match):
     """One line on stderr, exit code 2, no run directory (WORLD_SIZE as torchrun would set it)."""
@@ -427,12 +431,10 @@ def test_train_rejects_bad_layouts_before_writing(train_setup, tmp_path, monkeyp
 @pytest.mark.timeout(240)
 def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
     """``torchrun --nproc-per-node 2 -m dsv3 train --pp 2 --pipeline dualpipe --trace``: the metrics (losses,
-    grad norms, validation) and the final checkpoint's weights equal a one-process ``dsv3 train``."""
+    grad norms, validation) and the final (DCP) checkpoint's weights equal a one-process ``dsv3 train``."""
     import os
     import subprocess
     import sys
-
-    from safetensors.torch import load_file
 
     from dsv3.train.metrics import read_metrics
 
@@ -451,13 +453,19 @@ def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
         b = [r[key] for r in got if key in r]
         assert len(a) == len(b) > 0, key
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=key)
-    ckpt = os.path.join("checkpoints", sorted(os.listdir(one / "checkpoints"))[-1])
-    for file in ("model.safetensors", "optimizer.safetensors"):  # weights and the AdamW state of every stage
-        ref_w = load_file(str(one / ckpt / file))
-        got_w = load_file(str(pp / ckpt / file))
-        assert ref_w.keys() == got_w.keys()
-        for name in ref_w:
-            torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-5, atol=1e-5, msg=name)
+    # the final DCP checkpoint (each rank wrote its own stages) holds the one-process weights
+    from dsv3.checkpoint.state import latest_checkpoint, load_checkpoint_state
+    from dsv3.config import ModelConfig
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.checkpoint import latest_sharded, load_model_sharded
+
+    mcfg = ModelConfig.from_json_file(str(one / "model_config.json"))
+    ref_model, got_model = DeepseekV3ForCausalLM(mcfg), DeepseekV3ForCausalLM(mcfg)
+    load_checkpoint_state(latest_checkpoint(str(one)), model=ref_model, optimizer=None, ema=None)
+    load_model_sharded(latest_sharded(str(pp)), got_model)
+    got_w, ref_w = got_model.state_dict(), ref_model.state_dict()
+    for name in ref_w:
+        torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-5, atol=1e-5, msg=name)
     spans = [e for e in json.loads((pp / "pipeline_trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
     assert {e["tid"] for e in spans} == {0, 1}
 
@@ -470,13 +478,17 @@ def test_sync_due_follows_evaluation_checkpoints_and_the_end():
     assert [s for s in range(1, 11) if sync_due(cfg, s)] == [4, 5, 8, 10]
 
 
-def test_launch_without_torchrun_is_a_config_error(monkeypatch):
-    from dsv3.parallel.pipeline.train import init_from_env
+def test_pp_without_torchrun_is_a_config_error(train_setup, tmp_path, monkeypatch):
+    from helpers import quick_options
+
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.session import build_session
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(ConfigError, match="torchrun"):
-        init_from_env()
+    opts = quick_options(train_setup, tmp_path / "run", pp=2)
+    with pytest.raises(ConfigError, match="launch a multiple of 2 with torchrun"):
+        build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
 
 
 def test_runtime_rejects_a_bad_explicit_split():

@@ -48,12 +48,7 @@ def run(args) -> int:
         result = train(None, resume=args.resume, overrides=overrides)  # type: ignore[arg-type]
     else:
         config = load_train_config(args.config_file, overrides)
-        if config.parallel.pp > 1:  # pipeline parallelism: see dsv3.parallel.pipeline.train
-            from dsv3.parallel.pipeline.train import launch_pipeline
-
-            if not launch_pipeline(config):  # ranks > 0 ran rank 0's steps and write nothing
-                return 0
-        result = train(config)
+        result = train(config)  # under torchrun on every rank (pp, dp, ep: dsv3.parallel.world)
     if os.environ.get("RANK", "0") != "0":
         return 130 if result.interrupted else 0  # under torchrun rank 0 alone reports
     if result.val_losses:

@@ -1,11 +1,15 @@
 """The parallel context: who this process is in a ``pp x dp`` world, with ``dp = edp x ep``.
 
-Layout (the planner's, ``dsv3 plan``): ``world = pp * dp``; expert parallelism splits the
+Layout (the planner's, ``dsv3 plan``): ``world = ndev * dp`` where ``ndev`` is the number of
+pipeline devices (``pp`` stages run on ``pp`` devices, or on ``pp / 2`` under DualPipeV, two
+stages per device in a V; ``ndev = 1`` without pipeline parallelism); expert parallelism splits the
 data-parallel ranks into ``edp = dp / ep`` groups of ``ep`` consecutive ranks, each group
 holding all ``N_r`` routed experts (``N_r / ep`` per rank, one contiguous block), and the
 ``edp`` replicas of an expert block do data parallelism among themselves.
 
-Ranks are node-major: ``rank = pp_idx * dp + edp_idx * ep + ep_idx``, so the ``ep`` ranks of
+Ranks are node-major: ``rank = pp_idx * dp + edp_idx * ep + ep_idx`` (``pp_idx`` the pipeline
+device), so the ``dp`` ranks of one pipeline device are consecutive, one pipeline is the ranks
+``[pp_idx * dp + dp_idx for pp_idx in range(ndev)]`` of one ``dp_idx``, and the ``ep`` ranks of
 one expert-parallel group are consecutive (the same node when ``ep`` is at most the GPUs per
 node), and with ``n_group`` routing groups over ``ep`` ranks one routing group is the
 experts of one node (report 2.1.2: node-limited routing).
@@ -27,26 +31,39 @@ from dsv3.errors import ConfigError
 DEFAULT_TIMEOUT_S = 60.0
 
 
+def pipeline_devices(pp: int, schedule: str | None = None) -> int:
+    """Devices one pipeline of ``pp`` stages runs on under ``schedule`` (:func:`dsv3.parallel.pipeline.executor.devices_of`)."""
+    if pp <= 1:
+        return 1
+    from dsv3.parallel.pipeline.executor import devices_of
+
+    return devices_of(schedule or "1f1b", pp)
+
+
 def check_layout(world_size: int, pp: int = 1, dp: int | None = None, ep: int = 1,
-                 n_routed_experts: int | None = None) -> tuple[int, int, int]:
+                 n_routed_experts: int | None = None, schedule: str | None = None) -> tuple[int, int, int]:
     """Validate a layout and fill in ``dp``; returns ``(pp, dp, ep)``.
 
+    ``pp`` counts pipeline stages; the world is ``pipeline_devices(pp, schedule) * dp``
+    (the schedule's own rules on ``pp``, layers and micro-batches are checked by
+    :func:`dsv3.parallel.pipeline.train.check_pipeline_layout`).
+
     Raises:
-        ConfigError: (one sentence) for degrees below 1, ``pp > 1`` (not yet supported), a world
-            size that is not ``pp * dp``, ``ep`` not dividing ``dp`` or ``n_routed_experts``.
+        ConfigError: (one sentence) for degrees below 1, a world size that is not
+            ``pipeline devices * dp``, ``ep`` not dividing ``dp`` or ``n_routed_experts``.
     """
     for name, value in (("pp", pp), ("ep", ep)) + ((("dp", dp),) if dp is not None else ()):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
-    if pp > 1:
-        raise ConfigError(f"--pp {pp} is not supported yet (pipeline parallelism is a separate feature); use --pp 1")
-    if world_size % pp:
-        raise ConfigError(f"the world size {world_size} is not a multiple of --pp {pp}; launch pp * dp processes")
+    ndev = pipeline_devices(pp, schedule)
+    if world_size % ndev:
+        raise ConfigError(f"the world size {world_size} is not a multiple of the {ndev} pipeline devices of --pp {pp}; "
+                          f"launch {ndev} * dp processes")
     if dp is None:
-        dp = world_size // pp
-    if pp * dp != world_size:
-        raise ConfigError(f"the world size {world_size} does not factor as --pp {pp} x --dp {dp}; "
-                          f"launch {pp * dp} processes or change --dp")
+        dp = world_size // ndev
+    if ndev * dp != world_size:
+        raise ConfigError(f"the world size {world_size} does not factor as {ndev} pipeline devices x --dp {dp}; "
+                          f"launch {ndev * dp} processes or change --dp")
     if dp % ep:
         raise ConfigError(f"--ep {ep} does not divide the data-parallel degree {dp}; pick an ep that divides dp")
     if n_routed_experts is not None and ep > 1 and n_routed_experts % ep:
@@ -55,18 +72,26 @@ def check_layout(world_size: int, pp: int = 1, dp: int | None = None, ep: int = 
     return pp, dp, ep
 
 
+def pipelines_of(ndev: int, dp: int) -> list[list[int]]:
+    """Global ranks of each pipeline, one per data-parallel index: ``[[p * dp + d for p in range(ndev)] for d]``."""
+    return [[p * dp + d for p in range(ndev)] for d in range(dp)]
+
+
 @dataclass
 class ParallelContext:
     """This process's place in the world and its process groups.
 
     Attributes:
         rank, world_size: global rank and number of processes.
-        pp, dp, ep: pipeline, data-parallel and expert-parallel degrees (``edp = dp // ep``).
+        pp, dp, ep: pipeline stages, data-parallel and expert-parallel degrees (``edp = dp // ep``).
+        pp_devices: devices of one pipeline (``pp``, ``pp / 2`` under DualPipeV, 1 without a pipeline).
+        schedule: the pipeline schedule's name (``1f1b``, ``zb1p``, ``dualpipe``, ``dualpipev``).
         device: where this process computes.
         backend: ``"gloo"`` (CPU), ``"nccl"`` (CUDA) or ``None`` (one process).
-        mesh: the ``("pp", "edp", "ep")`` DeviceMesh (``None`` for one process).
+        mesh: the ``("pp", "edp", "ep")`` DeviceMesh (``None`` for one process); its ``pp``
+            dimension has ``pp_devices`` entries.
         dp_group, ep_group, edp_group: process groups (``None`` for one process or degree 1
-            where no communication is needed).
+            where no communication is needed); all within this rank's pipeline device.
         timeout_s: the collective timeout of every group.
         ranks_per_node: processes per node (torchrun's ``LOCAL_WORLD_SIZE``), to count the nodes a token reaches.
     """
@@ -76,6 +101,8 @@ class ParallelContext:
     pp: int = 1
     dp: int = 1
     ep: int = 1
+    pp_devices: int = 1
+    schedule: str = "1f1b"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     mesh: object | None = None
@@ -100,6 +127,16 @@ class ParallelContext:
         return self.rank % self.dp
 
     @property
+    def pp_rank(self) -> int:
+        """This rank's pipeline device (0 .. pp_devices - 1)."""
+        return self.rank // self.dp
+
+    @property
+    def pipelines(self) -> list[list[int]]:
+        """Global ranks of every pipeline (one per data-parallel index), device order."""
+        return pipelines_of(self.pp_devices, self.dp)
+
+    @property
     def ep_rank(self) -> int:
         return self.rank % self.ep
 
@@ -122,7 +159,8 @@ class ParallelContext:
         return self.ep_rank * per, (self.ep_rank + 1) * per
 
     def describe(self) -> str:
-        return f"world {self.world_size} = pp {self.pp} x dp {self.dp} (ep {self.ep} x edp {self.edp}), {self.backend or 'one process'}"
+        pipe = (f"pp {self.pp} ({self.schedule} on {self.pp_devices} devices)" if self.pp > 1 else "pp 1")
+        return f"world {self.world_size} = {pipe} x dp {self.dp} (ep {self.ep} x edp {self.edp}), {self.backend or 'one process'}"
 
     def barrier(self) -> None:
         if self.distributed:
@@ -145,7 +183,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_experts: int | None = None,
-                  timeout_s: float | None = None, device: str | torch.device | None = None) -> ParallelContext:
+                  timeout_s: float | None = None, device: str | torch.device | None = None,
+                  schedule: str | None = None) -> ParallelContext:
     """Join the world that torchrun (or a test) described in the environment.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``). Without
@@ -154,14 +193,17 @@ def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_e
     rank with the same one-line :class:`ConfigError`. gloo is used on CPU, NCCL on CUDA.
 
     Args:
-        pp, dp, ep: the layout (``dp`` None: the world size over ``pp``).
+        pp, dp, ep: the layout (``dp`` None: the world size over the pipeline devices).
+        schedule: the pipeline schedule (DualPipeV runs ``pp`` stages on ``pp / 2`` devices).
         n_routed_experts: the model's N_r (checked against ``ep``).
         timeout_s: collective timeout (default ``DSV3_DIST_TIMEOUT`` or 60 s): a dead peer makes
             the others fail with an error within about this time instead of hanging.
         device: ``"cpu"``/``"cuda"``; default CUDA when available.
     """
     world_size = _env_int("WORLD_SIZE", 1)
-    pp, dp, ep = check_layout(world_size, pp, dp, ep, n_routed_experts)
+    pp, dp, ep = check_layout(world_size, pp, dp, ep, n_routed_experts, schedule)
+    ndev = pipeline_devices(pp, schedule)
+    schedule = str(schedule or "1f1b").lower()
     if timeout_s is None:
         timeout_s = float(os.environ.get("DSV3_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -174,6 +216,7 @@ def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_e
     if world_size == 1:
         ctx = ParallelContext.single(dev)
         ctx.timeout_s = timeout_s
+        ctx.pp, ctx.schedule = pp, schedule
         return ctx
 
     import torch.distributed as dist
@@ -185,10 +228,10 @@ def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_e
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     edp = dp // ep
-    mesh = init_device_mesh(dev.type, (pp, edp, ep), mesh_dim_names=("pp", "edp", "ep"))
+    mesh = init_device_mesh(dev.type, (ndev, edp, ep), mesh_dim_names=("pp", "edp", "ep"))
     dp_mesh = mesh["edp", "ep"]._flatten("dp")
     return ParallelContext(
-        rank=rank, world_size=world_size, pp=pp, dp=dp, ep=ep, device=dev, backend=backend, mesh=mesh,
+        rank=rank, world_size=world_size, pp=pp, dp=dp, ep=ep, pp_devices=ndev, schedule=schedule, device=dev, backend=backend, mesh=mesh,
         dp_group=dp_mesh.get_group() if dp > 1 else None,
         ep_group=mesh.get_group("ep") if ep > 1 else None,
         edp_group=mesh.get_group("edp") if edp > 1 else None,

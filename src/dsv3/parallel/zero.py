@@ -19,6 +19,12 @@ One :meth:`ZeroAdamW.step`:
 3. if it is finite, the chunks are clipped and updated by :class:`dsv3.optim.AdamW` (the same
    elementwise math as the unsharded optimizer, so the result is exactly the same);
 4. the updated chunks are all-gathered back into the full parameters.
+
+Under pipeline parallelism each pipeline device holds some stages: the optimizer is built over
+the parameters it holds (``names``: the runtime's ``owned``), its groups are those of its
+pipeline device (``dp``/``edp`` ranks with the same ``pp`` index), and the gradient norm counts
+each parameter once over the whole pipeline (``norm_names``: the runtime's ``norm_owned``,
+summed over ``norm_group``: the pipeline's ranks).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ class _Shard:
     expert: bool
     bounds: list[tuple[int, int]]  # per rank of its group
     master: torch.Tensor | None  # FP32 [end-start, ...] of this rank, None when the chunk is empty
+    counted: bool = True  # counted in the gradient norm by this rank (pipeline: its lowest holder)
 
     def rows_view(self, t: torch.Tensor) -> torch.Tensor:
         return t.view(t.shape[0], -1) if t.dim() > 0 else t.view(1, -1)
@@ -58,13 +65,24 @@ class ZeroAdamW:
             :class:`~dsv3.model.moe.Experts` modules.
         ctx: the :class:`~dsv3.parallel.world.ParallelContext`.
         lr, betas, weight_decay, eps, moments_dtype: as :func:`dsv3.optim.build_optimizer`.
+        names: the parameter names this rank trains (default: every trainable parameter); under
+            pipeline parallelism the parameters of the stages this pipeline device holds.
+        norm_names: the parameters this rank counts in the global gradient norm (default:
+            ``names``); each parameter must be counted by exactly one device of a pipeline.
+        norm_group: the process group over which the per-device squared norms are summed
+            (the pipeline's ranks; None: no pipeline).
 
     ``param_groups`` are those of the inner AdamW over this rank's chunks (``set_lr`` works).
     """
 
     def __init__(self, model: nn.Module, ctx, *, lr: float = 2.2e-4, betas=(0.9, 0.95), weight_decay: float = 0.1,
-                 eps: float = 1e-8, moments_dtype="fp32") -> None:
+                 eps: float = 1e-8, moments_dtype="fp32", names=None, norm_names=None,
+                 norm_group=None) -> None:
         self.ctx = ctx
+        self.norm_group = norm_group
+        keep = set(names) if names is not None else None
+        self.held = keep  # the parameter names this rank holds fresh (None: all); sharded checkpoints write only these
+        counted = set(norm_names) if norm_names is not None else keep
         expert_ids = {id(p) for m in model.modules() if isinstance(m, Experts) for p in m.parameters()}
         groups = param_groups(model, weight_decay)
         if not groups:
@@ -74,6 +92,8 @@ class ZeroAdamW:
         for group in groups:
             masters = []
             for name, p in group["params"]:
+                if keep is not None and name not in keep:
+                    continue
                 expert = id(p) in expert_ids
                 n, r = (ctx.edp, ctx.edp_rank) if expert else (ctx.dp, ctx.dp_rank)
                 rows = p.shape[0] if p.dim() > 0 else 1
@@ -84,7 +104,8 @@ class ZeroAdamW:
                     master = p.detach().reshape(rows, -1)[start:end].to(torch.float32, copy=True)
                     master = master.view((end - start,) + tuple(p.shape[1:]))
                     masters.append((name, master))
-                self.shards.append(_Shard(name, p, expert, bounds, master))
+                self.shards.append(_Shard(name, p, expert, bounds, master,
+                                          counted=counted is None or name in counted))
             if masters:
                 inner_groups.append({"params": masters, "weight_decay": group["weight_decay"]})
         if not inner_groups:  # more ranks than rows everywhere: keep a valid (empty-state) optimizer
@@ -142,18 +163,24 @@ class ZeroAdamW:
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
-        """The global L2 gradient norm (after :meth:`reduce_gradients`), identical on every rank."""
+        """The global L2 gradient norm (after :meth:`reduce_gradients`), identical on every rank.
+
+        Dense parameters count once, experts are summed over the expert-parallel group and, under
+        pipeline parallelism, the per-device sums over the pipeline (``norm_group``)."""
         import torch.distributed as dist
 
         sq = torch.zeros(2, dtype=torch.float64)
         for s in self.shards:
-            if s.param.grad is not None:
+            if s.param.grad is not None and s.counted:
                 sq[int(s.expert)] += s.param.grad.double().pow(2).sum().cpu()
         if self.ctx.distributed and self.ctx.ep > 1:
             expert_sq = sq[1:].clone()
             dist.all_reduce(expert_sq, group=self.ctx.ep_group)
             sq[1] = expert_sq[0]
-        norm = sq.sum().sqrt().to(torch.float32).reshape(1)
+        total = sq.sum().reshape(1)
+        if self.norm_group is not None:
+            dist.all_reduce(total, group=self.norm_group)
+        norm = total.sqrt().to(torch.float32)
         if self.ctx.distributed:
             dist.all_reduce(norm, op=dist.ReduceOp.MAX)  # the same number (and decisions) everywhere
         return norm[0]

@@ -149,11 +149,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     from dsv3.train.metrics import MetricsLogger, ProgressBar, device_peak_flops, maxvio, peak_memory
 
     started = time.time()
-    s = build_session(config, resume=resume, overrides=overrides)
-    if s.config.parallel.pp > 1:  # pipeline parallelism: the other ranks follow (dsv3.parallel.pipeline.train)
-        from dsv3.parallel.pipeline.train import start_pipeline
-
-        start_pipeline(s)
+    s = build_session(config, resume=resume, overrides=overrides)  # pp > 1: with its PipelineRuntime
     config, run_dir, model = s.config, s.run_dir, s.model
     ctx = s.parallel
     distributed = ctx is not None and ctx.distributed

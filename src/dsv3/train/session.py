@@ -260,7 +260,7 @@ class Session:
     params: list[torch.nn.Parameter]
     prefetcher: BatchPrefetcher
     parallel: Any = None
-    pipeline: Any = None  # a dsv3.parallel.pipeline PipelineRuntime (dsv3.parallel.pipeline.train.attach_pipeline)
+    pipeline: Any = None  # the PipelineRuntime when pp > 1 (dsv3.parallel.pipeline.train.build_pipeline)
     step: int = 0
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
@@ -395,6 +395,11 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
             if single is not None:
                 unsharded_state = _load_unsharded(single, model, config)
         shard_experts(model, parallel, dispatcher=config.parallel.dispatcher, fp8=config.precision.fp8)
+    pipeline = None
+    if distributed and parallel.pp > 1:  # the stages of this device (collective: process groups)
+        from dsv3.parallel.pipeline.train import build_pipeline
+
+        pipeline = build_pipeline(model, parallel, config, run_dir)
 
     # --- optimizer, schedules, data order (built before anything is written: a bad value leaves no run behind)
     from dsv3.memory.ema import CPUEMA
@@ -405,8 +410,10 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     if distributed:
         from dsv3.parallel.zero import ZeroAdamW
 
+        held = {} if pipeline is None else dict(names=pipeline.owned, norm_names=pipeline.norm_owned,
+                                                norm_group=pipeline.group)
         optimizer = ZeroAdamW(model, parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
-                              eps=opt.eps, moments_dtype=config.memory.optim_states)
+                              eps=opt.eps, moments_dtype=config.memory.optim_states, **held)
     else:
         optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
                                     eps=opt.eps, moments_dtype=config.memory.optim_states)
@@ -463,7 +470,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
                       model=model, optimizer=optimizer, schedule=schedule, ramp=ramp, ema=ema, loader=loader,
                       params=[p for p in model.parameters() if p.requires_grad],
                       prefetcher=None,  # type: ignore[arg-type]  (set below, after the loader is restored)
-                      parallel=parallel, checkpoint=checkpoint, lambda_early=mcfg.mtp_loss_weight,
+                      parallel=parallel, pipeline=pipeline, checkpoint=checkpoint, lambda_early=mcfg.mtp_loss_weight,
                       gamma_early=mcfg.bias_update_speed, lock=lock if lock.held else None)
     if distributed and resume is not None:
         from dsv3.parallel.checkpoint import latest_sharded, load_sharded
@@ -523,17 +530,28 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
 def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: str) -> tuple[Any, str]:
     """Join the torchrun world (when launched by it and no context is given) and agree on the run directory.
 
-    The layout is checked before any process group exists (a bad one fails alike on every rank);
+    The layout (pp x dp with ep inside dp; for ``pp > 1`` also the schedule's rules) is checked
+    before any process group exists (a bad one fails alike on every rank);
     rank 0's run directory name is used by all (a default name carries a timestamp).
     """
-    if config.parallel.pp > 1:  # the pipeline launcher owns its process groups (dsv3.parallel.pipeline.train)
-        return parallel, run_dir
-    if parallel is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    p = config.parallel
+    world = parallel.world_size if parallel is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if p.pp > 1:  # the pipeline's layout (layers, schedule, micro-batches, devices x dp): before any group
+        from dsv3.parallel.pipeline.train import check_pipeline_layout
+
+        d = config.data
+        check_pipeline_layout(mcfg.num_hidden_layers, pp=p.pp, schedule=p.pipeline, global_batch=d.global_batch,
+                              micro_batch=d.micro_batch, world_size=world, dp=p.dp, ep=p.ep,
+                              n_routed_experts=mcfg.n_routed_experts)
+        if d.task == "sft":
+            raise ConfigError("--pp > 1 does not run SFT (document-masked) batches yet; use --pp 1")
+        if config.schedule.batch_ramp_start is not None:  # every step's micro-batches must fit the schedule
+            raise ConfigError("--pp > 1 does not support the batch-size ramp yet; drop --batch-ramp-start")
+    if parallel is None and world > 1:
         from dsv3.parallel.world import init_parallel
 
-        p = config.parallel
         parallel = init_parallel(p.pp, p.dp, p.ep, n_routed_experts=mcfg.n_routed_experts,
-                                 device=None if p.device == "auto" else p.device)
+                                 device=None if p.device == "auto" else p.device, schedule=p.pipeline)
     if parallel is None or not parallel.distributed:
         return parallel, run_dir
     d = config.data
@@ -693,13 +711,41 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
 
 
 def _pipeline_step(session: Session, batches: list[Batch], gamma: float) -> StepStats:
-    """:func:`train_step` under pipeline parallelism (see :mod:`dsv3.parallel.pipeline.train`)."""
-    from dsv3.parallel.pipeline.train import pipeline_train_step, sync_due
+    """:func:`train_step` under pipeline parallelism (see :mod:`dsv3.parallel.pipeline.train`).
 
-    st = pipeline_train_step(session.pipeline, batches, session.optimizer, grad_clip=session.config.optimizer.grad_clip,
-                             gamma=gamma, ema=session.ema,
-                             sync=session.ema is not None or sync_due(session.config, session.step + 1))
-    return StepStats(loss=st.loss, lm_loss=st.lm_loss, mtp_loss=st.mtp_loss, balance_loss=st.balance_loss,
-                     grad_norm=st.grad_norm, skipped=st.skipped, load=st.result.load,
-                     tokens=sum(ids.numel() for ids, _ in batches),
-                     loss_tokens=int(sum(int((labels != -100).sum()) for _, labels in batches)))
+    ``batches`` are this data-parallel rank's micro-batches (the same on every device of its pipeline).
+    """
+    import math
+
+    from dsv3.parallel.pipeline.train import sync_due, write_step_trace
+    from dsv3.parallel.zero import all_mean, sync_loads
+
+    rt, ctx, opt = session.pipeline, session.parallel, session.optimizer
+    res = rt.step(batches)  # losses and loads reduced over the pipeline, shared gradients all-reduced
+    if rt.trace_path:
+        write_step_trace(rt.trace_path, rt, res)
+    loss_tokens = sum(int((labels != -100).sum()) for _, labels in batches)
+    sums = torch.tensor([res.loss, res.lm_loss, res.mtp_loss, res.balance_loss, float(loss_tokens)],
+                        dtype=torch.float64)
+    sums = all_mean(sums, ctx)  # over the data-parallel ranks (the pipelines)
+    sums[4] *= ctx.dp
+    load = sync_loads(res.load, ctx) if res.load is not None else None
+    opt.reduce_gradients()  # dense over dp, experts over edp
+    norm = opt.grad_norm()  # each parameter once over the pipeline, experts over ep; the same everywhere
+    loss, lm_loss, mtp_loss, balance_loss, tokens_with_label = sums.tolist()
+    grad_norm = float(norm)
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if skipped:
+        opt.zero_grad(set_to_none=True)
+    else:
+        opt.step(session.config.optimizer.grad_clip, reduce=False, norm=norm)
+        opt.zero_grad(set_to_none=True)
+        if load is not None:
+            session.model.update_router_bias(load, gamma)
+    if session.ema is not None or sync_due(session.config, session.step + 1):
+        rt.sync_parameters()  # the stages other devices train: for evaluation, the EMA and the end
+    if not skipped and session.ema is not None:
+        session.ema.update()
+    return StepStats(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss, grad_norm=grad_norm,
+                     skipped=skipped, load=load, tokens=sum(ids.numel() for ids, _ in batches) * ctx.dp,
+                     loss_tokens=int(tokens_with_label))

@@ -1,0 +1,273 @@
+"""Pipeline parallelism combined with expert and ZeRO-1 data parallelism (pp x dp, ep inside dp).
+
+The distributed runs go through ``dsv3.train.session`` (build_session joins the world that
+tests/dist_helpers.py describes in the environment, as torchrun does) and are compared with a
+one-process session: per-step losses and the final parameters (allclose rtol 1e-5 / atol 1e-6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dist_helpers import free_port, run_ranks
+from helpers import quick_options, read_jsonl, small_config
+from pipeline_worker import session_losses, session_rank
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def four_layers(train_setup, tmp_path_factory):
+    """The train_setup corpus and tokenizer with a 4-layer model (DualPipeV with pp=4 needs 4 layers)."""
+    root = tmp_path_factory.mktemp("four_layers")
+    small_config(vocab_size=512, num_hidden_layers=4).save(root / "config.json")
+    return dict(train_setup, model=str(root / "config.json"))
+
+
+def _opts(setup, run_dir, **changes):
+    # AdamW eps 1e-3 (as in test_parallel_ep): with 1e-8 float rounding noise in a near-zero gradient
+    # element becomes a full lr step. micro_batch 1 x 8: 4 micro-batches per pipeline at dp=2.
+    return quick_options(setup, run_dir, **{"micro_batch": 1, "global_batch": 8, "eps": 1e-3, **changes})
+
+
+def _assert_equal_to_one_process(runs, ref):
+    ref_losses, ref_norms, ref_params, ref_buffers, _ = ref
+    for rank, (losses, norms, params, buffers, offsets) in enumerate(runs):
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6, err_msg=f"rank {rank}")
+        assert params.keys() == ref_params.keys()
+        for name, value in params.items():
+            want = ref_params[name]
+            module = name.rpartition(".")[0]
+            if module in offsets:  # this rank's block of routed experts (global numbers)
+                want = want[offsets[module]:offsets[module] + value.shape[0]]
+            np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-6, err_msg=f"rank {rank} {name}")
+        for name, value in buffers.items():  # router biases: the same update everywhere
+            np.testing.assert_array_equal(value, runs[0][3][name], err_msg=f"rank {rank} {name}")
+            np.testing.assert_allclose(value, ref_buffers[name], rtol=1e-5, atol=1e-6, err_msg=name)
+        assert norms == runs[0][1]  # one clipping decision everywhere
+        np.testing.assert_allclose(norms, ref_norms, rtol=1e-5, err_msg="global gradient norm")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("schedule,pp", [("dualpipev", 4), ("1f1b", 2), ("dualpipe", 2)])
+def test_pp_dp2_ep2_on_4_ranks_equals_one_process(four_layers, tmp_path, schedule, pp):
+    """4 ranks: DualPipeV (4 stages on 2 devices), 1F1B or DualPipe (pp=2, two stages per device in both
+    directions, FB ops), x dp=2 with ep=2 and ZeRO-1: ep peers run the same op list, so their all-to-alls
+    line up, also inside overlapped FB ops."""
+    opts = _opts(four_layers, tmp_path / "run")
+    ref = session_losses(opts, STEPS)  # also builds the token caches before the spawn
+    runs = run_ranks(session_rank, 4, dict(opts, pp=pp, pipeline=schedule, ep=2, dp=2), STEPS, timeout=200)
+    _assert_equal_to_one_process(runs, ref)
+    # the expert blocks: ep rank r of every pipeline device holds experts [4r, 4r + 4)
+    assert [min(r[4].values()) for r in runs] == [0, 4, 0, 4]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_DIST_TIMEOUT="60")
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _args(setup, run_dir, *extra):
+    return ["train", "--model", setup["model"], "--data", setup["corpus"], "--tokenizer", setup["tokenizer"],
+            "--seq-len", "32", "--micro-batch", "1", "--global-batch", "8", "--steps", "4", "--lr", "3e-3",
+            "--warmup-steps", "1", "--eps", "1e-3", "--eval-every", "1000", "--eval-batches", "1",
+            "--sample-tokens", "0", "--save-every", "2", "--keep-last", "3", "--no-progress", "--no-tensorboard",
+            "--run-dir", str(run_dir), *extra]
+
+
+def _run(cmd, timeout):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _torchrun(n, args, timeout):
+    return _run([TORCHRUN, f"--nproc-per-node={n}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                 "-m", "dsv3", *args], timeout)
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_jsonl(Path(run_dir) / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def pp_dp_ep_run(train_setup, tmp_path_factory):
+    """A one-process ``dsv3 train`` and ``torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --dp 2 --ep 2`` of
+    the same 4 steps (DCP checkpoints at steps 2 and 4)."""
+    root = tmp_path_factory.mktemp("pp_dp_ep")
+    one = _run([sys.executable, "-m", "dsv3", *_args(train_setup, root / "one")], 180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    four = _torchrun(4, _args(train_setup, root / "pp", "--pp", "2", "--dp", "2", "--ep", "2", "--trace"), 200)
+    assert four.returncode == 0, four.stderr[-3000:]
+    return root, _losses(root / "one"), four
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process(pp_dp_ep_run):
+    root, ref, four = pp_dp_ep_run
+    assert [s for s, _ in ref] == [1, 2, 3, 4]
+    assert four.stdout.count("done in") == 1  # rank 0 alone talks
+    got = _losses(root / "pp")
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in (root / "pp").glob("dcp-*")) == ["dcp-00000002", "dcp-00000004"]
+    meta = json.loads((root / "pp" / "dcp-00000004" / "meta.json").read_text())
+    assert meta["layout"] == {"pp": 2, "dp": 2, "ep": 2}
+    # validation (every rank evaluates the synchronised model, experts over ep) at steps 0 and 4
+    val = [[r["val_loss"] for r in read_jsonl(root / run / "metrics.jsonl") if "val_loss" in r] for run in ("one", "pp")]
+    assert len(val[0]) == len(val[1]) == 2
+    np.testing.assert_allclose(val[1], val[0], rtol=1e-5, atol=1e-6)
+    # --trace: the first pipeline's two devices on one timeline
+    spans = [e for e in json.loads((root / "pp" / "pipeline_trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"] for e in spans} == {0, 1}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_pipeline_checkpoint_resumes_in_other_layouts(pp_dp_ep_run, tmp_path):
+    """The step-2 DCP checkpoint of the pp2 x dp2 x ep2 run resumes in one process and under torchrun as one
+    2-device DualPipe pipeline (dp=1, ep=1) with the losses of the uninterrupted run."""
+    root, ref, _ = pp_dp_ep_run
+    single, pipe = tmp_path / "single", tmp_path / "pipe"
+    for run in (single, pipe):
+        shutil.copytree(root / "pp", run)
+        shutil.rmtree(run / "dcp-00000004")
+    one = _run([sys.executable, "-m", "dsv3", "train", "--resume", str(single), "--pp", "1", "--ep", "1",
+                "--dp", "1"], 180)
+    assert one.returncode == 0, one.stderr[-3000:]
+    np.testing.assert_allclose([v for _, v in _losses(single)], [v for _, v in ref], rtol=1e-5, atol=1e-6)
+    two = _torchrun(2, ["train", "--resume", str(pipe), "--pp", "2", "--pipeline", "dualpipe", "--ep", "1",
+                        "--dp", "1"], 200)
+    assert two.returncode == 0, two.stderr[-3000:]
+    got = _losses(pipe)
+    assert [s for s, _ in got] == [1, 2, 3, 4]
+    np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5, atol=1e-6)
+    assert (pipe / "dcp-00000004").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bad_pipeline_layout_fails_with_one_line_on_every_rank_before_writing(train_setup, tmp_path):
+    run_dir = tmp_path / "bad"
+    proc = _torchrun(2, _args(train_setup, run_dir, "--pp", "2", "--ep", "2"), 110)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("dsv3: error:")]
+    assert len(lines) == 2 and all("--ep 2 does not divide the data-parallel degree 1" in ln for ln in lines), \
+        proc.stderr[-2000:]
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train_setup, tmp_path):
+    """Under pp every rank writes only the parameters of its own stages: stale copies of the other
+    stages (NaN here) never reach the checkpoint, which loads into one process whole."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from dsv3.config import ModelConfig
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.checkpoint import load_model_sharded
+    from pipeline_worker import save_rank
+
+    opts = _opts(train_setup, tmp_path / "unused", global_batch=4, steps=1)
+    session_losses(opts, 0)  # token caches before the spawn
+    run_dir = tmp_path / "ckpt"
+    run_dir.mkdir()
+    runs = run_ranks(save_rank, 2, dict(opts, pp=2, pipeline="1f1b"), str(run_dir), timeout=100)
+    (held0, params0), (held1, _) = runs
+    path = run_dir / "dcp-00000001"
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    writers: dict[str, set[int]] = {}
+    for index, info in meta.storage_data.items():
+        writers.setdefault(index.fqn, set()).add(int(info.relative_path.split("_")[2]))
+    for rank, held in ((0, held0), (1, held1)):
+        for name in set(held0) | set(held1):
+            if f"model/{name}" in writers and rank in writers[f"model/{name}"]:
+                assert name in held, f"rank {rank} wrote {name}, a stage it does not run"
+    assert "model.embed_tokens.weight" in held0 and "model.norm.weight" in held1 and "model.norm.weight" not in held0
+    mcfg = ModelConfig.from_dict(small_config(vocab_size=512).to_dict())
+    model = DeepseekV3ForCausalLM(mcfg)
+    load_model_sharded(str(path), model)
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+        np.testing.assert_array_equal(p.detach().numpy(), params0[name], err_msg=name)
+
+
+def test_layout_of_pipelines_with_expert_and_data_parallelism():
+    """rank = pp_idx * dp + edp_idx * ep + ep_idx; one pipeline per data-parallel index."""
+    from dsv3.errors import ConfigError
+    from dsv3.parallel.world import ParallelContext, check_layout, pipeline_devices, pipelines_of
+
+    assert pipeline_devices(4, "dualpipev") == 2 and pipeline_devices(4, "1f1b") == 4 and pipeline_devices(1) == 1
+    assert check_layout(8, pp=4, ep=2, schedule="dualpipev") == (4, 4, 2)  # 2 devices x dp 4
+    assert check_layout(4, pp=2, dp=2, ep=2, n_routed_experts=8, schedule="1f1b") == (2, 2, 2)
+    assert pipelines_of(2, 4) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    ctx = ParallelContext(rank=6, world_size=8, pp=4, dp=4, ep=2, pp_devices=2, schedule="dualpipev")
+    assert (ctx.pp_rank, ctx.dp_rank, ctx.edp_rank, ctx.ep_rank) == (1, 2, 1, 0)
+    assert [6 in p for p in ctx.pipelines] == [False, False, True, False]
+    for kwargs, match in [(dict(world_size=6, pp=4, schedule="1f1b"), "not a multiple of the 4 pipeline devices"),
+                          (dict(world_size=4, pp=2, dp=3), "does not factor as 2 pipeline devices x --dp 3"),
+                          (dict(world_size=6, pp=2, ep=2), "--ep 2 does not divide the data-parallel degree 3"),
+                          (dict(world_size=8, pp=2, ep=4, n_routed_experts=6), "6 routed experts")]:
+        with pytest.raises(ConfigError, match=match):
+            check_layout(**kwargs)
+
+
+def test_zero_adamw_over_held_parameters_counts_norm_names_once():
+    """ZeRO-1 of one pipeline device: shards only for ``names``, the gradient norm over ``norm_names``
+    only (float64 reference), and ``held`` tells checkpoints what this device may write."""
+    import torch
+
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.world import ParallelContext
+    from dsv3.parallel.zero import ZeroAdamW
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(small_config())
+    names = [n for n, _ in model.named_parameters()]
+    held = [n for n in names if n.startswith(("model.embed_tokens", "model.layers.0.", "lm_head"))]
+    counted = [n for n in held if not n.startswith("lm_head")]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt = ZeroAdamW(model, ParallelContext.single(), names=held, norm_names=counted)
+    assert sorted(s.name for s in opt.shards) == sorted(held) and opt.held == set(held)
+    params = dict(model.named_parameters())
+    want = sum(params[n].grad.double().pow(2).sum() for n in counted).sqrt()
+    torch.testing.assert_close(opt.grad_norm().double(), want, rtol=1e-6, atol=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step(1.0)
+    for n, p in model.named_parameters():  # only held parameters move
+        assert torch.equal(p, before[n]) != (n in held), n
+
+
+def test_model_state_leaves_out_parameters_a_device_does_not_hold():
+    import torch
+
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.checkpoint import model_state
+
+    torch.manual_seed(0)
+    model = DeepseekV3ForCausalLM(small_config())
+    everything = model_state(model)
+    held = {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.")}
+    part = model_state(model, held)
+    buffers = {f"model/{n}" for n, _ in model.named_buffers() if f"model/{n}" in everything}
+    assert buffers and buffers <= part.keys()  # router biases are written by every device
+    params = set(part) - buffers
+    assert params and all(k.startswith("model/model.layers.1.") for k in params)
+    assert "model/model.layers.1.mlp.experts.7.down_proj" in part  # experts under global numbers
+    assert params == {k for k in everything if k.startswith("model/model.layers.1.")} - buffers
