@@ -117,10 +117,14 @@ def optimizer_lines(plan, most: int = 8) -> list[str]:
     lay = plan.layout
     runtime = [s for s in plan.stages if s.ranks is not None]
     if not runtime:
-        why = "ZeRO 0" if lay.zero == 0 else ("ZeRO-2/3 or TP/ETP > 1 or DualPipe replicas"
-                                              if lay.zero > 1 or lay.tp > 1 or lay.etp > 1 else "DualPipe replicas")
-        return [f"optimizer: flat ceil(n/G) split of the ZeRO paper (every rank the same); dsv3's runtime "
-                f"(ZeRO-1 row chunks) does not run this layout ({why})"]
+        if lay.zero == 0:
+            why = "ZeRO 0: nothing is sharded, every rank holds all of it"
+        elif lay.zero > 1 or lay.tp > 1 or lay.etp > 1:
+            why = "dsv3's runtime (ZeRO-1 row chunks) runs TP = ETP = 1, ZeRO-1 only"
+        else:
+            why = ("DualPipe: the paper shards each stage over its 2 x DP replicas; dsv3's runtime keeps each "
+                   "copy's ZeRO-1 row chunks over DP, about twice this")
+        return [f"optimizer: flat ceil(n/G) split of the ZeRO paper (every rank the same); {why}"]
     head = len(runtime) > 1
     out = [f"optimizer: runtime (dsv3 ZeRO-1 row chunks, per tensor over DP {lay.dp} / experts over EDP {lay.edp}), "
            f"the busiest DP rank{' of each stage' if head else ''}:"]
