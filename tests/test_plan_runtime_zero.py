@@ -92,6 +92,40 @@ def test_plan_json_gives_every_rank_the_runtime_optimizer_bytes(capsys, odd_conf
                                          + dev["comm_buffers"], rel=1e-12)
 
 
+@pytest.mark.timeout(120)
+def test_each_pipeline_device_holds_what_the_plan_says():
+    """PP 2 (1F1B) x DP 4 x EP 2 without MTP: every (pipeline device, DP rank)'s ZeroAdamW over the parameters
+    its stage holds (the runtime's ``owned``: ``PipelineStage.parameter_names``) equals the plan's stage bytes.
+    (With MTP the runtime's last stage also holds the embedding, which the planner's stages do not count.)"""
+    torch = pytest.importorskip("torch")
+    from dsv3.model.transformer import DeepseekV3ForCausalLM
+    from dsv3.parallel.dispatch import shard_experts
+    from dsv3.parallel.pipeline.stages import PipelineStage, stage_layers
+    from dsv3.parallel.world import ParallelContext
+    from dsv3.parallel.zero import ZeroAdamW
+
+    cfg = small_config(vocab_size=509, n_routed_experts=6, n_group=2, topk_group=1, qk_rope_head_dim=8,
+                       kv_lora_rank=35, num_hidden_layers=4, num_nextn_predict_layers=0)
+    pp, dp, ep = 2, 4, 2
+    split = stage_layers(cfg, pp, 16, mtp=False)
+    plan = make_plan(cfg, Layout(pp=pp, dp=dp, ep=ep, zero=1, seq_len=16, global_batch=4 * dp, stage_layers=split,
+                                 mtp=False), PREC, simulate=False)
+    for d in range(pp):
+        layers = list(range(sum(split[:d]), sum(split[:d + 1])))
+        measured = []
+        for r in range(dp):
+            ctx = ParallelContext(rank=d * dp + r, world_size=1, pp=pp, dp=dp, ep=ep, pp_devices=pp)
+            model = DeepseekV3ForCausalLM(cfg).to(torch.bfloat16)
+            shard_experts(model, ctx, dispatcher="alltoall")
+            opt = ZeroAdamW(model, ctx, moments_dtype="bf16", names=PipelineStage(model, d, pp, layers).parameter_names())
+            for p in model.parameters():
+                p.grad = torch.ones_like(p)
+            opt.step(1.0)
+            measured.append(opt.state_bytes())
+        assert list(plan.stages[d].ranks.by_rank) == measured, d
+        assert plan.devices[d].optimizer == max(measured)
+
+
 def test_by_rank_bytes_by_hand():
     """A dense tensor of 5 rows x 3 and an expert tensor of 6 experts x 4 x 2 at DP 4, EP 2 (EDP 2):
     dense rows 1,1,1,2 over the DP ranks; each EP rank's 3 experts split 1,2 over its EDP replicas
