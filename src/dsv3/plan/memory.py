@@ -126,7 +126,10 @@ def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, re
 
 
 def zero1_row_chunk(rows: int, n: int, rank: int) -> int:
-    """Rows of a tensor's balanced dim-0 chunk ``[rank*rows//n, (rank+1)*rows//n)`` (dsv3's ZeRO-1 cut)."""
+    """Rows of a tensor's balanced row chunk ``[rank*rows//n, (rank+1)*rows//n)`` (dsv3's ZeRO-1 cut).
+
+    ``rows`` are those of the tensor's 2-D view ``[numel / last_dim, last_dim]`` (1-d ``[n]``: ``n`` rows,
+    0-d: 1 row), as :func:`dsv3.parallel.zero.rows_shape` cuts it."""
     return (rank + 1) * rows // n - rank * rows // n
 
 
@@ -134,11 +137,14 @@ def zero1_rank_state_bytes(tensors: list[ParamTensor], layout: Layout, prec: Pre
     """Model-state bytes of ``tensors`` on data-parallel rank ``dp_rank`` under dsv3's own ZeRO-1.
 
     :mod:`dsv3.parallel.zero` (DESIGN.md, "Distributed runtime") does not shard a padded flat buffer
-    (``ceil(n / G)`` elements on every rank, what :func:`state_bytes` counts): it cuts *each* trainable
-    tensor along dim 0 into balanced row chunks, one per rank of its group -- dense tensors over the DP
-    ranks (chunk ``dp_rank``), the rank's block of routed experts (``N_r / EP`` rows) over the EDP
-    replicas (chunk ``dp_rank // EP``, ranks being ``edp_idx * EP + ep_idx``) -- so ranks differ by up
-    to one row per tensor. The optimizer state of a chunk is its two moments and its master copy.
+    (``ceil(n / G)`` elements on every rank, what :func:`state_bytes` counts): it views *each* trainable
+    tensor as ``[numel / last_dim, last_dim]`` (the rank's routed-expert block ``[N_r/EP, 2I, d]`` as
+    ``[N_r/EP * 2I, d]``; 1-d ``[n]`` as ``[n, 1]``, 0-d as ``[1, 1]``) and cuts its rows into balanced
+    chunks, one per rank of its group -- dense tensors over the DP ranks (chunk ``dp_rank``), the rank's
+    expert block over the EDP replicas (chunk ``dp_rank // EP``, ranks being ``edp_idx * EP + ep_idx``) --
+    so ranks differ by up to one row (``last_dim`` elements) per tensor. The optimizer state of a chunk is
+    its two moments and, for a tensor not stored in FP32, its FP32 master copy
+    (:meth:`Precision.master_bytes`: an FP32 tensor is its own master).
     Weights and gradients are not sharded (ZeRO-1). For ``TP = ETP = 1`` and ZeRO 0 or 1 (the runtime's
     layouts); buffers as in :func:`state_bytes`.
     """
@@ -153,15 +159,16 @@ def zero1_rank_state_bytes(tensors: list[ParamTensor], layout: Layout, prec: Pre
             continue
         fmt = weight_format(t.kind, prec)
         per = 2 * DTYPE_BYTES[prec.moments] + prec.master_bytes(fmt)
-        rows = t.shape[0] if t.shape else 1
+        width = t.shape[-1] if len(t.shape) >= 2 else 1
+        rows = t.numel // width
         if t.shard == "expert":
-            rows //= layout.ep
+            rows //= layout.ep  # the rank's N_r / EP experts: (N_r / EP) * prod(shape[1:-1]) rows
             group, rank = layout.edp, dp_rank // layout.ep
         else:
             group, rank = layout.dp, dp_rank
         if layout.zero == 0:
             group, rank = 1, 0
-        optimizer += zero1_row_chunk(rows, group, rank) * (t.numel // (t.shape[0] if t.shape else 1)) * per
+        optimizer += zero1_row_chunk(rows, group, rank) * width * per
     sb.optimizer = optimizer
     return sb
 
