@@ -33,11 +33,11 @@ spawned on 127.0.0.1; each builds the model as ``dsv3 train`` does under torchru
 :func:`dsv3.parallel.dispatch.shard_experts` keeps its block of ``N_r / EP`` experts and the all-to-all
 dispatcher, then :class:`dsv3.parallel.zero.ZeroAdamW`), runs one step on its own micro-batch and reports:
 weights (its parameters and buffers), gradients (its ``.grad``), optimizer (``ZeroAdamW.state_bytes()``:
-its FP32 master chunks and moments) and live activations. The planner's per-rank states are
-:func:`dsv3.plan.memory.zero1_rank_state_bytes` (dsv3's ZeRO-1 cuts every tensor into dim-0 chunks, dense
-over DP, expert blocks over EDP = DP / EP), its activations ``make_plan(...).stages[0]`` for the layout.
-The runtime always keeps FP32 master chunks, which the planner counts only for parameters not stored in
-FP32, so these rows use BF16 parameters by default (see ``--dtype``).
+its FP32 master chunks of non-FP32 parameters and moments) and live activations. The planner's per-rank
+states are :func:`dsv3.plan.memory.zero1_rank_state_bytes` (dsv3's ZeRO-1 cuts every tensor, viewed as
+``[numel / last_dim, last_dim]``, into row chunks, dense over DP, expert blocks over EDP = DP / EP; an FP32
+parameter is its own master), its activations ``make_plan(...).stages[0]`` for the layout. BF16 parameters
+by default, ``--dtype fp32`` for FP32 ones.
 
     python bench/plan_vs_measured.py                      # tiny and small FP32, small FP8; every policy
     python bench/plan_vs_measured.py --preset tiny --dtype bf16 --fp8 --json

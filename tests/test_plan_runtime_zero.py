@@ -128,14 +128,15 @@ def test_each_pipeline_device_holds_what_the_plan_says():
 
 def test_by_rank_bytes_by_hand():
     """A dense tensor of 5 rows x 3 and an expert tensor of 6 experts x 4 x 2 at DP 4, EP 2 (EDP 2):
-    dense rows 1,1,1,2 over the DP ranks; each EP rank's 3 experts split 1,2 over its EDP replicas
-    (EDP rank = DP rank // EP). Bytes per element: two BF16 moments + an FP32 master = 8."""
+    dense rows 1,1,1,2 over the DP ranks; each EP rank's 3 experts are the 2-D view [3 * 4, 2] = 12 rows
+    of 2, split 6,6 over its EDP replicas (EDP rank = DP rank // EP), inside an expert, not by whole
+    experts. Bytes per element: two BF16 moments + an FP32 master = 8."""
     dense = ParamTensor("d.weight", "dense_mlp", (5, 3))
     experts = ParamTensor("e.gate_up_proj", "routed_experts", (6, 4, 2), shard="expert")
     buffer = ParamTensor("b", "router", (6,), kind="buffer")
     lay = Layout(dp=4, ep=2, zero=1)
-    dense_rows, expert_rows = [1, 1, 1, 2], [1, 1, 2, 2]
-    want = [8 * (3 * d + 8 * e) for d, e in zip(dense_rows, expert_rows)]
+    dense_rows, expert_rows = [1, 1, 1, 2], [6, 6, 6, 6]
+    want = [8 * (3 * d + 2 * e) for d, e in zip(dense_rows, expert_rows)]
     assert zero1_optimizer_bytes_by_rank([dense, experts, buffer], lay, PREC) == want
     assert [zero1_rank_state_bytes([dense, experts], lay, PREC, r).optimizer for r in range(4)] == want
     assert zero1_optimizer_bytes_by_rank([dense, experts], lay.replace(zero=0), PREC) == [8 * (15 + 8 * 3)] * 4

@@ -7,8 +7,9 @@ recomputation keeps) and, without recomputation, against the storages autograd s
 implementation to the byte on these runs (balanced-enough routing), so the bound here is 2 %, tight enough
 to catch an operator that starts (or stops) keeping a tensor.
 
-EP/DP layouts, per rank: dsv3's ZeRO-1 cuts every tensor into dim-0 chunks (dense over DP, expert blocks over
-EDP), so ranks hold different optimizer bytes; :func:`dsv3.plan.memory.zero1_rank_state_bytes` must give each
+EP/DP layouts, per rank: dsv3's ZeRO-1 cuts every tensor, viewed as ``[numel / last_dim, last_dim]``, into row
+chunks (dense over DP, expert blocks over EDP; FP32 parameters are their own masters), so ranks hold different
+optimizer bytes; :func:`dsv3.plan.memory.zero1_rank_state_bytes` must give each
 rank's to the byte (against ZeroAdamW built with that rank's context, and on 2 spawned gloo ranks).
 """
 
@@ -76,18 +77,20 @@ def test_saved_tensor_hooks_do_not_see_inside_recomputed_regions():
 # ----------------------------------------------------------------------------- EP / DP layouts, per rank
 def _odd_config():
     """Odd row counts (vocabulary 509, N_r / EP = 3 experts a rank at EP 2, kv_a 40 + 3 rows) so that dsv3's
-    per-tensor dim-0 chunks differ from rank to rank and from a flat ceil(n / G) split."""
+    per-tensor row chunks differ from rank to rank and from a flat ceil(n / G) split."""
     from helpers import small_config
 
     return small_config(vocab_size=509, n_routed_experts=6, n_group=2, topk_group=1, qk_rope_head_dim=8,
                         kv_lora_rank=35)
 
 
-@pytest.mark.parametrize("dp,ep", [(2, 2), (4, 2), (6, 3), (3, 1), (4, 1)])
-def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep):
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("dp,ep", [(2, 2), (4, 2), (6, 3), (3, 1), (4, 1), (8, 2)])
+def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep, dtype):
     """Every rank's ZeroAdamW.state_bytes() (built with that rank's context, no process group: ZeroAdamW's
     state does not depend on communication) equals the planner's zero1_rank_state_bytes, for layouts of up to
-    4 ranks with uneven chunks; its weights and gradients too."""
+    8 ranks with uneven chunks (8 x 2: EDP 4 above the 3 experts a rank), with BF16 parameters (FP32 master
+    chunks) and FP32 parameters (their own masters: moments only); its weights and gradients too."""
     from dsv3.parallel.dispatch import shard_experts
     from dsv3.parallel.world import ParallelContext
     from dsv3.parallel.zero import ZeroAdamW
@@ -97,16 +100,17 @@ def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep):
 
     cfg = _odd_config()
     layout = Layout(dp=dp, ep=ep, zero=1, seq_len=16, micro_batch=1)
-    prec = bench.Precision(weights="bf16", grads="bf16", master="fp32", moments="bf16", router="bf16",
-                           router_compute="fp32", activations="bf16", stats="fp32")
+    prec = bench.Precision(weights=dtype, grads=dtype, master="fp32", moments="bf16", router=dtype,
+                           router_compute="fp32", activations=dtype, stats="fp32")
     tensors = stage_tensors(count_params(cfg), stage_parts(cfg, layout, (cfg.num_hidden_layers,))[0])
     per_rank = []
     for rank in range(dp):
         ctx = ParallelContext(rank=rank, world_size=1, dp=dp, ep=ep)  # world_size 1: no collectives
-        _, model = bench.build(cfg, "bf16", "none", None)
+        _, model = bench.build(cfg, dtype, "none", None)
         if ep > 1:
             shard_experts(model, ctx, dispatcher="alltoall")
         opt = ZeroAdamW(model, ctx, moments_dtype="bf16")
+        opt.inner._compiled_ok = False  # FP32 parameters, BF16 moments: the eager path (compiling takes minutes)
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         opt.step(1.0)
@@ -121,10 +125,12 @@ def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep):
 
 
 @pytest.mark.timeout(90)
-def test_planner_matches_each_rank_of_a_two_rank_ep_run():
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_planner_matches_each_rank_of_a_two_rank_ep_run(dtype):
     """dp = 2, ep = 2 on 2 spawned gloo ranks (the all-to-all dispatcher, ZeroAdamW, one step): each rank's
-    weights, gradients and optimizer bytes equal the planner's to the byte; activations within 10 %."""
-    rows = bench.measure_parallel(_odd_config(), dp=2, ep=2, seq_len=32, micro_batch=2, dtype="bf16",
+    weights, gradients and optimizer bytes equal the planner's to the byte (BF16 parameters with FP32 masters,
+    FP32 parameters without); activations within 10 %."""
+    rows = bench.measure_parallel(_odd_config(), dp=2, ep=2, seq_len=32, micro_batch=2, dtype=dtype,
                                   moments="fp32", timeout=75)
     assert [r["rank"] for r in rows] == [0, 1]
     for r in rows:
@@ -134,4 +140,4 @@ def test_planner_matches_each_rank_of_a_two_rank_ep_run():
         assert bench.parallel_row_ok(r)
     assert rows[0]["measured"]["optimizer"] != rows[1]["measured"]["optimizer"]  # uneven row chunks
     table = bench.markdown_parallel(rows).splitlines()
-    assert len(table) == 4 and "planned" not in table[2] and table[3].startswith("| custom | bf16 / fp32 | 2 x 2 (1) | 1 (1, 0) |")
+    assert len(table) == 4 and "planned" not in table[2] and table[3].startswith(f"| custom | {dtype} / fp32 | 2 x 2 (1) | 1 (1, 0) |")

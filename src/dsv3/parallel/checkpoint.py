@@ -31,6 +31,7 @@ import torch
 
 from dsv3.errors import CheckpointError
 from dsv3.model.moe import Experts
+from dsv3.parallel.zero import rows_shape
 
 _NAME = re.compile(r"^dcp-(\d{8})$")
 META = "meta.json"
@@ -56,9 +57,8 @@ def _param_keys(model) -> list[tuple[str, torch.Tensor, int | None]]:
 
 
 def _gather_rows(chunk: torch.Tensor | None, full_like: torch.Tensor, bounds, me: int, n: int, group) -> torch.Tensor:
-    """Whole tensor from per-rank dim-0 chunks (``bounds`` per rank of ``group``)."""
-    rows = full_like.shape[0] if full_like.dim() else 1
-    width = full_like.numel() // rows
+    """Whole tensor from per-rank row chunks of its 2-D view ``rows_shape`` (``bounds`` per rank of ``group``)."""
+    rows, width = rows_shape(full_like.shape)
     full = torch.zeros(rows, width, dtype=torch.float32)
     s, e = bounds[me]
     if chunk is not None and e > s:
@@ -268,7 +268,7 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
         for kind in ("master", "exp_avg", "exp_avg_sq"):
             full = torch.stack([state[f"optim/{k}/{kind}"] for k, _ in _shard_keys(s)(s.param)]) if s.expert \
                 else state[f"optim/{s.name}/{kind}"]
-            parts[kind] = full.reshape(full.shape[0] if full.dim() else 1, -1)[start:end].reshape(s.master.shape)
+            parts[kind] = full.reshape(rows_shape(s.param.shape))[start:end]
         s.master.copy_(parts["master"])
         if step > 0:
             dtype = optimizer.inner.moments_dtype

@@ -1,12 +1,16 @@
 """ZeRO-1 over plain tensors: AdamW state sharded over the data-parallel ranks (report 3.2).
 
-Each parameter is cut along dim 0 into ``n`` nearly equal row chunks, one per rank of its
+Each parameter is seen as the 2-D tensor ``[numel / last_dim, last_dim]`` (:func:`rows_shape`:
+a routed-expert block ``[N_r/EP, 2I, d]`` is ``[N_r/EP * 2I, d]``; 1-d ``[n]`` is ``[n, 1]``,
+0-d ``[1, 1]``) and cut along its rows into ``n`` nearly equal chunks, one per rank of its
 group (dense parameters: the ``dp`` group; routed-expert parameters, which under expert
 parallelism exist once per expert-parallel group: the ``edp`` group). A rank keeps only its
-chunks' optimizer state: FP32 master weights and the moments m, v (FP32 or BF16). Cutting
-every parameter (rather than handing whole tensors to ranks, as torch's
-ZeroRedundancyOptimizer does) balances the state by element count: the busiest rank holds at
-most one row per parameter more than the mean.
+chunks' optimizer state: the moments m, v (FP32 or BF16) and an FP32 master copy of the chunk
+for parameters stored in another dtype (an FP32 parameter is its own master: its chunk's rows
+are updated in place). Cutting every parameter (rather than handing whole tensors to ranks,
+as torch's ZeroRedundancyOptimizer does) and cutting rows of the last dimension (rather than
+whole experts) balance the state by element count: the busiest rank holds at most one row
+(``last_dim`` elements) per parameter more than the least busy.
 
 One :meth:`ZeroAdamW.step`:
 
@@ -44,17 +48,33 @@ def row_bounds(rows: int, n: int) -> list[tuple[int, int]]:
     return [(i * rows // n, (i + 1) * rows // n) for i in range(n)]
 
 
+def rows_shape(shape) -> tuple[int, int]:
+    """``(rows, width)`` of the 2-D view ZeRO-1 cuts: ``[prod(shape[:-1]), shape[-1]]``; 1-d ``[n, 1]``, 0-d ``[1, 1]``."""
+    shape = tuple(shape)
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], 1
+    width = shape[-1]
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return rows, width
+
+
 @dataclass
 class _Shard:
     name: str
     param: nn.Parameter
     expert: bool
-    bounds: list[tuple[int, int]]  # per rank of its group
-    master: torch.Tensor | None  # FP32 [end-start, ...] of this rank, None when the chunk is empty
+    bounds: list[tuple[int, int]]  # rows of rows_shape(param.shape) per rank of its group
+    master: torch.Tensor | None  # FP32 [end-start, width] of this rank, None when the chunk is empty
     counted: bool = True  # counted in the gradient norm by this rank (pipeline: its lowest holder)
+    own_master: bool = False  # FP32 parameter: ``master`` is a view of the parameter's own rows (no copy)
 
     def rows_view(self, t: torch.Tensor) -> torch.Tensor:
-        return t.view(t.shape[0], -1) if t.dim() > 0 else t.view(1, -1)
+        """``t`` (shaped like the parameter) as its 2-D ``[rows, width]`` view (:func:`rows_shape`)."""
+        return t.view(rows_shape(t.shape))
 
 
 class ZeroAdamW:
@@ -96,16 +116,17 @@ class ZeroAdamW:
                     continue
                 expert = id(p) in expert_ids
                 n, r = (ctx.edp, ctx.edp_rank) if expert else (ctx.dp, ctx.dp_rank)
-                rows = p.shape[0] if p.dim() > 0 else 1
+                rows, width = rows_shape(p.shape)
                 bounds = row_bounds(rows, n)
                 start, end = bounds[r]
+                own = p.dtype == torch.float32
                 master = None
                 if end > start:
-                    master = p.detach().reshape(rows, -1)[start:end].to(torch.float32, copy=True)
-                    master = master.view((end - start,) + tuple(p.shape[1:]))
+                    chunk = p.detach().view(rows, width)[start:end]
+                    master = chunk if own else chunk.to(torch.float32, copy=True)
                     masters.append((name, master))
                 self.shards.append(_Shard(name, p, expert, bounds, master,
-                                          counted=counted is None or name in counted))
+                                          counted=counted is None or name in counted, own_master=own))
             if masters:
                 inner_groups.append({"params": masters, "weight_decay": group["weight_decay"]})
         if not inner_groups:  # more ranks than rows everywhere: keep a valid (empty-state) optimizer
@@ -130,8 +151,8 @@ class ZeroAdamW:
                 s.param.grad.zero_()
 
     def state_bytes(self) -> int:
-        """Bytes of this rank's optimizer state: FP32 master chunks and moments."""
-        total = sum(s.master.numel() * 4 for s in self.shards if s.master is not None)
+        """Bytes of this rank's optimizer state: FP32 master chunks (of non-FP32 parameters) and moments."""
+        total = sum(s.master.numel() * 4 for s in self.shards if s.master is not None and not s.own_master)
         for st in self.inner.state.values():
             total += sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
         return total
@@ -228,15 +249,15 @@ class ZeroAdamW:
             if not shards:
                 continue
             n, me = (self.ctx.edp, self.ctx.edp_rank) if expert else (self.ctx.dp, self.ctx.dp_rank)
-            for s in shards:  # own chunk first (exact, whatever happens below)
-                if s.master is not None:
+            for s in shards:  # own chunk first (exact, whatever happens below); FP32: already in place
+                if s.master is not None and not s.own_master:
                     start, end = s.bounds[me]
                     s.rows_view(s.param.data)[start:end].copy_(s.master.reshape(end - start, -1))
             if n == 1 or not self.ctx.distributed:
                 continue
             dtype = shards[0].param.dtype
-            sizes = [sum((s.bounds[r][1] - s.bounds[r][0]) * (s.param.numel() // max(1, s.rows_view(s.param).shape[0]))
-                         for s in shards) for r in range(n)]
+            sizes = [sum((s.bounds[r][1] - s.bounds[r][0]) * rows_shape(s.param.shape)[1] for s in shards)
+                     for r in range(n)]
             width = max(sizes)
             mine = torch.zeros(width, dtype=dtype, device=shards[0].param.device)
             offset = 0
@@ -281,13 +302,13 @@ class ZeroAdamW:
                 if s.expert:
                     off = expert_offsets[s.name]
                     full = full[off:off + s.param.shape[0]]
-                rows = full.shape[0] if full.dim() else 1
-                parts[kind] = full.reshape(rows, -1)[start:end].reshape(s.master.shape).to(self.inner.moments_dtype)
+                parts[kind] = full.reshape(rows_shape(s.param.shape))[start:end].to(self.inner.moments_dtype)
             self.inner.state[s.master] = {"step": int(st["step"]), **{k: v.clone() for k, v in parts.items()}}
 
     def sharded_state(self) -> dict[str, dict[str, torch.Tensor | int]]:
         """This rank's chunks by global parameter name: ``{name: {"rows": (start, end), "master", "exp_avg",
-        "exp_avg_sq", "step"}}`` (for sharded checkpoints)."""
+        "exp_avg_sq", "step"}}``; ``rows`` index the parameter's 2-D view :func:`rows_shape` (``master`` is
+        ``[end - start, width]``, a view of the parameter itself for FP32 parameters)."""
         out = {}
         for s in self.shards:
             if s.master is None:

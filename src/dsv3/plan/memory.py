@@ -169,8 +169,11 @@ def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, re
 
 
 def zero1_row_chunk(rows: int, n: int, rank):
-    """Rows of a tensor's balanced dim-0 chunk ``[rank*rows//n, (rank+1)*rows//n)`` (dsv3's ZeRO-1 cut);
-    ``rank`` an int or an integer array of ranks."""
+    """Rows of a tensor's balanced row chunk ``[rank*rows//n, (rank+1)*rows//n)`` (dsv3's ZeRO-1 cut);
+    ``rank`` an int or an integer array of ranks.
+
+    ``rows`` are those of the tensor's 2-D view ``[numel / last_dim, last_dim]`` (1-d ``[n]``: ``n`` rows,
+    0-d: 1 row), as :func:`dsv3.parallel.zero.rows_shape` cuts it."""
     return (rank + 1) * rows // n - rank * rows // n
 
 
@@ -185,15 +188,16 @@ def zero1_optimizer_bytes_by_rank(tensors: list[ParamTensor], layout: Layout, pr
     """Optimizer-state bytes of ``tensors`` on each data-parallel rank ``0..DP-1`` under dsv3's own ZeRO-1.
 
     :mod:`dsv3.parallel.zero` (DESIGN.md, "Distributed runtime") does not shard a padded flat buffer
-    (``ceil(n / G)`` elements on every rank, what :func:`state_bytes` counts): it cuts *each* trainable
-    tensor along dim 0 into balanced row chunks (:func:`zero1_row_chunk`), one per rank of its group --
-    dense tensors over the DP ranks (chunk ``dp_rank``), the rank's block of routed experts (``N_r / EP``
-    rows) over the EDP replicas (chunk ``dp_rank // EP``, ranks being ``edp_idx * EP + ep_idx``) -- so
-    ranks differ by up to one row per tensor. A chunk of ``r`` rows of ``c`` elements holds
-    ``r * c * (2 m + master)`` bytes (two moments and the master copy). ZeRO 0: every rank holds all.
-
-    Tensors with the same rows and group are summed first, so this costs ``DP x`` (distinct row counts).
-    For ``TP = ETP = 1`` and ZeRO 0 or 1 (the runtime's layouts).
+    (``ceil(n / G)`` elements on every rank, what :func:`state_bytes` counts): it views *each* trainable
+    tensor as ``[numel / last_dim, last_dim]`` (the rank's routed-expert block ``[N_r/EP, 2I, d]`` as
+    ``[N_r/EP * 2I, d]``; 1-d ``[n]`` as ``[n, 1]``, 0-d as ``[1, 1]``) and cuts its rows into balanced
+    chunks, one per rank of its group -- dense tensors over the DP ranks (chunk ``dp_rank``), the rank's
+    expert block over the EDP replicas (chunk ``dp_rank // EP``, ranks being ``edp_idx * EP + ep_idx``) --
+    so ranks differ by up to one row (``last_dim`` elements) per tensor. The optimizer state of a chunk is
+    its two moments and, for a tensor not stored in FP32, its FP32 master copy
+    (:meth:`Precision.master_bytes`: an FP32 tensor is its own master).
+    ZeRO 0: every rank holds all. Tensors with the same rows, width and group are summed first, so this
+    costs ``DP x`` (distinct row counts). For ``TP = ETP = 1`` and ZeRO 0 or 1 (the runtime's layouts).
     """
     if layout.tp != 1 or layout.etp != 1 or layout.zero > 1:
         raise ValueError("dsv3's ZeRO-1 runtime model needs TP = ETP = 1 and ZeRO <= 1")
@@ -203,11 +207,11 @@ def zero1_optimizer_bytes_by_rank(tensors: list[ParamTensor], layout: Layout, pr
             continue
         fmt = weight_format(t.kind, prec)
         per = 2 * DTYPE_BYTES[prec.moments] + prec.master_bytes(fmt)
-        rows = t.shape[0] if t.shape else 1
-        cols = t.numel // rows
+        width = t.shape[-1] if len(t.shape) >= 2 else 1  # the 2-D view [numel / last_dim, last_dim]
+        rows = t.numel // width
         expert = t.shard == "expert"
-        key = (rows // layout.ep if expert else rows, expert)
-        row_bytes[key] = row_bytes.get(key, 0) + cols * per
+        key = (rows // layout.ep if expert else rows, expert)  # experts: the rank's (N_r / EP) * 2I ... rows
+        row_bytes[key] = row_bytes.get(key, 0) + width * per
     dp_rank = np.arange(layout.dp, dtype=np.int64)
     out = np.zeros(layout.dp, dtype=np.float64)  # byte counts stay exact integers below 2**53
     for (rows, expert), per_row in row_bytes.items():
