@@ -130,6 +130,13 @@ def test_ep_is_not_an_abbreviation_of_eps():
     assert config.parallel.ep == 1 and config.optimizer.eps == 1e-6
 
 
+def test_schedule_is_the_plan_spelling_of_pipeline():
+    """``dsv3 train --schedule`` (the name ``dsv3 plan schedule`` uses) sets the pipeline schedule, as ``--pipeline`` does."""
+    assert load_train_config(None, _overrides("--schedule", "dualpipev")).parallel.pipeline == "dualpipev"
+    assert load_train_config(None, _overrides("--pipeline", "zb1p")).parallel.pipeline == "zb1p"
+    assert load_train_config(None, _overrides()).parallel.pipeline == "1f1b"
+
+
 @pytest.mark.parametrize("argv, hint", [
     (["train", "--warmup", "3"], "--warmup-steps"),  # a prefix: argparse's default would have accepted it
     (["train", "--seq", "64"], "--seq-len"),

@@ -24,6 +24,10 @@ from typing import Any
 from dsv3.train.config import Option, TrainConfig, options
 
 
+#: Further spellings of a few flags: ``--schedule`` is ``dsv3 plan schedule``'s name for the pipeline schedule.
+ALIASES: dict[str, tuple[str, ...]] = {"pipeline": ("--schedule",)}
+
+
 def flag_of(opt: Option) -> str:
     """The flag of a config field: ``--micro-batch`` for ``data.micro_batch``."""
     return "--" + opt.flat.replace("_", "-")
@@ -97,7 +101,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | 
             group.add_argument(flag, "--no-" + flag[2:], dest=opt.flat, default=None, action=BoolFlag,
                                metavar="BOOL", help=describe(opt))
         elif opt.choices:
-            group.add_argument(flag, dest=opt.flat, default=None, metavar="{" + ",".join(opt.choices) + "}",
+            group.add_argument(flag, *ALIASES.get(opt.flat, ()), dest=opt.flat, default=None, metavar="{" + ",".join(opt.choices) + "}",
                                help=describe(opt))
         else:
             group.add_argument(flag, dest=opt.flat, default=None, metavar=opt.kind.__name__.upper(),

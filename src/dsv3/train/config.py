@@ -196,8 +196,8 @@ class ParallelOptions:
     """Device and distributed layout (launch with torchrun for more than one process)."""
 
     device: DeviceName = _opt("auto", "device to train on (auto: CUDA when available)")
-    pp: int = _opt(1, "pipeline-parallel stages")
-    dp: int | None = _opt(None, "data-parallel size (none: world size / pp; --ep divides it)")
+    pp: int = _opt(1, "pipeline-parallel stages (DualPipeV puts two on each device)")
+    dp: int | None = _opt(None, "data-parallel size (none: world size / pipeline devices; --ep divides it)")
     ep: int = _opt(1, "expert-parallel size")
     pipeline: PipelineSchedule = _opt("1f1b", "pipeline schedule")
     dispatcher: Dispatcher = _opt("auto", "MoE token dispatcher")
