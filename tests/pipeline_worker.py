@@ -138,7 +138,8 @@ def session_losses(opts: dict, steps: int):
     environment (torchrun's RANK/WORLD_SIZE, as tests/dist_helpers.py sets it) describe.
 
     Returns per-step losses, grad norms and this rank's parameters after the last step (synchronised over
-    the pipeline) with ``{experts module: first global expert}`` of its expert blocks."""
+    the pipeline), its router biases, ``{experts module: first global expert}`` of its expert blocks and
+    its EMA shadows (``{}`` without ``ema_decay``)."""
     from dsv3.model.moe import Experts
     from dsv3.train.config import TrainConfig
     from dsv3.train.session import build_session, train_step
@@ -156,9 +157,10 @@ def session_losses(opts: dict, steps: int):
         params = {n: p.detach().numpy().copy() for n, p in session.model.named_parameters()}
         buffers = {n: b.detach().numpy().copy() for n, b in session.model.named_buffers() if "bias" in n}
         offsets = {n: m.expert_offset for n, m in session.model.named_modules() if isinstance(m, Experts)}
+        ema = {n: t.numpy().copy() for n, t in session.ema.shadow().items()} if session.ema is not None else {}
     finally:
         session.close()
-    return losses, norms, params, buffers, offsets
+    return losses, norms, params, buffers, offsets, ema
 
 
 def session_rank(rank: int, opts: dict, steps: int):
