@@ -4,6 +4,7 @@ The CLI driver and the one-line-error check (``cli``, ``assert_one_error``) are 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -45,3 +46,18 @@ def run_dsv3(argv, timeout=240, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-m", "dsv3", *[str(a) for a in argv]], capture_output=True, text=True,
                           timeout=timeout, env=env, **kwargs)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, options: str):
+    """A tmpfs mounted at ``path`` (created) with mount ``options`` for the block; skips the test where
+    this process may not mount (no root); unmounted lazily afterwards."""
+    import pytest
+
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from dsv3.errors import ConfigError, DataError
 from dsv3.train.tokenizer import load_tokenizer
 
 from helpers import assert_one_error, cli
-from robust_helpers import flags, run_dsv3, tiny_options, tree_digest
+from robust_helpers import flags, mounted_tmpfs, run_dsv3, tiny_options, tree_digest
 
 
 # ============================================================== class 1: any text source trains a tokenizer
@@ -247,15 +246,8 @@ def test_unwritable_run_dir(train_setup, tmp_path, capsys, monkeypatch):
 @pytest.fixture
 def read_only_dir(tmp_path):
     """A directory on a read-only filesystem (a read-only tmpfs; needs mount rights, else skipped)."""
-    path = tmp_path / "ro"
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    try:
+    with mounted_tmpfs(tmp_path / "ro", "ro,size=1m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", str(path)], capture_output=True)
 
 
 def test_read_only_filesystem(train_setup, read_only_dir, capsys):

@@ -26,7 +26,7 @@ from dsv3.train.loop import train
 from dsv3.train.rundir import RunLock
 
 from helpers import assert_one_error, cli, read_jsonl
-from robust_helpers import flags, run_dsv3, tiny_options, tree_digest
+from robust_helpers import flags, mounted_tmpfs, run_dsv3, tiny_options, tree_digest
 
 STEP2, STEP4 = "step-0000002", "step-0000004"
 
@@ -219,15 +219,8 @@ def test_full_disk_during_checkpoint_write(train_setup, tmp_path, capsys, monkey
 @pytest.fixture
 def small_disk(tmp_path):
     """A 24 MiB tmpfs (needs mount rights, else skipped)."""
-    path = tmp_path / "disk"
-    path.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with mounted_tmpfs(tmp_path / "disk", "size=24m") as path:
         yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def test_real_full_disk_keeps_the_previous_checkpoint(train_setup, small_disk):
