@@ -633,22 +633,29 @@ class StepStats:
 def train_step(session: Session, batches: list[Batch], *, gamma: float | None = None) -> StepStats:
     """One optimizer step of ``session`` over ``batches`` (its micro-batches, on the device).
 
-    Backpropagates ``loss / n_micro`` per micro-batch; the loss parts, label counts and expert
-    loads are summed on the device and read once, with the gradient norm, after the last
-    micro-batch. ``gamma`` is the bias update speed (default: the model config's).
+    Backpropagates ``loss / n_micro`` per micro-batch (or, under pipeline parallelism, runs them
+    through the schedule); the loss parts, label counts and expert loads are summed on the device
+    and read once, with the gradient norm, after the last micro-batch. ``gamma`` is the bias update
+    speed (default: the model config's).
     """
-    import math
-
-    from dsv3.train.optim import clip_grad_norm
-    from dsv3.train.sft import split_batch
-
-    ctx = session.parallel
-    distributed = ctx is not None and ctx.distributed
     batches = _dp_slice(session, batches)
-    model, n_micro = session.model, len(batches)
     gamma = session.mcfg.bias_update_speed if gamma is None else gamma
     if session.pipeline is not None:  # pipeline parallelism: the schedule runs the micro-batches
-        return _pipeline_step(session, batches, gamma)
+        sums, load, tokens = _pipeline_pass(session, batches)
+    else:
+        sums, load, tokens = _micro_batch_pass(session, batches)
+    return _update(session, sums, load, tokens, gamma)
+
+
+def _micro_batch_pass(session: Session, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Forward and backward of this rank's micro-batches, one after the other.
+
+    Returns ``sums`` [5] float64 on the device (loss, lm, mtp, balance: means over the micro-batches;
+    labelled tokens), the summed expert ``load`` [n_moe_layers, N_r] (None: dense) and the input tokens.
+    """
+    from dsv3.train.sft import split_batch
+
+    ctx, model, n_micro = session.parallel, session.model, len(batches)
     sums = torch.zeros(5, dtype=torch.float64, device=session.device)
     load = None
     split = [split_batch(b) for b in batches]
@@ -658,7 +665,8 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
         # of the step's loss tokens, so the step's loss is the mean over all of them (on the device).
         counts = torch.stack([(labels != -100).sum() for _, labels, _ in split]).double()
         weights = counts / counts.sum().clamp(min=1)
-        if distributed and ctx.dp > 1:  # shares of the whole global batch's tokens (gradients are averaged over dp)
+        if ctx is not None and ctx.distributed and ctx.dp > 1:
+            # shares of the whole global batch's tokens (gradients are averaged over dp)
             from dsv3.parallel.zero import all_mean
 
             weights = counts / all_mean(counts.sum().reshape(1), ctx)[0].clamp(min=1e-9)
@@ -675,6 +683,37 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
         sums[4] += (labels != -100).sum()
         if out.expert_load is not None:
             load = out.expert_load if load is None else load + out.expert_load
+    return sums, load, sum(ids.numel() for ids, _, _ in split)
+
+
+def _pipeline_pass(session: Session, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """:func:`_micro_batch_pass` under pipeline parallelism (see :mod:`dsv3.parallel.pipeline.train`):
+    the runtime runs this pipeline's micro-batches through the schedule; losses and loads come back
+    reduced over the pipeline and the gradients of shared parameters all-reduced."""
+    from dsv3.parallel.pipeline.train import write_step_trace
+
+    rt = session.pipeline
+    res = rt.step(batches)
+    if rt.trace_path:
+        write_step_trace(rt.trace_path, rt, res)
+    loss_tokens = sum(int((labels != -100).sum()) for _, labels in batches)
+    sums = torch.tensor([res.loss, res.lm_loss, res.mtp_loss, res.balance_loss, float(loss_tokens)],
+                        dtype=torch.float64)
+    return sums, res.load, sum(ids.numel() for ids, _ in batches)
+
+
+def _update(session: Session, sums: torch.Tensor, load: torch.Tensor | None, tokens: int, gamma: float) -> StepStats:
+    """The rest of :func:`train_step` after the backward passes: under torch.distributed the sums and
+    loads over dp and the ZeRO-1 gradient reduction and norm (the same on every rank), else clipping;
+    the one host sync; the NaN skip; AdamW, the bias update with the step's loads, and the EMA. Under
+    pipeline parallelism each pipeline first broadcasts the stages a device does not run when the EMA
+    or the loop needs the whole model."""
+    import math
+
+    from dsv3.train.optim import clip_grad_norm
+
+    ctx, optimizer, clip = session.parallel, session.optimizer, session.config.optimizer.grad_clip
+    distributed = ctx is not None and ctx.distributed
     if distributed:  # global sums over the dp ranks, ZeRO-1 gradient reduction and norm (same on every rank)
         from dsv3.parallel.zero import all_mean, sync_loads
 
@@ -682,70 +721,28 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
         sums[4] *= ctx.dp
         if load is not None:
             load = sync_loads(load, ctx)
-        session.optimizer.reduce_gradients()
-        grad_norm = session.optimizer.grad_norm()
+        optimizer.reduce_gradients()
+        grad_norm = optimizer.grad_norm()
     else:
-        grad_norm = clip_grad_norm(session.params, session.config.optimizer.grad_clip)
+        grad_norm = clip_grad_norm(session.params, clip)
     host = torch.cat([sums, grad_norm.detach().double().reshape(1).to(sums.device)]).tolist()  # the one sync
     loss, lm_loss, mtp_loss, balance_loss, loss_tokens, norm = host
-    tokens = sum(ids.numel() for ids, _, _ in split) * (ctx.dp if distributed else 1)
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
-    if skipped:
-        session.optimizer.zero_grad(set_to_none=True)
-    elif distributed:
-        session.optimizer.step(session.config.optimizer.grad_clip, reduce=False, norm=grad_norm)
-        session.optimizer.zero_grad(set_to_none=True)
-        if load is not None:
-            model.update_router_bias(load, gamma)
-        if session.ema is not None:
-            session.ema.update()
-    else:
-        session.optimizer.step()
-        session.optimizer.zero_grad(set_to_none=True)
-        if load is not None:
-            model.update_router_bias(load, gamma)
-        if session.ema is not None:
-            session.ema.update()
-    return StepStats(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss, grad_norm=norm,
-                     skipped=skipped, load=load, tokens=tokens, loss_tokens=int(loss_tokens))
-
-
-def _pipeline_step(session: Session, batches: list[Batch], gamma: float) -> StepStats:
-    """:func:`train_step` under pipeline parallelism (see :mod:`dsv3.parallel.pipeline.train`).
-
-    ``batches`` are this data-parallel rank's micro-batches (the same on every device of its pipeline).
-    """
-    import math
-
-    from dsv3.parallel.pipeline.train import sync_due, write_step_trace
-    from dsv3.parallel.zero import all_mean, sync_loads
-
-    rt, ctx, opt = session.pipeline, session.parallel, session.optimizer
-    res = rt.step(batches)  # losses and loads reduced over the pipeline, shared gradients all-reduced
-    if rt.trace_path:
-        write_step_trace(rt.trace_path, rt, res)
-    loss_tokens = sum(int((labels != -100).sum()) for _, labels in batches)
-    sums = torch.tensor([res.loss, res.lm_loss, res.mtp_loss, res.balance_loss, float(loss_tokens)],
-                        dtype=torch.float64)
-    sums = all_mean(sums, ctx)  # over the data-parallel ranks (the pipelines)
-    sums[4] *= ctx.dp
-    load = sync_loads(res.load, ctx) if res.load is not None else None
-    opt.reduce_gradients()  # dense over dp, experts over edp
-    norm = opt.grad_norm()  # each parameter once over the pipeline, experts over ep; the same everywhere
-    loss, lm_loss, mtp_loss, balance_loss, tokens_with_label = sums.tolist()
-    grad_norm = float(norm)
-    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-    if skipped:
-        opt.zero_grad(set_to_none=True)
-    else:
-        opt.step(session.config.optimizer.grad_clip, reduce=False, norm=norm)
-        opt.zero_grad(set_to_none=True)
+    if not skipped:
+        if distributed:
+            optimizer.step(clip, reduce=False, norm=grad_norm)
+        else:
+            optimizer.step()
         if load is not None:
             session.model.update_router_bias(load, gamma)
-    if session.ema is not None or sync_due(session.config, session.step + 1):
-        rt.sync_parameters()  # the stages other devices train: for evaluation, the EMA and the end
+    optimizer.zero_grad(set_to_none=True)
+    if session.pipeline is not None:
+        from dsv3.parallel.pipeline.train import sync_due
+
+        if session.ema is not None or sync_due(session.config, session.step + 1):
+            session.pipeline.sync_parameters()  # the stages other devices train: for evaluation, the EMA, the end
     if not skipped and session.ema is not None:
         session.ema.update()
-    return StepStats(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss, grad_norm=grad_norm,
-                     skipped=skipped, load=load, tokens=sum(ids.numel() for ids, _ in batches) * ctx.dp,
-                     loss_tokens=int(tokens_with_label))
+    return StepStats(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss, grad_norm=norm,
+                     skipped=skipped, load=load, tokens=tokens * (ctx.dp if distributed else 1),
+                     loss_tokens=int(loss_tokens))
