@@ -27,7 +27,7 @@ combine is a cached dispatch. On top it keeps OUR interface (:mod:`dsv3.parallel
 ``recv_x`` [M, d] holds one row per (received token, local expert) sorted by local expert, ``counts``
 [N_r / ep] the rows of each local expert and ``handle.recv_weights`` [M, 1] their gate values, as
 :class:`~dsv3.model.moe.LocalDispatcher` and :class:`~dsv3.parallel.dispatch.AllToAllDispatcher` give them:
-:func:`expand_to_local_experts` turns DeepEP's per-token rows into per-expert rows, and combine first sums a
+:func:`~dsv3.parallel.dispatch.expand_to_local_experts` turns DeepEP's per-token rows into per-expert rows, and combine first sums a
 token's local expert outputs (already scaled by g in the experts) into its received row. The start/wait
 halves are DeepEP's ``async_finish=True`` and ``event.current_stream_wait()``; with ``cut=True`` waits the
 received tensors are autograd leaves whose gradients go back through ``*_backward_start``/``*_backward_wait``
@@ -51,6 +51,7 @@ import torch
 
 from dsv3.errors import ConfigError
 from dsv3.model.ops import combine
+from dsv3.parallel.dispatch import expand_to_local_experts
 
 
 def check_deepep(device: torch.device | str) -> None:
@@ -60,26 +61,6 @@ def check_deepep(device: torch.device | str) -> None:
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         raise ConfigError(f"--dispatcher deepep runs on CUDA GPUs only, not on {torch.device(device).type}; "
                           f"use --dispatcher alltoall")
-
-
-def expand_to_local_experts(local_id: torch.Tensor, n_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-expert rows from per-token rows.
-
-    Args:
-        local_id: [R, K] local expert of each received token's choices, -1 for experts on other ranks.
-        n_local: experts on this rank.
-
-    Returns:
-        recv_token [M] (the received row of each expert row), pos [M] (its flat index in ``local_id``),
-        counts [n_local] (rows per local expert); expert rows sorted by local expert, then by received row.
-    """
-    k = local_id.shape[1]
-    flat = local_id.reshape(-1)
-    flat_pos = (flat >= 0).nonzero(as_tuple=True)[0]
-    expert = flat.index_select(0, flat_pos)
-    order = expert.argsort(stable=True)
-    pos = flat_pos.index_select(0, order)
-    return pos // k, pos, torch.bincount(expert, minlength=n_local)
 
 
 class DeepEPBuffer:

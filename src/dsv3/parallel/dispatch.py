@@ -241,6 +241,26 @@ def _grad_of(leaf: torch.Tensor) -> torch.Tensor:
     return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
 
 
+def expand_to_local_experts(local_id: torch.Tensor, n_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-expert rows from per-token rows.
+
+    Args:
+        local_id: [R, K] local expert of each received token's choices, -1 for experts on other ranks.
+        n_local: experts on this rank.
+
+    Returns:
+        recv_token [M] (the received row of each expert row), pos [M] (its flat index in ``local_id``),
+        counts [n_local] (rows per local expert); expert rows sorted by local expert, then by received row.
+    """
+    k = local_id.shape[1]
+    flat = local_id.reshape(-1)
+    flat_pos = (flat >= 0).nonzero(as_tuple=True)[0]
+    expert = flat.index_select(0, flat_pos)
+    order = expert.argsort(stable=True)
+    pos = flat_pos.index_select(0, order)
+    return pos // k, pos, torch.bincount(expert, minlength=n_local)
+
+
 class AllToAllDispatcher:
     """Dispatch/combine over ``torch.distributed.all_to_all_single`` (see the module docstring).
 
@@ -345,13 +365,7 @@ class AllToAllDispatcher:
             meta = _link(p.meta, meta, p.send_splits, p.recv_splits, self.group, self.stats, self.ep_rank)
         k = meta.shape[1] // 2
         with torch.no_grad():
-            local_id = meta[:, k:].detach().long()  # [R, K]
-            flat_pos = (local_id.reshape(-1) >= 0).nonzero(as_tuple=True)[0]
-            expert = local_id.reshape(-1).index_select(0, flat_pos)
-            order = expert.argsort(stable=True)
-            pos = flat_pos.index_select(0, order)
-            recv_token = pos // k
-            counts = torch.bincount(expert, minlength=self.n_local)
+            recv_token, pos, counts = expand_to_local_experts(meta[:, k:].detach().long(), self.n_local)
         recv_weights = meta[:, :k].reshape(-1).index_select(0, pos).unsqueeze(-1)
         handle = AllToAllHandle(p.send_token, p.send_splits, p.recv_splits, recv_token, recv.shape[0], p.n_tokens,
                                 recv_weights)
