@@ -140,11 +140,14 @@ def load_state_into(model: torch.nn.Module, path: str, *, strict: bool = True,
                     files: dict[str, str] | None = None) -> None:
     """Copy the tensors of the Hugging Face checkpoint directory ``path`` into ``model`` in place.
 
-    ``files`` (tensor name -> file) may be passed when already listed.
+    ``files`` (tensor name -> file) may be passed when already listed. Under expert parallelism
+    (stacked expert blocks with an ``expert_offset``) only the experts this model holds are read.
     """
     config: ModelConfig = model.config  # type: ignore[assignment]
     reader = _Reader(files if files is not None else checkpoint_files(path))
     state = dict(model.state_dict(keep_vars=True))
+    offsets = {f"{n}.{leaf}": getattr(m, "expert_offset", 0) for n, m in model.named_modules()
+               if hasattr(m, "expert_offset") for leaf in ("gate_up_proj", "down_proj")}
     quant = config.quantization_config or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))
     loaded: set[str] = set()
@@ -164,11 +167,6 @@ def load_state_into(model: torch.nn.Module, path: str, *, strict: bool = True,
         value_name = hf_to_dsv3_name(name, config)
         if value_name is None:
             continue
-        if name.endswith(".weight") and name[: -len("weight")] + "weight_scale_inv" in reader.files:
-            value = dequantize_fp8_block(reader.get(name), reader.get(name[: -len("weight")] + "weight_scale_inv"),
-                                         block)  # type: ignore[arg-type]
-        else:
-            value = reader.get(name)
         m = _EXPERT_RE.match(value_name)
         if m:
             prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
@@ -177,9 +175,18 @@ def load_state_into(model: torch.nn.Module, path: str, *, strict: bool = True,
                 unexpected.append(name)
                 continue
             stacked = state[key]
-            if expert >= stacked.shape[0]:
+            if expert >= config.n_routed_experts:
                 raise CheckpointError(f"checkpoint has expert {expert} in {prefix} but the config has "
-                                      f"n_routed_experts={stacked.shape[0]}")
+                                      f"n_routed_experts={config.n_routed_experts}")
+            expert -= offsets.get(key, 0)
+            if not 0 <= expert < stacked.shape[0]:
+                continue  # another expert-parallel rank's expert: not read
+        if name.endswith(".weight") and name[: -len("weight")] + "weight_scale_inv" in reader.files:
+            value = dequantize_fp8_block(reader.get(name), reader.get(name[: -len("weight")] + "weight_scale_inv"),
+                                         block)  # type: ignore[arg-type]
+        else:
+            value = reader.get(name)
+        if m:
             if proj == "down_proj":
                 put(stacked[expert], value, name)
             else:
@@ -216,15 +223,9 @@ def load_state_into(model: torch.nn.Module, path: str, *, strict: bool = True,
                                   f"(and {len(missing) - 1} more)")
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", strict: bool = True):
-    """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory as a
-    :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``).
-
-    ``path`` may also be a dsv3 run directory: its latest intact checkpoint is loaded.
-    """
-    from dsv3.model import DeepseekV3ForCausalLM
-
+def resolve_pretrained(path: str | os.PathLike) -> tuple[str, ModelConfig, dict[str, str]]:
+    """The checkpoint directory of ``path`` (a run directory: its latest intact checkpoint), its config
+    (without MTP modules when the checkpoint has no weights for them, with a warning) and its tensor files."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -242,6 +243,19 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
         # e.g. saved by transformers, which drops the MTP modules: load the main model only
         warnings.warn(f"checkpoint {path} has no weights for its {depth} MTP module(s); loading without MTP")
         config.num_nextn_predict_layers = 0
+    return path, config, files
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", strict: bool = True):
+    """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory as a
+    :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``).
+
+    ``path`` may also be a dsv3 run directory: its latest intact checkpoint is loaded.
+    """
+    from dsv3.model import DeepseekV3ForCausalLM
+
+    path, config, files = resolve_pretrained(path)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
     model.to_empty(device=device)
