@@ -470,12 +470,92 @@ def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
     assert {e["tid"] for e in spans} == {0, 1}
 
 
-def test_sync_due_follows_evaluation_checkpoints_and_the_end():
-    from dsv3.parallel.pipeline.train import sync_due
-    from dsv3.train.config import TrainConfig
+def _stage_bytes(model, prefixes):
+    """Bytes of ``model``'s parameters under the module ``prefixes`` (each tensor once)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if any(n.startswith(pre + ".") for pre in prefixes))
 
-    cfg = TrainConfig.from_dict(dict(steps=10, eval_every=4, save_every=5))
-    assert [s for s in range(1, 11) if sync_due(cfg, s)] == [4, 5, 8, 10]
+
+@pytest.mark.parametrize("schedule,pp,device,layers,ends", [
+    ("1f1b", 2, 0, [0, 1], {"model.embed_tokens"}),
+    ("1f1b", 2, 1, [2, 3], {"model.embed_tokens", "model.norm", "lm_head", "mtp"}),  # MTP embeds on the last stage
+    ("zb1p", 4, 2, [2], set()),  # a middle stage: only its layer
+    ("dualpipev", 4, 1, [1, 2], set()),  # stages 1 and 2 of 4 on device 1 of 2
+    ("dualpipe", 4, 3, [0, 3], {"model.embed_tokens", "model.norm", "lm_head", "mtp"}),  # stages 3 and 0: 2x
+])
+def test_select_stages_keeps_only_the_stages_a_device_runs(schedule, pp, device, layers, ends):
+    """A device's model holds exactly the parameters of its stages (counted in bytes against the whole model):
+    the layers of its stages (one layer per stage here), the embedding where its first or last stage uses it,
+    the norm, head and MTP on the last stage. Removed layers keep their slots (global names and indices), the
+    router biases of held MoE layers stay, and the forward of a removed layer says who holds it."""
+    from types import SimpleNamespace
+
+    from dsv3.parallel.pipeline.stages import RemovedBlock, select_stages
+
+    whole, model = build_model(4), build_model(4)
+    ctx = SimpleNamespace(pp=pp, schedule=schedule, pp_rank=device)
+    held = select_stages(model, ctx, seq_len=SEQ, layers=(1,) * 4 if pp == 4 else (2, 2))
+    prefixes = [f"model.layers.{i}" for i in layers] + sorted(ends)
+    assert held == [n for n, _ in model.named_parameters()]
+    assert _stage_bytes(model, [""] + prefixes) == _stage_bytes(whole, prefixes) > 0
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in whole.parameters())
+    want = {n: p for n, p in whole.named_parameters()}
+    for name, p in model.named_parameters():  # global names, the whole model's values
+        torch.testing.assert_close(p, want[name], rtol=0, atol=0, msg=name)
+    assert len(model.model.layers) == 4 and [isinstance(b, RemovedBlock) for b in model.model.layers] == \
+        [i not in layers for i in range(4)]
+    assert [m.layer_idx for m in model.moe_layers()] == [i for i in layers if i >= 1] + \
+        ([4] if "mtp" in ends else [])
+    removed = next(i for i in range(4) if i not in layers)
+    with pytest.raises(RuntimeError, match=f"layer {removed} is held by another pipeline device"):
+        model.model.layers[removed](torch.zeros(1, 2, 64), None, None)
+    assert select_stages(model, ctx, seq_len=SEQ, layers=(1,) * 4 if pp == 4 else (2, 2)) == held  # idempotent
+
+
+def test_select_stages_on_the_meta_device_allocates_nothing_and_refuses_a_model_cut_for_another_device():
+    from types import SimpleNamespace
+
+    from dsv3.model.transformer import DeepseekV3ForCausalLM
+    from dsv3.parallel.pipeline.stages import select_stages
+
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(build_model(4).config)
+    held = select_stages(model, SimpleNamespace(pp=2, schedule="1f1b", pp_rank=0), seq_len=SEQ, layers=(2, 2))
+    assert all(p.is_meta for p in model.parameters()) and "model.layers.2.input_layernorm.weight" not in held
+    with pytest.raises(ConfigError, match="no longer holds model.layers.2"):
+        select_stages(model, SimpleNamespace(pp=2, schedule="1f1b", pp_rank=1), seq_len=SEQ, layers=(2, 2))
+
+
+def test_bias_update_of_a_cut_model_uses_its_layers_rows():
+    """``update_router_bias`` with the whole model's [n_moe, N_r] load updates a cut model's MoE layers (last stage:
+    layers 2, 3 and the MTP module) exactly as the whole model's."""
+    from types import SimpleNamespace
+
+    from dsv3.parallel.pipeline.stages import select_stages
+
+    whole, model = build_model(4), build_model(4)
+    select_stages(model, SimpleNamespace(pp=2, schedule="1f1b", pp_rank=1), seq_len=SEQ, layers=(2, 2))
+    load = torch.randint(0, 50, (len(whole.moe_layers()), 8))
+    whole.update_router_bias(load, 0.01)
+    model.update_router_bias(load, 0.01)
+    biases = dict(whole.named_buffers())
+    got = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert len(got) == 3 and any(b.abs().sum() > 0 for b in got.values())
+    for name, b in got.items():
+        torch.testing.assert_close(b, biases[name], rtol=0, atol=0, msg=name)
+
+
+def test_stage_forward_eval_chained_equals_the_model_lm_loss():
+    """The validation forward of stages 0 and 1 (two layers each), chained, gives ``model(ids, labels).lm_loss``."""
+    model = build_model(4).eval()
+    ids, labels = batches(0, 1)[0]
+    cos, sin = model.model.rotary_emb(torch.arange(SEQ))
+    mb = MicroBatch(ids, labels, cos.unsqueeze(0), sin.unsqueeze(0), 1.0)
+    s0, s1 = PipelineStage(model, 0, 2, [0, 1]), PipelineStage(model, 1, 2, [2, 3])
+    got = s1.forward_eval(s0.forward_eval(None, mb), mb)
+    with torch.no_grad():
+        want = model(ids, labels).lm_loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_pp_without_torchrun_is_a_config_error(train_setup, tmp_path, monkeypatch):
