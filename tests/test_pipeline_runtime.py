@@ -86,19 +86,25 @@ def pp_runs(tmp_path_factory):
                                                  else "") for j in EQUAL_JOBS])
 def test_pipeline_equals_one_process(pp_runs, job):
     """Per-step losses, gradient norms and final parameters of PP2 1F1B/ZB1P/DualPipe, 4-stage DualPipeV
-    and a tied-head model without MTP equal one process."""
+    and a tied-head model without MTP equal one process; so does the validation loss of the trained model
+    through the forward-only pipelined pass. Each device's model holds only its stages' parameters (bytes)."""
     runs, refs, _ = pp_runs
-    ref_losses, ref_params, ref_norms = refs[job]
+    ref_losses, ref_params, ref_norms, ref_val = refs[job]
     held = set()
     assert min(ref_norms) > 1.0  # clipping is active, so the global norm over the stages matters
     for rank in (0, 1):
-        losses, params, _, norms = runs[rank][job]
+        losses, params, _, norms, extras = runs[rank][job]
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
+        np.testing.assert_allclose(extras["val"], ref_val, rtol=1e-5, atol=1e-6)
         for name, value in params.items():
             np.testing.assert_allclose(value, ref_params[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+        assert extras["nbytes"] == sum(ref_params[n].numel() * ref_params[n].element_size() for n in params)
         held |= set(params)
     assert held == set(ref_params)  # together the ranks hold (and trained) every parameter
+    if JOBS[job]["schedule"] != "dualpipe":  # DualPipe with pp=2: each device runs both stages (2x parameters)
+        whole = sum(t.numel() * t.element_size() for t in ref_params.values())
+        assert all(runs[rank][job][4]["nbytes"] < 0.8 * whole for rank in (0, 1))
 
 
 @pytest.mark.slow
@@ -119,8 +125,8 @@ def test_fb_op_equals_f_then_b(pp_runs):
     """DualPipe with every overlapped FB replaced by its F then its BW gives bit-identical results."""
     runs, _, _ = pp_runs
     for rank in (0, 1):
-        fb_losses, fb_params, fb_traces, _ = runs[rank][2]
-        seq_losses, seq_params, seq_traces, _ = runs[rank][4]
+        fb_losses, fb_params, fb_traces = runs[rank][2][:3]
+        seq_losses, seq_params, seq_traces = runs[rank][4][:3]
         assert any(op.kind == FB for op in fb_traces[0]) and not any(op.kind == FB for op in seq_traces[0])
         assert fb_losses == seq_losses
         for name in fb_params:
@@ -157,18 +163,19 @@ def test_trace_file_is_a_two_device_timeline(pp_runs):
 @pytest.mark.timeout(240)
 def test_train_step_through_a_pipeline_equals_one_process(train_setup, tmp_path):
     """dsv3.train.session.train_step with a pipeline attached (2 processes, DualPipe) gives the single
-    process's per-step losses, and after sync_parameters every rank holds the single process's model."""
+    process's per-step losses and validation loss, and every rank holds its stages of the single process's model."""
     from helpers import quick_options
 
     # AdamW eps 1e-3 (as in test_parallel_ep): with 1e-8, float rounding noise of ~1e-7 in a near-zero
     # gradient element becomes a full +-lr step, and a single element can then differ by ~1e-5.
     opts = quick_options(train_setup, tmp_path / "run", micro_batch=2, global_batch=8, eps=1e-3)
-    ref_losses, _, ref_params, _, _, _ = session_losses(opts, 3)  # also builds the token caches before the spawn
+    ref_losses, _, ref_params, _, _, _, ref_val = session_losses(opts, 3)  # also builds the token caches
     runs = run_ranks(session_rank, 2, dict(opts, pp=2, pipeline="dualpipe"), 3, timeout=150)
     for rank in (0, 1):
-        losses, _, params, _, _, _ = runs[rank]
+        losses, _, params, _, _, _, val = runs[rank]
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
-        assert params.keys() == ref_params.keys()
+        np.testing.assert_allclose(val, ref_val, rtol=1e-5, atol=1e-6)
+        assert params.keys() == ref_params.keys()  # DualPipe with pp=2: both stages on each device
         for name in params:
             np.testing.assert_allclose(params[name], ref_params[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
