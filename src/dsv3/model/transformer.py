@@ -139,6 +139,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         blocks = list(self.model.layers) + list(self.mtp)
         return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
 
+    def moe_rows(self) -> dict[int, int]:
+        """The row of each MoE layer (by ``layer_idx``) in ``expert_load``: the configuration's MoE layers in order,
+        main model then MTP modules, including those a pipeline device does not hold (removed layers)."""
+        ids = [i for i in range(self.config.num_hidden_layers + len(self.mtp)) if self.config.is_moe_layer(i)]
+        return {idx: row for row, idx in enumerate(ids)}
+
     def num_parameters(self, *, include_mtp: bool = True, include_buffers: bool = False) -> int:
         """Parameter count (shared tensors counted once), optionally with the routing biases."""
         seen: set[int] = set()
@@ -178,12 +184,13 @@ class DeepseekV3ForCausalLM(nn.Module):
 
         Args:
             load: [n_moe_layers, N_r] tokens per expert summed over the step's micro-batches
-                (the sum of their ``expert_load`` outputs).
+                (the sum of their ``expert_load`` outputs; rows as :meth:`moe_rows`).
             gamma: bias update speed (default ``config.bias_update_speed``).
         """
         gamma = self.config.bias_update_speed if gamma is None else gamma
-        for moe, layer_load in zip(self.moe_layers(), load):
-            moe.update_bias(layer_load, gamma)
+        rows = self.moe_rows()
+        for moe in self.moe_layers():  # a pipeline device updates the layers it holds
+            moe.update_bias(load[rows[moe.layer_idx]], gamma)
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> LatentKVCache:
         """An empty latent KV cache for the main-model layers."""

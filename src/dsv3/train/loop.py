@@ -22,6 +22,7 @@ so ``dsv3 train --resume RUN_DIR`` always continues from a consistent state and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -69,6 +70,20 @@ def evaluate(model, data, *, micro_batch: int, max_batches: int, device: torch.d
     finally:
         model.train(was_training)
     return total / max(count, 1)
+
+
+def validate(s: Session) -> float:
+    """The held-out loss of session ``s`` (with ``--use-ema`` of its EMA weights, swapped in and back):
+    :func:`evaluate`, or under pipeline parallelism the forward-only pipelined pass over each device's
+    stages (:func:`dsv3.parallel.pipeline.train.validation_loss`)."""
+    micro_batch, max_batches = s.config.data.micro_batch, s.config.logging.eval_batches
+    use_ema = s.ema is not None and s.config.memory.use_ema
+    with s.ema.applied(s.model) if use_ema else contextlib.nullcontext():
+        if s.pipeline is not None:
+            from dsv3.parallel.pipeline.train import validation_loss
+
+            return validation_loss(s.pipeline, s.parallel, list(s.data.val_batches(micro_batch, max_batches)))
+        return evaluate(s.model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
 
 
 class _StopFlag:
@@ -188,17 +203,10 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                                keep_last=config.checkpoint.keep_last,
                                extra={"nonfinite": s.nonfinite, "val_losses": s.val_losses})
 
-    def validate() -> float:
-        micro_batch, max_batches = config.data.micro_batch, config.logging.eval_batches
-        if s.ema is not None and config.memory.use_ema:
-            with s.ema.applied(model):
-                return evaluate(model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
-        return evaluate(model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
-
     try:
         with _StopFlag() as stop:
             if s.step == 0 and not s.val_losses and s.data.val is not None:
-                s.val_losses.append((0, validate()))
+                s.val_losses.append((0, validate(s)))
                 metrics.log({"step": 0, "val_loss": s.val_losses[-1][1]})
             while s.step < config.schedule.steps:
                 t0 = time.perf_counter()
@@ -235,7 +243,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                     record["expert_load"] = stats.load.tolist()
                 last = s.step == config.schedule.steps
                 if s.data.val is not None and (s.step % config.logging.eval_every == 0 or last):
-                    s.val_losses.append((s.step, validate()))
+                    s.val_losses.append((s.step, validate(s)))
                     record["val_loss"] = s.val_losses[-1][1]
                 metrics.log(record)
                 progress.update(s.step, loss=stats.loss, lm_loss=stats.lm_loss, tokens_per_s=stats.tokens / dt,

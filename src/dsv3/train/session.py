@@ -717,8 +717,7 @@ def _update(session: Session, sums: torch.Tensor, load: torch.Tensor | None, tok
     """The rest of :func:`train_step` after the backward passes, the same for every layout: the sums and loads
     over dp and the ZeRO-1 gradient reduction and norm (the same on every rank; nothing to communicate with
     dp = 1); the one host sync; the NaN skip; AdamW with clipping, the bias update with the step's loads, and
-    the EMA. Under pipeline parallelism each pipeline first broadcasts the stages a device does not run when
-    the EMA or the loop needs the whole model."""
+    the EMA (under pipeline parallelism of the held stages only)."""
     import math
 
     from dsv3.parallel.zero import all_mean, sync_loads
@@ -738,11 +737,6 @@ def _update(session: Session, sums: torch.Tensor, load: torch.Tensor | None, tok
         if load is not None:
             session.model.update_router_bias(load, gamma)
     optimizer.zero_grad(set_to_none=True)
-    if session.pipeline is not None:
-        from dsv3.parallel.pipeline.train import sync_due
-
-        if session.ema is not None or sync_due(session.config, session.step + 1):
-            session.pipeline.sync_parameters()  # the stages other devices train: for evaluation, the EMA, the end
     if not skipped and session.ema is not None:
         session.ema.update()
     return StepStats(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss, grad_norm=norm,
