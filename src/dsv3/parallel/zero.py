@@ -77,16 +77,17 @@ def sum_of_squares(t: torch.Tensor, width: int = 1024) -> torch.Tensor:
     return total
 
 
-#: Gradient elements per all-reduce of :meth:`ZeroAdamW.reduce_gradients` (16 MiB of FP32): the flat buffer a
-#: reduction needs stays this small instead of a copy of all gradients (a larger single gradient goes alone).
+#: Parameter elements per all-reduce of :meth:`ZeroAdamW.reduce_gradients` and per all-gather of
+#: :meth:`ZeroAdamW.gather_parameters` (16 MiB of FP32): their flat buffers stay this small instead of a copy of
+#: all gradients or parameters of a group (a larger single parameter goes alone).
 REDUCE_BUCKET_ELEMS = 1 << 22
 
 
 def _buckets(shards: list, limit: int):
-    """Consecutive groups of ``shards`` of at most ``limit`` gradient elements (at least one shard each)."""
+    """Consecutive groups of ``shards`` of at most ``limit`` parameter elements (at least one shard each)."""
     bucket, n = [], 0
     for s in shards:
-        size = s.param.grad.numel()
+        size = s.param.numel()
         if bucket and n + size > limit:
             yield bucket
             bucket, n = [], 0
@@ -296,29 +297,37 @@ class ZeroAdamW:
                     s.rows_view(s.param.data)[start:end].copy_(s.master.reshape(end - start, -1))
             if n == 1 or not self.ctx.distributed:
                 continue
-            dtype = shards[0].param.dtype
-            sizes = [sum((s.bounds[r][1] - s.bounds[r][0]) * rows_shape(s.param.shape)[1] for s in shards)
-                     for r in range(n)]
-            width = max(sizes)
-            mine = torch.zeros(width, dtype=dtype, device=shards[0].param.device)
+            for bucket in _buckets(shards, REDUCE_BUCKET_ELEMS):  # bounded gather buffers, not a copy of the group
+                self._gather_bucket(bucket, n, me, self._group_of(expert))
+
+    @staticmethod
+    def _gather_bucket(shards: list[_Shard], n: int, me: int, group) -> None:
+        """All-gather the ``n`` ranks' chunks of ``shards`` (rank ``me``'s included) into their parameters."""
+        import torch.distributed as dist
+
+        dtype = shards[0].param.dtype
+        sizes = [sum((s.bounds[r][1] - s.bounds[r][0]) * rows_shape(s.param.shape)[1] for s in shards)
+                 for r in range(n)]
+        width = max(sizes)
+        mine = torch.zeros(width, dtype=dtype, device=shards[0].param.device)
+        offset = 0
+        for s in shards:
+            start, end = s.bounds[me]
+            chunk = s.rows_view(s.param.data)[start:end].reshape(-1)
+            mine[offset:offset + chunk.numel()] = chunk
+            offset += chunk.numel()
+        gathered = mine.new_empty(n * width)
+        dist.all_gather_into_tensor(gathered, mine, group=group)
+        gathered = gathered.view(n, width)
+        for r in range(n):
+            if r == me:
+                continue
             offset = 0
             for s in shards:
-                start, end = s.bounds[me]
-                chunk = s.rows_view(s.param.data)[start:end].reshape(-1)
-                mine[offset:offset + chunk.numel()] = chunk
-                offset += chunk.numel()
-            gathered = mine.new_empty(n * width)
-            dist.all_gather_into_tensor(gathered, mine, group=self._group_of(expert))
-            gathered = gathered.view(n, width)
-            for r in range(n):
-                if r == me:
-                    continue
-                offset = 0
-                for s in shards:
-                    start, end = s.bounds[r]
-                    view = s.rows_view(s.param.data)[start:end]
-                    view.copy_(gathered[r, offset:offset + view.numel()].view_as(view))
-                    offset += view.numel()
+                start, end = s.bounds[r]
+                view = s.rows_view(s.param.data)[start:end]
+                view.copy_(gathered[r, offset:offset + view.numel()].view_as(view))
+                offset += view.numel()
 
     # ------------------------------------------------------------------ checkpoints
     def _whole_shards(self) -> list[_Shard]:
