@@ -268,8 +268,6 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
 
     ``path`` may also be a dsv3 run directory: its latest intact checkpoint is loaded.
     """
-    from dsv3.model import DeepseekV3ForCausalLM
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -287,14 +285,24 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
         # e.g. saved by transformers, which drops the MTP modules: load the main model only
         warnings.warn(f"checkpoint {path} has no weights for its {depth} MTP module(s); loading without MTP")
         config.num_nextn_predict_layers = 0
+    model = empty_model(config, device=device, dtype=dtype)
+    load_state_into(model, path, strict=strict, files=files)
+    return model
+
+
+def empty_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The model of ``config`` built on the meta device and given uninitialised storage once, for a load
+    that overwrites every parameter and persistent buffer; the non-persistent buffers (rotary tables),
+    which no checkpoint holds, are rebuilt from the config."""
+    from dsv3.model import DeepseekV3ForCausalLM
+
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
     model.to_empty(device=device)
     model.to(dtype)
-    with torch.no_grad():  # non-persistent buffers are not in the checkpoint: rebuild them
+    with torch.no_grad():
         fresh = type(model.model.rotary_emb)(config)
         model.model.rotary_emb.inv_freq.copy_(fresh.inv_freq)
-    load_state_into(model, path, strict=strict, files=files)
     return model
 
 

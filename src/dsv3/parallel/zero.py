@@ -281,29 +281,67 @@ class ZeroAdamW:
 
     # ------------------------------------------------------------------ checkpoints
     @torch.no_grad()
-    def import_unsharded(self, full_state: dict[str, dict], expert_offsets: dict[str, int]) -> None:
-        """Take this rank's chunks of an unsharded AdamW state (a one-process checkpoint).
+    def import_unsharded(self, read, step: int, expert_offsets: dict[str, int]) -> None:
+        """Take this rank's chunks of an unsharded AdamW state (a one-process checkpoint), reading only them.
 
         Args:
-            full_state: ``{parameter name: {"step", "exp_avg", "exp_avg_sq"}}`` with whole tensors
-                (routed experts: all N_r experts).
+            read: ``read(name, kind, rows) -> tensor | None``: dim-0 ``rows`` (a slice; None: all) of
+                the whole-parameter moment ``kind`` (``"exp_avg"`` or ``"exp_avg_sq"``) of parameter
+                ``name`` (routed experts: ``[N_r, ...]`` over all experts); None when it has no state.
+            step: the AdamW step count of the checkpoint (0: no moments yet, nothing is read).
             expert_offsets: ``{parameter name: first global expert}`` of this rank's expert blocks.
         Master weights are this optimizer's (taken from the already loaded parameters).
         """
+        self.inner.state.clear()
         for s in self.shards:
-            st = full_state.get(s.name)
-            if s.master is None or not st:
+            if s.master is None or step == 0:
                 continue
-            me = self.ctx.edp_rank if s.expert else self.ctx.dp_rank
-            start, end = s.bounds[me]
+            start, end = s.bounds[self.ctx.edp_rank if s.expert else self.ctx.dp_rank]
             parts = {}
             for kind in ("exp_avg", "exp_avg_sq"):
-                full = st[kind]
                 if s.expert:
                     off = expert_offsets[s.name]
-                    full = full[off:off + s.param.shape[0]]
-                parts[kind] = full.reshape(rows_shape(s.param.shape))[start:end].to(self.inner.moments_dtype)
-            self.inner.state[s.master] = {"step": int(st["step"]), **{k: v.clone() for k, v in parts.items()}}
+                    full = read(s.name, kind, slice(off, off + s.param.shape[0]))
+                    part = None if full is None else full.reshape(rows_shape(s.param.shape))[start:end]
+                elif s.param.dim() in (1, 2):  # the chunk's rows are dim-0 rows of the parameter
+                    part = read(s.name, kind, slice(start, end))
+                else:
+                    full = read(s.name, kind, None)
+                    part = None if full is None else full.reshape(rows_shape(s.param.shape))[start:end]
+                if part is not None:
+                    parts[kind] = part.reshape(s.master.shape).to(self.inner.moments_dtype).clone()
+            if len(parts) == 2:
+                self.inner.state[s.master] = {"step": step, **parts}
+
+    def state_dict(self) -> dict:
+        """The state of one process (dp = edp = 1) as :class:`~dsv3.optim.adamw.AdamW`'s ``state_dict``:
+        moments shaped like the parameters, indexed in AdamW's order, so that a one-process checkpoint
+        is the same whichever of the two optimizers wrote it (sharded runs save with DCP instead)."""
+        self._require_whole("state_dict")
+        out = self.inner.state_dict()
+        shapes = self._shapes_by_index()
+        for i, st in out["state"].items():
+            out["state"][i] = {k: v.view(shapes[i]) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore an AdamW ``state_dict`` (:meth:`state_dict`, or a one-process AdamW's) at dp = edp = 1."""
+        self._require_whole("load_state_dict")
+        masters = [p for g in self.inner.param_groups for p in g["params"]]
+        rows = {i: tuple(m.shape) for i, m in enumerate(masters)}
+        state = {**state, "state": {i: {k: v.reshape(rows[int(i)]) if isinstance(v, torch.Tensor) else v
+                                        for k, v in st.items()} for i, st in state["state"].items()}}
+        self.inner.load_state_dict(state)
+
+    def _shapes_by_index(self) -> dict[int, tuple[int, ...]]:
+        by_master = {id(s.master): tuple(s.param.shape) for s in self.shards if s.master is not None}
+        masters = [p for g in self.inner.param_groups for p in g["params"]]
+        return {i: by_master.get(id(m), tuple(m.shape)) for i, m in enumerate(masters)}
+
+    def _require_whole(self, what: str) -> None:
+        if self.ctx.dp > 1 or self.ctx.edp > 1:
+            raise RuntimeError(f"ZeroAdamW.{what} is the one-process state; dp {self.ctx.dp} ranks save with DCP "
+                               f"(dsv3.parallel.checkpoint)")
 
     def sharded_state(self) -> dict[str, dict[str, torch.Tensor | int]]:
         """This rank's chunks by global parameter name: ``{name: {"rows": (start, end), "master", "exp_avg",

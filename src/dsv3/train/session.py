@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dsv3.checkpoint.state import latest_checkpoint, load_checkpoint_state
+from dsv3.checkpoint.checkpointer import Checkpointer
 from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError, DataError, RunDirError
 from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
@@ -265,6 +265,7 @@ class Session:
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
     checkpoint: str | None = None
+    checkpointer: Any = None  # the run's Checkpointer (dsv3.checkpoint.checkpointer): every save and restore
     lambda_early: float = 0.0
     gamma_early: float = 0.0
     lock: Any = None  # the run directory's RunLock, held until close()
@@ -338,7 +339,7 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
 
 def _build_session(config: TrainConfig | None, *, resume: str | None, overrides: dict[str, Any] | None,
                    parallel: Any, write: bool, prefetch: bool | None, lock) -> Session:
-    from dsv3.checkpoint.state import remove_stale_temporaries, select_resume_checkpoint
+    from dsv3.checkpoint.state import remove_stale_temporaries
     from dsv3.train.preflight import check_context_length, check_memory, refuse_frozen_overrides
     from dsv3.train.rundir import LOCK_FILE, check_run_dir_usable
 
@@ -386,14 +387,9 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     model = build_model(config, mcfg, device)
     model.train()
     distributed = parallel is not None and parallel.distributed
-    unsharded_state = None
     if distributed:
         from dsv3.parallel.dispatch import shard_experts
 
-        if resume is not None:  # a one-process checkpoint continued under torchrun: loaded before sharding
-            single = latest_checkpoint(run_dir, hashes=True)
-            if single is not None:
-                unsharded_state = _load_unsharded(single, model, config)
         shard_experts(model, parallel, dispatcher=config.parallel.dispatcher, fp8=config.precision.fp8)
     pipeline = None
     if distributed and parallel.pp > 1:  # the stages of this device (collective: process groups)
@@ -434,6 +430,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
 
     # --- the run directory (only now that the input is known to be good): lock, clean, config, tokenizer
     checkpoint = None
+    checkpointer = Checkpointer(run_dir, parallel, keep_last=config.checkpoint.keep_last, tokenizer=tokenizer)
     if write and (parallel is None or parallel.is_main):  # rank 0 alone writes the run directory
         if resume is None:
             try:
@@ -447,8 +444,8 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
             for path in remove_stale_temporaries(run_dir):
                 print(f"removed {path}, left by a killed run")
         if resume is not None:
-            # the newest intact checkpoint; rank 0 says why when it is not the newest
-            checkpoint = select_resume_checkpoint(run_dir) if lock.enabled else latest_checkpoint(run_dir, hashes=True)
+            # the newest intact checkpoint of either format; rank 0 says why when it is not the newest
+            checkpoint = checkpointer.latest(select=lock.enabled)
         # the effective config: on resume with the overrides that apply (--steps, ...)
         save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
         if resume is None:
@@ -463,66 +460,20 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
 
                 save_template(data.template, run_dir)  # a resumed run renders with the same template
     elif resume is not None:
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = checkpointer.latest()
     ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
 
     session = Session(config=config, mcfg=mcfg, run_dir=run_dir, device=device, tokenizer=tokenizer, data=data,
                       model=model, optimizer=optimizer, schedule=schedule, ramp=ramp, ema=ema, loader=loader,
                       params=[p for p in model.parameters() if p.requires_grad],
                       prefetcher=None,  # type: ignore[arg-type]  (set below, after the loader is restored)
-                      parallel=parallel, pipeline=pipeline, checkpoint=checkpoint, lambda_early=mcfg.mtp_loss_weight,
+                      parallel=parallel, pipeline=pipeline, checkpoint=checkpoint, checkpointer=checkpointer,
+                      lambda_early=mcfg.mtp_loss_weight,
                       gamma_early=mcfg.bias_update_speed, lock=lock if lock.held else None)
-    if distributed and resume is not None:
-        from dsv3.parallel.checkpoint import latest_sharded, load_sharded
-
-        sharded = latest_sharded(run_dir)
-        if sharded is None and unsharded_state is not None:  # a one-process run continued under torchrun
-            from dsv3.model.moe import Experts
-
-            state, full_optim = unsharded_state
-            offsets = {f"{n}.{leaf}": m.expert_offset for n, m in model.named_modules() if isinstance(m, Experts)
-                       for leaf in ("gate_up_proj", "down_proj")}
-            optimizer.import_unsharded(full_optim, offsets)
-            if ema is not None and state.get("ema_state") is not None:
-                from dsv3.parallel.checkpoint import ema_from_unsharded
-
-                ema_from_unsharded(ema, model, state["ema_state"])
-            session.step = state["step"]
-            loader.load_state_dict(state["loader"])
-            session.nonfinite = state["extra"].get("nonfinite", 0)
-            session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
-        checkpoint = session.checkpoint = sharded or checkpoint
-        if sharded is not None:
-            meta = load_sharded(sharded, model=model, optimizer=optimizer, ctx=parallel, ema=ema)
-            session.step = meta["step"]
-            loader.load_state_dict(meta["loader"])
-            session.nonfinite = meta.get("nonfinite", 0)
-            session.val_losses = [tuple(v) for v in meta.get("val_losses", [])]
-        checkpoint = None
-    elif resume is not None and checkpoint is None:
-        from dsv3.parallel.checkpoint import latest_sharded, load_sharded
-
-        sharded = latest_sharded(run_dir)
-        if sharded is not None:  # a torchrun run continued in one process: ZeRO-1 with dp=1 (= AdamW)
-            from dsv3.parallel.world import ParallelContext
-            from dsv3.parallel.zero import ZeroAdamW
-
-            session.parallel = ParallelContext.single(device)
-            session.optimizer = ZeroAdamW(model, session.parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                                          weight_decay=opt.weight_decay, eps=opt.eps,
-                                          moments_dtype=config.memory.optim_states)
-            meta = load_sharded(sharded, model=model, optimizer=session.optimizer, ctx=session.parallel, ema=ema)
-            session.checkpoint = sharded
-            session.step = meta["step"]
-            loader.load_state_dict(meta["loader"])
-            session.nonfinite = meta.get("nonfinite", 0)
-            session.val_losses = [tuple(v) for v in meta.get("val_losses", [])]
-    if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint, model=model, optimizer=optimizer, ema=ema)
-        session.step = state["step"]
-        loader.load_state_dict(state["loader"])
-        session.nonfinite = state["extra"].get("nonfinite", 0)
-        session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
+    restored = checkpointer.restore(model, optimizer, ema, checkpoint=checkpoint) if checkpoint else None
+    if restored is not None:  # any format into this layout; each rank reads only what it holds
+        session.step, session.nonfinite, session.val_losses = restored.step, restored.nonfinite, restored.val_losses
+        loader.load_state_dict(restored.loader)
     session.prefetcher = BatchPrefetcher(loader, config.data.micro_batch, device, background=prefetch)
     return session
 
@@ -575,25 +526,6 @@ def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_di
     dist.broadcast_object_list(box, src=0)
     config.run.dir = box[0] or config.run.dir
     return parallel, box[0]
-
-
-def _load_unsharded(checkpoint: str, model, config: TrainConfig) -> tuple[dict, dict]:
-    """A one-process checkpoint read into the whole model (before expert sharding) with its AdamW state
-    by parameter name, for a run continued under torchrun; with an EMA, its whole state as ``state["ema_state"]``."""
-    from dsv3.train.optim import build_optimizer
-
-    opt = config.optimizer
-    full = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
-                           eps=opt.eps, moments_dtype=config.memory.optim_states)
-    state = load_checkpoint_state(checkpoint, model=model, optimizer=full, ema=None)
-    if config.memory.ema_decay and "ema" in state:
-        from safetensors.torch import load_file
-
-        from dsv3.checkpoint.state import join_tensors
-
-        state["ema_state"] = join_tensors(state["ema"], load_file(os.path.join(checkpoint, "ema.safetensors")))
-    by_name = {n: full.state[p] for n, p in model.named_parameters() if p in full.state}
-    return state, by_name
 
 
 def _dp_slice(session: "Session", batches: list[Batch]) -> list[Batch]:
