@@ -34,8 +34,13 @@ def optimizer(params):
     return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
 
 
+EVAL_STEP = 99  # the held-out batches: batches(EVAL_STEP, n_micro)
+
+
 def reference(steps: int, n_micro: int, layers: int = 4, **changes):
-    """One process: per-step losses and final parameters (the plain model, no pipeline code)."""
+    """One process: per-step losses, final parameters, gradient norms and the validation loss of the trained
+    model on ``batches(EVAL_STEP, n_micro)`` (token-weighted ``lm_loss`` in eval mode; the plain model, no
+    pipeline code)."""
     model = build_model(layers, **changes)
     model.train()
     opt = optimizer(list(model.parameters()))
@@ -54,7 +59,12 @@ def reference(steps: int, n_micro: int, layers: int = 4, **changes):
         if load is not None:
             model.update_router_bias(load)
         losses.append(total)
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, norms
+    model.eval()
+    with torch.no_grad():
+        scored = [(float(model(ids, labels).lm_loss), int((labels != -100).sum()))
+                  for ids, labels in batches(EVAL_STEP, n_micro)]
+    val = sum(loss * n for loss, n in scored) / sum(n for _, n in scored)
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, norms, val
 
 
 def swapped_recvs(schedule):
@@ -83,8 +93,9 @@ def fb_as_f_then_b(schedule):
 def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
     """One pipeline process. Each job dict: schedule, pp, steps, n_micro, layers, and optionally ``variant``
     (``"fb_as_f_then_b"``; ``"swapped"`` expects the swapped op list to be rejected before the step).
-    Puts (rank, results, error) on ``queue``; a result is (losses, owned params, per-step op traces) or the
-    rejection message."""
+    Puts (rank, results, error) on ``queue``; a result is (losses, owned params, per-step op traces, norms,
+    extras) or the rejection message; extras: the validation loss of ``batches(EVAL_STEP, n_micro)`` through
+    :meth:`PipelineRuntime.evaluate` and the bytes of every parameter the device's model holds."""
     try:
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
@@ -126,7 +137,10 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
             if job.get("trace_path"):
                 write_step_trace(job["trace_path"], rt, res)
             params = dict(model.named_parameters())
-            results.append((losses, {n: params[n].detach().numpy().copy() for n in rt.owned}, traces, norms))
+            total, count = rt.evaluate(batches(EVAL_STEP, job["n_micro"])).tolist()
+            extras = dict(val=total / count, nbytes=sum(p.numel() * p.element_size() for p in model.parameters()))
+            results.append((losses, {n: params[n].detach().numpy().copy() for n in rt.owned}, traces, norms,
+                            extras))
         queue.put((rank, results, None))
         dist.destroy_process_group()
     except BaseException:  # report, do not hang the parent
@@ -137,11 +151,13 @@ def session_losses(opts: dict, steps: int):
     """Train ``steps`` steps through dsv3.train.session (``train_step``) in the layout that ``opts`` and the
     environment (torchrun's RANK/WORLD_SIZE, as tests/dist_helpers.py sets it) describe.
 
-    Returns per-step losses, grad norms and this rank's parameters after the last step (synchronised over
-    the pipeline), its router biases, ``{experts module: first global expert}`` of its expert blocks and
-    its EMA shadows (``{}`` without ``ema_decay``)."""
+    Returns per-step losses, grad norms and this rank's parameters after the last step (under pp: those of
+    its stages, the only ones it holds), its router biases, ``{experts module: first global expert}`` of its
+    expert blocks, its EMA shadows (``{}`` without ``ema_decay``) and the validation loss after the last step
+    (:func:`dsv3.train.loop.validate`: under pp the pipelined pass; with ``use_ema`` of the EMA weights)."""
     from dsv3.model.moe import Experts
     from dsv3.train.config import TrainConfig
+    from dsv3.train.loop import validate
     from dsv3.train.session import build_session, train_step
 
     session = build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
@@ -158,9 +174,10 @@ def session_losses(opts: dict, steps: int):
         buffers = {n: b.detach().numpy().copy() for n, b in session.model.named_buffers() if "bias" in n}
         offsets = {n: m.expert_offset for n, m in session.model.named_modules() if isinstance(m, Experts)}
         ema = {n: t.numpy().copy() for n, t in session.ema.shadow().items()} if session.ema is not None else {}
+        val = validate(session) if steps else None
     finally:
         session.close()
-    return losses, norms, params, buffers, offsets, ema
+    return losses, norms, params, buffers, offsets, ema, val
 
 
 def session_rank(rank: int, opts: dict, steps: int):
@@ -169,11 +186,8 @@ def session_rank(rank: int, opts: dict, steps: int):
 
 
 def save_rank(rank: int, opts: dict, run_dir: str):
-    """tests/dist_helpers.run_ranks worker: one pipelined step, then the parameters of the stages this device
-    does not run are overwritten with NaN (stale copies) and a DCP checkpoint is written by every rank.
-    Returns (the held parameter names, the synchronised parameters before the NaN fill)."""
-    import torch
-
+    """tests/dist_helpers.run_ranks worker: one pipelined step, then a DCP checkpoint written by every rank.
+    Returns (the parameter names its model holds, their values)."""
     from dsv3.parallel.checkpoint import save_sharded
     from dsv3.train.config import TrainConfig
     from dsv3.train.session import build_session, train_step
@@ -186,10 +200,6 @@ def save_rank(rank: int, opts: dict, run_dir: str):
         session.step += 1
         params = {n: p.detach().numpy().copy() for n, p in session.model.named_parameters()}
         held = set(session.pipeline.owned)
-        with torch.no_grad():
-            for name, p in session.model.named_parameters():
-                if name not in held:
-                    p.fill_(float("nan"))
         save_sharded(run_dir, 1, model=session.model, optimizer=session.optimizer, ctx=session.parallel)
     finally:
         session.close()

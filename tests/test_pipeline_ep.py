@@ -41,10 +41,16 @@ def _opts(setup, run_dir, **changes):
 
 
 def _assert_equal_to_one_process(runs, ref, rtol=1e-5, atol=1e-6):
-    ref_losses, ref_norms, ref_params, ref_buffers, _, ref_ema = ref
-    for rank, (losses, norms, params, buffers, offsets, ema) in enumerate(runs):
+    """Every rank's losses, norms and validation loss are one process's; its parameters, EMA shadows and router
+    biases are one process's restricted to what it holds (its stages, its expert block); together the ranks
+    hold every parameter, and each rank's EMA averages exactly the parameters it holds."""
+    ref_losses, ref_norms, ref_params, ref_buffers, _, ref_ema, ref_val = ref
+    held = set()
+    for rank, (losses, norms, params, buffers, offsets, ema, val) in enumerate(runs):
         np.testing.assert_allclose(losses, ref_losses, rtol=rtol, atol=atol, err_msg=f"rank {rank}")
-        assert params.keys() == ref_params.keys() and ema.keys() == ref_ema.keys()
+        np.testing.assert_allclose(val, ref_val, rtol=rtol, atol=atol, err_msg=f"rank {rank} validation")
+        assert params.keys() <= ref_params.keys() and ema.keys() == (params.keys() if ref_ema else set())
+        held |= params.keys()
         for kind, mine, theirs in (("param", params, ref_params), ("ema", ema, ref_ema)):
             for name, value in mine.items():
                 want = theirs[name]
@@ -52,26 +58,30 @@ def _assert_equal_to_one_process(runs, ref, rtol=1e-5, atol=1e-6):
                 if module in offsets:  # this rank's block of routed experts (global numbers)
                     want = want[offsets[module]:offsets[module] + value.shape[0]]
                 np.testing.assert_allclose(value, want, rtol=rtol, atol=atol, err_msg=f"rank {rank} {kind} {name}")
-        for name, value in buffers.items():  # router biases: the same update everywhere
-            np.testing.assert_array_equal(value, runs[0][3][name], err_msg=f"rank {rank} {name}")
+        for name, value in buffers.items():  # router biases: the same update on every rank holding the layer
+            first = next(r[3][name] for r in runs if name in r[3])
+            np.testing.assert_array_equal(value, first, err_msg=f"rank {rank} {name}")
             np.testing.assert_allclose(value, ref_buffers[name], rtol=rtol, atol=atol, err_msg=name)
         assert norms == runs[0][1]  # one clipping decision everywhere
         np.testing.assert_allclose(norms, ref_norms, rtol=rtol, err_msg="global gradient norm")
+    assert held == ref_params.keys()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("schedule,pp,extra", [
-    ("dualpipev", 4, {}),
+    # 4 stages on 2 devices (each holds half the layers); the EMA of the held stages, validation (3 batches
+    # over dp 2: one rank pads with an unlabelled copy) with the EMA weights
+    ("dualpipev", 4, {"ema_decay": 0.9, "use_ema": True, "eval_batches": 3}),
     ("1f1b", 2, {}),
     # DualPipe's FB ops run the cut MoE (async all-to-alls); with selective recomputation and the CPU EMA
     ("dualpipe", 2, {"recompute": "selective", "ema_decay": 0.9}),
-], ids=["dualpipev-4", "1f1b-2", "dualpipe-2-selective-ema"])
+], ids=["dualpipev-4-ema", "1f1b-2", "dualpipe-2-selective-ema"])
 def test_pp_dp2_ep2_on_4_ranks_equals_one_process(four_layers, tmp_path, schedule, pp, extra):
     """4 ranks: DualPipeV (4 stages on 2 devices), 1F1B or DualPipe (pp=2, two stages per device in both
     directions, FB ops), x dp=2 with ep=2 and ZeRO-1: ep peers run the same op list, so their all-to-alls
-    line up, also inside overlapped FB ops. Losses, parameters, router biases, norms and the EMA equal one
-    process's."""
+    line up, also inside overlapped FB ops. Losses, parameters, router biases, norms, the EMA and the
+    validation loss (a forward-only pipelined pass) equal one process's."""
     opts = _opts(four_layers, tmp_path / "run", **extra)
     ref = session_losses(opts, STEPS)  # also builds the token caches before the spawn
     runs = run_ranks(session_rank, 4, dict(opts, pp=pp, pipeline=schedule, ep=2, dp=2), STEPS, timeout=200)
@@ -91,9 +101,9 @@ def test_dualpipe_dp2_ep2_with_fp8_dispatch_stays_close_to_one_fp8_process(four_
     near-zero gradients into whole lr steps, so elementwise bounds say nothing). The ranks agree
     exactly among themselves: dense parameters and router biases are bit-identical on all four."""
     opts = _opts(four_layers, tmp_path / "run", fp8=True, optim_states="bf16")
-    ref_losses, ref_norms, ref_params, _, _, _ = session_losses(opts, STEPS)
+    ref_losses, ref_norms, ref_params = session_losses(opts, STEPS)[:3]
     runs = run_ranks(session_rank, 4, dict(opts, pp=2, pipeline="dualpipe", ep=2, dp=2), STEPS, timeout=200)
-    for rank, (losses, norms, params, buffers, offsets, _) in enumerate(runs):
+    for rank, (losses, norms, params, buffers, offsets) in enumerate(r[:5] for r in runs):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-3, err_msg=f"rank {rank}")
         np.testing.assert_allclose(norms, ref_norms, rtol=5e-2, err_msg=f"rank {rank}")
         for name, value in params.items():
@@ -105,7 +115,7 @@ def test_dualpipe_dp2_ep2_with_fp8_dispatch_stays_close_to_one_fp8_process(four_
                 np.testing.assert_array_equal(value, runs[0][2][name], err_msg=f"rank {rank} {name}")
             assert np.linalg.norm(value - want) <= 0.03 * np.linalg.norm(want), f"rank {rank} {name}"
         for name, value in buffers.items():
-            np.testing.assert_array_equal(value, runs[0][3][name], err_msg=f"rank {rank} {name}")
+            np.testing.assert_array_equal(value, next(r[3][name] for r in runs if name in r[3]), err_msg=name)
 
 
 def _env():
@@ -208,8 +218,8 @@ def test_bad_pipeline_layout_fails_with_one_line_on_every_rank_before_writing(tr
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train_setup, tmp_path):
-    """Under pp every rank writes only the parameters of its own stages: stale copies of the other
-    stages (NaN here) never reach the checkpoint, which loads into one process whole."""
+    """Under pp every rank holds and writes only the parameters of its own stages; together they make a
+    checkpoint that loads into one process whole, with every rank's values."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -223,7 +233,8 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
     run_dir = tmp_path / "ckpt"
     run_dir.mkdir()
     runs = run_ranks(save_rank, 2, dict(opts, pp=2, pipeline="1f1b"), str(run_dir), timeout=100)
-    (held0, params0), (held1, _) = runs
+    (held0, params0), (held1, params1) = runs
+    assert set(held0) & set(held1) <= {"model.embed_tokens.weight"}  # only the embedding MTP uses is on both
     path = run_dir / "dcp-00000001"
     meta = dcp.FileSystemReader(str(path)).read_metadata()
     writers: dict[str, set[int]] = {}
@@ -239,7 +250,7 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
     load_model_sharded(str(path), model)
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
-        np.testing.assert_array_equal(p.detach().numpy(), params0[name], err_msg=name)
+        np.testing.assert_array_equal(p.detach().numpy(), {**params0, **params1}[name], err_msg=name)
 
 
 def test_layout_of_pipelines_with_expert_and_data_parallelism():

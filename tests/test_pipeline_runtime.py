@@ -86,19 +86,25 @@ def pp_runs(tmp_path_factory):
                                                  else "") for j in EQUAL_JOBS])
 def test_pipeline_equals_one_process(pp_runs, job):
     """Per-step losses, gradient norms and final parameters of PP2 1F1B/ZB1P/DualPipe, 4-stage DualPipeV
-    and a tied-head model without MTP equal one process."""
+    and a tied-head model without MTP equal one process; so does the validation loss of the trained model
+    through the forward-only pipelined pass. Each device's model holds only its stages' parameters (bytes)."""
     runs, refs, _ = pp_runs
-    ref_losses, ref_params, ref_norms = refs[job]
+    ref_losses, ref_params, ref_norms, ref_val = refs[job]
     held = set()
     assert min(ref_norms) > 1.0  # clipping is active, so the global norm over the stages matters
     for rank in (0, 1):
-        losses, params, _, norms = runs[rank][job]
+        losses, params, _, norms, extras = runs[rank][job]
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(norms, ref_norms, rtol=1e-5)
+        np.testing.assert_allclose(extras["val"], ref_val, rtol=1e-5, atol=1e-6)
         for name, value in params.items():
             np.testing.assert_allclose(value, ref_params[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+        assert extras["nbytes"] == sum(ref_params[n].numel() * ref_params[n].element_size() for n in params)
         held |= set(params)
     assert held == set(ref_params)  # together the ranks hold (and trained) every parameter
+    if JOBS[job]["schedule"] != "dualpipe":  # DualPipe with pp=2: each device runs both stages (2x parameters)
+        whole = sum(t.numel() * t.element_size() for t in ref_params.values())
+        assert all(runs[rank][job][4]["nbytes"] < 0.8 * whole for rank in (0, 1))
 
 
 @pytest.mark.slow
@@ -119,8 +125,8 @@ def test_fb_op_equals_f_then_b(pp_runs):
     """DualPipe with every overlapped FB replaced by its F then its BW gives bit-identical results."""
     runs, _, _ = pp_runs
     for rank in (0, 1):
-        fb_losses, fb_params, fb_traces, _ = runs[rank][2]
-        seq_losses, seq_params, seq_traces, _ = runs[rank][4]
+        fb_losses, fb_params, fb_traces = runs[rank][2][:3]
+        seq_losses, seq_params, seq_traces = runs[rank][4][:3]
         assert any(op.kind == FB for op in fb_traces[0]) and not any(op.kind == FB for op in seq_traces[0])
         assert fb_losses == seq_losses
         for name in fb_params:
@@ -157,18 +163,19 @@ def test_trace_file_is_a_two_device_timeline(pp_runs):
 @pytest.mark.timeout(240)
 def test_train_step_through_a_pipeline_equals_one_process(train_setup, tmp_path):
     """dsv3.train.session.train_step with a pipeline attached (2 processes, DualPipe) gives the single
-    process's per-step losses, and after sync_parameters every rank holds the single process's model."""
+    process's per-step losses and validation loss, and every rank holds its stages of the single process's model."""
     from helpers import quick_options
 
     # AdamW eps 1e-3 (as in test_parallel_ep): with 1e-8, float rounding noise of ~1e-7 in a near-zero
     # gradient element becomes a full +-lr step, and a single element can then differ by ~1e-5.
     opts = quick_options(train_setup, tmp_path / "run", micro_batch=2, global_batch=8, eps=1e-3)
-    ref_losses, _, ref_params, _, _, _ = session_losses(opts, 3)  # also builds the token caches before the spawn
+    ref_losses, _, ref_params, _, _, _, ref_val = session_losses(opts, 3)  # also builds the token caches
     runs = run_ranks(session_rank, 2, dict(opts, pp=2, pipeline="dualpipe"), 3, timeout=150)
     for rank in (0, 1):
-        losses, _, params, _, _, _ = runs[rank]
+        losses, _, params, _, _, _, val = runs[rank]
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
-        assert params.keys() == ref_params.keys()
+        np.testing.assert_allclose(val, ref_val, rtol=1e-5, atol=1e-6)
+        assert params.keys() == ref_params.keys()  # DualPipe with pp=2: both stages on each device
         for name in params:
             np.testing.assert_allclose(params[name], ref_params[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
@@ -470,12 +477,92 @@ def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
     assert {e["tid"] for e in spans} == {0, 1}
 
 
-def test_sync_due_follows_evaluation_checkpoints_and_the_end():
-    from dsv3.parallel.pipeline.train import sync_due
-    from dsv3.train.config import TrainConfig
+def _stage_bytes(model, prefixes):
+    """Bytes of ``model``'s parameters under the module ``prefixes`` (each tensor once)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if any(n.startswith(pre + ".") for pre in prefixes))
 
-    cfg = TrainConfig.from_dict(dict(steps=10, eval_every=4, save_every=5))
-    assert [s for s in range(1, 11) if sync_due(cfg, s)] == [4, 5, 8, 10]
+
+@pytest.mark.parametrize("schedule,pp,device,layers,ends", [
+    ("1f1b", 2, 0, [0, 1], {"model.embed_tokens"}),
+    ("1f1b", 2, 1, [2, 3], {"model.embed_tokens", "model.norm", "lm_head", "mtp"}),  # MTP embeds on the last stage
+    ("zb1p", 4, 2, [2], set()),  # a middle stage: only its layer
+    ("dualpipev", 4, 1, [1, 2], set()),  # stages 1 and 2 of 4 on device 1 of 2
+    ("dualpipe", 4, 3, [0, 3], {"model.embed_tokens", "model.norm", "lm_head", "mtp"}),  # stages 3 and 0: 2x
+])
+def test_select_stages_keeps_only_the_stages_a_device_runs(schedule, pp, device, layers, ends):
+    """A device's model holds exactly the parameters of its stages (counted in bytes against the whole model):
+    the layers of its stages (one layer per stage here), the embedding where its first or last stage uses it,
+    the norm, head and MTP on the last stage. Removed layers keep their slots (global names and indices), the
+    router biases of held MoE layers stay, and the forward of a removed layer says who holds it."""
+    from types import SimpleNamespace
+
+    from dsv3.parallel.pipeline.stages import RemovedBlock, select_stages
+
+    whole, model = build_model(4), build_model(4)
+    ctx = SimpleNamespace(pp=pp, schedule=schedule, pp_rank=device)
+    held = select_stages(model, ctx, seq_len=SEQ, layers=(1,) * 4 if pp == 4 else (2, 2))
+    prefixes = [f"model.layers.{i}" for i in layers] + sorted(ends)
+    assert held == [n for n, _ in model.named_parameters()]
+    assert _stage_bytes(model, [""] + prefixes) == _stage_bytes(whole, prefixes) > 0
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in whole.parameters())
+    want = {n: p for n, p in whole.named_parameters()}
+    for name, p in model.named_parameters():  # global names, the whole model's values
+        torch.testing.assert_close(p, want[name], rtol=0, atol=0, msg=name)
+    assert len(model.model.layers) == 4 and [isinstance(b, RemovedBlock) for b in model.model.layers] == \
+        [i not in layers for i in range(4)]
+    assert [m.layer_idx for m in model.moe_layers()] == [i for i in layers if i >= 1] + \
+        ([4] if "mtp" in ends else [])
+    removed = next(i for i in range(4) if i not in layers)
+    with pytest.raises(RuntimeError, match=f"layer {removed} is held by another pipeline device"):
+        model.model.layers[removed](torch.zeros(1, 2, 64), None, None)
+    assert select_stages(model, ctx, seq_len=SEQ, layers=(1,) * 4 if pp == 4 else (2, 2)) == held  # idempotent
+
+
+def test_select_stages_on_the_meta_device_allocates_nothing_and_refuses_a_model_cut_for_another_device():
+    from types import SimpleNamespace
+
+    from dsv3.model.transformer import DeepseekV3ForCausalLM
+    from dsv3.parallel.pipeline.stages import select_stages
+
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(build_model(4).config)
+    held = select_stages(model, SimpleNamespace(pp=2, schedule="1f1b", pp_rank=0), seq_len=SEQ, layers=(2, 2))
+    assert all(p.is_meta for p in model.parameters()) and "model.layers.2.input_layernorm.weight" not in held
+    with pytest.raises(ConfigError, match="no longer holds model.layers.2"):
+        select_stages(model, SimpleNamespace(pp=2, schedule="1f1b", pp_rank=1), seq_len=SEQ, layers=(2, 2))
+
+
+def test_bias_update_of_a_cut_model_uses_its_layers_rows():
+    """``update_router_bias`` with the whole model's [n_moe, N_r] load updates a cut model's MoE layers (last stage:
+    layers 2, 3 and the MTP module) exactly as the whole model's."""
+    from types import SimpleNamespace
+
+    from dsv3.parallel.pipeline.stages import select_stages
+
+    whole, model = build_model(4), build_model(4)
+    select_stages(model, SimpleNamespace(pp=2, schedule="1f1b", pp_rank=1), seq_len=SEQ, layers=(2, 2))
+    load = torch.randint(0, 50, (len(whole.moe_layers()), 8))
+    whole.update_router_bias(load, 0.01)
+    model.update_router_bias(load, 0.01)
+    biases = dict(whole.named_buffers())
+    got = {n: b for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")}
+    assert len(got) == 3 and any(b.abs().sum() > 0 for b in got.values())
+    for name, b in got.items():
+        torch.testing.assert_close(b, biases[name], rtol=0, atol=0, msg=name)
+
+
+def test_stage_forward_eval_chained_equals_the_model_lm_loss():
+    """The validation forward of stages 0 and 1 (two layers each), chained, gives ``model(ids, labels).lm_loss``."""
+    model = build_model(4).eval()
+    ids, labels = batches(0, 1)[0]
+    cos, sin = model.model.rotary_emb(torch.arange(SEQ))
+    mb = MicroBatch(ids, labels, cos.unsqueeze(0), sin.unsqueeze(0), 1.0)
+    s0, s1 = PipelineStage(model, 0, 2, [0, 1]), PipelineStage(model, 1, 2, [2, 3])
+    got = s1.forward_eval(s0.forward_eval(None, mb), mb)
+    with torch.no_grad():
+        want = model(ids, labels).lm_loss
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_pp_without_torchrun_is_a_config_error(train_setup, tmp_path, monkeypatch):

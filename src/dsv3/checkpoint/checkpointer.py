@@ -59,11 +59,8 @@ class Checkpointer:
     def __init__(self, run_dir: str, ctx=None, *, keep_last: int | None = None, tokenizer=None,
                  log: Callable[[str], None] = print) -> None:
         self.run_dir, self.ctx, self.keep_last, self.tokenizer, self.log = run_dir, ctx, keep_last, tokenizer, log
-
-    @property
-    def sharded(self) -> bool:
-        """Whether this run writes sharded (DCP) checkpoints: under torchrun with more than one rank."""
-        return self.ctx is not None and self.ctx.world_size > 1
+        # sharded (DCP) checkpoints under torchrun; one process continuing a torchrun run goes on writing them
+        self.sharded = ctx is not None and ctx.world_size > 1
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, model, optimizer, ema=None, loader_state: dict | None = None,
@@ -89,7 +86,8 @@ class Checkpointer:
         return max(found, key=lambda p: int(_STEP.search(os.path.basename(p)).group(1)), default=None)
 
     def restore(self, model, optimizer, ema=None, *, checkpoint: str | None = None) -> Restored | None:
-        """Load ``checkpoint`` (default: :meth:`latest`) into this rank's model, optimizer and EMA.
+        """Load ``checkpoint`` (default: :meth:`latest`) into this rank's model, ZeRO-1 optimizer
+        (:class:`~dsv3.parallel.zero.ZeroAdamW`, one process too) and EMA.
 
         Any format into any layout; under torchrun each rank reads only what it holds. Returns None
         when the run has no checkpoint yet."""
@@ -106,12 +104,8 @@ class Checkpointer:
                         [tuple(v) for v in extra.get("val_losses", [])])
 
     def _restore_sharded(self, path: str, model, optimizer, ema) -> Restored:
-        if hasattr(optimizer, "shards"):
-            meta = dcp_format.load_sharded(path, model=model, optimizer=optimizer, ctx=optimizer.ctx, ema=ema)
-        else:  # a torchrun run continued by one process with AdamW: ZeRO-1 at dp = 1 is the same state
-            zero = _zero_like(model, optimizer)
-            meta = dcp_format.load_sharded(path, model=model, optimizer=zero, ctx=zero.ctx, ema=ema)
-            optimizer.load_state_dict(zero.state_dict())
+        meta = dcp_format.load_sharded(path, model=model, optimizer=optimizer, ctx=optimizer.ctx, ema=ema)
+        self.sharded = True
         return Restored(path, meta["step"], meta.get("loader"), meta.get("nonfinite", 0),
                         [tuple(v) for v in meta.get("val_losses", [])])
 
@@ -172,16 +166,6 @@ def _ema_into_parameters(checkpoint: str, model) -> None:
             p.copy_(read(keys[name], None))
 
 
-def _zero_like(model, optimizer):
-    """A one-process ZeRO-1 optimizer with ``optimizer``'s hyper-parameters (it loads DCP chunks)."""
-    from dsv3.parallel.world import ParallelContext
-    from dsv3.parallel.zero import ZeroAdamW
-
-    d = optimizer.defaults
-    return ZeroAdamW(model, ParallelContext.single(), lr=d["lr"], betas=d["betas"], weight_decay=d["weight_decay"],
-                     eps=d["eps"], moments_dtype=optimizer.moments_dtype)
-
-
 class _Keys(dict):
     """A mapping that gives back each tensor's key: :func:`join_tensors` over it yields the structure only."""
 
@@ -218,8 +202,8 @@ def _restore_one_process_into_shards(path: str, model, optimizer, ema) -> Restor
     by_name = {n: optim["state"].get(i, {}) for n, i in zip(names, ids)}
     read = _rows_reader(os.path.join(path, "optimizer.safetensors"))
     step = max((int(st.get("step", 0)) for st in by_name.values()), default=0)
-    optimizer.import_unsharded(lambda name, kind, rows: read(by_name[name][kind], rows) if by_name.get(name) else None,
-                               step, blocks)
+    optimizer.import_unsharded(lambda name, kind, rows: read(by_name[name][kind], rows)
+                               if kind in by_name.get(name, {}) else None, step, blocks)
     if ema is not None:
         _ema_from_one_process(path, state, model, ema, blocks)
     set_rng_state(state["rng"], load_file(os.path.join(path, "rng.safetensors")))

@@ -261,13 +261,9 @@ def _check_complete(path: str, config: ModelConfig, state: dict, loaded: set[str
                               f"(and {len(missing) - 1} more)")
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", strict: bool = True):
-    """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory as a
-    :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``).
-
-    ``path`` may also be a dsv3 run directory: its latest intact checkpoint is loaded.
-    """
+def resolve_pretrained(path: str | os.PathLike) -> tuple[str, ModelConfig, dict[str, str]]:
+    """The checkpoint directory of ``path`` (a run directory: its latest intact checkpoint), its config
+    (without MTP modules when the checkpoint has no weights for them, with a warning) and its tensor files."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -285,6 +281,17 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
         # e.g. saved by transformers, which drops the MTP modules: load the main model only
         warnings.warn(f"checkpoint {path} has no weights for its {depth} MTP module(s); loading without MTP")
         config.num_nextn_predict_layers = 0
+    return path, config, files
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", strict: bool = True):
+    """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory as a
+    :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``).
+
+    ``path`` may also be a dsv3 run directory: its latest intact checkpoint is loaded.
+    """
+    path, config, files = resolve_pretrained(path)
     model = empty_model(config, device=device, dtype=dtype)
     load_state_into(model, path, strict=strict, files=files)
     return model

@@ -65,6 +65,12 @@ def _normal_(t: torch.Tensor, std: float, seed: int, name: str) -> None:
     t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=init_generator(seed, name)))
 
 
+def _linear_like(module: nn.Module) -> bool:
+    """A drop-in for ``nn.Linear`` that holds its ``weight`` Parameter (e.g. an FP8 Linear, which a model
+    converted on the meta device initialises only after conversion)."""
+    return hasattr(module, "in_features") and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
 class DeepseekV3Model(nn.Module):
     """The trunk: ``embed_tokens`` [V, d], ``layers`` (L blocks), ``norm``, rotary tables."""
 
@@ -112,7 +118,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         std = self.config.initializer_range
         for name, module in self.named_modules():
             prefix = f"{name}." if name else ""
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding)) or _linear_like(module):
                 _normal_(module.weight, std, seed, prefix + "weight")
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
@@ -132,6 +138,12 @@ class DeepseekV3ForCausalLM(nn.Module):
         """The MoE modules in ``expert_load`` order: main-model layers, then MTP modules."""
         blocks = list(self.model.layers) + list(self.mtp)
         return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
+
+    def moe_rows(self) -> dict[int, int]:
+        """The row of each MoE layer (by ``layer_idx``) in ``expert_load``: the configuration's MoE layers in order,
+        main model then MTP modules, including those a pipeline device does not hold (removed layers)."""
+        ids = [i for i in range(self.config.num_hidden_layers + len(self.mtp)) if self.config.is_moe_layer(i)]
+        return {idx: row for row, idx in enumerate(ids)}
 
     def num_parameters(self, *, include_mtp: bool = True, include_buffers: bool = False) -> int:
         """Parameter count (shared tensors counted once), optionally with the routing biases."""
@@ -172,12 +184,13 @@ class DeepseekV3ForCausalLM(nn.Module):
 
         Args:
             load: [n_moe_layers, N_r] tokens per expert summed over the step's micro-batches
-                (the sum of their ``expert_load`` outputs).
+                (the sum of their ``expert_load`` outputs; rows as :meth:`moe_rows`).
             gamma: bias update speed (default ``config.bias_update_speed``).
         """
         gamma = self.config.bias_update_speed if gamma is None else gamma
-        for moe, layer_load in zip(self.moe_layers(), load):
-            moe.update_bias(layer_load, gamma)
+        rows = self.moe_rows()
+        for moe in self.moe_layers():  # a pipeline device updates the layers it holds
+            moe.update_bias(load[rows[moe.layer_idx]], gamma)
 
     def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> LatentKVCache:
         """An empty latent KV cache for the main-model layers."""

@@ -272,9 +272,10 @@ def ema_state(model, ema, held=None) -> dict[str, torch.Tensor]:
 
 def ema_from_unsharded(ema, model, state: dict) -> None:
     """Restore ``ema`` over an expert-sharded ``model`` from an unsharded EMA ``state_dict`` (a one-process
-    checkpoint's: routed experts of all N_r experts in one tensor per layer)."""
+    checkpoint's: routed experts of all N_r experts in one tensor per layer); under pipeline parallelism
+    only the parameters ``ema`` averages (this device's stages) are taken."""
     experts = _expert_modules(model)
-    shadow = dict(state["shadow"])
+    shadow = {n: t for n, t in state["shadow"].items() if n in set(ema.names)}
     for name, p in model.named_parameters():
         mod = name.rpartition(".")[0]
         if mod in experts and name in shadow:

@@ -22,6 +22,7 @@ so ``dsv3 train --resume RUN_DIR`` always continues from a consistent state and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -33,7 +34,7 @@ import torch
 from dsv3.errors import TrainingError
 from dsv3.train.config import TrainConfig
 # The set-up pieces live in dsv3.train.session; these names stay importable from here.
-from dsv3.train.session import (CONFIG_FILE, Session, build_model, build_session, build_tokenizer,  # noqa: F401
+from dsv3.train.session import (CONFIG_FILE, Session, build_session, build_tokenizer,  # noqa: F401
                                 model_config_for, prepare_run_dir, resolve_device, resume_config, train_step)
 
 
@@ -68,6 +69,20 @@ def evaluate(model, data, *, micro_batch: int, max_batches: int, device: torch.d
     finally:
         model.train(was_training)
     return total / max(count, 1)
+
+
+def validate(s: Session) -> float:
+    """The held-out loss of session ``s`` (with ``--use-ema`` of its EMA weights, swapped in and back):
+    :func:`evaluate`, or under pipeline parallelism the forward-only pipelined pass over each device's
+    stages (:func:`dsv3.parallel.pipeline.train.validation_loss`)."""
+    micro_batch, max_batches = s.config.data.micro_batch, s.config.logging.eval_batches
+    use_ema = s.ema is not None and s.config.memory.use_ema
+    with s.ema.applied(s.model) if use_ema else contextlib.nullcontext():
+        if s.pipeline is not None:
+            from dsv3.parallel.pipeline.train import validation_loss
+
+            return validation_loss(s.pipeline, s.parallel, list(s.data.val_batches(micro_batch, max_batches)))
+        return evaluate(s.model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
 
 
 class _StopFlag:
@@ -151,8 +166,8 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     s = build_session(config, resume=resume, overrides=overrides)  # pp > 1: with its PipelineRuntime
     config, run_dir, model = s.config, s.run_dir, s.model
     ctx = s.parallel
-    distributed = ctx is not None and ctx.distributed
-    if distributed and not ctx.is_main:  # rank 0 alone writes metrics, progress and the console
+    distributed = ctx.distributed
+    if not ctx.is_main:  # rank 0 alone writes metrics, progress and the console
         log = _quiet
     if s.checkpoint is not None:
         log(f"resumed {run_dir} from {os.path.basename(s.checkpoint)} (step {s.step})")
@@ -164,7 +179,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     # over the device's peak for the parameter dtype.
     flops_per_token = training_flops_per_token(s.mcfg, config.data.seq_len)
     peak_flops, _ = device_peak_flops(s.device, getattr(torch, config.precision.dtype))
-    main = not distributed or ctx.is_main
+    main = ctx.is_main
     metrics = (MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, start_step=s.step) if main
                else _NullMetrics())
     progress = ProgressBar(config.schedule.steps, initial=s.step,
@@ -174,21 +189,14 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     last_ckpt = s.checkpoint
     interrupted = False
 
-    def checkpoint_now(at_step: int) -> str | None:  # the format of the layout: see dsv3.checkpoint.checkpointer
+    def checkpoint_now(at_step: int) -> str | None:  # the format of the run: see dsv3.checkpoint.checkpointer
         return s.checkpointer.save(at_step, model, s.optimizer, s.ema, s.prefetcher.state_after,
                                    {"nonfinite": s.nonfinite, "val_losses": s.val_losses})
-
-    def validate() -> float:
-        micro_batch, max_batches = config.data.micro_batch, config.logging.eval_batches
-        if s.ema is not None and config.memory.use_ema:
-            with s.ema.applied(model):
-                return evaluate(model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
-        return evaluate(model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
 
     try:
         with _StopFlag() as stop:
             if s.step == 0 and not s.val_losses and s.data.val is not None:
-                s.val_losses.append((0, validate()))
+                s.val_losses.append((0, validate(s)))
                 metrics.log({"step": 0, "val_loss": s.val_losses[-1][1]})
             while s.step < config.schedule.steps:
                 t0 = time.perf_counter()
@@ -225,7 +233,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                     record["expert_load"] = stats.load.tolist()
                 last = s.step == config.schedule.steps
                 if s.data.val is not None and (s.step % config.logging.eval_every == 0 or last):
-                    s.val_losses.append((s.step, validate()))
+                    s.val_losses.append((s.step, validate(s)))
                     record["val_loss"] = s.val_losses[-1][1]
                 metrics.log(record)
                 progress.update(s.step, loss=stats.loss, lm_loss=stats.lm_loss, tokens_per_s=stats.tokens / dt,

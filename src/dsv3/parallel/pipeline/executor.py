@@ -34,6 +34,14 @@ several devices (the embedding that the last stage's MTP uses under 1F1B/ZB1P,
 the two copies of every stage under DualPipe) and the step's loss terms and
 expert loads over the pipeline, so every device sees the single-process
 numbers.
+
+A device holds only its stages: the constructor removes the others from the model
+(:func:`~dsv3.parallel.pipeline.stages.remove_stages`; a model that
+:func:`~dsv3.parallel.pipeline.stages.select_stages` already cut stays as it is).
+:meth:`PipelineRuntime.evaluate` is the forward-only pass of validation over the held
+stages: each stage runs on the lowest device holding it, every device runs its stages in
+order, all micro-batches each, sending each activation on as soon as it is computed (the
+micro-batches flow through the pipeline as in GPipe's forward).
 """
 
 from __future__ import annotations
@@ -48,10 +56,11 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.errors import ConfigError
+from dsv3.model.loss import IGNORE_INDEX
 from dsv3.parallel.pipeline.schedules import (
     BACKWARD, BW, F, FB, FORWARD, RECV, SEND, B, Op, Schedule, W, build_schedule, validate_schedule,
 )
-from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageRecord, stage_layers
+from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageLayout, StageRecord, module_of, remove_stages
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
 from dsv3.utils.io import atomic_write_text
 
@@ -121,8 +130,8 @@ class PipelineRuntime:
     constructor creates process groups, a collective call).
 
     Args:
-        model: the built model; every process builds the whole model with the same
-            initialisation and uses the stages its device holds.
+        model: the model, whole (the stages this device does not run are removed here) or already cut
+            to this device's stages by :func:`~dsv3.parallel.pipeline.stages.select_stages`.
         schedule: schedule name (``1f1b``, ``zb1p``, ``dualpipe``, ``dualpipev``).
         pp: pipeline stages.
         seq_len: tokens per sequence (for the balanced split).
@@ -154,37 +163,37 @@ class PipelineRuntime:
             raise ConfigError(f"rank {rank} must be in exactly one pipeline, found {len(mine)}.")
         self.ranks = mine[0]
         self.device = self.ranks.index(rank)
-        self.layers = tuple(layers) if layers is not None else stage_layers(model.config, pp, seq_len)
-        starts = [sum(self.layers[:s]) for s in range(pp)]
-        all_stages = [PipelineStage(model, s, pp, list(range(starts[s], starts[s] + self.layers[s]))) for s in range(pp)]
-        self.stages = {s: all_stages[s] for s in self.template.device_stages[self.device]}
+        self.layout = StageLayout.of(model, self.name, pp, seq_len=seq_len, layers=layers)
+        self.layers = self.layout.layers
+        remove_stages(model, self.layout.device_modules(self.device))
+        self.stages = {s: PipelineStage(model, s, pp, self.layout.layer_ids(s), paths=self.layout.modules(s))
+                       for s in self.template.device_stages[self.device]}
+        first = next(iter(self.stages.values()))
+        self.param_device = first.device
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # the activations' dtype
         self.store = WeightGradStore()
         if split_w:
             for stage in self.stages.values():
                 for module in stage.modules():
                     split_weight_grads(module, self.store)
-        self._build_groups(pipelines, all_stages)
+        self._build_groups(pipelines)
         self._schedules: dict[int, Schedule] = {}
         self.trace_path: str | None = None
 
     # ------------------------------------------------------------------ groups
-    def _build_groups(self, pipelines: list[list[int]], all_stages: list[PipelineStage]) -> None:
+    def _build_groups(self, pipelines: list[list[int]]) -> None:
         """P2P groups (per link, direction and message kind), holder groups of shared parameters,
         and the pipeline group; created in the same order on every rank."""
-        # Which devices hold each parameter.
-        holders: dict[str, set[int]] = defaultdict(set)
-        for d, stages in enumerate(self.template.device_stages):
-            for s in stages:
-                for name in all_stages[s].parameter_names():
-                    holders[name].add(d)
-        self.holders = {n: tuple(sorted(ds)) for n, ds in holders.items()}
-        self.owned = sorted(n for n, ds in holders.items() if self.device in ds)
-        by_set: dict[tuple[int, ...], list[str]] = defaultdict(list)
-        for name in sorted(holders):
-            if len(holders[name]) > 1:
-                by_set[tuple(sorted(holders[name]))].append(name)
+        # Which devices hold each of this device's parameters (those of the module it belongs to).
+        paths = self.layout.device_modules(self.device)
+        self.holders = {n: self.layout.holders(module_of(n, paths)) for n, _ in self.model.named_parameters()}
+        self.owned = sorted(self.holders)
+        by_set: dict[tuple[int, ...], list[str]] = {devs: [] for devs in self.layout.shared_sets()}
+        for name in self.owned:
+            if len(self.holders[name]) > 1:
+                by_set[self.holders[name]].append(name)
         # The lowest holder counts a parameter in the gradient norm.
-        self.norm_owned = sorted(n for n in self.owned if min(holders[n]) == self.device)
+        self.norm_owned = sorted(n for n in self.owned if min(self.holders[n]) == self.device)
         self._p2p: dict[tuple[int, int, str], dist.ProcessGroup] = {}
         self._shared: list[tuple[dist.ProcessGroup, list[str]]] = []
         self.group = None
@@ -197,7 +206,7 @@ class PipelineRuntime:
                 g = dist.new_group([ranks[src], ranks[dst]])
                 if ranks is self.ranks:
                     self._p2p[(src, dst, kind)] = g
-            for devs, names in by_set.items():
+            for devs, names in by_set.items():  # every rank creates every set's group, in one order
                 g = dist.new_group([ranks[d] for d in devs])
                 if ranks is self.ranks and self.device in devs:
                     self._shared.append((g, names))
@@ -212,6 +221,13 @@ class PipelineRuntime:
             validate_schedule(schedule)
             self._schedules[microbatches] = schedule
         return self._schedules[microbatches]
+
+    def _micro_batches(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[MicroBatch]:
+        """``batches`` [(ids [b, T], labels [b, T])] on this device with the rotary tables, each weighted 1/n."""
+        device = self.param_device
+        cos, sin = self.model.model.rotary_emb(torch.arange(batches[0][0].shape[1], device=device))
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        return [MicroBatch(ids.to(device), labels.to(device), cos, sin, 1.0 / len(batches)) for ids, labels in batches]
 
     # ------------------------------------------------------------------ one step
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule | None = None) -> PipelineStepResult:
@@ -235,13 +251,8 @@ class PipelineRuntime:
         if missing:
             raise ConfigError(f"schedule {schedule.name!r} sends over links {sorted(missing)} that the runtime "
                               f"has no process groups for (it builds them from the {self.name} op lists).")
-        m = self.model
-        device = m.model.embed_tokens.weight.device
-        dtype = m.model.embed_tokens.weight.dtype
-        seqlen = batches[0][0].shape[1]
-        cos, sin = m.model.rotary_emb(torch.arange(seqlen, device=device))
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-        mbs = [MicroBatch(ids.to(device), labels.to(device), cos, sin, 1.0 / n) for ids, labels in batches]
+        m, device, dtype = self.model, self.param_device, self.dtype
+        mbs = self._micro_batches(batches)
         records: dict[tuple[int, int], StageRecord] = {}
         data: dict[tuple[str, int, int], object] = {}  # ("act"|"grad", mb, stage) -> tensor or (buffer, works)
         sends: list = []
@@ -359,6 +370,54 @@ class PipelineRuntime:
         result.t0 = t0
         return result
 
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Forward-only pass of ``batches`` = [(ids [b, T], labels [b, T])] through the held stages.
+
+        Every device of the pipeline passes the same batches. Returns [2] float64 on every device, reduced over
+        the pipeline: the sum over the batches of L_Main x (labelled tokens), and the labelled tokens (a batch
+        without labels counts zero), so the mean validation loss is their ratio, as one process's
+        token-weighted ``model(ids, labels).lm_loss``.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sums = self._forward_only(self._micro_batches(batches))
+        finally:
+            self.model.train(was_training)
+        dist.all_reduce(sums, group=self.group)
+        return sums
+
+    def _forward_only(self, mbs: list[MicroBatch]) -> torch.Tensor:
+        """This device's part of :meth:`evaluate`: its stages in order (each on the lowest device holding it),
+        every micro-batch of one stage before the next stage; receives block, sends are waited at the end."""
+        lay, me = self.layout, self.device
+        sums = torch.zeros(2, dtype=torch.float64, device=self.param_device)
+        local: dict[tuple[int, int], torch.Tensor] = {}
+        sends = []
+        for s in [s for s in range(self.pp) if lay.eval_device(s) == me]:
+            src = lay.eval_device(s - 1) if s > 0 else me
+            dst = lay.eval_device(s + 1) if s + 1 < self.pp else me
+            for i, mb in enumerate(mbs):
+                x = local.pop((i, s), None)
+                if s > 0 and src != me:
+                    x = torch.empty(*mb.ids.shape, self.model.config.hidden_size, dtype=self.dtype,
+                                    device=self.param_device)
+                    dist.recv(x, self.ranks[src], group=self._p2p[(src, me, FORWARD)])
+                out = self.stages[s].forward_eval(x, mb)
+                if s + 1 == self.pp:
+                    n = int((mb.labels != IGNORE_INDEX).sum())
+                    if n:
+                        sums += torch.stack([out.double() * n, out.new_tensor(n, dtype=torch.float64)])
+                elif dst == me:
+                    local[(i, s + 1)] = out
+                else:
+                    sends.append(dist.isend(out.contiguous(), self.ranks[dst], group=self._p2p[(me, dst, FORWARD)]))
+        for w in sends:
+            w.wait()
+        return sums
+
     # ------------------------------------------------------------------ reductions
     def _finish(self, sums, loads, trace) -> PipelineStepResult:
         params = dict(self.model.named_parameters())
@@ -370,28 +429,26 @@ class PipelineRuntime:
             for n, g in zip(names, grads):
                 params[n].grad = flat[offset:offset + g.numel()].view_as(g).clone()
                 offset += g.numel()
-        moes = self.model.moe_layers()
+        n_moe = len(self.model.moe_rows())  # every MoE layer of the model, held here or not
         device = sums[0].device
         vec = torch.stack(sums)
         load = None
-        if moes:
-            n_r = moes[0].n_experts
-            load = torch.zeros(len(moes), n_r, dtype=torch.float64, device=device)
+        if n_moe:
+            load = torch.zeros(n_moe, self.model.config.n_routed_experts, dtype=torch.float64, device=device)
             for idx, v in loads.items():
                 load[idx] += v.to(torch.float64)
             vec = torch.cat([vec, load.reshape(-1)])
         dist.all_reduce(vec, group=self.group)
         lm, mtp, bal = vec[:3].tolist()
         if load is not None:
-            load = vec[3:].view(len(moes), -1).round().to(torch.long)
+            load = vec[3:].view(n_moe, -1).round().to(torch.long)
         return PipelineStepResult(loss=lm + mtp + bal, lm_loss=lm, mtp_loss=mtp, balance_loss=bal, load=load, trace=trace)
 
     def grad_norm(self) -> torch.Tensor:
         """The global gradient L2 norm over all stages (each parameter counted once; FP32, 0-dim)."""
         params = dict(self.model.named_parameters())
         grads = [params[n].grad for n in self.norm_owned if params[n].grad is not None]
-        device = self.model.model.embed_tokens.weight.device
-        sq = torch.zeros((), dtype=torch.float32, device=device)
+        sq = torch.zeros((), dtype=torch.float32, device=self.param_device)
         for g in grads:
             sq = sq + g.detach().float().pow(2).sum()
         dist.all_reduce(sq, group=self.group)
@@ -410,45 +467,6 @@ class PipelineRuntime:
                 if params[n].grad is not None:
                     params[n].grad.mul_(scale.to(params[n].grad.dtype))
         return norm
-
-    @torch.no_grad()
-    def sync_parameters(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Broadcast every parameter (and with ``optimizer`` its AdamW state: step, moments) from the
-        lowest device holding it, so that every device holds the whole trained model and optimizer (before
-        evaluation, sampling, export or a single-process checkpoint, which then resumes in any layout)."""
-        params = dict(self.model.named_parameters())
-        by_src: dict[int, list[str]] = defaultdict(list)
-        for name in sorted(self.holders):
-            by_src[self.holders[name][0]].append(name)
-
-        def broadcast(src: int, tensors: list[torch.Tensor]) -> None:
-            for dtype in sorted({t.dtype for t in tensors}, key=str):  # one flat message per dtype
-                same = [t for t in tensors if t.dtype == dtype]
-                flat = torch.cat([t.detach().reshape(-1) for t in same])
-                dist.broadcast(flat, self.ranks[src], group=self.group)
-                offset = 0
-                for t in same:
-                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
-                    offset += t.numel()
-
-        for src in sorted(by_src):
-            names = by_src[src]
-            broadcast(src, [params[n] for n in names])
-            if optimizer is None:
-                continue
-            states = []
-            for n in names:
-                st = optimizer.state[params[n]]
-                if not st:  # a parameter this device does not train: make room for the holder's state
-                    mdtype = getattr(optimizer, "moments_dtype", params[n].dtype)
-                    st["step"] = 0 if hasattr(optimizer, "moments_dtype") else torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(params[n], dtype=mdtype)
-                    st["exp_avg_sq"] = torch.zeros_like(params[n], dtype=mdtype)
-                states.append(st)
-            step = torch.tensor([float(st["step"]) for st in states], dtype=torch.float64)
-            broadcast(src, [step] + [st["exp_avg"] for st in states] + [st["exp_avg_sq"] for st in states])
-            for st, value in zip(states, step.tolist()):
-                st["step"] = int(value) if isinstance(st["step"], int) else torch.tensor(value)
 
     def owned_parameters(self) -> list[nn.Parameter]:
         """The parameters this device holds (give these to the optimizer)."""

@@ -33,6 +33,15 @@ with the same weight 1/n_micro as the main loss.
 
 The split (:func:`stage_layers`) is the planner's balanced split, which
 minimises the slowest stage's forward FLOPs (head and MTP count on the last).
+
+What a device holds (:class:`StageLayout`, :func:`select_stages`): the modules of the stages its
+schedule runs on it (``Schedule.device_stages``: one stage under 1F1B/ZB1P, two under DualPipe and
+DualPipeV), named by their paths in the model (``model.embed_tokens``, ``model.layers.{i}``,
+``model.norm``, ``lm_head``, ``mtp.{k}``). Every other module is removed from the model: a decoder
+layer or MTP module becomes a :class:`RemovedBlock` (no parameters; the ``ModuleList`` keeps its
+length, so global layer indices and checkpoint names stay), the embedding, final norm and head
+become ``None``. Removed modules never get storage (on a meta-device build they are never
+materialised).
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.memory.recompute import RecomputePolicy
 from dsv3.parallel.pipeline.overlap import CutMoE, cuts, span
+from dsv3.parallel.pipeline.schedules import build_schedule
 
 
 def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) -> tuple[int, ...]:
@@ -82,6 +92,137 @@ def _call(fn, *args, stats=None):
     return fn(*args) if stats is None else fn(*args, stats=stats)
 
 
+class RemovedBlock(nn.Module):
+    """The slot of a decoder layer or MTP module that another pipeline device holds.
+
+    It has no parameters or buffers, so the ``ModuleList`` keeps its length: the held layers keep
+    their global indices and checkpoint names. ``mlp`` is None (``model.moe_layers()`` skips it).
+    """
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.mlp = None
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError(f"layer {self.layer_idx} is held by another pipeline device; run the model through "
+                           f"its PipelineRuntime")
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, held by another pipeline device"
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Which modules each stage runs and which devices of a pipeline hold them (no torch needed).
+
+    Attributes:
+        layers: decoder layers per stage (``pp`` counts summing to L).
+        device_stages: the stages each device runs (the schedule's ``device_stages``).
+        n_mtp: MTP modules D (all on the last stage).
+        embedding_on_last: the last stage uses the embedding too (MTP embeds the shifted tokens, or the
+            output head is tied to it).
+    """
+
+    layers: tuple[int, ...]
+    device_stages: tuple[tuple[int, ...], ...]
+    n_mtp: int
+    embedding_on_last: bool
+
+    @classmethod
+    def of(cls, model: nn.Module, schedule: str, pp: int, *, seq_len: int,
+           layers: tuple[int, ...] | None = None) -> "StageLayout":
+        """The layout of ``model`` (whole or already cut) under ``schedule`` with ``pp`` stages; ``layers``
+        defaults to the planner's balanced split (:func:`stage_layers`)."""
+        cfg = model.config
+        split = tuple(layers) if layers is not None else stage_layers(cfg, pp, seq_len)
+        template = build_schedule(schedule, pp, 2 * pp)
+        n_mtp = len(model.mtp)
+        return cls(split, template.device_stages, n_mtp, n_mtp > 0 or bool(cfg.tie_word_embeddings))
+
+    @property
+    def pp(self) -> int:
+        return len(self.layers)
+
+    def layer_ids(self, stage: int) -> list[int]:
+        """Global indices of stage ``stage``'s decoder layers."""
+        start = sum(self.layers[:stage])
+        return list(range(start, start + self.layers[stage]))
+
+    def modules(self, stage: int) -> list[str]:
+        """Module paths stage ``stage`` runs, in order: the embedding (first stage; the last one too when
+        ``embedding_on_last``), its layers, and on the last stage the final norm, head and MTP modules."""
+        last = stage == self.pp - 1
+        out = ["model.embed_tokens"] if stage == 0 or (last and self.embedding_on_last) else []
+        out += [f"model.layers.{i}" for i in self.layer_ids(stage)]
+        if last:
+            out += ["model.norm", "lm_head"] + [f"mtp.{k}" for k in range(self.n_mtp)]
+        return out
+
+    def device_modules(self, device: int) -> list[str]:
+        """Module paths device ``device`` holds (those of its stages, each once)."""
+        return list(dict.fromkeys(p for s in self.device_stages[device] for p in self.modules(s)))
+
+    def holders(self, path: str) -> tuple[int, ...]:
+        """The devices holding module ``path`` (ascending)."""
+        return tuple(d for d in range(len(self.device_stages)) if path in self.device_modules(d))
+
+    def shared_sets(self) -> list[tuple[int, ...]]:
+        """Every set of two or more devices that hold a module in common (sorted; the same on every rank)."""
+        paths = {p for d in range(len(self.device_stages)) for p in self.device_modules(d)}
+        return sorted({self.holders(p) for p in paths if len(self.holders(p)) > 1})
+
+    def eval_device(self, stage: int) -> int:
+        """The device that runs ``stage`` in a forward-only pass: the lowest one holding it."""
+        return min(d for d, stages in enumerate(self.device_stages) if stage in stages)
+
+
+def module_of(name: str, paths: list[str]) -> str:
+    """The module path among ``paths`` that parameter ``name`` belongs to (longest matching prefix)."""
+    found = [p for p in paths if name.startswith(p + ".")]
+    if not found:
+        raise ValueError(f"parameter {name!r} belongs to none of the modules {paths}")
+    return max(found, key=len)
+
+
+def remove_stages(model: nn.Module, keep: list[str]) -> list[str]:
+    """Remove from ``model`` every stage module (see :meth:`StageLayout.modules`) whose path is not in ``keep``;
+    return the names of the parameters left (``model.named_parameters()`` order).
+
+    Idempotent. Raises ConfigError when a module in ``keep`` was already removed (a model cut for another device).
+    """
+    keep = set(keep)
+    for attr, blocks in (("model.layers", model.model.layers), ("mtp", model.mtp)):
+        for i, block in enumerate(blocks):
+            path = f"{attr}.{i}"
+            if path not in keep:
+                blocks[i] = RemovedBlock(block.layer_idx)
+            elif isinstance(block, RemovedBlock):
+                raise ConfigError(f"this model no longer holds {path}; build the model again for this device")
+    for parent, attr, path in ((model.model, "embed_tokens", "model.embed_tokens"), (model.model, "norm", "model.norm"),
+                               (model, "lm_head", "lm_head")):
+        if path not in keep:
+            setattr(parent, attr, None)
+        elif getattr(parent, attr) is None:
+            raise ConfigError(f"this model no longer holds {path}; build the model again for this device")
+    return [n for n, _ in model.named_parameters()]
+
+
+def select_stages(model: nn.Module, ctx, *, seq_len: int, layers: tuple[int, ...] | None = None) -> list[str]:
+    """Pipeline stage selection: remove from ``model`` the stages this device does not run; return the held
+    parameter names.
+
+    ``ctx`` is the :class:`~dsv3.parallel.world.ParallelContext` (its ``schedule``, ``pp`` and ``pp_rank``,
+    the pipeline device); ``seq_len`` decides the planner's balanced split unless ``layers`` gives it.
+    Works on a model built on the meta device (nothing is allocated) and on a built one; without
+    pipeline parallelism (``ctx.pp == 1``) nothing is removed.
+    """
+    if ctx.pp <= 1:
+        return [n for n, _ in model.named_parameters()]
+    layout = StageLayout.of(model, ctx.schedule, ctx.pp, seq_len=seq_len, layers=layers)
+    return remove_stages(model, layout.device_modules(ctx.pp_rank))
+
+
 @dataclass
 class MicroBatch:
     """One micro-batch as every stage sees it.
@@ -108,7 +249,7 @@ class StageRecord:
     callable ``backward(output_grad, scale) -> input_grad`` (None between its components); ``output`` is the
     stage output (activation [b, T, d], or on the last stage the scalar loss);
     ``parts`` are detached [lm, mtp, balance] loss terms computed here; ``loads``
-    maps an MoE layer's index in ``model.moe_layers()`` to its [N_r] token counts.
+    maps an MoE layer's row in ``expert_load`` (``model.moe_rows()``) to its [N_r] token counts.
     """
 
     steps: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
@@ -121,10 +262,12 @@ class PipelineStage:
     """Stage ``stage`` of a ``pp``-stage split of ``model`` holding decoder layers ``layers``.
 
     Args:
-        model: the built causal LM (every rank builds the whole model; a stage uses its part).
+        model: the causal LM (cut to this device's stages by :func:`remove_stages`, or whole).
         stage: the stage index s in ``0 .. pp-1``.
         pp: number of stages.
         layers: indices of its decoder layers (consecutive).
+        paths: the module paths it runs (:meth:`StageLayout.modules`; default: the embedding on the
+            first stage, and on the last one when MTP or a tied head uses it; the layers; norm, head, MTP).
         cut_moe: cut MoE layers that exchange tokens at their all-to-alls (three steps each way, see the
             module docstring); False runs each such feed-forward as one step (exchanges inside it).
 
@@ -133,28 +276,28 @@ class PipelineStage:
     cut layers' exchange starts and waits (:mod:`~dsv3.parallel.pipeline.overlap`); for traces and tests.
     """
 
-    def __init__(self, model: nn.Module, stage: int, pp: int, layers: list[int], *, cut_moe: bool = True) -> None:
+    def __init__(self, model: nn.Module, stage: int, pp: int, layers: list[int], *, cut_moe: bool = True,
+                 paths: list[str] | None = None) -> None:
         self.model, self.stage, self.pp = model, stage, pp
         self.cut_moe = cut_moe
         self.events: list | None = None
         self.layer_ids = list(layers)
         self.is_first, self.is_last = stage == 0, stage == pp - 1
-        moes = model.moe_layers()
-        self._moe_index = {id(m): i for i, m in enumerate(moes)}
+        if paths is None:
+            last = self.is_last and (len(model.mtp) > 0 or model.config.tie_word_embeddings)
+            paths = (["model.embed_tokens"] if self.is_first or last else []) + \
+                [f"model.layers.{i}" for i in self.layer_ids] + \
+                (["model.norm", "lm_head"] + [f"mtp.{k}" for k in range(len(model.mtp))] if self.is_last else [])
+        self.paths = list(paths)
+        rows = model.moe_rows()
+        self._moe_index = {id(m): rows[m.layer_idx] for m in model.moe_layers()}
+        self.device = next(p for m in self.modules() for p in m.parameters()).device
 
     # ------------------------------------------------------------------ parameters
     def modules(self) -> list[nn.Module]:
-        """The submodules this stage runs (the embedding on the first stage, and on the last one when
-        MTP or a tied head uses it)."""
-        m = self.model
-        out: list[nn.Module] = []
-        uses_embedding = self.is_first or (self.is_last and (len(m.mtp) > 0 or m.config.tie_word_embeddings))
-        if uses_embedding:
-            out.append(m.model.embed_tokens)
-        out += [m.model.layers[i] for i in self.layer_ids]
-        if self.is_last:
-            out += [m.model.norm, m.lm_head, *m.mtp]
-        return out
+        """The submodules this stage runs (:attr:`paths`: the embedding on the first stage, and on the last one
+        when MTP or a tied head uses it)."""
+        return [self.model.get_submodule(p) for p in self.paths]
 
     def parameter_names(self) -> list[str]:
         """Names (as in ``model.named_parameters()``) of the parameters this stage uses."""
@@ -178,7 +321,7 @@ class PipelineStage:
         if stats is not None:
             key = mlp.layer_idx
             rec.loads[idx] = stats.load[key] if key in stats.load else torch.zeros(
-                mlp.n_experts, dtype=torch.long, device=self.model.model.embed_tokens.weight.device)
+                mlp.n_experts, dtype=torch.long, device=self.device)
             return stats.balance.get(key)
         rec.loads[idx] = mlp.last_load
         return mlp.last_balance_loss
@@ -324,3 +467,16 @@ class PipelineStage:
                 g = inp.grad if inp is not None else None
             yield
         rec.output = g
+
+    @torch.no_grad()
+    def forward_eval(self, x: torch.Tensor | None, mb: MicroBatch) -> torch.Tensor:
+        """The stage's forward-only pass for validation: ``x`` [b, T, d] (ignored on the first stage, which
+        embeds ``mb.ids``) -> the output activation [b, T, d], or on the last stage the main-model loss L_Main
+        (mean cross-entropy of ``mb.labels``, as ``model(ids, labels).lm_loss``; no MTP)."""
+        m = self.model
+        h = m.model.embed_tokens(mb.ids) if self.is_first else x
+        for i in self.layer_ids:
+            h = _call(m.model.layers[i], h, mb.cos, mb.sin, stats=_new_stats())
+        if not self.is_last:
+            return h
+        return m._head_loss(m.model.norm(h), mb.labels)

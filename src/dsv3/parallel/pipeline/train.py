@@ -4,9 +4,10 @@
 ``N = devices * dp`` processes, ``devices = P`` (``P / 2`` under DualPipeV), laid out as
 :mod:`dsv3.parallel.world` describes. Every rank runs the ordinary loop
 (:func:`dsv3.train.loop.train`); :func:`dsv3.train.session.build_session` joins the world,
-shards the experts over the expert-parallel group, builds the :class:`PipelineRuntime` with
+shards the experts over the expert-parallel group, keeps only this device's stages
+(:func:`~dsv3.parallel.pipeline.stages.select_stages`), builds the :class:`PipelineRuntime` with
 :func:`build_pipeline` (the context's pipelines: the ranks of one data-parallel index) and
-ZeRO-1 over the parameters of this device's stages. One optimizer step
+ZeRO-1 over the parameters of this device's stages; the CPU EMA shadows only those. One optimizer step
 (:func:`dsv3.train.session.train_step`: ``_pipeline_pass``, then the ``_update`` that every layout shares) then is:
 
 1. :meth:`PipelineRuntime.step` runs this data-parallel rank's ``global_batch / (micro_batch x dp)``
@@ -16,18 +17,24 @@ ZeRO-1 over the parameters of this device's stages. One optimizer step
    dp, experts over edp), and the global gradient norm counts every parameter once over the
    pipeline; every rank takes the same clip and NaN-skip decisions;
 3. ZeRO-1 updates the held parameters, the auxiliary-loss-free bias update uses the loads of
-   all stages, micro-batches and data-parallel ranks (bit-identical everywhere);
-4. before evaluation, checkpoints, the EMA and the end (:func:`sync_due`) every device receives
-   the parameters of the stages it does not run (:meth:`PipelineRuntime.sync_parameters`).
+   all stages, micro-batches and data-parallel ranks (bit-identical everywhere), the EMA
+   averages the held parameters. Nothing is broadcast: no device ever holds another's stages.
+
+Validation (:func:`validation_loss`) is a forward-only pipelined pass
+(:meth:`PipelineRuntime.evaluate`), its batches split over the data-parallel ranks; with
+``--use-ema`` each device swaps its EMA into its own stages first. Checkpoints are sharded:
+every rank writes its stages (:mod:`dsv3.parallel.checkpoint`).
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 
 from dsv3.errors import ConfigError
+from dsv3.model.loss import IGNORE_INDEX
 from dsv3.parallel.pipeline.executor import PipelineRuntime, PipelineStepResult, TraceEvent, check_layout, write_chrome_trace
 
 
@@ -109,8 +116,19 @@ def write_step_trace(path: str, runtime: PipelineRuntime, result: PipelineStepRe
         write_chrome_trace(path, traces)
 
 
-def sync_due(config, step: int) -> bool:
-    """Whether the loop evaluates, checkpoints or finishes after optimizer step ``step`` (1-based), so that
-    the whole model must be on every device (the same decision on every rank)."""
-    c = config
-    return step % c.logging.eval_every == 0 or step % c.checkpoint.save_every == 0 or step >= c.schedule.steps
+def validation_loss(runtime: PipelineRuntime, ctx, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Token-weighted mean main-model loss of ``batches`` (every rank passes the same list) under pipeline
+    parallelism: data-parallel rank r evaluates every dp-th batch from r through its pipeline
+    (:meth:`PipelineRuntime.evaluate`), the sums are added over dp. Ranks with one batch fewer run a copy
+    without labels (it counts zero), so that expert-parallel peers exchange tokens equally often.
+    Collective over the world; the same value on every rank."""
+    if not batches:
+        return 0.0
+    mine = batches[ctx.dp_rank::ctx.dp]
+    ids, labels = batches[0]
+    mine += [(ids, torch.full_like(labels, IGNORE_INDEX))] * (-(-len(batches) // ctx.dp) - len(mine))
+    sums = runtime.evaluate(mine)
+    if ctx.dp > 1:
+        dist.all_reduce(sums, group=ctx.dp_group)
+    total, count = sums.tolist()
+    return total / max(count, 1.0)
