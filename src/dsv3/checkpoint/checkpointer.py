@@ -111,11 +111,13 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ init-from, export
     @staticmethod
-    def init_from(path: str, model) -> int:
+    def init_from(path: str, model, *, partial: bool = True) -> int:
         """Load the weights of ``path`` (a Hugging Face directory, FP8 or not; or a run directory: its
-        newest checkpoint) into ``model``, which may hold only a rank's part (expert block, stages).
+        newest checkpoint) into ``model``.
 
-        Only the held tensors and expert rows are read. Returns the bytes read."""
+        ``partial``: ``model`` may hold only a rank's part (expert block, stages); only the held tensors
+        and expert rows are read, and each must be found. Without it every checkpoint tensor must have a
+        place in ``model`` (one process). Returns the bytes read."""
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             newest = Checkpointer(path).latest(hashes=False)
             if newest is None:
@@ -124,7 +126,7 @@ class Checkpointer:
         if os.path.isfile(os.path.join(path, dcp_format.META)):
             dcp_format.load_model_sharded(path, model)
             return 0
-        return load_state_into(model, path, files=checkpoint_files(path), partial=True)
+        return load_state_into(model, path, files=checkpoint_files(path), partial=partial)
 
     @staticmethod
     def export(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
