@@ -201,3 +201,42 @@ def test_one_process_zero1_state_is_adamws(tmp_path):
     fresh.load_state_dict(want)
     for i, st in fresh.state_dict()["state"].items():
         assert torch.equal(st["exp_avg_sq"], want["state"][i]["exp_avg_sq"])
+
+
+def _load_worker(rank: int, world: int, path: str):
+    """Load the dp2 x ep2 checkpoint at dp2 x ep2 and record what each rank asks DCP for."""
+    import torch.distributed.checkpoint as dcp
+
+    from dsv3.parallel.checkpoint import RowChunk, load_sharded
+    from dsv3.parallel.dispatch import shard_experts
+    from dsv3.parallel.world import init_parallel
+    from dsv3.parallel.zero import ZeroAdamW
+    from test_parallel_ep import _model
+
+    asked = {}
+    real = dcp.load
+
+    def spy(state, **kwargs):
+        asked.update({k: (tuple(v.offsets), tuple(v.local.shape)) if isinstance(v, RowChunk) else None
+                      for k, v in state.items()})
+        return real(state, **kwargs)
+
+    dcp.load = spy
+    ctx = init_parallel(dp=world, ep=world, n_routed_experts=_config().n_routed_experts)
+    model = shard_experts(_model(), ctx, dispatcher="alltoall")
+    opt = ZeroAdamW(model, ctx, **OPT)
+    load_sharded(os.path.join(path, "dcp-00000001"), model=model, optimizer=opt, ctx=ctx)
+    return asked, ctx.expert_block(_config().n_routed_experts), {s.name: s.bounds[ctx.dp_rank] for s in opt.shards
+                                                                 if not s.expert}
+
+
+@pytest.mark.timeout(120)
+def test_a_sharded_resume_asks_dcp_only_for_what_the_rank_holds(tmp_path):
+    """DCP reads only the keys it is given: each rank gives its own experts and its own ZeRO-1 rows."""
+    run_ranks(_save_worker, 2, 2, str(tmp_path), timeout=80)
+    for asked, (first, end), dense_rows in run_ranks(_load_worker, 2, 2, str(tmp_path), timeout=80):
+        experts = {int(m.group(1)) for k in asked if (m := re.search(r"\.experts\.(\d+)\.", k))}
+        assert experts == set(range(first, end))  # model and optimizer keys of its experts only
+        start, stop = dense_rows["model.embed_tokens.weight"]
+        for kind in ("master", "exp_avg", "exp_avg_sq"):
+            assert asked[f"optim/model.embed_tokens.weight/{kind}"] == ((start, 0), (stop - start, _config().hidden_size))
