@@ -285,20 +285,6 @@ def ema_state(model, ema, held=None) -> dict[str, torch.Tensor]:
             for key, name, i in _ema_keys(model, ema.names) if held is None or name in held}
 
 
-def ema_from_unsharded(ema, model, state: dict) -> None:
-    """Restore ``ema`` over an expert-sharded ``model`` from an unsharded EMA ``state_dict`` (a one-process
-    checkpoint's: routed experts of all N_r experts in one tensor per layer); under pipeline parallelism
-    only the parameters ``ema`` averages (this device's stages) are taken."""
-    experts = _expert_modules(model)
-    shadow = {n: t for n, t in state["shadow"].items() if n in set(ema.names)}
-    for name, p in model.named_parameters():
-        mod = name.rpartition(".")[0]
-        if mod in experts and name in shadow:
-            off = experts[mod].expert_offset
-            shadow[name] = shadow[name][off:off + p.shape[0]]
-    ema.load_state_dict({"shadow": shadow, "num_updates": int(state.get("num_updates", 0))})
-
-
 def read_meta(path: str) -> dict:
     """The ``meta.json`` of the sharded checkpoint ``path`` (a CheckpointError when it is not complete)."""
     meta_path = os.path.join(path, META)
