@@ -104,6 +104,26 @@ def _param_keys(model) -> list[tuple[str, torch.Tensor, int | None]]:
     return out
 
 
+def _local_name(key: str, row: int | None) -> str:
+    """The model's own name of global key ``key`` (``row``: its expert's row in the local block, or None)."""
+    return key if row is None else key.rsplit(".", 2)[0] + "." + key.rsplit(".", 1)[1]
+
+
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (or a :class:`RowChunk`'s rows) aliased as a tensor whose storage is exactly its bytes: no copy.
+
+    DCP clones every tensor whose storage is larger than the tensor itself (an expert of a stacked
+    block, a ZeRO-1 chunk of a parameter) and keeps each clone until the rank's file is written, which
+    would hold a second copy of what the rank saves. A contiguous CPU view gets a storage of its own
+    extent instead (through NumPy, which shares the memory)."""
+    if isinstance(t, RowChunk):
+        return RowChunk(_exact(t.local), t.offsets, t.shape)
+    if t.device.type != "cpu" or not t.is_contiguous() or t.untyped_storage().nbytes() == t.nbytes or not t.numel():
+        return t
+    raw = torch.from_numpy(t.detach().reshape(-1).view(torch.uint8).numpy())
+    return raw.view(t.dtype).view(t.shape)
+
+
 _KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
@@ -183,8 +203,7 @@ def model_state(model, held=None) -> dict[str, torch.Tensor]:
         skip = {n for n, _ in model.named_parameters() if n not in held}
     out = {}
     for k, t, i in _param_keys(model):
-        local = k if i is None else k.rsplit(".", 2)[0] + "." + k.rsplit(".", 1)[1]
-        if local in skip:
+        if _local_name(k, i) in skip:
             continue
         out[f"model/{k}"] = t.detach() if i is None else t.detach()[i]
     return out
@@ -209,9 +228,11 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
     if ema is not None:  # the EMA under the same global keys (ema/...), its update count in meta.json
         state.update(ema_state(model, ema, getattr(optimizer, "held", None)))
         extra = {"ema": {"num_updates": ema.num_updates}, **(extra or {})}
-    dcp.save(state, checkpoint_id=tmp)
+    dcp.save({k: _exact(v) for k, v in state.items()}, checkpoint_id=tmp)
     ctx.barrier()
     if ctx.is_main:
+        if os.path.isfile(os.path.join(run_dir, "tokenizer.json")):  # self-contained, as one-process checkpoints
+            shutil.copyfile(os.path.join(run_dir, "tokenizer.json"), os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, META), "w") as fh:
             json.dump({"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep},
                        **(extra or {})}, fh)
@@ -264,20 +285,6 @@ def ema_state(model, ema, held=None) -> dict[str, torch.Tensor]:
             for key, name, i in _ema_keys(model, ema.names) if held is None or name in held}
 
 
-def ema_from_unsharded(ema, model, state: dict) -> None:
-    """Restore ``ema`` over an expert-sharded ``model`` from an unsharded EMA ``state_dict`` (a one-process
-    checkpoint's: routed experts of all N_r experts in one tensor per layer); under pipeline parallelism
-    only the parameters ``ema`` averages (this device's stages) are taken."""
-    experts = _expert_modules(model)
-    shadow = {n: t for n, t in state["shadow"].items() if n in set(ema.names)}
-    for name, p in model.named_parameters():
-        mod = name.rpartition(".")[0]
-        if mod in experts and name in shadow:
-            off = experts[mod].expert_offset
-            shadow[name] = shadow[name][off:off + p.shape[0]]
-    ema.load_state_dict({"shadow": shadow, "num_updates": int(state.get("num_updates", 0))})
-
-
 def read_meta(path: str) -> dict:
     """The ``meta.json`` of the sharded checkpoint ``path`` (a CheckpointError when it is not complete)."""
     meta_path = os.path.join(path, META)
@@ -327,26 +334,53 @@ def load_model_sharded(path: str, model) -> None:
     dcp.load(model_state(model), checkpoint_id=path)
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
-    """Write the Hugging Face safetensors directory of a sharded checkpoint (``dsv3 export``).
-
-    ``checkpoint``: a ``dcp-*`` directory inside a run directory (whose ``model_config.json``
-    describes the model) or a run directory (its latest sharded checkpoint). Runs in one process.
-    """
-    from dsv3.checkpoint.hf import save_pretrained
-    from dsv3.config import ModelConfig
-    from dsv3.model import DeepseekV3ForCausalLM
-
+def resolve_sharded(checkpoint: str) -> str:
+    """A ``dcp-*`` directory, or a run directory's newest complete one (a CheckpointError when it has none)."""
     if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, META)):
         latest = latest_sharded(checkpoint)
         if latest is None:
             raise CheckpointError(f"{checkpoint} holds no complete sharded checkpoint (dcp-*/{META}); pass one")
-        checkpoint = latest
+        return latest
+    read_meta(checkpoint)
+    return checkpoint
+
+
+@torch.no_grad()
+def load_full_model(checkpoint: str, *, device: str | torch.device = "cpu", use_ema: bool = False):
+    """The whole model of a sharded checkpoint (any layout) in one process, built once on the meta device,
+    given storage, and loaded in place: one copy of the model, never two.
+
+    ``checkpoint``: a ``dcp-*`` directory inside its run directory (whose ``model_config.json`` describes
+    the model). ``use_ema``: the EMA shadows (``ema/...``) replace the trained parameters."""
+    from dsv3.checkpoint.hf import empty_model
+    from dsv3.config import ModelConfig
+
     config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_config.json")
     if not os.path.isfile(config_path):
-        raise CheckpointError(f"no model_config.json next to {checkpoint}; export a checkpoint inside its run directory")
-    config = ModelConfig.from_json_file(config_path)
-    model = DeepseekV3ForCausalLM(config)  # every parameter and router bias is overwritten below
+        raise CheckpointError(f"no model_config.json next to {checkpoint}; use a checkpoint inside its run directory")
+    model = empty_model(ModelConfig.from_json_file(config_path), device=device)
     load_model_sharded(checkpoint, model)
+    if use_ema:
+        import torch.distributed.checkpoint as dcp
+
+        if "ema" not in read_meta(checkpoint):
+            raise CheckpointError(f"checkpoint {checkpoint} holds no EMA weights (train with --ema-decay)")
+        params = {n for n, _ in model.named_parameters()}
+        ema = {f"ema/{k}": (t.detach() if i is None else t.detach()[i]) for k, t, i in _param_keys(model)
+               if _local_name(k, i) in params}
+        dcp.load(ema, checkpoint_id=checkpoint)  # the shadows straight into the parameters
+    return model
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
+    """Write the Hugging Face safetensors directory of a sharded checkpoint (``dsv3 export``).
+
+    ``checkpoint``: a ``dcp-*`` directory inside a run directory (whose ``model_config.json``
+    describes the model) or a run directory (its latest sharded checkpoint). Runs in one process,
+    holding one copy of the model (:func:`load_full_model`) and one output shard at a time.
+    """
+    from dsv3.checkpoint.hf import save_pretrained
+
+    model = load_full_model(resolve_sharded(checkpoint))
     save_pretrained(model, out_dir, dtype=dtype)
     return out_dir
