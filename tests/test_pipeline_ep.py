@@ -218,8 +218,9 @@ def test_bad_pipeline_layout_fails_with_one_line_on_every_rank_before_writing(tr
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train_setup, tmp_path):
-    """Under pp every rank holds and writes only the parameters of its own stages; together they make a
-    checkpoint that loads into one process whole, with every rank's values."""
+    """Under pp every rank holds and writes only the parameters of its own stages, and the EMA of them; together
+    they make a checkpoint that loads into one process whole, with every rank's values, and ``dsv3 export
+    --use-ema`` gathers the EMA of all stages from it."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -228,12 +229,13 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
     from dsv3.parallel.checkpoint import load_model_sharded
     from pipeline_worker import save_rank
 
-    opts = _opts(train_setup, tmp_path / "unused", global_batch=4, steps=1)
+    opts = _opts(train_setup, tmp_path / "unused", global_batch=4, steps=1, ema_decay=0.5)
     session_losses(opts, 0)  # token caches before the spawn
     run_dir = tmp_path / "ckpt"
     run_dir.mkdir()
     runs = run_ranks(save_rank, 2, dict(opts, pp=2, pipeline="1f1b"), str(run_dir), timeout=100)
-    (held0, params0), (held1, params1) = runs
+    (held0, params0, ema0), (held1, params1, ema1) = runs
+    assert set(ema0) == set(held0) and set(ema1) == set(held1)  # each rank averages only what it holds
     assert set(held0) & set(held1) <= {"model.embed_tokens.weight"}  # only the embedding MTP uses is on both
     path = run_dir / "dcp-00000001"
     meta = dcp.FileSystemReader(str(path)).read_metadata()
@@ -251,6 +253,17 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
         np.testing.assert_array_equal(p.detach().numpy(), {**params0, **params1}[name], err_msg=name)
+    from dsv3.checkpoint.hf import from_pretrained
+    from dsv3.cli import main
+
+    mcfg.save(run_dir / "model_config.json")  # (write=False sessions write no run directory files)
+    assert main(["export", str(path), str(tmp_path / "hf"), "--use-ema"]) == 0
+    exported = dict(from_pretrained(str(tmp_path / "hf")).named_parameters())
+    emas = {**ema0, **ema1}
+    assert emas.keys() == exported.keys()
+    assert not np.array_equal(emas["model.norm.weight"], params1["model.norm.weight"])  # the EMA lags the weights
+    for name, value in emas.items():
+        np.testing.assert_array_equal(exported[name].detach().float().numpy(), value, err_msg=name)
 
 
 def test_layout_of_pipelines_with_expert_and_data_parallelism():

@@ -436,7 +436,7 @@ def test_train_rejects_bad_layouts_before_writing(train_setup, tmp_path, monkeyp
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
+def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path, capsys):
     """``torchrun --nproc-per-node 2 -m dsv3 train --pp 2 --pipeline dualpipe --trace``: the metrics (losses,
     grad norms, validation) and the final (DCP) checkpoint's weights equal a one-process ``dsv3 train``."""
     import os
@@ -475,6 +475,11 @@ def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
         torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-5, atol=1e-5, msg=name)
     spans = [e for e in json.loads((pp / "pipeline_trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
     assert {e["tid"] for e in spans} == {0, 1}
+    from helpers import assert_one_error, cli
+
+    code, _, err = cli(["export", latest_sharded(str(pp)), tmp_path / "hf", "--use-ema"], capsys)
+    assert_one_error(code, err, "holds no EMA weights")
+    assert not (tmp_path / "hf").exists()
 
 
 def _stage_bytes(model, prefixes):

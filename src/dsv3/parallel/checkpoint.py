@@ -284,23 +284,43 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
 
 
 @torch.no_grad()
-def load_model_sharded(path: str, model) -> None:
-    """Load only the model tensors of a sharded checkpoint into ``model`` (any expert block)."""
+def load_model_sharded(path: str, model, *, use_ema: bool = False) -> None:
+    """Load only the model tensors of a sharded checkpoint into ``model`` (any expert block).
+
+    ``use_ema``: the parameters from the checkpoint's EMA shadows (``ema/...``, which under pipeline
+    parallelism every rank wrote for its own stages), the buffers (router biases) from ``model/...``.
+    """
     import torch.distributed.checkpoint as dcp
 
-    if not os.path.isfile(os.path.join(path, META)):
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
     state = {k: v.clone() for k, v in model_state(model).items()}
+    if use_ema:
+        with open(meta_path) as fh:
+            if "ema" not in json.load(fh):
+                raise CheckpointError(f"{path} holds no EMA weights; train with --ema-decay or export without --use-ema")
+        for key, _, _ in _ema_keys(model, [n for n, _ in model.named_parameters()]):
+            state[f"ema/{key}"] = state.pop(f"model/{key}")
     dcp.load(state, checkpoint_id=path)
+    from_ema: set[int] = set()  # a tied head is the embedding's tensor: the EMA value must not be overwritten
     for key, t, i in _param_keys(model):
-        (t.data if i is None else t.data[i]).copy_(state[f"model/{key}"])
+        value = state.get(f"ema/{key}")
+        if value is not None:
+            from_ema.add(id(t))
+        elif id(t) in from_ema:
+            continue
+        else:
+            value = state[f"model/{key}"]
+        (t.data if i is None else t.data[i]).copy_(value)
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
+def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None, use_ema: bool = False) -> str:
     """Write the Hugging Face safetensors directory of a sharded checkpoint (``dsv3 export``).
 
     ``checkpoint``: a ``dcp-*`` directory inside a run directory (whose ``model_config.json``
     describes the model) or a run directory (its latest sharded checkpoint). Runs in one process.
+    ``use_ema``: export the EMA weights (:func:`load_model_sharded`).
     """
     from dsv3.checkpoint.hf import save_pretrained
     from dsv3.config import ModelConfig
@@ -316,6 +336,6 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | Non
         raise CheckpointError(f"no model_config.json next to {checkpoint}; export a checkpoint inside its run directory")
     config = ModelConfig.from_json_file(config_path)
     model = DeepseekV3ForCausalLM(config)  # every parameter and router bias is overwritten below
-    load_model_sharded(checkpoint, model)
+    load_model_sharded(checkpoint, model, use_ema=use_ema)
     save_pretrained(model, out_dir, dtype=dtype)
     return out_dir
