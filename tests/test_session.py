@@ -42,7 +42,7 @@ def test_accumulated_gradients_equal_one_big_batch_in_float64(train_setup, tmp_p
         assert len(batches) == 2 and all(ids.shape == (4, 32) for ids, _ in batches)
         assert all(bool((lab != -100).all()) for _, lab in batches)  # packed: every token has a label
         grads = {}
-        a.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in a.model.named_parameters()})
+        a.optimizer.step = lambda *args, **kw: grads.update({n: p.grad.clone() for n, p in a.model.named_parameters()})
         stats = train_step(a, batches, gamma=0.0)  # the gradients the optimizer would be handed
         ids = torch.cat([i for i, _ in batches])
         labels = torch.cat([lab for _, lab in batches])

@@ -77,23 +77,31 @@ def checkpoint_files(path: str) -> dict[str, str]:
 
 
 class _Reader:
-    """Lazily opened safetensors files; tensors are read one at a time (memory-mapped)."""
+    """Lazily opened safetensors files; tensors are read one at a time (memory-mapped).
+
+    ``bytes_read`` counts the bytes of the tensors (and slices) read so far, so a caller can
+    check that a rank read only what it holds."""
 
     def __init__(self, files: dict[str, str]) -> None:
         self.files = files
         self._open: dict[str, object] = {}
+        self.bytes_read = 0
 
-    def get(self, name: str) -> torch.Tensor:
+    def _file(self, name: str):
         path = self.files[name]
         if path not in self._open:
             self._open[path] = safe_open(path, framework="pt")
-        return self._open[path].get_tensor(name)  # type: ignore[attr-defined]
+        return self._open[path]
+
+    def get(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """Tensor ``name``, or only its dim-0 ``rows`` (a lazy slice: the other rows are not read)."""
+        f = self._file(name)
+        t = f.get_tensor(name) if rows is None else f.get_slice(name)[rows]  # type: ignore[attr-defined]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
 
     def shape(self, name: str) -> list[int]:
-        path = self.files[name]
-        if path not in self._open:
-            self._open[path] = safe_open(path, framework="pt")
-        return list(self._open[path].get_slice(name).get_shape())  # type: ignore[attr-defined]
+        return list(self._file(name).get_slice(name).get_shape())  # type: ignore[attr-defined]
 
 
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
@@ -136,95 +144,126 @@ def _dsv3_to_hf_prefix(name: str, config: ModelConfig) -> str:
 
 
 # ----------------------------------------------------------------------------- loading
+def _expert_blocks(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``{state-dict name of a stacked expert tensor: (expert_offset, n_local)}`` of every Experts module."""
+    from dsv3.model.moe import Experts
+
+    return {f"{mod}.{leaf}": (m.expert_offset, m.gate_up_proj.shape[0])
+            for mod, m in model.named_modules() if isinstance(m, Experts) for leaf in ("gate_up_proj", "down_proj")}
+
+
+def _target(name: str, value_name: str, state: dict, blocks: dict, partial: bool):
+    """Where checkpoint tensor ``name`` goes: ``(key, index, rows)``; ``None``: not held here (skip);
+    ``"unexpected"``: no place in a model of this config.
+
+    ``index`` selects the part of ``state[key]`` (one expert, its gate or up half); ``rows`` is the
+    dim-0 slice of a stacked expert tensor to read (this rank's experts only)."""
+    m = _EXPERT_RE.match(value_name)
+    if m:
+        prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+        key = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
+        if key not in state:
+            return None if partial else "unexpected"
+        offset, n_local = blocks[key]
+        if not offset <= expert < offset + n_local:
+            if partial:
+                return None  # another rank's expert: not read
+            raise CheckpointError(f"checkpoint has expert {expert} in {prefix} but the config has "
+                                  f"n_routed_experts={n_local}")
+        local = expert - offset
+        if proj == "down_proj":
+            return key, local, None
+        inter = state[key].shape[1] // 2
+        return key, (local, slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)), None
+    if value_name not in state:
+        if value_name.endswith("rotary_emb.inv_freq") or partial:
+            return None  # a buffer rebuilt from the config, or a layer of another pipeline stage
+        return "unexpected"
+    if value_name in blocks:  # a stacked [N_r, ...] expert tensor (transformers 5): this rank's rows
+        offset, n_local = blocks[value_name]
+        return value_name, None, slice(offset, offset + n_local)
+    return value_name, None, None
+
+
+def _read(reader: _Reader, name: str, rows: slice | None, block: tuple[int, int]) -> torch.Tensor:
+    """Tensor ``name`` (its ``rows``), FP8 weights dequantised block by block with their inverse scales."""
+    scale_name = name[: -len("weight")] + "weight_scale_inv"
+    if not (name.endswith(".weight") and scale_name in reader.files):
+        return reader.get(name, rows)
+    weight, scale = reader.get(name, rows), reader.get(scale_name, rows)
+    if weight.dim() == 3:  # stacked experts: one [M, N] matrix each
+        return torch.stack([dequantize_fp8_block(w, si, block) for w, si in zip(weight, scale)])
+    return dequantize_fp8_block(weight, scale, block)
+
+
 def load_state_into(model: torch.nn.Module, path: str, *, strict: bool = True,
-                    files: dict[str, str] | None = None) -> None:
+                    files: dict[str, str] | None = None, partial: bool = False) -> int:
     """Copy the tensors of the Hugging Face checkpoint directory ``path`` into ``model`` in place.
 
-    ``files`` (tensor name -> file) may be passed when already listed.
+    ``files`` (tensor name -> file) may be passed when already listed. ``partial``: ``model`` holds
+    only part of the checkpoint (a rank's: routed experts ``[n_local, ...]`` from ``expert_offset``,
+    the layers of its pipeline stages); only the tensors and expert rows it holds are read, the rest
+    is skipped unread, and ``strict`` checks that every tensor it holds was found. Returns the bytes
+    read from the files.
     """
     config: ModelConfig = model.config  # type: ignore[assignment]
     reader = _Reader(files if files is not None else checkpoint_files(path))
     state = dict(model.state_dict(keep_vars=True))
-    quant = config.quantization_config or {}
-    block = tuple(quant.get("weight_block_size", (128, 128)))
+    blocks = _expert_blocks(model)
+    block = tuple((config.quantization_config or {}).get("weight_block_size", (128, 128)))
     loaded: set[str] = set()
     expert_fill: dict[str, int] = {}
     unexpected: list[str] = []
-
-    def put(target: torch.Tensor, value: torch.Tensor, what: str) -> None:
+    for name in reader.files:
+        value_name = None if name.endswith("weight_scale_inv") else hf_to_dsv3_name(name, config)
+        if value_name is None:
+            continue
+        where = _target(name, value_name, state, blocks, partial)
+        if where is None or where == "unexpected":
+            if where:
+                unexpected.append(name)
+            continue
+        key, index, rows = where
+        target = state[key] if index is None else state[key][index]
+        value = _read(reader, name, rows, block)  # type: ignore[arg-type]
         if tuple(target.shape) != tuple(value.shape):
-            raise CheckpointError(f"checkpoint tensor {what} has shape {tuple(value.shape)} but the config expects "
+            raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(value.shape)} but the config expects "
                                   f"{tuple(target.shape)}; check that config.json matches the weights")
         with torch.no_grad():
             target.copy_(value.to(target.dtype))
-
-    for name in reader.files:
-        if name.endswith("weight_scale_inv"):
-            continue
-        value_name = hf_to_dsv3_name(name, config)
-        if value_name is None:
-            continue
-        if name.endswith(".weight") and name[: -len("weight")] + "weight_scale_inv" in reader.files:
-            value = dequantize_fp8_block(reader.get(name), reader.get(name[: -len("weight")] + "weight_scale_inv"),
-                                         block)  # type: ignore[arg-type]
+        if index is None:
+            loaded.add(key)
         else:
-            value = reader.get(name)
-        m = _EXPERT_RE.match(value_name)
-        if m:
-            prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
-            key = f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}"
-            if key not in state:
-                unexpected.append(name)
-                continue
-            stacked = state[key]
-            if expert >= stacked.shape[0]:
-                raise CheckpointError(f"checkpoint has expert {expert} in {prefix} but the config has "
-                                      f"n_routed_experts={stacked.shape[0]}")
-            if proj == "down_proj":
-                put(stacked[expert], value, name)
-            else:
-                inter = stacked.shape[1] // 2
-                rows = slice(0, inter) if proj == "gate_proj" else slice(inter, 2 * inter)
-                put(stacked[expert, rows], value, name)
             expert_fill[key] = expert_fill.get(key, 0) + 1
-            continue
-        if value_name not in state:
-            if value_name.endswith("rotary_emb.inv_freq"):
-                continue
-            unexpected.append(name)
-            continue
-        put(state[value_name], value, name)
-        loaded.add(value_name)
+    if strict:
+        _check_complete(path, config, state, loaded, expert_fill, unexpected)
+    return reader.bytes_read
 
+
+def _check_complete(path: str, config: ModelConfig, state: dict, loaded: set[str], expert_fill: dict[str, int],
+                    unexpected: list[str]) -> None:
+    """Raise a CheckpointError when a tensor of the model was not in the checkpoint, or the reverse."""
     for key, count in expert_fill.items():
         per_expert = 1 if key.endswith("down_proj") else 2
-        if count == per_expert * state[key].shape[0]:
-            loaded.add(key)
-        elif strict:
+        if count != per_expert * state[key].shape[0]:
             raise CheckpointError(f"checkpoint has {count} of the {per_expert * state[key].shape[0]} expert "
                                   f"tensors of {key}; the checkpoint is incomplete")
-    if strict:
-        if unexpected:
-            raise CheckpointError(f"checkpoint tensor {unexpected[0]} (and {len(unexpected) - 1} more) has no place "
-                                  f"in a model of this config; check config.json")
-        expected = set(state)
-        if config.tie_word_embeddings:
-            expected.discard("lm_head.weight")
-        missing = sorted(expected - loaded)
-        if missing:
-            raise CheckpointError(f"checkpoint {path} lacks tensor {_dsv3_to_hf_prefix(missing[0], config)} "
-                                  f"(and {len(missing) - 1} more)")
+        loaded.add(key)
+    if unexpected:
+        raise CheckpointError(f"checkpoint tensor {unexpected[0]} (and {len(unexpected) - 1} more) has no place "
+                              f"in a model of this config; check config.json")
+    expected = set(state)
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - loaded)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks tensor {_dsv3_to_hf_prefix(missing[0], config)} "
+                              f"(and {len(missing) - 1} more)")
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", strict: bool = True):
-    """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory as a
-    :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``).
-
-    ``path`` may also be a dsv3 run directory: its latest intact checkpoint is loaded.
-    """
-    from dsv3.model import DeepseekV3ForCausalLM
-
+def resolve_pretrained(path: str | os.PathLike) -> tuple[str, ModelConfig, dict[str, str]]:
+    """The checkpoint directory of ``path`` (a run directory: its latest intact checkpoint), its config
+    (without MTP modules when the checkpoint has no weights for them, with a warning) and its tensor files."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -242,6 +281,19 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
         # e.g. saved by transformers, which drops the MTP modules: load the main model only
         warnings.warn(f"checkpoint {path} has no weights for its {depth} MTP module(s); loading without MTP")
         config.num_nextn_predict_layers = 0
+    return path, config, files
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", strict: bool = True):
+    """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory as a
+    :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``).
+
+    ``path`` may also be a dsv3 run directory: its latest intact checkpoint is loaded.
+    """
+    from dsv3.model import DeepseekV3ForCausalLM
+
+    path, config, files = resolve_pretrained(path)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
     model.to_empty(device=device)

@@ -378,6 +378,21 @@ def _write_checkpoint_files(tmp: str, step: int, *, model, optimizer, loader_sta
     write_manifest(tmp, step)
 
 
+def unsharded_optimizer_state(path: str, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The AdamW state of the one-process checkpoint ``path`` by parameter name,
+    ``{name: {"step", "exp_avg", "exp_avg_sq"}}`` (whole tensors), without building its optimizer;
+    ``state`` is its JSON state (:func:`load_checkpoint_state`)."""
+    if "optimizer" not in state:
+        raise CheckpointError(f"checkpoint {path} holds no optimizer state")
+    saved = join_tensors(state["optimizer"], load_file(os.path.join(path, "optimizer.safetensors")))
+    out = {}
+    for group in saved["param_groups"]:
+        for index, name in zip(group["params"], group.get("param_names", ())):
+            if index in saved["state"]:
+                out[name] = saved["state"][index]
+    return out
+
+
 def load_checkpoint_state(path: str, *, model=None, optimizer=None, ema=None, restore_rng: bool = True
                           ) -> dict[str, Any]:
     """Restore what is given from checkpoint ``path``; return the JSON state (step, loader, extra)."""

@@ -65,6 +65,12 @@ def _normal_(t: torch.Tensor, std: float, seed: int, name: str) -> None:
     t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=init_generator(seed, name)))
 
 
+def _linear_like(module: nn.Module) -> bool:
+    """A drop-in for ``nn.Linear`` that holds its ``weight`` Parameter (e.g. an FP8 Linear, which a model
+    converted on the meta device initialises only after conversion)."""
+    return hasattr(module, "in_features") and isinstance(getattr(module, "weight", None), nn.Parameter)
+
+
 class DeepseekV3Model(nn.Module):
     """The trunk: ``embed_tokens`` [V, d], ``layers`` (L blocks), ``norm``, rotary tables."""
 
@@ -112,7 +118,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         std = self.config.initializer_range
         for name, module in self.named_modules():
             prefix = f"{name}." if name else ""
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if isinstance(module, (nn.Linear, nn.Embedding)) or _linear_like(module):
                 _normal_(module.weight, std, seed, prefix + "weight")
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)

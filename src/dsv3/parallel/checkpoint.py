@@ -10,14 +10,18 @@ Keys are global, so a checkpoint loads into any layout (``ep`` 4 -> 2 -> 1 proce
   tensors written once (DCP de-duplicates them);
 * ``model/{module}.experts.{e}.{gate_up_proj|down_proj}`` per routed expert, ``e`` its global
   index, written by the rank that holds it;
-* ``optim/{param key}/{master|exp_avg|exp_avg_sq}`` the ZeRO-1 state gathered to whole tensors
-  per key (so a reader with another dp/edp cuts its own chunks), and ``optim/step``;
+* ``optim/{param key}/{master|exp_avg|exp_avg_sq}`` the ZeRO-1 state, written by each rank as
+  its own row chunks with their global offsets (:class:`RowChunk`: DCP chunk metadata, nothing
+  gathered; moments in their own dtype), so a reader with another dp/edp reads the rows of its
+  chunks from whichever chunks overlap them; and ``optim/step``;
 * ``ema/{param key}`` the FP32 shadows of the CPU EMA (:class:`dsv3.memory.ema.CPUEMA`, report
   3.2.3) under the same global keys as ``model/`` (routed experts per global index), written when
   the run keeps an EMA; its update count is in ``meta.json`` (``"ema": {"num_updates": n}``).
 
-(Gathering the optimizer state to whole tensors costs one parameter's worth of memory per key at
-a time; the V3-scale path would save ``DTensor`` chunks instead.)
+Loading gives DCP only what this rank holds (its parameters, its chunks, its shadows), as the
+tensors themselves: DCP reads those keys (and rows) in place, so neither a save nor a load holds
+a second copy of anything. ``dsv3 export`` and ``dsv3 generate`` load a sharded checkpoint into a
+model built once at full size (:func:`export_checkpoint`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,50 @@ from dsv3.parallel.zero import rows_shape
 
 _NAME = re.compile(r"^dcp-(\d{8})$")
 META = "meta.json"
+
+
+class RowChunk(torch.Tensor):
+    """Rows ``[r0, r0 + rows)`` of a global ``[R, W]`` tensor that only this rank holds, for DCP.
+
+    DCP writes the local rows as one chunk with its global offset (chunk metadata, as a DTensor
+    shard is written) and, on load, reads into them the overlapping parts of whatever chunks the
+    checkpoint holds, so ZeRO-1 state is saved without gathering and reshards on load. Only the
+    three ``_Checkpointable`` hooks of DCP are implemented: it is not a tensor to compute with.
+
+    Args:
+        local: the rows this rank holds, ``[rows, W]`` (saved from, or loaded into, in place).
+        offsets: the global offset of ``local``, ``(r0, 0)``.
+        shape: the global shape ``(R, W)``.
+    """
+
+    @staticmethod
+    def __new__(cls, local: torch.Tensor, offsets, shape):
+        out = torch.Tensor._make_wrapper_subclass(cls, torch.Size(shape), dtype=local.dtype, device=local.device)
+        out.local, out.offsets = local, torch.Size(offsets)
+        return out
+
+    def __create_write_items__(self, fqn: str, obj) -> list:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        chunk = ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.size())
+        return [WriteItem(index=MetadataIndex(fqn, self.offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(
+                              self.local), size=self.size()))]
+
+    def __create_chunk_list__(self) -> list:
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        return [ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.size())]
+
+    def __get_tensor_shard__(self, index) -> torch.Tensor:
+        return self.local
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:
+            return args[0]
+        raise NotImplementedError(f"RowChunk is a checkpoint view, not a tensor to compute with ({func})")
 
 
 def _expert_modules(model) -> dict[str, Experts]:
@@ -56,54 +104,64 @@ def _param_keys(model) -> list[tuple[str, torch.Tensor, int | None]]:
     return out
 
 
-def _gather_rows(chunk: torch.Tensor | None, full_like: torch.Tensor, bounds, me: int, n: int, group) -> torch.Tensor:
-    """Whole tensor from per-rank row chunks of its 2-D view ``rows_shape`` (``bounds`` per rank of ``group``)."""
-    rows, width = rows_shape(full_like.shape)
-    full = torch.zeros(rows, width, dtype=torch.float32)
-    s, e = bounds[me]
-    if chunk is not None and e > s:
-        full[s:e] = chunk.reshape(e - s, width).float().cpu()
-    if n > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(full, group=group)  # disjoint chunks: the sum is the concatenation
-    return full.view(full_like.shape)
+_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
-def _optimizer_tensors(optimizer, ctx, *, for_load: bool) -> dict[str, torch.Tensor]:
-    """``optim/...`` whole tensors of every parameter (gathered for saving, or empty buffers for loading)."""
-    out = {}
-    for s in optimizer.shards:
-        n, me = (ctx.edp, ctx.edp_rank) if s.expert else (ctx.dp, ctx.dp_rank)
-        group = ctx.edp_group if s.expert else ctx.dp_group
-        st = optimizer.inner.state.get(s.master, {}) if s.master is not None else {}
-        keys = _shard_keys(s)
-        for kind in ("master", "exp_avg", "exp_avg_sq"):
-            if for_load:
-                full = torch.zeros(s.param.shape, dtype=torch.float32)
-            else:
-                chunk = s.master if kind == "master" else st.get(kind)
-                full = _gather_rows(chunk, s.param, s.bounds, me, n, group)
-            for key, sub in keys(full):
-                out[f"optim/{key}/{kind}"] = sub
-    step = 0
-    for st in optimizer.inner.state.values():
-        step = max(step, int(st.get("step", 0)))
-    out["optim/step"] = torch.tensor(step, dtype=torch.int64)
-    return out
+def _row_pieces(s, start: int, end: int):
+    """How rows ``[start, end)`` of parameter ``s``'s 2-D view split over its global keys.
 
-
-def _shard_keys(s):
-    """How a parameter's whole tensor splits into global keys (per expert for routed experts)."""
+    Yields ``(key, key_shape, offsets, lo, hi)``: rows ``[lo, hi)`` of the chunk are the part of
+    key ``key`` (global shape ``key_shape``) at ``offsets``. Dense parameters are one key shaped
+    like the parameter (1-d and 2-d; others their 2-d view); a routed-expert block
+    ``[n_local, a, W]`` is one key ``[a, W]`` per global expert."""
+    rows, width = rows_shape(s.param.shape)
+    if not s.expert:
+        if s.param.dim() == 1:
+            yield s.name, (rows,), (start,), 0, end - start
+        else:
+            yield s.name, (rows, width), (start, 0), 0, end - start
+        return
     mod, _, leaf = s.name.rpartition(".")
-    offset = getattr(s, "expert_offset", None)
+    per = rows // s.param.shape[0]  # rows of one expert
+    for e in range(start // per, -(-end // per)):
+        lo, hi = max(start, e * per), min(end, (e + 1) * per)
+        yield f"{mod}.{s.expert_offset + e}.{leaf}", (per, width), (lo - e * per, 0), lo - start, hi - start
 
-    def split(full):
-        if not s.expert:
-            return [(s.name, full)]
-        return [(f"{mod}.{offset + i}.{leaf}", full[i]) for i in range(full.shape[0])]
 
-    return split
+def _optimizer_chunks(optimizer, *, for_load: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """``optim/{key}/{kind}`` of this rank's own ZeRO-1 chunks, as :class:`RowChunk` with global offsets.
+
+    Nothing is gathered: saving writes each rank's chunks (master, moments in their own dtype), and
+    loading reads into them the overlapping rows of a checkpoint of any layout. Returns
+    ``(state, moments)``; ``moments`` maps each master chunk to its ``{"exp_avg", "exp_avg_sq"}``
+    (fresh tensors when loading, installed by :func:`_install_moments`)."""
+    out, moments = {}, {}
+    dtype = optimizer.inner.moments_dtype
+    for s in optimizer.shards:
+        if s.master is None:
+            continue
+        start, end = s.bounds[optimizer.ctx.edp_rank if s.expert else optimizer.ctx.dp_rank]
+        st = optimizer.inner.state.get(s.master, {})
+        tensors = {"master": s.master}
+        for kind in _KINDS[1:]:
+            have = None if for_load else st.get(kind)
+            tensors[kind] = have if have is not None else torch.zeros(s.master.shape, dtype=dtype)
+        moments[s.master] = {k: tensors[k] for k in _KINDS[1:]}
+        for key, shape, offsets, lo, hi in _row_pieces(s, start, end):
+            for kind, t in tensors.items():
+                local = t[lo:hi] if len(shape) == 2 else t[lo:hi].reshape(-1)
+                out[f"optim/{key}/{kind}"] = RowChunk(local, offsets, shape)
+    step = max((int(st.get("step", 0)) for st in optimizer.inner.state.values()), default=0)
+    out["optim/step"] = torch.tensor(step, dtype=torch.int64)
+    return out, moments
+
+
+def _install_moments(optimizer, moments: dict, step: int) -> None:
+    """Make the loaded moment chunks the inner AdamW's state at ``step`` (none at step 0)."""
+    optimizer.inner.state.clear()
+    if step > 0:
+        for master, m in moments.items():
+            optimizer.inner.state[master] = {"step": step, **m}
 
 
 def _attach_offsets(model, optimizer) -> None:
@@ -146,7 +204,7 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
         shutil.rmtree(tmp)
     ctx.barrier()
     state = model_state(model, getattr(optimizer, "held", None))  # pp: only this device's stages
-    state.update(_optimizer_tensors(optimizer, ctx, for_load=False))
+    state.update(_optimizer_chunks(optimizer, for_load=False)[0])  # each rank its own chunks: nothing gathered
 
     if ema is not None:  # the EMA under the same global keys (ema/...), its update count in meta.json
         state.update(ema_state(model, ema, getattr(optimizer, "held", None)))
@@ -206,21 +264,6 @@ def ema_state(model, ema, held=None) -> dict[str, torch.Tensor]:
             for key, name, i in _ema_keys(model, ema.names) if held is None or name in held}
 
 
-@torch.no_grad()
-def load_ema_state(ema, model, tensors: dict[str, torch.Tensor], num_updates: int) -> None:
-    """Restore ``ema`` from ``ema/{global key}`` tensors (:func:`ema_state`'s keys, any layout's checkpoint):
-    each rank takes the experts it holds."""
-    shadow = ema.shadow()
-    out: dict[str, torch.Tensor] = {}
-    for key, name, i in _ema_keys(model, ema.names):
-        t = tensors[f"ema/{key}"]
-        if i is None:
-            out[name] = t
-        else:
-            out.setdefault(name, torch.empty_like(shadow[name]))[i].copy_(t)
-    ema.load_state_dict({"shadow": out, "num_updates": num_updates})
-
-
 def ema_from_unsharded(ema, model, state: dict) -> None:
     """Restore ``ema`` over an expert-sharded ``model`` from an unsharded EMA ``state_dict`` (a one-process
     checkpoint's: routed experts of all N_r experts in one tensor per layer); under pipeline parallelism
@@ -235,48 +278,40 @@ def ema_from_unsharded(ema, model, state: dict) -> None:
     ema.load_state_dict({"shadow": shadow, "num_updates": int(state.get("num_updates", 0))})
 
 
+def read_meta(path: str) -> dict:
+    """The ``meta.json`` of the sharded checkpoint ``path`` (a CheckpointError when it is not complete)."""
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
+    with open(meta_path) as fh:
+        return json.load(fh)
+
+
 @torch.no_grad()
 def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
     """Load a checkpoint written in any layout into this rank's (expert-sharded) model and ZeRO-1 optimizer.
 
+    DCP reads only the keys it is given, straight into the tensors that hold them: this rank's
+    parameters (under pipeline parallelism those of its stages), the rows of its ZeRO-1 chunks
+    (:func:`_optimizer_chunks`) and its EMA shadows; nothing whole is assembled.
     ``ema``: the run's :class:`~dsv3.memory.ema.CPUEMA`, restored from the checkpoint's ``ema/...``
     (a checkpoint written without an EMA leaves it as built: the loaded weights, restarted).
     Returns the ``meta.json`` dict (step, data position, counters).
     """
     import torch.distributed.checkpoint as dcp
 
-    meta_path = os.path.join(path, META)
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
-    with open(meta_path) as fh:
-        meta = json.load(fh)
+    meta = read_meta(path)
     _attach_offsets(model, optimizer)
-    state = {k: v.clone() for k, v in model_state(model).items()}
-    state.update(_optimizer_tensors(optimizer, ctx, for_load=True))
+    state = model_state(model, getattr(optimizer, "held", None))
+    chunks, moments = _optimizer_chunks(optimizer, for_load=True)
+    state.update(chunks)
     with_ema = ema is not None and "ema" in meta
     if with_ema:
-        state.update({k: torch.empty_like(v) for k, v in ema_state(model, ema).items()})
+        state.update(ema_state(model, ema))  # views of the live shadows, loaded in place
     dcp.load(state, checkpoint_id=path)
-    for key, t, i in _param_keys(model):
-        (t.data if i is None else t.data[i]).copy_(state[f"model/{key}"])
-    step = int(state["optim/step"])
-    for s in optimizer.shards:
-        if s.master is None:
-            continue
-        me = optimizer.ctx.edp_rank if s.expert else optimizer.ctx.dp_rank
-        start, end = s.bounds[me]
-        parts = {}
-        for kind in ("master", "exp_avg", "exp_avg_sq"):
-            full = torch.stack([state[f"optim/{k}/{kind}"] for k, _ in _shard_keys(s)(s.param)]) if s.expert \
-                else state[f"optim/{s.name}/{kind}"]
-            parts[kind] = full.reshape(rows_shape(s.param.shape))[start:end]
-        s.master.copy_(parts["master"])
-        if step > 0:
-            dtype = optimizer.inner.moments_dtype
-            optimizer.inner.state[s.master] = {"step": step, "exp_avg": parts["exp_avg"].to(dtype).clone(),
-                                               "exp_avg_sq": parts["exp_avg_sq"].to(dtype).clone()}
+    _install_moments(optimizer, moments, int(state["optim/step"]))
     if with_ema:
-        load_ema_state(ema, model, state, int(meta["ema"]["num_updates"]))
+        ema.load_state_dict({"shadow": ema.shadow(), "num_updates": int(meta["ema"]["num_updates"])})
     elif ema is not None:  # written without an EMA: it restarts from the loaded weights
         ema.load_state_dict({"shadow": {n: p.detach() for n, p in model.named_parameters() if n in set(ema.names)},
                              "num_updates": 0})
@@ -285,34 +320,24 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
 
 @torch.no_grad()
 def load_model_sharded(path: str, model, *, use_ema: bool = False) -> None:
-    """Load only the model tensors of a sharded checkpoint into ``model`` (any expert block).
+    """Load only the model tensors of a sharded checkpoint into ``model`` (any expert block), in place.
 
     ``use_ema``: the parameters from the checkpoint's EMA shadows (``ema/...``, which under pipeline
     parallelism every rank wrote for its own stages), the buffers (router biases) from ``model/...``.
     """
     import torch.distributed.checkpoint as dcp
 
-    meta_path = os.path.join(path, META)
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
-    state = {k: v.clone() for k, v in model_state(model).items()}
+    meta = read_meta(path)
+    state = model_state(model)
     if use_ema:
-        with open(meta_path) as fh:
-            if "ema" not in json.load(fh):
-                raise CheckpointError(f"{path} holds no EMA weights; train with --ema-decay or export without --use-ema")
+        if "ema" not in meta:
+            raise CheckpointError(f"{path} holds no EMA weights; train with --ema-decay or export without --use-ema")
         for key, _, _ in _ema_keys(model, [n for n, _ in model.named_parameters()]):
             state[f"ema/{key}"] = state.pop(f"model/{key}")
+        # a tied head is the embedding's tensor: it takes the embedding's EMA, not its own trained value
+        averaged = {t.data_ptr() for k, t in state.items() if k.startswith("ema/")}
+        state = {k: t for k, t in state.items() if k.startswith("ema/") or t.data_ptr() not in averaged}
     dcp.load(state, checkpoint_id=path)
-    from_ema: set[int] = set()  # a tied head is the embedding's tensor: the EMA value must not be overwritten
-    for key, t, i in _param_keys(model):
-        value = state.get(f"ema/{key}")
-        if value is not None:
-            from_ema.add(id(t))
-        elif id(t) in from_ema:
-            continue
-        else:
-            value = state[f"model/{key}"]
-        (t.data if i is None else t.data[i]).copy_(value)
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None, use_ema: bool = False) -> str:

@@ -449,9 +449,12 @@ def shard_experts(model: torch.nn.Module, ctx, *, dispatcher: str = "auto", fp8:
     """Expert parallelism as a transformation of a built model (in place; returns it).
 
     Each MoE layer keeps only this rank's contiguous block of experts (global experts
-    ``[ep_rank * N_r/ep, (ep_rank+1) * N_r/ep)``, values taken from the full layer, so they
-    equal one process's) and gets a dispatcher of the chosen backend. Router, shared experts
-    and all dense parameters stay replicated.
+    ``[ep_rank * N_r/ep, (ep_rank+1) * N_r/ep)``), created directly at the local size on the
+    layer's device, and gets a dispatcher of the chosen backend. On the ``meta`` device (the
+    set-up of :func:`dsv3.parallel.parallelize.parallelize`) nothing is allocated: the block is
+    initialised later from the per-expert seeds; a materialised layer's block takes its values
+    from the full layer (so they equal one process's). Router, shared experts and all dense
+    parameters stay replicated.
     """
     from dsv3.model.moe import Experts
 
@@ -464,11 +467,13 @@ def shard_experts(model: torch.nn.Module, ctx, *, dispatcher: str = "auto", fp8:
         start, end = ctx.expert_block(moe.n_experts)
         old = moe.experts
         if old.gate_up_proj.shape[0] == moe.n_experts:  # not sharded yet
-            new = Experts(end - start, old.gate_up_proj.shape[2], old.down_proj.shape[2], expert_offset=start)
-            new = new.to(device=old.gate_up_proj.device, dtype=old.gate_up_proj.dtype)
-            with torch.no_grad():
-                new.gate_up_proj.copy_(old.gate_up_proj[start:end])
-                new.down_proj.copy_(old.down_proj[start:end])
+            with torch.device(old.gate_up_proj.device):
+                new = Experts(end - start, old.gate_up_proj.shape[2], old.down_proj.shape[2], expert_offset=start)
+            new = new.to(dtype=old.gate_up_proj.dtype)
+            if not old.gate_up_proj.is_meta:
+                with torch.no_grad():
+                    new.gate_up_proj.copy_(old.gate_up_proj[start:end])
+                    new.down_proj.copy_(old.down_proj[start:end])
             new.mm, new.act = old.mm, old.act
             moe.experts = new
         if backend == "deepep":

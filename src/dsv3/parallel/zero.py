@@ -62,6 +62,19 @@ def rows_shape(shape) -> tuple[int, int]:
     return rows, width
 
 
+def sum_of_squares(t: torch.Tensor, width: int = 1024) -> torch.Tensor:
+    """``sum(t**2)`` as a float64 0-d tensor on ``t``'s device, in one FP32 pass: FP32 norms of rows of
+    ``width`` elements (short sums, accurate to ~1e-7), their squares summed in float64. As accurate as
+    converting ``t`` to float64 (relative error ~1e-10) at the cost of an FP32 norm."""
+    flat = t.detach().reshape(-1)
+    n = flat.numel() // width * width
+    total = flat[n:].double().pow(2).sum()
+    if n:
+        rows = torch.linalg.vector_norm(flat[:n].view(-1, width), dim=1, dtype=torch.promote_types(t.dtype, torch.float32))
+        total = total + rows.double().pow(2).sum()
+    return total
+
+
 @dataclass
 class _Shard:
     name: str
@@ -163,9 +176,12 @@ class ZeroAdamW:
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Sum the gradients over each parameter's group and divide by ``dp`` (the last micro-batch's job)."""
+        """Sum the gradients over each parameter's group and divide by ``dp`` (the last micro-batch's job).
+        With ``dp = 1`` (one process, or a pipeline without data parallelism) there is nothing to do."""
         import torch.distributed as dist
 
+        if self.ctx.dp == 1:
+            return
         for expert in (False, True):
             shards = [s for s in self.shards if s.expert == expert and s.param.grad is not None]
             if not shards:
@@ -190,10 +206,13 @@ class ZeroAdamW:
         pipeline parallelism, the per-device sums over the pipeline (``norm_group``)."""
         import torch.distributed as dist
 
-        sq = torch.zeros(2, dtype=torch.float64)
+        parts: list[list[torch.Tensor]] = [[], []]  # dense, expert sums of squares (on the device: no host sync)
         for s in self.shards:
             if s.param.grad is not None and s.counted:
-                sq[int(s.expert)] += s.param.grad.double().pow(2).sum().cpu()
+                parts[int(s.expert)].append(sum_of_squares(s.param.grad))
+        device = self.ctx.device if self.ctx.distributed else (parts[0] or parts[1] or [torch.zeros(())])[0].device
+        sq = torch.stack([torch.stack(p).sum().to(device) if p else torch.zeros((), dtype=torch.float64, device=device)
+                          for p in parts])
         if self.ctx.distributed and self.ctx.ep > 1:
             expert_sq = sq[1:].clone()
             dist.all_reduce(expert_sq, group=self.ctx.ep_group)
@@ -231,7 +250,7 @@ class ZeroAdamW:
                 continue
             start, end = s.bounds[self.ctx.edp_rank if s.expert else self.ctx.dp_rank]
             g = s.rows_view(s.param.grad)[start:end].to(torch.float32).view_as(s.master)
-            s.master.grad = g.mul(scale) if scale != 1.0 else g.clone()
+            s.master.grad = g.mul(scale) if scale != 1.0 else g  # a view: the AdamW kernel only reads it
         self.inner.step()
         for s in self.shards:
             if s.master is not None:
@@ -280,6 +299,44 @@ class ZeroAdamW:
                     offset += view.numel()
 
     # ------------------------------------------------------------------ checkpoints
+    def _whole_shards(self) -> list[_Shard]:
+        """The shards in the inner optimizer's index order; refused unless each holds its whole parameter."""
+        if self.ctx.dp != 1 or self.held is not None:
+            raise ConfigError("a ZeRO-1 optimizer over part of the model has no whole-model state dict; "
+                              "save it with dsv3.parallel.checkpoint.save_sharded")
+        return [s for s in self.shards if s.master is not None]
+
+    def state_dict(self) -> dict:
+        """With dp = 1 (one process): :class:`~dsv3.optim.AdamW`'s state dict, moments shaped like the
+        parameters, so a one-process checkpoint reads the same whichever of the two wrote it; the FP32
+        master copies of non-FP32 parameters ride along as ``state[i]["master"]``."""
+        shards = self._whole_shards()
+        sd = self.inner.state_dict()
+        state = {}
+        for i, st in sd["state"].items():
+            shard = shards[i]
+            st = {k: (v.view(shard.param.shape) if k in ("exp_avg", "exp_avg_sq") else v) for k, v in st.items()}
+            if not shard.own_master:
+                st["master"] = shard.master.view(shard.param.shape)
+            state[i] = st
+        return {**sd, "state": state}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load :meth:`state_dict` (or a one-process :class:`~dsv3.optim.AdamW` state dict): dp = 1 only.
+        Without saved masters, the master copies are the (already loaded) parameters."""
+        shards = self._whole_shards()
+        state = {}
+        for i, st in state_dict["state"].items():
+            shard = shards[int(i)]
+            st = dict(st)
+            master = st.pop("master", None)
+            if master is not None and not shard.own_master:
+                shard.master.copy_(master.reshape(shard.master.shape))
+            state[i] = {k: (v.reshape(shard.master.shape) if k in ("exp_avg", "exp_avg_sq") else v)
+                        for k, v in st.items()}
+        self.inner.load_state_dict({**state_dict, "state": state})
+
     @torch.no_grad()
     def import_unsharded(self, full_state: dict[str, dict], expert_offsets: dict[str, int]) -> None:
         """Take this rank's chunks of an unsharded AdamW state (a one-process checkpoint).

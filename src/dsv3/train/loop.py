@@ -35,7 +35,7 @@ from dsv3.checkpoint.state import save_checkpoint
 from dsv3.errors import TrainingError
 from dsv3.train.config import TrainConfig
 # The set-up pieces live in dsv3.train.session; these names stay importable from here.
-from dsv3.train.session import (CONFIG_FILE, Session, build_model, build_session, build_tokenizer,  # noqa: F401
+from dsv3.train.session import (CONFIG_FILE, Session, build_session, build_tokenizer,  # noqa: F401
                                 model_config_for, prepare_run_dir, resolve_device, resume_config, train_step)
 
 
@@ -167,8 +167,8 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     s = build_session(config, resume=resume, overrides=overrides)  # pp > 1: with its PipelineRuntime
     config, run_dir, model = s.config, s.run_dir, s.model
     ctx = s.parallel
-    distributed = ctx is not None and ctx.distributed
-    if distributed and not ctx.is_main:  # rank 0 alone writes metrics, progress and the console
+    distributed = ctx.distributed
+    if not ctx.is_main:  # rank 0 alone writes metrics, progress and the console
         log = _quiet
     if s.checkpoint is not None:
         log(f"resumed {run_dir} from {os.path.basename(s.checkpoint)} (step {s.step})")
@@ -180,7 +180,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     # over the device's peak for the parameter dtype.
     flops_per_token = training_flops_per_token(s.mcfg, config.data.seq_len)
     peak_flops, _ = device_peak_flops(s.device, getattr(torch, config.precision.dtype))
-    main = not distributed or ctx.is_main
+    main = ctx.is_main
     metrics = (MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, start_step=s.step) if main
                else _NullMetrics())
     progress = ProgressBar(config.schedule.steps, initial=s.step,
@@ -191,7 +191,7 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     interrupted = False
 
     def checkpoint_now(at_step: int) -> str | None:
-        if distributed or hasattr(s.optimizer, "shards"):  # ZeRO-1: sharded checkpoints in any process count
+        if s.sharded_checkpoints:  # torchrun (or one process continuing a torchrun run): sharded DCP checkpoints
             from dsv3.parallel.checkpoint import save_sharded
 
             return save_sharded(run_dir, at_step, model=model, optimizer=s.optimizer, ctx=ctx,

@@ -9,8 +9,10 @@ planner estimate (pure arithmetic, milliseconds even for DeepSeek-V3).
   run cannot honour;
 - :func:`check_context_length`: ``seq_len`` beyond ``max_position_embeddings`` without
   a RoPE extension;
-- :func:`estimate_training_bytes` / :func:`check_memory`: the planner's estimate of
-  the training state and activations against the host's (CPU) or the device's memory.
+- :func:`estimate_training_bytes` / :func:`check_memory`: the planner's estimate of the
+  busiest rank's training state and activations for the run's layout (``dsv3 plan``'s per-rank
+  numbers) against the device's memory, or on CPU, where the ranks of a node share it, the
+  host's memory against the node's ranks together.
 """
 
 from __future__ import annotations
@@ -88,12 +90,15 @@ def check_context_length(seq_len: int, mcfg, rope_scaling: str | None = None) ->
 
 def estimate_training_bytes(mcfg, *, seq_len: int, micro_batch: int, dtype: str = "float32",
                             optim_states: str = "fp32", recompute: str = "none", fp8: bool = False,
-                            ema: bool = False) -> float:
-    """The planner's peak-memory estimate (bytes) of training ``mcfg`` on one device.
+                            ema: bool = False, pp: int = 1, dp: int = 1, ep: int = 1, schedule: str = "1f1b",
+                            global_batch: int | None = None) -> float:
+    """The planner's peak-memory estimate (bytes) of the busiest rank of a ``pp x dp`` (``ep`` inside dp) layout.
 
-    Weights and gradients in ``dtype``, AdamW moments in ``optim_states``, activations of
-    one micro-batch (``micro_batch`` x ``seq_len``) in ``dtype``, plus the EMA copy (FP32)
-    when ``ema``. See :mod:`dsv3.plan.memory` for the model.
+    Weights and gradients of the rank's stages and expert block in ``dtype``, its ZeRO-1 chunks of the AdamW
+    state (moments in ``optim_states``, FP32 masters for non-FP32 weights), the activations its schedule keeps
+    in flight (micro-batches of ``micro_batch`` x ``seq_len``; ``global_batch`` sets the micro-batches per step
+    under a pipeline), plus the FP32 EMA copy of its parameters when ``ema`` (host memory). See
+    :mod:`dsv3.plan.memory` for the model; one process is ``pp = dp = ep = 1``.
     """
     from dsv3.plan.layout import Layout
     from dsv3.plan.planner import make_plan
@@ -102,13 +107,26 @@ def estimate_training_bytes(mcfg, *, seq_len: int, micro_batch: int, dtype: str 
     width = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, "fp32")
     precision = Precision(weights=width, grads=width, master="none" if width == "fp32" else "fp32",
                           moments="bf16" if optim_states == "bf16" else "fp32", activations=width)
-    layout = Layout(seq_len=seq_len, micro_batch=micro_batch, global_batch=micro_batch, recompute=recompute,
-                    fp8=fp8, mtp=mcfg.num_nextn_predict_layers > 0)
+    layout = Layout(pp=pp, dp=dp, ep=ep, schedule=schedule if pp > 1 else "1f1b", seq_len=seq_len,
+                    micro_batch=micro_batch, global_batch=global_batch if pp > 1 and global_batch else micro_batch * dp,
+                    recompute=recompute, fp8=fp8, mtp=mcfg.num_nextn_predict_layers > 0)
     plan = make_plan(mcfg, layout, precision, simulate=False)
-    total = float(plan.peak_device_bytes)
-    if ema:
-        total += 4.0 * (plan.params.total + plan.params.mtp_total)  # the CPU EMA keeps FP32 copies (host memory)
-    return total
+    if not ema:
+        return float(plan.peak_device_bytes)
+    # the CPU EMA keeps an FP32 copy of the parameters a rank holds (host memory)
+    return float(max(d.total + 4.0 * d.params for d in plan.devices))
+
+
+def run_layout(config, world_size: int | None = None) -> dict:
+    """The layout keywords of :func:`estimate_training_bytes` for a TrainConfig launched on ``world_size``
+    processes (default: torchrun's ``WORLD_SIZE``, 1 without it); ``dp`` defaults to what the world leaves."""
+    p = config.parallel
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return {}
+    devices = p.pp // 2 if p.pp > 1 and p.pipeline == "dualpipev" else p.pp
+    dp = p.dp if p.dp is not None else max(1, world // max(1, devices))
+    return dict(pp=p.pp, dp=dp, ep=p.ep, schedule=p.pipeline, global_batch=config.data.global_batch)
 
 
 def host_memory_bytes() -> int | None:
@@ -123,24 +141,45 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
 
 
-def check_memory(mcfg, *, device: str, seq_len: int, micro_batch: int, dtype: str = "float32",
-                 optim_states: str = "fp32", recompute: str = "none", fp8: bool = False, ema: bool = False,
-                 available: int | None = None) -> float:
-    """Refuse a model whose training needs more memory than the device (or, on CPU, the host) has.
+def check_memory(mcfg, config=None, *, device: str, seq_len: int | None = None, micro_batch: int | None = None,
+                 dtype: str = "float32", optim_states: str = "fp32", recompute: str = "none", fp8: bool = False,
+                 ema: bool = False, available: int | None = None, layout: dict | None = None,
+                 ranks_per_node: int | None = None) -> float:
+    """Refuse a run whose busiest rank needs more memory than its device (or, on CPU, its share of the host) has.
 
     Args:
+        config: a TrainConfig, whose data, precision, memory and parallel options (and torchrun's world:
+            :func:`run_layout`) give every other argument; or None and the keywords.
         device: "cpu" or "cuda" (or "cuda:N").
         available: the memory to compare with (bytes); default: physical host memory on
             CPU, the device's total memory on CUDA.
+        layout: ``pp``/``dp``/``ep``/``schedule``/``global_batch`` (default: one process).
+        ranks_per_node: processes sharing one host's memory on CPU (default: torchrun's
+            ``LOCAL_WORLD_SIZE``, else 1); on CUDA each rank has its own device.
 
     Returns:
-        The estimate in bytes.
+        The estimate in bytes (per rank; on CPU times the ranks of the node).
     """
-    need = estimate_training_bytes(mcfg, seq_len=seq_len, micro_batch=micro_batch, dtype=dtype,
-                                   optim_states=optim_states, recompute=recompute, fp8=fp8, ema=ema)
+    if config is not None:
+        d, m, prec = config.data, config.memory, config.precision
+        seq_len, micro_batch, dtype, fp8 = d.seq_len, d.micro_batch, prec.dtype, prec.fp8
+        optim_states, recompute, ema = m.optim_states, m.recompute, bool(m.ema_decay)
+        layout = run_layout(config) if layout is None else layout
+    layout = layout or {}
+    kw = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, optim_states=optim_states, recompute=recompute,
+              fp8=fp8, ema=ema)
+    try:
+        per_rank = estimate_training_bytes(mcfg, **kw, **layout)
+    except ConfigError:  # a layout the planner does not model (the runtime checks its own rules): the whole model
+        per_rank = estimate_training_bytes(mcfg, **kw)
+    cuda = str(device).startswith("cuda")
+    if ranks_per_node is None:
+        ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1) if layout else 1
+    ranks = 1 if cuda else max(1, ranks_per_node)
+    need = per_rank * ranks
     where = "host memory"
     if available is None:
-        if str(device).startswith("cuda"):
+        if cuda:
             import torch
 
             index = torch.device(device).index or 0
@@ -149,9 +188,9 @@ def check_memory(mcfg, *, device: str, seq_len: int, micro_batch: int, dtype: st
         else:
             available = host_memory_bytes()
     if available is not None and need > available:
-        raise ConfigError(f"training this model needs about {_gib(need)} (planner estimate: weights, gradients, "
-                          f"AdamW moments and one micro-batch of {micro_batch} x {seq_len} activations) but the "
+        share = f"{ranks} ranks x {_gib(per_rank)} of the busiest rank" if ranks > 1 else _gib(need)
+        raise ConfigError(f"training this model needs about {share} (planner estimate: weights, gradients, "
+                          f"AdamW moments and {micro_batch} x {seq_len} activations per micro-batch) but the "
                           f"{where} is {_gib(available)}; use a smaller model, --micro-batch or --seq-len, or plan a "
                           f"parallel layout with dsv3 plan")
     return need
-

@@ -1,15 +1,27 @@
 """A training session and one optimizer step: :func:`build_session` and :func:`train_step`.
 
-:func:`build_session` turns a :class:`~dsv3.train.config.TrainConfig` into everything a step
-needs (tokenizer, data, model with its FP8/recomputation transformations, optimizer, learning
-rate schedule, batch ramp, EMA, data loader), restoring a checkpoint when resuming.
-:func:`train_step` runs one optimizer step over a list of micro-batches:
+:func:`build_session` assembles a run from a :class:`~dsv3.train.config.TrainConfig` in phases,
+each a short function (docs/architecture.md):
 
-1. forward and backward of every micro-batch (``loss / n_micro``), summing the losses and
-   the expert loads on the device -- no host synchronisation per micro-batch;
-2. global-norm clipping; one host sync reads the losses and the norm together;
+1. check the configuration (:func:`_check_configuration`: config, run directory, device, model
+   config, context length, the per-rank memory pre-check);
+2. join the world (:func:`_join_world`: the torchrun world or ``ParallelContext.single``);
+3. build the data (:func:`_build_data`: tokenizer, packed sequences);
+4. build the model on the ``meta`` device (:func:`build_meta`);
+5. :func:`~dsv3.parallel.parallelize.parallelize`: FP8, recomputation, expert sharding, stage
+   selection, materialisation of the held tensors only, the ZeRO-1 optimizer;
+6. write the run directory (:func:`_write_run_dir`, rank 0, only once all input is known good);
+7. restore (:func:`_restore`: a checkpoint of any layout).
+
+:func:`train_step` runs one optimizer step over a list of micro-batches, the same for every layout:
+
+1. forward and backward of this rank's micro-batches (``loss / n_micro``; under ``--pp`` the
+   pipeline schedule), summing the losses and the expert loads on the device -- no host
+   synchronisation per micro-batch;
+2. the sums and loads over dp, the ZeRO-1 gradient reduction and the global norm; one host
+   sync reads the losses and the norm together;
 3. a non-finite loss or norm skips the step (gradients dropped);
-4. AdamW, the auxiliary-loss-free bias update with the loads of all micro-batches, the EMA.
+4. AdamW with clipping, the auxiliary-loss-free bias update with the loads of all micro-batches, the EMA.
 
 The loop around them (:func:`dsv3.train.loop.train`) does metrics, evaluation and
 checkpoints; ``dsv3 memory`` (:mod:`dsv3.memory.measure`) steps the same session.
@@ -86,32 +98,20 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
     return mcfg
 
 
-def build_model(config: TrainConfig, mcfg: ModelConfig, device: torch.device):
-    """Build (or load) the model and apply the configured transformations (FP8, recomputation)."""
-    from dsv3.model import DeepseekV3ForCausalLM
+def build_meta(config: TrainConfig, mcfg: ModelConfig):
+    """The model of the run on the ``meta`` device (phase 4: shapes, no storage) and the resolved
+    ``--init-from`` checkpoint directory (None without one). Without MTP weights in the checkpoint
+    the model is built without MTP modules (``model.config`` becomes ``mcfg`` when initialised)."""
+    from dsv3.parallel.parallelize import build_meta_model
 
-    torch.manual_seed(config.run.seed)
+    init_from = None
+    build_cfg = mcfg
     if config.model.init_from:
-        from dsv3.checkpoint.hf import from_pretrained
+        from dsv3.checkpoint.hf import resolve_pretrained
 
-        from dsv3.model.rope import apply_rope_config
-
-        model = from_pretrained(config.model.init_from, device=device)
-        apply_rope_config(model, mcfg)  # model.config = mcfg, with its rotary tables (YaRN) rebuilt
-    else:
-        with torch.device(device):
-            model = DeepseekV3ForCausalLM(mcfg)
-    model.to(getattr(torch, config.precision.dtype))
-    if config.precision.fp8:
-        from dsv3.fp8 import FP8Recipe, convert
-
-        prec = config.precision
-        convert(model, FP8Recipe(backend=prec.fp8_backend, scale_format=prec.fp8_scale_format, fp8_gemm=prec.fp8_gemm))
-    if config.memory.recompute != "none":
-        from dsv3.memory.recompute import apply_recompute
-
-        apply_recompute(model, config.memory.recompute)
-    return model
+        init_from, ckpt_cfg, _ = resolve_pretrained(config.model.init_from)  # checked here, before anything is written
+        build_cfg = mcfg.replace(num_nextn_predict_layers=ckpt_cfg.num_nextn_predict_layers)
+    return build_meta_model(build_cfg, config.run.seed), init_from
 
 
 def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
@@ -240,6 +240,8 @@ class BatchPrefetcher:
 class Session:
     """Everything one training run steps with. Built by :func:`build_session`.
 
+    ``parallel`` is the :class:`~dsv3.parallel.world.ParallelContext` (one process too) and ``optimizer``
+    its :class:`~dsv3.parallel.zero.ZeroAdamW` (AdamW at dp = 1).
     ``step`` counts completed optimizer steps; ``nonfinite`` the skipped steps in a row;
     ``val_losses`` the (step, loss) evaluations so far; ``checkpoint`` the checkpoint the run
     was restored from (None for a fresh run).
@@ -259,8 +261,9 @@ class Session:
     loader: Any
     params: list[torch.nn.Parameter]
     prefetcher: BatchPrefetcher
-    parallel: Any = None
+    parallel: Any = None  # the ParallelContext (ParallelContext.single(device) for one process)
     pipeline: Any = None  # the PipelineRuntime when pp > 1 (dsv3.parallel.pipeline.train.build_pipeline)
+    sharded_checkpoints: bool = False  # save DCP checkpoints (torchrun, or one process continuing a torchrun run)
     step: int = 0
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
@@ -338,9 +341,31 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
 
 def _build_session(config: TrainConfig | None, *, resume: str | None, overrides: dict[str, Any] | None,
                    parallel: Any, write: bool, prefetch: bool | None, lock) -> Session:
-    from dsv3.checkpoint.state import remove_stale_temporaries, select_resume_checkpoint
+    """The set-up in its phases (docs/architecture.md): check the configuration, join the world, build the
+    data, build the model on meta, parallelize (which materialises the held tensors), write the run
+    directory, restore."""
+    from dsv3.parallel.parallelize import parallelize
+
+    config, run_dir, mcfg, device = _check_configuration(config, resume, overrides, write)
+    ctx, run_dir = _join_world(config, mcfg, parallel, run_dir, device)
+    tokenizer, data = _build_data(config, mcfg, run_dir)
+    model, init_from = build_meta(config, mcfg)
+    par = parallelize(model, ctx, config, mcfg=mcfg, init_from=init_from, run_dir=run_dir)
+    session = _assemble(config, mcfg, run_dir, ctx, tokenizer, data, par, lock)
+    checkpoint = _write_run_dir(session, resume, write, lock)
+    if resume is not None:
+        _restore(session, checkpoint)
+    session.prefetcher = BatchPrefetcher(session.loader, config.data.micro_batch, device, background=prefetch)
+    return session
+
+
+def _check_configuration(config: TrainConfig | None, resume: str | None, overrides: dict[str, Any] | None,
+                         write: bool) -> tuple[TrainConfig, str, ModelConfig, torch.device]:
+    """Phase 1: the configuration (the saved one on resume, with the allowed overrides), the run directory,
+    the device, the model configuration, the context length and the per-rank memory pre-check; nothing is
+    allocated or written."""
     from dsv3.train.preflight import check_context_length, check_memory, refuse_frozen_overrides
-    from dsv3.train.rundir import LOCK_FILE, check_run_dir_usable
+    from dsv3.train.rundir import check_run_dir_usable
 
     if resume is not None:
         run_dir = prepare_run_dir(config, resume)  # type: ignore[arg-type]
@@ -364,16 +389,14 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
         mcfg = ModelConfig.from_json_file(saved_model_config)  # exactly the model the run started with
     else:
         mcfg = model_config_for(config)
-    d, m = config.data, config.memory
-    check_context_length(d.seq_len, mcfg, config.model.rope_scaling)
-    check_memory(mcfg, device=device.type, seq_len=d.seq_len, micro_batch=d.micro_batch,
-                 dtype=config.precision.dtype, optim_states=m.optim_states, recompute=m.recompute,
-                 fp8=config.precision.fp8, ema=bool(m.ema_decay))  # the planner's estimate, before any allocation
+    check_context_length(config.data.seq_len, mcfg, config.model.rope_scaling)
+    check_memory(mcfg, config, device=device.type)  # the planner's per-rank estimate, before any allocation
+    return config, run_dir, mcfg, device
 
-    # --- the parallel layout (under torchrun): checked on every rank before anything is written
-    parallel, run_dir = _join_parallel(config, mcfg, parallel, run_dir)
 
-    # --- tokenizer and data (checked before anything is written, so bad input leaves no run behind)
+def _build_data(config: TrainConfig, mcfg: ModelConfig, run_dir: str) -> tuple[Any, Any]:
+    """Phase 3: the tokenizer and the packed data (checked before anything is written, so bad input leaves no
+    run behind); ``--epochs`` decides the number of steps here."""
     tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir)
     if tokenizer is not None and tokenizer.get_vocab_size() > mcfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
@@ -381,60 +404,49 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     data = build_training_data(config, tokenizer, mcfg, run_dir)
     if config.data.epochs is not None:  # epochs decide the number of steps
         config.schedule.steps = max(1, -(-config.data.epochs * len(data.train) // config.data.global_batch))
+    return tokenizer, data
 
-    # --- the model (an --init-from checkpoint is checked here, before anything is written)
-    model = build_model(config, mcfg, device)
-    model.train()
-    distributed = parallel is not None and parallel.distributed
-    unsharded_state = None
-    if distributed:
-        from dsv3.parallel.dispatch import shard_experts
 
-        if resume is not None:  # a one-process checkpoint continued under torchrun: loaded before sharding
-            single = latest_checkpoint(run_dir, hashes=True)
-            if single is not None:
-                unsharded_state = _load_unsharded(single, model, config)
-        shard_experts(model, parallel, dispatcher=config.parallel.dispatcher, fp8=config.precision.fp8)
-    pipeline = None
-    if distributed and parallel.pp > 1:  # the stages of this device (collective: process groups)
-        from dsv3.parallel.pipeline.train import build_pipeline
-
-        pipeline = build_pipeline(model, parallel, config, run_dir)
-
-    # --- optimizer, schedules, data order (built before anything is written: a bad value leaves no run behind)
+def _assemble(config: TrainConfig, mcfg: ModelConfig, run_dir: str, ctx, tokenizer, data, par, lock) -> Session:
+    """The :class:`Session` around the parallelized model: learning-rate schedule, batch ramp, this data-parallel
+    rank's loader and the CPU EMA of the held parameters (built before anything is written: a bad value leaves
+    no run behind)."""
     from dsv3.memory.ema import CPUEMA
-    from dsv3.train.optim import build_optimizer
     from dsv3.train.schedule import BatchRamp, LRSchedule
 
-    opt, sched = config.optimizer, config.schedule
-    if distributed:
-        from dsv3.parallel.zero import ZeroAdamW
-
-        held = {} if pipeline is None else dict(names=pipeline.owned, norm_names=pipeline.norm_owned,
-                                                norm_group=pipeline.group)
-        optimizer = ZeroAdamW(model, parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
-                              eps=opt.eps, moments_dtype=config.memory.optim_states, **held)
-    else:
-        optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
-                                    eps=opt.eps, moments_dtype=config.memory.optim_states)
+    opt, sched, d = config.optimizer, config.schedule, config.data
     decay_start = int(sched.decay_start * sched.steps)
-    decay_steps = int(sched.decay_end * sched.steps) - decay_start
     schedule = LRSchedule(peak_lr=opt.lr, warmup_steps=min(sched.warmup_steps, decay_start),
-                          decay_start=decay_start, decay_steps=decay_steps, min_lr=sched.min_lr,
-                          final_lr=sched.final_lr, final_steps=sched.final_steps, total_steps=sched.steps)
+                          decay_start=decay_start, decay_steps=int(sched.decay_end * sched.steps) - decay_start,
+                          min_lr=sched.min_lr, final_lr=sched.final_lr, final_steps=sched.final_steps,
+                          total_steps=sched.steps)
     if sched.batch_ramp_start is not None:
-        ramp = BatchRamp(start=sched.batch_ramp_start, end=config.data.global_batch, ramp_steps=sched.batch_ramp_steps,
-                         seq_len=config.data.seq_len, micro_batch=config.data.micro_batch)
+        ramp = BatchRamp(start=sched.batch_ramp_start, end=d.global_batch, ramp_steps=sched.batch_ramp_steps,
+                         seq_len=d.seq_len, micro_batch=d.micro_batch)
     else:
-        ramp = BatchRamp.constant(config.data.global_batch, micro_batch=config.data.micro_batch,
-                                  seq_len=config.data.seq_len)
+        ramp = BatchRamp.constant(d.global_batch, micro_batch=d.micro_batch, seq_len=d.seq_len)
     loader = data.loader(config.run.seed)
-    if distributed:  # each dp rank reads only its micro-batches of every global batch
-        loader.shard(parallel.dp, parallel.dp_rank)
+    if ctx.dp > 1:  # each dp rank reads only its micro-batches of every global batch
+        loader.shard(ctx.dp, ctx.dp_rank)
+    model = par.model
+    ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
+    return Session(config=config, mcfg=mcfg, run_dir=run_dir, device=ctx.device, tokenizer=tokenizer, data=data,
+                   model=model, optimizer=par.optimizer, schedule=schedule, ramp=ramp, ema=ema, loader=loader,
+                   params=[p for p in model.parameters() if p.requires_grad],
+                   prefetcher=None,  # type: ignore[arg-type]  (set last, after the loader is restored)
+                   parallel=ctx, pipeline=par.pipeline, lambda_early=mcfg.mtp_loss_weight,
+                   gamma_early=mcfg.bias_update_speed, lock=lock, sharded_checkpoints=ctx.distributed)
 
-    # --- the run directory (only now that the input is known to be good): lock, clean, config, tokenizer
-    checkpoint = None
-    if write and (parallel is None or parallel.is_main):  # rank 0 alone writes the run directory
+
+def _write_run_dir(session: Session, resume: str | None, write: bool, lock) -> str | None:
+    """Phase 6: only now that the input is known to be good, rank 0 creates and locks the run directory, removes
+    a killed run's temporaries and writes the config, model config, tokenizer (and chat template). Returns the
+    one-process checkpoint to resume from (None for a fresh run or none written)."""
+    from dsv3.checkpoint.state import remove_stale_temporaries, select_resume_checkpoint
+    from dsv3.train.rundir import LOCK_FILE
+
+    config, run_dir, checkpoint = session.config, session.run_dir, None
+    if write and session.parallel.is_main:  # rank 0 alone writes the run directory
         if resume is None:
             try:
                 os.makedirs(run_dir, exist_ok=True)
@@ -446,129 +458,114 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
         if lock.enabled:  # rank 0 (the lock owner) cleans up and chooses; the other ranks read
             for path in remove_stale_temporaries(run_dir):
                 print(f"removed {path}, left by a killed run")
-        if resume is not None:
-            # the newest intact checkpoint; rank 0 says why when it is not the newest
+        if resume is not None:  # the newest intact checkpoint; rank 0 says why when it is not the newest
             checkpoint = select_resume_checkpoint(run_dir) if lock.enabled else latest_checkpoint(run_dir, hashes=True)
-        # the effective config: on resume with the overrides that apply (--steps, ...)
-        save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
+        save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))  # on resume with the overrides that apply
         if resume is None:
-            mcfg.save(os.path.join(run_dir, MODEL_CONFIG_FILE))
-            if tokenizer is not None:
-                from dsv3.utils.io import atomic_path
-
-                with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
-                    tokenizer.save(tmp)
-            if config.data.task == "sft":
-                from dsv3.train.sft import save_template
-
-                save_template(data.template, run_dir)  # a resumed run renders with the same template
+            _write_run_files(session)
     elif resume is not None:
-        checkpoint = latest_checkpoint(run_dir)
-    ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
-
-    session = Session(config=config, mcfg=mcfg, run_dir=run_dir, device=device, tokenizer=tokenizer, data=data,
-                      model=model, optimizer=optimizer, schedule=schedule, ramp=ramp, ema=ema, loader=loader,
-                      params=[p for p in model.parameters() if p.requires_grad],
-                      prefetcher=None,  # type: ignore[arg-type]  (set below, after the loader is restored)
-                      parallel=parallel, pipeline=pipeline, checkpoint=checkpoint, lambda_early=mcfg.mtp_loss_weight,
-                      gamma_early=mcfg.bias_update_speed, lock=lock if lock.held else None)
-    if distributed and resume is not None:
-        from dsv3.parallel.checkpoint import latest_sharded, load_sharded
-
-        sharded = latest_sharded(run_dir)
-        if sharded is None and unsharded_state is not None:  # a one-process run continued under torchrun
-            from dsv3.model.moe import Experts
-
-            state, full_optim = unsharded_state
-            offsets = {f"{n}.{leaf}": m.expert_offset for n, m in model.named_modules() if isinstance(m, Experts)
-                       for leaf in ("gate_up_proj", "down_proj")}
-            optimizer.import_unsharded(full_optim, offsets)
-            if ema is not None and state.get("ema_state") is not None:
-                from dsv3.parallel.checkpoint import ema_from_unsharded
-
-                ema_from_unsharded(ema, model, state["ema_state"])
-            session.step = state["step"]
-            loader.load_state_dict(state["loader"])
-            session.nonfinite = state["extra"].get("nonfinite", 0)
-            session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
-        checkpoint = session.checkpoint = sharded or checkpoint
-        if sharded is not None:
-            meta = load_sharded(sharded, model=model, optimizer=optimizer, ctx=parallel, ema=ema)
-            session.step = meta["step"]
-            loader.load_state_dict(meta["loader"])
-            session.nonfinite = meta.get("nonfinite", 0)
-            session.val_losses = [tuple(v) for v in meta.get("val_losses", [])]
-        checkpoint = None
-    elif resume is not None and checkpoint is None:
-        from dsv3.parallel.checkpoint import latest_sharded, load_sharded
-
-        sharded = latest_sharded(run_dir)
-        if sharded is not None:  # a torchrun run continued in one process: ZeRO-1 with dp=1 (= AdamW)
-            from dsv3.parallel.world import ParallelContext
-            from dsv3.parallel.zero import ZeroAdamW
-
-            session.parallel = ParallelContext.single(device)
-            session.optimizer = ZeroAdamW(model, session.parallel, lr=opt.lr, betas=(opt.beta1, opt.beta2),
-                                          weight_decay=opt.weight_decay, eps=opt.eps,
-                                          moments_dtype=config.memory.optim_states)
-            meta = load_sharded(sharded, model=model, optimizer=session.optimizer, ctx=session.parallel, ema=ema)
-            session.checkpoint = sharded
-            session.step = meta["step"]
-            loader.load_state_dict(meta["loader"])
-            session.nonfinite = meta.get("nonfinite", 0)
-            session.val_losses = [tuple(v) for v in meta.get("val_losses", [])]
-    if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint, model=model, optimizer=optimizer, ema=ema)
-        session.step = state["step"]
-        loader.load_state_dict(state["loader"])
-        session.nonfinite = state["extra"].get("nonfinite", 0)
-        session.val_losses = [tuple(v) for v in state["extra"].get("val_losses", [])]
-    session.prefetcher = BatchPrefetcher(loader, config.data.micro_batch, device, background=prefetch)
-    return session
+        checkpoint = latest_checkpoint(run_dir, hashes=session.parallel.distributed)
+    session.lock = lock if lock.held else None
+    return checkpoint
 
 
-def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: str) -> tuple[Any, str]:
-    """Join the torchrun world (when launched by it and no context is given) and agree on the run directory.
+def _write_run_files(session: Session) -> None:
+    """The model config, the tokenizer and (SFT) the chat template of a new run, for its resumption."""
+    run_dir = session.run_dir
+    session.mcfg.save(os.path.join(run_dir, MODEL_CONFIG_FILE))
+    if session.tokenizer is not None:
+        from dsv3.utils.io import atomic_path
+
+        with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
+            session.tokenizer.save(tmp)
+    if session.config.data.task == "sft":
+        from dsv3.train.sft import save_template
+
+        save_template(session.data.template, run_dir)  # a resumed run renders with the same template
+
+
+def _restore(session: Session, checkpoint: str | None) -> None:
+    """Phase 7: continue from the run's checkpoint, whichever layout wrote it. Under torchrun the newest sharded
+    (DCP) checkpoint, else a one-process checkpoint cut to this rank; in one process the one-process
+    checkpoint, else the newest sharded one (then the run goes on saving sharded checkpoints)."""
+    from dsv3.parallel.checkpoint import latest_sharded
+
+    sharded = latest_sharded(session.run_dir)
+    if sharded is not None and (session.parallel.distributed or checkpoint is None):
+        _restore_sharded(session, sharded)
+    elif checkpoint is not None:
+        _restore_unsharded(session, checkpoint)
+
+
+def _restore_sharded(session: Session, path: str) -> None:
+    """Load a sharded checkpoint of any layout: this rank's tensors, optimizer chunks and EMA shadows."""
+    from dsv3.parallel.checkpoint import load_sharded
+
+    meta = load_sharded(path, model=session.model, optimizer=session.optimizer, ctx=session.parallel, ema=session.ema)
+    session.checkpoint, session.sharded_checkpoints = path, True
+    _restore_counters(session, meta["step"], meta["loader"], meta)
+
+
+def _restore_unsharded(session: Session, path: str) -> None:
+    """Load a one-process checkpoint: in one process whole; under torchrun each rank takes its expert block
+    of the weights, its ZeRO-1 chunks of the AdamW state (by parameter name) and of the EMA."""
+    model, optimizer, ema = session.model, session.optimizer, session.ema
+    if session.parallel.distributed:
+        from dsv3.checkpoint.state import unsharded_optimizer_state
+        from dsv3.model.moe import Experts
+        from dsv3.parallel.checkpoint import ema_from_unsharded
+
+        state = load_checkpoint_state(path, model=model, optimizer=None, ema=None)
+        offsets = {f"{n}.{leaf}": m.expert_offset for n, m in model.named_modules() if isinstance(m, Experts)
+                   for leaf in ("gate_up_proj", "down_proj")}
+        optimizer.import_unsharded(unsharded_optimizer_state(path, state), offsets)
+        if ema is not None and "ema" in state:
+            ema_from_unsharded(ema, model, _unsharded_ema_state(path, state))
+    else:
+        state = load_checkpoint_state(path, model=model, optimizer=optimizer, ema=ema)
+        session.checkpoint = path
+    _restore_counters(session, state["step"], state["loader"], state["extra"])
+
+
+def _unsharded_ema_state(path: str, state: dict) -> dict:
+    """The whole EMA ``state_dict`` of a one-process checkpoint (all N_r experts per layer)."""
+    from safetensors.torch import load_file
+
+    from dsv3.checkpoint.state import join_tensors
+
+    return join_tensors(state["ema"], load_file(os.path.join(path, "ema.safetensors")))
+
+
+def _restore_counters(session: Session, step: int, loader_state: dict, extra: dict) -> None:
+    """The step, the data position, the non-finite streak and the validation history of a checkpoint."""
+    session.step = step
+    session.loader.load_state_dict(loader_state)
+    session.nonfinite = extra.get("nonfinite", 0)
+    session.val_losses = [tuple(v) for v in extra.get("val_losses", [])]
+
+
+def _join_world(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: str,
+                device: torch.device) -> tuple[Any, str]:
+    """Phase 2: join the torchrun world (when launched by it and no context is given; one process is
+    :meth:`ParallelContext.single`) and agree on the run directory.
 
     The layout (pp x dp with ep inside dp; for ``pp > 1`` also the schedule's rules) is checked
     before any process group exists (a bad one fails alike on every rank);
     rank 0's run directory name is used by all (a default name carries a timestamp).
     """
+    from dsv3.parallel.world import ParallelContext, init_parallel
+
     p = config.parallel
     world = parallel.world_size if parallel is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
     if p.pp > 1:  # the pipeline's layout (layers, schedule, micro-batches, devices x dp): before any group
-        from dsv3.parallel.pipeline.train import check_pipeline_layout
-
-        d = config.data
-        check_pipeline_layout(mcfg.num_hidden_layers, pp=p.pp, schedule=p.pipeline, global_batch=d.global_batch,
-                              micro_batch=d.micro_batch, world_size=world, dp=p.dp, ep=p.ep,
-                              n_routed_experts=mcfg.n_routed_experts)
-        if d.task == "sft":
-            raise ConfigError("--pp > 1 does not run SFT (document-masked) batches yet; use --pp 1")
-        if config.schedule.batch_ramp_start is not None:  # every step's micro-batches must fit the schedule
-            raise ConfigError("--pp > 1 does not support the batch-size ramp yet; drop --batch-ramp-start")
-    if parallel is None and world > 1:
-        from dsv3.parallel.world import init_parallel
-
-        parallel = init_parallel(p.pp, p.dp, p.ep, n_routed_experts=mcfg.n_routed_experts,
-                                 device=None if p.device == "auto" else p.device, schedule=p.pipeline)
-    if parallel is None or not parallel.distributed:
+        _check_pipeline(config, mcfg, world)
+    if parallel is None:
+        parallel = (init_parallel(p.pp, p.dp, p.ep, n_routed_experts=mcfg.n_routed_experts,
+                                  device=None if p.device == "auto" else p.device, schedule=p.pipeline)
+                    if world > 1 else ParallelContext.single(device))
+    if not parallel.distributed:
         return parallel, run_dir
-    d = config.data
-    n_micro = d.global_batch // d.micro_batch
-    if n_micro % parallel.dp:
-        raise ConfigError(f"global_batch / micro_batch = {n_micro} micro-batches cannot be split over dp "
-                          f"{parallel.dp} ranks; make global_batch a multiple of micro_batch * dp")
-    if config.schedule.batch_ramp_start is not None:  # every ramp step's micro-batches must split over dp too
-        from dsv3.train.schedule import BatchRamp
-
-        ramp = BatchRamp(start=config.schedule.batch_ramp_start, end=d.global_batch, micro_batch=d.micro_batch,
-                         ramp_steps=config.schedule.batch_ramp_steps, seq_len=d.seq_len)
-        bad = next((s for s in range(ramp.ramp_steps + 1) if ramp.accumulation_steps(s) % parallel.dp), None)
-        if bad is not None:
-            raise ConfigError(f"the batch ramp gives step {bad + 1} {ramp.accumulation_steps(bad)} micro-batches, "
-                              f"which cannot be split over dp {parallel.dp} ranks; make --batch-ramp-start and the "
-                              f"ramp's batches multiples of micro_batch * dp")
+    _check_dp_split(config, parallel.dp)
     import torch.distributed as dist
 
     box = [run_dir]
@@ -577,30 +574,44 @@ def _join_parallel(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_di
     return parallel, box[0]
 
 
-def _load_unsharded(checkpoint: str, model, config: TrainConfig) -> tuple[dict, dict]:
-    """A one-process checkpoint read into the whole model (before expert sharding) with its AdamW state
-    by parameter name, for a run continued under torchrun; with an EMA, its whole state as ``state["ema_state"]``."""
-    from dsv3.train.optim import build_optimizer
+def _check_pipeline(config: TrainConfig, mcfg: ModelConfig, world: int) -> None:
+    """``--pp > 1``: the schedule's layout rules, and what the pipeline does not run yet (SFT, the batch ramp)."""
+    from dsv3.parallel.pipeline.train import check_pipeline_layout
 
-    opt = config.optimizer
-    full = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
-                           eps=opt.eps, moments_dtype=config.memory.optim_states)
-    state = load_checkpoint_state(checkpoint, model=model, optimizer=full, ema=None)
-    if config.memory.ema_decay and "ema" in state:
-        from safetensors.torch import load_file
+    p, d = config.parallel, config.data
+    check_pipeline_layout(mcfg.num_hidden_layers, pp=p.pp, schedule=p.pipeline, global_batch=d.global_batch,
+                          micro_batch=d.micro_batch, world_size=world, dp=p.dp, ep=p.ep,
+                          n_routed_experts=mcfg.n_routed_experts)
+    if d.task == "sft":
+        raise ConfigError("--pp > 1 does not run SFT (document-masked) batches yet; use --pp 1")
+    if config.schedule.batch_ramp_start is not None:  # every step's micro-batches must fit the schedule
+        raise ConfigError("--pp > 1 does not support the batch-size ramp yet; drop --batch-ramp-start")
 
-        from dsv3.checkpoint.state import join_tensors
 
-        state["ema_state"] = join_tensors(state["ema"], load_file(os.path.join(checkpoint, "ema.safetensors")))
-    by_name = {n: full.state[p] for n, p in model.named_parameters() if p in full.state}
-    return state, by_name
+def _check_dp_split(config: TrainConfig, dp: int) -> None:
+    """Every step's micro-batches (the batch ramp's too) must split evenly over the ``dp`` ranks."""
+    d = config.data
+    n_micro = d.global_batch // d.micro_batch
+    if n_micro % dp:
+        raise ConfigError(f"global_batch / micro_batch = {n_micro} micro-batches cannot be split over dp "
+                          f"{dp} ranks; make global_batch a multiple of micro_batch * dp")
+    if config.schedule.batch_ramp_start is not None:  # every ramp step's micro-batches must split over dp too
+        from dsv3.train.schedule import BatchRamp
+
+        ramp = BatchRamp(start=config.schedule.batch_ramp_start, end=d.global_batch, micro_batch=d.micro_batch,
+                         ramp_steps=config.schedule.batch_ramp_steps, seq_len=d.seq_len)
+        bad = next((s for s in range(ramp.ramp_steps + 1) if ramp.accumulation_steps(s) % dp), None)
+        if bad is not None:
+            raise ConfigError(f"the batch ramp gives step {bad + 1} {ramp.accumulation_steps(bad)} micro-batches, "
+                              f"which cannot be split over dp {dp} ranks; make --batch-ramp-start and the "
+                              f"ramp's batches multiples of micro_batch * dp")
 
 
 def _dp_slice(session: "Session", batches: list[Batch]) -> list[Batch]:
     """This data-parallel rank's micro-batches: every dp-th of the global batch's (a disjoint part);
     ``batches`` as they are when the loader already handed out only this rank's (:meth:`TrainLoader.shard`)."""
     ctx = session.parallel
-    if ctx is None or not ctx.distributed or ctx.dp == 1 or getattr(session.loader, "dp", 1) > 1:
+    if ctx.dp == 1 or getattr(session.loader, "dp", 1) > 1:
         return batches
     return batches[ctx.dp_rank::ctx.dp]
 
@@ -665,7 +676,7 @@ def _micro_batch_pass(session: Session, batches: list[Batch]) -> tuple[torch.Ten
         # of the step's loss tokens, so the step's loss is the mean over all of them (on the device).
         counts = torch.stack([(labels != -100).sum() for _, labels, _ in split]).double()
         weights = counts / counts.sum().clamp(min=1)
-        if ctx is not None and ctx.distributed and ctx.dp > 1:
+        if ctx.dp > 1:
             # shares of the whole global batch's tokens (gradients are averaged over dp)
             from dsv3.parallel.zero import all_mean
 
@@ -703,40 +714,30 @@ def _pipeline_pass(session: Session, batches: list[Batch]) -> tuple[torch.Tensor
 
 
 def _update(session: Session, sums: torch.Tensor, load: torch.Tensor | None, tokens: int, gamma: float) -> StepStats:
-    """The rest of :func:`train_step` after the backward passes: under torch.distributed the sums and
-    loads over dp and the ZeRO-1 gradient reduction and norm (the same on every rank), else clipping;
-    the one host sync; the NaN skip; AdamW, the bias update with the step's loads, and the EMA (under
-    pipeline parallelism of the held stages only)."""
+    """The rest of :func:`train_step` after the backward passes, the same for every layout: the sums and loads
+    over dp and the ZeRO-1 gradient reduction and norm (the same on every rank; nothing to communicate with
+    dp = 1); the one host sync; the NaN skip; AdamW with clipping, the bias update with the step's loads, and
+    the EMA (under pipeline parallelism of the held stages only)."""
     import math
 
-    from dsv3.train.optim import clip_grad_norm
+    from dsv3.parallel.zero import all_mean, sync_loads
 
     ctx, optimizer, clip = session.parallel, session.optimizer, session.config.optimizer.grad_clip
-    distributed = ctx is not None and ctx.distributed
-    if distributed:  # global sums over the dp ranks, ZeRO-1 gradient reduction and norm (same on every rank)
-        from dsv3.parallel.zero import all_mean, sync_loads
-
-        sums = all_mean(sums, ctx)
-        sums[4] *= ctx.dp
-        if load is not None:
-            load = sync_loads(load, ctx)
-        optimizer.reduce_gradients()
-        grad_norm = optimizer.grad_norm()
-    else:
-        grad_norm = clip_grad_norm(session.params, clip)
+    sums = all_mean(sums, ctx)  # global sums over the dp ranks
+    sums[4] *= ctx.dp
+    if load is not None:
+        load = sync_loads(load, ctx)
+    optimizer.reduce_gradients()
+    grad_norm = optimizer.grad_norm()
     host = torch.cat([sums, grad_norm.detach().double().reshape(1).to(sums.device)]).tolist()  # the one sync
     loss, lm_loss, mtp_loss, balance_loss, loss_tokens, norm = host
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     if not skipped:
-        if distributed:
-            optimizer.step(clip, reduce=False, norm=grad_norm)
-        else:
-            optimizer.step()
+        optimizer.step(clip, reduce=False, norm=grad_norm)
         if load is not None:
             session.model.update_router_bias(load, gamma)
     optimizer.zero_grad(set_to_none=True)
     if not skipped and session.ema is not None:
         session.ema.update()
     return StepStats(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss, grad_norm=norm,
-                     skipped=skipped, load=load, tokens=tokens * (ctx.dp if distributed else 1),
-                     loss_tokens=int(loss_tokens))
+                     skipped=skipped, load=load, tokens=tokens * ctx.dp, loss_tokens=int(loss_tokens))
