@@ -538,6 +538,25 @@ def test_select_stages_on_the_meta_device_allocates_nothing_and_refuses_a_model_
         select_stages(model, SimpleNamespace(pp=2, schedule="1f1b", pp_rank=1), seq_len=SEQ, layers=(2, 2))
 
 
+@pytest.mark.parametrize("name,pp", [("1f1b", 4), ("zb1p", 3), ("dualpipe", 4), ("dualpipe", 6), ("dualpipev", 4),
+                                     ("dualpipev", 8)])
+def test_validation_pass_uses_only_links_the_schedule_has(name, pp):
+    """The forward-only pass sends stage s-1's activation from its device to stage s's (each stage on the lowest
+    device holding it, which does hold it); every such hop between two devices is a forward link of the schedule,
+    so it has its process group, and the pass visits the stages in order."""
+    from dsv3.parallel.pipeline.schedules import FORWARD, SEND
+    from dsv3.parallel.pipeline.stages import StageLayout
+
+    schedule = build_schedule(name, pp, 2 * pp)
+    layout = StageLayout((1,) * pp, schedule.device_stages, 1, True)
+    links = {(d, op.peer) for d, ops in enumerate(schedule.ops) for op in ops if op.kind == SEND
+             and op.direction == FORWARD}
+    for s in range(pp):
+        assert s in schedule.device_stages[layout.eval_device(s)]
+        if s and layout.eval_device(s - 1) != layout.eval_device(s):
+            assert (layout.eval_device(s - 1), layout.eval_device(s)) in links, (name, pp, s)
+
+
 def test_bias_update_of_a_cut_model_uses_its_layers_rows():
     """``update_router_bias`` with the whole model's [n_moe, N_r] load updates a cut model's MoE layers (last stage:
     layers 2, 3 and the MTP module) exactly as the whole model's."""
