@@ -125,8 +125,9 @@ MEGATRON_STAGE1 = {
     2: (6_137_118_720, 12_274_241_600, 2_881_069_056, 5_762_138_112),
     3: (6_137_118_720, 1_440_538_688, 2_881_069_056, 5_762_138_112),
 }
-# and the peak device of docs/planner.md's worked example (the report's layout, default precision).
-MEGATRON_REPORT_PEAK = 45_827_933_496.4
+# and the peak device of docs/planner.md's worked example (the report's layout, default precision); a DualPipe
+# device holds the RoPE table of its two stages once (64 bytes and their 10 % allowance less than two copies).
+MEGATRON_REPORT_PEAK = 45_827_933_496.4 - 64 * 1.1
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])

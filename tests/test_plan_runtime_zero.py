@@ -163,17 +163,21 @@ def test_the_flat_split_stays_where_the_runtime_does_not_run(changes, applies):
 
 
 def test_a_device_holding_two_stages_adds_them_rank_by_rank():
-    """DualPipeV: one device holds stages 0 and 1; its busiest rank is the max of the per-rank sums."""
+    """DualPipeV: one device holds stages 0 and 1; its busiest rank is the max of the per-rank sums, where the
+    embedding of stage 0 and the last stage's copy of it (the MTP modules embed tokens) count once: on the
+    device they are one tensor (report 3.2.1)."""
     cfg = _odd_config()
     plan = make_plan(cfg, Layout(pp=2, dp=4, ep=2, zero=1, schedule="dualpipev", seq_len=16, global_batch=8), PREC,
                      simulate=False)
     (dev,) = plan.devices
     assert dev.stages == [0, 1]
     a, b = (s.ranks.by_rank for s in plan.stages)
-    both = [x + y for x, y in zip(a, b)]
+    emb = zero1_optimizer_bytes_by_rank(plan.params.embedding, plan.layout, PREC)
+    both = [x + y - e for x, y, e in zip(a, b, emb)]
     assert dev.ranks.by_rank == tuple(both) and dev.optimizer == max(both) == dev.ranks.high
     assert dev.ranks.busiest == both.index(max(both)) and dev.ranks.low == min(both)
-    assert dev.optimizer_flat == sum(s.optimizer_flat for s in plan.stages)
+    flat_emb = -(-cfg.vocab_size * cfg.hidden_size // 4) * (2 + 2 + 4)  # ceil(n / dp) x (BF16 m, v + FP32 master)
+    assert dev.optimizer_flat == sum(s.optimizer_flat for s in plan.stages) - flat_emb
 
 
 def test_the_table_says_which_rank_and_the_flat_split(capsys, odd_config_file):

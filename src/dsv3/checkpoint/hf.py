@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError, ConfigError
 from dsv3.utils.io import atomic_dir
+from dsv3.utils.meta import materialize
 from dsv3.utils.size import parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -296,7 +297,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
     path, config, files = resolve_pretrained(path)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
-    model.to_empty(device=device)
+    materialize(model, device)  # (nn.Module.to_empty would untie a tied head from the embedding)
     model.to(dtype)
     with torch.no_grad():  # non-persistent buffers are not in the checkpoint: rebuild them
         fresh = type(model.model.rotary_emb)(config)

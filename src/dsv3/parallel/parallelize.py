@@ -10,17 +10,21 @@ names, no storage), then :func:`parallelize` applies, in this order (as torchtit
 3. **expert sharding**: every MoE layer gets a dispatcher and, under expert parallelism, only this
    rank's block of ``N_r / ep`` experts, created directly at the local size
    (:func:`dsv3.parallel.dispatch.shard_experts`; on meta no full layer ever exists);
-4. **stage selection**: under ``--pp`` the :class:`~dsv3.parallel.pipeline.executor.PipelineRuntime`
-   of this device's stages (:func:`select_stages`);
+4. **stage selection**: under ``--pp`` the stages this pipeline device does not run are removed
+   (:func:`dsv3.parallel.pipeline.stages.select_stages`: their slots become empty blocks, global
+   names kept);
 5. **materialisation**: only the tensors still on the model get storage on ``ctx.device``
-   (:func:`materialize`), initialised from the per-parameter seeds
+   (:func:`dsv3.utils.meta.materialize`), initialised from the per-parameter seeds
    (:meth:`~dsv3.model.DeepseekV3ForCausalLM.reset_parameters`: ``(seed, global name)``, routed experts by
-   global index) or read from ``--init-from`` (only the held tensors and experts, :func:`initialize`);
+   global index) or read from ``--init-from`` (only the held tensors and expert rows, :func:`initialize`);
    so a rank holds exactly the values one process would;
-6. **optimizer**: :class:`~dsv3.parallel.zero.ZeroAdamW` over the held parameters, for every layout
+6. **pipeline runtime**: under ``--pp`` the :class:`~dsv3.parallel.pipeline.executor.PipelineRuntime`
+   over the held stages (process groups: collective);
+7. **optimizer**: :class:`~dsv3.parallel.zero.ZeroAdamW` over the held parameters, for every layout
    (one process is :meth:`ParallelContext.single`, where ZeRO-1 with dp = 1 is AdamW).
 
-The optimizer comes last because its state (the FP32 master chunks) is made from materialised values.
+The runtime and the optimizer come after materialisation: the runtime's buffers and the optimizer's
+state (FP32 master chunks) are made from real tensors.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.parallel.dispatch import shard_experts
 from dsv3.parallel.zero import ZeroAdamW
+from dsv3.utils.meta import materialize
 
-ORDER = ("precision", "recompute", "experts", "stages", "materialize", "optimizer")
+ORDER = ("precision", "recompute", "experts", "stages", "materialize", "runtime", "optimizer")
 
 
 @dataclass
@@ -83,9 +88,18 @@ def apply_recomputation(model: nn.Module, config) -> nn.Module:
     return model
 
 
-def select_stages(model: nn.Module, ctx, config, run_dir: str | None = None):
-    """Step 4: under ``--pp`` the pipeline runtime of this device's stages (collective), else None."""
-    if config.parallel.pp <= 1:
+def select_stages(model: nn.Module, ctx, config) -> None:
+    """Step 4: under ``--pp`` remove the stages this pipeline device does not run (on meta: nothing was ever
+    allocated for them; :func:`dsv3.parallel.pipeline.stages.select_stages`)."""
+    if ctx.pp > 1:
+        from dsv3.parallel.pipeline.stages import select_stages as remove_other_stages
+
+        remove_other_stages(model, ctx, seq_len=config.data.seq_len)
+
+
+def build_runtime(model: nn.Module, ctx, config, run_dir: str | None = None):
+    """Step 6: under ``--pp`` the pipeline runtime of the (cut, materialised) model (collective), else None."""
+    if ctx.pp <= 1:
         return None
     from dsv3.parallel.pipeline.train import build_pipeline
 
@@ -93,40 +107,25 @@ def select_stages(model: nn.Module, ctx, config, run_dir: str | None = None):
 
 
 @torch.no_grad()
-def materialize(model: nn.Module, device: torch.device) -> nn.Module:
-    """Step 5: give every ``meta`` parameter and buffer still on ``model`` (uninitialised) storage on ``device``.
-
-    Unlike ``nn.Module.to_empty`` it keeps tied parameters tied (``lm_head`` and the embedding,
-    the MTP modules' shared head) and every Parameter's ``requires_grad``. Non-persistent buffers
-    (the rotary tables) must be rebuilt by the caller (:func:`initialize`).
-    """
-    made: dict[int, torch.Tensor] = {}
-    for module in model.modules():
-        for table in (module._parameters, module._buffers):
-            for name, t in table.items():
-                if t is None or not t.is_meta:
-                    continue
-                if id(t) not in made:
-                    new = torch.empty(t.shape, dtype=t.dtype, device=device)
-                    made[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
-                table[name] = made[id(t)]
-    return model
-
-
-@torch.no_grad()
-def initialize(model: nn.Module, mcfg: ModelConfig, init_from: str | None = None) -> nn.Module:
-    """The values of a materialised model: the held tensors of the Hugging Face checkpoint directory
-    ``init_from`` (every one is read: strict), else the per-parameter seeds of ``model.init_seed``;
+def initialize(model: nn.Module, mcfg: ModelConfig, init_from: str | None = None, *, partial: bool = False) -> nn.Module:
+    """The values of a materialised model: the tensors of the Hugging Face checkpoint directory ``init_from``
+    (``partial``: the model holds a rank's part, and only that part is read; every held tensor must be
+    found), else the per-parameter seeds of ``model.init_seed``;
     then ``model.config = mcfg`` with its rotary tables (non-persistent buffers) and softmax scales."""
-    from dsv3.model.rope import apply_rope_config
+    from dsv3.model.rope import RotaryEmbedding, apply_rope_config
 
     if init_from:
         from dsv3.checkpoint.hf import load_state_into
 
-        load_state_into(model, init_from)
+        load_state_into(model, init_from, partial=partial)
     else:
         model.reset_parameters(model.init_seed)
-    return apply_rope_config(model, mcfg)
+    tables = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]
+    dtypes = [m.inv_freq.dtype for m in tables]  # the model's dtype, as a model cast after its build has them
+    apply_rope_config(model, mcfg)
+    for m, dtype in zip(tables, dtypes):
+        m.inv_freq = m.inv_freq.to(dtype)
+    return model
 
 
 def build_optimizer(model: nn.Module, ctx, config, pipeline=None) -> ZeroAdamW:
@@ -157,9 +156,10 @@ def parallelize(model: nn.Module, ctx, config, *, mcfg: ModelConfig | None = Non
     apply_recomputation(model, config)
     dispatcher = config.parallel.dispatcher if ctx.distributed else "local"  # one process: every expert is local
     shard_experts(model, ctx, dispatcher=dispatcher, fp8=config.precision.fp8)
-    pipeline = select_stages(model, ctx, config, run_dir)
+    select_stages(model, ctx, config)
     if any(t.is_meta for t in model.parameters()):
         materialize(model, ctx.device)
-        initialize(model, mcfg, init_from)
+        initialize(model, mcfg, init_from, partial=ctx.ep > 1 or ctx.pp > 1)
     model.train()
+    pipeline = build_runtime(model, ctx, config, run_dir)
     return Parallelized(model=model, optimizer=build_optimizer(model, ctx, config, pipeline), pipeline=pipeline)

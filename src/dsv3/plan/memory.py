@@ -252,24 +252,34 @@ class StageParts:
     embedding: bool
     head: bool
     mtp: bool
+    embedding_copy: bool = False  # the last stage's copy of the embedding (MTP embeds tokens; a tied head)
 
     @property
     def extras(self) -> list[str]:
         return [n for n, on in (("embedding", self.embedding), ("head", self.head), ("mtp", self.mtp)) if on]
 
+    @property
+    def holds_embedding(self) -> bool:
+        """The stage's parameters include the embedding (its own, or the last stage's copy for MTP/a tied head)."""
+        return self.embedding or self.embedding_copy
+
 
 def stage_parts(cfg: ModelConfig, layout: Layout, stage_layers: tuple[int, ...]) -> list[StageParts]:
-    """Stage 0 holds the embedding; the last stage the final norm, output head and MTP modules."""
+    """Stage 0 holds the embedding; the last stage the final norm, output head and MTP modules, and (with
+    more than one stage) a copy of the embedding when the MTP modules embed tokens or the head is tied to it
+    (as dsv3's pipeline runtime holds it; a device holding the first stage too keeps one: :func:`memory_plan`)."""
     idx = stage_layer_indices(stage_layers)
     last = layout.pp - 1
     use_mtp = layout.mtp and cfg.num_nextn_predict_layers > 0
-    return [StageParts(s, idx[s], s == 0, s == last, s == last and use_mtp) for s in range(layout.pp)]
+    copy = last > 0 and (use_mtp or bool(cfg.tie_word_embeddings))
+    return [StageParts(s, idx[s], s == 0, s == last, s == last and use_mtp, s == last and copy)
+            for s in range(layout.pp)]
 
 
 def stage_tensors(params: ModelParams, part: StageParts) -> list[ParamTensor]:
     """The parameter tensors of one stage."""
     out: list[ParamTensor] = []
-    if part.embedding:
+    if part.holds_embedding:
         out += params.embedding
     if part.layers or part.mtp:
         out += params.rotary
@@ -293,7 +303,7 @@ def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, pre
     units = [g["layers"][i] for i in part.layers]
     if part.mtp:
         units += g["mtp_modules"]
-    extra = ([g["embedding"]] if part.embedding else []) + ([g["head"]] if part.head else [])
+    extra = ([g["embedding"]] if part.holds_embedding else []) + ([g["head"]] if part.head else [])
     extra += [g["rotary"]] if (part.layers or part.mtp) else []  # every stage with blocks computes RoPE
     sb = state_bytes(merge_groups(units + extra), layout, prec, replicas)
     sb.largest_unit_weights = max((unit_weight_bytes(u, layout, prec) for u in units + extra), default=0.0)
@@ -599,6 +609,18 @@ class DeviceMemory(_Totals):
         }
 
 
+def _device_duplicates(params: ModelParams, parts: list[StageParts]) -> list[ParamTensor]:
+    """The tensors that more than one of a device's stages list (each extra occurrence once)."""
+    seen: set[str] = set()
+    twice = []
+    for part in parts:
+        for t in stage_tensors(params, part):
+            if t.name in seen:
+                twice.append(t)
+            seen.add(t.name)
+    return twice
+
+
 def memory_plan(cfg: ModelConfig, params: ModelParams, layout: Layout, prec: Precision, stage_layers: tuple[int, ...],
                 profiles: Profiles | None = None, fragmentation: float = DEFAULT_FRAGMENTATION,
                 states: list[StateBytes] | None = None,
@@ -649,18 +671,23 @@ def memory_plan(cfg: ModelConfig, params: ModelParams, layout: Layout, prec: Pre
     devices: list[DeviceMemory] = []
     for dev, ss in enumerate(held):
         ranks = states[ss[0]].ranks if len(ss) == 1 else None
+        # a tensor in two stages of one device (the embedding of the first stage and the last one's copy, the
+        # RoPE table) is held once: DualPipe(V) shares them physically (report 3.2.1)
+        twice = _device_duplicates(params, [parts[s] for s in ss]) if len(ss) > 1 else []
+        dup = state_bytes(aggregate(twice, layout.tp_convention), layout, prec, replicas) if twice else None
         if len(ss) > 1 and all(states[s].ranks is not None for s in ss):
             # a device's DP rank is the same in every stage it holds: add rank by rank, then take the busiest
-            tensors = [t for s in ss for t in stage_tensors(params, parts[s])]
+            tensors = list({t.name: t for s in ss for t in stage_tensors(params, parts[s])}.values())
             ranks = RankSpread.of(zero1_optimizer_bytes_by_rank(tensors, layout, prec),
-                                  sum(states[s].ranks.flat for s in ss))
+                                  sum(states[s].ranks.flat for s in ss) - (dup.optimizer if dup else 0))
         dm = DeviceMemory(
             device=dev,
             stages=ss,
-            params=sum(states[s].params for s in ss),
-            weights=sum(states[s].weights for s in ss),
-            grads=sum(states[s].grads for s in ss),
-            optimizer=ranks.high if ranks is not None else sum(states[s].optimizer for s in ss),
+            params=sum(states[s].params for s in ss) - (dup.params if dup else 0),
+            weights=sum(states[s].weights for s in ss) - (dup.weights if dup else 0),
+            grads=sum(states[s].grads for s in ss) - (dup.grads if dup else 0),
+            optimizer=ranks.high if ranks is not None else sum(states[s].optimizer for s in ss) - (
+                dup.optimizer if dup else 0),
             activations=peaks[dev] + max(acts[s].working_set for s in ss),
             comm_buffers=comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in ss], [states[s] for s in ss]),
             ranks=ranks,

@@ -210,7 +210,7 @@ class PlanCache:
         self._units: dict = {}
 
     def states(self, params: ModelParams, part, layout: Layout, prec: Precision, replicas: int):
-        key = (tuple(part.layers), part.embedding, part.head, part.mtp, layout.tp, layout.ep, layout.etp, layout.dp,
+        key = (tuple(part.layers), part.embedding, part.embedding_copy, part.head, part.mtp, layout.tp, layout.ep, layout.etp, layout.dp,
                layout.zero, replicas, prec, layout.tp_convention)
         if key not in self._states:
             self._states[key] = stage_state_bytes(params, part, layout, prec, replicas)

@@ -511,11 +511,13 @@ def _restore_unsharded(session: Session, path: str) -> None:
     of the weights, its ZeRO-1 chunks of the AdamW state (by parameter name) and of the EMA."""
     model, optimizer, ema = session.model, session.optimizer, session.ema
     if session.parallel.distributed:
+        from dsv3.checkpoint.hf import load_state_into
         from dsv3.checkpoint.state import unsharded_optimizer_state
         from dsv3.model.moe import Experts
         from dsv3.parallel.checkpoint import ema_from_unsharded
 
-        state = load_checkpoint_state(path, model=model, optimizer=None, ema=None)
+        load_state_into(model, path, partial=True)  # only this rank's tensors and expert rows are read
+        state = load_checkpoint_state(path, model=None, optimizer=None, ema=None)
         offsets = {f"{n}.{leaf}": m.expert_offset for n, m in model.named_modules() if isinstance(m, Experts)
                    for leaf in ("gate_up_proj", "down_proj")}
         optimizer.import_unsharded(unsharded_optimizer_state(path, state), offsets)
