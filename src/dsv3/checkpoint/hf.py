@@ -292,17 +292,25 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float
 
     ``path`` may also be a dsv3 run directory: its latest intact checkpoint is loaded.
     """
+    path, config, files = resolve_pretrained(path)
+    model = empty_model(config, device=device, dtype=dtype)
+    load_state_into(model, path, strict=strict, files=files)
+    return model
+
+
+def empty_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The model of ``config`` built on the meta device and given uninitialised storage once, for a load
+    that overwrites every parameter and persistent buffer; the non-persistent buffers (rotary tables),
+    which no checkpoint holds, are rebuilt from the config."""
     from dsv3.model import DeepseekV3ForCausalLM
 
-    path, config, files = resolve_pretrained(path)
     with torch.device("meta"):
         model = DeepseekV3ForCausalLM(config)
     materialize(model, device)  # (nn.Module.to_empty would untie a tied head from the embedding)
     model.to(dtype)
-    with torch.no_grad():  # non-persistent buffers are not in the checkpoint: rebuild them
+    with torch.no_grad():
         fresh = type(model.model.rotary_emb)(config)
         model.model.rotary_emb.inv_freq.copy_(fresh.inv_freq)
-    load_state_into(model, path, strict=strict, files=files)
     return model
 
 

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3.parallel.checkpoint import export_checkpoint
+    from dsv3.checkpoint.checkpointer import Checkpointer
 
-    print(export_checkpoint(args.checkpoint, args.out_dir, use_ema=args.use_ema))
+    print(Checkpointer.export(args.checkpoint, args.out_dir, use_ema=args.use_ema))
     return 0

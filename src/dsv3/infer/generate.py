@@ -221,34 +221,15 @@ def generate_texts(model: DeepseekV3ForCausalLM, tokenizer, prompts: Sequence[st
 
 
 def load_for_generation(path: str, *, use_ema: bool = False, device: str = "cpu", keep_mtp: bool = False):
-    """Load a run directory's latest checkpoint (or a checkpoint/HF directory) for sampling.
+    """Load a run directory's latest checkpoint (or a checkpoint, a ``dcp-*`` or a HF directory) for sampling.
 
     Returns ``(model, checkpoint_dir)``; the MTP modules are dropped unless ``keep_mtp``
     (speculative decoding drafts with them), and with ``use_ema`` the checkpoint's EMA
     weights replace the trained ones.
     """
-    import json
-    import os
+    from dsv3.checkpoint.checkpointer import Checkpointer
 
-    from safetensors.torch import load_file
-
-    from dsv3.checkpoint.hf import from_pretrained
-    from dsv3.checkpoint.state import STATE_FILE, join_tensors, resolve_checkpoint
-
-    checkpoint = resolve_checkpoint(path)
-    model = from_pretrained(checkpoint, device=device)
+    model, checkpoint = Checkpointer.load_for_inference(path, device=device, use_ema=use_ema)
     if not keep_mtp:
         model.drop_mtp()
-    if use_ema:
-        ema_file = os.path.join(checkpoint, "ema.safetensors")
-        if not os.path.isfile(ema_file):
-            raise CheckpointError(f"checkpoint {checkpoint} holds no EMA weights (train with --ema-decay)")
-        with open(os.path.join(checkpoint, STATE_FILE), encoding="utf-8") as fh:
-            meta = json.load(fh)["ema"]
-        shadow = join_tensors(meta, load_file(ema_file))["shadow"]
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in shadow.items():
-                if name in params:
-                    params[name].copy_(value)
     return model.eval(), checkpoint

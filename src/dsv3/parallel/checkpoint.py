@@ -104,6 +104,11 @@ def _param_keys(model) -> list[tuple[str, torch.Tensor, int | None]]:
     return out
 
 
+def _local_name(key: str, row: int | None) -> str:
+    """The model's own name of global key ``key`` (``row``: its expert's row in the local block, or None)."""
+    return key if row is None else key.rsplit(".", 2)[0] + "." + key.rsplit(".", 1)[1]
+
+
 _KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
@@ -183,8 +188,7 @@ def model_state(model, held=None) -> dict[str, torch.Tensor]:
         skip = {n for n, _ in model.named_parameters() if n not in held}
     out = {}
     for k, t, i in _param_keys(model):
-        local = k if i is None else k.rsplit(".", 2)[0] + "." + k.rsplit(".", 1)[1]
-        if local in skip:
+        if _local_name(k, i) in skip:
             continue
         out[f"model/{k}"] = t.detach() if i is None else t.detach()[i]
     return out
@@ -212,6 +216,8 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
     dcp.save(state, checkpoint_id=tmp)
     ctx.barrier()
     if ctx.is_main:
+        if os.path.isfile(os.path.join(run_dir, "tokenizer.json")):  # self-contained, as one-process checkpoints
+            shutil.copyfile(os.path.join(run_dir, "tokenizer.json"), os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, META), "w") as fh:
             json.dump({"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep},
                        **(extra or {})}, fh)
@@ -319,48 +325,62 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
 
 
 @torch.no_grad()
-def load_model_sharded(path: str, model, *, use_ema: bool = False) -> None:
-    """Load only the model tensors of a sharded checkpoint into ``model`` (any expert block), in place.
-
-    ``use_ema``: the parameters from the checkpoint's EMA shadows (``ema/...``, which under pipeline
-    parallelism every rank wrote for its own stages), the buffers (router biases) from ``model/...``.
-    """
+def load_model_sharded(path: str, model) -> None:
+    """Load only the model tensors of a sharded checkpoint into ``model`` (any expert block), in place."""
     import torch.distributed.checkpoint as dcp
 
-    meta = read_meta(path)
-    state = model_state(model)
+    read_meta(path)
+    dcp.load(model_state(model), checkpoint_id=path)
+
+
+def resolve_sharded(checkpoint: str) -> str:
+    """A ``dcp-*`` directory, or a run directory's newest complete one (a CheckpointError when it has none)."""
+    if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, META)):
+        latest = latest_sharded(checkpoint)
+        if latest is None:
+            raise CheckpointError(f"{checkpoint} holds no complete sharded checkpoint (dcp-*/{META}); pass one")
+        return latest
+    read_meta(checkpoint)
+    return checkpoint
+
+
+@torch.no_grad()
+def load_full_model(checkpoint: str, *, device: str | torch.device = "cpu", use_ema: bool = False):
+    """The whole model of a sharded checkpoint (any layout) in one process, built once on the meta device,
+    given storage, and loaded in place: one copy of the model, never two.
+
+    ``checkpoint``: a ``dcp-*`` directory inside its run directory (whose ``model_config.json`` describes
+    the model). ``use_ema``: the EMA shadows (``ema/...``) replace the trained parameters."""
+    from dsv3.checkpoint.hf import empty_model
+    from dsv3.config import ModelConfig
+
+    config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"no model_config.json next to {checkpoint}; use a checkpoint inside its run directory")
+    model = empty_model(ModelConfig.from_json_file(config_path), device=device)
+    load_model_sharded(checkpoint, model)
     if use_ema:
-        if "ema" not in meta:
-            raise CheckpointError(f"{path} holds no EMA weights; train with --ema-decay or export without --use-ema")
-        for key, _, _ in _ema_keys(model, [n for n, _ in model.named_parameters()]):
-            state[f"ema/{key}"] = state.pop(f"model/{key}")
-        # a tied head is the embedding's tensor: it takes the embedding's EMA, not its own trained value
-        averaged = {t.data_ptr() for k, t in state.items() if k.startswith("ema/")}
-        state = {k: t for k, t in state.items() if k.startswith("ema/") or t.data_ptr() not in averaged}
-    dcp.load(state, checkpoint_id=path)
+        import torch.distributed.checkpoint as dcp
+
+        if "ema" not in read_meta(checkpoint):
+            raise CheckpointError(f"checkpoint {checkpoint} holds no EMA weights (train with --ema-decay)")
+        params = {n for n, _ in model.named_parameters()}
+        ema = {f"ema/{k}": (t.detach() if i is None else t.detach()[i]) for k, t, i in _param_keys(model)
+               if _local_name(k, i) in params}
+        dcp.load(ema, checkpoint_id=checkpoint)  # the shadows straight into the parameters
+    return model
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None, use_ema: bool = False) -> str:
     """Write the Hugging Face safetensors directory of a sharded checkpoint (``dsv3 export``).
 
     ``checkpoint``: a ``dcp-*`` directory inside a run directory (whose ``model_config.json``
-    describes the model) or a run directory (its latest sharded checkpoint). Runs in one process.
-    ``use_ema``: export the EMA weights (:func:`load_model_sharded`).
+    describes the model) or a run directory (its latest sharded checkpoint). Runs in one process,
+    holding one copy of the model (:func:`load_full_model`) and one output shard at a time.
+    ``use_ema``: the EMA weights (under pipeline parallelism every rank wrote those of its own stages).
     """
     from dsv3.checkpoint.hf import save_pretrained
-    from dsv3.config import ModelConfig
-    from dsv3.model import DeepseekV3ForCausalLM
 
-    if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, META)):
-        latest = latest_sharded(checkpoint)
-        if latest is None:
-            raise CheckpointError(f"{checkpoint} holds no complete sharded checkpoint (dcp-*/{META}); pass one")
-        checkpoint = latest
-    config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_config.json")
-    if not os.path.isfile(config_path):
-        raise CheckpointError(f"no model_config.json next to {checkpoint}; export a checkpoint inside its run directory")
-    config = ModelConfig.from_json_file(config_path)
-    model = DeepseekV3ForCausalLM(config)  # every parameter and router bias is overwritten below
-    load_model_sharded(checkpoint, model, use_ema=use_ema)
+    model = load_full_model(resolve_sharded(checkpoint), use_ema=use_ema)
     save_pretrained(model, out_dir, dtype=dtype)
     return out_dir

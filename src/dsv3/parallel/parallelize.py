@@ -114,10 +114,10 @@ def initialize(model: nn.Module, mcfg: ModelConfig, init_from: str | None = None
     then ``model.config = mcfg`` with its rotary tables (non-persistent buffers) and softmax scales."""
     from dsv3.model.rope import RotaryEmbedding, apply_rope_config
 
-    if init_from:
-        from dsv3.checkpoint.hf import load_state_into
+    if init_from:  # only the tensors and expert rows this rank holds are read
+        from dsv3.checkpoint.checkpointer import Checkpointer
 
-        load_state_into(model, init_from, partial=partial)
+        Checkpointer.init_from(init_from, model, partial=partial)
     else:
         model.reset_parameters(model.init_seed)
     tables = [m for m in model.modules() if isinstance(m, RotaryEmbedding)]

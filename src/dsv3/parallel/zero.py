@@ -339,29 +339,42 @@ class ZeroAdamW:
         self.inner.load_state_dict({**state_dict, "state": state})
 
     @torch.no_grad()
-    def import_unsharded(self, full_state: dict[str, dict], expert_offsets: dict[str, int]) -> None:
-        """Take this rank's chunks of an unsharded AdamW state (a one-process checkpoint).
+    def import_unsharded(self, read, step: int, expert_offsets: dict[str, int]) -> None:
+        """Take this rank's chunks of an unsharded AdamW state (a one-process checkpoint), reading only them.
 
         Args:
-            full_state: ``{parameter name: {"step", "exp_avg", "exp_avg_sq"}}`` with whole tensors
-                (routed experts: all N_r experts).
+            read: ``read(name, kind, rows) -> tensor | None``: dim-0 ``rows`` (a slice; None: all) of
+                the whole-parameter state ``kind`` (``"exp_avg"``, ``"exp_avg_sq"`` or ``"master"``) of
+                parameter ``name`` (routed experts: ``[N_r, ...]`` over all experts); None when absent.
+            step: the AdamW step count of the checkpoint (0: no moments yet, nothing is read).
             expert_offsets: ``{parameter name: first global expert}`` of this rank's expert blocks.
-        Master weights are this optimizer's (taken from the already loaded parameters).
+        Master weights are the saved FP32 masters of non-FP32 parameters (:meth:`state_dict`), else
+        this optimizer's own (taken from the already loaded parameters).
         """
+        self.inner.state.clear()
         for s in self.shards:
-            st = full_state.get(s.name)
-            if s.master is None or not st:
+            if s.master is None or step == 0:
                 continue
-            me = self.ctx.edp_rank if s.expert else self.ctx.dp_rank
-            start, end = s.bounds[me]
+            start, end = s.bounds[self.ctx.edp_rank if s.expert else self.ctx.dp_rank]
             parts = {}
-            for kind in ("exp_avg", "exp_avg_sq"):
-                full = st[kind]
+            for kind in ("exp_avg", "exp_avg_sq", "master"):
                 if s.expert:
                     off = expert_offsets[s.name]
-                    full = full[off:off + s.param.shape[0]]
-                parts[kind] = full.reshape(rows_shape(s.param.shape))[start:end].to(self.inner.moments_dtype)
-            self.inner.state[s.master] = {"step": int(st["step"]), **{k: v.clone() for k, v in parts.items()}}
+                    full = read(s.name, kind, slice(off, off + s.param.shape[0]))
+                    part = None if full is None else full.reshape(rows_shape(s.param.shape))[start:end]
+                elif s.param.dim() in (1, 2):  # the chunk's rows are dim-0 rows of the parameter
+                    part = read(s.name, kind, slice(start, end))
+                else:
+                    full = read(s.name, kind, None)
+                    part = None if full is None else full.reshape(rows_shape(s.param.shape))[start:end]
+                if part is not None:
+                    parts[kind] = part.reshape(s.master.shape)
+            master = parts.pop("master", None)
+            if master is not None and not s.own_master:
+                s.master.copy_(master)
+            if len(parts) == 2:
+                self.inner.state[s.master] = {"step": step, **{k: v.to(self.inner.moments_dtype).clone()
+                                                               for k, v in parts.items()}}
 
     def sharded_state(self) -> dict[str, dict[str, torch.Tensor | int]]:
         """This rank's chunks by global parameter name: ``{name: {"rows": (start, end), "master", "exp_avg",

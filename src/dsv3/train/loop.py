@@ -31,7 +31,6 @@ from typing import Any, Callable
 
 import torch
 
-from dsv3.checkpoint.state import save_checkpoint
 from dsv3.errors import TrainingError
 from dsv3.train.config import TrainConfig
 # The set-up pieces live in dsv3.train.session; these names stay importable from here.
@@ -190,18 +189,9 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
     last_ckpt = s.checkpoint
     interrupted = False
 
-    def checkpoint_now(at_step: int) -> str | None:
-        if s.sharded_checkpoints:  # torchrun (or one process continuing a torchrun run): sharded DCP checkpoints
-            from dsv3.parallel.checkpoint import save_sharded
-
-            return save_sharded(run_dir, at_step, model=model, optimizer=s.optimizer, ctx=ctx,
-                                extra={"loader": s.prefetcher.state_after, "nonfinite": s.nonfinite,
-                                       "val_losses": s.val_losses}, keep_last=config.checkpoint.keep_last,
-                                ema=s.ema)
-        return save_checkpoint(run_dir, at_step, model=model, optimizer=s.optimizer,
-                               loader_state=s.prefetcher.state_after, tokenizer=s.tokenizer, ema=s.ema,
-                               keep_last=config.checkpoint.keep_last,
-                               extra={"nonfinite": s.nonfinite, "val_losses": s.val_losses})
+    def checkpoint_now(at_step: int) -> str | None:  # the format of the run: see dsv3.checkpoint.checkpointer
+        return s.checkpointer.save(at_step, model, s.optimizer, s.ema, s.prefetcher.state_after,
+                                   {"nonfinite": s.nonfinite, "val_losses": s.val_losses})
 
     try:
         with _StopFlag() as stop:

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from dsv3.checkpoint.state import latest_checkpoint, load_checkpoint_state
+from dsv3.checkpoint.checkpointer import Checkpointer
 from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError, DataError, RunDirError
 from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
@@ -263,7 +263,7 @@ class Session:
     prefetcher: BatchPrefetcher
     parallel: Any = None  # the ParallelContext (ParallelContext.single(device) for one process)
     pipeline: Any = None  # the PipelineRuntime when pp > 1 (dsv3.parallel.pipeline.train.build_pipeline)
-    sharded_checkpoints: bool = False  # save DCP checkpoints (torchrun, or one process continuing a torchrun run)
+    checkpointer: Any = None  # the run's Checkpointer (dsv3.checkpoint.checkpointer): every save and restore
     step: int = 0
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
@@ -435,14 +435,15 @@ def _assemble(config: TrainConfig, mcfg: ModelConfig, run_dir: str, ctx, tokeniz
                    params=[p for p in model.parameters() if p.requires_grad],
                    prefetcher=None,  # type: ignore[arg-type]  (set last, after the loader is restored)
                    parallel=ctx, pipeline=par.pipeline, lambda_early=mcfg.mtp_loss_weight,
-                   gamma_early=mcfg.bias_update_speed, lock=lock, sharded_checkpoints=ctx.distributed)
+                   gamma_early=mcfg.bias_update_speed, lock=lock,
+                   checkpointer=Checkpointer(run_dir, ctx, keep_last=config.checkpoint.keep_last, tokenizer=tokenizer))
 
 
 def _write_run_dir(session: Session, resume: str | None, write: bool, lock) -> str | None:
     """Phase 6: only now that the input is known to be good, rank 0 creates and locks the run directory, removes
     a killed run's temporaries and writes the config, model config, tokenizer (and chat template). Returns the
-    one-process checkpoint to resume from (None for a fresh run or none written)."""
-    from dsv3.checkpoint.state import remove_stale_temporaries, select_resume_checkpoint
+    checkpoint to resume from, of either format (None for a fresh run or none written)."""
+    from dsv3.checkpoint.state import remove_stale_temporaries
     from dsv3.train.rundir import LOCK_FILE
 
     config, run_dir, checkpoint = session.config, session.run_dir, None
@@ -458,13 +459,13 @@ def _write_run_dir(session: Session, resume: str | None, write: bool, lock) -> s
         if lock.enabled:  # rank 0 (the lock owner) cleans up and chooses; the other ranks read
             for path in remove_stale_temporaries(run_dir):
                 print(f"removed {path}, left by a killed run")
-        if resume is not None:  # the newest intact checkpoint; rank 0 says why when it is not the newest
-            checkpoint = select_resume_checkpoint(run_dir) if lock.enabled else latest_checkpoint(run_dir, hashes=True)
+        if resume is not None:  # the newest intact checkpoint (either format); rank 0 says why when it is not the newest
+            checkpoint = session.checkpointer.latest(select=lock.enabled)
         save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))  # on resume with the overrides that apply
         if resume is None:
             _write_run_files(session)
     elif resume is not None:
-        checkpoint = latest_checkpoint(run_dir, hashes=session.parallel.distributed)
+        checkpoint = session.checkpointer.latest(hashes=session.parallel.distributed)
     session.lock = lock if lock.held else None
     return checkpoint
 
@@ -485,65 +486,13 @@ def _write_run_files(session: Session) -> None:
 
 
 def _restore(session: Session, checkpoint: str | None) -> None:
-    """Phase 7: continue from the run's checkpoint, whichever layout wrote it. Under torchrun the newest sharded
-    (DCP) checkpoint, else a one-process checkpoint cut to this rank; in one process the one-process
-    checkpoint, else the newest sharded one (then the run goes on saving sharded checkpoints)."""
-    from dsv3.parallel.checkpoint import latest_sharded
-
-    sharded = latest_sharded(session.run_dir)
-    if sharded is not None and (session.parallel.distributed or checkpoint is None):
-        _restore_sharded(session, sharded)
-    elif checkpoint is not None:
-        _restore_unsharded(session, checkpoint)
-
-
-def _restore_sharded(session: Session, path: str) -> None:
-    """Load a sharded checkpoint of any layout: this rank's tensors, optimizer chunks and EMA shadows."""
-    from dsv3.parallel.checkpoint import load_sharded
-
-    meta = load_sharded(path, model=session.model, optimizer=session.optimizer, ctx=session.parallel, ema=session.ema)
-    session.checkpoint, session.sharded_checkpoints = path, True
-    _restore_counters(session, meta["step"], meta["loader"], meta)
-
-
-def _restore_unsharded(session: Session, path: str) -> None:
-    """Load a one-process checkpoint: in one process whole; under torchrun each rank takes its expert block
-    of the weights, its ZeRO-1 chunks of the AdamW state (by parameter name) and of the EMA."""
-    model, optimizer, ema = session.model, session.optimizer, session.ema
-    if session.parallel.distributed:
-        from dsv3.checkpoint.hf import load_state_into
-        from dsv3.checkpoint.state import unsharded_optimizer_state
-        from dsv3.model.moe import Experts
-        from dsv3.parallel.checkpoint import ema_from_unsharded
-
-        load_state_into(model, path, partial=True)  # only this rank's tensors and expert rows are read
-        state = load_checkpoint_state(path, model=None, optimizer=None, ema=None)
-        offsets = {f"{n}.{leaf}": m.expert_offset for n, m in model.named_modules() if isinstance(m, Experts)
-                   for leaf in ("gate_up_proj", "down_proj")}
-        optimizer.import_unsharded(unsharded_optimizer_state(path, state), offsets)
-        if ema is not None and "ema" in state:
-            ema_from_unsharded(ema, model, _unsharded_ema_state(path, state))
-    else:
-        state = load_checkpoint_state(path, model=model, optimizer=optimizer, ema=ema)
-        session.checkpoint = path
-    _restore_counters(session, state["step"], state["loader"], state["extra"])
-
-
-def _unsharded_ema_state(path: str, state: dict) -> dict:
-    """The whole EMA ``state_dict`` of a one-process checkpoint (all N_r experts per layer)."""
-    from safetensors.torch import load_file
-
-    from dsv3.checkpoint.state import join_tensors
-
-    return join_tensors(state["ema"], load_file(os.path.join(path, "ema.safetensors")))
-
-
-def _restore_counters(session: Session, step: int, loader_state: dict, extra: dict) -> None:
-    """The step, the data position, the non-finite streak and the validation history of a checkpoint."""
-    session.step = step
-    session.loader.load_state_dict(loader_state)
-    session.nonfinite = extra.get("nonfinite", 0)
-    session.val_losses = [tuple(v) for v in extra.get("val_losses", [])]
+    """Phase 7: continue from the run's newest checkpoint, whichever layout wrote it
+    (:meth:`~dsv3.checkpoint.checkpointer.Checkpointer.restore`: each rank reads only what it holds)."""
+    restored = session.checkpointer.restore(session.model, session.optimizer, session.ema, checkpoint=checkpoint)
+    if restored is not None:
+        session.checkpoint, session.step, session.nonfinite = restored.checkpoint, restored.step, restored.nonfinite
+        session.val_losses = restored.val_losses
+        session.loader.load_state_dict(restored.loader)
 
 
 def _join_world(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: str,
