@@ -130,6 +130,7 @@ def _args(setup, run_dir, *extra):
     return ["train", "--model", setup["model"], "--data", setup["corpus"], "--tokenizer", setup["tokenizer"],
             "--seq-len", "32", "--micro-batch", "1", "--global-batch", "8", "--steps", "4", "--lr", "3e-3",
             "--warmup-steps", "1", "--eps", "1e-3", "--eval-every", "1000", "--eval-batches", "1",
+            "--ema-decay", "0.9", "--use-ema",  # validation with the EMA weights (under pp: of the held stages)
             "--sample-tokens", "0", "--save-every", "2", "--keep-last", "3", "--no-progress", "--no-tensorboard",
             "--run-dir", str(run_dir), *extra]
 
@@ -150,7 +151,7 @@ def _losses(run_dir):
 @pytest.fixture(scope="module")
 def pp_dp_ep_run(train_setup, tmp_path_factory):
     """A one-process ``dsv3 train`` and ``torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --dp 2 --ep 2`` of
-    the same 4 steps (DCP checkpoints at steps 2 and 4)."""
+    the same 4 steps (DCP checkpoints at steps 2 and 4), with the CPU EMA and validation on its weights."""
     root = tmp_path_factory.mktemp("pp_dp_ep")
     one = _run([sys.executable, "-m", "dsv3", *_args(train_setup, root / "one")], 180)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -171,7 +172,8 @@ def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process(pp_dp_ep_run):
     assert sorted(p.name for p in (root / "pp").glob("dcp-*")) == ["dcp-00000002", "dcp-00000004"]
     meta = json.loads((root / "pp" / "dcp-00000004" / "meta.json").read_text())
     assert meta["layout"] == {"pp": 2, "dp": 2, "ep": 2}
-    # validation (every rank evaluates the synchronised model, experts over ep) at steps 0 and 4
+    # validation with the EMA weights (a forward-only pipelined pass over each device's stages and its EMA) at
+    # steps 0 and 4
     val = [[r["val_loss"] for r in read_jsonl(root / run / "metrics.jsonl") if "val_loss" in r] for run in ("one", "pp")]
     assert len(val[0]) == len(val[1]) == 2
     np.testing.assert_allclose(val[1], val[0], rtol=1e-5, atol=1e-6)
@@ -184,7 +186,8 @@ def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process(pp_dp_ep_run):
 @pytest.mark.timeout(400)
 def test_pipeline_checkpoint_resumes_in_other_layouts(pp_dp_ep_run, tmp_path):
     """The step-2 DCP checkpoint of the pp2 x dp2 x ep2 run resumes in one process and under torchrun as one
-    2-device DualPipe pipeline (dp=1, ep=1) with the losses of the uninterrupted run."""
+    2-device ZB1P pipeline (dp=1, ep=1; each device holds only its stage) with the losses of the uninterrupted
+    run, and the final validation with the EMA restored from the checkpoint (each device reads its stages')."""
     root, ref, _ = pp_dp_ep_run
     single, pipe = tmp_path / "single", tmp_path / "pipe"
     for run in (single, pipe):
@@ -194,13 +197,17 @@ def test_pipeline_checkpoint_resumes_in_other_layouts(pp_dp_ep_run, tmp_path):
                 "--dp", "1"], 180)
     assert one.returncode == 0, one.stderr[-3000:]
     np.testing.assert_allclose([v for _, v in _losses(single)], [v for _, v in ref], rtol=1e-5, atol=1e-6)
-    two = _torchrun(2, ["train", "--resume", str(pipe), "--pp", "2", "--pipeline", "dualpipe", "--ep", "1",
+    two = _torchrun(2, ["train", "--resume", str(pipe), "--pp", "2", "--pipeline", "zb1p", "--ep", "1",
                         "--dp", "1"], 200)
     assert two.returncode == 0, two.stderr[-3000:]
     got = _losses(pipe)
     assert [s for s, _ in got] == [1, 2, 3, 4]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5, atol=1e-6)
     assert (pipe / "dcp-00000004").is_dir()
+    final = [[r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if r.get("step") == 4 and "val_loss" in r]
+             for run in (root / "one", single, pipe)]
+    assert all(len(v) == 1 for v in final)
+    np.testing.assert_allclose(final[1] + final[2], final[0] * 2, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
