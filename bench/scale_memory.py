@@ -4,8 +4,9 @@ Each layout runs in freshly spawned gloo processes on 127.0.0.1 (``tests/dist_he
 each as ``torchrun ... dsv3 train`` sets it up: :func:`dsv3.train.session.build_session` (meta-device build,
 ``parallelize``, materialisation of the held tensors only), then ``--steps`` optimizer steps. Per rank:
 
-- ``idle``: the resident set of the runtime alone (libraries imported, process group joined), measured in
-  the same process just before the set-up; the peak counter is then reset (``/proc/self/clear_refs``);
+- ``idle``: the resident set of the runtime alone (libraries imported, process group joined, the run's
+  tokenizer and packed data built and handed to the session), measured in the same process just before
+  the set-up; the peak counter is then reset (``/proc/self/clear_refs``);
 - ``peak``: the high-water mark of the resident set over the set-up and the steps, minus ``idle``
   (on a GPU: ``torch.cuda.max_memory_allocated``);
 - ``weights`` / ``grads`` / ``optimizer``: the bytes of the rank's parameters and buffers, of one
@@ -74,6 +75,21 @@ def _hwm() -> int:
         return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
 
 
+def _warm_runtime(config) -> None:
+    """The idle runtime: the modules a session imports, and its tokenizer and packed data, built here once and
+    handed to the session (so that neither counts as the model's memory)."""
+    import dsv3.memory.ema  # noqa: F401
+    import dsv3.parallel.parallelize  # noqa: F401
+    import dsv3.parallel.pipeline.train  # noqa: F401
+    import dsv3.train.session as session
+
+    mcfg = session.model_config_for(config)
+    tokenizer = session.build_tokenizer(config, mcfg.vocab_size, "")
+    data = session.build_training_data(config, tokenizer, mcfg, "")
+    session.build_tokenizer = lambda *args, **kwargs: tokenizer
+    session.build_training_data = lambda *args, **kwargs: data
+
+
 def rank_run(rank: int, config_dir: str, layout: dict, steps: int) -> dict:
     """One spawned rank: join the world, measure the idle runtime, set up, step, report."""
     import torch
@@ -89,8 +105,9 @@ def rank_run(rank: int, config_dir: str, layout: dict, steps: int) -> dict:
     ctx = None
     if layout["world"] > 1:
         ctx = init_parallel(p.get("pp", 1), p.get("dp"), p.get("ep", 1), schedule=p.get("pipeline"), device="cpu")
-    ctx_barrier = ctx.barrier if ctx is not None else (lambda: None)
-    ctx_barrier()
+    _warm_runtime(config)
+    if ctx is not None:
+        ctx.barrier()
     idle = _rss()
     with open("/proc/self/clear_refs", "w") as fh:  # the peak counter starts at the idle runtime
         fh.write("5")

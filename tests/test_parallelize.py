@@ -241,3 +241,14 @@ def test_init_from_reads_only_the_experts_a_rank_holds(tmp_path):
             assert torch.equal(t, whole.state_dict()[name][4:8]), name
         elif not name.endswith("inv_freq"):
             assert torch.equal(t, whole.state_dict()[name]), name
+
+
+def test_gradient_buckets_are_bounded_and_keep_the_order():
+    from types import SimpleNamespace
+
+    from dsv3.parallel.zero import _buckets
+
+    sizes = [3, 4, 10, 1, 1, 2, 5]
+    shards = [SimpleNamespace(param=SimpleNamespace(grad=torch.zeros(n))) for n in sizes]
+    got = [[s.param.grad.numel() for s in b] for b in _buckets(shards, 5)]
+    assert got == [[3], [4], [10], [1, 1, 2], [5]]  # at most 5 elements, or one larger gradient alone

@@ -15,8 +15,9 @@ whole experts) balance the state by element count: the busiest rank holds at mos
 One :meth:`ZeroAdamW.step`:
 
 1. gradients (accumulated locally over the micro-batches; nothing is communicated before the
-   last one) are summed over the group with one all-reduce per group (flat buffer) and divided
-   by ``dp``, the number of data-parallel ranks whose losses the global loss averages;
+   last one) are summed over the group with all-reduces of flat buckets of at most
+   :data:`REDUCE_BUCKET_ELEMS` elements (no copy of all gradients) and divided by ``dp``, the number
+   of data-parallel ranks whose losses the global loss averages;
 2. the global gradient norm is computed from the dense part (identical everywhere) and the
    expert part (summed over the expert-parallel group), then made identical on every rank
    (an all-reduce MAX), so every rank takes the same clip and NaN-skip decisions;
@@ -74,6 +75,25 @@ def sum_of_squares(t: torch.Tensor, width: int = 1024) -> torch.Tensor:
         rows = torch.linalg.vector_norm(flat[:n].view(-1, width), dim=1, dtype=torch.promote_types(t.dtype, torch.float32))
         total = total + rows.double().pow(2).sum()
     return total
+
+
+#: Gradient elements per all-reduce of :meth:`ZeroAdamW.reduce_gradients` (16 MiB of FP32): the flat buffer a
+#: reduction needs stays this small instead of a copy of all gradients (a larger single gradient goes alone).
+REDUCE_BUCKET_ELEMS = 1 << 22
+
+
+def _buckets(shards: list, limit: int):
+    """Consecutive groups of ``shards`` of at most ``limit`` gradient elements (at least one shard each)."""
+    bucket, n = [], 0
+    for s in shards:
+        size = s.param.grad.numel()
+        if bucket and n + size > limit:
+            yield bucket
+            bucket, n = [], 0
+        bucket.append(s)
+        n += size
+    if bucket:
+        yield bucket
 
 
 @dataclass
@@ -187,17 +207,18 @@ class ZeroAdamW:
             shards = [s for s in self.shards if s.expert == expert and s.param.grad is not None]
             if not shards:
                 continue
-            flat = torch.cat([s.param.grad.reshape(-1).to(torch.float32) for s in shards])
-            group = self._group_of(expert)
-            if self.ctx.distributed and (self.ctx.edp if expert else self.ctx.dp) > 1:
-                dist.all_reduce(flat, group=group)
-            if self.ctx.dp > 1:
+            if not (self.ctx.distributed and (self.ctx.edp if expert else self.ctx.dp) > 1):
+                torch._foreach_div_([s.param.grad for s in shards], float(self.ctx.dp))  # nothing to sum (edp = 1)
+                continue
+            for bucket in _buckets(shards, REDUCE_BUCKET_ELEMS):  # a bounded flat buffer per all-reduce
+                flat = torch.cat([s.param.grad.reshape(-1).to(torch.float32) for s in bucket])
+                dist.all_reduce(flat, group=self._group_of(expert))
                 flat.div_(self.ctx.dp)
-            offset = 0
-            for s in shards:
-                n = s.param.grad.numel()
-                s.param.grad.copy_(flat[offset:offset + n].view_as(s.param.grad))
-                offset += n
+                offset = 0
+                for s in bucket:
+                    n = s.param.grad.numel()
+                    s.param.grad.copy_(flat[offset:offset + n].view_as(s.param.grad))
+                    offset += n
 
     @torch.no_grad()
     def grad_norm(self) -> torch.Tensor:
@@ -251,7 +272,7 @@ class ZeroAdamW:
                 continue
             start, end = s.bounds[self.ctx.edp_rank if s.expert else self.ctx.dp_rank]
             g = s.rows_view(s.param.grad)[start:end].to(torch.float32).view_as(s.master)
-            s.master.grad = g.mul(scale) if scale != 1.0 else g  # a view: the AdamW kernel only reads it
+            s.master.grad = g.mul_(scale) if scale != 1.0 else g  # in place: the gradients are dropped after the step
         self.inner.step()
         for s in self.shards:
             if s.master is not None:

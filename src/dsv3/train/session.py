@@ -312,7 +312,8 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
         config: the run configuration (on resume only ``overrides`` apply to the saved one).
         resume: a run directory to continue from its latest checkpoint.
         overrides: on resume, options that change the saved config (e.g. ``steps``).
-        parallel: a :class:`dsv3.parallel.world.ParallelContext` (None: one process).
+        parallel: a :class:`dsv3.parallel.world.ParallelContext` (None: the torchrun world described in the
+            environment, or :meth:`~dsv3.parallel.world.ParallelContext.single` for one process).
         write: create the run directory and write its config, model config and tokenizer.
             ``False`` builds everything in memory (``dsv3 memory``); nothing is written
             except the tokenizer/token caches.
