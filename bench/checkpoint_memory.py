@@ -2,7 +2,8 @@
 
 Spawns ``--ranks`` gloo processes (dp = ranks, ``--ep``) on a mid-size model, trains two steps, then
 measures each phase's peak resident set (VmHWM, reset before each phase through
-``/proc/self/clear_refs``) in the same processes, one after the other:
+``/proc/self/clear_refs``) in the same processes, one after the other, minus the resident set of the
+idle runtime (after joining the world, before any model):
 
 - ``train``: two training steps (forward, backward, ZeRO-1 step, all-gather);
 - ``save``: :func:`dsv3.parallel.checkpoint.save_sharded` (each rank writes its own ZeRO-1 chunks);
@@ -27,13 +28,13 @@ import torch
 import torch.multiprocessing as mp
 
 
-def peak_rss() -> int:
-    """VmHWM of this process in bytes."""
+def status_bytes(field: str = "VmHWM") -> int:
+    """``field`` of /proc/self/status in bytes (VmHWM: the peak resident set; VmRSS: the current one)."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
+    raise OSError(f"no {field} in /proc/self/status")
 
 
 def reset_peak() -> None:
@@ -91,6 +92,7 @@ def worker(rank: int, world: int, port: int, args, directory: str, results) -> N
 
     cfg = config(args)
     ctx = init_parallel(dp=world, ep=args.ep, n_routed_experts=cfg.n_routed_experts)
+    idle = status_bytes("VmRSS")  # the runtime before any model: subtracted from every peak
     model = shard_experts(DeepseekV3ForCausalLM(cfg), ctx, dispatcher="alltoall")
     opt = ZeroAdamW(model, ctx, lr=1e-4)
     gen = torch.Generator().manual_seed(rank)
@@ -118,8 +120,8 @@ def worker(rank: int, world: int, port: int, args, directory: str, results) -> N
             dcp.save(state, checkpoint_id=os.path.join(directory, "gathered"))
             del state
         ctx.barrier()
-        peaks[phase] = peak_rss()
-    results.put((rank, {"peaks": peaks, "param_bytes": params}))
+        peaks[phase] = status_bytes("VmHWM") - idle
+    results.put((rank, {"peaks": peaks, "param_bytes": params, "idle": idle}))
     torch.distributed.destroy_process_group()
 
 
@@ -147,12 +149,14 @@ def main() -> None:
         out = dict(results.get(timeout=1200) for _ in procs)
         for p in procs:
             p.join(timeout=60)
-    print(f"{'rank':>4} {'params MiB':>10} " + " ".join(f"{k:>26}" for k in out[0]["peaks"]))
+    print("peak resident set above the idle runtime's, MiB (ratio to the training peak)")
+    print(f"{'rank':>4} {'params MiB':>10} {'idle MiB':>8} " + " ".join(f"{k:>26}" for k in out[0]["peaks"]))
     for rank in sorted(out):
         peaks = out[rank]["peaks"]
         train = peaks["train"]
         cells = [f"{v / 2**20:9.0f} MiB ({v / train:4.2f}x)" for v in peaks.values()]
-        print(f"{rank:>4} {out[rank]['param_bytes'] / 2**20:10.0f} " + " ".join(f"{c:>26}" for c in cells))
+        print(f"{rank:>4} {out[rank]['param_bytes'] / 2**20:10.0f} {out[rank]['idle'] / 2**20:8.0f} "
+              + " ".join(f"{c:>26}" for c in cells))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "ranks": out}, fh, indent=1)

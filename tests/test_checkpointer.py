@@ -15,7 +15,8 @@ from safetensors import safe_open
 
 from dist_helpers import run_ranks
 from helpers import small_config
-from test_parallel_ep import OPT, _batch, _config
+from test_parallel_checkpoint import _steps
+from test_parallel_ep import OPT, _batch, _config, _reference
 
 STEPS = 3
 EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
@@ -51,23 +52,6 @@ def _held_by(first: int, n_local: int, n_layers: int, absent_layers=()):
     return keep
 
 
-def _train(model, opt, ctx, steps=STEPS):
-    from dsv3.parallel.zero import all_mean, sync_loads
-
-    losses = []
-    for step in range(steps):
-        ids, labels = _batch(ctx.dp, step)
-        per = ids.shape[0] // ctx.dp
-        rows = slice(ctx.dp_rank * per, (ctx.dp_rank + 1) * per)
-        out = model(ids[rows], labels[rows])
-        out.loss.backward()
-        losses.append(float(all_mean(out.loss.detach().reshape(1), ctx)[0]))
-        opt.step(max_norm=1.0)
-        opt.zero_grad()
-        model.update_router_bias(sync_loads(out.expert_load, ctx))
-    return losses
-
-
 def _init_from_worker(rank: int, world: int, path: str):
     from dsv3.checkpoint.checkpointer import Checkpointer
     from dsv3.model import DeepseekV3ForCausalLM
@@ -80,39 +64,20 @@ def _init_from_worker(rank: int, world: int, path: str):
     model.reset_parameters(seed=123)  # other values than the checkpoint's: every tensor must be overwritten
     model = shard_experts(model, ctx, dispatcher="alltoall")
     read = Checkpointer.init_from(path, model)
-    losses = _train(model, ZeroAdamW(model, ctx, **OPT), ctx)
+    losses = _steps(ctx, model, ZeroAdamW(model, ctx, **OPT), range(STEPS), None, world=world)
     return read, ctx.expert_block(_config().n_routed_experts), losses
-
-
-def _one_process_losses(path: str, world: int) -> list[float]:
-    from dsv3.checkpoint.hf import from_pretrained
-    from dsv3.optim import build_optimizer, clip_grad_norm
-
-    model = from_pretrained(path)
-    opt = build_optimizer(model, **OPT)
-    losses = []
-    for step in range(STEPS):
-        ids, labels = _batch(world, step)
-        out = model(ids, labels)
-        out.loss.backward()
-        losses.append(out.loss.item())
-        clip_grad_norm(list(model.parameters()), 1.0)
-        opt.step()
-        opt.zero_grad()
-        model.update_router_bias(out.expert_load)
-    return losses
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_init_from_under_ep4_reads_only_each_ranks_share_and_trains_the_losses_of_one_process(tmp_path):
-    from dsv3.checkpoint.hf import save_pretrained
+    from dsv3.checkpoint.hf import from_pretrained, save_pretrained
     from test_parallel_ep import _model
 
     save_pretrained(_model(), tmp_path, max_shard_size="40KB")  # several shards: the index is followed too
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
     results = run_ranks(_init_from_worker, 4, 4, str(tmp_path), timeout=140)
-    want = _one_process_losses(str(tmp_path), 4)
+    want = _reference(4, from_pretrained(str(tmp_path)))["losses"][:STEPS]
     cfg = _config()
     for read, (first, end), losses in results:
         share, total = _header_bytes(tmp_path, _held_by(first, end - first, cfg.num_hidden_layers))
@@ -193,7 +158,7 @@ def _save_worker(rank: int, world: int, path: str):
     ctx = init_parallel(dp=world, ep=world, n_routed_experts=_config().n_routed_experts)
     model = shard_experts(_model(), ctx, dispatcher="alltoall")
     opt = ZeroAdamW(model, ctx, **OPT)
-    _train(model, opt, ctx, steps=1)
+    _steps(ctx, model, opt, range(1), None, world=world)
     save_sharded(path, 1, model=model, optimizer=opt, ctx=ctx, extra={"loader": None})
     return {s.name: s.bounds for s in opt.shards if not s.expert}
 

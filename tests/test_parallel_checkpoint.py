@@ -40,12 +40,13 @@ def _global_ema(model, ema):
     return out, ema.num_updates
 
 
-def _steps(ctx, model, opt, steps, ema):
+def _steps(ctx, model, opt, steps, ema, world: int = WORLD_BATCH):
+    """Train ``steps`` on this rank's part of ``_batch(world, step)``; returns the global losses."""
     from dsv3.parallel.zero import all_mean, sync_loads
 
     losses = []
     for step in steps:
-        ids, labels = _batch(WORLD_BATCH, step)
+        ids, labels = _batch(world, step)
         per = ids.shape[0] // ctx.dp
         rows = slice(ctx.dp_rank * per, (ctx.dp_rank + 1) * per)
         out = model(ids[rows], labels[rows])
@@ -54,7 +55,8 @@ def _steps(ctx, model, opt, steps, ema):
         opt.step(max_norm=1.0)
         opt.zero_grad()
         model.update_router_bias(sync_loads(out.expert_load, ctx))
-        ema.update()
+        if ema is not None:
+            ema.update()
     return losses
 
 

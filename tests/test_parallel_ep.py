@@ -96,10 +96,11 @@ def _ep_worker(rank: int, world: int, ep: int):
             "biases": biases, "norms": norms, "nodes": stats.nodes_reached / max(stats.tokens, 1), "bytes": stats.bytes_sent}
 
 
-def _reference(world: int):
+def _reference(world: int, model=None):
+    """One process over the whole global batches (``model``: default :func:`_model`)."""
     from dsv3.optim import build_optimizer, clip_grad_norm
 
-    model = _model()
+    model = model if model is not None else _model()
     opt = build_optimizer(model, **OPT)
     losses, loads, grads = [], [], None
     norms = []

@@ -109,6 +109,21 @@ def _local_name(key: str, row: int | None) -> str:
     return key if row is None else key.rsplit(".", 2)[0] + "." + key.rsplit(".", 1)[1]
 
 
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (or a :class:`RowChunk`'s rows) aliased as a tensor whose storage is exactly its bytes: no copy.
+
+    DCP clones every tensor whose storage is larger than the tensor itself (an expert of a stacked
+    block, a ZeRO-1 chunk of a parameter) and keeps each clone until the rank's file is written, which
+    would hold a second copy of what the rank saves. A contiguous CPU view gets a storage of its own
+    extent instead (through NumPy, which shares the memory)."""
+    if isinstance(t, RowChunk):
+        return RowChunk(_exact(t.local), t.offsets, t.shape)
+    if t.device.type != "cpu" or not t.is_contiguous() or t.untyped_storage().nbytes() == t.nbytes or not t.numel():
+        return t
+    raw = torch.from_numpy(t.detach().reshape(-1).view(torch.uint8).numpy())
+    return raw.view(t.dtype).view(t.shape)
+
+
 _KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 
@@ -213,7 +228,7 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
     if ema is not None:  # the EMA under the same global keys (ema/...), its update count in meta.json
         state.update(ema_state(model, ema, getattr(optimizer, "held", None)))
         extra = {"ema": {"num_updates": ema.num_updates}, **(extra or {})}
-    dcp.save(state, checkpoint_id=tmp)
+    dcp.save({k: _exact(v) for k, v in state.items()}, checkpoint_id=tmp)
     ctx.barrier()
     if ctx.is_main:
         if os.path.isfile(os.path.join(run_dir, "tokenizer.json")):  # self-contained, as one-process checkpoints
