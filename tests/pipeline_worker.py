@@ -187,7 +187,7 @@ def session_rank(rank: int, opts: dict, steps: int):
 
 def save_rank(rank: int, opts: dict, run_dir: str):
     """tests/dist_helpers.run_ranks worker: one pipelined step, then a DCP checkpoint written by every rank.
-    Returns (the parameter names its model holds, their values)."""
+    Returns (the parameter names its model holds, their values, its EMA shadows or ``{}``)."""
     from dsv3.parallel.checkpoint import save_sharded
     from dsv3.train.config import TrainConfig
     from dsv3.train.session import build_session, train_step
@@ -200,7 +200,9 @@ def save_rank(rank: int, opts: dict, run_dir: str):
         session.step += 1
         params = {n: p.detach().numpy().copy() for n, p in session.model.named_parameters()}
         held = set(session.pipeline.owned)
-        save_sharded(run_dir, 1, model=session.model, optimizer=session.optimizer, ctx=session.parallel)
+        save_sharded(run_dir, 1, model=session.model, optimizer=session.optimizer, ctx=session.parallel,
+                     ema=session.ema)
+        ema = {n: t.numpy().copy() for n, t in session.ema.shadow().items()} if session.ema is not None else {}
     finally:
         session.close()
-    return sorted(held), params
+    return sorted(held), params, ema

@@ -130,6 +130,7 @@ def _args(setup, run_dir, *extra):
     return ["train", "--model", setup["model"], "--data", setup["corpus"], "--tokenizer", setup["tokenizer"],
             "--seq-len", "32", "--micro-batch", "1", "--global-batch", "8", "--steps", "4", "--lr", "3e-3",
             "--warmup-steps", "1", "--eps", "1e-3", "--eval-every", "1000", "--eval-batches", "1",
+            "--ema-decay", "0.9", "--use-ema",  # validation with the EMA weights (under pp: of the held stages)
             "--sample-tokens", "0", "--save-every", "2", "--keep-last", "3", "--no-progress", "--no-tensorboard",
             "--run-dir", str(run_dir), *extra]
 
@@ -150,7 +151,7 @@ def _losses(run_dir):
 @pytest.fixture(scope="module")
 def pp_dp_ep_run(train_setup, tmp_path_factory):
     """A one-process ``dsv3 train`` and ``torchrun --nproc-per-node 4 -m dsv3 train --pp 2 --dp 2 --ep 2`` of
-    the same 4 steps (DCP checkpoints at steps 2 and 4)."""
+    the same 4 steps (DCP checkpoints at steps 2 and 4), with the CPU EMA and validation on its weights."""
     root = tmp_path_factory.mktemp("pp_dp_ep")
     one = _run([sys.executable, "-m", "dsv3", *_args(train_setup, root / "one")], 180)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -171,7 +172,8 @@ def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process(pp_dp_ep_run):
     assert sorted(p.name for p in (root / "pp").glob("dcp-*")) == ["dcp-00000002", "dcp-00000004"]
     meta = json.loads((root / "pp" / "dcp-00000004" / "meta.json").read_text())
     assert meta["layout"] == {"pp": 2, "dp": 2, "ep": 2}
-    # validation (every rank evaluates the synchronised model, experts over ep) at steps 0 and 4
+    # validation with the EMA weights (a forward-only pipelined pass over each device's stages and its EMA) at
+    # steps 0 and 4
     val = [[r["val_loss"] for r in read_jsonl(root / run / "metrics.jsonl") if "val_loss" in r] for run in ("one", "pp")]
     assert len(val[0]) == len(val[1]) == 2
     np.testing.assert_allclose(val[1], val[0], rtol=1e-5, atol=1e-6)
@@ -184,7 +186,8 @@ def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process(pp_dp_ep_run):
 @pytest.mark.timeout(400)
 def test_pipeline_checkpoint_resumes_in_other_layouts(pp_dp_ep_run, tmp_path):
     """The step-2 DCP checkpoint of the pp2 x dp2 x ep2 run resumes in one process and under torchrun as one
-    2-device DualPipe pipeline (dp=1, ep=1) with the losses of the uninterrupted run."""
+    2-device ZB1P pipeline (dp=1, ep=1; each device holds only its stage) with the losses of the uninterrupted
+    run, and the final validation with the EMA restored from the checkpoint (each device reads its stages')."""
     root, ref, _ = pp_dp_ep_run
     single, pipe = tmp_path / "single", tmp_path / "pipe"
     for run in (single, pipe):
@@ -194,13 +197,17 @@ def test_pipeline_checkpoint_resumes_in_other_layouts(pp_dp_ep_run, tmp_path):
                 "--dp", "1"], 180)
     assert one.returncode == 0, one.stderr[-3000:]
     np.testing.assert_allclose([v for _, v in _losses(single)], [v for _, v in ref], rtol=1e-5, atol=1e-6)
-    two = _torchrun(2, ["train", "--resume", str(pipe), "--pp", "2", "--pipeline", "dualpipe", "--ep", "1",
+    two = _torchrun(2, ["train", "--resume", str(pipe), "--pp", "2", "--pipeline", "zb1p", "--ep", "1",
                         "--dp", "1"], 200)
     assert two.returncode == 0, two.stderr[-3000:]
     got = _losses(pipe)
     assert [s for s, _ in got] == [1, 2, 3, 4]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5, atol=1e-6)
     assert (pipe / "dcp-00000004").is_dir()
+    final = [[r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if r.get("step") == 4 and "val_loss" in r]
+             for run in (root / "one", single, pipe)]
+    assert all(len(v) == 1 for v in final)
+    np.testing.assert_allclose(final[1] + final[2], final[0] * 2, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -218,8 +225,9 @@ def test_bad_pipeline_layout_fails_with_one_line_on_every_rank_before_writing(tr
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train_setup, tmp_path):
-    """Under pp every rank holds and writes only the parameters of its own stages; together they make a
-    checkpoint that loads into one process whole, with every rank's values."""
+    """Under pp every rank holds and writes only the parameters of its own stages, and the EMA of them; together
+    they make a checkpoint that loads into one process whole, with every rank's values, and ``dsv3 export
+    --use-ema`` gathers the EMA of all stages from it."""
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -228,12 +236,13 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
     from dsv3.parallel.checkpoint import load_model_sharded
     from pipeline_worker import save_rank
 
-    opts = _opts(train_setup, tmp_path / "unused", global_batch=4, steps=1)
+    opts = _opts(train_setup, tmp_path / "unused", global_batch=4, steps=1, ema_decay=0.5)
     session_losses(opts, 0)  # token caches before the spawn
     run_dir = tmp_path / "ckpt"
     run_dir.mkdir()
     runs = run_ranks(save_rank, 2, dict(opts, pp=2, pipeline="1f1b"), str(run_dir), timeout=100)
-    (held0, params0), (held1, params1) = runs
+    (held0, params0, ema0), (held1, params1, ema1) = runs
+    assert set(ema0) == set(held0) and set(ema1) == set(held1)  # each rank averages only what it holds
     assert set(held0) & set(held1) <= {"model.embed_tokens.weight"}  # only the embedding MTP uses is on both
     path = run_dir / "dcp-00000001"
     meta = dcp.FileSystemReader(str(path)).read_metadata()
@@ -251,6 +260,17 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
         np.testing.assert_array_equal(p.detach().numpy(), {**params0, **params1}[name], err_msg=name)
+    from dsv3.checkpoint.hf import from_pretrained
+    from dsv3.cli import main
+
+    mcfg.save(run_dir / "model_config.json")  # (write=False sessions write no run directory files)
+    assert main(["export", str(path), str(tmp_path / "hf"), "--use-ema"]) == 0
+    exported = dict(from_pretrained(str(tmp_path / "hf")).named_parameters())
+    emas = {**ema0, **ema1}
+    assert emas.keys() == exported.keys()
+    assert not np.array_equal(emas["model.norm.weight"], params1["model.norm.weight"])  # the EMA lags the weights
+    for name, value in emas.items():
+        np.testing.assert_array_equal(exported[name].detach().float().numpy(), value, err_msg=name)
 
 
 def test_layout_of_pipelines_with_expert_and_data_parallelism():

@@ -436,7 +436,7 @@ def test_train_rejects_bad_layouts_before_writing(train_setup, tmp_path, monkeyp
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
+def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path, capsys):
     """``torchrun --nproc-per-node 2 -m dsv3 train --pp 2 --pipeline dualpipe --trace``: the metrics (losses,
     grad norms, validation) and the final (DCP) checkpoint's weights equal a one-process ``dsv3 train``."""
     import os
@@ -475,6 +475,11 @@ def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path):
         torch.testing.assert_close(got_w[name], ref_w[name], rtol=1e-5, atol=1e-5, msg=name)
     spans = [e for e in json.loads((pp / "pipeline_trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
     assert {e["tid"] for e in spans} == {0, 1}
+    from helpers import assert_one_error, cli
+
+    code, _, err = cli(["export", latest_sharded(str(pp)), tmp_path / "hf", "--use-ema"], capsys)
+    assert_one_error(code, err, "holds no EMA weights")
+    assert not (tmp_path / "hf").exists()
 
 
 def _stage_bytes(model, prefixes):
@@ -531,6 +536,25 @@ def test_select_stages_on_the_meta_device_allocates_nothing_and_refuses_a_model_
     assert all(p.is_meta for p in model.parameters()) and "model.layers.2.input_layernorm.weight" not in held
     with pytest.raises(ConfigError, match="no longer holds model.layers.2"):
         select_stages(model, SimpleNamespace(pp=2, schedule="1f1b", pp_rank=1), seq_len=SEQ, layers=(2, 2))
+
+
+@pytest.mark.parametrize("name,pp", [("1f1b", 4), ("zb1p", 3), ("dualpipe", 4), ("dualpipe", 6), ("dualpipev", 4),
+                                     ("dualpipev", 8)])
+def test_validation_pass_uses_only_links_the_schedule_has(name, pp):
+    """The forward-only pass sends stage s-1's activation from its device to stage s's (each stage on the lowest
+    device holding it, which does hold it); every such hop between two devices is a forward link of the schedule,
+    so it has its process group, and the pass visits the stages in order."""
+    from dsv3.parallel.pipeline.schedules import FORWARD, SEND
+    from dsv3.parallel.pipeline.stages import StageLayout
+
+    schedule = build_schedule(name, pp, 2 * pp)
+    layout = StageLayout((1,) * pp, schedule.device_stages, 1, True)
+    links = {(d, op.peer) for d, ops in enumerate(schedule.ops) for op in ops if op.kind == SEND
+             and op.direction == FORWARD}
+    for s in range(pp):
+        assert s in schedule.device_stages[layout.eval_device(s)]
+        if s and layout.eval_device(s - 1) != layout.eval_device(s):
+            assert (layout.eval_device(s - 1), layout.eval_device(s)) in links, (name, pp, s)
 
 
 def test_bias_update_of_a_cut_model_uses_its_layers_rows():

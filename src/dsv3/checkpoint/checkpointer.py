@@ -129,9 +129,10 @@ class Checkpointer:
         return load_state_into(model, path, files=checkpoint_files(path), partial=partial)
 
     @staticmethod
-    def export(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
-        """Write a sharded checkpoint (or a run directory's newest) as a Hugging Face directory (``dsv3 export``)."""
-        return dcp_format.export_checkpoint(checkpoint, out_dir, dtype=dtype)
+    def export(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None, use_ema: bool = False) -> str:
+        """Write a sharded checkpoint (or a run directory's newest) as a Hugging Face directory (``dsv3 export``);
+        ``use_ema``: its EMA weights."""
+        return dcp_format.export_checkpoint(checkpoint, out_dir, dtype=dtype, use_ema=use_ema)
 
 
     @staticmethod

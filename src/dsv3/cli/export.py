@@ -14,11 +14,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="a dcp-* checkpoint directory, or a run directory")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the Hugging Face directory to write")
+    parser.add_argument("--use-ema", action="store_true",
+                        help="export the EMA weights (a run trained with --ema-decay) instead of the trained ones")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from dsv3.checkpoint.checkpointer import Checkpointer
 
-    print(Checkpointer.export(args.checkpoint, args.out_dir))
+    print(Checkpointer.export(args.checkpoint, args.out_dir, use_ema=args.use_ema))
     return 0

@@ -372,15 +372,16 @@ def load_full_model(checkpoint: str, *, device: str | torch.device = "cpu", use_
     return model
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
+def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | None = None, use_ema: bool = False) -> str:
     """Write the Hugging Face safetensors directory of a sharded checkpoint (``dsv3 export``).
 
     ``checkpoint``: a ``dcp-*`` directory inside a run directory (whose ``model_config.json``
     describes the model) or a run directory (its latest sharded checkpoint). Runs in one process,
     holding one copy of the model (:func:`load_full_model`) and one output shard at a time.
+    ``use_ema``: the EMA weights (under pipeline parallelism every rank wrote those of its own stages).
     """
     from dsv3.checkpoint.hf import save_pretrained
 
-    model = load_full_model(resolve_sharded(checkpoint))
+    model = load_full_model(resolve_sharded(checkpoint), use_ema=use_ema)
     save_pretrained(model, out_dir, dtype=dtype)
     return out_dir

@@ -168,9 +168,6 @@ class PipelineRuntime:
         remove_stages(model, self.layout.device_modules(self.device))
         self.stages = {s: PipelineStage(model, s, pp, self.layout.layer_ids(s), paths=self.layout.modules(s))
                        for s in self.template.device_stages[self.device]}
-        first = next(iter(self.stages.values()))
-        self.param_device = first.device
-        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())  # the activations' dtype
         self.store = WeightGradStore()
         if split_w:
             for stage in self.stages.values():
@@ -221,6 +218,17 @@ class PipelineRuntime:
             validate_schedule(schedule)
             self._schedules[microbatches] = schedule
         return self._schedules[microbatches]
+
+    @property
+    def param_device(self) -> torch.device:
+        """Where this device's parameters are (read when used: the runtime may be built on the meta device,
+        before the held parameters are materialised)."""
+        return next(iter(self.stages.values())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activations' dtype (the parameters')."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     def _micro_batches(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[MicroBatch]:
         """``batches`` [(ids [b, T], labels [b, T])] on this device with the rotary tables, each weighted 1/n."""

@@ -291,7 +291,11 @@ class PipelineStage:
         self.paths = list(paths)
         rows = model.moe_rows()
         self._moe_index = {id(m): rows[m.layer_idx] for m in model.moe_layers()}
-        self.device = next(p for m in self.modules() for p in m.parameters()).device
+
+    @property
+    def device(self) -> torch.device:
+        """Where the stage's parameters are (read when used: a stage may be made on the meta device)."""
+        return next(p for m in self.modules() for p in m.parameters()).device
 
     # ------------------------------------------------------------------ parameters
     def modules(self) -> list[nn.Module]:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from dsv3.errors import ConfigError
 from dsv3.model.loss import IGNORE_INDEX
 from dsv3.parallel.pipeline.executor import PipelineRuntime, PipelineStepResult, TraceEvent, check_layout, write_chrome_trace
+from dsv3.parallel.pipeline.stages import select_stages
 
 
 TRACE_FILE = "pipeline_trace.json"  # --trace: the last step's timeline, in the run directory
@@ -84,12 +85,14 @@ def check_pipeline_layout(num_layers: int, *, pp: int, schedule: str, global_bat
 def build_pipeline(model, ctx, config, run_dir: str | None = None) -> PipelineRuntime:
     """The :class:`PipelineRuntime` of a training session (collective: every rank at once).
 
-    ``model`` is the built (expert-sharded) model, ``ctx`` the
-    :class:`~dsv3.parallel.world.ParallelContext` (its pipelines: one per data-parallel index),
-    ``config`` the :class:`~dsv3.train.config.TrainConfig`. With ``--trace`` each step's timeline
-    is written to ``run_dir/pipeline_trace.json`` by the first pipeline.
+    ``model`` is the (expert-sharded) model, on the meta device or built; the stages this device does not
+    run are removed from it first (:func:`~dsv3.parallel.pipeline.stages.select_stages`), so they never get
+    storage. ``ctx`` is the :class:`~dsv3.parallel.world.ParallelContext` (its pipelines: one per
+    data-parallel index), ``config`` the :class:`~dsv3.train.config.TrainConfig`. With ``--trace`` each
+    step's timeline is written to ``run_dir/pipeline_trace.json`` by the first pipeline.
     """
     p = config.parallel
+    select_stages(model, ctx, seq_len=config.data.seq_len)
     runtime = PipelineRuntime(model, p.pipeline, p.pp, seq_len=config.data.seq_len, pipelines=ctx.pipelines)
     if p.trace and ctx.dp_rank == 0:
         runtime.trace_path = os.path.join(run_dir or ".", TRACE_FILE)
