@@ -42,3 +42,7 @@ def disk_error_message(exc: BaseException) -> str | None:
     where = f" writing {exc.filename}" if exc.filename else ""
     return (f"{codes[exc.errno]}{where}; free space (or choose a writable --run-dir) and continue from the last "
             f"checkpoint with dsv3 train --resume RUN_DIR")
+
+
+class OutputError(DsV3Error):
+    """An output path would destroy something (a foreign file or directory, a run directory) or cannot be written."""

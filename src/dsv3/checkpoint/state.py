@@ -4,7 +4,8 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/step-NNNNNNN/``:
 
 - ``config.json`` + ``model.safetensors``: the weights (router biases included) in the
   Hugging Face layout, so ``dsv3.from_pretrained`` and transformers load it directly;
-- ``tokenizer.json``: the run's tokenizer (the checkpoint is self-contained);
+- ``tokenizer.json``: the run's tokenizer, and for a fine-tuning run ``tokenizer_config.json`` (its
+  chat template): the checkpoint is self-contained;
 - ``optimizer.safetensors``, ``rng.safetensors``, ``ema.safetensors``: tensors;
 - ``training_state.json``: everything else (step, data-loader position, optimizer
   hyper-parameters, Python/NumPy RNG states, counters);
@@ -44,6 +45,9 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+#: A fine-tuning run's chat template and special tokens (``dsv3.train.sft.RUN_TEMPLATE_FILE``), copied into
+#: each of its checkpoints so that ``dsv3 eval`` on chat data and ``dsv3 export`` find it there.
+CHAT_TEMPLATE_FILE = "tokenizer_config.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TEMP_RE = re.compile(r"^\.step-\d+\..*\.tmp$")  # atomic_dir's temporary name for step-N
 _ASIDE_RE = re.compile(r"^(step-\d+)\.old$")  # atomic_dir's aside name while replacing step-N
@@ -336,7 +340,7 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, loader_st
     try:
         with atomic_dir(path) as tmp:
             _write_checkpoint_files(tmp, step, model=model, optimizer=optimizer, loader_state=loader_state,
-                                    tokenizer=tokenizer, ema=ema, extra=extra)
+                                    tokenizer=tokenizer, ema=ema, extra=extra, run_dir=run_dir)
             if before_commit is not None:
                 before_commit(tmp)
     except Exception as exc:
@@ -355,12 +359,16 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, loader_st
     return path
 
 
-def _write_checkpoint_files(tmp: str, step: int, *, model, optimizer, loader_state, tokenizer, ema, extra) -> None:
+def _write_checkpoint_files(tmp: str, step: int, *, model, optimizer, loader_state, tokenizer, ema, extra,
+                            run_dir: str) -> None:
     from dsv3.checkpoint.hf import write_pretrained
 
     write_pretrained(model, tmp)
     if tokenizer is not None:
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    template = os.path.join(run_dir, CHAT_TEMPLATE_FILE)
+    if os.path.isfile(template):  # a fine-tuning run: its chat template goes with every checkpoint
+        shutil.copyfile(template, os.path.join(tmp, CHAT_TEMPLATE_FILE))
     state: dict[str, Any] = {"step": step, "loader": loader_state, "extra": extra or {}}
     if optimizer is not None:
         meta, tensors = split_tensors(optimizer.state_dict(), "optim")

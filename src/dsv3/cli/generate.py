@@ -7,6 +7,17 @@ to stderr (``--speculative``) or to a ``--stats`` JSON file.
 from __future__ import annotations
 
 
+#: Keys every ``--stats`` document holds: an existing file with them is an earlier --stats output (replaced).
+STATS_KEYS = ("prompts", "max_tokens", "temperature", "top_p", "device")
+
+
+def _is_stats_file(path: str) -> bool:
+    """Whether ``path`` is an earlier ``--stats`` output (replaced); any other file is refused."""
+    from dsv3.utils.outputs import json_with_keys
+
+    return json_with_keys(*STATS_KEYS)(path)
+
+
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a run directory or checkpoint")
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
@@ -28,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--no-baseline", action="store_true",
                    help="with --speculative, do not also time plain decoding for the speed-up")
     p.add_argument("--stats", default=None, metavar="FILE.json",
-                   help="write tokens/s, acceptance rates and per-layer expert loads here")
+                   help="write tokens/s, acceptance rates and per-layer expert loads here (a new file, or "
+                        "replacing an earlier --stats file; any other existing file is refused)")
     p.add_argument("--placement", default=None, metavar="FILE.json",
                    help="serve with redundant experts placed by `dsv3 eplb --json` (same output)")
     p.set_defaults(func=run)
@@ -95,6 +107,10 @@ def run(args) -> int:
         raise ConfigError("--num-draft needs --speculative mtp")
     if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
         raise ConfigError(f"tokenizer file {args.tokenizer} does not exist")
+    if args.stats:
+        from dsv3.utils.outputs import check_output_file
+
+        check_output_file(args.stats, "--stats", is_own=_is_stats_file, what="a dsv3 generate --stats JSON file")
     prompts = _read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
     device = resolve_device(args.device)
     speculative = args.speculative == "mtp"

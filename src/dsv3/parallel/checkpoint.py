@@ -300,11 +300,14 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | Non
 
     ``checkpoint``: a ``dcp-*`` directory inside a run directory (whose ``model_config.json``
     describes the model) or a run directory (its latest sharded checkpoint). Runs in one process.
+    ``out_dir`` gets the weights, the run's tokenizer and chat template, a generation config and
+    ``export.json`` (:mod:`dsv3.checkpoint.export`); it must be new, empty or an earlier export.
     """
-    from dsv3.checkpoint.hf import save_pretrained
+    from dsv3.checkpoint.export import check_export_dir, write_export
     from dsv3.config import ModelConfig
     from dsv3.model import DeepseekV3ForCausalLM
 
+    check_export_dir(out_dir)  # never into the run, a file or a foreign directory: refused before any work
     if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, META)):
         latest = latest_sharded(checkpoint)
         if latest is None:
@@ -316,5 +319,5 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | Non
     config = ModelConfig.from_json_file(config_path)
     model = DeepseekV3ForCausalLM(config)  # every parameter and router bias is overwritten below
     load_model_sharded(checkpoint, model)
-    save_pretrained(model, out_dir, dtype=dtype)
-    return out_dir
+    return write_export(model, out_dir, run_dir=os.path.dirname(os.path.abspath(checkpoint)), source=checkpoint,
+                        dtype=dtype)
