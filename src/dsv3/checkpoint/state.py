@@ -165,17 +165,8 @@ def write_manifest(directory: str, step: int) -> dict[str, Any]:
     return manifest
 
 
-def verify_checkpoint(path: str, *, hashes: bool = True) -> str | None:
-    """Why the checkpoint directory ``path`` is damaged, or None when it is intact.
-
-    Intact means: ``manifest.json`` is readable, every file it lists exists with the
-    recorded size (and, with ``hashes``, the recorded SHA-256), and the files a resume
-    needs (config, weights, training state, RNG) are among them.
-
-    Args:
-        path: a ``step-*`` directory.
-        hashes: also hash every file (reads all bytes); False checks sizes only.
-    """
+def read_manifest(path: str) -> dict[str, Any] | str:
+    """The ``files`` table of ``path/manifest.json``, or why it cannot be read (a str)."""
     try:
         with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
             manifest = json.load(fh)
@@ -186,12 +177,11 @@ def verify_checkpoint(path: str, *, hashes: bool = True) -> str | None:
         return f"{MANIFEST} is missing"
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
-    weights = "model.safetensors" in files or "model.safetensors.index.json" in files
-    for need in ("config.json", STATE_FILE, "rng.safetensors"):
-        if need not in files:
-            return f"its manifest does not list {need}"
-    if not weights:
-        return "its manifest lists no model weights"
+    return files
+
+
+def verify_listed_files(path: str, files: dict[str, Any], *, hashes: bool = True) -> str | None:
+    """Why a file that ``files`` (a manifest's table) lists is missing, truncated or changed in ``path``; else None."""
     for name, entry in files.items():
         full = os.path.join(path, name)
         try:
@@ -208,6 +198,29 @@ def verify_checkpoint(path: str, *, hashes: bool = True) -> str | None:
         except OSError as exc:
             return f"{name} cannot be read ({exc.strerror or exc})"
     return None
+
+
+def verify_checkpoint(path: str, *, hashes: bool = True) -> str | None:
+    """Why the checkpoint directory ``path`` is damaged, or None when it is intact.
+
+    Intact means: ``manifest.json`` is readable, every file it lists exists with the
+    recorded size (and, with ``hashes``, the recorded SHA-256), and the files a resume
+    needs (config, weights, training state, RNG) are among them.
+
+    Args:
+        path: a ``step-*`` directory.
+        hashes: also hash every file (reads all bytes); False checks sizes only.
+    """
+    files = read_manifest(path)
+    if isinstance(files, str):
+        return files
+    weights = "model.safetensors" in files or "model.safetensors.index.json" in files
+    for need in ("config.json", STATE_FILE, "rng.safetensors"):
+        if need not in files:
+            return f"its manifest does not list {need}"
+    if not weights:
+        return "its manifest lists no model weights"
+    return verify_listed_files(path, files, hashes=hashes)
 
 
 def latest_checkpoint(run_dir: str, *, hashes: bool = False) -> str | None:
@@ -300,6 +313,11 @@ def resolve_checkpoint(path: str) -> str:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
+        sharded = re.match(r"^dcp-\d{8}$", os.path.basename(os.path.normpath(path))) or any(
+            re.match(r"^dcp-\d{8}$", n) for n in os.listdir(path))
+        if sharded and not list_checkpoints(path):
+            raise CheckpointError(f"{path} holds a sharded (torchrun) checkpoint, which this command does not read; "
+                                  f"write it as a Hugging Face directory with dsv3 export {path} OUT_DIR first")
         if list_checkpoints(path):
             raise CheckpointError(f"every checkpoint in {path} is damaged (files missing or truncated)")
         raise CheckpointError(f"{path} holds no checkpoint (no config.json and no {CHECKPOINTS}/step-*)")

@@ -26,9 +26,11 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import torch
 
+from dsv3.checkpoint.manifest import check_sharded, select_sharded, write_sharded_manifest
 from dsv3.errors import CheckpointError
 from dsv3.model.moe import Experts
 from dsv3.parallel.zero import rows_shape
@@ -157,6 +159,7 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
         with open(os.path.join(tmp, META), "w") as fh:
             json.dump({"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep},
                        **(extra or {})}, fh)
+        write_sharded_manifest(tmp, step)  # sizes + SHA-256 of every file, verified on resume/export
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -175,9 +178,10 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(run_dir, n) for n in names]
 
 
-def latest_sharded(run_dir: str) -> str | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+def latest_sharded(run_dir: str, log=None) -> str | None:
+    """The newest intact sharded checkpoint of ``run_dir`` (:func:`dsv3.checkpoint.manifest.select_sharded`):
+    a newer damaged one is reported with ``log`` and skipped; every one damaged is a CheckpointError."""
+    return select_sharded(run_dir, log)
 
 
 def _ema_keys(model, names) -> list[tuple[str, str, int | None]]:
@@ -242,11 +246,8 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
     (a checkpoint written without an EMA leaves it as built: the loaded weights, restarted).
     Returns the ``meta.json`` dict (step, data position, counters).
     """
-    import torch.distributed.checkpoint as dcp
-
+    check_sharded(path)  # one line naming a missing, truncated or changed file
     meta_path = os.path.join(path, META)
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
     with open(meta_path) as fh:
         meta = json.load(fh)
     _attach_offsets(model, optimizer)
@@ -255,7 +256,7 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
     with_ema = ema is not None and "ema" in meta
     if with_ema:
         state.update({k: torch.empty_like(v) for k, v in ema_state(model, ema).items()})
-    dcp.load(state, checkpoint_id=path)
+    _dcp_load(state, path)
     for key, t, i in _param_keys(model):
         (t.data if i is None else t.data[i]).copy_(state[f"model/{key}"])
     step = int(state["optim/step"])
@@ -282,15 +283,23 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
     return meta
 
 
+def _dcp_load(state: dict, path: str) -> None:
+    """``dcp.load`` with torch's internal errors on a damaged checkpoint (one written before manifests) as one line."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (RuntimeError, AssertionError, OSError, ValueError, KeyError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"sharded checkpoint {path} cannot be read ({first}); pick another checkpoint") from None
+
+
 @torch.no_grad()
 def load_model_sharded(path: str, model) -> None:
     """Load only the model tensors of a sharded checkpoint into ``model`` (any expert block)."""
-    import torch.distributed.checkpoint as dcp
-
-    if not os.path.isfile(os.path.join(path, META)):
-        raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
+    check_sharded(path)
     state = {k: v.clone() for k, v in model_state(model).items()}
-    dcp.load(state, checkpoint_id=path)
+    _dcp_load(state, path)
     for key, t, i in _param_keys(model):
         (t.data if i is None else t.data[i]).copy_(state[f"model/{key}"])
 
@@ -309,7 +318,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | Non
 
     check_export_dir(out_dir)  # never into the run, a file or a foreign directory: refused before any work
     if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, META)):
-        latest = latest_sharded(checkpoint)
+        latest = latest_sharded(checkpoint, log=lambda line: print(line, file=sys.stderr))
         if latest is None:
             raise CheckpointError(f"{checkpoint} holds no complete sharded checkpoint (dcp-*/{META}); pass one")
         checkpoint = latest

@@ -449,6 +449,10 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
         if resume is not None:
             # the newest intact checkpoint; rank 0 says why when it is not the newest
             checkpoint = select_resume_checkpoint(run_dir) if lock.enabled else latest_checkpoint(run_dir, hashes=True)
+            if checkpoint is None:  # every sharded checkpoint damaged: refused before the config is rewritten
+                from dsv3.checkpoint.manifest import select_sharded
+
+                select_sharded(run_dir)
         # the effective config: on resume with the overrides that apply (--steps, ...)
         save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
         if resume is None:
@@ -475,7 +479,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     if distributed and resume is not None:
         from dsv3.parallel.checkpoint import latest_sharded, load_sharded
 
-        sharded = latest_sharded(run_dir)
+        sharded = latest_sharded(run_dir, log=print if parallel.is_main else None)  # newest intact, says why
         if sharded is None and unsharded_state is not None:  # a one-process run continued under torchrun
             from dsv3.model.moe import Experts
 
@@ -502,7 +506,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     elif resume is not None and checkpoint is None:
         from dsv3.parallel.checkpoint import latest_sharded, load_sharded
 
-        sharded = latest_sharded(run_dir)
+        sharded = latest_sharded(run_dir, log=print)  # the newest intact one, saying why when not the newest
         if sharded is not None:  # a torchrun run continued in one process: ZeRO-1 with dp=1 (= AdamW)
             from dsv3.parallel.world import ParallelContext
             from dsv3.parallel.zero import ZeroAdamW
