@@ -22,7 +22,7 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a run directory or checkpoint")
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run directory (its latest checkpoint) or a checkpoint")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: start of a document)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="one prompt per line, decoded together in one batch (prints one result per prompt)")
     p.add_argument("--max-tokens", type=int, default=100, help="tokens to generate (default 100)")
@@ -107,11 +107,13 @@ def run(args) -> int:
         raise ConfigError("--num-draft needs --speculative mtp")
     if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
         raise ConfigError(f"tokenizer file {args.tokenizer} does not exist")
+    if args.prompt is not None and args.prompts_file is not None:
+        raise ConfigError("--prompt and --prompts-file cannot go together; put the prompt in the file (one per line)")
     if args.stats:
         from dsv3.utils.outputs import check_output_file
 
         check_output_file(args.stats, "--stats", is_own=_is_stats_file, what="a dsv3 generate --stats JSON file")
-    prompts = _read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
+    prompts = _read_prompts(args.prompts_file) if args.prompts_file else [args.prompt or ""]
     device = resolve_device(args.device)
     speculative = args.speculative == "mtp"
     model, checkpoint = load_for_generation(args.path, use_ema=args.use_ema, device=str(device), keep_mtp=speculative)

@@ -155,3 +155,39 @@ def check_memory(mcfg, *, device: str, seq_len: int, micro_batch: int, dtype: st
                           f"parallel layout with dsv3 plan")
     return need
 
+
+
+def check_run_config(config: Any, *, resume: str | None, overrides: dict[str, Any]) -> Any:
+    """Every check a run makes before it reads data or builds the model, writing nothing; returns the
+    effective TrainConfig (``dsv3 train --print-config`` prints it only when these pass).
+
+    Args:
+        config: the TrainConfig of a new run (ignored on resume).
+        resume: the run directory to continue, or None.
+        overrides: the options given as flags (on resume: model-changing ones are refused).
+
+    Checks, in the order of a real run: the options' types and ranges, the run directory (new or empty,
+    not under a file, writable; on resume: a dsv3 run), flags a resume cannot honour, the device, the model
+    config, the context length and the planner's memory estimate.
+    """
+    from dsv3.config import ModelConfig
+    from dsv3.train.rundir import check_run_dir_usable
+    from dsv3.train.session import (MODEL_CONFIG_FILE, model_config_for, prepare_run_dir, resolve_device,
+                                    resume_config)
+
+    if resume is not None:
+        run_dir = prepare_run_dir(config, resume)
+        config = resume_config(run_dir, overrides)
+        refuse_frozen_overrides(resume_config(run_dir, {}), config, overrides)
+    else:
+        config.validate()
+        check_run_dir_usable(prepare_run_dir(config, None))
+    device = resolve_device(config)
+    saved = os.path.join(resume, MODEL_CONFIG_FILE) if resume is not None else ""
+    mcfg = ModelConfig.from_json_file(saved) if os.path.isfile(saved) else model_config_for(config)
+    check_context_length(config.data.seq_len, mcfg, config.model.rope_scaling)
+    m = config.memory
+    check_memory(mcfg, device=device.type, seq_len=config.data.seq_len, micro_batch=config.data.micro_batch,
+                 dtype=config.precision.dtype, optim_states=m.optim_states, recompute=m.recompute,
+                 fp8=config.precision.fp8, ema=bool(m.ema_decay))
+    return config

@@ -279,6 +279,10 @@ def load_chat_template(template: str | os.PathLike | None = None, *,
 # --------------------------------------------------------------------------- conversations
 
 
+#: The roles a chat message may have (those of the OpenAI/transformers chat format that the templates render).
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 def _as_messages(record: Any, where: str) -> list[dict]:
     """The messages of one jsonl record (``messages``, or ``prompt``/``completion``), checked."""
     if not isinstance(record, dict):
@@ -302,6 +306,9 @@ def _as_messages(record: Any, where: str) -> list[dict]:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise DataError(f"{where}: message {j} is not an object with a string \"role\"; fix that line.")
+        if m["role"] not in CHAT_ROLES:  # DeepSeek-V3's template silently drops a turn of another role
+            raise DataError(f"{where}: message {j} has the unknown role {m['role']!r} (field \"role\"); use one of "
+                            f"{', '.join(CHAT_ROLES)}.")
         content = m.get("content")
         if content is None and not m.get("tool_calls"):
             raise DataError(f"{where}: message {j} ({m['role']}) has no \"content\"; fix that line.")
