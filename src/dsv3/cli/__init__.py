@@ -17,7 +17,7 @@ import importlib
 import re
 import sys
 
-from dsv3.errors import DsV3Error
+from dsv3.errors import DsV3Error, TrainingPreempted
 
 # Sub-command modules, in the order `dsv3 --help` lists them.
 COMMANDS = ("train", "generate", "plot", "plan", "memory", "eval", "eplb", "export")
@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except DsV3Error as exc:
         print(f"dsv3: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingPreempted as exc:  # the checkpoint is written and the run said so: 143 (SIGTERM) or 130
+        return exc.exit_code
     except KeyboardInterrupt:
         print("dsv3: interrupted", file=sys.stderr)
         return 130

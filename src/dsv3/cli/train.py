@@ -48,7 +48,7 @@ def run(args) -> int:
         config = load_train_config(args.config_file, overrides)
         result = train(config)  # under torchrun on every rank (pp, dp, ep: dsv3.parallel.world)
     if os.environ.get("RANK", "0") != "0":
-        return 130 if result.interrupted else 0  # under torchrun rank 0 alone reports
+        return 0  # under torchrun rank 0 alone reports
     if result.val_losses:
         first, last = result.val_losses[0], result.val_losses[-1]
         print(f"validation loss: {first[1]:.4f} at step {first[0]} -> {last[1]:.4f} at step {last[0]}")
@@ -57,4 +57,4 @@ def run(args) -> int:
     if result.sample is not None:
         print("sample:\n" + result.sample)
     print(f"done in {result.wall_time:.0f} s: {result.run_dir} (plots: dsv3 plot {result.run_dir})")
-    return 130 if result.interrupted else 0
+    return 0
