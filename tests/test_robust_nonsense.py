@@ -124,3 +124,35 @@ def test_probe_past_the_trained_context_is_marked_next_to_the_number():
         context_note(512, ModelConfig(max_position_embeddings=256, rope_scaling=None), "--passkey", "cpu")
     report = EvalReport(checkpoint="c", passkey={128: 0.5}, notes={128: context_note(128, extended, "--passkey", "cpu")})
     assert report.lines()[-1] == "passkey at 128 tokens: 50% retrieved (beyond the original context of 64 tokens: yarn extension)"
+
+
+def _bare_jinja(tmp_path) -> Path:
+    path = tmp_path / "chat.jinja"
+    path.write_text(json.loads(DS_TEMPLATE.read_text())["chat_template"])
+    return path
+
+
+def _chat_file(tmp_path, turns=1, words=3) -> Path:
+    chat = tmp_path / "chat.jsonl"
+    record = {"messages": [m for _ in range(turns) for m in
+                           ({"role": "user", "content": "hello " * words}, {"role": "assistant", "content": "hi " * words})]}
+    chat.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
+    return chat
+
+
+def test_sft_with_a_bare_jinja_names_the_missing_special_token(finished_run, train_setup, tmp_path, capsys):
+    """SFT from a dsv3 pre-training run with a .jinja template: the template's bos/eos tokens are not defined
+    anywhere (a bare .jinja carries none), and the message says so instead of blaming the conversation."""
+    checkpoint = sorted((finished_run / "checkpoints").iterdir())[-1]
+    opts = tiny_options(train_setup, tmp_path / "sft", task="sft", data=str(_chat_file(tmp_path)),
+                        chat_template=str(_bare_jinja(tmp_path)), init_from=str(checkpoint), model=None,
+                        seq_len=128)
+    _refused(["train", *flags(opts)], capsys, tmp_path, "_token", "tokenizer_config.json")
+
+
+def test_long_conversation_under_on_long_error_names_file_line_and_field(train_setup, tmp_path, capsys):
+    chat = _chat_file(tmp_path, turns=8, words=20)
+    opts = tiny_options(train_setup, tmp_path / "sft", task="sft", data=str(chat), chat_template=str(DS_TEMPLATE),
+                        on_long="error")
+    line = _refused(["train", *flags(opts)], capsys, tmp_path, "line 1", "messages", "--seq-len")
+    assert str(chat) in line
