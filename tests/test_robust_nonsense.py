@@ -156,3 +156,24 @@ def test_long_conversation_under_on_long_error_names_file_line_and_field(train_s
                         on_long="error")
     line = _refused(["train", *flags(opts)], capsys, tmp_path, "line 1", "messages", "--seq-len")
     assert str(chat) in line
+
+
+@pytest.mark.parametrize("schedule,pp,world,global_batch,micro_batch", [
+    ("dualpipe", 2, 2, 4, 2), ("dualpipe", 4, 4, 12, 2), ("dualpipev", 4, 2, 6, 2), ("dualpipe", 2, 4, 4, 1),
+])
+def test_pipeline_layout_error_names_train_flags_with_values_that_work(schedule, pp, world, global_batch,
+                                                                        micro_batch):
+    import re
+
+    from dsv3.parallel.pipeline.train import check_pipeline_layout
+
+    layout = dict(pp=pp, schedule=schedule, world_size=world)
+    with pytest.raises(ConfigError) as info:
+        check_pipeline_layout(8, global_batch=global_batch, micro_batch=micro_batch, **layout)
+    line = str(info.value)
+    assert "microbatches=" not in line and "--global-batch" in line, line
+    bigger = int(re.search(r"use --global-batch (\d+)", line).group(1))
+    check_pipeline_layout(8, global_batch=bigger, micro_batch=micro_batch, **layout)  # the advice works
+    smaller = re.search(r"--micro-batch (\d+) with this global batch", line)
+    if smaller:
+        check_pipeline_layout(8, global_batch=global_batch, micro_batch=int(smaller.group(1)), **layout)
