@@ -177,3 +177,28 @@ def test_pipeline_layout_error_names_train_flags_with_values_that_work(schedule,
     smaller = re.search(r"--micro-batch (\d+) with this global batch", line)
     if smaller:
         check_pipeline_layout(8, global_batch=global_batch, micro_batch=int(smaller.group(1)), **layout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bad_layout_under_torchrun_is_one_line_from_rank_0(train_setup, tmp_path):
+    """torchrun's agent stops the other ranks once rank 0 failed: the error is printed once, and the summary
+    torchrun prints after it names rank 0 (exit code 2) as the root cause."""
+    import os
+    import subprocess
+    import sys
+
+    from dist_helpers import free_port
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_DIST_TIMEOUT="60")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [torchrun, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "dsv3",
+           "train", *flags(tiny_options(train_setup, tmp_path / "bad")), "--ep", "3"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=100, env=env)
+    assert done.returncode != 0
+    lines = [ln for ln in done.stderr.splitlines() if ln.startswith("dsv3: error:")]
+    assert len(lines) == 1 and "--ep 3" in lines[0], done.stderr[-3000:]
+    root = done.stderr.split("Root Cause")[-1]
+    assert "rank      : 0" in root and "exitcode  : 2" in root, root
+    assert not (tmp_path / "bad").exists()
