@@ -133,3 +133,38 @@ def test_relative_paths_and_one_directory_for_two_roles(world, tmp_path, capsys,
     assert_one_error(*cli(["export", str(tmp_path / "new"), "run"], capsys)[::2])  # arguments swapped
     assert tree_digest(run) == before
     assert not (tmp_path / "new").exists()
+
+
+CHATML = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+          "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sft_on_a_dsv3_run_then_eval_and_export_need_nothing_else(world, train_setup, tmp_path, capsys):
+    """docs/sft.md end to end: SFT on a dsv3 pre-training run's checkpoint with a tokenizer_config.json naming the
+    run tokenizer's special tokens; the SFT run's checkpoints and its export carry the template, so eval on chat data
+    and generate work on each with no other argument."""
+    _, run = world
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": CHATML, "bos_token": "<|bos|>", "eos_token": "<|eos|>"}))
+    chat = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+            for w in ("yes", "no", "maybe", "never", "always", "often")]
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    opts = tiny_options(train_setup, tmp_path / "sft", task="sft", data=str(chat), chat_template=str(config),
+                        init_from=str(checkpoint), model=None, seq_len=32, val_fraction=0.0, eval_every=1000)
+    code, _, err = cli(["train", *flags(opts)], capsys)
+    assert code == 0, err
+    sft_checkpoint = sorted((tmp_path / "sft" / "checkpoints").iterdir())[-1]
+    assert (sft_checkpoint / "tokenizer_config.json").is_file()  # the run's template travels with its checkpoints
+    export = tmp_path / "sft-hf"
+    assert cli(["export", tmp_path / "sft", export], capsys)[0] == 0  # a one-process run exports too
+    assert json.loads((export / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+    for target in (sft_checkpoint, export):
+        code, out, err = cli(["eval", target, "--data", chat, "--seq-len", "32"], capsys)
+        assert code == 0 and "assistant tokens" in out, err
+    code, out, err = cli(["generate", export, "--prompt", "<|user|>say yes<|assistant|>", "--max-tokens", "3"], capsys)
+    assert code == 0, err

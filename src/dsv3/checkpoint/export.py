@@ -70,13 +70,24 @@ def generation_config(directory: str, config) -> dict:
     return {**{k: v for k, v in out.items() if v is not None}, **SAMPLING}
 
 
+def export_unsharded(path: str, out_dir: str, *, dtype=None) -> str:
+    """``dsv3 export`` of a one-process run (its newest intact ``step-*`` checkpoint) or of one such checkpoint:
+    the same self-contained directory, its tokenizer and chat template taken from the checkpoint itself."""
+    from dsv3.checkpoint.hf import from_pretrained
+    from dsv3.checkpoint.state import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(path)
+    return write_export(from_pretrained(checkpoint), out_dir, run_dir=checkpoint, source=checkpoint, dtype=dtype)
+
+
 def write_export(model, out_dir: str, *, run_dir: str, source: str, dtype=None) -> str:
     """Write the self-contained Hugging Face directory of ``model`` at ``out_dir`` (atomically); returns it.
 
     Args:
         model: the loaded :class:`~dsv3.model.DeepseekV3ForCausalLM`.
         out_dir: the directory to write (checked with :func:`check_export_dir` by the caller first).
-        run_dir: the run directory whose tokenizer and chat template go with the weights.
+        run_dir: the directory whose tokenizer and chat template go with the weights (the run's, or a
+            one-process checkpoint's own).
         source: the checkpoint exported, recorded in ``export.json``.
         dtype: the weights' dtype (default: as trained).
     """

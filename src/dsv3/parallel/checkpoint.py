@@ -308,19 +308,20 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | Non
     """Write the Hugging Face safetensors directory of a sharded checkpoint (``dsv3 export``).
 
     ``checkpoint``: a ``dcp-*`` directory inside a run directory (whose ``model_config.json``
-    describes the model) or a run directory (its latest sharded checkpoint). Runs in one process.
+    describes the model) or a run directory (its latest intact sharded checkpoint; a one-process run: its
+    latest intact ``step-*`` checkpoint, :func:`dsv3.checkpoint.export.export_unsharded`). Runs in one process.
     ``out_dir`` gets the weights, the run's tokenizer and chat template, a generation config and
     ``export.json`` (:mod:`dsv3.checkpoint.export`); it must be new, empty or an earlier export.
     """
-    from dsv3.checkpoint.export import check_export_dir, write_export
+    from dsv3.checkpoint.export import check_export_dir, export_unsharded, write_export
     from dsv3.config import ModelConfig
     from dsv3.model import DeepseekV3ForCausalLM
 
     check_export_dir(out_dir)  # never into the run, a file or a foreign directory: refused before any work
-    if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, META)):
+    if os.path.isdir(checkpoint) and not _NAME.match(os.path.basename(os.path.normpath(checkpoint))):
         latest = latest_sharded(checkpoint, log=lambda line: print(line, file=sys.stderr))
-        if latest is None:
-            raise CheckpointError(f"{checkpoint} holds no complete sharded checkpoint (dcp-*/{META}); pass one")
+        if latest is None:  # a one-process run (or one of its step-* checkpoints)
+            return export_unsharded(checkpoint, out_dir, dtype=dtype)
         checkpoint = latest
     config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_config.json")
     if not os.path.isfile(config_path):
