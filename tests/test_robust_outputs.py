@@ -168,3 +168,42 @@ def test_sft_on_a_dsv3_run_then_eval_and_export_need_nothing_else(world, train_s
         assert code == 0 and "assistant tokens" in out, err
     code, out, err = cli(["generate", export, "--prompt", "<|user|>say yes<|assistant|>", "--max-tokens", "3"], capsys)
     assert code == 0, err
+
+
+def test_ctrl_c_in_the_middle_of_an_export_keeps_the_previous_one(world, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while the shards are written: exit 130, the earlier export byte-identical, no temporary left."""
+    import dsv3.checkpoint.hf as hf
+
+    _, run = world
+    out = tmp_path / "hf"
+    assert cli(["export", run, out], capsys)[0] == 0
+    before = tree_digest(tmp_path)
+    real = hf.write_pretrained
+
+    def interrupted(model, directory, **kwargs):
+        real(model, directory, **kwargs)  # the shards are on disk, the directory not yet renamed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, "write_pretrained", interrupted)
+    code, _, err = cli(["export", run, out], capsys)
+    assert code == 130 and err == ["dsv3: interrupted"], err
+    assert tree_digest(tmp_path) == before  # nothing half-written, nothing left behind
+
+
+def test_plot_out_onto_a_run_file_is_refused(world, tmp_path, capsys):
+    import shutil
+
+    _, base = world
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    before = tree_digest(tmp_path)
+    for out in (run / "metrics.jsonl", run / "checkpoints", tmp_path):
+        assert_one_error(*cli(["plot", run, "--out", out], capsys)[::2])
+    assert tree_digest(tmp_path) == before
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n a figure dsv3 did not draw")
+    assert_one_error(*cli(["plot", run, "--out", figures], capsys)[::2], "not empty")
+    assert (figures / "loss.png").read_bytes().endswith(b"did not draw")
+    assert cli(["plot", run, "--out", tmp_path / "new"], capsys)[0] == 0
+    assert cli(["plot", run, "--out", tmp_path / "new"], capsys)[0] == 0  # its own plots are redrawn
