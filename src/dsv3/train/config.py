@@ -230,7 +230,8 @@ class LoggingOptions:
 class RunOptions:
     """Where the run lives and what makes it reproducible."""
 
-    dir: str | None = _opt(None, "run directory (none: runs/<model>-<time>)", flag="run_dir")
+    dir: str | None = _opt(None, "run directory, new or empty (none: runs/<model>-<time>); nothing in it is "
+                                      "replaced: continue a run with --resume", flag="run_dir")
     seed: int = _opt(0, "seed of initialisation, data order and sampling")
     max_nonfinite: int = _opt(5, "stop after this many non-finite losses in a row")
 
