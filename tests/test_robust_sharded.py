@@ -99,6 +99,7 @@ def test_resume_falls_back_to_the_newest_intact_sharded_checkpoint(sharded_run, 
     assert verify_sharded(str(run / NEW)) is None  # step 2 trained again and written whole
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_every_sharded_checkpoint_damaged_is_one_line(sharded_run, tmp_path, capsys):
     run = tmp_path / "run"
