@@ -4,32 +4,57 @@ and the choice of the newest intact checkpoint.
 A ``dcp-{step:08d}`` directory holds DCP's ``.metadata``, one ``__{rank}_{n}.distcp`` file per writing rank,
 dsv3's ``meta.json`` and, written last by rank 0 before the directory is renamed into place, ``manifest.json``:
 the size and SHA-256 of every other file (the format of the one-process checkpoints,
-:func:`dsv3.checkpoint.state.write_manifest`). A checkpoint damaged afterwards (a shard truncated, deleted or
-changed on disk, ``.metadata`` lost) fails :func:`verify_sharded`; :func:`select_sharded` then falls back to the
-newest intact checkpoint and says so, or raises one line naming the damaged file.
+:func:`dsv3.checkpoint.state.write_manifest`); each rank hashes the shards it wrote, rank 0 gathers them.
+A checkpoint damaged afterwards (a shard truncated, deleted or changed on disk, ``.metadata`` lost) fails
+:func:`verify_sharded`; :func:`select_sharded` then falls back to the newest intact checkpoint and says so,
+or raises one line naming the damaged file.
 
 Checkpoints written before manifests existed are checked for their ``.metadata`` and ``meta.json`` only.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
+from typing import Any
 
-from dsv3.checkpoint.state import MANIFEST, read_manifest, verify_listed_files, write_manifest
+from dsv3.checkpoint.state import MANIFEST, MANIFEST_FORMAT, file_sha256, read_manifest, verify_listed_files
 from dsv3.errors import CheckpointError
 
 SHARDED_NAME = re.compile(r"^dcp-(\d{8})$")
 SHARDED_META = "meta.json"  # dsv3's own record (step, data position, counters), dsv3.parallel.checkpoint.META
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 
-__all__ = ["write_sharded_manifest", "verify_sharded", "select_sharded", "sharded_checkpoints", "check_sharded"]
+__all__ = ["shard_entries", "write_sharded_manifest", "verify_sharded", "select_sharded", "sharded_checkpoints", "check_sharded"]
 
 
-def write_sharded_manifest(directory: str, step: int) -> None:
-    """Record the size and SHA-256 of every file of the complete ``dcp-*`` ``directory`` (rank 0, before the rename)."""
-    write_manifest(directory, step)
+def shard_entries(directory: str, rank: int) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of the shard files rank ``rank`` wrote (DCP's ``__{rank}_{n}.distcp``).
+
+    Each rank hashes its own shards right after writing them (from the page cache, all ranks at once), so that
+    rank 0 never reads the whole checkpoint back."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name.startswith(f"__{rank}_") and name.endswith(".distcp"):
+            full = os.path.join(directory, name)
+            out[name] = {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
+    return out
+
+
+def write_sharded_manifest(directory: str, step: int, shards: dict[str, dict[str, Any]] | None = None) -> None:
+    """Record the size and SHA-256 of every file of the complete ``dcp-*`` ``directory`` (rank 0, before the rename).
+
+    ``shards``: the entries the ranks computed for their own shard files (:func:`shard_entries`, gathered);
+    every other file (``.metadata``, ``meta.json``, a shard missing from ``shards``) is hashed here."""
+    files = {}
+    for name in sorted(os.listdir(directory)):
+        full = os.path.join(directory, name)
+        if name != MANIFEST and os.path.isfile(full):
+            files[name] = (shards or {}).get(name) or {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
+    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as fh:
+        json.dump({"format": MANIFEST_FORMAT, "step": step, "files": files}, fh, indent=1)
 
 
 def verify_sharded(path: str, *, hashes: bool = True) -> str | None:

@@ -30,7 +30,7 @@ import sys
 
 import torch
 
-from dsv3.checkpoint.manifest import check_sharded, select_sharded, write_sharded_manifest
+from dsv3.checkpoint.manifest import check_sharded, select_sharded, shard_entries, write_sharded_manifest
 from dsv3.errors import CheckpointError
 from dsv3.model.moe import Experts
 from dsv3.parallel.zero import rows_shape
@@ -154,12 +154,12 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
         state.update(ema_state(model, ema, getattr(optimizer, "held", None)))
         extra = {"ema": {"num_updates": ema.num_updates}, **(extra or {})}
     dcp.save(state, checkpoint_id=tmp)
-    ctx.barrier()
+    shards = _gather_shard_entries(tmp, ctx)  # each rank hashes its own shards: rank 0 never reads them all back
     if ctx.is_main:
         with open(os.path.join(tmp, META), "w") as fh:
             json.dump({"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep},
                        **(extra or {})}, fh)
-        write_sharded_manifest(tmp, step)  # sizes + SHA-256 of every file, verified on resume/export
+        write_sharded_manifest(tmp, step, shards)  # sizes + SHA-256 of every file, verified on resume/export
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -168,6 +168,18 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
                 shutil.rmtree(old, ignore_errors=True)
     ctx.barrier()
     return final
+
+
+def _gather_shard_entries(directory: str, ctx) -> dict:
+    """The manifest entries of every rank's shard files (collective; also the barrier after the save)."""
+    entries = shard_entries(directory, ctx.rank)
+    if not ctx.distributed:
+        return entries
+    import torch.distributed as dist
+
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, entries)
+    return {name: entry for part in gathered for name, entry in part.items()}
 
 
 def list_checkpoints(run_dir: str) -> list[str]:
