@@ -130,7 +130,7 @@ def test_relative_paths_and_one_directory_for_two_roles(world, tmp_path, capsys,
     before = tree_digest(run)
     assert_one_error(*cli(["export", "run", "run"], capsys)[::2], "run directory")
     assert_one_error(*cli(["export", "run/dcp-00000002", "run/dcp-00000002"], capsys)[::2], "run directory")
-    assert_one_error(*cli(["export", str(tmp_path / "new"), "run"], capsys)[::2])  # arguments swapped
+    assert_one_error(*cli(["export", str(tmp_path / "new"), "run"], capsys)[::2], "arguments are CHECKPOINT OUT_DIR")
     assert tree_digest(run) == before
     assert not (tmp_path / "new").exists()
 

@@ -22,9 +22,9 @@ import os
 import shutil
 
 from dsv3.checkpoint.state import CHAT_TEMPLATE_FILE, file_sha256
-from dsv3.errors import DataError
+from dsv3.errors import DataError, OutputError
 from dsv3.utils.io import atomic_dir
-from dsv3.utils.outputs import check_output_dir
+from dsv3.utils.outputs import check_output_dir, is_run_dir
 
 EXPORT_MANIFEST = "export.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -42,8 +42,12 @@ def is_export_dir(path: str) -> bool:
     return isinstance(files, dict) and all(n == EXPORT_MANIFEST or n in files for n in os.listdir(path))
 
 
-def check_export_dir(out_dir: str) -> None:
-    """Refuse (one line) an ``OUT_DIR`` that is a file, under a file, a run directory or a foreign non-empty one."""
+def check_export_dir(out_dir: str, checkpoint: str | None = None) -> None:
+    """Refuse (one line) an ``OUT_DIR`` that is a file, under a file, a run directory or a foreign non-empty one;
+    with ``checkpoint`` missing and ``OUT_DIR`` a run, say that the two arguments look swapped."""
+    if checkpoint is not None and not os.path.exists(checkpoint) and is_run_dir(out_dir):
+        raise OutputError(f"{checkpoint} does not exist and OUT_DIR {out_dir} is a training run directory: the "
+                          f"arguments are CHECKPOINT OUT_DIR (dsv3 export {out_dir} {checkpoint}?)")
     check_output_dir(out_dir, "OUT_DIR", is_own_dir=is_export_dir, what="the exported checkpoint")
 
 

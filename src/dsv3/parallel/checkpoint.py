@@ -329,7 +329,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | Non
     from dsv3.config import ModelConfig
     from dsv3.model import DeepseekV3ForCausalLM
 
-    check_export_dir(out_dir)  # never into the run, a file or a foreign directory: refused before any work
+    check_export_dir(out_dir, checkpoint)  # never into the run, a file or a foreign directory: refused before any work
     if os.path.isdir(checkpoint) and not _NAME.match(os.path.basename(os.path.normpath(checkpoint))):
         latest = latest_sharded(checkpoint, log=lambda line: print(line, file=sys.stderr))
         if latest is None:  # a one-process run (or one of its step-* checkpoints)
