@@ -112,3 +112,21 @@ def test_every_sharded_checkpoint_damaged_is_one_line(sharded_run, tmp_path, cap
     assert_one_error(*cli(["export", run, tmp_path / "hf"], capsys)[::2], "every sharded checkpoint", NEW)
     assert_one_error(*cli(["train", "--resume", run], capsys)[::2], "every sharded checkpoint")
     assert tree_digest(run) == before
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_resume_under_torchrun_falls_back_once(sharded_run, train_setup, tmp_path):
+    """Under torchrun rank 0 verifies, says so once, and every rank loads the checkpoint it chose."""
+    run = tmp_path / "run"
+    shutil.copytree(sharded_run, run)
+    _damage(run / NEW / "__1_0.distcp", "flip")
+    env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_DIST_TIMEOUT="60")
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [TORCHRUN, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "dsv3",
+           "train", "--resume", str(run)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.stdout + done.stderr).count(f"sharded checkpoint {NEW} is damaged") == 1, done.stdout
+    assert f"resumed {run} from {OLD}" in done.stdout
+    assert verify_sharded(str(run / NEW)) is None  # step 2 trained again and written whole

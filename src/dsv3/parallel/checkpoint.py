@@ -190,10 +190,27 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(run_dir, n) for n in names]
 
 
-def latest_sharded(run_dir: str, log=None) -> str | None:
+def latest_sharded(run_dir: str, log=None, ctx=None) -> str | None:
     """The newest intact sharded checkpoint of ``run_dir`` (:func:`dsv3.checkpoint.manifest.select_sharded`):
-    a newer damaged one is reported with ``log`` and skipped; every one damaged is a CheckpointError."""
-    return select_sharded(run_dir, log)
+    a newer damaged one is reported with ``log`` and skipped; every one damaged is a CheckpointError.
+
+    ``ctx``: a distributed :class:`~dsv3.parallel.world.ParallelContext` (collective): rank 0 alone verifies
+    (reads and hashes the files) and broadcasts its choice, or its error, to the other ranks."""
+    if ctx is None or not ctx.distributed:
+        return select_sharded(run_dir, log)
+    import torch.distributed as dist
+
+    box: list = [None]
+    if ctx.is_main:
+        try:
+            box[0] = ("path", select_sharded(run_dir, log))
+        except CheckpointError as exc:
+            box[0] = ("error", str(exc))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
 
 
 def _ema_keys(model, names) -> list[tuple[str, str, int | None]]:

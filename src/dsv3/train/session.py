@@ -479,7 +479,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     if distributed and resume is not None:
         from dsv3.parallel.checkpoint import latest_sharded, load_sharded
 
-        sharded = latest_sharded(run_dir, log=print if parallel.is_main else None)  # newest intact, says why
+        sharded = latest_sharded(run_dir, log=print, ctx=parallel)  # newest intact (rank 0 checks), says why
         if sharded is None and unsharded_state is not None:  # a one-process run continued under torchrun
             from dsv3.model.moe import Experts
 
