@@ -202,3 +202,15 @@ def test_bad_layout_under_torchrun_is_one_line_from_rank_0(train_setup, tmp_path
     root = done.stderr.split("Root Cause")[-1]
     assert "rank      : 0" in root and "exitcode  : 2" in root, root
     assert not (tmp_path / "bad").exists()
+
+
+def test_trace_is_refused_only_when_asked_for_without_a_pipeline():
+    from dsv3.train.preflight import check_trace
+
+    traced = TrainConfig.from_dict({"trace": True})  # pp 1
+    with pytest.raises(ConfigError, match="--trace"):
+        check_trace(traced, {}, None)  # a new run
+    with pytest.raises(ConfigError, match="--trace"):
+        check_trace(traced, {"trace": True}, "RUN")  # --resume RUN --trace
+    check_trace(traced, {"pp": 1}, "RUN")  # a pipeline run's saved trace, continued in one process
+    check_trace(TrainConfig.from_dict({"trace": True, "pp": 2}), {}, None)

@@ -296,9 +296,6 @@ class TrainConfig:
         need(self.model.rope_factor >= 1, f"rope_factor must be at least 1, got {self.model.rope_factor}")
         need(self.model.rope_factor == 1 or self.model.rope_scaling != "none",
              f"--rope-factor {self.model.rope_factor:g} needs --rope-scaling yarn (without it the factor is unused)")
-        need(not self.parallel.trace or self.parallel.pp > 1,
-             "--trace records the pipeline runtime's timeline and needs a pipeline (--pp 2 or more under torchrun); "
-             "drop --trace")
         for name, value in (("bias_update_stop", self.moe.bias_update_stop), ("mtp_switch", self.moe.mtp_switch)):
             need(0 <= value <= 1, f"{name} must be a fraction of the run in [0, 1], got {value}")
         return self

@@ -157,6 +157,17 @@ def check_memory(mcfg, *, device: str, seq_len: int, micro_batch: int, dtype: st
 
 
 
+def check_trace(config: Any, overrides: dict[str, Any], resume: str | None) -> None:
+    """Refuse ``--trace`` on a run without a pipeline (it would record nothing and say nothing).
+
+    On ``--resume`` only a ``--trace`` given now is refused: a pipeline run's saved ``trace`` stays quiet when
+    it is continued in a layout without a pipeline."""
+    asked = bool(overrides.get("trace")) if resume is not None else config.parallel.trace
+    if asked and config.parallel.pp < 2:
+        raise ConfigError("--trace records the pipeline runtime's timeline and needs a pipeline (--pp 2 or more "
+                          "under torchrun); drop --trace")
+
+
 def check_run_config(config: Any, *, resume: str | None, overrides: dict[str, Any]) -> Any:
     """Every check a run makes before it reads data or builds the model, writing nothing; returns the
     effective TrainConfig (``dsv3 train --print-config`` prints it only when these pass).
@@ -182,6 +193,7 @@ def check_run_config(config: Any, *, resume: str | None, overrides: dict[str, An
     else:
         config.validate()
         check_run_dir_usable(prepare_run_dir(config, None))
+    check_trace(config, overrides, resume)
     device = resolve_device(config)
     saved = os.path.join(resume, MODEL_CONFIG_FILE) if resume is not None else ""
     mcfg = ModelConfig.from_json_file(saved) if os.path.isfile(saved) else model_config_for(config)

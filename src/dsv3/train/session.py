@@ -339,7 +339,7 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
 def _build_session(config: TrainConfig | None, *, resume: str | None, overrides: dict[str, Any] | None,
                    parallel: Any, write: bool, prefetch: bool | None, lock) -> Session:
     from dsv3.checkpoint.state import remove_stale_temporaries, select_resume_checkpoint
-    from dsv3.train.preflight import check_context_length, check_memory, refuse_frozen_overrides
+    from dsv3.train.preflight import check_context_length, check_memory, check_trace, refuse_frozen_overrides
     from dsv3.train.rundir import LOCK_FILE, check_run_dir_usable
 
     if resume is not None:
@@ -354,6 +354,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
         config.run.dir = run_dir or config.run.dir
         if write:
             check_run_dir_usable(run_dir)  # under a file, unwritable, read-only: said now, not after the set-up
+    check_trace(config, overrides or {}, resume)  # --trace without a pipeline records nothing: refused
     device = resolve_device(config)
     if config.parallel.dispatcher == "deepep":  # refused here, before anything is written, on any layout
         from dsv3.parallel.deepep import check_deepep
