@@ -197,7 +197,8 @@ def test_plot_out_onto_a_run_file_is_refused(world, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(base, run)
     before = tree_digest(tmp_path)
-    for out in (run / "metrics.jsonl", run / "checkpoints", tmp_path):
+    for out in (run / "metrics.jsonl", run / "checkpoints", run / "checkpoints" / "step-0000002" / "plots",
+                run / "dcp-00000002", tmp_path):
         assert_one_error(*cli(["plot", run, "--out", out], capsys)[::2])
     assert tree_digest(tmp_path) == before
     figures = tmp_path / "figures"

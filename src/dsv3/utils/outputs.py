@@ -95,7 +95,7 @@ def check_output_dir(path: str, flag: str, *, is_own_dir: Callable[[str], bool],
         is_own_dir: whether an existing non-empty directory holds only this command's earlier output.
         what: what the command writes there, for the message.
         allow: directories accepted as they are, and whose subdirectories are not refused as inside a run
-            directory (``dsv3 plot``'s own run directory).
+            directory (``dsv3 plot``'s own run directory), except its checkpoints.
     """
     allowed = {os.path.abspath(a) for a in allow}
     if os.path.abspath(path) in allowed:
@@ -107,7 +107,8 @@ def check_output_dir(path: str, flag: str, *, is_own_dir: Callable[[str], bool],
     if os.path.lexists(path) and not os.path.isdir(path):
         raise OutputError(f"{flag} {path} is an existing file, not a directory; choose a new directory for {what}")
     run = enclosing_run_dir(path)
-    if run is not None and run not in allowed:
+    inside = os.path.relpath(os.path.abspath(path), run).split(os.sep)[0] if run is not None else ""
+    if run is not None and (run not in allowed or inside == "checkpoints" or _DCP.match(inside)):
         where = "is" if run == os.path.abspath(path) else "is inside"
         raise OutputError(f"{flag} {path} {where} the training run directory {run}; write {what} to a new "
                           f"directory outside it")
