@@ -124,9 +124,10 @@ def select_sharded(run_dir: str, log: Callable[[str], None] | None = None, *, ha
     return None
 
 
-def check_sharded(path: str) -> None:
-    """Raise a one-line :class:`CheckpointError` naming the damaged file when ``path`` is not intact."""
-    reason = verify_sharded(path)
+def check_sharded(path: str, *, hashes: bool = True) -> None:
+    """Raise a one-line :class:`CheckpointError` naming the damaged file when ``path`` is not intact
+    (``hashes=False``: sizes only, for a checkpoint :func:`select_sharded` has just verified)."""
+    reason = verify_sharded(path, hashes=hashes)
     if reason is not None:
         raise CheckpointError(f"sharded checkpoint {path} is damaged: {reason}; pick another checkpoint (or pass "
                               f"the run directory to use its newest intact one)")

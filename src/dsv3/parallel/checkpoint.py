@@ -275,7 +275,7 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
     (a checkpoint written without an EMA leaves it as built: the loaded weights, restarted).
     Returns the ``meta.json`` dict (step, data position, counters).
     """
-    check_sharded(path)  # one line naming a missing, truncated or changed file
+    check_sharded(path, hashes=False)  # one line naming a missing or truncated file (hashed by latest_sharded)
     meta_path = os.path.join(path, META)
     with open(meta_path) as fh:
         meta = json.load(fh)
