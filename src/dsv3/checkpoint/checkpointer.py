@@ -82,7 +82,8 @@ class Checkpointer:
         by SHA-256, or by size when not ``hashes``)."""
         one = select_resume_checkpoint(self.run_dir, self.log) if select else latest_checkpoint(self.run_dir,
                                                                                                 hashes=hashes)
-        found = [p for p in (one, dcp_format.latest_sharded(self.run_dir)) if p is not None]
+        sharded = dcp_format.latest_sharded(self.run_dir, log=self.log if select else None)  # damaged ones skipped
+        found = [p for p in (one, sharded) if p is not None]
         return max(found, key=lambda p: int(_STEP.search(os.path.basename(p)).group(1)), default=None)
 
     def restore(self, model, optimizer, ema=None, *, checkpoint: str | None = None) -> Restored | None:

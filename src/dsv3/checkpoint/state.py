@@ -4,7 +4,8 @@ A checkpoint is a directory ``RUN_DIR/checkpoints/step-NNNNNNN/``:
 
 - ``config.json`` + ``model.safetensors``: the weights (router biases included) in the
   Hugging Face layout, so ``dsv3.from_pretrained`` and transformers load it directly;
-- ``tokenizer.json``: the run's tokenizer (the checkpoint is self-contained);
+- ``tokenizer.json``: the run's tokenizer, and for a fine-tuning run ``tokenizer_config.json`` (its
+  chat template): the checkpoint is self-contained;
 - ``optimizer.safetensors``, ``rng.safetensors``, ``ema.safetensors``: tensors;
 - ``training_state.json``: everything else (step, data-loader position, optimizer
   hyper-parameters, Python/NumPy RNG states, counters);
@@ -44,6 +45,9 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+#: A fine-tuning run's chat template and special tokens (``dsv3.train.sft.RUN_TEMPLATE_FILE``), copied into
+#: each of its checkpoints so that ``dsv3 eval`` on chat data and ``dsv3 export`` find it there.
+CHAT_TEMPLATE_FILE = "tokenizer_config.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TEMP_RE = re.compile(r"^\.step-\d+\..*\.tmp$")  # atomic_dir's temporary name for step-N
 _ASIDE_RE = re.compile(r"^(step-\d+)\.old$")  # atomic_dir's aside name while replacing step-N
@@ -161,17 +165,8 @@ def write_manifest(directory: str, step: int) -> dict[str, Any]:
     return manifest
 
 
-def verify_checkpoint(path: str, *, hashes: bool = True) -> str | None:
-    """Why the checkpoint directory ``path`` is damaged, or None when it is intact.
-
-    Intact means: ``manifest.json`` is readable, every file it lists exists with the
-    recorded size (and, with ``hashes``, the recorded SHA-256), and the files a resume
-    needs (config, weights, training state, RNG) are among them.
-
-    Args:
-        path: a ``step-*`` directory.
-        hashes: also hash every file (reads all bytes); False checks sizes only.
-    """
+def read_manifest(path: str) -> dict[str, Any] | str:
+    """The ``files`` table of ``path/manifest.json``, or why it cannot be read (a str)."""
     try:
         with open(os.path.join(path, MANIFEST), encoding="utf-8") as fh:
             manifest = json.load(fh)
@@ -182,12 +177,11 @@ def verify_checkpoint(path: str, *, hashes: bool = True) -> str | None:
         return f"{MANIFEST} is missing"
     except (OSError, ValueError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
-    weights = "model.safetensors" in files or "model.safetensors.index.json" in files
-    for need in ("config.json", STATE_FILE, "rng.safetensors"):
-        if need not in files:
-            return f"its manifest does not list {need}"
-    if not weights:
-        return "its manifest lists no model weights"
+    return files
+
+
+def verify_listed_files(path: str, files: dict[str, Any], *, hashes: bool = True) -> str | None:
+    """Why a file that ``files`` (a manifest's table) lists is missing, truncated or changed in ``path``; else None."""
     for name, entry in files.items():
         full = os.path.join(path, name)
         try:
@@ -204,6 +198,29 @@ def verify_checkpoint(path: str, *, hashes: bool = True) -> str | None:
         except OSError as exc:
             return f"{name} cannot be read ({exc.strerror or exc})"
     return None
+
+
+def verify_checkpoint(path: str, *, hashes: bool = True) -> str | None:
+    """Why the checkpoint directory ``path`` is damaged, or None when it is intact.
+
+    Intact means: ``manifest.json`` is readable, every file it lists exists with the
+    recorded size (and, with ``hashes``, the recorded SHA-256), and the files a resume
+    needs (config, weights, training state, RNG) are among them.
+
+    Args:
+        path: a ``step-*`` directory.
+        hashes: also hash every file (reads all bytes); False checks sizes only.
+    """
+    files = read_manifest(path)
+    if isinstance(files, str):
+        return files
+    weights = "model.safetensors" in files or "model.safetensors.index.json" in files
+    for need in ("config.json", STATE_FILE, "rng.safetensors"):
+        if need not in files:
+            return f"its manifest does not list {need}"
+    if not weights:
+        return "its manifest lists no model weights"
+    return verify_listed_files(path, files, hashes=hashes)
 
 
 def latest_checkpoint(run_dir: str, *, hashes: bool = False) -> str | None:
@@ -296,6 +313,11 @@ def resolve_checkpoint(path: str) -> str:
         return path
     latest = latest_checkpoint(path)
     if latest is None:
+        sharded = re.match(r"^dcp-\d{8}$", os.path.basename(os.path.normpath(path))) or any(
+            re.match(r"^dcp-\d{8}$", n) for n in os.listdir(path))
+        if sharded and not list_checkpoints(path):
+            raise CheckpointError(f"{path} holds a sharded (torchrun) checkpoint, which this command does not read; "
+                                  f"write it as a Hugging Face directory with dsv3 export {path} OUT_DIR first")
         if list_checkpoints(path):
             raise CheckpointError(f"every checkpoint in {path} is damaged (files missing or truncated)")
         raise CheckpointError(f"{path} holds no checkpoint (no config.json and no {CHECKPOINTS}/step-*)")
@@ -336,7 +358,7 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, loader_st
     try:
         with atomic_dir(path) as tmp:
             _write_checkpoint_files(tmp, step, model=model, optimizer=optimizer, loader_state=loader_state,
-                                    tokenizer=tokenizer, ema=ema, extra=extra)
+                                    tokenizer=tokenizer, ema=ema, extra=extra, run_dir=run_dir)
             if before_commit is not None:
                 before_commit(tmp)
     except Exception as exc:
@@ -355,12 +377,16 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, loader_st
     return path
 
 
-def _write_checkpoint_files(tmp: str, step: int, *, model, optimizer, loader_state, tokenizer, ema, extra) -> None:
+def _write_checkpoint_files(tmp: str, step: int, *, model, optimizer, loader_state, tokenizer, ema, extra,
+                            run_dir: str) -> None:
     from dsv3.checkpoint.hf import write_pretrained
 
     write_pretrained(model, tmp)
     if tokenizer is not None:
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
+    template = os.path.join(run_dir, CHAT_TEMPLATE_FILE)
+    if os.path.isfile(template):  # a fine-tuning run: its chat template goes with every checkpoint
+        shutil.copyfile(template, os.path.join(tmp, CHAT_TEMPLATE_FILE))
     state: dict[str, Any] = {"step": step, "loader": loader_state, "extra": extra or {}}
     if optimizer is not None:
         meta, tensors = split_tensors(optimizer.state_dict(), "optim")

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
+import time
 
-from dsv3.errors import DsV3Error
+from dsv3.errors import DsV3Error, TrainingPreempted
 
 # Sub-command modules, in the order `dsv3 --help` lists them.
 COMMANDS = ("train", "generate", "plot", "plan", "memory", "eval", "eplb", "export")
@@ -83,6 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Seconds a torchrun rank other than 0 waits before it reports an error of its own (see :func:`_report_once`).
+RANK_ERROR_DELAY = 3.0
+
+
+def _report_once(line: str) -> None:
+    """Print an error line once per torchrun world: rank 0 at once; another rank only after
+    :data:`RANK_ERROR_DELAY` seconds. A bad layout fails on every rank at the same point, so rank 0 speaks and
+    exits first, torchrun's agent stops the waiting ranks (they never print), and its summary names rank 0 as the
+    root cause; an error of one rank alone (a file only it reads) is still printed, a moment later."""
+    rank = os.environ.get("RANK", "0") or "0"
+    if rank != "0" and os.environ.get("TORCHELASTIC_RUN_ID"):  # launched by torchrun (its agent stops the others)
+        time.sleep(RANK_ERROR_DELAY)
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -95,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DsV3Error as exc:
-        print(f"dsv3: error: {exc}", file=sys.stderr)
+        _report_once(f"dsv3: error: {exc}")
         return 2
+    except TrainingPreempted as exc:  # the checkpoint is written and the run said so: 143 (SIGTERM) or 130
+        return exc.exit_code
     except KeyboardInterrupt:
         print("dsv3: interrupted", file=sys.stderr)
         return 130

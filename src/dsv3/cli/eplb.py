@@ -15,6 +15,10 @@ def _positive(text: str) -> int:
     return value
 
 
+#: Keys of every ``--json`` placement: an existing file with them is an earlier output (replaced).
+PLACEMENT_KEYS = ("phy2log", "log2phy", "logcnt")
+
+
 def register(sub) -> None:
     p = sub.add_parser("eplb", help="place redundant experts on GPUs from recorded expert loads",
                        description="Compute an expert-parallel placement with redundant experts (the deepseek-ai/"
@@ -29,7 +33,9 @@ def register(sub) -> None:
                    help="expert groups (n_group); hierarchical placement when they divide over the nodes")
     p.add_argument("--policy", choices=("refined", "published"), default="refined",
                    help="refined (default: never less balanced) or published (deepseek-ai/EPLB's greedy)")
-    p.add_argument("--json", metavar="OUT", default=None, help="write the placement and the loads here")
+    p.add_argument("--json", metavar="OUT", default=None,
+                   help="write the placement and the loads here (a new file, or replacing an earlier eplb --json "
+                        "file; any other existing file is refused)")
     p.set_defaults(func=run)
 
 
@@ -40,6 +46,10 @@ def run(args) -> int:
                                  unreplicated_gpu_loads)
     from dsv3.utils.io import atomic_write_text
 
+    if args.json:
+        from dsv3.utils.outputs import check_output_file, json_with_keys
+
+        check_output_file(args.json, "--json", is_own=json_with_keys(*PLACEMENT_KEYS), what="a dsv3 eplb --json file")
     weight = read_expert_loads(args.loads)
     layers, experts = weight.shape
     placements = {"published": rebalance_experts(weight, args.replicas, args.groups, args.nodes, args.gpus,

@@ -7,11 +7,22 @@ to stderr (``--speculative``) or to a ``--stats`` JSON file.
 from __future__ import annotations
 
 
+#: Keys every ``--stats`` document holds: an existing file with them is an earlier --stats output (replaced).
+STATS_KEYS = ("prompts", "max_tokens", "temperature", "top_p", "device")
+
+
+def _is_stats_file(path: str) -> bool:
+    """Whether ``path`` is an earlier ``--stats`` output (replaced); any other file is refused."""
+    from dsv3.utils.outputs import json_with_keys
+
+    return json_with_keys(*STATS_KEYS)(path)
+
+
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a run directory or checkpoint")
     p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="a run directory (its latest checkpoint) or a checkpoint")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: start of a document)")
     p.add_argument("--prompts-file", default=None, metavar="FILE",
                    help="one prompt per line, decoded together in one batch (prints one result per prompt)")
     p.add_argument("--max-tokens", type=int, default=100, help="tokens to generate (default 100)")
@@ -28,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--no-baseline", action="store_true",
                    help="with --speculative, do not also time plain decoding for the speed-up")
     p.add_argument("--stats", default=None, metavar="FILE.json",
-                   help="write tokens/s, acceptance rates and per-layer expert loads here")
+                   help="write tokens/s, acceptance rates and per-layer expert loads here (a new file, or "
+                        "replacing an earlier --stats file; any other existing file is refused)")
     p.add_argument("--placement", default=None, metavar="FILE.json",
                    help="serve with redundant experts placed by `dsv3 eplb --json` (same output)")
     p.set_defaults(func=run)
@@ -95,7 +107,13 @@ def run(args) -> int:
         raise ConfigError("--num-draft needs --speculative mtp")
     if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
         raise ConfigError(f"tokenizer file {args.tokenizer} does not exist")
-    prompts = _read_prompts(args.prompts_file) if args.prompts_file else [args.prompt]
+    if args.prompt is not None and args.prompts_file is not None:
+        raise ConfigError("--prompt and --prompts-file cannot go together; put the prompt in the file (one per line)")
+    if args.stats:
+        from dsv3.utils.outputs import check_output_file
+
+        check_output_file(args.stats, "--stats", is_own=_is_stats_file, what="a dsv3 generate --stats JSON file")
+    prompts = _read_prompts(args.prompts_file) if args.prompts_file else [args.prompt or ""]
     device = resolve_device(args.device)
     speculative = args.speculative == "mtp"
     model, checkpoint = load_for_generation(args.path, use_ema=args.use_ema, device=str(device), keep_mtp=speculative)

@@ -111,7 +111,9 @@ def register(subparsers) -> None:
     s.add_argument("--trace", default=None,
                    help="a dsv3 train --trace timeline (pipeline_trace.json): simulate it with its measured op times "
                         "(median per kind and stage) and compare; --plot draws measured above simulated")
-    s.add_argument("--plot", default=None, help="write the timeline to this PNG")
+    s.add_argument("--plot", default=None,
+                   help="write the timeline to this PNG (a new file, or replacing a PNG dsv3 drew; any other "
+                        "existing file is refused)")
     s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(func=run_schedule)
 
@@ -278,10 +280,19 @@ def run(args) -> int:
     return 0
 
 
+def _check_plot_path(path: str | None) -> None:
+    """Refuse a --plot path that would replace a foreign file, a directory or a path under a file."""
+    if path is not None:
+        from dsv3.utils.outputs import check_output_file, is_dsv3_png
+
+        check_output_file(path, "--plot", is_own=is_dsv3_png, what="a PNG that dsv3 drew")
+
+
 def run_schedule(args) -> int:
     from dsv3.plan.report import render_schedule, schedule_json
     from dsv3.plan.simulate import simulate
 
+    _check_plot_path(args.plot)
     if args.trace is not None:
         return _run_trace(args)
     missing = [f"--{k}" for k in ("schedule", "pp", "microbatches") if getattr(args, k) is None]

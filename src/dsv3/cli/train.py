@@ -19,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue this run from its latest checkpoint (flags override its saved config)")
     p.add_argument("--print-config", action="store_true",
-                   help="print the effective configuration as YAML and exit without training or writing anything")
+                   help="check the configuration as a run would (options, run directory, --resume flags, context, "
+                        "memory), print it as YAML and exit without training or writing anything")
     add_config_arguments(p)
     p.set_defaults(func=run)
 
@@ -32,14 +33,11 @@ def run(args) -> int:
     overrides = overrides_from_args(args)
     if args.resume is not None and args.config_file is not None:
         raise ConfigError("--resume continues a run with its saved config; drop --config (flags still override)")
-    if args.print_config:
-        if args.resume is not None:
-            from dsv3.train.session import resume_config
+    if args.print_config:  # every check of a real run first: the YAML is printed only for a run that would start
+        from dsv3.train.preflight import check_run_config
 
-            config = resume_config(args.resume, overrides)
-        else:
-            config = load_train_config(args.config_file, overrides)
-        print(config_yaml(config), end="")
+        config = None if args.resume is not None else load_train_config(args.config_file, overrides)
+        print(config_yaml(check_run_config(config, resume=args.resume, overrides=overrides)), end="")
         return 0
 
     from dsv3.train.loop import train
@@ -50,7 +48,7 @@ def run(args) -> int:
         config = load_train_config(args.config_file, overrides)
         result = train(config)  # under torchrun on every rank (pp, dp, ep: dsv3.parallel.world)
     if os.environ.get("RANK", "0") != "0":
-        return 130 if result.interrupted else 0  # under torchrun rank 0 alone reports
+        return 0  # under torchrun rank 0 alone reports
     if result.val_losses:
         first, last = result.val_losses[0], result.val_losses[-1]
         print(f"validation loss: {first[1]:.4f} at step {first[0]} -> {last[1]:.4f} at step {last[0]}")
@@ -59,4 +57,4 @@ def run(args) -> int:
     if result.sample is not None:
         print("sample:\n" + result.sample)
     print(f"done in {result.wall_time:.0f} s: {result.run_dir} (plots: dsv3 plot {result.run_dir})")
-    return 130 if result.interrupted else 0
+    return 0

@@ -30,9 +30,11 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import torch
 
+from dsv3.checkpoint.manifest import check_sharded, select_sharded, shard_entries, write_sharded_manifest
 from dsv3.errors import CheckpointError
 from dsv3.model.moe import Experts
 from dsv3.parallel.zero import rows_shape
@@ -229,13 +231,14 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
         state.update(ema_state(model, ema, getattr(optimizer, "held", None)))
         extra = {"ema": {"num_updates": ema.num_updates}, **(extra or {})}
     dcp.save({k: _exact(v) for k, v in state.items()}, checkpoint_id=tmp)
-    ctx.barrier()
+    shards = _gather_shard_entries(tmp, ctx)  # each rank hashes its own shards: rank 0 never reads them all back
     if ctx.is_main:
         if os.path.isfile(os.path.join(run_dir, "tokenizer.json")):  # self-contained, as one-process checkpoints
             shutil.copyfile(os.path.join(run_dir, "tokenizer.json"), os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, META), "w") as fh:
             json.dump({"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep},
                        **(extra or {})}, fh)
+        write_sharded_manifest(tmp, step, shards)  # sizes + SHA-256 of every file, verified on resume/export
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -246,6 +249,18 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
     return final
 
 
+def _gather_shard_entries(directory: str, ctx) -> dict:
+    """The manifest entries of every rank's shard files (collective; also the barrier after the save)."""
+    entries = shard_entries(directory, ctx.rank)
+    if not ctx.distributed:
+        return entries
+    import torch.distributed as dist
+
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, entries)
+    return {name: entry for part in gathered for name, entry in part.items()}
+
+
 def list_checkpoints(run_dir: str) -> list[str]:
     """Complete sharded checkpoints of ``run_dir`` (oldest first)."""
     if not os.path.isdir(run_dir):
@@ -254,9 +269,27 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(run_dir, n) for n in names]
 
 
-def latest_sharded(run_dir: str) -> str | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+def latest_sharded(run_dir: str, log=None, ctx=None) -> str | None:
+    """The newest intact sharded checkpoint of ``run_dir`` (:func:`dsv3.checkpoint.manifest.select_sharded`):
+    a newer damaged one is reported with ``log`` and skipped; every one damaged is a CheckpointError.
+
+    ``ctx``: a distributed :class:`~dsv3.parallel.world.ParallelContext` (collective): rank 0 alone verifies
+    (reads and hashes the files) and broadcasts its choice, or its error, to the other ranks."""
+    if ctx is None or not ctx.distributed:
+        return select_sharded(run_dir, log)
+    import torch.distributed as dist
+
+    box: list = [None]
+    if ctx.is_main:
+        try:
+            box[0] = ("path", select_sharded(run_dir, log))
+        except CheckpointError as exc:
+            box[0] = ("error", str(exc))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
 
 
 def _ema_keys(model, names) -> list[tuple[str, str, int | None]]:
@@ -305,8 +338,7 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
     (a checkpoint written without an EMA leaves it as built: the loaded weights, restarted).
     Returns the ``meta.json`` dict (step, data position, counters).
     """
-    import torch.distributed.checkpoint as dcp
-
+    check_sharded(path, hashes=False)  # one line naming a missing or truncated file (hashed by latest_sharded)
     meta = read_meta(path)
     _attach_offsets(model, optimizer)
     state = model_state(model, getattr(optimizer, "held", None))
@@ -315,7 +347,7 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
     with_ema = ema is not None and "ema" in meta
     if with_ema:
         state.update(ema_state(model, ema))  # views of the live shadows, loaded in place
-    dcp.load(state, checkpoint_id=path)
+    _dcp_load(state, path)
     _install_moments(optimizer, moments, int(state["optim/step"]))
     if with_ema:
         ema.load_state_dict({"shadow": ema.shadow(), "num_updates": int(meta["ema"]["num_updates"])})
@@ -325,19 +357,29 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
     return meta
 
 
+def _dcp_load(state: dict, path: str) -> None:
+    """``dcp.load`` with torch's internal errors on a damaged checkpoint (one written before manifests) as one line."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (RuntimeError, AssertionError, OSError, ValueError, KeyError, EOFError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"sharded checkpoint {path} cannot be read ({first}); pick another checkpoint") from None
+
+
 @torch.no_grad()
 def load_model_sharded(path: str, model) -> None:
     """Load only the model tensors of a sharded checkpoint into ``model`` (any expert block), in place."""
-    import torch.distributed.checkpoint as dcp
-
-    read_meta(path)
-    dcp.load(model_state(model), checkpoint_id=path)
+    check_sharded(path)  # one line naming a missing, truncated or altered file
+    _dcp_load(model_state(model), path)
 
 
 def resolve_sharded(checkpoint: str) -> str:
-    """A ``dcp-*`` directory, or a run directory's newest complete one (a CheckpointError when it has none)."""
+    """A ``dcp-*`` directory, or a run directory's newest intact one (a CheckpointError when it has none);
+    a newer damaged one is skipped and said on stderr."""
     if os.path.isdir(checkpoint) and not os.path.isfile(os.path.join(checkpoint, META)):
-        latest = latest_sharded(checkpoint)
+        latest = latest_sharded(checkpoint, log=lambda line: print(line, file=sys.stderr))
         if latest is None:
             raise CheckpointError(f"{checkpoint} holds no complete sharded checkpoint (dcp-*/{META}); pass one")
         return latest
@@ -361,14 +403,12 @@ def load_full_model(checkpoint: str, *, device: str | torch.device = "cpu", use_
     model = empty_model(ModelConfig.from_json_file(config_path), device=device)
     load_model_sharded(checkpoint, model)
     if use_ema:
-        import torch.distributed.checkpoint as dcp
-
         if "ema" not in read_meta(checkpoint):
             raise CheckpointError(f"checkpoint {checkpoint} holds no EMA weights (train with --ema-decay)")
         params = {n for n, _ in model.named_parameters()}
         ema = {f"ema/{k}": (t.detach() if i is None else t.detach()[i]) for k, t, i in _param_keys(model)
                if _local_name(k, i) in params}
-        dcp.load(ema, checkpoint_id=checkpoint)  # the shadows straight into the parameters
+        _dcp_load(ema, checkpoint)  # the shadows straight into the parameters
     return model
 
 
@@ -376,12 +416,24 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | Non
     """Write the Hugging Face safetensors directory of a sharded checkpoint (``dsv3 export``).
 
     ``checkpoint``: a ``dcp-*`` directory inside a run directory (whose ``model_config.json``
-    describes the model) or a run directory (its latest sharded checkpoint). Runs in one process,
+    describes the model) or a run directory (its latest intact sharded checkpoint; a one-process run: its
+    latest intact ``step-*`` checkpoint, :func:`dsv3.checkpoint.export.export_unsharded`). Runs in one process,
     holding one copy of the model (:func:`load_full_model`) and one output shard at a time.
+    ``out_dir`` gets the weights, the run's tokenizer and chat template, a generation config and
+    ``export.json`` (:mod:`dsv3.checkpoint.export`); it must be new, empty or an earlier export.
     ``use_ema``: the EMA weights (under pipeline parallelism every rank wrote those of its own stages).
     """
-    from dsv3.checkpoint.hf import save_pretrained
+    from dsv3.checkpoint.export import check_export_dir, export_unsharded, write_export
 
+    check_export_dir(out_dir, checkpoint)  # never into the run, a file or a foreign directory: refused before any work
+    if os.path.isdir(checkpoint) and not _NAME.match(os.path.basename(os.path.normpath(checkpoint))):
+        latest = latest_sharded(checkpoint, log=lambda line: print(line, file=sys.stderr))
+        if latest is None:  # a one-process run (or one of its step-* checkpoints)
+            if use_ema:
+                raise CheckpointError(f"{checkpoint} holds no sharded checkpoint; --use-ema exports the EMA of "
+                                      f"sharded (torchrun) checkpoints")
+            return export_unsharded(checkpoint, out_dir, dtype=dtype)
+        checkpoint = latest
     model = load_full_model(resolve_sharded(checkpoint), use_ema=use_ema)
-    save_pretrained(model, out_dir, dtype=dtype)
-    return out_dir
+    return write_export(model, out_dir, run_dir=os.path.dirname(os.path.abspath(checkpoint)), source=checkpoint,
+                        dtype=dtype)

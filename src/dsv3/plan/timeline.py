@@ -14,6 +14,7 @@ import os
 from dsv3.parallel.pipeline.schedules import BW, FB, B, F, W
 from dsv3.plan.limits import check_plot
 from dsv3.utils.io import atomic_path
+from dsv3.utils.outputs import PNG_METADATA
 
 # (chunk 0 colour, chunk 1 colour) per op kind.
 COLOURS = {
@@ -67,7 +68,7 @@ def plot_timelines(panels: list, path: str | os.PathLike) -> str:
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=max(len(handles), 1),
                fontsize=8, frameon=False)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
+        fig.savefig(tmp, format="png", metadata=PNG_METADATA)
     return os.fspath(path)
 
 

@@ -34,6 +34,7 @@ that still carry it load and the value is ignored; the flag is gone.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 import types
@@ -229,7 +230,8 @@ class LoggingOptions:
 class RunOptions:
     """Where the run lives and what makes it reproducible."""
 
-    dir: str | None = _opt(None, "run directory (none: runs/<model>-<time>)", flag="run_dir")
+    dir: str | None = _opt(None, "run directory, new or empty (none: runs/<model>-<time>); nothing in it is "
+                                      "replaced: continue a run with --resume", flag="run_dir")
     seed: int = _opt(0, "seed of initialisation, data order and sampling")
     max_nonfinite: int = _opt(5, "stop after this many non-finite losses in a row")
 
@@ -265,7 +267,10 @@ class TrainConfig:
 
         for opt in options():
             section = getattr(self, opt.section)
-            setattr(section, opt.name, _coerce(opt, getattr(section, opt.name), "config"))
+            value = _coerce(opt, getattr(section, opt.name), "config")
+            need(opt.kind is not float or value is None or math.isfinite(value),
+                 f"{opt.flat} must be a finite number, got {value}")
+            setattr(section, opt.name, value)
         d, o, s, m, r = self.data, self.optimizer, self.schedule, self.memory, self.run
         for name, value in (("seq_len", d.seq_len), ("micro_batch", d.micro_batch), ("global_batch", d.global_batch),
                             ("steps", s.steps), ("eval_every", self.logging.eval_every),
@@ -289,6 +294,8 @@ class TrainConfig:
         need(not m.use_ema or m.ema_decay is not None, "use_ema needs ema_decay")
         need(o.grad_clip >= 0 and o.weight_decay >= 0, "grad_clip and weight_decay must be non-negative")
         need(self.model.rope_factor >= 1, f"rope_factor must be at least 1, got {self.model.rope_factor}")
+        need(self.model.rope_factor == 1 or self.model.rope_scaling != "none",
+             f"--rope-factor {self.model.rope_factor:g} needs --rope-scaling yarn (without it the factor is unused)")
         for name, value in (("bias_update_stop", self.moe.bias_update_stop), ("mtp_switch", self.moe.mtp_switch)):
             need(0 <= value <= 1, f"{name} must be a fraction of the run in [0, 1], got {value}")
         return self
@@ -403,6 +410,9 @@ def _flatten(data: Any, source: str) -> dict[str, Any]:
 
     for key, value in data.items():
         key = str(key)
+        if key in sections and not isinstance(value, dict) and key not in flat_index:
+            raise ConfigError(f"{source}: section {key} must be a mapping of its options ({key}: {{...}} or "
+                              f"[{key}]), got {type(value).__name__}")
         if key in sections and isinstance(value, dict):  # "model"/"data" are also flat names (of str values)
             by_name = {o.name: o for o in options() if o.section == key}
             for sub, sub_value in value.items():
@@ -456,11 +466,12 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
-        if isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list, bool, int, float)):  # a number where a name or path belongs
             raise ValueError
         value = str(value)
     except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{source}: option {opt.flat} must be {kind.__name__}, got {value!r}") from None
+        named = opt.flat if opt.flat == opt.name else f"{opt.flat} ({opt.dotted})"
+        raise ConfigError(f"{source}: option {named} must be {kind.__name__}, got {value!r}") from None
     if opt.choices is not None and value not in opt.choices:
         raise ConfigError(f"{source}: option {opt.flat} must be one of {', '.join(opt.choices)}, got {value!r}"
                           f"{suggest(value, opt.choices)}")

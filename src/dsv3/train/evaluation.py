@@ -156,16 +156,47 @@ class EvalReport:
     seq_len: int | None = None
     loss: LossResult | None = None
     passkey: dict[int, float] = field(default_factory=dict)
+    notes: dict[int, str] = field(default_factory=dict)  # token length -> "(beyond ...)" or ""
 
     def lines(self) -> list[str]:
         out = [f"checkpoint: {self.checkpoint}"]
         if self.loss is not None:
             what = "assistant tokens" if self.kind == "chat" else "tokens"
             out.append(f"{self.data}: loss {self.loss.loss:.4f}, perplexity {self.loss.perplexity:.2f} over "
-                       f"{self.loss.tokens} {what} ({self.loss.sequences} sequences of {self.seq_len})")
+                       f"{self.loss.tokens} {what} ({self.loss.sequences} sequences of {self.seq_len})"
+                       f"{self.notes.get(self.seq_len, '')}")
         for length, acc in self.passkey.items():
-            out.append(f"passkey at {length} tokens: {acc:.0%} retrieved")
+            out.append(f"passkey at {length} tokens: {acc:.0%} retrieved{self.notes.get(length, '')}")
         return out
+
+
+#: Longest sequence ``dsv3 eval`` scores on a CPU: attention is quadratic, and 100k tokens would run for hours.
+MAX_CPU_TOKENS = 8192
+
+
+def context_note(length: int, mcfg, flag: str, device: str) -> str:
+    """The note printed next to a number measured at ``length`` tokens beyond the model's trained context
+    (``""`` within it); refuses (one line) a length past ``max_position_embeddings`` without RoPE scaling,
+    as ``dsv3 train`` does, and one over :data:`MAX_CPU_TOKENS` on a CPU.
+
+    The trained context is the YaRN ``original_max_position_embeddings`` when the model extends its context,
+    else ``max_position_embeddings``.
+    """
+    if device.startswith("cpu") and length > MAX_CPU_TOKENS:
+        raise ConfigError(f"{flag} {length} tokens is too long to score on a CPU (at most {MAX_CPU_TOKENS}: "
+                          f"attention grows with the square of the length); use a shorter length or --device cuda.")
+    limit = mcfg.max_position_embeddings
+    if mcfg.rope_type == "default":
+        if length > limit:
+            raise ConfigError(f"{flag} {length} is beyond the model's context of {limit} tokens and the model has no "
+                              f"RoPE scaling; use {limit} or less, or evaluate a run trained with --rope-scaling yarn.")
+        return ""
+    original = int((mcfg.rope_scaling or {}).get("original_max_position_embeddings") or limit)
+    if length > limit:
+        return f" (beyond max_position_embeddings {limit}: extrapolated)"
+    if length > original:
+        return f" (beyond the original context of {original} tokens: {mcfg.rope_type} extension)"
+    return ""
 
 
 def is_chat_file(path: str | os.PathLike) -> bool:
@@ -240,16 +271,20 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, seq_len: int | No
         raise ConfigError(f"--batch-size must be positive, got {batch_size}.")
     if passkey and passkey_trials < 1:
         raise ConfigError(f"--passkey-trials must be positive, got {passkey_trials}.")
+    if seq_len is not None and seq_len < 1:
+        raise ConfigError(f"--seq-len must be positive, got {seq_len}.")
     model, checkpoint = load_for_generation(path, use_ema=use_ema, device=device)
     mcfg = model.config
+    seq_len = min(mcfg.max_position_embeddings, 1024) if seq_len is None else seq_len
+    report = EvalReport(checkpoint=checkpoint, data=data, seq_len=seq_len)
+    if data is not None:
+        report.notes[seq_len] = context_note(seq_len, mcfg, "--seq-len", str(device))
+    for length in passkey:
+        report.notes[length] = context_note(length, mcfg, "--passkey", str(device))
     tok_path = tokenizer or os.path.join(checkpoint, "tokenizer.json")
     if not os.path.isfile(tok_path):
         raise ConfigError(f"no tokenizer.json in {checkpoint}; pass --tokenizer.")
     tok = get_tokenizer(tok_path, vocab_size=mcfg.vocab_size)
-    seq_len = seq_len or min(mcfg.max_position_embeddings, 1024)
-    if seq_len < 1:
-        raise ConfigError(f"--seq-len must be positive, got {seq_len}.")
-    report = EvalReport(checkpoint=checkpoint, data=data, seq_len=seq_len)
     if data is not None:
         if is_chat_file(data):
             from dsv3.train.sft import build_sft_data, load_chat_template

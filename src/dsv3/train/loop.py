@@ -15,7 +15,9 @@ resuming; then for each step
    and checkpoints.
 
 Ctrl-C or SIGTERM (a scheduler's preemption notice) finishes the current step, writes a
-checkpoint and stops; a second signal stops at once. A checkpoint is a complete, atomically renamed directory,
+checkpoint and stops: :func:`train` then raises :class:`~dsv3.errors.TrainingPreempted`, which carries
+the checkpoint's path (``dsv3 train`` exits 143 for SIGTERM, 130 for Ctrl-C); a second signal stops at once
+(``KeyboardInterrupt``). A checkpoint is a complete, atomically renamed directory,
 so ``dsv3 train --resume RUN_DIR`` always continues from a consistent state and
 (on CPU) reproduces the per-step losses of an uninterrupted run bit for bit.
 """
@@ -31,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from dsv3.errors import TrainingError
+from dsv3.errors import TrainingError, TrainingPreempted
 from dsv3.train.config import TrainConfig
 # The set-up pieces live in dsv3.train.session; these names stay importable from here.
 from dsv3.train.session import (CONFIG_FILE, Session, build_session, build_tokenizer,  # noqa: F401
@@ -47,7 +49,7 @@ class TrainResult:
     checkpoint: str | None
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     sample: str | None = None
-    interrupted: bool = False
+    interrupted: bool = False  # True only in TrainingPreempted.result: a stopped run raises
     wall_time: float = 0.0
 
 
@@ -158,6 +160,10 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
         log: where human-readable lines go.
         step_hook: called with the completed step number after each step (tests use it
             to interrupt a run at a chosen step).
+
+    Raises:
+        TrainingPreempted: after SIGTERM or SIGINT, once the checkpoint of the current step is written
+            (``exc.checkpoint``; continue with ``train(None, resume=exc.run_dir)``).
     """
     from dsv3.plan.flops import training_flops_per_token
     from dsv3.train.metrics import MetricsLogger, ProgressBar, device_peak_flops, maxvio, peak_memory
@@ -264,5 +270,8 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
         sample = generate_text(model, s.tokenizer, config.logging.sample_prompt,
                                max_new_tokens=config.logging.sample_tokens,
                                temperature=0.8, top_p=0.95, seed=config.run.seed, eos_id=eos_token_id(s.tokenizer))
-    return TrainResult(run_dir=run_dir, step=s.step, checkpoint=last_ckpt, val_losses=s.val_losses, sample=sample,
-                       interrupted=interrupted, wall_time=time.time() - started)
+    result = TrainResult(run_dir=run_dir, step=s.step, checkpoint=last_ckpt, val_losses=s.val_losses, sample=sample,
+                         interrupted=interrupted, wall_time=time.time() - started)
+    if interrupted:  # the checkpoint is complete: now the caller learns that the process was told to stop
+        raise TrainingPreempted(stop.signal_name or "SIGTERM", last_ckpt, run_dir, s.step, result)
+    return result

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dsv3.errors import DataError, RunDirError
+from dsv3.errors import DataError
 from dsv3.train.metrics import METRICS_FILE, read_metrics
 from dsv3.utils.io import atomic_path
+from dsv3.utils.outputs import PNG_METADATA, check_output_dir, check_output_file, is_dsv3_png
 
 __all__ = ["plot_run", "plot_losses", "plot_expert_load", "step_edges"]
 
@@ -54,7 +55,7 @@ def _new_figure(width: float, height: float, layout: str | None = "constrained")
 
 def _save(fig, path: Path, dpi: int) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", metadata=PNG_METADATA, dpi=dpi)
     return path
 
 
@@ -181,12 +182,23 @@ def plot_expert_load(records: Sequence[dict[str, Any]], path: str | os.PathLike)
     return _save(fig, Path(path), dpi=dpi)
 
 
+#: The files :func:`plot_run` writes.
+PLOT_FILES = ("loss.png", "expert_load.png")
+
+
+def _only_own_plots(directory: str) -> bool:
+    """Whether ``directory`` holds nothing but plots dsv3 drew (an earlier ``--out``)."""
+    return all(name in PLOT_FILES and is_dsv3_png(os.path.join(directory, name)) for name in os.listdir(directory))
+
+
 def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, log_y: bool = False) -> list[Path]:
     """Write ``loss.png`` and (when loads were logged) ``expert_load.png`` for a run.
 
     Args:
         run_dir: the run directory holding ``metrics.jsonl``.
-        out_dir: where to write (default ``run_dir``); created if missing.
+        out_dir: where to write (default ``run_dir``); created if missing. Another directory must be new,
+            empty or hold only earlier plots (:mod:`dsv3.utils.outputs`); a PNG there is replaced only
+            when dsv3 drew it.
         log_y: logarithmic loss axis.
 
     Returns:
@@ -195,13 +207,15 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     Raises:
         RunDirError: no run directory or no ``metrics.jsonl`` in it.
         DataError: the file holds no records, or none with a loss or an expert load.
+        OutputError: ``out_dir`` would replace something dsv3 did not write.
     """
     records = read_metrics(run_dir)
     if not records:
         raise DataError(f"{Path(run_dir) / METRICS_FILE} holds no records yet; plot after the run has logged a step")
     out = Path(run_dir) if out_dir is None else Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"output path {out} is a file; pass a directory to --out")
+    check_output_dir(str(out), "--out", is_own_dir=_only_own_plots, what="the plots", allow=[run_dir])
+    for name in PLOT_FILES:
+        check_output_file(str(out / name), "--out", is_own=is_dsv3_png, what="a PNG that dsv3 drew")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in (plot_losses(records, out / "loss.png", log_y=log_y, title=Path(run_dir).resolve().name),

@@ -194,3 +194,48 @@ def check_memory(mcfg, config=None, *, device: str, seq_len: int | None = None, 
                           f"{where} is {_gib(available)}; use a smaller model, --micro-batch or --seq-len, or plan a "
                           f"parallel layout with dsv3 plan")
     return need
+
+
+def check_trace(config: Any, overrides: dict[str, Any], resume: str | None) -> None:
+    """Refuse ``--trace`` on a run without a pipeline (it would record nothing and say nothing).
+
+    On ``--resume`` only a ``--trace`` given now is refused: a pipeline run's saved ``trace`` stays quiet when
+    it is continued in a layout without a pipeline."""
+    asked = bool(overrides.get("trace")) if resume is not None else config.parallel.trace
+    if asked and config.parallel.pp < 2:
+        raise ConfigError("--trace records the pipeline runtime's timeline and needs a pipeline (--pp 2 or more "
+                          "under torchrun); drop --trace")
+
+
+def check_run_config(config: Any, *, resume: str | None, overrides: dict[str, Any]) -> Any:
+    """Every check a run makes before it reads data or builds the model, writing nothing; returns the
+    effective TrainConfig (``dsv3 train --print-config`` prints it only when these pass).
+
+    Args:
+        config: the TrainConfig of a new run (ignored on resume).
+        resume: the run directory to continue, or None.
+        overrides: the options given as flags (on resume: model-changing ones are refused).
+
+    Checks, in the order of a real run: the options' types and ranges, the run directory (new or empty,
+    not under a file, writable; on resume: a dsv3 run), flags a resume cannot honour, the device, the model
+    config, the context length and the planner's memory estimate.
+    """
+    from dsv3.config import ModelConfig
+    from dsv3.train.rundir import check_run_dir_usable
+    from dsv3.train.session import (MODEL_CONFIG_FILE, model_config_for, prepare_run_dir, resolve_device,
+                                    resume_config)
+
+    if resume is not None:
+        run_dir = prepare_run_dir(config, resume)
+        config = resume_config(run_dir, overrides)
+        refuse_frozen_overrides(resume_config(run_dir, {}), config, overrides)
+    else:
+        config.validate()
+        check_run_dir_usable(prepare_run_dir(config, None))
+    check_trace(config, overrides, resume)
+    device = resolve_device(config)
+    saved = os.path.join(resume, MODEL_CONFIG_FILE) if resume is not None else ""
+    mcfg = ModelConfig.from_json_file(saved) if os.path.isfile(saved) else model_config_for(config)
+    check_context_length(config.data.seq_len, mcfg, config.model.rope_scaling)
+    check_memory(mcfg, config, device=device.type)  # the planner's per-rank estimate of the layout
+    return config

@@ -365,7 +365,7 @@ def _check_configuration(config: TrainConfig | None, resume: str | None, overrid
     """Phase 1: the configuration (the saved one on resume, with the allowed overrides), the run directory,
     the device, the model configuration, the context length and the per-rank memory pre-check; nothing is
     allocated or written."""
-    from dsv3.train.preflight import check_context_length, check_memory, refuse_frozen_overrides
+    from dsv3.train.preflight import check_context_length, check_memory, check_trace, refuse_frozen_overrides
     from dsv3.train.rundir import check_run_dir_usable
 
     if resume is not None:
@@ -380,6 +380,7 @@ def _check_configuration(config: TrainConfig | None, resume: str | None, overrid
         config.run.dir = run_dir or config.run.dir
         if write:
             check_run_dir_usable(run_dir)  # under a file, unwritable, read-only: said now, not after the set-up
+    check_trace(config, overrides or {}, resume)  # --trace without a pipeline records nothing: refused
     device = resolve_device(config)
     if config.parallel.dispatcher == "deepep":  # refused here, before anything is written, on any layout
         from dsv3.parallel.deepep import check_deepep

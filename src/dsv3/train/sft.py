@@ -56,6 +56,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -279,6 +280,38 @@ def load_chat_template(template: str | os.PathLike | None = None, *,
 # --------------------------------------------------------------------------- conversations
 
 
+_SPECIAL_TOKEN = re.compile(r"\b((?:bos|eos|pad|unk|sep|cls|mask)_token)\b")
+
+
+def _missing_token_message(template: "ChatTemplate", token: str) -> str:
+    return (f"the chat template {template.origin} uses {token}, which nothing defines: a bare .jinja file carries "
+            f"no special tokens, and neither --chat-template nor the checkpoint has a tokenizer_config.json with "
+            f"{token}; pass a tokenizer_config.json holding the template and its special tokens with "
+            f"--chat-template (see docs/sft.md)")
+
+
+def check_special_tokens(template: "ChatTemplate") -> None:
+    """Refuse a template that uses a special token (``bos_token``, ``eos_token``, ...) that it is not given: it
+    would render as nothing (or fail with "'eos_token' is undefined") on every conversation."""
+    for token in sorted(set(_SPECIAL_TOKEN.findall(template.source))):
+        if token not in template.special_tokens:
+            raise DataError(_missing_token_message(template, token))
+
+
+def _undefined_message(exc: Exception, template: "ChatTemplate", where: str) -> str:
+    """The real cause of an undefined name in a template: a special token that nothing defines, or a field the
+    conversation lacks."""
+    name = re.search(r"'(\w+)' is undefined", str(exc))
+    token = name.group(1) if name else None
+    if token is not None and token.endswith("_token") and token not in template.special_tokens:
+        return _missing_token_message(template, token)
+    return f"the chat template refuses {where} ({exc}); fix the conversation or the template."
+
+
+#: The roles a chat message may have (those of the OpenAI/transformers chat format that the templates render).
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
 def _as_messages(record: Any, where: str) -> list[dict]:
     """The messages of one jsonl record (``messages``, or ``prompt``/``completion``), checked."""
     if not isinstance(record, dict):
@@ -302,6 +335,9 @@ def _as_messages(record: Any, where: str) -> list[dict]:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise DataError(f"{where}: message {j} is not an object with a string \"role\"; fix that line.")
+        if m["role"] not in CHAT_ROLES:  # DeepSeek-V3's template silently drops a turn of another role
+            raise DataError(f"{where}: message {j} has the unknown role {m['role']!r} (field \"role\"); use one of "
+                            f"{', '.join(CHAT_ROLES)}.")
         content = m.get("content")
         if content is None and not m.get("tool_calls"):
             raise DataError(f"{where}: message {j} ({m['role']}) has no \"content\"; fix that line.")
@@ -620,6 +656,7 @@ def build_sft_data(
         raise ConfigError(f"on_long must be one of {', '.join(ON_LONG)}, got {on_long!r}; change --on-long.")
     if seq_len < 1:
         raise ConfigError(f"seq_len must be at least 1, got {seq_len}; change --seq-len.")
+    check_special_tokens(template)
     if not 0.0 <= val_fraction <= 0.5:
         raise ConfigError(f"the validation fraction must be between 0 and 0.5, got {val_fraction}; change it.")
     stats = SFTStats()
@@ -634,6 +671,8 @@ def build_sft_data(
             continue
         try:
             conv = tokenize_conversation(messages, template, tokenizer)
+        except jinja2.UndefinedError as exc:
+            raise DataError(_undefined_message(exc, template, where)) from None
         except jinja2.TemplateError as exc:
             raise DataError(f"the chat template refuses {where} ({exc}); fix the conversation or the template.") from None
         except ValueError as exc:
@@ -649,8 +688,8 @@ def build_sft_data(
             continue
         if conv.positions > seq_len:
             if on_long == "error":
-                raise DataError(f"{where} has {len(conv.ids)} tokens, more than seq_len + 1 = {seq_len + 1}; raise "
-                                "--seq-len or pass --on-long skip or truncate.")
+                raise DataError(f"{where} (field \"messages\") has {len(conv.ids)} tokens, more than seq_len + 1 = "
+                                f"{seq_len + 1}; raise --seq-len or pass --on-long skip or truncate.")
             if on_long == "truncate":
                 conv = Conversation(conv.ids[:seq_len + 1], conv.mask[:seq_len + 1])
                 if conv.loss_tokens == 0:

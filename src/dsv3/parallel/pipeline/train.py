@@ -78,8 +78,32 @@ def check_pipeline_layout(num_layers: int, *, pp: int, schedule: str, global_bat
                           f"({schedule} with pp={pp}); launch a multiple of {ndev} with torchrun --nproc-per-node.")
     _, dp, _ = check_world(world_size, pp, dp, ep, n_routed_experts, schedule)
     m = pipeline_microbatches(global_batch, micro_batch, dp)
-    check_layout(num_layers, schedule, pp, m, world_size)
+    try:
+        check_layout(num_layers, schedule, pp, m, world_size)
+    except ConfigError as exc:
+        reason = str(exc).split("; use ")[0].replace(f"microbatches={m}", f"{m}")
+        raise ConfigError(f"{reason} per step (--global-batch {global_batch} / (--micro-batch {micro_batch} x dp {dp})); "
+                          f"{_microbatch_fix(num_layers, schedule, pp, world_size, global_batch, micro_batch, dp)}") \
+            from None
     return m
+
+
+def _microbatch_fix(num_layers: int, schedule: str, pp: int, world_size: int, global_batch: int,
+                    micro_batch: int, dp: int) -> str:
+    """``dsv3 train``'s flags and values that give a step micro-batches the schedule runs: the next larger
+    --global-batch, and a smaller --micro-batch for the same global batch where one exists."""
+    def fits(m: int) -> bool:
+        try:
+            check_layout(num_layers, schedule, pp, m, world_size)
+            return True
+        except ConfigError:
+            return False
+
+    m = global_batch // (micro_batch * dp)
+    bigger = next(k for k in range(m + 1, m + 4 * pp + 8) if fits(k))
+    fix = f"use --global-batch {bigger * micro_batch * dp}"
+    smaller = [b for b in range(micro_batch - 1, 0, -1) if global_batch % (b * dp) == 0 and fits(global_batch // (b * dp))]
+    return fix + (f", or --micro-batch {smaller[0]} with this global batch" if smaller else "")
 
 
 def build_pipeline(model, ctx, config, run_dir: str | None = None) -> PipelineRuntime:
