@@ -35,7 +35,7 @@ import torch
 from dsv3.errors import ConfigError, DataError
 from dsv3.train.config import TrainConfig
 from dsv3.train.rl import grpo_loss, grpo_stats, group_advantages, token_entropy, token_logps
-from dsv3.train.rl_prompts import PromptSet, check_columns, read_prompts, step_prompts
+from dsv3.train.rl_prompts import PromptSet, step_prompts
 from dsv3.train.rollout import Rollout, RoutingRecorder, rollout, sample_seed
 
 

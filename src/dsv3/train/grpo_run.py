@@ -22,7 +22,7 @@ import torch
 from dsv3.errors import ConfigError, DataError, TrainingError
 from dsv3.train.config import TrainConfig
 from dsv3.train.grpo import GRPORun, grpo_step
-from dsv3.train.rl_prompts import check_columns, read_prompts
+from dsv3.train.rl_prompts import read_prompts
 from dsv3.train.rollout import RoutingRecorder
 
 
@@ -165,7 +165,7 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     eos_id = _eos_id(config, tokenizer)
     prompts = read_prompts(config.data.path or "", tokenizer=tokenizer, template=_template(config, run_dir),
                            context=mcfg.max_position_embeddings, max_completion_tokens=config.rl.max_completion_tokens)
-    check_columns(prompts, list(getattr(rewards, "required_columns", ())), config.data.path)
+    rewards.check_columns(list(prompts.columns), source=config.data.path)
     parallel, run_dir = _join_parallel(config, mcfg, parallel, run_dir)
     _check_layout(config, parallel)
     model = _policy(config, mcfg, device, parallel)
@@ -178,7 +178,7 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
 
     run = GRPORun(config=config, mcfg=mcfg, run_dir=run_dir, device=device, tokenizer=tokenizer, prompts=prompts,
                   rewards=rewards, model=model, optimizer=_optimizer(config, model, parallel),
-                  schedule=LRSchedule.for_run(config.schedule, config.optimizer.lr),
+                  schedule=LRSchedule.from_options(config.schedule, config.optimizer.lr),
                   params=[p for p in model.parameters() if p.requires_grad], eos_id=eos_id, reference=reference,
                   parallel=parallel, recorder=RoutingRecorder(model) if model.moe_layers() else None)
     _write_run_dir(run, resume, lock)

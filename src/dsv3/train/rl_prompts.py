@@ -105,14 +105,6 @@ def read_prompts(path: str, *, tokenizer, template=None, context: int, max_compl
     return PromptSet(texts, ids, columns)
 
 
-def check_columns(prompts: PromptSet, required: list[str] | tuple[str, ...], path: str) -> None:
-    """Refuse (DataError, before training starts) a reward's column that the prompt file lacks."""
-    missing = [c for c in required if c not in prompts.columns]
-    if missing:
-        raise DataError(f"the rewards need the column(s) {', '.join(missing)}, which {path} does not have; add "
-                        f"them to every line")
-
-
 def step_prompts(n_prompts: int, step: int, per_step: int, seed: int) -> list[int]:
     """The prompt indices of optimizer step ``step`` (0-based): positions ``step * per_step ..`` of the
     endless sequence of seeded permutations of ``range(n_prompts)`` (one permutation per pass)."""

@@ -83,7 +83,7 @@ class LRSchedule:
     total_steps: int | None = None
 
     @classmethod
-    def for_run(cls, sched, peak_lr: float) -> "LRSchedule":
+    def from_options(cls, sched, peak_lr: float) -> "LRSchedule":
         """The schedule of a run's ``schedule`` config section (fractions of ``sched.steps``) with ``peak_lr``."""
         decay_start = int(sched.decay_start * sched.steps)
         decay_steps = int(sched.decay_end * sched.steps) - decay_start

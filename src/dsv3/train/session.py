@@ -417,7 +417,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     else:
         optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
                                     eps=opt.eps, moments_dtype=config.memory.optim_states)
-    schedule = LRSchedule.for_run(sched, opt.lr)
+    schedule = LRSchedule.from_options(sched, opt.lr)
     if sched.batch_ramp_start is not None:
         ramp = BatchRamp(start=sched.batch_ramp_start, end=config.data.global_batch, ramp_steps=sched.batch_ramp_steps,
                          seq_len=config.data.seq_len, micro_batch=config.data.micro_batch)
