@@ -176,7 +176,8 @@ def test_resume_equals_an_uninterrupted_run(ckpt, tmp_path):
     resumed = read_jsonl(tmp_path / "b" / "metrics.jsonl")
     keys = ("loss", "loss_last", "reward", "kl", "entropy", "clip_low", "clip_high", "routing_agreement")
     assert [[m[k] for k in keys] for m in straight] == [[m[k] for k in keys] for m in resumed]
-    assert {"reward/short", "reward_std/short", "frac_reward_zero_std", "completion_length_max", "completion_cut",
+    assert any(k.startswith("reward/") for k in straight[-1]) and any(k.startswith("reward_std/") for k in straight[-1])
+    assert {"frac_reward_zero_std", "completion_length_max", "completion_cut",
             "rollout_tokens_per_s", "train_tokens_per_s"} <= straight[-1].keys()
 
 
