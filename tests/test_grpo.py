@@ -255,3 +255,36 @@ def test_toy_addition_reward_rises(tmp_path):
     train_grpo(TrainConfig.from_dict(opts), log=lambda line: None)
     rewards = [m["reward"] for m in read_jsonl(tmp_path / "grpo" / "metrics.jsonl")]
     assert sum(rewards[-15:]) / 15 - sum(rewards[:15]) / 15 >= 0.05
+
+
+# ----------------------------------------------------------------------------- distributed
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_torchrun_dp4_ep2_has_the_per_step_losses_of_one_process(ckpt, tmp_path):
+    """4 gloo ranks (--ep 2: edp 2 x ep 2), each sampling and scoring its own prompts, equal one process for 3 steps."""
+    import subprocess
+    import sys
+
+    from dist_helpers import free_port
+
+    args = ["train", "--task", "grpo", "--init-from", ckpt["init"], "--data", ckpt["prompts"], "--reward",
+            ckpt["short"], "--steps", "3", "--global-batch", "16", "--micro-batch", "4", "--group-size", "4",
+            "--max-completion-tokens", "4", "--lr", "1e-3", "--min-lr", "1e-3", "--beta", "0.04",
+            "--grpo-iterations", "2", "--no-progress", "--no-tensorboard"]
+    from dsv3.cli import main
+
+    assert main(args + ["--run-dir", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_DIST_TIMEOUT="60",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node=4", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", "-m", "dsv3", *args, "--ep", "2", "--dp", "4",
+           "--run-dir", str(tmp_path / "four")]
+    four = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert four.returncode == 0, four.stderr[-3000:]
+    ref, got = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "four" / "metrics.jsonl")
+    assert [m["step"] for m in got] == [m["step"] for m in ref] == [1, 2, 3]
+    for a, b in zip(got, ref):
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-6) and a["reward_std"] > 0  # the same samples
+        for key in ("loss", "loss_last", "kl", "entropy", "routing_agreement"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert sorted(p.name for p in (tmp_path / "four").glob("dcp-*")) == ["dcp-00000003"]
