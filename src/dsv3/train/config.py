@@ -70,8 +70,9 @@ DataFormat = Literal["text", "jsonl", "parquet", "bin"]
 """Forced corpus format (default: from the file suffix)."""
 TokenDtype = Literal["uint16", "uint32"]
 """Token-id width of a pre-tokenised .bin corpus."""
-DataTask = Literal["pretrain", "sft"]
-"""Pre-training on raw text, or supervised fine-tuning on chat data."""
+DataTask = Literal["pretrain", "sft", "reward"]
+"""Pre-training on raw text, supervised fine-tuning on chat data, or a reward model on preference pairs
+(:mod:`dsv3.train.reward_model`)."""
 OnLong = Literal["skip", "truncate", "error"]
 """What to do with an SFT example longer than seq_len."""
 RopeScaling = Literal["none", "yarn"]
@@ -118,7 +119,8 @@ class DataOptions:
     seq_len: int = _opt(256, "tokens per training sequence")
     micro_batch: int = _opt(8, "sequences per forward/backward pass")
     global_batch: int = _opt(8, "sequences per optimizer step (gradient accumulation = global / micro)")
-    task: DataTask = _opt("pretrain", "pretrain on raw text, or sft on chat examples")
+    task: DataTask = _opt("pretrain", "pretrain on raw text, sft on chat examples, or reward: a reward model "
+                                                 "on prompt/chosen/rejected pairs")
     on_long: OnLong = _opt("skip", "SFT examples longer than seq_len: skip, truncate, or error")
     epochs: int | None = _opt(None, "passes over the data (none: as many as the steps need)")
     packing: bool = _opt(True, "pack several documents into one sequence")

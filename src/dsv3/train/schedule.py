@@ -166,6 +166,16 @@ class LRSchedule:
             total_steps=total_steps,
         )
 
+    @classmethod
+    def from_config(cls, config) -> LRSchedule:
+        """The schedule of a :class:`~dsv3.train.config.TrainConfig` (its ``optimizer`` and ``schedule`` sections)."""
+        sched = config.schedule
+        decay_start = int(sched.decay_start * sched.steps)
+        return cls(peak_lr=config.optimizer.lr, warmup_steps=min(sched.warmup_steps, decay_start),
+                   decay_start=decay_start, decay_steps=int(sched.decay_end * sched.steps) - decay_start,
+                   min_lr=sched.min_lr, final_lr=sched.final_lr, final_steps=sched.final_steps,
+                   total_steps=sched.steps)
+
     def lr_at(self, step: int) -> float:
         """The learning rate of the step with 0-based index ``step``."""
         s = _check_step(step)
