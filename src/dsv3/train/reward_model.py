@@ -216,7 +216,7 @@ def train_reward_model(config: TrainConfig, *, log: Callable[[str], None] = prin
     model = scorer.model
     optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
                                 eps=opt.eps, moments_dtype=config.memory.optim_states)
-    schedule = LRSchedule.from_config(config)
+    schedule = LRSchedule.from_options(config.schedule, opt.lr)
     os.makedirs(run_dir, exist_ok=True)
     save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
     log(f"run {run_dir}: reward model on {len(train_pairs)} preference pairs ({len(val_pairs)} held out), "
