@@ -1,8 +1,9 @@
 """The reward model: Bradley-Terry training on a synthetic preference set, saving/loading, RewardSet use, errors."""
 
+import importlib.util
 import json
 import math
-import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,17 +15,18 @@ from dsv3.train.rewards import RewardSet
 from helpers import assert_one_error, cli, small_config
 
 
+def _bench_module():
+    """bench/reward_model.py, whose synthetic preference sets the test shares."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "reward_model.py"
+    spec = importlib.util.spec_from_file_location("bench_reward_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def digit_rule_pairs(n, seed):
     """Prompts "a+b="; chosen: the sum in digits only; rejected: the same with a letter inside (breaks the rule)."""
-    rng = random.Random(seed)
-    pairs = []
-    for _ in range(n):
-        a, b = rng.randrange(20), rng.randrange(20)
-        answer = str(a + b)
-        cut = rng.randrange(len(answer) + 1)
-        bad = answer[:cut] + rng.choice("xyzq") + answer[cut:]
-        pairs.append({"prompt": f"{a}+{b}=", "chosen": answer, "rejected": bad})
-    return pairs
+    return _bench_module().preference_pairs(n, seed, "digits")
 
 
 def test_bradley_terry_loss_matches_formula():
