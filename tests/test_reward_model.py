@@ -81,3 +81,20 @@ def test_reward_model_errors(tmp_path, capsys):
     code, _, err = cli(["train", "--task", "reward", "--data", bad, "--run-dir", tmp_path / "r2", "--ep", "2"],
                        capsys)
     assert_one_error(code, err, "one process")
+
+
+@pytest.mark.timeout(120)
+def test_reward_task_from_the_cli(tmp_path, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in digit_rule_pairs(24, seed=2)))
+    small_config(vocab_size=512).save(tmp_path / "config.json")
+    code, out, err = cli(["train", "--task", "reward", "--data", data, "--model", tmp_path / "config.json",
+                          "--seq-len", 16, "--micro-batch", 4, "--global-batch", 8, "--steps", 2, "--warmup-steps", 1,
+                          "--eval-every", 2, "--val-fraction", 0.25, "--run-dir", tmp_path / "run", "--no-progress",
+                          "--no-tensorboard"], capsys)
+    assert code == 0, err
+    assert "held-out pairwise accuracy" in out and "--reward-model" in out
+    assert load_reward_model(str(tmp_path / "run")).score(["1+1="], ["2"])[0] == pytest.approx(
+        load_reward_model(str(tmp_path / "run" / "reward_model")).score(["1+1="], ["2"])[0])
+    code, _, err = cli(["train", "--resume", tmp_path / "run"], capsys)
+    assert_one_error(code, err, "cannot be resumed")

@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dsv3.errors import ConfigError, DataError, DsV3Error, TrainingError
-from dsv3.train.sandbox import run_python
+from dsv3.train.sandbox import isolation_level, run_python
 
 __all__ = ["RewardFn", "RewardResult", "RewardSet", "BUILTIN_REWARDS", "math_reward", "format_reward",
            "code_reward", "extract_final_answer", "extract_code", "R1_FORMAT"]
@@ -156,6 +156,7 @@ def code_reward(prompts: list[str], completions: list[str], tests: list[Any], *,
                             memory_mb=memory_mb)
         return float(result.ok)
 
+    isolation_level()   # probe once, before the threads (and fail with one line when no sandbox can start)
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         return list(pool.map(one, zip(completions, tests)))
 
