@@ -70,8 +70,9 @@ DataFormat = Literal["text", "jsonl", "parquet", "bin"]
 """Forced corpus format (default: from the file suffix)."""
 TokenDtype = Literal["uint16", "uint32"]
 """Token-id width of a pre-tokenised .bin corpus."""
-DataTask = Literal["pretrain", "sft", "grpo"]
-"""Pre-training on raw text, supervised fine-tuning on chat data, or GRPO on prompts (:mod:`dsv3.train.grpo`)."""
+DataTask = Literal["pretrain", "sft", "grpo", "reward"]
+"""Pre-training on raw text, supervised fine-tuning on chat data, GRPO on prompts (:mod:`dsv3.train.grpo`),
+or a reward model on preference pairs (:mod:`dsv3.train.reward_model`)."""
 GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 """How GRPO aggregates its per-token losses (each as defined by TRL; see docs/rl.md)."""
 RewardScaling = Literal["group", "batch", "none"]
@@ -122,7 +123,8 @@ class DataOptions:
     seq_len: int = _opt(256, "tokens per training sequence")
     micro_batch: int = _opt(8, "sequences per forward/backward pass")
     global_batch: int = _opt(8, "sequences per optimizer step (gradient accumulation = global / micro)")
-    task: DataTask = _opt("pretrain", "pretrain on raw text, or sft on chat examples")
+    task: DataTask = _opt("pretrain", "pretrain on raw text, sft on chat examples, or reward: a reward model "
+                                                 "on prompt/chosen/rejected pairs")
     on_long: OnLong = _opt("skip", "SFT examples longer than seq_len: skip, truncate, or error")
     epochs: int | None = _opt(None, "passes over the data (none: as many as the steps need)")
     packing: bool = _opt(True, "pack several documents into one sequence")
