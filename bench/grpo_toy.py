@@ -97,8 +97,8 @@ def greedy_accuracy(model, tok, pairs, eos_id: int) -> float:
     return sum(tok.decode(o) == str(a + b) for o, (a, b) in zip(out, pairs)) / len(pairs)
 
 
-def short_sft(seed: int, train_pairs, held_out, *, target: float = 0.5, max_steps: int = 1500, batch: int = 64,
-              lr: float = 3e-3, check_every: int = 25, log=print):
+def short_sft(seed: int, train_pairs, held_out, *, target: float = 0.45, max_steps: int = 1500, batch: int = 64,
+              lr: float = 3e-3, check_every: int = 10, log=print):
     """Train a fresh toy model on ``a+b=c`` until greedy held-out accuracy reaches ``target`` (or ``max_steps``);
     returns ``(model, tokenizer, steps, accuracy)``."""
     from dsv3.model import DeepseekV3ForCausalLM
@@ -138,8 +138,8 @@ def save_checkpoint_dir(model, tok, directory: str) -> str:
 def grpo_options(init: str, prompts: str, run_dir: str, **changes) -> dict:
     """The toy run's ``dsv3 train --task grpo`` options (flat names, as on the command line)."""
     opts = dict(task="grpo", init_from=init, data=prompts, reward="math", run_dir=run_dir, group_size=8,
-                global_batch=64, micro_batch=64, max_completion_tokens=4, temperature=1.0, beta=0.0, lr=2e-3,
-                min_lr=2e-3, warmup_steps=0, steps=40, save_every=1000, keep_last=1, progress=False,
+                global_batch=64, micro_batch=64, max_completion_tokens=4, temperature=1.0, beta=0.04, lr=1.5e-4,
+                min_lr=1.5e-4, warmup_steps=0, steps=300, save_every=1000, keep_last=1, progress=False,
                 tensorboard=False, seed=0, grad_clip=1.0, weight_decay=0.0)
     opts.update(changes)
     return opts
@@ -200,7 +200,7 @@ def plot(results: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=300)
     p.add_argument("--out", default="runs/grpo-toy")
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)

@@ -123,8 +123,8 @@ class DataOptions:
     seq_len: int = _opt(256, "tokens per training sequence")
     micro_batch: int = _opt(8, "sequences per forward/backward pass")
     global_batch: int = _opt(8, "sequences per optimizer step (gradient accumulation = global / micro)")
-    task: DataTask = _opt("pretrain", "pretrain on raw text, sft on chat examples, or reward: a reward model "
-                                                 "on prompt/chosen/rejected pairs")
+    task: DataTask = _opt("pretrain", "pretrain on raw text, sft on chat examples, grpo on prompts with rewards, "
+                                      "or reward: a reward model on prompt/chosen/rejected pairs")
     on_long: OnLong = _opt("skip", "SFT examples longer than seq_len: skip, truncate, or error")
     epochs: int | None = _opt(None, "passes over the data (none: as many as the steps need)")
     packing: bool = _opt(True, "pack several documents into one sequence")
