@@ -22,8 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def _toy():
     spec = importlib.util.spec_from_file_location("grpo_toy", Path(__file__).with_name("grpo_toy.py"))
@@ -37,7 +35,7 @@ def sizes(model, rows: int, micro: int, width: int) -> dict[str, float]:
     cfg = model.config
     params = sum(p.numel() for p in model.parameters())
     cache = model.new_cache(rows, width)
-    cache_bytes = sum(t.numel() * t.element_size() for t in vars(cache).values() if isinstance(t, torch.Tensor))
+    cache_bytes = sum(t.numel() * t.element_size() for t in cache.c_kv + cache.k_pe)
     mib = 2 ** 20
     return {"weights_mib": params * 4 / mib, "kv_cache_mib": cache_bytes / mib,
             "logits_mib": 2 * micro * width * cfg.vocab_size * 4 / mib, "grads_adam_mib": 3 * params * 4 / mib,
