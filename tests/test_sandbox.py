@@ -97,17 +97,18 @@ def test_sandbox_sees_only_its_box():
     assert fill.ok and fill.stdout.split() == ["60", "28"], fill   # ENOSPC: the box is a 64 MiB tmpfs
     forks = run_python("import os, time\nn = 0\ntry:\n    for i in range(40):\n        if os.fork() == 0:\n"
                        "            time.sleep(60)\n            os._exit(0)\n        n += 1\n"
-                       "except OSError as e:\n    print(n, e.errno)\n", time_limit=2.0)
-    assert forks.ok and forks.stdout.split() == ["15", "11"], forks   # EAGAIN at 16 processes
-    assert not _sandbox_processes()   # the sleeping children died with PID 1 of their namespace
+                       "except OSError as e:\n    print(n, e.errno, os.getuid())\n", time_limit=2.0)
+    n, errno, uid = forks.stdout.split()
+    assert forks.ok and (n, errno) == ("15", "11"), forks   # EAGAIN at 16 processes
+    assert not _processes_of(int(uid))   # the sleeping children died with PID 1 of their namespace
 
 
-def _sandbox_processes():
-    """Processes of a sandbox uid (>= 100000) still alive on this machine."""
+def _processes_of(uid):
+    """Processes of ``uid`` still alive on this machine."""
     alive = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if os.stat(f"/proc/{pid}").st_uid >= 100000:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
                 alive.append(pid)
         except FileNotFoundError:
             pass
