@@ -417,11 +417,7 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     else:
         optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
                                     eps=opt.eps, moments_dtype=config.memory.optim_states)
-    decay_start = int(sched.decay_start * sched.steps)
-    decay_steps = int(sched.decay_end * sched.steps) - decay_start
-    schedule = LRSchedule(peak_lr=opt.lr, warmup_steps=min(sched.warmup_steps, decay_start),
-                          decay_start=decay_start, decay_steps=decay_steps, min_lr=sched.min_lr,
-                          final_lr=sched.final_lr, final_steps=sched.final_steps, total_steps=sched.steps)
+    schedule = LRSchedule.from_options(sched, opt.lr)
     if sched.batch_ramp_start is not None:
         ramp = BatchRamp(start=sched.batch_ramp_start, end=config.data.global_batch, ramp_steps=sched.batch_ramp_steps,
                          seq_len=config.data.seq_len, micro_batch=config.data.micro_batch)
