@@ -98,3 +98,38 @@ def test_reward_task_from_the_cli(tmp_path, capsys):
         load_reward_model(str(tmp_path / "run" / "reward_model")).score(["1+1="], ["2"])[0])
     code, _, err = cli(["train", "--resume", tmp_path / "run"], capsys)
     assert_one_error(code, err, "cannot be resumed")
+
+
+def _load_bench(name):
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_grpo_with_the_reward_model_raises_the_rule_rate(tmp_path):
+    """bench/grpo_reward_model.py, small: a reward model taught "the answer ends in an even digit" steers GRPO."""
+    from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.grpo_run import train_grpo
+    from dsv3.train.rl_eval import evaluate_prompts
+
+    toy, bench = _load_bench("grpo_toy"), _load_bench("grpo_reward_model")
+    train_pairs, held_out = toy.addition_split(0, held_out=40)
+    model = DeepseekV3ForCausalLM(toy.toy_config())
+    model.reset_parameters(0)   # an untrained policy: it ends in an even digit only by chance
+    init = toy.save_checkpoint_dir(model, toy.char_tokenizer(), str(tmp_path / "init"))
+    rm_dir, rm_accuracy = bench.train_rule_reward_model(str(tmp_path), init, train_pairs, 0, log=lambda line: None)
+    assert rm_accuracy > 0.9
+    held = toy.write_prompts(str(tmp_path / "held.jsonl"), held_out)
+    rate = lambda path: evaluate_prompts(path, held, [bench.RULE], samples=4, max_new_tokens=4).mean_reward  # noqa
+    before = rate(init)
+    options = toy.grpo_options(init, toy.write_prompts(str(tmp_path / "train.jsonl"), train_pairs),
+                               str(tmp_path / "grpo"), steps=40, reward=None, reward_model=rm_dir, lr=2e-3,
+                               min_lr=2e-3)
+    train_grpo(TrainConfig.from_dict(options), log=lambda line: None)
+    after = rate(str(tmp_path / "grpo"))
+    assert after > before + 0.2, (before, after)

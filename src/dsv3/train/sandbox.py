@@ -6,8 +6,9 @@ more it gets depends on the platform (:func:`isolation_level`, stated in docs/rl
 
 - ``namespaces`` (Linux, running as root or with CAP_SYS_ADMIN, checked once by running a probe):
   no network (its own network namespace), no view of the host's files beyond read-only system and Python
-  directories (mount namespace + chroot into a read-only tmpfs), writes only inside its directory, uid 65534,
-  its own PID namespace (nothing it forks outlives it).
+  directories (mount namespace + chroot into a read-only tmpfs), writes only inside its directory (a private
+  64 MiB tmpfs), a uid of its own with at most 16 processes, its own PID namespace (nothing it forks outlives
+  it).
 - ``rlimits`` (anything else): the limits, the directory and, as root, uid 65534 when that user can run
   the interpreter. It can open sockets and read files its user can read. A warning says so once per process.
 
@@ -97,7 +98,7 @@ def isolation_level() -> Isolation:
     Raises :class:`TrainingError` when not even the fallback can run a program (every code reward would be 0).
     """
     if sys.platform.startswith("linux") and os.geteuid() == 0:
-        probe = _launch("namespaces", "import os\nassert os.getuid() == 65534\n", 10.0, 256)
+        probe = _launch("namespaces", "import os\nassert os.getuid() >= 100000\n", 10.0, 256)
         if probe.ok:
             return "namespaces"
     probe = _launch("rlimits", "print('ok')\n", 10.0, 256)
