@@ -184,14 +184,19 @@ def plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for r in results:
         steps, rewards = zip(*r["reward_curve"])
-        ax.plot(steps, rewards, label=f"seed {r['seed']} (held-out greedy {r['accuracy_before']:.2f} -> "
-                                      f"{r['accuracy_after']:.2f})")
+        line, = ax.plot(steps, rewards, alpha=0.3, linewidth=0.8)
+        window = 25
+        smooth = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
+                  for i in range(len(rewards))]
+        ax.plot(steps, smooth, color=line.get_color(),
+                label=f"seed {r['seed']}: held-out greedy accuracy {r['accuracy_before']:.2f} -> "
+                      f"{r['accuracy_after']:.2f}")
     ax.set_xlabel("GRPO step")
-    ax.set_ylabel("sampled reward (math, mean of 128)")
-    ax.set_title("GRPO on a+b= (operands < 20), tiny DeepSeek-V3 MoE, 2 CPU cores")
+    ax.set_ylabel("sampled reward (mean of 128)")
+    ax.set_title("GRPO on a+b= (operands < 20): tiny DeepSeek-V3 MoE, 2 CPU cores", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -243,18 +243,19 @@ def test_bad_input_gets_one_line_and_exit_2(ckpt, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_toy_addition_reward_rises(tmp_path):
-    """bench/grpo_toy.py in small: a short SFT, then GRPO with the math reward raises the sampled reward."""
+    """bench/grpo_toy.py in small (seed 0, 150 of its 500 GRPO steps): the sampled math reward rises."""
     from dsv3.train.config import TrainConfig
     from dsv3.train.grpo_run import train_grpo
 
-    train, held = toy.addition_split(0, held_out=50)
-    model, tok, _, acc = toy.short_sft(0, train, held, target=0.4, check_every=10, log=lambda line: None)
+    train, held = toy.addition_split(0)
+    model, tok, _, acc = toy.short_sft(0, train, held, log=lambda line: None)
+    assert 0.3 <= acc <= 0.7  # "right about half the time"
     init = toy.save_checkpoint_dir(model, tok, str(tmp_path / "sft"))
     prompts = toy.write_prompts(str(tmp_path / "p.jsonl"), train)
-    opts = toy.grpo_options(init, prompts, str(tmp_path / "grpo"), steps=60, lr=1e-4, min_lr=1e-4)
-    train_grpo(TrainConfig.from_dict(opts), log=lambda line: None)
+    train_grpo(TrainConfig.from_dict(toy.grpo_options(init, prompts, str(tmp_path / "grpo"), steps=150)),
+               log=lambda line: None)
     rewards = [m["reward"] for m in read_jsonl(tmp_path / "grpo" / "metrics.jsonl")]
-    assert sum(rewards[-15:]) / 15 - sum(rewards[:15]) / 15 >= 0.05
+    assert sum(rewards[-30:]) / 30 - sum(rewards[:30]) / 30 >= 0.05
 
 
 # ----------------------------------------------------------------------------- distributed
