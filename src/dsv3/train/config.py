@@ -14,6 +14,7 @@ torchtitan groups its own::
     checkpoint save interval and retention
     logging    evaluation, metrics, progress, the closing sample
     run        run directory, seed, non-finite-loss tolerance
+    rl         GRPO (``task: grpo``): rewards, group size, sampling, the objective, MoE routing under RL
 
 Code reads ``config.optimizer.lr``, ``config.data.micro_batch`` and so on. Every field
 also has a flat name (``lr``, ``micro_batch``, ``data_format`` for ``data.format``,
