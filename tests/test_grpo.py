@@ -144,6 +144,26 @@ def test_step_prompts_cover_every_prompt_once_per_pass():
     assert step_prompts(10, 2, 4, seed=3) == seen[8:12]
 
 
+def test_prompts_from_text_or_chat_messages_with_their_columns(tmp_path):
+    from dsv3.errors import DataError
+    from dsv3.train.rl_prompts import read_prompts
+    from dsv3.train.sft import ChatTemplate
+
+    template = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                            "{% if add_generation_prompt %}={% endif %}")
+    path = _write(tmp_path / "p.jsonl", [{"prompt": "3+4=", "answer": "7"},
+                                         {"messages": [{"role": "user", "content": "12+1"}], "tests": "t"}])
+    tok = toy.char_tokenizer()
+    got = read_prompts(path, tokenizer=tok, template=template, context=32, max_completion_tokens=4)
+    assert got.texts == ["3+4=", "12+1="] and got.ids[1] == tok.encode("12+1=").ids
+    assert got.columns == {"answer": ["7", None], "tests": [None, "t"]}
+    with pytest.raises(DataError, match="line 2.*chat template"):
+        read_prompts(path, tokenizer=tok, template=None, context=32, max_completion_tokens=4)
+    with pytest.raises(DataError, match="line 1.*\"prompt\""):
+        read_prompts(_write(tmp_path / "bad.jsonl", [{"question": "1+1="}]), tokenizer=tok, context=32,
+                     max_completion_tokens=4)
+
+
 # ----------------------------------------------------------------------------- the run
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])

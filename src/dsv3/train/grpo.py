@@ -105,7 +105,7 @@ def _ep_all_done(ctx) -> Callable[[torch.Tensor], bool] | None:
     import torch.distributed as dist
 
     def all_done(done: torch.Tensor) -> bool:
-        flag = torch.tensor([1.0 if bool(done.all()) else 0.0])
+        flag = torch.tensor([1.0 if bool(done.all()) else 0.0], device=done.device)  # NCCL: on the device
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=ctx.ep_group)
         return bool(flag.item() == 1.0)
     return all_done

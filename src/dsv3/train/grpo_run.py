@@ -161,7 +161,10 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     rewards = build_rewards(config)
     tokenizer = grpo_tokenizer(config, run_dir if resume else "", mcfg.vocab_size)
     eos_id = _eos_id(config, tokenizer)
-    prompts = read_prompts(config.data.path or "", tokenizer=tokenizer, template=_template(config, run_dir),
+    if config.data.path is None:
+        raise DataError("--task grpo needs prompts; pass --data prompts.jsonl ({\"prompt\": ...} or {\"messages\": ...} "
+                        "per line, plus the columns the rewards read)")
+    prompts = read_prompts(config.data.path, tokenizer=tokenizer, template=_template(config, run_dir),
                            context=mcfg.max_position_embeddings, max_completion_tokens=config.rl.max_completion_tokens)
     rewards.check_columns(list(prompts.columns), source=config.data.path)
     parallel, run_dir = _join_parallel(config, mcfg, parallel, run_dir)
