@@ -367,6 +367,7 @@ def _validate_rl(config: "TrainConfig", need) -> None:
     need(rl.temperature > 0, f"temperature must be positive for GRPO rollouts, got {rl.temperature}")
     need(0 < rl.top_p <= 1, f"top_p must be in (0, 1], got {rl.top_p}")
     need(config.parallel.pp == 1, "--task grpo does not run under pipeline parallelism; use --pp 1 (dp and ep work)")
+    need(config.memory.ema_decay is None, "--task grpo keeps no EMA of the weights; drop --ema-decay")
     need(bool(rl.reward) or rl.reward_model is not None,
          "--task grpo needs a reward: --reward math|code|format|module:function or --reward-model RUN_DIR")
     need(config.model.init_from is not None, "--task grpo starts from a trained model; pass --init-from CKPT "

@@ -25,14 +25,13 @@ The routing of the first training forward is compared with the rollout's (``rout
 
 from __future__ import annotations
 
-import os
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from dsv3.errors import ConfigError, DataError
 from dsv3.train.config import TrainConfig
 from dsv3.train.rl import grpo_loss, grpo_stats, group_advantages, token_entropy, token_logps
 from dsv3.train.rl_prompts import PromptSet, step_prompts
@@ -188,8 +187,6 @@ def _forward_logps(run: GRPORun, s: Scored, rows: slice, *, count: bool = False,
         reference = [r[rows, :width].reshape(-1, r.shape[-1]) for r in s.roll.routing]
         ctx = run.recorder.training(reference, mask.reshape(-1).bool(), replay=replay, count=count)
     else:
-        import contextlib
-
         ctx = contextlib.nullcontext()
     with ctx:
         logits = run.model(ids, segment_ids=seg).logits.float() / run.config.rl.temperature
@@ -203,8 +200,6 @@ def _forward_logps(run: GRPORun, s: Scored, rows: slice, *, count: bool = False,
 def _no_grad_logps(run: GRPORun, s: Scored, slices: list[slice], *, reference: bool,
                    count: bool) -> list[torch.Tensor]:
     """Per micro-batch log-probs without gradient: the policy's (old) or the frozen reference's."""
-    import contextlib
-
     swap = run.reference.applied(run.model) if reference else contextlib.nullcontext()
     with torch.no_grad(), swap:
         return [_forward_logps(run, s, sl, count=count)[0] for sl in slices]

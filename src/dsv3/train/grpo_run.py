@@ -17,8 +17,6 @@ import os
 import time
 from typing import Any, Callable
 
-import torch
-
 from dsv3.errors import ConfigError, DataError, TrainingError
 from dsv3.train.config import TrainConfig
 from dsv3.train.grpo import GRPORun, grpo_step
