@@ -61,7 +61,8 @@ def train_rule_reward_model(base: str, init: str, train_pairs, seed: int, log) -
     with open(data, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in rule_pairs(train_pairs, 960, seed))
     config = load_train_config(None, dict(
-        task="reward", data=data, model=os.path.join(init, "config.json"), tokenizer=os.path.join(init, "tokenizer.json"),
+        task="reward", data=data, model=os.path.join(init, "config.json"),
+        tokenizer=os.path.join(init, "tokenizer.json"),
         seq_len=16, micro_batch=32, global_batch=32, steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=30,
         val_fraction=0.2, progress=False, tensorboard=False, run_dir=os.path.join(base, "rm"), seed=seed))
     result = train_reward_model(config, log=log)

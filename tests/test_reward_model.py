@@ -133,3 +133,18 @@ def test_grpo_with_the_reward_model_raises_the_rule_rate(tmp_path):
     train_grpo(TrainConfig.from_dict(options), log=lambda line: None)
     after = rate(str(tmp_path / "grpo"))
     assert after > before + 0.2, (before, after)
+
+
+def test_pairs_render_through_the_chat_template_when_there_is_one(tmp_path):
+    from dsv3.train.reward_model import _template_for, render
+    from dsv3.train.sft import ChatTemplate
+
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert render("1+1=", "2", None) == "1+1=2"
+    assert render("1+1=", "2", ChatTemplate(chatml)) == \
+        "<|im_start|>user\n1+1=<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml, "eos_token": "<|im_end|>"}))
+    with_template = load_train_config(None, dict(task="reward", init_from=str(tmp_path)))
+    assert _template_for(with_template).source == chatml
+    assert _template_for(load_train_config(None, dict(task="reward"))) is None

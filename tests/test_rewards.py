@@ -2,6 +2,7 @@
 
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,6 +70,9 @@ def test_weights_none_and_user_functions(tmp_path, monkeypatch):
     assert out.total.tolist() == [3.0, 0.5, 1.0]
     none = RewardSet([("never", lambda p, c, **k: [None] * len(c))])
     assert none(["p"], ["c"], {}).total.tolist() == [0.0]
+    arrays = RewardSet([("tensor", lambda p, c, **k: torch.ones(len(c))),
+                        ("numpy", lambda p, c, **k: np.full(len(c), 0.5))])
+    assert arrays(["p", "p"], ["a", "b"], {}).total.tolist() == [1.5, 1.5]
 
 
 def test_bad_specs_get_one_line(tmp_path):

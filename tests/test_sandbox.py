@@ -92,7 +92,8 @@ def test_sandbox_sees_only_its_box():
     assert set(eval(listing)) <= {"bin", "box", "dev", "etc", "lib", "lib64", "root", "usr"}   # no /work, /tmp
     memory = run_python("x = bytearray(1 << 31)", memory_mb=256)
     assert not memory.ok and "MemoryError" in memory.stderr
-    fill = run_python("written = 0\ntry:\n    for i in range(20):\n        open(f'f{i}', 'wb').write(b'x' * (15 << 20))\n"
+    fill = run_python("written = 0\ntry:\n    for i in range(20):\n"
+                      "        open(f'f{i}', 'wb').write(b'x' * (15 << 20))\n"
                       "        written += 15\nexcept OSError as e:\n    print(written, e.errno)\n")
     assert fill.ok and fill.stdout.split() == ["60", "28"], fill   # ENOSPC: the box is a 64 MiB tmpfs
     forks = run_python("import os, time\nn = 0\ntry:\n    for i in range(40):\n        if os.fork() == 0:\n"

@@ -224,7 +224,7 @@ class RewardResult:
 
 
 def _checked(name: str, out: Any, batch: int) -> list[float | None]:
-    if isinstance(out, torch.Tensor):
+    if hasattr(out, "tolist") and not isinstance(out, list):   # a torch tensor or a numpy array
         out = out.tolist()
     if isinstance(out, (str, bytes)) or not isinstance(out, Sequence) or len(out) != batch:
         got = f"{len(out)} values" if isinstance(out, Sequence) else f"a {type(out).__name__}"

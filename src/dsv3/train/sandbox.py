@@ -4,7 +4,7 @@ Each program gets a throwaway directory, a wall-clock limit (the whole process t
 passes), a CPU-time, address-space, file-size and process-count limit, and a clean environment. How much
 more it gets depends on the platform (:func:`isolation_level`, stated in docs/rl.md):
 
-- ``namespaces`` (Linux, running as root or with CAP_SYS_ADMIN, checked once by running a probe):
+- ``namespaces`` (Linux, the trainer running as root, checked once by running a probe):
   no network (its own network namespace), no view of the host's files beyond read-only system and Python
   directories (mount namespace + chroot into a read-only tmpfs), writes only inside its directory (a private
   64 MiB tmpfs), a uid of its own with at most 16 processes, its own PID namespace (nothing it forks outlives
