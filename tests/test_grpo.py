@@ -282,7 +282,8 @@ def test_toy_addition_reward_rises(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(500)
 def test_torchrun_dp4_ep2_has_the_per_step_losses_of_one_process(ckpt, tmp_path):
-    """4 gloo ranks (--ep 2: edp 2 x ep 2), each sampling and scoring its own prompts, equal one process for 3 steps."""
+    """4 gloo ranks (--ep 2: edp 2 x ep 2), each sampling and scoring its own prompts, equal one process for 3 steps
+    (with routing replay and the bias update on, so that the replayed experts and the loads cross the ranks too)."""
     import subprocess
     import sys
 
@@ -291,7 +292,7 @@ def test_torchrun_dp4_ep2_has_the_per_step_losses_of_one_process(ckpt, tmp_path)
     args = ["train", "--task", "grpo", "--init-from", ckpt["init"], "--data", ckpt["prompts"], "--reward",
             ckpt["short"], "--steps", "3", "--global-batch", "16", "--micro-batch", "4", "--group-size", "4",
             "--max-completion-tokens", "4", "--lr", "1e-3", "--min-lr", "1e-3", "--beta", "0.04",
-            "--grpo-iterations", "2", "--no-progress", "--no-tensorboard"]
+            "--grpo-iterations", "2", "--routing-replay", "--rl-bias-update", "--no-progress", "--no-tensorboard"]
     from dsv3.cli import main
 
     assert main(args + ["--run-dir", str(tmp_path / "one")]) == 0
