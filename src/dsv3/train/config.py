@@ -243,9 +243,8 @@ class RunOptions:
 
 @dataclass
 class RLOptions:
-    """GRPO (``--task grpo``, :mod:`dsv3.train.grpo`): rewards, sampling and the objective (DeepSeekMath defaults).
-
-    With ``task: grpo``, ``global_batch`` and ``micro_batch`` count completions (a multiple of ``group_size``)."""
+    """GRPO (--task grpo): rewards, sampling and the objective (DeepSeekMath defaults). With task grpo,
+    global_batch and micro_batch count completions (a multiple of group_size)."""
 
     reward: str | None = _opt(None, "reward functions, comma-separated or a repeated flag: math, code, format, "
                                     "module:function or path.py:function")
