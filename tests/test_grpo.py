@@ -298,15 +298,27 @@ def test_torchrun_dp4_ep2_has_the_per_step_losses_of_one_process(ckpt, tmp_path)
     assert main(args + ["--run-dir", str(tmp_path / "one")]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_DIST_TIMEOUT="60",
                PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node=4", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", "-m", "dsv3", *args, "--ep", "2", "--dp", "4",
-           "--run-dir", str(tmp_path / "four")]
-    four = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
-    assert four.returncode == 0, four.stderr[-3000:]
-    ref, got = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "four" / "metrics.jsonl")
-    assert [m["step"] for m in got] == [m["step"] for m in ref] == [1, 2, 3]
-    for a, b in zip(got, ref):
-        assert a["reward"] == pytest.approx(b["reward"], rel=1e-6) and a["reward_std"] > 0  # the same samples
-        for key in ("loss", "loss_last", "kl", "entropy", "routing_agreement"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
-    assert sorted(p.name for p in (tmp_path / "four").glob("dcp-*")) == ["dcp-00000003"]
+    def torchrun(*argv):
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node=4", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", "-m", "dsv3", *argv]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    torchrun(*args, "--ep", "2", "--dp", "4", "--save-every", "2", "--run-dir", str(tmp_path / "four"))
+    ref = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+
+    def same_as_one_process():
+        got = read_jsonl(tmp_path / "four" / "metrics.jsonl")
+        assert [m["step"] for m in got] == [m["step"] for m in ref] == [1, 2, 3]
+        for a, b in zip(got, ref):
+            assert a["reward"] == pytest.approx(b["reward"], rel=1e-6) and a["reward_std"] > 0  # the same samples
+            for key in ("loss", "loss_last", "kl", "entropy", "routing_agreement"):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+    same_as_one_process()
+    assert sorted(p.name for p in (tmp_path / "four").glob("dcp-*")) == ["dcp-00000002", "dcp-00000003"]
+    import shutil
+
+    shutil.rmtree(tmp_path / "four" / "dcp-00000003")  # resumed from the sharded step-2 checkpoint: step 3 again
+    torchrun("train", "--resume", str(tmp_path / "four"))
+    same_as_one_process()
