@@ -281,7 +281,7 @@ def test_toy_addition_reward_rises(tmp_path):
 # ----------------------------------------------------------------------------- distributed
 @pytest.mark.slow
 @pytest.mark.timeout(500)
-def test_torchrun_dp4_ep2_has_the_per_step_losses_of_one_process(ckpt, tmp_path):
+def test_torchrun_dp4_ep2_has_the_per_step_losses_of_one_process(ckpt, tmp_path, capsys):
     """4 gloo ranks (--ep 2: edp 2 x ep 2), each sampling and scoring its own prompts, equal one process for 3 steps
     (with routing replay and the bias update on, so that the replayed experts and the loads cross the ranks too)."""
     import subprocess
@@ -322,3 +322,6 @@ def test_torchrun_dp4_ep2_has_the_per_step_losses_of_one_process(ckpt, tmp_path)
     shutil.rmtree(tmp_path / "four" / "dcp-00000003")  # resumed from the sharded step-2 checkpoint: step 3 again
     torchrun("train", "--resume", str(tmp_path / "four"))
     same_as_one_process()
+    code, _, err = cli(["train", "--resume", tmp_path / "four", "--steps", "4"], capsys)  # not in one process
+    assert_one_error(code, err, "torchrun")
+    assert len(read_jsonl(tmp_path / "four" / "metrics.jsonl")) == 3  # nothing lost

@@ -17,7 +17,7 @@ import os
 import time
 from typing import Any, Callable
 
-from dsv3.errors import ConfigError, DataError, TrainingError
+from dsv3.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dsv3.train.config import TrainConfig
 from dsv3.train.grpo import GRPORun, grpo_step
 from dsv3.train.rl_prompts import read_prompts
@@ -169,6 +169,8 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     rewards.check_columns(list(prompts.columns), source=config.data.path)
     parallel, run_dir = _join_parallel(config, mcfg, parallel, run_dir)
     _check_layout(config, parallel)
+    if resume is not None:
+        check_resume_layout(run_dir, parallel is not None and parallel.distributed)
     model = _policy(config, mcfg, device, parallel)
     reference = None
     if config.rl.beta > 0:  # the frozen reference: a CPU copy of the initial weights, swapped in when needed
@@ -237,21 +239,34 @@ def save_grpo(run: GRPORun) -> str:
 
 
 def restore_grpo(run: GRPORun) -> None:
-    """Load the latest checkpoint of the run directory into the policy and optimizer (none yet: step 0)."""
-    if run.distributed:
-        from dsv3.parallel.checkpoint import latest_sharded, load_sharded
-
-        path = latest_sharded(run.run_dir)
-        if path is not None:
-            meta = load_sharded(path, model=run.model, optimizer=run.optimizer, ctx=run.parallel)
-            run.step, run.nonfinite, run.checkpoint = meta["step"], meta.get("nonfinite", 0), path
-        return
+    """Load the latest checkpoint of the run directory into the policy and optimizer (none yet: step 0).
+    A run continues in the kind of layout it was written in (sharded under torchrun, whole in one process)."""
     from dsv3.checkpoint.state import load_checkpoint_state, select_resume_checkpoint
+    from dsv3.parallel.checkpoint import latest_sharded, load_sharded
 
+    if run.distributed:
+        sharded = latest_sharded(run.run_dir)
+        if sharded is not None:
+            meta = load_sharded(sharded, model=run.model, optimizer=run.optimizer, ctx=run.parallel)
+            run.step, run.nonfinite, run.checkpoint = meta["step"], meta.get("nonfinite", 0), sharded
+        return
     path = select_resume_checkpoint(run.run_dir) if run.lock is not None else None
     if path is not None:
         state = load_checkpoint_state(path, model=run.model, optimizer=run.optimizer, restore_rng=False)
         run.step, run.nonfinite, run.checkpoint = state["step"], state["extra"].get("nonfinite", 0), path
+
+
+def check_resume_layout(run_dir: str, distributed: bool) -> None:
+    """Refuse (one line) to continue a run in the other kind of layout than it was written in: its checkpoints
+    would not be found and it would silently start again from step 0."""
+    from dsv3.checkpoint.state import list_checkpoints
+    from dsv3.parallel.checkpoint import list_checkpoints as list_sharded
+
+    mine, other = (list_sharded, list_checkpoints) if distributed else (list_checkpoints, list_sharded)
+    if not mine(run_dir) and other(run_dir):
+        written, now = ("in one process", "under torchrun") if distributed else ("under torchrun", "in one process")
+        raise CheckpointError(f"{run_dir} was written {written}; a GRPO run cannot continue {now} yet; resume it "
+                              f"{written}")
 
 
 # ----------------------------------------------------------------------------- the loop
