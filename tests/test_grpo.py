@@ -112,6 +112,28 @@ def test_rollout_layout_matches_each_row_run_alone_and_routing_agrees():
         assert torch.allclose(batch[b][mask[b].bool()], alone, atol=1e-5)
 
 
+def test_training_log_probs_are_those_of_the_full_forward_at_the_completion_positions():
+    """grpo._forward_logps runs the output head only from position T0 - 1 on, at logits / temperature."""
+    from types import SimpleNamespace
+
+    from dsv3.train.grpo import _forward_logps
+    from dsv3.train.rl import token_logps
+    from dsv3.train.rollout import rollout
+
+    model, tok = _toy_model(), toy.char_tokenizer()
+    roll = rollout(model, [tok.encode(p).ids for p in ("3+4=", "12+19=")], [1, 2], max_new_tokens=4,
+                   temperature=1.0, top_p=1.0, eos_id=0)
+    run = SimpleNamespace(model=model, recorder=None,
+                          config=SimpleNamespace(rl=SimpleNamespace(routing_replay=False, temperature=0.7)))
+    with torch.no_grad():
+        got, entropy = _forward_logps(run, SimpleNamespace(roll=roll), slice(0, 2), entropy=True)
+        ids, targets, seg = roll.inputs()
+        full = token_logps(model(ids, segment_ids=seg).logits / 0.7, targets)
+    start, mask = roll.prompt_len - 1, roll.mask().bool()
+    assert got.shape[1] == ids.shape[1] - start and not mask[:, :start].any()
+    assert torch.allclose(got[mask[:, start:]], full[mask], atol=1e-6) and float(entropy) > 0
+
+
 def test_routing_replay_uses_the_rollouts_experts():
     from dsv3.train.rollout import RoutingRecorder, rollout
 

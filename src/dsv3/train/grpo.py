@@ -174,8 +174,10 @@ def _micro_slices(n_rows: int, micro: int) -> list[slice]:
 
 def _forward_logps(run: GRPORun, s: Scored, rows: slice, *, count: bool = False,
                    entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [b, W-1] of the sampled tokens of ``rows`` under logits / temperature (and, with ``entropy``,
-    the masked entropy sum), with the routing compared (``count``) and/or replayed per the config."""
+    """Log-probs [b, W - T0] of the sampled tokens of ``rows`` under logits / temperature (and, with ``entropy``,
+    the masked entropy sum), with the routing compared (``count``) and/or replayed per the config. Only the
+    positions from T0 - 1 on (those that predict a completion token) go through the output head, so the
+    [b, W - T0, V] float32 logits are the largest transient, not [b, W - 1, V]."""
     ids, targets, seg = s.roll.inputs()
     ids, targets = ids[rows], targets[rows]
     seg = seg[rows] if seg is not None else None
@@ -188,13 +190,15 @@ def _forward_logps(run: GRPORun, s: Scored, rows: slice, *, count: bool = False,
         ctx = run.recorder.training(reference, mask.reshape(-1).bool(), replay=replay, count=count)
     else:
         ctx = contextlib.nullcontext()
+    start = s.roll.prompt_len - 1
     with ctx:
-        logits = run.model(ids, segment_ids=seg).logits.float() / run.config.rl.temperature
+        hidden = run.model(ids, segment_ids=seg, return_logits=False).hidden_states[:, start:]
+    logits = run.model.lm_head(run.model.model.norm(hidden)).float() / run.config.rl.temperature
     ent = None
     if entropy:
         with torch.no_grad():
-            ent = (token_entropy(logits.detach()) * s.roll.mask()[rows]).sum()
-    return token_logps(logits, targets), ent
+            ent = (token_entropy(logits.detach()) * s.roll.mask()[rows, start:]).sum()
+    return token_logps(logits, targets[:, start:]), ent
 
 
 def _no_grad_logps(run: GRPORun, s: Scored, slices: list[slice], *, reference: bool,
@@ -231,7 +235,8 @@ def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
 
     rl, ctx = run.config.rl, run.parallel
     dp = ctx.dp if run.distributed else 1
-    mask = s.roll.mask()
+    mask = s.roll.mask()[:, s.roll.prompt_len - 1:]  # the positions _forward_logps scores
+    fed = s.roll.tokens[:, :-1].numel()  # tokens of one training forward
     slices = _micro_slices(mask.shape[0], run.config.data.micro_batch)
     counted = rl.grpo_iterations > 1
     old = _no_grad_logps(run, s, slices, reference=False, count=True) if counted else None
@@ -257,7 +262,7 @@ def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
                                      ent]).double()
         load = _rollout_load(run, s) if rl.rl_bias_update else None
         gamma = run.mcfg.bias_update_speed if rl.rl_bias_update else 0.0
-        stats = _update(run, total, load, int(mask.numel()), gamma)
+        stats = _update(run, total, load, fed, gamma)
         losses.append(stats.loss)
         norms.append(stats.grad_norm)
         skipped += stats.skipped
@@ -268,7 +273,7 @@ def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
     return {"loss": losses[0], "loss_last": losses[-1], "grad_norm": norms[0], "skipped": skipped,
             "clip_low": d[1] / tokens, "clip_high": d[2] / tokens, "clip_region": d[3] / tokens,
             "kl": d[4] / tokens, "entropy": d[5] / tokens,
-            "train_tokens_per_s": passes * int(mask.numel()) * dp / max(train_time, 1e-9), "train_time": train_time}
+            "train_tokens_per_s": passes * fed * dp / max(train_time, 1e-9), "train_time": train_time}
 
 
 def _nan_stats(values: torch.Tensor) -> tuple[float, float]:
