@@ -139,7 +139,7 @@ def grpo_options(init: str, prompts: str, run_dir: str, **changes) -> dict:
     """The toy run's ``dsv3 train --task grpo`` options (flat names, as on the command line)."""
     opts = dict(task="grpo", init_from=init, data=prompts, reward="math", run_dir=run_dir, group_size=8,
                 global_batch=128, micro_batch=128, max_completion_tokens=4, temperature=1.0, beta=0.04,
-                lr=1.5e-4, min_lr=1.5e-4, warmup_steps=0, steps=500, save_every=1000, keep_last=1, progress=False,
+                lr=1.5e-4, min_lr=1.5e-4, warmup_steps=0, steps=800, save_every=1000, keep_last=1, progress=False,
                 tensorboard=False, seed=0, grad_clip=1.0, weight_decay=0.0)
     opts.update(changes)
     return opts
@@ -205,7 +205,7 @@ def plot(results: list[dict], path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--out", default="runs/grpo-toy")
     p.add_argument("--plot", default=None)
     args = p.parse_args(argv)

@@ -285,7 +285,7 @@ def test_bad_input_gets_one_line_and_exit_2(ckpt, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_toy_addition_reward_rises(tmp_path):
-    """bench/grpo_toy.py in small (seed 0, 150 of its 500 GRPO steps): the sampled math reward rises."""
+    """bench/grpo_toy.py in small (seed 0, 150 of its 800 GRPO steps): the sampled math reward rises."""
     from dsv3.train.config import TrainConfig
     from dsv3.train.grpo_run import train_grpo
 
