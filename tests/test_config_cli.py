@@ -363,7 +363,7 @@ def test_effective_config_round_trips_in_both_forms(tmp_path):
     save_effective_config(config, str(tmp_path / "config.yaml"))
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert list(saved) == ["model", "data", "optimizer", "schedule", "moe", "precision", "memory", "parallel",
-                           "checkpoint", "logging", "run"]  # sectioned
+                           "checkpoint", "logging", "run", "rl"]  # sectioned
     assert saved["optimizer"]["lr"] == 1e-3 and saved["parallel"]["pipeline"] == "dualpipev"
     assert "log_every" not in yaml.safe_dump(saved)
     assert TrainConfig.from_dict(saved) == config

@@ -27,6 +27,9 @@ from dsv3.train.config import Option, TrainConfig, options
 #: Further spellings of a few flags: ``--schedule`` is ``dsv3 plan schedule``'s name for the pipeline schedule.
 ALIASES: dict[str, tuple[str, ...]] = {"pipeline": ("--schedule",)}
 
+#: Flags that may be given several times; the values are joined with commas (``--reward math --reward format``).
+REPEATABLE = frozenset({"reward"})
+
 
 def flag_of(opt: Option) -> str:
     """The flag of a config field: ``--micro-batch`` for ``data.micro_batch``."""
@@ -105,7 +108,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | 
                                help=describe(opt))
         else:
             group.add_argument(flag, dest=opt.flat, default=None, metavar=opt.kind.__name__.upper(),
-                               help=describe(opt))
+                               action="append" if opt.flat in REPEATABLE else "store", help=describe(opt))
     if wanted is not None:
         missing = wanted - {opt.flat for opt in options()}
         assert not missing, f"not config fields: {sorted(missing)}"
@@ -113,4 +116,5 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """``{flat name: value}`` of the config flags given on the command line."""
-    return {opt.flat: getattr(args, opt.flat) for opt in options() if getattr(args, opt.flat, None) is not None}
+    values = {opt.flat: getattr(args, opt.flat) for opt in options() if getattr(args, opt.flat, None) is not None}
+    return {k: ",".join(v) if isinstance(v, list) else v for k, v in values.items()}

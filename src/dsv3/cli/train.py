@@ -8,7 +8,8 @@ import os
 def register(sub) -> None:
     from dsv3.cli.options import add_config_arguments
 
-    p = sub.add_parser("train", usage="dsv3 train [--config FILE | --resume RUN_DIR] [--print-config] [OPTIONS]",
+    p = sub.add_parser("train", usage="dsv3 train [--config FILE | --resume RUN_DIR] [--print-config] [OPTIONS]\n"
+                       "       dsv3 train --task grpo --init-from CKPT --data prompts.jsonl --reward NAME [OPTIONS]",
                        help="train a model (no arguments: the tiny preset on the Python stdlib)",
                        description="Train a DeepSeek-V3-architecture model. Every option of the run config is a flag "
                                    "(grouped below by its section of the run file); --config reads them from a "
@@ -43,9 +44,20 @@ def run(args) -> int:
     from dsv3.train.loop import train
 
     if args.resume is not None:
+        from dsv3.train.session import resume_config
+
+        task = resume_config(args.resume, {}).data.task
+        if task == "reward":
+            raise ConfigError(f"{args.resume} is a reward-model run, which cannot be resumed; start a new one")
+        if task == "grpo":
+            from dsv3.train.grpo_run import train_grpo as train
         result = train(None, resume=args.resume, overrides=overrides)  # type: ignore[arg-type]
     else:
         config = load_train_config(args.config_file, overrides)
+        if config.data.task == "reward":
+            return _train_reward(config)
+        if config.data.task == "grpo":  # GRPO (dsv3.train.grpo): prompts, rewards, rollouts
+            from dsv3.train.grpo_run import train_grpo as train
         result = train(config)  # under torchrun on every rank (pp, dp, ep: dsv3.parallel.world)
     if os.environ.get("RANK", "0") != "0":
         return 0  # under torchrun rank 0 alone reports
@@ -57,4 +69,15 @@ def run(args) -> int:
     if result.sample is not None:
         print("sample:\n" + result.sample)
     print(f"done in {result.wall_time:.0f} s: {result.run_dir} (plots: dsv3 plot {result.run_dir})")
+    return 0
+
+
+def _train_reward(config) -> int:
+    """``--task reward``: a reward model on preference pairs (:mod:`dsv3.train.reward_model`)."""
+    from dsv3.train.reward_model import train_reward_model
+
+    result = train_reward_model(config)
+    if result.val_accuracy is not None:
+        print(f"held-out pairwise accuracy: {result.val_accuracy:.3f} (loss {result.val_loss:.4f})")
+    print(f"reward model: {result.run_dir} (use it with --reward-model {result.run_dir})")
     return 0

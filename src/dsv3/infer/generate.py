@@ -13,7 +13,7 @@ decodes as it would alone (equal up to floating-point rounding).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -36,12 +36,22 @@ def token_probs(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0)
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """Draw one token per row from ``logits`` [B, V]: greedy when ``temperature == 0``,
-    otherwise from :func:`token_probs`. Returns [B] token ids."""
+    otherwise from :func:`token_probs`. Returns [B] token ids.
+
+    ``generator`` may be a list of B generators, one per row: row b then draws its uniform
+    u_b from its own generator and takes the first token whose cumulative probability exceeds
+    u_b (inverse CDF), so a row's sample does not depend on the other rows of the batch
+    (GRPO seeds each (step, prompt, sample) this way)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     probs = token_probs(logits, temperature=temperature, top_p=top_p)
+    if isinstance(generator, (list, tuple)):
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in generator]).to(probs.device)
+        cdf = probs.double().cumsum(dim=-1)
+        token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+        return token.clamp(max=probs.shape[-1] - 1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -114,14 +124,18 @@ class ExpertLoadCollector:
 @torch.no_grad()
 def generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
-             generator: torch.Generator | None = None, pad: torch.Tensor | None = None,
-             loads: ExpertLoadCollector | None = None) -> torch.Tensor:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None,
+             pad: torch.Tensor | None = None, loads: ExpertLoadCollector | None = None,
+             all_done: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
     """Continue ``input_ids`` [B, T0] by up to ``max_new_tokens`` tokens; returns [B, T0 + n].
 
     Rows stop growing after they emit ``eos_id`` (later positions repeat it); the
     loop ends when every row has stopped. ``pad`` [B] (optional) counts the leading
-    padding tokens of each row (left-padded prompts of different lengths). Raises
-    CheckpointError when the model's logits are not finite.
+    padding tokens of each row (left-padded prompts of different lengths). ``all_done``
+    (optional) decides from the rows' ``done`` [B] bool whether to stop: under expert
+    parallelism every rank of an ep group must keep running forwards (all-to-alls) until
+    all of them have finished. ``generator``: one, or one per row (:func:`sample_next`).
+    Raises CheckpointError when the model's logits are not finite.
     """
     check_sampling(temperature, top_p)
     check_length(model, input_ids.shape[1], max_new_tokens)
@@ -147,7 +161,7 @@ def generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_t
                 token = torch.where(done, torch.full_like(token, eos_id), token)
                 done |= token == eos_id
             out.append(token[:, None])
-            if eos_id is not None and bool(done.all()):
+            if eos_id is not None and (all_done(done) if all_done is not None else bool(done.all())):
                 break
             if pos + 1 < prompt_len + max_new_tokens:
                 if loads is not None and eos_id is not None:

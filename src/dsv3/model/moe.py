@@ -56,6 +56,11 @@ class Router(nn.Module):
 
     Parameters: ``weight`` [N_r, d] (the expert centroids e_i); buffer
     ``e_score_correction_bias`` [N_r] (b_i, FP32, only for ``noaux_tc``).
+
+    ``route_override`` (None by default) is a seam for reinforcement learning
+    (:mod:`dsv3.train.rollout`): a callable given the selected experts [N, K_r] that returns the
+    experts to use instead (the same tensor to only record them; the rollout's choice for
+    routing replay). The gate values g are then gathered for the returned experts.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -73,6 +78,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        self.route_override = None
 
     def _apply(self, fn, recurse=True):
         # The bias accumulates updates of size gamma = 1e-3: keep it in FP32 whatever the model dtype.
@@ -102,6 +108,8 @@ class Router(nn.Module):
                 mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
                 choice = grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).view(-1, self.n_experts)
             indices = choice.topk(self.top_k, dim=-1, sorted=False).indices
+            if self.route_override is not None:
+                indices = self.route_override(indices)
         weights = scores.gather(1, indices)
         if self.norm_topk_prob and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

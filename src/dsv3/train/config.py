@@ -14,6 +14,7 @@ torchtitan groups its own::
     checkpoint save interval and retention
     logging    evaluation, metrics, progress, the closing sample
     run        run directory, seed, non-finite-loss tolerance
+    rl         GRPO (``task: grpo``): rewards, group size, sampling, the objective, MoE routing under RL
 
 Code reads ``config.optimizer.lr``, ``config.data.micro_batch`` and so on. Every field
 also has a flat name (``lr``, ``micro_batch``, ``data_format`` for ``data.format``,
@@ -49,7 +50,7 @@ __all__ = [
     "TrainConfig", "ModelOptions", "DataOptions", "OptimizerOptions", "ScheduleOptions", "MoEOptions",
     "PrecisionOptions", "MemoryOptions", "ParallelOptions", "CheckpointOptions", "LoggingOptions", "RunOptions",
     "RecomputeMode", "OptimStates", "ParamDtype", "DeviceName", "FP8Backend", "FP8ScaleFormat", "DataFormat",
-    "TokenDtype", "DataTask", "OnLong", "RopeScaling", "PipelineSchedule", "Dispatcher",
+    "TokenDtype", "DataTask", "GRPOLossType", "RewardScaling", "RLOptions", "OnLong", "RopeScaling", "PipelineSchedule", "Dispatcher",
     "Option", "options", "flat_options", "load_train_config", "read_run_file", "save_effective_config",
     "config_yaml", "suggest", "RETIRED_OPTIONS",
 ]
@@ -71,8 +72,13 @@ DataFormat = Literal["text", "jsonl", "parquet", "bin"]
 """Forced corpus format (default: from the file suffix)."""
 TokenDtype = Literal["uint16", "uint32"]
 """Token-id width of a pre-tokenised .bin corpus."""
-DataTask = Literal["pretrain", "sft"]
-"""Pre-training on raw text, or supervised fine-tuning on chat data."""
+DataTask = Literal["pretrain", "sft", "grpo", "reward"]
+"""Pre-training on raw text, supervised fine-tuning on chat data, GRPO on prompts (:mod:`dsv3.train.grpo`),
+or a reward model on preference pairs (:mod:`dsv3.train.reward_model`)."""
+GRPOLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+"""How GRPO aggregates its per-token losses (each as defined by TRL; see docs/rl.md)."""
+RewardScaling = Literal["group", "batch", "none"]
+"""What GRPO divides the group-centred rewards by: the group's std, the batch's std, or nothing."""
 OnLong = Literal["skip", "truncate", "error"]
 """What to do with an SFT example longer than seq_len."""
 RopeScaling = Literal["none", "yarn"]
@@ -119,7 +125,8 @@ class DataOptions:
     seq_len: int = _opt(256, "tokens per training sequence")
     micro_batch: int = _opt(8, "sequences per forward/backward pass")
     global_batch: int = _opt(8, "sequences per optimizer step (gradient accumulation = global / micro)")
-    task: DataTask = _opt("pretrain", "pretrain on raw text, or sft on chat examples")
+    task: DataTask = _opt("pretrain", "pretrain on raw text, sft on chat examples, grpo on prompts with rewards, "
+                                      "or reward: a reward model on prompt/chosen/rejected pairs")
     on_long: OnLong = _opt("skip", "SFT examples longer than seq_len: skip, truncate, or error")
     epochs: int | None = _opt(None, "passes over the data (none: as many as the steps need)")
     packing: bool = _opt(True, "pack several documents into one sequence")
@@ -236,6 +243,30 @@ class RunOptions:
     max_nonfinite: int = _opt(5, "stop after this many non-finite losses in a row")
 
 
+@dataclass
+class RLOptions:
+    """GRPO (--task grpo): rewards, sampling and the objective (DeepSeekMath defaults). With task grpo,
+    global_batch and micro_batch count completions (a multiple of group_size)."""
+
+    reward: str | None = _opt(None, "reward functions, comma-separated or a repeated flag: math, code, format, "
+                                    "module:function or path.py:function")
+    reward_weights: str | None = _opt(None, "weights of the reward functions, comma-separated (none: 1 each)")
+    reward_model: str | None = _opt(None, "a reward-model run directory (dsv3 train --task reward) scoring too")
+    group_size: int = _opt(4, "G, completions sampled per prompt (>= 2; the baseline is their mean)")
+    temperature: float = _opt(1.0, "sampling temperature of the rollouts")
+    top_p: float = _opt(1.0, "nucleus sampling threshold of the rollouts")
+    max_completion_tokens: int = _opt(64, "completion length limit (longer ones are cut and count as cut)")
+    grpo_iterations: int = _opt(1, "mu, policy updates per rollout batch (old log-probs when > 1)")
+    beta: float = _opt(0.04, "weight of the k3 KL to the frozen reference model (0: no reference is built)")
+    epsilon_low: float = _opt(0.2, "the ratio is clipped below at 1 - epsilon_low")
+    epsilon_high: float = _opt(0.2, "the ratio is clipped above at 1 + epsilon_high (DAPO: 0.28)")
+    loss_type: GRPOLossType = _opt("grpo", "loss aggregation: grpo (DeepSeekMath), bnpo, dr_grpo, dapo")
+    scale_rewards: RewardScaling = _opt("group", "divide centred rewards by the group std, the batch std, or not")
+    routing_replay: bool = _opt(False, "train with the experts the rollout chose (MoE routing replay)")
+    rl_bias_update: bool = _opt(False, "apply the aux-loss-free bias update during GRPO (off: routing stays "
+                                       "the rollout's between steps; see docs/rl.md)")
+
+
 def _section(cls: type) -> Any:
     return dataclasses.field(default_factory=cls, metadata={"help": cls.__doc__})
 
@@ -255,6 +286,7 @@ class TrainConfig:
     checkpoint: CheckpointOptions = _section(CheckpointOptions)
     logging: LoggingOptions = _section(LoggingOptions)
     run: RunOptions = _section(RunOptions)
+    rl: RLOptions = _section(RLOptions)
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> "TrainConfig":
@@ -298,6 +330,8 @@ class TrainConfig:
              f"--rope-factor {self.model.rope_factor:g} needs --rope-scaling yarn (without it the factor is unused)")
         for name, value in (("bias_update_stop", self.moe.bias_update_stop), ("mtp_switch", self.moe.mtp_switch)):
             need(0 <= value <= 1, f"{name} must be a fraction of the run in [0, 1], got {value}")
+        if d.task == "grpo":
+            _validate_rl(self, need)
         return self
 
     def default_run_dir(self) -> str:
@@ -322,6 +356,29 @@ class TrainConfig:
             opt = flat_options()[flat]
             setattr(getattr(config, opt.section), opt.name, _coerce(opt, value, source))
         return config.validate()
+
+
+def _validate_rl(config: "TrainConfig", need) -> None:
+    """The GRPO options' ranges (``task: grpo``), each refused with one sentence."""
+    rl, d = config.rl, config.data
+    need(rl.group_size >= 2, f"group_size must be at least 2 (GRPO's baseline is the mean of a group), "
+                             f"got {rl.group_size}")
+    need(d.global_batch % rl.group_size == 0,
+         f"global_batch ({d.global_batch}) counts completions under GRPO and must be a multiple of group_size "
+         f"({rl.group_size})")
+    need(rl.max_completion_tokens > 0, f"max_completion_tokens must be positive, got {rl.max_completion_tokens}")
+    need(rl.grpo_iterations > 0, f"grpo_iterations must be positive, got {rl.grpo_iterations}")
+    need(rl.beta >= 0, f"beta must be non-negative, got {rl.beta}")
+    need(0 <= rl.epsilon_low < 1 and rl.epsilon_high >= 0,
+         f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {rl.epsilon_low} and {rl.epsilon_high}")
+    need(rl.temperature > 0, f"temperature must be positive for GRPO rollouts, got {rl.temperature}")
+    need(0 < rl.top_p <= 1, f"top_p must be in (0, 1], got {rl.top_p}")
+    need(config.parallel.pp == 1, "--task grpo does not run under pipeline parallelism; use --pp 1 (dp and ep work)")
+    need(config.memory.ema_decay is None, "--task grpo keeps no EMA of the weights; drop --ema-decay")
+    need(bool(rl.reward) or rl.reward_model is not None,
+         "--task grpo needs a reward: --reward math|code|format|module:function or --reward-model RUN_DIR")
+    need(config.model.init_from is not None, "--task grpo starts from a trained model; pass --init-from CKPT "
+                                             "(a dsv3 run or a Hugging Face checkpoint)")
 
 
 # ----------------------------------------------------------------------------- field index

@@ -82,6 +82,15 @@ class LRSchedule:
     final_steps: int = 0
     total_steps: int | None = None
 
+    @classmethod
+    def from_options(cls, sched, peak_lr: float) -> "LRSchedule":
+        """The schedule of a run's ``schedule`` config section (fractions of ``sched.steps``) with ``peak_lr``."""
+        decay_start = int(sched.decay_start * sched.steps)
+        decay_steps = int(sched.decay_end * sched.steps) - decay_start
+        return cls(peak_lr=peak_lr, warmup_steps=min(sched.warmup_steps, decay_start), decay_start=decay_start,
+                   decay_steps=decay_steps, min_lr=sched.min_lr, final_lr=sched.final_lr,
+                   final_steps=sched.final_steps, total_steps=sched.steps)
+
     def __post_init__(self) -> None:
         for name in ("peak_lr", "min_lr") + (("final_lr",) if self.final_lr is not None else ()):
             value = getattr(self, name)

@@ -417,11 +417,7 @@ def _assemble(config: TrainConfig, mcfg: ModelConfig, run_dir: str, ctx, tokeniz
     from dsv3.train.schedule import BatchRamp, LRSchedule
 
     opt, sched, d = config.optimizer, config.schedule, config.data
-    decay_start = int(sched.decay_start * sched.steps)
-    schedule = LRSchedule(peak_lr=opt.lr, warmup_steps=min(sched.warmup_steps, decay_start),
-                          decay_start=decay_start, decay_steps=int(sched.decay_end * sched.steps) - decay_start,
-                          min_lr=sched.min_lr, final_lr=sched.final_lr, final_steps=sched.final_steps,
-                          total_steps=sched.steps)
+    schedule = LRSchedule.from_options(sched, opt.lr)
     if sched.batch_ramp_start is not None:
         ramp = BatchRamp(start=sched.batch_ramp_start, end=d.global_batch, ramp_steps=sched.batch_ramp_steps,
                          seq_len=d.seq_len, micro_batch=d.micro_batch)
