@@ -86,6 +86,42 @@ def test_greedy_speculative_with_one_of_two_modules_and_eos(trained):
     assert torch.equal(out_eos, ref_eos) and out_eos[0, -1] == eos
 
 
+def test_batched_greedy_speculative_equals_plain_greedy_per_row(trained):
+    """B prompts at once: each row equals plain greedy decoding of that prompt alone, the round commits
+    the fewest drafts any row accepted, and per-row acceptance is still counted."""
+    ids = torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(7))
+    stats = SpeculativeStats(2)
+    out = speculative_generate(trained, ids, max_new_tokens=20, temperature=0, stats=stats)
+    for b in range(4):
+        assert torch.equal(out[b:b + 1], generate(trained, ids[b:b + 1], max_new_tokens=20, temperature=0))
+    assert stats.new_tokens == 4 * 20 and stats.proposed[0] == 4 * stats.rounds
+    one = SpeculativeStats(2)
+    speculative_generate(trained, ids[:1], max_new_tokens=20, temperature=0, stats=one)
+    assert stats.rounds >= one.rounds  # a batch advances by its slowest row
+    eos = int(out[1, 6 + 4])  # row 1 stops at its 5th new token; the others run on, or stop at it too
+    ref = generate(trained, ids, max_new_tokens=20, temperature=0, eos_id=eos)
+    assert torch.equal(speculative_generate(trained, ids, max_new_tokens=20, temperature=0, eos_id=eos), ref)
+
+
+def test_batched_sampling_rows_follow_the_model(trained):
+    """Batched speculative sampling: in the rows whose first new token (the prefill's) is the likeliest,
+    the second (drawn in a speculative round, drafted and verified with the other rows) is distributed
+    as the model's p(. | prompt, first): empirical frequencies of its top tokens within 4 sigma."""
+    rows = 300
+    ids = torch.tensor([[4, 23, 22]] * rows)
+    out = speculative_generate(trained, ids, max_new_tokens=3, temperature=1.0,
+                               generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        first = int(token_probs(trained(ids[:1]).logits[0, -1], temperature=1.0).argmax())
+        p = token_probs(trained(torch.tensor([[4, 23, 22, first]])).logits[0, -1], temperature=1.0)
+    second = out[out[:, 3] == first, 4]
+    n = second.numel()
+    assert n > 30
+    for tok in torch.topk(p, 3).indices.tolist():
+        freq = (second == tok).float().mean().item()
+        assert abs(freq - p[tok].item()) < 4 * math.sqrt(p[tok].item() * (1 - p[tok].item()) / n) + 1e-3
+
+
 def _fresh_latents(model, tokens, valid_main, valid_mtp):
     """Reference cache contents: the committed sequence run once from scratch (no rounds, no rollback)."""
     cfg = model.config
@@ -125,7 +161,7 @@ def test_cache_rolls_back_to_the_committed_tokens(trained, monkeypatch, forced):
     L = trained.config.num_hidden_layers
     depths = set()
     while len(dec.tokens) < 4 + 30:
-        emitted = dec.step()
+        emitted = dec.step()[0]
         depths.add(len(emitted) - 1)
         valid_main = len(dec.tokens) - 1
         assert dec.cache.lengths[:L] == [valid_main] * L
@@ -236,8 +272,9 @@ def test_speculative_sampling_matches_the_model_distribution():
 
 
 def test_speculative_refuses_bad_input(trained):
-    with pytest.raises(ConfigError, match="one non-empty prompt"):
-        speculative_generate(trained, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=2)
+    for shape in [(0, 3), (1, 0), (3,)]:
+        with pytest.raises(ConfigError, match="non-empty prompts of one length"):
+            speculative_generate(trained, torch.zeros(shape, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ConfigError, match="num_draft"):
         speculative_generate(trained, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, num_draft=3)
     no_mtp = DeepseekV3ForCausalLM(small_config(num_nextn_predict_layers=0))
