@@ -162,7 +162,7 @@ def main() -> None:
     model, checkpoint = load_for_generation(args.run_dir, keep_mtp=True)
     tokenizer = get_tokenizer(str(Path(checkpoint) / "tokenizer.json"), vocab_size=model.config.vocab_size)
     batches = [int(b) for b in args.batch.split(",")]
-    count = max(args.prompts, *batches)
+    count = max(args.prompts, *(2 * b for b in batches))
     pick = _counting_prompts if args.prompt_source == "numbers" else _prompts
     prompts = pick(tokenizer, count, args.prompt_tokens, args.seed)
     print(f"checkpoint {checkpoint}: {model.num_parameters():,} parameters, {model.config.num_hidden_layers} layers, "
