@@ -9,7 +9,8 @@ import torch
 
 from dsv3.errors import ConfigError
 from dsv3.infer.generate import generate, token_probs
-from dsv3.infer.speculative import SpeculativeDecoder, SpeculativeStats, accept_drafts, speculative_generate
+from dsv3.infer.speculative import (SpeculativeDecoder, SpeculativeStats, accept_drafts, accept_greedy,
+                                   speculative_generate)
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.mla import LatentKVCache
 
@@ -309,3 +310,16 @@ def test_sampling_acceptance_rule_accepts_what_the_target_prefers():
         assert a == 0 and nxt in (1, 2)
         twos += nxt == 2
     assert 0.72 < twos / 400 < 0.88  # the residual max(0, p - q) = [0, 0.1, 0.4]: token 2 with probability 0.8
+
+
+def test_batched_greedy_acceptance_equals_the_rule_row_by_row():
+    """accept_greedy on [B, D+1, V] logits gives, per row, what accept_drafts' greedy rule gives."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(64, 3, 6, generator=gen)
+    best = logits.argmax(-1)
+    # drafts that match the argmax for a random prefix, then differ
+    drafts = [[int(best[b, j]) if j < b % 3 else (int(best[b, j]) + 1) % 6 for j in range(2)] for b in range(64)]
+    got = accept_greedy(drafts, logits)
+    one_hot = torch.zeros_like(logits).scatter_(-1, best[..., None], 1.0)
+    want = [accept_drafts(drafts[b], [None, None], one_hot[b], greedy=True) for b in range(64)]
+    assert got == want and {a for a, _ in got} == {0, 1, 2}

@@ -132,6 +132,21 @@ def accept_drafts(drafts: list[int], q: list[torch.Tensor], p: torch.Tensor, *, 
     return len(drafts), _draw(p[len(drafts)], greedy, generator)
 
 
+def accept_greedy(drafts: list[list[int]], logits: torch.Tensor) -> list[tuple[int, int]]:
+    """The greedy rule of :func:`accept_drafts` for B rows at once.
+
+    Args:
+        drafts: [B][D] drafted tokens. logits: [B, D+1, V] the verification forward's logits.
+    Returns:
+        (a_b, next_b) per row: a_b drafts match argmax p_0..p_{a_b - 1}; next_b = argmax p_{a_b}.
+    """
+    best = logits.argmax(-1)  # [B, D+1]
+    d = len(drafts[0])
+    accepted = (best[:, :d] == torch.tensor(drafts, device=best.device)).int().cumprod(1).sum(1)  # [B]
+    nxt = best.gather(1, accepted[:, None])[:, 0]
+    return list(zip(accepted.tolist(), nxt.tolist()))
+
+
 class _MTPDrafter:
     """The MTP modules' state: their latent cache slots, h^k per position, and how far each is valid."""
 
@@ -148,7 +163,7 @@ class _MTPDrafter:
     def draft(self, rows: list[list[int]], n: int, temperature: float, top_p: float,
               generator: torch.Generator | None) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
         """Draft d_1..d_D for each row after its committed tokens t_0..t_N (``n`` = N); h^0 is known up
-        to N-1. Returns the drafts and their distributions q_1..q_D ([V] each), per row."""
+        to N-1. Returns the drafts and their distributions q_1..q_D ([V] each; none when greedy), per row."""
         model, greedy = self.model, temperature <= 0
         device = self.hidden[0].device
         drafts: list[list[int]] = [[] for _ in rows]
@@ -167,6 +182,10 @@ class _MTPDrafter:
             self.valid[k] = n  # provisional: positions past the committed tokens are cut in commit()
             logits = model.lm_head(layer.shared_head.norm(h[:, -1]))  # [B, V]
             check_finite(logits, n + k)
+            if greedy:  # argmax of all rows at once; greedy acceptance needs no q
+                for b, token in enumerate(logits.argmax(-1).tolist()):
+                    drafts[b].append(token)
+                continue
             for b in range(len(rows)):
                 q = _distribution(logits[b], temperature, top_p)
                 drafts[b].append(_draw(q, greedy, generator))
@@ -262,11 +281,15 @@ class SpeculativeDecoder:
         out = model(verify, cache=self.cache, start_pos=n)
         self.rounds += 1
         check_finite(out.logits, n)
-        decided = []
-        for b, row_logits in enumerate(out.logits):
-            p = torch.stack([_distribution(x, self.temperature, self.top_p) for x in row_logits])
-            decided.append(accept_drafts(drafts[b], qs[b], p, greedy=self.greedy, generator=self.generator))
-            self._count(decided[-1][0])
+        if self.greedy:
+            decided = accept_greedy(drafts, out.logits)
+        else:
+            decided = []
+            for b, row_logits in enumerate(out.logits):
+                p = torch.stack([_distribution(x, self.temperature, self.top_p) for x in row_logits])
+                decided.append(accept_drafts(drafts[b], qs[b], p, greedy=False, generator=self.generator))
+        for ab, _ in decided:
+            self._count(ab)
         a = min(ab for ab, _ in decided)  # every row commits a drafts (the cache has one length)
         emitted = [d[:a] + [nxt if ab == a else d[a]] for d, (ab, nxt) in zip(drafts, decided)]
         self.drafter.hidden[0][:, n:n + a + 1] = out.hidden_states[:, : a + 1]
