@@ -11,8 +11,7 @@ standard library), it profiles ``--steps`` steps and reports, per step:
   not inside any ATen op);
 - the GEMM FLOPs (``FlopCounterMode``, with formulas for the grouped GEMM) over the GEMM time, against a
   2048^3 FP32 matmul timed in the same run: the rate the step's GEMMs reach, and the whole step's FLOPs
-  over its wall time as a share of that rate;
-- the CPU allocations per step (profiler memory events).
+  over its wall time as a share of that rate.
 
     python bench/step_profile.py [--preset small] [--experts 64] [--steps 3] [--threads N] [--json out.json]
 """
@@ -74,12 +73,7 @@ def gemm_flops(session) -> float:
 def _shares(prof, wall: float, steps: int) -> dict:
     """Seconds per step by category (self time of ATen ops; the optimizer inclusive)."""
     parts = {"gemm": 0.0, "attention": 0.0, "routing_dispatch": 0.0, "other_aten": 0.0}
-    optimizer, allocations = 0.0, 0
-    for e in prof.events():
-        if e.name.startswith("Optimizer.step"):
-            optimizer += e.cpu_time_total / 1e6
-        elif e.name == "[memory]" and getattr(e, "cpu_memory_usage", 0) > 0:
-            allocations += 1
+    optimizer = sum(e.cpu_time_total for e in prof.events() if e.name.startswith("Optimizer.step")) / 1e6
     for e in prof.key_averages():
         if not e.key.startswith("aten::"):
             continue
@@ -90,7 +84,6 @@ def _shares(prof, wall: float, steps: int) -> dict:
     out = {k: v / steps for k, v in parts.items()}
     out["python_overhead"] = max(0.0, wall - aten) / steps
     out["optimizer_inclusive"] = optimizer / steps
-    out["allocations_per_step"] = allocations / steps
     return out
 
 
@@ -102,7 +95,7 @@ def profile_config(preset: str, experts: int | None, steps: int, seq_len: int, m
             s.step()
         plain = [s.step() for _ in range(steps)]
         rate = matmul_flops_per_s()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             t = time.perf_counter()
             for _ in range(steps):
                 s.step()
@@ -114,7 +107,7 @@ def profile_config(preset: str, experts: int | None, steps: int, seq_len: int, m
     step_s = statistics.median(plain)
     return {"config": s.name, "tokens_per_step": seq_len * micro_batch, "step_s_median": step_s,
             "profiled_step_s": wall / steps, "seconds_per_step": shares,
-            "share": {k: v / (wall / steps) for k, v in shares.items() if k != "allocations_per_step"},
+            "share": {k: v / (wall / steps) for k, v in shares.items()},
             "gemm_gflop_per_step": flops / 1e9, "matmul_2048_gflops": rate / 1e9,
             "gemm_rate_share": flops / shares["gemm"] / rate if shares["gemm"] else float("nan"),
             "step_gemm_flops_share_of_matmul_rate": flops / step_s / rate, "threads": torch.get_num_threads()}
