@@ -130,17 +130,25 @@ def measure(preset: str | ModelConfig, seq_len: int, micro_batch: int = 1, dtype
     }
 
 
-def _rank_measure(rank: int, preset, dp: int, ep: int, seq_len: int, micro_batch: int, dtype: str, moments: str,
+def _rank_measures(rank: int, preset, dp: int, ep: int, seq_len: int, micro_batch: int, dtypes: tuple[str, ...],
+                   moments: str, recompute: str, seed: int) -> list[dict]:
+    """One spawned rank of :func:`measure_parallel`: :func:`_rank_measure` for each dtype, in one world."""
+    from dsv3.parallel.world import init_parallel
+
+    ctx = init_parallel(dp=dp, ep=ep, n_routed_experts=build(preset, "fp32", "none", None, seed)[0].n_routed_experts,
+                        device="cpu")
+    return [_rank_measure(ctx, rank, preset, seq_len, micro_batch, dtype, moments, recompute, seed) for dtype in dtypes]
+
+
+def _rank_measure(ctx, rank: int, preset, seq_len: int, micro_batch: int, dtype: str, moments: str,
                   recompute: str, seed: int) -> dict:
-    """One spawned rank of :func:`measure_parallel`: measured bytes of this rank after one step."""
+    """Measured bytes of this rank after one step of a fresh model in ``dtype``."""
     from dsv3.memory.measure import activation_bytes
     from dsv3.parallel.dispatch import shard_experts
-    from dsv3.parallel.world import init_parallel
     from dsv3.parallel.zero import ZeroAdamW
 
     cfg, model = build(preset, dtype, recompute, None, seed)
-    ctx = init_parallel(dp=dp, ep=ep, n_routed_experts=cfg.n_routed_experts, device="cpu")
-    shard_experts(model, ctx, dispatcher="alltoall" if ep > 1 else "local")
+    shard_experts(model, ctx, dispatcher="alltoall" if ctx.ep > 1 else "local")
     opt = ZeroAdamW(model, ctx, moments_dtype=moments)
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     ids = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1), generator=gen)
@@ -173,15 +181,23 @@ def planned_per_rank(cfg: ModelConfig, dp: int, ep: int, seq_len: int, micro_bat
 
 
 def measure_parallel(preset: str | ModelConfig, dp: int, ep: int, seq_len: int, micro_batch: int = 1,
-                     dtype: str = "bf16", moments: str = "fp32", recompute: str = "none", seed: int = 0,
+                     dtype: str | tuple[str, ...] = "bf16", moments: str = "fp32", recompute: str = "none", seed: int = 0,
                      timeout: float = 120.0) -> list[dict]:
-    """Run :func:`_rank_measure` on ``dp`` spawned gloo ranks; one row per rank (measured, planned, ratio)."""
+    """Run :func:`_rank_measure` on ``dp`` spawned gloo ranks; one row per rank (measured, planned, ratio).
+    Several dtypes (a tuple) are measured in one spawned world: rows dtype-major."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from dist_helpers import run_ranks  # noqa: E402  (spawned gloo ranks with hard timeouts)
 
-    cfg = load_preset(preset) if isinstance(preset, str) else preset
-    measured = run_ranks(_rank_measure, dp, preset, dp, ep, seq_len, micro_batch, dtype, moments, recompute, seed,
+    dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
+    per_rank = run_ranks(_rank_measures, dp, preset, dp, ep, seq_len, micro_batch, dtypes, moments, recompute, seed,
                          timeout=timeout)
+    return [row for i, d in enumerate(dtypes)
+            for row in _rows(preset, dp, ep, seq_len, micro_batch, d, moments, recompute, [m[i] for m in per_rank])]
+
+
+def _rows(preset, dp: int, ep: int, seq_len: int, micro_batch: int, dtype: str, moments: str, recompute: str,
+          measured: list[dict]) -> list[dict]:
+    cfg = load_preset(preset) if isinstance(preset, str) else preset
     planned = planned_per_rank(cfg, dp, ep, seq_len, micro_batch, dtype, moments, recompute)
     rows = []
     for m, p in zip(measured, planned):

@@ -18,7 +18,11 @@ The reference is transformers' default implementation (``experts_implementation=
 attention). A second reference, ``transformers-eager``, is the same model with transformers' per-expert
 Python loop (``experts_implementation="eager"``, what transformers 4.x ran); ``--no-eager`` skips it.
 
-    python bench/train_step.py [--steps 5] [--no-eager] [--json out.json]
+``--busy N`` measures the sensitivity to contention: N busy processes (each a one-thread 512^3 matmul
+loop) run during every other round of steps (paused with SIGSTOP otherwise), and the report gives each
+model's median step time with and without them and the slowdown ratio, interleaved in one run.
+
+    python bench/train_step.py [--steps 5] [--no-eager] [--busy 1] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -168,11 +173,53 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+BUSY_LOOP = "import torch\ntorch.set_num_threads(1)\na = torch.randn(512, 512)\nwhile True:\n    a @ a\n"
+
+
+class BusyProcesses:
+    """``n`` processes that keep one core each busy while :meth:`on`; stopped (SIGSTOP) while off."""
+
+    def __init__(self, n: int) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(n)]
+        self.off()
+
+    def on(self) -> None:
+        for p in self.procs:
+            os.kill(p.pid, signal.SIGCONT)
+
+    def off(self) -> None:
+        for p in self.procs:
+            os.kill(p.pid, signal.SIGSTOP)
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def timed_rounds(models, opts, batches, steps: int, busy: BusyProcesses | None) -> dict:
+    """Step times per model (and, with ``busy``, per condition), alternating models every step and the
+    busy processes every round."""
+    times = {(w, c): [] for w in models for c in (("quiet", "busy") if busy else ("quiet",))}
+    for i in range(steps):
+        for cond in (("quiet", "busy") if i % 2 == 0 else ("busy", "quiet")) if busy else ("quiet",):
+            if busy:
+                busy.on() if cond == "busy" else busy.off()
+            for w in models:
+                t = time.perf_counter()
+                step(w, models[w], opts[w], batches[1 + i])
+                times[(w, cond)].append(time.perf_counter() - t)
+    if busy:
+        busy.off()
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (medians are reported)")
     parser.add_argument("--no-eager", action="store_true", help="skip transformers' per-expert loop reference")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--busy", type=int, default=0, help="busy processes to add every other round (contention)")
     parser.add_argument("--child", nargs=2, metavar=("WHICH", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -194,12 +241,13 @@ def main() -> None:
     for w in models:  # warm-up
         step(w, models[w], opts[w], batches[0])
     peak = matmul_flops_per_s()
-    times = {w: [] for w in models}
-    for i in range(args.steps):  # alternate, so both see the same machine conditions
-        for w in models:
-            t = time.perf_counter()
-            step(w, models[w], opts[w], batches[1 + i])
-            times[w].append(time.perf_counter() - t)
+    busy = BusyProcesses(args.busy) if args.busy else None
+    try:  # alternate, so both see the same machine conditions
+        by_cond = timed_rounds(models, opts, batches, args.steps, busy)
+    finally:
+        if busy:
+            busy.close()
+    times = {w: by_cond[(w, "quiet")] for w in models}
     peak = max(peak, matmul_flops_per_s())  # the better of two measurements bounds the machine
     tokens = BATCH * SEQ
     rss = {}
@@ -219,6 +267,13 @@ def main() -> None:
                      "peak_rss_mib": rss[w] / 2**20, "step_times": times[w]}
     result["speedup"] = result["dsv3"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     result["peak_rss_ratio"] = rss["dsv3"] / rss["transformers"]
+    if busy:
+        result["busy_processes"] = args.busy
+        for w in models:
+            t_busy = statistics.median(by_cond[(w, "busy")])
+            result[w].update(busy_step_s=t_busy, busy_slowdown=t_busy / result[w]["step_s"],
+                             busy_step_times=by_cond[(w, "busy")])
+        result["busy_speedup"] = result["transformers"]["busy_step_s"] / result["dsv3"]["busy_step_s"]
     if "transformers-eager" in models:
         result["speedup_vs_eager"] = result["dsv3"]["tokens_per_s"] / result["transformers-eager"]["tokens_per_s"]
     print(f"matmul 2048^3 fp32: {peak / 1e9:.1f} GFLOP/s ({result['threads']} threads)")
@@ -231,6 +286,11 @@ def main() -> None:
     print(f"speedup dsv3 / transformers: {result['speedup']:.2f}x; peak RSS ratio {result['peak_rss_ratio']:.2f}")
     if "speedup_vs_eager" in result:
         print(f"speedup dsv3 / transformers-eager: {result['speedup_vs_eager']:.2f}x")
+    if busy:
+        for w in models:
+            print(f"{w:>18}: with {args.busy} busy process(es) {result[w]['busy_step_s']:.3f} s/step, "
+                  f"slowdown {result[w]['busy_slowdown']:.2f}x")
+        print(f"speedup dsv3 / transformers with the busy process(es): {result['busy_speedup']:.2f}x")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

@@ -9,7 +9,8 @@ import torch
 
 from dsv3.errors import ConfigError
 from dsv3.infer.generate import generate, token_probs
-from dsv3.infer.speculative import SpeculativeDecoder, SpeculativeStats, accept_drafts, speculative_generate
+from dsv3.infer.speculative import (SpeculativeDecoder, SpeculativeStats, accept_drafts, accept_greedy,
+                                   speculative_generate)
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.mla import LatentKVCache
 
@@ -86,6 +87,42 @@ def test_greedy_speculative_with_one_of_two_modules_and_eos(trained):
     assert torch.equal(out_eos, ref_eos) and out_eos[0, -1] == eos
 
 
+def test_batched_greedy_speculative_equals_plain_greedy_per_row(trained):
+    """B prompts at once: each row equals plain greedy decoding of that prompt alone, the round commits
+    the fewest drafts any row accepted, and per-row acceptance is still counted."""
+    ids = torch.randint(0, V, (4, 6), generator=torch.Generator().manual_seed(7))
+    stats = SpeculativeStats(2)
+    out = speculative_generate(trained, ids, max_new_tokens=20, temperature=0, stats=stats)
+    for b in range(4):
+        assert torch.equal(out[b:b + 1], generate(trained, ids[b:b + 1], max_new_tokens=20, temperature=0))
+    assert stats.new_tokens == 4 * 20 and stats.proposed[0] == 4 * stats.rounds
+    one = SpeculativeStats(2)
+    speculative_generate(trained, ids[:1], max_new_tokens=20, temperature=0, stats=one)
+    assert stats.rounds >= one.rounds  # a batch advances by its slowest row
+    eos = int(out[1, 6 + 4])  # row 1 stops at its 5th new token; the others run on, or stop at it too
+    ref = generate(trained, ids, max_new_tokens=20, temperature=0, eos_id=eos)
+    assert torch.equal(speculative_generate(trained, ids, max_new_tokens=20, temperature=0, eos_id=eos), ref)
+
+
+def test_batched_sampling_rows_follow_the_model(trained):
+    """Batched speculative sampling: in the rows whose first new token (the prefill's) is the likeliest,
+    the second (drawn in a speculative round, drafted and verified with the other rows) is distributed
+    as the model's p(. | prompt, first): empirical frequencies of its top tokens within 4 sigma."""
+    rows = 300
+    ids = torch.tensor([[4, 23, 22]] * rows)
+    out = speculative_generate(trained, ids, max_new_tokens=3, temperature=1.0,
+                               generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        first = int(token_probs(trained(ids[:1]).logits[0, -1], temperature=1.0).argmax())
+        p = token_probs(trained(torch.tensor([[4, 23, 22, first]])).logits[0, -1], temperature=1.0)
+    second = out[out[:, 3] == first, 4]
+    n = second.numel()
+    assert n > 30
+    for tok in torch.topk(p, 3).indices.tolist():
+        freq = (second == tok).float().mean().item()
+        assert abs(freq - p[tok].item()) < 4 * math.sqrt(p[tok].item() * (1 - p[tok].item()) / n) + 1e-3
+
+
 def _fresh_latents(model, tokens, valid_main, valid_mtp):
     """Reference cache contents: the committed sequence run once from scratch (no rounds, no rollback)."""
     cfg = model.config
@@ -125,7 +162,7 @@ def test_cache_rolls_back_to_the_committed_tokens(trained, monkeypatch, forced):
     L = trained.config.num_hidden_layers
     depths = set()
     while len(dec.tokens) < 4 + 30:
-        emitted = dec.step()
+        emitted = dec.step()[0]
         depths.add(len(emitted) - 1)
         valid_main = len(dec.tokens) - 1
         assert dec.cache.lengths[:L] == [valid_main] * L
@@ -236,8 +273,9 @@ def test_speculative_sampling_matches_the_model_distribution():
 
 
 def test_speculative_refuses_bad_input(trained):
-    with pytest.raises(ConfigError, match="one non-empty prompt"):
-        speculative_generate(trained, torch.zeros(2, 3, dtype=torch.long), max_new_tokens=2)
+    for shape in [(0, 3), (1, 0), (3,)]:
+        with pytest.raises(ConfigError, match="non-empty prompts of one length"):
+            speculative_generate(trained, torch.zeros(shape, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ConfigError, match="num_draft"):
         speculative_generate(trained, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, num_draft=3)
     no_mtp = DeepseekV3ForCausalLM(small_config(num_nextn_predict_layers=0))
@@ -272,3 +310,16 @@ def test_sampling_acceptance_rule_accepts_what_the_target_prefers():
         assert a == 0 and nxt in (1, 2)
         twos += nxt == 2
     assert 0.72 < twos / 400 < 0.88  # the residual max(0, p - q) = [0, 0.1, 0.4]: token 2 with probability 0.8
+
+
+def test_batched_greedy_acceptance_equals_the_rule_row_by_row():
+    """accept_greedy on [B, D+1, V] logits gives, per row, what accept_drafts' greedy rule gives."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(64, 3, 6, generator=gen)
+    best = logits.argmax(-1)
+    # drafts that match the argmax for a random prefix, then differ
+    drafts = [[int(best[b, j]) if j < b % 3 else (int(best[b, j]) + 1) % 6 for j in range(2)] for b in range(64)]
+    got = accept_greedy(drafts, logits)
+    one_hot = torch.zeros_like(logits).scatter_(-1, best[..., None], 1.0)
+    want = [accept_drafts(drafts[b], [None, None], one_hot[b], greedy=True) for b in range(64)]
+    assert got == want and {a for a, _ in got} == {0, 1, 2}

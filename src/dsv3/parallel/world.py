@@ -182,6 +182,31 @@ def _env_int(name: str, default: int) -> int:
     return default if value in (None, "") else int(value)
 
 
+def _user_chose_threads() -> bool:
+    """Whether the user set ``OMP_NUM_THREADS``: torchrun sets it to 1 for its ranks when the user did not,
+    so under torchrun (``TORCHELASTIC_RUN_ID``) it counts only where the launcher's own environment has it."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        return False
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return True
+    try:
+        with open(f"/proc/{os.getppid()}/environ", "rb") as fh:
+            return b"OMP_NUM_THREADS=" in fh.read()
+    except OSError:  # not Linux, or no access: keep what the environment says
+        return True
+
+
+def rank_threads(ranks_on_node: int, cores: int | None = None) -> int | None:
+    """Intra-op threads for one of ``ranks_on_node`` CPU ranks sharing this node's ``cores`` (default: the
+    cores this process may run on): ``cores // ranks`` (at least 1), so that the ranks do not oversubscribe
+    the cores nor leave them idle; None where the user chose ``OMP_NUM_THREADS`` (kept as given)."""
+    if _user_chose_threads():
+        return None
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, ranks_on_node))
+
+
 def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_experts: int | None = None,
                   timeout_s: float | None = None, device: str | torch.device | None = None,
                   schedule: str | None = None) -> ParallelContext:
@@ -190,7 +215,9 @@ def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_e
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``). Without
     ``WORLD_SIZE`` (or with 1) it returns :meth:`ParallelContext.single` after checking the layout.
     The layout is checked *before* any process group is created, so a bad layout fails on every
-    rank with the same one-line :class:`ConfigError`. gloo is used on CPU, NCCL on CUDA.
+    rank with the same one-line :class:`ConfigError`. gloo is used on CPU, NCCL on CUDA. A CPU rank
+    runs :func:`rank_threads` intra-op threads (cores / ranks on the node) unless the user set
+    ``OMP_NUM_THREADS``.
 
     Args:
         pp, dp, ep: the layout (``dp`` None: the world size over the pipeline devices).
@@ -224,6 +251,9 @@ def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_e
 
     backend = "nccl" if dev.type == "cuda" else "gloo"
     rank = _env_int("RANK", 0)
+    threads = rank_threads(_env_int("LOCAL_WORLD_SIZE", world_size)) if dev.type == "cpu" else None
+    if threads is not None:  # torch's default (every core in every rank) oversubscribes; torchrun's 1 idles
+        torch.set_num_threads(threads)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))

@@ -1,0 +1,138 @@
+"""Where a CPU training step's time goes (torch.profiler), and how close its GEMMs get to the matmul rate.
+
+For the ``small`` preset and a 64-expert variant of it (``--experts 64``: 64 routed experts of half the width,
+top-8 in 4 of 8 groups, a config no test uses), built and stepped exactly as ``dsv3 train`` does
+(:func:`dsv3.memory.measure.prepare_config`, the trainer's ``train_step``, FP32, batch 4 x 512 of the Python
+standard library), it profiles ``--steps`` steps and reports, per step:
+
+- the share of wall time in GEMMs (``mm``/``addmm``/``bmm``/``_grouped_mm``, self time), attention (the fused
+  CPU SDPA kernels), routing/dispatch (argsort, sort, topk, index_select, index_add, gather, scatter, bincount,
+  cumsum...), the optimizer (``Optimizer.step``, inclusive), other ATen ops, and Python overhead (wall time
+  not inside any ATen op);
+- the GEMM FLOPs (``FlopCounterMode``, with formulas for the grouped GEMM) over the GEMM time, against a
+  2048^3 FP32 matmul timed in the same run: the rate the step's GEMMs reach, and the whole step's FLOPs
+  over its wall time as a share of that rate.
+
+    python bench/step_profile.py [--preset small] [--experts 64] [--steps 3] [--threads N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_step import _flop_mapping, matmul_flops_per_s  # noqa: E402
+
+from dsv3.config import load_preset  # noqa: E402
+
+GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
+ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu",
+             "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+ROUTING = {"aten::argsort", "aten::sort", "aten::topk", "aten::index_select", "aten::index_add_", "aten::index",
+           "aten::index_put_", "aten::gather", "aten::scatter", "aten::scatter_add_", "aten::scatter_", "aten::bincount",
+           "aten::cumsum", "aten::histc", "aten::repeat_interleave", "aten::nonzero", "aten::searchsorted",
+           "aten::index_select_backward", "aten::gather_backward", "aten::embedding_dense_backward"}
+
+
+def _session(preset: str, experts: int | None, seq_len: int, micro_batch: int):
+    from dsv3.memory.measure import prepare_config
+    from dsv3.train.config import TrainConfig
+
+    cfg = load_preset(preset).to_dict()
+    if experts:
+        scale = experts // cfg["n_routed_experts"]
+        cfg.update(n_routed_experts=experts, moe_intermediate_size=cfg["moe_intermediate_size"] // scale,
+                   num_experts_per_tok=cfg["num_experts_per_tok"] * scale, n_group=8, topk_group=4)
+    path = Path(tempfile.mkdtemp(prefix="dsv3-profile-")) / "config.json"
+    path.write_text(json.dumps(cfg))
+    config = TrainConfig.from_dict(dict(model=str(path), seq_len=seq_len, micro_batch=micro_batch, global_batch=micro_batch,
+                                        dtype="float32", progress=False, tensorboard=False, val_fraction=0.0))
+    return prepare_config(config, f"{preset}" + (f"-{experts}e" if experts else ""))
+
+
+def gemm_flops(session) -> float:
+    """FLOPs of the GEMMs of one forward + backward (FlopCounterMode; the optimizer has none)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ids, labels = session.batches()
+    with FlopCounterMode(display=False, custom_mapping=_flop_mapping()) as counter:
+        session.model(ids, labels).loss.backward()
+    session.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def _shares(prof, wall: float, steps: int) -> dict:
+    """Seconds per step by category (self time of ATen ops; the optimizer inclusive)."""
+    parts = {"gemm": 0.0, "attention": 0.0, "routing_dispatch": 0.0, "other_aten": 0.0}
+    optimizer = sum(e.cpu_time_total for e in prof.events() if e.name.startswith("Optimizer.step")) / 1e6
+    for e in prof.key_averages():
+        if not e.key.startswith("aten::"):
+            continue
+        key = ("gemm" if e.key in GEMM else "attention" if e.key in ATTENTION
+               else "routing_dispatch" if e.key in ROUTING else "other_aten")
+        parts[key] += e.self_cpu_time_total / 1e6
+    aten = sum(parts.values())
+    out = {k: v / steps for k, v in parts.items()}
+    out["python_overhead"] = max(0.0, wall - aten) / steps
+    out["optimizer_inclusive"] = optimizer / steps
+    return out
+
+
+def profile_config(preset: str, experts: int | None, steps: int, seq_len: int, micro_batch: int) -> dict:
+    s = _session(preset, experts, seq_len, micro_batch)
+    try:
+        flops = gemm_flops(s)
+        for _ in range(2):  # warm-up
+            s.step()
+        plain = [s.step() for _ in range(steps)]
+        rate = matmul_flops_per_s()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for _ in range(steps):
+                s.step()
+            wall = time.perf_counter() - t
+        shares = _shares(prof, wall, steps)
+        rate = max(rate, matmul_flops_per_s())
+    finally:
+        s.close()
+    step_s = statistics.median(plain)
+    return {"config": s.name, "tokens_per_step": seq_len * micro_batch, "step_s_median": step_s,
+            "profiled_step_s": wall / steps, "seconds_per_step": shares,
+            "share": {k: v / (wall / steps) for k, v in shares.items()},
+            "gemm_gflop_per_step": flops / 1e9, "matmul_2048_gflops": rate / 1e9,
+            "gemm_rate_share": flops / shares["gemm"] / rate if shares["gemm"] else float("nan"),
+            "step_gemm_flops_share_of_matmul_rate": flops / step_s / rate, "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--experts", type=int, action="append", default=None,
+                   help="also profile a variant with this many routed experts (repeatable; default: 64)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = [profile_config(args.preset, e, args.steps, args.seq_len, args.micro_batch)
+               for e in [None] + (args.experts or [64])]
+    for r in results:
+        print(json.dumps(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
