@@ -49,12 +49,12 @@ class Parallelized:
 
     Attributes:
         model: the transformed, materialised model (the same object that was given).
-        optimizer: the :class:`~dsv3.parallel.zero.ZeroAdamW` over this rank's parameters.
+        optimizer: the :class:`~dsv3.parallel.zero.ZeroAdamW` over this rank's parameters (None when not ``optimize``).
         pipeline: the :class:`~dsv3.parallel.pipeline.executor.PipelineRuntime` (None without ``--pp``).
     """
 
     model: nn.Module
-    optimizer: ZeroAdamW
+    optimizer: ZeroAdamW | None
     pipeline: Any = None
 
 
@@ -138,7 +138,7 @@ def build_optimizer(model: nn.Module, ctx, config, pipeline=None) -> ZeroAdamW:
 
 
 def parallelize(model: nn.Module, ctx, config, *, mcfg: ModelConfig | None = None, init_from: str | None = None,
-                run_dir: str | None = None) -> Parallelized:
+                run_dir: str | None = None, partial: bool | None = None, optimize: bool = True) -> Parallelized:
     """Apply the layout of ``ctx`` and the recipe of ``config`` to ``model`` in the order of the module docstring.
 
     Args:
@@ -150,6 +150,10 @@ def parallelize(model: nn.Module, ctx, config, *, mcfg: ModelConfig | None = Non
         init_from: a Hugging Face checkpoint directory (:func:`dsv3.checkpoint.hf.resolve_pretrained`)
             whose held tensors are the initial values (default: the per-parameter seeds).
         run_dir: where a ``--trace`` of the pipeline goes.
+        partial: read only the held tensors of ``init_from`` (default: under ep or pp); True also in one process
+            when the model leaves out some of the checkpoint's tensors (GRPO and the reward model drop MTP).
+        optimize: build the optimizer (False: the caller builds it over a model wrapping this one,
+            :func:`build_optimizer`, as the reward model does around its score head).
     """
     mcfg = mcfg or model.config
     apply_precision(model, config)
@@ -159,7 +163,8 @@ def parallelize(model: nn.Module, ctx, config, *, mcfg: ModelConfig | None = Non
     select_stages(model, ctx, config)
     if any(t.is_meta for t in model.parameters()):
         materialize(model, ctx.device)
-        initialize(model, mcfg, init_from, partial=ctx.ep > 1 or ctx.pp > 1)
+        initialize(model, mcfg, init_from, partial=ctx.ep > 1 or ctx.pp > 1 if partial is None else partial)
     model.train()
     pipeline = build_runtime(model, ctx, config, run_dir)
-    return Parallelized(model=model, optimizer=build_optimizer(model, ctx, config, pipeline), pipeline=pipeline)
+    optimizer = build_optimizer(model, ctx, config, pipeline) if optimize else None
+    return Parallelized(model=model, optimizer=optimizer, pipeline=pipeline)

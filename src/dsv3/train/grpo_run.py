@@ -2,10 +2,13 @@
 
 :func:`build_grpo` checks everything before it writes anything (the rewards import and their
 columns exist, every prompt fits the context with ``max_completion_tokens``, the layout divides),
-then: the policy from ``--init-from`` (a dsv3 run's latest checkpoint or a Hugging Face directory;
-its MTP modules are dropped: GRPO trains the main model), expert-sharded under torchrun, the frozen
-reference as a CPU copy of those initial weights (only when beta > 0), AdamW (ZeRO-1 under torchrun)
-and the learning-rate schedule; on ``--resume`` the latest checkpoint. A checkpoint holds the
+then, through the training session's phases (docs/architecture.md): the world
+(:func:`~dsv3.train.session._join_world`), the policy built on meta without MTP modules (GRPO trains the
+main model) and :func:`~dsv3.parallel.parallelize.parallelize`d (expert sharding, only the held tensors
+read from ``--init-from``: a dsv3 run's latest checkpoint or a Hugging Face directory; ZeroAdamW in every
+layout), the frozen reference as a CPU copy of those initial weights (only when beta > 0) and the
+learning-rate schedule; the run directory (:func:`~dsv3.train.session._write_run_dir`); on ``--resume``
+the latest checkpoint through the :class:`~dsv3.checkpoint.checkpointer.Checkpointer`. A checkpoint holds the
 weights (router biases included), the optimizer and the step: the prompts and the samples of a
 step are functions of (seed, step), so a resumed run repeats the uninterrupted one exactly.
 """
@@ -78,39 +81,22 @@ def _template(config: TrainConfig, run_dir: str):
         return None
 
 
-def _optimizer(config: TrainConfig, model, parallel):
-    opt = config.optimizer
-    kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay, eps=opt.eps,
-                  moments_dtype=config.memory.optim_states)
-    if parallel is not None and parallel.distributed:
-        from dsv3.parallel.zero import ZeroAdamW
-
-        return ZeroAdamW(model, parallel, **kwargs)
-    from dsv3.train.optim import build_optimizer
-
-    return build_optimizer(model, **kwargs)
-
-
-def _check_layout(config: TrainConfig, parallel) -> None:
-    dp = parallel.dp if parallel is not None and parallel.distributed else 1
+def check_prompt_split(config: TrainConfig, dp: int) -> None:
+    """A step's P = global_batch / G prompts must split evenly over the ``dp`` ranks (:func:`_join_world`'s check)."""
     prompts = config.data.global_batch // config.rl.group_size
     if prompts % dp:
         raise ConfigError(f"global_batch / group_size = {prompts} prompts per step cannot be split over dp {dp} ranks; "
                           f"make global_batch a multiple of group_size * dp")
 
 
-def _policy(config: TrainConfig, mcfg, device, parallel):
-    """The policy model (MTP dropped), expert-sharded under torchrun."""
-    from dsv3.train.session import build_model
+def _policy(config: TrainConfig, mcfg, ctx, run_dir: str):
+    """The policy (MTP dropped) through the set-up phases: built on meta, then :func:`parallelize` (expert
+    sharding, only the held tensors materialised and read from ``--init-from``, ZeroAdamW in every layout)."""
+    from dsv3.parallel.parallelize import parallelize
+    from dsv3.train.session import build_meta
 
-    model = build_model(config, mcfg, device)
-    model.drop_mtp()
-    model.train()
-    if parallel is not None and parallel.distributed:
-        from dsv3.parallel.dispatch import shard_experts
-
-        shard_experts(model, parallel, dispatcher=config.parallel.dispatcher, fp8=config.precision.fp8)
-    return model
+    model, init_from = build_meta(config, mcfg, mtp=False)
+    return parallelize(model, ctx, config, mcfg=mcfg, init_from=init_from, run_dir=run_dir, partial=True)
 
 
 # ----------------------------------------------------------------------------- build
@@ -153,7 +139,10 @@ def _configure(config: TrainConfig | None, resume: str | None, overrides) -> tup
 
 
 def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
-    from dsv3.train.session import _join_parallel, model_config_for, resolve_device
+    """The session's phases for GRPO: configuration, prompts and rewards (all checked first), the world, the
+    policy (:func:`_policy`), the run directory (:func:`dsv3.train.session._write_run_dir`), the restore."""
+    from dsv3.checkpoint.checkpointer import Checkpointer
+    from dsv3.train.session import _join_world, _write_run_dir, model_config_for, resolve_device
 
     config, run_dir = _configure(config, resume, overrides)
     device = resolve_device(config)
@@ -167,11 +156,11 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     prompts = read_prompts(config.data.path, tokenizer=tokenizer, template=_template(config, run_dir),
                            context=mcfg.max_position_embeddings, max_completion_tokens=config.rl.max_completion_tokens)
     rewards.check_columns(list(prompts.columns), source=config.data.path)
-    parallel, run_dir = _join_parallel(config, mcfg, parallel, run_dir)
-    _check_layout(config, parallel)
+    ctx, run_dir = _join_world(config, mcfg, parallel, run_dir, device, check_split=check_prompt_split)
     if resume is not None:
-        check_resume_layout(run_dir, parallel is not None and parallel.distributed)
-    model = _policy(config, mcfg, device, parallel)
+        check_resume_layout(run_dir, ctx.distributed)
+    par = _policy(config, mcfg, ctx, run_dir)
+    model = par.model
     reference = None
     if config.rl.beta > 0:  # the frozen reference: a CPU copy of the initial weights, swapped in when needed
         from dsv3.memory.ema import CPUEMA
@@ -180,13 +169,14 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     from dsv3.train.schedule import LRSchedule
 
     run = GRPORun(config=config, mcfg=mcfg, run_dir=run_dir, device=device, tokenizer=tokenizer, prompts=prompts,
-                  rewards=rewards, model=model, optimizer=_optimizer(config, model, parallel),
+                  rewards=rewards, model=model, optimizer=par.optimizer,
                   schedule=LRSchedule.from_options(config.schedule, config.optimizer.lr),
                   params=[p for p in model.parameters() if p.requires_grad], eos_id=eos_id, reference=reference,
-                  parallel=parallel, recorder=RoutingRecorder(model) if model.moe_layers() else None)
-    _write_run_dir(run, resume, lock)
+                  parallel=ctx, recorder=RoutingRecorder(model) if model.moe_layers() else None,
+                  checkpointer=Checkpointer(run_dir, ctx, keep_last=config.checkpoint.keep_last, tokenizer=tokenizer))
+    checkpoint = _write_run_dir(run, resume, True, lock)  # type: ignore[arg-type]  (the Session names it reads)
     if resume is not None:
-        restore_grpo(run)
+        restore_grpo(run, checkpoint)
     return run
 
 
@@ -196,64 +186,20 @@ def _eos_id(config: TrainConfig, tokenizer) -> int:
     return eos_token_id(tokenizer, config.data.eos_token)
 
 
-def _write_run_dir(run: GRPORun, resume: str | None, lock) -> None:
-    """Rank 0 creates and locks the run directory and writes its config, model config and tokenizer."""
-    from dsv3.errors import RunDirError
-    from dsv3.train.config import save_effective_config
-    from dsv3.train.rundir import LOCK_FILE
-    from dsv3.train.session import CONFIG_FILE, MODEL_CONFIG_FILE
-    from dsv3.utils.io import atomic_path
-
-    if run.parallel is not None and run.parallel.distributed and not run.parallel.is_main:
-        return
-    if resume is None:
-        try:
-            os.makedirs(run.run_dir, exist_ok=True)
-        except OSError as exc:
-            raise RunDirError(f"cannot create run directory {run.run_dir} ({exc.strerror or exc}); "
-                              f"choose another --run-dir") from None
-        lock.run_dir, lock.path = run.run_dir, os.path.join(run.run_dir, LOCK_FILE)
-        lock.acquire()
-        run.mcfg.save(os.path.join(run.run_dir, MODEL_CONFIG_FILE))
-        with atomic_path(os.path.join(run.run_dir, "tokenizer.json")) as tmp:
-            run.tokenizer.save(tmp)
-    save_effective_config(run.config, os.path.join(run.run_dir, CONFIG_FILE))
-    run.lock = lock if lock.held else None
-
-
 # ----------------------------------------------------------------------------- checkpoints
 def save_grpo(run: GRPORun) -> str:
-    """Write the run's state after ``run.step`` steps (sharded DCP under torchrun); returns its directory."""
-    c = run.config
-    if run.distributed:
-        from dsv3.parallel.checkpoint import save_sharded
-
-        return save_sharded(run.run_dir, run.step, model=run.model, optimizer=run.optimizer, ctx=run.parallel,
-                            extra={"loader": {"grpo_step": run.step}, "nonfinite": run.nonfinite},
-                            keep_last=c.checkpoint.keep_last)
-    from dsv3.checkpoint.state import save_checkpoint
-
-    return save_checkpoint(run.run_dir, run.step, model=run.model, optimizer=run.optimizer,
-                           loader_state={"grpo_step": run.step}, tokenizer=run.tokenizer,
-                           keep_last=c.checkpoint.keep_last, extra={"nonfinite": run.nonfinite})
+    """Write the run's state after ``run.step`` steps through the run's :class:`~dsv3.checkpoint.checkpointer.
+    Checkpointer` (sharded DCP under torchrun, the one-process format otherwise); returns its directory."""
+    return run.checkpointer.save(run.step, run.model, run.optimizer, loader_state={"grpo_step": run.step},
+                                 extra={"nonfinite": run.nonfinite})
 
 
-def restore_grpo(run: GRPORun) -> None:
-    """Load the latest checkpoint of the run directory into the policy and optimizer (none yet: step 0).
-    A run continues in the kind of layout it was written in (sharded under torchrun, whole in one process)."""
-    from dsv3.checkpoint.state import load_checkpoint_state, select_resume_checkpoint
-    from dsv3.parallel.checkpoint import latest_sharded, load_sharded
-
-    if run.distributed:
-        sharded = latest_sharded(run.run_dir)
-        if sharded is not None:
-            meta = load_sharded(sharded, model=run.model, optimizer=run.optimizer, ctx=run.parallel)
-            run.step, run.nonfinite, run.checkpoint = meta["step"], meta.get("nonfinite", 0), sharded
-        return
-    path = select_resume_checkpoint(run.run_dir) if run.lock is not None else None
-    if path is not None:
-        state = load_checkpoint_state(path, model=run.model, optimizer=run.optimizer, restore_rng=False)
-        run.step, run.nonfinite, run.checkpoint = state["step"], state["extra"].get("nonfinite", 0), path
+def restore_grpo(run: GRPORun, checkpoint: str | None) -> None:
+    """Load ``checkpoint`` (the run directory's newest, chosen by :func:`dsv3.train.session._write_run_dir`;
+    None: step 0) into the policy and optimizer; each rank reads only what it holds."""
+    restored = run.checkpointer.restore(run.model, run.optimizer, checkpoint=checkpoint)
+    if restored is not None:
+        run.step, run.nonfinite, run.checkpoint = restored.step, restored.nonfinite, restored.checkpoint
 
 
 def check_resume_layout(run_dir: str, distributed: bool) -> None:
@@ -281,7 +227,13 @@ def train_grpo(config: TrainConfig | None, *, resume: str | None = None, overrid
                log: Callable[[str], None] = print, step_hook: Callable[[int], None] | None = None,
                parallel: Any = None):
     """Run GRPO according to ``config`` (or continue the run directory ``resume``); returns a
-    :class:`~dsv3.train.loop.TrainResult`. ``step_hook`` is called with each completed step (tests)."""
+    :class:`~dsv3.train.loop.TrainResult`. ``step_hook`` is called with each completed step (tests).
+
+    Raises:
+        TrainingPreempted: after SIGTERM or SIGINT, once the checkpoint of the current step is written
+            (the preemption contract of :func:`dsv3.train.loop.train`).
+    """
+    from dsv3.errors import TrainingPreempted
     from dsv3.train.loop import TrainResult, _NullMetrics, _quiet, _StopFlag
     from dsv3.train.metrics import MetricsLogger
 
@@ -317,8 +269,11 @@ def train_grpo(config: TrainConfig | None, *, resume: str | None = None, overrid
         run.close()
         if run.distributed and parallel is None:
             run.parallel.destroy()
-    return TrainResult(run_dir=run.run_dir, step=run.step, checkpoint=last, interrupted=interrupted,
-                       wall_time=time.time() - started)
+    result = TrainResult(run_dir=run.run_dir, step=run.step, checkpoint=last, interrupted=interrupted,
+                         wall_time=time.time() - started)
+    if interrupted:  # the checkpoint is complete: now the caller learns that the process was told to stop
+        raise TrainingPreempted(stop.signal_name or "SIGTERM", last, run.run_dir, run.step, result)
+    return result
 
 
 def _check_finite(run: GRPORun, record: dict[str, Any], last: str | None) -> None:

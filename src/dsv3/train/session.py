@@ -98,10 +98,11 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
     return mcfg
 
 
-def build_meta(config: TrainConfig, mcfg: ModelConfig):
+def build_meta(config: TrainConfig, mcfg: ModelConfig, *, mtp: bool = True):
     """The model of the run on the ``meta`` device (phase 4: shapes, no storage) and the resolved
     ``--init-from`` checkpoint directory (None without one). Without MTP weights in the checkpoint
-    the model is built without MTP modules (``model.config`` becomes ``mcfg`` when initialised)."""
+    the model is built without MTP modules (``model.config`` becomes ``mcfg`` when initialised);
+    ``mtp=False`` builds none at all (GRPO and the reward model train the main model only)."""
     from dsv3.parallel.parallelize import build_meta_model
 
     init_from = None
@@ -111,6 +112,8 @@ def build_meta(config: TrainConfig, mcfg: ModelConfig):
 
         init_from, ckpt_cfg, _ = resolve_pretrained(config.model.init_from)  # checked here, before anything is written
         build_cfg = mcfg.replace(num_nextn_predict_layers=ckpt_cfg.num_nextn_predict_layers)
+    if not mtp:
+        build_cfg = build_cfg.replace(num_nextn_predict_layers=0)
     return build_meta_model(build_cfg, config.run.seed), init_from
 
 
@@ -494,13 +497,15 @@ def _restore(session: Session, checkpoint: str | None) -> None:
 
 
 def _join_world(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: str,
-                device: torch.device) -> tuple[Any, str]:
+                device: torch.device, check_split=None) -> tuple[Any, str]:
     """Phase 2: join the torchrun world (when launched by it and no context is given; one process is
     :meth:`ParallelContext.single`) and agree on the run directory.
 
     The layout (pp x dp with ep inside dp; for ``pp > 1`` also the schedule's rules) is checked
     before any process group exists (a bad one fails alike on every rank);
     rank 0's run directory name is used by all (a default name carries a timestamp).
+    ``check_split(config, dp)`` checks that a step's batch splits over the dp ranks (default
+    :func:`_check_dp_split`; GRPO splits prompts, :func:`dsv3.train.grpo_run.check_prompt_split`).
     """
     from dsv3.parallel.world import ParallelContext, init_parallel
 
@@ -514,7 +519,7 @@ def _join_world(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: 
                     if world > 1 else ParallelContext.single(device))
     if not parallel.distributed:
         return parallel, run_dir
-    _check_dp_split(config, parallel.dp)
+    (check_split or _check_dp_split)(config, parallel.dp)
     import torch.distributed as dist
 
     box = [run_dir]
