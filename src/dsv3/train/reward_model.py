@@ -31,11 +31,13 @@ from safetensors.torch import load_file, save_file
 
 from dsv3.errors import CheckpointError, ConfigError, DataError
 from dsv3.model.transformer import init_generator
-from dsv3.optim.adamw import build_optimizer, clip_grad_norm, set_lr
+from dsv3.optim.adamw import set_lr
+from dsv3.parallel.parallelize import build_optimizer, parallelize
 from dsv3.train.config import TrainConfig, save_effective_config
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.schedule import LRSchedule
-from dsv3.train.session import CONFIG_FILE, build_model, model_config_for, prepare_run_dir, resolve_device
+from dsv3.train.session import (CONFIG_FILE, _join_world, build_meta, model_config_for, prepare_run_dir,
+                                resolve_device)
 from dsv3.train.sft import TEMPLATE_FILES, ChatTemplate, load_chat_template, run_template, save_template
 from dsv3.train.sft import sft_tokenizer_spec
 from dsv3.train.tokenizer import load_tokenizer, train_bpe_from_texts
@@ -188,7 +190,11 @@ def _split(pairs: list[dict[str, str]], fraction: float, seed: int) -> tuple[lis
     return [pairs[i] for i in order[n_val:]], [pairs[i] for i in order[:n_val]]
 
 
-def _build(config: TrainConfig) -> tuple[str, _Scorer, list, list]:
+def _build(config: TrainConfig) -> tuple[str, _Scorer, Any, list, list]:
+    """The set-up phases of a training session for one process: the configuration and the pairs (checked first),
+    the world (:func:`_join_world`: ``ParallelContext.single``), the trunk built on meta without MTP and
+    :func:`parallelize`d (materialised, read from ``--init-from``), the score head, and ZeroAdamW over both.
+    Returns (run directory, scorer, optimizer, training pairs, held-out pairs)."""
     if config.data.path is None:
         raise DataError("--task reward needs preference pairs; pass --data pairs.jsonl with prompt/chosen/rejected")
     par = config.parallel
@@ -201,21 +207,22 @@ def _build(config: TrainConfig) -> tuple[str, _Scorer, list, list]:
     train_pairs, val_pairs = _split(pairs, config.data.val_fraction, config.run.seed)
     tokenizer = _tokenizer_for(config, pairs, mcfg.vocab_size)
     template = _template_for(config)
-    lm = build_model(config, mcfg, device)
-    lm.drop_mtp()
-    lm.config = lm.config.replace(num_nextn_predict_layers=0)   # saved without MTP, loaded without a warning
+    ctx, run_dir = _join_world(config, mcfg, None, run_dir, device)
+    mcfg = mcfg.replace(num_nextn_predict_layers=0)   # saved without MTP, loaded without a warning
+    lm, init_from = build_meta(config, mcfg, mtp=False)
+    parallelize(lm, ctx, config, mcfg=mcfg, init_from=init_from, partial=True, optimize=False)
     model = RewardModel(lm, seed=config.run.seed)
-    return run_dir, _Scorer(model, tokenizer, template, config.data.seq_len, device), train_pairs, val_pairs
+    optimizer = build_optimizer(model, ctx, config)   # ZeRO-1 AdamW (dp = 1) over the trunk and the score head
+    scorer = _Scorer(model, tokenizer, template, config.data.seq_len, device)
+    return run_dir, scorer, optimizer, train_pairs, val_pairs
 
 
 def train_reward_model(config: TrainConfig, *, log: Callable[[str], None] = print) -> RewardTrainResult:
     """Train a reward model on ``config.data.path``'s pairs; ``global_batch`` / ``micro_batch`` count pairs."""
     started = time.time()
-    run_dir, scorer, train_pairs, val_pairs = _build(config)
+    run_dir, scorer, optimizer, train_pairs, val_pairs = _build(config)
     d, opt = config.data, config.optimizer
     model = scorer.model
-    optimizer = build_optimizer(model, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay,
-                                eps=opt.eps, moments_dtype=config.memory.optim_states)
     schedule = LRSchedule.from_options(config.schedule, opt.lr)
     os.makedirs(run_dir, exist_ok=True)
     save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
@@ -238,8 +245,7 @@ def train_reward_model(config: TrainConfig, *, log: Callable[[str], None] = prin
                 loss, acc = bradley_terry_loss(*scorer.pair_scores(micro))
                 (loss * len(micro) / len(batch)).backward()
                 loss_sum, acc_sum = loss_sum + loss.item() * len(micro), acc_sum + acc.item() * len(micro)
-            grad_norm = clip_grad_norm(model.parameters(), opt.grad_clip or None)
-            optimizer.step()
+            grad_norm = optimizer.step(opt.grad_clip or None)   # the norm before clipping; not finite: no update
             optimizer.zero_grad(set_to_none=True)
             record = {"step": step + 1, "lr": lr, "loss": loss_sum / len(batch), "accuracy": acc_sum / len(batch),
                       "grad_norm": float(grad_norm), "step_time": time.perf_counter() - t0}
