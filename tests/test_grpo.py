@@ -223,6 +223,27 @@ def test_resume_equals_an_uninterrupted_run(ckpt, tmp_path):
             "rollout_tokens_per_s", "train_tokens_per_s"} <= straight[-1].keys()
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_writes_a_checkpoint_then_raises_training_preempted(ckpt, tmp_path):
+    """The preemption contract of train(): after SIGTERM the step's checkpoint is complete, then TrainingPreempted."""
+    import signal
+
+    from dsv3.checkpoint.state import list_checkpoints, verify_checkpoint
+    from dsv3.errors import TrainingPreempted
+    from dsv3.train.config import TrainConfig
+    from dsv3.train.grpo_run import train_grpo
+
+    run = tmp_path / "run"
+    config = TrainConfig.from_dict(_options(ckpt, run, steps=3, save_every=10, reward=ckpt["short"]))
+    with pytest.raises(TrainingPreempted) as info:
+        train_grpo(config, log=lambda line: None, step_hook=lambda step: os.kill(os.getpid(), signal.SIGTERM))
+    stop = info.value
+    assert (stop.signal_name, stop.exit_code, stop.step, stop.run_dir) == ("SIGTERM", 143, 1, str(run))
+    assert stop.checkpoint == str(run / "checkpoints" / "step-0000001") and verify_checkpoint(stop.checkpoint) is None
+    assert [s for s, _ in list_checkpoints(str(run))] == [1] and stop.result.interrupted
+    assert len(read_jsonl(run / "metrics.jsonl")) == 1
+
+
 # ----------------------------------------------------------------------------- evaluation
 def test_pass_at_k_is_the_unbiased_estimator():
     from dsv3.train.rl_eval import pass_at_k

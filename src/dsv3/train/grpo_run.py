@@ -255,10 +255,10 @@ def train_grpo(config: TrainConfig | None, *, resume: str | None = None, overrid
                 _check_finite(run, record, last)
                 metrics.log(record)
                 log(_line(record, c.schedule.steps))
-                if run.step % c.checkpoint.save_every == 0 or run.step == c.schedule.steps or stop.requested:
-                    last = save_grpo(run)
                 if step_hook is not None:
                     step_hook(run.step)
+                if run.step % c.checkpoint.save_every == 0 or run.step == c.schedule.steps or stop.requested:
+                    last = save_grpo(run)  # a signal that came during the step (or the hook) is checkpointed here
                 if stop.requested:
                     interrupted = True
                     log(f"interrupted by {stop.signal_name}: checkpoint written at step {run.step} ({last}); "
