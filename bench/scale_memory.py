@@ -77,7 +77,11 @@ def _hwm() -> int:
 
 def _warm_runtime(config) -> None:
     """The idle runtime: the modules a session imports, and its tokenizer and packed data, built here once and
-    handed to the session (so that neither counts as the model's memory)."""
+    handed to the session (so that neither counts as the model's memory). ``torch._dynamo`` is imported here
+    because the meta-device build imports it lazily (``nn.init`` on meta runs ``torch._refs``, which are
+    dynamo-disabled): 0.07 GiB of library code (sympy included) per process, not model memory."""
+    import torch._dynamo  # noqa: F401
+
     import dsv3.memory.ema  # noqa: F401
     import dsv3.parallel.parallelize  # noqa: F401
     import dsv3.parallel.pipeline.train  # noqa: F401

@@ -43,6 +43,7 @@ from dsv3.checkpoint.checkpointer import Checkpointer
 from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError, DataError, RunDirError
 from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
+from dsv3.utils.malloc import fix_mmap_threshold
 
 CONFIG_FILE = "config.yaml"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -351,6 +352,8 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     from dsv3.parallel.parallelize import parallelize
 
     config, run_dir, mcfg, device = _check_configuration(config, resume, overrides, write)
+    if device.type == "cpu":  # host memory: freed gradients and buckets go back to the system (utils/malloc.py)
+        fix_mmap_threshold()
     ctx, run_dir = _join_world(config, mcfg, parallel, run_dir, device)
     tokenizer, data = _build_data(config, mcfg, run_dir)
     model, init_from = build_meta(config, mcfg)
