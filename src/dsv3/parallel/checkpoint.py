@@ -323,8 +323,12 @@ def read_meta(path: str) -> dict:
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         raise CheckpointError(f"{path} is not a complete dsv3 sharded checkpoint (no {META}); pick another")
-    with open(meta_path) as fh:
-        return json.load(fh)
+    try:
+        with open(meta_path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"sharded checkpoint {path} is damaged: {META} cannot be read ({exc}); pick another "
+                              f"checkpoint (or pass the run directory to use its newest intact one)") from None
 
 
 @torch.no_grad()
@@ -383,6 +387,7 @@ def resolve_sharded(checkpoint: str) -> str:
         if latest is None:
             raise CheckpointError(f"{checkpoint} holds no complete sharded checkpoint (dcp-*/{META}); pass one")
         return latest
+    check_sharded(checkpoint)  # a checkpoint named directly: one line naming a missing, truncated or altered file
     read_meta(checkpoint)
     return checkpoint
 
