@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Seconds a torchrun rank other than 0 waits before it reports an error of its own (see :func:`_report_once`).
-RANK_ERROR_DELAY = 3.0
+RANK_ERROR_DELAY = 10.0  # long enough for torchrun's agent to stop a waiting rank on a loaded machine
 
 
 def _report_once(line: str) -> None:
