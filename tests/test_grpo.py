@@ -225,22 +225,38 @@ def test_resume_equals_an_uninterrupted_run(ckpt, tmp_path):
 
 @pytest.mark.timeout(120)
 def test_sigterm_writes_a_checkpoint_then_raises_training_preempted(ckpt, tmp_path):
-    """The preemption contract of train(): after SIGTERM the step's checkpoint is complete, then TrainingPreempted."""
-    import signal
+    """The preemption contract of train(): after SIGTERM the step's checkpoint is complete, then TrainingPreempted.
+
+    Runs in a fresh interpreter: signal handlers can only be installed in a main thread, and an xdist worker may
+    run tests elsewhere, where the SIGTERM would kill the worker."""
+    import subprocess
+    import sys
 
     from dsv3.checkpoint.state import list_checkpoints, verify_checkpoint
-    from dsv3.errors import TrainingPreempted
-    from dsv3.train.config import TrainConfig
-    from dsv3.train.grpo_run import train_grpo
 
     run = tmp_path / "run"
-    config = TrainConfig.from_dict(_options(ckpt, run, steps=3, save_every=10, reward=ckpt["short"]))
-    with pytest.raises(TrainingPreempted) as info:
-        train_grpo(config, log=lambda line: None, step_hook=lambda step: os.kill(os.getpid(), signal.SIGTERM))
-    stop = info.value
-    assert (stop.signal_name, stop.exit_code, stop.step, stop.run_dir) == ("SIGTERM", 143, 1, str(run))
-    assert stop.checkpoint == str(run / "checkpoints" / "step-0000001") and verify_checkpoint(stop.checkpoint) is None
-    assert [s for s, _ in list_checkpoints(str(run))] == [1] and stop.result.interrupted
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps(_options(ckpt, run, steps=3, save_every=10, reward=ckpt["short"]), default=str))
+    script = f"""
+import json, os, signal
+from dsv3.errors import TrainingPreempted
+from dsv3.train.config import TrainConfig
+from dsv3.train.grpo_run import train_grpo
+config = TrainConfig.from_dict(json.load(open({str(options)!r})))
+try:
+    train_grpo(config, log=lambda line: None, step_hook=lambda step: os.kill(os.getpid(), signal.SIGTERM))
+except TrainingPreempted as stop:
+    print(json.dumps([stop.signal_name, stop.exit_code, stop.step, stop.run_dir, stop.checkpoint,
+                      stop.result.interrupted]))
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + str(ROOT / "tests") + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110, env=env)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-3000:]
+    name, code, step, run_dir, checkpoint, interrupted = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (name, code, step, run_dir) == ("SIGTERM", 143, 1, str(run))
+    assert checkpoint == str(run / "checkpoints" / "step-0000001") and verify_checkpoint(checkpoint) is None
+    assert [s for s, _ in list_checkpoints(str(run))] == [1] and interrupted
     assert len(read_jsonl(run / "metrics.jsonl")) == 1
 
 
