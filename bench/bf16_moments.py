@@ -42,15 +42,26 @@ def run(label: str, args, out: str, moments: str, seed: int) -> tuple[list[float
     from dsv3.train.metrics import read_metrics
 
     run_dir = os.path.join(out, label.replace(" moments, seed ", "-seed"))
-    config = TrainConfig.from_dict(dict(model="tiny", steps=args.steps, run_dir=run_dir, eval_every=args.eval_every,
-                                        eval_batches=args.eval_batches, save_every=10**9, sample_tokens=0,
-                                        progress=False, tensorboard=False, optim_states=moments, seed=seed))
+    config = TrainConfig.from_dict(
+        dict(
+            model="tiny",
+            steps=args.steps,
+            run_dir=run_dir,
+            eval_every=args.eval_every,
+            eval_batches=args.eval_batches,
+            save_every=10**9,
+            sample_tokens=0,
+            progress=False,
+            tensorboard=False,
+            optim_states=moments,
+            seed=seed,
+        )
+    )
     train(config, log=lambda s: None)
     records = read_metrics(run_dir)
     losses = [r["loss"] for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
-    print(f"{label}: final val loss {val[-1][1]:.4f}, final train loss {sum(losses[-TAIL:]) / TAIL:.4f}",
-          flush=True)
+    print(f"{label}: final val loss {val[-1][1]:.4f}, final train loss {sum(losses[-TAIL:]) / TAIL:.4f}", flush=True)
     return losses, val
 
 
@@ -71,9 +82,14 @@ def main() -> None:
     warm = min(50, args.steps // 2)
     a, b = results["fp32 moments, seed 0"][0], results["bf16 moments, seed 0"][0]
     gap = max(abs(x - y) for x, y in zip(a[warm:], b[warm:]))
-    result = {"final_val_loss": val, "final_train_loss_last20": train_tail,
-              "bf16_vs_fp32_val_rel": abs(bf16 - fp32) / fp32, "seed_spread_val_rel": noise,
-              "within_noise": abs(bf16 - fp32) / fp32 <= noise, "max_step_gap_after_warmup": gap}
+    result = {
+        "final_val_loss": val,
+        "final_train_loss_last20": train_tail,
+        "bf16_vs_fp32_val_rel": abs(bf16 - fp32) / fp32,
+        "seed_spread_val_rel": noise,
+        "within_noise": abs(bf16 - fp32) / fp32 <= noise,
+        "max_step_gap_after_warmup": gap,
+    }
     print(json.dumps(result, indent=2))
     import matplotlib
 
@@ -84,8 +100,15 @@ def main() -> None:
     for i, (label, (losses, points)) in enumerate(results.items()):
         color = f"C{i}"
         ax.plot(range(1, len(losses) + 1), losses, color=color, label=f"{label} (train)", linewidth=0.8, alpha=0.6)
-        ax.plot([s for s, _ in points], [v for _, v in points], "o-", color=color, label=f"{label} (validation)",
-                linewidth=1.5, markersize=4)
+        ax.plot(
+            [s for s, _ in points],
+            [v for _, v in points],
+            "o-",
+            color=color,
+            label=f"{label} (validation)",
+            linewidth=1.5,
+            markersize=4,
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("tiny preset: AdamW moments in BF16 vs FP32 (and seed noise)")

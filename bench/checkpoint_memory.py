@@ -46,13 +46,35 @@ def reset_peak() -> None:
 def config(args):
     from dsv3.config import ModelConfig
 
-    return ModelConfig.from_dict(dict(
-        model_type="deepseek_v3", vocab_size=8192, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-        moe_intermediate_size=args.hidden // 2, num_hidden_layers=args.layers, first_k_dense_replace=1,
-        num_attention_heads=8, num_key_value_heads=8, q_lora_rank=args.hidden // 2, kv_lora_rank=args.hidden // 4,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_shared_experts=1, n_routed_experts=args.experts,
-        num_experts_per_tok=4, n_group=4, topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid",
-        norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=256))
+    return ModelConfig.from_dict(
+        dict(
+            model_type="deepseek_v3",
+            vocab_size=8192,
+            hidden_size=args.hidden,
+            intermediate_size=4 * args.hidden,
+            moe_intermediate_size=args.hidden // 2,
+            num_hidden_layers=args.layers,
+            first_k_dense_replace=1,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            q_lora_rank=args.hidden // 2,
+            kv_lora_rank=args.hidden // 4,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            n_shared_experts=1,
+            n_routed_experts=args.experts,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            num_nextn_predict_layers=1,
+            max_position_embeddings=256,
+        )
+    )
 
 
 def gathered_optimizer(optimizer) -> dict[str, torch.Tensor]:
@@ -79,8 +101,15 @@ def gathered_optimizer(optimizer) -> dict[str, torch.Tensor]:
 
 
 def worker(rank: int, world: int, port: int, args, directory: str, results) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+        }
+    )
     torch.set_num_threads(1)
     import torch.distributed.checkpoint as dcp
 
@@ -142,8 +171,10 @@ def main() -> None:
     spawn = mp.get_context("spawn")
     results = spawn.Queue()
     with tempfile.TemporaryDirectory() as directory:
-        procs = [spawn.Process(target=worker, args=(r, args.ranks, port, args, directory, results))
-                 for r in range(args.ranks)]
+        procs = [
+            spawn.Process(target=worker, args=(r, args.ranks, port, args, directory, results))
+            for r in range(args.ranks)
+        ]
         for p in procs:
             p.start()
         out = dict(results.get(timeout=1200) for _ in procs)
@@ -155,8 +186,10 @@ def main() -> None:
         peaks = out[rank]["peaks"]
         train = peaks["train"]
         cells = [f"{v / 2**20:9.0f} MiB ({v / train:4.2f}x)" for v in peaks.values()]
-        print(f"{rank:>4} {out[rank]['param_bytes'] / 2**20:10.0f} {out[rank]['idle'] / 2**20:8.0f} "
-              + " ".join(f"{c:>26}" for c in cells))
+        print(
+            f"{rank:>4} {out[rank]['param_bytes'] / 2**20:10.0f} {out[rank]['idle'] / 2**20:8.0f} "
+            + " ".join(f"{c:>26}" for c in cells)
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "ranks": out}, fh, indent=1)

@@ -25,8 +25,9 @@ import torch.multiprocessing as mp
 
 
 def _worker(rank: int, args, port: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(args.ranks))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.ranks)
+    )
     torch.set_num_threads(args.threads)
     from dsv3.parallel.dispatch import AllToAllDispatcher
     from dsv3.parallel.world import init_parallel
@@ -36,10 +37,10 @@ def _worker(rank: int, args, port: int, out) -> None:
     gen = torch.Generator().manual_seed(rank)
     disp = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, args.experts, fp8=args.fp8)
     x = torch.randn(args.tokens, args.dim, generator=gen).to(dev)
-    idx = torch.stack([torch.randperm(args.experts, generator=gen)[:args.topk] for _ in range(args.tokens)]).to(dev)
+    idx = torch.stack([torch.randperm(args.experts, generator=gen)[: args.topk] for _ in range(args.tokens)]).to(dev)
     w = torch.rand(args.tokens, args.topk, generator=gen).to(dev)
     n_local = args.experts // args.ranks
-    wts = torch.randn(n_local, args.dim, args.dim, generator=gen).to(dev) / args.dim ** 0.5
+    wts = torch.randn(n_local, args.dim, args.dim, generator=gen).to(dev) / args.dim**0.5
 
     def experts(recv, counts):
         return torch.cat([r @ m for r, m in zip(recv.split(counts.tolist()), wts)]) if recv.numel() else recv
@@ -61,7 +62,7 @@ def _worker(rank: int, args, port: int, out) -> None:
             disp.stats.reset()
             t0 = time.perf_counter()
             recv, counts, h = disp.dispatch(x, idx, w)
-            y = disp.combine(recv, h)
+            disp.combine(recv, h)
             sync()
             comm.append(time.perf_counter() - t0)
             nbytes.append(disp.stats.bytes_sent)
@@ -81,7 +82,7 @@ def _worker(rank: int, args, port: int, out) -> None:
             experts(other[0][: int(other[1][:half].sum())], other[1][:half])
             recv, counts, h = disp.dispatch_wait(p)
             c = disp.combine_start(recv, h)
-            experts(other[0][int(other[1][:half].sum()):], other[1][half:])
+            experts(other[0][int(other[1][:half].sum()) :], other[1][half:])
             disp.combine_wait(c)
             sync()
             ovl.append(time.perf_counter() - t0)
@@ -112,13 +113,17 @@ def main() -> None:
     rows = sorted(out.get(timeout=600) for _ in procs)
     for p in procs:
         p.join(60)
-    print(f"ranks {args.ranks}, tokens/rank {args.tokens}, d {args.dim}, top-{args.topk} of {args.experts} experts, "
-          f"fp8 {args.fp8}, torch {torch.__version__}")
+    print(
+        f"ranks {args.ranks}, tokens/rank {args.tokens}, d {args.dim}, top-{args.topk} of {args.experts} experts, "
+        f"fp8 {args.fp8}, torch {torch.__version__}"
+    )
     print("rank  comm_s    bytes_sent  MB/s    compute_s  sequential_s  overlapped_s  hidden")
     for rank, comm, comp, seq, ovl, nbytes in rows:
         hidden = (comm + comp - ovl) / comm
-        print(f"{rank:4d}  {comm:.4f}  {nbytes:10.0f}  {nbytes / comm / 1e6:6.1f}  {comp:.4f}     {seq:.4f}        "
-              f"{ovl:.4f}        {hidden:.2f}")
+        print(
+            f"{rank:4d}  {comm:.4f}  {nbytes:10.0f}  {nbytes / comm / 1e6:6.1f}  {comp:.4f}     {seq:.4f}        "
+            f"{ovl:.4f}        {hidden:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,15 @@ from dsv3.infer.eplb import gpu_loads, imbalance, rebalance_experts, unreplicate
 
 def _row(name, weight, replicas, groups, nodes, gpus, eval_weight=None):
     eval_weight = weight if eval_weight is None else eval_weight
-    out = {"case": name, "layers": weight.shape[0], "experts": weight.shape[1], "replicas": replicas,
-           "groups": groups, "nodes": nodes, "gpus": gpus}
+    out = {
+        "case": name,
+        "layers": weight.shape[0],
+        "experts": weight.shape[1],
+        "replicas": replicas,
+        "groups": groups,
+        "nodes": nodes,
+        "gpus": gpus,
+    }
     before = imbalance(unreplicated_gpu_loads(eval_weight, gpus))
     out["before"] = (round(float(before.mean()), 4), round(float(before.max()), 4))
     for policy in ("published", "refined"):
@@ -75,7 +82,7 @@ def main() -> None:
         records = [json.loads(line) for line in open(f"{args.run}/metrics.jsonl", encoding="utf-8") if line.strip()]
         loads = [torch.tensor(r["expert_load"], dtype=torch.float64) for r in records if r.get("expert_load")]
         whole = torch.stack(loads).sum(0)
-        first, second = torch.stack(loads[: len(loads) // 2]).sum(0), torch.stack(loads[len(loads) // 2:]).sum(0)
+        first, second = torch.stack(loads[: len(loads) // 2]).sum(0), torch.stack(loads[len(loads) // 2 :]).sum(0)
         e = whole.shape[1]
         print(f"run {args.run}: {len(loads)} expert_load records, {whole.shape[0]} MoE layers x {e} experts")
         for replicas, groups, nodes, gpus in ((e + e // 4, 4, 2, 4), (e + e // 2, 4, 2, 8), (2 * e, 1, 1, 8)):

@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         f"FP8 E4M3 1x128 operands ({args.dist}), {args.m}x{args.m} outputs, accumulator {args.bits} mantissa bits "
         f"({args.rounding}, groups of {args.group}); error vs exact float64 product of the FP8 operands"
     )
-    print(f"{'K':>6} | {'no promotion: max':>18} {'median':>9} | {f'promotion N_C={args.nc}: max':>24} {'median':>9} | {'s':>5}")
+    print(
+        f"{'K':>6} | {'no promotion: max':>18} {'median':>9} | {f'promotion N_C={args.nc}: max':>24} {'median':>9} | {'s':>5}"
+    )
     for k in [int(v) for v in args.ks.split(",")]:
         t0 = time.perf_counter()
         a = quantize_act(operands(args.dist, args.m, k, gen))

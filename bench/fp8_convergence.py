@@ -42,13 +42,27 @@ def run(label: str, fp8: bool, args, out_dir: str) -> tuple[list[int], list[floa
     from dsv3.train.loop import train
     from dsv3.train.metrics import read_metrics
 
-    config = TrainConfig.from_dict(dict(
-        model=args.model, data=args.data, seq_len=args.seq_len, micro_batch=args.micro_batch,
-        global_batch=args.micro_batch, steps=args.steps, seed=args.seed, device=args.device,
-        **({"lr": args.lr, "min_lr": args.lr / 10} if args.lr is not None else {}),
-        fp8=fp8, fp8_backend=args.backend, run_dir=os.path.join(out_dir, label),
-        eval_every=10**9, save_every=10**9, sample_tokens=0, tensorboard=False, progress=False,
-    ))
+    config = TrainConfig.from_dict(
+        dict(
+            model=args.model,
+            data=args.data,
+            seq_len=args.seq_len,
+            micro_batch=args.micro_batch,
+            global_batch=args.micro_batch,
+            steps=args.steps,
+            seed=args.seed,
+            device=args.device,
+            **({"lr": args.lr, "min_lr": args.lr / 10} if args.lr is not None else {}),
+            fp8=fp8,
+            fp8_backend=args.backend,
+            run_dir=os.path.join(out_dir, label),
+            eval_every=10**9,
+            save_every=10**9,
+            sample_tokens=0,
+            tensorboard=False,
+            progress=False,
+        )
+    )
     started = time.time()
 
     def hook(step: int) -> None:
@@ -94,12 +108,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="training corpus (default: the trainer's built-in one)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="peak learning rate (default 1e-3: the tiny model trains without a warm-up loss spike)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="peak learning rate (default 1e-3: the tiny model trains without a warm-up loss spike)",
+    )
     p.add_argument("--backend", default="emulated", choices=("auto", "emulated", "cuda"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="directory for the two runs and the PNG (default runs/fp8-convergence-<time>)")
+    p.add_argument(
+        "--out", default=None, help="directory for the two runs and the PNG (default runs/fp8-convergence-<time>)"
+    )
     args = p.parse_args(argv)
     if args.steps < TAIL:
         p.error(f"--steps must be at least {TAIL}")
@@ -118,10 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     rel = abs(final8 - final32) / final32
     png = os.path.join(out_dir, "fp8_convergence.png")
     plot(png, steps32, loss32, steps8, loss8, rel)
-    print(f"model {args.model}, {args.steps} steps of {args.micro_batch}x{args.seq_len} tokens, seed {args.seed}, "
-          f"lr {args.lr or 'default'}, FP8 backend {args.backend}")
-    print(f"final loss (mean of last {TAIL} steps): FP32 {final32:.4f}, FP8 {final8:.4f}; relative difference "
-          f"{rel:.3%} (target < {TARGET:.2%}): {'PASS' if rel < TARGET else 'FAIL'}")
+    print(
+        f"model {args.model}, {args.steps} steps of {args.micro_batch}x{args.seq_len} tokens, seed {args.seed}, "
+        f"lr {args.lr or 'default'}, FP8 backend {args.backend}"
+    )
+    print(
+        f"final loss (mean of last {TAIL} steps): FP32 {final32:.4f}, FP8 {final8:.4f}; relative difference "
+        f"{rel:.3%} (target < {TARGET:.2%}): {'PASS' if rel < TARGET else 'FAIL'}"
+    )
     print(f"mean step time: FP32 {t32:.2f} s, FP8 {t8:.2f} s ({t8 / t32:.1f}x); loss curves: {png}")
     return 0 if rel < TARGET else 1
 

@@ -107,9 +107,14 @@ def check_fp8_gemm(mode: Mode) -> list[dict]:
         flops = 2.0 * m * n * k
         t_fp8 = timed(lambda: fp8_mm(xq, wq, torch.bfloat16, mode.backend), mode)
         t_bf16 = timed(lambda: x @ w.t(), mode)
-        rows.append(row("FP8 GEMM", f"{m}x{k}x{n} ({mode.backend})",
-                        f"rel err {err:.1e}; fp8 {tflops(flops, t_fp8 * 1e3):.1f} TFLOPS, "
-                        f"bf16 {tflops(flops, t_bf16 * 1e3):.1f} TFLOPS, speed-up {t_bf16 / t_fp8:.2f}x"))
+        rows.append(
+            row(
+                "FP8 GEMM",
+                f"{m}x{k}x{n} ({mode.backend})",
+                f"rel err {err:.1e}; fp8 {tflops(flops, t_fp8 * 1e3):.1f} TFLOPS, "
+                f"bf16 {tflops(flops, t_bf16 * 1e3):.1f} TFLOPS, speed-up {t_bf16 / t_fp8:.2f}x",
+            )
+        )
     return rows
 
 
@@ -135,19 +140,31 @@ def check_fp8_linear(mode: Mode) -> list[dict]:
     m, k, n = DRY_SHAPES[0] if mode.dry else V3_SHAPES[0]
     torch.manual_seed(0)
     bf16 = nn.Linear(k, n, bias=False, device=mode.device, dtype=torch.bfloat16)
-    fp8 = FP8Linear(nn.Linear(k, n, bias=False, device=mode.device, dtype=torch.bfloat16), FP8Recipe(backend=mode.backend))
+    fp8 = FP8Linear(
+        nn.Linear(k, n, bias=False, device=mode.device, dtype=torch.bfloat16), FP8Recipe(backend=mode.backend)
+    )
     fp8.weight = bf16.weight  # the same parameter
     x = torch.randn(m, k, device=mode.device, dtype=torch.bfloat16)
     dy = torch.randn(m, n, device=mode.device, dtype=torch.bfloat16)
     w64, x64, dy64 = bf16.weight.double(), x.double(), dy.double()
     ref = (x64 @ w64.t(), dy64 @ w64, dy64.t() @ x64)
-    errs = {name: [_rel(g, r) for g, r in zip(_fwd_bwd(layer, x, dy), ref)] for name, layer in (("bf16", bf16), ("fp8", fp8))}
-    t = {name: timed(lambda layer=layer: _fwd_bwd(layer, x, dy), mode) for name, layer in (("bf16", bf16), ("fp8", fp8))}
+    errs = {
+        name: [_rel(g, r) for g, r in zip(_fwd_bwd(layer, x, dy), ref)]
+        for name, layer in (("bf16", bf16), ("fp8", fp8))
+    }
+    t = {
+        name: timed(lambda layer=layer: _fwd_bwd(layer, x, dy), mode) for name, layer in (("bf16", bf16), ("fp8", fp8))
+    }
     flops = 3 * 2.0 * m * n * k
-    return [row("FP8 Linear", f"{m}x{k}x{n} fwd+bwd {name}",
-                f"{tflops(flops, t[name] * 1e3):.1f} TFLOPS ({t[name] * 1e3:.2f} ms); rel err y/dx/dW "
-                + "/".join(f"{e:.1e}" for e in errs[name])) for name in ("bf16", "fp8")] + [
-        row("FP8 Linear", "fp8 speed-up over bf16", f"{t['bf16'] / t['fp8']:.2f}x")]
+    return [
+        row(
+            "FP8 Linear",
+            f"{m}x{k}x{n} fwd+bwd {name}",
+            f"{tflops(flops, t[name] * 1e3):.1f} TFLOPS ({t[name] * 1e3:.2f} ms); rel err y/dx/dW "
+            + "/".join(f"{e:.1e}" for e in errs[name]),
+        )
+        for name in ("bf16", "fp8")
+    ] + [row("FP8 Linear", "fp8 speed-up over bf16", f"{t['bf16'] / t['fp8']:.2f}x")]
 
 
 # --- 3. and 4. Training step: MFU, peak memory vs the plan; the prefetcher ---------------------------
@@ -158,13 +175,25 @@ def _session(mode: Mode, fp8: bool):
     from dsv3.train.config import TrainConfig
 
     run_dir = tempfile.mkdtemp(prefix="dsv3-gpu-check-")
-    options = dict(model="small", seq_len=4096, micro_batch=2, dtype="bfloat16", device=mode.device, fp8=fp8,
-                   fp8_backend=mode.backend, progress=False, tensorboard=False, val_fraction=0.0, run_dir=run_dir)
+    options = dict(
+        model="small",
+        seq_len=4096,
+        micro_batch=2,
+        dtype="bfloat16",
+        device=mode.device,
+        fp8=fp8,
+        fp8_backend=mode.backend,
+        progress=False,
+        tensorboard=False,
+        val_fraction=0.0,
+        run_dir=run_dir,
+    )
     if mode.dry:  # the speculative benchmark's 3-layer model on a few kB of text (this file)
         data = Path(run_dir) / "data.txt"
         data.write_text(Path(__file__).read_text() * 4)
-        options.update(model=str(Path(__file__).parent / "speculative_model.json"), seq_len=32, micro_batch=1,
-                       data=str(data))
+        options.update(
+            model=str(Path(__file__).parent / "speculative_model.json"), seq_len=32, micro_batch=1, data=str(data)
+        )
     return prepare_config(TrainConfig.from_dict(options), "small-fp8" if fp8 else "small-bf16")
 
 
@@ -196,7 +225,9 @@ def _planned(session, mode: Mode, fp8: bool, peak_flops: float):
 
     c = session.config
     layout = Layout(seq_len=c.data.seq_len, micro_batch=c.data.micro_batch, recompute="none", zero=0, fp8=fp8)
-    return make_plan(session.session.mcfg, layout, planner_precision("bf16", "fp32"), Hardware(peak_tflops=peak_flops / 1e12))
+    return make_plan(
+        session.session.mcfg, layout, planner_precision("bf16", "fp32"), Hardware(peak_tflops=peak_flops / 1e12)
+    )
 
 
 def check_train_step(mode: Mode) -> list[dict]:
@@ -208,7 +239,9 @@ def check_train_step(mode: Mode) -> list[dict]:
 
     # MFU against the BF16 peak (the report's convention, FP8 runs included); a CPU has no fast BF16
     # GEMM to time, so the dry run divides by its FP32 matmul rate
-    peak, source = device_peak_flops(torch.device(mode.device), torch.bfloat16 if mode.device == "cuda" else torch.float32)
+    peak, source = device_peak_flops(
+        torch.device(mode.device), torch.bfloat16 if mode.device == "cuda" else torch.float32
+    )
     rows = []
     for fp8 in (False, True):
         s = _session(mode, fp8)
@@ -223,13 +256,24 @@ def check_train_step(mode: Mode) -> list[dict]:
             plan = _planned(s, mode, fp8, peak)
         finally:
             s.close()
-        rows.append(row("training step", f"{s.name} ({tokens} tokens/step)",
-                        f"{on * 1e3:.1f} ms, {tokens / on:,.0f} tok/s, MFU {100 * mfu:.1f}% (peak: {source}); "
-                        f"plan MFU {100 * plan.throughput.mfu:.1f}%"))
-        rows.append(row("training step", f"{s.name} peak memory",
-                        f"measured {used / 2**30:.2f} GiB, plan {plan.peak_device_bytes / 2**30:.2f} GiB"))
-        rows.append(row("prefetcher", s.name, f"step {on * 1e3:.1f} ms with, {off * 1e3:.1f} ms without "
-                                              f"({off / on:.3f}x)"))
+        rows.append(
+            row(
+                "training step",
+                f"{s.name} ({tokens} tokens/step)",
+                f"{on * 1e3:.1f} ms, {tokens / on:,.0f} tok/s, MFU {100 * mfu:.1f}% (peak: {source}); "
+                f"plan MFU {100 * plan.throughput.mfu:.1f}%",
+            )
+        )
+        rows.append(
+            row(
+                "training step",
+                f"{s.name} peak memory",
+                f"measured {used / 2**30:.2f} GiB, plan {plan.peak_device_bytes / 2**30:.2f} GiB",
+            )
+        )
+        rows.append(
+            row("prefetcher", s.name, f"step {on * 1e3:.1f} ms with, {off * 1e3:.1f} ms without ({off / on:.3f}x)")
+        )
     return rows
 
 
@@ -260,11 +304,17 @@ def check_speculative(mode: Mode) -> list[dict]:
     stats = SpeculativeStats(len(model.mtp))
     prompt = torch.randint(2, model.config.vocab_size, (1, 16), device=mode.device, generator=None)
     plain = timed(lambda: generate(model, prompt, max_new_tokens=new, temperature=0.0), mode, warmup=1)
-    spec = timed(lambda: speculative_generate(model, prompt, max_new_tokens=new, temperature=0.0, stats=stats), mode,
-                 warmup=1)
-    return [row("speculative decoding", f"{what}, greedy, {new} new tokens",
-                f"plain {new / plain:,.0f} tok/s, speculative {new / spec:,.0f} tok/s ({plain / spec:.2f}x), "
-                f"acceptance {stats.acceptance_rates()[0] or 0:.2f}")]
+    spec = timed(
+        lambda: speculative_generate(model, prompt, max_new_tokens=new, temperature=0.0, stats=stats), mode, warmup=1
+    )
+    return [
+        row(
+            "speculative decoding",
+            f"{what}, greedy, {new} new tokens",
+            f"plain {new / plain:,.0f} tok/s, speculative {new / spec:,.0f} tok/s ({plain / spec:.2f}x), "
+            f"acceptance {stats.acceptance_rates()[0] or 0:.2f}",
+        )
+    ]
 
 
 # --- Driver --------------------------------------------------------------------------------------
@@ -273,8 +323,12 @@ PARTS = (check_fp8_gemm, check_fp8_linear, check_train_step, check_speculative)
 
 
 def markdown(rows: list[dict], device: str) -> str:
-    lines = [f"device: {device}, torch {torch.__version__}, CUDA {torch.version.cuda}", "",
-             "| part | what | result |", "|---|---|---|"]
+    lines = [
+        f"device: {device}, torch {torch.__version__}, CUDA {torch.version.cuda}",
+        "",
+        "| part | what | result |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['part']} | {r['what']} | {r['value']} |" for r in rows]
     return "\n".join(lines)
 
@@ -286,9 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.dry_run
-    mode = Mode(device="cuda" if cuda else "cpu", dry=args.dry_run, fp8=cuda and cuda_fp8_available("cuda"),
-                iters=args.iters or (2 if args.dry_run else 20))
-    device = torch.cuda.get_device_name() if cuda else "cpu" + (" (dry run: numbers mean nothing)" if args.dry_run else "")
+    mode = Mode(
+        device="cuda" if cuda else "cpu",
+        dry=args.dry_run,
+        fp8=cuda and cuda_fp8_available("cuda"),
+        iters=args.iters or (2 if args.dry_run else 20),
+    )
+    device = (
+        torch.cuda.get_device_name() if cuda else "cpu" + (" (dry run: numbers mean nothing)" if args.dry_run else "")
+    )
     started = time.perf_counter()
     rows = []
     for part in PARTS:

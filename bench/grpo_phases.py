@@ -36,10 +36,14 @@ def sizes(model, rows: int, micro: int, width: int) -> dict[str, float]:
     params = sum(p.numel() for p in model.parameters())
     cache = model.new_cache(rows, width)
     cache_bytes = sum(t.numel() * t.element_size() for t in cache.c_kv + cache.k_pe)
-    mib = 2 ** 20
-    return {"weights_mib": params * 4 / mib, "kv_cache_mib": cache_bytes / mib,
-            "logits_mib": 2 * micro * width * cfg.vocab_size * 4 / mib, "grads_adam_mib": 3 * params * 4 / mib,
-            "reference_host_mib": params * 4 / mib}
+    mib = 2**20
+    return {
+        "weights_mib": params * 4 / mib,
+        "kv_cache_mib": cache_bytes / mib,
+        "logits_mib": 2 * micro * width * cfg.vocab_size * 4 / mib,
+        "grads_adam_mib": 3 * params * 4 / mib,
+        "reference_host_mib": params * 4 / mib,
+    }
 
 
 def measure(length: int, steps: int, root: str) -> dict:
@@ -57,17 +61,32 @@ def measure(length: int, steps: int, root: str) -> dict:
     train, _ = toy.addition_split(0)
     prompts = toy.write_prompts(os.path.join(root, "p.jsonl"), train)
     run_dir = os.path.join(root, f"run{length}")
-    opts = toy.grpo_options(init, prompts, run_dir, steps=steps, global_batch=32, micro_batch=8, group_size=8,
-                            max_completion_tokens=length, beta=0.04, lr=1e-6, min_lr=1e-6)
+    opts = toy.grpo_options(
+        init,
+        prompts,
+        run_dir,
+        steps=steps,
+        global_batch=32,
+        micro_batch=8,
+        group_size=8,
+        max_completion_tokens=length,
+        beta=0.04,
+        lr=1e-6,
+        min_lr=1e-6,
+    )
     train_grpo(TrainConfig.from_dict(opts), log=lambda line: None)
     m = read_metrics(run_dir)[1:]  # the first step warms up
     roll, train_t = statistics.median(x["rollout_time"] for x in m), statistics.median(x["train_time"] for x in m)
     width = int(statistics.median(x["completion_length_max"] for x in m)) + 6
-    return {"L": length, "rollout_s": round(roll, 3), "train_s": round(train_t, 3),
-            "rollout_over_train": round(roll / train_t, 2),
-            "rollout_tokens_per_s": round(statistics.median(x["rollout_tokens_per_s"] for x in m)),
-            "train_tokens_per_s": round(statistics.median(x["train_tokens_per_s"] for x in m)),
-            **{k: round(v, 1) for k, v in sizes(model, 32, 8, width).items()}}
+    return {
+        "L": length,
+        "rollout_s": round(roll, 3),
+        "train_s": round(train_t, 3),
+        "rollout_over_train": round(roll / train_t, 2),
+        "rollout_tokens_per_s": round(statistics.median(x["rollout_tokens_per_s"] for x in m)),
+        "train_tokens_per_s": round(statistics.median(x["train_tokens_per_s"] for x in m)),
+        **{k: round(v, 1) for k, v in sizes(model, 32, 8, width).items()},
+    }
 
 
 def main(argv=None) -> int:

@@ -51,8 +51,9 @@ def rule_pairs(pairs, n: int, seed: int) -> list[dict[str, str]]:
     for _ in range(n):
         a, b = rng.choice(pairs)
         tens = str(rng.randrange(4) or "")
-        out.append({"prompt": f"{a}+{b}=", "chosen": tens + rng.choice("02468"),
-                    "rejected": tens + rng.choice("13579")})
+        out.append(
+            {"prompt": f"{a}+{b}=", "chosen": tens + rng.choice("02468"), "rejected": tens + rng.choice("13579")}
+        )
     return out
 
 
@@ -60,11 +61,28 @@ def train_rule_reward_model(base: str, init: str, train_pairs, seed: int, log) -
     data = os.path.join(base, "pairs.jsonl")
     with open(data, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in rule_pairs(train_pairs, 960, seed))
-    config = load_train_config(None, dict(
-        task="reward", data=data, model=os.path.join(init, "config.json"),
-        tokenizer=os.path.join(init, "tokenizer.json"),
-        seq_len=16, micro_batch=32, global_batch=32, steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_every=30,
-        val_fraction=0.2, progress=False, tensorboard=False, run_dir=os.path.join(base, "rm"), seed=seed))
+    config = load_train_config(
+        None,
+        dict(
+            task="reward",
+            data=data,
+            model=os.path.join(init, "config.json"),
+            tokenizer=os.path.join(init, "tokenizer.json"),
+            seq_len=16,
+            micro_batch=32,
+            global_batch=32,
+            steps=60,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=5,
+            eval_every=30,
+            val_fraction=0.2,
+            progress=False,
+            tensorboard=False,
+            run_dir=os.path.join(base, "rm"),
+            seed=seed,
+        ),
+    )
     result = train_reward_model(config, log=log)
     return result.run_dir, result.val_accuracy
 
@@ -78,19 +96,39 @@ def run_seed(seed: int, out: str, steps: int, log) -> dict:
     rm_dir, rm_accuracy = train_rule_reward_model(base, init, train_pairs, seed, log)
     prompts = grpo_toy.write_prompts(os.path.join(base, "train.jsonl"), train_pairs)
     held = grpo_toy.write_prompts(os.path.join(base, "held_out.jsonl"), held_out)
+
     def measure(path: str) -> dict[str, float]:
-        return {name: evaluate_prompts(path, held, [spec], samples=8, temperature=1.0, max_new_tokens=4).mean_reward
-                for name, spec in (("rule", RULE), ("math", "math"))}
+        return {
+            name: evaluate_prompts(path, held, [spec], samples=8, temperature=1.0, max_new_tokens=4).mean_reward
+            for name, spec in (("rule", RULE), ("math", "math"))
+        }
 
     before = measure(init)
     t0 = time.time()
-    options = grpo_toy.grpo_options(init, prompts, os.path.join(base, "grpo"), steps=steps, seed=seed, reward=None,
-                                    reward_model=rm_dir, lr=1e-3, min_lr=1e-3)
+    options = grpo_toy.grpo_options(
+        init,
+        prompts,
+        os.path.join(base, "grpo"),
+        steps=steps,
+        seed=seed,
+        reward=None,
+        reward_model=rm_dir,
+        lr=1e-3,
+        min_lr=1e-3,
+    )
     train_grpo(TrainConfig.from_dict(options), log=log)
     after = measure(os.path.join(base, "grpo"))
-    return {"seed": seed, "sft_accuracy": sft_acc, "rm_held_out_accuracy": rm_accuracy, "grpo_steps": steps,
-            "grpo_s": round(time.time() - t0, 1), "rule_rate_before": before["rule"],
-            "rule_rate_after": after["rule"], "math_before": before["math"], "math_after": after["math"]}
+    return {
+        "seed": seed,
+        "sft_accuracy": sft_acc,
+        "rm_held_out_accuracy": rm_accuracy,
+        "grpo_steps": steps,
+        "grpo_s": round(time.time() - t0, 1),
+        "rule_rate_before": before["rule"],
+        "rule_rate_after": after["rule"],
+        "math_before": before["math"],
+        "math_after": after["math"],
+    }
 
 
 def main(argv=None) -> int:

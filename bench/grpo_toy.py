@@ -47,18 +47,43 @@ def char_tokenizer():
 
 def toy_config(**changes) -> ModelConfig:
     """A tiny DeepSeek-V3 MoE for 16 tokens and 32 positions."""
-    base = dict(model_type="deepseek_v3", vocab_size=16, hidden_size=64, intermediate_size=128,
-                moe_intermediate_size=32, num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
-                num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                v_head_dim=16, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
-                topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
-                routed_scaling_factor=2.5, num_nextn_predict_layers=0, rope_theta=10000.0,
-                max_position_embeddings=32, rms_norm_eps=1e-6, seq_aux_alpha=0.0)
+    base = dict(
+        model_type="deepseek_v3",
+        vocab_size=16,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=0,
+        rope_theta=10000.0,
+        max_position_embeddings=32,
+        rms_norm_eps=1e-6,
+        seq_aux_alpha=0.0,
+    )
     base.update(changes)
     return ModelConfig.from_dict(base)
 
 
-def addition_split(seed: int, held_out: int = 100, limit: int = 20) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+def addition_split(
+    seed: int, held_out: int = 100, limit: int = 20
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """All pairs (a, b) with a, b < ``limit``, shuffled by ``seed``: (training pairs, ``held_out`` pairs)."""
     pairs = [(a, b) for a in range(limit) for b in range(limit)]
     random.Random(seed).shuffle(pairs)
@@ -83,8 +108,8 @@ def _sft_batch(tok, pairs, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.full((len(rows), width), eos_id, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, (seq, n_prompt) in enumerate(rows):
-        ids[i, :len(seq) - 1] = torch.tensor(seq[:-1])
-        labels[i, n_prompt - 1:len(seq) - 1] = torch.tensor(seq[n_prompt:])
+        ids[i, : len(seq) - 1] = torch.tensor(seq[:-1])
+        labels[i, n_prompt - 1 : len(seq) - 1] = torch.tensor(seq[n_prompt:])
     return ids, labels
 
 
@@ -97,8 +122,18 @@ def greedy_accuracy(model, tok, pairs, eos_id: int) -> float:
     return sum(tok.decode(o) == str(a + b) for o, (a, b) in zip(out, pairs)) / len(pairs)
 
 
-def short_sft(seed: int, train_pairs, held_out, *, target: float = 0.45, max_steps: int = 1500, batch: int = 64,
-              lr: float = 3e-3, check_every: int = 10, log=print):
+def short_sft(
+    seed: int,
+    train_pairs,
+    held_out,
+    *,
+    target: float = 0.45,
+    max_steps: int = 1500,
+    batch: int = 64,
+    lr: float = 3e-3,
+    check_every: int = 10,
+    log=print,
+):
     """Train a fresh toy model on ``a+b=c`` until greedy held-out accuracy reaches ``target`` (or ``max_steps``);
     returns ``(model, tokenizer, steps, accuracy)``."""
     from dsv3.model import DeepseekV3ForCausalLM
@@ -137,10 +172,30 @@ def save_checkpoint_dir(model, tok, directory: str) -> str:
 
 def grpo_options(init: str, prompts: str, run_dir: str, **changes) -> dict:
     """The toy run's ``dsv3 train --task grpo`` options (flat names, as on the command line)."""
-    opts = dict(task="grpo", init_from=init, data=prompts, reward="math", run_dir=run_dir, group_size=8,
-                global_batch=128, micro_batch=128, max_completion_tokens=4, temperature=1.0, beta=0.04,
-                lr=1.5e-4, min_lr=1.5e-4, warmup_steps=0, steps=800, save_every=1000, keep_last=1, progress=False,
-                tensorboard=False, seed=0, grad_clip=1.0, weight_decay=0.0)
+    opts = dict(
+        task="grpo",
+        init_from=init,
+        data=prompts,
+        reward="math",
+        run_dir=run_dir,
+        group_size=8,
+        global_batch=128,
+        micro_batch=128,
+        max_completion_tokens=4,
+        temperature=1.0,
+        beta=0.04,
+        lr=1.5e-4,
+        min_lr=1.5e-4,
+        warmup_steps=0,
+        steps=800,
+        save_every=1000,
+        keep_last=1,
+        progress=False,
+        tensorboard=False,
+        seed=0,
+        grad_clip=1.0,
+        weight_decay=0.0,
+    )
     opts.update(changes)
     return opts
 
@@ -167,15 +222,24 @@ def run_seed(seed: int, out: str, steps: int, log=print) -> dict:
     config = TrainConfig.from_dict(grpo_options(init, prompts, os.path.join(base, "grpo"), steps=steps, seed=seed))
     train_grpo(config, log=log)
     grpo_time = time.time() - t1
-    after = evaluate_prompts(os.path.join(base, "grpo"), held, ["math"], samples=8, temperature=1.0,
-                             max_new_tokens=4)
-    after_greedy = evaluate_prompts(os.path.join(base, "grpo"), held, ["math"], samples=1, temperature=0.0,
-                                    max_new_tokens=4)
+    after = evaluate_prompts(os.path.join(base, "grpo"), held, ["math"], samples=8, temperature=1.0, max_new_tokens=4)
+    after_greedy = evaluate_prompts(
+        os.path.join(base, "grpo"), held, ["math"], samples=1, temperature=0.0, max_new_tokens=4
+    )
     curve = [(m["step"], m["reward"]) for m in read_metrics(os.path.join(base, "grpo")) if "reward" in m]
-    return {"seed": seed, "sft_steps": sft_steps, "sft_s": round(sft_time, 1), "grpo_s": round(grpo_time, 1),
-            "accuracy_before": before_greedy.mean_reward, "accuracy_after": after_greedy.mean_reward,
-            "sampled_before": before.mean_reward, "sampled_after": after.mean_reward,
-            "pass@8_before": before.pass_at[8], "pass@8_after": after.pass_at[8], "reward_curve": curve}
+    return {
+        "seed": seed,
+        "sft_steps": sft_steps,
+        "sft_s": round(sft_time, 1),
+        "grpo_s": round(grpo_time, 1),
+        "accuracy_before": before_greedy.mean_reward,
+        "accuracy_after": after_greedy.mean_reward,
+        "sampled_before": before.mean_reward,
+        "sampled_after": after.mean_reward,
+        "pass@8_before": before.pass_at[8],
+        "pass@8_after": after.pass_at[8],
+        "reward_curve": curve,
+    }
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -187,13 +251,18 @@ def plot(results: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for r in results:
         steps, rewards = zip(*r["reward_curve"])
-        line, = ax.plot(steps, rewards, alpha=0.3, linewidth=0.8)
+        (line,) = ax.plot(steps, rewards, alpha=0.3, linewidth=0.8)
         window = 25
-        smooth = [sum(rewards[max(0, i - window + 1):i + 1]) / len(rewards[max(0, i - window + 1):i + 1])
-                  for i in range(len(rewards))]
-        ax.plot(steps, smooth, color=line.get_color(),
-                label=f"seed {r['seed']}: held-out greedy accuracy {r['accuracy_before']:.2f} -> "
-                      f"{r['accuracy_after']:.2f}")
+        smooth = [
+            sum(rewards[max(0, i - window + 1) : i + 1]) / len(rewards[max(0, i - window + 1) : i + 1])
+            for i in range(len(rewards))
+        ]
+        ax.plot(
+            steps,
+            smooth,
+            color=line.get_color(),
+            label=f"seed {r['seed']}: held-out greedy accuracy {r['accuracy_before']:.2f} -> {r['accuracy_after']:.2f}",
+        )
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("sampled reward (mean of 128)")
     ax.set_title("GRPO on a+b= (operands < 20): tiny DeepSeek-V3 MoE, 2 CPU cores", fontsize=10)

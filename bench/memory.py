@@ -33,8 +33,13 @@ CONFIGS = {
     "FP8 recipe (emulated GEMMs)": {"fp8": True},
     "BF16 AdamW moments": {"optim_states": "bf16"},
     "CPU EMA": {"ema_decay": 0.999},
-    "all together": {"recompute": "selective", "fp8": True, "fp8_gemm": False, "optim_states": "bf16",
-                     "ema_decay": 0.999},
+    "all together": {
+        "recompute": "selective",
+        "fp8": True,
+        "fp8_gemm": False,
+        "optim_states": "bf16",
+        "ema_decay": 0.999,
+    },
 }
 
 
@@ -51,8 +56,15 @@ def main() -> None:
     for name, changes in CONFIGS.items():
         if args.only and name not in args.only:
             continue
-        config = TrainConfig.from_dict(dict(model=args.model, seq_len=args.seq_len, micro_batch=args.micro_batch,
-                                            global_batch=args.micro_batch, **changes))
+        config = TrainConfig.from_dict(
+            dict(
+                model=args.model,
+                seq_len=args.seq_len,
+                micro_batch=args.micro_batch,
+                global_batch=args.micro_batch,
+                **changes,
+            )
+        )
         sessions[name] = prepare_config(config, name)
     # Bytes: one configuration at a time (a warm-up step, then one step under the trackers).
     reports = {name: session.measure(steps=0) for name, session in sessions.items()}
@@ -68,21 +80,28 @@ def main() -> None:
         session.close()
         r = reports[name]
         r.tokens_per_s = args.seq_len * args.micro_batch / statistics.median(times[name])
-        print(f"{name}: activations {r.activations / 2**20:.1f} MiB, state {r.training_state / 2**20:.1f} MiB, "
-              f"{r.tokens_per_s:,.0f} tok/s", flush=True)
+        print(
+            f"{name}: activations {r.activations / 2**20:.1f} MiB, state {r.training_state / 2**20:.1f} MiB, "
+            f"{r.tokens_per_s:,.0f} tok/s",
+            flush=True,
+        )
     base = reports.get("plain FP32")
     mib = 2**20
     print()
-    print("| configuration | params MiB | grads MiB | optimizer MiB | EMA (host) MiB | training state MiB | "
-          "activations / micro-batch MiB | tokens/s | state vs FP32 | activations vs FP32 | tokens/s vs FP32 |")
+    print(
+        "| configuration | params MiB | grads MiB | optimizer MiB | EMA (host) MiB | training state MiB | "
+        "activations / micro-batch MiB | tokens/s | state vs FP32 | activations vs FP32 | tokens/s vs FP32 |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in reports.items():
         rel = (lambda a, b: f"{a / b:.2f}x") if base else (lambda a, b: "-")
-        print(f"| {name} | {r.params / mib:.1f} | {r.grads / mib:.1f} | {r.optimizer / mib:.1f} | "
-              f"{r.ema_host / mib:.1f} | {r.training_state / mib:.1f} | {r.activations / mib:.1f} | "
-              f"{r.tokens_per_s:,.0f} | {rel(r.training_state, base.training_state) if base else '-'} | "
-              f"{rel(r.activations, base.activations) if base else '-'} | "
-              f"{rel(r.tokens_per_s, base.tokens_per_s) if base else '-'} |")
+        print(
+            f"| {name} | {r.params / mib:.1f} | {r.grads / mib:.1f} | {r.optimizer / mib:.1f} | "
+            f"{r.ema_host / mib:.1f} | {r.training_state / mib:.1f} | {r.activations / mib:.1f} | "
+            f"{r.tokens_per_s:,.0f} | {rel(r.training_state, base.training_state) if base else '-'} | "
+            f"{rel(r.activations, base.activations) if base else '-'} | "
+            f"{rel(r.tokens_per_s, base.tokens_per_s) if base else '-'} |"
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({k: v.to_dict() for k, v in reports.items()}, fh, indent=2)

@@ -32,31 +32,65 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.rope import apply_rope_config, extend_context
-from dsv3.train.evaluation import (PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_QUESTION,
-                                   evaluate_loss, passkey_accuracy, passkey_sample)
+from dsv3.train.evaluation import (
+    PASSKEY_FILLER,
+    PASSKEY_NEEDLE,
+    PASSKEY_QUESTION,
+    evaluate_loss,
+    passkey_accuracy,
+    passkey_sample,
+)
 from dsv3.train.tokenizer import train_bpe_tokenizer
 
 
 def model_config(vocab: int, l0: int) -> ModelConfig:
-    return ModelConfig.from_dict(dict(
-        vocab_size=vocab, hidden_size=96, intermediate_size=192, moe_intermediate_size=48, num_hidden_layers=2,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
-        qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=24, n_shared_experts=1, n_routed_experts=8,
-        num_experts_per_tok=2, n_group=2, topk_group=1, num_nextn_predict_layers=0, rope_scaling=None,
-        max_position_embeddings=l0, bos_token_id=0, eos_token_id=1))
+    return ModelConfig.from_dict(
+        dict(
+            vocab_size=vocab,
+            hidden_size=96,
+            intermediate_size=192,
+            moe_intermediate_size=48,
+            num_hidden_layers=2,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=48,
+            kv_lora_rank=32,
+            qk_nope_head_dim=24,
+            qk_rope_head_dim=16,
+            v_head_dim=24,
+            n_shared_experts=1,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            num_nextn_predict_layers=0,
+            rope_scaling=None,
+            max_position_embeddings=l0,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
 
 
 def batch(tok, rng, size: int, lengths: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """``size`` passkey documents of random length in ``lengths`` (right-padded; padding has no target)."""
-    docs = [passkey_sample(tok, int(rng.integers(lengths[0], lengths[1] + 1)),
-                           key=str(int(rng.integers(10000, 100000))), depth=float(rng.random()), intro="").ids
-            for _ in range(size)]
+    docs = [
+        passkey_sample(
+            tok,
+            int(rng.integers(lengths[0], lengths[1] + 1)),
+            key=str(int(rng.integers(10000, 100000))),
+            depth=float(rng.random()),
+            intro="",
+        ).ids
+        for _ in range(size)
+    ]
     width = max(len(d) for d in docs)
     ids = torch.full((size, width), 2, dtype=torch.long)
     labels = torch.full((size, width), -100, dtype=torch.long)
     for i, d in enumerate(docs):
-        ids[i, :len(d)] = torch.tensor(d)
-        labels[i, :len(d) - 1] = torch.tensor(d[1:])
+        ids[i, : len(d)] = torch.tensor(d)
+        labels[i, : len(d) - 1] = torch.tensor(d[1:])
     return ids[:, :-1], labels[:, :-1]
 
 
@@ -66,7 +100,11 @@ def train(model, tok, *, steps: int, size: int, lengths, lr: float, seed: int) -
     warmup = max(1, steps // 10)
     t0 = time.perf_counter()
     for step in range(steps):
-        f = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + np.cos(np.pi * (step - warmup) / (steps - warmup)))
+        f = (
+            (step + 1) / warmup
+            if step < warmup
+            else 0.1 + 0.45 * (1 + np.cos(np.pi * (step - warmup) / (steps - warmup)))
+        )
         for g in opt.param_groups:
             g["lr"] = lr * f
         ids, labels = batch(tok, rng, size, lengths)
@@ -91,16 +129,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     corpus = Path(tempfile.mkdtemp(prefix="bench-passkey-")) / "corpus.txt"
-    corpus.write_text("".join(PASSKEY_FILLER * 2 + PASSKEY_NEEDLE.format(key=rng.integers(10000, 100000))
-                              + PASSKEY_QUESTION + f" {rng.integers(10000, 100000)}\n" for _ in range(500)))
+    corpus.write_text(
+        "".join(
+            PASSKEY_FILLER * 2
+            + PASSKEY_NEEDLE.format(key=rng.integers(10000, 100000))
+            + PASSKEY_QUESTION
+            + f" {rng.integers(10000, 100000)}\n"
+            for _ in range(500)
+        )
+    )
     tok = train_bpe_tokenizer([corpus], 320)
     l0 = args.l0
     lengths = (l0, 2 * l0, 4 * l0)
     cfg = model_config(320, l0)
     torch.manual_seed(args.seed)
     base = DeepseekV3ForCausalLM(cfg)
-    wall = train(base, tok, steps=args.pretrain_steps, size=args.batch, lengths=(l0 // 2, l0), lr=args.lr,
-                 seed=args.seed)
+    wall = train(
+        base, tok, steps=args.pretrain_steps, size=args.batch, lengths=(l0 // 2, l0), lr=args.lr, seed=args.seed
+    )
     print(f"pre-trained at <= {l0} tokens: {args.pretrain_steps} steps of {args.batch} in {wall:.0f} s")
 
     held_out = {n: batch(tok, np.random.default_rng([args.seed, n]), 8, (n, n)) for n in lengths}
@@ -108,8 +154,10 @@ def main() -> None:
     def report(name, model):
         accs = [passkey_accuracy(model, tok, n, trials=args.trials, seed=args.seed + 1, intro="") for n in lengths]
         losses = [evaluate_loss(model, [held_out[n]]).loss for n in lengths]
-        print(f"{name:34s} " + "  ".join(f"{n} ({n // l0}x): passkey {a:4.0%} loss {v:.3f}"
-                                         for n, a, v in zip(lengths, accs, losses)))
+        print(
+            f"{name:34s} "
+            + "  ".join(f"{n} ({n // l0}x): passkey {a:4.0%} loss {v:.3f}" for n, a, v in zip(lengths, accs, losses))
+        )
         return accs
 
     report("none (pre-trained)", base)
@@ -121,8 +169,9 @@ def main() -> None:
         model = copy.deepcopy(base)
         if extend:
             apply_rope_config(model, yarn_cfg)
-        wall = train(model, tok, steps=args.extend_steps, size=small, lengths=(l0, 4 * l0), lr=args.lr / 3,
-                     seed=args.seed + 2)
+        wall = train(
+            model, tok, steps=args.extend_steps, size=small, lengths=(l0, 4 * l0), lr=args.lr / 3, seed=args.seed + 2
+        )
         report(f"{name} ({args.extend_steps} st, {wall:.0f} s)", model)
 
 

@@ -83,10 +83,12 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         from dsv3.model.transformer import DeepseekV3ForCausalLM
         from dsv3.parallel.pipeline.executor import PipelineRuntime
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=120))
-        cfg = load_preset("tiny").replace(num_hidden_layers=args.layers, vocab_size=args.vocab,
-                                          num_nextn_predict_layers=args.mtp)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+        )
+        cfg = load_preset("tiny").replace(
+            num_hidden_layers=args.layers, vocab_size=args.vocab, num_nextn_predict_layers=args.mtp
+        )
         out = {}
         # P2P latency of one activation: ping-pong on a fresh pair group.
         buf = torch.zeros(args.micro_batch, args.seq_len, cfg.hidden_size)
@@ -125,8 +127,16 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
 def _overlap_worker(rank: int, world: int, port: int, args, queue) -> None:
     """The overlap measurement on one rank (see the module docstring): per variant, lists of T_F, T_FB, T_B, T_comm."""
     try:
-        os.environ.update({"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                           "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
+        os.environ.update(
+            {
+                "OMP_NUM_THREADS": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world),
+            }
+        )
         import torch
         import torch.distributed as dist
 
@@ -138,8 +148,9 @@ def _overlap_worker(rank: int, world: int, port: int, args, queue) -> None:
         from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageRecord
         from dsv3.parallel.world import init_parallel
 
-        cfg = load_preset("tiny").replace(num_hidden_layers=args.layers, vocab_size=args.vocab,
-                                          num_nextn_predict_layers=0)
+        cfg = load_preset("tiny").replace(
+            num_hidden_layers=args.layers, vocab_size=args.vocab, num_nextn_predict_layers=0
+        )
         ctx = init_parallel(dp=world, ep=world, n_routed_experts=cfg.n_routed_experts, timeout_s=120)
         recorded: list | None = None
         exchange_init = dispatch._Exchange.__init__
@@ -214,16 +225,24 @@ def _overlap_worker(rank: int, world: int, port: int, args, queue) -> None:
                 wait_seq = wait_f + waited[0]
                 model.zero_grad(set_to_none=True)
                 # The FB op's exchanges replayed blocking, without compute.
-                bufs = [(torch.empty(sum(i), c, dtype=torch.uint8), torch.empty(sum(o), c, dtype=torch.uint8), i, o)
-                        for i, o, c in exchanges]
+                bufs = [
+                    (torch.empty(sum(i), c, dtype=torch.uint8), torch.empty(sum(o), c, dtype=torch.uint8), i, o)
+                    for i, o, c in exchanges
+                ]
                 dist.barrier()
                 t = time.perf_counter()
                 for send, recv, i, o in bufs:
                     a2a(recv, send, o, i, group=ctx.ep_group)
                 t_comm = time.perf_counter() - t
                 if rep >= 2:
-                    for k, v in (("F", t_f), ("FB", t_fb), ("B", t_b), ("comm", t_comm), ("wait_seq", wait_seq),
-                                 ("wait_fb", wait_fb)):
+                    for k, v in (
+                        ("F", t_f),
+                        ("FB", t_fb),
+                        ("B", t_b),
+                        ("comm", t_comm),
+                        ("wait_seq", wait_seq),
+                        ("wait_fb", wait_fb),
+                    ):
                         times[k].append(v)
             out[variant] = {"times": times, "events": events, "exchanges": len(exchanges)}
         dispatch._Exchange.__init__, dist.all_to_all_single = exchange_init, a2a
@@ -268,16 +287,34 @@ def _component_trace(events_by_rank: dict[int, list]) -> dict:
         starts: dict[tuple[str, str], list[float]] = {}
         for phase, name, t0, t1 in sorted(evs, key=lambda e: e[2]):
             if "." not in name:
-                out.append({"name": name, "cat": phase, "ph": "X", "pid": rank, "tid": 0 if phase == "F" else 1,
-                            "ts": (t0 - base) * 1e6, "dur": (t1 - t0) * 1e6})
+                out.append(
+                    {
+                        "name": name,
+                        "cat": phase,
+                        "ph": "X",
+                        "pid": rank,
+                        "tid": 0 if phase == "F" else 1,
+                        "ts": (t0 - base) * 1e6,
+                        "dur": (t1 - t0) * 1e6,
+                    }
+                )
             elif name.endswith(".start"):
                 starts.setdefault((phase, name[:-6]), []).append(t0)
             else:
                 kind = name[:-5]
                 s0 = starts[(phase, kind)].pop(0)
                 label = f"{phase} {kind}" if phase == "F" else f"B {kind} grad"
-                out.append({"name": label, "cat": "comm", "ph": "X", "pid": rank, "tid": 2,
-                            "ts": (s0 - base) * 1e6, "dur": (t0 - s0) * 1e6})
+                out.append(
+                    {
+                        "name": label,
+                        "cat": "comm",
+                        "ph": "X",
+                        "pid": rank,
+                        "tid": 2,
+                        "ts": (s0 - base) * 1e6,
+                        "dur": (t0 - s0) * 1e6,
+                    }
+                )
     return {"traceEvents": out, "displayTimeUnit": "ms"}
 
 
@@ -286,8 +323,15 @@ def _plot_components(trace: dict, path: str, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    colours = {"ATTN": "#8fb8de", "DISPATCH": "#f2b179", "MLP": "#9ccf8f", "COMBINE": "#d9a3c7", "FFN": "#c8c8c8",
-               "EMB": "#e8e8e8", "HEAD": "#bcbcbc"}
+    colours = {
+        "ATTN": "#8fb8de",
+        "DISPATCH": "#f2b179",
+        "MLP": "#9ccf8f",
+        "COMBINE": "#d9a3c7",
+        "FFN": "#c8c8c8",
+        "EMB": "#e8e8e8",
+        "HEAD": "#bcbcbc",
+    }
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "thread_name"}
     rows = sorted(names)
     spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
@@ -300,15 +344,33 @@ def _plot_components(trace: dict, path: str, title: str) -> None:
         x0, w = e["ts"] / 1e3, e["dur"] / 1e3
         comm = e["cat"] == "comm"
         colour = "#f4d35e" if comm else colours.get(e["name"], "#dddddd")
-        ax.barh(y, w, left=x0, height=0.35 if comm else 0.7, color=colour, edgecolor="black", linewidth=0.4,
-                hatch="//" if e["cat"] == "B" else None)
+        ax.barh(
+            y,
+            w,
+            left=x0,
+            height=0.35 if comm else 0.7,
+            color=colour,
+            edgecolor="black",
+            linewidth=0.4,
+            hatch="//" if e["cat"] == "B" else None,
+        )
         if w > end / 70:
-            ax.text(x0 + w / 2, y, e["name"].replace(" grad", "").replace("dispatch", "D").replace("combine", "C")
-                    if comm else e["name"][:4], ha="center", va="center", fontsize=6)
+            ax.text(
+                x0 + w / 2,
+                y,
+                e["name"].replace(" grad", "").replace("dispatch", "D").replace("combine", "C")
+                if comm
+                else e["name"][:4],
+                ha="center",
+                va="center",
+                fontsize=6,
+            )
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"rank {p}: {names[(p, t)]}" for p, t in reversed(rows)], fontsize=8)
     ax.set_xlim(0, end)
-    ax.set_xlabel("ms since the FB op began (hatched: backward of micro-batch a; yellow: an all-to-all from start to wait)")
+    ax.set_xlabel(
+        "ms since the FB op began (hatched: backward of micro-batch a; yellow: an all-to-all from start to wait)"
+    )
     ax.set_title(title, fontsize=10)
     fig.savefig(path)
 
@@ -332,8 +394,10 @@ def _overlap(args) -> tuple[list[str], bool]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, label in (("ep2", "ep=2, all-to-all dispatcher"), ("local", "control: no EP (local dispatcher)")):
-        med = {k: statistics.median(v for r in (0, 1) for v in outs[r][variant]["times"][k])
-               for k in ("F", "FB", "B", "comm", "wait_seq", "wait_fb")}
+        med = {
+            k: statistics.median(v for r in (0, 1) for v in outs[r][variant]["times"][k])
+            for k in ("F", "FB", "B", "comm", "wait_seq", "wait_fb")
+        }
         saved = med["F"] + med["B"] - med["FB"]
         ep = variant == "ep2" and med["comm"] > 0
         hidden = f"{saved / med['comm']:.2f}" if ep else "-"
@@ -342,20 +406,26 @@ def _overlap(args) -> tuple[list[str], bool]:
         pairs = [(t["F"][i] + t["B"][i] - t["FB"][i], t["comm"][i]) for t in per for i in range(len(t["F"]))]
         paired = statistics.median(d for d, _ in pairs)
         paired_hidden = f"{statistics.median(d / c for d, c in pairs):.2f}" if ep else "-"
-        lines.append(f"| {label} | {outs[0][variant]['exchanges']} | {med['F'] * ms:.1f} | {med['B'] * ms:.1f} | "
-                     f"{med['FB'] * ms:.1f} | {med['FB'] / (med['F'] + med['B']):.3f} | "
-                     f"{med['comm'] * ms if ep else 0:.1f} | {saved * ms:.1f} | {hidden} | {paired * ms:.1f} | "
-                     f"{paired_hidden} | {med['wait_seq'] * ms:.1f} | {med['wait_fb'] * ms:.1f} |")
+        lines.append(
+            f"| {label} | {outs[0][variant]['exchanges']} | {med['F'] * ms:.1f} | {med['B'] * ms:.1f} | "
+            f"{med['FB'] * ms:.1f} | {med['FB'] / (med['F'] + med['B']):.3f} | "
+            f"{med['comm'] * ms if ep else 0:.1f} | {saved * ms:.1f} | {hidden} | {paired * ms:.1f} | "
+            f"{paired_hidden} | {med['wait_seq'] * ms:.1f} | {med['wait_fb'] * ms:.1f} |"
+        )
     if args.trace_dir:
         os.makedirs(args.trace_dir, exist_ok=True)
         trace = _component_trace({r: outs[r]["ep2"]["events"] for r in (0, 1)})
-        from dsv3.utils.io import atomic_write_text
         import json
 
+        from dsv3.utils.io import atomic_write_text
+
         atomic_write_text(os.path.join(args.trace_dir, "fb-overlap-ep2.json"), json.dumps(trace))
-        _plot_components(trace, os.path.join(args.trace_dir, "fb-overlap-ep2.png"),
-                         "FB op on 2 EP ranks (pp=1): forward of micro-batch b interleaved with the backward of a, "
-                         "components and all-to-alls (measured)")
+        _plot_components(
+            trace,
+            os.path.join(args.trace_dir, "fb-overlap-ep2.png"),
+            "FB op on 2 EP ranks (pp=1): forward of micro-batch b interleaved with the backward of a, "
+            "components and all-to-alls (measured)",
+        )
     return lines, True
 
 
@@ -382,8 +452,10 @@ def _op_times(traces: list[list], comm: float):
 
 def _executed(per_device: dict[int, tuple[float, list]]) -> list[list]:
     """Each device's compute ops as (op, start, end) on the shared clock (``dsv3.plan.trace``'s form)."""
-    return [[(op, t0 + s, t0 + e) for op, s, e in trace if op.is_compute]
-            for t0, trace in (per_device[d] for d in sorted(per_device))]
+    return [
+        [(op, t0 + s, t0 + e) for op, s, e in trace if op.is_compute]
+        for t0, trace in (per_device[d] for d in sorted(per_device))
+    ]
 
 
 def _measured(per_device: dict[int, tuple[float, list]]) -> tuple[float, list[float]]:
@@ -403,11 +475,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--mtp", type=int, default=0, help="MTP modules (1 makes the last stage heavier)")
     p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--trace-dir", default=None, help="write a Chrome-trace JSON and measured/simulated timeline "
-                                                    "PNGs per schedule (last step)")
+    p.add_argument(
+        "--trace-dir",
+        default=None,
+        help="write a Chrome-trace JSON and measured/simulated timeline PNGs per schedule (last step)",
+    )
     p.add_argument("--out", default=None, help="append the markdown table to this file")
-    p.add_argument("--part", choices=("all", "schedules", "overlap"), default="all",
-                   help="the schedules (measured vs simulated), the EP overlap of the FB op, or both")
+    p.add_argument(
+        "--part",
+        choices=("all", "schedules", "overlap"),
+        default="all",
+        help="the schedules (measured vs simulated), the EP overlap of the FB op, or both",
+    )
     p.add_argument("--repeats", type=int, default=12, help="measured repeats of the overlap part")
     args = p.parse_args(argv)
     if args.steps < 3:
@@ -470,7 +549,9 @@ def main(argv: list[str] | None = None) -> int:
         sim_idle = [statistics.median(i[d] for i in sim_idles) for d in (0, 1)]
         from dsv3.plan.simulate import OpTimes
 
-        times = OpTimes(**{k: statistics.median(getattr(t, k) for t, _ in all_times) for k in ("f", "b", "w", "fb", "comm")})
+        times = OpTimes(
+            **{k: statistics.median(getattr(t, k) for t, _ in all_times) for k in ("f", "b", "w", "fb", "comm")}
+        )
         med = {k: statistics.median(m[k] for _, m in all_times) for k in all_times[0][1]}
         overlap = None
         if "FB" in med:
@@ -486,15 +567,23 @@ def main(argv: list[str] | None = None) -> int:
             sim = run_schedule(schedule, times)
             measured = measured_step(schedule, _executed(per_device), times)
             makespan = measured.makespan
-            plot_timeline(measured, os.path.join(args.trace_dir, f"{name}-pp{pp}-measured.png"),
-                          title=f"{name} pp={pp}: measured, makespan {makespan * 1e3:.0f} ms")
-            plot_timeline(sim, os.path.join(args.trace_dir, f"{name}-pp{pp}-simulated.png"),
-                          title=f"{name} pp={pp}: simulated from the measured op times, makespan {sim.makespan * 1e3:.0f} ms")
+            plot_timeline(
+                measured,
+                os.path.join(args.trace_dir, f"{name}-pp{pp}-measured.png"),
+                title=f"{name} pp={pp}: measured, makespan {makespan * 1e3:.0f} ms",
+            )
+            plot_timeline(
+                sim,
+                os.path.join(args.trace_dir, f"{name}-pp{pp}-simulated.png"),
+                title=f"{name} pp={pp}: simulated from the measured op times, makespan {sim.makespan * 1e3:.0f} ms",
+            )
             last = {d: [TraceEvent(op, s, e) for op, s, e in outs[d][(name, pp)][1][-1][1]] for d in (0, 1)}
             t0s = {d: outs[d][(name, pp)][1][-1][0] for d in (0, 1)}
             base = min(t0s.values())
-            shifted = {d: [TraceEvent(e.op, e.start + t0s[d] - base, e.end + t0s[d] - base) for e in tr]
-                       for d, tr in last.items()}
+            shifted = {
+                d: [TraceEvent(e.op, e.start + t0s[d] - base, e.end + t0s[d] - base) for e in tr]
+                for d, tr in last.items()
+            }
             write_chrome_trace(os.path.join(args.trace_dir, f"{name}-pp{pp}.json"), shifted)
 
     ms = 1e3
@@ -514,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {pp} | {'/'.join(map(str, layers))} | {t.f * ms:.1f} | {t.b * ms:.1f} | {t.w * ms:.1f} | "
             f"{t.fb * ms:.1f} | {mk * ms:.1f} | {smk * ms:.1f} | {ratio:.3f} | "
             f"{idle[0] * ms:.1f}, {idle[1] * ms:.1f} | {sidle[0] * ms:.1f}, {sidle[1] * ms:.1f} | "
-            f"{'-' if ov is None else f'{ov:.3f}'} |")
+            f"{'-' if ov is None else f'{ov:.3f}'} |"
+        )
     lines.append("")
     lines.append(f"Largest makespan deviation from the simulator: {worst * 100:.1f} % (target 15 %).")
     if overlap_lines:

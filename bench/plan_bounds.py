@@ -100,15 +100,19 @@ def run(quick: bool) -> None:
         t_new, a = timed(lambda: balanced_stage_layers(costs, 0.5, 2.0, pp), 3)
         t_ref, b = timed(lambda: reference_split(costs, 0.5, 2.0, pp), 1 if n >= 512 else 3)
         assert a == b, (n, pp)
-        print(f"  n={n:4d} pp={pp:4d}: pruned {t_new:8.3f} s, reference {t_ref:8.3f} s, ratio {t_ref / t_new:6.1f}x, same split")
+        print(
+            f"  n={n:4d} pp={pp:4d}: pruned {t_new:8.3f} s, reference {t_ref:8.3f} s, ratio {t_ref / t_new:6.1f}x, same split"
+        )
 
     print("3. the largest steps (once each)")
     v3 = load_preset("deepseek-v3")
     for m, what in ((2048, "at the simulation bound, simulated"), (10**6, "beyond it, extrapolated")):
         lay = Layout(pp=16, ep=64, dp=128, schedule="dualpipe", global_batch=128 * m)
         t, plan = timed(lambda: make_plan(v3, lay), 1)
-        print(f"  DeepSeek-V3 PP16 DualPipe {m:,} micro-batches ({what}): {t:6.2f} s, "
-              f"extrapolated={plan.schedule.extrapolated}, step {plan.step_time_s:,.1f} s")
+        print(
+            f"  DeepSeek-V3 PP16 DualPipe {m:,} micro-batches ({what}): {t:6.2f} s, "
+            f"extrapolated={plan.schedule.extrapolated}, step {plan.step_time_s:,.1f} s"
+        )
 
 
 if __name__ == "__main__":

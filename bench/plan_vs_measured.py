@@ -69,8 +69,16 @@ def planner_precision(dtype: str, moments: str) -> Precision:
     """The formats the trainer uses: parameters (router included) and gradients in the model dtype, no
     master copy (the parameters are updated in place), AdamW moments in ``moments``, activations in the
     model dtype; the router computes in FP32 whatever the model dtype."""
-    return Precision(weights=dtype, grads=dtype, master="none", moments=moments, router=dtype, router_compute="fp32",
-                     activations=dtype, stats="fp32")
+    return Precision(
+        weights=dtype,
+        grads=dtype,
+        master="none",
+        moments=moments,
+        router=dtype,
+        router_compute="fp32",
+        activations=dtype,
+        stats="fp32",
+    )
 
 
 def build(preset: str | ModelConfig, dtype: str, recompute: str, fp8: str | None, seed: int = 0):
@@ -93,8 +101,16 @@ def build(preset: str | ModelConfig, dtype: str, recompute: str, fp8: str | None
     return cfg, model
 
 
-def measure(preset: str | ModelConfig, seq_len: int, micro_batch: int = 1, dtype: str = "fp32", moments: str = "fp32",
-            recompute: str = "none", fp8: str | None = None, seed: int = 0) -> dict:
+def measure(
+    preset: str | ModelConfig,
+    seq_len: int,
+    micro_batch: int = 1,
+    dtype: str = "fp32",
+    moments: str = "fp32",
+    recompute: str = "none",
+    fp8: str | None = None,
+    seed: int = 0,
+) -> dict:
     """Build the model, run one step, and return the measured and planned bytes."""
     from dsv3.memory.measure import activation_bytes
     from dsv3.train.optim import AdamW, optimizer_state_bytes
@@ -113,8 +129,11 @@ def measure(preset: str | ModelConfig, seq_len: int, micro_batch: int = 1, dtype
         "activations": live,
         "saved_tensors": saved,
     }
-    plan = make_plan(cfg, Layout(seq_len=seq_len, micro_batch=micro_batch, recompute=recompute, zero=0,
-                                 fp8=fp8 is not None), planner_precision(dtype, moments))
+    plan = make_plan(
+        cfg,
+        Layout(seq_len=seq_len, micro_batch=micro_batch, recompute=recompute, zero=0, fp8=fp8 is not None),
+        planner_precision(dtype, moments),
+    )
     stage = plan.stages[0]
     planned = {
         "weights": stage.weights,
@@ -125,23 +144,43 @@ def measure(preset: str | ModelConfig, seq_len: int, micro_batch: int = 1, dtype
     ratio = {k: planned[k] / measured[k] for k in planned}
     ratio["saved_tensors"] = planned["activations"] / measured["saved_tensors"]
     return {
-        "preset": preset if isinstance(preset, str) else "custom", "seq_len": seq_len, "micro_batch": micro_batch, "dtype": dtype, "moments": moments,
-        "recompute": recompute, "fp8": fp8, "measured": measured, "planned": planned, "ratio": ratio,
+        "preset": preset if isinstance(preset, str) else "custom",
+        "seq_len": seq_len,
+        "micro_batch": micro_batch,
+        "dtype": dtype,
+        "moments": moments,
+        "recompute": recompute,
+        "fp8": fp8,
+        "measured": measured,
+        "planned": planned,
+        "ratio": ratio,
     }
 
 
-def _rank_measures(rank: int, preset, dp: int, ep: int, seq_len: int, micro_batch: int, dtypes: tuple[str, ...],
-                   moments: str, recompute: str, seed: int) -> list[dict]:
+def _rank_measures(
+    rank: int,
+    preset,
+    dp: int,
+    ep: int,
+    seq_len: int,
+    micro_batch: int,
+    dtypes: tuple[str, ...],
+    moments: str,
+    recompute: str,
+    seed: int,
+) -> list[dict]:
     """One spawned rank of :func:`measure_parallel`: :func:`_rank_measure` for each dtype, in one world."""
     from dsv3.parallel.world import init_parallel
 
-    ctx = init_parallel(dp=dp, ep=ep, n_routed_experts=build(preset, "fp32", "none", None, seed)[0].n_routed_experts,
-                        device="cpu")
+    ctx = init_parallel(
+        dp=dp, ep=ep, n_routed_experts=build(preset, "fp32", "none", None, seed)[0].n_routed_experts, device="cpu"
+    )
     return [_rank_measure(ctx, rank, preset, seq_len, micro_batch, dtype, moments, recompute, seed) for dtype in dtypes]
 
 
-def _rank_measure(ctx, rank: int, preset, seq_len: int, micro_batch: int, dtype: str, moments: str,
-                  recompute: str, seed: int) -> dict:
+def _rank_measure(
+    ctx, rank: int, preset, seq_len: int, micro_batch: int, dtype: str, moments: str, recompute: str, seed: int
+) -> dict:
     """Measured bytes of this rank after one step of a fresh model in ``dtype``."""
     from dsv3.memory.measure import activation_bytes
     from dsv3.parallel.dispatch import shard_experts
@@ -155,65 +194,126 @@ def _rank_measure(ctx, rank: int, preset, seq_len: int, micro_batch: int, dtype:
     live, saved = activation_bytes(model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous())
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     opt.step(1.0)
-    return {"rank": ctx.rank, "dp_rank": ctx.dp_rank, "ep_rank": ctx.ep_rank, "edp_rank": ctx.edp_rank,
-            "weights": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())),
-            "grads": grads, "optimizer": opt.state_bytes(), "activations": live, "saved_tensors": saved}
+    return {
+        "rank": ctx.rank,
+        "dp_rank": ctx.dp_rank,
+        "ep_rank": ctx.ep_rank,
+        "edp_rank": ctx.edp_rank,
+        "weights": sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())),
+        "grads": grads,
+        "optimizer": opt.state_bytes(),
+        "activations": live,
+        "saved_tensors": saved,
+    }
 
 
-def planned_per_rank(cfg: ModelConfig, dp: int, ep: int, seq_len: int, micro_batch: int, dtype: str, moments: str,
-                     recompute: str) -> list[dict]:
+def planned_per_rank(
+    cfg: ModelConfig, dp: int, ep: int, seq_len: int, micro_batch: int, dtype: str, moments: str, recompute: str
+) -> list[dict]:
     """What the planner predicts for each data-parallel rank of a ``pp = 1`` layout with ZeRO-1."""
     from dsv3.plan.memory import stage_parts, stage_tensors, zero1_rank_state_bytes
     from dsv3.plan.params import count_params
 
     layout = Layout(dp=dp, ep=ep, zero=1, seq_len=seq_len, micro_batch=micro_batch, recompute=recompute)
-    prec = Precision(weights=dtype, grads=dtype, master="fp32", moments=moments, router=dtype,
-                     router_compute="fp32", activations=dtype, stats="fp32")
+    prec = Precision(
+        weights=dtype,
+        grads=dtype,
+        master="fp32",
+        moments=moments,
+        router=dtype,
+        router_compute="fp32",
+        activations=dtype,
+        stats="fp32",
+    )
     plan = make_plan(cfg, layout, prec)
     tensors = stage_tensors(count_params(cfg), stage_parts(cfg, layout, plan.stage_layers)[0])
     out = []
     for r in range(dp):
         sb = zero1_rank_state_bytes(tensors, layout, prec, r)
-        out.append({"weights": sb.weights, "grads": sb.grads, "optimizer": sb.optimizer,
-                    "activations": plan.stages[0].activations_per_microbatch,
-                    "plan_optimizer": plan.stages[0].optimizer_flat})  # the flat split, for comparison
+        out.append(
+            {
+                "weights": sb.weights,
+                "grads": sb.grads,
+                "optimizer": sb.optimizer,
+                "activations": plan.stages[0].activations_per_microbatch,
+                "plan_optimizer": plan.stages[0].optimizer_flat,
+            }
+        )  # the flat split, for comparison
     return out
 
 
-def measure_parallel(preset: str | ModelConfig, dp: int, ep: int, seq_len: int, micro_batch: int = 1,
-                     dtype: str | tuple[str, ...] = "bf16", moments: str = "fp32", recompute: str = "none", seed: int = 0,
-                     timeout: float = 120.0) -> list[dict]:
+def measure_parallel(
+    preset: str | ModelConfig,
+    dp: int,
+    ep: int,
+    seq_len: int,
+    micro_batch: int = 1,
+    dtype: str | tuple[str, ...] = "bf16",
+    moments: str = "fp32",
+    recompute: str = "none",
+    seed: int = 0,
+    timeout: float = 120.0,
+) -> list[dict]:
     """Run :func:`_rank_measure` on ``dp`` spawned gloo ranks; one row per rank (measured, planned, ratio).
     Several dtypes (a tuple) are measured in one spawned world: rows dtype-major."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from dist_helpers import run_ranks  # noqa: E402  (spawned gloo ranks with hard timeouts)
 
     dtypes = (dtype,) if isinstance(dtype, str) else tuple(dtype)
-    per_rank = run_ranks(_rank_measures, dp, preset, dp, ep, seq_len, micro_batch, dtypes, moments, recompute, seed,
-                         timeout=timeout)
-    return [row for i, d in enumerate(dtypes)
-            for row in _rows(preset, dp, ep, seq_len, micro_batch, d, moments, recompute, [m[i] for m in per_rank])]
+    per_rank = run_ranks(
+        _rank_measures, dp, preset, dp, ep, seq_len, micro_batch, dtypes, moments, recompute, seed, timeout=timeout
+    )
+    return [
+        row
+        for i, d in enumerate(dtypes)
+        for row in _rows(preset, dp, ep, seq_len, micro_batch, d, moments, recompute, [m[i] for m in per_rank])
+    ]
 
 
-def _rows(preset, dp: int, ep: int, seq_len: int, micro_batch: int, dtype: str, moments: str, recompute: str,
-          measured: list[dict]) -> list[dict]:
+def _rows(
+    preset,
+    dp: int,
+    ep: int,
+    seq_len: int,
+    micro_batch: int,
+    dtype: str,
+    moments: str,
+    recompute: str,
+    measured: list[dict],
+) -> list[dict]:
     cfg = load_preset(preset) if isinstance(preset, str) else preset
     planned = planned_per_rank(cfg, dp, ep, seq_len, micro_batch, dtype, moments, recompute)
     rows = []
     for m, p in zip(measured, planned):
         ratio = {k: p[k] / m[k] for k in ("weights", "grads", "optimizer", "activations")}
         ratio["saved_tensors"] = p["activations"] / m["saved_tensors"]
-        rows.append({"preset": preset if isinstance(preset, str) else "custom", "dp": dp, "ep": ep,
-                     "edp": dp // ep, "rank": m["rank"], "seq_len": seq_len, "micro_batch": micro_batch,
-                     "dtype": dtype, "moments": moments, "recompute": recompute, "fp8": None,
-                     "measured": m, "planned": p, "ratio": ratio})
+        rows.append(
+            {
+                "preset": preset if isinstance(preset, str) else "custom",
+                "dp": dp,
+                "ep": ep,
+                "edp": dp // ep,
+                "rank": m["rank"],
+                "seq_len": seq_len,
+                "micro_batch": micro_batch,
+                "dtype": dtype,
+                "moments": moments,
+                "recompute": recompute,
+                "fp8": None,
+                "measured": m,
+                "planned": p,
+                "ratio": ratio,
+            }
+        )
     return rows
 
 
 def markdown_parallel(rows: list[dict]) -> str:
     """The per-rank EP/DP comparison as a markdown table."""
-    head = ("| preset | params / moments | dp x ep (edp) | rank (ep, edp) | weights | grads "
-            "| optimizer: measured = planned (ceil(n/G) model) | activations live | planned | planned / live |")
+    head = (
+        "| preset | params / moments | dp x ep (edp) | rank (ep, edp) | weights | grads "
+        "| optimizer: measured = planned (ceil(n/G) model) | activations live | planned | planned / live |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         m, p, q = r["measured"], r["planned"], r["ratio"]
@@ -227,7 +327,8 @@ def markdown_parallel(rows: list[dict]) -> str:
         lines.append(
             f"| {r['preset']} | {r['dtype']} / {r['moments']} | {r['dp']} x {r['ep']} ({r['edp']}) "
             f"| {r['rank']} ({m['ep_rank']}, {m['edp_rank']}) | {' | '.join(cells)} "
-            f"| {m['activations']:,} | {p['activations']:,.0f} | {q['activations']:.4f} |")
+            f"| {m['activations']:,} | {p['activations']:,.0f} | {q['activations']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -237,14 +338,19 @@ def parallel_row_ok(r: dict) -> bool:
 
 def row_ok(r: dict) -> bool:
     states = all(r["planned"][k] == r["measured"][k] for k in STATES)
-    return states and abs(r["ratio"]["activations"] - 1) <= 0.10 and (
-        r["recompute"] != "none" or abs(r["ratio"]["saved_tensors"] - 1) <= 0.10)
+    return (
+        states
+        and abs(r["ratio"]["activations"] - 1) <= 0.10
+        and (r["recompute"] != "none" or abs(r["ratio"]["saved_tensors"] - 1) <= 0.10)
+    )
 
 
 def markdown(rows: list[dict]) -> str:
     """The comparison as a markdown table (what BENCHMARKS.md shows)."""
-    head = ("| preset | params | FP8 | recompute | weights / grads / optimizer (measured = planned) "
-            "| activations live | saved_tensors | planned | planned / live | planned / saved |")
+    head = (
+        "| preset | params | FP8 | recompute | weights / grads / optimizer (measured = planned) "
+        "| activations live | saved_tensors | planned | planned / live | planned / saved |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         m, p, q = r["measured"], r["planned"], r["ratio"]
@@ -254,7 +360,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['preset']} | {r['dtype']} | {r['fp8'] or '-'} | {r['recompute']} | {states} "
             f"| {m['activations']:,} | {m['saved_tensors']:,} | {p['activations']:,.0f} "
-            f"| {q['activations']:.4f} | {q['saved_tensors']:.4f} |")
+            f"| {q['activations']:.4f} | {q['saved_tensors']:.4f} |"
+        )
     return "\n".join(lines)
 
 
@@ -277,9 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     fp8.add_argument("--fp8", action="store_true", help="only FP8 rows (storage-only recipe), for every preset/dtype")
     fp8.add_argument("--fp8-gemm", action="store_true", help="only FP8 rows with (emulated) FP8 GEMMs")
     fp8.add_argument("--no-fp8", action="store_true", help="no FP8 rows")
-    ap.add_argument("--layout", action="append", metavar="DPxEP",
-                    help="EP/DP layouts to check per rank on DP spawned gloo ranks, e.g. 2x2 4x2 4x4 (default: none, "
-                         "one device); parameters in --dtype (default bf16), moments fp32 and bf16")
+    ap.add_argument(
+        "--layout",
+        action="append",
+        metavar="DPxEP",
+        help="EP/DP layouts to check per rank on DP spawned gloo ranks, e.g. 2x2 4x2 4x4 (default: none, "
+        "one device); parameters in --dtype (default bf16), moments fp32 and bf16",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.layout:
@@ -293,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for preset, dtype, f8 in runs:
         for policy in args.recompute or POLICIES:
-            rows.append(measure(preset, args.seq_len, args.micro_batch, dtype, dtype if dtype == "bf16" else "fp32",
-                                policy, f8))
+            rows.append(
+                measure(preset, args.seq_len, args.micro_batch, dtype, dtype if dtype == "bf16" else "fp32", policy, f8)
+            )
             if not args.json:
                 print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     if args.json:
@@ -313,8 +425,9 @@ def main_parallel(args) -> int:
             for dtype in args.dtype or ["bf16"]:
                 for moments in sorted({"fp32", dtype}):
                     for policy in args.recompute or ["none"]:
-                        got = measure_parallel(preset, int(dp), int(ep), args.seq_len, args.micro_batch, dtype,
-                                               moments, policy)
+                        got = measure_parallel(
+                            preset, int(dp), int(ep), args.seq_len, args.micro_batch, dtype, moments, policy
+                        )
                         rows += got
                         if not args.json:
                             print("\n".join(markdown_parallel(got).splitlines()[2:]), flush=True)

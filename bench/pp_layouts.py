@@ -35,12 +35,33 @@ def _setup(root: Path) -> list[str]:
     for name in ("textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py", "bisect.py", "heapq.py", "glob.py"):
         (corpus / (name + ".txt")).write_text((stdlib / name).read_text(encoding="utf-8"), encoding="utf-8")
     train_bpe_tokenizer(sorted(corpus.iterdir()), 512).save(str(root / "tokenizer.json"))
-    cfg = dict(model_type="deepseek_v3", vocab_size=512, hidden_size=64, intermediate_size=128,
-               moe_intermediate_size=32, num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4,
-               num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-               v_head_dim=16, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
-               topk_group=2, topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True,
-               routed_scaling_factor=2.5, num_nextn_predict_layers=1, max_position_embeddings=256)
+    cfg = dict(
+        model_type="deepseek_v3",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=4,
+        topk_group=2,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=1,
+        max_position_embeddings=256,
+    )
     ModelConfig.from_dict(cfg).save(root / "config.json")
     return ["--model", str(root / "config.json"), "--data", str(corpus), "--tokenizer", str(root / "tokenizer.json")]
 
@@ -50,7 +71,7 @@ def _flags(layout: str) -> tuple[list[str], int]:
     flags = []
     for part in spec.split(","):
         name = part.rstrip("0123456789")
-        value = part[len(name):]
+        value = part[len(name) :]
         if name in SCHEDULES:
             flags += ["--pp", value, "--pipeline", name]
         else:
@@ -60,17 +81,48 @@ def _flags(layout: str) -> tuple[list[str], int]:
 
 def _run(common: list[str], run_dir: Path, flags: list[str], procs: int, steps: int) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    args = ["train", *common, "--seq-len", "32", "--micro-batch", "1", "--global-batch", "16", "--steps", str(steps),
-            "--eps", "1e-3", "--eval-every", "1000", "--eval-batches", "1", "--save-every", "1000",
-            "--sample-tokens", "0", "--no-progress", "--no-tensorboard", "--run-dir", str(run_dir), *flags]
+    args = [
+        "train",
+        *common,
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "1",
+        "--global-batch",
+        "16",
+        "--steps",
+        str(steps),
+        "--eps",
+        "1e-3",
+        "--eval-every",
+        "1000",
+        "--eval-batches",
+        "1",
+        "--save-every",
+        "1000",
+        "--sample-tokens",
+        "0",
+        "--no-progress",
+        "--no-tensorboard",
+        "--run-dir",
+        str(run_dir),
+        *flags,
+    ]
     if procs == 1:
         cmd = [sys.executable, "-m", "dsv3", *args]
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        cmd = [str(Path(sys.executable).with_name("torchrun")), f"--nproc-per-node={procs}", "--master-addr=127.0.0.1",
-               f"--master-port={port}", "-m", "dsv3", *args]
+        cmd = [
+            str(Path(sys.executable).with_name("torchrun")),
+            f"--nproc-per-node={procs}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            "-m",
+            "dsv3",
+            *args,
+        ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 

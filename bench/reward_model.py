@@ -28,12 +28,33 @@ from dsv3.config import ModelConfig
 from dsv3.train.config import load_train_config
 from dsv3.train.reward_model import train_reward_model
 
-TINY = dict(model_type="deepseek_v3", vocab_size=512, hidden_size=64, intermediate_size=128,
-            moe_intermediate_size=32, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
-            num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-            v_head_dim=16, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
-            topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
-            num_nextn_predict_layers=1, max_position_embeddings=256)
+TINY = dict(
+    model_type="deepseek_v3",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    topk_method="noaux_tc",
+    scoring_func="sigmoid",
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    num_nextn_predict_layers=1,
+    max_position_embeddings=256,
+)
 
 
 def preference_pairs(n: int, seed: int, task: str = "digits") -> list[dict[str, str]]:
@@ -59,15 +80,39 @@ def run_task(task: str, seed: int, steps: int, root: str) -> dict:
     model = os.path.join(root, "config.json")
     ModelConfig.from_dict(TINY).save(model)
     run_dir = os.path.join(root, f"run-{task}-{seed}")
-    config = load_train_config(None, dict(task="reward", data=data, model=model, seq_len=16, micro_batch=32,
-                                          global_batch=32, steps=steps, lr=3e-3, min_lr=3e-4, warmup_steps=5,
-                                          eval_every=max(1, steps // 4), val_fraction=0.2, progress=False,
-                                          tensorboard=False, run_dir=run_dir, seed=seed))
+    config = load_train_config(
+        None,
+        dict(
+            task="reward",
+            data=data,
+            model=model,
+            seq_len=16,
+            micro_batch=32,
+            global_batch=32,
+            steps=steps,
+            lr=3e-3,
+            min_lr=3e-4,
+            warmup_steps=5,
+            eval_every=max(1, steps // 4),
+            val_fraction=0.2,
+            progress=False,
+            tensorboard=False,
+            run_dir=run_dir,
+            seed=seed,
+        ),
+    )
     result = train_reward_model(config, log=lambda line: None)
     records = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     curve = [(r["step"], round(r["val_accuracy"], 3)) for r in records if "val_accuracy" in r]
-    return {"task": task, "seed": seed, "steps": steps, "first_step_train_accuracy": records[0]["accuracy"],
-            "val_accuracy_curve": curve, "val_accuracy": result.val_accuracy, "wall_s": round(result.wall_time, 1)}
+    return {
+        "task": task,
+        "seed": seed,
+        "steps": steps,
+        "first_step_train_accuracy": records[0]["accuracy"],
+        "val_accuracy_curve": curve,
+        "val_accuracy": result.val_accuracy,
+        "wall_s": round(result.wall_time, 1),
+    }
 
 
 def sandbox_costs(repeats: int = 15) -> dict:
@@ -85,7 +130,8 @@ def sandbox_costs(repeats: int = 15) -> dict:
             times[mode].append((time.perf_counter() - t0) * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {f"{k}_ms": round(v, 1) for k, v in med.items()} | {
-        f"{k}_over_plain": round(med[k] / med["plain"], 2) for k in ("namespaces", "rlimits")}
+        f"{k}_over_plain": round(med[k] / med["plain"], 2) for k in ("namespaces", "rlimits")
+    }
 
 
 def main() -> None:

@@ -50,13 +50,36 @@ def model_config(hidden: int):
     """The bench's model: DeepSeek-V3-shaped, 5 layers (the first dense), 32 routed experts, MTP."""
     from dsv3.config import ModelConfig
 
-    return ModelConfig.from_dict(dict(
-        model_type="deepseek_v3", vocab_size=8192, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-        moe_intermediate_size=hidden // 2, num_hidden_layers=5, first_k_dense_replace=1, num_attention_heads=8,
-        num_key_value_heads=8, q_lora_rank=hidden // 4, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
-        v_head_dim=64, n_shared_experts=1, n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2,
-        topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
-        num_nextn_predict_layers=1, max_position_embeddings=512, rms_norm_eps=1e-6))
+    return ModelConfig.from_dict(
+        dict(
+            model_type="deepseek_v3",
+            vocab_size=8192,
+            hidden_size=hidden,
+            intermediate_size=hidden * 11 // 4,
+            moe_intermediate_size=hidden // 2,
+            num_hidden_layers=5,
+            first_k_dense_replace=1,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            q_lora_rank=hidden // 4,
+            kv_lora_rank=128,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            n_shared_experts=1,
+            n_routed_experts=32,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            num_nextn_predict_layers=1,
+            max_position_embeddings=512,
+            rms_norm_eps=1e-6,
+        )
+    )
 
 
 def global_batch(layout: dict) -> int:
@@ -103,8 +126,15 @@ def rank_run(rank: int, config_dir: str, layout: dict, steps: int) -> dict:
     from dsv3.train.session import build_session, train_step
 
     p = {k: layout[k] for k in ("pp", "dp", "ep", "pipeline") if k in layout}
-    opts = dict(model=config_dir, seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, global_batch=global_batch(layout),
-                steps=steps, device="cpu", **p)
+    opts = dict(
+        model=config_dir,
+        seq_len=SEQ_LEN,
+        micro_batch=MICRO_BATCH,
+        global_batch=global_batch(layout),
+        steps=steps,
+        device="cpu",
+        **p,
+    )
     config = TrainConfig.from_dict(opts)
     ctx = None
     if layout["world"] > 1:
@@ -124,12 +154,17 @@ def rank_run(rank: int, config_dir: str, layout: dict, steps: int) -> dict:
             s.step += 1
         peak = _hwm()
         params = [t for t in s.model.parameters()]
-        return {"rank": s.parallel.rank, "pp_rank": s.parallel.pp_rank, "dp_rank": s.parallel.dp_rank,
-                "idle": idle, "peak": peak - idle,
-                "weights": sum(t.numel() * t.element_size() for t in params + list(s.model.buffers())),
-                "grads": sum(t.numel() * t.element_size() for t in params if t.requires_grad),
-                "optimizer": s.optimizer.state_bytes(),
-                "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None}
+        return {
+            "rank": s.parallel.rank,
+            "pp_rank": s.parallel.pp_rank,
+            "dp_rank": s.parallel.dp_rank,
+            "idle": idle,
+            "peak": peak - idle,
+            "weights": sum(t.numel() * t.element_size() for t in params + list(s.model.buffers())),
+            "grads": sum(t.numel() * t.element_size() for t in params if t.requires_grad),
+            "optimizer": s.optimizer.state_bytes(),
+            "cuda_peak": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        }
     finally:
         s.close()
 
@@ -138,8 +173,20 @@ def plan_of(config_dir: str, layout: dict) -> dict:
     """``dsv3 plan --json`` for the layout (the same model, batch and formats)."""
     from dsv3.cli import main
 
-    args = ["plan", "--config", config_dir, "--seq-len", str(SEQ_LEN), "--micro-batch", str(MICRO_BATCH),
-            "--global-batch", str(global_batch(layout)), "--precision", PRECISION, "--json"]
+    args = [
+        "plan",
+        "--config",
+        config_dir,
+        "--seq-len",
+        str(SEQ_LEN),
+        "--micro-batch",
+        str(MICRO_BATCH),
+        "--global-batch",
+        str(global_batch(layout)),
+        "--precision",
+        PRECISION,
+        "--json",
+    ]
     for k in ("pp", "dp", "ep"):
         if k in layout:
             args += [f"--{k}", str(layout[k])]
@@ -156,31 +203,49 @@ def run_layout(name: str, config_dir: str, steps: int, timeout: float) -> list[d
     from dist_helpers import run_ranks
 
     layout = LAYOUTS[name]
-    ranks = run_ranks(rank_run, layout["world"], config_dir, layout, steps, timeout=timeout,
-                      env={"LOCAL_WORLD_SIZE": str(layout["world"])})
+    ranks = run_ranks(
+        rank_run,
+        layout["world"],
+        config_dir,
+        layout,
+        steps,
+        timeout=timeout,
+        env={"LOCAL_WORLD_SIZE": str(layout["world"])},
+    )
     doc = plan_of(config_dir, layout)
     rows = []
     for r in ranks:
         dev = doc["devices"][r["pp_rank"]]["memory_bytes"]
         opt = (dev.get("optimizer_by_dp_rank") or [dev["optimizer"]] * layout.get("dp", 1))[r["dp_rank"]]
-        plan = {"weights": dev["weights"], "grads": dev["grads"], "optimizer": opt, "total": dev["total"],
-                "total_without_fragmentation": dev["total"] - dev["fragmentation"]}
+        plan = {
+            "weights": dev["weights"],
+            "grads": dev["grads"],
+            "optimizer": opt,
+            "total": dev["total"],
+            "total_without_fragmentation": dev["total"] - dev["fragmentation"],
+        }
         rows.append({"layout": name, **r, "plan": plan, "peak_over_plan": r["peak"] / plan["total"]})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     gib = 2.0**30
-    lines = ["| layout | rank | weights = plan | grads = plan | optimizer = plan | idle RSS GiB | peak - idle GiB "
-             "| plan total GiB (no frag.) | peak / plan | peak / one-process peak |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| layout | rank | weights = plan | grads = plan | optimizer = plan | idle RSS GiB | peak - idle GiB "
+        "| plan total GiB (no frag.) | peak / plan | peak / one-process peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     one = next((r["peak"] for r in rows if r["layout"] == "one"), None)
     for r in rows:
-        eq = {k: "yes" if r[k] == r["plan"][k] else f"{r[k]} vs {r['plan'][k]}" for k in ("weights", "grads", "optimizer")}
+        eq = {
+            k: "yes" if r[k] == r["plan"][k] else f"{r[k]} vs {r['plan'][k]}" for k in ("weights", "grads", "optimizer")
+        }
         rel = f"{r['peak'] / one:.3f}" if one else "-"
-        lines.append(f"| {r['layout']} | {r['rank']} | {eq['weights']} | {eq['grads']} | {eq['optimizer']} "
-                     f"| {r['idle'] / gib:.2f} | {r['peak'] / gib:.3f} | {r['plan']['total'] / gib:.3f} "
-                     f"({r['plan']['total_without_fragmentation'] / gib:.3f}) | {r['peak_over_plan']:.3f} | {rel} |")
+        lines.append(
+            f"| {r['layout']} | {r['rank']} | {eq['weights']} | {eq['grads']} | {eq['optimizer']} "
+            f"| {r['idle'] / gib:.2f} | {r['peak'] / gib:.3f} | {r['plan']['total'] / gib:.3f} "
+            f"({r['plan']['total_without_fragmentation'] / gib:.3f}) | {r['peak_over_plan']:.3f} | {rel} |"
+        )
     return "\n".join(lines)
 
 

@@ -37,10 +37,12 @@ from dsv3.train.evaluation import evaluate_loss
 from dsv3.train.sft import ChatTemplate, Conversation, PackedChatDataset, build_sft_data
 from dsv3.train.tokenizer import train_bpe_tokenizer
 
-TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
-            "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
-            "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-            "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 SPECIAL = ("<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
 
 
@@ -66,12 +68,33 @@ def write(path: Path, recs: list[dict]) -> Path:
 
 
 def model_config(vocab: int) -> ModelConfig:
-    return ModelConfig.from_dict(dict(
-        vocab_size=vocab, hidden_size=96, intermediate_size=192, moe_intermediate_size=48, num_hidden_layers=2,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=48, kv_lora_rank=32,
-        qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=24, n_shared_experts=1, n_routed_experts=8,
-        num_experts_per_tok=2, n_group=2, topk_group=1, num_nextn_predict_layers=1, rope_scaling=None,
-        max_position_embeddings=512, bos_token_id=0, eos_token_id=1))
+    return ModelConfig.from_dict(
+        dict(
+            vocab_size=vocab,
+            hidden_size=96,
+            intermediate_size=192,
+            moe_intermediate_size=48,
+            num_hidden_layers=2,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            q_lora_rank=48,
+            kv_lora_rank=32,
+            qk_nope_head_dim=24,
+            qk_rope_head_dim=16,
+            v_head_dim=24,
+            n_shared_experts=1,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            num_nextn_predict_layers=1,
+            rope_scaling=None,
+            max_position_embeddings=512,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    )
 
 
 @torch.no_grad()
@@ -95,7 +118,11 @@ def train(model, data, *, steps: int, batch: int, lr: float, seed: int) -> list[
     warmup = max(1, steps // 20)
     for step in range(steps):  # linear warm-up, then cosine decay to 10% (the report's SFT schedule shape)
         t0 = time.perf_counter()
-        f = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + np.cos(np.pi * (step - warmup) / (steps - warmup)))
+        f = (
+            (step + 1) / warmup
+            if step < warmup
+            else 0.1 + 0.45 * (1 + np.cos(np.pi * (step - warmup) / (steps - warmup)))
+        )
         for g in opt.param_groups:
             g["lr"] = lr * f
         b = loader.next_batch(batch)
@@ -146,8 +173,11 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     corpus = tmp / "corpus.txt"
-    corpus.write_text("\n".join(q + "\n" + a + "\nYou reverse lists.\nuser assistant system"
-                                for q, a in (task(rng) for _ in range(2000))))
+    corpus.write_text(
+        "\n".join(
+            q + "\n" + a + "\nYou reverse lists.\nuser assistant system" for q, a in (task(rng) for _ in range(2000))
+        )
+    )
     tok = train_bpe_tokenizer([corpus], 320, special_tokens=SPECIAL)
     template = ChatTemplate(TEMPLATE, {"eos_token": "<|im_end|>"}, origin="bench")
     train_file = write(tmp / "train.jsonl", records(args.train_conversations, rng))
@@ -155,12 +185,20 @@ def main() -> None:
     cfg = model_config(384)
 
     def data(mask: bool):
-        d = build_sft_data(train_file, tokenizer=tok, template=template, seq_len=args.seq_len, vocab_size=384,
-                           val_fraction=0.05, split_seed=args.seed)
+        d = build_sft_data(
+            train_file,
+            tokenizer=tok,
+            template=template,
+            seq_len=args.seq_len,
+            vocab_size=384,
+            val_fraction=0.05,
+            split_seed=args.seed,
+        )
         return d if mask else unmasked(d)
 
-    test = build_sft_data(test_file, tokenizer=tok, template=template, seq_len=args.seq_len, vocab_size=384,
-                          packing=False).train
+    test = build_sft_data(
+        test_file, tokenizer=tok, template=template, seq_len=args.seq_len, vocab_size=384, packing=False
+    ).train
     print(data(True).summary())
     results = {}
     for name, mask in (("masked", True), ("unmasked", False)):
@@ -174,14 +212,25 @@ def main() -> None:
         wall = time.perf_counter() - t0
         after = accuracy(model, test)
         test_loss = evaluate_loss(model, [test.batch(range(len(test)))]).loss
-        results[name] = dict(before=before, after=after, loss0=test_loss0, loss=test_loss,
-                             step_ms=1000 * statistics.median(times), wall=wall, loss_tokens=d.train.num_tokens)
-        print(f"{name:9s} accuracy {before:.1%} -> {after:.1%}; held-out assistant-token loss "
-              f"{test_loss0:.3f} -> {test_loss:.3f}; median step {results[name]['step_ms']:.0f} ms; "
-              f"{args.steps} steps in {wall:.0f} s; {d.train.num_tokens} loss tokens an epoch")
+        results[name] = dict(
+            before=before,
+            after=after,
+            loss0=test_loss0,
+            loss=test_loss,
+            step_ms=1000 * statistics.median(times),
+            wall=wall,
+            loss_tokens=d.train.num_tokens,
+        )
+        print(
+            f"{name:9s} accuracy {before:.1%} -> {after:.1%}; held-out assistant-token loss "
+            f"{test_loss0:.3f} -> {test_loss:.3f}; median step {results[name]['step_ms']:.0f} ms; "
+            f"{args.steps} steps in {wall:.0f} s; {d.train.num_tokens} loss tokens an epoch"
+        )
     plain, masked = mask_cost(cfg, 1024, 5)
-    print(f"document mask cost, forward+backward of 4 x 1024 tokens (8 documents a row): plain causal "
-          f"{plain * 1000:.0f} ms, document-masked {masked * 1000:.0f} ms (x{masked / plain:.2f}); median of 5")
+    print(
+        f"document mask cost, forward+backward of 4 x 1024 tokens (8 documents a row): plain causal "
+        f"{plain * 1000:.0f} ms, document-masked {masked * 1000:.0f} ms (x{masked / plain:.2f}); median of 5"
+    )
 
 
 if __name__ == "__main__":

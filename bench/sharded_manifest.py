@@ -45,8 +45,12 @@ def main() -> None:
             for label in ("with manifest", "without"):
                 step += 1
                 off = label == "without"
-                with mock.patch.object(pc, "write_sharded_manifest", (lambda *a: None) if off else pc.write_sharded_manifest), \
-                        mock.patch.object(pc, "shard_entries", (lambda *a: {}) if off else pc.shard_entries):
+                with (
+                    mock.patch.object(
+                        pc, "write_sharded_manifest", (lambda *a: None) if off else pc.write_sharded_manifest
+                    ),
+                    mock.patch.object(pc, "shard_entries", (lambda *a: {}) if off else pc.shard_entries),
+                ):
                     started = time.perf_counter()
                     path = pc.save_sharded(run, step, model=model, optimizer=optimizer, ctx=ctx, keep_last=2)
                     times[label].append(time.perf_counter() - started)

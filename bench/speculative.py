@@ -43,10 +43,26 @@ from dsv3.train.tokenizer import get_tokenizer
 
 HERE = Path(__file__).resolve().parent
 RUN_DIR, DATA_DIR = HERE / ".spec_run", HERE / ".spec_data"
-TRAIN_ARGS = ["--model", str(HERE / "speculative_model_12l.json"), "--seq-len", "128", "--micro-batch", "8",
-              "--global-batch", "8", "--steps", "1500", "--lr", "3e-3", "--warmup-steps", "50"]
-ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen").split()
+TRAIN_ARGS = [
+    "--model",
+    str(HERE / "speculative_model_12l.json"),
+    "--seq-len",
+    "128",
+    "--micro-batch",
+    "8",
+    "--global-batch",
+    "8",
+    "--steps",
+    "1500",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "50",
+]
+ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen"
+).split()
 TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -86,7 +102,7 @@ def _prompts(tokenizer, count: int, length: int, seed: int) -> list[list[int]]:
         ids = tokenizer.encode(rng.choice(files).read_text(encoding="utf-8", errors="replace")).ids
         if len(ids) > length:
             start = rng.randrange(0, len(ids) - length)
-            out.append(ids[start:start + length])
+            out.append(ids[start : start + length])
     return out
 
 
@@ -105,19 +121,20 @@ def _decode(mode, model, x, max_tokens, temperature, top_p, seed, stats):
     gen = torch.Generator().manual_seed(seed)
     if mode == "plain":
         return generate(model, x, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, generator=gen)
-    return speculative_generate(model, x, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                                generator=gen, stats=stats)
+    return speculative_generate(
+        model, x, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, generator=gen, stats=stats
+    )
 
 
 def _run(model, prompts, max_tokens, temperature, top_p, seed, batch=1):
     """Plain vs speculative decoding of ``prompts`` in groups of ``batch``, interleaved; medians."""
     stats = SpeculativeStats(len(model.mtp))
     speedups, plain_tps, spec_tps, same, plain_s = [], [], [], 0, []
-    groups = [prompts[i:i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
+    groups = [prompts[i : i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
     for i, group in enumerate(groups):
         x = torch.tensor(group)
         timings = {}
-        for mode in (("plain", "spec") if i % 2 == 0 else ("spec", "plain")):
+        for mode in ("plain", "spec") if i % 2 == 0 else ("spec", "plain"):
             started = time.perf_counter()
             out = _decode(mode, model, x, max_tokens, temperature, top_p, seed + i, stats)
             timings[mode] = (time.perf_counter() - started, out)
@@ -128,17 +145,26 @@ def _run(model, prompts, max_tokens, temperature, top_p, seed, batch=1):
         speedups.append(spec_tps[-1] / plain_tps[-1])
         same += torch.equal(timings["plain"][1], timings["spec"][1])
     if temperature <= 0:
-        assert same == len(groups), f"greedy speculative output differs from plain greedy in {len(groups) - same} groups"
-    return {"batch": batch, "temperature": temperature, "top_p": top_p, "acceptance_rate": stats.acceptance_rates(),
-            "tokens_per_forward": stats.tokens_per_round() / batch, "new_tokens": stats.new_tokens,
-            "plain_tokens_per_s_median": statistics.median(plain_tps),
-            "speculative_tokens_per_s_median": statistics.median(spec_tps),
-            "speedup_median": statistics.median(speedups), "identical_outputs": f"{same}/{len(groups)}",
-            # one round = one draft (the MTP block and the head) + one verification forward of D+1 tokens
-            "draft_ms_per_round": 1e3 * stats.draft_seconds / stats.rounds,
-            "verify_ms_per_round": 1e3 * stats.verify_seconds / stats.rounds,
-            "plain_ms_per_step_median": 1e3 * statistics.median(plain_s),
-            "draft_share_of_round": stats.draft_seconds / (stats.draft_seconds + stats.verify_seconds)}
+        assert same == len(groups), (
+            f"greedy speculative output differs from plain greedy in {len(groups) - same} groups"
+        )
+    return {
+        "batch": batch,
+        "temperature": temperature,
+        "top_p": top_p,
+        "acceptance_rate": stats.acceptance_rates(),
+        "tokens_per_forward": stats.tokens_per_round() / batch,
+        "new_tokens": stats.new_tokens,
+        "plain_tokens_per_s_median": statistics.median(plain_tps),
+        "speculative_tokens_per_s_median": statistics.median(spec_tps),
+        "speedup_median": statistics.median(speedups),
+        "identical_outputs": f"{same}/{len(groups)}",
+        # one round = one draft (the MTP block and the head) + one verification forward of D+1 tokens
+        "draft_ms_per_round": 1e3 * stats.draft_seconds / stats.rounds,
+        "verify_ms_per_round": 1e3 * stats.verify_seconds / stats.rounds,
+        "plain_ms_per_step_median": 1e3 * statistics.median(plain_s),
+        "draft_share_of_round": stats.draft_seconds / (stats.draft_seconds + stats.verify_seconds),
+    }
 
 
 def main() -> None:
@@ -165,17 +191,28 @@ def main() -> None:
     count = max(args.prompts, *(2 * b for b in batches))
     pick = _counting_prompts if args.prompt_source == "numbers" else _prompts
     prompts = pick(tokenizer, count, args.prompt_tokens, args.seed)
-    print(f"checkpoint {checkpoint}: {model.num_parameters():,} parameters, {model.config.num_hidden_layers} layers, "
-          f"{len(model.mtp)} MTP module(s); {len(prompts)} {args.prompt_source} prompts of {args.prompt_tokens} tokens, "
-          f"{args.max_tokens} new tokens each, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"checkpoint {checkpoint}: {model.num_parameters():,} parameters, {model.config.num_hidden_layers} layers, "
+        f"{len(model.mtp)} MTP module(s); {len(prompts)} {args.prompt_source} prompts of {args.prompt_tokens} tokens, "
+        f"{args.max_tokens} new tokens each, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    )
     for temperature in (0.0, args.temperature):
-        result = _run(model, prompts[:args.prompts], args.max_tokens, temperature,
-                      args.top_p if temperature > 0 else 1.0, args.seed)
+        result = _run(
+            model,
+            prompts[: args.prompts],
+            args.max_tokens,
+            temperature,
+            args.top_p if temperature > 0 else 1.0,
+            args.seed,
+        )
         print(json.dumps(result))
     for batch in batches:
         if batch > 1:
-            print(json.dumps(_run(model, prompts[:max(args.prompts, batch * 2)], args.max_tokens, 0.0, 1.0,
-                                  args.seed, batch)))
+            print(
+                json.dumps(
+                    _run(model, prompts[: max(args.prompts, batch * 2)], args.max_tokens, 0.0, 1.0, args.seed, batch)
+                )
+            )
 
 
 if __name__ == "__main__":

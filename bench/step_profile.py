@@ -35,12 +35,32 @@ from train_step import _flop_mapping, matmul_flops_per_s  # noqa: E402
 from dsv3.config import load_preset  # noqa: E402
 
 GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
-ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu",
-             "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
-ROUTING = {"aten::argsort", "aten::sort", "aten::topk", "aten::index_select", "aten::index_add_", "aten::index",
-           "aten::index_put_", "aten::gather", "aten::scatter", "aten::scatter_add_", "aten::scatter_", "aten::bincount",
-           "aten::cumsum", "aten::histc", "aten::repeat_interleave", "aten::nonzero", "aten::searchsorted",
-           "aten::index_select_backward", "aten::gather_backward", "aten::embedding_dense_backward"}
+ATTENTION = {
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+}
+ROUTING = {
+    "aten::argsort",
+    "aten::sort",
+    "aten::topk",
+    "aten::index_select",
+    "aten::index_add_",
+    "aten::index",
+    "aten::index_put_",
+    "aten::gather",
+    "aten::scatter",
+    "aten::scatter_add_",
+    "aten::scatter_",
+    "aten::bincount",
+    "aten::cumsum",
+    "aten::histc",
+    "aten::repeat_interleave",
+    "aten::nonzero",
+    "aten::searchsorted",
+    "aten::index_select_backward",
+    "aten::gather_backward",
+    "aten::embedding_dense_backward",
+}
 
 
 def _session(preset: str, experts: int | None, seq_len: int, micro_batch: int):
@@ -50,12 +70,27 @@ def _session(preset: str, experts: int | None, seq_len: int, micro_batch: int):
     cfg = load_preset(preset).to_dict()
     if experts:
         scale = experts // cfg["n_routed_experts"]
-        cfg.update(n_routed_experts=experts, moe_intermediate_size=cfg["moe_intermediate_size"] // scale,
-                   num_experts_per_tok=cfg["num_experts_per_tok"] * scale, n_group=8, topk_group=4)
+        cfg.update(
+            n_routed_experts=experts,
+            moe_intermediate_size=cfg["moe_intermediate_size"] // scale,
+            num_experts_per_tok=cfg["num_experts_per_tok"] * scale,
+            n_group=8,
+            topk_group=4,
+        )
     path = Path(tempfile.mkdtemp(prefix="dsv3-profile-")) / "config.json"
     path.write_text(json.dumps(cfg))
-    config = TrainConfig.from_dict(dict(model=str(path), seq_len=seq_len, micro_batch=micro_batch, global_batch=micro_batch,
-                                        dtype="float32", progress=False, tensorboard=False, val_fraction=0.0))
+    config = TrainConfig.from_dict(
+        dict(
+            model=str(path),
+            seq_len=seq_len,
+            micro_batch=micro_batch,
+            global_batch=micro_batch,
+            dtype="float32",
+            progress=False,
+            tensorboard=False,
+            val_fraction=0.0,
+        )
+    )
     return prepare_config(config, f"{preset}" + (f"-{experts}e" if experts else ""))
 
 
@@ -77,8 +112,15 @@ def _shares(prof, wall: float, steps: int) -> dict:
     for e in prof.key_averages():
         if not e.key.startswith("aten::"):
             continue
-        key = ("gemm" if e.key in GEMM else "attention" if e.key in ATTENTION
-               else "routing_dispatch" if e.key in ROUTING else "other_aten")
+        key = (
+            "gemm"
+            if e.key in GEMM
+            else "attention"
+            if e.key in ATTENTION
+            else "routing_dispatch"
+            if e.key in ROUTING
+            else "other_aten"
+        )
         parts[key] += e.self_cpu_time_total / 1e6
     aten = sum(parts.values())
     out = {k: v / steps for k, v in parts.items()}
@@ -105,19 +147,31 @@ def profile_config(preset: str, experts: int | None, steps: int, seq_len: int, m
     finally:
         s.close()
     step_s = statistics.median(plain)
-    return {"config": s.name, "tokens_per_step": seq_len * micro_batch, "step_s_median": step_s,
-            "profiled_step_s": wall / steps, "seconds_per_step": shares,
-            "share": {k: v / (wall / steps) for k, v in shares.items()},
-            "gemm_gflop_per_step": flops / 1e9, "matmul_2048_gflops": rate / 1e9,
-            "gemm_rate_share": flops / shares["gemm"] / rate if shares["gemm"] else float("nan"),
-            "step_gemm_flops_share_of_matmul_rate": flops / step_s / rate, "threads": torch.get_num_threads()}
+    return {
+        "config": s.name,
+        "tokens_per_step": seq_len * micro_batch,
+        "step_s_median": step_s,
+        "profiled_step_s": wall / steps,
+        "seconds_per_step": shares,
+        "share": {k: v / (wall / steps) for k, v in shares.items()},
+        "gemm_gflop_per_step": flops / 1e9,
+        "matmul_2048_gflops": rate / 1e9,
+        "gemm_rate_share": flops / shares["gemm"] / rate if shares["gemm"] else float("nan"),
+        "step_gemm_flops_share_of_matmul_rate": flops / step_s / rate,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
-    p.add_argument("--experts", type=int, action="append", default=None,
-                   help="also profile a variant with this many routed experts (repeatable; default: 64)")
+    p.add_argument(
+        "--experts",
+        type=int,
+        action="append",
+        default=None,
+        help="also profile a variant with this many routed experts (repeatable; default: 64)",
+    )
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=4)
@@ -126,8 +180,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [profile_config(args.preset, e, args.steps, args.seq_len, args.micro_batch)
-               for e in [None] + (args.experts or [64])]
+    results = [
+        profile_config(args.preset, e, args.steps, args.seq_len, args.micro_batch)
+        for e in [None] + (args.experts or [64])
+    ]
     for r in results:
         print(json.dumps(r))
     if args.json:

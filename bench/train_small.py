@@ -34,10 +34,22 @@ def main() -> None:
     parser.add_argument("--extra", default="{}", help="JSON object of further TrainConfig options")
     args = parser.parse_args()
     run_dir = os.path.join(tempfile.mkdtemp(prefix="dsv3-small-"), "run")
-    config = TrainConfig.from_dict(dict(model="small", seq_len=args.seq_len, micro_batch=args.micro_batch,
-                                        global_batch=args.global_batch, steps=args.steps, save_every=args.steps,
-                                        eval_every=10**6, sample_tokens=0, progress=False, tensorboard=False,
-                                        run_dir=run_dir, **json.loads(args.extra)))
+    config = TrainConfig.from_dict(
+        dict(
+            model="small",
+            seq_len=args.seq_len,
+            micro_batch=args.micro_batch,
+            global_batch=args.global_batch,
+            steps=args.steps,
+            save_every=args.steps,
+            eval_every=10**6,
+            sample_tokens=0,
+            progress=False,
+            tensorboard=False,
+            run_dir=run_dir,
+            **json.loads(args.extra),
+        )
+    )
     t0 = time.time()
     result = train(config, log=lambda s: None)
     wall = time.time() - t0
@@ -45,9 +57,21 @@ def main() -> None:
     tps = statistics.median(r["tokens_per_s"] for r in records)
     step_time = statistics.median(r["step_time"] for r in records)
     ckpt_bytes = sum(os.path.getsize(os.path.join(result.checkpoint, f)) for f in os.listdir(result.checkpoint))
-    print(json.dumps({"model": "small", "threads": torch.get_num_threads(), "tokens_per_step":
-                      args.global_batch * args.seq_len, "median_tokens_per_s": tps, "median_step_s": step_time,
-                      "steps": args.steps, "wall_s": wall, "checkpoint_mib": ckpt_bytes / 2**20}, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": "small",
+                "threads": torch.get_num_threads(),
+                "tokens_per_step": args.global_batch * args.seq_len,
+                "median_tokens_per_s": tps,
+                "median_step_s": step_time,
+                "steps": args.steps,
+                "wall_s": wall,
+                "checkpoint_mib": ckpt_bytes / 2**20,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

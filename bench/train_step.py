@@ -44,11 +44,30 @@ import torch.nn.functional as F
 
 warnings.simplefilter("ignore")
 
-CONFIG = dict(model_type="deepseek_v3", vocab_size=8192, hidden_size=512, intermediate_size=1536,
-              moe_intermediate_size=256, num_hidden_layers=6, first_k_dense_replace=1, num_attention_heads=8,
-              num_key_value_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
-              v_head_dim=64, n_shared_experts=1, n_routed_experts=32, num_experts_per_tok=4, n_group=4,
-              topk_group=2, num_nextn_predict_layers=0, rope_scaling=None, max_position_embeddings=4096)
+CONFIG = dict(
+    model_type="deepseek_v3",
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1536,
+    moe_intermediate_size=256,
+    num_hidden_layers=6,
+    first_k_dense_replace=1,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=192,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    n_shared_experts=1,
+    n_routed_experts=32,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    num_nextn_predict_layers=0,
+    rope_scaling=None,
+    max_position_embeddings=4096,
+)
 BATCH, SEQ = 4, 512
 
 
@@ -71,8 +90,9 @@ def build(which: str, path: str):
     import transformers
 
     experts = "eager" if which == "transformers-eager" else "grouped_mm"
-    return transformers.DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                              experts_implementation=experts).train()
+    return transformers.DeepseekV3ForCausalLM.from_pretrained(
+        path, dtype=torch.float32, experts_implementation=experts
+    ).train()
 
 
 def loss_of(which: str, model, ids, labels):
@@ -118,7 +138,11 @@ def _flop_mapping():
     # dsv3's grouped GEMM custom ops: forward, dgrad ([N, O] x [E, O, K]), wgrad ([N, O], [N, K])
     # (FlopCounterMode looks formulas up by op packet.)
     fwd, dgrad, wgrad = (op._overloadpacket for op in GROUPED_MM_OPS)
-    mapping = {fwd: dsv3_forward, dgrad: grouped_mm, wgrad: lambda dy, x, *a, out_shape=None, **k: 2 * dy[0] * dy[1] * x[1]}
+    mapping = {
+        fwd: dsv3_forward,
+        dgrad: grouped_mm,
+        wgrad: lambda dy, x, *a, out_shape=None, **k: 2 * dy[0] * dy[1] * x[1],
+    }
     if hasattr(aten, "_grouped_mm"):
         mapping[aten._grouped_mm] = grouped_mm
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
@@ -150,8 +174,9 @@ def matmul_flops_per_s(repeats: int = 10) -> float:
 
 def child_peak(which: str, path: str, steps: int) -> None:
     """Run in a child process: train ``steps`` steps and print the peak RSS (bytes)."""
-    import dsv3  # noqa: F401  (both children import the same libraries)
     import transformers  # noqa: F401
+
+    import dsv3  # noqa: F401  (both children import the same libraries)
 
     batches = real_batches(steps)
     model = build(which, path)
@@ -252,44 +277,58 @@ def main() -> None:
     tokens = BATCH * SEQ
     rss = {}
     for w in models:
-        out = subprocess.run([sys.executable, __file__, "--child", w, path], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([sys.executable, __file__, "--child", w, path], capture_output=True, text=True, check=True)
         rss[w] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"]
     # Utilisation uses one FLOP count for both: the reference implementation's (transformers: every
     # GEMM a plain mm/bmm, attention as full s x s products), so neither side gains from its counting.
     model_flops = flops["transformers"]
-    result = {"threads": torch.get_num_threads(), "matmul_2048_gflops": peak / 1e9, "tokens_per_step": tokens,
-              "model_flops_per_step": model_flops}
+    result = {
+        "threads": torch.get_num_threads(),
+        "matmul_2048_gflops": peak / 1e9,
+        "tokens_per_step": tokens,
+        "model_flops_per_step": model_flops,
+    }
     for w in models:
         t = statistics.median(times[w])
-        result[w] = {"step_s": t, "tokens_per_s": tokens / t, "own_flop_count_per_step": flops[w],
-                     "achieved_gflops": model_flops / t / 1e9, "utilisation": model_flops / t / peak,
-                     "peak_rss_mib": rss[w] / 2**20, "step_times": times[w]}
+        result[w] = {
+            "step_s": t,
+            "tokens_per_s": tokens / t,
+            "own_flop_count_per_step": flops[w],
+            "achieved_gflops": model_flops / t / 1e9,
+            "utilisation": model_flops / t / peak,
+            "peak_rss_mib": rss[w] / 2**20,
+            "step_times": times[w],
+        }
     result["speedup"] = result["dsv3"]["tokens_per_s"] / result["transformers"]["tokens_per_s"]
     result["peak_rss_ratio"] = rss["dsv3"] / rss["transformers"]
     if busy:
         result["busy_processes"] = args.busy
         for w in models:
             t_busy = statistics.median(by_cond[(w, "busy")])
-            result[w].update(busy_step_s=t_busy, busy_slowdown=t_busy / result[w]["step_s"],
-                             busy_step_times=by_cond[(w, "busy")])
+            result[w].update(
+                busy_step_s=t_busy, busy_slowdown=t_busy / result[w]["step_s"], busy_step_times=by_cond[(w, "busy")]
+            )
         result["busy_speedup"] = result["transformers"]["busy_step_s"] / result["dsv3"]["busy_step_s"]
     if "transformers-eager" in models:
         result["speedup_vs_eager"] = result["dsv3"]["tokens_per_s"] / result["transformers-eager"]["tokens_per_s"]
     print(f"matmul 2048^3 fp32: {peak / 1e9:.1f} GFLOP/s ({result['threads']} threads)")
     for w in models:
         r = result[w]
-        print(f"{w:>18}: {r['step_s']:.3f} s/step  {r['tokens_per_s']:,.0f} tok/s  "
-              f"{model_flops / 1e9:.1f} GFLOP/step (own count {r['own_flop_count_per_step'] / 1e9:.1f})  "
-              f"{r['achieved_gflops']:.1f} GFLOP/s  utilisation {100 * r['utilisation']:.1f}%  "
-              f"peak RSS {r['peak_rss_mib']:,.0f} MiB")
+        print(
+            f"{w:>18}: {r['step_s']:.3f} s/step  {r['tokens_per_s']:,.0f} tok/s  "
+            f"{model_flops / 1e9:.1f} GFLOP/step (own count {r['own_flop_count_per_step'] / 1e9:.1f})  "
+            f"{r['achieved_gflops']:.1f} GFLOP/s  utilisation {100 * r['utilisation']:.1f}%  "
+            f"peak RSS {r['peak_rss_mib']:,.0f} MiB"
+        )
     print(f"speedup dsv3 / transformers: {result['speedup']:.2f}x; peak RSS ratio {result['peak_rss_ratio']:.2f}")
     if "speedup_vs_eager" in result:
         print(f"speedup dsv3 / transformers-eager: {result['speedup_vs_eager']:.2f}x")
     if busy:
         for w in models:
-            print(f"{w:>18}: with {args.busy} busy process(es) {result[w]['busy_step_s']:.3f} s/step, "
-                  f"slowdown {result[w]['busy_slowdown']:.2f}x")
+            print(
+                f"{w:>18}: with {args.busy} busy process(es) {result[w]['busy_step_s']:.3f} s/step, "
+                f"slowdown {result[w]['busy_slowdown']:.2f}x"
+            )
         print(f"speedup dsv3 / transformers with the busy process(es): {result['busy_speedup']:.2f}x")
     if args.json:
         with open(args.json, "w") as fh:

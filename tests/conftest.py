@@ -6,7 +6,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
 from helpers import small_config
 
 
@@ -25,8 +24,20 @@ def train_setup(tmp_path_factory):
     corpus = root / "corpus"
     corpus.mkdir()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py", "bisect.py", "keyword.py", "glob.py",
-                 "heapq.py", "this.py", "stat.py", "operator.py", "numbers.py"):
+    for name in (
+        "textwrap.py",
+        "shlex.py",
+        "fnmatch.py",
+        "colorsys.py",
+        "bisect.py",
+        "keyword.py",
+        "glob.py",
+        "heapq.py",
+        "this.py",
+        "stat.py",
+        "operator.py",
+        "numbers.py",
+    ):
         src = stdlib / name
         if src.is_file():
             (corpus / (name + ".txt")).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
@@ -35,5 +46,9 @@ def train_setup(tmp_path_factory):
     cfg = small_config(vocab_size=512)
     (root / "model").mkdir()
     cfg.save(root / "model" / "config.json")
-    return {"corpus": str(corpus), "tokenizer": str(root / "tokenizer.json"),
-            "model": str(root / "model" / "config.json"), "root": root}
+    return {
+        "corpus": str(corpus),
+        "tokenizer": str(root / "tokenizer.json"),
+        "model": str(root / "model" / "config.json"),
+        "root": root,
+    }

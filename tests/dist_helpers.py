@@ -19,9 +19,18 @@ def free_port() -> int:
 
 
 def _entry(fn, rank, world_size, port, results, args, env):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size), "OMP_NUM_THREADS": "1",
-                       "DSV3_DIST_TIMEOUT": "30", **env})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "OMP_NUM_THREADS": "1",
+            "DSV3_DIST_TIMEOUT": "30",
+            **env,
+        }
+    )
     import torch
 
     torch.set_num_threads(1)
@@ -46,8 +55,10 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, env: dict | Non
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, env or {}), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, results, args, env or {}), daemon=True)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     out: dict[int, object] = {}
@@ -62,7 +73,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 60.0, env: dict | Non
             except queue.Empty:
                 dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
                 if dead:
-                    raise AssertionError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}")
+                    raise AssertionError(f"rank {dead[0]} died with exit code {procs[dead[0]].exitcode}") from None
                 continue
             if not ok:
                 raise AssertionError(f"rank {rank} failed:\n{value}")

@@ -7,7 +7,6 @@ import traceback
 from datetime import timedelta
 
 import torch
-
 from helpers import small_config
 
 SEQ, MICRO = 16, 2
@@ -61,8 +60,10 @@ def reference(steps: int, n_micro: int, layers: int = 4, **changes):
         losses.append(total)
     model.eval()
     with torch.no_grad():
-        scored = [(float(model(ids, labels).lm_loss), int((labels != -100).sum()))
-                  for ids, labels in batches(EVAL_STEP, n_micro)]
+        scored = [
+            (float(model(ids, labels).lm_loss), int((labels != -100).sum()))
+            for ids, labels in batches(EVAL_STEP, n_micro)
+        ]
     val = sum(loss * n for loss, n in scored) / sum(n for _, n in scored)
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, norms, val
 
@@ -77,7 +78,7 @@ def swapped_recvs(schedule):
     ops = list(schedule.ops[dev])
     at = [i for i, op in enumerate(ops) if op.kind == RECV and op.direction == FORWARD][:2]
     ops.insert(at[0], ops.pop(at[1]))
-    return replace(schedule, ops=schedule.ops[:dev] + (tuple(ops),) + schedule.ops[dev + 1:])
+    return replace(schedule, ops=schedule.ops[:dev] + (tuple(ops),) + schedule.ops[dev + 1 :])
 
 
 def fb_as_f_then_b(schedule):
@@ -105,8 +106,9 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
         from dsv3.parallel.pipeline.executor import PipelineRuntime
         from dsv3.parallel.pipeline.train import write_step_trace
 
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+        )
         results = []
         for job in jobs:
             model = build_model(job["layers"], **job.get("model", {}))
@@ -139,8 +141,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
             params = dict(model.named_parameters())
             total, count = rt.evaluate(batches(EVAL_STEP, job["n_micro"])).tolist()
             extras = dict(val=total / count, nbytes=sum(p.numel() * p.element_size() for p in model.parameters()))
-            results.append((losses, {n: params[n].detach().numpy().copy() for n in rt.owned}, traces, norms,
-                            extras))
+            results.append((losses, {n: params[n].detach().numpy().copy() for n in rt.owned}, traces, norms, extras))
         queue.put((rank, results, None))
         dist.destroy_process_group()
     except BaseException:  # report, do not hang the parent
@@ -200,8 +201,9 @@ def save_rank(rank: int, opts: dict, run_dir: str):
         session.step += 1
         params = {n: p.detach().numpy().copy() for n, p in session.model.named_parameters()}
         held = set(session.pipeline.owned)
-        save_sharded(run_dir, 1, model=session.model, optimizer=session.optimizer, ctx=session.parallel,
-                     ema=session.ema)
+        save_sharded(
+            run_dir, 1, model=session.model, optimizer=session.optimizer, ctx=session.parallel, ema=session.ema
+        )
         ema = {n: t.numpy().copy() for n, t in session.ema.shadow().items()} if session.ema is not None else {}
     finally:
         session.close()

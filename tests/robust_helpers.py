@@ -15,8 +15,18 @@ from helpers import quick_options
 
 def tiny_options(setup, run_dir, **changes):
     """TrainConfig options for a run of one or two seconds (2 steps of 2 x 16 tokens)."""
-    opts = quick_options(setup, run_dir, seq_len=16, micro_batch=2, global_batch=2, steps=2, eval_every=2,
-                         eval_batches=1, save_every=2, sample_tokens=0)
+    opts = quick_options(
+        setup,
+        run_dir,
+        seq_len=16,
+        micro_batch=2,
+        global_batch=2,
+        steps=2,
+        eval_every=2,
+        eval_batches=1,
+        save_every=2,
+        sample_tokens=0,
+    )
     opts.update(changes)
     return {k: v for k, v in opts.items() if v is not None}
 
@@ -44,8 +54,14 @@ def tree_digest(path, skip=(".lock",)):
 def run_dsv3(argv, timeout=240, **kwargs):
     """``python -m dsv3 ARGV`` in a subprocess (one intra-op thread); returns the CompletedProcess."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "dsv3", *[str(a) for a in argv]], capture_output=True, text=True,
-                          timeout=timeout, env=env, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "dsv3", *[str(a) for a in argv]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
+    )
 
 
 @contextlib.contextmanager

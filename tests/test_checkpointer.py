@@ -11,10 +11,9 @@ import re
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from dist_helpers import run_ranks
 from helpers import small_config
+from safetensors import safe_open
 from test_parallel_checkpoint import _steps
 from test_parallel_ep import OPT, _batch, _config, _reference
 
@@ -40,15 +39,20 @@ def _held_by(first: int, n_local: int, n_layers: int, absent_layers=()):
     """Which checkpoint tensors a rank holding experts ``[first, first + n_local)`` reads (written from the
     layout rules, not from the loader): every dense tensor of its layers and its own experts; not the
     copies of the embedding / head that the official layout repeats in each MTP layer."""
+
     def keep(name: str) -> bool:
         layer = re.match(r"model\.layers\.(\d+)\.(.*)", name)
         if layer and int(layer.group(1)) in absent_layers:
             return False
-        if layer and int(layer.group(1)) >= n_layers and layer.group(2) in ("embed_tokens.weight",
-                                                                             "shared_head.head.weight"):
+        if (
+            layer
+            and int(layer.group(1)) >= n_layers
+            and layer.group(2) in ("embed_tokens.weight", "shared_head.head.weight")
+        ):
             return False
         e = EXPERT.search(name)
         return e is None or first <= int(e.group(1)) < first + n_local
+
     return keep
 
 
@@ -71,8 +75,9 @@ def _init_from_worker(rank: int, world: int, path: str):
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_init_from_under_ep4_reads_only_each_ranks_share_and_trains_the_losses_of_one_process(tmp_path):
-    from dsv3.checkpoint.hf import from_pretrained, save_pretrained
     from test_parallel_ep import _model
+
+    from dsv3.checkpoint.hf import from_pretrained, save_pretrained
 
     save_pretrained(_model(), tmp_path, max_shard_size="40KB")  # several shards: the index is followed too
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
@@ -141,19 +146,23 @@ def test_partial_load_of_an_fp8_checkpoint_reads_and_dequantises_only_the_held_b
             mod = name[: e.start()] + ".mlp.experts."
             i, proj = int(e.group(1)) - 2, name.rsplit(".", 2)[1]
             inter = config.moe_intermediate_size
-            got = {"down_proj": state[mod + "down_proj"][i], "gate_proj": state[mod + "gate_up_proj"][i, :inter],
-                   "up_proj": state[mod + "gate_up_proj"][i, inter:]}[proj]
+            got = {
+                "down_proj": state[mod + "down_proj"][i],
+                "gate_proj": state[mod + "gate_up_proj"][i, :inter],
+                "up_proj": state[mod + "gate_up_proj"][i, inter:],
+            }[proj]
         else:
             got = state[name]
         torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=0)
 
 
 def _save_worker(rank: int, world: int, path: str):
+    from test_parallel_ep import _model
+
     from dsv3.parallel.checkpoint import save_sharded
     from dsv3.parallel.dispatch import shard_experts
     from dsv3.parallel.world import init_parallel
     from dsv3.parallel.zero import ZeroAdamW
-    from test_parallel_ep import _model
 
     ctx = init_parallel(dp=world, ep=world, n_routed_experts=_config().n_routed_experts)
     model = shard_experts(_model(), ctx, dispatcher="alltoall")
@@ -180,10 +189,11 @@ def test_zero1_state_is_saved_as_each_ranks_own_chunks(tmp_path):
 def test_one_process_zero1_state_is_adamws(tmp_path):
     """At dp = 1 ZeroAdamW's state_dict is AdamW's (moments shaped like the parameters, same order),
     so a one-process checkpoint is the same whichever optimizer wrote it; and it loads back."""
+    from test_parallel_ep import _model
+
     from dsv3.optim import build_optimizer
     from dsv3.parallel.world import ParallelContext
     from dsv3.parallel.zero import ZeroAdamW
-    from test_parallel_ep import _model
 
     models = [_model(), _model()]
     plain, zero = build_optimizer(models[0], **OPT), ZeroAdamW(models[1], ParallelContext.single(), **OPT)
@@ -206,19 +216,20 @@ def test_one_process_zero1_state_is_adamws(tmp_path):
 def _load_worker(rank: int, world: int, path: str):
     """Load the dp2 x ep2 checkpoint at dp2 x ep2 and record what each rank asks DCP for."""
     import torch.distributed.checkpoint as dcp
+    from test_parallel_ep import _model
 
     from dsv3.parallel.checkpoint import RowChunk, load_sharded
     from dsv3.parallel.dispatch import shard_experts
     from dsv3.parallel.world import init_parallel
     from dsv3.parallel.zero import ZeroAdamW
-    from test_parallel_ep import _model
 
     asked = {}
     real = dcp.load
 
     def spy(state, **kwargs):
-        asked.update({k: (tuple(v.offsets), tuple(v.local.shape)) if isinstance(v, RowChunk) else None
-                      for k, v in state.items()})
+        asked.update(
+            {k: (tuple(v.offsets), tuple(v.local.shape)) if isinstance(v, RowChunk) else None for k, v in state.items()}
+        )
         return real(state, **kwargs)
 
     dcp.load = spy
@@ -226,8 +237,11 @@ def _load_worker(rank: int, world: int, path: str):
     model = shard_experts(_model(), ctx, dispatcher="alltoall")
     opt = ZeroAdamW(model, ctx, **OPT)
     load_sharded(os.path.join(path, "dcp-00000001"), model=model, optimizer=opt, ctx=ctx)
-    return asked, ctx.expert_block(_config().n_routed_experts), {s.name: s.bounds[ctx.dp_rank] for s in opt.shards
-                                                                 if not s.expert}
+    return (
+        asked,
+        ctx.expert_block(_config().n_routed_experts),
+        {s.name: s.bounds[ctx.dp_rank] for s in opt.shards if not s.expert},
+    )
 
 
 @pytest.mark.timeout(120)
@@ -239,4 +253,7 @@ def test_a_sharded_resume_asks_dcp_only_for_what_the_rank_holds(tmp_path):
         assert experts == set(range(first, end))  # model and optimizer keys of its experts only
         start, stop = dense_rows["model.embed_tokens.weight"]
         for kind in ("master", "exp_avg", "exp_avg_sq"):
-            assert asked[f"optim/model.embed_tokens.weight/{kind}"] == ((start, 0), (stop - start, _config().hidden_size))
+            assert asked[f"optim/model.embed_tokens.weight/{kind}"] == (
+                (start, 0),
+                (stop - start, _config().hidden_size),
+            )

@@ -18,7 +18,12 @@ def test_presets_load_and_validate():
 def test_deepseek_v3_preset_is_the_official_config():
     cfg = load_preset("deepseek-v3")
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.first_k_dense_replace) == (7168, 61, 3)
-    assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank) == (18432, 128, 1536, 512)
+    assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank) == (
+        18432,
+        128,
+        1536,
+        512,
+    )
     assert (cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim) == (128, 64, 128)
     assert (cfg.n_shared_experts, cfg.n_routed_experts, cfg.moe_intermediate_size) == (1, 256, 2048)
     assert (cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.routed_scaling_factor) == (8, 8, 4, 2.5)
@@ -33,7 +38,12 @@ def test_deepseek_v3_preset_is_the_official_config():
 def test_v2_lite_preset():
     cfg = load_preset("deepseek-v2-lite")
     assert cfg.model_type == "deepseek_v2" and cfg.q_lora_rank is None
-    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size) == (102400, 2048, 10944, 1408)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size) == (
+        102400,
+        2048,
+        10944,
+        1408,
+    )
     assert (cfg.num_hidden_layers, cfg.first_k_dense_replace, cfg.num_attention_heads) == (27, 1, 16)
     assert (cfg.n_routed_experts, cfg.n_shared_experts, cfg.num_experts_per_tok) == (64, 2, 6)
     assert (cfg.scoring_func, cfg.topk_method, cfg.routed_scaling_factor) == ("softmax", "greedy", 1.0)
@@ -54,8 +64,14 @@ def test_rope_parameters_form_transformers5():
     data = load_preset("tiny").to_dict()
     data.pop("rope_scaling")
     theta = data.pop("rope_theta")
-    data["rope_parameters"] = {"rope_type": "yarn", "rope_theta": theta, "factor": 4.0,
-                               "original_max_position_embeddings": 512, "mscale": 1.0, "mscale_all_dim": 1.0}
+    data["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": theta,
+        "factor": 4.0,
+        "original_max_position_embeddings": 512,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    }
     cfg = ModelConfig.from_dict(data)
     assert cfg.rope_type == "yarn" and cfg.rope_theta == theta and cfg.rope_scaling["factor"] == 4.0
     assert cfg.to_dict()["rope_parameters"] == data["rope_parameters"]

@@ -17,6 +17,7 @@ from typing import get_args
 
 import pytest
 import yaml
+from helpers import assert_one_error, cli, quick_options, read_jsonl
 
 from dsv3.cli import COMMANDS, build_parser, main
 from dsv3.cli.options import overrides_from_args
@@ -28,8 +29,6 @@ from dsv3.train.config import (
     options,
 )
 from dsv3.utils.size import parse_size
-
-from helpers import assert_one_error, cli, quick_options, read_jsonl
 
 
 # ----------------------------------------------------------------------------- help
@@ -62,13 +61,21 @@ def test_help_of_every_command_describes_every_option():
             if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
                 continue
             label = action.option_strings[0] if action.option_strings else action.dest
-            assert action.help and action.help != argparse.SUPPRESS and len(action.help.split()) >= 2, \
+            assert action.help and action.help != argparse.SUPPRESS and len(action.help.split()) >= 2, (
                 f"`{name}` option {label} has no description"
+            )
             assert _squash(action.help) in text, f"`{name} --help` does not show the description of {label}"
             for flag in action.option_strings:
                 assert flag in text, f"`{name} --help` does not list {flag}"
-    assert {"dsv3 train", "dsv3 generate", "dsv3 plot", "dsv3 plan", "dsv3 memory",
-            "dsv3 plan schedule", "dsv3 plan search"} <= seen
+    assert {
+        "dsv3 train",
+        "dsv3 generate",
+        "dsv3 plot",
+        "dsv3 plan",
+        "dsv3 memory",
+        "dsv3 plan schedule",
+        "dsv3 plan search",
+    } <= seen
 
 
 def test_train_help_shows_description_type_default_and_choices(capsys):
@@ -89,8 +96,19 @@ def test_train_help_shows_description_type_default_and_choices(capsys):
     assert "--fp8 [BOOL], --no-fp8" in text and "(bool; default false)" in text
     assert "--sample-prompt STR prompt of the text sample printed at the end (str; default 'def ')" in text
     assert "--moe-router-bias-update-rate" in text and "--mtp-loss-scaling-factor" in text  # Megatron names
-    for section in ("model:", "data:", "optimizer:", "schedule:", "moe:", "precision:", "memory:", "parallel:",
-                    "checkpoint:", "logging:", "run:"):
+    for section in (
+        "model:",
+        "data:",
+        "optimizer:",
+        "schedule:",
+        "moe:",
+        "precision:",
+        "memory:",
+        "parallel:",
+        "checkpoint:",
+        "logging:",
+        "run:",
+    ):
         assert section in text
     assert "(default: None)" not in text  # the old help's only content
 
@@ -137,17 +155,20 @@ def test_schedule_is_the_plan_spelling_of_pipeline():
     assert load_train_config(None, _overrides()).parallel.pipeline == "1f1b"
 
 
-@pytest.mark.parametrize("argv, hint", [
-    (["train", "--warmup", "3"], "--warmup-steps"),  # a prefix: argparse's default would have accepted it
-    (["train", "--seq", "64"], "--seq-len"),
-    (["train", "--eps2", "1e-6"], "--eps"),
-    (["train", "--recompte", "full"], "--recompute"),
-    (["train", "--log-every", "5"], None),  # retired flag: an error, not silently ignored
-    (["memory", "--micro-bach", "2"], "--micro-batch"),
-    (["plot", "somewhere", "--log-yy"], "--log-y"),
-    (["plan", "--gpus-per-nod", "4"], "--gpus-per-node"),
-    (["generate", "run", "--max-token", "5"], "--max-tokens"),
-])
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["train", "--warmup", "3"], "--warmup-steps"),  # a prefix: argparse's default would have accepted it
+        (["train", "--seq", "64"], "--seq-len"),
+        (["train", "--eps2", "1e-6"], "--eps"),
+        (["train", "--recompte", "full"], "--recompute"),
+        (["train", "--log-every", "5"], None),  # retired flag: an error, not silently ignored
+        (["memory", "--micro-bach", "2"], "--micro-batch"),
+        (["plot", "somewhere", "--log-yy"], "--log-y"),
+        (["plan", "--gpus-per-nod", "4"], "--gpus-per-node"),
+        (["generate", "run", "--max-token", "5"], "--max-tokens"),
+    ],
+)
 def test_mistyped_flag_is_a_one_line_error_with_did_you_mean(argv, hint, capsys):
     code, _, err = cli(argv, capsys)
     assert assert_one_error(code, err).startswith("dsv3: error: unrecognized arguments: "), err
@@ -182,16 +203,27 @@ def test_flags_override_the_run_file(tmp_path):
 
 
 def test_bad_values_are_one_sentence_config_errors():
-    cases = [({"steps": "many"}, "steps must be int"), ({"pp": 0}, "pp must be positive"),
-             ({"ep": -1}, "ep must be positive"), ({"dp": 0}, "dp must be positive"),
-             ({"epochs": 0}, "epochs must be positive"), ({"pipeline": "gpipe"}, "1f1b, zb1p, dualpipe, dualpipev"),
-             ({"dispatcher": "nccl"}, "auto, local, alltoall, deepep"), ({"task": "rl"}, "pretrain, sft"),
-             ({"on_long": "wrap"}, "skip, truncate, error"), ({"rope_scaling": "ntk"}, "none, yarn"),
-             ({"rope_factor": 0.5}, "rope_factor"), ({"micro_batch": 3, "global_batch": 8}, "multiple"),
-             ({"mtp_switch": 1.5}, "mtp_switch"), ({"use_ema": True}, "use_ema needs ema_decay"),
-             ({"optimizer": {"lrr": 1}}, "did you mean optimizer.lr"), ({"stepz": 3}, "did you mean steps"),
-             ({"lr": 0.1, "optimizer": {"lr": 0.2}}, "twice"), ({"optimizer": {"lr": None}}, "cannot be none"),
-             ({"recompute": "selectiv"}, "did you mean selective")]
+    cases = [
+        ({"steps": "many"}, "steps must be int"),
+        ({"pp": 0}, "pp must be positive"),
+        ({"ep": -1}, "ep must be positive"),
+        ({"dp": 0}, "dp must be positive"),
+        ({"epochs": 0}, "epochs must be positive"),
+        ({"pipeline": "gpipe"}, "1f1b, zb1p, dualpipe, dualpipev"),
+        ({"dispatcher": "nccl"}, "auto, local, alltoall, deepep"),
+        ({"task": "rl"}, "pretrain, sft"),
+        ({"on_long": "wrap"}, "skip, truncate, error"),
+        ({"rope_scaling": "ntk"}, "none, yarn"),
+        ({"rope_factor": 0.5}, "rope_factor"),
+        ({"micro_batch": 3, "global_batch": 8}, "multiple"),
+        ({"mtp_switch": 1.5}, "mtp_switch"),
+        ({"use_ema": True}, "use_ema needs ema_decay"),
+        ({"optimizer": {"lrr": 1}}, "did you mean optimizer.lr"),
+        ({"stepz": 3}, "did you mean steps"),
+        ({"lr": 0.1, "optimizer": {"lr": 0.2}}, "twice"),
+        ({"optimizer": {"lr": None}}, "cannot be none"),
+        ({"recompute": "selectiv"}, "did you mean selective"),
+    ]
     for data, words in cases:
         with pytest.raises(ConfigError, match=re.escape(words)) as info:
             TrainConfig.from_dict(data)
@@ -211,12 +243,22 @@ def test_validate_normalises_values_set_in_code():
 
 def test_defaults_are_the_documented_ones():
     c = TrainConfig().validate()  # the embedded default of `dsv3 train` (README: tiny preset, stdlib corpus)
-    assert (c.model.name, c.data.path, c.data.seq_len, c.data.micro_batch, c.data.global_batch) == \
-        ("tiny", None, 256, 8, 8)
+    assert (c.model.name, c.data.path, c.data.seq_len, c.data.micro_batch, c.data.global_batch) == (
+        "tiny",
+        None,
+        256,
+        8,
+        8,
+    )
     assert (c.optimizer.lr, c.optimizer.beta1, c.optimizer.beta2, c.optimizer.weight_decay) == (2e-3, 0.9, 0.95, 0.1)
     assert (c.schedule.steps, c.memory.recompute, c.precision.fp8, c.parallel.device) == (300, "none", False, "auto")
-    assert (c.parallel.pp, c.parallel.dp, c.parallel.ep, c.parallel.pipeline, c.parallel.dispatcher) == \
-        (1, None, 1, "1f1b", "auto")
+    assert (c.parallel.pp, c.parallel.dp, c.parallel.ep, c.parallel.pipeline, c.parallel.dispatcher) == (
+        1,
+        None,
+        1,
+        "1f1b",
+        "auto",
+    )
     assert (c.data.task, c.data.on_long, c.data.epochs, c.data.packing) == ("pretrain", "skip", None, True)
     assert (c.model.rope_scaling, c.model.rope_factor, c.parallel.trace) == ("none", 1.0, False)
 
@@ -335,18 +377,27 @@ def test_sectioned_flat_and_toml_run_files_give_the_same_config(tmp_path):
     (tmp_path / "sectioned.yaml").write_text(SECTIONED)
     (tmp_path / "flat.yaml").write_text(FLAT)
     (tmp_path / "run.toml").write_text(TOML)
-    (tmp_path / "dotted.yaml").write_text("\n".join(  # "optimizer.lr: ..." keys, mixed with flat ones
-        f"{'optimizer.' if k in ('lr', 'eps') else ''}{k}: {v}"
-        for k, v in (line.split(": ", 1) for line in FLAT.strip().splitlines())))
-    configs = [load_train_config(str(tmp_path / name)) for name in ("sectioned.yaml", "flat.yaml", "run.toml",
-                                                                    "dotted.yaml")]
+    (tmp_path / "dotted.yaml").write_text(
+        "\n".join(  # "optimizer.lr: ..." keys, mixed with flat ones
+            f"{'optimizer.' if k in ('lr', 'eps') else ''}{k}: {v}"
+            for k, v in (line.split(": ", 1) for line in FLAT.strip().splitlines())
+        )
+    )
+    configs = [
+        load_train_config(str(tmp_path / name)) for name in ("sectioned.yaml", "flat.yaml", "run.toml", "dotted.yaml")
+    ]
     for c in configs:
         assert c.to_dict() == configs[0].to_dict()
     c = configs[0]  # the values written above, read back through the sections
     assert (c.model.name, c.model.rope_scaling, c.model.rope_factor) == ("small", "yarn", 4.0)
     assert (c.data.seq_len, c.data.micro_batch, c.data.global_batch, c.data.format) == (64, 2, 6, "jsonl")
     assert (c.optimizer.lr, c.optimizer.eps, c.optimizer.beta2) == (1e-3, 1e-6, 0.95)
-    assert (c.schedule.steps, c.schedule.final_lr, c.schedule.final_steps, c.schedule.warmup_steps) == (40, 7.3e-6, 2, 30)
+    assert (c.schedule.steps, c.schedule.final_lr, c.schedule.final_steps, c.schedule.warmup_steps) == (
+        40,
+        7.3e-6,
+        2,
+        30,
+    )
     assert (c.moe.bias_update_speed, c.moe.mtp_loss_weight, c.moe.mtp_loss_weight_late) == (1e-3, 0.3, 0.1)
     assert c.precision.fp8 is True and c.precision.fp8_gemm is True
     assert (c.memory.recompute, c.memory.optim_states) == ("selective", "bf16")
@@ -362,8 +413,20 @@ def test_effective_config_round_trips_in_both_forms(tmp_path):
     config = load_train_config(str(tmp_path / "flat.yaml"))
     save_effective_config(config, str(tmp_path / "config.yaml"))
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert list(saved) == ["model", "data", "optimizer", "schedule", "moe", "precision", "memory", "parallel",
-                           "checkpoint", "logging", "run", "rl"]  # sectioned
+    assert list(saved) == [
+        "model",
+        "data",
+        "optimizer",
+        "schedule",
+        "moe",
+        "precision",
+        "memory",
+        "parallel",
+        "checkpoint",
+        "logging",
+        "run",
+        "rl",
+    ]  # sectioned
     assert saved["optimizer"]["lr"] == 1e-3 and saved["parallel"]["pipeline"] == "dualpipev"
     assert "log_every" not in yaml.safe_dump(saved)
     assert TrainConfig.from_dict(saved) == config
@@ -456,14 +519,19 @@ def test_old_flat_run_directory_still_resumes(train_setup, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train(TrainConfig.from_dict(quick_options(train_setup, run, steps=6)), log=lambda s: None,
-              step_hook=stop_at_3)
+        train(TrainConfig.from_dict(quick_options(train_setup, run, steps=6)), log=lambda s: None, step_hook=stop_at_3)
     assert [s for s, _ in list_checkpoints(str(run))] == [3]
-    old = OLD_RUN_CONFIG.format(model=train_setup["model"], data=train_setup["corpus"],
-                                tokenizer=train_setup["tokenizer"], run_dir=str(run))
+    old = OLD_RUN_CONFIG.format(
+        model=train_setup["model"], data=train_setup["corpus"], tokenizer=train_setup["tokenizer"], run_dir=str(run)
+    )
     (run / "config.yaml").write_text(old)  # the run directory as an older dsv3 left it
     config = resume_config(str(run), {"steps": 7})
-    assert (config.schedule.steps, config.optimizer.lr, config.data.micro_batch, config.run.dir) == (7, 3e-3, 4, str(run))
+    assert (config.schedule.steps, config.optimizer.lr, config.data.micro_batch, config.run.dir) == (
+        7,
+        3e-3,
+        4,
+        str(run),
+    )
     assert config.parallel.ep == 1 and config.data.task == "pretrain"  # new fields take their defaults
     result = train(None, resume=str(run), overrides={"steps": 7}, log=lambda s: None)
     assert result.step == 7
@@ -493,8 +561,9 @@ def test_print_config_prints_yaml_and_writes_nothing(train_setup, tmp_path, monk
     assert printed["schedule"]["steps"] == 9 and printed["parallel"]["pipeline"] == "dualpipev"
     run = tmp_path / "existing"
     run.mkdir()
-    (run / "config.yaml").write_text(OLD_RUN_CONFIG.format(model="tiny", data="null", tokenizer="null",
-                                                           run_dir=str(run)))
+    (run / "config.yaml").write_text(
+        OLD_RUN_CONFIG.format(model="tiny", data="null", tokenizer="null", run_dir=str(run))
+    )
     before = _digest(tmp_path)
     assert main(["train", "--resume", str(run), "--steps", "12", "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
@@ -527,8 +596,8 @@ def test_plan_package_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, dsv3.plan.precision, dsv3.utils.size, dsv3.cli; dsv3.cli.build_parser(); " \
-           "assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, dsv3.plan.precision, dsv3.utils.size, dsv3.cli; dsv3.cli.build_parser(); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-

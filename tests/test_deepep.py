@@ -17,11 +17,10 @@ import types
 
 import pytest
 import torch
+from helpers import assert_one_error, cli, quick_options
 
 from dsv3.errors import ConfigError
 from dsv3.model.moe import LocalDispatcher
-
-from helpers import assert_one_error, cli, quick_options
 
 N, K, E, D = 7, 3, 8, 16  # tokens per rank, choices per token, global experts, hidden size
 JUNK = 777.0  # what the stand-in puts in the weights of choices on other ranks (DeepEP leaves them unspecified)
@@ -89,8 +88,9 @@ class FakeBuffer:
     def get_combine_config(n: int) -> FakeConfig:
         return FakeConfig()
 
-    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
-                            allocate_on_comm_stream=False):
+    def get_dispatch_layout(
+        self, topk_idx, num_experts, previous_event=None, async_finish=False, allocate_on_comm_stream=False
+    ):
         assert topk_idx.dtype == torch.int64
         ep = self.group.size()
         dest = topk_idx // (num_experts // ep)
@@ -99,10 +99,22 @@ class FakeBuffer:
         per_expert = torch.bincount(topk_idx.reshape(-1), minlength=num_experts).int()
         return in_rank.sum(0).int(), None, per_expert, in_rank, FakeEvent(self.log)
 
-    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
-                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
-                 expert_alignment=1, config=None, previous_event=None, async_finish=False,
-                 allocate_on_comm_stream=False):
+    def dispatch(
+        self,
+        x,
+        handle=None,
+        num_tokens_per_rank=None,
+        num_tokens_per_rdma_rank=None,
+        is_token_in_rank=None,
+        num_tokens_per_expert=None,
+        topk_idx=None,
+        topk_weights=None,
+        expert_alignment=1,
+        config=None,
+        previous_event=None,
+        async_finish=False,
+        allocate_on_comm_stream=False,
+    ):
         assert not torch.is_grad_enabled()  # DeepEP is not autograd-aware: the adapter must call it outside
         self.log.append(("dispatch", async_finish, handle is not None))
         ep, rank = self.group.size(), self.group.rank()
@@ -116,8 +128,13 @@ class FakeBuffer:
                 idx = topk_idx.index_select(0, tokens)
                 here = idx // n_local == dst
                 msg.append(torch.where(here, idx - dst * n_local, torch.full_like(idx, -1)))
-                msg.append(torch.where(here, topk_weights.index_select(0, tokens),
-                                       torch.full_like(topk_weights.index_select(0, tokens), JUNK)))
+                msg.append(
+                    torch.where(
+                        here,
+                        topk_weights.index_select(0, tokens),
+                        torch.full_like(topk_weights.index_select(0, tokens), JUNK),
+                    )
+                )
             out.append(msg)
         got = self.group.world.exchange(rank, out)  # from each source rank, in rank order
         recv_x = torch.cat([m[0] for m in got])
@@ -128,12 +145,22 @@ class FakeBuffer:
         counts = [int((recv_idx == i).sum()) for i in range(n_local)]
         return recv_x, recv_idx, recv_w, counts, new_handle, FakeEvent(self.log)
 
-    def combine(self, x, handle, topk_weights=None, config=None, previous_event=None, async_finish=False,
-                allocate_on_comm_stream=False):
+    def combine(
+        self,
+        x,
+        handle,
+        topk_weights=None,
+        config=None,
+        previous_event=None,
+        async_finish=False,
+        allocate_on_comm_stream=False,
+    ):
         assert not torch.is_grad_enabled()
         self.log.append(("combine", async_finish))
         ep, rank = self.group.size(), self.group.rank()
-        parts = [x.split(handle["splits"])] + ([topk_weights.split(handle["splits"])] if topk_weights is not None else [])
+        parts = [x.split(handle["splits"])] + (
+            [topk_weights.split(handle["splits"])] if topk_weights is not None else []
+        )
         got = self.group.world.exchange(rank, [[p[src] for p in parts] for src in range(ep)])
         in_rank = handle["in_rank"]
         outs = []
@@ -190,8 +217,15 @@ def _reference(ep: int):
     recv, counts, h = disp.dispatch(x, torch.cat(idxs), w)
     out = disp.combine(_experts(recv, counts, h.recv_weights, mats), h)
     (out * torch.cat(probes)).sum().backward()
-    return dict(out=out.detach().split(N), gx=x.grad.split(N), gw=w.grad.split(N), gm=mats.grad,
-                recv=recv.detach(), counts=counts, idx=torch.cat(idxs))
+    return dict(
+        out=out.detach().split(N),
+        gx=x.grad.split(N),
+        gw=w.grad.split(N),
+        gm=mats.grad,
+        recv=recv.detach(),
+        counts=counts,
+        idx=torch.cat(idxs),
+    )
 
 
 def _rank(rank, world, mode, results):
@@ -203,9 +237,10 @@ def _rank(rank, world, mode, results):
         x.requires_grad_(True)
         w.requires_grad_(True)
         per = E // ep
-        mats = _mats()[rank * per:(rank + 1) * per].clone().requires_grad_(True)
-        disp = DeepEPDispatcher(FakeGroup(world, rank), ep, rank, E, buffer=DeepEPBuffer(FakeGroup(world, rank)),
-                                ranks_per_node=2)
+        mats = _mats()[rank * per : (rank + 1) * per].clone().requires_grad_(True)
+        disp = DeepEPDispatcher(
+            FakeGroup(world, rank), ep, rank, E, buffer=DeepEPBuffer(FakeGroup(world, rank)), ranks_per_node=2
+        )
         if mode == "halves":  # start, other work, wait
             pending = disp.dispatch_start(x, idx, w)
             other = (x * 2).sum()
@@ -228,8 +263,17 @@ def _rank(rank, world, mode, results):
             recv, counts, h = disp.dispatch(x, idx, w)
             out = disp.combine(_experts(recv, counts, h.recv_weights, mats), h)
             (out * probe).sum().backward()
-        results[rank] = dict(out=out.detach(), gx=x.grad, gw=w.grad, gm=mats.grad, recv=recv.detach(),
-                             counts=counts, stats=disp.stats, log=disp.buffer.buffer.log, rows=h.n_recv)
+        results[rank] = dict(
+            out=out.detach(),
+            gx=x.grad,
+            gw=w.grad,
+            gm=mats.grad,
+            recv=recv.detach(),
+            counts=counts,
+            stats=disp.stats,
+            log=disp.buffer.buffer.log,
+            rows=h.n_recv,
+        )
     except BaseException as exc:  # noqa: BLE001 - the main thread reports it
         results[rank] = exc
         world.barrier.abort()
@@ -262,18 +306,22 @@ def test_deepep_adapter_equals_local_dispatcher(fake_deep_ep, ep, mode):
         torch.testing.assert_close(g["out"], ref["out"][r], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g["gx"], ref["gx"][r], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(g["gw"], ref["gw"][r], rtol=1e-6, atol=1e-7)  # rounded to FP32 on the way
-        torch.testing.assert_close(g["gm"], ref["gm"][r * per:(r + 1) * per], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(g["gm"], ref["gm"][r * per : (r + 1) * per], rtol=1e-12, atol=1e-12)
         # the received rows: LocalDispatcher's rows of this rank's experts, in the same order
-        lo, hi = ref["counts"][:r * per].sum(), ref["counts"][:(r + 1) * per].sum()
-        assert torch.equal(g["counts"], ref["counts"][r * per:(r + 1) * per])
+        lo, hi = ref["counts"][: r * per].sum(), ref["counts"][: (r + 1) * per].sum()
+        assert torch.equal(g["counts"], ref["counts"][r * per : (r + 1) * per])
         assert torch.equal(g["recv"], ref["recv"][lo:hi])
         # a token travels once to each rank it needs: received rows = distinct (token, rank) pairs
         dest = ref["idx"] // per
         assert g["rows"] == sum(int((dest.view(ep, N, K)[s] == r).any(dim=1).sum()) for s in range(ep))
     # forward asynchronous (start/wait); backward synchronous, or asynchronous when cut; every event waited for
     log, cut = got[0]["log"], mode == "cut"
-    assert [e for e in log if e != "wait"] == [("dispatch", True, False), ("combine", True),
-                                               ("dispatch", cut, True), ("combine", cut)]
+    assert [e for e in log if e != "wait"] == [
+        ("dispatch", True, False),
+        ("combine", True),
+        ("dispatch", cut, True),
+        ("combine", cut),
+    ]
     assert log.count("wait") == (4 if cut else 2)
 
 
@@ -327,16 +375,22 @@ def test_deepep_refuses_without_the_package_or_cuda_and_fp8(monkeypatch, fake_de
 
 def test_shard_experts_gives_every_layer_a_deepep_dispatcher_on_one_buffer(monkeypatch, fake_deep_ep):
     """The wiring in shard_experts (CUDA check bypassed): one shared buffer, this rank's expert block."""
+    from helpers import small_config
+
     from dsv3.model.transformer import DeepseekV3ForCausalLM
     from dsv3.parallel import deepep
     from dsv3.parallel.dispatch import shard_experts
 
-    from helpers import small_config
-
     monkeypatch.setattr(deepep, "check_deepep", lambda device: None)
     model = DeepseekV3ForCausalLM(small_config(num_hidden_layers=3))
-    ctx = types.SimpleNamespace(ep=2, ep_rank=1, ep_group=FakeGroup(FakeWorld(2), 1), device=torch.device("cpu"),
-                                ranks_per_node=2, expert_block=lambda n: (n // 2, n))
+    ctx = types.SimpleNamespace(
+        ep=2,
+        ep_rank=1,
+        ep_group=FakeGroup(FakeWorld(2), 1),
+        device=torch.device("cpu"),
+        ranks_per_node=2,
+        expert_block=lambda n: (n // 2, n),
+    )
     shard_experts(model, ctx, dispatcher="deepep")
     disps = [m.dispatcher for m in model.moe_layers()]
     assert len(disps) == 3 and all(isinstance(d, deepep.DeepEPDispatcher) for d in disps)  # 2 layers + MTP's

@@ -42,7 +42,10 @@ def ema_recursion(history, decays):
 def closed_form(history, beta):
     """beta^k theta_0 + (1 - beta) sum_j beta^(k-j) theta_j, written out."""
     k = len(history) - 1
-    return {n: beta**k * history[0][n] + sum((1 - beta) * beta ** (k - j) * history[j][n] for j in range(1, k + 1)) for n in history[0]}
+    return {
+        n: beta**k * history[0][n] + sum((1 - beta) * beta ** (k - j) * history[j][n] for j in range(1, k + 1))
+        for n in history[0]
+    }
 
 
 def assert_ema_equals(ema, expected):
@@ -96,19 +99,19 @@ def test_update_does_not_wait_for_a_busy_worker():
         history = [snapshot(model)]
         perturb(model, gen)
         history.append(snapshot(model))
-        ema.update()                                # 1: staged in buffer 0
-        assert busy.wait(timeout=60)                # the worker is now stuck on update 1
+        ema.update()  # 1: staged in buffer 0
+        assert busy.wait(timeout=60)  # the worker is now stuck on update 1
         perturb(model, gen)
         history.append(snapshot(model))
-        ema.update()                                # 2: returns although the worker is busy (buffer 1 free)
+        ema.update()  # 2: returns although the worker is busy (buffer 1 free)
         assert not gate.is_set() and not ema._slots[0].free.is_set()
-        perturb(model, gen)                         # moving the weights after update() does not change what it staged
+        perturb(model, gen)  # moving the weights after update() does not change what it staged
         history.append(snapshot(model))
 
         third = threading.Thread(target=ema.update)  # 3: needs buffer 0, which update 1 still holds
         third.start()
         third.join(timeout=0.3)
-        assert third.is_alive()                     # blocked until the worker frees buffer 0
+        assert third.is_alive()  # blocked until the worker frees buffer 0
         gate.set()
         third.join(timeout=60)
         assert not third.is_alive()

@@ -7,18 +7,28 @@ import json
 
 import pytest
 import torch
+from helpers import assert_one_error, cli
 
 from dsv3.cli import main
 from dsv3.errors import ConfigError, DataError
-from dsv3.infer.eplb import (balanced_packing, check_placement, gpu_loads, imbalance, read_expert_loads,
-                             rebalance_experts, refine_packing, replicate_experts, unreplicated_gpu_loads)
+from dsv3.infer.eplb import (
+    balanced_packing,
+    check_placement,
+    gpu_loads,
+    imbalance,
+    read_expert_loads,
+    rebalance_experts,
+    refine_packing,
+    replicate_experts,
+    unreplicated_gpu_loads,
+)
 
-from helpers import assert_one_error, cli
-
-README_WEIGHT = torch.tensor([[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
-                              [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]])
-README_PHY2LOG = torch.tensor([[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1],
-                               [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]])
+README_WEIGHT = torch.tensor(
+    [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86], [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+)
+README_PHY2LOG = torch.tensor(
+    [[5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1], [7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]]
+)
 
 
 def test_published_policy_reproduces_the_readme_example():
@@ -49,12 +59,12 @@ def _gpu_loads_reference(weight, phy2log, logcnt, num_gpus):
 
 
 LAYOUTS = [  # (experts, replicas, groups, nodes, gpus)
-    (16, 16, 4, 2, 4),   # no redundancy, hierarchical
-    (16, 20, 4, 2, 4),   # hierarchical
+    (16, 16, 4, 2, 4),  # no redundancy, hierarchical
+    (16, 20, 4, 2, 4),  # hierarchical
     (32, 40, 8, 4, 8),
     (32, 48, 8, 3, 12),  # 8 groups over 3 nodes: global policy
-    (24, 32, 1, 1, 8),   # global
-    (12, 24, 4, 4, 4),   # one group per node, 6 slots per GPU
+    (24, 32, 1, 1, 8),  # global
+    (12, 24, 4, 4, 4),  # one group per node, 6 slots per GPU
 ]
 
 
@@ -72,8 +82,11 @@ def test_placements_are_valid_and_never_less_balanced_than_published(layout, ske
         loads = gpu_loads(weight, placement[0], placement[2], gpus)
         torch.testing.assert_close(loads, _gpu_loads_reference(weight, placement[0], placement[2], gpus))
         torch.testing.assert_close(loads.sum(-1), weight.double().sum(-1))  # every token is served once
-    assert bool((gpu_loads(weight, ref[0], ref[2], gpus).amax(-1)
-                 <= gpu_loads(weight, pub[0], pub[2], gpus).amax(-1) + 1e-9).all())
+    assert bool(
+        (
+            gpu_loads(weight, ref[0], ref[2], gpus).amax(-1) <= gpu_loads(weight, pub[0], pub[2], gpus).amax(-1) + 1e-9
+        ).all()
+    )
 
 
 def test_refined_is_strictly_better_on_skewed_loads():
@@ -93,8 +106,10 @@ def test_replicate_experts_minimises_the_largest_replica_load():
     for _ in range(10):
         w = torch.randint(1, 100, (1, 5), generator=gen).float()
         _, _, cnt = replicate_experts(w, 8)
-        best = min(max(float(w[0, e]) / (1 + extra.count(e)) for e in range(5))
-                   for extra in itertools.combinations_with_replacement(range(5), 3))
+        best = min(
+            max(float(w[0, e]) / (1 + extra.count(e)) for e in range(5))
+            for extra in itertools.combinations_with_replacement(range(5), 3)
+        )
         assert float((w / cnt).max()) == pytest.approx(best)
         assert int(cnt.sum()) == 8
 
@@ -132,8 +147,15 @@ def test_check_placement_rejects_a_group_split_over_nodes():
         check_placement(broken, l2p, logcnt, num_experts=12, num_groups=4, num_nodes=2, num_gpus=8)
 
 
-@pytest.mark.parametrize("args, match", [((10, 4, 2, 8), "cannot hold"), ((16, 4, 3, 8), "do not divide over 3"),
-                                         ((18, 4, 2, 8), "replicas do not divide"), ((16, 5, 2, 8), "5 groups")])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((10, 4, 2, 8), "cannot hold"),
+        ((16, 4, 3, 8), "do not divide over 3"),
+        ((18, 4, 2, 8), "replicas do not divide"),
+        ((16, 5, 2, 8), "5 groups"),
+    ],
+)
 def test_bad_layouts_are_config_errors(args, match):
     with pytest.raises(ConfigError, match=match):
         rebalance_experts(README_WEIGHT, *args)
@@ -141,8 +163,17 @@ def test_bad_layouts_are_config_errors(args, match):
 
 def test_read_expert_loads_formats(tmp_path):
     a, b = [[1, 2], [3, 4]], [[10, 0], [0, 10]]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [
-        {"step": 0, "val_loss": 1.0}, {"step": 1, "expert_load": a}, {"step": 2}, {"step": 3, "expert_load": b}]))
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"step": 0, "val_loss": 1.0},
+                {"step": 1, "expert_load": a},
+                {"step": 2},
+                {"step": 3, "expert_load": b},
+            ]
+        )
+    )
     assert read_expert_loads(tmp_path / "metrics.jsonl").tolist() == [[11, 2], [3, 14]]
     assert read_expert_loads(tmp_path).tolist() == [[11, 2], [3, 14]]  # a run directory
     (tmp_path / "stats.json").write_text(json.dumps({"tokens_per_s": 3.0, "expert_load": a}))
@@ -161,21 +192,41 @@ def test_eplb_cli(tmp_path, capsys):
     loads = tmp_path / "loads.json"
     loads.write_text(json.dumps(README_WEIGHT.tolist()))
     out = tmp_path / "placement.json"
-    assert main(["eplb", "--loads", str(loads), "--replicas", "16", "--nodes", "2", "--gpus", "8", "--groups", "4",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eplb",
+                "--loads",
+                str(loads),
+                "--replicas",
+                "16",
+                "--nodes",
+                "2",
+                "--gpus",
+                "8",
+                "--groups",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "hierarchical" in text and "before (no redundancy)" in text and "after (published)" in text
     placement = json.loads(out.read_text())
     phy2log, logcnt = torch.tensor(placement["phy2log"]), torch.tensor(placement["logcnt"])
-    check_placement(phy2log, torch.tensor(placement["log2phy"]), logcnt, num_experts=12, num_groups=4, num_nodes=2,
-                    num_gpus=8)
+    check_placement(
+        phy2log, torch.tensor(placement["log2phy"]), logcnt, num_experts=12, num_groups=4, num_nodes=2, num_gpus=8
+    )
     before = imbalance(unreplicated_gpu_loads(README_WEIGHT, 8))
     assert placement["imbalance_before"] == pytest.approx(before.tolist())
     assert max(placement["imbalance_after"]["refined"]) < max(placement["imbalance_before"])
 
 
-@pytest.mark.parametrize("argv", [["--replicas", "10", "--nodes", "2", "--gpus", "8"],
-                                  ["--replicas", "16", "--nodes", "2", "--gpus", "x"]])
+@pytest.mark.parametrize(
+    "argv", [["--replicas", "10", "--nodes", "2", "--gpus", "8"], ["--replicas", "16", "--nodes", "2", "--gpus", "x"]]
+)
 def test_eplb_cli_bad_input_one_line(tmp_path, capsys, argv):
     loads = tmp_path / "loads.json"
     loads.write_text(json.dumps(README_WEIGHT.tolist()))

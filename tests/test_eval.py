@@ -5,26 +5,35 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import os
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
-
-from dsv3.cli import main
-from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.train.evaluation import (PasskeySample, evaluate_checkpoint, evaluate_loss, is_chat_file,
-                                   parse_lengths, passkey_retrieved, passkey_sample, passkey_samples)
-from dsv3.errors import ConfigError
-
 from helpers import assert_one_error, cli, small_config
 
+from dsv3.cli import main
+from dsv3.errors import ConfigError
+from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.train.evaluation import (
+    PasskeySample,
+    evaluate_checkpoint,
+    evaluate_loss,
+    is_chat_file,
+    parse_lengths,
+    passkey_retrieved,
+    passkey_sample,
+    passkey_samples,
+)
+
 DATA = Path(__file__).parent / "data"
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +80,7 @@ def test_text_data_loss_matches_by_hand(ckpt, tmp_path):
     n = (len(ids) - 1) // 64
     total, count = 0.0, 0
     for i in range(n):
-        window = torch.tensor([ids[i * 64: i * 64 + 65]])
+        window = torch.tensor([ids[i * 64 : i * 64 + 65]])
         s, c = float64_loss(model, window[:, :-1], window[:, 1:])
         total, count = total + s, count + c
     assert report.kind == "text" and report.loss.tokens == count
@@ -81,16 +90,20 @@ def test_text_data_loss_matches_by_hand(ckpt, tmp_path):
 
 def test_chat_data_is_scored_on_assistant_tokens(ckpt, tmp_path):
     path, model, tok = ckpt
-    records = [{"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi there"}]},
-               {"prompt": "count", "completion": "one two three"}]
+    records = [
+        {"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi there"}]},
+        {"prompt": "count", "completion": "one two three"},
+    ]
     f = tmp_path / "chat.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert is_chat_file(f) and not is_chat_file(Path(__file__))
     report = evaluate_checkpoint(str(path), data=str(f), seq_len=64)
     total, count = 0.0, 0
     for r in records:
-        msgs = r.get("messages") or [{"role": "user", "content": r["prompt"]},
-                                     {"role": "assistant", "content": r["completion"]}]
+        msgs = r.get("messages") or [
+            {"role": "user", "content": r["prompt"]},
+            {"role": "assistant", "content": r["completion"]},
+        ]
         prompt = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs[:-1])
         prompt += "<|im_start|>assistant\n"
         answer = msgs[-1]["content"] + "<|im_end|>"
@@ -109,10 +122,11 @@ def test_passkey_sample_layout(ckpt):
     _, _, tok = ckpt
     s = passkey_sample(tok, 300, key="12345", depth=0.5)
     text = tok.decode(s.ids)
-    assert abs(len(s.ids) - 300) <= len(tok.encode("The grass is green. The sky is blue. The sun is yellow. Here we "
-                                                   "go. There and back again.\n").ids)
+    assert abs(len(s.ids) - 300) <= len(
+        tok.encode("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n").ids
+    )
     assert text.endswith("What is the pass key? The pass key is 12345")
-    assert s.ids[-len(s.answer):] == s.answer == tok.encode(" 12345").ids
+    assert s.ids[-len(s.answer) :] == s.answer == tok.encode(" 12345").ids
     assert text.count("The pass key is 12345. Remember it.") == 1
     first = passkey_sample(tok, 300, key="12345", depth=0.0)
     assert tok.decode(first.ids).index("12345") < text.index("12345")
@@ -129,7 +143,7 @@ class Oracle(torch.nn.Module):
 
     def forward(self, ids):
         t = ids.shape[1]
-        nxt = torch.tensor(self.full[1:t + 1])
+        nxt = torch.tensor(self.full[1 : t + 1])
         if self.wrong_at is not None:
             nxt[self.wrong_at] = (nxt[self.wrong_at] + 1) % self.vocab
         return type("O", (), {"logits": torch.nn.functional.one_hot(nxt, self.vocab).float().unsqueeze(0)})()
@@ -152,24 +166,47 @@ def test_parse_lengths():
 def test_cli_eval_reports_loss_and_passkey(ckpt, tmp_path, capsys):
     path, _, _ = ckpt
     (tmp_path / "held.txt").write_text(Path(__file__).read_text()[:2000])
-    assert main(["eval", str(path), "--data", str(tmp_path / "held.txt"), "--seq-len", "64",
-                 "--passkey", "64,128", "--passkey-trials", "2"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(path),
+                "--data",
+                str(tmp_path / "held.txt"),
+                "--seq-len",
+                "64",
+                "--passkey",
+                "64,128",
+                "--passkey-trials",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "perplexity" in out and "passkey at 64 tokens:" in out and "passkey at 128 tokens:" in out
 
 
-@pytest.mark.parametrize("records, fragment", [
-    (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}'], "no \"content\""),
-    (['{"messages": [{"role": "user", "content": "only a question"}]}'], "no usable conversation"),
-    (['{"messages": "hello"}'], "must be a list"),
-])
+@pytest.mark.parametrize(
+    "records, fragment",
+    [
+        (['{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}'], 'no "content"'),
+        (['{"messages": [{"role": "user", "content": "only a question"}]}'], "no usable conversation"),
+        (['{"messages": "hello"}'], "must be a list"),
+    ],
+)
 def test_bad_chat_data_is_one_line_and_exit_2(ckpt, tmp_path, records, fragment):
     path, _, _ = ckpt
     f = tmp_path / "bad.jsonl"
     f.write_text("\n".join(records) + "\n")
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-    proc = subprocess.run([sys.executable, "-m", "dsv3", "eval", str(path), "--data", str(f), "--seq-len", "64"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsv3", "eval", str(path), "--data", str(f), "--seq-len", "64"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert_one_error(proc.returncode, proc.stderr, fragment)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import small_config
 
 from dsv3.errors import ConfigError
 from dsv3.fp8 import FP8Linear, FP8Recipe, convert
@@ -13,8 +14,6 @@ from dsv3.fp8.linear import FP8GroupedMM, FP8SwiGLU
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.moe import Router
 from dsv3.model.norm import RMSNorm
-
-from helpers import small_config
 
 # Two blocks (dense, then MoE) and one MTP module; d = 192 is not a multiple of the 128-wide FP8 tiles.
 CONFIG = small_config(num_hidden_layers=2, hidden_size=192, vocab_size=100)
@@ -33,15 +32,19 @@ class RealModel(DeepseekV3ForCausalLM):
 
 EMU = FP8Recipe(backend="emulated")
 
-FP8_LINEARS = [
-    f"{p}.{n}"
-    for p in ("model.layers.0.self_attn", "model.layers.1.self_attn", "mtp.0.self_attn")
-    for n in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
-] + [
-    f"{p}.{n}"
-    for p in ("model.layers.0.mlp", "model.layers.1.mlp.shared_experts", "mtp.0.mlp.shared_experts")
-    for n in ("gate_proj", "up_proj", "down_proj")
-] + ["mtp.0.eh_proj"]
+FP8_LINEARS = (
+    [
+        f"{p}.{n}"
+        for p in ("model.layers.0.self_attn", "model.layers.1.self_attn", "mtp.0.self_attn")
+        for n in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+    ]
+    + [
+        f"{p}.{n}"
+        for p in ("model.layers.0.mlp", "model.layers.1.mlp.shared_experts", "mtp.0.mlp.shared_experts")
+        for n in ("gate_proj", "up_proj", "down_proj")
+    ]
+    + ["mtp.0.eh_proj"]
+)
 
 
 def test_convert_swaps_the_block_linears_and_keeps_the_rest_high_precision():
@@ -126,9 +129,7 @@ def test_excluding_more_modules_and_scope_errors():
         convert(nn.Sequential(nn.Linear(4, 4)), EMU)
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"backend": "tpu"}, {"scale_format": "e8m0"}, {"attn_out_format": "bf16"}]
-)
+@pytest.mark.parametrize("kwargs", [{"backend": "tpu"}, {"scale_format": "e8m0"}, {"attn_out_format": "bf16"}])
 def test_bad_recipe_is_a_config_error(kwargs):
     with pytest.raises(ConfigError):
         FP8Recipe(**kwargs)

@@ -114,7 +114,12 @@ def test_e5m6_packs_into_12_bits_exactly():
 
 def test_pow2_scales_are_exact_powers_of_two_and_tight():
     torch.manual_seed(4)
-    amax = torch.cat([torch.rand(5000) * 10.0 ** torch.randint(-20, 20, (5000,)).float(), 448.0 * 2.0 ** torch.arange(-20, 20).float()])
+    amax = torch.cat(
+        [
+            torch.rand(5000) * 10.0 ** torch.randint(-20, 20, (5000,)).float(),
+            448.0 * 2.0 ** torch.arange(-20, 20).float(),
+        ]
+    )
     s = compute_scale(amax, pow2=True)
     mant, _ = torch.frexp(s)
     assert torch.all(mant == 0.5)  # exactly a power of two

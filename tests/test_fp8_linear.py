@@ -44,8 +44,10 @@ def test_fp8_linear_forward_and_gradients_match_float64_on_dequantised_operands(
     close(lin.bias.grad, dy2.double().sum(0))
     assert lin.weight.grad.dtype == torch.float32
     # FP8-accurate against the exact float64 product too
-    assert ((y.detach().double().reshape(-1, 136) - (x2.double() @ w.double().t() + lin.bias.double())).norm()
-            / (x2.double() @ w.double().t()).norm()).item() < 0.06
+    assert (
+        (y.detach().double().reshape(-1, 136) - (x2.double() @ w.double().t() + lin.bias.double())).norm()
+        / (x2.double() @ w.double().t()).norm()
+    ).item() < 0.06
 
 
 def test_attention_output_linear_caches_e5m6_and_retiles_for_wgrad():
@@ -285,12 +287,12 @@ def test_storage_only_grouped_mm_is_exact_forward():
     y = fp8_grouped_mm(x, w, offs, recipe)
     ref, start = [], 0
     for e, c in enumerate(counts.tolist()):
-        ref.append(x[start:start + c] @ w[e].t())
+        ref.append(x[start : start + c] @ w[e].t())
         start += c
     torch.testing.assert_close(y, torch.cat(ref))
     dy = torch.randn_like(y)
     y.backward(dy)
     start = 0
     for e, c in enumerate(counts.tolist()):
-        torch.testing.assert_close(x.grad[start:start + c], dy[start:start + c] @ w.detach()[e])
+        torch.testing.assert_close(x.grad[start : start + c], dy[start : start + c] @ w.detach()[e])
         start += c

@@ -120,9 +120,22 @@ def test_train_with_fp8_runs_close_to_fp32_and_resumes(tmp_path):
 
     data = tmp_path / "tokens.bin"
     np.random.default_rng(0).integers(0, 4096, 40000, dtype=np.uint16).tofile(data)
-    common = dict(model="tiny", data=str(data), seq_len=32, micro_batch=2, global_batch=2, steps=4, warmup_steps=1,
-                  fp8_backend="emulated", device="cpu", eval_every=10**9, save_every=2, sample_tokens=0,
-                  tensorboard=False, progress=False)
+    common = dict(
+        model="tiny",
+        data=str(data),
+        seq_len=32,
+        micro_batch=2,
+        global_batch=2,
+        steps=4,
+        warmup_steps=1,
+        fp8_backend="emulated",
+        device="cpu",
+        eval_every=10**9,
+        save_every=2,
+        sample_tokens=0,
+        tensorboard=False,
+        progress=False,
+    )
 
     def losses(run_dir):
         return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]

@@ -106,7 +106,9 @@ def test_token_tiles_are_quantised_from_high_precision_not_from_fp8():
     # The direct copy's error obeys the bound against x itself ...
     s = expand(direct.scale.double(), TOKEN_TILE, x.shape)
     err = (direct.dequantize(torch.float64) - x.double()).abs()
-    assert torch.all(err <= s * torch.maximum((x.double() / s).abs() * 2.0**-4, torch.full_like(s, 2.0**-10)) * (1 + 1e-6))
+    assert torch.all(
+        err <= s * torch.maximum((x.double() / s).abs() * 2.0**-4, torch.full_like(s, 2.0**-10)) * (1 + 1e-6)
+    )
     # ... and differs from re-quantising the 1x128 copy, which rounds twice.
     assert not torch.equal(direct.data.view(torch.uint8), requant.data.view(torch.uint8))
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import small_config, v2_config
 
 from dsv3.errors import CheckpointError, ConfigError
 from dsv3.infer.eplb import rebalance_experts
 from dsv3.infer.generate import ExpertLoadCollector, generate, generate_batch, left_pad, token_probs
 from dsv3.infer.replicate import ReplicatedRouter, apply_placement
 from dsv3.model import DeepseekV3ForCausalLM
-
-from helpers import small_config, v2_config
 
 
 def _model(config, seed=0):
@@ -27,7 +26,7 @@ def test_batched_greedy_equals_each_prompt_alone(config):
     model = _model(config)
     batched = generate_batch(model, PROMPTS, max_new_tokens=12, temperature=0)
     for prompt, got in zip(PROMPTS, batched):
-        alone = generate(model, torch.tensor([prompt]), max_new_tokens=12, temperature=0)[0, len(prompt):].tolist()
+        alone = generate(model, torch.tensor([prompt]), max_new_tokens=12, temperature=0)[0, len(prompt) :].tolist()
         assert got == alone
 
 
@@ -46,7 +45,7 @@ def test_padded_logits_equal_unpadded_logits():
         step = model(nxt, cache=cache, start_pos=ids.shape[1]).logits
         for b, prompt in enumerate(PROMPTS):
             alone = model(torch.tensor([prompt + [3 + b]])).logits[0]
-            torch.testing.assert_close(logits[b, pad[b]:], alone[:-1], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(logits[b, pad[b] :], alone[:-1], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(step[b, 0], alone[-1], atol=1e-6, rtol=1e-5)
 
 
@@ -88,9 +87,16 @@ def test_non_finite_logits_raise_a_checkpoint_error():
         generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=3, temperature=0)
 
 
-@pytest.mark.parametrize("bad", [dict(max_new_tokens=10**12), dict(max_new_tokens=0),
-                                 dict(max_new_tokens=2, temperature=float("nan")),
-                                 dict(max_new_tokens=2, temperature=-0.5), dict(max_new_tokens=2, top_p=1.5)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(max_new_tokens=10**12),
+        dict(max_new_tokens=0),
+        dict(max_new_tokens=2, temperature=float("nan")),
+        dict(max_new_tokens=2, temperature=-0.5),
+        dict(max_new_tokens=2, top_p=1.5),
+    ],
+)
 def test_generation_length_is_checked_before_allocating(bad):
     model = _model(small_config())
     with pytest.raises(ConfigError):
@@ -117,13 +123,17 @@ def test_replicated_model_logits_equal_the_original(config):
         load = torch.rand(n_moe, n_exp, generator=torch.Generator().manual_seed(1)) ** 3 * 100
         phy2log, log2phy, logcnt = rebalance_experts(load, n_exp + 4, 4 if config.n_group > 1 else 1, 2, 4)
         apply_placement(model, phy2log, log2phy, logcnt)
-        assert all(isinstance(m.gate, ReplicatedRouter) and m.experts.gate_up_proj.shape[0] == n_exp + 4
-                   for m in model.moe_layers())
+        assert all(
+            isinstance(m.gate, ReplicatedRouter) and m.experts.gate_up_proj.shape[0] == n_exp + 4
+            for m in model.moe_layers()
+        )
         out = model(ids).logits
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-9)
     # generation works on the replicated model and gives the same greedy tokens
-    assert torch.equal(generate(model, ids[:1, :4], max_new_tokens=6, temperature=0),
-                       generate(_model(config), ids[:1, :4], max_new_tokens=6, temperature=0))
+    assert torch.equal(
+        generate(model, ids[:1, :4], max_new_tokens=6, temperature=0),
+        generate(_model(config), ids[:1, :4], max_new_tokens=6, temperature=0),
+    )
 
 
 def test_replicas_share_their_expert_tokens_evenly():

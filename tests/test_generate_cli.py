@@ -10,10 +10,9 @@ import sys
 
 import pytest
 import torch
+from helpers import assert_one_error, cli, small_config
 
 from dsv3.model import DeepseekV3ForCausalLM
-
-from helpers import assert_one_error, cli, small_config
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +29,27 @@ def checkpoint(train_setup, tmp_path_factory):
 def test_prompts_file_batch_equals_each_prompt_alone(checkpoint, tmp_path, capsys):
     prompts = ["def f(x):", "import", "class A:  # a longer prompt than the others"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    code, out, _ = cli(["generate", str(checkpoint), "--prompts-file", str(tmp_path / "prompts.txt"),
-                         "--max-tokens", "6", "--temperature", "0", "--stats", str(tmp_path / "stats.json")], capsys)
+    code, out, _ = cli(
+        [
+            "generate",
+            str(checkpoint),
+            "--prompts-file",
+            str(tmp_path / "prompts.txt"),
+            "--max-tokens",
+            "6",
+            "--temperature",
+            "0",
+            "--stats",
+            str(tmp_path / "stats.json"),
+        ],
+        capsys,
+    )
     assert code == 0
     alone = []
     for p in prompts:
-        code, one, _ = cli(["generate", str(checkpoint), "--prompt", p, "--max-tokens", "6", "--temperature", "0"],
-                            capsys)
+        code, one, _ = cli(
+            ["generate", str(checkpoint), "--prompt", p, "--max-tokens", "6", "--temperature", "0"], capsys
+        )
         alone.append(one)
     assert out == "".join(alone)
     stats = json.loads((tmp_path / "stats.json").read_text())
@@ -62,29 +75,70 @@ def test_generation_stats_feed_dsv3_eplb_and_the_placement_keeps_the_output(chec
     argv = ["generate", str(checkpoint), "--prompt", "for i in", "--max-tokens", "6", "--temperature", "0"]
     code, plain, _ = cli(argv + ["--stats", str(tmp_path / "s.json")], capsys)
     assert code == 0
-    code, out, _ = cli(["eplb", "--loads", str(tmp_path / "s.json"), "--replicas", "12", "--nodes", "2",
-                         "--gpus", "4", "--groups", "4", "--json", str(tmp_path / "placement.json")], capsys)
+    code, out, _ = cli(
+        [
+            "eplb",
+            "--loads",
+            str(tmp_path / "s.json"),
+            "--replicas",
+            "12",
+            "--nodes",
+            "2",
+            "--gpus",
+            "4",
+            "--groups",
+            "4",
+            "--json",
+            str(tmp_path / "placement.json"),
+        ],
+        capsys,
+    )
     assert code == 0 and "after (refined)" in out
     code, replicated, _ = cli(argv + ["--placement", str(tmp_path / "placement.json")], capsys)
     assert code == 0 and replicated == plain
 
 
-@pytest.mark.parametrize("case", ["nan-temperature", "negative-temperature", "inf-temperature", "bad-top-p",
-                                  "cuda", "bad-device", "max-tokens-context", "max-tokens-absurd", "max-tokens-zero",
-                                  "max-tokens-float", "missing-tokenizer", "missing-prompts-file", "damaged-weights",
-                                  "speculative-no-mtp", "bad-placement", "huge-seed", "bad-num-draft"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "nan-temperature",
+        "negative-temperature",
+        "inf-temperature",
+        "bad-top-p",
+        "cuda",
+        "bad-device",
+        "max-tokens-context",
+        "max-tokens-absurd",
+        "max-tokens-zero",
+        "max-tokens-float",
+        "missing-tokenizer",
+        "missing-prompts-file",
+        "damaged-weights",
+        "speculative-no-mtp",
+        "bad-placement",
+        "huge-seed",
+        "bad-num-draft",
+    ],
+)
 def test_generation_bad_input_one_line_exit_2(checkpoint, tmp_path, capsys, case):
     base = ["generate", str(checkpoint), "--prompt", "x", "--max-tokens", "3"]
-    extra = {"nan-temperature": ["--temperature", "nan"], "negative-temperature": ["--temperature", "-1"],
-             "inf-temperature": ["--temperature", "inf"], "bad-top-p": ["--top-p", "0"],
-             "cuda": ["--device", "cuda"], "bad-device": ["--device", "tpu7"],
-             "max-tokens-context": ["--max-tokens", "64"], "max-tokens-absurd": ["--max-tokens", "1000000000000"],
-             "max-tokens-zero": ["--max-tokens", "0"], "max-tokens-float": ["--max-tokens", "2.5"],
-             "missing-tokenizer": ["--tokenizer", str(tmp_path / "nope" / "tok.json")],
-             "missing-prompts-file": ["--prompts-file", str(tmp_path / "nope.txt")],
-             "bad-placement": ["--placement", str(checkpoint / "config.json")],
-             "huge-seed": ["--seed", str(2**64)], "bad-num-draft": ["--speculative", "mtp", "--num-draft", "3"]
-             }.get(case, [])
+    extra = {
+        "nan-temperature": ["--temperature", "nan"],
+        "negative-temperature": ["--temperature", "-1"],
+        "inf-temperature": ["--temperature", "inf"],
+        "bad-top-p": ["--top-p", "0"],
+        "cuda": ["--device", "cuda"],
+        "bad-device": ["--device", "tpu7"],
+        "max-tokens-context": ["--max-tokens", "64"],
+        "max-tokens-absurd": ["--max-tokens", "1000000000000"],
+        "max-tokens-zero": ["--max-tokens", "0"],
+        "max-tokens-float": ["--max-tokens", "2.5"],
+        "missing-tokenizer": ["--tokenizer", str(tmp_path / "nope" / "tok.json")],
+        "missing-prompts-file": ["--prompts-file", str(tmp_path / "nope.txt")],
+        "bad-placement": ["--placement", str(checkpoint / "config.json")],
+        "huge-seed": ["--seed", str(2**64)],
+        "bad-num-draft": ["--speculative", "mtp", "--num-draft", "3"],
+    }.get(case, [])
     path = checkpoint
     if case == "damaged-weights":
         torch.manual_seed(0)
@@ -120,7 +174,12 @@ def test_generation_error_in_a_fresh_process_has_no_traceback(checkpoint):
     import dsv3
 
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(dsv3.__file__)))
-    proc = subprocess.run([sys.executable, "-m", "dsv3", "generate", str(checkpoint), "--temperature", "nan"],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsv3", "generate", str(checkpoint), "--temperature", "nan"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.stdout == ""
     assert_one_error(proc.returncode, proc.stderr)

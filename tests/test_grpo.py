@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import assert_one_error, cli, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,14 +44,30 @@ def ckpt(tmp_path_factory):
     init = toy.save_checkpoint_dir(model, toy.char_tokenizer(), str(root / "init"))
     train, held = toy.addition_split(0, held_out=20)
     (root / "toy_rewards.py").write_text(  # varied rewards from an untrained model: short completions win
-        "def short(prompts, completions, **columns):\n    return [1.0 / (1 + len(c)) for c in completions]\n")
-    return {"root": root, "init": init, "short": f"{root / 'toy_rewards.py'}:short", "prompts": toy.write_prompts(str(root / "p.jsonl"), train[:40]),
-            "held": toy.write_prompts(str(root / "h.jsonl"), held)}
+        "def short(prompts, completions, **columns):\n    return [1.0 / (1 + len(c)) for c in completions]\n"
+    )
+    return {
+        "root": root,
+        "init": init,
+        "short": f"{root / 'toy_rewards.py'}:short",
+        "prompts": toy.write_prompts(str(root / "p.jsonl"), train[:40]),
+        "held": toy.write_prompts(str(root / "h.jsonl"), held),
+    }
 
 
 def _options(ckpt, run_dir, **changes):
-    opts = toy.grpo_options(ckpt["init"], ckpt["prompts"], str(run_dir), steps=2, global_batch=16, micro_batch=16,
-                            group_size=4, max_completion_tokens=4, lr=1e-3, min_lr=1e-3)
+    opts = toy.grpo_options(
+        ckpt["init"],
+        ckpt["prompts"],
+        str(run_dir),
+        steps=2,
+        global_batch=16,
+        micro_batch=16,
+        group_size=4,
+        max_completion_tokens=4,
+        lr=1e-3,
+        min_lr=1e-3,
+    )
     opts.update(changes)
     return opts
 
@@ -99,14 +114,16 @@ def test_rollout_layout_matches_each_row_run_alone_and_routing_agrees():
     assert seg is not None and [r.shape[:2] for r in roll.routing] == [ids.shape] * len(roll.routing)
     mask = roll.mask()
     assert mask.sum(dim=1).tolist() == roll.completion_len.float().tolist()
-    with torch.no_grad(), rec.training([r.reshape(-1, 2) for r in roll.routing],
-                                       mask.reshape(-1).bool(), replay=False, count=True):
+    with (
+        torch.no_grad(),
+        rec.training([r.reshape(-1, 2) for r in roll.routing], mask.reshape(-1).bool(), replay=False, count=True),
+    ):
         batch = token_logps(model(ids, segment_ids=seg).logits, targets)
     agree, total = rec.tally().tolist()
     assert total == mask.sum() * len(roll.routing) and agree == total
     for b, p in enumerate(prompts):  # row b alone, without padding: the same log-probs of its completion
         n = int(roll.completion_len[b])
-        seq = torch.tensor([p + roll.tokens[b, roll.prompt_len:roll.prompt_len + n].tolist()])
+        seq = torch.tensor([p + roll.tokens[b, roll.prompt_len : roll.prompt_len + n].tolist()])
         with torch.no_grad():
             alone = token_logps(model(seq[:, :-1]).logits, seq[:, 1:])[0, -n:]
         assert torch.allclose(batch[b][mask[b].bool()], alone, atol=1e-5)
@@ -121,10 +138,18 @@ def test_training_log_probs_are_those_of_the_full_forward_at_the_completion_posi
     from dsv3.train.rollout import rollout
 
     model, tok = _toy_model(), toy.char_tokenizer()
-    roll = rollout(model, [tok.encode(p).ids for p in ("3+4=", "12+19=")], [1, 2], max_new_tokens=4,
-                   temperature=1.0, top_p=1.0, eos_id=0)
-    run = SimpleNamespace(model=model, recorder=None,
-                          config=SimpleNamespace(rl=SimpleNamespace(routing_replay=False, temperature=0.7)))
+    roll = rollout(
+        model,
+        [tok.encode(p).ids for p in ("3+4=", "12+19=")],
+        [1, 2],
+        max_new_tokens=4,
+        temperature=1.0,
+        top_p=1.0,
+        eos_id=0,
+    )
+    run = SimpleNamespace(
+        model=model, recorder=None, config=SimpleNamespace(rl=SimpleNamespace(routing_replay=False, temperature=0.7))
+    )
     with torch.no_grad():
         got, entropy = _forward_logps(run, SimpleNamespace(roll=roll), slice(0, 2), entropy=True)
         ids, targets, seg = roll.inputs()
@@ -139,8 +164,16 @@ def test_routing_replay_uses_the_rollouts_experts():
 
     model, tok = _toy_model(), toy.char_tokenizer()
     rec = RoutingRecorder(model)
-    roll = rollout(model, [tok.encode("5+6=").ids] * 2, [1, 2], max_new_tokens=3, temperature=1.0, top_p=1.0,
-                   eos_id=0, recorder=rec)
+    roll = rollout(
+        model,
+        [tok.encode("5+6=").ids] * 2,
+        [1, 2],
+        max_new_tokens=3,
+        temperature=1.0,
+        top_p=1.0,
+        eos_id=0,
+        recorder=rec,
+    )
     with torch.no_grad():
         for r in rec.routers:  # the policy moved: its routing differs from the rollout's
             r.weight.mul_(-1.0)
@@ -171,19 +204,23 @@ def test_prompts_from_text_or_chat_messages_with_their_columns(tmp_path):
     from dsv3.train.rl_prompts import read_prompts
     from dsv3.train.sft import ChatTemplate
 
-    template = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}"
-                            "{% if add_generation_prompt %}={% endif %}")
-    path = _write(tmp_path / "p.jsonl", [{"prompt": "3+4=", "answer": "7"},
-                                         {"messages": [{"role": "user", "content": "12+1"}], "tests": "t"}])
+    template = ChatTemplate(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    )
+    path = _write(
+        tmp_path / "p.jsonl",
+        [{"prompt": "3+4=", "answer": "7"}, {"messages": [{"role": "user", "content": "12+1"}], "tests": "t"}],
+    )
     tok = toy.char_tokenizer()
     got = read_prompts(path, tokenizer=tok, template=template, context=32, max_completion_tokens=4)
     assert got.texts == ["3+4=", "12+1="] and got.ids[1] == tok.encode("12+1=").ids
     assert got.columns == {"answer": ["7", None], "tests": [None, "t"]}
     with pytest.raises(DataError, match="line 2.*chat template"):
         read_prompts(path, tokenizer=tok, template=None, context=32, max_completion_tokens=4)
-    with pytest.raises(DataError, match="line 1.*\"prompt\""):
-        read_prompts(_write(tmp_path / "bad.jsonl", [{"question": "1+1="}]), tokenizer=tok, context=32,
-                     max_completion_tokens=4)
+    with pytest.raises(DataError, match='line 1.*"prompt"'):
+        read_prompts(
+            _write(tmp_path / "bad.jsonl", [{"question": "1+1="}]), tokenizer=tok, context=32, max_completion_tokens=4
+        )
 
 
 # ----------------------------------------------------------------------------- the run
@@ -199,8 +236,14 @@ def test_update_does_not_depend_on_the_micro_batch(ckpt, tmp_path, loss_type):
     assert whole[0]["reward"] == parts[0]["reward"] and whole[0]["reward_std"] > 0
     for key in ("grad_norm", "loss_last"):  # the gradient of the first update, the loss after it
         assert math.isclose(whole[0][key], parts[0][key], rel_tol=1e-5, abs_tol=1e-7)
-    files = [load_file(str(d / "model.safetensors")) for d in
-             (Path(ckpt["init"]), tmp_path / "whole/checkpoints/step-0000001", tmp_path / "parts/checkpoints/step-0000001")]
+    files = [
+        load_file(str(d / "model.safetensors"))
+        for d in (
+            Path(ckpt["init"]),
+            tmp_path / "whole/checkpoints/step-0000001",
+            tmp_path / "parts/checkpoints/step-0000001",
+        )
+    ]
     init, a, b = ({k: v for k, v in f.items() if k.endswith("weight")} for f in files)
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-4  # the update moved the weights
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -210,8 +253,9 @@ def test_update_does_not_depend_on_the_micro_batch(ckpt, tmp_path, loss_type):
 def test_resume_equals_an_uninterrupted_run(ckpt, tmp_path):
     from dsv3.train.grpo_run import train_grpo
 
-    kw = dict(beta=0.04, grpo_iterations=2, routing_replay=True, rl_bias_update=True, save_every=2,
-              reward=ckpt["short"])
+    kw = dict(
+        beta=0.04, grpo_iterations=2, routing_replay=True, rl_bias_update=True, save_every=2, reward=ckpt["short"]
+    )
     straight = _run(ckpt, tmp_path / "a", steps=4, **kw)
     _run(ckpt, tmp_path / "b", steps=2, **kw)
     train_grpo(None, resume=str(tmp_path / "b"), overrides={"steps": 4}, log=lambda line: None)
@@ -219,8 +263,13 @@ def test_resume_equals_an_uninterrupted_run(ckpt, tmp_path):
     keys = ("loss", "loss_last", "reward", "kl", "entropy", "clip_low", "clip_high", "routing_agreement")
     assert [[m[k] for k in keys] for m in straight] == [[m[k] for k in keys] for m in resumed]
     assert any(k.startswith("reward/") for k in straight[-1]) and any(k.startswith("reward_std/") for k in straight[-1])
-    assert {"frac_reward_zero_std", "completion_length_max", "completion_cut",
-            "rollout_tokens_per_s", "train_tokens_per_s"} <= straight[-1].keys()
+    assert {
+        "frac_reward_zero_std",
+        "completion_length_max",
+        "completion_cut",
+        "rollout_tokens_per_s",
+        "train_tokens_per_s",
+    } <= straight[-1].keys()
 
 
 @pytest.mark.timeout(120)
@@ -272,15 +321,30 @@ def test_pass_at_k_is_the_unbiased_estimator():
 def test_eval_cli_reports_greedy_accuracy_and_pass_at_k(ckpt, capsys):
     from dsv3.infer.generate import load_for_generation
 
-    code, out, err = cli(["eval", ckpt["init"], "--prompts", ckpt["held"], "--reward", "math", "--temperature", "0",
-                          "--max-tokens", "4"], capsys)
+    code, out, err = cli(
+        [
+            "eval",
+            ckpt["init"],
+            "--prompts",
+            ckpt["held"],
+            "--reward",
+            "math",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "4",
+        ],
+        capsys,
+    )
     assert code == 0, err
     model, _ = load_for_generation(ckpt["init"])
     _, held = toy.addition_split(0, held_out=20)
     accuracy = toy.greedy_accuracy(model, toy.char_tokenizer(), held, 0)
     assert f"mean reward: {accuracy:.4f}" in out and f"pass@1: {accuracy:.4f}" in out
-    code, out, err = cli(["eval", ckpt["init"], "--prompts", ckpt["held"], "--reward", "math", "--samples", "4",
-                          "--max-tokens", "4"], capsys)
+    code, out, err = cli(
+        ["eval", ckpt["init"], "--prompts", ckpt["held"], "--reward", "math", "--samples", "4", "--max-tokens", "4"],
+        capsys,
+    )
     assert code == 0 and "pass@4:" in out and "pass@2:" in out
 
 
@@ -292,15 +356,35 @@ def _write(path, lines):
 
 def test_bad_input_gets_one_line_and_exit_2(ckpt, tmp_path, capsys):
     rewards = tmp_path / "my_rewards.py"
-    rewards.write_text("def boom(prompts, completions, **kw):\n    raise RuntimeError('no')\n"
-                       "def short(prompts, completions, **kw):\n    return [1.0]\n"
-                       "def needs(prompts, completions, tests, **kw):\n    return [0.0] * len(completions)\n")
+    rewards.write_text(
+        "def boom(prompts, completions, **kw):\n    raise RuntimeError('no')\n"
+        "def short(prompts, completions, **kw):\n    return [1.0]\n"
+        "def needs(prompts, completions, tests, **kw):\n    return [0.0] * len(completions)\n"
+    )
     broken = tmp_path / "broken.py"
     broken.write_text("import no_such_module_xyz\n")
     long_prompt = _write(tmp_path / "long.jsonl", [{"prompt": "1" * 40, "answer": "1"}])
-    base = ["train", "--task", "grpo", "--init-from", ckpt["init"], "--data", ckpt["prompts"], "--steps", "1",
-            "--global-batch", "8", "--micro-batch", "8", "--max-completion-tokens", "3", "--progress", "false",
-            "--tensorboard", "false"]
+    base = [
+        "train",
+        "--task",
+        "grpo",
+        "--init-from",
+        ckpt["init"],
+        "--data",
+        ckpt["prompts"],
+        "--steps",
+        "1",
+        "--global-batch",
+        "8",
+        "--micro-batch",
+        "8",
+        "--max-completion-tokens",
+        "3",
+        "--progress",
+        "false",
+        "--tensorboard",
+        "false",
+    ]
     cases = [
         (["--reward", "math", "--group-size", "1"], "group_size"),
         (["--reward", "math", "--pp", "2"], "pp"),
@@ -331,8 +415,9 @@ def test_toy_addition_reward_rises(tmp_path):
     assert 0.3 <= acc <= 0.7  # "right about half the time"
     init = toy.save_checkpoint_dir(model, tok, str(tmp_path / "sft"))
     prompts = toy.write_prompts(str(tmp_path / "p.jsonl"), train)
-    train_grpo(TrainConfig.from_dict(toy.grpo_options(init, prompts, str(tmp_path / "grpo"), steps=150)),
-               log=lambda line: None)
+    train_grpo(
+        TrainConfig.from_dict(toy.grpo_options(init, prompts, str(tmp_path / "grpo"), steps=150)), log=lambda line: None
+    )
     rewards = [m["reward"] for m in read_jsonl(tmp_path / "grpo" / "metrics.jsonl")]
     assert sum(rewards[-30:]) / 30 - sum(rewards[:30]) / 30 >= 0.05
 
@@ -348,18 +433,59 @@ def test_torchrun_dp4_ep2_has_the_per_step_losses_of_one_process(ckpt, tmp_path,
 
     from dist_helpers import free_port
 
-    args = ["train", "--task", "grpo", "--init-from", ckpt["init"], "--data", ckpt["prompts"], "--reward",
-            ckpt["short"], "--steps", "3", "--global-batch", "16", "--micro-batch", "4", "--group-size", "4",
-            "--max-completion-tokens", "4", "--lr", "1e-3", "--min-lr", "1e-3", "--beta", "0.04",
-            "--grpo-iterations", "2", "--routing-replay", "--rl-bias-update", "--no-progress", "--no-tensorboard"]
+    args = [
+        "train",
+        "--task",
+        "grpo",
+        "--init-from",
+        ckpt["init"],
+        "--data",
+        ckpt["prompts"],
+        "--reward",
+        ckpt["short"],
+        "--steps",
+        "3",
+        "--global-batch",
+        "16",
+        "--micro-batch",
+        "4",
+        "--group-size",
+        "4",
+        "--max-completion-tokens",
+        "4",
+        "--lr",
+        "1e-3",
+        "--min-lr",
+        "1e-3",
+        "--beta",
+        "0.04",
+        "--grpo-iterations",
+        "2",
+        "--routing-replay",
+        "--rl-bias-update",
+        "--no-progress",
+        "--no-tensorboard",
+    ]
     from dsv3.cli import main
 
     assert main(args + ["--run-dir", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_DIST_TIMEOUT="60",
-               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        DSV3_DIST_TIMEOUT="60",
+        PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+
     def torchrun(*argv):
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node=4", "--master-addr=127.0.0.1",
-               f"--master-port={free_port()}", "-m", "dsv3", *argv]
+        cmd = [
+            str(Path(sys.executable).with_name("torchrun")),
+            "--nproc-per-node=4",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            "-m",
+            "dsv3",
+            *argv,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
 

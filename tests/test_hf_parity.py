@@ -8,29 +8,36 @@ import warnings
 
 import pytest
 import torch
+from helpers import small_config, v2_config
 
 import dsv3
 from dsv3.checkpoint.hf import dequantize_fp8_block, save_pretrained
 from dsv3.errors import CheckpointError
 from dsv3.model import DeepseekV3ForCausalLM
 
-from helpers import small_config, v2_config
-
 transformers = pytest.importorskip("transformers")
 
 CONFIGS = {
     "v3-sigmoid-groups-qlora-mtp-yarn": small_config(),
     "v3-no-qlora-no-groups": small_config(q_lora_rank=None, n_group=1, topk_group=1, rope_scaling=None),
-    "v3-two-mtp-first-dense-2": small_config(num_nextn_predict_layers=2, first_k_dense_replace=2,
-                                             num_hidden_layers=4, n_routed_experts=16, num_experts_per_tok=4),
+    "v3-two-mtp-first-dense-2": small_config(
+        num_nextn_predict_layers=2,
+        first_k_dense_replace=2,
+        num_hidden_layers=4,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+    ),
     "v2-softmax-greedy": v2_config(),
-    "v2-softmax-group-limited": v2_config(topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                                          q_lora_rank=24, routed_scaling_factor=16.0),
+    "v2-softmax-group-limited": v2_config(
+        topk_method="group_limited_greedy", n_group=4, topk_group=2, q_lora_rank=24, routed_scaling_factor=16.0
+    ),
 }
 
 
 def hf_class(config):
-    return transformers.DeepseekV3ForCausalLM if config.model_type == "deepseek_v3" else transformers.DeepseekV2ForCausalLM
+    return (
+        transformers.DeepseekV3ForCausalLM if config.model_type == "deepseek_v3" else transformers.DeepseekV2ForCausalLM
+    )
 
 
 def random_model(config, seed=0):
@@ -96,8 +103,15 @@ def test_round_trip_is_exact_including_mtp(tmp_path):
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
     L = config.num_hidden_layers
     for k in range(2):  # the official MTP layout, including the shared-tensor copies
-        for part in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
-                     "shared_head.head.weight", "embed_tokens.weight", "mlp.experts.3.gate_proj.weight"):
+        for part in (
+            "enorm.weight",
+            "hnorm.weight",
+            "eh_proj.weight",
+            "shared_head.norm.weight",
+            "shared_head.head.weight",
+            "embed_tokens.weight",
+            "mlp.experts.3.gate_proj.weight",
+        ):
             assert f"model.layers.{L + k}.{part}" in index
     back = dsv3.from_pretrained(tmp_path)
     for (n1, t1), (n2, t2) in zip(ours.state_dict().items(), back.state_dict().items()):
@@ -125,8 +139,12 @@ def test_fp8_block_checkpoint_is_dequantised(tmp_path):
             reference[name] = q.double() * full.double()  # float64 reference of q * s
     save_file(tensors, tmp_path / "model.safetensors")
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": [128, 128]}
+    cfg["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     loaded = dsv3.from_pretrained(tmp_path)
     state = loaded.state_dict()

@@ -6,17 +6,25 @@ import json
 
 import pytest
 import torch
+from helpers import assert_one_error, cli
 
 from dsv3.cli import main
 from dsv3.memory.measure import measure_config, prepare_config
 from dsv3.train.config import TrainConfig
 
-from helpers import assert_one_error, cli
-
 
 def _config(setup, **changes) -> TrainConfig:
-    return TrainConfig.from_dict(dict(model=setup["model"], data=setup["corpus"], tokenizer=setup["tokenizer"],
-                                      seq_len=32, micro_batch=2, global_batch=2, **changes))
+    return TrainConfig.from_dict(
+        dict(
+            model=setup["model"],
+            data=setup["corpus"],
+            tokenizer=setup["tokenizer"],
+            seq_len=32,
+            micro_batch=2,
+            global_batch=2,
+            **changes,
+        )
+    )
 
 
 def test_categories_follow_the_options(train_setup):
@@ -56,13 +64,36 @@ def test_bytes_only_measurement_then_interleaved_steps(train_setup):
 
 
 def test_cli_prints_one_json_document(train_setup, capsys):
-    argv = ["memory", "--model", train_setup["model"], "--data", train_setup["corpus"], "--tokenizer",
-            train_setup["tokenizer"], "--seq-len", "32", "--micro-batch", "2", "--steps", "1",
-            "--optim-states", "bf16", "--json"]
+    argv = [
+        "memory",
+        "--model",
+        train_setup["model"],
+        "--data",
+        train_setup["corpus"],
+        "--tokenizer",
+        train_setup["tokenizer"],
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "2",
+        "--steps",
+        "1",
+        "--optim-states",
+        "bf16",
+        "--json",
+    ]
     assert main(argv) == 0
     doc = json.loads(capsys.readouterr().out)
-    for key in ("params", "grads", "optimizer", "ema_host", "activations", "saved_tensors", "tokens_per_s",
-                "training_state"):
+    for key in (
+        "params",
+        "grads",
+        "optimizer",
+        "ema_host",
+        "activations",
+        "saved_tensors",
+        "tokens_per_s",
+        "training_state",
+    ):
         assert key in doc
     assert doc["optimizer"] == doc["params"]  # BF16 moments: 2 x 2 bytes = one FP32 copy
 

@@ -7,13 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_error, cli
 
 from dsv3.cli import main
 from dsv3.errors import DataError, RunDirError
 from dsv3.train.metrics import STEP_FIELDS, MetricsLogger, ProgressBar, maxvio, read_metrics
 from dsv3.train.plots import plot_run
-
-from helpers import assert_one_error, cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -52,8 +51,14 @@ def test_maxvio_takes_the_worst_layer():
 
 def step_record(step, **extra):
     record = {
-        "step": step, "loss": torch.tensor(3.0 - 0.01 * step), "lm_loss": 2.9 - 0.01 * step, "mtp_loss": np.float32(0.3),
-        "balance_loss": 1e-4, "lr": 2.2e-4, "grad_norm": torch.tensor(0.7), "tokens_per_s": 1234.5,
+        "step": step,
+        "loss": torch.tensor(3.0 - 0.01 * step),
+        "lm_loss": 2.9 - 0.01 * step,
+        "mtp_loss": np.float32(0.3),
+        "balance_loss": 1e-4,
+        "lr": 2.2e-4,
+        "grad_norm": torch.tensor(0.7),
+        "tokens_per_s": 1234.5,
         "maxvio": maxvio(torch.tensor([[3, 5, 4, 4]])),
     }
     record.update(extra)
@@ -181,7 +186,9 @@ def write_run(run_dir, steps=60, layers=3, experts=8):
                 load[0, 0] += 400 // step  # an overloaded expert that evens out
                 extra["expert_load"] = load
                 extra["expert_load_layers"] = list(range(1, layers + 1))
-            rec = step_record(step, loss=3.0 / math.sqrt(step), lm_loss=2.8 / math.sqrt(step), mtp_loss=0.3 / math.sqrt(step), **extra)
+            rec = step_record(
+                step, loss=3.0 / math.sqrt(step), lm_loss=2.8 / math.sqrt(step), mtp_loss=0.3 / math.sqrt(step), **extra
+            )
             if step == 17:
                 rec["loss"] = float("nan")
             log.log(rec)
@@ -229,7 +236,9 @@ def test_bad_run_dirs_exit_2_with_one_line(tmp_path, capsys):
     no_metrics.mkdir()
     bad_loads = tmp_path / "bad_loads"
     bad_loads.mkdir()
-    (bad_loads / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "expert_load": [[1, 2], [3]]}\n{"step": 2, "expert_load": [[1, 2]]}\n')
+    (bad_loads / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.0, "expert_load": [[1, 2], [3]]}\n{"step": 2, "expert_load": [[1, 2]]}\n'
+    )
     for run in (tmp_path / "missing", no_metrics, empty_run, corrupt, bad_loads):
         code, _, err = cli(["plot", str(run)], capsys)
         assert_one_error(code, err)

@@ -7,13 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import small_config, v2_config
 
 from dsv3.config import load_preset
 from dsv3.model import DeepseekV3ForCausalLM, MoE, RoutingStats, sequence_balance_loss
 from dsv3.model.ops import _padded_grouped_mm, grouped_mm, grouped_mm_dgrad, grouped_mm_wgrad, has_grouped_mm_kernel
 from dsv3.model.rope import rope_frequencies
-
-from helpers import small_config, v2_config
 
 
 def _model(config, seed=0):
@@ -21,8 +20,11 @@ def _model(config, seed=0):
     return DeepseekV3ForCausalLM(config)
 
 
-@pytest.mark.parametrize("config", [small_config(), small_config(q_lora_rank=None, rope_scaling=None), v2_config()],
-                         ids=["v3", "v3-plain-q", "v2"])
+@pytest.mark.parametrize(
+    "config",
+    [small_config(), small_config(q_lora_rank=None, rope_scaling=None), v2_config()],
+    ids=["v3", "v3-plain-q", "v2"],
+)
 def test_latent_cache_decoding_equals_full_sequence(config):
     model = _model(config).eval()
     ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -30,7 +32,7 @@ def test_latent_cache_decoding_equals_full_sequence(config):
         full = model(ids).logits
         cache = model.new_cache(batch_size=2, max_len=32)
         prefill = model(ids[:, :10], cache=cache, start_pos=0).logits
-        steps = [model(ids[:, t: t + 1], cache=cache, start_pos=t).logits for t in range(10, 24)]
+        steps = [model(ids[:, t : t + 1], cache=cache, start_pos=t).logits for t in range(10, 24)]
     decoded = torch.cat([prefill] + steps, dim=1)
     torch.testing.assert_close(decoded, full, atol=1e-4, rtol=1e-4)
     # the cache holds only d_c + d_h^R values per token and layer
@@ -40,7 +42,7 @@ def test_latent_cache_decoding_equals_full_sequence(config):
 def _per_expert_reference(x, w, counts):
     out, start = [], 0
     for e, c in enumerate(counts.tolist()):
-        out.append(x[start: start + c].double() @ w[e].double().T)
+        out.append(x[start : start + c].double() @ w[e].double().T)
         start += c
     return torch.cat(out)
 
@@ -75,8 +77,8 @@ def test_grouped_dgrad_and_wgrad_equal_per_expert_float64(k, o):
     w = torch.randn(6, o, k, generator=gen)
     ref_dx, ref_dw, start = [], torch.zeros(6, o, k, dtype=torch.float64), 0
     for e, c in enumerate(counts.tolist()):
-        ref_dx.append(dy[start:start + c].double() @ w[e].double())
-        ref_dw[e] = dy[start:start + c].double().T @ x[start:start + c].double()
+        ref_dx.append(dy[start : start + c].double() @ w[e].double())
+        ref_dw[e] = dy[start : start + c].double().T @ x[start : start + c].double()
         start += c
     torch.testing.assert_close(grouped_mm_dgrad(dy, w, offs).double(), torch.cat(ref_dx), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(grouped_mm_wgrad(dy, x, offs).double(), ref_dw, atol=1e-5, rtol=1e-5)
@@ -110,7 +112,9 @@ def test_moe_layer_equals_per_token_reference():
             a = F.silu(h[:inter]) * h[inter:]
             ref[t] += weights[t, k].double() * (a @ moe.experts.down_proj[e].double().T)
     sh = moe.shared_experts
-    ref += (F.silu(flat @ sh.gate_proj.weight.double().T) * (flat @ sh.up_proj.weight.double().T)) @ sh.down_proj.weight.double().T
+    ref += (
+        F.silu(flat @ sh.gate_proj.weight.double().T) * (flat @ sh.up_proj.weight.double().T)
+    ) @ sh.down_proj.weight.double().T
     torch.testing.assert_close(y.reshape(-1, config.hidden_size).double(), ref, atol=1e-5, rtol=1e-5)
     # gradients flow to every expert that received tokens and to the router
     y.sum().backward()
@@ -225,10 +229,12 @@ def test_mtp_loss_uses_the_right_target_at_each_depth():
         for k in (1, 2):
             n = 20 - k
             layer = model.mtp[k - 1]
-            h = layer(h[:, :n], model.model.embed_tokens(tokens[:, k: k + n]), cos[None, :n], sin[None, :n])
+            h = layer(h[:, :n], model.model.embed_tokens(tokens[:, k : k + n]), cos[None, :n], sin[None, :n])
             logits = model.lm_head(layer.shared_head.norm(h))
             # position i (0-based) at depth k predicts token index i + k + 1 of the full sequence
-            losses.append(F.cross_entropy(logits.reshape(-1, config.vocab_size), tokens[:, k + 1: k + 1 + n].reshape(-1)))
+            losses.append(
+                F.cross_entropy(logits.reshape(-1, config.vocab_size), tokens[:, k + 1 : k + 1 + n].reshape(-1))
+            )
     expected = 0.3 / 2 * (losses[0] + losses[1])
     torch.testing.assert_close(out.mtp_loss, expected)
     assert torch.equal(emb, model.model.embed_tokens(ids))

@@ -144,11 +144,26 @@ def test_param_groups_follow_the_report_rule():
     decay = {n for n, _ in groups[0]["params"]}
     no_decay = {n for n, _ in groups[1]["params"]}
     expected_decay = {"lm_head.weight", "mtp.0.eh_proj.weight"}
-    expected_no_decay = {"model.embed_tokens.weight", "model.norm.weight", "mtp.0.enorm.weight", "mtp.0.hnorm.weight", "mtp.0.eh_proj.bias"}
+    expected_no_decay = {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "mtp.0.enorm.weight",
+        "mtp.0.hnorm.weight",
+        "mtp.0.eh_proj.bias",
+    }
     for i in range(2):
         p = f"model.layers.{i}."
-        expected_decay |= {p + "self_attn.q_a_proj.weight", p + "mlp.gate.weight", p + "mlp.experts.gate_up_proj", p + "mlp.experts.down_proj"}
-        expected_no_decay |= {p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "self_attn.kv_a_layernorm.weight"}
+        expected_decay |= {
+            p + "self_attn.q_a_proj.weight",
+            p + "mlp.gate.weight",
+            p + "mlp.experts.gate_up_proj",
+            p + "mlp.experts.down_proj",
+        }
+        expected_no_decay |= {
+            p + "input_layernorm.weight",
+            p + "post_attention_layernorm.weight",
+            p + "self_attn.kv_a_layernorm.weight",
+        }
     expected_decay.add("model.layers.0.self_attn.o_proj.weight")
     assert decay == expected_decay
     assert no_decay == expected_no_decay
@@ -203,7 +218,14 @@ def test_bf16_moments_are_fp64_moments_rounded_each_step(compiled):
                 st = opt.state.get(p, {})
                 m = st["exp_avg"].double() if st else torch.zeros_like(p, dtype=torch.float64)
                 v = st["exp_avg_sq"].double() if st else torch.zeros_like(p, dtype=torch.float64)
-                before[p] = (p.detach().double().clone(), p.grad.double(), m, v, st.get("step", 0) + 1, group["weight_decay"])
+                before[p] = (
+                    p.detach().double().clone(),
+                    p.grad.double(),
+                    m,
+                    v,
+                    st.get("step", 0) + 1,
+                    group["weight_decay"],
+                )
         opt.step()
         for p, (p0, g, m0, v0, t, decay) in before.items():
             m64 = b1 * m0 + (1 - b1) * g
@@ -318,7 +340,13 @@ def test_clip_grad_norm_without_gradients_is_zero():
 
 def test_bad_settings_raise_one_sentence_config_errors():
     model = make_model()
-    for kwargs in ({"moments_dtype": "fp16"}, {"betas": (0.9, 1.5)}, {"lr": -1.0}, {"eps": 0.0}, {"weight_decay": float("nan")}):
+    for kwargs in (
+        {"moments_dtype": "fp16"},
+        {"betas": (0.9, 1.5)},
+        {"lr": -1.0},
+        {"eps": 0.0},
+        {"weight_decay": float("nan")},
+    ):
         with pytest.raises(ConfigError) as info:
             build_optimizer(model, **kwargs)
         message = str(info.value)

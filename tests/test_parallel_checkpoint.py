@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-
 from dist_helpers import run_ranks
 from test_parallel_ep import OPT, _batch, _config, _model
 
@@ -133,12 +132,11 @@ def test_half_written_checkpoint_is_ignored(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_export_writes_the_hugging_face_directory_of_a_sharded_checkpoint(tmp_path):
+    from dsv3.cli import main as cli_main
     from dsv3.model import DeepseekV3ForCausalLM
     from dsv3.parallel.checkpoint import save_sharded
     from dsv3.parallel.world import ParallelContext
     from dsv3.parallel.zero import ZeroAdamW
-
-    from dsv3.cli import main as cli_main
 
     run = tmp_path / "run"
     run.mkdir()

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_sft import chat_file, hf_dir, tok  # noqa: F401  (fixtures of the SFT test)
 
 from dsv3.errors import ConfigError
 from dsv3.train.data import TrainLoader
-from test_sft import chat_file, hf_dir, tok  # noqa: F401  (fixtures of the SFT test)
 
 
 class _Sequences:
@@ -49,7 +49,7 @@ def test_ranks_read_disjoint_micro_batches_that_make_up_the_global_batch(dp):
         assert all(len(b) == n_micro // dp for b in per_rank)
         # micro-batch k of the global batch is rank k % dp's (k // dp)-th
         got = [per_rank[k % dp][k // dp][0][:, 0].tolist() for k in range(n_micro)]
-        assert sum(got, []) == want[at:at + n_micro * micro]
+        assert sum(got, []) == want[at : at + n_micro * micro]
         at += n_micro * micro
         states = [ld.state_dict() for ld in loaders]
         assert all(s == states[0] for s in states)  # the same position on every rank: one process's
@@ -117,8 +117,17 @@ def test_two_ranks_with_a_batch_ramp_have_the_losses_of_one_process(train_setup,
     from dist_helpers import run_ranks
     from helpers import quick_options
 
-    opts = quick_options(train_setup, tmp_path / "run", micro_batch=2, global_batch=12, batch_ramp_start=4,
-                         batch_ramp_steps=2, steps=3, eps=1e-3, val_fraction=0.0)
+    opts = quick_options(
+        train_setup,
+        tmp_path / "run",
+        micro_batch=2,
+        global_batch=12,
+        batch_ramp_start=4,
+        batch_ramp_steps=2,
+        steps=3,
+        eps=1e-3,
+        val_fraction=0.0,
+    )
     bad = dict(opts, global_batch=8)  # batches 4, 6, 8: step 2 has 3 micro-batches
     one, one_taken, one_position, _ = _session_run(0, opts, 3)  # also builds the token caches before the spawn
     assert one_taken == [2, 4, 6]
@@ -138,9 +147,18 @@ def test_two_ranks_of_sft_have_the_losses_of_one_process(request, tmp_path):
     from dist_helpers import run_ranks
     from test_sft import sft_options
 
-    hf_dir, chat_file = request.getfixturevalue("hf_dir"), request.getfixturevalue("chat_file")
-    opts = sft_options(hf_dir, chat_file, tmp_path / "run", micro_batch=1, global_batch=4, steps=2, eps=1e-3,
-                       val_fraction=0.0, sample_tokens=0)
+    hf_path, chat_path = request.getfixturevalue("hf_dir"), request.getfixturevalue("chat_file")
+    opts = sft_options(
+        hf_path,
+        chat_path,
+        tmp_path / "run",
+        micro_batch=1,
+        global_batch=4,
+        steps=2,
+        eps=1e-3,
+        val_fraction=0.0,
+        sample_tokens=0,
+    )
     one, one_taken, one_position, _ = _session_run(0, opts, 2)
     assert one_taken == [4, 4]
     for losses, taken, position, _ in run_ranks(_session_run, 2, opts, 2, timeout=100):

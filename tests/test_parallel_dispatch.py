@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_helpers import run_ranks
 
 N, K, E, D = 6, 2, 8, 16  # tokens per rank, choices per token, global experts, hidden size
@@ -49,15 +48,23 @@ def _round_trip(rank: int, world: int, fp8: bool, ctx):
     disp = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, E, fp8=fp8, ranks_per_node=2)  # 2 ranks a "node"
     recv, counts, handle = disp.dispatch(x, idx, w)
     start, _ = ctx.expert_block(E)
-    mats = _mats()[start:start + E // world].to(x.dtype)
+    mats = _mats()[start : start + E // world].to(x.dtype)
     y = torch.cat([r @ m.T for r, m in zip(recv.split(counts.tolist()), mats)]) * handle.recv_weights.to(x.dtype)
     out = disp.combine(y, handle)
     out.backward(torch.ones_like(out))
     dist.barrier()
-    return {"out": out.detach(), "gx": x.grad, "gw": w.grad, "counts": counts.tolist(),
-            "bytes": disp.stats.bytes_sent, "ranks": disp.stats.ranks_reached, "nodes": disp.stats.nodes_reached, "rows": handle.n_recv,
-            "sent_rows": sum(handle.send_splits) - handle.send_splits[rank],
-            "recv_rows": sum(handle.recv_splits) - handle.recv_splits[rank]}
+    return {
+        "out": out.detach(),
+        "gx": x.grad,
+        "gw": w.grad,
+        "counts": counts.tolist(),
+        "bytes": disp.stats.bytes_sent,
+        "ranks": disp.stats.ranks_reached,
+        "nodes": disp.stats.nodes_reached,
+        "rows": handle.n_recv,
+        "sent_rows": sum(handle.send_splits) - handle.send_splits[rank],
+        "recv_rows": sum(handle.recv_splits) - handle.recv_splits[rank],
+    }
 
 
 def _reference(rank: int, world: int):

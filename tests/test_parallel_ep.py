@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_helpers import run_ranks
 from helpers import small_config
 
@@ -92,8 +91,16 @@ def _ep_worker(rank: int, world: int, ep: int):
         model.update_router_bias(load)
     biases = [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()]
     stats = comm_stats(model)
-    return {"losses": losses, "loads": loads, "grads": grads, "params": _take(_full_names(model), grad=False),
-            "biases": biases, "norms": norms, "nodes": stats.nodes_reached / max(stats.tokens, 1), "bytes": stats.bytes_sent}
+    return {
+        "losses": losses,
+        "loads": loads,
+        "grads": grads,
+        "params": _take(_full_names(model), grad=False),
+        "biases": biases,
+        "norms": norms,
+        "nodes": stats.nodes_reached / max(stats.tokens, 1),
+        "bytes": stats.bytes_sent,
+    }
 
 
 def _reference(world: int, model=None):
@@ -116,8 +123,14 @@ def _reference(world: int, model=None):
         opt.step()
         opt.zero_grad()
         model.update_router_bias(out.expert_load)
-    return {"losses": losses, "loads": loads, "grads": grads, "params": _take(_full_names(model), grad=False),
-            "biases": [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()], "norms": norms}
+    return {
+        "losses": losses,
+        "loads": loads,
+        "grads": grads,
+        "params": _take(_full_names(model), grad=False),
+        "biases": [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()],
+        "norms": norms,
+    }
 
 
 def _check(results, ref, world, ep):
@@ -170,8 +183,11 @@ def _recompute_worker(rank: int, policies: tuple[str, ...]):
         model = apply_recompute(shard_experts(_model(), ctx, dispatcher="alltoall"), policy)
         res = model(ids[rows], labels[rows])
         res.loss.backward()
-        out[policy] = (res.loss.item(), comm_stats(model).bytes_sent,
-                       {n: p.grad.clone() for n, p in model.named_parameters()})
+        out[policy] = (
+            res.loss.item(),
+            comm_stats(model).bytes_sent,
+            {n: p.grad.clone() for n, p in model.named_parameters()},
+        )
     return out
 
 

@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch.multiprocessing as mp
-
 from dist_helpers import _entry, free_port
 
 
@@ -31,8 +30,9 @@ def _victim_or_survivor(rank: int):
             dist.all_reduce(x)
             from dsv3.parallel.dispatch import AllToAllDispatcher
 
-            AllToAllDispatcher(ctx.ep_group, 2, 0, 4).dispatch(torch.randn(3, 8), torch.tensor([[0], [2], [3]]),
-                                                               torch.ones(3, 1))
+            AllToAllDispatcher(ctx.ep_group, 2, 0, 4).dispatch(
+                torch.randn(3, 8), torch.tensor([[0], [2], [3]]), torch.ones(3, 1)
+            )
     except Exception as exc:  # noqa: BLE001 - what the survivor sees
         return time.monotonic() - t0, type(exc).__name__, str(exc)[:300]
     return time.monotonic() - t0, None, "no error"
@@ -43,8 +43,10 @@ def test_killed_rank_makes_the_other_fail_fast_instead_of_hanging():
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(_victim_or_survivor, r, 2, port, results, (), {}), daemon=True)
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_entry, args=(_victim_or_survivor, r, 2, port, results, (), {}), daemon=True)
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     try:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
+from helpers import small_config
 
 from dsv3.model import DeepseekV3ForCausalLM, Experts, LocalDispatcher, MoE, RoutingStats
-
-from helpers import small_config
 
 
 def test_init_is_reproducible_per_parameter_and_per_expert_block():
@@ -60,7 +59,7 @@ def test_local_dispatcher_matches_a_per_expert_loop_in_float64():
     y = torch.empty_like(recv)
     start = 0
     for e in range(E):
-        y[start:offs[e]] = recv[start:offs[e]] @ mats[e].T * handle.recv_weights[start:offs[e]]
+        y[start : offs[e]] = recv[start : offs[e]] @ mats[e].T * handle.recv_weights[start : offs[e]]
         start = int(offs[e])
     out = disp.combine(y, handle)
     ref = torch.zeros_like(x)

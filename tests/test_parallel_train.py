@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dist_helpers import free_port
 from helpers import read_jsonl
 
@@ -23,11 +22,41 @@ def _env():
 
 
 def _args(setup, run_dir):
-    return ["train", "--model", setup["model"], "--data", setup["corpus"], "--tokenizer", setup["tokenizer"],
-            "--seq-len", "32", "--micro-batch", "2", "--global-batch", "8", "--steps", "3", "--lr", "3e-3",
-            "--warmup-steps", "1", "--eps", "1e-3", "--eval-every", "1000", "--eval-batches", "1",
-            "--sample-tokens", "0", "--save-every", "1000", "--no-progress", "--no-tensorboard",
-            "--run-dir", str(run_dir)]
+    return [
+        "train",
+        "--model",
+        setup["model"],
+        "--data",
+        setup["corpus"],
+        "--tokenizer",
+        setup["tokenizer"],
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "2",
+        "--global-batch",
+        "8",
+        "--steps",
+        "3",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "1",
+        "--eps",
+        "1e-3",
+        "--eval-every",
+        "1000",
+        "--eval-batches",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--save-every",
+        "1000",
+        "--no-progress",
+        "--no-tensorboard",
+        "--run-dir",
+        str(run_dir),
+    ]
 
 
 def _one_process(args) -> None:
@@ -49,10 +78,11 @@ def _ema_by_global_key(path) -> dict:
         import torch.distributed.checkpoint as dcp
 
         meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()
-                 if k.startswith("ema/")}
+        state = {
+            k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items() if k.startswith("ema/")
+        }
         dcp.load(state, checkpoint_id=str(path))
-        return {k[len("ema/"):]: v for k, v in state.items()}
+        return {k[len("ema/") :]: v for k, v in state.items()}
     from safetensors.torch import load_file
 
     from dsv3.checkpoint.state import join_tensors
@@ -77,8 +107,15 @@ def _same_ema(got: dict, want: dict) -> None:
 
 
 def _torchrun(n, args, timeout):
-    cmd = [TORCHRUN, f"--nproc-per-node={n}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           "-m", "dsv3", *args]
+    cmd = [
+        TORCHRUN,
+        f"--nproc-per-node={n}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "dsv3",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
 
 
@@ -88,8 +125,11 @@ def test_torchrun_dp4_ep2_has_the_losses_of_one_process(train_setup, tmp_path):
     """Also: each rank reads only its part of the global batch, the sharded checkpoints hold the EMA, and the
     run continued in one process from step 2 ends with the EMA of the uninterrupted one-process run."""
     _one_process(_args(train_setup, tmp_path / "one") + ["--ema-decay", "0.5"])
-    four = _torchrun(4, _args(train_setup, tmp_path / "four") + ["--ep", "2", "--dp", "4", "--save-every", "2",
-                                                                   "--ema-decay", "0.5"], timeout=200)
+    four = _torchrun(
+        4,
+        _args(train_setup, tmp_path / "four") + ["--ep", "2", "--dp", "4", "--save-every", "2", "--ema-decay", "0.5"],
+        timeout=200,
+    )
     assert four.returncode == 0, four.stderr[-3000:]
     ref = [r for r in read_jsonl(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     got = [r for r in read_jsonl(tmp_path / "four" / "metrics.jsonl") if "loss" in r]
@@ -120,10 +160,24 @@ def test_bad_layout_fails_with_one_line_on_every_rank_before_writing(train_setup
     soon as one fails, so under load a slower rank could be killed before it speaks) say the same line."""
     run_dir = tmp_path / "bad"
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "dsv3", *_args(train_setup, run_dir), "--ep", "3"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(_env(), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dsv3", *_args(train_setup, run_dir), "--ep", "3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(
+                _env(),
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+        )
+        for r in range(2)
+    ]
     try:
         outs = [p.communicate(timeout=100) for p in procs]
     finally:

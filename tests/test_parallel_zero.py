@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_helpers import run_ranks
 from helpers import small_config
 
@@ -118,8 +117,13 @@ def _rank_optimizer(cfg, dtype, dp, ep, rank, moments="fp32"):
 
 
 def _moment_bytes(opt, shards):
-    return sum(v.numel() * v.element_size() for s in shards if s.master is not None
-               for v in opt.inner.state[s.master].values() if isinstance(v, torch.Tensor))
+    return sum(
+        v.numel() * v.element_size()
+        for s in shards
+        if s.master is not None
+        for v in opt.inner.state[s.master].values()
+        if isinstance(v, torch.Tensor)
+    )
 
 
 @pytest.mark.parametrize("dp", [4, 8])
@@ -228,8 +232,10 @@ def test_checkpointed_state_reshards_into_other_layouts_exactly(tmp_path):
             p.grad = (g0[n] + g1[n]) / 2
         opt.step()
         opt.zero_grad()
-    want = {n: {"master": p.detach(), **{k: opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")}}
-            for n, p in ref.named_parameters()}
+    want = {
+        n: {"master": p.detach(), **{k: opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")}}
+        for n, p in ref.named_parameters()
+    }
     checked = 0
     for dp, ep in ((1, 1), (3, 1), (3, 3)):
         for rank in range(dp):
@@ -239,8 +245,12 @@ def test_checkpointed_state_reshards_into_other_layouts_exactly(tmp_path):
                 shard_experts(model, ctx, dispatcher="alltoall")
             zero = ZeroAdamW(model, ctx, lr=1e-2, weight_decay=0.1, moments_dtype="fp32")
             load_sharded(latest_sharded(run_dir), model=model, optimizer=zero, ctx=ctx)
-            offsets = {f"{m}.{leaf}": mod.expert_offset for m, mod in model.named_modules()
-                       if isinstance(mod, Experts) for leaf, _ in mod.named_parameters()}
+            offsets = {
+                f"{m}.{leaf}": mod.expert_offset
+                for m, mod in model.named_modules()
+                if isinstance(mod, Experts)
+                for leaf, _ in mod.named_parameters()
+            }
             for s in zero.shards:
                 if s.master is None:
                     continue
@@ -251,7 +261,7 @@ def test_checkpointed_state_reshards_into_other_layouts_exactly(tmp_path):
                 for kind, got in (("master", s.master), ("exp_avg", st["exp_avg"]), ("exp_avg_sq", st["exp_avg_sq"])):
                     full = want[s.name][kind]
                     if s.expert:
-                        full = full[offsets[s.name]:offsets[s.name] + s.param.shape[0]]
+                        full = full[offsets[s.name] : offsets[s.name] + s.param.shape[0]]
                     assert torch.equal(got, full.reshape(rows_shape(s.param.shape))[start:end]), (dp, ep, rank, s.name)
                     checked += 1
     assert checked > 0

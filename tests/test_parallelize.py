@@ -13,20 +13,25 @@ import json
 
 import pytest
 import torch
+from helpers import small_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv3.cli import main
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.moe import Experts
 from dsv3.parallel.dispatch import shard_experts
-from dsv3.parallel.parallelize import (apply_precision, apply_recomputation, build_meta_model, initialize,
-                                       parallelize, select_stages)
+from dsv3.parallel.parallelize import (
+    apply_precision,
+    apply_recomputation,
+    build_meta_model,
+    initialize,
+    parallelize,
+    select_stages,
+)
 from dsv3.parallel.world import ParallelContext, pipeline_devices
 from dsv3.parallel.zero import ZeroAdamW, sum_of_squares
 from dsv3.train.config import TrainConfig
 from dsv3.utils.meta import materialize
-
-from helpers import small_config
 
 SEED = 7
 
@@ -74,8 +79,9 @@ def _rank_model(cfg, ctx, config, *, dispatcher="alltoall"):
     return initialize(model, cfg)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(dtype="bfloat16", fp8=True, recompute="selective")],
-                         ids=["fp32", "bf16-fp8-selective"])
+@pytest.mark.parametrize(
+    "options", [dict(), dict(dtype="bfloat16", fp8=True, recompute="selective")], ids=["fp32", "bf16-fp8-selective"]
+)
 def test_one_process_meta_build_equals_the_eager_model(options):
     cfg = small_config(tie_word_embeddings=True)
     config = _train_config(**options)
@@ -117,21 +123,49 @@ def _plan(tmp_path, cfg, *args) -> dict:
     cfg.save(path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["plan", "--config", str(path), "--seq-len", "16", "--precision",
-                     "weights=fp32,grads=fp32,moments=fp32,router=fp32,master=none", "--json", *args]) == 0
+        assert (
+            main(
+                [
+                    "plan",
+                    "--config",
+                    str(path),
+                    "--seq-len",
+                    "16",
+                    "--precision",
+                    "weights=fp32,grads=fp32,moments=fp32,router=fp32,master=none",
+                    "--json",
+                    *args,
+                ]
+            )
+            == 0
+        )
     return json.loads(out.getvalue())
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("pp,dp,ep,schedule", [(1, 1, 1, "1f1b"), (1, 4, 4, "1f1b"), (2, 2, 2, "1f1b"),
-                                               (4, 2, 2, "dualpipev")],
-                         ids=["one-process", "dp4-ep4", "pp2-dp2-ep2", "dualpipev-pp4-dp2-ep2"])
+@pytest.mark.parametrize(
+    "pp,dp,ep,schedule",
+    [(1, 1, 1, "1f1b"), (1, 4, 4, "1f1b"), (2, 2, 2, "1f1b"), (4, 2, 2, "dualpipev")],
+    ids=["one-process", "dp4-ep4", "pp2-dp2-ep2", "dualpipev-pp4-dp2-ep2"],
+)
 def test_every_rank_holds_the_parameters_gradients_and_optimizer_bytes_dsv3_plan_gives(tmp_path, pp, dp, ep, schedule):
     """Weights (with the routing-bias and RoPE buffers), gradients and ZeRO-1 state of every rank equal
     ``dsv3 plan --json``'s device entry to the byte (optimizer: its ``optimizer_by_dp_rank``)."""
     cfg = small_config(num_hidden_layers=4, n_routed_experts=8, vocab_size=509)  # 509: uneven ZeRO-1 rows
-    doc = _plan(tmp_path, cfg, "--pp", str(pp), "--dp", str(dp), "--ep", str(ep), "--schedule", schedule,
-                "--global-batch", str(2 * pp * dp))
+    doc = _plan(
+        tmp_path,
+        cfg,
+        "--pp",
+        str(pp),
+        "--dp",
+        str(dp),
+        "--ep",
+        str(ep),
+        "--schedule",
+        schedule,
+        "--global-batch",
+        str(2 * pp * dp),
+    )
     config = _train_config(pp=pp, ep=ep, pipeline=schedule)
     ndev = pipeline_devices(pp, schedule)
     for rank in range(ndev * dp):

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dist_helpers import free_port, run_ranks
 from helpers import quick_options, read_jsonl, small_config
 from pipeline_worker import session_losses, session_rank
@@ -56,7 +55,7 @@ def _assert_equal_to_one_process(runs, ref, rtol=1e-5, atol=1e-6):
                 want = theirs[name]
                 module = name.rpartition(".")[0]
                 if module in offsets:  # this rank's block of routed experts (global numbers)
-                    want = want[offsets[module]:offsets[module] + value.shape[0]]
+                    want = want[offsets[module] : offsets[module] + value.shape[0]]
                 np.testing.assert_allclose(value, want, rtol=rtol, atol=atol, err_msg=f"rank {rank} {kind} {name}")
         for name, value in buffers.items():  # router biases: the same update on every rank holding the layer
             first = next(r[3][name] for r in runs if name in r[3])
@@ -69,14 +68,18 @@ def _assert_equal_to_one_process(runs, ref, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("schedule,pp,extra", [
-    # 4 stages on 2 devices (each holds half the layers); the EMA of the held stages, validation (3 batches
-    # over dp 2: one rank pads with an unlabelled copy) with the EMA weights
-    ("dualpipev", 4, {"ema_decay": 0.9, "use_ema": True, "eval_batches": 3}),
-    ("1f1b", 2, {}),
-    # DualPipe's FB ops run the cut MoE (async all-to-alls); with selective recomputation and the CPU EMA
-    ("dualpipe", 2, {"recompute": "selective", "ema_decay": 0.9}),
-], ids=["dualpipev-4-ema", "1f1b-2", "dualpipe-2-selective-ema"])
+@pytest.mark.parametrize(
+    "schedule,pp,extra",
+    [
+        # 4 stages on 2 devices (each holds half the layers); the EMA of the held stages, validation (3 batches
+        # over dp 2: one rank pads with an unlabelled copy) with the EMA weights
+        ("dualpipev", 4, {"ema_decay": 0.9, "use_ema": True, "eval_batches": 3}),
+        ("1f1b", 2, {}),
+        # DualPipe's FB ops run the cut MoE (async all-to-alls); with selective recomputation and the CPU EMA
+        ("dualpipe", 2, {"recompute": "selective", "ema_decay": 0.9}),
+    ],
+    ids=["dualpipev-4-ema", "1f1b-2", "dualpipe-2-selective-ema"],
+)
 def test_pp_dp2_ep2_on_4_ranks_equals_one_process(four_layers, tmp_path, schedule, pp, extra):
     """4 ranks: DualPipeV (4 stages on 2 devices), 1F1B or DualPipe (pp=2, two stages per device in both
     directions, FB ops), x dp=2 with ep=2 and ZeRO-1: ep peers run the same op list, so their all-to-alls
@@ -110,7 +113,7 @@ def test_dualpipe_dp2_ep2_with_fp8_dispatch_stays_close_to_one_fp8_process(four_
             module = name.rpartition(".")[0]
             want = ref_params[name]
             if module in offsets:
-                want = want[offsets[module]:offsets[module] + value.shape[0]]
+                want = want[offsets[module] : offsets[module] + value.shape[0]]
             else:
                 np.testing.assert_array_equal(value, runs[0][2][name], err_msg=f"rank {rank} {name}")
             assert np.linalg.norm(value - want) <= 0.03 * np.linalg.norm(want), f"rank {rank} {name}"
@@ -127,12 +130,47 @@ def _env():
 
 
 def _args(setup, run_dir, *extra):
-    return ["train", "--model", setup["model"], "--data", setup["corpus"], "--tokenizer", setup["tokenizer"],
-            "--seq-len", "32", "--micro-batch", "1", "--global-batch", "8", "--steps", "4", "--lr", "3e-3",
-            "--warmup-steps", "1", "--eps", "1e-3", "--eval-every", "1000", "--eval-batches", "1",
-            "--ema-decay", "0.9", "--use-ema",  # validation with the EMA weights (under pp: of the held stages)
-            "--sample-tokens", "0", "--save-every", "2", "--keep-last", "3", "--no-progress", "--no-tensorboard",
-            "--run-dir", str(run_dir), *extra]
+    return [
+        "train",
+        "--model",
+        setup["model"],
+        "--data",
+        setup["corpus"],
+        "--tokenizer",
+        setup["tokenizer"],
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "1",
+        "--global-batch",
+        "8",
+        "--steps",
+        "4",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "1",
+        "--eps",
+        "1e-3",
+        "--eval-every",
+        "1000",
+        "--eval-batches",
+        "1",
+        "--ema-decay",
+        "0.9",
+        "--use-ema",  # validation with the EMA weights (under pp: of the held stages)
+        "--sample-tokens",
+        "0",
+        "--save-every",
+        "2",
+        "--keep-last",
+        "3",
+        "--no-progress",
+        "--no-tensorboard",
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def _run(cmd, timeout):
@@ -140,8 +178,18 @@ def _run(cmd, timeout):
 
 
 def _torchrun(n, args, timeout):
-    return _run([TORCHRUN, f"--nproc-per-node={n}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-                 "-m", "dsv3", *args], timeout)
+    return _run(
+        [
+            TORCHRUN,
+            f"--nproc-per-node={n}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            "-m",
+            "dsv3",
+            *args,
+        ],
+        timeout,
+    )
 
 
 def _losses(run_dir):
@@ -174,7 +222,9 @@ def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process(pp_dp_ep_run):
     assert meta["layout"] == {"pp": 2, "dp": 2, "ep": 2}
     # validation with the EMA weights (a forward-only pipelined pass over each device's stages and its EMA) at
     # steps 0 and 4
-    val = [[r["val_loss"] for r in read_jsonl(root / run / "metrics.jsonl") if "val_loss" in r] for run in ("one", "pp")]
+    val = [
+        [r["val_loss"] for r in read_jsonl(root / run / "metrics.jsonl") if "val_loss" in r] for run in ("one", "pp")
+    ]
     assert len(val[0]) == len(val[1]) == 2
     np.testing.assert_allclose(val[1], val[0], rtol=1e-5, atol=1e-6)
     # --trace: the first pipeline's two devices on one timeline
@@ -193,19 +243,23 @@ def test_pipeline_checkpoint_resumes_in_other_layouts(pp_dp_ep_run, tmp_path):
     for run in (single, pipe):
         shutil.copytree(root / "pp", run)
         shutil.rmtree(run / "dcp-00000004")
-    one = _run([sys.executable, "-m", "dsv3", "train", "--resume", str(single), "--pp", "1", "--ep", "1",
-                "--dp", "1"], 180)
+    one = _run(
+        [sys.executable, "-m", "dsv3", "train", "--resume", str(single), "--pp", "1", "--ep", "1", "--dp", "1"], 180
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     np.testing.assert_allclose([v for _, v in _losses(single)], [v for _, v in ref], rtol=1e-5, atol=1e-6)
-    two = _torchrun(2, ["train", "--resume", str(pipe), "--pp", "2", "--pipeline", "zb1p", "--ep", "1",
-                        "--dp", "1"], 200)
+    two = _torchrun(
+        2, ["train", "--resume", str(pipe), "--pp", "2", "--pipeline", "zb1p", "--ep", "1", "--dp", "1"], 200
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     got = _losses(pipe)
     assert [s for s, _ in got] == [1, 2, 3, 4]
     np.testing.assert_allclose([v for _, v in got], [v for _, v in ref], rtol=1e-5, atol=1e-6)
     assert (pipe / "dcp-00000004").is_dir()
-    final = [[r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if r.get("step") == 4 and "val_loss" in r]
-             for run in (root / "one", single, pipe)]
+    final = [
+        [r["val_loss"] for r in read_jsonl(run / "metrics.jsonl") if r.get("step") == 4 and "val_loss" in r]
+        for run in (root / "one", single, pipe)
+    ]
     assert all(len(v) == 1 for v in final)
     np.testing.assert_allclose(final[1] + final[2], final[0] * 2, rtol=1e-5, atol=1e-6)
 
@@ -230,11 +284,11 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
     --use-ema`` gathers the EMA of all stages from it."""
     import torch
     import torch.distributed.checkpoint as dcp
+    from pipeline_worker import save_rank
 
     from dsv3.config import ModelConfig
     from dsv3.model import DeepseekV3ForCausalLM
     from dsv3.parallel.checkpoint import load_model_sharded
-    from pipeline_worker import save_rank
 
     opts = _opts(train_setup, tmp_path / "unused", global_batch=4, steps=1, ema_decay=0.5)
     session_losses(opts, 0)  # token caches before the spawn
@@ -285,10 +339,12 @@ def test_layout_of_pipelines_with_expert_and_data_parallelism():
     ctx = ParallelContext(rank=6, world_size=8, pp=4, dp=4, ep=2, pp_devices=2, schedule="dualpipev")
     assert (ctx.pp_rank, ctx.dp_rank, ctx.edp_rank, ctx.ep_rank) == (1, 2, 1, 0)
     assert [6 in p for p in ctx.pipelines] == [False, False, True, False]
-    for kwargs, match in [(dict(world_size=6, pp=4, schedule="1f1b"), "not a multiple of the 4 pipeline devices"),
-                          (dict(world_size=4, pp=2, dp=3), "does not factor as 2 pipeline devices x --dp 3"),
-                          (dict(world_size=6, pp=2, ep=2), "--ep 2 does not divide the data-parallel degree 3"),
-                          (dict(world_size=8, pp=2, ep=4, n_routed_experts=6), "6 routed experts")]:
+    for kwargs, match in [
+        (dict(world_size=6, pp=4, schedule="1f1b"), "not a multiple of the 4 pipeline devices"),
+        (dict(world_size=4, pp=2, dp=3), "does not factor as 2 pipeline devices x --dp 3"),
+        (dict(world_size=6, pp=2, ep=2), "--ep 2 does not divide the data-parallel degree 3"),
+        (dict(world_size=8, pp=2, ep=4, n_routed_experts=6), "6 routed experts"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             check_layout(**kwargs)
 

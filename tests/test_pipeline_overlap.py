@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from dist_helpers import run_ranks
 from helpers import small_config
 
@@ -175,8 +174,15 @@ def _ffn_pair(ctx, fp8: bool):
             out = h + layer.ffn(h, stats)
             torch.autograd.backward([out, stats.balance[1]], [g, torch.tensor(0.5)])
         grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
-        res.append({"out": out.detach(), "h_grad": h.grad.clone(), "grads": grads, "load": stats.load[1],
-                    "balance": stats.balance[1].detach()})
+        res.append(
+            {
+                "out": out.detach(),
+                "h_grad": h.grad.clone(),
+                "grads": grads,
+                "load": stats.load[1],
+                "balance": stats.balance[1].detach(),
+            }
+        )
     return res
 
 
@@ -247,12 +253,14 @@ def test_every_exchange_is_in_flight_while_the_other_microbatch_computes(overlap
         pairs = _exchanges(events)
         # forward: dispatch and combine of every cut layer; backward: their gradient exchanges
         assert sorted((p, n) for p, n, _, _ in pairs) == sorted(
-            [(ph, n) for ph in "FB" for n in ("dispatch", "combine")] * n_moe)
+            [(ph, n) for ph in "FB" for n in ("dispatch", "combine")] * n_moe
+        )
         spans = [(p, n, t0, t1) for p, n, t0, t1 in events if "." not in n]
         assert {n for _, n, _, _ in spans} >= {"EMB", "ATTN", "DISPATCH", "MLP", "COMBINE", "HEAD"}
         for phase, name, start, wait in pairs:
-            assert _hidden(spans, phase, start, wait), \
+            assert _hidden(spans, phase, start, wait), (
                 f"{phase} {name} exchange was not in flight during a component of the other micro-batch"
+            )
 
 
 def _hidden(spans, phase, start, wait) -> bool:

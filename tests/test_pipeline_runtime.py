@@ -15,16 +15,25 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from dist_helpers import run_ranks
+from pipeline_worker import (
+    SEQ,
+    batches,
+    build_model,
+    fb_as_f_then_b,
+    reference,
+    run_jobs,
+    session_losses,
+    session_rank,
+    swapped_recvs,
+)
 
 from dsv3.errors import ConfigError
 from dsv3.parallel.pipeline.executor import TraceEvent, check_layout, chrome_trace, write_chrome_trace
 from dsv3.parallel.pipeline.schedules import FB, ScheduleError, build_schedule, validate_schedule
-from dsv3.parallel.pipeline.train import check_pipeline_layout, pipeline_microbatches
 from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageRecord, stage_layers
+from dsv3.parallel.pipeline.train import check_pipeline_layout, pipeline_microbatches
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
-from dist_helpers import run_ranks
-from pipeline_worker import (SEQ, batches, build_model, fb_as_f_then_b, reference, run_jobs, session_losses,
-                             session_rank, swapped_recvs)
 
 N_MICRO, STEPS, LAYERS = 4, 2, 4
 JOBS = [
@@ -82,8 +91,11 @@ def pp_runs(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("job", EQUAL_JOBS, ids=[f"{JOBS[j]['schedule']}-pp{JOBS[j]['pp']}" + ("-tied" if "model" in JOBS[j]
-                                                 else "") for j in EQUAL_JOBS])
+@pytest.mark.parametrize(
+    "job",
+    EQUAL_JOBS,
+    ids=[f"{JOBS[j]['schedule']}-pp{JOBS[j]['pp']}" + ("-tied" if "model" in JOBS[j] else "") for j in EQUAL_JOBS],
+)
 def test_pipeline_equals_one_process(pp_runs, job):
     """Per-step losses, gradient norms and final parameters of PP2 1F1B/ZB1P/DualPipe, 4-stage DualPipeV
     and a tied-head model without MTP equal one process; so does the validation loss of the trained model
@@ -154,7 +166,8 @@ def test_trace_file_is_a_two_device_timeline(pp_runs):
     for d in (0, 1):
         assert [e["name"] for e in spans if e["tid"] == d] == [
             f"F{op.microbatch}&B{op.b_microbatch}" if op.kind == FB else f"{op.kind}{op.microbatch}"
-            for op in schedule.compute_ops(d)]
+            for op in schedule.compute_ops(d)
+        ]
     first = {d: min(e["ts"] for e in spans if e["tid"] == d) for d in (0, 1)}
     assert 0.0 <= min(first.values()) and max(first.values()) < 5e6  # one clock: both start within 5 s
 
@@ -230,13 +243,16 @@ def test_stage_layers_minimise_the_slowest_stage():
         stage_layers(cfg, 7, SEQ)
 
 
-@pytest.mark.parametrize("layers,name,pp,m,world,match", [
-    (2, "1f1b", 3, 4, 3, "fewer than --pp 3"),
-    (4, "dualpipe", 3, 6, 3, "even number of pipeline stages"),
-    (4, "dualpipev", 4, 2, 2, "micro-batches >= 4"),
-    (4, "dualpipe", 2, 3, 2, "even number of micro-batches"),
-    (4, "1f1b", 2, 4, 3, "do not factor"),
-])
+@pytest.mark.parametrize(
+    "layers,name,pp,m,world,match",
+    [
+        (2, "1f1b", 3, 4, 3, "fewer than --pp 3"),
+        (4, "dualpipe", 3, 6, 3, "even number of pipeline stages"),
+        (4, "dualpipev", 4, 2, 2, "micro-batches >= 4"),
+        (4, "dualpipe", 2, 3, 2, "even number of micro-batches"),
+        (4, "1f1b", 2, 4, 3, "do not factor"),
+    ],
+)
 def test_bad_layouts_are_one_sentence_errors(layers, name, pp, m, world, match):
     with pytest.raises(ConfigError, match=match) as info:
         check_layout(layers, name, pp, m, world)
@@ -373,8 +389,9 @@ def test_stage_forward_backward_equals_the_model(recompute):
 
 def test_chrome_trace_has_one_event_per_compute_op(tmp_path):
     schedule = build_schedule("dualpipe", 2, 4)
-    traces = {d: [TraceEvent(op, i * 0.001, i * 0.001 + 0.0005) for i, op in enumerate(schedule.ops[d])]
-              for d in range(2)}
+    traces = {
+        d: [TraceEvent(op, i * 0.001, i * 0.001 + 0.0005) for i, op in enumerate(schedule.ops[d])] for d in range(2)
+    }
     path = tmp_path / "trace.json"
     write_chrome_trace(str(path), traces)
     events = json.loads(path.read_text())["traceEvents"]
@@ -390,10 +407,40 @@ def test_chrome_trace_has_one_event_per_compute_op(tmp_path):
 
 
 def _train_argv(setup, run_dir, *extra):
-    return ["-m", "dsv3", "train", "--model", setup["model"], "--data", setup["corpus"], "--tokenizer",
-            setup["tokenizer"], "--seq-len", "32", "--micro-batch", "2", "--global-batch", "8", "--steps", "4",
-            "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2", "--save-every", "4",
-            "--sample-tokens", "0", "--no-progress", "--no-tensorboard", "--run-dir", str(run_dir), *extra]
+    return [
+        "-m",
+        "dsv3",
+        "train",
+        "--model",
+        setup["model"],
+        "--data",
+        setup["corpus"],
+        "--tokenizer",
+        setup["tokenizer"],
+        "--seq-len",
+        "32",
+        "--micro-batch",
+        "2",
+        "--global-batch",
+        "8",
+        "--steps",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--save-every",
+        "4",
+        "--sample-tokens",
+        "0",
+        "--no-progress",
+        "--no-tensorboard",
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def _env():
@@ -406,18 +453,21 @@ def _env():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("extra,world,match", [
-    (["--pp", "5"], 5, "fewer than --pp 5"),
-    (["--pp", "3", "--pipeline", "dualpipev"], 2, "even number of pipeline stages"),
-    (["--pp", "2", "--pipeline", "dualpipe", "--global-batch", "4"], 2, "even number of micro-batches >= 4"),
-    (["--pp", "2"], 3, "3 processes do not factor"),
-    (["--pp", "2"], 1, "launch a multiple of 2 with torchrun"),
-    (["--pp", "2", "--dp", "3"], 4, "does not factor as 2 pipeline devices x --dp 3"),
-    (["--pp", "2", "--ep", "2"], 2, "--ep 2 does not divide the data-parallel degree 1"),
-    (["--pp", "2", "--ep", "3"], 6, "--ep 3 does not divide the model's 8 routed"),
-    (["--pp", "2", "--pipeline", "dualpipe"], 4, "even number of micro-batches >= 4"),  # 8 / (2 x dp 2) = 2
-    (["--pp", "2", "--batch-ramp-start", "4"], 2, "does not support the batch-size ramp"),
-])
+@pytest.mark.parametrize(
+    "extra,world,match",
+    [
+        (["--pp", "5"], 5, "fewer than --pp 5"),
+        (["--pp", "3", "--pipeline", "dualpipev"], 2, "even number of pipeline stages"),
+        (["--pp", "2", "--pipeline", "dualpipe", "--global-batch", "4"], 2, "even number of micro-batches >= 4"),
+        (["--pp", "2"], 3, "3 processes do not factor"),
+        (["--pp", "2"], 1, "launch a multiple of 2 with torchrun"),
+        (["--pp", "2", "--dp", "3"], 4, "does not factor as 2 pipeline devices x --dp 3"),
+        (["--pp", "2", "--ep", "2"], 2, "--ep 2 does not divide the data-parallel degree 1"),
+        (["--pp", "2", "--ep", "3"], 6, "--ep 3 does not divide the model's 8 routed"),
+        (["--pp", "2", "--pipeline", "dualpipe"], 4, "even number of micro-batches >= 4"),  # 8 / (2 x dp 2) = 2
+        (["--pp", "2", "--batch-ramp-start", "4"], 2, "does not support the batch-size ramp"),
+    ],
+)
 def test_train_rejects_bad_layouts_before_writing(train_setup, tmp_path, monkeypatch, capsys, extra, world, match):
     """One line on stderr, exit code 2, no run directory (WORLD_SIZE as torchrun would set it)."""
     from dsv3.cli import main
@@ -446,12 +496,24 @@ def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path, capsys):
     from dsv3.train.metrics import read_metrics
 
     one, pp = tmp_path / "one", tmp_path / "pp"
-    subprocess.run([sys.executable, *_train_argv(train_setup, one)], check=True, capture_output=True, timeout=120,
-                   env=_env())
+    subprocess.run(
+        [sys.executable, *_train_argv(train_setup, one)], check=True, capture_output=True, timeout=120, env=_env()
+    )
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()),
-                           *_train_argv(train_setup, pp, "--pp", "2", "--pipeline", "dualpipe", "--trace")],
-                          capture_output=True, text=True, timeout=180, env=_env())
+    proc = subprocess.run(
+        [
+            torchrun,
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(_free_port()),
+            *_train_argv(train_setup, pp, "--pp", "2", "--pipeline", "dualpipe", "--trace"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref, got = read_metrics(str(one)), read_metrics(str(pp))
     assert [r["step"] for r in got] == [r["step"] for r in ref]
@@ -484,17 +546,23 @@ def test_torchrun_train_pp2_equals_one_process(train_setup, tmp_path, capsys):
 
 def _stage_bytes(model, prefixes):
     """Bytes of ``model``'s parameters under the module ``prefixes`` (each tensor once)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
-               if any(n.startswith(pre + ".") for pre in prefixes))
+    return sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if any(n.startswith(pre + ".") for pre in prefixes)
+    )
 
 
-@pytest.mark.parametrize("schedule,pp,device,layers,ends", [
-    ("1f1b", 2, 0, [0, 1], {"model.embed_tokens"}),
-    ("1f1b", 2, 1, [2, 3], {"model.embed_tokens", "model.norm", "lm_head", "mtp"}),  # MTP embeds on the last stage
-    ("zb1p", 4, 2, [2], set()),  # a middle stage: only its layer
-    ("dualpipev", 4, 1, [1, 2], set()),  # stages 1 and 2 of 4 on device 1 of 2
-    ("dualpipe", 4, 3, [0, 3], {"model.embed_tokens", "model.norm", "lm_head", "mtp"}),  # stages 3 and 0: 2x
-])
+@pytest.mark.parametrize(
+    "schedule,pp,device,layers,ends",
+    [
+        ("1f1b", 2, 0, [0, 1], {"model.embed_tokens"}),
+        ("1f1b", 2, 1, [2, 3], {"model.embed_tokens", "model.norm", "lm_head", "mtp"}),  # MTP embeds on the last stage
+        ("zb1p", 4, 2, [2], set()),  # a middle stage: only its layer
+        ("dualpipev", 4, 1, [1, 2], set()),  # stages 1 and 2 of 4 on device 1 of 2
+        ("dualpipe", 4, 3, [0, 3], {"model.embed_tokens", "model.norm", "lm_head", "mtp"}),  # stages 3 and 0: 2x
+    ],
+)
 def test_select_stages_keeps_only_the_stages_a_device_runs(schedule, pp, device, layers, ends):
     """A device's model holds exactly the parameters of its stages (counted in bytes against the whole model):
     the layers of its stages (one layer per stage here), the embedding where its first or last stage uses it,
@@ -514,10 +582,10 @@ def test_select_stages_keeps_only_the_stages_a_device_runs(schedule, pp, device,
     want = {n: p for n, p in whole.named_parameters()}
     for name, p in model.named_parameters():  # global names, the whole model's values
         torch.testing.assert_close(p, want[name], rtol=0, atol=0, msg=name)
-    assert len(model.model.layers) == 4 and [isinstance(b, RemovedBlock) for b in model.model.layers] == \
-        [i not in layers for i in range(4)]
-    assert [m.layer_idx for m in model.moe_layers()] == [i for i in layers if i >= 1] + \
-        ([4] if "mtp" in ends else [])
+    assert len(model.model.layers) == 4 and [isinstance(b, RemovedBlock) for b in model.model.layers] == [
+        i not in layers for i in range(4)
+    ]
+    assert [m.layer_idx for m in model.moe_layers()] == [i for i in layers if i >= 1] + ([4] if "mtp" in ends else [])
     removed = next(i for i in range(4) if i not in layers)
     with pytest.raises(RuntimeError, match=f"layer {removed} is held by another pipeline device"):
         model.model.layers[removed](torch.zeros(1, 2, 64), None, None)
@@ -538,8 +606,9 @@ def test_select_stages_on_the_meta_device_allocates_nothing_and_refuses_a_model_
         select_stages(model, SimpleNamespace(pp=2, schedule="1f1b", pp_rank=1), seq_len=SEQ, layers=(2, 2))
 
 
-@pytest.mark.parametrize("name,pp", [("1f1b", 4), ("zb1p", 3), ("dualpipe", 4), ("dualpipe", 6), ("dualpipev", 4),
-                                     ("dualpipev", 8)])
+@pytest.mark.parametrize(
+    "name,pp", [("1f1b", 4), ("zb1p", 3), ("dualpipe", 4), ("dualpipe", 6), ("dualpipev", 4), ("dualpipev", 8)]
+)
 def test_validation_pass_uses_only_links_the_schedule_has(name, pp):
     """The forward-only pass sends stage s-1's activation from its device to stage s's (each stage on the lowest
     device holding it, which does hold it); every such hop between two devices is a forward link of the schedule,
@@ -549,8 +618,9 @@ def test_validation_pass_uses_only_links_the_schedule_has(name, pp):
 
     schedule = build_schedule(name, pp, 2 * pp)
     layout = StageLayout((1,) * pp, schedule.device_stages, 1, True)
-    links = {(d, op.peer) for d, ops in enumerate(schedule.ops) for op in ops if op.kind == SEND
-             and op.direction == FORWARD}
+    links = {
+        (d, op.peer) for d, ops in enumerate(schedule.ops) for op in ops if op.kind == SEND and op.direction == FORWARD
+    }
     for s in range(pp):
         assert s in schedule.device_stages[layout.eval_device(s)]
         if s and layout.eval_device(s - 1) != layout.eval_device(s):

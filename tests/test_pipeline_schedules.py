@@ -27,7 +27,20 @@ import pytest
 
 from dsv3.errors import ConfigError
 from dsv3.parallel.pipeline.schedules import (
-    BACKWARD, BW, FB, FORWARD, RECV, SCHEDULES, SEND, B, F, Op, Schedule, ScheduleError, W, build_schedule,
+    BACKWARD,
+    BW,
+    FB,
+    FORWARD,
+    RECV,
+    SCHEDULES,
+    SEND,
+    B,
+    F,
+    Op,
+    Schedule,
+    ScheduleError,
+    W,
+    build_schedule,
 )
 from dsv3.plan.simulate import DeadlockError, simulate
 
@@ -80,7 +93,9 @@ def test_dualpipev_bubble_is_published_as_the_per_device_maximum(pp, m, f, b, w,
     assert max(res.bubble) == pytest.approx((pp / 2 - 1) * (fb + b - 3 * w), abs=TOL)
 
 
-@pytest.mark.parametrize("name,pp,m", [("dualpipe", 8, 20), ("dualpipe", 6, 16), ("dualpipev", 8, 20), ("dualpipev", 4, 9)])
+@pytest.mark.parametrize(
+    "name,pp,m", [("dualpipe", 8, 20), ("dualpipe", 6, 16), ("dualpipev", 8, 20), ("dualpipev", 4, 9)]
+)
 def test_dualpipe_unit_cells_give_the_published_bubble_on_every_device(name, pp, m):
     f = 1.0  # the README figure: F = W = B - W, F&B = F + B
     res = simulate(name, pp, m, f=f, b=2 * f, w=f)
@@ -202,10 +217,18 @@ def test_invariants_on_random_configurations():
         assert runs == Counter({(k, mb, s): 1 for k in "FBW" for mb in range(m) for s in range(pp)})
 
         # Sends match receives: same (src, dst, direction, micro-batch, stage), each once.
-        sends = Counter((d, op.peer, op.direction, op.microbatch, op.stage)
-                        for d, ops in enumerate(sched.ops) for op in ops if op.kind == SEND)
-        recvs = Counter((op.peer, d, op.direction, op.microbatch, op.stage)
-                        for d, ops in enumerate(sched.ops) for op in ops if op.kind == RECV)
+        sends = Counter(
+            (d, op.peer, op.direction, op.microbatch, op.stage)
+            for d, ops in enumerate(sched.ops)
+            for op in ops
+            if op.kind == SEND
+        )
+        recvs = Counter(
+            (op.peer, d, op.direction, op.microbatch, op.stage)
+            for d, ops in enumerate(sched.ops)
+            for op in ops
+            if op.kind == RECV
+        )
         assert sends == recvs and max(sends.values(), default=1) == 1
         # ... and cross devices exactly where consecutive stages of a micro-batch do.
         hops = {(device_of[mb, s], device_of[mb, s + 1], mb, s + 1) for mb in range(m) for s in range(pp - 1)}
@@ -221,8 +244,11 @@ def test_invariants_on_random_configurations():
             for label, start, end, op in row:
                 assert start >= prev - TOL and end - start == pytest.approx(_duration(op, t))
                 prev = end
-                for kind, mb, s in ([(F, op.microbatch, op.stage), (BW, op.b_microbatch, op.b_stage)]
-                                    if op.kind == FB else [(op.kind, op.microbatch, op.stage)]):
+                for kind, mb, s in (
+                    [(F, op.microbatch, op.stage), (BW, op.b_microbatch, op.b_stage)]
+                    if op.kind == FB
+                    else [(op.kind, op.microbatch, op.stage)]
+                ):
                     ends[kind, mb, s] = end
             assert res.busy[d] == pytest.approx(sum(_duration(op, t) for op in compute[d]))
             assert res.bubble[d] == pytest.approx(res.makespan - res.busy[d])
@@ -238,8 +264,11 @@ def test_invariants_on_random_configurations():
             prev = 0.0
             for label, start, end, op in row:
                 ready = [prev]
-                halves = ([(F, op.microbatch, op.stage), (BW, op.b_microbatch, op.b_stage)]
-                          if op.kind == FB else [(op.kind, op.microbatch, op.stage)])
+                halves = (
+                    [(F, op.microbatch, op.stage), (BW, op.b_microbatch, op.b_stage)]
+                    if op.kind == FB
+                    else [(op.kind, op.microbatch, op.stage)]
+                )
                 for kind, mb, s in halves:
                     if kind == F and s > 0:
                         ready.append(arrival((F, mb, s - 1), mb, s - 1, s))
@@ -257,10 +286,21 @@ def test_invariants_on_random_configurations():
 # ----------------------------------------------------------------------------- bad input, bad op lists
 
 
-@pytest.mark.parametrize("name,pp,m", [
-    ("dualpipe", 7, 14), ("dualpipe", 8, 14), ("dualpipe", 8, 17), ("dualpipev", 8, 7), ("dualpipev", 5, 10),
-    ("dualpipev", 1, 4), ("1f1b", 0, 4), ("zb1p", 4, 0), ("1f1b", 2.5, 4), ("gpipe", 4, 8),
-])
+@pytest.mark.parametrize(
+    "name,pp,m",
+    [
+        ("dualpipe", 7, 14),
+        ("dualpipe", 8, 14),
+        ("dualpipe", 8, 17),
+        ("dualpipev", 8, 7),
+        ("dualpipev", 5, 10),
+        ("dualpipev", 1, 4),
+        ("1f1b", 0, 4),
+        ("zb1p", 4, 0),
+        ("1f1b", 2.5, 4),
+        ("gpipe", 4, 8),
+    ],
+)
 def test_bad_layouts_raise_one_sentence_config_errors(name, pp, m):
     with pytest.raises(ConfigError) as info:
         build_schedule(name, pp, m)
@@ -297,14 +337,17 @@ def test_an_early_recv_does_not_block_the_device():
     assert res.makespan == pytest.approx(6.0)
 
 
-@pytest.mark.parametrize("ops0,ops1,why", [
-    ([Op(F, 0, 0), SEND_ACT, RECV_GRAD, Op(BW, 0, 0)], [Op(F, 0, 1), Op(BW, 0, 1), SEND_GRAD], "needs act"),
-    ([Op(F, 0, 0), SEND_ACT, RECV_GRAD, Op(BW, 0, 0)], [RECV_ACT, Op(F, 0, 1), Op(BW, 0, 1)], "no matching"),
-    ([Op(F, 0, 0), SEND_ACT, RECV_GRAD, Op(B, 0, 0)], DEVICE_1, "never runs W"),
-    ([Op(F, 0, 0), SEND_ACT, RECV_GRAD, Op(BW, 0, 0), Op(W, 0, 0)], DEVICE_1, "needs B|repeats"),
-    ([SEND_ACT, Op(F, 0, 0), RECV_GRAD, Op(BW, 0, 0)], DEVICE_1, "not produced"),
-    ([Op(F, 0, 1), SEND_ACT, RECV_GRAD, Op(BW, 0, 0)], DEVICE_1, "holds stage"),
-])
+@pytest.mark.parametrize(
+    "ops0,ops1,why",
+    [
+        ([Op(F, 0, 0), SEND_ACT, RECV_GRAD, Op(BW, 0, 0)], [Op(F, 0, 1), Op(BW, 0, 1), SEND_GRAD], "needs act"),
+        ([Op(F, 0, 0), SEND_ACT, RECV_GRAD, Op(BW, 0, 0)], [RECV_ACT, Op(F, 0, 1), Op(BW, 0, 1)], "no matching"),
+        ([Op(F, 0, 0), SEND_ACT, RECV_GRAD, Op(B, 0, 0)], DEVICE_1, "never runs W"),
+        ([Op(F, 0, 0), SEND_ACT, RECV_GRAD, Op(BW, 0, 0), Op(W, 0, 0)], DEVICE_1, "needs B|repeats"),
+        ([SEND_ACT, Op(F, 0, 0), RECV_GRAD, Op(BW, 0, 0)], DEVICE_1, "not produced"),
+        ([Op(F, 0, 1), SEND_ACT, RECV_GRAD, Op(BW, 0, 0)], DEVICE_1, "holds stage"),
+    ],
+)
 def test_inconsistent_op_lists_are_rejected(ops0, ops1, why):
     with pytest.raises(ScheduleError, match=why):
         simulate(_two_device(ops0, ops1))
@@ -329,6 +372,8 @@ def test_to_json_and_plot(tmp_path):
 
 
 def test_schedules_and_simulator_import_neither_torch_nor_matplotlib():
-    code = ("import sys, dsv3.plan.simulate, dsv3.parallel.pipeline.schedules; "
-            "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, dsv3.plan.simulate, dsv3.parallel.pipeline.schedules; "
+        "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

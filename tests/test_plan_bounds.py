@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import assert_one_error
 
 from dsv3.config import load_preset
 from dsv3.errors import ConfigError
@@ -20,8 +21,6 @@ from dsv3.plan import limits
 from dsv3.plan.layout import Layout, balanced_stage_layers
 from dsv3.plan.search import search
 from dsv3.plan.simulate import simulate
-
-from helpers import assert_one_error
 
 TIMEOUT = 30  # seconds; the refusals take well under one, the rest is interpreter start-up on a busy machine
 BIG = str(10**12)
@@ -32,15 +31,16 @@ def _run(argv: list[str], tmp_path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "dsv3", *argv], capture_output=True, text=True, timeout=TIMEOUT,
-                          cwd=tmp_path, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "dsv3", *argv], capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path, env=env
+    )
 
 
 def _configs(tmp_path) -> dict[str, str]:
     """Malformed and absurd model configs."""
     files = {
-        "not_utf8": b"\xff\xfe{\"hidden_size\": 7168}",
-        "truncated": b"{\"hidden_size\": ",
+        "not_utf8": b'\xff\xfe{"hidden_size": 7168}',
+        "truncated": b'{"hidden_size": ',
         "nested": b"[" * 100_000 + b"]" * 100_000,
         "layers": json.dumps({"num_hidden_layers": 10**8}).encode(),
         "mtp": json.dumps({"num_nextn_predict_layers": 10**6}).encode(),
@@ -68,19 +68,33 @@ CASES = [
     (SEARCH + ["--preset", "tiny", "--gpus", "8", "--zero", "5"], "--zero values must be 0, 1, 2 or 3"),
     (SEARCH + ["--preset", "tiny", "--gpus", "8", "--top", "-1"], "--top must be an integer >= 0"),
     (SEARCH + ["--preset", "tiny", "--gpus", "8", "--global-batch", str(10**14)], "--global-batch 100,000,000,000,000"),
-    (SEARCH + ["--preset", "deepseek-v3", "--gpus", str(2**20), "--ep", "1,2,4,8,16,32,64,128,256", "--zero",
-               "0,1,2,3"], "layouts, more than the 10,000 one search tries"),
-    (["plan", "search", "--preset", "tiny", "--gpus", "8", "--gpu-memory", "0GiB"], "--gpu-memory must be a positive size"),
+    (
+        SEARCH
+        + ["--preset", "deepseek-v3", "--gpus", str(2**20), "--ep", "1,2,4,8,16,32,64,128,256", "--zero", "0,1,2,3"],
+        "layouts, more than the 10,000 one search tries",
+    ),
+    (
+        ["plan", "search", "--preset", "tiny", "--gpus", "8", "--gpu-memory", "0GiB"],
+        "--gpu-memory must be a positive size",
+    ),
     # plan schedule
-    (["plan", "schedule", "--schedule", "1f1b", "--pp", "4", "--microbatches", str(10**8)],
-     "4 pipeline stages x 100,000,000 micro-batches is more than the 32,768"),
-    (["plan", "schedule", "--schedule", "dualpipe", "--pp", str(10**6), "--microbatches", str(10**6)],
-     "--pp 1,000,000 is more than the planner handles"),
+    (
+        ["plan", "schedule", "--schedule", "1f1b", "--pp", "4", "--microbatches", str(10**8)],
+        "4 pipeline stages x 100,000,000 micro-batches is more than the 32,768",
+    ),
+    (
+        ["plan", "schedule", "--schedule", "dualpipe", "--pp", str(10**6), "--microbatches", str(10**6)],
+        "--pp 1,000,000 is more than the planner handles",
+    ),
     (["plan", "schedule", "--schedule", "1f1b", "--pp", "0", "--microbatches", "4"], "--pp must be a positive integer"),
-    (["plan", "schedule", "--schedule", "1f1b", "--pp", "4", "--microbatches", "-4"],
-     "--microbatches must be a positive integer"),
-    (["plan", "schedule", "--schedule", "dualpipe", "--pp", "128", "--microbatches", "256", "--plot", "t.png"],
-     "too large to draw"),
+    (
+        ["plan", "schedule", "--schedule", "1f1b", "--pp", "4", "--microbatches", "-4"],
+        "--microbatches must be a positive integer",
+    ),
+    (
+        ["plan", "schedule", "--schedule", "dualpipe", "--pp", "128", "--microbatches", "256", "--plot", "t.png"],
+        "too large to draw",
+    ),
     # plan
     (["plan", "--config", "{deep}", "--pp", "1024"], "--pp 1024 is deeper than the planner simulates"),
     (["plan", "--preset", "tiny", "--micro-batch", HUGE], "--micro-batch (a 400-digit number) is more than"),
@@ -89,8 +103,10 @@ CASES = [
     (["plan", "--preset", "tiny", "--gpus", BIG], "--gpus 1,000,000,000,000 is more than the planner handles"),
     (["plan", "--preset", "tiny", "--tp", "2", "--dp", str(2**20)], "the layout needs 2,097,152 GPUs"),
     (["plan", "--preset", "tiny", "--tokens", "1e400"], "--tokens must be a finite number > 0, got inf"),
-    (["plan", "--preset", "tiny", "--tokens", "1T", "--price-per-gpu-hour", "nan"],
-     "--price-per-gpu-hour must be a finite number >= 0, got nan"),
+    (
+        ["plan", "--preset", "tiny", "--tokens", "1T", "--price-per-gpu-hour", "nan"],
+        "--price-per-gpu-hour must be a finite number >= 0, got nan",
+    ),
     (["plan", "--preset", "tiny", "--peak-tflops", "inf"], "--peak-tflops must be a finite number > 0"),
     (["plan", "--preset", "tiny", "--gpu-memory", "0GiB"], "--gpu-memory must be a positive size"),
     (["plan", "--preset", "tiny", "--gpu-memory", HUGE + "GiB"], "is larger than any device"),
@@ -137,7 +153,14 @@ def test_extrapolated_plan_matches_the_full_simulation(monkeypatch):
     from dsv3.plan.planner import make_plan
 
     small = load_preset("small")
-    for schedule, m in (("1f1b", 40), ("1f1b", 43), ("zb1p", 41), ("dualpipe", 40), ("dualpipe", 42), ("dualpipev", 40)):
+    for schedule, m in (
+        ("1f1b", 40),
+        ("1f1b", 43),
+        ("zb1p", 41),
+        ("dualpipe", 40),
+        ("dualpipe", 42),
+        ("dualpipev", 40),
+    ):
         lay = Layout(pp=4, ep=2, dp=2, seq_len=512, global_batch=2 * m, schedule=schedule)
         whole = make_plan(small, lay)
         assert not whole.schedule.extrapolated
@@ -153,8 +176,25 @@ def test_extrapolated_plan_matches_the_full_simulation(monkeypatch):
 
 @pytest.mark.timeout(60)
 def test_search_says_which_model_it_plans(tmp_path):
-    res = _run(["plan", "search", "--preset", "tiny", "--gpus", "4", "--gpu-memory", "1GiB", "--seq-len", "256",
-                "--schedule", "1f1b", "--recompute", "none"], tmp_path)
+    res = _run(
+        [
+            "plan",
+            "search",
+            "--preset",
+            "tiny",
+            "--gpus",
+            "4",
+            "--gpu-memory",
+            "1GiB",
+            "--seq-len",
+            "256",
+            "--schedule",
+            "1f1b",
+            "--recompute",
+            "none",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0].startswith("tiny on 4 GPUs")
 
@@ -164,14 +204,17 @@ TINY = load_preset("tiny")
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("changes,needle", [
-    (dict(dp=10**12), "--dp 1,000,000,000,000"),
-    (dict(pp=2, global_batch=10**13), "--global-batch 10,000,000,000,000 is more than the planner handles"),
-    (dict(micro_batch=10**400), "401-digit"),
-    (dict(seq_len=0), "--seq-len must be a positive integer"),
-    (dict(tp=True), "--tp must be an integer"),
-    (dict(zero=1.0), "--zero must be 0, 1, 2 or 3"),
-])
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        (dict(dp=10**12), "--dp 1,000,000,000,000"),
+        (dict(pp=2, global_batch=10**13), "--global-batch 10,000,000,000,000 is more than the planner handles"),
+        (dict(micro_batch=10**400), "401-digit"),
+        (dict(seq_len=0), "--seq-len must be a positive integer"),
+        (dict(tp=True), "--tp must be an integer"),
+        (dict(zero=1.0), "--zero must be 0, 1, 2 or 3"),
+    ],
+)
 def test_layout_validate_bounds_every_size(changes, needle):
     with pytest.raises(ConfigError, match=None) as exc:
         Layout(**changes).validate(TINY)
@@ -219,7 +262,7 @@ def test_balanced_split_is_optimal_against_brute_force():
     def score(split, costs, first, last):
         out, start = [], 0
         for k, n in enumerate(split):
-            c = sum(costs[start:start + n]) + (first if k == 0 else 0.0) + (last if k == len(split) - 1 else 0.0)
+            c = sum(costs[start : start + n]) + (first if k == 0 else 0.0) + (last if k == len(split) - 1 else 0.0)
             out.append(c)
             start += n
         return (max(out), sum(c * c for c in out))
@@ -230,8 +273,10 @@ def test_balanced_split_is_optimal_against_brute_force():
         pp = rng.randint(1, n)
         costs = [float(rng.choice([0, 1, 1, 2, 3])) for _ in range(n)]
         first, last = float(rng.choice([0, 1])), float(rng.choice([0, 2]))
-        splits = [tuple(b - a for a, b in zip((0,) + cuts, cuts + (n,)))  # every contiguous split into pp stages
-                  for cuts in itertools.combinations(range(1, n), pp - 1)]
+        splits = [
+            tuple(b - a for a, b in zip((0,) + cuts, cuts + (n,)))  # every contiguous split into pp stages
+            for cuts in itertools.combinations(range(1, n), pp - 1)
+        ]
         best = min(score(s, costs, first, last) for s in splits)
         got = balanced_stage_layers(costs, first, last, pp)
         assert sum(got) == n and min(got) >= 1 and score(got, costs, first, last) == best

@@ -6,11 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import assert_one_error, cli
 
 from dsv3.cli import main
 from dsv3.plan.simulate import simulate
-
-from helpers import assert_one_error, cli
 
 
 def _json(capsys, argv):
@@ -19,9 +18,34 @@ def _json(capsys, argv):
 
 
 def test_plan_json_has_the_documented_fields(capsys):
-    doc = _json(capsys, ["plan", "--preset", "deepseek-v3", "--pp", "16", "--ep", "64", "--dp", "128", "--schedule",
-                         "dualpipe", "--recompute", "selective", "--fp8", "--global-batch", "4096", "--tokens", "14.8T",
-                         "--mfu", "0.4", "--price-per-gpu-hour", "2", "--json"])
+    doc = _json(
+        capsys,
+        [
+            "plan",
+            "--preset",
+            "deepseek-v3",
+            "--pp",
+            "16",
+            "--ep",
+            "64",
+            "--dp",
+            "128",
+            "--schedule",
+            "dualpipe",
+            "--recompute",
+            "selective",
+            "--fp8",
+            "--global-batch",
+            "4096",
+            "--tokens",
+            "14.8T",
+            "--mfu",
+            "0.4",
+            "--price-per-gpu-hour",
+            "2",
+            "--json",
+        ],
+    )
     assert doc["params"]["total"] == 671_026_404_352
     assert 37e9 < doc["params"]["activated"] < 38e9
     assert doc["flops_per_token"] > 0
@@ -42,23 +66,35 @@ def test_plan_json_has_the_documented_fields(capsys):
 def test_plan_gpus_sets_dp_and_human_output_has_tables(capsys):
     doc = _json(capsys, ["plan", "--preset", "tiny", "--pp", "2", "--gpus", "8", "--json"])
     assert doc["layout"]["dp"] == 4
-    assert main(["plan", "--preset", "tiny", "--pp", "2", "--ep", "2", "--dp", "2", "--detail",
-                 "--gpu-memory", "8GiB"]) == 0
+    assert (
+        main(["plan", "--preset", "tiny", "--pp", "2", "--ep", "2", "--dp", "2", "--detail", "--gpu-memory", "8GiB"])
+        == 0
+    )
     out = capsys.readouterr().out
-    for text in ("Parameters", "Memory per device", "Compute and cost", "Saved for backward", "mlp.experts.input", "fits"):
+    for text in (
+        "Parameters",
+        "Memory per device",
+        "Compute and cost",
+        "Saved for backward",
+        "mlp.experts.input",
+        "fits",
+    ):
         assert text in out
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--preset", "tiny", "--ep", "3", "--dp", "3"], "16 routed experts cannot be split over --ep 3"),
-    (["--preset", "tiny", "--tp", "3"], "4 attention heads cannot be split over --tp 3"),
-    (["--preset", "tiny", "--pp", "8"], "4 layers cannot fill --pp 8 stages"),
-    (["--preset", "tiny", "--pp", "2", "--stage-layers", "1,2"], "sums to 3 but the model has 4 layers"),
-    (["--preset", "nope"], "unknown preset 'nope'"),
-    (["--preset", "tiny", "--schedule", "gpipe"], "unknown schedule 'gpipe'"),
-    (["--preset", "tiny", "--gpu-memory", "80 parsecs"], "--gpu-memory '80 parsecs' is not a size"),
-    (["--preset", "tiny", "--gpus", "6", "--pp", "4"], "--gpus 6 is not a multiple"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--preset", "tiny", "--ep", "3", "--dp", "3"], "16 routed experts cannot be split over --ep 3"),
+        (["--preset", "tiny", "--tp", "3"], "4 attention heads cannot be split over --tp 3"),
+        (["--preset", "tiny", "--pp", "8"], "4 layers cannot fill --pp 8 stages"),
+        (["--preset", "tiny", "--pp", "2", "--stage-layers", "1,2"], "sums to 3 but the model has 4 layers"),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--preset", "tiny", "--schedule", "gpipe"], "unknown schedule 'gpipe'"),
+        (["--preset", "tiny", "--gpu-memory", "80 parsecs"], "--gpu-memory '80 parsecs' is not a size"),
+        (["--preset", "tiny", "--gpus", "6", "--pp", "4"], "--gpus 6 is not a multiple"),
+    ],
+)
 def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
     code, _, err = cli(["plan"] + argv, capsys)
     assert_one_error(code, err, needle)
@@ -66,8 +102,32 @@ def test_bad_input_exits_2_with_one_line(capsys, argv, needle):
 
 def test_schedule_subcommand_reports_the_simulator(capsys, tmp_path):
     png = tmp_path / "timeline.png"
-    doc = _json(capsys, ["plan", "schedule", "--schedule", "dualpipe", "--pp", "8", "--microbatches", "20", "--f", "1",
-                         "--b", "2", "--w", "0.5", "--fb", "2.5", "--comm", "0.05", "--plot", str(png), "--json"])
+    doc = _json(
+        capsys,
+        [
+            "plan",
+            "schedule",
+            "--schedule",
+            "dualpipe",
+            "--pp",
+            "8",
+            "--microbatches",
+            "20",
+            "--f",
+            "1",
+            "--b",
+            "2",
+            "--w",
+            "0.5",
+            "--fb",
+            "2.5",
+            "--comm",
+            "0.05",
+            "--plot",
+            str(png),
+            "--json",
+        ],
+    )
     res = simulate("dualpipe", pp=8, microbatches=20, f=1.0, b=2.0, w=0.5, fb=2.5, comm=0.05)
     assert doc["makespan"] == res.makespan and doc["bubble"] == res.bubble
     assert doc["peak_activations"] == res.peak_activations
@@ -77,8 +137,24 @@ def test_schedule_subcommand_reports_the_simulator(capsys, tmp_path):
 
 
 def test_search_ranks_fitting_layouts_and_says_why_others_fail(capsys):
-    doc = _json(capsys, ["plan", "search", "--preset", "tiny", "--gpus", "8", "--gpu-memory", "60MiB",
-                         "--seq-len", "256", "--global-batch", "64", "--json"])
+    doc = _json(
+        capsys,
+        [
+            "plan",
+            "search",
+            "--preset",
+            "tiny",
+            "--gpus",
+            "8",
+            "--gpu-memory",
+            "60MiB",
+            "--seq-len",
+            "256",
+            "--global-batch",
+            "64",
+            "--json",
+        ],
+    )
     fits, rejected = doc["fits"], doc["rejected"]
     assert fits and rejected and doc["tried"] == len(fits) + len(rejected)
     for c in fits:

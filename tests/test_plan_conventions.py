@@ -11,6 +11,7 @@ paper's numbers below are copied as printed; "GB" there is GiB (2^30 bytes).
 import json
 
 import pytest
+from helpers import assert_one_error, cli
 
 from dsv3.cli import main
 from dsv3.config import load_preset
@@ -19,8 +20,6 @@ from dsv3.plan.memory import device_numel, stage_tensors
 from dsv3.plan.params import count_params
 from dsv3.plan.planner import make_plan
 from dsv3.plan.precision import Precision
-
-from helpers import assert_one_error, cli
 
 V3 = load_preset("deepseek-v3")
 TINY = load_preset("tiny")
@@ -45,8 +44,9 @@ TABLE8 = {
 
 
 def _paper_layout(zero: int, convention: str) -> Layout:
-    return Layout(pp=16, tp=2, ep=8, etp=1, dp=32, zero=zero, mtp=False, stage_layers=PAPER_STAGES,
-                  tp_convention=convention)
+    return Layout(
+        pp=16, tp=2, ep=8, etp=1, dp=32, zero=zero, mtp=False, stage_layers=PAPER_STAGES, tp_convention=convention
+    )
 
 
 def _stage1(zero: int, convention: str):
@@ -156,8 +156,12 @@ def test_zhang_su_split_of_single_tensors_by_hand():
     shared = tensors["model.layers.1.mlp.shared_experts.down_proj.weight"]
     assert device_numel(shared, lay) == shared.numel
     assert device_numel(shared, lay.replace(tp_convention="megatron")) == shared.numel // 2
-    for name in ("model.layers.1.self_attn.kv_b_proj.weight", "model.layers.1.self_attn.o_proj.weight",
-                 "model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"):
+    for name in (
+        "model.layers.1.self_attn.kv_b_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.1.mlp.experts.gate_up_proj",
+        "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+    ):
         assert device_numel(tensors[name], lay) == device_numel(tensors[name], lay.replace(tp_convention="megatron"))
 
 
@@ -170,8 +174,30 @@ def test_cli_reports_the_convention_in_plan_and_search(capsys):
     assert "zhang-su" not in out.splitlines()[0]
     assert main(["plan", "--preset", "tiny", "--tp", "2", "--tp-convention", "zhang-su"]) == 0
     assert "zhang-su" in capsys.readouterr().out.splitlines()[0]
-    assert main(["plan", "search", "--preset", "tiny", "--gpus", "4", "--gpu-memory", "1GiB", "--seq-len", "256",
-                 "--schedule", "1f1b", "--recompute", "none", "--tp-convention", "zhang-su", "--json"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "search",
+                "--preset",
+                "tiny",
+                "--gpus",
+                "4",
+                "--gpu-memory",
+                "1GiB",
+                "--seq-len",
+                "256",
+                "--schedule",
+                "1f1b",
+                "--recompute",
+                "none",
+                "--tp-convention",
+                "zhang-su",
+                "--json",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert doc["tp_convention"] == "zhang-su"
     assert {c["layout"]["tp_convention"] for c in doc["fits"] + doc["rejected"]} == {"zhang-su"}

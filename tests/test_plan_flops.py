@@ -96,6 +96,7 @@ def test_recompute_flops_are_what_the_backward_runs(policy):
     if policy == "selective":
         expected = main * sum(f.recompute_selective) + mtp * sum(f.mtp_recompute_selective)
     else:
+
         def dense_gemms(tensors):
             return 2.0 * sum(t.numel for t in tensors if t.is_matmul and t.component != "routed_experts")
 

@@ -82,12 +82,22 @@ def test_activation_items_of_a_dense_layer_by_hand():
     # BF16 tensors (2 bytes) and FP32 statistics (4 bytes) per token; values and the attention output are
     # zero-padded from d_v = 32 to the key width 48 for the fused kernel, the o_proj input is an unpadded copy,
     # and each layer casts the FP32 RoPE tables to BF16 for q^R and k^R (d_h^R per position each).
-    attn = (2 * d + 4 + 2 * d  # input RMSNorm: input, rstd, output (the down-projections' input)
-            + 2 * q + 4 + 2 * q  # q_a_proj output, q_a_layernorm rstd and output
-            + 2 * (kv + rope) + 4 + 2 * kv  # kv_a_proj output, kv_a_layernorm rstd and output
-            + 2 * 2 * rope  # cos/sin casts
-            + 2 * h * qk * 3 + 2 * h * qk + 4 * h  # q, k, padded v; padded output, logsumexp
-            + 2 * h * v)  # o_proj input
+    attn = (
+        2 * d
+        + 4
+        + 2 * d  # input RMSNorm: input, rstd, output (the down-projections' input)
+        + 2 * q
+        + 4
+        + 2 * q  # q_a_proj output, q_a_layernorm rstd and output
+        + 2 * (kv + rope)
+        + 4
+        + 2 * kv  # kv_a_proj output, kv_a_layernorm rstd and output
+        + 2 * 2 * rope  # cos/sin casts
+        + 2 * h * qk * 3
+        + 2 * h * qk
+        + 4 * h  # q, k, padded v; padded output, logsumexp
+        + 2 * h * v
+    )  # o_proj input
     ffn = 2 * d + 4 + 2 * d + 2 * 2 * i + 2 * i  # post-attention RMSNorm: input, rstd, output; gate, up; product
     assert act.bytes_per_token(items, "none") == attn + ffn
     # selective: region 1 keeps the layer input and the down-projection outputs, region 2 the SDPA output and
@@ -108,21 +118,39 @@ def test_activation_items_of_an_moe_layer_by_hand():
     ffn = [n for n in items if not n.startswith(("input_layernorm", "self_attn"))]
     none = {n: items[n].bytes_per_token for n in ffn if items[n].kept("none")}
     assert none == {
-        "post_attention_layernorm.input": 2 * d, "post_attention_layernorm.rstd": 4,
+        "post_attention_layernorm.input": 2 * d,
+        "post_attention_layernorm.rstd": 4,
         "post_attention_layernorm.output": 2 * d,  # the shared experts' gate/up input
         "mlp.gate.input": 4 * d,  # the router runs in FP32 on an FP32 copy of its input
-        "mlp.gate.scores": 4 * n_r, "mlp.gate.topk_index": 8 * k, "mlp.gate.topk_weight": 4 * k,
-        "mlp.gate.topk_sum": 4, "mlp.gate.score_sum": 4, "mlp.gate.balance_f": 4 * n_r / t,
-        "mlp.load": 8 * n_r / t, "mlp.balance_loss": 4 / t,
-        "mlp.shared_experts.swiglu.input": 2 * 2 * ie, "mlp.shared_experts.down_proj.input": 2 * ie,
-        "mlp.experts.input": 2 * k * d, "mlp.experts.swiglu.input": 2 * k * 2 * ie, "mlp.experts.weight": 4 * k,
-        "mlp.experts.down_proj.input": 2 * k * ie, "mlp.experts.index": 8 * k, "mlp.experts.order": 8 * k,
+        "mlp.gate.scores": 4 * n_r,
+        "mlp.gate.topk_index": 8 * k,
+        "mlp.gate.topk_weight": 4 * k,
+        "mlp.gate.topk_sum": 4,
+        "mlp.gate.score_sum": 4,
+        "mlp.gate.balance_f": 4 * n_r / t,
+        "mlp.load": 8 * n_r / t,
+        "mlp.balance_loss": 4 / t,
+        "mlp.shared_experts.swiglu.input": 2 * 2 * ie,
+        "mlp.shared_experts.down_proj.input": 2 * ie,
+        "mlp.experts.input": 2 * k * d,
+        "mlp.experts.swiglu.input": 2 * k * 2 * ie,
+        "mlp.experts.weight": 4 * k,
+        "mlp.experts.down_proj.input": 2 * k * ie,
+        "mlp.experts.index": 8 * k,
+        "mlp.experts.order": 8 * k,
         "mlp.experts.offsets": 4 * n_r / t,
     }
     selective = {n for n in ffn if items[n].kept("selective")}
-    assert selective == {"post_attention_layernorm.input", "mlp.gate.logits", "mlp.shared_experts.swiglu.input",
-                         "mlp.shared_experts.down_proj.output", "mlp.experts.swiglu.input",
-                         "mlp.experts.down_proj.output", "mlp.load", "mlp.balance_loss"}
+    assert selective == {
+        "post_attention_layernorm.input",
+        "mlp.gate.logits",
+        "mlp.shared_experts.swiglu.input",
+        "mlp.shared_experts.down_proj.output",
+        "mlp.experts.swiglu.input",
+        "mlp.experts.down_proj.output",
+        "mlp.load",
+        "mlp.balance_loss",
+    }
     assert items["mlp.experts.down_proj.output"].bytes_per_token == 2 * k * d
     assert {n for n in ffn if items[n].kept("full")} == {"mlp.load", "mlp.balance_loss"}
 
@@ -171,8 +199,13 @@ def test_mtp_module_and_head_items():
     assert "mtp.0.eh_proj.input" in names and "mtp.0.embed_tokens.input" not in names
     # under full recomputation the module (eh_proj included) is re-run: only its head stays
     assert {i.name for i in mtp if i.kept("full")} == {
-        "mtp.0.shared_head.norm.input", "mtp.0.shared_head.norm.rstd", "mtp.0.loss.grad_hidden",
-        "mtp.0.loss.grad_weight", "mtp.0.layer.mlp.load", "mtp.0.layer.mlp.balance_loss"}
+        "mtp.0.shared_head.norm.input",
+        "mtp.0.shared_head.norm.rstd",
+        "mtp.0.loss.grad_hidden",
+        "mtp.0.loss.grad_weight",
+        "mtp.0.layer.mlp.load",
+        "mtp.0.layer.mlp.balance_loss",
+    }
     # built for its 63 positions: per token of the micro-batch, per-token items scale by 63/64, dL/dW does not
     by_name = {i.name: i for i in mtp}
     assert by_name["mtp.0.shared_head.norm.input"].bytes_per_token == 2 * 192 * 63 / 64
@@ -196,15 +229,19 @@ def test_in_flight_micro_batches_come_from_the_simulator(schedule, pp, m):
         if len(held) == 1:  # one stage per device: peak count x per-micro-batch bytes
             assert held[0].microbatches_in_flight == res.peak_activations[dev.device]
             assert dev.activations == pytest.approx(
-                held[0].microbatches_in_flight * held[0].activations_per_microbatch + held[0].recompute_working_set)
+                held[0].microbatches_in_flight * held[0].activations_per_microbatch + held[0].recompute_working_set
+            )
     if schedule == "1f1b":  # the classic count: stage i holds PP - i micro-batches
         assert [s.microbatches_in_flight for s in plan.stages] == [pp - i for i in range(pp)]
     if schedule == "dualpipe":  # device 0 holds PP sets of its first stage and one of the last
         d0 = plan.devices[0]
         first, last = plan.stages[0], plan.stages[pp - 1]
         assert sorted(d0.stages) == [0, pp - 1]
-        assert d0.activations == pytest.approx(pp * first.activations_per_microbatch + last.activations_per_microbatch
-                                               + max(first.recompute_working_set, last.recompute_working_set))
+        assert d0.activations == pytest.approx(
+            pp * first.activations_per_microbatch
+            + last.activations_per_microbatch
+            + max(first.recompute_working_set, last.recompute_working_set)
+        )
 
 
 def test_stage_split_puts_embedding_first_and_head_mtp_last():
@@ -225,17 +262,20 @@ def test_balanced_split_minimises_the_slowest_stage():
     assert max(costs) == 3.0 and sum(c * c for c in costs) == 26.0 and split[3] == 1
 
 
-@pytest.mark.parametrize("layout,needle", [
-    (Layout(ep=3, dp=3), "16 routed experts cannot be split over --ep 3"),
-    (Layout(tp=3, dp=1), "4 attention heads cannot be split over --tp 3"),
-    (Layout(pp=5), "4 layers cannot fill --pp 5 stages"),
-    (Layout(pp=2, stage_layers=(1, 2)), "--stage-layers 1,2 sums to 3 but the model has 4 layers"),
-    (Layout(ep=4, dp=2), "EP x ETP = 4 must divide DP x TP = 2"),
-    (Layout(pp=3, schedule="dualpipe"), "needs an even number of pipeline stages"),
-    (Layout(dp=2, global_batch=5), "--global-batch 5 is not a multiple"),
-    (Layout(schedule="gpipe"), "unknown schedule 'gpipe'"),
-    (Layout(zero=4), "--zero must be 0, 1, 2 or 3"),
-])
+@pytest.mark.parametrize(
+    "layout,needle",
+    [
+        (Layout(ep=3, dp=3), "16 routed experts cannot be split over --ep 3"),
+        (Layout(tp=3, dp=1), "4 attention heads cannot be split over --tp 3"),
+        (Layout(pp=5), "4 layers cannot fill --pp 5 stages"),
+        (Layout(pp=2, stage_layers=(1, 2)), "--stage-layers 1,2 sums to 3 but the model has 4 layers"),
+        (Layout(ep=4, dp=2), "EP x ETP = 4 must divide DP x TP = 2"),
+        (Layout(pp=3, schedule="dualpipe"), "needs an even number of pipeline stages"),
+        (Layout(dp=2, global_batch=5), "--global-batch 5 is not a multiple"),
+        (Layout(schedule="gpipe"), "unknown schedule 'gpipe'"),
+        (Layout(zero=4), "--zero must be 0, 1, 2 or 3"),
+    ],
+)
 def test_layouts_that_do_not_fit_the_model_raise_one_sentence(layout, needle):
     with pytest.raises(ConfigError) as info:
         layout.replace(seq_len=512).validate(TINY)

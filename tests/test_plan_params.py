@@ -39,8 +39,19 @@ def test_deepseek_v3_components_by_hand():
 
 def test_deepseek_v3_mtp_module_shares_embedding_and_head():
     p = count_params(load_preset("deepseek-v3"))
-    layer = (QL * D + QL + H * (NOPE + ROPE) * QL + (KVL + ROPE) * D + KVL + H * (NOPE + VH) * KVL + D * H * VH
-             + 2 * D + NR * D + NS * 3 * D * IE + NR * 3 * D * IE)
+    layer = (
+        QL * D
+        + QL
+        + H * (NOPE + ROPE) * QL
+        + (KVL + ROPE) * D
+        + KVL
+        + H * (NOPE + VH) * KVL
+        + D * H * VH
+        + 2 * D
+        + NR * D
+        + NS * 3 * D * IE
+        + NR * 3 * D * IE
+    )
     assert p.mtp_total == 2 * D + 2 * D * D + layer + D  # enorm, hnorm, eh_proj, layer, shared_head.norm
     assert p.mtp_routing_bias == NR
     assert "embedding" not in p.components(p.mtp_tensors)

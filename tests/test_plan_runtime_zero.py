@@ -10,6 +10,7 @@ rank's place and no process group: the state does not depend on communication) a
 import json
 
 import pytest
+from helpers import small_config
 
 from dsv3.cli import main
 from dsv3.plan.layout import Layout
@@ -24,8 +25,6 @@ from dsv3.plan.params import ParamTensor
 from dsv3.plan.planner import make_plan
 from dsv3.plan.precision import Precision
 
-from helpers import small_config
-
 #: the formats dsv3 trains in with --dtype bf16 --moments bf16 (the router is stored in the model's dtype).
 BF16 = "weights=bf16,grads=bf16,moments=bf16,router=bf16"
 PREC = Precision.parse(BF16)
@@ -33,8 +32,9 @@ PREC = Precision.parse(BF16)
 
 def _odd_config():
     """Odd row counts: vocabulary 509, N_r / EP = 3 experts a rank at EP 2, kv_a_proj 35 + 8 rows."""
-    return small_config(vocab_size=509, n_routed_experts=6, n_group=2, topk_group=1, qk_rope_head_dim=8,
-                        kv_lora_rank=35)
+    return small_config(
+        vocab_size=509, n_routed_experts=6, n_group=2, topk_group=1, qk_rope_head_dim=8, kv_lora_rank=35
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +88,9 @@ def test_plan_json_gives_every_rank_the_runtime_optimizer_bytes(capsys, odd_conf
     # the busiest rank's bytes are in the device's total (and so in the peak that decides whether it fits)
     flat = _plan_json(capsys, odd_config_file, "--dp", str(dp), "--ep", str(ep), "--fragmentation", "0")
     dev = flat["devices"][0]["memory_bytes"]
-    assert dev["total"] == pytest.approx(dev["weights"] + dev["grads"] + max(measured) + dev["activations"]
-                                         + dev["comm_buffers"], rel=1e-12)
+    assert dev["total"] == pytest.approx(
+        dev["weights"] + dev["grads"] + max(measured) + dev["activations"] + dev["comm_buffers"], rel=1e-12
+    )
 
 
 @pytest.mark.timeout(120)
@@ -104,20 +105,34 @@ def test_each_pipeline_device_holds_what_the_plan_says():
     from dsv3.parallel.world import ParallelContext
     from dsv3.parallel.zero import ZeroAdamW
 
-    cfg = small_config(vocab_size=509, n_routed_experts=6, n_group=2, topk_group=1, qk_rope_head_dim=8,
-                       kv_lora_rank=35, num_hidden_layers=4, num_nextn_predict_layers=0)
+    cfg = small_config(
+        vocab_size=509,
+        n_routed_experts=6,
+        n_group=2,
+        topk_group=1,
+        qk_rope_head_dim=8,
+        kv_lora_rank=35,
+        num_hidden_layers=4,
+        num_nextn_predict_layers=0,
+    )
     pp, dp, ep = 2, 4, 2
     split = stage_layers(cfg, pp, 16, mtp=False)
-    plan = make_plan(cfg, Layout(pp=pp, dp=dp, ep=ep, zero=1, seq_len=16, global_batch=4 * dp, stage_layers=split,
-                                 mtp=False), PREC, simulate=False)
+    plan = make_plan(
+        cfg,
+        Layout(pp=pp, dp=dp, ep=ep, zero=1, seq_len=16, global_batch=4 * dp, stage_layers=split, mtp=False),
+        PREC,
+        simulate=False,
+    )
     for d in range(pp):
-        layers = list(range(sum(split[:d]), sum(split[:d + 1])))
+        layers = list(range(sum(split[:d]), sum(split[: d + 1])))
         measured = []
         for r in range(dp):
             ctx = ParallelContext(rank=d * dp + r, world_size=1, pp=pp, dp=dp, ep=ep, pp_devices=pp)
             model = DeepseekV3ForCausalLM(cfg).to(torch.bfloat16)
             shard_experts(model, ctx, dispatcher="alltoall")
-            opt = ZeroAdamW(model, ctx, moments_dtype="bf16", names=PipelineStage(model, d, pp, layers).parameter_names())
+            opt = ZeroAdamW(
+                model, ctx, moments_dtype="bf16", names=PipelineStage(model, d, pp, layers).parameter_names()
+            )
             for p in model.parameters():
                 p.grad = torch.ones_like(p)
             opt.step(1.0)
@@ -144,10 +159,18 @@ def test_by_rank_bytes_by_hand():
         zero1_optimizer_bytes_by_rank([dense], lay.replace(tp=2, dp=2), PREC)
 
 
-@pytest.mark.parametrize("changes,applies", [
-    (dict(), True), (dict(zero=0), False), (dict(zero=2), False), (dict(tp=2, dp=2), False),
-    (dict(etp=2, ep=1, dp=4), False), (dict(pp=2, schedule="dualpipe"), False), (dict(pp=2, schedule="dualpipev"), True),
-])
+@pytest.mark.parametrize(
+    "changes,applies",
+    [
+        (dict(), True),
+        (dict(zero=0), False),
+        (dict(zero=2), False),
+        (dict(tp=2, dp=2), False),
+        (dict(etp=2, ep=1, dp=4), False),
+        (dict(pp=2, schedule="dualpipe"), False),
+        (dict(pp=2, schedule="dualpipev"), True),
+    ],
+)
 def test_the_flat_split_stays_where_the_runtime_does_not_run(changes, applies):
     """TP/ETP > 1, ZeRO-2/3 and DualPipe's replica ZeRO group keep the ZeRO paper's flat ceil(n/G) split
     (the paper's tables, tests/test_plan_conventions.py); ZeRO 0 shards nothing, so the two agree."""
@@ -167,8 +190,9 @@ def test_a_device_holding_two_stages_adds_them_rank_by_rank():
     embedding of stage 0 and the last stage's copy of it (the MTP modules embed tokens) count once: on the
     device they are one tensor (report 3.2.1)."""
     cfg = _odd_config()
-    plan = make_plan(cfg, Layout(pp=2, dp=4, ep=2, zero=1, schedule="dualpipev", seq_len=16, global_batch=8), PREC,
-                     simulate=False)
+    plan = make_plan(
+        cfg, Layout(pp=2, dp=4, ep=2, zero=1, schedule="dualpipev", seq_len=16, global_batch=8), PREC, simulate=False
+    )
     (dev,) = plan.devices
     assert dev.stages == [0, 1]
     a, b = (s.ranks.by_rank for s in plan.stages)
@@ -181,8 +205,10 @@ def test_a_device_holding_two_stages_adds_them_rank_by_rank():
 
 
 def test_the_table_says_which_rank_and_the_flat_split(capsys, odd_config_file):
-    assert main(["plan", "--config", odd_config_file, "--seq-len", "16", "--precision", BF16, "--dp", "4",
-                 "--ep", "2"]) == 0
+    assert (
+        main(["plan", "--config", odd_config_file, "--seq-len", "16", "--precision", BF16, "--dp", "4", "--ep", "2"])
+        == 0
+    )
     out = capsys.readouterr().out
     measured = _runtime_state_bytes(_odd_config(), 4, 2)
     busiest = measured.index(max(measured))
@@ -204,7 +230,10 @@ def test_long_rank_lists_stay_out_of_the_json(monkeypatch):
     mem = make_plan(cfg, lay, PREC, simulate=False).stages[0].to_dict()["memory_bytes"]
     assert mem["optimizer_by_dp_rank"] is None
     assert (mem["optimizer_busiest_dp_rank"], mem["optimizer_min"], mem["optimizer_max"]) == (
-        full.busiest, full.low, full.high)
+        full.busiest,
+        full.low,
+        full.high,
+    )
 
 
 def test_search_fits_layouts_by_the_busiest_rank():
@@ -225,4 +254,3 @@ def test_search_fits_layouts_by_the_busiest_rank():
         res = search(cfg, 4, memory, grid=grid, seq_len=16, precision=PREC)
         (c,) = [c for c in res.candidates if c.layout.ep == 2 and c.layout.dp == 4]
         assert c.fits == fits and c.peak_bytes == pytest.approx(peak, rel=1e-12)
-

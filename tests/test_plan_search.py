@@ -22,8 +22,16 @@ def test_approximate_timing_tracks_the_full_simulation(schedule, pp, m):
 
 
 def test_search_keeps_only_layouts_that_fit_and_ranks_them():
-    result = search(SMALL, 16, 2 * 2**30, model_name="small", seq_len=512, global_batch=64,
-                    grid={"schedule": ["1f1b", "dualpipev"], "recompute": ["none", "full"]}, top=5)
+    result = search(
+        SMALL,
+        16,
+        2 * 2**30,
+        model_name="small",
+        seq_len=512,
+        global_batch=64,
+        grid={"schedule": ["1f1b", "dualpipev"], "recompute": ["none", "full"]},
+        top=5,
+    )
     fits = result.fits
     assert fits and result.rejected
     assert all(c.peak_bytes <= 2 * 2**30 and c.layout.gpus == 16 for c in fits)

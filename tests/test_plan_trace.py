@@ -12,29 +12,44 @@ import json
 import statistics
 
 import pytest
+from helpers import assert_one_error, cli
 
 from dsv3.parallel.pipeline.schedules import BW, FB, B, F, W, build_schedule
 from dsv3.plan.simulate import OpTimes, run_schedule, simulate
-
-from helpers import assert_one_error, cli
 
 MS = 1e-3
 
 
 def _event(name, kind, device, stage, chunk, start_ms, end_ms):
-    return {"name": name, "cat": kind, "ph": "X", "pid": 0, "tid": device, "ts": start_ms * 1e3,
-            "dur": (end_ms - start_ms) * 1e3, "args": {"stage": stage, "chunk": chunk}}
+    return {
+        "name": name,
+        "cat": kind,
+        "ph": "X",
+        "pid": 0,
+        "tid": device,
+        "ts": start_ms * 1e3,
+        "dur": (end_ms - start_ms) * 1e3,
+        "args": {"stage": stage, "chunk": chunk},
+    }
 
 
 def _hand_trace():
     """1F1B, pp=2, 2 micro-batches, stage 0: F 1 ms, BW 2 ms; stage 1: F 1.5 ms, BW 3 ms; 0.1 ms per transfer."""
     meta = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": d, "args": {"name": f"device {d}"}} for d in (0, 1)]
-    return {"traceEvents": meta + [
-        _event("F0", F, 0, 0, 0, 0.0, 1.0), _event("F1", F, 0, 0, 0, 1.0, 2.0),
-        _event("F0", F, 1, 1, 0, 1.1, 2.6), _event("BW0", BW, 1, 1, 0, 2.6, 5.6),
-        _event("F1", F, 1, 1, 0, 5.6, 7.1), _event("BW1", BW, 1, 1, 0, 7.1, 10.1),
-        _event("BW0", BW, 0, 0, 0, 5.7, 7.7), _event("BW1", BW, 0, 0, 0, 10.2, 12.2),
-    ], "displayTimeUnit": "ms"}
+    return {
+        "traceEvents": meta
+        + [
+            _event("F0", F, 0, 0, 0, 0.0, 1.0),
+            _event("F1", F, 0, 0, 0, 1.0, 2.0),
+            _event("F0", F, 1, 1, 0, 1.1, 2.6),
+            _event("BW0", BW, 1, 1, 0, 2.6, 5.6),
+            _event("F1", F, 1, 1, 0, 5.6, 7.1),
+            _event("BW1", BW, 1, 1, 0, 7.1, 10.1),
+            _event("BW0", BW, 0, 0, 0, 5.7, 7.7),
+            _event("BW1", BW, 0, 0, 0, 10.2, 12.2),
+        ],
+        "displayTimeUnit": "ms",
+    }
 
 
 def _write(tmp_path, doc, name="trace.json"):
@@ -88,8 +103,12 @@ def _trace_of(result, jitter=0.0):
     """A Chrome trace of a simulated step's timeline (seconds), each op's end moved by ``jitter`` x its index."""
     from dsv3.parallel.pipeline.executor import TraceEvent, chrome_trace
 
-    return chrome_trace({d: [TraceEvent(op, s, e + jitter * i) for i, (_, s, e, op) in enumerate(row)]
-                         for d, row in enumerate(result.timeline)})
+    return chrome_trace(
+        {
+            d: [TraceEvent(op, s, e + jitter * i) for i, (_, s, e, op) in enumerate(row)]
+            for d, row in enumerate(result.timeline)
+        }
+    )
 
 
 @pytest.mark.parametrize("name,pp,m", [("1f1b", 4, 8), ("zb1p", 2, 6), ("dualpipe", 4, 8), ("dualpipev", 4, 6)])
@@ -131,17 +150,20 @@ def _median_times(spans, comm=0.0):
     return OpTimes(f=1.0, b=2.0, w=1.0, comm=comm, per_op=per_op)  # every op has its per_op entry
 
 
-@pytest.mark.parametrize("change,words", [
-    ("flags", ["is a 1f1b step with --pp 2 and --microbatches 2", "--schedule zb1p"]),
-    ("missing", ["cannot read trace", "No such file"]),
-    ("not json", ["is not JSON"]),
-    ("no events", ["holds no pipeline ops"]),
-    ("bad event", ["event 2 is not a well-formed pipeline op"]),
-    ("dropped op", ["is not the op order of any schedule"]),
-    ("swapped ops", ["is not the op order of any schedule"]),
-    ("devices", ["not 0 .. 1"]),
-    ("times", ["--f, --w cannot go with --trace"]),
-])
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        ("flags", ["is a 1f1b step with --pp 2 and --microbatches 2", "--schedule zb1p"]),
+        ("missing", ["cannot read trace", "No such file"]),
+        ("not json", ["is not JSON"]),
+        ("no events", ["holds no pipeline ops"]),
+        ("bad event", ["event 2 is not a well-formed pipeline op"]),
+        ("dropped op", ["is not the op order of any schedule"]),
+        ("swapped ops", ["is not the op order of any schedule"]),
+        ("devices", ["not 0 .. 1"]),
+        ("times", ["--f, --w cannot go with --trace"]),
+    ],
+)
 def test_bad_traces_are_one_line_errors(tmp_path, capsys, change, words):
     doc = _hand_trace()
     events = doc["traceEvents"]
@@ -181,10 +203,10 @@ def _traced_step(rank, path, schedule, pp, n_micro):
     from datetime import timedelta
 
     import torch.distributed as dist
+    from pipeline_worker import SEQ, batches, build_model
 
     from dsv3.parallel.pipeline.executor import PipelineRuntime
     from dsv3.parallel.pipeline.train import write_step_trace
-    from pipeline_worker import SEQ, batches, build_model
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     model = build_model(4)
@@ -203,8 +225,7 @@ def test_trace_of_the_pipeline_runtime(tmp_path, capsys):
 
     path = tmp_path / "pipeline_trace.json"
     got = run_ranks(_traced_step, 2, str(path), "zb1p", 2, 4, timeout=75)
-    out = json.loads(_run(capsys, "--trace", path, "--schedule", "zb1p", "--pp", "2", "--microbatches", "4",
-                          "--json"))
+    out = json.loads(_run(capsys, "--trace", path, "--schedule", "zb1p", "--pp", "2", "--microbatches", "4", "--json"))
     spans = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
     makespan = (max(e["ts"] + e["dur"] for e in spans) - min(e["ts"] for e in spans)) * 1e-6
     assert out["measured"]["makespan"] == pytest.approx(makespan, rel=1e-9)
@@ -241,8 +262,10 @@ def test_measured_op_times_per_kind_follow_the_simulators_b_and_w():
     from dsv3.parallel.pipeline.schedules import Op
     from dsv3.plan.trace import measured_op_times, measured_span
 
-    split = [[(Op(F, 0, 0), 0.0, 1.0), (Op(B, 0, 0), 1.0, 2.5), (Op(W, 0, 0), 2.5, 3.0)],
-             [(Op(F, 0, 1), 1.0, 4.0), (Op(B, 0, 1), 4.0, 4.5), (Op(W, 0, 1), 5.0, 6.0)]]
+    split = [
+        [(Op(F, 0, 0), 0.0, 1.0), (Op(B, 0, 0), 1.0, 2.5), (Op(W, 0, 0), 2.5, 3.0)],
+        [(Op(F, 0, 1), 1.0, 4.0), (Op(B, 0, 1), 4.0, 4.5), (Op(W, 0, 1), 5.0, 6.0)],
+    ]
     t = measured_op_times(split, comm=0.25)
     # medians over both stages: F (1, 3) -> 2, B (1.5, 0.5) -> 1, W (0.5, 1) -> 0.75; b = B + W
     assert (t.f, t.b, t.w, t.comm) == pytest.approx((2.0, 1.75, 0.75, 0.25))

@@ -45,8 +45,9 @@ def test_planner_matches_the_tiny_model(dtype, policy):
 @pytest.mark.parametrize("policy", ["none", "selective", "full"])
 def test_planner_matches_the_fp8_recipe(policy):
     # 100 x 3 tokens: the FP8 token tiles are padded (300 -> 384 rows) and MTP runs on 297 tokens.
-    _check(bench.measure("tiny", seq_len=100, micro_batch=3, dtype="bf16", moments="bf16", recompute=policy,
-                         fp8="storage"))
+    _check(
+        bench.measure("tiny", seq_len=100, micro_batch=3, dtype="bf16", moments="bf16", recompute=policy, fp8="storage")
+    )
 
 
 @pytest.mark.parametrize("dtype,policy", [("fp32", "none"), ("bf16", "selective")])
@@ -56,10 +57,22 @@ def test_planner_matches_a_v2_style_model(dtype, policy):
     from dsv3.config import load_preset
 
     cfg = load_preset("deepseek-v2-lite").replace(
-        hidden_size=128, num_hidden_layers=3, vocab_size=1024, intermediate_size=256, moe_intermediate_size=64,
-        n_routed_experts=8, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        bos_token_id=0, eos_token_id=1)  # V2-Lite's ids (100000, 100001) lie beyond the smaller vocabulary
+        hidden_size=128,
+        num_hidden_layers=3,
+        vocab_size=1024,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        bos_token_id=0,
+        eos_token_id=1,
+    )  # V2-Lite's ids (100000, 100001) lie beyond the smaller vocabulary
     assert cfg.q_lora_rank is None and cfg.scoring_func == "softmax" and not cfg.norm_topk_prob
     _check(bench.measure(cfg, seq_len=64, micro_batch=2, dtype=dtype, moments=dtype, recompute=policy))
 
@@ -80,8 +93,9 @@ def _odd_config():
     per-tensor row chunks differ from rank to rank and from a flat ceil(n / G) split."""
     from helpers import small_config
 
-    return small_config(vocab_size=509, n_routed_experts=6, n_group=2, topk_group=1, qk_rope_head_dim=8,
-                        kv_lora_rank=35)
+    return small_config(
+        vocab_size=509, n_routed_experts=6, n_group=2, topk_group=1, qk_rope_head_dim=8, kv_lora_rank=35
+    )
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -100,8 +114,16 @@ def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep, dtype):
 
     cfg = _odd_config()
     layout = Layout(dp=dp, ep=ep, zero=1, seq_len=16, micro_batch=1)
-    prec = bench.Precision(weights=dtype, grads=dtype, master="fp32", moments="bf16", router=dtype,
-                           router_compute="fp32", activations=dtype, stats="fp32")
+    prec = bench.Precision(
+        weights=dtype,
+        grads=dtype,
+        master="fp32",
+        moments="bf16",
+        router=dtype,
+        router_compute="fp32",
+        activations=dtype,
+        stats="fp32",
+    )
     tensors = stage_tensors(count_params(cfg), stage_parts(cfg, layout, (cfg.num_hidden_layers,))[0])
     per_rank = []
     for rank in range(dp):
@@ -117,8 +139,9 @@ def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep, dtype):
         planned = zero1_rank_state_bytes(tensors, layout, prec, rank)
         assert planned.optimizer == opt.state_bytes(), rank
         assert planned.grads == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
-        assert planned.weights == sum(t.numel() * t.element_size()
-                                      for t in list(model.parameters()) + list(model.buffers()))
+        assert planned.weights == sum(
+            t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+        )
         per_rank.append(planned.optimizer)
     if dp > 1:
         assert len(set(per_rank)) > 1  # the chunks are uneven: a flat ceil(n / G) would be wrong somewhere
@@ -127,8 +150,9 @@ def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep, dtype):
 @pytest.fixture(scope="module")
 def two_rank_rows():
     """Both dtypes measured in one spawned world (one process start for the two cases)."""
-    rows = bench.measure_parallel(_odd_config(), dp=2, ep=2, seq_len=32, micro_batch=2, dtype=("bf16", "fp32"),
-                                  moments="fp32", timeout=170)
+    rows = bench.measure_parallel(
+        _odd_config(), dp=2, ep=2, seq_len=32, micro_batch=2, dtype=("bf16", "fp32"), moments="fp32", timeout=170
+    )
     return {d: [r for r in rows if r["dtype"] == d] for d in ("bf16", "fp32")}
 
 
@@ -147,4 +171,8 @@ def test_planner_matches_each_rank_of_a_two_rank_ep_run(two_rank_rows, dtype):
         assert bench.parallel_row_ok(r)
     assert rows[0]["measured"]["optimizer"] != rows[1]["measured"]["optimizer"]  # uneven row chunks
     table = bench.markdown_parallel(rows).splitlines()
-    assert len(table) == 4 and "planned" not in table[2] and table[3].startswith(f"| custom | {dtype} / fp32 | 2 x 2 (1) | 1 (1, 0) |")
+    assert (
+        len(table) == 4
+        and "planned" not in table[2]
+        and table[3].startswith(f"| custom | {dtype} / fp32 | 2 x 2 (1) | 1 (1, 0) |")
+    )

@@ -6,13 +6,12 @@ import io
 import json
 
 import pytest
+from helpers import small_config
 
 from dsv3.cli import main
 from dsv3.errors import ConfigError
 from dsv3.train.config import TrainConfig
 from dsv3.train.preflight import check_memory, estimate_training_bytes, run_layout
-
-from helpers import small_config
 
 CFG = small_config(num_hidden_layers=4, n_routed_experts=8)
 
@@ -22,18 +21,39 @@ def _plan_peak(tmp_path, *args) -> float:
     CFG.save(path)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["plan", "--config", str(path), "--seq-len", "32", "--micro-batch", "2", "--precision",
-                     "weights=fp32,grads=fp32,moments=fp32,activations=fp32,router=fp32,master=none", "--json",
-                     *args]) == 0
+        assert (
+            main(
+                [
+                    "plan",
+                    "--config",
+                    str(path),
+                    "--seq-len",
+                    "32",
+                    "--micro-batch",
+                    "2",
+                    "--precision",
+                    "weights=fp32,grads=fp32,moments=fp32,activations=fp32,router=fp32,master=none",
+                    "--json",
+                    *args,
+                ]
+            )
+            == 0
+        )
     return json.loads(out.getvalue())["peak_device_bytes"]
 
 
-@pytest.mark.parametrize("layout,args", [
-    ({}, ["--global-batch", "2"]),
-    (dict(dp=4, ep=4), ["--dp", "4", "--ep", "4", "--global-batch", "8"]),
-    (dict(pp=2, dp=2, ep=2, schedule="1f1b", global_batch=16), ["--pp", "2", "--dp", "2", "--ep", "2",
-                                                                 "--global-batch", "16"]),
-], ids=["one-process", "dp4-ep4", "pp2-dp2-ep2"])
+@pytest.mark.parametrize(
+    "layout,args",
+    [
+        ({}, ["--global-batch", "2"]),
+        (dict(dp=4, ep=4), ["--dp", "4", "--ep", "4", "--global-batch", "8"]),
+        (
+            dict(pp=2, dp=2, ep=2, schedule="1f1b", global_batch=16),
+            ["--pp", "2", "--dp", "2", "--ep", "2", "--global-batch", "16"],
+        ),
+    ],
+    ids=["one-process", "dp4-ep4", "pp2-dp2-ep2"],
+)
 def test_the_estimate_is_the_busiest_rank_of_dsv3_plan(tmp_path, layout, args):
     got = estimate_training_bytes(CFG, seq_len=32, micro_batch=2, **layout)
     assert got == _plan_peak(tmp_path, *args)

@@ -55,17 +55,33 @@ def tiny(argv: list[str], setup) -> list[str]:
         argv = argv or ["train"]
         if "--data" not in argv and "--config" not in argv:
             argv = _set(argv, "--data", "corpus/")  # the stdlib default works the same, just slower
-        for flag, value in (("--model", setup["model"]), ("--steps", 2), ("--seq-len", 16), ("--micro-batch", 2),
-                            ("--global-batch", 2), ("--eval-every", 2), ("--eval-batches", 1),
-                            ("--save-every", 2), ("--sample-tokens", 4), ("--tensorboard", "false"),
-                            ("--progress", "false"), ("--val-fraction", 0.05)):
+        for flag, value in (
+            ("--model", setup["model"]),
+            ("--steps", 2),
+            ("--seq-len", 16),
+            ("--micro-batch", 2),
+            ("--global-batch", 2),
+            ("--eval-every", 2),
+            ("--eval-batches", 1),
+            ("--save-every", 2),
+            ("--sample-tokens", 4),
+            ("--tensorboard", "false"),
+            ("--progress", "false"),
+            ("--val-fraction", 0.05),
+        ):
             argv = _set(argv, flag, value)
         return argv
     if argv[0] == "generate":
         return _set(argv, "--max-tokens", 4)
     if argv[0] == "memory":
-        for flag, value in (("--model", setup["model"]), ("--data", "corpus/"), ("--tokenizer", setup["tokenizer"]),
-                            ("--seq-len", 16), ("--micro-batch", 2), ("--steps", 1)):
+        for flag, value in (
+            ("--model", setup["model"]),
+            ("--data", "corpus/"),
+            ("--tokenizer", setup["tokenizer"]),
+            ("--seq-len", 16),
+            ("--micro-batch", 2),
+            ("--steps", 1),
+        ):
             argv = _set(argv, flag, value)
         return argv
     return argv
@@ -109,6 +125,7 @@ def test_every_readme_command_runs(train_setup, workdir, capsys):
         if trained is None:
             break
         code = re.sub(r'from_pretrained\("[^"]*"\)', f"from_pretrained({str(trained)!r})", block)
-        prelude = ("import torch\ninput_ids = torch.randint(0, 512, (1, 8))\n"
-                   "labels = torch.roll(input_ids, -1, dims=1)\n")
+        prelude = (
+            "import torch\ninput_ids = torch.randint(0, 512, (1, 8))\nlabels = torch.roll(input_ids, -1, dims=1)\n"
+        )
         exec(compile(prelude + code, "README.md", "exec"), {})

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import small_config
 
 from dsv3.errors import ConfigError
 from dsv3.memory.measure import activation_bytes
 from dsv3.memory.recompute import apply_recompute
 from dsv3.model import DeepseekV3ForCausalLM
-
-from helpers import small_config
 
 
 def _run(policy, config, ids):

@@ -10,17 +10,32 @@ from dsv3.errors import ConfigError, DataError, TrainingError
 from dsv3.train.rewards import RewardSet, extract_code, extract_final_answer, format_reward, math_reward
 
 
-@pytest.mark.parametrize("completion, answer", [
-    ("so a+b = 12", 12), ("The answer is \\boxed{\\frac{3}{4}}.", "0.75"), ("x = 1,000 then 2,500", "2500"),
-    ("\\boxed{x^{2}+1} and 7 later", "x^{2} + 1"), ("3/4", 0.75), ("-5.0", "-5"), ("12.", 12),
-])
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("so a+b = 12", 12),
+        ("The answer is \\boxed{\\frac{3}{4}}.", "0.75"),
+        ("x = 1,000 then 2,500", "2500"),
+        ("\\boxed{x^{2}+1} and 7 later", "x^{2} + 1"),
+        ("3/4", 0.75),
+        ("-5.0", "-5"),
+        ("12.", 12),
+    ],
+)
 def test_math_reward_accepts_the_same_answer(completion, answer):
     assert math_reward(["p"], [completion], answer=[answer]) == [1.0]
 
 
-@pytest.mark.parametrize("completion, answer", [
-    ("12 then 13", 12), ("\\boxed{7} but 12", 12), ("no number", 3), ("1.0001", 1), ("\\boxed{x+1}", "x+2"),
-])
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("12 then 13", 12),
+        ("\\boxed{7} but 12", 12),
+        ("no number", 3),
+        ("1.0001", 1),
+        ("\\boxed{x+1}", "x+2"),
+    ],
+)
 def test_math_reward_rejects_a_different_answer(completion, answer):
     assert math_reward(["p"], [completion], answer=[answer]) == [0.0]
 
@@ -52,12 +67,15 @@ def _user_module(tmp_path, body, name="user_rewards"):
 
 
 def test_weights_none_and_user_functions(tmp_path, monkeypatch):
-    path = _user_module(tmp_path, """
+    path = _user_module(
+        tmp_path,
+        """
         def length(prompts, completions, **kw):
             return [None if c == "skip" else float(len(c)) for c in completions]
         def needs_answer(prompts, completions, answer, *, scale=1.0, **kw):
             return [0.5] * len(completions)
-        """)
+        """,
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     rs = RewardSet.from_specs(["math", f"{path}:length", "user_rewards:needs_answer"], weights=[2.0, 0.5, 1.0])
     assert rs.names == ["math", f"{path}:length", "user_rewards:needs_answer"]
@@ -70,16 +88,22 @@ def test_weights_none_and_user_functions(tmp_path, monkeypatch):
     assert out.total.tolist() == [3.0, 0.5, 1.0]
     none = RewardSet([("never", lambda p, c, **k: [None] * len(c))])
     assert none(["p"], ["c"], {}).total.tolist() == [0.0]
-    arrays = RewardSet([("tensor", lambda p, c, **k: torch.ones(len(c))),
-                        ("numpy", lambda p, c, **k: np.full(len(c), 0.5))])
+    arrays = RewardSet(
+        [("tensor", lambda p, c, **k: torch.ones(len(c))), ("numpy", lambda p, c, **k: np.full(len(c), 0.5))]
+    )
     assert arrays(["p", "p"], ["a", "b"], {}).total.tolist() == [1.5, 1.5]
 
 
 def test_bad_specs_get_one_line(tmp_path):
     broken = _user_module(tmp_path, "import not_a_module_anywhere\n", name="broken")
-    cases = [(["nonsense"], "neither a built-in"), ([f"{broken}:f"], "does not import.*ModuleNotFoundError"),
-             (["no_such_pkg_xyz:f"], "does not import"), ([f"{tmp_path}/missing.py:f"], "does not exist"),
-             (["math:nope"], "has no function 'nope'"), (["math", "math"], "named twice")]
+    cases = [
+        (["nonsense"], "neither a built-in"),
+        ([f"{broken}:f"], "does not import.*ModuleNotFoundError"),
+        (["no_such_pkg_xyz:f"], "does not import"),
+        ([f"{tmp_path}/missing.py:f"], "does not exist"),
+        (["math:nope"], "has no function 'nope'"),
+        (["math", "math"], "named twice"),
+    ]
     for specs, pattern in cases:
         with pytest.raises(ConfigError, match=pattern) as e:
             RewardSet.from_specs(specs)
@@ -90,13 +114,16 @@ def test_bad_specs_get_one_line(tmp_path):
         RewardSet.from_specs([])
 
 
-@pytest.mark.parametrize("fn, pattern", [
-    (lambda p, c, **k: 1 / 0, "'bad' raised ZeroDivisionError"),
-    (lambda p, c, **k: [1.0], "'bad' returned 1 values for 2 completions"),
-    (lambda p, c, **k: 3.0, "'bad' returned a float for 2"),
-    (lambda p, c, **k: [1.0, float("nan")], "'bad' returned nan"),
-    (lambda p, c, **k: ["1", 2.0], "'bad' returned '1'"),
-])
+@pytest.mark.parametrize(
+    "fn, pattern",
+    [
+        (lambda p, c, **k: 1 / 0, "'bad' raised ZeroDivisionError"),
+        (lambda p, c, **k: [1.0], "'bad' returned 1 values for 2 completions"),
+        (lambda p, c, **k: 3.0, "'bad' returned a float for 2"),
+        (lambda p, c, **k: [1.0, float("nan")], "'bad' returned nan"),
+        (lambda p, c, **k: ["1", 2.0], "'bad' returned '1'"),
+    ],
+)
 def test_bad_reward_functions_get_one_line(fn, pattern):
     with pytest.raises(TrainingError, match=pattern) as e:
         RewardSet([("bad", fn)])(["p", "p"], ["a", "b"], {})

@@ -17,7 +17,7 @@ def ref_advantages(rewards, G, scale="group", eps=1e-4):
     out = []
     batch_std = statistics.stdev(rewards)
     for g in range(0, len(rewards), G):
-        group = rewards[g:g + G]
+        group = rewards[g : g + G]
         mu = statistics.fmean(group)
         sd = {"group": statistics.stdev(group), "batch": batch_std, "none": None}[scale]
         out += [(r - mu) if sd is None else (r - mu) / (sd + eps) for r in group]
@@ -43,8 +43,12 @@ def ref_loss_and_grad(lp, old, ref, adv, mask, beta, loss_type, num_items=None):
                 d = ref[i][t] - lp[i][t]
                 l_it += beta * (math.exp(d) - d - 1)
                 g_it += beta * (1 - math.exp(d))
-            w = {"grpo": 1 / (B * max(n_row[i], 1)), "bnpo": 1 / max(n_all, 1), "dr_grpo": 1 / (B * L_MAX),
-                 "dapo": 1 / (num_items if num_items is not None else max(n_all, 1))}[loss_type]
+            w = {
+                "grpo": 1 / (B * max(n_row[i], 1)),
+                "bnpo": 1 / max(n_all, 1),
+                "dr_grpo": 1 / (B * L_MAX),
+                "dapo": 1 / (num_items if num_items is not None else max(n_all, 1)),
+            }[loss_type]
             loss += w * l_it
             grad[i][t] = w * g_it
     return loss, grad
@@ -54,11 +58,11 @@ def ref_loss_and_grad(lp, old, ref, adv, mask, beta, loss_type, num_items=None):
 def _batch(seed=0, B=6, T=7):
     g = torch.Generator().manual_seed(seed)
     lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
-    old = lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)   # ratios well outside [0.8, 1.28]
+    old = lp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)  # ratios well outside [0.8, 1.28]
     ref = lp + 0.5 * torch.randn(B, T, generator=g, dtype=torch.float64)
     mask = (torch.rand(B, T, generator=g) > 0.3).to(torch.float64)
-    mask[1] = 0                        # a fully masked row
-    mask[2, 3] = 0                     # a hole inside a completion
+    mask[1] = 0  # a fully masked row
+    mask[2, 3] = 0  # a hole inside a completion
     mask[2, 4] = 1
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 0.75], dtype=torch.float64)[:B]
     return lp, old, ref, mask, rewards
@@ -74,7 +78,7 @@ def test_group_advantages_match_reference(scale, dtype):
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert torch.allclose(got.double(), torch.tensor(want, dtype=torch.float64), atol=tol, rtol=tol)
     if scale == "group":
-        assert torch.all(got[4:8] == 0)   # a group that teaches nothing
+        assert torch.all(got[4:8] == 0)  # a group that teaches nothing
 
 
 def test_group_advantages_bad_input():
@@ -93,16 +97,27 @@ def test_grpo_loss_value_and_grad_match_reference(loss_type, beta, off_policy):
     lp, old, ref, mask, rewards = _batch()
     adv = group_advantages(rewards, 3)
     lp = lp.clone().requires_grad_(True)
-    loss = grpo_loss(lp, old if off_policy else None, ref if beta else None, adv, mask.bool(), beta=beta,
-                     epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, loss_type=loss_type, max_completion_length=L_MAX)
+    loss = grpo_loss(
+        lp,
+        old if off_policy else None,
+        ref if beta else None,
+        adv,
+        mask.bool(),
+        beta=beta,
+        epsilon_low=EPS_LOW,
+        epsilon_high=EPS_HIGH,
+        loss_type=loss_type,
+        max_completion_length=L_MAX,
+    )
     loss.backward()
-    want, want_grad = ref_loss_and_grad(lp.tolist(), old.tolist() if off_policy else None, ref.tolist(),
-                                        adv.tolist(), mask.tolist(), beta, loss_type)
+    want, want_grad = ref_loss_and_grad(
+        lp.tolist(), old.tolist() if off_policy else None, ref.tolist(), adv.tolist(), mask.tolist(), beta, loss_type
+    )
     assert loss.dtype == torch.float64
     assert loss.item() == pytest.approx(want, rel=1e-12, abs=1e-14)
     assert torch.allclose(lp.grad, torch.tensor(want_grad, dtype=torch.float64), rtol=1e-12, atol=1e-14)
     assert torch.all(lp.grad[1] == 0) and torch.all(lp.grad[mask == 0] == 0)
-    if off_policy and not beta:   # the fixture's ratios do clip, so the clipped branch is exercised
+    if off_policy and not beta:  # the fixture's ratios do clip, so the clipped branch is exercised
         assert (lp.grad[mask.bool()] == 0).any()
 
 
@@ -111,16 +126,23 @@ def test_dapo_num_items_and_lower_precision():
     adv = group_advantages(rewards, 2)
     kw = dict(beta=0.04, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, max_completion_length=L_MAX)
     got = grpo_loss(lp, old, ref, adv, mask, loss_type="dapo", num_items=100.0, **kw)
-    want, _ = ref_loss_and_grad(lp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.04,
-                                "dapo", num_items=100.0)
+    want, _ = ref_loss_and_grad(
+        lp.tolist(), old.tolist(), ref.tolist(), adv.tolist(), mask.tolist(), 0.04, "dapo", num_items=100.0
+    )
     assert got.item() == pytest.approx(want, rel=1e-12)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
         low = lp.to(dtype).requires_grad_(True)
         out = grpo_loss(low, old.to(dtype), ref.to(dtype), adv.to(dtype), mask, loss_type="grpo", **kw)
         out.backward()
-        want, _ = ref_loss_and_grad(low.double().tolist(), old.to(dtype).double().tolist(),
-                                    ref.to(dtype).double().tolist(), adv.to(dtype).double().tolist(),
-                                    mask.tolist(), 0.04, "grpo")
+        want, _ = ref_loss_and_grad(
+            low.double().tolist(),
+            old.to(dtype).double().tolist(),
+            ref.to(dtype).double().tolist(),
+            adv.to(dtype).double().tolist(),
+            mask.tolist(),
+            0.04,
+            "grpo",
+        )
         assert out.dtype == torch.float32 and low.grad.dtype == dtype
         assert out.item() == pytest.approx(want, rel=tol, abs=tol)
 

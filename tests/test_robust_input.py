@@ -13,13 +13,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_error, cli
+from robust_helpers import flags, mounted_tmpfs, run_dsv3, tiny_options, tree_digest
 
 from dsv3.config import ModelConfig, as_int, load_preset
 from dsv3.errors import ConfigError, DataError
 from dsv3.train.tokenizer import load_tokenizer
-
-from helpers import assert_one_error, cli
-from robust_helpers import flags, mounted_tmpfs, run_dsv3, tiny_options, tree_digest
 
 
 # ============================================================== class 1: any text source trains a tokenizer
@@ -141,17 +140,44 @@ def load_preset_path():
     return str(resources.files("dsv3") / "presets" / "tiny.json")
 
 
-CONFIG_CASES = ["string-rope-theta", "bare-string-rope-scaling", "rope-factor-string", "unknown-rope-type",
-                "null-routed-scaling", "string-for-bool", "int-for-bool", "negative-initializer-range",
-                "absurd-vocab", "float-vocab", "string-layers", "nan-eps", "bool-hidden", "eos-beyond-vocab",
-                "rope-parameters-list", "null-hidden-size", "non-utf8"]
-CONFIG_WORDS = {"string-rope-theta": "rope_theta", "bare-string-rope-scaling": "rope_scaling",
-                "rope-factor-string": "factor", "unknown-rope-type": "rope", "null-routed-scaling": "routed_scaling",
-                "string-for-bool": "norm_topk_prob", "int-for-bool": "tie_word_embeddings",
-                "negative-initializer-range": "initializer_range", "absurd-vocab": "vocab_size",
-                "float-vocab": "vocab_size", "string-layers": "num_hidden_layers", "nan-eps": "rms_norm_eps",
-                "bool-hidden": "hidden_size", "eos-beyond-vocab": "eos_token_id",
-                "rope-parameters-list": "rope_parameters", "null-hidden-size": "hidden_size", "non-utf8": "UTF-8"}
+CONFIG_CASES = [
+    "string-rope-theta",
+    "bare-string-rope-scaling",
+    "rope-factor-string",
+    "unknown-rope-type",
+    "null-routed-scaling",
+    "string-for-bool",
+    "int-for-bool",
+    "negative-initializer-range",
+    "absurd-vocab",
+    "float-vocab",
+    "string-layers",
+    "nan-eps",
+    "bool-hidden",
+    "eos-beyond-vocab",
+    "rope-parameters-list",
+    "null-hidden-size",
+    "non-utf8",
+]
+CONFIG_WORDS = {
+    "string-rope-theta": "rope_theta",
+    "bare-string-rope-scaling": "rope_scaling",
+    "rope-factor-string": "factor",
+    "unknown-rope-type": "rope",
+    "null-routed-scaling": "routed_scaling",
+    "string-for-bool": "norm_topk_prob",
+    "int-for-bool": "tie_word_embeddings",
+    "negative-initializer-range": "initializer_range",
+    "absurd-vocab": "vocab_size",
+    "float-vocab": "vocab_size",
+    "string-layers": "num_hidden_layers",
+    "nan-eps": "rms_norm_eps",
+    "bool-hidden": "hidden_size",
+    "eos-beyond-vocab": "eos_token_id",
+    "rope-parameters-list": "rope_parameters",
+    "null-hidden-size": "hidden_size",
+    "non-utf8": "UTF-8",
+}
 
 
 @pytest.mark.parametrize("case", CONFIG_CASES)
@@ -179,8 +205,10 @@ def test_valid_configs_still_load():
         assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # the checks accept every shipped preset
 
 
-@pytest.mark.parametrize("flag,value", [("steps", "2.5"), ("seq-len", "16.5"), ("micro-batch", "two"),
-                                        ("steps", "true"), ("save-every", "1e400")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [("steps", "2.5"), ("seq-len", "16.5"), ("micro-batch", "two"), ("steps", "true"), ("save-every", "1e400")],
+)
 def test_integer_flags_reject_non_integers(train_setup, tmp_path, capsys, flag, value):
     run = tmp_path / "run"
     argv = ["train", *flags(tiny_options(train_setup, run)), f"--{flag}", value]
@@ -197,8 +225,17 @@ def test_as_int_is_strict():
 
 
 # ============================================================== class 3: validate before writing
-@pytest.mark.parametrize("bad", [{"beta1": 2.0}, {"eps": -1.0}, {"weight_decay": -1.0}, {"min_lr": 1.0},
-                                 {"warmup_steps": -3}, {"decay_start": 2.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"beta1": 2.0},
+        {"eps": -1.0},
+        {"weight_decay": -1.0},
+        {"min_lr": 1.0},
+        {"warmup_steps": -3},
+        {"decay_start": 2.0},
+    ],
+)
 def test_failed_validation_leaves_no_run_directory(train_setup, tmp_path, capsys, bad):
     run = tmp_path / "run"
     code, _, err = cli(["train", *flags(tiny_options(train_setup, run, **bad))], capsys)
@@ -231,8 +268,11 @@ def test_unwritable_run_dir(train_setup, tmp_path, capsys, monkeypatch):
         import dsv3.train.rundir as rundir
 
         real = os.access
-        monkeypatch.setattr(rundir.os, "access",
-                            lambda p, mode, **kw: False if os.path.abspath(p) == str(parent) else real(p, mode, **kw))
+        monkeypatch.setattr(
+            rundir.os,
+            "access",
+            lambda p, mode, **kw: False if os.path.abspath(p) == str(parent) else real(p, mode, **kw),
+        )
     else:
         parent.chmod(0o555)
     try:

@@ -10,15 +10,14 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_error, cli
+from robust_helpers import flags, tiny_options, tree_digest
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.train.config import TrainConfig
 from dsv3.train.evaluation import EvalReport, context_note
 from dsv3.train.loop import train
-
-from helpers import assert_one_error, cli
-from robust_helpers import flags, tiny_options, tree_digest
 
 DS_TEMPLATE = Path(__file__).parent / "data" / "deepseek_v3" / "tokenizer_config.json"
 
@@ -40,14 +39,17 @@ def _refused(argv, capsys, tree, *words):
     return line
 
 
-@pytest.mark.parametrize("extra,words", [
-    (["--rope-factor", "4"], ("--rope-scaling yarn",)),
-    (["--rope-factor", "inf"], ("rope_factor", "finite")),
-    (["--lr", "nan"], ("lr", "finite")),
-    (["--trace"], ("--trace", "pipeline")),
-    (["--steps", "0"], ("steps",)),
-    (["--seq-len", "100000"], ("max_position_embeddings",)),
-])
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--rope-factor", "4"], ("--rope-scaling yarn",)),
+        (["--rope-factor", "inf"], ("rope_factor", "finite")),
+        (["--lr", "nan"], ("lr", "finite")),
+        (["--trace"], ("--trace", "pipeline")),
+        (["--steps", "0"], ("steps",)),
+        (["--seq-len", "100000"], ("max_position_embeddings",)),
+    ],
+)
 def test_print_config_runs_every_check_first(train_setup, tmp_path, capsys, extra, words):
     argv = ["train", *flags(tiny_options(train_setup, tmp_path / "new")), *extra]
     for print_config in ([], ["--print-config"]):
@@ -58,8 +60,13 @@ def test_print_config_runs_every_check_first(train_setup, tmp_path, capsys, extr
 
 
 def test_print_config_refuses_what_resume_refuses(finished_run, tmp_path, capsys):
-    _refused(["train", "--resume", finished_run, "--seq-len", "32", "--print-config"], capsys, finished_run,
-             "--seq-len", "cannot change on --resume")
+    _refused(
+        ["train", "--resume", finished_run, "--seq-len", "32", "--print-config"],
+        capsys,
+        finished_run,
+        "--seq-len",
+        "cannot change on --resume",
+    )
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("mine")
     _refused(["train", "--run-dir", tmp_path / "full", "--print-config"], capsys, tmp_path, "not empty")
@@ -67,12 +74,15 @@ def test_print_config_refuses_what_resume_refuses(finished_run, tmp_path, capsys
     assert code == 0 and "steps: 9" in out
 
 
-@pytest.mark.parametrize("text,words", [
-    ("[optimizer]\nlr = true\n", ("lr", "float")),
-    ("[data]\nseq_len = [1, 2]\n", ("seq_len", "int")),
-    ("[data]\npath = 5\n", ("path", "str")),
-    ("optimizer = 3\n", ("section optimizer", "mapping")),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("[optimizer]\nlr = true\n", ("lr", "float")),
+        ("[data]\nseq_len = [1, 2]\n", ("seq_len", "int")),
+        ("[data]\npath = 5\n", ("path", "str")),
+        ("optimizer = 3\n", ("section optimizer", "mapping")),
+    ],
+)
 def test_wrong_type_in_a_toml_section(tmp_path, capsys, text, words):
     (tmp_path / "run.toml").write_text(text)
     for print_config in ([], ["--print-config"]):
@@ -91,14 +101,22 @@ def test_unknown_chat_role_names_file_line_and_field(train_setup, tmp_path, caps
 
 def test_generate_refuses_prompt_with_prompts_file(finished_run, tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("a\nb\n")
-    _refused(["generate", finished_run, "--prompt", "x", "--prompts-file", tmp_path / "prompts.txt"], capsys,
-             finished_run, "--prompt", "--prompts-file")
+    _refused(
+        ["generate", finished_run, "--prompt", "x", "--prompts-file", tmp_path / "prompts.txt"],
+        capsys,
+        finished_run,
+        "--prompt",
+        "--prompts-file",
+    )
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--seq-len", "0", "--passkey", "64"], ("--seq-len", "positive")),
-    (["--passkey", "100k"], ("CPU",)),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--seq-len", "0", "--passkey", "64"], ("--seq-len", "positive")),
+        (["--passkey", "100k"], ("CPU",)),
+    ],
+)
 def test_eval_refuses_lengths_it_cannot_honour(finished_run, capsys, argv, words):
     _refused(["eval", finished_run, *argv], capsys, finished_run, *words)
 
@@ -122,8 +140,13 @@ def test_probe_past_the_trained_context_is_marked_next_to_the_number():
     assert "extrapolated" in context_note(512, extended, "--passkey", "cpu")
     with pytest.raises(ConfigError, match="no RoPE scaling"):
         context_note(512, ModelConfig(max_position_embeddings=256, rope_scaling=None), "--passkey", "cpu")
-    report = EvalReport(checkpoint="c", passkey={128: 0.5}, notes={128: context_note(128, extended, "--passkey", "cpu")})
-    assert report.lines()[-1] == "passkey at 128 tokens: 50% retrieved (beyond the original context of 64 tokens: yarn extension)"
+    report = EvalReport(
+        checkpoint="c", passkey={128: 0.5}, notes={128: context_note(128, extended, "--passkey", "cpu")}
+    )
+    assert (
+        report.lines()[-1]
+        == "passkey at 128 tokens: 50% retrieved (beyond the original context of 64 tokens: yarn extension)"
+    )
 
 
 def _bare_jinja(tmp_path) -> Path:
@@ -134,8 +157,13 @@ def _bare_jinja(tmp_path) -> Path:
 
 def _chat_file(tmp_path, turns=1, words=3) -> Path:
     chat = tmp_path / "chat.jsonl"
-    record = {"messages": [m for _ in range(turns) for m in
-                           ({"role": "user", "content": "hello " * words}, {"role": "assistant", "content": "hi " * words})]}
+    record = {
+        "messages": [
+            m
+            for _ in range(turns)
+            for m in ({"role": "user", "content": "hello " * words}, {"role": "assistant", "content": "hi " * words})
+        ]
+    }
     chat.write_text(json.dumps(record) + "\n" + json.dumps(record) + "\n")
     return chat
 
@@ -144,25 +172,38 @@ def test_sft_with_a_bare_jinja_names_the_missing_special_token(finished_run, tra
     """SFT from a dsv3 pre-training run with a .jinja template: the template's bos/eos tokens are not defined
     anywhere (a bare .jinja carries none), and the message says so instead of blaming the conversation."""
     checkpoint = sorted((finished_run / "checkpoints").iterdir())[-1]
-    opts = tiny_options(train_setup, tmp_path / "sft", task="sft", data=str(_chat_file(tmp_path)),
-                        chat_template=str(_bare_jinja(tmp_path)), init_from=str(checkpoint), model=None,
-                        seq_len=128)
+    opts = tiny_options(
+        train_setup,
+        tmp_path / "sft",
+        task="sft",
+        data=str(_chat_file(tmp_path)),
+        chat_template=str(_bare_jinja(tmp_path)),
+        init_from=str(checkpoint),
+        model=None,
+        seq_len=128,
+    )
     _refused(["train", *flags(opts)], capsys, tmp_path, "_token", "tokenizer_config.json")
 
 
 def test_long_conversation_under_on_long_error_names_file_line_and_field(train_setup, tmp_path, capsys):
     chat = _chat_file(tmp_path, turns=8, words=20)
-    opts = tiny_options(train_setup, tmp_path / "sft", task="sft", data=str(chat), chat_template=str(DS_TEMPLATE),
-                        on_long="error")
+    opts = tiny_options(
+        train_setup, tmp_path / "sft", task="sft", data=str(chat), chat_template=str(DS_TEMPLATE), on_long="error"
+    )
     line = _refused(["train", *flags(opts)], capsys, tmp_path, "line 1", "messages", "--seq-len")
     assert str(chat) in line
 
 
-@pytest.mark.parametrize("schedule,pp,world,global_batch,micro_batch", [
-    ("dualpipe", 2, 2, 4, 2), ("dualpipe", 4, 4, 12, 2), ("dualpipev", 4, 2, 6, 2), ("dualpipe", 2, 4, 4, 1),
-])
-def test_pipeline_layout_error_names_train_flags_with_values_that_work(schedule, pp, world, global_batch,
-                                                                        micro_batch):
+@pytest.mark.parametrize(
+    "schedule,pp,world,global_batch,micro_batch",
+    [
+        ("dualpipe", 2, 2, 4, 2),
+        ("dualpipe", 4, 4, 12, 2),
+        ("dualpipev", 4, 2, 6, 2),
+        ("dualpipe", 2, 4, 4, 1),
+    ],
+)
+def test_pipeline_layout_error_names_train_flags_with_values_that_work(schedule, pp, world, global_batch, micro_batch):
     import re
 
     from dsv3.parallel.pipeline.train import check_pipeline_layout
@@ -193,8 +234,18 @@ def test_bad_layout_under_torchrun_is_one_line_from_rank_0(train_setup, tmp_path
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_DIST_TIMEOUT="60")
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [torchrun, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "dsv3",
-           "train", *flags(tiny_options(train_setup, tmp_path / "bad")), "--ep", "3"]
+    cmd = [
+        torchrun,
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "dsv3",
+        "train",
+        *flags(tiny_options(train_setup, tmp_path / "bad")),
+        "--ep",
+        "3",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=100, env=env)
     assert done.returncode != 0
     lines = [ln for ln in done.stderr.splitlines() if ln.startswith("dsv3: error:")]

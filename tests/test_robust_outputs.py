@@ -13,6 +13,8 @@ import os
 
 import pytest
 import torch
+from helpers import assert_one_error, cli
+from robust_helpers import flags, tiny_options, tree_digest
 
 from dsv3.config import ModelConfig
 from dsv3.model import DeepseekV3ForCausalLM
@@ -21,9 +23,6 @@ from dsv3.parallel.world import ParallelContext
 from dsv3.parallel.zero import ZeroAdamW
 from dsv3.train.config import TrainConfig
 from dsv3.train.loop import train
-
-from helpers import assert_one_error, cli
-from robust_helpers import flags, tiny_options, tree_digest
 
 
 def add_sharded_checkpoint(run, step: int) -> str:
@@ -53,18 +52,38 @@ def _targets(tmp_path, run):
     (foreign / "keep.txt").write_text("mine")
     existing = tmp_path / "notes.txt"
     existing.write_text("precious")
-    return {"foreign_dir": foreign, "existing_file": existing, "under_file": existing / "sub" / "out",
-            "run_dir": run}
+    return {"foreign_dir": foreign, "existing_file": existing, "under_file": existing / "sub" / "out", "run_dir": run}
 
 
 #: Each writing sub-command as argv for an output path; an allowed (command, target) writes (plot into its run).
 COMMANDS = {
     "export": lambda w, t: ["export", w["run"], t],
     "generate --stats": lambda w, t: ["generate", w["run"], "--max-tokens", "2", "--stats", t],
-    "eplb --json": lambda w, t: ["eplb", "--loads", w["loads"], "--replicas", "4", "--nodes", "1", "--gpus", "2",
-                                 "--json", t],
-    "plan schedule --plot": lambda w, t: ["plan", "schedule", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2",
-                                          "--plot", t],
+    "eplb --json": lambda w, t: [
+        "eplb",
+        "--loads",
+        w["loads"],
+        "--replicas",
+        "4",
+        "--nodes",
+        "1",
+        "--gpus",
+        "2",
+        "--json",
+        t,
+    ],
+    "plan schedule --plot": lambda w, t: [
+        "plan",
+        "schedule",
+        "--schedule",
+        "1f1b",
+        "--pp",
+        "2",
+        "--microbatches",
+        "2",
+        "--plot",
+        t,
+    ],
     "plot --out": lambda w, t: ["plot", w["run"], "--out", t],
     "train --run-dir": lambda w, t: ["train", *flags(tiny_options(w["setup"], t))],
 }
@@ -115,12 +134,33 @@ def test_own_outputs_are_replaced_and_exports_are_self_contained(world, tmp_path
         assert cli(["generate", run, "--max-tokens", "2", "--stats", stats], capsys)[0] == 0
     placement = tmp_path / "placement.json"
     for _ in range(2):
-        assert cli(["eplb", "--loads", root / "loads.json", "--replicas", "4", "--nodes", "1", "--gpus", "2",
-                    "--json", placement], capsys)[0] == 0
+        assert (
+            cli(
+                [
+                    "eplb",
+                    "--loads",
+                    root / "loads.json",
+                    "--replicas",
+                    "4",
+                    "--nodes",
+                    "1",
+                    "--gpus",
+                    "2",
+                    "--json",
+                    placement,
+                ],
+                capsys,
+            )[0]
+            == 0
+        )
     png = tmp_path / "t.png"
     for _ in range(2):
-        assert cli(["plan", "schedule", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--plot", png],
-                   capsys)[0] == 0
+        assert (
+            cli(["plan", "schedule", "--schedule", "1f1b", "--pp", "2", "--microbatches", "2", "--plot", png], capsys)[
+                0
+            ]
+            == 0
+        )
 
 
 def test_relative_paths_and_one_directory_for_two_roles(world, tmp_path, capsys, monkeypatch):
@@ -135,9 +175,11 @@ def test_relative_paths_and_one_directory_for_two_roles(world, tmp_path, capsys,
     assert not (tmp_path / "new").exists()
 
 
-CHATML = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
-          "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
-          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHATML = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @pytest.mark.slow
@@ -150,12 +192,24 @@ def test_sft_on_a_dsv3_run_then_eval_and_export_need_nothing_else(world, train_s
     config = tmp_path / "tokenizer_config.json"
     config.write_text(json.dumps({"chat_template": CHATML, "bos_token": "<|bos|>", "eos_token": "<|eos|>"}))
     chat = tmp_path / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
-            for w in ("yes", "no", "maybe", "never", "always", "often")]
+    rows = [
+        {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+        for w in ("yes", "no", "maybe", "never", "always", "often")
+    ]
     chat.write_text("".join(json.dumps(r) + "\n" for r in rows))
     checkpoint = sorted((run / "checkpoints").iterdir())[-1]
-    opts = tiny_options(train_setup, tmp_path / "sft", task="sft", data=str(chat), chat_template=str(config),
-                        init_from=str(checkpoint), model=None, seq_len=32, val_fraction=0.0, eval_every=1000)
+    opts = tiny_options(
+        train_setup,
+        tmp_path / "sft",
+        task="sft",
+        data=str(chat),
+        chat_template=str(config),
+        init_from=str(checkpoint),
+        model=None,
+        seq_len=32,
+        val_fraction=0.0,
+        eval_every=1000,
+    )
     code, _, err = cli(["train", *flags(opts)], capsys)
     assert code == 0, err
     sft_checkpoint = sorted((tmp_path / "sft" / "checkpoints").iterdir())[-1]
@@ -197,8 +251,13 @@ def test_plot_out_onto_a_run_file_is_refused(world, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(base, run)
     before = tree_digest(tmp_path)
-    for out in (run / "metrics.jsonl", run / "checkpoints", run / "checkpoints" / "step-0000002" / "plots",
-                run / "dcp-00000002", tmp_path):
+    for out in (
+        run / "metrics.jsonl",
+        run / "checkpoints",
+        run / "checkpoints" / "step-0000002" / "plots",
+        run / "dcp-00000002",
+        tmp_path,
+    ):
         assert_one_error(*cli(["plot", run, "--out", out], capsys)[::2])
     assert tree_digest(tmp_path) == before
     figures = tmp_path / "figures"

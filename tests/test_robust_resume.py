@@ -17,16 +17,19 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import assert_one_error, cli, read_jsonl
+from robust_helpers import flags, mounted_tmpfs, run_dsv3, tiny_options, tree_digest
 
-from dsv3.checkpoint.state import (list_checkpoints, remove_stale_temporaries, select_resume_checkpoint,
-                                   verify_checkpoint)
+from dsv3.checkpoint.state import (
+    list_checkpoints,
+    remove_stale_temporaries,
+    select_resume_checkpoint,
+    verify_checkpoint,
+)
 from dsv3.errors import CheckpointError, ConfigError
 from dsv3.train.config import TrainConfig
 from dsv3.train.loop import train
 from dsv3.train.rundir import RunLock
-
-from helpers import assert_one_error, cli, read_jsonl
-from robust_helpers import flags, mounted_tmpfs, run_dsv3, tiny_options, tree_digest
 
 STEP2, STEP4 = "step-0000002", "step-0000004"
 
@@ -37,7 +40,10 @@ def base_run(train_setup, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DSV3_CACHE", str(tmp_path_factory.getbasetemp() / "dsv3-cache"))
         run = tmp_path_factory.mktemp("robust_base") / "run"
-        train(TrainConfig.from_dict(tiny_options(train_setup, run, steps=4, save_every=2, eval_every=4)), log=lambda s: None)
+        train(
+            TrainConfig.from_dict(tiny_options(train_setup, run, steps=4, save_every=2, eval_every=4)),
+            log=lambda s: None,
+        )
     assert [s for s, _ in list_checkpoints(str(run))] == [2, 4]
     return run, {r["step"]: r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r}
 
@@ -53,8 +59,14 @@ def _copy(base_run, tmp_path):
 def test_model_changing_flags_on_resume_are_refused(train_setup, base_run, tmp_path, capsys, change):
     run = _copy(base_run, tmp_path)
     before = tree_digest(run)
-    value = {"model": "tiny", "init_from": run / "checkpoints" / STEP2, "seq_len": 32,
-             "tokenizer": tmp_path / "other.json", "data": tmp_path, "run_dir": tmp_path / "elsewhere"}[change]
+    value = {
+        "model": "tiny",
+        "init_from": run / "checkpoints" / STEP2,
+        "seq_len": 32,
+        "tokenizer": tmp_path / "other.json",
+        "data": tmp_path,
+        "run_dir": tmp_path / "elsewhere",
+    }[change]
     if change == "tokenizer":
         shutil.copy(train_setup["tokenizer"], value)
         Path(value).write_text(Path(value).read_text().replace('"<|pad|>"', '"<|padding|>"'))
@@ -69,8 +81,12 @@ def test_repeating_a_saved_value_on_resume_is_accepted(train_setup, base_run):
 
     run = str(base_run[0])
     saved = resume_config(run, {})
-    same = {"seq_len": str(saved.data.seq_len), "model": saved.model.name, "data.val_fraction":
-            saved.data.val_fraction, "steps": "9"}
+    same = {
+        "seq_len": str(saved.data.seq_len),
+        "model": saved.model.name,
+        "data.val_fraction": saved.data.val_fraction,
+        "steps": "9",
+    }
     refuse_frozen_overrides(saved, resume_config(run, same), same)  # no error: nothing frozen changes
     changed = {"data.seq_len": 32}  # a dotted name is the same flag
     with pytest.raises(ConfigError, match="--seq-len cannot change on --resume"):
@@ -105,8 +121,15 @@ def test_interrupted_checkpoint_replace_is_repaired(base_run, tmp_path):
     assert sorted(os.listdir(ckpts)) == [STEP2, STEP4] and verify_checkpoint(str(ckpts / STEP4)) is None
 
 
-CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors",
-                    "rng.safetensors", "training_state.json", "manifest.json"]
+CHECKPOINT_FILES = [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "optimizer.safetensors",
+    "rng.safetensors",
+    "training_state.json",
+    "manifest.json",
+]
 
 
 def _damage(path: Path, how: str) -> None:
@@ -132,8 +155,9 @@ def test_verify_checkpoint_detects_each_kind_of_damage(base_run, tmp_path, name,
     assert reason is not None and (name in reason or "manifest" in reason), reason
 
 
-@pytest.mark.parametrize("name,how", [("optimizer.safetensors", "delete"), ("rng.safetensors", "truncate"),
-                                      ("model.safetensors", "flip")])
+@pytest.mark.parametrize(
+    "name,how", [("optimizer.safetensors", "delete"), ("rng.safetensors", "truncate"), ("model.safetensors", "flip")]
+)
 def test_damaged_newest_checkpoint_falls_back_and_says_so(base_run, tmp_path, capsys, name, how):
     run = _copy(base_run, tmp_path)
     _damage(run / "checkpoints" / STEP4 / name, how)
@@ -181,9 +205,15 @@ def test_locked_run_refuses_a_second_resume(base_run, tmp_path, capsys):
 def test_lock_held_by_another_process_and_released_when_it_dies(base_run, tmp_path, capsys):
     run = _copy(base_run, tmp_path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dsv3.train.rundir import RunLock; "
-                               f"lock = RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from dsv3.train.rundir import RunLock; "
+            f"lock = RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, _, err = cli(["train", "--resume", run], capsys)
@@ -234,8 +264,11 @@ def test_real_full_disk_keeps_the_previous_checkpoint(train_setup, small_disk):
                 os.posix_fallocate(fh.fileno(), 0, free - 256 * 1024)
 
     with pytest.raises(CheckpointError, match="no space left on device") as info:
-        train(TrainConfig.from_dict(tiny_options(train_setup, run, steps=4, save_every=2)), log=lambda s: None,
-              step_hook=fill_disk)
+        train(
+            TrainConfig.from_dict(tiny_options(train_setup, run, steps=4, save_every=2)),
+            log=lambda s: None,
+            step_hook=fill_disk,
+        )
     assert STEP2 in str(info.value) and "\n" not in str(info.value)
     assert os.listdir(run / "checkpoints") == [STEP2]
     assert verify_checkpoint(str(run / "checkpoints" / STEP2)) is None
@@ -245,14 +278,20 @@ def test_real_full_disk_keeps_the_previous_checkpoint(train_setup, small_disk):
 # decay_start = decay_end = 1: the learning rate of a step does not depend on --steps, so a run
 # stopped and resumed with another --steps trains exactly as a run that was never stopped.
 def _preemptible(setup, run, steps):
-    return tiny_options(setup, run, steps=steps, save_every=10_000, eval_every=10_000, decay_start=1.0,
-                        decay_end=1.0, warmup_steps=2)
+    return tiny_options(
+        setup, run, steps=steps, save_every=10_000, eval_every=10_000, decay_start=1.0, decay_end=1.0, warmup_steps=2
+    )
 
 
 def _start(argv):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "dsv3", *[str(a) for a in argv]], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dsv3", *[str(a) for a in argv]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _wait_for_a_step(proc, run, timeout=180):
@@ -267,8 +306,9 @@ def _wait_for_a_step(proc, run, timeout=180):
 
 
 def _losses(run):
-    return {r["step"]: (r["loss"], r["lm_loss"], r["grad_norm"]) for r in read_jsonl(run / "metrics.jsonl")
-            if "loss" in r}
+    return {
+        r["step"]: (r["loss"], r["lm_loss"], r["grad_norm"]) for r in read_jsonl(run / "metrics.jsonl") if "loss" in r
+    }
 
 
 @pytest.mark.slow
@@ -309,8 +349,11 @@ def test_second_signal_stops_at_once(train_setup, tmp_path):
     # 130: the second signal stopped it at once; 143: the kernel merged the two (a pending signal is not queued)
     # and the run stopped after its checkpoint
     assert proc.returncode in (130, 143) and "Traceback" not in err, err
-    assert not [n for n in os.listdir(run / "checkpoints") if n.endswith(".tmp")] if (run / "checkpoints").exists() \
+    assert (
+        not [n for n in os.listdir(run / "checkpoints") if n.endswith(".tmp")]
+        if (run / "checkpoints").exists()
         else True
+    )
     for _, path in list_checkpoints(str(run)):  # whatever was written is complete
         assert verify_checkpoint(path) is None
 
@@ -361,8 +404,13 @@ def test_sigterm_to_a_script_calling_train_raises_with_the_checkpoint(train_setu
 
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", LIBRARY_SCRIPT, json.dumps(_preemptible(train_setup, run, 500))],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIBRARY_SCRIPT, json.dumps(_preemptible(train_setup, run, 500))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     _wait_for_a_step(proc, run)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=240)

@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from dsv3.checkpoint.manifest import select_sharded, verify_sharded
-from dsv3.errors import CheckpointError
-
 from dist_helpers import free_port
 from helpers import assert_one_error, cli
 from robust_helpers import tree_digest
+
+from dsv3.checkpoint.manifest import select_sharded, verify_sharded
+from dsv3.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -35,14 +34,52 @@ FILES = (".metadata", "__0_0.distcp", "__1_0.distcp", "meta.json", "manifest.jso
 def sharded_run(train_setup, tmp_path_factory):
     """A finished 2-step run of 2 torchrun ranks (ep 2) with a sharded checkpoint after each step."""
     run = tmp_path_factory.mktemp("robust_sharded") / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_DIST_TIMEOUT="60",
-               DSV3_CACHE=str(tmp_path_factory.getbasetemp() / "dsv3-cache"))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        DSV3_DIST_TIMEOUT="60",
+        DSV3_CACHE=str(tmp_path_factory.getbasetemp() / "dsv3-cache"),
+    )
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [TORCHRUN, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "dsv3",
-           "train", "--model", train_setup["model"], "--data", train_setup["corpus"], "--tokenizer",
-           train_setup["tokenizer"], "--seq-len", "16", "--micro-batch", "2", "--global-batch", "4", "--steps", "2",
-           "--warmup-steps", "1", "--eval-every", "1000", "--eval-batches", "1", "--sample-tokens", "0",
-           "--save-every", "1", "--no-progress", "--no-tensorboard", "--ep", "2", "--run-dir", str(run)]
+    cmd = [
+        TORCHRUN,
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "dsv3",
+        "train",
+        "--model",
+        train_setup["model"],
+        "--data",
+        train_setup["corpus"],
+        "--tokenizer",
+        train_setup["tokenizer"],
+        "--seq-len",
+        "16",
+        "--micro-batch",
+        "2",
+        "--global-batch",
+        "4",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        "1000",
+        "--eval-batches",
+        "1",
+        "--sample-tokens",
+        "0",
+        "--save-every",
+        "1",
+        "--no-progress",
+        "--no-tensorboard",
+        "--ep",
+        "2",
+        "--run-dir",
+        str(run),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in run.glob("dcp-*")) == [OLD, NEW]
@@ -124,8 +161,17 @@ def test_resume_under_torchrun_falls_back_once(sharded_run, train_setup, tmp_pat
     _damage(run / NEW / "__1_0.distcp", "flip")
     env = dict(os.environ, OMP_NUM_THREADS="1", DSV3_DIST_TIMEOUT="60")
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [TORCHRUN, "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "dsv3",
-           "train", "--resume", str(run)]
+    cmd = [
+        TORCHRUN,
+        "--nproc-per-node=2",
+        "--master-addr=127.0.0.1",
+        f"--master-port={free_port()}",
+        "-m",
+        "dsv3",
+        "train",
+        "--resume",
+        str(run),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (done.stdout + done.stderr).count(f"sharded checkpoint {NEW} is damaged") == 1, done.stdout

@@ -7,13 +7,12 @@ import os
 
 import pytest
 import torch
+from helpers import small_config
 
 import dsv3
 from dsv3.checkpoint.state import save_checkpoint
 from dsv3.errors import CheckpointError
 from dsv3.train import plots
-
-from helpers import small_config
 
 
 def _model(seed):
@@ -58,8 +57,15 @@ def test_from_pretrained_accepts_a_run_directory(tmp_path):
         dsv3.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("steps,edges", [([1, 10], [0.0, 5.5, 14.5]), ([1], [0.5, 1.5]),
-                                         ([10, 20, 30], [5.0, 15.0, 25.0, 35.0]), ([2, 3], [1.5, 2.5, 3.5])])
+@pytest.mark.parametrize(
+    "steps,edges",
+    [
+        ([1, 10], [0.0, 5.5, 14.5]),
+        ([1], [0.5, 1.5]),
+        ([10, 20, 30], [5.0, 15.0, 25.0, 35.0]),
+        ([2, 3], [1.5, 2.5, 3.5]),
+    ],
+)
 def test_step_edges_never_go_below_zero(steps, edges):
     assert plots.step_edges(steps) == edges
 
@@ -68,8 +74,10 @@ def test_expert_load_plot_of_a_short_run_has_no_negative_steps(tmp_path, monkeyp
     figures = []
     real_save = plots._save
     monkeypatch.setattr(plots, "_save", lambda fig, path, **kw: (figures.append(fig), real_save(fig, path, **kw))[1])
-    records = [{"step": 1, "expert_load": [[3, 1, 2, 2], [1, 1, 4, 2]]},
-               {"step": 10, "expert_load": [[2, 2, 2, 2], [4, 1, 1, 2]]}]
+    records = [
+        {"step": 1, "expert_load": [[3, 1, 2, 2], [1, 1, 4, 2]]},
+        {"step": 10, "expert_load": [[2, 2, 2, 2], [4, 1, 1, 2]]},
+    ]
     path = plots.plot_expert_load(records, tmp_path / "expert_load.png")
     assert path is not None and path.is_file()
     panels = [ax for ax in figures[0].axes if ax.get_visible() and ax.get_xlabel() == "step"]

@@ -9,8 +9,16 @@ from dsv3.train.schedule import BatchRamp, LRSchedule
 
 # The report's schedule, in steps of a hypothetical run: warmup 2000, constant to 10000,
 # cosine over 5000 steps to 2.2e-5, tail 2.2e-5, last 500 steps at 7.3e-6.
-REPORT = LRSchedule(peak_lr=2.2e-4, warmup_steps=2000, decay_start=10_000, decay_steps=5000,
-                    min_lr=2.2e-5, final_lr=7.3e-6, final_steps=500, total_steps=16_000)
+REPORT = LRSchedule(
+    peak_lr=2.2e-4,
+    warmup_steps=2000,
+    decay_start=10_000,
+    decay_steps=5000,
+    min_lr=2.2e-5,
+    final_lr=7.3e-6,
+    final_steps=500,
+    total_steps=16_000,
+)
 
 
 def cosine(step, start, length, peak, low):
@@ -20,20 +28,20 @@ def cosine(step, start, length, peak, low):
 @pytest.mark.parametrize(
     "step, expected",
     [
-        (0, 2.2e-4 / 2000),                      # first warmup step
-        (999, 2.2e-4 * 1000 / 2000),             # mid-warmup
-        (1999, 2.2e-4),                          # end of warmup
-        (2000, 2.2e-4),                          # constant phase
-        (9999, 2.2e-4),                          # last constant step
-        (10_000, 2.2e-4),                        # cosine starts at the peak
-        (12_500, (2.2e-4 + 2.2e-5) / 2),         # mid-cosine: halfway between peak and min
+        (0, 2.2e-4 / 2000),  # first warmup step
+        (999, 2.2e-4 * 1000 / 2000),  # mid-warmup
+        (1999, 2.2e-4),  # end of warmup
+        (2000, 2.2e-4),  # constant phase
+        (9999, 2.2e-4),  # last constant step
+        (10_000, 2.2e-4),  # cosine starts at the peak
+        (12_500, (2.2e-4 + 2.2e-5) / 2),  # mid-cosine: halfway between peak and min
         (11_234, cosine(11_234, 10_000, 5000, 2.2e-4, 2.2e-5)),
         (14_999, cosine(14_999, 10_000, 5000, 2.2e-4, 2.2e-5)),
-        (15_000, 2.2e-5),                        # end of decay
-        (15_499, 2.2e-5),                        # tail
-        (15_500, 7.3e-6),                        # final phase
+        (15_000, 2.2e-5),  # end of decay
+        (15_499, 2.2e-5),  # tail
+        (15_500, 7.3e-6),  # final phase
         (15_999, 7.3e-6),
-        (20_000, 7.3e-6),                        # past the end: last value
+        (20_000, 7.3e-6),  # past the end: last value
     ],
 )
 def test_report_schedule_at_chosen_steps(step, expected):
@@ -79,7 +87,17 @@ def test_for_run_keeps_the_report_proportions():
         ({"peak_lr": 1e-3, "warmup_steps": 10, "decay_start": 5}, "decay_start"),
         ({"peak_lr": 1e-3, "final_steps": 5, "total_steps": 100}, "final_lr"),
         ({"peak_lr": 1e-3, "final_steps": 5, "final_lr": 1e-5}, "total_steps"),
-        ({"peak_lr": 1e-3, "decay_start": 50, "decay_steps": 50, "final_steps": 10, "final_lr": 1e-5, "total_steps": 100}, "final phase"),
+        (
+            {
+                "peak_lr": 1e-3,
+                "decay_start": 50,
+                "decay_steps": 50,
+                "final_steps": 10,
+                "final_lr": 1e-5,
+                "total_steps": 100,
+            },
+            "final phase",
+        ),
         ({"peak_lr": 1e-3, "decay_start": 50, "decay_steps": 60, "total_steps": 100}, "decay"),
         ({"peak_lr": 1e-3, "warmup_steps": 2.5}, "warmup_steps"),
         ({"peak_lr": float("nan")}, "peak_lr"),

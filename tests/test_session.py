@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 
 import torch
+from helpers import quick_options, read_jsonl
 
 from dsv3.train.config import TrainConfig
 from dsv3.train.loop import train
 from dsv3.train.session import BatchPrefetcher, build_session, train_step
-
-from helpers import quick_options, read_jsonl
 
 
 def _session(setup, tmp_path, **changes):

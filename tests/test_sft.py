@@ -10,24 +10,46 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_error, cli, small_config
+from tokenizers import Tokenizer
 
 from dsv3.errors import ConfigError, DataError
-from tokenizers import Tokenizer
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.mla import document_mask
-from dsv3.train.sft import (ChatTemplate, Conversation, PackedChatDataset, build_sft_data, load_chat_template, pack,
-                            read_conversations, token_mask, tokenize_conversation)
-
-from helpers import assert_one_error, cli, small_config
+from dsv3.train.sft import (
+    ChatTemplate,
+    Conversation,
+    PackedChatDataset,
+    build_sft_data,
+    load_chat_template,
+    pack,
+    read_conversations,
+    token_mask,
+    tokenize_conversation,
+)
 
 transformers = pytest.importorskip("transformers")
 
 DATA = Path(__file__).parent / "data"
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
-DS_SPECIAL = (BOS, EOS, USER, ASSISTANT, "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>",
-              "<｜tool▁call▁end｜>", "<｜tool▁calls▁end｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁output▁begin｜>",
-              "<｜tool▁output▁end｜>", "<｜tool▁outputs▁end｜>", "<|im_start|>", "<|im_end|>")
+DS_SPECIAL = (
+    BOS,
+    EOS,
+    USER,
+    ASSISTANT,
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁sep｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<|im_start|>",
+    "<|im_end|>",
+)
 
 # A ChatML template with generation markers around the assistant content and its end-of-turn token.
 CHATML_GEN = (
@@ -40,12 +62,21 @@ CHATML_GEN = (
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."},
-     {"role": "assistant", "content": "Blue"}, {"role": "user", "content": "Another one, please"},
-     {"role": "assistant", "content": " green  and\nred "}],
-    [{"role": "system", "content": "First rule."}, {"role": "system", "content": "Second rule."},
-     {"role": "user", "content": "def f(x): return x"}, {"role": "assistant", "content": ""},
-     {"role": "user", "content": "¿Qué? 日本語"}, {"role": "assistant", "content": "Ünïcödé ✓ answer"}],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": "Blue"},
+        {"role": "user", "content": "Another one, please"},
+        {"role": "assistant", "content": " green  and\nred "},
+    ],
+    [
+        {"role": "system", "content": "First rule."},
+        {"role": "system", "content": "Second rule."},
+        {"role": "user", "content": "def f(x): return x"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "¿Qué? 日本語"},
+        {"role": "assistant", "content": "Ünïcödé ✓ answer"},
+    ],
 ]
 
 
@@ -87,8 +118,9 @@ def test_deepseek_v3_template_renders_as_transformers(tok, ds_config, i, gen):
 
 
 def test_template_sees_raise_exception_and_tojson():
-    t = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"
-                     "{{ messages | tojson }}")
+    t = ChatTemplate(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}{{ messages | tojson }}"
+    )
     assert t.render([{"role": "user", "content": "<a&b>"}])[0] == '[{"role": "user", "content": "<a&b>"}]'
     import jinja2
 
@@ -113,8 +145,7 @@ def test_mask_equals_transformers_on_generation_markers(tok, i):
 def _ds_with_markers(source: str) -> str:
     """DeepSeek-V3's template with {% generation %} around assistant content + end-of-turn token."""
     plain = "{{'<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>'}}"
-    marked = ("{{'<｜Assistant｜>'}}{% generation %}{{message['content'] + '<｜end▁of▁sentence｜>'}}"
-              "{% endgeneration %}")
+    marked = "{{'<｜Assistant｜>'}}{% generation %}{{message['content'] + '<｜end▁of▁sentence｜>'}}{% endgeneration %}"
     assert source.count(plain) == 1
     return source.replace(plain, marked)
 
@@ -139,8 +170,20 @@ def test_deepseek_v3_mask_by_hand(tok, ds_config):
     def enc(text):
         return tok.encode(text, add_special_tokens=False).ids
 
-    pieces = [(BOS, 0), ("You are terse.", 0), (USER, 0), ("Name a colour.", 0), (ASSISTANT, 0), ("Blue", 1),
-              (EOS, 1), (USER, 0), ("Another one, please", 0), (ASSISTANT, 0), (" green  and\nred ", 1), (EOS, 1)]
+    pieces = [
+        (BOS, 0),
+        ("You are terse.", 0),
+        (USER, 0),
+        ("Name a colour.", 0),
+        (ASSISTANT, 0),
+        ("Blue", 1),
+        (EOS, 1),
+        (USER, 0),
+        ("Another one, please", 0),
+        (ASSISTANT, 0),
+        (" green  and\nred ", 1),
+        (EOS, 1),
+    ]
     ids = [i for text, _ in pieces for i in enc(text)]
     mask = [m for text, m in pieces for _ in enc(text)]
     assert conv.ids.tolist() == ids
@@ -159,8 +202,10 @@ def test_token_mask_overlap_rule():
 
 def test_prefix_method_refuses_a_template_that_rewrites_history(tok):
     # The last assistant turn is rendered differently from earlier ones: no prefix-stable spans.
-    t = ChatTemplate("{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}{{ m['content'] }}"
-                     "{% endif %}{% endfor %}")
+    t = ChatTemplate(
+        "{% for m in messages %}{% if loop.last %}[{{ m['content'] }}]{% else %}{{ m['content'] }}"
+        "{% endif %}{% endfor %}"
+    )
     with pytest.raises(ValueError, match="continuation"):
         t.assistant_spans([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
 
@@ -174,20 +219,22 @@ def write_jsonl(path, records):
 
 
 def test_prompt_completion_is_a_user_assistant_pair(tmp_path):
-    p = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi", "completion": "Hello"},
-                                           {"messages": CONVERSATIONS[1]}])
+    p = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi", "completion": "Hello"}, {"messages": CONVERSATIONS[1]}])
     convs = [m for _, m in read_conversations(p)]
     assert convs[0] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert convs[1] == CONVERSATIONS[1]
 
 
-@pytest.mark.parametrize("line, fragment", [
-    ("not json", "not valid JSON"),
-    ('{"text": "plain"}', "neither"),
-    ('{"messages": "hi"}', "must be a list"),
-    ('{"messages": [{"content": "x"}]}', "string \\\"role\\\""),
-    ('{"messages": [{"role": "user", "content": 3}]}', "is a int"),
-])
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ("not json", "not valid JSON"),
+        ('{"text": "plain"}', "neither"),
+        ('{"messages": "hi"}', "must be a list"),
+        ('{"messages": [{"content": "x"}]}', 'string \\"role\\"'),
+        ('{"messages": [{"role": "user", "content": 3}]}', "is a int"),
+    ],
+)
 def test_malformed_records_are_one_line_errors(tmp_path, line, fragment):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"prompt": "a", "completion": "b"}\n' + line + "\n", encoding="utf-8")
@@ -208,8 +255,9 @@ def test_missing_template_is_an_error(tmp_path):
 
 def test_template_override_takes_tokens_from_the_checkpoint(tmp_path, ds_config):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(ds_config), encoding="utf-8")
-    (tmp_path / "t.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}"
-                                      "{% endfor %}", encoding="utf-8")
+    (tmp_path / "t.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}", encoding="utf-8"
+    )
     t = load_chat_template(tmp_path / "t.jinja", tokenizer_dir=tmp_path)
     assert t.render([{"role": "user", "content": "x"}])[0] == BOS + "x" + EOS
     assert load_chat_template(tokenizer_dir=tmp_path).source == ds_config["chat_template"]
@@ -274,8 +322,9 @@ def chat_file(tmp_path_factory):
         for _ in range(1 + k % 2):
             turns.append({"role": "user", "content": " ".join(rng.choice(words, rng.integers(2, 8)))})
             turns.append({"role": "assistant", "content": " ".join(rng.choice(words, rng.integers(1, 10)))})
-        records.append({"messages": turns} if k % 4 else {"prompt": turns[-2]["content"],
-                                                          "completion": turns[-1]["content"]})
+        records.append(
+            {"messages": turns} if k % 4 else {"prompt": turns[-2]["content"], "completion": turns[-1]["content"]}
+        )
     return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", records)
 
 
@@ -301,7 +350,7 @@ def test_packed_conversations_get_the_logits_and_losses_they_get_alone(tok, ds_c
             labels = torch.from_numpy(np.where(conv.mask[1:], conv.ids[1:], -100)).unsqueeze(0)
             with torch.no_grad():
                 alone = model(ids, labels, return_logits=True)
-            torch.testing.assert_close(packed[b, at:at + n], alone.logits[0], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(packed[b, at : at + n], alone.logits[0], atol=2e-5, rtol=1e-5)
             k_lm, k_mtp = int((labels != -100).sum()), int((labels[:, 1:] != -100).sum())
             lm_sum += float(alone.lm_loss) * k_lm
             lm_n += k_lm
@@ -344,16 +393,24 @@ def test_masked_packing_trains_the_same_gradients_as_separate_runs(tok, ds_confi
         (alone.lm_loss * int((labels != -100).sum())).backward()
     w = model.model.layers[0].self_attn.kv_b_proj.weight
     torch.testing.assert_close(packed["model.layers.0.self_attn.kv_b_proj.weight"], w.grad, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(packed["model.embed_tokens.weight"], model.model.embed_tokens.weight.grad,
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        packed["model.embed_tokens.weight"], model.model.embed_tokens.weight.grad, atol=1e-5, rtol=1e-4
+    )
 
 
 # --------------------------------------------------------------------------- the data object
 
 
 def test_sft_data_interface_split_and_resume(tok, ds_config, chat_file):
-    data = build_sft_data(chat_file, tokenizer=tok, template=ds_template(ds_config), seq_len=160, vocab_size=600,
-                          val_fraction=0.2, split_seed=3)
+    data = build_sft_data(
+        chat_file,
+        tokenizer=tok,
+        template=ds_template(ds_config),
+        seq_len=160,
+        vocab_size=600,
+        val_fraction=0.2,
+        split_seed=3,
+    )
     assert data.stats.read == 24 and data.stats.kept == 24
     assert len(data.val.conversations) == 5 and len(data.train.conversations) == 19
     assert "24 of 24 conversations" in data.summary()
@@ -376,12 +433,15 @@ def test_sft_data_interface_split_and_resume(tok, ds_config, chat_file):
 
 def test_long_and_assistantless_conversations_are_skipped_truncated_or_refused(tok, ds_config, tmp_path):
     long_text = " ".join(["word"] * 200)
-    p = write_jsonl(tmp_path / "d.jsonl", [
-        {"prompt": "hi", "completion": "hello"},
-        {"prompt": "tell me", "completion": long_text},
-        {"messages": [{"role": "user", "content": "no answer"}]},
-        {"prompt": long_text, "completion": "late answer"},
-    ])
+    p = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "hi", "completion": "hello"},
+            {"prompt": "tell me", "completion": long_text},
+            {"messages": [{"role": "user", "content": "no answer"}]},
+            {"prompt": long_text, "completion": "late answer"},
+        ],
+    )
     t = ds_template(ds_config)
     skipped = build_sft_data(p, tokenizer=tok, template=t, seq_len=32, vocab_size=600, on_long="skip")
     assert (skipped.stats.kept, skipped.stats.too_long, skipped.stats.no_assistant) == (1, 2, 1)
@@ -407,8 +467,11 @@ def test_long_and_assistantless_conversations_are_skipped_truncated_or_refused(t
 
 def test_template_refusal_is_one_line(tok, tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "assistant", "content": "first"}]}])
-    t = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with "
-                     "the user') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}", origin="t.jinja")
+    t = ChatTemplate(
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with "
+        "the user') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+        origin="t.jinja",
+    )
     with pytest.raises(DataError, match="refuses line 1 .* start with the user"):
         build_sft_data(p, tokenizer=tok, template=t, seq_len=32, vocab_size=600)
 
@@ -421,18 +484,36 @@ def hf_dir(tmp_path_factory, tok):
     """A small Hugging Face checkpoint directory with DeepSeek-V3's chat template and a tokenizer."""
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
-    DeepseekV3ForCausalLM(small_config(vocab_size=600, rope_scaling=None, max_position_embeddings=256)
-                          ).save_pretrained(root)
+    DeepseekV3ForCausalLM(small_config(vocab_size=600, rope_scaling=None, max_position_embeddings=256)).save_pretrained(
+        root
+    )
     tok.save(str(root / "tokenizer.json"))
     (root / "tokenizer_config.json").write_text((DATA / "deepseek_v3" / "tokenizer_config.json").read_text())
     return root
 
 
 def sft_options(hf_dir, chat_file, run_dir, **changes):
-    opts = dict(init_from=str(hf_dir), data=str(chat_file), task="sft", seq_len=160, micro_batch=2, global_batch=4,
-                steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=1, eval_every=3, eval_batches=2, save_every=3,
-                keep_last=5, sample_tokens=4, progress=False, tensorboard=False, run_dir=str(run_dir),
-                val_fraction=0.1)
+    opts = dict(
+        init_from=str(hf_dir),
+        data=str(chat_file),
+        task="sft",
+        seq_len=160,
+        micro_batch=2,
+        global_batch=4,
+        steps=6,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=1,
+        eval_every=3,
+        eval_batches=2,
+        save_every=3,
+        keep_last=5,
+        sample_tokens=4,
+        progress=False,
+        tensorboard=False,
+        run_dir=str(run_dir),
+        val_fraction=0.1,
+    )
     opts.update(changes)
     return opts
 
@@ -445,8 +526,11 @@ def _run(opts, **kw):
 
 
 def _metrics(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-            if line.strip() and "loss" in json.loads(line)]
+    return [
+        json.loads(line)
+        for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        if line.strip() and "loss" in json.loads(line)
+    ]
 
 
 @pytest.mark.timeout(600)
@@ -478,9 +562,15 @@ def test_sft_run_resumes_bit_exactly_and_logs_loss_tokens(hf_dir, chat_file, tmp
     w2 = dsv3.from_pretrained(latest_checkpoint(str(tmp_path / "resumed"))).state_dict()
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     # loss tokens: the assistant targets of the step's rows, far fewer than its positions
-    data = build_sft_data(chat_file, tokenizer=Tokenizer.from_file(str(hf_dir / "tokenizer.json")),
-                          template=load_chat_template(tokenizer_dir=hf_dir), seq_len=160, vocab_size=600,
-                          val_fraction=0.1, split_seed=0)
+    data = build_sft_data(
+        chat_file,
+        tokenizer=Tokenizer.from_file(str(hf_dir / "tokenizer.json")),
+        template=load_chat_template(tokenizer_dir=hf_dir),
+        seq_len=160,
+        vocab_size=600,
+        val_fraction=0.1,
+        split_seed=0,
+    )
     loader = data.loader(0)
     for r in straight:
         want = sum(int(loader.next_batch(2).loss_tokens) for _ in range(2))
@@ -492,10 +582,16 @@ def test_sft_run_resumes_bit_exactly_and_logs_loss_tokens(hf_dir, chat_file, tmp
 def test_sft_step_loss_is_token_weighted_over_micro_batches(hf_dir, chat_file, tmp_path):
     """With micro-batches of different numbers of assistant tokens the step's loss is the mean over all of
     them: the same as one micro-batch holding all rows (global 4 = micro 4 vs 2 x micro 2)."""
-    _run(sft_options(hf_dir, chat_file, tmp_path / "one", micro_batch=4, steps=1, eval_every=100, save_every=100,
-                     sample_tokens=0))
-    _run(sft_options(hf_dir, chat_file, tmp_path / "two", micro_batch=2, steps=1, eval_every=100, save_every=100,
-                     sample_tokens=0))
+    _run(
+        sft_options(
+            hf_dir, chat_file, tmp_path / "one", micro_batch=4, steps=1, eval_every=100, save_every=100, sample_tokens=0
+        )
+    )
+    _run(
+        sft_options(
+            hf_dir, chat_file, tmp_path / "two", micro_batch=2, steps=1, eval_every=100, save_every=100, sample_tokens=0
+        )
+    )
     one, two = _metrics(tmp_path / "one")[0], _metrics(tmp_path / "two")[0]
     assert one["loss_tokens"] == two["loss_tokens"]
     assert two["lm_loss"] == pytest.approx(one["lm_loss"], rel=1e-5)
@@ -503,21 +599,54 @@ def test_sft_step_loss_is_token_weighted_over_micro_batches(hf_dir, chat_file, t
 
 
 def test_epochs_set_the_steps(hf_dir, chat_file, tmp_path):
-    result = _run(sft_options(hf_dir, chat_file, tmp_path / "ep", epochs=2, steps=1000, eval_every=100,
-                              save_every=100, sample_tokens=0, packing=False, val_fraction=0.0))
+    result = _run(
+        sft_options(
+            hf_dir,
+            chat_file,
+            tmp_path / "ep",
+            epochs=2,
+            steps=1000,
+            eval_every=100,
+            save_every=100,
+            sample_tokens=0,
+            packing=False,
+            val_fraction=0.0,
+        )
+    )
     assert result.step == 2 * 24 // 4  # 24 conversations, one per row, 4 rows a step
 
 
 def test_yarn_extension_run_writes_the_official_rope_scaling(hf_dir, chat_file, tmp_path):
-    _run(sft_options(hf_dir, chat_file, tmp_path / "yarn", rope_scaling="yarn", rope_factor=4, seq_len=512, steps=1,
-                     eval_every=100, save_every=100, sample_tokens=0))
+    _run(
+        sft_options(
+            hf_dir,
+            chat_file,
+            tmp_path / "yarn",
+            rope_scaling="yarn",
+            rope_factor=4,
+            seq_len=512,
+            steps=1,
+            eval_every=100,
+            save_every=100,
+            sample_tokens=0,
+        )
+    )
     from dsv3.checkpoint.state import latest_checkpoint
 
-    for path in (tmp_path / "yarn" / "model_config.json",
-                 Path(latest_checkpoint(str(tmp_path / "yarn"))) / "config.json"):
+    for path in (
+        tmp_path / "yarn" / "model_config.json",
+        Path(latest_checkpoint(str(tmp_path / "yarn"))) / "config.json",
+    ):
         cfg = json.loads(path.read_text())
-        assert cfg["rope_scaling"] == {"beta_fast": 32, "beta_slow": 1, "factor": 4, "mscale": 1.0,
-                                       "mscale_all_dim": 1.0, "original_max_position_embeddings": 256, "type": "yarn"}
+        assert cfg["rope_scaling"] == {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 4,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 256,
+            "type": "yarn",
+        }
         assert cfg["max_position_embeddings"] == 1024
     # the run's checkpoint loads in transformers with the same logits beyond the original 256 positions
     import warnings
@@ -535,16 +664,42 @@ def test_yarn_extension_run_writes_the_official_rope_scaling(hf_dir, chat_file, 
     assert diff < 1e-4, diff
 
 
-@pytest.mark.parametrize("record, fragment", [
-    ({"messages": [{"role": "user", "content": "unanswered"}]}, "no assistant turn"),
-    ({"messages": [{"role": "user"}]}, "no \"content\""),
-    ({"prompt": "a " * 400, "completion": "b"}, "more than seq_len"),
-])
+@pytest.mark.parametrize(
+    "record, fragment",
+    [
+        ({"messages": [{"role": "user", "content": "unanswered"}]}, "no assistant turn"),
+        ({"messages": [{"role": "user"}]}, 'no "content"'),
+        ({"prompt": "a " * 400, "completion": "b"}, "more than seq_len"),
+    ],
+)
 def test_bad_chat_data_in_training_is_one_line_exit_2(hf_dir, tmp_path, capsys, record, fragment):
     f = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine", "completion": "ok"}] * 8 + [record])
-    code, _, err = cli(["train", "--init-from", str(hf_dir), "--task", "sft", "--data", str(f), "--seq-len", "64",
-                        "--on-long", "error", "--micro-batch", "1", "--global-batch", "1", "--steps", "1",
-                        "--run-dir", str(tmp_path / "run"), "--progress", "false"], capsys)
+    code, _, err = cli(
+        [
+            "train",
+            "--init-from",
+            str(hf_dir),
+            "--task",
+            "sft",
+            "--data",
+            str(f),
+            "--seq-len",
+            "64",
+            "--on-long",
+            "error",
+            "--micro-batch",
+            "1",
+            "--global-batch",
+            "1",
+            "--steps",
+            "1",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--progress",
+            "false",
+        ],
+        capsys,
+    )
     assert_one_error(code, err, fragment)
     assert not (tmp_path / "run").exists()  # nothing written
 
@@ -557,8 +712,23 @@ def test_missing_template_in_training_is_one_line_exit_2(hf_dir, chat_file, tmp_
     bare = tmp_path / "bare"
     shutil.copytree(hf_dir, bare)
     (bare / "tokenizer_config.json").unlink()
-    code = main(["train", "--init-from", str(bare), "--task", "sft", "--data", str(chat_file), "--steps", "1",
-                 "--run-dir", str(tmp_path / "run"), "--progress", "false"])
+    code = main(
+        [
+            "train",
+            "--init-from",
+            str(bare),
+            "--task",
+            "sft",
+            "--data",
+            str(chat_file),
+            "--steps",
+            "1",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--progress",
+            "false",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no chat template" in err[0], err
 

@@ -6,15 +6,19 @@ import math
 
 import pytest
 import torch
+from helpers import small_config
 
 from dsv3.errors import ConfigError
 from dsv3.infer.generate import generate, token_probs
-from dsv3.infer.speculative import (SpeculativeDecoder, SpeculativeStats, accept_drafts, accept_greedy,
-                                   speculative_generate)
+from dsv3.infer.speculative import (
+    SpeculativeDecoder,
+    SpeculativeStats,
+    accept_drafts,
+    accept_greedy,
+    speculative_generate,
+)
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.mla import LatentKVCache
-
-from helpers import small_config
 
 V = 48  # the trained model's vocabulary
 
@@ -94,7 +98,7 @@ def test_batched_greedy_speculative_equals_plain_greedy_per_row(trained):
     stats = SpeculativeStats(2)
     out = speculative_generate(trained, ids, max_new_tokens=20, temperature=0, stats=stats)
     for b in range(4):
-        assert torch.equal(out[b:b + 1], generate(trained, ids[b:b + 1], max_new_tokens=20, temperature=0))
+        assert torch.equal(out[b : b + 1], generate(trained, ids[b : b + 1], max_new_tokens=20, temperature=0))
     assert stats.new_tokens == 4 * 20 and stats.proposed[0] == 4 * stats.rounds
     one = SpeculativeStats(2)
     speculative_generate(trained, ids[:1], max_new_tokens=20, temperature=0, stats=one)
@@ -110,8 +114,9 @@ def test_batched_sampling_rows_follow_the_model(trained):
     as the model's p(. | prompt, first): empirical frequencies of its top tokens within 4 sigma."""
     rows = 300
     ids = torch.tensor([[4, 23, 22]] * rows)
-    out = speculative_generate(trained, ids, max_new_tokens=3, temperature=1.0,
-                               generator=torch.Generator().manual_seed(11))
+    out = speculative_generate(
+        trained, ids, max_new_tokens=3, temperature=1.0, generator=torch.Generator().manual_seed(11)
+    )
     with torch.no_grad():
         first = int(token_probs(trained(ids[:1]).logits[0, -1], temperature=1.0).argmax())
         p = token_probs(trained(torch.tensor([[4, 23, 22, first]])).logits[0, -1], temperature=1.0)
@@ -127,15 +132,16 @@ def _fresh_latents(model, tokens, valid_main, valid_mtp):
     """Reference cache contents: the committed sequence run once from scratch (no rounds, no rollback)."""
     cfg = model.config
     ids = torch.tensor([tokens])
-    cache = LatentKVCache(cfg.num_hidden_layers + len(model.mtp), 1, len(tokens) + 4, cfg.kv_lora_rank,
-                          cfg.qk_rope_head_dim)
+    cache = LatentKVCache(
+        cfg.num_hidden_layers + len(model.mtp), 1, len(tokens) + 4, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    )
     with torch.no_grad():
         h = model(ids[:, :valid_main], cache=cache, start_pos=0).hidden_states
         emb = model.model.embed_tokens(ids)
         cos, sin = model.model.rotary_emb(torch.arange(len(tokens)))
         for k, layer in enumerate(model.mtp, start=1):
             n = valid_mtp[k - 1]
-            h = layer(h[:, :n], emb[:, k:k + n], cos[None, :n], sin[None, :n], cache=cache, start_pos=0)
+            h = layer(h[:, :n], emb[:, k : k + n], cos[None, :n], sin[None, :n], cache=cache, start_pos=0)
     return cache
 
 
@@ -156,8 +162,7 @@ def test_cache_rolls_back_to_the_committed_tokens(trained, monkeypatch, forced):
 
         monkeypatch.setattr(spec, "accept_drafts", cut_short)
     gen = torch.Generator().manual_seed(0)
-    dec = SpeculativeDecoder(trained, torch.tensor([[7, 2, 13, 20]]), max_new_tokens=40, temperature=1.5,
-                             generator=gen)
+    dec = SpeculativeDecoder(trained, torch.tensor([[7, 2, 13, 20]]), max_new_tokens=40, temperature=1.5, generator=gen)
     dec.prefill()
     L = trained.config.num_hidden_layers
     depths = set()
@@ -216,8 +221,9 @@ def test_rejection_sampling_rule_gives_the_target_joint_distribution():
     for _ in range(n):
         d1 = int(torch.multinomial(q1, 1, generator=gen))
         d2 = int(torch.multinomial(q2[d1], 1, generator=gen))
-        a, nxt = accept_drafts([d1, d2], [q1, q2[d1]], torch.stack([p0, p1[d1], p2[d1, d2]]), greedy=False,
-                               generator=gen)
+        a, nxt = accept_drafts(
+            [d1, d2], [q1, q2[d1]], torch.stack([p0, p1[d1], p2[d1, d2]]), greedy=False, generator=gen
+        )
         emitted = [d1, d2][:a] + [nxt]
         if len(emitted) == 1:  # t1 is the correction; t2 would come from the next round, drawn from p1[t1]
             emitted.append(int(torch.multinomial(p1[emitted[0]], 1, generator=gen)))
@@ -237,8 +243,14 @@ def test_speculative_sampling_matches_the_model_distribution():
     model's (temperature and top-p applied to draft and target alike), and differs from the draft's."""
     v = 4
     torch.manual_seed(1)
-    cfg = small_config(vocab_size=v, hidden_size=32, num_hidden_layers=1, first_k_dense_replace=1,
-                       num_nextn_predict_layers=1, rope_scaling=None)
+    cfg = small_config(
+        vocab_size=v,
+        hidden_size=32,
+        num_hidden_layers=1,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+        rope_scaling=None,
+    )
     model = DeepseekV3ForCausalLM(cfg).eval()
     with torch.no_grad():  # sharpen the random logits so that p is far from uniform
         model.lm_head.weight.mul_(5)
@@ -263,8 +275,9 @@ def test_speculative_sampling_matches_the_model_distribution():
     n = 600
     counts = torch.zeros(v, v)
     for _ in range(n):
-        out = speculative_generate(model, prompt, max_new_tokens=2, temperature=temperature, top_p=top_p,
-                                   generator=gen, stats=stats)
+        out = speculative_generate(
+            model, prompt, max_new_tokens=2, temperature=temperature, top_p=top_p, generator=gen, stats=stats
+        )
         counts[out[0, 3], out[0, 4]] += 1
     assert 0 < stats.accepted[0] < stats.proposed[0]  # both outcomes of the rule happened
     assert 0.5 * (counts / n - target).abs().sum() < 0.08

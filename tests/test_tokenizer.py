@@ -103,7 +103,11 @@ def test_bpe_training_is_deterministic(stdlib_subset, small_bpe):
 
 def _random_text(rng: random.Random, n: int) -> str:
     pools = [
-        (0x00, 0x7F), (0x80, 0x7FF), (0x800, 0xD7FF), (0xE000, 0xFFFD), (0x10000, 0x10FFFF),
+        (0x00, 0x7F),
+        (0x80, 0x7FF),
+        (0x800, 0xD7FF),
+        (0xE000, 0xFFFD),
+        (0x10000, 0x10FFFF),
     ]  # fmt: skip  (every plane, control characters included, no lone surrogates)
     out = []
     for _ in range(n):

@@ -11,14 +11,13 @@ import textwrap
 
 import pytest
 import torch
+from helpers import assert_one_error, cli, quick_options, read_jsonl
 
 import dsv3
 from dsv3.checkpoint.state import latest_checkpoint, list_checkpoints, load_checkpoint_state
 from dsv3.cli import main
 from dsv3.train.config import TrainConfig
 from dsv3.train.loop import train
-
-from helpers import assert_one_error, cli, quick_options, read_jsonl
 
 REQUIRED = ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "tokens_per_s", "maxvio")
 
@@ -56,8 +55,11 @@ def test_resume_gives_identical_per_step_losses(train_setup, tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train(TrainConfig.from_dict(quick_options(train_setup, tmp_path / "resumed", steps=6)), log=lambda s: None,
-              step_hook=stop_at_3)
+        train(
+            TrainConfig.from_dict(quick_options(train_setup, tmp_path / "resumed", steps=6)),
+            log=lambda s: None,
+            step_hook=stop_at_3,
+        )
     assert [s for s, _ in list_checkpoints(str(tmp_path / "resumed"))] == [3]
     result = train(None, resume=str(tmp_path / "resumed"), log=lambda s: None)
     assert result.step == 6
@@ -114,8 +116,9 @@ def test_nonfinite_losses_skip_steps_then_stop(train_setup, tmp_path, monkeypatc
         return out
 
     monkeypatch.setattr(DeepseekV3ForCausalLM, "forward", poisoned)
-    code = main(["train", *_flags(quick_options(train_setup, tmp_path / "run", steps=10, save_every=2,
-                                                max_nonfinite=3))])
+    code = main(
+        ["train", *_flags(quick_options(train_setup, tmp_path / "run", steps=10, save_every=2, max_nonfinite=3))]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "non-finite" in err[0] and "step-0000002" in err[0]
     records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -132,8 +135,7 @@ def _flags(options):
 
 def test_generate_from_run_dir(train_setup, tmp_path, capsys):
     _train(train_setup, tmp_path / "run", steps=3, save_every=3)
-    assert main(["generate", str(tmp_path / "run"), "--prompt", "def ", "--max-tokens", "5",
-                 "--temperature", "0"]) == 0
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "def ", "--max-tokens", "5", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
 
 
@@ -146,8 +148,21 @@ def _tree_digest(path):
     return digest
 
 
-@pytest.mark.parametrize("case", ["missing-data", "empty-corpus", "bad-yaml", "unknown-option", "bad-model-json",
-                                  "shape-mismatch", "bad-number", "existing-run", "bad-resume", "bad-generate"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing-data",
+        "empty-corpus",
+        "bad-yaml",
+        "unknown-option",
+        "bad-model-json",
+        "shape-mismatch",
+        "bad-number",
+        "existing-run",
+        "bad-resume",
+        "bad-generate",
+    ],
+)
 def test_bad_input_exits_2_with_one_line(train_setup, tmp_path, capsys, case):
     existing = tmp_path / "existing"
     opts = quick_options(train_setup, tmp_path / "new")
@@ -193,10 +208,16 @@ def test_ctrl_c_saves_a_checkpoint_then_resume_continues(train_setup, tmp_path):
     import time
 
     run = tmp_path / "run"
-    argv = [sys.executable, "-m", "dsv3", "train",
-            *_flags(quick_options(train_setup, run, steps=400, save_every=1000, eval_every=1000))]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    argv = [
+        sys.executable,
+        "-m",
+        "dsv3",
+        "train",
+        *_flags(quick_options(train_setup, run, steps=400, save_every=1000, eval_every=1000)),
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

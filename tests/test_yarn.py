@@ -9,16 +9,22 @@ import warnings
 
 import pytest
 import torch
+from helpers import small_config
 
 from dsv3.config import load_preset
 from dsv3.errors import ConfigError
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.rope import apply_rope_config, extend_context, rope_frequencies, softmax_scale
 
-from helpers import small_config
-
-OFFICIAL_KEYS = {"type", "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-                 "mscale_all_dim"}
+OFFICIAL_KEYS = {
+    "type",
+    "factor",
+    "original_max_position_embeddings",
+    "beta_fast",
+    "beta_slow",
+    "mscale",
+    "mscale_all_dim",
+}
 
 
 def test_extend_context_writes_the_released_v3_form():
@@ -36,8 +42,9 @@ def test_second_stage_keeps_the_original_length():
     stage2 = extend_context(stage1, 32, 131072)
     assert stage2.rope_scaling["original_max_position_embeddings"] == 4096
     assert stage2.rope_scaling["factor"] == 32 and stage2.max_position_embeddings == 131072
-    explicit = extend_context(small_config(rope_scaling=None, max_position_embeddings=2048), 2.5, 400,
-                              original_max_position_embeddings=256)
+    explicit = extend_context(
+        small_config(rope_scaling=None, max_position_embeddings=2048), 2.5, 400, original_max_position_embeddings=256
+    )
     assert explicit.rope_scaling["original_max_position_embeddings"] == 256
     assert explicit.rope_scaling["factor"] == 2.5 and explicit.max_position_embeddings == 640
 

@@ -129,11 +129,7 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether main-model layer ``layer`` (0-based) has a DeepSeekMoE feed-forward."""
-        return (
-            self.n_routed_experts > 0
-            and layer >= self.first_k_dense_replace
-            and layer % self.moe_layer_freq == 0
-        )
+        return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
 
     @property
     def num_moe_layers(self) -> int:
@@ -354,7 +350,9 @@ class ModelConfig:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"model config {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"model config {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON") from None
+            raise ConfigError(
+                f"model config {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 JSON"
+            ) from None
         except RecursionError:
             raise ConfigError(f"model config {path} is nested too deeply to be a model config") from None
         except OSError as exc:
@@ -527,8 +525,9 @@ def check_field_types(cfg: "ModelConfig") -> None:
         if not isinstance(value, str):
             raise ConfigError(f"config field {name} must be a string, got {_kind(value)}")
     if cfg.quantization_config is not None and not isinstance(cfg.quantization_config, dict):
-        raise ConfigError(f"config field quantization_config must be null or an object, got "
-                          f"{_kind(cfg.quantization_config)}")
+        raise ConfigError(
+            f"config field quantization_config must be null or an object, got {_kind(cfg.quantization_config)}"
+        )
     check_rope_scaling(cfg.rope_scaling)
 
 
@@ -537,8 +536,10 @@ def check_rope_scaling(rope: Any) -> None:
     if rope is None:
         return
     if not isinstance(rope, dict):
-        raise ConfigError(f"config field rope_scaling must be null or an object such as "
-                          f'{{"type": "yarn", "factor": 4}}, got {_kind(rope)}')
+        raise ConfigError(
+            f"config field rope_scaling must be null or an object such as "
+            f'{{"type": "yarn", "factor": 4}}, got {_kind(rope)}'
+        )
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
         raise ConfigError(f"rope scaling type must be one of {', '.join(ROPE_TYPES)}, got {_kind(rope_type)}")
@@ -551,8 +552,9 @@ def check_rope_scaling(rope: Any) -> None:
             raise ConfigError(f"yarn rope scaling needs a positive 'factor', got {_kind(factor)}")
     original = rope.get("original_max_position_embeddings")
     if original is not None and (not is_int(original) or not 1 <= original <= MAX_POSITIONS):
-        raise ConfigError(f"rope_scaling field original_max_position_embeddings must be a positive integer, "
-                          f"got {_kind(original)}")
+        raise ConfigError(
+            f"rope_scaling field original_max_position_embeddings must be a positive integer, got {_kind(original)}"
+        )
 
 
 def list_presets() -> list[str]:

@@ -35,13 +35,18 @@ def disk_error_message(exc: BaseException) -> str | None:
     """One sentence for a write that failed because the disk is full, over quota or read-only; else None."""
     import errno as _errno
 
-    codes = {_errno.ENOSPC: "no space left on device", _errno.EDQUOT: "disk quota exceeded",
-             _errno.EROFS: "read-only file system"}
+    codes = {
+        _errno.ENOSPC: "no space left on device",
+        _errno.EDQUOT: "disk quota exceeded",
+        _errno.EROFS: "read-only file system",
+    }
     if not isinstance(exc, OSError) or exc.errno not in codes:
         return None
     where = f" writing {exc.filename}" if exc.filename else ""
-    return (f"{codes[exc.errno]}{where}; free space (or choose a writable --run-dir) and continue from the last "
-            f"checkpoint with dsv3 train --resume RUN_DIR")
+    return (
+        f"{codes[exc.errno]}{where}; free space (or choose a writable --run-dir) and continue from the last "
+        f"checkpoint with dsv3 train --resume RUN_DIR"
+    )
 
 
 class OutputError(DsV3Error):
@@ -69,7 +74,12 @@ class TrainingPreempted(BaseException):
     def __init__(self, signal_name: str, checkpoint: str | None, run_dir: str, step: int, result=None) -> None:
         super().__init__(f"training stopped by {signal_name} after step {step}; checkpoint {checkpoint}")
         self.signal_name, self.checkpoint, self.run_dir, self.step, self.result = (
-            signal_name, checkpoint, run_dir, step, result)
+            signal_name,
+            checkpoint,
+            run_dir,
+            step,
+            result,
+        )
 
     @property
     def exit_code(self) -> int:

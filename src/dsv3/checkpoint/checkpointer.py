@@ -26,8 +26,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dsv3.checkpoint.hf import _expert_blocks, checkpoint_files, from_pretrained, load_state_into
-from dsv3.checkpoint.state import (STATE_FILE, join_tensors, latest_checkpoint, load_checkpoint_state,
-                                   resolve_checkpoint, save_checkpoint, select_resume_checkpoint, set_rng_state)
+from dsv3.checkpoint.state import (
+    STATE_FILE,
+    join_tensors,
+    latest_checkpoint,
+    load_checkpoint_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    select_resume_checkpoint,
+    set_rng_state,
+)
 from dsv3.errors import CheckpointError
 from dsv3.parallel import checkpoint as dcp_format
 
@@ -56,22 +64,46 @@ class Checkpointer:
         log: where to say that a damaged checkpoint was moved aside.
     """
 
-    def __init__(self, run_dir: str, ctx=None, *, keep_last: int | None = None, tokenizer=None,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        ctx=None,
+        *,
+        keep_last: int | None = None,
+        tokenizer=None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.run_dir, self.ctx, self.keep_last, self.tokenizer, self.log = run_dir, ctx, keep_last, tokenizer, log
         # sharded (DCP) checkpoints under torchrun; one process continuing a torchrun run goes on writing them
         self.sharded = ctx is not None and ctx.world_size > 1
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, model, optimizer, ema=None, loader_state: dict | None = None,
-             extra: dict | None = None) -> str:
+    def save(
+        self, step: int, model, optimizer, ema=None, loader_state: dict | None = None, extra: dict | None = None
+    ) -> str:
         """Write the checkpoint after ``step`` optimizer steps (collective under torchrun); returns its path."""
         if self.sharded:
-            return dcp_format.save_sharded(self.run_dir, step, model=model, optimizer=optimizer, ctx=self.ctx,
-                                           extra={"loader": loader_state, **(extra or {})},
-                                           keep_last=self.keep_last, ema=ema)
-        return save_checkpoint(self.run_dir, step, model=model, optimizer=optimizer, loader_state=loader_state,
-                               tokenizer=self.tokenizer, ema=ema, extra=extra, keep_last=self.keep_last)
+            return dcp_format.save_sharded(
+                self.run_dir,
+                step,
+                model=model,
+                optimizer=optimizer,
+                ctx=self.ctx,
+                extra={"loader": loader_state, **(extra or {})},
+                keep_last=self.keep_last,
+                ema=ema,
+            )
+        return save_checkpoint(
+            self.run_dir,
+            step,
+            model=model,
+            optimizer=optimizer,
+            loader_state=loader_state,
+            tokenizer=self.tokenizer,
+            ema=ema,
+            extra=extra,
+            keep_last=self.keep_last,
+        )
 
     # ------------------------------------------------------------------ restore
     def latest(self, *, select: bool = False, hashes: bool = True) -> str | None:
@@ -80,8 +112,11 @@ class Checkpointer:
         ``select``: the lock owner's choice, which moves damaged one-process checkpoints aside and says so
         (:func:`~dsv3.checkpoint.state.select_resume_checkpoint`); otherwise they are only skipped (checked
         by SHA-256, or by size when not ``hashes``)."""
-        one = select_resume_checkpoint(self.run_dir, self.log) if select else latest_checkpoint(self.run_dir,
-                                                                                                hashes=hashes)
+        one = (
+            select_resume_checkpoint(self.run_dir, self.log)
+            if select
+            else latest_checkpoint(self.run_dir, hashes=hashes)
+        )
         sharded = dcp_format.latest_sharded(self.run_dir, log=self.log if select else None)  # damaged ones skipped
         found = [p for p in (one, sharded) if p is not None]
         return max(found, key=lambda p: int(_STEP.search(os.path.basename(p)).group(1)), default=None)
@@ -101,14 +136,24 @@ class Checkpointer:
             return _restore_one_process_into_shards(path, model, optimizer, ema)
         state = load_checkpoint_state(path, model=model, optimizer=optimizer, ema=ema)
         extra = state.get("extra", {})
-        return Restored(path, state["step"], state.get("loader"), extra.get("nonfinite", 0),
-                        [tuple(v) for v in extra.get("val_losses", [])])
+        return Restored(
+            path,
+            state["step"],
+            state.get("loader"),
+            extra.get("nonfinite", 0),
+            [tuple(v) for v in extra.get("val_losses", [])],
+        )
 
     def _restore_sharded(self, path: str, model, optimizer, ema) -> Restored:
         meta = dcp_format.load_sharded(path, model=model, optimizer=optimizer, ctx=optimizer.ctx, ema=ema)
         self.sharded = True
-        return Restored(path, meta["step"], meta.get("loader"), meta.get("nonfinite", 0),
-                        [tuple(v) for v in meta.get("val_losses", [])])
+        return Restored(
+            path,
+            meta["step"],
+            meta.get("loader"),
+            meta.get("nonfinite", 0),
+            [tuple(v) for v in meta.get("val_losses", [])],
+        )
 
     # ------------------------------------------------------------------ init-from, export
     @staticmethod
@@ -135,7 +180,6 @@ class Checkpointer:
         ``use_ema``: its EMA weights."""
         return dcp_format.export_checkpoint(checkpoint, out_dir, dtype=dtype, use_ema=use_ema)
 
-
     @staticmethod
     def load_for_inference(path: str, *, device: str | torch.device = "cpu", use_ema: bool = False):
         """``(model, checkpoint)``: the whole model of ``path`` for generation or evaluation, in one process.
@@ -144,8 +188,11 @@ class Checkpointer:
         directory (its newest checkpoint of either format). The model is built once and loaded in place
         (a sharded checkpoint never passes through a second copy); ``use_ema``: the EMA weights."""
         checkpoint = path
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) \
-                and not os.path.isfile(os.path.join(path, dcp_format.META)):
+        if (
+            os.path.isdir(path)
+            and not os.path.isfile(os.path.join(path, "config.json"))
+            and not os.path.isfile(os.path.join(path, dcp_format.META))
+        ):
             checkpoint = Checkpointer(path).latest(hashes=False) or resolve_checkpoint(path)
         if os.path.isfile(os.path.join(checkpoint, dcp_format.META)):
             return dcp_format.load_full_model(checkpoint, device=device, use_ema=use_ema), checkpoint
@@ -206,14 +253,22 @@ def _restore_one_process_into_shards(path: str, model, optimizer, ema) -> Restor
     by_name = {n: optim["state"].get(i, {}) for n, i in zip(names, ids)}
     read = _rows_reader(os.path.join(path, "optimizer.safetensors"))
     step = max((int(st.get("step", 0)) for st in by_name.values()), default=0)
-    optimizer.import_unsharded(lambda name, kind, rows: read(by_name[name][kind], rows)
-                               if kind in by_name.get(name, {}) else None, step, blocks)
+    optimizer.import_unsharded(
+        lambda name, kind, rows: read(by_name[name][kind], rows) if kind in by_name.get(name, {}) else None,
+        step,
+        blocks,
+    )
     if ema is not None:
         _ema_from_one_process(path, state, model, ema, blocks)
     set_rng_state(state["rng"], load_file(os.path.join(path, "rng.safetensors")))
     extra = state.get("extra", {})
-    return Restored(path, state["step"], state.get("loader"), extra.get("nonfinite", 0),
-                    [tuple(v) for v in extra.get("val_losses", [])])
+    return Restored(
+        path,
+        state["step"],
+        state.get("loader"),
+        extra.get("nonfinite", 0),
+        [tuple(v) for v in extra.get("val_losses", [])],
+    )
 
 
 def _ema_from_one_process(path: str, state: dict, model, ema, blocks: dict[str, int]) -> None:
@@ -229,4 +284,3 @@ def _ema_from_one_process(path: str, state: dict, model, ema, blocks: dict[str, 
         off = blocks.get(name)
         shadow[name] = read(key, None if off is None else slice(off, off + params[name].shape[0]))
     ema.load_state_dict({"shadow": shadow, "num_updates": int(keys.get("num_updates", 0))})
-

@@ -46,8 +46,10 @@ def check_export_dir(out_dir: str, checkpoint: str | None = None) -> None:
     """Refuse (one line) an ``OUT_DIR`` that is a file, under a file, a run directory or a foreign non-empty one;
     with ``checkpoint`` missing and ``OUT_DIR`` a run, say that the two arguments look swapped."""
     if checkpoint is not None and not os.path.exists(checkpoint) and is_run_dir(out_dir):
-        raise OutputError(f"{checkpoint} does not exist and OUT_DIR {out_dir} is a training run directory: the "
-                          f"arguments are CHECKPOINT OUT_DIR (dsv3 export {out_dir} {checkpoint}?)")
+        raise OutputError(
+            f"{checkpoint} does not exist and OUT_DIR {out_dir} is a training run directory: the "
+            f"arguments are CHECKPOINT OUT_DIR (dsv3 export {out_dir} {checkpoint}?)"
+        )
     check_output_dir(out_dir, "OUT_DIR", is_own_dir=is_export_dir, what="the exported checkpoint")
 
 
@@ -102,8 +104,10 @@ def write_export(model, out_dir: str, *, run_dir: str, source: str, dtype=None) 
         copy_companions(run_dir, tmp)
         with open(os.path.join(tmp, GENERATION_CONFIG), "w", encoding="utf-8") as fh:
             json.dump(generation_config(tmp, model.config), fh, indent=1)
-        files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": file_sha256(os.path.join(tmp, n))}
-                 for n in sorted(os.listdir(tmp))}
+        files = {
+            n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": file_sha256(os.path.join(tmp, n))}
+            for n in sorted(os.listdir(tmp))
+        }
         with open(os.path.join(tmp, EXPORT_MANIFEST), "w", encoding="utf-8") as fh:
             json.dump({"dsv3_export": 1, "source": os.path.abspath(source), "files": files}, fh, indent=1)
     return out_dir

@@ -105,8 +105,12 @@ class _Reader:
         return list(self._file(name).get_slice(name).get_shape())  # type: ignore[attr-defined]
 
 
-def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_fp8_block(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Dequantise a block-quantised FP8 weight: ``w[i, j] = q[i, j] * scale_inv[i // bm, j // bn]``.
 
     Args:
@@ -116,8 +120,9 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
     m, n = weight.shape
     bm, bn = block
     if tuple(scale_inv.shape) != (math.ceil(m / bm), math.ceil(n / bn)):
-        raise CheckpointError(f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not match a {m}x{n} weight "
-                              f"in {bm}x{bn} blocks")
+        raise CheckpointError(
+            f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not match a {m}x{n} weight in {bm}x{bn} blocks"
+        )
     scale = scale_inv.float().repeat_interleave(bm, 0)[:m].repeat_interleave(bn, 1)[:, :n]
     return (weight.float() * scale).to(dtype)
 
@@ -149,8 +154,12 @@ def _expert_blocks(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """``{state-dict name of a stacked expert tensor: (expert_offset, n_local)}`` of every Experts module."""
     from dsv3.model.moe import Experts
 
-    return {f"{mod}.{leaf}": (m.expert_offset, m.gate_up_proj.shape[0])
-            for mod, m in model.named_modules() if isinstance(m, Experts) for leaf in ("gate_up_proj", "down_proj")}
+    return {
+        f"{mod}.{leaf}": (m.expert_offset, m.gate_up_proj.shape[0])
+        for mod, m in model.named_modules()
+        if isinstance(m, Experts)
+        for leaf in ("gate_up_proj", "down_proj")
+    }
 
 
 def _target(name: str, value_name: str, state: dict, blocks: dict, partial: bool):
@@ -169,8 +178,9 @@ def _target(name: str, value_name: str, state: dict, blocks: dict, partial: bool
         if not offset <= expert < offset + n_local:
             if partial:
                 return None  # another rank's expert: not read
-            raise CheckpointError(f"checkpoint has expert {expert} in {prefix} but the config has "
-                                  f"n_routed_experts={n_local}")
+            raise CheckpointError(
+                f"checkpoint has expert {expert} in {prefix} but the config has n_routed_experts={n_local}"
+            )
         local = expert - offset
         if proj == "down_proj":
             return key, local, None
@@ -197,8 +207,14 @@ def _read(reader: _Reader, name: str, rows: slice | None, block: tuple[int, int]
     return dequantize_fp8_block(weight, scale, block)
 
 
-def load_state_into(model: torch.nn.Module, path: str, *, strict: bool = True,
-                    files: dict[str, str] | None = None, partial: bool = False) -> int:
+def load_state_into(
+    model: torch.nn.Module,
+    path: str,
+    *,
+    strict: bool = True,
+    files: dict[str, str] | None = None,
+    partial: bool = False,
+) -> int:
     """Copy the tensors of the Hugging Face checkpoint directory ``path`` into ``model`` in place.
 
     ``files`` (tensor name -> file) may be passed when already listed. ``partial``: ``model`` holds
@@ -228,8 +244,10 @@ def load_state_into(model: torch.nn.Module, path: str, *, strict: bool = True,
         target = state[key] if index is None else state[key][index]
         value = _read(reader, name, rows, block)  # type: ignore[arg-type]
         if tuple(target.shape) != tuple(value.shape):
-            raise CheckpointError(f"checkpoint tensor {name} has shape {tuple(value.shape)} but the config expects "
-                                  f"{tuple(target.shape)}; check that config.json matches the weights")
+            raise CheckpointError(
+                f"checkpoint tensor {name} has shape {tuple(value.shape)} but the config expects "
+                f"{tuple(target.shape)}; check that config.json matches the weights"
+            )
         with torch.no_grad():
             target.copy_(value.to(target.dtype))
         if index is None:
@@ -241,25 +259,31 @@ def load_state_into(model: torch.nn.Module, path: str, *, strict: bool = True,
     return reader.bytes_read
 
 
-def _check_complete(path: str, config: ModelConfig, state: dict, loaded: set[str], expert_fill: dict[str, int],
-                    unexpected: list[str]) -> None:
+def _check_complete(
+    path: str, config: ModelConfig, state: dict, loaded: set[str], expert_fill: dict[str, int], unexpected: list[str]
+) -> None:
     """Raise a CheckpointError when a tensor of the model was not in the checkpoint, or the reverse."""
     for key, count in expert_fill.items():
         per_expert = 1 if key.endswith("down_proj") else 2
         if count != per_expert * state[key].shape[0]:
-            raise CheckpointError(f"checkpoint has {count} of the {per_expert * state[key].shape[0]} expert "
-                                  f"tensors of {key}; the checkpoint is incomplete")
+            raise CheckpointError(
+                f"checkpoint has {count} of the {per_expert * state[key].shape[0]} expert "
+                f"tensors of {key}; the checkpoint is incomplete"
+            )
         loaded.add(key)
     if unexpected:
-        raise CheckpointError(f"checkpoint tensor {unexpected[0]} (and {len(unexpected) - 1} more) has no place "
-                              f"in a model of this config; check config.json")
+        raise CheckpointError(
+            f"checkpoint tensor {unexpected[0]} (and {len(unexpected) - 1} more) has no place "
+            f"in a model of this config; check config.json"
+        )
     expected = set(state)
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")
     missing = sorted(expected - loaded)
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks tensor {_dsv3_to_hf_prefix(missing[0], config)} "
-                              f"(and {len(missing) - 1} more)")
+        raise CheckpointError(
+            f"checkpoint {path} lacks tensor {_dsv3_to_hf_prefix(missing[0], config)} (and {len(missing) - 1} more)"
+        )
 
 
 def resolve_pretrained(path: str | os.PathLike) -> tuple[str, ModelConfig, dict[str, str]]:
@@ -280,13 +304,20 @@ def resolve_pretrained(path: str | os.PathLike) -> tuple[str, ModelConfig, dict[
     depth = config.num_nextn_predict_layers
     if depth and not any(hf_to_dsv3_name(n, config) and hf_to_dsv3_name(n, config).startswith("mtp.") for n in files):
         # e.g. saved by transformers, which drops the MTP modules: load the main model only
-        warnings.warn(f"checkpoint {path} has no weights for its {depth} MTP module(s); loading without MTP")
+        warnings.warn(
+            f"checkpoint {path} has no weights for its {depth} MTP module(s); loading without MTP", stacklevel=2
+        )
         config.num_nextn_predict_layers = 0
     return path, config, files
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", strict: bool = True):
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+):
     """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory as a
     :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``).
 
@@ -315,8 +346,9 @@ def empty_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtyp
 
 
 # ----------------------------------------------------------------------------- saving
-def hf_state_items(model: torch.nn.Module, dtype: torch.dtype | None = None
-                   ) -> Iterator[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]:
+def hf_state_items(
+    model: torch.nn.Module, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]:
     """Yield ``(checkpoint name, shape, dtype, make)`` in the official layout.
 
     ``make()`` materialises one tensor (a contiguous copy or cast when needed), so a
@@ -361,8 +393,13 @@ def hf_state_items(model: torch.nn.Module, dtype: torch.dtype | None = None
         yield item(prefix + "shared_head.head.weight", head, copy=True)
 
 
-def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                    max_shard_size: str | int = "5GB") -> None:
+def save_pretrained(
+    model: torch.nn.Module,
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+) -> None:
     """Write ``model`` as a Hugging Face checkpoint directory (config.json + safetensors).
 
     The directory is assembled under a temporary name and renamed into place, so an
@@ -372,8 +409,9 @@ def save_pretrained(model: torch.nn.Module, path: str | os.PathLike, *, dtype: t
         write_pretrained(model, tmp, dtype=dtype, max_shard_size=max_shard_size)
 
 
-def write_pretrained(model: torch.nn.Module, directory: str, *, dtype: torch.dtype | None = None,
-                     max_shard_size: str | int = "5GB") -> None:
+def write_pretrained(
+    model: torch.nn.Module, directory: str, *, dtype: torch.dtype | None = None, max_shard_size: str | int = "5GB"
+) -> None:
     """Write config.json and the safetensors shards into the existing ``directory``, one shard in memory at a time."""
     config: ModelConfig = model.config  # type: ignore[assignment]
     limit = parse_size(max_shard_size, "max_shard_size", unit_required=False)
@@ -391,8 +429,11 @@ def write_pretrained(model: torch.nn.Module, directory: str, *, dtype: torch.dty
         sizes[-1] += nbytes
     out_config.save(os.path.join(directory, "config.json"))
     metadata = {"format": "pt"}
-    names = [SINGLE_NAME] if len(shards) == 1 else [
-        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    names = (
+        [SINGLE_NAME]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
     weight_map = {}
     for fname, shard in zip(names, shards):
         save_file({name: make() for name, _, _, make in shard}, os.path.join(directory, fname), metadata=metadata)

@@ -27,7 +27,14 @@ SHARDED_NAME = re.compile(r"^dcp-(\d{8})$")
 SHARDED_META = "meta.json"  # dsv3's own record (step, data position, counters), dsv3.parallel.checkpoint.META
 DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
 
-__all__ = ["shard_entries", "write_sharded_manifest", "verify_sharded", "select_sharded", "sharded_checkpoints", "check_sharded"]
+__all__ = [
+    "shard_entries",
+    "write_sharded_manifest",
+    "verify_sharded",
+    "select_sharded",
+    "sharded_checkpoints",
+    "check_sharded",
+]
 
 
 def shard_entries(directory: str, rank: int) -> dict[str, dict[str, Any]]:
@@ -113,14 +120,18 @@ def select_sharded(run_dir: str, log: Callable[[str], None] | None = None, *, ha
         if reason is None:
             for bad, why in damaged:
                 if log is not None:
-                    log(f"sharded checkpoint {os.path.basename(bad)} is damaged ({why}); falling back to "
-                        f"{os.path.basename(path)}")
+                    log(
+                        f"sharded checkpoint {os.path.basename(bad)} is damaged ({why}); falling back to "
+                        f"{os.path.basename(path)}"
+                    )
             return path
         damaged.append((path, reason))
     if damaged:
         path, reason = damaged[0]
-        raise CheckpointError(f"every sharded checkpoint of {run_dir} is damaged (the newest, {path}: {reason}); "
-                              f"restore the files or start a new run")
+        raise CheckpointError(
+            f"every sharded checkpoint of {run_dir} is damaged (the newest, {path}: {reason}); "
+            f"restore the files or start a new run"
+        )
     return None
 
 
@@ -129,5 +140,7 @@ def check_sharded(path: str, *, hashes: bool = True) -> None:
     (``hashes=False``: sizes only, for a checkpoint :func:`select_sharded` has just verified)."""
     reason = verify_sharded(path, hashes=hashes)
     if reason is not None:
-        raise CheckpointError(f"sharded checkpoint {path} is damaged: {reason}; pick another checkpoint (or pass "
-                              f"the run directory to use its newest intact one)")
+        raise CheckpointError(
+            f"sharded checkpoint {path} is damaged: {reason}; pick another checkpoint (or pass "
+            f"the run directory to use its newest intact one)"
+        )

@@ -65,9 +65,13 @@ def split_tensors(obj: Any, prefix: str = "") -> tuple[Any, dict[str, torch.Tens
         if isinstance(x, torch.dtype):
             return {"__dtype__": str(x).removeprefix("torch.")}
         if isinstance(x, dict):
-            return {"__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(x.items())]}
+            return {
+                "__dict__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(x.items())]
+            }
         if isinstance(x, (list, tuple)):
-            return {"__list__" if isinstance(x, list) else "__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]}
+            return {
+                "__list__" if isinstance(x, list) else "__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]
+            }
         if x is None or isinstance(x, (bool, int, float, str)):
             return x
         raise TypeError(f"cannot store a {type(x).__name__} in a checkpoint")
@@ -262,12 +266,16 @@ def select_resume_checkpoint(run_dir: str, log: Callable[[str], None] = print) -
         damaged.append((path, reason))
     if damaged and chosen is None:
         path, reason = damaged[0]
-        raise CheckpointError(f"every checkpoint of {run_dir} is damaged (the newest, {os.path.basename(path)}: "
-                              f"{reason}); start a new run or restore the files")
+        raise CheckpointError(
+            f"every checkpoint of {run_dir} is damaged (the newest, {os.path.basename(path)}: "
+            f"{reason}); start a new run or restore the files"
+        )
     for path, reason in damaged:
         aside = _move_aside(path)
-        log(f"checkpoint {os.path.basename(path)} is damaged ({reason}); moved it to {os.path.basename(aside)} "
-            f"and falling back to {os.path.basename(chosen)}")
+        log(
+            f"checkpoint {os.path.basename(path)} is damaged ({reason}); moved it to {os.path.basename(aside)} "
+            f"and falling back to {os.path.basename(chosen)}"
+        )
     return chosen
 
 
@@ -314,19 +322,27 @@ def resolve_checkpoint(path: str) -> str:
     latest = latest_checkpoint(path)
     if latest is None:
         sharded = re.match(r"^dcp-\d{8}$", os.path.basename(os.path.normpath(path))) or any(
-            re.match(r"^dcp-\d{8}$", n) for n in os.listdir(path))
+            re.match(r"^dcp-\d{8}$", n) for n in os.listdir(path)
+        )
         if sharded and not list_checkpoints(path):
-            raise CheckpointError(f"{path} holds a sharded (torchrun) checkpoint, which this command does not read; "
-                                  f"write it as a Hugging Face directory with dsv3 export {path} OUT_DIR first")
+            raise CheckpointError(
+                f"{path} holds a sharded (torchrun) checkpoint, which this command does not read; "
+                f"write it as a Hugging Face directory with dsv3 export {path} OUT_DIR first"
+            )
         if list_checkpoints(path):
             raise CheckpointError(f"every checkpoint in {path} is damaged (files missing or truncated)")
         raise CheckpointError(f"{path} holds no checkpoint (no config.json and no {CHECKPOINTS}/step-*)")
     return latest
 
 
-_DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted", errno.EIO: "input/output error"}
+_DISK_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EIO: "input/output error",
+}
 
 
 def _write_failure(exc: BaseException) -> str | None:
@@ -342,9 +358,19 @@ def _write_failure(exc: BaseException) -> str | None:
     return None
 
 
-def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, loader_state: dict | None = None,
-                    tokenizer=None, ema=None, extra: dict[str, Any] | None = None, keep_last: int | None = None,
-                    before_commit=None) -> str:
+def save_checkpoint(
+    run_dir: str,
+    step: int,
+    *,
+    model,
+    optimizer=None,
+    loader_state: dict | None = None,
+    tokenizer=None,
+    ema=None,
+    extra: dict[str, Any] | None = None,
+    keep_last: int | None = None,
+    before_commit=None,
+) -> str:
     """Write the complete training state after ``step`` optimizer steps; return its directory.
 
     ``before_commit`` (tests only) is called with the temporary directory just before
@@ -357,8 +383,17 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, loader_st
     path = checkpoint_dir(run_dir, step)
     try:
         with atomic_dir(path) as tmp:
-            _write_checkpoint_files(tmp, step, model=model, optimizer=optimizer, loader_state=loader_state,
-                                    tokenizer=tokenizer, ema=ema, extra=extra, run_dir=run_dir)
+            _write_checkpoint_files(
+                tmp,
+                step,
+                model=model,
+                optimizer=optimizer,
+                loader_state=loader_state,
+                tokenizer=tokenizer,
+                ema=ema,
+                extra=extra,
+                run_dir=run_dir,
+            )
             if before_commit is not None:
                 before_commit(tmp)
     except Exception as exc:
@@ -366,19 +401,25 @@ def save_checkpoint(run_dir: str, step: int, *, model, optimizer=None, loader_st
         if reason is None:
             raise
         previous = latest_checkpoint(run_dir)
-        kept = (f"the previous checkpoint {os.path.basename(previous)} is intact" if previous
-                else "no earlier checkpoint exists")
-        raise CheckpointError(f"cannot write checkpoint {os.path.basename(path)} in {os.path.dirname(path)} "
-                              f"({reason}); {kept}; free space and continue with dsv3 train --resume "
-                              f"{run_dir}") from None
+        kept = (
+            f"the previous checkpoint {os.path.basename(previous)} is intact"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        raise CheckpointError(
+            f"cannot write checkpoint {os.path.basename(path)} in {os.path.dirname(path)} "
+            f"({reason}); {kept}; free space and continue with dsv3 train --resume "
+            f"{run_dir}"
+        ) from None
     if keep_last:
         for _, old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def _write_checkpoint_files(tmp: str, step: int, *, model, optimizer, loader_state, tokenizer, ema, extra,
-                            run_dir: str) -> None:
+def _write_checkpoint_files(
+    tmp: str, step: int, *, model, optimizer, loader_state, tokenizer, ema, extra, run_dir: str
+) -> None:
     from dsv3.checkpoint.hf import write_pretrained
 
     write_pretrained(model, tmp)
@@ -404,8 +445,9 @@ def _write_checkpoint_files(tmp: str, step: int, *, model, optimizer, loader_sta
     write_manifest(tmp, step)
 
 
-def load_checkpoint_state(path: str, *, model=None, optimizer=None, ema=None, restore_rng: bool = True
-                          ) -> dict[str, Any]:
+def load_checkpoint_state(
+    path: str, *, model=None, optimizer=None, ema=None, restore_rng: bool = True
+) -> dict[str, Any]:
     """Restore what is given from checkpoint ``path``; return the JSON state (step, loader, extra)."""
     from dsv3.checkpoint.hf import load_state_into
 

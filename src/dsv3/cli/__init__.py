@@ -40,7 +40,7 @@ class Parser(argparse.ArgumentParser):
         choice = re.search(r"invalid choice: '([^']*)'", message)
         if choice is not None:  # `plan --typo 4`: the typo's value 4 was taken for a sub-command
             argv = getattr(self, "_argv", [])
-            before = argv[:argv.index(choice.group(1))] if choice.group(1) in argv else []
+            before = argv[: argv.index(choice.group(1))] if choice.group(1) in argv else []
             unknown = [a.split("=", 1)[0] for a in before if a.startswith("--")]
             unknown = [a for a in unknown if a not in self._option_string_actions]
             if unknown:

@@ -15,15 +15,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tokenizer, its chat template (fine-tuning runs) and a generation config, so that `dsv3 generate OUT_DIR` "
         "and `dsv3 eval OUT_DIR` need nothing else.",
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT",
-                        help="a dcp-* checkpoint directory, or a run directory (its newest intact sharded checkpoint; "
-                             "a one-process run: its newest intact step-* checkpoint)")
-    parser.add_argument("out_dir", metavar="OUT_DIR",
-                        help="the Hugging Face directory to write: new, empty, or an earlier dsv3 export (replaced "
-                             "whole, only once the new one is complete); never a run directory, a file or a "
-                             "directory holding other files")
-    parser.add_argument("--use-ema", action="store_true",
-                        help="export the EMA weights (a run trained with --ema-decay) instead of the trained ones")
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a dcp-* checkpoint directory, or a run directory (its newest intact sharded checkpoint; "
+        "a one-process run: its newest intact step-* checkpoint)",
+    )
+    parser.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        help="the Hugging Face directory to write: new, empty, or an earlier dsv3 export (replaced "
+        "whole, only once the new one is complete); never a run directory, a file or a "
+        "directory holding other files",
+    )
+    parser.add_argument(
+        "--use-ema",
+        action="store_true",
+        help="export the EMA weights (a run trained with --ema-decay) instead of the trained ones",
+    )
     parser.set_defaults(func=run)
 
 

@@ -6,7 +6,6 @@ to stderr (``--speculative``) or to a ``--stats`` JSON file.
 
 from __future__ import annotations
 
-
 #: Keys every ``--stats`` document holds: an existing file with them is an earlier --stats output (replaced).
 STATS_KEYS = ("prompts", "max_tokens", "temperature", "top_p", "device")
 
@@ -20,29 +19,53 @@ def _is_stats_file(path: str) -> bool:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a run directory or checkpoint")
-    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="a run directory (its latest checkpoint) or a checkpoint")
+    p.add_argument(
+        "path", metavar="RUN_DIR_OR_CHECKPOINT", help="a run directory (its latest checkpoint) or a checkpoint"
+    )
     p.add_argument("--prompt", default=None, help="text to continue (default: start of a document)")
-    p.add_argument("--prompts-file", default=None, metavar="FILE",
-                   help="one prompt per line, decoded together in one batch (prints one result per prompt)")
+    p.add_argument(
+        "--prompts-file",
+        default=None,
+        metavar="FILE",
+        help="one prompt per line, decoded together in one batch (prints one result per prompt)",
+    )
     p.add_argument("--max-tokens", type=int, default=100, help="tokens to generate (default 100)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    p.add_argument("--top-p", type=float, default=0.95,
-                   help="nucleus sampling: keep the top tokens of this probability mass (default 0.95)")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=0.95,
+        help="nucleus sampling: keep the top tokens of this probability mass (default 0.95)",
+    )
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--use-ema", action="store_true", help="use the checkpoint's EMA weights")
     p.add_argument("--device", default="cpu", help="device to run on (default cpu)")
-    p.add_argument("--speculative", choices=("none", "mtp"), default="none",
-                   help="mtp: the MTP modules draft tokens that one main-model forward verifies")
+    p.add_argument(
+        "--speculative",
+        choices=("none", "mtp"),
+        default="none",
+        help="mtp: the MTP modules draft tokens that one main-model forward verifies",
+    )
     p.add_argument("--num-draft", type=int, default=None, help="drafted tokens per round (default: every MTP module)")
-    p.add_argument("--no-baseline", action="store_true",
-                   help="with --speculative, do not also time plain decoding for the speed-up")
-    p.add_argument("--stats", default=None, metavar="FILE.json",
-                   help="write tokens/s, acceptance rates and per-layer expert loads here (a new file, or "
-                        "replacing an earlier --stats file; any other existing file is refused)")
-    p.add_argument("--placement", default=None, metavar="FILE.json",
-                   help="serve with redundant experts placed by `dsv3 eplb --json` (same output)")
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="with --speculative, do not also time plain decoding for the speed-up",
+    )
+    p.add_argument(
+        "--stats",
+        default=None,
+        metavar="FILE.json",
+        help="write tokens/s, acceptance rates and per-layer expert loads here (a new file, or "
+        "replacing an earlier --stats file; any other existing file is refused)",
+    )
+    p.add_argument(
+        "--placement",
+        default=None,
+        metavar="FILE.json",
+        help="serve with redundant experts placed by `dsv3 eplb --json` (same output)",
+    )
     p.set_defaults(func=run)
 
 
@@ -58,8 +81,9 @@ def resolve_device(name: str):
         raise ConfigError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {name} asks for CUDA, which this machine (or torch build) does not have; "
-                              "use --device cpu")
+            raise ConfigError(
+                f"--device {name} asks for CUDA, which this machine (or torch build) does not have; use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps":
@@ -94,8 +118,14 @@ def run(args) -> int:
     import torch
 
     from dsv3.errors import ConfigError
-    from dsv3.infer.generate import (ExpertLoadCollector, check_length, check_sampling, encode_prompt,
-                                     generate_batch, load_for_generation)
+    from dsv3.infer.generate import (
+        ExpertLoadCollector,
+        check_length,
+        check_sampling,
+        encode_prompt,
+        generate_batch,
+        load_for_generation,
+    )
     from dsv3.train.tokenizer import eos_token_id, get_tokenizer
 
     if args.max_tokens < 1:
@@ -123,26 +153,44 @@ def run(args) -> int:
     tokenizer = get_tokenizer(tok_path, vocab_size=model.config.vocab_size)
     eos = eos_token_id(tokenizer)
     ids = [encode_prompt(tokenizer, p, eos) for p in prompts]
-    check_length(model, max(len(i) for i in ids), args.max_tokens,
-                 extra=(args.num_draft or len(model.mtp)) if speculative else 0)
+    check_length(
+        model, max(len(i) for i in ids), args.max_tokens, extra=(args.num_draft or len(model.mtp)) if speculative else 0
+    )
     if args.placement:
         from dsv3.infer.replicate import apply_placement, read_placement
 
         apply_placement(model, *read_placement(args.placement))
-    stats: dict = {"prompts": len(prompts), "max_tokens": args.max_tokens, "temperature": args.temperature,
-                   "top_p": args.top_p, "device": str(device)}
+    stats: dict = {
+        "prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "device": str(device),
+    }
     gen = torch.Generator(device=device).manual_seed(args.seed)
     with ExpertLoadCollector(model) as loads:
         if speculative:
             new = _speculative(model, ids, args, eos, gen, stats)
         else:
             started = time.perf_counter()
-            new = generate_batch(model, ids, max_new_tokens=args.max_tokens, temperature=args.temperature,
-                                 top_p=args.top_p, eos_id=eos, generator=gen, loads=loads)
+            new = generate_batch(
+                model,
+                ids,
+                max_new_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                eos_id=eos,
+                generator=gen,
+                loads=loads,
+            )
             seconds = time.perf_counter() - started
             n = sum(len(x) for x in new)
-            stats.update(mode="batched" if len(ids) > 1 else "plain", new_tokens=n, seconds=seconds,
-                         tokens_per_s=n / seconds if seconds > 0 else None)
+            stats.update(
+                mode="batched" if len(ids) > 1 else "plain",
+                new_tokens=n,
+                seconds=seconds,
+                tokens_per_s=n / seconds if seconds > 0 else None,
+            )
     if loads.load.numel():
         stats["expert_load"] = loads.load.tolist()
     if speculative and not args.no_baseline:
@@ -155,8 +203,10 @@ def run(args) -> int:
         atomic_write_text(args.stats, json.dumps(stats, indent=1) + "\n")
     if speculative:
         rates = ", ".join("-" if r is None else f"{r:.1%}" for r in stats["acceptance_rate"])
-        line = (f"speculative (MTP, {stats['draft_tokens']} draft/round): acceptance {rates}, "
-                f"{stats['tokens_per_round']:.2f} tokens/forward, {stats['tokens_per_s']:.1f} tokens/s")
+        line = (
+            f"speculative (MTP, {stats['draft_tokens']} draft/round): acceptance {rates}, "
+            f"{stats['tokens_per_round']:.2f} tokens/forward, {stats['tokens_per_s']:.1f} tokens/s"
+        )
         if stats.get("baseline_tokens_per_s"):
             line += f" vs plain {stats['baseline_tokens_per_s']:.1f} tokens/s ({stats['speedup']:.2f}x)"
         print(line, file=sys.stderr)
@@ -174,9 +224,18 @@ def _speculative(model, ids, args, eos, gen, stats) -> list[list[int]]:
     new = []
     for prompt in ids:
         x = torch.tensor([prompt], device=device)
-        out = speculative_generate(model, x, max_new_tokens=args.max_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, eos_id=eos, generator=gen, num_draft=args.num_draft, stats=spec)
-        tokens = out[0, len(prompt):].tolist()
+        out = speculative_generate(
+            model,
+            x,
+            max_new_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            eos_id=eos,
+            generator=gen,
+            num_draft=args.num_draft,
+            stats=spec,
+        )
+        tokens = out[0, len(prompt) :].tolist()
         new.append(tokens[: tokens.index(eos)] if eos in tokens else tokens)
     stats.update(mode="speculative", **spec.to_dict())
     return new
@@ -195,8 +254,15 @@ def _baseline(model, ids, args, eos, stats) -> None:
     started, n = time.perf_counter(), 0
     for prompt in ids:
         x = torch.tensor([prompt], device=device)
-        out = generate(model, x, max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                       eos_id=eos, generator=gen)
+        out = generate(
+            model,
+            x,
+            max_new_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            eos_id=eos,
+            generator=gen,
+        )
         n += out.shape[1] - len(prompt)
     seconds = time.perf_counter() - started
     stats["baseline_tokens_per_s"] = n / seconds if seconds > 0 else None

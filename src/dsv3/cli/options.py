@@ -23,7 +23,6 @@ from typing import Any
 
 from dsv3.train.config import Option, TrainConfig, options
 
-
 #: Further spellings of a few flags: ``--schedule`` is ``dsv3 plan schedule``'s name for the pipeline schedule.
 ALIASES: dict[str, tuple[str, ...]] = {"pipeline": ("--schedule",)}
 
@@ -59,8 +58,10 @@ class BoolFlag(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         if option_string is not None and option_string.startswith("--no-"):
             if values is not None:
-                parser.error(f"argument {option_string}: takes no value (got {values!r}); "
-                             f"write {option_string} or {self.option_strings[0]} {values}")
+                parser.error(
+                    f"argument {option_string}: takes no value (got {values!r}); "
+                    f"write {option_string} or {self.option_strings[0]} {values}"
+                )
             values = "false"
         setattr(namespace, self.dest, "true" if values is None else values)
 
@@ -79,8 +80,13 @@ class HelpFormatter(argparse.HelpFormatter):
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         import textwrap
 
-        return textwrap.fill(self._whitespace_matcher.sub(" ", text).strip(), width, initial_indent=indent,
-                             subsequent_indent=indent, break_on_hyphens=False)
+        return textwrap.fill(
+            self._whitespace_matcher.sub(" ", text).strip(),
+            width,
+            initial_indent=indent,
+            subsequent_indent=indent,
+            break_on_hyphens=False,
+        )
 
     def _format_action_invocation(self, action: argparse.Action) -> str:
         if isinstance(action, BoolFlag):
@@ -92,8 +98,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | 
     """Add one flag per :class:`TrainConfig` field (or per flat name in ``only``), grouped by section."""
     wanted = None if only is None else set(only)
     groups: dict[str, Any] = {}
-    sections = {name: getattr(TrainConfig, "__dataclass_fields__")[name].metadata["help"]
-                for name in TrainConfig.__dataclass_fields__}
+    sections = {
+        name: TrainConfig.__dataclass_fields__[name].metadata["help"] for name in TrainConfig.__dataclass_fields__
+    }
     for opt in options():
         if wanted is not None and opt.flat not in wanted:
             continue
@@ -101,14 +108,33 @@ def add_config_arguments(parser: argparse.ArgumentParser, only: Iterable[str] | 
             groups[opt.section] = parser.add_argument_group(opt.section, (sections[opt.section] or "").strip())
         group, flag = groups[opt.section], flag_of(opt)
         if opt.kind is bool:
-            group.add_argument(flag, "--no-" + flag[2:], dest=opt.flat, default=None, action=BoolFlag,
-                               metavar="BOOL", help=describe(opt))
+            group.add_argument(
+                flag,
+                "--no-" + flag[2:],
+                dest=opt.flat,
+                default=None,
+                action=BoolFlag,
+                metavar="BOOL",
+                help=describe(opt),
+            )
         elif opt.choices:
-            group.add_argument(flag, *ALIASES.get(opt.flat, ()), dest=opt.flat, default=None, metavar="{" + ",".join(opt.choices) + "}",
-                               help=describe(opt))
+            group.add_argument(
+                flag,
+                *ALIASES.get(opt.flat, ()),
+                dest=opt.flat,
+                default=None,
+                metavar="{" + ",".join(opt.choices) + "}",
+                help=describe(opt),
+            )
         else:
-            group.add_argument(flag, dest=opt.flat, default=None, metavar=opt.kind.__name__.upper(),
-                               action="append" if opt.flat in REPEATABLE else "store", help=describe(opt))
+            group.add_argument(
+                flag,
+                dest=opt.flat,
+                default=None,
+                metavar=opt.kind.__name__.upper(),
+                action="append" if opt.flat in REPEATABLE else "store",
+                help=describe(opt),
+            )
     if wanted is not None:
         missing = wanted - {opt.flat for opt in options()}
         assert not missing, f"not config fields: {sorted(missing)}"

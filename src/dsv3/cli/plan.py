@@ -41,27 +41,46 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp-convention", default="megatron", choices=TP_CONVENTIONS,
-                   help="what tensor parallelism splits: megatron (default; dsv3 and Megatron-Core split the shared "
-                        "experts and the RoPE query rows W^QR) or zhang-su (arXiv 2502.07846: both replicated on every "
-                        "TP rank, the whole MoE block sharded by ZeRO over EDP)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: min(4096, the model's maximum))")
+    p.add_argument(
+        "--tp-convention",
+        default="megatron",
+        choices=TP_CONVENTIONS,
+        help="what tensor parallelism splits: megatron (default; dsv3 and Megatron-Core split the shared "
+        "experts and the RoPE query rows W^QR) or zhang-su (arXiv 2502.07846: both replicated on every "
+        "TP rank, the whole MoE block sharded by ZeRO over EDP)",
+    )
+    p.add_argument(
+        "--seq-len", type=int, default=None, help="tokens per sequence (default: min(4096, the model's maximum))"
+    )
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
-    p.add_argument("--global-batch", type=int, default=None,
-                   help="sequences per optimizer step (default: the fewest micro-batches that fill the pipeline)")
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="sequences per optimizer step (default: the fewest micro-batches that fill the pipeline)",
+    )
     p.add_argument("--fp8", action="store_true", help="cache activations in FP8 as the DeepSeek-V3 FP8 recipe does")
-    p.add_argument("--attention", default="fused", help="fused (FlashAttention/SDPA, default) or eager (keeps s x s scores)")
+    p.add_argument(
+        "--attention", default="fused", help="fused (FlashAttention/SDPA, default) or eager (keeps s x s scores)"
+    )
     p.add_argument("--no-mtp", action="store_true", help="do not train the config's MTP modules")
     p.add_argument("--no-sequence-parallel", action="store_true", help="keep TP-replicated activations whole")
-    p.add_argument("--precision", default=None,
-                   help="per-item formats, e.g. weights=fp32,moments=fp32 (items: weights, grads, master, moments, "
-                        "router, router_compute, activations, stats, fp8_cache, attn_out_cache)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        help="per-item formats, e.g. weights=fp32,moments=fp32 (items: weights, grads, master, moments, "
+        "router, router_compute, activations, stats, fp8_cache, attn_out_cache)",
+    )
     p.add_argument("--precision-preset", default="v3", help="v3 (the report's recipe, default), bf16 or fp32")
     p.add_argument("--fragmentation", type=float, default=0.10, help="allocator allowance, fraction of the rest (0.10)")
     p.add_argument("--flops", default="causal", help="attention FLOP convention: causal (default) or non-causal")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of one GPU (default 989, H800/H100 BF16)")
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="peak dense TFLOP/s of one GPU (default 989, H800/H100 BF16)"
+    )
     p.add_argument("--efficiency", type=float, default=0.5, help="assumed fraction of peak the GEMMs reach (0.5)")
-    p.add_argument("--nvlink-gbps", type=float, default=160.0, help="GB/s per GPU inside a node (160, the report's H800)")
+    p.add_argument(
+        "--nvlink-gbps", type=float, default=160.0, help="GB/s per GPU inside a node (160, the report's H800)"
+    )
     p.add_argument("--ib-gbps", type=float, default=50.0, help="GB/s per GPU between nodes (50)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (8)")
     p.add_argument("--gpu-memory", default=None, help="memory per GPU, e.g. 80GiB, to check the fit")
@@ -77,8 +96,11 @@ def register(subparsers) -> None:
     )
     _add_model_args(p)
     for name, default, what in (
-        ("--pp", 1, "pipeline stages"), ("--tp", 1, "tensor-parallel size"), ("--ep", 1, "expert-parallel size"),
-        ("--etp", 1, "expert tensor-parallel size"), ("--dp", None, "data-parallel size (default: from --gpus, else 1)"),
+        ("--pp", 1, "pipeline stages"),
+        ("--tp", 1, "tensor-parallel size"),
+        ("--ep", 1, "expert-parallel size"),
+        ("--etp", 1, "expert tensor-parallel size"),
+        ("--dp", None, "data-parallel size (default: from --gpus, else 1)"),
         ("--zero", 1, "ZeRO stage 0-3 (default 1)"),
     ):
         p.add_argument(name, type=int, default=default, help=what)
@@ -96,34 +118,57 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
     sub = p.add_subparsers(dest="plan_command", metavar="{schedule,search}", parser_class=type(p))
-    s = sub.add_parser("schedule", help="simulate a pipeline schedule and draw its per-device timeline",
-                       description="Simulate one step of a pipeline schedule (DualPipe README conventions).",
-                       allow_abbrev=False)
+    s = sub.add_parser(
+        "schedule",
+        help="simulate a pipeline schedule and draw its per-device timeline",
+        description="Simulate one step of a pipeline schedule (DualPipe README conventions).",
+        allow_abbrev=False,
+    )
     s.add_argument("--schedule", default=None, help="1f1b, zb1p, dualpipe or dualpipev (with --trace: from the trace)")
-    s.add_argument("--pp", type=int, default=None,
-                   help="pipeline stages (DualPipeV runs them on pp/2 devices; with --trace: from the trace)")
-    s.add_argument("--microbatches", type=int, default=None, help="micro-batches per step (with --trace: from the trace)")
+    s.add_argument(
+        "--pp",
+        type=int,
+        default=None,
+        help="pipeline stages (DualPipeV runs them on pp/2 devices; with --trace: from the trace)",
+    )
+    s.add_argument(
+        "--microbatches", type=int, default=None, help="micro-batches per step (with --trace: from the trace)"
+    )
     s.add_argument("--f", type=float, default=None, help="forward time of one stage and micro-batch (1)")
     s.add_argument("--b", type=float, default=None, help="full backward time (inputs + weights) (2)")
     s.add_argument("--w", type=float, default=None, help="weight-gradient part of --b (1)")
     s.add_argument("--fb", type=float, default=None, help="overlapped forward+backward pair (default f + b)")
     s.add_argument("--comm", type=float, default=0.0, help="point-to-point latency (with --trace: in seconds)")
-    s.add_argument("--trace", default=None,
-                   help="a dsv3 train --trace timeline (pipeline_trace.json): simulate it with its measured op times "
-                        "(median per kind and stage) and compare; --plot draws measured above simulated")
-    s.add_argument("--plot", default=None,
-                   help="write the timeline to this PNG (a new file, or replacing a PNG dsv3 drew; any other "
-                        "existing file is refused)")
+    s.add_argument(
+        "--trace",
+        default=None,
+        help="a dsv3 train --trace timeline (pipeline_trace.json): simulate it with its measured op times "
+        "(median per kind and stage) and compare; --plot draws measured above simulated",
+    )
+    s.add_argument(
+        "--plot",
+        default=None,
+        help="write the timeline to this PNG (a new file, or replacing a PNG dsv3 drew; any other "
+        "existing file is refused)",
+    )
     s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(func=run_schedule)
 
-    q = sub.add_parser("search", help="list the layouts of N GPUs that fit, ranked by estimated step time",
-                       description="Try every layout of --gpus GPUs; list those that fit, fastest first, and why the rest fail.",
-                       allow_abbrev=False)
+    q = sub.add_parser(
+        "search",
+        help="list the layouts of N GPUs that fit, ranked by estimated step time",
+        description="Try every layout of --gpus GPUs; list those that fit, fastest first, and why the rest fail.",
+        allow_abbrev=False,
+    )
     _add_model_args(q)  # required here: a search of an unnamed model would silently rank layouts of `tiny`
     q.add_argument("--gpus", type=int, required=True, help="GPUs to lay the run out on (at most 1,048,576)")
-    for name, what in (("--pp", "pipeline stages"), ("--tp", "TP sizes"), ("--ep", "EP sizes"), ("--etp", "ETP sizes"),
-                       ("--zero", "ZeRO stages (default 1)")):
+    for name, what in (
+        ("--pp", "pipeline stages"),
+        ("--tp", "TP sizes"),
+        ("--ep", "EP sizes"),
+        ("--etp", "ETP sizes"),
+        ("--zero", "ZeRO stages (default 1)"),
+    ):
         q.add_argument(name, default=None, help=f"{what} to try, comma-separated (default: all that apply)")
     q.add_argument("--recompute", default=None, help="policies to try (default none,selective,full)")
     q.add_argument("--schedule", default=None, help="schedules to try (default all four)")
@@ -188,7 +233,9 @@ def _precision(args):
 
     key = str(args.precision_preset).lower()
     if key not in PRECISION_PRESETS:
-        raise ConfigError(f"unknown --precision-preset {clip(args.precision_preset)}; choose one of {', '.join(PRECISION_PRESETS)}")
+        raise ConfigError(
+            f"unknown --precision-preset {clip(args.precision_preset)}; choose one of {', '.join(PRECISION_PRESETS)}"
+        )
     return Precision.parse(args.precision, PRECISION_PRESETS[key])
 
 
@@ -261,17 +308,37 @@ def run(args) -> int:
             )
     stage_layers = tuple(_ints(args.stage_layers, "--stage-layers")) if args.stage_layers else None
     layout = Layout(
-        pp=args.pp, tp=args.tp, ep=args.ep, etp=args.etp, dp=dp if dp is not None else 1, zero=args.zero,
-        recompute=str(args.recompute).lower(), seq_len=common["seq_len"], micro_batch=common["micro_batch"],
-        global_batch=common["global_batch"], schedule=schedule, fp8=common["fp8"], stage_layers=stage_layers,
-        attention=common["attention"], mtp=common["mtp"], sequence_parallel=not args.no_sequence_parallel,
+        pp=args.pp,
+        tp=args.tp,
+        ep=args.ep,
+        etp=args.etp,
+        dp=dp if dp is not None else 1,
+        zero=args.zero,
+        recompute=str(args.recompute).lower(),
+        seq_len=common["seq_len"],
+        micro_batch=common["micro_batch"],
+        global_batch=common["global_batch"],
+        schedule=schedule,
+        fp8=common["fp8"],
+        stage_layers=stage_layers,
+        attention=common["attention"],
+        mtp=common["mtp"],
+        sequence_parallel=not args.no_sequence_parallel,
         tp_convention=args.tp_convention,
     )
     plan = make_plan(
-        cfg, layout, _precision(args), _hardware(args), model_name=name, causal=_causal(args),
-        fragmentation=args.fragmentation, gpu_memory=common["gpu_memory"],
+        cfg,
+        layout,
+        _precision(args),
+        _hardware(args),
+        model_name=name,
+        causal=_causal(args),
+        fragmentation=args.fragmentation,
+        gpu_memory=common["gpu_memory"],
         tokens=parse_count(args.tokens, "--tokens") if args.tokens is not None else None,
-        mfu=args.mfu, tokens_per_s_per_gpu=args.tokens_per_s_per_gpu, price_per_gpu_hour=args.price_per_gpu_hour,
+        mfu=args.mfu,
+        tokens_per_s_per_gpu=args.tokens_per_s_per_gpu,
+        price_per_gpu_hour=args.price_per_gpu_hour,
     )
     if args.json:
         print(plan_json(plan))
@@ -297,13 +364,23 @@ def run_schedule(args) -> int:
         return _run_trace(args)
     missing = [f"--{k}" for k in ("schedule", "pp", "microbatches") if getattr(args, k) is None]
     if missing:
-        raise ConfigError(f"dsv3 plan schedule needs {', '.join(missing)} (or --trace FILE of a dsv3 train --trace run)")
+        raise ConfigError(
+            f"dsv3 plan schedule needs {', '.join(missing)} (or --trace FILE of a dsv3 train --trace run)"
+        )
     schedule = str(args.schedule).lower()
     check_pipeline(args.pp, args.microbatches)
     if args.plot:  # refuse a figure too large to draw before simulating
         check_plot(args.pp // 2 if schedule == "dualpipev" else args.pp, args.pp, args.microbatches)
-    res = simulate(schedule, pp=args.pp, microbatches=args.microbatches, f=_or(args.f, 1.0), b=_or(args.b, 2.0),
-                   w=_or(args.w, 1.0), fb=args.fb, comm=args.comm)
+    res = simulate(
+        schedule,
+        pp=args.pp,
+        microbatches=args.microbatches,
+        f=_or(args.f, 1.0),
+        b=_or(args.b, 2.0),
+        w=_or(args.w, 1.0),
+        fb=args.fb,
+        comm=args.comm,
+    )
     if args.plot:
         from dsv3.plan.timeline import plot_timeline
 
@@ -329,20 +406,30 @@ def _run_trace(args) -> int:
 
     given = [f"--{k}" for k in ("f", "b", "w", "fb") if getattr(args, k) is not None]
     if given:
-        raise ConfigError(f"{', '.join(given)} cannot go with --trace, whose measured op times the simulation uses; "
-                          f"drop them")
+        raise ConfigError(
+            f"{', '.join(given)} cannot go with --trace, whose measured op times the simulation uses; drop them"
+        )
     comm = check_float("comm", args.comm)
     cmp = compare_trace(args.trace, schedule=args.schedule, pp=args.pp, microbatches=args.microbatches, comm=comm)
     if args.plot:
         from dsv3.plan.timeline import plot_timelines
 
         m, s = cmp.measured, cmp.simulated
-        plot_timelines([
-            (m, f"measured: {m.schedule} pp={m.pp}, {m.microbatches} micro-batches; makespan "
-                f"{m.makespan * 1e3:.4g} ms, max idle {max(m.bubble) * 1e3:.4g} ms (time in s)"),
-            (s, f"simulated from the measured op times: makespan {s.makespan * 1e3:.4g} ms, max idle "
-                f"{max(s.bubble) * 1e3:.4g} ms (measured / simulated {cmp.ratio:.3f})"),
-        ], args.plot)
+        plot_timelines(
+            [
+                (
+                    m,
+                    f"measured: {m.schedule} pp={m.pp}, {m.microbatches} micro-batches; makespan "
+                    f"{m.makespan * 1e3:.4g} ms, max idle {max(m.bubble) * 1e3:.4g} ms (time in s)",
+                ),
+                (
+                    s,
+                    f"simulated from the measured op times: makespan {s.makespan * 1e3:.4g} ms, max idle "
+                    f"{max(s.bubble) * 1e3:.4g} ms (measured / simulated {cmp.ratio:.3f})",
+                ),
+            ],
+            args.plot,
+        )
     if args.json:
         print(dumps(cmp.to_json()))
     else:
@@ -353,9 +440,9 @@ def _run_trace(args) -> int:
 
 
 def run_search(args) -> int:
-    from dsv3.utils.size import parse_size
     from dsv3.plan.report import render_search, search_json
     from dsv3.plan.search import search
+    from dsv3.utils.size import parse_size
 
     cfg, name = _model(args, required=True)
     if args.gpu_memory is None:
@@ -374,10 +461,22 @@ def run_search(args) -> int:
         if r not in ("none", "selective", "full"):
             raise ConfigError(f"unknown --recompute {clip(r)}; choose from none, selective, full")
     result = search(
-        cfg, args.gpus, parse_size(args.gpu_memory, "--gpu-memory"), model_name=name, grid=grid,
-        seq_len=common["seq_len"], micro_batch=common["micro_batch"], global_batch=common["global_batch"],
-        fp8=common["fp8"], attention=common["attention"], mtp=common["mtp"], precision=_precision(args),
-        hardware=_hardware(args), fragmentation=args.fragmentation, causal=_causal(args), top=args.top,
+        cfg,
+        args.gpus,
+        parse_size(args.gpu_memory, "--gpu-memory"),
+        model_name=name,
+        grid=grid,
+        seq_len=common["seq_len"],
+        micro_batch=common["micro_batch"],
+        global_batch=common["global_batch"],
+        fp8=common["fp8"],
+        attention=common["attention"],
+        mtp=common["mtp"],
+        precision=_precision(args),
+        hardware=_hardware(args),
+        fragmentation=args.fragmentation,
+        causal=_causal(args),
+        top=args.top,
         tp_convention=args.tp_convention,
     )
     if args.json:

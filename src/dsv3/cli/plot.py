@@ -13,10 +13,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(per-layer expert load over training) from RUN_DIR/metrics.jsonl.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding metrics.jsonl")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="directory for the PNG files (default: RUN_DIR); loss.png and expert_load.png there are "
-                             "replaced when dsv3 drew them; another directory must be new, empty or hold only "
-                             "earlier plots")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="directory for the PNG files (default: RUN_DIR); loss.png and expert_load.png there are "
+        "replaced when dsv3 drew them; another directory must be new, empty or hold only "
+        "earlier plots",
+    )
     parser.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     parser.set_defaults(func=run)
 

@@ -8,20 +8,35 @@ import os
 def register(sub) -> None:
     from dsv3.cli.options import add_config_arguments
 
-    p = sub.add_parser("train", usage="dsv3 train [--config FILE | --resume RUN_DIR] [--print-config] [OPTIONS]\n"
-                       "       dsv3 train --task grpo --init-from CKPT --data prompts.jsonl --reward NAME [OPTIONS]",
-                       help="train a model (no arguments: the tiny preset on the Python stdlib)",
-                       description="Train a DeepSeek-V3-architecture model. Every option of the run config is a flag "
-                                   "(grouped below by its section of the run file); --config reads them from a "
-                                   "YAML or TOML file first (sectioned, `optimizer: {lr: 1e-3}`, or flat, "
-                                   "`lr: 1e-3`), then the flags override.")
-    p.add_argument("--config", dest="config_file", default=None, metavar="FILE",
-                   help="YAML or TOML run configuration, sectioned or flat")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue this run from its latest checkpoint (flags override its saved config)")
-    p.add_argument("--print-config", action="store_true",
-                   help="check the configuration as a run would (options, run directory, --resume flags, context, "
-                        "memory), print it as YAML and exit without training or writing anything")
+    p = sub.add_parser(
+        "train",
+        usage="dsv3 train [--config FILE | --resume RUN_DIR] [--print-config] [OPTIONS]\n"
+        "       dsv3 train --task grpo --init-from CKPT --data prompts.jsonl --reward NAME [OPTIONS]",
+        help="train a model (no arguments: the tiny preset on the Python stdlib)",
+        description="Train a DeepSeek-V3-architecture model. Every option of the run config is a flag "
+        "(grouped below by its section of the run file); --config reads them from a "
+        "YAML or TOML file first (sectioned, `optimizer: {lr: 1e-3}`, or flat, "
+        "`lr: 1e-3`), then the flags override.",
+    )
+    p.add_argument(
+        "--config",
+        dest="config_file",
+        default=None,
+        metavar="FILE",
+        help="YAML or TOML run configuration, sectioned or flat",
+    )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue this run from its latest checkpoint (flags override its saved config)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="check the configuration as a run would (options, run directory, --resume flags, context, "
+        "memory), print it as YAML and exit without training or writing anything",
+    )
     add_config_arguments(p)
     p.set_defaults(func=run)
 

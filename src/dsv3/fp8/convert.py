@@ -45,7 +45,9 @@ def _is_experts(module: nn.Module) -> bool:
 
 
 def _is_mlp(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, n, None), nn.Linear | FP8Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+    return all(
+        isinstance(getattr(module, n, None), nn.Linear | FP8Linear) for n in ("gate_proj", "up_proj", "down_proj")
+    )
 
 
 def convert(model: nn.Module, recipe: FP8Recipe | None = None) -> nn.Module:

@@ -78,7 +78,9 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 def _check_nt(a: QTensor, b: QTensor) -> None:
     if a.block != ACT_TILE or b.block not in (ACT_TILE, WEIGHT_BLOCK):
-        raise ValueError(f"FP8 GEMM takes A in 1x128 tiles and B in 1x128 tiles or 128x128 blocks, got {a.block} x {b.block}")
+        raise ValueError(
+            f"FP8 GEMM takes A in 1x128 tiles and B in 1x128 tiles or 128x128 blocks, got {a.block} x {b.block}"
+        )
     if a.cols != b.cols:
         raise ValueError(f"FP8 GEMM contraction dims differ: A {a.shape} vs B {b.shape}")
 

@@ -287,8 +287,9 @@ class _FP8SwiGLUFn(torch.autograd.Function):
         return dgate.to(ctx.dtypes[0]), dup.to(ctx.dtypes[1]), dweight, None
 
 
-def fp8_swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = None,
-               recipe: FP8Recipe | None = None) -> torch.Tensor:
+def fp8_swiglu(
+    gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = None, recipe: FP8Recipe | None = None
+) -> torch.Tensor:
     """``silu(gate) * up`` (times the per-row gate value ``weight`` [..., 1] when given) that caches
     its inputs in FP8 (1x128 tiles) and recomputes in backward.
 

@@ -169,9 +169,7 @@ def group_padding(offs: list[int], tile: int = TILE) -> tuple[torch.Tensor, list
     return index, padded_offs
 
 
-def quantize_tokens_grouped(
-    x: torch.Tensor, rows: torch.Tensor, padded_rows: int, pow2: bool = False
-) -> QTensor:
+def quantize_tokens_grouped(x: torch.Tensor, rows: torch.Tensor, padded_rows: int, pow2: bool = False) -> QTensor:
     """128x1 token tiles of ``x`` [N, K] that never straddle two groups.
 
     The rows are placed at ``rows`` (from :func:`group_padding`) in a zero buffer of

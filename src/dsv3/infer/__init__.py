@@ -12,5 +12,14 @@ from dsv3.infer.generate import ExpertLoadCollector, generate, generate_batch, g
 from dsv3.infer.replicate import apply_placement
 from dsv3.infer.speculative import SpeculativeStats, speculative_generate
 
-__all__ = ["rebalance_experts", "ExpertLoadCollector", "generate", "generate_batch", "generate_text",
-           "generate_texts", "apply_placement", "SpeculativeStats", "speculative_generate"]
+__all__ = [
+    "rebalance_experts",
+    "ExpertLoadCollector",
+    "generate",
+    "generate_batch",
+    "generate_text",
+    "generate_texts",
+    "apply_placement",
+    "SpeculativeStats",
+    "speculative_generate",
+]

@@ -47,8 +47,7 @@ def balanced_packing(weight: torch.Tensor, num_packs: int) -> tuple[torch.Tensor
     rows, n = weight.shape
     per_pack = n // num_packs
     if per_pack == 1:
-        return (torch.arange(n, dtype=torch.int64).expand(rows, n).clone(),
-                torch.zeros(rows, n, dtype=torch.int64))
+        return (torch.arange(n, dtype=torch.int64).expand(rows, n).clone(), torch.zeros(rows, n, dtype=torch.int64))
     order = weight.float().sort(-1, descending=True).indices
     pack_index = torch.full((rows, n), -1, dtype=torch.int64)
     rank_in_pack = torch.full((rows, n), -1, dtype=torch.int64)
@@ -82,8 +81,9 @@ def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor,
 
 
 # --------------------------------------------------------------------------- the refinement
-def refine_packing(weight: torch.Tensor, pack_index: torch.Tensor, num_packs: int,
-                   max_swaps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_packing(
+    weight: torch.Tensor, pack_index: torch.Tensor, num_packs: int, max_swaps: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exchange local search on an equal-count packing: repeatedly swap one item of the busiest pack with
     one item of another pack when that lowers the larger of their two loads, taking the swap that lowers
     it most; stop when the busiest pack admits none. Never raises the largest pack load.
@@ -137,8 +137,15 @@ def _inverse(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def _hierarchical(weight: torch.Tensor, num_phy: int, num_groups: int, num_nodes: int, num_gpus: int,
-                  refine_nodes: bool, refine_gpus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _hierarchical(
+    weight: torch.Tensor,
+    num_phy: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    refine_nodes: bool,
+    refine_gpus: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Groups -> nodes, replicas within nodes, replicas -> GPUs. Returns phy2log, phy_rank, logcnt."""
     layers, n_log = weight.shape
     group_size = n_log // num_groups
@@ -150,8 +157,9 @@ def _hierarchical(weight: torch.Tensor, num_phy: int, num_groups: int, num_nodes
     if refine_nodes and groups_per_node > 1:
         node_of_group, rank_of_group = refine_packing(group_load, node_of_group, num_nodes)
     # node-major ("middle") logical order: node 0's groups first
-    log2mlog = (((node_of_group * groups_per_node + rank_of_group) * group_size).unsqueeze(-1)
-                + torch.arange(group_size)).flatten(-2)
+    log2mlog = (
+        ((node_of_group * groups_per_node + rank_of_group) * group_size).unsqueeze(-1) + torch.arange(group_size)
+    ).flatten(-2)
     mlog2log = _inverse(log2mlog)
     # (2) replicate within each node: rows are (layer, node)
     mlog_load = weight.gather(-1, mlog2log).view(-1, n_log // num_nodes)
@@ -164,8 +172,9 @@ def _hierarchical(weight: torch.Tensor, num_phy: int, num_groups: int, num_nodes
         gpu_of, rank_on_gpu = refine_packing(replica_load, gpu_of, gpus_per_node)
     pphy2phy = _inverse(gpu_of * slots_per_gpu + rank_on_gpu)
     pphy2mlog = phy2mlog.gather(-1, pphy2phy)
-    pphy2mlog = (pphy2mlog.view(layers, num_nodes, -1)
-                 + torch.arange(0, n_log, n_log // num_nodes).view(1, -1, 1)).flatten(-2)
+    pphy2mlog = (
+        pphy2mlog.view(layers, num_nodes, -1) + torch.arange(0, n_log, n_log // num_nodes).view(1, -1, 1)
+    ).flatten(-2)
     phy2log = mlog2log.gather(-1, pphy2mlog)
     rank = phy_rank.gather(-1, pphy2phy).view(layers, -1)
     logcnt = mlogcnt.view(layers, -1).gather(-1, log2mlog)
@@ -196,8 +205,15 @@ def is_hierarchical(num_groups: int, num_nodes: int) -> bool:
     return num_groups % num_nodes == 0
 
 
-def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, num_nodes: int, num_gpus: int,
-                      *, policy: Policy = "refined") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rebalance_experts(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+    *,
+    policy: Policy = "refined",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Place ``num_replicas`` expert replicas on ``num_gpus`` GPUs of ``num_nodes`` nodes.
 
     Args:
@@ -225,8 +241,9 @@ def rebalance_experts(weight: torch.Tensor, num_replicas: int, num_groups: int, 
             peak = gpu_loads(weight, cand[0], cand[2], num_gpus).amax(-1)
             better = peak < best * (1 - 1e-9)
             if bool(better.any()):
-                phy2log, rank, logcnt = (torch.where(better[:, None], new, old)
-                                         for new, old in zip(cand, (phy2log, rank, logcnt)))
+                phy2log, rank, logcnt = (
+                    torch.where(better[:, None], new, old) for new, old in zip(cand, (phy2log, rank, logcnt))
+                )
                 best = torch.where(better, peak, best)
     return phy2log, _log2phy(phy2log, rank, logcnt), logcnt
 
@@ -235,8 +252,9 @@ def _log2phy(phy2log: torch.Tensor, rank: torch.Tensor, logcnt: torch.Tensor) ->
     layers, n_log = logcnt.shape
     width = int(logcnt.max())
     log2phy = torch.full((layers, n_log, width), -1, dtype=torch.int64)
-    log2phy.view(layers, -1).scatter_(-1, phy2log * width + rank,
-                                      torch.arange(phy2log.shape[1], dtype=torch.int64).expand(layers, -1))
+    log2phy.view(layers, -1).scatter_(
+        -1, phy2log * width + rank, torch.arange(phy2log.shape[1], dtype=torch.int64).expand(layers, -1)
+    )
     return log2phy
 
 
@@ -261,8 +279,16 @@ def imbalance(loads: torch.Tensor) -> torch.Tensor:
     return torch.where(mean > 0, loads.amax(-1) / mean.clamp_min(1e-30), torch.ones_like(mean))
 
 
-def check_placement(phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, *, num_experts: int,
-                    num_groups: int, num_nodes: int, num_gpus: int) -> None:
+def check_placement(
+    phy2log: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    *,
+    num_experts: int,
+    num_groups: int,
+    num_nodes: int,
+    num_gpus: int,
+) -> None:
     """Raise AssertionError unless the placement is valid: every slot holds a logical expert, every expert
     has >= 1 replica, the three tables agree, and (hierarchical) all replicas of a group share one node."""
     layers, num_phy = phy2log.shape
@@ -277,7 +303,7 @@ def check_placement(phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.
             slots = log2phy[layer, e]
             real = slots[slots >= 0]
             assert real.numel() == int(logcnt[layer, e]) and bool((phy2log[layer, real] == e).all())
-            assert bool((slots[int(logcnt[layer, e]):] == -1).all())
+            assert bool((slots[int(logcnt[layer, e]) :] == -1).all())
     if is_hierarchical(num_groups, num_nodes):
         node = torch.arange(num_phy) // (num_phy // num_nodes)
         group_of = phy2log // (num_experts // num_groups)
@@ -332,8 +358,9 @@ def read_expert_loads(path) -> torch.Tensor:
         loads = [torch.tensor(t, dtype=torch.float64) for t in tables]
         total = torch.stack(loads).sum(0)
     except (TypeError, ValueError, RuntimeError):
-        raise DataError(f"{path} holds malformed expert loads; "
-                        "expected [layers][experts] numbers of one shape") from None
+        raise DataError(
+            f"{path} holds malformed expert loads; expected [layers][experts] numbers of one shape"
+        ) from None
     if total.dim() != 2 or total.numel() == 0 or not bool(torch.isfinite(total).all()) or bool((total < 0).any()):
         raise DataError(f"{path} holds malformed expert loads; expected a non-negative [layers][experts] table")
     return total

@@ -35,8 +35,13 @@ def token_probs(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0)
     return probs
 
 
-def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0,
-                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+) -> torch.Tensor:
     """Draw one token per row from ``logits`` [B, V]: greedy when ``temperature == 0``,
     otherwise from :func:`token_probs`. Returns [B] token ids.
 
@@ -72,15 +77,19 @@ def check_length(model: DeepseekV3ForCausalLM, prompt_len: int, max_new_tokens: 
     if prompt_len + max_new_tokens + extra > limit:
         room = limit - prompt_len - extra
         hint = f"use --max-tokens {room} or less" if room > 0 else "shorten the prompt"
-        raise ConfigError(f"a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                          f"context of {limit} positions; {hint}")
+        raise ConfigError(
+            f"a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds the model's "
+            f"context of {limit} positions; {hint}"
+        )
 
 
 def check_finite(logits: torch.Tensor, position: int) -> None:
     """Raise a one-line CheckpointError when ``logits`` hold NaN or infinity (damaged weights)."""
     if not bool(torch.isfinite(logits).all()):
-        raise CheckpointError(f"the model produced non-finite logits at position {position}; "
-                              "its weights are damaged (NaN or infinite values)")
+        raise CheckpointError(
+            f"the model produced non-finite logits at position {position}; "
+            "its weights are damaged (NaN or infinite values)"
+        )
 
 
 class ExpertLoadCollector:
@@ -118,15 +127,24 @@ class ExpertLoadCollector:
             if self.token_mask is not None and self.token_mask.numel() == indices.shape[0]:
                 indices = indices[self.token_mask]
             self.load[layer] += torch.bincount(indices.reshape(-1), minlength=self.num_experts)
+
         return hook
 
 
 @torch.no_grad()
-def generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
-             generator: torch.Generator | Sequence[torch.Generator] | None = None,
-             pad: torch.Tensor | None = None, loads: ExpertLoadCollector | None = None,
-             all_done: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor:
+def generate(
+    model: DeepseekV3ForCausalLM,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    pad: torch.Tensor | None = None,
+    loads: ExpertLoadCollector | None = None,
+    all_done: Callable[[torch.Tensor], bool] | None = None,
+) -> torch.Tensor:
     """Continue ``input_ids`` [B, T0] by up to ``max_new_tokens`` tokens; returns [B, T0 + n].
 
     Rows stop growing after they emit ``eos_id`` (later positions repeat it); the
@@ -174,23 +192,31 @@ def generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_t
             loads.token_mask = None
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0, *,
-             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int = 0, *, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into ``ids`` [B, max len] and ``pad`` [B] (padding tokens per row)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt of a batch needs at least one token")
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        ids[b, width - len(p) :] = torch.as_tensor(list(p), dtype=torch.long)
     pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
     return ids.to(device), pad.to(device)
 
 
-def generate_batch(model: DeepseekV3ForCausalLM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                   temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
-                   generator: torch.Generator | None = None,
-                   loads: ExpertLoadCollector | None = None) -> list[list[int]]:
+def generate_batch(
+    model: DeepseekV3ForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    loads: ExpertLoadCollector | None = None,
+) -> list[list[int]]:
     """Decode prompts of different lengths (lists of token ids) in one batch.
 
     Returns each prompt's new tokens, cut before its first ``eos_id``. With greedy decoding
@@ -198,9 +224,18 @@ def generate_batch(model: DeepseekV3ForCausalLM, prompts: Sequence[Sequence[int]
     """
     device = model.model.embed_tokens.weight.device
     ids, pad = left_pad(prompts, eos_id if eos_id is not None else 0, device=device)
-    tokens = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                      eos_id=eos_id, generator=generator, pad=pad if bool(pad.any()) else None, loads=loads)
-    return [_cut(row, eos_id) for row in tokens[:, ids.shape[1]:].tolist()]
+    tokens = generate(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_id=eos_id,
+        generator=generator,
+        pad=pad if bool(pad.any()) else None,
+        loads=loads,
+    )
+    return [_cut(row, eos_id) for row in tokens[:, ids.shape[1] :].tolist()]
 
 
 def _cut(tokens: list[int], eos_id: int | None) -> list[int]:
@@ -213,24 +248,59 @@ def encode_prompt(tokenizer, prompt: str, eos_id: int | None) -> list[int]:
     return ids or [eos_id if eos_id is not None else 0]
 
 
-def generate_text(model: DeepseekV3ForCausalLM, tokenizer, prompt: str, *, max_new_tokens: int = 100,
-                  temperature: float = 0.8, top_p: float = 0.95, seed: int = 0, eos_id: int | None = None,
-                  loads: ExpertLoadCollector | None = None) -> str:
+def generate_text(
+    model: DeepseekV3ForCausalLM,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    eos_id: int | None = None,
+    loads: ExpertLoadCollector | None = None,
+) -> str:
     """Sample a continuation of ``prompt`` with a Hugging Face ``tokenizers.Tokenizer``; returns prompt + text."""
-    return generate_texts(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_p=top_p, seed=seed, eos_id=eos_id, loads=loads)[0]
+    return generate_texts(
+        model,
+        tokenizer,
+        [prompt],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        eos_id=eos_id,
+        loads=loads,
+    )[0]
 
 
-def generate_texts(model: DeepseekV3ForCausalLM, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 100,
-                   temperature: float = 0.8, top_p: float = 0.95, seed: int = 0, eos_id: int | None = None,
-                   loads: ExpertLoadCollector | None = None) -> list[str]:
+def generate_texts(
+    model: DeepseekV3ForCausalLM,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    seed: int = 0,
+    eos_id: int | None = None,
+    loads: ExpertLoadCollector | None = None,
+) -> list[str]:
     """Continue several prompts in one batch (:func:`generate_batch`); returns prompt + text for each."""
     check_sampling(temperature, top_p)
     device = model.model.embed_tokens.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
     ids = [encode_prompt(tokenizer, p, eos_id) for p in prompts]
-    new = generate_batch(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                         eos_id=eos_id, generator=gen, loads=loads)
+    new = generate_batch(
+        model,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_id=eos_id,
+        generator=gen,
+        loads=loads,
+    )
     return [p + tokenizer.decode(n) for p, n in zip(prompts, new)]
 
 

@@ -61,8 +61,9 @@ class ReplicatedRouter(nn.Module):
 
 
 @torch.no_grad()
-def apply_placement(model: DeepseekV3ForCausalLM, phy2log: torch.Tensor, log2phy: torch.Tensor,
-                    logcnt: torch.Tensor) -> DeepseekV3ForCausalLM:
+def apply_placement(
+    model: DeepseekV3ForCausalLM, phy2log: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor
+) -> DeepseekV3ForCausalLM:
     """Give every MoE layer of ``model`` (in :meth:`~dsv3.model.DeepseekV3ForCausalLM.moe_layers` order)
     its physical experts, in place. ``phy2log`` [L, R], ``log2phy`` [L, N_r, C], ``logcnt`` [L, N_r] as
     returned by :func:`dsv3.infer.eplb.rebalance_experts`. A placement that also covers the MTP modules'
@@ -75,8 +76,10 @@ def apply_placement(model: DeepseekV3ForCausalLM, phy2log: torch.Tensor, log2phy
         # a placement computed with the MTP modules' layers (speculative serving) for a model without them
         phy2log, log2phy, logcnt = phy2log[: len(moes)], log2phy[: len(moes)], logcnt[: len(moes)]
     if phy2log.dim() != 2 or phy2log.shape[0] != len(moes):
-        raise ConfigError(f"the placement has {phy2log.shape[0] if phy2log.dim() == 2 else '?'} layers, "
-                          f"the model {len(moes)} MoE layers")
+        raise ConfigError(
+            f"the placement has {phy2log.shape[0] if phy2log.dim() == 2 else '?'} layers, "
+            f"the model {len(moes)} MoE layers"
+        )
     n_log = model.config.n_routed_experts
     if logcnt.shape != (len(moes), n_log) or log2phy.shape[:2] != (len(moes), n_log):
         raise ConfigError(f"the placement is for a different number of experts than the model's {n_log}")

@@ -83,12 +83,19 @@ class SpeculativeStats:
         return self.new_tokens / self.rounds if self.rounds else 0.0
 
     def to_dict(self) -> dict:
-        return {"draft_tokens": self.draft_tokens, "acceptance_rate": self.acceptance_rates(),
-                "proposed": self.proposed, "accepted": self.accepted, "rounds": self.rounds,
-                "new_tokens": self.new_tokens, "tokens_per_round": self.tokens_per_round(),
-                "seconds": self.seconds, "draft_seconds": self.draft_seconds,
-                "verify_seconds": self.verify_seconds,
-                "tokens_per_s": self.new_tokens / self.seconds if self.seconds else None}
+        return {
+            "draft_tokens": self.draft_tokens,
+            "acceptance_rate": self.acceptance_rates(),
+            "proposed": self.proposed,
+            "accepted": self.accepted,
+            "rounds": self.rounds,
+            "new_tokens": self.new_tokens,
+            "tokens_per_round": self.tokens_per_round(),
+            "seconds": self.seconds,
+            "draft_seconds": self.draft_seconds,
+            "verify_seconds": self.verify_seconds,
+            "tokens_per_s": self.new_tokens / self.seconds if self.seconds else None,
+        }
 
 
 def _distribution(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -104,8 +111,9 @@ def _draw(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) 
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def accept_drafts(drafts: list[int], q: list[torch.Tensor], p: torch.Tensor, *, greedy: bool,
-                  generator: torch.Generator | None = None) -> tuple[int, int]:
+def accept_drafts(
+    drafts: list[int], q: list[torch.Tensor], p: torch.Tensor, *, greedy: bool, generator: torch.Generator | None = None
+) -> tuple[int, int]:
     """The acceptance rule of one round.
 
     Args:
@@ -150,8 +158,9 @@ def accept_greedy(drafts: list[list[int]], logits: torch.Tensor) -> list[tuple[i
 class _MTPDrafter:
     """The MTP modules' state: their latent cache slots, h^k per position, and how far each is valid."""
 
-    def __init__(self, model: DeepseekV3ForCausalLM, cache: LatentKVCache, depth: int, batch: int,
-                 max_len: int) -> None:
+    def __init__(
+        self, model: DeepseekV3ForCausalLM, cache: LatentKVCache, depth: int, batch: int, max_len: int
+    ) -> None:
         self.model, self.cache, self.depth = model, cache, depth
         self.first_slot = model.config.num_hidden_layers  # MTP module k uses cache slot L + k - 1
         d = model.config.hidden_size
@@ -160,8 +169,9 @@ class _MTPDrafter:
         self.hidden = [torch.zeros(batch, max_len, d, dtype=w.dtype, device=w.device) for _ in range(depth)]
         self.valid = [0] * (depth + 1)  # valid[k]: positions 0..valid[k]-1 of module k hold committed inputs
 
-    def draft(self, rows: list[list[int]], n: int, temperature: float, top_p: float,
-              generator: torch.Generator | None) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+    def draft(
+        self, rows: list[list[int]], n: int, temperature: float, top_p: float, generator: torch.Generator | None
+    ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
         """Draft d_1..d_D for each row after its committed tokens t_0..t_N (``n`` = N); h^0 is known up
         to N-1. Returns the drafts and their distributions q_1..q_D ([V] each; none when greedy), per row."""
         model, greedy = self.model, temperature <= 0
@@ -171,12 +181,18 @@ class _MTPDrafter:
         for k in range(1, self.depth + 1):
             start = self.valid[k]
             # t_{i+k} for positions i = start .. N-1, per row [B, N - start]
-            ids = torch.tensor([(r + d)[start + k: n + k] for r, d in zip(rows, drafts)], device=device)
+            ids = torch.tensor([(r + d)[start + k : n + k] for r, d in zip(rows, drafts)], device=device)
             positions = torch.arange(start, n, device=device)
             cos, sin = model.model.rotary_emb(positions)
             layer = model.mtp[k - 1]
-            h = layer(self.hidden[k - 1][:, start:n], model.model.embed_tokens(ids), cos[None], sin[None],
-                      cache=self.cache, start_pos=start)
+            h = layer(
+                self.hidden[k - 1][:, start:n],
+                model.model.embed_tokens(ids),
+                cos[None],
+                sin[None],
+                cache=self.cache,
+                start_pos=start,
+            )
             if k < self.depth:
                 self.hidden[k][:, start:n] = h
             self.valid[k] = n  # provisional: positions past the committed tokens are cut in commit()
@@ -214,9 +230,17 @@ class SpeculativeDecoder:
     accepted more keeps its first a+1 tokens (each a valid draw given its prefix) and redrafts the rest.
     """
 
-    def __init__(self, model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, num_draft: int | None = None,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        model: DeepseekV3ForCausalLM,
+        input_ids: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        num_draft: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         depth = len(model.mtp) if num_draft is None else num_draft
         if len(model.mtp) == 0:
             raise ConfigError("speculative decoding needs the model's MTP modules (num_nextn_predict_layers >= 1)")
@@ -232,8 +256,15 @@ class SpeculativeDecoder:
         batch, self.prompt_len = input_ids.shape
         max_len = self.prompt_len + max_new_tokens + depth + 1
         w = model.model.embed_tokens.weight
-        self.cache = LatentKVCache(cfg.num_hidden_layers + len(model.mtp), batch, max_len, cfg.kv_lora_rank,
-                                   cfg.qk_rope_head_dim, dtype=w.dtype, device=w.device)
+        self.cache = LatentKVCache(
+            cfg.num_hidden_layers + len(model.mtp),
+            batch,
+            max_len,
+            cfg.kv_lora_rank,
+            cfg.qk_rope_head_dim,
+            dtype=w.dtype,
+            device=w.device,
+        )
         self.main_layers = range(cfg.num_hidden_layers)
         self.drafter = _MTPDrafter(model, self.cache, depth, batch, max_len)
         self.rows: list[list[int]] = input_ids.tolist()
@@ -292,7 +323,7 @@ class SpeculativeDecoder:
             self._count(ab)
         a = min(ab for ab, _ in decided)  # every row commits a drafts (the cache has one length)
         emitted = [d[:a] + [nxt if ab == a else d[a]] for d, (ab, nxt) in zip(drafts, decided)]
-        self.drafter.hidden[0][:, n:n + a + 1] = out.hidden_states[:, : a + 1]
+        self.drafter.hidden[0][:, n : n + a + 1] = out.hidden_states[:, : a + 1]
         self.cache.rollback(n + a + 1, layers=self.main_layers)  # main cache: positions 0 .. n+a
         for row, new in zip(self.rows, emitted):
             row.extend(new)
@@ -313,10 +344,18 @@ def _cut_at_eos(new: list[list[int]], max_new_tokens: int, eos_id: int | None) -
 
 
 @torch.no_grad()
-def speculative_generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, *, max_new_tokens: int,
-                         temperature: float = 1.0, top_p: float = 1.0, eos_id: int | None = None,
-                         generator: torch.Generator | None = None, num_draft: int | None = None,
-                         stats: SpeculativeStats | None = None) -> torch.Tensor:
+def speculative_generate(
+    model: DeepseekV3ForCausalLM,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    num_draft: int | None = None,
+    stats: SpeculativeStats | None = None,
+) -> torch.Tensor:
     """Continue ``input_ids`` [B, T0] (prompts of one length) by up to ``max_new_tokens`` tokens with MTP
     drafts; returns [B, T0 + n].
 
@@ -331,8 +370,15 @@ def speculative_generate(model: DeepseekV3ForCausalLM, input_ids: torch.Tensor, 
     was_training = model.training
     model.eval()
     try:
-        dec = SpeculativeDecoder(model, input_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, num_draft=num_draft, generator=generator)
+        dec = SpeculativeDecoder(
+            model,
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            num_draft=num_draft,
+            generator=generator,
+        )
         if stats is not None and stats.draft_tokens != dec.depth:
             raise ConfigError(f"stats count {stats.draft_tokens} drafts per round, this call drafts {dec.depth}")
         new = [[t] for t in dec.prefill()]

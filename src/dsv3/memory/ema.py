@@ -112,7 +112,7 @@ _PIECE = 16384  # elements: below ATen's GRAIN_SIZE (32768), so each op runs on 
 def _pieces(tensors: list[torch.Tensor], per_call: int = 4096) -> list[list[torch.Tensor]]:
     """Flat views of ``tensors`` cut into ``_PIECE``-element pieces, in lists of ``per_call`` pieces."""
     pieces = [p for t in tensors for p in t.reshape(-1).split(_PIECE)]
-    return [pieces[i:i + per_call] for i in range(0, len(pieces), per_call)]
+    return [pieces[i : i + per_call] for i in range(0, len(pieces), per_call)]
 
 
 def _shutdown(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
@@ -121,7 +121,9 @@ def _shutdown(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
         thread.join(timeout=60)
 
 
-def _named_tensors(source: nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+def _named_tensors(
+    source: nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+) -> list[tuple[str, torch.Tensor]]:
     if isinstance(source, nn.Module):
         return list(source.named_parameters())
     if isinstance(source, Mapping):
@@ -162,7 +164,12 @@ class CPUEMA:
         *,
         pin_memory: bool | None = None,
     ) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 <= decay < 1.0) or math.isnan(decay):
+        if (
+            isinstance(decay, bool)
+            or not isinstance(decay, (int, float))
+            or not (0.0 <= decay < 1.0)
+            or math.isnan(decay)
+        ):
             raise ConfigError(f"the EMA decay must be a number in [0, 1), e.g. 0.999, got {decay!r}")
         named = _named_tensors(model_or_named_params)
         if not named:
@@ -276,7 +283,9 @@ class CPUEMA:
         self.wait()
         return dict(zip(self._names, self._shadow))
 
-    def _targets(self, model: nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None) -> list[torch.Tensor]:
+    def _targets(
+        self, model: nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None
+    ) -> list[torch.Tensor]:
         if model is None:
             return self._params
         found = {n: t.detach() for n, t in _named_tensors(model)}
@@ -286,10 +295,14 @@ class CPUEMA:
         targets = [found[n] for n in self._names]
         for name, t, s in zip(self._names, targets, self._shadow):
             if t.shape != s.shape:
-                raise ValueError(f"parameter {name!r} has shape {tuple(t.shape)} in the model but {tuple(s.shape)} in the EMA")
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(t.shape)} in the model but {tuple(s.shape)} in the EMA"
+                )
         return targets
 
-    def copy_to(self, model: nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None) -> None:
+    def copy_to(
+        self, model: nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None = None
+    ) -> None:
         """Overwrite the parameters of ``model`` (default: the tracked ones) with the EMA, cast to their dtype."""
         self.wait()
         with torch.no_grad():
@@ -342,18 +355,24 @@ class CPUEMA:
         """Restore a :meth:`state_dict` (the EMA weights and the update count; ``decay`` stays as constructed)."""
         self.wait()
         if not isinstance(state, Mapping) or not isinstance(state.get("shadow"), Mapping):
-            raise CheckpointError("the EMA state in this checkpoint is malformed (no 'shadow' weights); resume without --ema-decay or use another checkpoint")
+            raise CheckpointError(
+                "the EMA state in this checkpoint is malformed (no 'shadow' weights); resume without --ema-decay or use another checkpoint"
+            )
         shadow = state["shadow"]
         missing = [n for n in self._names if n not in shadow]
         extra = [n for n in shadow if n not in set(self._names)]
         if missing or extra:
             what = f"lacks {missing[0]!r}" if missing else f"has unknown {extra[0]!r}"
-            raise CheckpointError(f"the checkpoint's EMA weights do not match the model (it {what}); resume with the same model config")
+            raise CheckpointError(
+                f"the checkpoint's EMA weights do not match the model (it {what}); resume with the same model config"
+            )
         for name, s in zip(self._names, self._shadow):
             t = shadow[name]
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(s.shape):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise CheckpointError(f"EMA weight {name!r} in the checkpoint has shape {got}, the model needs {tuple(s.shape)}; resume with the same model config")
+                raise CheckpointError(
+                    f"EMA weight {name!r} in the checkpoint has shape {got}, the model needs {tuple(s.shape)}; resume with the same model config"
+                )
         with torch.no_grad():
             for name, s in zip(self._names, self._shadow):
                 s.copy_(shadow[name])

@@ -90,12 +90,16 @@ def param_bytes(model: torch.nn.Module) -> int:
 
 
 def grad_bytes(model: torch.nn.Module) -> int:
-    return sum(p.grad.numel() * p.grad.element_size() for p in {id(p): p for p in model.parameters()}.values()
-               if p.grad is not None)
+    return sum(
+        p.grad.numel() * p.grad.element_size()
+        for p in {id(p): p for p in model.parameters()}.values()
+        if p.grad is not None
+    )
 
 
-def activation_bytes(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, *,
-                     backward: bool = True) -> tuple[int, int]:
+def activation_bytes(
+    model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor, *, backward: bool = True
+) -> tuple[int, int]:
     """(live bytes, autograd-saved bytes) held for backward by one forward of ``model`` on a micro-batch."""
     params = list(model.parameters())
     live = LiveForwardBytes()
@@ -136,8 +140,9 @@ class MemoryReport:
         return d
 
 
-def training_step(model: torch.nn.Module, optimizer, batch: tuple, *, ema=None, measure: bool = False
-                  ) -> tuple[float, int, tuple[int, int] | None]:
+def training_step(
+    model: torch.nn.Module, optimizer, batch: tuple, *, ema=None, measure: bool = False
+) -> tuple[float, int, tuple[int, int] | None]:
     """One training step on one micro-batch: forward, backward, optimizer step, EMA update.
 
     Returns ``(seconds, gradient bytes, (live, saved) activation bytes or None)``; with ``measure``
@@ -163,8 +168,16 @@ def training_step(model: torch.nn.Module, optimizer, batch: tuple, *, ema=None, 
     return time.perf_counter() - t0, grads, acts
 
 
-def measure_training(name: str, model: torch.nn.Module, optimizer, batches: Callable[[], tuple], *,
-                     ema=None, steps: int = 3, warmup: int = 1) -> MemoryReport:
+def measure_training(
+    name: str,
+    model: torch.nn.Module,
+    optimizer,
+    batches: Callable[[], tuple],
+    *,
+    ema=None,
+    steps: int = 3,
+    warmup: int = 1,
+) -> MemoryReport:
     """Run ``warmup`` steps, one step under memory tracking, then ``steps`` timed steps (one micro-batch each).
 
     Args:
@@ -189,8 +202,13 @@ def measure_training(name: str, model: torch.nn.Module, optimizer, batches: Call
     from dsv3.train.optim import optimizer_state_bytes
 
     return MemoryReport(
-        name=name, params=param_bytes(model), grads=grads, optimizer=optimizer_state_bytes(optimizer),
-        ema_host=ema.nbytes() if ema is not None else 0, activations=acts[0], saved_tensors=acts[1],
+        name=name,
+        params=param_bytes(model),
+        grads=grads,
+        optimizer=optimizer_state_bytes(optimizer),
+        ema_host=ema.nbytes() if ema is not None else 0,
+        activations=acts[0],
+        saved_tensors=acts[1],
         tokens_per_s=tokens / statistics.median(times) if times else float("nan"),
         peak_device=torch.cuda.max_memory_allocated() if cuda else None,
     )
@@ -228,8 +246,10 @@ class TrainingSession:
         """:func:`measure_training` on this session, with the config's options recorded."""
         report = measure_training(self.name, self.model, self.optimizer, self.batches, ema=self.ema, steps=steps)
         flat = self.config.to_flat_dict()
-        report.options = {k: flat[k] for k in ("model", "seq_len", "micro_batch", "recompute", "fp8", "optim_states",
-                                               "ema_decay", "dtype")}
+        report.options = {
+            k: flat[k]
+            for k in ("model", "seq_len", "micro_batch", "recompute", "fp8", "optim_states", "ema_decay", "dtype")
+        }
         return report
 
     def step(self) -> float:

@@ -41,9 +41,9 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dsv3.errors import ConfigError
-from dsv3.train.config import RecomputeMode
 from dsv3.model.block import DecoderLayer
 from dsv3.model.ops import GROUPED_MM_OPS
+from dsv3.train.config import RecomputeMode
 
 POLICIES: tuple[str, ...] = get_args(RecomputeMode)  # none, selective, full: spelled once, in the run config
 
@@ -57,8 +57,12 @@ def _ops(*names: str) -> set:
 # GEMM-like ops whose outputs the selective policy keeps.
 MATMUL_OPS = _ops("mm", "addmm", "bmm", "_grouped_mm") | {GROUPED_MM_OPS[0]}
 # Attention-core ops (the fused kernels of every backend) whose outputs are kept.
-ATTENTION_OPS = _ops("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-                     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+ATTENTION_OPS = _ops(
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
 
 
 def _save_only(ops: set):
@@ -79,21 +83,42 @@ class RecomputePolicy:
 
     name = "none"
 
-    def block(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              attn_mask: torch.Tensor | None = None, stats=None) -> torch.Tensor:
+    def block(
+        self,
+        layer: DecoderLayer,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        stats=None,
+    ) -> torch.Tensor:
         """``x`` [B, T, d] -> [B, T, d]: ``h = x + attention(x); h + ffn(h)`` (``attn_mask``: the document mask;
         ``stats``: the forward's :class:`~dsv3.model.moe.RoutingStats`, recorded by layer key, so a
         recomputation counts nothing twice)."""
         h = x + self.attention(layer, x, cos, sin, attn_mask=attn_mask)
         return h + self.ffn(layer, h, stats)
 
-    def mtp(self, layer, h_prev: torch.Tensor, emb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            attn_mask: torch.Tensor | None = None, stats=None) -> torch.Tensor:
+    def mtp(
+        self,
+        layer,
+        h_prev: torch.Tensor,
+        emb: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        stats=None,
+    ) -> torch.Tensor:
         """An MTP module (:class:`~dsv3.model.mtp.MTPLayer`): its input projection, then its block."""
         return self.block(layer, layer.project_input(h_prev, emb), cos, sin, attn_mask=attn_mask, stats=stats)
 
-    def attention(self, layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attention(
+        self,
+        layer: DecoderLayer,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return layer.attention(x, cos, sin, attn_mask=attn_mask)
 
     def ffn(self, layer: DecoderLayer, h: torch.Tensor, stats=None) -> torch.Tensor:
@@ -110,10 +135,16 @@ class SelectiveRecompute(RecomputePolicy):
 
     def attention(self, layer, x, cos, sin, attn_mask=None):
         attn = layer.self_attn
-        q_latent, kv_latent = checkpoint(lambda t: attn.compress(layer.input_layernorm(t)), x,
-                                         use_reentrant=False, context_fn=_KEEP_MATMULS)
-        return checkpoint(lambda q, kv: attn.attend(q, kv, cos, sin, attn_mask=attn_mask), q_latent, kv_latent,
-                          use_reentrant=False, context_fn=_KEEP_ATTENTION)
+        q_latent, kv_latent = checkpoint(
+            lambda t: attn.compress(layer.input_layernorm(t)), x, use_reentrant=False, context_fn=_KEEP_MATMULS
+        )
+        return checkpoint(
+            lambda q, kv: attn.attend(q, kv, cos, sin, attn_mask=attn_mask),
+            q_latent,
+            kv_latent,
+            use_reentrant=False,
+            context_fn=_KEEP_ATTENTION,
+        )
 
     def ffn(self, layer, h, stats=None):
         if caches_fp8(layer) or communicates(layer):
@@ -139,8 +170,9 @@ class FullRecompute(RecomputePolicy):
         if communicates(layer):
             return self.block(layer, layer.project_input(h_prev, emb), cos, sin, attn_mask=attn_mask, stats=stats)
         # The whole MTP module, its norms and eh_proj included, keeps only its two inputs.
-        return checkpoint(_PLAIN.mtp, layer, h_prev, emb, cos, sin, attn_mask=attn_mask, stats=stats,
-                          use_reentrant=False)
+        return checkpoint(
+            _PLAIN.mtp, layer, h_prev, emb, cos, sin, attn_mask=attn_mask, stats=stats, use_reentrant=False
+        )
 
 
 _PLAIN = RecomputePolicy()
@@ -159,8 +191,11 @@ def communicates(layer: DecoderLayer) -> bool:
 def caches_fp8(layer: DecoderLayer) -> bool:
     """Whether the block's FFN SwiGLUs cache FP8 inputs (the FP8 recipe marks them ``caches_fp8_inputs``)."""
     mlp = layer.mlp
-    acts = [mlp.act] if hasattr(mlp, "act") else [mlp.experts.act] + (
-        [mlp.shared_experts.act] if mlp.shared_experts is not None else [])
+    acts = (
+        [mlp.act]
+        if hasattr(mlp, "act")
+        else [mlp.experts.act] + ([mlp.shared_experts.act] if mlp.shared_experts is not None else [])
+    )
     return any(getattr(act, "caches_fp8_inputs", False) for act in acts)
 
 

@@ -26,14 +26,25 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MLA(config, layer_idx if cache_idx is None else cache_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MoE(config, layer_idx) if config.is_moe_layer(layer_idx) else MLP(config.hidden_size, config.intermediate_size)
+        self.mlp = (
+            MoE(config, layer_idx)
+            if config.is_moe_layer(layer_idx)
+            else MLP(config.hidden_size, config.intermediate_size)
+        )
         # Extension point: a recomputation policy (dsv3.memory.recompute) that runs the block in training.
         # It must provide ``block(layer, x, cos, sin, stats) -> [B, T, d]``; None runs the plain forward.
         self.recompute = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentKVCache | None = None, start_pos: int = 0,
-                attn_mask: torch.Tensor | None = None, stats: RoutingStats | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentKVCache | None = None,
+        start_pos: int = 0,
+        attn_mask: torch.Tensor | None = None,
+        stats: RoutingStats | None = None,
+    ) -> torch.Tensor:
         """``x`` [B, T, d] -> [B, T, d]; ``attn_mask``: the document mask (see :meth:`MLA.forward`); an MoE
         block records its loads/balance loss into ``stats``."""
         if self.recompute is not None and cache is None and torch.is_grad_enabled():
@@ -42,9 +53,15 @@ class DecoderLayer(nn.Module):
         return h + self.ffn(h, stats)
 
     # The two residual branches; recomputation policies wrap these (see dsv3.memory.recompute).
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  cache: LatentKVCache | None = None, start_pos: int = 0,
-                  attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attention(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentKVCache | None = None,
+        start_pos: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The attention branch ``MLA(RMSNorm(x))``."""
         return self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, attn_mask)
 

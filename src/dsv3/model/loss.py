@@ -30,7 +30,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(h) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, n, chunk):
-            hc, yc, vc = h[start:start + chunk], labels[start:start + chunk], valid[start:start + chunk]
+            hc, yc, vc = h[start : start + chunk], labels[start : start + chunk], valid[start : start + chunk]
             logits = (hc @ weight.t()).float()  # [c, V]
             lse = torch.logsumexp(logits, dim=-1)
             target = logits.gather(1, yc.clamp(min=0).unsqueeze(1)).squeeze(1)
@@ -41,7 +41,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad.mul_((vc.to(grad.dtype) / max(count, 1)).unsqueeze(1))  # (softmax - onehot) / n
                 grad = grad.to(h.dtype)
                 if need_h:
-                    dh[start:start + chunk] = grad @ weight.to(h.dtype)
+                    dh[start : start + chunk] = grad @ weight.to(h.dtype)
                 if need_w:
                     dw.addmm_(grad.t().float(), hc.float())
         ctx.save_for_backward(dh if need_h else None, dw.to(weight.dtype) if need_w else None)
@@ -50,12 +50,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         dh, dw = ctx.saved_tensors
-        return (dh * grad_loss.to(dh.dtype) if dh is not None else None,
-                dw * grad_loss.to(dw.dtype) if dw is not None else None, None, None)
+        return (
+            dh * grad_loss.to(dh.dtype) if dh is not None else None,
+            dw * grad_loss.to(dw.dtype) if dw is not None else None,
+            None,
+            None,
+        )
 
 
-def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                               chunk: int = 2048) -> torch.Tensor:
+def fused_linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int = 2048
+) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight^T`` against ``labels``, without keeping the logits.
 
     Args:

@@ -63,12 +63,21 @@ class LatentKVCache:
     for a standard multi-head KV cache.
     """
 
-    def __init__(self, num_layers: int, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int,
-                 *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
-        self.c_kv = [torch.zeros(batch_size, max_len, kv_lora_rank, dtype=dtype, device=device)
-                     for _ in range(num_layers)]
-        self.k_pe = [torch.zeros(batch_size, max_len, rope_dim, dtype=dtype, device=device)
-                     for _ in range(num_layers)]
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        max_len: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.c_kv = [
+            torch.zeros(batch_size, max_len, kv_lora_rank, dtype=dtype, device=device) for _ in range(num_layers)
+        ]
+        self.k_pe = [torch.zeros(batch_size, max_len, rope_dim, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_len = max_len
         self.lengths = [0] * num_layers  # valid positions per layer: 0 .. lengths[l]-1
         self.pad: torch.Tensor | None = None  # [B] leading padding slots per row (batched prompts)
@@ -83,8 +92,10 @@ class LatentKVCache:
         if end > self.max_len:
             raise ValueError(f"the latent KV cache holds {self.max_len} positions, {end} were asked for")
         if start > self.lengths[layer]:
-            raise ValueError(f"layer {layer} of the latent KV cache holds {self.lengths[layer]} positions; "
-                             f"writing at {start} would leave a gap")
+            raise ValueError(
+                f"layer {layer} of the latent KV cache holds {self.lengths[layer]} positions; "
+                f"writing at {start} would leave a gap"
+            )
         self.c_kv[layer][:, start:end] = c_kv
         self.k_pe[layer][:, start:end] = k_pe
         self.lengths[layer] = end
@@ -97,8 +108,8 @@ class LatentKVCache:
         """
         for layer in range(len(self.lengths)) if layers is None else layers:
             if self.lengths[layer] > length:
-                self.c_kv[layer][:, length:self.lengths[layer]] = 0
-                self.k_pe[layer][:, length:self.lengths[layer]] = 0
+                self.c_kv[layer][:, length : self.lengths[layer]] = 0
+                self.k_pe[layer][:, length : self.lengths[layer]] = 0
                 self.lengths[layer] = length
 
     def set_padding(self, pad: torch.Tensor) -> None:
@@ -161,9 +172,16 @@ class MLA(nn.Module):
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
         return q, self.kv_a_proj_with_mqa(x)
 
-    def attend(self, q_latent: torch.Tensor, kv_latent: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               cache: LatentKVCache | None = None, start_pos: int = 0,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        q_latent: torch.Tensor,
+        kv_latent: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentKVCache | None = None,
+        start_pos: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Everything after the down-projections: latent norms, up-projections, RoPE, attention, W^O.
 
         ``attn_mask`` ([B, 1, T, T] bool from :func:`document_mask`, training path only)
@@ -183,9 +201,15 @@ class MLA(nn.Module):
             out = self._expanded_attention(q_nope, q_pe, c_kv, k_pe, attn_mask)
         return self.o_proj(out.reshape(bsz, seqlen, self.n_heads * self.v_head_dim))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentKVCache | None = None, start_pos: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LatentKVCache | None = None,
+        start_pos: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attention of ``x`` [B, T, d] at positions ``start_pos .. start_pos+T-1``; returns [B, T, d].
 
         ``cos``/``sin`` [B or 1, T, d_h^R/2] are the rotary tables of those positions.
@@ -221,7 +245,7 @@ class MLA(nn.Module):
         seqlen = q_nope.shape[1]
         c_all, k_pe_all = cache.update(self.layer_idx, start_pos, c_kv, k_pe)  # [B, S, d_c], [B, S, d_h^R]
         w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
-        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # W^UK absorbed into the query
         scores = torch.einsum("bthc,bsc->bhts", q_latent, c_all) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe_all)
         scores = scores.float() * self.softmax_scale

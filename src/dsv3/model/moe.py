@@ -279,8 +279,9 @@ class MoE(nn.Module):
         offs = counts.cumsum(0).to(torch.int32)
         return self.experts(recv_x, offs, handle.recv_weights)
 
-    def record(self, stats: RoutingStats | None, scores: torch.Tensor, indices: torch.Tensor, bsz: int,
-               seqlen: int) -> None:
+    def record(
+        self, stats: RoutingStats | None, scores: torch.Tensor, indices: torch.Tensor, bsz: int, seqlen: int
+    ) -> None:
         """Record this forward's expert loads [N_r] and (training, alpha > 0) balance loss L_Bal into ``stats``
         (``scores`` [B*T, N_r], ``indices`` [B*T, K_r]); nothing when ``stats`` is None."""
         if stats is None:
@@ -289,8 +290,9 @@ class MoE(nn.Module):
             load = torch.bincount(indices.reshape(-1), minlength=self.n_experts)
         balance = None
         if self.training and self.seq_aux_alpha > 0:
-            balance = sequence_balance_loss(scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1),
-                                            self.seq_aux_alpha)
+            balance = sequence_balance_loss(
+                scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1), self.seq_aux_alpha
+            )
         stats.record(self.layer_idx, load, balance)
 
     @torch.no_grad()

@@ -47,9 +47,17 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
         self.shared_head = SharedHead(config)
 
-    def forward(self, h_prev: torch.Tensor, emb: torch.Tensor,  # type: ignore[override]
-                cos: torch.Tensor, sin: torch.Tensor, cache=None, start_pos: int = 0,
-                attn_mask: torch.Tensor | None = None, stats=None) -> torch.Tensor:
+    def forward(
+        self,
+        h_prev: torch.Tensor,
+        emb: torch.Tensor,  # type: ignore[override]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache=None,
+        start_pos: int = 0,
+        attn_mask: torch.Tensor | None = None,
+        stats=None,
+    ) -> torch.Tensor:
         """``h_prev`` = h^{k-1}_{1:T-k} and ``emb`` = Emb(t_{k+1:T}), both [B, T-k, d]; returns h^k [B, T-k, d].
 
         With a :class:`~dsv3.model.mla.LatentKVCache` holding slot ``num_hidden_layers + k - 1``
@@ -60,8 +68,9 @@ class MTPLayer(DecoderLayer):
         """
         if self.recompute is not None and cache is None and torch.is_grad_enabled():
             return self.recompute.mtp(self, h_prev, emb, cos, sin, attn_mask=attn_mask, stats=stats)
-        return super().forward(self.project_input(h_prev, emb), cos, sin, cache, start_pos, attn_mask=attn_mask,
-                               stats=stats)
+        return super().forward(
+            self.project_input(h_prev, emb), cos, sin, cache, start_pos, attn_mask=attn_mask, stats=stats
+        )
 
     def project_input(self, h_prev: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """h'^k = M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)]: two [B, T-k, d] -> [B, T-k, d]."""

@@ -44,8 +44,9 @@ class _SwiGLU(torch.autograd.Function):
         return dgate.to(gate.dtype), dup.to(up.dtype), dw
 
 
-def swiglu_backward(g: torch.Tensor, u: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None,
-                    need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def swiglu_backward(
+    g: torch.Tensor, u: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor | None, need_dweight: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of ``silu(g) * u * weight``, recomputing ``silu(g)`` from ``g``.
 
     Args:
@@ -177,14 +178,16 @@ def _grouped_mm_backward(ctx, dy):
 
 
 _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
-GROUPED_MM_OPS = (torch.ops.dsv3.grouped_mm.default, torch.ops.dsv3.grouped_mm_dgrad.default,
-                  torch.ops.dsv3.grouped_mm_wgrad.default)
+GROUPED_MM_OPS = (
+    torch.ops.dsv3.grouped_mm.default,
+    torch.ops.dsv3.grouped_mm_dgrad.default,
+    torch.ops.dsv3.grouped_mm_wgrad.default,
+)
 
 
 def _padded_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Index-based fallback: scatter the row groups into a padded [E, C, K] batch and bmm."""
     n, k = x.shape
-    e = w.shape[0]
     counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
     capacity = int(counts.max()) if n > 0 else 0
     if capacity == 0:

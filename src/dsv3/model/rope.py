@@ -36,8 +36,9 @@ from dsv3.errors import ConfigError
 YARN_DEFAULTS = {"beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
 
 
-def extend_context(config: ModelConfig, factor: float, seq_len: int,
-                   original_max_position_embeddings: int | None = None) -> ModelConfig:
+def extend_context(
+    config: ModelConfig, factor: float, seq_len: int, original_max_position_embeddings: int | None = None
+) -> ModelConfig:
     """The YaRN-extended copy of ``config`` for training at ``seq_len`` tokens.
 
     Writes ``rope_scaling`` in the official config.json form (``type: yarn``, ``factor``,
@@ -59,8 +60,9 @@ def extend_context(config: ModelConfig, factor: float, seq_len: int,
         raise ConfigError(f"the YaRN rope factor must be a number above 1, got {factor!r}; change --rope-factor.")
     if original_max_position_embeddings is None:
         if config.rope_type == "yarn":
-            original_max_position_embeddings = config.rope_scaling.get("original_max_position_embeddings",
-                                                                        config.max_position_embeddings)
+            original_max_position_embeddings = config.rope_scaling.get(
+                "original_max_position_embeddings", config.max_position_embeddings
+            )
         else:
             original_max_position_embeddings = config.max_position_embeddings
     original = int(original_max_position_embeddings)
@@ -73,8 +75,7 @@ def extend_context(config: ModelConfig, factor: float, seq_len: int,
             "raise --rope-factor or lower --seq-len."
         )
     factor_out = int(factor) if float(factor).is_integer() else float(factor)
-    rope_scaling = {"type": "yarn", "factor": factor_out, "original_max_position_embeddings": original,
-                    **YARN_DEFAULTS}
+    rope_scaling = {"type": "yarn", "factor": factor_out, "original_max_position_embeddings": original, **YARN_DEFAULTS}
     if config.rope_type == "yarn":  # keep a released config's own beta/mscale choices
         for key in YARN_DEFAULTS:
             if key in config.rope_scaling:

@@ -21,11 +21,10 @@ from dsv3.config import ModelConfig
 from dsv3.model.block import DecoderLayer
 from dsv3.model.loss import IGNORE_INDEX, fused_linear_cross_entropy
 from dsv3.model.mla import LatentKVCache, document_mask
-from dsv3.model.moe import MoE, Experts, Router, RoutingStats
+from dsv3.model.moe import Experts, MoE, Router, RoutingStats
 from dsv3.model.mtp import MTPLayer
 from dsv3.model.norm import RMSNorm
 from dsv3.model.rope import RotaryEmbedding
-
 
 
 @dataclass
@@ -195,14 +194,28 @@ class DeepseekV3ForCausalLM(nn.Module):
     def new_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> LatentKVCache:
         """An empty latent KV cache for the main-model layers."""
         weight = self.model.embed_tokens.weight
-        return LatentKVCache(self.config.num_hidden_layers, batch_size, max_len, self.config.kv_lora_rank,
-                             self.config.qk_rope_head_dim, dtype=dtype or weight.dtype, device=weight.device)
+        return LatentKVCache(
+            self.config.num_hidden_layers,
+            batch_size,
+            max_len,
+            self.config.kv_lora_rank,
+            self.config.qk_rope_head_dim,
+            dtype=dtype or weight.dtype,
+            device=weight.device,
+        )
 
     # ---------------------------------------------------------------- forward
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                cache: LatentKVCache | None = None, start_pos: int = 0,
-                return_logits: bool | None = None, segment_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        cache: LatentKVCache | None = None,
+        start_pos: int = 0,
+        return_logits: bool | None = None,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> CausalLMOutput:
         """Run the model.
 
         Args:
@@ -257,13 +270,26 @@ class DeepseekV3ForCausalLM(nn.Module):
         moes = self.moe_layers()
         if not moes:
             return balance_loss, None
-        load = torch.stack([stats.load[m.layer_idx] if m.layer_idx in stats.load
-                            else torch.zeros(m.n_experts, dtype=torch.long, device=like.device) for m in moes])
+        load = torch.stack(
+            [
+                stats.load[m.layer_idx]
+                if m.layer_idx in stats.load
+                else torch.zeros(m.n_experts, dtype=torch.long, device=like.device)
+                for m in moes
+            ]
+        )
         return balance_loss, load
 
-    def _mtp_loss(self, h: torch.Tensor, emb: torch.Tensor, labels: torch.Tensor,
-                  cos: torch.Tensor, sin: torch.Tensor, segment_ids: torch.Tensor | None = None,
-                  stats: RoutingStats | None = None) -> torch.Tensor:
+    def _mtp_loss(
+        self,
+        h: torch.Tensor,
+        emb: torch.Tensor,
+        labels: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        stats: RoutingStats | None = None,
+    ) -> torch.Tensor:
         """lambda/D * sum_k L^k: depth k at position i predicts t_{i+k+1} = labels[:, i+k-1].
 
         With ``segment_ids`` a target from another document than position i is ignored.
@@ -286,5 +312,4 @@ class DeepseekV3ForCausalLM(nn.Module):
 
     def _head_loss(self, h_norm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of the shared output head on ``h_norm`` [B, T', d]."""
-        return fused_linear_cross_entropy(h_norm.reshape(-1, h_norm.shape[-1]), self.lm_head.weight,
-                                          labels.reshape(-1))
+        return fused_linear_cross_entropy(h_norm.reshape(-1, h_norm.shape[-1]), self.lm_head.weight, labels.reshape(-1))

@@ -148,7 +148,12 @@ class AdamW(torch.optim.Optimizer):
     ) -> None:
         _check_hparams(lr, betas, eps, weight_decay)
         self.moments_dtype = resolve_moments_dtype(moments_dtype)
-        defaults = {"lr": float(lr), "betas": (float(betas[0]), float(betas[1])), "eps": float(eps), "weight_decay": float(weight_decay)}
+        defaults = {
+            "lr": float(lr),
+            "betas": (float(betas[0]), float(betas[1])),
+            "eps": float(eps),
+            "weight_decay": float(weight_decay),
+        }
         super().__init__(params, defaults)
         self._compiled_ok = True
 
@@ -189,20 +194,48 @@ class AdamW(torch.optim.Optimizer):
             # FP32 everywhere: torch's fused multi-tensor AdamW kernel (one pass over memory), the same
             # update as below: decoupled decay, m <- lerp, v <- beta_2 v + (1-beta_2) g^2, bias corrections.
             state_steps = [torch.tensor(float(t), device=params[0].device) for t in steps]
-            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], state_steps, amsgrad=False, lr=lr,
-                                beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, maximize=False,
-                                grad_scale=None, found_inf=None)
+            torch._fused_adamw_(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                [],
+                state_steps,
+                amsgrad=False,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=wd,
+                eps=eps,
+                maximize=False,
+                grad_scale=None,
+                found_inf=None,
+            )
             return
 
-        if self._compiled_ok and self.moments_dtype != torch.float32 and all(
-                p.dtype == torch.float32 and g.dtype == torch.float32 for p, g in zip(params, grads)):
+        if (
+            self._compiled_ok
+            and self.moments_dtype != torch.float32
+            and all(p.dtype == torch.float32 and g.dtype == torch.float32 for p, g in zip(params, grads))
+        ):
             # Low-precision moments: one fused elementwise kernel per tensor (torch.compile), reading
             # the BF16 moments, updating in FP32 and writing them back rounded, in a single pass.
             kernel = _compiled_adamw_update()
             try:
                 for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-                    kernel(p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), lr, beta1, beta2, wd, eps,
-                           1.0 - beta1**t, math.sqrt(1.0 - beta2**t))
+                    kernel(
+                        p.view(-1),
+                        g.reshape(-1),
+                        m.view(-1),
+                        v.view(-1),
+                        lr,
+                        beta1,
+                        beta2,
+                        wd,
+                        eps,
+                        1.0 - beta1**t,
+                        math.sqrt(1.0 - beta2**t),
+                    )
                 return
             except Exception:  # no compiler on this machine: the multi-tensor path below, from now on
                 if p is not params[0]:
@@ -240,8 +273,11 @@ class AdamW(torch.optim.Optimizer):
         if not hasattr(torch, "_fused_adamw_"):
             return False
         first = tensor_lists[0][0]
-        return all(t.dtype == torch.float32 and t.device == first.device and t.device.type in ("cpu", "cuda")
-                   for tensors in tensor_lists for t in tensors)
+        return all(
+            t.dtype == torch.float32 and t.device == first.device and t.device.type in ("cpu", "cuda")
+            for tensors in tensor_lists
+            for t in tensors
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """The torch optimizer state dict plus ``moments_dtype`` (a string) for the record."""
@@ -263,8 +299,9 @@ class AdamW(torch.optim.Optimizer):
                 state["step"] = int(state["step"].item())
 
 
-def _adamw_update_1d(p, g, m, v, lr: float, beta1: float, beta2: float, wd: float, eps: float,
-                     bc1: float, bc2_sqrt: float) -> None:
+def _adamw_update_1d(
+    p, g, m, v, lr: float, beta1: float, beta2: float, wd: float, eps: float, bc1: float, bc2_sqrt: float
+) -> None:
     """In place on flat tensors: the AdamW step of :class:`AdamW` with moments stored in ``m.dtype``."""
     m32 = m.float().lerp(g, 1.0 - beta1)
     v32 = v.float() * beta2 + (1.0 - beta2) * g * g

@@ -68,9 +68,15 @@ class RowChunk(torch.Tensor):
         from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
         chunk = ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.size())
-        return [WriteItem(index=MetadataIndex(fqn, self.offsets), type=WriteItemType.SHARD,
-                          tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties.create_from_tensor(
-                              self.local), size=self.size()))]
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, self.offsets),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=chunk, properties=TensorProperties.create_from_tensor(self.local), size=self.size()
+                ),
+            )
+        ]
 
     def __create_chunk_list__(self) -> list:
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
@@ -211,8 +217,9 @@ def model_state(model, held=None) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict | None = None,
-                 keep_last: int | None = None, ema=None) -> str:
+def save_sharded(
+    run_dir: str, step: int, *, model, optimizer, ctx, extra: dict | None = None, keep_last: int | None = None, ema=None
+) -> str:
     """Write ``run_dir/dcp-{step:08d}`` from every rank (collective); returns its path.
 
     ``ema``: the run's :class:`~dsv3.memory.ema.CPUEMA` (saved as ``ema/...`` when given)."""
@@ -236,8 +243,9 @@ def save_sharded(run_dir: str, step: int, *, model, optimizer, ctx, extra: dict 
         if os.path.isfile(os.path.join(run_dir, "tokenizer.json")):  # self-contained, as one-process checkpoints
             shutil.copyfile(os.path.join(run_dir, "tokenizer.json"), os.path.join(tmp, "tokenizer.json"))
         with open(os.path.join(tmp, META), "w") as fh:
-            json.dump({"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep},
-                       **(extra or {})}, fh)
+            json.dump(
+                {"step": step, "layout": {"pp": getattr(ctx, "pp", 1), "dp": ctx.dp, "ep": ctx.ep}, **(extra or {})}, fh
+            )
         write_sharded_manifest(tmp, step, shards)  # sizes + SHA-256 of every file, verified on resume/export
         if os.path.isdir(final):
             shutil.rmtree(final)
@@ -314,8 +322,11 @@ def ema_state(model, ema, held=None) -> dict[str, torch.Tensor]:
     ``held``: as in :func:`model_state`, the parameter names this rank holds fresh (pipeline parallelism);
     the EMA of the others is left out (their holders write it)."""
     shadow = ema.shadow()
-    return {f"ema/{key}": (shadow[name] if i is None else shadow[name][i])
-            for key, name, i in _ema_keys(model, ema.names) if held is None or name in held}
+    return {
+        f"ema/{key}": (shadow[name] if i is None else shadow[name][i])
+        for key, name, i in _ema_keys(model, ema.names)
+        if held is None or name in held
+    }
 
 
 def read_meta(path: str) -> dict:
@@ -327,8 +338,10 @@ def read_meta(path: str) -> dict:
         with open(meta_path) as fh:
             return json.load(fh)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"sharded checkpoint {path} is damaged: {META} cannot be read ({exc}); pick another "
-                              f"checkpoint (or pass the run directory to use its newest intact one)") from None
+        raise CheckpointError(
+            f"sharded checkpoint {path} is damaged: {META} cannot be read ({exc}); pick another "
+            f"checkpoint (or pass the run directory to use its newest intact one)"
+        ) from None
 
 
 @torch.no_grad()
@@ -356,8 +369,9 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
     if with_ema:
         ema.load_state_dict({"shadow": ema.shadow(), "num_updates": int(meta["ema"]["num_updates"])})
     elif ema is not None:  # written without an EMA: it restarts from the loaded weights
-        ema.load_state_dict({"shadow": {n: p.detach() for n, p in model.named_parameters() if n in set(ema.names)},
-                             "num_updates": 0})
+        ema.load_state_dict(
+            {"shadow": {n: p.detach() for n, p in model.named_parameters() if n in set(ema.names)}, "num_updates": 0}
+        )
     return meta
 
 
@@ -411,8 +425,11 @@ def load_full_model(checkpoint: str, *, device: str | torch.device = "cpu", use_
         if "ema" not in read_meta(checkpoint):
             raise CheckpointError(f"checkpoint {checkpoint} holds no EMA weights (train with --ema-decay)")
         params = {n for n, _ in model.named_parameters()}
-        ema = {f"ema/{k}": (t.detach() if i is None else t.detach()[i]) for k, t, i in _param_keys(model)
-               if _local_name(k, i) in params}
+        ema = {
+            f"ema/{k}": (t.detach() if i is None else t.detach()[i])
+            for k, t, i in _param_keys(model)
+            if _local_name(k, i) in params
+        }
         _dcp_load(ema, checkpoint)  # the shadows straight into the parameters
     return model
 
@@ -435,10 +452,13 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | Non
         latest = latest_sharded(checkpoint, log=lambda line: print(line, file=sys.stderr))
         if latest is None:  # a one-process run (or one of its step-* checkpoints)
             if use_ema:
-                raise CheckpointError(f"{checkpoint} holds no sharded checkpoint; --use-ema exports the EMA of "
-                                      f"sharded (torchrun) checkpoints")
+                raise CheckpointError(
+                    f"{checkpoint} holds no sharded checkpoint; --use-ema exports the EMA of "
+                    f"sharded (torchrun) checkpoints"
+                )
             return export_unsharded(checkpoint, out_dir, dtype=dtype)
         checkpoint = latest
     model = load_full_model(resolve_sharded(checkpoint), use_ema=use_ema)
-    return write_export(model, out_dir, run_dir=os.path.dirname(os.path.abspath(checkpoint)), source=checkpoint,
-                        dtype=dtype)
+    return write_export(
+        model, out_dir, run_dir=os.path.dirname(os.path.abspath(checkpoint)), source=checkpoint, dtype=dtype
+    )

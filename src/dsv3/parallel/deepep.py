@@ -59,8 +59,9 @@ def check_deepep(device: torch.device | str) -> None:
     if importlib.util.find_spec("deep_ep") is None:
         raise ConfigError("--dispatcher deepep needs the deep_ep package (DeepEP) installed; use --dispatcher alltoall")
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        raise ConfigError(f"--dispatcher deepep runs on CUDA GPUs only, not on {torch.device(device).type}; "
-                          f"use --dispatcher alltoall")
+        raise ConfigError(
+            f"--dispatcher deepep runs on CUDA GPUs only, not on {torch.device(device).type}; use --dispatcher alltoall"
+        )
 
 
 class DeepEPBuffer:
@@ -97,9 +98,15 @@ class _Dispatch(torch.autograd.Function):
     def forward(ctx, x, topk_weights, buf, topk_idx, layout, async_finish, out: dict):
         per_rank, per_rdma, per_expert, in_rank = layout
         recv_x, recv_idx, recv_w, _, handle, event = buf.dispatch(
-            x, topk_idx=topk_idx, topk_weights=topk_weights, num_tokens_per_rank=per_rank,
-            num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
-            async_finish=async_finish)
+            x,
+            topk_idx=topk_idx,
+            topk_weights=topk_weights,
+            num_tokens_per_rank=per_rank,
+            num_tokens_per_rdma_rank=per_rdma,
+            is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert,
+            async_finish=async_finish,
+        )
         out.update(recv_idx=recv_idx, handle=handle, event=event)
         ctx.buf, ctx.handle, ctx.recv_shape = buf, handle, (recv_x.shape, recv_x.dtype, recv_x.device)
         return recv_x, recv_w
@@ -109,8 +116,12 @@ class _Dispatch(torch.autograd.Function):
         if grad_x is None:
             shape, dtype, device = ctx.recv_shape
             grad_x = torch.zeros(shape, dtype=dtype, device=device)
-        gx, gw, _ = ctx.buf.combine(grad_x.contiguous(), ctx.handle,
-                                    topk_weights=None if grad_w is None else grad_w.contiguous(), async_finish=False)
+        gx, gw, _ = ctx.buf.combine(
+            grad_x.contiguous(),
+            ctx.handle,
+            topk_weights=None if grad_w is None else grad_w.contiguous(),
+            async_finish=False,
+        )
         return gx, gw, None, None, None, None, None
 
 
@@ -210,13 +221,24 @@ class DeepEPDispatcher:
         ranks_per_node: ranks of one node, to count the nodes a token reaches.
     """
 
-    def __init__(self, group, ep: int, ep_rank: int, n_experts: int, *, buffer: DeepEPBuffer | None = None,
-                 fp8: bool = False, ranks_per_node: int | None = None) -> None:
+    def __init__(
+        self,
+        group,
+        ep: int,
+        ep_rank: int,
+        n_experts: int,
+        *,
+        buffer: DeepEPBuffer | None = None,
+        fp8: bool = False,
+        ranks_per_node: int | None = None,
+    ) -> None:
         from dsv3.parallel.dispatch import CommStats
 
         if fp8:
-            raise ConfigError("--dispatcher deepep does not carry FP8 dispatch payloads in this version; "
-                              "use --dispatcher alltoall with --fp8")
+            raise ConfigError(
+                "--dispatcher deepep does not carry FP8 dispatch payloads in this version; "
+                "use --dispatcher alltoall with --fp8"
+            )
         if n_experts % ep:
             raise ConfigError(f"--ep {ep} does not divide the model's {n_experts} routed experts; pick another ep")
         self.group, self.ep, self.ep_rank = group, ep, ep_rank
@@ -227,8 +249,9 @@ class DeepEPDispatcher:
             self.ranks_per_node = ep
         self.stats = CommStats()
 
-    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
-                       meanwhile=None) -> _Pending:
+    def dispatch_start(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *, meanwhile=None
+    ) -> _Pending:
         """Compute the layout and start DeepEP's dispatch (``async_finish=True``); ``meanwhile``: a callable run
         while the tokens are in flight (the cut MoE of the FB overlap runs its shared experts there)."""
         buf = self.buffer.get(x)

@@ -83,8 +83,16 @@ class _Exchange:
     compute stream that produced ``t``; :meth:`wait` makes the compute stream wait for it). None on CPU.
     """
 
-    def __init__(self, t: torch.Tensor, in_splits: list[int], out_splits: list[int], group, stats: CommStats,
-                 self_index: int, stream=None) -> None:
+    def __init__(
+        self,
+        t: torch.Tensor,
+        in_splits: list[int],
+        out_splits: list[int],
+        group,
+        stats: CommStats,
+        self_index: int,
+        stream=None,
+    ) -> None:
         import torch.distributed as dist
 
         self.dtype, self.cols = t.dtype, t.shape[1]
@@ -150,12 +158,28 @@ class _Linked(torch.autograd.Function):
         return back.to(s["source_dtype"]), None
 
 
-def _link(source: torch.Tensor, received: torch.Tensor, in_splits, out_splits, group, stats, self_index,
-          grad_fp8: bool = False) -> torch.Tensor:
+def _link(
+    source: torch.Tensor,
+    received: torch.Tensor,
+    in_splits,
+    out_splits,
+    group,
+    stats,
+    self_index,
+    grad_fp8: bool = False,
+) -> torch.Tensor:
     if not (torch.is_grad_enabled() and source.requires_grad):
         return received
-    spec = {"received": received, "in_splits": in_splits, "out_splits": out_splits, "group": group,
-            "stats": stats, "self_index": self_index, "grad_fp8": grad_fp8, "source_dtype": source.dtype}
+    spec = {
+        "received": received,
+        "in_splits": in_splits,
+        "out_splits": out_splits,
+        "group": group,
+        "stats": stats,
+        "self_index": self_index,
+        "grad_fp8": grad_fp8,
+        "source_dtype": source.dtype,
+    }
     return _Linked.apply(source, spec)
 
 
@@ -272,8 +296,9 @@ class AllToAllDispatcher:
         ranks_per_node: ranks of one node (to count the nodes a token reaches).
     """
 
-    def __init__(self, group, ep: int, ep_rank: int, n_experts: int, *, fp8: bool = False,
-                 ranks_per_node: int | None = None) -> None:
+    def __init__(
+        self, group, ep: int, ep_rank: int, n_experts: int, *, fp8: bool = False, ranks_per_node: int | None = None
+    ) -> None:
         if n_experts % ep:
             raise ConfigError(f"--ep {ep} does not divide the model's {n_experts} routed experts; pick another ep")
         self.group, self.ep, self.ep_rank = group, ep, ep_rank
@@ -293,20 +318,23 @@ class AllToAllDispatcher:
             self.stream = torch.cuda.Stream(device)
         return self.stream  # pragma: no cover
 
-    def exchange_start(self, rows: torch.Tensor, in_splits: list[int], out_splits: list[int], *,
-                       fp8: bool = False) -> _PendingRows:
+    def exchange_start(
+        self, rows: torch.Tensor, in_splits: list[int], out_splits: list[int], *, fp8: bool = False
+    ) -> _PendingRows:
         """Start an all-to-all of ``rows`` [S, C] (rows ``in_splits[j]`` to rank j; ``sum(out_splits)`` rows
         arrive), quantised to E4M3 with power-of-two 1x128 scales when ``fp8``; no autograd. The backward
         of a cut exchange is this with the forward's splits swapped."""
         rows = rows.detach().contiguous()
         payload = _fp8_pack(rows) if fp8 else rows
-        ex = _Exchange(payload, in_splits, out_splits, self.group, self.stats, self.ep_rank,
-                       self._stream_for(rows.device))
+        ex = _Exchange(
+            payload, in_splits, out_splits, self.group, self.stats, self.ep_rank, self._stream_for(rows.device)
+        )
         return _PendingRows(ex, fp8, rows.shape[1], rows.dtype)
 
     # ------------------------------------------------------------------ dispatch
-    def dispatch_start(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *,
-                       meanwhile=None) -> _PendingDispatch:
+    def dispatch_start(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *, meanwhile=None
+    ) -> _PendingDispatch:
         """Route ``x`` [N, d]: count, exchange the counts (one small all-to-all, waited here), start the payloads.
 
         ``meanwhile``: a callable run while the counts are in flight (the cut MoE runs its shared experts there).
@@ -332,8 +360,11 @@ class AllToAllDispatcher:
             nodes = mask.view(n, -1, self.ranks_per_node).any(dim=-1)
             self.stats.nodes_reached += int(nodes.sum())
             here = dest.index_select(0, send_token) == rank_of_row.unsqueeze(1)  # [S, K] choices on that rank
-            local_id = torch.where(here, topk_idx.index_select(0, send_token) - rank_of_row.unsqueeze(1) * self.n_local,
-                                   torch.full_like(topk_idx[:1], -1).expand(len(send_token), k))
+            local_id = torch.where(
+                here,
+                topk_idx.index_select(0, send_token) - rank_of_row.unsqueeze(1) * self.n_local,
+                torch.full_like(topk_idx[:1], -1).expand(len(send_token), k),
+            )
         wdtype = torch.promote_types(topk_weights.dtype, torch.float32)  # gate values stay at least FP32
         send_w = topk_weights.to(wdtype).index_select(0, send_token) * here
         meta = torch.cat([send_w, local_id.to(wdtype)], dim=1)  # [S, 2K]: gate values, local ids (-1: elsewhere)
@@ -342,10 +373,17 @@ class AllToAllDispatcher:
         stream = self._stream_for(x.device)
         return _PendingDispatch(
             x_exchange=_Exchange(payload, send_splits, recv_splits, self.group, self.stats, self.ep_rank, stream),
-            meta_exchange=_Exchange(meta.detach(), send_splits, recv_splits, self.group, self.stats, self.ep_rank,
-                                    stream),
-            x=x, meta=meta, send_x=send_x, send_token=send_token, send_splits=send_splits, recv_splits=recv_splits,
-            n_tokens=n)
+            meta_exchange=_Exchange(
+                meta.detach(), send_splits, recv_splits, self.group, self.stats, self.ep_rank, stream
+            ),
+            x=x,
+            meta=meta,
+            send_x=send_x,
+            send_token=send_token,
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+            n_tokens=n,
+        )
 
     def dispatch_wait(self, p: _PendingDispatch, *, cut: bool = False):
         """Finish a dispatch: returns ``(recv_x [M, d], counts [N_r/ep], handle)``.
@@ -367,8 +405,9 @@ class AllToAllDispatcher:
         with torch.no_grad():
             recv_token, pos, counts = expand_to_local_experts(meta[:, k:].detach().long(), self.n_local)
         recv_weights = meta[:, :k].reshape(-1).index_select(0, pos).unsqueeze(-1)
-        handle = AllToAllHandle(p.send_token, p.send_splits, p.recv_splits, recv_token, recv.shape[0], p.n_tokens,
-                                recv_weights)
+        handle = AllToAllHandle(
+            p.send_token, p.send_splits, p.recv_splits, recv_token, recv.shape[0], p.n_tokens, recv_weights
+        )
         return recv.index_select(0, recv_token), counts, handle
 
     def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
@@ -379,8 +418,15 @@ class AllToAllDispatcher:
     def combine_start(self, y: torch.Tensor, handle: AllToAllHandle) -> _PendingCombine:
         """Sum each received token's local expert outputs ``y`` [M, d] and start sending them back."""
         z = combine(y, handle.recv_token, handle.n_recv)  # [R, d], one row per received token
-        ex = _Exchange(z.detach(), handle.recv_splits, handle.send_splits, self.group, self.stats, self.ep_rank,
-                       self._stream_for(z.device))
+        ex = _Exchange(
+            z.detach(),
+            handle.recv_splits,
+            handle.send_splits,
+            self.group,
+            self.stats,
+            self.ep_rank,
+            self._stream_for(z.device),
+        )
         return _PendingCombine(ex, z, handle)
 
     def combine_wait(self, p: _PendingCombine, *, cut: bool = False) -> torch.Tensor:
@@ -393,8 +439,16 @@ class AllToAllDispatcher:
         if cut:
             back = p.back = _leaf(back, p.z)
         else:
-            back = _link(p.z, back, p.handle.recv_splits, p.handle.send_splits, self.group, self.stats,
-                         self.ep_rank, grad_fp8=self.fp8)
+            back = _link(
+                p.z,
+                back,
+                p.handle.recv_splits,
+                p.handle.send_splits,
+                self.group,
+                self.stats,
+                self.ep_rank,
+                grad_fp8=self.fp8,
+            )
         return combine(back, p.handle.send_token, p.handle.n_tokens)
 
     # ---------------------------------------------- backward of cut exchanges
@@ -444,8 +498,9 @@ def resolve_backend(name: str, ep: int, device: torch.device) -> str:
     return name
 
 
-def shard_experts(model: torch.nn.Module, ctx, *, dispatcher: str = "auto", fp8: bool = False,
-                  ranks_per_node: int | None = None) -> torch.nn.Module:
+def shard_experts(
+    model: torch.nn.Module, ctx, *, dispatcher: str = "auto", fp8: bool = False, ranks_per_node: int | None = None
+) -> torch.nn.Module:
     """Expert parallelism as a transformation of a built model (in place; returns it).
 
     Each MoE layer keeps only this rank's contiguous block of experts (global experts
@@ -480,11 +535,24 @@ def shard_experts(model: torch.nn.Module, ctx, *, dispatcher: str = "auto", fp8:
             from dsv3.parallel.deepep import DeepEPBuffer, DeepEPDispatcher
 
             shared = shared or DeepEPBuffer(ctx.ep_group)
-            moe.dispatcher = DeepEPDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, moe.n_experts, buffer=shared, fp8=fp8,
-                                              ranks_per_node=ranks_per_node or getattr(ctx, "ranks_per_node", None))
+            moe.dispatcher = DeepEPDispatcher(
+                ctx.ep_group,
+                ctx.ep,
+                ctx.ep_rank,
+                moe.n_experts,
+                buffer=shared,
+                fp8=fp8,
+                ranks_per_node=ranks_per_node or getattr(ctx, "ranks_per_node", None),
+            )
         else:
-            moe.dispatcher = AllToAllDispatcher(ctx.ep_group, ctx.ep, ctx.ep_rank, moe.n_experts, fp8=fp8,
-                                                ranks_per_node=ranks_per_node or getattr(ctx, "ranks_per_node", None))
+            moe.dispatcher = AllToAllDispatcher(
+                ctx.ep_group,
+                ctx.ep,
+                ctx.ep_rank,
+                moe.n_experts,
+                fp8=fp8,
+                ranks_per_node=ranks_per_node or getattr(ctx, "ranks_per_node", None),
+            )
     return model
 
 

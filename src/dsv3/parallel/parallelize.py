@@ -107,7 +107,9 @@ def build_runtime(model: nn.Module, ctx, config, run_dir: str | None = None):
 
 
 @torch.no_grad()
-def initialize(model: nn.Module, mcfg: ModelConfig, init_from: str | None = None, *, partial: bool = False) -> nn.Module:
+def initialize(
+    model: nn.Module, mcfg: ModelConfig, init_from: str | None = None, *, partial: bool = False
+) -> nn.Module:
     """The values of a materialised model: the tensors of the Hugging Face checkpoint directory ``init_from``
     (``partial``: the model holds a rank's part, and only that part is read; every held tensor must be
     found), else the per-parameter seeds of ``model.init_seed``;
@@ -131,14 +133,34 @@ def initialize(model: nn.Module, mcfg: ModelConfig, init_from: str | None = None
 def build_optimizer(model: nn.Module, ctx, config, pipeline=None) -> ZeroAdamW:
     """Step 6: ZeRO-1 AdamW over this rank's parameters (under ``--pp`` those of its stages)."""
     opt = config.optimizer
-    held = {} if pipeline is None else dict(names=pipeline.owned, norm_names=pipeline.norm_owned,
-                                            norm_group=pipeline.group)
-    return ZeroAdamW(model, ctx, lr=opt.lr, betas=(opt.beta1, opt.beta2), weight_decay=opt.weight_decay, eps=opt.eps,
-                     moments_dtype=config.memory.optim_states, **held)
+    held = (
+        {}
+        if pipeline is None
+        else dict(names=pipeline.owned, norm_names=pipeline.norm_owned, norm_group=pipeline.group)
+    )
+    return ZeroAdamW(
+        model,
+        ctx,
+        lr=opt.lr,
+        betas=(opt.beta1, opt.beta2),
+        weight_decay=opt.weight_decay,
+        eps=opt.eps,
+        moments_dtype=config.memory.optim_states,
+        **held,
+    )
 
 
-def parallelize(model: nn.Module, ctx, config, *, mcfg: ModelConfig | None = None, init_from: str | None = None,
-                run_dir: str | None = None, partial: bool | None = None, optimize: bool = True) -> Parallelized:
+def parallelize(
+    model: nn.Module,
+    ctx,
+    config,
+    *,
+    mcfg: ModelConfig | None = None,
+    init_from: str | None = None,
+    run_dir: str | None = None,
+    partial: bool | None = None,
+    optimize: bool = True,
+) -> Parallelized:
     """Apply the layout of ``ctx`` and the recipe of ``config`` to ``model`` in the order of the module docstring.
 
     Args:

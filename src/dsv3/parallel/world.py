@@ -40,8 +40,14 @@ def pipeline_devices(pp: int, schedule: str | None = None) -> int:
     return devices_of(schedule or "1f1b", pp)
 
 
-def check_layout(world_size: int, pp: int = 1, dp: int | None = None, ep: int = 1,
-                 n_routed_experts: int | None = None, schedule: str | None = None) -> tuple[int, int, int]:
+def check_layout(
+    world_size: int,
+    pp: int = 1,
+    dp: int | None = None,
+    ep: int = 1,
+    n_routed_experts: int | None = None,
+    schedule: str | None = None,
+) -> tuple[int, int, int]:
     """Validate a layout and fill in ``dp``; returns ``(pp, dp, ep)``.
 
     ``pp`` counts pipeline stages; the world is ``pipeline_devices(pp, schedule) * dp``
@@ -57,18 +63,24 @@ def check_layout(world_size: int, pp: int = 1, dp: int | None = None, ep: int = 
             raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
     ndev = pipeline_devices(pp, schedule)
     if world_size % ndev:
-        raise ConfigError(f"the world size {world_size} is not a multiple of the {ndev} pipeline devices of --pp {pp}; "
-                          f"launch {ndev} * dp processes")
+        raise ConfigError(
+            f"the world size {world_size} is not a multiple of the {ndev} pipeline devices of --pp {pp}; "
+            f"launch {ndev} * dp processes"
+        )
     if dp is None:
         dp = world_size // ndev
     if ndev * dp != world_size:
-        raise ConfigError(f"the world size {world_size} does not factor as {ndev} pipeline devices x --dp {dp}; "
-                          f"launch {ndev * dp} processes or change --dp")
+        raise ConfigError(
+            f"the world size {world_size} does not factor as {ndev} pipeline devices x --dp {dp}; "
+            f"launch {ndev * dp} processes or change --dp"
+        )
     if dp % ep:
         raise ConfigError(f"--ep {ep} does not divide the data-parallel degree {dp}; pick an ep that divides dp")
     if n_routed_experts is not None and ep > 1 and n_routed_experts % ep:
-        raise ConfigError(f"--ep {ep} does not divide the model's {n_routed_experts} routed experts; "
-                          f"pick an ep that divides n_routed_experts")
+        raise ConfigError(
+            f"--ep {ep} does not divide the model's {n_routed_experts} routed experts; "
+            f"pick an ep that divides n_routed_experts"
+        )
     return pp, dp, ep
 
 
@@ -159,7 +171,7 @@ class ParallelContext:
         return self.ep_rank * per, (self.ep_rank + 1) * per
 
     def describe(self) -> str:
-        pipe = (f"pp {self.pp} ({self.schedule} on {self.pp_devices} devices)" if self.pp > 1 else "pp 1")
+        pipe = f"pp {self.pp} ({self.schedule} on {self.pp_devices} devices)" if self.pp > 1 else "pp 1"
         return f"world {self.world_size} = {pipe} x dp {self.dp} (ep {self.ep} x edp {self.edp}), {self.backend or 'one process'}"
 
     def barrier(self) -> None:
@@ -207,9 +219,16 @@ def rank_threads(ranks_on_node: int, cores: int | None = None) -> int | None:
     return max(1, cores // max(1, ranks_on_node))
 
 
-def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_experts: int | None = None,
-                  timeout_s: float | None = None, device: str | torch.device | None = None,
-                  schedule: str | None = None) -> ParallelContext:
+def init_parallel(
+    pp: int = 1,
+    dp: int | None = None,
+    ep: int = 1,
+    *,
+    n_routed_experts: int | None = None,
+    timeout_s: float | None = None,
+    device: str | torch.device | None = None,
+    schedule: str | None = None,
+) -> ParallelContext:
     """Join the world that torchrun (or a test) described in the environment.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``). Without
@@ -255,15 +274,26 @@ def init_parallel(pp: int = 1, dp: int | None = None, ep: int = 1, *, n_routed_e
     if threads is not None:  # torch's default (every core in every rank) oversubscribes; torchrun's 1 idles
         torch.set_num_threads(threads)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     edp = dp // ep
     mesh = init_device_mesh(dev.type, (ndev, edp, ep), mesh_dim_names=("pp", "edp", "ep"))
     dp_mesh = mesh["edp", "ep"]._flatten("dp")
     return ParallelContext(
-        rank=rank, world_size=world_size, pp=pp, dp=dp, ep=ep, pp_devices=ndev, schedule=schedule, device=dev, backend=backend, mesh=mesh,
+        rank=rank,
+        world_size=world_size,
+        pp=pp,
+        dp=dp,
+        ep=ep,
+        pp_devices=ndev,
+        schedule=schedule,
+        device=dev,
+        backend=backend,
+        mesh=mesh,
         dp_group=dp_mesh.get_group() if dp > 1 else None,
         ep_group=mesh.get_group("ep") if ep > 1 else None,
         edp_group=mesh.get_group("edp") if edp > 1 else None,
-        timeout_s=timeout_s, ranks_per_node=_env_int("LOCAL_WORLD_SIZE", world_size),
+        timeout_s=timeout_s,
+        ranks_per_node=_env_int("LOCAL_WORLD_SIZE", world_size),
     )

@@ -72,7 +72,9 @@ def sum_of_squares(t: torch.Tensor, width: int = 1024) -> torch.Tensor:
     n = flat.numel() // width * width
     total = flat[n:].double().pow(2).sum()
     if n:
-        rows = torch.linalg.vector_norm(flat[:n].view(-1, width), dim=1, dtype=torch.promote_types(t.dtype, torch.float32))
+        rows = torch.linalg.vector_norm(
+            flat[:n].view(-1, width), dim=1, dtype=torch.promote_types(t.dtype, torch.float32)
+        )
         total = total + rows.double().pow(2).sum()
     return total
 
@@ -130,9 +132,20 @@ class ZeroAdamW:
     ``param_groups`` are those of the inner AdamW over this rank's chunks (``set_lr`` works).
     """
 
-    def __init__(self, model: nn.Module, ctx, *, lr: float = 2.2e-4, betas=(0.9, 0.95), weight_decay: float = 0.1,
-                 eps: float = 1e-8, moments_dtype="fp32", names=None, norm_names=None,
-                 norm_group=None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        ctx,
+        *,
+        lr: float = 2.2e-4,
+        betas=(0.9, 0.95),
+        weight_decay: float = 0.1,
+        eps: float = 1e-8,
+        moments_dtype="fp32",
+        names=None,
+        norm_names=None,
+        norm_group=None,
+    ) -> None:
         self.ctx = ctx
         self.norm_group = norm_group
         keep = set(names) if names is not None else None
@@ -160,14 +173,16 @@ class ZeroAdamW:
                     chunk = p.detach().view(rows, width)[start:end]
                     master = chunk if own else chunk.to(torch.float32, copy=True)
                     masters.append((name, master))
-                self.shards.append(_Shard(name, p, expert, bounds, master,
-                                          counted=counted is None or name in counted, own_master=own))
+                self.shards.append(
+                    _Shard(name, p, expert, bounds, master, counted=counted is None or name in counted, own_master=own)
+                )
             if masters:
                 inner_groups.append({"params": masters, "weight_decay": group["weight_decay"]})
         if not inner_groups:  # more ranks than rows everywhere: keep a valid (empty-state) optimizer
             inner_groups = [{"params": [("_empty", torch.zeros(0))], "weight_decay": 0.0}]
-        self.inner = AdamW(inner_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                           moments_dtype=moments_dtype)
+        self.inner = AdamW(
+            inner_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, moments_dtype=moments_dtype
+        )
 
     # --------------------------------------------------------------- torch.optim-like surface
     @property
@@ -218,7 +233,7 @@ class ZeroAdamW:
                 offset = 0
                 for s in bucket:
                     n = s.param.grad.numel()
-                    s.param.grad.copy_(flat[offset:offset + n].view_as(s.param.grad))
+                    s.param.grad.copy_(flat[offset : offset + n].view_as(s.param.grad))
                     offset += n
 
     @torch.no_grad()
@@ -234,8 +249,12 @@ class ZeroAdamW:
             if s.param.grad is not None and s.counted:
                 parts[int(s.expert)].append(sum_of_squares(s.param.grad))
         device = self.ctx.device if self.ctx.distributed else (parts[0] or parts[1] or [torch.zeros(())])[0].device
-        sq = torch.stack([torch.stack(p).sum().to(device) if p else torch.zeros((), dtype=torch.float64, device=device)
-                          for p in parts])
+        sq = torch.stack(
+            [
+                torch.stack(p).sum().to(device) if p else torch.zeros((), dtype=torch.float64, device=device)
+                for p in parts
+            ]
+        )
         if self.ctx.distributed and self.ctx.ep > 1:
             expert_sq = sq[1:].clone()
             dist.all_reduce(expert_sq, group=self.ctx.ep_group)
@@ -249,8 +268,9 @@ class ZeroAdamW:
         return norm[0]
 
     @torch.no_grad()
-    def step(self, max_norm: float | None = None, *, reduce: bool = True,
-             norm: torch.Tensor | None = None) -> torch.Tensor:
+    def step(
+        self, max_norm: float | None = None, *, reduce: bool = True, norm: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Reduce gradients, clip to ``max_norm``, update this rank's chunks, all-gather the parameters.
 
         Returns the gradient norm before clipping. When it is not finite nothing is updated (the
@@ -284,7 +304,6 @@ class ZeroAdamW:
     @torch.no_grad()
     def gather_parameters(self) -> None:
         """Write each rank's updated chunks into the full parameters of every rank of its group."""
-        import torch.distributed as dist
 
         for expert in (False, True):
             shards = [s for s in self.shards if s.expert == expert]
@@ -306,15 +325,16 @@ class ZeroAdamW:
         import torch.distributed as dist
 
         dtype = shards[0].param.dtype
-        sizes = [sum((s.bounds[r][1] - s.bounds[r][0]) * rows_shape(s.param.shape)[1] for s in shards)
-                 for r in range(n)]
+        sizes = [
+            sum((s.bounds[r][1] - s.bounds[r][0]) * rows_shape(s.param.shape)[1] for s in shards) for r in range(n)
+        ]
         width = max(sizes)
         mine = torch.zeros(width, dtype=dtype, device=shards[0].param.device)
         offset = 0
         for s in shards:
             start, end = s.bounds[me]
             chunk = s.rows_view(s.param.data)[start:end].reshape(-1)
-            mine[offset:offset + chunk.numel()] = chunk
+            mine[offset : offset + chunk.numel()] = chunk
             offset += chunk.numel()
         gathered = mine.new_empty(n * width)
         dist.all_gather_into_tensor(gathered, mine, group=group)
@@ -326,15 +346,17 @@ class ZeroAdamW:
             for s in shards:
                 start, end = s.bounds[r]
                 view = s.rows_view(s.param.data)[start:end]
-                view.copy_(gathered[r, offset:offset + view.numel()].view_as(view))
+                view.copy_(gathered[r, offset : offset + view.numel()].view_as(view))
                 offset += view.numel()
 
     # ------------------------------------------------------------------ checkpoints
     def _whole_shards(self) -> list[_Shard]:
         """The shards in the inner optimizer's index order; refused unless each holds its whole parameter."""
         if self.ctx.dp != 1 or self.held is not None:
-            raise ConfigError("a ZeRO-1 optimizer over part of the model has no whole-model state dict; "
-                              "save it with dsv3.parallel.checkpoint.save_sharded")
+            raise ConfigError(
+                "a ZeRO-1 optimizer over part of the model has no whole-model state dict; "
+                "save it with dsv3.parallel.checkpoint.save_sharded"
+            )
         return [s for s in self.shards if s.master is not None]
 
     def state_dict(self) -> dict:
@@ -364,8 +386,9 @@ class ZeroAdamW:
             master = st.pop("master", None)
             if master is not None and not shard.own_master:
                 shard.master.copy_(master.reshape(shard.master.shape))
-            state[i] = {k: (v.reshape(shard.master.shape) if k in ("exp_avg", "exp_avg_sq") else v)
-                        for k, v in st.items()}
+            state[i] = {
+                k: (v.reshape(shard.master.shape) if k in ("exp_avg", "exp_avg_sq") else v) for k, v in st.items()
+            }
         self.inner.load_state_dict({**state_dict, "state": state})
 
     @torch.no_grad()
@@ -403,8 +426,10 @@ class ZeroAdamW:
             if master is not None and not s.own_master:
                 s.master.copy_(master)
             if len(parts) == 2:
-                self.inner.state[s.master] = {"step": step, **{k: v.to(self.inner.moments_dtype).clone()
-                                                               for k, v in parts.items()}}
+                self.inner.state[s.master] = {
+                    "step": step,
+                    **{k: v.to(self.inner.moments_dtype).clone() for k, v in parts.items()},
+                }
 
     def sharded_state(self) -> dict[str, dict[str, torch.Tensor | int]]:
         """This rank's chunks by global parameter name: ``{name: {"rows": (start, end), "master", "exp_avg",
@@ -416,8 +441,13 @@ class ZeroAdamW:
                 continue
             st = self.inner.state.get(s.master, {})
             start, end = s.bounds[self.ctx.edp_rank if s.expert else self.ctx.dp_rank]
-            out[s.name] = {"rows": (start, end), "master": s.master, "step": st.get("step", 0),
-                           "exp_avg": st.get("exp_avg"), "exp_avg_sq": st.get("exp_avg_sq")}
+            out[s.name] = {
+                "rows": (start, end),
+                "master": s.master,
+                "step": st.get("step", 0),
+                "exp_avg": st.get("exp_avg"),
+                "exp_avg_sq": st.get("exp_avg_sq"),
+            }
         return out
 
 
@@ -440,4 +470,3 @@ def all_mean(values: torch.Tensor, ctx) -> torch.Tensor:
         dist.all_reduce(values, group=ctx.dp_group)
         values /= ctx.dp
     return values
-

@@ -115,7 +115,8 @@ def all_to_all_seconds(cfg: ModelConfig, layout: Layout, prec: Precision, hw: Ha
     t = layout.tokens_per_microbatch
     k = cfg.num_experts_per_tok
     per_copy = cfg.hidden_size * (
-        (element_bytes(prec.fp8_cache) if layout.fp8 else element_bytes(prec.activations)) + element_bytes(prec.activations)
+        (element_bytes(prec.fp8_cache) if layout.fp8 else element_bytes(prec.activations))
+        + element_bytes(prec.activations)
     )
     tokens = t * layout.etp / layout.tp
     span = layout.ep * layout.etp
@@ -142,8 +143,15 @@ class StageTimes:
     slowest_stage: int
 
 
-def stage_times(cfg: ModelConfig, layout: Layout, prec: Precision, hw: Hardware, flops: ModelFlops,
-                parts: list[StageParts], states: list[StateBytes]) -> StageTimes:
+def stage_times(
+    cfg: ModelConfig,
+    layout: Layout,
+    prec: Precision,
+    hw: Hardware,
+    flops: ModelFlops,
+    parts: list[StageParts],
+    states: list[StateBytes],
+) -> StageTimes:
     """F, B, W, F&B and the P2P time of the slowest stage (see the module docstring)."""
     t = layout.tokens_per_microbatch
     rate = hw.peak * hw.efficiency
@@ -214,8 +222,14 @@ class Throughput:
     source: str  # "measured", "assumed_mfu" or "estimated"
 
 
-def throughput(flops_per_token: float, hw: Hardware, *, tokens_per_s_per_gpu: float | None = None,
-               mfu: float | None = None, estimated_tokens_per_s_per_gpu: float | None = None) -> Throughput:
+def throughput(
+    flops_per_token: float,
+    hw: Hardware,
+    *,
+    tokens_per_s_per_gpu: float | None = None,
+    mfu: float | None = None,
+    estimated_tokens_per_s_per_gpu: float | None = None,
+) -> Throughput:
     """Tokens/s per GPU and MFU from the first source given (module docstring)."""
     if tokens_per_s_per_gpu is not None:
         check_float("tokens-per-s-per-gpu", tokens_per_s_per_gpu, inclusive=False)

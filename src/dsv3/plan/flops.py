@@ -107,8 +107,9 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True
     return model_flops(cfg, seq_len, causal).training(mtp and cfg.num_nextn_predict_layers > 0)
 
 
-def flops_summary(cfg: ModelConfig, seq_len: int, causal: bool, mtp: bool, recompute: str,
-                  params: ModelParams | None = None) -> dict:
+def flops_summary(
+    cfg: ModelConfig, seq_len: int, causal: bool, mtp: bool, recompute: str, params: ModelParams | None = None
+) -> dict:
     """The ``flops`` section of ``dsv3 plan --json``: both conventions, with and without MTP."""
     params = params or count_params(cfg)
     use_mtp = mtp and cfg.num_nextn_predict_layers > 0

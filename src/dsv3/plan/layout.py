@@ -175,12 +175,16 @@ class Layout:
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {clip(self.schedule)}; choose one of {', '.join(SCHEDULES)}")
         if self.tp_convention not in TP_CONVENTIONS:
-            raise ConfigError(f"unknown --tp-convention {clip(self.tp_convention)}; choose one of {', '.join(TP_CONVENTIONS)}")
+            raise ConfigError(
+                f"unknown --tp-convention {clip(self.tp_convention)}; choose one of {', '.join(TP_CONVENTIONS)}"
+            )
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"unknown --attention {clip(self.attention)}; choose one of {', '.join(ATTENTION_IMPLS)}")
         h = cfg.num_attention_heads
         if h % self.tp:
-            raise ConfigError(f"{h} attention heads cannot be split over --tp {self.tp}; choose a TP size that divides {h}")
+            raise ConfigError(
+                f"{h} attention heads cannot be split over --tp {self.tp}; choose a TP size that divides {h}"
+            )
         has_dense = any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
         if has_dense and cfg.intermediate_size % self.tp:
             raise ConfigError(
@@ -190,7 +194,9 @@ class Layout:
         if cfg.n_routed_experts:
             n_r = cfg.n_routed_experts
             if n_r % self.ep:
-                raise ConfigError(f"{n_r} routed experts cannot be split over --ep {self.ep}; choose an EP size that divides {n_r}")
+                raise ConfigError(
+                    f"{n_r} routed experts cannot be split over --ep {self.ep}; choose an EP size that divides {n_r}"
+                )
             if cfg.moe_intermediate_size % self.etp:
                 raise ConfigError(
                     f"the expert width {cfg.moe_intermediate_size} cannot be split over --etp {self.etp}; "
@@ -224,12 +230,16 @@ class Layout:
                 f"({cfg.max_position_embeddings}); use a shorter sequence"
             )
         if self.seq_len % self.sp:
-            raise ConfigError(f"--seq-len {self.seq_len} cannot be split over TP {self.tp} for sequence parallelism; use a multiple of {self.tp}")
+            raise ConfigError(
+                f"--seq-len {self.seq_len} cannot be split over TP {self.tp} for sequence parallelism; use a multiple of {self.tp}"
+            )
         n = cfg.num_hidden_layers
         if self.stage_layers is not None:
             sl = tuple(self.stage_layers)
             if len(sl) != self.pp:
-                raise ConfigError(f"--stage-layers gives {len(sl)} stages but --pp is {self.pp}; give one count per stage")
+                raise ConfigError(
+                    f"--stage-layers gives {len(sl)} stages but --pp is {self.pp}; give one count per stage"
+                )
             if any((not isinstance(x, int)) or x < 0 for x in sl):
                 raise ConfigError(f"--stage-layers must be non-negative integers, got {','.join(map(str, sl))}")
             if sum(sl) != n:

@@ -76,8 +76,9 @@ def _show(value: object) -> str:
     return repr(value)
 
 
-def check_float(name: str, value: object, *, minimum: float = 0.0, inclusive: bool = True,
-                maximum: float = math.inf) -> float:
+def check_float(
+    name: str, value: object, *, minimum: float = 0.0, inclusive: bool = True, maximum: float = math.inf
+) -> float:
     """``value`` as a finite float in ``[minimum, maximum]`` (``(minimum, maximum]`` when not ``inclusive``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"--{name} must be a number, got {value!r}")
@@ -134,9 +135,22 @@ def check_model(cfg) -> None:
     mtp = cfg.num_nextn_predict_layers
     if not isinstance(mtp, int) or not 0 <= mtp <= MAX_MTP_LAYERS:
         raise ConfigError(f"the model has {mtp!r} MTP modules; the planner handles 0 to {MAX_MTP_LAYERS}")
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_attention_heads",
-                  "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "kv_lora_rank", "q_lora_rank",
-                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_attention_heads",
+        "n_routed_experts",
+        "n_shared_experts",
+        "num_experts_per_tok",
+        "kv_lora_rank",
+        "q_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "max_position_embeddings",
+    ):
         value = getattr(cfg, field, None)
         if value is None:
             continue

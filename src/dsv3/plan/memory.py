@@ -104,8 +104,9 @@ class RankSpread:
     @classmethod
     def of(cls, by_rank: list[float], flat: float) -> "RankSpread":
         high = max(by_rank)
-        return cls(by_rank.index(high), min(by_rank), high, flat,
-                   tuple(by_rank) if len(by_rank) <= MAX_RANKS_LISTED else None)
+        return cls(
+            by_rank.index(high), min(by_rank), high, flat, tuple(by_rank) if len(by_rank) <= MAX_RANKS_LISTED else None
+        )
 
 
 @dataclass
@@ -272,8 +273,9 @@ def stage_parts(cfg: ModelConfig, layout: Layout, stage_layers: tuple[int, ...])
     last = layout.pp - 1
     use_mtp = layout.mtp and cfg.num_nextn_predict_layers > 0
     copy = last > 0 and (use_mtp or bool(cfg.tie_word_embeddings))
-    return [StageParts(s, idx[s], s == 0, s == last, s == last and use_mtp, s == last and copy)
-            for s in range(layout.pp)]
+    return [
+        StageParts(s, idx[s], s == 0, s == last, s == last and use_mtp, s == last and copy) for s in range(layout.pp)
+    ]
 
 
 def stage_tensors(params: ModelParams, part: StageParts) -> list[ParamTensor]:
@@ -292,7 +294,9 @@ def stage_tensors(params: ModelParams, part: StageParts) -> list[ParamTensor]:
     return out
 
 
-def stage_state_bytes(params: ModelParams, part: StageParts, layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
+def stage_state_bytes(
+    params: ModelParams, part: StageParts, layout: Layout, prec: Precision, replicas: int = 1
+) -> StateBytes:
     """:func:`state_bytes` of one stage, from the cached per-layer groups (fast).
 
     Where dsv3's ZeRO-1 runtime runs the layout (:func:`zero1_runtime_applies`), ``optimizer`` is the
@@ -344,8 +348,10 @@ def unit_activations(cfg: ModelConfig, layout: Layout, prec: Precision) -> dict[
     if cfg.n_routed_experts:
         out["moe"] = ua(act.decoder_layer_items(cfg, layout, prec, True))
     for key, shared in (("mtp", False), ("mtp_shared", True)):
-        mtp = [act.mtp_items(cfg, layout, prec, k, mtp_layer_is_moe(cfg, k), shared)
-               for k in range(cfg.num_nextn_predict_layers)]
+        mtp = [
+            act.mtp_items(cfg, layout, prec, k, mtp_layer_is_moe(cfg, k), shared)
+            for k in range(cfg.num_nextn_predict_layers)
+        ]
         out[key] = ua([i for items in mtp for i in items])
     return out
 
@@ -356,7 +362,9 @@ class ActivationBytes:
     working_set: float  # extra bytes while one layer is recomputed in backward
 
 
-def stage_activation_bytes(cfg: ModelConfig, layout: Layout, part: StageParts, units: dict[str, UnitActivations]) -> ActivationBytes:
+def stage_activation_bytes(
+    cfg: ModelConfig, layout: Layout, part: StageParts, units: dict[str, UnitActivations]
+) -> ActivationBytes:
     present: list[UnitActivations] = []
     if part.embedding:
         present.append(units["embedding"])
@@ -439,8 +447,9 @@ def weighted_peaks(profiles: Profiles, stage_bytes: list[float]) -> tuple[list[f
 
 
 # ---------------------------------------------------------------------------- buffers
-def comm_buffer_bytes(cfg: ModelConfig, layout: Layout, prec: Precision, parts: list[StageParts],
-                      states: list[StateBytes]) -> dict[str, float]:
+def comm_buffer_bytes(
+    cfg: ModelConfig, layout: Layout, prec: Precision, parts: list[StageParts], states: list[StateBytes]
+) -> dict[str, float]:
     """Communication buffers one device keeps for the stages ``parts`` it holds.
 
     - ``pp_p2p``: send and receive buffers for the activation and its gradient
@@ -621,10 +630,17 @@ def _device_duplicates(params: ModelParams, parts: list[StageParts]) -> list[Par
     return twice
 
 
-def memory_plan(cfg: ModelConfig, params: ModelParams, layout: Layout, prec: Precision, stage_layers: tuple[int, ...],
-                profiles: Profiles | None = None, fragmentation: float = DEFAULT_FRAGMENTATION,
-                states: list[StateBytes] | None = None,
-                units: dict[str, UnitActivations] | None = None) -> tuple[list[StageMemory], list[DeviceMemory]]:
+def memory_plan(
+    cfg: ModelConfig,
+    params: ModelParams,
+    layout: Layout,
+    prec: Precision,
+    stage_layers: tuple[int, ...],
+    profiles: Profiles | None = None,
+    fragmentation: float = DEFAULT_FRAGMENTATION,
+    states: list[StateBytes] | None = None,
+    units: dict[str, UnitActivations] | None = None,
+) -> tuple[list[StageMemory], list[DeviceMemory]]:
     """Per-stage and per-device memory.
 
     Args:
@@ -678,16 +694,19 @@ def memory_plan(cfg: ModelConfig, params: ModelParams, layout: Layout, prec: Pre
         if len(ss) > 1 and all(states[s].ranks is not None for s in ss):
             # a device's DP rank is the same in every stage it holds: add rank by rank, then take the busiest
             tensors = list({t.name: t for s in ss for t in stage_tensors(params, parts[s])}.values())
-            ranks = RankSpread.of(zero1_optimizer_bytes_by_rank(tensors, layout, prec),
-                                  sum(states[s].ranks.flat for s in ss) - (dup.optimizer if dup else 0))
+            ranks = RankSpread.of(
+                zero1_optimizer_bytes_by_rank(tensors, layout, prec),
+                sum(states[s].ranks.flat for s in ss) - (dup.optimizer if dup else 0),
+            )
         dm = DeviceMemory(
             device=dev,
             stages=ss,
             params=sum(states[s].params for s in ss) - (dup.params if dup else 0),
             weights=sum(states[s].weights for s in ss) - (dup.weights if dup else 0),
             grads=sum(states[s].grads for s in ss) - (dup.grads if dup else 0),
-            optimizer=ranks.high if ranks is not None else sum(states[s].optimizer for s in ss) - (
-                dup.optimizer if dup else 0),
+            optimizer=ranks.high
+            if ranks is not None
+            else sum(states[s].optimizer for s in ss) - (dup.optimizer if dup else 0),
             activations=peaks[dev] + max(acts[s].working_set for s in ss),
             comm_buffers=comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in ss], [states[s] for s in ss]),
             ranks=ranks,

@@ -165,13 +165,12 @@ def attention_tensors(cfg: ModelConfig, prefix: str) -> list[ParamTensor]:
     if cfg.q_lora_rank:
         out.append(ParamTensor(f"{p}.q_a_proj.weight", "attn.q_a_proj", (cfg.q_lora_rank, d)))
         out.append(_norm(f"{p}.q_a_layernorm.weight", cfg.q_lora_rank))
-        out.append(ParamTensor(f"{p}.q_b_proj.weight", "attn.q_b_proj", (h * qk, cfg.q_lora_rank), "tp",
-                               rope_rows=rope))
+        out.append(
+            ParamTensor(f"{p}.q_b_proj.weight", "attn.q_b_proj", (h * qk, cfg.q_lora_rank), "tp", rope_rows=rope)
+        )
     else:
         out.append(ParamTensor(f"{p}.q_proj.weight", "attn.q_proj", (h * qk, d), "tp", rope_rows=rope))
-    out.append(
-        ParamTensor(f"{p}.kv_a_proj_with_mqa.weight", "attn.kv_a_proj_with_mqa", (dc + cfg.qk_rope_head_dim, d))
-    )
+    out.append(ParamTensor(f"{p}.kv_a_proj_with_mqa.weight", "attn.kv_a_proj_with_mqa", (dc + cfg.qk_rope_head_dim, d)))
     out.append(_norm(f"{p}.kv_a_layernorm.weight", dc))
     out.append(ParamTensor(f"{p}.kv_b_proj.weight", "attn.kv_b_proj", (h * (cfg.qk_nope_head_dim + v), dc), "tp"))
     out.append(ParamTensor(f"{p}.o_proj.weight", "attn.o_proj", (d, h * v), "tp"))
@@ -307,6 +306,7 @@ class ModelParams:
         ``embedding``, ``head``, ``mtp``, ``mtp_modules``, ``layers``, ``rotary``."""
         cache = self.__dict__.setdefault("_groups", {})
         if convention not in cache:
+
             def agg(tensors: list[ParamTensor]) -> dict[GroupKey, int]:
                 return aggregate(tensors, convention)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
+from dsv3.parallel.pipeline.schedules import build_schedule
 from dsv3.plan import activations as act
 from dsv3.plan import limits
 from dsv3.plan.cost import (
@@ -24,7 +25,6 @@ from dsv3.plan.cost import (
     stage_times,
     throughput,
 )
-from dsv3.parallel.pipeline.schedules import build_schedule
 from dsv3.plan.flops import ModelFlops, flops_summary, model_flops
 from dsv3.plan.layout import Layout, balanced_stage_layers
 from dsv3.plan.memory import (
@@ -210,15 +210,37 @@ class PlanCache:
         self._units: dict = {}
 
     def states(self, params: ModelParams, part, layout: Layout, prec: Precision, replicas: int):
-        key = (tuple(part.layers), part.embedding, part.embedding_copy, part.head, part.mtp, layout.tp, layout.ep, layout.etp, layout.dp,
-               layout.zero, replicas, prec, layout.tp_convention)
+        key = (
+            tuple(part.layers),
+            part.embedding,
+            part.embedding_copy,
+            part.head,
+            part.mtp,
+            layout.tp,
+            layout.ep,
+            layout.etp,
+            layout.dp,
+            layout.zero,
+            replicas,
+            prec,
+            layout.tp_convention,
+        )
         if key not in self._states:
             self._states[key] = stage_state_bytes(params, part, layout, prec, replicas)
         return dataclasses.replace(self._states[key])
 
     def units(self, cfg: ModelConfig, layout: Layout, prec: Precision):
-        key = (layout.tp, layout.sp, layout.etp, layout.fp8, layout.attention, layout.seq_len, layout.micro_batch,
-               layout.recompute, prec)
+        key = (
+            layout.tp,
+            layout.sp,
+            layout.etp,
+            layout.fp8,
+            layout.attention,
+            layout.seq_len,
+            layout.micro_batch,
+            layout.recompute,
+            prec,
+        )
         if key not in self._units:
             self._units[key] = unit_activations(cfg, layout, prec)
         return self._units[key]
@@ -280,9 +302,19 @@ class PlanCache:
         m = layout.microbatches
         if not self.approximate and not self.too_long(layout):
             res = self._simulate(layout, m, times)
-            return ScheduleInfo(layout.schedule, m, float(res.makespan), [float(x) for x in res.bubble],
-                                [float(x) for x in res.peak_activations], times.f, times.b, times.w, times.fb,
-                                times.comm, res)
+            return ScheduleInfo(
+                layout.schedule,
+                m,
+                float(res.makespan),
+                [float(x) for x in res.bubble],
+                [float(x) for x in res.peak_activations],
+                times.f,
+                times.b,
+                times.w,
+                times.fb,
+                times.comm,
+                res,
+            )
         f = times.f
         # Only the times the schedule uses enter the key: 1F1B runs F and full backwards only.
         uses_w = layout.schedule != "1f1b"
@@ -314,8 +346,19 @@ class PlanCache:
             makespan = r1.makespan + k * (r2.makespan - r1.makespan)
             bubble = [x1 + k * (x2 - x1) for x1, x2 in zip(r1.bubble, r2.bubble)]
             peak = list(r2.peak_activations)
-        return ScheduleInfo(layout.schedule, m, makespan * f, [x * f for x in bubble], [float(x) for x in peak],
-                            times.f, times.b, times.w, times.fb, times.comm, extrapolated=m > m2)
+        return ScheduleInfo(
+            layout.schedule,
+            m,
+            makespan * f,
+            [x * f for x in bubble],
+            [float(x) for x in peak],
+            times.f,
+            times.b,
+            times.w,
+            times.fb,
+            times.comm,
+            extrapolated=m > m2,
+        )
 
 
 def make_plan(
@@ -363,7 +406,9 @@ def make_plan(
     layout.validate(cfg)
     params = params or count_params(cfg)
     flops, fsum = cache.flops(cfg, params, layout.seq_len, causal, layout.mtp, layout.recompute)
-    stage_layers = tuple(layout.stage_layers) if layout.stage_layers is not None else cache.stage_layers(cfg, layout, flops)
+    stage_layers = (
+        tuple(layout.stage_layers) if layout.stage_layers is not None else cache.stage_layers(cfg, layout, flops)
+    )
     parts = stage_parts(cfg, layout, stage_layers)
     replicas = 2 if layout.schedule == "dualpipe" else 1
     states = [cache.states(params, p, layout, precision, replicas) for p in parts]
@@ -373,8 +418,17 @@ def make_plan(
         profiles = None
     else:
         profiles = cache.profiles(layout.schedule, layout.pp, cache.profile_microbatches(layout))
-    stages, devices = memory_plan(cfg, params, layout, precision, stage_layers, profiles, fragmentation, states=states,
-                                  units=cache.units(cfg, layout, precision))
+    stages, devices = memory_plan(
+        cfg,
+        params,
+        layout,
+        precision,
+        stage_layers,
+        profiles,
+        fragmentation,
+        states=states,
+        units=cache.units(cfg, layout, precision),
+    )
     # Gradient reduction after the last backward, for the device with the most gradients.
     sync = 0.0
     for dev in devices:
@@ -384,14 +438,18 @@ def make_plan(
     if not simulate:
         sched = ScheduleInfo(layout.schedule, m, math.nan, [], [], times.f, times.b, times.w, times.fb, times.comm)
     elif layout.pp == 1:
-        sched = ScheduleInfo(layout.schedule, m, m * (times.f + times.b), [0.0], [1.0], times.f, times.b, times.w,
-                             times.fb, 0.0)
+        sched = ScheduleInfo(
+            layout.schedule, m, m * (times.f + times.b), [0.0], [1.0], times.f, times.b, times.w, times.fb, 0.0
+        )
     else:
         sched = cache.schedule(layout, times)
     step = sched.makespan + sync
     est_tps = layout.batch * layout.seq_len / (step * layout.gpus) if simulate else math.nan
     tput = throughput(
-        fsum["training_per_token"], hardware, tokens_per_s_per_gpu=tokens_per_s_per_gpu, mfu=mfu,
+        fsum["training_per_token"],
+        hardware,
+        tokens_per_s_per_gpu=tokens_per_s_per_gpu,
+        mfu=mfu,
         estimated_tokens_per_s_per_gpu=est_tps,
     )
     cost = budget(tokens, layout.gpus, tput, price_per_gpu_hour) if tokens is not None else None

@@ -154,11 +154,10 @@ class Precision:
 #: Precision presets: the V3 recipe, and plain FP32 training (what a CPU run does).
 PRECISION_PRESETS: dict[str, Precision] = {
     "v3": Precision(),
-    "fp32": Precision(
-        weights="fp32", grads="fp32", master="none", moments="fp32", router="fp32", activations="fp32"
-    ),
+    "fp32": Precision(weights="fp32", grads="fp32", master="none", moments="fp32", router="fp32", activations="fp32"),
     "bf16": Precision(weights="bf16", grads="fp32", master="fp32", moments="fp32", router="fp32"),
 }
+
 
 def format_bytes(n: float) -> str:
     """``n`` bytes in binary units, three significant digits (``"73.2 GiB"``)."""

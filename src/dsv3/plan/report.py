@@ -81,31 +81,75 @@ def params_table(plan) -> Table:
 
 def stages_table(plan) -> Table:
     lay = plan.layout
-    table = Table(title=f"Memory per device, by pipeline stage (GiB; {lay.schedule}, {lay.microbatches} micro-batches)",
-                  title_justify="left")
-    for col in ("stage", "layers", "extras", "params/dev", "weights", "grads", "optimizer", "act/mb", "in flight",
-                "activations", "buffers", "frag.", "total"):
+    table = Table(
+        title=f"Memory per device, by pipeline stage (GiB; {lay.schedule}, {lay.microbatches} micro-batches)",
+        title_justify="left",
+    )
+    for col in (
+        "stage",
+        "layers",
+        "extras",
+        "params/dev",
+        "weights",
+        "grads",
+        "optimizer",
+        "act/mb",
+        "in flight",
+        "activations",
+        "buffers",
+        "frag.",
+        "total",
+    ):
         table.add_column(col, justify="left" if col in ("layers", "extras") else "right")
     for s in plan.stages:
         table.add_row(
-            str(s.stage), _layers(s.layers), ",".join(s.extras) or "-", format_count(s.params_per_device),
-            _gib(s.weights), _gib(s.grads), _gib(s.optimizer), _gib(s.activations_per_microbatch),
-            str(s.microbatches_in_flight), _gib(s.activations), _gib(sum(s.comm_buffers.values())),
-            _gib(s.fragmentation), _gib(s.total),
+            str(s.stage),
+            _layers(s.layers),
+            ",".join(s.extras) or "-",
+            format_count(s.params_per_device),
+            _gib(s.weights),
+            _gib(s.grads),
+            _gib(s.optimizer),
+            _gib(s.activations_per_microbatch),
+            str(s.microbatches_in_flight),
+            _gib(s.activations),
+            _gib(sum(s.comm_buffers.values())),
+            _gib(s.fragmentation),
+            _gib(s.total),
         )
     return table
 
 
 def devices_table(plan) -> Table:
     table = Table(title="Memory per pipeline device (GiB; a device holds two stages)", title_justify="left")
-    for col in ("device", "stages", "params", "weights", "grads", "optimizer", "activations", "buffers", "frag.", "total", "fits"):
+    for col in (
+        "device",
+        "stages",
+        "params",
+        "weights",
+        "grads",
+        "optimizer",
+        "activations",
+        "buffers",
+        "frag.",
+        "total",
+        "fits",
+    ):
         table.add_column(col, justify="right")
     for d in plan.devices:
         fits = "" if plan.gpu_memory is None else ("yes" if d.total <= plan.gpu_memory else "NO")
         table.add_row(
-            str(d.device), "+".join(map(str, d.stages)), format_count(d.params), _gib(d.weights), _gib(d.grads),
-            _gib(d.optimizer), _gib(d.activations), _gib(sum(d.comm_buffers.values())), _gib(d.fragmentation),
-            _gib(d.total), fits,
+            str(d.device),
+            "+".join(map(str, d.stages)),
+            format_count(d.params),
+            _gib(d.weights),
+            _gib(d.grads),
+            _gib(d.optimizer),
+            _gib(d.activations),
+            _gib(sum(d.comm_buffers.values())),
+            _gib(d.fragmentation),
+            _gib(d.total),
+            fits,
         )
     return table
 
@@ -122,12 +166,16 @@ def optimizer_lines(plan, most: int = 8) -> list[str]:
         elif lay.zero > 1 or lay.tp > 1 or lay.etp > 1:
             why = "dsv3's runtime (ZeRO-1 row chunks) runs TP = ETP = 1, ZeRO-1 only"
         else:
-            why = ("DualPipe: the paper shards each stage over its 2 x DP replicas; dsv3's runtime keeps each "
-                   "copy's ZeRO-1 row chunks over DP, about twice this")
+            why = (
+                "DualPipe: the paper shards each stage over its 2 x DP replicas; dsv3's runtime keeps each "
+                "copy's ZeRO-1 row chunks over DP, about twice this"
+            )
         return [f"optimizer: flat ceil(n/G) split of the ZeRO paper (every rank the same); {why}"]
     head = len(runtime) > 1
-    out = [f"optimizer: runtime (dsv3 ZeRO-1 row chunks, per tensor over DP {lay.dp} / experts over EDP {lay.edp}), "
-           f"the busiest DP rank{' of each stage' if head else ''}:"]
+    out = [
+        f"optimizer: runtime (dsv3 ZeRO-1 row chunks, per tensor over DP {lay.dp} / experts over EDP {lay.edp}), "
+        f"the busiest DP rank{' of each stage' if head else ''}:"
+    ]
     runs: list[list] = []  # consecutive stages with the same numbers share a line
     for s in runtime:
         key = (s.ranks.busiest, s.optimizer, s.ranks.low, s.ranks.high, s.ranks.flat)
@@ -138,8 +186,10 @@ def optimizer_lines(plan, most: int = 8) -> list[str]:
     for (busiest, opt, low, high, flat), first, last in runs[:most]:
         spread = "every rank the same" if low == high else f"ranks {format_bytes(low)} .. {format_bytes(high)}"
         where = "" if not head else (f"stage {first}: " if first == last else f"stages {first}-{last}: ")
-        out.append(f"  {where}DP rank {busiest} holds {format_bytes(opt)} ({opt:,.0f} B; {spread}); "
-                   f"flat ceil(n/G) split (ZeRO paper): {format_bytes(flat)} ({flat:,.0f} B)")
+        out.append(
+            f"  {where}DP rank {busiest} holds {format_bytes(opt)} ({opt:,.0f} B; {spread}); "
+            f"flat ceil(n/G) split (ZeRO paper): {format_bytes(flat)} ({flat:,.0f} B)"
+        )
     if len(runs) > most:
         out.append(f"  ... {len(runs) - most} more lines in --json (optimizer_max of each stage)")
     return out
@@ -151,17 +201,25 @@ def compute_table(plan) -> Table:
     table.add_column("what")
     table.add_column("value", justify="right")
     by = f["by_convention"]
-    table.add_row(f"training FLOPs/token ({f['convention'].replace('_', '-')}{', with MTP' if f['mtp'] else ''})",
-                  f"{plan.flops_per_token / 1e9:,.1f} GFLOP")
+    table.add_row(
+        f"training FLOPs/token ({f['convention'].replace('_', '-')}{', with MTP' if f['mtp'] else ''})",
+        f"{plan.flops_per_token / 1e9:,.1f} GFLOP",
+    )
     for conv in ("causal", "non_causal"):
-        table.add_row(f"  {conv.replace('_', '-')}: with / without MTP",
-                      f"{by[conv]['with_mtp'] / 1e9:,.1f} / {by[conv]['without_mtp'] / 1e9:,.1f} GFLOP")
+        table.add_row(
+            f"  {conv.replace('_', '-')}: with / without MTP",
+            f"{by[conv]['with_mtp'] / 1e9:,.1f} / {by[conv]['without_mtp'] / 1e9:,.1f} GFLOP",
+        )
     table.add_row("  6 x activated parameters", f"{f['six_n_activated'] / 1e9:,.1f} GFLOP")
     if f["with_recompute_per_token"] != f["training_per_token"]:
-        table.add_row(f"  executed with {plan.layout.recompute} recompute", f"{f['with_recompute_per_token'] / 1e9:,.1f} GFLOP")
+        table.add_row(
+            f"  executed with {plan.layout.recompute} recompute", f"{f['with_recompute_per_token'] / 1e9:,.1f} GFLOP"
+        )
     s = plan.schedule
-    table.add_row("estimated step time" + (" (extrapolated from shorter simulations)" if s.extrapolated else ""),
-                  f"{plan.step_time_s:,.3f} s")
+    table.add_row(
+        "estimated step time" + (" (extrapolated from shorter simulations)" if s.extrapolated else ""),
+        f"{plan.step_time_s:,.3f} s",
+    )
     if s.bubble:
         table.add_row("  pipeline bubble (max over devices)", f"{max(s.bubble):,.3f} s")
     table.add_row("  gradient reduction (not overlapped)", f"{plan.dp_sync_s:,.3f} s")
@@ -182,8 +240,11 @@ def activation_items_tables(plan) -> list[Table]:
     lay = plan.layout
     tables = []
     for unit, items in plan.activation_table().items():
-        t = Table(title=f"Saved for backward: {unit.replace('_', ' ')} (per token, per device; {lay.attention} attention"
-                        f"{', FP8 caching' if lay.fp8 else ''})", title_justify="left")
+        t = Table(
+            title=f"Saved for backward: {unit.replace('_', ' ')} (per token, per device; {lay.attention} attention"
+            f"{', FP8 caching' if lay.fp8 else ''})",
+            title_justify="left",
+        )
         for col in ("tensor", "what", "saved by", "elements", "format", "bytes", "none", "selective", "full"):
             t.add_column(col, justify="right" if col in ("elements", "bytes") else "left")
         totals = {p: 0.0 for p in ("none", "selective", "full")}
@@ -192,8 +253,15 @@ def activation_items_tables(plan) -> list[Table]:
             for p in totals:
                 if p in i["kept_by"]:
                     totals[p] += i["bytes_per_token"]
-            t.add_row(escape(i["name"]), escape(i["what"]), escape(i["saved_by"]), f"{i['elements_per_token']:,.6g}", i["dtype"],
-                      f"{i['bytes_per_token']:,.6g}", *marks)
+            t.add_row(
+                escape(i["name"]),
+                escape(i["what"]),
+                escape(i["saved_by"]),
+                f"{i['elements_per_token']:,.6g}",
+                i["dtype"],
+                f"{i['bytes_per_token']:,.6g}",
+                *marks,
+            )
         t.add_section()
         t.add_row("kept bytes per token", "", "", "", "", "", *(f"{v:,.0f}" for v in totals.values()))
         tables.append(t)
@@ -221,15 +289,22 @@ def render_plan(plan, console: Console, detail: bool = False) -> None:
     peak = plan.peak_device_bytes
     line = f"peak device memory: [bold]{format_bytes(peak)}[/bold]"
     if plan.gpu_memory is not None:
-        line += f" of {format_bytes(plan.gpu_memory)}: " + ("[green]fits[/green]" if plan.fits else "[red]does not fit[/red]")
+        line += f" of {format_bytes(plan.gpu_memory)}: " + (
+            "[green]fits[/green]" if plan.fits else "[red]does not fit[/red]"
+        )
     console.print(line)
     console.print(compute_table(plan))
     if detail:
         for t in activation_items_tables(plan):
             console.print(t)
         summary = plan.activation_per_token_summary()
-        console.print("bytes per token of one layer by recompute policy: " + "; ".join(
-            f"{k.replace('_', ' ')}: " + ", ".join(f"{p} {v:,.0f}" for p, v in d.items()) for k, d in summary.items()))
+        console.print(
+            "bytes per token of one layer by recompute policy: "
+            + "; ".join(
+                f"{k.replace('_', ' ')}: " + ", ".join(f"{p} {v:,.0f}" for p, v in d.items())
+                for k, d in summary.items()
+            )
+        )
 
 
 def plan_json(plan) -> str:
@@ -263,22 +338,35 @@ def render_trace(cmp, console: Console) -> None:
     """``plan schedule --trace``: measured vs simulated makespan and per-device idle (ms), and the op times used."""
     m, s = cmp.measured, cmp.simulated
     ms = 1e3
-    console.print(f"[bold]{m.schedule}[/bold] trace {cmp.path}: {m.pp} stages on {m.devices} devices, "
-                  f"{m.microbatches} micro-batches; simulated with the measured median time of each op kind and "
-                  f"stage, comm={s.times.comm * ms:g} ms")
+    console.print(
+        f"[bold]{m.schedule}[/bold] trace {cmp.path}: {m.pp} stages on {m.devices} devices, "
+        f"{m.microbatches} micro-batches; simulated with the measured median time of each op kind and "
+        f"stage, comm={s.times.comm * ms:g} ms"
+    )
     table = Table(title="Per device (ms)", title_justify="left")
     for col in ("device", "busy measured", "busy simulated", "idle measured", "idle simulated"):
         table.add_column(col, justify="right")
     for d in range(m.devices):
-        table.add_row(str(d), f"{m.busy[d] * ms:.2f}", f"{s.busy[d] * ms:.2f}", f"{m.bubble[d] * ms:.2f}",
-                      f"{s.bubble[d] * ms:.2f}")
+        table.add_row(
+            str(d),
+            f"{m.busy[d] * ms:.2f}",
+            f"{s.busy[d] * ms:.2f}",
+            f"{m.bubble[d] * ms:.2f}",
+            f"{s.bubble[d] * ms:.2f}",
+        )
     console.print(table)
     per_op = s.times.per_op or {}
-    console.print("op times (median ms): " + ", ".join(
-        f"{k[0]} stage {k[1]}{f'&{k[2]}' if len(k) > 2 else ''} {t * ms:.2f}" for k, t in sorted(per_op.items())))
-    console.print(f"makespan measured {m.makespan * ms:.2f} ms, simulated {s.makespan * ms:.2f} ms, "
-                  f"measured / simulated {cmp.ratio:.3f}; idle share measured {100 * m.bubble_fraction:.1f} %, "
-                  f"simulated {100 * s.bubble_fraction:.1f} %")
+    console.print(
+        "op times (median ms): "
+        + ", ".join(
+            f"{k[0]} stage {k[1]}{f'&{k[2]}' if len(k) > 2 else ''} {t * ms:.2f}" for k, t in sorted(per_op.items())
+        )
+    )
+    console.print(
+        f"makespan measured {m.makespan * ms:.2f} ms, simulated {s.makespan * ms:.2f} ms, "
+        f"measured / simulated {cmp.ratio:.3f}; idle share measured {100 * m.bubble_fraction:.1f} %, "
+        f"simulated {100 * s.bubble_fraction:.1f} %"
+    )
 
 
 # ---------------------------------------------------------------------------- search
@@ -290,25 +378,56 @@ def render_search(result, console: Console, top: int = 20, show_rejected: int = 
         f"{len(result.candidates):,} layouts tried, {len(fits):,} fit, {len(result.rejected):,} rejected"
     )
     table = Table(title=f"Layouts that fit, fastest first (estimated; top {min(top, len(fits))})", title_justify="left")
-    for col in ("#", "PP", "TP", "EP", "ETP", "DP", "ZeRO", "schedule", "recompute", "µbatches", "peak memory", "step (s)",
-                "tokens/s/GPU", "MFU"):
+    for col in (
+        "#",
+        "PP",
+        "TP",
+        "EP",
+        "ETP",
+        "DP",
+        "ZeRO",
+        "schedule",
+        "recompute",
+        "µbatches",
+        "peak memory",
+        "step (s)",
+        "tokens/s/GPU",
+        "MFU",
+    ):
         table.add_column(col, justify="right")
     for rank, c in enumerate(fits[:top], 1):
         lay = c.layout
-        table.add_row(str(rank), str(lay.pp), str(lay.tp), str(lay.ep), str(lay.etp), str(lay.dp), str(lay.zero),
-                      lay.schedule, lay.recompute, str(lay.microbatches), format_bytes(c.peak_bytes),
-                      f"{c.step_time_s:,.2f}", f"{c.tokens_per_s_per_gpu:,.0f}", f"{100 * c.mfu:.1f} %")
+        table.add_row(
+            str(rank),
+            str(lay.pp),
+            str(lay.tp),
+            str(lay.ep),
+            str(lay.etp),
+            str(lay.dp),
+            str(lay.zero),
+            lay.schedule,
+            lay.recompute,
+            str(lay.microbatches),
+            format_bytes(c.peak_bytes),
+            f"{c.step_time_s:,.2f}",
+            f"{c.tokens_per_s_per_gpu:,.0f}",
+            f"{100 * c.mfu:.1f} %",
+        )
     console.print(table)
     if result.rejected:
-        rt = Table(title=f"Rejected layouts ({len(result.rejected):,}; first {min(show_rejected, len(result.rejected))} shown)",
-                   title_justify="left")
+        rt = Table(
+            title=f"Rejected layouts ({len(result.rejected):,}; first {min(show_rejected, len(result.rejected))} shown)",
+            title_justify="left",
+        )
         rt.add_column("layout")
         rt.add_column("why it fails")
         for c in result.rejected[:show_rejected]:
             rt.add_row(c.layout.short(), escape(c.reason))
         console.print(rt)
         if len(result.rejected) > show_rejected:
-            console.print(f"... and {len(result.rejected) - show_rejected:,} more; --all lists every rejected layout, --json gives them all")
+            console.print(
+                f"... and {len(result.rejected) - show_rejected:,} more; --all lists every rejected layout, --json gives them all"
+            )
 
 
 def search_json(result) -> str:

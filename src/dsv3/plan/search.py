@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError, DsV3Error
-from dsv3.plan.cost import Hardware
 from dsv3.plan import limits
+from dsv3.plan.cost import Hardware
 from dsv3.plan.layout import RECOMPUTE, SCHEDULES, Layout
 from dsv3.plan.limits import clip, divisors
 from dsv3.plan.memory import DEFAULT_FRAGMENTATION
@@ -94,8 +94,15 @@ def default_grid(cfg: ModelConfig, gpus: int, gpus_per_node: int) -> dict[str, l
     pps = sorted({d for d in divisors(gpus) if d <= n} | {2 * d for d in divisors(gpus) if 2 * d <= n})
     tps = [t for t in divisors(cfg.num_attention_heads) if t <= gpus_per_node and gpus % t == 0]
     eps = [e for e in divisors(cfg.n_routed_experts) if e <= gpus] if cfg.n_routed_experts else [1]
-    return {"pp": pps, "tp": tps, "ep": eps, "etp": [1], "zero": [1], "recompute": list(RECOMPUTE),
-            "schedule": list(SCHEDULES)}
+    return {
+        "pp": pps,
+        "tp": tps,
+        "ep": eps,
+        "etp": [1],
+        "zero": [1],
+        "recompute": list(RECOMPUTE),
+        "schedule": list(SCHEDULES),
+    }
 
 
 def search(
@@ -157,15 +164,40 @@ def search(
                     for etp in g["etp"]:
                         for zero in g["zero"]:
                             for recompute in g["recompute"]:
-                                lay = Layout(pp=pp, tp=tp, ep=ep, etp=etp, dp=dp, zero=zero, recompute=recompute,
-                                             seq_len=seq_len, micro_batch=micro_batch, global_batch=global_batch,
-                                             schedule=name, fp8=fp8, attention=attention, mtp=mtp,
-                                             tp_convention=tp_convention)
+                                lay = Layout(
+                                    pp=pp,
+                                    tp=tp,
+                                    ep=ep,
+                                    etp=etp,
+                                    dp=dp,
+                                    zero=zero,
+                                    recompute=recompute,
+                                    seq_len=seq_len,
+                                    micro_batch=micro_batch,
+                                    global_batch=global_batch,
+                                    schedule=name,
+                                    fp8=fp8,
+                                    attention=attention,
+                                    mtp=mtp,
+                                    tp_convention=tp_convention,
+                                )
                                 if lay in seen:
                                     continue
                                 seen.add(lay)
-                                result.candidates.append(_try(cfg, lay, precision, hardware, fragmentation, causal,
-                                                              gpu_memory, params, cache, model_name))
+                                result.candidates.append(
+                                    _try(
+                                        cfg,
+                                        lay,
+                                        precision,
+                                        hardware,
+                                        fragmentation,
+                                        causal,
+                                        gpu_memory,
+                                        params,
+                                        cache,
+                                        model_name,
+                                    )
+                                )
     # Plan the fastest exactly and re-rank them.
     for c in result.fits[:top]:
         exact = _try(cfg, c.layout, precision, hardware, fragmentation, causal, gpu_memory, params, None, model_name)
@@ -203,8 +235,14 @@ def count_layouts(g: dict[str, list], gpus: int) -> int:
 
 
 def _try(cfg, lay, precision, hardware, fragmentation, causal, gpu_memory, params, cache, model_name) -> Candidate:
-    kwargs = dict(model_name=model_name, causal=causal, fragmentation=fragmentation, gpu_memory=gpu_memory,
-                  params=params, cache=cache)
+    kwargs = dict(
+        model_name=model_name,
+        causal=causal,
+        fragmentation=fragmentation,
+        gpu_memory=gpu_memory,
+        params=params,
+        cache=cache,
+    )
     try:
         plan = make_plan(cfg, lay, precision, hardware, simulate=False, **kwargs)
         peak = plan.peak_device_bytes
@@ -213,10 +251,19 @@ def _try(cfg, lay, precision, hardware, fragmentation, causal, gpu_memory, param
     except DsV3Error as exc:
         return Candidate(lay, False, str(exc).rstrip("."))
     if peak <= gpu_memory:
-        return Candidate(lay, True, None, peak, plan.step_time_s, plan.throughput.tokens_per_s_per_gpu, plan.throughput.mfu)
+        return Candidate(
+            lay, True, None, peak, plan.step_time_s, plan.throughput.tokens_per_s_per_gpu, plan.throughput.mfu
+        )
     worst = max(plan.devices, key=lambda d: d.total)
-    parts = {"weights": worst.weights, "grads": worst.grads, "optimizer": worst.optimizer, "activations": worst.activations}
+    parts = {
+        "weights": worst.weights,
+        "grads": worst.grads,
+        "optimizer": worst.optimizer,
+        "activations": worst.activations,
+    }
     big = max(parts, key=parts.get)
-    reason = (f"needs {format_bytes(peak)} on pipeline device {worst.device} (more than {format_bytes(gpu_memory)}), "
-              f"mostly {big} ({format_bytes(parts[big])})")
+    reason = (
+        f"needs {format_bytes(peak)} on pipeline device {worst.device} (more than {format_bytes(gpu_memory)}), "
+        f"mostly {big} ({format_bytes(parts[big])})"
+    )
     return Candidate(lay, False, reason, peak)

@@ -66,11 +66,24 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dsv3.errors import ConfigError
-from dsv3.plan.limits import check_pipeline
 from dsv3.parallel.pipeline.schedules import (
-    BACKWARD, BW, F, FB, FORWARD, RECV, SEND, B, Op, Schedule, ScheduleError, W, build_schedule,
+    BACKWARD,
+    BW,
+    FB,
+    FORWARD,
+    RECV,
+    SEND,
+    B,
+    F,
+    Op,
+    Schedule,
+    ScheduleError,
+    W,
+    build_schedule,
     validate_schedule,
 )
+from dsv3.plan.limits import check_pipeline
+
 
 def op_key(op: Op) -> tuple:
     """The key of ``op`` in :attr:`OpTimes.per_op`: ``(kind, stage)``, or ``(FB, stage, b_stage)`` for a pair."""
@@ -107,7 +120,9 @@ class OpTimes:
         for key, value in (self.per_op or {}).items():
             _check_time(f"{key}", value)
         if self.w > self.b:
-            raise ConfigError(f"w (weight-gradient time, {self.w}) must not exceed b (full backward time, {self.b}) because W is part of B.")
+            raise ConfigError(
+                f"w (weight-gradient time, {self.w}) must not exceed b (full backward time, {self.b}) because W is part of B."
+            )
         if self.fb is None:
             object.__setattr__(self, "fb", float(self.f + self.b))
 
@@ -147,15 +162,29 @@ class SimResult:
 
     def to_json(self, timeline: bool = False) -> dict:
         out = {
-            "schedule": self.schedule, "pp": self.pp, "microbatches": self.microbatches, "devices": self.devices,
-            "f": self.times.f, "b": self.times.b, "w": self.times.w, "fb": self.times.fb, "comm": self.times.comm,
-            "makespan": self.makespan, "busy": list(self.busy), "bubble": list(self.bubble),
-            "max_bubble": self.max_bubble, "bubble_fraction": self.bubble_fraction,
-            "peak_activations": list(self.peak_activations), "params_per_device_factor": self.params_per_device_factor,
+            "schedule": self.schedule,
+            "pp": self.pp,
+            "microbatches": self.microbatches,
+            "devices": self.devices,
+            "f": self.times.f,
+            "b": self.times.b,
+            "w": self.times.w,
+            "fb": self.times.fb,
+            "comm": self.times.comm,
+            "makespan": self.makespan,
+            "busy": list(self.busy),
+            "bubble": list(self.bubble),
+            "max_bubble": self.max_bubble,
+            "bubble_fraction": self.bubble_fraction,
+            "peak_activations": list(self.peak_activations),
+            "params_per_device_factor": self.params_per_device_factor,
         }
         if timeline:
             out["timeline"] = [
-                [{"label": label, "start": start, "end": end, **dataclasses.asdict(op)} for label, start, end, op in row]
+                [
+                    {"label": label, "start": start, "end": end, **dataclasses.asdict(op)}
+                    for label, start, end, op in row
+                ]
                 for row in self.timeline
             ]
         return out
@@ -276,12 +305,20 @@ def run_schedule(schedule: Schedule, times: OpTimes | None = None) -> SimResult:
         raise DeadlockError(
             f"schedule {schedule.name!r} deadlocks: device {d} waits at op {pos[d]} ({op}) for the {what} of "
             f"micro-batch {mb} stage {stage}, whose SEND comes after a wait that never ends (devices "
-            f"{', '.join(map(str, stuck))} are stuck); reorder the op lists to break the cycle.")
+            f"{', '.join(map(str, stuck))} are stuck); reorder the op lists to break the cycle."
+        )
     makespan = max(free) if nd else 0.0
     return SimResult(
-        schedule=schedule.name, pp=pp, microbatches=schedule.microbatches, devices=nd, times=times,
-        makespan=makespan, busy=busy, bubble=[makespan - x for x in busy],
-        peak_activations=_peak_activations(schedule), params_per_device_factor=schedule.params_per_device_factor,
+        schedule=schedule.name,
+        pp=pp,
+        microbatches=schedule.microbatches,
+        devices=nd,
+        times=times,
+        makespan=makespan,
+        busy=busy,
+        bubble=[makespan - x for x in busy],
+        peak_activations=_peak_activations(schedule),
+        params_per_device_factor=schedule.params_per_device_factor,
         timeline=timeline,
     )
 

@@ -23,7 +23,13 @@ COLOURS = {
     W: ("#ffd6a5", "#e6953d"),
     BW: ("#cdb4db", "#8e6bb0"),
 }
-NAMES = {F: "F forward", B: "B backward (inputs)", W: "W backward (weights)", BW: "B full backward", FB: "F&B overlapped pair"}
+NAMES = {
+    F: "F forward",
+    B: "B backward (inputs)",
+    W: "W backward (weights)",
+    BW: "B full backward",
+    FB: "F&B overlapped pair",
+}
 
 
 def plot_timeline(result, path: str | os.PathLike, title: str | None = None) -> str:
@@ -63,10 +69,24 @@ def plot_timelines(panels: list, path: str | os.PathLike) -> str:
         _draw(ax, result, title, span, width - left - right, kinds_seen)
         y_top -= h + gap
     order = [F, B, W, BW, FB]
-    handles = [Patch(facecolor=COLOURS[k][0] if k != FB else "white", edgecolor="black", label=NAMES[k],
-                     hatch="" if k != FB else "//") for k in order if k in kinds_seen]
-    fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.0), ncol=max(len(handles), 1),
-               fontsize=8, frameon=False)
+    handles = [
+        Patch(
+            facecolor=COLOURS[k][0] if k != FB else "white",
+            edgecolor="black",
+            label=NAMES[k],
+            hatch="" if k != FB else "//",
+        )
+        for k in order
+        if k in kinds_seen
+    ]
+    fig.legend(
+        handles=handles,
+        loc="lower center",
+        bbox_to_anchor=(0.5, 0.0),
+        ncol=max(len(handles), 1),
+        fontsize=8,
+        frameon=False,
+    )
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", metadata=PNG_METADATA)
     return os.fspath(path)
@@ -101,6 +121,11 @@ def _draw(ax, result, title: str | None, span: float, axes_inches: float, kinds_
     ax.set_yticks([len(rows) - 1 - d + 0.45 for d in range(len(rows))])
     ax.set_yticklabels([f"device {d}" for d in range(len(rows))])
     ax.set_xlabel("time")
-    ax.set_title(title or (
-        f"{result.schedule}: pp={result.pp}, {result.microbatches} micro-batches, {result.devices} devices; "
-        f"makespan {result.makespan:.4g}, max bubble {max(result.bubble, default=0.0):.4g}"), fontsize=10)
+    ax.set_title(
+        title
+        or (
+            f"{result.schedule}: pp={result.pp}, {result.microbatches} micro-batches, {result.devices} devices; "
+            f"makespan {result.makespan:.4g}, max bubble {max(result.bubble, default=0.0):.4g}"
+        ),
+        fontsize=10,
+    )

@@ -62,7 +62,12 @@ class TraceOp:
 
     def matches(self, op: Op) -> bool:
         return (self.kind, self.microbatch, self.stage, self.chunk, self.b_microbatch) == (
-            op.kind, op.microbatch, op.stage, op.chunk, op.b_microbatch if op.kind == FB else -1)
+            op.kind,
+            op.microbatch,
+            op.stage,
+            op.chunk,
+            op.b_microbatch if op.kind == FB else -1,
+        )
 
 
 @dataclass
@@ -81,15 +86,24 @@ class TraceComparison:
     def to_json(self) -> dict:
         times = self.simulated.times
         return {
-            "trace": self.path, "schedule": self.measured.schedule, "pp": self.measured.pp,
-            "microbatches": self.measured.microbatches, "devices": self.measured.devices,
+            "trace": self.path,
+            "schedule": self.measured.schedule,
+            "pp": self.measured.pp,
+            "microbatches": self.measured.microbatches,
+            "devices": self.measured.devices,
             "measured": {"makespan": self.measured.makespan, "busy": self.measured.busy, "idle": self.measured.bubble},
-            "simulated": {"makespan": self.simulated.makespan, "busy": self.simulated.busy,
-                          "idle": self.simulated.bubble},
+            "simulated": {
+                "makespan": self.simulated.makespan,
+                "busy": self.simulated.busy,
+                "idle": self.simulated.bubble,
+            },
             "measured_over_simulated": self.ratio,
-            "op_times": [{"kind": k[0], "stage": k[1], **({"b_stage": k[2]} if len(k) > 2 else {}), "seconds": t}
-                         for k, t in sorted((times.per_op or {}).items())],
-            "comm": times.comm, "unit": "s",
+            "op_times": [
+                {"kind": k[0], "stage": k[1], **({"b_stage": k[2]} if len(k) > 2 else {}), "seconds": t}
+                for k, t in sorted((times.per_op or {}).items())
+            ],
+            "comm": times.comm,
+            "unit": "s",
         }
 
 
@@ -104,18 +118,24 @@ def read_trace(path: str | os.PathLike) -> list[TraceOp]:
     try:
         size = os.stat(path).st_size
     except OSError as exc:
-        raise DataError(f"cannot read trace {where}: {exc.strerror or exc}; give the pipeline_trace.json that "
-                        f"dsv3 train --trace wrote") from None
+        raise DataError(
+            f"cannot read trace {where}: {exc.strerror or exc}; give the pipeline_trace.json that "
+            f"dsv3 train --trace wrote"
+        ) from None
     if size > MAX_TRACE_BYTES:
-        raise DataError(f"trace {where} is {size:,} bytes, more than a pipeline step's trace "
-                        f"(at most {MAX_TRACE_BYTES:,}); give the pipeline_trace.json that dsv3 train --trace wrote")
+        raise DataError(
+            f"trace {where} is {size:,} bytes, more than a pipeline step's trace "
+            f"(at most {MAX_TRACE_BYTES:,}); give the pipeline_trace.json that dsv3 train --trace wrote"
+        )
     try:
         with open(path, encoding="utf-8") as fh:
             doc = json.load(fh)
     except OSError as exc:
         raise DataError(f"cannot read trace {where}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
-        raise DataError(f"trace {where} is not JSON; give the pipeline_trace.json that dsv3 train --trace wrote") from None
+        raise DataError(
+            f"trace {where} is not JSON; give the pipeline_trace.json that dsv3 train --trace wrote"
+        ) from None
     events = doc.get("traceEvents") if isinstance(doc, dict) else doc
     if not isinstance(events, list):
         raise DataError(f"trace {where} has no traceEvents list; give a Chrome trace written by dsv3 train --trace")
@@ -125,8 +145,10 @@ def read_trace(path: str | os.PathLike) -> list[TraceOp]:
             continue  # metadata, or spans that are not pipeline ops
         ops.append(_trace_op(e, i, where))
     if not ops:
-        raise DataError(f"trace {where} holds no pipeline ops (events with cat F, B, W, BW or FB); give the "
-                        f"pipeline_trace.json that dsv3 train --pp P --trace wrote")
+        raise DataError(
+            f"trace {where} holds no pipeline ops (events with cat F, B, W, BW or FB); give the "
+            f"pipeline_trace.json that dsv3 train --pp P --trace wrote"
+        )
     ops.sort(key=lambda o: (o.device, o.start, o.end))
     return ops
 
@@ -142,8 +164,7 @@ def _trace_op(e: dict, i: int, where: str) -> TraceOp:
     ts, dur = e.get("ts"), e.get("dur")
     times_ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in (ts, dur))
     if m is None or not isinstance(args, dict) or not times_ok or dur < 0:
-        raise DataError(f"{bad} (name, ts, dur and args.stage/chunk as dsv3 train --trace writes them): "
-                        f"{clip(e, 80)}")
+        raise DataError(f"{bad} (name, ts, dur and args.stage/chunk as dsv3 train --trace writes them): {clip(e, 80)}")
     kind = FB if m.group(3) is not None else m.group(1)
     if kind != e["cat"]:
         raise DataError(f"{bad}: its name {clip(name)} is not of its kind {clip(e['cat'])}")
@@ -159,8 +180,9 @@ def _trace_op(e: dict, i: int, where: str) -> TraceOp:
 def _by_device(ops: list[TraceOp]) -> list[list[TraceOp]]:
     devices = sorted({o.device for o in ops})
     if devices != list(range(len(devices))):
-        raise DataError(f"the trace's devices are {devices[:8]}, not 0 .. {len(devices) - 1}; it is not one "
-                        f"pipeline's trace")
+        raise DataError(
+            f"the trace's devices are {devices[:8]}, not 0 .. {len(devices) - 1}; it is not one pipeline's trace"
+        )
     return [[o for o in ops if o.device == d] for d in devices]
 
 
@@ -174,8 +196,13 @@ def _same(schedule: Schedule, rows: list[list[TraceOp]]) -> bool:
     return True
 
 
-def match_schedule(ops: list[TraceOp], schedule: str | None = None, pp: int | None = None,
-                   microbatches: int | None = None, where: str = "the trace") -> tuple[Schedule, list[list[Executed]]]:
+def match_schedule(
+    ops: list[TraceOp],
+    schedule: str | None = None,
+    pp: int | None = None,
+    microbatches: int | None = None,
+    where: str = "the trace",
+) -> tuple[Schedule, list[list[Executed]]]:
     """The schedule a trace executed and its ops as (op, start, end) per device, in op-list order.
 
     The trace's own stages and micro-batches give ``pp`` and the micro-batch count; the schedule is the one
@@ -198,19 +225,28 @@ def match_schedule(ops: list[TraceOp], schedule: str | None = None, pp: int | No
             if _same(candidate, rows):
                 found = candidate
                 break
-    asked = [f"--{k} {v}" for k, v in (("schedule", schedule), ("pp", pp), ("microbatches", microbatches))
-             if v is not None]
+    asked = [
+        f"--{k} {v}" for k, v in (("schedule", schedule), ("pp", pp), ("microbatches", microbatches)) if v is not None
+    ]
     if found is None:
         raise ConfigError(
             f"{where} ({len(rows)} devices, stages 0..{t_pp - 1}, micro-batches 0..{t_m - 1}) is not the op order of "
-            f"any schedule ({', '.join(SCHEDULES)}); give a whole step's trace written by dsv3 train --trace")
-    wrong = [a for a, got, want in (("schedule", found.name, schedule), ("pp", found.pp, pp),
-                                    ("microbatches", found.microbatches, microbatches))
-             if want is not None and str(want).lower() != str(got)]
+            f"any schedule ({', '.join(SCHEDULES)}); give a whole step's trace written by dsv3 train --trace"
+        )
+    wrong = [
+        a
+        for a, got, want in (
+            ("schedule", found.name, schedule),
+            ("pp", found.pp, pp),
+            ("microbatches", found.microbatches, microbatches),
+        )
+        if want is not None and str(want).lower() != str(got)
+    ]
     if wrong:
         raise ConfigError(
             f"{where} is a {found.name} step with --pp {found.pp} and --microbatches {found.microbatches}, not "
-            f"{' '.join(asked)}; drop those flags or give the matching trace")
+            f"{' '.join(asked)}; drop those flags or give the matching trace"
+        )
     executed = []
     for d, row in enumerate(rows):
         compute = [op for op in found.ops[d] if op.is_compute]
@@ -240,9 +276,16 @@ def measured_step(schedule: Schedule, executed: list[list[Executed]], times: OpT
     makespan, busy, idle, t0 = measured_span(executed)
     timeline = [[(_label(op), s - t0, e - t0, op) for op, s, e in row] for row in executed]
     return SimResult(
-        schedule=schedule.name, pp=schedule.pp, microbatches=schedule.microbatches, devices=schedule.devices,
-        times=times or OpTimes(), makespan=makespan, busy=busy, bubble=idle,
-        peak_activations=_peak_activations(schedule), params_per_device_factor=schedule.params_per_device_factor,
+        schedule=schedule.name,
+        pp=schedule.pp,
+        microbatches=schedule.microbatches,
+        devices=schedule.devices,
+        times=times or OpTimes(),
+        makespan=makespan,
+        busy=busy,
+        bubble=idle,
+        peak_activations=_peak_activations(schedule),
+        params_per_device_factor=schedule.params_per_device_factor,
         timeline=timeline,
     )
 
@@ -271,16 +314,23 @@ def measured_op_times(executed: list[list[Executed]], comm: float = 0.0, per_sta
     return OpTimes(f=f, b=b, w=w, fb=med.get(FB), comm=comm, per_op=per_op)
 
 
-def compare(schedule: Schedule, executed: list[list[Executed]], comm: float = 0.0, per_stage: bool = True,
-            path: str = "") -> TraceComparison:
+def compare(
+    schedule: Schedule, executed: list[list[Executed]], comm: float = 0.0, per_stage: bool = True, path: str = ""
+) -> TraceComparison:
     """Measured step vs :func:`~dsv3.plan.simulate.run_schedule` of the same op lists fed its op times."""
     times = measured_op_times(executed, comm=comm, per_stage=per_stage)
     simulated = run_schedule(schedule, times)
     return TraceComparison(path=path, measured=measured_step(schedule, executed, times), simulated=simulated)
 
 
-def compare_trace(path: str | os.PathLike, schedule: str | None = None, pp: int | None = None,
-                  microbatches: int | None = None, comm: float = 0.0, per_stage: bool = True) -> TraceComparison:
+def compare_trace(
+    path: str | os.PathLike,
+    schedule: str | None = None,
+    pp: int | None = None,
+    microbatches: int | None = None,
+    comm: float = 0.0,
+    per_stage: bool = True,
+) -> TraceComparison:
     """Read a ``dsv3 train --trace`` file, find its schedule (checked against the arguments given), compare."""
     where = f"trace {clip(os.fspath(path), 80)}"
     ops = read_trace(path)
@@ -289,5 +339,15 @@ def compare_trace(path: str | os.PathLike, schedule: str | None = None, pp: int 
     return compare(found, executed, comm=comm, per_stage=per_stage, path=os.fspath(path))
 
 
-__all__ = ["MAX_TRACE_BYTES", "TraceComparison", "TraceOp", "compare", "compare_trace", "match_schedule",
-           "measured_op_times", "measured_span", "measured_step", "read_trace"]
+__all__ = [
+    "MAX_TRACE_BYTES",
+    "TraceComparison",
+    "TraceOp",
+    "compare",
+    "compare_trace",
+    "match_schedule",
+    "measured_op_times",
+    "measured_span",
+    "measured_step",
+    "read_trace",
+]

@@ -47,12 +47,43 @@ from typing import Any, Literal, get_args, get_origin
 from dsv3.errors import ConfigError
 
 __all__ = [
-    "TrainConfig", "ModelOptions", "DataOptions", "OptimizerOptions", "ScheduleOptions", "MoEOptions",
-    "PrecisionOptions", "MemoryOptions", "ParallelOptions", "CheckpointOptions", "LoggingOptions", "RunOptions",
-    "RecomputeMode", "OptimStates", "ParamDtype", "DeviceName", "FP8Backend", "FP8ScaleFormat", "DataFormat",
-    "TokenDtype", "DataTask", "GRPOLossType", "RewardScaling", "RLOptions", "OnLong", "RopeScaling", "PipelineSchedule", "Dispatcher",
-    "Option", "options", "flat_options", "load_train_config", "read_run_file", "save_effective_config",
-    "config_yaml", "suggest", "RETIRED_OPTIONS",
+    "TrainConfig",
+    "ModelOptions",
+    "DataOptions",
+    "OptimizerOptions",
+    "ScheduleOptions",
+    "MoEOptions",
+    "PrecisionOptions",
+    "MemoryOptions",
+    "ParallelOptions",
+    "CheckpointOptions",
+    "LoggingOptions",
+    "RunOptions",
+    "RecomputeMode",
+    "OptimStates",
+    "ParamDtype",
+    "DeviceName",
+    "FP8Backend",
+    "FP8ScaleFormat",
+    "DataFormat",
+    "TokenDtype",
+    "DataTask",
+    "GRPOLossType",
+    "RewardScaling",
+    "RLOptions",
+    "OnLong",
+    "RopeScaling",
+    "PipelineSchedule",
+    "Dispatcher",
+    "Option",
+    "options",
+    "flat_options",
+    "load_train_config",
+    "read_run_file",
+    "save_effective_config",
+    "config_yaml",
+    "suggest",
+    "RETIRED_OPTIONS",
 ]
 
 # ----------------------------------------------------------------------------- the choices, spelled once
@@ -112,26 +143,32 @@ class ModelOptions:
 class DataOptions:
     """The corpus, its tokenizer and how it is cut into batches."""
 
-    path: str | None = _opt(None, "text file/dir, .jsonl, .parquet or .bin; none: the Python standard library",
-                            flag="data")
+    path: str | None = _opt(
+        None, "text file/dir, .jsonl, .parquet or .bin; none: the Python standard library", flag="data"
+    )
     format: DataFormat | None = _opt(None, "force the corpus format (none: from the file suffix)", flag="data_format")
     field: str = _opt("text", "the .jsonl field / .parquet column holding the text", flag="data_field")
     glob: str | None = _opt(None, "file pattern inside a data directory", flag="data_glob")
-    dtype: TokenDtype | None = _opt(None, "token-id width of a .bin corpus (none: from the vocabulary size)",
-                                    flag="data_dtype")
+    dtype: TokenDtype | None = _opt(
+        None, "token-id width of a .bin corpus (none: from the vocabulary size)", flag="data_dtype"
+    )
     eos_token: str | None = _opt(None, "the document separator's text (none: found in the tokenizer)")
     tokenizer: str | None = _opt(None, "a tokenizer.json; none: a byte-level BPE trained on the corpus (cached)")
     val_fraction: float = _opt(0.01, "fraction of the documents held out for validation")
     seq_len: int = _opt(256, "tokens per training sequence")
     micro_batch: int = _opt(8, "sequences per forward/backward pass")
     global_batch: int = _opt(8, "sequences per optimizer step (gradient accumulation = global / micro)")
-    task: DataTask = _opt("pretrain", "pretrain on raw text, sft on chat examples, grpo on prompts with rewards, "
-                                      "or reward: a reward model on prompt/chosen/rejected pairs")
+    task: DataTask = _opt(
+        "pretrain",
+        "pretrain on raw text, sft on chat examples, grpo on prompts with rewards, "
+        "or reward: a reward model on prompt/chosen/rejected pairs",
+    )
     on_long: OnLong = _opt("skip", "SFT examples longer than seq_len: skip, truncate, or error")
     epochs: int | None = _opt(None, "passes over the data (none: as many as the steps need)")
     packing: bool = _opt(True, "pack several documents into one sequence")
-    chat_template: str | None = _opt(None, "SFT chat template (.jinja or tokenizer_config.json; none: the "
-                                           "checkpoint's own)")
+    chat_template: str | None = _opt(
+        None, "SFT chat template (.jinja or tokenizer_config.json; none: the checkpoint's own)"
+    )
 
 
 @dataclass
@@ -157,8 +194,9 @@ class ScheduleOptions:
     decay_end: float = _opt(0.95, "fraction at which it reaches min_lr (constant tail after)")
     final_lr: float | None = _opt(None, "learning rate of the last final_steps steps (report: 7.3e-6)")
     final_steps: int = _opt(0, "steps at final_lr at the end of the run")
-    batch_ramp_start: int | None = _opt(None, "global batch at step 0, ramped to global_batch "
-                                              "(report: 3072 -> 15360 over 469B tokens)")
+    batch_ramp_start: int | None = _opt(
+        None, "global batch at step 0, ramped to global_batch (report: 3072 -> 15360 over 469B tokens)"
+    )
     batch_ramp_steps: int = _opt(0, "steps over which the global batch ramps up")
 
 
@@ -167,13 +205,17 @@ class MoEOptions:
     """The report's training hyperparameters (none: the model config.json's values)."""
 
     bias_update_speed: float | None = _opt(
-        None, "gamma, aux-loss-free bias update speed (report 0.001; Megatron --moe-router-bias-update-rate)")
+        None, "gamma, aux-loss-free bias update speed (report 0.001; Megatron --moe-router-bias-update-rate)"
+    )
     bias_update_stop: float = _opt(1.0, "fraction of the run after which gamma is 0 (report: last 500B tokens)")
     seq_aux_alpha: float | None = _opt(
-        None, "alpha, sequence-wise balance loss weight (report 0.0001; Megatron --moe-aux-loss-coeff with "
-              "--moe-router-load-balancing-type seq_aux_loss)")
+        None,
+        "alpha, sequence-wise balance loss weight (report 0.0001; Megatron --moe-aux-loss-coeff with "
+        "--moe-router-load-balancing-type seq_aux_loss)",
+    )
     mtp_loss_weight: float | None = _opt(
-        None, "lambda, MTP loss weight (report 0.3; Megatron --mtp-loss-scaling-factor)")
+        None, "lambda, MTP loss weight (report 0.3; Megatron --mtp-loss-scaling-factor)"
+    )
     mtp_loss_weight_late: float | None = _opt(None, "lambda after mtp_switch (report 0.1; none: unchanged)")
     mtp_switch: float = _opt(0.68, "fraction of the run after which lambda = mtp_loss_weight_late")
 
@@ -237,8 +279,12 @@ class LoggingOptions:
 class RunOptions:
     """Where the run lives and what makes it reproducible."""
 
-    dir: str | None = _opt(None, "run directory, new or empty (none: runs/<model>-<time>); nothing in it is "
-                                      "replaced: continue a run with --resume", flag="run_dir")
+    dir: str | None = _opt(
+        None,
+        "run directory, new or empty (none: runs/<model>-<time>); nothing in it is "
+        "replaced: continue a run with --resume",
+        flag="run_dir",
+    )
     seed: int = _opt(0, "seed of initialisation, data order and sampling")
     max_nonfinite: int = _opt(5, "stop after this many non-finite losses in a row")
 
@@ -248,8 +294,10 @@ class RLOptions:
     """GRPO (--task grpo): rewards, sampling and the objective (DeepSeekMath defaults). With task grpo,
     global_batch and micro_batch count completions (a multiple of group_size)."""
 
-    reward: str | None = _opt(None, "reward functions, comma-separated or a repeated flag: math, code, format, "
-                                    "module:function or path.py:function")
+    reward: str | None = _opt(
+        None,
+        "reward functions, comma-separated or a repeated flag: math, code, format, module:function or path.py:function",
+    )
     reward_weights: str | None = _opt(None, "weights of the reward functions, comma-separated (none: 1 each)")
     reward_model: str | None = _opt(None, "a reward-model run directory (dsv3 train --task reward) scoring too")
     group_size: int = _opt(4, "G, completions sampled per prompt (>= 2; the baseline is their mean)")
@@ -263,8 +311,11 @@ class RLOptions:
     loss_type: GRPOLossType = _opt("grpo", "loss aggregation: grpo (DeepSeekMath), bnpo, dr_grpo, dapo")
     scale_rewards: RewardScaling = _opt("group", "divide centred rewards by the group std, the batch std, or not")
     routing_replay: bool = _opt(False, "train with the experts the rollout chose (MoE routing replay)")
-    rl_bias_update: bool = _opt(False, "apply the aux-loss-free bias update during GRPO (off: routing stays "
-                                       "the rollout's between steps; see docs/rl.md)")
+    rl_bias_update: bool = _opt(
+        False,
+        "apply the aux-loss-free bias update during GRPO (off: routing stays "
+        "the rollout's between steps; see docs/rl.md)",
+    )
 
 
 def _section(cls: type) -> Any:
@@ -300,25 +351,42 @@ class TrainConfig:
         for opt in options():
             section = getattr(self, opt.section)
             value = _coerce(opt, getattr(section, opt.name), "config")
-            need(opt.kind is not float or value is None or math.isfinite(value),
-                 f"{opt.flat} must be a finite number, got {value}")
+            need(
+                opt.kind is not float or value is None or math.isfinite(value),
+                f"{opt.flat} must be a finite number, got {value}",
+            )
             setattr(section, opt.name, value)
         d, o, s, m, r = self.data, self.optimizer, self.schedule, self.memory, self.run
-        for name, value in (("seq_len", d.seq_len), ("micro_batch", d.micro_batch), ("global_batch", d.global_batch),
-                            ("steps", s.steps), ("eval_every", self.logging.eval_every),
-                            ("eval_batches", self.logging.eval_batches), ("save_every", self.checkpoint.save_every),
-                            ("keep_last", self.checkpoint.keep_last), ("load_every", self.logging.load_every),
-                            ("max_nonfinite", r.max_nonfinite), ("pp", self.parallel.pp), ("ep", self.parallel.ep)):
+        for name, value in (
+            ("seq_len", d.seq_len),
+            ("micro_batch", d.micro_batch),
+            ("global_batch", d.global_batch),
+            ("steps", s.steps),
+            ("eval_every", self.logging.eval_every),
+            ("eval_batches", self.logging.eval_batches),
+            ("save_every", self.checkpoint.save_every),
+            ("keep_last", self.checkpoint.keep_last),
+            ("load_every", self.logging.load_every),
+            ("max_nonfinite", r.max_nonfinite),
+            ("pp", self.parallel.pp),
+            ("ep", self.parallel.ep),
+        ):
             need(value > 0, f"{name} must be positive, got {value}")
         for name, value in (("dp", self.parallel.dp), ("epochs", d.epochs)):
             need(value is None or value > 0, f"{name} must be positive, got {value}")
-        need(d.global_batch % d.micro_batch == 0,
-             f"global_batch ({d.global_batch}) must be a multiple of micro_batch ({d.micro_batch})")
+        need(
+            d.global_batch % d.micro_batch == 0,
+            f"global_batch ({d.global_batch}) must be a multiple of micro_batch ({d.micro_batch})",
+        )
         if s.batch_ramp_start is not None:
-            need(0 < s.batch_ramp_start <= d.global_batch,
-                 f"batch_ramp_start ({s.batch_ramp_start}) must be between 1 and global_batch")
-        need(s.warmup_steps >= 0 and s.final_steps >= 0 and s.batch_ramp_steps >= 0,
-             "warmup_steps, final_steps and batch_ramp_steps must be non-negative")
+            need(
+                0 < s.batch_ramp_start <= d.global_batch,
+                f"batch_ramp_start ({s.batch_ramp_start}) must be between 1 and global_batch",
+            )
+        need(
+            s.warmup_steps >= 0 and s.final_steps >= 0 and s.batch_ramp_steps >= 0,
+            "warmup_steps, final_steps and batch_ramp_steps must be non-negative",
+        )
         need(o.lr > 0 and s.min_lr >= 0, "lr must be positive and min_lr non-negative")
         need(0 <= s.decay_start <= s.decay_end <= 1, "need 0 <= decay_start <= decay_end <= 1")
         need(0 <= d.val_fraction < 1, f"val_fraction must be in [0, 1), got {d.val_fraction}")
@@ -326,8 +394,10 @@ class TrainConfig:
         need(not m.use_ema or m.ema_decay is not None, "use_ema needs ema_decay")
         need(o.grad_clip >= 0 and o.weight_decay >= 0, "grad_clip and weight_decay must be non-negative")
         need(self.model.rope_factor >= 1, f"rope_factor must be at least 1, got {self.model.rope_factor}")
-        need(self.model.rope_factor == 1 or self.model.rope_scaling != "none",
-             f"--rope-factor {self.model.rope_factor:g} needs --rope-scaling yarn (without it the factor is unused)")
+        need(
+            self.model.rope_factor == 1 or self.model.rope_scaling != "none",
+            f"--rope-factor {self.model.rope_factor:g} needs --rope-scaling yarn (without it the factor is unused)",
+        )
         for name, value in (("bias_update_stop", self.moe.bias_update_stop), ("mtp_switch", self.moe.mtp_switch)):
             need(0 <= value <= 1, f"{name} must be a fraction of the run in [0, 1], got {value}")
         if d.task == "grpo":
@@ -361,24 +431,34 @@ class TrainConfig:
 def _validate_rl(config: "TrainConfig", need) -> None:
     """The GRPO options' ranges (``task: grpo``), each refused with one sentence."""
     rl, d = config.rl, config.data
-    need(rl.group_size >= 2, f"group_size must be at least 2 (GRPO's baseline is the mean of a group), "
-                             f"got {rl.group_size}")
-    need(d.global_batch % rl.group_size == 0,
-         f"global_batch ({d.global_batch}) counts completions under GRPO and must be a multiple of group_size "
-         f"({rl.group_size})")
+    need(
+        rl.group_size >= 2,
+        f"group_size must be at least 2 (GRPO's baseline is the mean of a group), got {rl.group_size}",
+    )
+    need(
+        d.global_batch % rl.group_size == 0,
+        f"global_batch ({d.global_batch}) counts completions under GRPO and must be a multiple of group_size "
+        f"({rl.group_size})",
+    )
     need(rl.max_completion_tokens > 0, f"max_completion_tokens must be positive, got {rl.max_completion_tokens}")
     need(rl.grpo_iterations > 0, f"grpo_iterations must be positive, got {rl.grpo_iterations}")
     need(rl.beta >= 0, f"beta must be non-negative, got {rl.beta}")
-    need(0 <= rl.epsilon_low < 1 and rl.epsilon_high >= 0,
-         f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {rl.epsilon_low} and {rl.epsilon_high}")
+    need(
+        0 <= rl.epsilon_low < 1 and rl.epsilon_high >= 0,
+        f"need 0 <= epsilon_low < 1 and epsilon_high >= 0, got {rl.epsilon_low} and {rl.epsilon_high}",
+    )
     need(rl.temperature > 0, f"temperature must be positive for GRPO rollouts, got {rl.temperature}")
     need(0 < rl.top_p <= 1, f"top_p must be in (0, 1], got {rl.top_p}")
     need(config.parallel.pp == 1, "--task grpo does not run under pipeline parallelism; use --pp 1 (dp and ep work)")
     need(config.memory.ema_decay is None, "--task grpo keeps no EMA of the weights; drop --ema-decay")
-    need(bool(rl.reward) or rl.reward_model is not None,
-         "--task grpo needs a reward: --reward math|code|format|module:function or --reward-model RUN_DIR")
-    need(config.model.init_from is not None, "--task grpo starts from a trained model; pass --init-from CKPT "
-                                             "(a dsv3 run or a Hugging Face checkpoint)")
+    need(
+        bool(rl.reward) or rl.reward_model is not None,
+        "--task grpo needs a reward: --reward math|code|format|module:function or --reward-model RUN_DIR",
+    )
+    need(
+        config.model.init_from is not None,
+        "--task grpo starts from a trained model; pass --init-from CKPT (a dsv3 run or a Hugging Face checkpoint)",
+    )
 
 
 # ----------------------------------------------------------------------------- field index
@@ -424,8 +504,18 @@ def options() -> tuple[Option, ...]:
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
             kind, optional, choices = _unwrap(hints[f.name])
-            out.append(Option(sec.name, f.name, f.metadata.get("flag") or f.name, kind, optional, choices, f.default,
-                              f.metadata["help"]))
+            out.append(
+                Option(
+                    sec.name,
+                    f.name,
+                    f.metadata.get("flag") or f.name,
+                    kind,
+                    optional,
+                    choices,
+                    f.default,
+                    f.metadata["help"],
+                )
+            )
     return tuple(out)
 
 
@@ -468,15 +558,19 @@ def _flatten(data: Any, source: str) -> dict[str, Any]:
     for key, value in data.items():
         key = str(key)
         if key in sections and not isinstance(value, dict) and key not in flat_index:
-            raise ConfigError(f"{source}: section {key} must be a mapping of its options ({key}: {{...}} or "
-                              f"[{key}]), got {type(value).__name__}")
+            raise ConfigError(
+                f"{source}: section {key} must be a mapping of its options ({key}: {{...}} or "
+                f"[{key}]), got {type(value).__name__}"
+            )
         if key in sections and isinstance(value, dict):  # "model"/"data" are also flat names (of str values)
             by_name = {o.name: o for o in options() if o.section == key}
             for sub, sub_value in value.items():
                 if str(sub) not in by_name:
                     dotted = f"{key}.{sub}"
-                    raise ConfigError(f"{source} has unknown option {dotted}"
-                                      f"{suggest(dotted, [o.dotted for o in options()])}; see `dsv3 train --help`")
+                    raise ConfigError(
+                        f"{source} has unknown option {dotted}"
+                        f"{suggest(dotted, [o.dotted for o in options()])}; see `dsv3 train --help`"
+                    )
                 put(by_name[str(sub)].flat, sub_value, f"{key}.{sub}")
         elif key in flat_index:
             put(key, value, key)
@@ -484,14 +578,15 @@ def _flatten(data: Any, source: str) -> dict[str, Any]:
             sec, sub = key.split(".", 1)
             match = [o for o in options() if o.section == sec and o.name == sub]
             if not match:
-                raise ConfigError(f"{source} has unknown option {key}"
-                                  f"{suggest(key, [o.dotted for o in options()])}; see `dsv3 train --help`")
+                raise ConfigError(
+                    f"{source} has unknown option {key}"
+                    f"{suggest(key, [o.dotted for o in options()])}; see `dsv3 train --help`"
+                )
             put(match[0].flat, value, key)
         elif key in RETIRED_OPTIONS:
             continue  # accepted for old run directories; see the module docstring
         else:
-            raise ConfigError(f"{source} has unknown option {key!r}{suggest(key, flat_index)}; "
-                              f"see `dsv3 train --help`")
+            raise ConfigError(f"{source} has unknown option {key!r}{suggest(key, flat_index)}; see `dsv3 train --help`")
     return out
 
 
@@ -530,8 +625,10 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
         named = opt.flat if opt.flat == opt.name else f"{opt.flat} ({opt.dotted})"
         raise ConfigError(f"{source}: option {named} must be {kind.__name__}, got {value!r}") from None
     if opt.choices is not None and value not in opt.choices:
-        raise ConfigError(f"{source}: option {opt.flat} must be one of {', '.join(opt.choices)}, got {value!r}"
-                          f"{suggest(value, opt.choices)}")
+        raise ConfigError(
+            f"{source}: option {opt.flat} must be one of {', '.join(opt.choices)}, got {value!r}"
+            f"{suggest(value, opt.choices)}"
+        )
     return value
 
 

@@ -713,8 +713,10 @@ class TrainLoader:
         position after the call is the same on every rank and equals one process's.
         """
         if n_micro % self.dp:
-            raise ConfigError(f"{n_micro} micro-batches cannot be split over {self.dp} data-parallel ranks; make "
-                              f"every step's batch a multiple of micro_batch * dp")
+            raise ConfigError(
+                f"{n_micro} micro-batches cannot be split over {self.dp} data-parallel ranks; make "
+                f"every step's batch a multiple of micro_batch * dp"
+            )
         out = []
         for k in range(n_micro):
             indices = self.next_indices(micro_batch)

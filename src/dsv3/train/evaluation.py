@@ -31,8 +31,10 @@ import torch
 from dsv3.errors import ConfigError, DataError
 from dsv3.model.loss import IGNORE_INDEX
 
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                 "I will quiz you about the important information there.\n")
+PASSKEY_INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there.\n"
+)
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key.\n"
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
@@ -110,13 +112,16 @@ def passkey_sample(tokenizer, length: int, *, key: str, depth: float, intro: str
     return PasskeySample(ids, answer, key, depth)
 
 
-def passkey_samples(tokenizer, length: int, trials: int, *, seed: int = 0,
-                    intro: str = PASSKEY_INTRO) -> list[PasskeySample]:
+def passkey_samples(
+    tokenizer, length: int, trials: int, *, seed: int = 0, intro: str = PASSKEY_INTRO
+) -> list[PasskeySample]:
     """``trials`` probes of ``length`` tokens: random five-digit keys, depths spread evenly over 0..1."""
     rng = np.random.default_rng([seed, length])
     depths = np.linspace(0, 1, trials) if trials > 1 else [0.5]
-    return [passkey_sample(tokenizer, length, key=str(int(rng.integers(10000, 100000))), depth=float(d), intro=intro)
-            for d in depths]
+    return [
+        passkey_sample(tokenizer, length, key=str(int(rng.integers(10000, 100000))), depth=float(d), intro=intro)
+        for d in depths
+    ]
 
 
 @torch.no_grad()
@@ -137,11 +142,18 @@ def passkey_retrieved(model, samples: Sequence[PasskeySample], *, device: torch.
     return out
 
 
-def passkey_accuracy(model, tokenizer, length: int, *, trials: int = 10, seed: int = 0,
-                     device: torch.device | str = "cpu", intro: str = PASSKEY_INTRO) -> float:
+def passkey_accuracy(
+    model,
+    tokenizer,
+    length: int,
+    *,
+    trials: int = 10,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    intro: str = PASSKEY_INTRO,
+) -> float:
     """Share of ``trials`` passkey probes of ``length`` tokens the model retrieves."""
-    hits = passkey_retrieved(model, passkey_samples(tokenizer, length, trials, seed=seed, intro=intro),
-                             device=device)
+    hits = passkey_retrieved(model, passkey_samples(tokenizer, length, trials, seed=seed, intro=intro), device=device)
     return sum(hits) / len(hits)
 
 
@@ -162,9 +174,11 @@ class EvalReport:
         out = [f"checkpoint: {self.checkpoint}"]
         if self.loss is not None:
             what = "assistant tokens" if self.kind == "chat" else "tokens"
-            out.append(f"{self.data}: loss {self.loss.loss:.4f}, perplexity {self.loss.perplexity:.2f} over "
-                       f"{self.loss.tokens} {what} ({self.loss.sequences} sequences of {self.seq_len})"
-                       f"{self.notes.get(self.seq_len, '')}")
+            out.append(
+                f"{self.data}: loss {self.loss.loss:.4f}, perplexity {self.loss.perplexity:.2f} over "
+                f"{self.loss.tokens} {what} ({self.loss.sequences} sequences of {self.seq_len})"
+                f"{self.notes.get(self.seq_len, '')}"
+            )
         for length, acc in self.passkey.items():
             out.append(f"passkey at {length} tokens: {acc:.0%} retrieved{self.notes.get(length, '')}")
         return out
@@ -183,13 +197,17 @@ def context_note(length: int, mcfg, flag: str, device: str) -> str:
     else ``max_position_embeddings``.
     """
     if device.startswith("cpu") and length > MAX_CPU_TOKENS:
-        raise ConfigError(f"{flag} {length} tokens is too long to score on a CPU (at most {MAX_CPU_TOKENS}: "
-                          f"attention grows with the square of the length); use a shorter length or --device cuda.")
+        raise ConfigError(
+            f"{flag} {length} tokens is too long to score on a CPU (at most {MAX_CPU_TOKENS}: "
+            f"attention grows with the square of the length); use a shorter length or --device cuda."
+        )
     limit = mcfg.max_position_embeddings
     if mcfg.rope_type == "default":
         if length > limit:
-            raise ConfigError(f"{flag} {length} is beyond the model's context of {limit} tokens and the model has no "
-                              f"RoPE scaling; use {limit} or less, or evaluate a run trained with --rope-scaling yarn.")
+            raise ConfigError(
+                f"{flag} {length} is beyond the model's context of {limit} tokens and the model has no "
+                f"RoPE scaling; use {limit} or less, or evaluate a run trained with --rope-scaling yarn."
+            )
         return ""
     original = int((mcfg.rope_scaling or {}).get("original_max_position_embeddings") or limit)
     if length > limit:
@@ -213,8 +231,9 @@ def is_chat_file(path: str | os.PathLike) -> bool:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     return False
-                return isinstance(record, dict) and ("messages" in record or
-                                                     ("prompt" in record and "completion" in record))
+                return isinstance(record, dict) and (
+                    "messages" in record or ("prompt" in record and "completion" in record)
+                )
     return False
 
 
@@ -247,10 +266,21 @@ def _template_dir(tok_path: str, checkpoint: str) -> str:
     return checkpoint
 
 
-def evaluate_checkpoint(path: str, *, data: str | None = None, seq_len: int | None = None,
-                        passkey: Sequence[int] = (), passkey_trials: int = 10, tokenizer: str | None = None,
-                        chat_template: str | None = None, batch_size: int = 4, max_batches: int | None = None,
-                        use_ema: bool = False, device: str = "cpu", seed: int = 0) -> EvalReport:
+def evaluate_checkpoint(
+    path: str,
+    *,
+    data: str | None = None,
+    seq_len: int | None = None,
+    passkey: Sequence[int] = (),
+    passkey_trials: int = 10,
+    tokenizer: str | None = None,
+    chat_template: str | None = None,
+    batch_size: int = 4,
+    max_batches: int | None = None,
+    use_ema: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+) -> EvalReport:
     """Load a run's latest checkpoint (or a checkpoint / Hugging Face directory) and evaluate it.
 
     Args:
@@ -290,8 +320,15 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, seq_len: int | No
             from dsv3.train.sft import build_sft_data, load_chat_template
 
             template = load_chat_template(chat_template, tokenizer_dir=_template_dir(tok_path, checkpoint))
-            chat = build_sft_data(data, tokenizer=tok, template=template, seq_len=seq_len,
-                                  vocab_size=mcfg.vocab_size, on_long="truncate", packing=False)
+            chat = build_sft_data(
+                data,
+                tokenizer=tok,
+                template=template,
+                seq_len=seq_len,
+                vocab_size=mcfg.vocab_size,
+                on_long="truncate",
+                packing=False,
+            )
             from dsv3.train.data import val_batches
 
             batches, report.kind = val_batches(chat.train, batch_size, max_batches), "chat"
@@ -302,6 +339,5 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, seq_len: int | No
             batches, report.kind = val_batches(text.train, batch_size, max_batches), "text"
         report.loss = evaluate_loss(model, batches, device=device)
     for length in passkey:
-        report.passkey[length] = passkey_accuracy(model, tok, length, trials=passkey_trials, seed=seed,
-                                                  device=device)
+        report.passkey[length] = passkey_accuracy(model, tok, length, trials=passkey_trials, seed=seed, device=device)
     return report

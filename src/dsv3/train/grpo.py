@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 
 from dsv3.train.config import TrainConfig
-from dsv3.train.rl import grpo_loss, grpo_stats, group_advantages, token_entropy, token_logps
+from dsv3.train.rl import group_advantages, grpo_loss, grpo_stats, token_entropy, token_logps
 from dsv3.train.rl_prompts import PromptSet, step_prompts
 from dsv3.train.rollout import Rollout, RoutingRecorder, rollout, sample_seed
 
@@ -109,6 +109,7 @@ def _ep_all_done(ctx) -> Callable[[torch.Tensor], bool] | None:
         flag = torch.tensor([1.0 if bool(done.all()) else 0.0], device=done.device)  # NCCL: on the device
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=ctx.ep_group)
         return bool(flag.item() == 1.0)
+
     return all_done
 
 
@@ -148,24 +149,40 @@ def sample_and_score(run: GRPORun) -> Scored:
     rows = [i for i in range(len(index)) for _ in range(G)]  # a group's G rows are contiguous
     seeds = [sample_seed(c.run.seed, run.step, positions[i], k) for i in range(len(index)) for k in range(G)]
     t0 = time.perf_counter()
-    roll = rollout(run.model, [ids[i] for i in rows], seeds, max_new_tokens=c.rl.max_completion_tokens,
-                   temperature=c.rl.temperature, top_p=c.rl.top_p, eos_id=run.eos_id, recorder=run.recorder,
-                   all_done=_ep_all_done(ctx))
+    roll = rollout(
+        run.model,
+        [ids[i] for i in rows],
+        seeds,
+        max_new_tokens=c.rl.max_completion_tokens,
+        temperature=c.rl.temperature,
+        top_p=c.rl.top_p,
+        eos_id=run.eos_id,
+        recorder=run.recorder,
+        all_done=_ep_all_done(ctx),
+    )
     rollout_time = time.perf_counter() - t0
     completions = [run.tokenizer.decode(t) for t in roll.completions]
     result = run.rewards([texts[i] for i in rows], completions, {k: [v[i] for i in rows] for k, v in columns.items()})
     rewards = _dp_cat(result.total.float().to(run.device), ctx)
     advantages = group_advantages(rewards, G, scale=c.rl.scale_rewards)
     me = ctx.dp_rank if run.distributed else 0
-    local = advantages[me * len(rows):(me + 1) * len(rows)]
-    per_function = {name: _dp_cat(torch.tensor([float("nan") if v is None else float(v) for v in values],
-                                                device=run.device), ctx)
-                    for name, values in result.per_function.items()}
+    local = advantages[me * len(rows) : (me + 1) * len(rows)]
+    per_function = {
+        name: _dp_cat(torch.tensor([float("nan") if v is None else float(v) for v in values], device=run.device), ctx)
+        for name, values in result.per_function.items()
+    }
     tokens = _dp_sum(roll.mask().sum().double().to(run.device), ctx)
-    return Scored(roll=roll, advantages=local, rewards=rewards, per_function=per_function,
-                  lengths=_dp_cat(roll.completion_len.float().to(run.device), ctx),
-                  cut=_dp_cat(roll.cut.float().to(run.device), ctx), rows_global=c.data.global_batch,
-                  tokens_global=float(tokens), rollout_time=rollout_time)
+    return Scored(
+        roll=roll,
+        advantages=local,
+        rewards=rewards,
+        per_function=per_function,
+        lengths=_dp_cat(roll.completion_len.float().to(run.device), ctx),
+        cut=_dp_cat(roll.cut.float().to(run.device), ctx),
+        rows_global=c.data.global_batch,
+        tokens_global=float(tokens),
+        rollout_time=rollout_time,
+    )
 
 
 # ----------------------------------------------------------------------------- one step: the policy update
@@ -173,8 +190,9 @@ def _micro_slices(n_rows: int, micro: int) -> list[slice]:
     return [slice(i, min(i + micro, n_rows)) for i in range(0, n_rows, micro)]
 
 
-def _forward_logps(run: GRPORun, s: Scored, rows: slice, *, count: bool = False,
-                   entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _forward_logps(
+    run: GRPORun, s: Scored, rows: slice, *, count: bool = False, entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [b, W - T0] of the sampled tokens of ``rows`` under logits / temperature (and, with ``entropy``,
     the masked entropy sum), with the routing compared (``count``) and/or replayed per the config. Only the
     positions from T0 - 1 on (those that predict a completion token) go through the output head, so the
@@ -202,8 +220,7 @@ def _forward_logps(run: GRPORun, s: Scored, rows: slice, *, count: bool = False,
     return token_logps(logits, targets[:, start:]), ent
 
 
-def _no_grad_logps(run: GRPORun, s: Scored, slices: list[slice], *, reference: bool,
-                   count: bool) -> list[torch.Tensor]:
+def _no_grad_logps(run: GRPORun, s: Scored, slices: list[slice], *, reference: bool, count: bool) -> list[torch.Tensor]:
     """Per micro-batch log-probs without gradient: the policy's (old) or the frozen reference's."""
     swap = run.reference.applied(run.model) if reference else contextlib.nullcontext()
     with torch.no_grad(), swap:
@@ -226,8 +243,7 @@ def _rollout_load(run: GRPORun, s: Scored) -> torch.Tensor | None:
         return None
     valid = s.roll.mask().bool()
     n = run.mcfg.n_routed_experts
-    return torch.stack([torch.bincount(r[:, :valid.shape[1]][valid].reshape(-1), minlength=n)
-                        for r in s.roll.routing])
+    return torch.stack([torch.bincount(r[:, : valid.shape[1]][valid].reshape(-1), minlength=n) for r in s.roll.routing])
 
 
 def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
@@ -236,7 +252,7 @@ def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
 
     rl, ctx = run.config.rl, run.parallel
     dp = ctx.dp if run.distributed else 1
-    mask = s.roll.mask()[:, s.roll.prompt_len - 1:]  # the positions _forward_logps scores
+    mask = s.roll.mask()[:, s.roll.prompt_len - 1 :]  # the positions _forward_logps scores
     fed = s.roll.tokens[:, :-1].numel()  # tokens of one training forward
     slices = _micro_slices(mask.shape[0], run.config.data.micro_batch)
     counted = rl.grpo_iterations > 1
@@ -250,17 +266,34 @@ def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
             logps, ent = _forward_logps(run, s, sl, count=not counted and it == 0, entropy=it == 0)
             m, adv = mask[sl], s.advantages[sl]
             kwargs = dict(beta=rl.beta, epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high)
-            loss = grpo_loss(logps, old[i] if old else None, ref[i] if ref else None, adv, m, loss_type=rl.loss_type,
-                             max_completion_length=rl.max_completion_tokens, num_items=s.tokens_global, **kwargs)
+            loss = grpo_loss(
+                logps,
+                old[i] if old else None,
+                ref[i] if ref else None,
+                adv,
+                m,
+                loss_type=rl.loss_type,
+                max_completion_length=rl.max_completion_tokens,
+                num_items=s.tokens_global,
+                **kwargs,
+            )
             scaled = loss * _loss_weight(rl.loss_type, sl.stop - sl.start, m.sum(), s, dp)
             scaled.backward()
             total[0] += scaled.detach().double()
             total[4] += m.sum().double()
             if it == 0:
-                st = grpo_stats(logps, old[i] if old else None, ref[i] if ref else None, adv, m,
-                                epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high)
-                diag += torch.stack([st["tokens"], st["clip_low"], st["clip_high"], st["clip_region"], st["kl"],
-                                     ent]).double()
+                st = grpo_stats(
+                    logps,
+                    old[i] if old else None,
+                    ref[i] if ref else None,
+                    adv,
+                    m,
+                    epsilon_low=rl.epsilon_low,
+                    epsilon_high=rl.epsilon_high,
+                )
+                diag += torch.stack(
+                    [st["tokens"], st["clip_low"], st["clip_high"], st["clip_region"], st["kl"], ent]
+                ).double()
         load = _rollout_load(run, s) if rl.rl_bias_update else None
         gamma = run.mcfg.bias_update_speed if rl.rl_bias_update else 0.0
         stats = _update(run, total, load, fed, gamma)
@@ -271,10 +304,19 @@ def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
     d = _dp_sum(diag, ctx).tolist()
     tokens = max(d[0], 1.0)
     passes = rl.grpo_iterations + (1 if counted else 0) + (1 if rl.beta > 0 else 0)
-    return {"loss": losses[0], "loss_last": losses[-1], "grad_norm": norms[0], "skipped": skipped,
-            "clip_low": d[1] / tokens, "clip_high": d[2] / tokens, "clip_region": d[3] / tokens,
-            "kl": d[4] / tokens, "entropy": d[5] / tokens,
-            "train_tokens_per_s": passes * fed * dp / max(train_time, 1e-9), "train_time": train_time}
+    return {
+        "loss": losses[0],
+        "loss_last": losses[-1],
+        "grad_norm": norms[0],
+        "skipped": skipped,
+        "clip_low": d[1] / tokens,
+        "clip_high": d[2] / tokens,
+        "clip_region": d[3] / tokens,
+        "kl": d[4] / tokens,
+        "entropy": d[5] / tokens,
+        "train_tokens_per_s": passes * fed * dp / max(train_time, 1e-9),
+        "train_time": train_time,
+    }
 
 
 def _nan_stats(values: torch.Tensor) -> tuple[float, float]:
@@ -290,12 +332,18 @@ def step_metrics(run: GRPORun, s: Scored) -> dict[str, Any]:
     routing agreement and rollout tokens/s (over all dp ranks)."""
     G = run.config.rl.group_size
     groups = s.rewards.view(-1, G)
-    out: dict[str, Any] = {"reward": float(s.rewards.mean()), "reward_std": float(s.rewards.std()),
-                           "frac_reward_zero_std": float((groups.std(dim=1) == 0).float().mean())}
+    out: dict[str, Any] = {
+        "reward": float(s.rewards.mean()),
+        "reward_std": float(s.rewards.std()),
+        "frac_reward_zero_std": float((groups.std(dim=1) == 0).float().mean()),
+    }
     for name, values in s.per_function.items():
         out[f"reward/{name}"], out[f"reward_std/{name}"] = _nan_stats(values)
-    out.update(completion_length=float(s.lengths.mean()), completion_length_max=float(s.lengths.max()),
-               completion_cut=float(s.cut.mean()))
+    out.update(
+        completion_length=float(s.lengths.mean()),
+        completion_length_max=float(s.lengths.max()),
+        completion_cut=float(s.cut.mean()),
+    )
     if run.recorder is not None and run.recorder.active:
         agree, total = _dp_sum(run.recorder.tally(), run.parallel).tolist()
         if total:

@@ -61,14 +61,18 @@ def grpo_tokenizer(config: TrainConfig, run_dir: str, vocab_size: int):
     from dsv3.train.tokenizer import get_tokenizer
 
     init = config.model.init_from or ""
-    candidates = [os.path.join(run_dir, "tokenizer.json") if run_dir else "", config.data.tokenizer or "",
-                  os.path.join(init, "tokenizer.json"), os.path.join(os.path.dirname(os.path.dirname(init)),
-                                                                     "tokenizer.json")]
+    candidates = [
+        os.path.join(run_dir, "tokenizer.json") if run_dir else "",
+        config.data.tokenizer or "",
+        os.path.join(init, "tokenizer.json"),
+        os.path.join(os.path.dirname(os.path.dirname(init)), "tokenizer.json"),
+    ]
     for spec in candidates:
         if spec and os.path.exists(spec):
             return get_tokenizer(spec, vocab_size=vocab_size)
-    raise DataError("GRPO needs the checkpoint's tokenizer; pass --tokenizer or --init-from a checkpoint with a "
-                    "tokenizer.json")
+    raise DataError(
+        "GRPO needs the checkpoint's tokenizer; pass --tokenizer or --init-from a checkpoint with a tokenizer.json"
+    )
 
 
 def _template(config: TrainConfig, run_dir: str):
@@ -85,8 +89,10 @@ def check_prompt_split(config: TrainConfig, dp: int) -> None:
     """A step's P = global_batch / G prompts must split evenly over the ``dp`` ranks (:func:`_join_world`'s check)."""
     prompts = config.data.global_batch // config.rl.group_size
     if prompts % dp:
-        raise ConfigError(f"global_batch / group_size = {prompts} prompts per step cannot be split over dp {dp} ranks; "
-                          f"make global_batch a multiple of group_size * dp")
+        raise ConfigError(
+            f"global_batch / group_size = {prompts} prompts per step cannot be split over dp {dp} ranks; "
+            f"make global_batch a multiple of group_size * dp"
+        )
 
 
 def _policy(config: TrainConfig, mcfg, ctx, run_dir: str):
@@ -100,8 +106,13 @@ def _policy(config: TrainConfig, mcfg, ctx, run_dir: str):
 
 
 # ----------------------------------------------------------------------------- build
-def build_grpo(config: TrainConfig | None, *, resume: str | None = None, overrides: dict[str, Any] | None = None,
-               parallel: Any = None) -> GRPORun:
+def build_grpo(
+    config: TrainConfig | None,
+    *,
+    resume: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    parallel: Any = None,
+) -> GRPORun:
     """Build (or restore) a GRPO run; nothing is written before every input has been checked."""
     from dsv3.train.rundir import LOCK_FILE, RunLock
     from dsv3.train.session import prepare_run_dir
@@ -151,10 +162,17 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     tokenizer = grpo_tokenizer(config, run_dir if resume else "", mcfg.vocab_size)
     eos_id = _eos_id(config, tokenizer)
     if config.data.path is None:
-        raise DataError("--task grpo needs prompts; pass --data prompts.jsonl ({\"prompt\": ...} or {\"messages\": ...} "
-                        "per line, plus the columns the rewards read)")
-    prompts = read_prompts(config.data.path, tokenizer=tokenizer, template=_template(config, run_dir),
-                           context=mcfg.max_position_embeddings, max_completion_tokens=config.rl.max_completion_tokens)
+        raise DataError(
+            '--task grpo needs prompts; pass --data prompts.jsonl ({"prompt": ...} or {"messages": ...} '
+            "per line, plus the columns the rewards read)"
+        )
+    prompts = read_prompts(
+        config.data.path,
+        tokenizer=tokenizer,
+        template=_template(config, run_dir),
+        context=mcfg.max_position_embeddings,
+        max_completion_tokens=config.rl.max_completion_tokens,
+    )
     rewards.check_columns(list(prompts.columns), source=config.data.path)
     ctx, run_dir = _join_world(config, mcfg, parallel, run_dir, device, check_split=check_prompt_split)
     if resume is not None:
@@ -168,12 +186,24 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
         reference = CPUEMA(model, 0.0)
     from dsv3.train.schedule import LRSchedule
 
-    run = GRPORun(config=config, mcfg=mcfg, run_dir=run_dir, device=device, tokenizer=tokenizer, prompts=prompts,
-                  rewards=rewards, model=model, optimizer=par.optimizer,
-                  schedule=LRSchedule.from_options(config.schedule, config.optimizer.lr),
-                  params=[p for p in model.parameters() if p.requires_grad], eos_id=eos_id, reference=reference,
-                  parallel=ctx, recorder=RoutingRecorder(model) if model.moe_layers() else None,
-                  checkpointer=Checkpointer(run_dir, ctx, keep_last=config.checkpoint.keep_last, tokenizer=tokenizer))
+    run = GRPORun(
+        config=config,
+        mcfg=mcfg,
+        run_dir=run_dir,
+        device=device,
+        tokenizer=tokenizer,
+        prompts=prompts,
+        rewards=rewards,
+        model=model,
+        optimizer=par.optimizer,
+        schedule=LRSchedule.from_options(config.schedule, config.optimizer.lr),
+        params=[p for p in model.parameters() if p.requires_grad],
+        eos_id=eos_id,
+        reference=reference,
+        parallel=ctx,
+        recorder=RoutingRecorder(model) if model.moe_layers() else None,
+        checkpointer=Checkpointer(run_dir, ctx, keep_last=config.checkpoint.keep_last, tokenizer=tokenizer),
+    )
     checkpoint = _write_run_dir(run, resume, True, lock)  # type: ignore[arg-type]  (the Session names it reads)
     if resume is not None:
         restore_grpo(run, checkpoint)
@@ -190,8 +220,9 @@ def _eos_id(config: TrainConfig, tokenizer) -> int:
 def save_grpo(run: GRPORun) -> str:
     """Write the run's state after ``run.step`` steps through the run's :class:`~dsv3.checkpoint.checkpointer.
     Checkpointer` (sharded DCP under torchrun, the one-process format otherwise); returns its directory."""
-    return run.checkpointer.save(run.step, run.model, run.optimizer, loader_state={"grpo_step": run.step},
-                                 extra={"nonfinite": run.nonfinite})
+    return run.checkpointer.save(
+        run.step, run.model, run.optimizer, loader_state={"grpo_step": run.step}, extra={"nonfinite": run.nonfinite}
+    )
 
 
 def restore_grpo(run: GRPORun, checkpoint: str | None) -> None:
@@ -211,21 +242,30 @@ def check_resume_layout(run_dir: str, distributed: bool) -> None:
     mine, other = (list_sharded, list_checkpoints) if distributed else (list_checkpoints, list_sharded)
     if not mine(run_dir) and other(run_dir):
         written, now = ("in one process", "under torchrun") if distributed else ("under torchrun", "in one process")
-        raise CheckpointError(f"{run_dir} was written {written}; a GRPO run cannot continue {now} yet; resume it "
-                              f"{written}")
+        raise CheckpointError(
+            f"{run_dir} was written {written}; a GRPO run cannot continue {now} yet; resume it {written}"
+        )
 
 
 # ----------------------------------------------------------------------------- the loop
 def _line(m: dict[str, Any], steps: int) -> str:
     agree = f", routing agreement {m['routing_agreement']:.3f}" if "routing_agreement" in m else ""
-    return (f"step {m['step']}/{steps}: reward {m['reward']:.3f} (std {m['reward_std']:.3f}), loss {m['loss']:.4f}, "
-            f"kl {m['kl']:.4f}, entropy {m['entropy']:.3f}, completion {m['completion_length']:.1f} tokens "
-            f"({m['completion_cut']:.0%} cut){agree}")
+    return (
+        f"step {m['step']}/{steps}: reward {m['reward']:.3f} (std {m['reward_std']:.3f}), loss {m['loss']:.4f}, "
+        f"kl {m['kl']:.4f}, entropy {m['entropy']:.3f}, completion {m['completion_length']:.1f} tokens "
+        f"({m['completion_cut']:.0%} cut){agree}"
+    )
 
 
-def train_grpo(config: TrainConfig | None, *, resume: str | None = None, overrides: dict[str, Any] | None = None,
-               log: Callable[[str], None] = print, step_hook: Callable[[int], None] | None = None,
-               parallel: Any = None):
+def train_grpo(
+    config: TrainConfig | None,
+    *,
+    resume: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+    step_hook: Callable[[int], None] | None = None,
+    parallel: Any = None,
+):
     """Run GRPO according to ``config`` (or continue the run directory ``resume``); returns a
     :class:`~dsv3.train.loop.TrainResult`. ``step_hook`` is called with each completed step (tests).
 
@@ -243,10 +283,13 @@ def train_grpo(config: TrainConfig | None, *, resume: str | None = None, overrid
     log = log if main else _quiet
     if run.checkpoint is not None:
         log(f"resumed {run.run_dir} from {os.path.basename(run.checkpoint)} (step {run.step})")
-    log(f"GRPO run {run.run_dir}: {len(run.prompts)} prompts, G = {c.rl.group_size}, "
-        f"{c.data.global_batch // c.rl.group_size} prompts per step, loss {c.rl.loss_type}, beta {c.rl.beta}")
-    metrics = MetricsLogger(run.run_dir, tensorboard=c.logging.tensorboard, start_step=run.step) if main \
-        else _NullMetrics()
+    log(
+        f"GRPO run {run.run_dir}: {len(run.prompts)} prompts, G = {c.rl.group_size}, "
+        f"{c.data.global_batch // c.rl.group_size} prompts per step, loss {c.rl.loss_type}, beta {c.rl.beta}"
+    )
+    metrics = (
+        MetricsLogger(run.run_dir, tensorboard=c.logging.tensorboard, start_step=run.step) if main else _NullMetrics()
+    )
     last, interrupted = run.checkpoint, False
     try:
         with _StopFlag() as stop:
@@ -261,16 +304,19 @@ def train_grpo(config: TrainConfig | None, *, resume: str | None = None, overrid
                     last = save_grpo(run)  # a signal that came during the step (or the hook) is checkpointed here
                 if stop.requested:
                     interrupted = True
-                    log(f"interrupted by {stop.signal_name}: checkpoint written at step {run.step} ({last}); "
-                        f"continue with dsv3 train --resume {run.run_dir}")
+                    log(
+                        f"interrupted by {stop.signal_name}: checkpoint written at step {run.step} ({last}); "
+                        f"continue with dsv3 train --resume {run.run_dir}"
+                    )
                     break
     finally:
         metrics.close()
         run.close()
         if run.distributed and parallel is None:
             run.parallel.destroy()
-    result = TrainResult(run_dir=run.run_dir, step=run.step, checkpoint=last, interrupted=interrupted,
-                         wall_time=time.time() - started)
+    result = TrainResult(
+        run_dir=run.run_dir, step=run.step, checkpoint=last, interrupted=interrupted, wall_time=time.time() - started
+    )
     if interrupted:  # the checkpoint is complete: now the caller learns that the process was told to stop
         raise TrainingPreempted(stop.signal_name or "SIGTERM", last, run.run_dir, run.step, result)
     return result
@@ -283,5 +329,7 @@ def _check_finite(run: GRPORun, record: dict[str, Any], last: str | None) -> Non
         return
     run.nonfinite += 1
     if run.nonfinite >= run.config.run.max_nonfinite:
-        raise TrainingError(f"{run.nonfinite} GRPO steps in a row with a non-finite loss or gradient at step "
-                            f"{run.step}; stopping. The last good checkpoint is {last or 'none'}; lower --lr")
+        raise TrainingError(
+            f"{run.nonfinite} GRPO steps in a row with a non-finite loss or gradient at step "
+            f"{run.step}; stopping. The last good checkpoint is {last or 'none'}; lower --lr"
+        )

@@ -35,9 +35,14 @@ import torch
 
 from dsv3.errors import TrainingError, TrainingPreempted
 from dsv3.train.config import TrainConfig
+
 # The set-up pieces live in dsv3.train.session; these names stay importable from here.
-from dsv3.train.session import (CONFIG_FILE, Session, build_session, build_tokenizer,  # noqa: F401
-                                model_config_for, prepare_run_dir, resolve_device, resume_config, train_step)
+from dsv3.train.session import (
+    Session,
+    build_session,
+    build_tokenizer,  # noqa: F401
+    train_step,
+)
 
 
 @dataclass
@@ -145,12 +150,22 @@ def _parallel_metrics(s: Session, record: dict[str, Any]) -> dict[str, Any]:
     counts = torch.tensor([float(c.tokens), float(c.nodes_reached), float(c.ranks_reached)], dtype=torch.float64)
     dist.all_reduce(counts)
     tokens = max(counts[0].item(), 1.0)
-    return {"a2a_bytes_per_rank": local[0].item(), "peak_memory_gib": local[1].item(),
-            "nodes_per_token": counts[1].item() / tokens, "ranks_per_token": counts[2].item() / tokens}
+    return {
+        "a2a_bytes_per_rank": local[0].item(),
+        "peak_memory_gib": local[1].item(),
+        "nodes_per_token": counts[1].item() / tokens,
+        "ranks_per_token": counts[2].item() / tokens,
+    }
 
 
-def train(config: TrainConfig | None, *, resume: str | None = None, overrides: dict[str, Any] | None = None,
-          log: Callable[[str], None] = print, step_hook: Callable[[int], None] | None = None) -> TrainResult:
+def train(
+    config: TrainConfig | None,
+    *,
+    resume: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+    step_hook: Callable[[int], None] | None = None,
+) -> TrainResult:
     """Train according to ``config`` (or continue the run directory ``resume``).
 
     Args:
@@ -179,25 +194,35 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
         log(f"resumed {run_dir} from {os.path.basename(s.checkpoint)} (step {s.step})")
     elif resume is not None:
         log(f"{run_dir} has no checkpoint yet; starting it from step 0")
-    log(f"run {run_dir}: {s.mcfg.model_type} with {model.num_parameters():,} parameters on {s.device}; "
-        f"{s.data.summary()}")
+    log(
+        f"run {run_dir}: {s.mcfg.model_type} with {model.num_parameters():,} parameters on {s.device}; "
+        f"{s.data.summary()}"
+    )
     # MFU: model FLOPs per token from the planner's formula (checked against torch's FLOP counter),
     # over the device's peak for the parameter dtype.
     flops_per_token = training_flops_per_token(s.mcfg, config.data.seq_len)
     peak_flops, _ = device_peak_flops(s.device, getattr(torch, config.precision.dtype))
     main = ctx.is_main
-    metrics = (MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, start_step=s.step) if main
-               else _NullMetrics())
-    progress = ProgressBar(config.schedule.steps, initial=s.step,
-                           mode="auto" if config.logging.progress and main else "off")
+    metrics = (
+        MetricsLogger(run_dir, tensorboard=config.logging.tensorboard, start_step=s.step) if main else _NullMetrics()
+    )
+    progress = ProgressBar(
+        config.schedule.steps, initial=s.step, mode="auto" if config.logging.progress and main else "off"
+    )
     if distributed:
         log(f"parallel: {ctx.describe()}; sharded (DCP) checkpoints")
     last_ckpt = s.checkpoint
     interrupted = False
 
     def checkpoint_now(at_step: int) -> str | None:  # the format of the run: see dsv3.checkpoint.checkpointer
-        return s.checkpointer.save(at_step, model, s.optimizer, s.ema, s.prefetcher.state_after,
-                                   {"nonfinite": s.nonfinite, "val_losses": s.val_losses})
+        return s.checkpointer.save(
+            at_step,
+            model,
+            s.optimizer,
+            s.ema,
+            s.prefetcher.state_after,
+            {"nonfinite": s.nonfinite, "val_losses": s.val_losses},
+        )
 
     try:
         with _StopFlag() as stop:
@@ -209,30 +234,45 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                 lr, gamma = s.begin_step()
                 batches, _ = s.next_batches()
                 stats = train_step(s, batches, gamma=gamma)
-                record: dict[str, Any] = {"step": s.step + 1, "lr": lr,
-                                          "batch_size": s.n_micro(s.step) * config.data.micro_batch}
+                record: dict[str, Any] = {
+                    "step": s.step + 1,
+                    "lr": lr,
+                    "batch_size": s.n_micro(s.step) * config.data.micro_batch,
+                }
                 s.step += 1
                 if stats.skipped:
                     s.nonfinite += 1
                     record.update(loss=stats.loss, skipped=True)
                     metrics.log(record)
-                    log(f"step {s.step}: non-finite loss or gradient ({stats.loss}); step skipped "
-                        f"({s.nonfinite} in a row)")
+                    log(
+                        f"step {s.step}: non-finite loss or gradient ({stats.loss}); step skipped "
+                        f"({s.nonfinite} in a row)"
+                    )
                     if s.nonfinite >= config.run.max_nonfinite:
                         raise TrainingError(
                             f"{s.nonfinite} non-finite losses in a row at step {s.step}; stopping. The last good "
                             f"checkpoint is {last_ckpt or 'none (no checkpoint was written yet)'}; lower --lr or "
-                            f"check the data")
+                            f"check the data"
+                        )
                     continue
                 s.nonfinite = 0
                 dt = time.perf_counter() - t0
                 achieved = stats.tokens * flops_per_token / dt
-                record.update(loss=stats.loss, lm_loss=stats.lm_loss, mtp_loss=stats.mtp_loss,
-                              balance_loss=stats.balance_loss, grad_norm=stats.grad_norm,
-                              tokens_per_s=stats.tokens / dt, step_time=dt,
-                              tokens=s.prefetcher.sequences_after * config.data.seq_len,
-                              loss_tokens=stats.loss_tokens, tflops=achieved / 1e12, mfu=achieved / peak_flops,
-                              maxvio=maxvio(stats.load) if stats.load is not None else 0.0, **peak_memory(s.device))
+                record.update(
+                    loss=stats.loss,
+                    lm_loss=stats.lm_loss,
+                    mtp_loss=stats.mtp_loss,
+                    balance_loss=stats.balance_loss,
+                    grad_norm=stats.grad_norm,
+                    tokens_per_s=stats.tokens / dt,
+                    step_time=dt,
+                    tokens=s.prefetcher.sequences_after * config.data.seq_len,
+                    loss_tokens=stats.loss_tokens,
+                    tflops=achieved / 1e12,
+                    mfu=achieved / peak_flops,
+                    maxvio=maxvio(stats.load) if stats.load is not None else 0.0,
+                    **peak_memory(s.device),
+                )
                 if distributed:
                     record.update(_parallel_metrics(s, record))
                 if stats.load is not None and (s.step % config.logging.load_every == 0 or s.step == 1):
@@ -242,8 +282,15 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                     s.val_losses.append((s.step, validate(s)))
                     record["val_loss"] = s.val_losses[-1][1]
                 metrics.log(record)
-                progress.update(s.step, loss=stats.loss, lm_loss=stats.lm_loss, tokens_per_s=stats.tokens / dt,
-                                lr=lr, mfu=record["mfu"], memory_gib=record["peak_memory_gib"])
+                progress.update(
+                    s.step,
+                    loss=stats.loss,
+                    lm_loss=stats.lm_loss,
+                    tokens_per_s=stats.tokens / dt,
+                    lr=lr,
+                    mfu=record["mfu"],
+                    memory_gib=record["peak_memory_gib"],
+                )
                 if "val_loss" in record:
                     progress.write(f"step {s.step}: val_loss {record['val_loss']:.4f} (LM loss on held-out data)")
                 if s.step % config.checkpoint.save_every == 0 or last or stop.requested:
@@ -252,8 +299,10 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
                     step_hook(s.step)
                 if stop.requested:
                     interrupted = True
-                    log(f"interrupted by {stop.signal_name}: checkpoint written at step {s.step} ({last_ckpt}); "
-                        f"continue with dsv3 train --resume {run_dir}")
+                    log(
+                        f"interrupted by {stop.signal_name}: checkpoint written at step {s.step} ({last_ckpt}); "
+                        f"continue with dsv3 train --resume {run_dir}"
+                    )
                     break
     finally:
         progress.close()
@@ -267,11 +316,25 @@ def train(config: TrainConfig | None, *, resume: str | None = None, overrides: d
         from dsv3.infer.generate import generate_text
         from dsv3.train.tokenizer import eos_token_id
 
-        sample = generate_text(model, s.tokenizer, config.logging.sample_prompt,
-                               max_new_tokens=config.logging.sample_tokens,
-                               temperature=0.8, top_p=0.95, seed=config.run.seed, eos_id=eos_token_id(s.tokenizer))
-    result = TrainResult(run_dir=run_dir, step=s.step, checkpoint=last_ckpt, val_losses=s.val_losses, sample=sample,
-                         interrupted=interrupted, wall_time=time.time() - started)
+        sample = generate_text(
+            model,
+            s.tokenizer,
+            config.logging.sample_prompt,
+            max_new_tokens=config.logging.sample_tokens,
+            temperature=0.8,
+            top_p=0.95,
+            seed=config.run.seed,
+            eos_id=eos_token_id(s.tokenizer),
+        )
+    result = TrainResult(
+        run_dir=run_dir,
+        step=s.step,
+        checkpoint=last_ckpt,
+        val_losses=s.val_losses,
+        sample=sample,
+        interrupted=interrupted,
+        wall_time=time.time() - started,
+    )
     if interrupted:  # the checkpoint is complete: now the caller learns that the process was told to stop
         raise TrainingPreempted(stop.signal_name or "SIGTERM", last_ckpt, run_dir, s.step, result)
     return result

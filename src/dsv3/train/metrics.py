@@ -30,8 +30,18 @@ from typing import IO, Any
 from dsv3.errors import DataError, RunDirError
 from dsv3.utils.io import atomic_write_text
 
-__all__ = ["maxvio", "MetricsLogger", "read_metrics", "ProgressBar", "METRICS_FILE", "STEP_FIELDS", "tensorboard_tag",
-           "device_peak_flops", "peak_memory", "GROUPS"]
+__all__ = [
+    "maxvio",
+    "MetricsLogger",
+    "read_metrics",
+    "ProgressBar",
+    "METRICS_FILE",
+    "STEP_FIELDS",
+    "tensorboard_tag",
+    "device_peak_flops",
+    "peak_memory",
+    "GROUPS",
+]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -41,11 +51,22 @@ STEP_FIELDS = ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "gra
 # TensorBoard tags group the flat metrics.jsonl names as torchtitan does (loss/..., throughput/..., memory/...).
 # metrics.jsonl keeps the flat names that scripts read.
 GROUPS = {
-    "loss": "loss/total", "lm_loss": "loss/lm", "mtp_loss": "loss/mtp", "balance_loss": "loss/balance",
-    "val_loss": "loss/val_lm", "grad_norm": "optim/grad_norm", "lr": "optim/lr", "batch_size": "optim/batch_size",
-    "tokens_per_s": "throughput/tokens_per_s", "mfu": "throughput/mfu", "tflops": "throughput/tflops",
-    "step_time": "throughput/step_time", "tokens": "progress/tokens_seen", "loss_tokens": "progress/loss_tokens",
-    "peak_memory_gib": "memory/peak_gib", "peak_reserved_gib": "memory/peak_reserved_gib",
+    "loss": "loss/total",
+    "lm_loss": "loss/lm",
+    "mtp_loss": "loss/mtp",
+    "balance_loss": "loss/balance",
+    "val_loss": "loss/val_lm",
+    "grad_norm": "optim/grad_norm",
+    "lr": "optim/lr",
+    "batch_size": "optim/batch_size",
+    "tokens_per_s": "throughput/tokens_per_s",
+    "mfu": "throughput/mfu",
+    "tflops": "throughput/tflops",
+    "step_time": "throughput/step_time",
+    "tokens": "progress/tokens_seen",
+    "loss_tokens": "progress/loss_tokens",
+    "peak_memory_gib": "memory/peak_gib",
+    "peak_reserved_gib": "memory/peak_reserved_gib",
     "maxvio": "moe/maxvio",
 }
 
@@ -57,9 +78,12 @@ def tensorboard_tag(key: str) -> str:
 
 # Dense peak FLOP/s of known accelerators (vendor data sheets, SXM parts, no sparsity), by dtype.
 _CUDA_PEAK_TFLOPS = {
-    "H200": {"bfloat16": 989.4, "float32": 66.9}, "H100": {"bfloat16": 989.4, "float32": 66.9},
-    "H800": {"bfloat16": 989.4, "float32": 66.9}, "A100": {"bfloat16": 312.0, "float32": 19.5},
-    "A800": {"bfloat16": 312.0, "float32": 19.5}, "L40S": {"bfloat16": 362.1, "float32": 91.6},
+    "H200": {"bfloat16": 989.4, "float32": 66.9},
+    "H100": {"bfloat16": 989.4, "float32": 66.9},
+    "H800": {"bfloat16": 989.4, "float32": 66.9},
+    "A100": {"bfloat16": 312.0, "float32": 19.5},
+    "A800": {"bfloat16": 312.0, "float32": 19.5},
+    "L40S": {"bfloat16": 362.1, "float32": 91.6},
 }
 
 
@@ -106,8 +130,10 @@ def peak_memory(device: Any) -> dict[str, float]:
 
     device = torch.device(device)
     if device.type == "cuda":
-        return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
+        return {
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -246,7 +272,9 @@ class MetricsLogger:
             raise RunDirError(f"run directory {self.run_dir} is a file; pass a directory path")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
-        if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0):
+        if start_step is not None and (
+            isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0
+        ):
             raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
         self.start_step = start_step
         if self.path.exists():
@@ -263,7 +291,11 @@ class MetricsLogger:
         """Drop lines past ``start_step`` and a torn last line, rewriting the file atomically if needed."""
         original = self.path.read_bytes()
         records, raw = _parse_lines(self.path)
-        keep = [line for record, line in zip(records, raw) if start_step is None or _step_of(record, self.path) <= start_step]
+        keep = [
+            line
+            for record, line in zip(records, raw)
+            if start_step is None or _step_of(record, self.path) <= start_step
+        ]
         text = "".join(line + "\n" for line in keep)
         if text.encode("utf-8") != original:
             atomic_write_text(self.path, text)
@@ -412,11 +444,20 @@ class ProgressBar:
         if mode == "bar":
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total, initial=self.initial, desc=desc, unit="step", file=self.stream, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=self.total, initial=self.initial, desc=desc, unit="step", file=self.stream, dynamic_ncols=True
+            )
 
     @staticmethod
-    def _postfix(loss: float | None, tokens_per_s: float | None, lr: float | None, *, lm_loss: float | None = None,
-                 mfu: float | None = None, memory_gib: float | None = None) -> str:
+    def _postfix(
+        loss: float | None,
+        tokens_per_s: float | None,
+        lr: float | None,
+        *,
+        lm_loss: float | None = None,
+        mfu: float | None = None,
+        memory_gib: float | None = None,
+    ) -> str:
         parts = []
         if loss is not None:
             # ``loss`` is the training objective (LM + lambda x MTP + balance); ``lm`` is the main LM loss alone,
@@ -432,8 +473,17 @@ class ProgressBar:
             parts.append(f"lr {lr:.2e}")
         return " | ".join(parts)
 
-    def update(self, step: int, *, loss: float | None = None, tokens_per_s: float | None = None, lr: float | None = None,
-               lm_loss: float | None = None, mfu: float | None = None, memory_gib: float | None = None) -> None:
+    def update(
+        self,
+        step: int,
+        *,
+        loss: float | None = None,
+        tokens_per_s: float | None = None,
+        lr: float | None = None,
+        lm_loss: float | None = None,
+        mfu: float | None = None,
+        memory_gib: float | None = None,
+    ) -> None:
         """Show that ``step`` steps are done, with the latest losses, throughput, MFU, peak memory and learning rate."""
         text = self._postfix(loss, tokens_per_s, lr, lm_loss=lm_loss, mfu=mfu, memory_gib=memory_gib)
         if self._bar is not None:

@@ -5,5 +5,8 @@ parallel runtime does not import ``dsv3.train``. Existing imports from here keep
 """
 
 from dsv3.optim.adamw import *  # noqa: F401,F403
-from dsv3.optim.adamw import __all__  # noqa: F401
-from dsv3.optim.adamw import _adamw_update_1d, _compiled_adamw_update  # noqa: F401  (tests use them)
+from dsv3.optim.adamw import (  # noqa: F401  (tests use them)
+    __all__,  # noqa: F401
+    _adamw_update_1d,
+    _compiled_adamw_update,
+)

@@ -59,7 +59,9 @@ def _save(fig, path: Path, dpi: int) -> Path:
     return path
 
 
-def plot_losses(records: Sequence[dict[str, Any]], path: str | os.PathLike, *, log_y: bool = False, title: str | None = None) -> Path | None:
+def plot_losses(
+    records: Sequence[dict[str, Any]], path: str | os.PathLike, *, log_y: bool = False, title: str | None = None
+) -> Path | None:
     """Write the loss curves to ``path``; ``None`` (nothing written) when no record has a loss."""
     curves = [(label, style, *_series(records, key)) for key, label, style in _LOSS_CURVES]
     curves = [c for c in curves if c[2]]
@@ -88,13 +90,19 @@ def _load_matrix(records: Sequence[dict[str, Any]]) -> tuple[list[int], list[lis
         if load is None:
             continue
         if not isinstance(load, list) or not load:
-            raise DataError(f"step {record['step']} has a malformed expert_load; it must be a list of per-layer lists of counts")
+            raise DataError(
+                f"step {record['step']} has a malformed expert_load; it must be a list of per-layer lists of counts"
+            )
         if all(isinstance(x, (int, float)) for x in load):
             load = [load]  # one MoE layer logged as a flat list
         if not all(isinstance(row, list) and row and all(isinstance(x, (int, float)) for x in row) for row in load):
-            raise DataError(f"step {record['step']} has a malformed expert_load; it must be a list of per-layer lists of counts")
+            raise DataError(
+                f"step {record['step']} has a malformed expert_load; it must be a list of per-layer lists of counts"
+            )
         if snapshots and [len(r) for r in load] != [len(r) for r in snapshots[0]]:
-            raise DataError(f"expert_load at step {record['step']} has a different shape from earlier steps; plot one run at a time")
+            raise DataError(
+                f"expert_load at step {record['step']} has a different shape from earlier steps; plot one run at a time"
+            )
         steps.append(record["step"])
         snapshots.append(load)
         if layer_ids is None and isinstance(record.get("expert_load_layers"), list):
@@ -149,9 +157,18 @@ def plot_expert_load(records: Sequence[dict[str, Any]], path: str | os.PathLike)
     fig = _new_figure(width, height, layout=None)
     left_in, right_in, top_in, bottom_in = 0.7, 1.1, 0.55, 0.5
     axes = fig.subplots(
-        nrows, ncols, squeeze=False, sharex=True,
-        gridspec_kw={"left": left_in / width, "right": 1 - right_in / width, "top": 1 - top_in / height,
-                     "bottom": bottom_in / height, "wspace": 0.18, "hspace": 0.45},
+        nrows,
+        ncols,
+        squeeze=False,
+        sharex=True,
+        gridspec_kw={
+            "left": left_in / width,
+            "right": 1 - right_in / width,
+            "top": 1 - top_in / height,
+            "bottom": bottom_in / height,
+            "wspace": 0.18,
+            "hspace": 0.45,
+        },
     )
     finite = [x for grid in matrix for row in grid for x in row if math.isfinite(x)]
     vmax = max(2.0, max(finite, default=2.0))
@@ -163,8 +180,9 @@ def plot_expert_load(records: Sequence[dict[str, Any]], path: str | os.PathLike)
             ax.set_visible(False)
             continue
         grid = matrix[index]
-        image = ax.pcolormesh(edges, [r - 0.5 for r in range(len(grid) + 1)], grid, cmap="RdBu_r", norm=norm,
-                              shading="flat")
+        image = ax.pcolormesh(
+            edges, [r - 0.5 for r in range(len(grid) + 1)], grid, cmap="RdBu_r", norm=norm, shading="flat"
+        )
         ax.set_xlim(edges[0], edges[-1])
         ax.set_ylim(len(grid) - 0.5, -0.5)  # expert 0 at the top
         ax.set_title(titles[index], fontsize=9)
@@ -191,7 +209,9 @@ def _only_own_plots(directory: str) -> bool:
     return all(name in PLOT_FILES and is_dsv3_png(os.path.join(directory, name)) for name in os.listdir(directory))
 
 
-def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, log_y: bool = False) -> list[Path]:
+def plot_run(
+    run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, log_y: bool = False
+) -> list[Path]:
     """Write ``loss.png`` and (when loads were logged) ``expert_load.png`` for a run.
 
     Args:
@@ -218,10 +238,14 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         check_output_file(str(out / name), "--out", is_own=is_dsv3_png, what="a PNG that dsv3 drew")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in (plot_losses(records, out / "loss.png", log_y=log_y, title=Path(run_dir).resolve().name),
-                 plot_expert_load(records, out / "expert_load.png")):
+    for path in (
+        plot_losses(records, out / "loss.png", log_y=log_y, title=Path(run_dir).resolve().name),
+        plot_expert_load(records, out / "expert_load.png"),
+    ):
         if path is not None:
             written.append(path)
     if not written:
-        raise DataError(f"{Path(run_dir) / METRICS_FILE} has no loss or expert_load values to plot; check that it comes from dsv3 train")
+        raise DataError(
+            f"{Path(run_dir) / METRICS_FILE} has no loss or expert_load values to plot; check that it comes from dsv3 train"
+        )
     return written

@@ -23,9 +23,27 @@ from typing import Any
 from dsv3.errors import ConfigError
 
 # Options of a run that fix the model, its weights or the token stream; a resume cannot change them.
-FROZEN_ON_RESUME = ("model", "init_from", "tokenizer", "data", "data_format", "data_field", "data_glob",
-                    "data_dtype", "eos_token", "seq_len", "val_fraction", "seed", "dtype", "rope_scaling",
-                    "rope_factor", "task", "packing", "fp8", "recompute")
+FROZEN_ON_RESUME = (
+    "model",
+    "init_from",
+    "tokenizer",
+    "data",
+    "data_format",
+    "data_field",
+    "data_glob",
+    "data_dtype",
+    "eos_token",
+    "seq_len",
+    "val_fraction",
+    "seed",
+    "dtype",
+    "rope_scaling",
+    "rope_factor",
+    "task",
+    "packing",
+    "fp8",
+    "recompute",
+)
 
 
 def _flag(name: str) -> str:
@@ -45,15 +63,21 @@ def refuse_frozen_overrides(saved: Any, resumed: Any, overrides: dict[str, Any])
     """
     overrides = {_flat_name(k): v for k, v in overrides.items() if v is not None}
     if "run_dir" in overrides and os.path.abspath(str(overrides["run_dir"])) != os.path.abspath(
-            str(config_value(saved, "run_dir") or "")):
+        str(config_value(saved, "run_dir") or "")
+    ):
         raise ConfigError("--run-dir cannot be combined with --resume (the run directory is the one being resumed)")
-    changed = [name for name in FROZEN_ON_RESUME
-               if name in overrides and config_value(resumed, name) != config_value(saved, name)]
+    changed = [
+        name
+        for name in FROZEN_ON_RESUME
+        if name in overrides and config_value(resumed, name) != config_value(saved, name)
+    ]
     if changed:
         flags = ", ".join(_flag(n) for n in changed)
-        raise ConfigError(f"{flags} cannot change on --resume: a resumed run keeps the model, weights and data it "
-                          f"started with; start a new run (--init-from a checkpoint of this one) to change "
-                          f"{'it' if len(changed) == 1 else 'them'}")
+        raise ConfigError(
+            f"{flags} cannot change on --resume: a resumed run keeps the model, weights and data it "
+            f"started with; start a new run (--init-from a checkpoint of this one) to change "
+            f"{'it' if len(changed) == 1 else 'them'}"
+        )
 
 
 def _flat_name(key: str) -> str:
@@ -83,15 +107,29 @@ def check_context_length(seq_len: int, mcfg, rope_scaling: str | None = None) ->
         rope_scaling: the run's ``rope_scaling`` option ("none" or "yarn"; None = "none").
     """
     if seq_len > mcfg.max_position_embeddings and (rope_scaling or "none") == "none":
-        raise ConfigError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
-                          f"({mcfg.max_position_embeddings}); use --seq-len {mcfg.max_position_embeddings} or less, "
-                          f"or extend the context with --rope-scaling yarn")
+        raise ConfigError(
+            f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+            f"({mcfg.max_position_embeddings}); use --seq-len {mcfg.max_position_embeddings} or less, "
+            f"or extend the context with --rope-scaling yarn"
+        )
 
 
-def estimate_training_bytes(mcfg, *, seq_len: int, micro_batch: int, dtype: str = "float32",
-                            optim_states: str = "fp32", recompute: str = "none", fp8: bool = False,
-                            ema: bool = False, pp: int = 1, dp: int = 1, ep: int = 1, schedule: str = "1f1b",
-                            global_batch: int | None = None) -> float:
+def estimate_training_bytes(
+    mcfg,
+    *,
+    seq_len: int,
+    micro_batch: int,
+    dtype: str = "float32",
+    optim_states: str = "fp32",
+    recompute: str = "none",
+    fp8: bool = False,
+    ema: bool = False,
+    pp: int = 1,
+    dp: int = 1,
+    ep: int = 1,
+    schedule: str = "1f1b",
+    global_batch: int | None = None,
+) -> float:
     """The planner's peak-memory estimate (bytes) of the busiest rank of a ``pp x dp`` (``ep`` inside dp) layout.
 
     Weights and gradients of the rank's stages and expert block in ``dtype``, its ZeRO-1 chunks of the AdamW
@@ -105,11 +143,25 @@ def estimate_training_bytes(mcfg, *, seq_len: int, micro_batch: int, dtype: str 
     from dsv3.plan.precision import Precision
 
     width = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, "fp32")
-    precision = Precision(weights=width, grads=width, master="none" if width == "fp32" else "fp32",
-                          moments="bf16" if optim_states == "bf16" else "fp32", activations=width)
-    layout = Layout(pp=pp, dp=dp, ep=ep, schedule=schedule if pp > 1 else "1f1b", seq_len=seq_len,
-                    micro_batch=micro_batch, global_batch=global_batch if pp > 1 and global_batch else micro_batch * dp,
-                    recompute=recompute, fp8=fp8, mtp=mcfg.num_nextn_predict_layers > 0)
+    precision = Precision(
+        weights=width,
+        grads=width,
+        master="none" if width == "fp32" else "fp32",
+        moments="bf16" if optim_states == "bf16" else "fp32",
+        activations=width,
+    )
+    layout = Layout(
+        pp=pp,
+        dp=dp,
+        ep=ep,
+        schedule=schedule if pp > 1 else "1f1b",
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        global_batch=global_batch if pp > 1 and global_batch else micro_batch * dp,
+        recompute=recompute,
+        fp8=fp8,
+        mtp=mcfg.num_nextn_predict_layers > 0,
+    )
     plan = make_plan(mcfg, layout, precision, simulate=False)
     if not ema:
         return float(plan.peak_device_bytes)
@@ -141,10 +193,22 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.0f} MiB"
 
 
-def check_memory(mcfg, config=None, *, device: str, seq_len: int | None = None, micro_batch: int | None = None,
-                 dtype: str = "float32", optim_states: str = "fp32", recompute: str = "none", fp8: bool = False,
-                 ema: bool = False, available: int | None = None, layout: dict | None = None,
-                 ranks_per_node: int | None = None) -> float:
+def check_memory(
+    mcfg,
+    config=None,
+    *,
+    device: str,
+    seq_len: int | None = None,
+    micro_batch: int | None = None,
+    dtype: str = "float32",
+    optim_states: str = "fp32",
+    recompute: str = "none",
+    fp8: bool = False,
+    ema: bool = False,
+    available: int | None = None,
+    layout: dict | None = None,
+    ranks_per_node: int | None = None,
+) -> float:
     """Refuse a run whose busiest rank needs more memory than its device (or, on CPU, its share of the host) has.
 
     Args:
@@ -166,8 +230,15 @@ def check_memory(mcfg, config=None, *, device: str, seq_len: int | None = None, 
         optim_states, recompute, ema = m.optim_states, m.recompute, bool(m.ema_decay)
         layout = run_layout(config) if layout is None else layout
     layout = layout or {}
-    kw = dict(seq_len=seq_len, micro_batch=micro_batch, dtype=dtype, optim_states=optim_states, recompute=recompute,
-              fp8=fp8, ema=ema)
+    kw = dict(
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        dtype=dtype,
+        optim_states=optim_states,
+        recompute=recompute,
+        fp8=fp8,
+        ema=ema,
+    )
     try:
         per_rank = estimate_training_bytes(mcfg, **kw, **layout)
     except ConfigError:  # a layout the planner does not model (the runtime checks its own rules): the whole model
@@ -189,10 +260,12 @@ def check_memory(mcfg, config=None, *, device: str, seq_len: int | None = None, 
             available = host_memory_bytes()
     if available is not None and need > available:
         share = f"{ranks} ranks x {_gib(per_rank)} of the busiest rank" if ranks > 1 else _gib(need)
-        raise ConfigError(f"training this model needs about {share} (planner estimate: weights, gradients, "
-                          f"AdamW moments and {micro_batch} x {seq_len} activations per micro-batch) but the "
-                          f"{where} is {_gib(available)}; use a smaller model, --micro-batch or --seq-len, or plan a "
-                          f"parallel layout with dsv3 plan")
+        raise ConfigError(
+            f"training this model needs about {share} (planner estimate: weights, gradients, "
+            f"AdamW moments and {micro_batch} x {seq_len} activations per micro-batch) but the "
+            f"{where} is {_gib(available)}; use a smaller model, --micro-batch or --seq-len, or plan a "
+            f"parallel layout with dsv3 plan"
+        )
     return need
 
 
@@ -203,8 +276,10 @@ def check_trace(config: Any, overrides: dict[str, Any], resume: str | None) -> N
     it is continued in a layout without a pipeline."""
     asked = bool(overrides.get("trace")) if resume is not None else config.parallel.trace
     if asked and config.parallel.pp < 2:
-        raise ConfigError("--trace records the pipeline runtime's timeline and needs a pipeline (--pp 2 or more "
-                          "under torchrun); drop --trace")
+        raise ConfigError(
+            "--trace records the pipeline runtime's timeline and needs a pipeline (--pp 2 or more "
+            "under torchrun); drop --trace"
+        )
 
 
 def check_run_config(config: Any, *, resume: str | None, overrides: dict[str, Any]) -> Any:
@@ -222,8 +297,7 @@ def check_run_config(config: Any, *, resume: str | None, overrides: dict[str, An
     """
     from dsv3.config import ModelConfig
     from dsv3.train.rundir import check_run_dir_usable
-    from dsv3.train.session import (MODEL_CONFIG_FILE, model_config_for, prepare_run_dir, resolve_device,
-                                    resume_config)
+    from dsv3.train.session import MODEL_CONFIG_FILE, model_config_for, prepare_run_dir, resolve_device, resume_config
 
     if resume is not None:
         run_dir = prepare_run_dir(config, resume)

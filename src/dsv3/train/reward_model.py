@@ -36,15 +36,28 @@ from dsv3.parallel.parallelize import build_optimizer, parallelize
 from dsv3.train.config import TrainConfig, save_effective_config
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.schedule import LRSchedule
-from dsv3.train.session import (CONFIG_FILE, _join_world, build_meta, model_config_for, prepare_run_dir,
-                                resolve_device)
-from dsv3.train.sft import TEMPLATE_FILES, ChatTemplate, load_chat_template, run_template, save_template
-from dsv3.train.sft import sft_tokenizer_spec
+from dsv3.train.session import CONFIG_FILE, _join_world, build_meta, model_config_for, prepare_run_dir, resolve_device
+from dsv3.train.sft import (
+    TEMPLATE_FILES,
+    ChatTemplate,
+    load_chat_template,
+    run_template,
+    save_template,
+    sft_tokenizer_spec,
+)
 from dsv3.train.tokenizer import load_tokenizer, train_bpe_from_texts
 from dsv3.utils.io import atomic_dir
 
-__all__ = ["RewardModel", "bradley_terry_loss", "read_preference_pairs", "train_reward_model",
-           "load_reward_model", "LoadedRewardModel", "RewardTrainResult", "MODEL_DIR"]
+__all__ = [
+    "RewardModel",
+    "bradley_terry_loss",
+    "read_preference_pairs",
+    "train_reward_model",
+    "load_reward_model",
+    "LoadedRewardModel",
+    "RewardTrainResult",
+    "MODEL_DIR",
+]
 
 MODEL_DIR = "reward_model"
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
@@ -66,8 +79,8 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Scores [B] (float32) of right-padded sequences ``input_ids`` [B, T] with ``lengths`` [B] real tokens."""
         out = self.lm(input_ids, return_logits=False)
-        h = self.lm.model.norm(out.hidden_states)                          # [B, T, d]
-        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]   # [B, d]
+        h = self.lm.model.norm(out.hidden_states)  # [B, T, d]
+        last = h[torch.arange(h.shape[0], device=h.device), lengths - 1]  # [B, d]
         return self.score(last).squeeze(-1).float()
 
 
@@ -90,11 +103,14 @@ def read_preference_pairs(path: str) -> list[dict[str, str]]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 raise DataError(f"{path} line {line_no} is not JSON; write one object per line") from None
-            missing = [c for c in PAIR_COLUMNS if not isinstance(record.get(c) if isinstance(record, dict)
-                                                                 else None, str)]
+            missing = [
+                c for c in PAIR_COLUMNS if not isinstance(record.get(c) if isinstance(record, dict) else None, str)
+            ]
             if missing:
-                raise DataError(f"{path} line {line_no} has no text column {missing[0]!r}; every record needs "
-                                f"\"prompt\", \"chosen\" and \"rejected\" strings")
+                raise DataError(
+                    f"{path} line {line_no} has no text column {missing[0]!r}; every record needs "
+                    f'"prompt", "chosen" and "rejected" strings'
+                )
             pairs.append({c: record[c] for c in PAIR_COLUMNS})
     if len(pairs) < 2:
         raise DataError(f"{path} holds {len(pairs)} preference pairs; a reward model needs at least 2")
@@ -115,7 +131,7 @@ def encode(tokenizer, texts: list[str], seq_len: int, device: torch.device) -> t
     width = max(len(x) for x in ids)
     batch = torch.zeros(len(ids), width, dtype=torch.long)
     for i, x in enumerate(ids):
-        batch[i, :len(x)] = torch.tensor(x)
+        batch[i, : len(x)] = torch.tensor(x)
     return batch.to(device), torch.tensor([len(x) for x in ids], device=device)
 
 
@@ -132,11 +148,13 @@ def _tokenizer_for(config: TrainConfig, pairs: list[dict[str, str]], vocab_size:
     spec = sft_tokenizer_spec(config)
     if spec is not None:
         tokenizer = load_tokenizer(spec)
-    else:   # no tokenizer given: a byte-level BPE learned on the pairs (toy runs, tests)
+    else:  # no tokenizer given: a byte-level BPE learned on the pairs (toy runs, tests)
         tokenizer = train_bpe_from_texts((p[c] for p in pairs for c in PAIR_COLUMNS), vocab_size)
     if tokenizer.get_vocab_size() > vocab_size:
-        raise DataError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
-                        f"{vocab_size}; pass a matching --tokenizer or --model")
+        raise DataError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+            f"{vocab_size}; pass a matching --tokenizer or --model"
+        )
     return tokenizer
 
 
@@ -170,14 +188,14 @@ class _Scorer:
         """(r_chosen [P], r_rejected [P]) from one forward over the 2P texts."""
         prompts = [p["prompt"] for p in pairs] * 2
         r = self.scores(prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
-        return r[:len(pairs)], r[len(pairs):]
+        return r[: len(pairs)], r[len(pairs) :]
 
     @torch.no_grad()
     def evaluate(self, pairs: list[dict[str, str]], micro_batch: int) -> tuple[float, float]:
         """(mean Bradley-Terry loss, pairwise accuracy) over ``pairs``."""
         was_training = self.model.training
         self.model.eval()
-        rc, rr = zip(*(self.pair_scores(pairs[i:i + micro_batch]) for i in range(0, len(pairs), micro_batch)))
+        rc, rr = zip(*(self.pair_scores(pairs[i : i + micro_batch]) for i in range(0, len(pairs), micro_batch)))
         self.model.train(was_training)
         loss, acc = bradley_terry_loss(torch.cat(rc), torch.cat(rr))
         return loss.item(), acc.item()
@@ -208,11 +226,11 @@ def _build(config: TrainConfig) -> tuple[str, _Scorer, Any, list, list]:
     tokenizer = _tokenizer_for(config, pairs, mcfg.vocab_size)
     template = _template_for(config)
     ctx, run_dir = _join_world(config, mcfg, None, run_dir, device)
-    mcfg = mcfg.replace(num_nextn_predict_layers=0)   # saved without MTP, loaded without a warning
+    mcfg = mcfg.replace(num_nextn_predict_layers=0)  # saved without MTP, loaded without a warning
     lm, init_from = build_meta(config, mcfg, mtp=False)
     parallelize(lm, ctx, config, mcfg=mcfg, init_from=init_from, partial=True, optimize=False)
     model = RewardModel(lm, seed=config.run.seed)
-    optimizer = build_optimizer(model, ctx, config)   # ZeRO-1 AdamW (dp = 1) over the trunk and the score head
+    optimizer = build_optimizer(model, ctx, config)  # ZeRO-1 AdamW (dp = 1) over the trunk and the score head
     scorer = _Scorer(model, tokenizer, template, config.data.seq_len, device)
     return run_dir, scorer, optimizer, train_pairs, val_pairs
 
@@ -226,43 +244,53 @@ def train_reward_model(config: TrainConfig, *, log: Callable[[str], None] = prin
     schedule = LRSchedule.from_options(config.schedule, opt.lr)
     os.makedirs(run_dir, exist_ok=True)
     save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))
-    log(f"run {run_dir}: reward model on {len(train_pairs)} preference pairs ({len(val_pairs)} held out), "
-        f"{sum(p.numel() for p in model.parameters()):,} parameters on {scorer.device}")
+    log(
+        f"run {run_dir}: reward model on {len(train_pairs)} preference pairs ({len(val_pairs)} held out), "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters on {scorer.device}"
+    )
     rng, order = random.Random(config.run.seed), []
     metrics = MetricsLogger(run_dir, tensorboard=config.logging.tensorboard)
     val = (None, None)
     try:
         for step in range(config.schedule.steps):
             t0 = time.perf_counter()
-            while len(order) < d.global_batch:   # epochs of shuffled pairs
+            while len(order) < d.global_batch:  # epochs of shuffled pairs
                 order += rng.sample(range(len(train_pairs)), len(train_pairs))
-            batch, order = [train_pairs[i] for i in order[:d.global_batch]], order[d.global_batch:]
+            batch, order = [train_pairs[i] for i in order[: d.global_batch]], order[d.global_batch :]
             lr = schedule.lr_at(step)
             set_lr(optimizer, lr)
             loss_sum, acc_sum = 0.0, 0.0
             for i in range(0, len(batch), d.micro_batch):
-                micro = batch[i:i + d.micro_batch]
+                micro = batch[i : i + d.micro_batch]
                 loss, acc = bradley_terry_loss(*scorer.pair_scores(micro))
                 (loss * len(micro) / len(batch)).backward()
                 loss_sum, acc_sum = loss_sum + loss.item() * len(micro), acc_sum + acc.item() * len(micro)
-            grad_norm = optimizer.step(opt.grad_clip or None)   # the norm before clipping; not finite: no update
+            grad_norm = optimizer.step(opt.grad_clip or None)  # the norm before clipping; not finite: no update
             optimizer.zero_grad(set_to_none=True)
-            record = {"step": step + 1, "lr": lr, "loss": loss_sum / len(batch), "accuracy": acc_sum / len(batch),
-                      "grad_norm": float(grad_norm), "step_time": time.perf_counter() - t0}
+            record = {
+                "step": step + 1,
+                "lr": lr,
+                "loss": loss_sum / len(batch),
+                "accuracy": acc_sum / len(batch),
+                "grad_norm": float(grad_norm),
+                "step_time": time.perf_counter() - t0,
+            }
             last = step + 1 == config.schedule.steps
             if val_pairs and ((step + 1) % config.logging.eval_every == 0 or last):
                 val = scorer.evaluate(val_pairs, d.micro_batch)
                 record.update(val_loss=val[0], val_accuracy=val[1])
-                log(f"step {step + 1}: loss {record['loss']:.4f}, pairwise accuracy {record['accuracy']:.3f}, "
-                    f"held-out accuracy {val[1]:.3f}")
+                log(
+                    f"step {step + 1}: loss {record['loss']:.4f}, pairwise accuracy {record['accuracy']:.3f}, "
+                    f"held-out accuracy {val[1]:.3f}"
+                )
             metrics.log(record)
     finally:
         metrics.close()
-    save_reward_model(scorer, os.path.join(run_dir, MODEL_DIR), {"steps": config.schedule.steps,
-                                                                 "val_accuracy": val[1]})
+    save_reward_model(
+        scorer, os.path.join(run_dir, MODEL_DIR), {"steps": config.schedule.steps, "val_accuracy": val[1]}
+    )
     log(f"saved the reward model to {os.path.join(run_dir, MODEL_DIR)}; use it with --reward-model {run_dir}")
-    return RewardTrainResult(run_dir, config.schedule.steps, record["accuracy"], val[1], val[0],
-                             time.time() - started)
+    return RewardTrainResult(run_dir, config.schedule.steps, record["accuracy"], val[1], val[0], time.time() - started)
 
 
 def save_reward_model(scorer: _Scorer, directory: str, info: dict[str, Any]) -> None:
@@ -271,8 +299,10 @@ def save_reward_model(scorer: _Scorer, directory: str, info: dict[str, Any]) -> 
 
     with atomic_dir(directory) as tmp:
         write_pretrained(scorer.model.lm, tmp)
-        save_file({"score.weight": scorer.model.score.weight.detach().float().cpu().contiguous()},
-                  os.path.join(tmp, "score.safetensors"))
+        save_file(
+            {"score.weight": scorer.model.score.weight.detach().float().cpu().contiguous()},
+            os.path.join(tmp, "score.safetensors"),
+        )
         scorer.tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         if scorer.template is not None:
             save_template(scorer.template, tmp)
@@ -291,11 +321,12 @@ class LoadedRewardModel:
         """r(x, y) of each (prompt, completion), in batches of ``batch_size``."""
         out: list[float] = []
         for i in range(0, len(completions), self.batch_size):
-            out += self.scorer.scores(prompts[i:i + self.batch_size], completions[i:i + self.batch_size]).tolist()
+            out += self.scorer.scores(prompts[i : i + self.batch_size], completions[i : i + self.batch_size]).tolist()
         return out
 
     def reward_fn(self) -> Callable[..., list[float]]:
         """The model as a reward function ``f(prompts, completions, **columns)`` for :class:`RewardSet`."""
+
         def reward_model(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
             return self.score(prompts, completions)
 
@@ -306,18 +337,22 @@ def load_reward_model(run_dir: str, *, device: str | torch.device = "cpu") -> Lo
     """The reward model of a ``dsv3 train --task reward`` run directory (or of its ``reward_model/``)."""
     from dsv3.checkpoint.hf import from_pretrained
 
-    directory = run_dir if os.path.isfile(os.path.join(run_dir, "reward_model.json")) else \
-        os.path.join(run_dir, MODEL_DIR)
+    directory = (
+        run_dir if os.path.isfile(os.path.join(run_dir, "reward_model.json")) else os.path.join(run_dir, MODEL_DIR)
+    )
     if not os.path.isfile(os.path.join(directory, "reward_model.json")):
-        raise CheckpointError(f"{run_dir} holds no reward model (no {MODEL_DIR}/reward_model.json); train one with "
-                              f"dsv3 train --task reward --data pairs.jsonl")
+        raise CheckpointError(
+            f"{run_dir} holds no reward model (no {MODEL_DIR}/reward_model.json); train one with "
+            f"dsv3 train --task reward --data pairs.jsonl"
+        )
     with open(os.path.join(directory, "reward_model.json"), encoding="utf-8") as f:
         info = json.load(f)
     device = torch.device(device)
     lm = from_pretrained(directory, device=device)
     model = RewardModel(lm)
-    model.score.load_state_dict({"weight": load_file(os.path.join(directory, "score.safetensors"))["score.weight"]
-                                 .to(model.score.weight)})
+    model.score.load_state_dict(
+        {"weight": load_file(os.path.join(directory, "score.safetensors"))["score.weight"].to(model.score.weight)}
+    )
     model.eval().requires_grad_(False)
     template = load_chat_template(directory) if info.get("template") else None
     tokenizer = load_tokenizer(os.path.join(directory, "tokenizer.json"))

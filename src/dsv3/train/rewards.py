@@ -42,8 +42,18 @@ import torch
 from dsv3.errors import ConfigError, DataError, DsV3Error, TrainingError
 from dsv3.train.sandbox import isolation_level, run_python
 
-__all__ = ["RewardFn", "RewardResult", "RewardSet", "BUILTIN_REWARDS", "math_reward", "format_reward",
-           "code_reward", "extract_final_answer", "extract_code", "R1_FORMAT"]
+__all__ = [
+    "RewardFn",
+    "RewardResult",
+    "RewardSet",
+    "BUILTIN_REWARDS",
+    "math_reward",
+    "format_reward",
+    "code_reward",
+    "extract_final_answer",
+    "extract_code",
+    "R1_FORMAT",
+]
 
 RewardFn = Callable[..., Sequence[Any]]
 
@@ -116,18 +126,22 @@ def _compile(pattern: str, where: str) -> re.Pattern:
         return re.compile(pattern, re.DOTALL)
     except re.error as e:
         raise (ConfigError if where == "option" else DataError)(
-            f"the format pattern {pattern!r} ({where}) is not a regular expression: {e}") from None
+            f"the format pattern {pattern!r} ({where}) is not a regular expression: {e}"
+        ) from None
 
 
 def make_format_reward(pattern: str = R1_FORMAT) -> RewardFn:
     """The ``format`` reward with ``pattern`` as the default (a row's ``format`` column overrides it)."""
     default = _compile(pattern, "option")
 
-    def format_reward(prompts: list[str], completions: list[str], format: list[Any] | None = None,
-                      **_: Any) -> list[float | None]:
+    def format_reward(
+        prompts: list[str], completions: list[str], format: list[Any] | None = None, **_: Any
+    ) -> list[float | None]:
         rows = format if format is not None else [None] * len(completions)
-        return [float((default if p is None else _compile(p, "format column")).fullmatch(c.strip()) is not None)
-                for c, p in zip(completions, rows)]
+        return [
+            float((default if p is None else _compile(p, "format column")).fullmatch(c.strip()) is not None)
+            for c, p in zip(completions, rows)
+        ]
 
     return format_reward
 
@@ -142,21 +156,30 @@ def extract_code(completion: str) -> str:
     return blocks[-1] if blocks else completion
 
 
-def code_reward(prompts: list[str], completions: list[str], tests: list[Any], *, time_limit: float = 5.0,
-                memory_mb: int = 512, **_: Any) -> list[float | None]:
+def code_reward(
+    prompts: list[str],
+    completions: list[str],
+    tests: list[Any],
+    *,
+    time_limit: float = 5.0,
+    memory_mb: int = 512,
+    **_: Any,
+) -> list[float | None]:
     """1.0 where the completion's code followed by ``tests`` exits 0 in the sandbox, else 0.0; None without tests.
 
     Programs run in parallel (up to 4 at a time), each in its own sandbox (:func:`dsv3.train.sandbox.run_python`).
     """
+
     def one(pair: tuple[str, Any]) -> float | None:
         completion, test = pair
         if test is None or not str(test).strip():
             return None
-        result = run_python(extract_code(completion) + "\n\n" + str(test) + "\n", time_limit=time_limit,
-                            memory_mb=memory_mb)
+        result = run_python(
+            extract_code(completion) + "\n\n" + str(test) + "\n", time_limit=time_limit, memory_mb=memory_mb
+        )
         return float(result.ok)
 
-    isolation_level()   # probe once, before the threads (and fail with one line when no sandbox can start)
+    isolation_level()  # probe once, before the threads (and fail with one line when no sandbox can start)
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
         return list(pool.map(one, zip(completions, tests)))
 
@@ -168,8 +191,10 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {"math": math_reward, "format": format_re
 def _import_function(spec: str) -> RewardFn:
     where, _, name = spec.rpartition(":")
     if not where or not name:
-        raise ConfigError(f"reward {spec!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) nor "
-                          f"module:function or path.py:function")
+        raise ConfigError(
+            f"reward {spec!r} is neither a built-in ({', '.join(BUILTIN_REWARDS)}) nor "
+            f"module:function or path.py:function"
+        )
     try:
         if where.endswith(".py"):
             if not os.path.isfile(where):
@@ -197,16 +222,18 @@ def resolve_reward(spec: str) -> tuple[str, RewardFn]:
     if spec in BUILTIN_REWARDS:
         return spec, BUILTIN_REWARDS[spec]
     if spec.startswith("format="):
-        return "format", make_format_reward(spec[len("format="):])
+        return "format", make_format_reward(spec[len("format=") :])
     return spec, _import_function(spec)
 
 
 def required_columns_of(fn: RewardFn) -> list[str]:
     """The columns a reward function needs: its parameters after (prompts, completions) without a default."""
     params = list(inspect.signature(fn).parameters.values())[2:]
-    return [p.name for p in params
-            if p.default is inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [
+        p.name
+        for p in params
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 # ----------------------------------------------------------------------------- the set
@@ -224,12 +251,14 @@ class RewardResult:
 
 
 def _checked(name: str, out: Any, batch: int) -> list[float | None]:
-    if hasattr(out, "tolist") and not isinstance(out, list):   # a torch tensor or a numpy array
+    if hasattr(out, "tolist") and not isinstance(out, list):  # a torch tensor or a numpy array
         out = out.tolist()
     if isinstance(out, (str, bytes)) or not isinstance(out, Sequence) or len(out) != batch:
         got = f"{len(out)} values" if isinstance(out, Sequence) else f"a {type(out).__name__}"
-        raise TrainingError(f"reward function {name!r} returned {got} for {batch} completions; it must return "
-                            f"a list with one float or None per completion")
+        raise TrainingError(
+            f"reward function {name!r} returned {got} for {batch} completions; it must return "
+            f"a list with one float or None per completion"
+        )
     values: list[float | None] = []
     for v in out:
         if v is not None and (isinstance(v, (str, bytes)) or not math.isfinite(float(v))):
@@ -243,24 +272,30 @@ class RewardSet:
 
     def __init__(self, functions: list[tuple[str, RewardFn]], weights: list[float] | None = None):
         if not functions:
-            raise ConfigError("no reward functions were given; pass --reward NAME (math, code, format, "
-                              "module:function) or --reward-model RUN_DIR")
+            raise ConfigError(
+                "no reward functions were given; pass --reward NAME (math, code, format, "
+                "module:function) or --reward-model RUN_DIR"
+            )
         names = [n for n, _ in functions]
         if len(set(names)) != len(names):
             raise ConfigError(f"reward functions are named twice in {', '.join(names)}; name each once")
         weights = [1.0] * len(functions) if weights is None else [float(w) for w in weights]
         if len(weights) != len(functions):
-            raise ConfigError(f"{len(weights)} reward weights were given for {len(functions)} reward functions "
-                              f"({', '.join(names)}); give one weight per function")
+            raise ConfigError(
+                f"{len(weights)} reward weights were given for {len(functions)} reward functions "
+                f"({', '.join(names)}); give one weight per function"
+            )
         self.functions, self.weights = functions, weights
 
     @classmethod
-    def from_specs(cls, specs: list[str], weights: list[float] | None = None,
-                   reward_model: str | None = None) -> "RewardSet":
+    def from_specs(
+        cls, specs: list[str], weights: list[float] | None = None, reward_model: str | None = None
+    ) -> "RewardSet":
         """Resolve ``--reward`` specs (and a ``--reward-model`` run directory, weighted last) into a set."""
         functions = [resolve_reward(s) for s in specs]
         if reward_model is not None:
             from dsv3.train.reward_model import load_reward_model  # the model stack only when asked for
+
             functions.append(("reward_model", load_reward_model(reward_model).reward_fn()))
         if weights is not None and reward_model is not None and len(weights) == len(specs):
             weights = list(weights) + [1.0]
@@ -280,15 +315,19 @@ class RewardSet:
         for name, fn in self.functions:
             missing = [c for c in required_columns_of(fn) if c not in available]
             if missing:
-                raise DataError(f"reward function {name!r} needs the column {missing[0]!r}, which {source} does "
-                                f"not have (columns: {', '.join(available) or 'none'})")
+                raise DataError(
+                    f"reward function {name!r} needs the column {missing[0]!r}, which {source} does "
+                    f"not have (columns: {', '.join(available) or 'none'})"
+                )
 
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> RewardResult:
         """Score B completions; ``columns`` holds one value per completion for each data column."""
         batch = len(completions)
         if len(prompts) != batch or any(len(v) != batch for v in columns.values()):
-            raise DataError(f"rewards got {len(prompts)} prompts, {batch} completions and columns of lengths "
-                            f"{sorted({len(v) for v in columns.values()})}; give one of each per completion")
+            raise DataError(
+                f"rewards got {len(prompts)} prompts, {batch} completions and columns of lengths "
+                f"{sorted({len(v) for v in columns.values()})}; give one of each per completion"
+            )
         self.check_columns(list(columns))
         total = [0.0] * batch
         per_function: dict[str, list[float | None]] = {}
@@ -298,8 +337,9 @@ class RewardSet:
             except DsV3Error:
                 raise
             except Exception as e:  # noqa: BLE001 - user code: one line naming the function
-                raise TrainingError(f"reward function {name!r} raised {type(e).__name__}: "
-                                    f"{' '.join(str(e).split())}") from e
+                raise TrainingError(
+                    f"reward function {name!r} raised {type(e).__name__}: {' '.join(str(e).split())}"
+                ) from e
             values = per_function[name] = _checked(name, out, batch)
             total = [t if v is None else t + weight * v for t, v in zip(total, values)]
         return RewardResult(torch.tensor(total, dtype=torch.float32), per_function)

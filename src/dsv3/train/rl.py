@@ -33,8 +33,16 @@ import torch.nn.functional as F
 
 from dsv3.errors import ConfigError
 
-__all__ = ["LossType", "RewardScale", "group_advantages", "grpo_loss", "grpo_stats", "token_logps",
-           "token_entropy", "k3_kl"]
+__all__ = [
+    "LossType",
+    "RewardScale",
+    "group_advantages",
+    "grpo_loss",
+    "grpo_stats",
+    "token_logps",
+    "token_entropy",
+    "k3_kl",
+]
 
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 """How per-token losses are aggregated (TRL's names)."""
@@ -48,8 +56,9 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: RewardScale = "group",
-                     eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: RewardScale = "group", eps: float = 1e-4
+) -> torch.Tensor:
     """Group-relative advantages A_i = (r_i - mean_group) / (std + eps).
 
     Args:
@@ -100,10 +109,20 @@ def _ratio(logps: torch.Tensor, old_logps: torch.Tensor | None) -> torch.Tensor:
     return torch.exp(logps - old)
 
 
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
-              advantages: torch.Tensor, mask: torch.Tensor, *, beta: float, epsilon_low: float,
-              epsilon_high: float, loss_type: LossType, max_completion_length: int,
-              num_items: float | torch.Tensor | None = None) -> torch.Tensor:
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    loss_type: LossType,
+    max_completion_length: int,
+    num_items: float | torch.Tensor | None = None,
+) -> torch.Tensor:
     """The clipped GRPO objective, negated (a loss to minimise), aggregated by ``loss_type``.
 
     Args:
@@ -146,9 +165,16 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
 
 
 @torch.no_grad()
-def grpo_stats(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
-               advantages: torch.Tensor, mask: torch.Tensor, *, epsilon_low: float,
-               epsilon_high: float) -> dict[str, torch.Tensor]:
+def grpo_stats(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+) -> dict[str, torch.Tensor]:
     """Diagnostics of one GRPO batch, as masked token sums (add them over micro-batches and ranks, then divide).
 
     A token is low-clipped when rho < 1 - epsilon_low and A < 0, high-clipped when rho > 1 + epsilon_high and
@@ -167,8 +193,13 @@ def grpo_stats(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: t
     low = (ratio < 1 - epsilon_low) & (adv < 0)
     high = (ratio > 1 + epsilon_high) & (adv > 0)
     kl = k3_kl(lp, ref_logps.detach().float()) if ref_logps is not None else torch.zeros_like(lp)
-    return {"tokens": m.sum(), "clip_low": (low * m).sum(), "clip_high": (high * m).sum(),
-            "clip_region": ((low | high) * m).sum(), "kl": (kl * m).sum()}
+    return {
+        "tokens": m.sum(),
+        "clip_low": (low * m).sum(),
+        "clip_high": (high * m).sum(),
+        "clip_region": ((low | high) * m).sum(),
+        "kl": (kl * m).sum(),
+    }
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -182,8 +213,10 @@ def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         memory is one [T, V] float32 slice, not [B, T, V].
     """
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
-        raise ConfigError(f"token_logps needs logits [B, T, V] and targets [B, T], got {tuple(logits.shape)} "
-                          f"and {tuple(targets.shape)}")
+        raise ConfigError(
+            f"token_logps needs logits [B, T, V] and targets [B, T], got {tuple(logits.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
     dtype = _compute_dtype(logits)
     rows = []
     for row_logits, row_targets in zip(logits, targets):

@@ -53,9 +53,19 @@ def _tokenizer_for(checkpoint: str, path: str):
     raise DataError(f"no tokenizer.json next to {checkpoint}; the reward evaluation needs the checkpoint's tokenizer")
 
 
-def evaluate_prompts(path: str, prompts: str, rewards: list[str], *, samples: int = 1, temperature: float = 1.0,
-                     top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0, batch_rows: int = 256,
-                     device: str = "cpu") -> RewardEval:
+def evaluate_prompts(
+    path: str,
+    prompts: str,
+    rewards: list[str],
+    *,
+    samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_rows: int = 256,
+    device: str = "cpu",
+) -> RewardEval:
     """Sample ``samples`` completions per prompt of ``prompts`` from the checkpoint (or run) ``path``, score them
     with the reward specs ``rewards``, and return the mean reward and pass@k for k = 1, 2, 4, ... ``samples``."""
     from dsv3.infer.generate import load_for_generation
@@ -74,20 +84,32 @@ def evaluate_prompts(path: str, prompts: str, rewards: list[str], *, samples: in
         template = load_chat_template(tokenizer_dir=checkpoint)
     except DataError:
         template = None
-    data = read_prompts(prompts, tokenizer=tokenizer, template=template,
-                        context=model.config.max_position_embeddings, max_completion_tokens=max_new_tokens)
+    data = read_prompts(
+        prompts,
+        tokenizer=tokenizer,
+        template=template,
+        context=model.config.max_position_embeddings,
+        max_completion_tokens=max_new_tokens,
+    )
     reward_set.check_columns(list(data.columns), source=prompts)
     eos = eos_token_id(tokenizer)
     rows = [(i, k) for i in range(len(data)) for k in range(samples)]
     totals: list[float] = []
     for start in range(0, len(rows), batch_rows):
-        chunk = rows[start:start + batch_rows]
+        chunk = rows[start : start + batch_rows]
         texts, ids, columns = data.select([i for i, _ in chunk])
-        roll = rollout(model, ids, [sample_seed(seed, 0, i, k) for i, k in chunk], max_new_tokens=max_new_tokens,
-                       temperature=temperature, top_p=top_p, eos_id=eos)
+        roll = rollout(
+            model,
+            ids,
+            [sample_seed(seed, 0, i, k) for i, k in chunk],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_id=eos,
+        )
         result = reward_set(texts, [tokenizer.decode(c) for c in roll.completions], columns)
         totals += result.total.tolist()
     passed = [sum(totals[i * samples + k] > 0 for k in range(samples)) for i in range(len(data))]
-    ks = sorted({min(2 ** j, samples) for j in range(samples.bit_length() + 1)})
+    ks = sorted({min(2**j, samples) for j in range(samples.bit_length() + 1)})
     pass_at = {k: sum(pass_at_k(samples, c, k) for c in passed) / len(data) for k in ks}
     return RewardEval(mean_reward=sum(totals) / len(totals), pass_at=pass_at, prompts=len(data), samples=samples)

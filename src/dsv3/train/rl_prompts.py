@@ -41,8 +41,11 @@ class PromptSet:
 
     def select(self, index: list[int]) -> tuple[list[str], list[list[int]], dict[str, list[Any]]]:
         """``(texts, ids, columns)`` of the prompts ``index`` (in that order)."""
-        return ([self.texts[i] for i in index], [self.ids[i] for i in index],
-                {k: [v[i] for i in index] for k, v in self.columns.items()})
+        return (
+            [self.texts[i] for i in index],
+            [self.ids[i] for i in index],
+            {k: [v[i] for i in index] for k, v in self.columns.items()},
+        )
 
 
 def _records(path: str) -> list[dict]:
@@ -58,7 +61,7 @@ def _records(path: str) -> list[dict]:
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {n} is not valid JSON ({exc.msg}); fix that line") from None
             if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
-                raise DataError(f"{path} line {n} needs a \"prompt\" text or a \"messages\" list")
+                raise DataError(f'{path} line {n} needs a "prompt" text or a "messages" list')
             out.append(record)
     if not out:
         raise DataError(f"prompt file {path} holds no prompts")
@@ -68,14 +71,16 @@ def _records(path: str) -> list[dict]:
 def _render(record: dict, template, where: str) -> str:
     if "prompt" in record:
         if not isinstance(record["prompt"], str) or not record["prompt"]:
-            raise DataError(f"{where}: \"prompt\" must be a non-empty string")
+            raise DataError(f'{where}: "prompt" must be a non-empty string')
         return record["prompt"]
     messages = record["messages"]
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-        raise DataError(f"{where}: \"messages\" must be a list of {{role, content}} objects")
+        raise DataError(f'{where}: "messages" must be a list of {{role, content}} objects')
     if template is None:
-        raise DataError(f"{where} holds \"messages\" but no chat template was found; pass --chat-template or "
-                        "--init-from a checkpoint with one")
+        raise DataError(
+            f'{where} holds "messages" but no chat template was found; pass --chat-template or '
+            "--init-from a checkpoint with one"
+        )
     text, _ = template.render(messages, add_generation_prompt=True)
     return text
 
@@ -95,9 +100,11 @@ def read_prompts(path: str, *, tokenizer, template=None, context: int, max_compl
         if not tokens:
             raise DataError(f"{path} line {n}: the prompt gives no tokens")
         if len(tokens) + max_completion_tokens > context:
-            raise DataError(f"{path} line {n}: a prompt of {len(tokens)} tokens plus {max_completion_tokens} "
-                            f"completion tokens exceeds the model's context of {context} positions; shorten it "
-                            f"or lower --max-completion-tokens")
+            raise DataError(
+                f"{path} line {n}: a prompt of {len(tokens)} tokens plus {max_completion_tokens} "
+                f"completion tokens exceeds the model's context of {context} positions; shorten it "
+                f"or lower --max-completion-tokens"
+            )
         texts.append(text)
         ids.append(tokens)
     names = sorted({k for r in records for k in r} - {"prompt", "messages"})

@@ -73,16 +73,19 @@ class RoutingRecorder:
             def fn(indices: torch.Tensor) -> torch.Tensor:
                 pieces[layer].append(indices.clone())
                 return indices
+
             return fn
 
         with self._installed([record(i) for i in range(len(self.routers))]):
             yield pieces
 
     @contextlib.contextmanager
-    def training(self, reference: Sequence[torch.Tensor], valid: torch.Tensor, *, replay: bool,
-                 count: bool) -> Iterator[None]:
+    def training(
+        self, reference: Sequence[torch.Tensor], valid: torch.Tensor, *, replay: bool, count: bool
+    ) -> Iterator[None]:
         """Compare with (``count``) and/or replay (``replay``) the rollout's choice ``reference[l]`` [N, K_r];
         ``valid`` [N] bool marks the tokens that count (completion positions)."""
+
         def compare(layer: int):
             def fn(indices: torch.Tensor) -> torch.Tensor:
                 ref = reference[layer].to(indices.device)
@@ -91,6 +94,7 @@ class RoutingRecorder:
                     self.agree += (same & valid).sum()
                     self.total += valid.sum()
                 return ref if replay else indices
+
             return fn
 
         with self._installed([compare(i) for i in range(len(self.routers))]):
@@ -142,16 +146,32 @@ class Rollout:
         return ((pos >= self.prompt_len) & (pos < end)).float()
 
 
-def rollout(model, prompts: Sequence[Sequence[int]], seeds: Sequence[int], *, max_new_tokens: int,
-            temperature: float, top_p: float, eos_id: int, recorder: RoutingRecorder | None = None,
-            all_done: Callable[[torch.Tensor], bool] | None = None) -> Rollout:
+def rollout(
+    model,
+    prompts: Sequence[Sequence[int]],
+    seeds: Sequence[int],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_id: int,
+    recorder: RoutingRecorder | None = None,
+    all_done: Callable[[torch.Tensor], bool] | None = None,
+) -> Rollout:
     """Sample one completion per row of ``prompts`` (token lists; a group's G copies are contiguous),
     row b with the generator seeded ``seeds[b]``; record the routing when ``recorder`` is given."""
     device = model.model.embed_tokens.weight.device
     ids, pad = left_pad(prompts, eos_id, device=device)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, eos_id=eos_id,
-                  generator=gens, pad=pad if bool(pad.any()) else None, all_done=all_done)
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_id=eos_id,
+        generator=gens,
+        pad=pad if bool(pad.any()) else None,
+        all_done=all_done,
+    )
     routing = None
     if recorder is not None and recorder.active:
         with recorder.recording() as pieces:
@@ -168,5 +188,12 @@ def rollout(model, prompts: Sequence[Sequence[int]], seeds: Sequence[int], *, ma
         completions.append(row[:stop] if stop is not None else row)
         lengths.append(stop + 1 if stop is not None else len(row))
         cut.append(stop is None)
-    return Rollout(tokens=tokens, pad=pad, prompt_len=t0, completion_len=torch.tensor(lengths),
-                   cut=torch.tensor(cut), completions=completions, routing=routing)
+    return Rollout(
+        tokens=tokens,
+        pad=pad,
+        prompt_len=t0,
+        completion_len=torch.tensor(lengths),
+        cut=torch.tensor(cut),
+        completions=completions,
+        routing=routing,
+    )

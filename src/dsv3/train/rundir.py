@@ -47,14 +47,18 @@ def check_run_dir_usable(run_dir: str) -> None:
     existing = _nearest_existing(run_dir)
     if not os.path.isdir(existing):
         what = "is" if existing == os.path.abspath(run_dir) else "would be created under"
-        raise RunDirError(f"run directory {run_dir} {what} the file {existing}, not a directory; "
-                          f"choose another --run-dir")
+        raise RunDirError(
+            f"run directory {run_dir} {what} the file {existing}, not a directory; choose another --run-dir"
+        )
     if _read_only_fs(existing):
-        raise RunDirError(f"run directory {run_dir} is on a read-only filesystem ({existing}); "
-                          f"choose a writable --run-dir")
+        raise RunDirError(
+            f"run directory {run_dir} is on a read-only filesystem ({existing}); choose a writable --run-dir"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunDirError(f"run directory {run_dir} cannot be written: {existing} is not writable by this user; "
-                          f"choose another --run-dir or fix its permissions")
+        raise RunDirError(
+            f"run directory {run_dir} cannot be written: {existing} is not writable by this user; "
+            f"choose another --run-dir or fix its permissions"
+        )
 
 
 class RunLock:
@@ -83,8 +87,9 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise RunDirError(f"cannot create the lock file {self.path} ({exc.strerror or exc}); "
-                              f"choose a writable --run-dir") from None
+            raise RunDirError(
+                f"cannot create the lock file {self.path} ({exc.strerror or exc}); choose a writable --run-dir"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -93,8 +98,10 @@ class RunLock:
                 owner = os.pread(fd, 32, 0).decode().strip()
             os.close(fd)
             who = f" (pid {owner})" if owner.isdigit() else ""
-            raise RunDirError(f"run directory {self.run_dir} is in use by another dsv3 process{who}; wait for it "
-                              f"to finish or stop it before training here") from None
+            raise RunDirError(
+                f"run directory {self.run_dir} is in use by another dsv3 process{who}; wait for it "
+                f"to finish or stop it before training here"
+            ) from None
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

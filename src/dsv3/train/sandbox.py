@@ -74,11 +74,16 @@ def _launch(mode: Isolation, source: str, time_limit: float, memory_mb: int) -> 
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(
                 [_PYTHON, "-I", "-S", _BOOT, mode, workdir, _PYTHON, _PREFIX, str(time_limit), str(memory_mb)],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env={"PATH": "/usr/bin:/bin"},
-                start_new_session=True, close_fds=True)
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env={"PATH": "/usr/bin:/bin"},
+                start_new_session=True,
+                close_fds=True,
+            )
             timed_out = False
             try:
-                proc.wait(timeout=time_limit + 1.0)   # + the bootstrap's start-up
+                proc.wait(timeout=time_limit + 1.0)  # + the bootstrap's start-up
             except subprocess.TimeoutExpired:
                 timed_out = True
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -103,11 +108,16 @@ def isolation_level() -> Isolation:
             return "namespaces"
     probe = _launch("rlimits", "print('ok')\n", 10.0, 256)
     if probe.stdout != "ok\n":
-        raise TrainingError(f"the code sandbox cannot run Python here ({' '.join(probe.stderr.split())[-200:]}); "
-                            f"the code reward needs it")
-    warnings.warn("dsv3 sandbox: namespaces are unavailable here (needs Linux and root); model-written code runs "
-                  "with resource limits only, and can use the network and read the files its user can read",
-                  RuntimeWarning, stacklevel=2)
+        raise TrainingError(
+            f"the code sandbox cannot run Python here ({' '.join(probe.stderr.split())[-200:]}); "
+            f"the code reward needs it"
+        )
+    warnings.warn(
+        "dsv3 sandbox: namespaces are unavailable here (needs Linux and root); model-written code runs "
+        "with resource limits only, and can use the network and read the files its user can read",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     return "rlimits"
 
 

@@ -23,12 +23,17 @@ import resource
 import signal
 import sys
 
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x4000000, 0x8000000, \
-    0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = (
+    0x20000,
+    0x4000000,
+    0x8000000,
+    0x20000000,
+    0x40000000,
+)
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 NOBODY = 65534
-SANDBOX_UIDS = 100000   # namespaces mode: uid 100000 + (bootstrap pid mod 100000), owned by no one
+SANDBOX_UIDS = 100000  # namespaces mode: uid 100000 + (bootstrap pid mod 100000), owned by no one
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -45,7 +50,7 @@ def _mount(src, target, fstype, flags, data=None):
 
 def _bind_readonly(src, root):
     target = root + src
-    if os.path.islink(src):                       # merged /usr: /lib -> usr/lib
+    if os.path.islink(src):  # merged /usr: /lib -> usr/lib
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.symlink(os.readlink(src), target)
         return
@@ -66,8 +71,9 @@ def enter_namespaces(workdir, prefix, uid):
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     root = os.path.join(workdir, "root")
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-    for path in dict.fromkeys(["/usr", "/lib", "/lib64", "/bin", "/etc/alternatives", prefix, "/dev/null",
-                               "/dev/urandom"]):
+    for path in dict.fromkeys(
+        ["/usr", "/lib", "/lib64", "/bin", "/etc/alternatives", prefix, "/dev/null", "/dev/urandom"]
+    ):
         if os.path.lexists(path):
             _bind_readonly(path, root)
     os.makedirs(root + "/box")
@@ -83,8 +89,10 @@ def enter_namespaces(workdir, prefix, uid):
 def reachable_by_others(path):
     """Whether every directory on the way to ``path`` and the file itself are executable by any user."""
     parts = os.path.realpath(path).split(os.sep)
-    return all(os.stat(os.sep + os.path.join(*parts[:i]) if i > 1 else os.sep).st_mode & 0o001
-               for i in range(1, len(parts) + 1))
+    return all(
+        os.stat(os.sep + os.path.join(*parts[:i]) if i > 1 else os.sep).st_mode & 0o001
+        for i in range(1, len(parts) + 1)
+    )
 
 
 def drop_privileges(seconds, megabytes, uid, nproc):
@@ -95,13 +103,18 @@ def drop_privileges(seconds, megabytes, uid, nproc):
         os.setuid(uid)
     _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    for limit, value in ((resource.RLIMIT_CPU, int(seconds) + 1), (resource.RLIMIT_AS, megabytes << 20),
-                         (resource.RLIMIT_FSIZE, 16 << 20), (resource.RLIMIT_NOFILE, 64),
-                         (resource.RLIMIT_NPROC, nproc), (resource.RLIMIT_CORE, 0)):
+    for limit, value in (
+        (resource.RLIMIT_CPU, int(seconds) + 1),
+        (resource.RLIMIT_AS, megabytes << 20),
+        (resource.RLIMIT_FSIZE, 16 << 20),
+        (resource.RLIMIT_NOFILE, 64),
+        (resource.RLIMIT_NPROC, nproc),
+        (resource.RLIMIT_CORE, 0),
+    ):
         try:
             resource.setrlimit(limit, (value, value))
         except (ValueError, OSError):
-            pass   # a limit this OS does not support (RLIMIT_AS on macOS); the wall-clock kill still holds
+            pass  # a limit this OS does not support (RLIMIT_AS on macOS); the wall-clock kill still holds
 
 
 def main():
@@ -112,9 +125,9 @@ def main():
         os.chdir(os.path.join(workdir, "box"))
         drop_privileges(float(seconds), int(megabytes), NOBODY if reachable_by_others(python) else None, 64)
         os.execve(python, argv, env)
-    uid = SANDBOX_UIDS + os.getpid() % SANDBOX_UIDS   # its own uid: its process limit is its own
+    uid = SANDBOX_UIDS + os.getpid() % SANDBOX_UIDS  # its own uid: its process limit is its own
     enter_namespaces(workdir, prefix, uid)
-    pid = os.fork()   # the first child is PID 1 of the new PID namespace
+    pid = os.fork()  # the first child is PID 1 of the new PID namespace
     if pid == 0:
         drop_privileges(float(seconds), int(megabytes), uid, 16)
         os.execve(python, argv, env)

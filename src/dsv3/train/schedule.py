@@ -87,9 +87,16 @@ class LRSchedule:
         """The schedule of a run's ``schedule`` config section (fractions of ``sched.steps``) with ``peak_lr``."""
         decay_start = int(sched.decay_start * sched.steps)
         decay_steps = int(sched.decay_end * sched.steps) - decay_start
-        return cls(peak_lr=peak_lr, warmup_steps=min(sched.warmup_steps, decay_start), decay_start=decay_start,
-                   decay_steps=decay_steps, min_lr=sched.min_lr, final_lr=sched.final_lr,
-                   final_steps=sched.final_steps, total_steps=sched.steps)
+        return cls(
+            peak_lr=peak_lr,
+            warmup_steps=min(sched.warmup_steps, decay_start),
+            decay_start=decay_start,
+            decay_steps=decay_steps,
+            min_lr=sched.min_lr,
+            final_lr=sched.final_lr,
+            final_steps=sched.final_steps,
+            total_steps=sched.steps,
+        )
 
     def __post_init__(self) -> None:
         for name in ("peak_lr", "min_lr") + (("final_lr",) if self.final_lr is not None else ()):
@@ -105,7 +112,9 @@ class LRSchedule:
         if self.peak_lr <= 0:
             raise ConfigError(f"peak_lr must be > 0, got {self.peak_lr!r}")
         if self.min_lr > self.peak_lr:
-            raise ConfigError(f"min_lr ({self.min_lr}) is above peak_lr ({self.peak_lr}); the schedule decays, so lower min_lr")
+            raise ConfigError(
+                f"min_lr ({self.min_lr}) is above peak_lr ({self.peak_lr}); the schedule decays, so lower min_lr"
+            )
         if self.decay_start < self.warmup_steps:
             raise ConfigError(
                 f"decay_start ({self.decay_start}) is before the end of warmup ({self.warmup_steps}); "
@@ -113,9 +122,13 @@ class LRSchedule:
             )
         if self.final_steps > 0:
             if self.final_lr is None:
-                raise ConfigError(f"final_steps is {self.final_steps} but final_lr is not set; give final_lr or set final_steps to 0")
+                raise ConfigError(
+                    f"final_steps is {self.final_steps} but final_lr is not set; give final_lr or set final_steps to 0"
+                )
             if self.total_steps is None:
-                raise ConfigError("final_steps needs total_steps (the final phase is the last final_steps of the run); set total_steps")
+                raise ConfigError(
+                    "final_steps needs total_steps (the final phase is the last final_steps of the run); set total_steps"
+                )
             if self.total_steps - self.final_steps < self.decay_start + self.decay_steps:
                 raise ConfigError(
                     f"the final phase (last {self.final_steps} of {self.total_steps} steps) starts before the cosine decay "
@@ -155,11 +168,15 @@ class LRSchedule:
                 f"need 0 <= decay_start_fraction <= decay_end_fraction <= 1, got {decay_start_fraction} and {decay_end_fraction}"
             )
         if not 0.0 <= final_fraction <= 1.0 - decay_end_fraction + 1e-12:
-            raise ConfigError(f"final_fraction {final_fraction} does not fit after the decay ending at {decay_end_fraction} of the run")
+            raise ConfigError(
+                f"final_fraction {final_fraction} does not fit after the decay ending at {decay_end_fraction} of the run"
+            )
         if warmup_steps is None:
             warmup_steps = min(2000, max(1, round(0.01 * total_steps)))
         if not _is_int(warmup_steps) or not 0 <= warmup_steps <= total_steps:
-            raise ConfigError(f"warmup_steps must be an integer in [0, total_steps={total_steps}], got {warmup_steps!r}")
+            raise ConfigError(
+                f"warmup_steps must be an integer in [0, total_steps={total_steps}], got {warmup_steps!r}"
+            )
         decay_start = max(round(decay_start_fraction * total_steps), warmup_steps)
         decay_end = max(round(decay_end_fraction * total_steps), decay_start)
         final_start = max(total_steps - round(final_fraction * total_steps), decay_end)
@@ -230,7 +247,9 @@ class BatchRamp:
         if self.end < self.start:
             raise ConfigError(f"batch ramp end ({self.end}) is below its start ({self.start}); the ramp only grows")
         if self.micro_batch > self.end:
-            raise ConfigError(f"micro_batch ({self.micro_batch}) is larger than the final batch ({self.end}); lower micro_batch")
+            raise ConfigError(
+                f"micro_batch ({self.micro_batch}) is larger than the final batch ({self.end}); lower micro_batch"
+            )
         if (self.ramp_steps is None) == (self.ramp_tokens is None):
             raise ConfigError("give the batch ramp's length as exactly one of ramp_steps or ramp_tokens")
         length = self.ramp_steps if self.ramp_steps is not None else self.ramp_tokens
@@ -241,7 +260,9 @@ class BatchRamp:
         if self.ramp_tokens is not None and self.seq_len is None:
             raise ConfigError("a batch ramp measured in tokens needs seq_len (tokens per sequence)")
         if self.ramp_steps is not None and self.ramp_steps > _MAX_RAMP_STEPS:
-            raise ConfigError(f"a batch ramp of {self.ramp_steps} steps is longer than the supported {_MAX_RAMP_STEPS}; shorten it")
+            raise ConfigError(
+                f"a batch ramp of {self.ramp_steps} steps is longer than the supported {_MAX_RAMP_STEPS}; shorten it"
+            )
 
     @classmethod
     def constant(cls, batch: int, micro_batch: int = 1, seq_len: int | None = None) -> BatchRamp:
@@ -303,7 +324,9 @@ class BatchRamp:
             raise ConfigError(f"micro_batch must be an integer >= 1, got {m!r}")
         b = self.batch_size_at(step)
         if b % m:
-            raise ConfigError(f"batch size {b} at step {step} is not a multiple of micro_batch {m}; make the ramp's micro_batch a multiple of it")
+            raise ConfigError(
+                f"batch size {b} at step {step} is not a multiple of micro_batch {m}; make the ramp's micro_batch a multiple of it"
+            )
         return b // m
 
     def sequences_before(self, step: int) -> int:

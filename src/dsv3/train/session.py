@@ -73,8 +73,10 @@ def prepare_run_dir(config: TrainConfig, resume: str | None) -> str:
             raise RunDirError(f"run directory {run_dir} exists and is not a directory; choose another --run-dir")
         if os.listdir(run_dir):
             if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
-                raise RunDirError(f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
-                                  f"or choose another --run-dir")
+                raise RunDirError(
+                    f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
+                    f"or choose another --run-dir"
+                )
             raise RunDirError(f"run directory {run_dir} is not empty and holds no dsv3 run; choose another --run-dir")
     return run_dir
 
@@ -89,8 +91,11 @@ def resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
 def model_config_for(config: TrainConfig) -> ModelConfig:
     """The model configuration of the run, with the recipe knobs of the train config applied."""
     mcfg = resolve_model_config(config.model.init_from or config.model.name)
-    changes = {k: getattr(config.moe, k) for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
-               if getattr(config.moe, k) is not None}
+    changes = {
+        k: getattr(config.moe, k)
+        for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
+        if getattr(config.moe, k) is not None
+    }
     mcfg = mcfg.replace(**changes) if changes else mcfg
     if config.model.rope_scaling == "yarn":  # context extension (report 4.3): the official rope_scaling form
         from dsv3.model.rope import extend_context
@@ -132,8 +137,9 @@ def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
         return get_tokenizer(spec, vocab_size=vocab_size) if spec is not None else None
     # the user's tokenizer, else a byte-level BPE trained (and cached) on the data, whatever its kind
     d = config.data
-    return tokenizer_for_data(d.path, tokenizer=d.tokenizer, vocab_size=vocab_size, format=d.format, field=d.field,
-                              glob=d.glob)
+    return tokenizer_for_data(
+        d.path, tokenizer=d.tokenizer, vocab_size=vocab_size, format=d.format, field=d.field, glob=d.glob
+    )
 
 
 def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_dir: str | None = None):
@@ -146,12 +152,24 @@ def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_d
         return build_sft_training_data(config, tokenizer, mcfg, run_dir)
 
     d = config.data
-    data = build_data(d.path, tokenizer=tokenizer, seq_len=d.seq_len, vocab_size=mcfg.vocab_size, format=d.format,
-                      field=d.field, glob=d.glob, dtype=d.dtype, eos_token=d.eos_token, val_fraction=d.val_fraction,
-                      split_seed=config.run.seed)
+    data = build_data(
+        d.path,
+        tokenizer=tokenizer,
+        seq_len=d.seq_len,
+        vocab_size=mcfg.vocab_size,
+        format=d.format,
+        field=d.field,
+        glob=d.glob,
+        dtype=d.dtype,
+        eos_token=d.eos_token,
+        val_fraction=d.val_fraction,
+        split_seed=config.run.seed,
+    )
     if len(data.train) < d.micro_batch:
-        raise DataError(f"the corpus gives {len(data.train)} training sequences of {d.seq_len} tokens, fewer "
-                        f"than one micro-batch ({config.data.micro_batch}); use more data or a smaller --seq-len")
+        raise DataError(
+            f"the corpus gives {len(data.train)} training sequences of {d.seq_len} tokens, fewer "
+            f"than one micro-batch ({config.data.micro_batch}); use more data or a smaller --seq-len"
+        )
     return data
 
 
@@ -288,8 +306,9 @@ class Session:
         c = self.config
         lr = self.schedule.lr_at(self.step)
         set_lr(self.optimizer, lr)
-        self.model.config.mtp_loss_weight = _switch(self.lambda_early, c.moe.mtp_loss_weight_late,
-                                                    c.moe.mtp_switch, self.step, c.schedule.steps)
+        self.model.config.mtp_loss_weight = _switch(
+            self.lambda_early, c.moe.mtp_loss_weight_late, c.moe.mtp_switch, self.step, c.schedule.steps
+        )
         return lr, _switch(self.gamma_early, 0.0, c.moe.bias_update_stop, self.step, c.schedule.steps)
 
     def next_batches(self) -> tuple[list[Batch], dict]:
@@ -307,9 +326,15 @@ class Session:
                 self.lock.release()
 
 
-def build_session(config: TrainConfig | None, *, resume: str | None = None,
-                  overrides: dict[str, Any] | None = None, parallel: Any = None, write: bool = True,
-                  prefetch: bool | None = None) -> Session:
+def build_session(
+    config: TrainConfig | None,
+    *,
+    resume: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    parallel: Any = None,
+    write: bool = True,
+    prefetch: bool | None = None,
+) -> Session:
     """Build (or restore) a training run.
 
     Args:
@@ -337,15 +362,24 @@ def build_session(config: TrainConfig | None, *, resume: str | None = None,
         lock.path = os.path.join(lock.run_dir, LOCK_FILE)
         lock.acquire()  # a second process resuming this run stops here
     try:
-        return _build_session(config, resume=resume, overrides=overrides, parallel=parallel, write=write,
-                              prefetch=prefetch, lock=lock)
+        return _build_session(
+            config, resume=resume, overrides=overrides, parallel=parallel, write=write, prefetch=prefetch, lock=lock
+        )
     except BaseException:
         lock.release()
         raise
 
 
-def _build_session(config: TrainConfig | None, *, resume: str | None, overrides: dict[str, Any] | None,
-                   parallel: Any, write: bool, prefetch: bool | None, lock) -> Session:
+def _build_session(
+    config: TrainConfig | None,
+    *,
+    resume: str | None,
+    overrides: dict[str, Any] | None,
+    parallel: Any,
+    write: bool,
+    prefetch: bool | None,
+    lock,
+) -> Session:
     """The set-up in its phases (docs/architecture.md): check the configuration, join the world, build the
     data, build the model on meta, parallelize (which materialises the held tensors), write the run
     directory, restore."""
@@ -366,8 +400,9 @@ def _build_session(config: TrainConfig | None, *, resume: str | None, overrides:
     return session
 
 
-def _check_configuration(config: TrainConfig | None, resume: str | None, overrides: dict[str, Any] | None,
-                         write: bool) -> tuple[TrainConfig, str, ModelConfig, torch.device]:
+def _check_configuration(
+    config: TrainConfig | None, resume: str | None, overrides: dict[str, Any] | None, write: bool
+) -> tuple[TrainConfig, str, ModelConfig, torch.device]:
     """Phase 1: the configuration (the saved one on resume, with the allowed overrides), the run directory,
     the device, the model configuration, the context length and the per-rank memory pre-check; nothing is
     allocated or written."""
@@ -407,8 +442,10 @@ def _build_data(config: TrainConfig, mcfg: ModelConfig, run_dir: str) -> tuple[A
     run behind); ``--epochs`` decides the number of steps here."""
     tokenizer = build_tokenizer(config, mcfg.vocab_size, run_dir)
     if tokenizer is not None and tokenizer.get_vocab_size() > mcfg.vocab_size:
-        raise ConfigError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
-                          f"{mcfg.vocab_size}; use a matching tokenizer or model")
+        raise ConfigError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab_size is "
+            f"{mcfg.vocab_size}; use a matching tokenizer or model"
+        )
     data = build_training_data(config, tokenizer, mcfg, run_dir)
     if config.data.epochs is not None:  # epochs decide the number of steps
         config.schedule.steps = max(1, -(-config.data.epochs * len(data.train) // config.data.global_batch))
@@ -425,8 +462,13 @@ def _assemble(config: TrainConfig, mcfg: ModelConfig, run_dir: str, ctx, tokeniz
     opt, sched, d = config.optimizer, config.schedule, config.data
     schedule = LRSchedule.from_options(sched, opt.lr)
     if sched.batch_ramp_start is not None:
-        ramp = BatchRamp(start=sched.batch_ramp_start, end=d.global_batch, ramp_steps=sched.batch_ramp_steps,
-                         seq_len=d.seq_len, micro_batch=d.micro_batch)
+        ramp = BatchRamp(
+            start=sched.batch_ramp_start,
+            end=d.global_batch,
+            ramp_steps=sched.batch_ramp_steps,
+            seq_len=d.seq_len,
+            micro_batch=d.micro_batch,
+        )
     else:
         ramp = BatchRamp.constant(d.global_batch, micro_batch=d.micro_batch, seq_len=d.seq_len)
     loader = data.loader(config.run.seed)
@@ -434,13 +476,28 @@ def _assemble(config: TrainConfig, mcfg: ModelConfig, run_dir: str, ctx, tokeniz
         loader.shard(ctx.dp, ctx.dp_rank)
     model = par.model
     ema = CPUEMA(model, config.memory.ema_decay) if config.memory.ema_decay else None
-    return Session(config=config, mcfg=mcfg, run_dir=run_dir, device=ctx.device, tokenizer=tokenizer, data=data,
-                   model=model, optimizer=par.optimizer, schedule=schedule, ramp=ramp, ema=ema, loader=loader,
-                   params=[p for p in model.parameters() if p.requires_grad],
-                   prefetcher=None,  # type: ignore[arg-type]  (set last, after the loader is restored)
-                   parallel=ctx, pipeline=par.pipeline, lambda_early=mcfg.mtp_loss_weight,
-                   gamma_early=mcfg.bias_update_speed, lock=lock,
-                   checkpointer=Checkpointer(run_dir, ctx, keep_last=config.checkpoint.keep_last, tokenizer=tokenizer))
+    return Session(
+        config=config,
+        mcfg=mcfg,
+        run_dir=run_dir,
+        device=ctx.device,
+        tokenizer=tokenizer,
+        data=data,
+        model=model,
+        optimizer=par.optimizer,
+        schedule=schedule,
+        ramp=ramp,
+        ema=ema,
+        loader=loader,
+        params=[p for p in model.parameters() if p.requires_grad],
+        prefetcher=None,  # type: ignore[arg-type]  (set last, after the loader is restored)
+        parallel=ctx,
+        pipeline=par.pipeline,
+        lambda_early=mcfg.mtp_loss_weight,
+        gamma_early=mcfg.bias_update_speed,
+        lock=lock,
+        checkpointer=Checkpointer(run_dir, ctx, keep_last=config.checkpoint.keep_last, tokenizer=tokenizer),
+    )
 
 
 def _write_run_dir(session: Session, resume: str | None, write: bool, lock) -> str | None:
@@ -456,14 +513,17 @@ def _write_run_dir(session: Session, resume: str | None, write: bool, lock) -> s
             try:
                 os.makedirs(run_dir, exist_ok=True)
             except OSError as exc:
-                raise RunDirError(f"cannot create run directory {run_dir} ({exc.strerror or exc}); "
-                                  f"choose another --run-dir") from None
+                raise RunDirError(
+                    f"cannot create run directory {run_dir} ({exc.strerror or exc}); choose another --run-dir"
+                ) from None
             lock.run_dir, lock.path = run_dir, os.path.join(run_dir, LOCK_FILE)
             lock.acquire()
         if lock.enabled:  # rank 0 (the lock owner) cleans up and chooses; the other ranks read
             for path in remove_stale_temporaries(run_dir):
                 print(f"removed {path}, left by a killed run")
-        if resume is not None:  # the newest intact checkpoint (either format); rank 0 says why when it is not the newest
+        if (
+            resume is not None
+        ):  # the newest intact checkpoint (either format); rank 0 says why when it is not the newest
             checkpoint = session.checkpointer.latest(select=lock.enabled)
         save_effective_config(config, os.path.join(run_dir, CONFIG_FILE))  # on resume with the overrides that apply
         if resume is None:
@@ -499,8 +559,9 @@ def _restore(session: Session, checkpoint: str | None) -> None:
         session.loader.load_state_dict(restored.loader)
 
 
-def _join_world(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: str,
-                device: torch.device, check_split=None) -> tuple[Any, str]:
+def _join_world(
+    config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: str, device: torch.device, check_split=None
+) -> tuple[Any, str]:
     """Phase 2: join the torchrun world (when launched by it and no context is given; one process is
     :meth:`ParallelContext.single`) and agree on the run directory.
 
@@ -517,9 +578,18 @@ def _join_world(config: TrainConfig, mcfg: ModelConfig, parallel: Any, run_dir: 
     if p.pp > 1:  # the pipeline's layout (layers, schedule, micro-batches, devices x dp): before any group
         _check_pipeline(config, mcfg, world)
     if parallel is None:
-        parallel = (init_parallel(p.pp, p.dp, p.ep, n_routed_experts=mcfg.n_routed_experts,
-                                  device=None if p.device == "auto" else p.device, schedule=p.pipeline)
-                    if world > 1 else ParallelContext.single(device))
+        parallel = (
+            init_parallel(
+                p.pp,
+                p.dp,
+                p.ep,
+                n_routed_experts=mcfg.n_routed_experts,
+                device=None if p.device == "auto" else p.device,
+                schedule=p.pipeline,
+            )
+            if world > 1
+            else ParallelContext.single(device)
+        )
     if not parallel.distributed:
         return parallel, run_dir
     (check_split or _check_dp_split)(config, parallel.dp)
@@ -536,9 +606,17 @@ def _check_pipeline(config: TrainConfig, mcfg: ModelConfig, world: int) -> None:
     from dsv3.parallel.pipeline.train import check_pipeline_layout
 
     p, d = config.parallel, config.data
-    check_pipeline_layout(mcfg.num_hidden_layers, pp=p.pp, schedule=p.pipeline, global_batch=d.global_batch,
-                          micro_batch=d.micro_batch, world_size=world, dp=p.dp, ep=p.ep,
-                          n_routed_experts=mcfg.n_routed_experts)
+    check_pipeline_layout(
+        mcfg.num_hidden_layers,
+        pp=p.pp,
+        schedule=p.pipeline,
+        global_batch=d.global_batch,
+        micro_batch=d.micro_batch,
+        world_size=world,
+        dp=p.dp,
+        ep=p.ep,
+        n_routed_experts=mcfg.n_routed_experts,
+    )
     if d.task == "sft":
         raise ConfigError("--pp > 1 does not run SFT (document-masked) batches yet; use --pp 1")
     if config.schedule.batch_ramp_start is not None:  # every step's micro-batches must fit the schedule
@@ -550,18 +628,27 @@ def _check_dp_split(config: TrainConfig, dp: int) -> None:
     d = config.data
     n_micro = d.global_batch // d.micro_batch
     if n_micro % dp:
-        raise ConfigError(f"global_batch / micro_batch = {n_micro} micro-batches cannot be split over dp "
-                          f"{dp} ranks; make global_batch a multiple of micro_batch * dp")
+        raise ConfigError(
+            f"global_batch / micro_batch = {n_micro} micro-batches cannot be split over dp "
+            f"{dp} ranks; make global_batch a multiple of micro_batch * dp"
+        )
     if config.schedule.batch_ramp_start is not None:  # every ramp step's micro-batches must split over dp too
         from dsv3.train.schedule import BatchRamp
 
-        ramp = BatchRamp(start=config.schedule.batch_ramp_start, end=d.global_batch, micro_batch=d.micro_batch,
-                         ramp_steps=config.schedule.batch_ramp_steps, seq_len=d.seq_len)
+        ramp = BatchRamp(
+            start=config.schedule.batch_ramp_start,
+            end=d.global_batch,
+            micro_batch=d.micro_batch,
+            ramp_steps=config.schedule.batch_ramp_steps,
+            seq_len=d.seq_len,
+        )
         bad = next((s for s in range(ramp.ramp_steps + 1) if ramp.accumulation_steps(s) % dp), None)
         if bad is not None:
-            raise ConfigError(f"the batch ramp gives step {bad + 1} {ramp.accumulation_steps(bad)} micro-batches, "
-                              f"which cannot be split over dp {dp} ranks; make --batch-ramp-start and the "
-                              f"ramp's batches multiples of micro_batch * dp")
+            raise ConfigError(
+                f"the batch ramp gives step {bad + 1} {ramp.accumulation_steps(bad)} micro-batches, "
+                f"which cannot be split over dp {dp} ranks; make --batch-ramp-start and the "
+                f"ramp's batches multiples of micro_batch * dp"
+            )
 
 
 def _dp_slice(session: "Session", batches: list[Batch]) -> list[Batch]:
@@ -570,7 +657,7 @@ def _dp_slice(session: "Session", batches: list[Batch]) -> list[Batch]:
     ctx = session.parallel
     if ctx.dp == 1 or getattr(session.loader, "dp", 1) > 1:
         return batches
-    return batches[ctx.dp_rank::ctx.dp]
+    return batches[ctx.dp_rank :: ctx.dp]
 
 
 # ----------------------------------------------------------------------------- one step
@@ -640,8 +727,9 @@ def _micro_batch_pass(session: Session, batches: list[Batch]) -> tuple[torch.Ten
             weights = counts / all_mean(counts.sum().reshape(1), ctx)[0].clamp(min=1e-9)
     for i, (ids, labels, extra) in enumerate(split):
         out = model(ids, labels, **extra)
-        parts = torch.stack([out.loss.detach(), out.lm_loss.detach(), out.mtp_loss.detach(),
-                             out.balance_loss.detach()]).double()
+        parts = torch.stack(
+            [out.loss.detach(), out.lm_loss.detach(), out.mtp_loss.detach(), out.balance_loss.detach()]
+        ).double()
         if weights is None:
             (out.loss / n_micro).backward()
             sums[:4] += parts / n_micro
@@ -665,8 +753,9 @@ def _pipeline_pass(session: Session, batches: list[Batch]) -> tuple[torch.Tensor
     if rt.trace_path:
         write_step_trace(rt.trace_path, rt, res)
     loss_tokens = sum(int((labels != -100).sum()) for _, labels in batches)
-    sums = torch.tensor([res.loss, res.lm_loss, res.mtp_loss, res.balance_loss, float(loss_tokens)],
-                        dtype=torch.float64)
+    sums = torch.tensor(
+        [res.loss, res.lm_loss, res.mtp_loss, res.balance_loss, float(loss_tokens)], dtype=torch.float64
+    )
     return sums, res.load, sum(ids.numel() for ids, _ in batches)
 
 
@@ -696,5 +785,14 @@ def _update(session: Session, sums: torch.Tensor, load: torch.Tensor | None, tok
     optimizer.zero_grad(set_to_none=True)
     if not skipped and session.ema is not None:
         session.ema.update()
-    return StepStats(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance_loss, grad_norm=norm,
-                     skipped=skipped, load=load, tokens=tokens * ctx.dp, loss_tokens=int(loss_tokens))
+    return StepStats(
+        loss=loss,
+        lm_loss=lm_loss,
+        mtp_loss=mtp_loss,
+        balance_loss=balance_loss,
+        grad_norm=norm,
+        skipped=skipped,
+        load=load,
+        tokens=tokens * ctx.dp,
+        loss_tokens=int(loss_tokens),
+    )

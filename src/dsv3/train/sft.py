@@ -122,8 +122,9 @@ def _compile(source: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -151,8 +152,10 @@ class ChatTemplate:
         try:
             self._template = _compile(self.source)
         except jinja2.TemplateSyntaxError as exc:
-            raise DataError(f"the chat template of {self.origin} is not valid Jinja ({exc.message} on line "
-                            f"{exc.lineno}); fix it or pass another with --chat-template.") from None
+            raise DataError(
+                f"the chat template of {self.origin} is not valid Jinja ({exc.message} on line "
+                f"{exc.lineno}); fix it or pass another with --chat-template."
+            ) from None
 
     @property
     def has_generation_markers(self) -> bool:
@@ -172,8 +175,13 @@ class ChatTemplate:
         spans: list[tuple[int, int]] = []
         token = _TRACKER.set((chunks, spans))
         try:
-            for chunk in self._template.generate(messages=messages, tools=None, documents=None,
-                                                 add_generation_prompt=add_generation_prompt, **self.special_tokens):
+            for chunk in self._template.generate(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            ):
                 chunks.append(chunk)
         finally:
             _TRACKER.reset(token)
@@ -194,8 +202,10 @@ class ChatTemplate:
             prompt, _ = self.render(messages[:i], add_generation_prompt=True)
             turn, _ = self.render(messages[: i + 1])
             if not turn.startswith(prompt) or not text.startswith(turn):
-                raise ValueError("it does not render an assistant turn as a continuation of the generation prompt "
-                                 "(it rewrites earlier turns)")
+                raise ValueError(
+                    "it does not render an assistant turn as a continuation of the generation prompt "
+                    "(it rewrites earlier turns)"
+                )
             end = len(turn.rstrip())
             if end > len(prompt):
                 spans.append((len(prompt), end))
@@ -224,8 +234,9 @@ def _read_template_file(path: Path) -> tuple[str | None, dict[str, str]]:
     return (template if isinstance(template, str) else None), tokens
 
 
-def load_chat_template(template: str | os.PathLike | None = None, *,
-                       tokenizer_dir: str | os.PathLike | None = None) -> ChatTemplate:
+def load_chat_template(
+    template: str | os.PathLike | None = None, *, tokenizer_dir: str | os.PathLike | None = None
+) -> ChatTemplate:
     """The chat template for fine-tuning, with its special tokens.
 
     Args:
@@ -234,6 +245,7 @@ def load_chat_template(template: str | os.PathLike | None = None, *,
         tokenizer_dir: the checkpoint (or tokenizer) directory whose own template is used when
             ``template`` is None, and whose tokenizer_config.json supplies ``bos_token``/``eos_token``.
     """
+
     def from_dir(d: Path) -> tuple[str | None, dict[str, str], Path | None]:
         found, tokens, where = None, {}, None
         for name in TEMPLATE_FILES:
@@ -262,18 +274,24 @@ def load_chat_template(template: str | os.PathLike | None = None, *,
             tokens = {**tokens, **toks}
             where = p
         else:
-            raise DataError(f"the chat template {p} does not exist; pass a .jinja file or a tokenizer_config.json "
-                            "with --chat-template.")
+            raise DataError(
+                f"the chat template {p} does not exist; pass a .jinja file or a tokenizer_config.json "
+                "with --chat-template."
+            )
         if source is None:
             raise DataError(f"{p} holds no chat_template; pass a .jinja file or a tokenizer_config.json that has one.")
     elif base is not None:
         source, _, where = from_dir(base)
         if source is None:
-            raise DataError(f"{base} has no chat template (no chat_template in tokenizer_config.json, no "
-                            "chat_template.jinja); pass one with --chat-template.")
+            raise DataError(
+                f"{base} has no chat template (no chat_template in tokenizer_config.json, no "
+                "chat_template.jinja); pass one with --chat-template."
+            )
     else:
-        raise DataError("fine-tuning needs a chat template; pass --chat-template or --init-from a checkpoint that "
-                        "has one in its tokenizer_config.json.")
+        raise DataError(
+            "fine-tuning needs a chat template; pass --chat-template or --init-from a checkpoint that "
+            "has one in its tokenizer_config.json."
+        )
     return ChatTemplate(source, tokens, origin=str(where))
 
 
@@ -284,10 +302,12 @@ _SPECIAL_TOKEN = re.compile(r"\b((?:bos|eos|pad|unk|sep|cls|mask)_token)\b")
 
 
 def _missing_token_message(template: "ChatTemplate", token: str) -> str:
-    return (f"the chat template {template.origin} uses {token}, which nothing defines: a bare .jinja file carries "
-            f"no special tokens, and neither --chat-template nor the checkpoint has a tokenizer_config.json with "
-            f"{token}; pass a tokenizer_config.json holding the template and its special tokens with "
-            f"--chat-template (see docs/sft.md)")
+    return (
+        f"the chat template {template.origin} uses {token}, which nothing defines: a bare .jinja file carries "
+        f"no special tokens, and neither --chat-template nor the checkpoint has a tokenizer_config.json with "
+        f"{token}; pass a tokenizer_config.json holding the template and its special tokens with "
+        f"--chat-template (see docs/sft.md)"
+    )
 
 
 def check_special_tokens(template: "ChatTemplate") -> None:
@@ -315,8 +335,10 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 def _as_messages(record: Any, where: str) -> list[dict]:
     """The messages of one jsonl record (``messages``, or ``prompt``/``completion``), checked."""
     if not isinstance(record, dict):
-        raise DataError(f"{where} is a JSON {type(record).__name__}, not an object with \"messages\" or "
-                        "\"prompt\"/\"completion\"; fix that line.")
+        raise DataError(
+            f'{where} is a JSON {type(record).__name__}, not an object with "messages" or '
+            '"prompt"/"completion"; fix that line.'
+        )
     if "messages" in record:
         messages = record["messages"]
     elif "prompt" in record and "completion" in record:
@@ -324,26 +346,32 @@ def _as_messages(record: Any, where: str) -> list[dict]:
         prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else completion
         if not isinstance(prompt, list) or not isinstance(completion, list):
-            raise DataError(f"{where}: \"prompt\" and \"completion\" must be strings or lists of messages; fix that line.")
+            raise DataError(f'{where}: "prompt" and "completion" must be strings or lists of messages; fix that line.')
         messages = prompt + completion
     else:
-        raise DataError(f"{where} has neither \"messages\" nor \"prompt\" and \"completion\"; "
-                        "give chat data as {\"messages\": [{\"role\": ..., \"content\": ...}]}.")
+        raise DataError(
+            f'{where} has neither "messages" nor "prompt" and "completion"; '
+            'give chat data as {"messages": [{"role": ..., "content": ...}]}.'
+        )
     if not isinstance(messages, list):
-        raise DataError(f"{where}: \"messages\" must be a list of {{\"role\", \"content\"}} objects; fix that line.")
+        raise DataError(f'{where}: "messages" must be a list of {{"role", "content"}} objects; fix that line.')
     out = []
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise DataError(f"{where}: message {j} is not an object with a string \"role\"; fix that line.")
+            raise DataError(f'{where}: message {j} is not an object with a string "role"; fix that line.')
         if m["role"] not in CHAT_ROLES:  # DeepSeek-V3's template silently drops a turn of another role
-            raise DataError(f"{where}: message {j} has the unknown role {m['role']!r} (field \"role\"); use one of "
-                            f"{', '.join(CHAT_ROLES)}.")
+            raise DataError(
+                f'{where}: message {j} has the unknown role {m["role"]!r} (field "role"); use one of '
+                f"{', '.join(CHAT_ROLES)}."
+            )
         content = m.get("content")
         if content is None and not m.get("tool_calls"):
-            raise DataError(f"{where}: message {j} ({m['role']}) has no \"content\"; fix that line.")
+            raise DataError(f'{where}: message {j} ({m["role"]}) has no "content"; fix that line.')
         if content is not None and not isinstance(content, str):
-            raise DataError(f"{where}: the content of message {j} ({m['role']}) is a {type(content).__name__}, "
-                            "not a string; fix that line.")
+            raise DataError(
+                f"{where}: the content of message {j} ({m['role']}) is a {type(content).__name__}, "
+                "not a string; fix that line."
+            )
         out.append({k: v for k, v in m.items() if v is not None})  # as transformers: None-valued keys dropped
     return out
 
@@ -461,9 +489,12 @@ class SFTBatch:
 
     def to(self, device: torch.device | str) -> "SFTBatch":
         move = (lambda t: t.to(device)) if device is not None else (lambda t: t)
-        return SFTBatch(move(self.input_ids), move(self.labels),
-                        None if self.segment_ids is None else move(self.segment_ids),
-                        None if self.position_ids is None else move(self.position_ids))
+        return SFTBatch(
+            move(self.input_ids),
+            move(self.labels),
+            None if self.segment_ids is None else move(self.segment_ids),
+            None if self.position_ids is None else move(self.position_ids),
+        )
 
     def model_kwargs(self) -> dict[str, torch.Tensor | None]:
         """The keyword arguments of the model's forward for document masking."""
@@ -509,10 +540,10 @@ class PackedChatDataset:
         for s, c in enumerate(self.rows[i], start=1):
             conv = self.conversations[c]
             n = conv.positions
-            ids[at:at + n] = conv.ids[:-1]
-            labels[at:at + n] = np.where(conv.mask[1:], conv.ids[1:], IGNORE_INDEX)
-            segments[at:at + n] = s
-            positions[at:at + n] = np.arange(n)
+            ids[at : at + n] = conv.ids[:-1]
+            labels[at : at + n] = np.where(conv.mask[1:], conv.ids[1:], IGNORE_INDEX)
+            segments[at : at + n] = s
+            positions[at : at + n] = np.arange(n)
             at += n
         positions[at:] = np.arange(T - at)
         return ids, labels, segments, positions
@@ -607,8 +638,10 @@ class SFTData:
         fill = t.used_positions / max(1, len(t) * t.seq_len)
         val = f", val {len(self.val)} rows" if self.val is not None else ", no validation"
         how = f"packed {fill:.0%} full" if t.packing else "one per row, padded"
-        return (f"sft data: {self.path}: {self.stats.describe()}; train {len(t)} rows of {t.seq_len} ({how}), "
-                f"{t.num_tokens} loss tokens an epoch{val}")
+        return (
+            f"sft data: {self.path}: {self.stats.describe()}; train {len(t)} rows of {t.seq_len} ({how}), "
+            f"{t.num_tokens} loss tokens an epoch{val}"
+        )
 
 
 def _fingerprint(conversations: Sequence[Conversation], train_idx, val_idx, seq_len: int, packing: bool) -> str:
@@ -665,8 +698,10 @@ def build_sft_data(
         stats.read += 1
         if not any(m["role"] == "assistant" for m in messages):
             if on_long == "error":
-                raise DataError(f"{where} has no assistant turn, so nothing to learn; remove it or pass "
-                                "--on-long skip to skip such conversations.")
+                raise DataError(
+                    f"{where} has no assistant turn, so nothing to learn; remove it or pass "
+                    "--on-long skip to skip such conversations."
+                )
             stats.no_assistant += 1
             continue
         try:
@@ -674,13 +709,19 @@ def build_sft_data(
         except jinja2.UndefinedError as exc:
             raise DataError(_undefined_message(exc, template, where)) from None
         except jinja2.TemplateError as exc:
-            raise DataError(f"the chat template refuses {where} ({exc}); fix the conversation or the template.") from None
+            raise DataError(
+                f"the chat template refuses {where} ({exc}); fix the conversation or the template."
+            ) from None
         except ValueError as exc:
-            raise DataError(f"the chat template of {template.origin} cannot mark assistant turns: {exc}; add "
-                            "{% generation %} markers to it and pass it with --chat-template.") from None
+            raise DataError(
+                f"the chat template of {template.origin} cannot mark assistant turns: {exc}; add "
+                "{% generation %} markers to it and pass it with --chat-template."
+            ) from None
         if conv.ids.size and int(conv.ids.max()) >= vocab_size:
-            raise DataError(f"the tokenizer produces token id {int(conv.ids.max())} on {where}, outside the model's "
-                            f"vocabulary of {vocab_size}; use the checkpoint's own tokenizer.")
+            raise DataError(
+                f"the tokenizer produces token id {int(conv.ids.max())} on {where}, outside the model's "
+                f"vocabulary of {vocab_size}; use the checkpoint's own tokenizer."
+            )
         if conv.loss_tokens == 0:
             if on_long == "error":
                 raise DataError(f"{where} has no assistant tokens after rendering; remove it or pass --on-long skip.")
@@ -688,10 +729,12 @@ def build_sft_data(
             continue
         if conv.positions > seq_len:
             if on_long == "error":
-                raise DataError(f"{where} (field \"messages\") has {len(conv.ids)} tokens, more than seq_len + 1 = "
-                                f"{seq_len + 1}; raise --seq-len or pass --on-long skip or truncate.")
+                raise DataError(
+                    f'{where} (field "messages") has {len(conv.ids)} tokens, more than seq_len + 1 = '
+                    f"{seq_len + 1}; raise --seq-len or pass --on-long skip or truncate."
+                )
             if on_long == "truncate":
-                conv = Conversation(conv.ids[:seq_len + 1], conv.mask[:seq_len + 1])
+                conv = Conversation(conv.ids[: seq_len + 1], conv.mask[: seq_len + 1])
                 if conv.loss_tokens == 0:
                     stats.too_long += 1
                     continue
@@ -707,8 +750,9 @@ def build_sft_data(
     if (stats.no_assistant or stats.too_long) and log is not None:
         log(f"sft data: {stats.describe()}")
     if not conversations:
-        raise DataError(f"no usable conversation in {data} ({stats.describe()}); check the data, --seq-len and "
-                        "--on-long.")
+        raise DataError(
+            f"no usable conversation in {data} ({stats.describe()}); check the data, --seq-len and --on-long."
+        )
     n_val = 0
     if val_fraction > 0 and len(conversations) >= 2:
         n_val = min(len(conversations) - 1, max(1, round(val_fraction * len(conversations))))
@@ -717,10 +761,20 @@ def build_sft_data(
     eos_id = tokenizer.token_to_id(template.eos_token) if template.eos_token else None
     pad_id = eos_id if eos_id is not None else 0
     train = PackedChatDataset([conversations[i] for i in train_idx], seq_len, pad_id=pad_id, packing=packing)
-    val = (PackedChatDataset([conversations[i] for i in val_idx], seq_len, pad_id=pad_id, packing=packing)
-           if n_val else None)
-    return SFTData(Path(data), template, train, val, eos_id,
-                   _fingerprint(conversations, train_idx, val_idx, seq_len, packing), stats)
+    val = (
+        PackedChatDataset([conversations[i] for i in val_idx], seq_len, pad_id=pad_id, packing=packing)
+        if n_val
+        else None
+    )
+    return SFTData(
+        Path(data),
+        template,
+        train,
+        val,
+        eos_id,
+        _fingerprint(conversations, train_idx, val_idx, seq_len, packing),
+        stats,
+    )
 
 
 # --------------------------------------------------------------------------- training-run hooks
@@ -732,9 +786,10 @@ def save_template(template: ChatTemplate, directory: str | os.PathLike) -> None:
     """Write ``template`` as ``directory/tokenizer_config.json`` (chat_template + special tokens)."""
     from dsv3.utils.io import atomic_write_text
 
-    atomic_write_text(os.path.join(directory, RUN_TEMPLATE_FILE),
-                      json.dumps({"chat_template": template.source, **template.special_tokens}, indent=2,
-                                 ensure_ascii=False) + "\n")
+    atomic_write_text(
+        os.path.join(directory, RUN_TEMPLATE_FILE),
+        json.dumps({"chat_template": template.source, **template.special_tokens}, indent=2, ensure_ascii=False) + "\n",
+    )
 
 
 def sft_tokenizer_spec(config) -> str | None:
@@ -767,18 +822,31 @@ def run_template(config, run_dir: str | None) -> ChatTemplate:
 def build_sft_training_data(config, tokenizer, mcfg, run_dir: str | None = None) -> SFTData:
     """The run's chat data (``data.task: sft``): template, masks, packing, split; checked to give a micro-batch."""
     if tokenizer is None:
-        raise DataError("fine-tuning needs the checkpoint's tokenizer; pass --tokenizer or --init-from a "
-                        "checkpoint directory with a tokenizer.json.")
+        raise DataError(
+            "fine-tuning needs the checkpoint's tokenizer; pass --tokenizer or --init-from a "
+            "checkpoint directory with a tokenizer.json."
+        )
     if config.data.path is None:
-        raise DataError("fine-tuning needs chat data; pass --data FILE.jsonl with \"messages\" or "
-                        "\"prompt\"/\"completion\" records.")
+        raise DataError(
+            'fine-tuning needs chat data; pass --data FILE.jsonl with "messages" or "prompt"/"completion" records.'
+        )
     d = config.data
-    data = build_sft_data(d.path, tokenizer=tokenizer, template=run_template(config, run_dir), seq_len=d.seq_len,
-                          vocab_size=mcfg.vocab_size, on_long=d.on_long, packing=d.packing,
-                          val_fraction=d.val_fraction, split_seed=config.run.seed)
+    data = build_sft_data(
+        d.path,
+        tokenizer=tokenizer,
+        template=run_template(config, run_dir),
+        seq_len=d.seq_len,
+        vocab_size=mcfg.vocab_size,
+        on_long=d.on_long,
+        packing=d.packing,
+        val_fraction=d.val_fraction,
+        split_seed=config.run.seed,
+    )
     if len(data.train) < d.micro_batch:
-        raise DataError(f"the chat data gives {len(data.train)} training rows of {d.seq_len} positions, fewer than "
-                        f"one micro-batch ({d.micro_batch}); use more data, a smaller --micro-batch or --seq-len.")
+        raise DataError(
+            f"the chat data gives {len(data.train)} training rows of {d.seq_len} positions, fewer than "
+            f"one micro-batch ({d.micro_batch}); use more data, a smaller --micro-batch or --seq-len."
+        )
     return data
 
 
@@ -793,6 +861,7 @@ def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
 
 def batch_to(batch, device, non_blocking: bool = False, pin: bool = False):
     """A batch (pair or :class:`SFTBatch`) pinned and/or moved to ``device``."""
+
     def move(t):
         if t is None:
             return None

@@ -148,8 +148,13 @@ def train_bpe_tokenizer(
         )
     if not files:
         raise DataError("the tokenizer training corpus has no files; give a corpus with at least one text file.")
-    return train_bpe_from_texts(_read_documents(files), vocab_size, special_tokens=special_tokens,
-                                min_frequency=min_frequency, length=len(files))
+    return train_bpe_from_texts(
+        _read_documents(files),
+        vocab_size,
+        special_tokens=special_tokens,
+        min_frequency=min_frequency,
+        length=len(files),
+    )
 
 
 def train_bpe_from_texts(
@@ -219,14 +224,18 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"the tokenizer path {p} does not exist; pass a tokenizer.json or a Hugging Face "
-                        "checkpoint directory with --tokenizer.")
+        raise DataError(
+            f"the tokenizer path {p} does not exist; pass a tokenizer.json or a Hugging Face "
+            "checkpoint directory with --tokenizer."
+        )
     if p.is_dir():
         if not (p / "tokenizer.json").is_file() and (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
             return _load_vocab_merges(p)
         if not (p / "tokenizer.json").is_file():
-            raise DataError(f"the directory {p} holds no tokenizer.json (nor vocab.json + merges.txt); pass a "
-                            "tokenizer.json or a Hugging Face checkpoint directory with --tokenizer.")
+            raise DataError(
+                f"the directory {p} holds no tokenizer.json (nor vocab.json + merges.txt); pass a "
+                "tokenizer.json or a Hugging Face checkpoint directory with --tokenizer."
+            )
         p = p / "tokenizer.json"
     if not p.is_file():
         raise DataError(f"the tokenizer path {p} is not a file; pass the path of a Hugging Face tokenizer.json.")
@@ -245,8 +254,9 @@ def _load_vocab_merges(directory: Path) -> Tokenizer:
         model = models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt"))
     except Exception as exc:  # tokenizers raises a bare Exception for malformed files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"the vocab.json/merges.txt in {directory} cannot be read ({reason}); "
-                        "pass a valid tokenizer.json.") from None
+        raise DataError(
+            f"the vocab.json/merges.txt in {directory} cannot be read ({reason}); pass a valid tokenizer.json."
+        ) from None
     tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -23,6 +23,8 @@ def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
                     continue
                 if id(t) not in made:
                     new = torch.empty(t.shape, dtype=t.dtype, device=device)
-                    made[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+                    made[id(t)] = (
+                        nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+                    )
                 table[name] = made[id(t)]
     return model

@@ -76,17 +76,21 @@ def check_output_file(path: str, flag: str, *, is_own: Callable[[str], bool], wh
     """
     above = _file_above(path)
     if above is not None:
-        raise OutputError(f"{flag} {path} would be written under the file {above}, which is not a directory; "
-                          f"choose another path")
+        raise OutputError(
+            f"{flag} {path} would be written under the file {above}, which is not a directory; choose another path"
+        )
     if os.path.isdir(path):
         raise OutputError(f"{flag} {path} is a directory; give the name of {what} to write")
     if os.path.lexists(path) and not (os.path.isfile(path) and is_own(path)):
-        raise OutputError(f"{flag} {path} exists and is not {what}; dsv3 replaces only its own output: "
-                          f"remove the file or choose another name")
+        raise OutputError(
+            f"{flag} {path} exists and is not {what}; dsv3 replaces only its own output: "
+            f"remove the file or choose another name"
+        )
 
 
-def check_output_dir(path: str, flag: str, *, is_own_dir: Callable[[str], bool], what: str,
-                     allow: Iterable[str] = ()) -> None:
+def check_output_dir(
+    path: str, flag: str, *, is_own_dir: Callable[[str], bool], what: str, allow: Iterable[str] = ()
+) -> None:
     """Refuse (one line) a directory output that would destroy something; write nothing.
 
     Args:
@@ -102,19 +106,23 @@ def check_output_dir(path: str, flag: str, *, is_own_dir: Callable[[str], bool],
         return
     above = _file_above(path)
     if above is not None:
-        raise OutputError(f"{flag} {path} would be created under the file {above}, which is not a directory; "
-                          f"choose another directory")
+        raise OutputError(
+            f"{flag} {path} would be created under the file {above}, which is not a directory; choose another directory"
+        )
     if os.path.lexists(path) and not os.path.isdir(path):
         raise OutputError(f"{flag} {path} is an existing file, not a directory; choose a new directory for {what}")
     run = enclosing_run_dir(path)
     inside = os.path.relpath(os.path.abspath(path), run).split(os.sep)[0] if run is not None else ""
     if run is not None and (run not in allowed or inside == "checkpoints" or _DCP.match(inside)):
         where = "is" if run == os.path.abspath(path) else "is inside"
-        raise OutputError(f"{flag} {path} {where} the training run directory {run}; write {what} to a new "
-                          f"directory outside it")
+        raise OutputError(
+            f"{flag} {path} {where} the training run directory {run}; write {what} to a new directory outside it"
+        )
     if os.path.isdir(path) and os.listdir(path) and not is_own_dir(path):
-        raise OutputError(f"{flag} {path} is not empty and was not written by this command; choose a new or "
-                          f"empty directory for {what}")
+        raise OutputError(
+            f"{flag} {path} is not empty and was not written by this command; choose a new or "
+            f"empty directory for {what}"
+        )
 
 
 def is_dsv3_png(path: str) -> bool:
@@ -124,12 +132,14 @@ def is_dsv3_png(path: str) -> bool:
             head = fh.read(4096)
     except OSError:
         return False
-    return head.startswith(_PNG_MAGIC) and (b"tEXtSoftware\x00" + PNG_SOFTWARE.encode() in head
-                                             or b"tEXtSoftware\x00Matplotlib" in head)
+    return head.startswith(_PNG_MAGIC) and (
+        b"tEXtSoftware\x00" + PNG_SOFTWARE.encode() in head or b"tEXtSoftware\x00Matplotlib" in head
+    )
 
 
 def json_with_keys(*keys: str) -> Callable[[str], bool]:
     """A test of ``is_own`` for JSON outputs: the file is a JSON object holding all of ``keys``."""
+
     def test(path: str) -> bool:
         try:
             with open(path, encoding="utf-8") as fh:

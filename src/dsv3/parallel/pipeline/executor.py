@@ -58,7 +58,18 @@ from torch import nn
 from dsv3.errors import ConfigError
 from dsv3.model.loss import IGNORE_INDEX
 from dsv3.parallel.pipeline.schedules import (
-    BACKWARD, BW, F, FB, FORWARD, RECV, SEND, B, Op, Schedule, W, build_schedule, validate_schedule,
+    BW,
+    FB,
+    FORWARD,
+    RECV,
+    SEND,
+    B,
+    F,
+    Op,
+    Schedule,
+    W,
+    build_schedule,
+    validate_schedule,
 )
 from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageLayout, StageRecord, module_of, remove_stages
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
@@ -115,11 +126,15 @@ def check_layout(num_layers: int, schedule_name: str, pp: int, microbatches: int
     if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
         raise ConfigError(f"--pp must be a positive integer, got {pp!r}.")
     if pp > num_layers:
-        raise ConfigError(f"the model has {num_layers} layers, fewer than --pp {pp} pipeline stages; use --pp <= {num_layers}.")
+        raise ConfigError(
+            f"the model has {num_layers} layers, fewer than --pp {pp} pipeline stages; use --pp <= {num_layers}."
+        )
     schedule = build_schedule(schedule_name, pp, microbatches)
     if world_size % schedule.devices:
-        raise ConfigError(f"{world_size} processes do not factor into pipelines of {schedule.devices} devices "
-                          f"({schedule.name} with pp={pp}); launch a multiple of {schedule.devices} processes.")
+        raise ConfigError(
+            f"{world_size} processes do not factor into pipelines of {schedule.devices} devices "
+            f"({schedule.name} with pp={pp}); launch a multiple of {schedule.devices} processes."
+        )
     return schedule
 
 
@@ -141,16 +156,26 @@ class PipelineRuntime:
             work (without it, B computes everything and W does nothing).
     """
 
-    def __init__(self, model: nn.Module, schedule: str, pp: int, *, seq_len: int,
-                 pipelines: list[list[int]] | None = None, layers: tuple[int, ...] | None = None,
-                 split_w: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: str,
+        pp: int,
+        *,
+        seq_len: int,
+        pipelines: list[list[int]] | None = None,
+        layers: tuple[int, ...] | None = None,
+        split_w: bool = True,
+    ) -> None:
         self.model = model
         self.name = str(schedule).lower()
         self.pp = pp
         n_layers = model.config.num_hidden_layers
         if layers is not None and (len(layers) != pp or min(layers) < 1 or sum(layers) != n_layers):
-            raise ConfigError(f"layers per stage {tuple(layers)} must be {pp} positive counts summing to the model's "
-                              f"{n_layers} layers.")
+            raise ConfigError(
+                f"layers per stage {tuple(layers)} must be {pp} positive counts summing to the model's "
+                f"{n_layers} layers."
+            )
         rank, world = dist.get_rank(), dist.get_world_size()
         ndev = devices_of(self.name, pp)
         self.template = check_layout(model.config.num_hidden_layers, self.name, pp, 2 * pp, world)
@@ -166,8 +191,10 @@ class PipelineRuntime:
         self.layout = StageLayout.of(model, self.name, pp, seq_len=seq_len, layers=layers)
         self.layers = self.layout.layers
         remove_stages(model, self.layout.device_modules(self.device))
-        self.stages = {s: PipelineStage(model, s, pp, self.layout.layer_ids(s), paths=self.layout.modules(s))
-                       for s in self.template.device_stages[self.device]}
+        self.stages = {
+            s: PipelineStage(model, s, pp, self.layout.layer_ids(s), paths=self.layout.modules(s))
+            for s in self.template.device_stages[self.device]
+        }
         self.store = WeightGradStore()
         if split_w:
             for stage in self.stages.values():
@@ -195,8 +222,9 @@ class PipelineRuntime:
         self._shared: list[tuple[dist.ProcessGroup, list[str]]] = []
         self.group = None
         # The links the schedule sends over (adjacent devices for the built-in schedules).
-        links = sorted({(d, op.peer, op.direction) for d, ops in enumerate(self.template.ops) for op in ops
-                        if op.kind == SEND})
+        links = sorted(
+            {(d, op.peer, op.direction) for d, ops in enumerate(self.template.ops) for op in ops if op.kind == SEND}
+        )
         self._links = set(links)
         for ranks in pipelines:
             for src, dst, kind in links:
@@ -238,7 +266,9 @@ class PipelineRuntime:
         return [MicroBatch(ids.to(device), labels.to(device), cos, sin, 1.0 / len(batches)) for ids, labels in batches]
 
     # ------------------------------------------------------------------ one step
-    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule | None = None) -> PipelineStepResult:
+    def step(
+        self, batches: list[tuple[torch.Tensor, torch.Tensor]], schedule: Schedule | None = None
+    ) -> PipelineStepResult:
         """Forward and backward of the step's micro-batches ``batches`` = [(ids [b, T], labels [b, T])].
 
         Every device of the pipeline passes the same batches. Gradients accumulate into
@@ -252,13 +282,21 @@ class PipelineRuntime:
         else:
             validate_schedule(schedule)
         if schedule.microbatches != n or schedule.devices != len(self.ranks) or schedule.pp != self.pp:
-            raise ConfigError(f"schedule {schedule.name!r} is for {schedule.microbatches} micro-batches on "
-                              f"{schedule.devices} devices, not {n} on {len(self.ranks)}.")
-        missing = {(d, op.peer) for d, ops in enumerate(schedule.ops) for op in ops if op.kind == SEND
-                   and (d, op.peer, op.direction) not in self._links}
+            raise ConfigError(
+                f"schedule {schedule.name!r} is for {schedule.microbatches} micro-batches on "
+                f"{schedule.devices} devices, not {n} on {len(self.ranks)}."
+            )
+        missing = {
+            (d, op.peer)
+            for d, ops in enumerate(schedule.ops)
+            for op in ops
+            if op.kind == SEND and (d, op.peer, op.direction) not in self._links
+        }
         if missing:
-            raise ConfigError(f"schedule {schedule.name!r} sends over links {sorted(missing)} that the runtime "
-                              f"has no process groups for (it builds them from the {self.name} op lists).")
+            raise ConfigError(
+                f"schedule {schedule.name!r} sends over links {sorted(missing)} that the runtime "
+                f"has no process groups for (it builds them from the {self.name} op lists)."
+            )
         m, device, dtype = self.model, self.param_device, self.dtype
         mbs = self._micro_batches(batches)
         records: dict[tuple[int, int], StageRecord] = {}
@@ -278,7 +316,7 @@ class PipelineRuntime:
                 by_group[id(p2p.group)].append((op, p2p))
             for items in by_group.values():
                 works = dist.batch_isend_irecv([p for _, p in items])
-                for (op, p2p) in items:
+                for op, p2p in items:
                     if op.kind == SEND:
                         sends.append((p2p.tensor, works))
                     else:
@@ -372,8 +410,10 @@ class PipelineRuntime:
             for w in works:
                 w.wait()
         if records or data or len(self.store):
-            raise RuntimeError(f"pipeline step ended with work left: {len(records)} forwards without backward, "
-                               f"{len(data)} unused messages, {len(self.store)} weight-gradient groups.")
+            raise RuntimeError(
+                f"pipeline step ended with work left: {len(records)} forwards without backward, "
+                f"{len(data)} unused messages, {len(self.store)} weight-gradient groups."
+            )
         result = self._finish(sums, loads, trace)
         result.t0 = t0
         return result
@@ -410,8 +450,9 @@ class PipelineRuntime:
             for i, mb in enumerate(mbs):
                 x = local.pop((i, s), None)
                 if s > 0 and src != me:
-                    x = torch.empty(*mb.ids.shape, self.model.config.hidden_size, dtype=self.dtype,
-                                    device=self.param_device)
+                    x = torch.empty(
+                        *mb.ids.shape, self.model.config.hidden_size, dtype=self.dtype, device=self.param_device
+                    )
                     dist.recv(x, self.ranks[src], group=self._p2p[(src, me, FORWARD)])
                 out = self.stages[s].forward_eval(x, mb)
                 if s + 1 == self.pp:
@@ -435,7 +476,7 @@ class PipelineRuntime:
             dist.all_reduce(flat, group=group)
             offset = 0
             for n, g in zip(names, grads):
-                params[n].grad = flat[offset:offset + g.numel()].view_as(g).clone()
+                params[n].grad = flat[offset : offset + g.numel()].view_as(g).clone()
                 offset += g.numel()
         n_moe = len(self.model.moe_rows())  # every MoE layer of the model, held here or not
         device = sums[0].device
@@ -450,7 +491,9 @@ class PipelineRuntime:
         lm, mtp, bal = vec[:3].tolist()
         if load is not None:
             load = vec[3:].view(n_moe, -1).round().to(torch.long)
-        return PipelineStepResult(loss=lm + mtp + bal, lm_loss=lm, mtp_loss=mtp, balance_loss=bal, load=load, trace=trace)
+        return PipelineStepResult(
+            loss=lm + mtp + bal, lm_loss=lm, mtp_loss=mtp, balance_loss=bal, load=load, trace=trace
+        )
 
     def grad_norm(self) -> torch.Tensor:
         """The global gradient L2 norm over all stages (each parameter counted once; FP32, 0-dim)."""
@@ -493,10 +536,19 @@ def chrome_trace(traces: dict[int, list[TraceEvent]]) -> dict:
         for e in trace:
             if not e.op.is_compute:
                 continue
-            label = (f"F{e.op.microbatch}&B{e.op.b_microbatch}" if e.op.kind == FB else f"{e.op.kind}{e.op.microbatch}")
-            events.append({"name": label, "cat": e.op.kind, "ph": "X", "pid": 0, "tid": device,
-                           "ts": e.start * 1e6, "dur": (e.end - e.start) * 1e6,
-                           "args": {"stage": e.op.stage, "chunk": e.op.chunk}})
+            label = f"F{e.op.microbatch}&B{e.op.b_microbatch}" if e.op.kind == FB else f"{e.op.kind}{e.op.microbatch}"
+            events.append(
+                {
+                    "name": label,
+                    "cat": e.op.kind,
+                    "ph": "X",
+                    "pid": 0,
+                    "tid": device,
+                    "ts": e.start * 1e6,
+                    "dur": (e.end - e.start) * 1e6,
+                    "args": {"stage": e.op.stage, "chunk": e.op.chunk},
+                }
+            )
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 

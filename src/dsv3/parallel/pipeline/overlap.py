@@ -185,12 +185,12 @@ class CutMoE:
                     grads.append(g.to(t.dtype))
             if self.shared is not None and self.shared.requires_grad:
                 tensors.append(self.shared)
-                grads.append(self.shared_leaf.grad if self.shared_leaf.grad is not None
-                             else torch.zeros_like(self.shared))
+                grads.append(
+                    self.shared_leaf.grad if self.shared_leaf.grad is not None else torch.zeros_like(self.shared)
+                )
             if self.aux is not None and self.aux.requires_grad:
                 tensors.append(self.aux)
                 grads.append(torch.full_like(self.aux, scale))
             if tensors:
                 torch.autograd.backward(tensors, grads)
             self.pending = self.x_grad = self.shared = self.shared_leaf = self.aux = None
-

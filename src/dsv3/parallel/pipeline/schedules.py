@@ -353,7 +353,9 @@ def _check_dual(name: str, pp: int, m: int, min_m: int, even_m: bool) -> None:
         raise ConfigError(f"{name} needs an even number of pipeline stages, got pp={pp}; use pp={pp + 1}.")
     if m < min_m or (even_m and m % 2):
         need = "an even number of micro-batches" if even_m else "a number of micro-batches"
-        raise ConfigError(f"{name} with pp={pp} needs {need} >= {min_m}, got microbatches={m}; use microbatches={max(min_m, m + (m % 2 if even_m else 0))}.")
+        raise ConfigError(
+            f"{name} with pp={pp} needs {need} >= {min_m}, got microbatches={m}; use microbatches={max(min_m, m + (m % 2 if even_m else 0))}."
+        )
 
 
 def dualpipe(pp: int, microbatches: int) -> Schedule:
@@ -371,8 +373,15 @@ def dualpipe(pp: int, microbatches: int) -> Schedule:
         chunks = [(d, range(half)), (pp - 1 - d, range(half, m))]
         rank = _RankWriter(d, pp, chunks, place)
         first_half = d < pp // 2
-        _dualpipe_rank(rank, n=pp // 2, h=min(d, pp - 1 - d), chunks=half, a=0 if first_half else 1,
-                       c=1 if first_half else 0, middle=d in (pp // 2 - 1, pp // 2))
+        _dualpipe_rank(
+            rank,
+            n=pp // 2,
+            h=min(d, pp - 1 - d),
+            chunks=half,
+            a=0 if first_half else 1,
+            c=1 if first_half else 0,
+            middle=d in (pp // 2 - 1, pp // 2),
+        )
         ops.append(tuple(rank.ops))
     return Schedule("dualpipe", pp, m, pp, tuple((d, pp - 1 - d) for d in range(pp)), tuple(ops))
 
@@ -494,7 +503,12 @@ def validate_schedule(schedule: Schedule) -> None:
                     needs += [("B", mb, s)]
             for key in needs:
                 if key not in have:
-                    fail(d, i, op, f"needs {key[0]} of micro-batch {key[1]} stage {key[2]} before it is produced or received")
+                    fail(
+                        d,
+                        i,
+                        op,
+                        f"needs {key[0]} of micro-batch {key[1]} stage {key[2]} before it is produced or received",
+                    )
             have.update(makes)
             for part in op.parts():
                 done = {F: "F", B: "B", W: "W", BW: "BW"}[part.kind]
@@ -510,8 +524,10 @@ def validate_schedule(schedule: Schedule) -> None:
                     raise ScheduleError(f"schedule {schedule.name!r} never runs {k} of micro-batch {mb} stage {s}.")
     for key in sends.keys() ^ recvs.keys():
         side = "SEND" if key in sends else "RECV"
-        raise ScheduleError(f"schedule {schedule.name!r} has a {side} between devices {key[0]}->{key[1]} of {key[2]} "
-                            f"micro-batch {key[3]} stage {key[4]} with no matching {'RECV' if side == 'SEND' else 'SEND'}.")
+        raise ScheduleError(
+            f"schedule {schedule.name!r} has a {side} between devices {key[0]}->{key[1]} of {key[2]} "
+            f"micro-batch {key[3]} stage {key[4]} with no matching {'RECV' if side == 'SEND' else 'SEND'}."
+        )
     for (kind, src, dst, direction), sent in order.items():
         if kind != SEND:
             continue
@@ -522,4 +538,5 @@ def validate_schedule(schedule: Schedule) -> None:
                 raise ScheduleError(
                     f"schedule {schedule.name!r} sends {what} from device {src} to device {dst} in another order than "
                     f"device {dst} receives them ({sop} meets {rop}); messages of one kind on a link match first-in "
-                    f"first-out, so reorder the RECVs to follow the SENDs.")
+                    f"first-out, so reorder the RECVs to follow the SENDs."
+                )

@@ -73,8 +73,10 @@ def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) 
     if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
         raise ConfigError(f"pp must be a positive integer, got {pp!r}.")
     if pp > mcfg.num_hidden_layers:
-        raise ConfigError(f"the model has {mcfg.num_hidden_layers} layers, fewer than pp={pp} pipeline stages; "
-                          f"use pp <= {mcfg.num_hidden_layers}.")
+        raise ConfigError(
+            f"the model has {mcfg.num_hidden_layers} layers, fewer than pp={pp} pipeline stages; "
+            f"use pp <= {mcfg.num_hidden_layers}."
+        )
     layout = Layout(pp=pp, seq_len=seq_len, mtp=mtp)
     return default_stage_layers(mcfg, layout, model_flops(mcfg, seq_len))
 
@@ -105,8 +107,9 @@ class RemovedBlock(nn.Module):
         self.mlp = None
 
     def forward(self, *args, **kwargs):
-        raise RuntimeError(f"layer {self.layer_idx} is held by another pipeline device; run the model through "
-                           f"its PipelineRuntime")
+        raise RuntimeError(
+            f"layer {self.layer_idx} is held by another pipeline device; run the model through its PipelineRuntime"
+        )
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, held by another pipeline device"
@@ -130,8 +133,9 @@ class StageLayout:
     embedding_on_last: bool
 
     @classmethod
-    def of(cls, model: nn.Module, schedule: str, pp: int, *, seq_len: int,
-           layers: tuple[int, ...] | None = None) -> "StageLayout":
+    def of(
+        cls, model: nn.Module, schedule: str, pp: int, *, seq_len: int, layers: tuple[int, ...] | None = None
+    ) -> "StageLayout":
         """The layout of ``model`` (whole or already cut) under ``schedule`` with ``pp`` stages; ``layers``
         defaults to the planner's balanced split (:func:`stage_layers`)."""
         cfg = model.config
@@ -199,8 +203,11 @@ def remove_stages(model: nn.Module, keep: list[str]) -> list[str]:
                 blocks[i] = RemovedBlock(block.layer_idx)
             elif isinstance(block, RemovedBlock):
                 raise ConfigError(f"this model no longer holds {path}; build the model again for this device")
-    for parent, attr, path in ((model.model, "embed_tokens", "model.embed_tokens"), (model.model, "norm", "model.norm"),
-                               (model, "lm_head", "lm_head")):
+    for parent, attr, path in (
+        (model.model, "embed_tokens", "model.embed_tokens"),
+        (model.model, "norm", "model.norm"),
+        (model, "lm_head", "lm_head"),
+    ):
         if path not in keep:
             setattr(parent, attr, None)
         elif getattr(parent, attr) is None:
@@ -276,8 +283,16 @@ class PipelineStage:
     cut layers' exchange starts and waits (:mod:`~dsv3.parallel.pipeline.overlap`); for traces and tests.
     """
 
-    def __init__(self, model: nn.Module, stage: int, pp: int, layers: list[int], *, cut_moe: bool = True,
-                 paths: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        stage: int,
+        pp: int,
+        layers: list[int],
+        *,
+        cut_moe: bool = True,
+        paths: list[str] | None = None,
+    ) -> None:
         self.model, self.stage, self.pp = model, stage, pp
         self.cut_moe = cut_moe
         self.events: list | None = None
@@ -285,9 +300,11 @@ class PipelineStage:
         self.is_first, self.is_last = stage == 0, stage == pp - 1
         if paths is None:
             last = self.is_last and (len(model.mtp) > 0 or model.config.tie_word_embeddings)
-            paths = (["model.embed_tokens"] if self.is_first or last else []) + \
-                [f"model.layers.{i}" for i in self.layer_ids] + \
-                (["model.norm", "lm_head"] + [f"mtp.{k}" for k in range(len(model.mtp))] if self.is_last else [])
+            paths = (
+                (["model.embed_tokens"] if self.is_first or last else [])
+                + [f"model.layers.{i}" for i in self.layer_ids]
+                + (["model.norm", "lm_head"] + [f"mtp.{k}" for k in range(len(model.mtp))] if self.is_last else [])
+            )
         self.paths = list(paths)
         rows = model.moe_rows()
         self._moe_index = {id(m): rows[m.layer_idx] for m in model.moe_layers()}
@@ -324,8 +341,11 @@ class PipelineStage:
             return None
         if stats is not None:
             key = mlp.layer_idx
-            rec.loads[idx] = stats.load[key] if key in stats.load else torch.zeros(
-                mlp.n_experts, dtype=torch.long, device=self.device)
+            rec.loads[idx] = (
+                stats.load[key]
+                if key in stats.load
+                else torch.zeros(mlp.n_experts, dtype=torch.long, device=self.device)
+            )
             return stats.balance.get(key)
         rec.loads[idx] = mlp.last_load
         return mlp.last_balance_loss
@@ -364,15 +384,21 @@ class PipelineStage:
                 continue
             with span(self.events, "F", "ATTN"):
                 inp = h
-                attn = (policy.attention(layer, inp, mb.cos, mb.sin) if policy is not None
-                        else layer.attention(inp, mb.cos, mb.sin))
+                attn = (
+                    policy.attention(layer, inp, mb.cos, mb.sin)
+                    if policy is not None
+                    else layer.attention(inp, mb.cos, mb.sin)
+                )
                 h = keep(inp, inp + attn, name="ATTN")
             yield
             with span(self.events, "F", "FFN"):
                 inp = h
                 stats = _new_stats()
-                out = inp + (_call(policy.ffn, layer, inp, stats=stats) if policy is not None
-                             else _call(layer.ffn, inp, stats=stats))
+                out = inp + (
+                    _call(policy.ffn, layer, inp, stats=stats)
+                    if policy is not None
+                    else _call(layer.ffn, inp, stats=stats)
+                )
                 h = keep(inp, out, self._moe_stats(layer.mlp, rec, stats), "FFN")
             yield
         with span(self.events, "F", "HEAD" if self.is_last else "END"):
@@ -382,8 +408,11 @@ class PipelineStage:
                 lm = m._head_loss(h_norm, mb.labels)
                 emb = m.model.embed_tokens(mb.ids) if len(m.mtp) else None
                 stats = _new_stats()
-                mtp = (_call(m._mtp_loss, inp, emb, mb.labels, mb.cos, mb.sin, stats=stats) if len(m.mtp)
-                       else lm.new_zeros(()))
+                mtp = (
+                    _call(m._mtp_loss, inp, emb, mb.labels, mb.cos, mb.sin, stats=stats)
+                    if len(m.mtp)
+                    else lm.new_zeros(())
+                )
                 mtp_bal = [b for b in (self._moe_stats(layer.mlp, rec, stats) for layer in m.mtp) if b is not None]
                 loss = lm + mtp
                 if mtp_bal:

@@ -35,9 +35,14 @@ import torch.distributed as dist
 
 from dsv3.errors import ConfigError
 from dsv3.model.loss import IGNORE_INDEX
-from dsv3.parallel.pipeline.executor import PipelineRuntime, PipelineStepResult, TraceEvent, check_layout, write_chrome_trace
+from dsv3.parallel.pipeline.executor import (
+    PipelineRuntime,
+    PipelineStepResult,
+    TraceEvent,
+    check_layout,
+    write_chrome_trace,
+)
 from dsv3.parallel.pipeline.stages import select_stages
-
 
 TRACE_FILE = "pipeline_trace.json"  # --trace: the last step's timeline, in the run directory
 
@@ -49,14 +54,25 @@ def pipeline_microbatches(global_batch: int, micro_batch: int, dp: int = 1) -> i
         ConfigError: the global batch does not divide.
     """
     if global_batch % (micro_batch * dp):
-        raise ConfigError(f"global batch {global_batch} is not a multiple of micro-batch {micro_batch} x dp {dp}; "
-                          f"use a global batch of {max(1, round(global_batch / (micro_batch * dp))) * micro_batch * dp}.")
+        raise ConfigError(
+            f"global batch {global_batch} is not a multiple of micro-batch {micro_batch} x dp {dp}; "
+            f"use a global batch of {max(1, round(global_batch / (micro_batch * dp))) * micro_batch * dp}."
+        )
     return global_batch // (micro_batch * dp)
 
 
-def check_pipeline_layout(num_layers: int, *, pp: int, schedule: str, global_batch: int, micro_batch: int,
-                          world_size: int, dp: int | None = None, ep: int = 1,
-                          n_routed_experts: int | None = None) -> int:
+def check_pipeline_layout(
+    num_layers: int,
+    *,
+    pp: int,
+    schedule: str,
+    global_batch: int,
+    micro_batch: int,
+    world_size: int,
+    dp: int | None = None,
+    ep: int = 1,
+    n_routed_experts: int | None = None,
+) -> int:
     """Check ``--pp``/``--pipeline``/``--dp``/``--ep`` against the model and the world before anything is written.
 
     Returns the micro-batches per pipeline and step. Raises :class:`ConfigError` (one sentence) for
@@ -74,24 +90,29 @@ def check_pipeline_layout(num_layers: int, *, pp: int, schedule: str, global_bat
         check_layout(num_layers, schedule, pp, 1, world_size)  # raises the layer-count error
     ndev = devices_of(schedule, pp)
     if world_size % ndev:
-        raise ConfigError(f"{world_size} processes do not factor into pipelines of {ndev} devices "
-                          f"({schedule} with pp={pp}); launch a multiple of {ndev} with torchrun --nproc-per-node.")
+        raise ConfigError(
+            f"{world_size} processes do not factor into pipelines of {ndev} devices "
+            f"({schedule} with pp={pp}); launch a multiple of {ndev} with torchrun --nproc-per-node."
+        )
     _, dp, _ = check_world(world_size, pp, dp, ep, n_routed_experts, schedule)
     m = pipeline_microbatches(global_batch, micro_batch, dp)
     try:
         check_layout(num_layers, schedule, pp, m, world_size)
     except ConfigError as exc:
         reason = str(exc).split("; use ")[0].replace(f"microbatches={m}", f"{m}")
-        raise ConfigError(f"{reason} per step (--global-batch {global_batch} / (--micro-batch {micro_batch} x dp {dp})); "
-                          f"{_microbatch_fix(num_layers, schedule, pp, world_size, global_batch, micro_batch, dp)}") \
-            from None
+        raise ConfigError(
+            f"{reason} per step (--global-batch {global_batch} / (--micro-batch {micro_batch} x dp {dp})); "
+            f"{_microbatch_fix(num_layers, schedule, pp, world_size, global_batch, micro_batch, dp)}"
+        ) from None
     return m
 
 
-def _microbatch_fix(num_layers: int, schedule: str, pp: int, world_size: int, global_batch: int,
-                    micro_batch: int, dp: int) -> str:
+def _microbatch_fix(
+    num_layers: int, schedule: str, pp: int, world_size: int, global_batch: int, micro_batch: int, dp: int
+) -> str:
     """``dsv3 train``'s flags and values that give a step micro-batches the schedule runs: the next larger
     --global-batch, and a smaller --micro-batch for the same global batch where one exists."""
+
     def fits(m: int) -> bool:
         try:
             check_layout(num_layers, schedule, pp, m, world_size)
@@ -102,7 +123,9 @@ def _microbatch_fix(num_layers: int, schedule: str, pp: int, world_size: int, gl
     m = global_batch // (micro_batch * dp)
     bigger = next(k for k in range(m + 1, m + 4 * pp + 8) if fits(k))
     fix = f"use --global-batch {bigger * micro_batch * dp}"
-    smaller = [b for b in range(micro_batch - 1, 0, -1) if global_batch % (b * dp) == 0 and fits(global_batch // (b * dp))]
+    smaller = [
+        b for b in range(micro_batch - 1, 0, -1) if global_batch % (b * dp) == 0 and fits(global_batch // (b * dp))
+    ]
     return fix + (f", or --micro-batch {smaller[0]} with this global batch" if smaller else "")
 
 
@@ -132,7 +155,9 @@ def gather_traces(runtime: PipelineRuntime, result: PipelineStepResult) -> dict[
     if runtime.device != 0:
         return None
     base = min(t0 for t0, _ in got)
-    return {d: [TraceEvent(op, s + t0 - base, e + t0 - base) for op, s, e in trace] for d, (t0, trace) in enumerate(got)}
+    return {
+        d: [TraceEvent(op, s + t0 - base, e + t0 - base) for op, s, e in trace] for d, (t0, trace) in enumerate(got)
+    }
 
 
 def write_step_trace(path: str, runtime: PipelineRuntime, result: PipelineStepResult) -> None:
@@ -151,7 +176,7 @@ def validation_loss(runtime: PipelineRuntime, ctx, batches: list[tuple[torch.Ten
     Collective over the world; the same value on every rank."""
     if not batches:
         return 0.0
-    mine = batches[ctx.dp_rank::ctx.dp]
+    mine = batches[ctx.dp_rank :: ctx.dp]
     ids, labels = batches[0]
     mine += [(ids, torch.full_like(labels, IGNORE_INDEX))] * (-(-len(batches) // ctx.dp) - len(mine))
     sums = runtime.evaluate(mine)

@@ -81,7 +81,9 @@ class WeightGradStore:
             raise RuntimeError(f"W op {key!r} has no deferred weight gradients queued.")
         got, fns = self._queue.popleft()
         if key is not None and got != key:
-            raise RuntimeError(f"W op {key!r} found the deferred weight gradients of {got!r} first (W ops are first-in first-out).")
+            raise RuntimeError(
+                f"W op {key!r} found the deferred weight gradients of {got!r} first (W ops are first-in first-out)."
+            )
         for fn in fns:
             fn()
         return len(fns)
@@ -195,7 +197,7 @@ class _SplitFP8(torch.autograd.Function):
     def forward(ctx, fn, n_params: int, store: WeightGradStore, *args):
         ctx.fn, ctx.n_params, ctx.store = fn, n_params, store
         ctx.inner = _InnerCtx()
-        ctx.params = args[1:1 + n_params]
+        ctx.params = args[1 : 1 + n_params]
         return fn.forward(ctx.inner, *args)
 
     @staticmethod
@@ -203,14 +205,14 @@ class _SplitFP8(torch.autograd.Function):
         fn, k, inner = ctx.fn, ctx.n_params, ctx.inner
         needs = ctx.needs_input_grad[3:]  # after fn, n_params, store
         off = (False,) * (len(needs) - 1 - k)
-        need_x, need_p = needs[0], needs[1:1 + k]
+        need_x, need_p = needs[0], needs[1 : 1 + k]
         if not (ctx.store.enabled and any(need_p)):
             return (None, None, None, *fn.backward(inner.asking(needs), dy))
         dx = fn.backward(inner.asking((need_x,) + (False,) * k + off), dy)[0] if need_x else None
         params = ctx.params
 
         def deferred() -> None:
-            grads = fn.backward(inner.asking((False,) + tuple(need_p) + off), dy)[1:1 + k]
+            grads = fn.backward(inner.asking((False,) + tuple(need_p) + off), dy)[1 : 1 + k]
             for p, g in zip(params, grads):
                 if g is not None:
                     _accumulate(p, g)
@@ -223,8 +225,9 @@ def _split_fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     from dsv3.fp8.linear import _FP8LinearFn
 
     save_input = torch.is_grad_enabled() and self.weight.requires_grad
-    return _SplitFP8.apply(_FP8LinearFn, 2, self._wgrad_store, x, self.weight, self.bias, self.recipe,
-                           self.input_cache, save_input)
+    return _SplitFP8.apply(
+        _FP8LinearFn, 2, self._wgrad_store, x, self.weight, self.bias, self.recipe, self.input_cache, save_input
+    )
 
 
 class _SplitFP8GroupedMM:
@@ -265,6 +268,7 @@ def split_weight_grads(model: nn.Module, store: WeightGradStore) -> int:
             module.forward = types.MethodType(_split_linear_forward, module)
             count += 1
         elif isinstance(module, Experts) and (module.mm is grouped_mm or getattr(module.mm, "_wgrad_split", False)):
+
             def mm(x, w, offs, _store=store):
                 return _SplitGroupedMM.apply(x, w, offs, _store)
 
