@@ -26,6 +26,8 @@ from dsv3.data.tokens import TokenStream
 from dsv3.errors import ConfigError, DataError
 from dsv3.model.loss import IGNORE_INDEX
 
+# --------------------------------------------------------------------------- pre-training: windows of a stream
+
 
 class TokenView:
     """A read-only concatenation of token ranges ``[start, end)`` of a stream, without copying.
@@ -168,6 +170,9 @@ class PackedDataset:
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
 
 
+# --------------------------------------------------------------------------- fine-tuning: conversations in rows
+
+
 @dataclass
 class Conversation:
     """One tokenised conversation.
@@ -189,9 +194,6 @@ class Conversation:
     def loss_tokens(self) -> int:
         """Targets that count in the loss: assistant tokens after the first token."""
         return int(self.mask[1:].sum())
-
-
-# --------------------------------------------------------------------------- packing
 
 
 def pack(lengths: Sequence[int], capacity: int) -> list[list[int]]:
