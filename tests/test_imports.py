@@ -203,14 +203,20 @@ def check(graph: Graph, floors: list[tuple[str, ...]], allowed, known=None, know
     merged.update({m: v for m, v in known_lazy.items() if m not in merged})
     out += lazy_violations(graph, merged)
     for m, (reason, targets) in allowed.items():
-        out += [f"LAZY lists {m} -> {t}, which it no longer imports" for t in sorted(targets - graph.lazy.get(m, set()))]
+        out += [
+            f"LAZY lists {m} -> {t}, which it no longer imports" for t in sorted(targets - graph.lazy.get(m, set()))
+        ]
         if reason == PLAN_START:
             out += [
                 f"{m} imports {t} inside a function, but {t} starts without torch: import it at the top"
                 for t in sorted(targets)
                 if not starts_heavy(graph, t)
             ]
-    out += [f"KNOWN lists {m} -> {t} ({o}), which no longer occurs" for (m, t), o in known.items() if t not in graph.edges.get(m, ())]
+    out += [
+        f"KNOWN lists {m} -> {t} ({o}), which no longer occurs"
+        for (m, t), o in known.items()
+        if t not in graph.edges.get(m, ())
+    ]
     for m, (owner, targets) in known_lazy.items():
         gone = sorted(targets - graph.lazy.get(m, set()))
         out += [f"KNOWN_LAZY lists {m} -> {t} ({owner}), which no longer occurs" for t in gone]
@@ -290,8 +296,7 @@ def test_the_checker_finds_unlisted_and_needless_lazy_imports():
     allowed = {"dsv3.cli.x": (PLAN_START, frozenset({"dsv3.train.y", "dsv3.config"}))}
     assert check(g, floors, allowed) == [
         "dsv3.cli.x imports torch inside a function: import it at the top",
-        "dsv3.cli.x imports dsv3.config inside a function, but dsv3.config starts without torch: "
-        "import it at the top",
+        "dsv3.cli.x imports dsv3.config inside a function, but dsv3.config starts without torch: import it at the top",
     ]
 
 

@@ -12,7 +12,7 @@ from dsv3.errors import DsV3Error
 __version__ = "0.1.0"
 
 _LAZY = {
-    "from_pretrained": ("dsv3.checkpoint.hf", "from_pretrained"),
+    "from_pretrained": ("dsv3.checkpoint.state", "from_pretrained"),
     "DeepseekV3ForCausalLM": ("dsv3.model.transformer", "DeepseekV3ForCausalLM"),
 }
 

@@ -36,6 +36,7 @@ from importlib import resources
 from typing import Any
 
 from dsv3.errors import ConfigError
+from dsv3.utils.io import atomic_write_text
 
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
@@ -361,8 +362,6 @@ class ModelConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` atomically (``path`` is a file or a directory)."""
-        from dsv3.utils.io import atomic_write_text
-
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")

@@ -38,7 +38,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
+from dsv3.model.hf import load_state_into, read_pretrained, write_pretrained
+from dsv3.model.transformer import DeepseekV3ForCausalLM
 from dsv3.utils.io import atomic_dir
 
 CHECKPOINTS = "checkpoints"
@@ -345,6 +348,27 @@ _DISK_ERRNOS = {
 }
 
 
+def pretrained_dir(path: str | os.PathLike) -> str:
+    """The Hugging Face directory of ``path``: ``path`` itself, or a run directory's latest intact checkpoint."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    return path if os.path.isfile(os.path.join(path, "config.json")) else resolve_checkpoint(path)
+
+
+def resolve_pretrained(path: str | os.PathLike) -> tuple[str, ModelConfig, dict[str, str]]:
+    """The checkpoint directory of ``path`` (a run directory: its latest intact checkpoint), its config
+    (without MTP modules when the checkpoint has no weights for them, with a warning) and its tensor files."""
+    path = pretrained_dir(path)
+    return (path, *read_pretrained(path))
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs) -> DeepseekV3ForCausalLM:
+    """:meth:`DeepseekV3ForCausalLM.from_pretrained` of a Hugging Face directory or of a dsv3 run directory
+    (its latest intact checkpoint); ``kwargs``: ``dtype``, ``device``, ``strict``."""
+    return DeepseekV3ForCausalLM.from_pretrained(pretrained_dir(path), **kwargs)
+
+
 def _write_failure(exc: BaseException) -> str | None:
     """A short reason when ``exc`` is a failed file write (full disk, quota, permissions), else None."""
     if isinstance(exc, OSError):
@@ -420,8 +444,6 @@ def save_checkpoint(
 def _write_checkpoint_files(
     tmp: str, step: int, *, model, optimizer, loader_state, tokenizer, ema, extra, run_dir: str
 ) -> None:
-    from dsv3.checkpoint.hf import write_pretrained
-
     write_pretrained(model, tmp)
     if tokenizer is not None:
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
@@ -449,8 +471,6 @@ def load_checkpoint_state(
     path: str, *, model=None, optimizer=None, ema=None, restore_rng: bool = True
 ) -> dict[str, Any]:
     """Restore what is given from checkpoint ``path``; return the JSON state (step, loader, extra)."""
-    from dsv3.checkpoint.hf import load_state_into
-
     state_file = os.path.join(path, STATE_FILE)
     try:
         with open(state_file, encoding="utf-8") as fh:

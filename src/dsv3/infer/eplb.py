@@ -31,11 +31,13 @@ logical expert, -1 padded; ``logcnt`` [L, E] replicas per logical expert.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Literal
 
 import torch
 
-from dsv3.errors import ConfigError
+from dsv3.errors import ConfigError, DataError
 
 Policy = Literal["refined", "published"]
 
@@ -322,11 +324,6 @@ def read_expert_loads(path) -> torch.Tensor:
     * a plain JSON array [layers][experts].
     Raises DataError for anything else.
     """
-    import json
-    import os
-
-    from dsv3.errors import DataError
-
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "metrics.jsonl")):
         path = os.path.join(path, "metrics.jsonl")

@@ -18,7 +18,7 @@ These follow transformers' ``_compute_yarn_parameters`` exactly.
 Context extension (report 4.3): :func:`extend_context` turns a model configuration
 into its YaRN-extended form (the released DeepSeek-V3 ``rope_scaling``: factor s,
 original length, beta_fast 32, beta_slow 1, mscale = mscale_all_dim = 1), and
-:func:`apply_rope_config` brings a built model's rotary tables and softmax scales in
+:func:`dsv3.model.transformer.apply_rope_config` brings a built model's rotary tables and softmax scales in
 line with a changed configuration (a checkpoint loaded, then extended).
 """
 
@@ -161,25 +161,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-@torch.no_grad()
-def apply_rope_config(model: nn.Module, config: ModelConfig) -> nn.Module:
-    """Point ``model`` at ``config``'s rope settings: rebuild every :class:`RotaryEmbedding`'s
-    inverse frequencies and amplitude and every MLA's softmax scale (YaRN's mscale^2).
-
-    Needed when a model was built (or loaded) under one configuration and continues under
-    another, e.g. ``--init-from`` a checkpoint with ``--rope-scaling yarn``. Returns ``model``.
-    """
-    from dsv3.model.mla import MLA
-
-    if hasattr(model, "config"):
-        model.config = config
-    inv_freq, attention_factor = rope_frequencies(config)
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.inv_freq = inv_freq.to(device=module.inv_freq.device)
-            module.attention_factor = attention_factor
-        elif isinstance(module, MLA):
-            module.softmax_scale = softmax_scale(config)
-    return model

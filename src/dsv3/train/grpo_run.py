@@ -152,7 +152,7 @@ def _configure(config: TrainConfig | None, resume: str | None, overrides) -> tup
 def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     """The session's phases for GRPO: configuration, prompts and rewards (all checked first), the world, the
     policy (:func:`_policy`), the run directory (:func:`dsv3.train.session._write_run_dir`), the restore."""
-    from dsv3.checkpoint.checkpointer import Checkpointer
+    from dsv3.parallel.checkpointer import Checkpointer
     from dsv3.train.session import _join_world, _write_run_dir, model_config_for, resolve_device
 
     config, run_dir = _configure(config, resume, overrides)

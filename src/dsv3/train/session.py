@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from dsv3.checkpoint.checkpointer import Checkpointer
+from dsv3.parallel.checkpointer import Checkpointer
 from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError, DataError, RunDirError
 from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
@@ -114,7 +114,7 @@ def build_meta(config: TrainConfig, mcfg: ModelConfig, *, mtp: bool = True):
     init_from = None
     build_cfg = mcfg
     if config.model.init_from:
-        from dsv3.checkpoint.hf import resolve_pretrained
+        from dsv3.checkpoint.state import resolve_pretrained
 
         init_from, ckpt_cfg, _ = resolve_pretrained(config.model.init_from)  # checked here, before anything is written
         build_cfg = mcfg.replace(num_nextn_predict_layers=ckpt_cfg.num_nextn_predict_layers)

@@ -25,9 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dsv3.checkpoint.hf import _expert_blocks, checkpoint_files, from_pretrained, load_state_into
 from dsv3.checkpoint.state import (
     STATE_FILE,
+    from_pretrained,
     join_tensors,
     latest_checkpoint,
     load_checkpoint_state,
@@ -37,6 +37,7 @@ from dsv3.checkpoint.state import (
     set_rng_state,
 )
 from dsv3.errors import CheckpointError
+from dsv3.model.hf import checkpoint_files, expert_blocks, load_state_into
 from dsv3.parallel import checkpoint as dcp_format
 
 _STEP = re.compile(r"(\d+)$")
@@ -244,7 +245,7 @@ def _restore_one_process_into_shards(path: str, model, optimizer, ema) -> Restor
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} has no readable {STATE_FILE} ({exc})") from None
     load_state_into(model, path, partial=True)
-    blocks = {k: off for k, (off, _) in _expert_blocks(model).items()}
+    blocks = {k: off for k, (off, _) in expert_blocks(model).items()}
     if "optimizer" not in state:
         raise CheckpointError(f"checkpoint {path} holds no optimizer state")
     optim = join_tensors(state["optimizer"], _Keys())
