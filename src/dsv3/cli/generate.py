@@ -6,14 +6,21 @@ to stderr (``--speculative``) or to a ``--stats`` JSON file.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
+
+from dsv3.errors import ConfigError, DataError
+from dsv3.utils.io import atomic_write_text
+from dsv3.utils.outputs import check_output_file, json_with_keys
+
 #: Keys every ``--stats`` document holds: an existing file with them is an earlier --stats output (replaced).
 STATS_KEYS = ("prompts", "max_tokens", "temperature", "top_p", "device")
 
 
 def _is_stats_file(path: str) -> bool:
     """Whether ``path`` is an earlier ``--stats`` output (replaced); any other file is refused."""
-    from dsv3.utils.outputs import json_with_keys
-
     return json_with_keys(*STATS_KEYS)(path)
 
 
@@ -71,9 +78,7 @@ def register(sub) -> None:
 
 def resolve_device(name: str):
     """``torch.device(name)`` when this machine has it, else a one-line ConfigError."""
-    import torch
-
-    from dsv3.errors import ConfigError
+    import torch  # torch-free start of `dsv3 plan` (this module builds a parser)
 
     try:
         device = torch.device(name)
@@ -95,8 +100,6 @@ def resolve_device(name: str):
 
 
 def _read_prompts(path: str) -> list[str]:
-    from dsv3.errors import DataError
-
     try:
         with open(path, encoding="utf-8") as fh:
             prompts = [line.rstrip("\r\n") for line in fh]
@@ -110,14 +113,9 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def run(args) -> int:
-    import json
-    import os
-    import sys
-    import time
-
+    # torch and the tokenizers library only when the command runs: `dsv3 plan` starts without them
     import torch
 
-    from dsv3.errors import ConfigError
     from dsv3.infer.generate import (
         ExpertLoadCollector,
         check_length,
@@ -140,8 +138,6 @@ def run(args) -> int:
     if args.prompt is not None and args.prompts_file is not None:
         raise ConfigError("--prompt and --prompts-file cannot go together; put the prompt in the file (one per line)")
     if args.stats:
-        from dsv3.utils.outputs import check_output_file
-
         check_output_file(args.stats, "--stats", is_own=_is_stats_file, what="a dsv3 generate --stats JSON file")
     prompts = _read_prompts(args.prompts_file) if args.prompts_file else [args.prompt or ""]
     device = resolve_device(args.device)
@@ -198,8 +194,6 @@ def run(args) -> int:
     for prompt, tokens in zip(prompts, new):
         print(prompt + tokenizer.decode(tokens))
     if args.stats:
-        from dsv3.utils.io import atomic_write_text
-
         atomic_write_text(args.stats, json.dumps(stats, indent=1) + "\n")
     if speculative:
         rates = ", ".join("-" if r is None else f"{r:.1%}" for r in stats["acceptance_rate"])
@@ -215,7 +209,7 @@ def run(args) -> int:
 
 def _speculative(model, ids, args, eos, gen, stats) -> list[list[int]]:
     """Decode each prompt with MTP speculation, one at a time."""
-    import torch
+    import torch  # torch-free start of `dsv3 plan`, as in run()
 
     from dsv3.infer.speculative import SpeculativeStats, speculative_generate
 
@@ -243,9 +237,7 @@ def _speculative(model, ids, args, eos, gen, stats) -> list[list[int]]:
 
 def _baseline(model, ids, args, eos, stats) -> None:
     """Time plain decoding of the same prompts: ``baseline_tokens_per_s`` and ``speedup`` in ``stats``."""
-    import time
-
-    import torch
+    import torch  # torch-free start of `dsv3 plan`, as in run()
 
     from dsv3.infer.generate import generate
 
