@@ -112,6 +112,23 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def _check_args(args, check_sampling) -> None:
+    """The flags' one-line errors, before anything is loaded."""
+    if args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be positive, got {args.max_tokens}")
+    check_sampling(args.temperature, args.top_p)
+    if not 0 <= args.seed < 2**63:
+        raise ConfigError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    if args.num_draft is not None and args.speculative != "mtp":
+        raise ConfigError("--num-draft needs --speculative mtp")
+    if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
+        raise ConfigError(f"tokenizer file {args.tokenizer} does not exist")
+    if args.prompt is not None and args.prompts_file is not None:
+        raise ConfigError("--prompt and --prompts-file cannot go together; put the prompt in the file (one per line)")
+    if args.stats:
+        check_output_file(args.stats, "--stats", is_own=_is_stats_file, what="a dsv3 generate --stats JSON file")
+
+
 def run(args) -> int:
     # torch and the tokenizers library only when the command runs: `dsv3 plan` starts without them
     import torch
@@ -126,19 +143,7 @@ def run(args) -> int:
     )
     from dsv3.train.tokenizer import eos_token_id, get_tokenizer
 
-    if args.max_tokens < 1:
-        raise ConfigError(f"--max-tokens must be positive, got {args.max_tokens}")
-    check_sampling(args.temperature, args.top_p)
-    if not 0 <= args.seed < 2**63:
-        raise ConfigError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
-    if args.num_draft is not None and args.speculative != "mtp":
-        raise ConfigError("--num-draft needs --speculative mtp")
-    if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
-        raise ConfigError(f"tokenizer file {args.tokenizer} does not exist")
-    if args.prompt is not None and args.prompts_file is not None:
-        raise ConfigError("--prompt and --prompts-file cannot go together; put the prompt in the file (one per line)")
-    if args.stats:
-        check_output_file(args.stats, "--stats", is_own=_is_stats_file, what="a dsv3 generate --stats JSON file")
+    _check_args(args, check_sampling)
     prompts = _read_prompts(args.prompts_file) if args.prompts_file else [args.prompt or ""]
     device = resolve_device(args.device)
     speculative = args.speculative == "mtp"

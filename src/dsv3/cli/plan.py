@@ -143,6 +143,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
     sub = p.add_subparsers(dest="plan_command", metavar="{schedule,search}", parser_class=type(p))
+    _register_schedule(sub)
+    _register_search(sub)
+
+
+def _register_schedule(sub) -> None:
+    """``dsv3 plan schedule``: simulate a pipeline schedule (or a measured trace) and draw it."""
     s = sub.add_parser(
         "schedule",
         help="simulate a pipeline schedule and draw its per-device timeline",
@@ -179,6 +185,9 @@ def register(subparsers) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(func=run_schedule)
 
+
+def _register_search(sub) -> None:
+    """``dsv3 plan search``: the layouts of N GPUs that fit, fastest first."""
     q = sub.add_parser(
         "search",
         help="list the layouts of N GPUs that fit, ranked by estimated step time",
