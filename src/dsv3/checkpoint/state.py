@@ -1,25 +1,14 @@
 """Training checkpoints that lose nothing: weights, optimizer, data position, RNG, EMA, step.
 
-A checkpoint is a directory ``RUN_DIR/checkpoints/step-NNNNNNN/``:
-
-- ``config.json`` + ``model.safetensors``: the weights (router biases included) in the
-  Hugging Face layout, so ``dsv3.from_pretrained`` and transformers load it directly;
-- ``tokenizer.json``: the run's tokenizer, and for a fine-tuning run ``tokenizer_config.json`` (its
-  chat template): the checkpoint is self-contained;
-- ``optimizer.safetensors``, ``rng.safetensors``, ``ema.safetensors``: tensors;
-- ``training_state.json``: everything else (step, data-loader position, optimizer
-  hyper-parameters, Python/NumPy RNG states, counters);
-- ``manifest.json``, written last: the size and SHA-256 of every other file.
-
-No pickle anywhere. The directory is assembled under a temporary name and renamed
-into place (:func:`dsv3.utils.io.atomic_dir`), so a kill at any moment leaves the
-previous checkpoints intact; only complete ``step-*`` directories are ever seen.
-A checkpoint damaged afterwards (a file deleted, truncated or changed on disk) fails
-:func:`verify_checkpoint`; :func:`select_resume_checkpoint` then moves it aside
-(``step-N.damaged``) and resumes from the newest intact one, saying so. Temporary
-directories a kill left behind are removed by :func:`remove_stale_temporaries`. A
-write that fails (a full disk) raises :class:`~dsv3.errors.CheckpointError` after
-removing its temporary files; the previous checkpoints are untouched.
+A checkpoint is a directory ``RUN_DIR/checkpoints/step-NNNNNNN/``: the Hugging Face weights
+(``config.json`` + ``model.safetensors``), ``tokenizer.json`` (and a fine-tuning run's chat template),
+``optimizer/rng/ema.safetensors``, ``training_state.json`` (step, loader position, counters) and
+``manifest.json`` (size and SHA-256 of every other file), written last. No pickle anywhere.
+The directory is assembled under a temporary name and renamed into place; a damaged checkpoint fails
+:func:`verify_checkpoint` and :func:`select_resume_checkpoint` moves it aside and resumes from the newest
+intact one; a failed write raises :class:`~dsv3.errors.CheckpointError` and leaves earlier checkpoints
+untouched. :func:`from_pretrained` loads a Hugging Face directory or a run directory's newest checkpoint.
+Narrative: docs/checkpoints.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
 """The model's Hugging Face weight format: safetensors in and out, names mapped one to one.
 
-Layout (as the official deepseek-ai repositories ship it, and as transformers reads it):
-
-- ``config.json``;
-- ``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors`` with
-  ``model.safetensors.index.json`` (``{"metadata": ..., "weight_map": {name: file}}``);
-- per-expert tensors ``model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight``
-  (stacked here into ``experts.gate_up_proj`` [N_r, 2I, d] and ``experts.down_proj``
-  [N_r, d, I]; transformers-5 style stacked tensors are read too);
-- MTP module k as ``model.layers.{L+k-1}.*`` with ``enorm``, ``hnorm``, ``eh_proj``,
-  ``shared_head.norm`` and copies of the shared ``embed_tokens`` and ``shared_head.head``;
-- FP8 checkpoints (``quantization_config.quant_method == "fp8"``): E4M3 weights plus
-  ``weight_scale_inv`` per 128x128 block, dequantised on load (w = q * scale_inv).
-
-Loading copies every tensor into a built model as it is read from the memory-mapped files (only the
-rows a rank holds); saving writes shard by shard into a temporary directory renamed into place when complete.
+As the official repositories ship it: ``config.json``; ``model.safetensors`` or shards with
+``model.safetensors.index.json``; per-expert tensors ``model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj``
+(stacked here into ``experts.gate_up_proj`` [N_r, 2I, d] / ``down_proj`` [N_r, d, I]); MTP module k as
+``model.layers.{L+k-1}.*`` with copies of the shared embedding and head; FP8 checkpoints (E4M3 weights and
+``weight_scale_inv`` per 128x128 block) dequantised on load. Loading copies each tensor into a built model
+as it is read (only the rows a rank holds); saving writes shard by shard into a temporary directory that
+is renamed into place. Details: docs/model.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,13 @@
 """AdamW as the DeepSeek-V3 report trains with it (section 4.2), with optional BF16 moments (section 3.3.2).
 
-The report's recipe: AdamW with beta_1 = 0.9, beta_2 = 0.95, weight decay 0.1
-(decoupled, applied to matrices only, not to norms, biases or embeddings),
-gradient clipping at norm 1.0. To save memory the report keeps the first and
-second moments m, v in BF16 while master weights and gradients stay FP32;
-:class:`AdamW` does that with ``moments_dtype=torch.bfloat16`` (FP32 moments
-are the default).
+beta = (0.9, 0.95), decoupled weight decay 0.1 on matrices only (not norms, biases, embeddings), clipping
+at norm 1.0. One step for p with gradient g at step t::
 
-One step, for parameter p with gradient g at step t (1-based), learning rate
-eta, weight decay lambda::
+    p <- p * (1 - eta * lambda);  m <- beta_1 m + (1 - beta_1) g;  v <- beta_2 v + (1 - beta_2) g^2
+    p <- p - eta / (1 - beta_1^t) * m / (sqrt(v) / sqrt(1 - beta_2^t) + eps)
 
-    p   <- p * (1 - eta * lambda)                 # decoupled weight decay
-    m   <- beta_1 * m + (1 - beta_1) * g
-    v   <- beta_2 * v + (1 - beta_2) * g^2
-    p   <- p - eta / (1 - beta_1^t) * m / (sqrt(v) / sqrt(1 - beta_2^t) + eps)
-
-With BF16 moments, m and v are upcast to FP32, updated in FP32 and rounded
-back (round to nearest even) once per step; p is updated in FP32 from the
-FP32 values of that step.
+With ``moments_dtype=torch.bfloat16`` m and v are stored in BF16, updated in FP32 and rounded back once a
+step. Details: docs/model.md.
 """
 
 from __future__ import annotations

@@ -39,9 +39,9 @@ from typing import Any
 
 import torch
 
-from dsv3.parallel.checkpointer import Checkpointer
 from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError, DataError, RunDirError
+from dsv3.parallel.checkpointer import Checkpointer
 from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
 from dsv3.utils.malloc import fix_mmap_threshold
 
