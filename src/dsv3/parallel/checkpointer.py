@@ -53,6 +53,11 @@ class Restored:
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
 
+    @classmethod
+    def of(cls, checkpoint: str, step: int, loader: dict | None, extra: dict) -> Restored:
+        """From a checkpoint's saved ``extra`` (its ``nonfinite`` count and ``val_losses``)."""
+        return cls(checkpoint, step, loader, extra.get("nonfinite", 0), [tuple(v) for v in extra.get("val_losses", [])])
+
 
 class Checkpointer:
     """Save and restore a run in the format of its layout.
@@ -136,25 +141,12 @@ class Checkpointer:
         if self.sharded:
             return _restore_one_process_into_shards(path, model, optimizer, ema)
         state = load_checkpoint_state(path, model=model, optimizer=optimizer, ema=ema)
-        extra = state.get("extra", {})
-        return Restored(
-            path,
-            state["step"],
-            state.get("loader"),
-            extra.get("nonfinite", 0),
-            [tuple(v) for v in extra.get("val_losses", [])],
-        )
+        return Restored.of(path, state["step"], state.get("loader"), state.get("extra", {}))
 
     def _restore_sharded(self, path: str, model, optimizer, ema) -> Restored:
         meta = dcp_format.load_sharded(path, model=model, optimizer=optimizer, ctx=optimizer.ctx, ema=ema)
         self.sharded = True
-        return Restored(
-            path,
-            meta["step"],
-            meta.get("loader"),
-            meta.get("nonfinite", 0),
-            [tuple(v) for v in meta.get("val_losses", [])],
-        )
+        return Restored.of(path, meta["step"], meta.get("loader"), meta)
 
     # ------------------------------------------------------------------ init-from, export
     @staticmethod
@@ -262,14 +254,7 @@ def _restore_one_process_into_shards(path: str, model, optimizer, ema) -> Restor
     if ema is not None:
         _ema_from_one_process(path, state, model, ema, blocks)
     set_rng_state(state["rng"], load_file(os.path.join(path, "rng.safetensors")))
-    extra = state.get("extra", {})
-    return Restored(
-        path,
-        state["step"],
-        state.get("loader"),
-        extra.get("nonfinite", 0),
-        [tuple(v) for v in extra.get("val_losses", [])],
-    )
+    return Restored.of(path, state["step"], state.get("loader"), state.get("extra", {}))
 
 
 def _ema_from_one_process(path: str, state: dict, model, ema, blocks: dict[str, int]) -> None:
