@@ -201,15 +201,20 @@ def run(args) -> int:
     if args.stats:
         atomic_write_text(args.stats, json.dumps(stats, indent=1) + "\n")
     if speculative:
-        rates = ", ".join("-" if r is None else f"{r:.1%}" for r in stats["acceptance_rate"])
-        line = (
-            f"speculative (MTP, {stats['draft_tokens']} draft/round): acceptance {rates}, "
-            f"{stats['tokens_per_round']:.2f} tokens/forward, {stats['tokens_per_s']:.1f} tokens/s"
-        )
-        if stats.get("baseline_tokens_per_s"):
-            line += f" vs plain {stats['baseline_tokens_per_s']:.1f} tokens/s ({stats['speedup']:.2f}x)"
-        print(line, file=sys.stderr)
+        print(_speculative_line(stats), file=sys.stderr)
     return 0
+
+
+def _speculative_line(stats: dict) -> str:
+    """The stderr line of a ``--speculative mtp`` run: acceptance per draft position, tokens/s vs plain."""
+    rates = ", ".join("-" if r is None else f"{r:.1%}" for r in stats["acceptance_rate"])
+    line = (
+        f"speculative (MTP, {stats['draft_tokens']} draft/round): acceptance {rates}, "
+        f"{stats['tokens_per_round']:.2f} tokens/forward, {stats['tokens_per_s']:.1f} tokens/s"
+    )
+    if stats.get("baseline_tokens_per_s"):
+        line += f" vs plain {stats['baseline_tokens_per_s']:.1f} tokens/s ({stats['speedup']:.2f}x)"
+    return line
 
 
 def _speculative(model, ids, args, eos, gen, stats) -> list[list[int]]:
