@@ -8,7 +8,7 @@ main model) and :func:`~dsv3.parallel.parallelize.parallelize`d (expert sharding
 read from ``--init-from``: a dsv3 run's latest checkpoint or a Hugging Face directory; ZeroAdamW in every
 layout), the frozen reference as a CPU copy of those initial weights (only when beta > 0) and the
 learning-rate schedule; the run directory (:func:`~dsv3.train.session._write_run_dir`); on ``--resume``
-the latest checkpoint through the :class:`~dsv3.checkpoint.checkpointer.Checkpointer`. A checkpoint holds the
+the latest checkpoint through the :class:`~dsv3.parallel.checkpointer.Checkpointer`. A checkpoint holds the
 weights (router biases included), the optimizer and the step: the prompts and the samples of a
 step are functions of (seed, step), so a resumed run repeats the uninterrupted one exactly.
 """
@@ -152,7 +152,7 @@ def _configure(config: TrainConfig | None, resume: str | None, overrides) -> tup
 def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     """The session's phases for GRPO: configuration, prompts and rewards (all checked first), the world, the
     policy (:func:`_policy`), the run directory (:func:`dsv3.train.session._write_run_dir`), the restore."""
-    from dsv3.checkpoint.checkpointer import Checkpointer
+    from dsv3.parallel.checkpointer import Checkpointer
     from dsv3.train.session import _join_world, _write_run_dir, model_config_for, resolve_device
 
     config, run_dir = _configure(config, resume, overrides)
@@ -218,7 +218,7 @@ def _eos_id(config: TrainConfig, tokenizer) -> int:
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_grpo(run: GRPORun) -> str:
-    """Write the run's state after ``run.step`` steps through the run's :class:`~dsv3.checkpoint.checkpointer.
+    """Write the run's state after ``run.step`` steps through the run's :class:`~dsv3.parallel.checkpointer.
     Checkpointer` (sharded DCP under torchrun, the one-process format otherwise); returns its directory."""
     return run.checkpointer.save(
         run.step, run.model, run.optimizer, loader_state={"grpo_step": run.step}, extra={"nonfinite": run.nonfinite}

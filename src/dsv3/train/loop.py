@@ -214,7 +214,7 @@ def train(
     last_ckpt = s.checkpoint
     interrupted = False
 
-    def checkpoint_now(at_step: int) -> str | None:  # the format of the run: see dsv3.checkpoint.checkpointer
+    def checkpoint_now(at_step: int) -> str | None:  # the format of the run: see dsv3.parallel.checkpointer
         return s.checkpointer.save(
             at_step,
             model,

@@ -289,7 +289,7 @@ def train_reward_model(config: TrainConfig, *, log: Callable[[str], None] = prin
 
 def save_reward_model(scorer: _Scorer, directory: str, info: dict[str, Any]) -> None:
     """Write the trunk (Hugging Face format), the score head, the tokenizer, the template and the metadata."""
-    from dsv3.checkpoint.hf import write_pretrained
+    from dsv3.model.hf import write_pretrained
 
     with atomic_dir(directory) as tmp:
         write_pretrained(scorer.model.lm, tmp)
@@ -329,7 +329,7 @@ class LoadedRewardModel:
 
 def load_reward_model(run_dir: str, *, device: str | torch.device = "cpu") -> LoadedRewardModel:
     """The reward model of a ``dsv3 train --task reward`` run directory (or of its ``reward_model/``)."""
-    from dsv3.checkpoint.hf import from_pretrained
+    from dsv3.checkpoint.state import from_pretrained
 
     directory = (
         run_dir if os.path.isfile(os.path.join(run_dir, "reward_model.json")) else os.path.join(run_dir, MODEL_DIR)

@@ -39,9 +39,9 @@ from typing import Any
 
 import torch
 
-from dsv3.checkpoint.checkpointer import Checkpointer
 from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError, DataError, RunDirError
+from dsv3.parallel.checkpointer import Checkpointer
 from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
 from dsv3.utils.malloc import fix_mmap_threshold
 
@@ -114,7 +114,7 @@ def build_meta(config: TrainConfig, mcfg: ModelConfig, *, mtp: bool = True):
     init_from = None
     build_cfg = mcfg
     if config.model.init_from:
-        from dsv3.checkpoint.hf import resolve_pretrained
+        from dsv3.checkpoint.state import resolve_pretrained
 
         init_from, ckpt_cfg, _ = resolve_pretrained(config.model.init_from)  # checked here, before anything is written
         build_cfg = mcfg.replace(num_nextn_predict_layers=ckpt_cfg.num_nextn_predict_layers)
@@ -281,7 +281,7 @@ class Session:
     prefetcher: BatchPrefetcher
     parallel: Any = None  # the ParallelContext (ParallelContext.single(device) for one process)
     pipeline: Any = None  # the PipelineRuntime when pp > 1 (dsv3.parallel.pipeline.train.build_pipeline)
-    checkpointer: Any = None  # the run's Checkpointer (dsv3.checkpoint.checkpointer): every save and restore
+    checkpointer: Any = None  # the run's Checkpointer (dsv3.parallel.checkpointer): every save and restore
     step: int = 0
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
@@ -547,7 +547,7 @@ def _write_run_files(session: Session) -> None:
 
 def _restore(session: Session, checkpoint: str | None) -> None:
     """Phase 7: continue from the run's newest checkpoint, whichever layout wrote it
-    (:meth:`~dsv3.checkpoint.checkpointer.Checkpointer.restore`: each rank reads only what it holds)."""
+    (:meth:`~dsv3.parallel.checkpointer.Checkpointer.restore`: each rank reads only what it holds)."""
     restored = session.checkpointer.restore(session.model, session.optimizer, session.ema, checkpoint=checkpoint)
     if restored is not None:
         session.checkpoint, session.step, session.nonfinite = restored.checkpoint, restored.step, restored.nonfinite
