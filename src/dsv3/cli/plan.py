@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsv3.errors import ConfigError
-from dsv3.plan.limits import check_gpus, check_pipeline, check_plot, clip
+from dsv3.errors import ConfigError, clip
+from dsv3.plan.limits import check_gpus, check_pipeline, check_plot
 from dsv3.plan.params import TP_CONVENTIONS
 
 

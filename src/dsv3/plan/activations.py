@@ -414,7 +414,7 @@ def ffn_items(
 ) -> list[ActItem]:
     """Kept tensors of one layer's post-attention RMSNorm and its dense MLP or DeepSeekMoE."""
     d = cfg.hidden_size
-    a, st, rc = prec.activations, prec.stats, prec.router_compute
+    a, st = prec.activations, prec.stats
     it = _Items(cfg, layout, prec, prefix, tokens)
     # Selective recomputation re-runs the FFN except with FP8 caching (then it is left as under `none`).
     recomputed = NOT_FULL if it.fp8 else NO_RECOMPUTE
@@ -422,39 +422,54 @@ def ffn_items(
     it.add("post_attention_layernorm.input", "residual stream after attention", "RMSNorm", d, a, NOT_FULL, "sp")
     it.add("post_attention_layernorm.rstd", "1/RMS per token", "RMSNorm", 1, st, recomputed, "sp")
     if not moe:
-        i = cfg.intermediate_size
-        if it.fp8:
-            for proj in ("gate_proj", "up_proj"):
-                it.linear_input(
-                    f"mlp.{proj}.input", f"normalised FFN input u_t ({proj} input)", "Linear", d, recomputed, "sp"
-                )
-            it.row_tiled("mlp.swiglu.gate", "gate projection (SwiGLU input)", "SwiGLU", i, recomputed, "tp")
-            it.row_tiled("mlp.swiglu.up", "up projection (SwiGLU input)", "SwiGLU", i, recomputed, "tp")
-        else:
-            it.add(
-                "post_attention_layernorm.output",
-                "normalised FFN input u_t (gate_proj, up_proj input)",
-                "Linear",
-                d,
-                a,
-                recomputed,
-                "sp",
-            )
-            it.add("mlp.swiglu.input", "[gate, up] projections (SwiGLU input)", "SwiGLU", 2 * i, a, NOT_FULL, "tp")
-        it.linear_input("mlp.down_proj.input", "SwiGLU output", "Linear", i, recomputed, "tp")
-        if region_cache:
-            it.add(
-                "mlp.down_proj.output",
-                "FFN output (GEMM output cached by the selective region)",
-                "checkpoint",
-                d,
-                a,
-                region_cache,
-                "rep",
-            )
-        return it.items
+        _dense_mlp_items(it, cfg, recomputed, region_cache)
+    else:
+        _router_items(it, cfg, layout, recomputed, region_cache)
+        if cfg.n_shared_experts:
+            _shared_expert_items(it, cfg, recomputed, region_cache)
+        _routed_expert_items(it, cfg, layout, recomputed, region_cache)
+    return it.items
 
-    n_r, k, ie = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+
+def _dense_mlp_items(it: "_Items", cfg: ModelConfig, recomputed, region_cache) -> None:
+    """The dense MLP's kept tensors: SwiGLU inputs, down-projection input (and the cached output)."""
+    d, a = cfg.hidden_size, it.prec.activations
+    i = cfg.intermediate_size
+    if it.fp8:
+        for proj in ("gate_proj", "up_proj"):
+            it.linear_input(
+                f"mlp.{proj}.input", f"normalised FFN input u_t ({proj} input)", "Linear", d, recomputed, "sp"
+            )
+        it.row_tiled("mlp.swiglu.gate", "gate projection (SwiGLU input)", "SwiGLU", i, recomputed, "tp")
+        it.row_tiled("mlp.swiglu.up", "up projection (SwiGLU input)", "SwiGLU", i, recomputed, "tp")
+    else:
+        it.add(
+            "post_attention_layernorm.output",
+            "normalised FFN input u_t (gate_proj, up_proj input)",
+            "Linear",
+            d,
+            a,
+            recomputed,
+            "sp",
+        )
+        it.add("mlp.swiglu.input", "[gate, up] projections (SwiGLU input)", "SwiGLU", 2 * i, a, NOT_FULL, "tp")
+    it.linear_input("mlp.down_proj.input", "SwiGLU output", "Linear", i, recomputed, "tp")
+    if region_cache:
+        it.add(
+            "mlp.down_proj.output",
+            "FFN output (GEMM output cached by the selective region)",
+            "checkpoint",
+            d,
+            a,
+            region_cache,
+            "rep",
+        )
+
+
+def _router_items(it: "_Items", cfg: ModelConfig, layout: Layout, recomputed, region_cache) -> None:
+    """The gate's kept tensors: its input, logits, affinities, top-K_r, balance-loss sums, the loads."""
+    d, a, rc = cfg.hidden_size, it.prec.activations, it.prec.router_compute
+    n_r, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     users = []
     if cfg.n_shared_experts and not it.fp8:
         users.append("shared_experts.gate_proj, up_proj")
@@ -474,7 +489,7 @@ def ffn_items(
         it.add(
             "mlp.gate.input", f"FFN input cast to {rc} for the gating GEMM", "Linear (router)", d, rc, recomputed, "sp"
         )
-    if rc != prec.router:  # one cast of the N_r x d router weight per micro-batch
+    if rc != it.prec.router:  # one cast of the N_r x d router weight per micro-batch
         it.constant("mlp.gate.weight_cast", f"router weight cast to {rc}", "Linear (router)", n_r * d, rc, recomputed)
     if region_cache:
         it.add(
@@ -522,47 +537,54 @@ def ffn_items(
     )
     if cfg.seq_aux_alpha > 0:
         it.constant("mlp.balance_loss", "the layer's balance loss L_Bal (MoE.last_balance_loss)", "MoE", 1, rc, ALL)
-    if cfg.n_shared_experts:
-        w = cfg.n_shared_experts * ie
-        if it.fp8:
-            for proj in ("gate_proj", "up_proj"):
-                it.linear_input(
-                    f"mlp.shared_experts.{proj}.input",
-                    f"normalised FFN input u_t (shared {proj} input)",
-                    "Linear",
-                    d,
-                    recomputed,
-                    "sp",
-                )
-            it.row_tiled(
-                "mlp.shared_experts.swiglu.gate", "shared-expert gate (SwiGLU input)", "SwiGLU", w, recomputed, "tp"
-            )
-            it.row_tiled(
-                "mlp.shared_experts.swiglu.up", "shared-expert up (SwiGLU input)", "SwiGLU", w, recomputed, "tp"
-            )
-        else:
-            it.add(
-                "mlp.shared_experts.swiglu.input",
-                "shared-expert [gate, up] (SwiGLU input)",
-                "SwiGLU",
-                2 * w,
-                a,
-                NOT_FULL,
-                "tp",
-            )
-        it.linear_input(
-            "mlp.shared_experts.down_proj.input", "shared-expert SwiGLU output", "Linear", w, recomputed, "tp"
-        )
-        if region_cache:
-            it.add(
-                "mlp.shared_experts.down_proj.output",
-                "shared-expert output (GEMM output cached by the selective region)",
-                "checkpoint",
+
+
+def _shared_expert_items(it: "_Items", cfg: ModelConfig, recomputed, region_cache) -> None:
+    """The shared experts' kept tensors (N_s experts of width I_e as one MLP)."""
+    d, a = cfg.hidden_size, it.prec.activations
+    ie = cfg.moe_intermediate_size
+    w = cfg.n_shared_experts * ie
+    if it.fp8:
+        for proj in ("gate_proj", "up_proj"):
+            it.linear_input(
+                f"mlp.shared_experts.{proj}.input",
+                f"normalised FFN input u_t (shared {proj} input)",
+                "Linear",
                 d,
-                a,
-                region_cache,
-                "rep",
+                recomputed,
+                "sp",
             )
+        it.row_tiled(
+            "mlp.shared_experts.swiglu.gate", "shared-expert gate (SwiGLU input)", "SwiGLU", w, recomputed, "tp"
+        )
+        it.row_tiled("mlp.shared_experts.swiglu.up", "shared-expert up (SwiGLU input)", "SwiGLU", w, recomputed, "tp")
+    else:
+        it.add(
+            "mlp.shared_experts.swiglu.input",
+            "shared-expert [gate, up] (SwiGLU input)",
+            "SwiGLU",
+            2 * w,
+            a,
+            NOT_FULL,
+            "tp",
+        )
+    it.linear_input("mlp.shared_experts.down_proj.input", "shared-expert SwiGLU output", "Linear", w, recomputed, "tp")
+    if region_cache:
+        it.add(
+            "mlp.shared_experts.down_proj.output",
+            "shared-expert output (GEMM output cached by the selective region)",
+            "checkpoint",
+            d,
+            a,
+            region_cache,
+            "rep",
+        )
+
+
+def _routed_expert_items(it: "_Items", cfg: ModelConfig, layout: Layout, recomputed, region_cache) -> None:
+    """The routed experts' kept tensors: dispatched copies, SwiGLU inputs, weights, indices, offsets."""
+    d, a, rc = cfg.hidden_size, it.prec.activations, it.prec.router_compute
+    n_r, ie = cfg.n_routed_experts, cfg.moe_intermediate_size
     ie_dev = ie / layout.etp
     it.expert_input(
         "mlp.experts.input", "dispatched token copies (grouped gate/up GEMM input)", "grouped GEMM", d, recomputed
@@ -633,7 +655,6 @@ def ffn_items(
             "int32",
             recomputed,
         )
-    return it.items
 
 
 def decoder_layer_items(

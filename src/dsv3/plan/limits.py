@@ -62,12 +62,6 @@ def check_size(name: str, value: object, maximum: int = 2**60) -> int:
     return value
 
 
-def clip(text: object, width: int = 40) -> str:
-    """``repr(text)`` for a message, cut to about ``width`` characters (a pasted megabyte stays one short line)."""
-    r = repr(text)
-    return r if len(r) <= width else r[: width - 4] + "..." + r[-1:]
-
-
 def _show(value: object) -> str:
     """``value`` for a message: with thousands separators, or its digit count when it is absurdly long."""
     if isinstance(value, int) and not isinstance(value, bool):

@@ -48,8 +48,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dsv3.config import ModelConfig
+from dsv3.layout import devices_of_stage, stage_devices, stage_layer_indices
 from dsv3.plan import activations as act
-from dsv3.plan.layout import Layout, devices_of_stage, stage_devices, stage_layer_indices
+from dsv3.plan.layout import Layout
 from dsv3.plan.params import GroupKey, ModelParams, ParamTensor, aggregate, merge_groups, mtp_layer_is_moe
 from dsv3.plan.precision import DTYPE_BYTES, Precision, element_bytes
 

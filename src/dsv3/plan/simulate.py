@@ -1,6 +1,6 @@
 """Discrete-event simulation of a pipeline schedule's per-device op lists.
 
-The simulator executes the op lists of :mod:`dsv3.parallel.pipeline.schedules`
+The simulator executes the op lists of :mod:`dsv3.schedules`
 (the same lists the distributed runtime runs) with fixed op times:
 
 ====  =========================================================
@@ -27,7 +27,7 @@ stage: its own forward, which computed the loss), W its B, an FB pair both
 inputs. Data from another device is usable ``comm`` after the SEND executed.
 An op list that can never complete (a cycle of waits) raises
 :class:`DeadlockError`; an inconsistent one raises
-:class:`~dsv3.parallel.pipeline.schedules.ScheduleError`.
+:class:`~dsv3.schedules.ScheduleError`.
 
 Reported quantities (what the DualPipe README's table compares, arXiv 2412.19437):
 
@@ -55,7 +55,7 @@ Reported quantities (what the DualPipe README's table compares, arXiv 2412.19437
   depends only on op order, not on times.
 * ``params_per_device_factor``: parameters per device in units of one stage
   (1/pp of the layers): 1, 1, 2, 2 (see
-  :attr:`~dsv3.parallel.pipeline.schedules.Schedule.params_per_device_factor`).
+  :attr:`~dsv3.schedules.Schedule.params_per_device_factor`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dsv3.errors import ConfigError
-from dsv3.parallel.pipeline.schedules import (
+from dsv3.plan.limits import check_pipeline
+from dsv3.schedules import (
     BACKWARD,
     BW,
     FB,
@@ -82,7 +83,6 @@ from dsv3.parallel.pipeline.schedules import (
     build_schedule,
     validate_schedule,
 )
-from dsv3.plan.limits import check_pipeline
 
 
 def op_key(op: Op) -> tuple:

@@ -33,10 +33,11 @@ import re
 import statistics
 from dataclasses import dataclass
 
-from dsv3.errors import ConfigError, DataError
-from dsv3.parallel.pipeline.schedules import BW, COMPUTE_KINDS, FB, SCHEDULES, B, F, Op, Schedule, W, build_schedule
-from dsv3.plan.limits import MAX_PIPELINE_CELLS, check_pipeline, clip
+from dsv3.errors import ConfigError, DataError, clip
+from dsv3.layout import SCHEDULES
+from dsv3.plan.limits import MAX_PIPELINE_CELLS, check_pipeline
 from dsv3.plan.simulate import OpTimes, SimResult, _label, _peak_activations, op_key, run_schedule
+from dsv3.schedules import BW, COMPUTE_KINDS, FB, B, F, Op, Schedule, W, build_schedule
 
 #: A trace of a bounded step is a few MB; a larger file is the wrong one and would cost unbounded memory.
 MAX_TRACE_BYTES = 64 * 2**20
@@ -206,7 +207,7 @@ def match_schedule(
     """The schedule a trace executed and its ops as (op, start, end) per device, in op-list order.
 
     The trace's own stages and micro-batches give ``pp`` and the micro-batch count; the schedule is the one
-    of :data:`~dsv3.parallel.pipeline.schedules.SCHEDULES` whose per-device compute-op lists equal the trace's.
+    of :data:`~dsv3.layout.SCHEDULES` whose per-device compute-op lists equal the trace's.
     ``schedule``/``pp``/``microbatches``, when given, must agree with that.
 
     Raises:

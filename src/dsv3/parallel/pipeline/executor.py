@@ -1,7 +1,7 @@
 """The pipeline runtime: an interpreter of a schedule's per-device op lists.
 
 :class:`PipelineRuntime` executes, on each pipeline device (one process), the op
-list ``Schedule.ops[device]`` of :mod:`dsv3.parallel.pipeline.schedules`,
+list ``Schedule.ops[device]`` of :mod:`dsv3.schedules`,
 exactly the list that :func:`dsv3.plan.simulate.run_schedule` times. It knows
 nothing about 1F1B, ZB1P or DualPipe; a schedule added there runs unchanged:
 
@@ -25,7 +25,7 @@ Consecutive SEND/RECV ops are issued together with ``batch_isend_irecv``, one
 batch per process group. Every link between two devices has one process group
 per direction and per message kind (activations, gradients): same-shape
 messages on one group match first-in first-out (gloo, measured), so
-:func:`~dsv3.parallel.pipeline.schedules.validate_schedule` rejects, before
+:func:`~dsv3.schedules.validate_schedule` rejects, before
 anything runs, op lists whose SENDs and RECVs on a link come in different orders.
 One thread issues every communication call.
 
@@ -57,7 +57,7 @@ from torch import nn
 
 from dsv3.errors import ConfigError
 from dsv3.model.loss import IGNORE_INDEX
-from dsv3.parallel.pipeline.schedules import (
+from dsv3.schedules import (
     BW,
     FB,
     FORWARD,

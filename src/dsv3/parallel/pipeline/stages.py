@@ -57,7 +57,7 @@ from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.memory.recompute import RecomputePolicy
 from dsv3.parallel.pipeline.overlap import CutMoE, cuts, span
-from dsv3.parallel.pipeline.schedules import build_schedule
+from dsv3.schedules import build_schedule
 
 
 def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) -> tuple[int, ...]:

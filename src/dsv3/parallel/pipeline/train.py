@@ -81,7 +81,7 @@ def check_pipeline_layout(
     does not split over dp, or too few micro-batches for the schedule.
     """
     from dsv3.parallel.pipeline.executor import devices_of
-    from dsv3.parallel.pipeline.schedules import build_schedule
+    from dsv3.schedules import build_schedule
     from dsv3.parallel.world import check_layout as check_world
 
     if isinstance(pp, int) and not isinstance(pp, bool) and 1 <= pp <= num_layers:
