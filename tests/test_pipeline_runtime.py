@@ -29,11 +29,12 @@ from pipeline_worker import (
 )
 
 from dsv3.errors import ConfigError
-from dsv3.parallel.pipeline.executor import TraceEvent, check_layout, chrome_trace, write_chrome_trace
+from dsv3.parallel.pipeline.executor import TraceEvent, chrome_trace, write_chrome_trace
 from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageRecord, stage_layers
 from dsv3.parallel.pipeline.train import check_pipeline_layout, pipeline_microbatches
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
 from dsv3.schedules import FB, ScheduleError, build_schedule, validate_schedule
+from dsv3.schedules import pipeline_schedule as check_layout
 
 N_MICRO, STEPS, LAYERS = 4, 2, 4
 JOBS = [

@@ -21,7 +21,7 @@ from typing import Literal, NamedTuple, get_args
 from dsv3.errors import ConfigError, clip
 
 # ----------------------------------------------------------------------------- the choices, spelled once
-ScheduleName = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
+PipelineSchedule = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
 """Pipeline-parallel schedule (:mod:`dsv3.schedules`)."""
 RecomputeMode = Literal["none", "selective", "full"]
 """Activation recomputation: nothing, the cheap ops (RMSNorm, MLA up-projection, SwiGLU), or whole blocks."""
@@ -36,7 +36,7 @@ AttentionImpl = Literal["fused", "eager"]
 TPConvention = Literal["megatron", "zhang-su"]
 """What tensor parallelism splits (megatron: dsv3 and Megatron-Core; zhang-su: arXiv 2502.07846)."""
 
-SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+SCHEDULES: tuple[str, ...] = get_args(PipelineSchedule)
 RECOMPUTE_MODES: tuple[str, ...] = get_args(RecomputeMode)
 DISPATCHERS: tuple[str, ...] = get_args(Dispatcher)
 FP8_BACKENDS: tuple[str, ...] = get_args(FP8Backend)
@@ -192,11 +192,11 @@ def check_layout(
     if num_layers is not None and pp > num_layers:
         raise ConfigError(
             f"the model has {num_layers} layers, fewer than --pp {pp} pipeline stages: {num_layers} layers cannot "
-            f"fill --pp {pp} stages; use at most {num_layers} stages"
+            f"fill --pp {pp} stages; use at most {num_layers} stages."
         )
     if name in DUAL_SCHEDULES and pp % 2:
         raise ConfigError(
-            f"{DISPLAY_NAMES[name]} needs an even number of pipeline stages, got --pp {pp}; use --pp {pp + 1}"
+            f"{DISPLAY_NAMES[name]} needs an even number of pipeline stages, got --pp {pp}; use --pp {pp + 1}."
         )
     dp = _world_dp(world_size, pp, dp, name)
     _check_experts(dp, ep, n_routed_experts, tp, etp)
@@ -207,13 +207,13 @@ def check_layout(
 
 def _positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"--{name} must be a positive integer, got {value!r}.")
 
 
 def _schedule_name(schedule: str | None) -> str:
     key = "1f1b" if schedule is None else str(schedule).lower()
     if key not in SCHEDULES:
-        raise ConfigError(f"unknown schedule {clip(schedule)}; choose one of {', '.join(SCHEDULES)}")
+        raise ConfigError(f"unknown schedule {clip(schedule)}; choose one of {', '.join(SCHEDULES)}.")
     return key
 
 
@@ -226,14 +226,14 @@ def _world_dp(world_size: int | None, pp: int, dp: int | None, schedule: str) ->
         raise ConfigError(
             f"{world_size} processes do not factor into pipelines of {ndev} devices: the world size {world_size} "
             f"is not a multiple of the {ndev} pipeline devices of --pp {pp} ({schedule}); launch a multiple of "
-            f"{ndev} with torchrun --nproc-per-node"
+            f"{ndev} with torchrun --nproc-per-node."
         )
     if dp is None:
         return world_size // ndev
     if ndev * dp != world_size:
         raise ConfigError(
             f"the world size {world_size} does not factor as {ndev} pipeline devices x --dp {dp}; "
-            f"launch {ndev * dp} processes or change --dp"
+            f"launch {ndev * dp} processes or change --dp."
         )
     return dp
 
@@ -243,16 +243,18 @@ def _check_experts(dp: int, ep: int, n_routed_experts: int | None, tp: int, etp:
     if n_routed_experts and n_routed_experts % ep:
         raise ConfigError(
             f"--ep {ep} does not divide the model's {n_routed_experts} routed experts: {n_routed_experts} routed "
-            f"experts cannot be split over --ep {ep}; choose an EP size that divides {n_routed_experts}"
+            f"experts cannot be split over --ep {ep}; choose an EP size that divides {n_routed_experts}."
         )
     if (dp * tp) % (ep * etp) == 0:
         return
-    if tp == etp == 1:
-        raise ConfigError(f"--ep {ep} does not divide the data-parallel degree {dp}; pick an ep that divides dp")
-    raise ConfigError(
-        f"EP x ETP = {ep * etp} must divide DP x TP = {dp * tp}, because the expert "
-        f"layers re-fold the same devices; raise --dp or lower --ep/--etp"
+    refold = (
+        f"EP x ETP = {ep * etp} must divide DP x TP = {dp * tp}, because the expert layers re-fold the same devices"
     )
+    if tp == etp == 1:
+        raise ConfigError(
+            f"--ep {ep} does not divide the data-parallel degree {dp} ({refold}); pick an ep that divides dp."
+        )
+    raise ConfigError(f"{refold}; raise --dp or lower --ep/--etp.")
 
 
 def _check_microbatches(schedule: str, pp: int, m: int) -> None:

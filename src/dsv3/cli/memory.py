@@ -36,8 +36,8 @@ def run(args) -> int:
     import json
 
     from dsv3.cli.options import overrides_from_args
-    from dsv3.memory.measure import measure_config
     from dsv3.train.config import load_train_config
+    from dsv3.train.measure import measure_config
 
     config = load_train_config(None, overrides_from_args(args))
     config.data.global_batch = config.data.micro_batch  # one micro-batch a step

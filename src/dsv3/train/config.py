@@ -23,8 +23,8 @@ key of flat run files. Run files may be sectioned (``optimizer: {lr: 1e-3}``) or
 (``lr: 1e-3``, the format of run directories written before the sections existed); both
 give the same configuration, and :func:`save_effective_config` writes the sectioned form.
 
-Choices are ``Literal`` types defined once here (:data:`RecomputeMode`, :data:`ParamDtype`,
-...); the CLI's allowed values, the validation and other modules read them from these.
+Choices are ``Literal`` types, each spelled once: the layout's (schedule, recomputation, dispatcher, FP8)
+in :mod:`dsv3.layout`, the rest here; the CLI's allowed values and the validation read them from these.
 Defaults train the ``tiny`` preset on the Python standard library in a few minutes on
 2 CPU cores. Report (arXiv 2412.19437, section 4.2) values are noted where they differ.
 
@@ -35,6 +35,7 @@ that still carry it load and the value is ignored; the flag is gone.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import time
@@ -44,7 +45,10 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any, Literal, get_args, get_origin
 
+from dsv3.config import as_int
 from dsv3.errors import ConfigError
+from dsv3.layout import Dispatcher, FP8Backend, FP8ScaleFormat, PipelineSchedule, RecomputeMode
+from dsv3.utils.io import atomic_write_text
 
 __all__ = [
     "TrainConfig",
@@ -59,12 +63,9 @@ __all__ = [
     "CheckpointOptions",
     "LoggingOptions",
     "RunOptions",
-    "RecomputeMode",
     "OptimStates",
     "ParamDtype",
     "DeviceName",
-    "FP8Backend",
-    "FP8ScaleFormat",
     "DataFormat",
     "TokenDtype",
     "DataTask",
@@ -73,8 +74,6 @@ __all__ = [
     "RLOptions",
     "OnLong",
     "RopeScaling",
-    "PipelineSchedule",
-    "Dispatcher",
     "Option",
     "options",
     "flat_options",
@@ -87,18 +86,13 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------- the choices, spelled once
-RecomputeMode = Literal["none", "selective", "full"]
-"""Activation recomputation: nothing, the cheap ops (RMSNorm, MLA up-projection, SwiGLU), or whole blocks."""
+# (the parallel layout's and the FP8 recipe's are in dsv3.layout)
 OptimStates = Literal["fp32", "bf16"]
 """Precision of the AdamW moments."""
 ParamDtype = Literal["float32", "bfloat16"]
 """Parameter dtype."""
 DeviceName = Literal["auto", "cpu", "cuda"]
 """Where to train; auto = CUDA when available."""
-FP8Backend = Literal["auto", "emulated", "cuda"]
-"""FP8 GEMM implementation."""
-FP8ScaleFormat = Literal["fp32", "ue8m0"]
-"""Scale format of FP8 GEMM operands."""
 DataFormat = Literal["text", "jsonl", "parquet", "bin"]
 """Forced corpus format (default: from the file suffix)."""
 TokenDtype = Literal["uint16", "uint32"]
@@ -114,10 +108,6 @@ OnLong = Literal["skip", "truncate", "error"]
 """What to do with an SFT example longer than seq_len."""
 RopeScaling = Literal["none", "yarn"]
 """RoPE context extension."""
-PipelineSchedule = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
-"""Pipeline-parallel schedule."""
-Dispatcher = Literal["auto", "local", "alltoall", "deepep"]
-"""MoE token dispatcher."""
 
 #: Flat keys of older run files that are accepted and ignored.
 RETIRED_OPTIONS = frozenset({"log_every"})
@@ -533,8 +523,6 @@ def section_names() -> tuple[str, ...]:
 
 def suggest(name: str, candidates) -> str:
     """``" (did you mean X?)"``: the candidates that ``name`` abbreviates (up to three), else the closest one, or ``""``."""
-    import difflib
-
     candidates = list(candidates)
     close = [c for c in candidates if c.startswith(name)][:3] if len(name) > 2 else []
     close = close or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
@@ -611,9 +599,9 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
                 raise ValueError
             return bool(value)
         if kind is int:
-            from dsv3.config import as_int  # the one strict integer parser (rejects 2.5, "2.5", true)
-
-            return as_int(value, f"{source}: option {opt.flat}")
+            return as_int(  # the one strict integer parser (rejects 2.5, "2.5", true)
+                value, f"{source}: option {opt.flat}"
+            )
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -670,8 +658,6 @@ def load_train_config(path: str | None, overrides: dict[str, Any] | None = None)
 
 def save_effective_config(config: TrainConfig, path: str) -> None:
     """Write the sectioned YAML of ``config`` atomically."""
-    from dsv3.utils.io import atomic_write_text
-
     atomic_write_text(path, config_yaml(config))
 
 

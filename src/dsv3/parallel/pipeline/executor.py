@@ -56,7 +56,10 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.errors import ConfigError
+from dsv3.layout import pipeline_devices
 from dsv3.model.loss import IGNORE_INDEX
+from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageLayout, StageRecord, module_of, remove_stages
+from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
 from dsv3.schedules import (
     BW,
     FB,
@@ -69,10 +72,9 @@ from dsv3.schedules import (
     Schedule,
     W,
     build_schedule,
+    pipeline_schedule,
     validate_schedule,
 )
-from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageLayout, StageRecord, module_of, remove_stages
-from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
 from dsv3.utils.io import atomic_write_text
 
 
@@ -110,34 +112,6 @@ class PipelineStepResult:
 _DONE = object()
 
 
-def devices_of(schedule_name: str, pp: int) -> int:
-    """Pipeline devices a schedule runs ``pp`` stages on (``pp``, or ``pp/2`` for DualPipeV)."""
-    return pp // 2 if str(schedule_name).lower() == "dualpipev" else pp
-
-
-def check_layout(num_layers: int, schedule_name: str, pp: int, microbatches: int, world_size: int) -> Schedule:
-    """Check a pipeline layout before anything runs; return its schedule.
-
-    Raises:
-        ConfigError (one sentence): fewer layers than stages, a schedule that cannot run
-        ``pp``/``microbatches`` (odd pp for DualPipe(V), too few micro-batches), or a world
-        size that is not a multiple of the pipeline's devices.
-    """
-    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
-        raise ConfigError(f"--pp must be a positive integer, got {pp!r}.")
-    if pp > num_layers:
-        raise ConfigError(
-            f"the model has {num_layers} layers, fewer than --pp {pp} pipeline stages; use --pp <= {num_layers}."
-        )
-    schedule = build_schedule(schedule_name, pp, microbatches)
-    if world_size % schedule.devices:
-        raise ConfigError(
-            f"{world_size} processes do not factor into pipelines of {schedule.devices} devices "
-            f"({schedule.name} with pp={pp}); launch a multiple of {schedule.devices} processes."
-        )
-    return schedule
-
-
 class PipelineRuntime:
     """Runs a pipeline schedule for one process (one pipeline device).
 
@@ -147,7 +121,7 @@ class PipelineRuntime:
     Args:
         model: the model, whole (the stages this device does not run are removed here) or already cut
             to this device's stages by :func:`~dsv3.parallel.pipeline.stages.select_stages`.
-        schedule: schedule name (``1f1b``, ``zb1p``, ``dualpipe``, ``dualpipev``).
+        schedule: schedule name (one of :data:`dsv3.layout.SCHEDULES`).
         pp: pipeline stages.
         seq_len: tokens per sequence (for the balanced split).
         pipelines: global ranks of each pipeline's devices (default: one pipeline, ranks in order).
@@ -177,8 +151,8 @@ class PipelineRuntime:
                 f"{n_layers} layers."
             )
         rank, world = dist.get_rank(), dist.get_world_size()
-        ndev = devices_of(self.name, pp)
-        self.template = check_layout(model.config.num_hidden_layers, self.name, pp, 2 * pp, world)
+        ndev = pipeline_devices(pp, self.name)
+        self.template = pipeline_schedule(model.config.num_hidden_layers, self.name, pp, 2 * pp, world)
         if pipelines is None:
             pipelines = [list(range(i, i + ndev)) for i in range(0, world, ndev)]
         if any(len(p) != ndev for p in pipelines):

@@ -57,6 +57,9 @@ from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.memory.recompute import RecomputePolicy
 from dsv3.parallel.pipeline.overlap import CutMoE, cuts, span
+from dsv3.plan.flops import model_flops
+from dsv3.plan.layout import Layout
+from dsv3.plan.planner import default_stage_layers
 from dsv3.schedules import build_schedule
 
 
@@ -66,10 +69,6 @@ def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) 
     Raises:
         ConfigError: ``pp`` is not a positive integer or exceeds the number of layers.
     """
-    from dsv3.plan.flops import model_flops
-    from dsv3.plan.layout import Layout
-    from dsv3.plan.planner import default_stage_layers
-
     if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
         raise ConfigError(f"pp must be a positive integer, got {pp!r}.")
     if pp > mcfg.num_hidden_layers:

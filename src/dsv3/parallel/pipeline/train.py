@@ -34,12 +34,12 @@ import torch
 import torch.distributed as dist
 
 from dsv3.errors import ConfigError
+from dsv3.layout import check_layout
 from dsv3.model.loss import IGNORE_INDEX
 from dsv3.parallel.pipeline.executor import (
     PipelineRuntime,
     PipelineStepResult,
     TraceEvent,
-    check_layout,
     write_chrome_trace,
 )
 from dsv3.parallel.pipeline.stages import select_stages
@@ -75,47 +75,31 @@ def check_pipeline_layout(
 ) -> int:
     """Check ``--pp``/``--pipeline``/``--dp``/``--ep`` against the model and the world before anything is written.
 
-    Returns the micro-batches per pipeline and step. Raises :class:`ConfigError` (one sentence) for
-    fewer layers than stages, an odd pp for DualPipe(V), ranks that do not factor into pipelines
-    x dp, ep not dividing dp or N_r (:func:`dsv3.parallel.world.check_layout`), a global batch that
-    does not split over dp, or too few micro-batches for the schedule.
+    Returns the micro-batches per pipeline and step. Raises :class:`ConfigError` (one sentence) for what
+    :func:`dsv3.layout.check_layout` refuses (fewer layers than stages, an odd pp for DualPipe(V), ranks that
+    do not factor into pipelines x dp, ep not dividing dp or N_r, too few micro-batches for the schedule, with
+    the ``dsv3 train`` flags that fix it) or a global batch that does not split over dp.
     """
-    from dsv3.parallel.pipeline.executor import devices_of
-    from dsv3.schedules import build_schedule
-    from dsv3.parallel.world import check_layout as check_world
-
-    if isinstance(pp, int) and not isinstance(pp, bool) and 1 <= pp <= num_layers:
-        build_schedule(schedule, pp, 2 * pp + 2)  # the schedule's own rules on pp (e.g. even for DualPipe)
-    else:
-        check_layout(num_layers, schedule, pp, 1, world_size)  # raises the layer-count error
-    ndev = devices_of(schedule, pp)
-    if world_size % ndev:
-        raise ConfigError(
-            f"{world_size} processes do not factor into pipelines of {ndev} devices "
-            f"({schedule} with pp={pp}); launch a multiple of {ndev} with torchrun --nproc-per-node."
-        )
-    _, dp, _ = check_world(world_size, pp, dp, ep, n_routed_experts, schedule)
+    _, dp, _ = check_layout(world_size, pp, dp, ep, n_routed_experts, schedule, num_layers=num_layers)
     m = pipeline_microbatches(global_batch, micro_batch, dp)
     try:
-        check_layout(num_layers, schedule, pp, m, world_size)
+        check_layout(pp=pp, schedule=schedule, microbatches=m)
     except ConfigError as exc:
         reason = str(exc).split("; use ")[0].replace(f"microbatches={m}", f"{m}")
         raise ConfigError(
             f"{reason} per step (--global-batch {global_batch} / (--micro-batch {micro_batch} x dp {dp})); "
-            f"{_microbatch_fix(num_layers, schedule, pp, world_size, global_batch, micro_batch, dp)}"
+            f"{_microbatch_fix(schedule, pp, global_batch, micro_batch, dp)}"
         ) from None
     return m
 
 
-def _microbatch_fix(
-    num_layers: int, schedule: str, pp: int, world_size: int, global_batch: int, micro_batch: int, dp: int
-) -> str:
+def _microbatch_fix(schedule: str, pp: int, global_batch: int, micro_batch: int, dp: int) -> str:
     """``dsv3 train``'s flags and values that give a step micro-batches the schedule runs: the next larger
     --global-batch, and a smaller --micro-batch for the same global batch where one exists."""
 
     def fits(m: int) -> bool:
         try:
-            check_layout(num_layers, schedule, pp, m, world_size)
+            check_layout(pp=pp, schedule=schedule, microbatches=m)
             return True
         except ConfigError:
             return False
