@@ -453,14 +453,21 @@ def _dense_mlp_items(it: "_Items", cfg: ModelConfig, recomputed, region_cache) -
             "sp",
         )
         it.add("mlp.swiglu.input", "[gate, up] projections (SwiGLU input)", "SwiGLU", 2 * i, a, NOT_FULL, "tp")
-    it.linear_input("mlp.down_proj.input", "SwiGLU output", "Linear", i, recomputed, "tp")
+    _down_proj_items(it, "mlp", ("SwiGLU output", "FFN output"), d, i, recomputed, region_cache)
+
+
+def _down_proj_items(
+    it: "_Items", module: str, what: tuple[str, str], d: int, width: float, recomputed, region_cache
+) -> None:
+    """An MLP's down-projection input [width] and, under selective recomputation, its cached output [d]."""
+    it.linear_input(f"{module}.down_proj.input", what[0], "Linear", width, recomputed, "tp")
     if region_cache:
         it.add(
-            "mlp.down_proj.output",
-            "FFN output (GEMM output cached by the selective region)",
+            f"{module}.down_proj.output",
+            f"{what[1]} (GEMM output cached by the selective region)",
             "checkpoint",
             d,
-            a,
+            it.prec.activations,
             region_cache,
             "rep",
         )
@@ -568,17 +575,8 @@ def _shared_expert_items(it: "_Items", cfg: ModelConfig, recomputed, region_cach
             NOT_FULL,
             "tp",
         )
-    it.linear_input("mlp.shared_experts.down_proj.input", "shared-expert SwiGLU output", "Linear", w, recomputed, "tp")
-    if region_cache:
-        it.add(
-            "mlp.shared_experts.down_proj.output",
-            "shared-expert output (GEMM output cached by the selective region)",
-            "checkpoint",
-            d,
-            a,
-            region_cache,
-            "rep",
-        )
+    names = ("shared-expert SwiGLU output", "shared-expert output")
+    _down_proj_items(it, "mlp.shared_experts", names, d, w, recomputed, region_cache)
 
 
 def _routed_expert_items(it: "_Items", cfg: ModelConfig, layout: Layout, recomputed, region_cache) -> None:
