@@ -1,51 +1,15 @@
 """Pipeline-parallel schedules as data: the per-device op lists of 1F1B, ZB1P, DualPipe and DualPipeV.
 
-This module is the single definition of every schedule. The planner's simulator
-(:mod:`dsv3.plan.simulate`) times these lists and a torch.distributed runtime
-executes the same lists, so the bubble we predict is the bubble we run. It is
-pure Python (no torch) so that ``dsv3 plan`` stays light.
-
-Vocabulary (the DualPipe README's, arXiv 2412.19437 section 3.2.1):
-
-* ``pp`` is the number of pipeline *stages* for every schedule (the model's
-  pipelined layers cut into ``pp`` consecutive pieces, stage 0 first).
-* A *chunk* is one stage's worth of parameters held by a device. 1F1B and ZB1P
-  hold one chunk per device (device d = stage d, ``pp`` devices). DualPipe holds
-  two chunks on each of its ``pp`` devices: chunk 0 is stage d of the copy that
-  micro-batches ``0 .. m/2-1`` run through from device 0 to device pp-1, chunk 1
-  is stage pp-1-d of the second copy that micro-batches ``m/2 .. m-1`` run
-  through in the reverse direction. DualPipeV ("cut-in-half") runs ``pp`` stages
-  on ``pp/2`` devices in a V: device d holds stage d (chunk 0) and stage pp-1-d
-  (chunk 1); every micro-batch goes down through chunk 0 and back up through
-  chunk 1, the turn at the last device being local.
-* Ops (:class:`Op`): ``F`` forward of a (micro-batch, stage); ``B`` backward for
-  the inputs only (its ``W`` comes later, zero-bubble style); ``W`` backward for
-  the weights; ``BW`` full backward (B and W fused, as 1F1B runs it); ``FB`` an
-  overlapped pair of a forward and a full backward of two different micro-batches
-  (DualPipe's F&B); ``SEND``/``RECV`` point-to-point transfers.
-
-Op-list contract (what both executors rely on):
-
-* A device runs its ops in list order, one compute op at a time.
-* ``SEND`` is asynchronous: it never blocks the device and the data leaves as
-  soon as the op is reached (it always follows the op that produced the data).
-* ``RECV`` posts a receive and does not block; the first op that uses the
-  received data waits until it has arrived. Every ``SEND`` has exactly one
-  matching ``RECV`` (same micro-batch, stage and direction, swapped peers).
-* In ``SEND``/``RECV``, ``stage`` names the stage that *consumes* the data: the
-  stage whose input it is (``direction="forward"``, an activation) or the stage
-  whose output gradient it is (``direction="backward"``); ``chunk`` is the chunk
-  on the op's own device that produced (SEND) or will consume (RECV) it.
-  When consecutive stages of a micro-batch sit on the same device (DualPipeV's
-  turn at device pp/2-1) there is no SEND/RECV: the data stays on the device.
-* Between two devices, the SENDs of one kind (activations or gradients) in one
-  direction come in the order of the peer's RECVs: the runtime matches them
-  first-in first-out on one process group per link, direction and kind.
-* Deferred weight gradients are first-in first-out: ``W`` ops come in the same
-  order as the split ``B`` ops they complete.
-
-Each schedule below is written per device with explicit phases; DualPipe and
-DualPipeV share one eight-step body (deepseek-ai/DualPipe writes both that way).
+The single definition of every schedule (torch-free, on the bottom floor beside :mod:`dsv3.layout`,
+whose :func:`~dsv3.layout.check_layout` says which ``pp`` and micro-batch counts a schedule runs).
+The planner's simulator (:mod:`dsv3.plan.simulate`) times these lists and the runtime
+(:mod:`dsv3.parallel.pipeline.executor`) executes the same lists, so the bubble we predict is the
+bubble we run. :func:`build_schedule` gives a :class:`Schedule`: for each device its :class:`Op` list
+(``F``, ``B``, ``W``, ``BW``, ``FB``, ``SEND``, ``RECV``); :func:`validate_schedule` checks an op
+list against the contract both executors rely on (docs/pipeline.md, "Schedules as data": list order,
+asynchronous SENDs, RECVs waited by their first user, first-in first-out messages per link, direction
+and kind, first-in first-out W). Each schedule is written per device with explicit phases; DualPipe
+and DualPipeV share one eight-step body (as deepseek-ai/DualPipe writes both).
 """
 
 from __future__ import annotations

@@ -1,35 +1,16 @@
 """The training-run configuration: typed dataclasses in sections, read from YAML/TOML, every field a flag.
 
-A run is described by :class:`TrainConfig`, whose sections group the options as
-torchtitan groups its own::
-
-    model      what to train (preset, config.json or checkpoint), RoPE scaling
-    data       corpus, tokenizer, sequence length, micro/global batch, SFT switches
-    optimizer  AdamW (peak lr, betas, eps, weight decay, clipping)
-    schedule   steps, the learning-rate schedule and the batch-size ramp
-    moe        the report's training hyperparameters gamma, alpha, lambda and their switches
-    precision  parameter dtype, FP8
-    memory     recomputation, EMA, optimizer-state precision
-    parallel   device and the distributed layout (pp, dp, ep, schedule, dispatcher)
-    checkpoint save interval and retention
-    logging    evaluation, metrics, progress, the closing sample
-    run        run directory, seed, non-finite-loss tolerance
-    rl         GRPO (``task: grpo``): rewards, group size, sampling, the objective, MoE routing under RL
-
-Code reads ``config.optimizer.lr``, ``config.data.micro_batch`` and so on. Every field
-also has a flat name (``lr``, ``micro_batch``, ``data_format`` for ``data.format``,
-``model`` for ``model.name``): the command-line flag (``--lr``, ``--micro-batch``) and the
-key of flat run files. Run files may be sectioned (``optimizer: {lr: 1e-3}``) or flat
-(``lr: 1e-3``, the format of run directories written before the sections existed); both
-give the same configuration, and :func:`save_effective_config` writes the sectioned form.
-
-Choices are ``Literal`` types, each spelled once: the layout's (schedule, recomputation, dispatcher, FP8)
-in :mod:`dsv3.layout`, the rest here; the CLI's allowed values and the validation read them from these.
-Defaults train the ``tiny`` preset on the Python standard library in a few minutes on
-2 CPU cores. Report (arXiv 2412.19437, section 4.2) values are noted where they differ.
-
-Retired option: ``log_every`` (never read; metrics are logged every step). Flat files
-that still carry it load and the value is ignored; the flag is gone.
+:class:`TrainConfig` groups the options in sections as torchtitan does (model, data, optimizer, schedule,
+moe, precision, memory, parallel, checkpoint, logging, run, rl); code reads ``config.optimizer.lr``.
+Every field also has a flat name (``lr``, ``data_format`` for ``data.format``, ``model`` for
+``model.name``): the command-line flag (``--lr``) and the key of flat run files. Run files may be
+sectioned or flat (the format of run directories written before the sections existed); both give the
+same configuration, and :func:`save_effective_config` writes the sectioned form. Choices are
+``Literal`` types, each spelled once: the parallel layout's and the FP8 recipe's in :mod:`dsv3.layout`,
+the rest here; the CLI's allowed values and the validation read them from these. Defaults train the
+``tiny`` preset on the Python standard library in a few minutes on 2 CPU cores; report (arXiv
+2412.19437, section 4.2) values are noted where they differ. Retired option: ``log_every`` (flat files
+that still carry it load, and the value is ignored).
 """
 
 from __future__ import annotations
@@ -629,11 +610,11 @@ def read_run_file(path: str) -> dict[str, Any]:
         raw = fh.read()
     try:
         if path.endswith(".toml"):
-            import tomllib
+            import tomllib  # lazy: in the standard library from Python 3.11 only
 
             data = tomllib.loads(raw.decode("utf-8"))
         else:
-            import yaml
+            import yaml  # lazy: an optional dependency, needed only for YAML files
 
             data = yaml.safe_load(raw) or {}
     except Exception as exc:  # yaml/toml raise many types; all mean "malformed"
@@ -663,6 +644,6 @@ def save_effective_config(config: TrainConfig, path: str) -> None:
 
 def config_yaml(config: TrainConfig) -> str:
     """The sectioned YAML text of ``config`` (what RUN_DIR/config.yaml and ``--print-config`` show)."""
-    import yaml
+    import yaml  # lazy: an optional dependency, needed only for YAML output
 
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
