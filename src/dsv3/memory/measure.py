@@ -1,22 +1,14 @@
 """Measuring what training really holds in memory.
 
-Two measurements of the activations one micro-batch keeps between forward and
-backward:
-
-- :class:`SavedTensorBytes` counts the tensors autograd packs for backward
-  (``torch.autograd.graph.saved_tensors_hooks``), each storage once, parameters
-  excluded. It sees everything autograd saves *outside* recomputed regions.
-- :class:`LiveForwardBytes` records every storage created during the forward (a
-  ``TorchDispatchMode`` that sees each op's outputs) and counts those still alive
-  when the forward returns: the saved tensors plus what recomputation keeps (the
-  inputs of checkpointed regions and the outputs the selective policy caches).
-  This is the number that matters for memory, and the one :func:`measure_training`
-  reports; without recomputation the two agree.
-
-:func:`measure_training` runs a few real training steps of a configuration and
-reports parameter, gradient, optimizer-state, EMA (host) and activation bytes, the
+Two measurements of the activations one micro-batch keeps between forward and backward:
+:class:`SavedTensorBytes` counts the storages autograd packs for backward (parameters excluded: what
+is saved *outside* recomputed regions); :class:`LiveForwardBytes` counts every storage created during
+the forward that is still alive when it returns (the saved tensors plus what recomputation keeps: the
+inputs of checkpointed regions and the outputs the selective policy caches), the number that matters
+for memory and the one :func:`measure_training` reports. :func:`measure_training` runs a few real
+training steps and reports parameter, gradient, optimizer-state, EMA (host) and activation bytes, the
 peak CUDA memory where there is one, and the throughput. Stepping a whole training configuration
-(``dsv3 memory``) is :mod:`dsv3.train.measure`, which uses these.
+(``dsv3 memory``) is :mod:`dsv3.train.measure`.
 """
 
 from __future__ import annotations

@@ -1,29 +1,13 @@
 """Pipeline parallelism in a training run: the layout check, the runtime of a session, traces.
 
 ``torchrun --nproc-per-node N -m dsv3 train --pp P --pipeline S [--ep E] [--dp D]`` runs
-``N = devices * dp`` processes, ``devices = P`` (``P / 2`` under DualPipeV), laid out as
-:mod:`dsv3.parallel.world` describes. Every rank runs the ordinary loop
-(:func:`dsv3.train.loop.train`); :func:`dsv3.train.session.build_session` joins the world,
-shards the experts over the expert-parallel group, keeps only this device's stages
-(:func:`~dsv3.parallel.pipeline.stages.select_stages`), builds the :class:`PipelineRuntime` with
-:func:`build_pipeline` (the context's pipelines: the ranks of one data-parallel index) and
-ZeRO-1 over the parameters of this device's stages; the CPU EMA shadows only those. One optimizer step
-(:func:`dsv3.train.session.train_step`: ``_pipeline_pass``, then the ``_update`` that every layout shares) then is:
-
-1. :meth:`PipelineRuntime.step` runs this data-parallel rank's ``global_batch / (micro_batch x dp)``
-   micro-batches through the schedule's op lists (losses and expert loads reduced over the
-   pipeline, the gradients of shared parameters all-reduced among their holders);
-2. losses and loads are reduced over the data-parallel ranks, gradients by ZeRO-1 (dense over
-   dp, experts over edp), and the global gradient norm counts every parameter once over the
-   pipeline; every rank takes the same clip and NaN-skip decisions;
-3. ZeRO-1 updates the held parameters, the auxiliary-loss-free bias update uses the loads of
-   all stages, micro-batches and data-parallel ranks (bit-identical everywhere), the EMA
-   averages the held parameters. Nothing is broadcast: no device ever holds another's stages.
-
-Validation (:func:`validation_loss`) is a forward-only pipelined pass
-(:meth:`PipelineRuntime.evaluate`), its batches split over the data-parallel ranks; with
-``--use-ema`` each device swaps its EMA into its own stages first. Checkpoints are sharded:
-every rank writes its stages (:mod:`dsv3.parallel.checkpoint`).
+``N = devices * dp`` processes (:mod:`dsv3.parallel.world`). :func:`check_pipeline_layout` checks the
+run's layout and batch with :func:`dsv3.layout.check_layout` before anything is written and gives the
+micro-batches per pipeline and step; :func:`build_pipeline` builds a session's :class:`PipelineRuntime`
+over this device's stages (collective); :func:`validation_loss` is the forward-only pipelined
+validation pass, its batches split over the data-parallel ranks; :func:`write_step_trace` writes
+``--trace``'s timeline. How one optimizer step runs through the pipeline (the runtime's step, then
+the update every layout shares) is in docs/pipeline.md ("`dsv3 train --pp`").
 """
 
 from __future__ import annotations
