@@ -141,9 +141,9 @@ def estimate_training_bytes(
     """
     from dsv3.plan.layout import Layout
     from dsv3.plan.planner import make_plan
-    from dsv3.plan.precision import Precision
+    from dsv3.plan.precision import Precision, canonical_dtype
 
-    width = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, "fp32")
+    width = canonical_dtype(dtype)  # float32 -> fp32, bfloat16 -> bf16
     precision = Precision(
         weights=width,
         grads=width,
