@@ -439,32 +439,18 @@ def make_plan(
     replicas = 2 if layout.schedule == "dualpipe" else 1
     states = [cache.states(params, p, layout, precision, replicas) for p in parts]
     times = stage_times(cfg, layout, precision, hardware, flops, parts, states)
-    if layout.pp == 1:  # gradient accumulation: one micro-batch after the other, no pipeline
-        profiles = None
-    else:
-        profiles = cache.profiles(layout.schedule, layout.pp, cache.profile_microbatches(layout))
+    # gradient accumulation (PP 1) runs one micro-batch after the other: no pipeline profiles
+    profiles = cache.profiles(layout.schedule, layout.pp, cache.profile_microbatches(layout)) if layout.pp > 1 else None
+    units = cache.units(cfg, layout, precision)
     stages, devices = memory_plan(
-        cfg,
-        params,
-        layout,
-        precision,
-        stage_layers,
-        profiles,
-        fragmentation,
-        states=states,
-        units=cache.units(cfg, layout, precision),
+        cfg, params, layout, precision, stage_layers, profiles, fragmentation, states=states, units=units
     )
     sync = _dp_sync(layout, precision, hardware, devices, states)
     sched = _step_schedule(layout, times, cache, simulate)
     step = sched.makespan + sync
     est_tps = layout.batch * layout.seq_len / (step * layout.gpus) if simulate else math.nan
-    tput = throughput(
-        fsum["training_per_token"],
-        hardware,
-        tokens_per_s_per_gpu=tokens_per_s_per_gpu,
-        mfu=mfu,
-        estimated_tokens_per_s_per_gpu=est_tps,
-    )
+    observed = dict(tokens_per_s_per_gpu=tokens_per_s_per_gpu, mfu=mfu, estimated_tokens_per_s_per_gpu=est_tps)
+    tput = throughput(fsum["training_per_token"], hardware, **observed)
     cost = budget(tokens, layout.gpus, tput, price_per_gpu_hour) if tokens is not None else None
     return Plan(
         cfg=cfg,
