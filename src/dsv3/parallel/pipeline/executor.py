@@ -1,47 +1,16 @@
 """The pipeline runtime: an interpreter of a schedule's per-device op lists.
 
-:class:`PipelineRuntime` executes, on each pipeline device (one process), the op
-list ``Schedule.ops[device]`` of :mod:`dsv3.schedules`,
-exactly the list that :func:`dsv3.plan.simulate.run_schedule` times. It knows
-nothing about 1F1B, ZB1P or DualPipe; a schedule added there runs unchanged:
-
-====  ===========================================================================
-op    what the runtime does
-====  ===========================================================================
-F     the stage forward of one micro-batch (its input: the token ids on stage 0,
-      else an activation received or left on this device by the previous stage)
-BW    the full backward (input and weight gradients)
-B     the backward for the inputs only; the weight gradients of the split modules
-      (:mod:`~dsv3.parallel.pipeline.wgrad`) are queued in the device's
-      :class:`~dsv3.parallel.pipeline.wgrad.WeightGradStore`
-W     runs the oldest queued weight-gradient group (first-in first-out)
-FB    a forward and a full backward of two micro-batches, interleaved step by
-      step (attention, feed-forward, head: see :mod:`~dsv3.parallel.pipeline.stages`)
-SEND  ``isend`` of the activation or gradient (asynchronous; waited at the step's end)
-RECV  ``irecv`` into a fresh buffer; the first op that uses the data waits for it
-====  ===========================================================================
-
-Consecutive SEND/RECV ops are issued together with ``batch_isend_irecv``, one
-batch per process group. Every link between two devices has one process group
-per direction and per message kind (activations, gradients): same-shape
-messages on one group match first-in first-out (gloo, measured), so
-:func:`~dsv3.schedules.validate_schedule` rejects, before
-anything runs, op lists whose SENDs and RECVs on a link come in different orders.
-One thread issues every communication call.
-
-After the last op the runtime all-reduces the gradients of parameters held by
-several devices (the embedding that the last stage's MTP uses under 1F1B/ZB1P,
-the two copies of every stage under DualPipe) and the step's loss terms and
-expert loads over the pipeline, so every device sees the single-process
-numbers.
-
-A device holds only its stages: the constructor removes the others from the model
-(:func:`~dsv3.parallel.pipeline.stages.remove_stages`; a model that
-:func:`~dsv3.parallel.pipeline.stages.select_stages` already cut stays as it is).
-:meth:`PipelineRuntime.evaluate` is the forward-only pass of validation over the held
-stages: each stage runs on the lowest device holding it, every device runs its stages in
-order, all micro-batches each, sending each activation on as soon as it is computed (the
-micro-batches flow through the pipeline as in GPipe's forward).
+:class:`PipelineRuntime` executes, on each pipeline device (one process), the op list
+``Schedule.ops[device]`` of :mod:`dsv3.schedules`, exactly the list :mod:`dsv3.plan.simulate` times; it
+knows nothing about 1F1B, ZB1P or DualPipe. F and BW are a stage's forward and full backward, B the input
+backward (weight gradients queued, :mod:`~dsv3.parallel.pipeline.wgrad`), W the oldest queued group, FB a
+forward and a full backward interleaved step by step; SEND/RECV are ``isend``/``irecv`` batched per process
+group, one group per link, direction and message kind (messages of one kind match first-in first-out,
+which :func:`~dsv3.schedules.validate_schedule` checks before anything runs). After the last op the
+gradients of parameters several devices hold, the loss terms and the expert loads are all-reduced over
+the pipeline. A device holds only its stages (:func:`~dsv3.parallel.pipeline.stages.remove_stages`);
+:meth:`PipelineRuntime.evaluate` is validation's forward-only pass. Details: docs/pipeline.md ("The
+interpreter").
 """
 
 from __future__ import annotations
