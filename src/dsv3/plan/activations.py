@@ -17,10 +17,11 @@ import math
 from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
+from dsv3.layout import RECOMPUTE_MODES
 from dsv3.plan.layout import Layout
 from dsv3.plan.precision import DTYPE_BYTES, FP8_SCALE_BYTES, FP8_TILE, Precision
 
-ALL = ("none", "selective", "full")
+ALL = RECOMPUTE_MODES
 NO_RECOMPUTE = ("none",)
 NOT_FULL = ("none", "selective")
 SELECTIVE_ONLY = ("selective",)
