@@ -13,7 +13,7 @@ g the gradient format (FP32), m the format of each AdamW moment (BF16) and
 master_t the FP32 master copy (none for a tensor already stored in FP32).
 G_t, the ZeRO group, is DP for non-expert tensors and EDP = DP*TP/(EP*ETP)
 for routed-expert tensors (for the whole MoE block under the ``zhang-su``
-convention, see :data:`dsv3.plan.params.TP_CONVENTIONS`), times 2 under DualPipe (whose two devices holding
+convention, see :data:`dsv3.layout.TP_CONVENTIONS`), times 2 under DualPipe (whose two devices holding
 a stage are replicas too). A sharded flat buffer is padded up to a multiple
 of G_t. Buffers (the routing bias) are never sharded.
 
