@@ -22,8 +22,8 @@ from helpers import assert_one_error, cli, quick_options, read_jsonl
 from dsv3.cli import COMMANDS, build_parser, main
 from dsv3.cli.options import overrides_from_args
 from dsv3.errors import ConfigError
+from dsv3.layout import RecomputeMode
 from dsv3.train.config import (
-    RecomputeMode,
     TrainConfig,
     load_train_config,
     options,

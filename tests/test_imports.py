@@ -34,7 +34,7 @@ LAZY: dict[str, tuple[str, frozenset[str]]] = {
             {"torch", "dsv3.infer.generate", "dsv3.infer.replicate", "dsv3.infer.speculative", "dsv3.data.tokenizer"}
         ),
     ),
-    "dsv3.cli.memory": (PLAN_START, frozenset({"dsv3.memory.measure"})),
+    "dsv3.cli.memory": (PLAN_START, frozenset({"dsv3.train.measure"})),
     "dsv3.cli.plot": (PLAN_START, frozenset({"dsv3.train.plots"})),
     "dsv3.fp8.gemm": (
         "torch.nn.functional.ScalingType exists only in recent torch (>= 2.9); the Hopper FP8 GEMM alone uses it",
@@ -57,23 +57,12 @@ LAZY: dict[str, tuple[str, frozenset[str]]] = {
 # Today's violations in files other engineers are changing (issue 21): edges (importer, imported) that
 # run up a floor or close a cycle, each with its owner. The checks run on the graph without them.
 KNOWN: dict[tuple[str, str], str] = {
-    # file cycles, closed by a function-level import
     ("dsv3.parallel.deepep", "dsv3.parallel.dispatch"): "contracts",
     ("dsv3.train.preflight", "dsv3.train.session"): "trainer",
-    # upward: the schedules move below plan (dsv3/layout.py); recompute's choice lists too
-    ("dsv3.plan.planner", "dsv3.parallel.pipeline.schedules"): "layout",
-    ("dsv3.plan.simulate", "dsv3.parallel.pipeline.schedules"): "layout",
-    ("dsv3.plan.timeline", "dsv3.parallel.pipeline.schedules"): "layout",
-    ("dsv3.plan.trace", "dsv3.parallel.pipeline.schedules"): "layout",
-    ("dsv3.memory.recompute", "dsv3.train.config"): "layout",
-    # upward: the memory measurement runs training steps
-    ("dsv3.memory.measure", "dsv3.train.optim"): "scale",
-    ("dsv3.memory.measure", "dsv3.train.session"): "scale",
 }
 
 # Today's unlisted function-level imports in files other engineers are changing: importer -> (owner, modules).
 KNOWN_LAZY: dict[str, tuple[str, frozenset[str]]] = {
-    "dsv3.memory.measure": ("scale", frozenset({"dsv3.train.optim", "dsv3.train.session"})),
     "dsv3.parallel.checkpoint": (
         "contracts",
         frozenset(
@@ -109,34 +98,20 @@ KNOWN_LAZY: dict[str, tuple[str, frozenset[str]]] = {
             }
         ),
     ),
-    "dsv3.parallel.pipeline.stages": (
-        "contracts",
-        frozenset({"dsv3.model.moe", "dsv3.plan.flops", "dsv3.plan.layout", "dsv3.plan.planner"}),
-    ),
-    "dsv3.parallel.pipeline.train": (
-        "contracts",
-        frozenset({"dsv3.parallel.pipeline.executor", "dsv3.parallel.pipeline.schedules", "dsv3.parallel.world"}),
-    ),
+    "dsv3.parallel.pipeline.stages": ("contracts", frozenset({"dsv3.model.moe"})),
     "dsv3.parallel.pipeline.wgrad": ("contracts", frozenset({"dsv3.fp8.linear"})),
-    "dsv3.parallel.world": (
-        "layout",
-        frozenset({"dsv3.parallel.pipeline.executor", "torch.distributed", "torch.distributed.device_mesh"}),
-    ),
     "dsv3.parallel.zero": ("contracts", frozenset({"torch.distributed"})),
-    "dsv3.plan.cost": ("layout", frozenset({"dsv3.plan.simulate"})),
-    "dsv3.plan.planner": ("layout", frozenset({"dsv3.plan.params"})),
-    "dsv3.train.config": ("layout", frozenset({"dsv3.config", "dsv3.utils.io"})),
     "dsv3.train.evaluation": (
         "trainer",
         frozenset(
             {
-                "dsv3.infer.generate",
                 "dsv3.data.chat",
                 "dsv3.data.loader",
                 "dsv3.data.pretrain",
                 "dsv3.data.sft",
                 "dsv3.data.sources",
                 "dsv3.data.tokenizer",
+                "dsv3.infer.generate",
             }
         ),
     ),
@@ -146,6 +121,7 @@ KNOWN_LAZY: dict[str, tuple[str, frozenset[str]]] = {
         frozenset(
             {
                 "dsv3.checkpoint.state",
+                "dsv3.data.tokenizer",
                 "dsv3.errors",
                 "dsv3.memory.ema",
                 "dsv3.parallel.checkpoint",
@@ -159,7 +135,6 @@ KNOWN_LAZY: dict[str, tuple[str, frozenset[str]]] = {
                 "dsv3.train.schedule",
                 "dsv3.train.session",
                 "dsv3.train.sft",
-                "dsv3.data.tokenizer",
             }
         ),
     ),
@@ -167,13 +142,13 @@ KNOWN_LAZY: dict[str, tuple[str, frozenset[str]]] = {
         "trainer",
         frozenset(
             {
+                "dsv3.data.loader",
+                "dsv3.data.tokenizer",
                 "dsv3.infer.generate",
                 "dsv3.parallel.dispatch",
                 "dsv3.parallel.pipeline.train",
                 "dsv3.plan.flops",
                 "dsv3.train.metrics",
-                "dsv3.data.loader",
-                "dsv3.data.tokenizer",
                 "torch.distributed",
             }
         ),
@@ -200,12 +175,12 @@ KNOWN_LAZY: dict[str, tuple[str, frozenset[str]]] = {
         "trainer",
         frozenset(
             {
+                "dsv3.data.chat",
+                "dsv3.data.rl_prompts",
+                "dsv3.data.tokenizer",
                 "dsv3.infer.generate",
                 "dsv3.train.rewards",
-                "dsv3.data.rl_prompts",
                 "dsv3.train.rollout",
-                "dsv3.data.chat",
-                "dsv3.data.tokenizer",
             }
         ),
     ),
@@ -214,6 +189,11 @@ KNOWN_LAZY: dict[str, tuple[str, frozenset[str]]] = {
         frozenset(
             {
                 "dsv3.checkpoint.state",
+                "dsv3.data.chat",
+                "dsv3.data.loader",
+                "dsv3.data.pretrain",
+                "dsv3.data.sources",
+                "dsv3.data.tokenizer",
                 "dsv3.memory.ema",
                 "dsv3.model.rope",
                 "dsv3.parallel.deepep",
@@ -221,16 +201,11 @@ KNOWN_LAZY: dict[str, tuple[str, frozenset[str]]] = {
                 "dsv3.parallel.pipeline.train",
                 "dsv3.parallel.world",
                 "dsv3.parallel.zero",
-                "dsv3.data.pretrain",
-                "dsv3.data.chat",
-                "dsv3.data.loader",
-                "dsv3.data.sources",
                 "dsv3.train.optim",
                 "dsv3.train.preflight",
                 "dsv3.train.rundir",
                 "dsv3.train.schedule",
                 "dsv3.train.sft",
-                "dsv3.data.tokenizer",
                 "dsv3.utils.io",
                 "torch.distributed",
             }

@@ -330,7 +330,8 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
 def test_layout_of_pipelines_with_expert_and_data_parallelism():
     """rank = pp_idx * dp + edp_idx * ep + ep_idx; one pipeline per data-parallel index."""
     from dsv3.errors import ConfigError
-    from dsv3.parallel.world import ParallelContext, check_layout, pipeline_devices, pipelines_of
+    from dsv3.layout import check_layout, pipeline_devices
+    from dsv3.parallel.world import ParallelContext, pipelines_of
 
     assert pipeline_devices(4, "dualpipev") == 2 and pipeline_devices(4, "1f1b") == 4 and pipeline_devices(1) == 1
     assert check_layout(8, pp=4, ep=2, schedule="dualpipev") == (4, 4, 2)  # 2 devices x dp 4

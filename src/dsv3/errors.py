@@ -9,6 +9,12 @@ and exits with code 2, without a traceback.
 import errno
 
 
+def clip(text: object, width: int = 40) -> str:
+    """``repr(text)`` for a message, cut to about ``width`` characters (a pasted megabyte stays one short line)."""
+    r = repr(text)
+    return r if len(r) <= width else r[: width - 4] + "..." + r[-1:]
+
+
 class DsV3Error(Exception):
     """Base class of errors caused by the user's input."""
 

@@ -39,7 +39,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from dsv3.memory.measure import measure_config  # torch only when the command runs: `dsv3 plan` starts without it
+    from dsv3.train.measure import measure_config  # torch only when the command runs: `dsv3 plan` starts without it
 
     config = load_train_config(None, overrides_from_args(args))
     config.data.global_batch = config.data.micro_batch  # one micro-batch a step

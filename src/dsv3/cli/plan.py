@@ -20,11 +20,11 @@ import sys
 from rich.console import Console
 
 from dsv3.config import load_preset, resolve_model_config
-from dsv3.errors import ConfigError, DsV3Error
+from dsv3.errors import ConfigError, DsV3Error, clip
+from dsv3.layout import ATTENTION_IMPLS, RECOMPUTE_MODES, SCHEDULES, TP_CONVENTIONS, pipeline_devices
 from dsv3.plan.cost import DEFAULT_PEAK_TFLOPS, Hardware, parse_count
 from dsv3.plan.layout import Layout
-from dsv3.plan.limits import check_float, check_gpus, check_pipeline, check_plot, clip
-from dsv3.plan.params import TP_CONVENTIONS
+from dsv3.plan.limits import check_float, check_gpus, check_pipeline, check_plot
 from dsv3.plan.planner import make_plan
 from dsv3.plan.precision import PRECISION_PRESETS, Precision
 from dsv3.plan.report import (
@@ -53,6 +53,11 @@ def _ints(text: str, what: str) -> list[int]:
     if not values:
         raise ConfigError(f"{what} {clip(text)} is empty; give integers separated by commas")
     return values
+
+
+def _or_list(names) -> str:
+    """``a, b or c``: the choices of :mod:`dsv3.layout` for a help line."""
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _words(text: str) -> list[str]:
@@ -86,7 +91,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fp8", action="store_true", help="cache activations in FP8 as the DeepSeek-V3 FP8 recipe does")
     p.add_argument(
-        "--attention", default="fused", help="fused (FlashAttention/SDPA, default) or eager (keeps s x s scores)"
+        "--attention",
+        default=ATTENTION_IMPLS[0],
+        help=f"{_or_list(ATTENTION_IMPLS)} (fused: FlashAttention/SDPA, the default; eager keeps s x s scores)",
     )
     p.add_argument("--no-mtp", action="store_true", help="do not train the config's MTP modules")
     p.add_argument("--no-sequence-parallel", action="store_true", help="keep TP-replicated activations whole")
@@ -129,8 +136,8 @@ def register(subparsers) -> None:
         ("--zero", 1, "ZeRO stage 0-3 (default 1)"),
     ):
         p.add_argument(name, type=int, default=default, help=what)
-    p.add_argument("--recompute", default="none", help="none (default), selective or full")
-    p.add_argument("--schedule", default="1f1b", help="1f1b (default), zb1p, dualpipe or dualpipev")
+    p.add_argument("--recompute", default=RECOMPUTE_MODES[0], help=f"{_or_list(RECOMPUTE_MODES)} (default none)")
+    p.add_argument("--schedule", default=SCHEDULES[0], help=f"{_or_list(SCHEDULES)} (default 1f1b)")
     p.add_argument("--stage-layers", default=None, help="layers per stage, e.g. 4,4,4,3 (default: balanced)")
     _add_run_args(p)
     p.add_argument("--detail", action="store_true", help="also print the itemised tensors saved for backward")
@@ -155,7 +162,7 @@ def _register_schedule(sub) -> None:
         description="Simulate one step of a pipeline schedule (DualPipe README conventions).",
         allow_abbrev=False,
     )
-    s.add_argument("--schedule", default=None, help="1f1b, zb1p, dualpipe or dualpipev (with --trace: from the trace)")
+    s.add_argument("--schedule", default=None, help=f"{_or_list(SCHEDULES)} (with --trace: from the trace)")
     s.add_argument(
         "--pp",
         type=int,
@@ -204,8 +211,8 @@ def _register_search(sub) -> None:
         ("--zero", "ZeRO stages (default 1)"),
     ):
         q.add_argument(name, default=None, help=f"{what} to try, comma-separated (default: all that apply)")
-    q.add_argument("--recompute", default=None, help="policies to try (default none,selective,full)")
-    q.add_argument("--schedule", default=None, help="schedules to try (default all four)")
+    q.add_argument("--recompute", default=None, help=f"policies to try (default {','.join(RECOMPUTE_MODES)})")
+    q.add_argument("--schedule", default=None, help=f"schedules to try (default {','.join(SCHEDULES)})")
     _add_run_args(q)
     q.add_argument("--top", type=int, default=20, help="fitting layouts to show (planned exactly)")
     q.add_argument("--all", action="store_true", help="list every rejected layout")
@@ -311,7 +318,7 @@ def run(args) -> int:
     cfg, name = _model(args)
     common = _common(args, cfg)
     schedule = str(args.schedule).lower()
-    devices = args.pp // 2 if schedule == "dualpipev" and args.pp % 2 == 0 else args.pp
+    devices = pipeline_devices(args.pp, schedule) if args.pp % 2 == 0 else args.pp  # odd PP: validate says why
     dp = args.dp
     if args.gpus is not None:
         check_gpus("gpus", args.gpus)
@@ -388,7 +395,7 @@ def run_schedule(args) -> int:
     schedule = str(args.schedule).lower()
     check_pipeline(args.pp, args.microbatches)
     if args.plot:  # refuse a figure too large to draw before simulating
-        check_plot(args.pp // 2 if schedule == "dualpipev" else args.pp, args.pp, args.microbatches)
+        check_plot(pipeline_devices(args.pp, schedule), args.pp, args.microbatches)
     res = simulate(
         schedule,
         pp=args.pp,
@@ -466,8 +473,8 @@ def run_search(args) -> int:
         if value is not None:
             grid[key] = _words(value)
     for r in grid.get("recompute", []):
-        if r not in ("none", "selective", "full"):
-            raise ConfigError(f"unknown --recompute {clip(r)}; choose from none, selective, full")
+        if r not in RECOMPUTE_MODES:
+            raise ConfigError(f"unknown --recompute {clip(r)}; choose from {', '.join(RECOMPUTE_MODES)}")
     result = search(
         cfg,
         args.gpus,

@@ -26,8 +26,6 @@ E4M3_MANTISSA_BITS = 3
 # so that an all-zero or denormal tile gets a finite, non-zero scale instead of 0/0.
 MIN_SCALE = 2.0**-126
 
-SCALE_FORMATS = ("fp32", "ue8m0")
-
 
 def cast_e4m3(x: torch.Tensor) -> torch.Tensor:
     """Cast to E4M3 with saturation: finite values beyond +-448 become +-448; NaN stays NaN.

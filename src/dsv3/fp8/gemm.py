@@ -15,11 +15,9 @@ import torch.nn.functional as F
 
 from dsv3.errors import ConfigError
 from dsv3.fp8.quant import ACT_TILE, TILE, WEIGHT_BLOCK, QTensor, ceil_div
+from dsv3.layout import FP8_BACKENDS
 from dsv3.model.ops import grouped_mm as model_grouped_mm
 from dsv3.model.ops import grouped_mm_wgrad
-
-BACKENDS = ("auto", "emulated", "cuda")
-
 
 # --- Backend selection -----------------------------------------------------------------------
 
@@ -41,8 +39,8 @@ def cuda_fp8_available(device: torch.device | str) -> bool:
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
     """Turn a backend request (``auto``, ``emulated``, ``cuda``) into the backend that runs."""
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown FP8 backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    if name not in FP8_BACKENDS:
+        raise ConfigError(f"unknown FP8 backend {name!r}; choose one of {', '.join(FP8_BACKENDS)}.")
     if name == "auto":
         return "cuda" if cuda_fp8_available(device) else "emulated"
     if name == "cuda" and not cuda_fp8_available(device):

@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from dsv3.errors import ConfigError
+from dsv3.layout import SCHEDULES, pipeline_devices
 
 # Options of a run that fix the model, its weights or the token stream; a resume cannot change them.
 FROZEN_ON_RESUME = (
@@ -127,7 +128,7 @@ def estimate_training_bytes(
     pp: int = 1,
     dp: int = 1,
     ep: int = 1,
-    schedule: str = "1f1b",
+    schedule: str = SCHEDULES[0],
     global_batch: int | None = None,
 ) -> float:
     """The planner's peak-memory estimate (bytes) of the busiest rank of a ``pp x dp`` (``ep`` inside dp) layout.
@@ -140,9 +141,9 @@ def estimate_training_bytes(
     """
     from dsv3.plan.layout import Layout
     from dsv3.plan.planner import make_plan
-    from dsv3.plan.precision import Precision
+    from dsv3.plan.precision import Precision, canonical_dtype
 
-    width = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, "fp32")
+    width = canonical_dtype(dtype)  # float32 -> fp32, bfloat16 -> bf16
     precision = Precision(
         weights=width,
         grads=width,
@@ -154,7 +155,7 @@ def estimate_training_bytes(
         pp=pp,
         dp=dp,
         ep=ep,
-        schedule=schedule if pp > 1 else "1f1b",
+        schedule=schedule if pp > 1 else SCHEDULES[0],
         seq_len=seq_len,
         micro_batch=micro_batch,
         global_batch=global_batch if pp > 1 and global_batch else micro_batch * dp,
@@ -176,7 +177,7 @@ def run_layout(config, world_size: int | None = None) -> dict:
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return {}
-    devices = p.pp // 2 if p.pp > 1 and p.pipeline == "dualpipev" else p.pp
+    devices = pipeline_devices(p.pp, p.pipeline) if p.pp > 1 else p.pp
     dp = p.dp if p.dp is not None else max(1, world // max(1, devices))
     return dict(pp=p.pp, dp=dp, ep=p.ep, schedule=p.pipeline, global_batch=config.data.global_batch)
 

@@ -24,7 +24,7 @@ each a short function (docs/architecture.md):
 4. AdamW with clipping, the auxiliary-loss-free bias update with the loads of all micro-batches, the EMA.
 
 The loop around them (:func:`dsv3.train.loop.train`) does metrics, evaluation and
-checkpoints; ``dsv3 memory`` (:mod:`dsv3.memory.measure`) steps the same session.
+checkpoints; ``dsv3 memory`` (:mod:`dsv3.train.measure`) steps the same session.
 On CUDA the next step's micro-batches are prefetched into pinned memory by a background
 thread (:class:`BatchPrefetcher`) while the current step computes.
 """
