@@ -348,7 +348,7 @@ def test_buffer_is_shared_and_grows_only_when_needed(fake_deep_ep):
 
 
 def test_expand_to_local_experts_sorts_rows_by_expert_then_row():
-    from dsv3.parallel.deepep import expand_to_local_experts
+    from dsv3.model.exchange import expand_to_local_experts
 
     local = torch.tensor([[1, -1, 0], [-1, -1, -1], [0, 2, -1], [2, 0, 1]])
     token, pos, counts = expand_to_local_experts(local, 3)
