@@ -378,10 +378,10 @@ def test_shard_experts_gives_every_layer_a_deepep_dispatcher_on_one_buffer(monke
     from helpers import small_config
 
     from dsv3.model.transformer import DeepseekV3ForCausalLM
-    from dsv3.parallel import deepep
+    from dsv3.parallel import deepep, dispatch
     from dsv3.parallel.dispatch import shard_experts
 
-    monkeypatch.setattr(deepep, "check_deepep", lambda device: None)
+    monkeypatch.setattr(dispatch, "check_deepep", lambda device: None)
     model = DeepseekV3ForCausalLM(small_config(num_hidden_layers=3))
     ctx = types.SimpleNamespace(
         ep=2,
