@@ -33,8 +33,15 @@ import shutil
 import sys
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from dsv3.checkpoint.export import check_export_dir, export_unsharded, write_export
+from dsv3.checkpoint.hf import empty_model
 from dsv3.checkpoint.manifest import check_sharded, select_sharded, shard_entries, write_sharded_manifest
+from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
 from dsv3.model.moe import Experts
 from dsv3.parallel.zero import rows_shape
@@ -64,9 +71,6 @@ class RowChunk(torch.Tensor):
         return out
 
     def __create_write_items__(self, fqn: str, obj) -> list:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
-
         chunk = ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.size())
         return [
             WriteItem(
@@ -79,8 +83,6 @@ class RowChunk(torch.Tensor):
         ]
 
     def __create_chunk_list__(self) -> list:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-
         return [ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.size())]
 
     def __get_tensor_shard__(self, index) -> torch.Tensor:
@@ -223,8 +225,6 @@ def save_sharded(
     """Write ``run_dir/dcp-{step:08d}`` from every rank (collective); returns its path.
 
     ``ema``: the run's :class:`~dsv3.memory.ema.CPUEMA` (saved as ``ema/...`` when given)."""
-    import torch.distributed.checkpoint as dcp
-
     _attach_offsets(model, optimizer)
     final = os.path.join(run_dir, f"dcp-{step:08d}")
     tmp = final + ".tmp"
@@ -262,8 +262,6 @@ def _gather_shard_entries(directory: str, ctx) -> dict:
     entries = shard_entries(directory, ctx.rank)
     if not ctx.distributed:
         return entries
-    import torch.distributed as dist
-
     gathered: list = [None] * ctx.world_size
     dist.all_gather_object(gathered, entries)
     return {name: entry for part in gathered for name, entry in part.items()}
@@ -285,8 +283,6 @@ def latest_sharded(run_dir: str, log=None, ctx=None) -> str | None:
     (reads and hashes the files) and broadcasts its choice, or its error, to the other ranks."""
     if ctx is None or not ctx.distributed:
         return select_sharded(run_dir, log)
-    import torch.distributed as dist
-
     box: list = [None]
     if ctx.is_main:
         try:
@@ -377,8 +373,6 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
 
 def _dcp_load(state: dict, path: str) -> None:
     """``dcp.load`` with torch's internal errors on a damaged checkpoint (one written before manifests) as one line."""
-    import torch.distributed.checkpoint as dcp
-
     try:
         dcp.load(state, checkpoint_id=path)
     except (RuntimeError, AssertionError, OSError, ValueError, KeyError, EOFError) as exc:
@@ -413,9 +407,6 @@ def load_full_model(checkpoint: str, *, device: str | torch.device = "cpu", use_
 
     ``checkpoint``: a ``dcp-*`` directory inside its run directory (whose ``model_config.json`` describes
     the model). ``use_ema``: the EMA shadows (``ema/...``) replace the trained parameters."""
-    from dsv3.checkpoint.hf import empty_model
-    from dsv3.config import ModelConfig
-
     config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"no model_config.json next to {checkpoint}; use a checkpoint inside its run directory")
@@ -445,8 +436,6 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | Non
     ``export.json`` (:mod:`dsv3.checkpoint.export`); it must be new, empty or an earlier export.
     ``use_ema``: the EMA weights (under pipeline parallelism every rank wrote those of its own stages).
     """
-    from dsv3.checkpoint.export import check_export_dir, export_unsharded, write_export
-
     check_export_dir(out_dir, checkpoint)  # never into the run, a file or a foreign directory: refused before any work
     if os.path.isdir(checkpoint) and not _NAME.match(os.path.basename(os.path.normpath(checkpoint))):
         latest = latest_sharded(checkpoint, log=lambda line: print(line, file=sys.stderr))

@@ -35,8 +35,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsv3.checkpoint.checkpointer import Checkpointer
 from dsv3.config import ModelConfig
+from dsv3.fp8 import FP8Recipe, convert
+from dsv3.memory.recompute import apply_recompute
+from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.model.rope import RotaryEmbedding, apply_rope_config
 from dsv3.parallel.dispatch import shard_experts
+from dsv3.parallel.pipeline.stages import select_stages as remove_other_stages
+from dsv3.parallel.pipeline.train import build_pipeline
 from dsv3.parallel.zero import ZeroAdamW
 from dsv3.utils.meta import materialize
 
@@ -61,8 +68,6 @@ class Parallelized:
 def build_meta_model(mcfg: ModelConfig, seed: int) -> nn.Module:
     """The whole model on the ``meta`` device (no storage) with ``init_seed`` drawn after ``torch.manual_seed(seed)``,
     exactly as a model built on a real device would draw it."""
-    from dsv3.model import DeepseekV3ForCausalLM
-
     torch.manual_seed(seed)
     with torch.device("meta"):
         return DeepseekV3ForCausalLM(mcfg)
@@ -72,8 +77,6 @@ def apply_precision(model: nn.Module, config) -> nn.Module:
     """Step 1: the parameter dtype and the FP8 recipe (``config``: a TrainConfig)."""
     model.to(getattr(torch, config.precision.dtype))
     if config.precision.fp8:
-        from dsv3.fp8 import FP8Recipe, convert
-
         prec = config.precision
         convert(model, FP8Recipe(backend=prec.fp8_backend, scale_format=prec.fp8_scale_format, fp8_gemm=prec.fp8_gemm))
     return model
@@ -82,8 +85,6 @@ def apply_precision(model: nn.Module, config) -> nn.Module:
 def apply_recomputation(model: nn.Module, config) -> nn.Module:
     """Step 2: the selective or full recomputation policy of every block."""
     if config.memory.recompute != "none":
-        from dsv3.memory.recompute import apply_recompute
-
         apply_recompute(model, config.memory.recompute)
     return model
 
@@ -92,8 +93,6 @@ def select_stages(model: nn.Module, ctx, config) -> None:
     """Step 4: under ``--pp`` remove the stages this pipeline device does not run (on meta: nothing was ever
     allocated for them; :func:`dsv3.parallel.pipeline.stages.select_stages`)."""
     if ctx.pp > 1:
-        from dsv3.parallel.pipeline.stages import select_stages as remove_other_stages
-
         remove_other_stages(model, ctx, seq_len=config.data.seq_len)
 
 
@@ -101,8 +100,6 @@ def build_runtime(model: nn.Module, ctx, config, run_dir: str | None = None):
     """Step 6: under ``--pp`` the pipeline runtime of the (cut, materialised) model (collective), else None."""
     if ctx.pp <= 1:
         return None
-    from dsv3.parallel.pipeline.train import build_pipeline
-
     return build_pipeline(model, ctx, config, run_dir)
 
 
@@ -114,11 +111,7 @@ def initialize(
     (``partial``: the model holds a rank's part, and only that part is read; every held tensor must be
     found), else the per-parameter seeds of ``model.init_seed``;
     then ``model.config = mcfg`` with its rotary tables (non-persistent buffers) and softmax scales."""
-    from dsv3.model.rope import RotaryEmbedding, apply_rope_config
-
     if init_from:  # only the tensors and expert rows this rank holds are read
-        from dsv3.checkpoint.checkpointer import Checkpointer
-
         Checkpointer.init_from(init_from, model, partial=partial)
     else:
         model.reset_parameters(model.init_seed)

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dsv3.errors import ConfigError
@@ -215,8 +216,6 @@ class ZeroAdamW:
     def reduce_gradients(self) -> None:
         """Sum the gradients over each parameter's group and divide by ``dp`` (the last micro-batch's job).
         With ``dp = 1`` (one process, or a pipeline without data parallelism) there is nothing to do."""
-        import torch.distributed as dist
-
         if self.ctx.dp == 1:
             return
         for expert in (False, True):
@@ -242,8 +241,6 @@ class ZeroAdamW:
 
         Dense parameters count once, experts are summed over the expert-parallel group and, under
         pipeline parallelism, the per-device sums over the pipeline (``norm_group``)."""
-        import torch.distributed as dist
-
         parts: list[list[torch.Tensor]] = [[], []]  # dense, expert sums of squares (on the device: no host sync)
         for s in self.shards:
             if s.param.grad is not None and s.counted:
@@ -322,8 +319,6 @@ class ZeroAdamW:
     @staticmethod
     def _gather_bucket(shards: list[_Shard], n: int, me: int, group) -> None:
         """All-gather the ``n`` ranks' chunks of ``shards`` (rank ``me``'s included) into their parameters."""
-        import torch.distributed as dist
-
         dtype = shards[0].param.dtype
         sizes = [
             sum((s.bounds[r][1] - s.bounds[r][0]) * rows_shape(s.param.shape)[1] for s in shards) for r in range(n)
@@ -454,8 +449,6 @@ class ZeroAdamW:
 def sync_loads(load: torch.Tensor, ctx) -> torch.Tensor:
     """Expert loads [n_moe_layers, N_r] summed over every data-parallel rank (identical everywhere)."""
     if ctx.distributed and ctx.dp > 1:
-        import torch.distributed as dist
-
         load = load.clone()
         dist.all_reduce(load, group=ctx.dp_group)
     return load
@@ -464,8 +457,6 @@ def sync_loads(load: torch.Tensor, ctx) -> torch.Tensor:
 def all_mean(values: torch.Tensor, ctx) -> torch.Tensor:
     """The mean of ``values`` over the data-parallel ranks (e.g. the step's loss sums)."""
     if ctx.distributed and ctx.dp > 1:
-        import torch.distributed as dist
-
         values = values.clone()
         dist.all_reduce(values, group=ctx.dp_group)
         values /= ctx.dp

@@ -56,8 +56,12 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.memory.recompute import RecomputePolicy
+from dsv3.model.moe import RoutingStats
 from dsv3.parallel.pipeline.overlap import CutMoE, cuts, span
 from dsv3.parallel.pipeline.schedules import build_schedule
+from dsv3.plan.flops import model_flops
+from dsv3.plan.layout import Layout
+from dsv3.plan.planner import default_stage_layers
 
 
 def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) -> tuple[int, ...]:
@@ -66,10 +70,6 @@ def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) 
     Raises:
         ConfigError: ``pp`` is not a positive integer or exceeds the number of layers.
     """
-    from dsv3.plan.flops import model_flops
-    from dsv3.plan.layout import Layout
-    from dsv3.plan.planner import default_stage_layers
-
     if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
         raise ConfigError(f"pp must be a positive integer, got {pp!r}.")
     if pp > mcfg.num_hidden_layers:
@@ -81,12 +81,9 @@ def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) 
     return default_stage_layers(mcfg, layout, model_flops(mcfg, seq_len))
 
 
-def _new_stats():
-    """A fresh per-forward ``RoutingStats`` on models whose MoE layers record into one, else None."""
-    from dsv3.model import moe
-
-    cls = getattr(moe, "RoutingStats", None)
-    return cls() if cls is not None else None
+def _new_stats() -> RoutingStats:
+    """A fresh per-forward :class:`~dsv3.model.moe.RoutingStats`."""
+    return RoutingStats()
 
 
 def _call(fn, *args, stats=None):

@@ -40,9 +40,12 @@ from dsv3.parallel.pipeline.executor import (
     PipelineStepResult,
     TraceEvent,
     check_layout,
+    devices_of,
     write_chrome_trace,
 )
+from dsv3.parallel.pipeline.schedules import build_schedule
 from dsv3.parallel.pipeline.stages import select_stages
+from dsv3.parallel.world import check_layout as check_world
 
 TRACE_FILE = "pipeline_trace.json"  # --trace: the last step's timeline, in the run directory
 
@@ -80,10 +83,6 @@ def check_pipeline_layout(
     x dp, ep not dividing dp or N_r (:func:`dsv3.parallel.world.check_layout`), a global batch that
     does not split over dp, or too few micro-batches for the schedule.
     """
-    from dsv3.parallel.pipeline.executor import devices_of
-    from dsv3.parallel.pipeline.schedules import build_schedule
-    from dsv3.parallel.world import check_layout as check_world
-
     if isinstance(pp, int) and not isinstance(pp, bool) and 1 <= pp <= num_layers:
         build_schedule(schedule, pp, 2 * pp + 2)  # the schedule's own rules on pp (e.g. even for DualPipe)
     else:

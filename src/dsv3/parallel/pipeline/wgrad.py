@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.fp8.linear import FP8GroupedMM, FP8Linear, _FP8GroupedMMFn, _FP8LinearFn
 from dsv3.model.moe import Experts
 from dsv3.model.ops import grouped_mm, grouped_mm_dgrad, grouped_mm_wgrad
 
@@ -222,8 +223,6 @@ class _SplitFP8(torch.autograd.Function):
 
 
 def _split_fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from dsv3.fp8.linear import _FP8LinearFn
-
     save_input = torch.is_grad_enabled() and self.weight.requires_grad
     return _SplitFP8.apply(
         _FP8LinearFn, 2, self._wgrad_store, x, self.weight, self.bias, self.recipe, self.input_cache, save_input
@@ -239,8 +238,6 @@ class _SplitFP8GroupedMM:
         self.recipe, self.store = recipe, store
 
     def __call__(self, x_sorted: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        from dsv3.fp8.linear import _FP8GroupedMMFn
-
         save_input = torch.is_grad_enabled() and w.requires_grad
         return _SplitFP8.apply(_FP8GroupedMMFn, 1, self.store, x_sorted, w, offs, self.recipe, save_input)
 
@@ -251,8 +248,6 @@ def split_weight_grads(model: nn.Module, store: WeightGradStore) -> int:
     Idempotent. Returns the number of modules transformed. Other subclasses of ``nn.Linear``
     and experts with another replaced ``mm`` are left alone.
     """
-    from dsv3.fp8.linear import FP8GroupedMM, FP8Linear
-
     count = 0
     for module in model.modules():
         if isinstance(module, Experts) and isinstance(module.mm, (FP8GroupedMM, _SplitFP8GroupedMM)):
