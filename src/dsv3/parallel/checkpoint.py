@@ -1,27 +1,13 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP) under global names.
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP) under global names (docs/parallel.md).
 
-Every rank writes its part in parallel; a checkpoint is a directory ``dcp-{step:08d}`` written
-as ``dcp-{step:08d}.tmp`` and renamed by rank 0 once every rank has finished and ``meta.json``
-(step, data position, counters) is in place, so a checkpoint is complete or ignored.
-
-Keys are global, so a checkpoint loads into any layout (``ep`` 4 -> 2 -> 1 process):
-
-* ``model/{name}`` for dense parameters and buffers (router biases included), replicated
-  tensors written once (DCP de-duplicates them);
-* ``model/{module}.experts.{e}.{gate_up_proj|down_proj}`` per routed expert, ``e`` its global
-  index, written by the rank that holds it;
-* ``optim/{param key}/{master|exp_avg|exp_avg_sq}`` the ZeRO-1 state, written by each rank as
-  its own row chunks with their global offsets (:class:`RowChunk`: DCP chunk metadata, nothing
-  gathered; moments in their own dtype), so a reader with another dp/edp reads the rows of its
-  chunks from whichever chunks overlap them; and ``optim/step``;
-* ``ema/{param key}`` the FP32 shadows of the CPU EMA (:class:`dsv3.memory.ema.CPUEMA`, report
-  3.2.3) under the same global keys as ``model/`` (routed experts per global index), written when
-  the run keeps an EMA; its update count is in ``meta.json`` (``"ema": {"num_updates": n}``).
-
-Loading gives DCP only what this rank holds (its parameters, its chunks, its shadows), as the
-tensors themselves: DCP reads those keys (and rows) in place, so neither a save nor a load holds
-a second copy of anything. ``dsv3 export`` and ``dsv3 generate`` load a sharded checkpoint into a
-model built once at full size (:func:`export_checkpoint`).
+Every rank writes its part of ``dcp-{step:08d}`` (as ``.tmp``, renamed by rank 0 once every rank has finished
+and ``meta.json`` is in place: a checkpoint is complete or ignored). Keys are global, so a checkpoint loads
+into any layout: ``model/{name}`` (dense, written once), ``model/{module}.experts.{e}.{gate_up_proj|down_proj}``
+per routed expert by global index ``e``, ``optim/{param key}/{master|exp_avg|exp_avg_sq}`` as each rank's own
+ZeRO-1 row chunks with global offsets (:class:`RowChunk`, nothing gathered) plus ``optim/step``, and
+``ema/{param key}`` for the CPU EMA's shadows. Loading gives DCP only what this rank holds, as the tensors
+themselves, so neither a save nor a load holds a second copy. :func:`export_checkpoint` loads a sharded
+checkpoint into one full-size model for ``dsv3 export`` and ``dsv3 generate``.
 """
 
 from __future__ import annotations

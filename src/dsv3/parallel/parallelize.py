@@ -1,30 +1,13 @@
-"""The one ordered transformation of a model for a layout: :func:`parallelize`.
+"""The one ordered transformation of a model for a layout: :func:`parallelize` (docs/architecture.md).
 
-A training run builds its model on the ``meta`` device (:func:`build_meta_model`: shapes and
-names, no storage), then :func:`parallelize` applies, in this order (as torchtitan's
-``parallelize_deepseekv3`` does):
-
-1. **precision**: the parameter dtype (``--dtype``), then the FP8 recipe (:func:`dsv3.fp8.convert`:
-   Linears swapped for FP8 Linears sharing their Parameters, FP8 grouped GEMMs for the experts);
-2. **recomputation**: the policy of every block (:func:`dsv3.memory.recompute.apply_recompute`);
-3. **expert sharding**: every MoE layer gets a dispatcher and, under expert parallelism, only this
-   rank's block of ``N_r / ep`` experts, created directly at the local size
-   (:func:`dsv3.parallel.dispatch.shard_experts`; on meta no full layer ever exists);
-4. **stage selection**: under ``--pp`` the stages this pipeline device does not run are removed
-   (:func:`dsv3.parallel.pipeline.stages.select_stages`: their slots become empty blocks, global
-   names kept);
-5. **materialisation**: only the tensors still on the model get storage on ``ctx.device``
-   (:func:`dsv3.utils.meta.materialize`), initialised from the per-parameter seeds
-   (:meth:`~dsv3.model.DeepseekV3ForCausalLM.reset_parameters`: ``(seed, global name)``, routed experts by
-   global index) or read from ``--init-from`` (only the held tensors and expert rows, :func:`initialize`);
-   so a rank holds exactly the values one process would;
-6. **pipeline runtime**: under ``--pp`` the :class:`~dsv3.parallel.pipeline.executor.PipelineRuntime`
-   over the held stages (process groups: collective);
-7. **optimizer**: :class:`~dsv3.parallel.zero.ZeroAdamW` over the held parameters, for every layout
-   (one process is :meth:`ParallelContext.single`, where ZeRO-1 with dp = 1 is AdamW).
-
-The runtime and the optimizer come after materialisation: the runtime's buffers and the optimizer's
-state (FP32 master chunks) are made from real tensors.
+A run builds its model on the ``meta`` device (:func:`build_meta_model`), then :func:`parallelize` applies,
+in this order (:data:`ORDER`, as torchtitan's ``parallelize_deepseekv3``): precision (dtype, FP8 recipe),
+recomputation, expert sharding (:func:`dsv3.parallel.dispatch.shard_experts`: dispatchers and this rank's
+``N_r / ep`` experts), stage selection (``--pp``: other stages removed, global names kept),
+materialisation of what is still held (initialised from the per-parameter seeds or read from
+``--init-from``: :func:`initialize`), the pipeline runtime (``--pp``), and the ZeRO-1 optimizer
+(:class:`~dsv3.parallel.zero.ZeroAdamW`, which at dp = 1 is AdamW). The runtime and the optimizer come after
+materialisation, since their buffers and state are made from real tensors.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -120,26 +121,19 @@ class _StepState:
         for idx, load in rec.loads.items():
             self.loads[idx] = load if idx not in self.loads else self.loads[idx] + load
 
-
-def _take(st: _StepState, k: tuple[str, int, int]) -> torch.Tensor:
-    """Remove and return the message ``k`` from ``st.data``, waiting for it when it is still being received."""
-    value = st.data.pop(k)
-    if isinstance(value, tuple):
-        tensor, works = value
-        for w in works:
-            w.wait()
-        return tensor
-    return value
-
-
-def _exhaust(steps: Iterator[None]) -> None:
-    """Run a forward or backward generator to its end."""
-    for _ in steps:
-        pass
+    def take(self, k: tuple[str, int, int]) -> torch.Tensor:
+        """Remove and return the message ``k`` from ``data``, waiting for it when it is still being received."""
+        value = self.data.pop(k)
+        if isinstance(value, tuple):
+            tensor, works = value
+            for w in works:
+                w.wait()
+            return tensor
+        return value
 
 
 def _interleave(*gens: Iterator[None]) -> None:
-    """Run the generators' steps in turn (one step of each, round robin) until all are done."""
+    """Run the generators' steps in turn (one step of each, round robin) until all are done (one: to its end)."""
     active = list(gens)
     while active:
         for gen in list(active):
@@ -366,7 +360,7 @@ class PipelineRuntime:
         """SEND: queue the ``isend`` of the activation or gradient that an earlier op left for ``op``."""
         start = time.perf_counter() - st.t0
         group = self._p2p[(self.device, op.peer, op.direction)]
-        tensor = _take(st, _key(op)).contiguous()
+        tensor = st.take(_key(op)).contiguous()
         st.queued.append((op, dist.P2POp(dist.isend, tensor, self.ranks[op.peer], group)))
         st.trace.append(TraceEvent(op, start, time.perf_counter() - st.t0))
 
@@ -374,8 +368,8 @@ class PipelineRuntime:
         """RECV: queue the ``irecv`` of an activation or gradient [b, T, d] into a fresh buffer."""
         start = time.perf_counter() - st.t0
         group = self._p2p[(op.peer, self.device, op.direction)]
-        ids = st.mbs[op.microbatch].ids
-        buf = torch.empty(ids.shape[0], ids.shape[1], self.model.config.hidden_size, device=st.device, dtype=st.dtype)
+        b, t = st.mbs[op.microbatch].ids.shape
+        buf = torch.empty(b, t, self.model.config.hidden_size, device=st.device, dtype=st.dtype)
         st.queued.append((op, dist.P2POp(dist.irecv, buf, self.ranks[op.peer], group)))
         st.trace.append(TraceEvent(op, start, time.perf_counter() - st.t0))
 
@@ -403,7 +397,7 @@ class PipelineRuntime:
         for part in op.parts():
             k = ("act", part.microbatch, part.stage) if part.kind == F else ("grad", part.microbatch, part.stage)
             if isinstance(st.data.get(k), tuple):
-                st.data[k] = _take(st, k)
+                st.data[k] = st.take(k)
 
     @staticmethod
     def _wait_sends(st: _StepState) -> None:
@@ -417,9 +411,9 @@ class PipelineRuntime:
         """Run the compute op ``op`` (F, B, BW, W or FB) and trace it."""
         start = time.perf_counter() - st.t0
         if op.kind == F:
-            _exhaust(self._forward(st, op.microbatch, op.stage))
+            _interleave(self._forward(st, op.microbatch, op.stage))
         elif op.kind in (B, BW):
-            _exhaust(self._backward(st, op.microbatch, op.stage, split=op.kind == B))
+            _interleave(self._backward(st, op.microbatch, op.stage, split=op.kind == B))
         elif op.kind == W:
             self.store.pop((op.microbatch, op.stage))
         elif op.kind == FB:  # one thread interleaves the forward's and the backward's steps (DualPipe's F&B)
@@ -436,7 +430,7 @@ class PipelineRuntime:
         stage in ``st.data``."""
         stage = self.stages[s]
         rec = st.records[(mb, s)] = StageRecord()
-        x = None if s == 0 else _take(st, ("act", mb, s))
+        x = None if s == 0 else st.take(("act", mb, s))
         yield from stage.forward_steps(x, st.mbs[mb], rec)
         if s + 1 < self.pp:
             st.data[("act", mb, s + 1)] = rec.output.detach()
@@ -446,13 +440,11 @@ class PipelineRuntime:
         of split modules are queued as one W group); leaves the input gradient for the previous stage and adds
         the micro-batch's loss terms and loads to the step's."""
         rec = st.records.pop((mb, s))
-        grad = None if s == self.pp - 1 else _take(st, ("grad", mb, s))
+        grad = None if s == self.pp - 1 else st.take(("grad", mb, s))
         steps = self.stages[s].backward_steps(rec, grad, st.mbs[mb].scale)
+        defer = self.store.deferring if split else nullcontext  # B: the split modules queue their weight gradients
         while True:
-            if split:  # B: the split modules queue their weight gradients
-                with self.store.deferring():
-                    done = next(steps, _DONE) is _DONE
-            else:
+            with defer():
                 done = next(steps, _DONE) is _DONE
             if done:
                 break

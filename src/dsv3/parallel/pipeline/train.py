@@ -1,29 +1,12 @@
-"""Pipeline parallelism in a training run: the layout check, the runtime of a session, traces.
+"""Pipeline parallelism in a training run: the layout check, the runtime of a session, traces, validation.
 
-``torchrun --nproc-per-node N -m dsv3 train --pp P --pipeline S [--ep E] [--dp D]`` runs
-``N = devices * dp`` processes, ``devices = P`` (``P / 2`` under DualPipeV), laid out as
-:mod:`dsv3.parallel.world` describes. Every rank runs the ordinary loop
-(:func:`dsv3.train.loop.train`); :func:`dsv3.train.session.build_session` joins the world,
-shards the experts over the expert-parallel group, keeps only this device's stages
-(:func:`~dsv3.parallel.pipeline.stages.select_stages`), builds the :class:`PipelineRuntime` with
-:func:`build_pipeline` (the context's pipelines: the ranks of one data-parallel index) and
-ZeRO-1 over the parameters of this device's stages; the CPU EMA shadows only those. One optimizer step
-(:func:`dsv3.train.session.train_step`: ``_pipeline_pass``, then the ``_update`` that every layout shares) then is:
-
-1. :meth:`PipelineRuntime.step` runs this data-parallel rank's ``global_batch / (micro_batch x dp)``
-   micro-batches through the schedule's op lists (losses and expert loads reduced over the
-   pipeline, the gradients of shared parameters all-reduced among their holders);
-2. losses and loads are reduced over the data-parallel ranks, gradients by ZeRO-1 (dense over
-   dp, experts over edp), and the global gradient norm counts every parameter once over the
-   pipeline; every rank takes the same clip and NaN-skip decisions;
-3. ZeRO-1 updates the held parameters, the auxiliary-loss-free bias update uses the loads of
-   all stages, micro-batches and data-parallel ranks (bit-identical everywhere), the EMA
-   averages the held parameters. Nothing is broadcast: no device ever holds another's stages.
-
-Validation (:func:`validation_loss`) is a forward-only pipelined pass
-(:meth:`PipelineRuntime.evaluate`), its batches split over the data-parallel ranks; with
-``--use-ema`` each device swaps its EMA into its own stages first. Checkpoints are sharded:
-every rank writes its stages (:mod:`dsv3.parallel.checkpoint`).
+``torchrun --nproc-per-node N -m dsv3 train --pp P --pipeline S [--ep E] [--dp D]`` runs ``N = devices * dp``
+processes. :func:`check_pipeline_layout` refuses a layout that cannot run before anything is written;
+:func:`build_pipeline` makes the session's :class:`PipelineRuntime` (collective); :meth:`PipelineRuntime.step`
+runs this data-parallel rank's micro-batches, after which the trainer reduces over dp, clips over the whole
+pipeline and updates the held parameters (docs/pipeline.md, "dsv3 train --pp"). :func:`validation_loss` is a
+forward-only pipelined pass with the batches split over the data-parallel ranks; :func:`write_step_trace`
+writes ``--trace``'s per-device timeline.
 """
 
 from __future__ import annotations
