@@ -4,7 +4,8 @@ What every dispatcher needs, whatever moves the bytes: the counters of what it m
 (:class:`CommStats`), the layout checks of an expert-parallel group (:func:`local_experts`,
 :func:`node_size`), the permutation from per-token rows to per-expert rows
 (:func:`expand_to_local_experts`), and the leaves at which the overlap's cut layer stops autograd
-(:func:`cut_leaf`, :func:`leaf_grad`). No communication happens here (model/ never imports
+(:func:`cut_leaf`, :func:`leaf_grad`), and the fields every started exchange has (:class:`DispatchState`,
+:class:`CombineState`). No communication happens here (model/ never imports
 torch.distributed); the backends live in :mod:`dsv3.parallel.dispatch` and :mod:`dsv3.parallel.deepep`.
 """
 
@@ -35,6 +36,37 @@ class CommStats:
 
     def reset(self) -> None:
         self.bytes_sent = self.tokens = self.ranks_reached = self.nodes_reached = 0
+
+
+@dataclass(kw_only=True)
+class DispatchState:
+    """A started dispatch, as every dispatcher's pending object extends it (the rest is the backend's own).
+
+    Attributes:
+        send_x: [S, d] the rows this rank sent (autograd-linked to the dispatched ``x``).
+        meta: [S, *] the gate values (and routing metadata) sent with them (linked to ``topk_weights``).
+        recv, recv_meta: after a ``cut`` wait, the received rows and metadata as autograd leaves.
+    """
+
+    send_x: torch.Tensor
+    meta: torch.Tensor
+    recv: torch.Tensor | None = None
+    recv_meta: torch.Tensor | None = None
+
+
+@dataclass(kw_only=True)
+class CombineState:
+    """A started combine, as every dispatcher's pending object extends it.
+
+    Attributes:
+        z: [R, d] the rows this rank sends back (autograd-linked to the expert outputs).
+        handle: the dispatch's handle.
+        back: after a ``cut`` wait, the received rows as an autograd leaf.
+    """
+
+    z: torch.Tensor
+    handle: object
+    back: torch.Tensor | None = None
 
 
 def local_experts(n_experts: int, ep: int) -> int:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.exchange import cut_leaf, leaf_grad
+from dsv3.model.exchange import CombineState, DispatchState, cut_leaf, leaf_grad
 from dsv3.model.ops import combine, grouped_mm, swiglu
 
 
@@ -163,30 +163,6 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
     return alpha * (f * p).sum(dim=-1).mean()
 
 
-class PendingDispatch(Protocol):
-    """A started dispatch (what :meth:`Dispatcher.dispatch_start` returns; otherwise opaque).
-
-    Attributes:
-        send_x: [S, d] the rows this rank sent (autograd-linked to ``x``).
-        meta: [S, *] the gate values (and routing metadata) sent with them (autograd-linked to ``topk_weights``).
-    After a ``cut`` wait and its backward, :meth:`Dispatcher.dispatch_backward_wait` returns their gradients.
-    """
-
-    send_x: torch.Tensor
-    meta: torch.Tensor
-
-
-class PendingCombine(Protocol):
-    """A started combine (what :meth:`Dispatcher.combine_start` returns; otherwise opaque).
-
-    Attributes:
-        z: [R, d] the rows this rank sent back (autograd-linked to the expert outputs ``y``); after a ``cut``
-            wait and its backward, :meth:`Dispatcher.combine_backward_wait` returns their gradient.
-    """
-
-    z: torch.Tensor
-
-
 @runtime_checkable
 class Dispatcher(Protocol):
     """How an MoE layer moves tokens to its routed experts and back (report 2.1.2, 3.2.2; DeepEP-shaped).
@@ -202,7 +178,9 @@ class Dispatcher(Protocol):
     Each call is also split into a start and a wait half, so that other work (the shared experts, another
     micro-batch) runs while the tokens travel. A ``cut`` wait returns the received tensors as autograd leaves
     instead of linking them to the sent ones; the FB overlap (:mod:`dsv3.parallel.pipeline.overlap`) then
-    sends their gradients back itself with the ``*_backward_start`` / ``*_backward_wait`` halves.
+    sends their gradients back itself with the ``*_backward_start`` / ``*_backward_wait`` halves. The start
+    halves return a backend's extension of :class:`~dsv3.model.exchange.DispatchState` (``send_x``, ``meta``)
+    or :class:`~dsv3.model.exchange.CombineState` (``z``), whose gradients the backward waits return.
     ``group`` is the expert-parallel process group (None when every expert is local: no exchange).
     """
 
@@ -219,23 +197,23 @@ class Dispatcher(Protocol):
 
     def dispatch_start(
         self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *, meanwhile=None
-    ) -> PendingDispatch:
+    ) -> DispatchState:
         """Start :meth:`dispatch`; ``meanwhile``: a callable run while the first exchange is in flight."""
         ...
 
-    def dispatch_wait(self, pending: PendingDispatch, *, cut: bool = False) -> tuple:
+    def dispatch_wait(self, pending: DispatchState, *, cut: bool = False) -> tuple:
         """Finish a dispatch: ``(recv_x [M, d], counts [E], handle)`` (``cut``: received tensors as leaves)."""
         ...
 
-    def combine_start(self, y: torch.Tensor, handle) -> PendingCombine:
+    def combine_start(self, y: torch.Tensor, handle) -> CombineState:
         """Start :meth:`combine` of ``y`` [M, d]."""
         ...
 
-    def combine_wait(self, pending: PendingCombine, *, cut: bool = False) -> torch.Tensor:
+    def combine_wait(self, pending: CombineState, *, cut: bool = False) -> torch.Tensor:
         """Finish a combine: ``out`` [N, d] (``cut``: the received rows as a leaf)."""
         ...
 
-    def combine_backward_start(self, pending: PendingCombine) -> object:
+    def combine_backward_start(self, pending: CombineState) -> object:
         """After a ``cut`` combine's backward: start sending the leaf's gradient back to the senders of ``z``."""
         ...
 
@@ -243,7 +221,7 @@ class Dispatcher(Protocol):
         """The gradient of ``pending.z`` [R, d]."""
         ...
 
-    def dispatch_backward_start(self, pending: PendingDispatch) -> object:
+    def dispatch_backward_start(self, pending: DispatchState) -> object:
         """After a ``cut`` dispatch's backward: start sending the leaves' gradients back to the tokens' ranks."""
         ...
 
@@ -281,24 +259,11 @@ class DispatchHandle:
 
 
 @dataclass
-class LocalPending:
-    """A started local dispatch (nothing travels): ``send_x`` = x [N, d], ``meta`` = topk_weights [N, K],
-    ``topk_idx`` [N, K]; with a ``cut`` wait, ``recv`` / ``recv_meta`` are their leaves."""
+class LocalPending(DispatchState):
+    """A started local dispatch (nothing travels): ``send_x`` = x [N, d], ``meta`` = topk_weights [N, K], and
+    ``topk_idx`` [N, K]."""
 
-    send_x: torch.Tensor
-    meta: torch.Tensor
     topk_idx: torch.Tensor
-    recv: torch.Tensor | None = None
-    recv_meta: torch.Tensor | None = None
-
-
-@dataclass
-class LocalPendingCombine:
-    """A started local combine of ``z`` = y [M, d]; with a ``cut`` wait, ``back`` is its leaf."""
-
-    z: torch.Tensor
-    handle: DispatchHandle
-    back: torch.Tensor | None = None
 
 
 class LocalDispatcher(DispatchInHalves):
@@ -321,7 +286,7 @@ class LocalDispatcher(DispatchInHalves):
         ``meanwhile``."""
         if meanwhile is not None:
             meanwhile()
-        return LocalPending(x, topk_weights, topk_idx)
+        return LocalPending(topk_idx, send_x=x, meta=topk_weights)
 
     def dispatch_wait(self, p: LocalPending, *, cut: bool = False):
         """Returns recv_x [M, d] (M = N*K rows sorted by expert), counts [E] int64 rows per expert, and a
@@ -341,18 +306,18 @@ class LocalDispatcher(DispatchInHalves):
         recv_weights = topk_weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # g of each row
         return x.index_select(0, token), counts, DispatchHandle(token, x.shape[0], recv_weights)
 
-    def combine_start(self, y: torch.Tensor, handle: DispatchHandle) -> LocalPendingCombine:
+    def combine_start(self, y: torch.Tensor, handle: DispatchHandle) -> CombineState:
         """Record the expert outputs ``y`` [M, d] (rows as dispatched)."""
-        return LocalPendingCombine(y, handle)
+        return CombineState(z=y, handle=handle)
 
-    def combine_wait(self, p: LocalPendingCombine, *, cut: bool = False) -> torch.Tensor:
+    def combine_wait(self, p: CombineState, *, cut: bool = False) -> torch.Tensor:
         """Per-token sums [N, d] (``cut``: of the leaf ``p.back``)."""
         y = p.z
         if cut:
             y = p.back = cut_leaf(y, p.z)
         return combine(y, p.handle.token, p.handle.n_tokens)
 
-    def combine_backward_start(self, p: LocalPendingCombine) -> torch.Tensor:
+    def combine_backward_start(self, p: CombineState) -> torch.Tensor:
         """The gradient of the leaf ``p.back`` [M, d] (nothing to send)."""
         grad, p.back = leaf_grad(p.back), None
         return grad

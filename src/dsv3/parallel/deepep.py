@@ -19,7 +19,16 @@ from dataclasses import dataclass
 import torch
 
 from dsv3.errors import ConfigError
-from dsv3.model.exchange import CommStats, cut_leaf, expand_to_local_experts, leaf_grad, local_experts, node_size
+from dsv3.model.exchange import (
+    CombineState,
+    CommStats,
+    DispatchState,
+    cut_leaf,
+    expand_to_local_experts,
+    leaf_grad,
+    local_experts,
+    node_size,
+)
 from dsv3.model.moe import DispatchInHalves
 from dsv3.model.ops import combine
 
@@ -132,9 +141,9 @@ class DeepEPHandle:
 
 
 @dataclass
-class _Pending:
-    """A started dispatch. ``send_x`` [N, d] and ``meta`` [N, K] (FP32 gate weights) are what DeepEP sent;
-    with a ``cut`` wait, ``recv`` [R, d] and ``recv_meta`` [R, K] are the received tensors as autograd leaves."""
+class _Pending(DispatchState):
+    """A started dispatch: ``send_x`` [N, d] and ``meta`` [N, K] (FP32 gate weights) are what DeepEP sent;
+    ``recv_x`` [R, d], ``recv_w`` [R, K], ``recv_idx`` [R, K] what it is receiving."""
 
     recv_x: torch.Tensor
     recv_w: torch.Tensor
@@ -143,21 +152,14 @@ class _Pending:
     event: object
     n_tokens: int
     n_self: int
-    send_x: torch.Tensor
-    meta: torch.Tensor
-    recv: torch.Tensor | None = None
-    recv_meta: torch.Tensor | None = None
 
 
 @dataclass
-class _PendingCombine:
-    """A started combine of ``z`` [R, d]; with a ``cut`` wait, ``back`` [N, d] is the result as an autograd leaf."""
+class _PendingCombine(CombineState):
+    """A started combine of ``z`` [R, d] into ``combined`` [N, d] (``back``: its leaf after a ``cut`` wait)."""
 
     combined: torch.Tensor
     event: object
-    z: torch.Tensor
-    handle: DeepEPHandle
-    back: torch.Tensor | None = None
 
 
 @dataclass
@@ -226,7 +228,9 @@ class DeepEPDispatcher(DispatchInHalves):
             self.stats.bytes_sent += (sent - n_self) * x.shape[1] * x.element_size()
         if meanwhile is not None:
             meanwhile()
-        return _Pending(recv_x, recv_w, out["recv_idx"], out["handle"], out["event"], n, n_self, send_x, meta)
+        return _Pending(
+            recv_x, recv_w, out["recv_idx"], out["handle"], out["event"], n, n_self, send_x=send_x, meta=meta
+        )
 
     def dispatch_wait(self, p: _Pending, *, cut: bool = False):
         """Finish a dispatch: ``(recv_x [M, d], counts [N_r/ep], handle)`` with rows sorted by local expert.
@@ -251,7 +255,7 @@ class DeepEPDispatcher(DispatchInHalves):
         out: dict = {}
         combined = _Combine.apply(z.contiguous(), self.buffer.get(z), handle.ep_handle, True, out)
         self.stats.bytes_sent += (handle.n_recv - handle.n_self) * z.shape[1] * z.element_size()
-        return _PendingCombine(combined, out["event"], z, handle)
+        return _PendingCombine(combined, out["event"], z=z, handle=handle)
 
     def combine_wait(self, p: _PendingCombine, *, cut: bool = False) -> torch.Tensor:
         """Finish a combine: ``out`` [N, d], each token's expert outputs summed over ranks (``cut``: as the leaf

@@ -19,7 +19,16 @@ import torch.distributed as dist
 
 from dsv3.errors import ConfigError
 from dsv3.fp8.comm import FP8Payload, quantize_for_dispatch
-from dsv3.model.exchange import CommStats, cut_leaf, expand_to_local_experts, leaf_grad, local_experts, node_size
+from dsv3.model.exchange import (
+    CombineState,
+    CommStats,
+    DispatchState,
+    cut_leaf,
+    expand_to_local_experts,
+    leaf_grad,
+    local_experts,
+    node_size,
+)
 from dsv3.model.moe import DispatchInHalves, Experts, LocalDispatcher, MoE, combine
 from dsv3.parallel.deepep import DeepEPBuffer, DeepEPDispatcher, check_deepep
 
@@ -178,31 +187,23 @@ class AllToAllHandle:
 
 
 @dataclass
-class _PendingDispatch:
-    """A started dispatch. With ``cut`` waits, ``recv`` [R, d] and ``recv_meta`` [R, 2K] are the received
-    tensors as autograd leaves (the graph is cut at the exchange: their ``.grad`` is sent back explicitly)."""
+class _PendingDispatch(DispatchState):
+    """A started dispatch: the two exchanges in flight and what combine and the cut backward need."""
 
     x_exchange: _Exchange
     meta_exchange: _Exchange
     x: torch.Tensor
-    meta: torch.Tensor
-    send_x: torch.Tensor
     send_token: torch.Tensor
     send_splits: list[int]
     recv_splits: list[int]
     n_tokens: int
-    recv: torch.Tensor | None = None
-    recv_meta: torch.Tensor | None = None
 
 
 @dataclass
-class _PendingCombine:
-    """A started combine. With a ``cut`` wait, ``back`` [S, d] is the received tensor as an autograd leaf."""
+class _PendingCombine(CombineState):
+    """A started combine: the exchange in flight (``z`` [R, d]; ``back`` [S, d] after a ``cut`` wait)."""
 
     exchange: _Exchange
-    z: torch.Tensor
-    handle: AllToAllHandle
-    back: torch.Tensor | None = None
 
 
 class AllToAllDispatcher(DispatchInHalves):
@@ -337,7 +338,7 @@ class AllToAllDispatcher(DispatchInHalves):
             self.ep_rank,
             self._stream_for(z.device),
         )
-        return _PendingCombine(ex, z, handle)
+        return _PendingCombine(ex, z=z, handle=handle)
 
     def combine_wait(self, p: _PendingCombine, *, cut: bool = False) -> torch.Tensor:
         """Finish a combine: returns ``out`` [N, d], the sum over ranks of each token's expert outputs.
