@@ -18,6 +18,7 @@ docs/pipeline.md.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
@@ -92,13 +93,14 @@ class CutMoE:
             moe.record(self.stats, scores, indices, bsz, seqlen)
             self.aux = None if self.stats is None else self.stats.balance.get(moe.layer_idx)
             self.shared = None
-
-            def shared_experts():  # while the token counts are exchanged
-                if moe.shared_experts is not None:
-                    self.shared = moe.shared_experts(flat)
-
-            self.pending = self.disp.dispatch_start(flat, indices, weights, meanwhile=shared_experts)
+            meanwhile = partial(self._shared_experts, flat)  # while the token counts are exchanged
+            self.pending = self.disp.dispatch_start(flat, indices, weights, meanwhile=meanwhile)
             mark(self.events, "F", "dispatch.start")
+
+    def _shared_experts(self, flat: torch.Tensor) -> None:
+        """The shared experts on the normalised tokens ``flat`` [N, d] (into ``self.shared``), if the layer has any."""
+        if self.moe.shared_experts is not None:
+            self.shared = self.moe.shared_experts(flat)
 
     def mlp(self) -> None:
         """MLP: wait for the tokens, run the local routed experts, start sending their sums back."""
