@@ -348,7 +348,7 @@ def test_buffer_is_shared_and_grows_only_when_needed(fake_deep_ep):
 
 
 def test_expand_to_local_experts_sorts_rows_by_expert_then_row():
-    from dsv3.parallel.deepep import expand_to_local_experts
+    from dsv3.model.exchange import expand_to_local_experts
 
     local = torch.tensor([[1, -1, 0], [-1, -1, -1], [0, 2, -1], [2, 0, 1]])
     token, pos, counts = expand_to_local_experts(local, 3)
@@ -378,10 +378,10 @@ def test_shard_experts_gives_every_layer_a_deepep_dispatcher_on_one_buffer(monke
     from helpers import small_config
 
     from dsv3.model.transformer import DeepseekV3ForCausalLM
-    from dsv3.parallel import deepep
+    from dsv3.parallel import deepep, dispatch
     from dsv3.parallel.dispatch import shard_experts
 
-    monkeypatch.setattr(deepep, "check_deepep", lambda device: None)
+    monkeypatch.setattr(dispatch, "check_deepep", lambda device: None)
     model = DeepseekV3ForCausalLM(small_config(num_hidden_layers=3))
     ctx = types.SimpleNamespace(
         ep=2,

@@ -4,7 +4,7 @@
 
 Gating: s_{i,t} = sigmoid(u_t . e_i); top-K_r of s + b within the allowed groups; g = normalised s times
 ``routed_scaling_factor``; the bias b_i only ranks (V2-style softmax configs too). Tokens move through a
-dispatcher (``dispatch(x, topk_idx, topk_weights) -> (recv_x, counts, handle)``, ``combine(y, handle)``;
+:class:`Dispatcher` (the protocol every backend follows; ``dispatch(x, topk_idx, topk_weights) -> (recv_x, counts, handle)``, ``combine(y, handle)``;
 :class:`LocalDispatcher` in one process). Loads and balance losses go into a :class:`RoutingStats`
 passed down the forward. Balancing: the aux-loss-free bias update (:meth:`MoE.update_bias`) and the
 sequence-wise balance loss (:func:`sequence_balance_loss`). Details: docs/model.md.
@@ -12,11 +12,15 @@ sequence-wise balance loss (:func:`sequence_balance_loss`). Details: docs/model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.model.exchange import CombineState, DispatchState, cut_leaf, leaf_grad
 from dsv3.model.ops import combine, grouped_mm, swiglu
 
 
@@ -148,6 +152,86 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: fl
     return alpha * (f * p).sum(dim=-1).mean()
 
 
+@runtime_checkable
+class Dispatcher(Protocol):
+    """How an MoE layer moves tokens to its routed experts and back (report 2.1.2, 3.2.2; DeepEP-shaped).
+
+    Symbols: N tokens of this rank, d hidden size, K = K_r experts per token, E = N_r / ep experts held here,
+    M rows dispatched to them (one per (token, local expert)), S rows sent, R rows received (one per
+    (token, destination rank)). One round trip::
+
+        recv_x, counts, handle = dispatch(x [N, d], topk_idx [N, K], topk_weights [N, K])
+        y = experts(recv_x [M, d], counts [E], handle.recv_weights [M, 1])   # rows sorted by local expert
+        out = combine(y [M, d], handle)                                      # [N, d]
+
+    Each call is also split into a start and a wait half, so that other work (the shared experts, another
+    micro-batch) runs while the tokens travel. A ``cut`` wait returns the received tensors as autograd leaves
+    instead of linking them to the sent ones; the FB overlap (:mod:`dsv3.parallel.pipeline.overlap`) then
+    sends their gradients back itself with the ``*_backward_start`` / ``*_backward_wait`` halves. The start
+    halves return a backend's extension of :class:`~dsv3.model.exchange.DispatchState` (``send_x``, ``meta``)
+    or :class:`~dsv3.model.exchange.CombineState` (``z``), whose gradients the backward waits return.
+    ``group`` is the expert-parallel process group (None when every expert is local: no exchange).
+    """
+
+    group: object | None
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> tuple:
+        """``x`` [N, d], ``topk_idx`` [N, K] global expert ids, ``topk_weights`` [N, K] gate values g ->
+        ``(recv_x [M, d], counts [E] int64, handle)``; ``handle.recv_weights`` [M, 1] is g of each row."""
+        ...
+
+    def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
+        """Gate-scaled expert outputs ``y`` [M, d] -> ``out`` [N, d], each token's sum over its experts."""
+        ...
+
+    def dispatch_start(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *, meanwhile=None
+    ) -> DispatchState:
+        """Start :meth:`dispatch`; ``meanwhile``: a callable run while the first exchange is in flight."""
+        ...
+
+    def dispatch_wait(self, pending: DispatchState, *, cut: bool = False) -> tuple:
+        """Finish a dispatch: ``(recv_x [M, d], counts [E], handle)`` (``cut``: received tensors as leaves)."""
+        ...
+
+    def combine_start(self, y: torch.Tensor, handle) -> CombineState:
+        """Start :meth:`combine` of ``y`` [M, d]."""
+        ...
+
+    def combine_wait(self, pending: CombineState, *, cut: bool = False) -> torch.Tensor:
+        """Finish a combine: ``out`` [N, d] (``cut``: the received rows as a leaf)."""
+        ...
+
+    def combine_backward_start(self, pending: CombineState) -> object:
+        """After a ``cut`` combine's backward: start sending the leaf's gradient back to the senders of ``z``."""
+        ...
+
+    def combine_backward_wait(self, started: object) -> torch.Tensor:
+        """The gradient of ``pending.z`` [R, d]."""
+        ...
+
+    def dispatch_backward_start(self, pending: DispatchState) -> object:
+        """After a ``cut`` dispatch's backward: start sending the leaves' gradients back to the tokens' ranks."""
+        ...
+
+    def dispatch_backward_wait(self, started: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of ``pending.send_x`` [S, d] and ``pending.meta`` [S, *]."""
+        ...
+
+
+class DispatchInHalves:
+    """:meth:`dispatch` and :meth:`combine` of a :class:`Dispatcher` as their start half, then their wait half
+    (mixed into every dispatcher, so that one code path serves the blocking and the overlapped calls)."""
+
+    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> tuple:
+        """``dispatch_start`` then ``dispatch_wait`` (see :meth:`Dispatcher.dispatch`)."""
+        return self.dispatch_wait(self.dispatch_start(x, topk_idx, topk_weights))
+
+    def combine(self, y: torch.Tensor, handle) -> torch.Tensor:
+        """``combine_start`` then ``combine_wait`` (see :meth:`Dispatcher.combine`)."""
+        return self.combine_wait(self.combine_start(y, handle))
+
+
 class DispatchHandle:
     """What :meth:`LocalDispatcher.dispatch` hands to :meth:`LocalDispatcher.combine`.
 
@@ -163,28 +247,46 @@ class DispatchHandle:
         self.token, self.n_tokens, self.recv_weights = token, n_tokens, recv_weights
 
 
-class LocalDispatcher:
-    """The single-process token dispatcher: every expert is local (DeepEP-shaped interface).
+@dataclass
+class LocalPending(DispatchState):
+    """A started local dispatch (nothing travels): ``send_x`` = x [N, d], ``meta`` = topk_weights [N, K], and
+    ``topk_idx`` [N, K]."""
 
-    ``dispatch(x, topk_idx, topk_weights) -> (recv_x, counts, handle)`` copies each token once
-    per selected expert, rows sorted by expert; ``combine(y, handle)`` sums the (already
-    gate-scaled) expert outputs back into their tokens. The distributed backends
-    (:mod:`dsv3.parallel.dispatch`) have the same interface plus start/wait halves.
+    topk_idx: torch.Tensor
+
+
+class LocalDispatcher(DispatchInHalves):
+    """The single-process :class:`Dispatcher`: every expert is local, nothing travels (``group`` None).
+
+    Dispatch copies each token once per selected expert, rows sorted by expert (M = N*K);
+    combine sums the (already gate-scaled) expert outputs back into their tokens. The halves exist
+    so that every dispatcher has the same protocol: start records the inputs, wait does the work.
     """
+
+    group = None
 
     def __init__(self, n_experts: int) -> None:
         self.n_experts = n_experts
 
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
-        """``x`` [N, d], ``topk_idx`` [N, K] (global expert ids), ``topk_weights`` [N, K] (g).
+    def dispatch_start(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor, *, meanwhile=None
+    ) -> LocalPending:
+        """Record ``x`` [N, d], ``topk_idx`` [N, K] (global expert ids), ``topk_weights`` [N, K] (g); run
+        ``meanwhile``."""
+        if meanwhile is not None:
+            meanwhile()
+        return LocalPending(topk_idx, send_x=x, meta=topk_weights)
 
-        Returns:
-            recv_x [M, d] (M = N*K rows sorted by expert), counts [E] int64 rows per expert,
-            and a :class:`DispatchHandle`.
-        """
-        top_k = topk_idx.shape[-1]
+    def dispatch_wait(self, p: LocalPending, *, cut: bool = False):
+        """Returns recv_x [M, d] (M = N*K rows sorted by expert), counts [E] int64 rows per expert, and a
+        :class:`DispatchHandle` (``cut``: computed from the leaves ``p.recv`` / ``p.recv_meta``)."""
+        x, topk_weights = p.send_x, p.meta
+        if cut:
+            x = p.recv = cut_leaf(x, p.send_x)
+            topk_weights = p.recv_meta = cut_leaf(topk_weights, p.meta)
+        top_k = p.topk_idx.shape[-1]
         with torch.no_grad():
-            flat_idx = topk_idx.reshape(-1)
+            flat_idx = p.topk_idx.reshape(-1)
             counts = torch.bincount(flat_idx, minlength=self.n_experts)
             order = flat_idx.argsort(stable=True)  # dispatch order: grouped by expert
             token = order // top_k
@@ -193,9 +295,37 @@ class LocalDispatcher:
         recv_weights = topk_weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # g of each row
         return x.index_select(0, token), counts, DispatchHandle(token, x.shape[0], recv_weights)
 
-    def combine(self, y: torch.Tensor, handle: DispatchHandle) -> torch.Tensor:
-        """Expert outputs ``y`` [M, d] (rows as dispatched) -> per-token sums [N, d]."""
-        return combine(y, handle.token, handle.n_tokens)
+    def combine_start(self, y: torch.Tensor, handle: DispatchHandle) -> CombineState:
+        """Record the expert outputs ``y`` [M, d] (rows as dispatched)."""
+        return CombineState(z=y, handle=handle)
+
+    def combine_wait(self, p: CombineState, *, cut: bool = False) -> torch.Tensor:
+        """Per-token sums [N, d] (``cut``: of the leaf ``p.back``)."""
+        y = p.z
+        if cut:
+            y = p.back = cut_leaf(y, p.z)
+        return combine(y, p.handle.token, p.handle.n_tokens)
+
+    def combine_backward_start(self, p: CombineState) -> torch.Tensor:
+        """The gradient of the leaf ``p.back`` [M, d] (nothing to send)."""
+        grad, p.back = leaf_grad(p.back), None
+        return grad
+
+    @staticmethod
+    def combine_backward_wait(grad: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``p.z`` [M, d]."""
+        return grad
+
+    def dispatch_backward_start(self, p: LocalPending) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of the leaves ``p.recv`` [N, d] and ``p.recv_meta`` [N, K] (nothing to send)."""
+        grads = leaf_grad(p.recv), leaf_grad(p.recv_meta)
+        p.recv = p.recv_meta = None
+        return grads
+
+    @staticmethod
+    def dispatch_backward_wait(grads: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of ``p.send_x`` [N, d] and ``p.meta`` [N, K]."""
+        return grads
 
 
 class RoutingStats:
@@ -226,7 +356,7 @@ class MoE(nn.Module):
         config: the model configuration.
         layer_idx: the block's index (the key of its statistics in :class:`RoutingStats`).
 
-    ``dispatcher`` is a swappable object (:class:`LocalDispatcher` by default; expert
+    ``dispatcher`` is a swappable :class:`Dispatcher` (:class:`LocalDispatcher` by default; expert
     parallelism installs a distributed one and keeps only the local experts in ``experts``).
     When a :class:`RoutingStats` is passed to :meth:`forward`, the layer records its expert
     loads and (in training with alpha > 0) its balance loss there.

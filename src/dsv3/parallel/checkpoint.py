@@ -1,27 +1,13 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP) under global names.
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP) under global names (docs/parallel.md).
 
-Every rank writes its part in parallel; a checkpoint is a directory ``dcp-{step:08d}`` written
-as ``dcp-{step:08d}.tmp`` and renamed by rank 0 once every rank has finished and ``meta.json``
-(step, data position, counters) is in place, so a checkpoint is complete or ignored.
-
-Keys are global, so a checkpoint loads into any layout (``ep`` 4 -> 2 -> 1 process):
-
-* ``model/{name}`` for dense parameters and buffers (router biases included), replicated
-  tensors written once (DCP de-duplicates them);
-* ``model/{module}.experts.{e}.{gate_up_proj|down_proj}`` per routed expert, ``e`` its global
-  index, written by the rank that holds it;
-* ``optim/{param key}/{master|exp_avg|exp_avg_sq}`` the ZeRO-1 state, written by each rank as
-  its own row chunks with their global offsets (:class:`RowChunk`: DCP chunk metadata, nothing
-  gathered; moments in their own dtype), so a reader with another dp/edp reads the rows of its
-  chunks from whichever chunks overlap them; and ``optim/step``;
-* ``ema/{param key}`` the FP32 shadows of the CPU EMA (:class:`dsv3.memory.ema.CPUEMA`, report
-  3.2.3) under the same global keys as ``model/`` (routed experts per global index), written when
-  the run keeps an EMA; its update count is in ``meta.json`` (``"ema": {"num_updates": n}``).
-
-Loading gives DCP only what this rank holds (its parameters, its chunks, its shadows), as the
-tensors themselves: DCP reads those keys (and rows) in place, so neither a save nor a load holds
-a second copy of anything. ``dsv3 export`` and ``dsv3 generate`` load a sharded checkpoint into a
-model built once at full size (:func:`export_checkpoint`).
+Every rank writes its part of ``dcp-{step:08d}`` (as ``.tmp``, renamed by rank 0 once every rank has finished
+and ``meta.json`` is in place: a checkpoint is complete or ignored). Keys are global, so a checkpoint loads
+into any layout: ``model/{name}`` (dense, written once), ``model/{module}.experts.{e}.{gate_up_proj|down_proj}``
+per routed expert by global index ``e``, ``optim/{param key}/{master|exp_avg|exp_avg_sq}`` as each rank's own
+ZeRO-1 row chunks with global offsets (:class:`RowChunk`, nothing gathered) plus ``optim/step``, and
+``ema/{param key}`` for the CPU EMA's shadows. Loading gives DCP only what this rank holds, as the tensors
+themselves, so neither a save nor a load holds a second copy. :func:`export_checkpoint` loads a sharded
+checkpoint into one full-size model for ``dsv3 export`` and ``dsv3 generate``.
 """
 
 from __future__ import annotations
@@ -33,10 +19,17 @@ import shutil
 import sys
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from dsv3.checkpoint.export import check_export_dir, export_unsharded, write_export
 from dsv3.checkpoint.manifest import check_sharded, select_sharded, shard_entries, write_sharded_manifest
+from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
 from dsv3.model.moe import Experts
+from dsv3.model.transformer import empty_model
 from dsv3.parallel.zero import rows_shape
 
 _NAME = re.compile(r"^dcp-(\d{8})$")
@@ -64,9 +57,6 @@ class RowChunk(torch.Tensor):
         return out
 
     def __create_write_items__(self, fqn: str, obj) -> list:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
-
         chunk = ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.size())
         return [
             WriteItem(
@@ -79,8 +69,6 @@ class RowChunk(torch.Tensor):
         ]
 
     def __create_chunk_list__(self) -> list:
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-
         return [ChunkStorageMetadata(offsets=self.offsets, sizes=self.local.size())]
 
     def __get_tensor_shard__(self, index) -> torch.Tensor:
@@ -223,8 +211,6 @@ def save_sharded(
     """Write ``run_dir/dcp-{step:08d}`` from every rank (collective); returns its path.
 
     ``ema``: the run's :class:`~dsv3.memory.ema.CPUEMA` (saved as ``ema/...`` when given)."""
-    import torch.distributed.checkpoint as dcp
-
     _attach_offsets(model, optimizer)
     final = os.path.join(run_dir, f"dcp-{step:08d}")
     tmp = final + ".tmp"
@@ -262,8 +248,6 @@ def _gather_shard_entries(directory: str, ctx) -> dict:
     entries = shard_entries(directory, ctx.rank)
     if not ctx.distributed:
         return entries
-    import torch.distributed as dist
-
     gathered: list = [None] * ctx.world_size
     dist.all_gather_object(gathered, entries)
     return {name: entry for part in gathered for name, entry in part.items()}
@@ -285,8 +269,6 @@ def latest_sharded(run_dir: str, log=None, ctx=None) -> str | None:
     (reads and hashes the files) and broadcasts its choice, or its error, to the other ranks."""
     if ctx is None or not ctx.distributed:
         return select_sharded(run_dir, log)
-    import torch.distributed as dist
-
     box: list = [None]
     if ctx.is_main:
         try:
@@ -377,8 +359,6 @@ def load_sharded(path: str, *, model, optimizer, ctx, ema=None) -> dict:
 
 def _dcp_load(state: dict, path: str) -> None:
     """``dcp.load`` with torch's internal errors on a damaged checkpoint (one written before manifests) as one line."""
-    import torch.distributed.checkpoint as dcp
-
     try:
         dcp.load(state, checkpoint_id=path)
     except (RuntimeError, AssertionError, OSError, ValueError, KeyError, EOFError) as exc:
@@ -413,9 +393,6 @@ def load_full_model(checkpoint: str, *, device: str | torch.device = "cpu", use_
 
     ``checkpoint``: a ``dcp-*`` directory inside its run directory (whose ``model_config.json`` describes
     the model). ``use_ema``: the EMA shadows (``ema/...``) replace the trained parameters."""
-    from dsv3.config import ModelConfig
-    from dsv3.model.transformer import empty_model
-
     config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_config.json")
     if not os.path.isfile(config_path):
         raise CheckpointError(f"no model_config.json next to {checkpoint}; use a checkpoint inside its run directory")
@@ -445,8 +422,6 @@ def export_checkpoint(checkpoint: str, out_dir: str, *, dtype: torch.dtype | Non
     ``export.json`` (:mod:`dsv3.checkpoint.export`); it must be new, empty or an earlier export.
     ``use_ema``: the EMA weights (under pipeline parallelism every rank wrote those of its own stages).
     """
-    from dsv3.checkpoint.export import check_export_dir, export_unsharded, write_export
-
     check_export_dir(out_dir, checkpoint)  # never into the run, a file or a foreign directory: refused before any work
     if os.path.isdir(checkpoint) and not _NAME.match(os.path.basename(os.path.normpath(checkpoint))):
         latest = latest_sharded(checkpoint, log=lambda line: print(line, file=sys.stderr))

@@ -1,44 +1,13 @@
-"""The ``deepep`` token dispatcher: DeepEP's normal (high-throughput) kernels behind our dispatcher interface.
+"""The ``deepep`` backend of :class:`dsv3.model.moe.Dispatcher`: DeepEP's normal (high-throughput) kernels.
 
-DeepEP (https://github.com/deepseek-ai/DeepEP, the V1 ``deep_ep.Buffer`` API) moves MoE tokens over NVLink
-and RDMA as report 3.2.2 describes. Its calls, as its README and tests document them:
-
-* ``Buffer.get_dispatch_layout(topk_idx, num_experts)`` -> ``(num_tokens_per_rank [ep], num_tokens_per_rdma_rank
-  or None, num_tokens_per_expert [N_r], is_token_in_rank [N, ep] bool, event)``;
-* ``Buffer.dispatch(x, topk_idx=, topk_weights=, <the layout>, async_finish=)`` -> ``(recv_x [R, d],
-  recv_topk_idx [R, K], recv_topk_weights [R, K], num_recv_tokens_per_expert_list, handle, event)``: a token
-  arrives ONCE on each rank that holds one of its experts; rows come grouped by source rank (rank 0's first),
-  in token order within a source; ``recv_topk_idx`` holds the LOCAL expert index of each choice, -1 where the
-  expert is on another rank (its weight is then unspecified);
-* ``Buffer.combine(x [R, d], handle, topk_weights=None, async_finish=)`` -> ``(combined_x [N, d],
-  combined_topk_weights, event)``: each source token gets the SUM of the rows the ranks send back for it;
-* ``Buffer.dispatch(x, handle=handle)``: the cached dispatch, the same movement again;
-* ``event.current_stream_wait()``: with ``async_finish=True`` the call returns at once and the compute stream
-  waits for the transfer only there.
-
-None of them is autograd-aware, so this adapter wraps them as DeepEP's README pairs them: the backward of a
-dispatch is a combine (of the gradients of the received rows and of their gate weights), the backward of a
-combine is a cached dispatch. On top it keeps OUR interface (:mod:`dsv3.parallel.dispatch`):
-
-    recv_x, counts, handle = dispatcher.dispatch(x, topk_idx, topk_weights)
-    y = experts(recv_x, counts.cumsum(0), handle.recv_weights)
-    out = dispatcher.combine(y, handle)
-
-``recv_x`` [M, d] holds one row per (received token, local expert) sorted by local expert, ``counts``
-[N_r / ep] the rows of each local expert and ``handle.recv_weights`` [M, 1] their gate values, as
-:class:`~dsv3.model.moe.LocalDispatcher` and :class:`~dsv3.parallel.dispatch.AllToAllDispatcher` give them:
-:func:`~dsv3.parallel.dispatch.expand_to_local_experts` turns DeepEP's per-token rows into per-expert rows, and combine first sums a
-token's local expert outputs (already scaled by g in the experts) into its received row. The start/wait
-halves are DeepEP's ``async_finish=True`` and ``event.current_stream_wait()``; with ``cut=True`` waits the
-received tensors are autograd leaves whose gradients go back through ``*_backward_start``/``*_backward_wait``
-(DeepEP's own backward pairing, asynchronous), as the FB overlap's cut MoE layer drives the all-to-all
-dispatcher. FP8 dispatch payloads are not
-wired to DeepEP's (data, scales) form here: ``--fp8`` with ``--dispatcher deepep`` is refused.
-
-Status: the layout and autograd translation are tested against a stand-in ``deep_ep`` module with the
-documented semantics (tests/test_deepep.py, outputs and gradients equal to LocalDispatcher's). The
-adapter has NOT been run on GPUs with the real DeepEP here (no GPU cluster in this project's CI); try it on
-one node against ``--dispatcher alltoall`` before relying on it.
+:class:`DeepEPDispatcher` drives the V1 ``deep_ep.Buffer`` API (``get_dispatch_layout``, ``dispatch``,
+``combine``, the cached dispatch, ``async_finish`` events) with the same rows, counts and handles as
+:class:`~dsv3.parallel.dispatch.AllToAllDispatcher`: a token arrives once per rank and is expanded to its
+local experts (:func:`~dsv3.model.exchange.expand_to_local_experts`). DeepEP is not autograd-aware, so the
+backward of a dispatch is a combine and the backward of a combine a cached dispatch (DeepEP's README
+pairing). ``deep_ep`` is an optional dependency, imported only when a buffer is made; FP8 payloads are
+refused. Tested against a stand-in ``deep_ep`` with the documented semantics (tests/test_deepep.py), not on
+real GPUs here. The API details are in docs/parallel.md.
 """
 
 from __future__ import annotations
@@ -50,8 +19,18 @@ from dataclasses import dataclass
 import torch
 
 from dsv3.errors import ConfigError
+from dsv3.model.exchange import (
+    CombineState,
+    CommStats,
+    DispatchState,
+    cut_leaf,
+    expand_to_local_experts,
+    leaf_grad,
+    local_experts,
+    node_size,
+)
+from dsv3.model.moe import DispatchInHalves
 from dsv3.model.ops import combine
-from dsv3.parallel.dispatch import expand_to_local_experts
 
 
 def check_deepep(device: torch.device | str) -> None:
@@ -74,6 +53,7 @@ class DeepEPBuffer:
 
     def __init__(self, group, module=None) -> None:
         self.group = group
+        # deep_ep is an optional dependency (CUDA, DeepEP): imported only when a buffer is made.
         self.deep_ep = module if module is not None else importlib.import_module("deep_ep")
         self.buffer = None
 
@@ -161,9 +141,9 @@ class DeepEPHandle:
 
 
 @dataclass
-class _Pending:
-    """A started dispatch. ``send_x`` [N, d] and ``meta`` [N, K] (FP32 gate weights) are what DeepEP sent;
-    with a ``cut`` wait, ``recv`` [R, d] and ``recv_meta`` [R, K] are the received tensors as autograd leaves."""
+class _Pending(DispatchState):
+    """A started dispatch: ``send_x`` [N, d] and ``meta`` [N, K] (FP32 gate weights) are what DeepEP sent;
+    ``recv_x`` [R, d], ``recv_w`` [R, K], ``recv_idx`` [R, K] what it is receiving."""
 
     recv_x: torch.Tensor
     recv_w: torch.Tensor
@@ -172,21 +152,14 @@ class _Pending:
     event: object
     n_tokens: int
     n_self: int
-    send_x: torch.Tensor
-    meta: torch.Tensor
-    recv: torch.Tensor | None = None
-    recv_meta: torch.Tensor | None = None
 
 
 @dataclass
-class _PendingCombine:
-    """A started combine of ``z`` [R, d]; with a ``cut`` wait, ``back`` [N, d] is the result as an autograd leaf."""
+class _PendingCombine(CombineState):
+    """A started combine of ``z`` [R, d] into ``combined`` [N, d] (``back``: its leaf after a ``cut`` wait)."""
 
     combined: torch.Tensor
     event: object
-    z: torch.Tensor
-    handle: DeepEPHandle
-    back: torch.Tensor | None = None
 
 
 @dataclass
@@ -197,20 +170,12 @@ class _PendingGrad:
     event: object
 
 
-def _leaf(received: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    return received.detach().requires_grad_(torch.is_grad_enabled() and source.requires_grad)
-
-
-def _grad_of(leaf: torch.Tensor) -> torch.Tensor:
-    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-
-
 def _wait(event) -> None:
     if event is not None:
         event.current_stream_wait()
 
 
-class DeepEPDispatcher:
+class DeepEPDispatcher(DispatchInHalves):
     """Dispatch/combine with DeepEP's kernels (see the module docstring); same interface as AllToAllDispatcher.
 
     Args:
@@ -232,21 +197,15 @@ class DeepEPDispatcher:
         fp8: bool = False,
         ranks_per_node: int | None = None,
     ) -> None:
-        from dsv3.parallel.dispatch import CommStats
-
         if fp8:
             raise ConfigError(
                 "--dispatcher deepep does not carry FP8 dispatch payloads in this version; "
                 "use --dispatcher alltoall with --fp8"
             )
-        if n_experts % ep:
-            raise ConfigError(f"--ep {ep} does not divide the model's {n_experts} routed experts; pick another ep")
         self.group, self.ep, self.ep_rank = group, ep, ep_rank
-        self.n_experts, self.n_local = n_experts, n_experts // ep
+        self.n_experts, self.n_local = n_experts, local_experts(n_experts, ep)
         self.buffer = buffer if buffer is not None else DeepEPBuffer(group)
-        self.ranks_per_node = min(ranks_per_node or ep, ep)
-        if ep % self.ranks_per_node:
-            self.ranks_per_node = ep
+        self.ranks_per_node = node_size(ranks_per_node, ep)
         self.stats = CommStats()
 
     def dispatch_start(
@@ -269,7 +228,9 @@ class DeepEPDispatcher:
             self.stats.bytes_sent += (sent - n_self) * x.shape[1] * x.element_size()
         if meanwhile is not None:
             meanwhile()
-        return _Pending(recv_x, recv_w, out["recv_idx"], out["handle"], out["event"], n, n_self, send_x, meta)
+        return _Pending(
+            recv_x, recv_w, out["recv_idx"], out["handle"], out["event"], n, n_self, send_x=send_x, meta=meta
+        )
 
     def dispatch_wait(self, p: _Pending, *, cut: bool = False):
         """Finish a dispatch: ``(recv_x [M, d], counts [N_r/ep], handle)`` with rows sorted by local expert.
@@ -280,17 +241,13 @@ class DeepEPDispatcher:
         _wait(p.event)
         recv_x, recv_w = p.recv_x, p.recv_w
         if cut:
-            recv_x = p.recv = _leaf(recv_x, p.send_x)
-            recv_w = p.recv_meta = _leaf(recv_w, p.meta)
+            recv_x = p.recv = cut_leaf(recv_x, p.send_x)
+            recv_w = p.recv_meta = cut_leaf(recv_w, p.meta)
         with torch.no_grad():
             recv_token, pos, counts = expand_to_local_experts(p.recv_idx.long(), self.n_local)
         recv_weights = recv_w.reshape(-1).index_select(0, pos).unsqueeze(-1)
         handle = DeepEPHandle(p.ep_handle, recv_token, recv_x.shape[0], p.n_tokens, recv_weights, p.n_self)
         return recv_x.index_select(0, recv_token), counts, handle
-
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
-        """:meth:`dispatch_start` then :meth:`dispatch_wait`."""
-        return self.dispatch_wait(self.dispatch_start(x, topk_idx, topk_weights))
 
     def combine_start(self, y: torch.Tensor, handle: DeepEPHandle) -> _PendingCombine:
         """Sum each received token's local expert outputs ``y`` [M, d]; start DeepEP's combine."""
@@ -298,21 +255,21 @@ class DeepEPDispatcher:
         out: dict = {}
         combined = _Combine.apply(z.contiguous(), self.buffer.get(z), handle.ep_handle, True, out)
         self.stats.bytes_sent += (handle.n_recv - handle.n_self) * z.shape[1] * z.element_size()
-        return _PendingCombine(combined, out["event"], z, handle)
+        return _PendingCombine(combined, out["event"], z=z, handle=handle)
 
     def combine_wait(self, p: _PendingCombine, *, cut: bool = False) -> torch.Tensor:
         """Finish a combine: ``out`` [N, d], each token's expert outputs summed over ranks (``cut``: as the leaf
         ``p.back``, whose gradient goes back with :meth:`combine_backward_start` / ``_wait``)."""
         _wait(p.event)
         if cut:
-            p.back = _leaf(p.combined, p.z)
+            p.back = cut_leaf(p.combined, p.z)
             return p.back
         return p.combined
 
     # ---------------------------------------------- backward of cut exchanges (the FB overlap's protocol)
     def combine_backward_start(self, p: _PendingCombine) -> _PendingGrad:
         """Start sending ``p.back.grad`` [N, d] to the ranks that computed the expert sums (a cached dispatch)."""
-        grad = _grad_of(p.back).contiguous()
+        grad = leaf_grad(p.back).contiguous()
         p.back = None
         with torch.no_grad():
             g, _, _, _, _, event = self.buffer.get(grad).dispatch(grad, handle=p.handle.ep_handle, async_finish=True)
@@ -327,7 +284,7 @@ class DeepEPDispatcher:
     def dispatch_backward_start(self, p: _Pending) -> _PendingGrad:
         """Start sending the gradients of the received leaves (``p.recv`` [R, d], ``p.recv_meta`` [R, K]) back to
         the tokens' ranks (a combine, which sums each token's gradients over the ranks it went to)."""
-        gx, gw = _grad_of(p.recv).contiguous(), _grad_of(p.recv_meta).contiguous()
+        gx, gw = leaf_grad(p.recv).contiguous(), leaf_grad(p.recv_meta).contiguous()
         p.recv = p.recv_meta = None
         with torch.no_grad():
             x, w, event = self.buffer.get(gx).combine(gx, p.ep_handle, topk_weights=gw, async_finish=True)
@@ -339,9 +296,5 @@ class DeepEPDispatcher:
         _wait(pending.event)
         return pending.tensors
 
-    def combine(self, y: torch.Tensor, handle: DeepEPHandle) -> torch.Tensor:
-        """:meth:`combine_start` then :meth:`combine_wait`."""
-        return self.combine_wait(self.combine_start(y, handle))
 
-
-__all__ = ["DeepEPBuffer", "DeepEPDispatcher", "DeepEPHandle", "check_deepep", "expand_to_local_experts"]
+__all__ = ["DeepEPBuffer", "DeepEPDispatcher", "DeepEPHandle", "check_deepep"]

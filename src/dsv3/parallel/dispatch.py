@@ -1,41 +1,13 @@
-"""Expert-parallel token dispatchers with a DeepEP-shaped interface (report 2.1.2, 3.2.2, 3.3.4).
+"""Expert-parallel token dispatchers: backends of :class:`dsv3.model.moe.Dispatcher` (report 2.1.2, 3.2.2).
 
-A dispatcher moves each token's hidden state to the ranks that hold its selected experts and
-brings the (gate-weighted) expert outputs back::
-
-    recv_x, counts, handle = dispatcher.dispatch(x, topk_idx, topk_weights)
-    y = experts(recv_x, counts.cumsum(0), handle.recv_weights)   # local experts, rows sorted by expert
-    out = dispatcher.combine(y, handle)
-
-``x`` [N, d]; ``topk_idx`` [N, K_r] global expert ids; ``topk_weights`` [N, K_r] gate values g;
-``recv_x`` [M, d] one row per (received token, local expert) sorted by local expert;
-``counts`` [N_r / ep] rows per local expert; ``out`` [N, d].
-Both calls are also split in halves (``dispatch_start``/``dispatch_wait``,
-``combine_start``/``combine_wait``) around an asynchronous ``all_to_all_single``, so that a
-schedule can run other work (shared experts, attention of another micro-batch) meanwhile.
-
-Backends:
-
-``local``
-    :class:`dsv3.model.moe.LocalDispatcher`, the single-process path (no communication).
-``alltoall`` (:class:`AllToAllDispatcher`)
-    ``torch.distributed.all_to_all_single`` with uneven (also empty) splits over the
-    expert-parallel group. As in DeepEP a token travels *once* to each destination rank, not
-    once per expert: the receiver expands it to its local experts, and combine sums a token's
-    local expert outputs before sending one row back. Autograd flows through the exchange
-    (the backward of an all-to-all is the all-to-all with swapped splits). Payloads travel as
-    raw bytes (``.view(torch.uint8)``), which is also how FP8 crosses gloo, which rejects float8.
-    With ``fp8=True`` the dispatched activations travel as E4M3 with power-of-two 1x128 scales
-    (:func:`dsv3.fp8.comm.quantize_for_dispatch`), and in backward the gradient sent back to
-    the experts (the gradient of the down-projection output) is quantised the same way; combine
-    forward and the dispatch backward stay in the activation precision.
-``deepep`` (:class:`dsv3.parallel.deepep.DeepEPDispatcher`)
-    DeepEP's NVLink/RDMA kernels, only when asked for and only where ``deep_ep`` is installed and
-    CUDA runs (otherwise one ConfigError before anything is written). Tested against a stand-in
-    ``deep_ep`` with the documented semantics, not on real GPUs here (see that module).
-
-Each dispatcher counts what it moved (:class:`CommStats`): bytes sent to other ranks, tokens
-dispatched, and the ranks and nodes each token reached (node-limited routing bounds the latter).
+Backends (``--dispatcher``): ``local`` (:class:`~dsv3.model.moe.LocalDispatcher`, one process);
+``alltoall`` (:class:`AllToAllDispatcher`: ``all_to_all_single`` with uneven, also empty, splits over
+the expert-parallel group; a token travels once to each destination rank, which expands it to its
+local experts; payloads travel as raw bytes, E4M3 with power-of-two 1x128 scales under ``fp8``);
+``deepep`` (:class:`dsv3.parallel.deepep.DeepEPDispatcher`, only where ``deep_ep`` and CUDA exist).
+:func:`shard_experts` applies expert parallelism to a built model; :func:`comm_stats` sums the
+:class:`~dsv3.model.exchange.CommStats` of its dispatchers. The exchange protocol, its autograd and FP8
+rules are described in docs/parallel.md.
 """
 
 from __future__ import annotations
@@ -43,31 +15,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from dsv3.errors import ConfigError
-from dsv3.model.moe import LocalDispatcher, MoE, combine
+from dsv3.fp8.comm import FP8Payload, quantize_for_dispatch
+from dsv3.model.exchange import (
+    CombineState,
+    CommStats,
+    DispatchState,
+    cut_leaf,
+    expand_to_local_experts,
+    leaf_grad,
+    local_experts,
+    node_size,
+)
+from dsv3.model.moe import DispatchInHalves, Experts, LocalDispatcher, MoE, combine
+from dsv3.parallel.deepep import DeepEPBuffer, DeepEPDispatcher, check_deepep
 
 BACKENDS = ("auto", "local", "alltoall", "deepep")
-
-
-@dataclass
-class CommStats:
-    """Counters of one dispatcher since the last :meth:`reset` (per rank).
-
-    Attributes:
-        bytes_sent: payload bytes sent to other ranks by dispatch and combine (forward and backward).
-        tokens: tokens dispatched.
-        ranks_reached: sum over tokens of the number of ranks each token was sent to.
-        nodes_reached: sum over tokens of the number of nodes each token was sent to.
-    """
-
-    bytes_sent: int = 0
-    tokens: int = 0
-    ranks_reached: int = 0
-    nodes_reached: int = 0
-
-    def reset(self) -> None:
-        self.bytes_sent = self.tokens = self.ranks_reached = self.nodes_reached = 0
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -93,8 +58,6 @@ class _Exchange:
         self_index: int,
         stream=None,
     ) -> None:
-        import torch.distributed as dist
-
         self.dtype, self.cols = t.dtype, t.shape[1]
         self.raw = raw = _as_bytes(t)  # held until wait: the send buffer must outlive the exchange
         self.out = raw.new_empty(sum(out_splits), raw.shape[1])
@@ -185,15 +148,11 @@ def _link(
 
 def _fp8_pack(x: torch.Tensor) -> torch.Tensor:
     """[S, d] -> uint8 [S, D_p + D_p/128]: E4M3 bytes then UE8M0 scale bytes (1x128 tiles)."""
-    from dsv3.fp8.comm import quantize_for_dispatch
-
     p = quantize_for_dispatch(x)
     return torch.cat([p.data.view(torch.uint8), p.scale], dim=1)
 
 
 def _fp8_unpack(raw: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    from dsv3.fp8.comm import FP8Payload
-
     d_p = raw.shape[1] * 128 // 129
     data = raw[:, :d_p].contiguous().view(torch.float8_e4m3fn)
     return FP8Payload(data, raw[:, d_p:].contiguous(), dim).dequantize(dtype)
@@ -228,64 +187,26 @@ class AllToAllHandle:
 
 
 @dataclass
-class _PendingDispatch:
-    """A started dispatch. With ``cut`` waits, ``recv`` [R, d] and ``recv_meta`` [R, 2K] are the received
-    tensors as autograd leaves (the graph is cut at the exchange: their ``.grad`` is sent back explicitly)."""
+class _PendingDispatch(DispatchState):
+    """A started dispatch: the two exchanges in flight and what combine and the cut backward need."""
 
     x_exchange: _Exchange
     meta_exchange: _Exchange
     x: torch.Tensor
-    meta: torch.Tensor
-    send_x: torch.Tensor
     send_token: torch.Tensor
     send_splits: list[int]
     recv_splits: list[int]
     n_tokens: int
-    recv: torch.Tensor | None = None
-    recv_meta: torch.Tensor | None = None
 
 
 @dataclass
-class _PendingCombine:
-    """A started combine. With a ``cut`` wait, ``back`` [S, d] is the received tensor as an autograd leaf."""
+class _PendingCombine(CombineState):
+    """A started combine: the exchange in flight (``z`` [R, d]; ``back`` [S, d] after a ``cut`` wait)."""
 
     exchange: _Exchange
-    z: torch.Tensor
-    handle: AllToAllHandle
-    back: torch.Tensor | None = None
 
 
-def _leaf(received: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """``received`` as an autograd leaf that requires grad when its ``source`` on the sending side does."""
-    return received.detach().requires_grad_(torch.is_grad_enabled() and source.requires_grad)
-
-
-def _grad_of(leaf: torch.Tensor) -> torch.Tensor:
-    """The gradient accumulated into a cut leaf (zeros when nothing used it, e.g. no rows)."""
-    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-
-
-def expand_to_local_experts(local_id: torch.Tensor, n_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-expert rows from per-token rows.
-
-    Args:
-        local_id: [R, K] local expert of each received token's choices, -1 for experts on other ranks.
-        n_local: experts on this rank.
-
-    Returns:
-        recv_token [M] (the received row of each expert row), pos [M] (its flat index in ``local_id``),
-        counts [n_local] (rows per local expert); expert rows sorted by local expert, then by received row.
-    """
-    k = local_id.shape[1]
-    flat = local_id.reshape(-1)
-    flat_pos = (flat >= 0).nonzero(as_tuple=True)[0]
-    expert = flat.index_select(0, flat_pos)
-    order = expert.argsort(stable=True)
-    pos = flat_pos.index_select(0, order)
-    return pos // k, pos, torch.bincount(expert, minlength=n_local)
-
-
-class AllToAllDispatcher:
+class AllToAllDispatcher(DispatchInHalves):
     """Dispatch/combine over ``torch.distributed.all_to_all_single`` (see the module docstring).
 
     Args:
@@ -299,14 +220,10 @@ class AllToAllDispatcher:
     def __init__(
         self, group, ep: int, ep_rank: int, n_experts: int, *, fp8: bool = False, ranks_per_node: int | None = None
     ) -> None:
-        if n_experts % ep:
-            raise ConfigError(f"--ep {ep} does not divide the model's {n_experts} routed experts; pick another ep")
         self.group, self.ep, self.ep_rank = group, ep, ep_rank
-        self.n_experts, self.n_local = n_experts, n_experts // ep
+        self.n_experts, self.n_local = n_experts, local_experts(n_experts, ep)
         self.fp8 = fp8
-        self.ranks_per_node = min(ranks_per_node or ep, ep)
-        if ep % self.ranks_per_node:
-            self.ranks_per_node = ep  # nodes not aligned with the group: count it as one
+        self.ranks_per_node = node_size(ranks_per_node, ep)
         self.stats = CommStats()
         self.stream = None  # the CUDA communication stream, made on first use on a CUDA device
 
@@ -339,8 +256,6 @@ class AllToAllDispatcher:
 
         ``meanwhile``: a callable run while the counts are in flight (the cut MoE runs its shared experts there).
         """
-        import torch.distributed as dist
-
         n, k = topk_idx.shape
         with torch.no_grad():
             dest = topk_idx // self.n_local  # [N, K] destination rank of each choice
@@ -396,8 +311,8 @@ class AllToAllDispatcher:
         recv = _fp8_unpack(raw, p.x.shape[1], p.x.dtype) if self.fp8 else raw
         meta = p.meta_exchange.wait()
         if cut:
-            recv = p.recv = _leaf(recv, p.send_x)
-            meta = p.recv_meta = _leaf(meta, p.meta)
+            recv = p.recv = cut_leaf(recv, p.send_x)
+            meta = p.recv_meta = cut_leaf(meta, p.meta)
         else:
             recv = _link(p.send_x, recv, p.send_splits, p.recv_splits, self.group, self.stats, self.ep_rank)
             meta = _link(p.meta, meta, p.send_splits, p.recv_splits, self.group, self.stats, self.ep_rank)
@@ -409,10 +324,6 @@ class AllToAllDispatcher:
             p.send_token, p.send_splits, p.recv_splits, recv_token, recv.shape[0], p.n_tokens, recv_weights
         )
         return recv.index_select(0, recv_token), counts, handle
-
-    def dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor):
-        """:meth:`dispatch_start` then :meth:`dispatch_wait`."""
-        return self.dispatch_wait(self.dispatch_start(x, topk_idx, topk_weights))
 
     # ------------------------------------------------------------------- combine
     def combine_start(self, y: torch.Tensor, handle: AllToAllHandle) -> _PendingCombine:
@@ -427,7 +338,7 @@ class AllToAllDispatcher:
             self.ep_rank,
             self._stream_for(z.device),
         )
-        return _PendingCombine(ex, z, handle)
+        return _PendingCombine(ex, z=z, handle=handle)
 
     def combine_wait(self, p: _PendingCombine, *, cut: bool = False) -> torch.Tensor:
         """Finish a combine: returns ``out`` [N, d], the sum over ranks of each token's expert outputs.
@@ -437,7 +348,7 @@ class AllToAllDispatcher:
         """
         back = p.exchange.wait()
         if cut:
-            back = p.back = _leaf(back, p.z)
+            back = p.back = cut_leaf(back, p.z)
         else:
             back = _link(
                 p.z,
@@ -455,7 +366,7 @@ class AllToAllDispatcher:
     def combine_backward_start(self, p: _PendingCombine) -> _PendingRows:
         """Start sending ``p.back.grad`` [S, d] back to the ranks that computed the expert outputs (the
         combine's splits swapped; E4M3 when ``fp8``: the gradient before the down-projection)."""
-        grad = _grad_of(p.back)
+        grad = leaf_grad(p.back)
         p.back = None
         return self.exchange_start(grad, p.handle.send_splits, p.handle.recv_splits, fp8=self.fp8)
 
@@ -467,7 +378,7 @@ class AllToAllDispatcher:
     def dispatch_backward_start(self, p: _PendingDispatch) -> tuple[_PendingRows, _PendingRows]:
         """Start sending the gradients of the received leaves (``p.recv`` [R, d], ``p.recv_meta`` [R, 2K]) back
         to the tokens' ranks (the dispatch's splits swapped; in the activation precision)."""
-        grads = _grad_of(p.recv), _grad_of(p.recv_meta)
+        grads = leaf_grad(p.recv), leaf_grad(p.recv_meta)
         p.recv = p.recv_meta = None
         return tuple(self.exchange_start(g, p.recv_splits, p.send_splits) for g in grads)
 
@@ -476,18 +387,12 @@ class AllToAllDispatcher:
         """The gradients of the sent rows ``p.send_x`` [S, d] and gate/expert metadata ``p.meta`` [S, 2K]."""
         return pending[0].wait(), pending[1].wait()
 
-    def combine(self, y: torch.Tensor, handle: AllToAllHandle) -> torch.Tensor:
-        """:meth:`combine_start` then :meth:`combine_wait`."""
-        return self.combine_wait(self.combine_start(y, handle))
-
 
 def resolve_backend(name: str, ep: int, device: torch.device) -> str:
     """``auto`` -> ``alltoall`` for ep > 1, else ``local``; ``deepep`` only when asked for (and runnable)."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown dispatcher {name!r}; use one of {', '.join(BACKENDS)}")
     if name == "deepep":
-        from dsv3.parallel.deepep import check_deepep
-
         check_deepep(device)
     if name == "auto":
         if ep == 1:
@@ -511,8 +416,6 @@ def shard_experts(
     from the full layer (so they equal one process's). Router, shared experts and all dense
     parameters stay replicated.
     """
-    from dsv3.model.moe import Experts
-
     backend = resolve_backend(dispatcher, ctx.ep, ctx.device)
     shared = None  # deepep: one DeepEP buffer for every layer
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
@@ -532,8 +435,6 @@ def shard_experts(
             new.mm, new.act = old.mm, old.act
             moe.experts = new
         if backend == "deepep":
-            from dsv3.parallel.deepep import DeepEPBuffer, DeepEPDispatcher
-
             shared = shared or DeepEPBuffer(ctx.ep_group)
             moe.dispatcher = DeepEPDispatcher(
                 ctx.ep_group,

@@ -1,30 +1,13 @@
-"""The one ordered transformation of a model for a layout: :func:`parallelize`.
+"""The one ordered transformation of a model for a layout: :func:`parallelize` (docs/architecture.md).
 
-A training run builds its model on the ``meta`` device (:func:`build_meta_model`: shapes and
-names, no storage), then :func:`parallelize` applies, in this order (as torchtitan's
-``parallelize_deepseekv3`` does):
-
-1. **precision**: the parameter dtype (``--dtype``), then the FP8 recipe (:func:`dsv3.fp8.convert`:
-   Linears swapped for FP8 Linears sharing their Parameters, FP8 grouped GEMMs for the experts);
-2. **recomputation**: the policy of every block (:func:`dsv3.memory.recompute.apply_recompute`);
-3. **expert sharding**: every MoE layer gets a dispatcher and, under expert parallelism, only this
-   rank's block of ``N_r / ep`` experts, created directly at the local size
-   (:func:`dsv3.parallel.dispatch.shard_experts`; on meta no full layer ever exists);
-4. **stage selection**: under ``--pp`` the stages this pipeline device does not run are removed
-   (:func:`dsv3.parallel.pipeline.stages.select_stages`: their slots become empty blocks, global
-   names kept);
-5. **materialisation**: only the tensors still on the model get storage on ``ctx.device``
-   (:func:`dsv3.utils.meta.materialize`), initialised from the per-parameter seeds
-   (:meth:`~dsv3.model.DeepseekV3ForCausalLM.reset_parameters`: ``(seed, global name)``, routed experts by
-   global index) or read from ``--init-from`` (only the held tensors and expert rows, :func:`initialize`);
-   so a rank holds exactly the values one process would;
-6. **pipeline runtime**: under ``--pp`` the :class:`~dsv3.parallel.pipeline.executor.PipelineRuntime`
-   over the held stages (process groups: collective);
-7. **optimizer**: :class:`~dsv3.parallel.zero.ZeroAdamW` over the held parameters, for every layout
-   (one process is :meth:`ParallelContext.single`, where ZeRO-1 with dp = 1 is AdamW).
-
-The runtime and the optimizer come after materialisation: the runtime's buffers and the optimizer's
-state (FP32 master chunks) are made from real tensors.
+A run builds its model on the ``meta`` device (:func:`build_meta_model`), then :func:`parallelize` applies,
+in this order (:data:`ORDER`, as torchtitan's ``parallelize_deepseekv3``): precision (dtype, FP8 recipe),
+recomputation, expert sharding (:func:`dsv3.parallel.dispatch.shard_experts`: dispatchers and this rank's
+``N_r / ep`` experts), stage selection (``--pp``: other stages removed, global names kept),
+materialisation of what is still held (initialised from the per-parameter seeds or read from
+``--init-from``: :func:`initialize`), the pipeline runtime (``--pp``), and the ZeRO-1 optimizer
+(:class:`~dsv3.parallel.zero.ZeroAdamW`, which at dp = 1 is AdamW). The runtime and the optimizer come after
+materialisation, since their buffers and state are made from real tensors.
 """
 
 from __future__ import annotations
@@ -36,7 +19,15 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.fp8 import FP8Recipe, convert
+from dsv3.memory.recompute import apply_recompute
+from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.model.rope import RotaryEmbedding
+from dsv3.model.transformer import apply_rope_config
+from dsv3.parallel.checkpointer import Checkpointer
 from dsv3.parallel.dispatch import shard_experts
+from dsv3.parallel.pipeline.stages import select_stages as remove_other_stages
+from dsv3.parallel.pipeline.train import build_pipeline
 from dsv3.parallel.zero import ZeroAdamW
 from dsv3.utils.meta import materialize
 
@@ -61,8 +52,6 @@ class Parallelized:
 def build_meta_model(mcfg: ModelConfig, seed: int) -> nn.Module:
     """The whole model on the ``meta`` device (no storage) with ``init_seed`` drawn after ``torch.manual_seed(seed)``,
     exactly as a model built on a real device would draw it."""
-    from dsv3.model import DeepseekV3ForCausalLM
-
     torch.manual_seed(seed)
     with torch.device("meta"):
         return DeepseekV3ForCausalLM(mcfg)
@@ -72,8 +61,6 @@ def apply_precision(model: nn.Module, config) -> nn.Module:
     """Step 1: the parameter dtype and the FP8 recipe (``config``: a TrainConfig)."""
     model.to(getattr(torch, config.precision.dtype))
     if config.precision.fp8:
-        from dsv3.fp8 import FP8Recipe, convert
-
         prec = config.precision
         convert(model, FP8Recipe(backend=prec.fp8_backend, scale_format=prec.fp8_scale_format, fp8_gemm=prec.fp8_gemm))
     return model
@@ -82,8 +69,6 @@ def apply_precision(model: nn.Module, config) -> nn.Module:
 def apply_recomputation(model: nn.Module, config) -> nn.Module:
     """Step 2: the selective or full recomputation policy of every block."""
     if config.memory.recompute != "none":
-        from dsv3.memory.recompute import apply_recompute
-
         apply_recompute(model, config.memory.recompute)
     return model
 
@@ -92,8 +77,6 @@ def select_stages(model: nn.Module, ctx, config) -> None:
     """Step 4: under ``--pp`` remove the stages this pipeline device does not run (on meta: nothing was ever
     allocated for them; :func:`dsv3.parallel.pipeline.stages.select_stages`)."""
     if ctx.pp > 1:
-        from dsv3.parallel.pipeline.stages import select_stages as remove_other_stages
-
         remove_other_stages(model, ctx, seq_len=config.data.seq_len)
 
 
@@ -101,8 +84,6 @@ def build_runtime(model: nn.Module, ctx, config, run_dir: str | None = None):
     """Step 6: under ``--pp`` the pipeline runtime of the (cut, materialised) model (collective), else None."""
     if ctx.pp <= 1:
         return None
-    from dsv3.parallel.pipeline.train import build_pipeline
-
     return build_pipeline(model, ctx, config, run_dir)
 
 
@@ -114,12 +95,7 @@ def initialize(
     (``partial``: the model holds a rank's part, and only that part is read; every held tensor must be
     found), else the per-parameter seeds of ``model.init_seed``;
     then ``model.config = mcfg`` with its rotary tables (non-persistent buffers) and softmax scales."""
-    from dsv3.model.rope import RotaryEmbedding
-    from dsv3.model.transformer import apply_rope_config
-
     if init_from:  # only the tensors and expert rows this rank holds are read
-        from dsv3.parallel.checkpointer import Checkpointer
-
         Checkpointer.init_from(init_from, model, partial=partial)
     else:
         model.reset_parameters(model.init_seed)

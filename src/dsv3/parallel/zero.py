@@ -1,35 +1,13 @@
-"""ZeRO-1 over plain tensors: AdamW state sharded over the data-parallel ranks (report 3.2).
+"""ZeRO-1 over plain tensors: AdamW state sharded over the data-parallel ranks (report 3.2; docs/parallel.md).
 
-Each parameter is seen as the 2-D tensor ``[numel / last_dim, last_dim]`` (:func:`rows_shape`:
-a routed-expert block ``[N_r/EP, 2I, d]`` is ``[N_r/EP * 2I, d]``; 1-d ``[n]`` is ``[n, 1]``,
-0-d ``[1, 1]``) and cut along its rows into ``n`` nearly equal chunks, one per rank of its
-group (dense parameters: the ``dp`` group; routed-expert parameters, which under expert
-parallelism exist once per expert-parallel group: the ``edp`` group). A rank keeps only its
-chunks' optimizer state: the moments m, v (FP32 or BF16) and an FP32 master copy of the chunk
-for parameters stored in another dtype (an FP32 parameter is its own master: its chunk's rows
-are updated in place). Cutting every parameter (rather than handing whole tensors to ranks,
-as torch's ZeroRedundancyOptimizer does) and cutting rows of the last dimension (rather than
-whole experts) balance the state by element count: the busiest rank holds at most one row
-(``last_dim`` elements) per parameter more than the least busy.
-
-One :meth:`ZeroAdamW.step`:
-
-1. gradients (accumulated locally over the micro-batches; nothing is communicated before the
-   last one) are summed over the group with all-reduces of flat buckets of at most
-   :data:`REDUCE_BUCKET_ELEMS` elements (no copy of all gradients) and divided by ``dp``, the number
-   of data-parallel ranks whose losses the global loss averages;
-2. the global gradient norm is computed from the dense part (identical everywhere) and the
-   expert part (summed over the expert-parallel group), then made identical on every rank
-   (an all-reduce MAX), so every rank takes the same clip and NaN-skip decisions;
-3. if it is finite, the chunks are clipped and updated by :class:`dsv3.optim.AdamW` (the same
-   elementwise math as the unsharded optimizer, so the result is exactly the same);
-4. the updated chunks are all-gathered back into the full parameters.
-
-Under pipeline parallelism each pipeline device holds some stages: the optimizer is built over
-the parameters it holds (``names``: the runtime's ``owned``), its groups are those of its
-pipeline device (``dp``/``edp`` ranks with the same ``pp`` index), and the gradient norm counts
-each parameter once over the whole pipeline (``norm_names``: the runtime's ``norm_owned``,
-summed over ``norm_group``: the pipeline's ranks).
+Each parameter is seen as ``[numel / last_dim, last_dim]`` (:func:`rows_shape`) and cut along its rows into
+nearly equal chunks, one per rank of its group (dense parameters: ``dp``; routed experts: ``edp``); a rank
+keeps only its chunks' moments (FP32 or BF16) and FP32 master copy, so the state is balanced by element
+count. One :meth:`ZeroAdamW.step`: gradients summed over the group in bounded flat buckets and divided by
+``dp``; one global gradient norm (identical on every rank, so clip and NaN-skip agree); the chunks updated by
+:class:`dsv3.optim.AdamW` (the unsharded math, so the result is the same); the chunks all-gathered back.
+Under pipeline parallelism the optimizer covers the parameters its device holds (``names``) and the norm
+counts each parameter once over the pipeline (``norm_names``, ``norm_group``).
 """
 
 from __future__ import annotations
@@ -37,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dsv3.errors import ConfigError
@@ -215,8 +194,6 @@ class ZeroAdamW:
     def reduce_gradients(self) -> None:
         """Sum the gradients over each parameter's group and divide by ``dp`` (the last micro-batch's job).
         With ``dp = 1`` (one process, or a pipeline without data parallelism) there is nothing to do."""
-        import torch.distributed as dist
-
         if self.ctx.dp == 1:
             return
         for expert in (False, True):
@@ -242,8 +219,6 @@ class ZeroAdamW:
 
         Dense parameters count once, experts are summed over the expert-parallel group and, under
         pipeline parallelism, the per-device sums over the pipeline (``norm_group``)."""
-        import torch.distributed as dist
-
         parts: list[list[torch.Tensor]] = [[], []]  # dense, expert sums of squares (on the device: no host sync)
         for s in self.shards:
             if s.param.grad is not None and s.counted:
@@ -322,8 +297,6 @@ class ZeroAdamW:
     @staticmethod
     def _gather_bucket(shards: list[_Shard], n: int, me: int, group) -> None:
         """All-gather the ``n`` ranks' chunks of ``shards`` (rank ``me``'s included) into their parameters."""
-        import torch.distributed as dist
-
         dtype = shards[0].param.dtype
         sizes = [
             sum((s.bounds[r][1] - s.bounds[r][0]) * rows_shape(s.param.shape)[1] for s in shards) for r in range(n)
@@ -454,8 +427,6 @@ class ZeroAdamW:
 def sync_loads(load: torch.Tensor, ctx) -> torch.Tensor:
     """Expert loads [n_moe_layers, N_r] summed over every data-parallel rank (identical everywhere)."""
     if ctx.distributed and ctx.dp > 1:
-        import torch.distributed as dist
-
         load = load.clone()
         dist.all_reduce(load, group=ctx.dp_group)
     return load
@@ -464,8 +435,6 @@ def sync_loads(load: torch.Tensor, ctx) -> torch.Tensor:
 def all_mean(values: torch.Tensor, ctx) -> torch.Tensor:
     """The mean of ``values`` over the data-parallel ranks (e.g. the step's loss sums)."""
     if ctx.distributed and ctx.dp > 1:
-        import torch.distributed as dist
-
         values = values.clone()
         dist.all_reduce(values, group=ctx.dp_group)
         values /= ctx.dp

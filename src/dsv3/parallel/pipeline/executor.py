@@ -1,16 +1,16 @@
-"""The pipeline runtime: an interpreter of a schedule's per-device op lists.
+"""The pipeline runtime: an interpreter of a schedule's per-device op lists (docs/pipeline.md).
 
-:class:`PipelineRuntime` executes, on each pipeline device (one process), the op list
-``Schedule.ops[device]`` of :mod:`dsv3.schedules`, exactly the list :mod:`dsv3.plan.simulate` times; it
-knows nothing about 1F1B, ZB1P or DualPipe. F and BW are a stage's forward and full backward, B the input
-backward (weight gradients queued, :mod:`~dsv3.parallel.pipeline.wgrad`), W the oldest queued group, FB a
-forward and a full backward interleaved step by step; SEND/RECV are ``isend``/``irecv`` batched per process
-group, one group per link, direction and message kind (messages of one kind match first-in first-out,
-which :func:`~dsv3.schedules.validate_schedule` checks before anything runs). After the last op the
-gradients of parameters several devices hold, the loss terms and the expert loads are all-reduced over
-the pipeline. A device holds only its stages (:func:`~dsv3.parallel.pipeline.stages.remove_stages`);
-:meth:`PipelineRuntime.evaluate` is validation's forward-only pass. Details: docs/pipeline.md ("The
-interpreter").
+:class:`PipelineRuntime` executes, on each pipeline device (one process), ``Schedule.ops[device]`` of
+:mod:`dsv3.schedules`, the list :func:`dsv3.plan.simulate.run_schedule` times; it knows
+nothing about 1F1B, ZB1P or DualPipe. F, B (input gradients; weight gradients queued for W), BW, W and FB
+(a forward and a backward interleaved step by step) compute; SEND/RECV are queued and posted before the next
+compute op, one ``batch_isend_irecv`` per process group, and a received input is waited for by the op that
+uses it: :meth:`PipelineRuntime.step` is post, wait, compute per op, as DualPipe's ``_forward_backward_chunk``.
+Every link has one process group per direction and message kind (same-shape gloo messages match first-in
+first-out); one thread issues every communication call. After the last op the gradients of parameters held
+by several devices, the loss terms and the expert loads are all-reduced over the pipeline, so every device
+sees the single-process numbers. A device holds only its stages; :meth:`PipelineRuntime.evaluate` is the
+forward-only pass of validation over them.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +81,66 @@ class PipelineStepResult:
 
 
 _DONE = object()
+
+
+def _key(op: Op) -> tuple[str, int, int]:
+    """The ``st.data`` key of the message a SEND/RECV op moves: ("act" | "grad", micro-batch, stage)."""
+    return ("act" if op.direction == FORWARD else "grad", op.microbatch, op.stage)
+
+
+@dataclass
+class _StepState:
+    """What one :meth:`PipelineRuntime.step` carries from op to op.
+
+    Attributes:
+        mbs: the micro-batches; t0: ``time.perf_counter()`` at the step's start; device, dtype: the parameters'.
+        records: (micro-batch, stage) -> the forward's :class:`StageRecord`, until its backward.
+        data: ("act" | "grad", micro-batch, stage) -> a tensor, or (buffer, works) while it is being received.
+        queued: SEND/RECV ops not posted yet; sends: posted sends (buffer, works) not known to be complete.
+        sums: [lm, mtp, balance] float64 loss terms; loads: MoE row -> [N_r] tokens per expert.
+        trace: the executed ops with their times.
+    """
+
+    mbs: list[MicroBatch]
+    t0: float
+    device: torch.device
+    dtype: torch.dtype
+    records: dict[tuple[int, int], StageRecord] = field(default_factory=dict)
+    data: dict[tuple[str, int, int], object] = field(default_factory=dict)
+    queued: list[tuple[Op, dist.P2POp]] = field(default_factory=list)
+    sends: list = field(default_factory=list)
+    sums: list[torch.Tensor] = field(default_factory=list)
+    loads: dict[int, torch.Tensor] = field(default_factory=dict)
+    trace: list[TraceEvent] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.sums = [torch.zeros((), dtype=torch.float64, device=self.device) for _ in range(3)]
+
+    def add(self, rec: StageRecord, scale: float) -> None:
+        """Add a finished backward's loss terms (weighted by ``scale``) and expert loads to the step's."""
+        for k, part in enumerate(rec.parts):
+            self.sums[k] += part.double() * scale
+        for idx, load in rec.loads.items():
+            self.loads[idx] = load if idx not in self.loads else self.loads[idx] + load
+
+    def take(self, k: tuple[str, int, int]) -> torch.Tensor:
+        """Remove and return the message ``k`` from ``data``, waiting for it when it is still being received."""
+        value = self.data.pop(k)
+        if isinstance(value, tuple):
+            tensor, works = value
+            for w in works:
+                w.wait()
+            return tensor
+        return value
+
+
+def _interleave(*gens: Iterator[None]) -> None:
+    """Run the generators' steps in turn (one step of each, round robin) until all are done (one: to its end)."""
+    active = list(gens)
+    while active:
+        for gen in list(active):
+            if next(gen, _DONE) is _DONE:
+                active.remove(gen)
 
 
 class PipelineRuntime:
@@ -218,8 +280,33 @@ class PipelineRuntime:
         ``.grad`` of the parameters this device holds (shared ones all-reduced), as
         ``(loss / n_micro).backward()`` per micro-batch does on one process.
         ``schedule`` overrides the named schedule's op lists (validated first).
+
+        Each op of this device's list: SEND and RECV are queued; a compute op posts the queued
+        receives and sends (one ``batch_isend_irecv`` per process group), waits for its inputs,
+        computes, and leaves its outputs for the SENDs that follow it.
         """
-        n = len(batches)
+        schedule = self._checked_schedule(schedule, len(batches))
+        mbs = self._micro_batches(batches)
+        st = _StepState(mbs, time.perf_counter(), self.param_device, self.dtype)
+        for op in schedule.ops[self.device]:
+            if op.kind == SEND:
+                self._queue_send(st, op)
+            elif op.kind == RECV:
+                self._queue_recv(st, op)
+            else:
+                self._post(st)
+                self._wait_inputs(st, op)
+                self._compute(st, op)
+        self._post(st)
+        self._wait_sends(st)
+        self._check_drained(st)
+        result = self._finish(st.sums, st.loads, st.trace)
+        result.t0 = st.t0
+        return result
+
+    def _checked_schedule(self, schedule: Schedule | None, n: int) -> Schedule:
+        """The schedule of a step of ``n`` micro-batches (``schedule``, validated, or the named one); raises
+        :class:`ConfigError` when it does not fit this pipeline or sends over links without process groups."""
         if schedule is None:
             schedule = self.schedule_for(n)
         else:
@@ -240,126 +327,115 @@ class PipelineRuntime:
                 f"schedule {schedule.name!r} sends over links {sorted(missing)} that the runtime "
                 f"has no process groups for (it builds them from the {self.name} op lists)."
             )
-        m, device, dtype = self.model, self.param_device, self.dtype
-        mbs = self._micro_batches(batches)
-        records: dict[tuple[int, int], StageRecord] = {}
-        data: dict[tuple[str, int, int], object] = {}  # ("act"|"grad", mb, stage) -> tensor or (buffer, works)
-        sends: list = []
-        pending: list[tuple[Op, dist.P2POp]] = []
-        trace: list[TraceEvent] = []
-        t0 = time.perf_counter()
+        return schedule
 
-        def key(op: Op) -> tuple[str, int, int]:
-            return ("act" if op.direction == FORWARD else "grad", op.microbatch, op.stage)
+    # ------------------------------------------------------------ communication
+    def _queue_send(self, st: _StepState, op: Op) -> None:
+        """SEND: queue the ``isend`` of the activation or gradient that an earlier op left for ``op``."""
+        start = time.perf_counter() - st.t0
+        group = self._p2p[(self.device, op.peer, op.direction)]
+        tensor = st.take(_key(op)).contiguous()
+        st.queued.append((op, dist.P2POp(dist.isend, tensor, self.ranks[op.peer], group)))
+        st.trace.append(TraceEvent(op, start, time.perf_counter() - st.t0))
 
-        def flush() -> None:
-            """Issue the collected SEND/RECVs, one batch_isend_irecv per process group."""
-            by_group: dict[int, list[tuple[Op, dist.P2POp]]] = defaultdict(list)
-            for op, p2p in pending:
-                by_group[id(p2p.group)].append((op, p2p))
-            for items in by_group.values():
-                works = dist.batch_isend_irecv([p for _, p in items])
-                for op, p2p in items:
-                    if op.kind == SEND:
-                        sends.append((p2p.tensor, works))
-                    else:
-                        data[key(op)] = (p2p.tensor, works)
-            pending.clear()
-            # Release the buffers of sends that have completed (activations must not pile up over a step).
-            sends[:] = [(t, works) for t, works in sends if not all(w.is_completed() for w in works)]
+    def _queue_recv(self, st: _StepState, op: Op) -> None:
+        """RECV: queue the ``irecv`` of an activation or gradient [b, T, d] into a fresh buffer."""
+        start = time.perf_counter() - st.t0
+        group = self._p2p[(op.peer, self.device, op.direction)]
+        b, t = st.mbs[op.microbatch].ids.shape
+        buf = torch.empty(b, t, self.model.config.hidden_size, device=st.device, dtype=st.dtype)
+        st.queued.append((op, dist.P2POp(dist.irecv, buf, self.ranks[op.peer], group)))
+        st.trace.append(TraceEvent(op, start, time.perf_counter() - st.t0))
 
-        def take(k: tuple[str, int, int]) -> torch.Tensor:
-            value = data.pop(k)
-            if isinstance(value, tuple):
-                tensor, works = value
-                for w in works:
-                    w.wait()
-                return tensor
-            return value
-
-        def forward(mb: int, s: int):
-            stage = self.stages[s]
-            rec = records[(mb, s)] = StageRecord()
-            x = None if s == 0 else take(("act", mb, s))
-            yield from stage.forward_steps(x, mbs[mb], rec)
-            if s + 1 < self.pp:
-                data[("act", mb, s + 1)] = rec.output.detach()
-
-        def backward(mb: int, s: int, split: bool):
-            rec = records.pop((mb, s))
-            grad = None if s == self.pp - 1 else take(("grad", mb, s))
-            steps = self.stages[s].backward_steps(rec, grad, mbs[mb].scale)
-            while True:
-                if split:  # B: the split modules queue their weight gradients
-                    with self.store.deferring():
-                        done = next(steps, _DONE) is _DONE
-                else:
-                    done = next(steps, _DONE) is _DONE
-                if done:
-                    break
-                yield
-            if split:
-                self.store.flush((mb, s))
-            if s > 0:
-                data[("grad", mb, s - 1)] = rec.output
-            for k, part in enumerate(rec.parts):
-                sums[k] += part.double() * mbs[mb].scale
-            for idx, load in rec.loads.items():
-                loads[idx] = load if idx not in loads else loads[idx] + load
-
-        sums = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(3)]
-        loads: dict[int, torch.Tensor] = {}
-        for op in schedule.ops[self.device]:
-            start = time.perf_counter() - t0
-            if op.kind in (SEND, RECV):
-                link = (self.device, op.peer, op.direction) if op.kind == SEND else (op.peer, self.device, op.direction)
-                g = self._p2p[link]
+    @staticmethod
+    def _post(st: _StepState) -> None:
+        """Post the queued SEND/RECVs, one ``batch_isend_irecv`` per process group; a received tensor waits in
+        ``st.data`` with its works. Then release the buffers of sends that have completed."""
+        by_group: dict[int, list[tuple[Op, dist.P2POp]]] = defaultdict(list)
+        for op, p2p in st.queued:
+            by_group[id(p2p.group)].append((op, p2p))
+        for items in by_group.values():
+            works = dist.batch_isend_irecv([p for _, p in items])
+            for op, p2p in items:
                 if op.kind == SEND:
-                    tensor = take(key(op)).contiguous()
-                    pending.append((op, dist.P2POp(dist.isend, tensor, self.ranks[op.peer], g)))
+                    st.sends.append((p2p.tensor, works))
                 else:
-                    ids = mbs[op.microbatch].ids
-                    buf = torch.empty(ids.shape[0], ids.shape[1], m.config.hidden_size, device=device, dtype=dtype)
-                    pending.append((op, dist.P2POp(dist.irecv, buf, self.ranks[op.peer], g)))
-                trace.append(TraceEvent(op, start, time.perf_counter() - t0))
-                continue
-            flush()
-            for part in op.parts():  # wait for received inputs outside the op's own time
-                k = ("act", part.microbatch, part.stage) if part.kind == F else ("grad", part.microbatch, part.stage)
-                if isinstance(data.get(k), tuple):
-                    data[k] = take(k)
-            start = time.perf_counter() - t0
-            if op.kind == F:
-                for _ in forward(op.microbatch, op.stage):
-                    pass
-            elif op.kind in (B, BW):
-                for _ in backward(op.microbatch, op.stage, split=op.kind == B):
-                    pass
-            elif op.kind == W:
-                self.store.pop((op.microbatch, op.stage))
-            elif op.kind == FB:
-                # Interleave the forward's and the backward's steps (one thread; DualPipe's F&B).
-                fwd, bwd = forward(op.microbatch, op.stage), backward(op.b_microbatch, op.b_stage, split=False)
-                active = [fwd, bwd]
-                while active:
-                    for gen in list(active):
-                        if next(gen, _DONE) is _DONE:
-                            active.remove(gen)
-            else:
-                raise ConfigError(f"unknown pipeline op kind {op.kind!r}.")
-            trace.append(TraceEvent(op, start, time.perf_counter() - t0))
-        flush()
-        for _, works in sends:
+                    st.data[_key(op)] = (p2p.tensor, works)
+        st.queued.clear()
+        # Release the buffers of sends that have completed (activations must not pile up over a step).
+        st.sends[:] = [(t, works) for t, works in st.sends if not all(w.is_completed() for w in works)]
+
+    @staticmethod
+    def _wait_inputs(st: _StepState, op: Op) -> None:
+        """Wait for the received inputs of ``op``'s parts (outside the op's own time in the trace)."""
+        for part in op.parts():
+            k = ("act", part.microbatch, part.stage) if part.kind == F else ("grad", part.microbatch, part.stage)
+            if isinstance(st.data.get(k), tuple):
+                st.data[k] = st.take(k)
+
+    @staticmethod
+    def _wait_sends(st: _StepState) -> None:
+        """Wait for every send still in flight (the step's end)."""
+        for _, works in st.sends:
             for w in works:
                 w.wait()
-        if records or data or len(self.store):
-            raise RuntimeError(
-                f"pipeline step ended with work left: {len(records)} forwards without backward, "
-                f"{len(data)} unused messages, {len(self.store)} weight-gradient groups."
+
+    # ------------------------------------------------------------------ compute
+    def _compute(self, st: _StepState, op: Op) -> None:
+        """Run the compute op ``op`` (F, B, BW, W or FB) and trace it."""
+        start = time.perf_counter() - st.t0
+        if op.kind == F:
+            _interleave(self._forward(st, op.microbatch, op.stage))
+        elif op.kind in (B, BW):
+            _interleave(self._backward(st, op.microbatch, op.stage, split=op.kind == B))
+        elif op.kind == W:
+            self.store.pop((op.microbatch, op.stage))
+        elif op.kind == FB:  # one thread interleaves the forward's and the backward's steps (DualPipe's F&B)
+            _interleave(
+                self._forward(st, op.microbatch, op.stage),
+                self._backward(st, op.b_microbatch, op.b_stage, split=False),
             )
-        result = self._finish(sums, loads, trace)
-        result.t0 = t0
-        return result
+        else:
+            raise ConfigError(f"unknown pipeline op kind {op.kind!r}.")
+        st.trace.append(TraceEvent(op, start, time.perf_counter() - st.t0))
+
+    def _forward(self, st: _StepState, mb: int, s: int) -> Iterator[None]:
+        """Stage ``s``'s forward of micro-batch ``mb``, one step per ``next``; leaves the activation for the next
+        stage in ``st.data``."""
+        stage = self.stages[s]
+        rec = st.records[(mb, s)] = StageRecord()
+        x = None if s == 0 else st.take(("act", mb, s))
+        yield from stage.forward_steps(x, st.mbs[mb], rec)
+        if s + 1 < self.pp:
+            st.data[("act", mb, s + 1)] = rec.output.detach()
+
+    def _backward(self, st: _StepState, mb: int, s: int, split: bool) -> Iterator[None]:
+        """Stage ``s``'s backward of micro-batch ``mb``, one step per ``next`` (``split``: the weight gradients
+        of split modules are queued as one W group); leaves the input gradient for the previous stage and adds
+        the micro-batch's loss terms and loads to the step's."""
+        rec = st.records.pop((mb, s))
+        grad = None if s == self.pp - 1 else st.take(("grad", mb, s))
+        steps = self.stages[s].backward_steps(rec, grad, st.mbs[mb].scale)
+        defer = self.store.deferring if split else nullcontext  # B: the split modules queue their weight gradients
+        while True:
+            with defer():
+                done = next(steps, _DONE) is _DONE
+            if done:
+                break
+            yield
+        if split:
+            self.store.flush((mb, s))
+        if s > 0:
+            st.data[("grad", mb, s - 1)] = rec.output
+        st.add(rec, st.mbs[mb].scale)
+
+    def _check_drained(self, st: _StepState) -> None:
+        """Raise when the step left work behind (a schedule that does not match its own op lists)."""
+        if st.records or st.data or len(self.store):
+            raise RuntimeError(
+                f"pipeline step ended with work left: {len(st.records)} forwards without backward, "
+                f"{len(st.data)} unused messages, {len(self.store)} weight-gradient groups."
+            )
 
     # ------------------------------------------------------------------ validation
     @torch.no_grad()

@@ -1,66 +1,35 @@
 """The FB op's overlap: an MoE feed-forward cut at its all-to-alls (report 3.2.1, Figure 4).
 
-DualPipe hides the expert-parallel all-to-all of one micro-batch behind the computation of
-another: a forward chunk is split into ATTN, DISPATCH, MLP and COMBINE components, a backward
-chunk into the same components in reverse, and the components of the two chunks alternate, so
-that each all-to-all is *started* at the end of one component and *waited* at the start of the
-next component of the same chunk, with a component of the other chunk in between.
+:class:`CutMoE` runs ``out = h + MoE(RMSNorm(h))`` of one decoder layer through the start/wait halves of
+its :class:`~dsv3.model.moe.Dispatcher` as three forward components (DISPATCH, MLP, COMBINE) and three
+backward ones in reverse, so that a component of another micro-batch runs while each all-to-all travels.
+The autograd graph is cut at every exchanged tensor (``cut`` waits give leaves); the backward of an
+exchange is the exchange of the leaves' ``.grad``, started in one component and waited in the next
+(the protocol's ``*_backward_start`` / ``*_backward_wait``). Each component runs its own
+``torch.autograd.backward``, so weight-gradient splitting applies and no all-to-all is ever recomputed.
+All communication is issued from the calling thread, in program order.
 
-:class:`CutMoE` runs the feed-forward step ``out = h + MoE(RMSNorm(h))`` of one decoder layer
-whose dispatcher exchanges tokens (:class:`~dsv3.parallel.dispatch.AllToAllDispatcher`, or any
-dispatcher with the same start/wait and ``cut`` protocol, such as :mod:`dsv3.parallel.deepep`'s) as three
-forward components and three backward ones:
-
-==========  ================================================================  ===================
-component   forward                                                           backward (reverse)
-==========  ================================================================  ===================
-DISPATCH    RMSNorm, router (loads, L_Bal), ``dispatch_start`` (the shared    wait the gradients
-            experts run while the token counts are exchanged)                 of the sent rows;
-                                                                              backward to ``h``
-MLP         ``dispatch_wait``, routed experts (grouped GEMMs, gate-scaled),   wait; backward of
-            per-token sum, ``combine_start``                                  the experts; start
-                                                                              the dispatch's
-                                                                              gradient exchange
-COMBINE     ``combine_wait``, sum over ranks, + shared, + ``h``               backward; start the
-                                                                              combine's gradient
-                                                                              exchange
-==========  ================================================================  ===================
-
-The autograd graph is cut at every exchanged tensor: the received tensors are leaves on the
-receiving side, and the backward of an exchange is the exchange of their ``.grad`` with the
-splits swapped, started at the end of one backward component and waited at the start of the next
-(:meth:`AllToAllDispatcher.dispatch_backward_start` and friends). Each component runs its own
-``torch.autograd.backward``, so the weight-gradient split of the expert GEMMs
-(:mod:`~dsv3.parallel.pipeline.wgrad`) defers as in any B op, and nothing of the layer is inside a
-recomputed region, so recomputation never repeats an all-to-all. A token still travels once to
-each destination rank (the receiver expands it to its local experts; combine sums before sending
-back), and FP8 dispatch sends E4M3 bytes forward and quantises the gradient before the
-down-projection in backward, as in the uncut dispatcher.
-
-All communication is issued from the calling thread, in program order, so ranks that run the same
-schedule issue their collectives in the same order (gloo aborts otherwise). On CUDA the exchanges
-run on the dispatcher's own stream (:class:`~dsv3.parallel.dispatch._Exchange`).
-
-``events``: when a list is given, every component appends ``(phase, name, start, end)`` with
-``time.perf_counter()`` seconds (``phase`` "F" or "B"; ``name`` ATTN / DISPATCH / MLP / COMBINE),
-and every exchange start or wait appends ``(phase, "dispatch.start" | "dispatch.wait" |
-"combine.start" | "combine.wait", t, t)``; the stage records its ATTN components the same way.
+``events``: a list that each component appends ``(phase, name, start, end)`` to (``time.perf_counter()``;
+phase "F" or "B"; ATTN / DISPATCH / MLP / COMBINE) and each exchange start or wait ``(phase,
+"dispatch.start" | "dispatch.wait" | "combine.start" | "combine.wait", t, t)``. The component table is in
+docs/pipeline.md.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
 from dsv3.memory.recompute import communicates
+from dsv3.model.moe import Dispatcher
 
 
 def cuts(layer) -> bool:
-    """Whether :class:`CutMoE` runs ``layer``'s feed-forward: an MoE whose dispatcher exchanges tokens with
-    other ranks and has start/wait halves, while gradients are on."""
-    disp = getattr(layer.mlp, "dispatcher", None)
-    return torch.is_grad_enabled() and communicates(layer) and hasattr(disp, "dispatch_start")
+    """Whether :class:`CutMoE` runs ``layer``'s feed-forward: an MoE whose :class:`~dsv3.model.moe.Dispatcher`
+    exchanges tokens with other ranks (its ``group`` is set), while gradients are on."""
+    return torch.is_grad_enabled() and communicates(layer)
 
 
 class _Span:
@@ -105,7 +74,7 @@ class CutMoE:
 
     def __init__(self, layer, h: torch.Tensor, stats=None, events=None) -> None:
         self.layer, self.moe, self.h, self.stats, self._events = layer, layer.mlp, h, stats, events
-        self.disp = self.moe.dispatcher
+        self.disp: Dispatcher = self.moe.dispatcher
 
     @property
     def events(self) -> list | None:
@@ -124,13 +93,14 @@ class CutMoE:
             moe.record(self.stats, scores, indices, bsz, seqlen)
             self.aux = None if self.stats is None else self.stats.balance.get(moe.layer_idx)
             self.shared = None
-
-            def shared_experts():  # while the token counts are exchanged
-                if moe.shared_experts is not None:
-                    self.shared = moe.shared_experts(flat)
-
-            self.pending = self.disp.dispatch_start(flat, indices, weights, meanwhile=shared_experts)
+            meanwhile = partial(self._shared_experts, flat)  # while the token counts are exchanged
+            self.pending = self.disp.dispatch_start(flat, indices, weights, meanwhile=meanwhile)
             mark(self.events, "F", "dispatch.start")
+
+    def _shared_experts(self, flat: torch.Tensor) -> None:
+        """The shared experts on the normalised tokens ``flat`` [N, d] (into ``self.shared``), if the layer has any."""
+        if self.moe.shared_experts is not None:
+            self.shared = self.moe.shared_experts(flat)
 
     def mlp(self) -> None:
         """MLP: wait for the tokens, run the local routed experts, start sending their sums back."""

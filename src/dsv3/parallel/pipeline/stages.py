@@ -1,4 +1,4 @@
-"""Pipeline stages: the model's layers cut into ``pp`` consecutive pieces, run step by step.
+"""Pipeline stages: the model's layers cut into ``pp`` consecutive pieces, run step by step (docs/pipeline.md).
 
 A :class:`PipelineStage` is a *view* of a built :class:`~dsv3.model.transformer.DeepseekV3ForCausalLM`
 that calls the model's own submodules: stage 0 starts with the embedding, every stage runs its decoder
@@ -25,6 +25,7 @@ from torch import nn
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.memory.recompute import RecomputePolicy
+from dsv3.model.moe import RoutingStats
 from dsv3.parallel.pipeline.overlap import CutMoE, cuts, span
 from dsv3.plan.flops import model_flops
 from dsv3.plan.layout import Layout
@@ -49,12 +50,9 @@ def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) 
     return default_stage_layers(mcfg, layout, model_flops(mcfg, seq_len))
 
 
-def _new_stats():
-    """A fresh per-forward ``RoutingStats`` on models whose MoE layers record into one, else None."""
-    from dsv3.model import moe
-
-    cls = getattr(moe, "RoutingStats", None)
-    return cls() if cls is not None else None
+def _new_stats() -> RoutingStats:
+    """A fresh per-forward :class:`~dsv3.model.moe.RoutingStats`."""
+    return RoutingStats()
 
 
 def _call(fn, *args, stats=None):

@@ -1,4 +1,4 @@
-"""Pipeline parallelism in a training run: the layout check, the runtime of a session, traces.
+"""Pipeline parallelism in a training run: the layout check, the runtime of a session, traces, validation.
 
 ``torchrun --nproc-per-node N -m dsv3 train --pp P --pipeline S [--ep E] [--dp D]`` runs
 ``N = devices * dp`` processes (:mod:`dsv3.parallel.world`). :func:`check_pipeline_layout` checks the

@@ -1,28 +1,14 @@
 """Zero-bubble weight-gradient split: B computes input gradients now, W the weight gradients later.
 
-ZB1P, DualPipe and DualPipeV (arXiv 2401.10241; report section 3.2.1) cut a
-backward into ``B`` (the gradient of the stage input, which the previous stage
-is waiting for) and ``W`` (the gradient of the weights, which nobody waits for
-and can fill a bubble). :func:`split_weight_grads` applies that cut to a built
-model as a transformation (the model files are untouched):
-
-* every plain ``nn.Linear`` runs ``y = x W^T + b`` through :class:`_SplitLinear`;
-* every FP8 Linear (:class:`~dsv3.fp8.linear.FP8Linear`) and FP8 grouped expert GEMM
-  (:class:`~dsv3.fp8.linear.FP8GroupedMM`) runs its own FP8 autograd function through
-  :class:`_SplitFP8`, which calls that function's backward twice, once for the input
-  (B) and once for the weights (W);
-* every ``Experts`` whose grouped GEMM is the model's own
-  :func:`~dsv3.model.ops.grouped_mm` runs it through :class:`_SplitGroupedMM`.
-
-Both compute ``dL/dx`` in their backward. While the :class:`WeightGradStore`
-they share is *deferring* (the runtime's ``B`` op), they queue a closure that
-computes ``dL/dW = dy^T x`` (and ``dL/db``) and accumulates it into ``.grad``;
-otherwise (``BW``, or any ordinary backward) they return it to autograd as
-usual, so a transformed model trains exactly like the original.
-
-Modules that already compute their weight gradient somewhere else keep doing
-so inside B: the router (FP32 ``F.linear``), RMSNorm weights, the embedding, the
-fused output-head cross-entropy (whose ``dL/dW`` is computed in the forward).
+ZB1P, DualPipe and DualPipeV (arXiv 2401.10241; report 3.2.1) cut a backward into ``B`` (the stage input's
+gradient, which the previous stage waits for) and ``W`` (the weights' gradient, which fills a bubble).
+:func:`split_weight_grads` applies that cut to a built model: plain ``nn.Linear`` runs through
+:class:`_SplitLinear`, the model's grouped expert GEMM through :class:`_SplitGroupedMM`, FP8 Linears and FP8
+grouped GEMMs through :class:`_SplitFP8` (their own backward, once for the input, once for the weights).
+Their backward computes ``dL/dx``; while the shared :class:`WeightGradStore` is *deferring* (a ``B`` op) they
+queue a closure that accumulates ``dL/dW = dy^T x`` into ``.grad``, otherwise they return it to autograd, so
+a transformed model trains exactly like the original. Router, RMSNorm, embedding and the fused output-head
+cross-entropy keep computing their weight gradients inside B (docs/pipeline.md, "Zero-bubble W").
 """
 
 from __future__ import annotations
@@ -37,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.fp8.linear import FP8GroupedMM, FP8Linear, _FP8GroupedMMFn, _FP8LinearFn
 from dsv3.model.moe import Experts
 from dsv3.model.ops import grouped_mm, grouped_mm_dgrad, grouped_mm_wgrad
 
@@ -222,8 +209,6 @@ class _SplitFP8(torch.autograd.Function):
 
 
 def _split_fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
-    from dsv3.fp8.linear import _FP8LinearFn
-
     save_input = torch.is_grad_enabled() and self.weight.requires_grad
     return _SplitFP8.apply(
         _FP8LinearFn, 2, self._wgrad_store, x, self.weight, self.bias, self.recipe, self.input_cache, save_input
@@ -239,8 +224,6 @@ class _SplitFP8GroupedMM:
         self.recipe, self.store = recipe, store
 
     def __call__(self, x_sorted: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        from dsv3.fp8.linear import _FP8GroupedMMFn
-
         save_input = torch.is_grad_enabled() and w.requires_grad
         return _SplitFP8.apply(_FP8GroupedMMFn, 1, self.store, x_sorted, w, offs, self.recipe, save_input)
 
@@ -251,8 +234,6 @@ def split_weight_grads(model: nn.Module, store: WeightGradStore) -> int:
     Idempotent. Returns the number of modules transformed. Other subclasses of ``nn.Linear``
     and experts with another replaced ``mm`` are left alone.
     """
-    from dsv3.fp8.linear import FP8GroupedMM, FP8Linear
-
     count = 0
     for module in model.modules():
         if isinstance(module, Experts) and isinstance(module.mm, (FP8GroupedMM, _SplitFP8GroupedMM)):
