@@ -17,7 +17,8 @@ names, no storage), then :func:`parallelize` applies, in this order (as torchtit
    (:func:`dsv3.utils.meta.materialize`), initialised from the per-parameter seeds
    (:meth:`~dsv3.model.DeepseekV3ForCausalLM.reset_parameters`: ``(seed, global name)``, routed experts by
    global index) or read from ``--init-from`` (only the held tensors and expert rows, :func:`initialize`);
-   so a rank holds exactly the values one process would;
+   so a rank holds exactly the values one process would; the expert weights are marked for gradient
+   accumulation in place (:func:`dsv3.memory.accumulate.accumulate_in_place`: no second block of gradients);
 6. **pipeline runtime**: under ``--pp`` the :class:`~dsv3.parallel.pipeline.executor.PipelineRuntime`
    over the held stages (process groups: collective);
 7. **optimizer**: :class:`~dsv3.parallel.zero.ZeroAdamW` over the held parameters, for every layout
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.memory.accumulate import accumulate_in_place
 from dsv3.parallel.dispatch import shard_experts
 from dsv3.parallel.zero import ZeroAdamW
 from dsv3.utils.meta import materialize
@@ -186,6 +188,7 @@ def parallelize(
     if any(t.is_meta for t in model.parameters()):
         materialize(model, ctx.device)
         initialize(model, mcfg, init_from, partial=ctx.ep > 1 or ctx.pp > 1 if partial is None else partial)
+    accumulate_in_place(model)
     model.train()
     pipeline = build_runtime(model, ctx, config, run_dir)
     optimizer = build_optimizer(model, ctx, config, pipeline) if optimize else None

@@ -16,14 +16,14 @@ One :meth:`ZeroAdamW.step`:
 
 1. gradients (accumulated locally over the micro-batches; nothing is communicated before the
    last one) are summed over the group with all-reduces of flat buckets of at most
-   :data:`REDUCE_BUCKET_ELEMS` elements (no copy of all gradients) and divided by ``dp``, the number
-   of data-parallel ranks whose losses the global loss averages;
+   :data:`REDUCE_BUCKET_ELEMS` elements (no copy of all gradients; a larger FP32 gradient in place)
+   and divided by ``dp``, the number of data-parallel ranks whose losses the global loss averages;
 2. the global gradient norm is computed from the dense part (identical everywhere) and the
    expert part (summed over the expert-parallel group), then made identical on every rank
    (an all-reduce MAX), so every rank takes the same clip and NaN-skip decisions;
 3. if it is finite, the chunks are clipped and updated by :class:`dsv3.optim.AdamW` (the same
    elementwise math as the unsharded optimizer, so the result is exactly the same);
-4. the updated chunks are all-gathered back into the full parameters.
+4. the gradients are dropped and the updated chunks all-gathered back into the full parameters.
 
 Under pipeline parallelism each pipeline device holds some stages: the optimizer is built over
 the parameters it holds (``names``: the runtime's ``owned``), its groups are those of its
@@ -227,6 +227,11 @@ class ZeroAdamW:
                 torch._foreach_div_([s.param.grad for s in shards], float(self.ctx.dp))  # nothing to sum (edp = 1)
                 continue
             for bucket in _buckets(shards, REDUCE_BUCKET_ELEMS):  # a bounded flat buffer per all-reduce
+                grad = bucket[0].param.grad
+                if len(bucket) == 1 and grad.dtype == torch.float32 and grad.is_contiguous():
+                    dist.all_reduce(grad, group=self._group_of(expert))  # a large gradient alone: in place, no copy
+                    grad.div_(self.ctx.dp)
+                    continue
                 flat = torch.cat([s.param.grad.reshape(-1).to(torch.float32) for s in bucket])
                 dist.all_reduce(flat, group=self._group_of(expert))
                 flat.div_(self.ctx.dp)
@@ -274,7 +279,8 @@ class ZeroAdamW:
         """Reduce gradients, clip to ``max_norm``, update this rank's chunks, all-gather the parameters.
 
         Returns the gradient norm before clipping. When it is not finite nothing is updated (the
-        caller skips the step: every rank sees the same norm). ``reduce=False``: the caller already
+        caller skips the step: every rank sees the same norm). After an update the gradients are
+        consumed: every ``.grad`` is None before the all-gather (whose buffers then reuse their memory). ``reduce=False``: the caller already
         called :meth:`reduce_gradients`; ``norm``: its :meth:`grad_norm`, when already computed.
         """
         if reduce:
@@ -295,7 +301,8 @@ class ZeroAdamW:
             g = s.rows_view(s.param.grad)[start:end].to(torch.float32).view_as(s.master)
             s.master.grad = g.mul_(scale) if scale != 1.0 else g  # in place: the gradients are dropped after the step
         self.inner.step()
-        for s in self.shards:
+        for s in self.shards:  # the gradients are consumed: freed before the all-gather needs its buffers
+            s.param.grad = None
             if s.master is not None:
                 s.master.grad = None
         self.gather_parameters()
