@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from helpers import small_config
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -15,7 +16,6 @@ from dsv3.memory.recompute import apply_recompute
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model import ops as ops_module
 from dsv3.model.moe import Experts
-from helpers import small_config
 
 
 class _LargestOutput(TorchDispatchMode):

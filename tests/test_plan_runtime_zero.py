@@ -14,16 +14,16 @@ from helpers import small_config
 
 from dsv3.cli import main
 from dsv3.plan.layout import Layout
-from dsv3.plan.memory import (
+from dsv3.plan.params import ParamTensor
+from dsv3.plan.planner import make_plan
+from dsv3.plan.precision import Precision
+from dsv3.plan.states import (
     FLAT_MODEL,
     RUNTIME_MODEL,
     zero1_optimizer_bytes_by_rank,
     zero1_rank_state_bytes,
     zero1_runtime_applies,
 )
-from dsv3.plan.params import ParamTensor
-from dsv3.plan.planner import make_plan
-from dsv3.plan.precision import Precision
 
 #: the formats dsv3 trains in with --dtype bf16 --moments bf16 (the router is stored in the model's dtype).
 BF16 = "weights=bf16,grads=bf16,moments=bf16,router=bf16"
@@ -221,12 +221,12 @@ def test_the_table_says_which_rank_and_the_flat_split(capsys, odd_config_file):
 
 def test_long_rank_lists_stay_out_of_the_json(monkeypatch):
     """Above MAX_RANKS_LISTED DP ranks the per-rank list is left out; the busiest rank, min and max stay."""
-    import dsv3.plan.memory as memory
+    import dsv3.plan.states as states
 
     cfg = _odd_config()
     lay = Layout(dp=4, ep=2, zero=1, seq_len=16)
     full = make_plan(cfg, lay, PREC, simulate=False).stages[0].ranks
-    monkeypatch.setattr(memory, "MAX_RANKS_LISTED", 3)
+    monkeypatch.setattr(states, "MAX_RANKS_LISTED", 3)
     mem = make_plan(cfg, lay, PREC, simulate=False).stages[0].to_dict()["memory_bytes"]
     assert mem["optimizer_by_dp_rank"] is None
     assert (mem["optimizer_busiest_dp_rank"], mem["optimizer_min"], mem["optimizer_max"]) == (
