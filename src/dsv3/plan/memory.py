@@ -24,6 +24,7 @@ from dsv3.plan.precision import DTYPE_BYTES, Precision, element_bytes
 from dsv3.plan.states import (
     RankSpread,
     StateBytes,
+    device_numel,
     optimizer_detail,
     state_bytes,
     step_transient_bytes,
@@ -258,8 +259,7 @@ def comm_buffer_bytes(
     - ``zero3_gather``: with ZeRO-3, the gathered weights of two layers (the one
       computing and the one prefetched).
 
-    :func:`memory_plan` adds the step's transients of dsv3's runtime to the same items
-    (:func:`dsv3.plan.states.step_transient_bytes`: ``grad_accumulation``, ``zero1_reduce``).
+    :func:`memory_plan` adds the step's transients of dsv3's runtime to the same items (:func:`step_buffers`).
     """
     t = layout.tokens_per_microbatch
     d = cfg.hidden_size
@@ -411,12 +411,43 @@ def _device_duplicates(params: ModelParams, parts: list[StageParts]) -> list[Par
     return twice
 
 
-def _device_transients(states: list[StateBytes]) -> dict[str, float]:
-    """The step's transients of a device holding ``states``' stages: one at a time, so the largest of each item."""
-    out: dict[str, float] = {}
+def step_buffers(buffers: dict[str, float], states: list[StateBytes], shared: float, activations: float) -> dict:
+    """``buffers`` plus the step's transients of a device holding ``states``' stages (dsv3's runtime).
+
+    ``grad_accumulation`` (:func:`~dsv3.plan.states.step_transient_bytes`, the largest over the stages) exists
+    during a backward, beside the activations. The all-reduces come after the last backward, when the activations
+    are gone: of ``zero1_reduce`` and ``pp_shared_grads`` (``shared``, :func:`shared_grad_bytes`) only the part
+    above what the backward held beyond the states (activations, buffers, ``grad_accumulation``) is added, as
+    ``after_backward``, so that the total is the larger of the two moments, not their sum.
+    """
+    items: dict[str, float] = {}
     for sb in states:
         for k, v in sb.transients.items():
-            out[k] = max(out.get(k, 0.0), v)
+            items[k] = max(items.get(k, 0.0), v)
+    out = dict(buffers)
+    if items.get("grad_accumulation"):
+        out["grad_accumulation"] = items["grad_accumulation"]
+    extra = max(items.get("zero1_reduce", 0.0), shared) - activations - sum(out.values())
+    if extra > 0:
+        out["after_backward"] = extra
+    return out
+
+
+def shared_grad_bytes(
+    params: ModelParams, parts: list[StageParts], held: list[list[int]], layout: Layout, prec: Precision
+) -> list[float]:
+    """Per pipeline device: twice the gradient bytes of the tensors another device holds too (the embedding and
+    the last stage's copy of it). dsv3's pipeline runtime all-reduces those gradients through a flat copy and
+    clones them back, the old ones still referenced (``PipelineRuntime._finish``). Only for dsv3's runtime
+    layouts (:func:`~dsv3.plan.states.zero1_runtime_applies`) with PP > 1; else zeros."""
+    if layout.pp == 1 or not zero1_runtime_applies(layout):
+        return [0.0] * len(held)
+    names = [{t.name: t for s in ss for t in stage_tensors(params, parts[s])} for ss in held]
+    out = []
+    for d, mine in enumerate(names):
+        others = set().union(*(n for e, n in enumerate(names) if e != d))
+        shared = [t for n, t in mine.items() if n in others and t.kind in ("weight", "router")]
+        out.append(2.0 * DTYPE_BYTES[prec.grads] * sum(device_numel(t, layout) for t in shared))
     return out
 
 
@@ -453,6 +484,7 @@ def memory_plan(
     else:
         peaks, counts = weighted_peaks(profiles, [a.per_microbatch for a in acts])
     dev_of = devices_of_stage(layout.pp, layout.schedule)
+    shared = shared_grad_bytes(params, parts, held, layout, prec)
     stages: list[StageMemory] = []
     for part, sb, ab in zip(parts, states, acts):
         n = max(counts[dev][part.stage] for dev in dev_of[part.stage])
@@ -469,7 +501,12 @@ def memory_plan(
             microbatches_in_flight=n,
             recompute_working_set=ab.working_set,
             activations=n * ab.per_microbatch + ab.working_set,
-            comm_buffers={**comm_buffer_bytes(cfg, layout, prec, [part], [sb]), **sb.transients},
+            comm_buffers=step_buffers(
+                comm_buffer_bytes(cfg, layout, prec, [part], [sb]),
+                [sb],
+                max(shared[d] for d in dev_of[part.stage]),
+                n * ab.per_microbatch + ab.working_set,
+            ),
             ranks=sb.ranks,
         )
         sm.fragmentation = fragmentation * sm.subtotal
@@ -498,10 +535,12 @@ def memory_plan(
             if ranks is not None
             else sum(states[s].optimizer for s in ss) - (dup.optimizer if dup else 0),
             activations=peaks[dev] + max(acts[s].working_set for s in ss),
-            comm_buffers={
-                **comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in ss], [states[s] for s in ss]),
-                **_device_transients([states[s] for s in ss]),
-            },
+            comm_buffers=step_buffers(
+                comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in ss], [states[s] for s in ss]),
+                [states[s] for s in ss],
+                shared[dev],
+                peaks[dev] + max(acts[s].working_set for s in ss),
+            ),
             ranks=ranks,
         )
         dm.fragmentation = fragmentation * dm.subtotal
