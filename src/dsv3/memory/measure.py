@@ -30,6 +30,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from dsv3.optim.adamw import optimizer_state_bytes
+from dsv3.train.session import build_session, train_step
+
 
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
@@ -199,8 +202,6 @@ def measure_training(
         tokens = batch[0].numel()
     if ema is not None:
         ema.wait()
-    from dsv3.train.optim import optimizer_state_bytes
-
     return MemoryReport(
         name=name,
         params=param_bytes(model),
@@ -255,8 +256,6 @@ class TrainingSession:
     def step(self) -> float:
         """One timed training step (the trainer's :func:`~dsv3.train.session.train_step`) on the next
         micro-batch; seconds."""
-        from dsv3.train.session import train_step
-
         batch = self.batches()
         cuda = self.session.device.type == "cuda"
         if cuda:
@@ -277,8 +276,6 @@ def prepare_config(config, name: str | None = None) -> TrainingSession:
     ``dsv3 train`` does (:func:`~dsv3.train.session.build_session`). Nothing is written except the
     tokenizer/token caches.
     """
-    from dsv3.train.session import build_session
-
     return TrainingSession(name or config.model.name, build_session(config, write=False, prefetch=False))
 
 
