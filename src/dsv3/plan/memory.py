@@ -451,6 +451,21 @@ def shared_grad_bytes(
     return out
 
 
+@dataclass
+class _PlanInputs:
+    """What :func:`memory_plan` works out once for its stages and devices."""
+
+    cfg: ModelConfig
+    params: ModelParams
+    layout: Layout
+    prec: Precision
+    parts: list[StageParts]
+    states: list[StateBytes]
+    acts: list[ActivationBytes]
+    shared: list[float]  # shared_grad_bytes per device
+    replicas: int
+
+
 def memory_plan(
     cfg: ModelConfig,
     params: ModelParams,
@@ -484,65 +499,71 @@ def memory_plan(
     else:
         peaks, counts = weighted_peaks(profiles, [a.per_microbatch for a in acts])
     dev_of = devices_of_stage(layout.pp, layout.schedule)
-    shared = shared_grad_bytes(params, parts, held, layout, prec)
-    stages: list[StageMemory] = []
-    for part, sb, ab in zip(parts, states, acts):
-        n = max(counts[dev][part.stage] for dev in dev_of[part.stage])
-        sm = StageMemory(
-            stage=part.stage,
-            layers=part.layers,
-            extras=part.extras,
-            devices=dev_of[part.stage],
-            params_per_device=sb.params,
-            weights=sb.weights,
-            grads=sb.grads,
-            optimizer=sb.optimizer,
-            activations_per_microbatch=ab.per_microbatch,
-            microbatches_in_flight=n,
-            recompute_working_set=ab.working_set,
-            activations=n * ab.per_microbatch + ab.working_set,
-            comm_buffers=step_buffers(
-                comm_buffer_bytes(cfg, layout, prec, [part], [sb]),
-                [sb],
-                max(shared[d] for d in dev_of[part.stage]),
-                n * ab.per_microbatch + ab.working_set,
-            ),
-            ranks=sb.ranks,
-        )
+    inputs = _PlanInputs(
+        cfg, params, layout, prec, parts, states, acts, shared_grad_bytes(params, parts, held, layout, prec), replicas
+    )
+    stages = []
+    for part in parts:
+        sm = _stage_memory(inputs, part, dev_of[part.stage], max(counts[d][part.stage] for d in dev_of[part.stage]))
         sm.fragmentation = fragmentation * sm.subtotal
         stages.append(sm)
-    devices: list[DeviceMemory] = []
+    devices = []
     for dev, ss in enumerate(held):
-        ranks = states[ss[0]].ranks if len(ss) == 1 else None
-        # a tensor in two stages of one device (the embedding of the first stage and the last one's copy, the
-        # RoPE table) is held once: DualPipe(V) shares them physically (report 3.2.1)
-        twice = _device_duplicates(params, [parts[s] for s in ss]) if len(ss) > 1 else []
-        dup = state_bytes(aggregate(twice, layout.tp_convention), layout, prec, replicas) if twice else None
-        if len(ss) > 1 and all(states[s].ranks is not None for s in ss):
-            # a device's DP rank is the same in every stage it holds: add rank by rank, then take the busiest
-            tensors = list({t.name: t for s in ss for t in stage_tensors(params, parts[s])}.values())
-            ranks = RankSpread.of(
-                zero1_optimizer_bytes_by_rank(tensors, layout, prec),
-                sum(states[s].ranks.flat for s in ss) - (dup.optimizer if dup else 0),
-            )
-        dm = DeviceMemory(
-            device=dev,
-            stages=ss,
-            params=sum(states[s].params for s in ss) - (dup.params if dup else 0),
-            weights=sum(states[s].weights for s in ss) - (dup.weights if dup else 0),
-            grads=sum(states[s].grads for s in ss) - (dup.grads if dup else 0),
-            optimizer=ranks.high
-            if ranks is not None
-            else sum(states[s].optimizer for s in ss) - (dup.optimizer if dup else 0),
-            activations=peaks[dev] + max(acts[s].working_set for s in ss),
-            comm_buffers=step_buffers(
-                comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in ss], [states[s] for s in ss]),
-                [states[s] for s in ss],
-                shared[dev],
-                peaks[dev] + max(acts[s].working_set for s in ss),
-            ),
-            ranks=ranks,
-        )
+        dm = _device_memory(inputs, dev, ss, peaks[dev] + max(acts[s].working_set for s in ss))
         dm.fragmentation = fragmentation * dm.subtotal
         devices.append(dm)
     return stages, devices
+
+
+def _stage_memory(inputs: _PlanInputs, part: StageParts, devices: list[int], n: int) -> StageMemory:
+    """One stage's memory with ``n`` of its micro-batches in flight (before the fragmentation allowance)."""
+    sb, ab = inputs.states[part.stage], inputs.acts[part.stage]
+    activations = n * ab.per_microbatch + ab.working_set
+    buffers = comm_buffer_bytes(inputs.cfg, inputs.layout, inputs.prec, [part], [sb])
+    return StageMemory(
+        stage=part.stage,
+        layers=part.layers,
+        extras=part.extras,
+        devices=devices,
+        params_per_device=sb.params,
+        weights=sb.weights,
+        grads=sb.grads,
+        optimizer=sb.optimizer,
+        activations_per_microbatch=ab.per_microbatch,
+        microbatches_in_flight=n,
+        recompute_working_set=ab.working_set,
+        activations=activations,
+        comm_buffers=step_buffers(buffers, [sb], max(inputs.shared[d] for d in devices), activations),
+        ranks=sb.ranks,
+    )
+
+
+def _device_memory(inputs: _PlanInputs, dev: int, ss: list[int], activations: float) -> DeviceMemory:
+    """Pipeline device ``dev`` holding stages ``ss`` with its activation peak (before the fragmentation allowance)."""
+    layout, prec, params, states = inputs.layout, inputs.prec, inputs.params, inputs.states
+    parts = [inputs.parts[s] for s in ss]
+    ranks = states[ss[0]].ranks if len(ss) == 1 else None
+    # a tensor in two stages of one device (the embedding of the first stage and the last one's copy, the
+    # RoPE table) is held once: DualPipe(V) shares them physically (report 3.2.1)
+    twice = _device_duplicates(params, parts) if len(ss) > 1 else []
+    dup = state_bytes(aggregate(twice, layout.tp_convention), layout, prec, inputs.replicas) if twice else None
+    if len(ss) > 1 and all(states[s].ranks is not None for s in ss):
+        # a device's DP rank is the same in every stage it holds: add rank by rank, then take the busiest
+        tensors = list({t.name: t for p in parts for t in stage_tensors(params, p)}.values())
+        ranks = RankSpread.of(
+            zero1_optimizer_bytes_by_rank(tensors, layout, prec),
+            sum(states[s].ranks.flat for s in ss) - (dup.optimizer if dup else 0),
+        )
+    held = [states[s] for s in ss]
+    buffers = comm_buffer_bytes(inputs.cfg, layout, prec, parts, held)
+    return DeviceMemory(
+        device=dev,
+        stages=ss,
+        params=sum(sb.params for sb in held) - (dup.params if dup else 0),
+        weights=sum(sb.weights for sb in held) - (dup.weights if dup else 0),
+        grads=sum(sb.grads for sb in held) - (dup.grads if dup else 0),
+        optimizer=ranks.high if ranks is not None else sum(sb.optimizer for sb in held) - (dup.optimizer if dup else 0),
+        activations=activations,
+        comm_buffers=step_buffers(buffers, held, inputs.shared[dev], activations),
+        ranks=ranks,
+    )
