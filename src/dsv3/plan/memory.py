@@ -440,7 +440,7 @@ def shared_grad_bytes(
     the last stage's copy of it). dsv3's pipeline runtime all-reduces those gradients through a flat copy and
     clones them back, the old ones still referenced (``PipelineRuntime._finish``). Only for dsv3's runtime
     layouts (:func:`~dsv3.plan.states.zero1_runtime_applies`) with PP > 1; else zeros."""
-    if layout.pp == 1 or not zero1_runtime_applies(layout):
+    if layout.pp == 1 or not zero1_runtime_applies(layout, 2 if layout.schedule == "dualpipe" else 1):
         return [0.0] * len(held)
     names = [{t.name: t for s in ss for t in stage_tensors(params, parts[s])} for ss in held]
     out = []
