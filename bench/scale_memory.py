@@ -19,6 +19,9 @@ of 32 routed experts and one MTP module. Layouts: ``one`` (one process, 8 micro-
 ``pp2-dp2-ep2``, the reference of the ratio), ``one-mb1`` (one process, 1 micro-batch), ``dp4-ep4``,
 ``pp2-dp2-ep2`` (1F1B), ``dualpipev`` (pp4 on 2 devices x dp2 x ep2).
 
+Run ``one`` first (the default order): it builds the run's token cache, which a distributed layout would
+otherwise build in every rank before the idle reading (a larger idle heap, reused later, understates the peak).
+
     python bench/scale_memory.py [--layouts one,one-mb1,dp4-ep4,pp2-dp2-ep2,dualpipev] [--steps 2] [--json out.json]
 """
 

@@ -25,7 +25,7 @@ from dsv3.plan.params import GroupKey, ParamTensor, aggregate
 from dsv3.plan.precision import DTYPE_BYTES, Precision
 
 #: Elements of the expert weight-gradient piece dsv3 adds into ``.grad`` at a time (at least one expert; the
-#: runtime's ``dsv3.model.ops.WGRAD_PIECE_ELEMS``, checked equal by tests/test_accumulate.py).
+#: runtime's ``dsv3.model.ops.WGRAD_PIECE_ELEMS``, checked equal by tests/test_plan_runtime_zero.py).
 WGRAD_PIECE_ELEMS = 1 << 22
 #: Elements of one all-reduce bucket of dsv3's ZeRO-1 gradient reduction (``dsv3.parallel.zero.REDUCE_BUCKET_ELEMS``).
 ZERO1_BUCKET_ELEMS = 1 << 22
