@@ -20,10 +20,10 @@ import os
 import time
 from typing import Any, Callable
 
+from dsv3.data.rl_prompts import read_prompts
 from dsv3.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dsv3.train.config import TrainConfig
 from dsv3.train.grpo import GRPORun, grpo_step
-from dsv3.train.rl_prompts import read_prompts
 from dsv3.train.rollout import RoutingRecorder
 
 
@@ -58,7 +58,7 @@ def resolve_init(config: TrainConfig) -> None:
 
 def grpo_tokenizer(config: TrainConfig, run_dir: str, vocab_size: int):
     """The tokenizer: the run directory's copy (resume), ``--tokenizer``, or the checkpoint's tokenizer.json."""
-    from dsv3.train.tokenizer import get_tokenizer
+    from dsv3.data.tokenizer import get_tokenizer
 
     init = config.model.init_from or ""
     candidates = [
@@ -211,7 +211,7 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
 
 
 def _eos_id(config: TrainConfig, tokenizer) -> int:
-    from dsv3.train.tokenizer import eos_token_id
+    from dsv3.data.tokenizer import eos_token_id
 
     return eos_token_id(tokenizer, config.data.eos_token)
 

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from dsv3.data.chat import TEMPLATE_FILES, ChatTemplate, load_chat_template, save_template
+from dsv3.data.tokenizer import load_tokenizer, train_bpe_from_texts
 from dsv3.errors import CheckpointError, ConfigError, DataError
 from dsv3.model.transformer import init_generator
 from dsv3.optim.adamw import set_lr
@@ -37,15 +39,7 @@ from dsv3.train.config import TrainConfig, save_effective_config
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.schedule import LRSchedule
 from dsv3.train.session import CONFIG_FILE, _join_world, build_meta, model_config_for, prepare_run_dir, resolve_device
-from dsv3.train.sft import (
-    TEMPLATE_FILES,
-    ChatTemplate,
-    load_chat_template,
-    run_template,
-    save_template,
-    sft_tokenizer_spec,
-)
-from dsv3.train.tokenizer import load_tokenizer, train_bpe_from_texts
+from dsv3.train.sft import run_template, sft_tokenizer_spec
 from dsv3.utils.io import atomic_dir
 
 __all__ = [
