@@ -136,10 +136,11 @@ def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep, dtype):
         opt.inner._compiled_ok = False  # FP32 parameters, BF16 moments: the eager path (compiling takes minutes)
         for p in model.parameters():
             p.grad = torch.ones_like(p)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())  # step() consumes them
         opt.step(1.0)
         planned = zero1_rank_state_bytes(tensors, layout, prec, rank)
         assert planned.optimizer == opt.state_bytes(), rank
-        assert planned.grads == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+        assert planned.grads == grads
         assert planned.weights == sum(
             t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
         )
