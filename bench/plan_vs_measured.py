@@ -34,7 +34,7 @@ spawned on 127.0.0.1; each builds the model as ``dsv3 train`` does under torchru
 dispatcher, then :class:`dsv3.parallel.zero.ZeroAdamW`), runs one step on its own micro-batch and reports:
 weights (its parameters and buffers), gradients (its ``.grad``), optimizer (``ZeroAdamW.state_bytes()``:
 its FP32 master chunks of non-FP32 parameters and moments) and live activations. The planner's per-rank
-states are :func:`dsv3.plan.memory.zero1_rank_state_bytes` (dsv3's ZeRO-1 cuts every tensor, viewed as
+states are :func:`dsv3.plan.states.zero1_rank_state_bytes` (dsv3's ZeRO-1 cuts every tensor, viewed as
 ``[numel / last_dim, last_dim]``, into row chunks, dense over DP, expert blocks over EDP = DP / EP; an FP32
 parameter is its own master), its activations ``make_plan(...).stages[0]`` for the layout. BF16 parameters
 by default, ``--dtype fp32`` for FP32 ones.
@@ -212,8 +212,9 @@ def planned_per_rank(
     cfg: ModelConfig, dp: int, ep: int, seq_len: int, micro_batch: int, dtype: str, moments: str, recompute: str
 ) -> list[dict]:
     """What the planner predicts for each data-parallel rank of a ``pp = 1`` layout with ZeRO-1."""
-    from dsv3.plan.memory import stage_parts, stage_tensors, zero1_rank_state_bytes
+    from dsv3.plan.memory import stage_parts, stage_tensors
     from dsv3.plan.params import count_params
+    from dsv3.plan.states import zero1_rank_state_bytes
 
     layout = Layout(dp=dp, ep=ep, zero=1, seq_len=seq_len, micro_batch=micro_batch, recompute=recompute)
     prec = Precision(

@@ -175,10 +175,11 @@ def test_every_rank_holds_the_parameters_gradients_and_optimizer_bytes_dsv3_plan
         opt = ZeroAdamW(model, ctx, names=[n for n, _ in model.named_parameters()])
         for p in model.parameters():
             p.grad = torch.ones_like(p)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())  # step() consumes them
         opt.step(1.0)
+        assert all(p.grad is None for p in model.parameters())
         dev = doc["devices"][ctx.pp_rank]["memory_bytes"]
         weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
         by_rank = dev.get("optimizer_by_dp_rank") or [dev["optimizer"]] * dp
         assert (weights, grads, opt.state_bytes()) == (dev["weights"], dev["grads"], by_rank[ctx.dp_rank]), rank
 

@@ -16,10 +16,11 @@ from helpers import assert_one_error, cli
 from dsv3.cli import main
 from dsv3.config import load_preset
 from dsv3.plan.layout import Layout
-from dsv3.plan.memory import device_numel, stage_tensors
+from dsv3.plan.memory import stage_tensors
 from dsv3.plan.params import count_params
 from dsv3.plan.planner import make_plan
 from dsv3.plan.precision import Precision
+from dsv3.plan.states import device_numel
 
 V3 = load_preset("deepseek-v3")
 TINY = load_preset("tiny")

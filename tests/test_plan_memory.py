@@ -9,11 +9,11 @@ from dsv3.errors import ConfigError
 from dsv3.layout import balanced_stage_layers
 from dsv3.plan import activations as act
 from dsv3.plan.layout import Layout
-from dsv3.plan.memory import device_numel, state_bytes
 from dsv3.plan.params import aggregate, count_params
 from dsv3.plan.planner import make_plan
 from dsv3.plan.precision import Precision, element_bytes, parse_size
 from dsv3.plan.simulate import simulate
+from dsv3.plan.states import device_numel, state_bytes
 
 TINY = load_preset("tiny")  # d 192, 4 heads, 16 experts of 96, vocab 4096, 4 layers (first dense)
 

@@ -14,16 +14,16 @@ from helpers import small_config
 
 from dsv3.cli import main
 from dsv3.plan.layout import Layout
-from dsv3.plan.memory import (
+from dsv3.plan.params import ParamTensor
+from dsv3.plan.planner import make_plan
+from dsv3.plan.precision import Precision
+from dsv3.plan.states import (
     FLAT_MODEL,
     RUNTIME_MODEL,
     zero1_optimizer_bytes_by_rank,
     zero1_rank_state_bytes,
     zero1_runtime_applies,
 )
-from dsv3.plan.params import ParamTensor
-from dsv3.plan.planner import make_plan
-from dsv3.plan.precision import Precision
 
 #: the formats dsv3 trains in with --dtype bf16 --moments bf16 (the router is stored in the model's dtype).
 BF16 = "weights=bf16,grads=bf16,moments=bf16,router=bf16"
@@ -221,12 +221,12 @@ def test_the_table_says_which_rank_and_the_flat_split(capsys, odd_config_file):
 
 def test_long_rank_lists_stay_out_of_the_json(monkeypatch):
     """Above MAX_RANKS_LISTED DP ranks the per-rank list is left out; the busiest rank, min and max stay."""
-    import dsv3.plan.memory as memory
+    import dsv3.plan.states as states
 
     cfg = _odd_config()
     lay = Layout(dp=4, ep=2, zero=1, seq_len=16)
     full = make_plan(cfg, lay, PREC, simulate=False).stages[0].ranks
-    monkeypatch.setattr(memory, "MAX_RANKS_LISTED", 3)
+    monkeypatch.setattr(states, "MAX_RANKS_LISTED", 3)
     mem = make_plan(cfg, lay, PREC, simulate=False).stages[0].to_dict()["memory_bytes"]
     assert mem["optimizer_by_dp_rank"] is None
     assert (mem["optimizer_busiest_dp_rank"], mem["optimizer_min"], mem["optimizer_max"]) == (
@@ -254,3 +254,47 @@ def test_search_fits_layouts_by_the_busiest_rank():
         res = search(cfg, 4, memory, grid=grid, seq_len=16, precision=PREC)
         (c,) = [c for c in res.candidates if c.layout.ep == 2 and c.layout.dp == 4]
         assert c.fits == fits and c.peak_bytes == pytest.approx(peak, rel=1e-12)
+
+
+def test_step_transients_by_hand():
+    """grad_accumulation: the largest gradient autograd makes beside .grad (a dense tensor whole, routed experts
+    WGRAD_PIECE_ELEMS or one expert at a time), only with more than one micro-batch; zero1_reduce: one FP32
+    bucket of at most ZERO1_BUCKET_ELEMS elements, only with DP > 1 (a larger BF16 gradient is cast whole)."""
+    from dsv3.plan.states import WGRAD_PIECE_ELEMS, ZERO1_BUCKET_ELEMS, step_transient_bytes
+
+    fp32 = Precision.parse("weights=fp32,grads=fp32,moments=fp32,router=fp32,master=none")
+    dense = ParamTensor("d.weight", "dense_mlp", (3000, 1000))  # 3M elements
+    experts = ParamTensor("e.down_proj", "routed_experts", (8, 1024, 1536), shard="expert")  # 1.5M per expert
+    per_expert = 1024 * 1536
+    piece = per_expert * (WGRAD_PIECE_ELEMS // per_expert)  # 2 experts of the 4 an EP rank holds
+    lay = Layout(dp=2, ep=2, zero=1, seq_len=16, micro_batch=1, global_batch=8)
+    got = step_transient_bytes([dense, experts], lay, fp32)
+    assert got == {"grad_accumulation": 4 * max(3_000_000, piece), "zero1_reduce": 4 * ZERO1_BUCKET_ELEMS}
+    assert step_transient_bytes([dense], lay.replace(global_batch=2), fp32) == {"zero1_reduce": 4 * 3_000_000}
+    assert step_transient_bytes([dense], lay.replace(dp=1, ep=1, global_batch=1), fp32) == {}
+    big = ParamTensor("emb.weight", "embedding", (8192, 1024))  # 8M elements, over one bucket
+    bf16 = Precision.parse(BF16)
+    assert step_transient_bytes([big], lay, bf16)["zero1_reduce"] == 4 * 8192 * 1024
+    assert step_transient_bytes([big], lay, fp32)["zero1_reduce"] == 4 * ZERO1_BUCKET_ELEMS  # reduced in place
+
+
+def test_the_plans_step_constants_are_the_runtimes():
+    from dsv3.model.ops import WGRAD_PIECE_ELEMS
+    from dsv3.parallel.zero import REDUCE_BUCKET_ELEMS
+    from dsv3.plan import states
+
+    assert (states.WGRAD_PIECE_ELEMS, states.ZERO1_BUCKET_ELEMS) == (WGRAD_PIECE_ELEMS, REDUCE_BUCKET_ELEMS)
+
+
+def test_after_backward_transients_count_only_above_the_backwards_own():
+    from dsv3.plan.memory import step_buffers
+    from dsv3.plan.states import StateBytes
+
+    sb = StateBytes(0, 0, 0, 0, 0, 0, transients={"grad_accumulation": 10.0, "zero1_reduce": 50.0})
+    assert step_buffers({"ep_all_to_all": 5.0}, [sb], 0.0, 20.0) == {
+        "ep_all_to_all": 5.0,
+        "grad_accumulation": 10.0,
+        "after_backward": 15.0,  # 50 - (20 + 5 + 10)
+    }
+    assert step_buffers({}, [sb], 80.0, 20.0)["after_backward"] == 50.0  # the pipeline's shared gradients: 80 - 30
+    assert "after_backward" not in step_buffers({}, [sb], 0.0, 60.0)

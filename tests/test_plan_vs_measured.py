@@ -9,7 +9,7 @@ to catch an operator that starts (or stops) keeping a tensor.
 
 EP/DP layouts, per rank: dsv3's ZeRO-1 cuts every tensor, viewed as ``[numel / last_dim, last_dim]``, into row
 chunks (dense over DP, expert blocks over EDP; FP32 parameters are their own masters), so ranks hold different
-optimizer bytes; :func:`dsv3.plan.memory.zero1_rank_state_bytes` must give each
+optimizer bytes; :func:`dsv3.plan.states.zero1_rank_state_bytes` must give each
 rank's to the byte (against ZeroAdamW built with that rank's context, and on 2 spawned gloo ranks).
 """
 
@@ -109,8 +109,9 @@ def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep, dtype):
     from dsv3.parallel.world import ParallelContext
     from dsv3.parallel.zero import ZeroAdamW
     from dsv3.plan.layout import Layout
-    from dsv3.plan.memory import stage_parts, stage_tensors, zero1_rank_state_bytes
+    from dsv3.plan.memory import stage_parts, stage_tensors
     from dsv3.plan.params import count_params
+    from dsv3.plan.states import zero1_rank_state_bytes
 
     cfg = _odd_config()
     layout = Layout(dp=dp, ep=ep, zero=1, seq_len=16, micro_batch=1)
@@ -135,10 +136,11 @@ def test_zero1_rank_bytes_equal_the_runtime_optimizer_state(dp, ep, dtype):
         opt.inner._compiled_ok = False  # FP32 parameters, BF16 moments: the eager path (compiling takes minutes)
         for p in model.parameters():
             p.grad = torch.ones_like(p)
+        grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())  # step() consumes them
         opt.step(1.0)
         planned = zero1_rank_state_bytes(tensors, layout, prec, rank)
         assert planned.optimizer == opt.state_bytes(), rank
-        assert planned.grads == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+        assert planned.grads == grads
         assert planned.weights == sum(
             t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
         )

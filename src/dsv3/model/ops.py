@@ -7,7 +7,9 @@ ever calls them through those attributes.
 - :func:`grouped_mm` multiplies consecutive row groups of ``x`` by per-expert
   weights (tokens sorted by expert), with ``torch.nn.functional.grouped_mm`` where
   the installed torch has a kernel for the device and dtype, and an index-based
-  padded ``bmm`` otherwise (no Python loop over experts in either).
+  padded ``bmm`` otherwise (no Python loop over experts in either). In training its weight
+  gradient can be added into ``.grad`` in place, a few experts at a time
+  (:func:`grouped_mm_wgrad_into`), instead of beside it.
 - :func:`swiglu` is SwiGLU's gating, ``silu(gate) * up``.
 """
 
@@ -168,12 +170,15 @@ def _(dy, x, offs):
 def _grouped_mm_setup(ctx, inputs, output):
     x, w, offs = inputs
     ctx.save_for_backward(x, w, offs)
+    ctx.param = w  # the leaf itself (its ``.grad``), for the in-place accumulation of grouped_mm_wgrad_into
 
 
 def _grouped_mm_backward(ctx, dy):
     x, w, offs = ctx.saved_tensors
     dx = _grouped_mm_dgrad(dy, w, offs) if ctx.needs_input_grad[0] else None
-    dw = _grouped_mm_wgrad(dy, x, offs) if ctx.needs_input_grad[1] else None
+    dw = None
+    if ctx.needs_input_grad[1] and not grouped_mm_wgrad_into(ctx.param, dy, x, offs):
+        dw = _grouped_mm_wgrad(dy, x, offs)
     return dx, dw, None
 
 
@@ -249,3 +254,42 @@ def grouped_mm_wgrad(dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> t
             dw[e] = dy[start:end].t() @ x[start:end]
         start = end
     return dw
+
+
+#: Attribute of a stacked expert weight whose gradients :func:`grouped_mm_wgrad_into` adds into ``.grad`` in place
+#: (set by :func:`dsv3.memory.accumulate.accumulate_in_place`, for training only).
+ACCUMULATE_IN_PLACE = "_dsv3_accumulate_in_place"
+
+#: Elements of the weight-gradient piece :func:`grouped_mm_wgrad_into` computes at a time (16 MiB of FP32; at least
+#: one expert).
+WGRAD_PIECE_ELEMS = 1 << 22
+
+
+def grouped_mm_wgrad_into(param: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, offs: torch.Tensor) -> bool:
+    """Add the weight gradient of :func:`grouped_mm` into ``param.grad`` [E, O, K] in place, a few experts at a time.
+
+    Autograd computes a new gradient of the whole stacked block beside ``.grad`` and then adds it in (the
+    gradient-accumulation transient of every micro-batch after the first). Here each piece of experts
+    ``e0:e1`` (at most :data:`WGRAD_PIECE_ELEMS` elements, at least one expert) gets ``dy_e^T x_e`` from the same
+    grouped GEMM over the same rows and is added at once: bit for bit autograd's gradients, with a transient of
+    one piece. Only when ``param`` is marked (:data:`ACCUMULATE_IN_PLACE`), its ``.grad`` exists with its shape
+    and dtype, and no graph of the backward is built; returns whether it did (else the caller returns the
+    gradient to autograd). ``dy`` [N, O], ``x`` [N, K]: rows grouped by expert, ``offs`` [E] int32 row ends
+    (read on the host: one synchronisation per call on a GPU).
+    """
+    grad = getattr(param, "grad", None)
+    if not getattr(param, ACCUMULATE_IN_PLACE, False) or grad is None or torch.is_grad_enabled():
+        return False
+    if grad.shape != param.shape or grad.dtype != dy.dtype or not grad.is_contiguous():
+        return False
+    dy = dy.detach().contiguous()  # once: every piece is a view of the rows the whole-block GEMM would read
+    x = x.detach()
+    n_experts = grad.shape[0]
+    step = max(1, WGRAD_PIECE_ELEMS // max(1, grad[0].numel()))
+    ends = offs.tolist()
+    for e0 in range(0, n_experts, step):
+        e1 = min(n_experts, e0 + step)
+        r0 = ends[e0 - 1] if e0 else 0
+        r1 = ends[e1 - 1]
+        grad[e0:e1] += grouped_mm_wgrad(dy[r0:r1], x[r0:r1], offs[e0:e1] - r0)
+    return True

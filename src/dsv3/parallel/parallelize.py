@@ -5,7 +5,8 @@ in this order (:data:`ORDER`, as torchtitan's ``parallelize_deepseekv3``): preci
 recomputation, expert sharding (:func:`dsv3.parallel.dispatch.shard_experts`: dispatchers and this rank's
 ``N_r / ep`` experts), stage selection (``--pp``: other stages removed, global names kept),
 materialisation of what is still held (initialised from the per-parameter seeds or read from
-``--init-from``: :func:`initialize`), the pipeline runtime (``--pp``), and the ZeRO-1 optimizer
+``--init-from``: :func:`initialize`; the expert weights then accumulate their gradients in place,
+:func:`dsv3.memory.accumulate.accumulate_in_place`), the pipeline runtime (``--pp``), and the ZeRO-1 optimizer
 (:class:`~dsv3.parallel.zero.ZeroAdamW`, which at dp = 1 is AdamW). The runtime and the optimizer come after
 materialisation, since their buffers and state are made from real tensors.
 """
@@ -20,6 +21,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.fp8 import FP8Recipe, convert
+from dsv3.memory.accumulate import accumulate_in_place
 from dsv3.memory.recompute import apply_recompute
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.rope import RotaryEmbedding
@@ -163,6 +165,7 @@ def parallelize(
     if any(t.is_meta for t in model.parameters()):
         materialize(model, ctx.device)
         initialize(model, mcfg, init_from, partial=ctx.ep > 1 or ctx.pp > 1 if partial is None else partial)
+    accumulate_in_place(model)
     model.train()
     pipeline = build_runtime(model, ctx, config, run_dir)
     optimizer = build_optimizer(model, ctx, config, pipeline) if optimize else None

@@ -7,7 +7,8 @@ count. One :meth:`ZeroAdamW.step`: gradients summed over the group in bounded fl
 ``dp``; one global gradient norm (identical on every rank, so clip and NaN-skip agree); the chunks updated by
 :class:`dsv3.optim.AdamW` (the unsharded math, so the result is the same); the chunks all-gathered back.
 Under pipeline parallelism the optimizer covers the parameters its device holds (``names``) and the norm
-counts each parameter once over the pipeline (``norm_names``, ``norm_group``).
+counts each parameter once over the pipeline (``norm_names``, ``norm_group``). The gradients are freed
+before the all-gather, and a bucket of one large FP32 gradient is all-reduced in place.
 """
 
 from __future__ import annotations
@@ -204,6 +205,11 @@ class ZeroAdamW:
                 torch._foreach_div_([s.param.grad for s in shards], float(self.ctx.dp))  # nothing to sum (edp = 1)
                 continue
             for bucket in _buckets(shards, REDUCE_BUCKET_ELEMS):  # a bounded flat buffer per all-reduce
+                grad = bucket[0].param.grad
+                if len(bucket) == 1 and grad.dtype == torch.float32 and grad.is_contiguous():
+                    dist.all_reduce(grad, group=self._group_of(expert))  # a large gradient alone: in place, no copy
+                    grad.div_(self.ctx.dp)
+                    continue
                 flat = torch.cat([s.param.grad.reshape(-1).to(torch.float32) for s in bucket])
                 dist.all_reduce(flat, group=self._group_of(expert))
                 flat.div_(self.ctx.dp)
@@ -249,7 +255,8 @@ class ZeroAdamW:
         """Reduce gradients, clip to ``max_norm``, update this rank's chunks, all-gather the parameters.
 
         Returns the gradient norm before clipping. When it is not finite nothing is updated (the
-        caller skips the step: every rank sees the same norm). ``reduce=False``: the caller already
+        caller skips the step: every rank sees the same norm). After an update the gradients are
+        consumed: every ``.grad`` is None before the all-gather (whose buffers then reuse their memory). ``reduce=False``: the caller already
         called :meth:`reduce_gradients`; ``norm``: its :meth:`grad_norm`, when already computed.
         """
         if reduce:
@@ -270,7 +277,8 @@ class ZeroAdamW:
             g = s.rows_view(s.param.grad)[start:end].to(torch.float32).view_as(s.master)
             s.master.grad = g.mul_(scale) if scale != 1.0 else g  # in place: the gradients are dropped after the step
         self.inner.step()
-        for s in self.shards:
+        for s in self.shards:  # the gradients are consumed: freed before the all-gather needs its buffers
+            s.param.grad = None
             if s.master is not None:
                 s.master.grad = None
         self.gather_parameters()

@@ -1,247 +1,42 @@
-"""Per-device memory of a training run: weights, gradients, optimizer states, activations, buffers.
+"""Per-device memory of a training run: model states, activations, buffers, fragmentation.
 
-For one pipeline stage on one device (the formulas of ZeRO, Rajbhandari et al.
-2020, arXiv 1910.02054, section 3, with the report's formats):
-
-    weights    = sum_t n_t * w_t / (G_t if ZeRO >= 3)         + buffers
-    grads      = sum_t n_t * g   / (G_t if ZeRO >= 2)
-    optimizer  = sum_t n_t * (2 m + master_t) / (G_t if ZeRO >= 1)
-
-where n_t is the part of tensor t the device holds after the TP / EP / ETP
-split (:func:`device_numel`), w_t its weight format (BF16, the router FP32),
-g the gradient format (FP32), m the format of each AdamW moment (BF16) and
-master_t the FP32 master copy (none for a tensor already stored in FP32).
-G_t, the ZeRO group, is DP for non-expert tensors and EDP = DP*TP/(EP*ETP)
-for routed-expert tensors (for the whole MoE block under the ``zhang-su``
-convention, see :data:`dsv3.layout.TP_CONVENTIONS`), times 2 under DualPipe (whose two devices holding
-a stage are replicas too). A sharded flat buffer is padded up to a multiple
-of G_t. Buffers (the routing bias) are never sharded.
-
-That flat split is the ZeRO paper's. dsv3's own runtime (:mod:`dsv3.parallel.zero`)
-cuts each tensor into dim-0 row chunks instead, so its ranks hold slightly
-different optimizer bytes: for the layouts it runs (TP = ETP = 1, ZeRO-1, see
-:func:`zero1_runtime_applies`) a stage's ``optimizer`` is the busiest DP rank's
-bytes of :func:`zero1_optimizer_bytes_by_rank`, and the flat split is kept as
-``optimizer_flat``.
-
-Activations: one micro-batch of ``b * s`` tokens keeps, on a stage, the bytes
-per token of the items :mod:`dsv3.plan.activations` lists for its layers
-under the recompute policy. A device's activation peak is found by walking
-its op list of the pipeline schedule (:mod:`dsv3.parallel.pipeline`), adding
-a stage's per-micro-batch bytes when a forward starts and removing them when
-that micro-batch's last backward on the stage ends (the convention of
-``SimResult.peak_activations``, weighted by each stage's bytes, so a DualPipe
-device holding the first and the last stage is charged exactly). While a
-layer is recomputed in backward, the tensors its recomputation rebuilds
-(those ``none`` keeps and the policy does not) exist once more (the
-recompute working set, the largest over the device's layers).
-Communication buffers and a fragmentation allowance (a fraction of everything
-else: PyTorch's caching allocator rounds and splits blocks) complete the total.
+:func:`memory_plan` assembles each pipeline stage (:class:`StageMemory`) and device (:class:`DeviceMemory`):
+the model-state bytes of :mod:`dsv3.plan.states` for the tensors a stage holds (:func:`stage_parts`,
+:func:`stage_tensors`), the activations, the buffers and the step's transients, and a fragmentation
+allowance (a fraction of everything else: the caching allocator rounds and splits blocks).
+Activations: one micro-batch of ``b * s`` tokens keeps on a stage the bytes per token of the items of
+:mod:`dsv3.plan.activations` for its layers under the recompute policy. A device's peak is found by walking
+its op list of the pipeline schedule (:func:`occupancy_profiles`): a stage's bytes are taken when a forward
+starts and released when that micro-batch's last backward on the stage ends (weighted by each stage's
+bytes, so a DualPipe device holding the first and last stage is charged exactly). While a layer is
+recomputed in backward, what its recomputation rebuilds exists once more (the largest over the layers).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from dsv3.config import ModelConfig
 from dsv3.layout import devices_of_stage, stage_devices, stage_layer_indices
 from dsv3.plan import activations as act
 from dsv3.plan.layout import Layout
-from dsv3.plan.params import GroupKey, ModelParams, ParamTensor, aggregate, merge_groups, mtp_layer_is_moe
+from dsv3.plan.params import ModelParams, ParamTensor, aggregate, merge_groups, mtp_layer_is_moe
 from dsv3.plan.precision import DTYPE_BYTES, Precision, element_bytes
+from dsv3.plan.states import (
+    RankSpread,
+    StateBytes,
+    device_numel,
+    optimizer_detail,
+    state_bytes,
+    step_transient_bytes,
+    unit_weight_bytes,
+    zero1_optimizer_bytes_by_rank,
+    zero1_runtime_applies,
+)
 
 #: Megatron-LM's gradient bucket: max(40M, 1M * DP) elements (distributed/param_and_grad_buffer).
 GRAD_BUCKET_MIN_ELEMS = 40_000_000
 DEFAULT_FRAGMENTATION = 0.10
-
-
-# ---------------------------------------------------------------------------- model states
-def device_numel(t: ParamTensor, layout: Layout) -> int:
-    """Elements of tensor ``t`` one device holds after the TP / EP / ETP split (under ``layout.tp_convention``)."""
-    return sum(_group_numel(k, v, layout) for k, v in aggregate([t], layout.tp_convention).items())
-
-
-def _group_numel(key: GroupKey, value: int, layout: Layout) -> int:
-    shard, _, rows, cols, _ = key
-    if shard == "vocab":  # vocabulary rows padded to a multiple of TP
-        return value * math.ceil(rows / layout.tp) * cols
-    if shard == "tp":
-        return math.ceil(value / layout.tp)
-    if shard == "expert":
-        return value // (layout.ep * layout.etp)
-    return value
-
-
-def weight_format(kind: str, prec: Precision) -> str:
-    """Format of a tensor of ``kind`` (``weight``, ``router``, ``buffer`` or ``wbuffer``)."""
-    return {"weight": prec.weights, "router": prec.router, "buffer": "fp32", "wbuffer": prec.weights}[kind]
-
-
-#: Per-rank lists longer than this stay out of the results and ``--json`` (the busiest rank, min and max stay).
-MAX_RANKS_LISTED = 4096
-
-
-@dataclass(frozen=True)
-class RankSpread:
-    """The optimizer bytes of dsv3's ZeRO-1 runtime over the DP ranks of one stage (or device).
-
-    Attributes:
-        busiest: the DP rank holding the most bytes (the lowest such rank).
-        low, high: the fewest and the most bytes a rank holds.
-        flat: the flat ``ceil(n / G)`` split of :func:`state_bytes` it replaces.
-        by_rank: every DP rank's bytes (``None`` above :data:`MAX_RANKS_LISTED` ranks).
-    """
-
-    busiest: int
-    low: float
-    high: float
-    flat: float
-    by_rank: tuple[float, ...] | None
-
-    @classmethod
-    def of(cls, by_rank: list[float], flat: float) -> "RankSpread":
-        high = max(by_rank)
-        return cls(
-            by_rank.index(high), min(by_rank), high, flat, tuple(by_rank) if len(by_rank) <= MAX_RANKS_LISTED else None
-        )
-
-
-@dataclass
-class StateBytes:
-    """Model-state bytes of one stage on one device."""
-
-    params: int  # trainable elements held (after the TP/EP split, before ZeRO)
-    weights: float
-    grads: float
-    optimizer: float
-    grads_unsharded: float  # gradient bytes before ZeRO-2 sharding (sizes the buckets, the DP reduction)
-    expert_grads_unsharded: float  # the part in the EDP group (routed experts; reduced over EDP, the rest over DP)
-    largest_unit_weights: float = 0.0  # unsharded weight bytes of the biggest layer (ZeRO-3 gathers it)
-    ranks: "RankSpread | None" = None  # dsv3's ZeRO-1 runtime: optimizer is its busiest rank (None: the flat split)
-
-    @property
-    def optimizer_flat(self) -> float:
-        """The flat ``ceil(n / G)`` split (the ZeRO paper's formula)."""
-        return self.ranks.flat if self.ranks is not None else self.optimizer
-
-
-def state_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision, replicas: int = 1) -> StateBytes:
-    """Weights, gradients and optimizer states of aggregated tensor ``groups`` on one device.
-
-    Args:
-        groups: :func:`dsv3.plan.params.aggregate` of the tensors.
-        replicas: devices in one pipeline that hold the same stage (2 under DualPipe);
-            they join the ZeRO group.
-    """
-    zero_group = {False: layout.dp * replicas, True: layout.edp * replicas}
-    buffers = 0.0
-    w_n: dict[tuple[bool, str], int] = {}
-    g_n = {False: 0, True: 0}
-    o_n: dict[tuple[bool, float], int] = {}
-    params = 0
-    for key, value in groups.items():
-        kind, expert = key[1], key[4]
-        n = _group_numel(key, value, layout)
-        fmt = weight_format(kind, prec)
-        if kind in ("buffer", "wbuffer"):
-            buffers += n * DTYPE_BYTES[fmt]
-            continue
-        params += n
-        w_n[(expert, fmt)] = w_n.get((expert, fmt), 0) + n
-        g_n[expert] += n
-        per = 2 * DTYPE_BYTES[prec.moments] + prec.master_bytes(fmt)
-        o_n[(expert, per)] = o_n.get((expert, per), 0) + n
-
-    def shard(n: int, expert: bool, on: bool) -> int:
-        return math.ceil(n / zero_group[expert]) if on else n
-
-    g = DTYPE_BYTES[prec.grads]
-    return StateBytes(
-        params=params,
-        weights=buffers + sum(shard(n, e, layout.zero >= 3) * DTYPE_BYTES[f] for (e, f), n in w_n.items()),
-        grads=sum(shard(n, e, layout.zero >= 2) * g for e, n in g_n.items()),
-        optimizer=sum(shard(n, e, layout.zero >= 1) * per for (e, per), n in o_n.items()),
-        grads_unsharded=(g_n[False] + g_n[True]) * g,
-        expert_grads_unsharded=g_n[True] * g,
-    )
-
-
-def zero1_row_chunk(rows: int, n: int, rank):
-    """Rows of a tensor's balanced row chunk ``[rank*rows//n, (rank+1)*rows//n)`` (dsv3's ZeRO-1 cut);
-    ``rank`` an int or an integer array of ranks.
-
-    ``rows`` are those of the tensor's 2-D view ``[numel / last_dim, last_dim]`` (1-d ``[n]``: ``n`` rows,
-    0-d: 1 row), as :func:`dsv3.parallel.zero.rows_shape` cuts it."""
-    return (rank + 1) * rows // n - rank * rows // n
-
-
-def zero1_runtime_applies(layout: Layout, replicas: int = 1) -> bool:
-    """Whether dsv3's own ZeRO-1 runtime (:mod:`dsv3.parallel.zero`) runs ``layout``: TP = ETP = 1, ZeRO 1 and
-    no DualPipe replica in the ZeRO group. Then the planner reports each rank's row chunks
-    (:func:`zero1_optimizer_bytes_by_rank`); otherwise the flat ``ceil(n / G)`` split of :func:`state_bytes`."""
-    return layout.tp == 1 and layout.etp == 1 and layout.zero == 1 and replicas == 1
-
-
-def zero1_optimizer_bytes_by_rank(tensors: list[ParamTensor], layout: Layout, prec: Precision) -> list[float]:
-    """Optimizer-state bytes of ``tensors`` on each data-parallel rank ``0..DP-1`` under dsv3's own ZeRO-1.
-
-    :mod:`dsv3.parallel.zero` (DESIGN.md, "Distributed runtime") does not shard a padded flat buffer
-    (``ceil(n / G)`` elements on every rank, what :func:`state_bytes` counts): it views *each* trainable
-    tensor as ``[numel / last_dim, last_dim]`` (the rank's routed-expert block ``[N_r/EP, 2I, d]`` as
-    ``[N_r/EP * 2I, d]``; 1-d ``[n]`` as ``[n, 1]``, 0-d as ``[1, 1]``) and cuts its rows into balanced
-    chunks, one per rank of its group -- dense tensors over the DP ranks (chunk ``dp_rank``), the rank's
-    expert block over the EDP replicas (chunk ``dp_rank // EP``, ranks being ``edp_idx * EP + ep_idx``) --
-    so ranks differ by up to one row (``last_dim`` elements) per tensor. The optimizer state of a chunk is
-    its two moments and, for a tensor not stored in FP32, its FP32 master copy
-    (:meth:`Precision.master_bytes`: an FP32 tensor is its own master).
-    ZeRO 0: every rank holds all. Tensors with the same rows, width and group are summed first, so this
-    costs ``DP x`` (distinct row counts). For ``TP = ETP = 1`` and ZeRO 0 or 1 (the runtime's layouts).
-    """
-    if layout.tp != 1 or layout.etp != 1 or layout.zero > 1:
-        raise ValueError("dsv3's ZeRO-1 runtime model needs TP = ETP = 1 and ZeRO <= 1")
-    row_bytes: dict[tuple[int, bool], float] = {}  # (rows held before ZeRO, expert) -> bytes of one row, summed
-    for t in tensors:
-        if t.kind not in ("weight", "router"):
-            continue
-        fmt = weight_format(t.kind, prec)
-        per = 2 * DTYPE_BYTES[prec.moments] + prec.master_bytes(fmt)
-        width = t.shape[-1] if len(t.shape) >= 2 else 1  # the 2-D view [numel / last_dim, last_dim]
-        rows = t.numel // width
-        expert = t.shard == "expert"
-        key = (rows // layout.ep if expert else rows, expert)  # experts: the rank's (N_r / EP) * 2I ... rows
-        row_bytes[key] = row_bytes.get(key, 0) + width * per
-    dp_rank = np.arange(layout.dp, dtype=np.int64)
-    out = np.zeros(layout.dp, dtype=np.float64)  # byte counts stay exact integers below 2**53
-    for (rows, expert), per_row in row_bytes.items():
-        group = 1 if layout.zero == 0 else (layout.edp if expert else layout.dp)
-        rank = dp_rank * 0 if group == 1 else (dp_rank // layout.ep if expert else dp_rank)
-        out += zero1_row_chunk(rows, group, rank) * float(per_row)  # vectorised over the DP ranks
-    return out.tolist()
-
-
-def zero1_rank_state_bytes(tensors: list[ParamTensor], layout: Layout, prec: Precision, dp_rank: int) -> StateBytes:
-    """Model-state bytes of ``tensors`` on data-parallel rank ``dp_rank`` under dsv3's own ZeRO-1.
-
-    The optimizer state is the rank's row chunks (:func:`zero1_optimizer_bytes_by_rank`); weights and
-    gradients are not sharded (ZeRO-1); buffers as in :func:`state_bytes`. For ``TP = ETP = 1`` and
-    ZeRO 0 or 1 (the runtime's layouts).
-    """
-    if layout.tp != 1 or layout.etp != 1 or layout.zero > 1:
-        raise ValueError("zero1_rank_state_bytes models dsv3's ZeRO-1 runtime: TP = ETP = 1, ZeRO <= 1")
-    if not 0 <= dp_rank < layout.dp:
-        raise ValueError(f"dp_rank {dp_rank} is outside 0..{layout.dp - 1}")
-    sb = state_bytes(aggregate(tensors, layout.tp_convention), dataclasses.replace(layout, zero=0), prec)
-    sb.optimizer = zero1_optimizer_bytes_by_rank(tensors, layout, prec)[dp_rank]
-    return sb
-
-
-def unit_weight_bytes(groups: dict[GroupKey, int], layout: Layout, prec: Precision) -> float:
-    """Unsharded weight bytes of one unit (a layer) on one device."""
-    return sum(_group_numel(k, v, layout) * DTYPE_BYTES[weight_format(k[1], prec)] for k, v in groups.items())
 
 
 # ---------------------------------------------------------------------------- stages
@@ -313,8 +108,10 @@ def stage_state_bytes(
     sb = state_bytes(merge_groups(units + extra), layout, prec, replicas)
     sb.largest_unit_weights = max((unit_weight_bytes(u, layout, prec) for u in units + extra), default=0.0)
     if zero1_runtime_applies(layout, replicas):  # what dsv3's runtime holds: the busiest rank's row chunks
-        sb.ranks = RankSpread.of(zero1_optimizer_bytes_by_rank(stage_tensors(params, part), layout, prec), sb.optimizer)
+        tensors = stage_tensors(params, part)
+        sb.ranks = RankSpread.of(zero1_optimizer_bytes_by_rank(tensors, layout, prec), sb.optimizer)
         sb.optimizer = sb.ranks.high
+        sb.transients = step_transient_bytes(tensors, layout, prec)
     return sb
 
 
@@ -462,6 +259,8 @@ def comm_buffer_bytes(
       max(40M, 1M * DP) gradient elements (capped at the device's gradients);
     - ``zero3_gather``: with ZeRO-3, the gathered weights of two layers (the one
       computing and the one prefetched).
+
+    :func:`memory_plan` adds the step's transients of dsv3's runtime to the same items (:func:`step_buffers`).
     """
     t = layout.tokens_per_microbatch
     d = cfg.hidden_size
@@ -486,24 +285,6 @@ def comm_buffer_bytes(
 
 
 # ---------------------------------------------------------------------------- results
-#: ``optimizer_model`` of a memory result: which model of the sharded optimizer state ``optimizer`` is.
-RUNTIME_MODEL = "dsv3-zero1-row-chunks"
-FLAT_MODEL = "flat-ceil-n-over-G"
-
-
-def optimizer_detail(optimizer: float, ranks: RankSpread | None) -> dict:
-    """The ``--json`` keys that say what ``optimizer`` is: the busiest rank of dsv3's ZeRO-1 runtime (with
-    every DP rank's bytes, the busiest rank, and the flat split for comparison) or the flat split itself."""
-    if ranks is None:
-        return {"optimizer_model": FLAT_MODEL, "optimizer_flat": optimizer}
-    return {
-        "optimizer_model": RUNTIME_MODEL,
-        "optimizer_flat": ranks.flat,
-        "optimizer_busiest_dp_rank": ranks.busiest,
-        "optimizer_min": ranks.low,
-        "optimizer_max": ranks.high,
-        "optimizer_by_dp_rank": list(ranks.by_rank) if ranks.by_rank is not None else None,
-    }
 
 
 class _Totals:
@@ -631,6 +412,61 @@ def _device_duplicates(params: ModelParams, parts: list[StageParts]) -> list[Par
     return twice
 
 
+def step_buffers(buffers: dict[str, float], states: list[StateBytes], shared: float, activations: float) -> dict:
+    """``buffers`` plus the step's transients of a device holding ``states``' stages (dsv3's runtime).
+
+    ``grad_accumulation`` (:func:`~dsv3.plan.states.step_transient_bytes`, the largest over the stages) exists
+    during a backward, beside the activations. The all-reduces come after the last backward, when the activations
+    are gone: of ``zero1_reduce`` and ``pp_shared_grads`` (``shared``, :func:`shared_grad_bytes`) only the part
+    above what the backward held beyond the states (activations, buffers, ``grad_accumulation``) is added, as
+    ``after_backward``, so that the total is the larger of the two moments, not their sum.
+    """
+    items: dict[str, float] = {}
+    for sb in states:
+        for k, v in sb.transients.items():
+            items[k] = max(items.get(k, 0.0), v)
+    out = dict(buffers)
+    if items.get("grad_accumulation"):
+        out["grad_accumulation"] = items["grad_accumulation"]
+    extra = max(items.get("zero1_reduce", 0.0), shared) - activations - sum(out.values())
+    if extra > 0:
+        out["after_backward"] = extra
+    return out
+
+
+def shared_grad_bytes(
+    params: ModelParams, parts: list[StageParts], held: list[list[int]], layout: Layout, prec: Precision
+) -> list[float]:
+    """Per pipeline device: twice the gradient bytes of the tensors another device holds too (the embedding and
+    the last stage's copy of it). dsv3's pipeline runtime all-reduces those gradients through a flat copy and
+    clones them back, the old ones still referenced (``PipelineRuntime._finish``). Only for dsv3's runtime
+    layouts (:func:`~dsv3.plan.states.zero1_runtime_applies`) with PP > 1; else zeros."""
+    if layout.pp == 1 or not zero1_runtime_applies(layout, 2 if layout.schedule == "dualpipe" else 1):
+        return [0.0] * len(held)
+    names = [{t.name: t for s in ss for t in stage_tensors(params, parts[s])} for ss in held]
+    out = []
+    for d, mine in enumerate(names):
+        others = set().union(*(n for e, n in enumerate(names) if e != d))
+        shared = [t for n, t in mine.items() if n in others and t.kind in ("weight", "router")]
+        out.append(2.0 * DTYPE_BYTES[prec.grads] * sum(device_numel(t, layout) for t in shared))
+    return out
+
+
+@dataclass
+class _PlanInputs:
+    """What :func:`memory_plan` works out once for its stages and devices."""
+
+    cfg: ModelConfig
+    params: ModelParams
+    layout: Layout
+    prec: Precision
+    parts: list[StageParts]
+    states: list[StateBytes]
+    acts: list[ActivationBytes]
+    shared: list[float]  # shared_grad_bytes per device
+    replicas: int
+
+
 def memory_plan(
     cfg: ModelConfig,
     params: ModelParams,
@@ -664,54 +500,71 @@ def memory_plan(
     else:
         peaks, counts = weighted_peaks(profiles, [a.per_microbatch for a in acts])
     dev_of = devices_of_stage(layout.pp, layout.schedule)
-    stages: list[StageMemory] = []
-    for part, sb, ab in zip(parts, states, acts):
-        n = max(counts[dev][part.stage] for dev in dev_of[part.stage])
-        sm = StageMemory(
-            stage=part.stage,
-            layers=part.layers,
-            extras=part.extras,
-            devices=dev_of[part.stage],
-            params_per_device=sb.params,
-            weights=sb.weights,
-            grads=sb.grads,
-            optimizer=sb.optimizer,
-            activations_per_microbatch=ab.per_microbatch,
-            microbatches_in_flight=n,
-            recompute_working_set=ab.working_set,
-            activations=n * ab.per_microbatch + ab.working_set,
-            comm_buffers=comm_buffer_bytes(cfg, layout, prec, [part], [sb]),
-            ranks=sb.ranks,
-        )
+    inputs = _PlanInputs(
+        cfg, params, layout, prec, parts, states, acts, shared_grad_bytes(params, parts, held, layout, prec), replicas
+    )
+    stages = []
+    for part in parts:
+        sm = _stage_memory(inputs, part, dev_of[part.stage], max(counts[d][part.stage] for d in dev_of[part.stage]))
         sm.fragmentation = fragmentation * sm.subtotal
         stages.append(sm)
-    devices: list[DeviceMemory] = []
+    devices = []
     for dev, ss in enumerate(held):
-        ranks = states[ss[0]].ranks if len(ss) == 1 else None
-        # a tensor in two stages of one device (the embedding of the first stage and the last one's copy, the
-        # RoPE table) is held once: DualPipe(V) shares them physically (report 3.2.1)
-        twice = _device_duplicates(params, [parts[s] for s in ss]) if len(ss) > 1 else []
-        dup = state_bytes(aggregate(twice, layout.tp_convention), layout, prec, replicas) if twice else None
-        if len(ss) > 1 and all(states[s].ranks is not None for s in ss):
-            # a device's DP rank is the same in every stage it holds: add rank by rank, then take the busiest
-            tensors = list({t.name: t for s in ss for t in stage_tensors(params, parts[s])}.values())
-            ranks = RankSpread.of(
-                zero1_optimizer_bytes_by_rank(tensors, layout, prec),
-                sum(states[s].ranks.flat for s in ss) - (dup.optimizer if dup else 0),
-            )
-        dm = DeviceMemory(
-            device=dev,
-            stages=ss,
-            params=sum(states[s].params for s in ss) - (dup.params if dup else 0),
-            weights=sum(states[s].weights for s in ss) - (dup.weights if dup else 0),
-            grads=sum(states[s].grads for s in ss) - (dup.grads if dup else 0),
-            optimizer=ranks.high
-            if ranks is not None
-            else sum(states[s].optimizer for s in ss) - (dup.optimizer if dup else 0),
-            activations=peaks[dev] + max(acts[s].working_set for s in ss),
-            comm_buffers=comm_buffer_bytes(cfg, layout, prec, [parts[s] for s in ss], [states[s] for s in ss]),
-            ranks=ranks,
-        )
+        dm = _device_memory(inputs, dev, ss, peaks[dev] + max(acts[s].working_set for s in ss))
         dm.fragmentation = fragmentation * dm.subtotal
         devices.append(dm)
     return stages, devices
+
+
+def _stage_memory(inputs: _PlanInputs, part: StageParts, devices: list[int], n: int) -> StageMemory:
+    """One stage's memory with ``n`` of its micro-batches in flight (before the fragmentation allowance)."""
+    sb, ab = inputs.states[part.stage], inputs.acts[part.stage]
+    activations = n * ab.per_microbatch + ab.working_set
+    buffers = comm_buffer_bytes(inputs.cfg, inputs.layout, inputs.prec, [part], [sb])
+    return StageMemory(
+        stage=part.stage,
+        layers=part.layers,
+        extras=part.extras,
+        devices=devices,
+        params_per_device=sb.params,
+        weights=sb.weights,
+        grads=sb.grads,
+        optimizer=sb.optimizer,
+        activations_per_microbatch=ab.per_microbatch,
+        microbatches_in_flight=n,
+        recompute_working_set=ab.working_set,
+        activations=activations,
+        comm_buffers=step_buffers(buffers, [sb], max(inputs.shared[d] for d in devices), activations),
+        ranks=sb.ranks,
+    )
+
+
+def _device_memory(inputs: _PlanInputs, dev: int, ss: list[int], activations: float) -> DeviceMemory:
+    """Pipeline device ``dev`` holding stages ``ss`` with its activation peak (before the fragmentation allowance)."""
+    layout, prec, params, states = inputs.layout, inputs.prec, inputs.params, inputs.states
+    parts = [inputs.parts[s] for s in ss]
+    ranks = states[ss[0]].ranks if len(ss) == 1 else None
+    # a tensor in two stages of one device (the embedding of the first stage and the last one's copy, the
+    # RoPE table) is held once: DualPipe(V) shares them physically (report 3.2.1)
+    twice = _device_duplicates(params, parts) if len(ss) > 1 else []
+    dup = state_bytes(aggregate(twice, layout.tp_convention), layout, prec, inputs.replicas) if twice else None
+    if len(ss) > 1 and all(states[s].ranks is not None for s in ss):
+        # a device's DP rank is the same in every stage it holds: add rank by rank, then take the busiest
+        tensors = list({t.name: t for p in parts for t in stage_tensors(params, p)}.values())
+        ranks = RankSpread.of(
+            zero1_optimizer_bytes_by_rank(tensors, layout, prec),
+            sum(states[s].ranks.flat for s in ss) - (dup.optimizer if dup else 0),
+        )
+    held = [states[s] for s in ss]
+    buffers = comm_buffer_bytes(inputs.cfg, layout, prec, parts, held)
+    return DeviceMemory(
+        device=dev,
+        stages=ss,
+        params=sum(sb.params for sb in held) - (dup.params if dup else 0),
+        weights=sum(sb.weights for sb in held) - (dup.weights if dup else 0),
+        grads=sum(sb.grads for sb in held) - (dup.grads if dup else 0),
+        optimizer=ranks.high if ranks is not None else sum(sb.optimizer for sb in held) - (dup.optimizer if dup else 0),
+        activations=activations,
+        comm_buffers=step_buffers(buffers, held, inputs.shared[dev], activations),
+        ranks=ranks,
+    )

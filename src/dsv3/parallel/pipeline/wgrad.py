@@ -25,7 +25,7 @@ from torch import nn
 
 from dsv3.fp8.linear import FP8GroupedMM, FP8Linear, _FP8GroupedMMFn, _FP8LinearFn
 from dsv3.model.moe import Experts
-from dsv3.model.ops import grouped_mm, grouped_mm_dgrad, grouped_mm_wgrad
+from dsv3.model.ops import grouped_mm, grouped_mm_dgrad, grouped_mm_wgrad, grouped_mm_wgrad_into
 
 
 class WeightGradStore:
@@ -136,7 +136,8 @@ class _SplitGroupedMM(torch.autograd.Function):
     """:func:`~dsv3.model.ops.grouped_mm` whose weight gradient can be deferred.
 
     Shapes: x [N, K] (rows grouped by expert), w [E, O, K], offs [E] -> [N, O].
-    Backward: dx = grouped_mm_dgrad(dy, w); dw = grouped_mm_wgrad(dy, x) (now, or queued).
+    Backward: dx = grouped_mm_dgrad(dy, w); dw = grouped_mm_wgrad(dy, x) (now, or queued), added into ``.grad``
+    in place when the weight is marked for it (:func:`~dsv3.model.ops.grouped_mm_wgrad_into`).
     """
 
     @staticmethod
@@ -152,11 +153,17 @@ class _SplitGroupedMM(torch.autograd.Function):
         dx = grouped_mm_dgrad(dy, w, offs) if ctx.needs_input_grad[0] else None
         if not ctx.needs_input_grad[1]:
             return dx, None, None, None
+        param = ctx.param
         if ctx.store.enabled:
-            param = ctx.param
-            ctx.store.put(lambda: _accumulate(param, grouped_mm_wgrad(dy, x, offs)))
+
+            @torch.no_grad()
+            def deferred() -> None:
+                if not grouped_mm_wgrad_into(param, dy, x, offs):
+                    _accumulate(param, grouped_mm_wgrad(dy, x, offs))
+
+            ctx.store.put(deferred)
             return dx, None, None, None
-        return dx, grouped_mm_wgrad(dy, x, offs), None, None
+        return dx, None if grouped_mm_wgrad_into(param, dy, x, offs) else grouped_mm_wgrad(dy, x, offs), None, None
 
 
 class _InnerCtx:
