@@ -574,7 +574,7 @@ def test_print_config_prints_yaml_and_writes_nothing(train_setup, tmp_path, monk
 
 # ----------------------------------------------------------------------------- parse_size
 def test_parse_size_one_parser_for_plan_and_checkpoints():
-    from dsv3.checkpoint import hf
+    from dsv3.model import hf
     from dsv3.plan import precision
 
     assert precision.parse_size is parse_size and hf.parse_size is parse_size  # one function

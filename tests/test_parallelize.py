@@ -247,7 +247,7 @@ def test_sum_of_squares_matches_float64():
 def test_init_from_reads_only_the_experts_a_rank_holds(tmp_path):
     """``parallelize(..., init_from=...)`` on an expert-parallel rank: the held tensors equal the checkpoint's,
     and of the routed experts only the rank's are read from the files."""
-    from dsv3.checkpoint import hf
+    from dsv3.model import hf
 
     cfg = small_config(n_routed_experts=8)
     whole = _eager(cfg)

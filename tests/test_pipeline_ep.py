@@ -326,7 +326,7 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
         np.testing.assert_array_equal(p.detach().numpy(), {**params0, **params1}[name], err_msg=name)
-    from dsv3.checkpoint.hf import from_pretrained
+    from dsv3.checkpoint.state import from_pretrained
     from dsv3.cli import main
 
     mcfg.save(run_dir / "model_config.json")  # (write=False sessions write no run directory files)

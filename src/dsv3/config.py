@@ -1,27 +1,9 @@
 """Model configuration: the Hugging Face DeepSeek-V3 ``config.json`` as a dataclass.
 
-Field names are the Hugging Face ones (what the official DeepSeek-V3 repository
-ships), so that a ``config.json`` reads and writes losslessly: keys this class
-does not know are kept in :attr:`ModelConfig.extra` and written back. The module
-imports no torch, so the planner can use it anywhere.
-
-Symbols of the report (arXiv 2412.19437) and where they live here:
-
-====================  =========================================
-d (hidden dim)        ``hidden_size``
-n_h (heads)           ``num_attention_heads``
-d_h (head dim)        ``qk_nope_head_dim`` (+ ``v_head_dim`` for values)
-d_h^R (RoPE dim)      ``qk_rope_head_dim``
-d_c (KV latent)       ``kv_lora_rank``
-d_c' (Q latent)       ``q_lora_rank`` (``None``: plain query projection)
-N_s, N_r              ``n_shared_experts``, ``n_routed_experts``
-K_r                   ``num_experts_per_tok``
-M (node/group limit)  ``topk_group`` of ``n_group`` groups
-gamma                 ``bias_update_speed`` (dsv3 extension key)
-alpha                 ``seq_aux_alpha`` (dsv3 extension key)
-D                     ``num_nextn_predict_layers``
-lambda                ``mtp_loss_weight`` (dsv3 extension key)
-====================  =========================================
+Field names are the Hugging Face ones, so a ``config.json`` reads and writes losslessly: unknown keys are
+kept in :attr:`ModelConfig.extra` and written back. The module imports no torch (the planner uses it).
+The report's symbols and their fields (d = ``hidden_size``, d_c = ``kv_lora_rank``, N_r =
+``n_routed_experts``, K_r = ``num_experts_per_tok``, ...) are tabled in docs/model.md.
 """
 
 from __future__ import annotations
@@ -36,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 from dsv3.errors import ConfigError
+from dsv3.utils.io import atomic_write_text
 
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
@@ -361,8 +344,6 @@ class ModelConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` atomically (``path`` is a file or a directory)."""
-        from dsv3.utils.io import atomic_write_text
-
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")

@@ -13,11 +13,36 @@ The library functions are :func:`dsv3.plan.planner.make_plan`,
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 
-from dsv3.errors import ConfigError
-from dsv3.plan.limits import check_gpus, check_pipeline, check_plot, clip
+from rich.console import Console
+
+from dsv3.config import load_preset, resolve_model_config
+from dsv3.errors import ConfigError, DsV3Error
+from dsv3.plan.cost import DEFAULT_PEAK_TFLOPS, Hardware, parse_count
+from dsv3.plan.layout import Layout
+from dsv3.plan.limits import check_float, check_gpus, check_pipeline, check_plot, clip
 from dsv3.plan.params import TP_CONVENTIONS
+from dsv3.plan.planner import make_plan
+from dsv3.plan.precision import PRECISION_PRESETS, Precision
+from dsv3.plan.report import (
+    dumps,
+    plan_json,
+    render_plan,
+    render_schedule,
+    render_search,
+    render_trace,
+    schedule_json,
+    search_json,
+)
+from dsv3.plan.search import search
+from dsv3.plan.simulate import simulate
+from dsv3.plan.timeline import plot_timeline, plot_timelines
+from dsv3.plan.trace import compare_trace
+from dsv3.utils.outputs import check_output_file, is_dsv3_png
+from dsv3.utils.size import parse_size
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -118,6 +143,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
     sub = p.add_subparsers(dest="plan_command", metavar="{schedule,search}", parser_class=type(p))
+    _register_schedule(sub)
+    _register_search(sub)
+
+
+def _register_schedule(sub) -> None:
+    """``dsv3 plan schedule``: simulate a pipeline schedule (or a measured trace) and draw it."""
     s = sub.add_parser(
         "schedule",
         help="simulate a pipeline schedule and draw its per-device timeline",
@@ -154,6 +185,9 @@ def register(subparsers) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(func=run_schedule)
 
+
+def _register_search(sub) -> None:
+    """``dsv3 plan search``: the layouts of N GPUs that fit, fastest first."""
     q = sub.add_parser(
         "search",
         help="list the layouts of N GPUs that fit, ranked by estimated step time",
@@ -181,8 +215,6 @@ def register(subparsers) -> None:
 # ---------------------------------------------------------------------------- helpers
 def _model(args, required: bool = False):
     """The model to plan and its name; ``tiny`` when neither --preset nor --config is given, unless ``required``."""
-    from dsv3.config import load_preset, resolve_model_config
-    from dsv3.errors import DsV3Error
 
     if args.config:
         _check_config_file(args.config)
@@ -212,8 +244,6 @@ MAX_CONFIG_BYTES = 16 * 2**20
 
 def _check_config_file(path: str) -> None:
     """Refuse, before reading it, a config that is not a regular file (/dev/zero, a FIFO) or is absurdly large."""
-    import os
-    import stat
 
     target = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
@@ -229,7 +259,6 @@ def _check_config_file(path: str) -> None:
 
 
 def _precision(args):
-    from dsv3.plan.precision import PRECISION_PRESETS, Precision
 
     key = str(args.precision_preset).lower()
     if key not in PRECISION_PRESETS:
@@ -240,7 +269,6 @@ def _precision(args):
 
 
 def _hardware(args):
-    from dsv3.plan.cost import DEFAULT_PEAK_TFLOPS, Hardware
 
     return Hardware(
         peak_tflops=args.peak_tflops if args.peak_tflops is not None else DEFAULT_PEAK_TFLOPS,
@@ -259,7 +287,6 @@ def _causal(args) -> bool:
 
 
 def _common(args, cfg) -> dict:
-    from dsv3.utils.size import parse_size
 
     seq_len = args.seq_len if args.seq_len is not None else min(4096, cfg.max_position_embeddings)
     return dict(
@@ -274,17 +301,12 @@ def _common(args, cfg) -> dict:
 
 
 def _console():
-    from rich.console import Console
 
     return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
 
 
 # ---------------------------------------------------------------------------- commands
 def run(args) -> int:
-    from dsv3.plan.cost import parse_count
-    from dsv3.plan.layout import Layout
-    from dsv3.plan.planner import make_plan
-    from dsv3.plan.report import plan_json, render_plan
 
     cfg, name = _model(args)
     common = _common(args, cfg)
@@ -350,14 +372,10 @@ def run(args) -> int:
 def _check_plot_path(path: str | None) -> None:
     """Refuse a --plot path that would replace a foreign file, a directory or a path under a file."""
     if path is not None:
-        from dsv3.utils.outputs import check_output_file, is_dsv3_png
-
         check_output_file(path, "--plot", is_own=is_dsv3_png, what="a PNG that dsv3 drew")
 
 
 def run_schedule(args) -> int:
-    from dsv3.plan.report import render_schedule, schedule_json
-    from dsv3.plan.simulate import simulate
 
     _check_plot_path(args.plot)
     if args.trace is not None:
@@ -382,8 +400,6 @@ def run_schedule(args) -> int:
         comm=args.comm,
     )
     if args.plot:
-        from dsv3.plan.timeline import plot_timeline
-
         plot_timeline(res, args.plot)
     if args.json:
         print(schedule_json(res))
@@ -400,9 +416,6 @@ def _or(value, default):
 
 def _run_trace(args) -> int:
     """``plan schedule --trace FILE``: the measured step beside its simulation from the measured op times."""
-    from dsv3.plan.limits import check_float
-    from dsv3.plan.report import dumps, render_trace
-    from dsv3.plan.trace import compare_trace
 
     given = [f"--{k}" for k in ("f", "b", "w", "fb") if getattr(args, k) is not None]
     if given:
@@ -412,8 +425,6 @@ def _run_trace(args) -> int:
     comm = check_float("comm", args.comm)
     cmp = compare_trace(args.trace, schedule=args.schedule, pp=args.pp, microbatches=args.microbatches, comm=comm)
     if args.plot:
-        from dsv3.plan.timeline import plot_timelines
-
         m, s = cmp.measured, cmp.simulated
         plot_timelines(
             [
@@ -440,9 +451,6 @@ def _run_trace(args) -> int:
 
 
 def run_search(args) -> int:
-    from dsv3.plan.report import render_search, search_json
-    from dsv3.plan.search import search
-    from dsv3.utils.size import parse_size
 
     cfg, name = _model(args, required=True)
     if args.gpu_memory is None:

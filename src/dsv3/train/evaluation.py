@@ -3,10 +3,10 @@
 ``dsv3 eval CKPT_OR_RUN --data FILE`` is :func:`evaluate_checkpoint`:
 
 - plain text (a text file, directory, .jsonl with a text field, .parquet or .bin) is cut into
-  windows of ``seq_len`` + 1 tokens as in pre-training (:func:`dsv3.train.data.build_data`);
+  windows of ``seq_len`` + 1 tokens as in pre-training (:func:`dsv3.data.pretrain.build_data`);
 - chat data (.jsonl with ``messages`` or ``prompt``/``completion``) is rendered with the
   checkpoint's chat template and scored on the assistant tokens only, one conversation per
-  row (:mod:`dsv3.train.sft`).
+  row (:mod:`dsv3.data.sft`).
 
 The loss is the token-weighted mean next-token cross-entropy over every scored token and the
 perplexity its exponential.
@@ -59,7 +59,7 @@ def evaluate_loss(model, batches: Iterable, *, device: torch.device | str = "cpu
 
     Args:
         model: a :class:`~dsv3.model.DeepseekV3ForCausalLM`.
-        batches: ``(input_ids, labels)`` pairs [B, T] or :class:`~dsv3.train.sft.SFTBatch` es
+        batches: ``(input_ids, labels)`` pairs [B, T] or :class:`~dsv3.data.packing.SFTBatch` es
             (their document masks are applied).
     """
     was_training = model.training
@@ -258,7 +258,7 @@ def parse_lengths(text: str) -> list[int]:
 
 def _template_dir(tok_path: str, checkpoint: str) -> str:
     """Where a checkpoint's chat template lives: next to its tokenizer, in the checkpoint, or in its run directory."""
-    from dsv3.train.sft import TEMPLATE_FILES
+    from dsv3.data.chat import TEMPLATE_FILES
 
     for d in (os.path.dirname(os.path.abspath(tok_path)), checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
         if any(os.path.isfile(os.path.join(d, name)) for name in TEMPLATE_FILES):
@@ -292,8 +292,8 @@ def evaluate_checkpoint(
         tokenizer: a tokenizer.json; default the checkpoint's.
         chat_template: template override for chat data; default the checkpoint's.
     """
+    from dsv3.data.tokenizer import get_tokenizer
     from dsv3.infer.generate import load_for_generation
-    from dsv3.train.tokenizer import get_tokenizer
 
     if data is None and not passkey:
         raise ConfigError("nothing to evaluate; pass --data FILE and/or --passkey LENGTHS.")
@@ -317,7 +317,8 @@ def evaluate_checkpoint(
     tok = get_tokenizer(tok_path, vocab_size=mcfg.vocab_size)
     if data is not None:
         if is_chat_file(data):
-            from dsv3.train.sft import build_sft_data, load_chat_template
+            from dsv3.data.chat import load_chat_template
+            from dsv3.data.sft import build_sft_data
 
             template = load_chat_template(chat_template, tokenizer_dir=_template_dir(tok_path, checkpoint))
             chat = build_sft_data(
@@ -329,13 +330,17 @@ def evaluate_checkpoint(
                 on_long="truncate",
                 packing=False,
             )
-            from dsv3.train.data import val_batches
+            from dsv3.data.loader import val_batches
 
             batches, report.kind = val_batches(chat.train, batch_size, max_batches), "chat"
         else:
-            from dsv3.train.data import build_data, val_batches
+            from dsv3.data.loader import val_batches
+            from dsv3.data.pretrain import build_data
+            from dsv3.data.sources import CorpusSpec
 
-            text = build_data(data, tokenizer=tok, seq_len=seq_len, vocab_size=mcfg.vocab_size, val_fraction=0.0)
+            text = build_data(
+                CorpusSpec(data), tokenizer=tok, seq_len=seq_len, vocab_size=mcfg.vocab_size, val_fraction=0.0
+            )
             batches, report.kind = val_batches(text.train, batch_size, max_batches), "text"
         report.loss = evaluate_loss(model, batches, device=device)
     for length in passkey:

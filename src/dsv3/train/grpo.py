@@ -3,7 +3,7 @@
 One optimizer step (:func:`grpo_step`), read top to bottom:
 
 1. **Prompts.** The step's P = global_batch / G prompts are a pure function of (seed, step)
-   (:func:`dsv3.train.rl_prompts.step_prompts`); dp rank r takes prompts r*P/dp .. (r+1)*P/dp - 1.
+   (:func:`dsv3.data.rl_prompts.step_prompts`); dp rank r takes prompts r*P/dp .. (r+1)*P/dp - 1.
 2. **Rollout** (:func:`dsv3.train.rollout.rollout`): G completions per prompt from the latent-cache
    batched generator, row seeded by (seed, step, prompt position, sample), stopping at EOS or
    ``max_completion_tokens``; under ep the ranks of an ep group keep stepping until all have finished.
@@ -32,9 +32,9 @@ from typing import Any, Callable
 
 import torch
 
+from dsv3.data.rl_prompts import PromptSet, step_prompts
 from dsv3.train.config import TrainConfig
 from dsv3.train.rl import group_advantages, grpo_loss, grpo_stats, token_entropy, token_logps
-from dsv3.train.rl_prompts import PromptSet, step_prompts
 from dsv3.train.rollout import Rollout, RoutingRecorder, rollout, sample_seed
 
 
@@ -62,7 +62,7 @@ class GRPORun:
     nonfinite: int = 0
     checkpoint: str | None = None
     lock: Any = None
-    checkpointer: Any = None  # the run's Checkpointer (dsv3.checkpoint.checkpointer): every save and restore
+    checkpointer: Any = None  # the run's Checkpointer (dsv3.parallel.checkpointer): every save and restore
     pipeline: Any = None  # never: --pp is refused
     ema: Any = None
 

@@ -8,7 +8,7 @@ main model) and :func:`~dsv3.parallel.parallelize.parallelize`d (expert sharding
 read from ``--init-from``: a dsv3 run's latest checkpoint or a Hugging Face directory; ZeroAdamW in every
 layout), the frozen reference as a CPU copy of those initial weights (only when beta > 0) and the
 learning-rate schedule; the run directory (:func:`~dsv3.train.session._write_run_dir`); on ``--resume``
-the latest checkpoint through the :class:`~dsv3.checkpoint.checkpointer.Checkpointer`. A checkpoint holds the
+the latest checkpoint through the :class:`~dsv3.parallel.checkpointer.Checkpointer`. A checkpoint holds the
 weights (router biases included), the optimizer and the step: the prompts and the samples of a
 step are functions of (seed, step), so a resumed run repeats the uninterrupted one exactly.
 """
@@ -20,10 +20,10 @@ import os
 import time
 from typing import Any, Callable
 
+from dsv3.data.rl_prompts import read_prompts
 from dsv3.errors import CheckpointError, ConfigError, DataError, TrainingError
 from dsv3.train.config import TrainConfig
 from dsv3.train.grpo import GRPORun, grpo_step
-from dsv3.train.rl_prompts import read_prompts
 from dsv3.train.rollout import RoutingRecorder
 
 
@@ -58,7 +58,7 @@ def resolve_init(config: TrainConfig) -> None:
 
 def grpo_tokenizer(config: TrainConfig, run_dir: str, vocab_size: int):
     """The tokenizer: the run directory's copy (resume), ``--tokenizer``, or the checkpoint's tokenizer.json."""
-    from dsv3.train.tokenizer import get_tokenizer
+    from dsv3.data.tokenizer import get_tokenizer
 
     init = config.model.init_from or ""
     candidates = [
@@ -152,7 +152,7 @@ def _configure(config: TrainConfig | None, resume: str | None, overrides) -> tup
 def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     """The session's phases for GRPO: configuration, prompts and rewards (all checked first), the world, the
     policy (:func:`_policy`), the run directory (:func:`dsv3.train.session._write_run_dir`), the restore."""
-    from dsv3.checkpoint.checkpointer import Checkpointer
+    from dsv3.parallel.checkpointer import Checkpointer
     from dsv3.train.session import _join_world, _write_run_dir, model_config_for, resolve_device
 
     config, run_dir = _configure(config, resume, overrides)
@@ -211,14 +211,14 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
 
 
 def _eos_id(config: TrainConfig, tokenizer) -> int:
-    from dsv3.train.tokenizer import eos_token_id
+    from dsv3.data.tokenizer import eos_token_id
 
     return eos_token_id(tokenizer, config.data.eos_token)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_grpo(run: GRPORun) -> str:
-    """Write the run's state after ``run.step`` steps through the run's :class:`~dsv3.checkpoint.checkpointer.
+    """Write the run's state after ``run.step`` steps through the run's :class:`~dsv3.parallel.checkpointer.
     Checkpointer` (sharded DCP under torchrun, the one-process format otherwise); returns its directory."""
     return run.checkpointer.save(
         run.step, run.model, run.optimizer, loader_state={"grpo_step": run.step}, extra={"nonfinite": run.nonfinite}

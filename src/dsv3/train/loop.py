@@ -61,7 +61,7 @@ class TrainResult:
 @torch.no_grad()
 def evaluate(model, data, *, micro_batch: int, max_batches: int, device: torch.device) -> float:
     """Token-weighted mean main-model loss over the held-out sequences."""
-    from dsv3.train.sft import batch_to, split_batch
+    from dsv3.data.loader import batch_to, split_batch
 
     was_training = model.training
     model.eval()
@@ -214,7 +214,7 @@ def train(
     last_ckpt = s.checkpoint
     interrupted = False
 
-    def checkpoint_now(at_step: int) -> str | None:  # the format of the run: see dsv3.checkpoint.checkpointer
+    def checkpoint_now(at_step: int) -> str | None:  # the format of the run: see dsv3.parallel.checkpointer
         return s.checkpointer.save(
             at_step,
             model,
@@ -313,8 +313,8 @@ def train(
 
     sample = None
     if not distributed and s.tokenizer is not None and not interrupted and config.logging.sample_tokens > 0:
+        from dsv3.data.tokenizer import eos_token_id
         from dsv3.infer.generate import generate_text
-        from dsv3.train.tokenizer import eos_token_id
 
         sample = generate_text(
             model,

@@ -39,9 +39,9 @@ from typing import Any
 
 import torch
 
-from dsv3.checkpoint.checkpointer import Checkpointer
 from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError, DataError, RunDirError
+from dsv3.parallel.checkpointer import Checkpointer
 from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
 from dsv3.utils.malloc import fix_mmap_threshold
 
@@ -114,7 +114,7 @@ def build_meta(config: TrainConfig, mcfg: ModelConfig, *, mtp: bool = True):
     init_from = None
     build_cfg = mcfg
     if config.model.init_from:
-        from dsv3.checkpoint.hf import resolve_pretrained
+        from dsv3.checkpoint.state import resolve_pretrained
 
         init_from, ckpt_cfg, _ = resolve_pretrained(config.model.init_from)  # checked here, before anything is written
         build_cfg = mcfg.replace(num_nextn_predict_layers=ckpt_cfg.num_nextn_predict_layers)
@@ -125,7 +125,8 @@ def build_meta(config: TrainConfig, mcfg: ModelConfig, *, mtp: bool = True):
 
 def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
     """The run's tokenizer: the run directory's copy on resume, the user's, or a BPE trained on the corpus."""
-    from dsv3.train.tokenizer import get_tokenizer, tokenizer_for_data
+    from dsv3.data.sources import CorpusSpec
+    from dsv3.data.tokenizer import get_tokenizer, tokenizer_for_data
 
     saved = os.path.join(run_dir, "tokenizer.json")
     if run_dir and os.path.isfile(saved):
@@ -137,14 +138,13 @@ def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
         return get_tokenizer(spec, vocab_size=vocab_size) if spec is not None else None
     # the user's tokenizer, else a byte-level BPE trained (and cached) on the data, whatever its kind
     d = config.data
-    return tokenizer_for_data(
-        d.path, tokenizer=d.tokenizer, vocab_size=vocab_size, format=d.format, field=d.field, glob=d.glob
-    )
+    return tokenizer_for_data(CorpusSpec.of(d), tokenizer=d.tokenizer, vocab_size=vocab_size)
 
 
 def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_dir: str | None = None):
     """The packed training and validation sequences of the run (checked: at least one micro-batch)."""
-    from dsv3.train.data import build_data
+    from dsv3.data.pretrain import build_data
+    from dsv3.data.sources import CorpusSpec
 
     if config.data.task == "sft":  # chat data, assistant-only loss, document-masked packing
         from dsv3.train.sft import build_sft_training_data
@@ -153,14 +153,10 @@ def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_d
 
     d = config.data
     data = build_data(
-        d.path,
+        CorpusSpec.of(d),
         tokenizer=tokenizer,
         seq_len=d.seq_len,
         vocab_size=mcfg.vocab_size,
-        format=d.format,
-        field=d.field,
-        glob=d.glob,
-        dtype=d.dtype,
         eos_token=d.eos_token,
         val_fraction=d.val_fraction,
         split_seed=config.run.seed,
@@ -183,7 +179,7 @@ class BatchPrefetcher:
     """Hands out each step's micro-batches, on CUDA fetching the next step's in a background thread.
 
     Args:
-        loader: the :class:`~dsv3.train.data.TrainLoader` (its order decides the batches).
+        loader: the :class:`~dsv3.data.loader.TrainLoader` (its order decides the batches).
         micro_batch: sequences per micro-batch.
         device: where the batches go; on CUDA they are pinned and copied asynchronously.
         background: fetch ahead in a thread (default: only on CUDA).
@@ -201,7 +197,7 @@ class BatchPrefetcher:
         self.sequences_after: int = loader.sequences_seen
 
     def _fetch(self, n_micro: int) -> tuple[list[Batch], dict]:
-        from dsv3.train.sft import batch_to
+        from dsv3.data.loader import batch_to
 
         state = self.loader.state_dict()
         pin = self.device.type == "cuda"
@@ -244,7 +240,7 @@ class BatchPrefetcher:
         self.sequences_after = self.loader.sequences_seen
         if self.background and next_n_micro:
             self._start(next_n_micro)
-        from dsv3.train.sft import batch_to
+        from dsv3.data.loader import batch_to
 
         nb = self.device.type == "cuda"
         return [batch_to(b, self.device, non_blocking=nb) for b in batches], state
@@ -285,7 +281,7 @@ class Session:
     prefetcher: BatchPrefetcher
     parallel: Any = None  # the ParallelContext (ParallelContext.single(device) for one process)
     pipeline: Any = None  # the PipelineRuntime when pp > 1 (dsv3.parallel.pipeline.train.build_pipeline)
-    checkpointer: Any = None  # the run's Checkpointer (dsv3.checkpoint.checkpointer): every save and restore
+    checkpointer: Any = None  # the run's Checkpointer (dsv3.parallel.checkpointer): every save and restore
     step: int = 0
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
@@ -544,14 +540,14 @@ def _write_run_files(session: Session) -> None:
         with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
             session.tokenizer.save(tmp)
     if session.config.data.task == "sft":
-        from dsv3.train.sft import save_template
+        from dsv3.data.chat import save_template
 
         save_template(session.data.template, run_dir)  # a resumed run renders with the same template
 
 
 def _restore(session: Session, checkpoint: str | None) -> None:
     """Phase 7: continue from the run's newest checkpoint, whichever layout wrote it
-    (:meth:`~dsv3.checkpoint.checkpointer.Checkpointer.restore`: each rank reads only what it holds)."""
+    (:meth:`~dsv3.parallel.checkpointer.Checkpointer.restore`: each rank reads only what it holds)."""
     restored = session.checkpointer.restore(session.model, session.optimizer, session.ema, checkpoint=checkpoint)
     if restored is not None:
         session.checkpoint, session.step, session.nonfinite = restored.checkpoint, restored.step, restored.nonfinite
@@ -708,7 +704,7 @@ def _micro_batch_pass(session: Session, batches: list[Batch]) -> tuple[torch.Ten
     Returns ``sums`` [5] float64 on the device (loss, lm, mtp, balance: means over the micro-batches;
     labelled tokens), the summed expert ``load`` [n_moe_layers, N_r] (None: dense) and the input tokens.
     """
-    from dsv3.train.sft import split_batch
+    from dsv3.data.loader import split_batch
 
     ctx, model, n_micro = session.parallel, session.model, len(batches)
     sums = torch.zeros(5, dtype=torch.float64, device=session.device)
