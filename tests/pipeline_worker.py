@@ -186,6 +186,12 @@ def session_rank(rank: int, opts: dict, steps: int):
     return session_losses(opts, steps)
 
 
+def sessions_rank(rank: int, runs: list[dict], steps: int):
+    """tests/dist_helpers.run_ranks worker: :func:`session_losses` of each options dict in turn, in one world
+    (one spawn and one process group for several layouts of the same world size)."""
+    return [session_losses(opts, steps) for opts in runs]
+
+
 def save_rank(rank: int, opts: dict, run_dir: str):
     """tests/dist_helpers.run_ranks worker: one pipelined step, then a DCP checkpoint written by every rank.
     Returns (the parameter names its model holds, their values, its EMA shadows or ``{}``)."""

@@ -160,16 +160,22 @@ def test_bias_update_moves_toward_balance_on_skewed_router():
         moe(x, stats)
         return stats.load[moe.layer_idx]
 
-    def maxvio():
-        with torch.no_grad():
-            load = load_of(x).double()
+    def maxvio(load):
+        load = load.double()
         return ((load.max() - load.mean()) / load.mean()).item()
 
-    start = maxvio()
+    # The sign rule never settles: after about 25 updates the load cycles around balance, so the check is the
+    # mean MaxVio of the last 20 of 60 updates (seeds 0-3 of this setup: 0.22-0.34 of the start; 300 updates
+    # give the same cycle; the single last value ranges 0.13-0.55 of the start).
+    history = []
+    for _ in range(60):
+        with torch.no_grad():
+            load = load_of(x)
+        history.append(maxvio(load))
+        moe.update_bias(load, gamma=0.01)
+    start = history[0]
     assert start > 1.0  # heavily skewed
-    for _ in range(300):
-        moe.update_bias(load_of(x), gamma=0.01)
-    assert maxvio() < 0.3 * start
+    assert sum(history[-20:]) / 20 < 0.45 * start
     bias = moe.gate.e_score_correction_bias
     assert bias[:2].max() < bias[2:].min()  # the favoured experts were pushed down
 
