@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dsv3.config import RECIPE_DEFAULTS
 from dsv3.errors import ConfigError
 from dsv3.plan.limits import check_gpus, check_pipeline, check_plot, clip
 from dsv3.plan.params import TP_CONVENTIONS
@@ -269,6 +270,8 @@ def _common(args, cfg) -> dict:
         fp8=args.fp8,
         attention=str(args.attention).lower(),
         mtp=not args.no_mtp,
+        # the sequence-wise balance loss is on unless the config.json sets alpha (an extension key) to 0
+        balance_loss=cfg.recipe().get("seq_aux_alpha", RECIPE_DEFAULTS["seq_aux_alpha"]) > 0,
         gpu_memory=parse_size(args.gpu_memory, "--gpu-memory") if args.gpu_memory is not None else None,
     )
 
@@ -323,6 +326,7 @@ def run(args) -> int:
         stage_layers=stage_layers,
         attention=common["attention"],
         mtp=common["mtp"],
+        balance_loss=common["balance_loss"],
         sequence_parallel=not args.no_sequence_parallel,
         tp_convention=args.tp_convention,
     )
@@ -472,6 +476,7 @@ def run_search(args) -> int:
         fp8=common["fp8"],
         attention=common["attention"],
         mtp=common["mtp"],
+        balance_loss=common["balance_loss"],
         precision=_precision(args),
         hardware=_hardware(args),
         fragmentation=args.fragmentation,

@@ -500,7 +500,7 @@ def ffn_items(
             "sp",
         )
         it.add("mlp.gate.topk_sum", "sum of the selected affinities (normaliser)", "router", 1, rc, recomputed, "sp")
-    if cfg.seq_aux_alpha > 0:
+    if layout.balance_loss:
         it.add(
             "mlp.gate.score_sum", "sum_j s_{j,t} (sequence-wise balance loss)", "balance loss", 1, rc, recomputed, "sp"
         )
@@ -520,7 +520,7 @@ def ffn_items(
         "int64",
         ALL,
     )
-    if cfg.seq_aux_alpha > 0:
+    if layout.balance_loss:
         it.constant("mlp.balance_loss", "the layer's balance loss L_Bal (MoE.last_balance_loss)", "MoE", 1, rc, ALL)
     if cfg.n_shared_experts:
         w = cfg.n_shared_experts * ie

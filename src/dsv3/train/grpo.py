@@ -248,7 +248,7 @@ def _rollout_load(run: GRPORun, s: Scored) -> torch.Tensor | None:
 
 def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
     """Steps 4-5 of :func:`grpo_step`: the mu clipped policy-gradient updates on ``s``; returns their metrics."""
-    from dsv3.train.session import _update
+    from dsv3.train.session import _update, moe_schedule
 
     rl, ctx = run.config.rl, run.parallel
     dp = ctx.dp if run.distributed else 1
@@ -295,7 +295,7 @@ def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
                     [st["tokens"], st["clip_low"], st["clip_high"], st["clip_region"], st["kl"], ent]
                 ).double()
         load = _rollout_load(run, s) if rl.rl_bias_update else None
-        gamma = run.mcfg.bias_update_speed if rl.rl_bias_update else 0.0
+        gamma = moe_schedule(run.config, run.mcfg).gamma if rl.rl_bias_update else 0.0
         stats = _update(run, total, load, fed, gamma)
         losses.append(stats.loss)
         norms.append(stats.grad_norm)

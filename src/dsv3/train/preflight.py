@@ -21,6 +21,7 @@ import os
 from typing import Any
 
 from dsv3.errors import ConfigError
+from dsv3.train.schedule import MoESchedule
 
 # Options of a run that fix the model, its weights or the token stream; a resume cannot change them.
 FROZEN_ON_RESUME = (
@@ -129,6 +130,7 @@ def estimate_training_bytes(
     ep: int = 1,
     schedule: str = "1f1b",
     global_batch: int | None = None,
+    balance_loss: bool = True,
 ) -> float:
     """The planner's peak-memory estimate (bytes) of the busiest rank of a ``pp x dp`` (``ep`` inside dp) layout.
 
@@ -161,6 +163,7 @@ def estimate_training_bytes(
         recompute=recompute,
         fp8=fp8,
         mtp=mcfg.num_nextn_predict_layers > 0,
+        balance_loss=balance_loss,
     )
     plan = make_plan(mcfg, layout, precision, simulate=False)
     if not ema:
@@ -208,6 +211,7 @@ def check_memory(
     available: int | None = None,
     layout: dict | None = None,
     ranks_per_node: int | None = None,
+    balance_loss: bool = True,
 ) -> float:
     """Refuse a run whose busiest rank needs more memory than its device (or, on CPU, its share of the host) has.
 
@@ -229,8 +233,10 @@ def check_memory(
         seq_len, micro_batch, dtype, fp8 = d.seq_len, d.micro_batch, prec.dtype, prec.fp8
         optim_states, recompute, ema = m.optim_states, m.recompute, bool(m.ema_decay)
         layout = run_layout(config) if layout is None else layout
+        balance_loss = MoESchedule.from_options(config.moe, 1, mcfg.recipe()).seq_aux_alpha > 0
     layout = layout or {}
     kw = dict(
+        balance_loss=balance_loss,
         seq_len=seq_len,
         micro_batch=micro_batch,
         dtype=dtype,

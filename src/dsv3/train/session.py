@@ -43,6 +43,7 @@ from dsv3.checkpoint.checkpointer import Checkpointer
 from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError, DataError, RunDirError
 from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
+from dsv3.train.schedule import MoESchedule, MoEStep
 from dsv3.utils.malloc import fix_mmap_threshold
 
 CONFIG_FILE = "config.yaml"
@@ -89,14 +90,8 @@ def resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
 
 
 def model_config_for(config: TrainConfig) -> ModelConfig:
-    """The model configuration of the run, with the recipe knobs of the train config applied."""
+    """The model configuration of the run (YaRN context extension applied when the run asks for it)."""
     mcfg = resolve_model_config(config.model.init_from or config.model.name)
-    changes = {
-        k: getattr(config.moe, k)
-        for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
-        if getattr(config.moe, k) is not None
-    }
-    mcfg = mcfg.replace(**changes) if changes else mcfg
     if config.model.rope_scaling == "yarn":  # context extension (report 4.3): the official rope_scaling form
         from dsv3.model.rope import extend_context
 
@@ -173,9 +168,10 @@ def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_d
     return data
 
 
-def _switch(value_early: float, value_late: float | None, at: float, step: int, steps: int) -> float:
-    """``value_early`` before fraction ``at`` of the run, ``value_late`` (if set) after."""
-    return value_early if value_late is None or step < at * steps else value_late
+def moe_schedule(config: TrainConfig, mcfg: ModelConfig) -> MoESchedule:
+    """gamma, alpha and lambda over the run: the run config's, else the model config.json's extension keys, else
+    the report's (:meth:`MoESchedule.from_options`)."""
+    return MoESchedule.from_options(config.moe, config.schedule.steps, mcfg.recipe())
 
 
 # ----------------------------------------------------------------------------- prefetching
@@ -264,6 +260,7 @@ class Session:
 
     ``parallel`` is the :class:`~dsv3.parallel.world.ParallelContext` (one process too) and ``optimizer``
     its :class:`~dsv3.parallel.zero.ZeroAdamW` (AdamW at dp = 1).
+    ``moe`` gives each step's gamma, alpha and lambda (:class:`~dsv3.train.schedule.MoESchedule`).
     ``step`` counts completed optimizer steps; ``nonfinite`` the skipped steps in a row;
     ``val_losses`` the (step, loss) evaluations so far; ``checkpoint`` the checkpoint the run
     was restored from (None for a fresh run).
@@ -290,8 +287,7 @@ class Session:
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
     checkpoint: str | None = None
-    lambda_early: float = 0.0
-    gamma_early: float = 0.0
+    moe: MoESchedule | None = None
     lock: Any = None  # the run directory's RunLock, held until close()
 
     def n_micro(self, step: int) -> int:
@@ -299,17 +295,13 @@ class Session:
         return self.ramp.accumulation_steps(step, self.config.data.micro_batch)
 
     def begin_step(self) -> tuple[float, float]:
-        """Set the learning rate, MTP weight lambda and bias speed gamma of step ``self.step``;
-        returns ``(lr, gamma)``."""
+        """Set the learning rate of step ``self.step``; returns ``(lr, gamma)`` (gamma: the step's bias update
+        speed; :func:`train_step` takes the step's alpha and lambda from ``self.moe`` itself)."""
         from dsv3.train.optim import set_lr
 
-        c = self.config
         lr = self.schedule.lr_at(self.step)
         set_lr(self.optimizer, lr)
-        self.model.config.mtp_loss_weight = _switch(
-            self.lambda_early, c.moe.mtp_loss_weight_late, c.moe.mtp_switch, self.step, c.schedule.steps
-        )
-        return lr, _switch(self.gamma_early, 0.0, c.moe.bias_update_stop, self.step, c.schedule.steps)
+        return lr, self.moe.at(self.step).gamma
 
     def next_batches(self) -> tuple[list[Batch], dict]:
         """The micro-batches of step ``self.step`` and the loader state before them."""
@@ -493,8 +485,7 @@ def _assemble(config: TrainConfig, mcfg: ModelConfig, run_dir: str, ctx, tokeniz
         prefetcher=None,  # type: ignore[arg-type]  (set last, after the loader is restored)
         parallel=ctx,
         pipeline=par.pipeline,
-        lambda_early=mcfg.mtp_loss_weight,
-        gamma_early=mcfg.bias_update_speed,
+        moe=moe_schedule(config, mcfg),
         lock=lock,
         checkpointer=Checkpointer(run_dir, ctx, keep_last=config.checkpoint.keep_last, tokenizer=tokenizer),
     )
@@ -690,20 +681,25 @@ def train_step(session: Session, batches: list[Batch], *, gamma: float | None = 
 
     Backpropagates ``loss / n_micro`` per micro-batch (or, under pipeline parallelism, runs them
     through the schedule); the loss parts, label counts and expert loads are summed on the device
-    and read once, with the gradient norm, after the last micro-batch. ``gamma`` is the bias update
-    speed (default: the model config's).
+    and read once, with the gradient norm, after the last micro-batch. The step's lambda and alpha reach
+    the loss as arguments (``session.moe.at(session.step)``); ``gamma`` is the bias update speed (default:
+    the step's).
     """
     batches = _dp_slice(session, batches)
-    gamma = session.mcfg.bias_update_speed if gamma is None else gamma
+    hp = session.moe.at(session.step)
+    gamma = hp.gamma if gamma is None else gamma
     if session.pipeline is not None:  # pipeline parallelism: the schedule runs the micro-batches
-        sums, load, tokens = _pipeline_pass(session, batches)
+        sums, load, tokens = _pipeline_pass(session, batches, hp)
     else:
-        sums, load, tokens = _micro_batch_pass(session, batches)
+        sums, load, tokens = _micro_batch_pass(session, batches, hp)
     return _update(session, sums, load, tokens, gamma)
 
 
-def _micro_batch_pass(session: Session, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Forward and backward of this rank's micro-batches, one after the other.
+def _micro_batch_pass(
+    session: Session, batches: list[Batch], hp: MoEStep
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Forward and backward of this rank's micro-batches, one after the other, with the step's lambda and alpha
+    ``hp``.
 
     Returns ``sums`` [5] float64 on the device (loss, lm, mtp, balance: means over the micro-batches;
     labelled tokens), the summed expert ``load`` [n_moe_layers, N_r] (None: dense) and the input tokens.
@@ -726,7 +722,7 @@ def _micro_batch_pass(session: Session, batches: list[Batch]) -> tuple[torch.Ten
 
             weights = counts / all_mean(counts.sum().reshape(1), ctx)[0].clamp(min=1e-9)
     for i, (ids, labels, extra) in enumerate(split):
-        out = model(ids, labels, **extra)
+        out = model(ids, labels, mtp_loss_weight=hp.mtp_loss_weight, seq_aux_alpha=hp.seq_aux_alpha, **extra)
         parts = torch.stack(
             [out.loss.detach(), out.lm_loss.detach(), out.mtp_loss.detach(), out.balance_loss.detach()]
         ).double()
@@ -742,13 +738,16 @@ def _micro_batch_pass(session: Session, batches: list[Batch]) -> tuple[torch.Ten
     return sums, load, sum(ids.numel() for ids, _, _ in split)
 
 
-def _pipeline_pass(session: Session, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+def _pipeline_pass(
+    session: Session, batches: list[Batch], hp: MoEStep
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """:func:`_micro_batch_pass` under pipeline parallelism (see :mod:`dsv3.parallel.pipeline.train`):
     the runtime runs this pipeline's micro-batches through the schedule; losses and loads come back
     reduced over the pipeline and the gradients of shared parameters all-reduced."""
-    from dsv3.parallel.pipeline.train import write_step_trace
+    from dsv3.parallel.pipeline.train import set_loss_weights, write_step_trace
 
     rt = session.pipeline
+    set_loss_weights(rt, hp.mtp_loss_weight, hp.seq_aux_alpha)
     res = rt.step(batches)
     if rt.trace_path:
         write_step_trace(rt.trace_path, rt, res)
