@@ -161,7 +161,8 @@ def session_losses(opts: dict, steps: int):
     from dsv3.model.moe import Experts
     from dsv3.train.config import TrainConfig
     from dsv3.train.loop import validate
-    from dsv3.train.session import build_session, train_step
+    from dsv3.train.session import build_session
+    from dsv3.train.step import train_step
 
     session = build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
     losses, norms = [], []
@@ -193,7 +194,8 @@ def save_rank(rank: int, opts: dict, run_dir: str):
     Returns (the parameter names its model holds, their values, its EMA shadows or ``{}``)."""
     from dsv3.parallel.checkpoint import save_sharded
     from dsv3.train.config import TrainConfig
-    from dsv3.train.session import build_session, train_step
+    from dsv3.train.session import build_session
+    from dsv3.train.step import train_step
 
     session = build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
     try:

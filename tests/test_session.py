@@ -12,7 +12,9 @@ from helpers import quick_options, read_jsonl
 
 from dsv3.train.config import TrainConfig
 from dsv3.train.loop import train
-from dsv3.train.session import BatchPrefetcher, build_session, train_step
+from dsv3.train.prefetch import BatchPrefetcher
+from dsv3.train.session import build_session
+from dsv3.train.step import train_step
 
 
 def _session(setup, tmp_path, **changes):

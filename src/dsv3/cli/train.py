@@ -59,7 +59,7 @@ def run(args) -> int:
     from dsv3.train.loop import train
 
     if args.resume is not None:
-        from dsv3.train.session import resume_config
+        from dsv3.train.rundir import resume_config
 
         task = resume_config(args.resume, {}).data.task
         if task == "reward":

@@ -253,9 +253,9 @@ class TrainingSession:
         return report
 
     def step(self) -> float:
-        """One timed training step (the trainer's :func:`~dsv3.train.session.train_step`) on the next
+        """One timed training step (the trainer's :func:`~dsv3.train.step.train_step`) on the next
         micro-batch; seconds."""
-        from dsv3.train.session import train_step
+        from dsv3.train.step import train_step
 
         batch = self.batches()
         cuda = self.session.device.type == "cuda"

@@ -20,6 +20,7 @@ key position is the key's next token (then, and only then, greedy decoding write
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -29,7 +30,11 @@ import numpy as np
 import torch
 
 from dsv3.errors import ConfigError, DataError
+from dsv3.infer.generate import load_for_generation
 from dsv3.model.loss import IGNORE_INDEX
+from dsv3.train.data import build_data, val_batches
+from dsv3.train.sft import TEMPLATE_FILES, build_sft_data, load_chat_template
+from dsv3.train.tokenizer import get_tokenizer
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -219,8 +224,6 @@ def context_note(length: int, mcfg, flag: str, device: str) -> str:
 
 def is_chat_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a .jsonl whose first record has ``messages`` or ``prompt``/``completion``."""
-    import json
-
     p = os.fspath(path)
     if not (p.endswith(".jsonl") or p.endswith(".ndjson")) or not os.path.isfile(p):
         return False
@@ -258,8 +261,6 @@ def parse_lengths(text: str) -> list[int]:
 
 def _template_dir(tok_path: str, checkpoint: str) -> str:
     """Where a checkpoint's chat template lives: next to its tokenizer, in the checkpoint, or in its run directory."""
-    from dsv3.train.sft import TEMPLATE_FILES
-
     for d in (os.path.dirname(os.path.abspath(tok_path)), checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
         if any(os.path.isfile(os.path.join(d, name)) for name in TEMPLATE_FILES):
             return d
@@ -292,9 +293,6 @@ def evaluate_checkpoint(
         tokenizer: a tokenizer.json; default the checkpoint's.
         chat_template: template override for chat data; default the checkpoint's.
     """
-    from dsv3.infer.generate import load_for_generation
-    from dsv3.train.tokenizer import get_tokenizer
-
     if data is None and not passkey:
         raise ConfigError("nothing to evaluate; pass --data FILE and/or --passkey LENGTHS.")
     if batch_size < 1:
@@ -317,8 +315,6 @@ def evaluate_checkpoint(
     tok = get_tokenizer(tok_path, vocab_size=mcfg.vocab_size)
     if data is not None:
         if is_chat_file(data):
-            from dsv3.train.sft import build_sft_data, load_chat_template
-
             template = load_chat_template(chat_template, tokenizer_dir=_template_dir(tok_path, checkpoint))
             chat = build_sft_data(
                 data,
@@ -329,12 +325,9 @@ def evaluate_checkpoint(
                 on_long="truncate",
                 packing=False,
             )
-            from dsv3.train.data import val_batches
 
             batches, report.kind = val_batches(chat.train, batch_size, max_batches), "chat"
         else:
-            from dsv3.train.data import build_data, val_batches
-
             text = build_data(data, tokenizer=tok, seq_len=seq_len, vocab_size=mcfg.vocab_size, val_fraction=0.0)
             batches, report.kind = val_batches(text.train, batch_size, max_batches), "text"
         report.loss = evaluate_loss(model, batches, device=device)

@@ -31,11 +31,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from dsv3.train.config import TrainConfig
+from dsv3.train.optim import set_lr
 from dsv3.train.rl import group_advantages, grpo_loss, grpo_stats, token_entropy, token_logps
 from dsv3.train.rl_prompts import PromptSet, step_prompts
 from dsv3.train.rollout import Rollout, RoutingRecorder, rollout, sample_seed
+from dsv3.train.session import moe_schedule
+from dsv3.train.step import _update
 
 
 @dataclass
@@ -82,7 +86,6 @@ def _dp_cat(t: torch.Tensor, ctx) -> torch.Tensor:
     """``t`` of every dp rank concatenated along dim 0, in dp-rank order (``t`` itself in one process)."""
     if ctx is None or not ctx.distributed or ctx.dp == 1:
         return t
-    import torch.distributed as dist
 
     parts = [torch.empty_like(t) for _ in range(ctx.dp)]
     dist.all_gather(parts, t.contiguous(), group=ctx.dp_group)
@@ -92,7 +95,6 @@ def _dp_cat(t: torch.Tensor, ctx) -> torch.Tensor:
 def _dp_sum(t: torch.Tensor, ctx) -> torch.Tensor:
     if ctx is None or not ctx.distributed or ctx.dp == 1:
         return t
-    import torch.distributed as dist
 
     t = t.clone()
     dist.all_reduce(t, group=ctx.dp_group)
@@ -103,7 +105,6 @@ def _ep_all_done(ctx) -> Callable[[torch.Tensor], bool] | None:
     """Under ep: "stop" only when every rank of this ep group has finished all of its rows."""
     if ctx is None or not ctx.distributed or ctx.ep == 1:
         return None
-    import torch.distributed as dist
 
     def all_done(done: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(done.all()) else 0.0], device=done.device)  # NCCL: on the device
@@ -248,8 +249,6 @@ def _rollout_load(run: GRPORun, s: Scored) -> torch.Tensor | None:
 
 def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
     """Steps 4-5 of :func:`grpo_step`: the mu clipped policy-gradient updates on ``s``; returns their metrics."""
-    from dsv3.train.session import _update, moe_schedule
-
     rl, ctx = run.config.rl, run.parallel
     dp = ctx.dp if run.distributed else 1
     mask = s.roll.mask()[:, s.roll.prompt_len - 1 :]  # the positions _forward_logps scores
@@ -354,8 +353,6 @@ def step_metrics(run: GRPORun, s: Scored) -> dict[str, Any]:
 
 def grpo_step(run: GRPORun) -> dict[str, Any]:
     """One GRPO optimizer step (see the module docstring); returns its metrics. ``run.step`` is advanced."""
-    from dsv3.train.optim import set_lr
-
     lr = run.schedule.lr_at(run.step)
     set_lr(run.optimizer, lr)
     scored = sample_and_score(run)

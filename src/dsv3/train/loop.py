@@ -7,7 +7,7 @@ resuming; then for each step
 1. :meth:`Session.begin_step` sets the learning rate, the MTP weight lambda and the bias
    speed gamma of the step, and :meth:`Session.next_batches` hands out its
    ``global_batch / micro_batch`` micro-batches (the batch-size ramp may change that number);
-2. :func:`~dsv3.train.session.train_step` backpropagates ``loss / n_micro`` per
+2. :func:`~dsv3.train.step.train_step` backpropagates ``loss / n_micro`` per
    micro-batch, clips, skips the step if the loss or gradient norm is not finite, steps
    AdamW, applies the auxiliary-loss-free bias update with the loads of all of the step's
    micro-batches and updates the CPU EMA;
@@ -32,17 +32,25 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from dsv3.errors import TrainingError, TrainingPreempted
+from dsv3.infer.generate import generate_text
+from dsv3.parallel.dispatch import comm_stats
+from dsv3.parallel.pipeline.train import validation_loss
+from dsv3.plan.flops import training_flops_per_token
 from dsv3.train.config import TrainConfig
+from dsv3.train.metrics import MetricsLogger, ProgressBar, device_peak_flops, maxvio, peak_memory
 
-# The set-up pieces live in dsv3.train.session; these names stay importable from here.
+# The set-up pieces live in dsv3.train.session; build_tokenizer stays importable from here.
 from dsv3.train.session import (
     Session,
     build_session,
     build_tokenizer,  # noqa: F401
-    train_step,
 )
+from dsv3.train.sft import batch_to, split_batch
+from dsv3.train.step import train_step
+from dsv3.train.tokenizer import eos_token_id
 
 
 @dataclass
@@ -61,8 +69,6 @@ class TrainResult:
 @torch.no_grad()
 def evaluate(model, data, *, micro_batch: int, max_batches: int, device: torch.device) -> float:
     """Token-weighted mean main-model loss over the held-out sequences."""
-    from dsv3.train.sft import batch_to, split_batch
-
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -86,8 +92,6 @@ def validate(s: Session) -> float:
     use_ema = s.ema is not None and s.config.memory.use_ema
     with s.ema.applied(s.model) if use_ema else contextlib.nullcontext():
         if s.pipeline is not None:
-            from dsv3.parallel.pipeline.train import validation_loss
-
             return validation_loss(s.pipeline, s.parallel, list(s.data.val_batches(micro_batch, max_batches)))
         return evaluate(s.model, s.data, micro_batch=micro_batch, max_batches=max_batches, device=s.device)
 
@@ -140,10 +144,6 @@ class _NullMetrics:
 def _parallel_metrics(s: Session, record: dict[str, Any]) -> dict[str, Any]:
     """Per-step distributed metrics, the same on every rank: all-to-all bytes sent by the busiest rank,
     mean nodes (and ranks) a token reached, and the peak memory of the busiest rank."""
-    import torch.distributed as dist
-
-    from dsv3.parallel.dispatch import comm_stats
-
     c = comm_stats(s.model)
     local = torch.tensor([float(c.bytes_sent), record.get("peak_memory_gib", 0.0)], dtype=torch.float64)
     dist.all_reduce(local, op=dist.ReduceOp.MAX)
@@ -180,9 +180,6 @@ def train(
         TrainingPreempted: after SIGTERM or SIGINT, once the checkpoint of the current step is written
             (``exc.checkpoint``; continue with ``train(None, resume=exc.run_dir)``).
     """
-    from dsv3.plan.flops import training_flops_per_token
-    from dsv3.train.metrics import MetricsLogger, ProgressBar, device_peak_flops, maxvio, peak_memory
-
     started = time.time()
     s = build_session(config, resume=resume, overrides=overrides)  # pp > 1: with its PipelineRuntime
     config, run_dir, model = s.config, s.run_dir, s.model
@@ -313,9 +310,6 @@ def train(
 
     sample = None
     if not distributed and s.tokenizer is not None and not interrupted and config.logging.sample_tokens > 0:
-        from dsv3.infer.generate import generate_text
-        from dsv3.train.tokenizer import eos_token_id
-
         sample = generate_text(
             model,
             s.tokenizer,

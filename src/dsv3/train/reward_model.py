@@ -29,14 +29,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from dsv3.checkpoint.hf import from_pretrained, write_pretrained
 from dsv3.errors import CheckpointError, ConfigError, DataError
 from dsv3.model.transformer import init_generator
 from dsv3.optim.adamw import set_lr
 from dsv3.parallel.parallelize import build_optimizer, parallelize
 from dsv3.train.config import TrainConfig, save_effective_config
 from dsv3.train.metrics import MetricsLogger
+from dsv3.train.preflight import model_config_for, resolve_device
+from dsv3.train.rundir import CONFIG_FILE, prepare_run_dir
 from dsv3.train.schedule import LRSchedule
-from dsv3.train.session import CONFIG_FILE, _join_world, build_meta, model_config_for, prepare_run_dir, resolve_device
+from dsv3.train.session import _join_world, build_meta
 from dsv3.train.sft import (
     TEMPLATE_FILES,
     ChatTemplate,
@@ -295,8 +298,6 @@ def train_reward_model(config: TrainConfig, *, log: Callable[[str], None] = prin
 
 def save_reward_model(scorer: _Scorer, directory: str, info: dict[str, Any]) -> None:
     """Write the trunk (Hugging Face format), the score head, the tokenizer, the template and the metadata."""
-    from dsv3.checkpoint.hf import write_pretrained
-
     with atomic_dir(directory) as tmp:
         write_pretrained(scorer.model.lm, tmp)
         save_file(
@@ -335,8 +336,6 @@ class LoadedRewardModel:
 
 def load_reward_model(run_dir: str, *, device: str | torch.device = "cpu") -> LoadedRewardModel:
     """The reward model of a ``dsv3 train --task reward`` run directory (or of its ``reward_model/``)."""
-    from dsv3.checkpoint.hf import from_pretrained
-
     directory = (
         run_dir if os.path.isfile(os.path.join(run_dir, "reward_model.json")) else os.path.join(run_dir, MODEL_DIR)
     )

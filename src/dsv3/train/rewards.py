@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dsv3.errors import ConfigError, DataError, DsV3Error, TrainingError
+from dsv3.train.reward_model import load_reward_model
 from dsv3.train.sandbox import isolation_level, run_python
 
 __all__ = [
@@ -294,8 +295,6 @@ class RewardSet:
         """Resolve ``--reward`` specs (and a ``--reward-model`` run directory, weighted last) into a set."""
         functions = [resolve_reward(s) for s in specs]
         if reward_model is not None:
-            from dsv3.train.reward_model import load_reward_model  # the model stack only when asked for
-
             functions.append(("reward_model", load_reward_model(reward_model).reward_fn()))
         if weights is not None and reward_model is not None and len(weights) == len(specs):
             weights = list(weights) + [1.0]

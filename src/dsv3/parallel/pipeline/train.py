@@ -8,7 +8,7 @@ shards the experts over the expert-parallel group, keeps only this device's stag
 (:func:`~dsv3.parallel.pipeline.stages.select_stages`), builds the :class:`PipelineRuntime` with
 :func:`build_pipeline` (the context's pipelines: the ranks of one data-parallel index) and
 ZeRO-1 over the parameters of this device's stages; the CPU EMA shadows only those. One optimizer step
-(:func:`dsv3.train.session.train_step`: ``_pipeline_pass``, then the ``_update`` that every layout shares) then is:
+(:func:`dsv3.train.step.train_step`: ``_pipeline_pass``, then the ``_update`` that every layout shares) then is:
 
 1. :meth:`PipelineRuntime.step` runs this data-parallel rank's ``global_batch / (micro_batch x dp)``
    micro-batches through the schedule's op lists (losses and expert loads reduced over the
