@@ -1,21 +1,15 @@
 """Held-out evaluation: loss and perplexity on a data file, and a passkey-retrieval probe.
 
-``dsv3 eval CKPT_OR_RUN --data FILE`` is :func:`evaluate_checkpoint`:
+``dsv3 eval CKPT_OR_RUN --data FILE`` is :func:`evaluate_checkpoint`: plain text is cut into windows of
+``seq_len`` + 1 tokens as in pre-training (:func:`dsv3.train.data.build_data`); chat data (.jsonl with
+``messages`` or ``prompt``/``completion``) is rendered with the checkpoint's chat template and scored on
+the assistant tokens only, one conversation per row (:mod:`dsv3.train.sft`). The loss is the
+token-weighted mean next-token cross-entropy over every scored token, the perplexity its exponential.
 
-- plain text (a text file, directory, .jsonl with a text field, .parquet or .bin) is cut into
-  windows of ``seq_len`` + 1 tokens as in pre-training (:func:`dsv3.train.data.build_data`);
-- chat data (.jsonl with ``messages`` or ``prompt``/``completion``) is rendered with the
-  checkpoint's chat template and scored on the assistant tokens only, one conversation per
-  row (:mod:`dsv3.train.sft`).
-
-The loss is the token-weighted mean next-token cross-entropy over every scored token and the
-perplexity its exponential.
-
-Passkey retrieval (the probe of Landmark Attention / YaRN, arXiv 2305.16300, 2309.00071): a
-five-digit key is hidden at a random depth of repetitive filler text of a chosen token length,
-followed by "What is the pass key? The pass key is". The model retrieves it when greedy
-decoding would produce the key: with teacher forcing on the key's tokens, the argmax at every
-key position is the key's next token (then, and only then, greedy decoding writes the key).
+Passkey retrieval (Landmark Attention / YaRN, arXiv 2305.16300, 2309.00071): a five-digit key hidden at a
+random depth of filler text of a chosen token length, then "What is the pass key? The pass key is". The
+model retrieves it when, with teacher forcing on the key's tokens, the argmax at every key position is
+the key's next token (then, and only then, greedy decoding writes the key).
 """
 
 from __future__ import annotations

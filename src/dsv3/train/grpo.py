@@ -1,25 +1,18 @@
 """``dsv3 train --task grpo``: GRPO (DeepSeekMath 4.1; DeepSeek-V3 5.2) on dsv3's own model and runtime.
 
-One optimizer step (:func:`grpo_step`), read top to bottom:
+One optimizer step (:func:`grpo_step`, docs/rl.md), read top to bottom:
 
-1. **Prompts.** The step's P = global_batch / G prompts are a pure function of (seed, step)
-   (:func:`dsv3.train.rl_prompts.step_prompts`); dp rank r takes prompts r*P/dp .. (r+1)*P/dp - 1.
-2. **Rollout** (:func:`dsv3.train.rollout.rollout`): G completions per prompt from the latent-cache
-   batched generator, row seeded by (seed, step, prompt position, sample), stopping at EOS or
-   ``max_completion_tokens``; under ep the ranks of an ep group keep stepping until all have finished.
-   The experts each token was routed to are recorded.
-3. **Rewards** (:class:`dsv3.train.rewards.RewardSet`) per completion, gathered over dp, and the
-   group-relative advantages of the whole global batch (:func:`dsv3.train.rl.group_advantages`).
-4. **Old and reference log-probs** (no gradient): the policy's before the first update when mu > 1,
-   the frozen reference's (a CPU copy of the initial weights swapped in, :class:`~dsv3.memory.ema.CPUEMA`
-   with no updates) when beta > 0.
-5. **mu policy updates**: per micro-batch the log-probs of the sampled tokens under logits / temperature,
-   :func:`dsv3.train.rl.grpo_loss` weighted so that the step's loss is the loss of the whole global
-   batch whatever dp and micro_batch are (grpo, dr_grpo: rows / B; bnpo: tokens / N; dapo:
-   ``num_items`` = N, the global token count), then the trainer's update (dp reduction, ZeRO-1, clipping,
-   NaN skip, AdamW; the aux-loss-free bias update only with ``--rl-bias-update``).
+1. **Prompts**: P = global_batch / G, a pure function of (seed, step); dp rank r takes its P/dp.
+2. **Rollout** (:func:`dsv3.train.rollout.rollout`): G completions per prompt from the latent-cache generator,
+   seeded per (seed, step, prompt, sample); the experts of each token are recorded.
+3. **Rewards** (:class:`dsv3.train.rewards.RewardSet`), gathered over dp; group-relative advantages.
+4. **Old and reference log-probs** (no gradient): the policy's when mu > 1, the frozen reference's
+   (a CPU copy of the initial weights swapped in) when beta > 0.
+5. **mu policy updates**: :func:`dsv3.train.rl.grpo_loss` per micro-batch, weighted so that the step's loss
+   is that of the whole global batch whatever dp and micro_batch are, then the trainer's update
+   (:func:`dsv3.train.step._update`; the bias update only with ``--rl-bias-update``).
 
-The routing of the first training forward is compared with the rollout's (``routing_agreement``);
+``routing_agreement`` compares the first training forward's routing with the rollout's;
 ``--routing-replay`` makes every training forward use the rollout's experts.
 """
 

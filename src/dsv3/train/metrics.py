@@ -9,10 +9,7 @@ non-finite number is written as ``null`` and its key is listed in the line's
 
     {"step": 7, "loss": null, "lr": 0.0002, "nonfinite": {"loss": "nan"}}
 
-:func:`read_metrics` turns those back into floats.
-
-This module imports torch only where it needs it (tensor inputs, TensorBoard),
-so ``dsv3 plot`` stays light.
+:func:`read_metrics` turns those back into floats. TensorBoard (a test extra) is imported only when asked for.
 """
 
 from __future__ import annotations

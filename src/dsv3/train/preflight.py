@@ -1,20 +1,17 @@
 """Checks a training run passes before it writes or allocates anything.
 
-Each function raises one :class:`~dsv3.errors.DsV3Error` sentence (the CLI prints it
-and exits with code 2). They are cheap: arithmetic over the configs, a ``statvfs``, a
-planner estimate (pure arithmetic, milliseconds even for DeepSeek-V3).
+Each function raises one :class:`~dsv3.errors.DsV3Error` sentence (the CLI prints it and exits with
+code 2). They are cheap: arithmetic over the configs, a ``statvfs``, a planner estimate.
 
-- :func:`refuse_frozen_overrides`: ``--resume`` with a flag that would change the
-  model or its data (``--model``, ``--init-from``, ``--seq-len``, ...), which a resumed
-  run cannot honour;
-- :func:`check_configuration`: phase 1 of the set-up, every check below in a run's order (the run
-  directory, the device, the model config, ``--trace``, DeepEP, context length, memory);
-- :func:`check_context_length`: ``seq_len`` beyond ``max_position_embeddings`` without
-  a RoPE extension;
-- :func:`estimate_training_bytes` / :func:`check_memory`: the planner's estimate of the
-  busiest rank's training state and activations for the run's layout (``dsv3 plan``'s per-rank
-  numbers) against the device's memory, or on CPU, where the ranks of a node share it, the
-  host's memory against the node's ranks together.
+- :func:`check_configuration`: phase 1 of the set-up (and ``dsv3 train --print-config``): the config, the
+  run directory, the device (:func:`resolve_device`), the model config (:func:`model_config_for`), then
+  ``--trace``, DeepEP and the checks below;
+- :func:`refuse_frozen_overrides`: ``--resume`` with a flag that would change the model or its data
+  (``--model``, ``--init-from``, ``--seq-len``, ...), which a resumed run cannot honour;
+- :func:`check_context_length`: ``seq_len`` beyond ``max_position_embeddings`` without a RoPE extension;
+- :func:`estimate_training_bytes` / :func:`check_memory`: the planner's estimate of the busiest rank's
+  training state and activations for the run's layout (``dsv3 plan``'s per-rank numbers) against the
+  device's memory, or on CPU the host's memory against the node's ranks together.
 """
 
 from __future__ import annotations

@@ -1,18 +1,17 @@
 """A reward model: the dsv3 model with a scalar head, trained on preference pairs with the Bradley-Terry loss.
 
-``dsv3 train --task reward --data pairs.jsonl`` reads records ``{"prompt", "chosen", "rejected"}`` (strings),
-renders each pair's two texts (the chat template of ``--chat-template`` / ``--init-from`` when there is one:
-a user turn and an assistant turn; else ``prompt + completion``), and minimises
+``dsv3 train --task reward --data pairs.jsonl`` reads records ``{"prompt", "chosen", "rejected"}``, renders
+each pair's two texts (with the chat template of ``--chat-template`` / ``--init-from`` when there is one,
+else ``prompt + completion``), and minimises
 
     L = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))          (Bradley-Terry; InstructGPT eq. 1)
 
-where r(x, y) = w . RMSNorm(h_T) is the score head w [1, d] on the trunk's final-normed hidden state of the
-last token (transformers' ``*ForSequenceClassification`` convention). Pairwise accuracy (r_chosen > r_rejected)
-is logged for the training batches and for the held-out pairs (``--val-fraction``). The run directory gets
-``config.yaml``, ``metrics.jsonl`` and ``reward_model/`` (a Hugging Face checkpoint of the trunk, without MTP,
-plus ``score.safetensors``, ``tokenizer.json``, ``reward_model.json`` and the template), which
-:func:`load_reward_model` (``--reward-model RUN_DIR``) reads. Texts longer than ``--seq-len`` keep their last
-seq_len tokens. The MoE bias update is off (gamma 0) and the MTP modules are dropped: only r is trained.
+where r(x, y) = w . RMSNorm(h_T), a score head w [1, d] on the last token's final-normed hidden state
+(transformers' ``*ForSequenceClassification`` convention). Pairwise accuracy is logged for training and
+held-out pairs. The run directory gets ``config.yaml``, ``metrics.jsonl`` and ``reward_model/`` (the trunk
+as a Hugging Face checkpoint plus ``score.safetensors``, tokenizer, template), which
+:func:`load_reward_model` (``--reward-model RUN_DIR``) reads. Texts longer than ``--seq-len`` keep their
+last tokens. The MoE bias update is off (gamma 0) and the MTP modules are dropped: only r is trained.
 """
 
 from __future__ import annotations

@@ -1,30 +1,15 @@
-"""The DeepSeek-V3 learning-rate schedule and batch-size ramp (report section 4.2), as pure functions of the step.
+"""The run's hyper-parameters as pure functions of the 0-based optimizer step (report section 4.2).
 
-Learning rate (the report, 14.8T tokens): linear warmup from 0 to 2.2e-4 over the
-first 2K steps; constant 2.2e-4 until 10T tokens; cosine decay to 2.2e-5 over
-4.3T tokens; 2.2e-5 for the next 333B tokens and 7.3e-6 for the last 167B.
-:class:`LRSchedule` has that shape in optimizer steps::
+- :class:`LRSchedule`: linear warmup, constant, cosine decay, a constant tail and a final value (the
+  report: 2.2e-4 after 2K warmup steps until 10T tokens, cosine to 2.2e-5 over 4.3T, 7.3e-6 at the end);
+- :class:`BatchRamp`: the global batch ramped linearly over steps or tokens, rounded to a multiple of the
+  micro-batch (the report: 3072 -> 15360 sequences over the first 469B tokens);
+- :class:`MoESchedule`: gamma (bias update speed) until ``bias_update_stop`` of the run, then 0; alpha
+  (balance factor) throughout; lambda (MTP weight) until ``mtp_switch``, then ``mtp_loss_weight_late``
+  (the report: 0.3 for the first 10T tokens, then 0.1).
 
-    lr
-    peak |    ________________
-         |   /                \\_            (cosine)
-         |  /                    \\_
-     min | /                        \\______________
-   final |/                                         |____
-         0  W                  S          S+D       N-F   N
-            warmup   constant     decay      tail    final
-
-Batch size (the report): 3072 sequences, raised to 15360 over the first 469B
-tokens, then 15360. :class:`BatchRamp` ramps linearly over a number of steps or
-of tokens and rounds to a multiple of the micro-batch.
-
-The balancing and MTP hyper-parameters (:class:`MoESchedule`): gamma (bias update speed) until
-``bias_update_stop`` of the run, then 0; alpha (balance factor) throughout; lambda (MTP weight)
-until ``mtp_switch``, then ``mtp_loss_weight_late`` (the report: 0.3 for the first 10T tokens, then 0.1).
-
-All are pure functions of the step index, so resuming a run needs only the
-step. Step indices are 0-based: ``lr_at(s)`` is the learning rate of the
-``(s+1)``-th optimizer step (``s`` steps have been taken before it).
+Resuming a run needs only the step: ``lr_at(s)`` is the learning rate of the ``(s+1)``-th optimizer step
+(``s`` steps have been taken before it). The shapes are drawn in docs/architecture.md, "Schedules".
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ The set-up is phases, each a short function (docs/architecture.md):
 6. write the run directory (:func:`_write_run_dir`, rank 0, only once all input is known good);
 7. restore (:func:`_restore`: a checkpoint of any layout).
 
-One optimizer step is :func:`dsv3.train.step.train_step`; the loop around it is :func:`dsv3.train.loop.train`.
+One optimizer step is :func:`dsv3.train.step.train_step`; the loop around it, :func:`dsv3.train.loop.train`.
 """
 
 from __future__ import annotations
