@@ -6,8 +6,7 @@ One optimizer step (:func:`grpo_step`, docs/rl.md), read top to bottom:
 2. **Rollout** (:func:`dsv3.train.rollout.rollout`): G completions per prompt from the latent-cache generator,
    seeded per (seed, step, prompt, sample); the experts of each token are recorded.
 3. **Rewards** (:class:`dsv3.train.rewards.RewardSet`), gathered over dp; group-relative advantages.
-4. **Old and reference log-probs** (no gradient): the policy's when mu > 1, the frozen reference's
-   (a CPU copy of the initial weights swapped in) when beta > 0.
+4. **Old and reference log-probs** (no gradient): the policy's when mu > 1, the frozen reference's when beta > 0.
 5. **mu policy updates**: :func:`dsv3.train.rl.grpo_loss` per micro-batch, weighted so that the step's loss
    is that of the whole global batch whatever dp and micro_batch are, then the trainer's update
    (:func:`dsv3.train.step._update`; the bias update only with ``--rl-bias-update``).
