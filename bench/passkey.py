@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dsv3.config import ModelConfig
+from dsv3.data.tokenizer import train_bpe_tokenizer
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.rope import apply_rope_config, extend_context
 from dsv3.train.evaluation import (
@@ -40,7 +41,6 @@ from dsv3.train.evaluation import (
     passkey_accuracy,
     passkey_sample,
 )
-from dsv3.train.tokenizer import train_bpe_tokenizer
 
 
 def model_config(vocab: int, l0: int) -> ModelConfig:

@@ -27,7 +27,7 @@ SCHEDULES = ("1f1b", "zb1p", "dualpipev", "dualpipe")
 
 def _setup(root: Path) -> list[str]:
     from dsv3.config import ModelConfig
-    from dsv3.train.tokenizer import train_bpe_tokenizer
+    from dsv3.data.tokenizer import train_bpe_tokenizer
 
     corpus = root / "corpus"
     corpus.mkdir()

@@ -3,7 +3,7 @@ assistant-only loss mask matters.
 
 Task: "Reverse: 3 9 1 4" -> "4 1 9 3" (3-6 random digits), in ChatML conversations rendered by
 a chat template, some with a system prompt, some with two turns. Data, packing and masks come
-from :mod:`dsv3.train.sft` (document-masked packing into 128-position rows).
+from :mod:`dsv3.data.sft` (document-masked packing into 128-position rows).
 
 Two runs from the same initialisation and the same steps:
 
@@ -32,10 +32,12 @@ import numpy as np
 import torch
 
 from dsv3.config import ModelConfig
+from dsv3.data.chat import ChatTemplate
+from dsv3.data.packing import Conversation, PackedChatDataset
+from dsv3.data.sft import build_sft_data
+from dsv3.data.tokenizer import train_bpe_tokenizer
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.train.evaluation import evaluate_loss
-from dsv3.train.sft import ChatTemplate, Conversation, PackedChatDataset, build_sft_data
-from dsv3.train.tokenizer import train_bpe_tokenizer
 
 TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
+from dsv3.data.tokenizer import get_tokenizer
 from dsv3.infer.generate import generate, load_for_generation
 from dsv3.infer.speculative import SpeculativeStats, speculative_generate
-from dsv3.train.tokenizer import get_tokenizer
 
 HERE = Path(__file__).resolve().parent
 RUN_DIR, DATA_DIR = HERE / ".spec_run", HERE / ".spec_data"

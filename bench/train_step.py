@@ -73,11 +73,12 @@ BATCH, SEQ = 4, 512
 
 def real_batches(n: int):
     """``n`` batches [4, 512] of BPE tokens of the Python standard library (cached after the first run)."""
-    from dsv3.train.data import build_data
-    from dsv3.train.tokenizer import get_tokenizer
+    from dsv3.data.pretrain import build_data
+    from dsv3.data.sources import CorpusSpec
+    from dsv3.data.tokenizer import get_tokenizer
 
     tok = get_tokenizer(None, vocab_size=CONFIG["vocab_size"])
-    data = build_data(None, tokenizer=tok, seq_len=SEQ, vocab_size=CONFIG["vocab_size"], val_fraction=0.0)
+    data = build_data(CorpusSpec(), tokenizer=tok, seq_len=SEQ, vocab_size=CONFIG["vocab_size"], val_fraction=0.0)
     loader = data.loader(seed=0)
     return [loader.next_batch(BATCH) for _ in range(n)]
 

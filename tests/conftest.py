@@ -18,7 +18,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def train_setup(tmp_path_factory):
     """A real small corpus (stdlib sources), a 512-token BPE tokenizer and a small model config."""
-    from dsv3.train.tokenizer import train_bpe_tokenizer
+    from dsv3.data.tokenizer import train_bpe_tokenizer
 
     root = tmp_path_factory.mktemp("train_setup")
     corpus = root / "corpus"

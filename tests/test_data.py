@@ -12,9 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from dsv3.data import pretrain as D
+from dsv3.data import sources, tokens
+from dsv3.data.sources import CorpusSpec
+from dsv3.data.tokenizer import train_bpe_tokenizer
 from dsv3.errors import CheckpointError, ConfigError, DataError
-from dsv3.train import data as D
-from dsv3.train.tokenizer import train_bpe_tokenizer
 
 EOS = 1
 DOCS = [
@@ -74,7 +76,8 @@ def _write_dir(root: Path, docs=DOCS) -> list[Path]:
 def _build(path, tok, cache, **kw):
     kw.setdefault("seq_len", 8)
     kw.setdefault("vocab_size", 300)
-    return D.build_data(path, tokenizer=tok, cache_dir=cache, **kw)
+    corpus = CorpusSpec(path, **{k: kw.pop(k) for k in ("format", "field", "glob", "dtype") if k in kw})
+    return D.build_data(corpus, tokenizer=tok, cache_dir=cache, **kw)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -111,7 +114,7 @@ def test_packing_covers_the_stream_in_order(tmp_path, tok):
 
 
 def test_large_text_document_is_read_in_pieces(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(D, "_TEXT_CHUNK_CHARS", 40)
+    monkeypatch.setattr(sources, "_TEXT_CHUNK_CHARS", 40)
     text = "".join(DOCS) + "no newline at the very end" + "x" * 300
     f = tmp_path / "big.txt"
     f.write_text(text, encoding="utf-8", newline="")
@@ -348,8 +351,10 @@ def test_pretokenised_bin(tmp_path, dtype):
     tokens = rng.integers(0, vocab, size=500).astype(dtype)
     f = tmp_path / "t.bin"
     tokens.tofile(f)
-    explicit = D.build_data(f, seq_len=16, vocab_size=vocab, dtype=dtype, val_fraction=0.1, cache_dir=tmp_path / "c")
-    inferred = D.build_data(f, seq_len=16, vocab_size=vocab, val_fraction=0.1, cache_dir=tmp_path / "c")
+    explicit = D.build_data(
+        CorpusSpec(f, dtype=dtype), seq_len=16, vocab_size=vocab, val_fraction=0.1, cache_dir=tmp_path / "c"
+    )
+    inferred = D.build_data(CorpusSpec(f), seq_len=16, vocab_size=vocab, val_fraction=0.1, cache_dir=tmp_path / "c")
     for data in (explicit, inferred):
         assert data.source.kind == "bin" and data.source.dtype == dtype and data.eos_id is None
         np.testing.assert_array_equal(np.asarray(data.stream.tokens), tokens)
@@ -361,10 +366,10 @@ def test_pretokenised_bin(tmp_path, dtype):
 
 
 def test_default_is_the_stdlib_corpus(tmp_path, tok, monkeypatch):
-    from dsv3.train.tokenizer import stdlib_corpus_files
+    from dsv3.data.sources import stdlib_corpus_files
 
     subset = [f for f in stdlib_corpus_files() if 2_000 < f.stat().st_size < 6_000][:4]
-    monkeypatch.setattr(D, "stdlib_corpus_files", lambda: subset)
+    monkeypatch.setattr(sources, "stdlib_corpus_files", lambda: subset)
     data = _build(None, tok, tmp_path / "cache", val_fraction=0.0)
     assert data.source.kind == "stdlib" and data.source.files == tuple(subset)
     docs = [p.read_bytes().decode("utf-8") for p in subset]
@@ -384,7 +389,7 @@ def test_token_cache_hit_and_invalidation(tmp_path, tok, monkeypatch):
     assert len(entries) == 3 and not any(".tmp" in e for e in entries)  # .bin, .docs.npy, .json
     assert isinstance(first.stream.tokens, np.memmap)
 
-    monkeypatch.setattr(D, "iter_documents", lambda *a: pytest.fail("re-tokenised despite a cache entry"))
+    monkeypatch.setattr(tokens, "iter_documents", lambda *a: pytest.fail("re-tokenised despite a cache entry"))
     second = _build(tmp_path / "corpus", tok, cache)
     assert second.stream.cached and second.stream.path == first.stream.path and "cached" in second.summary()
     assert second.data_id == first.data_id
@@ -476,11 +481,11 @@ def test_bad_bin_files(tmp_path):
     ]
     for path, kw, needle in cases:
         with pytest.raises(DataError) as exc:
-            D.build_data(path, seq_len=4, vocab_size=1000, **kw)
+            D.build_data(CorpusSpec(path, **kw), seq_len=4, vocab_size=1000)
         msg = _one_line(exc)
         assert path.name in msg and needle in msg, msg
     # uint32 data read as uint16: the high halves are zeros, the data only looks shorter; read right it works
-    ok = D.build_data(u32, seq_len=2, vocab_size=1000, dtype="uint32", val_fraction=0.0)
+    ok = D.build_data(CorpusSpec(u32, dtype="uint32"), seq_len=2, vocab_size=1000, val_fraction=0.0)
     assert np.asarray(ok.stream.tokens).tolist() == list(range(6))
 
 
@@ -518,8 +523,9 @@ def test_bin_with_a_tokenizer_reports_its_eos(tmp_path, tok):
 
     f = tmp_path / "t.bin"
     np.arange(40, dtype=np.uint16).tofile(f)
-    assert D.build_data(f, tokenizer=tok, seq_len=4, vocab_size=300).eos_id == 1
+    assert D.build_data(CorpusSpec(f), tokenizer=tok, seq_len=4, vocab_size=300).eos_id == 1
     no_eos = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
-    assert D.build_data(f, tokenizer=no_eos, seq_len=4, vocab_size=300).eos_id is None  # not needed for a .bin
+    no_bin_eos = D.build_data(CorpusSpec(f), tokenizer=no_eos, seq_len=4, vocab_size=300)
+    assert no_bin_eos.eos_id is None  # not needed for a .bin
     with pytest.raises(DataError):
-        D.build_data(f, tokenizer=no_eos, seq_len=4, vocab_size=300, eos_token="</s>")
+        D.build_data(CorpusSpec(f), tokenizer=no_eos, seq_len=4, vocab_size=300, eos_token="</s>")

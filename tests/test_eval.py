@@ -39,7 +39,7 @@ CHATML = (
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, train_setup):
     """A saved random model with a tokenizer.json and a ChatML tokenizer_config.json."""
-    from dsv3.train.tokenizer import load_tokenizer
+    from dsv3.data.tokenizer import load_tokenizer
 
     root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)

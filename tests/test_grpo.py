@@ -192,7 +192,7 @@ def test_routing_replay_uses_the_rollouts_experts():
 
 
 def test_step_prompts_cover_every_prompt_once_per_pass():
-    from dsv3.train.rl_prompts import step_prompts
+    from dsv3.data.rl_prompts import step_prompts
 
     seen = [i for step in range(5) for i in step_prompts(10, step, 4, seed=3)]
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
@@ -200,9 +200,9 @@ def test_step_prompts_cover_every_prompt_once_per_pass():
 
 
 def test_prompts_from_text_or_chat_messages_with_their_columns(tmp_path):
+    from dsv3.data.chat import ChatTemplate
+    from dsv3.data.rl_prompts import read_prompts
     from dsv3.errors import DataError
-    from dsv3.train.rl_prompts import read_prompts
-    from dsv3.train.sft import ChatTemplate
 
     template = ChatTemplate(
         "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"

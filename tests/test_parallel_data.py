@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_sft import chat_file, hf_dir, tok  # noqa: F401  (fixtures of the SFT test)
 
+from dsv3.data.loader import TrainLoader
 from dsv3.errors import ConfigError
-from dsv3.train.data import TrainLoader
 
 
 class _Sequences:

@@ -187,8 +187,8 @@ def test_grpo_with_the_reward_model_raises_the_rule_rate(tmp_path):
 
 
 def test_pairs_render_through_the_chat_template_when_there_is_one(tmp_path):
+    from dsv3.data.chat import ChatTemplate
     from dsv3.train.reward_model import _template_for, render
-    from dsv3.train.sft import ChatTemplate
 
     chatml = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

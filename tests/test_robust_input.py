@@ -17,8 +17,8 @@ from helpers import assert_one_error, cli
 from robust_helpers import flags, mounted_tmpfs, run_dsv3, tiny_options, tree_digest
 
 from dsv3.config import ModelConfig, as_int, load_preset
+from dsv3.data.tokenizer import load_tokenizer
 from dsv3.errors import ConfigError, DataError
-from dsv3.train.tokenizer import load_tokenizer
 
 
 # ============================================================== class 1: any text source trains a tokenizer
@@ -339,9 +339,10 @@ def test_data_errors_are_one_line(train_setup, tmp_path, capsys):
     assert_one_error(code, err, "line 2")
     assert not run.exists()
     with pytest.raises(DataError):
-        from dsv3.train.tokenizer import tokenizer_for_data
+        from dsv3.data.sources import CorpusSpec
+        from dsv3.data.tokenizer import tokenizer_for_data
 
-        tokenizer_for_data(bad, vocab_size=512)
+        tokenizer_for_data(CorpusSpec(bad), vocab_size=512)
 
 
 def test_existing_run_is_untouched_by_a_refused_start(train_setup, tmp_path, capsys):

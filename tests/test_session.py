@@ -56,7 +56,9 @@ def test_accumulated_gradients_equal_one_big_batch_in_float64(train_setup, tmp_p
         assert math.isclose(stats.lm_loss, float(out.lm_loss.detach()), rel_tol=1e-6)
         assert stats.tokens == 8 * 32 and stats.loss_tokens == 8 * 32 and not stats.skipped
         for name, q in b.model.named_parameters():
-            torch.testing.assert_close(grads[name], q.grad, rtol=1e-5, atol=1e-9, msg=name)
+            # FP32 router: differences of ~1e-7 of the tensor's scale (their rounding depends on the CPU's kernels)
+            scale = float(q.grad.abs().max())
+            torch.testing.assert_close(grads[name], q.grad, rtol=1e-5, atol=1e-6 * scale + 1e-12, msg=name)
         assert stats.load is not None and int(stats.load.sum()) == int(out.expert_load.sum())
     finally:
         a.close()

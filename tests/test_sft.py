@@ -13,20 +13,12 @@ import torch
 from helpers import assert_one_error, cli, small_config
 from tokenizers import Tokenizer
 
+from dsv3.data.chat import ChatTemplate, load_chat_template, read_conversations, token_mask, tokenize_conversation
+from dsv3.data.packing import Conversation, PackedChatDataset, pack
+from dsv3.data.sft import build_sft_data
 from dsv3.errors import ConfigError, DataError
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.mla import document_mask
-from dsv3.train.sft import (
-    ChatTemplate,
-    Conversation,
-    PackedChatDataset,
-    build_sft_data,
-    load_chat_template,
-    pack,
-    read_conversations,
-    token_mask,
-    tokenize_conversation,
-)
 
 transformers = pytest.importorskip("transformers")
 
@@ -83,7 +75,7 @@ CONVERSATIONS = [
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     """A small byte-level BPE with DeepSeek-V3's chat special tokens (ids 0..14)."""
-    from dsv3.train.tokenizer import train_bpe_tokenizer
+    from dsv3.data.tokenizer import train_bpe_tokenizer
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = [stdlib / n for n in ("textwrap.py", "shlex.py", "bisect.py") if (stdlib / n).is_file()]

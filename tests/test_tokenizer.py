@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dsv3.data import tokenizer as tk
 from dsv3.errors import DataError
-from dsv3.train import tokenizer as tk
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:

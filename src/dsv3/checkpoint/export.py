@@ -66,7 +66,7 @@ def copy_companions(run_dir: str, directory: str) -> list[str]:
 
 def generation_config(directory: str, config) -> dict:
     """The generation_config.json of a checkpoint: token ids from its tokenizer (when present) and ``config``."""
-    from dsv3.train.tokenizer import eos_token_id, load_tokenizer
+    from dsv3.data.tokenizer import eos_token_id, load_tokenizer
 
     out = {"bos_token_id": getattr(config, "bos_token_id", None), "eos_token_id": getattr(config, "eos_token_id", None)}
     tokenizer_file = os.path.join(directory, "tokenizer.json")

@@ -45,7 +45,7 @@ CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.json"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-#: A fine-tuning run's chat template and special tokens (``dsv3.train.sft.RUN_TEMPLATE_FILE``), copied into
+#: A fine-tuning run's chat template and special tokens (``dsv3.data.chat.RUN_TEMPLATE_FILE``), copied into
 #: each of its checkpoints so that ``dsv3 eval`` on chat data and ``dsv3 export`` find it there.
 CHAT_TEMPLATE_FILE = "tokenizer_config.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")

@@ -117,6 +117,7 @@ def run(args) -> int:
 
     import torch
 
+    from dsv3.data.tokenizer import eos_token_id, get_tokenizer
     from dsv3.errors import ConfigError
     from dsv3.infer.generate import (
         ExpertLoadCollector,
@@ -126,7 +127,6 @@ def run(args) -> int:
         generate_batch,
         load_for_generation,
     )
-    from dsv3.train.tokenizer import eos_token_id, get_tokenizer
 
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be positive, got {args.max_tokens}")

@@ -1,9 +1,9 @@
 """Held-out evaluation: loss and perplexity on a data file, and a passkey-retrieval probe.
 
 ``dsv3 eval CKPT_OR_RUN --data FILE`` is :func:`evaluate_checkpoint`: plain text is cut into windows of
-``seq_len`` + 1 tokens as in pre-training (:func:`dsv3.train.data.build_data`); chat data (.jsonl with
+``seq_len`` + 1 tokens as in pre-training (:func:`dsv3.data.pretrain.build_data`); chat data (.jsonl with
 ``messages`` or ``prompt``/``completion``) is rendered with the checkpoint's chat template and scored on
-the assistant tokens only, one conversation per row (:mod:`dsv3.train.sft`). The loss is the
+the assistant tokens only, one conversation per row (:mod:`dsv3.data.sft`). The loss is the
 token-weighted mean next-token cross-entropy over every scored token, the perplexity its exponential.
 
 Passkey retrieval (Landmark Attention / YaRN, arXiv 2305.16300, 2309.00071): a five-digit key hidden at a
@@ -23,12 +23,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dsv3.data.chat import TEMPLATE_FILES, load_chat_template
+from dsv3.data.loader import val_batches
+from dsv3.data.pretrain import build_data
+from dsv3.data.sft import build_sft_data
+from dsv3.data.sources import CorpusSpec
+from dsv3.data.tokenizer import get_tokenizer
 from dsv3.errors import ConfigError, DataError
 from dsv3.infer.generate import load_for_generation
 from dsv3.model.loss import IGNORE_INDEX
-from dsv3.train.data import build_data, val_batches
-from dsv3.train.sft import TEMPLATE_FILES, build_sft_data, load_chat_template
-from dsv3.train.tokenizer import get_tokenizer
 
 PASSKEY_INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -58,7 +61,7 @@ def evaluate_loss(model, batches: Iterable, *, device: torch.device | str = "cpu
 
     Args:
         model: a :class:`~dsv3.model.DeepseekV3ForCausalLM`.
-        batches: ``(input_ids, labels)`` pairs [B, T] or :class:`~dsv3.train.sft.SFTBatch` es
+        batches: ``(input_ids, labels)`` pairs [B, T] or :class:`~dsv3.data.packing.SFTBatch` es
             (their document masks are applied).
     """
     was_training = model.training
@@ -322,7 +325,9 @@ def evaluate_checkpoint(
 
             batches, report.kind = val_batches(chat.train, batch_size, max_batches), "chat"
         else:
-            text = build_data(data, tokenizer=tok, seq_len=seq_len, vocab_size=mcfg.vocab_size, val_fraction=0.0)
+            text = build_data(
+                CorpusSpec(data), tokenizer=tok, seq_len=seq_len, vocab_size=mcfg.vocab_size, val_fraction=0.0
+            )
             batches, report.kind = val_batches(text.train, batch_size, max_batches), "text"
         report.loss = evaluate_loss(model, batches, device=device)
     for length in passkey:

@@ -2,7 +2,7 @@
 
 One optimizer step (:func:`grpo_step`, docs/rl.md), read top to bottom:
 
-1. **Prompts**: P = global_batch / G, a pure function of (seed, step); dp rank r takes its P/dp.
+1. **Prompts**: P = global_batch / G, a pure function of (seed, step) (:func:`dsv3.data.rl_prompts.step_prompts`).
 2. **Rollout** (:func:`dsv3.train.rollout.rollout`): G completions per prompt from the latent-cache generator,
    seeded per (seed, step, prompt, sample); the experts of each token are recorded.
 3. **Rewards** (:class:`dsv3.train.rewards.RewardSet`), gathered over dp; group-relative advantages.
@@ -25,10 +25,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from dsv3.data.rl_prompts import PromptSet, step_prompts
 from dsv3.train.config import TrainConfig
 from dsv3.train.optim import set_lr
 from dsv3.train.rl import group_advantages, grpo_loss, grpo_stats, token_entropy, token_logps
-from dsv3.train.rl_prompts import PromptSet, step_prompts
 from dsv3.train.rollout import Rollout, RoutingRecorder, rollout, sample_seed
 from dsv3.train.session import moe_schedule
 from dsv3.train.step import _update

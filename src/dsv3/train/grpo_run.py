@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 from dsv3.checkpoint.checkpointer import Checkpointer
 from dsv3.checkpoint.state import list_checkpoints, resolve_checkpoint
+from dsv3.data.rl_prompts import read_prompts
+from dsv3.data.tokenizer import eos_token_id, get_tokenizer
 from dsv3.errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingPreempted
 from dsv3.memory.ema import CPUEMA
 from dsv3.parallel.checkpoint import list_checkpoints as list_sharded
@@ -32,13 +34,11 @@ from dsv3.train.loop import TrainResult, _NullMetrics, _quiet, _StopFlag
 from dsv3.train.metrics import MetricsLogger
 from dsv3.train.preflight import model_config_for, refuse_frozen_overrides, resolve_device
 from dsv3.train.rewards import RewardSet
-from dsv3.train.rl_prompts import read_prompts
 from dsv3.train.rollout import RoutingRecorder
 from dsv3.train.rundir import LOCK_FILE, RunLock, check_run_dir_usable, prepare_run_dir, resume_config
 from dsv3.train.schedule import LRSchedule
 from dsv3.train.session import _join_world, _write_run_dir, build_meta
 from dsv3.train.sft import run_template
-from dsv3.train.tokenizer import eos_token_id, get_tokenizer
 
 
 # ----------------------------------------------------------------------------- set-up pieces

@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from dsv3.data.loader import batch_to, split_batch
+from dsv3.data.tokenizer import eos_token_id
 from dsv3.errors import TrainingError, TrainingPreempted
 from dsv3.infer.generate import generate_text
 from dsv3.parallel.dispatch import comm_stats
@@ -39,9 +41,7 @@ from dsv3.train.session import (
     build_session,
     build_tokenizer,  # noqa: F401
 )
-from dsv3.train.sft import batch_to, split_batch
 from dsv3.train.step import train_step
-from dsv3.train.tokenizer import eos_token_id
 
 
 @dataclass

@@ -13,7 +13,7 @@ import threading
 
 import torch
 
-from dsv3.train.sft import batch_to
+from dsv3.data.loader import batch_to
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids [b, T], labels [b, T])
 
@@ -22,7 +22,7 @@ class BatchPrefetcher:
     """Hands out each step's micro-batches, on CUDA fetching the next step's in a background thread.
 
     Args:
-        loader: the :class:`~dsv3.train.data.TrainLoader` (its order decides the batches).
+        loader: the :class:`~dsv3.data.loader.TrainLoader` (its order decides the batches).
         micro_batch: sequences per micro-batch.
         device: where the batches go; on CUDA they are pinned and copied asynchronously.
         background: fetch ahead in a thread (default: only on CUDA).

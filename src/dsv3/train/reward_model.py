@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from dsv3.checkpoint.hf import from_pretrained, write_pretrained
+from dsv3.data.chat import TEMPLATE_FILES, ChatTemplate, load_chat_template, save_template
+from dsv3.data.tokenizer import load_tokenizer, train_bpe_from_texts
 from dsv3.errors import CheckpointError, ConfigError, DataError
 from dsv3.model.transformer import init_generator
 from dsv3.optim.adamw import set_lr
@@ -39,15 +41,7 @@ from dsv3.train.preflight import model_config_for, resolve_device
 from dsv3.train.rundir import CONFIG_FILE, prepare_run_dir
 from dsv3.train.schedule import LRSchedule
 from dsv3.train.session import _join_world, build_meta
-from dsv3.train.sft import (
-    TEMPLATE_FILES,
-    ChatTemplate,
-    load_chat_template,
-    run_template,
-    save_template,
-    sft_tokenizer_spec,
-)
-from dsv3.train.tokenizer import load_tokenizer, train_bpe_from_texts
+from dsv3.train.sft import run_template, sft_tokenizer_spec
 from dsv3.utils.io import atomic_dir
 
 __all__ = [

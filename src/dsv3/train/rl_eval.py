@@ -16,13 +16,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from dsv3.data.chat import load_chat_template
+from dsv3.data.rl_prompts import read_prompts
+from dsv3.data.tokenizer import eos_token_id, get_tokenizer
 from dsv3.errors import DataError
 from dsv3.infer.generate import load_for_generation
 from dsv3.train.rewards import RewardSet
-from dsv3.train.rl_prompts import read_prompts
 from dsv3.train.rollout import rollout, sample_seed
-from dsv3.train.sft import load_chat_template
-from dsv3.train.tokenizer import eos_token_id, get_tokenizer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

@@ -28,20 +28,22 @@ from dsv3.checkpoint.checkpointer import Checkpointer
 from dsv3.checkpoint.hf import resolve_pretrained
 from dsv3.checkpoint.state import remove_stale_temporaries
 from dsv3.config import ModelConfig
+from dsv3.data.chat import save_template
+from dsv3.data.pretrain import build_data
+from dsv3.data.sources import CorpusSpec
+from dsv3.data.tokenizer import get_tokenizer, tokenizer_for_data
 from dsv3.errors import ConfigError, DataError, RunDirError
 from dsv3.memory.ema import CPUEMA
 from dsv3.parallel.parallelize import build_meta_model, parallelize
 from dsv3.parallel.pipeline.train import check_pipeline_layout
 from dsv3.parallel.world import ParallelContext, init_parallel
 from dsv3.train.config import TrainConfig, save_effective_config
-from dsv3.train.data import build_data
 from dsv3.train.optim import set_lr
 from dsv3.train.prefetch import Batch, BatchPrefetcher
 from dsv3.train.preflight import check_configuration
 from dsv3.train.rundir import CONFIG_FILE, LOCK_FILE, MODEL_CONFIG_FILE, RunLock, prepare_run_dir
 from dsv3.train.schedule import BatchRamp, LRSchedule, MoESchedule
-from dsv3.train.sft import build_sft_training_data, save_template, sft_tokenizer_spec
-from dsv3.train.tokenizer import get_tokenizer, tokenizer_for_data
+from dsv3.train.sft import build_sft_training_data, sft_tokenizer_spec
 from dsv3.utils.io import atomic_path
 from dsv3.utils.malloc import fix_mmap_threshold
 
@@ -72,9 +74,7 @@ def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
         return get_tokenizer(spec, vocab_size=vocab_size) if spec is not None else None
     # the user's tokenizer, else a byte-level BPE trained (and cached) on the data, whatever its kind
     d = config.data
-    return tokenizer_for_data(
-        d.path, tokenizer=d.tokenizer, vocab_size=vocab_size, format=d.format, field=d.field, glob=d.glob
-    )
+    return tokenizer_for_data(CorpusSpec.of(d), tokenizer=d.tokenizer, vocab_size=vocab_size)
 
 
 def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_dir: str | None = None):
@@ -84,14 +84,10 @@ def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_d
 
     d = config.data
     data = build_data(
-        d.path,
+        CorpusSpec.of(d),
         tokenizer=tokenizer,
         seq_len=d.seq_len,
         vocab_size=mcfg.vocab_size,
-        format=d.format,
-        field=d.field,
-        glob=d.glob,
-        dtype=d.dtype,
         eos_token=d.eos_token,
         val_fraction=d.val_fraction,
         split_seed=config.run.seed,

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dsv3.data.loader import split_batch
 from dsv3.parallel.pipeline.train import set_loss_weights, write_step_trace
 from dsv3.parallel.zero import all_mean, sync_loads
 from dsv3.train.prefetch import Batch
 from dsv3.train.schedule import MoEStep
-from dsv3.train.sft import split_batch
 
 if TYPE_CHECKING:  # annotations only: the session module builds what this one steps
     from dsv3.train.session import Session

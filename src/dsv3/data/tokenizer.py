@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dsv3.data.sources import CorpusSpec, files_fingerprint, iter_documents, resolve_source, stdlib_corpus_files
 from dsv3.errors import DataError
 from dsv3.utils.io import atomic_path
 
@@ -46,11 +46,6 @@ COMMON_EOS_TOKENS: tuple[str, ...] = (
     "[EOS]",
 )
 
-# Directory names (anywhere below the stdlib root) that hold tests, not library code.
-_TEST_DIRS = frozenset({"test", "tests", "idle_test", "testing"})
-# Directory names below the stdlib root that hold third-party code.
-_THIRD_PARTY_DIRS = frozenset({"site-packages", "dist-packages"})
-
 # Bump when the training procedure changes, so old cache entries are not reused.
 _BPE_RECIPE_VERSION = 1
 # A tokenizer trained on a user's corpus reads at most this many characters of it (its start).
@@ -61,52 +56,6 @@ def default_cache_dir() -> Path:
     """The dsv3 cache directory: ``$DSV3_CACHE`` if set, else ``~/.cache/dsv3``."""
     env = os.environ.get("DSV3_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dsv3"
-
-
-def _skip_dir(name: str) -> bool:
-    """True for a stdlib sub-directory that holds tests, third-party or generated files."""
-    return name in _TEST_DIRS or name in _THIRD_PARTY_DIRS or name == "__pycache__" or name.startswith("config-")
-
-
-def _is_test_module(name: str) -> bool:
-    return name.startswith("test_") or name.endswith("_test.py") or name == "conftest.py"
-
-
-def stdlib_corpus_files(root: str | os.PathLike | None = None) -> list[Path]:
-    """The standard-library ``.py`` files of the running interpreter, sorted by path.
-
-    Test packages and modules (``test/``, ``tests/``, ``idle_test/``, ``test_*.py``,
-    ``*_test.py``), ``site-packages``, build-configuration scripts (``config-*/``) and
-    files that are not valid UTF-8 are excluded.
-
-    Args:
-        root: the directory to scan; default ``sysconfig.get_paths()["stdlib"]``.
-    """
-    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
-    if not root.is_dir():
-        raise DataError(f"the standard-library directory {root} does not exist; pass a corpus with --data instead.")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not _skip_dir(d)]  # prune: never descend into tests
-        for name in filenames:
-            if not name.endswith(".py") or _is_test_module(name):
-                continue
-            path = Path(dirpath, name)
-            try:
-                path.read_bytes().decode("utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue
-            files.append(path)
-    return sorted(files)
-
-
-def files_fingerprint(files: Sequence[str | os.PathLike]) -> list[list]:
-    """``[path, size, mtime_ns]`` of each file: a cheap identity of a corpus for cache keys."""
-    out = []
-    for f in files:
-        st = os.stat(f)
-        out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
-    return out
 
 
 def _read_documents(files: Sequence[str | os.PathLike]) -> Iterator[str]:
@@ -282,7 +231,7 @@ def get_tokenizer(
         vocab_size: V for a trained tokenizer (the model's vocab_size); unused with ``spec``.
         cache_dir: default :func:`default_cache_dir`.
         files: plain-text files to train on (one document per file) when ``spec`` is None.
-        source: a :class:`dsv3.train.data.DataSource` of any text kind (a text file, a
+        source: a :class:`~dsv3.data.sources.DataSource` of any text kind (a text file, a
             directory, .jsonl, .parquet) to train on; takes precedence over ``files``.
     """
     if spec is not None:
@@ -321,8 +270,6 @@ def get_tokenizer(
         except Exception:
             pass  # a corrupt cache entry (should not happen: writes are atomic): retrain below
     if source is not None:
-        from dsv3.train.data import iter_documents
-
         texts = (text for text, _ in iter_documents(source))
         tok = train_bpe_from_texts(texts, vocab_size, max_chars=_BPE_MAX_CHARS)
         if tok.get_vocab_size() <= len(SPECIAL_TOKENS):
@@ -340,29 +287,24 @@ def get_tokenizer(
 
 
 def tokenizer_for_data(
-    data: str | os.PathLike | None,
+    corpus: CorpusSpec,
     *,
     tokenizer: str | os.PathLike | None = None,
     vocab_size: int,
-    format: str | None = None,
-    field: str = "text",
-    glob: str | Sequence[str] | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> Tokenizer | None:
-    """The tokenizer a run over ``data`` uses (what ``dsv3 train`` does without a saved one).
+    """The tokenizer a run over ``corpus`` uses (what ``dsv3 train`` does without a saved one).
 
     ``tokenizer`` given: that one (:func:`load_tokenizer`). Otherwise a byte-level BPE
-    trained (and cached) on the data itself, whatever its kind: a text file, a directory
-    of text files, a .jsonl or a .parquet; None (no data): the stdlib corpus. A
-    pre-tokenised .bin needs no tokenizer: None.
+    trained (and cached) on the corpus itself, whatever its kind: a text file, a directory
+    of text files, a .jsonl or a .parquet; no path: the stdlib corpus. A pre-tokenised
+    .bin needs no tokenizer: None.
     """
     if tokenizer is not None:
         return load_tokenizer(tokenizer)
-    if data is None:
+    if corpus.path is None:
         return get_tokenizer(None, vocab_size=vocab_size, cache_dir=cache_dir)
-    from dsv3.train.data import resolve_source
-
-    source = resolve_source(data, format=format, field=field, glob=glob, vocab_size=vocab_size)
+    source = resolve_source(corpus, vocab_size=vocab_size)
     if source.kind == "bin":
         return None  # pre-tokenised: no tokenizer needed (no text sample at the end)
     return get_tokenizer(None, vocab_size=vocab_size, cache_dir=cache_dir, source=source)

@@ -1,7 +1,7 @@
 """GRPO prompt data: a .jsonl of prompts -> rendered text + token ids + the other columns.
 
 Each line is an object with a ``prompt`` (text, used as is) or ``messages`` (a chat rendered
-with the checkpoint's chat template and its generation prompt, :class:`~dsv3.train.sft.ChatTemplate`).
+with the checkpoint's chat template and its generation prompt, :class:`~dsv3.data.chat.ChatTemplate`).
 Every other key is a column handed to the reward functions (``answer``, ``tests``, ...), one
 value per prompt; a line without a key another line has gets ``None`` there.
 
