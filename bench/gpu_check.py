@@ -171,8 +171,8 @@ def check_fp8_linear(mode: Mode) -> list[dict]:
 
 
 def _session(mode: Mode, fp8: bool):
-    from dsv3.memory.measure import prepare_config
     from dsv3.train.config import TrainConfig
+    from dsv3.train.measure import prepare_config
 
     run_dir = tempfile.mkdtemp(prefix="dsv3-gpu-check-")
     options = dict(

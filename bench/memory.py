@@ -20,8 +20,8 @@ import argparse
 import json
 import statistics
 
-from dsv3.memory.measure import prepare_config
 from dsv3.train.config import TrainConfig
+from dsv3.train.measure import prepare_config
 
 # On a CPU there are no FP8 GEMMs: "FP8 activation caching" keeps the recipe's FP8 activation storage
 # with exact GEMMs (fp8_gemm=False); the full recipe, emulated (every GEMM operand quantised and

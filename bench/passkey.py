@@ -32,7 +32,8 @@ import torch
 from dsv3.config import ModelConfig
 from dsv3.data.tokenizer import train_bpe_tokenizer
 from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.model.rope import apply_rope_config, extend_context
+from dsv3.model.rope import extend_context
+from dsv3.model.transformer import apply_rope_config
 from dsv3.train.evaluation import (
     PASSKEY_FILLER,
     PASSKEY_NEEDLE,

@@ -509,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch.multiprocessing as mp
 
     from dsv3.parallel.pipeline.executor import TraceEvent, write_chrome_trace
-    from dsv3.parallel.pipeline.schedules import build_schedule
     from dsv3.plan.simulate import run_schedule
+    from dsv3.schedules import build_schedule
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

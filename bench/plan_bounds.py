@@ -4,7 +4,7 @@
 
 1. Refusals: in-process ``dsv3 plan ...`` calls with absurd inputs (10^12 GPUs, 10^8 micro-batches, 10^8 layers),
    median wall time of 5 (no interpreter start-up).
-2. The balanced stage split (``dsv3.plan.layout.balanced_stage_layers``) against the reference dynamic
+2. The balanced stage split (``dsv3.layout.balanced_stage_layers``) against the reference dynamic
    programme it replaced (the full O(pp n^2) scan, kept below), on the same inputs in the same run: same
    splits, medians of 3.
 3. The largest steps: a DualPipe step at the simulation bound (PP16 x 2,048 micro-batches = 32,768 stage
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dsv3.cli import main  # noqa: E402
 from dsv3.config import load_preset  # noqa: E402
-from dsv3.plan.layout import Layout, balanced_stage_layers  # noqa: E402
+from dsv3.layout import balanced_stage_layers  # noqa: E402
+from dsv3.plan.layout import Layout  # noqa: E402
 from dsv3.plan.planner import make_plan  # noqa: E402
 
 

@@ -56,12 +56,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from dsv3.config import ModelConfig, load_preset  # noqa: E402
+from dsv3.layout import RECOMPUTE_MODES  # noqa: E402
 from dsv3.plan.layout import Layout  # noqa: E402
 from dsv3.plan.planner import make_plan  # noqa: E402
 from dsv3.plan.precision import Precision  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-POLICIES = ("none", "selective", "full")
+POLICIES = RECOMPUTE_MODES
 STATES = ("weights", "grads", "optimizer")
 
 

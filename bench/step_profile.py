@@ -2,7 +2,7 @@
 
 For the ``small`` preset and a 64-expert variant of it (``--experts 64``: 64 routed experts of half the width,
 top-8 in 4 of 8 groups, a config no test uses), built and stepped exactly as ``dsv3 train`` does
-(:func:`dsv3.memory.measure.prepare_config`, the trainer's ``train_step``, FP32, batch 4 x 512 of the Python
+(:func:`dsv3.train.measure.prepare_config`, the trainer's ``train_step``, FP32, batch 4 x 512 of the Python
 standard library), it profiles ``--steps`` steps and reports, per step:
 
 - the share of wall time in GEMMs (``mm``/``addmm``/``bmm``/``_grouped_mm``, self time), attention (the fused
@@ -64,8 +64,8 @@ ROUTING = {
 
 
 def _session(preset: str, experts: int | None, seq_len: int, micro_batch: int):
-    from dsv3.memory.measure import prepare_config
     from dsv3.train.config import TrainConfig
+    from dsv3.train.measure import prepare_config
 
     cfg = load_preset(preset).to_dict()
     if experts:

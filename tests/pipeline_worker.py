@@ -73,7 +73,7 @@ def swapped_recvs(schedule):
     """``schedule`` with the last device's second activation RECV moved before its first (out of order)."""
     from dataclasses import replace
 
-    from dsv3.parallel.pipeline.schedules import FORWARD, RECV
+    from dsv3.schedules import FORWARD, RECV
 
     dev = schedule.devices - 1
     ops = list(schedule.ops[dev])
@@ -86,7 +86,7 @@ def fb_as_f_then_b(schedule):
     """``schedule`` with every overlapped FB op replaced by its forward, then its full backward."""
     from dataclasses import replace
 
-    from dsv3.parallel.pipeline.schedules import FB
+    from dsv3.schedules import FB
 
     ops = tuple(tuple(p for op in dev for p in (op.parts() if op.kind == FB else (op,))) for dev in schedule.ops)
     return replace(schedule, ops=ops)

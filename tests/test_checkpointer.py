@@ -57,8 +57,8 @@ def _held_by(first: int, n_local: int, n_layers: int, absent_layers=()):
 
 
 def _init_from_worker(rank: int, world: int, path: str):
-    from dsv3.checkpoint.checkpointer import Checkpointer
     from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.parallel.checkpointer import Checkpointer
     from dsv3.parallel.dispatch import shard_experts
     from dsv3.parallel.world import init_parallel
     from dsv3.parallel.zero import ZeroAdamW
@@ -77,7 +77,8 @@ def _init_from_worker(rank: int, world: int, path: str):
 def test_init_from_under_ep4_reads_only_each_ranks_share_and_trains_the_losses_of_one_process(tmp_path):
     from test_parallel_ep import _model
 
-    from dsv3.checkpoint.hf import from_pretrained, save_pretrained
+    from dsv3.checkpoint.state import from_pretrained
+    from dsv3.model.hf import save_pretrained
 
     save_pretrained(_model(), tmp_path, max_shard_size="40KB")  # several shards: the index is followed too
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
@@ -94,8 +95,8 @@ def _fp8_checkpoint(path, config):
     """An FP8 (E4M3, 128x128 blocks) copy of a random model's checkpoint and the float64 reference of q * s."""
     from safetensors.torch import load_file, save_file
 
-    from dsv3.checkpoint.hf import save_pretrained
     from dsv3.model import DeepseekV3ForCausalLM
+    from dsv3.model.hf import save_pretrained
 
     model = DeepseekV3ForCausalLM(config)
     model.reset_parameters(seed=7)
@@ -122,8 +123,8 @@ def _fp8_checkpoint(path, config):
 def test_partial_load_of_an_fp8_checkpoint_reads_and_dequantises_only_the_held_block(tmp_path):
     """A rank holding experts 2..3 of 8 and not layer 2 (another pipeline stage's) reads exactly those tensors
     (FP8 weights with their inverse scales) and gets q * s of each, checked against float64."""
-    from dsv3.checkpoint.hf import load_state_into
     from dsv3.model import DeepseekV3ForCausalLM, Experts
+    from dsv3.model.hf import load_state_into
 
     config = small_config(hidden_size=160, q_lora_rank=144)
     reference = _fp8_checkpoint(tmp_path, config)

@@ -22,8 +22,8 @@ from helpers import assert_one_error, cli, quick_options, read_jsonl
 from dsv3.cli import COMMANDS, build_parser, main
 from dsv3.cli.options import overrides_from_args
 from dsv3.errors import ConfigError
+from dsv3.layout import RecomputeMode
 from dsv3.train.config import (
-    RecomputeMode,
     TrainConfig,
     load_train_config,
     options,
@@ -574,7 +574,7 @@ def test_print_config_prints_yaml_and_writes_nothing(train_setup, tmp_path, monk
 
 # ----------------------------------------------------------------------------- parse_size
 def test_parse_size_one_parser_for_plan_and_checkpoints():
-    from dsv3.checkpoint import hf
+    from dsv3.model import hf
     from dsv3.plan import precision
 
     assert precision.parse_size is parse_size and hf.parse_size is parse_size  # one function

@@ -11,9 +11,9 @@ import torch
 from helpers import small_config, v2_config
 
 import dsv3
-from dsv3.checkpoint.hf import dequantize_fp8_block, save_pretrained
 from dsv3.errors import CheckpointError
 from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.model.hf import dequantize_fp8_block, save_pretrained
 
 transformers = pytest.importorskip("transformers")
 

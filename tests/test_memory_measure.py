@@ -9,8 +9,8 @@ import torch
 from helpers import assert_one_error, cli
 
 from dsv3.cli import main
-from dsv3.memory.measure import measure_config, prepare_config
 from dsv3.train.config import TrainConfig
+from dsv3.train.measure import measure_config, prepare_config
 
 
 def _config(setup, **changes) -> TrainConfig:

@@ -17,6 +17,7 @@ from helpers import small_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv3.cli import main
+from dsv3.layout import pipeline_devices
 from dsv3.model import DeepseekV3ForCausalLM
 from dsv3.model.moe import Experts
 from dsv3.parallel.dispatch import shard_experts
@@ -28,7 +29,7 @@ from dsv3.parallel.parallelize import (
     parallelize,
     select_stages,
 )
-from dsv3.parallel.world import ParallelContext, pipeline_devices
+from dsv3.parallel.world import ParallelContext
 from dsv3.parallel.zero import ZeroAdamW, sum_of_squares
 from dsv3.train.config import TrainConfig
 from dsv3.utils.meta import materialize
@@ -247,7 +248,7 @@ def test_sum_of_squares_matches_float64():
 def test_init_from_reads_only_the_experts_a_rank_holds(tmp_path):
     """``parallelize(..., init_from=...)`` on an expert-parallel rank: the held tensors equal the checkpoint's,
     and of the routed experts only the rank's are read from the files."""
-    from dsv3.checkpoint import hf
+    from dsv3.model import hf
 
     cfg = small_config(n_routed_experts=8)
     whole = _eager(cfg)

@@ -314,7 +314,7 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
     for name, p in model.named_parameters():
         assert torch.isfinite(p).all(), name
         np.testing.assert_array_equal(p.detach().numpy(), {**params0, **params1}[name], err_msg=name)
-    from dsv3.checkpoint.hf import from_pretrained
+    from dsv3.checkpoint.state import from_pretrained
     from dsv3.cli import main
 
     mcfg.save(run_dir / "model_config.json")  # (write=False sessions write no run directory files)
@@ -330,7 +330,8 @@ def test_dcp_checkpoint_of_a_pipeline_holds_each_stage_from_its_own_device(train
 def test_layout_of_pipelines_with_expert_and_data_parallelism():
     """rank = pp_idx * dp + edp_idx * ep + ep_idx; one pipeline per data-parallel index."""
     from dsv3.errors import ConfigError
-    from dsv3.parallel.world import ParallelContext, check_layout, pipeline_devices, pipelines_of
+    from dsv3.layout import check_layout, pipeline_devices
+    from dsv3.parallel.world import ParallelContext, pipelines_of
 
     assert pipeline_devices(4, "dualpipev") == 2 and pipeline_devices(4, "1f1b") == 4 and pipeline_devices(1) == 1
     assert check_layout(8, pp=4, ep=2, schedule="dualpipev") == (4, 4, 2)  # 2 devices x dp 4

@@ -29,11 +29,12 @@ from pipeline_worker import (
 )
 
 from dsv3.errors import ConfigError
-from dsv3.parallel.pipeline.executor import TraceEvent, check_layout, chrome_trace, write_chrome_trace
-from dsv3.parallel.pipeline.schedules import FB, ScheduleError, build_schedule, validate_schedule
+from dsv3.parallel.pipeline.executor import TraceEvent, chrome_trace, write_chrome_trace
 from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageRecord, stage_layers
 from dsv3.parallel.pipeline.train import check_pipeline_layout, pipeline_microbatches
 from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
+from dsv3.schedules import FB, ScheduleError, build_schedule, validate_schedule
+from dsv3.schedules import pipeline_schedule as check_layout
 
 N_MICRO, STEPS, LAYERS = 4, 2, 4
 JOBS = [
@@ -613,8 +614,8 @@ def test_validation_pass_uses_only_links_the_schedule_has(name, pp):
     """The forward-only pass sends stage s-1's activation from its device to stage s's (each stage on the lowest
     device holding it, which does hold it); every such hop between two devices is a forward link of the schedule,
     so it has its process group, and the pass visits the stages in order."""
-    from dsv3.parallel.pipeline.schedules import FORWARD, SEND
     from dsv3.parallel.pipeline.stages import StageLayout
+    from dsv3.schedules import FORWARD, SEND
 
     schedule = build_schedule(name, pp, 2 * pp)
     layout = StageLayout((1,) * pp, schedule.device_stages, 1, True)

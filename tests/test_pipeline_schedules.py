@@ -26,13 +26,14 @@ from collections import Counter
 import pytest
 
 from dsv3.errors import ConfigError
-from dsv3.parallel.pipeline.schedules import (
+from dsv3.layout import SCHEDULES
+from dsv3.plan.simulate import DeadlockError, simulate
+from dsv3.schedules import (
     BACKWARD,
     BW,
     FB,
     FORWARD,
     RECV,
-    SCHEDULES,
     SEND,
     B,
     F,
@@ -42,7 +43,6 @@ from dsv3.parallel.pipeline.schedules import (
     W,
     build_schedule,
 )
-from dsv3.plan.simulate import DeadlockError, simulate
 
 TOL = 1e-9
 
@@ -373,7 +373,7 @@ def test_to_json_and_plot(tmp_path):
 
 def test_schedules_and_simulator_import_neither_torch_nor_matplotlib():
     code = (
-        "import sys, dsv3.plan.simulate, dsv3.parallel.pipeline.schedules; "
+        "import sys, dsv3.plan.simulate, dsv3.schedules; "
         "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -17,8 +17,9 @@ from helpers import assert_one_error
 
 from dsv3.config import load_preset
 from dsv3.errors import ConfigError
+from dsv3.layout import balanced_stage_layers
 from dsv3.plan import limits
-from dsv3.plan.layout import Layout, balanced_stage_layers
+from dsv3.plan.layout import Layout
 from dsv3.plan.search import search
 from dsv3.plan.simulate import simulate
 

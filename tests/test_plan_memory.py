@@ -6,8 +6,9 @@ import pytest
 
 from dsv3.config import load_preset
 from dsv3.errors import ConfigError
+from dsv3.layout import balanced_stage_layers
 from dsv3.plan import activations as act
-from dsv3.plan.layout import Layout, balanced_stage_layers
+from dsv3.plan.layout import Layout
 from dsv3.plan.memory import device_numel, state_bytes
 from dsv3.plan.params import aggregate, count_params
 from dsv3.plan.planner import make_plan

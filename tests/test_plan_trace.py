@@ -14,8 +14,8 @@ import statistics
 import pytest
 from helpers import assert_one_error, cli
 
-from dsv3.parallel.pipeline.schedules import BW, FB, B, F, W, build_schedule
 from dsv3.plan.simulate import OpTimes, run_schedule, simulate
+from dsv3.schedules import BW, FB, B, F, W, build_schedule
 
 MS = 1e-3
 
@@ -244,8 +244,8 @@ def test_trace_of_the_pipeline_runtime(tmp_path, capsys):
 # ---------------------------------------------------------------------------- the library pieces
 def test_per_op_times_override_the_kind_times_per_stage():
     from dsv3.errors import ConfigError
-    from dsv3.parallel.pipeline.schedules import Op
     from dsv3.plan.simulate import op_key
+    from dsv3.schedules import Op
 
     t = OpTimes(f=1.0, b=2.0, w=0.5, per_op={(F, 1): 4.0, (FB, 0, 1): 9.0})
     assert t.of(Op(F, 0, 1)) == 4.0 and t.of(Op(F, 0, 0)) == 1.0 and t.of(Op(B, 0, 1)) == 1.5
@@ -259,8 +259,8 @@ def test_per_op_times_override_the_kind_times_per_stage():
 
 
 def test_measured_op_times_per_kind_follow_the_simulators_b_and_w():
-    from dsv3.parallel.pipeline.schedules import Op
     from dsv3.plan.trace import measured_op_times, measured_span
+    from dsv3.schedules import Op
 
     split = [
         [(Op(F, 0, 0), 0.0, 1.0), (Op(B, 0, 0), 1.0, 2.5), (Op(W, 0, 0), 2.5, 3.0)],

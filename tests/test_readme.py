@@ -108,6 +108,18 @@ def test_readme_has_commands():
     assert any(c[:1] == ["train"] for c in commands) and len(commands) >= 5
 
 
+def test_the_report_table_names_files_that_exist():
+    """The README's table from report section to file: ten rows, every file named exists."""
+    text = README.read_text(encoding="utf-8").split("## From the report to the code", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in text.splitlines() if re.match(r"\| \d", line)]
+    assert len(rows) == 10, rows
+    for row in rows:
+        files = re.findall(r"`(src/dsv3/[\w/]+\.py)`", row)
+        assert files, row
+        missing = [f for f in files if not (README.parent / f).is_file()]
+        assert not missing, f"{row}: {missing} do not exist"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_every_readme_command_runs(train_setup, workdir, capsys):

@@ -226,7 +226,7 @@ def test_sft_on_a_dsv3_run_then_eval_and_export_need_nothing_else(world, train_s
 
 def test_ctrl_c_in_the_middle_of_an_export_keeps_the_previous_one(world, tmp_path, capsys, monkeypatch):
     """Ctrl-C while the shards are written: exit 130, the earlier export byte-identical, no temporary left."""
-    import dsv3.checkpoint.hf as hf
+    import dsv3.model.hf as hf
 
     _, run = world
     out = tmp_path / "hf"

@@ -14,7 +14,8 @@ from helpers import small_config
 from dsv3.config import load_preset
 from dsv3.errors import ConfigError
 from dsv3.model import DeepseekV3ForCausalLM
-from dsv3.model.rope import apply_rope_config, extend_context, rope_frequencies, softmax_scale
+from dsv3.model.rope import extend_context, rope_frequencies, softmax_scale
+from dsv3.model.transformer import apply_rope_config
 
 OFFICIAL_KEYS = {
     "type",

@@ -1,13 +1,5 @@
 """Model configuration: the Hugging Face DeepSeek-V3 ``config.json`` as a dataclass.
 
-Field names are the Hugging Face ones (what the official DeepSeek-V3 repository
-ships), so that a ``config.json`` reads and writes losslessly: keys this class
-does not know are kept in :attr:`ModelConfig.extra` and written back. The module
-imports no torch, so the planner can use it anywhere.
-
-Symbols of the report (arXiv 2412.19437) and where they live here:
-
-====================  =========================================
 d (hidden dim)        ``hidden_size``
 n_h (heads)           ``num_attention_heads``
 d_h (head dim)        ``qk_nope_head_dim`` (+ ``v_head_dim`` for values)
@@ -22,6 +14,12 @@ D                     ``num_nextn_predict_layers``
 
 gamma, alpha and lambda are the trainer's (``dsv3.train.config.MoEOptions``); a config.json may
 carry them as the dsv3 extension keys :data:`DSV3_KEYS`, kept in ``extra`` (checked, written back).
+=======
+Field names are the Hugging Face ones, so a ``config.json`` reads and writes losslessly: unknown keys are
+kept in :attr:`ModelConfig.extra` and written back. The module imports no torch (the planner uses it).
+The report's symbols and their fields (d = ``hidden_size``, d_c = ``kv_lora_rank``, N_r =
+``n_routed_experts``, K_r = ``num_experts_per_tok``, ...) are tabled in docs/model.md. gamma, alpha and lambda are the trainer's (``dsv3.train.config.MoEOptions``): a
+config.json's dsv3 extension keys :data:`DSV3_KEYS` are kept in ``extra`` (checked, written back).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from importlib import resources
 from typing import Any
 
 from dsv3.errors import ConfigError
+from dsv3.utils.io import atomic_write_text
 
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
@@ -368,8 +367,6 @@ class ModelConfig:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` atomically (``path`` is a file or a directory)."""
-        from dsv3.utils.io import atomic_write_text
-
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")

@@ -6,6 +6,14 @@ one sentence saying what is wrong and how to fix it. The CLI prints that line
 and exits with code 2, without a traceback.
 """
 
+import errno
+
+
+def clip(text: object, width: int = 40) -> str:
+    """``repr(text)`` for a message, cut to about ``width`` characters (a pasted megabyte stays one short line)."""
+    r = repr(text)
+    return r if len(r) <= width else r[: width - 4] + "..." + r[-1:]
+
 
 class DsV3Error(Exception):
     """Base class of errors caused by the user's input."""
@@ -33,12 +41,10 @@ class TrainingError(DsV3Error):
 
 def disk_error_message(exc: BaseException) -> str | None:
     """One sentence for a write that failed because the disk is full, over quota or read-only; else None."""
-    import errno as _errno
-
     codes = {
-        _errno.ENOSPC: "no space left on device",
-        _errno.EDQUOT: "disk quota exceeded",
-        _errno.EROFS: "read-only file system",
+        errno.ENOSPC: "no space left on device",
+        errno.EDQUOT: "disk quota exceeded",
+        errno.EROFS: "read-only file system",
     }
     if not isinstance(exc, OSError) or exc.errno not in codes:
         return None

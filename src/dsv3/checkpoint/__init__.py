@@ -1,1 +1,1 @@
-"""Checkpoints: Hugging Face safetensors I/O (hf) and full training state (state)."""
+"""Checkpoints: run directories and manifests, one-process training state (state), exports (export)."""

@@ -2,7 +2,7 @@
 
 An export directory (``dsv3 export RUN OUT_DIR``) holds:
 
-- ``config.json`` + ``model*.safetensors``: the Hugging Face weights (:func:`dsv3.checkpoint.hf.write_pretrained`);
+- ``config.json`` + ``model*.safetensors``: the Hugging Face weights (:func:`dsv3.model.hf.write_pretrained`);
 - ``tokenizer.json`` and, for a fine-tuning run, ``tokenizer_config.json`` (its chat template and special tokens),
   copied from the run directory;
 - ``generation_config.json``: the end-of-sequence (and beginning) token ids and dsv3's sampling defaults;
@@ -21,8 +21,10 @@ import json
 import os
 import shutil
 
-from dsv3.checkpoint.state import CHAT_TEMPLATE_FILE, file_sha256
+from dsv3.checkpoint.state import CHAT_TEMPLATE_FILE, file_sha256, from_pretrained, resolve_checkpoint
+from dsv3.data.tokenizer import eos_token_id, load_tokenizer
 from dsv3.errors import DataError, OutputError
+from dsv3.model import hf  # hf.write_pretrained is looked up at the call (a test interrupts it there)
 from dsv3.utils.io import atomic_dir
 from dsv3.utils.outputs import check_output_dir, is_run_dir
 
@@ -66,8 +68,6 @@ def copy_companions(run_dir: str, directory: str) -> list[str]:
 
 def generation_config(directory: str, config) -> dict:
     """The generation_config.json of a checkpoint: token ids from its tokenizer (when present) and ``config``."""
-    from dsv3.data.tokenizer import eos_token_id, load_tokenizer
-
     out = {"bos_token_id": getattr(config, "bos_token_id", None), "eos_token_id": getattr(config, "eos_token_id", None)}
     tokenizer_file = os.path.join(directory, "tokenizer.json")
     if os.path.isfile(tokenizer_file):
@@ -79,9 +79,6 @@ def generation_config(directory: str, config) -> dict:
 def export_unsharded(path: str, out_dir: str, *, dtype=None) -> str:
     """``dsv3 export`` of a one-process run (its newest intact ``step-*`` checkpoint) or of one such checkpoint:
     the same self-contained directory, its tokenizer and chat template taken from the checkpoint itself."""
-    from dsv3.checkpoint.hf import from_pretrained
-    from dsv3.checkpoint.state import resolve_checkpoint
-
     checkpoint = resolve_checkpoint(path)
     return write_export(from_pretrained(checkpoint), out_dir, run_dir=checkpoint, source=checkpoint, dtype=dtype)
 
@@ -97,10 +94,8 @@ def write_export(model, out_dir: str, *, run_dir: str, source: str, dtype=None) 
         source: the checkpoint exported, recorded in ``export.json``.
         dtype: the weights' dtype (default: as trained).
     """
-    from dsv3.checkpoint.hf import write_pretrained
-
     with atomic_dir(out_dir) as tmp:
-        write_pretrained(model, tmp, dtype=dtype)
+        hf.write_pretrained(model, tmp, dtype=dtype)
         copy_companions(run_dir, tmp)
         with open(os.path.join(tmp, GENERATION_CONFIG), "w", encoding="utf-8") as fh:
             json.dump(generation_config(tmp, model.config), fh, indent=1)

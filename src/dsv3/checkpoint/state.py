@@ -1,25 +1,14 @@
 """Training checkpoints that lose nothing: weights, optimizer, data position, RNG, EMA, step.
 
-A checkpoint is a directory ``RUN_DIR/checkpoints/step-NNNNNNN/``:
-
-- ``config.json`` + ``model.safetensors``: the weights (router biases included) in the
-  Hugging Face layout, so ``dsv3.from_pretrained`` and transformers load it directly;
-- ``tokenizer.json``: the run's tokenizer, and for a fine-tuning run ``tokenizer_config.json`` (its
-  chat template): the checkpoint is self-contained;
-- ``optimizer.safetensors``, ``rng.safetensors``, ``ema.safetensors``: tensors;
-- ``training_state.json``: everything else (step, data-loader position, optimizer
-  hyper-parameters, Python/NumPy RNG states, counters);
-- ``manifest.json``, written last: the size and SHA-256 of every other file.
-
-No pickle anywhere. The directory is assembled under a temporary name and renamed
-into place (:func:`dsv3.utils.io.atomic_dir`), so a kill at any moment leaves the
-previous checkpoints intact; only complete ``step-*`` directories are ever seen.
-A checkpoint damaged afterwards (a file deleted, truncated or changed on disk) fails
-:func:`verify_checkpoint`; :func:`select_resume_checkpoint` then moves it aside
-(``step-N.damaged``) and resumes from the newest intact one, saying so. Temporary
-directories a kill left behind are removed by :func:`remove_stale_temporaries`. A
-write that fails (a full disk) raises :class:`~dsv3.errors.CheckpointError` after
-removing its temporary files; the previous checkpoints are untouched.
+A checkpoint is a directory ``RUN_DIR/checkpoints/step-NNNNNNN/``: the Hugging Face weights
+(``config.json`` + ``model.safetensors``), ``tokenizer.json`` (and a fine-tuning run's chat template),
+``optimizer/rng/ema.safetensors``, ``training_state.json`` (step, loader position, counters) and
+``manifest.json`` (size and SHA-256 of every other file), written last. No pickle anywhere.
+The directory is assembled under a temporary name and renamed into place; a damaged checkpoint fails
+:func:`verify_checkpoint` and :func:`select_resume_checkpoint` moves it aside and resumes from the newest
+intact one; a failed write raises :class:`~dsv3.errors.CheckpointError` and leaves earlier checkpoints
+untouched. :func:`from_pretrained` loads a Hugging Face directory or a run directory's newest checkpoint.
+Narrative: docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -38,7 +27,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError
+from dsv3.model.hf import load_state_into, read_pretrained, write_pretrained
+from dsv3.model.transformer import DeepseekV3ForCausalLM
 from dsv3.utils.io import atomic_dir
 
 CHECKPOINTS = "checkpoints"
@@ -345,6 +337,27 @@ _DISK_ERRNOS = {
 }
 
 
+def pretrained_dir(path: str | os.PathLike) -> str:
+    """The Hugging Face directory of ``path``: ``path`` itself, or a run directory's latest intact checkpoint."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    return path if os.path.isfile(os.path.join(path, "config.json")) else resolve_checkpoint(path)
+
+
+def resolve_pretrained(path: str | os.PathLike) -> tuple[str, ModelConfig, dict[str, str]]:
+    """The checkpoint directory of ``path`` (a run directory: its latest intact checkpoint), its config
+    (without MTP modules when the checkpoint has no weights for them, with a warning) and its tensor files."""
+    path = pretrained_dir(path)
+    return (path, *read_pretrained(path))
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs) -> DeepseekV3ForCausalLM:
+    """:meth:`DeepseekV3ForCausalLM.from_pretrained` of a Hugging Face directory or of a dsv3 run directory
+    (its latest intact checkpoint); ``kwargs``: ``dtype``, ``device``, ``strict``."""
+    return DeepseekV3ForCausalLM.from_pretrained(pretrained_dir(path), **kwargs)
+
+
 def _write_failure(exc: BaseException) -> str | None:
     """A short reason when ``exc`` is a failed file write (full disk, quota, permissions), else None."""
     if isinstance(exc, OSError):
@@ -420,8 +433,6 @@ def save_checkpoint(
 def _write_checkpoint_files(
     tmp: str, step: int, *, model, optimizer, loader_state, tokenizer, ema, extra, run_dir: str
 ) -> None:
-    from dsv3.checkpoint.hf import write_pretrained
-
     write_pretrained(model, tmp)
     if tokenizer is not None:
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
@@ -449,8 +460,6 @@ def load_checkpoint_state(
     path: str, *, model=None, optimizer=None, ema=None, restore_rng: bool = True
 ) -> dict[str, Any]:
     """Restore what is given from checkpoint ``path``; return the JSON state (step, loader, extra)."""
-    from dsv3.checkpoint.hf import load_state_into
-
     state_file = os.path.join(path, STATE_FILE)
     try:
         with open(state_file, encoding="utf-8") as fh:

@@ -1,8 +1,8 @@
 """The ``dsv3`` command line: a thin layer over library functions.
 
 Each sub-command lives in its own module of this package with two functions,
-``register(subparsers)`` and ``run(args)``. Commands import torch only inside
-``run``, so ``dsv3 plan`` starts in milliseconds. A :class:`~dsv3.errors.DsV3Error`
+``register(subparsers)`` and ``run(args)``. Commands import torch (and the modules that
+import it) only inside ``run``, so ``dsv3 plan`` starts in milliseconds without torch. A :class:`~dsv3.errors.DsV3Error`
 (bad input) prints one line on stderr and exits with code 2.
 
 Every parser is a :class:`Parser`: no abbreviations (``--ep`` never means ``--eps``),
@@ -19,7 +19,9 @@ import re
 import sys
 import time
 
-from dsv3.errors import DsV3Error, TrainingPreempted
+from dsv3.cli.options import HelpFormatter
+from dsv3.errors import DsV3Error, TrainingPreempted, disk_error_message
+from dsv3.train.config import suggest
 
 # Sub-command modules, in the order `dsv3 --help` lists them.
 COMMANDS = ("train", "generate", "plot", "plan", "memory", "eval", "eplb", "export")
@@ -31,8 +33,6 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs) -> None:
         kwargs["allow_abbrev"] = False  # `--ep 2` must not set --eps
         if kwargs.get("formatter_class") in (None, argparse.HelpFormatter):
-            from dsv3.cli.options import HelpFormatter
-
             kwargs["formatter_class"] = HelpFormatter
         super().__init__(*args, **kwargs)
 
@@ -44,8 +44,6 @@ class Parser(argparse.ArgumentParser):
             unknown = [a.split("=", 1)[0] for a in before if a.startswith("--")]
             unknown = [a for a in unknown if a not in self._option_string_actions]
             if unknown:
-                from dsv3.train.config import suggest
-
                 flags = [s for s in self._option_string_actions if s.startswith("--")]
                 message = f"unrecognized arguments: {unknown[0]}{suggest(unknown[0], flags)}"
         self.exit(2, f"dsv3: error: {message}\n")
@@ -55,8 +53,6 @@ class Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def parse_args(self, args=None, namespace=None):  # type: ignore[override]
-        from dsv3.train.config import suggest
-
         args, extras = self.parse_known_args(args, namespace)
         if extras:
             active = self._active_parser(args)
@@ -120,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
         print("dsv3: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # a disk that fills up or turns read-only mid-run (metrics, caches, plots)
-        from dsv3.errors import disk_error_message
-
         message = disk_error_message(exc)
         if message is None:
             raise

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+
+from dsv3.utils.io import atomic_write_text
+from dsv3.utils.outputs import check_output_file, json_with_keys
+
 
 def _positive(text: str) -> int:
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -59,9 +63,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import json
-
-    from dsv3.infer.eplb import (
+    from dsv3.infer.eplb import (  # torch only when the command runs: `dsv3 plan` starts without it
         gpu_loads,
         imbalance,
         is_hierarchical,
@@ -69,11 +71,8 @@ def run(args) -> int:
         rebalance_experts,
         unreplicated_gpu_loads,
     )
-    from dsv3.utils.io import atomic_write_text
 
     if args.json:
-        from dsv3.utils.outputs import check_output_file, json_with_keys
-
         check_output_file(args.json, "--json", is_own=json_with_keys(*PLACEMENT_KEYS), what="a dsv3 eplb --json file")
     weight = read_expert_loads(args.loads)
     layers, experts = weight.shape

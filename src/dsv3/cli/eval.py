@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dsv3.errors import ConfigError
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -58,7 +60,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from dsv3.errors import ConfigError
+    # torch only when the command runs: `dsv3 plan` starts without it
     from dsv3.train.evaluation import evaluate_checkpoint, parse_lengths
 
     if (args.prompts is None) != (args.reward is None):

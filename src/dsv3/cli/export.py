@@ -37,7 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3.checkpoint.checkpointer import Checkpointer
+    from dsv3.parallel.checkpointer import (
+        Checkpointer,  # torch only when the command runs: `dsv3 plan` starts without it
+    )
 
     print(Checkpointer.export(args.checkpoint, args.out_dir, use_ema=args.use_ema))
     return 0

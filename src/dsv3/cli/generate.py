@@ -6,14 +6,21 @@ to stderr (``--speculative``) or to a ``--stats`` JSON file.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
+
+from dsv3.errors import ConfigError, DataError
+from dsv3.utils.io import atomic_write_text
+from dsv3.utils.outputs import check_output_file, json_with_keys
+
 #: Keys every ``--stats`` document holds: an existing file with them is an earlier --stats output (replaced).
 STATS_KEYS = ("prompts", "max_tokens", "temperature", "top_p", "device")
 
 
 def _is_stats_file(path: str) -> bool:
     """Whether ``path`` is an earlier ``--stats`` output (replaced); any other file is refused."""
-    from dsv3.utils.outputs import json_with_keys
-
     return json_with_keys(*STATS_KEYS)(path)
 
 
@@ -71,9 +78,7 @@ def register(sub) -> None:
 
 def resolve_device(name: str):
     """``torch.device(name)`` when this machine has it, else a one-line ConfigError."""
-    import torch
-
-    from dsv3.errors import ConfigError
+    import torch  # torch-free start of `dsv3 plan` (this module builds a parser)
 
     try:
         device = torch.device(name)
@@ -95,8 +100,6 @@ def resolve_device(name: str):
 
 
 def _read_prompts(path: str) -> list[str]:
-    from dsv3.errors import DataError
-
     try:
         with open(path, encoding="utf-8") as fh:
             prompts = [line.rstrip("\r\n") for line in fh]
@@ -109,25 +112,8 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def run(args) -> int:
-    import json
-    import os
-    import sys
-    import time
-
-    import torch
-
-    from dsv3.data.tokenizer import eos_token_id, get_tokenizer
-    from dsv3.errors import ConfigError
-    from dsv3.infer.generate import (
-        ExpertLoadCollector,
-        check_length,
-        check_sampling,
-        encode_prompt,
-        generate_batch,
-        load_for_generation,
-    )
-
+def _check_args(args, check_sampling) -> None:
+    """The flags' one-line errors, before anything is loaded."""
     if args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be positive, got {args.max_tokens}")
     check_sampling(args.temperature, args.top_p)
@@ -140,9 +126,24 @@ def run(args) -> int:
     if args.prompt is not None and args.prompts_file is not None:
         raise ConfigError("--prompt and --prompts-file cannot go together; put the prompt in the file (one per line)")
     if args.stats:
-        from dsv3.utils.outputs import check_output_file
-
         check_output_file(args.stats, "--stats", is_own=_is_stats_file, what="a dsv3 generate --stats JSON file")
+
+
+def run(args) -> int:
+    # torch and the tokenizers library only when the command runs: `dsv3 plan` starts without them
+    import torch
+
+    from dsv3.data.tokenizer import eos_token_id, get_tokenizer
+    from dsv3.infer.generate import (
+        ExpertLoadCollector,
+        check_length,
+        check_sampling,
+        encode_prompt,
+        generate_batch,
+        load_for_generation,
+    )
+
+    _check_args(args, check_sampling)
     prompts = _read_prompts(args.prompts_file) if args.prompts_file else [args.prompt or ""]
     device = resolve_device(args.device)
     speculative = args.speculative == "mtp"
@@ -198,24 +199,27 @@ def run(args) -> int:
     for prompt, tokens in zip(prompts, new):
         print(prompt + tokenizer.decode(tokens))
     if args.stats:
-        from dsv3.utils.io import atomic_write_text
-
         atomic_write_text(args.stats, json.dumps(stats, indent=1) + "\n")
     if speculative:
-        rates = ", ".join("-" if r is None else f"{r:.1%}" for r in stats["acceptance_rate"])
-        line = (
-            f"speculative (MTP, {stats['draft_tokens']} draft/round): acceptance {rates}, "
-            f"{stats['tokens_per_round']:.2f} tokens/forward, {stats['tokens_per_s']:.1f} tokens/s"
-        )
-        if stats.get("baseline_tokens_per_s"):
-            line += f" vs plain {stats['baseline_tokens_per_s']:.1f} tokens/s ({stats['speedup']:.2f}x)"
-        print(line, file=sys.stderr)
+        print(_speculative_line(stats), file=sys.stderr)
     return 0
+
+
+def _speculative_line(stats: dict) -> str:
+    """The stderr line of a ``--speculative mtp`` run: acceptance per draft position, tokens/s vs plain."""
+    rates = ", ".join("-" if r is None else f"{r:.1%}" for r in stats["acceptance_rate"])
+    line = (
+        f"speculative (MTP, {stats['draft_tokens']} draft/round): acceptance {rates}, "
+        f"{stats['tokens_per_round']:.2f} tokens/forward, {stats['tokens_per_s']:.1f} tokens/s"
+    )
+    if stats.get("baseline_tokens_per_s"):
+        line += f" vs plain {stats['baseline_tokens_per_s']:.1f} tokens/s ({stats['speedup']:.2f}x)"
+    return line
 
 
 def _speculative(model, ids, args, eos, gen, stats) -> list[list[int]]:
     """Decode each prompt with MTP speculation, one at a time."""
-    import torch
+    import torch  # torch-free start of `dsv3 plan`, as in run()
 
     from dsv3.infer.speculative import SpeculativeStats, speculative_generate
 
@@ -243,9 +247,7 @@ def _speculative(model, ids, args, eos, gen, stats) -> list[list[int]]:
 
 def _baseline(model, ids, args, eos, stats) -> None:
     """Time plain decoding of the same prompts: ``baseline_tokens_per_s`` and ``speedup`` in ``stats``."""
-    import time
-
-    import torch
+    import torch  # torch-free start of `dsv3 plan`, as in run()
 
     from dsv3.infer.generate import generate
 

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+from dsv3.cli.options import add_config_arguments, overrides_from_args
+from dsv3.train.config import load_train_config
+
 #: The run-config fields ``dsv3 memory`` takes (same flags, types and choices as ``dsv3 train``).
 FIELDS = (
     "model",
@@ -18,8 +26,6 @@ FIELDS = (
 
 
 def register(sub) -> None:
-    from dsv3.cli.options import add_config_arguments
-
     p = sub.add_parser(
         "memory",
         help="measure weights/grads/optimizer/EMA/activation bytes of a training config",
@@ -33,11 +39,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import json
-
-    from dsv3.cli.options import overrides_from_args
-    from dsv3.memory.measure import measure_config
-    from dsv3.train.config import load_train_config
+    from dsv3.train.measure import measure_config  # torch only when the command runs: `dsv3 plan` starts without it
 
     config = load_train_config(None, overrides_from_args(args))
     config.data.global_batch = config.data.micro_batch  # one micro-batch a step
@@ -45,9 +47,6 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(
         title=f"measured memory: {config.model.name}, micro-batch {config.data.micro_batch} x "
         f"{config.data.seq_len} tokens"

@@ -18,6 +18,7 @@ is), so ``--ep`` never silently means ``--eps``.
 from __future__ import annotations
 
 import argparse
+import textwrap
 from collections.abc import Iterable
 from typing import Any
 
@@ -73,13 +74,9 @@ class HelpFormatter(argparse.HelpFormatter):
         super().__init__(prog, max_help_position=32, width=110)
 
     def _split_lines(self, text: str, width: int) -> list[str]:  # never break a --flag-name at its hyphens
-        import textwrap
-
         return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        import textwrap
-
         return textwrap.fill(
             self._whitespace_matcher.sub(" ", text).strip(),
             width,

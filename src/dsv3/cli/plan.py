@@ -13,12 +13,36 @@ The library functions are :func:`dsv3.plan.planner.make_plan`,
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 
-from dsv3.config import RECIPE_DEFAULTS
-from dsv3.errors import ConfigError
-from dsv3.plan.limits import check_gpus, check_pipeline, check_plot, clip
-from dsv3.plan.params import TP_CONVENTIONS
+from rich.console import Console
+
+from dsv3.config import RECIPE_DEFAULTS, load_preset, resolve_model_config
+from dsv3.errors import ConfigError, DsV3Error, clip
+from dsv3.layout import ATTENTION_IMPLS, RECOMPUTE_MODES, SCHEDULES, TP_CONVENTIONS, pipeline_devices
+from dsv3.plan.cost import DEFAULT_PEAK_TFLOPS, Hardware, parse_count
+from dsv3.plan.layout import Layout
+from dsv3.plan.limits import check_float, check_gpus, check_pipeline, check_plot
+from dsv3.plan.planner import make_plan
+from dsv3.plan.precision import PRECISION_PRESETS, Precision
+from dsv3.plan.report import (
+    dumps,
+    plan_json,
+    render_plan,
+    render_schedule,
+    render_search,
+    render_trace,
+    schedule_json,
+    search_json,
+)
+from dsv3.plan.search import search
+from dsv3.plan.simulate import simulate
+from dsv3.plan.timeline import plot_timeline, plot_timelines
+from dsv3.plan.trace import compare_trace
+from dsv3.utils.outputs import check_output_file, is_dsv3_png
+from dsv3.utils.size import parse_size
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -29,6 +53,11 @@ def _ints(text: str, what: str) -> list[int]:
     if not values:
         raise ConfigError(f"{what} {clip(text)} is empty; give integers separated by commas")
     return values
+
+
+def _or_list(names) -> str:
+    """``a, b or c``: the choices of :mod:`dsv3.layout` for a help line."""
+    return f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _words(text: str) -> list[str]:
@@ -62,7 +91,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fp8", action="store_true", help="cache activations in FP8 as the DeepSeek-V3 FP8 recipe does")
     p.add_argument(
-        "--attention", default="fused", help="fused (FlashAttention/SDPA, default) or eager (keeps s x s scores)"
+        "--attention",
+        default=ATTENTION_IMPLS[0],
+        help=f"{_or_list(ATTENTION_IMPLS)} (fused: FlashAttention/SDPA, the default; eager keeps s x s scores)",
     )
     p.add_argument("--no-mtp", action="store_true", help="do not train the config's MTP modules")
     p.add_argument("--no-sequence-parallel", action="store_true", help="keep TP-replicated activations whole")
@@ -105,8 +136,8 @@ def register(subparsers) -> None:
         ("--zero", 1, "ZeRO stage 0-3 (default 1)"),
     ):
         p.add_argument(name, type=int, default=default, help=what)
-    p.add_argument("--recompute", default="none", help="none (default), selective or full")
-    p.add_argument("--schedule", default="1f1b", help="1f1b (default), zb1p, dualpipe or dualpipev")
+    p.add_argument("--recompute", default=RECOMPUTE_MODES[0], help=f"{_or_list(RECOMPUTE_MODES)} (default none)")
+    p.add_argument("--schedule", default=SCHEDULES[0], help=f"{_or_list(SCHEDULES)} (default 1f1b)")
     p.add_argument("--stage-layers", default=None, help="layers per stage, e.g. 4,4,4,3 (default: balanced)")
     _add_run_args(p)
     p.add_argument("--detail", action="store_true", help="also print the itemised tensors saved for backward")
@@ -119,13 +150,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
     sub = p.add_subparsers(dest="plan_command", metavar="{schedule,search}", parser_class=type(p))
+    _register_schedule(sub)
+    _register_search(sub)
+
+
+def _register_schedule(sub) -> None:
+    """``dsv3 plan schedule``: simulate a pipeline schedule (or a measured trace) and draw it."""
     s = sub.add_parser(
         "schedule",
         help="simulate a pipeline schedule and draw its per-device timeline",
         description="Simulate one step of a pipeline schedule (DualPipe README conventions).",
         allow_abbrev=False,
     )
-    s.add_argument("--schedule", default=None, help="1f1b, zb1p, dualpipe or dualpipev (with --trace: from the trace)")
+    s.add_argument("--schedule", default=None, help=f"{_or_list(SCHEDULES)} (with --trace: from the trace)")
     s.add_argument(
         "--pp",
         type=int,
@@ -155,6 +192,9 @@ def register(subparsers) -> None:
     s.add_argument("--json", action="store_true", help="print one JSON document")
     s.set_defaults(func=run_schedule)
 
+
+def _register_search(sub) -> None:
+    """``dsv3 plan search``: the layouts of N GPUs that fit, fastest first."""
     q = sub.add_parser(
         "search",
         help="list the layouts of N GPUs that fit, ranked by estimated step time",
@@ -171,8 +211,8 @@ def register(subparsers) -> None:
         ("--zero", "ZeRO stages (default 1)"),
     ):
         q.add_argument(name, default=None, help=f"{what} to try, comma-separated (default: all that apply)")
-    q.add_argument("--recompute", default=None, help="policies to try (default none,selective,full)")
-    q.add_argument("--schedule", default=None, help="schedules to try (default all four)")
+    q.add_argument("--recompute", default=None, help=f"policies to try (default {','.join(RECOMPUTE_MODES)})")
+    q.add_argument("--schedule", default=None, help=f"schedules to try (default {','.join(SCHEDULES)})")
     _add_run_args(q)
     q.add_argument("--top", type=int, default=20, help="fitting layouts to show (planned exactly)")
     q.add_argument("--all", action="store_true", help="list every rejected layout")
@@ -182,8 +222,6 @@ def register(subparsers) -> None:
 # ---------------------------------------------------------------------------- helpers
 def _model(args, required: bool = False):
     """The model to plan and its name; ``tiny`` when neither --preset nor --config is given, unless ``required``."""
-    from dsv3.config import load_preset, resolve_model_config
-    from dsv3.errors import DsV3Error
 
     if args.config:
         _check_config_file(args.config)
@@ -213,8 +251,6 @@ MAX_CONFIG_BYTES = 16 * 2**20
 
 def _check_config_file(path: str) -> None:
     """Refuse, before reading it, a config that is not a regular file (/dev/zero, a FIFO) or is absurdly large."""
-    import os
-    import stat
 
     target = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
@@ -230,7 +266,6 @@ def _check_config_file(path: str) -> None:
 
 
 def _precision(args):
-    from dsv3.plan.precision import PRECISION_PRESETS, Precision
 
     key = str(args.precision_preset).lower()
     if key not in PRECISION_PRESETS:
@@ -241,7 +276,6 @@ def _precision(args):
 
 
 def _hardware(args):
-    from dsv3.plan.cost import DEFAULT_PEAK_TFLOPS, Hardware
 
     return Hardware(
         peak_tflops=args.peak_tflops if args.peak_tflops is not None else DEFAULT_PEAK_TFLOPS,
@@ -260,7 +294,6 @@ def _causal(args) -> bool:
 
 
 def _common(args, cfg) -> dict:
-    from dsv3.utils.size import parse_size
 
     seq_len = args.seq_len if args.seq_len is not None else min(4096, cfg.max_position_embeddings)
     return dict(
@@ -277,22 +310,17 @@ def _common(args, cfg) -> dict:
 
 
 def _console():
-    from rich.console import Console
 
     return Console(width=None if sys.stdout.isatty() else 200, soft_wrap=False)
 
 
 # ---------------------------------------------------------------------------- commands
 def run(args) -> int:
-    from dsv3.plan.cost import parse_count
-    from dsv3.plan.layout import Layout
-    from dsv3.plan.planner import make_plan
-    from dsv3.plan.report import plan_json, render_plan
 
     cfg, name = _model(args)
     common = _common(args, cfg)
     schedule = str(args.schedule).lower()
-    devices = args.pp // 2 if schedule == "dualpipev" and args.pp % 2 == 0 else args.pp
+    devices = pipeline_devices(args.pp, schedule) if args.pp % 2 == 0 else args.pp  # odd PP: validate says why
     dp = args.dp
     if args.gpus is not None:
         check_gpus("gpus", args.gpus)
@@ -354,14 +382,10 @@ def run(args) -> int:
 def _check_plot_path(path: str | None) -> None:
     """Refuse a --plot path that would replace a foreign file, a directory or a path under a file."""
     if path is not None:
-        from dsv3.utils.outputs import check_output_file, is_dsv3_png
-
         check_output_file(path, "--plot", is_own=is_dsv3_png, what="a PNG that dsv3 drew")
 
 
 def run_schedule(args) -> int:
-    from dsv3.plan.report import render_schedule, schedule_json
-    from dsv3.plan.simulate import simulate
 
     _check_plot_path(args.plot)
     if args.trace is not None:
@@ -374,7 +398,7 @@ def run_schedule(args) -> int:
     schedule = str(args.schedule).lower()
     check_pipeline(args.pp, args.microbatches)
     if args.plot:  # refuse a figure too large to draw before simulating
-        check_plot(args.pp // 2 if schedule == "dualpipev" else args.pp, args.pp, args.microbatches)
+        check_plot(pipeline_devices(args.pp, schedule), args.pp, args.microbatches)
     res = simulate(
         schedule,
         pp=args.pp,
@@ -386,8 +410,6 @@ def run_schedule(args) -> int:
         comm=args.comm,
     )
     if args.plot:
-        from dsv3.plan.timeline import plot_timeline
-
         plot_timeline(res, args.plot)
     if args.json:
         print(schedule_json(res))
@@ -404,9 +426,6 @@ def _or(value, default):
 
 def _run_trace(args) -> int:
     """``plan schedule --trace FILE``: the measured step beside its simulation from the measured op times."""
-    from dsv3.plan.limits import check_float
-    from dsv3.plan.report import dumps, render_trace
-    from dsv3.plan.trace import compare_trace
 
     given = [f"--{k}" for k in ("f", "b", "w", "fb") if getattr(args, k) is not None]
     if given:
@@ -416,8 +435,6 @@ def _run_trace(args) -> int:
     comm = check_float("comm", args.comm)
     cmp = compare_trace(args.trace, schedule=args.schedule, pp=args.pp, microbatches=args.microbatches, comm=comm)
     if args.plot:
-        from dsv3.plan.timeline import plot_timelines
-
         m, s = cmp.measured, cmp.simulated
         plot_timelines(
             [
@@ -444,9 +461,6 @@ def _run_trace(args) -> int:
 
 
 def run_search(args) -> int:
-    from dsv3.plan.report import render_search, search_json
-    from dsv3.plan.search import search
-    from dsv3.utils.size import parse_size
 
     cfg, name = _model(args, required=True)
     if args.gpu_memory is None:
@@ -462,8 +476,8 @@ def run_search(args) -> int:
         if value is not None:
             grid[key] = _words(value)
     for r in grid.get("recompute", []):
-        if r not in ("none", "selective", "full"):
-            raise ConfigError(f"unknown --recompute {clip(r)}; choose from none, selective, full")
+        if r not in RECOMPUTE_MODES:
+            raise ConfigError(f"unknown --recompute {clip(r)}; choose from {', '.join(RECOMPUTE_MODES)}")
     result = search(
         cfg,
         args.gpus,

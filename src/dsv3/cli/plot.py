@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dsv3.train.plots import plot_run
+    from dsv3.train.plots import plot_run  # matplotlib and torch only when the command runs (`dsv3 plan` starts fast)
 
     for path in plot_run(args.run_dir, args.out, log_y=args.log_y):
         print(path)

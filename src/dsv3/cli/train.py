@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
+from dsv3.cli.options import add_config_arguments, overrides_from_args
+from dsv3.errors import ConfigError
+from dsv3.train.config import config_yaml, load_train_config
+from dsv3.train.rundir import resume_config
+
 
 def register(sub) -> None:
-    from dsv3.cli.options import add_config_arguments
-
     p = sub.add_parser(
         "train",
         usage="dsv3 train [--config FILE | --resume RUN_DIR] [--print-config] [OPTIONS]\n"
@@ -42,10 +45,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from dsv3.cli.options import overrides_from_args
-    from dsv3.errors import ConfigError
-    from dsv3.train.config import config_yaml, load_train_config
-
+    # the trainer's modules (torch) are imported here, when the command runs: `dsv3 plan` starts without torch
     overrides = overrides_from_args(args)
     if args.resume is not None and args.config_file is not None:
         raise ConfigError("--resume continues a run with its saved config; drop --config (flags still override)")
@@ -59,8 +59,6 @@ def run(args) -> int:
     from dsv3.train.loop import train
 
     if args.resume is not None:
-        from dsv3.train.rundir import resume_config
-
         task = resume_config(args.resume, {}).data.task
         if task == "reward":
             raise ConfigError(f"{args.resume} is a reward-model run, which cannot be resumed; start a new one")

@@ -1,21 +1,11 @@
 """Low-precision communication for expert parallelism (report section 3.3.3).
 
-The report quantises two MoE tensors to FP8 *before* the expert-parallel all-to-all:
-
-* the activations dispatched to the experts (the input of the MoE up-projections), so the
-  dispatch moves FP8 and the receiving expert can feed it straight into its FP8 Fprop;
-* the activation gradients sent back before the MoE down-projections in backward (the
-  gradient of the down-projection output).
-
-Both use 1x128 tiles with power-of-two (UE8M0) scales, so a receiver can re-tile the values
-along tokens for Wgrad without a second scaling error. Combine (forward and backward) stays
-BF16. A payload is ``(data, scales)``: E4M3 bytes [N, D_p] and one UE8M0 byte per 128 channels
-[N, D_p / 128], about 50.4 % of the BF16 bytes; the two tensors can be sent with
-``torch.distributed.all_to_all_single`` as they are.
-
-:func:`fp8_dispatch` and :func:`fp8_grad_dispatch` apply the same rounding on one device
-(quantise and dequantise in place of send and receive), so that a single-device run sees
-exactly the numerics an expert-parallel run will have.
+The activations dispatched to the experts and the activation gradients sent back before the MoE
+down-projections are quantised to FP8 (1x128 tiles, UE8M0 power-of-two scales) *before* the all-to-all;
+combine stays BF16. A payload is ``(data, scales)``: E4M3 bytes [N, D_p] and one UE8M0 byte per 128
+channels [N, D_p / 128], about 50.4 % of the BF16 bytes. :func:`fp8_dispatch` and
+:func:`fp8_grad_dispatch` apply the same rounding on one device, so a single-device run has exactly the
+numerics of an expert-parallel one. Narrative: docs/fp8.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """Apply the FP8 recipe to a built model: swap Linears and activation callables in place.
 
-The model follows the Hugging Face DeepSeek-V3 module names (``model.layers.{i}.self_attn.*``,
-``model.layers.{i}.mlp.*``, ``mtp.{k}.*``, ``lm_head``). :func:`convert`
-
-* replaces every ``nn.Linear`` whose name matches ``recipe.include`` and no ``recipe.exclude``
-  pattern by an :class:`~dsv3.fp8.linear.FP8Linear` sharing its Parameters (the
-  ``self_attn.o_proj`` ones cache their input in the recipe's ``attn_out_format``);
-* sets ``mm`` of every ``Experts`` module (stacked ``gate_up_proj`` / ``down_proj``
-  Parameters and swappable ``mm`` / ``act``) to the FP8 grouped GEMM;
-* sets ``act`` of every MLP and ``Experts`` module to the FP8-caching SwiGLU
-  (when ``recipe.fp8_swiglu``).
-
-The embedding, output head, router (``mlp.gate``), norms and attention core stay in high
-precision: they are either excluded or not Linears. Conversion touches no tensor data (it
-works on the ``meta`` device) and is idempotent: converting again only updates the recipe.
+:func:`convert` replaces every ``nn.Linear`` whose name matches ``recipe.include`` (and no
+``recipe.exclude``) by an :class:`~dsv3.fp8.linear.FP8Linear` sharing its Parameters, sets ``mm`` of every
+``Experts`` module to the FP8 grouped GEMM and ``act`` of every MLP / ``Experts`` to the FP8-caching SwiGLU.
+Embedding, output head, router, norms and attention core stay in high precision. Conversion touches no
+tensor data (it works on ``meta``) and is idempotent. Narrative: docs/fp8.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,13 @@
 """Number formats of the DeepSeek-V3 FP8 recipe (report section 3.3).
 
-* **E4M3** (``torch.float8_e4m3fn``): 1 sign, 4 exponent (bias 7), 3 mantissa bits, no
-  infinities, largest finite value 448. Every quantised GEMM operand uses it, as in the report.
-  :func:`cast_e4m3` saturates to +-448 and rounds to nearest, ties to even.
-* **E5M6** (emulated): 1 sign, 5 exponent (bias 15), 6 mantissa bits, IEEE-like (the top
-  exponent is reserved, so the largest finite value is (2 - 2^-6) * 2^15 = 65024; subnormals
-  down to 2^-20). The report stores the inputs of the Linear after attention in it.
-  :func:`round_e5m6` rounds to its grid (nearest, ties to even, saturating). Every E5M6 value
-  is exactly a float16 whose 4 lowest mantissa bits are zero, so :func:`pack_e5m6` stores it
-  in 12 bits (two values in three bytes).
-* **Scaling factors**: a tile or block with max-abs ``amax`` gets the dequantisation factor
-  ``s = amax / fmt_max`` (plain FP32) or, in the UE8M0 format, ``s = 2^ceil(log2(amax / fmt_max))``
-  (a power of two, stored as an 8-bit biased exponent). Quantised values are ``q = cast(x / s)``
-  and ``x ~= q * s``. Dividing by a power of two is exact, so power-of-two scales add no
-  rounding of their own and a dequantised value can be re-tiled without a second scaling error.
+* **E4M3** (``torch.float8_e4m3fn``, max 448): every quantised GEMM operand; :func:`cast_e4m3` saturates
+  and rounds to nearest even.
+* **E5M6** (emulated, max 65024): the cached input of the Linear after attention; :func:`round_e5m6`,
+  :func:`pack_e5m6` (12 bits a value).
+* **Scaling factors**: ``s = amax / fmt_max`` (FP32) or, in UE8M0, the power of two
+  ``2^ceil(log2(amax / fmt_max))``; ``q = cast(x / s)``, ``x ~= q * s``.
 
-Everything here is plain elementwise torch, so it runs on any device (and on ``meta``) and
-``torch.compile`` fuses it into one kernel per call site.
+Plain elementwise torch: any device, ``meta`` too. Narrative: docs/fp8.md.
 """
 
 from __future__ import annotations
@@ -34,8 +25,6 @@ E4M3_MANTISSA_BITS = 3
 # Smallest scaling factor: the smallest normal float32 (and one above the smallest UE8M0 value),
 # so that an all-zero or denormal tile gets a finite, non-zero scale instead of 0/0.
 MIN_SCALE = 2.0**-126
-
-SCALE_FORMATS = ("fp32", "ue8m0")
 
 
 def cast_e4m3(x: torch.Tensor) -> torch.Tensor:

@@ -1,31 +1,11 @@
 """FP8 GEMMs on fine-grained-quantised operands, and a model of tensor-core accumulation.
 
-Every GEMM here is written in "NT" form, ``out[M, N] = A[M, K] @ B[N, K]^T``, with both operands
-quantised along the contraction dim K (the report's layout, and what ``scaled_mm`` expects):
-
-=========  =======================================  =====================================
-GEMM       A (1x128 tiles along K)                  B (1x128 tiles or 128x128 blocks)
-=========  =======================================  =====================================
-Fprop      x [M, D_in]                              W [D_out, D_in], 128x128 blocks
-Dgrad      dy [M, D_out]                            W^T [D_in, D_out], the same blocks
-Wgrad      dy^T [D_out, M] (tiles along tokens)     x^T [D_in, M] (tiles along tokens)
-=========  =======================================  =====================================
-
-Backends (chosen per call with :func:`resolve_backend`; ``auto`` picks ``cuda`` where it can run):
-
-* ``emulated``: dequantise both operands and multiply in FP32. Mathematically this is the
-  report's scheme with FP32 promotion every N_C = 128 elements (each 128-wide K chunk is an
-  exact product of FP8 values times its two scales, accumulated in FP32), up to the order of
-  the FP32 summation. It runs on every device and is the numerical reference.
-* ``cuda``: ``torch.nn.functional.scaled_mm`` with BlockWise1x128 x BlockWise128x128 scaling
-  (Fprop, Dgrad) and BlockWise1x128 x BlockWise1x128 (Wgrad): cuBLAS >= 12.9 on SM90 (Hopper).
-  Routed experts loop over experts with one such GEMM each (PyTorch's grouped FP8 GEMM only
-  takes row-wise scales on SM90).
-
-:func:`mm_limited_accumulation` is the slow, faithful model of the limited-precision
-accumulation in Hopper tensor cores (about 14 kept mantissa bits on H800 per the report),
-with or without promotion to FP32 every N_C elements; it exists for the error study
-(``bench/fp8_accumulation.py``), not for training.
+Every GEMM is "NT", ``out[M, N] = A[M, K] @ B[N, K]^T``, both operands quantised along K: Fprop
+x [M, D_in] (1x128) @ W [D_out, D_in] (128x128); Dgrad dy @ W^T (the same blocks); Wgrad dy^T @ x^T
+(1x128 tiles along tokens). Backends (:func:`resolve_backend`): ``emulated`` (dequantise, FP32 multiply:
+the numerical reference, any device) and ``cuda`` (``scaled_mm`` blockwise scaling, SM90).
+:func:`mm_limited_accumulation` models Hopper's limited accumulation precision for the error study
+(``bench/fp8_accumulation.py``), not for training. Narrative: docs/fp8.md.
 """
 
 from __future__ import annotations
@@ -35,11 +15,9 @@ import torch.nn.functional as F
 
 from dsv3.errors import ConfigError
 from dsv3.fp8.quant import ACT_TILE, TILE, WEIGHT_BLOCK, QTensor, ceil_div
+from dsv3.layout import FP8_BACKENDS
 from dsv3.model.ops import grouped_mm as model_grouped_mm
 from dsv3.model.ops import grouped_mm_wgrad
-
-BACKENDS = ("auto", "emulated", "cuda")
-
 
 # --- Backend selection -----------------------------------------------------------------------
 
@@ -61,8 +39,8 @@ def cuda_fp8_available(device: torch.device | str) -> bool:
 
 def resolve_backend(name: str, device: torch.device | str) -> str:
     """Turn a backend request (``auto``, ``emulated``, ``cuda``) into the backend that runs."""
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown FP8 backend {name!r}; choose one of {', '.join(BACKENDS)}.")
+    if name not in FP8_BACKENDS:
+        raise ConfigError(f"unknown FP8 backend {name!r}; choose one of {', '.join(FP8_BACKENDS)}.")
     if name == "auto":
         return "cuda" if cuda_fp8_available(device) else "emulated"
     if name == "cuda" and not cuda_fp8_available(device):

@@ -1,33 +1,11 @@
 """FP8 Linear, grouped expert GEMM and SwiGLU with FP8 activation caching (report 3.3).
 
-Each of them is an autograd Function whose three GEMMs run on FP8 operands:
-
-* Fprop ``y = x W^T``: x in 1x128 tiles, W in 128x128 blocks.
-* Dgrad ``dx = dy W``: dy in 1x128 tiles, the same W blocks (transposed, not requantised).
-* Wgrad ``dW = dy^T x``: dy and x both in 128x1 tiles along the token dim.
-
-Master weights, weight gradients and optimiser states are untouched: :class:`FP8Linear` holds
-the very ``nn.Parameter`` of the ``nn.Linear`` it replaces, ``dW`` is accumulated in FP32 and
-handed back in the parameter's dtype, and the weight is re-quantised from it at every use.
-
-**What is cached for backward (the design choice).** Only Wgrad needs ``x``, and it needs it
-tiled along tokens. The forward pass therefore quantises ``x`` twice from the high-precision
-tensor: once in 1x128 tiles for Fprop (dropped after the GEMM) and once in 128x1 tiles, which
-is the only copy saved. The cache is 1 byte per element plus one FP32 scale per 128 elements
-(~1.03 bytes, about 52 % of BF16), and Wgrad sees exactly the operand the recipe prescribes
-(quantised once, from high precision). The price is one extra quantisation pass over ``x``
-in forward; re-tiling a cached 1x128 copy instead would quantise twice (a second rounding) and
-caching both copies would cost as much memory as BF16. The weight is not cached: it is
-re-quantised from the master weight in backward (same values, no memory).
-
-The input of the Linear after attention (``self_attn.o_proj``) follows the report instead:
-its 1x128 tiles use power-of-two scales, the scaled values are cached in an emulated E5M6
-format (12 bits: 6 mantissa bits, ~77 % of BF16 bytes), and backward re-tiles them along tokens
-(dequantising is exact with power-of-two scales, so the only roundings are the E5M6 cache and
-the E4M3 GEMM operand).
-
-The SwiGLU of every MLP and expert caches its two inputs in FP8 (1x128 tiles) and recomputes
-``silu(gate) * up`` and its derivative in backward, so its output is never stored.
+Each is an autograd Function whose three GEMMs (Fprop ``y = x W^T``, Dgrad ``dx = dy W``, Wgrad
+``dW = dy^T x``) run on FP8 operands: x and dy in 1x128 tiles, W in 128x128 blocks, Wgrad's operands in
+128x1 tiles along tokens. :class:`FP8Linear` holds the very Parameter of the Linear it replaces; dW is
+accumulated in FP32. Only the 128x1 copy of x is cached for backward (~1.03 bytes an element); the input of
+``self_attn.o_proj`` is cached in E5M6 with power-of-two scales; the SwiGLU caches its two inputs in FP8
+and recomputes its output. Why these choices: docs/fp8.md.
 """
 
 from __future__ import annotations

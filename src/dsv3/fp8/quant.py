@@ -1,22 +1,10 @@
 """Fine-grained FP8 quantisation: 1x128 tiles and 128x128 blocks (report section 3.3.2).
 
-A 2-D tensor ``x`` [R, C] is cut into blocks of ``block = (b_r, b_c)`` elements; each block gets
-one scaling factor computed online from its max-abs, and its elements are stored in E4M3:
-
-============  ===============================  =========================================
-``block``     used for                         scale shape
-============  ===============================  =========================================
-``(1, 128)``  activations, activation grads    [R, ceil(C/128)]   (per token, 128 channels)
-``(128, 1)``  the token-dim copies for Wgrad   [ceil(R/128), C]   (per channel, 128 tokens)
-``(128, 128)`` weights                         [ceil(R/128), ceil(C/128)]
-============  ===============================  =========================================
-
-Shapes that are not multiples of the block are zero-padded (zeros do not change a max-abs
-nor a dot product), never refused; :class:`QTensor` remembers the logical shape. Leading batch
-dimensions (the expert dimension of stacked expert weights) are carried through unchanged.
-
-The copies tiled along the token dimension that Wgrad needs are quantised from the
-high-precision tensor (:func:`quantize` with ``block=(128, 1)``), never by re-quantising FP8.
+A 2-D tensor ``x`` [R, C] is cut into blocks ``(b_r, b_c)``, each with one scale from its max-abs and its
+elements in E4M3: ``(1, 128)`` activations and their gradients (scales [R, ceil(C/128)]), ``(128, 1)`` the
+token-dim copies for Wgrad ([ceil(R/128), C]), ``(128, 128)`` weights. Shapes that are not multiples of the
+block are zero-padded (:class:`QTensor` keeps the logical shape); leading batch dims are carried through.
+Wgrad's token-dim copies are quantised from high precision, never from FP8. Narrative: docs/fp8.md.
 """
 
 from __future__ import annotations

@@ -5,8 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from dsv3.errors import ConfigError
-from dsv3.fp8.formats import SCALE_FORMATS
-from dsv3.fp8.gemm import BACKENDS
+from dsv3.layout import FP8_BACKENDS, FP8_SCALE_FORMATS
 
 ATTN_OUT_FORMATS = ("e5m6", "e4m3")
 
@@ -46,11 +45,11 @@ class FP8Recipe:
     exclude: tuple[str, ...] = ("lm_head", "*.lm_head", "*.gate", "*.shared_head", "*.shared_head.*")
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"FP8 backend {self.backend!r} is unknown; choose one of {', '.join(BACKENDS)}.")
-        if self.scale_format not in SCALE_FORMATS:
+        if self.backend not in FP8_BACKENDS:
+            raise ConfigError(f"FP8 backend {self.backend!r} is unknown; choose one of {', '.join(FP8_BACKENDS)}.")
+        if self.scale_format not in FP8_SCALE_FORMATS:
             raise ConfigError(
-                f"FP8 scale_format {self.scale_format!r} is unknown; choose one of {', '.join(SCALE_FORMATS)}."
+                f"FP8 scale_format {self.scale_format!r} is unknown; choose one of {', '.join(FP8_SCALE_FORMATS)}."
             )
         if self.attn_out_format not in ATTN_OUT_FORMATS:
             raise ConfigError(

@@ -1,41 +1,23 @@
 """Redundant-expert placement for expert-parallel serving (report 3.4; the deepseek-ai/EPLB interface).
 
-Given per-layer expert loads ``weight`` [L, E] (tokens routed to each logical expert),
-:func:`rebalance_experts` chooses R >= E physical expert slots (replicas), how many
-replicas each logical expert gets, and which GPU holds each slot, so that the
-busiest GPU's load is as small as possible. A replicated expert's tokens are split
-evenly among its replicas, so a replica carries ``load / count``.
-
-Policies (as published):
-
-* **hierarchical**, when the ``num_groups`` expert groups divide over the ``num_nodes``
-  nodes: (1) pack whole groups onto nodes, equal group counts per node, balancing node
-  load; (2) within each node, give the R/N slots to its experts, each extra replica going
-  to the expert with the largest ``load / count``; (3) pack the node's replicas onto its
-  GPUs, equal counts per GPU. Every replica stays on the node that holds its group, so
-  group-limited routing keeps its cross-node traffic.
-* **global** otherwise: the same with one group and one node.
-
-The published packing is greedy (heaviest item to the lightest pack with room). The
-default ``policy="refined"`` adds an exchange local search to steps (1) and (3): while
-some pair of packs has items whose swap lowers the larger of the two loads, the swap
-that lowers it most is made for the busiest pack. It then keeps, per layer, whichever of
-the published plan and the refined plans has the smaller busiest GPU, so it is never
-less balanced than the published algorithm. ``policy="published"`` is a faithful
-re-implementation of deepseek-ai/EPLB (it reproduces its README example).
-
-Outputs (the EPLB interface): ``phy2log`` [L, R] logical expert of each physical slot
-(slot s lives on GPU s // (R / num_gpus)); ``log2phy`` [L, E, max count] the slots of each
-logical expert, -1 padded; ``logcnt`` [L, E] replicas per logical expert.
+:func:`rebalance_experts` takes per-layer expert loads ``weight`` [L, E] and chooses R >= E physical
+slots, the replicas of each logical expert and the GPU of each slot, minimising the busiest GPU's load (a
+replica carries ``load / count``). Policies: hierarchical (groups packed onto nodes, then replicas onto
+GPUs) when the groups divide over the nodes, else global. ``policy="published"`` re-implements
+deepseek-ai/EPLB's greedy packing; the default ``"refined"`` adds a swap search and is never less balanced.
+Outputs: ``phy2log`` [L, R], ``log2phy`` [L, E, max count] (-1 padded), ``logcnt`` [L, E].
+The algorithm step by step: docs/inference.md.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Literal
 
 import torch
 
-from dsv3.errors import ConfigError
+from dsv3.errors import ConfigError, DataError
 
 Policy = Literal["refined", "published"]
 
@@ -322,11 +304,6 @@ def read_expert_loads(path) -> torch.Tensor:
     * a plain JSON array [layers][experts].
     Raises DataError for anything else.
     """
-    import json
-    import os
-
-    from dsv3.errors import DataError
-
     path = os.fspath(path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "metrics.jsonl")):
         path = os.path.join(path, "metrics.jsonl")

@@ -19,6 +19,7 @@ import torch
 
 from dsv3.errors import CheckpointError, ConfigError
 from dsv3.model import DeepseekV3ForCausalLM
+from dsv3.parallel.checkpointer import Checkpointer
 
 
 def token_probs(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0) -> torch.Tensor:
@@ -311,8 +312,6 @@ def load_for_generation(path: str, *, use_ema: bool = False, device: str = "cpu"
     (speculative decoding drafts with them), and with ``use_ema`` the checkpoint's EMA
     weights replace the trained ones.
     """
-    from dsv3.checkpoint.checkpointer import Checkpointer
-
     model, checkpoint = Checkpointer.load_for_inference(path, device=device, use_ema=use_ema)
     if not keep_mtp:
         model.drop_mtp()

@@ -15,10 +15,12 @@ router that returns physical indices.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
-from dsv3.errors import ConfigError
+from dsv3.errors import ConfigError, DataError
 from dsv3.model import DeepseekV3ForCausalLM
 
 
@@ -103,10 +105,6 @@ def apply_placement(
 
 def read_placement(path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(phy2log, log2phy, logcnt) from a ``dsv3 eplb --json`` file."""
-    import json
-
-    from dsv3.errors import DataError
-
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)

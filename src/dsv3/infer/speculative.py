@@ -1,35 +1,13 @@
 """Speculative decoding with the Multi-Token Prediction modules (report 5.4.3).
 
-The D MTP modules draft the next tokens; one forward of the main model over the
-drafted tokens verifies them.
-
-Notation: the committed sequence is t_0 .. t_N; the main model has run (and
-cached) positions 0 .. N-1, giving h^0_0 .. h^0_{N-1}; t_N is the newest token,
-produced by the main model. One round:
-
-1. **Draft.** MTP module k (1 <= k <= D) at position i combines h^{k-1}_i with
-   Emb(t_{i+k}) exactly as in training (:mod:`dsv3.model.mtp`). Module k runs the
-   positions it has not yet cached up to N-1, its tokens t_{i+k} being committed
-   tokens or, past N, the drafts d_1 .. d_{k-1}; its output at N-1 gives
-   q_k = P(t_{N+k} | ...) and the draft d_k ~ q_k (argmax when greedy).
-2. **Verify.** The main model runs [t_N, d_1, .., d_D] at positions N .. N+D in
-   one forward, giving the target distributions p_0 .. p_D of t_{N+1} .. t_{N+D+1}.
-3. **Accept.** Greedy: d_j is accepted while it equals argmax p_{j-1}; the first
-   mismatch is replaced by that argmax, and when all D are accepted argmax p_D is a
-   bonus token. Sampling (speculative / rejection sampling, Leviathan et al. 2023,
-   Chen et al. 2023): d_j is accepted with probability min(1, p(d_j) / q(d_j));
-   on rejection the replacement is drawn from norm(max(0, p - q)), and after D
-   acceptances the bonus from p_D. Every emitted token is then distributed exactly as
-   under plain sampling from p (temperature and top-p applied identically to p and q).
-4. **Roll back.** With a accepted drafts, t_0 .. t_{N+a+1} are committed. The main
-   cache keeps positions 0 .. N+a (:meth:`~dsv3.model.mla.LatentKVCache.rollback`);
-   module k's cache keeps the positions i with i + k <= N + a (their inputs are all
-   committed tokens), the rest is recomputed in the next round.
-
-Greedy speculative decoding emits token for token what :func:`~dsv3.infer.generate.generate`
-emits (up to floating-point ties between the one- and multi-token forwards).
-Batched: B prompts of one length decode together, each round verifying [B, D+1] tokens in one
-forward; as the rows share one cache length a round commits the fewest drafts any row accepted.
+One round: the D MTP modules draft d_1 .. d_D (module k as in training, :mod:`dsv3.model.mtp`); one
+forward of the main model over [t_N, d_1 .. d_D] gives the targets p_0 .. p_D; drafts are accepted
+greedily (equal to argmax) or by rejection sampling (accept with min(1, p/q), else draw from
+norm(max(0, p - q))), plus a bonus token after D acceptances; the caches roll back to the committed
+tokens (:meth:`~dsv3.model.mla.LatentKVCache.rollback`). Greedy output equals
+:func:`~dsv3.infer.generate.generate`'s token for token; sampled tokens are distributed exactly as under
+plain sampling. Batched rows commit the fewest drafts any row accepted. The notation and the four steps
+in full: docs/inference.md.
 """
 
 from __future__ import annotations

@@ -1,21 +1,14 @@
 """Measuring what training really holds in memory.
 
-Two measurements of the activations one micro-batch keeps between forward and
-backward:
-
-- :class:`SavedTensorBytes` counts the tensors autograd packs for backward
-  (``torch.autograd.graph.saved_tensors_hooks``), each storage once, parameters
-  excluded. It sees everything autograd saves *outside* recomputed regions.
-- :class:`LiveForwardBytes` records every storage created during the forward (a
-  ``TorchDispatchMode`` that sees each op's outputs) and counts those still alive
-  when the forward returns: the saved tensors plus what recomputation keeps (the
-  inputs of checkpointed regions and the outputs the selective policy caches).
-  This is the number that matters for memory, and the one :func:`measure_training`
-  reports; without recomputation the two agree.
-
-:func:`measure_training` runs a few real training steps of a configuration and
-reports parameter, gradient, optimizer-state, EMA (host) and activation bytes, the
-peak CUDA memory where there is one, and the throughput.
+Two measurements of the activations one micro-batch keeps between forward and backward:
+:class:`SavedTensorBytes` counts the storages autograd packs for backward (parameters excluded: what
+is saved *outside* recomputed regions); :class:`LiveForwardBytes` counts every storage created during
+the forward that is still alive when it returns (the saved tensors plus what recomputation keeps: the
+inputs of checkpointed regions and the outputs the selective policy caches), the number that matters
+for memory and the one :func:`measure_training` reports. :func:`measure_training` runs a few real
+training steps and reports parameter, gradient, optimizer-state, EMA (host) and activation bytes, the
+peak CUDA memory where there is one, and the throughput. Stepping a whole training configuration
+(``dsv3 memory``) is :mod:`dsv3.train.measure`.
 """
 
 from __future__ import annotations
@@ -29,6 +22,8 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from dsv3.optim import optimizer_state_bytes
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -199,8 +194,6 @@ def measure_training(
         tokens = batch[0].numel()
     if ema is not None:
         ema.wait()
-    from dsv3.train.optim import optimizer_state_bytes
-
     return MemoryReport(
         name=name,
         params=param_bytes(model),
@@ -212,83 +205,3 @@ def measure_training(
         tokens_per_s=tokens / statistics.median(times) if times else float("nan"),
         peak_device=torch.cuda.max_memory_allocated() if cuda else None,
     )
-
-
-@dataclass
-class TrainingSession:
-    """A training configuration built by :func:`dsv3.train.session.build_session` (as ``dsv3 train``
-    builds it, without writing a run directory), ready to measure or step (see :func:`prepare_config`)."""
-
-    name: str
-    session: Any  # dsv3.train.session.Session
-
-    @property
-    def config(self):
-        return self.session.config
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.session.model
-
-    @property
-    def optimizer(self):
-        return self.session.optimizer
-
-    @property
-    def ema(self):
-        return self.session.ema
-
-    def batches(self) -> tuple:
-        """The next micro-batch ``(input_ids, labels)`` on the session's device."""
-        return self.session.prefetcher.get(1)[0][0]
-
-    def measure(self, steps: int = 3) -> MemoryReport:
-        """:func:`measure_training` on this session, with the config's options recorded."""
-        report = measure_training(self.name, self.model, self.optimizer, self.batches, ema=self.ema, steps=steps)
-        flat = self.config.to_flat_dict()
-        report.options = {
-            k: flat[k]
-            for k in ("model", "seq_len", "micro_batch", "recompute", "fp8", "optim_states", "ema_decay", "dtype")
-        }
-        return report
-
-    def step(self) -> float:
-        """One timed training step (the trainer's :func:`~dsv3.train.step.train_step`) on the next
-        micro-batch; seconds."""
-        from dsv3.train.step import train_step
-
-        batch = self.batches()
-        cuda = self.session.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        train_step(self.session, [batch])
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    def close(self) -> None:
-        self.session.close()
-
-
-def prepare_config(config, name: str | None = None) -> TrainingSession:
-    """Build the tokenizer, data, model (with its FP8/recomputation transformations), optimizer and EMA
-    of the training configuration ``config`` (a :class:`~dsv3.train.config.TrainConfig`) exactly as
-    ``dsv3 train`` does (:func:`~dsv3.train.session.build_session`). Nothing is written except the
-    tokenizer/token caches.
-    """
-    from dsv3.train.session import build_session
-
-    return TrainingSession(name or config.model.name, build_session(config, write=False, prefetch=False))
-
-
-def measure_config(config, *, steps: int = 3, name: str | None = None) -> MemoryReport:
-    """Measure the training configuration ``config`` (a :class:`~dsv3.train.config.TrainConfig`).
-
-    Builds it with :func:`prepare_config`, then runs :func:`measure_training` on real batches.
-    """
-    session = prepare_config(config, name)
-    try:
-        return session.measure(steps)
-    finally:
-        session.close()

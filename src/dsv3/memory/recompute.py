@@ -35,17 +35,14 @@ counted once.
 from __future__ import annotations
 
 import functools
-from typing import get_args
 
 import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from dsv3.errors import ConfigError
+from dsv3.layout import RECOMPUTE_MODES
 from dsv3.model.block import DecoderLayer
 from dsv3.model.ops import GROUPED_MM_OPS
-from dsv3.train.config import RecomputeMode
-
-POLICIES: tuple[str, ...] = get_args(RecomputeMode)  # none, selective, full: spelled once, in the run config
 
 _aten = torch.ops.aten
 
@@ -201,8 +198,8 @@ def caches_fp8(layer: DecoderLayer) -> bool:
 
 def apply_recompute(model: torch.nn.Module, policy: str) -> torch.nn.Module:
     """Set the recomputation policy of every block of ``model`` (idempotent; ``none`` undoes it)."""
-    if policy not in POLICIES:
-        raise ConfigError(f"recompute policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if policy not in RECOMPUTE_MODES:
+        raise ConfigError(f"recompute policy must be one of {', '.join(RECOMPUTE_MODES)}, got {policy!r}")
     cls = _POLICY_CLASSES[policy]
     for layer in model.modules():
         if isinstance(layer, DecoderLayer):

@@ -1,8 +1,5 @@
 """Multi-head Latent Attention (report 2.1.1).
 
-Symbols: d = ``hidden_size``, n_h = heads, d_h = ``qk_nope_head_dim``, d_h^R =
-``qk_rope_head_dim``, d_v = ``v_head_dim``, d_c = ``kv_lora_rank``, d_c' = ``q_lora_rank``.
-
     c^Q   = RMSNorm(W^DQ h)                   q_a_proj, q_a_layernorm      [T, d_c']
     q^C   = W^UQ c^Q,  q^R = RoPE(W^QR c^Q)   q_b_proj (both, fused)       [T, n_h, d_h + d_h^R]
     c^KV  = RMSNorm(W^DKV h)                  kv_a_proj_with_mqa[:d_c]     [T, d_c]
@@ -10,14 +7,9 @@ Symbols: d = ``hidden_size``, n_h = heads, d_h = ``qk_nope_head_dim``, d_h^R =
     k^C, v = W^UK c^KV, W^UV c^KV             kv_b_proj                    [T, n_h, d_h], [T, n_h, d_v]
     o     = softmax([q^C; q^R] [k^C; k^R]^T * scale) v ;  u = W^O o        o_proj
 
-Training uses the expanded keys/values and fused causal attention
-(``scaled_dot_product_attention``; values are zero-padded to the key width so the
-fused kernel applies). Packed sequences (several documents or conversations in one
-row, report 5.1 "sample masking") pass a block-diagonal causal mask built by
-:func:`document_mask` from per-token segment ids, so attention never crosses from one
-document into another; without it the plain ``is_causal`` kernel runs, at no extra cost. Decoding caches only c^KV and k^R (d_c + d_h^R values per
-token per layer) and absorbs W^UK into the query and W^UV into the output
-(:meth:`MLA.forward` with a :class:`LatentKVCache`).
+Training runs fused attention over the expanded keys/values (packed documents get the block-diagonal
+:func:`document_mask`); decoding caches only c^KV and k^R and absorbs W^UK and W^UV
+(:class:`LatentKVCache`). Symbols and details: docs/model.md.
 """
 
 from __future__ import annotations

@@ -2,25 +2,13 @@
 
     h'_t = u_t + sum_{i=1}^{N_s} FFN^(s)_i(u_t) + sum_{i=1}^{N_r} g_{i,t} FFN^(r)_i(u_t)
 
-Gating (``scoring_func`` sigmoid, ``topk_method`` noaux_tc — DeepSeek-V3):
-s_{i,t} = sigmoid(u_t . e_i); an expert is selected when s_{i,t} + b_i is among the
-top-K_r of the allowed groups (groups ranked by the sum of their top-2
-bias-corrected scores, ``topk_group`` of ``n_group`` kept); g_{i,t} = s_{i,t} /
-sum of the selected s (``norm_topk_prob``), times ``routed_scaling_factor``. The
-bias b_i (``e_score_correction_bias``) only ranks; it never enters g.
-DeepSeek-V2-style configs (``scoring_func`` softmax, ``topk_method`` greedy or
-group_limited_greedy, groups ranked by their max score) are supported too.
-
-Token movement goes through a dispatcher object (``MoE.dispatcher``, DeepEP-shaped:
-``dispatch(x, topk_idx, topk_weights) -> (recv_x, counts, handle)``, ``combine(y, handle)``);
-:class:`LocalDispatcher` is the single-process one. Per-forward loads and balance losses
-are recorded into a :class:`RoutingStats` passed down the forward, never stored on modules.
-
-Load balancing: the auxiliary-loss-free bias update (:meth:`MoE.update_bias`,
-b_i += gamma * sign(mean load - load_i) once per optimizer step over the loads of
-all of that step's micro-batches) and the complementary sequence-wise balance
-loss (:func:`sequence_balance_loss`). gamma and alpha are arguments (the trainer owns them):
-``update_bias(load, gamma)`` and ``RoutingStats(alpha)``.
+Gating: s_{i,t} = sigmoid(u_t . e_i); top-K_r of s + b within the allowed groups; g = normalised s times
+``routed_scaling_factor``; the bias b_i only ranks (V2-style softmax configs too). Tokens move through a
+dispatcher (``dispatch(x, topk_idx, topk_weights) -> (recv_x, counts, handle)``, ``combine(y, handle)``;
+:class:`LocalDispatcher` in one process). Loads and balance losses go into a :class:`RoutingStats`
+passed down the forward. Balancing: the aux-loss-free bias update (:meth:`MoE.update_bias`) and the
+sequence-wise balance loss (:func:`sequence_balance_loss`); gamma and alpha are arguments (the trainer's):
+``update_bias(load, gamma)``, ``RoutingStats(alpha)``. Details: docs/model.md.
 """
 
 from __future__ import annotations

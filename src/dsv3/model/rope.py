@@ -1,25 +1,11 @@
 """Decoupled rotary position embedding (report 2.1.1) with YaRN context extension.
 
-MLA applies RoPE only to the d_h^R-dimensional decoupled parts q^R and k^R.
-DeepSeek lays the rotary dimensions out as interleaved pairs ``(x0, x1), (x2, x3), ...``
-each rotated by one frequency (transformers: ``rope_interleave=True``). The
-rotation here returns the rotated pairs de-interleaved (all first members, then
-all second members); since it is applied identically to q^R and k^R, every dot
-product q^R . k^R, and so attention, is unchanged.
-
-YaRN (arXiv 2309.00071, as configured by DeepSeek's ``rope_scaling``): the
-inverse frequencies blend interpolation (divided by ``factor``) and extrapolation
-with a linear ramp between the correction dimensions of ``beta_fast`` and
-``beta_slow`` rotations, cos/sin are multiplied by
-``mscale(factor, mscale) / mscale(factor, mscale_all_dim)`` and the softmax scale
-by ``mscale(factor, mscale_all_dim)^2``, where ``mscale(s, m) = 0.1 m ln s + 1``.
-These follow transformers' ``_compute_yarn_parameters`` exactly.
-
-Context extension (report 4.3): :func:`extend_context` turns a model configuration
-into its YaRN-extended form (the released DeepSeek-V3 ``rope_scaling``: factor s,
-original length, beta_fast 32, beta_slow 1, mscale = mscale_all_dim = 1), and
-:func:`apply_rope_config` brings a built model's rotary tables and softmax scales in
-line with a changed configuration (a checkpoint loaded, then extended).
+RoPE rotates only q^R and k^R (d_h^R dims), as interleaved pairs; the rotated pairs come back
+de-interleaved, identically for q^R and k^R, so attention is unchanged. YaRN (``rope_scaling``) follows
+transformers' ``_compute_yarn_parameters``: blended inverse frequencies, cos/sin and the softmax scale
+(:func:`softmax_scale`) scaled by mscale. :func:`extend_context` gives a config its YaRN-extended form
+(report 4.3); :func:`dsv3.model.transformer.apply_rope_config` re-points a built model. Details:
+docs/model.md.
 """
 
 from __future__ import annotations
@@ -161,25 +147,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-@torch.no_grad()
-def apply_rope_config(model: nn.Module, config: ModelConfig) -> nn.Module:
-    """Point ``model`` at ``config``'s rope settings: rebuild every :class:`RotaryEmbedding`'s
-    inverse frequencies and amplitude and every MLA's softmax scale (YaRN's mscale^2).
-
-    Needed when a model was built (or loaded) under one configuration and continues under
-    another, e.g. ``--init-from`` a checkpoint with ``--rope-scaling yarn``. Returns ``model``.
-    """
-    from dsv3.model.mla import MLA
-
-    if hasattr(model, "config"):
-        model.config = config
-    inv_freq, attention_factor = rope_frequencies(config)
-    for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.inv_freq = inv_freq.to(device=module.inv_freq.device)
-            module.attention_factor = attention_factor
-        elif isinstance(module, MLA):
-            module.softmax_scale = softmax_scale(config)
-    return model

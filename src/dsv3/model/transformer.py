@@ -3,7 +3,7 @@
 Module names mirror the Hugging Face checkpoint (``model.embed_tokens``,
 ``model.layers.{i}``, ``model.norm``, ``lm_head``) so that state-dict keys map
 one to one; MTP module k is ``mtp.{k-1}`` here and ``model.layers.{L+k-1}`` in the
-checkpoint (see :mod:`dsv3.checkpoint.hf`).
+checkpoint (see :mod:`dsv3.model.hf`).
 
 Training objective (report 2.2, 2.1.2):
 ``loss = L_Main + lambda/D * sum_k L^k_MTP + sum_layers L_Bal``; lambda (``mtp_loss_weight``) and
@@ -21,12 +21,14 @@ from torch import nn
 
 from dsv3.config import RECIPE_DEFAULTS, ModelConfig
 from dsv3.model.block import DecoderLayer
+from dsv3.model.hf import load_state_into, read_pretrained, save_pretrained
 from dsv3.model.loss import IGNORE_INDEX, fused_linear_cross_entropy
-from dsv3.model.mla import LatentKVCache, document_mask
+from dsv3.model.mla import MLA, LatentKVCache, document_mask
 from dsv3.model.moe import Experts, MoE, Router, RoutingStats
 from dsv3.model.mtp import MTPLayer
 from dsv3.model.norm import RMSNorm
-from dsv3.model.rope import RotaryEmbedding
+from dsv3.model.rope import RotaryEmbedding, rope_frequencies, softmax_scale
+from dsv3.utils.meta import materialize
 
 
 @dataclass
@@ -163,16 +165,23 @@ class DeepseekV3ForCausalLM(nn.Module):
         return total
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "DeepseekV3ForCausalLM":
-        """Load a Hugging Face checkpoint directory (see :func:`dsv3.checkpoint.hf.from_pretrained`)."""
-        from dsv3.checkpoint.hf import from_pretrained
-
-        return from_pretrained(path, **kwargs)
+    def from_pretrained(
+        cls,
+        path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        strict: bool = True,
+    ) -> "DeepseekV3ForCausalLM":
+        """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory (config.json + safetensors; FP8 weights are
+        dequantised to ``dtype``). :func:`dsv3.from_pretrained` also takes a dsv3 run directory."""
+        config, files = read_pretrained(path)
+        model = empty_model(config, device=device, dtype=dtype)
+        load_state_into(model, path, strict=strict, files=files)
+        return model
 
     def save_pretrained(self, path, **kwargs) -> None:
-        """Write a Hugging Face checkpoint directory (see :func:`dsv3.checkpoint.hf.save_pretrained`)."""
-        from dsv3.checkpoint.hf import save_pretrained
-
+        """Write a Hugging Face checkpoint directory (see :func:`dsv3.model.hf.save_pretrained`)."""
         save_pretrained(self, path, **kwargs)
 
     def drop_mtp(self) -> None:
@@ -321,3 +330,37 @@ class DeepseekV3ForCausalLM(nn.Module):
     def _head_loss(self, h_norm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of the shared output head on ``h_norm`` [B, T', d]."""
         return fused_linear_cross_entropy(h_norm.reshape(-1, h_norm.shape[-1]), self.lm_head.weight, labels.reshape(-1))
+
+
+def empty_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The model of ``config`` built on the meta device and given uninitialised storage once, for a load
+    that overwrites every parameter and persistent buffer; the non-persistent buffers (rotary tables),
+    which no checkpoint holds, are rebuilt from the config."""
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    materialize(model, device)  # (nn.Module.to_empty would untie a tied head from the embedding)
+    model.to(dtype)
+    with torch.no_grad():
+        fresh = type(model.model.rotary_emb)(config)
+        model.model.rotary_emb.inv_freq.copy_(fresh.inv_freq)
+    return model
+
+
+@torch.no_grad()
+def apply_rope_config(model: nn.Module, config: ModelConfig) -> nn.Module:
+    """Point ``model`` at ``config``'s rope settings: rebuild every :class:`RotaryEmbedding`'s
+    inverse frequencies and amplitude and every MLA's softmax scale (YaRN's mscale^2).
+
+    Needed when a model was built (or loaded) under one configuration and continues under
+    another, e.g. ``--init-from`` a checkpoint with ``--rope-scaling yarn``. Returns ``model``.
+    """
+    if hasattr(model, "config"):
+        model.config = config
+    inv_freq, attention_factor = rope_frequencies(config)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.inv_freq = inv_freq.to(device=module.inv_freq.device)
+            module.attention_factor = attention_factor
+        elif isinstance(module, MLA):
+            module.softmax_scale = softmax_scale(config)
+    return model

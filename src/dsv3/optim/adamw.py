@@ -1,23 +1,13 @@
 """AdamW as the DeepSeek-V3 report trains with it (section 4.2), with optional BF16 moments (section 3.3.2).
 
-The report's recipe: AdamW with beta_1 = 0.9, beta_2 = 0.95, weight decay 0.1
-(decoupled, applied to matrices only, not to norms, biases or embeddings),
-gradient clipping at norm 1.0. To save memory the report keeps the first and
-second moments m, v in BF16 while master weights and gradients stay FP32;
-:class:`AdamW` does that with ``moments_dtype=torch.bfloat16`` (FP32 moments
-are the default).
+beta = (0.9, 0.95), decoupled weight decay 0.1 on matrices only (not norms, biases, embeddings), clipping
+at norm 1.0. One step for p with gradient g at step t::
 
-One step, for parameter p with gradient g at step t (1-based), learning rate
-eta, weight decay lambda::
+    p <- p * (1 - eta * lambda);  m <- beta_1 m + (1 - beta_1) g;  v <- beta_2 v + (1 - beta_2) g^2
+    p <- p - eta / (1 - beta_1^t) * m / (sqrt(v) / sqrt(1 - beta_2^t) + eps)
 
-    p   <- p * (1 - eta * lambda)                 # decoupled weight decay
-    m   <- beta_1 * m + (1 - beta_1) * g
-    v   <- beta_2 * v + (1 - beta_2) * g^2
-    p   <- p - eta / (1 - beta_1^t) * m / (sqrt(v) / sqrt(1 - beta_2^t) + eps)
-
-With BF16 moments, m and v are upcast to FP32, updated in FP32 and rounded
-back (round to nearest even) once per step; p is updated in FP32 from the
-FP32 values of that step.
+With ``moments_dtype=torch.bfloat16`` m and v are stored in BF16, updated in FP32 and rounded back once a
+step. Details: docs/model.md.
 """
 
 from __future__ import annotations
@@ -169,6 +159,20 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict[str, Any]) -> None:
+        """One AdamW step of ``group``: torch's fused kernel (FP32), a compiled kernel per tensor (BF16 moments),
+        else multi-tensor FP32 arithmetic on working copies."""
+        tensors = self._group_state(group)
+        if not tensors[0]:
+            return
+        hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+        if self._fusable(*tensors[:4]):
+            self._step_fused(*tensors, *hyper)
+        elif not self._step_compiled(*tensors, *hyper):
+            self._step_foreach(*tensors, *hyper)
+
+    def _group_state(self, group: dict[str, Any]) -> tuple[list, list, list, list, list[int]]:
+        """``(params, grads, m, v, steps)`` of the parameters of ``group`` that have a gradient (state created
+        on first use, steps counted)."""
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
@@ -186,33 +190,33 @@ class AdamW(torch.optim.Optimizer):
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        if not params:
-            return
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        return params, grads, exp_avgs, exp_avg_sqs, steps
 
-        if self._fusable(params, grads, exp_avgs, exp_avg_sqs):
-            # FP32 everywhere: torch's fused multi-tensor AdamW kernel (one pass over memory), the same
-            # update as below: decoupled decay, m <- lerp, v <- beta_2 v + (1-beta_2) g^2, bias corrections.
-            state_steps = [torch.tensor(float(t), device=params[0].device) for t in steps]
-            torch._fused_adamw_(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                [],
-                state_steps,
-                amsgrad=False,
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=wd,
-                eps=eps,
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
-            )
-            return
+    @staticmethod
+    def _step_fused(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, wd) -> None:
+        """FP32 everywhere: torch's fused multi-tensor AdamW kernel (one pass over memory), the same update as
+        :meth:`_step_foreach`: decoupled decay, m <- lerp, v <- beta_2 v + (1-beta_2) g^2, bias corrections."""
+        state_steps = [torch.tensor(float(t), device=params[0].device) for t in steps]
+        torch._fused_adamw_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            state_steps,
+            amsgrad=False,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=wd,
+            eps=eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
 
+    def _step_compiled(self, params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, wd) -> bool:
+        """BF16 moments with FP32 parameters: a compiled kernel per tensor; False where it does not apply."""
         if (
             self._compiled_ok
             and self.moments_dtype != torch.float32
@@ -236,12 +240,16 @@ class AdamW(torch.optim.Optimizer):
                         1.0 - beta1**t,
                         math.sqrt(1.0 - beta2**t),
                     )
-                return
-            except Exception:  # no compiler on this machine: the multi-tensor path below, from now on
+                return True
+            except Exception:  # no compiler on this machine: the multi-tensor path, from now on
                 if p is not params[0]:
                     raise  # a failure after some tensors were updated must not be retried
                 self._compiled_ok = False
+        return False
 
+    @staticmethod
+    def _step_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, eps, wd) -> None:
+        """Multi-tensor FP32 arithmetic on working copies, rounded back into the stored tensors."""
         # FP32 working copies where the stored tensor is not FP32 (BF16 moments, low-precision params).
         fp32 = torch.float32
         p32 = [p if p.dtype == fp32 else p.float() for p in params]

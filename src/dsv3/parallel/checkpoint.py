@@ -413,8 +413,8 @@ def load_full_model(checkpoint: str, *, device: str | torch.device = "cpu", use_
 
     ``checkpoint``: a ``dcp-*`` directory inside its run directory (whose ``model_config.json`` describes
     the model). ``use_ema``: the EMA shadows (``ema/...``) replace the trained parameters."""
-    from dsv3.checkpoint.hf import empty_model
     from dsv3.config import ModelConfig
+    from dsv3.model.transformer import empty_model
 
     config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model_config.json")
     if not os.path.isfile(config_path):

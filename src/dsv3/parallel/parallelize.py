@@ -114,10 +114,11 @@ def initialize(
     (``partial``: the model holds a rank's part, and only that part is read; every held tensor must be
     found), else the per-parameter seeds of ``model.init_seed``;
     then ``model.config = mcfg`` with its rotary tables (non-persistent buffers) and softmax scales."""
-    from dsv3.model.rope import RotaryEmbedding, apply_rope_config
+    from dsv3.model.rope import RotaryEmbedding
+    from dsv3.model.transformer import apply_rope_config
 
     if init_from:  # only the tensors and expert rows this rank holds are read
-        from dsv3.checkpoint.checkpointer import Checkpointer
+        from dsv3.parallel.checkpointer import Checkpointer
 
         Checkpointer.init_from(init_from, model, partial=partial)
     else:
@@ -169,7 +170,7 @@ def parallelize(
         ctx: the :class:`~dsv3.parallel.world.ParallelContext` (``ParallelContext.single(device)`` for one process).
         config: the :class:`~dsv3.train.config.TrainConfig`.
         mcfg: the run's model configuration (default ``model.config``).
-        init_from: a Hugging Face checkpoint directory (:func:`dsv3.checkpoint.hf.resolve_pretrained`)
+        init_from: a Hugging Face checkpoint directory (:func:`dsv3.checkpoint.state.resolve_pretrained`)
             whose held tensors are the initial values (default: the per-parameter seeds).
         run_dir: where a ``--trace`` of the pipeline goes.
         partial: read only the held tensors of ``init_from`` (default: under ep or pp); True also in one process

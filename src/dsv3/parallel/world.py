@@ -1,21 +1,16 @@
 """The parallel context: who this process is in a ``pp x dp`` world, with ``dp = edp x ep``.
 
-Layout (the planner's, ``dsv3 plan``): ``world = ndev * dp`` where ``ndev`` is the number of
-pipeline devices (``pp`` stages run on ``pp`` devices, or on ``pp / 2`` under DualPipeV, two
-stages per device in a V; ``ndev = 1`` without pipeline parallelism); expert parallelism splits the
-data-parallel ranks into ``edp = dp / ep`` groups of ``ep`` consecutive ranks, each group
-holding all ``N_r`` routed experts (``N_r / ep`` per rank, one contiguous block), and the
-``edp`` replicas of an expert block do data parallelism among themselves.
-
-Ranks are node-major: ``rank = pp_idx * dp + edp_idx * ep + ep_idx`` (``pp_idx`` the pipeline
-device), so the ``dp`` ranks of one pipeline device are consecutive, one pipeline is the ranks
-``[pp_idx * dp + dp_idx for pp_idx in range(ndev)]`` of one ``dp_idx``, and the ``ep`` ranks of
-one expert-parallel group are consecutive (the same node when ``ep`` is at most the GPUs per
-node), and with ``n_group`` routing groups over ``ep`` ranks one routing group is the
-experts of one node (report 2.1.2: node-limited routing).
-
-Nothing is module-level: :func:`init_parallel` returns a :class:`ParallelContext` that is
-passed around; :meth:`ParallelContext.single` is the one-process context.
+``world = ndev * dp`` with ``ndev`` the pipeline devices (:func:`dsv3.layout.pipeline_devices`: ``pp``,
+``pp / 2`` under DualPipeV, 1 without a pipeline). Expert parallelism splits the dp ranks into
+``edp = dp / ep`` groups of ``ep`` consecutive ranks, each group holding all ``N_r`` routed experts
+(``N_r / ep`` per rank, one contiguous block); the ``edp`` replicas of a block do data parallelism.
+Ranks are node-major, ``rank = pp_idx * dp + edp_idx * ep + ep_idx``: one pipeline is the ranks
+``[p * dp + dp_idx for p in range(ndev)]``, one expert-parallel group is consecutive (one node when
+``ep`` is at most the GPUs per node, so with ``n_group`` routing groups over ``ep`` ranks a routing
+group is one node's experts: report 2.1.2, node-limited routing). :func:`init_parallel` checks the
+layout (:func:`dsv3.layout.check_layout`) before any process group exists and returns a
+:class:`ParallelContext` that is passed around (nothing is module-level);
+:meth:`ParallelContext.single` is the one-process context.
 """
 
 from __future__ import annotations
@@ -25,63 +20,12 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
-from dsv3.errors import ConfigError
+from dsv3.layout import SCHEDULES, check_layout, pipeline_devices
 
 DEFAULT_TIMEOUT_S = 60.0
-
-
-def pipeline_devices(pp: int, schedule: str | None = None) -> int:
-    """Devices one pipeline of ``pp`` stages runs on under ``schedule`` (:func:`dsv3.parallel.pipeline.executor.devices_of`)."""
-    if pp <= 1:
-        return 1
-    from dsv3.parallel.pipeline.executor import devices_of
-
-    return devices_of(schedule or "1f1b", pp)
-
-
-def check_layout(
-    world_size: int,
-    pp: int = 1,
-    dp: int | None = None,
-    ep: int = 1,
-    n_routed_experts: int | None = None,
-    schedule: str | None = None,
-) -> tuple[int, int, int]:
-    """Validate a layout and fill in ``dp``; returns ``(pp, dp, ep)``.
-
-    ``pp`` counts pipeline stages; the world is ``pipeline_devices(pp, schedule) * dp``
-    (the schedule's own rules on ``pp``, layers and micro-batches are checked by
-    :func:`dsv3.parallel.pipeline.train.check_pipeline_layout`).
-
-    Raises:
-        ConfigError: (one sentence) for degrees below 1, a world size that is not
-            ``pipeline devices * dp``, ``ep`` not dividing ``dp`` or ``n_routed_experts``.
-    """
-    for name, value in (("pp", pp), ("ep", ep)) + ((("dp", dp),) if dp is not None else ()):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
-    ndev = pipeline_devices(pp, schedule)
-    if world_size % ndev:
-        raise ConfigError(
-            f"the world size {world_size} is not a multiple of the {ndev} pipeline devices of --pp {pp}; "
-            f"launch {ndev} * dp processes"
-        )
-    if dp is None:
-        dp = world_size // ndev
-    if ndev * dp != world_size:
-        raise ConfigError(
-            f"the world size {world_size} does not factor as {ndev} pipeline devices x --dp {dp}; "
-            f"launch {ndev * dp} processes or change --dp"
-        )
-    if dp % ep:
-        raise ConfigError(f"--ep {ep} does not divide the data-parallel degree {dp}; pick an ep that divides dp")
-    if n_routed_experts is not None and ep > 1 and n_routed_experts % ep:
-        raise ConfigError(
-            f"--ep {ep} does not divide the model's {n_routed_experts} routed experts; "
-            f"pick an ep that divides n_routed_experts"
-        )
-    return pp, dp, ep
 
 
 def pipelines_of(ndev: int, dp: int) -> list[list[int]]:
@@ -97,7 +41,7 @@ class ParallelContext:
         rank, world_size: global rank and number of processes.
         pp, dp, ep: pipeline stages, data-parallel and expert-parallel degrees (``edp = dp // ep``).
         pp_devices: devices of one pipeline (``pp``, ``pp / 2`` under DualPipeV, 1 without a pipeline).
-        schedule: the pipeline schedule's name (``1f1b``, ``zb1p``, ``dualpipe``, ``dualpipev``).
+        schedule: the pipeline schedule's name (one of :data:`dsv3.layout.SCHEDULES`).
         device: where this process computes.
         backend: ``"gloo"`` (CPU), ``"nccl"`` (CUDA) or ``None`` (one process).
         mesh: the ``("pp", "edp", "ep")`` DeviceMesh (``None`` for one process); its ``pp``
@@ -114,7 +58,7 @@ class ParallelContext:
     dp: int = 1
     ep: int = 1
     pp_devices: int = 1
-    schedule: str = "1f1b"
+    schedule: str = SCHEDULES[0]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: str | None = None
     mesh: object | None = None
@@ -176,17 +120,12 @@ class ParallelContext:
 
     def barrier(self) -> None:
         if self.distributed:
-            import torch.distributed as dist
-
             dist.barrier()
 
     def destroy(self) -> None:
         """Tear the process groups down (idempotent)."""
-        if self.distributed:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -233,7 +172,7 @@ def init_parallel(
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and ``MASTER_ADDR``/``MASTER_PORT``). Without
     ``WORLD_SIZE`` (or with 1) it returns :meth:`ParallelContext.single` after checking the layout.
-    The layout is checked *before* any process group is created, so a bad layout fails on every
+    The layout is checked (:func:`dsv3.layout.check_layout`) *before* any process group is created, so a bad layout fails on every
     rank with the same one-line :class:`ConfigError`. gloo is used on CPU, NCCL on CUDA. A CPU rank
     runs :func:`rank_threads` intra-op threads (cores / ranks on the node) unless the user set
     ``OMP_NUM_THREADS``.
@@ -247,9 +186,9 @@ def init_parallel(
         device: ``"cpu"``/``"cuda"``; default CUDA when available.
     """
     world_size = _env_int("WORLD_SIZE", 1)
-    pp, dp, ep = check_layout(world_size, pp, dp, ep, n_routed_experts, schedule)
+    schedule = str(schedule or SCHEDULES[0]).lower()
+    pp, dp, ep = check_layout(world_size, pp, dp, ep, n_routed_experts, schedule if pp > 1 else None)
     ndev = pipeline_devices(pp, schedule)
-    schedule = str(schedule or "1f1b").lower()
     if timeout_s is None:
         timeout_s = float(os.environ.get("DSV3_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -264,9 +203,6 @@ def init_parallel(
         ctx.timeout_s = timeout_s
         ctx.pp, ctx.schedule = pp, schedule
         return ctx
-
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
     backend = "nccl" if dev.type == "cuda" else "gloo"
     rank = _env_int("RANK", 0)

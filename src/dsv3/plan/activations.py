@@ -1,85 +1,13 @@
 """The activations a training step keeps for backward, itemised tensor by tensor.
 
-Each :class:`ActItem` is one storage that stays alive between a layer's forward
-and its backward: its name (the Hugging Face module path that keeps it), which
-operator keeps it, how many elements it holds per token of the micro-batch on
-one device, its format, its bytes per token (FP8 tile scales and padding
-included), and which recomputation policies keep it. The table follows dsv3's
-implementation (:mod:`dsv3.model`, :mod:`dsv3.fp8`, :mod:`dsv3.memory.recompute`);
-``bench/plan_vs_measured.py`` checks it against the bytes a real forward leaves
-alive (:func:`dsv3.memory.measure.activation_bytes`).
-
-What the operators keep without recomputation (one storage each; a tensor two
-operators keep is listed once):
-
-- RMSNorm keeps its input and the per-token reciprocal RMS ``rstd`` (FP32) and
-  recomputes its output in backward;
-- Linear keeps its input (the weight is a parameter, not an activation); the
-  input of the down-projections (W^DQ, W^DKV/W^KR) is their shared RMSNorm output;
-- RoPE keeps its cos/sin tables, not the rotated values (the tables are
-  constants): with FP32 activations the stage's one pair of FP32 tables, shared
-  by every layer; otherwise each layer's casts of them to the activation format
-  (one pair for q^R, one for k^R), and the tables are kept only as an input of
-  the recomputed regions;
-- the attention core (SDPA) keeps q, k, v, its output and one logsumexp per head
-  and token; MLA's values are zero-padded to the key width d_h + d_h^R for the
-  fused kernel, so v and the output are that wide, and the o_proj input is a
-  separate unpadded copy; ``eager`` attention (not what dsv3 runs; for comparison
-  with published analyses) keeps the s x s softmax (FP32) and probabilities;
-- SwiGLU ``silu(gate) * up`` keeps only gate and up (and, in the MoE, each token
-  copy's routing weight g, applied before the down-projection) and recomputes
-  silu in backward; the down-projection keeps SwiGLU's output;
-- the router computes in FP32: it keeps an FP32 copy of its input (where the
-  activations are not FP32) and of its weight (where that is not FP32), the
-  sigmoid scores, the selected expert indices and, where g is normalised
-  (``norm_topk_prob``), the selected affinities and their sum; the sequence-wise balance loss keeps the score
-  sums and f_i; the MoE keeps the per-expert load it reports (``last_load``);
-- the routed experts keep the dispatched token copies (grouped gate/up GEMM
-  input), the grouped GEMM offsets, the token index of each copy (dispatch
-  ``index_select`` and the combine, which keeps nothing else) and the copy order
-  (gathers the routing weights). Load is assumed balanced: every device
-  processes K_r x T token copies per T tokens, T K_r / N_r per expert;
-- the output-head loss (:func:`dsv3.model.loss.fused_linear_cross_entropy`, the
-  main head and each MTP head) keeps dL/dh [N, d] in the activation format and
-  dL/dW [V, d] in the head weight's format, computed in forward; no logits.
-
-Recompute policies (:mod:`dsv3.memory.recompute`, report 3.2.3):
-
-- ``none``: everything above;
-- ``selective``: attention in two checkpointed regions: (1) RMSNorm and the
-  down-projections keep the layer input and the down-projection outputs (the
-  un-normalised latents); (2) everything after them keeps only the SDPA output
-  and logsumexp. The FFN is one region keeping its GEMM outputs (router logits,
-  SwiGLU inputs gate/up, the down-projection outputs, routed and shared) and
-  its input; RMSNorm outputs, dispatch copies and SwiGLU outputs are recomputed.
-  With ``--fp8`` the FFN is not recomputed (its GEMM and SwiGLU inputs are
-  already FP8 copies): it keeps what it keeps under ``none``. MTP's enorm, hnorm
-  and eh_proj, the final norms and the heads are not recomputed;
-- ``full``: each decoder layer keeps only its input (an MTP module only the
-  main model's tensors it reads: h and the embedding) and is re-run in backward;
-  the output head, its loss and the final norms are not recomputed.
-
-Items kept only by ``selective`` (the region caches) are listed with that policy.
-
-Parallel splits (per device): ``sp`` tensors are split over TP along the
-sequence when sequence parallelism is on (the residual stream, the RMSNorm
-inputs and outputs, the router), ``tp`` tensors over TP along heads or width,
-``rep`` tensors are whole on every TP rank (the MLA latents c_q, c_kv, which
-the replicated down-projections produce, and row-parallel GEMM outputs before
-their reduction), and ``expert`` tensors hold K_r * ETP / TP token copies per
-token (tokens of a TP group are regrouped into ETP x EP groups), each
-``I_e / ETP`` wide.
-
-With ``--fp8`` (the recipe of report 3.3.3, :mod:`dsv3.fp8.linear`; both
-``fp8_gemm`` settings cache the same tensors) every Linear in the decoder layers
-and MTP modules keeps its own E4M3 copy of its input in 128x1 tiles along
-tokens (1 byte per element, one FP32 scale per 128 tokens of a channel, the
-token count padded to a multiple of 128), except ``o_proj``, which keeps E5M6
-values (1.5 bytes) with one power-of-two FP32 scale per 1x128 tile; SwiGLU keeps
-gate and up in E4M3 1x128 tiles (width padded to a multiple of 128, one FP32
-scale per tile); the routed experts' grouped GEMMs keep the real rows of an
-E4M3 copy tiled along tokens inside each expert's group (scales per 128 rows of
-each group). The router, the heads and the norms stay in high precision.
+Each :class:`ActItem` is one storage that stays alive between a layer's forward and its backward: its
+name (the Hugging Face module path that keeps it), the operator that keeps it, its elements per token of
+the micro-batch on one device, its format and bytes per token (FP8 tile scales and padding included),
+the recomputation policies that keep it (:mod:`dsv3.memory.recompute`) and how TP, sequence parallelism
+and expert parallelism split it (``sp``, ``tp``, ``rep``, ``expert``). The table follows dsv3's
+implementation (:mod:`dsv3.model`, :mod:`dsv3.fp8`) and ``bench/plan_vs_measured.py`` checks it against
+the bytes a real forward leaves alive (:func:`dsv3.memory.measure.activation_bytes`). What each operator
+keeps, under each policy and with ``--fp8``, is written out in docs/planner.md ("The activation items").
 """
 
 from __future__ import annotations
@@ -89,10 +17,11 @@ import math
 from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
+from dsv3.layout import RECOMPUTE_MODES
 from dsv3.plan.layout import Layout
 from dsv3.plan.precision import DTYPE_BYTES, FP8_SCALE_BYTES, FP8_TILE, Precision
 
-ALL = ("none", "selective", "full")
+ALL = RECOMPUTE_MODES
 NO_RECOMPUTE = ("none",)
 NOT_FULL = ("none", "selective")
 SELECTIVE_ONLY = ("selective",)
@@ -414,7 +343,7 @@ def ffn_items(
 ) -> list[ActItem]:
     """Kept tensors of one layer's post-attention RMSNorm and its dense MLP or DeepSeekMoE."""
     d = cfg.hidden_size
-    a, st, rc = prec.activations, prec.stats, prec.router_compute
+    a, st = prec.activations, prec.stats
     it = _Items(cfg, layout, prec, prefix, tokens)
     # Selective recomputation re-runs the FFN except with FP8 caching (then it is left as under `none`).
     recomputed = NOT_FULL if it.fp8 else NO_RECOMPUTE
@@ -422,39 +351,61 @@ def ffn_items(
     it.add("post_attention_layernorm.input", "residual stream after attention", "RMSNorm", d, a, NOT_FULL, "sp")
     it.add("post_attention_layernorm.rstd", "1/RMS per token", "RMSNorm", 1, st, recomputed, "sp")
     if not moe:
-        i = cfg.intermediate_size
-        if it.fp8:
-            for proj in ("gate_proj", "up_proj"):
-                it.linear_input(
-                    f"mlp.{proj}.input", f"normalised FFN input u_t ({proj} input)", "Linear", d, recomputed, "sp"
-                )
-            it.row_tiled("mlp.swiglu.gate", "gate projection (SwiGLU input)", "SwiGLU", i, recomputed, "tp")
-            it.row_tiled("mlp.swiglu.up", "up projection (SwiGLU input)", "SwiGLU", i, recomputed, "tp")
-        else:
-            it.add(
-                "post_attention_layernorm.output",
-                "normalised FFN input u_t (gate_proj, up_proj input)",
-                "Linear",
-                d,
-                a,
-                recomputed,
-                "sp",
-            )
-            it.add("mlp.swiglu.input", "[gate, up] projections (SwiGLU input)", "SwiGLU", 2 * i, a, NOT_FULL, "tp")
-        it.linear_input("mlp.down_proj.input", "SwiGLU output", "Linear", i, recomputed, "tp")
-        if region_cache:
-            it.add(
-                "mlp.down_proj.output",
-                "FFN output (GEMM output cached by the selective region)",
-                "checkpoint",
-                d,
-                a,
-                region_cache,
-                "rep",
-            )
-        return it.items
+        _dense_mlp_items(it, cfg, recomputed, region_cache)
+    else:
+        _router_items(it, cfg, layout, recomputed, region_cache)
+        if cfg.n_shared_experts:
+            _shared_expert_items(it, cfg, recomputed, region_cache)
+        _routed_expert_items(it, cfg, layout, recomputed, region_cache)
+    return it.items
 
-    n_r, k, ie = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+
+def _dense_mlp_items(it: "_Items", cfg: ModelConfig, recomputed, region_cache) -> None:
+    """The dense MLP's kept tensors: SwiGLU inputs, down-projection input (and the cached output)."""
+    d, a = cfg.hidden_size, it.prec.activations
+    i = cfg.intermediate_size
+    if it.fp8:
+        for proj in ("gate_proj", "up_proj"):
+            it.linear_input(
+                f"mlp.{proj}.input", f"normalised FFN input u_t ({proj} input)", "Linear", d, recomputed, "sp"
+            )
+        it.row_tiled("mlp.swiglu.gate", "gate projection (SwiGLU input)", "SwiGLU", i, recomputed, "tp")
+        it.row_tiled("mlp.swiglu.up", "up projection (SwiGLU input)", "SwiGLU", i, recomputed, "tp")
+    else:
+        it.add(
+            "post_attention_layernorm.output",
+            "normalised FFN input u_t (gate_proj, up_proj input)",
+            "Linear",
+            d,
+            a,
+            recomputed,
+            "sp",
+        )
+        it.add("mlp.swiglu.input", "[gate, up] projections (SwiGLU input)", "SwiGLU", 2 * i, a, NOT_FULL, "tp")
+    _down_proj_items(it, "mlp", ("SwiGLU output", "FFN output"), d, i, recomputed, region_cache)
+
+
+def _down_proj_items(
+    it: "_Items", module: str, what: tuple[str, str], d: int, width: float, recomputed, region_cache
+) -> None:
+    """An MLP's down-projection input [width] and, under selective recomputation, its cached output [d]."""
+    it.linear_input(f"{module}.down_proj.input", what[0], "Linear", width, recomputed, "tp")
+    if region_cache:
+        it.add(
+            f"{module}.down_proj.output",
+            f"{what[1]} (GEMM output cached by the selective region)",
+            "checkpoint",
+            d,
+            it.prec.activations,
+            region_cache,
+            "rep",
+        )
+
+
+def _router_items(it: "_Items", cfg: ModelConfig, layout: Layout, recomputed, region_cache) -> None:
+    """The gate's kept tensors: its input, logits, affinities, top-K_r, balance-loss sums, the loads."""
+    d, a, rc = cfg.hidden_size, it.prec.activations, it.prec.router_compute
+    n_r, k = cfg.n_routed_experts, cfg.num_experts_per_tok
     users = []
     if cfg.n_shared_experts and not it.fp8:
         users.append("shared_experts.gate_proj, up_proj")
@@ -474,7 +425,7 @@ def ffn_items(
         it.add(
             "mlp.gate.input", f"FFN input cast to {rc} for the gating GEMM", "Linear (router)", d, rc, recomputed, "sp"
         )
-    if rc != prec.router:  # one cast of the N_r x d router weight per micro-batch
+    if rc != it.prec.router:  # one cast of the N_r x d router weight per micro-batch
         it.constant("mlp.gate.weight_cast", f"router weight cast to {rc}", "Linear (router)", n_r * d, rc, recomputed)
     if region_cache:
         it.add(
@@ -522,47 +473,45 @@ def ffn_items(
     )
     if layout.balance_loss:
         it.constant("mlp.balance_loss", "the layer's balance loss L_Bal (MoE.last_balance_loss)", "MoE", 1, rc, ALL)
-    if cfg.n_shared_experts:
-        w = cfg.n_shared_experts * ie
-        if it.fp8:
-            for proj in ("gate_proj", "up_proj"):
-                it.linear_input(
-                    f"mlp.shared_experts.{proj}.input",
-                    f"normalised FFN input u_t (shared {proj} input)",
-                    "Linear",
-                    d,
-                    recomputed,
-                    "sp",
-                )
-            it.row_tiled(
-                "mlp.shared_experts.swiglu.gate", "shared-expert gate (SwiGLU input)", "SwiGLU", w, recomputed, "tp"
-            )
-            it.row_tiled(
-                "mlp.shared_experts.swiglu.up", "shared-expert up (SwiGLU input)", "SwiGLU", w, recomputed, "tp"
-            )
-        else:
-            it.add(
-                "mlp.shared_experts.swiglu.input",
-                "shared-expert [gate, up] (SwiGLU input)",
-                "SwiGLU",
-                2 * w,
-                a,
-                NOT_FULL,
-                "tp",
-            )
-        it.linear_input(
-            "mlp.shared_experts.down_proj.input", "shared-expert SwiGLU output", "Linear", w, recomputed, "tp"
-        )
-        if region_cache:
-            it.add(
-                "mlp.shared_experts.down_proj.output",
-                "shared-expert output (GEMM output cached by the selective region)",
-                "checkpoint",
+
+
+def _shared_expert_items(it: "_Items", cfg: ModelConfig, recomputed, region_cache) -> None:
+    """The shared experts' kept tensors (N_s experts of width I_e as one MLP)."""
+    d, a = cfg.hidden_size, it.prec.activations
+    ie = cfg.moe_intermediate_size
+    w = cfg.n_shared_experts * ie
+    if it.fp8:
+        for proj in ("gate_proj", "up_proj"):
+            it.linear_input(
+                f"mlp.shared_experts.{proj}.input",
+                f"normalised FFN input u_t (shared {proj} input)",
+                "Linear",
                 d,
-                a,
-                region_cache,
-                "rep",
+                recomputed,
+                "sp",
             )
+        it.row_tiled(
+            "mlp.shared_experts.swiglu.gate", "shared-expert gate (SwiGLU input)", "SwiGLU", w, recomputed, "tp"
+        )
+        it.row_tiled("mlp.shared_experts.swiglu.up", "shared-expert up (SwiGLU input)", "SwiGLU", w, recomputed, "tp")
+    else:
+        it.add(
+            "mlp.shared_experts.swiglu.input",
+            "shared-expert [gate, up] (SwiGLU input)",
+            "SwiGLU",
+            2 * w,
+            a,
+            NOT_FULL,
+            "tp",
+        )
+    names = ("shared-expert SwiGLU output", "shared-expert output")
+    _down_proj_items(it, "mlp.shared_experts", names, d, w, recomputed, region_cache)
+
+
+def _routed_expert_items(it: "_Items", cfg: ModelConfig, layout: Layout, recomputed, region_cache) -> None:
+    """The routed experts' kept tensors: dispatched copies, SwiGLU inputs, weights, indices, offsets."""
+    d, a, rc = cfg.hidden_size, it.prec.activations, it.prec.router_compute
+    n_r, ie = cfg.n_routed_experts, cfg.moe_intermediate_size
     ie_dev = ie / layout.etp
     it.expert_input(
         "mlp.experts.input", "dispatched token copies (grouped gate/up GEMM input)", "grouped GEMM", d, recomputed
@@ -633,7 +582,6 @@ def ffn_items(
             "int32",
             recomputed,
         )
-    return it.items
 
 
 def decoder_layer_items(

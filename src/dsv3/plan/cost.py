@@ -36,12 +36,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
-from dsv3.errors import ConfigError, DsV3Error
+from dsv3.errors import ConfigError, DsV3Error, clip
+from dsv3.layout import DUAL_SCHEDULES
 from dsv3.plan.flops import ModelFlops
 from dsv3.plan.layout import Layout
-from dsv3.plan.limits import MAX_GPUS, check_float, check_int, clip
+from dsv3.plan.limits import MAX_GPUS, check_float, check_int
 from dsv3.plan.memory import StageParts, StateBytes
 from dsv3.plan.precision import Precision, element_bytes
+from dsv3.plan.simulate import simulate
 
 #: H800 / H100 SXM dense BF16 tensor-core peak, TFLOP/s.
 DEFAULT_PEAK_TFLOPS = 989.0
@@ -157,7 +159,7 @@ def stage_times(
     rate = hw.peak * hw.efficiency
     a = element_bytes(prec.activations)
     d = cfg.hidden_size
-    overlap = layout.schedule in ("dualpipe", "dualpipev")
+    overlap = layout.schedule in DUAL_SCHEDULES
     best = None
     for part, st in zip(parts, states):
         fwd = stage_forward_flops(flops, part)
@@ -205,8 +207,6 @@ def dp_sync_seconds(layout: Layout, prec: Precision, hw: Hardware, dense_grads: 
 
 def run_schedule(schedule, times: StageTimes):
     """Simulate one step of a built pipeline schedule; returns ``dsv3.plan.simulate.SimResult``."""
-    from dsv3.plan.simulate import simulate
-
     try:
         return simulate(schedule, f=times.f, b=times.b, w=times.w, fb=times.fb, comm=times.comm)
     except DsV3Error:

@@ -1,30 +1,13 @@
 """The planner's bounds: every size it accepts, in one place, so that no input costs unbounded time or memory.
 
-``dsv3 plan`` is arithmetic, but some of its work grows with its inputs: the
-pipeline simulator runs one op per stage and micro-batch, the balanced stage
-split and the parameter inventory walk every layer, the search tries every
-layout of its grid, the timeline draws every op. Each entry point checks its
-inputs here first and refuses an absurd size with one sentence (a
-:class:`~dsv3.errors.ConfigError`, which the CLI prints as one line and exit
-code 2) instead of running for hours or exhausting memory:
-
-===========================  =====================================================  ============
-what                         bound                                                  worst case
-===========================  =====================================================  ============
-GPUs of a layout or search   ``MAX_GPUS`` = 2^20 (a million)                        —
-any other count              ``MAX_COUNT`` = 2^40 (sequences, tokens per sequence    —
-                             ...; keeps every product a finite float)
-decoder layers, MTP modules  ``MAX_LAYERS`` = 1,024 and ``MAX_MTP_LAYERS`` = 16      ~5 s split
-simulated pipeline           PP x micro-batches <= ``MAX_PIPELINE_CELLS`` = 32,768   ~14 s plan
-                             (``plan schedule``; a longer ``plan`` step is
-                             extrapolated from two short simulations)
-search grid                  ``MAX_SEARCH_LAYOUTS`` = 10,000 layouts                 ~90 s
-timeline plot                <= ``MAX_PLOT_DEVICES`` = 32 devices and                 ~25 s
-                             ``MAX_PLOT_CELLS`` = 1,024 stage micro-batches
-===========================  =====================================================  ============
-
-(worst cases measured on a loaded 2-core machine). Floats (times, prices,
-token budgets, bandwidths) must be finite. Nothing here imports torch.
+Some of ``dsv3 plan``'s work grows with its inputs (the simulator runs one op per stage and micro-batch,
+the stage split and the inventory walk every layer, the search tries every layout, the timeline draws
+every op). Each entry point checks its inputs here first and refuses an absurd size with one sentence
+(:class:`~dsv3.errors.ConfigError`; the CLI prints one line, exit code 2): GPUs up to ``MAX_GPUS``, other
+counts up to ``MAX_COUNT``, layers ``MAX_LAYERS``, simulated cells ``MAX_PIPELINE_CELLS``, search
+layouts ``MAX_SEARCH_LAYOUTS``, plots ``MAX_PLOT_DEVICES`` x ``MAX_PLOT_CELLS``; floats must be finite.
+The table of bounds and their measured worst cases: docs/planner.md ("The planner's bounds").
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -60,12 +43,6 @@ def check_size(name: str, value: object, maximum: int = 2**60) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < maximum:
         raise ConfigError(f"--{name} must be a positive size below 1 EiB, got {_show(value)} bytes")
     return value
-
-
-def clip(text: object, width: int = 40) -> str:
-    """``repr(text)`` for a message, cut to about ``width`` characters (a pasted megabyte stays one short line)."""
-    r = repr(text)
-    return r if len(r) <= width else r[: width - 4] + "..." + r[-1:]
 
 
 def _show(value: object) -> str:

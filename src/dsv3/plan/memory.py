@@ -13,7 +13,7 @@ g the gradient format (FP32), m the format of each AdamW moment (BF16) and
 master_t the FP32 master copy (none for a tensor already stored in FP32).
 G_t, the ZeRO group, is DP for non-expert tensors and EDP = DP*TP/(EP*ETP)
 for routed-expert tensors (for the whole MoE block under the ``zhang-su``
-convention, see :data:`dsv3.plan.params.TP_CONVENTIONS`), times 2 under DualPipe (whose two devices holding
+convention, see :data:`dsv3.layout.TP_CONVENTIONS`), times 2 under DualPipe (whose two devices holding
 a stage are replicas too). A sharded flat buffer is padded up to a multiple
 of G_t. Buffers (the routing bias) are never sharded.
 
@@ -48,8 +48,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dsv3.config import ModelConfig
+from dsv3.layout import devices_of_stage, stage_devices, stage_layer_indices
 from dsv3.plan import activations as act
-from dsv3.plan.layout import Layout, devices_of_stage, stage_devices, stage_layer_indices
+from dsv3.plan.layout import Layout
 from dsv3.plan.params import GroupKey, ModelParams, ParamTensor, aggregate, merge_groups, mtp_layer_is_moe
 from dsv3.plan.precision import DTYPE_BYTES, Precision, element_bytes
 

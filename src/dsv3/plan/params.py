@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from dsv3.config import ModelConfig
-from dsv3.errors import ConfigError
-from dsv3.plan.limits import clip
+from dsv3.errors import ConfigError, clip
+from dsv3.layout import TP_CONVENTIONS
 
 #: How a tensor is split by the model-parallel dimensions (see :mod:`dsv3.plan.layout`).
 #:   ``rep``    replicated on every TP rank (MLA down-projections, norms, router, biases)
@@ -49,17 +49,16 @@ from dsv3.plan.limits import clip
 #:   ``expert`` routed experts: N_r / EP experts per rank, each split over ETP
 SHARDS = ("rep", "tp", "vocab", "expert")
 
-#: How tensor parallelism splits the MLA and MoE blocks (``--tp-convention``):
-#:   ``megatron``  as Megatron-Core and dsv3 split them: the whole query up-projection
-#:                 q_b_proj (W^UQ and W^QR) and the shared experts over TP; ZeRO shards the
-#:                 routed experts over EDP and everything else over DP.
-#:   ``zhang-su``  the accounting of Zhang & Su, "Memory Analysis on the Training Course of
-#:                 DeepSeek Models" (arXiv 2502.07846, sections 3-4): the decoupled-RoPE query
-#:                 rows W^QR (n_h d_h^R of q_b_proj's rows) and the shared experts replicated
-#:                 on every TP rank, and the whole MoE block (router, shared and routed experts)
-#:                 sharded by ZeRO over EDP. W^KR, the down-projections, norms and router are
-#:                 replicated under both conventions.
-TP_CONVENTIONS = ("megatron", "zhang-su")
+# How tensor parallelism splits the MLA and MoE blocks (``--tp-convention``, :data:`dsv3.layout.TP_CONVENTIONS`):
+#   ``megatron``  as Megatron-Core and dsv3 split them: the whole query up-projection
+#                 q_b_proj (W^UQ and W^QR) and the shared experts over TP; ZeRO shards the
+#                 routed experts over EDP and everything else over DP.
+#   ``zhang-su``  the accounting of Zhang & Su, "Memory Analysis on the Training Course of
+#                 DeepSeek Models" (arXiv 2502.07846, sections 3-4): the decoupled-RoPE query
+#                 rows W^QR (n_h d_h^R of q_b_proj's rows) and the shared experts replicated
+#                 on every TP rank, and the whole MoE block (router, shared and routed experts)
+#                 sharded by ZeRO over EDP. W^KR, the down-projections, norms and router are
+#                 replicated under both conventions.
 
 #: Components of the MoE block (``zhang-su`` puts all of them in the expert ZeRO group).
 MOE_COMPONENTS = ("router", "shared_experts", "routed_experts")

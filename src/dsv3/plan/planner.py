@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from dsv3.config import ModelConfig
 from dsv3.errors import ConfigError
-from dsv3.parallel.pipeline.schedules import build_schedule
+from dsv3.layout import DUAL_SCHEDULES, balanced_stage_layers, fill_microbatches
 from dsv3.plan import activations as act
 from dsv3.plan import limits
 from dsv3.plan.cost import (
@@ -26,7 +26,7 @@ from dsv3.plan.cost import (
     throughput,
 )
 from dsv3.plan.flops import ModelFlops, flops_summary, model_flops
-from dsv3.plan.layout import Layout, balanced_stage_layers
+from dsv3.plan.layout import Layout
 from dsv3.plan.memory import (
     DEFAULT_FRAGMENTATION,
     DeviceMemory,
@@ -37,8 +37,9 @@ from dsv3.plan.memory import (
     stage_state_bytes,
     unit_activations,
 )
-from dsv3.plan.params import ModelParams, count_params
+from dsv3.plan.params import ModelParams, count_params, mtp_layer_is_moe
 from dsv3.plan.precision import Precision
+from dsv3.schedules import build_schedule
 
 
 @dataclass
@@ -112,8 +113,6 @@ class Plan:
         out["embedding"] = [i.to_dict() for i in act.embedding_items(cfg, lay, prec) + act.rope_items(cfg, lay, prec)]
         out["head"] = [i.to_dict() for i in act.head_items(cfg, lay, prec)]
         if lay.mtp and cfg.num_nextn_predict_layers:
-            from dsv3.plan.params import mtp_layer_is_moe
-
             out["mtp"] = [
                 i.to_dict()
                 for k in range(cfg.num_nextn_predict_layers)
@@ -261,7 +260,7 @@ class PlanCache:
         return self._split[key]
 
     def built(self, name: str, pp: int, m: int):
-        """The schedule's op lists (``dsv3.parallel.pipeline.build_schedule``), built once."""
+        """The schedule's op lists (``dsv3.schedules.build_schedule``), built once."""
         key = (name, pp, m)
         if key not in self._built:
             self._built[key] = build_schedule(name, pp, m)
@@ -290,7 +289,7 @@ class PlanCache:
         m = layout.microbatches
         if not self.approximate and not self.too_long(layout):
             return m
-        return min(m, (2 * layout.pp if layout.schedule == "dualpipe" else layout.pp) + 2)
+        return min(m, fill_microbatches(layout.pp, layout.schedule) + 2)
 
     def schedule(self, layout: Layout, times: StageTimes) -> "ScheduleInfo":
         """Simulate the layout's schedule (see the class docstring for the approximate mode).
@@ -318,7 +317,7 @@ class PlanCache:
         f = times.f
         # Only the times the schedule uses enter the key: 1F1B runs F and full backwards only.
         uses_w = layout.schedule != "1f1b"
-        uses_fb = layout.schedule in ("dualpipe", "dualpipev")
+        uses_fb = layout.schedule in DUAL_SCHEDULES
         if self.approximate:
             b = _quantise(times.b / f)
             w = min(b, _quantise(times.w / f)) if uses_w else 0.0
@@ -329,7 +328,7 @@ class PlanCache:
             w = times.w / f if uses_w else 0.0
             fb = times.fb / f if uses_fb else None
         scaled = StageTimes(1.0, b, w, fb, comm, 1.0, 0.0, times.slowest_stage)
-        m1 = 2 * layout.pp if layout.schedule == "dualpipe" else layout.pp
+        m1 = fill_microbatches(layout.pp, layout.schedule)
         m2 = m1 + 2
         if not self.approximate:
             # Exact times, a step too long to simulate: in steady state the makespan grows by a pattern that
@@ -359,6 +358,37 @@ class PlanCache:
             times.comm,
             extrapolated=m > m2,
         )
+
+
+def _check_inputs(cfg: ModelConfig, layout: Layout, fragmentation: float, gpu_memory: int | None) -> None:
+    """The allocator allowance, the GPU memory and the layout (:meth:`Layout.validate`)."""
+    if not 0 <= fragmentation < 1:
+        raise ConfigError(f"--fragmentation must be a fraction in [0, 1), got {fragmentation}")
+    if gpu_memory is not None:
+        limits.check_size("gpu-memory", gpu_memory)
+    layout.validate(cfg)
+
+
+def _dp_sync(layout: Layout, precision: Precision, hardware: Hardware, devices, states) -> float:
+    """Seconds of the gradient reduction after the last backward, for the device with the most gradients."""
+    sync = 0.0
+    for dev in devices:
+        total = sum(states[s].grads_unsharded for s in dev.stages)
+        expert = sum(states[s].expert_grads_unsharded for s in dev.stages)
+        sync = max(sync, dp_sync_seconds(layout, precision, hardware, total - expert, expert))
+    return sync
+
+
+def _step_schedule(layout: Layout, times, cache: PlanCache, simulate: bool) -> ScheduleInfo:
+    """The step's schedule: not simulated (``nan``), gradient accumulation (PP 1) or the simulated pipeline."""
+    m = layout.microbatches
+    if not simulate:
+        return ScheduleInfo(layout.schedule, m, math.nan, [], [], times.f, times.b, times.w, times.fb, times.comm)
+    if layout.pp == 1:
+        return ScheduleInfo(
+            layout.schedule, m, m * (times.f + times.b), [0.0], [1.0], times.f, times.b, times.w, times.fb, 0.0
+        )
+    return cache.schedule(layout, times)
 
 
 def make_plan(
@@ -399,11 +429,7 @@ def make_plan(
     precision = precision or Precision()
     hardware = hardware or Hardware()
     cache = cache or PlanCache()
-    if not 0 <= fragmentation < 1:
-        raise ConfigError(f"--fragmentation must be a fraction in [0, 1), got {fragmentation}")
-    if gpu_memory is not None:
-        limits.check_size("gpu-memory", gpu_memory)
-    layout.validate(cfg)
+    _check_inputs(cfg, layout, fragmentation, gpu_memory)
     params = params or count_params(cfg)
     flops, fsum = cache.flops(cfg, params, layout.seq_len, causal, layout.mtp, layout.recompute)
     stage_layers = (
@@ -413,45 +439,18 @@ def make_plan(
     replicas = 2 if layout.schedule == "dualpipe" else 1
     states = [cache.states(params, p, layout, precision, replicas) for p in parts]
     times = stage_times(cfg, layout, precision, hardware, flops, parts, states)
-    m = layout.microbatches
-    if layout.pp == 1:  # gradient accumulation: one micro-batch after the other, no pipeline
-        profiles = None
-    else:
-        profiles = cache.profiles(layout.schedule, layout.pp, cache.profile_microbatches(layout))
+    # gradient accumulation (PP 1) runs one micro-batch after the other: no pipeline profiles
+    profiles = cache.profiles(layout.schedule, layout.pp, cache.profile_microbatches(layout)) if layout.pp > 1 else None
+    units = cache.units(cfg, layout, precision)
     stages, devices = memory_plan(
-        cfg,
-        params,
-        layout,
-        precision,
-        stage_layers,
-        profiles,
-        fragmentation,
-        states=states,
-        units=cache.units(cfg, layout, precision),
+        cfg, params, layout, precision, stage_layers, profiles, fragmentation, states=states, units=units
     )
-    # Gradient reduction after the last backward, for the device with the most gradients.
-    sync = 0.0
-    for dev in devices:
-        total = sum(states[s].grads_unsharded for s in dev.stages)
-        expert = sum(states[s].expert_grads_unsharded for s in dev.stages)
-        sync = max(sync, dp_sync_seconds(layout, precision, hardware, total - expert, expert))
-    if not simulate:
-        sched = ScheduleInfo(layout.schedule, m, math.nan, [], [], times.f, times.b, times.w, times.fb, times.comm)
-    elif layout.pp == 1:
-        sched = ScheduleInfo(
-            layout.schedule, m, m * (times.f + times.b), [0.0], [1.0], times.f, times.b, times.w, times.fb, 0.0
-        )
-    else:
-        sched = cache.schedule(layout, times)
+    sync = _dp_sync(layout, precision, hardware, devices, states)
+    sched = _step_schedule(layout, times, cache, simulate)
     step = sched.makespan + sync
     est_tps = layout.batch * layout.seq_len / (step * layout.gpus) if simulate else math.nan
-    tput = throughput(
-        fsum["training_per_token"],
-        hardware,
-        tokens_per_s_per_gpu=tokens_per_s_per_gpu,
-        mfu=mfu,
-        estimated_tokens_per_s_per_gpu=est_tps,
-    )
+    observed = dict(tokens_per_s_per_gpu=tokens_per_s_per_gpu, mfu=mfu, estimated_tokens_per_s_per_gpu=est_tps)
+    tput = throughput(fsum["training_per_token"], hardware, **observed)
     cost = budget(tokens, layout.gpus, tput, price_per_gpu_hour) if tokens is not None else None
     return Plan(
         cfg=cfg,

@@ -20,8 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dsv3.errors import ConfigError
-from dsv3.plan.limits import clip
+from dsv3.errors import ConfigError, clip
 from dsv3.utils.size import parse_size  # noqa: F401  (re-exported: plan code and tests import it from here)
 
 #: Bytes per element of each format the planner knows. ``fp8`` is the payload

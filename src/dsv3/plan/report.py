@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from dsv3.layout import RECOMPUTE_MODES
 from dsv3.plan.params import COMPONENTS
 from dsv3.plan.precision import format_bytes, format_count
 
@@ -245,9 +246,9 @@ def activation_items_tables(plan) -> list[Table]:
             f"{', FP8 caching' if lay.fp8 else ''})",
             title_justify="left",
         )
-        for col in ("tensor", "what", "saved by", "elements", "format", "bytes", "none", "selective", "full"):
+        for col in ("tensor", "what", "saved by", "elements", "format", "bytes", *RECOMPUTE_MODES):
             t.add_column(col, justify="right" if col in ("elements", "bytes") else "left")
-        totals = {p: 0.0 for p in ("none", "selective", "full")}
+        totals = {p: 0.0 for p in RECOMPUTE_MODES}
         for i in items:
             marks = ["x" if p in i["kept_by"] else "" for p in totals]
             for p in totals:

@@ -18,11 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dsv3.config import ModelConfig
-from dsv3.errors import ConfigError, DsV3Error
+from dsv3.errors import ConfigError, DsV3Error, clip
+from dsv3.layout import RECOMPUTE_MODES, SCHEDULES, pipeline_devices
 from dsv3.plan import limits
 from dsv3.plan.cost import Hardware
-from dsv3.plan.layout import RECOMPUTE, SCHEDULES, Layout
-from dsv3.plan.limits import clip, divisors
+from dsv3.plan.layout import Layout
+from dsv3.plan.limits import divisors
 from dsv3.plan.memory import DEFAULT_FRAGMENTATION
 from dsv3.plan.params import count_params
 from dsv3.plan.planner import PlanCache, make_plan
@@ -100,7 +101,7 @@ def default_grid(cfg: ModelConfig, gpus: int, gpus_per_node: int) -> dict[str, l
         "ep": eps,
         "etp": [1],
         "zero": [1],
-        "recompute": list(RECOMPUTE),
+        "recompute": list(RECOMPUTE_MODES),
         "schedule": list(SCHEDULES),
     }
 
@@ -156,7 +157,7 @@ def search(
     for schedule in g["schedule"]:
         for pp in g["pp"]:
             name = "1f1b" if pp == 1 else schedule  # without a pipeline the schedule does not matter
-            devices = pp // 2 if name == "dualpipev" and pp % 2 == 0 else pp  # odd PP: validate says why not
+            devices = pipeline_devices(pp, name) if pp % 2 == 0 else pp  # odd PP: validate says why not
             for tp in g["tp"]:
                 if gpus % (devices * tp):
                     continue
@@ -217,8 +218,8 @@ def _check_grid(g: dict[str, list]) -> None:
         if not isinstance(v, int) or isinstance(v, bool) or v not in (0, 1, 2, 3):
             raise ConfigError(f"--zero values must be 0, 1, 2 or 3, got {clip(v)}")
     for v in g["recompute"]:
-        if v not in RECOMPUTE:
-            raise ConfigError(f"unknown --recompute {clip(v)}; choose from {', '.join(RECOMPUTE)}")
+        if v not in RECOMPUTE_MODES:
+            raise ConfigError(f"unknown --recompute {clip(v)}; choose from {', '.join(RECOMPUTE_MODES)}")
     for v in g["schedule"]:
         if v not in SCHEDULES:
             raise ConfigError(f"unknown schedule {clip(v)}; choose one of {', '.join(SCHEDULES)}")
@@ -231,7 +232,7 @@ def count_layouts(g: dict[str, list], gpus: int) -> int:
     for schedule in g["schedule"]:
         for pp in g["pp"]:
             name = "1f1b" if pp == 1 else schedule
-            devices = pp // 2 if name == "dualpipev" and pp % 2 == 0 else pp
+            devices = pipeline_devices(pp, name) if pp % 2 == 0 else pp
             n += per * sum(1 for tp in g["tp"] if gpus % (devices * tp) == 0)
     return n
 

@@ -1,61 +1,13 @@
 """Discrete-event simulation of a pipeline schedule's per-device op lists.
 
-The simulator executes the op lists of :mod:`dsv3.parallel.pipeline.schedules`
-(the same lists the distributed runtime runs) with fixed op times:
-
-====  =========================================================
-op    time
-====  =========================================================
-F     ``f``: forward of one stage for one micro-batch
-BW    ``b``: full backward (inputs and weights)
-B     ``b - w``: backward for the inputs only
-W     ``w``: backward for the weights
-FB    ``fb``: overlapped forward + full backward (DualPipe's F&B; default ``f + b``)
-SEND  0 device time; the data reaches the peer ``comm`` later
-RECV  0 device time; marks where the device takes the data
-====  =========================================================
-
-``OpTimes.per_op`` overrides these per stage: ``{op_key(op): time}`` with
-``op_key`` = ``(kind, stage)``, and ``(FB, stage, b_stage)`` for a pair, so a
-simulation can be fed the measured time of every (kind, stage) of a real step
-(:mod:`dsv3.plan.trace`).
-
-Every compute op starts when its device has finished its previous op and all
-its inputs are there: a forward needs the activation from the previous stage,
-a backward its own forward and the gradient from the next stage (at the last
-stage: its own forward, which computed the loss), W its B, an FB pair both
-inputs. Data from another device is usable ``comm`` after the SEND executed.
-An op list that can never complete (a cycle of waits) raises
-:class:`DeadlockError`; an inconsistent one raises
-:class:`~dsv3.parallel.pipeline.schedules.ScheduleError`.
-
-Reported quantities (what the DualPipe README's table compares, arXiv 2412.19437):
-
-* ``makespan``: time from the first op's start (0) to the last op's end.
-* ``bubble[d] = makespan - busy[d]``: the idle time of device d within the
-  makespan; ``busy[d]`` sums its compute op times. With ``comm = 0`` the
-  README's bubbles are these idle times exactly under the conditions its
-  equal-cell figures assume (found by sweeping this simulator, see the tests):
-  1F1B ``(pp-1)(F+B)`` on every device when ``microbatches >= pp``; ZB1P
-  ``(pp-1)(F+B-2W)`` on every device when also ``W <= F`` and ``W <= B-W``;
-  DualPipe and DualPipeV ``(pp/2-1)(F&B+B-3W)`` as the LARGEST per-device
-  bubble when the input backward lasts as long as the forward (``B-W = F``),
-  ``W <= F`` and ``B <= F&B <= F+B`` (on every device when ``F = W = B-W``).
-  Elsewhere the formulas are approximations and the simulated value is the
-  one to use (e.g. DualPipe pp=8, F=1, B=2, W=0.5, F&B=2.5: 8.0, not 9.0).
-* ``peak_activations[d]``: the most (micro-batch, stage) activation sets device
-  d holds at once, in units of one micro-batch through ONE stage (1/pp of the
-  pipelined layers). A set is taken when its forward starts and released when
-  its last backward ends (the W of a split backward, or the full backward); an
-  FB pair takes its forward's set before releasing its backward's. This is the
-  convention under which the README's PP (1F1B, ZB1P) and PP+1 (DualPipe,
-  DualPipeV) hold: 1F1B peaks at pp on device 0 (device d holds pp - d), ZB1P
-  at pp on every device, DualPipe and DualPipeV at pp+1 on every device (the
-  counts need ``microbatches >= pp``, and ``>= 2*pp`` for DualPipe). The count
-  depends only on op order, not on times.
-* ``params_per_device_factor``: parameters per device in units of one stage
-  (1/pp of the layers): 1, 1, 2, 2 (see
-  :attr:`~dsv3.parallel.pipeline.schedules.Schedule.params_per_device_factor`).
+The simulator executes the op lists of :mod:`dsv3.schedules` (the same lists the runtime runs) with
+fixed op times (``f``, ``b``, ``w``, ``fb``, ``comm``; per stage through ``OpTimes.per_op``, so a
+measured step can be replayed: :mod:`dsv3.plan.trace`). A compute op starts when its device is free and
+its inputs are there (data from another device ``comm`` after its SEND). It reports the makespan, each
+device's bubble (idle time within it) and peak in-flight activations (units of one micro-batch through
+one stage), and raises :class:`DeadlockError` for an op list that never completes
+(:class:`~dsv3.schedules.ScheduleError` for an inconsistent one). The op times, the rules and when the
+DualPipe README's bubble and memory formulas hold exactly: docs/planner.md ("The pipeline simulator").
 """
 
 from __future__ import annotations
@@ -66,7 +18,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from dsv3.errors import ConfigError
-from dsv3.parallel.pipeline.schedules import (
+from dsv3.plan.limits import check_pipeline
+from dsv3.schedules import (
     BACKWARD,
     BW,
     FB,
@@ -82,7 +35,6 @@ from dsv3.parallel.pipeline.schedules import (
     build_schedule,
     validate_schedule,
 )
-from dsv3.plan.limits import check_pipeline
 
 
 def op_key(op: Op) -> tuple:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
-from dsv3.parallel.pipeline.schedules import BW, FB, B, F, W
 from dsv3.plan.limits import check_plot
+from dsv3.schedules import BW, FB, B, F, W
 from dsv3.utils.io import atomic_path
 from dsv3.utils.outputs import PNG_METADATA
 

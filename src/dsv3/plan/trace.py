@@ -1,27 +1,13 @@
 """Measured pipeline steps beside simulated ones: read a ``dsv3 train --trace`` timeline, feed the simulator.
 
-``dsv3 train --pp P --trace`` writes the executed compute ops of the last step,
-every pipeline device on one clock, as a Chrome trace / Perfetto JSON
-(:func:`dsv3.parallel.pipeline.executor.chrome_trace`): one ``"ph": "X"`` event
-per op, ``name`` ``F3``/``B3``/``W3``/``BW3``/``F5&B2``, ``cat`` the op kind,
-``tid`` the pipeline device, ``ts``/``dur`` in microseconds, ``args`` its
-``stage`` and ``chunk``. This module
-
-* reads such a file (:func:`read_trace`) and finds the schedule whose op lists
-  it executed (:func:`match_schedule`: the schedule, ``pp`` and micro-batch
-  count are those whose per-device compute-op order equals the trace's);
-* turns executed ops into a measured step (:func:`measured_step`): makespan =
-  last op end - first op start over all devices, ``busy[d]`` = the summed op
-  durations of device d, idle ``bubble[d] = makespan - busy[d]`` (the
-  simulator's definitions, :mod:`dsv3.plan.simulate`);
-* derives the simulator's op times from it (:func:`measured_op_times`: the
-  median duration of each (kind, stage), ``OpTimes.per_op``) and simulates the
-  same op lists with them (:func:`compare_trace`), so the measured and the
-  simulated step differ only by what the simulator does not model (jitter,
-  communication, the host).
-
-It imports no torch (``dsv3 plan`` stays light). ``bench/pipeline.py`` uses the
-same functions on in-memory traces.
+:func:`read_trace` reads the Chrome trace / Perfetto JSON that ``dsv3 train --pp P --trace`` writes (one
+``"ph": "X"`` event per executed compute op, every pipeline device on one clock); :func:`match_schedule`
+finds the schedule, ``pp`` and micro-batch count whose per-device compute-op order equals the trace's;
+:func:`measured_step` gives its makespan, busy and idle times (the simulator's definitions);
+:func:`measured_op_times` the median duration of each (kind, stage); :func:`compare_trace` simulates the
+same op lists with those times, so measured and simulated steps differ only by what the simulator does
+not model (jitter, communication, the host). The trace format: docs/planner.md ("Measured beside
+simulated"). It imports no torch; ``bench/pipeline.py`` uses the same functions on in-memory traces.
 """
 
 from __future__ import annotations
@@ -33,10 +19,11 @@ import re
 import statistics
 from dataclasses import dataclass
 
-from dsv3.errors import ConfigError, DataError
-from dsv3.parallel.pipeline.schedules import BW, COMPUTE_KINDS, FB, SCHEDULES, B, F, Op, Schedule, W, build_schedule
-from dsv3.plan.limits import MAX_PIPELINE_CELLS, check_pipeline, clip
+from dsv3.errors import ConfigError, DataError, clip
+from dsv3.layout import SCHEDULES
+from dsv3.plan.limits import MAX_PIPELINE_CELLS, check_pipeline
 from dsv3.plan.simulate import OpTimes, SimResult, _label, _peak_activations, op_key, run_schedule
+from dsv3.schedules import BW, COMPUTE_KINDS, FB, B, F, Op, Schedule, W, build_schedule
 
 #: A trace of a bounded step is a few MB; a larger file is the wrong one and would cost unbounded memory.
 MAX_TRACE_BYTES = 64 * 2**20
@@ -206,7 +193,7 @@ def match_schedule(
     """The schedule a trace executed and its ops as (op, start, end) per device, in op-list order.
 
     The trace's own stages and micro-batches give ``pp`` and the micro-batch count; the schedule is the one
-    of :data:`~dsv3.parallel.pipeline.schedules.SCHEDULES` whose per-device compute-op lists equal the trace's.
+    of :data:`~dsv3.layout.SCHEDULES` whose per-device compute-op lists equal the trace's.
     ``schedule``/``pp``/``microbatches``, when given, must agree with that.
 
     Raises:

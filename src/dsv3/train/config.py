@@ -1,40 +1,22 @@
 """The training-run configuration: typed dataclasses in sections, read from YAML/TOML, every field a flag.
 
-A run is described by :class:`TrainConfig`, whose sections group the options as
-torchtitan groups its own::
-
-    model      what to train (preset, config.json or checkpoint), RoPE scaling
-    data       corpus, tokenizer, sequence length, micro/global batch, SFT switches
-    optimizer  AdamW (peak lr, betas, eps, weight decay, clipping)
-    schedule   steps, the learning-rate schedule and the batch-size ramp
-    moe        the report's training hyperparameters gamma, alpha, lambda and their switches
-    precision  parameter dtype, FP8
-    memory     recomputation, EMA, optimizer-state precision
-    parallel   device and the distributed layout (pp, dp, ep, schedule, dispatcher)
-    checkpoint save interval and retention
-    logging    evaluation, metrics, progress, the closing sample
-    run        run directory, seed, non-finite-loss tolerance
-    rl         GRPO (``task: grpo``): rewards, group size, sampling, the objective, MoE routing under RL
-
-Code reads ``config.optimizer.lr``, ``config.data.micro_batch`` and so on. Every field
-also has a flat name (``lr``, ``micro_batch``, ``data_format`` for ``data.format``,
-``model`` for ``model.name``): the command-line flag (``--lr``, ``--micro-batch``) and the
-key of flat run files. Run files may be sectioned (``optimizer: {lr: 1e-3}``) or flat
-(``lr: 1e-3``, the format of run directories written before the sections existed); both
-give the same configuration, and :func:`save_effective_config` writes the sectioned form.
-
-Choices are ``Literal`` types defined once here (:data:`RecomputeMode`, :data:`ParamDtype`,
-...); the CLI's allowed values, the validation and other modules read them from these.
-Defaults train the ``tiny`` preset on the Python standard library in a few minutes on
-2 CPU cores. Report (arXiv 2412.19437, section 4.2) values are noted where they differ.
-
-Retired option: ``log_every`` (never read; metrics are logged every step). Flat files
-that still carry it load and the value is ignored; the flag is gone.
+:class:`TrainConfig` groups the options in sections as torchtitan does (model, data, optimizer, schedule,
+moe, precision, memory, parallel, checkpoint, logging, run, rl); code reads ``config.optimizer.lr``.
+Every field also has a flat name (``lr``, ``data_format`` for ``data.format``, ``model`` for
+``model.name``): the command-line flag (``--lr``) and the key of flat run files. Run files may be
+sectioned or flat (the format of run directories written before the sections existed); both give the
+same configuration, and :func:`save_effective_config` writes the sectioned form. Choices are
+``Literal`` types, each spelled once: the parallel layout's and the FP8 recipe's in :mod:`dsv3.layout`,
+the rest here; the CLI's allowed values and the validation read them from these. Defaults train the
+``tiny`` preset on the Python standard library in a few minutes on 2 CPU cores; report (arXiv
+2412.19437, section 4.2) values are noted where they differ. Retired option: ``log_every`` (flat files
+that still carry it load, and the value is ignored).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import time
@@ -44,7 +26,10 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any, Literal, get_args, get_origin
 
+from dsv3.config import as_int
 from dsv3.errors import ConfigError
+from dsv3.layout import Dispatcher, FP8Backend, FP8ScaleFormat, PipelineSchedule, RecomputeMode
+from dsv3.utils.io import atomic_write_text
 
 __all__ = [
     "TrainConfig",
@@ -59,12 +44,9 @@ __all__ = [
     "CheckpointOptions",
     "LoggingOptions",
     "RunOptions",
-    "RecomputeMode",
     "OptimStates",
     "ParamDtype",
     "DeviceName",
-    "FP8Backend",
-    "FP8ScaleFormat",
     "DataFormat",
     "TokenDtype",
     "DataTask",
@@ -73,8 +55,6 @@ __all__ = [
     "RLOptions",
     "OnLong",
     "RopeScaling",
-    "PipelineSchedule",
-    "Dispatcher",
     "Option",
     "options",
     "flat_options",
@@ -87,18 +67,13 @@ __all__ = [
 ]
 
 # ----------------------------------------------------------------------------- the choices, spelled once
-RecomputeMode = Literal["none", "selective", "full"]
-"""Activation recomputation: nothing, the cheap ops (RMSNorm, MLA up-projection, SwiGLU), or whole blocks."""
+# (the parallel layout's and the FP8 recipe's are in dsv3.layout)
 OptimStates = Literal["fp32", "bf16"]
 """Precision of the AdamW moments."""
 ParamDtype = Literal["float32", "bfloat16"]
 """Parameter dtype."""
 DeviceName = Literal["auto", "cpu", "cuda"]
 """Where to train; auto = CUDA when available."""
-FP8Backend = Literal["auto", "emulated", "cuda"]
-"""FP8 GEMM implementation."""
-FP8ScaleFormat = Literal["fp32", "ue8m0"]
-"""Scale format of FP8 GEMM operands."""
 DataFormat = Literal["text", "jsonl", "parquet", "bin"]
 """Forced corpus format (default: from the file suffix)."""
 TokenDtype = Literal["uint16", "uint32"]
@@ -114,10 +89,6 @@ OnLong = Literal["skip", "truncate", "error"]
 """What to do with an SFT example longer than seq_len."""
 RopeScaling = Literal["none", "yarn"]
 """RoPE context extension."""
-PipelineSchedule = Literal["1f1b", "zb1p", "dualpipe", "dualpipev"]
-"""Pipeline-parallel schedule."""
-Dispatcher = Literal["auto", "local", "alltoall", "deepep"]
-"""MoE token dispatcher."""
 
 #: Flat keys of older run files that are accepted and ignored.
 RETIRED_OPTIONS = frozenset({"log_every"})
@@ -536,8 +507,6 @@ def section_names() -> tuple[str, ...]:
 
 def suggest(name: str, candidates) -> str:
     """``" (did you mean X?)"``: the candidates that ``name`` abbreviates (up to three), else the closest one, or ``""``."""
-    import difflib
-
     candidates = list(candidates)
     close = [c for c in candidates if c.startswith(name)][:3] if len(name) > 2 else []
     close = close or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
@@ -614,9 +583,9 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
                 raise ValueError
             return bool(value)
         if kind is int:
-            from dsv3.config import as_int  # the one strict integer parser (rejects 2.5, "2.5", true)
-
-            return as_int(value, f"{source}: option {opt.flat}")
+            return as_int(  # the one strict integer parser (rejects 2.5, "2.5", true)
+                value, f"{source}: option {opt.flat}"
+            )
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -644,11 +613,11 @@ def read_run_file(path: str) -> dict[str, Any]:
         raw = fh.read()
     try:
         if path.endswith(".toml"):
-            import tomllib
+            import tomllib  # lazy: in the standard library from Python 3.11 only
 
             data = tomllib.loads(raw.decode("utf-8"))
         else:
-            import yaml
+            import yaml  # lazy: an optional dependency, needed only for YAML files
 
             data = yaml.safe_load(raw) or {}
     except Exception as exc:  # yaml/toml raise many types; all mean "malformed"
@@ -673,13 +642,11 @@ def load_train_config(path: str | None, overrides: dict[str, Any] | None = None)
 
 def save_effective_config(config: TrainConfig, path: str) -> None:
     """Write the sectioned YAML of ``config`` atomically."""
-    from dsv3.utils.io import atomic_write_text
-
     atomic_write_text(path, config_yaml(config))
 
 
 def config_yaml(config: TrainConfig) -> str:
     """The sectioned YAML text of ``config`` (what RUN_DIR/config.yaml and ``--print-config`` show)."""
-    import yaml
+    import yaml  # lazy: an optional dependency, needed only for YAML output
 
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -58,7 +58,7 @@ class GRPORun:
     nonfinite: int = 0
     checkpoint: str | None = None
     lock: Any = None
-    checkpointer: Any = None  # the run's Checkpointer (dsv3.checkpoint.checkpointer): every save and restore
+    checkpointer: Any = None  # the run's Checkpointer (dsv3.parallel.checkpointer): every save and restore
     pipeline: Any = None  # never: --pp is refused
     ema: Any = None
 

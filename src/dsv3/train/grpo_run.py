@@ -8,7 +8,7 @@ main model) and :func:`~dsv3.parallel.parallelize.parallelize`d (expert sharding
 read from ``--init-from``: a dsv3 run's latest checkpoint or a Hugging Face directory; ZeroAdamW in every
 layout), the frozen reference as a CPU copy of those initial weights (only when beta > 0) and the
 learning-rate schedule; the run directory (:func:`~dsv3.train.session._write_run_dir`); on ``--resume``
-the latest checkpoint through the :class:`~dsv3.checkpoint.checkpointer.Checkpointer`. A checkpoint holds the
+the latest checkpoint through the :class:`~dsv3.parallel.checkpointer.Checkpointer`. A checkpoint holds the
 weights (router biases included), the optimizer and the step: the prompts and the samples of a
 step are functions of (seed, step), so a resumed run repeats the uninterrupted one exactly.
 """
@@ -20,13 +20,13 @@ import os
 import time
 from typing import Any, Callable
 
-from dsv3.checkpoint.checkpointer import Checkpointer
 from dsv3.checkpoint.state import list_checkpoints, resolve_checkpoint
 from dsv3.data.rl_prompts import read_prompts
 from dsv3.data.tokenizer import eos_token_id, get_tokenizer
 from dsv3.errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingPreempted
 from dsv3.memory.ema import CPUEMA
 from dsv3.parallel.checkpoint import list_checkpoints as list_sharded
+from dsv3.parallel.checkpointer import Checkpointer
 from dsv3.parallel.parallelize import parallelize
 from dsv3.train.config import TrainConfig
 from dsv3.train.grpo import GRPORun, grpo_step
@@ -208,7 +208,7 @@ def _eos_id(config: TrainConfig, tokenizer) -> int:
 
 # ----------------------------------------------------------------------------- checkpoints
 def save_grpo(run: GRPORun) -> str:
-    """Write the run's state after ``run.step`` steps through the run's :class:`~dsv3.checkpoint.checkpointer.
+    """Write the run's state after ``run.step`` steps through the run's :class:`~dsv3.parallel.checkpointer.
     Checkpointer` (sharded DCP under torchrun, the one-process format otherwise); returns its directory."""
     return run.checkpointer.save(
         run.step, run.model, run.optimizer, loader_state={"grpo_step": run.step}, extra={"nonfinite": run.nonfinite}

@@ -246,7 +246,7 @@ def _announce(s: Session, resume: str | None, log: Callable[[str], None]) -> Non
 
 
 def _checkpoint(s: Session, step: int) -> str | None:
-    """Save step ``step`` in the run's format (see :mod:`dsv3.checkpoint.checkpointer`)."""
+    """Save step ``step`` in the run's format (see :mod:`dsv3.parallel.checkpointer`)."""
     extra = {"nonfinite": s.nonfinite, "val_losses": s.val_losses}
     return s.checkpointer.save(step, s.model, s.optimizer, s.ema, s.prefetcher.state_after, extra)
 

@@ -23,11 +23,12 @@ import torch
 
 from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError
+from dsv3.layout import SCHEDULES, pipeline_devices
 from dsv3.model.rope import extend_context
 from dsv3.parallel.deepep import check_deepep
 from dsv3.plan.layout import Layout
 from dsv3.plan.planner import make_plan
-from dsv3.plan.precision import Precision
+from dsv3.plan.precision import Precision, canonical_dtype
 from dsv3.train.config import TrainConfig, options
 from dsv3.train.rundir import MODEL_CONFIG_FILE, check_run_dir_usable, prepare_run_dir, resume_config
 from dsv3.train.schedule import MoESchedule
@@ -136,7 +137,7 @@ def estimate_training_bytes(
     pp: int = 1,
     dp: int = 1,
     ep: int = 1,
-    schedule: str = "1f1b",
+    schedule: str = SCHEDULES[0],
     global_batch: int | None = None,
     balance_loss: bool = True,
 ) -> float:
@@ -148,7 +149,7 @@ def estimate_training_bytes(
     under a pipeline), plus the FP32 EMA copy of its parameters when ``ema`` (host memory). See
     :mod:`dsv3.plan.memory` for the model; one process is ``pp = dp = ep = 1``.
     """
-    width = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, "fp32")
+    width = canonical_dtype(dtype)  # float32 -> fp32, bfloat16 -> bf16
     precision = Precision(
         weights=width,
         grads=width,
@@ -160,7 +161,7 @@ def estimate_training_bytes(
         pp=pp,
         dp=dp,
         ep=ep,
-        schedule=schedule if pp > 1 else "1f1b",
+        schedule=schedule if pp > 1 else SCHEDULES[0],
         seq_len=seq_len,
         micro_batch=micro_batch,
         global_batch=global_batch if pp > 1 and global_batch else micro_batch * dp,
@@ -183,7 +184,7 @@ def run_layout(config, world_size: int | None = None) -> dict:
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return {}
-    devices = p.pp // 2 if p.pp > 1 and p.pipeline == "dualpipev" else p.pp
+    devices = pipeline_devices(p.pp, p.pipeline) if p.pp > 1 else p.pp
     dp = p.dp if p.dp is not None else max(1, world // max(1, devices))
     return dict(pp=p.pp, dp=dp, ep=p.ep, schedule=p.pipeline, global_batch=config.data.global_batch)
 

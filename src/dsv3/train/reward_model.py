@@ -28,10 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dsv3.checkpoint.hf import from_pretrained, write_pretrained
+from dsv3.checkpoint.state import from_pretrained
 from dsv3.data.chat import TEMPLATE_FILES, ChatTemplate, load_chat_template, save_template
 from dsv3.data.tokenizer import load_tokenizer, train_bpe_from_texts
 from dsv3.errors import CheckpointError, ConfigError, DataError
+from dsv3.model.hf import write_pretrained
 from dsv3.model.transformer import init_generator
 from dsv3.optim.adamw import set_lr
 from dsv3.parallel.parallelize import build_optimizer, parallelize

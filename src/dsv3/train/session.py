@@ -24,9 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dsv3.checkpoint.checkpointer import Checkpointer
-from dsv3.checkpoint.hf import resolve_pretrained
-from dsv3.checkpoint.state import remove_stale_temporaries
+from dsv3.checkpoint.state import remove_stale_temporaries, resolve_pretrained
 from dsv3.config import ModelConfig
 from dsv3.data.chat import save_template
 from dsv3.data.pretrain import build_data
@@ -34,6 +32,7 @@ from dsv3.data.sources import CorpusSpec
 from dsv3.data.tokenizer import get_tokenizer, tokenizer_for_data
 from dsv3.errors import ConfigError, DataError, RunDirError
 from dsv3.memory.ema import CPUEMA
+from dsv3.parallel.checkpointer import Checkpointer
 from dsv3.parallel.parallelize import build_meta_model, parallelize
 from dsv3.parallel.pipeline.train import check_pipeline_layout
 from dsv3.parallel.world import ParallelContext, init_parallel
@@ -135,7 +134,7 @@ class Session:
     prefetcher: BatchPrefetcher
     parallel: Any = None  # the ParallelContext (ParallelContext.single(device) for one process)
     pipeline: Any = None  # the PipelineRuntime when pp > 1 (dsv3.parallel.pipeline.train.build_pipeline)
-    checkpointer: Any = None  # the run's Checkpointer (dsv3.checkpoint.checkpointer): every save and restore
+    checkpointer: Any = None  # the run's Checkpointer (dsv3.parallel.checkpointer): every save and restore
     step: int = 0
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
@@ -344,7 +343,7 @@ def _write_run_files(session: Session) -> None:
 
 def _restore(session: Session, checkpoint: str | None) -> None:
     """Phase 7: continue from the run's newest checkpoint, whichever layout wrote it
-    (:meth:`~dsv3.checkpoint.checkpointer.Checkpointer.restore`: each rank reads only what it holds)."""
+    (:meth:`~dsv3.parallel.checkpointer.Checkpointer.restore`: each rank reads only what it holds)."""
     restored = session.checkpointer.restore(session.model, session.optimizer, session.ema, checkpoint=checkpoint)
     if restored is not None:
         session.checkpoint, session.step, session.nonfinite = restored.checkpoint, restored.step, restored.nonfinite

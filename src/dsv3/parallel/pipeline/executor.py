@@ -1,47 +1,16 @@
 """The pipeline runtime: an interpreter of a schedule's per-device op lists.
 
-:class:`PipelineRuntime` executes, on each pipeline device (one process), the op
-list ``Schedule.ops[device]`` of :mod:`dsv3.parallel.pipeline.schedules`,
-exactly the list that :func:`dsv3.plan.simulate.run_schedule` times. It knows
-nothing about 1F1B, ZB1P or DualPipe; a schedule added there runs unchanged:
-
-====  ===========================================================================
-op    what the runtime does
-====  ===========================================================================
-F     the stage forward of one micro-batch (its input: the token ids on stage 0,
-      else an activation received or left on this device by the previous stage)
-BW    the full backward (input and weight gradients)
-B     the backward for the inputs only; the weight gradients of the split modules
-      (:mod:`~dsv3.parallel.pipeline.wgrad`) are queued in the device's
-      :class:`~dsv3.parallel.pipeline.wgrad.WeightGradStore`
-W     runs the oldest queued weight-gradient group (first-in first-out)
-FB    a forward and a full backward of two micro-batches, interleaved step by
-      step (attention, feed-forward, head: see :mod:`~dsv3.parallel.pipeline.stages`)
-SEND  ``isend`` of the activation or gradient (asynchronous; waited at the step's end)
-RECV  ``irecv`` into a fresh buffer; the first op that uses the data waits for it
-====  ===========================================================================
-
-Consecutive SEND/RECV ops are issued together with ``batch_isend_irecv``, one
-batch per process group. Every link between two devices has one process group
-per direction and per message kind (activations, gradients): same-shape
-messages on one group match first-in first-out (gloo, measured), so
-:func:`~dsv3.parallel.pipeline.schedules.validate_schedule` rejects, before
-anything runs, op lists whose SENDs and RECVs on a link come in different orders.
-One thread issues every communication call.
-
-After the last op the runtime all-reduces the gradients of parameters held by
-several devices (the embedding that the last stage's MTP uses under 1F1B/ZB1P,
-the two copies of every stage under DualPipe) and the step's loss terms and
-expert loads over the pipeline, so every device sees the single-process
-numbers.
-
-A device holds only its stages: the constructor removes the others from the model
-(:func:`~dsv3.parallel.pipeline.stages.remove_stages`; a model that
-:func:`~dsv3.parallel.pipeline.stages.select_stages` already cut stays as it is).
-:meth:`PipelineRuntime.evaluate` is the forward-only pass of validation over the held
-stages: each stage runs on the lowest device holding it, every device runs its stages in
-order, all micro-batches each, sending each activation on as soon as it is computed (the
-micro-batches flow through the pipeline as in GPipe's forward).
+:class:`PipelineRuntime` executes, on each pipeline device (one process), the op list
+``Schedule.ops[device]`` of :mod:`dsv3.schedules`, exactly the list :mod:`dsv3.plan.simulate` times; it
+knows nothing about 1F1B, ZB1P or DualPipe. F and BW are a stage's forward and full backward, B the input
+backward (weight gradients queued, :mod:`~dsv3.parallel.pipeline.wgrad`), W the oldest queued group, FB a
+forward and a full backward interleaved step by step; SEND/RECV are ``isend``/``irecv`` batched per process
+group, one group per link, direction and message kind (messages of one kind match first-in first-out,
+which :func:`~dsv3.schedules.validate_schedule` checks before anything runs). After the last op the
+gradients of parameters several devices hold, the loss terms and the expert loads are all-reduced over
+the pipeline. A device holds only its stages (:func:`~dsv3.parallel.pipeline.stages.remove_stages`);
+:meth:`PipelineRuntime.evaluate` is validation's forward-only pass. Details: docs/pipeline.md ("The
+interpreter").
 """
 
 from __future__ import annotations
@@ -56,8 +25,11 @@ import torch.distributed as dist
 from torch import nn
 
 from dsv3.errors import ConfigError
+from dsv3.layout import pipeline_devices
 from dsv3.model.loss import IGNORE_INDEX
-from dsv3.parallel.pipeline.schedules import (
+from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageLayout, StageRecord, module_of, remove_stages
+from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
+from dsv3.schedules import (
     BW,
     FB,
     FORWARD,
@@ -69,10 +41,9 @@ from dsv3.parallel.pipeline.schedules import (
     Schedule,
     W,
     build_schedule,
+    pipeline_schedule,
     validate_schedule,
 )
-from dsv3.parallel.pipeline.stages import MicroBatch, PipelineStage, StageLayout, StageRecord, module_of, remove_stages
-from dsv3.parallel.pipeline.wgrad import WeightGradStore, split_weight_grads
 from dsv3.utils.io import atomic_write_text
 
 
@@ -110,34 +81,6 @@ class PipelineStepResult:
 _DONE = object()
 
 
-def devices_of(schedule_name: str, pp: int) -> int:
-    """Pipeline devices a schedule runs ``pp`` stages on (``pp``, or ``pp/2`` for DualPipeV)."""
-    return pp // 2 if str(schedule_name).lower() == "dualpipev" else pp
-
-
-def check_layout(num_layers: int, schedule_name: str, pp: int, microbatches: int, world_size: int) -> Schedule:
-    """Check a pipeline layout before anything runs; return its schedule.
-
-    Raises:
-        ConfigError (one sentence): fewer layers than stages, a schedule that cannot run
-        ``pp``/``microbatches`` (odd pp for DualPipe(V), too few micro-batches), or a world
-        size that is not a multiple of the pipeline's devices.
-    """
-    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
-        raise ConfigError(f"--pp must be a positive integer, got {pp!r}.")
-    if pp > num_layers:
-        raise ConfigError(
-            f"the model has {num_layers} layers, fewer than --pp {pp} pipeline stages; use --pp <= {num_layers}."
-        )
-    schedule = build_schedule(schedule_name, pp, microbatches)
-    if world_size % schedule.devices:
-        raise ConfigError(
-            f"{world_size} processes do not factor into pipelines of {schedule.devices} devices "
-            f"({schedule.name} with pp={pp}); launch a multiple of {schedule.devices} processes."
-        )
-    return schedule
-
-
 class PipelineRuntime:
     """Runs a pipeline schedule for one process (one pipeline device).
 
@@ -147,7 +90,7 @@ class PipelineRuntime:
     Args:
         model: the model, whole (the stages this device does not run are removed here) or already cut
             to this device's stages by :func:`~dsv3.parallel.pipeline.stages.select_stages`.
-        schedule: schedule name (``1f1b``, ``zb1p``, ``dualpipe``, ``dualpipev``).
+        schedule: schedule name (one of :data:`dsv3.layout.SCHEDULES`).
         pp: pipeline stages.
         seq_len: tokens per sequence (for the balanced split).
         pipelines: global ranks of each pipeline's devices (default: one pipeline, ranks in order).
@@ -177,8 +120,8 @@ class PipelineRuntime:
                 f"{n_layers} layers."
             )
         rank, world = dist.get_rank(), dist.get_world_size()
-        ndev = devices_of(self.name, pp)
-        self.template = check_layout(model.config.num_hidden_layers, self.name, pp, 2 * pp, world)
+        ndev = pipeline_devices(pp, self.name)
+        self.template = pipeline_schedule(model.config.num_hidden_layers, self.name, pp, 2 * pp, world)
         if pipelines is None:
             pipelines = [list(range(i, i + ndev)) for i in range(0, world, ndev)]
         if any(len(p) != ndev for p in pipelines):

@@ -1,47 +1,16 @@
 """Pipeline stages: the model's layers cut into ``pp`` consecutive pieces, run step by step.
 
-A :class:`PipelineStage` is a *view* of a built
-:class:`~dsv3.model.transformer.DeepseekV3ForCausalLM`: it holds no modules of
-its own, it calls the model's submodules (the model file is untouched):
-
-* stage 0 starts with the embedding ``Emb(t)``;
-* every stage runs its decoder layers, each as two *steps*, attention
-  ``h = x + MLA(RMSNorm(x))`` and feed-forward ``out = h + FFN(RMSNorm(h))``
-  (through the block's recomputation policy ``layer.recompute`` when it has one,
-  so selective recomputation applies; a policy that recomputes the whole block
-  makes the block one step);
-* the last stage ends with the *head* step: final norm, output-head loss
-  L_Main and the MTP modules' loss (which need ``Emb`` of the labels' tokens,
-  so the last stage uses the embedding too).
-
-An MoE layer whose dispatcher exchanges tokens with other ranks (expert
-parallelism) is cut further at its all-to-alls (:mod:`~dsv3.parallel.pipeline.overlap`,
-report Figure 4): its feed-forward is three steps, DISPATCH (router, shared
-experts, dispatch started), MLP (dispatch waited, routed experts, combine started)
-and COMBINE (combine waited, residual), and so is its backward, whose gradient
-exchanges are started in one step and waited in the next. Between two steps of one
-micro-batch the FB op runs a step of the other, so each all-to-all is in flight
-while the other micro-batch computes.
-
-Every step takes a detached input and keeps (input, output, auxiliary loss);
-its backward is run explicitly, one step at a time, and the input's ``.grad`` is
-the next step's output gradient. That is what lets the runtime interleave the
-steps of one micro-batch's forward with another's backward (the FB op) and
-what makes a stage's loss exactly the single-process loss: each step's
-auxiliary loss is the layer's sequence-wise balance loss L_Bal, back-propagated
-with the same weight 1/n_micro as the main loss.
-
-The split (:func:`stage_layers`) is the planner's balanced split, which
-minimises the slowest stage's forward FLOPs (head and MTP count on the last).
-
-What a device holds (:class:`StageLayout`, :func:`select_stages`): the modules of the stages its
-schedule runs on it (``Schedule.device_stages``: one stage under 1F1B/ZB1P, two under DualPipe and
-DualPipeV), named by their paths in the model (``model.embed_tokens``, ``model.layers.{i}``,
-``model.norm``, ``lm_head``, ``mtp.{k}``). Every other module is removed from the model: a decoder
-layer or MTP module becomes a :class:`RemovedBlock` (no parameters; the ``ModuleList`` keeps its
-length, so global layer indices and checkpoint names stay), the embedding, final norm and head
-become ``None``. Removed modules never get storage (on a meta-device build they are never
-materialised).
+A :class:`PipelineStage` is a *view* of a built :class:`~dsv3.model.transformer.DeepseekV3ForCausalLM`
+that calls the model's own submodules: stage 0 starts with the embedding, every stage runs its decoder
+layers as steps (attention, feed-forward; an MoE layer under expert parallelism is cut further at its
+all-to-alls, :mod:`~dsv3.parallel.pipeline.overlap`), the last stage ends with the head step (final
+norm, L_Main and the MTP losses). Each step takes a detached input and keeps (input, output, auxiliary
+loss), and its backward is run explicitly, so the runtime can interleave two micro-batches (the FB op)
+and a stage's loss is exactly the single-process loss. :func:`stage_layers` is the planner's balanced
+split; :class:`StageLayout` names each stage's modules by their paths and which devices hold them
+(``Schedule.device_stages``); :func:`select_stages` removes every module this device does not run
+(a :class:`RemovedBlock` keeps the global indices and names). Details: docs/pipeline.md ("Stages",
+"What a device holds").
 """
 
 from __future__ import annotations
@@ -57,7 +26,10 @@ from dsv3.config import RECIPE_DEFAULTS, ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.memory.recompute import RecomputePolicy
 from dsv3.parallel.pipeline.overlap import CutMoE, cuts, span
-from dsv3.parallel.pipeline.schedules import build_schedule
+from dsv3.plan.flops import model_flops
+from dsv3.plan.layout import Layout
+from dsv3.plan.planner import default_stage_layers
+from dsv3.schedules import build_schedule
 
 
 def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) -> tuple[int, ...]:
@@ -66,10 +38,6 @@ def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) 
     Raises:
         ConfigError: ``pp`` is not a positive integer or exceeds the number of layers.
     """
-    from dsv3.plan.flops import model_flops
-    from dsv3.plan.layout import Layout
-    from dsv3.plan.planner import default_stage_layers
-
     if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
         raise ConfigError(f"pp must be a positive integer, got {pp!r}.")
     if pp > mcfg.num_hidden_layers:

@@ -1,29 +1,13 @@
 """Pipeline parallelism in a training run: the layout check, the runtime of a session, traces.
 
 ``torchrun --nproc-per-node N -m dsv3 train --pp P --pipeline S [--ep E] [--dp D]`` runs
-``N = devices * dp`` processes, ``devices = P`` (``P / 2`` under DualPipeV), laid out as
-:mod:`dsv3.parallel.world` describes. Every rank runs the ordinary loop
-(:func:`dsv3.train.loop.train`); :func:`dsv3.train.session.build_session` joins the world,
-shards the experts over the expert-parallel group, keeps only this device's stages
-(:func:`~dsv3.parallel.pipeline.stages.select_stages`), builds the :class:`PipelineRuntime` with
-:func:`build_pipeline` (the context's pipelines: the ranks of one data-parallel index) and
-ZeRO-1 over the parameters of this device's stages; the CPU EMA shadows only those. One optimizer step
-(:func:`dsv3.train.step.train_step`: ``_pipeline_pass``, then the ``_update`` that every layout shares) then is:
-
-1. :meth:`PipelineRuntime.step` runs this data-parallel rank's ``global_batch / (micro_batch x dp)``
-   micro-batches through the schedule's op lists (losses and expert loads reduced over the
-   pipeline, the gradients of shared parameters all-reduced among their holders);
-2. losses and loads are reduced over the data-parallel ranks, gradients by ZeRO-1 (dense over
-   dp, experts over edp), and the global gradient norm counts every parameter once over the
-   pipeline; every rank takes the same clip and NaN-skip decisions;
-3. ZeRO-1 updates the held parameters, the auxiliary-loss-free bias update uses the loads of
-   all stages, micro-batches and data-parallel ranks (bit-identical everywhere), the EMA
-   averages the held parameters. Nothing is broadcast: no device ever holds another's stages.
-
-Validation (:func:`validation_loss`) is a forward-only pipelined pass
-(:meth:`PipelineRuntime.evaluate`), its batches split over the data-parallel ranks; with
-``--use-ema`` each device swaps its EMA into its own stages first. Checkpoints are sharded:
-every rank writes its stages (:mod:`dsv3.parallel.checkpoint`).
+``N = devices * dp`` processes (:mod:`dsv3.parallel.world`). :func:`check_pipeline_layout` checks the
+run's layout and batch with :func:`dsv3.layout.check_layout` before anything is written and gives the
+micro-batches per pipeline and step; :func:`build_pipeline` builds a session's :class:`PipelineRuntime`
+over this device's stages (collective); :func:`validation_loss` is the forward-only pipelined
+validation pass, its batches split over the data-parallel ranks; :func:`write_step_trace` writes
+``--trace``'s timeline. How one optimizer step runs through the pipeline (the runtime's step, then
+the update every layout shares) is in docs/pipeline.md ("`dsv3 train --pp`").
 """
 
 from __future__ import annotations
@@ -34,12 +18,12 @@ import torch
 import torch.distributed as dist
 
 from dsv3.errors import ConfigError
+from dsv3.layout import check_layout
 from dsv3.model.loss import IGNORE_INDEX
 from dsv3.parallel.pipeline.executor import (
     PipelineRuntime,
     PipelineStepResult,
     TraceEvent,
-    check_layout,
     write_chrome_trace,
 )
 from dsv3.parallel.pipeline.stages import select_stages
@@ -75,47 +59,31 @@ def check_pipeline_layout(
 ) -> int:
     """Check ``--pp``/``--pipeline``/``--dp``/``--ep`` against the model and the world before anything is written.
 
-    Returns the micro-batches per pipeline and step. Raises :class:`ConfigError` (one sentence) for
-    fewer layers than stages, an odd pp for DualPipe(V), ranks that do not factor into pipelines
-    x dp, ep not dividing dp or N_r (:func:`dsv3.parallel.world.check_layout`), a global batch that
-    does not split over dp, or too few micro-batches for the schedule.
+    Returns the micro-batches per pipeline and step. Raises :class:`ConfigError` (one sentence) for what
+    :func:`dsv3.layout.check_layout` refuses (fewer layers than stages, an odd pp for DualPipe(V), ranks that
+    do not factor into pipelines x dp, ep not dividing dp or N_r, too few micro-batches for the schedule, with
+    the ``dsv3 train`` flags that fix it) or a global batch that does not split over dp.
     """
-    from dsv3.parallel.pipeline.executor import devices_of
-    from dsv3.parallel.pipeline.schedules import build_schedule
-    from dsv3.parallel.world import check_layout as check_world
-
-    if isinstance(pp, int) and not isinstance(pp, bool) and 1 <= pp <= num_layers:
-        build_schedule(schedule, pp, 2 * pp + 2)  # the schedule's own rules on pp (e.g. even for DualPipe)
-    else:
-        check_layout(num_layers, schedule, pp, 1, world_size)  # raises the layer-count error
-    ndev = devices_of(schedule, pp)
-    if world_size % ndev:
-        raise ConfigError(
-            f"{world_size} processes do not factor into pipelines of {ndev} devices "
-            f"({schedule} with pp={pp}); launch a multiple of {ndev} with torchrun --nproc-per-node."
-        )
-    _, dp, _ = check_world(world_size, pp, dp, ep, n_routed_experts, schedule)
+    _, dp, _ = check_layout(world_size, pp, dp, ep, n_routed_experts, schedule, num_layers=num_layers)
     m = pipeline_microbatches(global_batch, micro_batch, dp)
     try:
-        check_layout(num_layers, schedule, pp, m, world_size)
+        check_layout(pp=pp, schedule=schedule, microbatches=m)
     except ConfigError as exc:
         reason = str(exc).split("; use ")[0].replace(f"microbatches={m}", f"{m}")
         raise ConfigError(
             f"{reason} per step (--global-batch {global_batch} / (--micro-batch {micro_batch} x dp {dp})); "
-            f"{_microbatch_fix(num_layers, schedule, pp, world_size, global_batch, micro_batch, dp)}"
+            f"{_microbatch_fix(schedule, pp, global_batch, micro_batch, dp)}"
         ) from None
     return m
 
 
-def _microbatch_fix(
-    num_layers: int, schedule: str, pp: int, world_size: int, global_batch: int, micro_batch: int, dp: int
-) -> str:
+def _microbatch_fix(schedule: str, pp: int, global_batch: int, micro_batch: int, dp: int) -> str:
     """``dsv3 train``'s flags and values that give a step micro-batches the schedule runs: the next larger
     --global-batch, and a smaller --micro-batch for the same global batch where one exists."""
 
     def fits(m: int) -> bool:
         try:
-            check_layout(num_layers, schedule, pp, m, world_size)
+            check_layout(pp=pp, schedule=schedule, microbatches=m)
             return True
         except ConfigError:
             return False

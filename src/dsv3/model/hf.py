@@ -1,22 +1,12 @@
-"""Hugging Face DeepSeek-V3 checkpoints: safetensors in and out.
+"""The model's Hugging Face weight format: safetensors in and out, names mapped one to one.
 
-Layout (as the official deepseek-ai repositories ship it, and as transformers reads it):
-
-- ``config.json``;
-- ``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors`` with
-  ``model.safetensors.index.json`` (``{"metadata": ..., "weight_map": {name: file}}``);
-- per-expert tensors ``model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight``
-  (stacked here into ``experts.gate_up_proj`` [N_r, 2I, d] and ``experts.down_proj``
-  [N_r, d, I]; transformers-5 style stacked tensors are read too);
-- MTP module k as ``model.layers.{L+k-1}.*`` with ``enorm``, ``hnorm``, ``eh_proj``,
-  ``shared_head.norm`` and copies of the shared ``embed_tokens`` and ``shared_head.head``;
-- FP8 checkpoints (``quantization_config.quant_method == "fp8"``): E4M3 weights plus
-  ``weight_scale_inv`` per 128x128 block, dequantised on load (w = q * scale_inv).
-
-Loading builds the model on the meta device, allocates it once, and copies every
-tensor in as it is read from the memory-mapped files, so a checkpoint is never
-materialised twice. Saving writes shard by shard into a temporary directory that
-is renamed into place when complete.
+As the official repositories ship it: ``config.json``; ``model.safetensors`` or shards with
+``model.safetensors.index.json``; per-expert tensors ``model.layers.{l}.mlp.experts.{e}.{gate,up,down}_proj``
+(stacked here into ``experts.gate_up_proj`` [N_r, 2I, d] / ``down_proj`` [N_r, d, I]); MTP module k as
+``model.layers.{L+k-1}.*`` with copies of the shared embedding and head; FP8 checkpoints (E4M3 weights and
+``weight_scale_inv`` per 128x128 block) dequantised on load. Loading copies each tensor into a built model
+as it is read (only the rows a rank holds); saving writes shard by shard into a temporary directory that
+is renamed into place. Details: docs/model.md.
 """
 
 from __future__ import annotations
@@ -34,8 +24,8 @@ from safetensors.torch import save_file
 
 from dsv3.config import ModelConfig
 from dsv3.errors import CheckpointError, ConfigError
+from dsv3.model.moe import Experts
 from dsv3.utils.io import atomic_dir
-from dsv3.utils.meta import materialize
 from dsv3.utils.size import parse_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -150,10 +140,8 @@ def _dsv3_to_hf_prefix(name: str, config: ModelConfig) -> str:
 
 
 # ----------------------------------------------------------------------------- loading
-def _expert_blocks(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+def expert_blocks(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """``{state-dict name of a stacked expert tensor: (expert_offset, n_local)}`` of every Experts module."""
-    from dsv3.model.moe import Experts
-
     return {
         f"{mod}.{leaf}": (m.expert_offset, m.gate_up_proj.shape[0])
         for mod, m in model.named_modules()
@@ -226,7 +214,7 @@ def load_state_into(
     config: ModelConfig = model.config  # type: ignore[assignment]
     reader = _Reader(files if files is not None else checkpoint_files(path))
     state = dict(model.state_dict(keep_vars=True))
-    blocks = _expert_blocks(model)
+    blocks = expert_blocks(model)
     block = tuple((config.quantization_config or {}).get("weight_block_size", (128, 128)))
     loaded: set[str] = set()
     expert_fill: dict[str, int] = {}
@@ -286,16 +274,12 @@ def _check_complete(
         )
 
 
-def resolve_pretrained(path: str | os.PathLike) -> tuple[str, ModelConfig, dict[str, str]]:
-    """The checkpoint directory of ``path`` (a run directory: its latest intact checkpoint), its config
-    (without MTP modules when the checkpoint has no weights for them, with a warning) and its tensor files."""
+def read_pretrained(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, str]]:
+    """The config of the Hugging Face directory ``path`` (without MTP modules when the checkpoint has no
+    weights for them, with a warning) and its tensor files."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        from dsv3.checkpoint.state import resolve_checkpoint
-
-        path = resolve_checkpoint(path)  # a run directory: its latest checkpoint
     try:
         config = ModelConfig.from_json_file(path)
     except ConfigError as exc:
@@ -308,41 +292,7 @@ def resolve_pretrained(path: str | os.PathLike) -> tuple[str, ModelConfig, dict[
             f"checkpoint {path} has no weights for its {depth} MTP module(s); loading without MTP", stacklevel=2
         )
         config.num_nextn_predict_layers = 0
-    return path, config, files
-
-
-def from_pretrained(
-    path: str | os.PathLike,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    strict: bool = True,
-):
-    """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory as a
-    :class:`~dsv3.model.DeepseekV3ForCausalLM` (FP8 weights are dequantised to ``dtype``).
-
-    ``path`` may also be a dsv3 run directory: its latest intact checkpoint is loaded.
-    """
-    path, config, files = resolve_pretrained(path)
-    model = empty_model(config, device=device, dtype=dtype)
-    load_state_into(model, path, strict=strict, files=files)
-    return model
-
-
-def empty_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """The model of ``config`` built on the meta device and given uninitialised storage once, for a load
-    that overwrites every parameter and persistent buffer; the non-persistent buffers (rotary tables),
-    which no checkpoint holds, are rebuilt from the config."""
-    from dsv3.model import DeepseekV3ForCausalLM
-
-    with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(config)
-    materialize(model, device)  # (nn.Module.to_empty would untie a tied head from the embedding)
-    model.to(dtype)
-    with torch.no_grad():
-        fresh = type(model.model.rotary_emb)(config)
-        model.model.rotary_emb.inv_freq.copy_(fresh.inv_freq)
-    return model
+    return config, files
 
 
 # ----------------------------------------------------------------------------- saving

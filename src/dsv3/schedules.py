@@ -1,51 +1,15 @@
 """Pipeline-parallel schedules as data: the per-device op lists of 1F1B, ZB1P, DualPipe and DualPipeV.
 
-This module is the single definition of every schedule. The planner's simulator
-(:mod:`dsv3.plan.simulate`) times these lists and a torch.distributed runtime
-executes the same lists, so the bubble we predict is the bubble we run. It is
-pure Python (no torch) so that ``dsv3 plan`` stays light.
-
-Vocabulary (the DualPipe README's, arXiv 2412.19437 section 3.2.1):
-
-* ``pp`` is the number of pipeline *stages* for every schedule (the model's
-  pipelined layers cut into ``pp`` consecutive pieces, stage 0 first).
-* A *chunk* is one stage's worth of parameters held by a device. 1F1B and ZB1P
-  hold one chunk per device (device d = stage d, ``pp`` devices). DualPipe holds
-  two chunks on each of its ``pp`` devices: chunk 0 is stage d of the copy that
-  micro-batches ``0 .. m/2-1`` run through from device 0 to device pp-1, chunk 1
-  is stage pp-1-d of the second copy that micro-batches ``m/2 .. m-1`` run
-  through in the reverse direction. DualPipeV ("cut-in-half") runs ``pp`` stages
-  on ``pp/2`` devices in a V: device d holds stage d (chunk 0) and stage pp-1-d
-  (chunk 1); every micro-batch goes down through chunk 0 and back up through
-  chunk 1, the turn at the last device being local.
-* Ops (:class:`Op`): ``F`` forward of a (micro-batch, stage); ``B`` backward for
-  the inputs only (its ``W`` comes later, zero-bubble style); ``W`` backward for
-  the weights; ``BW`` full backward (B and W fused, as 1F1B runs it); ``FB`` an
-  overlapped pair of a forward and a full backward of two different micro-batches
-  (DualPipe's F&B); ``SEND``/``RECV`` point-to-point transfers.
-
-Op-list contract (what both executors rely on):
-
-* A device runs its ops in list order, one compute op at a time.
-* ``SEND`` is asynchronous: it never blocks the device and the data leaves as
-  soon as the op is reached (it always follows the op that produced the data).
-* ``RECV`` posts a receive and does not block; the first op that uses the
-  received data waits until it has arrived. Every ``SEND`` has exactly one
-  matching ``RECV`` (same micro-batch, stage and direction, swapped peers).
-* In ``SEND``/``RECV``, ``stage`` names the stage that *consumes* the data: the
-  stage whose input it is (``direction="forward"``, an activation) or the stage
-  whose output gradient it is (``direction="backward"``); ``chunk`` is the chunk
-  on the op's own device that produced (SEND) or will consume (RECV) it.
-  When consecutive stages of a micro-batch sit on the same device (DualPipeV's
-  turn at device pp/2-1) there is no SEND/RECV: the data stays on the device.
-* Between two devices, the SENDs of one kind (activations or gradients) in one
-  direction come in the order of the peer's RECVs: the runtime matches them
-  first-in first-out on one process group per link, direction and kind.
-* Deferred weight gradients are first-in first-out: ``W`` ops come in the same
-  order as the split ``B`` ops they complete.
-
-Each schedule below is written per device with explicit phases; DualPipe and
-DualPipeV share one eight-step body (deepseek-ai/DualPipe writes both that way).
+The single definition of every schedule (torch-free, on the bottom floor beside :mod:`dsv3.layout`,
+whose :func:`~dsv3.layout.check_layout` says which ``pp`` and micro-batch counts a schedule runs).
+The planner's simulator (:mod:`dsv3.plan.simulate`) times these lists and the runtime
+(:mod:`dsv3.parallel.pipeline.executor`) executes the same lists, so the bubble we predict is the
+bubble we run. :func:`build_schedule` gives a :class:`Schedule`: for each device its :class:`Op` list
+(``F``, ``B``, ``W``, ``BW``, ``FB``, ``SEND``, ``RECV``); :func:`validate_schedule` checks an op
+list against the contract both executors rely on (docs/pipeline.md, "Schedules as data": list order,
+asynchronous SENDs, RECVs waited by their first user, first-in first-out messages per link, direction
+and kind, first-in first-out W). Each schedule is written per device with explicit phases; DualPipe
+and DualPipeV share one eight-step body (as deepseek-ai/DualPipe writes both).
 """
 
 from __future__ import annotations
@@ -55,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dsv3.errors import ConfigError
+from dsv3.layout import check_layout
 
 # Op kinds.
 F, B, W, BW, FB, SEND, RECV = "F", "B", "W", "BW", "FB", "SEND", "RECV"
@@ -230,12 +195,6 @@ class _RankWriter:
         self._send_grad(bmb, bstage, b_chunk)
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
-
-
 # --------------------------------------------------------------------------- 1F1B and ZB1P
 
 
@@ -279,8 +238,7 @@ def _zb1p(rank: _RankWriter, pp: int, m: int) -> None:
 
 
 def _single_chunk(name: str, body: Callable[[_RankWriter, int, int], None], pp: int, m: int) -> Schedule:
-    _check_int("pp", pp, 1)
-    _check_int("microbatches", m, 1)
+    check_layout(pp=pp, schedule=name, microbatches=m)
     place: Placement = lambda mb, stage: (stage, 0)  # noqa: E731
     ops = []
     for d in range(pp):
@@ -346,18 +304,6 @@ def _dualpipe_rank(rank: _RankWriter, n: int, h: int, chunks: int, a: int, c: in
         rank.weight()
 
 
-def _check_dual(name: str, pp: int, m: int, min_m: int, even_m: bool) -> None:
-    _check_int("pp", pp, 2)
-    _check_int("microbatches", m, 1)
-    if pp % 2:
-        raise ConfigError(f"{name} needs an even number of pipeline stages, got pp={pp}; use pp={pp + 1}.")
-    if m < min_m or (even_m and m % 2):
-        need = "an even number of micro-batches" if even_m else "a number of micro-batches"
-        raise ConfigError(
-            f"{name} with pp={pp} needs {need} >= {min_m}, got microbatches={m}; use microbatches={max(min_m, m + (m % 2 if even_m else 0))}."
-        )
-
-
 def dualpipe(pp: int, microbatches: int) -> Schedule:
     """DualPipe on ``pp`` devices (two stage copies each); ``pp`` even, ``microbatches`` even and >= 2*pp.
 
@@ -365,7 +311,7 @@ def dualpipe(pp: int, microbatches: int) -> Schedule:
     ``m/2 .. m-1`` at device pp-1 (chunk 1, stage s on device pp-1-s).
     """
     m = microbatches
-    _check_dual("DualPipe", pp, m, 2 * pp, even_m=True)
+    check_layout(pp=pp, schedule="dualpipe", microbatches=m)
     half = m // 2
     place: Placement = lambda mb, stage: (stage, 0) if mb < half else (pp - 1 - stage, 1)  # noqa: E731
     ops = []
@@ -393,7 +339,7 @@ def dualpipev(pp: int, microbatches: int) -> Schedule:
     enters at device 0, turns at device pp/2-1 and leaves at device 0.
     """
     m = microbatches
-    _check_dual("DualPipeV", pp, m, pp, even_m=False)
+    check_layout(pp=pp, schedule="dualpipev", microbatches=m)
     n = pp // 2
     place: Placement = lambda mb, stage: (stage, 0) if stage < n else (pp - 1 - stage, 1)  # noqa: E731
     ops = []
@@ -404,7 +350,7 @@ def dualpipev(pp: int, microbatches: int) -> Schedule:
     return Schedule("dualpipev", pp, m, n, tuple((d, pp - 1 - d) for d in range(n)), tuple(ops))
 
 
-SCHEDULES: dict[str, Callable[[int, int], Schedule]] = {
+_BUILDERS: dict[str, Callable[[int, int], Schedule]] = {
     "1f1b": one_f_one_b,
     "zb1p": zb1p,
     "dualpipe": dualpipe,
@@ -423,10 +369,16 @@ def build_schedule(name: str, pp: int, microbatches: int) -> Schedule:
     Raises:
         ConfigError: unknown name, or ``pp``/``microbatches`` the schedule cannot run.
     """
-    key = str(name).lower()
-    if key not in SCHEDULES:
-        raise ConfigError(f"unknown pipeline schedule {name!r}; choose one of {', '.join(SCHEDULES)}.")
-    return SCHEDULES[key](pp, microbatches)
+    check_layout(pp=pp, schedule=name, microbatches=microbatches)
+    return _BUILDERS[str(name).lower()](pp, microbatches)
+
+
+def pipeline_schedule(num_layers: int, name: str, pp: int, microbatches: int, world_size: int) -> Schedule:
+    """The schedule of a pipeline layout that :func:`~dsv3.layout.check_layout` accepts (layers, schedule,
+    micro-batches, a world of whole pipelines); what :class:`~dsv3.parallel.pipeline.executor.PipelineRuntime`
+    runs."""
+    check_layout(world_size, pp, schedule=name, num_layers=num_layers, microbatches=microbatches)
+    return build_schedule(name, pp, microbatches)
 
 
 # --------------------------------------------------------------------------- checking an op list
@@ -452,91 +404,116 @@ def validate_schedule(schedule: Schedule) -> None:
     they match first-in first-out, and an out-of-order receive would silently
     get another micro-batch's data. Timing and deadlocks are the simulator's business.
     """
-    pp, m, nd = schedule.pp, schedule.microbatches, schedule.devices
-    if len(schedule.ops) != nd or len(schedule.device_stages) != nd:
-        raise ScheduleError(f"schedule {schedule.name!r} declares {nd} devices but has {len(schedule.ops)} op lists.")
-    where: dict[tuple[str, int, int], int] = {}  # (F|B|W, mb, stage) -> device
-    sends: dict[tuple, int] = {}
-    recvs: dict[tuple, int] = {}
-    order: dict[tuple[str, int, int, str], list[tuple[int, int, Op]]] = {}  # (SEND|RECV, src, dst, kind) -> messages
+    _ScheduleCheck(schedule).run()
 
-    def fail(d: int, i: int, op: Op, why: str) -> None:
-        raise ScheduleError(f"schedule {schedule.name!r} device {d} op {i} ({op}) {why}.")
 
-    for d, ops in enumerate(schedule.ops):
-        have: set[tuple[str, int, int]] = set()  # data usable on this device
-        for i, op in enumerate(ops):
-            if op.kind not in COMPUTE_KINDS + (SEND, RECV):
-                fail(d, i, op, f"has unknown kind {op.kind!r}")
-            for part in op.parts():
-                mb, s, c = part.microbatch, part.stage, part.chunk
-                if not (0 <= mb < m and 0 <= s < pp and 0 <= c < len(schedule.device_stages[d])):
-                    fail(d, i, op, "names a micro-batch, stage or chunk outside the schedule")
-                if op.is_compute and schedule.device_stages[d][c] != s:
-                    fail(d, i, op, f"runs stage {s} on chunk {c}, which holds stage {schedule.device_stages[d][c]}")
-            if op.kind in (SEND, RECV):
-                if not 0 <= op.peer < nd or op.peer == d or op.direction not in (FORWARD, BACKWARD):
-                    fail(d, i, op, "has an invalid peer or direction")
-                src, dst = (d, op.peer) if op.kind == SEND else (op.peer, d)
-                book = sends if op.kind == SEND else recvs
-                key = (src, dst) + _data_key(op)
-                if key in book:
-                    fail(d, i, op, "duplicates an earlier transfer")
-                book[key] = i
-                order.setdefault((op.kind, src, dst, op.direction), []).append((op.microbatch, op.stage, op))
-                if op.kind == SEND and _data_key(op) not in have:
-                    fail(d, i, op, "sends data this device has not produced yet")
-                if op.kind == RECV:
-                    have.add(_data_key(op))
+class _ScheduleCheck:
+    """The steps of :func:`validate_schedule`: each op's fields, its data flow, then completeness and messages."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.s = schedule
+        self.where: dict[tuple[str, int, int], int] = {}  # (F|B|W, mb, stage) -> device
+        self.sends: dict[tuple, int] = {}
+        self.recvs: dict[tuple, int] = {}
+        self.order: dict[tuple[str, int, int, str], list[tuple[int, int, Op]]] = {}  # (SEND|RECV, src, dst, dir)
+
+    def fail(self, d: int, i: int, op: Op, why: str) -> None:
+        raise ScheduleError(f"schedule {self.s.name!r} device {d} op {i} ({op}) {why}.")
+
+    def run(self) -> None:
+        s, nd = self.s, self.s.devices
+        if len(s.ops) != nd or len(s.device_stages) != nd:
+            raise ScheduleError(f"schedule {s.name!r} declares {nd} devices but has {len(s.ops)} op lists.")
+        for d, ops in enumerate(s.ops):
+            have: set[tuple[str, int, int]] = set()  # data usable on this device
+            for i, op in enumerate(ops):
+                self.fields(d, i, op)
+                if op.kind in (SEND, RECV):
+                    self.transfer(d, i, op, have)
+                else:
+                    self.compute(d, i, op, have)
+        self.complete()
+        self.matched()
+        self.in_order()
+
+    def fields(self, d: int, i: int, op: Op) -> None:
+        """Valid kind, micro-batch, stage and chunk; a compute op runs on the chunk holding its stage."""
+        s = self.s
+        if op.kind not in COMPUTE_KINDS + (SEND, RECV):
+            self.fail(d, i, op, f"has unknown kind {op.kind!r}")
+        for part in op.parts():
+            mb, st, c = part.microbatch, part.stage, part.chunk
+            if not (0 <= mb < s.microbatches and 0 <= st < s.pp and 0 <= c < len(s.device_stages[d])):
+                self.fail(d, i, op, "names a micro-batch, stage or chunk outside the schedule")
+            if op.is_compute and s.device_stages[d][c] != st:
+                self.fail(d, i, op, f"runs stage {st} on chunk {c}, which holds stage {s.device_stages[d][c]}")
+
+    def transfer(self, d: int, i: int, op: Op, have: set) -> None:
+        """A SEND of data produced here, or a RECV that makes data usable here; no transfer twice."""
+        if not 0 <= op.peer < self.s.devices or op.peer == d or op.direction not in (FORWARD, BACKWARD):
+            self.fail(d, i, op, "has an invalid peer or direction")
+        src, dst = (d, op.peer) if op.kind == SEND else (op.peer, d)
+        book = self.sends if op.kind == SEND else self.recvs
+        key = (src, dst) + _data_key(op)
+        if key in book:
+            self.fail(d, i, op, "duplicates an earlier transfer")
+        book[key] = i
+        self.order.setdefault((op.kind, src, dst, op.direction), []).append((op.microbatch, op.stage, op))
+        if op.kind == SEND and _data_key(op) not in have:
+            self.fail(d, i, op, "sends data this device has not produced yet")
+        if op.kind == RECV:
+            have.add(_data_key(op))
+
+    def compute(self, d: int, i: int, op: Op, have: set) -> None:
+        """Inputs before use, then the outputs; each F, B and W of a (micro-batch, stage) once."""
+        pp = self.s.pp
+        needs, makes = [], []
+        for part in op.parts():
+            mb, st = part.microbatch, part.stage
+            if part.kind == F:
+                needs += [("act", mb, st)] if st > 0 else []
+                makes += [("F", mb, st), ("act", mb, st + 1) if st + 1 < pp else ("grad", mb, st)]
+            elif part.kind in (B, BW):
+                needs += [("F", mb, st), ("grad", mb, st)]
+                makes += [("B", mb, st)] + ([("grad", mb, st - 1)] if st > 0 else [])
+            else:  # W
+                needs += [("B", mb, st)]
+        for what, mb, st in needs:
+            if (what, mb, st) not in have:
+                self.fail(d, i, op, f"needs {what} of micro-batch {mb} stage {st} before it is produced or received")
+        have.update(makes)
+        for part in op.parts():
+            for k in ("B", "W") if part.kind == BW else (part.kind,):
+                key = (k, part.microbatch, part.stage)
+                if key in self.where:
+                    self.fail(d, i, op, f"repeats {k} of micro-batch {part.microbatch} stage {part.stage}")
+                self.where[key] = d
+
+    def complete(self) -> None:
+        for k in ("F", "B", "W"):
+            for mb in range(self.s.microbatches):
+                for st in range(self.s.pp):
+                    if (k, mb, st) not in self.where:
+                        raise ScheduleError(f"schedule {self.s.name!r} never runs {k} of micro-batch {mb} stage {st}.")
+
+    def matched(self) -> None:
+        for key in self.sends.keys() ^ self.recvs.keys():
+            side = "SEND" if key in self.sends else "RECV"
+            raise ScheduleError(
+                f"schedule {self.s.name!r} has a {side} between devices {key[0]}->{key[1]} of {key[2]} "
+                f"micro-batch {key[3]} stage {key[4]} with no matching {'RECV' if side == 'SEND' else 'SEND'}."
+            )
+
+    def in_order(self) -> None:
+        for (kind, src, dst, direction), sent in self.order.items():
+            if kind != SEND:
                 continue
-            # Compute ops: check inputs, then record outputs.
-            needs, makes = [], []
-            for part in op.parts():
-                mb, s = part.microbatch, part.stage
-                if part.kind == F:
-                    needs += [("act", mb, s)] if s > 0 else []
-                    makes += [("F", mb, s), ("act", mb, s + 1) if s + 1 < pp else ("grad", mb, s)]
-                elif part.kind in (B, BW):
-                    needs += [("F", mb, s), ("grad", mb, s)]
-                    makes += [("B", mb, s)] + ([("grad", mb, s - 1)] if s > 0 else [])
-                else:  # W
-                    needs += [("B", mb, s)]
-            for key in needs:
-                if key not in have:
-                    fail(
-                        d,
-                        i,
-                        op,
-                        f"needs {key[0]} of micro-batch {key[1]} stage {key[2]} before it is produced or received",
+            got = self.order.get((RECV, src, dst, direction), [])
+            for (smb, sst, sop), (rmb, rst, rop) in zip(sent, got):
+                if (smb, sst) != (rmb, rst):
+                    what = "activations" if direction == FORWARD else "gradients"
+                    raise ScheduleError(
+                        f"schedule {self.s.name!r} sends {what} from device {src} to device {dst} in another order "
+                        f"than device {dst} receives them ({sop} meets {rop}); messages of one kind on a link match "
+                        f"first-in first-out, so reorder the RECVs to follow the SENDs."
                     )
-            have.update(makes)
-            for part in op.parts():
-                done = {F: "F", B: "B", W: "W", BW: "BW"}[part.kind]
-                for k in ("B", "W") if done == "BW" else (done,):
-                    key = (k, part.microbatch, part.stage)
-                    if key in where:
-                        fail(d, i, op, f"repeats {k} of micro-batch {part.microbatch} stage {part.stage}")
-                    where[key] = d
-    for k in ("F", "B", "W"):
-        for mb in range(m):
-            for s in range(pp):
-                if (k, mb, s) not in where:
-                    raise ScheduleError(f"schedule {schedule.name!r} never runs {k} of micro-batch {mb} stage {s}.")
-    for key in sends.keys() ^ recvs.keys():
-        side = "SEND" if key in sends else "RECV"
-        raise ScheduleError(
-            f"schedule {schedule.name!r} has a {side} between devices {key[0]}->{key[1]} of {key[2]} "
-            f"micro-batch {key[3]} stage {key[4]} with no matching {'RECV' if side == 'SEND' else 'SEND'}."
-        )
-    for (kind, src, dst, direction), sent in order.items():
-        if kind != SEND:
-            continue
-        got = order.get((RECV, src, dst, direction), [])
-        for (smb, sst, sop), (rmb, rst, rop) in zip(sent, got):
-            if (smb, sst) != (rmb, rst):
-                what = "activations" if direction == FORWARD else "gradients"
-                raise ScheduleError(
-                    f"schedule {schedule.name!r} sends {what} from device {src} to device {dst} in another order than "
-                    f"device {dst} receives them ({sop} meets {rop}); messages of one kind on a link match first-in "
-                    f"first-out, so reorder the RECVs to follow the SENDs."
-                )

@@ -25,9 +25,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dsv3.checkpoint.hf import _expert_blocks, checkpoint_files, from_pretrained, load_state_into
 from dsv3.checkpoint.state import (
     STATE_FILE,
+    from_pretrained,
     join_tensors,
     latest_checkpoint,
     load_checkpoint_state,
@@ -37,6 +37,7 @@ from dsv3.checkpoint.state import (
     set_rng_state,
 )
 from dsv3.errors import CheckpointError
+from dsv3.model.hf import checkpoint_files, expert_blocks, load_state_into
 from dsv3.parallel import checkpoint as dcp_format
 
 _STEP = re.compile(r"(\d+)$")
@@ -51,6 +52,11 @@ class Restored:
     loader: dict | None
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, checkpoint: str, step: int, loader: dict | None, extra: dict) -> Restored:
+        """From a checkpoint's saved ``extra`` (its ``nonfinite`` count and ``val_losses``)."""
+        return cls(checkpoint, step, loader, extra.get("nonfinite", 0), [tuple(v) for v in extra.get("val_losses", [])])
 
 
 class Checkpointer:
@@ -135,25 +141,12 @@ class Checkpointer:
         if self.sharded:
             return _restore_one_process_into_shards(path, model, optimizer, ema)
         state = load_checkpoint_state(path, model=model, optimizer=optimizer, ema=ema)
-        extra = state.get("extra", {})
-        return Restored(
-            path,
-            state["step"],
-            state.get("loader"),
-            extra.get("nonfinite", 0),
-            [tuple(v) for v in extra.get("val_losses", [])],
-        )
+        return Restored.of(path, state["step"], state.get("loader"), state.get("extra", {}))
 
     def _restore_sharded(self, path: str, model, optimizer, ema) -> Restored:
         meta = dcp_format.load_sharded(path, model=model, optimizer=optimizer, ctx=optimizer.ctx, ema=ema)
         self.sharded = True
-        return Restored(
-            path,
-            meta["step"],
-            meta.get("loader"),
-            meta.get("nonfinite", 0),
-            [tuple(v) for v in meta.get("val_losses", [])],
-        )
+        return Restored.of(path, meta["step"], meta.get("loader"), meta)
 
     # ------------------------------------------------------------------ init-from, export
     @staticmethod
@@ -244,7 +237,7 @@ def _restore_one_process_into_shards(path: str, model, optimizer, ema) -> Restor
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {path} has no readable {STATE_FILE} ({exc})") from None
     load_state_into(model, path, partial=True)
-    blocks = {k: off for k, (off, _) in _expert_blocks(model).items()}
+    blocks = {k: off for k, (off, _) in expert_blocks(model).items()}
     if "optimizer" not in state:
         raise CheckpointError(f"checkpoint {path} holds no optimizer state")
     optim = join_tensors(state["optimizer"], _Keys())
@@ -261,14 +254,7 @@ def _restore_one_process_into_shards(path: str, model, optimizer, ema) -> Restor
     if ema is not None:
         _ema_from_one_process(path, state, model, ema, blocks)
     set_rng_state(state["rng"], load_file(os.path.join(path, "rng.safetensors")))
-    extra = state.get("extra", {})
-    return Restored(
-        path,
-        state["step"],
-        state.get("loader"),
-        extra.get("nonfinite", 0),
-        [tuple(v) for v in extra.get("val_losses", [])],
-    )
+    return Restored.of(path, state["step"], state.get("loader"), state.get("extra", {}))
 
 
 def _ema_from_one_process(path: str, state: dict, model, ema, blocks: dict[str, int]) -> None:
