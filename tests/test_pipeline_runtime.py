@@ -193,7 +193,7 @@ def test_trace_file_is_a_two_device_timeline(pp_runs):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_train_step_through_a_pipeline_equals_one_process(train_setup, tmp_path):
-    """dsv3.train.session.train_step with a pipeline attached (2 processes, DualPipe) gives the single
+    """dsv3.train.step.train_step with a pipeline attached (2 processes, DualPipe) gives the single
     process's per-step losses and validation loss, and every rank holds its stages of the single process's model."""
     from helpers import quick_options
 

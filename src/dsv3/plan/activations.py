@@ -451,7 +451,7 @@ def _router_items(it: "_Items", cfg: ModelConfig, layout: Layout, recomputed, re
             "sp",
         )
         it.add("mlp.gate.topk_sum", "sum of the selected affinities (normaliser)", "router", 1, rc, recomputed, "sp")
-    if cfg.seq_aux_alpha > 0:
+    if layout.balance_loss:
         it.add(
             "mlp.gate.score_sum", "sum_j s_{j,t} (sequence-wise balance loss)", "balance loss", 1, rc, recomputed, "sp"
         )
@@ -471,7 +471,7 @@ def _router_items(it: "_Items", cfg: ModelConfig, layout: Layout, recomputed, re
         "int64",
         ALL,
     )
-    if cfg.seq_aux_alpha > 0:
+    if layout.balance_loss:
         it.constant("mlp.balance_loss", "the layer's balance loss L_Bal (MoE.last_balance_loss)", "MoE", 1, rc, ALL)
 
 

@@ -119,6 +119,7 @@ def search(
     fp8: bool = False,
     attention: str = "fused",
     mtp: bool = True,
+    balance_loss: bool = True,
     precision: Precision | None = None,
     hardware: Hardware | None = None,
     fragmentation: float = DEFAULT_FRAGMENTATION,
@@ -180,6 +181,7 @@ def search(
                                     fp8=fp8,
                                     attention=attention,
                                     mtp=mtp,
+                                    balance_loss=balance_loss,
                                     tp_convention=tp_convention,
                                 )
                                 if lay in seen:
