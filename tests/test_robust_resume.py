@@ -420,3 +420,42 @@ def test_sigterm_to_a_script_calling_train_raises_with_the_checkpoint(train_setu
     assert seen["checkpoint"] == str(run / "checkpoints" / f"step-{seen['step']:07d}")
     assert verify_checkpoint(seen["checkpoint"]) is None  # complete before the exception reached the script
     assert [s for s, _ in list_checkpoints(str(run))] == [seen["step"]]
+
+
+HOOK_SCRIPT = """
+import json, os, signal, sys
+from dsv3.errors import TrainingPreempted
+from dsv3.train.config import TrainConfig
+from dsv3.train.loop import train
+
+def hook(step):  # SIGTERM arrives while the step hook runs, after the step's checkpoint decision
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+try:
+    train(TrainConfig.from_dict(json.loads(sys.argv[1])), log=lambda s: None, step_hook=hook)
+except TrainingPreempted as exc:
+    print(json.dumps({"checkpoint": exc.checkpoint, "step": exc.step}))
+    sys.exit(exc.exit_code)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_during_the_step_hook_checkpoints_that_step(train_setup, tmp_path):
+    """A signal that lands in the step hook (no checkpoint due at that step) still checkpoints the completed step."""
+    import json
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", HOOK_SCRIPT, json.dumps(_preemptible(train_setup, run, 5))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert done.returncode == 143, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"checkpoint": str(run / "checkpoints" / "step-0000002"), "step": 2}
+    assert verify_checkpoint(seen["checkpoint"]) is None
+    assert [s for s, _ in list_checkpoints(str(run))] == [2]

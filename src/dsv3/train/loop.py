@@ -270,10 +270,13 @@ def _run_steps(s: Session, out: _Outputs, stop: _StopFlag, step_hook, last_ckpt:
             continue
         s.nonfinite = 0
         _report(s, out, record, stats, time.perf_counter() - t0)
-        if s.step % config.checkpoint.save_every == 0 or s.step == config.schedule.steps or stop.requested:
+        saved = s.step % config.checkpoint.save_every == 0 or s.step == config.schedule.steps or stop.requested
+        if saved:
             last_ckpt = _checkpoint(s, s.step)
         if step_hook is not None:
             step_hook(s.step)
+        if stop.requested and not saved:  # the signal came during the hook: this step is complete, keep it
+            last_ckpt = _checkpoint(s, s.step)
         if stop.requested:
             out.log(
                 f"interrupted by {stop.signal_name}: checkpoint written at step {s.step} ({last_ckpt}); "
