@@ -239,22 +239,21 @@ def _world_dp(world_size: int | None, pp: int, dp: int | None, schedule: str) ->
 
 
 def _check_experts(dp: int, ep: int, n_routed_experts: int | None, tp: int, etp: int) -> None:
-    """``N_r / ep`` experts per rank, and ``ep x etp`` dividing the ``dp x tp`` devices the experts re-fold."""
+    """``ep x etp`` dividing the ``dp x tp`` devices the experts re-fold, then ``N_r / ep`` experts per rank."""
+    if (dp * tp) % (ep * etp):
+        refold = (
+            f"EP x ETP = {ep * etp} must divide DP x TP = {dp * tp}, because the expert layers re-fold the same devices"
+        )
+        if tp == etp == 1:
+            raise ConfigError(
+                f"--ep {ep} does not divide the data-parallel degree {dp} ({refold}); pick an ep that divides dp."
+            )
+        raise ConfigError(f"{refold}; raise --dp or lower --ep/--etp.")
     if n_routed_experts and n_routed_experts % ep:
         raise ConfigError(
             f"--ep {ep} does not divide the model's {n_routed_experts} routed experts: {n_routed_experts} routed "
             f"experts cannot be split over --ep {ep}; choose an EP size that divides {n_routed_experts}."
         )
-    if (dp * tp) % (ep * etp) == 0:
-        return
-    refold = (
-        f"EP x ETP = {ep * etp} must divide DP x TP = {dp * tp}, because the expert layers re-fold the same devices"
-    )
-    if tp == etp == 1:
-        raise ConfigError(
-            f"--ep {ep} does not divide the data-parallel degree {dp} ({refold}); pick an ep that divides dp."
-        )
-    raise ConfigError(f"{refold}; raise --dp or lower --ep/--etp.")
 
 
 def _check_microbatches(schedule: str, pp: int, m: int) -> None:
