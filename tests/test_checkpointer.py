@@ -15,7 +15,7 @@ from dist_helpers import run_ranks
 from helpers import small_config
 from safetensors import safe_open
 from test_parallel_checkpoint import _steps
-from test_parallel_ep import OPT, _batch, _config, _reference
+from test_parallel_ep import ALPHA, GAMMA, OPT, _batch, _config, _reference
 
 STEPS = 3
 EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
@@ -68,7 +68,7 @@ def _init_from_worker(rank: int, world: int, path: str):
     model.reset_parameters(seed=123)  # other values than the checkpoint's: every tensor must be overwritten
     model = shard_experts(model, ctx, dispatcher="alltoall")
     read = Checkpointer.init_from(path, model)
-    losses = _steps(ctx, model, ZeroAdamW(model, ctx, **OPT), range(STEPS), None, world=world)
+    losses = _steps(ctx, model, ZeroAdamW(model, ctx, **OPT), range(STEPS), None, world=world, alpha=ALPHA, gamma=GAMMA)
     return read, ctx.expert_block(_config().n_routed_experts), losses
 
 

@@ -39,8 +39,9 @@ def _global_ema(model, ema):
     return out, ema.num_updates
 
 
-def _steps(ctx, model, opt, steps, ema, world: int = WORLD_BATCH):
-    """Train ``steps`` on this rank's part of ``_batch(world, step)``; returns the global losses."""
+def _steps(ctx, model, opt, steps, ema, world: int = WORLD_BATCH, alpha: float | None = None, gamma: float = 0.001):
+    """Train ``steps`` on this rank's part of ``_batch(world, step)`` (balance factor ``alpha``: the model's
+    default when None; bias update speed ``gamma``); returns the global losses."""
     from dsv3.parallel.zero import all_mean, sync_loads
 
     losses = []
@@ -48,12 +49,12 @@ def _steps(ctx, model, opt, steps, ema, world: int = WORLD_BATCH):
         ids, labels = _batch(world, step)
         per = ids.shape[0] // ctx.dp
         rows = slice(ctx.dp_rank * per, (ctx.dp_rank + 1) * per)
-        out = model(ids[rows], labels[rows])
+        out = model(ids[rows], labels[rows]) if alpha is None else model(ids[rows], labels[rows], seq_aux_alpha=alpha)
         out.loss.backward()
         losses.append(float(all_mean(out.loss.detach().reshape(1), ctx)[0]))
         opt.step(max_norm=1.0)
         opt.zero_grad()
-        model.update_router_bias(sync_loads(out.expert_load, ctx), 0.001)
+        model.update_router_bias(sync_loads(out.expert_load, ctx), gamma)
         if ema is not None:
             ema.update()
     return losses
