@@ -3,16 +3,16 @@
 No command destroys what it did not write. Before anything is computed, an output path is
 checked, and a :class:`~dsv3.errors.OutputError` (one line, exit 2) refuses:
 
-- a path under a file (``out.json/x.png``), or a file output that is a directory;
-- an existing file that is not this command's own output (``is_own(path)`` says whether it is:
-  a dsv3-drawn PNG, a JSON document with the command's keys);
+- a path under a file (``out.json/x.png``), a file output that is a directory, or a directory output
+  that is a file;
+- an existing file that is not this command's own output (``is_own(path)``: a dsv3-drawn PNG, a JSON
+  document with the command's keys);
 - a directory output that exists and is not empty unless the command wrote everything in it
   (``is_own_dir``), or that is, or lies inside, a training run directory (``RUN_DIR/config.yaml``,
-  ``checkpoints/``, ``dcp-*``), whose checkpoints must never be replaced;
-- a directory output that is an existing file.
+  ``checkpoints/``, ``dcp-*``), whose checkpoints must never be replaced.
 
-The writes themselves are atomic (temporary name + rename, :mod:`dsv3.utils.io`), so a
-command interrupted at any moment leaves the old output or the new one, never half of one.
+Writes are atomic (temporary name + rename, :mod:`dsv3.utils.io`): an interrupted command leaves the old
+output or the new one.
 """
 
 from __future__ import annotations
