@@ -11,8 +11,7 @@ checked, and a :class:`~dsv3.errors.OutputError` (one line, exit 2) refuses:
   (``is_own_dir``), or that is, or lies inside, a training run directory (``RUN_DIR/config.yaml``,
   ``checkpoints/``, ``dcp-*``), whose checkpoints must never be replaced.
 
-Writes are atomic (temporary name + rename, :mod:`dsv3.utils.io`): an interrupted command leaves the old
-output or the new one.
+Writes are atomic (:mod:`dsv3.utils.io`): an interrupted command leaves the old output or the new one.
 """
 
 from __future__ import annotations
