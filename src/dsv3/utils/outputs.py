@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from dsv3.errors import OutputError
 
@@ -30,16 +30,23 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _DCP = re.compile(r"^dcp-\d{8}$")
 
 
-def _file_above(path: str) -> str | None:
-    """The first ancestor of ``path`` that exists and is not a directory (``path`` would be under a file)."""
-    current = os.path.dirname(os.path.abspath(path))
+def _upwards(path: str) -> Iterator[str]:
+    """``path`` (absolute) and each of its ancestors up to the root."""
+    current = os.path.abspath(path)
     while True:
-        if os.path.lexists(current):
-            return None if os.path.isdir(current) else current
+        yield current
         parent = os.path.dirname(current)
         if parent == current:
-            return None
+            return
         current = parent
+
+
+def _file_above(path: str) -> str | None:
+    """The first ancestor of ``path`` that exists and is not a directory (``path`` would be under a file)."""
+    for current in _upwards(os.path.dirname(os.path.abspath(path))):
+        if os.path.lexists(current):
+            return None if os.path.isdir(current) else current
+    return None
 
 
 def is_run_dir(path: str) -> bool:
@@ -54,14 +61,7 @@ def is_run_dir(path: str) -> bool:
 
 def enclosing_run_dir(path: str) -> str | None:
     """``path`` itself or its nearest ancestor that is a run directory, or None."""
-    current = os.path.abspath(path)
-    while True:
-        if is_run_dir(current):
-            return current
-        parent = os.path.dirname(current)
-        if parent == current:
-            return None
-        current = parent
+    return next((current for current in _upwards(path) if is_run_dir(current)), None)
 
 
 def check_output_file(path: str, flag: str, *, is_own: Callable[[str], bool], what: str) -> None:
