@@ -199,7 +199,7 @@ def _session(mode: Mode, fp8: bool):
 
 def _step_times(session, mode: Mode, prefetch: bool) -> list[float]:
     """Seconds of ``mode.iters`` trainer steps (after 2 warm-up steps), batches fetched as ``dsv3 train`` does."""
-    from dsv3.train.session import train_step
+    from dsv3.train.step import train_step
 
     pre = session.session.prefetcher
     pre.background = prefetch

@@ -75,7 +75,6 @@ def toy_config(**changes) -> ModelConfig:
         rope_theta=10000.0,
         max_position_embeddings=32,
         rms_norm_eps=1e-6,
-        seq_aux_alpha=0.0,
     )
     base.update(changes)
     return ModelConfig.from_dict(base)
@@ -148,7 +147,7 @@ def short_sft(
     while step < max_steps:
         ids, labels = _sft_batch(tok, rng.choices(train_pairs, k=batch), 0)
         model.train()
-        out = model(ids, labels)
+        out = model(ids, labels, seq_aux_alpha=0.0)  # no sequence-wise balance loss in this toy
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -117,8 +117,9 @@ def _warm_runtime(config) -> None:
     import dsv3.parallel.parallelize  # noqa: F401
     import dsv3.parallel.pipeline.train  # noqa: F401
     import dsv3.train.session as session
+    from dsv3.train.preflight import model_config_for
 
-    mcfg = session.model_config_for(config)
+    mcfg = model_config_for(config)
     tokenizer = session.build_tokenizer(config, mcfg.vocab_size, "")
     data = session.build_training_data(config, tokenizer, mcfg, "")
     session.build_tokenizer = lambda *args, **kwargs: tokenizer
@@ -131,7 +132,8 @@ def rank_run(rank: int, config_dir: str, layout: dict, steps: int) -> dict:
 
     from dsv3.parallel.world import init_parallel
     from dsv3.train.config import TrainConfig
-    from dsv3.train.session import build_session, train_step
+    from dsv3.train.session import build_session
+    from dsv3.train.step import train_step
 
     p = {k: layout[k] for k in ("pp", "dp", "ep", "pipeline") if k in layout}
     opts = dict(

@@ -10,13 +10,14 @@ import torch
 from helpers import small_config
 
 SEQ, MICRO = 16, 2
+ALPHA, GAMMA = 0.01, 0.001  # the sequence-wise balance factor and the bias update speed of these runs
 
 
 def build_model(layers: int = 4, seed: int = 0, **changes):
     from dsv3.model.transformer import DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = small_config(num_hidden_layers=layers, seq_aux_alpha=0.01, **changes)
+    cfg = small_config(num_hidden_layers=layers, **changes)
     return DeepseekV3ForCausalLM(cfg)
 
 
@@ -47,7 +48,7 @@ def reference(steps: int, n_micro: int, layers: int = 4, **changes):
     for step in range(steps):
         load, total = None, 0.0
         for ids, labels in batches(step, n_micro):
-            out = model(ids, labels)
+            out = model(ids, labels, seq_aux_alpha=ALPHA)
             (out.loss / n_micro).backward()
             total += float(out.loss.detach()) / n_micro
             if out.expert_load is not None:
@@ -56,7 +57,7 @@ def reference(steps: int, n_micro: int, layers: int = 4, **changes):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if load is not None:
-            model.update_router_bias(load)
+            model.update_router_bias(load, GAMMA)
         losses.append(total)
     model.eval()
     with torch.no_grad():
@@ -104,7 +105,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
 
         from dsv3.errors import ConfigError
         from dsv3.parallel.pipeline.executor import PipelineRuntime
-        from dsv3.parallel.pipeline.train import write_step_trace
+        from dsv3.parallel.pipeline.train import set_loss_weights, write_step_trace
 
         dist.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
@@ -114,6 +115,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
             model = build_model(job["layers"], **job.get("model", {}))
             model.train()
             rt = PipelineRuntime(model, job["schedule"], job["pp"], seq_len=SEQ)
+            set_loss_weights(rt, 0.3, ALPHA)
             variant = job.get("variant")
             custom = None
             if variant == "fb_as_f_then_b":
@@ -133,7 +135,7 @@ def run_jobs(rank: int, world: int, port: int, jobs: list[dict], queue) -> None:
                 norms.append(float(rt.clip_grad_norm(1.0)))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                model.update_router_bias(res.load)
+                model.update_router_bias(res.load, GAMMA)
                 losses.append(res.loss)
                 traces.append([e.op for e in res.trace])
             if job.get("trace_path"):
@@ -159,7 +161,8 @@ def session_losses(opts: dict, steps: int):
     from dsv3.model.moe import Experts
     from dsv3.train.config import TrainConfig
     from dsv3.train.loop import validate
-    from dsv3.train.session import build_session, train_step
+    from dsv3.train.session import build_session
+    from dsv3.train.step import train_step
 
     session = build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
     losses, norms = [], []
@@ -186,12 +189,19 @@ def session_rank(rank: int, opts: dict, steps: int):
     return session_losses(opts, steps)
 
 
+def sessions_rank(rank: int, runs: list[dict], steps: int):
+    """tests/dist_helpers.run_ranks worker: :func:`session_losses` of each options dict in turn, in one world
+    (one spawn and one process group for several layouts of the same world size)."""
+    return [session_losses(opts, steps) for opts in runs]
+
+
 def save_rank(rank: int, opts: dict, run_dir: str):
     """tests/dist_helpers.run_ranks worker: one pipelined step, then a DCP checkpoint written by every rank.
     Returns (the parameter names its model holds, their values, its EMA shadows or ``{}``)."""
     from dsv3.parallel.checkpoint import save_sharded
     from dsv3.train.config import TrainConfig
-    from dsv3.train.session import build_session, train_step
+    from dsv3.train.session import build_session
+    from dsv3.train.step import train_step
 
     session = build_session(TrainConfig.from_dict(opts), write=False, prefetch=False)
     try:

@@ -119,3 +119,29 @@ def test_config_module_imports_no_torch():
 
     code = "import sys, dsv3, dsv3.config; dsv3.load_preset('tiny'); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_old_config_json_with_the_training_keys_still_loads(tmp_path):
+    """gamma, alpha and lambda are no ModelConfig fields any more: an old config.json's keys load into ``extra``,
+    are checked, round-trip, and are the trainer's defaults where the run config leaves them unset."""
+    from dsv3.train.config import MoEOptions
+    from dsv3.train.schedule import MoESchedule
+
+    data = load_preset("tiny").to_dict()
+    data.update(bias_update_speed=0.002, seq_aux_alpha=0.0, mtp_loss_weight=0.2)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    cfg = ModelConfig.from_json_file(path)
+    assert not hasattr(cfg, "mtp_loss_weight")
+    assert cfg.recipe() == {"bias_update_speed": 0.002, "seq_aux_alpha": 0.0, "mtp_loss_weight": 0.2}
+    cfg.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == json.loads(path.read_text()) | {
+        "architectures": ["DeepseekV3ForCausalLM"]
+    }
+    got = MoESchedule.from_options(MoEOptions(mtp_loss_weight=0.5), 10, cfg.recipe())
+    assert (got.gamma, got.seq_aux_alpha, got.mtp_loss_weight) == (0.002, 0.0, 0.5)  # the run's lambda wins
+    report = MoESchedule.from_options(MoEOptions(), 10, load_preset("tiny").recipe())
+    assert (report.gamma, report.seq_aux_alpha, report.mtp_loss_weight) == (0.001, 0.0001, 0.3)
+    for bad in (-1.0, "0.3", None):
+        with pytest.raises(ConfigError, match="mtp_loss_weight must be a non-negative number"):
+            ModelConfig.from_dict(dict(data, mtp_loss_weight=bad))

@@ -507,7 +507,7 @@ def _digest(path) -> dict:
 def test_old_flat_run_directory_still_resumes(train_setup, tmp_path):
     from dsv3.checkpoint.state import list_checkpoints
     from dsv3.train.loop import train
-    from dsv3.train.session import resume_config
+    from dsv3.train.rundir import resume_config
 
     run = tmp_path / "old"
 

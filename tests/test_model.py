@@ -160,16 +160,22 @@ def test_bias_update_moves_toward_balance_on_skewed_router():
         moe(x, stats)
         return stats.load[moe.layer_idx]
 
-    def maxvio():
-        with torch.no_grad():
-            load = load_of(x).double()
+    def maxvio(load):
+        load = load.double()
         return ((load.max() - load.mean()) / load.mean()).item()
 
-    start = maxvio()
+    # The sign rule never settles: after about 25 updates the load cycles around balance, so the check is the
+    # mean MaxVio of the last 20 of 60 updates (seeds 0-3 of this setup: 0.22-0.34 of the start; 300 updates
+    # give the same cycle; the single last value ranges 0.13-0.55 of the start).
+    history = []
+    for _ in range(60):
+        with torch.no_grad():
+            load = load_of(x)
+        history.append(maxvio(load))
+        moe.update_bias(load, gamma=0.01)
+    start = history[0]
     assert start > 1.0  # heavily skewed
-    for _ in range(300):
-        moe.update_bias(load_of(x), gamma=0.01)
-    assert maxvio() < 0.3 * start
+    assert sum(history[-20:]) / 20 < 0.45 * start
     bias = moe.gate.e_score_correction_bias
     assert bias[:2].max() < bias[2:].min()  # the favoured experts were pushed down
 
@@ -201,10 +207,10 @@ def test_sequence_balance_loss_matches_report_formula():
 
 
 def test_model_balance_loss_and_load_are_collected():
-    config = small_config(seq_aux_alpha=0.01)
+    config = small_config()
     model = _model(config).train()
     ids = torch.randint(0, config.vocab_size, (2, 16))
-    out = model(ids, ids)
+    out = model(ids, ids, seq_aux_alpha=0.01)
     n_moe = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers + config.num_nextn_predict_layers))
     assert out.expert_load.shape == (n_moe, config.n_routed_experts)
     assert out.expert_load[0].sum() == 2 * 16 * config.num_experts_per_tok
@@ -215,12 +221,12 @@ def test_model_balance_loss_and_load_are_collected():
 
 def test_mtp_loss_uses_the_right_target_at_each_depth():
     """Depth k at position i must predict t_{i+k+1}: recompute each L^k by hand and compare."""
-    config = small_config(num_nextn_predict_layers=2, mtp_loss_weight=0.3, seq_aux_alpha=0.0)
+    config = small_config(num_nextn_predict_layers=2)
     model = _model(config).eval()
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, config.vocab_size, (2, 21), generator=gen)
     ids, labels = tokens[:, :-1], tokens[:, 1:]
-    out = model(ids, labels)
+    out = model(ids, labels, mtp_loss_weight=0.3, seq_aux_alpha=0.0)
     with torch.no_grad():
         emb = model.model.embed_tokens(ids)
         h = out.hidden_states

@@ -53,7 +53,7 @@ def _steps(ctx, model, opt, steps, ema, world: int = WORLD_BATCH):
         losses.append(float(all_mean(out.loss.detach().reshape(1), ctx)[0]))
         opt.step(max_norm=1.0)
         opt.zero_grad()
-        model.update_router_bias(sync_loads(out.expert_load, ctx))
+        model.update_router_bias(sync_loads(out.expert_load, ctx), 0.001)
         if ema is not None:
             ema.update()
     return losses

@@ -86,7 +86,8 @@ def _session_run(rank, opts: dict, steps: int, bad_opts: dict | None = None):
     with ``bad_opts`` first the one-line error that config gets."""
     from dsv3.errors import DsV3Error
     from dsv3.train.config import TrainConfig
-    from dsv3.train.session import build_session, train_step
+    from dsv3.train.session import build_session
+    from dsv3.train.step import train_step
 
     error = None
     if bad_opts is not None:

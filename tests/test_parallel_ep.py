@@ -19,7 +19,10 @@ OPT = dict(lr=1e-3, eps=1e-3, weight_decay=0.1)
 
 
 def _config():
-    return small_config(seq_aux_alpha=0.01, bias_update_speed=0.01)
+    return small_config()
+
+
+ALPHA, GAMMA = 0.01, 0.01  # the balance factor and bias update speed the runs train with
 
 
 def _batch(world: int, step: int):
@@ -78,7 +81,7 @@ def _ep_worker(rank: int, world: int, ep: int):
     for step in range(STEPS):
         ids, labels = _batch(world, step)
         rows = slice(rank * B_PER_RANK, (rank + 1) * B_PER_RANK)
-        out = model(ids[rows], labels[rows])
+        out = model(ids[rows], labels[rows], seq_aux_alpha=ALPHA)
         out.loss.backward()
         losses.append(float(all_mean(out.loss.detach().reshape(1), ctx)[0]))
         load = sync_loads(out.expert_load, ctx)
@@ -88,7 +91,7 @@ def _ep_worker(rank: int, world: int, ep: int):
             grads = _take(_full_names(model), grad=True)
         norms.append(float(opt.step(max_norm=1.0, reduce=False)))
         opt.zero_grad()
-        model.update_router_bias(load)
+        model.update_router_bias(load, GAMMA)
     biases = [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()]
     stats = comm_stats(model)
     return {
@@ -113,7 +116,7 @@ def _reference(world: int, model=None):
     norms = []
     for step in range(STEPS):
         ids, labels = _batch(world, step)
-        out = model(ids, labels)
+        out = model(ids, labels, seq_aux_alpha=ALPHA)
         out.loss.backward()
         losses.append(out.loss.item())
         loads.append(out.expert_load)
@@ -122,7 +125,7 @@ def _reference(world: int, model=None):
         norms.append(float(clip_grad_norm(list(model.parameters()), 1.0)))
         opt.step()
         opt.zero_grad()
-        model.update_router_bias(out.expert_load)
+        model.update_router_bias(out.expert_load, GAMMA)
     return {
         "losses": losses,
         "loads": loads,

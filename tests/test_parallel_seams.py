@@ -70,10 +70,10 @@ def test_local_dispatcher_matches_a_per_expert_loop_in_float64():
 
 
 def test_moe_records_loads_and_balance_loss_per_forward_not_on_the_module():
-    config = small_config(seq_aux_alpha=0.01)
+    config = small_config()
     moe = MoE(config, layer_idx=5).train()
     x = torch.randn(2, 7, config.hidden_size)
-    first, second = RoutingStats(), RoutingStats()
+    first, second = RoutingStats(alpha=0.01), RoutingStats(alpha=0.01)
     moe(x, first)
     moe(x[:1], second)  # a second micro-batch in flight does not overwrite the first's numbers
     assert first.load[5].sum() == 2 * 7 * config.num_experts_per_tok

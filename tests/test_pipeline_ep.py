@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from dist_helpers import free_port, run_ranks
 from helpers import quick_options, read_jsonl, small_config
-from pipeline_worker import session_losses, session_rank
+from pipeline_worker import session_losses, sessions_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -66,46 +66,58 @@ def _assert_equal_to_one_process(runs, ref, rtol=1e-5, atol=1e-6):
     assert held == ref_params.keys()
 
 
+# The 4-rank layouts, all run in one spawned world (FOUR_RANK_TIMEOUT in all), each beside its one-process run.
+CASES = {
+    # 4 stages on 2 devices (each holds half the layers); the EMA of the held stages, validation (3 batches
+    # over dp 2: one rank pads with an unlabelled copy) with the EMA weights
+    "dualpipev-4-ema": ("dualpipev", 4, {"ema_decay": 0.9, "use_ema": True, "eval_batches": 3}),
+    "1f1b-2": ("1f1b", 2, {}),
+    # DualPipe's FB ops run the cut MoE (async all-to-alls); with selective recomputation and the CPU EMA
+    "dualpipe-2-selective-ema": ("dualpipe", 2, {"recompute": "selective", "ema_decay": 0.9}),
+    # FP8 GEMMs and FP8 dispatch payloads through the cut MoE of the FB ops, BF16 moments
+    "dualpipe-2-fp8": ("dualpipe", 2, {"fp8": True, "optim_states": "bf16"}),
+}
+FOUR_RANK_TIMEOUT = 420
+WITH_WORLD = FOUR_RANK_TIMEOUT + 180  # the first test also pays for the one-process references
+
+
+@pytest.fixture(scope="module")
+def four_rank_runs(four_layers, tmp_path_factory):
+    """{case: (the 4 ranks' session_losses, the one-process session_losses)} for every case of CASES."""
+    root = tmp_path_factory.mktemp("four_rank_runs")
+    opts = {name: _opts(four_layers, root / name, **extra) for name, (_, _, extra) in CASES.items()}
+    refs = {name: session_losses(o, STEPS) for name, o in opts.items()}  # also builds the token caches
+    layouts = [dict(opts[name], pp=pp, pipeline=schedule, ep=2, dp=2) for name, (schedule, pp, _) in CASES.items()]
+    runs = run_ranks(sessions_rank, 4, layouts, STEPS, timeout=FOUR_RANK_TIMEOUT)
+    return {name: ([r[i] for r in runs], refs[name]) for i, name in enumerate(CASES)}
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize(
-    "schedule,pp,extra",
-    [
-        # 4 stages on 2 devices (each holds half the layers); the EMA of the held stages, validation (3 batches
-        # over dp 2: one rank pads with an unlabelled copy) with the EMA weights
-        ("dualpipev", 4, {"ema_decay": 0.9, "use_ema": True, "eval_batches": 3}),
-        ("1f1b", 2, {}),
-        # DualPipe's FB ops run the cut MoE (async all-to-alls); with selective recomputation and the CPU EMA
-        ("dualpipe", 2, {"recompute": "selective", "ema_decay": 0.9}),
-    ],
-    ids=["dualpipev-4-ema", "1f1b-2", "dualpipe-2-selective-ema"],
-)
-def test_pp_dp2_ep2_on_4_ranks_equals_one_process(four_layers, tmp_path, schedule, pp, extra):
+@pytest.mark.timeout(WITH_WORLD)
+@pytest.mark.parametrize("case", ["dualpipev-4-ema", "1f1b-2", "dualpipe-2-selective-ema"])
+def test_pp_dp2_ep2_on_4_ranks_equals_one_process(four_rank_runs, case):
     """4 ranks: DualPipeV (4 stages on 2 devices), 1F1B or DualPipe (pp=2, two stages per device in both
     directions, FB ops), x dp=2 with ep=2 and ZeRO-1: ep peers run the same op list, so their all-to-alls
     line up, also inside overlapped FB ops. Losses, parameters, router biases, norms, the EMA and the
     validation loss (a forward-only pipelined pass) equal one process's."""
-    opts = _opts(four_layers, tmp_path / "run", **extra)
-    ref = session_losses(opts, STEPS)  # also builds the token caches before the spawn
-    runs = run_ranks(session_rank, 4, dict(opts, pp=pp, pipeline=schedule, ep=2, dp=2), STEPS, timeout=200)
-    assert bool(ref[5]) == ("ema_decay" in extra)
+    runs, ref = four_rank_runs[case]
+    assert bool(ref[5]) == ("ema_decay" in CASES[case][2])
     _assert_equal_to_one_process(runs, ref)
     # the expert blocks: ep rank r of every pipeline device holds experts [4r, 4r + 4)
     assert [min(r[4].values()) for r in runs] == [0, 4, 0, 4]
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
-def test_dualpipe_dp2_ep2_with_fp8_dispatch_stays_close_to_one_fp8_process(four_layers, tmp_path):
+@pytest.mark.timeout(WITH_WORLD)
+def test_dualpipe_dp2_ep2_with_fp8_dispatch_stays_close_to_one_fp8_process(four_rank_runs):
     """--fp8 under DualPipe x dp2 x ep2 (FP8 GEMMs, FP8 dispatch payloads through the cut MoE of the FB
     ops, BF16 moments) stays within the FP8 tolerance of one FP8 process, which sends nothing: losses
     within 1e-3 relative (measured 1.5e-4), norms within 5e-2, every tensor within 3 % (relative L2,
     measured at most 1.3 %, while 3 steps move the weights by tens of %; Adam turns the FP8 noise of
     near-zero gradients into whole lr steps, so elementwise bounds say nothing). The ranks agree
     exactly among themselves: dense parameters and router biases are bit-identical on all four."""
-    opts = _opts(four_layers, tmp_path / "run", fp8=True, optim_states="bf16")
-    ref_losses, ref_norms, ref_params = session_losses(opts, STEPS)[:3]
-    runs = run_ranks(session_rank, 4, dict(opts, pp=2, pipeline="dualpipe", ep=2, dp=2), STEPS, timeout=200)
+    runs, ref = four_rank_runs["dualpipe-2-fp8"]
+    ref_losses, ref_norms, ref_params = ref[:3]
     for rank, (losses, norms, params, buffers, offsets) in enumerate(r[:5] for r in runs):
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-3, err_msg=f"rank {rank}")
         np.testing.assert_allclose(norms, ref_norms, rtol=5e-2, err_msg=f"rank {rank}")
@@ -209,7 +221,7 @@ def pp_dp_ep_run(train_setup, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(500)  # the first one pays for pp_dp_ep_run: 180 s + 200 s of subprocess limits
 def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process(pp_dp_ep_run):
     root, ref, four = pp_dp_ep_run
     assert [s for s, _ in ref] == [1, 2, 3, 4]
@@ -233,7 +245,7 @@ def test_torchrun_pp2_dp2_ep2_has_the_losses_of_one_process(pp_dp_ep_run):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(500)
 def test_pipeline_checkpoint_resumes_in_other_layouts(pp_dp_ep_run, tmp_path):
     """The step-2 DCP checkpoint of the pp2 x dp2 x ep2 run resumes in one process and under torchrun as one
     2-device ZB1P pipeline (dp=1, ep=1; each device holds only its stage) with the losses of the uninterrupted

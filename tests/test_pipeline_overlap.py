@@ -29,8 +29,11 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 _DONE = object()
 
 
+ALPHA = 0.01  # the sequence-wise balance factor every forward here trains with
+
+
 def _config():
-    return small_config(seq_aux_alpha=0.01)
+    return small_config()
 
 
 def _model():
@@ -127,6 +130,7 @@ def _worker(rank: int):
         split_weight_grads(model, store)
         n_layers = model.config.num_hidden_layers
         stage = PipelineStage(model, 0, 1, list(range(n_layers)), cut_moe=mode != "uncut")
+        stage.seq_aux_alpha = ALPHA
         cos, sin = model.model.rotary_emb(torch.arange(T))
         mbs = [MicroBatch(*_data(rank, i), cos.unsqueeze(0), sin.unsqueeze(0), 1.0 / N_MICRO) for i in range(N_MICRO)]
         losses, events = _drive(stage, mbs, mode, store)
@@ -161,7 +165,7 @@ def _ffn_pair(ctx, fp8: bool):
         model = shard_experts(_model(), ctx, dispatcher="alltoall", fp8=fp8)
         layer = model.model.layers[1]
         h = x.clone().requires_grad_(True)
-        stats = RoutingStats()
+        stats = RoutingStats(ALPHA)
         if cut:
             ffn = CutMoE(layer, h, stats)
             ffn.dispatch()
@@ -192,7 +196,7 @@ def _reference():
     losses = {}
     for rank in range(2):
         for mb in range(N_MICRO):
-            out = model(*_data(rank, mb))
+            out = model(*_data(rank, mb), seq_aux_alpha=ALPHA)
             (out.loss / N_MICRO).backward()
             losses[(rank, mb)] = out.loss.item()
     return losses, _grads(model)

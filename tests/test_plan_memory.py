@@ -154,6 +154,9 @@ def test_activation_items_of_an_moe_layer_by_hand():
     }
     assert items["mlp.experts.down_proj.output"].bytes_per_token == 2 * k * d
     assert {n for n in ffn if items[n].kept("full")} == {"mlp.load", "mlp.balance_loss"}
+    # alpha = 0 (Layout.balance_loss False): no sequence-wise balance loss, none of its three tensors
+    off = {i.name for i in act.decoder_layer_items(TINY, lay.replace(balance_loss=False), Precision(), moe=True)}
+    assert set(items) - off == {"mlp.gate.score_sum", "mlp.gate.balance_f", "mlp.balance_loss"}
 
 
 def test_activation_items_split_over_tp_and_cached_in_fp8():

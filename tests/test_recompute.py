@@ -21,14 +21,14 @@ def _run(policy, config, ids):
     model.zero_grad()
     out = model(ids, ids)
     load = out.expert_load.clone()
-    model.update_router_bias(load)
+    model.update_router_bias(load, 0.001)
     biases = [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()]
     return live, saved, grads, load, biases, out.loss.detach()
 
 
 @pytest.fixture(scope="module")
 def runs():
-    config = small_config(seq_aux_alpha=0.01, num_nextn_predict_layers=1)
+    config = small_config(num_nextn_predict_layers=1)
     ids = torch.randint(0, config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
     return {p: _run(p, config, ids) for p in ("none", "selective", "full")}
 

@@ -77,7 +77,7 @@ def test_model_changing_flags_on_resume_are_refused(train_setup, base_run, tmp_p
 
 def test_repeating_a_saved_value_on_resume_is_accepted(train_setup, base_run):
     from dsv3.train.preflight import refuse_frozen_overrides
-    from dsv3.train.session import resume_config
+    from dsv3.train.rundir import resume_config
 
     run = str(base_run[0])
     saved = resume_config(run, {})
@@ -104,7 +104,7 @@ def test_resume_writes_effective_config_and_removes_stale_temporaries(base_run, 
     code, out, err = cli(["train", "--resume", run, "--steps", "5"], capsys)
     assert code == 0, err
     assert not stale_dir.exists() and not stale_file.exists() and "left by a killed run" in out
-    from dsv3.train.session import resume_config
+    from dsv3.train.rundir import resume_config
 
     assert resume_config(str(run), {}).schedule.steps == 5  # the override that applied, in config.yaml
     assert [s for s, _ in list_checkpoints(str(run))] == [2, 4, 5]

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from helpers import quick_options, read_jsonl
 
 from dsv3.train.config import TrainConfig
 from dsv3.train.loop import train
-from dsv3.train.session import BatchPrefetcher, build_session, train_step
+from dsv3.train.prefetch import BatchPrefetcher
+from dsv3.train.session import build_session
+from dsv3.train.step import train_step
 
 
 def _session(setup, tmp_path, **changes):
@@ -107,3 +112,48 @@ def test_metrics_carry_mfu_peak_memory_tokens_and_loss_split(train_setup, tmp_pa
         assert r["peak_memory_gib"] > 0.05
         assert r["tokens"] == r["step"] * 8 * 32 and r["loss_tokens"] == 8 * 32
         assert math.isclose(r["loss"], r["lm_loss"] + r["mtp_loss"] + r["balance_loss"], rel_tol=1e-5)
+
+
+def _hand_losses(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """L_Main and L^1 (D = 1) of ``model`` on one micro-batch in float64, from its modules and F.cross_entropy."""
+    with torch.no_grad():
+        h = model(ids).hidden_states  # h^0, before the final norm
+        v = model.config.vocab_size
+        main = F.cross_entropy(model.lm_head(model.model.norm(h)).reshape(-1, v), labels.reshape(-1))
+        n = ids.shape[1] - 1
+        cos, sin = model.model.rotary_emb(torch.arange(n))
+        mtp = model.mtp[0]
+        h1 = mtp(h[:, :n], model.model.embed_tokens(ids[:, 1:]), cos[None], sin[None])
+        depth1 = F.cross_entropy(model.lm_head(mtp.shared_head.norm(h1)).reshape(-1, v), labels[:, 1:].reshape(-1))
+    return float(main), float(depth1)
+
+
+def test_mtp_weight_reaches_the_loss_as_an_argument_and_switches_mid_run(train_setup, tmp_path):
+    """lambda 0.3 for the first half of a 2-step run, then 0.1: each step's MTP loss is lambda * L^1 of the
+    float64 hand computation. The model config.json carries old extension keys: its lambda (0.7) loses to the
+    run's, its alpha (0) is the run's default (no balance loss); nothing writes the model config."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    data = json.loads(Path(train_setup["model"]).read_text())
+    data.update(mtp_loss_weight=0.7, seq_aux_alpha=0.0, bias_update_speed=0.0)
+    (model_dir / "config.json").write_text(json.dumps(data))
+    setup = dict(train_setup, model=str(model_dir / "config.json"))
+    s = _session(setup, tmp_path, steps=2, mtp_loss_weight=0.3, mtp_loss_weight_late=0.1, mtp_switch=0.5)
+    try:
+        s.model.double()
+        config_before = s.model.config.to_dict()
+        for step, lam in ((0, 0.3), (1, 0.1)):
+            _, gamma = s.begin_step()
+            assert gamma == 0.0  # the config.json's bias_update_speed, the run leaves it unset
+            batches, _ = s.next_batches()
+            hand = [_hand_losses(s.model, ids, labels) for ids, labels in batches]
+            stats = train_step(s, batches)
+            main = sum(m for m, _ in hand) / len(hand)
+            mtp = sum(lam * d for _, d in hand) / len(hand)
+            assert math.isclose(stats.lm_loss, main, rel_tol=1e-5)
+            assert math.isclose(stats.mtp_loss, mtp, rel_tol=1e-5), (step, stats.mtp_loss, mtp)
+            assert stats.balance_loss == 0.0 and math.isclose(stats.loss, main + mtp, rel_tol=1e-5)
+            s.step += 1
+        assert s.model.config.to_dict() == config_before
+    finally:
+        s.close()

@@ -1,9 +1,25 @@
 """Model configuration: the Hugging Face DeepSeek-V3 ``config.json`` as a dataclass.
 
+d (hidden dim)        ``hidden_size``
+n_h (heads)           ``num_attention_heads``
+d_h (head dim)        ``qk_nope_head_dim`` (+ ``v_head_dim`` for values)
+d_h^R (RoPE dim)      ``qk_rope_head_dim``
+d_c (KV latent)       ``kv_lora_rank``
+d_c' (Q latent)       ``q_lora_rank`` (``None``: plain query projection)
+N_s, N_r              ``n_shared_experts``, ``n_routed_experts``
+K_r                   ``num_experts_per_tok``
+M (node/group limit)  ``topk_group`` of ``n_group`` groups
+D                     ``num_nextn_predict_layers``
+====================  =========================================
+
+gamma, alpha and lambda are the trainer's (``dsv3.train.config.MoEOptions``); a config.json may
+carry them as the dsv3 extension keys :data:`DSV3_KEYS`, kept in ``extra`` (checked, written back).
+=======
 Field names are the Hugging Face ones, so a ``config.json`` reads and writes losslessly: unknown keys are
 kept in :attr:`ModelConfig.extra` and written back. The module imports no torch (the planner uses it).
 The report's symbols and their fields (d = ``hidden_size``, d_c = ``kv_lora_rank``, N_r =
-``n_routed_experts``, K_r = ``num_experts_per_tok``, ...) are tabled in docs/model.md.
+``n_routed_experts``, K_r = ``num_experts_per_tok``, ...) are tabled in docs/model.md. gamma, alpha and lambda are the trainer's (``dsv3.train.config.MoEOptions``): a
+config.json's dsv3 extension keys :data:`DSV3_KEYS` are kept in ``extra`` (checked, written back).
 """
 
 from __future__ import annotations
@@ -24,8 +40,12 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
 ROPE_TYPES = ("default", "yarn")
 
-# Keys that dsv3 adds to config.json (transformers ignores them).
-DSV3_KEYS = ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
+# The report's balancing and MTP hyper-parameters (section 4.2): gamma, alpha, lambda. The trainer owns
+# them (dsv3.train.config.MoEOptions; unset there: a config.json's extension key, else this value); the
+# model's forward takes alpha and lambda as arguments, with these values as the defaults of a bare call.
+RECIPE_DEFAULTS = {"bias_update_speed": 0.001, "seq_aux_alpha": 0.0001, "mtp_loss_weight": 0.3}
+# Keys that dsv3 adds to config.json (transformers ignores them); read into ModelConfig.extra.
+DSV3_KEYS = tuple(RECIPE_DEFAULTS)
 
 
 @dataclass
@@ -79,11 +99,7 @@ class ModelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
     quantization_config: dict[str, Any] | None = None
-    # dsv3 extensions: the balancing and MTP hyper-parameters of the report.
-    bias_update_speed: float = 0.001  # gamma
-    seq_aux_alpha: float = 0.0001  # alpha
-    mtp_loss_weight: float = 0.3  # lambda
-    # Unknown config.json keys, kept for a lossless round trip.
+    # Unknown config.json keys (and the DSV3_KEYS), kept for a lossless round trip.
     extra: dict[str, Any] = field(default_factory=dict)
     # Which key the rope settings were read from ("rope_scaling" or "rope_parameters").
     rope_form: str = "rope_scaling"
@@ -228,8 +244,15 @@ class ModelConfig:
                         f"noaux_tc routing scores a group by its top-2 experts, so each of the {self.n_group} "
                         f"groups needs at least 2 experts (n_routed_experts={self.n_routed_experts})",
                     )
-        for name in DSV3_KEYS:
-            need(getattr(self, name) >= 0, f"{name} must be non-negative, got {getattr(self, name)}")
+        for name, value in self.recipe().items():
+            need(
+                is_number(value) and value >= 0,
+                f"config field {name} must be a non-negative number, got {_kind(value)}",
+            )
+
+    def recipe(self) -> dict[str, Any]:
+        """The dsv3 extension keys (:data:`DSV3_KEYS`: gamma, alpha, lambda) this config.json carries."""
+        return {k: self.extra[k] for k in DSV3_KEYS if k in self.extra}
 
     # ---------------------------------------------------------------- json i/o
     @classmethod
@@ -395,9 +418,6 @@ _FLOAT_RULES: dict[str, tuple[float, bool, float | None]] = {
     "rope_theta": (0.0, False, None),
     "rms_norm_eps": (0.0, False, 1.0),
     "initializer_range": (0.0, False, None),
-    "bias_update_speed": (0.0, True, None),
-    "seq_aux_alpha": (0.0, True, None),
-    "mtp_loss_weight": (0.0, True, None),
 }
 _BOOL_FIELDS = ("norm_topk_prob", "rope_interleave", "tie_word_embeddings", "attention_bias")
 _STR_FIELDS = ("model_type", "topk_method", "scoring_func", "hidden_act")

@@ -19,7 +19,7 @@ import sys
 
 from rich.console import Console
 
-from dsv3.config import load_preset, resolve_model_config
+from dsv3.config import RECIPE_DEFAULTS, load_preset, resolve_model_config
 from dsv3.errors import ConfigError, DsV3Error, clip
 from dsv3.layout import ATTENTION_IMPLS, RECOMPUTE_MODES, SCHEDULES, TP_CONVENTIONS, pipeline_devices
 from dsv3.plan.cost import DEFAULT_PEAK_TFLOPS, Hardware, parse_count
@@ -303,6 +303,8 @@ def _common(args, cfg) -> dict:
         fp8=args.fp8,
         attention=str(args.attention).lower(),
         mtp=not args.no_mtp,
+        # the sequence-wise balance loss is on unless the config.json sets alpha (an extension key) to 0
+        balance_loss=cfg.recipe().get("seq_aux_alpha", RECIPE_DEFAULTS["seq_aux_alpha"]) > 0,
         gpu_memory=parse_size(args.gpu_memory, "--gpu-memory") if args.gpu_memory is not None else None,
     )
 
@@ -352,6 +354,7 @@ def run(args) -> int:
         stage_layers=stage_layers,
         attention=common["attention"],
         mtp=common["mtp"],
+        balance_loss=common["balance_loss"],
         sequence_parallel=not args.no_sequence_parallel,
         tp_convention=args.tp_convention,
     )
@@ -487,6 +490,7 @@ def run_search(args) -> int:
         fp8=common["fp8"],
         attention=common["attention"],
         mtp=common["mtp"],
+        balance_loss=common["balance_loss"],
         precision=_precision(args),
         hardware=_hardware(args),
         fragmentation=args.fragmentation,

@@ -7,6 +7,7 @@ import os
 from dsv3.cli.options import add_config_arguments, overrides_from_args
 from dsv3.errors import ConfigError
 from dsv3.train.config import config_yaml, load_train_config
+from dsv3.train.rundir import resume_config
 
 
 def register(sub) -> None:
@@ -58,8 +59,6 @@ def run(args) -> int:
     from dsv3.train.loop import train
 
     if args.resume is not None:
-        from dsv3.train.session import resume_config
-
         task = resume_config(args.resume, {}).data.task
         if task == "reward":
             raise ConfigError(f"{args.resume} is a reward-model run, which cannot be resumed; start a new one")

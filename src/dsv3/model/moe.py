@@ -7,7 +7,8 @@ Gating: s_{i,t} = sigmoid(u_t . e_i); top-K_r of s + b within the allowed groups
 :class:`Dispatcher` (the protocol every backend follows; ``dispatch(x, topk_idx, topk_weights) -> (recv_x, counts, handle)``, ``combine(y, handle)``;
 :class:`LocalDispatcher` in one process). Loads and balance losses go into a :class:`RoutingStats`
 passed down the forward. Balancing: the aux-loss-free bias update (:meth:`MoE.update_bias`) and the
-sequence-wise balance loss (:func:`sequence_balance_loss`). Details: docs/model.md.
+sequence-wise balance loss (:func:`sequence_balance_loss`); gamma and alpha are arguments (the trainer's):
+``update_bias(load, gamma)``, ``RoutingStats(alpha)``. Details: docs/model.md.
 """
 
 from __future__ import annotations
@@ -331,13 +332,17 @@ class LocalDispatcher(DispatchInHalves):
 class RoutingStats:
     """Per-forward MoE statistics, passed down the forward instead of stored on modules.
 
+    Args:
+        alpha: the sequence-wise balance factor of this forward (the trainer's; 0: no balance loss).
+
     Each MoE layer records, under its layer index, the tokens routed to each expert
     (``load`` [N_r] int64) and its sequence-wise balance loss (a scalar with gradient, or
     None). Recording is by key, so a recomputed forward (activation checkpointing) that
     records the same layer again counts its tokens once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, alpha: float = 0.0) -> None:
+        self.alpha = alpha
         self.load: dict[int, torch.Tensor] = {}
         self.balance: dict[int, torch.Tensor] = {}
 
@@ -359,7 +364,7 @@ class MoE(nn.Module):
     ``dispatcher`` is a swappable :class:`Dispatcher` (:class:`LocalDispatcher` by default; expert
     parallelism installs a distributed one and keeps only the local experts in ``experts``).
     When a :class:`RoutingStats` is passed to :meth:`forward`, the layer records its expert
-    loads and (in training with alpha > 0) its balance loss there.
+    loads and (in training with ``stats.alpha`` > 0) its balance loss there.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
@@ -373,7 +378,6 @@ class MoE(nn.Module):
             if config.n_shared_experts > 0
             else None
         )
-        self.seq_aux_alpha = config.seq_aux_alpha
         self.dispatcher = LocalDispatcher(config.n_routed_experts)
 
     def forward(self, x: torch.Tensor, stats: RoutingStats | None = None) -> torch.Tensor:
@@ -400,17 +404,15 @@ class MoE(nn.Module):
     def record(
         self, stats: RoutingStats | None, scores: torch.Tensor, indices: torch.Tensor, bsz: int, seqlen: int
     ) -> None:
-        """Record this forward's expert loads [N_r] and (training, alpha > 0) balance loss L_Bal into ``stats``
+        """Record this forward's expert loads [N_r] and (training, ``stats.alpha`` > 0) balance loss L_Bal into ``stats``
         (``scores`` [B*T, N_r], ``indices`` [B*T, K_r]); nothing when ``stats`` is None."""
         if stats is None:
             return
         with torch.no_grad():
             load = torch.bincount(indices.reshape(-1), minlength=self.n_experts)
         balance = None
-        if self.training and self.seq_aux_alpha > 0:
-            balance = sequence_balance_loss(
-                scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1), self.seq_aux_alpha
-            )
+        if self.training and stats.alpha > 0:
+            balance = sequence_balance_loss(scores.view(bsz, seqlen, -1), indices.view(bsz, seqlen, -1), stats.alpha)
         stats.record(self.layer_idx, load, balance)
 
     @torch.no_grad()

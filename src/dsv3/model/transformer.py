@@ -6,7 +6,9 @@ one to one; MTP module k is ``mtp.{k-1}`` here and ``model.layers.{L+k-1}`` in t
 checkpoint (see :mod:`dsv3.model.hf`).
 
 Training objective (report 2.2, 2.1.2):
-``loss = L_Main + lambda/D * sum_k L^k_MTP + sum_layers L_Bal``.
+``loss = L_Main + lambda/D * sum_k L^k_MTP + sum_layers L_Bal``; lambda (``mtp_loss_weight``) and
+alpha (``seq_aux_alpha``, the factor of L_Bal) are arguments of :meth:`DeepseekV3ForCausalLM.forward`
+and gamma one of :meth:`~DeepseekV3ForCausalLM.update_router_bias`: the trainer owns them.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsv3.config import ModelConfig
+from dsv3.config import RECIPE_DEFAULTS, ModelConfig
 from dsv3.model.block import DecoderLayer
 from dsv3.model.hf import load_state_into, read_pretrained, save_pretrained
 from dsv3.model.loss import IGNORE_INDEX, fused_linear_cross_entropy
@@ -187,15 +189,14 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.mtp = nn.ModuleList()
 
     @torch.no_grad()
-    def update_router_bias(self, load: torch.Tensor, gamma: float | None = None) -> None:
+    def update_router_bias(self, load: torch.Tensor, gamma: float) -> None:
         """Apply the auxiliary-loss-free bias update once per optimizer step.
 
         Args:
             load: [n_moe_layers, N_r] tokens per expert summed over the step's micro-batches
                 (the sum of their ``expert_load`` outputs; rows as :meth:`moe_rows`).
-            gamma: bias update speed (default ``config.bias_update_speed``).
+            gamma: the bias update speed of this step (the trainer's).
         """
-        gamma = self.config.bias_update_speed if gamma is None else gamma
         rows = self.moe_rows()
         for moe in self.moe_layers():  # a pipeline device updates the layers it holds
             moe.update_bias(load[rows[moe.layer_idx]], gamma)
@@ -224,6 +225,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         return_logits: bool | None = None,
         segment_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        mtp_loss_weight: float = RECIPE_DEFAULTS["mtp_loss_weight"],
+        seq_aux_alpha: float = RECIPE_DEFAULTS["seq_aux_alpha"],
     ) -> CausalLMOutput:
         """Run the model.
 
@@ -241,6 +244,8 @@ class DeepseekV3ForCausalLM(nn.Module):
                 from another document are ignored. None: one causal sequence per row, no extra cost.
             position_ids: [B, T] RoPE positions (packed documents restart at 0); default
                 ``start_pos .. start_pos + T - 1``.
+            mtp_loss_weight: lambda, the MTP loss weight (the trainer passes its step's value).
+            seq_aux_alpha: alpha, the sequence-wise balance factor (training mode only; 0: no L_Bal).
         """
         bsz, seqlen = input_ids.shape
         emb = self.model.embed_tokens(input_ids)
@@ -251,7 +256,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         else:
             cos, sin = self.model.rotary_emb(position_ids)  # [B, T, d_h^R/2]
         attn_mask = document_mask(segment_ids) if segment_ids is not None else None
-        stats = RoutingStats()
+        stats = RoutingStats(seq_aux_alpha)
         h = emb
         for layer in self.model.layers:
             h = layer(h, cos, sin, cache, start_pos, attn_mask=attn_mask, stats=stats)
@@ -263,7 +268,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             return out
 
         lm_loss = self._head_loss(h_norm, labels)
-        mtp_loss = self._mtp_loss(h, emb, labels, cos, sin, segment_ids, stats)
+        mtp_loss = self._mtp_loss(h, emb, labels, cos, sin, segment_ids, stats, mtp_loss_weight=mtp_loss_weight)
         balance_loss, out.expert_load = self.collect_stats(stats, lm_loss)
         out.lm_loss, out.mtp_loss, out.balance_loss = lm_loss, mtp_loss, balance_loss
         out.loss = lm_loss + mtp_loss + balance_loss
@@ -298,8 +303,11 @@ class DeepseekV3ForCausalLM(nn.Module):
         sin: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
         stats: RoutingStats | None = None,
+        *,
+        mtp_loss_weight: float,
     ) -> torch.Tensor:
-        """lambda/D * sum_k L^k: depth k at position i predicts t_{i+k+1} = labels[:, i+k-1].
+        """lambda/D * sum_k L^k (lambda = ``mtp_loss_weight``): depth k at position i predicts
+        t_{i+k+1} = labels[:, i+k-1].
 
         With ``segment_ids`` a target from another document than position i is ignored.
         """
@@ -317,7 +325,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 target = target.masked_fill(segment_ids[:, :n] != segment_ids[:, k:], IGNORE_INDEX)
             h_prev = layer(h_prev[:, :n], emb[:, k:], cos[:, :n], sin[:, :n], attn_mask=mask, stats=stats)
             losses.append(self._head_loss(layer.shared_head.norm(h_prev), target))
-        return self.config.mtp_loss_weight / depth * torch.stack(losses).sum()
+        return mtp_loss_weight / depth * torch.stack(losses).sum()
 
     def _head_loss(self, h_norm: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of the shared output head on ``h_norm`` [B, T', d]."""

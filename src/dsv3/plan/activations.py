@@ -287,7 +287,7 @@ def _router_items(it: "Items", cfg: ModelConfig, layout: Layout, recomputed, reg
             "sp",
         )
         it.add("mlp.gate.topk_sum", "sum of the selected affinities (normaliser)", "router", 1, rc, recomputed, "sp")
-    if cfg.seq_aux_alpha > 0:
+    if layout.balance_loss:
         it.add(
             "mlp.gate.score_sum", "sum_j s_{j,t} (sequence-wise balance loss)", "balance loss", 1, rc, recomputed, "sp"
         )
@@ -307,7 +307,7 @@ def _router_items(it: "Items", cfg: ModelConfig, layout: Layout, recomputed, reg
         "int64",
         ALL,
     )
-    if cfg.seq_aux_alpha > 0:
+    if layout.balance_loss:
         it.constant("mlp.balance_loss", "the layer's balance loss L_Bal (MoE.last_balance_loss)", "MoE", 1, rc, ALL)
 
 

@@ -53,6 +53,7 @@ class Layout:
         stage_layers: layers per stage (``None``: balanced).
         attention: ``fused`` (flash/SDPA: no s x s scores kept) or ``eager``.
         mtp: train the MTP modules the config has.
+        balance_loss: train with the sequence-wise balance loss (the trainer's alpha > 0).
         sequence_parallel: split the TP-replicated activations along the sequence (Megatron SP).
         tp_convention: what TP splits and how ZeRO groups the MoE block, one of
             :data:`~dsv3.layout.TP_CONVENTIONS` (``megatron``: dsv3 and Megatron-Core;
@@ -74,6 +75,7 @@ class Layout:
     stage_layers: tuple[int, ...] | None = None
     attention: str = "fused"
     mtp: bool = True
+    balance_loss: bool = True
     sequence_parallel: bool = True
     tp_convention: str = "megatron"
 

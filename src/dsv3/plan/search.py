@@ -120,6 +120,7 @@ def search(
     fp8: bool = False,
     attention: str = "fused",
     mtp: bool = True,
+    balance_loss: bool = True,
     precision: Precision | None = None,
     hardware: Hardware | None = None,
     fragmentation: float = DEFAULT_FRAGMENTATION,
@@ -145,6 +146,7 @@ def search(
         fp8=fp8,
         attention=attention,
         mtp=mtp,
+        balance_loss=balance_loss,
         tp_convention=tp_convention,
     )
     params = count_params(cfg)

@@ -168,7 +168,10 @@ class ScheduleOptions:
 
 @dataclass
 class MoEOptions:
-    """The report's training hyperparameters (none: the model config.json's values)."""
+    """The report's training hyperparameters gamma, alpha, lambda: the trainer owns them (the model's forward takes
+    alpha and lambda as arguments, :class:`~dsv3.train.schedule.MoESchedule` gives each step's values). None: the
+    model config.json's dsv3 extension key when it has one, else the report's value (``dsv3.config.RECIPE_DEFAULTS``).
+    """
 
     bias_update_speed: float | None = _opt(
         None, "gamma, aux-loss-free bias update speed (report 0.001; Megatron --moe-router-bias-update-rate)"

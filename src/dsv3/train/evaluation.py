@@ -1,25 +1,20 @@
 """Held-out evaluation: loss and perplexity on a data file, and a passkey-retrieval probe.
 
-``dsv3 eval CKPT_OR_RUN --data FILE`` is :func:`evaluate_checkpoint`:
+``dsv3 eval CKPT_OR_RUN --data FILE`` is :func:`evaluate_checkpoint`: plain text is cut into windows of
+``seq_len`` + 1 tokens as in pre-training (:func:`dsv3.data.pretrain.build_data`); chat data (.jsonl with
+``messages`` or ``prompt``/``completion``) is rendered with the checkpoint's chat template and scored on
+the assistant tokens only, one conversation per row (:mod:`dsv3.data.sft`). The loss is the
+token-weighted mean next-token cross-entropy over every scored token, the perplexity its exponential.
 
-- plain text (a text file, directory, .jsonl with a text field, .parquet or .bin) is cut into
-  windows of ``seq_len`` + 1 tokens as in pre-training (:func:`dsv3.data.pretrain.build_data`);
-- chat data (.jsonl with ``messages`` or ``prompt``/``completion``) is rendered with the
-  checkpoint's chat template and scored on the assistant tokens only, one conversation per
-  row (:mod:`dsv3.data.sft`).
-
-The loss is the token-weighted mean next-token cross-entropy over every scored token and the
-perplexity its exponential.
-
-Passkey retrieval (the probe of Landmark Attention / YaRN, arXiv 2305.16300, 2309.00071): a
-five-digit key is hidden at a random depth of repetitive filler text of a chosen token length,
-followed by "What is the pass key? The pass key is". The model retrieves it when greedy
-decoding would produce the key: with teacher forcing on the key's tokens, the argmax at every
-key position is the key's next token (then, and only then, greedy decoding writes the key).
+Passkey retrieval (Landmark Attention / YaRN, arXiv 2305.16300, 2309.00071): a five-digit key hidden at a
+random depth of filler text of a chosen token length, then "What is the pass key? The pass key is". The
+model retrieves it when, with teacher forcing on the key's tokens, the argmax at every key position is
+the key's next token (then, and only then, greedy decoding writes the key).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -28,7 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from dsv3.data.chat import TEMPLATE_FILES, load_chat_template
+from dsv3.data.loader import val_batches
+from dsv3.data.pretrain import build_data
+from dsv3.data.sft import build_sft_data
+from dsv3.data.sources import CorpusSpec
+from dsv3.data.tokenizer import get_tokenizer
 from dsv3.errors import ConfigError, DataError
+from dsv3.infer.generate import load_for_generation
 from dsv3.model.loss import IGNORE_INDEX
 
 PASSKEY_INTRO = (
@@ -219,8 +221,6 @@ def context_note(length: int, mcfg, flag: str, device: str) -> str:
 
 def is_chat_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a .jsonl whose first record has ``messages`` or ``prompt``/``completion``."""
-    import json
-
     p = os.fspath(path)
     if not (p.endswith(".jsonl") or p.endswith(".ndjson")) or not os.path.isfile(p):
         return False
@@ -258,8 +258,6 @@ def parse_lengths(text: str) -> list[int]:
 
 def _template_dir(tok_path: str, checkpoint: str) -> str:
     """Where a checkpoint's chat template lives: next to its tokenizer, in the checkpoint, or in its run directory."""
-    from dsv3.data.chat import TEMPLATE_FILES
-
     for d in (os.path.dirname(os.path.abspath(tok_path)), checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
         if any(os.path.isfile(os.path.join(d, name)) for name in TEMPLATE_FILES):
             return d
@@ -292,9 +290,6 @@ def evaluate_checkpoint(
         tokenizer: a tokenizer.json; default the checkpoint's.
         chat_template: template override for chat data; default the checkpoint's.
     """
-    from dsv3.data.tokenizer import get_tokenizer
-    from dsv3.infer.generate import load_for_generation
-
     if data is None and not passkey:
         raise ConfigError("nothing to evaluate; pass --data FILE and/or --passkey LENGTHS.")
     if batch_size < 1:
@@ -317,9 +312,6 @@ def evaluate_checkpoint(
     tok = get_tokenizer(tok_path, vocab_size=mcfg.vocab_size)
     if data is not None:
         if is_chat_file(data):
-            from dsv3.data.chat import load_chat_template
-            from dsv3.data.sft import build_sft_data
-
             template = load_chat_template(chat_template, tokenizer_dir=_template_dir(tok_path, checkpoint))
             chat = build_sft_data(
                 data,
@@ -330,14 +322,9 @@ def evaluate_checkpoint(
                 on_long="truncate",
                 packing=False,
             )
-            from dsv3.data.loader import val_batches
 
             batches, report.kind = val_batches(chat.train, batch_size, max_batches), "chat"
         else:
-            from dsv3.data.loader import val_batches
-            from dsv3.data.pretrain import build_data
-            from dsv3.data.sources import CorpusSpec
-
             text = build_data(
                 CorpusSpec(data), tokenizer=tok, seq_len=seq_len, vocab_size=mcfg.vocab_size, val_fraction=0.0
             )

@@ -1,25 +1,17 @@
 """``dsv3 train --task grpo``: GRPO (DeepSeekMath 4.1; DeepSeek-V3 5.2) on dsv3's own model and runtime.
 
-One optimizer step (:func:`grpo_step`), read top to bottom:
+One optimizer step (:func:`grpo_step`, docs/rl.md), read top to bottom:
 
-1. **Prompts.** The step's P = global_batch / G prompts are a pure function of (seed, step)
-   (:func:`dsv3.data.rl_prompts.step_prompts`); dp rank r takes prompts r*P/dp .. (r+1)*P/dp - 1.
-2. **Rollout** (:func:`dsv3.train.rollout.rollout`): G completions per prompt from the latent-cache
-   batched generator, row seeded by (seed, step, prompt position, sample), stopping at EOS or
-   ``max_completion_tokens``; under ep the ranks of an ep group keep stepping until all have finished.
-   The experts each token was routed to are recorded.
-3. **Rewards** (:class:`dsv3.train.rewards.RewardSet`) per completion, gathered over dp, and the
-   group-relative advantages of the whole global batch (:func:`dsv3.train.rl.group_advantages`).
-4. **Old and reference log-probs** (no gradient): the policy's before the first update when mu > 1,
-   the frozen reference's (a CPU copy of the initial weights swapped in, :class:`~dsv3.memory.ema.CPUEMA`
-   with no updates) when beta > 0.
-5. **mu policy updates**: per micro-batch the log-probs of the sampled tokens under logits / temperature,
-   :func:`dsv3.train.rl.grpo_loss` weighted so that the step's loss is the loss of the whole global
-   batch whatever dp and micro_batch are (grpo, dr_grpo: rows / B; bnpo: tokens / N; dapo:
-   ``num_items`` = N, the global token count), then the trainer's update (dp reduction, ZeRO-1, clipping,
-   NaN skip, AdamW; the aux-loss-free bias update only with ``--rl-bias-update``).
+1. **Prompts**: P = global_batch / G, a pure function of (seed, step) (:func:`dsv3.data.rl_prompts.step_prompts`).
+2. **Rollout** (:func:`dsv3.train.rollout.rollout`): G completions per prompt from the latent-cache generator,
+   seeded per (seed, step, prompt, sample); the experts of each token are recorded.
+3. **Rewards** (:class:`dsv3.train.rewards.RewardSet`), gathered over dp; group-relative advantages.
+4. **Old and reference log-probs** (no gradient): the policy's when mu > 1, the frozen reference's when beta > 0.
+5. **mu policy updates**: :func:`dsv3.train.rl.grpo_loss` per micro-batch, weighted so that the step's loss
+   is that of the whole global batch whatever dp and micro_batch are, then the trainer's update
+   (:func:`dsv3.train.step._update`; the bias update only with ``--rl-bias-update``).
 
-The routing of the first training forward is compared with the rollout's (``routing_agreement``);
+``routing_agreement`` compares the first training forward's routing with the rollout's;
 ``--routing-replay`` makes every training forward use the rollout's experts.
 """
 
@@ -31,11 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from dsv3.data.rl_prompts import PromptSet, step_prompts
 from dsv3.train.config import TrainConfig
+from dsv3.train.optim import set_lr
 from dsv3.train.rl import group_advantages, grpo_loss, grpo_stats, token_entropy, token_logps
 from dsv3.train.rollout import Rollout, RoutingRecorder, rollout, sample_seed
+from dsv3.train.session import moe_schedule
+from dsv3.train.step import _update
 
 
 @dataclass
@@ -82,7 +78,6 @@ def _dp_cat(t: torch.Tensor, ctx) -> torch.Tensor:
     """``t`` of every dp rank concatenated along dim 0, in dp-rank order (``t`` itself in one process)."""
     if ctx is None or not ctx.distributed or ctx.dp == 1:
         return t
-    import torch.distributed as dist
 
     parts = [torch.empty_like(t) for _ in range(ctx.dp)]
     dist.all_gather(parts, t.contiguous(), group=ctx.dp_group)
@@ -92,7 +87,6 @@ def _dp_cat(t: torch.Tensor, ctx) -> torch.Tensor:
 def _dp_sum(t: torch.Tensor, ctx) -> torch.Tensor:
     if ctx is None or not ctx.distributed or ctx.dp == 1:
         return t
-    import torch.distributed as dist
 
     t = t.clone()
     dist.all_reduce(t, group=ctx.dp_group)
@@ -103,7 +97,6 @@ def _ep_all_done(ctx) -> Callable[[torch.Tensor], bool] | None:
     """Under ep: "stop" only when every rank of this ep group has finished all of its rows."""
     if ctx is None or not ctx.distributed or ctx.ep == 1:
         return None
-    import torch.distributed as dist
 
     def all_done(done: torch.Tensor) -> bool:
         flag = torch.tensor([1.0 if bool(done.all()) else 0.0], device=done.device)  # NCCL: on the device
@@ -248,8 +241,6 @@ def _rollout_load(run: GRPORun, s: Scored) -> torch.Tensor | None:
 
 def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
     """Steps 4-5 of :func:`grpo_step`: the mu clipped policy-gradient updates on ``s``; returns their metrics."""
-    from dsv3.train.session import _update
-
     rl, ctx = run.config.rl, run.parallel
     dp = ctx.dp if run.distributed else 1
     mask = s.roll.mask()[:, s.roll.prompt_len - 1 :]  # the positions _forward_logps scores
@@ -295,7 +286,7 @@ def policy_update(run: GRPORun, s: Scored) -> dict[str, float]:
                     [st["tokens"], st["clip_low"], st["clip_high"], st["clip_region"], st["kl"], ent]
                 ).double()
         load = _rollout_load(run, s) if rl.rl_bias_update else None
-        gamma = run.mcfg.bias_update_speed if rl.rl_bias_update else 0.0
+        gamma = moe_schedule(run.config, run.mcfg).gamma if rl.rl_bias_update else 0.0
         stats = _update(run, total, load, fed, gamma)
         losses.append(stats.loss)
         norms.append(stats.grad_norm)
@@ -354,8 +345,6 @@ def step_metrics(run: GRPORun, s: Scored) -> dict[str, Any]:
 
 def grpo_step(run: GRPORun) -> dict[str, Any]:
     """One GRPO optimizer step (see the module docstring); returns its metrics. ``run.step`` is advanced."""
-    from dsv3.train.optim import set_lr
-
     lr = run.schedule.lr_at(run.step)
     set_lr(run.optimizer, lr)
     scored = sample_and_score(run)

@@ -20,11 +20,25 @@ import os
 import time
 from typing import Any, Callable
 
+from dsv3.checkpoint.state import list_checkpoints, resolve_checkpoint
 from dsv3.data.rl_prompts import read_prompts
-from dsv3.errors import CheckpointError, ConfigError, DataError, TrainingError
+from dsv3.data.tokenizer import eos_token_id, get_tokenizer
+from dsv3.errors import CheckpointError, ConfigError, DataError, TrainingError, TrainingPreempted
+from dsv3.memory.ema import CPUEMA
+from dsv3.parallel.checkpoint import list_checkpoints as list_sharded
+from dsv3.parallel.checkpointer import Checkpointer
+from dsv3.parallel.parallelize import parallelize
 from dsv3.train.config import TrainConfig
 from dsv3.train.grpo import GRPORun, grpo_step
+from dsv3.train.loop import TrainResult, _NullMetrics, _quiet, _StopFlag
+from dsv3.train.metrics import MetricsLogger
+from dsv3.train.preflight import model_config_for, refuse_frozen_overrides, resolve_device
+from dsv3.train.rewards import RewardSet
 from dsv3.train.rollout import RoutingRecorder
+from dsv3.train.rundir import LOCK_FILE, RunLock, check_run_dir_usable, prepare_run_dir, resume_config
+from dsv3.train.schedule import LRSchedule
+from dsv3.train.session import _join_world, _write_run_dir, build_meta
+from dsv3.train.sft import run_template
 
 
 # ----------------------------------------------------------------------------- set-up pieces
@@ -34,8 +48,6 @@ def _split(text: str | None) -> list[str]:
 
 def build_rewards(config: TrainConfig):
     """The run's :class:`~dsv3.train.rewards.RewardSet` from ``--reward``, ``--reward-weights``, ``--reward-model``."""
-    from dsv3.train.rewards import RewardSet
-
     specs, rl = _split(config.rl.reward), config.rl
     weights = None
     if rl.reward_weights is not None:
@@ -49,8 +61,6 @@ def build_rewards(config: TrainConfig):
 def resolve_init(config: TrainConfig) -> None:
     """Pin ``--init-from`` to a checkpoint directory (a dsv3 run: its latest checkpoint), so that the reference
     model of a resumed run is the same checkpoint even if the source run goes on."""
-    from dsv3.checkpoint.state import resolve_checkpoint
-
     init = config.model.init_from
     if init is not None and os.path.isdir(init) and not os.path.isfile(os.path.join(init, "config.json")):
         config.model.init_from = resolve_checkpoint(init)
@@ -58,8 +68,6 @@ def resolve_init(config: TrainConfig) -> None:
 
 def grpo_tokenizer(config: TrainConfig, run_dir: str, vocab_size: int):
     """The tokenizer: the run directory's copy (resume), ``--tokenizer``, or the checkpoint's tokenizer.json."""
-    from dsv3.data.tokenizer import get_tokenizer
-
     init = config.model.init_from or ""
     candidates = [
         os.path.join(run_dir, "tokenizer.json") if run_dir else "",
@@ -77,8 +85,6 @@ def grpo_tokenizer(config: TrainConfig, run_dir: str, vocab_size: int):
 
 def _template(config: TrainConfig, run_dir: str):
     """The chat template for ``messages`` prompts, or None when there is none (``prompt`` text needs none)."""
-    from dsv3.train.sft import run_template
-
     try:
         return run_template(config, run_dir)
     except DataError:
@@ -98,9 +104,6 @@ def check_prompt_split(config: TrainConfig, dp: int) -> None:
 def _policy(config: TrainConfig, mcfg, ctx, run_dir: str):
     """The policy (MTP dropped) through the set-up phases: built on meta, then :func:`parallelize` (expert
     sharding, only the held tensors materialised and read from ``--init-from``, ZeroAdamW in every layout)."""
-    from dsv3.parallel.parallelize import parallelize
-    from dsv3.train.session import build_meta
-
     model, init_from = build_meta(config, mcfg, mtp=False)
     return parallelize(model, ctx, config, mcfg=mcfg, init_from=init_from, run_dir=run_dir, partial=True)
 
@@ -114,9 +117,6 @@ def build_grpo(
     parallel: Any = None,
 ) -> GRPORun:
     """Build (or restore) a GRPO run; nothing is written before every input has been checked."""
-    from dsv3.train.rundir import LOCK_FILE, RunLock
-    from dsv3.train.session import prepare_run_dir
-
     owner = (parallel.rank if parallel is not None else int(os.environ.get("RANK", "0") or 0)) == 0
     lock = RunLock("", enabled=owner)
     if resume is not None:
@@ -131,9 +131,6 @@ def build_grpo(
 
 
 def _configure(config: TrainConfig | None, resume: str | None, overrides) -> tuple[TrainConfig, str]:
-    from dsv3.train.preflight import refuse_frozen_overrides
-    from dsv3.train.rundir import check_run_dir_usable
-    from dsv3.train.session import prepare_run_dir, resume_config
 
     if resume is not None:
         run_dir = prepare_run_dir(config, resume)  # type: ignore[arg-type]
@@ -152,9 +149,6 @@ def _configure(config: TrainConfig | None, resume: str | None, overrides) -> tup
 def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     """The session's phases for GRPO: configuration, prompts and rewards (all checked first), the world, the
     policy (:func:`_policy`), the run directory (:func:`dsv3.train.session._write_run_dir`), the restore."""
-    from dsv3.parallel.checkpointer import Checkpointer
-    from dsv3.train.session import _join_world, _write_run_dir, model_config_for, resolve_device
-
     config, run_dir = _configure(config, resume, overrides)
     device = resolve_device(config)
     mcfg = model_config_for(config).replace(num_nextn_predict_layers=0)
@@ -181,10 +175,7 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
     model = par.model
     reference = None
     if config.rl.beta > 0:  # the frozen reference: a CPU copy of the initial weights, swapped in when needed
-        from dsv3.memory.ema import CPUEMA
-
         reference = CPUEMA(model, 0.0)
-    from dsv3.train.schedule import LRSchedule
 
     run = GRPORun(
         config=config,
@@ -211,7 +202,6 @@ def _build(config, *, resume, overrides, parallel, lock) -> GRPORun:
 
 
 def _eos_id(config: TrainConfig, tokenizer) -> int:
-    from dsv3.data.tokenizer import eos_token_id
 
     return eos_token_id(tokenizer, config.data.eos_token)
 
@@ -236,9 +226,6 @@ def restore_grpo(run: GRPORun, checkpoint: str | None) -> None:
 def check_resume_layout(run_dir: str, distributed: bool) -> None:
     """Refuse (one line) to continue a run in the other kind of layout than it was written in: its checkpoints
     would not be found and it would silently start again from step 0."""
-    from dsv3.checkpoint.state import list_checkpoints
-    from dsv3.parallel.checkpoint import list_checkpoints as list_sharded
-
     mine, other = (list_sharded, list_checkpoints) if distributed else (list_checkpoints, list_sharded)
     if not mine(run_dir) and other(run_dir):
         written, now = ("in one process", "under torchrun") if distributed else ("under torchrun", "in one process")
@@ -273,10 +260,6 @@ def train_grpo(
         TrainingPreempted: after SIGTERM or SIGINT, once the checkpoint of the current step is written
             (the preemption contract of :func:`dsv3.train.loop.train`).
     """
-    from dsv3.errors import TrainingPreempted
-    from dsv3.train.loop import TrainResult, _NullMetrics, _quiet, _StopFlag
-    from dsv3.train.metrics import MetricsLogger
-
     started = time.time()
     run = build_grpo(config, resume=resume, overrides=overrides, parallel=parallel)
     c, main = run.config, not run.distributed or run.parallel.is_main

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from dsv3.memory.measure import MemoryReport, measure_training
-from dsv3.train.session import build_session, train_step
+from dsv3.train.session import build_session
+from dsv3.train.step import train_step
 
 
 @dataclass
@@ -57,7 +58,7 @@ class TrainingSession:
         return report
 
     def step(self) -> float:
-        """One timed training step (the trainer's :func:`~dsv3.train.session.train_step`) on the next
+        """One timed training step (the trainer's :func:`~dsv3.train.step.train_step`) on the next
         micro-batch; seconds."""
         batch = self.batches()
         cuda = self.session.device.type == "cuda"

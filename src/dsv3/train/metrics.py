@@ -9,10 +9,7 @@ non-finite number is written as ``null`` and its key is listed in the line's
 
     {"step": 7, "loss": null, "lr": 0.0002, "nonfinite": {"loss": "nan"}}
 
-:func:`read_metrics` turns those back into floats.
-
-This module imports torch only where it needs it (tensor inputs, TensorBoard),
-so ``dsv3 plot`` stays light.
+:func:`read_metrics` turns those back into floats. TensorBoard (a test extra) is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -21,11 +18,15 @@ import importlib.util
 import json
 import math
 import os
+import resource
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+import torch
+from tqdm.auto import tqdm
 
 from dsv3.errors import DataError, RunDirError
 from dsv3.utils.io import atomic_write_text
@@ -96,8 +97,6 @@ def device_peak_flops(device: Any, dtype: Any, override_tflops: float | None = N
     machine other processes keep busy the estimate is low and MFU reads high: share the machine or
     pass ``override_tflops``.
     """
-    import torch
-
     if override_tflops:
         return override_tflops * 1e12, "given"
     device = torch.device(device)
@@ -126,8 +125,6 @@ def device_peak_flops(device: Any, dtype: Any, override_tflops: float | None = N
 
 def peak_memory(device: Any) -> dict[str, float]:
     """Peak memory so far in GiB: CUDA max allocated and reserved, or the host's peak RSS on CPU."""
-    import torch
-
     device = torch.device(device)
     if device.type == "cuda":
         return {
@@ -141,7 +138,6 @@ def peak_memory(device: Any) -> dict[str, float]:
                     return {"peak_memory_gib": int(line.split()[1]) * 1024 / 2**30}
     except OSError:
         pass
-    import resource
 
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return {"peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30}
@@ -442,8 +438,6 @@ class ProgressBar:
         self._start = time.monotonic()
         self._bar = None
         if mode == "bar":
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(
                 total=self.total, initial=self.initial, desc=desc, unit="step", file=self.stream, dynamic_ncols=True
             )

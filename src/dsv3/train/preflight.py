@@ -1,18 +1,17 @@
 """Checks a training run passes before it writes or allocates anything.
 
-Each function raises one :class:`~dsv3.errors.DsV3Error` sentence (the CLI prints it
-and exits with code 2). They are cheap: arithmetic over the configs, a ``statvfs``, a
-planner estimate (pure arithmetic, milliseconds even for DeepSeek-V3).
+Each function raises one :class:`~dsv3.errors.DsV3Error` sentence (the CLI prints it and exits with
+code 2). They are cheap: arithmetic over the configs, a ``statvfs``, a planner estimate.
 
-- :func:`refuse_frozen_overrides`: ``--resume`` with a flag that would change the
-  model or its data (``--model``, ``--init-from``, ``--seq-len``, ...), which a resumed
-  run cannot honour;
-- :func:`check_context_length`: ``seq_len`` beyond ``max_position_embeddings`` without
-  a RoPE extension;
-- :func:`estimate_training_bytes` / :func:`check_memory`: the planner's estimate of the
-  busiest rank's training state and activations for the run's layout (``dsv3 plan``'s per-rank
-  numbers) against the device's memory, or on CPU, where the ranks of a node share it, the
-  host's memory against the node's ranks together.
+- :func:`check_configuration`: phase 1 of the set-up (and ``dsv3 train --print-config``): the config, the
+  run directory, the device (:func:`resolve_device`), the model config (:func:`model_config_for`), then
+  ``--trace``, DeepEP and the checks below;
+- :func:`refuse_frozen_overrides`: ``--resume`` with a flag that would change the model or its data
+  (``--model``, ``--init-from``, ``--seq-len``, ...), which a resumed run cannot honour;
+- :func:`check_context_length`: ``seq_len`` beyond ``max_position_embeddings`` without a RoPE extension;
+- :func:`estimate_training_bytes` / :func:`check_memory`: the planner's estimate of the busiest rank's
+  training state and activations for the run's layout (``dsv3 plan``'s per-rank numbers) against the
+  device's memory, or on CPU the host's memory against the node's ranks together.
 """
 
 from __future__ import annotations
@@ -20,8 +19,19 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
+from dsv3.config import ModelConfig, resolve_model_config
 from dsv3.errors import ConfigError
 from dsv3.layout import SCHEDULES, pipeline_devices
+from dsv3.model.rope import extend_context
+from dsv3.parallel.deepep import check_deepep
+from dsv3.plan.layout import Layout
+from dsv3.plan.planner import make_plan
+from dsv3.plan.precision import Precision, canonical_dtype
+from dsv3.train.config import TrainConfig, options
+from dsv3.train.rundir import MODEL_CONFIG_FILE, check_run_dir_usable, prepare_run_dir, resume_config
+from dsv3.train.schedule import MoESchedule
 
 # Options of a run that fix the model, its weights or the token stream; a resume cannot change them.
 FROZEN_ON_RESUME = (
@@ -85,7 +95,6 @@ def _flat_name(key: str) -> str:
     """``optimizer.lr`` -> ``lr`` (the flag name); a flat name as it is."""
     if "." not in key:
         return key
-    from dsv3.train.config import options
 
     return next((opt.flat for opt in options() if f"{opt.section}.{opt.name}" == key), key)
 
@@ -130,6 +139,7 @@ def estimate_training_bytes(
     ep: int = 1,
     schedule: str = SCHEDULES[0],
     global_batch: int | None = None,
+    balance_loss: bool = True,
 ) -> float:
     """The planner's peak-memory estimate (bytes) of the busiest rank of a ``pp x dp`` (``ep`` inside dp) layout.
 
@@ -139,10 +149,6 @@ def estimate_training_bytes(
     under a pipeline), plus the FP32 EMA copy of its parameters when ``ema`` (host memory). See
     :mod:`dsv3.plan.memory` for the model; one process is ``pp = dp = ep = 1``.
     """
-    from dsv3.plan.layout import Layout
-    from dsv3.plan.planner import make_plan
-    from dsv3.plan.precision import Precision, canonical_dtype
-
     width = canonical_dtype(dtype)  # float32 -> fp32, bfloat16 -> bf16
     precision = Precision(
         weights=width,
@@ -162,6 +168,7 @@ def estimate_training_bytes(
         recompute=recompute,
         fp8=fp8,
         mtp=mcfg.num_nextn_predict_layers > 0,
+        balance_loss=balance_loss,
     )
     plan = make_plan(mcfg, layout, precision, simulate=False)
     if not ema:
@@ -209,6 +216,7 @@ def check_memory(
     available: int | None = None,
     layout: dict | None = None,
     ranks_per_node: int | None = None,
+    balance_loss: bool = True,
 ) -> float:
     """Refuse a run whose busiest rank needs more memory than its device (or, on CPU, its share of the host) has.
 
@@ -230,8 +238,10 @@ def check_memory(
         seq_len, micro_batch, dtype, fp8 = d.seq_len, d.micro_batch, prec.dtype, prec.fp8
         optim_states, recompute, ema = m.optim_states, m.recompute, bool(m.ema_decay)
         layout = run_layout(config) if layout is None else layout
+        balance_loss = MoESchedule.from_options(config.moe, 1, mcfg.recipe()).seq_aux_alpha > 0
     layout = layout or {}
     kw = dict(
+        balance_loss=balance_loss,
         seq_len=seq_len,
         micro_batch=micro_batch,
         dtype=dtype,
@@ -252,8 +262,6 @@ def check_memory(
     where = "host memory"
     if available is None:
         if cuda:
-            import torch
-
             index = torch.device(device).index or 0
             available = torch.cuda.get_device_properties(index).total_memory
             where = f"{torch.cuda.get_device_name(index)} memory"
@@ -283,34 +291,58 @@ def check_trace(config: Any, overrides: dict[str, Any], resume: str | None) -> N
         )
 
 
-def check_run_config(config: Any, *, resume: str | None, overrides: dict[str, Any]) -> Any:
-    """Every check a run makes before it reads data or builds the model, writing nothing; returns the
-    effective TrainConfig (``dsv3 train --print-config`` prints it only when these pass).
+def resolve_device(config: TrainConfig) -> torch.device:
+    """The run's device: ``auto`` is CUDA when available, else CPU."""
+    if config.parallel.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if config.parallel.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(config.parallel.device)
 
-    Args:
-        config: the TrainConfig of a new run (ignored on resume).
-        resume: the run directory to continue, or None.
-        overrides: the options given as flags (on resume: model-changing ones are refused).
 
-    Checks, in the order of a real run: the options' types and ranges, the run directory (new or empty,
-    not under a file, writable; on resume: a dsv3 run), flags a resume cannot honour, the device, the model
-    config, the context length and the planner's memory estimate.
+def model_config_for(config: TrainConfig) -> ModelConfig:
+    """The model configuration of the run (YaRN context extension applied when the run asks for it)."""
+    mcfg = resolve_model_config(config.model.init_from or config.model.name)
+    if config.model.rope_scaling == "yarn":  # context extension (report 4.3): the official rope_scaling form
+        mcfg = extend_context(mcfg, config.model.rope_factor, config.data.seq_len)
+    return mcfg
+
+
+def check_configuration(
+    config: TrainConfig | None, resume: str | None, overrides: dict[str, Any], *, write: bool = True
+) -> tuple[TrainConfig, str, ModelConfig, torch.device]:
+    """Phase 1 of the set-up: every check a run makes before it reads data or builds the model, writing nothing.
+
+    Returns the effective TrainConfig (on resume the saved one with ``overrides``; model-changing ones are
+    refused), the run directory (new or empty, not under a file, writable; on resume a dsv3 run; ``""``
+    for a new run with ``write`` False), the model config (on resume the one the run started with) and the
+    device. Then checks ``--trace``, DeepEP, the context length and the planner's per-rank memory estimate.
     """
-    from dsv3.config import ModelConfig
-    from dsv3.train.rundir import check_run_dir_usable
-    from dsv3.train.session import MODEL_CONFIG_FILE, model_config_for, prepare_run_dir, resolve_device, resume_config
-
     if resume is not None:
-        run_dir = prepare_run_dir(config, resume)
+        run_dir = prepare_run_dir(config, resume)  # type: ignore[arg-type]
         config = resume_config(run_dir, overrides)
         refuse_frozen_overrides(resume_config(run_dir, {}), config, overrides)
     else:
+        assert config is not None
         config.validate()
-        check_run_dir_usable(prepare_run_dir(config, None))
-    check_trace(config, overrides, resume)
+        run_dir = prepare_run_dir(config, None) if write else ""
+        if write:
+            check_run_dir_usable(run_dir)  # under a file, unwritable, read-only: said now, not after the set-up
+    check_trace(config, overrides, resume)  # --trace without a pipeline records nothing: refused
     device = resolve_device(config)
-    saved = os.path.join(resume, MODEL_CONFIG_FILE) if resume is not None else ""
-    mcfg = ModelConfig.from_json_file(saved) if os.path.isfile(saved) else model_config_for(config)
+    if config.parallel.dispatcher == "deepep":  # refused here, before anything is written, on any layout
+        check_deepep(device)
+    saved = os.path.join(run_dir, MODEL_CONFIG_FILE)
+    if resume is not None and os.path.isfile(saved):
+        mcfg = ModelConfig.from_json_file(saved)  # exactly the model the run started with
+    else:
+        mcfg = model_config_for(config)
     check_context_length(config.data.seq_len, mcfg, config.model.rope_scaling)
-    check_memory(mcfg, config, device=device.type)  # the planner's per-rank estimate of the layout
-    return config
+    check_memory(mcfg, config, device=device.type)  # the planner's per-rank estimate, before any allocation
+    return config, run_dir, mcfg, device
+
+
+def check_run_config(config: Any, *, resume: str | None, overrides: dict[str, Any]) -> Any:
+    """:func:`check_configuration` for ``dsv3 train --print-config``: returns the effective TrainConfig (printed
+    only when every check passes)."""
+    return check_configuration(config, resume, overrides)[0]

@@ -1,18 +1,17 @@
 """A reward model: the dsv3 model with a scalar head, trained on preference pairs with the Bradley-Terry loss.
 
-``dsv3 train --task reward --data pairs.jsonl`` reads records ``{"prompt", "chosen", "rejected"}`` (strings),
-renders each pair's two texts (the chat template of ``--chat-template`` / ``--init-from`` when there is one:
-a user turn and an assistant turn; else ``prompt + completion``), and minimises
+``dsv3 train --task reward --data pairs.jsonl`` reads records ``{"prompt", "chosen", "rejected"}``, renders
+each pair's two texts (with the chat template of ``--chat-template`` / ``--init-from`` when there is one,
+else ``prompt + completion``), and minimises
 
     L = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))          (Bradley-Terry; InstructGPT eq. 1)
 
-where r(x, y) = w . RMSNorm(h_T) is the score head w [1, d] on the trunk's final-normed hidden state of the
-last token (transformers' ``*ForSequenceClassification`` convention). Pairwise accuracy (r_chosen > r_rejected)
-is logged for the training batches and for the held-out pairs (``--val-fraction``). The run directory gets
-``config.yaml``, ``metrics.jsonl`` and ``reward_model/`` (a Hugging Face checkpoint of the trunk, without MTP,
-plus ``score.safetensors``, ``tokenizer.json``, ``reward_model.json`` and the template), which
-:func:`load_reward_model` (``--reward-model RUN_DIR``) reads. Texts longer than ``--seq-len`` keep their last
-seq_len tokens. The MoE bias update is off (gamma 0) and the MTP modules are dropped: only r is trained.
+where r(x, y) = w . RMSNorm(h_T), a score head w [1, d] on the last token's final-normed hidden state
+(transformers' ``*ForSequenceClassification`` convention). Pairwise accuracy is logged for training and
+held-out pairs. The run directory gets ``config.yaml``, ``metrics.jsonl`` and ``reward_model/`` (the trunk
+as a Hugging Face checkpoint plus ``score.safetensors``, tokenizer, template), which
+:func:`load_reward_model` (``--reward-model RUN_DIR``) reads. Texts longer than ``--seq-len`` keep their
+last tokens. The MoE bias update is off (gamma 0) and the MTP modules are dropped: only r is trained.
 """
 
 from __future__ import annotations
@@ -29,16 +28,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from dsv3.checkpoint.state import from_pretrained
 from dsv3.data.chat import TEMPLATE_FILES, ChatTemplate, load_chat_template, save_template
 from dsv3.data.tokenizer import load_tokenizer, train_bpe_from_texts
 from dsv3.errors import CheckpointError, ConfigError, DataError
+from dsv3.model.hf import write_pretrained
 from dsv3.model.transformer import init_generator
 from dsv3.optim.adamw import set_lr
 from dsv3.parallel.parallelize import build_optimizer, parallelize
 from dsv3.train.config import TrainConfig, save_effective_config
 from dsv3.train.metrics import MetricsLogger
+from dsv3.train.preflight import model_config_for, resolve_device
+from dsv3.train.rundir import CONFIG_FILE, prepare_run_dir
 from dsv3.train.schedule import LRSchedule
-from dsv3.train.session import CONFIG_FILE, _join_world, build_meta, model_config_for, prepare_run_dir, resolve_device
+from dsv3.train.session import _join_world, build_meta
 from dsv3.train.sft import run_template, sft_tokenizer_spec
 from dsv3.utils.io import atomic_dir
 
@@ -289,8 +292,6 @@ def train_reward_model(config: TrainConfig, *, log: Callable[[str], None] = prin
 
 def save_reward_model(scorer: _Scorer, directory: str, info: dict[str, Any]) -> None:
     """Write the trunk (Hugging Face format), the score head, the tokenizer, the template and the metadata."""
-    from dsv3.model.hf import write_pretrained
-
     with atomic_dir(directory) as tmp:
         write_pretrained(scorer.model.lm, tmp)
         save_file(
@@ -329,8 +330,6 @@ class LoadedRewardModel:
 
 def load_reward_model(run_dir: str, *, device: str | torch.device = "cpu") -> LoadedRewardModel:
     """The reward model of a ``dsv3 train --task reward`` run directory (or of its ``reward_model/``)."""
-    from dsv3.checkpoint.state import from_pretrained
-
     directory = (
         run_dir if os.path.isfile(os.path.join(run_dir, "reward_model.json")) else os.path.join(run_dir, MODEL_DIR)
     )

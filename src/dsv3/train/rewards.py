@@ -4,22 +4,13 @@ A reward function is plain Python::
 
     def f(prompts: list[str], completions: list[str], **columns) -> list[float | None]
 
-called once per batch with one entry per completion (a prompt's G completions repeat its prompt and its
-columns). None means "not applicable": it adds nothing to the total. The columns a function needs are the
-parameters it names after ``completions`` without a default (``def f(prompts, completions, answer, **kw)``
-needs ``answer``); the set's :attr:`RewardSet.required_columns` is checked before training starts.
+called once per batch with one entry per completion. None means "not applicable": it adds nothing. The
+columns a function needs are the parameters it names after ``completions`` without a default; the set's
+:attr:`RewardSet.required_columns` is checked before training starts.
 
-A spec (``--reward``) is a built-in name, ``module:function`` (imported from the path) or
-``path/to/file.py:function``. Built-ins:
-
-- ``math``: the final answer (the last ``\\boxed{...}``, else the last number) equals the ``answer`` column,
-  numerically where both parse (fractions ``a/b`` and ``\\frac{a}{b}`` too), else as normalised text: 1 or 0.
-- ``format``: the stripped completion fully matches a regular expression: the row's ``format`` column when the
-  data has one, else the pattern given as ``format=REGEX``, else DeepSeek-R1's
-  ``<think>...</think><answer>...</answer>``: 1 or 0.
-- ``code``: the completion's code (its last fenced code block, else all of it) followed by the ``tests``
-  column (Python, e.g. asserts) exits 0 in the sandbox (:mod:`dsv3.train.sandbox`): 1 or 0; a program that
-  hangs is killed at the time limit and scores 0.
+A spec (``--reward``) is a built-in name (``math``, ``format``, ``code``: docs/rl.md, "Rewards"),
+``module:function`` or ``path/to/file.py:function``. ``code`` runs the completion's code and the ``tests``
+column in the sandbox (:mod:`dsv3.train.sandbox`); a program that hangs is killed and scores 0.
 
 The total of a completion is sum_f w_f r_f over the functions that returned a number (0.0 when none did).
 """
@@ -40,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from dsv3.errors import ConfigError, DataError, DsV3Error, TrainingError
+from dsv3.train.reward_model import load_reward_model
 from dsv3.train.sandbox import isolation_level, run_python
 
 __all__ = [
@@ -294,8 +286,6 @@ class RewardSet:
         """Resolve ``--reward`` specs (and a ``--reward-model`` run directory, weighted last) into a set."""
         functions = [resolve_reward(s) for s in specs]
         if reward_model is not None:
-            from dsv3.train.reward_model import load_reward_model  # the model stack only when asked for
-
             functions.append(("reward_model", load_reward_model(reward_model).reward_fn()))
         if weights is not None and reward_model is not None and len(weights) == len(specs):
             weights = list(weights) + [1.0]

@@ -16,7 +16,13 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from dsv3.data.chat import load_chat_template
+from dsv3.data.rl_prompts import read_prompts
+from dsv3.data.tokenizer import eos_token_id, get_tokenizer
 from dsv3.errors import DataError
+from dsv3.infer.generate import load_for_generation
+from dsv3.train.rewards import RewardSet
+from dsv3.train.rollout import rollout, sample_seed
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -44,7 +50,6 @@ class RewardEval:
 
 
 def _tokenizer_for(checkpoint: str, path: str):
-    from dsv3.data.tokenizer import get_tokenizer
 
     for d in (checkpoint, path, os.path.dirname(os.path.dirname(checkpoint))):
         spec = os.path.join(d, "tokenizer.json")
@@ -68,13 +73,6 @@ def evaluate_prompts(
 ) -> RewardEval:
     """Sample ``samples`` completions per prompt of ``prompts`` from the checkpoint (or run) ``path``, score them
     with the reward specs ``rewards``, and return the mean reward and pass@k for k = 1, 2, 4, ... ``samples``."""
-    from dsv3.data.chat import load_chat_template
-    from dsv3.data.rl_prompts import read_prompts
-    from dsv3.data.tokenizer import eos_token_id
-    from dsv3.infer.generate import load_for_generation
-    from dsv3.train.rewards import RewardSet
-    from dsv3.train.rollout import rollout, sample_seed
-
     if samples < 1:
         raise DataError(f"--samples must be at least 1, got {samples}")
     reward_set = RewardSet.from_specs(rewards)

@@ -1,5 +1,7 @@
-"""The run directory: usable before anything is written, and owned by one training process at a time.
+"""The run directory: chosen and checked before anything is written, owned by one training process at a time.
 
+- :func:`prepare_run_dir` picks a new run's directory (new or empty) or checks a resumed one;
+  :func:`resume_config` reads a resumed run's saved ``config.yaml``.
 - :func:`check_run_dir_usable` says, before the run writes anything, why a run
   directory could not be created or written: a path component is a file, the
   nearest existing parent is not writable, or the filesystem is read-only.
@@ -13,11 +15,43 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+from typing import Any
 
 from dsv3.errors import RunDirError
+from dsv3.train.config import TrainConfig, load_train_config
 
 LOCK_FILE = ".lock"
+CONFIG_FILE = "config.yaml"  # the run's effective TrainConfig
+MODEL_CONFIG_FILE = "model_config.json"  # the model config the run started with
+
+
+def prepare_run_dir(config: TrainConfig, resume: str | None) -> str:
+    """Pick and check the run directory (``resume``, or a new or empty ``config.run.dir``)."""
+    if resume is not None:
+        if not os.path.isfile(os.path.join(resume, CONFIG_FILE)):
+            raise RunDirError(f"{resume} is not a dsv3 run directory (no {CONFIG_FILE}); check --resume")
+        return resume
+    run_dir = config.run.dir or config.default_run_dir()
+    if os.path.exists(run_dir):
+        if not os.path.isdir(run_dir):
+            raise RunDirError(f"run directory {run_dir} exists and is not a directory; choose another --run-dir")
+        if os.listdir(run_dir):
+            if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+                raise RunDirError(
+                    f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
+                    f"or choose another --run-dir"
+                )
+            raise RunDirError(f"run directory {run_dir} is not empty and holds no dsv3 run; choose another --run-dir")
+    return run_dir
+
+
+def resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
+    """The saved config of ``run_dir`` with ``overrides`` (e.g. a larger ``steps``) applied."""
+    config = load_train_config(os.path.join(run_dir, CONFIG_FILE), overrides)
+    config.run.dir = run_dir
+    return config
 
 
 def _nearest_existing(path: str) -> str:
@@ -79,8 +113,6 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        import fcntl
-
         if not self.enabled:
             return self
 

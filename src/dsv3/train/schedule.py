@@ -1,36 +1,27 @@
-"""The DeepSeek-V3 learning-rate schedule and batch-size ramp (report section 4.2), as pure functions of the step.
+"""The run's hyper-parameters as pure functions of the 0-based optimizer step (report section 4.2).
 
-Learning rate (the report, 14.8T tokens): linear warmup from 0 to 2.2e-4 over the
-first 2K steps; constant 2.2e-4 until 10T tokens; cosine decay to 2.2e-5 over
-4.3T tokens; 2.2e-5 for the next 333B tokens and 7.3e-6 for the last 167B.
-:class:`LRSchedule` has that shape in optimizer steps::
+- :class:`LRSchedule`: linear warmup, constant, cosine decay, a constant tail and a final value (the
+  report: 2.2e-4 after 2K warmup steps until 10T tokens, cosine to 2.2e-5 over 4.3T, 7.3e-6 at the end);
+- :class:`BatchRamp`: the global batch ramped linearly over steps or tokens, rounded to a multiple of the
+  micro-batch (the report: 3072 -> 15360 sequences over the first 469B tokens);
+- :class:`MoESchedule`: gamma (bias update speed) until ``bias_update_stop`` of the run, then 0; alpha
+  (balance factor) throughout; lambda (MTP weight) until ``mtp_switch``, then ``mtp_loss_weight_late``
+  (the report: 0.3 for the first 10T tokens, then 0.1).
 
-    lr
-    peak |    ________________
-         |   /                \\_            (cosine)
-         |  /                    \\_
-     min | /                        \\______________
-   final |/                                         |____
-         0  W                  S          S+D       N-F   N
-            warmup   constant     decay      tail    final
-
-Batch size (the report): 3072 sequences, raised to 15360 over the first 469B
-tokens, then 15360. :class:`BatchRamp` ramps linearly over a number of steps or
-of tokens and rounds to a multiple of the micro-batch.
-
-Both are pure functions of the step index, so resuming a run needs only the
-step. Step indices are 0-based: ``lr_at(s)`` is the learning rate of the
-``(s+1)``-th optimizer step (``s`` steps have been taken before it).
+Resuming a run needs only the step: ``lr_at(s)`` is the learning rate of the ``(s+1)``-th optimizer step
+(``s`` steps have been taken before it). The shapes are drawn in docs/architecture.md, "Schedules".
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from dsv3.config import RECIPE_DEFAULTS
 from dsv3.errors import ConfigError
 
-__all__ = ["LRSchedule", "BatchRamp"]
+__all__ = ["LRSchedule", "BatchRamp", "MoESchedule", "MoEStep"]
 
 # The report's schedule as fractions of its 14.8T training tokens.
 _REPORT_TOKENS = 14.8e12
@@ -343,3 +334,68 @@ class BatchRamp:
         if self.seq_len is None:
             raise ConfigError("tokens_before needs the ramp's seq_len; construct the BatchRamp with seq_len")
         return self.sequences_before(step) * self.seq_len
+
+
+@dataclass(frozen=True)
+class MoEStep:
+    """The balancing and MTP hyper-parameters of one optimizer step.
+
+    Attributes:
+        gamma: the bias update speed (``model.update_router_bias(load, gamma)``).
+        seq_aux_alpha: alpha, the sequence-wise balance factor (``model(..., seq_aux_alpha=...)``).
+        mtp_loss_weight: lambda, the MTP loss weight (``model(..., mtp_loss_weight=...)``).
+    """
+
+    gamma: float
+    seq_aux_alpha: float
+    mtp_loss_weight: float
+
+
+@dataclass(frozen=True)
+class MoESchedule:
+    """gamma, alpha and lambda over a run of ``steps`` optimizer steps (the trainer owns them).
+
+    Attributes:
+        gamma, seq_aux_alpha, mtp_loss_weight: the values from step 0.
+        mtp_loss_weight_late: lambda from fraction ``mtp_switch`` of the run on (None: unchanged).
+        gamma_stop: fraction of the run from which gamma is 0.
+    """
+
+    gamma: float
+    seq_aux_alpha: float
+    mtp_loss_weight: float
+    steps: int
+    mtp_loss_weight_late: float | None = None
+    mtp_switch: float = 1.0
+    gamma_stop: float = 1.0
+
+    @classmethod
+    def from_options(cls, moe, steps: int, model_keys: Mapping[str, float] | None = None) -> MoESchedule:
+        """From a :class:`~dsv3.train.config.MoEOptions`. A value it leaves unset (None) is the model config.json's
+        extension key (``ModelConfig.recipe()``, ``model_keys``) when present, else the report's
+        (:data:`dsv3.config.RECIPE_DEFAULTS`)."""
+        keys = dict(model_keys or {})
+
+        def value(name: str) -> float:
+            set_here = getattr(moe, name)
+            return float(set_here if set_here is not None else keys.get(name, RECIPE_DEFAULTS[name]))
+
+        return cls(
+            gamma=value("bias_update_speed"),
+            seq_aux_alpha=value("seq_aux_alpha"),
+            mtp_loss_weight=value("mtp_loss_weight"),
+            steps=steps,
+            mtp_loss_weight_late=moe.mtp_loss_weight_late,
+            mtp_switch=moe.mtp_switch,
+            gamma_stop=moe.bias_update_stop,
+        )
+
+    def at(self, step: int) -> MoEStep:
+        """The values of 0-based optimizer step ``step``."""
+        _check_step(step)
+        late = self.mtp_loss_weight_late is not None and step >= self.mtp_switch * self.steps
+        return MoEStep(
+            gamma=self.gamma if step < self.gamma_stop * self.steps else 0.0,
+            seq_aux_alpha=self.seq_aux_alpha,
+            mtp_loss_weight=self.mtp_loss_weight_late if late else self.mtp_loss_weight,
+        )

@@ -1,121 +1,61 @@
-"""A training session and one optimizer step: :func:`build_session` and :func:`train_step`.
+"""A training session: :func:`build_session` assembles a run from a :class:`~dsv3.train.config.TrainConfig`.
 
-:func:`build_session` assembles a run from a :class:`~dsv3.train.config.TrainConfig` in phases,
-each a short function (docs/architecture.md):
+The set-up is phases, each a short function (docs/architecture.md):
 
-1. check the configuration (:func:`_check_configuration`: config, run directory, device, model
-   config, context length, the per-rank memory pre-check);
+1. check the configuration (:func:`~dsv3.train.preflight.check_configuration`: config, run directory,
+   device, model config, context length, the per-rank memory pre-check);
 2. join the world (:func:`_join_world`: the torchrun world or ``ParallelContext.single``);
 3. build the data (:func:`_build_data`: tokenizer, packed sequences);
 4. build the model on the ``meta`` device (:func:`build_meta`);
-5. :func:`~dsv3.parallel.parallelize.parallelize`: FP8, recomputation, expert sharding, stage
-   selection, materialisation of the held tensors only, the ZeRO-1 optimizer;
+5. :func:`~dsv3.parallel.parallelize.parallelize`: FP8, recomputation, expert sharding, stage selection,
+   materialisation of the held tensors only, the ZeRO-1 optimizer;
 6. write the run directory (:func:`_write_run_dir`, rank 0, only once all input is known good);
 7. restore (:func:`_restore`: a checkpoint of any layout).
 
-:func:`train_step` runs one optimizer step over a list of micro-batches, the same for every layout:
-
-1. forward and backward of this rank's micro-batches (``loss / n_micro``; under ``--pp`` the
-   pipeline schedule), summing the losses and the expert loads on the device -- no host
-   synchronisation per micro-batch;
-2. the sums and loads over dp, the ZeRO-1 gradient reduction and the global norm; one host
-   sync reads the losses and the norm together;
-3. a non-finite loss or norm skips the step (gradients dropped);
-4. AdamW with clipping, the auxiliary-loss-free bias update with the loads of all micro-batches, the EMA.
-
-The loop around them (:func:`dsv3.train.loop.train`) does metrics, evaluation and
-checkpoints; ``dsv3 memory`` (:mod:`dsv3.train.measure`) steps the same session.
-On CUDA the next step's micro-batches are prefetched into pinned memory by a background
-thread (:class:`BatchPrefetcher`) while the current step computes.
+One optimizer step is :func:`dsv3.train.step.train_step`; the loop around it, :func:`dsv3.train.loop.train`.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from dsv3.config import ModelConfig, resolve_model_config
+from dsv3.checkpoint.state import remove_stale_temporaries, resolve_pretrained
+from dsv3.config import ModelConfig
+from dsv3.data.chat import save_template
+from dsv3.data.pretrain import build_data
+from dsv3.data.sources import CorpusSpec
+from dsv3.data.tokenizer import get_tokenizer, tokenizer_for_data
 from dsv3.errors import ConfigError, DataError, RunDirError
+from dsv3.memory.ema import CPUEMA
 from dsv3.parallel.checkpointer import Checkpointer
-from dsv3.train.config import TrainConfig, load_train_config, save_effective_config
+from dsv3.parallel.parallelize import build_meta_model, parallelize
+from dsv3.parallel.pipeline.train import check_pipeline_layout
+from dsv3.parallel.world import ParallelContext, init_parallel
+from dsv3.train.config import TrainConfig, save_effective_config
+from dsv3.train.optim import set_lr
+from dsv3.train.prefetch import Batch, BatchPrefetcher
+from dsv3.train.preflight import check_configuration
+from dsv3.train.rundir import CONFIG_FILE, LOCK_FILE, MODEL_CONFIG_FILE, RunLock, prepare_run_dir
+from dsv3.train.schedule import BatchRamp, LRSchedule, MoESchedule
+from dsv3.train.sft import build_sft_training_data, sft_tokenizer_spec
+from dsv3.utils.io import atomic_path
 from dsv3.utils.malloc import fix_mmap_threshold
-
-CONFIG_FILE = "config.yaml"
-MODEL_CONFIG_FILE = "model_config.json"
-
-Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids [b, T], labels [b, T])
 
 
 # ----------------------------------------------------------------------------- building blocks
-def resolve_device(config: TrainConfig) -> torch.device:
-    """The run's device: ``auto`` is CUDA when available, else CPU."""
-    if config.parallel.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if config.parallel.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for but no CUDA device is available; use --device cpu")
-    return torch.device(config.parallel.device)
-
-
-def prepare_run_dir(config: TrainConfig, resume: str | None) -> str:
-    """Pick and check the run directory (``resume``, or a new or empty ``config.run.dir``)."""
-    if resume is not None:
-        if not os.path.isfile(os.path.join(resume, CONFIG_FILE)):
-            raise RunDirError(f"{resume} is not a dsv3 run directory (no {CONFIG_FILE}); check --resume")
-        return resume
-    run_dir = config.run.dir or config.default_run_dir()
-    if os.path.exists(run_dir):
-        if not os.path.isdir(run_dir):
-            raise RunDirError(f"run directory {run_dir} exists and is not a directory; choose another --run-dir")
-        if os.listdir(run_dir):
-            if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
-                raise RunDirError(
-                    f"run directory {run_dir} already holds a run; continue it with --resume {run_dir} "
-                    f"or choose another --run-dir"
-                )
-            raise RunDirError(f"run directory {run_dir} is not empty and holds no dsv3 run; choose another --run-dir")
-    return run_dir
-
-
-def resume_config(run_dir: str, overrides: dict[str, Any]) -> TrainConfig:
-    """The saved config of ``run_dir`` with ``overrides`` (e.g. a larger ``steps``) applied."""
-    config = load_train_config(os.path.join(run_dir, CONFIG_FILE), overrides)
-    config.run.dir = run_dir
-    return config
-
-
-def model_config_for(config: TrainConfig) -> ModelConfig:
-    """The model configuration of the run, with the recipe knobs of the train config applied."""
-    mcfg = resolve_model_config(config.model.init_from or config.model.name)
-    changes = {
-        k: getattr(config.moe, k)
-        for k in ("bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
-        if getattr(config.moe, k) is not None
-    }
-    mcfg = mcfg.replace(**changes) if changes else mcfg
-    if config.model.rope_scaling == "yarn":  # context extension (report 4.3): the official rope_scaling form
-        from dsv3.model.rope import extend_context
-
-        mcfg = extend_context(mcfg, config.model.rope_factor, config.data.seq_len)
-    return mcfg
-
-
 def build_meta(config: TrainConfig, mcfg: ModelConfig, *, mtp: bool = True):
     """The model of the run on the ``meta`` device (phase 4: shapes, no storage) and the resolved
     ``--init-from`` checkpoint directory (None without one). Without MTP weights in the checkpoint
     the model is built without MTP modules (``model.config`` becomes ``mcfg`` when initialised);
     ``mtp=False`` builds none at all (GRPO and the reward model train the main model only)."""
-    from dsv3.parallel.parallelize import build_meta_model
-
     init_from = None
     build_cfg = mcfg
     if config.model.init_from:
-        from dsv3.checkpoint.state import resolve_pretrained
-
         init_from, ckpt_cfg, _ = resolve_pretrained(config.model.init_from)  # checked here, before anything is written
         build_cfg = mcfg.replace(num_nextn_predict_layers=ckpt_cfg.num_nextn_predict_layers)
     if not mtp:
@@ -125,15 +65,10 @@ def build_meta(config: TrainConfig, mcfg: ModelConfig, *, mtp: bool = True):
 
 def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
     """The run's tokenizer: the run directory's copy on resume, the user's, or a BPE trained on the corpus."""
-    from dsv3.data.sources import CorpusSpec
-    from dsv3.data.tokenizer import get_tokenizer, tokenizer_for_data
-
     saved = os.path.join(run_dir, "tokenizer.json")
     if run_dir and os.path.isfile(saved):
         return get_tokenizer(saved, vocab_size=vocab_size)
     if config.data.task == "sft":  # the checkpoint's own tokenizer (dsv3.train.sft)
-        from dsv3.train.sft import sft_tokenizer_spec
-
         spec = sft_tokenizer_spec(config)
         return get_tokenizer(spec, vocab_size=vocab_size) if spec is not None else None
     # the user's tokenizer, else a byte-level BPE trained (and cached) on the data, whatever its kind
@@ -143,12 +78,7 @@ def build_tokenizer(config: TrainConfig, vocab_size: int, run_dir: str):
 
 def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_dir: str | None = None):
     """The packed training and validation sequences of the run (checked: at least one micro-batch)."""
-    from dsv3.data.pretrain import build_data
-    from dsv3.data.sources import CorpusSpec
-
     if config.data.task == "sft":  # chat data, assistant-only loss, document-masked packing
-        from dsv3.train.sft import build_sft_training_data
-
         return build_sft_training_data(config, tokenizer, mcfg, run_dir)
 
     d = config.data
@@ -169,88 +99,10 @@ def build_training_data(config: TrainConfig, tokenizer, mcfg: ModelConfig, run_d
     return data
 
 
-def _switch(value_early: float, value_late: float | None, at: float, step: int, steps: int) -> float:
-    """``value_early`` before fraction ``at`` of the run, ``value_late`` (if set) after."""
-    return value_early if value_late is None or step < at * steps else value_late
-
-
-# ----------------------------------------------------------------------------- prefetching
-class BatchPrefetcher:
-    """Hands out each step's micro-batches, on CUDA fetching the next step's in a background thread.
-
-    Args:
-        loader: the :class:`~dsv3.data.loader.TrainLoader` (its order decides the batches).
-        micro_batch: sequences per micro-batch.
-        device: where the batches go; on CUDA they are pinned and copied asynchronously.
-        background: fetch ahead in a thread (default: only on CUDA).
-
-    :meth:`get` returns ``(micro-batches of one step, loader state before them)``; ``state_after``
-    is the loader position right after the last step handed out (what a checkpoint records),
-    whatever has been fetched ahead.
-    """
-
-    def __init__(self, loader, micro_batch: int, device: torch.device, *, background: bool | None = None) -> None:
-        self.loader, self.micro_batch, self.device = loader, micro_batch, device
-        self.background = device.type == "cuda" if background is None else background
-        self._pending: tuple[int, queue.Queue] | None = None
-        self.state_after: dict = loader.state_dict()
-        self.sequences_after: int = loader.sequences_seen
-
-    def _fetch(self, n_micro: int) -> tuple[list[Batch], dict]:
-        from dsv3.data.loader import batch_to
-
-        state = self.loader.state_dict()
-        pin = self.device.type == "cuda"
-        batches = []
-        for batch in self.loader.next_batches(n_micro, self.micro_batch):  # this dp rank's part (all in one process)
-            if not isinstance(batch, tuple):  # an SFT batch (with document-mask ids)
-                batches.append(batch_to(batch, None, pin=pin))
-                continue
-            ids, labels = batch
-            if pin:
-                ids, labels = ids.pin_memory(), labels.pin_memory()
-            batches.append((ids, labels))
-        return batches, state
-
-    def _start(self, n_micro: int) -> None:
-        box: queue.Queue = queue.Queue(maxsize=1)
-
-        def work() -> None:
-            try:
-                box.put(self._fetch(n_micro))
-            except BaseException as exc:  # re-raised in the training thread
-                box.put(exc)
-
-        threading.Thread(target=work, name="dsv3-prefetch", daemon=True).start()
-        self._pending = (n_micro, box)
-
-    def get(self, n_micro: int, next_n_micro: int | None = None) -> tuple[list[Batch], dict]:
-        """This step's ``n_micro`` micro-batches (on the device) and the loader state before them;
-        starts fetching ``next_n_micro`` for the next step when prefetching."""
-        if self._pending is not None and self._pending[0] == n_micro:
-            got = self._pending[1].get()
-            if isinstance(got, BaseException):
-                raise got
-            batches, state = got
-        else:
-            self.drain()
-            batches, state = self._fetch(n_micro)
-        self._pending = None
-        self.state_after = self.loader.state_dict()
-        self.sequences_after = self.loader.sequences_seen
-        if self.background and next_n_micro:
-            self._start(next_n_micro)
-        from dsv3.data.loader import batch_to
-
-        nb = self.device.type == "cuda"
-        return [batch_to(b, self.device, non_blocking=nb) for b in batches], state
-
-    def drain(self) -> None:
-        """Wait for and drop a fetch in flight, putting the loader back where the next step starts."""
-        if self._pending is not None:
-            self._pending[1].get()
-            self._pending = None
-            self.loader.load_state_dict(self.state_after)
+def moe_schedule(config: TrainConfig, mcfg: ModelConfig) -> MoESchedule:
+    """gamma, alpha and lambda over the run: the run config's, else the model config.json's extension keys, else
+    the report's (:meth:`MoESchedule.from_options`)."""
+    return MoESchedule.from_options(config.moe, config.schedule.steps, mcfg.recipe())
 
 
 # ----------------------------------------------------------------------------- the session
@@ -260,6 +112,7 @@ class Session:
 
     ``parallel`` is the :class:`~dsv3.parallel.world.ParallelContext` (one process too) and ``optimizer``
     its :class:`~dsv3.parallel.zero.ZeroAdamW` (AdamW at dp = 1).
+    ``moe`` gives each step's gamma, alpha and lambda (:class:`~dsv3.train.schedule.MoESchedule`).
     ``step`` counts completed optimizer steps; ``nonfinite`` the skipped steps in a row;
     ``val_losses`` the (step, loss) evaluations so far; ``checkpoint`` the checkpoint the run
     was restored from (None for a fresh run).
@@ -286,8 +139,7 @@ class Session:
     nonfinite: int = 0
     val_losses: list = field(default_factory=list)
     checkpoint: str | None = None
-    lambda_early: float = 0.0
-    gamma_early: float = 0.0
+    moe: MoESchedule | None = None
     lock: Any = None  # the run directory's RunLock, held until close()
 
     def n_micro(self, step: int) -> int:
@@ -295,17 +147,11 @@ class Session:
         return self.ramp.accumulation_steps(step, self.config.data.micro_batch)
 
     def begin_step(self) -> tuple[float, float]:
-        """Set the learning rate, MTP weight lambda and bias speed gamma of step ``self.step``;
-        returns ``(lr, gamma)``."""
-        from dsv3.train.optim import set_lr
-
-        c = self.config
+        """Set the learning rate of step ``self.step``; returns ``(lr, gamma)`` (gamma: the step's bias update
+        speed; :func:`~dsv3.train.step.train_step` takes the step's alpha and lambda from ``self.moe`` itself)."""
         lr = self.schedule.lr_at(self.step)
         set_lr(self.optimizer, lr)
-        self.model.config.mtp_loss_weight = _switch(
-            self.lambda_early, c.moe.mtp_loss_weight_late, c.moe.mtp_switch, self.step, c.schedule.steps
-        )
-        return lr, _switch(self.gamma_early, 0.0, c.moe.bias_update_stop, self.step, c.schedule.steps)
+        return lr, self.moe.at(self.step).gamma
 
     def next_batches(self) -> tuple[list[Batch], dict]:
         """The micro-batches of step ``self.step`` and the loader state before them."""
@@ -348,8 +194,6 @@ def build_session(
     A run directory is locked (:class:`~dsv3.train.rundir.RunLock`) from here until
     :meth:`Session.close`; a second process training in it gets one line and exit 2.
     """
-    from dsv3.train.rundir import LOCK_FILE, RunLock
-
     # rank 0 holds the run's lock for all ranks (under torchrun the context is made later: read its env)
     owner = (parallel.rank if parallel is not None else int(os.environ.get("RANK", "0") or 0)) == 0
     lock = RunLock("", enabled=owner)  # not held until a run directory is known
@@ -379,9 +223,9 @@ def _build_session(
     """The set-up in its phases (docs/architecture.md): check the configuration, join the world, build the
     data, build the model on meta, parallelize (which materialises the held tensors), write the run
     directory, restore."""
-    from dsv3.parallel.parallelize import parallelize
-
-    config, run_dir, mcfg, device = _check_configuration(config, resume, overrides, write)
+    config, run_dir, mcfg, device = check_configuration(config, resume, overrides or {}, write=write)
+    if resume is None:
+        config.run.dir = run_dir or config.run.dir
     if device.type == "cpu":  # host memory: freed gradients and buckets go back to the system (utils/malloc.py)
         fix_mmap_threshold()
     ctx, run_dir = _join_world(config, mcfg, parallel, run_dir, device)
@@ -394,43 +238,6 @@ def _build_session(
         _restore(session, checkpoint)
     session.prefetcher = BatchPrefetcher(session.loader, config.data.micro_batch, device, background=prefetch)
     return session
-
-
-def _check_configuration(
-    config: TrainConfig | None, resume: str | None, overrides: dict[str, Any] | None, write: bool
-) -> tuple[TrainConfig, str, ModelConfig, torch.device]:
-    """Phase 1: the configuration (the saved one on resume, with the allowed overrides), the run directory,
-    the device, the model configuration, the context length and the per-rank memory pre-check; nothing is
-    allocated or written."""
-    from dsv3.train.preflight import check_context_length, check_memory, check_trace, refuse_frozen_overrides
-    from dsv3.train.rundir import check_run_dir_usable
-
-    if resume is not None:
-        run_dir = prepare_run_dir(config, resume)  # type: ignore[arg-type]
-        saved = resume_config(run_dir, {})
-        config = resume_config(run_dir, overrides or {})
-        refuse_frozen_overrides(saved, config, overrides or {})  # --model, --seq-len, ... cannot change
-    else:
-        assert config is not None
-        config.validate()
-        run_dir = prepare_run_dir(config, None) if write else ""
-        config.run.dir = run_dir or config.run.dir
-        if write:
-            check_run_dir_usable(run_dir)  # under a file, unwritable, read-only: said now, not after the set-up
-    check_trace(config, overrides or {}, resume)  # --trace without a pipeline records nothing: refused
-    device = resolve_device(config)
-    if config.parallel.dispatcher == "deepep":  # refused here, before anything is written, on any layout
-        from dsv3.parallel.deepep import check_deepep
-
-        check_deepep(device)
-    saved_model_config = os.path.join(run_dir, MODEL_CONFIG_FILE)
-    if resume is not None and os.path.isfile(saved_model_config):
-        mcfg = ModelConfig.from_json_file(saved_model_config)  # exactly the model the run started with
-    else:
-        mcfg = model_config_for(config)
-    check_context_length(config.data.seq_len, mcfg, config.model.rope_scaling)
-    check_memory(mcfg, config, device=device.type)  # the planner's per-rank estimate, before any allocation
-    return config, run_dir, mcfg, device
 
 
 def _build_data(config: TrainConfig, mcfg: ModelConfig, run_dir: str) -> tuple[Any, Any]:
@@ -452,9 +259,6 @@ def _assemble(config: TrainConfig, mcfg: ModelConfig, run_dir: str, ctx, tokeniz
     """The :class:`Session` around the parallelized model: learning-rate schedule, batch ramp, this data-parallel
     rank's loader and the CPU EMA of the held parameters (built before anything is written: a bad value leaves
     no run behind)."""
-    from dsv3.memory.ema import CPUEMA
-    from dsv3.train.schedule import BatchRamp, LRSchedule
-
     opt, sched, d = config.optimizer, config.schedule, config.data
     schedule = LRSchedule.from_options(sched, opt.lr)
     if sched.batch_ramp_start is not None:
@@ -489,8 +293,7 @@ def _assemble(config: TrainConfig, mcfg: ModelConfig, run_dir: str, ctx, tokeniz
         prefetcher=None,  # type: ignore[arg-type]  (set last, after the loader is restored)
         parallel=ctx,
         pipeline=par.pipeline,
-        lambda_early=mcfg.mtp_loss_weight,
-        gamma_early=mcfg.bias_update_speed,
+        moe=moe_schedule(config, mcfg),
         lock=lock,
         checkpointer=Checkpointer(run_dir, ctx, keep_last=config.checkpoint.keep_last, tokenizer=tokenizer),
     )
@@ -500,9 +303,6 @@ def _write_run_dir(session: Session, resume: str | None, write: bool, lock) -> s
     """Phase 6: only now that the input is known to be good, rank 0 creates and locks the run directory, removes
     a killed run's temporaries and writes the config, model config, tokenizer (and chat template). Returns the
     checkpoint to resume from, of either format (None for a fresh run or none written)."""
-    from dsv3.checkpoint.state import remove_stale_temporaries
-    from dsv3.train.rundir import LOCK_FILE
-
     config, run_dir, checkpoint = session.config, session.run_dir, None
     if write and session.parallel.is_main:  # rank 0 alone writes the run directory
         if resume is None:
@@ -535,13 +335,9 @@ def _write_run_files(session: Session) -> None:
     run_dir = session.run_dir
     session.mcfg.save(os.path.join(run_dir, MODEL_CONFIG_FILE))
     if session.tokenizer is not None:
-        from dsv3.utils.io import atomic_path
-
         with atomic_path(os.path.join(run_dir, "tokenizer.json")) as tmp:
             session.tokenizer.save(tmp)
     if session.config.data.task == "sft":
-        from dsv3.data.chat import save_template
-
         save_template(session.data.template, run_dir)  # a resumed run renders with the same template
 
 
@@ -567,8 +363,6 @@ def _join_world(
     ``check_split(config, dp)`` checks that a step's batch splits over the dp ranks (default
     :func:`_check_dp_split`; GRPO splits prompts, :func:`dsv3.train.grpo_run.check_prompt_split`).
     """
-    from dsv3.parallel.world import ParallelContext, init_parallel
-
     p = config.parallel
     world = parallel.world_size if parallel is not None else int(os.environ.get("WORLD_SIZE", "1") or 1)
     if p.pp > 1:  # the pipeline's layout (layers, schedule, micro-batches, devices x dp): before any group
@@ -589,8 +383,6 @@ def _join_world(
     if not parallel.distributed:
         return parallel, run_dir
     (check_split or _check_dp_split)(config, parallel.dp)
-    import torch.distributed as dist
-
     box = [run_dir]
     dist.broadcast_object_list(box, src=0)
     config.run.dir = box[0] or config.run.dir
@@ -599,8 +391,6 @@ def _join_world(
 
 def _check_pipeline(config: TrainConfig, mcfg: ModelConfig, world: int) -> None:
     """``--pp > 1``: the schedule's layout rules, and what the pipeline does not run yet (SFT, the batch ramp)."""
-    from dsv3.parallel.pipeline.train import check_pipeline_layout
-
     p, d = config.parallel, config.data
     check_pipeline_layout(
         mcfg.num_hidden_layers,
@@ -629,8 +419,6 @@ def _check_dp_split(config: TrainConfig, dp: int) -> None:
             f"{dp} ranks; make global_batch a multiple of micro_batch * dp"
         )
     if config.schedule.batch_ramp_start is not None:  # every ramp step's micro-batches must split over dp too
-        from dsv3.train.schedule import BatchRamp
-
         ramp = BatchRamp(
             start=config.schedule.batch_ramp_start,
             end=d.global_batch,
@@ -645,150 +433,3 @@ def _check_dp_split(config: TrainConfig, dp: int) -> None:
                 f"which cannot be split over dp {dp} ranks; make --batch-ramp-start and the "
                 f"ramp's batches multiples of micro_batch * dp"
             )
-
-
-def _dp_slice(session: "Session", batches: list[Batch]) -> list[Batch]:
-    """This data-parallel rank's micro-batches: every dp-th of the global batch's (a disjoint part);
-    ``batches`` as they are when the loader already handed out only this rank's (:meth:`TrainLoader.shard`)."""
-    ctx = session.parallel
-    if ctx.dp == 1 or getattr(session.loader, "dp", 1) > 1:
-        return batches
-    return batches[ctx.dp_rank :: ctx.dp]
-
-
-# ----------------------------------------------------------------------------- one step
-@dataclass
-class StepStats:
-    """What one optimizer step reports.
-
-    Attributes:
-        loss: total loss (L_Main + lambda/D sum L_MTP + L_Bal), mean over micro-batches.
-        lm_loss / mtp_loss / balance_loss: its parts.
-        grad_norm: global gradient norm before clipping.
-        skipped: the loss or the norm was not finite; no update was made.
-        load: [n_moe_layers, N_r] tokens routed to each expert over all micro-batches (None: dense).
-        tokens: input tokens of the step; loss_tokens: tokens that carried a label.
-    """
-
-    loss: float
-    lm_loss: float
-    mtp_loss: float
-    balance_loss: float
-    grad_norm: float
-    skipped: bool
-    load: torch.Tensor | None
-    tokens: int
-    loss_tokens: int
-
-
-def train_step(session: Session, batches: list[Batch], *, gamma: float | None = None) -> StepStats:
-    """One optimizer step of ``session`` over ``batches`` (its micro-batches, on the device).
-
-    Backpropagates ``loss / n_micro`` per micro-batch (or, under pipeline parallelism, runs them
-    through the schedule); the loss parts, label counts and expert loads are summed on the device
-    and read once, with the gradient norm, after the last micro-batch. ``gamma`` is the bias update
-    speed (default: the model config's).
-    """
-    batches = _dp_slice(session, batches)
-    gamma = session.mcfg.bias_update_speed if gamma is None else gamma
-    if session.pipeline is not None:  # pipeline parallelism: the schedule runs the micro-batches
-        sums, load, tokens = _pipeline_pass(session, batches)
-    else:
-        sums, load, tokens = _micro_batch_pass(session, batches)
-    return _update(session, sums, load, tokens, gamma)
-
-
-def _micro_batch_pass(session: Session, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Forward and backward of this rank's micro-batches, one after the other.
-
-    Returns ``sums`` [5] float64 on the device (loss, lm, mtp, balance: means over the micro-batches;
-    labelled tokens), the summed expert ``load`` [n_moe_layers, N_r] (None: dense) and the input tokens.
-    """
-    from dsv3.data.loader import split_batch
-
-    ctx, model, n_micro = session.parallel, session.model, len(batches)
-    sums = torch.zeros(5, dtype=torch.float64, device=session.device)
-    load = None
-    split = [split_batch(b) for b in batches]
-    weights = None
-    if any(extra for _, _, extra in split):
-        # SFT: micro-batches hold different numbers of assistant tokens; weight each by its share
-        # of the step's loss tokens, so the step's loss is the mean over all of them (on the device).
-        counts = torch.stack([(labels != -100).sum() for _, labels, _ in split]).double()
-        weights = counts / counts.sum().clamp(min=1)
-        if ctx.dp > 1:
-            # shares of the whole global batch's tokens (gradients are averaged over dp)
-            from dsv3.parallel.zero import all_mean
-
-            weights = counts / all_mean(counts.sum().reshape(1), ctx)[0].clamp(min=1e-9)
-    for i, (ids, labels, extra) in enumerate(split):
-        out = model(ids, labels, **extra)
-        parts = torch.stack(
-            [out.loss.detach(), out.lm_loss.detach(), out.mtp_loss.detach(), out.balance_loss.detach()]
-        ).double()
-        if weights is None:
-            (out.loss / n_micro).backward()
-            sums[:4] += parts / n_micro
-        else:
-            (out.loss * weights[i].to(out.loss.dtype)).backward()
-            sums[:4] += parts * weights[i]
-        sums[4] += (labels != -100).sum()
-        if out.expert_load is not None:
-            load = out.expert_load if load is None else load + out.expert_load
-    return sums, load, sum(ids.numel() for ids, _, _ in split)
-
-
-def _pipeline_pass(session: Session, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """:func:`_micro_batch_pass` under pipeline parallelism (see :mod:`dsv3.parallel.pipeline.train`):
-    the runtime runs this pipeline's micro-batches through the schedule; losses and loads come back
-    reduced over the pipeline and the gradients of shared parameters all-reduced."""
-    from dsv3.parallel.pipeline.train import write_step_trace
-
-    rt = session.pipeline
-    res = rt.step(batches)
-    if rt.trace_path:
-        write_step_trace(rt.trace_path, rt, res)
-    loss_tokens = sum(int((labels != -100).sum()) for _, labels in batches)
-    sums = torch.tensor(
-        [res.loss, res.lm_loss, res.mtp_loss, res.balance_loss, float(loss_tokens)], dtype=torch.float64
-    )
-    return sums, res.load, sum(ids.numel() for ids, _ in batches)
-
-
-def _update(session: Session, sums: torch.Tensor, load: torch.Tensor | None, tokens: int, gamma: float) -> StepStats:
-    """The rest of :func:`train_step` after the backward passes, the same for every layout: the sums and loads
-    over dp and the ZeRO-1 gradient reduction and norm (the same on every rank; nothing to communicate with
-    dp = 1); the one host sync; the NaN skip; AdamW with clipping, the bias update with the step's loads, and
-    the EMA (under pipeline parallelism of the held stages only)."""
-    import math
-
-    from dsv3.parallel.zero import all_mean, sync_loads
-
-    ctx, optimizer, clip = session.parallel, session.optimizer, session.config.optimizer.grad_clip
-    sums = all_mean(sums, ctx)  # global sums over the dp ranks
-    sums[4] *= ctx.dp
-    if load is not None:
-        load = sync_loads(load, ctx)
-    optimizer.reduce_gradients()
-    grad_norm = optimizer.grad_norm()
-    host = torch.cat([sums, grad_norm.detach().double().reshape(1).to(sums.device)]).tolist()  # the one sync
-    loss, lm_loss, mtp_loss, balance_loss, loss_tokens, norm = host
-    skipped = not (math.isfinite(loss) and math.isfinite(norm))
-    if not skipped:
-        optimizer.step(clip, reduce=False, norm=grad_norm)
-        if load is not None:
-            session.model.update_router_bias(load, gamma)
-    optimizer.zero_grad(set_to_none=True)
-    if not skipped and session.ema is not None:
-        session.ema.update()
-    return StepStats(
-        loss=loss,
-        lm_loss=lm_loss,
-        mtp_loss=mtp_loss,
-        balance_loss=balance_loss,
-        grad_norm=norm,
-        skipped=skipped,
-        load=load,
-        tokens=tokens * ctx.dp,
-        loss_tokens=int(loss_tokens),
-    )

@@ -22,7 +22,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from dsv3.config import ModelConfig
+from dsv3.config import RECIPE_DEFAULTS, ModelConfig
 from dsv3.errors import ConfigError
 from dsv3.memory.recompute import RecomputePolicy
 from dsv3.model.moe import RoutingStats
@@ -50,9 +50,9 @@ def stage_layers(mcfg: ModelConfig, pp: int, seq_len: int, *, mtp: bool = True) 
     return default_stage_layers(mcfg, layout, model_flops(mcfg, seq_len))
 
 
-def _new_stats() -> RoutingStats:
-    """A fresh per-forward :class:`~dsv3.model.moe.RoutingStats`."""
-    return RoutingStats()
+def _new_stats(alpha: float = 0.0) -> RoutingStats:
+    """A fresh per-forward :class:`~dsv3.model.moe.RoutingStats` with balance factor ``alpha``."""
+    return RoutingStats(alpha)
 
 
 def _call(fn, *args, stats=None):
@@ -244,6 +244,10 @@ class PipelineStage:
         cut_moe: cut MoE layers that exchange tokens at their all-to-alls (three steps each way, see the
             module docstring); False runs each such feed-forward as one step (exchanges inside it).
 
+    ``mtp_loss_weight`` (lambda) and ``seq_aux_alpha`` (alpha) are the loss arguments the stage passes to the
+    model (as ``model(ids, labels, mtp_loss_weight=..., seq_aux_alpha=...)`` takes them); the trainer sets them
+    before each step (:func:`dsv3.parallel.pipeline.train.set_loss_weights`).
+
     ``events``: None, or a list that every step appends ``(phase, name, start, end)`` to (phase "F"/"B";
     name EMB, ATTN, FFN, BLOCK, HEAD, END, or a cut layer's DISPATCH / MLP / COMBINE), together with the
     cut layers' exchange starts and waits (:mod:`~dsv3.parallel.pipeline.overlap`); for traces and tests.
@@ -261,6 +265,8 @@ class PipelineStage:
     ) -> None:
         self.model, self.stage, self.pp = model, stage, pp
         self.cut_moe = cut_moe
+        self.mtp_loss_weight = RECIPE_DEFAULTS["mtp_loss_weight"]
+        self.seq_aux_alpha = RECIPE_DEFAULTS["seq_aux_alpha"]
         self.events: list | None = None
         self.layer_ids = list(layers)
         self.is_first, self.is_last = stage == 0, stage == pp - 1
@@ -343,7 +349,7 @@ class PipelineStage:
             if policy is not None and type(policy).block is not RecomputePolicy.block:
                 with span(self.events, "F", "BLOCK"):
                     inp = h  # the policy recomputes the whole block: one step
-                    stats = _new_stats()
+                    stats = _new_stats(self.seq_aux_alpha)
                     out = _call(policy.block, layer, inp, mb.cos, mb.sin, stats=stats)
                     h = keep(inp, out, self._moe_stats(layer.mlp, rec, stats), "BLOCK")
                 yield
@@ -359,7 +365,7 @@ class PipelineStage:
             yield
             with span(self.events, "F", "FFN"):
                 inp = h
-                stats = _new_stats()
+                stats = _new_stats(self.seq_aux_alpha)
                 out = inp + (
                     _call(policy.ffn, layer, inp, stats=stats)
                     if policy is not None
@@ -373,9 +379,9 @@ class PipelineStage:
                 h_norm = m.model.norm(inp)
                 lm = m._head_loss(h_norm, mb.labels)
                 emb = m.model.embed_tokens(mb.ids) if len(m.mtp) else None
-                stats = _new_stats()
+                stats = _new_stats(self.seq_aux_alpha)
                 mtp = (
-                    _call(m._mtp_loss, inp, emb, mb.labels, mb.cos, mb.sin, stats=stats)
+                    m._mtp_loss(inp, emb, mb.labels, mb.cos, mb.sin, stats=stats, mtp_loss_weight=self.mtp_loss_weight)
                     if len(m.mtp)
                     else lm.new_zeros(())
                 )
@@ -415,7 +421,7 @@ class PipelineStage:
 
         rec.steps.append(back_attn)
         yield
-        stats = _new_stats()
+        stats = _new_stats(self.seq_aux_alpha)
         ffn = CutMoE(layer, h, stats, lambda: self.events)
         ffn.dispatch()
         aux = self._moe_stats(layer.mlp, rec, stats)

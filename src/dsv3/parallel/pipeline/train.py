@@ -114,6 +114,13 @@ def build_pipeline(model, ctx, config, run_dir: str | None = None) -> PipelineRu
     return runtime
 
 
+def set_loss_weights(runtime: PipelineRuntime, mtp_loss_weight: float, seq_aux_alpha: float) -> None:
+    """The step's loss arguments, lambda (``mtp_loss_weight``) and alpha (``seq_aux_alpha``), for every stage this
+    device runs (what ``model(ids, labels, mtp_loss_weight=..., seq_aux_alpha=...)`` takes on one process)."""
+    for stage in runtime.stages.values():
+        stage.mtp_loss_weight, stage.seq_aux_alpha = mtp_loss_weight, seq_aux_alpha
+
+
 def gather_traces(runtime: PipelineRuntime, result: PipelineStepResult) -> dict[int, list[TraceEvent]] | None:
     """Collect every pipeline device's executed-op trace on the pipeline's first rank, on one time axis
     (returns None on the other ranks)."""
