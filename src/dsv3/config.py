@@ -1,25 +1,11 @@
 """Model configuration: the Hugging Face DeepSeek-V3 ``config.json`` as a dataclass.
 
-d (hidden dim)        ``hidden_size``
-n_h (heads)           ``num_attention_heads``
-d_h (head dim)        ``qk_nope_head_dim`` (+ ``v_head_dim`` for values)
-d_h^R (RoPE dim)      ``qk_rope_head_dim``
-d_c (KV latent)       ``kv_lora_rank``
-d_c' (Q latent)       ``q_lora_rank`` (``None``: plain query projection)
-N_s, N_r              ``n_shared_experts``, ``n_routed_experts``
-K_r                   ``num_experts_per_tok``
-M (node/group limit)  ``topk_group`` of ``n_group`` groups
-D                     ``num_nextn_predict_layers``
-====================  =========================================
-
-gamma, alpha and lambda are the trainer's (``dsv3.train.config.MoEOptions``); a config.json may
-carry them as the dsv3 extension keys :data:`DSV3_KEYS`, kept in ``extra`` (checked, written back).
-=======
 Field names are the Hugging Face ones, so a ``config.json`` reads and writes losslessly: unknown keys are
 kept in :attr:`ModelConfig.extra` and written back. The module imports no torch (the planner uses it).
 The report's symbols and their fields (d = ``hidden_size``, d_c = ``kv_lora_rank``, N_r =
-``n_routed_experts``, K_r = ``num_experts_per_tok``, ...) are tabled in docs/model.md. gamma, alpha and lambda are the trainer's (``dsv3.train.config.MoEOptions``): a
-config.json's dsv3 extension keys :data:`DSV3_KEYS` are kept in ``extra`` (checked, written back).
+``n_routed_experts``, K_r = ``num_experts_per_tok``, ...) are tabled in docs/model.md. gamma, alpha and
+lambda are the trainer's (``dsv3.train.config.MoEOptions``): a config.json's dsv3 extension keys
+:data:`DSV3_KEYS` are kept in ``extra`` (checked, written back).
 """
 
 from __future__ import annotations

@@ -14,13 +14,18 @@ Checkpoints written before manifests existed are checked for their ``.metadata``
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable
 from typing import Any
 
-from dsv3.checkpoint.state import MANIFEST, MANIFEST_FORMAT, file_sha256, read_manifest, verify_listed_files
+from dsv3.checkpoint.state import (
+    MANIFEST,
+    file_sha256,
+    read_manifest,
+    verify_listed_files,
+    write_manifest,
+)
 from dsv3.errors import CheckpointError
 
 SHARDED_NAME = re.compile(r"^dcp-(\d{8})$")
@@ -55,13 +60,7 @@ def write_sharded_manifest(directory: str, step: int, shards: dict[str, dict[str
 
     ``shards``: the entries the ranks computed for their own shard files (:func:`shard_entries`, gathered);
     every other file (``.metadata``, ``meta.json``, a shard missing from ``shards``) is hashed here."""
-    files = {}
-    for name in sorted(os.listdir(directory)):
-        full = os.path.join(directory, name)
-        if name != MANIFEST and os.path.isfile(full):
-            files[name] = (shards or {}).get(name) or {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
-    with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as fh:
-        json.dump({"format": MANIFEST_FORMAT, "step": step, "files": files}, fh, indent=1)
+    write_manifest(directory, step, shards)
 
 
 def verify_sharded(path: str, *, hashes: bool = True) -> str | None:

@@ -148,13 +148,16 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: str, step: int) -> dict[str, Any]:
-    """Record the size and SHA-256 of every file in ``directory`` in ``directory/manifest.json``."""
+def write_manifest(directory: str, step: int, known: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Record the size and SHA-256 of every file in ``directory`` in ``directory/manifest.json``.
+
+    ``known``: entries already computed (file name -> ``{"bytes", "sha256"}``); every other file is hashed here.
+    """
     files = {}
     for name in sorted(os.listdir(directory)):
         full = os.path.join(directory, name)
         if name != MANIFEST and os.path.isfile(full):
-            files[name] = {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
+            files[name] = (known or {}).get(name) or {"bytes": os.path.getsize(full), "sha256": file_sha256(full)}
     manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
     with open(os.path.join(directory, MANIFEST), "w", encoding="utf-8") as fh:
         json.dump(manifest, fh, indent=1)

@@ -7,12 +7,11 @@ group per section with the field's description, type, default and allowed values
     --recompute {none,selective,full}
         recompute activations in backward: none, selective ops, or full blocks (choice; default none)
 
-Booleans take an optional value: ``--fp8``, ``--fp8 false`` and ``--no-fp8``. Values
-stay strings here; :meth:`TrainConfig.from_dict` converts and checks them, so a bad
-value is a :class:`~dsv3.errors.ConfigError` (one line, exit 2) like a bad run file.
-Flags default to ``None`` (= not given), so a run file's value survives unless a flag
-overrides it. Parsers must be built with ``allow_abbrev=False`` (the CLI's parser class
-is), so ``--ep`` never silently means ``--eps``.
+Booleans take an optional value: ``--fp8``, ``--fp8 false`` and ``--no-fp8``. Values stay strings
+here; :meth:`TrainConfig.from_dict` converts and checks them, so a bad value is a
+:class:`~dsv3.errors.ConfigError` (one line, exit 2) like a bad run file. Flags default to ``None`` (=
+not given), so a run file's value survives unless a flag overrides it. Parsers must be built with
+``allow_abbrev=False`` (the CLI's parser class is), so ``--ep`` never silently means ``--eps``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ the prompts the uninterrupted run would have used, and no loader state is needed
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from dsv3.errors import ConfigError, DataError
+from dsv3.utils.io import json_lines
 
 
 @dataclass
@@ -53,13 +53,7 @@ def _records(path: str) -> list[dict]:
         raise DataError(f"prompt file {path} does not exist; pass --data prompts.jsonl")
     out = []
     with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {n} is not valid JSON ({exc.msg}); fix that line") from None
+        for n, record in json_lines(fh, lambda n, msg: f"{path} line {n} is not valid JSON ({msg}); fix that line"):
             if not isinstance(record, dict) or not ({"prompt", "messages"} & record.keys()):
                 raise DataError(f'{path} line {n} needs a "prompt" text or a "messages" list')
             out.append(record)

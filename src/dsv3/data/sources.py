@@ -11,7 +11,6 @@ with one line.
 
 from __future__ import annotations
 
-import json
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dsv3.errors import DataError
+from dsv3.utils.io import json_lines
 
 # File patterns a directory source reads by default: common text and source-code files.
 DEFAULT_GLOBS: tuple[str, ...] = (
@@ -251,15 +251,9 @@ def _text_pieces(path: Path) -> Iterator[str]:
 
 def _jsonl_documents(path: Path, key: str) -> Iterator[str]:
     with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"line {lineno} of {path} is not valid JSON ({exc.msg}); fix or remove that line."
-                ) from None
+        for lineno, record in json_lines(
+            fh, lambda n, msg: f"line {n} of {path} is not valid JSON ({msg}); fix or remove that line."
+        ):
             if not isinstance(record, dict) or key not in record:
                 raise DataError(
                     f'line {lineno} of {path} has no "{key}" field; '

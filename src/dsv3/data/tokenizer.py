@@ -69,6 +69,16 @@ def _read_documents(files: Sequence[str | os.PathLike]) -> Iterator[str]:
             raise DataError(f"the corpus file {f} is not UTF-8 text; convert it or leave it out.") from None
 
 
+def _check_vocab_size(vocab_size: int, special_tokens: Sequence[str]) -> None:
+    """V holds the special tokens and the 256 byte symbols, else one sentence."""
+    n_fixed = len(special_tokens) + 256
+    if vocab_size < n_fixed:
+        raise DataError(
+            f"a byte-level BPE vocabulary needs at least {n_fixed} entries but vocab_size is {vocab_size}; "
+            "use a model with a larger vocab_size."
+        )
+
+
 def train_bpe_tokenizer(
     files: Sequence[str | os.PathLike],
     vocab_size: int,
@@ -89,12 +99,7 @@ def train_bpe_tokenizer(
         special_tokens: tokens with fixed ids 0..len-1 (default ``<|bos|>``, ``<|eos|>``, ``<|pad|>``).
         min_frequency: a pair must occur this many times to be merged.
     """
-    n_fixed = len(special_tokens) + 256
-    if vocab_size < n_fixed:
-        raise DataError(
-            f"a byte-level BPE vocabulary needs at least {n_fixed} entries but vocab_size is {vocab_size}; "
-            "use a model with a larger vocab_size."
-        )
+    _check_vocab_size(vocab_size, special_tokens)
     if not files:
         raise DataError("the tokenizer training corpus has no files; give a corpus with at least one text file.")
     return train_bpe_from_texts(
@@ -125,12 +130,7 @@ def train_bpe_from_texts(
         max_chars: stop reading after about this many characters (a large corpus is
             sampled from its start; merges converge long before 100M characters).
     """
-    n_fixed = len(special_tokens) + 256
-    if vocab_size < n_fixed:
-        raise DataError(
-            f"a byte-level BPE vocabulary needs at least {n_fixed} entries but vocab_size is {vocab_size}; "
-            "use a model with a larger vocab_size."
-        )
+    _check_vocab_size(vocab_size, special_tokens)
     if max_chars is not None:
         texts = _take_chars(texts, max_chars)
     tok = Tokenizer(models.BPE())

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from dsv3.errors import ConfigError, DataError
+from dsv3.utils.io import json_lines
 
 Policy = Literal["refined", "published"]
 
@@ -319,13 +320,8 @@ def read_expert_loads(path) -> torch.Tensor:
         data = json.loads(text)
         tables.append(data.get("expert_load") if isinstance(data, dict) else data)
     except json.JSONDecodeError:  # JSON lines
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{path} line {number} is not JSON; expected metrics.jsonl records") from None
+        bad = lambda n, _msg: f"{path} line {n} is not JSON; expected metrics.jsonl records"  # noqa: E731
+        for _, record in json_lines(text.splitlines(), bad):
             if isinstance(record, dict) and record.get("expert_load") is not None:
                 tables.append(record["expert_load"])
     tables = [t for t in tables if t is not None]

@@ -1,32 +1,15 @@
 """An exponential moving average of the parameters, kept in CPU memory and updated in the background.
 
-The DeepSeek-V3 report (section 3.2.3) keeps an EMA of the model parameters in
-CPU memory, updated asynchronously after each training step, to estimate the
-model after learning-rate decay without extra GPU memory or time.
-
-After optimizer step k, with parameters theta_k and decay beta::
+After optimizer step k, with parameters theta_k and decay beta (report 3.2.3)::
 
     ema_k = beta * ema_{k-1} + (1 - beta) * theta_k,     ema_0 = theta_0
 
-so ``ema_k = beta^k theta_0 + (1 - beta) sum_{j=1..k} beta^{k-j} theta_j``.
-
-How :meth:`CPUEMA.update` stays off the training step's critical path:
-
-* The caller only *copies* the parameters into a CPU staging buffer (on CUDA a
-  ``non_blocking`` device-to-host copy into pinned memory, followed by a CUDA
-  event; on CPU a plain copy) and queues the buffer for the worker thread.
-* The worker thread waits for the event, then does the FP32 arithmetic
-  ``ema <- ema + (1 - beta) (theta - ema)`` on the CPU, single-threaded (in
-  pieces below ATen's grain size) and at the lowest CPU priority, so that it
-  uses the cycles the training step leaves idle rather than taking a core from it.
-* There are two staging buffers used in turn (double buffering). ``update()``
-  number n writes buffer ``n % 2``, which the worker released after applying
-  update n-2. So ``update()`` waits only if the worker is still busy with the
-  update before the previous one, i.e. if one EMA update takes longer than a
-  whole training step; otherwise it returns as soon as its copy is issued.
-
-Memory: FP32 shadows (4 bytes a parameter) plus two staging buffers in the
-parameters' dtype, all in CPU memory (staging pinned when parameters are on CUDA).
+:meth:`CPUEMA.update` only copies the parameters into one of two CPU staging buffers (on CUDA a
+``non_blocking`` copy into pinned memory and an event) and queues it; a worker thread at the lowest CPU
+priority does the FP32 arithmetic ``ema <- ema + (1 - beta) (theta - ema)``. ``update()`` waits only when
+one EMA update takes longer than a whole training step. Memory: FP32 shadows (4 bytes a parameter) plus
+two staging buffers in the parameters' dtype, all in CPU memory. How it stays off the step's critical
+path is in docs/memory.md ("The CPU EMA").
 """
 
 from __future__ import annotations

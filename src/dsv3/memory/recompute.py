@@ -1,35 +1,15 @@
 """Activation recomputation policies, applied to a built model (report 3.2.3).
 
-``apply_recompute(model, policy)`` installs a :class:`RecomputePolicy` in the
-``recompute`` extension point of every block (:class:`DecoderLayer`, main model and MTP
-modules alike); in training the block runs its two residual branches
-(:meth:`DecoderLayer.attention` and :meth:`DecoderLayer.ffn`) through the policy, which
-wraps regions in ``torch.utils.checkpoint`` (non-reentrant). Module names and
-parameters are untouched, so checkpoints and the optimizer do not notice.
-
-Policies (what each block keeps for backward; the rest is recomputed in backward):
-
-``none``
-    everything autograd saves.
-``selective`` (the report's: "recomputation of RMSNorm and MLA up-projection", SwiGLU
-    keeping only its inputs)
-    - attention branch, split in two regions: (1) RMSNorm + down-projections keeps the
-      block input x and the un-normalised latents W^DQ x and [W^DKV; W^KR] x; (2) latent
-      RMSNorms, up-projections W^UQ/W^QR, W^UK/W^UV, RoPE, attention core and W^O keep
-      only the attention core's outputs (o and the softmax log-sum-exp). RMSNorm
-      outputs, q, k, v and the W^O input are recomputed.
-    - FFN branch: keeps the outputs of the GEMMs (router logits, the SwiGLU inputs
-      gate/up, expert outputs); recomputes the RMSNorm output, the token dispatch
-      copies and the SwiGLU output. With the FP8 recipe the FFN is left as it is: its
-      GEMM and SwiGLU inputs are already cached in FP8 and SwiGLU outputs recomputed,
-      while a checkpointed region would keep its full-precision GEMM outputs.
-``full``
-    keeps only each block's input and recomputes the whole block.
-
-Recomputation changes no result: the recomputed forward is the same computation
-(routing included), and the MoE load statistics and bias update come from the
-original forward only (the model reads them before backward), so every token is
-counted once.
+``apply_recompute(model, policy)`` installs a :class:`RecomputePolicy` in the ``recompute`` extension
+point of every block (:class:`DecoderLayer`, main model and MTP modules alike); in training the block runs
+its two residual branches (:meth:`DecoderLayer.attention`, :meth:`DecoderLayer.ffn`) through the policy,
+which wraps regions in ``torch.utils.checkpoint`` (non-reentrant). Module names and parameters are
+untouched, so checkpoints and the optimizer do not notice. Policies: ``none`` (everything autograd
+saves), ``selective`` (the report's: RMSNorm and the MLA up-projection recomputed, SwiGLU keeping only its
+inputs; the FFN left as it is under FP8) and ``full`` (each block keeps only its input). What each region
+keeps is in docs/memory.md ("Recomputation policies"). Recomputation changes no result: the recomputed
+forward is the same computation (routing included), and the MoE loads and bias update come from the
+original forward only.
 """
 
 from __future__ import annotations

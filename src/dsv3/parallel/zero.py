@@ -443,7 +443,6 @@ def sync_loads(load: torch.Tensor, ctx) -> torch.Tensor:
 def all_mean(values: torch.Tensor, ctx) -> torch.Tensor:
     """The mean of ``values`` over the data-parallel ranks (e.g. the step's loss sums)."""
     if ctx.distributed and ctx.dp > 1:
-        values = values.clone()
-        dist.all_reduce(values, group=ctx.dp_group)
+        values = sync_loads(values, ctx)  # the sum over dp, in a copy
         values /= ctx.dp
     return values

@@ -14,219 +14,44 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 from dsv3.config import ModelConfig
-from dsv3.layout import RECOMPUTE_MODES
+from dsv3.plan.act_items import ALL, NO_RECOMPUTE, NOT_FULL, SELECTIVE_ONLY, SPLITS, ActItem, Items, bytes_per_token
 from dsv3.plan.layout import Layout
-from dsv3.plan.precision import DTYPE_BYTES, FP8_SCALE_BYTES, FP8_TILE, Precision
+from dsv3.plan.precision import Precision
 
-ALL = RECOMPUTE_MODES
-NO_RECOMPUTE = ("none",)
-NOT_FULL = ("none", "selective")
-SELECTIVE_ONLY = ("selective",)
-
-SPLITS = ("sp", "tp", "rep", "expert")
-
-
-@dataclass(frozen=True)
-class ActItem:
-    """One tensor kept for backward.
-
-    Attributes:
-        name: where it lives, e.g. ``self_attn.q_a_layernorm.rstd``.
-        what: what it is, in the report's words.
-        saved_by: the operator whose backward needs it.
-        elems: elements per token of the micro-batch, on one device.
-        dtype: its format (``bf16``, ``fp32``, ``fp8``, ``e5m6``, ``int64``, ...).
-        kept_by: the recompute policies that keep it.
-        split: ``sp``, ``tp``, ``rep`` or ``expert`` (see the module docstring).
-        bytes_per_token: bytes per token of the micro-batch on one device: ``elems``
-            times the format's width, plus FP8 tile scales and padding.
-    """
-
-    name: str
-    what: str
-    saved_by: str
-    elems: float
-    dtype: str
-    kept_by: tuple[str, ...]
-    split: str
-    bytes_per_token: float
-
-    def kept(self, policy: str) -> bool:
-        return policy in self.kept_by
-
-    def scaled(self, factor: float) -> "ActItem":
-        """The same item with ``factor`` times the elements and bytes per token."""
-        return dataclasses.replace(self, elems=self.elems * factor, bytes_per_token=self.bytes_per_token * factor)
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "what": self.what,
-            "saved_by": self.saved_by,
-            "elements_per_token": self.elems,
-            "dtype": self.dtype,
-            "bytes_per_token": self.bytes_per_token,
-            "kept_by": list(self.kept_by),
-            "split": self.split,
-        }
-
-
-def _tiles(n: float) -> int:
-    return math.ceil(n / FP8_TILE - 1e-9)
-
-
-class _Items:
-    """Collects the items of one unit (a layer, a head, an MTP module).
-
-    ``tokens`` is the unit's token count per micro-batch (b x s, or b x (s - k) for
-    MTP module k) before any split: element counts are per token of it, and
-    per-micro-batch constants (tables, weight copies, dL/dW) are divided by it.
-    """
-
-    def __init__(
-        self, cfg: ModelConfig, layout: Layout, prec: Precision, prefix: str = "", tokens: int | None = None
-    ) -> None:
-        self.cfg, self.layout, self.prec, self.prefix = cfg, layout, prec, prefix
-        self.tokens = layout.tokens_per_microbatch if tokens is None else tokens
-        self.items: list[ActItem] = []
-        self.fp8 = layout.fp8  # the recipe's structure: each FP8 Linear and SwiGLU keeps its own copies
-        self.tiled = prec.fp8_cache == "fp8"  # ... in E4M3 tiles (else plain elements of fp8_cache)
-
-    def rows(self, split: str) -> float:
-        """Rows one device holds per token of the unit for a tensor of this split."""
-        lay = self.layout
-        return {"sp": 1 / lay.sp, "tp": 1.0, "rep": 1.0, "expert": self.cfg.num_experts_per_tok * lay.etp / lay.tp}[
-            split
-        ]
-
-    def _add(
-        self,
-        name: str,
-        what: str,
-        saved_by: str,
-        elems: float,
-        dtype: str,
-        kept_by: tuple[str, ...],
-        split: str,
-        nbytes: float,
-    ) -> None:
-        self.items.append(ActItem(self.prefix + name, what, saved_by, elems, dtype, kept_by, split, nbytes))
-
-    def add(
-        self, name: str, what: str, saved_by: str, width: float, dtype: str, kept_by: tuple[str, ...], split: str
-    ) -> None:
-        """A plain tensor of ``width`` elements per row (the width before the TP split for ``tp``)."""
-        if split == "tp":
-            width = width / self.layout.tp
-        elems = self.rows(split) * width
-        self._add(name, what, saved_by, elems, dtype, kept_by, split, elems * DTYPE_BYTES[dtype])
-
-    def constant(
-        self,
-        name: str,
-        what: str,
-        saved_by: str,
-        per_microbatch: float,
-        dtype: str,
-        kept_by: tuple[str, ...],
-        split: str = "rep",
-    ) -> None:
-        """A tensor of ``per_microbatch`` elements per micro-batch on a device (tables, weight copies)."""
-        elems = per_microbatch / self.tokens
-        self._add(name, what, saved_by, elems, dtype, kept_by, split, elems * DTYPE_BYTES[dtype])
-
-    def linear_input(
-        self, name: str, what: str, saved_by: str, width: float, kept_by: tuple[str, ...], split: str
-    ) -> None:
-        """A Linear's input: the activation itself, or with ``--fp8`` its E4M3 copy in 128x1 token tiles."""
-        if not (self.fp8 and self.tiled):
-            fmt = self.prec.fp8_cache if self.fp8 else self.prec.activations
-            self.add(name, what, saved_by, width, fmt, kept_by, split)
-            return
-        if split == "tp":
-            width = width / self.layout.tp
-        rows = self.rows(split) * self.tokens  # rows of the cached [rows, width] matrix per micro-batch
-        padded = _tiles(rows) * FP8_TILE
-        nbytes = padded * width * (DTYPE_BYTES["fp8"] + FP8_SCALE_BYTES / FP8_TILE) / self.tokens
-        self._add(
-            name,
-            what + " (E4M3, 128x1 token tiles)",
-            saved_by,
-            rows * width / self.tokens,
-            "fp8",
-            kept_by,
-            split,
-            nbytes,
-        )
-
-    def row_tiled(
-        self,
-        name: str,
-        what: str,
-        saved_by: str,
-        width: float,
-        kept_by: tuple[str, ...],
-        split: str,
-        fmt: str | None = None,
-    ) -> None:
-        """With ``--fp8``: a tensor cached in 1x128 tiles along its width (``fmt`` ``fp8``: E4M3 padded to
-        whole tiles, or ``e5m6``: packed), one FP32 scale per tile; the activation itself otherwise."""
-        fmt = fmt or self.prec.fp8_cache
-        if not self.fp8 or fmt not in ("fp8", "e5m6"):
-            self.add(name, what, saved_by, width, fmt if self.fp8 else self.prec.activations, kept_by, split)
-            return
-        if split == "tp":
-            width = width / self.layout.tp
-        rows = self.rows(split)
-        tiles = _tiles(width)
-        payload = tiles * FP8_TILE * DTYPE_BYTES["fp8"] if fmt == "fp8" else width * DTYPE_BYTES[fmt]
-        label = "E4M3, 1x128 tiles" if fmt == "fp8" else "E5M6, 1x128 power-of-two scales"
-        self._add(
-            name,
-            f"{what} ({label})",
-            saved_by,
-            rows * width,
-            fmt,
-            kept_by,
-            split,
-            rows * (payload + tiles * FP8_SCALE_BYTES),
-        )
-
-    def expert_input(self, name: str, what: str, saved_by: str, width: float, kept_by: tuple[str, ...]) -> None:
-        """A routed-expert grouped GEMM input: the token copies, or with ``--fp8`` the real rows of their E4M3
-        copy tiled along tokens inside each local expert's group (FP32 scales per 128 rows of a group)."""
-        if not (self.fp8 and self.tiled):
-            fmt = self.prec.fp8_cache if self.fp8 else self.prec.activations
-            self.add(name, what, saved_by, width, fmt, kept_by, "expert")
-            return
-        lay = self.layout
-        rows = self.rows("expert") * self.tokens
-        experts = self.cfg.n_routed_experts // lay.ep
-        tiles = experts * _tiles(rows / experts)
-        nbytes = (rows * width * DTYPE_BYTES["fp8"] + tiles * width * FP8_SCALE_BYTES) / self.tokens
-        self._add(
-            name,
-            what + " (E4M3, 128x1 token tiles per expert)",
-            saved_by,
-            rows * width / self.tokens,
-            "fp8",
-            kept_by,
-            "expert",
-            nbytes,
-        )
+__all__ = [
+    "ALL",
+    "NO_RECOMPUTE",
+    "NOT_FULL",
+    "SELECTIVE_ONLY",
+    "SPLITS",
+    "ActItem",
+    "bytes_per_token",
+    "attention_items",
+    "ffn_items",
+    "decoder_layer_items",
+    "embedding_items",
+    "rope_items",
+    "head_items",
+    "mtp_items",
+]
 
 
 def attention_items(
     cfg: ModelConfig, layout: Layout, prec: Precision, prefix: str = "", tokens: int | None = None
 ) -> list[ActItem]:
     """Kept tensors of one layer's input RMSNorm and Multi-head Latent Attention."""
-    d, h = cfg.hidden_size, cfg.num_attention_heads
-    qk, dv, dc, dr = cfg.qk_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    a, st = prec.activations, prec.stats
-    it = _Items(cfg, layout, prec, prefix, tokens)
+    it = Items(cfg, layout, prec, prefix, tokens)
+    _input_norm_items(it, cfg)
+    _latent_items(it, cfg)
+    _attention_core_items(it, cfg)
+    return it.items
+
+
+def _input_norm_items(it: Items, cfg: ModelConfig) -> None:
+    """The layer's input RMSNorm and its output, the input of the two down-projections (d)."""
+    d, a, st = cfg.hidden_size, it.prec.activations, it.prec.stats
     it.add("input_layernorm.input", "layer input h (residual stream)", "RMSNorm", d, a, ALL, "sp")
     it.add("input_layernorm.rstd", "1/RMS per token", "RMSNorm", 1, st, NO_RECOMPUTE, "sp")
     q_down = "q_a_proj" if cfg.q_lora_rank else "q_proj"
@@ -245,6 +70,12 @@ def attention_items(
             NO_RECOMPUTE,
             "sp",
         )
+
+
+def _latent_items(it: Items, cfg: ModelConfig) -> None:
+    """The query latent c_t^Q (d_c'), the KV latent c_t^KV (d_c) with the RoPE key, and the cast RoPE tables."""
+    h, qk, dc, dr = cfg.num_attention_heads, cfg.qk_head_dim, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    a, st = it.prec.activations, it.prec.stats
     if cfg.q_lora_rank:
         dq = cfg.q_lora_rank
         it.add(
@@ -278,10 +109,16 @@ def attention_items(
             "self_attn.rope_cast",
             "cos/sin cast to the activation format (q^R and k^R)",
             "RoPE",
-            2 * dr * it.tokens / layout.micro_batch,
+            2 * dr * it.tokens / it.layout.micro_batch,
             a,
             NO_RECOMPUTE,
         )
+
+
+def _attention_core_items(it: Items, cfg: ModelConfig) -> None:
+    """Queries, keys and values (n_h heads), the softmax state (eager: s x s; fused: logsumexp), the o_proj input."""
+    h, qk, dv = cfg.num_attention_heads, cfg.qk_head_dim, cfg.v_head_dim
+    a, st, layout, prec = it.prec.activations, it.prec.stats, it.layout, it.prec
     it.add("self_attn.query", "queries [q^C; RoPE(q^R)]", "attention", h * qk, a, NO_RECOMPUTE, "tp")
     it.add("self_attn.key", "keys [k^C; RoPE(k^R)]", "attention", h * qk, a, NO_RECOMPUTE, "tp")
     attn_out = dict(
@@ -335,7 +172,6 @@ def attention_items(
         it.row_tiled(**attn_out, fmt=prec.attn_out_cache)
     else:
         it.linear_input(**attn_out)
-    return it.items
 
 
 def ffn_items(
@@ -344,7 +180,7 @@ def ffn_items(
     """Kept tensors of one layer's post-attention RMSNorm and its dense MLP or DeepSeekMoE."""
     d = cfg.hidden_size
     a, st = prec.activations, prec.stats
-    it = _Items(cfg, layout, prec, prefix, tokens)
+    it = Items(cfg, layout, prec, prefix, tokens)
     # Selective recomputation re-runs the FFN except with FP8 caching (then it is left as under `none`).
     recomputed = NOT_FULL if it.fp8 else NO_RECOMPUTE
     region_cache = () if it.fp8 else SELECTIVE_ONLY  # GEMM outputs the selective region caches
@@ -360,7 +196,7 @@ def ffn_items(
     return it.items
 
 
-def _dense_mlp_items(it: "_Items", cfg: ModelConfig, recomputed, region_cache) -> None:
+def _dense_mlp_items(it: "Items", cfg: ModelConfig, recomputed, region_cache) -> None:
     """The dense MLP's kept tensors: SwiGLU inputs, down-projection input (and the cached output)."""
     d, a = cfg.hidden_size, it.prec.activations
     i = cfg.intermediate_size
@@ -386,7 +222,7 @@ def _dense_mlp_items(it: "_Items", cfg: ModelConfig, recomputed, region_cache) -
 
 
 def _down_proj_items(
-    it: "_Items", module: str, what: tuple[str, str], d: int, width: float, recomputed, region_cache
+    it: "Items", module: str, what: tuple[str, str], d: int, width: float, recomputed, region_cache
 ) -> None:
     """An MLP's down-projection input [width] and, under selective recomputation, its cached output [d]."""
     it.linear_input(f"{module}.down_proj.input", what[0], "Linear", width, recomputed, "tp")
@@ -402,7 +238,7 @@ def _down_proj_items(
         )
 
 
-def _router_items(it: "_Items", cfg: ModelConfig, layout: Layout, recomputed, region_cache) -> None:
+def _router_items(it: "Items", cfg: ModelConfig, layout: Layout, recomputed, region_cache) -> None:
     """The gate's kept tensors: its input, logits, affinities, top-K_r, balance-loss sums, the loads."""
     d, a, rc = cfg.hidden_size, it.prec.activations, it.prec.router_compute
     n_r, k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -475,7 +311,7 @@ def _router_items(it: "_Items", cfg: ModelConfig, layout: Layout, recomputed, re
         it.constant("mlp.balance_loss", "the layer's balance loss L_Bal (MoE.last_balance_loss)", "MoE", 1, rc, ALL)
 
 
-def _shared_expert_items(it: "_Items", cfg: ModelConfig, recomputed, region_cache) -> None:
+def _shared_expert_items(it: "Items", cfg: ModelConfig, recomputed, region_cache) -> None:
     """The shared experts' kept tensors (N_s experts of width I_e as one MLP)."""
     d, a = cfg.hidden_size, it.prec.activations
     ie = cfg.moe_intermediate_size
@@ -508,7 +344,7 @@ def _shared_expert_items(it: "_Items", cfg: ModelConfig, recomputed, region_cach
     _down_proj_items(it, "mlp.shared_experts", names, d, w, recomputed, region_cache)
 
 
-def _routed_expert_items(it: "_Items", cfg: ModelConfig, layout: Layout, recomputed, region_cache) -> None:
+def _routed_expert_items(it: "Items", cfg: ModelConfig, layout: Layout, recomputed, region_cache) -> None:
     """The routed experts' kept tensors: dispatched copies, SwiGLU inputs, weights, indices, offsets."""
     d, a, rc = cfg.hidden_size, it.prec.activations, it.prec.router_compute
     n_r, ie = cfg.n_routed_experts, cfg.moe_intermediate_size
@@ -592,7 +428,7 @@ def decoder_layer_items(
 
 
 def embedding_items(cfg: ModelConfig, layout: Layout, prec: Precision) -> list[ActItem]:
-    it = _Items(cfg, layout, prec)
+    it = Items(cfg, layout, prec)
     it.add("model.embed_tokens.input", "token ids", "Embedding", 1, "int64", ALL, "rep")
     return it.items
 
@@ -601,7 +437,7 @@ def rope_items(cfg: ModelConfig, layout: Layout, prec: Precision) -> list[ActIte
     """The FP32 RoPE cos/sin tables (d_h^R/2 each per sequence position), kept once per stage: by the RoPE
     products of every layer when the activations are FP32 (otherwise those keep their own casts,
     ``rope_cast``), and as an input of every recomputed region."""
-    it = _Items(cfg, layout, prec)
+    it = Items(cfg, layout, prec)
     it.constant(
         "rotary_emb.cos_sin",
         "RoPE cos and sin tables, d_h^R/2 each per position (shared by all layers)",
@@ -622,7 +458,7 @@ def _head_items(
     input_what: str,
     tokens: int | None = None,
 ) -> list[ActItem]:
-    it = _Items(cfg, layout, prec, prefix, tokens)
+    it = Items(cfg, layout, prec, prefix, tokens)
     it.add(f"{norm}.input", input_what, "RMSNorm", cfg.hidden_size, prec.activations, ALL, "sp")
     it.add(f"{norm}.rstd", "1/RMS per token", "RMSNorm", 1, prec.stats, ALL, "sp")
     it.add(
@@ -671,7 +507,7 @@ def mtp_items(
     tokens = layout.micro_batch * (layout.seq_len - k - 1)
     if tokens <= 0:
         return []
-    it = _Items(cfg, layout, prec, p, tokens)
+    it = Items(cfg, layout, prec, p, tokens)
     if not shares_embedding:
         it.add("embed_tokens.input", "token ids shifted by k+1", "Embedding", 1, "int64", ALL, "rep")
         it.add("enorm.input", "embedding of the shifted tokens", "RMSNorm", d, prec.activations, ALL, "sp")
@@ -686,8 +522,3 @@ def mtp_items(
     items += _head_items(cfg, layout, prec, p, "shared_head.norm", f"output h^{k + 1} of the MTP layer", tokens)
     scale = tokens / layout.tokens_per_microbatch
     return [i.scaled(scale) for i in items]
-
-
-def bytes_per_token(items: list[ActItem], policy: str) -> float:
-    """Bytes per token of the items the policy keeps."""
-    return sum(i.bytes_per_token for i in items if i.kept(policy))

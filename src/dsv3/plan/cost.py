@@ -1,34 +1,17 @@
 """Step time, throughput, MFU, GPU-hours and cost.
 
-Throughput comes from one of three sources, the first given wins:
-
-1. a measured ``--tokens-per-s-per-gpu``;
-2. an assumed ``--mfu``: tokens/s/GPU = MFU x peak FLOP/s / (training FLOPs per token);
-3. the step-time model below (an estimate for ranking layouts, not a measurement).
-
-Then (PaLM, Chowdhery et al. 2022, arXiv 2204.02311, appendix B, defines MFU this way)::
+Throughput comes from the first given of: a measured ``--tokens-per-s-per-gpu``; an assumed ``--mfu``
+(tokens/s/GPU = MFU x peak FLOP/s / training FLOPs per token); the step-time model (an estimate for
+ranking layouts, not a measurement). Then (PaLM, arXiv 2204.02311, appendix B)::
 
     MFU        = tokens/s/GPU x FLOPs per token / peak FLOP/s
     GPU-hours  = tokens / (tokens/s/GPU) / 3600
     wall-clock = GPU-hours / GPUs;   cost = GPU-hours x price per GPU-hour
 
-Step-time model. Per micro-batch, the slowest pipeline stage takes
-``F = FLOPs_fwd(stage) * b * s / TP / (peak * efficiency)`` for its forward,
-``B = 2F + R`` for its full backward (R: the recomputed forward) and
-``W = F`` of that for the weight gradients. Communication is added where it
-cannot hide: the EP all-to-all (dispatch in the activation or FP8 format,
-combine in BF16, ``(EP-1)/EP`` of the ``K_r * ETP / TP * b * s`` token copies
-leave the device, once in the forward and once in the backward; node-limited
-routing caps the copies that cross InfiniBand), the sequence-parallel
-all-gathers and reduce-scatters of TP (4 per layer and pass), and ZeRO-3's
-weight all-gathers. TP's collectives sit between the GEMMs of a chunk and are
-always exposed; DualPipe and DualPipeV overlap the all-to-all and the ZeRO-3
-gathers with the computation of the paired chunk (``F&B = max(compute, those
-transfers)``, report 3.2.1), the other schedules expose them too. The pipeline simulator (:mod:`dsv3.plan.simulate`) turns
-F, B, W, F&B and the stage-to-stage transfer time into the makespan of one
-step; the gradient reduction over DP / EDP after the last backward is added
-without overlap (an upper bound). Links: NVLink inside a node, InfiniBand
-between nodes (the report's cluster, section 3.1: 160 GB/s and 50 GB/s per GPU).
+The step-time model gives the slowest stage's F, B = 2F + R (R: recomputed forward) and W per
+micro-batch, adds the communication that cannot hide (EP all-to-all, TP's SP collectives, ZeRO-3 gathers;
+DualPipe/DualPipeV overlap the first and last), lets :mod:`dsv3.plan.simulate` turn them into the
+makespan, and adds the DP/EDP gradient reduction (docs/planner.md, "Module notes: the step-time model").
 """
 
 from __future__ import annotations

@@ -1,32 +1,14 @@
 """Training FLOPs per token.
 
-Conventions (all per token of a sequence of length s, forward pass):
-
-- every GEMM weight W (out x in) costs 2 * out * in (a multiply and an add per
-  weight), counted for the weights the token actually uses: all non-expert
-  matrices, the router, the shared experts and K_r of the N_r routed experts
-  (Kaplan et al. 2020, arXiv 2001.08361, table 1: C_forward = 2N);
-- attention scores and the weighted sum of values cost
-  2 * n_h * (d_h + d_h^R) * c + 2 * n_h * d_v * c per layer, where c is the
-  number of keys a query attends to: c = s ("non-causal": the full s x s
-  product, as Megatron-LM's MFU formula counts it, Narayanan et al. 2021,
-  arXiv 2104.04473, eq. 3) or c = (s + 1) / 2 on average ("causal": only the
-  lower triangle is computed, as FlashAttention does);
-- the output head costs 2 * V * d; the embedding lookup, norms and element-wise
-  operations are not counted;
-- the backward pass costs twice the forward (input and weight gradients), so
-  training = 3 x forward;
-- MTP module k adds its eh_proj (2 * d * 2d), its decoder layer and one more
-  pass through the shared output head.
-
-Recomputation adds FLOPs the hardware executes but the model does not need,
-so it is reported separately (``hardware`` vs ``model`` FLOPs, Korthikanti
-et al. 2022, arXiv 2205.05198): ``full`` re-runs each decoder layer's forward,
-``selective`` re-runs the MLA up-projections (W^UQ/W^QR, W^UK/W^UV GEMMs):
-its regions cache the down-projection, router and FFN GEMM outputs and the
-attention core's output, and the RMSNorm, RoPE, routing and SwiGLU it also
-recomputes are element-wise (W^O is not re-run: recomputation stops once its
-input, the last tensor the backward needs, is rebuilt).
+Per token of a sequence of length s, forward pass: every GEMM weight W (out x in) the token uses costs
+2 * out * in (all non-expert matrices, the router, the shared experts and K_r of the N_r routed experts;
+Kaplan et al. 2020, C_forward = 2N); attention costs 2 * n_h * (d_h + d_h^R) * c + 2 * n_h * d_v * c per
+layer, c = s (``non-causal``, Megatron-LM's MFU formula) or (s + 1) / 2 (``causal``, as FlashAttention
+computes it); the output head 2 * V * d; embedding, norms and element-wise ops are not counted. Backward
+costs twice the forward (training = 3 x forward). MTP module k adds its eh_proj, its decoder layer and one
+more pass through the shared head. Recomputation is reported apart (``hardware`` vs ``model`` FLOPs,
+Korthikanti et al. 2022): ``full`` re-runs each layer's forward, ``selective`` the MLA up-projection
+GEMMs. Sources and the reasoning are in docs/planner.md ("Module notes: FLOPs").
 """
 
 from __future__ import annotations

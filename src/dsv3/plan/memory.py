@@ -296,6 +296,12 @@ class _Totals:
     activations: float
     comm_buffers: dict[str, float]
     fragmentation: float
+    ranks: RankSpread | None
+
+    @property
+    def optimizer_flat(self) -> float:
+        """The flat ``ceil(n / G)`` split (the ZeRO paper's formula)."""
+        return self.ranks.flat if self.ranks is not None else self.optimizer
 
     @property
     def subtotal(self) -> float:
@@ -331,11 +337,6 @@ class StageMemory(_Totals):
     comm_buffers: dict[str, float] = field(default_factory=dict)
     fragmentation: float = 0.0
     ranks: RankSpread | None = None  # see StateBytes
-
-    @property
-    def optimizer_flat(self) -> float:
-        """The flat ``ceil(n / G)`` split (the ZeRO paper's formula)."""
-        return self.ranks.flat if self.ranks is not None else self.optimizer
 
     def to_dict(self) -> dict:
         return {
@@ -375,11 +376,6 @@ class DeviceMemory(_Totals):
     comm_buffers: dict[str, float]
     fragmentation: float = 0.0
     ranks: RankSpread | None = None  # see StateBytes
-
-    @property
-    def optimizer_flat(self) -> float:
-        """The flat ``ceil(n / G)`` split (the ZeRO paper's formula)."""
-        return self.ranks.flat if self.ranks is not None else self.optimizer
 
     def to_dict(self) -> dict:
         return {

@@ -1,36 +1,12 @@
 """Parameter inventory of a DeepSeek-V3-architecture model, tensor by tensor.
 
-Every parameter and buffer the model allocates is listed with its Hugging Face
-state-dict name, its shape, the component it belongs to and how the parallel
-layouts split it; counts, memory and FLOPs are all derived from this one list,
-so they cannot disagree with each other.
-
-Symbols (report arXiv 2412.19437, section 2.1): d = ``hidden_size``, V =
-``vocab_size``, n_h = ``num_attention_heads``, d_h = ``qk_nope_head_dim``,
-d_h^R = ``qk_rope_head_dim``, d_v = ``v_head_dim``, d_c = ``kv_lora_rank``,
-d_c' = ``q_lora_rank``, I = ``intermediate_size`` (dense FFN), I_e =
-``moe_intermediate_size``, N_s / N_r shared / routed experts, K_r = experts
-per token.
-
-Per layer (no biases anywhere)::
-
-    input_layernorm, post_attention_layernorm      d each
-    q_a_proj            d_c' x d                   (W^DQ)
-    q_a_layernorm       d_c'
-    q_b_proj            n_h (d_h + d_h^R) x d_c'   (W^UQ and W^QR)
-      or q_proj         n_h (d_h + d_h^R) x d      (when d_c' is null)
-    kv_a_proj_with_mqa  (d_c + d_h^R) x d          (W^DKV and W^KR)
-    kv_a_layernorm      d_c
-    kv_b_proj           n_h (d_h + d_v) x d_c      (W^UK and W^UV)
-    o_proj              d x n_h d_v                (W^O)
-    dense MLP           3 I d                      (gate, up, down)
-    MoE                 router N_r x d (+ buffer e_score_correction_bias N_r),
-                        N_s shared experts 3 N_s I_e d, N_r routed experts 3 I_e d each
-
-plus the embedding V x d, the final norm d and the untied output head V x d.
-MTP module k (section 2.2): enorm d, hnorm d, eh_proj d x 2d, one decoder layer
-and ``shared_head.norm`` d; it shares the main embedding and output head, which
-are therefore not counted again.
+Every parameter and buffer the model allocates is listed with its Hugging Face state-dict name, its shape,
+the component it belongs to and how the parallel layouts split it; counts, memory and FLOPs are all
+derived from this one list, so they cannot disagree with each other. Symbols (report arXiv 2412.19437,
+section 2.1): d, V, n_h, d_h, d_h^R, d_v, d_c, d_c', I (dense FFN), I_e (expert), N_s / N_r shared /
+routed experts, K_r experts per token. No biases anywhere; MTP module k shares the main embedding and
+output head, which are not counted again. The per-layer table of shapes is in docs/planner.md ("Module
+notes: the parameter inventory").
 """
 
 from __future__ import annotations

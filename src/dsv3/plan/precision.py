@@ -1,18 +1,12 @@
 """Number formats of everything the planner counts, and byte-size parsing.
 
-The default :class:`Precision` is the DeepSeek-V3 training recipe (arXiv
-2412.19437, section 3.3): BF16 weights used by the GEMMs, FP32 gradients
-(accumulated in FP32), FP32 master weights and BF16 AdamW moments (3.3.2
-"Low-Precision Optimizer States"), the router (gating) kept in FP32 (3.3.1:
-"the embedding module, the output head, MoE gating modules, normalization
-operators, and attention operators" keep their original precision) and
-computing in FP32, BF16 activations, FP32 statistics (RMSNorm rstd, attention
-logsumexp), and with ``--fp8`` the activations that the FP8 recipe caches
-stored as 1-byte E4M3 plus one FP32 scale per 128 elements (3.3.3), the input
-of the Linear after attention in the 12-bit E5M6 format (3.3.3); the exact
-tiling, padding included, is in :mod:`dsv3.plan.activations`.
-
-No torch is imported: formats are names with a byte width.
+The default :class:`Precision` is the DeepSeek-V3 training recipe (arXiv 2412.19437, section 3.3): BF16
+weights used by the GEMMs, FP32 gradients, FP32 master weights and BF16 AdamW moments (3.3.2), the router
+kept and computed in FP32 (3.3.1), BF16 activations, FP32 statistics (RMSNorm rstd, attention
+logsumexp), and with ``--fp8`` the activations the FP8 recipe caches as 1-byte E4M3 plus one FP32 scale
+per 128 elements, the input of the Linear after attention in 12-bit E5M6 (3.3.3); the exact tiling,
+padding included, is in :mod:`dsv3.plan.act_items`. No torch is imported: formats are names with a byte
+width.
 """
 
 from __future__ import annotations

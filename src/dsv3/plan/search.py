@@ -15,6 +15,7 @@ exactly and re-ranked, so every number shown comes from a full simulation.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from dsv3.config import ModelConfig
@@ -137,6 +138,34 @@ def search(
     limits.check_model(cfg)
     hardware = hardware or Hardware()
     precision = precision or Precision()
+    g = _grid(cfg, gpus, hardware, grid)
+    fixed = dict(
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        global_batch=global_batch,
+        fp8=fp8,
+        attention=attention,
+        mtp=mtp,
+        balance_loss=balance_loss,
+        tp_convention=tp_convention,
+    )
+    params = count_params(cfg)
+    cache = PlanCache(approximate=True)
+    result = SearchResult(model_name, gpus, gpu_memory, tp_convention)
+    for lay in _layouts(g, gpus, fixed):
+        result.candidates.append(
+            _try(cfg, lay, precision, hardware, fragmentation, causal, gpu_memory, params, cache, model_name)
+        )
+    # Plan the fastest exactly and re-rank them.
+    for c in result.fits[:top]:
+        exact = _try(cfg, c.layout, precision, hardware, fragmentation, causal, gpu_memory, params, None, model_name)
+        exact.exact = exact.fits
+        result.candidates[result.candidates.index(c)] = exact
+    return result
+
+
+def _grid(cfg: ModelConfig, gpus: int, hardware: Hardware, grid: dict[str, list] | None) -> dict[str, list]:
+    """The default grid with the user's values in place of its own, checked and within the search's size."""
     g = default_grid(cfg, gpus, hardware.gpus_per_node)
     for key, values in (grid or {}).items():
         if key not in g:
@@ -150,9 +179,11 @@ def search(
             f"the search grid holds {n:,} layouts, more than the {limits.MAX_SEARCH_LAYOUTS:,} one search tries; "
             f"narrow it with --pp, --tp, --ep, --etp, --zero, --recompute or --schedule"
         )
-    params = count_params(cfg)
-    cache = PlanCache(approximate=True)
-    result = SearchResult(model_name, gpus, gpu_memory, tp_convention)
+    return g
+
+
+def _layouts(g: dict[str, list], gpus: int, fixed: dict):
+    """Each distinct layout of ``gpus`` GPUs in grid ``g`` (dp fills the rest), with the ``fixed`` options."""
     seen: set = set()
     for schedule in g["schedule"]:
         for pp in g["pp"]:
@@ -162,51 +193,13 @@ def search(
                 if gpus % (devices * tp):
                     continue
                 dp = gpus // (devices * tp)
-                for ep in g["ep"]:
-                    for etp in g["etp"]:
-                        for zero in g["zero"]:
-                            for recompute in g["recompute"]:
-                                lay = Layout(
-                                    pp=pp,
-                                    tp=tp,
-                                    ep=ep,
-                                    etp=etp,
-                                    dp=dp,
-                                    zero=zero,
-                                    recompute=recompute,
-                                    seq_len=seq_len,
-                                    micro_batch=micro_batch,
-                                    global_batch=global_batch,
-                                    schedule=name,
-                                    fp8=fp8,
-                                    attention=attention,
-                                    mtp=mtp,
-                                    balance_loss=balance_loss,
-                                    tp_convention=tp_convention,
-                                )
-                                if lay in seen:
-                                    continue
-                                seen.add(lay)
-                                result.candidates.append(
-                                    _try(
-                                        cfg,
-                                        lay,
-                                        precision,
-                                        hardware,
-                                        fragmentation,
-                                        causal,
-                                        gpu_memory,
-                                        params,
-                                        cache,
-                                        model_name,
-                                    )
-                                )
-    # Plan the fastest exactly and re-rank them.
-    for c in result.fits[:top]:
-        exact = _try(cfg, c.layout, precision, hardware, fragmentation, causal, gpu_memory, params, None, model_name)
-        exact.exact = exact.fits
-        result.candidates[result.candidates.index(c)] = exact
-    return result
+                for ep, etp, zero, recompute in itertools.product(g["ep"], g["etp"], g["zero"], g["recompute"]):
+                    lay = Layout(
+                        pp=pp, tp=tp, ep=ep, etp=etp, dp=dp, zero=zero, recompute=recompute, schedule=name, **fixed
+                    )
+                    if lay not in seen:
+                        seen.add(lay)
+                        yield lay
 
 
 def _check_grid(g: dict[str, list]) -> None:

@@ -189,6 +189,88 @@ def _peak_activations(schedule: Schedule) -> list[float]:
     return peaks
 
 
+class _Replay:
+    """The simulator's state over the op lists of ``nd`` devices: each device's next op, when it is free, the
+    data it holds (key -> time usable), the RECVs posted before their SEND, and the SENDs run before their RECV."""
+
+    def __init__(self, schedule: Schedule, times: OpTimes) -> None:
+        nd = schedule.devices
+        self.schedule, self.times, self.pp = schedule, times, schedule.pp
+        self.pos = [0] * nd
+        self.free = [0.0] * nd  # when each device finishes its last compute op
+        self.ready: list[dict[tuple, float]] = [{} for _ in range(nd)]  # data key -> time usable on that device
+        self.posted: list[set[tuple]] = [set() for _ in range(nd)]  # RECVs whose SEND has not run yet
+        self.sent: dict[tuple, float] = {}  # (src, dst, key) -> arrival time, for SENDs that ran before their RECV
+        self.timeline: list[list[TimelineEntry]] = [[] for _ in range(nd)]
+        self.busy = [0.0] * nd
+        self.waiting: list[tuple | None] = [None] * nd  # the data key a stalled device waits for
+        self.runnable = deque(range(nd))
+
+    def run(self) -> None:
+        """Run each device until it stalls on data whose SEND has not been simulated; that SEND wakes it up."""
+        ops = self.schedule.ops
+        while self.runnable:
+            d = self.runnable.popleft()
+            while self.pos[d] < len(ops[d]) and self.step(d, ops[d][self.pos[d]]):
+                self.pos[d] += 1
+
+    def step(self, d: int, op: Op) -> bool:
+        """Run device d's next op if it can run now; False if it waits for a SEND not yet simulated."""
+        if op.kind == SEND:
+            self._send(d, op)
+            return True
+        if op.kind == RECV:
+            key = ("act" if op.direction == FORWARD else "grad", op.microbatch, op.stage)
+            if (op.peer, d, key) in self.sent:
+                self.ready[d][key] = self.sent.pop((op.peer, d, key))
+            else:
+                self.posted[d].add(key)
+            return True
+        return self._compute(d, op)
+
+    def _send(self, d: int, op: Op) -> None:
+        key = ("act" if op.direction == FORWARD else "grad", op.microbatch, op.stage)
+        arrival = max(self.free[d], self.ready[d][key]) + self.times.comm
+        if key in self.posted[op.peer]:
+            self.posted[op.peer].discard(key)
+            self.ready[op.peer][key] = arrival
+            if self.waiting[op.peer] == key:  # the peer was stalled on exactly this data
+                self.waiting[op.peer] = None
+                self.runnable.append(op.peer)
+        else:
+            self.sent[(d, op.peer, key)] = arrival
+
+    def _compute(self, d: int, op: Op) -> bool:
+        needs = _needs(op)
+        for key in needs:
+            if key in self.posted[d]:
+                self.waiting[d] = key
+                return False
+        start = max([self.free[d]] + [self.ready[d][key] for key in needs])
+        end = start + self.times.of(op)
+        for key in _makes(op, self.pp):
+            self.ready[d][key] = end
+        self.free[d] = end
+        self.busy[d] += end - start
+        self.timeline[d].append((_label(op), start, end, op))
+        return True
+
+    def check_finished(self) -> None:
+        """Raise :class:`DeadlockError` when a device stopped before the end of its list."""
+        ops = self.schedule.ops
+        stuck = [d for d in range(len(ops)) if self.pos[d] < len(ops[d])]
+        if not stuck:
+            return
+        d = stuck[0]
+        op = ops[d][self.pos[d]]
+        what, mb, stage = next(key for key in _needs(op) if key in self.posted[d])
+        raise DeadlockError(
+            f"schedule {self.schedule.name!r} deadlocks: device {d} waits at op {self.pos[d]} ({op}) for the {what} "
+            f"of micro-batch {mb} stage {stage}, whose SEND comes after a wait that never ends (devices "
+            f"{', '.join(map(str, stuck))} are stuck); reorder the op lists to break the cycle."
+        )
+
+
 def run_schedule(schedule: Schedule, times: OpTimes | None = None) -> SimResult:
     """Simulate a built (or hand-written) schedule; see the module docstring.
 
@@ -198,80 +280,22 @@ def run_schedule(schedule: Schedule, times: OpTimes | None = None) -> SimResult:
     """
     times = times or OpTimes()
     validate_schedule(schedule)
-    nd, pp = schedule.devices, schedule.pp
-    pos = [0] * nd
-    free = [0.0] * nd  # when each device finishes its last compute op
-    ready: list[dict[tuple, float]] = [{} for _ in range(nd)]  # data key -> time usable on that device
-    posted: list[set[tuple]] = [set() for _ in range(nd)]  # RECVs whose SEND has not run yet
-    sent: dict[tuple, float] = {}  # (src, dst, key) -> arrival time, for SENDs that ran before their RECV
-    timeline: list[list[TimelineEntry]] = [[] for _ in range(nd)]
-    busy = [0.0] * nd
-    waiting: list[tuple | None] = [None] * nd  # the data key a stalled device waits for
-    runnable = deque(range(nd))
-
-    def step(d: int, op: Op) -> bool:
-        """Run device d's next op if it can run now; False if it waits for a SEND not yet simulated."""
-        if op.kind == SEND:
-            key = ("act" if op.direction == FORWARD else "grad", op.microbatch, op.stage)
-            arrival = max(free[d], ready[d][key]) + times.comm
-            if key in posted[op.peer]:
-                posted[op.peer].discard(key)
-                ready[op.peer][key] = arrival
-                if waiting[op.peer] == key:  # the peer was stalled on exactly this data
-                    waiting[op.peer] = None
-                    runnable.append(op.peer)
-            else:
-                sent[(d, op.peer, key)] = arrival
-            return True
-        if op.kind == RECV:
-            key = ("act" if op.direction == FORWARD else "grad", op.microbatch, op.stage)
-            if (op.peer, d, key) in sent:
-                ready[d][key] = sent.pop((op.peer, d, key))
-            else:
-                posted[d].add(key)
-            return True
-        needs = _needs(op)
-        for key in needs:
-            if key in posted[d]:
-                waiting[d] = key
-                return False
-        start = max([free[d]] + [ready[d][key] for key in needs])
-        end = start + times.of(op)
-        for key in _makes(op, pp):
-            ready[d][key] = end
-        free[d] = end
-        busy[d] += end - start
-        timeline[d].append((_label(op), start, end, op))
-        return True
-
-    # Run each device until it stalls on data whose SEND has not been simulated; that SEND wakes it up.
-    while runnable:
-        d = runnable.popleft()
-        while pos[d] < len(schedule.ops[d]) and step(d, schedule.ops[d][pos[d]]):
-            pos[d] += 1
-    stuck = [d for d in range(nd) if pos[d] < len(schedule.ops[d])]
-    if stuck:
-        d = stuck[0]
-        op = schedule.ops[d][pos[d]]
-        what, mb, stage = next(key for key in _needs(op) if key in posted[d])
-        raise DeadlockError(
-            f"schedule {schedule.name!r} deadlocks: device {d} waits at op {pos[d]} ({op}) for the {what} of "
-            f"micro-batch {mb} stage {stage}, whose SEND comes after a wait that never ends (devices "
-            f"{', '.join(map(str, stuck))} are stuck); reorder the op lists to break the cycle."
-        )
-    makespan = max(free) if nd else 0.0
+    sim = _Replay(schedule, times)
+    sim.run()
+    sim.check_finished()
+    makespan = max(sim.free) if schedule.devices else 0.0
     return SimResult(
         schedule=schedule.name,
-        pp=pp,
+        pp=schedule.pp,
         microbatches=schedule.microbatches,
-        devices=nd,
+        devices=schedule.devices,
         times=times,
         makespan=makespan,
-        busy=busy,
-        bubble=[makespan - x for x in busy],
+        busy=sim.busy,
+        bubble=[makespan - x for x in sim.busy],
         peak_activations=_peak_activations(schedule),
         params_per_device_factor=schedule.params_per_device_factor,
-        timeline=timeline,
+        timeline=sim.timeline,
     )
 
 

@@ -10,25 +10,23 @@ same configuration, and :func:`save_effective_config` writes the sectioned form.
 the rest here; the CLI's allowed values and the validation read them from these. Defaults train the
 ``tiny`` preset on the Python standard library in a few minutes on 2 CPU cores; report (arXiv
 2412.19437, section 4.2) values are noted where they differ. Retired option: ``log_every`` (flat files
-that still carry it load, and the value is ignored).
+that still carry it load, and the value is ignored). The field index, the flat conversion and the file
+reading live in :mod:`dsv3.train.run_file`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import time
-import types
-import typing
 from dataclasses import dataclass, fields
 from functools import lru_cache
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
-from dsv3.config import as_int
 from dsv3.errors import ConfigError
 from dsv3.layout import Dispatcher, FP8Backend, FP8ScaleFormat, PipelineSchedule, RecomputeMode
+from dsv3.train.run_file import RETIRED_OPTIONS, Option, coerce, field_index, flatten, read_run_file, suggest
 from dsv3.utils.io import atomic_write_text
 
 __all__ = [
@@ -89,9 +87,6 @@ OnLong = Literal["skip", "truncate", "error"]
 """What to do with an SFT example longer than seq_len."""
 RopeScaling = Literal["none", "yarn"]
 """RoPE context extension."""
-
-#: Flat keys of older run files that are accepted and ignored.
-RETIRED_OPTIONS = frozenset({"log_every"})
 
 
 def _opt(default: Any, help: str, *, flag: str | None = None) -> Any:
@@ -324,7 +319,7 @@ class TrainConfig:
 
         for opt in options():
             section = getattr(self, opt.section)
-            value = _coerce(opt, getattr(section, opt.name), "config")
+            value = coerce(opt, getattr(section, opt.name), "config")
             need(
                 opt.kind is not float or value is None or math.isfinite(value),
                 f"{opt.flat} must be a finite number, got {value}",
@@ -394,11 +389,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "TrainConfig":
         """Build and validate a config from a sectioned or flat mapping (or a mix of both)."""
-        values = _flatten(data, source)
+        values = flatten(data, source, options())
         config = cls()
         for flat, value in values.items():
             opt = flat_options()[flat]
-            setattr(getattr(config, opt.section), opt.name, _coerce(opt, value, source))
+            setattr(getattr(config, opt.section), opt.name, coerce(opt, value, source))
         return config.validate()
 
 
@@ -436,61 +431,10 @@ def _validate_rl(config: "TrainConfig", need) -> None:
 
 
 # ----------------------------------------------------------------------------- field index
-@dataclass(frozen=True)
-class Option:
-    """One configuration field: ``section.name``, its flat name, type, default, choices and description."""
-
-    section: str
-    name: str
-    flat: str
-    kind: type  # int, float, bool or str
-    optional: bool  # None allowed
-    choices: tuple[str, ...] | None
-    default: Any
-    help: str
-
-    @property
-    def dotted(self) -> str:
-        return f"{self.section}.{self.name}"
-
-    @property
-    def type_name(self) -> str:
-        base = "choice" if self.choices else self.kind.__name__
-        return f"{base} or none" if self.optional else base
-
-
-def _unwrap(hint: Any) -> tuple[type, bool, tuple[str, ...] | None]:
-    """(base type, optional, Literal choices) of a field's type hint."""
-    args = get_args(hint) if get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    optional = type(None) in args
-    (inner,) = [a for a in args if a is not type(None)]
-    if get_origin(inner) is Literal:
-        return str, optional, tuple(get_args(inner))
-    return inner, optional, None
-
-
 @lru_cache(maxsize=None)
 def options() -> tuple[Option, ...]:
-    """Every field of every section, in declaration order."""
-    out = []
-    for sec in fields(TrainConfig):
-        cls = sec.default_factory  # type: ignore[misc]
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            kind, optional, choices = _unwrap(hints[f.name])
-            out.append(
-                Option(
-                    sec.name,
-                    f.name,
-                    f.metadata.get("flag") or f.name,
-                    kind,
-                    optional,
-                    choices,
-                    f.default,
-                    f.metadata["help"],
-                )
-            )
-    return tuple(out)
+    """Every field of every section of :class:`TrainConfig`, in declaration order."""
+    return field_index(TrainConfig)
 
 
 @lru_cache(maxsize=None)
@@ -505,129 +449,6 @@ def section_names() -> tuple[str, ...]:
     return tuple(f.name for f in fields(TrainConfig))
 
 
-def suggest(name: str, candidates) -> str:
-    """``" (did you mean X?)"``: the candidates that ``name`` abbreviates (up to three), else the closest one, or ``""``."""
-    candidates = list(candidates)
-    close = [c for c in candidates if c.startswith(name)][:3] if len(name) > 2 else []
-    close = close or difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
-
-
-def _flatten(data: Any, source: str) -> dict[str, Any]:
-    """A sectioned/flat mapping as ``{flat name: value}``; unknown keys are errors with a suggestion."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source} must be a mapping of training options, got {type(data).__name__}")
-    flat_index = flat_options()
-    sections = section_names()
-    out: dict[str, Any] = {}
-    where: dict[str, str] = {}
-
-    def put(flat: str, value: Any, key: str) -> None:
-        if flat in out and out[flat] != value:
-            raise ConfigError(f"{source} sets {flat} twice ({where[flat]} and {key}) with different values")
-        out[flat], where[flat] = value, key
-
-    for key, value in data.items():
-        key = str(key)
-        if key in sections and not isinstance(value, dict) and key not in flat_index:
-            raise ConfigError(
-                f"{source}: section {key} must be a mapping of its options ({key}: {{...}} or "
-                f"[{key}]), got {type(value).__name__}"
-            )
-        if key in sections and isinstance(value, dict):  # "model"/"data" are also flat names (of str values)
-            by_name = {o.name: o for o in options() if o.section == key}
-            for sub, sub_value in value.items():
-                if str(sub) not in by_name:
-                    dotted = f"{key}.{sub}"
-                    raise ConfigError(
-                        f"{source} has unknown option {dotted}"
-                        f"{suggest(dotted, [o.dotted for o in options()])}; see `dsv3 train --help`"
-                    )
-                put(by_name[str(sub)].flat, sub_value, f"{key}.{sub}")
-        elif key in flat_index:
-            put(key, value, key)
-        elif "." in key and key.split(".", 1)[0] in sections:  # "optimizer.lr: 1e-3"
-            sec, sub = key.split(".", 1)
-            match = [o for o in options() if o.section == sec and o.name == sub]
-            if not match:
-                raise ConfigError(
-                    f"{source} has unknown option {key}"
-                    f"{suggest(key, [o.dotted for o in options()])}; see `dsv3 train --help`"
-                )
-            put(match[0].flat, value, key)
-        elif key in RETIRED_OPTIONS:
-            continue  # accepted for old run directories; see the module docstring
-        else:
-            raise ConfigError(f"{source} has unknown option {key!r}{suggest(key, flat_index)}; see `dsv3 train --help`")
-    return out
-
-
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _coerce(opt: Option, value: Any, source: str) -> Any:
-    """Check/convert one option value to its declared type (int, float, bool, str, a Literal choice, or None)."""
-    if value is None or (opt.optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if opt.optional:
-            return None
-        raise ConfigError(f"{source}: option {opt.flat} cannot be none")
-    kind = opt.kind
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                low = value.lower()
-                if low not in _TRUE + _FALSE:
-                    raise ValueError
-                return low in _TRUE
-            if not isinstance(value, (bool, int)) or value not in (0, 1):
-                raise ValueError
-            return bool(value)
-        if kind is int:
-            return as_int(  # the one strict integer parser (rejects 2.5, "2.5", true)
-                value, f"{source}: option {opt.flat}"
-            )
-        if kind is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if isinstance(value, (dict, list, bool, int, float)):  # a number where a name or path belongs
-            raise ValueError
-        value = str(value)
-    except (TypeError, ValueError, OverflowError):
-        named = opt.flat if opt.flat == opt.name else f"{opt.flat} ({opt.dotted})"
-        raise ConfigError(f"{source}: option {named} must be {kind.__name__}, got {value!r}") from None
-    if opt.choices is not None and value not in opt.choices:
-        raise ConfigError(
-            f"{source}: option {opt.flat} must be one of {', '.join(opt.choices)}, got {value!r}"
-            f"{suggest(value, opt.choices)}"
-        )
-    return value
-
-
-# ----------------------------------------------------------------------------- files
-def read_run_file(path: str) -> dict[str, Any]:
-    """The mapping of a YAML or TOML run file (sectioned or flat), unvalidated."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"training config {path} does not exist")
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    try:
-        if path.endswith(".toml"):
-            import tomllib  # lazy: in the standard library from Python 3.11 only
-
-            data = tomllib.loads(raw.decode("utf-8"))
-        else:
-            import yaml  # lazy: an optional dependency, needed only for YAML files
-
-            data = yaml.safe_load(raw) or {}
-    except Exception as exc:  # yaml/toml raise many types; all mean "malformed"
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"training config {path} is malformed ({msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"training config {path} must be a mapping of options")
-    return data
-
-
 def load_train_config(path: str | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a YAML or TOML run file (or none), apply ``overrides`` and validate.
 
@@ -635,8 +456,8 @@ def load_train_config(path: str | None, overrides: dict[str, Any] | None = None)
     ``None`` values mean "not overridden".
     """
     source = path or "options"
-    values = _flatten(read_run_file(path), path) if path is not None else {}
-    values.update(_flatten({k: v for k, v in (overrides or {}).items() if v is not None}, "options"))
+    values = flatten(read_run_file(path), path, options()) if path is not None else {}
+    values.update(flatten({k: v for k, v in (overrides or {}).items() if v is not None}, "options", options()))
     return TrainConfig.from_dict(values, source=source)
 
 

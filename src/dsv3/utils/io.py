@@ -1,16 +1,21 @@
-"""Crash-safe file writing: write to a temporary name in the same directory, fsync, rename.
+"""Crash-safe file writing: write to a temporary name in the same directory, fsync, rename; and JSON lines.
 
 A reader (or a resumed run) therefore sees either the old file or the new one,
-never a half-written file, whatever moment the writer is killed at.
+never a half-written file, whatever moment the writer is killed at. :func:`json_lines` reads
+the records of a JSON-lines text (blank lines skipped), each bad line one clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from dsv3.errors import DataError
 
 
 def _umask() -> int:
@@ -95,3 +100,16 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def json_lines(lines: Iterable[str], bad_line: Callable[[int, str], str]) -> Iterator[tuple[int, Any]]:
+    """``(line number from 1, record)`` of each non-blank line; a line that is not JSON raises
+    :class:`~dsv3.errors.DataError` with the sentence ``bad_line(number, json_error_message)``."""
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(bad_line(number, exc.msg)) from None
+        yield number, record

@@ -3,16 +3,15 @@
 No command destroys what it did not write. Before anything is computed, an output path is
 checked, and a :class:`~dsv3.errors.OutputError` (one line, exit 2) refuses:
 
-- a path under a file (``out.json/x.png``), or a file output that is a directory;
-- an existing file that is not this command's own output (``is_own(path)`` says whether it is:
-  a dsv3-drawn PNG, a JSON document with the command's keys);
+- a path under a file (``out.json/x.png``), a file output that is a directory, or a directory output
+  that is a file;
+- an existing file that is not this command's own output (``is_own(path)``: a dsv3-drawn PNG, a JSON
+  document with the command's keys);
 - a directory output that exists and is not empty unless the command wrote everything in it
   (``is_own_dir``), or that is, or lies inside, a training run directory (``RUN_DIR/config.yaml``,
-  ``checkpoints/``, ``dcp-*``), whose checkpoints must never be replaced;
-- a directory output that is an existing file.
+  ``checkpoints/``, ``dcp-*``), whose checkpoints must never be replaced.
 
-The writes themselves are atomic (temporary name + rename, :mod:`dsv3.utils.io`), so a
-command interrupted at any moment leaves the old output or the new one, never half of one.
+Writes are atomic (:mod:`dsv3.utils.io`): an interrupted command leaves the old output or the new one.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from dsv3.errors import OutputError
 
@@ -31,16 +30,23 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _DCP = re.compile(r"^dcp-\d{8}$")
 
 
-def _file_above(path: str) -> str | None:
-    """The first ancestor of ``path`` that exists and is not a directory (``path`` would be under a file)."""
-    current = os.path.dirname(os.path.abspath(path))
+def _upwards(path: str) -> Iterator[str]:
+    """``path`` (absolute) and each of its ancestors up to the root."""
+    current = os.path.abspath(path)
     while True:
-        if os.path.lexists(current):
-            return None if os.path.isdir(current) else current
+        yield current
         parent = os.path.dirname(current)
         if parent == current:
-            return None
+            return
         current = parent
+
+
+def _file_above(path: str) -> str | None:
+    """The first ancestor of ``path`` that exists and is not a directory (``path`` would be under a file)."""
+    for current in _upwards(os.path.dirname(os.path.abspath(path))):
+        if os.path.lexists(current):
+            return None if os.path.isdir(current) else current
+    return None
 
 
 def is_run_dir(path: str) -> bool:
@@ -55,14 +61,7 @@ def is_run_dir(path: str) -> bool:
 
 def enclosing_run_dir(path: str) -> str | None:
     """``path`` itself or its nearest ancestor that is a run directory, or None."""
-    current = os.path.abspath(path)
-    while True:
-        if is_run_dir(current):
-            return current
-        parent = os.path.dirname(current)
-        if parent == current:
-            return None
-        current = parent
+    return next((current for current in _upwards(path) if is_run_dir(current)), None)
 
 
 def check_output_file(path: str, flag: str, *, is_own: Callable[[str], bool], what: str) -> None:

@@ -11,8 +11,7 @@ All communication is issued from the calling thread, in program order.
 
 ``events``: a list that each component appends ``(phase, name, start, end)`` to (``time.perf_counter()``;
 phase "F" or "B"; ATTN / DISPATCH / MLP / COMBINE) and each exchange start or wait ``(phase,
-"dispatch.start" | "dispatch.wait" | "combine.start" | "combine.wait", t, t)``. The component table is in
-docs/pipeline.md.
+"dispatch.start" | "dispatch.wait" | "combine.start" | "combine.wait", t, t)`` (docs/pipeline.md).
 """
 
 from __future__ import annotations
