@@ -14,7 +14,8 @@ standard library), it profiles ``--steps`` steps and reports, per step:
   over its wall time as a share of that rate.
 
 ``--counts`` instead compares dsv3 with transformers (default experts) on ``bench/train_step.py``'s config,
-one profiled step each after a warm-up: what makes a step sensitive to a busy process on its cores
+one profiled step each after a warm-up (and dsv3 again under the 4 MiB mmap threshold that
+``dsv3 train`` sets): what makes a step sensitive to a busy process on its cores
 (intra-op threads, ATen calls, parallel regions, allocations, host syncs, time in tiny ops). These counts
 are deterministic (the times are not).
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -40,6 +42,7 @@ import train_step  # noqa: E402
 from train_step import _flop_mapping, matmul_flops_per_s  # noqa: E402
 
 from dsv3.config import load_preset  # noqa: E402
+from dsv3.utils.malloc import fix_mmap_threshold  # noqa: E402
 
 GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
 ATTENTION = {
@@ -175,7 +178,8 @@ NO_COMPUTE = {
     for n in (
         "view as_strided empty empty_strided empty_like reshape _reshape_alias expand transpose t permute "
         "detach slice select unsqueeze squeeze split split_with_sizes chunk narrow alias unbind "
-        "resolve_conj resolve_neg lift_fresh _unsafe_view view_as numpy_T contiguous to _to_copy_noop"
+        "resolve_conj resolve_neg lift_fresh _unsafe_view view_as numpy_T contiguous to resize_ promote_types "
+        "result_type item _local_scalar_dense"
     ).split()
 }
 GRAIN = 32768  # at::internal::GRAIN_SIZE: an element-wise op on fewer elements runs on one thread
@@ -197,18 +201,21 @@ def step_counts(prof) -> dict:
     """Per-step counts from one profiled step (``profile_memory=True, record_shapes=True``).
 
     ``aten_calls``: ATen ops called from Python or autograd (not from inside another ATen op);
-    ``compute_ops``: innermost ATen ops that compute (views and empty tensors excluded), split by the
+    compute ops: the innermost ATen ops that compute (views and empty tensors excluded), split by the
     largest argument: ``serial`` below GRAIN elements (one thread), ``parallel_small`` GRAIN..32 GRAIN
     (a parallel region with under 16 GRAIN per thread on 2 threads: synchronisation-bound when a core is
     taken away), ``parallel_large`` above; GEMMs apart. ``allocs``/``alloc_mib``: CPU allocations
-    (the profiler's memory events); ``host_syncs``: ``aten::_local_scalar_dense`` (``.item()``, ``int()``).
+    (the profiler's memory events); ``page_faults``: minor page faults of an unprofiled step (fresh
+    mmapped blocks); ``host_syncs``: ``aten::_local_scalar_dense`` (``.item()``, ``int()``).
     """
     events = [e for e in prof.events() if e.name.startswith("aten::")]
     out = {"aten_calls": sum(1 for e in events if not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")))}
     buckets = {k: [0, 0.0] for k in ("gemm", "serial", "parallel_small", "parallel_large")}
     for e in events:
-        if e.name in NO_COMPUTE or any(c.name.startswith("aten::") for c in e.cpu_children):
-            continue
+        if e.name in NO_COMPUTE or any(
+            c.name.startswith("aten::") and c.name not in NO_COMPUTE for c in e.cpu_children
+        ):
+            continue  # a view, or an op whose work is done by the ATen ops it calls (counted themselves)
         n = _numel(e.input_shapes)
         key = (
             "gemm"
@@ -240,17 +247,23 @@ def contention_counts() -> list[dict]:
     DeepseekV3ForCausalLM(ModelConfig.from_dict(train_step.CONFIG)).save_pretrained(path)
     batches = train_step.real_batches(3)
     results = []
-    for which in ("dsv3", "transformers"):
+    # Last, dsv3 under the 4 MiB mmap threshold that `dsv3 train` sets (dsv3.utils.malloc; process-wide).
+    for which, label in (("dsv3", "dsv3"), ("transformers", "transformers"), ("dsv3", "dsv3, 4 MiB mmap threshold")):
+        if label.endswith("threshold"):
+            fix_mmap_threshold()
         model = train_step.build(which, path)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        for b in batches[:2]:
-            train_step.step(which, model, opt, b)
+        train_step.step(which, model, opt, batches[0])
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        train_step.step(which, model, opt, batches[1])  # page faults of an unprofiled step
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         acts = [ProfilerActivity.CPU]
         with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=False) as prof:
             t = time.process_time()
             train_step.step(which, model, opt, batches[2])
             cpu = time.process_time() - t
-        results.append({"model": which, "threads": torch.get_num_threads(), "cpu_s": round(cpu, 2)} | step_counts(prof))
+        row = {"model": label, "threads": torch.get_num_threads(), "cpu_s": round(cpu, 2), "page_faults": faults}
+        results.append(row | step_counts(prof))
         del model, opt
     return results
 
