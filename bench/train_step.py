@@ -247,11 +247,17 @@ def print_contention(result: dict, n_busy: int, steps: int) -> None:
     """The ``--busy`` report: per model quiet / busy medians and slowdown, the ratio of slowdowns, and a
     markdown row (threads, medians of ``steps`` steps per model and condition) for BENCHMARKS.md."""
     models = [w for w in ("dsv3", "transformers", "transformers-eager") if w in result]
+
+    def iqr(times: list[float]) -> str:  # the spread that says whether the median is stable
+        q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+        return f"IQR {q[0]:.3f}-{q[2]:.3f}"
+
     for w in models:
         r = result[w]
         print(
-            f"{w:>18}: quiet {r['step_s']:.3f} s/step, with {n_busy} busy process(es) {r['busy_step_s']:.3f} "
-            f"s/step: slowdown {r['busy_slowdown']:.2f}x (medians of {steps} steps each)"
+            f"{w:>18}: quiet {r['step_s']:.3f} s/step ({iqr(r['step_times'])}), with {n_busy} busy process(es) "
+            f"{r['busy_step_s']:.3f} s/step ({iqr(r['busy_step_times'])}): slowdown {r['busy_slowdown']:.2f}x "
+            f"(medians of {steps} steps each)"
         )
     print(
         f"speedup dsv3 / transformers: quiet {result['speedup']:.2f}x, busy {result['busy_speedup']:.2f}x; "
