@@ -256,8 +256,8 @@ def print_contention(result: dict, n_busy: int, steps: int) -> None:
         r = result[w]
         print(
             f"{w:>18}: quiet {r['step_s']:.3f} s/step ({iqr(r['step_times'])}), with {n_busy} busy process(es) "
-            f"{r['busy_step_s']:.3f} s/step ({iqr(r['busy_step_times'])}): slowdown {r['busy_slowdown']:.2f}x "
-            f"(medians of {steps} steps each)"
+            f"{r['busy_step_s']:.3f} s/step ({iqr(r['busy_step_times'])}): slowdown {r['busy_slowdown']:.2f}x, "
+            f"+{r['busy_step_s'] - r['step_s']:.3f} s/step (medians of {steps} steps each)"
         )
     print(
         f"speedup dsv3 / transformers: quiet {result['speedup']:.2f}x, busy {result['busy_speedup']:.2f}x; "
