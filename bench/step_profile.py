@@ -13,13 +13,21 @@ standard library), it profiles ``--steps`` steps and reports, per step:
   2048^3 FP32 matmul timed in the same run: the rate the step's GEMMs reach, and the whole step's FLOPs
   over its wall time as a share of that rate.
 
+``--counts`` instead compares dsv3 with transformers (default experts) on ``bench/train_step.py``'s config,
+one profiled step each after a warm-up (and dsv3 again under the 4 MiB mmap threshold that
+``dsv3 train`` sets): what makes a step sensitive to a busy process on its cores
+(intra-op threads, ATen calls, parallel regions, allocations, host syncs, time in tiny ops). These counts
+are deterministic (the times are not).
+
     python bench/step_profile.py [--preset small] [--experts 64] [--steps 3] [--threads N] [--json out.json]
+    python bench/step_profile.py --counts [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -30,9 +38,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_step  # noqa: E402
 from train_step import _flop_mapping, matmul_flops_per_s  # noqa: E402
 
 from dsv3.config import load_preset  # noqa: E402
+from dsv3.utils.malloc import fix_mmap_threshold  # noqa: E402
 
 GEMM = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
 ATTENTION = {
@@ -162,6 +172,102 @@ def profile_config(preset: str, experts: int | None, steps: int, seq_len: int, m
     }
 
 
+# ATen ops that only make views or empty tensors (no arithmetic, no parallel region).
+NO_COMPUTE = {
+    "aten::" + n
+    for n in (
+        "view as_strided empty empty_strided empty_like reshape _reshape_alias expand transpose t permute "
+        "detach slice select unsqueeze squeeze split split_with_sizes chunk narrow alias unbind "
+        "resolve_conj resolve_neg lift_fresh _unsafe_view view_as numpy_T contiguous to resize_ promote_types "
+        "result_type item _local_scalar_dense"
+    ).split()
+}
+GRAIN = 32768  # at::internal::GRAIN_SIZE: an element-wise op on fewer elements runs on one thread
+
+
+def _numel(shapes) -> int:
+    """The largest tensor argument of an op (its ``input_shapes``), in elements."""
+    sizes = [1]
+    for shape in shapes or ():
+        if isinstance(shape, list) and shape and all(isinstance(d, int) for d in shape):
+            n = 1
+            for d in shape:
+                n *= d
+            sizes.append(n)
+    return max(sizes)
+
+
+def step_counts(prof) -> dict:
+    """Per-step counts from one profiled step (``profile_memory=True, record_shapes=True``).
+
+    ``aten_calls``: ATen ops called from Python or autograd (not from inside another ATen op);
+    compute ops: the innermost ATen ops that compute (views and empty tensors excluded), split by the
+    largest argument: ``serial`` below GRAIN elements (one thread), ``parallel_small`` GRAIN..32 GRAIN
+    (a parallel region with under 16 GRAIN per thread on 2 threads: synchronisation-bound when a core is
+    taken away), ``parallel_large`` above; GEMMs apart. ``allocs``/``alloc_mib``: CPU allocations
+    (the profiler's memory events); ``page_faults``: minor page faults of an unprofiled step (fresh
+    mmapped blocks); ``host_syncs``: ``aten::_local_scalar_dense`` (``.item()``, ``int()``).
+    """
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    out = {"aten_calls": sum(1 for e in events if not (e.cpu_parent and e.cpu_parent.name.startswith("aten::")))}
+    buckets = {k: [0, 0.0] for k in ("gemm", "serial", "parallel_small", "parallel_large")}
+    for e in events:
+        if e.name in NO_COMPUTE or any(
+            c.name.startswith("aten::") and c.name not in NO_COMPUTE for c in e.cpu_children
+        ):
+            continue  # a view, or an op whose work is done by the ATen ops it calls (counted themselves)
+        n = _numel(e.input_shapes)
+        key = (
+            "gemm"
+            if e.name in GEMM or e.name.startswith("aten::mkldnn")
+            else "serial"
+            if n < GRAIN
+            else "parallel_small"
+            if n < 32 * GRAIN
+            else "parallel_large"
+        )
+        buckets[key][0] += 1
+        buckets[key][1] += e.self_cpu_time_total / 1e6
+    for k, (count, seconds) in buckets.items():
+        out[f"{k}_ops"], out[f"{k}_s"] = count, round(seconds, 4)
+    out["host_syncs"] = sum(1 for e in events if e.name == "aten::_local_scalar_dense")
+    mem = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+    out["allocs"], out["alloc_mib"] = len(mem), round(sum(mem) / 2**20, 1)
+    return out
+
+
+def contention_counts() -> list[dict]:
+    """:func:`step_counts` of one step of dsv3 and of transformers (default experts) on the
+    ``bench/train_step.py`` config, after two warm-up steps each."""
+    from dsv3.config import ModelConfig
+    from dsv3.model import DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    path = tempfile.mkdtemp(prefix="dsv3-counts-")
+    DeepseekV3ForCausalLM(ModelConfig.from_dict(train_step.CONFIG)).save_pretrained(path)
+    batches = train_step.real_batches(3)
+    results = []
+    # Last, dsv3 under the 4 MiB mmap threshold that `dsv3 train` sets (dsv3.utils.malloc; process-wide).
+    for which, label in (("dsv3", "dsv3"), ("transformers", "transformers"), ("dsv3", "dsv3, 4 MiB mmap threshold")):
+        if label.endswith("threshold"):
+            fix_mmap_threshold()
+        model = train_step.build(which, path)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        train_step.step(which, model, opt, batches[0])
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        train_step.step(which, model, opt, batches[1])  # page faults of an unprofiled step
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        acts = [ProfilerActivity.CPU]
+        with profile(activities=acts, profile_memory=True, record_shapes=True, with_stack=False) as prof:
+            t = time.process_time()
+            train_step.step(which, model, opt, batches[2])
+            cpu = time.process_time() - t
+        row = {"model": label, "threads": torch.get_num_threads(), "cpu_s": round(cpu, 2), "page_faults": faults}
+        results.append(row | step_counts(prof))
+        del model, opt
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -177,9 +283,19 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--counts", action="store_true", help="contention counts, dsv3 vs transformers (see above)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.counts:
+        rows = contention_counts()
+        keys = list(rows[0])
+        print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+        for r in rows:
+            print("| " + " | ".join(str(r[k]) for k in keys) + " |")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return
     results = [
         profile_config(args.preset, e, args.steps, args.seq_len, args.micro_batch)
         for e in [None] + (args.experts or [64])

@@ -19,8 +19,11 @@ attention). A second reference, ``transformers-eager``, is the same model with t
 Python loop (``experts_implementation="eager"``, what transformers 4.x ran); ``--no-eager`` skips it.
 
 ``--busy N`` measures the sensitivity to contention: N busy processes (each a one-thread 512^3 matmul
-loop) run during every other round of steps (paused with SIGSTOP otherwise), and the report gives each
-model's median step time with and without them and the slowdown ratio, interleaved in one run.
+loop) run during every other round of steps (paused with SIGSTOP otherwise; a round is one step of each
+model, the models alternating every step), so each model gets ``--steps`` quiet and ``--steps`` busy
+steps, interleaved in one run. The report gives each model's quiet and busy medians, its slowdown
+(busy / quiet median), the ratio of dsv3's slowdown to transformers' (<= 1: dsv3 holds its lead), and
+a markdown row for BENCHMARKS.md. ``--steps 15`` gives medians of 15 (the lead's quiet-machine run).
 
     python bench/train_step.py [--steps 5] [--no-eager] [--busy 1] [--json out.json]
 """
@@ -240,6 +243,38 @@ def timed_rounds(models, opts, batches, steps: int, busy: BusyProcesses | None) 
     return times
 
 
+def print_contention(result: dict, n_busy: int, steps: int) -> None:
+    """The ``--busy`` report: per model quiet / busy medians and slowdown, the ratio of slowdowns, and a
+    markdown row (threads, medians of ``steps`` steps per model and condition) for BENCHMARKS.md."""
+    models = [w for w in ("dsv3", "transformers", "transformers-eager") if w in result]
+
+    def iqr(times: list[float]) -> str:  # the spread that says whether the median is stable
+        q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+        return f"IQR {q[0]:.3f}-{q[2]:.3f}"
+
+    for w in models:
+        r = result[w]
+        print(
+            f"{w:>18}: quiet {r['step_s']:.3f} s/step ({iqr(r['step_times'])}), with {n_busy} busy process(es) "
+            f"{r['busy_step_s']:.3f} s/step ({iqr(r['busy_step_times'])}): slowdown {r['busy_slowdown']:.2f}x, "
+            f"+{r['busy_step_s'] - r['step_s']:.3f} s/step (medians of {steps} steps each)"
+        )
+    print(
+        f"speedup dsv3 / transformers: quiet {result['speedup']:.2f}x, busy {result['busy_speedup']:.2f}x; "
+        f"slowdown ratio dsv3 / transformers {result['slowdown_ratio']:.2f} (<= 1: dsv3 holds its lead)"
+    )
+    d, t = result["dsv3"], result["transformers"]
+    print(
+        "| threads | busy | steps | dsv3 quiet | dsv3 busy | dsv3 slowdown | tf quiet | tf busy | tf slowdown "
+        "| slowdown ratio | speedup quiet | speedup busy |\n|" + "---:|" * 12
+    )
+    print(
+        f"| {result['threads']} | {n_busy} | {steps} | {d['step_s']:.3f} s | {d['busy_step_s']:.3f} s | "
+        f"{d['busy_slowdown']:.2f}x | {t['step_s']:.3f} s | {t['busy_step_s']:.3f} s | {t['busy_slowdown']:.2f}x | "
+        f"**{result['slowdown_ratio']:.2f}** | {result['speedup']:.2f}x | {result['busy_speedup']:.2f}x |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (medians are reported)")
@@ -310,6 +345,7 @@ def main() -> None:
                 busy_step_s=t_busy, busy_slowdown=t_busy / result[w]["step_s"], busy_step_times=by_cond[(w, "busy")]
             )
         result["busy_speedup"] = result["transformers"]["busy_step_s"] / result["dsv3"]["busy_step_s"]
+        result["slowdown_ratio"] = result["dsv3"]["busy_slowdown"] / result["transformers"]["busy_slowdown"]
     if "transformers-eager" in models:
         result["speedup_vs_eager"] = result["dsv3"]["tokens_per_s"] / result["transformers-eager"]["tokens_per_s"]
     print(f"matmul 2048^3 fp32: {peak / 1e9:.1f} GFLOP/s ({result['threads']} threads)")
@@ -325,12 +361,7 @@ def main() -> None:
     if "speedup_vs_eager" in result:
         print(f"speedup dsv3 / transformers-eager: {result['speedup_vs_eager']:.2f}x")
     if busy:
-        for w in models:
-            print(
-                f"{w:>18}: with {args.busy} busy process(es) {result[w]['busy_step_s']:.3f} s/step, "
-                f"slowdown {result[w]['busy_slowdown']:.2f}x"
-            )
-        print(f"speedup dsv3 / transformers with the busy process(es): {result['busy_speedup']:.2f}x")
+        print_contention(result, args.busy, args.steps)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

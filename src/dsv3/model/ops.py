@@ -33,9 +33,9 @@ class _SwiGLU(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None):
         ctx.save_for_backward(gate, up, weight)
         acc = torch.promote_types(gate.dtype, torch.float32)
-        out = F.silu(gate.to(acc)) * up.to(acc)
+        out = F.silu(gate.to(acc)).mul_(up)  # in place: one [..., I] buffer, same values as silu * up
         if weight is not None:
-            out = out * weight.to(acc)
+            out.mul_(weight)
         return out.to(gate.dtype)
 
     @staticmethod
@@ -60,14 +60,17 @@ def swiglu_backward(
     Returns:
         ``(dg, du, dweight)`` in the accumulation dtype (``dweight`` in ``weight``'s dtype, or None).
     """
+    # In-place products where a buffer is ours: the same operations in the same order as the formula
+    # dg = dy * u * (sig * (1 + g * (1 - sig))), du = dy * silu (bit-identical), fewer [..., I] allocations.
     sig = torch.sigmoid(g)
     silu = g * sig
     dweight = None
     if weight is not None:
         if need_dweight:
-            dweight = (dy * silu * u).sum(dim=-1, keepdim=True).to(weight.dtype)
+            dweight = (dy * silu).mul_(u).sum(dim=-1, keepdim=True).to(weight.dtype)
         dy = dy * weight.to(g.dtype)
-    return dy * u * (sig * (1 + g * (1 - sig))), dy * silu, dweight
+    dsilu = torch.rsub(sig, 1).mul_(g).add_(1).mul_(sig)  # sig * (1 + g * (1 - sig))
+    return (dy * u).mul_(dsilu), silu.mul_(dy), dweight
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
