@@ -1,18 +1,13 @@
 """``dsv3 train --task grpo``: GRPO (DeepSeekMath 4.1; DeepSeek-V3 5.2) on dsv3's own model and runtime.
 
-One optimizer step (:func:`grpo_step`, docs/rl.md), read top to bottom:
-
-1. **Prompts**: P = global_batch / G, a pure function of (seed, step) (:func:`dsv3.data.rl_prompts.step_prompts`).
-2. **Rollout** (:func:`dsv3.train.rollout.rollout`): G completions per prompt from the latent-cache generator,
-   seeded per (seed, step, prompt, sample); the experts of each token are recorded.
-3. **Rewards** (:class:`dsv3.train.rewards.RewardSet`), gathered over dp; group-relative advantages.
-4. **Old and reference log-probs** (no gradient): the policy's when mu > 1, the frozen reference's when beta > 0.
-5. **mu policy updates**: :func:`dsv3.train.rl.grpo_loss` per micro-batch, weighted so that the step's loss
-   is that of the whole global batch whatever dp and micro_batch are, then the trainer's update
-   (:func:`dsv3.train.step._update`; the bias update only with ``--rl-bias-update``).
-
-``routing_agreement`` compares the first training forward's routing with the rollout's;
-``--routing-replay`` makes every training forward use the rollout's experts.
+One optimizer step (:func:`grpo_step`): P = global_batch / G prompts, a pure function of (seed, step); G
+seeded completions each (:func:`dsv3.train.rollout.rollout`, experts recorded); rewards
+(:class:`dsv3.train.rewards.RewardSet`) gathered over dp and turned into group-relative advantages; old and
+reference log-probs (no gradient; when mu > 1, when beta > 0); then mu policy updates of
+:func:`dsv3.train.rl.grpo_loss`, weighted so the step's loss is the global batch's whatever dp and
+micro_batch are, each followed by the trainer's update (:func:`dsv3.train.step._update`).
+``routing_agreement`` compares the first training forward's routing with the rollout's; ``--routing-replay``
+makes every training forward use the rollout's experts. Details: docs/rl.md ("Module notes").
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
 """GRPO rewards: user functions, the rule-based built-ins (math, format, code) and their weighted sum.
 
-A reward function is plain Python::
-
-    def f(prompts: list[str], completions: list[str], **columns) -> list[float | None]
-
-called once per batch with one entry per completion. None means "not applicable": it adds nothing. The
-columns a function needs are the parameters it names after ``completions`` without a default; the set's
-:attr:`RewardSet.required_columns` is checked before training starts.
-
-A spec (``--reward``) is a built-in name (``math``, ``format``, ``code``: docs/rl.md, "Rewards"),
-``module:function`` or ``path/to/file.py:function``. ``code`` runs the completion's code and the ``tests``
-column in the sandbox (:mod:`dsv3.train.sandbox`); a program that hangs is killed and scores 0.
-
-The total of a completion is sum_f w_f r_f over the functions that returned a number (0.0 when none did).
+A reward function is ``f(prompts: list[str], completions: list[str], **columns) -> list[float | None]``,
+called once per batch with one entry per completion; None means "not applicable" and adds nothing. The
+columns a function needs are its parameters after ``completions`` without a default
+(:attr:`RewardSet.required_columns`, checked before training). A spec (``--reward``) is a built-in name,
+``module:function`` or ``path/to/file.py:function``; ``code`` runs in :mod:`dsv3.train.sandbox`. The total of
+a completion is sum_f w_f r_f over the functions that returned a number (0.0 when none did).
+Details: docs/rl.md ("Rewards", "Module notes").
 """
 
 from __future__ import annotations

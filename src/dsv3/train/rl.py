@@ -1,27 +1,13 @@
 """The GRPO math (DeepSeekMath, arXiv 2402.03300, section 4.1): group-relative advantages and the clipped objective.
 
-Symbols, for one prompt q with a group of G sampled completions o_1..o_G and rewards r_1..r_G:
-
-    A_i      = (r_i - mean(r)) / (std(r) + eps)          std unbiased (G - 1), eps 1e-4
-    rho_i,t  = pi_theta(o_i,t | q, o_i,<t) / pi_old(o_i,t | ...)   the importance ratio
-    D_i,t    = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1      the k3 estimate of KL(pi_theta || pi_ref)
-    l_i,t    = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta D_i,t
-
-and the loss aggregates l_i,t over the completion tokens (mask m_i,t) by ``loss_type``, as TRL defines it:
-
-    grpo     (1/B) sum_i [ sum_t m l / max(sum_t m, 1) ]        the paper's 1/G sum_i 1/|o_i| sum_t
-    bnpo     sum_i,t m l / max(sum_i,t m, 1)                     one mean over the batch's tokens
-    dr_grpo  sum_i,t m l / (B * max_completion_length)           a constant normaliser (Dr. GRPO)
-    dapo     sum_i,t m l / num_items                             num_items: the mask sum (default), or the
-                                                                 global batch's token count under dp
-
-Conventions (docs/rl.md compares them with TRL and verl): a fully masked row adds 0 to every sum and still
-counts in grpo's B and dr_grpo's B; the KL term is NOT multiplied by the importance ratio (the paper, verl;
-TRL only with ``use_bias_correction_kl``); ``old_logps=None`` means on-policy: rho = exp(logps - logps.detach()),
-1 in value and d rho / d logps = 1. Rows of one group are contiguous: row b belongs to group b // G.
-
-Every function takes any float dtype; the computation runs in the wider of the input's dtype and float32
-(float64 stays float64, bfloat16 is computed in float32) and returns that dtype.
+For a prompt with G completions and rewards r: A_i = (r_i - mean(r)) / (std(r) + eps) (unbiased std, eps
+1e-4); rho_i,t = pi_theta / pi_old (the importance ratio); D_i,t = pi_ref / pi_theta - log(pi_ref / pi_theta) - 1
+(k3 KL); l_i,t = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta D_i,t, aggregated over the
+completion tokens by ``loss_type`` as TRL defines it (grpo, bnpo, dr_grpo, dapo: docs/rl.md, "The objective").
+A fully masked row adds 0 and still counts in grpo's and dr_grpo's B; the KL term is not multiplied by rho;
+``old_logps=None`` is on-policy (rho = exp(logps - logps.detach())). Rows of one group are contiguous (row b is
+in group b // G). Every function computes in the wider of the input dtype and float32 and returns that dtype.
+Details: docs/rl.md ("Module notes").
 """
 
 from __future__ import annotations

@@ -1,18 +1,13 @@
 """GRPO rollouts: G seeded completions per prompt from the latent-cache batched generator, and the
 MoE routing they used.
 
-Layout. Row b of a rollout is its prompt left-padded to the batch's widest prompt (``pad[b]``
-padding tokens, then the prompt, ``prompt_len`` = T0 positions in all), then the sampled
-completion; rows that emitted EOS repeat it until every row has finished (or the limit). The
-training forward of :mod:`dsv3.train.grpo` reuses exactly this layout (inputs ``tokens[:, :-1]``,
-the padding kept out of attention by ``segment_ids``), so position t of the training forward is
-the token the generator fed at position t, and the rollout's expert choice of that token can be
-compared with (or replayed into) the training forward.
-
-Seeding. Row b draws its tokens from its own generator, seeded by (run seed, step, the prompt's
-position in the step's global prompt list, sample index) (:func:`sample_seed`), by inverse-CDF
-sampling (:func:`dsv3.infer.generate.sample_next`): a completion does not depend on which other
-prompts share its batch, so dp ranks sample what one process samples.
+Row b is its prompt left-padded to the batch's widest prompt (``pad[b]`` padding tokens; ``prompt_len`` = T0),
+then the sampled completion; rows that emitted EOS repeat it until every row has finished. The training
+forward of :mod:`dsv3.train.grpo` reuses this layout (inputs ``tokens[:, :-1]``, padding kept out of
+attention by ``segment_ids``), so the rollout's expert choices can be compared with, or replayed into, it.
+Row b samples from its own generator seeded by (run seed, step, the prompt's global position, sample index)
+(:func:`sample_seed`), by inverse-CDF sampling: dp ranks sample what one process samples.
+Details: docs/rl.md ("Module notes").
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """Run untrusted Python (model-written code) in a subprocess with limits: never in the trainer's process.
 
-Each program gets a throwaway directory, a wall-clock limit (the whole process tree is killed when it
-passes), a CPU-time, address-space, file-size and process-count limit, and a clean environment. How much
-more it gets depends on the platform (:func:`isolation_level`, stated in docs/rl.md):
-
-- ``namespaces`` (Linux, the trainer running as root, checked once by running a probe):
-  no network (its own network namespace), no view of the host's files beyond read-only system and Python
-  directories (mount namespace + chroot into a read-only tmpfs), writes only inside its directory (a private
-  64 MiB tmpfs), a uid of its own with at most 16 processes, its own PID namespace (nothing it forks outlives
-  it).
-- ``rlimits`` (anything else): the limits, the directory and, as root, uid 65534 when that user can run
-  the interpreter. It can open sockets and read files its user can read. A warning says so once per process.
-
-The mechanics live in :mod:`dsv3.train.sandbox_boot`, run as a separate interpreter (``python -I -S``).
+Each program gets a throwaway directory, a wall-clock limit (its whole process tree is killed), CPU-time,
+address-space, file-size and process-count limits, and a clean environment. :func:`isolation_level` says
+what more the platform gives: ``namespaces`` (Linux as root, probed once: no network, a read-only view of
+system and Python directories, writes only to a private 64 MiB tmpfs, its own uid and PID namespace) or
+``rlimits`` (the limits only, with a warning: sockets and readable files are not prevented). The mechanics
+live in :mod:`dsv3.train.sandbox_boot`, run as a separate interpreter. Details: docs/rl.md ("Module notes").
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """Sandbox bootstrap: sets up isolation around one untrusted Python program, then runs it (standard library only).
 
 Run by :mod:`dsv3.train.sandbox` as ``python -I -S sandbox_boot.py MODE WORKDIR PYTHON PREFIX SECONDS MEGABYTES``,
-never imported by the trainer. WORKDIR holds ``box/`` (the program's directory, ``box/main.py``) and ``root/``
-(an empty mount point).
-
-MODE ``namespaces`` (Linux, as root): new mount, network, PID, IPC and UTS namespaces; ``root/`` becomes a
-read-only tmpfs holding read-only bind mounts of the system and Python directories, ``/dev/null`` and a
-writable ``/box`` (a private 64 MiB tmpfs holding a copy of main.py: nothing the program writes reaches the
-host's disk); chroot into it, drop to a uid/gid of its own (no account has it) with no supplementary
-groups and no_new_privs, set the limits (at most 16 processes), exec. The program sees no network but an
-unconfigured loopback, no file of the host outside those directories, and can write only under ``/box``;
-it dies with this process (PR_SET_PDEATHSIG) and everything it forks dies with it (PID 1 of its namespace).
-
-MODE ``rlimits`` (the fallback): only the limits, the throwaway working directory, a clean environment and,
-when started as root and the interpreter is reachable by other users, uid 65534. Network and reading files
-are NOT prevented.
+never imported by the trainer. WORKDIR holds ``box/`` (``box/main.py``) and ``root/`` (an empty mount point).
+MODE ``namespaces``: new mount, network, PID, IPC and UTS namespaces, a chroot into a read-only tmpfs with the
+system and Python directories bound read-only and a private writable ``/box``, a uid of its own, no_new_privs,
+the limits, then exec. MODE ``rlimits``: the limits, the working directory, a clean environment and, as root,
+uid 65534. Details: docs/rl.md ("Module notes").
 """
 
 import ctypes

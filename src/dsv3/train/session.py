@@ -1,17 +1,11 @@
 """A training session: :func:`build_session` assembles a run from a :class:`~dsv3.train.config.TrainConfig`.
 
-The set-up is phases, each a short function (docs/architecture.md):
-
-1. check the configuration (:func:`~dsv3.train.preflight.check_configuration`: config, run directory,
-   device, model config, context length, the per-rank memory pre-check);
-2. join the world (:func:`_join_world`: the torchrun world or ``ParallelContext.single``);
-3. build the data (:func:`_build_data`: tokenizer, packed sequences);
-4. build the model on the ``meta`` device (:func:`build_meta`);
-5. :func:`~dsv3.parallel.parallelize.parallelize`: FP8, recomputation, expert sharding, stage selection,
-   materialisation of the held tensors only, the ZeRO-1 optimizer;
-6. write the run directory (:func:`_write_run_dir`, rank 0, only once all input is known good);
-7. restore (:func:`_restore`: a checkpoint of any layout).
-
+The set-up is phases, each a short function (docs/architecture.md): 1. check the configuration
+(:func:`~dsv3.train.preflight.check_configuration`); 2. join the world (:func:`_join_world`); 3. build the data
+(:func:`_build_data`); 4. build the model on the ``meta`` device (:func:`build_meta`);
+5. :func:`~dsv3.parallel.parallelize.parallelize` (FP8, recomputation, expert sharding, stage selection,
+materialisation of the held tensors, the ZeRO-1 optimizer); 6. write the run directory (:func:`_write_run_dir`,
+rank 0, once all input is known good); 7. restore (:func:`_restore`: a checkpoint of any layout).
 One optimizer step is :func:`dsv3.train.step.train_step`; the loop around it, :func:`dsv3.train.loop.train`.
 """
 
