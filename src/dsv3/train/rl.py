@@ -12,12 +12,13 @@ Details: docs/rl.md ("Module notes").
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 
 from dsv3.errors import ConfigError
+from dsv3.train.config import GRPOLossType, RewardScaling
 
 __all__ = [
     "LossType",
@@ -30,10 +31,10 @@ __all__ = [
     "k3_kl",
 ]
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
-"""How per-token losses are aggregated (TRL's names)."""
-RewardScale = Literal["group", "batch", "none"]
-"""What the centred rewards are divided by: the group's std, the batch's std, or nothing."""
+# The choice lists live with the run config's other choices (one spelling each): TRL's loss names, and what the
+# centred rewards are divided by.
+LossType = GRPOLossType
+RewardScale = RewardScaling
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
