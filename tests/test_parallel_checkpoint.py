@@ -10,6 +10,8 @@ import torch
 from dist_helpers import run_ranks
 from test_parallel_ep import OPT, _batch, _config, _model
 
+from dsv3.config import RECIPE_DEFAULTS
+
 WORLD_BATCH = 2  # the global batch is _batch(2, step): 4 sequences
 EMA_DECAY = 0.5  # far from 1, so that every step's parameters weigh in the compared EMA
 
@@ -39,9 +41,18 @@ def _global_ema(model, ema):
     return out, ema.num_updates
 
 
-def _steps(ctx, model, opt, steps, ema, world: int = WORLD_BATCH, alpha: float | None = None, gamma: float = 0.001):
-    """Train ``steps`` on this rank's part of ``_batch(world, step)`` (balance factor ``alpha``: the model's
-    default when None; bias update speed ``gamma``); returns the global losses."""
+def _steps(
+    ctx,
+    model,
+    opt,
+    steps,
+    ema,
+    world: int = WORLD_BATCH,
+    alpha: float = RECIPE_DEFAULTS["seq_aux_alpha"],
+    gamma: float = RECIPE_DEFAULTS["bias_update_speed"],
+):
+    """Train ``steps`` on this rank's part of ``_batch(world, step)`` with balance factor ``alpha`` and bias update
+    speed ``gamma`` (default: the report's); returns the global losses."""
     from dsv3.parallel.zero import all_mean, sync_loads
 
     losses = []
@@ -49,7 +60,7 @@ def _steps(ctx, model, opt, steps, ema, world: int = WORLD_BATCH, alpha: float |
         ids, labels = _batch(world, step)
         per = ids.shape[0] // ctx.dp
         rows = slice(ctx.dp_rank * per, (ctx.dp_rank + 1) * per)
-        out = model(ids[rows], labels[rows]) if alpha is None else model(ids[rows], labels[rows], seq_aux_alpha=alpha)
+        out = model(ids[rows], labels[rows], seq_aux_alpha=alpha)
         out.loss.backward()
         losses.append(float(all_mean(out.loss.detach().reshape(1), ctx)[0]))
         opt.step(max_norm=1.0)
